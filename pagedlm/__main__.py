@@ -1,0 +1,40 @@
+"""``python -m pagedlm``: generate answers to a batch of questions with the embedded default model
+(SmolLM2-135M-Instruct), or with ``--model DIR_OR_GGUF``."""
+
+import argparse
+
+from pagedlm import LLM, SamplingParams, default_model_path
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 12 times 12?",
+    "Write a haiku about the sea.",
+    "Why is the sky blue? Answer in one sentence.",
+    "Give me a synonym for 'happy'.",
+    "What is the largest planet in the solar system?",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    args = parser.parse_args()
+
+    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    tokenizer = llm.get_tokenizer()
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    for question, out in zip(QUESTIONS, llm.generate(prompts, params)):
+        print(f"\n>>> {question}\n{out.outputs[0].text.strip()}")
+
+
+if __name__ == "__main__":
+    main()

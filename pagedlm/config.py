@@ -1,0 +1,125 @@
+"""Engine configuration: the model, the KV cache and the scheduler's budgets."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger("pagedlm")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Share of available RAM given to the KV cache on CPU when neither kv_cache_memory nor
+# num_kv_blocks is set; the rest stays for weights, activations and the user's process.
+CPU_KV_CACHE_RAM_SHARE = 0.2
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
+    return torch.device(device)
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    hf_config: PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    device: torch.device
+
+    @classmethod
+    def create(cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str) -> "ModelConfig":
+        hf_config = AutoConfig.from_pretrained(model)
+        dev = resolve_device(device)
+        resolved = _resolve_dtype(hf_config, dtype, dev)
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        sliding_window = getattr(hf_config, "sliding_window", None)
+        if sliding_window and getattr(hf_config, "use_sliding_window", True) and sliding_window < limit:
+            logger.info("Capping max_model_len at the model's sliding window of %d tokens.", sliding_window)
+            limit = sliding_window
+        if max_model_len is None:
+            max_model_len = limit
+        elif not isinstance(max_model_len, int) or not 0 < max_model_len <= limit:
+            raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
+        return cls(model, hf_config, resolved, max_model_len, dev)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+
+def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype == "auto":
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype, torch.float32)
+        if config_dtype == torch.float16 and device.type == "cpu":
+            logger.info("The checkpoint is float16; running it in bfloat16, the fast half precision on CPU.")
+            return torch.bfloat16
+        return config_dtype if config_dtype in _DTYPES.values() else torch.float32
+    if dtype in ("half", "fp16"):
+        dtype = "float16"
+    if dtype in ("float", "fp32"):
+        dtype = "float32"
+    if dtype == "bf16":
+        dtype = "bfloat16"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of 'auto', {', '.join(map(repr, _DTYPES))}, got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size!r}.")
+        if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
+            raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}.")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}.")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})."
+            )
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the KV cache may take by default on ``device`` (see the module constants)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free - total * (1 - GPU_MEMORY_UTILIZATION))
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CPU_KV_CACHE_RAM_SHARE)

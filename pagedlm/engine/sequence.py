@@ -1,0 +1,106 @@
+"""Sequences and sequence groups: the engine's unit of state (vLLM v0's ``sequence.py``)."""
+
+import enum
+from itertools import count
+
+import torch
+
+from pagedlm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length"}.get(self)
+
+
+class Sequence:
+    """The token ids of one completion and how many of them are already in the KV cache.
+
+    ``num_computed_tokens`` is the one counter behind prefill, chunked prefill, decode and
+    recompute after preemption: a step computes the next tokens after it, and a sequence samples
+    once every token it holds is computed.
+    """
+
+    _ids = count()
+
+    def __init__(self, prompt_token_ids: list[int], block_size: int) -> None:
+        self.seq_id = next(Sequence._ids)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.block_size = block_size
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.cumulative_logprob = 0.0
+        self.output_text = ""
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.num_tokens + self.block_size - 1) // self.block_size
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids at positions ``start:end`` of prompt + output, without copying the rest."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    def append_token(self, token_id: int, logprob: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+
+    def reset_for_recompute(self) -> None:
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+
+
+class SequenceGroup:
+    """All sequences generated from one prompt (one request)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        block_size: int,
+        arrival_time: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = arrival_time
+        self.seqs = [Sequence(prompt_token_ids, block_size)]
+        self.generator = generator
+
+    def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
+        return self.seqs if status is None else [s for s in self.seqs if s.status == status]
+
+    def is_finished(self) -> bool:
+        return all(s.status.finished for s in self.seqs)

@@ -1,0 +1,148 @@
+"""``LLM``: the offline facade (vLLM's ``LLM`` class)."""
+
+import logging
+from collections.abc import Sequence
+from itertools import count
+
+import torch
+from tqdm.auto import tqdm
+
+from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedlm.engine.llm_engine import LLMEngine
+from pagedlm.outputs import RequestOutput
+from pagedlm.sampling_params import SamplingParams
+from pagedlm.transformers_utils.gguf import resolve_model
+
+logger = logging.getLogger("pagedlm")
+
+PromptType = str | dict
+
+
+class LLM:
+    """Generate completions for many prompts with continuous batching over a paged KV cache.
+
+    Args:
+        model: a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
+            or a Llama-architecture ``.gguf`` file (converted once and cached).
+        dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
+            "bfloat16" or "float16".
+        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+        max_model_len: longest prompt + completion; defaults to the model's context length.
+        block_size: tokens per KV block (8, 16 or 32).
+        num_kv_blocks / kv_cache_memory: size the KV cache by blocks or bytes; by default it takes
+            90% of free GPU memory on CUDA and 20% of available RAM on CPU (capped at what
+            ``max_num_seqs`` sequences of ``max_model_len`` tokens could use).
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: most tokens (prefill + decode) in one step.
+        enable_chunked_prefill: split prompts longer than the step's token budget over steps.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device)
+        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory)
+        scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
+        self._request_counter = count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; one ``RequestOutput`` per prompt, in input order.
+
+        A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [int, ...]}``. Every
+        prompt and parameter is checked before any work starts: bad ones raise one ``ValueError``
+        listing each bad prompt's index and why.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        elif len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts.")
+        texts, token_ids, errors = self._tokenize(prompts)
+        for i, params in enumerate(sampling_params):
+            if not isinstance(params, SamplingParams):
+                errors.setdefault(i, f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            elif i not in errors:
+                reason = self.llm_engine.check_request(token_ids[i], params)
+                if reason is not None:
+                    errors[i] = reason
+        if errors:
+            lines = "\n".join(f"  prompt {i}: {why}" for i, why in sorted(errors.items()))
+            raise ValueError(f"{len(errors)} of {len(prompts)} prompts are invalid; nothing was run:\n{lines}")
+
+        request_ids = []
+        for text, ids, params in zip(texts, token_ids, sampling_params):
+            request_ids.append(str(next(self._request_counter)))
+            self.llm_engine.add_request(request_ids[-1], text, params, ids)
+        try:
+            outputs = self._run_engine(len(prompts), use_tqdm)
+        finally:
+            self.llm_engine.abort_all()
+        return [outputs[rid] for rid in request_ids]
+
+    def _tokenize(self, prompts: Sequence[PromptType]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
+        texts: list[str | None] = []
+        token_ids: list[list[int]] = []
+        errors: dict[int, str] = {}
+        for i, prompt in enumerate(prompts):
+            text, ids = None, []
+            if isinstance(prompt, str):
+                text = prompt
+            elif isinstance(prompt, dict) and set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+                text = prompt["prompt"]
+            elif isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    errors[i] = "prompt_token_ids must be a list of ints"
+                    ids = []
+                ids = list(ids)
+            else:
+                errors[i] = 'a prompt must be a str, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
+            texts.append(text)
+            token_ids.append(ids)
+        to_encode = [i for i, t in enumerate(texts) if t]
+        if to_encode:
+            encoded = self.llm_engine.tokenizer([texts[i] for i in to_encode]).input_ids
+            for i, ids in zip(to_encode, encoded):
+                token_ids[i] = ids
+        return texts, token_ids, errors
+
+    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        outputs: dict[str, RequestOutput] = {}
+        engine = self.llm_engine
+        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start_in, start_out = engine.stats["num_prompt_tokens"], engine.stats["num_generated_tokens"]
+        with bar:
+            while engine.has_unfinished_requests():
+                finished = engine.step()
+                for out in finished:
+                    outputs[out.request_id] = out
+                if finished and use_tqdm:
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    in_tps = (engine.stats["num_prompt_tokens"] - start_in) / elapsed
+                    out_tps = (engine.stats["num_generated_tokens"] - start_out) / elapsed
+                    bar.set_postfix_str(f"est. speed input: {in_tps:.1f} toks/s, output: {out_tps:.1f} toks/s", refresh=False)
+                    bar.update(len(finished))
+        return outputs

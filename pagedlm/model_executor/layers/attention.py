@@ -1,0 +1,58 @@
+"""Attention over the paged KV cache: writes the step's keys and values, then attends.
+
+A step's tokens are laid out prefill sequences first (several query tokens each, through
+``paged_prefill_attention``), then decode sequences (one query token each, through
+``paged_attention``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedlm import ops
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_prefill_tokens: int
+    # Prefill sequences: their query rows, cached lengths and block tables.
+    prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32
+    prefill_seq_lens: torch.Tensor  # [num_prefills] int32
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
+    # Decode sequences, one query token each, after the prefill tokens.
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        key_cache, value_cache = kv_cache
+        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        n = meta.num_prefill_tokens
+        if n:
+            ops.paged_prefill_attention(
+                out[:n], q[:n], key_cache, value_cache, meta.prefill_block_tables,
+                meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, self.scale,
+            )
+        if n < q.shape[0]:
+            ops.paged_attention(
+                out[n:], q[n:], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale
+            )
+        return out

@@ -1,0 +1,65 @@
+"""Rotary position embedding with a precomputed cos/sin table (Llama "default", "linear", "llama3")."""
+
+import math
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(config: PretrainedConfig) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
+    scaling = params or dict(getattr(config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {scaling['rope_type']!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")
+    return float(theta), scaling
+
+
+def _inv_freq(head_size: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
+    rope_type = scaling["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_size: int, max_position: int, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.max_position = max_position
+        self.theta, self.scaling = rope_parameters(config)
+        self.build_cache()
+
+    def build_cache(self, device: torch.device | None = None) -> None:
+        """(Re)compute the float32 cos/sin table, e.g. after the model was built on the meta device."""
+        inv_freq = _inv_freq(self.head_size, self.theta, self.scaling).to(device)
+        freqs = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T]."""
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

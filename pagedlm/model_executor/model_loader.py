@@ -1,0 +1,93 @@
+"""Build a native model and load its weights straight from safetensors (no transformers model)."""
+
+import glob
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedlm.config import ModelConfig
+from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedlm.model_executor.models import get_model_class
+
+logger = logging.getLogger("pagedlm")
+
+
+def get_model(model_config: ModelConfig) -> nn.Module:
+    model_cls = get_model_class(model_config.hf_config)
+    with torch.device("meta"):
+        model = model_cls(model_config.hf_config, model_config.max_model_len)
+    model = model.to(dtype=model_config.dtype).to_empty(device=model_config.device)
+    if getattr(model_config.hf_config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache(model_config.device)
+    load_weights(model, model_config.model)
+    return model.eval()
+
+
+def _checkpoint_files(model_dir: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ValueError(f"No *.safetensors files in {model_dir!r}; pagedlm loads safetensors checkpoints.")
+    return files
+
+
+def load_weights(model: nn.Module, model_dir: str) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    packed = getattr(model, "packed_modules", {})
+    for path in _checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for ckpt_name in f.keys():
+                if "rotary_emb.inv_freq" in ckpt_name:
+                    continue
+                name = ckpt_name.removeprefix("model.")
+                shard = None
+                for src, (dst, shard_id) in packed.items():
+                    if f".{src}." in name:
+                        name, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                        break
+                if name not in params:
+                    if name == "lm_head.weight" and "embed_tokens.weight" in params:
+                        continue  # tied embeddings saved twice
+                    raise ValueError(f"Unexpected weight {ckpt_name!r} in {path}.")
+                target = _shard_view(model, name, params[name], shard)
+                tensor = f.get_tensor(ckpt_name)
+                if tensor.shape != target.shape:
+                    raise ValueError(f"Weight {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}.")
+                with torch.no_grad():
+                    target.copy_(tensor)
+                loaded.add(name if shard is None else f"{name}:{shard}")
+    expected = _expected_weights(params, packed, model)
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"Checkpoint {model_dir!r} lacks weights: {sorted(missing)[:8]}...")
+
+
+def _shard_view(model: nn.Module, name: str, param: torch.Tensor, shard: str | int | None) -> torch.Tensor:
+    if shard is None:
+        return param
+    if shard in ("q", "k", "v"):
+        attn = model.get_submodule(name.rsplit(".", 2)[0])
+        sizes = {"q": (0, attn.q_size), "k": (attn.q_size, attn.kv_size), "v": (attn.q_size + attn.kv_size, attn.kv_size)}
+        start, size = sizes[shard]
+        return param.narrow(0, start, size)
+    half = param.shape[0] // 2
+    return param.narrow(0, shard * half, half)
+
+
+def _expected_weights(params: dict[str, torch.Tensor], packed: dict, model: nn.Module) -> set[str]:
+    expected = set()
+    for name in params:
+        shards = [s for dst, s in packed.values() if f".{dst}." in name]
+        if shards:
+            expected.update(f"{name}:{s}" for s in shards)
+        else:
+            expected.add(name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    return expected

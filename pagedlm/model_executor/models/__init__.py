@@ -1,0 +1,20 @@
+from torch import nn
+from transformers import PretrainedConfig
+
+from pagedlm.model_executor.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+
+def get_model_class(config: PretrainedConfig) -> type[nn.Module]:
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in _MODELS:
+            return _MODELS[arch]
+    raise ValueError(
+        f"Model architectures {getattr(config, 'architectures', None)} are not supported; "
+        f"supported architectures: {', '.join(_MODELS)}."
+    )

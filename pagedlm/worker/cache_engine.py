@@ -1,0 +1,47 @@
+"""Allocates the paged KV cache (layout in ``pagedlm/ops/__init__.py``) and sizes it."""
+
+import logging
+
+import torch
+
+from pagedlm import ops
+from pagedlm.config import CacheConfig, ModelConfig, available_memory
+
+logger = logging.getLogger("pagedlm")
+
+
+def block_bytes(model_config: ModelConfig, block_size: int) -> int:
+    """Bytes of one block: keys and values of ``block_size`` tokens in every layer."""
+    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_size
+    return per_token * block_size * model_config.dtype.itemsize
+
+
+def num_blocks_for(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int) -> int:
+    if cache_config.num_kv_blocks is not None:
+        return cache_config.num_kv_blocks
+    memory = cache_config.kv_cache_memory or available_memory(model_config.device)
+    num_blocks = min(memory // block_bytes(model_config, cache_config.block_size), max_useful_blocks)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory of {memory} bytes holds no KV block; it needs at least "
+                         f"{block_bytes(model_config, cache_config.block_size)} bytes.")
+    return int(num_blocks)
+
+
+class CacheEngine:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+        shape = (num_blocks, model_config.num_kv_heads, cache_config.block_size, model_config.head_size)
+        kw = dict(dtype=model_config.dtype, device=model_config.device)
+        self.num_blocks = num_blocks
+        self.key_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
+        self.value_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
+        self.kv_caches = list(zip(self.key_caches, self.value_caches))
+        logger.info(
+            "KV cache: %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d)",
+            num_blocks, num_blocks * cache_config.block_size,
+            num_blocks * block_bytes(model_config, cache_config.block_size) / 2**30, cache_config.block_size,
+        )
+
+    def copy(self, blocks_to_copy: list[tuple[int, int]]) -> None:
+        if blocks_to_copy:
+            mapping = torch.tensor(blocks_to_copy, dtype=torch.int64, device=self.key_caches[0].device)
+            ops.copy_blocks(self.key_caches, self.value_caches, mapping)

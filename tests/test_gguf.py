@@ -1,0 +1,131 @@
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from pagedlm.transformers_utils.gguf import convert_gguf, resolve_model
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENS = SPECIALS + list(bytes_to_unicode().values()) + ["Hi"]
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's q/k row permutation (HF rotate-half -> GGML interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_model(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(TOKENS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500000.0,
+        max_position_embeddings=128, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms init to 1; randomise so a misplaced norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def write_gguf(model: LlamaForCausalLM, path: str) -> None:
+    c = model.config
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
+    writer.add_token_merges(["H i"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w = tensor.numpy()
+        if "q_proj" in hf_name:
+            w = llama_cpp_permute(w, c.num_attention_heads)
+        elif "k_proj" in hf_name:
+            w = llama_cpp_permute(w, c.num_key_value_heads)
+        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_convert_roundtrip(tmp_path, tied):
+    model = tiny_model(tied)
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(model, path)
+    out = convert_gguf(path, str(tmp_path / "ckpt"))
+
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    expected = {k: v.numpy() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert weights.keys() == expected.keys()
+    for name, w in expected.items():
+        assert weights[name].dtype == np.float32
+        np.testing.assert_array_equal(weights[name], w, err_msg=name)
+
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is tied
+    assert config["rope_theta"] == 500000.0
+    assert config["rms_norm_eps"] == 1e-6
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
+    assert (config["max_position_embeddings"], config["vocab_size"]) == (128, len(TOKENS))
+    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "bfloat16")
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == 2
+
+    loaded = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 40, 77, 200, 3, 259, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Hi").input_ids == [TOKENS.index("Hi")]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temp dir left behind"
+
+
+def test_resolve_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(tiny_model(tied=True), path)
+
+    out = resolve_model(path)
+    assert out.startswith(str(tmp_path / "cache" / "gguf" / "tiny-"))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    mtime = os.stat(os.path.join(out, "config.json")).st_mtime_ns
+    assert resolve_model(path) == out
+    assert os.stat(os.path.join(out, "config.json")).st_mtime_ns == mtime
+    assert resolve_model(out) == out
+    with pytest.raises(ValueError):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileExistsError):
+        convert_gguf(path, out)
