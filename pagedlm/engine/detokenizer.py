@@ -3,16 +3,28 @@
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
-# Prompt tokens fed to the stream as context, so the first output token decodes with the spacing
-# it has after the prompt.
+# Tokens fed to the decoder as context, so a token decodes with the spacing it has after them.
 _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
         self._backend = tokenizer.backend_tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(ids=prompt_token_ids[-_CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
+        self._num_pending = 0  # tokens that so far end in an incomplete character
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
-        return self._stream.step(self._backend, token_id) or ""
+        text = self._stream.step(self._backend, token_id)
+        self._num_pending = 0 if text is not None else self._num_pending + 1
+        return text or ""
+
+    def flush(self, token_ids: list[int]) -> str:
+        """At the end of a sequence (``token_ids`` is all of it), the text the pending tokens make,
+        incomplete characters included, as a full decode would give it."""
+        if not self._num_pending:
+            return ""
+        window = token_ids[-(self._num_pending + _CONTEXT_TOKENS):]
+        context = self._backend.decode(window[: -self._num_pending], skip_special_tokens=self._skip_special_tokens)
+        return self._backend.decode(window, skip_special_tokens=self._skip_special_tokens)[len(context):]

@@ -135,7 +135,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
         self.block_manager.free(seq)
-        del self.detokenizers[seq.seq_id]
+        detokenizer = self.detokenizers.pop(seq.seq_id)
+        seq.output_text += detokenizer.flush(seq.prompt_token_ids[-8:] + seq.output_token_ids)
 
     @staticmethod
     def _request_output(seq_group: SequenceGroup) -> RequestOutput:

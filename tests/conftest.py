@@ -1,0 +1,116 @@
+"""Fixtures: tiny random-weight checkpoints of each supported architecture, saved with
+transformers, plus a byte-level BPE tokenizer trained here with ``tokenizers``."""
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+os.environ.setdefault("PAGEDLM_LOGGING_LEVEL", "WARNING")
+
+VOCAB_SIZE = 384
+BOS, EOS = 1, 2
+CORPUS = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Continuous batching packs many sequences into each model iteration.",
+    "A paged KV cache stores keys and values in fixed-size blocks with a block table.",
+    "Hello, my name is pagedlm and I generate text; 12 + 30 = 42. Ünïcödé ✓ 日本語.",
+]
+
+
+def _build_tokenizer(path: str) -> None:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    # Add the BOS the way Llama tokenizers do, so tests can check it is added exactly once.
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    max_position_embeddings=1024, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.2,
+)
+_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+        architectures=["LlamaForCausalLM"], **_COMMON,
+    ),
+    "llama3": lambda: LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, head_dim=32,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_theta=500000.0, architectures=["LlamaForCausalLM"], **_COMMON,
+    ),
+    "mistral": lambda: MistralConfig(
+        num_attention_heads=4, num_key_value_heads=4, sliding_window=None, architectures=["MistralForCausalLM"],
+        **_COMMON,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"],
+        **_COMMON,
+    ),
+}
+
+
+def make_checkpoint(path: str, arch: str, tokenizer_dir: str) -> str:
+    """Save a tiny random-weight ``arch`` model with the test tokenizer into ``path``."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_CONFIGS[arch](), dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=EOS).save_pretrained(path)
+    for name in os.listdir(tokenizer_dir):
+        with open(os.path.join(tokenizer_dir, name), "rb") as src, open(os.path.join(path, name), "wb") as dst:
+            dst.write(src.read())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    _build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=list(_CONFIGS))
+def model_dir(request, tmp_path_factory, tokenizer_dir) -> str:
+    return make_checkpoint(str(tmp_path_factory.mktemp(request.param)), request.param, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> str:
+    return make_checkpoint(str(tmp_path_factory.mktemp("llama_main")), "llama", tokenizer_dir)
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32) -> list[list[int]]:
+    """Hugging Face ``generate`` one prompt at a time: the generated ids (EOS kept, then cut)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    outputs = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+            )
+        generated = out[0, len(ids):].tolist()
+        if EOS in generated:
+            generated = generated[: generated.index(EOS) + 1]
+        outputs.append(generated)
+    return outputs

@@ -1,0 +1,202 @@
+"""The user-facing API: prompt forms, output fields, validation, tokenization, stopping, seeds."""
+
+import pytest
+import torch
+
+from conftest import BOS, EOS
+from pagedlm import LLM, CompletionOutput, RequestOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(llama_dir, dtype="float32", max_model_len=256)
+
+
+def test_prompt_forms_and_output_fields(llm):
+    tok = llm.get_tokenizer()
+    ids = tok("Hello, my name is").input_ids
+    outs = llm.generate(
+        ["Hello, my name is", {"prompt": "Hello, my name is"}, {"prompt_token_ids": ids}],
+        SamplingParams(temperature=0, max_tokens=5), use_tqdm=False,
+    )
+    assert len(outs) == 3 and all(isinstance(o, RequestOutput) and o.finished for o in outs)
+    assert outs[0].prompt == outs[1].prompt == "Hello, my name is" and outs[2].prompt is None
+    assert outs[0].prompt_token_ids == outs[2].prompt_token_ids == ids
+    assert len({o.request_id for o in outs}) == 3
+    first = outs[0].outputs[0]
+    assert isinstance(first, CompletionOutput) and first.index == 0
+    assert all(o.outputs[0].token_ids == first.token_ids for o in outs)
+    assert first.finish_reason == "length" and first.stop_reason is None and len(first.token_ids) == 5
+    assert first.cumulative_logprob < 0
+    single = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert single[0].outputs[0].token_ids == first.token_ids
+
+
+def test_special_tokens_added_once(llm):
+    tok = llm.get_tokenizer()
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok("The capital of France is").input_ids
+    assert out.prompt_token_ids[0] == BOS and out.prompt_token_ids[1] != BOS
+
+
+def test_text_is_incremental_decode_of_tokens(llm):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(["Hello", "日本語 and Ünïcödé", "12 + 30 ="], SamplingParams(temperature=1.0, seed=3, max_tokens=40), use_tqdm=False)
+    for out in outs:
+        comp = out.outputs[0]
+        full = tok.decode(out.prompt_token_ids + comp.token_ids, skip_special_tokens=True)
+        prompt = tok.decode(out.prompt_token_ids, skip_special_tokens=True)
+        assert comp.text == full[len(prompt):]
+
+
+def test_outputs_in_input_order_with_per_prompt_params(llm):
+    prompts = [{"prompt_token_ids": [BOS] + [10 + i] * (3 + 20 * i)} for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=2 + i) for i in range(6)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 3, 4, 5, 6, 7]
+    assert [o.prompt_token_ids for o in outs] == [p["prompt_token_ids"] for p in prompts]
+
+
+def test_bad_inputs_raise_one_error_listing_each(llm):
+    engine = llm.llm_engine
+    prompts = [
+        "fine",
+        "",
+        {"prompt_token_ids": [1, 999999]},
+        {"prompt_token_ids": list(range(3, 250))},
+        {"bogus": 1},
+        "also fine",
+    ]
+    params = [SamplingParams(max_tokens=4)] * 3 + [SamplingParams(max_tokens=50)] + [SamplingParams()] * 2
+    with pytest.raises(ValueError) as err:
+        llm.generate(prompts, params, use_tqdm=False)
+    msg = str(err.value)
+    assert "4 of 6 prompts are invalid" in msg
+    for i in (1, 2, 3, 4):
+        assert f"prompt {i}:" in msg
+    assert "prompt 0:" not in msg and "prompt 5:" not in msg
+    assert "empty" in msg and "vocabulary" in msg and "max_model_len" in msg
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="sampling_params has 2 entries for 1 prompts"):
+        llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_prompt_that_never_fits_the_cache_is_rejected(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=4, block_size=16)
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate({"prompt_token_ids": list(range(3, 100))}, SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_stop_token_ids_and_eos(llm):
+    greedy = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    tokens = greedy.outputs[0].token_ids
+    stop = tokens[5]
+    stopped = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]), use_tqdm=False)[0]
+    comp = stopped.outputs[0]
+    cut = tokens.index(stop)
+    if EOS in tokens[:cut]:
+        pytest.skip("EOS came first")
+    assert comp.token_ids == tokens[: cut + 1]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop
+
+
+def test_eos_from_generation_config_stops(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    ref = LLM(llama_dir, dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    tokens = ref.outputs[0].token_ids
+    # Declare the 4th generated token an EOS id in generation_config.json only.
+    model_dir = tmp_path / "m"
+    shutil.copytree(llama_dir, model_dir)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen["eos_token_id"] = [EOS, tokens[3]]
+    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+    out = LLM(str(model_dir), dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == tokens[: tokens.index(tokens[3]) + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason is None
+    ignored = LLM(str(model_dir), dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    assert ignored.outputs[0].token_ids == tokens
+
+
+def test_seed_is_reproducible_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16)
+    alone = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=10)] * 5
+    batch = llm.generate(["x", "Hello, my", "Hello", "yy", "The capital", "z"], others[:2] + [params] + others[2:], use_tqdm=False)
+    assert batch[2].outputs[0].token_ids == alone
+    different = llm.generate("Hello", SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=16), use_tqdm=False)
+    assert different[0].outputs[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    top1 = llm.generate("Hello", SamplingParams(temperature=0.7, top_k=1, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert top1.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_min_tokens_suppresses_stop_tokens(llm):
+    greedy = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    stop = greedy.outputs[0].token_ids[1]
+    out = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=12, min_tokens=4, stop_token_ids=[stop], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.token_ids[0] == greedy.outputs[0].token_ids[0]
+    assert stop not in out.token_ids[:4]
+    assert len(out.token_ids) >= 4
+
+
+def test_default_max_tokens_runs_to_max_model_len(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", max_model_len=40)
+    out = llm.generate({"prompt_token_ids": [BOS, 5, 6, 7]}, SamplingParams(temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 36 and out.outputs[0].finish_reason == "length"
+
+
+def test_progress_bar_reports_throughput(llm, capsys):
+    llm.generate(["a", "b"], SamplingParams(max_tokens=3), use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "output:" in err and "toks/s" in err
+
+
+def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
+    engine = llm.llm_engine
+    calls = {"n": 0}
+    real_step = engine.step
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c"], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_unsupported_architecture_is_a_clear_error(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(llama_dir, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="supported architectures: LlamaForCausalLM"):
+        LLM(str(model_dir))
+
+
+def test_dtype_auto_and_bad_args(llama_dir):
+    assert LLM(llama_dir, num_kv_blocks=8).llm_engine.model_config.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(llama_dir, dtype="int8")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(llama_dir, block_size=12)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(llama_dir, max_model_len=10**6)

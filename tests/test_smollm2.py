@@ -1,0 +1,36 @@
+"""Parity with Hugging Face on the real embedded model (SmolLM2-135M-Instruct, downloaded once)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedlm import LLM, SamplingParams, default_model_path
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> str:
+    return default_model_path()
+
+
+def test_smollm2_greedy_matches_hf_and_answers(smollm2_dir):
+    llm = LLM(smollm2_dir, dtype="float32")
+    tokenizer = llm.get_tokenizer()
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        ids = tokenizer(prompt).input_ids
+        # SmolLM2's chat template starts with its BOS and the tokenizer adds none: exactly one BOS.
+        assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+        assert out.prompt_token_ids == ids
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == ref
+    assert "Paris" in outs[0].outputs[0].text
+    assert outs[0].outputs[0].finish_reason == "stop"
