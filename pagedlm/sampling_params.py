@@ -1,10 +1,17 @@
 """Sampling parameters for text generation (vLLM's ``SamplingParams``)."""
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 _GREEDY_EPS = 1e-5
+
+# (output_token_ids, logits) -> logits, or (prompt_token_ids, output_token_ids, logits) -> logits.
+LogitsProcessor = Callable[..., torch.Tensor]
 
 
 def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
@@ -16,53 +23,107 @@ def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be finite, got {value!r}.")
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}.")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    _check_number(name, value)
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}.")
+
+
 @dataclass
 class SamplingParams:
-    """How to sample the completion of one prompt.
+    """How to generate the completions of one prompt (vLLM's names and meanings).
 
     Args:
+        n: completions to return.
+        best_of: completions to generate, of which the ``n`` with the highest cumulative
+            log-probability are returned (the beam width under beam search). Defaults to ``n``.
         temperature: softmax temperature; 0 means greedy decoding.
-        top_p: keep the smallest set of tokens whose probability adds up to ``top_p``, in (0, 1].
+        top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1].
         top_k: keep the ``top_k`` most likely tokens; 0 or -1 turns it off.
         min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
-        seed: per-request random seed: the same seed gives the same completion whatever else runs
-            in the batch.
-        max_tokens: most tokens to generate. ``None`` (the default) generates until an end-of-
-            sequence or stop token, or until the context reaches the engine's ``max_model_len``;
-            nothing is cut at an arbitrary small length.
-        min_tokens: generate at least this many tokens before EOS or stop tokens may end the
-            completion.
+        presence_penalty: subtracted from the logit of every token already generated, in [-2, 2].
+        frequency_penalty: subtracted once per earlier occurrence in the output, in [-2, 2].
+        repetition_penalty: Hugging Face's: logits of tokens in the prompt or the output are divided
+            by it when positive and multiplied when negative; 1 turns it off; must be > 0.
+        seed: random seed. Completion ``i`` of a seeded request samples from its own generator
+            seeded with ``seed + i``, so it does not depend on what else is in the batch.
+        max_tokens: most tokens to generate per completion. ``None`` (the default) generates until
+            EOS, a stop token or string, or the engine's ``max_model_len``; nothing is cut at an
+            arbitrary small length.
+        min_tokens: EOS and stop tokens cannot be sampled before this many tokens.
+        stop: strings that end a completion; the text is cut before the stop string unless
+            ``include_stop_str_in_output``.
+        stop_token_ids: token ids that end a completion (kept in ``token_ids``).
         ignore_eos: keep generating after the end-of-sequence token.
-        stop_token_ids: token ids that end the completion (the token is kept in ``token_ids``).
+        logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
+            the sampled token's); 0 returns just the sampled token's.
+        prompt_logprobs: the same for each prompt position.
         skip_special_tokens: leave special tokens out of the output text.
+        spaces_between_special_tokens: put a space around special tokens in the text (only
+            visible with ``skip_special_tokens=False``).
+        use_beam_search: beam search of width ``best_of``; needs ``temperature=0``.
+        length_penalty: beam search scores finished beams by ``logprob / length ** length_penalty``.
+        early_stopping: beam search stops as soon as ``best_of`` beams are finished (True), by a
+            heuristic (False, the default), or only when no better beam can exist ("never").
+        logits_processors: callables ``f(output_token_ids, logits)`` or
+            ``f(prompt_token_ids, output_token_ids, logits)`` returning the new logits row.
+        detokenize: produce ``text``; with False only token ids come back.
     """
 
+    n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
-    ignore_eos: bool = False
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    logits_processors: list[LogitsProcessor] | None = None
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
+        _check_number("n", self.n, integer=True)
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.best_of is None:
+            self.best_of = self.n
+        _check_number("best_of", self.best_of, integer=True)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.")
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
-        _check_number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        _check_range("top_p", self.top_p, 0, 1, lo_open=True)
         _check_number("top_k", self.top_k, integer=True)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}.")
-        if self.top_k == -1:
-            self.top_k = 0
-        _check_number("min_p", self.min_p)
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        self.top_k = max(self.top_k, 0)
+        _check_range("min_p", self.min_p, 0, 1)
+        _check_range("presence_penalty", self.presence_penalty, -2, 2)
+        _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
         if self.seed is not None:
             _check_number("seed", self.seed, integer=True)
         if self.max_tokens is not None:
@@ -74,10 +135,36 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}.")
-        if not isinstance(self.skip_special_tokens, bool):
-            raise ValueError(f"skip_special_tokens must be a bool, got {self.skip_special_tokens!r}.")
+        self._verify_stop()
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                     "spaces_between_special_tokens", "use_beam_search", "detokenize"):
+            _check_bool(name, getattr(self, name))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, integer=True)
+                if value < 0:
+                    raise ValueError(f"{name} must be None or >= 0, got {value}.")
+        _check_number("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
+        self._verify_logits_processors()
+        if self.use_beam_search:
+            self._verify_beam_search()
+        else:
+            if self.length_penalty != 1.0 or self.early_stopping is not False:
+                raise ValueError("length_penalty and early_stopping apply only with use_beam_search=True.")
+            if self.greedy and self.best_of > 1:
+                raise ValueError(f"best_of (and n) must be 1 with greedy sampling (temperature=0), got {self.best_of}.")
+
+    def _verify_stop(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
+        self.stop = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
@@ -85,7 +172,43 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}.")
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True.")
+
+    def _verify_logits_processors(self) -> None:
+        processors = self.logits_processors or []
+        if not isinstance(processors, (list, tuple)) or not all(callable(p) for p in processors):
+            raise ValueError(f"logits_processors must be a list of callables, got {self.logits_processors!r}.")
+        self._processor_takes_prompt = []
+        for p in processors:
+            num_args = len(inspect.signature(p).parameters)
+            if num_args not in (2, 3):
+                raise ValueError(
+                    "logits_processors take (output_token_ids, logits) or "
+                    f"(prompt_token_ids, output_token_ids, logits); {p!r} takes {num_args} arguments."
+                )
+            self._processor_takes_prompt.append(num_args == 3)
+        self.logits_processors = list(processors)
+
+    def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        for fn, takes_prompt in zip(self.logits_processors, self._processor_takes_prompt):
+            logits = fn(prompt_token_ids, output_token_ids, logits) if takes_prompt else fn(output_token_ids, logits)
+        return logits
+
+    def _verify_beam_search(self) -> None:
+        if self.best_of < 2:
+            raise ValueError(f"best_of (the beam width) must be > 1 with use_beam_search, got {self.best_of}.")
+        if not self.greedy:
+            raise ValueError("temperature must be 0 with use_beam_search.")
+        if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:
+            raise ValueError("top_p, top_k and min_p must be off with use_beam_search.")
+        if self.seed is not None:
+            raise ValueError("seed has no meaning with use_beam_search (it is deterministic).")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0

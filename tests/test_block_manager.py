@@ -3,7 +3,7 @@
 import pytest
 
 from pagedlm.engine.block_manager import AllocStatus, BlockSpaceManager
-from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedlm.engine.sequence import SequenceGroup, SequenceStatus
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -44,8 +44,7 @@ def test_fork_shares_blocks_and_copy_on_write_of_last_block():
     bm.allocate(g)
     parent = g.seqs[0]
     parent.num_computed_tokens = 6
-    child = Sequence(parent.prompt_token_ids, 4)
-    child.num_computed_tokens = 6
+    child = parent.fork(1)
     bm.fork(parent, child)
     table = bm.get_block_table(parent)
     assert bm.get_block_table(child) == table and all(bm.allocator.ref_counts[b] == 2 for b in table)

@@ -34,6 +34,6 @@ def test_prefill_and_decode_share_a_step(llama_dir):
     engine.step()
     engine.add_request("b", None, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), list(range(3, 200)))
     out = engine.scheduler.schedule()
-    chunks = {s.seq_group.request_id: s.token_chunk_size for s in out.scheduled_seq_groups}
+    chunks = {s.seq_group.request_id: sum(s.token_chunks.values()) for s in out.scheduled_seq_groups}
     # "a" decodes one token while "b" prefills a chunk that fills the rest of the 64-token budget.
     assert chunks == {"a": 1, "b": 63}

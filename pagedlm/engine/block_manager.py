@@ -63,7 +63,7 @@ class BlockSpaceManager:
         return self.allocator.num_free_blocks
 
     def can_allocate(self, seq_group: SequenceGroup) -> AllocStatus:
-        num_required = seq_group.get_seqs(SequenceStatus.WAITING)[0].num_blocks
+        num_required = sum(seq.num_blocks for seq in seq_group.get_seqs(SequenceStatus.WAITING))
         if self.num_total_blocks - num_required < self.watermark_blocks:
             return AllocStatus.NEVER
         if self.num_free_blocks - num_required >= self.watermark_blocks:
@@ -71,19 +71,16 @@ class BlockSpaceManager:
         return AllocStatus.LATER
 
     def allocate(self, seq_group: SequenceGroup) -> None:
-        """Give the group's waiting sequences one shared block table covering their tokens."""
-        waiting = seq_group.get_seqs(SequenceStatus.WAITING)
-        table = [self.allocator.allocate() for _ in range(waiting[0].num_blocks)]
-        for block in table:
-            for _ in waiting[1:]:
-                self.allocator.incref(block)
-        for seq in waiting:
-            self.block_tables[seq.seq_id] = list(table)
+        """Give each waiting sequence of the group a block table covering all its tokens. (A new
+        group has one sequence; a preempted group's sequences have diverged and are recomputed
+        separately.)"""
+        for seq in seq_group.get_seqs(SequenceStatus.WAITING):
+            self.block_tables[seq.seq_id] = [self.allocator.allocate() for _ in range(seq.num_blocks)]
         self._track_peak()
 
-    def can_append_slots(self, seq_group: SequenceGroup, num_new_tokens: int = 1) -> bool:
-        running = seq_group.get_seqs(SequenceStatus.RUNNING)
-        return self.num_free_blocks >= sum(self._num_new_blocks(seq, num_new_tokens) for seq in running)
+    def can_append_slots(self, chunks: dict[Sequence, int]) -> bool:
+        """Whether each sequence can write its next ``chunks[seq]`` tokens."""
+        return self.num_free_blocks >= sum(self._num_new_blocks(seq, n) for seq, n in chunks.items())
 
     def append_slots(self, seq: Sequence) -> tuple[int, int] | None:
         """Make room for every token of ``seq`` not yet in its table; return a (src, dst)

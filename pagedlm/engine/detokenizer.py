@@ -28,3 +28,10 @@ class IncrementalDetokenizer:
         window = token_ids[-(self._num_pending + _CONTEXT_TOKENS):]
         context = self._backend.decode(window[: -self._num_pending], skip_special_tokens=self._skip_special_tokens)
         return self._backend.decode(window, skip_special_tokens=self._skip_special_tokens)[len(context):]
+
+
+def decode_completion(tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], token_ids: list[int], params) -> str:
+    """A whole completion's text, decoded after a few prompt tokens so its first token keeps its spacing."""
+    context = prompt_token_ids[-_CONTEXT_TOKENS:]
+    skip = params.skip_special_tokens
+    return tokenizer.decode(context + token_ids, skip_special_tokens=skip)[len(tokenizer.decode(context, skip_special_tokens=skip)):]

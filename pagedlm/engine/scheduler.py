@@ -3,8 +3,10 @@
 Every step the scheduler decides which sequences run and how many of their tokens each computes:
 running groups first in arrival order (decodes and unfinished prefill chunks), then waiting groups
 as long as the token budget, the sequence budget and the free KV blocks allow. When a running group
-cannot get a slot, the most recently arrived running group is preempted by recompute: its blocks
-are freed and it goes back to the front of the waiting queue, to be prefilled again later.
+cannot get its slots, the most recently arrived running group is preempted by recompute: its blocks
+are freed and it goes back to the front of the waiting queue, to be prefilled again later. (Every
+group is preempted by recompute, multi-sequence ones included: on CPU a swap space would be the
+same memory, and the recomputed sequences produce the tokens they would have.)
 """
 
 from collections import deque
@@ -12,13 +14,13 @@ from dataclasses import dataclass, field
 
 from pagedlm.config import SchedulerConfig
 from pagedlm.engine.block_manager import AllocStatus, BlockSpaceManager
-from pagedlm.engine.sequence import SequenceGroup, SequenceStatus
+from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
 class ScheduledSequenceGroup:
     seq_group: SequenceGroup
-    token_chunk_size: int  # tokens each running sequence of the group computes this step
+    token_chunks: dict[Sequence, int]  # tokens each of its sequences computes this step
 
 
 @dataclass
@@ -26,6 +28,7 @@ class SchedulerOutputs:
     scheduled_seq_groups: list[ScheduledSequenceGroup] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
+    num_seqs: int = 0
     num_preempted: int = 0
 
     def is_empty(self) -> bool:
@@ -46,60 +49,70 @@ class Scheduler:
     def has_unfinished_seqs(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def get_num_unfinished_seq_groups(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def schedule(self) -> SchedulerOutputs:
         out = SchedulerOutputs()
-        num_seqs = 0
         running, self.running = self.running, deque()
         while running:
             seq_group = running.popleft()
-            seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
-            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-            chunk = min(seqs[0].num_uncomputed_tokens, budget // len(seqs))
-            if chunk == 0:
+            chunks = self._chunks(seq_group, SequenceStatus.RUNNING, out)
+            if not chunks:
                 self.running.append(seq_group)
                 continue
-            while not self.block_manager.can_append_slots(seq_group, chunk):
-                if not running:
-                    self._preempt(seq_group)
-                    out.num_preempted += 1
-                    break
-                self._preempt(running.pop())
+            while not self.block_manager.can_append_slots(chunks):
+                victim = running.pop() if running else seq_group
+                self._preempt(victim)
                 out.num_preempted += 1
+                if victim is seq_group:
+                    break
             else:
-                for seq in seqs:
+                for seq in chunks:
                     copy = self.block_manager.append_slots(seq)
                     if copy is not None:
                         out.blocks_to_copy.append(copy)
-                self._add(out, seq_group, chunk)
-                num_seqs += len(seqs)
+                self._add(out, seq_group, chunks)
                 self.running.append(seq_group)
 
         while self.waiting and not out.num_preempted:
             seq_group = self.waiting[0]
-            seqs = seq_group.get_seqs(SequenceStatus.WAITING)
-            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-            if num_seqs + len(seqs) > self.config.max_num_seqs or budget <= 0:
+            chunks = self._chunks(seq_group, SequenceStatus.WAITING, out)
+            if not chunks:
                 break
-            chunk = seqs[0].num_uncomputed_tokens
-            if chunk > budget:
-                if not self.config.enable_chunked_prefill:
-                    break
-                chunk = budget
             status = self.block_manager.can_allocate(seq_group)
             if status != AllocStatus.OK:
                 assert status == AllocStatus.LATER, "add_request admits only requests that fit"
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq_group)
-            for seq in seqs:
+            for seq in seq_group.get_seqs(SequenceStatus.WAITING):
                 seq.status = SequenceStatus.RUNNING
-            self._add(out, seq_group, chunk)
-            num_seqs += len(seqs)
+            self._add(out, seq_group, chunks)
             self.running.append(seq_group)
         return out
+
+    def _chunks(self, seq_group: SequenceGroup, status: SequenceStatus, out: SchedulerOutputs) -> dict[Sequence, int]:
+        """Tokens each sequence computes this step within the remaining budgets; empty when none
+        fits. Beams advance in lockstep: beams being recomputed fill in all but their last token,
+        and then every beam computes its last token in the same step, where the group samples."""
+        seqs = seq_group.get_seqs(status)
+        lockstep = seq_group.sampling_params.use_beam_search and len(seqs) > 1
+        catching_up = lockstep and any(seq.num_uncomputed_tokens > 1 for seq in seqs)
+        if catching_up:
+            wanted = {seq: seq.num_uncomputed_tokens - 1 for seq in seqs if seq.num_uncomputed_tokens > 1}
+        else:
+            wanted = {seq: seq.num_uncomputed_tokens for seq in seqs}
+        budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+        chunks = {}
+        for seq, num_tokens in wanted.items():
+            chunk = min(num_tokens, budget)
+            if chunk <= 0 or (chunk < num_tokens and not self.config.enable_chunked_prefill):
+                break
+            chunks[seq] = chunk
+            budget -= chunk
+        if lockstep and not catching_up and len(chunks) < len(seqs):
+            return {}
+        if out.num_seqs + len(chunks) > self.config.max_num_seqs:
+            return {}
+        return chunks
 
     def free_finished_seq_groups(self) -> list[SequenceGroup]:
         finished = [g for g in self.running if g.is_finished()]
@@ -117,9 +130,10 @@ class Scheduler:
         self.waiting.clear()
         return dropped
 
-    def _add(self, out: SchedulerOutputs, seq_group: SequenceGroup, chunk: int) -> None:
-        out.scheduled_seq_groups.append(ScheduledSequenceGroup(seq_group, chunk))
-        out.num_batched_tokens += chunk * len(seq_group.get_seqs(SequenceStatus.RUNNING))
+    def _add(self, out: SchedulerOutputs, seq_group: SequenceGroup, chunks: dict[Sequence, int]) -> None:
+        out.scheduled_seq_groups.append(ScheduledSequenceGroup(seq_group, chunks))
+        out.num_batched_tokens += sum(chunks.values())
+        out.num_seqs += len(chunks)
 
     def _preempt(self, seq_group: SequenceGroup) -> None:
         for seq in seq_group.get_seqs(SequenceStatus.RUNNING):

@@ -5,6 +5,7 @@ from itertools import count
 
 import torch
 
+from pagedlm.outputs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -13,14 +14,18 @@ class SequenceStatus(enum.Enum):
     RUNNING = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()  # a beam that lost its place
 
     @property
     def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED)
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length"}.get(self)
+
+
+_FINISHED = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED, SequenceStatus.FINISHED_ABORTED)
 
 
 class Sequence:
@@ -33,9 +38,10 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, prompt_token_ids: list[int], block_size: int) -> None:
+    def __init__(self, index: int, prompt_token_ids: list[int], block_size: int) -> None:
         self.seq_id = next(Sequence._ids)
-        self.prompt_token_ids = list(prompt_token_ids)
+        self.index = index  # position among the group's completions
+        self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
@@ -43,6 +49,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_text = ""
         self.stop_reason: int | str | None = None
+        self.logprobs: SampleLogprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -55,10 +62,6 @@ class Sequence:
     @property
     def num_blocks(self) -> int:
         return (self.num_tokens + self.block_size - 1) // self.block_size
-
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids at positions ``start:end`` of prompt + output, without copying the rest."""
@@ -73,13 +76,29 @@ class Sequence:
         self.output_token_ids.append(token_id)
         self.cumulative_logprob += logprob
 
+    def fork(self, index: int) -> "Sequence":
+        """A new sequence with this one's tokens and cache state (its blocks are shared by the
+        block manager's ``fork``)."""
+        child = Sequence(index, self.prompt_token_ids, self.block_size)
+        child.output_token_ids = list(self.output_token_ids)
+        child.status = self.status
+        child.num_computed_tokens = self.num_computed_tokens
+        child.cumulative_logprob = self.cumulative_logprob
+        child.output_text = self.output_text
+        child.logprobs = list(self.logprobs)
+        return child
+
     def reset_for_recompute(self) -> None:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
 
 
 class SequenceGroup:
-    """All sequences generated from one prompt (one request)."""
+    """All sequences generated from one prompt (one request).
+
+    A group starts with one sequence; it prefills the prompt once and forks into ``best_of``
+    sequences sharing the prompt's blocks when it samples its first tokens.
+    """
 
     def __init__(
         self,
@@ -89,18 +108,27 @@ class SequenceGroup:
         sampling_params: SamplingParams,
         block_size: int,
         arrival_time: float,
-        generator: torch.Generator | None = None,
+        generators: list[torch.Generator] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
-        self.seqs = [Sequence(prompt_token_ids, block_size)]
-        self.generator = generator
+        self.seqs = [Sequence(0, self.prompt_token_ids, block_size)]
+        self.generators = generators  # one per completion index, for seeded requests
+        self.prompt_logprobs: PromptLogprobs | None = [None] if sampling_params.prompt_logprobs is not None else None
+        self.beam = None  # BeamSearchState under beam search
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         return self.seqs if status is None else [s for s in self.seqs if s.status == status]
+
+    def num_unfinished_seqs(self) -> int:
+        return sum(not s.status.finished for s in self.seqs)
+
+    def samples_first_tokens(self) -> bool:
+        """True while the group is one sequence that has not sampled yet and must fork."""
+        return len(self.seqs) == 1 and not self.seqs[0].output_token_ids and self.sampling_params.best_of > 1
 
     def is_finished(self) -> bool:
         return all(s.status.finished for s in self.seqs)

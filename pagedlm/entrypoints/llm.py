@@ -129,20 +129,28 @@ class LLM:
                 token_ids[i] = ids
         return texts, token_ids, errors
 
+    def get_stats(self) -> dict[str, int]:
+        """KV-cache use: total and free blocks, the peak in use during the last ``generate``,
+        the block size and the number of preemptions so far."""
+        return self.llm_engine.get_stats()
+
     def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         outputs: dict[str, RequestOutput] = {}
         engine = self.llm_engine
-        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        start_in, start_out = engine.stats["num_prompt_tokens"], engine.stats["num_generated_tokens"]
-        with bar:
+        engine.block_manager.reset_peak()
+        num_in = num_out = 0
+        with tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():
                 finished = engine.step()
                 for out in finished:
                     outputs[out.request_id] = out
+                    num_in += len(out.prompt_token_ids)
+                    num_out += sum(len(c.token_ids) for c in out.outputs)
                 if finished and use_tqdm:
                     elapsed = bar.format_dict["elapsed"] or 1e-9
-                    in_tps = (engine.stats["num_prompt_tokens"] - start_in) / elapsed
-                    out_tps = (engine.stats["num_generated_tokens"] - start_out) / elapsed
-                    bar.set_postfix_str(f"est. speed input: {in_tps:.1f} toks/s, output: {out_tps:.1f} toks/s", refresh=False)
+                    bar.set_postfix_str(
+                        f"est. speed input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s",
+                        refresh=False,
+                    )
                     bar.update(len(finished))
         return outputs

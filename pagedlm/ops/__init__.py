@@ -16,28 +16,136 @@ KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow
 
 Ops:
 
-* ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)``
+* ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)``; ``slot_mapping`` is
+  ``int64 [num_tokens]`` (int32 is accepted).
 * ``paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale)``: decode,
   one query per sequence.
 * ``paged_prefill_attention(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
   scale)``: causal varlen attention; the query rows of sequence ``b`` are its last
   ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its first ``seq_lens[b]``.
-* ``copy_blocks(key_caches, value_caches, block_mapping)``, ``swap_blocks(src, dst, block_mapping)``:
-  whole-block copies by ``int64 [n, 2]`` (src, dst) pairs.
+  ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
+* ``copy_blocks(key_caches, value_caches, block_mapping)``: lists with one key and one value cache
+  per layer; every layer in one call. ``swap_blocks(src, dst, block_mapping)``: between two caches,
+  e.g. device and CPU. Both copy whole blocks by ``int64 [n, 2]`` (src, dst) pairs.
+
+The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
+query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
+dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
+attention tensors live on one device (``swap_blocks`` may cross devices on CUDA). The CPU kernels
+need ``head_size % 16 == 0``.
+
+Backends: the extension handles CPU tensors and, when built with CUDA, CUDA tensors (dispatch picks
+the kernel from the tensors' device, see ``backend_for``). Without the extension, or with
+``PAGEDLM_ATTENTION_BACKEND=torch-reference``, the ops are the pure-torch reference.
 """
+
+import os
+import warnings
+
+import torch
 
 from pagedlm.ops import reference
 
-BACKEND = "torch-reference"
+_OP_NAMES = ("reshape_and_cache", "paged_attention", "paged_prefill_attention", "copy_blocks", "swap_blocks")
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
-reshape_and_cache = reference.reshape_and_cache
-paged_attention = reference.paged_attention
-paged_prefill_attention = reference.paged_prefill_attention
-copy_blocks = reference.copy_blocks
-swap_blocks = reference.swap_blocks
+
+def _select_backend() -> str:
+    requested = os.environ.get("PAGEDLM_ATTENTION_BACKEND", "")
+    if requested == "torch-reference":
+        return requested
+    if requested:
+        raise ValueError(f"PAGEDLM_ATTENTION_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
+    try:
+        import pagedlm._C  # noqa: F401  (registers torch.ops.pagedlm.*)
+    except ImportError as exc:
+        warnings.warn(
+            f"pagedlm._C could not be loaded ({exc}); paged-attention ops fall back to the slow torch "
+            f"reference. To use the C++/CUDA kernels, {_BUILD_HINT}.",
+            stacklevel=3,
+        )
+        return "torch-reference"
+    return "cpu"
+
+
+BACKEND = _select_backend()
+_CUDA_KERNELS = BACKEND == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key("pagedlm::paged_attention", "CUDA")
+
+if BACKEND == "cpu" and not _CUDA_KERNELS and torch.cuda.is_available():
+    warnings.warn(
+        f"pagedlm._C was built without CUDA kernels; ops on CUDA tensors use the torch reference. To get "
+        f"them, {_BUILD_HINT} with CUDA_HOME set.",
+        stacklevel=2,
+    )
+    _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
+    for _name in _OP_NAMES:
+        _reference_on_cuda.impl(_name, getattr(reference, _name), "CUDA")
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The backend that runs the ops on tensors of ``device``: "cuda", "cpu" or "torch-reference"."""
+    if BACKEND == "torch-reference":
+        return BACKEND
+    if torch.device(device).type == "cuda":
+        return "cuda" if _CUDA_KERNELS else "torch-reference"
+    return "cpu"
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    torch.ops.pagedlm.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    torch.ops.pagedlm.paged_attention.default(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    torch.ops.pagedlm.paged_prefill_attention.default(
+        out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale
+    )
+
+
+def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    torch.ops.pagedlm.copy_blocks.default(key_caches, value_caches, block_mapping)
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    torch.ops.pagedlm.swap_blocks.default(src, dst, block_mapping)
+
+
+if BACKEND == "torch-reference":
+    reshape_and_cache = reference.reshape_and_cache  # noqa: F811
+    paged_attention = reference.paged_attention  # noqa: F811
+    paged_prefill_attention = reference.paged_prefill_attention  # noqa: F811
+    copy_blocks = reference.copy_blocks  # noqa: F811
+    swap_blocks = reference.swap_blocks  # noqa: F811
 
 __all__ = [
     "BACKEND",
+    "backend_for",
     "reshape_and_cache",
     "paged_attention",
     "paged_prefill_attention",

@@ -5,15 +5,15 @@ sequence), then decodes (one token per sequence). Positions, slot mapping, block
 sequence lengths are built once per step and shared by every layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.engine.scheduler import ScheduledSequenceGroup
-from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedlm.engine.sequence import Sequence, SequenceGroup
 from pagedlm.model_executor.layers.attention import AttentionMetadata
-from pagedlm.model_executor.layers.sampler import Sampler, SamplingTensors
+from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.worker.cache_engine import CacheEngine
 
@@ -31,11 +31,36 @@ class _Entry:
 
 
 @dataclass
-class SamplerOutput:
-    seq_groups: list[SequenceGroup]  # the group of each row
-    seqs: list[Sequence]  # the sequences that sampled this step, in row order
+class TopLogprobs:
+    """The chosen token's rank and the top-k (ids, log-probabilities) at one position."""
+
+    rank: int
     token_ids: list[int]
     logprobs: list[float]
+
+
+@dataclass
+class SequenceSample:
+    parent: Sequence
+    child_index: int  # == parent.index, or the index of a new completion forked from parent
+    token_id: int
+    logprob: float
+    top: TopLogprobs | None
+
+
+@dataclass
+class PromptLogprob:
+    token_id: int  # the prompt token at this position
+    logprob: float
+    top: TopLogprobs
+
+
+@dataclass
+class SequenceGroupOutput:
+    seq_group: SequenceGroup
+    samples: list[SequenceSample] = field(default_factory=list)
+    beam_logprobs: torch.Tensor | None = None  # [num beams, V], rows in ``samples`` order
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -44,6 +69,7 @@ class ModelRunner:
         self.eos_token_ids = sorted(eos_token_ids)
         self.block_size = cache_config.block_size
         self.device = model_config.device
+        self.vocab_size = model_config.hf_config.vocab_size
         self.model = get_model(model_config)
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
@@ -57,33 +83,101 @@ class ModelRunner:
         scheduled: list[ScheduledSequenceGroup],
         block_tables: dict[int, list[int]],
         blocks_to_copy: list[tuple[int, int]],
-    ) -> SamplerOutput:
+    ) -> list[SequenceGroupOutput]:
         self.cache_engine.copy(blocks_to_copy)
         entries = [
-            _Entry(seq, sg.seq_group, seq.num_computed_tokens, seq.num_computed_tokens + sg.token_chunk_size)
+            _Entry(seq, sg.seq_group, seq.num_computed_tokens, seq.num_computed_tokens + chunk)
             for sg in scheduled
-            for seq in sg.seq_group.get_seqs(SequenceStatus.RUNNING)
+            for seq, chunk in sg.token_chunks.items()
         ]
         entries.sort(key=lambda e: e.end - e.start == 1)  # stable: prefills first, then decodes
-        input_ids, positions, meta, sample_rows = self._prepare_inputs(entries, block_tables)
+        input_ids, positions, meta, last_rows = self._prepare_inputs(entries, block_tables)
         hidden = self.model(input_ids, positions, self.cache_engine.kv_caches, meta)
+        outputs: dict[SequenceGroup, SequenceGroupOutput] = {}
+        for e in entries:
+            span = self._prompt_logprob_span(e)
+            if span is not None:
+                out = outputs.setdefault(e.seq_group, SequenceGroupOutput(e.seq_group))
+                first_row = last_rows[id(e)] - (e.end - 1 - span[0])
+                out.prompt_logprobs += self._prompt_logprobs(e, hidden[first_row : first_row + span[1] - span[0]], *span)
         sampling = [e for e in entries if e.samples]
-        if not sampling:
-            return SamplerOutput([], [], [], [])
-        logits = self.model.compute_logits(hidden[sample_rows])
-        tokens, logprobs = self.sampler(logits, self._sampling_tensors(sampling))
-        return SamplerOutput(
-            [e.seq_group for e in sampling], [e.seq for e in sampling], tokens.tolist(), logprobs.tolist()
+        if sampling:
+            self._sample(sampling, hidden, last_rows, outputs)
+        return list(outputs.values())
+
+    def _sample(
+        self,
+        entries: list[_Entry],
+        hidden: torch.Tensor,
+        last_rows: dict[int, int],
+        outputs: dict[SequenceGroup, SequenceGroupOutput],
+    ) -> None:
+        rows, children, generators, beam_rows = [], [], {}, []
+        beam_rows_of: dict[SequenceGroup, list[int]] = {}
+        for e in entries:
+            group = e.seq_group
+            params = group.sampling_params
+            fork = group.samples_first_tokens() and not params.use_beam_search
+            for index in range(params.best_of) if fork else [e.seq.index]:
+                if group.generators is not None:
+                    generators[len(rows)] = group.generators[index]
+                if params.use_beam_search:
+                    beam_rows_of.setdefault(group, []).append(len(beam_rows))
+                    beam_rows.append(len(rows))
+                rows.append(last_rows[id(e)])
+                children.append((e, index))
+        logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
+        meta = SamplingMetadata.build(
+            params=[e.seq_group.sampling_params for e, _ in children],
+            prompt_token_ids=[e.seq.prompt_token_ids for e, _ in children],
+            output_token_ids=[e.seq.output_token_ids for e, _ in children],
+            generators=generators,
+            eos_token_ids=self.eos_token_ids,
+            beam_rows=beam_rows,
+            vocab_size=self.vocab_size,
+            device=self.device,
         )
+        result = self.sampler(logits, meta)
+        token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
+        tops = _top_logprobs(result.ranks, result.top_ids, result.top_logprobs)
+        for row, (e, index) in enumerate(children):
+            out = outputs.setdefault(e.seq_group, SequenceGroupOutput(e.seq_group))
+            top = tops[row] if tops and e.seq_group.sampling_params.logprobs is not None else None
+            if top is not None:
+                k = e.seq_group.sampling_params.logprobs
+                top = TopLogprobs(top.rank, top.token_ids[:k], top.logprobs[:k])
+            out.samples.append(SequenceSample(e.seq, index, token_ids[row], logprobs[row], top))
+        for group, positions in beam_rows_of.items():
+            outputs[group].beam_logprobs = result.beam_logprobs[positions]
+
+    @staticmethod
+    def _prompt_logprob_span(e: _Entry) -> tuple[int, int] | None:
+        """Positions [first, end) of this chunk whose logits give prompt logprobs not yet
+        produced (a recompute after preemption does not produce them twice)."""
+        group = e.seq_group
+        if group.prompt_logprobs is None or e.seq.index != 0:
+            return None
+        first, end = len(group.prompt_logprobs) - 1, min(e.end, len(group.prompt_token_ids) - 1)
+        return (first, end) if e.start <= first < end else None
+
+    def _prompt_logprobs(self, e: _Entry, hidden: torch.Tensor, first: int, end: int) -> list[PromptLogprob]:
+        """Log-probabilities of prompt tokens ``first+1 .. end`` given everything before each."""
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+        targets = self._tensor(e.seq.prompt_token_ids[first + 1 : end + 1], torch.int64)
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+        top_lps, top_ids = logprobs.topk(e.seq_group.sampling_params.prompt_logprobs, dim=-1)
+        tops = _top_logprobs(ranks, top_ids, top_lps)
+        return [PromptLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen.squeeze(1).tolist(), tops)]
 
     def _prepare_inputs(
         self, entries: list[_Entry], block_tables: dict[int, list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, dict[int, int]]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        sample_rows: list[int] = []
+        last_rows: dict[int, int] = {}
         cu_seqlens_q = [0]
         prefill_lens, prefill_tables, decode_lens, decode_tables = [], [], [], []
         for e in entries:
@@ -91,8 +185,7 @@ class ModelRunner:
             input_ids += e.seq.token_ids(e.start, e.end)
             positions += range(e.start, e.end)
             slot_mapping += [table[p // bs] * bs + p % bs for p in range(e.start, e.end)]
-            if e.samples:
-                sample_rows.append(len(input_ids) - 1)
+            last_rows[id(e)] = len(input_ids) - 1
             if e.end - e.start == 1:
                 decode_lens.append(e.end)
                 decode_tables.append(table)
@@ -109,46 +202,7 @@ class ModelRunner:
             decode_seq_lens=self._tensor(decode_lens, torch.int32),
             decode_block_tables=self._block_table_tensor(decode_tables),
         )
-        return (
-            self._tensor(input_ids, torch.int64),
-            self._tensor(positions, torch.int64),
-            meta,
-            self._tensor(sample_rows, torch.int64),
-        )
-
-    def _sampling_tensors(self, entries: list[_Entry]) -> SamplingTensors:
-        params = [e.seq_group.sampling_params for e in entries]
-        vocab = self.model_config.hf_config.vocab_size
-        greedy = [p.greedy for p in params]
-        top_ks = [p.top_k if p.top_k > 0 else vocab for p in params]
-        top_ps = [p.top_p for p in params]
-        min_ps = [p.min_p for p in params]
-        sampled = [not g for g in greedy]
-        return SamplingTensors(
-            temperatures=self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32),
-            top_ps=self._tensor(top_ps, torch.float32),
-            top_ks=self._tensor(top_ks, torch.int64),
-            min_ps=self._tensor(min_ps, torch.float32),
-            greedy=self._tensor(greedy, torch.bool),
-            generators={i: e.seq_group.generator for i, e in enumerate(entries) if e.seq_group.generator is not None},
-            all_greedy=all(greedy),
-            do_top_p_top_k=any(s and (k < vocab or p < 1.0) for s, k, p in zip(sampled, top_ks, top_ps)),
-            do_min_p=any(s and m > 0 for s, m in zip(sampled, min_ps)),
-            banned=self._banned_tokens(entries),
-        )
-
-    def _banned_tokens(self, entries: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, token ids) of EOS and stop tokens that ``min_tokens`` still forbids."""
-        rows, token_ids = [], []
-        for i, e in enumerate(entries):
-            params = e.seq_group.sampling_params
-            if len(e.seq.output_token_ids) < params.min_tokens:
-                banned = params.stop_token_ids + ([] if params.ignore_eos else self.eos_token_ids)
-                rows += [i] * len(banned)
-                token_ids += banned
-        if not rows:
-            return None
-        return self._tensor(rows, torch.int64), self._tensor(token_ids, torch.int64)
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, last_rows
 
     def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)
@@ -156,3 +210,9 @@ class ModelRunner:
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+def _top_logprobs(ranks: torch.Tensor | None, ids: torch.Tensor | None, lps: torch.Tensor | None) -> list[TopLogprobs]:
+    if ranks is None:
+        return []
+    return [TopLogprobs(r, i, lp) for r, i, lp in zip(ranks.tolist(), ids.tolist(), lps.tolist())]

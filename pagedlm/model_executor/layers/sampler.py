@@ -1,8 +1,9 @@
-"""Batched sampling: greedy, temperature, top-k, top-p and min-p, as tensor ops over the batch.
+"""Batched sampling: penalties, logits processors, greedy, temperature, top-k, top-p, min-p.
 
-Random rows sample with the exponential-race (Gumbel-max) trick: ``argmax(p / E)`` with
-``E ~ Exp(1)`` draws from ``p``. A seeded request draws its noise from its own generator, one full
-vocabulary row per step, so its completion does not depend on what else is in the batch.
+Random rows sample with the exponential race (the Gumbel-max trick): ``argmax(p / E)`` with
+``E ~ Exp(1)`` draws from ``p``. A seeded completion draws its noise from its own generator, one
+full vocabulary row per step, so it does not depend on what else is in the batch. Reported
+log-probabilities are the model's raw ones (log-softmax of its logits), as Hugging Face's are.
 """
 
 from dataclasses import dataclass
@@ -10,46 +11,136 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pagedlm.sampling_params import SamplingParams
+
 
 @dataclass
-class SamplingTensors:
-    temperatures: torch.Tensor  # [S] float32, 1.0 on greedy rows
-    top_ps: torch.Tensor  # [S] float32
-    top_ks: torch.Tensor  # [S] int64, vocab size where off
-    min_ps: torch.Tensor  # [S] float32
-    greedy: torch.Tensor  # [S] bool
-    generators: dict[int, torch.Generator]  # row -> generator of a seeded request
-    all_greedy: bool
-    do_top_p_top_k: bool
-    do_min_p: bool
-    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that must not be sampled
+class SamplingMetadata:
+    """One row per token to sample."""
+
+    params: list[SamplingParams]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) min_tokens still forbids
+    beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
+    temperatures: torch.Tensor  # [R] float32, 1.0 on greedy rows
+    top_ps: torch.Tensor
+    top_ks: torch.Tensor  # [R] int64, vocab size where off
+    min_ps: torch.Tensor
+    greedy: torch.Tensor  # [R] bool
+    num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: dict[int, torch.Generator],
+        eos_token_ids: list[int],
+        beam_rows: list[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> "SamplingMetadata":
+        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, device=device)
+
+        banned_rows, banned_ids = [], []
+        for row, (p, out) in enumerate(zip(params, output_token_ids)):
+            if len(out) < p.min_tokens:
+                banned = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
+                banned_rows += [row] * len(banned)
+                banned_ids += banned
+        return cls(
+            params=params,
+            prompt_token_ids=prompt_token_ids,
+            output_token_ids=output_token_ids,
+            generators=generators,
+            banned=(tensor(banned_rows, torch.int64), tensor(banned_ids, torch.int64)) if banned_rows else None,
+            beam_rows=beam_rows,
+            temperatures=tensor([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+            top_ps=tensor([p.top_p for p in params], torch.float32),
+            top_ks=tensor([p.top_k or vocab_size for p in params], torch.int64),
+            min_ps=tensor([p.min_p for p in params], torch.float32),
+            greedy=tensor([p.greedy for p in params], torch.bool),
+            num_top_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+
+
+@dataclass
+class SamplerResult:
+    token_ids: torch.Tensor  # [R]
+    logprobs: torch.Tensor  # [R] raw log-probability of each sampled token
+    ranks: torch.Tensor | None  # [R] rank of each sampled token, when logprobs were asked for
+    top_ids: torch.Tensor | None  # [R, K]
+    top_logprobs: torch.Tensor | None  # [R, K]
+    beam_logprobs: torch.Tensor | None  # [len(beam_rows), V] processed log-probabilities
 
 
 class Sampler(nn.Module):
-    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled token ids [S] and their log-probabilities under the model's raw logits."""
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if t.banned is not None:
-            logits = logits.index_put(t.banned, torch.tensor(float("-inf"), device=logits.device))
-        greedy_tokens = logits.argmax(dim=-1)
-        if t.all_greedy:
-            tokens = greedy_tokens
-        else:
-            tokens = torch.where(t.greedy, greedy_tokens, self._sample(logits, t))
-        return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._process(logits, meta)
+        tokens = logits.argmax(dim=-1)
+        if not bool(meta.greedy.all()):
+            tokens = torch.where(meta.greedy, tokens, self._sample(logits, meta))
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        ranks = top_ids = top_logprobs = beam_logprobs = None
+        if meta.num_top_logprobs >= 0:
+            ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+            top_logprobs, top_ids = raw_logprobs.topk(meta.num_top_logprobs, dim=-1)
+        if meta.beam_rows:
+            beam_logprobs = torch.log_softmax(logits[meta.beam_rows], dim=-1)
+        return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs)
 
-    def _sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-        logits = logits / t.temperatures[:, None]
-        if t.do_top_p_top_k:
-            logits = _apply_top_k_top_p(logits, t.top_ks, t.top_ps)
+    def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Penalties, then user logits processors, then the min_tokens bans."""
+        penalized = [row for row, p in enumerate(meta.params) if p.has_penalties]
+        if penalized:
+            logits[penalized] = _apply_penalties(logits[penalized], meta, penalized)
+        for row, p in enumerate(meta.params):
+            if p.logits_processors:
+                logits[row] = p.apply_logits_processors(meta.prompt_token_ids[row], meta.output_token_ids[row], logits[row])
+        if meta.banned is not None:
+            logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
+        return logits
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        logits = logits / meta.temperatures[:, None]
+        if bool((meta.top_ks < logits.shape[-1]).any() or (meta.top_ps < 1.0).any()):
+            logits = _apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
         probs = logits.softmax(dim=-1)
-        if t.do_min_p:
-            probs = probs.masked_fill(probs < t.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        if bool((meta.min_ps > 0).any()):
+            probs = probs.masked_fill(probs < meta.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs).exponential_()
-        for row, generator in t.generators.items():
+        for row, generator in meta.generators.items():
             noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    device = logits.device
+    params = [meta.params[r] for r in rows]
+    counts = _token_counts([meta.output_token_ids[r] for r in rows], vocab, device)
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if bool((repetition != 1.0).any()):
+        seen = (_token_counts([meta.prompt_token_ids[r] for r in rows], vocab, device) + counts) > 0
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    return logits - frequency * counts - presence * (counts > 0)
+
+
+def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] occurrence counts; padding uses an extra column that is dropped."""
+    width = max((len(t) for t in token_ids), default=0)
+    padded = torch.tensor([t + [vocab] * (width - len(t)) for t in token_ids], dtype=torch.int64, device=device)
+    counts = torch.zeros(len(token_ids), vocab + 1, device=device)
+    counts.scatter_add_(1, padded.view(len(token_ids), width), torch.ones_like(padded, dtype=counts.dtype).view(len(token_ids), width))
+    return counts[:, :vocab]
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

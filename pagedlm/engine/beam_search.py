@@ -1,0 +1,78 @@
+"""Beam search with Hugging Face's semantics (``generate(num_beams=k, do_sample=False)``).
+
+Each step the group's running beams (``k`` sequences sharing KV blocks) propose their top
+continuations; the best ``k`` that do not end become the next beams (the engine forks and frees
+sequences accordingly, so shared prefixes stay shared by copy-on-write), and those that end in the
+first ``k`` places become finished hypotheses, scored ``logprob_sum / length ** length_penalty``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedlm.sampling_params import SamplingParams
+
+_NEG = -1.0e9
+
+
+@dataclass
+class BeamHypothesis:
+    token_ids: list[int]
+    cumulative_logprob: float
+    score: float  # length-penalised
+
+
+@dataclass
+class BeamCandidate:
+    parent: int  # row of the running beam it extends
+    token_id: int
+    cumulative_logprob: float
+
+
+@dataclass
+class BeamSearchState:
+    params: SamplingParams
+    num_eos: int
+    max_new_tokens: int
+    finished: list[BeamHypothesis] = field(default_factory=list)
+    improvable: bool = True
+    done: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.params.best_of
+
+    def step(
+        self, output_token_ids: list[list[int]], scores: list[float], logprobs: torch.Tensor, is_stop: set[int]
+    ) -> list[BeamCandidate]:
+        """Advance by one token. ``logprobs`` [beams, V] are the running beams' next-token
+        log-probabilities; returns the next running beams, best first (empty when done)."""
+        k, lp = self.width, self.params.length_penalty
+        num_generated = len(output_token_ids[0]) + 1
+        vocab = logprobs.shape[-1]
+        totals = logprobs + torch.tensor(scores, dtype=logprobs.dtype, device=logprobs.device)[:, None]
+        top_scores, top_ids = totals.view(-1).topk(min(max(2, 1 + self.num_eos) * k, totals.numel()))
+        candidates = [
+            BeamCandidate(i // vocab, i % vocab, s) for i, s in zip(top_ids.tolist(), top_scores.tolist())
+        ]
+        at_max_len = num_generated >= self.max_new_tokens
+        ends = [at_max_len or c.token_id in is_stop for c in candidates]
+
+        accepting = self.improvable and not (len(self.finished) == k and self.params.early_stopping is True)
+        if accepting:
+            for c, end in zip(candidates[:k], ends[:k]):
+                if end:
+                    tokens = output_token_ids[c.parent] + [c.token_id]
+                    self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, c.cumulative_logprob / num_generated**lp))
+            self.finished = sorted(self.finished, key=lambda h: h.score, reverse=True)[:k]
+
+        running = [c for c, end in zip(candidates, ends) if not end][:k]
+        if len(self.finished) == k:
+            best_len = num_generated
+            if self.params.early_stopping == "never" and lp > 0:
+                best_len = self.max_new_tokens
+            best_running = running[0].cumulative_logprob if running else _NEG
+            self.improvable &= best_running / best_len**lp > self.finished[-1].score
+        full_and_eager = len(self.finished) == k and self.params.early_stopping is True
+        self.done = not self.improvable or full_and_eager or all(ends)
+        return [] if self.done else running
