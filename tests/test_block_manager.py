@@ -1,6 +1,9 @@
 """Block allocator and block tables: reference counts, copy-on-write, admission decisions."""
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pagedlm.engine.block_manager import AllocStatus, BlockSpaceManager
 from pagedlm.engine.sequence import SequenceGroup, SequenceStatus
@@ -67,3 +70,91 @@ def test_double_free_is_caught():
     bm.allocator.free(block)
     with pytest.raises(AssertionError):
         bm.allocator.free(block)
+
+
+BS = 4
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random allocate / fork / append / free over a small cache, with a fake KV store that
+    follows the block copies the manager asks for: reference counts match the tables, no block is
+    both free and in a table, every block returns, and every sequence reads back its tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bm = BlockSpaceManager(block_size=BS, num_blocks=24, watermark=0.0)
+        self.store: dict[int, list] = {b: [None] * BS for b in range(24)}
+        self.seqs = []
+        self.next_token = 1000
+
+    def _write(self, seq, start: int) -> None:
+        table = self.bm.get_block_table(seq)
+        for pos in range(start, seq.num_tokens):
+            token = seq.prompt_token_ids[pos] if pos < len(seq.prompt_token_ids) else seq.output_token_ids[pos - len(seq.prompt_token_ids)]
+            self.store[table[pos // BS]][pos % BS] = token
+        seq.num_computed_tokens = seq.num_tokens
+
+    @rule(length=st.integers(1, 20))
+    def allocate(self, length):
+        group = _group(length, BS)
+        if self.bm.can_allocate(group) != AllocStatus.OK:
+            return
+        self.bm.allocate(group)
+        seq = group.seqs[0]
+        seq.status = SequenceStatus.RUNNING
+        self._write(seq, 0)
+        self.seqs.append(seq)
+
+    @precondition(lambda self: self.seqs)
+    @rule(i=st.integers(0, 100))
+    def fork(self, i):
+        parent = self.seqs[i % len(self.seqs)]
+        child = parent.fork(parent.index + 1)
+        self.bm.fork(parent, child)
+        self.seqs.append(child)
+
+    @precondition(lambda self: self.seqs)
+    @rule(i=st.integers(0, 100))
+    def append(self, i):
+        seq = self.seqs[i % len(self.seqs)]
+        seq.append_token(self.next_token, 0.0)
+        self.next_token += 1
+        if not self.bm.can_append_slots({seq: 1}):
+            seq.output_token_ids.pop()
+            return
+        copy = self.bm.append_slots(seq)
+        if copy is not None:
+            self.store[copy[1]] = list(self.store[copy[0]])
+        self._write(seq, seq.num_computed_tokens)
+
+    @precondition(lambda self: self.seqs)
+    @rule(i=st.integers(0, 100))
+    def free(self, i):
+        self.bm.free(self.seqs.pop(i % len(self.seqs)))
+
+    @invariant()
+    def counts_are_consistent(self):
+        refs = [0] * 24
+        for seq in self.seqs:
+            for block in self.bm.get_block_table(seq):
+                refs[block] += 1
+        assert refs == self.bm.allocator.ref_counts
+        free = set(self.bm.allocator.free_blocks)
+        assert len(free) == len(self.bm.allocator.free_blocks)
+        assert all((refs[b] == 0) == (b in free) for b in range(24))
+
+    @invariant()
+    def tokens_are_readable(self):
+        for seq in self.seqs:
+            table = self.bm.get_block_table(seq)
+            tokens = seq.prompt_token_ids + seq.output_token_ids
+            assert [self.store[table[p // BS]][p % BS] for p in range(seq.num_tokens)] == tokens
+
+    def teardown(self):
+        for seq in self.seqs:
+            self.bm.free(seq)
+        assert self.bm.num_free_blocks == 24
+
+
+BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_block_manager_state_machine = BlockManagerMachine.TestCase

@@ -1,0 +1,246 @@
+"""SamplingParams semantics against Hugging Face: logprobs, prompt logprobs, penalties and
+warpers, beam search; plus n/best_of sharing KV blocks, seeds, stop strings and processors."""
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from conftest import BOS, EOS, VOCAB_SIZE
+from pagedlm import LLM, SamplingParams
+from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
+
+PROMPTS = [[BOS, 5, 17, 99, 4], [BOS] + list(range(40, 100)), [BOS, 200, 201]]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(llama_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(llama_dir):
+    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def test_logprobs_match_hf_log_softmax(llm, hf):
+    outs = llm.generate(_ids(PROMPTS), SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        comp = out.outputs[0]
+        assert comp.token_ids == ref.sequences[0, len(prompt):].tolist()
+        total = 0.0
+        for step, (token, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
+            ref_lp = torch.log_softmax(ref.logits[step][0].float(), dim=-1)
+            top_vals, top_ids = ref_lp.topk(5)
+            assert set(top_ids.tolist()) <= set(entry) and token in entry
+            for t, v in zip(top_ids.tolist(), top_vals.tolist()):
+                assert entry[t].logprob == pytest.approx(v, abs=1e-4)
+            assert entry[token].rank == 1 and entry[token].decoded_token is not None
+            total += ref_lp[token].item()
+        assert comp.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def test_prompt_logprobs_match_hf(llama_dir, hf):
+    # A small step budget splits the prompt into chunks; prompt logprobs must still be complete.
+    llm = LLM(llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=16)
+    outs = llm.generate(_ids(PROMPTS), SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        for pos in range(1, len(prompt)):
+            entry = out.prompt_logprobs[pos]
+            token = prompt[pos]
+            assert entry[token].logprob == pytest.approx(ref[pos - 1, token].item(), abs=1e-4)
+            assert entry[token].rank == int((ref[pos - 1] > ref[pos - 1, token]).sum()) + 1
+            assert len(entry) in (3, 4)
+
+
+def _sampler_meta(params: list[SamplingParams], outputs: list[list[int]], prompts: list[list[int]]) -> SamplingMetadata:
+    return SamplingMetadata.build(params, prompts, outputs, {}, [2], [], VOCAB_SIZE, torch.device("cpu"))
+
+
+def test_repetition_penalty_matches_hf_processor():
+    torch.manual_seed(0)
+    logits = torch.randn(2, VOCAB_SIZE) * 3
+    prompts, outputs = [[1, 5, 9], [7, 7]], [[11, 5], [300]]
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7)]
+    ours = Sampler()._process(logits.clone(), _sampler_meta(params, outputs, prompts))
+    for row in range(2):
+        ids = torch.tensor([prompts[row] + outputs[row]])
+        ref = RepetitionPenaltyLogitsProcessor(params[row].repetition_penalty)(ids, logits[row : row + 1].clone())
+        torch.testing.assert_close(ours[row], ref[0])
+
+
+def test_presence_and_frequency_penalties_follow_their_definition():
+    logits = torch.zeros(1, VOCAB_SIZE)
+    meta = _sampler_meta([SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], [[4, 4, 4, 9]], [[4, 10]])
+    out = Sampler()._process(logits, meta)[0]
+    assert out[4].item() == pytest.approx(-0.5 - 0.75) and out[9].item() == pytest.approx(-0.5 - 0.25)
+    assert out[10].item() == 0.0  # prompt tokens are not penalised by presence/frequency
+
+
+@pytest.mark.parametrize("kwargs,warper", [
+    (dict(top_k=7), lambda: TopKLogitsWarper(7)),
+    (dict(top_p=0.6), lambda: TopPLogitsWarper(0.6)),
+    (dict(min_p=0.2), lambda: MinPLogitsWarper(0.2)),
+])
+def test_warpers_keep_the_same_tokens_as_hf(kwargs, warper):
+    torch.manual_seed(1)
+    logits = torch.randn(64, VOCAB_SIZE) * 2
+    params = [SamplingParams(temperature=1.0, seed=i, **kwargs) for i in range(64)]
+    ref_kept = torch.isfinite(warper()(None, logits.clone()))
+    meta = _sampler_meta(params, [[] for _ in range(64)], [[1] for _ in range(64)])
+    meta.generators = {i: torch.Generator().manual_seed(i) for i in range(64)}
+    sampled = Sampler()._sample(logits.clone(), meta)
+    assert ref_kept[torch.arange(64), sampled].all()
+    # Many draws from one row reach every kept token and nothing else.
+    row = logits[:1].expand(4000, -1).clone()
+    meta = _sampler_meta([params[0]] * 4000, [[]] * 4000, [[1]] * 4000)
+    drawn = set(Sampler()._sample(row, meta).tolist())
+    kept = set(torch.nonzero(ref_kept[0]).flatten().tolist())
+    assert drawn <= kept
+    if len(kept) <= 10:
+        assert drawn == kept
+
+
+def test_n_with_seed_equals_independent_seeded_requests(llm):
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.95, seed=7, max_tokens=12)
+    out = llm.generate(_ids(PROMPTS[:1]), params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    singles = llm.generate(
+        _ids(PROMPTS[:1] * 4),
+        [SamplingParams(temperature=1.0, top_p=0.95, seed=7 + i, max_tokens=12) for i in range(4)],
+        use_tqdm=False,
+    )
+    assert [c.token_ids for c in out.outputs] == [s.outputs[0].token_ids for s in singles]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_n_shares_prompt_blocks(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", block_size=16)
+    prompt = [BOS] + [(7 * i) % 300 + 3 for i in range(511)]  # 512 tokens = 32 full blocks
+    single = llm.generate(_ids([prompt]), SamplingParams(temperature=1.0, seed=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    single_peak = llm.get_stats()["peak_kv_blocks_in_use"]
+    outs = llm.generate(_ids([prompt]), SamplingParams(n=8, temperature=1.0, seed=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    peak = llm.get_stats()["peak_kv_blocks_in_use"]
+    assert single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    # Shared: the 32 prompt blocks once, plus at most 2 blocks of output per completion.
+    assert single_peak == 33
+    assert peak <= 32 + 8 * 2 < 8 * single_peak
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+def test_best_of_returns_the_most_likely(llm):
+    out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(n=2, best_of=6, temperature=1.0, seed=3, max_tokens=10), use_tqdm=False)[0]
+    everything = llm.generate(_ids(PROMPTS[:1]), SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=10), use_tqdm=False)[0]
+    best = sorted(everything.outputs, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in best]
+
+
+def test_multi_sequence_group_survives_preemption(llama_dir):
+    prompts = [[BOS] + [i + 3] * 40 for i in range(6)]
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=30, ignore_eos=True)
+    roomy = LLM(llama_dir, dtype="float32").generate(_ids(prompts), params, use_tqdm=False)
+    tight_llm = LLM(llama_dir, dtype="float32", num_kv_blocks=24, block_size=16)
+    tight = tight_llm.generate(_ids(prompts), params, use_tqdm=False)
+    assert tight_llm.get_stats()["num_preemptions"] > 0
+    assert [[c.token_ids for c in o.outputs] for o in tight] == [[c.token_ids for c in o.outputs] for o in roomy]
+
+
+def test_stop_strings_cut_text_across_tokens(llm):
+    tok = llm.get_tokenizer()
+    base = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+    text = base.outputs[0].text
+    # A stop string made of the end of one token's text and the start of the next.
+    pieces = [tok.decode(PROMPTS[0][-6:] + base.outputs[0].token_ids[: i + 1])[len(tok.decode(PROMPTS[0][-6:])):]
+              for i in range(len(base.outputs[0].token_ids))]
+    i = next(i for i in range(3, 30) if len(pieces[i]) - len(pieces[i - 1]) >= 1 and len(pieces[i - 1]) - len(pieces[i - 2]) >= 1)
+    stop = pieces[i][len(pieces[i - 1]) - 1 : len(pieces[i - 1]) + 1]
+    first = text.find(stop)
+    out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=30, stop=[stop, "@@never@@"], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.text == text[:first] and out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=30, stop=stop, include_stop_str_in_output=True, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[: first + len(stop)]
+
+
+def test_logits_processors_receive_tokens_and_steer(llm):
+    calls = []
+
+    def force_42(output_ids, logits):
+        calls.append(list(output_ids))
+        logits = torch.full_like(logits, float("-inf"))
+        logits[42] = 0.0
+        return logits
+
+    def see_prompt(prompt_ids, output_ids, logits):
+        assert prompt_ids == PROMPTS[0]
+        return logits
+
+    out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0.8, max_tokens=4, logits_processors=[see_prompt, force_42]), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [42] * 4
+    assert calls == [[], [42], [42, 42], [42, 42, 42]]
+
+
+def test_detokenize_false_returns_ids_only(llm):
+    out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=5, detokenize=False), use_tqdm=False)[0]
+    assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 5
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(llama_dir, tmp_path_factory, llm):
+    """The tiny model with a frequently generated token declared EOS (next to the tokenizer's own),
+    so beams do finish early."""
+    outs = llm.generate(_ids([[BOS, i + 3, 2 * i + 5] for i in range(20)]), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    counts = Counter(t for o in outs for t in o.outputs[0].token_ids[2:])
+    eos = counts.most_common(1)[0][0]
+    path = tmp_path_factory.mktemp("eos_model") / "m"
+    shutil.copytree(llama_dir, path)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS, "eos_token_id": eos}))
+    return str(path), eos
+
+
+@pytest.mark.parametrize("width,n,length_penalty,early_stopping", [
+    (4, 4, 1.0, False), (3, 2, 0.0, True), (4, 1, 2.0, "never"), (2, 2, -1.0, False),
+])
+def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_stopping):
+    path, eos = eos_model_dir
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    params = SamplingParams(n=n, best_of=width, use_beam_search=True, temperature=0, max_tokens=10,
+                            length_penalty=length_penalty, early_stopping=early_stopping)
+    prompts = [[BOS, i + 3, 2 * i + 5] for i in range(6)]
+    outs = llm.generate(_ids(prompts), params, use_tqdm=False)
+    finished_early = 0
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=n, do_sample=False,
+                              max_new_tokens=10, length_penalty=length_penalty, early_stopping=early_stopping,
+                              eos_token_id=[eos, EOS], pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        for row, comp in enumerate(out.outputs):
+            seq = ref.sequences[row, len(prompt):].tolist()
+            ends = [i for i, t in enumerate(seq) if t in (eos, EOS)]
+            seq = seq[: ends[0] + 1] if ends else seq
+            assert comp.token_ids == seq
+            score = comp.cumulative_logprob / len(comp.token_ids) ** length_penalty
+            assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
+            finished_early += comp.finish_reason == "stop"
+    if length_penalty <= 1.0:  # (a large penalty favours the beams that run to max_tokens)
+        assert finished_early > 0
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
