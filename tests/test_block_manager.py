@@ -76,9 +76,10 @@ BS = 4
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / fork / append / free over a small cache, with a fake KV store that
-    follows the block copies the manager asks for: reference counts match the tables, no block is
-    both free and in a table, every block returns, and every sequence reads back its tokens."""
+    """Random allocate (with prefix-cache hits) / fork / append / free over a small cache, with a
+    fake KV store that follows the block copies the manager asks for: reference counts match the
+    tables, no block is both free and in a table, the prefix cache never points at a block whose
+    content changed, every block returns, and every sequence reads back its tokens."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,21 +89,23 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_token = 1000
 
     def _write(self, seq, start: int) -> None:
+        self.bm.cache_blocks(seq, seq.num_tokens)
         table = self.bm.get_block_table(seq)
         for pos in range(start, seq.num_tokens):
             token = seq.prompt_token_ids[pos] if pos < len(seq.prompt_token_ids) else seq.output_token_ids[pos - len(seq.prompt_token_ids)]
             self.store[table[pos // BS]][pos % BS] = token
         seq.num_computed_tokens = seq.num_tokens
 
-    @rule(length=st.integers(1, 20))
-    def allocate(self, length):
-        group = _group(length, BS)
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=20))
+    def allocate(self, tokens):
+        # Few distinct token values: prompts often share prefixes and hit the prefix cache.
+        group = SequenceGroup("r", None, tokens, SamplingParams(), BS, 0.0)
         if self.bm.can_allocate(group) != AllocStatus.OK:
             return
         self.bm.allocate(group)
         seq = group.seqs[0]
         seq.status = SequenceStatus.RUNNING
-        self._write(seq, 0)
+        self._write(seq, seq.num_computed_tokens)
         self.seqs.append(seq)
 
     @precondition(lambda self: self.seqs)
@@ -142,6 +145,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         free = set(self.bm.allocator.free_blocks)
         assert len(free) == len(self.bm.allocator.free_blocks)
         assert all((refs[b] == 0) == (b in free) for b in range(24))
+
+    @invariant()
+    def cached_blocks_hold_their_keys_tokens(self):
+        for key, block in self.bm.allocator.cached_blocks.items():
+            assert self.bm.allocator.block_keys[block] == key
+            assert tuple(self.store[block]) == key[1]
 
     @invariant()
     def tokens_are_readable(self):

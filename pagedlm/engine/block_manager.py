@@ -1,14 +1,20 @@
-"""Physical KV blocks and per-sequence block tables (vLLM v0's ``BlockSpaceManager``).
+"""Physical KV blocks and per-sequence block tables (vLLM's ``BlockSpaceManager``).
 
-Blocks carry reference counts so sequences can share them: a forked sequence points at its
-parent's blocks, and appending into a shared, partly filled last block copies it first
-(copy-on-write). The engine turns the returned (src, dst) pairs into one ``copy_blocks`` call.
+Blocks carry reference counts so sequences can share them:
+
+* Copy-on-write: a forked sequence points at its parent's blocks, and appending into a shared,
+  partly filled block copies it first. The engine turns the returned (src, dst) pairs into one
+  ``copy_blocks`` call per step.
+* Automatic prefix caching: a full block is keyed by its token ids and its parent block's key
+  (so the key names the whole prefix). A new sequence reuses the longest run of cached full blocks
+  of its tokens. A block whose count drops to zero stays cached in the free list, which is kept
+  least-recently-freed first, and loses its key only when it is taken for new content.
 """
 
 import enum
-from collections import deque
+from collections import OrderedDict
 
-from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedlm.engine.sequence import BlockKey, Sequence, SequenceGroup, SequenceStatus
 
 
 class AllocStatus(enum.Enum):
@@ -18,29 +24,47 @@ class AllocStatus(enum.Enum):
 
 
 class BlockAllocator:
-    """A free list of physical block numbers with reference counts."""
+    """Physical block numbers with reference counts, an LRU free list and the prefix-cache map."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_keys: list[BlockKey | None] = [None] * num_blocks
+        self.cached_blocks: dict[BlockKey, int] = {}
 
     def allocate(self) -> int:
+        """A free block for new content, evicting the least recently freed cached one."""
         if not self.free_blocks:
             raise RuntimeError("Out of KV cache blocks; the scheduler should have prevented this.")
-        block = self.free_blocks.popleft()
+        block, _ = self.free_blocks.popitem(last=False)
+        key = self.block_keys[block]
+        if key is not None:
+            del self.cached_blocks[key]
+            self.block_keys[block] = None
         self.ref_counts[block] = 1
         return block
 
     def incref(self, block: int) -> None:
-        assert self.ref_counts[block] > 0, f"block {block} is free"
+        """Take one more reference to a block, reviving it from the free list if cached there."""
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
         self.ref_counts[block] += 1
 
     def free(self, block: int) -> None:
         assert self.ref_counts[block] > 0, f"double free of block {block}"
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            self.free_blocks.append(block)
+            self.free_blocks[block] = None
+
+    def cache(self, block: int, key: BlockKey) -> None:
+        if key not in self.cached_blocks and self.block_keys[block] is None:
+            self.cached_blocks[key] = block
+            self.block_keys[block] = key
+
+    def reset_cache(self) -> None:
+        self.cached_blocks.clear()
+        self.block_keys = [None] * self.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -50,33 +74,69 @@ class BlockAllocator:
 class BlockSpaceManager:
     """Maps each sequence to its block table and decides whether work fits in the cache."""
 
-    def __init__(self, block_size: int, num_blocks: int, watermark: float = 0.01) -> None:
+    def __init__(self, block_size: int, num_blocks: int, watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.num_total_blocks = num_blocks
         self.watermark_blocks = int(watermark * num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         self.allocator = BlockAllocator(num_blocks)
         self.block_tables: dict[int, list[int]] = {}
         self.peak_blocks_in_use = 0
+        self.num_queried_tokens = 0  # tokens of admitted sequences
+        self.num_hit_tokens = 0  # of which served from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
         return self.allocator.num_free_blocks
 
-    def can_allocate(self, seq_group: SequenceGroup) -> AllocStatus:
-        num_required = sum(seq.num_blocks for seq in seq_group.get_seqs(SequenceStatus.WAITING))
+    def computed_blocks(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest run of ``seq``'s full leading blocks, leaving at least
+        its last token to compute (its logits are needed)."""
+        if not self.enable_prefix_caching:
+            return []
+        blocks = []
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            block = self.allocator.cached_blocks.get(seq.block_key(i))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def can_allocate(self, seq_group: SequenceGroup, use_cache: bool = True) -> AllocStatus:
+        num_required = 0
+        for seq in seq_group.get_seqs(SequenceStatus.WAITING):
+            in_use = [b for b in self.computed_blocks(seq) if self.allocator.ref_counts[b] > 0] if use_cache else []
+            num_required += seq.num_blocks - len(in_use)
         if self.num_total_blocks - num_required < self.watermark_blocks:
             return AllocStatus.NEVER
         if self.num_free_blocks - num_required >= self.watermark_blocks:
             return AllocStatus.OK
         return AllocStatus.LATER
 
-    def allocate(self, seq_group: SequenceGroup) -> None:
-        """Give each waiting sequence of the group a block table covering all its tokens. (A new
-        group has one sequence; a preempted group's sequences have diverged and are recomputed
-        separately.)"""
+    def allocate(self, seq_group: SequenceGroup, use_cache: bool = True) -> None:
+        """Give each waiting sequence a block table covering all its tokens, starting with the
+        cached blocks of its prefix, and mark those tokens computed. (A new group has one
+        sequence; a preempted group's sequences have diverged and are recomputed separately.)"""
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-            self.block_tables[seq.seq_id] = [self.allocator.allocate() for _ in range(seq.num_blocks)]
+            table = self.computed_blocks(seq) if use_cache else []
+            for block in table:
+                self.allocator.incref(block)
+            seq.num_computed_tokens = len(table) * self.block_size
+            self.num_queried_tokens += seq.num_tokens
+            self.num_hit_tokens += seq.num_computed_tokens
+            table += [self.allocator.allocate() for _ in range(seq.num_blocks - len(table))]
+            self.block_tables[seq.seq_id] = table
         self._track_peak()
+
+    def cache_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Key the blocks that ``num_computed_tokens`` fills, so other sequences can reuse them.
+        Called when the tokens are scheduled: every block written in a step is written before any
+        attention of that step reads it, so a sequence admitted later in the same step may share it."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.block_tables[seq.seq_id]
+        for i in range(seq.num_computed_tokens // self.block_size, num_computed_tokens // self.block_size):
+            self.allocator.cache(table[i], seq.block_key(i))
 
     def can_append_slots(self, chunks: dict[Sequence, int]) -> bool:
         """Whether each sequence can write its next ``chunks[seq]`` tokens."""
@@ -84,20 +144,20 @@ class BlockSpaceManager:
 
     def append_slots(self, seq: Sequence) -> tuple[int, int] | None:
         """Make room for every token of ``seq`` not yet in its table; return a (src, dst)
-        block copy when a shared last block had to be copied before being written."""
+        block copy when a shared block had to be copied before being written."""
         table = self.block_tables[seq.seq_id]
         while len(table) < seq.num_blocks:
             table.append(self.allocator.allocate())
-        self._track_peak()
         first_write_block = seq.num_computed_tokens // self.block_size
-        last = table[first_write_block] if first_write_block < len(table) else None
-        if last is None or self.allocator.ref_counts[last] == 1:
-            return None
-        fresh = self.allocator.allocate()
-        self.allocator.free(last)
-        table[first_write_block] = fresh
+        shared = first_write_block < len(table) and self.allocator.ref_counts[table[first_write_block]] > 1
+        copy = None
+        if shared:
+            src = table[first_write_block]
+            table[first_write_block] = self.allocator.allocate()
+            self.allocator.free(src)
+            copy = (src, table[first_write_block])
         self._track_peak()
-        return last, fresh
+        return copy
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         table = self.block_tables[parent.seq_id]
@@ -106,8 +166,8 @@ class BlockSpaceManager:
         self.block_tables[child.seq_id] = list(table)
 
     def free(self, seq: Sequence) -> None:
-        table = self.block_tables.pop(seq.seq_id, None)
-        for block in table or ():
+        # Tail blocks first, so the LRU free list evicts a prefix's tail before its head.
+        for block in reversed(self.block_tables.pop(seq.seq_id, ())):
             self.allocator.free(block)
 
     def get_block_table(self, seq: Sequence) -> list[int]:

@@ -33,7 +33,7 @@ class LLMEngine:
         max_useful = scheduler_config.max_num_seqs * -(-model_config.max_model_len // block_size)
         num_blocks = num_blocks_for(model_config, cache_config, max_useful)
         self.model_runner.init_cache(cache_config, num_blocks)
-        self.block_manager = BlockSpaceManager(block_size, num_blocks)
+        self.block_manager = BlockSpaceManager(block_size, num_blocks, enable_prefix_caching=cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 
@@ -105,7 +105,7 @@ class LLMEngine:
             for seq in seq_group.seqs:
                 self.detokenizers.pop(seq.seq_id, None)
 
-    def get_stats(self) -> dict[str, int]:
+    def get_stats(self) -> dict[str, int | float]:
         bm = self.block_manager
         return {
             "num_kv_blocks": bm.num_total_blocks,
@@ -113,6 +113,9 @@ class LLMEngine:
             "peak_kv_blocks_in_use": bm.peak_blocks_in_use,
             "block_size": bm.block_size,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": bm.num_hit_tokens,
+            "prefix_cache_queried_tokens": bm.num_queried_tokens,
+            "prefix_cache_hit_rate": bm.num_hit_tokens / max(bm.num_queried_tokens, 1),
         }
 
     def step(self) -> list[RequestOutput]:

@@ -65,26 +65,34 @@ class Scheduler:
                 if victim is seq_group:
                     break
             else:
-                for seq in chunks:
+                for seq, chunk in chunks.items():
                     copy = self.block_manager.append_slots(seq)
                     if copy is not None:
                         out.blocks_to_copy.append(copy)
+                    self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
                 self._add(out, seq_group, chunks)
                 self.running.append(seq_group)
 
         while self.waiting and not out.num_preempted:
             seq_group = self.waiting[0]
+            # Prompt logprobs need the logits of every prompt position: no prefix-cache hits.
+            use_cache = seq_group.prompt_logprobs is None
+            for seq in seq_group.get_seqs(SequenceStatus.WAITING):
+                cached = self.block_manager.computed_blocks(seq) if use_cache else []
+                seq.num_computed_tokens = len(cached) * self.block_manager.block_size
             chunks = self._chunks(seq_group, SequenceStatus.WAITING, out)
             if not chunks:
                 break
-            status = self.block_manager.can_allocate(seq_group)
+            status = self.block_manager.can_allocate(seq_group, use_cache)
             if status != AllocStatus.OK:
                 assert status == AllocStatus.LATER, "add_request admits only requests that fit"
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq_group)
+            self.block_manager.allocate(seq_group, use_cache)
             for seq in seq_group.get_seqs(SequenceStatus.WAITING):
                 seq.status = SequenceStatus.RUNNING
+            for seq, chunk in chunks.items():
+                self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
             self._add(out, seq_group, chunks)
             self.running.append(seq_group)
         return out
@@ -126,6 +134,9 @@ class Scheduler:
         for seq_group in dropped:
             for seq in seq_group.seqs:
                 self.block_manager.free(seq)
+        if dropped:
+            # An interrupted step may have keyed blocks it never wrote.
+            self.block_manager.allocator.reset_cache()
         self.running.clear()
         self.waiting.clear()
         return dropped

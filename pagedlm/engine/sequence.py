@@ -8,6 +8,9 @@ import torch
 from pagedlm.outputs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
 
+# A full KV block's prefix-cache key: (hash of the parent block's key, the block's token ids).
+BlockKey = tuple[int | None, tuple[int, ...]]
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -50,6 +53,7 @@ class Sequence:
         self.output_text = ""
         self.stop_reason: int | str | None = None
         self.logprobs: SampleLogprobs = []
+        self._block_keys: list[BlockKey] = []
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +76,14 @@ class Sequence:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
+    def block_key(self, i: int) -> BlockKey:
+        """The prefix-cache key of full block ``i``; each key is computed once, from its parent's."""
+        while len(self._block_keys) <= i:
+            j = len(self._block_keys)
+            parent = hash(self._block_keys[-1]) if j else None
+            self._block_keys.append((parent, tuple(self.token_ids(j * self.block_size, (j + 1) * self.block_size))))
+        return self._block_keys[i]
+
     def append_token(self, token_id: int, logprob: float) -> None:
         self.output_token_ids.append(token_id)
         self.cumulative_logprob += logprob
@@ -86,6 +98,7 @@ class Sequence:
         child.cumulative_logprob = self.cumulative_logprob
         child.output_text = self.output_text
         child.logprobs = list(self.logprobs)
+        child._block_keys = list(self._block_keys)
         return child
 
     def reset_for_recompute(self) -> None:

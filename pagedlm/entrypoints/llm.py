@@ -35,6 +35,8 @@ class LLM:
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: most tokens (prefill + decode) in one step.
         enable_chunked_prefill: split prompts longer than the step's token budget over steps.
+        enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (within one
+            ``generate`` call and across calls).
     """
 
     def __init__(
@@ -50,9 +52,10 @@ class LLM:
         max_num_seqs: int = 128,
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
     ) -> None:
         model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device)
-        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory)
+        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
@@ -129,9 +132,10 @@ class LLM:
                 token_ids[i] = ids
         return texts, token_ids, errors
 
-    def get_stats(self) -> dict[str, int]:
-        """KV-cache use: total and free blocks, the peak in use during the last ``generate``,
-        the block size and the number of preemptions so far."""
+    def get_stats(self) -> dict[str, int | float]:
+        """KV-cache use: total and free blocks, the peak in use during the last ``generate``, the
+        block size, the number of preemptions and the prefix-cache hit rate (tokens served from
+        the cache / tokens of admitted sequences) so far."""
         return self.llm_engine.get_stats()
 
     def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
