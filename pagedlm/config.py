@@ -127,4 +127,16 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(free - total * (1 - GPU_MEMORY_UTILIZATION))
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CPU_KV_CACHE_RAM_SHARE)
+    return int(_available_ram() * CPU_KV_CACHE_RAM_SHARE)
+
+
+def _available_ram() -> int:
+    """MemAvailable (free plus reclaimable page cache) where /proc/meminfo exists, else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

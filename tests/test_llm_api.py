@@ -200,3 +200,32 @@ def test_dtype_auto_and_bad_args(llama_dir):
         LLM(llama_dir, block_size=12)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(llama_dir, max_model_len=10**6)
+
+
+def test_float16_checkpoint_runs_in_bfloat16_on_cpu(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(llama_dir, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(model_dir), device="cpu", num_kv_blocks=8)
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16
+    assert LLM(str(model_dir), device="cpu", dtype="float16", num_kv_blocks=8).llm_engine.model_config.dtype == torch.float16
+
+
+def test_kv_cache_size_is_logged(llama_dir, caplog):
+    import logging
+
+    logger = logging.getLogger("pagedlm")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
+        LLM(llama_dir, num_kv_blocks=10, block_size=16)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+    assert "10 blocks = 160 tokens of KV cache" in caplog.text
