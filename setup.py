@@ -1,4 +1,109 @@
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INSTALL_HINT = "install with `pip install --no-build-isolation -e .` inside an environment that has torch"
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:
+    sys.exit(f"pagedlm: building the pagedlm._C extension needs torch ({exc}); {INSTALL_HINT}")
+
+# Everything needed to use AVX-512 through ATen's Vectorized<float> (vec512 needs DQ) plus the
+# BF16 conversions; x86 /proc/cpuinfo spells the flags without the dash.
+AVX512_FLAGS = {
+    "-mavx512f": "avx512f",
+    "-mavx512bw": "avx512bw",
+    "-mavx512vl": "avx512vl",
+    "-mavx512dq": "avx512dq",
+    "-mavx512bf16": "avx512_bf16",
+    "-mfma": "fma",
+}
+
+
+def cxx() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def compiler_accepts(flags: list[str]) -> bool:
+    try:
+        probe = subprocess.run([cxx(), *flags, "-x", "c++", "-fsyntax-only", "-"], input=b"int main() {}",
+                               capture_output=True)
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
+def cpu_arch_flags() -> list[str]:
+    """AVX-512 flags when both this CPU and the compiler support them; PAGEDLM_CPU_ARCH_FLAGS overrides."""
+    if "PAGEDLM_CPU_ARCH_FLAGS" in os.environ:
+        return os.environ["PAGEDLM_CPU_ARCH_FLAGS"].split()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        cpu_flags = set()
+    flags = list(AVX512_FLAGS)
+    if cpu_flags.issuperset(AVX512_FLAGS.values()) and compiler_accepts(flags):
+        return flags
+    print("pagedlm: AVX-512 (f/bw/vl/dq/bf16) not available on this CPU or compiler; building portable kernels")
+    return []
+
+
+def missing_prerequisites(with_cuda: bool) -> list[str]:
+    missing = []
+    if shutil.which(cxx()) is None:
+        missing.append(f"a C++ compiler (`{cxx()}` not found; set CXX or install g++)")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        missing.append("the Python development headers (Python.h; e.g. python3-dev)")
+    if with_cuda and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        missing.append(f"nvcc under CUDA_HOME={CUDA_HOME}")
+    return missing
+
+
+class BuildPagedlmExtension(BuildExtension):
+    def run(self):
+        missing = missing_prerequisites(WITH_CUDA)
+        if missing:
+            sys.exit("pagedlm: cannot build pagedlm._C; missing: " + "; ".join(missing))
+        try:
+            super().run()
+        except Exception:
+            print(f"pagedlm: building pagedlm._C failed (compiler output above); {INSTALL_HINT}", file=sys.stderr)
+            raise
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
+if torch.version.cuda is not None and CUDA_HOME is None:
+    print("pagedlm: torch has CUDA but CUDA_HOME is not set (no nvcc found); building the CPU kernels only")
+
+# Warnings we cannot act on: torch >= 2.10 headers use C++20 bit-field initialisers (accepted by
+# GCC in C++17 mode, which our sources are) and clang/nvcc pragmas, and GCC 12 misreports the
+# _mm512_undefined_* idiom inside its own AVX-512 headers as uninitialised.
+QUIET = ["-Wno-c++20-extensions", "-Wno-unknown-pragmas", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", *QUIET, *cpu_arch_flags()]
+ext_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/cpu/*.cpp")
+if WITH_CUDA:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    extension = CUDAExtension(
+        "pagedlm._C",
+        ext_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension("pagedlm._C", ext_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
 
 setup(
     name="pagedlm",
@@ -17,4 +122,6 @@ setup(
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["pagedlm=pagedlm.__main__:main"]},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildPagedlmExtension},
 )

@@ -1,0 +1,84 @@
+#pragma once
+// Argument checks shared by the CPU and CUDA bindings: the KV-cache layout contract of
+// pagedlm/ops/__init__.py, enforced once at the op boundary so kernels can trust their inputs.
+
+#include <ATen/core/Tensor.h>
+
+namespace pagedlm {
+
+inline void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, num_kv_heads, block_size, head_size]");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache and value_cache shapes differ");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key_cache and value_cache dtypes differ");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
+  TORCH_CHECK(key_cache.device() == value_cache.device(), "key_cache and value_cache are on different devices");
+}
+
+// Query-like tensors ([tokens, heads, head_size]) may be views into a fused QKV buffer, so only the
+// last dimension has to be contiguous.
+inline void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be [num_tokens, num_heads, head_size]");
+  TORCH_CHECK(t.stride(2) == 1, name, " must be contiguous in its last dimension");
+}
+
+inline void check_index(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions");
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+inline void check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens) {
+  check_cache_pair(key_cache, value_cache);
+  check_rows(query, "query");
+  check_rows(out, "out");
+  check_index(block_tables, 2, "block_tables");
+  check_index(seq_lens, 1, "seq_lens");
+  TORCH_CHECK(out.sizes() == query.sizes(), "out and query shapes differ");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == key_cache.scalar_type(),
+              "query, out and the KV cache must share a dtype");
+  TORCH_CHECK(query.size(2) == key_cache.size(3), "query head_size differs from the cache's");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables and seq_lens disagree on num_seqs");
+  for (const at::Tensor* t : {&out, &query, &value_cache, &block_tables, &seq_lens}) {
+    TORCH_CHECK(t->device() == key_cache.device(), "all attention tensors must be on one device");
+  }
+}
+
+inline void check_cache_write(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                              const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cache_pair(key_cache, value_cache);
+  check_rows(key, "key");
+  check_rows(value, "value");
+  TORCH_CHECK(key.sizes() == value.sizes(), "key and value shapes differ");
+  TORCH_CHECK(key.size(1) == key_cache.size(1) && key.size(2) == key_cache.size(3),
+              "key is not [num_tokens, num_kv_heads, head_size] of the cache");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type(),
+              "key, value and the cache must share a dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "slot_mapping must be [num_tokens]");
+  for (const at::Tensor* t : {&key, &value, &slot_mapping}) {
+    TORCH_CHECK(t->device() == key_cache.device(), "reshape_and_cache tensors must be on one device");
+  }
+}
+
+// The (src, dst) rows of block_mapping as a contiguous host tensor, bounds-checked.
+inline at::Tensor host_block_pairs(const at::Tensor& block_mapping, int64_t src_blocks, int64_t dst_blocks) {
+  TORCH_CHECK(block_mapping.dim() == 2 && block_mapping.size(1) == 2, "block_mapping must be [n, 2]");
+  TORCH_CHECK(block_mapping.scalar_type() == at::kLong, "block_mapping must be int64");
+  at::Tensor pairs = block_mapping.cpu().contiguous();
+  const int64_t* p = pairs.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pairs.size(0); ++i) {
+    TORCH_CHECK(p[2 * i] >= 0 && p[2 * i] < src_blocks && p[2 * i + 1] >= 0 && p[2 * i + 1] < dst_blocks,
+                "block_mapping row ", i, " is out of range");
+  }
+  return pairs;
+}
+
+inline void check_block_caches(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "block copies need contiguous caches");
+  TORCH_CHECK(src.dim() >= 1 && src.sizes().slice(1) == dst.sizes().slice(1), "src and dst block shapes differ");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "src and dst dtypes differ");
+}
+
+}  // namespace pagedlm

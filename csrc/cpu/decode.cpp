@@ -1,0 +1,161 @@
+// Decode attention: one query token per sequence over its paged context.
+#include "vec.h"  // first: selects ATen's vector width
+
+#include "../checks.h"
+#include "dispatch.h"
+#include "microkernels.h"
+#include "ops.h"
+#include "paged_kv.h"
+#include "parallel.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace pagedlm::cpu {
+namespace {
+
+// Contexts are split into partitions whose partial softmaxes are merged at the end (vLLM's
+// paged_attention_v2), so even a single sequence spreads over all threads. Within a partition the
+// softmax is online, block by block.
+constexpr int kPartitionSize = 512;
+
+// A work item: one partition of one sequence, for KV heads [kv_begin, kv_end).
+struct Item {
+  int seq;
+  int part;
+  int kv_begin;
+  int kv_end;
+};
+
+// Reading all KV heads of a block at once turns 4 KiB reads scattered over the cache into
+// num_kv_heads times longer contiguous ones, which the memory system streams much faster. Heads are
+// split over items only when there would otherwise be too few items to keep every thread busy.
+int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
+  const int64_t wanted = 4 * int64_t{at::get_num_threads()};
+  for (int span = num_kv_heads; span > 1; --span) {
+    if (num_kv_heads % span == 0 && partitions * (num_kv_heads / span) >= wanted) return span;
+  }
+  return 1;
+}
+
+// Attention of the query heads of KV heads [kv_begin, kv_end) over tokens [begin, end) of one
+// sequence (q: [heads, head_size], fp32, pre-scaled). Per query head i of the item, leaves the
+// unnormalised weighted V sum in acc[i] and the max logit and exp-sum in max_out[i], sum_out[i].
+template <typename T>
+void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
+                      const float* q, int group, float* logits, float* acc, float* max_out, float* sum_out) {
+  const int D = kv.head_size, heads = (kv_end - kv_begin) * group;
+  std::fill(acc, acc + heads * D, 0.f);
+  std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
+  std::fill(sum_out, sum_out + heads, 0.f);
+  for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int, int n, int h) {
+    const int first = (h - kv_begin) * group;  // the item's query heads reading KV head h
+    for_each_head_chunk(group, [&](auto ng, int g) {
+      const int i = first + g;
+      attend_rows<ng()>(q + i * D, kv.key + row, kv.value + row, n, D, logits, kv.block_size, max_out + i,
+                        sum_out + i, acc + i * D);
+    });
+  });
+}
+
+template <typename T>
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, float scale) {
+  const int num_seqs = query.size(0), num_heads = query.size(1), D = query.size(2);
+  const int num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
+  const PagedKV<T> kv{key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), key_cache.stride(0),
+                      static_cast<int>(key_cache.size(2)), D};
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const T* q_ptr = query.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t q_stride0 = query.stride(0), q_stride1 = query.stride(1);
+  const int64_t out_stride0 = out.stride(0), out_stride1 = out.stride(1);
+
+  // Partial results of multi-partition sequences: row (first_part[s] + part) * num_heads + head.
+  std::vector<int> parts(num_seqs);
+  std::vector<int64_t> first_part(num_seqs, -1);
+  int64_t num_partials = 0, num_parts = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    check_block_table(tables + s * table_stride, block_tables.size(1), lens[s], kv.block_size, key_cache.size(0), s);
+    parts[s] = std::max(1, (lens[s] + kPartitionSize - 1) / kPartitionSize);
+    if (parts[s] > 1) first_part[s] = num_partials, num_partials += parts[s];
+    num_parts += parts[s];
+  }
+  const int span = kv_heads_per_item(num_kv_heads, num_parts);
+  std::vector<Item> items;
+  for (int s = 0; s < num_seqs; ++s)
+    for (int p = 0; p < parts[s]; ++p)
+      for (int h = 0; h < num_kv_heads; h += span) items.push_back({s, p, h, h + span});
+  const at::Tensor partials = at::empty({num_partials * num_heads, D + 2}, query.options().dtype(at::kFloat));
+  float* partial_acc = partials.data_ptr<float>();
+  float* partial_max = partial_acc + num_partials * num_heads * D;
+  float* partial_sum = partial_max + num_partials * num_heads;
+
+  parallel_items(items.size(), [&](int64_t i) {
+    const auto [s, part, kv_begin, kv_end] = items[i];
+    const int heads = (kv_end - kv_begin) * group, h0 = kv_begin * group;
+    thread_local std::vector<float> scratch;
+    scratch.resize(heads * (2 * D + 2) + kMaxHeadChunk * kv.block_size);
+    float* q = scratch.data();
+    for (int h = 0; h < heads; ++h)
+      to_fp32_scaled(q + h * D, q_ptr + s * q_stride0 + (h0 + h) * q_stride1, scale, D);
+    const int begin = part * kPartitionSize, end = std::min<int>(lens[s], begin + kPartitionSize);
+    const int32_t* table = tables + s * table_stride;
+    float* acc = q + heads * D;
+    float* max = acc + heads * D;
+    float* sum = max + heads;
+    float* logits = sum + heads;
+    if (first_part[s] >= 0) {
+      const int64_t row = (first_part[s] + part) * num_heads + h0;
+      attend_partition(kv, table, kv_begin, kv_end, begin, end, q, group, logits, partial_acc + row * D,
+                       partial_max + row, partial_sum + row);
+      return;
+    }
+    attend_partition(kv, table, kv_begin, kv_end, begin, end, q, group, logits, acc, max, sum);
+    for (int h = 0; h < heads; ++h) {
+      // An empty context attends to nothing; write zeros rather than 0/0.
+      const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
+      store_scaled(out_ptr + s * out_stride0 + (h0 + h) * out_stride1, acc + h * D, inv, D);
+    }
+  });
+
+  if (num_partials == 0) return;
+  at::parallel_for(0, int64_t{num_seqs} * num_heads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(D);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int s = i / num_heads, h = i % num_heads;
+      if (first_part[s] < 0) continue;
+      const int64_t row0 = first_part[s] * num_heads + h;
+      float global_max = -std::numeric_limits<float>::infinity();
+      for (int p = 0; p < parts[s]; ++p) global_max = std::max(global_max, partial_max[row0 + p * num_heads]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int p = 0; p < parts[s]; ++p) {
+        const int64_t row = row0 + p * num_heads;
+        const float w = std::exp(partial_max[row] - global_max);
+        total += w * partial_sum[row];
+        axpy(acc.data(), w, partial_acc + row * D, D);
+      }
+      store_scaled(out_ptr + s * out_stride0 + h * out_stride1, acc.data(), 1.f / total, D);
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                     double scale) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+  TORCH_CHECK(query.size(2) % kHeadSizeMultiple == 0, "head_size must be a multiple of ", kHeadSizeMultiple);
+  PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
+    decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale));
+  });
+}
+
+}  // namespace pagedlm::cpu

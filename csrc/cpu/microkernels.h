@@ -1,0 +1,131 @@
+#pragma once
+// Register-blocked Q·K and P·V over the rows of one cache block, for NG query vectors at once so each
+// K/V row is converted to fp32 once per NG heads. The blocking keeps about eight independent FMA
+// chains in flight, which is what hides the FMA latency. Decode and prefill both walk the cache
+// block by block with attend_rows, reading each block's K and V rows together.
+
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace pagedlm::cpu {
+
+// Largest number of query vectors handled together; more would spill the accumulators.
+constexpr int kMaxHeadChunk = 4;
+
+// Calls f(std::integral_constant<int, NG>, first) for chunks of at most kMaxHeadChunk of [0, count).
+template <typename F>
+inline void for_each_head_chunk(int count, const F& f) {
+  for (int first = 0; first < count; first += kMaxHeadChunk) {
+    switch (std::min(kMaxHeadChunk, count - first)) {
+      case 1: f(std::integral_constant<int, 1>{}, first); break;
+      case 2: f(std::integral_constant<int, 2>{}, first); break;
+      case 3: f(std::integral_constant<int, 3>{}, first); break;
+      default: f(std::integral_constant<int, 4>{}, first); break;
+    }
+  }
+}
+
+// Stores the horizontal sums of the NG x R accumulators to logits[j * stride + r].
+template <int NG, int R>
+inline void store_sums(const fVec (&acc)[NG][R], float* logits, int stride) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (NG * R == 8) {
+    // Transposing reduction: 8 sums for about a third of the shuffles of 8 separate ones.
+    __m512 a[8], t[4], u[2];
+    for (int i = 0; i < 8; ++i) a[i] = acc[i / R][i % R];
+    for (int i = 0; i < 4; ++i)  // 128-bit lanes {0,1} of a[2i] and a[2i+1] + lanes {2,3}
+      t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+    for (int i = 0; i < 2; ++i)  // lane k of u[i] now holds 4 partial sums of a[4i + k]
+      u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xdd));
+    v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, 0xb1));  // lane k: [a[k], a[k], a[k+4], a[k+4]]
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, v);
+    for (int i = 0; i < 8; ++i) logits[(i / R) * stride + i % R] = sums[(i % 4) * 4 + (i / 4) * 2];
+    return;
+  }
+#endif
+  for (int j = 0; j < NG; ++j)
+    for (int r = 0; r < R; ++r) logits[j * stride + r] = hsum(acc[j][r]);
+}
+
+// logits[j * stride + r] = q[j] · k[r] for NG query vectors (rows of q, fp32) and R rows of k.
+template <int NG, int R, typename T>
+inline void qk_rows(const float* q, const T* k, int D, float* logits, int stride) {
+  fVec acc[NG][R];
+  for (int j = 0; j < NG; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = fVec(0.f);
+  for (int d = 0; d < D; d += kVecLen) {
+    fVec kv[R];
+    for (int r = 0; r < R; ++r) kv[r] = load_fp32(k + r * D + d);
+    for (int j = 0; j < NG; ++j) {
+      const fVec qv = fVec::loadu(q + j * D + d);
+      for (int r = 0; r < R; ++r) acc[j][r] = at::vec::fmadd(qv, kv[r], acc[j][r]);
+    }
+  }
+  store_sums(acc, logits, stride);
+}
+
+// Logits of NG query vectors against n consecutive K rows.
+template <int NG, typename T>
+inline void qk_block(const float* q, const T* k, int n, int D, float* logits, int stride) {
+  constexpr int R = 8 / NG > 1 ? 8 / NG : 1;
+  int r = 0;
+  for (; r + R <= n; r += R) qk_rows<NG, R>(q, k + r * D, D, logits + r, stride);
+  for (; r < n; ++r) qk_rows<NG, 1>(q, k + r * D, D, logits + r, stride);
+}
+
+// acc[j][d0 : d0 + C * kVecLen] += sum_r p[j * stride + r] * v[r][...] over n rows.
+template <int NG, int C, typename T>
+inline void pv_columns(const float* p, int stride, const T* v, int n, int D, int d0, float* acc) {
+  fVec a[NG][C];
+  for (int j = 0; j < NG; ++j)
+    for (int c = 0; c < C; ++c) a[j][c] = fVec::loadu(acc + j * D + d0 + c * kVecLen);
+  for (int r = 0; r < n; ++r) {
+    fVec vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load_fp32(v + r * D + d0 + c * kVecLen);
+    for (int j = 0; j < NG; ++j) {
+      const fVec pj(p[j * stride + r]);
+      for (int c = 0; c < C; ++c) a[j][c] = at::vec::fmadd(pj, vv[c], a[j][c]);
+    }
+  }
+  for (int j = 0; j < NG; ++j)
+    for (int c = 0; c < C; ++c) a[j][c].store(acc + j * D + d0 + c * kVecLen);
+}
+
+// acc[j] (rows of D floats) += sum_r p[j * stride + r] * v[r] for NG vectors and n consecutive V rows.
+template <int NG, typename T>
+inline void pv_block(const float* p, int stride, const T* v, int n, int D, float* acc) {
+  constexpr int C = 8 / NG > 1 ? 8 / NG : 1;
+  int d = 0;
+  for (; d + C * kVecLen <= D; d += C * kVecLen) pv_columns<NG, C>(p, stride, v, n, D, d, acc);
+  for (; d < D; d += kVecLen) pv_columns<NG, 1>(p, stride, v, n, D, d, acc);
+}
+
+// One step of the online softmax (flash attention) for NG query vectors (q: [NG, D], fp32,
+// pre-scaled) over n consecutive K/V rows: rescales each vector's running max, exp-sum and
+// unnormalised output acc [NG, D] to the new max and adds the rows. logits: [NG, stride] scratch.
+template <int NG, typename T>
+inline void attend_rows(const float* q, const T* k, const T* v, int n, int D, float* logits, int stride,
+                        float* running_max, float* running_sum, float* acc) {
+  qk_block<NG>(q, k, n, D, logits, stride);
+  for (int j = 0; j < NG; ++j) {
+    float* l = logits + j * stride;
+    const float new_max = std::max(running_max[j], max_of(l, n));
+    if (new_max > running_max[j] && running_sum[j] > 0.f) {
+      const float correction = std::exp(running_max[j] - new_max);
+      running_sum[j] *= correction;
+      scale_inplace(acc + j * D, correction, D);
+    }
+    running_max[j] = new_max;
+    running_sum[j] += exp_sum(l, n, new_max);
+  }
+  pv_block<NG>(logits, stride, v, n, D, acc);
+}
+
+}  // namespace pagedlm::cpu

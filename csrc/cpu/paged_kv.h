@@ -1,0 +1,68 @@
+#pragma once
+// Addressing of one layer's paged KV cache, [num_blocks, num_kv_heads, block_size, head_size].
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+namespace pagedlm::cpu {
+
+template <typename T>
+struct PagedKV {
+  const T* key;
+  const T* value;
+  int64_t block_stride;  // num_kv_heads * block_size * head_size
+  int block_size;
+  int head_size;
+
+  // Distance between the rows of consecutive KV heads within a block.
+  int64_t head_stride() const { return int64_t{block_size} * head_size; }
+};
+
+// The blocks holding a sequence's first `len` tokens must exist: a bad table entry would otherwise
+// read outside the cache.
+inline void check_block_table(const int32_t* table, int64_t table_width, int len, int block_size,
+                              int64_t num_blocks, int seq) {
+  TORCH_CHECK(len >= 0 && len <= table_width * block_size, "seq_lens[", seq, "] does not fit its block table");
+  for (int i = 0; i < (len + block_size - 1) / block_size; ++i) {
+    TORCH_CHECK(table[i] >= 0 && table[i] < num_blocks, "block_tables[", seq, ", ", i, "] = ", table[i],
+                " is not a cache block");
+  }
+}
+
+// Blocks are scattered over the cache, which defeats the hardware prefetcher at every block
+// boundary; asking for the next block while computing on this one keeps memory busy (~25% faster
+// decode on the dev machine). Into L2 (locality 2) measured a few percent faster than into L1.
+template <typename T>
+inline void prefetch(const T* rows, int count, int head_size) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  const int64_t bytes = int64_t{count} * head_size * sizeof(T);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 2);
+}
+
+// Walks tokens [begin, end) of a sequence in runs that share a block and, within a run, KV heads
+// [head_begin, head_end): fn(rows, t, n, h) gets the cache offset of token t's row for KV head h,
+// where n rows follow contiguously. Before each call, the same head's rows of the next run are
+// requested from the `prefetched` caches, which spreads the prefetches over the computation.
+template <typename T, typename F>
+inline void for_each_run(const PagedKV<T>& kv, const int32_t* table, int head_begin, int head_end, int begin, int end,
+                         std::initializer_list<const T*> prefetched, const F& fn) {
+  const int bs = kv.block_size;
+  for (int t = begin; t < end;) {
+    const int n = std::min(end, (t / bs + 1) * bs) - t;
+    const int64_t row = table[t / bs] * kv.block_stride + (t % bs) * kv.head_size;
+    const int64_t next = t + n < end ? table[t / bs + 1] * kv.block_stride : -1;
+    for (int h = head_begin; h < head_end; ++h) {
+      if (next >= 0) {
+        for (const T* cache : prefetched)
+          prefetch(cache + next + h * kv.head_stride(), std::min(bs, end - t - n), kv.head_size);
+      }
+      fn(row + h * kv.head_stride(), t, n, h);
+    }
+    t += n;
+  }
+}
+
+}  // namespace pagedlm::cpu

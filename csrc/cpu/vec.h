@@ -1,0 +1,115 @@
+#pragma once
+// fp32 vector helpers over ATen's Vectorized<float>. ATen picks the vector width from
+// CPU_CAPABILITY_* macros, which torch defines only for its own per-ISA builds, so derive them here
+// from what the compiler targets. Include this header before any other ATen header.
+
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <limits>
+#include <type_traits>
+
+namespace pagedlm::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int kVecLen = fVec::size();
+
+template <typename T>
+inline fVec load_fp32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_fp32(T* p, fVec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kVecLen);
+  }
+}
+
+// Horizontal reductions (Vectorized::reduce_add does not compile for the DEFAULT capability).
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
+}
+
+inline float hmax(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Kernels walk head_size in whole vectors; every supported head size is a multiple of 16.
+constexpr int kHeadSizeMultiple = 16;
+static_assert(kHeadSizeMultiple % kVecLen == 0);
+
+// acc[0:n] += p * v[0:n]
+inline void axpy(float* acc, float p, const float* v, int n) {
+  const fVec pv(p);
+  for (int d = 0; d < n; d += kVecLen) at::vec::fmadd(pv, fVec::loadu(v + d), fVec::loadu(acc + d)).store(acc + d);
+}
+
+inline void scale_inplace(float* x, float s, int n) {
+  const fVec sv(s);
+  for (int d = 0; d < n; d += kVecLen) (fVec::loadu(x + d) * sv).store(x + d);
+}
+
+template <typename T>
+inline void store_scaled(T* out, const float* x, float s, int n) {
+  const fVec sv(s);
+  for (int d = 0; d < n; d += kVecLen) store_fp32(out + d, fVec::loadu(x + d) * sv);
+}
+
+template <typename T>
+inline void to_fp32_scaled(float* dst, const T* src, float s, int n) {
+  const fVec sv(s);
+  for (int d = 0; d < n; d += kVecLen) (load_fp32(src + d) * sv).store(dst + d);
+}
+
+inline float max_of(const float* x, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int i = 0;
+  if (n >= kVecLen) {
+    fVec mv = fVec::loadu(x);
+    for (i = kVecLen; i + kVecLen <= n; i += kVecLen) mv = at::vec::maximum(mv, fVec::loadu(x + i));
+    m = hmax(mv);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x[i] = exp(x[i] - max) in place; returns the sum.
+inline float exp_sum(float* x, int n, float max) {
+  const fVec mv(max);
+  fVec sum(0.f);
+  int i = 0;
+  for (; i + kVecLen <= n; i += kVecLen) {
+    const fVec e = (fVec::loadu(x + i) - mv).exp_u20();
+    e.store(x + i);
+    sum = sum + e;
+  }
+  float s = hsum(sum);
+  if (i < n) {
+    (fVec::loadu(x + i, n - i) - mv).exp_u20().store(x + i, n - i);
+    for (; i < n; ++i) s += x[i];
+  }
+  return s;
+}
+
+}  // namespace pagedlm::cpu

@@ -1,0 +1,145 @@
+// CUDA kernels of the pagedlm ops: checks the tensors, turns them into pointers, sizes and strides,
+// and launches on the current stream of the tensors' device.
+
+#include "../checks.h"
+#include "launchers.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace pagedlm::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "pagedlm CUDA kernels support float32, float16 and bfloat16, not ", t.scalar_type());
+  }
+}
+
+AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                 const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, double scale) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+  TORCH_CHECK(query.is_cuda(), "expected CUDA tensors");
+  TORCH_CHECK(query.size(2) <= kMaxHeadSize, "head_size above ", kMaxHeadSize, " is not supported");
+  return {out.data_ptr(),
+          query.data_ptr(),
+          key_cache.data_ptr(),
+          value_cache.data_ptr(),
+          block_tables.data_ptr<int32_t>(),
+          seq_lens.data_ptr<int32_t>(),
+          static_cast<int>(seq_lens.size(0)),
+          static_cast<int>(query.size(1)),
+          static_cast<int>(key_cache.size(1)),
+          static_cast<int>(query.size(2)),
+          static_cast<int>(key_cache.size(2)),
+          {query.stride(0), query.stride(1)},
+          {out.stride(0), out.stride(1)},
+          block_tables.stride(0),
+          static_cast<float>(scale)};
+}
+
+void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                     double scale) {
+  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  const c10::cuda::CUDAGuard guard(query.device());
+  // The block table width bounds every context, so the grid is sized without reading seq_lens.
+  const int partitions = decode_partitions(block_tables.size(1) * p.block_size);
+  at::Tensor workspace;
+  if (partitions > 1) {
+    workspace = at::empty({decode_workspace_floats(p.num_seqs, p.num_heads, p.head_size, partitions)},
+                          query.options().dtype(at::kFloat));
+  }
+  C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), partitions,
+                                        partitions > 1 ? workspace.data_ptr<float>() : nullptr,
+                                        c10::cuda::getCurrentCUDAStream()));
+}
+
+void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_tables,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale) {
+  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  check_index(cu_seqlens_q, 1, "cu_seqlens_q");
+  TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
+  TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
+  const c10::cuda::CUDAGuard guard(query.device());
+  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), cu_seqlens_q.data_ptr<int32_t>(),
+                                                static_cast<int>(query.size(0)), c10::cuda::getCurrentCUDAStream()));
+}
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                       const at::Tensor& slot_mapping) {
+  check_cache_write(key, value, key_cache, value_cache, slot_mapping);
+  const c10::cuda::CUDAGuard guard(key.device());
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t key_stride[2] = {key.stride(0), key.stride(1)};
+  const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
+  C10_CUDA_CHECK(launch_reshape_and_cache(
+      key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr<int64_t>(),
+      static_cast<int>(key.size(0)), static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
+      static_cast<int>(key_cache.size(2)), key_stride, value_stride, static_cast<int>(key.element_size()),
+      c10::cuda::getCurrentCUDAStream()));
+}
+
+void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping) {
+  TORCH_CHECK(key_caches.size() == value_caches.size(), "need as many key caches as value caches");
+  if (key_caches.empty()) return;
+  const at::Tensor& first = key_caches[0];
+  TORCH_CHECK(first.is_cuda(), "expected CUDA caches");
+  const at::Tensor pairs = host_block_pairs(block_mapping, first.size(0), first.size(0));
+  // One upload of [cache base addresses..., (src, dst) pairs...] for the whole call.
+  std::vector<int64_t> table;
+  for (size_t layer = 0; layer < key_caches.size(); ++layer) {
+    check_cache_pair(key_caches[layer], value_caches[layer]);
+    TORCH_CHECK(key_caches[layer].sizes() == first.sizes() && key_caches[layer].dtype() == first.dtype() &&
+                    key_caches[layer].device() == first.device(),
+                "all layers' caches must match in shape, dtype and device");
+    table.push_back(reinterpret_cast<int64_t>(key_caches[layer].data_ptr()));
+    table.push_back(reinterpret_cast<int64_t>(value_caches[layer].data_ptr()));
+  }
+  const int64_t num_caches = table.size();
+  table.insert(table.end(), pairs.data_ptr<int64_t>(), pairs.data_ptr<int64_t>() + pairs.numel());
+  const int64_t block_bytes = first.stride(0) * first.element_size();
+  TORCH_CHECK(block_bytes % 16 == 0, "a cache block must be a multiple of 16 bytes");
+  const c10::cuda::CUDAGuard guard(first.device());
+  const at::Tensor device_table =
+      at::from_blob(table.data(), {static_cast<int64_t>(table.size())}, at::kLong).to(first.device());
+  const int64_t* addresses = device_table.data_ptr<int64_t>();
+  C10_CUDA_CHECK(launch_copy_blocks(addresses, static_cast<int>(num_caches), addresses + num_caches,
+                                    static_cast<int>(pairs.size(0)), block_bytes,
+                                    c10::cuda::getCurrentCUDAStream()));
+}
+
+void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
+  check_block_caches(src, dst);
+  TORCH_CHECK(!(src.is_cuda() && dst.is_cuda()) || src.device() == dst.device(),
+              "swap_blocks between two GPUs is not supported");
+  const at::Tensor pairs = host_block_pairs(block_mapping, src.size(0), dst.size(0));
+  const cudaMemcpyKind kind = src.is_cuda() ? (dst.is_cuda() ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost)
+                                            : cudaMemcpyHostToDevice;
+  const c10::cuda::CUDAGuard guard(src.is_cuda() ? src.device() : dst.device());
+  C10_CUDA_CHECK(launch_swap_blocks(static_cast<const char*>(src.data_ptr()), static_cast<char*>(dst.data_ptr()),
+                                    pairs.data_ptr<int64_t>(), static_cast<int>(pairs.size(0)),
+                                    src.stride(0) * src.element_size(), kind, c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+}  // namespace pagedlm::cuda
+
+TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
+  m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);
+  m.impl("paged_attention", &pagedlm::cuda::paged_attention);
+  m.impl("paged_prefill_attention", &pagedlm::cuda::paged_prefill_attention);
+  m.impl("copy_blocks", &pagedlm::cuda::copy_blocks);
+  m.impl("swap_blocks", &pagedlm::cuda::swap_blocks);
+}

@@ -1,0 +1,61 @@
+#pragma once
+// The interface between bindings.cpp (torch tensors) and the kernels (raw pointers): plain types
+// and CUDA runtime types only, so the .cu files build with nvcc alone. Strides are in elements.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pagedlm::cuda {
+
+enum class DType { kFloat, kHalf, kBFloat16 };
+
+// Kernels keep head_size / 32 values per lane in registers.
+constexpr int kMaxHeadSize = 256;
+
+struct AttentionParams {
+  void* out;
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int head_size;
+  int block_size;
+  int64_t query_stride[2];  // token, head
+  int64_t out_stride[2];
+  int64_t table_stride;
+  float scale;
+};
+
+// Number of partitions decode splits a context of up to max_context tokens into; above 1 the
+// launcher needs decode_workspace_floats(...) floats of workspace.
+int decode_partitions(int max_context);
+int64_t decode_workspace_floats(int num_seqs, int num_heads, int head_size, int partitions);
+
+cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, int partitions, float* workspace,
+                                   cudaStream_t stream);
+
+cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, const int32_t* cu_seqlens_q,
+                                           int num_tokens, cudaStream_t stream);
+
+// Copies key/value rows [num_tokens, num_kv_heads, head_size] into the caches at slot_mapping;
+// elem_bytes is 2 or 4 (the copy is dtype-agnostic).
+cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
+                                     const int64_t* slot_mapping, int num_tokens, int num_kv_heads, int head_size,
+                                     int block_size, const int64_t key_stride[2], const int64_t value_stride[2],
+                                     int elem_bytes, cudaStream_t stream);
+
+// For each of num_caches caches (device array of base addresses) copies whole blocks of
+// block_bytes (a multiple of 16) by the device array of (src, dst) pairs.
+cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, const int64_t* pairs, int num_pairs,
+                               int64_t block_bytes, cudaStream_t stream);
+
+// Block copies between two caches on any devices; pairs live on the host.
+cudaError_t launch_swap_blocks(const char* src, char* dst, const int64_t* pairs, int num_pairs, int64_t block_bytes,
+                               cudaMemcpyKind kind, cudaStream_t stream);
+
+}  // namespace pagedlm::cuda

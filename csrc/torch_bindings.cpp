@@ -1,0 +1,39 @@
+// Op schemas of the pagedlm library. Kernels are registered per device in cpu/torch_bindings.cpp
+// and cuda/bindings.cpp; the Meta kernels below let fake tensors (torch.compile, opcheck) trace
+// the ops, which only mutate their arguments.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pagedlm, m) {
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
+  m.def(
+      "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale) -> ()");
+  m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
+  m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
+}
+
+// Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
+// at::Tensor&, everything else const at::Tensor&.
+TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
+  m.impl("reshape_and_cache",
+         [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
+  m.impl("paged_attention", [](at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, double) {});
+  m.impl("paged_prefill_attention", [](at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
+  m.impl("copy_blocks", [](at::TensorList, at::TensorList, const at::Tensor&) {});
+  m.impl("swap_blocks", [](const at::Tensor&, at::Tensor&, const at::Tensor&) {});
+}
+
+// `import pagedlm._C` loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

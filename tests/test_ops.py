@@ -1,0 +1,260 @@
+"""The pagedlm._C kernels against the pure-torch reference (pagedlm/ops/reference.py).
+
+Caches start NaN-filled and only the slots of cached tokens get data, so reading a stale slot, a
+padding block-table entry or an unused block poisons the result; outputs start NaN-filled, so an
+element the kernel forgets to write fails too. Attention is compared as ||out - ref|| / ||ref|| with
+the reference evaluated in fp32 on the exact fp32 values of the same inputs.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedlm.ops import reference
+
+pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "pagedlm::paged_attention", "CUDA"
+)
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")],
+)
+DEVICES = ["cpu", CUDA]
+# Relative error bounds: fp32 is limited by summation order (and the ~1e-6 exp approximation),
+# bf16/fp16 by rounding the output.
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed):
+    """NaN-filled caches where only the tokens of the given sequences hold data, plus block tables
+    that scatter blocks randomly, share full prefix blocks between neighbouring sequences and pad
+    with random (valid, never to be read) block ids."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(needed) + 8
+    max_blocks = max(needed, default=0) + 2
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=gen, dtype=torch.int32)
+    for i, n in enumerate(needed):
+        shared = min(seq_lens[i - 1], seq_lens[i]) // block_size if i % 2 else 0
+        row = tables[i - 1, :shared].tolist() + [free.pop() for _ in range(n - shared)]
+        tables[i, :n] = torch.tensor(row, dtype=torch.int32)
+    shape = (num_blocks, num_kv_heads, block_size, head_size)
+    key_cache = torch.full(shape, float("nan"))
+    value_cache = torch.full(shape, float("nan"))
+    for i, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        blocks = tables[i, pos // block_size].long()
+        key_cache[blocks, :, pos % block_size] = torch.randn(n, num_kv_heads, head_size, generator=gen)
+        value_cache[blocks, :, pos % block_size] = torch.randn(n, num_kv_heads, head_size, generator=gen)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    return key_cache.to(dtype).to(device), value_cache.to(dtype).to(device), tables.to(device), seq_lens_t.to(device)
+
+
+def fused_query(num_tokens, num_heads, num_kv_heads, head_size, dtype, device, seed):
+    """Queries as the model produces them: a non-contiguous view into a fused QKV projection."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_size, generator=gen).to(dtype).to(device)
+    return qkv[:, : num_heads * head_size].view(num_tokens, num_heads, head_size)
+
+
+def assert_close_rel(out, ref, dtype, what):
+    assert not out.isnan().any(), f"{what}: output has NaN (stale slot read or element not written)"
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < REL_TOL[dtype], f"{what}: ||out - ref|| / ||ref|| = {err:.2e} >= {REL_TOL[dtype]:.0e}"
+
+
+def fp32(*tensors):
+    return [t.float() for t in tensors]
+
+
+def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_heads=2, seed=0):
+    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+    num_heads = num_kv_heads * gqa
+    query = fused_query(len(seq_lens), num_heads, num_kv_heads, head_size, dtype, device, seed)
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
+    scale = 1 / math.sqrt(head_size)
+    torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, scale)
+    ref = torch.empty(query.shape, device=device)
+    reference.paged_attention(ref, *fp32(query, key_cache, value_cache), tables, lens, scale)
+    assert_close_rel(out, ref, dtype, f"decode {dtype} bs={block_size} D={head_size} gqa={gqa} lens={seq_lens}")
+
+
+def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads=2, seed=0):
+    """spans: (cached context, new query rows) per sequence."""
+    seq_lens = [context + rows for context, rows in spans]
+    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+    rows = torch.tensor([0] + [r for _, r in spans]).cumsum(0)
+    cu_seqlens_q = rows.to(torch.int32).to(device)
+    num_heads = num_kv_heads * gqa
+    query = fused_query(int(rows[-1]), num_heads, num_kv_heads, head_size, dtype, device, seed)
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
+    scale = 1 / math.sqrt(head_size)
+    torch.ops.pagedlm.paged_prefill_attention(out, query, key_cache, value_cache, tables, cu_seqlens_q, lens, scale)
+    ref = torch.empty(query.shape, device=device)
+    reference.paged_prefill_attention(ref, *fp32(query, key_cache, value_cache), tables, cu_seqlens_q, lens, scale)
+    assert_close_rel(out, ref, dtype, f"prefill {dtype} bs={block_size} D={head_size} gqa={gqa} spans={spans}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_paged_attention(device, dtype, block_size, head_size, gqa):
+    # Lengths that end just before, on and after block and 512-token partition boundaries.
+    seq_lens = [1, block_size - 1, block_size, block_size + 1, 511, 512, 513, 1100]
+    check_decode(device, dtype, block_size, head_size, gqa, seq_lens, seed=block_size + head_size + gqa)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seq_lens", [[4096], [4000, 1536, 2049, 3]])
+def test_paged_attention_long_context(device, dtype, seq_lens):
+    check_decode(device, dtype, 16, 128, 4, seq_lens, num_kv_heads=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_attention_float16(device):
+    check_decode(device, torch.float16, 16, 128, 4, [5, 700])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("head_size", [96, 112, 256])
+def test_cuda_head_sizes(dtype, head_size):
+    check_decode("cuda", dtype, 16, head_size, 4, [1, 17, 600, 2100])
+    check_prefill("cuda", dtype, 16, head_size, 4, [(0, 40), (100, 17)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_paged_prefill_attention(device, dtype, block_size, head_size, gqa):
+    # Fresh prompts and prompts after a cached context, across block and 32-row tile boundaries;
+    # one sequence contributes no query rows.
+    spans = [(0, 1), (0, block_size), (0, 33), (block_size - 1, 1), (5, 2 * block_size + 1), (40, 0), (70, 65)]
+    check_prefill(device, dtype, block_size, head_size, gqa, spans, seed=block_size + head_size + gqa)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_prefill_attention_long(device):
+    check_prefill(device, torch.bfloat16, 16, 128, 4, [(0, 700), (1500, 300)], num_kv_heads=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+def test_reshape_and_cache(device, dtype, slot_dtype):
+    num_blocks, num_kv_heads, block_size, head_size, num_tokens = 12, 4, 16, 64, 50
+    gen = torch.Generator().manual_seed(0)
+    key_cache = torch.full((num_blocks, num_kv_heads, block_size, head_size), float("nan"), dtype=dtype)
+    value_cache = key_cache.clone()
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::7] = -1
+    kv = torch.randn(num_tokens, 3, num_kv_heads, head_size, generator=gen).to(dtype)
+    key, value = kv[:, 1], kv[:, 2]  # views into a fused buffer
+    expect_k, expect_v = key_cache.clone(), value_cache.clone()
+    reference.reshape_and_cache(key, value, expect_k, expect_v, slots)
+    key_cache, value_cache = key_cache.to(device), value_cache.to(device)
+    torch.ops.pagedlm.reshape_and_cache(
+        key.to(device), value.to(device), key_cache, value_cache, slots.to(slot_dtype).to(device)
+    )
+    torch.testing.assert_close(key_cache.cpu(), expect_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache.cpu(), expect_v, rtol=0, atol=0, equal_nan=True)
+
+
+def block_caches(num_layers, num_blocks, device, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, 2, 8, 64)
+    return [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(num_layers)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_blocks(device):
+    key_caches, value_caches = block_caches(3, 20, device, seed=0), block_caches(3, 20, device, seed=1)
+    # Copy-on-write: sources may repeat, destinations are distinct and never sources.
+    mapping = torch.tensor([[3, 10], [3, 11], [0, 19], [7, 4]], dtype=torch.int64)
+    expect_k, expect_v = [c.clone() for c in key_caches], [c.clone() for c in value_caches]
+    reference.copy_blocks(expect_k, expect_v, mapping)
+    torch.ops.pagedlm.copy_blocks(key_caches, value_caches, mapping.to(device))
+    untouched = [b for b in range(20) if b not in (10, 11, 19, 4)]
+    for got, want in zip(key_caches + value_caches, expect_k + expect_v):
+        assert torch.equal(got, want)
+        assert not torch.equal(got[10], got[12])  # the copy did happen and only there
+        assert torch.equal(got[untouched], want[untouched])
+
+
+@pytest.mark.parametrize(
+    "src_device, dst_device",
+    [("cpu", "cpu"), pytest.param("cpu", "cuda", marks=CUDA.marks), pytest.param("cuda", "cpu", marks=CUDA.marks)],
+)
+def test_swap_blocks(src_device, dst_device):
+    (src,), (dst,) = block_caches(1, 9, src_device, seed=0), block_caches(1, 14, dst_device, seed=1)
+    mapping = torch.tensor([[0, 13], [8, 2], [4, 5]], dtype=torch.int64)
+    expect = dst.cpu().clone()
+    reference.swap_blocks(src.cpu(), expect, mapping)
+    torch.ops.pagedlm.swap_blocks(src, dst, mapping)
+    assert torch.equal(dst.cpu(), expect)
+
+
+def test_rejects_contract_violations():
+    key_cache, value_cache, tables, lens = paged_kv([20], 16, 2, 64, torch.float32, "cpu", 0)
+    query = torch.randn(1, 4, 64)
+    out = torch.empty_like(query)
+    with pytest.raises(RuntimeError, match="block_tables must be int32"):
+        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables.long(), lens, 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.pagedlm.paged_attention(out, query.double(), key_cache, value_cache, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables[:, :1], lens, 1.0)
+    bad_tables = tables.clone()
+    bad_tables[0, 1] = key_cache.shape[0]
+    with pytest.raises(RuntimeError, match="is not a cache block"):
+        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, bad_tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.pagedlm.swap_blocks(key_cache, value_cache, torch.tensor([[0, 99]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    key_cache, value_cache, tables, lens = paged_kv([5, 40], 16, 2, 64, torch.float32, device, 0)
+    query = torch.randn(2, 4, 64, device=device)
+    prompt = torch.randn(7, 4, 64, device=device)
+    cu_seqlens_q = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    kv = torch.randn(3, 2, 64, device=device)
+    slots = torch.tensor([0, 5, -1], device=device)
+    mapping = torch.tensor([[0, 1]], device=device)
+    ops = torch.ops.pagedlm
+    samples = [
+        (ops.reshape_and_cache.default, (kv, kv.clone(), key_cache.clone(), value_cache.clone(), slots)),
+        (ops.paged_attention.default, (torch.empty_like(query), query, key_cache, value_cache, tables, lens, 0.125)),
+        (
+            ops.paged_prefill_attention.default,
+            (torch.empty_like(prompt), prompt, key_cache, value_cache, tables, cu_seqlens_q, lens, 0.125),
+        ),
+        (ops.copy_blocks.default, ([key_cache.clone()], [value_cache.clone()], mapping)),
+        (ops.swap_blocks.default, (key_cache, value_cache.clone(), mapping.cpu())),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_backend_selection(forced):
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDLM_ATTENTION_BACKEND"}
+    if forced:
+        env["PAGEDLM_ATTENTION_BACKEND"] = "torch-reference"
+    probe = "import pagedlm.ops as o; print(o.BACKEND, o.backend_for('cpu'), o.paged_attention.__module__)"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    expected = "torch-reference torch-reference pagedlm.ops.reference" if forced else "cpu cpu pagedlm.ops"
+    assert result.stdout.split() == expected.split()
