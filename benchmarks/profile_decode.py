@@ -1,0 +1,215 @@
+"""Where pagedlm's decode time goes: ``--num-seqs`` requests decoding together, profiled by phase.
+
+The requests are evenly spaced alpaca prompts (synthetic ones with ``--synthetic``), each
+generating ``--output-len`` tokens, so after the first few (prefill) steps every step decodes one
+token for each of the ``--num-seqs`` sequences. A first pass times the steps; a second pass runs
+``torch.profiler`` over ``--steps`` decode steps after skipping ``--skip``, with the engine's
+phases (schedule, input preparation, model forward, LM head, sampler) and the model's leaf modules
+(Linear, Attention, RMSNorm, ...) wrapped in ``record_function`` ranges. Each range reports its
+wall time, the self time of the ops directly inside it, and the rest (Python, dispatch, allocation).
+
+    python benchmarks/profile_decode.py                    # bf16, 64 sequences
+    python benchmarks/profile_decode.py --dtype float32
+    py-spy record -o decode.svg -- python benchmarks/profile_decode.py --no-profiler   # Python view
+
+Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``ModelRunner._prepare_inputs``,
+``model.forward``, ``model.compute_logits``, ``sampler.forward``); one that is missing is skipped.
+"""
+
+import argparse
+import functools
+import json
+import os
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler_util import FunctionEvent
+
+from pagedlm import LLM, SamplingParams, default_model_path
+
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"
+STEP = "engine step"
+FORWARD = "model forward"
+BETWEEN = "(between modules)"
+
+
+def prompts_for(llm: LLM, args: argparse.Namespace) -> list[dict]:
+    tokenizer = llm.get_tokenizer()
+    if args.synthetic or not DATASET.exists():
+        return [{"prompt_token_ids": [(7 * i + j) % 1000 + 100 for j in range(args.prompt_len)]} for i in range(args.num_seqs)]
+    records = [json.loads(line) for line in DATASET.read_text().splitlines()]
+    picks = [records[i * len(records) // args.num_seqs]["prompt"] for i in range(args.num_seqs)]
+    return [
+        {"prompt_token_ids": list(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                                add_generation_prompt=True, tokenize=True)["input_ids"])}
+        for p in picks
+    ]
+
+
+def wrap(obj: object, attr: str, label: str) -> bool:
+    """Run ``obj.attr`` inside a ``record_function(label)`` range; False when it does not exist."""
+    fn = getattr(obj, attr, None)
+    if fn is None:
+        return False
+
+    @functools.wraps(fn)
+    def wrapped(*a, **kw):
+        with torch.profiler.record_function(label):
+            return fn(*a, **kw)
+
+    setattr(obj, attr, wrapped)
+    return True
+
+
+def instrument(llm: LLM) -> tuple[list[str], set[str]]:
+    """Wrap the engine step, its phases and the model's leaf modules (labelled by class name) in
+    profiler ranges; the phase labels and module labels installed."""
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    modules = set()
+    for module in runner.model.modules():
+        if next(module.children(), None) is None and wrap(module, "forward", type(module).__name__):
+            modules.add(type(module).__name__)
+    phases = [
+        (engine.scheduler, "schedule", "schedule"),
+        (runner, "_prepare_inputs", "prepare inputs"),
+        (runner.model, "forward", FORWARD),
+        (runner.model, "compute_logits", "lm head"),
+        (runner.sampler, "forward", "sampler"),
+    ]
+    wrap(engine, "step", STEP)
+    return [label for obj, attr, label in phases if wrap(obj, attr, label)], modules
+
+
+def after_each_step(llm: LLM, hook) -> None:
+    """Call ``hook(seconds)`` after every engine step with the step's wall time."""
+    step = llm.llm_engine.step
+
+    def timed_step():
+        start = time.perf_counter()
+        out = step()
+        hook(time.perf_counter() - start)
+        return out
+
+    llm.llm_engine.step = timed_step
+
+
+def innermost_range(event: FunctionEvent, ranges: set[str]) -> str | None:
+    parent = event.cpu_parent
+    while parent is not None and parent.name not in ranges:
+        parent = parent.cpu_parent
+    return parent.name if parent is not None else None
+
+
+@dataclass
+class Row:
+    span: float = 0.0  # microseconds inside the range
+    ops: float = 0.0  # self time of the ops directly inside it (not inside a nested range)
+    top: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def breakdown(events: list[FunctionEvent], phases: list[str], modules: set[str]) -> tuple[dict[str, Row], dict[str, Row]]:
+    """Time by engine phase, and time inside the model forward by module class. An op belongs to
+    its innermost range; a module range outside the forward (the tied LM head) counts as its phase."""
+    ranges = set(phases) | modules | {STEP}
+    by_phase: dict[str, Row] = defaultdict(Row)
+    by_module: dict[str, Row] = defaultdict(Row)
+    for e in events:
+        in_forward = innermost_range(e, {FORWARD}) == FORWARD
+        if e.name in ranges:
+            if e.name not in modules:
+                by_phase[e.name].span += e.time_range.elapsed_us()
+            elif in_forward:
+                by_module[e.name].span += e.time_range.elapsed_us()
+            continue
+        owner = innermost_range(e, ranges)
+        if owner is None:
+            continue
+        rows = [by_phase[FORWARD], by_module[owner if owner in modules else BETWEEN]] if in_forward else []
+        if not in_forward:
+            rows.append(by_phase[owner if owner not in modules else innermost_range(e, set(phases) | {STEP})])
+        for row in rows:
+            row.ops += e.self_cpu_time_total
+            row.top[e.name] += e.self_cpu_time_total
+    by_module[BETWEEN].span = by_phase[FORWARD].span - sum(r.span for name, r in by_module.items() if name != BETWEEN)
+    nested = sum(by_phase[p].span for p in phases)
+    step = by_phase.pop(STEP)
+    by_phase["rest of step (outputs, stop checks, ...)"] = Row(step.span - nested, step.ops, step.top)
+    return by_phase, by_module
+
+
+def print_rows(title: str, rows: dict[str, Row], steps: int, step_us: float) -> None:
+    print(f"\n{title:<40} {'ms/step':>8} {'% step':>7} {'ops ms':>7} {'other ms':>9}  top ops (ms/step)")
+    for name, r in sorted(rows.items(), key=lambda kv: -kv[1].span):
+        top = ", ".join(f"{op.removeprefix('aten::')} {t / steps / 1e3:.1f}" for op, t in
+                        sorted(r.top.items(), key=lambda kv: -kv[1])[:4])
+        print(f"{name:<40} {r.span / steps / 1e3:8.2f} {100 * r.span / step_us:6.1f}% {r.ops / steps / 1e3:7.2f} "
+              f"{(r.span - r.ops) / steps / 1e3:9.2f}  {top}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy (``/proc/stat``)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--num-seqs", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=192)
+    parser.add_argument("--skip", type=int, default=16, help="steps before the profiled window (prefill)")
+    parser.add_argument("--steps", type=int, default=128, help="decode steps to profile")
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--prompt-len", type=int, default=64, help="synthetic prompt length")
+    parser.add_argument("--no-profiler", action="store_true", help="only time the steps (for py-spy)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    prompts = prompts_for(llm, args)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+
+    times: list[float] = []
+    after_each_step(llm, times.append)
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    others = (busy_cpu_seconds() - busy - own_cpu_seconds() + own) / (time.perf_counter() - start)
+    window = times[args.skip : args.skip + args.steps]
+    step_ms = 1e3 * sum(window) / len(window)
+    print(f"{args.num_seqs} sequences, {args.dtype}, {args.threads} threads: {len(window)} decode steps "
+          f"of {step_ms:.1f} ms = {args.num_seqs / step_ms * 1e3:.0f} tok/s (no profiler; other processes "
+          f"kept {others:.2f} cores busy meanwhile)")
+    if args.no_profiler:
+        return
+
+    phases, modules = instrument(llm)
+    steps = args.steps - 2
+    schedule = torch.profiler.schedule(wait=args.skip, warmup=2, active=steps, repeat=1)
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
+        after_each_step(llm, lambda seconds: prof.step())
+        llm.generate(prompts, params, use_tqdm=False)
+    others = (busy_cpu_seconds() - busy - own_cpu_seconds() + own) / (time.perf_counter() - start)
+    by_phase, by_module = breakdown(prof.events(), phases, modules)
+    step_us = sum(r.span for r in by_phase.values())
+    print(f"\nwith torch.profiler: {step_us / steps / 1e3:.1f} ms per decode step (profiler overhead included; other "
+          f"processes kept {others:.2f} cores busy); 'other ms' = span minus op self-time: Python, dispatch, allocation")
+    print_rows("engine phase", by_phase, steps, step_us)
+    print_rows("model forward, by module class", by_module, steps, step_us)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The systems that ``benchmarks/throughput.py`` compares, one per process:
+
+    python benchmarks/throughput_systems.py SYSTEM --workload FILE --model DIR [--dtype ...]
+
+runs SYSTEM on the workload's requests (token ids and exact output lengths) after loading the model
+and a short warm-up, checks every output length, and prints one line ``RESULT {"wall": seconds,
+"peak_rss": bytes, "note": str}``. The module level is stdlib-only: the llama.cpp system runs in its
+own venv, which has no torch.
+
+  pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
+  hf-single  transformers ``generate`` one request at a time (``min_new_tokens == max_new_tokens``)
+  hf-static  transformers ``generate`` on left-padded batches of ``--batch-size`` in request order
+  hf-cb      transformers continuous batching: the manager behind ``generate_batch`` (which takes one
+             ``max_new_tokens`` for all), fed request by request with each one's length
+  llamacpp   llama.cpp through llama-cpp-python's batch API, continuous batching written here
+
+The continuous-batching peers get pagedlm's default budgets: 128 sequences, 2048 tokens a step.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_NUM_SEQS = 128
+MAX_BATCHED_TOKENS = 2048
+GGML_TYPES = {"bfloat16": 30, "float32": 0}  # ggml.h: GGML_TYPE_BF16, GGML_TYPE_F32
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    def subset(self, limit: int | None) -> "Workload":
+        """At most ``limit`` requests, evenly spaced so that the length mix stays the same."""
+        n = len(self.prompts)
+        if limit is None or limit >= n:
+            return self
+        picks = [i * n // limit for i in range(limit)]
+        return Workload([self.prompts[i] for i in picks], [self.output_lens[i] for i in picks])
+
+    def describe(self) -> str:
+        p, o = self.prompts, self.output_lens
+        mean_p = sum(map(len, p)) / len(p)
+        return (f"{len(p)} requests, prompt tokens mean {mean_p:.0f} / max {max(map(len, p))}, "
+                f"output tokens mean {sum(o) / len(o):.0f} / max {max(o)}")
+
+
+
+
+def check_lengths(got: list[int], want: list[int]) -> None:
+    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    if len(got) != len(want) or bad:
+        raise RuntimeError(f"output lengths differ from the workload's at requests {bad[:5]}")
+
+
+def run_pagedlm(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+    from pagedlm import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    check_lengths([len(o.outputs[0].token_ids) for o in outputs], work.output_lens)
+    return wall, ""
+
+
+def load_hf(args: argparse.Namespace):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens for a left-padded batch; tokens generated per row."""
+    import torch
+
+    pad = model.generation_config.pad_token_id or 0
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        pad_token_id=pad,
+    )
+    return out.shape[1] - width
+
+
+def run_hf_single(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+    model = load_hf(args)
+    hf_generate(model, work.prompts[:1], 8)
+    start = time.perf_counter()
+    got = [hf_generate(model, [p], n) for p, n in zip(work.prompts, work.output_lens)]
+    wall = time.perf_counter() - start
+    check_lengths(got, work.output_lens)
+    return wall, ""
+
+
+def run_hf_static(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+    """Batches in request order; a batch runs until its longest output is done, so shorter
+    requests' extra tokens (and prompt padding) are computed but not counted."""
+    model = load_hf(args)
+    bs = args.batch_size
+    hf_generate(model, work.prompts[:bs], 8)
+    computed = 0
+    start = time.perf_counter()
+    for i in range(0, len(work.prompts), bs):
+        prompts, lens = work.prompts[i : i + bs], work.output_lens[i : i + bs]
+        check_lengths([hf_generate(model, prompts, max(lens))], [max(lens)])
+        computed += len(prompts) * (max(map(len, prompts)) + max(lens))
+    wall = time.perf_counter() - start
+    useful = sum(map(len, work.prompts)) + sum(work.output_lens)
+    return wall, f"batch {bs}: {100 * (1 - useful / computed):.0f}% of computed tokens are padding"
+
+
+def run_hf_cb(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = load_hf(args)
+    page = 256
+    max_len = max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
+    seqs = min(MAX_NUM_SEQS, len(work.prompts))
+    cb_config = ContinuousBatchingConfig(
+        page_size=page, num_blocks=seqs * -(-max_len // page) + 1, max_batch_tokens=MAX_BATCHED_TOKENS,
+        max_requests_per_batch=seqs,
+    )
+    gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id)
+    with model.continuous_batching_context_manager(
+        generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=5
+    ) as manager:
+        drain(manager, [manager.add_request(work.prompts[0], max_new_tokens=8, eos_token_id=-1)])
+        start = time.perf_counter()
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(work.prompts, work.output_lens)]
+        results = drain(manager, ids)
+        wall = time.perf_counter() - start
+    check_lengths([len(results[i].generated_tokens) for i in ids], work.output_lens)
+    return wall, f"page {page}, {cb_config.num_blocks} blocks"
+
+
+def drain(manager, request_ids: list[str]) -> dict:
+    """Wait for every request of a continuous-batching manager; its results by request id."""
+    results = {}
+    while len(results) < len(request_ids):
+        result = manager.get_result(timeout=1)
+        if result is not None and result.is_finished():
+            results[result.request_id] = result
+        elif result is None and not manager.is_running():
+            raise RuntimeError("the continuous batching loop stopped")
+    return results
+
+
+def run_llamacpp(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+    """Continuous batching over llama.cpp: each step decodes one token of every running sequence
+    plus whole prompts of newly admitted requests (up to the step's token budget), greedy argmax
+    on the logits. Sequence ``s`` owns KV stream ``s`` (``kv_unified=False``, as batched-bench's
+    ``-no-kvu``), so attention reads only its own tokens."""
+    import llama_cpp as lc
+    import numpy as np
+
+    if args.device == "cuda" and not lc.llama_supports_gpu_offload():
+        raise RuntimeError("this llama-cpp-python has no GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)")
+    @lc.llama_log_callback
+    def log_errors_only(level: int, text: bytes, _) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR; by default llama.cpp prints every tensor it loads
+            sys.stderr.write(text.decode(errors="replace"))
+
+    lc.llama_log_set(log_errors_only, None)
+    lc.llama_backend_init()
+    model_params = lc.llama_model_default_params()
+    model_params.n_gpu_layers = -1 if args.device == "cuda" else 0
+    model = lc.llama_model_load_from_file(args.gguf.encode(), model_params)
+    slots = min(MAX_NUM_SEQS, len(work.prompts))
+    per_seq = -(-max(len(p) + n for p, n in zip(work.prompts, work.output_lens)) // 256) * 256
+    budget = max(MAX_BATCHED_TOKENS, slots + max(map(len, work.prompts)))
+    params = lc.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = slots * per_seq, slots, False
+    params.n_batch, params.n_ubatch = budget, 512
+    params.n_threads = params.n_threads_batch = args.threads
+    params.type_k = params.type_v = GGML_TYPES[args.dtype]
+    ctx = lc.llama_init_from_model(model, params)
+    memory = lc.llama_get_memory(ctx)
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    batch = lc.llama_batch_init(budget, 0, 1)
+
+    def step(tokens: list[tuple[int, int, int, bool]]) -> "np.ndarray":
+        """Decode (token, position, sequence, wants logits) tuples; argmax of each logits row."""
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(tokens)
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        rows = sum(t[3] for t in tokens)
+        return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(rows * vocab,)).reshape(rows, vocab).argmax(1)
+
+    def generate(prompts: list[list[int]], output_lens: list[int]) -> list[int]:
+        waiting = deque(range(len(prompts)))
+        free = list(range(slots - 1, -1, -1))
+        running: dict[int, list[int]] = {}  # slot -> [request, next position, last token]
+        produced = [0] * len(prompts)
+        while waiting or running:
+            tokens = [(last, pos, slot, True) for slot, (_, pos, last) in sorted(running.items())]
+            admitted = []
+            while waiting and free and len(tokens) + len(prompts[waiting[0]]) <= budget:
+                req, slot = waiting.popleft(), free.pop()
+                prompt = prompts[req]
+                tokens += [(t, pos, slot, pos == len(prompt) - 1) for pos, t in enumerate(prompt)]
+                running[slot] = [req, len(prompt), 0]
+                admitted.append(slot)
+            sampled = step(tokens)
+            order = sorted(set(running) - set(admitted)) + admitted
+            for slot, token in zip(order, sampled.tolist()):
+                req = running[slot][0]
+                running[slot][2] = token
+                running[slot][1] += slot not in admitted
+                produced[req] += 1
+                if produced[req] == output_lens[req]:
+                    lc.llama_memory_seq_rm(memory, slot, -1, -1)
+                    del running[slot]
+                    free.append(slot)
+        return produced
+
+    generate(work.prompts[:1], [8])
+    start = time.perf_counter()
+    produced = generate(work.prompts, work.output_lens)
+    wall = time.perf_counter() - start
+    check_lengths(produced, work.output_lens)
+    return wall, f"llama.cpp {slots} seqs x {per_seq} ctx, kv {args.dtype}, n_ubatch 512"
+
+
+SYSTEMS = {
+    "pagedlm": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
+    "llamacpp": run_llamacpp,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("system", choices=list(SYSTEMS))
+    parser.add_argument("--workload", required=True, help="JSON file: {prompts: [[int]], output_lens: [int]}")
+    parser.add_argument("--model", required=True, help="HF checkpoint directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-size", type=int, default=16, help="hf-static")
+    parser.add_argument("--gguf", help="llamacpp: the GGUF of --model in --dtype")
+    args = parser.parse_args()
+    if args.system != "llamacpp":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work = Workload(**json.loads(Path(args.workload).read_text()))
+    wall, note = SYSTEMS[args.system](work, args)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps({"wall": wall, "peak_rss": rss, "note": note}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
