@@ -52,8 +52,6 @@ class Workload:
                 f"output tokens mean {sum(o) / len(o):.0f} / max {max(o)}")
 
 
-
-
 def check_lengths(got: list[int], want: list[int]) -> None:
     bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
     if len(got) != len(want) or bad:
