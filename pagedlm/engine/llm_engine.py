@@ -1,6 +1,5 @@
 """The engine: requests in, one scheduled model step at a time, ``RequestOutput``s out."""
 
-import logging
 import time
 
 import torch
@@ -17,8 +16,6 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.tokenizer import get_tokenizer
 from pagedlm.worker.cache_engine import num_blocks_for
 from pagedlm.worker.model_runner import ModelRunner, SequenceGroupOutput, SequenceSample, TopLogprobs
-
-logger = logging.getLogger("pagedlm")
 
 
 class LLMEngine:

@@ -1,6 +1,5 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
-import logging
 from collections.abc import Sequence
 from itertools import count
 
@@ -13,7 +12,6 @@ from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
 
-logger = logging.getLogger("pagedlm")
 
 PromptType = str | dict
 

@@ -1,7 +1,6 @@
 """Build a native model and load its weights straight from safetensors (no transformers model)."""
 
 import glob
-import logging
 import os
 
 import torch
@@ -11,8 +10,6 @@ from torch import nn
 from pagedlm.config import ModelConfig
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
-
-logger = logging.getLogger("pagedlm")
 
 
 def get_model(model_config: ModelConfig) -> nn.Module:
