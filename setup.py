@@ -92,7 +92,8 @@ if torch.version.cuda is not None and CUDA_HOME is None:
 # GCC in C++17 mode, which our sources are) and clang/nvcc pragmas, and GCC 12 misreports the
 # _mm512_undefined_* idiom inside its own AVX-512 headers as uninitialised.
 QUIET = ["-Wno-c++20-extensions", "-Wno-unknown-pragmas", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", *QUIET, *cpu_arch_flags()]
+# -ffp-contract=off: the layer kernels reproduce eager torch's separately rounded multiplies and adds.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", *QUIET, *cpu_arch_flags()]
 ext_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/cpu/*.cpp")
 if WITH_CUDA:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

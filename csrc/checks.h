@@ -81,4 +81,42 @@ inline void check_block_caches(const at::Tensor& src, const at::Tensor& dst) {
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "src and dst dtypes differ");
 }
 
+// [num_tokens, hidden] rows (a row stride is allowed) normalised by a [hidden] weight.
+inline void check_norm(const at::Tensor& t, const at::Tensor& weight, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [num_tokens, hidden], contiguous in its last dimension");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == t.size(1),
+              "weight must be a contiguous [hidden] vector matching ", name);
+  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), name, " and weight dtypes differ");
+  TORCH_CHECK(t.device() == weight.device(), name, " and weight are on different devices");
+}
+
+inline void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0, "input must be [num_tokens, 2 * d]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == input.size(0) && out.size(1) * 2 == input.size(1),
+              "out must be [num_tokens, d] for input [num_tokens, 2 * d]");
+  TORCH_CHECK(input.stride(1) == 1 && out.stride(1) == 1, "input and out must be contiguous in their last dimension");
+  TORCH_CHECK(input.scalar_type() == out.scalar_type(), "input and out dtypes differ");
+  TORCH_CHECK(input.device() == out.device(), "input and out are on different devices");
+}
+
+// query [num_tokens, num_heads, head_size] and key [num_tokens, num_kv_heads, head_size] rotate in
+// place by a [max_position, head_size] table whose rows are cos (first half) then sin.
+inline void check_rotary(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                         const at::Tensor& cos_sin_cache) {
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous() && cos_sin_cache.size(1) % 2 == 0,
+              "cos_sin_cache must be a contiguous [max_position, rotary_dim] table (cos half, then sin half)");
+  check_rows(query, "query");
+  check_rows(key, "key");
+  TORCH_CHECK(query.size(2) == cos_sin_cache.size(1) && key.size(2) == cos_sin_cache.size(1),
+              "query and key head_size must equal cos_sin_cache's rotary dim");
+  TORCH_CHECK(query.scalar_type() == cos_sin_cache.scalar_type() && key.scalar_type() == cos_sin_cache.scalar_type(),
+              "query, key and cos_sin_cache must share a dtype");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong, "positions must be int64 [num_tokens]");
+  TORCH_CHECK(query.size(0) == positions.size(0) && key.size(0) == positions.size(0),
+              "query, key and positions disagree on num_tokens");
+  for (const at::Tensor* t : {&positions, &query, &key}) {
+    TORCH_CHECK(t->device() == cos_sin_cache.device(), "rotary_embedding tensors must be on one device");
+  }
+}
+
 }  // namespace pagedlm

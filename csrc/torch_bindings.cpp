@@ -1,4 +1,4 @@
-// Op schemas of the pagedlm library. Kernels are registered per device in cpu/torch_bindings.cpp
+// Op schemas of the pagedlm library (documented in pagedlm/ops/__init__.py). Kernels are registered per device in cpu/torch_bindings.cpp
 // and cuda/bindings.cpp; the Meta kernels below let fake tensors (torch.compile, opcheck) trace
 // the ops, which only mutate their arguments.
 
@@ -17,6 +17,10 @@ TORCH_LIBRARY(pagedlm, m) {
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale) -> ()");
   m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
   m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -30,6 +34,10 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("copy_blocks", [](at::TensorList, at::TensorList, const at::Tensor&) {});
   m.impl("swap_blocks", [](const at::Tensor&, at::Tensor&, const at::Tensor&) {});
+  m.impl("rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
+  m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
+  m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
+  m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
 }
 
 // `import pagedlm._C` loads this library, which runs the registrations above.

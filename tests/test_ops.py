@@ -244,9 +244,120 @@ def test_opcheck(device):
         ),
         (ops.copy_blocks.default, ([key_cache.clone()], [value_cache.clone()], mapping)),
         (ops.swap_blocks.default, (key_cache, value_cache.clone(), mapping.cpu())),
+        (ops.rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
+        (ops.fused_add_rms_norm.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
+        (ops.rotary_embedding.default, (torch.tensor([0, 9, 3], device=device), query[:1].expand(3, 4, 64).clone(),
+                                        kv.clone(), torch.randn(16, 64, device=device))),
+        (ops.silu_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+# The layer ops must reproduce Hugging Face's eager Llama code: bit for bit where it rounds each op
+# (rotary, silu*mul, bf16 RMSNorm), up to fp32 summation order where a sum is involved.
+LAYER_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def assert_matches_hf(out, expected, dtype, what):
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=2e-6, atol=0, msg=what)
+    else:
+        assert torch.equal(out, expected), f"{what}: differs from Hugging Face's result"
+
+
+def hf_rms_norm(x, weight, eps):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.device, x.dtype)
+    norm.weight.data.copy_(weight)
+    return norm(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("hidden", [64, 576, 100])
+def test_rms_norm(device, dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    wide = torch.randn(37, 2 * hidden, generator=gen).to(dtype).to(device)
+    x = wide[:, :hidden]  # strided rows, as a view of a wider buffer
+    weight = torch.randn(hidden, generator=gen).to(dtype).to(device)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.pagedlm.rms_norm(out, x, weight, 1e-5)
+    assert_matches_hf(out, hf_rms_norm(x, weight, 1e-5), dtype, "rms_norm")
+
+    residual = torch.randn(37, hidden, generator=gen).to(dtype).to(device)
+    expected_residual = x + residual
+    x_inout = x.clone()
+    torch.ops.pagedlm.fused_add_rms_norm(x_inout, residual, weight, 1e-5)
+    assert torch.equal(residual, expected_residual), "fused_add_rms_norm: residual is not input + residual"
+    assert_matches_hf(x_inout, hf_rms_norm(expected_residual, weight, 1e-5), dtype, "fused_add_rms_norm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("head_size", [16, 64, 128])
+def test_rotary_embedding(device, dtype, head_size):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4 * head_size, num_attention_heads=4, head_dim=head_size,
+                         max_position_embeddings=4096, rope_theta=500000.0)
+    ours = RotaryEmbedding(head_size, 4096, config)
+    ours.build_cache(torch.device(device), dtype)
+    gen = torch.Generator().manual_seed(head_size)
+    tokens = 29
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    qkv = torch.randn(tokens, 8 * head_size, generator=gen).to(dtype).to(device)
+    q = qkv[:, : 4 * head_size].view(tokens, 4, head_size)
+    k = qkv[:, 4 * head_size : 6 * head_size].view(tokens, 2, head_size)
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(q, positions[None])
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    untouched = qkv[:, 6 * head_size :].clone()
+    torch.ops.pagedlm.rotary_embedding(positions, q, k, ours.cos_sin_cache)
+    assert torch.equal(q, hf_q[0].transpose(0, 1)), "rotary_embedding: query differs from Hugging Face's"
+    assert torch.equal(k, hf_k[0].transpose(0, 1)), "rotary_embedding: key differs from Hugging Face's"
+    assert torch.equal(qkv[:, 6 * head_size :], untouched), "rotary_embedding wrote outside query and key"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("d", [64, 1536, 100])
+def test_silu_and_mul(device, dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    x = (4 * torch.randn(37, 2 * d, generator=gen)).to(dtype).to(device)
+    out = torch.full((37, d), float("nan"), dtype=dtype, device=device)
+    torch.ops.pagedlm.silu_and_mul(out, x)
+    expected = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+    # fp32 tails (d % 16) use a vector exp where torch's scalar tail uses std::exp: ~1 ulp apart.
+    assert_matches_hf(out, expected, dtype if d % 16 == 0 else torch.float32, "silu_and_mul")
+
+
+@pytest.mark.parametrize(
+    "op",
+    [reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul],
+    ids=lambda op: op.__name__,
+)
+def test_layer_reference_equals_kernel(op):
+    """The reference is the fallback backend: it must compute what the kernels compute."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=gen).bfloat16()
+    w = torch.randn(64, generator=gen).bfloat16()
+    table = torch.randn(8, 32, generator=gen).bfloat16()
+    args = {
+        "rms_norm": lambda: (torch.empty(5, 64).bfloat16(), x, w, 1e-6),
+        "fused_add_rms_norm": lambda: (x.clone(), x.flip(0).clone(), w, 1e-6),
+        "rotary_embedding": lambda: (torch.tensor([0, 3, 7, 1, 2]), x.view(5, 2, 32).clone(), x.flip(0).view(5, 2, 32).clone(), table),
+        "silu_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
+    }[op.__name__]
+    ours, theirs = args(), args()
+    getattr(torch.ops.pagedlm, op.__name__)(*ours)
+    op(*theirs)
+    for a, b in zip(ours, theirs):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("forced", [False, True])
@@ -256,5 +367,5 @@ def test_backend_selection(forced):
         env["PAGEDLM_ATTENTION_BACKEND"] = "torch-reference"
     probe = "import pagedlm.ops as o; print(o.BACKEND, o.backend_for('cpu'), o.paged_attention.__module__)"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    expected = "torch-reference torch-reference pagedlm.ops.reference" if forced else "cpu cpu pagedlm.ops"
+    expected = "torch-reference torch-reference pagedlm.ops.reference" if forced else "cpu cpu torch._ops.pagedlm"
     assert result.stdout.split() == expected.split()

@@ -19,4 +19,12 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
 
 void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping);
 
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon);
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos_sin_cache);
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+
 }  // namespace pagedlm::cpu

@@ -18,6 +18,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 
@@ -43,6 +44,36 @@ inline void store_fp32(T* p, fVec v) {
     v.store(p);
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, kVecLen);
+  }
+}
+
+// Partial vectors of n < kVecLen elements go through a zero-padded buffer, so tails get exactly
+// the same vector math as full vectors.
+template <typename T>
+inline fVec load_fp32(const T* p, int n) {
+  if (n == kVecLen) return load_fp32(p);
+  T buf[kVecLen] = {};
+  std::copy(p, p + n, buf);
+  return load_fp32(buf);
+}
+
+template <typename T>
+inline void store_fp32(T* p, fVec v, int n) {
+  if (n == kVecLen) return store_fp32(p, v);
+  T buf[kVecLen];
+  store_fp32(buf, v);
+  std::copy(buf, buf + n, p);
+}
+
+// v rounded to T and back: what storing an intermediate result in T (as eager torch does) keeps.
+template <typename T>
+inline fVec round_to(fVec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T buf[kVecLen];
+    store_fp32(buf, v);
+    return load_fp32(buf);
   }
 }
 

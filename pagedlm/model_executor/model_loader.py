@@ -21,7 +21,7 @@ def get_model(model_config: ModelConfig) -> nn.Module:
         model.lm_head.weight = model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.build_cache(model_config.device)
+            module.build_cache(model_config.device, model_config.dtype)
     load_weights(model, model_config.model)
     return model.eval()
 

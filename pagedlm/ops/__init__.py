@@ -1,4 +1,4 @@
-"""Paged-attention ops: one interface, three backends ("cuda", "cpu", "torch-reference").
+"""Model ops: one interface, three backends ("cuda", "cpu", "torch-reference").
 
 KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow it):
 
@@ -28,6 +28,18 @@ Ops:
   per layer; every layer in one call. ``swap_blocks(src, dst, block_mapping)``: between two caches,
   e.g. device and CPU. Both copy whole blocks by ``int64 [n, 2]`` (src, dst) pairs.
 
+Fused layer ops (in place or into ``out``; rows are ``[num_tokens, ...]`` and may be strided views,
+last dimension contiguous). Each rounds its intermediates to the model dtype exactly where Hugging
+Face's eager code does, so results match transformers bit for bit up to fp32 summation order:
+
+* ``rms_norm(out, input, weight, epsilon)`` and ``fused_add_rms_norm(input, residual, weight,
+  epsilon)``: ``residual += input``, then ``input = rms_norm(residual)``.
+* ``rotary_embedding(positions, query, key, cos_sin_cache)``: rotate-half rotary embedding of
+  ``query`` and ``key`` in place; ``cos_sin_cache`` is ``[max_position, head_size]`` in the model
+  dtype, each row the cos values of the ``head_size / 2`` frequencies followed by their sin values;
+  ``positions`` is ``int64 [num_tokens]``.
+* ``silu_and_mul(out, input)``: ``out = silu(input[:, :d]) * input[:, d:]``.
+
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
@@ -41,12 +53,23 @@ the kernel from the tensors' device, see ``backend_for``). Without the extension
 
 import os
 import warnings
+from types import SimpleNamespace
 
 import torch
 
 from pagedlm.ops import reference
 
-_OP_NAMES = ("reshape_and_cache", "paged_attention", "paged_prefill_attention", "copy_blocks", "swap_blocks")
+_OP_NAMES = (
+    "reshape_and_cache",
+    "paged_attention",
+    "paged_prefill_attention",
+    "copy_blocks",
+    "swap_blocks",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+)
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
 
@@ -60,7 +83,7 @@ def _select_backend() -> str:
         import pagedlm._C  # noqa: F401  (registers torch.ops.pagedlm.*)
     except ImportError as exc:
         warnings.warn(
-            f"pagedlm._C could not be loaded ({exc}); paged-attention ops fall back to the slow torch "
+            f"pagedlm._C could not be loaded ({exc}); pagedlm ops fall back to the slow torch "
             f"reference. To use the C++/CUDA kernels, {_BUILD_HINT}.",
             stacklevel=3,
         )
@@ -91,64 +114,23 @@ def backend_for(device: torch.device | str) -> str:
     return "cpu"
 
 
-def reshape_and_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    torch.ops.pagedlm.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
+def _implementations() -> object:
+    """Where the ops come from: the reference module, or the registered ``torch.ops.pagedlm``
+    overloads (which take the same arguments as the reference functions)."""
+    if BACKEND == "torch-reference":
+        return reference
+    return SimpleNamespace(**{name: getattr(torch.ops.pagedlm, name).default for name in _OP_NAMES})
 
 
-def paged_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> None:
-    torch.ops.pagedlm.paged_attention.default(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+_impl = _implementations()
+reshape_and_cache = _impl.reshape_and_cache
+paged_attention = _impl.paged_attention
+paged_prefill_attention = _impl.paged_prefill_attention
+copy_blocks = _impl.copy_blocks
+swap_blocks = _impl.swap_blocks
+rms_norm = _impl.rms_norm
+fused_add_rms_norm = _impl.fused_add_rms_norm
+rotary_embedding = _impl.rotary_embedding
+silu_and_mul = _impl.silu_and_mul
 
-
-def paged_prefill_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> None:
-    torch.ops.pagedlm.paged_prefill_attention.default(
-        out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale
-    )
-
-
-def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
-    torch.ops.pagedlm.copy_blocks.default(key_caches, value_caches, block_mapping)
-
-
-def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
-    torch.ops.pagedlm.swap_blocks.default(src, dst, block_mapping)
-
-
-if BACKEND == "torch-reference":
-    reshape_and_cache = reference.reshape_and_cache  # noqa: F811
-    paged_attention = reference.paged_attention  # noqa: F811
-    paged_prefill_attention = reference.paged_prefill_attention  # noqa: F811
-    copy_blocks = reference.copy_blocks  # noqa: F811
-    swap_blocks = reference.swap_blocks  # noqa: F811
-
-__all__ = [
-    "BACKEND",
-    "backend_for",
-    "reshape_and_cache",
-    "paged_attention",
-    "paged_prefill_attention",
-    "copy_blocks",
-    "swap_blocks",
-]
+__all__ = ["BACKEND", "backend_for", *_OP_NAMES]

@@ -1,11 +1,12 @@
-"""Pure-torch reference implementation of the paged-attention ops.
+"""Pure-torch reference implementation of the ops.
 
-It follows the KV-cache layout contract written in ``pagedlm/ops/__init__.py``; the C++/CUDA
-kernels are tested against it. Clarity over speed, but every function is batched over sequences
+It follows the contracts written in ``pagedlm/ops/__init__.py``; the C++/CUDA kernels are tested
+against it. The layer ops are Hugging Face's eager Llama code, written to an output. Clarity over speed, but every function is batched over sequences
 where torch allows, because it is also the fallback backend when the extension is not built.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def reshape_and_cache(
@@ -113,3 +114,33 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tenso
     src_idx = block_mapping[:, 0].long().to(src.device)
     dst_idx = block_mapping[:, 1].long().to(dst.device)
     dst[dst_idx] = src[src_idx].to(dst.device)
+
+
+def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    x = input.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
+    out.copy_(weight * x.to(input.dtype))
+
+
+def fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    residual.add_(input)
+    rms_norm(input, residual, weight, epsilon)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    for x in (query, key):
+        x.copy_(x * cos + _rotate_half(x) * sin)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
+    gate, up = input.chunk(2, dim=-1)
+    out.copy_(F.silu(gate) * up)

@@ -1,11 +1,13 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pagedlm import ops
 
 
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` over a packed ``[..., 2 * d]`` gate_up projection."""
+    """``silu(gate) * up`` over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        out = x.new_empty(x.shape[0], x.shape[1] // 2)
+        ops.silu_and_mul(out, x)
+        return out

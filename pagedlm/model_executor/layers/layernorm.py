@@ -1,24 +1,24 @@
 import torch
 from torch import nn
 
+from pagedlm import ops
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 like Hugging Face's, optionally fused with the residual add."""
+    """RMSNorm with Hugging Face's numerics, optionally fused with the residual add (in place)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``, ``residual += x`` and ``x = norm(residual)``, both in place."""
         if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
+            out = torch.empty_like(x)
+            ops.rms_norm(out, x, self.weight, self.eps)
+            return out
+        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedlm import ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -45,21 +47,14 @@ class RotaryEmbedding(nn.Module):
         self.theta, self.scaling = rope_parameters(config)
         self.build_cache()
 
-    def build_cache(self, device: torch.device | None = None) -> None:
-        """(Re)compute the float32 cos/sin table, e.g. after the model was built on the meta device."""
+    def build_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """(Re)compute the ``[max_position, head_size]`` cos|sin table (see ``ops.rotary_embedding``),
+        e.g. after the model was built on the meta device. Computed in float32 and cast to the
+        model dtype, as Hugging Face casts its cos and sin."""
         inv_freq = _inv_freq(self.head_size, self.theta, self.scaling).to(device)
         freqs = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T]."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T], in place."""
+        ops.rotary_embedding(positions, q, k, self.cos_sin_cache)

@@ -30,6 +30,7 @@ class SamplingMetadata:
     min_ps: torch.Tensor
     greedy: torch.Tensor  # [R] bool
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
+    needs_processing: bool  # penalties, logits processors or min_tokens bans on some row
 
     @classmethod
     def build(
@@ -65,6 +66,7 @@ class SamplingMetadata:
             min_ps=tensor([p.min_p for p in params], torch.float32),
             greedy=tensor([p.greedy for p in params], torch.bool),
             num_top_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            needs_processing=bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params),
         )
 
 
@@ -80,15 +82,20 @@ class SamplerResult:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
-        logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._process(logits, meta)
+        raw = logits.float()
+        # The chosen token's raw logprob is its logit minus the row's logsumexp; the full
+        # log-softmax is only materialised when top logprobs or ranks were asked for.
+        raw_logprobs = torch.log_softmax(raw, dim=-1) if meta.num_top_logprobs >= 0 else None
+        log_norm = None if raw_logprobs is not None else torch.logsumexp(raw, dim=-1)
+        logits = self._process(raw.clone(), meta) if meta.needs_processing else raw
         tokens = logits.argmax(dim=-1)
         if not bool(meta.greedy.all()):
             tokens = torch.where(meta.greedy, tokens, self._sample(logits, meta))
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
         ranks = top_ids = top_logprobs = beam_logprobs = None
-        if meta.num_top_logprobs >= 0:
+        if raw_logprobs is None:
+            chosen = raw.gather(1, tokens[:, None]).squeeze(1) - log_norm
+        else:
+            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
             ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
             top_logprobs, top_ids = raw_logprobs.topk(meta.num_top_logprobs, dim=-1)
         if meta.beam_rows:

@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_size)
         k = k.view(-1, self.num_kv_heads, self.head_size)
         v = v.view(-1, self.num_kv_heads, self.head_size)
-        q, k = self.rotary_emb(positions, q, k)
+        self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.view(-1, self.q_size))
 

@@ -1,0 +1,87 @@
+// RMSNorm, alone and fused with the residual add, with Hugging Face's rounding: the sum of squares
+// and the scaling run in fp32, the normalised row is rounded to the model dtype before the weight
+// multiplies it, and the residual sum is rounded to the model dtype.
+#include "vec.h"
+
+#include "../checks.h"
+#include "dispatch.h"
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace pagedlm::cpu {
+namespace {
+
+template <typename T>
+float inv_rms(const T* x, int64_t hidden, float eps) {
+  fVec acc(0.f);
+  for (int64_t d = 0; d < hidden; d += kVecLen) {
+    const fVec v = load_fp32(x + d, static_cast<int>(std::min<int64_t>(kVecLen, hidden - d)));
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  return 1.f / std::sqrt(hsum(acc) / static_cast<float>(hidden) + eps);
+}
+
+template <typename T>
+void scale_row(T* out, const T* x, const T* weight, int64_t hidden, float inv) {
+  const fVec iv(inv);
+  for (int64_t d = 0; d < hidden; d += kVecLen) {
+    const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
+    const fVec normed = round_to<T>(load_fp32(x + d, n) * iv);
+    store_fp32(out + d, load_fp32(weight + d, n) * normed, n);
+  }
+}
+
+// Rows of at least ~16k elements per thread task; a decode step's few rows stay on one thread.
+int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
+
+}  // namespace
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  check_norm(input, weight, "input");
+  check_norm(out, weight, "out");
+  TORCH_CHECK(out.sizes() == input.sizes(), "out and input shapes differ");
+  const int64_t tokens = input.size(0), hidden = input.size(1);
+  const int64_t in_stride = input.stride(0), out_stride = out.stride(0);
+  const float eps = static_cast<float>(epsilon);
+  PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rms_norm", [&] {
+    const auto* x = input.data_ptr<scalar_t>();
+    const auto* w = weight.data_ptr<scalar_t>();
+    auto* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, row_grain(hidden), [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const scalar_t* row = x + t * in_stride;
+        scale_row(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
+      }
+    });
+  });
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  check_norm(input, weight, "input");
+  check_norm(residual, weight, "residual");
+  TORCH_CHECK(residual.sizes() == input.sizes(), "residual and input shapes differ");
+  const int64_t tokens = input.size(0), hidden = input.size(1);
+  const int64_t in_stride = input.stride(0), res_stride = residual.stride(0);
+  const float eps = static_cast<float>(epsilon);
+  PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_add_rms_norm", [&] {
+    auto* x = input.data_ptr<scalar_t>();
+    auto* r = residual.data_ptr<scalar_t>();
+    const auto* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, row_grain(hidden), [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        scalar_t* xr = x + t * in_stride;
+        scalar_t* rr = r + t * res_stride;
+        for (int64_t d = 0; d < hidden; d += kVecLen) {
+          const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
+          store_fp32(rr + d, load_fp32(xr + d, n) + load_fp32(rr + d, n), n);
+        }
+        scale_row(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
+      }
+    });
+  });
+}
+
+}  // namespace pagedlm::cpu
