@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    llm = LLM(args.model or default_model_path(), dtype=args.dtype, max_num_seqs=args.num_seqs)
     prompts = prompts_for(llm, args)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)

@@ -119,4 +119,17 @@ inline void check_rotary(const at::Tensor& positions, const at::Tensor& query, c
   }
 }
 
+inline void check_argmax_logprob(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& logprobs) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [num_rows, vocab], contiguous in its last dimension");
+  TORCH_CHECK(logits.size(1) > 0, "logits must have a non-empty vocabulary");
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.is_contiguous() && token_ids.scalar_type() == at::kLong &&
+                  token_ids.size(0) == logits.size(0),
+              "token_ids must be a contiguous int64 [num_rows]");
+  TORCH_CHECK(logprobs.dim() == 1 && logprobs.is_contiguous() && logprobs.scalar_type() == at::kFloat &&
+                  logprobs.size(0) == logits.size(0),
+              "logprobs must be a contiguous float32 [num_rows]");
+  TORCH_CHECK(token_ids.device() == logits.device() && logprobs.device() == logits.device(),
+              "argmax_logprob tensors must be on one device");
+}
+
 }  // namespace pagedlm

@@ -21,6 +21,7 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -38,6 +39,7 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
   m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
+  m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
 }
 
 // `import pagedlm._C` loads this library, which runs the registrations above.

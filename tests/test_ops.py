@@ -249,6 +249,8 @@ def test_opcheck(device):
         (ops.rotary_embedding.default, (torch.tensor([0, 9, 3], device=device), query[:1].expand(3, 4, 64).clone(),
                                         kv.clone(), torch.randn(16, 64, device=device))),
         (ops.silu_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
+        (ops.argmax_logprob.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device),
+                                      torch.empty(3, device=device))),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -335,9 +337,28 @@ def test_silu_and_mul(device, dtype, d):
     assert_matches_hf(out, expected, dtype if d % 16 == 0 else torch.float32, "silu_and_mul")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_argmax_logprob(device, dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    wide = (3 * torch.randn(9, vocab + 5, generator=gen)).to(dtype)
+    wide[0, 3] = wide[0, vocab - 2] = 40  # a tie: the first index wins, as in torch.argmax
+    wide[1, vocab - 1] = 50  # the maximum in the last (tail) element
+    wide[2, :vocab] = -1e4  # all-equal row, far from zero
+    logits = wide[:, :vocab].to(device)  # strided rows
+    token_ids = torch.full((9,), -1, dtype=torch.int64, device=device)
+    logprobs = torch.full((9,), float("nan"), device=device)
+    torch.ops.pagedlm.argmax_logprob(logits, token_ids, logprobs)
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    assert torch.equal(token_ids, logits.float().argmax(dim=-1))
+    assert token_ids[0] == 3 and token_ids[2] == 0
+    torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "op",
-    [reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul],
+    [reference.argmax_logprob, reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul],
     ids=lambda op: op.__name__,
 )
 def test_layer_reference_equals_kernel(op):
@@ -351,13 +372,14 @@ def test_layer_reference_equals_kernel(op):
         "fused_add_rms_norm": lambda: (x.clone(), x.flip(0).clone(), w, 1e-6),
         "rotary_embedding": lambda: (torch.tensor([0, 3, 7, 1, 2]), x.view(5, 2, 32).clone(), x.flip(0).view(5, 2, 32).clone(), table),
         "silu_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
+        "argmax_logprob": lambda: (x, torch.empty(5, dtype=torch.int64), torch.empty(5)),
     }[op.__name__]
     ours, theirs = args(), args()
     getattr(torch.ops.pagedlm, op.__name__)(*ours)
     op(*theirs)
     for a, b in zip(ours, theirs):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b)
+        if isinstance(a, torch.Tensor):  # bit-equal, except fp32 logprobs (different exp)
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-5 if a.dtype == torch.float32 else 0)
 
 
 @pytest.mark.parametrize("forced", [False, True])

@@ -56,6 +56,21 @@ def test_logprobs_match_hf_log_softmax(llm, hf):
         assert comp.cumulative_logprob == pytest.approx(total, abs=1e-3)
 
 
+def test_greedy_cumulative_logprob_matches_hf(llm, hf):
+    """Plain greedy rows take the one-pass argmax_logprob sampler; their cumulative logprob must
+    still be the sum of HF's log-softmax at the chosen tokens."""
+    outs = llm.generate(_ids(PROMPTS), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        comp = out.outputs[0]
+        assert comp.token_ids == ref.sequences[0, len(prompt):].tolist() and comp.logprobs is None
+        total = sum(torch.log_softmax(ref.logits[step][0].float(), dim=-1)[token].item()
+                    for step, token in enumerate(comp.token_ids))
+        assert comp.cumulative_logprob == pytest.approx(total, abs=1e-4)
+
+
 def test_prompt_logprobs_match_hf(llama_dir, hf):
     # A small step budget splits the prompt into chunks; prompt logprobs must still be complete.
     llm = LLM(llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=16)

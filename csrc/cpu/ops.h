@@ -27,4 +27,6 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 
+void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
+
 }  // namespace pagedlm::cpu

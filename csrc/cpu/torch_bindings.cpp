@@ -12,4 +12,5 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("fused_add_rms_norm", &pagedlm::cpu::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagedlm::cpu::rotary_embedding);
   m.impl("silu_and_mul", &pagedlm::cpu::silu_and_mul);
+  m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
 }

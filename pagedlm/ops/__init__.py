@@ -40,6 +40,13 @@ Face's eager code does, so results match transformers bit for bit up to fp32 sum
   ``positions`` is ``int64 [num_tokens]``.
 * ``silu_and_mul(out, input)``: ``out = silu(input[:, :d]) * input[:, d:]``.
 
+Sampling op:
+
+* ``argmax_logprob(logits, token_ids, logprobs)``: for each row of ``logits`` ``[num_rows, vocab]``
+  (any float dtype), the first index of its maximum into ``token_ids`` (int64) and that token's
+  log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
+  of the logits.
+
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
@@ -69,6 +76,7 @@ _OP_NAMES = (
     "fused_add_rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "argmax_logprob",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -132,5 +140,6 @@ rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
 silu_and_mul = _impl.silu_and_mul
+argmax_logprob = _impl.argmax_logprob
 
 __all__ = ["BACKEND", "backend_for", *_OP_NAMES]

@@ -144,3 +144,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     gate, up = input.chunk(2, dim=-1)
     out.copy_(F.silu(gate) * up)
+
+
+def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
+    x = logits.float()
+    top, ids = x.max(dim=-1)
+    token_ids.copy_(ids)
+    logprobs.copy_(top - torch.logsumexp(x, dim=-1))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pagedlm import ops
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class SamplingMetadata:
     greedy: torch.Tensor  # [R] bool
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
     needs_processing: bool  # penalties, logits processors or min_tokens bans on some row
+    plain_greedy: bool  # every row greedy on raw logits, no top logprobs, no beams
 
     @classmethod
     def build(
@@ -53,6 +55,8 @@ class SamplingMetadata:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
                 banned_rows += [row] * len(banned)
                 banned_ids += banned
+        needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params)
+        num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return cls(
             params=params,
             prompt_token_ids=prompt_token_ids,
@@ -65,8 +69,9 @@ class SamplingMetadata:
             top_ks=tensor([p.top_k or vocab_size for p in params], torch.int64),
             min_ps=tensor([p.min_p for p in params], torch.float32),
             greedy=tensor([p.greedy for p in params], torch.bool),
-            num_top_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-            needs_processing=bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params),
+            num_top_logprobs=num_top_logprobs,
+            needs_processing=needs_processing,
+            plain_greedy=not needs_processing and num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params),
         )
 
 
@@ -82,6 +87,11 @@ class SamplerResult:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
+        if meta.plain_greedy:
+            tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+            chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            ops.argmax_logprob(logits, tokens, chosen)
+            return SamplerResult(tokens, chosen, None, None, None, None)
         raw = logits.float()
         # The chosen token's raw logprob is its logit minus the row's logsumexp; the full
         # log-softmax is only materialised when top logprobs or ranks were asked for.
