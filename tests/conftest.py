@@ -99,14 +99,16 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> str:
     return make_checkpoint(str(tmp_path_factory.mktemp("llama_main")), "llama", tokenizer_dir)
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32) -> list[list[int]]:
+def hf_greedy(
+    model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32, device: str = "cpu"
+) -> list[list[int]]:
     """Hugging Face ``generate`` one prompt at a time: the generated ids (EOS kept, then cut)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     outputs = []
     for ids in prompts:
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
             )
         generated = out[0, len(ids):].tolist()

@@ -133,6 +133,62 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
                                     src.stride(0) * src.element_size(), kind, c10::cuda::getCurrentCUDAStream()));
 }
 
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  check_norm(input, weight, "input");
+  check_norm(out, weight, "out");
+  TORCH_CHECK(out.sizes() == input.sizes(), "out and input shapes differ");
+  const c10::cuda::CUDAGuard guard(input.device());
+  C10_CUDA_CHECK(launch_rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), static_cast<int>(input.size(0)),
+                                 static_cast<int>(input.size(1)), out.stride(0), input.stride(0),
+                                 static_cast<float>(epsilon), dtype_of(input), c10::cuda::getCurrentCUDAStream()));
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  check_norm(input, weight, "input");
+  check_norm(residual, weight, "residual");
+  TORCH_CHECK(residual.sizes() == input.sizes(), "residual and input shapes differ");
+  const c10::cuda::CUDAGuard guard(input.device());
+  C10_CUDA_CHECK(launch_fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                           static_cast<int>(input.size(0)), static_cast<int>(input.size(1)),
+                                           input.stride(0), residual.stride(0), static_cast<float>(epsilon),
+                                           dtype_of(input), c10::cuda::getCurrentCUDAStream()));
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                      const at::Tensor& cos_sin_cache) {
+  check_rotary(positions, query, key, cos_sin_cache);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const at::Tensor pos = positions.contiguous();
+  const RotaryParams p{pos.data_ptr<int64_t>(),
+                       query.data_ptr(),
+                       key.data_ptr(),
+                       cos_sin_cache.data_ptr(),
+                       static_cast<int>(query.size(0)),
+                       static_cast<int>(query.size(1)),
+                       static_cast<int>(key.size(1)),
+                       static_cast<int>(query.size(2)),
+                       static_cast<int>(cos_sin_cache.size(0)),
+                       {query.stride(0), query.stride(1)},
+                       {key.stride(0), key.stride(1)}};
+  C10_CUDA_CHECK(launch_rotary_embedding(p, dtype_of(query), c10::cuda::getCurrentCUDAStream()));
+}
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+  check_silu_and_mul(out, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  C10_CUDA_CHECK(launch_silu_and_mul(out.data_ptr(), input.data_ptr(), static_cast<int>(out.size(0)),
+                                     static_cast<int>(out.size(1)), out.stride(0), input.stride(0), dtype_of(input),
+                                     c10::cuda::getCurrentCUDAStream()));
+}
+
+void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs) {
+  check_argmax_logprob(logits, token_ids, logprobs);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  C10_CUDA_CHECK(launch_argmax_logprob(logits.data_ptr(), token_ids.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                                       static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
+                                       logits.stride(0), dtype_of(logits), c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace pagedlm::cuda
 
@@ -142,4 +198,9 @@ TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("paged_prefill_attention", &pagedlm::cuda::paged_prefill_attention);
   m.impl("copy_blocks", &pagedlm::cuda::copy_blocks);
   m.impl("swap_blocks", &pagedlm::cuda::swap_blocks);
+  m.impl("rms_norm", &pagedlm::cuda::rms_norm);
+  m.impl("fused_add_rms_norm", &pagedlm::cuda::fused_add_rms_norm);
+  m.impl("rotary_embedding", &pagedlm::cuda::rotary_embedding);
+  m.impl("silu_and_mul", &pagedlm::cuda::silu_and_mul);
+  m.impl("argmax_logprob", &pagedlm::cuda::argmax_logprob);
 }

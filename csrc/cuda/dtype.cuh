@@ -22,6 +22,12 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
+// x rounded to T and back, as eager torch rounds each intermediate to the tensor dtype.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
 // Calls f(T{}) with the CUDA element type of dtype.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, const F& f) {

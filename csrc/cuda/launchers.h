@@ -58,4 +58,36 @@ cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, c
 cudaError_t launch_swap_blocks(const char* src, char* dst, const int64_t* pairs, int num_pairs, int64_t block_bytes,
                                cudaMemcpyKind kind, cudaStream_t stream);
 
+// Fused layer ops (see pagedlm/ops/__init__.py for their rounding contract); rows are
+// [num_tokens, ...] with the given row strides and a contiguous last dimension.
+cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,
+                            int64_t out_stride, int64_t input_stride, float epsilon, DType dtype, cudaStream_t stream);
+
+cudaError_t launch_fused_add_rms_norm(void* input, void* residual, const void* weight, int num_tokens, int hidden,
+                                     int64_t input_stride, int64_t residual_stride, float epsilon, DType dtype,
+                                     cudaStream_t stream);
+
+cudaError_t launch_silu_and_mul(void* out, const void* input, int num_tokens, int d, int64_t out_stride,
+                                int64_t input_stride, DType dtype, cudaStream_t stream);
+
+struct RotaryParams {
+  const int64_t* positions;
+  void* query;
+  void* key;
+  const void* cos_sin_cache;  // [max_position, head_size]: cos half, then sin half
+  int num_tokens;
+  int num_heads;
+  int num_kv_heads;
+  int head_size;
+  int max_position;
+  int64_t query_stride[2];  // token, head
+  int64_t key_stride[2];
+};
+
+cudaError_t launch_rotary_embedding(const RotaryParams& p, DType dtype, cudaStream_t stream);
+
+// Per row of logits: the first index of the maximum and its log-probability (fp32 softmax).
+cudaError_t launch_argmax_logprob(const void* logits, int64_t* token_ids, float* logprobs, int num_rows, int vocab,
+                                  int64_t row_stride, DType dtype, cudaStream_t stream);
+
 }  // namespace pagedlm::cuda
