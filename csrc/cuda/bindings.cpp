@@ -31,6 +31,8 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
   check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
   TORCH_CHECK(query.is_cuda(), "expected CUDA tensors");
   TORCH_CHECK(query.size(2) <= kMaxHeadSize, "head_size above ", kMaxHeadSize, " is not supported");
+  TORCH_CHECK(query.size(2) * query.element_size() % 16 == 0,
+              "the CUDA kernels read K/V rows as 16-byte vectors: head_size * element size must be a multiple of 16");
   return {out.data_ptr(),
           query.data_ptr(),
           key_cache.data_ptr(),

@@ -10,7 +10,7 @@ namespace pagedlm::cuda {
 
 enum class DType { kFloat, kHalf, kBFloat16 };
 
-// Kernels keep head_size / 32 values per lane in registers.
+// Kernels keep up to kMaxHeadSize / 32 values per lane in registers.
 constexpr int kMaxHeadSize = 256;
 
 struct AttentionParams {

@@ -1,6 +1,10 @@
-// Decode attention: one query token per sequence. A thread block handles one (head, sequence,
-// partition); long contexts use several partitions whose partial softmaxes a second kernel merges
-// (vLLM's paged_attention_v2). Warps take tokens for Q.K; threads take dimensions for P.V.
+// Decode attention: one query token per sequence. A thread block handles one KV head of one
+// sequence over one partition of its context, for up to kMaxGroup of the query heads that share
+// that KV head (GQA), so each K/V row is read from memory once per block rather than once per
+// query head. Long contexts use several partitions whose partial softmaxes a second kernel merges
+// (vLLM's paged_attention_v2). K and V rows are read as 16-byte vectors: for Q.K a group of lanes
+// covers one key row and the block takes several keys at once; for P.V each lane owns one vector
+// of the output and a slice of the tokens, and the slices are summed by warp shuffles.
 
 #include "dtype.cuh"
 #include "launchers.h"
@@ -12,6 +16,26 @@ namespace {
 constexpr int kPartitionSize = 512;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
+// Query heads per block: their query vectors live in registers, kMaxGroup * 16 bytes' worth each.
+constexpr int kMaxGroup = 4;
+// Keys each thread loads before using any, to keep several loads in flight.
+constexpr int kUnroll = 2;
+constexpr int kVecBytes = 16;
+
+template <typename T>
+struct alignas(kVecBytes) Vec {
+  static constexpr int kSize = kVecBytes / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec<T>::kSize]) {
+  const Vec<T> raw = *reinterpret_cast<const Vec<T>*>(ptr);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kSize; ++i) out[i] = to_float(raw.v[i]);
+}
+
+__device__ __forceinline__ int next_pow2(int x) { return x <= 1 ? 1 : 1 << (32 - __clz(x - 1)); }
 
 // Workspace layout for P partitions: out [seqs, heads, P, head_size], then max and exp-sum
 // [seqs, heads, P]; each partition's out is already divided by its own exp-sum.
@@ -29,63 +53,144 @@ __device__ __forceinline__ int64_t row_offset(const AttentionParams& p, const in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    paged_attention_kernel(AttentionParams p, Workspace ws, int partitions) {
-  const int head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
+    paged_attention_kernel(AttentionParams p, Workspace ws, int partitions, int head_chunks) {
+  constexpr int E = Vec<T>::kSize;
+  // Vectors of a row one lane covers in Q.K (head_size <= kMaxHeadSize, 32 lanes per row at most).
+  constexpr int kVecsPerLane = (kMaxHeadSize / E + kWarpSize - 1) / kWarpSize;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int kv_head = blockIdx.x / head_chunks, chunk = blockIdx.x % head_chunks;
+  const int head0 = kv_head * group + chunk * kMaxGroup;
+  const int heads = min(kMaxGroup, group - chunk * kMaxGroup);
+  const int seq = blockIdx.y, part = blockIdx.z;
   const int seq_len = p.seq_lens[seq];
   const int begin = part * kPartitionSize;
   if (begin >= seq_len && part > 0) return;
-  const int end = min(seq_len, begin + kPartitionSize);
-  const int D = p.head_size, kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int n = min(seq_len, begin + kPartitionSize) - begin;
+  const int D = p.head_size, nvec = D / E, padded = next_pow2(nvec);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const T* key_cache = static_cast<const T*>(p.key_cache);
   const T* value_cache = static_cast<const T*>(p.value_cache);
   const int32_t* table = p.block_tables + seq * p.table_stride;
 
-  __shared__ float q[kMaxHeadSize];
-  __shared__ float logits[kPartitionSize];
-  __shared__ float scratch[kWarps];
-  const T* query = static_cast<const T*>(p.query) + seq * p.query_stride[0] + head * p.query_stride[1];
-  for (int d = threadIdx.x; d < D; d += kThreads) q[d] = to_float(query[d]) * p.scale;
+  __shared__ float logits[kMaxGroup][kPartitionSize];
+  __shared__ float head_max[kMaxGroup], head_sum[kMaxGroup];
+
+  // Q.K: `lanes` consecutive lanes (a power of two) cover one key row; lane `sub` of them takes
+  // vectors sub, sub + lanes, ... and keeps the matching query elements of every head in registers.
+  const int lanes = min(padded, kWarpSize), sub = threadIdx.x % lanes, keys_per_step = kThreads / lanes;
+  float q[kVecsPerLane][kMaxGroup][E];
+#pragma unroll
+  for (int j = 0; j < kVecsPerLane; ++j) {
+    const int v = sub + j * lanes;
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      const T* query = static_cast<const T*>(p.query) + seq * p.query_stride[0] + (head0 + h) * p.query_stride[1];
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[j][h][e] = (v < nvec && h < heads) ? to_float(query[v * E + e]) * p.scale : 0.f;
+    }
+  }
+  // The loop bound is uniform across the block, so every lane reaches the shuffles below.
+  for (int step = 0; step < n; step += kUnroll * keys_per_step) {
+    const int t0 = step + threadIdx.x / lanes;
+    float acc[kUnroll][kMaxGroup] = {};
+#pragma unroll
+    for (int j = 0; j < kVecsPerLane; ++j) {
+      const int v = sub + j * lanes;
+      float k[kUnroll][E];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int t = t0 + u * keys_per_step;
+        if (v < nvec && t < n) {
+          load_vec(key_cache + row_offset(p, table, kv_head, begin + t) + v * E, k[u]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; ++e) k[u][e] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h)
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[u][h] += q[j][h][e] * k[u][e];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * keys_per_step;
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        float s = acc[u][h];
+        for (int offset = lanes / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        if (sub == 0 && t < n && h < heads) logits[h][t] = s;
+      }
+    }
+  }
   __syncthreads();
 
-  float max_logit = -INFINITY;
-  for (int t = begin + warp; t < end; t += kWarps) {
-    const T* k = key_cache + row_offset(p, table, kv_head, t);
-    float s = 0.f;
-    for (int d = lane; d < D; d += kWarpSize) s += q[d] * to_float(k[d]);
-    s = warp_sum(s);
-    if (lane == 0) logits[t - begin] = s;
-    max_logit = fmaxf(max_logit, s);
-  }
-  max_logit = block_reduce<kWarps, true>(max_logit, scratch);
-
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < end - begin; i += kThreads) {
-    const float e = __expf(logits[i] - max_logit);
-    logits[i] = e;
-    sum += e;
-  }
-  sum = block_reduce<kWarps, false>(sum, scratch);  // also publishes logits to every thread
-  // An empty context attends to nothing: write zeros rather than 0/0.
-  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float acc = 0.f;
-    for (int t = begin; t < end; ++t) {
-      acc += logits[t - begin] * to_float(value_cache[row_offset(p, table, kv_head, t) + d]);
+  // Softmax of each head's logits, one warp per head.
+  for (int h = warp; h < heads; h += kWarps) {
+    float m = -INFINITY;
+    for (int i = lane; i < n; i += kWarpSize) m = fmaxf(m, logits[h][i]);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int i = lane; i < n; i += kWarpSize) {
+      const float e = __expf(logits[h][i] - m);
+      logits[h][i] = e;
+      sum += e;
     }
-    acc *= inv_sum;
-    if (partitions == 1) {
-      T* out = static_cast<T*>(p.out) + seq * p.out_stride[0] + head * p.out_stride[1];
-      out[d] = from_float<T>(acc);
-    } else {
-      ws.out[((static_cast<int64_t>(seq) * p.num_heads + head) * partitions + part) * D + d] = acc;
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      head_max[h] = m;
+      head_sum[h] = sum;
     }
   }
-  if (partitions > 1 && threadIdx.x == 0) {
-    const int64_t i = (static_cast<int64_t>(seq) * p.num_heads + head) * partitions + part;
-    ws.max[i] = max_logit;
-    ws.sum[i] = sum;
+  __syncthreads();
+
+  // P.V: thread (v, slice) sums tokens slice, slice + slices, ... into output vector v; the
+  // `slices` lanes sharing v are adjacent in one warp.
+  const int slices = min(kWarpSize, kThreads / padded);
+  const int slice = threadIdx.x % slices, v = threadIdx.x / slices;
+  float acc[kMaxGroup][E] = {};
+  if (v < nvec) {
+#pragma unroll 4
+    for (int t = slice; t < n; t += slices) {
+      float val[E];
+      load_vec(value_cache + row_offset(p, table, kv_head, begin + t) + v * E, val);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        const float w = h < heads ? logits[h][t] : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] += w * val[e];
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h)
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      for (int offset = slices / 2; offset > 0; offset /= 2) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], offset);
+  if (slice == 0 && v < nvec) {
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= heads) continue;
+      // An empty context attends to nothing: write zeros rather than 0/0.
+      const float inv_sum = head_sum[h] > 0.f ? 1.f / head_sum[h] : 0.f;
+      const int head = head0 + h;
+      if (partitions == 1) {
+        T* out = static_cast<T*>(p.out) + seq * p.out_stride[0] + head * p.out_stride[1] + v * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) out[e] = from_float<T>(acc[h][e] * inv_sum);
+      } else {
+        float* out = ws.out + ((static_cast<int64_t>(seq) * p.num_heads + head) * partitions + part) * D + v * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) out[e] = acc[h][e] * inv_sum;
+      }
+    }
+  }
+  if (partitions > 1 && threadIdx.x < heads) {
+    const int64_t i = (static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x) * partitions + part;
+    ws.max[i] = head_max[threadIdx.x];
+    ws.sum[i] = head_sum[threadIdx.x];
   }
 }
 
@@ -128,7 +233,9 @@ cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, int pa
   const Workspace ws{workspace, workspace + slots * p.head_size, workspace + slots * (p.head_size + 1)};
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    paged_attention_kernel<T><<<dim3(p.num_heads, p.num_seqs, partitions), kThreads, 0, stream>>>(p, ws, partitions);
+    const int group = p.num_heads / p.num_kv_heads, head_chunks = (group + kMaxGroup - 1) / kMaxGroup;
+    paged_attention_kernel<T><<<dim3(p.num_kv_heads * head_chunks, p.num_seqs, partitions), kThreads, 0, stream>>>(
+        p, ws, partitions, head_chunks);
     if (partitions > 1) {
       reduce_partitions_kernel<T><<<dim3(p.num_heads, p.num_seqs), kThreads, 0, stream>>>(p, ws, partitions);
     }

@@ -51,7 +51,8 @@ The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) al
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
 attention tensors live on one device (``swap_blocks`` may cross devices on CUDA). The CPU kernels
-need ``head_size % 16 == 0``.
+need ``head_size % 16 == 0``; the CUDA kernels ``head_size <= 256`` with ``head_size`` times the
+element size a multiple of 16 bytes (they read K/V rows as 16-byte vectors).
 
 Backends: the extension handles CPU tensors and, when built with CUDA, CUDA tensors (dispatch picks
 the kernel from the tensors' device, see ``backend_for``). Without the extension, or with
