@@ -8,6 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedlm.config import ModelConfig
+from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
 
@@ -23,6 +24,9 @@ def get_model(model_config: ModelConfig) -> nn.Module:
         if isinstance(module, RotaryEmbedding):
             module.build_cache(model_config.device, model_config.dtype)
     load_weights(model, model_config.model)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_weights_after_loading()
     return model.eval()
 
 

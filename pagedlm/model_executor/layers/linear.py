@@ -1,0 +1,39 @@
+"""Linear layers whose weights are repacked once, after loading, for the CPU GEMM."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
+_PACK_ROWS_HINT = 64
+
+
+def _onednn_packs(weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that keeps its weight on the CPU in oneDNN's blocked layout.
+
+    ``F.linear`` hands oneDNN (bf16) or MKL (fp32) a row-major ``[out, in]`` weight, which is
+    reordered into the kernel's layout on every call; for decode-sized inputs that reorder costs as
+    much as the product. ``process_weights_after_loading`` packs the weight once instead (a tied
+    weight is packed as a copy, so the embedding keeps the original).
+    """
+
+    packed = False
+
+    def process_weights_after_loading(self) -> None:
+        if _onednn_packs(self.weight):
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_ROWS_HINT)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            self.packed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
