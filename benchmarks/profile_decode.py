@@ -34,6 +34,7 @@ from pagedlm import LLM, SamplingParams, default_model_path
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"
 STEP = "engine step"
 FORWARD = "model forward"
+LM_HEAD = "lm head"
 BETWEEN = "(between modules)"
 
 
@@ -78,7 +79,7 @@ def instrument(llm: LLM) -> tuple[list[str], set[str]]:
         (engine.scheduler, "schedule", "schedule"),
         (runner, "_prepare_inputs", "prepare inputs"),
         (runner.model, "forward", FORWARD),
-        (runner.model, "compute_logits", "lm head"),
+        (runner.model, "compute_logits", LM_HEAD),
         (runner.sampler, "forward", "sampler"),
     ]
     wrap(engine, "step", STEP)
@@ -208,6 +209,9 @@ def main() -> None:
     print(f"\nwith torch.profiler: {step_us / steps / 1e3:.1f} ms per decode step (profiler overhead included; other "
           f"processes kept {others:.2f} cores busy); 'other ms' = span minus op self-time: Python, dispatch, allocation")
     print_rows("engine phase", by_phase, steps, step_us)
+    overhead = step_us - by_phase[FORWARD].span - by_phase[LM_HEAD].span
+    print(f"per-step engine overhead (schedule + prepare inputs + sampler + outputs, detokenisation, stop "
+          f"checks): {overhead / steps / 1e3:.2f} ms = {100 * overhead / step_us:.1f}% of the step")
     print_rows("model forward, by module class", by_module, steps, step_us)
 
 

@@ -47,7 +47,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
-        max_num_seqs: int = 128,
+        max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
