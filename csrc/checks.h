@@ -82,12 +82,20 @@ inline void check_block_caches(const at::Tensor& src, const at::Tensor& dst) {
 }
 
 // [num_tokens, hidden] rows (a row stride is allowed) normalised by a [hidden] weight.
-inline void check_norm(const at::Tensor& t, const at::Tensor& weight, const char* name) {
+inline void check_norm_rows(const at::Tensor& t, const at::Tensor& weight, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [num_tokens, hidden], contiguous in its last dimension");
   TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == t.size(1),
               "weight must be a contiguous [hidden] vector matching ", name);
   TORCH_CHECK(t.scalar_type() == weight.scalar_type(), name, " and weight dtypes differ");
   TORCH_CHECK(t.device() == weight.device(), name, " and weight are on different devices");
+}
+
+// The two row tensors of rms_norm (out, input) or fused_add_rms_norm (input, residual).
+inline void check_norm(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                       const at::Tensor& weight) {
+  check_norm_rows(a, weight, a_name);
+  check_norm_rows(b, weight, b_name);
+  TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " shapes differ");
 }
 
 inline void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input) {

@@ -40,9 +40,7 @@ int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden);
 }  // namespace
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  check_norm(input, weight, "input");
-  check_norm(out, weight, "out");
-  TORCH_CHECK(out.sizes() == input.sizes(), "out and input shapes differ");
+  check_norm(out, "out", input, "input", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
   const int64_t in_stride = input.stride(0), out_stride = out.stride(0);
   const float eps = static_cast<float>(epsilon);
@@ -60,9 +58,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  check_norm(input, weight, "input");
-  check_norm(residual, weight, "residual");
-  TORCH_CHECK(residual.sizes() == input.sizes(), "residual and input shapes differ");
+  check_norm(input, "input", residual, "residual", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
   const int64_t in_stride = input.stride(0), res_stride = residual.stride(0);
   const float eps = static_cast<float>(epsilon);

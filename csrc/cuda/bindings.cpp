@@ -136,9 +136,7 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block
 }
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  check_norm(input, weight, "input");
-  check_norm(out, weight, "out");
-  TORCH_CHECK(out.sizes() == input.sizes(), "out and input shapes differ");
+  check_norm(out, "out", input, "input", weight);
   const c10::cuda::CUDAGuard guard(input.device());
   C10_CUDA_CHECK(launch_rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), static_cast<int>(input.size(0)),
                                  static_cast<int>(input.size(1)), out.stride(0), input.stride(0),
@@ -146,9 +144,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  check_norm(input, weight, "input");
-  check_norm(residual, weight, "residual");
-  TORCH_CHECK(residual.sizes() == input.sizes(), "residual and input shapes differ");
+  check_norm(input, "input", residual, "residual", weight);
   const c10::cuda::CUDAGuard guard(input.device());
   C10_CUDA_CHECK(launch_fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(),
                                            static_cast<int>(input.size(0)), static_cast<int>(input.size(1)),
