@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 namespace pagedlm::cpu {
@@ -43,7 +44,14 @@ inline void store_fp32(T* p, fVec v) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
   } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kVecLen);
+    const auto packed = at::vec::convert_from_float<T>(v, v);
+#if defined(CPU_CAPABILITY_AVX512)
+    // A plain 256-bit store, not Vectorized::store(p, 16)'s masked one: a load soon after a masked
+    // store to the same bytes cannot be forwarded from it and stalls until the store retires.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+#else
+    packed.store(p, kVecLen);
+#endif
   }
 }
 
@@ -71,9 +79,7 @@ inline fVec round_to(fVec v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    T buf[kVecLen];
-    store_fp32(buf, v);
-    return load_fp32(buf);
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
   }
 }
 
