@@ -175,12 +175,14 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--prompt-len", type=int, default=64, help="synthetic prompt length")
     parser.add_argument("--no-profiler", action="store_true", help="only time the steps (for py-spy)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     llm = LLM(args.model or default_model_path(), dtype=args.dtype, max_num_seqs=args.num_seqs)
     prompts = prompts_for(llm, args)
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 
     times: list[float] = []

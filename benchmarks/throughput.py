@@ -68,6 +68,7 @@ class Result:
     flops: float
     others: float  # CPU cores kept busy by other processes meanwhile (the machine may be shared)
     note: str = ""
+    phases: dict | None = None  # pagedlm's steps by phase, from ``record_step_phases``
 
 
 def read_records(path: Path) -> list[dict]:
@@ -114,22 +115,34 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
-def model_flops(config: dict, work: Workload) -> float:
-    """Matmul FLOPs of the forward passes that produce ``work``'s outputs: 2 x non-embedding
-    parameters per processed token (prompt + output - 1: the last token is never fed back), the
-    LM head for each generated token, and attention (QK^T and PV, 4 x heads x head_dim per
-    context token per layer, context = position + 1). Padding and recomputation are not counted."""
+def flop_counts(config: dict) -> tuple[float, float, float]:
+    """Matmul FLOPs per token: through the layers (2 x non-embedding parameters), through the LM
+    head, and of attention per context token (QK^T and PV: 4 x heads x head_dim per layer)."""
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config["intermediate_size"]
+    return 2 * per_layer * layers, 2 * hidden * config["vocab_size"], 4 * layers * heads * head_dim
+
+
+def model_flops(config: dict, work: Workload) -> float:
+    """Matmul FLOPs of the forward passes that produce ``work``'s outputs: the layers for each
+    processed token (prompt + output - 1: the last token is never fed back), the LM head for each
+    generated token, and attention with context = position + 1. Padding and recomputation are not
+    counted."""
+    layers, lm_head, attention = flop_counts(config)
     total = 0.0
     for prompt, out_len in zip(work.prompts, work.output_lens):
         tokens = len(prompt) + out_len - 1
-        total += 2 * per_layer * layers * tokens + 2 * hidden * config["vocab_size"] * out_len
-        total += 4 * layers * heads * head_dim * tokens * (tokens + 1) / 2
+        total += layers * tokens + lm_head * out_len + attention * tokens * (tokens + 1) / 2
     return total
+
+
+def phase_flops(config: dict, phase: dict) -> float:
+    """FLOPs of one phase of pagedlm's steps (``record_step_phases``), counted as ``model_flops`` does."""
+    layers, lm_head, attention = flop_counts(config)
+    return layers * phase["tokens"] + lm_head * phase["sampled"] + attention * phase["context"]
 
 
 def physical_cores() -> int:
@@ -210,6 +223,7 @@ def run_worker(system: str, work: Workload, args: argparse.Namespace, tmp: Path,
     return Result(
         system, len(work.prompts), sum(map(len, work.prompts)), sum(work.output_lens), out["wall"],
         out["peak_rss"], model_flops(args.config, work), max(0.0, others), out["note"],
+        {name: {**p, "flops": phase_flops(args.config, p)} for name, p in (out.get("phases") or {}).items()},
     )
 
 
@@ -276,6 +290,15 @@ def print_table(results: list[Result], peak: float) -> None:
             f"{r.flops / r.wall / 1e9:8.1f} {100 * r.flops / r.wall / peak:6.1f}% {ratio} {r.others:7.2f}"
         )
     print("others: CPU cores busy with other processes during the system's run (0 = quiet machine)")
+    for r in results:
+        for name, p in (r.phases or {}).items():
+            if p["steps"]:
+                print(
+                    f"{r.system} {name}-heavy steps: {p['steps']} steps, {p['wall']:.1f} of {r.wall:.1f} s, "
+                    f"mean {p['tokens'] / p['steps']:.0f} tokens ({p['decodes'] / p['steps']:.0f} decodes) a step: "
+                    f"{p['sampled'] / p['wall']:.0f} sampled tok/s, {p['flops'] / p['wall'] / 1e9:.1f} GFLOP/s = "
+                    f"{100 * p['flops'] / p['wall'] / peak:.1f}% of peak"
+                )
     for r in results:
         if r.note:
             print(f"  {r.system}: {r.note}")

@@ -4,7 +4,7 @@
 
 runs SYSTEM on the workload's requests (token ids and exact output lengths) after loading the model
 and a short warm-up, checks every output length, and prints one line ``RESULT {"wall": seconds,
-"peak_rss": bytes, "note": str}``. The module level is stdlib-only: the llama.cpp system runs in its
+"peak_rss": bytes, "note": str, "phases": {...} | null}`` (``Run``). The module level is stdlib-only: the llama.cpp system runs in its
 own venv, which has no torch.
 
   pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
@@ -14,7 +14,7 @@ own venv, which has no torch.
              ``max_new_tokens`` for all), fed request by request with each one's length
   llamacpp   llama.cpp through llama-cpp-python's batch API, continuous batching written here
 
-The continuous-batching peers get pagedlm's default budgets: 128 sequences, 2048 tokens a step.
+The continuous-batching peers get pagedlm's default budgets: 256 sequences, 2048 tokens a step.
 """
 
 import argparse
@@ -27,9 +27,16 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_NUM_SEQS = 128
+MAX_NUM_SEQS = 256
 MAX_BATCHED_TOKENS = 2048
 GGML_TYPES = {"bfloat16": 30, "float32": 0}  # ggml.h: GGML_TYPE_BF16, GGML_TYPE_F32
+
+
+@dataclass
+class Run:
+    wall: float  # seconds of the timed generation
+    note: str = ""
+    phases: dict | None = None  # pagedlm: its steps by phase (``record_step_phases``)
 
 
 @dataclass
@@ -58,18 +65,59 @@ def check_lengths(got: list[int], want: list[int]) -> None:
         raise RuntimeError(f"output lengths differ from the workload's at requests {bad[:5]}")
 
 
-def run_pagedlm(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+def record_step_phases(engine) -> dict[str, dict[str, float]]:
+    """Time the engine's steps by phase as it runs: "decode" steps, where most scheduled tokens are
+    decodes (one token after a sequence's prompt), and "prefill" steps. Per phase: steps, wall, and
+    what the FLOP count needs: tokens (through the layers), decodes, sampled (LM-head rows), and
+    context (sum over tokens of the context each attends to)."""
+    phases = {p: {"steps": 0, "wall": 0.0, "tokens": 0, "decodes": 0, "sampled": 0, "context": 0}
+              for p in ("decode", "prefill")}
+    current: dict = {}
+    schedule, step = engine.scheduler.schedule, engine.step
+
+    def recording_schedule():
+        out = schedule()
+        counts = {"tokens": 0, "decodes": 0, "sampled": 0, "context": 0}
+        for group in out.scheduled_seq_groups:
+            for seq, n in group.token_chunks.items():
+                c = seq.num_computed_tokens
+                counts["tokens"] += n
+                counts["decodes"] += n == 1 and c >= len(seq.prompt_token_ids)
+                counts["sampled"] += c + n == seq.num_tokens
+                counts["context"] += n * c + n * (n + 1) // 2
+        current.clear()
+        current.update(counts)
+        return out
+
+    def timed_step():
+        start = time.perf_counter()
+        outputs = step()
+        if current.get("tokens"):
+            phase = phases["decode" if 2 * current["decodes"] > current["tokens"] else "prefill"]
+            phase["steps"] += 1
+            phase["wall"] += time.perf_counter() - start
+            for key, value in current.items():
+                phase[key] += value
+        current.clear()
+        return outputs
+
+    engine.scheduler.schedule, engine.step = recording_schedule, timed_step
+    return phases
+
+
+def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
     from pagedlm import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    phases = record_step_phases(llm.llm_engine)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     check_lengths([len(o.outputs[0].token_ids) for o in outputs], work.output_lens)
-    return wall, ""
+    return Run(wall, phases=phases)
 
 
 def load_hf(args: argparse.Namespace):
@@ -95,17 +143,17 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
     return out.shape[1] - width
 
 
-def run_hf_single(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+def run_hf_single(work: Workload, args: argparse.Namespace) -> Run:
     model = load_hf(args)
     hf_generate(model, work.prompts[:1], 8)
     start = time.perf_counter()
     got = [hf_generate(model, [p], n) for p, n in zip(work.prompts, work.output_lens)]
     wall = time.perf_counter() - start
     check_lengths(got, work.output_lens)
-    return wall, ""
+    return Run(wall)
 
 
-def run_hf_static(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+def run_hf_static(work: Workload, args: argparse.Namespace) -> Run:
     """Batches in request order; a batch runs until its longest output is done, so shorter
     requests' extra tokens (and prompt padding) are computed but not counted."""
     model = load_hf(args)
@@ -119,10 +167,10 @@ def run_hf_static(work: Workload, args: argparse.Namespace) -> tuple[float, str]
         computed += len(prompts) * (max(map(len, prompts)) + max(lens))
     wall = time.perf_counter() - start
     useful = sum(map(len, work.prompts)) + sum(work.output_lens)
-    return wall, f"batch {bs}: {100 * (1 - useful / computed):.0f}% of computed tokens are padding"
+    return Run(wall, f"batch {bs}: {100 * (1 - useful / computed):.0f}% of computed tokens are padding")
 
 
-def run_hf_cb(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+def run_hf_cb(work: Workload, args: argparse.Namespace) -> Run:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -144,7 +192,7 @@ def run_hf_cb(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
         results = drain(manager, ids)
         wall = time.perf_counter() - start
     check_lengths([len(results[i].generated_tokens) for i in ids], work.output_lens)
-    return wall, f"page {page}, {cb_config.num_blocks} blocks"
+    return Run(wall, f"page {page}, {cb_config.num_blocks} blocks")
 
 
 def drain(manager, request_ids: list[str]) -> dict:
@@ -159,7 +207,7 @@ def drain(manager, request_ids: list[str]) -> dict:
     return results
 
 
-def run_llamacpp(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
+def run_llamacpp(work: Workload, args: argparse.Namespace) -> Run:
     """Continuous batching over llama.cpp: each step decodes one token of every running sequence
     plus whole prompts of newly admitted requests (up to the step's token budget), greedy argmax
     on the logits. Sequence ``s`` owns KV stream ``s`` (``kv_unified=False``, as batched-bench's
@@ -235,7 +283,7 @@ def run_llamacpp(work: Workload, args: argparse.Namespace) -> tuple[float, str]:
     produced = generate(work.prompts, work.output_lens)
     wall = time.perf_counter() - start
     check_lengths(produced, work.output_lens)
-    return wall, f"llama.cpp {slots} seqs x {per_seq} ctx, kv {args.dtype}, n_ubatch 512"
+    return Run(wall, f"llama.cpp {slots} seqs x {per_seq} ctx, kv {args.dtype}, n_ubatch 512")
 
 
 SYSTEMS = {
@@ -260,9 +308,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     work = Workload(**json.loads(Path(args.workload).read_text()))
-    wall, note = SYSTEMS[args.system](work, args)
+    run = SYSTEMS[args.system](work, args)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"wall": wall, "peak_rss": rss, "note": note}), flush=True)
+    print("RESULT " + json.dumps({"wall": run.wall, "peak_rss": rss, "note": run.note, "phases": run.phases}), flush=True)
 
 
 if __name__ == "__main__":

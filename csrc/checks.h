@@ -127,17 +127,29 @@ inline void check_rotary(const at::Tensor& positions, const at::Tensor& query, c
   }
 }
 
+// One contiguous value of `dtype` per row of logits.
+inline void check_per_row(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Tensor& logits) {
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.scalar_type() == dtype && t.size(0) == logits.size(0), name,
+              " must be a contiguous ", dtype, " [num_rows]");
+  TORCH_CHECK(t.device() == logits.device(), name, " and logits are on different devices");
+}
+
 inline void check_argmax_logprob(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& logprobs) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [num_rows, vocab], contiguous in its last dimension");
   TORCH_CHECK(logits.size(1) > 0, "logits must have a non-empty vocabulary");
-  TORCH_CHECK(token_ids.dim() == 1 && token_ids.is_contiguous() && token_ids.scalar_type() == at::kLong &&
-                  token_ids.size(0) == logits.size(0),
-              "token_ids must be a contiguous int64 [num_rows]");
-  TORCH_CHECK(logprobs.dim() == 1 && logprobs.is_contiguous() && logprobs.scalar_type() == at::kFloat &&
-                  logprobs.size(0) == logits.size(0),
-              "logprobs must be a contiguous float32 [num_rows]");
-  TORCH_CHECK(token_ids.device() == logits.device() && logprobs.device() == logits.device(),
-              "argmax_logprob tensors must be on one device");
+  check_per_row(token_ids, "token_ids", at::kLong, logits);
+  check_per_row(logprobs, "logprobs", at::kFloat, logits);
+}
+
+inline void check_sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
+                         const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms,
+                         const at::Tensor& token_ids, const at::Tensor& logprobs) {
+  check_argmax_logprob(logits, token_ids, logprobs);
+  check_per_row(temperatures, "temperatures", at::kFloat, logits);
+  check_per_row(top_ks, "top_ks", at::kLong, logits);
+  check_per_row(top_ps, "top_ps", at::kFloat, logits);
+  check_per_row(min_ps, "min_ps", at::kFloat, logits);
+  check_per_row(uniforms, "uniforms", at::kFloat, logits);
 }
 
 }  // namespace pagedlm

@@ -22,6 +22,9 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
+  m.def(
+      "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
+      "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -40,6 +43,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
   m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
+  m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, at::Tensor&, at::Tensor&) {});
 }
 
 // `import pagedlm._C` loads this library, which runs the registrations above.

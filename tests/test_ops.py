@@ -251,6 +251,10 @@ def test_opcheck(device):
         (ops.silu_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
         (ops.argmax_logprob.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device),
                                       torch.empty(3, device=device))),
+        (ops.sample.default, (kv[:, 0], torch.ones(3, device=device), torch.full((3,), 5, device=device),
+                              torch.full((3,), 0.9, device=device), torch.zeros(3, device=device),
+                              torch.rand(3, device=device), torch.empty(3, dtype=torch.int64, device=device),
+                              torch.empty(3, device=device))),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -354,6 +358,63 @@ def test_argmax_logprob(device, dtype, vocab):
     assert torch.equal(token_ids, logits.float().argmax(dim=-1))
     assert token_ids[0] == 3 and token_ids[2] == 0
     torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
+
+
+def sample_case(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int):
+    """Logits and per-row parameters mixing greedy rows, top-k, top-p, min-p and all together."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+    temperatures = 0.1 + 1.5 * torch.rand(rows, generator=gen)
+    temperatures[::7] = 0
+    top_ks = torch.randint(1, 100, (rows,), generator=gen)
+    top_ks[::3] = vocab
+    top_ps = 0.1 + 0.9 * torch.rand(rows, generator=gen)
+    top_ps[::4] = 1.0
+    min_ps = torch.where(torch.arange(rows) % 5 == 0, 0.05, 0.0)
+    uniforms = torch.rand(rows, generator=gen)
+    return [t.to(device) for t in (logits, temperatures, top_ks, top_ps, min_ps, uniforms)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_sample_equals_reference(device, dtype, vocab):
+    args = sample_case(120, vocab, dtype, device, vocab)
+    got = [torch.empty(120, dtype=torch.int64, device=device), torch.empty(120, device=device)]
+    want = [torch.empty(120, dtype=torch.int64, device=device), torch.empty(120, device=device)]
+    torch.ops.pagedlm.sample(*args, *got)
+    reference.sample(*args, *want)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
+    greedy = args[1] == 0
+    assert torch.equal(got[0][greedy], args[0].float().argmax(dim=-1)[greedy])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_follows_the_kept_distribution(device):
+    """Uniforms spread evenly over [0, 1) must pick each kept token in proportion to its
+    renormalised probability, and never a token that top-k, top-p or min-p removed."""
+    probs = torch.tensor([0.3, 0.02, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04])
+    logits = probs.log()[None].expand(4000, -1).contiguous().to(device)
+    uniforms = ((torch.arange(4000) + 0.5) / 4000).to(device)
+    cases = {  # (top_k, top_p, min_p) -> kept token ids
+        (8, 1.0, 0.0): [0, 1, 2, 3, 4, 5, 6, 7],
+        (3, 1.0, 0.0): [0, 2, 3],
+        (8, 0.7, 0.0): [0, 2, 3],  # 0.3 + 0.25 = 0.55 < 0.7, so 0.15 joins
+        (8, 0.55, 0.0): [0, 2],  # 0.3 + 0.25 reaches 0.55 exactly: nothing more
+        (4, 0.9, 0.0): [0, 2, 3, 4],  # top-p over the top-k's 0.8 of mass: 0.72 needs all four
+        (8, 1.0, 0.3): [0, 2, 3, 4],  # min_p keeps p >= 0.3 * 0.3
+    }
+    for (top_k, top_p, min_p), kept in cases.items():
+        token_ids = torch.empty(4000, dtype=torch.int64, device=device)
+        logprobs = torch.empty(4000, device=device)
+        full = lambda v, dtype=torch.float32: torch.full((4000,), v, dtype=dtype, device=device)
+        torch.ops.pagedlm.sample(logits, full(1.0), full(top_k, torch.int64), full(top_p), full(min_p), uniforms, token_ids, logprobs)
+        counts = torch.bincount(token_ids.cpu(), minlength=8).double() / 4000
+        expected = torch.zeros(8, dtype=torch.float64)
+        expected[kept] = probs[kept].double() / probs[kept].sum()
+        torch.testing.assert_close(counts, expected, rtol=0, atol=1.01 / 4000, msg=f"top_k={top_k} top_p={top_p} min_p={min_p}")
+        torch.testing.assert_close(logprobs.cpu(), probs.log()[token_ids.cpu()], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

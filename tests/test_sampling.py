@@ -123,12 +123,12 @@ def test_warpers_keep_the_same_tokens_as_hf(kwargs, warper):
     ref_kept = torch.isfinite(warper()(None, logits.clone()))
     meta = _sampler_meta(params, [[] for _ in range(64)], [[1] for _ in range(64)])
     meta.generators = {i: torch.Generator().manual_seed(i) for i in range(64)}
-    sampled = Sampler()._sample(logits.clone(), meta)
+    sampled = Sampler()(logits.clone(), meta).token_ids
     assert ref_kept[torch.arange(64), sampled].all()
     # Many draws from one row reach every kept token and nothing else.
     row = logits[:1].expand(4000, -1).clone()
     meta = _sampler_meta([params[0]] * 4000, [[]] * 4000, [[1]] * 4000)
-    drawn = set(Sampler()._sample(row, meta).tolist())
+    drawn = set(Sampler()(row, meta).token_ids.tolist())
     kept = set(torch.nonzero(ref_kept[0]).flatten().tolist())
     assert drawn <= kept
     if len(kept) <= 10:

@@ -29,4 +29,8 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
 
+void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
+            const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
+            at::Tensor& logprobs);
+
 }  // namespace pagedlm::cpu

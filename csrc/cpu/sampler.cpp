@@ -1,6 +1,10 @@
-// Greedy sampling in one read of the logits: per row, the first index of the maximum and its
-// log-probability, logit - logsumexp = -log(sum(exp(x - max))), without materialising an fp32
-// copy or a log-softmax of a [rows, vocab] matrix.
+// Sampling over [rows, vocab] logits without materialising fp32 copies, a softmax, a sort or
+// vocab-many random numbers per row:
+// * argmax_logprob: greedy, the first index of the maximum and its log-probability,
+//   logit - logsumexp = -log(sum(exp(x - max))), in one read of the logits;
+// * sample: temperature, top-k, top-p and min-p reduce each row to the tokens whose tempered
+//   probability reaches a threshold (found by a radix select over the float bits), and one uniform
+//   number per row picks among them by inverse CDF in token order.
 #include "vec.h"
 
 #include "../checks.h"
@@ -9,7 +13,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
 
 namespace pagedlm::cpu {
 namespace {
@@ -52,7 +61,127 @@ float sum_exp(const T* x, int64_t n, float max) {
   return s;
 }
 
+// Unnormalised tempered probabilities p[i] = exp(x[i] / t - max / t), computed as torch computes
+// exp(x / t - max(x / t)) (the same vectorised exp), so the top token has p = 1.
+template <typename T>
+void tempered_probs(const T* x, int64_t n, float max, float t, float* p) {
+  const fVec tv(t), mv(max / t);
+  for (int64_t i = 0; i < n; i += kVecLen) {
+    const int len = static_cast<int>(std::min<int64_t>(kVecLen, n - i));
+    store_fp32(p + i, (load_fp32(x + i, len) / tv - mv).exp(), len);
+  }
+}
+
+// Positive floats order like their bit patterns; the top bits (exponent and 2 mantissa bits) of a
+// value in [0, 1] pick one of these buckets.
+constexpr int kBucketShift = 21;
+constexpr int kBuckets = (0x3f800000 >> kBucketShift) + 1;
+
+inline int bucket_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return static_cast<int>(bits >> kBucketShift);
+}
+
+// The largest threshold v such that the entries of p (in [0, 1]) that are >= v and >= floor weigh
+// at least `goal`, where an entry weighs 1 (counting, for top-k) or its value (for top-p); floor
+// when even all of them weigh less. A histogram pass finds the bucket the threshold lies in; only
+// that bucket's entries are sorted.
+template <bool kByValue>
+float threshold_from_top(const float* p, int64_t n, float floor, double goal, std::vector<float>& scratch) {
+  std::array<double, kBuckets> weight{};
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= floor) weight[bucket_of(p[i])] += kByValue ? p[i] : 1.0;
+  }
+  double above = 0;
+  int b = kBuckets - 1;
+  for (; b >= 0 && above + weight[b] < goal; --b) above += weight[b];
+  if (b < 0) return floor;
+  scratch.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= floor && bucket_of(p[i]) == b) scratch.push_back(p[i]);
+  }
+  std::sort(scratch.begin(), scratch.end(), std::greater<float>());
+  for (const float v : scratch) {
+    above += kByValue ? v : 1.0;
+    if (above >= goal) return v;
+  }
+  return scratch.back();
+}
+
+double kept_mass(const float* p, int64_t n, float threshold) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += p[i] >= threshold ? p[i] : 0.f;
+  return total;
+}
+
+// The first token (in token order) at which the cumulative kept mass exceeds target; the last kept
+// token if rounding leaves target at or above the total.
+int64_t inverse_cdf(const float* p, int64_t n, float threshold, double target) {
+  double acc = 0;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < threshold) continue;
+    acc += p[i];
+    last = i;
+    if (acc > target) return i;
+  }
+  return last;
+}
+
+struct RowParams {
+  float temperature;  // 0: greedy
+  int64_t top_k;      // >= vocab: off
+  float top_p;        // 1: off
+  float min_p;        // 0: off
+  float uniform;      // in [0, 1)
+};
+
+template <typename T>
+int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::vector<float>& p,
+                   std::vector<float>& scratch) {
+  if (row.temperature == 0.f) return first_index_of(x, n, max);
+  p.resize(n);
+  tempered_probs(x, n, max, row.temperature, p.data());
+  // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to
+  // the top token, whose p is 1, so it does not depend on the others).
+  float threshold = 0.f;
+  if (row.top_k < n) threshold = threshold_from_top<false>(p.data(), n, 0.f, static_cast<double>(row.top_k), scratch);
+  if (row.top_p < 1.f) {
+    const double goal = static_cast<double>(row.top_p) * kept_mass(p.data(), n, threshold);
+    threshold = threshold_from_top<true>(p.data(), n, threshold, goal, scratch);
+  }
+  threshold = std::max(threshold, row.min_p);
+  return inverse_cdf(p.data(), n, threshold, static_cast<double>(row.uniform) * kept_mass(p.data(), n, threshold));
+}
+
 }  // namespace
+
+void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
+            const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
+            at::Tensor& logprobs) {
+  check_sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs);
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
+  const float* temps = temperatures.data_ptr<float>();
+  const int64_t* ks = top_ks.data_ptr<int64_t>();
+  const float* ps = top_ps.data_ptr<float>();
+  const float* mins = min_ps.data_ptr<float>();
+  const float* us = uniforms.data_ptr<float>();
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {
+    const auto* x = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> p, scratch;
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = x + r * stride;
+        const float max = row_max(row, vocab);
+        ids[r] = sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, scratch);
+        lp[r] = static_cast<float>(row[ids[r]]) - max - std::log(sum_exp(row, vocab, max));
+      }
+    });
+  });
+}
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs) {
   check_argmax_logprob(logits, token_ids, logprobs);

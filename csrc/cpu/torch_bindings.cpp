@@ -13,4 +13,5 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("rotary_embedding", &pagedlm::cpu::rotary_embedding);
   m.impl("silu_and_mul", &pagedlm::cpu::silu_and_mul);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
+  m.impl("sample", &pagedlm::cpu::sample);
 }

@@ -46,6 +46,16 @@ Sampling op:
   (any float dtype), the first index of its maximum into ``token_ids`` (int64) and that token's
   log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
   of the logits.
+* ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
+  per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum), int64 ``top_ks``
+  (>= vocab = off), float32 ``top_ps`` (1 = off), ``min_ps`` (0 = off) and ``uniforms`` in [0, 1).
+  With ``p = exp(x / t - max(x / t))``, the kept tokens are those with ``p`` at or above a threshold:
+  the ``top_k``-th largest ``p``; then, over those, the ``p`` at which their descending cumulative
+  mass first reaches ``top_p`` of their total; then ``min_p`` (Hugging Face's warper order; ties
+  at a threshold are kept). The token is the first, in token order, at which the cumulative ``p``
+  of the kept tokens exceeds ``uniform`` times their total (inverse CDF). ``logprobs`` gets its
+  log-probability under the softmax of the untempered logits. CPU kernel and reference; on CUDA
+  the reference runs.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
@@ -78,6 +88,7 @@ _OP_NAMES = (
     "rotary_embedding",
     "silu_and_mul",
     "argmax_logprob",
+    "sample",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -103,15 +114,18 @@ def _select_backend() -> str:
 BACKEND = _select_backend()
 _CUDA_KERNELS = BACKEND == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key("pagedlm::paged_attention", "CUDA")
 
-if BACKEND == "cpu" and not _CUDA_KERNELS and torch.cuda.is_available():
-    warnings.warn(
-        f"pagedlm._C was built without CUDA kernels; ops on CUDA tensors use the torch reference. To get "
-        f"them, {_BUILD_HINT} with CUDA_HOME set.",
-        stacklevel=2,
-    )
+if BACKEND == "cpu" and torch.cuda.is_available():
+    if not _CUDA_KERNELS:
+        warnings.warn(
+            f"pagedlm._C was built without CUDA kernels; ops on CUDA tensors use the torch reference. To get "
+            f"them, {_BUILD_HINT} with CUDA_HOME set.",
+            stacklevel=2,
+        )
+    # Ops without a CUDA kernel (all of them in a CPU-only build; ``sample`` always) run the reference there.
     _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
     for _name in _OP_NAMES:
-        _reference_on_cuda.impl(_name, getattr(reference, _name), "CUDA")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pagedlm::{_name}", "CUDA"):
+            _reference_on_cuda.impl(_name, getattr(reference, _name), "CUDA")
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -142,5 +156,6 @@ fused_add_rms_norm = _impl.fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
 silu_and_mul = _impl.silu_and_mul
 argmax_logprob = _impl.argmax_logprob
+sample = _impl.sample
 
 __all__ = ["BACKEND", "backend_for", *_OP_NAMES]

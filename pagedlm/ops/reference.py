@@ -151,3 +151,35 @@ def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torc
     top, ids = x.max(dim=-1)
     token_ids.copy_(ids)
     logprobs.copy_(top - torch.logsumexp(x, dim=-1))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    uniforms: torch.Tensor,
+    token_ids: torch.Tensor,
+    logprobs: torch.Tensor,
+) -> None:
+    x = logits.float()
+    vocab = x.shape[-1]
+    greedy = temperatures == 0
+    z = x / torch.where(greedy, 1.0, temperatures)[:, None]
+    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    ordered = p.sort(dim=-1, descending=True).values
+    threshold = ordered.gather(1, (top_ks.clamp(1, vocab) - 1)[:, None])
+    kept = torch.where(ordered >= threshold, ordered, 0.0).double()
+    mass = kept.cumsum(dim=-1)
+    # top-p's threshold: the value at which the descending kept mass first reaches top_p of it all.
+    first = (mass < top_ps[:, None].double() * mass[:, -1:]).sum(dim=-1, keepdim=True).clamp(max=vocab - 1)
+    threshold = torch.where(top_ps[:, None] < 1, ordered.gather(1, first), threshold)
+    threshold = torch.maximum(threshold, min_ps[:, None])
+    weights = torch.where(p >= threshold, p, 0.0).double()
+    cdf = weights.cumsum(dim=-1)
+    picked = (cdf <= uniforms[:, None].double() * cdf[:, -1:]).sum(dim=-1)
+    last_kept = vocab - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    picked = torch.where(greedy, x.argmax(dim=-1), torch.minimum(picked, last_kept))
+    token_ids.copy_(picked)
+    logprobs.copy_(x.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1))

@@ -1,9 +1,10 @@
 """Batched sampling: penalties, logits processors, greedy, temperature, top-k, top-p, min-p.
 
-Random rows sample with the exponential race (the Gumbel-max trick): ``argmax(p / E)`` with
-``E ~ Exp(1)`` draws from ``p``. A seeded completion draws its noise from its own generator, one
-full vocabulary row per step, so it does not depend on what else is in the batch. Reported
-log-probabilities are the model's raw ones (log-softmax of its logits), as Hugging Face's are.
+Tokens come from the ``sample`` op: temperature, top-k, top-p and min-p select the kept tokens and
+one uniform number per row picks among them by inverse CDF, without sorting the vocabulary. A
+seeded completion draws its number from its own generator, one a step, so it does not depend on
+what else is in the batch. Reported log-probabilities are the model's raw ones (log-softmax of its
+logits), as Hugging Face's are.
 """
 
 from dataclasses import dataclass
@@ -25,11 +26,10 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) min_tokens still forbids
     beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
-    temperatures: torch.Tensor  # [R] float32, 1.0 on greedy rows
+    temperatures: torch.Tensor  # [R] float32, 0.0 on greedy rows
     top_ps: torch.Tensor
     top_ks: torch.Tensor  # [R] int64, vocab size where off
     min_ps: torch.Tensor
-    greedy: torch.Tensor  # [R] bool
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
     needs_processing: bool  # penalties, logits processors or min_tokens bans on some row
     plain_greedy: bool  # every row greedy on raw logits, no top logprobs, no beams
@@ -64,11 +64,10 @@ class SamplingMetadata:
             generators=generators,
             banned=(tensor(banned_rows, torch.int64), tensor(banned_ids, torch.int64)) if banned_rows else None,
             beam_rows=beam_rows,
-            temperatures=tensor([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+            temperatures=tensor([0.0 if p.greedy else p.temperature for p in params], torch.float32),
             top_ps=tensor([p.top_p for p in params], torch.float32),
             top_ks=tensor([p.top_k or vocab_size for p in params], torch.int64),
             min_ps=tensor([p.min_p for p in params], torch.float32),
-            greedy=tensor([p.greedy for p in params], torch.bool),
             num_top_logprobs=num_top_logprobs,
             needs_processing=needs_processing,
             plain_greedy=not needs_processing and num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params),
@@ -87,30 +86,34 @@ class SamplerResult:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         if meta.plain_greedy:
-            tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-            chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
             ops.argmax_logprob(logits, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None)
-        raw = logits.float()
-        # The chosen token's raw logprob is its logit minus the row's logsumexp; the full
-        # log-softmax is only materialised when top logprobs or ranks were asked for.
-        raw_logprobs = torch.log_softmax(raw, dim=-1) if meta.num_top_logprobs >= 0 else None
-        log_norm = None if raw_logprobs is not None else torch.logsumexp(raw, dim=-1)
-        logits = self._process(raw.clone(), meta) if meta.needs_processing else raw
-        tokens = logits.argmax(dim=-1)
-        if not bool(meta.greedy.all()):
-            tokens = torch.where(meta.greedy, tokens, self._sample(logits, meta))
+        processed = self._process(logits.float(), meta) if meta.needs_processing else logits
+        ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
+        # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
+        # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
         ranks = top_ids = top_logprobs = beam_logprobs = None
-        if raw_logprobs is None:
-            chosen = raw.gather(1, tokens[:, None]).squeeze(1) - log_norm
-        else:
+        if meta.num_top_logprobs >= 0:
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
             chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
             ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
             top_logprobs, top_ids = raw_logprobs.topk(meta.num_top_logprobs, dim=-1)
+        elif meta.needs_processing:
+            raw = logits.float()
+            chosen = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
         if meta.beam_rows:
-            beam_logprobs = torch.log_softmax(logits[meta.beam_rows], dim=-1)
+            beam_logprobs = torch.log_softmax(processed[meta.beam_rows].float(), dim=-1)
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs)
+
+    @staticmethod
+    def _uniforms(meta: SamplingMetadata) -> torch.Tensor:
+        uniforms = torch.rand(len(meta.params), device=meta.temperatures.device)
+        for row, generator in meta.generators.items():
+            uniforms[row] = torch.rand(1, generator=generator, device=generator.device)[0]
+        return uniforms
 
     def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Penalties, then user logits processors, then the min_tokens bans."""
@@ -123,18 +126,6 @@ class Sampler(nn.Module):
         if meta.banned is not None:
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
         return logits
-
-    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        logits = logits / meta.temperatures[:, None]
-        if bool((meta.top_ks < logits.shape[-1]).any() or (meta.top_ps < 1.0).any()):
-            logits = _apply_top_k_top_p(logits, meta.top_ks, meta.top_ps)
-        probs = logits.softmax(dim=-1)
-        if bool((meta.min_ps > 0).any()):
-            probs = probs.masked_fill(probs < meta.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = torch.empty_like(probs).exponential_()
-        for row, generator in meta.generators.items():
-            noise[row].exponential_(generator=generator)
-        return (probs / noise).argmax(dim=-1)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
@@ -158,14 +149,3 @@ def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) 
     counts = torch.zeros(len(token_ids), vocab + 1, device=device)
     counts.scatter_add_(1, padded.view(len(token_ids), width), torch.ones_like(padded, dtype=counts.dtype).view(len(token_ids), width))
     return counts[:, :vocab]
-
-
-def _apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    sorted_logits.masked_fill_(ranks >= top_ks[:, None], float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
-    exceeded = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps[:, None]
-    sorted_logits.masked_fill_(exceeded, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
