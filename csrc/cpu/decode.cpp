@@ -42,11 +42,13 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
 }
 
 // Attention of the query heads of KV heads [kv_begin, kv_end) over tokens [begin, end) of one
-// sequence (q: [heads, head_size], fp32, pre-scaled). Per query head i of the item, leaves the
-// unnormalised weighted V sum in acc[i] and the max logit and exp-sum in max_out[i], sum_out[i].
+// sequence (q: [heads, head_size], fp32, pre-scaled; q_raw: see attend_rows). Per query head i of
+// the item, leaves the unnormalised weighted V sum in acc[i] and the max logit and exp-sum in
+// max_out[i], sum_out[i].
 template <typename T>
 void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
-                      const float* q, int group, float* logits, float* acc, float* max_out, float* sum_out) {
+                      const float* q, const T* q_raw, float scale, int group, float* logits, float* acc,
+                      float* max_out, float* sum_out) {
   const int D = kv.head_size, heads = (kv_end - kv_begin) * group;
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
@@ -55,8 +57,8 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
     const int first = (h - kv_begin) * group;  // the item's query heads reading KV head h
     for_each_head_chunk(group, [&](auto ng, int g) {
       const int i = first + g;
-      attend_rows<ng()>(q + i * D, kv.key + row, kv.value + row, n, D, logits, kv.block_size, max_out + i,
-                        sum_out + i, acc + i * D);
+      attend_rows<ng()>(q + i * D, q_raw ? q_raw + i * D : nullptr, scale, kv.key + row, kv.value + row, n, D,
+                        logits, kv.block_size, max_out + i, sum_out + i, acc + i * D);
     });
   });
 }
@@ -104,6 +106,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* q = scratch.data();
     for (int h = 0; h < heads; ++h)
       to_fp32_scaled(q + h * D, q_ptr + s * q_stride0 + (h0 + h) * q_stride1, scale, D);
+    const T* q_raw = raw_queries(q_ptr + s * q_stride0 + h0 * q_stride1, q_stride0, 1, q_stride1, heads, D);
     const int begin = part * kPartitionSize, end = std::min<int>(lens[s], begin + kPartitionSize);
     const int32_t* table = tables + s * table_stride;
     float* acc = q + heads * D;
@@ -112,11 +115,11 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* logits = sum + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
-      attend_partition(kv, table, kv_begin, kv_end, begin, end, q, group, logits, partial_acc + row * D,
-                       partial_max + row, partial_sum + row);
+      attend_partition(kv, table, kv_begin, kv_end, begin, end, q, q_raw, scale, group, logits,
+                       partial_acc + row * D, partial_max + row, partial_sum + row);
       return;
     }
-    attend_partition(kv, table, kv_begin, kv_end, begin, end, q, group, logits, acc, max, sum);
+    attend_partition(kv, table, kv_begin, kv_end, begin, end, q, q_raw, scale, group, logits, acc, max, sum);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
       const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;

@@ -77,6 +77,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     for (int r = 0; r < tile.rows; ++r)
       for (int g = 0; g < group; ++g)
         to_fp32_scaled(q + (r * group + g) * D, q_ptr + (token0 + r) * q_stride0 + (h0 + g) * q_stride1, scale, D);
+    const T* q_raw = raw_queries(q_ptr + token0 * q_stride0 + h0 * q_stride1, q_stride0, tile.rows, q_stride1, group, D);
     std::fill(acc, acc + M * D, 0.f);
     std::fill(row_max, row_max + M, -std::numeric_limits<float>::infinity());
     std::fill(row_sum, row_sum + M, 0.f);
@@ -85,7 +86,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     auto attend = [&](const T* k, const T* v, int m0, int count, int n) {
       for_each_head_chunk(count, [&](auto ng, int first) {
         const int m = m0 + first;
-        attend_rows<ng()>(q + m * D, k, v, n, D, logits, bs, row_max + m, row_sum + m, acc + m * D);
+        attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, scale, k, v, n, D, logits, bs, row_max + m,
+                          row_sum + m, acc + m * D);
       });
     };
 
