@@ -22,7 +22,9 @@ machine may be shared, and the ``others`` column says how busy other processes k
 Per system: requests/s, output tokens/s, total (prompt + output) tokens/s, wall time of generation
 (model load and a short warm-up excluded), peak RSS, achieved model FLOP/s (``model_flops``) as a
 share of the machine's matmul peak for the dtype (a 4096^3 ``torch.matmul``, best of 4, measured
-in the same run) and pagedlm's output tokens/s over the system's.
+in the same run) and pagedlm's output tokens/s over the system's. For pagedlm also the same by
+phase: its decode-heavy steps (most scheduled tokens are decodes) and prefill-heavy ones, with the
+mean batch and context of each (``record_step_phases`` in ``throughput_systems.py``).
 
 Usage:
     python benchmarks/throughput.py --quick                        # every system, ~1.5 minutes
@@ -295,7 +297,8 @@ def print_table(results: list[Result], peak: float) -> None:
             if p["steps"]:
                 print(
                     f"{r.system} {name}-heavy steps: {p['steps']} steps, {p['wall']:.1f} of {r.wall:.1f} s, "
-                    f"mean {p['tokens'] / p['steps']:.0f} tokens ({p['decodes'] / p['steps']:.0f} decodes) a step: "
+                    f"mean {p['tokens'] / p['steps']:.0f} tokens ({p['decodes'] / p['steps']:.0f} decodes) a step, "
+                    f"context {p['context'] / p['tokens']:.0f}: "
                     f"{p['sampled'] / p['wall']:.0f} sampled tok/s, {p['flops'] / p['wall'] / 1e9:.1f} GFLOP/s = "
                     f"{100 * p['flops'] / p['wall'] / peak:.1f}% of peak"
                 )

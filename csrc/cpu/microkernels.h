@@ -92,8 +92,8 @@ inline const T* raw_queries(const T* first, int64_t stride0, int rows, int64_t s
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 #define PAGEDLM_DPBF16 1
 // logits[r] = scale * (q · k[r]) for R bf16 rows of k and one raw bf16 query vector, with
-// vdpbf16ps: it multiplies bf16 pairs exactly and accumulates in fp32, so K is never converted and
-// the scale multiplies the sums, as the attention of eager torch does. D must be a multiple of 32.
+// vdpbf16ps: it multiplies bf16 pairs exactly and accumulates in fp32, so K is never converted, and
+// the scale multiplies the fp32 sums. D must be a multiple of 32.
 template <int R>
 inline void qk_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int D, float scale, float* logits) {
   fVec acc[1][R];
@@ -159,8 +159,9 @@ inline void pv_block(const float* p, int stride, const T* v, int n, int D, float
 }
 
 // One step of the online softmax (flash attention) for NG query vectors (q: [NG, D], fp32,
-// pre-scaled; q_raw: the same unscaled in T, or nullptr; see qk_block) over n consecutive K/V rows: rescales each vector's running max, exp-sum and
-// unnormalised output acc [NG, D] to the new max and adds the rows. logits: [NG, stride] scratch.
+// pre-scaled; q_raw: the same unscaled in T, or nullptr; see qk_block) over n consecutive K/V
+// rows: rescales each vector's running max, exp-sum and unnormalised output acc [NG, D] to the new
+// max and adds the rows. logits: [NG, stride] scratch.
 template <int NG, typename T>
 inline void attend_rows(const float* q, const T* q_raw, float scale, const T* k, const T* v, int n, int D,
                         float* logits, int stride, float* running_max, float* running_sum, float* acc) {
