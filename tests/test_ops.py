@@ -400,8 +400,8 @@ def test_sample_follows_the_kept_distribution(device):
     cases = {  # (top_k, top_p, min_p) -> kept token ids
         (8, 1.0, 0.0): [0, 1, 2, 3, 4, 5, 6, 7],
         (3, 1.0, 0.0): [0, 2, 3],
-        (8, 0.7, 0.0): [0, 2, 3],  # 0.3 + 0.25 = 0.55 < 0.7, so 0.15 joins
-        (8, 0.55, 0.0): [0, 2],  # 0.3 + 0.25 reaches 0.55 exactly: nothing more
+        (8, 0.65, 0.0): [0, 2, 3],  # 0.3 + 0.25 = 0.55 < 0.65, so 0.15 joins and reaches it
+        (8, 0.5, 0.0): [0, 2],  # 0.3 < 0.5 <= 0.3 + 0.25
         (4, 0.9, 0.0): [0, 2, 3, 4],  # top-p over the top-k's 0.8 of mass: 0.72 needs all four
         (8, 1.0, 0.3): [0, 2, 3, 4],  # min_p keeps p >= 0.3 * 0.3
     }
