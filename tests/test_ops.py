@@ -417,6 +417,33 @@ def test_sample_follows_the_kept_distribution(device):
         torch.testing.assert_close(logprobs.cpu(), probs.log()[token_ids.cpu()], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_rows_without_a_distribution(device):
+    """A row whose maximum is +inf (a processor forcing a token), -inf or NaN is taken greedily,
+    whatever top-k/top-p/min-p ask, instead of reading garbage thresholds."""
+    logits = torch.zeros(3, 40)
+    logits[0, 7] = float("inf")
+    logits[1] = float("-inf")
+    logits[2, 3] = float("nan")
+    args = [t.to(device) for t in (logits, torch.ones(3), torch.full((3,), 5), torch.full((3,), 0.9),
+                                   torch.full((3,), 0.1), torch.full((3,), 0.5))]
+    token_ids = torch.empty(3, dtype=torch.int64, device=device)
+    torch.ops.pagedlm.sample(*args, token_ids, torch.empty(3, device=device))
+    assert token_ids[0] == 7 and token_ids[1] == 0 and 0 <= token_ids[2] < 40
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (1, -0.5, "temperatures"), (1, float("nan"), "temperatures"), (2, 0, "top_ks"), (3, 0.0, "top_ps"),
+    (3, 1.5, "top_ps"), (4, 1.5, "min_ps"), (5, 1.0, "uniforms"),
+])
+def test_sample_rejects_out_of_range_parameters(field, value, message):
+    args = [torch.zeros(2, 40), torch.ones(2), torch.full((2,), 5), torch.full((2,), 0.9), torch.zeros(2),
+            torch.full((2,), 0.5)]
+    args[field][1] = value
+    with pytest.raises(RuntimeError, match=rf"{message}\[1\]"):
+        torch.ops.pagedlm.sample(*args, torch.empty(2, dtype=torch.int64), torch.empty(2))
+
+
 @pytest.mark.parametrize(
     "op",
     [reference.argmax_logprob, reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul],

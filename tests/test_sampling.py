@@ -111,6 +111,21 @@ def test_presence_and_frequency_penalties_follow_their_definition():
     assert out[10].item() == 0.0  # prompt tokens are not penalised by presence/frequency
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reported_logprobs_are_raw_after_penalties(dtype):
+    """Penalties change which token is picked, not the log-probabilities reported for it; the
+    model's logits must come out of the sampler unchanged (fp32 ones are not copied by .float())."""
+    torch.manual_seed(0)
+    logits = (torch.randn(2, VOCAB_SIZE) * 3).to(dtype)
+    original = logits.clone()
+    params = [SamplingParams(temperature=0, presence_penalty=2.0, logprobs=2), SamplingParams(temperature=0, repetition_penalty=1.5)]
+    out = Sampler()(logits, _sampler_meta(params, [[int(logits[0].argmax())], [int(logits[1].argmax())]], [[1], [1]]))
+    assert torch.equal(logits, original)
+    raw = torch.log_softmax(original.float(), dim=-1)
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert (out.token_ids != original.float().argmax(dim=-1)).all()  # the penalties did change the picks
+
+
 @pytest.mark.parametrize("kwargs,warper", [
     (dict(top_k=7), lambda: TopKLogitsWarper(7)),
     (dict(top_p=0.6), lambda: TopPLogitsWarper(0.6)),

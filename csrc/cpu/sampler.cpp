@@ -101,6 +101,7 @@ float threshold_from_top(const float* p, int64_t n, float floor, double goal, st
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= floor && bucket_of(p[i]) == b) scratch.push_back(p[i]);
   }
+  if (scratch.empty()) return floor;  // goal <= 0: nothing needs to be cut
   std::sort(scratch.begin(), scratch.end(), std::greater<float>());
   for (const float v : scratch) {
     above += kByValue ? v : 1.0;
@@ -140,7 +141,8 @@ struct RowParams {
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::vector<float>& p,
                    std::vector<float>& scratch) {
-  if (row.temperature == 0.f) return first_index_of(x, n, max);
+  // A row whose maximum is +inf (a processor forcing a token), -inf or NaN has no distribution.
+  if (row.temperature == 0.f || !std::isfinite(max)) return first_index_of(x, n, max);
   p.resize(n);
   tempered_probs(x, n, max, row.temperature, p.data());
   // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to
@@ -167,6 +169,15 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
   const float* ps = top_ps.data_ptr<float>();
   const float* mins = min_ps.data_ptr<float>();
   const float* us = uniforms.data_ptr<float>();
+  // Out-of-range values would break the kernel's invariants (every p in [0, 1], the top token kept).
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(std::isfinite(temps[r]) && temps[r] >= 0.f, "temperatures[", r, "] = ", temps[r],
+                ": must be finite and >= 0 (0 = greedy)");
+    TORCH_CHECK(ks[r] >= 1, "top_ks[", r, "] = ", ks[r], ": must be >= 1 (>= vocab = off)");
+    TORCH_CHECK(ps[r] > 0.f && ps[r] <= 1.f, "top_ps[", r, "] = ", ps[r], ": must be in (0, 1] (1 = off)");
+    TORCH_CHECK(mins[r] >= 0.f && mins[r] <= 1.f, "min_ps[", r, "] = ", mins[r], ": must be in [0, 1] (0 = off)");
+    TORCH_CHECK(us[r] >= 0.f && us[r] < 1.f, "uniforms[", r, "] = ", us[r], ": must be in [0, 1)");
+  }
   int64_t* ids = token_ids.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {

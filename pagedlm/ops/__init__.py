@@ -47,8 +47,9 @@ Sampling op:
   log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
   of the logits.
 * ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
-  per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum), int64 ``top_ks``
-  (>= vocab = off), float32 ``top_ps`` (1 = off), ``min_ps`` (0 = off) and ``uniforms`` in [0, 1).
+  per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum; also taken for a
+  row whose maximum is not finite), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
+  (0, 1]; 1 = off), ``min_ps`` (in [0, 1]; 0 = off) and ``uniforms`` in [0, 1).
   With ``p = exp(x / t - max(x / t))``, the kept tokens are those with ``p`` at or above a threshold:
   the ``top_k``-th largest ``p``; then, over those, the ``p`` at which their descending cumulative
   mass first reaches ``top_p`` of their total; then ``min_p`` (Hugging Face's warper order; ties

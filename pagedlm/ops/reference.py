@@ -165,7 +165,7 @@ def sample(
 ) -> None:
     x = logits.float()
     vocab = x.shape[-1]
-    greedy = temperatures == 0
+    greedy = (temperatures == 0) | ~torch.isfinite(x.max(dim=-1).values)
     z = x / torch.where(greedy, 1.0, temperatures)[:, None]
     p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
     ordered = p.sort(dim=-1, descending=True).values

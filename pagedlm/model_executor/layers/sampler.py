@@ -91,7 +91,8 @@ class Sampler(nn.Module):
         if meta.plain_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None)
-        processed = self._process(logits.float(), meta) if meta.needs_processing else logits
+        # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
+        processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
