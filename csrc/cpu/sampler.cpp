@@ -24,19 +24,6 @@ namespace pagedlm::cpu {
 namespace {
 
 template <typename T>
-float row_max(const T* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  if (n >= kVecLen) {
-    fVec mv = load_fp32(x);
-    for (i = kVecLen; i + kVecLen <= n; i += kVecLen) mv = at::vec::maximum(mv, load_fp32(x + i));
-    m = hmax(mv);
-  }
-  for (; i < n; ++i) m = std::max(m, static_cast<float>(x[i]));
-  return m;
-}
-
-template <typename T>
 int64_t first_index_of(const T* x, int64_t n, float value) {
   const fVec v(value);
   int64_t i = 0;
@@ -186,7 +173,7 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
       std::vector<float> p, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = row_max(row, vocab);
+        const float max = max_of(row, vocab);
         ids[r] = sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, scratch);
         lp[r] = static_cast<float>(row[ids[r]]) - max - std::log(sum_exp(row, vocab, max));
       }
@@ -204,7 +191,7 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
     at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = row_max(row, vocab);
+        const float max = max_of(row, vocab);
         ids[r] = first_index_of(row, vocab, max);
         lp[r] = -std::log(sum_exp(row, vocab, max));
       }

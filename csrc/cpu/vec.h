@@ -119,15 +119,16 @@ inline void to_fp32_scaled(float* dst, const T* src, float s, int n) {
   for (int d = 0; d < n; d += kVecLen) (load_fp32(src + d) * sv).store(dst + d);
 }
 
-inline float max_of(const float* x, int n) {
+template <typename T>
+inline float max_of(const T* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-  int i = 0;
+  int64_t i = 0;
   if (n >= kVecLen) {
-    fVec mv = fVec::loadu(x);
-    for (i = kVecLen; i + kVecLen <= n; i += kVecLen) mv = at::vec::maximum(mv, fVec::loadu(x + i));
+    fVec mv = load_fp32(x);
+    for (i = kVecLen; i + kVecLen <= n; i += kVecLen) mv = at::vec::maximum(mv, load_fp32(x + i));
     m = hmax(mv);
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = std::max(m, static_cast<float>(x[i]));
   return m;
 }
 
