@@ -8,6 +8,7 @@ that one on the same logits too, in the same run.
 
 import argparse
 import importlib.util
+import inspect
 import time
 
 import torch
@@ -32,7 +33,11 @@ def load(path: str):
 
 def time_sampler(module, logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
     rows, vocab = logits.shape
-    meta = module.SamplingMetadata.build([params] * rows, [[1]] * rows, [[]] * rows, {}, [0], [], vocab, logits.device)
+    # Before the engine/worker seam (issue 12) the sampler took the EOS ids; now per-row banned ids.
+    if "banned_token_ids" in inspect.signature(module.SamplingMetadata.build).parameters:
+        meta = module.SamplingMetadata.build([params] * rows, [[1]] * rows, [[]] * rows, [()] * rows, {}, [], vocab, logits.device)
+    else:
+        meta = module.SamplingMetadata.build([params] * rows, [[1]] * rows, [[]] * rows, {}, [0], [], vocab, logits.device)
     sampler = module.Sampler()
     sampler(logits, meta)
     start = time.perf_counter()

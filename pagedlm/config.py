@@ -50,15 +50,25 @@ class ModelConfig:
 
     @property
     def num_kv_heads(self) -> int:
-        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        return get_num_kv_heads(self.hf_config)
 
     @property
     def head_size(self) -> int:
-        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+        return get_head_size(self.hf_config)
 
     @property
     def num_layers(self) -> int:
         return self.hf_config.num_hidden_layers
+
+
+def get_num_kv_heads(hf_config: PretrainedConfig) -> int:
+    """KV heads per layer (``num_key_value_heads``; equal to the query heads without GQA/MQA)."""
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def get_head_size(hf_config: PretrainedConfig) -> int:
+    """Size of one attention head: ``head_dim`` where the config sets it, else hidden / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

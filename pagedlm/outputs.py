@@ -1,6 +1,10 @@
 """What ``LLM.generate`` returns (vLLM's ``RequestOutput``, ``CompletionOutput``, ``Logprob``)."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine's state types import this module's
+    from pagedlm.engine.sequence import SequenceGroup
 
 
 @dataclass
@@ -40,7 +44,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """The result of one prompt: its completions, in ``outputs``."""
+    """The result of one prompt: its completions, in ``outputs``.
+
+    While ``finished`` is False it is a snapshot of a request in progress (lists are copies).
+    """
 
     request_id: str
     prompt: str | None
@@ -48,3 +55,32 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
+
+    @classmethod
+    def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput":
+        """The request as it stands: ``n`` completions. With ``best_of > n`` the ``n`` of highest
+        cumulative log-probability; under beam search the ``n`` best beams, best first."""
+        params = seq_group.sampling_params
+        if params.use_beam_search:
+            seqs = seq_group.seqs[: params.n]
+        else:
+            seqs = sorted(seq_group.seqs, key=lambda s: s.index)
+            if params.best_of > params.n:
+                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
+        outputs = [
+            CompletionOutput(
+                index=i if params.use_beam_search else seq.index,
+                text=seq.output_text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if params.logprobs is not None else None,
+                finish_reason=seq.status.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for i, seq in enumerate(seqs)
+        ]
+        prompt_logprobs = list(seq_group.prompt_logprobs) if seq_group.prompt_logprobs is not None else None
+        return cls(
+            seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs,
+            seq_group.is_finished(),
+        )

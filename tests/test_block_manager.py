@@ -15,10 +15,11 @@ def _group(num_tokens: int, block_size: int = 4) -> SequenceGroup:
 
 
 def test_allocate_append_free_round_trip():
-    bm = BlockSpaceManager(block_size=4, num_blocks=10, watermark=0.0)
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=10, watermark=0.0)
     g = _group(6)
-    assert bm.can_allocate(g) == AllocStatus.OK
-    bm.allocate(g)
+    status, computed = bm.can_allocate(g)
+    assert status == AllocStatus.OK
+    bm.allocate(g, computed)
     seq = g.seqs[0]
     seq.status = SequenceStatus.RUNNING
     assert len(bm.get_block_table(seq)) == 2 and bm.num_free_blocks == 8
@@ -33,18 +34,18 @@ def test_allocate_append_free_round_trip():
 
 
 def test_admission_statuses():
-    bm = BlockSpaceManager(block_size=4, num_blocks=4, watermark=0.0)
-    assert bm.can_allocate(_group(17)) == AllocStatus.NEVER
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=4, watermark=0.0)
+    assert bm.can_allocate(_group(17))[0] == AllocStatus.NEVER
     big = _group(12)
-    bm.allocate(big)
-    assert bm.can_allocate(_group(8)) == AllocStatus.LATER
-    assert bm.can_allocate(_group(4)) == AllocStatus.OK
+    bm.allocate(big, bm.can_allocate(big)[1])
+    assert bm.can_allocate(_group(8))[0] == AllocStatus.LATER
+    assert bm.can_allocate(_group(4))[0] == AllocStatus.OK
 
 
 def test_fork_shares_blocks_and_copy_on_write_of_last_block():
-    bm = BlockSpaceManager(block_size=4, num_blocks=10, watermark=0.0)
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=10, watermark=0.0)
     g = _group(6)
-    bm.allocate(g)
+    bm.allocate(g, bm.can_allocate(g)[1])
     parent = g.seqs[0]
     parent.num_computed_tokens = 6
     child = parent.fork(1)
@@ -65,7 +66,7 @@ def test_fork_shares_blocks_and_copy_on_write_of_last_block():
 
 
 def test_double_free_is_caught():
-    bm = BlockSpaceManager(block_size=4, num_blocks=2, watermark=0.0)
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=2, watermark=0.0)
     block = bm.allocator.allocate()
     bm.allocator.free(block)
     with pytest.raises(AssertionError):
@@ -83,13 +84,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.bm = BlockSpaceManager(block_size=BS, num_blocks=24, watermark=0.0)
+        self.bm = BlockSpaceManager(block_size=BS, num_kv_blocks=24, watermark=0.0)
         self.store: dict[int, list] = {b: [None] * BS for b in range(24)}
         self.seqs = []
         self.next_token = 1000
 
     def _write(self, seq, start: int) -> None:
-        self.bm.cache_blocks(seq, seq.num_tokens)
+        self.bm.cache_full_blocks(seq, seq.num_tokens)
         table = self.bm.get_block_table(seq)
         for pos in range(start, seq.num_tokens):
             token = seq.prompt_token_ids[pos] if pos < len(seq.prompt_token_ids) else seq.output_token_ids[pos - len(seq.prompt_token_ids)]
@@ -100,9 +101,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def allocate(self, tokens):
         # Few distinct token values: prompts often share prefixes and hit the prefix cache.
         group = SequenceGroup("r", None, tokens, SamplingParams(), BS, 0.0)
-        if self.bm.can_allocate(group) != AllocStatus.OK:
+        status, computed = self.bm.can_allocate(group)
+        if status != AllocStatus.OK:
             return
-        self.bm.allocate(group)
+        self.bm.allocate(group, computed)
         seq = group.seqs[0]
         seq.status = SequenceStatus.RUNNING
         self._write(seq, seq.num_computed_tokens)

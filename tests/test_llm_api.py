@@ -175,7 +175,7 @@ def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
         llm.generate(["a", "b", "c"], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
     monkeypatch.undo()
     assert not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
     assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
 
 

@@ -312,7 +312,7 @@ def test_rotary_embedding(device, dtype, head_size):
     config = LlamaConfig(hidden_size=4 * head_size, num_attention_heads=4, head_dim=head_size,
                          max_position_embeddings=4096, rope_theta=500000.0)
     ours = RotaryEmbedding(head_size, 4096, config)
-    ours.build_cache(torch.device(device), dtype)
+    ours.build_cos_sin_cache(torch.device(device), dtype)
     gen = torch.Generator().manual_seed(head_size)
     tokens = 29
     positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)

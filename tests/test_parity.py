@@ -35,7 +35,7 @@ def test_greedy_matches_hf_in_one_batch(model_dir):
     expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
     llm = LLM(model_dir, dtype="float32")
     assert _generate(llm, prompts) == expected
-    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_total_blocks
+    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_kv_blocks
 
 
 def test_greedy_independent_of_batch_composition(llama_dir):
@@ -61,7 +61,7 @@ def test_preemption_keeps_outputs_identical(llama_dir):
     assert _generate(llm, prompts, 40) == expected
     engine = llm.llm_engine
     assert engine.scheduler.num_preemptions > 0
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -89,4 +89,4 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
         assert got == expected
     else:
         assert [g[:4] for g in got] == [e[:4] for e in expected]
-    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_total_blocks
+    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_kv_blocks

@@ -88,7 +88,10 @@ def test_prompt_logprobs_match_hf(llama_dir, hf):
 
 
 def _sampler_meta(params: list[SamplingParams], outputs: list[list[int]], prompts: list[list[int]]) -> SamplingMetadata:
-    return SamplingMetadata.build(params, prompts, outputs, {}, [2], [], VOCAB_SIZE, torch.device("cpu"))
+    return SamplingMetadata.build(
+        params, prompts, outputs, banned_token_ids=[() for _ in params], generators={}, beam_rows=[],
+        vocab_size=VOCAB_SIZE, device=torch.device("cpu"),
+    )
 
 
 def test_repetition_penalty_matches_hf_processor():

@@ -20,6 +20,7 @@ class BeamHypothesis:
     token_ids: list[int]
     cumulative_logprob: float
     score: float  # length-penalised
+    stopped: bool  # ended on a stop token (else at the length limit)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class BeamSearchState:
         return self.params.best_of
 
     def step(
-        self, output_token_ids: list[list[int]], scores: list[float], logprobs: torch.Tensor, is_stop: set[int]
+        self, output_token_ids: list[list[int]], scores: list[float], logprobs: torch.Tensor, stop_token_ids: frozenset[int]
     ) -> list[BeamCandidate]:
         """Advance by one token. ``logprobs`` [beams, V] are the running beams' next-token
         log-probabilities; returns the next running beams, best first (empty when done)."""
@@ -56,14 +57,15 @@ class BeamSearchState:
             BeamCandidate(i // vocab, i % vocab, s) for i, s in zip(top_ids.tolist(), top_scores.tolist())
         ]
         at_max_len = num_generated >= self.max_new_tokens
-        ends = [at_max_len or c.token_id in is_stop for c in candidates]
+        ends = [at_max_len or c.token_id in stop_token_ids for c in candidates]
 
         accepting = self.improvable and not (len(self.finished) == k and self.params.early_stopping is True)
         if accepting:
             for c, end in zip(candidates[:k], ends[:k]):
                 if end:
                     tokens = output_token_ids[c.parent] + [c.token_id]
-                    self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, c.cumulative_logprob / num_generated**lp))
+                    score = c.cumulative_logprob / num_generated**lp
+                    self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, score, c.token_id in stop_token_ids))
             self.finished = sorted(self.finished, key=lambda h: h.score, reverse=True)[:k]
 
         running = [c for c, end in zip(candidates, ends) if not end][:k]

@@ -15,6 +15,7 @@ import enum
 from collections import OrderedDict
 
 from pagedlm.engine.sequence import BlockKey, Sequence, SequenceGroup, SequenceStatus
+from pagedlm.utils import cdiv
 
 
 class AllocStatus(enum.Enum):
@@ -26,12 +27,12 @@ class AllocStatus(enum.Enum):
 class BlockAllocator:
     """Physical block numbers with reference counts, an LRU free list and the prefix-cache map."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.ref_counts = [0] * num_blocks
-        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.block_keys: list[BlockKey | None] = [None] * num_blocks
-        self.cached_blocks: dict[BlockKey, int] = {}
+    def __init__(self, num_kv_blocks: int) -> None:
+        self.num_kv_blocks = num_kv_blocks
+        self.ref_counts = [0] * num_kv_blocks
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_kv_blocks))
+        self.block_keys: list[BlockKey | None] = [None] * num_kv_blocks
+        self.cached_blocks: dict[BlockKey, int] = {}  # the prefix cache
 
     def allocate(self) -> int:
         """A free block for new content, evicting the least recently freed cached one."""
@@ -57,14 +58,14 @@ class BlockAllocator:
         if self.ref_counts[block] == 0:
             self.free_blocks[block] = None
 
-    def cache(self, block: int, key: BlockKey) -> None:
+    def cache_block(self, block: int, key: BlockKey) -> None:
         if key not in self.cached_blocks and self.block_keys[block] is None:
             self.cached_blocks[key] = block
             self.block_keys[block] = key
 
-    def reset_cache(self) -> None:
+    def reset_prefix_cache(self) -> None:
         self.cached_blocks.clear()
-        self.block_keys = [None] * self.num_blocks
+        self.block_keys = [None] * self.num_kv_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -74,12 +75,12 @@ class BlockAllocator:
 class BlockSpaceManager:
     """Maps each sequence to its block table and decides whether work fits in the cache."""
 
-    def __init__(self, block_size: int, num_blocks: int, watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, block_size: int, num_kv_blocks: int, watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
-        self.num_total_blocks = num_blocks
-        self.watermark_blocks = int(watermark * num_blocks)
+        self.num_kv_blocks = num_kv_blocks
+        self.watermark_blocks = int(watermark * num_kv_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_kv_blocks)
         self.block_tables: dict[int, list[int]] = {}
         self.peak_blocks_in_use = 0
         self.num_queried_tokens = 0  # tokens of admitted sequences
@@ -102,33 +103,42 @@ class BlockSpaceManager:
             blocks.append(block)
         return blocks
 
-    def can_allocate(self, seq_group: SequenceGroup, use_cache: bool = True) -> AllocStatus:
+    def can_allocate(
+        self, seq_group: SequenceGroup, use_prefix_cache: bool = True
+    ) -> tuple[AllocStatus, dict[int, list[int]]]:
+        """Whether the group's waiting sequences fit now, later or never, and the cached blocks
+        each of them starts from (by ``seq_id``), for ``allocate``: one prefix-cache lookup per
+        admission."""
+        computed = {}
         num_required = 0
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-            in_use = [b for b in self.computed_blocks(seq) if self.allocator.ref_counts[b] > 0] if use_cache else []
-            num_required += seq.num_blocks - len(in_use)
-        if self.num_total_blocks - num_required < self.watermark_blocks:
-            return AllocStatus.NEVER
+            blocks = self.computed_blocks(seq) if use_prefix_cache else []
+            computed[seq.seq_id] = blocks
+            # A cached block in use costs nothing; a cached free one is taken from the free list.
+            num_required += seq.num_logical_blocks - sum(self.allocator.ref_counts[b] > 0 for b in blocks)
+        if self.num_kv_blocks - num_required < self.watermark_blocks:
+            return AllocStatus.NEVER, computed
         if self.num_free_blocks - num_required >= self.watermark_blocks:
-            return AllocStatus.OK
-        return AllocStatus.LATER
+            return AllocStatus.OK, computed
+        return AllocStatus.LATER, computed
 
-    def allocate(self, seq_group: SequenceGroup, use_cache: bool = True) -> None:
-        """Give each waiting sequence a block table covering all its tokens, starting with the
-        cached blocks of its prefix, and mark those tokens computed. (A new group has one
-        sequence; a preempted group's sequences have diverged and are recomputed separately.)"""
+    def allocate(self, seq_group: SequenceGroup, computed_blocks: dict[int, list[int]]) -> None:
+        """Give each waiting sequence a block table covering all its tokens, starting with its
+        ``computed_blocks`` (from ``can_allocate``), and mark those tokens computed. (A new group
+        has one sequence; a preempted group's sequences have diverged and are recomputed
+        separately.)"""
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-            table = self.computed_blocks(seq) if use_cache else []
+            table = list(computed_blocks[seq.seq_id])
             for block in table:
                 self.allocator.incref(block)
             seq.num_computed_tokens = len(table) * self.block_size
             self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += seq.num_computed_tokens
-            table += [self.allocator.allocate() for _ in range(seq.num_blocks - len(table))]
+            table += [self.allocator.allocate() for _ in range(seq.num_logical_blocks - len(table))]
             self.block_tables[seq.seq_id] = table
         self._track_peak()
 
-    def cache_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
+    def cache_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Key the blocks that ``num_computed_tokens`` fills, so other sequences can reuse them.
         Called when the tokens are scheduled: every block written in a step is written before any
         attention of that step reads it, so a sequence admitted later in the same step may share it."""
@@ -136,7 +146,7 @@ class BlockSpaceManager:
             return
         table = self.block_tables[seq.seq_id]
         for i in range(seq.num_computed_tokens // self.block_size, num_computed_tokens // self.block_size):
-            self.allocator.cache(table[i], seq.block_key(i))
+            self.allocator.cache_block(table[i], seq.block_key(i))
 
     def can_append_slots(self, chunks: dict[Sequence, int]) -> bool:
         """Whether each sequence can write its next ``chunks[seq]`` tokens."""
@@ -146,7 +156,7 @@ class BlockSpaceManager:
         """Make room for every token of ``seq`` not yet in its table; return a (src, dst)
         block copy when a shared block had to be copied before being written."""
         table = self.block_tables[seq.seq_id]
-        while len(table) < seq.num_blocks:
+        while len(table) < seq.num_logical_blocks:
             table.append(self.allocator.allocate())
         first_write_block = seq.num_computed_tokens // self.block_size
         shared = first_write_block < len(table) and self.allocator.ref_counts[table[first_write_block]] > 1
@@ -173,18 +183,22 @@ class BlockSpaceManager:
     def get_block_table(self, seq: Sequence) -> list[int]:
         return self.block_tables[seq.seq_id]
 
-    def reset_peak(self) -> None:
-        self.peak_blocks_in_use = self.num_total_blocks - self.num_free_blocks
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use stay where they are)."""
+        self.allocator.reset_prefix_cache()
+
+    def reset_peak_blocks_in_use(self) -> None:
+        self.peak_blocks_in_use = self.num_kv_blocks - self.num_free_blocks
 
     def _num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks needed to write ``num_new_tokens`` more tokens, counting a copy-on-write."""
         table = self.block_tables[seq.seq_id]
         num_tokens = max(seq.num_tokens, seq.num_computed_tokens + num_new_tokens)
-        needed = max(0, (num_tokens + self.block_size - 1) // self.block_size - len(table))
+        needed = max(0, cdiv(num_tokens, self.block_size) - len(table))
         first_write_block = seq.num_computed_tokens // self.block_size
         if first_write_block < len(table) and self.allocator.ref_counts[table[first_write_block]] > 1:
             needed += 1
         return needed
 
     def _track_peak(self) -> None:
-        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.num_total_blocks - self.num_free_blocks)
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.num_kv_blocks - self.num_free_blocks)

@@ -1,6 +1,7 @@
 """The engine: requests in, one scheduled model step at a time, ``RequestOutput``s out."""
 
 import time
+from collections.abc import Iterable
 
 import torch
 from transformers import GenerationConfig
@@ -9,29 +10,37 @@ from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
 from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion
-from pagedlm.engine.scheduler import Scheduler
+from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
-from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedlm.engine.stop_checker import StopChecker
+from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.tokenizer import get_tokenizer
-from pagedlm.worker.cache_engine import num_blocks_for
-from pagedlm.worker.model_runner import ModelRunner, SequenceGroupOutput, SequenceSample, TopLogprobs
+from pagedlm.utils import cdiv
+from pagedlm.worker.cache_engine import determine_num_kv_blocks
+from pagedlm.worker.model_runner import ModelRunner
 
 
 class LLMEngine:
+    """Holds every request's state, schedules each step and turns the worker's samples into
+    ``RequestOutput``s (vLLM's ``LLMEngine``). ``LLM`` drives it; so can a caller that wants
+    results step by step: ``add_request`` any time, ``step`` while ``has_unfinished_requests``."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.model)
-        self.eos_token_ids = _eos_token_ids(model_config, self.tokenizer.eos_token_id)
-        self.model_runner = ModelRunner(model_config, cache_config, self.eos_token_ids)
+        self.stop_checker = StopChecker(_eos_token_ids(model_config, self.tokenizer.eos_token_id), model_config.max_model_len)
+        self.model_runner = ModelRunner(model_config, cache_config)
         block_size = cache_config.block_size
-        max_useful = scheduler_config.max_num_seqs * -(-model_config.max_model_len // block_size)
-        num_blocks = num_blocks_for(model_config, cache_config, max_useful)
-        self.model_runner.init_cache(cache_config, num_blocks)
-        self.block_manager = BlockSpaceManager(block_size, num_blocks, enable_prefix_caching=cache_config.enable_prefix_caching)
+        max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
+        num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)
+        self.model_runner.init_cache(num_kv_blocks)
+        self.block_manager = BlockSpaceManager(block_size, num_kv_blocks, enable_prefix_caching=cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 
     @property
@@ -56,8 +65,9 @@ class LLMEngine:
         if params.best_of > self.scheduler_config.max_num_seqs:
             return f"best_of ({params.best_of}) exceeds max_num_seqs ({self.scheduler_config.max_num_seqs})"
         bm = self.block_manager
-        if -(-n // bm.block_size) > bm.num_total_blocks - bm.watermark_blocks:
-            return f"the prompt needs {-(-n // bm.block_size)} KV blocks; the cache has {bm.num_total_blocks}"
+        num_blocks = cdiv(n, bm.block_size)
+        if num_blocks > bm.num_kv_blocks - bm.watermark_blocks:
+            return f"the prompt needs {num_blocks} KV blocks; the cache has {bm.num_kv_blocks}"
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.vocab_size:
@@ -74,6 +84,24 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
     ) -> None:
+        """Queue one request; it runs from the next ``step`` on.
+
+        Args:
+            request_id: names the request in its outputs and in ``abort_request``; unique among
+                unfinished requests.
+            prompt: the prompt text, tokenized with the model's tokenizer when ``prompt_token_ids``
+                is ``None``, and returned in the output.
+            params: how to generate its completions.
+            prompt_token_ids: the prompt as token ids (``prompt`` is then only returned).
+            arrival_time: ``time.monotonic()`` seconds, default now; earlier requests are
+                scheduled first and preempted last.
+
+        Raises:
+            ValueError: ``request_id`` is in use, or the request can never run (``check_request``
+                says why).
+        """
+        if request_id in self.seq_groups:
+            raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
         if prompt_token_ids is None:
             prompt_token_ids = self.tokenizer(prompt).input_ids
         reason = self.check_request(prompt_token_ids, params)
@@ -88,24 +116,37 @@ class LLMEngine:
         )
         if params.use_beam_search:
             max_new = self.model_config.max_model_len - len(prompt_token_ids)
-            seq_group.beam = BeamSearchState(params, len(self.eos_token_ids), min(params.max_tokens or max_new, max_new))
+            seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
         elif params.detokenize:
             self._add_detokenizer(seq_group.seqs[0], seq_group)
+        self.seq_groups[request_id] = seq_group
         self.scheduler.add_seq_group(seq_group)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_seqs()
+        """Whether any added request has not finished (or been aborted) yet."""
+        return bool(self.seq_groups)
 
-    def abort_all(self) -> None:
-        """Drop every unfinished request (e.g. after an interrupted ``generate``)."""
-        for seq_group in self.scheduler.abort_all():
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop one or more unfinished requests and free their KV blocks; they produce no more
+        outputs. Ids of finished or unknown requests are skipped, as in vLLM."""
+        request_ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        for seq_group in self.scheduler.abort_seq_groups(request_ids):
+            del self.seq_groups[seq_group.request_id]
             for seq in seq_group.seqs:
                 self.detokenizers.pop(seq.seq_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. to time a cold start)."""
+        self.block_manager.reset_prefix_cache()
+
+    def reset_peak_kv_blocks_in_use(self) -> None:
+        """Start the ``peak_kv_blocks_in_use`` statistic afresh from the blocks in use now."""
+        self.block_manager.reset_peak_blocks_in_use()
 
     def get_stats(self) -> dict[str, int | float]:
         bm = self.block_manager
         return {
-            "num_kv_blocks": bm.num_total_blocks,
+            "num_kv_blocks": bm.num_kv_blocks,
             "num_free_kv_blocks": bm.num_free_blocks,
             "peak_kv_blocks_in_use": bm.peak_blocks_in_use,
             "block_size": bm.block_size,
@@ -116,94 +157,101 @@ class LLMEngine:
         }
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of the requests that finished in it."""
+        """Run one iteration: schedule, run the model once, sample, append and check stops.
+
+        Returns one ``RequestOutput`` for every request that took part in the step, as it stands
+        after it (``finished`` tells whether it is done; a finished request is not returned
+        again). Raises whatever the model step raised (a logits processor's error, an
+        interrupt); the requests then stay queued, and the prefix cache is reset because the
+        step's blocks may not have been written.
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty():
             return []
-        outputs = self.model_runner.execute_model(
-            sched.scheduled_seq_groups, self.block_manager.block_tables, sched.blocks_to_copy
-        )
-        for scheduled in sched.scheduled_seq_groups:
+        metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
+        try:
+            outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
+        except BaseException:
+            self.block_manager.reset_prefix_cache()
+            raise
+        for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
             for seq, chunk in scheduled.token_chunks.items():
                 seq.num_computed_tokens += chunk
-        for out in outputs:
-            self._process_group_output(out)
-        return [self._request_output(g) for g in self.scheduler.free_finished_seq_groups()]
+            self._process_group_output(scheduled.seq_group, output)
+        request_outputs = [RequestOutput.from_seq_group(s.seq_group) for s in sched.scheduled_seq_groups]
+        for seq_group in self.scheduler.free_finished_seq_groups():
+            del self.seq_groups[seq_group.request_id]
+        return request_outputs
 
-    def _process_group_output(self, out: SequenceGroupOutput) -> None:
-        group = out.seq_group
+    def _seq_group_metadata(self, scheduled: ScheduledSequenceGroup) -> SequenceGroupMetadata:
+        """What the worker needs of one scheduled group: per sequence its chunk and block table,
+        how many tokens its last row samples and with which generators, and which prompt
+        logprobs the chunk produces (those of the group's first scheduled sequence)."""
+        group = scheduled.seq_group
+        params = group.sampling_params
+        fans_out = group.fans_out()
+        span_taken = False
+        seq_data = []
+        for seq, chunk in scheduled.token_chunks.items():
+            start = seq.num_computed_tokens
+            data = SequenceData(
+                seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, start, chunk, self.block_manager.get_block_table(seq)
+            )
+            if start + chunk == seq.num_tokens:
+                data.num_samples = params.best_of if fans_out else 1
+                if group.generators is not None:
+                    data.generators = group.generators if fans_out else [group.generators[seq.index]]
+                data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
+            if not span_taken:
+                data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
+                span_taken = data.prompt_logprob_span is not None
+            seq_data.append(data)
+        return SequenceGroupMetadata(group.request_id, params, seq_data)
+
+    def _process_group_output(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         if out.prompt_logprobs:
-            group.prompt_logprobs += [self._logprob_dict(p.token_id, p.logprob, p.top) for p in out.prompt_logprobs]
+            group.prompt_logprobs += [self._logprob_dict(p.token_id, p.logprob, p.top_logprobs) for p in out.prompt_logprobs]
         if not out.samples:
             return
         if group.beam is not None:
             return self._process_beams(group, out)
-        targets = []
-        for sample in out.samples:  # fork from the parent's state before anything is appended
-            seq = sample.parent
-            if sample.child_index != seq.index:
-                seq = seq.fork(sample.child_index)
-                self.block_manager.fork(sample.parent, seq)
-                group.seqs.append(seq)
-                if group.sampling_params.detokenize:
-                    self._add_detokenizer(seq, group)
-            targets.append(seq)
+        # A parent's first sample extends it; its k-th further one (the fan-out of a group's first
+        # tokens) starts completion k, forked from the parent before anything is appended.
+        targets, k = [], 0
+        for prev, sample in zip([None, *out.samples], out.samples):
+            parent = group.get_seq(sample.parent_seq_id)
+            k = k + 1 if prev is not None and prev.parent_seq_id == sample.parent_seq_id else 0
+            targets.append(parent if k == 0 else self._fork(group, parent, index=k))
         for seq, sample in zip(targets, out.samples):
             self._append(seq, group, sample)
 
-    def _append(self, seq: Sequence, group: SequenceGroup, sample: SequenceSample) -> None:
+    def _fork(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        child = parent.fork(index)
+        self.block_manager.fork(parent, child)
+        group.seqs.append(child)
+        if group.sampling_params.detokenize:
+            self._add_detokenizer(child, group)
+        return child
+
+    def _append(self, seq: Sequence, group: SequenceGroup, sample: SequenceOutput) -> None:
         params = group.sampling_params
         seq.append_token(sample.token_id, sample.logprob)
         if params.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(sample.token_id, sample.logprob, sample.top))
+            seq.logprobs.append(self._logprob_dict(sample.token_id, sample.logprob, sample.top_logprobs))
         new_text = ""
         if params.detokenize:
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
-        status = self._check_stop(seq, params, len(new_text))
+        status = self.stop_checker.check(seq, params, len(new_text))
         if status is not None:
             self._finish(seq, status)
 
-    def _check_stop(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> SequenceStatus | None:
-        token_id = seq.output_token_ids[-1]
-        num_out = len(seq.output_token_ids)
-        if num_out >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return SequenceStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                seq.stop_reason = token_id
-                return SequenceStatus.FINISHED_STOPPED
-            if params.stop and num_new_chars and self._cut_at_stop_string(seq, params, num_new_chars):
-                return SequenceStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and num_out >= params.max_tokens:
-            return SequenceStatus.FINISHED_LENGTH_CAPPED
-        if seq.num_tokens >= self.model_config.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH_CAPPED
-        return None
-
-    @staticmethod
-    def _cut_at_stop_string(seq: Sequence, params: SamplingParams, num_new_chars: int) -> bool:
-        """Find the earliest stop string that the new text completes; cut the text there."""
-        text = seq.output_text
-        hits = []
-        for stop in params.stop:
-            # A match must end inside the new text, so start looking len(stop) - 1 chars before it.
-            index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
-            if index >= 0:
-                hits.append((index, stop))
-        if not hits:
-            return False
-        index, stop = min(hits)
-        seq.output_text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
-        seq.stop_reason = stop
-        return True
-
     def _process_beams(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         params = group.sampling_params
-        beams = [s.parent for s in out.samples]
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
         candidates = group.beam.step(
-            [b.output_token_ids for b in beams], [b.cumulative_logprob for b in beams], out.beam_logprobs, stop_ids
+            [b.output_token_ids for b in beams], [b.cumulative_logprob for b in beams], out.beam_logprobs,
+            self.stop_checker.stop_token_ids(params),
         )
         used = [False] * len(beams)
         next_beams = []
@@ -220,7 +268,27 @@ class LLMEngine:
         for beam, c in next_beams:
             beam.output_token_ids.append(c.token_id)
             beam.cumulative_logprob = c.cumulative_logprob
-        group.seqs = [beam for beam, _ in next_beams]
+            if params.detokenize:
+                beam.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
+        group.seqs = [beam for beam, _ in next_beams] if not group.beam.done else self._beam_results(group)
+
+    def _beam_results(self, group: SequenceGroup) -> list[Sequence]:
+        """The best ``n`` finished hypotheses of a done beam search, as finished sequences."""
+        params = group.sampling_params
+        results = []
+        for i, hypothesis in enumerate(group.beam.finished[: params.n]):
+            seq = Sequence(i, group.prompt_token_ids, self.cache_config.block_size)
+            seq.output_token_ids = hypothesis.token_ids
+            seq.cumulative_logprob = hypothesis.cumulative_logprob
+            if hypothesis.stopped:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                seq.stop_reason = self.stop_checker.stop_reason(params, hypothesis.token_ids[-1])
+            else:
+                seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+            if params.detokenize:
+                seq.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, hypothesis.token_ids, params)
+            results.append(seq)
+        return results
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
@@ -240,40 +308,6 @@ class LLMEngine:
         for t, entry in entries.items():
             entry.decoded_token = self.tokenizer.decode([t])
         return entries
-
-    def _request_output(self, group: SequenceGroup) -> RequestOutput:
-        params = group.sampling_params
-        if group.beam is not None:
-            outputs = [
-                CompletionOutput(
-                    index=i,
-                    text=decode_completion(self.tokenizer, group.prompt_token_ids, h.token_ids, params)
-                    if params.detokenize else "",
-                    token_ids=h.token_ids,
-                    cumulative_logprob=h.cumulative_logprob,
-                    finish_reason="stop" if h.token_ids[-1] in self.eos_token_ids | set(params.stop_token_ids) else "length",
-                )
-                for i, h in enumerate(group.beam.finished[: params.n])
-            ]
-        else:
-            seqs = sorted(group.seqs, key=lambda s: s.index)
-            if params.best_of > params.n:
-                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
-            outputs = [
-                CompletionOutput(
-                    index=seq.index,
-                    text=seq.output_text,
-                    token_ids=seq.output_token_ids,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=seq.logprobs if params.logprobs is not None else None,
-                    finish_reason=seq.status.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-                for seq in seqs
-            ]
-        return RequestOutput(
-            group.request_id, group.prompt, group.prompt_token_ids, group.prompt_logprobs, outputs, group.is_finished()
-        )
 
 
 def _eos_token_ids(model_config: ModelConfig, tokenizer_eos: int | None) -> set[int]:

@@ -54,7 +54,8 @@ class Scheduler:
         running, self.running = self.running, deque()
         while running:
             seq_group = running.popleft()
-            chunks = self._chunks(seq_group, SequenceStatus.RUNNING, out)
+            seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
+            chunks = self._chunks(seq_group, {seq: seq.num_uncomputed_tokens for seq in seqs}, out)
             if not chunks:
                 self.running.append(seq_group)
                 continue
@@ -69,45 +70,41 @@ class Scheduler:
                     copy = self.block_manager.append_slots(seq)
                     if copy is not None:
                         out.blocks_to_copy.append(copy)
-                    self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
+                    self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + chunk)
                 self._add(out, seq_group, chunks)
                 self.running.append(seq_group)
 
+        block_size = self.block_manager.block_size
         while self.waiting and not out.num_preempted:
             seq_group = self.waiting[0]
             # Prompt logprobs need the logits of every prompt position: no prefix-cache hits.
-            use_cache = seq_group.prompt_logprobs is None
-            for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-                cached = self.block_manager.computed_blocks(seq) if use_cache else []
-                seq.num_computed_tokens = len(cached) * self.block_manager.block_size
-            chunks = self._chunks(seq_group, SequenceStatus.WAITING, out)
-            if not chunks:
-                break
-            status = self.block_manager.can_allocate(seq_group, use_cache)
+            status, computed = self.block_manager.can_allocate(seq_group, use_prefix_cache=seq_group.prompt_logprobs is None)
             if status != AllocStatus.OK:
                 assert status == AllocStatus.LATER, "add_request admits only requests that fit"
                 break
+            seqs = seq_group.get_seqs(SequenceStatus.WAITING)
+            chunks = self._chunks(seq_group, {seq: seq.num_tokens - len(computed[seq.seq_id]) * block_size for seq in seqs}, out)
+            if not chunks:
+                break
             self.waiting.popleft()
-            self.block_manager.allocate(seq_group, use_cache)
-            for seq in seq_group.get_seqs(SequenceStatus.WAITING):
+            self.block_manager.allocate(seq_group, computed)
+            for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             for seq, chunk in chunks.items():
-                self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
+                self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + chunk)
             self._add(out, seq_group, chunks)
             self.running.append(seq_group)
         return out
 
-    def _chunks(self, seq_group: SequenceGroup, status: SequenceStatus, out: SchedulerOutputs) -> dict[Sequence, int]:
-        """Tokens each sequence computes this step within the remaining budgets; empty when none
-        fits. Beams advance in lockstep: beams being recomputed fill in all but their last token,
-        and then every beam computes its last token in the same step, where the group samples."""
-        seqs = seq_group.get_seqs(status)
-        lockstep = seq_group.sampling_params.use_beam_search and len(seqs) > 1
-        catching_up = lockstep and any(seq.num_uncomputed_tokens > 1 for seq in seqs)
+    def _chunks(self, seq_group: SequenceGroup, wanted: dict[Sequence, int], out: SchedulerOutputs) -> dict[Sequence, int]:
+        """Tokens each sequence computes this step, out of the ``wanted`` uncomputed ones, within
+        the remaining budgets; empty when none fits. Beams advance in lockstep: beams being
+        recomputed fill in all but their last token, and then every beam computes its last token
+        in the same step, where the group samples."""
+        lockstep = seq_group.sampling_params.use_beam_search and len(wanted) > 1
+        catching_up = lockstep and any(n > 1 for n in wanted.values())
         if catching_up:
-            wanted = {seq: seq.num_uncomputed_tokens - 1 for seq in seqs if seq.num_uncomputed_tokens > 1}
-        else:
-            wanted = {seq: seq.num_uncomputed_tokens for seq in seqs}
+            wanted = {seq: n - 1 for seq, n in wanted.items() if n > 1}
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
         chunks = {}
         for seq, num_tokens in wanted.items():
@@ -116,7 +113,7 @@ class Scheduler:
                 break
             chunks[seq] = chunk
             budget -= chunk
-        if lockstep and not catching_up and len(chunks) < len(seqs):
+        if lockstep and not catching_up and len(chunks) < len(wanted):
             return {}
         if out.num_seqs + len(chunks) > self.config.max_num_seqs:
             return {}
@@ -128,18 +125,19 @@ class Scheduler:
             self.running = deque(g for g in self.running if not g.is_finished())
         return finished
 
-    def abort_all(self) -> list[SequenceGroup]:
-        """Drop every unfinished group, freeing its blocks; return the dropped groups."""
-        dropped = [*self.running, *self.waiting]
-        for seq_group in dropped:
+    def abort_seq_groups(self, request_ids: set[str]) -> list[SequenceGroup]:
+        """Drop the unfinished groups of ``request_ids``, freeing their blocks; return them."""
+        aborted = [g for g in (*self.running, *self.waiting) if g.request_id in request_ids]
+        if not aborted:
+            return []
+        self.running = deque(g for g in self.running if g.request_id not in request_ids)
+        self.waiting = deque(g for g in self.waiting if g.request_id not in request_ids)
+        for seq_group in aborted:
             for seq in seq_group.seqs:
                 self.block_manager.free(seq)
-        if dropped:
-            # An interrupted step may have keyed blocks it never wrote.
-            self.block_manager.allocator.reset_cache()
-        self.running.clear()
-        self.waiting.clear()
-        return dropped
+                if not seq.status.finished:
+                    seq.status = SequenceStatus.FINISHED_ABORTED
+        return aborted
 
     def _add(self, out: SchedulerOutputs, seq_group: SequenceGroup, chunks: dict[Sequence, int]) -> None:
         out.scheduled_seq_groups.append(ScheduledSequenceGroup(seq_group, chunks))

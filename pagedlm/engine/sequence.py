@@ -7,6 +7,8 @@ import torch
 
 from pagedlm.outputs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.step import token_range
+from pagedlm.utils import cdiv
 
 # A full KV block's prefix-cache key: (hash of the parent block's key, the block's token ids).
 BlockKey = tuple[int | None, tuple[int, ...]]
@@ -64,17 +66,13 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def num_blocks(self) -> int:
-        return (self.num_tokens + self.block_size - 1) // self.block_size
+    def num_logical_blocks(self) -> int:
+        """Blocks its tokens occupy."""
+        return cdiv(self.num_tokens, self.block_size)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids at positions ``start:end`` of prompt + output, without copying the rest."""
-        num_prompt = len(self.prompt_token_ids)
-        if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+        return token_range(self.prompt_token_ids, self.output_token_ids, start, end)
 
     def block_key(self, i: int) -> BlockKey:
         """The prefix-cache key of full block ``i``; each key is computed once, from its parent's."""
@@ -139,9 +137,23 @@ class SequenceGroup:
     def num_unfinished_seqs(self) -> int:
         return sum(not s.status.finished for s in self.seqs)
 
-    def samples_first_tokens(self) -> bool:
-        """True while the group is one sequence that has not sampled yet and must fork."""
-        return len(self.seqs) == 1 and not self.seqs[0].output_token_ids and self.sampling_params.best_of > 1
+    def get_seq(self, seq_id: int) -> Sequence:
+        return next(s for s in self.seqs if s.seq_id == seq_id)
+
+    def fans_out(self) -> bool:
+        """True while the group is one sequence that has not sampled yet and samples the first
+        tokens of all ``best_of`` completions from its prompt (beam search grows its beams itself)."""
+        params = self.sampling_params
+        return len(self.seqs) == 1 and not self.seqs[0].output_token_ids and params.best_of > 1 and not params.use_beam_search
+
+    def prompt_logprob_span(self, start: int, end: int) -> tuple[int, int] | None:
+        """Prompt positions ``[first, last)`` of a chunk ``[start, end)`` whose next-token
+        log-probabilities are still missing (a recompute after preemption does not produce them
+        twice), or ``None``."""
+        if self.prompt_logprobs is None:
+            return None
+        first, last = len(self.prompt_logprobs) - 1, min(end, len(self.prompt_token_ids) - 1)
+        return (first, last) if start <= first < last else None
 
     def is_finished(self) -> bool:
         return all(s.status.finished for s in self.seqs)

@@ -1,6 +1,6 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import count
 
 import torch
@@ -28,8 +28,8 @@ class LLM:
         max_model_len: longest prompt + completion; defaults to the model's context length.
         block_size: tokens per KV block (8, 16 or 32).
         num_kv_blocks / kv_cache_memory: size the KV cache by blocks or bytes; by default it takes
-            90% of free GPU memory on CUDA and 20% of available RAM on CPU (capped at what
-            ``max_num_seqs`` sequences of ``max_model_len`` tokens could use).
+            the free GPU memory less 10% of the GPU's total on CUDA, and 20% of available RAM on
+            CPU (capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens could use).
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: most tokens (prefill + decode) in one step.
         enable_chunked_prefill: split prompts longer than the step's token budget over steps.
@@ -93,14 +93,16 @@ class LLM:
             lines = "\n".join(f"  prompt {i}: {why}" for i, why in sorted(errors.items()))
             raise ValueError(f"{len(errors)} of {len(prompts)} prompts are invalid; nothing was run:\n{lines}")
 
-        request_ids = []
-        for text, ids, params in zip(texts, token_ids, sampling_params):
-            request_ids.append(str(next(self._request_counter)))
-            self.llm_engine.add_request(request_ids[-1], text, params, ids)
+        request_ids = [str(next(self._request_counter)) for _ in prompts]
+        outputs: dict[str, RequestOutput] = {}
         try:
-            outputs = self._run_engine(len(prompts), use_tqdm)
+            for request_id, text, ids, params in zip(request_ids, texts, token_ids, sampling_params):
+                self.llm_engine.add_request(request_id, text, params, ids)
+            for output in self._run_engine(len(prompts), use_tqdm):
+                outputs[output.request_id] = output
         finally:
-            self.llm_engine.abort_all()
+            # An interrupted call leaves nothing queued for the next one.
+            self.llm_engine.abort_request(rid for rid in request_ids if rid not in outputs)
         return [outputs[rid] for rid in request_ids]
 
     def _tokenize(self, prompts: Sequence[PromptType]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
@@ -130,22 +132,25 @@ class LLM:
                 token_ids[i] = ids
         return texts, token_ids, errors
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix; later requests compute their prompts afresh."""
+        self.llm_engine.reset_prefix_cache()
+
     def get_stats(self) -> dict[str, int | float]:
         """KV-cache use: total and free blocks, the peak in use during the last ``generate``, the
         block size, the number of preemptions and the prefix-cache hit rate (tokens served from
         the cache / tokens of admitted sequences) so far."""
         return self.llm_engine.get_stats()
 
-    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
-        outputs: dict[str, RequestOutput] = {}
+    def _run_engine(self, num_requests: int, use_tqdm: bool) -> Iterator[RequestOutput]:
+        """Step the engine until no request is left, yielding each request's output as it finishes."""
         engine = self.llm_engine
-        engine.block_manager.reset_peak()
+        engine.reset_peak_kv_blocks_in_use()
         num_in = num_out = 0
         with tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():
-                finished = engine.step()
+                finished = [out for out in engine.step() if out.finished]
                 for out in finished:
-                    outputs[out.request_id] = out
                     num_in += len(out.prompt_token_ids)
                     num_out += sum(len(c.token_ids) for c in out.outputs)
                 if finished and use_tqdm:
@@ -155,4 +160,4 @@ class LLM:
                         refresh=False,
                     )
                     bar.update(len(finished))
-        return outputs
+                yield from finished

@@ -22,7 +22,7 @@ def get_model(model_config: ModelConfig) -> nn.Module:
         model.lm_head.weight = model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.build_cache(model_config.device, model_config.dtype)
+            module.build_cos_sin_cache(model_config.device, model_config.dtype)
     load_weights(model, model_config.model)
     for module in model.modules():
         if isinstance(module, Linear):
@@ -40,7 +40,7 @@ def _checkpoint_files(model_dir: str) -> list[str]:
 def load_weights(model: nn.Module, model_dir: str) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    packed = getattr(model, "packed_modules", {})
+    packed = getattr(model, "packed_modules_mapping", {})
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():

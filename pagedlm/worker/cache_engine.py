@@ -16,29 +16,31 @@ def block_bytes(model_config: ModelConfig, block_size: int) -> int:
     return per_token * block_size * model_config.dtype.itemsize
 
 
-def num_blocks_for(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int) -> int:
+def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int) -> int:
+    """``num_kv_blocks`` if set, else as many blocks as ``kv_cache_memory`` (default: see
+    ``available_memory``) holds, at most ``max_useful_blocks``."""
     if cache_config.num_kv_blocks is not None:
         return cache_config.num_kv_blocks
     memory = cache_config.kv_cache_memory or available_memory(model_config.device)
-    num_blocks = min(memory // block_bytes(model_config, cache_config.block_size), max_useful_blocks)
-    if num_blocks < 1:
+    num_kv_blocks = min(memory // block_bytes(model_config, cache_config.block_size), max_useful_blocks)
+    if num_kv_blocks < 1:
         raise ValueError(f"kv_cache_memory of {memory} bytes holds no KV block; it needs at least "
                          f"{block_bytes(model_config, cache_config.block_size)} bytes.")
-    return int(num_blocks)
+    return int(num_kv_blocks)
 
 
 class CacheEngine:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_blocks: int) -> None:
-        shape = (num_blocks, model_config.num_kv_heads, cache_config.block_size, model_config.head_size)
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, num_kv_blocks: int) -> None:
+        shape = (num_kv_blocks, model_config.num_kv_heads, cache_config.block_size, model_config.head_size)
         kw = dict(dtype=model_config.dtype, device=model_config.device)
-        self.num_blocks = num_blocks
+        self.num_kv_blocks = num_kv_blocks
         self.key_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
         self.value_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
         self.kv_caches = list(zip(self.key_caches, self.value_caches))
         logger.info(
             "KV cache: %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d)",
-            num_blocks, num_blocks * cache_config.block_size,
-            num_blocks * block_bytes(model_config, cache_config.block_size) / 2**30, cache_config.block_size,
+            num_kv_blocks, num_kv_blocks * cache_config.block_size,
+            num_kv_blocks * block_bytes(model_config, cache_config.block_size) / 2**30, cache_config.block_size,
         )
 
     def copy(self, blocks_to_copy: list[tuple[int, int]]) -> None:

@@ -1,14 +1,14 @@
-"""Linear layers whose weights are repacked once, after loading, for the CPU GEMM."""
+"""Linear layers whose weights are reordered once, after loading, into the CPU GEMM's blocked layout."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
-_PACK_ROWS_HINT = 64
+_REORDER_ROWS_HINT = 64
 
 
-def _onednn_packs(weight: torch.Tensor) -> bool:
+def _onednn_reorders(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
@@ -21,19 +21,19 @@ class Linear(nn.Linear):
 
     ``F.linear`` hands oneDNN (bf16) or MKL (fp32) a row-major ``[out, in]`` weight, which is
     reordered into the kernel's layout on every call; for decode-sized inputs that reorder costs as
-    much as the product. ``process_weights_after_loading`` packs the weight once instead (a tied
-    weight is packed as a copy, so the embedding keeps the original).
+    much as the product. ``process_weights_after_loading`` reorders the weight once instead (a tied
+    weight is reordered as a copy, so the embedding keeps the original).
     """
 
-    packed = False
+    blocked_layout = False
 
     def process_weights_after_loading(self) -> None:
-        if _onednn_packs(self.weight):
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_ROWS_HINT)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            self.packed = True
+        if _onednn_reorders(self.weight):
+            blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
+            self.weight = nn.Parameter(blocked, requires_grad=False)
+            self.blocked_layout = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.blocked_layout:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

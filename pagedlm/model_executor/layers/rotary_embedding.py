@@ -45,9 +45,9 @@ class RotaryEmbedding(nn.Module):
         self.head_size = head_size
         self.max_position = max_position
         self.theta, self.scaling = rope_parameters(config)
-        self.build_cache()
+        self.build_cos_sin_cache()
 
-    def build_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def build_cos_sin_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         """(Re)compute the ``[max_position, head_size]`` cos|sin table (see ``ops.rotary_embedding``),
         e.g. after the model was built on the meta device. Computed in float32 and cast to the
         model dtype, as Hugging Face casts its cos and sin."""

@@ -7,6 +7,7 @@ what else is in the batch. Reported log-probabilities are the model's raw ones (
 logits), as Hugging Face's are.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
-    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) min_tokens still forbids
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that may not be sampled yet
     beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
     temperatures: torch.Tensor  # [R] float32, 0.0 on greedy rows
     top_ps: torch.Tensor
@@ -40,8 +41,8 @@ class SamplingMetadata:
         params: list[SamplingParams],
         prompt_token_ids: list[list[int]],
         output_token_ids: list[list[int]],
+        banned_token_ids: list[Sequence[int]],
         generators: dict[int, torch.Generator],
-        eos_token_ids: list[int],
         beam_rows: list[int],
         vocab_size: int,
         device: torch.device,
@@ -50,11 +51,9 @@ class SamplingMetadata:
             return torch.tensor(data, dtype=dtype, device=device)
 
         banned_rows, banned_ids = [], []
-        for row, (p, out) in enumerate(zip(params, output_token_ids)):
-            if len(out) < p.min_tokens:
-                banned = p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
-                banned_rows += [row] * len(banned)
-                banned_ids += banned
+        for row, banned in enumerate(banned_token_ids):
+            banned_rows += [row] * len(banned)
+            banned_ids += banned
         needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params)
         num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return cls(

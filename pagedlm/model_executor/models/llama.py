@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedlm.config import get_head_size, get_num_kv_heads
 from pagedlm.model_executor.layers.activation import SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
 from pagedlm.model_executor.layers.layernorm import RMSNorm
@@ -19,8 +20,8 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_kv_heads = get_num_kv_heads(config)
+        self.head_size = get_head_size(config)
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
@@ -79,7 +80,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # Checkpoint names that load into a shard of a packed parameter: name -> (packed name, shard).
-    packed_modules = {
+    packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -90,8 +91,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, max_position: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.config = config
-        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary_emb = RotaryEmbedding(head_size, max_position, config)
+        rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

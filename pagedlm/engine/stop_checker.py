@@ -1,0 +1,66 @@
+"""When a sequence stops (vLLM's ``StopChecker``): the one place that knows which tokens end it.
+
+A sequence stops on an EOS id (from ``generation_config.json`` and the tokenizer) unless
+``ignore_eos``, on one of ``stop_token_ids``, or when its new text completes a stop string; none
+of these before ``min_tokens`` tokens. It is cut at ``max_tokens`` and at ``max_model_len``.
+"""
+
+from collections.abc import Collection
+
+from pagedlm.engine.sequence import Sequence, SequenceStatus
+from pagedlm.sampling_params import SamplingParams
+
+
+class StopChecker:
+    def __init__(self, eos_token_ids: Collection[int], max_model_len: int) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """Every token id that ends a sequence under ``params``."""
+        ids = frozenset(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.eos_token_ids
+
+    def banned_token_ids(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
+        """The stop token ids sampling must avoid while fewer than ``min_tokens`` are generated."""
+        if num_output_tokens >= params.min_tokens:
+            return ()
+        return tuple(sorted(self.stop_token_ids(params)))
+
+    def stop_reason(self, params: SamplingParams, token_id: int) -> int | None:
+        """vLLM's ``stop_reason`` for a sequence ended by ``token_id``: ``None`` for EOS, else the id."""
+        return None if token_id in self.eos_token_ids and not params.ignore_eos else token_id
+
+    def check(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> SequenceStatus | None:
+        """The status ``seq`` ends with after its newest token (whose text added ``num_new_chars``
+        characters), or ``None``; sets ``seq.stop_reason`` and cuts its text at a stop string."""
+        token_id = seq.output_token_ids[-1]
+        num_out = len(seq.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token_id in self.stop_token_ids(params):
+                seq.stop_reason = self.stop_reason(params, token_id)
+                return SequenceStatus.FINISHED_STOPPED
+            if params.stop and num_new_chars and _cut_at_stop_string(seq, params, num_new_chars):
+                return SequenceStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH_CAPPED
+        if seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+
+def _cut_at_stop_string(seq: Sequence, params: SamplingParams, num_new_chars: int) -> bool:
+    """Find the earliest stop string that the new text completes; cut the text there."""
+    text = seq.output_text
+    hits = []
+    for stop in params.stop:
+        # A match must end inside the new text, so start looking len(stop) - 1 chars before it.
+        index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
+        if index >= 0:
+            hits.append((index, stop))
+    if not hits:
+        return False
+    index, stop = min(hits)
+    seq.output_text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
+    seq.stop_reason = stop
+    return True
