@@ -179,6 +179,50 @@ def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
     assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
 
 
+def test_step_reports_every_scheduled_request_until_it_finishes_and_abort_frees_it(llm):
+    engine = llm.llm_engine
+    greedy = dict(temperature=0, ignore_eos=True)
+    engine.add_request("a", None, SamplingParams(max_tokens=4, **greedy), [BOS, 5, 6])
+    engine.add_request("b", None, SamplingParams(max_tokens=200, **greedy), [BOS, 7, 8])
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request("a", None, SamplingParams(max_tokens=4, **greedy), [BOS, 5, 6])
+    outs = engine.step()
+    assert [(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in outs] == [("a", False, 1), ("b", False, 1)]
+    snapshot = outs[0].outputs[0]
+    finished = {}
+    while "a" not in finished:
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert len(snapshot.token_ids) == 1 and snapshot.finish_reason is None  # a snapshot, not a live view
+    done = finished["a"].outputs[0]
+    assert done.finish_reason == "length" and done.text == llm.get_tokenizer().decode(done.token_ids)
+    assert [o.request_id for o in engine.step()] == ["b"]  # a finished request is not reported again
+    engine.abort_request("b")
+    engine.abort_request(["b", "never-added"])
+    assert not engine.has_unfinished_requests() and engine.step() == []
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
+    alone = llm.generate({"prompt_token_ids": [BOS, 5, 6]}, SamplingParams(max_tokens=4, **greedy), use_tqdm=False)[0]
+    assert alone.outputs[0].token_ids == done.token_ids
+
+
+def test_failure_while_adding_requests_leaves_nothing_queued(llm, monkeypatch):
+    engine = llm.llm_engine
+    real_add = engine.add_request
+    added = []
+
+    def add_then_fail(request_id, *args, **kwargs):
+        if added:
+            raise RuntimeError("tokenizer died")
+        added.append(request_id)
+        return real_add(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", add_then_fail)
+    with pytest.raises(RuntimeError, match="tokenizer died"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=3), use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
+
+
 def test_unsupported_architecture_is_a_clear_error(llama_dir, tmp_path):
     import json
     import shutil

@@ -277,3 +277,23 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
     if length_penalty <= 1.0:  # (a large penalty favours the beams that run to max_tokens)
         assert finished_early > 0
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+@pytest.mark.parametrize("ignore_eos,stop_token_ids,finish_reason,stop_reason", [
+    (False, [], "stop", None),
+    (True, [], "length", None),  # EOS does not stop a sequence under ignore_eos, so beams ending on it ran out of length
+    (True, [EOS], "stop", EOS),
+])
+def test_beam_finish_reason_follows_the_stop_rule(llm, ignore_eos, stop_token_ids, finish_reason, stop_reason):
+    def eos_at_fourth_token(output_token_ids, logits):
+        if len(output_token_ids) == 3:
+            logits = torch.full_like(logits, float("-inf"))
+            logits[EOS] = 0.0
+        return logits
+
+    params = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, ignore_eos=ignore_eos,
+                            stop_token_ids=stop_token_ids, logits_processors=[eos_at_fourth_token])
+    out = llm.generate(_ids([[BOS, 9, 10, 11]]), params, use_tqdm=False)[0]
+    eos_endings = [c for c in out.outputs if c.token_ids[-1] == EOS and len(c.token_ids) == 4]
+    assert eos_endings
+    assert all(c.finish_reason == finish_reason and c.stop_reason == stop_reason for c in eos_endings)
