@@ -31,7 +31,7 @@ def _run(model: str, dtype: str, prompts: list[list[int]], output_len: int, cach
     start = time.perf_counter()
     llm.generate(inputs, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
     prefill = time.perf_counter() - start
-    llm.llm_engine.block_manager.allocator.reset_cache()
+    llm.reset_prefix_cache()
     start = time.perf_counter()
     outs = llm.generate(inputs, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - start

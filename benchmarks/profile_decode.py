@@ -12,8 +12,9 @@ wall time, the self time of the ops directly inside it, and the rest (Python, di
     python benchmarks/profile_decode.py --dtype float32
     py-spy record -o decode.svg -- python benchmarks/profile_decode.py --no-profiler   # Python view
 
-Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``ModelRunner._prepare_inputs``,
-``model.forward``, ``model.compute_logits``, ``sampler.forward``); one that is missing is skipped.
+Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``LLMEngine._seq_group_metadata``,
+``prepare_model_input`` in ``pagedlm.worker.model_runner``, ``model.forward``, ``model.compute_logits``,
+``sampler.forward``); one that is missing is skipped.
 """
 
 import argparse
@@ -30,6 +31,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 
 from pagedlm import LLM, SamplingParams, default_model_path
+from pagedlm.worker import model_runner as model_runner_module
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"
 STEP = "engine step"
@@ -77,7 +79,9 @@ def instrument(llm: LLM) -> tuple[list[str], set[str]]:
             modules.add(type(module).__name__)
     phases = [
         (engine.scheduler, "schedule", "schedule"),
-        (runner, "_prepare_inputs", "prepare inputs"),
+        (engine, "_seq_group_metadata", "step metadata"),
+        (model_runner_module, "prepare_model_input", "prepare inputs"),
+        (runner, "_prepare_inputs", "prepare inputs"),  # before the engine/worker seam (issue 12)
         (runner.model, "forward", FORWARD),
         (runner.model, "compute_logits", LM_HEAD),
         (runner.sampler, "forward", "sampler"),
