@@ -218,9 +218,9 @@ class LLMEngine:
         # A parent's first sample extends it; its k-th further one (the fan-out of a group's first
         # tokens) starts completion k, forked from the parent before anything is appended.
         targets, k = [], 0
-        for prev, sample in zip([None, *out.samples], out.samples):
+        for j, sample in enumerate(out.samples):
             parent = group.get_seq(sample.parent_seq_id)
-            k = k + 1 if prev is not None and prev.parent_seq_id == sample.parent_seq_id else 0
+            k = k + 1 if j and out.samples[j - 1].parent_seq_id == sample.parent_seq_id else 0
             targets.append(parent if k == 0 else self._fork(group, parent, index=k))
         for seq, sample in zip(targets, out.samples):
             self._append(seq, group, sample)

@@ -138,7 +138,10 @@ class SequenceGroup:
         return sum(not s.status.finished for s in self.seqs)
 
     def get_seq(self, seq_id: int) -> Sequence:
-        return next(s for s in self.seqs if s.seq_id == seq_id)
+        for seq in self.seqs:
+            if seq.seq_id == seq_id:
+                return seq
+        raise KeyError(f"sequence {seq_id} is not in request {self.request_id!r}")
 
     def fans_out(self) -> bool:
         """True while the group is one sequence that has not sampled yet and samples the first

@@ -16,10 +16,13 @@ class StopChecker:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
 
+    def is_stop_token(self, params: SamplingParams, token_id: int) -> bool:
+        """The rule: every id of ``stop_token_ids``, and the EOS ids unless ``ignore_eos``."""
+        return token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos)
+
     def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
         """Every token id that ends a sequence under ``params``."""
-        ids = frozenset(params.stop_token_ids)
-        return ids if params.ignore_eos else ids | self.eos_token_ids
+        return frozenset(t for t in (*params.stop_token_ids, *self.eos_token_ids) if self.is_stop_token(params, t))
 
     def banned_token_ids(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
         """The stop token ids sampling must avoid while fewer than ``min_tokens`` are generated."""
@@ -37,7 +40,7 @@ class StopChecker:
         token_id = seq.output_token_ids[-1]
         num_out = len(seq.output_token_ids)
         if num_out >= params.min_tokens:
-            if token_id in self.stop_token_ids(params):
+            if self.is_stop_token(params, token_id):
                 seq.stop_reason = self.stop_reason(params, token_id)
                 return SequenceStatus.FINISHED_STOPPED
             if params.stop and num_new_chars and _cut_at_stop_string(seq, params, num_new_chars):
