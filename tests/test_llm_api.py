@@ -61,7 +61,7 @@ def test_bad_inputs_raise_one_error_listing_each(llm):
     engine = llm.llm_engine
     prompts = [
         "fine",
-        "",
+        {"prompt_token_ids": []},
         {"prompt_token_ids": [1, 999999]},
         {"prompt_token_ids": list(range(3, 250))},
         {"bogus": 1},
@@ -79,6 +79,90 @@ def test_bad_inputs_raise_one_error_listing_each(llm):
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="sampling_params has 2 entries for 1 prompts"):
         llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def _pagedlm_log(caplog):
+    """Capture the pagedlm logger (it does not propagate to the root logger)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def capture():
+        logger = logging.getLogger("pagedlm")
+        level = logger.level
+        logger.addHandler(caplog.handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield caplog
+        finally:
+            logger.removeHandler(caplog.handler)
+            logger.setLevel(level)
+
+    return capture()
+
+
+def test_a_text_that_starts_with_bos_gets_one_bos_and_a_warning(llm, caplog):
+    tok = llm.get_tokenizer()
+    expected = tok("The capital of France is").input_ids
+    assert expected[0] == BOS and expected[1] != BOS
+    params = SamplingParams(temperature=0, max_tokens=4)
+    with _pagedlm_log(caplog):
+        out = llm.generate([tok.bos_token + "The capital of France is"] * 2, params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in out] == [expected, expected]
+    assert caplog.text.count("already started with the BOS token") == 1 and "2 prompt(s)" in caplog.text
+    assert out[0].outputs[0].token_ids == llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.llm_engine
+    engine.add_request("bos", tok.bos_token + "The capital of France is", params)
+    finished = [o for o in engine.step() if o.request_id == "bos"]
+    assert finished[0].prompt_token_ids == expected
+    engine.abort_request("bos")
+
+
+def test_an_empty_text_is_the_prompt_the_tokenizer_makes_of_it(llm):
+    assert llm.get_tokenizer()("").input_ids == [BOS]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    out = llm.generate("", params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == [BOS]
+    assert out.outputs[0].token_ids == llm.generate({"prompt_token_ids": [BOS]}, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_stop_token_text_is_left_out_unless_include_stop_str_in_output(llm):
+    tok = llm.get_tokenizer()
+    prompt = tok("Hello").input_ids
+    tokens = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    stop = next(t for t in tokens[3:] if tok.decode([t]).strip())  # a token with visible text
+    cut = tokens.index(stop)
+
+    def text_of(ids):
+        return tok.decode(prompt + ids, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop],
+                                include_stop_str_in_output=include)
+        comp = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+        assert comp.token_ids == tokens[: cut + 1] and comp.finish_reason == "stop" and comp.stop_reason == stop
+        assert comp.text == text_of(tokens[: cut + 1] if include else tokens[:cut])
+    # n > 1 completions take the same path.
+    params = SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=20, ignore_eos=True, stop_token_ids=[stop])
+    for comp in llm.generate("Hello", params, use_tqdm=False)[0].outputs:
+        shown = comp.token_ids[:-1] if comp.finish_reason == "stop" else comp.token_ids
+        assert comp.text == text_of(shown)
+
+
+def test_eos_text_is_left_out_with_skip_special_tokens_false(llm):
+    def eos_as_third_token(output_token_ids, logits):
+        if len(output_token_ids) == 2:
+            logits = torch.full_like(logits, float("-inf"))
+            logits[EOS] = 0.0
+        return logits
+
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=10, skip_special_tokens=False, include_stop_str_in_output=include,
+                                logits_processors=[eos_as_third_token])
+        comp = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+        assert len(comp.token_ids) == 3 and comp.token_ids[-1] == EOS
+        assert comp.finish_reason == "stop" and comp.stop_reason is None
+        assert comp.text.endswith("</s>") == include
 
 
 def test_prompt_that_never_fits_the_cache_is_rejected(llama_dir):

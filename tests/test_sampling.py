@@ -292,8 +292,11 @@ def test_beam_finish_reason_follows_the_stop_rule(llm, ignore_eos, stop_token_id
         return logits
 
     params = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, ignore_eos=ignore_eos,
-                            stop_token_ids=stop_token_ids, logits_processors=[eos_at_fourth_token])
+                            stop_token_ids=stop_token_ids, logits_processors=[eos_at_fourth_token],
+                            skip_special_tokens=False)
     out = llm.generate(_ids([[BOS, 9, 10, 11]]), params, use_tqdm=False)[0]
     eos_endings = [c for c in out.outputs if c.token_ids[-1] == EOS and len(c.token_ids) == 4]
     assert eos_endings
     assert all(c.finish_reason == finish_reason and c.stop_reason == stop_reason for c in eos_endings)
+    # A stop token's text is left out of the text; an EOS that stopped nothing is ordinary text.
+    assert all(c.text.endswith("</s>") == (finish_reason == "length") for c in eos_endings)

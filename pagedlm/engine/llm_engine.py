@@ -16,7 +16,7 @@ from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
-from pagedlm.transformers_utils.tokenizer import get_tokenizer
+from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
 from pagedlm.utils import cdiv
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
@@ -103,7 +103,7 @@ class LLMEngine:
         if request_id in self.seq_groups:
             raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
         if prompt_token_ids is None:
-            prompt_token_ids = self.tokenizer(prompt).input_ids
+            prompt_token_ids = encode_prompts(self.tokenizer, [prompt])[0]
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise ValueError(f"Request {request_id!r}: {reason}.")
@@ -238,11 +238,13 @@ class LLMEngine:
         seq.append_token(sample.token_id, sample.logprob)
         if params.logprobs is not None:
             seq.logprobs.append(self._logprob_dict(sample.token_id, sample.logprob, sample.top_logprobs))
+        stopped_on_token = self.stop_checker.check_stop_token(seq, params)
         new_text = ""
-        if params.detokenize:
+        # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
+        if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
-        status = self.stop_checker.check(seq, params, len(new_text))
+        status = SequenceStatus.FINISHED_STOPPED if stopped_on_token else self.stop_checker.check(seq, params, len(new_text))
         if status is not None:
             self._finish(seq, status)
 
@@ -286,7 +288,10 @@ class LLMEngine:
             else:
                 seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
             if params.detokenize:
-                seq.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, hypothesis.token_ids, params)
+                shown = hypothesis.token_ids
+                if hypothesis.stopped and not params.include_stop_str_in_output:
+                    shown = shown[:-1]
+                seq.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
             results.append(seq)
         return results
 
@@ -295,7 +300,7 @@ class LLMEngine:
         self.block_manager.free(seq)
         detokenizer = self.detokenizers.pop(seq.seq_id, None)
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.output_text += detokenizer.flush(seq.prompt_token_ids[-8:] + seq.output_token_ids)
+            seq.output_text += detokenizer.flush(seq.prompt_token_ids, seq.output_token_ids)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(

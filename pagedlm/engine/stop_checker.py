@@ -34,16 +34,21 @@ class StopChecker:
         """vLLM's ``stop_reason`` for a sequence ended by ``token_id``: ``None`` for EOS, else the id."""
         return None if token_id in self.eos_token_ids and not params.ignore_eos else token_id
 
-    def check(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> SequenceStatus | None:
-        """The status ``seq`` ends with after its newest token (whose text added ``num_new_chars``
-        characters), or ``None``; sets ``seq.stop_reason`` and cuts its text at a stop string."""
+    def check_stop_token(self, seq: Sequence, params: SamplingParams) -> bool:
+        """Whether ``seq``'s newest token stops it; sets ``seq.stop_reason`` if so. Checked before
+        the token is detokenized, because a stop token's text is left out of the output."""
         token_id = seq.output_token_ids[-1]
+        if len(seq.output_token_ids) < params.min_tokens or not self.is_stop_token(params, token_id):
+            return False
+        seq.stop_reason = self.stop_reason(params, token_id)
+        return True
+
+    def check(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> SequenceStatus | None:
+        """After ``check_stop_token``: the status ``seq`` ends with once its newest token's text
+        (``num_new_chars`` characters) is added, or ``None``; cuts the text at a stop string."""
         num_out = len(seq.output_token_ids)
-        if num_out >= params.min_tokens:
-            if self.is_stop_token(params, token_id):
-                seq.stop_reason = self.stop_reason(params, token_id)
-                return SequenceStatus.FINISHED_STOPPED
-            if params.stop and num_new_chars and _cut_at_stop_string(seq, params, num_new_chars):
+        if num_out >= params.min_tokens and params.stop and num_new_chars:
+            if _cut_at_stop_string(seq, params, num_new_chars):
                 return SequenceStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_out >= params.max_tokens:
             return SequenceStatus.FINISHED_LENGTH_CAPPED

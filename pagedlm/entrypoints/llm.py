@@ -11,6 +11,7 @@ from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
+from pagedlm.transformers_utils.tokenizer import encode_prompts
 
 
 PromptType = str | dict
@@ -125,11 +126,10 @@ class LLM:
                 errors[i] = 'a prompt must be a str, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
             texts.append(text)
             token_ids.append(ids)
-        to_encode = [i for i, t in enumerate(texts) if t]
-        if to_encode:
-            encoded = self.llm_engine.tokenizer([texts[i] for i in to_encode]).input_ids
-            for i, ids in zip(to_encode, encoded):
-                token_ids[i] = ids
+        # Emptiness is decided on the final ids: "" is the prompt [BOS] for a tokenizer that adds one.
+        to_encode = [i for i, t in enumerate(texts) if t is not None]
+        for i, ids in zip(to_encode, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in to_encode])):
+            token_ids[i] = ids
         return texts, token_ids, errors
 
     def reset_prefix_cache(self) -> None:

@@ -1,4 +1,10 @@
+"""The checkpoint's tokenizer, and prompt text to token ids."""
+
+import logging
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger("pagedlm")
 
 
 def get_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
@@ -7,3 +13,29 @@ def get_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
     return tokenizer
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, with special tokens added as Hugging Face adds them.
+
+    A text that already starts with the BOS token (a chat template rendered with
+    ``tokenize=False`` usually does) would get a second BOS from a tokenizer that prepends one;
+    one of the two is dropped, and one warning says how many prompts it happened to.
+    """
+    if not texts:
+        return []
+    encoded = tokenizer(texts).input_ids
+    bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos_id is None or not bos:
+        return encoded
+    num_doubled = 0
+    for i, (text, ids) in enumerate(zip(texts, encoded)):
+        if len(ids) > 1 and ids[0] == ids[1] == bos_id and text.startswith(bos):
+            encoded[i] = ids[1:]
+            num_doubled += 1
+    if num_doubled:
+        logger.warning(
+            "%d prompt(s) already started with the BOS token %r, which the tokenizer adds again; "
+            "kept a single BOS at the start of each.", num_doubled, bos,
+        )
+    return encoded
