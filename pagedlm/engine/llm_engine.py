@@ -1,5 +1,6 @@
 """The engine: requests in, one scheduled model step at a time, ``RequestOutput``s out."""
 
+import gc
 import time
 from collections.abc import Iterable
 
@@ -42,6 +43,11 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
+        # moving it out of the cyclic GC's generations spares the steps' young-object collections
+        # a walk over it (vLLM freezes the same way).
+        gc.collect()
+        gc.freeze()
 
     @property
     def vocab_size(self) -> int:
