@@ -1,11 +1,13 @@
 """Fixtures: tiny random-weight checkpoints of each supported architecture, saved with
-transformers, plus a byte-level BPE tokenizer trained here with ``tokenizers``."""
+transformers, plus tokenizers built here with ``tokenizers``: a byte-level BPE (the default), a
+Llama-2-style SentencePiece BPE with byte fallback, and a WordPiece one."""
 
+import json
 import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -27,6 +29,11 @@ CORPUS = [
 ]
 
 
+def _save_fast(tok: Tokenizer, path: str) -> None:
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
 def _build_tokenizer(path: str) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,11 +44,8 @@ def _build_tokenizer(path: str) -> None:
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
     # Add the BOS the way Llama tokenizers do, so tests can check it is added exactly once.
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(path)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    _save_fast(tok, path)
 
 
 _COMMON = dict(
@@ -70,16 +74,67 @@ _CONFIGS = {
 }
 
 
-def make_checkpoint(path: str, arch: str, tokenizer_dir: str) -> str:
-    """Save a tiny random-weight ``arch`` model with the test tokenizer into ``path``."""
+def make_checkpoint(path: str, arch: str, tokenizer_dir: str, vocab_size: int = VOCAB_SIZE) -> str:
+    """Save a tiny random-weight ``arch`` model with the tokenizer in ``tokenizer_dir`` into ``path``."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_CONFIGS[arch](), dtype=torch.float32)
+    config = _CONFIGS[arch]()
+    config.vocab_size = vocab_size
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(bos_token_id=BOS, eos_token_id=EOS).save_pretrained(path)
     for name in os.listdir(tokenizer_dir):
         with open(os.path.join(tokenizer_dir, name), "rb") as src, open(os.path.join(path, name), "wb") as dst:
             dst.write(src.read())
     return path
+
+
+def _build_sentencepiece_tokenizer(path: str) -> int:
+    """A Llama-2-layout tokenizer: words carry a leading ``▁``, bytes outside the vocabulary fall
+    back to ``<0xNN>`` tokens, BOS is prepended. Returns its vocabulary size."""
+    corpus = ["banana a cat", "a cat and a banana", "The cat ate a banana.", "the quick brown fox"] * 20
+    specials = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    model = json.loads(trained.to_str())["model"]
+    vocab = model["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = trained.pre_tokenizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    _save_fast(tok, path)
+    return len(vocab)
+
+
+def _build_wordpiece_tokenizer(path: str) -> int:
+    """A tokenizer whose decoder puts a space between tokens (WordPiece), with two extra special
+    tokens ``<x>`` and ``<y>``. Returns its vocabulary size."""
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "cat", "dog", "##s", "<x>", "<y>"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ["<unk>", "<s>", "</s>", "<x>", "<y>"]])
+    _save_fast(tok, path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_llama_dir(tmp_path_factory) -> str:
+    tokenizer_dir = str(tmp_path_factory.mktemp("spm_tokenizer"))
+    vocab_size = _build_sentencepiece_tokenizer(tokenizer_dir)
+    return make_checkpoint(str(tmp_path_factory.mktemp("spm_llama")), "llama", tokenizer_dir, vocab_size)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_llama_dir(tmp_path_factory) -> str:
+    tokenizer_dir = str(tmp_path_factory.mktemp("wordpiece_tokenizer"))
+    vocab_size = _build_wordpiece_tokenizer(tokenizer_dir)
+    return make_checkpoint(str(tmp_path_factory.mktemp("wordpiece_llama")), "llama", tokenizer_dir, vocab_size)
 
 
 @pytest.fixture(scope="session")

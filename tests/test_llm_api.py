@@ -357,3 +357,58 @@ def test_kv_cache_size_is_logged(llama_dir, caplog):
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
     assert "10 blocks = 160 tokens of KV cache" in caplog.text
+
+
+def _forcing(token_ids: list[int]):
+    """A logits processor that makes output position i the token ``token_ids[i]``."""
+    def force(output_token_ids, logits):
+        logits = torch.full_like(logits, float("-inf"))
+        logits[token_ids[len(output_token_ids)]] = 0.0
+        return logits
+    return force
+
+
+def test_decoded_token_is_the_text_a_token_adds_in_context(sentencepiece_llama_dir):
+    llm = LLM(sentencepiece_llama_dir, dtype="float32")
+    tok = llm.get_tokenizer()
+    vocab = tok.get_vocab()
+    # "▁a" and "a" are distinct tokens that decode alone to the same "a"; 日 is three byte tokens.
+    space_a, bare_a, space_cat = vocab["▁a"], vocab["a"], vocab["▁cat"]
+    assert tok.decode([space_a]) == tok.decode([bare_a]) == "a"
+    prompt = "banana a cat 日"
+    forced = [space_a, space_cat, bare_a, vocab["<0xE6>"], vocab["<0x97>"], vocab["<0xA5>"]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1, prompt_logprobs=1, ignore_eos=True,
+                            logits_processors=[_forcing(forced)])
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    decoded = [None] + [out.prompt_logprobs[i][t].decoded_token for i, t in enumerate(ids) if i]
+    assert decoded[ids.index(space_a)] == " a" and decoded[ids.index(space_cat)] == " cat"
+    assert decoded[-3:] == ["", "", "日"]  # the byte that completes the character gives all of it
+    comp = out.outputs[0]
+    assert comp.token_ids == forced
+    chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+    assert chosen == [" a", " cat", "a", "", "", "日"] and "".join(chosen) == comp.text == " a cata日"
+    # Every top-k alternative is decoded in the same context (a whole decode gives the same text).
+    for i, position in enumerate(comp.logprobs):
+        context = tok.decode(ids + forced[:i]).rstrip("\ufffd")
+        for t, lp in position.items():
+            assert lp.decoded_token == tok.decode(ids + forced[:i] + [t]).rstrip("\ufffd")[len(context):]
+    silent = llm.generate(prompt, SamplingParams(max_tokens=2, logprobs=1, detokenize=False), use_tqdm=False)[0]
+    assert all(lp.decoded_token is None for position in silent.outputs[0].logprobs for lp in position.values())
+
+
+def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):
+    llm = LLM(wordpiece_llama_dir, dtype="float32")
+    vocab = llm.get_tokenizer().get_vocab()
+    forced = [vocab["<x>"], vocab["<y>"], vocab["dog"], vocab["##s"]]
+    texts = {}
+    for spaces in (True, False):
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, skip_special_tokens=False,
+                                spaces_between_special_tokens=spaces, logits_processors=[_forcing(forced)])
+        texts[spaces] = llm.generate({"prompt_token_ids": [vocab["cat"]]}, params, use_tqdm=False)[0].outputs[0].text
+    # The WordPiece decoder spaces every token; False drops the space between two special tokens.
+    assert texts == {True: " <x> <y> dogs", False: " <x><y> dogs"}
+    beams = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, ignore_eos=True,
+                           skip_special_tokens=False, spaces_between_special_tokens=False,
+                           logits_processors=[_forcing(forced)])
+    assert llm.generate({"prompt_token_ids": [vocab["cat"]]}, beams, use_tqdm=False)[0].outputs[0].text == texts[False]

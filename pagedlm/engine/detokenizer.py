@@ -1,25 +1,54 @@
-"""Incremental detokenization: each new token costs O(1) decode work, not a re-decode of the text."""
+"""Token ids to text: incremental detokenization (O(1) decode work per token) and the text a single
+token adds in its context (the ``decoded_token`` of logprobs)."""
+
+from collections.abc import Sequence
 
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
+from pagedlm.sampling_params import SamplingParams
+
 # Tokens fed to the decoder as context, so a token decodes with the spacing it has after them.
 _CONTEXT_TOKENS = 6
+# What decoders make of bytes that do not (yet) form a whole UTF-8 character.
+_INCOMPLETE = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+    """The text of one completion, a token at a time, as ``tokenizer.decode`` of the whole gives it.
+
+    ``spaces_between_special_tokens=False`` (with ``skip_special_tokens=False``) follows vLLM's
+    fast detokenizer: a special (added) token right after another one adds its bare content,
+    without the space that some decoders (WordPiece, for one) put between tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self._backend = tokenizer.backend_tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(ids=prompt_token_ids[-_CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
         self._num_fed = 0  # output tokens stepped through so far
         self._num_pending = 0  # tokens that so far end in an incomplete character
+        self._added_tokens: dict[int, str] | None = None
+        if not skip_special_tokens and not spaces_between_special_tokens:
+            self._added_tokens = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        self._last_added = False
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
         text = self._stream.step(self._backend, token_id)
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
+        if self._added_tokens is not None:
+            content = self._added_tokens.get(token_id)
+            if content is not None and self._last_added and text is not None:
+                text = content
+            self._last_added = content is not None
         return text or ""
 
     def flush(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> str:
@@ -33,8 +62,29 @@ class IncrementalDetokenizer:
         return self._backend.decode(window, skip_special_tokens=self._skip_special_tokens)[len(context):]
 
 
-def decode_completion(tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], token_ids: list[int], params) -> str:
-    """A whole completion's text, decoded after a few prompt tokens so its first token keeps its spacing."""
-    context = prompt_token_ids[-_CONTEXT_TOKENS:]
-    skip = params.skip_special_tokens
-    return tokenizer.decode(context + token_ids, skip_special_tokens=skip)[len(tokenizer.decode(context, skip_special_tokens=skip)):]
+def decode_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], token_ids: list[int], params: SamplingParams
+) -> str:
+    """A whole completion's text, exactly as the incremental detokenizer would have made it."""
+    detokenizer = IncrementalDetokenizer(
+        tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+    )
+    text = "".join(detokenizer.step(t) for t in token_ids)
+    return text + detokenizer.flush(prompt_token_ids, token_ids)
+
+
+def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int]) -> list[str]:
+    """The text each of ``token_ids`` adds right after ``context_ids`` (vLLM's ``decoded_token``).
+
+    A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
+    ``"a"``); a token that completes a character begun by the context gives the whole character,
+    and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
+    """
+    backend = tokenizer.backend_tokenizer
+    window = list(context_ids[-_CONTEXT_TOKENS:])
+    prefix = backend.decode(window, skip_special_tokens=False).rstrip(_INCOMPLETE)
+    texts = []
+    for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):
+        full = full.rstrip(_INCOMPLETE)
+        texts.append(full[len(prefix):] if full.startswith(prefix) else backend.decode([token_id], skip_special_tokens=False))
+    return texts

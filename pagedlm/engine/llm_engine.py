@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
-from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion
+from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
@@ -21,6 +21,10 @@ from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
 from pagedlm.utils import cdiv
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
+
+
+# Tokens before a logprob's position that its decoded_token is decoded after.
+_LOGPROB_CONTEXT_TOKENS = 8
 
 
 class LLMEngine:
@@ -215,8 +219,10 @@ class LLMEngine:
         return SequenceGroupMetadata(group.request_id, params, seq_data)
 
     def _process_group_output(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
-        if out.prompt_logprobs:
-            group.prompt_logprobs += [self._logprob_dict(p.token_id, p.logprob, p.top_logprobs) for p in out.prompt_logprobs]
+        for p in out.prompt_logprobs:  # the logprob of prompt token i comes after prompt[:i]
+            i = len(group.prompt_logprobs)
+            context = group.prompt_token_ids[max(0, i - _LOGPROB_CONTEXT_TOKENS) : i]
+            group.prompt_logprobs.append(self._logprob_dict(group, context, p.token_id, p.logprob, p.top_logprobs))
         if not out.samples:
             return
         if group.beam is not None:
@@ -243,7 +249,8 @@ class LLMEngine:
         params = group.sampling_params
         seq.append_token(sample.token_id, sample.logprob)
         if params.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(sample.token_id, sample.logprob, sample.top_logprobs))
+            context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
+            seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
         new_text = ""
         # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
@@ -309,15 +316,21 @@ class LLMEngine:
             seq.output_text += detokenizer.flush(seq.prompt_token_ids, seq.output_token_ids)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
+        params = group.sampling_params
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
-            self.tokenizer, group.prompt_token_ids, group.sampling_params.skip_special_tokens
+            self.tokenizer, group.prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
         )
 
-    def _logprob_dict(self, token_id: int, logprob: float, top: TopLogprobs) -> dict[int, Logprob]:
+    def _logprob_dict(
+        self, group: SequenceGroup, context: list[int], token_id: int, logprob: float, top: TopLogprobs
+    ) -> dict[int, Logprob]:
+        """One position's logprobs: the top ones and the chosen token's, each with the text it
+        adds after ``context`` (none without ``detokenize``)."""
         entries = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(zip(top.token_ids, top.logprobs), start=1)}
         entries[token_id] = Logprob(logprob, top.rank)
-        for t, entry in entries.items():
-            entry.decoded_token = self.tokenizer.decode([t])
+        if group.sampling_params.detokenize:
+            for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries))):
+                entry.decoded_token = text
         return entries
 
 
