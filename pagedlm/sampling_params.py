@@ -58,14 +58,17 @@ class SamplingParams:
         min_tokens: EOS and stop tokens cannot be sampled before this many tokens.
         stop: strings that end a completion; the text is cut before the stop string unless
             ``include_stop_str_in_output``.
-        stop_token_ids: token ids that end a completion (kept in ``token_ids``).
+        include_stop_str_in_output: keep the stop string, or the stop token's text, in ``text``.
+        stop_token_ids: token ids that end a completion (kept in ``token_ids``; their text, like an
+            EOS token's, is left out of ``text`` unless ``include_stop_str_in_output``).
         ignore_eos: keep generating after the end-of-sequence token.
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's.
         prompt_logprobs: the same for each prompt position.
         skip_special_tokens: leave special tokens out of the output text.
-        spaces_between_special_tokens: put a space around special tokens in the text (only
-            visible with ``skip_special_tokens=False``).
+        spaces_between_special_tokens: with ``skip_special_tokens=False``, False drops the space a
+            tokenizer's decoder puts between two consecutive special tokens (vLLM's fast
+            detokenizer's reading; byte-level BPE decoders put none, so it changes nothing there).
         use_beam_search: beam search of width ``best_of``; needs ``temperature=0``.
         length_penalty: beam search scores finished beams by ``logprob / length ** length_penalty``.
         early_stopping: beam search stops as soon as ``best_of`` beams are finished (True), by a
