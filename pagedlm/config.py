@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from pagedlm.transformers_utils.generation_config import sampling_defaults
+
 logger = logging.getLogger("pagedlm")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,9 +33,19 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     device: torch.device
+    generation_config: str = "auto"  # where sampling defaults come from: "auto" (the model), "vllm" (none), a directory
 
     @classmethod
-    def create(cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str) -> "ModelConfig":
+    def create(
+        cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto"
+    ) -> "ModelConfig":
+        if not isinstance(generation_config, str) or (
+            generation_config not in ("auto", "vllm") and not os.path.isdir(generation_config)
+        ):
+            raise ValueError(
+                f"generation_config must be 'auto' (the model's generation_config.json), 'vllm' (no model "
+                f"defaults) or a directory holding a generation_config.json, got {generation_config!r}."
+            )
         hf_config = AutoConfig.from_pretrained(model)
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
@@ -46,7 +58,14 @@ class ModelConfig:
             max_model_len = limit
         elif not isinstance(max_model_len, int) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
-        return cls(model, hf_config, resolved, max_model_len, dev)
+        return cls(model, hf_config, resolved, max_model_len, dev, generation_config)
+
+    def get_diff_sampling_param(self) -> dict[str, int | float]:
+        """The sampling defaults the model's generation config sets (vLLM's name); none with
+        ``generation_config="vllm"``."""
+        if self.generation_config == "vllm":
+            return {}
+        return sampling_defaults(self.model if self.generation_config == "auto" else self.generation_config)
 
     @property
     def num_kv_heads(self) -> int:

@@ -412,3 +412,35 @@ def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):
                            skip_special_tokens=False, spaces_between_special_tokens=False,
                            logits_processors=[_forcing(forced)])
     assert llm.generate({"prompt_token_ids": [vocab["cat"]]}, beams, use_tqdm=False)[0].outputs[0].text == texts[False]
+
+
+def test_generation_config_sampling_defaults_as_vllm_applies_them(llama_dir, tmp_path, caplog):
+    import json
+    import shutil
+
+    from conftest import hf_greedy
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(llama_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": True, "temperature": 0.7, "top_k": 1, "max_new_tokens": 6}
+    ))
+    with _pagedlm_log(caplog):
+        llm = LLM(str(model_dir), dtype="float32", max_model_len=64)
+    assert "temperature=0.7, top_k=1, max_tokens=6" in caplog.text and "generation_config='vllm'" in caplog.text
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (0.7, 1, 6)
+    prompt = [BOS, 5, 6, 7]
+    out = llm.generate({"prompt_token_ids": prompt}, use_tqdm=False)[0].outputs[0]
+    # top_k=1 samples the argmax: the six tokens Hugging Face's generate gives with this config.
+    assert out.token_ids == hf_greedy(str(model_dir), [prompt], 6)[0][:6] and out.finish_reason == "length"
+    # A default max_tokens is shortened to fit max_model_len instead of rejecting the prompt.
+    long_prompt = [BOS] + [9] * 60
+    assert len(llm.generate({"prompt_token_ids": long_prompt}, use_tqdm=False)[0].outputs[0].token_ids) <= 3
+
+    off = LLM(str(model_dir), dtype="float32", max_model_len=64, generation_config="vllm")
+    assert off.get_default_sampling_params() == SamplingParams()
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS, "do_sample": False, "temperature": 0.7}))
+    assert LLM(str(model_dir), dtype="float32", max_model_len=64).get_default_sampling_params().temperature == 0.0
+    with pytest.raises(ValueError, match="generation_config must be 'auto'"):
+        LLM(str(model_dir), generation_config="nowhere")

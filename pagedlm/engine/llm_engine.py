@@ -5,7 +5,6 @@ import time
 from collections.abc import Iterable
 
 import torch
-from transformers import GenerationConfig
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.beam_search import BeamSearchState
@@ -17,6 +16,7 @@ from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
+from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
 from pagedlm.utils import cdiv
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
@@ -37,7 +37,8 @@ class LLMEngine:
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.model)
-        self.stop_checker = StopChecker(_eos_token_ids(model_config, self.tokenizer.eos_token_id), model_config.max_model_len)
+        eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
+        self.stop_checker = StopChecker(eos, model_config.max_model_len)
         self.model_runner = ModelRunner(model_config, cache_config)
         block_size = cache_config.block_size
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
@@ -332,15 +333,3 @@ class LLMEngine:
             for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries))):
                 entry.decoded_token = text
         return entries
-
-
-def _eos_token_ids(model_config: ModelConfig, tokenizer_eos: int | None) -> set[int]:
-    """EOS ids from generation_config.json (falling back to config.json) and the tokenizer."""
-    try:
-        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
-    except OSError:
-        eos = getattr(model_config.hf_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer_eos is not None:
-        ids.add(tokenizer_eos)
-    return ids

@@ -1,5 +1,7 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
+import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from itertools import count
 
@@ -13,6 +15,8 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
 from pagedlm.transformers_utils.tokenizer import encode_prompts
 
+
+logger = logging.getLogger("pagedlm")
 
 PromptType = str | dict
 
@@ -36,6 +40,14 @@ class LLM:
         enable_chunked_prefill: split prompts longer than the step's token budget over steps.
         enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (within one
             ``generate`` call and across calls).
+        generation_config: where the default ``SamplingParams`` (used when a call passes none)
+            come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
+            max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
+            none; a directory, its generation_config.json. See ``get_default_sampling_params``.
+
+    Raises:
+        ValueError: an argument is out of range (its name and the allowed values are in the
+            message), before any weights are loaded.
     """
 
     def __init__(
@@ -52,15 +64,31 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        generation_config: str = "auto",
     ) -> None:
-        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device)
+        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config)
         cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self._default_sampling_params = model_config.get_diff_sampling_param()
+        try:
+            SamplingParams(**self._default_sampling_params)
+        except ValueError as exc:
+            raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
+                             "pass generation_config='vllm' to ignore them.") from exc
+        if self._default_sampling_params:
+            logger.info("Default sampling parameters from the model's generation config: %s (generation_config='vllm' "
+                        "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
         self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A new ``SamplingParams`` with the defaults the model's generation config sets (see
+        ``generation_config``), which ``generate`` uses when it is given none. A default
+        ``max_tokens`` is shortened for a prompt that would otherwise pass ``max_model_len``."""
+        return SamplingParams(**self._default_sampling_params)
 
     def generate(
         self,
@@ -76,13 +104,16 @@ class LLM:
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        use_defaults = sampling_params is None
+        if use_defaults:
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         elif len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts.")
         texts, token_ids, errors = self._tokenize(prompts)
+        if use_defaults and sampling_params and sampling_params[0].max_tokens is not None:
+            sampling_params = [self._fit_max_tokens(p, len(ids)) for p, ids in zip(sampling_params, token_ids)]
         for i, params in enumerate(sampling_params):
             if not isinstance(params, SamplingParams):
                 errors.setdefault(i, f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -105,6 +136,12 @@ class LLM:
             # An interrupted call leaves nothing queued for the next one.
             self.llm_engine.abort_request(rid for rid in request_ids if rid not in outputs)
         return [outputs[rid] for rid in request_ids]
+
+    def _fit_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        room = self.llm_engine.model_config.max_model_len - num_prompt_tokens
+        if 0 < room < params.max_tokens:
+            return dataclasses.replace(params, max_tokens=room)
+        return params
 
     def _tokenize(self, prompts: Sequence[PromptType]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
         texts: list[str | None] = []

@@ -1,0 +1,44 @@
+"""What a checkpoint's ``generation_config.json`` says: its EOS ids and its sampling defaults."""
+
+import json
+import os
+
+from transformers import GenerationConfig, PretrainedConfig
+
+# generation_config.json key -> SamplingParams field: the defaults vLLM takes from a model.
+_SAMPLING_DEFAULTS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer_eos: int | None) -> set[int]:
+    """EOS ids from generation_config.json (falling back to config.json) and the tokenizer."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = getattr(hf_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return ids
+
+
+def sampling_defaults(config_dir: str) -> dict[str, int | float]:
+    """The ``SamplingParams`` fields that ``config_dir/generation_config.json`` sets (vLLM's
+    ``get_diff_sampling_param``): temperature, top_k, top_p, min_p, repetition_penalty, and
+    ``max_new_tokens`` as ``max_tokens``; ``"do_sample": false`` makes it greedy (temperature 0),
+    as in Hugging Face's ``generate``. Keys the file leaves out are not defaults; no file, none."""
+    path = os.path.join(config_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    defaults = {field: config[key] for key, field in _SAMPLING_DEFAULTS.items() if config.get(key) is not None}
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
