@@ -444,3 +444,45 @@ def test_generation_config_sampling_defaults_as_vllm_applies_them(llama_dir, tmp
     assert LLM(str(model_dir), dtype="float32", max_model_len=64).get_default_sampling_params().temperature == 0.0
     with pytest.raises(ValueError, match="generation_config must be 'auto'"):
         LLM(str(model_dir), generation_config="nowhere")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_close_releases_the_kv_cache_and_weights(llama_dir, caplog):
+    closed = []  # kept alive: only close() can give their memory back
+
+    def make_and_close() -> None:
+        with LLM(llama_dir, dtype="float32", num_kv_blocks=8192) as llm:  # 8192 × 16 tokens: 128 MiB of KV cache
+            for key, value in llm.llm_engine.model_runner.cache_engine.kv_caches:  # make every page resident
+                key.fill_(0.0)
+                value.fill_(0.0)
+            llm.generate(["a b c"], SamplingParams(max_tokens=3), use_tqdm=False)
+        closed.append(llm)
+
+    for _ in range(3):
+        make_and_close()
+    baseline = _rss_bytes()
+    for _ in range(8):
+        make_and_close()
+    assert _rss_bytes() - baseline < 96 * 2**20  # eight caches kept would be 1 GiB
+    closed[-1].close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        closed[-1].generate("a")
+    with pytest.raises(RuntimeError, match="closed"):
+        closed[-1].get_stats()
+    with _pagedlm_log(caplog):
+        LLM(llama_dir, dtype="float32", num_kv_blocks=10, block_size=16, max_model_len=128).close()
+    assert "Memory plan: weights" in caplog.text and "longest sequence 128 tokens" in caplog.text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_close_returns_cuda_memory(llama_dir):
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        with LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=2048) as llm:
+            llm.generate(["a b c"], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert torch.cuda.memory_allocated() == before

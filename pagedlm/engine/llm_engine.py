@@ -1,6 +1,7 @@
 """The engine: requests in, one scheduled model step at a time, ``RequestOutput``s out."""
 
 import gc
+import logging
 import time
 from collections.abc import Iterable
 
@@ -22,6 +23,8 @@ from pagedlm.utils import cdiv
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
 
+
+logger = logging.getLogger("pagedlm")
 
 # Tokens before a logprob's position that its decoded_token is decoded after.
 _LOGPROB_CONTEXT_TOKENS = 8
@@ -45,6 +48,7 @@ class LLMEngine:
         num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)
         self.model_runner.init_cache(num_kv_blocks)
         self.block_manager = BlockSpaceManager(block_size, num_kv_blocks, enable_prefix_caching=cache_config.enable_prefix_caching)
+        self._log_memory_plan()
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -146,6 +150,16 @@ class LLMEngine:
             for seq in seq_group.seqs:
                 self.detokenizers.pop(seq.seq_id, None)
 
+    def close(self) -> None:
+        """Abort every request and release the KV cache and the weights."""
+        self.abort_request(list(self.seq_groups))
+        self.model_runner.close()
+        # The released objects were frozen at start-up: let the cyclic GC see them again, then
+        # freeze what is still alive (another engine, say) as before.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. to time a cold start)."""
         self.block_manager.reset_prefix_cache()
@@ -153,6 +167,18 @@ class LLMEngine:
     def reset_peak_kv_blocks_in_use(self) -> None:
         """Start the ``peak_kv_blocks_in_use`` statistic afresh from the blocks in use now."""
         self.block_manager.reset_peak_blocks_in_use()
+
+    def _log_memory_plan(self) -> None:
+        bm = self.block_manager
+        num_tokens = bm.num_kv_blocks * bm.block_size
+        longest = min(self.model_config.max_model_len, (bm.num_kv_blocks - bm.watermark_blocks) * bm.block_size)
+        logger.info(
+            "Memory plan: weights %.2f GiB (%s); KV cache %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d); "
+            "longest sequence %d tokens (max_model_len %d).",
+            self.model_runner.weight_bytes() / 2**30, str(self.model_config.dtype).removeprefix("torch."),
+            bm.num_kv_blocks, num_tokens, self.model_runner.cache_engine.num_bytes / 2**30, bm.block_size,
+            longest, self.model_config.max_model_len,
+        )
 
     def get_stats(self) -> dict[str, int | float]:
         bm = self.block_manager

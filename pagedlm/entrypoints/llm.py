@@ -1,5 +1,6 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -78,8 +79,35 @@ class LLM:
         if self._default_sampling_params:
             logger.info("Default sampling parameters from the model's generation config: %s (generation_config='vllm' "
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
-        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
+        self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("This LLM is closed (its KV cache and weights were released); create a new LLM.")
+        return self._engine
+
+    def close(self) -> None:
+        """Release the KV cache and the weights now, without waiting for the garbage collector
+        (a notebook gets its memory back without a restart). Calling it again does nothing; any
+        other use of the LLM afterwards raises ``RuntimeError``. ``with LLM(...) as llm:`` closes
+        on leaving the block."""
+        if self._engine is None:
+            return
+        device = self._engine.model_config.device
+        self._engine.close()
+        self._engine = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            _return_free_heap_to_os()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -198,3 +226,13 @@ class LLM:
                     )
                     bar.update(len(finished))
                 yield from finished
+
+
+def _return_free_heap_to_os() -> None:
+    """glibc keeps freed large blocks (the KV cache's, once its mmap threshold has grown) in its
+    heap; ``malloc_trim`` hands them back, so the process's RSS drops after ``close``."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.malloc_trim(0)

@@ -1,13 +1,9 @@
 """Allocates the paged KV cache (layout in ``pagedlm/ops/__init__.py``) and sizes it."""
 
-import logging
-
 import torch
 
 from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig, available_memory
-
-logger = logging.getLogger("pagedlm")
 
 
 def block_bytes(model_config: ModelConfig, block_size: int) -> int:
@@ -37,11 +33,7 @@ class CacheEngine:
         self.key_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
         self.value_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
         self.kv_caches = list(zip(self.key_caches, self.value_caches))
-        logger.info(
-            "KV cache: %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d)",
-            num_kv_blocks, num_kv_blocks * cache_config.block_size,
-            num_kv_blocks * block_bytes(model_config, cache_config.block_size) / 2**30, cache_config.block_size,
-        )
+        self.num_bytes = num_kv_blocks * block_bytes(model_config, cache_config.block_size)
 
     def copy(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         if blocks_to_copy:

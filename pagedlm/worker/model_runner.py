@@ -25,6 +25,16 @@ class ModelRunner:
     def init_cache(self, num_kv_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, num_kv_blocks)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers (a tensor shared by two modules counts once)."""
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def close(self) -> None:
+        """Drop the model and the KV cache; their memory is freed once nothing else holds them."""
+        self.model = None
+        self.cache_engine = None
+
     @torch.inference_mode()
     def execute_model(
         self, seq_group_metadata_list: list[SequenceGroupMetadata], blocks_to_copy: list[tuple[int, int]]
