@@ -13,6 +13,7 @@ Blocks carry reference counts so sequences can share them:
 
 import enum
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pagedlm.engine.sequence import BlockKey, Sequence, SequenceGroup, SequenceStatus
 from pagedlm.utils import cdiv
@@ -22,6 +23,22 @@ class AllocStatus(enum.Enum):
     OK = enum.auto()
     LATER = enum.auto()
     NEVER = enum.auto()
+
+
+@dataclass
+class PrefixPlan:
+    """Where a waiting sequence's leading blocks come from when it is admitted: cached blocks
+    (already computed), or the first ``num_shared_blocks`` blocks of an earlier sequence of its
+    group, which it ``waits`` for when that sequence has still to compute them."""
+
+    cached_blocks: list[int]
+    shares_with: Sequence | None = None
+    num_shared_blocks: int = 0
+    waits: bool = False
+
+    @property
+    def num_computed_blocks(self) -> int:
+        return self.num_shared_blocks if self.shares_with is not None else len(self.cached_blocks)
 
 
 class BlockAllocator:
@@ -105,38 +122,68 @@ class BlockSpaceManager:
 
     def can_allocate(
         self, seq_group: SequenceGroup, use_prefix_cache: bool = True
-    ) -> tuple[AllocStatus, dict[int, list[int]]]:
-        """Whether the group's waiting sequences fit now, later or never, and the cached blocks
-        each of them starts from (by ``seq_id``), for ``allocate``: one prefix-cache lookup per
-        admission."""
-        computed = {}
+    ) -> tuple[AllocStatus, dict[int, PrefixPlan]]:
+        """Whether the group's waiting sequences fit now, later or never, and where each one's
+        leading blocks come from (by ``seq_id``), for ``allocate``: one prefix-cache lookup per
+        admission. A block two sequences of the group share is counted once: a group preempted
+        after forking takes its shared prompt (and any shared output) back into shared blocks."""
+        plans: dict[int, PrefixPlan] = {}
+        earlier: list[Sequence] = []
+        counted: set[int] = set()  # cached blocks an earlier sequence of the group already takes
         num_required = 0
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-            blocks = self.computed_blocks(seq) if use_prefix_cache else []
-            computed[seq.seq_id] = blocks
-            # A cached block in use costs nothing; a cached free one is taken from the free list.
-            num_required += seq.num_logical_blocks - sum(self.allocator.ref_counts[b] > 0 for b in blocks)
+            cached = self.computed_blocks(seq) if use_prefix_cache else []
+            owner, num_shared = self._longest_shared_prefix(seq, earlier)
+            if num_shared > len(cached):
+                owner_plan = plans[owner.seq_id]
+                waits = owner_plan.waits or num_shared > owner_plan.num_computed_blocks
+                plans[seq.seq_id] = PrefixPlan([], owner, num_shared, waits)
+                num_required += seq.num_logical_blocks - num_shared
+            else:
+                plans[seq.seq_id] = PrefixPlan(cached)
+                # A cached block in use costs nothing; a cached free one is taken from the free list once.
+                num_required += seq.num_logical_blocks - sum(self.allocator.ref_counts[b] > 0 or b in counted for b in cached)
+                counted.update(cached)
+            earlier.append(seq)
         if self.num_kv_blocks - num_required < self.watermark_blocks:
-            return AllocStatus.NEVER, computed
+            return AllocStatus.NEVER, plans
         if self.num_free_blocks - num_required >= self.watermark_blocks:
-            return AllocStatus.OK, computed
-        return AllocStatus.LATER, computed
+            return AllocStatus.OK, plans
+        return AllocStatus.LATER, plans
 
-    def allocate(self, seq_group: SequenceGroup, computed_blocks: dict[int, list[int]]) -> None:
-        """Give each waiting sequence a block table covering all its tokens, starting with its
-        ``computed_blocks`` (from ``can_allocate``), and mark those tokens computed. (A new group
-        has one sequence; a preempted group's sequences have diverged and are recomputed
-        separately.)"""
+    def allocate(self, seq_group: SequenceGroup, plans: dict[int, PrefixPlan]) -> None:
+        """Give each waiting sequence a block table covering all its tokens, starting with the
+        blocks its plan (from ``can_allocate``) names, and mark those tokens computed; a sequence
+        that shares blocks its group has yet to compute waits for them (``Sequence.waits_for``)."""
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
-            table = list(computed_blocks[seq.seq_id])
+            plan = plans[seq.seq_id]
+            if plan.shares_with is not None:
+                table = self.block_tables[plan.shares_with.seq_id][: plan.num_shared_blocks]
+                if plan.waits:
+                    seq.waits_for = (plan.shares_with, plan.num_shared_blocks * self.block_size)
+            else:
+                table = list(plan.cached_blocks)
+                self.num_hit_tokens += len(table) * self.block_size
             for block in table:
                 self.allocator.incref(block)
             seq.num_computed_tokens = len(table) * self.block_size
             self.num_queried_tokens += seq.num_tokens
-            self.num_hit_tokens += seq.num_computed_tokens
             table += [self.allocator.allocate() for _ in range(seq.num_logical_blocks - len(table))]
             self.block_tables[seq.seq_id] = table
         self._track_peak()
+
+    def _longest_shared_prefix(self, seq: Sequence, others: list[Sequence]) -> tuple[Sequence | None, int]:
+        """The sequence among ``others`` with which ``seq`` shares the most full leading blocks
+        (leaving ``seq``'s last token to compute), and how many."""
+        best, best_count = None, 0
+        limit = (seq.num_tokens - 1) // self.block_size
+        for other in others:
+            count = 0
+            while count < min(limit, other.num_tokens // self.block_size) and seq.block_key(count) == other.block_key(count):
+                count += 1
+            if count > best_count:
+                best, best_count = other, count
+        return best, best_count
 
     def cache_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Key the blocks that ``num_computed_tokens`` fills, so other sequences can reuse them.

@@ -41,7 +41,7 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.model)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
-        self.stop_checker = StopChecker(eos, model_config.max_model_len)
+        self.stop_checker = StopChecker(eos)
         self.model_runner = ModelRunner(model_config, cache_config)
         block_size = cache_config.block_size
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
@@ -79,10 +79,12 @@ class LLMEngine:
             return f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill"
         if params.best_of > self.scheduler_config.max_num_seqs:
             return f"best_of ({params.best_of}) exceeds max_num_seqs ({self.scheduler_config.max_num_seqs})"
-        bm = self.block_manager
-        num_blocks = cdiv(n, bm.block_size)
-        if num_blocks > bm.num_kv_blocks - bm.watermark_blocks:
-            return f"the prompt needs {num_blocks} KV blocks; the cache has {bm.num_kv_blocks}"
+        max_seq_len = self._max_seq_len(n, params)
+        if n >= max_seq_len or (params.max_tokens is not None and n + params.max_tokens > max_seq_len):
+            bm = self.block_manager
+            wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
+            return (f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} tokens hold "
+                    f"at most {max_seq_len} tokens for each of the request's {params.best_of} sequence(s) at once")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.vocab_size:
@@ -129,8 +131,9 @@ class LLMEngine:
             request_id, prompt, prompt_token_ids, params, self.cache_config.block_size,
             arrival_time if arrival_time is not None else time.monotonic(), generators,
         )
+        seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params)
         if params.use_beam_search:
-            max_new = self.model_config.max_model_len - len(prompt_token_ids)
+            max_new = seq_group.max_seq_len - len(prompt_token_ids)
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
         elif params.detokenize:
             self._add_detokenizer(seq_group.seqs[0], seq_group)
@@ -167,6 +170,15 @@ class LLMEngine:
     def reset_peak_kv_blocks_in_use(self) -> None:
         """Start the ``peak_kv_blocks_in_use`` statistic afresh from the blocks in use now."""
         self.block_manager.reset_peak_blocks_in_use()
+
+    def _max_seq_len(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The longest each of a request's sequences may grow: ``max_model_len``, and what the KV
+        cache holds with all ``best_of`` of them that long at once (the prompt's full blocks
+        shared), so a request that is admitted can always be run to its end."""
+        bm = self.block_manager
+        shared = num_prompt_tokens // bm.block_size
+        own = (bm.num_kv_blocks - bm.watermark_blocks - shared) // params.best_of
+        return min(self.model_config.max_model_len, (shared + own) * bm.block_size)
 
     def _log_memory_plan(self) -> None:
         bm = self.block_manager
@@ -284,7 +296,10 @@ class LLMEngine:
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
-        status = SequenceStatus.FINISHED_STOPPED if stopped_on_token else self.stop_checker.check(seq, params, len(new_text))
+        if stopped_on_token:
+            status = SequenceStatus.FINISHED_STOPPED
+        else:
+            status = self.stop_checker.check(seq, params, group.max_seq_len, len(new_text))
         if status is not None:
             self._finish(seq, status)
 

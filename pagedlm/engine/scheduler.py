@@ -55,7 +55,8 @@ class Scheduler:
         while running:
             seq_group = running.popleft()
             seqs = seq_group.get_seqs(SequenceStatus.RUNNING)
-            chunks = self._chunks(seq_group, {seq: seq.num_uncomputed_tokens for seq in seqs}, out)
+            ready = {seq: seq.num_uncomputed_tokens for seq in seqs if seq.prefix_ready()}
+            chunks = self._chunks(seq_group, ready, len(seqs), out)
             if not chunks:
                 self.running.append(seq_group)
                 continue
@@ -78,16 +79,20 @@ class Scheduler:
         while self.waiting and not out.num_preempted:
             seq_group = self.waiting[0]
             # Prompt logprobs need the logits of every prompt position: no prefix-cache hits.
-            status, computed = self.block_manager.can_allocate(seq_group, use_prefix_cache=seq_group.prompt_logprobs is None)
+            status, plans = self.block_manager.can_allocate(seq_group, use_prefix_cache=seq_group.prompt_logprobs is None)
             if status != AllocStatus.OK:
                 assert status == AllocStatus.LATER, "add_request admits only requests that fit"
                 break
             seqs = seq_group.get_seqs(SequenceStatus.WAITING)
-            chunks = self._chunks(seq_group, {seq: seq.num_tokens - len(computed[seq.seq_id]) * block_size for seq in seqs}, out)
+            ready = {
+                seq: seq.num_tokens - plans[seq.seq_id].num_computed_blocks * block_size
+                for seq in seqs if not plans[seq.seq_id].waits
+            }
+            chunks = self._chunks(seq_group, ready, len(seqs), out)
             if not chunks:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq_group, computed)
+            self.block_manager.allocate(seq_group, plans)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             for seq, chunk in chunks.items():
@@ -96,15 +101,17 @@ class Scheduler:
             self.running.append(seq_group)
         return out
 
-    def _chunks(self, seq_group: SequenceGroup, wanted: dict[Sequence, int], out: SchedulerOutputs) -> dict[Sequence, int]:
-        """Tokens each sequence computes this step, out of the ``wanted`` uncomputed ones, within
-        the remaining budgets; empty when none fits. Beams advance in lockstep: beams being
-        recomputed fill in all but their last token, and then every beam computes its last token
-        in the same step, where the group samples."""
-        lockstep = seq_group.sampling_params.use_beam_search and len(wanted) > 1
-        catching_up = lockstep and any(n > 1 for n in wanted.values())
-        if catching_up:
-            wanted = {seq: n - 1 for seq, n in wanted.items() if n > 1}
+    def _chunks(
+        self, seq_group: SequenceGroup, ready: dict[Sequence, int], num_seqs: int, out: SchedulerOutputs
+    ) -> dict[Sequence, int]:
+        """Tokens each sequence computes this step, out of the uncomputed ones of those ``ready``
+        to run (of the group's ``num_seqs`` candidates), within the remaining budgets; empty when
+        none fits. Beams advance in lockstep: beams being recomputed fill in all but their last
+        token, and then every beam computes its last token in the same step, where the group
+        samples."""
+        lockstep = seq_group.sampling_params.use_beam_search and num_seqs > 1
+        catching_up = lockstep and (len(ready) < num_seqs or any(n > 1 for n in ready.values()))
+        wanted = {seq: n - 1 for seq, n in ready.items() if n > 1} if catching_up else ready
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
         chunks = {}
         for seq, num_tokens in wanted.items():
@@ -113,7 +120,7 @@ class Scheduler:
                 break
             chunks[seq] = chunk
             budget -= chunk
-        if lockstep and not catching_up and len(chunks) < len(wanted):
+        if lockstep and not catching_up and len(chunks) < num_seqs:
             return {}
         if out.num_seqs + len(chunks) > self.config.max_num_seqs:
             return {}

@@ -56,6 +56,9 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: SampleLogprobs = []
         self._block_keys: list[BlockKey] = []
+        # (sequence, tokens): after a preempted group is re-admitted, this sequence's first blocks
+        # are another one's, which must compute that many tokens before this one may run.
+        self.waits_for: tuple["Sequence", int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +85,16 @@ class Sequence:
             self._block_keys.append((parent, tuple(self.token_ids(j * self.block_size, (j + 1) * self.block_size))))
         return self._block_keys[i]
 
+    def prefix_ready(self) -> bool:
+        """Whether the blocks it shares with another sequence of its group are written."""
+        if self.waits_for is None:
+            return True
+        owner, num_tokens = self.waits_for
+        if owner.waits_for is None and owner.num_computed_tokens >= num_tokens:
+            self.waits_for = None
+            return True
+        return False
+
     def append_token(self, token_id: int, logprob: float) -> None:
         self.output_token_ids.append(token_id)
         self.cumulative_logprob += logprob
@@ -102,6 +115,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.waits_for = None
 
 
 class SequenceGroup:
@@ -130,6 +144,7 @@ class SequenceGroup:
         self.generators = generators  # one per completion index, for seeded requests
         self.prompt_logprobs: PromptLogprobs | None = [None] if sampling_params.prompt_logprobs is not None else None
         self.beam = None  # BeamSearchState under beam search
+        self.max_seq_len = 0  # set by the engine: the longest each sequence may grow (stop checker)
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         return self.seqs if status is None else [s for s in self.seqs if s.status == status]

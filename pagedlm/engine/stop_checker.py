@@ -2,7 +2,8 @@
 
 A sequence stops on an EOS id (from ``generation_config.json`` and the tokenizer) unless
 ``ignore_eos``, on one of ``stop_token_ids``, or when its new text completes a stop string; none
-of these before ``min_tokens`` tokens. It is cut at ``max_tokens`` and at ``max_model_len``.
+of these before ``min_tokens`` tokens. It is cut at ``max_tokens`` and at its request's
+``max_seq_len`` (``max_model_len``, or less where the KV cache cannot hold more).
 """
 
 from collections.abc import Collection
@@ -12,9 +13,8 @@ from pagedlm.sampling_params import SamplingParams
 
 
 class StopChecker:
-    def __init__(self, eos_token_ids: Collection[int], max_model_len: int) -> None:
+    def __init__(self, eos_token_ids: Collection[int]) -> None:
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_model_len = max_model_len
 
     def is_stop_token(self, params: SamplingParams, token_id: int) -> bool:
         """The rule: every id of ``stop_token_ids``, and the EOS ids unless ``ignore_eos``."""
@@ -43,7 +43,7 @@ class StopChecker:
         seq.stop_reason = self.stop_reason(params, token_id)
         return True
 
-    def check(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> SequenceStatus | None:
+    def check(self, seq: Sequence, params: SamplingParams, max_seq_len: int, num_new_chars: int) -> SequenceStatus | None:
         """After ``check_stop_token``: the status ``seq`` ends with once its newest token's text
         (``num_new_chars`` characters) is added, or ``None``; cuts the text at a stop string."""
         num_out = len(seq.output_token_ids)
@@ -52,7 +52,7 @@ class StopChecker:
                 return SequenceStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_out >= params.max_tokens:
             return SequenceStatus.FINISHED_LENGTH_CAPPED
-        if seq.num_tokens >= self.max_model_len:
+        if seq.num_tokens >= max_seq_len:
             return SequenceStatus.FINISHED_LENGTH_CAPPED
         return None
 
