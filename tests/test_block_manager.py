@@ -169,3 +169,39 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_block_manager_state_machine = BlockManagerMachine.TestCase
+
+
+def test_readmitted_group_keeps_its_cached_blocks_and_shares_its_prompt():
+    """A forked group preempted by recompute: re-admitted, each sequence gets back its own cached
+    blocks (a sibling's fresh blocks may not evict them) and the prompt's blocks are shared."""
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=8, watermark=0.0)
+    group = SequenceGroup("r", None, list(range(8)), SamplingParams(), 4, 0.0)
+    bm.allocate(group, bm.can_allocate(group)[1])
+    parent = group.seqs[0]
+    parent.status = SequenceStatus.RUNNING
+    bm.cache_full_blocks(parent, 8)
+    parent.num_computed_tokens = 8
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    group.seqs.append(child)
+    for seq, first in ((parent, 100), (child, 200)):  # each fills a block of its own, then one token more
+        for token in range(first, first + 5):
+            seq.append_token(token, 0.0)
+            bm.append_slots(seq)
+            bm.cache_full_blocks(seq, seq.num_tokens)
+            seq.num_computed_tokens = seq.num_tokens
+    child_full_block = bm.get_block_table(child)[2]
+    for seq in (child, parent):  # preempted
+        bm.free(seq)
+        seq.reset_for_recompute()
+    # The child's cached block is the least recently freed: the next fresh block would evict it.
+    bm.allocator.free_blocks.move_to_end(child_full_block, last=False)
+    status, plans = bm.can_allocate(group)
+    assert status == AllocStatus.OK
+    bm.allocate(group, plans)
+    tables = [bm.get_block_table(seq) for seq in group.seqs]
+    assert tables[0][:2] == tables[1][:2] and not set(tables[0][2:]) & set(tables[1][2:])
+    for seq, table in zip(group.seqs, tables):
+        for i in range(seq.num_computed_tokens // 4):  # every block counted computed holds its own tokens
+            assert bm.allocator.block_keys[table[i]] == seq.block_key(i)
+    assert bm.num_free_blocks == 8 - 6  # 2 shared prompt blocks + 2 × (a full block and a partial one)

@@ -38,22 +38,28 @@ _request = st.tuples(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     requests=st.lists(_request, min_size=1, max_size=4),
     block_size=st.sampled_from([8, 16]),
     num_kv_blocks=st.integers(1, 16),
     enable_prefix_caching=st.booleans(),
     max_num_batched_tokens=st.sampled_from([16, 48, 2048]),
+    pattern=st.sampled_from(["distinct", "shared prefix", "one token repeated"]),
 )
 def test_tight_cache_gives_the_roomy_outputs_or_refuses_up_front(
-    llama_dir, requests, block_size, num_kv_blocks, enable_prefix_caching, max_num_batched_tokens
+    llama_dir, requests, block_size, num_kv_blocks, enable_prefix_caching, max_num_batched_tokens, pattern
 ):
+    def token(i: int, j: int) -> int:
+        if pattern == "one token repeated":
+            return i + 3
+        return (3 * j + (0 if pattern == "shared prefix" else 7 * i)) % 300 + 3
+
     prompts, params = [], []
     for i, (kind, n, extra, prompt_len, max_tokens) in enumerate(requests):
         if kind == "beam":
             n = max(n, 2) - extra  # a beam width of at least 2
-        prompts.append({"prompt_token_ids": [BOS] + [(7 * i + 3 * j) % 300 + 3 for j in range(prompt_len - 1)]})
+        prompts.append({"prompt_token_ids": [BOS] + [token(i, j) for j in range(prompt_len - 1)]})
         params.append(_params(kind, n, extra, max_tokens, seed=i))
     tight = _llm(llama_dir, block_size=block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
                  max_num_seqs=16, max_num_batched_tokens=max_num_batched_tokens)

@@ -155,17 +155,21 @@ class BlockSpaceManager:
         """Give each waiting sequence a block table covering all its tokens, starting with the
         blocks its plan (from ``can_allocate``) names, and mark those tokens computed; a sequence
         that shares blocks its group has yet to compute waits for them (``Sequence.waits_for``)."""
-        for seq in seq_group.get_seqs(SequenceStatus.WAITING):
+        waiting = seq_group.get_seqs(SequenceStatus.WAITING)
+        for seq in waiting:  # every planned cached block first, so no fresh block below evicts one
+            for block in plans[seq.seq_id].cached_blocks:
+                self.allocator.incref(block)
+        for seq in waiting:
             plan = plans[seq.seq_id]
             if plan.shares_with is not None:
                 table = self.block_tables[plan.shares_with.seq_id][: plan.num_shared_blocks]
+                for block in table:
+                    self.allocator.incref(block)
                 if plan.waits:
                     seq.waits_for = (plan.shares_with, plan.num_shared_blocks * self.block_size)
             else:
                 table = list(plan.cached_blocks)
                 self.num_hit_tokens += len(table) * self.block_size
-            for block in table:
-                self.allocator.incref(block)
             seq.num_computed_tokens = len(table) * self.block_size
             self.num_queried_tokens += seq.num_tokens
             table += [self.allocator.allocate() for _ in range(seq.num_logical_blocks - len(table))]
