@@ -146,14 +146,25 @@ def test_recomputed_beams_catch_up_then_sample_together():
     group = _beam_group(6, width=2)
     scheduler.add_seq_group(group)
     finish_step(scheduler.schedule())
-    _fork_beams(group, scheduler.block_manager, [[5, 9, 4], [8]])
+    _fork_beams(group, scheduler.block_manager, [[5, 9, 4], [8]])  # 10 and 8 tokens; one full block in common
     scheduler._preempt(scheduler.running.popleft())
-    # Re-admitted, each beam first computes all but its last token (9 and 7 tokens)...
+
+    def run(out):
+        for scheduled in out.scheduled_seq_groups:
+            for seq, chunk in scheduled.token_chunks.items():
+                seq.num_computed_tokens += chunk
+
+    # Re-admitted, the second beam shares the first's first block and waits until it is written;
+    # each beam computes all but its last token (9, then 8 - 4 - 1)...
     out = scheduler.schedule()
-    assert chunks_of(out) == {"beam": [9, 7]}
-    for scheduled in out.scheduled_seq_groups:
-        for seq, chunk in scheduled.token_chunks.items():
-            seq.num_computed_tokens += chunk
+    first, second = group.seqs
+    bm = scheduler.block_manager
+    assert bm.get_block_table(first)[0] == bm.get_block_table(second)[0]
+    assert chunks_of(out) == {"beam": [9]}
+    run(out)
+    out = scheduler.schedule()
+    assert chunks_of(out) == {"beam": [3]}
+    run(out)
     # ...then both compute their last token in one step, where the group samples.
     assert chunks_of(scheduler.schedule()) == {"beam": [1, 1]}
 
