@@ -470,12 +470,29 @@ def test_layer_reference_equals_kernel(op):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-5 if a.dtype == torch.float32 else 0)
 
 
+def _without_backend_variables():
+    return {k: v for k, v in os.environ.items() if k not in ("PAGEDLM_OPS_BACKEND", "PAGEDLM_ATTENTION_BACKEND")}
+
+
 @pytest.mark.parametrize("forced", [False, True])
 def test_backend_selection(forced):
-    env = {k: v for k, v in os.environ.items() if k != "PAGEDLM_ATTENTION_BACKEND"}
+    env = _without_backend_variables()
     if forced:
-        env["PAGEDLM_ATTENTION_BACKEND"] = "torch-reference"
-    probe = "import pagedlm.ops as o; print(o.BACKEND, o.backend_for('cpu'), o.paged_attention.__module__)"
+        env["PAGEDLM_OPS_BACKEND"] = "torch-reference"
+    probe = "import pagedlm.ops as o; print(o.EXTENSION_LOADED, o.backend_for('cpu'), o.paged_attention.__module__)"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    expected = "torch-reference torch-reference pagedlm.ops.reference" if forced else "cpu cpu torch._ops.pagedlm"
+    expected = "False torch-reference pagedlm.ops.reference" if forced else "True cpu torch._ops.pagedlm"
     assert result.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("PAGEDLM_OPS_BACKEND", "cpu", "PAGEDLM_OPS_BACKEND='cpu': the only accepted value is 'torch-reference'"),
+        ("PAGEDLM_ATTENTION_BACKEND", "torch-reference", "PAGEDLM_ATTENTION_BACKEND was renamed to PAGEDLM_OPS_BACKEND"),
+    ],
+)
+def test_backend_variable_errors(name, value, message):
+    env = {**_without_backend_variables(), name: value}
+    result = subprocess.run([sys.executable, "-c", "import pagedlm.ops"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and f"ValueError: {message}" in result.stderr

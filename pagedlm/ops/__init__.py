@@ -1,4 +1,4 @@
-"""Model ops: one interface, three backends ("cuda", "cpu", "torch-reference").
+"""Model ops: one interface; on each device the C++/CUDA kernels of ``pagedlm._C`` or the torch reference.
 
 KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow it):
 
@@ -65,9 +65,12 @@ attention tensors live on one device (``swap_blocks`` may cross devices on CUDA)
 need ``head_size % 16 == 0``; the CUDA kernels ``head_size <= 256`` with ``head_size`` times the
 element size a multiple of 16 bytes (they read K/V rows as 16-byte vectors).
 
-Backends: the extension handles CPU tensors and, when built with CUDA, CUDA tensors (dispatch picks
-the kernel from the tensors' device, see ``backend_for``). Without the extension, or with
-``PAGEDLM_ATTENTION_BACKEND=torch-reference``, the ops are the pure-torch reference.
+Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
+and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
+for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
+"torch-reference" (the reference is registered for CUDA then, as it always is for ``sample``).
+Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
+reference on every device.
 """
 
 import os
@@ -94,12 +97,17 @@ _OP_NAMES = (
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
 
-def _select_backend() -> str:
-    requested = os.environ.get("PAGEDLM_ATTENTION_BACKEND", "")
+def _load_extension() -> bool:
+    if "PAGEDLM_ATTENTION_BACKEND" in os.environ:
+        raise ValueError(
+            "PAGEDLM_ATTENTION_BACKEND was renamed to PAGEDLM_OPS_BACKEND (it selects the backend of every op, "
+            "not just attention); set that instead"
+        )
+    requested = os.environ.get("PAGEDLM_OPS_BACKEND", "")
     if requested == "torch-reference":
-        return requested
+        return False
     if requested:
-        raise ValueError(f"PAGEDLM_ATTENTION_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
+        raise ValueError(f"PAGEDLM_OPS_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
     try:
         import pagedlm._C  # noqa: F401  (registers torch.ops.pagedlm.*)
     except ImportError as exc:
@@ -108,14 +116,16 @@ def _select_backend() -> str:
             f"reference. To use the C++/CUDA kernels, {_BUILD_HINT}.",
             stacklevel=3,
         )
-        return "torch-reference"
-    return "cpu"
+        return False
+    return True
 
 
-BACKEND = _select_backend()
-_CUDA_KERNELS = BACKEND == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key("pagedlm::paged_attention", "CUDA")
+EXTENSION_LOADED = _load_extension()
+_CUDA_KERNELS = EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "pagedlm::paged_attention", "CUDA"
+)
 
-if BACKEND == "cpu" and torch.cuda.is_available():
+if EXTENSION_LOADED and torch.cuda.is_available():
     if not _CUDA_KERNELS:
         warnings.warn(
             f"pagedlm._C was built without CUDA kernels; ops on CUDA tensors use the torch reference. To get "
@@ -131,8 +141,8 @@ if BACKEND == "cpu" and torch.cuda.is_available():
 
 def backend_for(device: torch.device | str) -> str:
     """The backend that runs the ops on tensors of ``device``: "cuda", "cpu" or "torch-reference"."""
-    if BACKEND == "torch-reference":
-        return BACKEND
+    if not EXTENSION_LOADED:
+        return "torch-reference"
     if torch.device(device).type == "cuda":
         return "cuda" if _CUDA_KERNELS else "torch-reference"
     return "cpu"
@@ -141,7 +151,7 @@ def backend_for(device: torch.device | str) -> str:
 def _implementations() -> object:
     """Where the ops come from: the reference module, or the registered ``torch.ops.pagedlm``
     overloads (which take the same arguments as the reference functions)."""
-    if BACKEND == "torch-reference":
+    if not EXTENSION_LOADED:
         return reference
     return SimpleNamespace(**{name: getattr(torch.ops.pagedlm, name).default for name in _OP_NAMES})
 
@@ -159,4 +169,4 @@ silu_and_mul = _impl.silu_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 
-__all__ = ["BACKEND", "backend_for", *_OP_NAMES]
+__all__ = ["EXTENSION_LOADED", "backend_for", *_OP_NAMES]
