@@ -194,19 +194,6 @@ def test_copy_blocks(device):
         assert torch.equal(got[untouched], want[untouched])
 
 
-@pytest.mark.parametrize(
-    "src_device, dst_device",
-    [("cpu", "cpu"), pytest.param("cpu", "cuda", marks=CUDA.marks), pytest.param("cuda", "cpu", marks=CUDA.marks)],
-)
-def test_swap_blocks(src_device, dst_device):
-    (src,), (dst,) = block_caches(1, 9, src_device, seed=0), block_caches(1, 14, dst_device, seed=1)
-    mapping = torch.tensor([[0, 13], [8, 2], [4, 5]], dtype=torch.int64)
-    expect = dst.cpu().clone()
-    reference.swap_blocks(src.cpu(), expect, mapping)
-    torch.ops.pagedlm.swap_blocks(src, dst, mapping)
-    assert torch.equal(dst.cpu(), expect)
-
-
 def test_rejects_contract_violations():
     key_cache, value_cache, tables, lens = paged_kv([20], 16, 2, 64, torch.float32, "cpu", 0)
     query = torch.randn(1, 4, 64)
@@ -222,7 +209,7 @@ def test_rejects_contract_violations():
     with pytest.raises(RuntimeError, match="is not a cache block"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, bad_tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.pagedlm.swap_blocks(key_cache, value_cache, torch.tensor([[0, 99]]))
+        torch.ops.pagedlm.copy_blocks([key_cache], [value_cache], torch.tensor([[0, 99]]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,7 +230,6 @@ def test_opcheck(device):
             (torch.empty_like(prompt), prompt, key_cache, value_cache, tables, cu_seqlens_q, lens, 0.125),
         ),
         (ops.copy_blocks.default, ([key_cache.clone()], [value_cache.clone()], mapping)),
-        (ops.swap_blocks.default, (key_cache, value_cache.clone(), mapping.cpu())),
         (ops.rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
         (ops.fused_add_rms_norm.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
         (ops.rotary_embedding.default, (torch.tensor([0, 9, 3], device=device), query[:1].expand(3, 4, 64).clone(),

@@ -24,9 +24,9 @@ Ops:
   scale)``: causal varlen attention; the query rows of sequence ``b`` are its last
   ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its first ``seq_lens[b]``.
   ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
-* ``copy_blocks(key_caches, value_caches, block_mapping)``: lists with one key and one value cache
-  per layer; every layer in one call. ``swap_blocks(src, dst, block_mapping)``: between two caches,
-  e.g. device and CPU. Both copy whole blocks by ``int64 [n, 2]`` (src, dst) pairs.
+* ``copy_blocks(key_caches, value_caches, block_mapping)``: copies whole blocks within each cache
+  by ``int64 [n, 2]`` (src, dst) pairs; lists with one key and one value cache per layer, every
+  layer in one call.
 
 Fused layer ops (in place or into ``out``; rows are ``[num_tokens, ...]`` and may be strided views,
 last dimension contiguous). Each rounds its intermediates to the model dtype exactly where Hugging
@@ -61,9 +61,9 @@ Sampling op:
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
-attention tensors live on one device (``swap_blocks`` may cross devices on CUDA). The CPU kernels
-need ``head_size % 16 == 0``; the CUDA kernels ``head_size <= 256`` with ``head_size`` times the
-element size a multiple of 16 bytes (they read K/V rows as 16-byte vectors).
+attention tensors live on one device. The CPU kernels need ``head_size % 16 == 0``; the CUDA
+kernels ``head_size <= 256`` with ``head_size`` times the element size a multiple of 16 bytes (they
+read K/V rows as 16-byte vectors).
 
 Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
 and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
@@ -86,7 +86,6 @@ _OP_NAMES = (
     "paged_attention",
     "paged_prefill_attention",
     "copy_blocks",
-    "swap_blocks",
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
@@ -161,7 +160,6 @@ reshape_and_cache = _impl.reshape_and_cache
 paged_attention = _impl.paged_attention
 paged_prefill_attention = _impl.paged_prefill_attention
 copy_blocks = _impl.copy_blocks
-swap_blocks = _impl.swap_blocks
 rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
