@@ -208,6 +208,8 @@ def test_rejects_contract_violations():
     bad_tables[0, 1] = key_cache.shape[0]
     with pytest.raises(RuntimeError, match="is not a cache block"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, bad_tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="one query row per sequence"):
+        torch.ops.pagedlm.paged_attention(out.repeat(2, 1, 1), query.repeat(2, 1, 1), key_cache, value_cache, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.pagedlm.copy_blocks([key_cache], [value_cache], torch.tensor([[0, 99]]))
 

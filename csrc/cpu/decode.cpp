@@ -155,6 +155,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale) {
   check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   TORCH_CHECK(query.size(2) % kHeadSizeMultiple == 0, "head_size must be a multiple of ", kHeadSizeMultiple);
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
     decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale));

@@ -54,6 +54,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale) {
   const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
   // The block table width bounds every context, so the grid is sized without reading seq_lens.
   const int partitions = decode_partitions(block_tables.size(1) * p.block_size);
