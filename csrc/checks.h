@@ -63,22 +63,16 @@ inline void check_cache_write(const at::Tensor& key, const at::Tensor& value, co
 }
 
 // The (src, dst) rows of block_mapping as a contiguous host tensor, bounds-checked.
-inline at::Tensor host_block_pairs(const at::Tensor& block_mapping, int64_t src_blocks, int64_t dst_blocks) {
+inline at::Tensor host_block_pairs(const at::Tensor& block_mapping, int64_t num_blocks) {
   TORCH_CHECK(block_mapping.dim() == 2 && block_mapping.size(1) == 2, "block_mapping must be [n, 2]");
   TORCH_CHECK(block_mapping.scalar_type() == at::kLong, "block_mapping must be int64");
   at::Tensor pairs = block_mapping.cpu().contiguous();
   const int64_t* p = pairs.data_ptr<int64_t>();
   for (int64_t i = 0; i < pairs.size(0); ++i) {
-    TORCH_CHECK(p[2 * i] >= 0 && p[2 * i] < src_blocks && p[2 * i + 1] >= 0 && p[2 * i + 1] < dst_blocks,
+    TORCH_CHECK(p[2 * i] >= 0 && p[2 * i] < num_blocks && p[2 * i + 1] >= 0 && p[2 * i + 1] < num_blocks,
                 "block_mapping row ", i, " is out of range");
   }
   return pairs;
-}
-
-inline void check_block_caches(const at::Tensor& src, const at::Tensor& dst) {
-  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous(), "block copies need contiguous caches");
-  TORCH_CHECK(src.dim() >= 1 && src.sizes().slice(1) == dst.sizes().slice(1), "src and dst block shapes differ");
-  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "src and dst dtypes differ");
 }
 
 // [num_tokens, hidden] rows (a row stride is allowed) normalised by a [hidden] weight.

@@ -16,7 +16,6 @@ TORCH_LIBRARY(pagedlm, m) {
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale) -> ()");
   m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
-  m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
@@ -37,7 +36,6 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("paged_prefill_attention", [](at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("copy_blocks", [](at::TensorList, at::TensorList, const at::Tensor&) {});
-  m.impl("swap_blocks", [](const at::Tensor&, at::Tensor&, const at::Tensor&) {});
   m.impl("rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});

@@ -194,19 +194,6 @@ def test_copy_blocks(device):
         assert torch.equal(got[untouched], want[untouched])
 
 
-@pytest.mark.parametrize(
-    "src_device, dst_device",
-    [("cpu", "cpu"), pytest.param("cpu", "cuda", marks=CUDA.marks), pytest.param("cuda", "cpu", marks=CUDA.marks)],
-)
-def test_swap_blocks(src_device, dst_device):
-    (src,), (dst,) = block_caches(1, 9, src_device, seed=0), block_caches(1, 14, dst_device, seed=1)
-    mapping = torch.tensor([[0, 13], [8, 2], [4, 5]], dtype=torch.int64)
-    expect = dst.cpu().clone()
-    reference.swap_blocks(src.cpu(), expect, mapping)
-    torch.ops.pagedlm.swap_blocks(src, dst, mapping)
-    assert torch.equal(dst.cpu(), expect)
-
-
 def test_rejects_contract_violations():
     key_cache, value_cache, tables, lens = paged_kv([20], 16, 2, 64, torch.float32, "cpu", 0)
     query = torch.randn(1, 4, 64)
@@ -221,8 +208,10 @@ def test_rejects_contract_violations():
     bad_tables[0, 1] = key_cache.shape[0]
     with pytest.raises(RuntimeError, match="is not a cache block"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, bad_tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="one query row per sequence"):
+        torch.ops.pagedlm.paged_attention(out.repeat(2, 1, 1), query.repeat(2, 1, 1), key_cache, value_cache, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.pagedlm.swap_blocks(key_cache, value_cache, torch.tensor([[0, 99]]))
+        torch.ops.pagedlm.copy_blocks([key_cache], [value_cache], torch.tensor([[0, 99]]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,7 +232,6 @@ def test_opcheck(device):
             (torch.empty_like(prompt), prompt, key_cache, value_cache, tables, cu_seqlens_q, lens, 0.125),
         ),
         (ops.copy_blocks.default, ([key_cache.clone()], [value_cache.clone()], mapping)),
-        (ops.swap_blocks.default, (key_cache, value_cache.clone(), mapping.cpu())),
         (ops.rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
         (ops.fused_add_rms_norm.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
         (ops.rotary_embedding.default, (torch.tensor([0, 9, 3], device=device), query[:1].expand(3, 4, 64).clone(),
@@ -470,12 +458,29 @@ def test_layer_reference_equals_kernel(op):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-5 if a.dtype == torch.float32 else 0)
 
 
+def _without_backend_variables():
+    return {k: v for k, v in os.environ.items() if k not in ("PAGEDLM_OPS_BACKEND", "PAGEDLM_ATTENTION_BACKEND")}
+
+
 @pytest.mark.parametrize("forced", [False, True])
 def test_backend_selection(forced):
-    env = {k: v for k, v in os.environ.items() if k != "PAGEDLM_ATTENTION_BACKEND"}
+    env = _without_backend_variables()
     if forced:
-        env["PAGEDLM_ATTENTION_BACKEND"] = "torch-reference"
-    probe = "import pagedlm.ops as o; print(o.BACKEND, o.backend_for('cpu'), o.paged_attention.__module__)"
+        env["PAGEDLM_OPS_BACKEND"] = "torch-reference"
+    probe = "import pagedlm.ops as o; print(o.EXTENSION_LOADED, o.backend_for('cpu'), o.paged_attention.__module__)"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    expected = "torch-reference torch-reference pagedlm.ops.reference" if forced else "cpu cpu torch._ops.pagedlm"
+    expected = "False torch-reference pagedlm.ops.reference" if forced else "True cpu torch._ops.pagedlm"
     assert result.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("PAGEDLM_OPS_BACKEND", "cpu", "PAGEDLM_OPS_BACKEND='cpu': the only accepted value is 'torch-reference'"),
+        ("PAGEDLM_ATTENTION_BACKEND", "torch-reference", "PAGEDLM_ATTENTION_BACKEND was renamed to PAGEDLM_OPS_BACKEND"),
+    ],
+)
+def test_backend_variable_errors(name, value, message):
+    env = {**_without_backend_variables(), name: value}
+    result = subprocess.run([sys.executable, "-c", "import pagedlm.ops"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and f"ValueError: {message}" in result.stderr

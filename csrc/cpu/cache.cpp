@@ -36,51 +36,27 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   });
 }
 
-namespace {
-
-// One cache to copy blocks within or between; block i is the contiguous cache[i].
-struct BlockSpan {
-  const char* src;
-  char* dst;
-  int64_t block_bytes;
-};
-
-void copy_pairs(const std::vector<BlockSpan>& spans, const at::Tensor& pairs) {
-  const int64_t* p = pairs.data_ptr<int64_t>();
-  const int64_t n = pairs.size(0);
-  at::parallel_for(0, static_cast<int64_t>(spans.size()) * n, 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const BlockSpan& c = spans[i / n];
-      const int64_t j = i % n;
-      std::memcpy(c.dst + p[2 * j + 1] * c.block_bytes, c.src + p[2 * j] * c.block_bytes, c.block_bytes);
-    }
-  });
-}
-
-BlockSpan span(const at::Tensor& src, const at::Tensor& dst) {
-  return {static_cast<const char*>(src.data_ptr()), static_cast<char*>(dst.data_ptr()),
-          src.stride(0) * src.element_size()};
-}
-
-}  // namespace
-
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping) {
   TORCH_CHECK(key_caches.size() == value_caches.size(), "need as many key caches as value caches");
   if (key_caches.empty()) return;
-  std::vector<BlockSpan> spans;
+  std::vector<at::Tensor> caches;
   for (size_t layer = 0; layer < key_caches.size(); ++layer) {
     check_cache_pair(key_caches[layer], value_caches[layer]);
     TORCH_CHECK(key_caches[layer].size(0) == key_caches[0].size(0), "all layers must have the same number of blocks");
-    spans.push_back(span(key_caches[layer], key_caches[layer]));
-    spans.push_back(span(value_caches[layer], value_caches[layer]));
+    caches.push_back(key_caches[layer]);
+    caches.push_back(value_caches[layer]);
   }
-  const int64_t num_blocks = key_caches[0].size(0);
-  copy_pairs(spans, host_block_pairs(block_mapping, num_blocks, num_blocks));
-}
-
-void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
-  check_block_caches(src, dst);
-  copy_pairs({span(src, dst)}, host_block_pairs(block_mapping, src.size(0), dst.size(0)));
+  const at::Tensor pairs = host_block_pairs(block_mapping, key_caches[0].size(0));
+  const int64_t* p = pairs.data_ptr<int64_t>();
+  const int64_t n = pairs.size(0);
+  at::parallel_for(0, static_cast<int64_t>(caches.size()) * n, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const at::Tensor& cache = caches[i / n];
+      const int64_t j = i % n, block_bytes = cache.stride(0) * cache.element_size();
+      char* base = static_cast<char*>(cache.data_ptr());
+      std::memcpy(base + p[2 * j + 1] * block_bytes, base + p[2 * j] * block_bytes, block_bytes);
+    }
+  });
 }
 
 }  // namespace pagedlm::cpu

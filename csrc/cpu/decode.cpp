@@ -66,33 +66,23 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
 template <typename T>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
             const at::Tensor& block_tables, const at::Tensor& seq_lens, float scale) {
-  const int num_seqs = query.size(0), num_heads = query.size(1), D = query.size(2);
-  const int num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
-  const PagedKV<T> kv{key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), key_cache.stride(0),
-                      static_cast<int>(key_cache.size(2)), D};
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int64_t table_stride = block_tables.stride(0);
-  const T* q_ptr = query.data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
-  const int64_t q_stride0 = query.stride(0), q_stride1 = query.stride(1);
-  const int64_t out_stride0 = out.stride(0), out_stride1 = out.stride(1);
+  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  const int num_seqs = p.num_seqs, num_heads = p.num_heads, D = p.kv.head_size;
 
   // Partial results of multi-partition sequences: row (first_part[s] + part) * num_heads + head.
   std::vector<int> parts(num_seqs);
   std::vector<int64_t> first_part(num_seqs, -1);
   int64_t num_partials = 0, num_parts = 0;
   for (int s = 0; s < num_seqs; ++s) {
-    check_block_table(tables + s * table_stride, block_tables.size(1), lens[s], kv.block_size, key_cache.size(0), s);
-    parts[s] = std::max(1, (lens[s] + kPartitionSize - 1) / kPartitionSize);
+    parts[s] = std::max(1, (p.seq_lens[s] + kPartitionSize - 1) / kPartitionSize);
     if (parts[s] > 1) first_part[s] = num_partials, num_partials += parts[s];
     num_parts += parts[s];
   }
-  const int span = kv_heads_per_item(num_kv_heads, num_parts);
+  const int span = kv_heads_per_item(p.num_kv_heads, num_parts);
   std::vector<Item> items;
   for (int s = 0; s < num_seqs; ++s)
-    for (int p = 0; p < parts[s]; ++p)
-      for (int h = 0; h < num_kv_heads; h += span) items.push_back({s, p, h, h + span});
+    for (int part = 0; part < parts[s]; ++part)
+      for (int h = 0; h < p.num_kv_heads; h += span) items.push_back({s, part, h, h + span});
   const at::Tensor partials = at::empty({num_partials * num_heads, D + 2}, query.options().dtype(at::kFloat));
   float* partial_acc = partials.data_ptr<float>();
   float* partial_max = partial_acc + num_partials * num_heads * D;
@@ -100,30 +90,29 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
 
   parallel_items(items.size(), [&](int64_t i) {
     const auto [s, part, kv_begin, kv_end] = items[i];
-    const int heads = (kv_end - kv_begin) * group, h0 = kv_begin * group;
+    const int heads = (kv_end - kv_begin) * p.group, h0 = kv_begin * p.group;
     thread_local std::vector<float> scratch;
-    scratch.resize(heads * (2 * D + 2) + kMaxHeadChunk * kv.block_size);
+    scratch.resize(heads * (2 * D + 2) + kMaxHeadChunk * p.kv.block_size);
     float* q = scratch.data();
-    for (int h = 0; h < heads; ++h)
-      to_fp32_scaled(q + h * D, q_ptr + s * q_stride0 + (h0 + h) * q_stride1, scale, D);
-    const T* q_raw = raw_queries(q_ptr + s * q_stride0 + h0 * q_stride1, q_stride0, 1, q_stride1, heads, D);
-    const int begin = part * kPartitionSize, end = std::min<int>(lens[s], begin + kPartitionSize);
-    const int32_t* table = tables + s * table_stride;
+    for (int h = 0; h < heads; ++h) to_fp32_scaled(q + h * D, p.query_row(s, h0 + h), p.scale, D);
+    const T* q_raw = raw_queries(p.query_row(s, h0), p.query_stride[0], 1, p.query_stride[1], heads, D);
+    const int begin = part * kPartitionSize, end = std::min<int>(p.seq_lens[s], begin + kPartitionSize);
+    const int32_t* table = p.block_table(s);
     float* acc = q + heads * D;
     float* max = acc + heads * D;
     float* sum = max + heads;
     float* logits = sum + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
-      attend_partition(kv, table, kv_begin, kv_end, begin, end, q, q_raw, scale, group, logits,
+      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.group, logits,
                        partial_acc + row * D, partial_max + row, partial_sum + row);
       return;
     }
-    attend_partition(kv, table, kv_begin, kv_end, begin, end, q, q_raw, scale, group, logits, acc, max, sum);
+    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.group, logits, acc, max, sum);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
       const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
-      store_scaled(out_ptr + s * out_stride0 + (h0 + h) * out_stride1, acc + h * D, inv, D);
+      store_scaled(p.out_row(s, h0 + h), acc + h * D, inv, D);
     }
   });
 
@@ -135,16 +124,17 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
       if (first_part[s] < 0) continue;
       const int64_t row0 = first_part[s] * num_heads + h;
       float global_max = -std::numeric_limits<float>::infinity();
-      for (int p = 0; p < parts[s]; ++p) global_max = std::max(global_max, partial_max[row0 + p * num_heads]);
+      for (int part = 0; part < parts[s]; ++part)
+        global_max = std::max(global_max, partial_max[row0 + part * num_heads]);
       std::fill(acc.begin(), acc.end(), 0.f);
       float total = 0.f;
-      for (int p = 0; p < parts[s]; ++p) {
-        const int64_t row = row0 + p * num_heads;
+      for (int part = 0; part < parts[s]; ++part) {
+        const int64_t row = row0 + part * num_heads;
         const float w = std::exp(partial_max[row] - global_max);
         total += w * partial_sum[row];
         axpy(acc.data(), w, partial_acc + row * D, D);
       }
-      store_scaled(out_ptr + s * out_stride0 + h * out_stride1, acc.data(), 1.f / total, D);
+      store_scaled(p.out_row(s, h), acc.data(), 1.f / total, D);
     }
   });
 }
@@ -155,6 +145,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale) {
   check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   TORCH_CHECK(query.size(2) % kHeadSizeMultiple == 0, "head_size must be a multiple of ", kHeadSizeMultiple);
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
     decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale));

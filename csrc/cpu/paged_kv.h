@@ -1,6 +1,8 @@
 #pragma once
-// Addressing of one layer's paged KV cache, [num_blocks, num_kv_heads, block_size, head_size].
+// Addressing of one layer's paged KV cache, [num_blocks, num_kv_heads, block_size, head_size], and
+// the tensors of one attention call over it.
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -30,6 +32,55 @@ inline void check_block_table(const int32_t* table, int64_t table_width, int len
     TORCH_CHECK(table[i] >= 0 && table[i] < num_blocks, "block_tables[", seq, ", ", i, "] = ", table[i],
                 " is not a cache block");
   }
+}
+
+// The tensors of one decode or prefill call as pointers and strides (in elements), like CUDA's
+// AttentionParams in cuda/launchers.h.
+template <typename T>
+struct AttentionParams {
+  T* out;
+  const T* query;
+  PagedKV<T> kv;
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int group;  // query heads per KV head
+  int64_t query_stride[2];  // token, head
+  int64_t out_stride[2];
+  int64_t table_stride;
+  float scale;
+
+  const T* query_row(int64_t token, int head) const { return query + token * query_stride[0] + head * query_stride[1]; }
+  T* out_row(int64_t token, int head) const { return out + token * out_stride[0] + head * out_stride[1]; }
+  const int32_t* block_table(int seq) const { return block_tables + seq * table_stride; }
+};
+
+// For tensors that passed check_attention; also checks every sequence's block table.
+template <typename T>
+AttentionParams<T> make_attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                         const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, float scale) {
+  const int num_heads = query.size(1), num_kv_heads = key_cache.size(1);
+  const AttentionParams<T> p{out.data_ptr<T>(),
+                             query.data_ptr<T>(),
+                             {key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), key_cache.stride(0),
+                              static_cast<int>(key_cache.size(2)), static_cast<int>(query.size(2))},
+                             block_tables.data_ptr<int32_t>(),
+                             seq_lens.data_ptr<int32_t>(),
+                             static_cast<int>(seq_lens.size(0)),
+                             num_heads,
+                             num_kv_heads,
+                             num_heads / num_kv_heads,
+                             {query.stride(0), query.stride(1)},
+                             {out.stride(0), out.stride(1)},
+                             block_tables.stride(0),
+                             scale};
+  for (int s = 0; s < p.num_seqs; ++s) {
+    check_block_table(p.block_table(s), block_tables.size(1), p.seq_lens[s], p.kv.block_size, key_cache.size(0), s);
+  }
+  return p;
 }
 
 // Blocks are scattered over the cache, which defeats the hardware prefetcher at every block

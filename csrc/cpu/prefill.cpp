@@ -32,32 +32,21 @@ template <typename T>
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
              const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
              float scale) {
-  const int num_seqs = seq_lens.size(0), num_heads = query.size(1), D = query.size(2);
-  const int num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
-  const PagedKV<T> kv{key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), key_cache.stride(0),
-                      static_cast<int>(key_cache.size(2)), D};
-  const int bs = kv.block_size;
+  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int64_t table_stride = block_tables.stride(0);
-  const T* q_ptr = query.data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
-  const int64_t q_stride0 = query.stride(0), q_stride1 = query.stride(1);
-  const int64_t out_stride0 = out.stride(0), out_stride1 = out.stride(1);
 
   std::vector<Tile> tiles;
-  for (int s = 0; s < num_seqs; ++s) {
+  for (int s = 0; s < p.num_seqs; ++s) {
     const int q_len = starts[s + 1] - starts[s];
-    TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "sequence ", s, " has more query rows than cached tokens");
-    check_block_table(tables + s * table_stride, block_tables.size(1), lens[s], bs, key_cache.size(0), s);
-    const int context = lens[s] - q_len;
+    TORCH_CHECK(q_len >= 0 && q_len <= p.seq_lens[s], "sequence ", s, " has more query rows than cached tokens");
+    const int context = p.seq_lens[s] - q_len;
     for (int r0 = 0; r0 < q_len; r0 += kQueryTile) {
       const int rows = std::min(kQueryTile, q_len - r0);
-      for (int h = 0; h < num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * (context + r0 + rows)});
+      for (int h = 0; h < p.num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * (context + r0 + rows)});
     }
   }
-  TORCH_CHECK(tiles.empty() || starts[num_seqs] <= query.size(0), "cu_seqlens_q exceeds the query rows");
+  TORCH_CHECK(tiles.empty() || starts[p.num_seqs] <= query.size(0), "cu_seqlens_q exceeds the query rows");
   // Longest first, so the last tiles handed out are short ones.
   std::sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
 
@@ -76,8 +65,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     const int h0 = tile.kv_head * group;
     for (int r = 0; r < tile.rows; ++r)
       for (int g = 0; g < group; ++g)
-        to_fp32_scaled(q + (r * group + g) * D, q_ptr + (token0 + r) * q_stride0 + (h0 + g) * q_stride1, scale, D);
-    const T* q_raw = raw_queries(q_ptr + token0 * q_stride0 + h0 * q_stride1, q_stride0, tile.rows, q_stride1, group, D);
+        to_fp32_scaled(q + (r * group + g) * D, p.query_row(token0 + r, h0 + g), p.scale, D);
+    const T* q_raw = raw_queries(p.query_row(token0, h0), p.query_stride[0], tile.rows, p.query_stride[1], group, D);
     std::fill(acc, acc + M * D, 0.f);
     std::fill(row_max, row_max + M, -std::numeric_limits<float>::infinity());
     std::fill(row_sum, row_sum + M, 0.f);
@@ -86,29 +75,28 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     auto attend = [&](const T* k, const T* v, int m0, int count, int n) {
       for_each_head_chunk(count, [&](auto ng, int first) {
         const int m = m0 + first;
-        attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, scale, k, v, n, D, logits, bs, row_max + m,
+        attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, p.scale, k, v, n, D, logits, bs, row_max + m,
                           row_sum + m, acc + m * D);
       });
     };
 
     // Row r sits at position first_pos + r and sees keys 0 ..= first_pos + r.
-    const int first_pos = lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
+    const int first_pos = p.seq_lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
     const int last_pos = first_pos + tile.rows - 1;
-    const int32_t* table = tables + tile.seq * table_stride;
-    for_each_run(kv, table, tile.kv_head, tile.kv_head + 1, 0, last_pos + 1, {kv.key, kv.value},
+    for_each_run(p.kv, p.block_table(tile.seq), tile.kv_head, tile.kv_head + 1, 0, last_pos + 1, {p.kv.key, p.kv.value},
                  [&](int64_t row, int kb, int n, int) {
       // Rows before r_full see only part of this block (the causal diagonal); the rest see all of it.
       const int r_begin = std::max(0, kb - first_pos);
       const int r_full = std::clamp(kb + n - 1 - first_pos, r_begin, tile.rows);
-      const T* k = kv.key + row;
-      const T* v = kv.value + row;
+      const T* k = p.kv.key + row;
+      const T* v = p.kv.value + row;
       for (int r = r_begin; r < r_full; ++r) attend(k, v, r * group, group, first_pos + r - kb + 1);
       if (r_full < tile.rows) attend(k, v, r_full * group, (tile.rows - r_full) * group, n);
     });
     for (int r = 0; r < tile.rows; ++r)
       for (int g = 0; g < group; ++g) {
         const int m = r * group + g;
-        store_scaled(out_ptr + (token0 + r) * out_stride0 + (h0 + g) * out_stride1, acc + m * D, 1.f / row_sum[m], D);
+        store_scaled(p.out_row(token0 + r, h0 + g), acc + m * D, 1.f / row_sum[m], D);
       }
   });
 }

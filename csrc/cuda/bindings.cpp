@@ -54,6 +54,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale) {
   const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
   // The block table width bounds every context, so the grid is sized without reading seq_lens.
   const int partitions = decode_partitions(block_tables.size(1) * p.block_size);
@@ -98,7 +99,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
   if (key_caches.empty()) return;
   const at::Tensor& first = key_caches[0];
   TORCH_CHECK(first.is_cuda(), "expected CUDA caches");
-  const at::Tensor pairs = host_block_pairs(block_mapping, first.size(0), first.size(0));
+  const at::Tensor pairs = host_block_pairs(block_mapping, first.size(0));
   // One upload of [cache base addresses..., (src, dst) pairs...] for the whole call.
   std::vector<int64_t> table;
   for (size_t layer = 0; layer < key_caches.size(); ++layer) {
@@ -120,19 +121,6 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
   C10_CUDA_CHECK(launch_copy_blocks(addresses, static_cast<int>(num_caches), addresses + num_caches,
                                     static_cast<int>(pairs.size(0)), block_bytes,
                                     c10::cuda::getCurrentCUDAStream()));
-}
-
-void swap_blocks(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
-  check_block_caches(src, dst);
-  TORCH_CHECK(!(src.is_cuda() && dst.is_cuda()) || src.device() == dst.device(),
-              "swap_blocks between two GPUs is not supported");
-  const at::Tensor pairs = host_block_pairs(block_mapping, src.size(0), dst.size(0));
-  const cudaMemcpyKind kind = src.is_cuda() ? (dst.is_cuda() ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost)
-                                            : cudaMemcpyHostToDevice;
-  const c10::cuda::CUDAGuard guard(src.is_cuda() ? src.device() : dst.device());
-  C10_CUDA_CHECK(launch_swap_blocks(static_cast<const char*>(src.data_ptr()), static_cast<char*>(dst.data_ptr()),
-                                    pairs.data_ptr<int64_t>(), static_cast<int>(pairs.size(0)),
-                                    src.stride(0) * src.element_size(), kind, c10::cuda::getCurrentCUDAStream()));
 }
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
@@ -190,12 +178,13 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
 }  // namespace
 }  // namespace pagedlm::cuda
 
+// No CUDA kernel for `sample`: pagedlm/ops/__init__.py registers the torch reference for CUDA at
+// import time (`_reference_on_cuda`), for every op this file does not register.
 TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedlm::cuda::paged_attention);
   m.impl("paged_prefill_attention", &pagedlm::cuda::paged_prefill_attention);
   m.impl("copy_blocks", &pagedlm::cuda::copy_blocks);
-  m.impl("swap_blocks", &pagedlm::cuda::swap_blocks);
   m.impl("rms_norm", &pagedlm::cuda::rms_norm);
   m.impl("fused_add_rms_norm", &pagedlm::cuda::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagedlm::cuda::rotary_embedding);

@@ -64,14 +64,4 @@ cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, c
   return cudaGetLastError();
 }
 
-cudaError_t launch_swap_blocks(const char* src, char* dst, const int64_t* pairs, int num_pairs, int64_t block_bytes,
-                               cudaMemcpyKind kind, cudaStream_t stream) {
-  for (int i = 0; i < num_pairs; ++i) {
-    const cudaError_t err = cudaMemcpyAsync(dst + pairs[2 * i + 1] * block_bytes, src + pairs[2 * i] * block_bytes,
-                                            block_bytes, kind, stream);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
-}
-
 }  // namespace pagedlm::cuda

@@ -54,10 +54,6 @@ cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* k
 cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, const int64_t* pairs, int num_pairs,
                                int64_t block_bytes, cudaStream_t stream);
 
-// Block copies between two caches on any devices; pairs live on the host.
-cudaError_t launch_swap_blocks(const char* src, char* dst, const int64_t* pairs, int num_pairs, int64_t block_bytes,
-                               cudaMemcpyKind kind, cudaStream_t stream);
-
 // Fused layer ops (see pagedlm/ops/__init__.py for their rounding contract); rows are
 // [num_tokens, ...] with the given row strides and a contiguous last dimension.
 cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,

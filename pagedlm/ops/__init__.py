@@ -1,4 +1,4 @@
-"""Model ops: one interface, three backends ("cuda", "cpu", "torch-reference").
+"""Model ops: one interface; on each device the C++/CUDA kernels of ``pagedlm._C`` or the torch reference.
 
 KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow it):
 
@@ -24,9 +24,9 @@ Ops:
   scale)``: causal varlen attention; the query rows of sequence ``b`` are its last
   ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its first ``seq_lens[b]``.
   ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
-* ``copy_blocks(key_caches, value_caches, block_mapping)``: lists with one key and one value cache
-  per layer; every layer in one call. ``swap_blocks(src, dst, block_mapping)``: between two caches,
-  e.g. device and CPU. Both copy whole blocks by ``int64 [n, 2]`` (src, dst) pairs.
+* ``copy_blocks(key_caches, value_caches, block_mapping)``: copies whole blocks within each cache
+  by ``int64 [n, 2]`` (src, dst) pairs; lists with one key and one value cache per layer, every
+  layer in one call.
 
 Fused layer ops (in place or into ``out``; rows are ``[num_tokens, ...]`` and may be strided views,
 last dimension contiguous). Each rounds its intermediates to the model dtype exactly where Hugging
@@ -61,13 +61,16 @@ Sampling op:
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
-attention tensors live on one device (``swap_blocks`` may cross devices on CUDA). The CPU kernels
-need ``head_size % 16 == 0``; the CUDA kernels ``head_size <= 256`` with ``head_size`` times the
-element size a multiple of 16 bytes (they read K/V rows as 16-byte vectors).
+attention tensors live on one device. The CPU kernels need ``head_size % 16 == 0``; the CUDA
+kernels ``head_size <= 256`` with ``head_size`` times the element size a multiple of 16 bytes (they
+read K/V rows as 16-byte vectors).
 
-Backends: the extension handles CPU tensors and, when built with CUDA, CUDA tensors (dispatch picks
-the kernel from the tensors' device, see ``backend_for``). Without the extension, or with
-``PAGEDLM_ATTENTION_BACKEND=torch-reference``, the ops are the pure-torch reference.
+Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
+and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
+for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
+"torch-reference" (the reference is registered for CUDA then, as it always is for ``sample``).
+Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
+reference on every device.
 """
 
 import os
@@ -83,7 +86,6 @@ _OP_NAMES = (
     "paged_attention",
     "paged_prefill_attention",
     "copy_blocks",
-    "swap_blocks",
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
@@ -94,12 +96,17 @@ _OP_NAMES = (
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
 
-def _select_backend() -> str:
-    requested = os.environ.get("PAGEDLM_ATTENTION_BACKEND", "")
+def _load_extension() -> bool:
+    if "PAGEDLM_ATTENTION_BACKEND" in os.environ:
+        raise ValueError(
+            "PAGEDLM_ATTENTION_BACKEND was renamed to PAGEDLM_OPS_BACKEND (it selects the backend of every op, "
+            "not just attention); set that instead"
+        )
+    requested = os.environ.get("PAGEDLM_OPS_BACKEND", "")
     if requested == "torch-reference":
-        return requested
+        return False
     if requested:
-        raise ValueError(f"PAGEDLM_ATTENTION_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
+        raise ValueError(f"PAGEDLM_OPS_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
     try:
         import pagedlm._C  # noqa: F401  (registers torch.ops.pagedlm.*)
     except ImportError as exc:
@@ -108,14 +115,16 @@ def _select_backend() -> str:
             f"reference. To use the C++/CUDA kernels, {_BUILD_HINT}.",
             stacklevel=3,
         )
-        return "torch-reference"
-    return "cpu"
+        return False
+    return True
 
 
-BACKEND = _select_backend()
-_CUDA_KERNELS = BACKEND == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key("pagedlm::paged_attention", "CUDA")
+EXTENSION_LOADED = _load_extension()
+_CUDA_KERNELS = EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "pagedlm::paged_attention", "CUDA"
+)
 
-if BACKEND == "cpu" and torch.cuda.is_available():
+if EXTENSION_LOADED and torch.cuda.is_available():
     if not _CUDA_KERNELS:
         warnings.warn(
             f"pagedlm._C was built without CUDA kernels; ops on CUDA tensors use the torch reference. To get "
@@ -131,8 +140,8 @@ if BACKEND == "cpu" and torch.cuda.is_available():
 
 def backend_for(device: torch.device | str) -> str:
     """The backend that runs the ops on tensors of ``device``: "cuda", "cpu" or "torch-reference"."""
-    if BACKEND == "torch-reference":
-        return BACKEND
+    if not EXTENSION_LOADED:
+        return "torch-reference"
     if torch.device(device).type == "cuda":
         return "cuda" if _CUDA_KERNELS else "torch-reference"
     return "cpu"
@@ -141,7 +150,7 @@ def backend_for(device: torch.device | str) -> str:
 def _implementations() -> object:
     """Where the ops come from: the reference module, or the registered ``torch.ops.pagedlm``
     overloads (which take the same arguments as the reference functions)."""
-    if BACKEND == "torch-reference":
+    if not EXTENSION_LOADED:
         return reference
     return SimpleNamespace(**{name: getattr(torch.ops.pagedlm, name).default for name in _OP_NAMES})
 
@@ -151,7 +160,6 @@ reshape_and_cache = _impl.reshape_and_cache
 paged_attention = _impl.paged_attention
 paged_prefill_attention = _impl.paged_prefill_attention
 copy_blocks = _impl.copy_blocks
-swap_blocks = _impl.swap_blocks
 rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
@@ -159,4 +167,4 @@ silu_and_mul = _impl.silu_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 
-__all__ = ["BACKEND", "backend_for", *_OP_NAMES]
+__all__ = ["EXTENSION_LOADED", "backend_for", *_OP_NAMES]

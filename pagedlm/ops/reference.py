@@ -109,13 +109,6 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
         cache[dst] = cache[src]
 
 
-def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
-    """Copy blocks between two caches (e.g. device and CPU) by (src, dst) block pairs."""
-    src_idx = block_mapping[:, 0].long().to(src.device)
-    dst_idx = block_mapping[:, 1].long().to(dst.device)
-    dst[dst_idx] = src[src_idx].to(dst.device)
-
-
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
     x = input.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
