@@ -8,6 +8,8 @@ where torch allows, because it is also the fallback backend when the extension i
 import torch
 import torch.nn.functional as F
 
+from pagedlm.utils import cdiv
+
 
 def reshape_and_cache(
     key: torch.Tensor,
@@ -28,7 +30,7 @@ def reshape_and_cache(
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence as [length, num_kv_heads, head_size]."""
-    num_blocks = (length + cache.shape[2] - 1) // cache.shape[2]
+    num_blocks = cdiv(length, cache.shape[2])
     blocks = cache[block_table[:num_blocks].long()]  # [n, H, bs, D]
     return blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[:length]
 
@@ -61,7 +63,7 @@ def paged_attention(
         return
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     max_len = int(seq_lens.max())
-    num_blocks = (max_len + block_size - 1) // block_size
+    num_blocks = cdiv(max_len, block_size)
     tables = block_tables[:, :num_blocks].long()
     # [B, n, Hkv, bs, D] -> [B, Hkv, n*bs, D]
     k = key_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
