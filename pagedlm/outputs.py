@@ -61,10 +61,11 @@ class RequestOutput:
         """The request as it stands: ``n`` completions. With ``best_of > n`` the ``n`` of highest
         cumulative log-probability; under beam search the ``n`` best beams, best first."""
         params = seq_group.sampling_params
+        seqs = seq_group.seqs
         if params.use_beam_search:
-            seqs = seq_group.seqs[: params.n]
-        else:
-            seqs = sorted(seq_group.seqs, key=lambda s: s.index)
+            seqs = seqs[: params.n]
+        elif len(seqs) > 1:
+            seqs = sorted(seqs, key=lambda s: s.index)
             if params.best_of > params.n:
                 seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
         outputs = [

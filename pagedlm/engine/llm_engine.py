@@ -251,7 +251,7 @@ class LLMEngine:
                 if group.generators is not None:
                     data.generators = group.generators if fans_out else [group.generators[seq.index]]
                 data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
-            if not span_taken:
+            if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None
             seq_data.append(data)
@@ -266,6 +266,8 @@ class LLMEngine:
             return
         if group.beam is not None:
             return self._process_beams(group, out)
+        if len(out.samples) == 1:
+            return self._append(group.get_seq(out.samples[0].parent_seq_id), group, out.samples[0])
         # A parent's first sample extends it; its k-th further one (the fan-out of a group's first
         # tokens) starts completion k, forked from the parent before anything is appended.
         targets, k = [], 0

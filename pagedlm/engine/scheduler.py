@@ -127,9 +127,10 @@ class Scheduler:
         return chunks
 
     def free_finished_seq_groups(self) -> list[SequenceGroup]:
-        finished = [g for g in self.running if g.is_finished()]
-        if finished:
-            self.running = deque(g for g in self.running if not g.is_finished())
+        finished, running = [], deque()
+        for seq_group in self.running:
+            (finished if seq_group.is_finished() else running).append(seq_group)
+        self.running = running
         return finished
 
     def abort_seq_groups(self, request_ids: set[str]) -> list[SequenceGroup]:
