@@ -34,3 +34,20 @@ def test_smollm2_greedy_matches_hf_and_answers(smollm2_dir):
         assert out.outputs[0].token_ids == ref
     assert "Paris" in outs[0].outputs[0].text
     assert outs[0].outputs[0].finish_reason == "stop"
+
+
+def test_smollm2_stop_token_text_is_left_out(smollm2_dir):
+    """The reported cases: the text of the token that stopped a sequence is not in ``text``."""
+    llm = LLM(smollm2_dir, dtype="float32")
+    assert llm.get_tokenizer().decode([14797]) == " colours"
+    for include, expected in ((False, " the primary"), (True, " the primary colours")):
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[14797],
+                                include_stop_str_in_output=include)
+        comp = llm.generate("The three primary colours are", params, use_tqdm=False)[0].outputs[0]
+        assert comp.text == expected and comp.token_ids[-1] == 14797 and comp.stop_reason == 14797
+    tokenizer = llm.get_tokenizer()
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    comp = llm.generate(chat, SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
+    assert comp.text == "The capital of France is Paris." and comp.finish_reason == "stop"
+    assert comp.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -47,8 +47,7 @@ class LLM:
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
 
     Raises:
-        ValueError: an argument is out of range (its name and the allowed values are in the
-            message), before any weights are loaded.
+        ValueError: an argument is out of range (the message names it and the allowed values).
     """
 
     def __init__(
