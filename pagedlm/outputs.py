@@ -21,7 +21,7 @@ SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated completion of a request.
 
@@ -42,7 +42,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """The result of one prompt: its completions, in ``outputs``.
 
@@ -68,15 +68,12 @@ class RequestOutput:
             seqs = sorted(seqs, key=lambda s: s.index)
             if params.best_of > params.n:
                 seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
-        outputs = [
+        with_logprobs = params.logprobs is not None
+        outputs = [  # positional: this runs for every scheduled request every step
             CompletionOutput(
-                index=i if params.use_beam_search else seq.index,
-                text=seq.output_text,
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if params.logprobs is not None else None,
-                finish_reason=seq.status.finish_reason,
-                stop_reason=seq.stop_reason,
+                i if params.use_beam_search else seq.index, seq.output_text, list(seq.output_token_ids),
+                seq.cumulative_logprob, list(seq.logprobs) if with_logprobs else None, seq.status.finish_reason,
+                seq.stop_reason,
             )
             for i, seq in enumerate(seqs)
         ]

@@ -53,6 +53,10 @@ class SequenceData:
         """One past the last position computed this step."""
         return self.num_computed_tokens + self.token_chunk_size
 
+    def token_id(self, position: int) -> int:
+        num_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
+
     def chunk_token_ids(self) -> list[int]:
         return token_range(self.prompt_token_ids, self.output_token_ids, self.num_computed_tokens, self.end)
 

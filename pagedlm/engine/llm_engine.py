@@ -67,9 +67,10 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n == 0:
             return "the prompt is empty"
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        vocab_size = self.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
         if bad:
-            return f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            return f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
         max_len = self.model_config.max_model_len
         if n >= max_len:
             return f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be generated"
@@ -239,18 +240,18 @@ class LLMEngine:
         group = scheduled.seq_group
         params = group.sampling_params
         fans_out = group.fans_out()
+        block_tables = self.block_manager.block_tables
         span_taken = False
         seq_data = []
         for seq, chunk in scheduled.token_chunks.items():
             start = seq.num_computed_tokens
-            data = SequenceData(
-                seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, start, chunk, self.block_manager.get_block_table(seq)
-            )
+            data = SequenceData(seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, start, chunk, block_tables[seq.seq_id])
             if start + chunk == seq.num_tokens:
                 data.num_samples = params.best_of if fans_out else 1
                 if group.generators is not None:
                     data.generators = group.generators if fans_out else [group.generators[seq.index]]
-                data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
+                if params.min_tokens:
+                    data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
             if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None

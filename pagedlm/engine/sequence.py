@@ -30,7 +30,7 @@ class SequenceStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
-_FINISHED = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED, SequenceStatus.FINISHED_ABORTED)
+_FINISHED = frozenset((SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED, SequenceStatus.FINISHED_ABORTED))
 _FINISH_REASONS = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length"}
 
 
@@ -175,4 +175,7 @@ class SequenceGroup:
         return (first, last) if start <= first < last else None
 
     def is_finished(self) -> bool:
-        return all(s.status.finished for s in self.seqs)
+        for seq in self.seqs:
+            if seq.status not in _FINISHED:
+                return False
+        return True

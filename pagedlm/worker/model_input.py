@@ -41,17 +41,20 @@ def prepare_model_input(
     for e in entries:
         seq, table = e.seq, e.seq.block_table
         start, end = seq.num_computed_tokens, seq.end
-        input_ids += seq.chunk_token_ids()
-        positions += range(start, end)
-        slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-        e.last_row = len(input_ids) - 1
-        if seq.token_chunk_size == 1:
+        if end - start == 1:  # a decode, as most rows of most steps are: no lists per row
+            input_ids.append(seq.token_id(start))
+            positions.append(start)
+            slot_mapping.append(table[start // block_size] * block_size + start % block_size)
             decode_lens.append(end)
             decode_tables.append(table)
         else:
+            input_ids += seq.chunk_token_ids()
+            positions += range(start, end)
+            slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
             cu_seqlens_q.append(len(input_ids))
             prefill_lens.append(end)
             prefill_tables.append(table)
+        e.last_row = len(input_ids) - 1
 
     def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=device)
