@@ -2,10 +2,12 @@
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 _GREEDY_EPS = 1e-5
@@ -14,24 +16,39 @@ _GREEDY_EPS = 1e-5
 LogitsProcessor = Callable[..., torch.Tensor]
 
 
-def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
-    allowed = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, allowed):
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _number(name: str, value: Any, *, integer: bool = False) -> int | float:
+    """``value`` as a plain int or float, if it behaves as one (numpy scalars included) and fits
+    what the engine stores it in (int64, float32); else a ValueError naming the field."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         kind = "an int" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
-    if not integer and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if integer:
+        value = int(value)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"{name} must fit in int64 [{_INT64_MIN}, {_INT64_MAX}], got {value}.")
+        return value
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite and within float32's range (±{_FLOAT32_MAX:.4g}), got {value!r}.")
+    return value
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool, got {value!r}.")
+    return bool(value)
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    _check_number(name, value)
-    if not (lo < value if lo_open else lo <= value) or value > hi:
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = _number(name, value)
+    # An open bound is checked in float32, which the sampler computes in: 1e-46 is 0 there.
+    if not (np.float32(value) > lo if lo_open else lo <= value) or value > hi:
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}.")
+    return value
 
 
 @dataclass
@@ -105,35 +122,35 @@ class SamplingParams:
     detokenize: bool = True
 
     def __post_init__(self) -> None:
-        _check_number("n", self.n, integer=True)
+        self.n = _number("n", self.n, integer=True)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.best_of is None:
             self.best_of = self.n
-        _check_number("best_of", self.best_of, integer=True)
+        self.best_of = _number("best_of", self.best_of, integer=True)
         if self.best_of < self.n:
             raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.")
-        _check_number("temperature", self.temperature)
+        self.temperature = _number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
-        _check_range("top_p", self.top_p, 0, 1, lo_open=True)
-        _check_number("top_k", self.top_k, integer=True)
+        self.top_p = _check_range("top_p", self.top_p, 0, 1, lo_open=True)
+        self.top_k = _number("top_k", self.top_k, integer=True)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}.")
         self.top_k = max(self.top_k, 0)
-        _check_range("min_p", self.min_p, 0, 1)
-        _check_range("presence_penalty", self.presence_penalty, -2, 2)
-        _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
-        _check_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
+        self.min_p = _check_range("min_p", self.min_p, 0, 1)
+        self.presence_penalty = _check_range("presence_penalty", self.presence_penalty, -2, 2)
+        self.frequency_penalty = _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
+        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
+        if not np.float32(self.repetition_penalty) > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
         if self.seed is not None:
-            _check_number("seed", self.seed, integer=True)
+            self.seed = _number("seed", self.seed, integer=True)
         if self.max_tokens is not None:
-            _check_number("max_tokens", self.max_tokens, integer=True)
+            self.max_tokens = _number("max_tokens", self.max_tokens, integer=True)
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens must be None or at least 1, got {self.max_tokens}.")
-        _check_number("min_tokens", self.min_tokens, integer=True)
+        self.min_tokens = _number("min_tokens", self.min_tokens, integer=True)
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -141,16 +158,20 @@ class SamplingParams:
         self._verify_stop()
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                      "spaces_between_special_tokens", "use_beam_search", "detokenize"):
-            _check_bool(name, getattr(self, name))
+            setattr(self, name, _check_bool(name, getattr(self, name)))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check_number(name, value, integer=True)
+                value = _number(name, value, integer=True)
+                setattr(self, name, value)
                 if value < 0:
                     raise ValueError(f"{name} must be None or >= 0, got {value}.")
-        _check_number("length_penalty", self.length_penalty)
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
+        self.length_penalty = _number("length_penalty", self.length_penalty)
+        if self.early_stopping != "never":
+            try:
+                self.early_stopping = _check_bool("early_stopping", self.early_stopping)
+            except ValueError:
+                raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.") from None
         self._verify_logits_processors()
         if self.use_beam_search:
             self._verify_beam_search()
@@ -170,11 +191,11 @@ class SamplingParams:
         self.stop = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
-        ):
+        if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}.")
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop_token_ids = [_number("stop_token_ids", t, integer=True) for t in self.stop_token_ids]
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}.")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True.")
 

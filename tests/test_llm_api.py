@@ -486,3 +486,15 @@ def test_close_returns_cuda_memory(llama_dir):
         with LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=2048) as llm:
             llm.generate(["a b c"], SamplingParams(max_tokens=3), use_tqdm=False)
     assert torch.cuda.memory_allocated() == before
+
+
+def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front(llm):
+    import numpy as np
+
+    params = SamplingParams(temperature=0, max_tokens=4, presence_penalty=np.float64(0.5),
+                            frequency_penalty=np.float64(0.5), repetition_penalty=np.float64(1.2))
+    assert len(llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    vocab = llm.llm_engine.vocab_size
+    with pytest.raises(ValueError, match=r"prompt 0: stop_token_ids \[%d\] are outside the vocabulary" % vocab):
+        llm.generate("Hello", SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=[vocab]), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from pagedlm import SamplingParams
@@ -28,3 +29,28 @@ def test_hf_style_off_values_are_accepted():
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
     assert SamplingParams().max_tokens is None
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(seed=2**64), "seed"),
+    (dict(top_k=2**63), "top_k"),
+    (dict(max_tokens=2**63), "max_tokens"),
+    (dict(temperature=1e39), "temperature"),
+    (dict(top_p=1e-46), "top_p"),  # 0 in float32, where the sampler computes
+    (dict(repetition_penalty=1e-46), "repetition_penalty"),
+    (dict(presence_penalty=np.bool_(True)), "presence_penalty"),
+    (dict(stop_token_ids=[np.int64(5), -1]), "stop_token_ids"),
+    (dict(n=2, use_beam_search=True, temperature=0, early_stopping=1), "early_stopping"),
+])
+def test_values_outside_what_the_engine_stores_are_rejected(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_numbers_of_other_types_are_stored_as_python_numbers():
+    p = SamplingParams(presence_penalty=np.float64(0.5), frequency_penalty=np.float32(0.25), top_k=np.int64(5),
+                       repetition_penalty=2**64, stop_token_ids=[np.int64(3)], seed=np.int32(7))
+    assert [type(v) for v in (p.presence_penalty, p.frequency_penalty, p.repetition_penalty)] == [float] * 3
+    assert [type(v) for v in (p.top_k, p.stop_token_ids[0], p.seed)] == [int] * 3
+    beams = SamplingParams(n=2, use_beam_search=True, temperature=0, early_stopping=np.True_)
+    assert beams.early_stopping is True

@@ -86,6 +86,9 @@ class LLMEngine:
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
             return (f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} tokens hold "
                     f"at most {max_seq_len} tokens for each of the request's {params.best_of} sequence(s) at once")
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.vocab_size:
