@@ -300,3 +300,12 @@ def test_beam_finish_reason_follows_the_stop_rule(llm, ignore_eos, stop_token_id
     assert all(c.finish_reason == finish_reason and c.stop_reason == stop_reason for c in eos_endings)
     # A stop token's text is left out of the text; an EOS that stopped nothing is ordinary text.
     assert all(c.text.endswith("</s>") == (finish_reason == "length") for c in eos_endings)
+
+
+@pytest.mark.parametrize("length_penalty", [1100.0, -1100.0])
+def test_beam_search_with_an_extreme_length_penalty_runs(llm, length_penalty):
+    params = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=12, ignore_eos=True,
+                            length_penalty=length_penalty)
+    out = llm.generate(_ids([[BOS, 9, 10, 11]]), params, use_tqdm=False)[0]
+    assert len(out.outputs) == 2 and all(len(c.token_ids) == 12 for c in out.outputs)
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]

@@ -8,6 +8,7 @@ first ``k`` places become finished hypotheses, scored ``logprob_sum / length ** 
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pagedlm.sampling_params import SamplingParams
@@ -64,7 +65,7 @@ class BeamSearchState:
             for c, end in zip(candidates[:k], ends[:k]):
                 if end:
                     tokens = output_token_ids[c.parent] + [c.token_id]
-                    score = c.cumulative_logprob / num_generated**lp
+                    score = _length_penalised(c.cumulative_logprob, num_generated, lp)
                     self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, score, c.token_id in stop_token_ids))
             self.finished = sorted(self.finished, key=lambda h: h.score, reverse=True)[:k]
 
@@ -74,7 +75,14 @@ class BeamSearchState:
             if self.params.early_stopping == "never" and lp > 0:
                 best_len = self.max_new_tokens
             best_running = running[0].cumulative_logprob if running else _NEG
-            self.improvable &= best_running / best_len**lp > self.finished[-1].score
+            self.improvable &= _length_penalised(best_running, best_len, lp) > self.finished[-1].score
         full_and_eager = len(self.finished) == k and self.params.early_stopping is True
         self.done = not self.improvable or full_and_eager or all(ends)
         return [] if self.done else running
+
+
+def _length_penalised(logprob: float, length: int, length_penalty: float) -> float:
+    """``logprob / length ** length_penalty`` in IEEE arithmetic: a large penalty gives 0 or -inf
+    where Python's floats would raise OverflowError or ZeroDivisionError."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return float(np.float64(logprob) / np.float64(length) ** length_penalty)
