@@ -215,8 +215,17 @@ class SamplingParams:
         self.logits_processors = list(processors)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Run the processors in order on one row of logits ``[vocab]``. Each gets copies of the
+        token lists (what it does to them changes nothing) and must return a float tensor of the
+        row's shape; anything else is a ValueError naming the processor."""
         for fn, takes_prompt in zip(self.logits_processors, self._processor_takes_prompt):
-            logits = fn(prompt_token_ids, output_token_ids, logits) if takes_prompt else fn(output_token_ids, logits)
+            outputs = list(output_token_ids)
+            new = fn(list(prompt_token_ids), outputs, logits) if takes_prompt else fn(outputs, logits)
+            if not isinstance(new, torch.Tensor) or new.shape != logits.shape or not new.is_floating_point():
+                got = f"{new.dtype} tensor of shape {list(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"logits processor {fn!r} must return a float tensor of shape {list(logits.shape)} "
+                                 f"(the logits row it was given), got {got}.")
+            logits = new
         return logits
 
     def _verify_beam_search(self) -> None:

@@ -309,3 +309,30 @@ def test_beam_search_with_an_extreme_length_penalty_runs(llm, length_penalty):
     out = llm.generate(_ids([[BOS, 9, 10, 11]]), params, use_tqdm=False)[0]
     assert len(out.outputs) == 2 and all(len(c.token_ids) == 12 for c in out.outputs)
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+@pytest.mark.parametrize("processor,shown", [
+    (lambda out, logits: logits[:-1], "shape"),
+    (lambda out, logits: logits.sum(), "shape"),
+    (lambda out, logits: logits.long(), "int64"),
+    (lambda out, logits: None, "NoneType"),
+])
+def test_a_logits_processor_returning_the_wrong_thing_is_named(llm, processor, shown):
+    with pytest.raises(ValueError, match=f"logits processor .* must return a float tensor .*{shown}"):
+        llm.generate("Hello", SamplingParams(max_tokens=3, logits_processors=[processor]), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+def test_a_logits_processor_cannot_change_the_tokens(llm):
+    def meddle(prompt, out, logits):
+        prompt.append(7)
+        out.append(7)
+        return logits
+
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    plain = llm.generate(_ids([[BOS, 9, 10]]), params, use_tqdm=False)[0]
+    meddled = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                                 logits_processors=[meddle]), use_tqdm=False)[0]
+    assert meddled.prompt_token_ids == plain.prompt_token_ids
+    assert meddled.outputs[0].token_ids == plain.outputs[0].token_ids
