@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,14 @@ GPU_MEMORY_UTILIZATION = 0.9
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch sees no CUDA device (a CPU-only build, or no GPU).")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but there are {torch.cuda.device_count()} CUDA devices.")
     return torch.device(device)
 
 
@@ -56,7 +63,7 @@ class ModelConfig:
             limit = sliding_window
         if max_model_len is None:
             max_model_len = limit
-        elif not isinstance(max_model_len, int) or not 0 < max_model_len <= limit:
+        elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config)
 
@@ -120,13 +127,13 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32):
+        if not _is_int(self.block_size) or self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size!r}.")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+        if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):
             raise ValueError(f"num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}.")
-        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+        if self.kv_cache_memory is not None and (not _is_int(self.kv_cache_memory) or self.kv_cache_memory < 1):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}.")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}.")
@@ -143,12 +150,16 @@ class SchedulerConfig:
             raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}.")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})."
             )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def available_memory(device: torch.device) -> int:

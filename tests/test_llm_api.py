@@ -498,3 +498,38 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
     with pytest.raises(ValueError, match=r"prompt 0: stop_token_ids \[%d\] are outside the vocabulary" % vocab):
         llm.generate("Hello", SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=[vocab]), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(device="cuda:x"), "device"),
+    (dict(num_kv_blocks=True), "num_kv_blocks"),
+    (dict(kv_cache_memory=True), "kv_cache_memory"),
+    (dict(max_model_len=True), "max_model_len"),
+    (dict(max_num_seqs=True), "max_num_seqs"),
+])
+def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kwargs, field, monkeypatch):
+    import pagedlm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "ModelRunner", None)  # reaching the weights would fail differently
+    with pytest.raises(ValueError, match=field):
+        LLM(llama_dir, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_on_a_cpu_only_torch_is_a_clear_error(llama_dir):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        LLM(llama_dir, device="cuda")
+
+
+def test_every_prompt_problem_is_listed_with_its_index(llm):
+    import numpy as np
+
+    with pytest.raises(ValueError, match="prompts must be a prompt or a list of prompts"):
+        llm.generate(None, use_tqdm=False)
+    with pytest.raises(ValueError) as err:
+        llm.generate(["ab\ud800cd", None, {"prompt": 5}, "fine"], SamplingParams(max_tokens=2), use_tqdm=False)
+    msg = str(err.value)
+    assert "3 of 4 prompts are invalid" in msg and "prompt 0: the text is not valid Unicode" in msg
+    assert "prompt 1: a prompt must be" in msg and 'prompt 2: "prompt" must be a str' in msg
+    out = llm.generate({"prompt_token_ids": [np.int64(BOS), np.int32(5)]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert out[0].prompt_token_ids == [BOS, 5] and all(type(t) is int for t in out[0].prompt_token_ids)

@@ -3,6 +3,7 @@
 import ctypes
 import dataclasses
 import logging
+import numbers
 from collections.abc import Iterator, Sequence
 from itertools import count
 
@@ -131,6 +132,8 @@ class LLM:
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
         use_defaults = sampling_params is None
         if use_defaults:
             sampling_params = self.get_default_sampling_params()
@@ -176,17 +179,25 @@ class LLM:
         errors: dict[int, str] = {}
         for i, prompt in enumerate(prompts):
             text, ids = None, []
+            if isinstance(prompt, dict) and set(prompt) == {"prompt"}:
+                prompt = prompt["prompt"]
+                if not isinstance(prompt, str):
+                    errors[i] = f'"prompt" must be a str, got {type(prompt).__name__}'
             if isinstance(prompt, str):
-                text = prompt
-            elif isinstance(prompt, dict) and set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
-                text = prompt["prompt"]
+                try:
+                    prompt.encode("utf-8")
+                    text = prompt
+                except UnicodeEncodeError as exc:
+                    errors[i] = f"the text is not valid Unicode ({exc.reason} at character {exc.start})"
             elif isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids
+                ):
                     errors[i] = "prompt_token_ids must be a list of ints"
                     ids = []
-                ids = list(ids)
-            else:
+                ids = [int(t) for t in ids]
+            elif i not in errors:
                 errors[i] = 'a prompt must be a str, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
             texts.append(text)
             token_ids.append(ids)
