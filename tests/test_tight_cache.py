@@ -41,7 +41,7 @@ _request = st.tuples(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     requests=st.lists(_request, min_size=1, max_size=4),
-    block_size=st.sampled_from([8, 16]),
+    block_size=st.sampled_from([8, 16, 32]),
     num_kv_blocks=st.integers(1, 16),
     enable_prefix_caching=st.booleans(),
     max_num_batched_tokens=st.sampled_from([16, 48, 2048]),
@@ -106,3 +106,18 @@ def test_what_can_never_fit_is_refused_and_an_open_length_stops_at_the_cache(lla
     out = one_block.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, ignore_eos=True),
                              use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 8 - 3 and out.finish_reason == "length"
+
+
+def test_forked_completions_recompute_their_shared_prompt_with_chunked_prefill(llama_dir):
+    """Found by review: a re-admitted group's first sequence filled the prompt block it shares with
+    its waiting siblings through a copy-on-write, so the siblings attended over a block never
+    written (their logprobs disagreed with transformers from the second token on)."""
+    prompts = [{"prompt_token_ids": [BOS] + [7] * 8}, {"prompt_token_ids": [BOS] + [8] * 32}]
+    params = [SamplingParams(n=2, temperature=0.9, seed=1, max_tokens=20, ignore_eos=True),
+              SamplingParams(n=2, temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)]
+    kwargs = dict(block_size=32, max_num_seqs=16, enable_prefix_caching=False)
+    tight = LLM(llama_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, num_kv_blocks=4, max_num_batched_tokens=16, **kwargs)
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.get_stats()["num_preemptions"] > 0
+    expected = _llm(llama_dir, **kwargs).generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in expected]

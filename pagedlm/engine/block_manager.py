@@ -99,6 +99,9 @@ class BlockSpaceManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.allocator = BlockAllocator(num_kv_blocks)
         self.block_tables: dict[int, list[int]] = {}
+        # Shared blocks that one sequence of a re-admitted group computes for the others, which wait
+        # for them: that sequence writes into them without a copy-on-write.
+        self.blocks_computed_for_sharers: set[int] = set()
         self.peak_blocks_in_use = 0
         self.num_queried_tokens = 0  # tokens of admitted sequences
         self.num_hit_tokens = 0  # of which served from the prefix cache
@@ -167,6 +170,8 @@ class BlockSpaceManager:
                     self.allocator.incref(block)
                 if plan.waits:
                     seq.waits_for = (plan.shares_with, plan.num_shared_blocks * self.block_size)
+                    num_written = plan.shares_with.num_computed_tokens // self.block_size
+                    self.blocks_computed_for_sharers.update(table[num_written:])
             else:
                 table = list(plan.cached_blocks)
                 self.num_hit_tokens += len(table) * self.block_size
@@ -210,9 +215,8 @@ class BlockSpaceManager:
         while len(table) < seq.num_logical_blocks:
             table.append(self.allocator.allocate())
         first_write_block = seq.num_computed_tokens // self.block_size
-        shared = first_write_block < len(table) and self.allocator.ref_counts[table[first_write_block]] > 1
         copy = None
-        if shared:
+        if self._copy_before_write(table, first_write_block):
             src = table[first_write_block]
             table[first_write_block] = self.allocator.allocate()
             self.allocator.free(src)
@@ -230,6 +234,8 @@ class BlockSpaceManager:
         # Tail blocks first, so the LRU free list evicts a prefix's tail before its head.
         for block in reversed(self.block_tables.pop(seq.seq_id, ())):
             self.allocator.free(block)
+            if not self.allocator.ref_counts[block]:
+                self.blocks_computed_for_sharers.discard(block)
 
     def get_block_table(self, seq: Sequence) -> list[int]:
         return self.block_tables[seq.seq_id]
@@ -246,10 +252,17 @@ class BlockSpaceManager:
         table = self.block_tables[seq.seq_id]
         num_tokens = max(seq.num_tokens, seq.num_computed_tokens + num_new_tokens)
         needed = max(0, cdiv(num_tokens, self.block_size) - len(table))
-        first_write_block = seq.num_computed_tokens // self.block_size
-        if first_write_block < len(table) and self.allocator.ref_counts[table[first_write_block]] > 1:
+        if self._copy_before_write(table, seq.num_computed_tokens // self.block_size):
             needed += 1
         return needed
+
+    def _copy_before_write(self, table: list[int], first_write_block: int) -> bool:
+        """Whether writing from block ``first_write_block`` on needs a copy-on-write: the block is
+        shared (a fork's partly filled last block) and not one being computed for its sharers."""
+        if first_write_block >= len(table):
+            return False
+        block = table[first_write_block]
+        return self.allocator.ref_counts[block] > 1 and block not in self.blocks_computed_for_sharers
 
     def _track_peak(self) -> None:
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.num_kv_blocks - self.num_free_blocks)
