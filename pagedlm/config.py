@@ -47,7 +47,8 @@ class ModelConfig:
         cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto"
     ) -> "ModelConfig":
         if not isinstance(generation_config, str) or (
-            generation_config not in ("auto", "vllm") and not os.path.isdir(generation_config)
+            generation_config not in ("auto", "vllm")
+            and not os.path.isfile(os.path.join(generation_config, "generation_config.json"))
         ):
             raise ValueError(
                 f"generation_config must be 'auto' (the model's generation_config.json), 'vllm' (no model "

@@ -533,3 +533,38 @@ def test_every_prompt_problem_is_listed_with_its_index(llm):
     assert "prompt 1: a prompt must be" in msg and 'prompt 2: "prompt" must be a str' in msg
     out = llm.generate({"prompt_token_ids": [np.int64(BOS), np.int32(5)]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert out[0].prompt_token_ids == [BOS, 5] and all(type(t) is int for t in out[0].prompt_token_ids)
+
+
+def test_bytes_that_are_not_utf8_do_not_stop_a_byte_fallback_tokenizer(sentencepiece_llama_dir):
+    """Found by review: '5' as a byte token, then a byte that cannot start a character, made
+    tokenizers' DecodeStream raise mid-run; random sampling hit it for a third of the seeds."""
+    llm = LLM(sentencepiece_llama_dir, dtype="float32")
+    tok = llm.get_tokenizer()
+    forced = tok.convert_tokens_to_ids(["<0x35>", "<0x9F>", "at"])
+    params = SamplingParams(temperature=0, max_tokens=3, logits_processors=[_forcing(forced)])
+    comp = llm.generate({"prompt_token_ids": [BOS, tok.convert_tokens_to_ids("▁")]}, params, use_tqdm=False)[0].outputs[0]
+    assert comp.token_ids == forced and comp.text.startswith("5") and comp.text.endswith("at")
+    sampled = llm.generate(["banana a cat"] * 4, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)
+    assert all(len(c.token_ids) == 24 for o in sampled for c in o.outputs)
+
+
+def test_edges_of_closing_aborting_and_generation_configs(llama_dir, tmp_path):
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=16)
+    engine = llm.llm_engine
+    with pytest.raises(TypeError, match="request_id must be a str"):
+        engine.abort_request(5)
+    llm.close()
+    for call in (llm.get_default_sampling_params, engine.step,
+                 lambda: engine.add_request("x", None, SamplingParams(max_tokens=1), [BOS])):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        LLM(llama_dir, generation_config=str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        LLM(llama_dir, generation_config=str(tmp_path))
+    (tmp_path / "generation_config.json").unlink()
+    with pytest.raises(ValueError, match="generation_config must be"):
+        LLM(llama_dir, generation_config=str(tmp_path))

@@ -12,10 +12,13 @@ from pagedlm.sampling_params import SamplingParams
 _CONTEXT_TOKENS = 6
 # What decoders make of bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"
+_INVALID_PREFIX = "Invalid prefix encountered"
 
 
 class IncrementalDetokenizer:
-    """The text of one completion, a token at a time, as ``tokenizer.decode`` of the whole gives it.
+    """The text of one completion, a token at a time, as ``tokenizer.decode`` of the whole gives it
+    (except where a byte-fallback tokenizer produced bytes that are not UTF-8: a full decode turns
+    neighbouring valid bytes into ``�`` too, text already returned keeps them).
 
     ``spaces_between_special_tokens=False`` (with ``skip_special_tokens=False``) follows vLLM's
     fast detokenizer: a special (added) token right after another one adds its bare content,
@@ -41,7 +44,16 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
-        text = self._stream.step(self._backend, token_id)
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception as exc:
+            # Byte-fallback tokenizers: a valid byte followed by a byte that cannot start a
+            # character makes the whole decode change its mind about text already returned, which
+            # DecodeStream refuses. As vLLM does, go on with a fresh stream from this token.
+            if not str(exc).startswith(_INVALID_PREFIX):
+                raise
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+            text = self._stream.step(self._backend, token_id)
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
         if self._added_tokens is not None:

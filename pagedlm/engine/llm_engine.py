@@ -121,6 +121,7 @@ class LLMEngine:
             ValueError: ``request_id`` is in use, or the request can never run (``check_request``
                 says why).
         """
+        self._check_open()
         if request_id in self.seq_groups:
             raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
         if prompt_token_ids is None:
@@ -151,6 +152,8 @@ class LLMEngine:
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop one or more unfinished requests and free their KV blocks; they produce no more
         outputs. Ids of finished or unknown requests are skipped, as in vLLM."""
+        if not isinstance(request_id, (str, Iterable)):
+            raise TypeError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}.")
         request_ids = {request_id} if isinstance(request_id, str) else set(request_id)
         for seq_group in self.scheduler.abort_seq_groups(request_ids):
             del self.seq_groups[seq_group.request_id]
@@ -166,6 +169,10 @@ class LLMEngine:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+
+    def _check_open(self) -> None:
+        if self.model_runner.model is None:
+            raise RuntimeError("This engine is closed (its KV cache and weights were released).")
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. to time a cold start)."""
@@ -218,6 +225,7 @@ class LLMEngine:
         interrupt); the requests then stay queued, and the prefix cache is reset because the
         step's blocks may not have been written.
         """
+        self._check_open()
         sched = self.scheduler.schedule()
         if sched.is_empty():
             return []

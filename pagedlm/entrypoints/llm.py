@@ -116,6 +116,7 @@ class LLM:
         """A new ``SamplingParams`` with the defaults the model's generation config sets (see
         ``generation_config``), which ``generate`` uses when it is given none. A default
         ``max_tokens`` is shortened for a prompt that would otherwise pass ``max_model_len``."""
+        self.llm_engine  # a closed LLM refuses this too
         return SamplingParams(**self._default_sampling_params)
 
     def generate(

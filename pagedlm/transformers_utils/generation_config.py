@@ -36,8 +36,14 @@ def sampling_defaults(config_dir: str) -> dict[str, int | float]:
     path = os.path.join(config_dir, "generation_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); pass generation_config='vllm' to ignore it.") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}; "
+                         "pass generation_config='vllm' to ignore it.")
     defaults = {field: config[key] for key, field in _SAMPLING_DEFAULTS.items() if config.get(key) is not None}
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
