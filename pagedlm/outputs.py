@@ -27,7 +27,9 @@ class CompletionOutput:
 
     ``finish_reason`` is ``"stop"`` (EOS, a stop token or string) or ``"length"`` (``max_tokens``
     or the model's context length); ``stop_reason`` is the stop token id or stop string that ended
-    it, else ``None``.
+    it, else ``None``. ``cumulative_logprob`` is the sum of the model's own log-probabilities of
+    ``token_ids`` (log-softmax of its logits, before penalties, processors or bans), for sampling
+    and beam search alike; beam search ranks its beams by the processed ones.
     """
 
     index: int

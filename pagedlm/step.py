@@ -101,6 +101,8 @@ class SequenceGroupOutput:
     """The worker's result for one ``SequenceGroupMetadata``, at the same index."""
 
     samples: list[SequenceOutput] = field(default_factory=list)  # in ``seq_data`` order
-    # Beam search: log-probabilities after logits processing, [len(samples), vocab], rows in ``samples`` order.
+    # Beam search, [len(samples), vocab] with rows in ``samples`` order: log-probabilities after
+    # logits processing (beams are ranked by them) and the model's own (the reported ones).
     beam_logprobs: torch.Tensor | None = None
+    beam_raw_logprobs: torch.Tensor | None = None
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)

@@ -336,3 +336,21 @@ def test_a_logits_processor_cannot_change_the_tokens(llm):
                                                                  logits_processors=[meddle]), use_tqdm=False)[0]
     assert meddled.prompt_token_ids == plain.prompt_token_ids
     assert meddled.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_beam_search_reports_the_models_log_probabilities_as_sampling_does(llm):
+    """Found by fuzzing (issue 19): beams reported the sum of processed log-probabilities (0 for a
+    token a processor forced); cumulative_logprob is the model's for every kind of request."""
+    forced = [40, 41, 42, 43]
+
+    def force(output_token_ids, logits):
+        logits = torch.full_like(logits, float("-inf"))
+        logits[forced[len(output_token_ids)]] = 0.0
+        return logits
+
+    common = dict(temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[force])
+    sampled = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(**common), use_tqdm=False)[0].outputs[0]
+    beams = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(n=2, use_beam_search=True, **common), use_tqdm=False)[0]
+    assert sampled.token_ids == forced and sampled.cumulative_logprob < -1.0
+    best = beams.outputs[0]  # (the other beam holds a token the processor ruled out)
+    assert best.token_ids == forced and best.cumulative_logprob == pytest.approx(sampled.cumulative_logprob, abs=1e-4)

@@ -19,8 +19,8 @@ _NEG = -1.0e9
 @dataclass
 class BeamHypothesis:
     token_ids: list[int]
-    cumulative_logprob: float
-    score: float  # length-penalised
+    cumulative_logprob: float  # the model's, as sampling reports it
+    score: float  # length-penalised, from the processed log-probabilities
     stopped: bool  # ended on a stop token (else at the length limit)
 
 
@@ -28,7 +28,8 @@ class BeamHypothesis:
 class BeamCandidate:
     parent: int  # row of the running beam it extends
     token_id: int
-    cumulative_logprob: float
+    score: float  # sum of processed log-probabilities, what beams are ranked by
+    cumulative_logprob: float  # sum of the model's log-probabilities
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BeamSearchState:
     num_eos: int
     max_new_tokens: int
     finished: list[BeamHypothesis] = field(default_factory=list)
+    scores: dict[int, float] = field(default_factory=dict)  # running beam's seq_id -> its ranking score
     improvable: bool = True
     done: bool = False
 
@@ -45,17 +47,27 @@ class BeamSearchState:
         return self.params.best_of
 
     def step(
-        self, output_token_ids: list[list[int]], scores: list[float], logprobs: torch.Tensor, stop_token_ids: frozenset[int]
+        self,
+        output_token_ids: list[list[int]],
+        scores: list[float],
+        logprobs: torch.Tensor,
+        cumulative_logprobs: list[float],
+        raw_logprobs: torch.Tensor,
+        stop_token_ids: frozenset[int],
     ) -> list[BeamCandidate]:
         """Advance by one token. ``logprobs`` [beams, V] are the running beams' next-token
-        log-probabilities; returns the next running beams, best first (empty when done)."""
+        log-probabilities after logits processing, which with ``scores`` rank the beams;
+        ``raw_logprobs`` are the model's, which with ``cumulative_logprobs`` are reported. Returns
+        the next running beams, best first (empty when done)."""
         k, lp = self.width, self.params.length_penalty
         num_generated = len(output_token_ids[0]) + 1
         vocab = logprobs.shape[-1]
         totals = logprobs + torch.tensor(scores, dtype=logprobs.dtype, device=logprobs.device)[:, None]
         top_scores, top_ids = totals.view(-1).topk(min(max(2, 1 + self.num_eos) * k, totals.numel()))
+        raw = raw_logprobs.reshape(-1)[top_ids].tolist()
         candidates = [
-            BeamCandidate(i // vocab, i % vocab, s) for i, s in zip(top_ids.tolist(), top_scores.tolist())
+            BeamCandidate(i // vocab, i % vocab, s, cumulative_logprobs[i // vocab] + r)
+            for i, s, r in zip(top_ids.tolist(), top_scores.tolist(), raw)
         ]
         at_max_len = num_generated >= self.max_new_tokens
         ends = [at_max_len or c.token_id in stop_token_ids for c in candidates]
@@ -65,7 +77,7 @@ class BeamSearchState:
             for c, end in zip(candidates[:k], ends[:k]):
                 if end:
                     tokens = output_token_ids[c.parent] + [c.token_id]
-                    score = _length_penalised(c.cumulative_logprob, num_generated, lp)
+                    score = _length_penalised(c.score, num_generated, lp)
                     self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, score, c.token_id in stop_token_ids))
             self.finished = sorted(self.finished, key=lambda h: h.score, reverse=True)[:k]
 
@@ -74,7 +86,7 @@ class BeamSearchState:
             best_len = num_generated
             if self.params.early_stopping == "never" and lp > 0:
                 best_len = self.max_new_tokens
-            best_running = running[0].cumulative_logprob if running else _NEG
+            best_running = running[0].score if running else _NEG
             self.improvable &= _length_penalised(best_running, best_len, lp) > self.finished[-1].score
         full_and_eager = len(self.finished) == k and self.params.early_stopping is True
         self.done = not self.improvable or full_and_eager or all(ends)

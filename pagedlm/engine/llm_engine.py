@@ -321,8 +321,8 @@ class LLMEngine:
         params = group.sampling_params
         beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
         candidates = group.beam.step(
-            [b.output_token_ids for b in beams], [b.cumulative_logprob for b in beams], out.beam_logprobs,
-            self.stop_checker.stop_token_ids(params),
+            [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
+            [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
         )
         used = [False] * len(beams)
         next_beams = []
@@ -336,6 +336,7 @@ class LLMEngine:
         for parent, is_used in zip(beams, used):
             if not is_used:
                 self._finish(parent, SequenceStatus.FINISHED_ABORTED)
+        group.beam.scores = {beam.seq_id: c.score for beam, c in next_beams}
         for beam, c in next_beams:
             beam.output_token_ids.append(c.token_id)
             beam.cumulative_logprob = c.cumulative_logprob

@@ -102,6 +102,7 @@ class ModelRunner:
             outputs[e.group_index].samples.append(SequenceOutput(e.seq.seq_id, token_ids[row], logprobs[row], top))
         for group_index, positions in beam_rows_of.items():
             outputs[group_index].beam_logprobs = result.beam_logprobs[positions]
+            outputs[group_index].beam_raw_logprobs = result.beam_raw_logprobs[positions]
 
     def _prompt_logprobs(
         self, seq: SequenceData, num_top: int, hidden: torch.Tensor, first: int, end: int

@@ -80,7 +80,8 @@ class SamplerResult:
     ranks: torch.Tensor | None  # [R] rank of each sampled token, when logprobs were asked for
     top_ids: torch.Tensor | None  # [R, K]
     top_logprobs: torch.Tensor | None  # [R, K]
-    beam_logprobs: torch.Tensor | None  # [len(beam_rows), V] processed log-probabilities
+    beam_logprobs: torch.Tensor | None  # [len(beam_rows), V] processed log-probabilities (beams rank by these)
+    beam_raw_logprobs: torch.Tensor | None  # [len(beam_rows), V] the model's (beams report these)
 
 
 class Sampler(nn.Module):
@@ -89,13 +90,13 @@ class Sampler(nn.Module):
         chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         if meta.plain_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
-            return SamplerResult(tokens, chosen, None, None, None, None)
+            return SamplerResult(tokens, chosen, None, None, None, None, None)
         # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
         processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
-        ranks = top_ids = top_logprobs = beam_logprobs = None
+        ranks = top_ids = top_logprobs = beam_logprobs = beam_raw_logprobs = None
         if meta.num_top_logprobs >= 0:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
             chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
@@ -106,7 +107,8 @@ class Sampler(nn.Module):
             chosen = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
         if meta.beam_rows:
             beam_logprobs = torch.log_softmax(processed[meta.beam_rows].float(), dim=-1)
-        return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs)
+            beam_raw_logprobs = torch.log_softmax(logits[meta.beam_rows].float(), dim=-1) if meta.needs_processing else beam_logprobs
+        return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
     @staticmethod
     def _uniforms(meta: SamplingMetadata) -> torch.Tensor:
