@@ -75,3 +75,38 @@ def test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean(llm, llam
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
     assert _probe(llm) == fresh
+
+
+_llm_args = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["auto", "float32", "bfloat16", "int8", 3, None]),
+    "device": st.sampled_from(["auto", "cpu", "cuda:x", "tpu", 0]),
+    "max_model_len": st.one_of(st.integers(-1, 2000), st.sampled_from([True, 1.5, None])),
+    "block_size": st.sampled_from([8, 16, 32, 12, True, "16"]),
+    "num_kv_blocks": st.one_of(st.integers(-1, 64), st.sampled_from([True, 2.0, None])),
+    "max_num_seqs": st.one_of(st.integers(-1, 300), st.sampled_from([True, 1.5])),
+    "max_num_batched_tokens": st.one_of(st.integers(-1, 4096), st.sampled_from([False, 2.5])),
+    "enable_chunked_prefill": st.sampled_from([True, False, 1, "no"]),
+    "enable_prefix_caching": st.sampled_from([True, False, 0, None]),
+    "generation_config": st.sampled_from(["auto", "vllm", "/nonexistent", 5]),
+})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kwargs=_llm_args)
+def test_random_llm_arguments_are_accepted_or_named(llama_dir, kwargs):
+    try:
+        llm = LLM(llama_dir, **kwargs)
+    except ValueError as exc:
+        assert any(name in str(exc) for name in kwargs), str(exc)
+        event("LLM refused")
+        return
+    with llm:
+        try:
+            outs = llm.generate({"prompt_token_ids": [BOS, 5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        except ValueError as exc:
+            assert "prompt 0" in str(exc), str(exc)
+            event("probe refused")
+        else:
+            event("ran")
+            assert 1 <= len(outs[0].outputs[0].token_ids) <= 4
+        assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
