@@ -33,6 +33,11 @@ def llm(llama_dir) -> LLM:
     return LLM(llama_dir, dtype="float32", max_model_len=64, num_kv_blocks=12, block_size=8)
 
 
+@pytest.fixture(scope="module")
+def fresh_probe(llama_dir) -> list[list[int]]:
+    return _probe(LLM(llama_dir, dtype="float32", max_model_len=64, num_kv_blocks=12, block_size=8))
+
+
 def _probe(llm: LLM) -> list[list[int]]:
     prompts = [{"prompt_token_ids": [BOS, 5, 6, 7]}, {"prompt_token_ids": [BOS] + list(range(20, 40))}]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
@@ -41,11 +46,7 @@ def _probe(llm: LLM) -> list[list[int]]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(kwargs=st.dictionaries(_fields, _values, max_size=3), prompts=st.lists(_prompts, min_size=1, max_size=3))
-def test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean(llm, llama_dir, kwargs, prompts):
-    fresh = getattr(test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean, "fresh", None)
-    if fresh is None:
-        fresh = test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean.fresh = _probe(
-            LLM(llama_dir, dtype="float32", max_model_len=64, num_kv_blocks=12, block_size=8))
+def test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean(llm, fresh_probe, kwargs, prompts):
     steps = []
     engine = llm.llm_engine
     real_step = engine.step
@@ -74,7 +75,7 @@ def test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean(llm, llam
     engine.step = real_step
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
-    assert _probe(llm) == fresh
+    assert _probe(llm) == fresh_probe
 
 
 _llm_args = st.fixed_dictionaries({}, optional={
