@@ -191,7 +191,7 @@ def test_abort_frees_blocks_of_running_and_waiting_groups():
     aborted = scheduler.abort_seq_groups({"a", "b", "unknown"})
     assert {g.request_id for g in aborted} == {"a", "b"}
     assert all(s.status == SequenceStatus.FINISHED_ABORTED for g in aborted for s in g.seqs)
-    assert not scheduler.has_unfinished_seqs() and scheduler.block_manager.num_free_blocks == 64
+    assert not scheduler.running and not scheduler.waiting and scheduler.block_manager.num_free_blocks == 64
 
 
 def test_prompt_logprob_spans_are_not_produced_twice_after_preemption():

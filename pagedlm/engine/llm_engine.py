@@ -80,7 +80,7 @@ class LLMEngine:
             return f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill"
         if params.best_of > self.scheduler_config.max_num_seqs:
             return f"best_of ({params.best_of}) exceeds max_num_seqs ({self.scheduler_config.max_num_seqs})"
-        max_seq_len = self._max_seq_len(n, params)
+        max_seq_len = self._max_seq_len(n, params.best_of)
         if n >= max_seq_len or (params.max_tokens is not None and n + params.max_tokens > max_seq_len):
             bm = self.block_manager
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
@@ -91,8 +91,8 @@ class LLMEngine:
             return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and k > self.vocab_size:
-                return f"{name} ({k}) exceeds the vocabulary size ({self.vocab_size})"
+            if k is not None and k > vocab_size:
+                return f"{name} ({k}) exceeds the vocabulary size ({vocab_size})"
         if params.use_beam_search and (params.stop or params.logprobs is not None):
             return "stop strings and logprobs are not supported with use_beam_search"
         return None
@@ -136,7 +136,7 @@ class LLMEngine:
             request_id, prompt, prompt_token_ids, params, self.cache_config.block_size,
             arrival_time if arrival_time is not None else time.monotonic(), generators,
         )
-        seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params)
+        seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params.best_of)
         if params.use_beam_search:
             max_new = seq_group.max_seq_len - len(prompt_token_ids)
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
@@ -182,25 +182,24 @@ class LLMEngine:
         """Start the ``peak_kv_blocks_in_use`` statistic afresh from the blocks in use now."""
         self.block_manager.reset_peak_blocks_in_use()
 
-    def _max_seq_len(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+    def _max_seq_len(self, num_prompt_tokens: int, best_of: int) -> int:
         """The longest each of a request's sequences may grow: ``max_model_len``, and what the KV
         cache holds with all ``best_of`` of them that long at once (the prompt's full blocks
         shared), so a request that is admitted can always be run to its end."""
         bm = self.block_manager
         shared = num_prompt_tokens // bm.block_size
-        own = (bm.num_kv_blocks - bm.watermark_blocks - shared) // params.best_of
+        own = (bm.num_kv_blocks - bm.watermark_blocks - shared) // best_of
         return min(self.model_config.max_model_len, (shared + own) * bm.block_size)
 
     def _log_memory_plan(self) -> None:
         bm = self.block_manager
         num_tokens = bm.num_kv_blocks * bm.block_size
-        longest = min(self.model_config.max_model_len, (bm.num_kv_blocks - bm.watermark_blocks) * bm.block_size)
         logger.info(
             "Memory plan: weights %.2f GiB (%s); KV cache %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d); "
             "longest sequence %d tokens (max_model_len %d).",
             self.model_runner.weight_bytes() / 2**30, str(self.model_config.dtype).removeprefix("torch."),
             bm.num_kv_blocks, num_tokens, self.model_runner.cache_engine.num_bytes / 2**30, bm.block_size,
-            longest, self.model_config.max_model_len,
+            self._max_seq_len(0, best_of=1), self.model_config.max_model_len,
         )
 
     def get_stats(self) -> dict[str, int | float]:

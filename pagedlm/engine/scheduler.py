@@ -46,9 +46,6 @@ class Scheduler:
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
         self.waiting.append(seq_group)
 
-    def has_unfinished_seqs(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutputs:
         out = SchedulerOutputs()
         running, self.running = self.running, deque()
