@@ -4,14 +4,17 @@ import ctypes
 import dataclasses
 import logging
 import numbers
-from collections.abc import Iterator, Sequence
-from itertools import count
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass
+from itertools import count, islice, repeat
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.llm_engine import LLMEngine
+from pagedlm.entrypoints.chat_utils import Conversation, is_conversation, parse_conversation, render_chat
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
@@ -81,6 +84,7 @@ class LLM:
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
         self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
+        self._streaming = False
 
     @property
     def llm_engine(self) -> LLMEngine:
@@ -135,52 +139,148 @@ class LLM:
             prompts = [prompts]
         if not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
-        use_defaults = sampling_params is None
-        if use_defaults:
-            sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        elif len(sampling_params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts.")
-        texts, token_ids, errors = self._tokenize(prompts)
-        if use_defaults and sampling_params and sampling_params[0].max_tokens is not None:
-            sampling_params = [self._fit_max_tokens(p, len(ids)) for p, ids in zip(sampling_params, token_ids)]
-        for i, params in enumerate(sampling_params):
-            if not isinstance(params, SamplingParams):
-                errors.setdefault(i, f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-            elif i not in errors:
-                reason = self.llm_engine.check_request(token_ids[i], params)
-                if reason is not None:
-                    errors[i] = reason
-        if errors:
-            lines = "\n".join(f"  prompt {i}: {why}" for i, why in sorted(errors.items()))
-            raise ValueError(f"{len(errors)} of {len(prompts)} prompts are invalid; nothing was run:\n{lines}")
+        return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm)
 
-        request_ids = [str(next(self._request_counter)) for _ in prompts]
-        outputs: dict[str, RequestOutput] = {}
-        try:
-            for request_id, text, ids, params in zip(request_ids, texts, token_ids, sampling_params):
-                self.llm_engine.add_request(request_id, text, params, ids)
-            for output in self._run_engine(len(prompts), use_tqdm):
-                outputs[output.request_id] = output
-        finally:
-            # An interrupted call leaves nothing queued for the next one.
-            self.llm_engine.abort_request(rid for rid in request_ids if rid not in outputs)
-        return [outputs[rid] for rid in request_ids]
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation or each of a list of them (vLLM's ``LLM.chat``); one
+        ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
+
+        A conversation is a list of ``{"role": "system" | "developer" | "user" | "assistant" |
+        "tool", "content": str}`` messages (see ``chat_utils.parse_conversation``). It is rendered
+        with ``chat_template`` or the tokenizer's own, with ``add_generation_prompt`` (open an
+        assistant turn) or ``continue_final_message`` (extend the last message; not both), and
+        ``chat_template_kwargs`` passed to the template; the text is tokenized without adding
+        special tokens, since the template has placed them.
+
+        Raises:
+            ValueError: listing every conversation that cannot run and why, before any work.
+        """
+        conversations = [messages] if is_conversation(messages) else messages
+        if not isinstance(conversations, Sequence) or isinstance(conversations, str):
+            raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
+        params = self._params_per_prompt(sampling_params, len(conversations))
+        self.llm_engine  # a closed LLM refuses before rendering anything
+        prompts: list[PromptType | _RenderedChat] = []
+        errors: dict[int, str] = {}
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(_RenderedChat(render_chat(
+                    self.get_tokenizer(), parse_conversation(conversation), chat_template, add_generation_prompt,
+                    continue_final_message, chat_template_kwargs,
+                )))
+            except ValueError as exc:
+                errors[i] = str(exc)
+                prompts.append("")
+        return self._run_all(prompts, params, use_tqdm, errors, what="conversations")
+
+    def generate_as_completed(
+        self,
+        prompts: Iterable[PromptType],
+        sampling_params: SamplingParams | Iterable[SamplingParams | None] | None = None,
+        *,
+        use_tqdm: bool = False,
+        max_in_flight: int | None = None,
+        return_errors: bool = False,
+    ) -> Iterator[tuple[int, RequestOutput | ValueError]]:
+        """Yield ``(index, RequestOutput)`` for each prompt as soon as it finishes, in the order they
+        finish; ``index`` is the prompt's position in ``prompts``.
+
+        ``prompts`` may be any iterable, a generator included: it is read lazily, and at most
+        ``max_in_flight`` requests (default twice ``max_num_seqs``) are tokenized and queued at
+        once, so memory is bounded by that window, not by the input. ``sampling_params`` is one
+        ``SamplingParams`` for all, ``None`` for the model's defaults, or an iterable with one
+        entry per prompt (``None`` entries take the defaults). Closing the iterator early (``break``)
+        aborts the requests still in flight.
+
+        A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
+        ``return_errors`` is True; otherwise no more prompts are read, the requests already in
+        flight finish and are yielded, and then a ``ValueError`` naming the prompt is raised.
+
+        Raises:
+            RuntimeError: another ``generate``/``chat``/iteration is running on this LLM.
+        """
+        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        total = len(prompts) if isinstance(prompts, Sized) else None
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = repeat(sampling_params)
+        items = zip(count(), prompts, sampling_params)
+        window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
+        return self._stream(_chunks(items, _TOKENIZE_CHUNK, self._prepare), window, total, use_tqdm, return_errors)
+
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams | None]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if not isinstance(sampling_params, Sequence):
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, "
+                             f"got {type(sampling_params).__name__}.")
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts.")
+        return list(sampling_params)
+
+    def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool,
+                 errors: dict[int, str] | None = None, what: str = "prompts") -> list[RequestOutput]:
+        """Check everything first (one ``ValueError`` lists each bad input), then run it all."""
+        errors = dict(errors or {})
+        requests = []
+        for request in self._prepare(list(zip(count(), prompts, params))):
+            if isinstance(request, _Rejected):
+                errors.setdefault(request.index, request.reason)
+            requests.append(request)
+        if errors:
+            lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
+            raise ValueError(f"{len(errors)} of {len(prompts)} {what} are invalid; nothing was run:\n{lines}")
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        for index, output in self._stream(iter(requests), len(requests), len(requests), use_tqdm, False):
+            outputs[index] = output
+        return outputs
+
+    def _prepare(self, items: list[tuple[int, object, SamplingParams | None]]) -> list["_Request | _Rejected"]:
+        """Tokenize and check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults."""
+        texts, token_ids, errors = self._tokenize([prompt for _, prompt, _ in items])
+        requests: list[_Request | _Rejected] = []
+        for k, (index, _, params) in enumerate(items):
+            if params is None:
+                params = self._fit_max_tokens(self.get_default_sampling_params(), len(token_ids[k]))
+            reason = errors.get(k)
+            if reason is None and not isinstance(params, SamplingParams):
+                reason = f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            if reason is None:
+                reason = self.llm_engine.check_request(token_ids[k], params)
+            if reason is None:
+                requests.append(_Request(index, texts[k], token_ids[k], params))
+            else:
+                requests.append(_Rejected(index, reason))
+        return requests
 
     def _fit_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         room = self.llm_engine.model_config.max_model_len - num_prompt_tokens
-        if 0 < room < params.max_tokens:
+        if params.max_tokens is not None and 0 < room < params.max_tokens:
             return dataclasses.replace(params, max_tokens=room)
         return params
 
-    def _tokenize(self, prompts: Sequence[PromptType]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
+    def _tokenize(self, prompts: Sequence[object]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
         texts: list[str | None] = []
         token_ids: list[list[int]] = []
         errors: dict[int, str] = {}
+        rendered: list[int] = []
         for i, prompt in enumerate(prompts):
             text, ids = None, []
-            if isinstance(prompt, dict) and set(prompt) == {"prompt"}:
+            if isinstance(prompt, _RenderedChat):
+                rendered.append(i)
+                prompt = prompt.text
+            elif isinstance(prompt, dict) and set(prompt) == {"prompt"}:
                 prompt = prompt["prompt"]
                 if not isinstance(prompt, str):
                     errors[i] = f'"prompt" must be a str, got {type(prompt).__name__}'
@@ -202,10 +302,15 @@ class LLM:
                 errors[i] = 'a prompt must be a str, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
             texts.append(text)
             token_ids.append(ids)
+        tokenizer = self.llm_engine.tokenizer
         # Emptiness is decided on the final ids: "" is the prompt [BOS] for a tokenizer that adds one.
-        to_encode = [i for i, t in enumerate(texts) if t is not None]
-        for i, ids in zip(to_encode, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in to_encode])):
+        plain = [i for i, t in enumerate(texts) if t is not None and i not in rendered]
+        for i, ids in zip(plain, encode_prompts(tokenizer, [texts[i] for i in plain])):
             token_ids[i] = ids
+        chats = [i for i in rendered if texts[i] is not None]
+        if chats:
+            for i, ids in zip(chats, tokenizer([texts[i] for i in chats], add_special_tokens=False).input_ids):
+                token_ids[i] = ids
         return texts, token_ids, errors
 
     def reset_prefix_cache(self) -> None:
@@ -218,25 +323,95 @@ class LLM:
         the cache / tokens of admitted sequences) so far."""
         return self.llm_engine.get_stats()
 
-    def _run_engine(self, num_requests: int, use_tqdm: bool) -> Iterator[RequestOutput]:
-        """Step the engine until no request is left, yielding each request's output as it finishes."""
+    def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None, use_tqdm: bool,
+                return_errors: bool) -> Iterator[tuple[int, RequestOutput | ValueError]]:
+        """Keep up to ``window`` requests in the engine, topping up from ``requests`` before each
+        step, and yield ``(index, output)`` as each finishes."""
+        if self._streaming:
+            raise RuntimeError("This LLM is already running a generate/chat/generate_as_completed; "
+                               "finish or close that iterator first (the engine is shared).")
         engine = self.llm_engine
+        self._streaming = True
         engine.reset_peak_kv_blocks_in_use()
+        in_flight: dict[str, int] = {}
+        rejected: list[_Rejected] = []
+        exhausted = False
         num_in = num_out = 0
-        with tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
-            while engine.has_unfinished_requests():
-                finished = [out for out in engine.step() if out.finished]
-                for out in finished:
-                    num_in += len(out.prompt_token_ids)
-                    num_out += sum(len(c.token_ids) for c in out.outputs)
-                if finished and use_tqdm:
-                    elapsed = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix_str(
-                        f"est. speed input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s",
-                        refresh=False,
-                    )
-                    bar.update(len(finished))
-                yield from finished
+        try:
+            with tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
+                while True:
+                    while not exhausted and not rejected and len(in_flight) < window:
+                        request = next(requests, None)
+                        if request is None:
+                            exhausted = True
+                        elif isinstance(request, _Rejected):
+                            if return_errors:
+                                bar.update(1)
+                                yield request.index, ValueError(f"prompt {request.index}: {request.reason}")
+                            else:
+                                rejected.append(request)
+                        else:
+                            request_id = str(next(self._request_counter))
+                            engine.add_request(request_id, request.prompt, request.params, request.prompt_token_ids)
+                            in_flight[request_id] = request.index
+                    if not in_flight:
+                        break
+                    finished = [out for out in engine.step() if out.finished]
+                    if not finished:
+                        continue
+                    for out in finished:
+                        num_in += len(out.prompt_token_ids)
+                        num_out += sum(len(c.token_ids) for c in out.outputs)
+                    if use_tqdm:
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(
+                            f"est. speed input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s",
+                            refresh=False,
+                        )
+                        bar.update(len(finished))
+                    for out in finished:
+                        yield in_flight.pop(out.request_id), out
+        finally:
+            # An interrupted or abandoned iteration leaves nothing queued for the next call.
+            if self._engine is not None:
+                self._engine.abort_request(list(in_flight))
+            self._streaming = False
+        if rejected:
+            bad = rejected[0]
+            raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests read before it finished "
+                             "and were yielded; no later prompt was read)")
+
+
+@dataclass(slots=True)
+class _Request:
+    """A prompt that passed every check, ready for ``LLMEngine.add_request``."""
+
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class _Rejected:
+    index: int
+    reason: str
+
+
+@dataclass(slots=True)
+class _RenderedChat:
+    """A chat template's output: its special tokens are in the text, so none are added."""
+
+    text: str
+
+
+_TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)
+
+
+def _chunks(items: Iterator, size: int, prepare) -> Iterator:
+    """``prepare`` applied to successive lists of up to ``size`` items, flattened, read lazily."""
+    while chunk := list(islice(items, size)):
+        yield from prepare(chunk)
 
 
 def _return_free_heap_to_os() -> None:

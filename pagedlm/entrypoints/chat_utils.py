@@ -1,0 +1,89 @@
+"""Conversations (OpenAI's chat message format) to prompt text through the model's chat template."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+# OpenAI's chat roles ("developer" is its newer name for "system").
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+Conversation = list[dict[str, Any]]
+
+
+def is_conversation(messages: object) -> bool:
+    """True for one conversation (a list of message dicts), False for a list of conversations."""
+    return isinstance(messages, Sequence) and not isinstance(messages, str) and (
+        not messages or isinstance(messages[0], dict)
+    )
+
+
+def parse_conversation(conversation: object) -> Conversation:
+    """The conversation with every message checked and text content parts joined.
+
+    A message is ``{"role": one of ROLES, "content": str}``; ``content`` may also be a list of
+    ``{"type": "text", "text": str}`` parts, which are joined with newlines (vLLM's "string" content
+    format). Other keys (``name``, ``tool_calls``, ``tool_call_id``) go to the template unchanged.
+
+    Raises:
+        ValueError: the first problem, naming the message's index and the field.
+    """
+    if not isinstance(conversation, Sequence) or isinstance(conversation, str) or not conversation:
+        raise ValueError("a conversation must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: 'role' must be one of {', '.join(ROLES)}; got {role!r}")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = _join_text_parts(i, content)
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
+                             f"got {type(content).__name__}")
+        messages.append({**message, "content": content})
+    return messages
+
+
+def _join_text_parts(i: int, parts: list) -> str:
+    texts = []
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ValueError(f"message {i}: a content part must be {{'type': 'text', 'text': str}} "
+                             f"(only text is supported), got {part!r:.80}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The prompt text the template makes of a parsed conversation. It already holds the template's
+    special tokens (BOS included), so it is tokenized with ``add_special_tokens=False``.
+
+    Raises:
+        ValueError: the tokenizer has no template and none is given, both ``add_generation_prompt``
+            and ``continue_final_message`` are set, or the template rejects the conversation (its
+            message is kept, e.g. "Conversation roles must alternate").
+    """
+    if chat_template is None and tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
+        raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(text, str):
+        raise ValueError(f"the chat template rendered a {type(text).__name__}, not text")
+    return text
