@@ -123,8 +123,8 @@ setup(
         "tqdm",
         "gguf>=0.10",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["pagedlm=pagedlm.__main__:main"]},
+    extras_require={"parquet": ["pyarrow"], "test": ["pytest", "hypothesis", "pyarrow"]},
+    entry_points={"console_scripts": ["pagedlm=pagedlm.entrypoints.cli:main"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildPagedlmExtension},
 )

@@ -1,6 +1,7 @@
 """Conversations (OpenAI's chat message format) to prompt text through the model's chat template."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -9,6 +10,14 @@ from transformers import PreTrainedTokenizerBase
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Conversation = list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    """A prompt that a chat template made (``render_chat``): the template has placed its special
+    tokens in ``text``, so ``LLM.generate`` tokenizes it without adding any."""
+
+    text: str
 
 
 def is_conversation(messages: object) -> bool:
@@ -43,7 +52,8 @@ def parse_conversation(conversation: object) -> Conversation:
         elif not isinstance(content, str):
             raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
                              f"got {type(content).__name__}")
-        messages.append({**message, "content": content})
+        # Null fields are unset: a Parquet struct or an OpenAI client writes every key.
+        messages.append({**{k: v for k, v in message.items() if v is not None}, "content": content})
     return messages
 
 

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.llm_engine import LLMEngine
-from pagedlm.entrypoints.chat_utils import Conversation, is_conversation, parse_conversation, render_chat
+from pagedlm.entrypoints.chat_utils import (
+    Conversation, RenderedChat, is_conversation, parse_conversation, render_chat,
+)
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
@@ -23,7 +25,8 @@ from pagedlm.transformers_utils.tokenizer import encode_prompts
 
 logger = logging.getLogger("pagedlm")
 
-PromptType = str | dict
+# A str, {"prompt": str}, {"prompt_token_ids": [int, ...]}, or a chat template's RenderedChat.
+PromptType = str | dict | RenderedChat
 
 
 class LLM:
@@ -169,11 +172,11 @@ class LLM:
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
         params = self._params_per_prompt(sampling_params, len(conversations))
         self.llm_engine  # a closed LLM refuses before rendering anything
-        prompts: list[PromptType | _RenderedChat] = []
+        prompts: list[PromptType] = []
         errors: dict[int, str] = {}
         for i, conversation in enumerate(conversations):
             try:
-                prompts.append(_RenderedChat(render_chat(
+                prompts.append(RenderedChat(render_chat(
                     self.get_tokenizer(), parse_conversation(conversation), chat_template, add_generation_prompt,
                     continue_final_message, chat_template_kwargs,
                 )))
@@ -277,7 +280,7 @@ class LLM:
         rendered: list[int] = []
         for i, prompt in enumerate(prompts):
             text, ids = None, []
-            if isinstance(prompt, _RenderedChat):
+            if isinstance(prompt, RenderedChat):
                 rendered.append(i)
                 prompt = prompt.text
             elif isinstance(prompt, dict) and set(prompt) == {"prompt"}:
@@ -347,7 +350,7 @@ class LLM:
                         elif isinstance(request, _Rejected):
                             if return_errors:
                                 bar.update(1)
-                                yield request.index, ValueError(f"prompt {request.index}: {request.reason}")
+                                yield request.index, ValueError(request.reason)
                             else:
                                 rejected.append(request)
                         else:
@@ -396,13 +399,6 @@ class _Request:
 class _Rejected:
     index: int
     reason: str
-
-
-@dataclass(slots=True)
-class _RenderedChat:
-    """A chat template's output: its special tokens are in the text, so none are added."""
-
-    text: str
 
 
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)

@@ -1,0 +1,86 @@
+"""The ``pagedlm`` command: ``pagedlm run ...`` runs a job; anything else runs the demo."""
+
+import argparse
+import sys
+
+from pagedlm.entrypoints import demo
+from pagedlm.entrypoints.jobs.runner import INPUT_FORMATS, JobConfig, run_job
+
+# Command-line flags that set the job's sampling defaults: (flag, SamplingParams field, type).
+SAMPLING_FLAGS = [
+    ("--temperature", "temperature", float), ("--top-p", "top_p", float), ("--top-k", "top_k", int),
+    ("--min-p", "min_p", float), ("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int),
+    ("--n", "n", int), ("--seed", "seed", int), ("--presence-penalty", "presence_penalty", float),
+    ("--frequency-penalty", "frequency_penalty", float), ("--repetition-penalty", "repetition_penalty", float),
+]
+ENGINE_FLAGS = [
+    ("--dtype", "dtype", str), ("--device", "device", str), ("--max-model-len", "max_model_len", int),
+    ("--block-size", "block_size", int), ("--num-kv-blocks", "num_kv_blocks", int),
+    ("--kv-cache-memory", "kv_cache_memory", int), ("--max-num-seqs", "max_num_seqs", int),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
+]
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedlm run",
+        description="Complete every row of a JSONL or Parquet file into an output file, writing each row as it "
+                    "finishes; a row that cannot run gets an error in its output row. Formats: docs/jobs.md.",
+    )
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--input", required=True, help="rows to run: .jsonl or .parquet")
+    parser.add_argument("--output", required=True, help="where results go: .jsonl or .parquet (plain rows)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the job that writes --output: skip the ids it holds, append the rest")
+    parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                        help="openai (Batch API rows), plain (id + prompt/messages/prompt_token_ids), or auto "
+                             "(openai when the first row has custom_id and body)")
+    parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
+                        help="a name OpenAI rows' body.model may give (repeatable; default: --model and its basename)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="most requests queued in the engine at once (default: twice max_num_seqs)")
+    parser.add_argument("--progress-interval", type=float, default=10.0,
+                        help="seconds between progress lines when stderr is not a terminal")
+    sampling = parser.add_argument_group("sampling defaults (each row's own fields win)")
+    for flag, _, typ in SAMPLING_FLAGS:
+        sampling.add_argument(flag, type=typ, default=None)
+    sampling.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None)
+    engine = parser.add_argument_group("engine (see LLM's arguments)")
+    for flag, _, typ in ENGINE_FLAGS:
+        engine.add_argument(flag, type=typ, default=None)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
+    return parser
+
+
+def run_main(argv: list[str]) -> int:
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    fields = [(field, field) for _, field, _ in SAMPLING_FLAGS] + [("stop", "stop"), ("ignore_eos", "ignore_eos")]
+    sampling = {field: getattr(args, dest) for dest, field in fields if getattr(args, dest) is not None}
+    engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill"]
+    engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
+    config = JobConfig(
+        input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,
+        served_model_names=args.served_model_names, sampling=sampling, engine=engine,
+        max_in_flight=args.max_in_flight, progress_interval=args.progress_interval,
+    )
+    try:
+        stats, interrupted = run_job(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    summary = stats.summary(interrupted is not None)
+    print(f"[pagedlm run] {'done' if interrupted is None else 'interrupted'}: {stats.rows} rows read, {stats.completed} "
+          f"completed, {stats.errors} errors, {stats.skipped} already done; {stats.prompt_tokens} prompt + "
+          f"{stats.completion_tokens} generated tokens in {summary['wall_time_s']:.1f} s "
+          f"({summary['generated_tokens_per_s']} generated tok/s). Summary: {args.output}.summary.json",
+          file=sys.stderr)
+    return 0 if interrupted is None else 128 + interrupted
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        sys.exit(run_main(argv[1:]))
+    demo.main(argv)

@@ -1,0 +1,265 @@
+"""Job files: input rows streamed from JSONL or Parquet, output rows appended as they finish.
+
+Both writers survive a kill: a JSONL output is flushed and fsynced every ``sync_interval`` seconds
+and a torn last line is dropped on resume; a Parquet output is written as parts (each renamed
+into place whole) that are merged into the output file when the job ends.
+"""
+
+import base64
+import datetime
+import decimal
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def file_kind(path: str, what: str) -> str:
+    """"jsonl" or "parquet", from the file name.
+
+    Raises:
+        ValueError: another suffix (the message names ``what`` and the allowed suffixes).
+    """
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(PARQUET_SUFFIXES):
+        _import_pyarrow()
+        return "parquet"
+    raise ValueError(f"{what} {path!r}: the file name must end in one of "
+                     f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
+
+
+def _import_pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ValueError("Parquet files need pyarrow: pip install 'pagedlm[parquet]'") from None
+
+
+# (where the row is: "line N" of a JSONL file or "row N" of a Parquet one, the row or None, why it
+# could not be read or None)
+InputRow = tuple[str, Any, str | None]
+
+
+def count_rows(path: str, kind: str) -> int | None:
+    """Rows in the input (non-blank lines of a JSONL file), for progress and ETA."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(path).metadata.num_rows
+    count = 0
+    with open(path, "rb") as f:
+        for line in f:
+            count += bool(line.strip())
+    return count
+
+
+def read_rows(path: str, kind: str) -> Iterator[InputRow]:
+    """The input's rows, streamed: a JSONL line that is not valid UTF-8 JSON comes as an error."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", row, None
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line.decode("utf-8")), None
+            except (UnicodeDecodeError, ValueError) as exc:
+                yield f"line {number}", None, f"line {number} is not valid JSON: {exc}"
+
+
+def input_schema(path: str, kind: str):
+    """The Parquet input's Arrow schema (carried columns keep their types), else None."""
+    if kind != "parquet":
+        return None
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).schema_arrow
+
+
+def to_json(row: dict) -> str:
+    """One JSONL line; Arrow values JSON lacks become text (dates and times ISO 8601, decimals as
+    written, bytes base64)."""
+    return json.dumps(row, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class JsonlWriter:
+    """Appends output rows to a JSONL file.
+
+    Args:
+        path: the output file. With ``resume`` it may exist: its keys are read (``keys``) and a
+            torn last line, left by a kill, is cut off.
+        key_of: an output row's id.
+        sync_interval: most seconds between ``fsync``s.
+
+    Raises:
+        ValueError: a line other than the last is not valid JSON (the file is not one we wrote).
+    """
+
+    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], sync_interval: float = 2.0) -> None:
+        self.path = path
+        self.keys: Counter = Counter()
+        if resume and os.path.exists(path):
+            self.keys = self._read_keys(key_of)
+        self._file = open(path, "a", encoding="utf-8")
+        self._sync_interval = sync_interval
+        self._last_sync = time.monotonic()
+
+    def _read_keys(self, key_of: Callable[[dict], Any]) -> Counter:
+        keys: Counter = Counter()
+        with open(self.path, "rb+") as f:
+            good_end = 0
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # torn by a kill: written again below
+                try:
+                    keys[key_of(json.loads(line))] += 1
+                except ValueError as exc:
+                    raise ValueError(f"{self.path}: line {number} is not valid JSON ({exc}); "
+                                     "cannot resume into this file") from None
+                good_end += len(line)
+            f.truncate(good_end)
+        return keys
+
+    def write(self, row: dict) -> None:
+        self._file.write(to_json(row) + "\n")
+        if time.monotonic() - self._last_sync >= self._sync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_sync = time.monotonic()
+
+    def close(self, finished: bool = True) -> None:
+        self.sync()
+        self._file.close()
+
+
+class ParquetWriter:
+    """Writes output rows to a Parquet file through parts.
+
+    Rows are buffered and written every ``sync_interval`` seconds (or ``part_rows`` rows) as one
+    part file in ``<path>.parts/``, written to a temporary name and renamed. ``close`` merges the
+    parts into ``path`` when the job finished; an interrupted job keeps them for ``--resume``.
+
+    Args:
+        path: the output file.
+        resume: read the keys of the parts (and of ``path``, which becomes the first part).
+        key_of: an output row's id.
+        schema: Arrow types for known columns (the results', and the Parquet input's); other
+            columns' types are inferred and unified across parts.
+    """
+
+    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], schema,
+                 sync_interval: float = 2.0, part_rows: int = 10_000) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.parts_dir = path + ".parts"
+        self._schema = schema
+        self._rows: list[dict] = []
+        self._sync_interval = sync_interval
+        self._part_rows = part_rows
+        self._last_sync = time.monotonic()
+        os.makedirs(self.parts_dir, exist_ok=True)
+        if resume and os.path.exists(path):
+            os.replace(path, self._part_path(0))
+        self.keys: Counter = Counter()
+        for part in self._parts():
+            self.keys.update(key_of(row) for row in pq.read_table(part).to_pylist())
+        self._next_part = len(self._parts()) + 1
+
+    def _part_path(self, number: int) -> str:
+        return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
+
+    def _parts(self) -> list[str]:
+        return sorted(os.path.join(self.parts_dir, p) for p in os.listdir(self.parts_dir) if p.endswith(".parquet"))
+
+    def write(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self._part_rows or time.monotonic() - self._last_sync >= self._sync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        import pyarrow.parquet as pq
+
+        self._last_sync = time.monotonic()
+        if not self._rows:
+            return
+        path = self._part_path(self._next_part)
+        pq.write_table(_to_table(self._rows, self._schema), path + ".tmp")
+        _fsync_file(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self._next_part += 1
+        self._rows = []
+
+    def close(self, finished: bool = True) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.sync()
+        if not finished:
+            return
+        parts = self._parts()
+        schemas = [pq.read_schema(p) for p in parts]
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else _to_table([], self._schema).schema
+        tmp = self.path + ".tmp"
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                writer.write_table(_conform(pq.read_table(part), schema))
+        _fsync_file(tmp)
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.parts_dir)
+
+
+def _to_table(rows: list[dict], schema):
+    """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(name for row in rows for name in row)) or list(schema.names)
+    arrays, fields = [], []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        typ = schema.field(name).type if name in schema.names else None
+        array = pa.array(values, type=typ)
+        arrays.append(array)
+        fields.append(pa.field(name, array.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _conform(table, schema):
+    """``table`` with ``schema``'s columns, in its order (missing ones null) and types."""
+    import pyarrow as pa
+
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,202 @@
+"""OpenAI's Batch API format, as vLLM's ``run-batch`` reads and writes it.
+
+Input line: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+"body": {...}}``. Output line: ``{"id", "custom_id", "response": {"status_code", "request_id",
+"body"}, "error"}`` where a 200 body is a ``chat.completion`` or ``text_completion`` object (OpenAI's
+API reference, https://platform.openai.com/docs/api-reference/batch/request-output) and a row that
+cannot run gets status 400, OpenAI's error object as the body, and ``error`` set.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedlm.entrypoints.chat_utils import RenderedChat, parse_conversation, render_chat
+from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+ROW_FIELDS = ("custom_id", "method", "url", "body")
+# OpenAI's documented default for /v1/completions (chat has none: it runs to the end).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+# Body fields that are SamplingParams fields under the same name (OpenAI's, then vLLM's extras).
+_SAME_NAME = (
+    "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "stop",
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+    "use_beam_search", "length_penalty",
+)
+_CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
+              "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+_COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
+_COMMON = ("model", "max_tokens", "stream", "user", *_SAME_NAME)
+BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
+
+
+@dataclass(slots=True)
+class _Context:
+    custom_id: str
+    url: str
+    model: str
+
+
+class OpenAIBatchFormat:
+    """Reads and writes OpenAI Batch API rows.
+
+    Args:
+        tokenizer: renders chat rows with its chat template.
+        served_model_names: the names a body's ``model`` may give (vLLM refuses others); the first
+            is written as ``model`` in the responses.
+        defaults: the job's sampling defaults, under each body's own fields.
+    """
+
+    name = "openai"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
+                 defaults: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.served_model_names = served_model_names
+        self.defaults = defaults
+
+    def key_of_input(self, row: Any) -> RowKey:
+        key = row.get("custom_id") if isinstance(row, dict) else None
+        return key if isinstance(key, str) else None
+
+    def key_of_output(self, row: dict) -> RowKey:
+        return row.get("custom_id")
+
+    def parse(self, row: Any, key: RowKey) -> JobRow:
+        if not isinstance(row, dict):
+            raise RowError(f"a row must be a JSON object with {', '.join(ROW_FIELDS)}, got {type(row).__name__}")
+        unknown = sorted(set(row) - set(ROW_FIELDS))
+        if unknown:
+            raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
+        if key is None:
+            raise RowError("custom_id must be a string", "custom_id")
+        if row.get("method") != "POST":
+            raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
+        url, body = row.get("url"), row.get("body")
+        if url not in BODY_FIELDS:
+            raise RowError(f"url must be {CHAT_URL!r} or {COMPLETIONS_URL!r}, got {url!r}", "url")
+        if not isinstance(body, dict):
+            raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
+        unknown = sorted(set(body) - BODY_FIELDS[url])
+        if unknown:
+            raise RowError(f"body field(s) {', '.join(unknown)} are not supported for {url}; supported: "
+                           f"{', '.join(sorted(BODY_FIELDS[url]))}", unknown[0])
+        model = body.get("model", self.served_model_names[0])
+        if model not in self.served_model_names:
+            raise RowError(f"body.model {model!r} is not the model this job serves; use one of "
+                           f"{self.served_model_names} (or start the job with --served-model-name)", "model")
+        if body.get("stream", False) is not False:
+            raise RowError("body.stream must be false in a batch", "stream")
+        fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
+        if url == CHAT_URL:
+            prompt = self._chat_prompt(body)
+            max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            if body.get("logprobs"):
+                fields["logprobs"] = body.get("top_logprobs") or 0
+            elif body.get("top_logprobs") is not None:
+                raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise RowError("body.prompt must be a string (one prompt per row)", "prompt")
+            if body.get("echo") or body.get("suffix") is not None:
+                raise RowError("body.echo and body.suffix are not supported", "echo" if body.get("echo") else "suffix")
+            max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
+            for name in ("logprobs", "best_of"):
+                if body.get(name) is not None:
+                    fields[name] = body[name]
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
+        params = sampling_params_from(fields, self.defaults, "body")
+        return JobRow(key, prompt, params, row, _Context(key, url, self.served_model_names[0]))
+
+    def _chat_prompt(self, body: dict) -> RenderedChat:
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise RowError("body.chat_template_kwargs must be an object", "chat_template_kwargs")
+        try:
+            return RenderedChat(render_chat(
+                self.tokenizer, parse_conversation(body.get("messages")), body.get("chat_template"),
+                body.get("add_generation_prompt", True), body.get("continue_final_message", False), kwargs,
+            ))
+        except ValueError as exc:
+            raise RowError(f"body.messages: {exc}", "messages") from None
+
+    def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
+        ctx: _Context = job_row.context
+        chat = ctx.url == CHAT_URL
+        k = job_row.params.logprobs or 0
+        choices = [(_chat_choice if chat else _completion_choice)(c, k) for c in output.outputs]
+        num_prompt = len(output.prompt_token_ids)
+        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": ctx.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
+                      "total_tokens": num_prompt + num_generated},
+            "system_fingerprint": None,
+        }
+        return _line(ctx.custom_id, 200, body, None)
+
+    def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
+        body = {"error": {"message": error, "type": "invalid_request_error", "param": param, "code": None}}
+        return _line(key, 400, body, {"code": "invalid_request_error", "message": error})
+
+
+def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+        "error": error,
+    }
+
+
+def _chat_choice(c: CompletionOutput, k: int) -> dict:
+    logprobs = None
+    if c.logprobs is not None:
+        logprobs = {"content": [
+            {**_token_logprob(token_id, position[token_id]),
+             "top_logprobs": [_token_logprob(t, lp) for t, lp in _top(position, k)]}
+            for token_id, position in zip(c.token_ids, c.logprobs)
+        ], "refusal": None}
+    return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def _completion_choice(c: CompletionOutput, k: int) -> dict:
+    logprobs = None
+    if c.logprobs is not None:
+        tokens = [position[t].decoded_token or "" for t, position in zip(c.token_ids, c.logprobs)]
+        offsets = [0]
+        for token in tokens[:-1]:
+            offsets.append(offsets[-1] + len(token))
+        logprobs = {
+            "tokens": tokens,
+            "token_logprobs": [position[t].logprob for t, position in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [{lp.decoded_token or "": lp.logprob for _, lp in _top(position, k)} for position in c.logprobs],
+            "text_offset": offsets[: len(tokens)],
+        }
+    return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
+
+
+def _top(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The ``k`` most likely tokens of a position, best first (the dict also holds the sampled
+    token when it ranks lower)."""
+    return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k), key=lambda item: item[1].rank)
+
+
+def _token_logprob(token_id: int, lp: Logprob) -> dict:
+    token = lp.decoded_token or ""
+    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}

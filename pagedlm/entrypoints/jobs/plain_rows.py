@@ -1,0 +1,98 @@
+"""Plain rows (JSONL or Parquet): an ``id``, one prompt column, optional ``sampling_params``.
+
+Input: ``id`` (str or int, unique), exactly one non-null of ``prompt`` (text), ``messages`` (a
+conversation, rendered with the model's chat template) or ``prompt_token_ids``, and optionally
+``sampling_params`` (an object of ``SamplingParams`` fields; null fields are unset). Output: the
+input row with ``outputs`` (one entry per completion: ``index``, ``text``, ``token_ids``,
+``finish_reason``, ``stop_reason`` as text, ``cumulative_logprob``, ``logprobs``),
+``prompt_tokens``, ``completion_tokens`` and ``error`` (null, or why the row could not run).
+"""
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedlm.entrypoints.chat_utils import RenderedChat, parse_conversation, render_chat
+from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.outputs import CompletionOutput, RequestOutput
+
+PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
+RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error")
+
+
+class PlainFormat:
+    """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's."""
+
+    name = "plain"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+
+    def key_of_input(self, row: Any) -> RowKey:
+        key = row.get("id") if isinstance(row, dict) else None
+        return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
+
+    def key_of_output(self, row: dict) -> RowKey:
+        return self.key_of_input(row)  # an error row carries the unusable id it was given
+
+    def parse(self, row: Any, key: RowKey) -> JobRow:
+        if not isinstance(row, dict):
+            raise RowError(f"a row must be an object with an id and a prompt, got {type(row).__name__}")
+        if key is None:
+            raise RowError(f"id must be a string or an integer, got {row.get('id')!r}", "id")
+        reserved = [c for c in RESULT_COLUMNS if c in row]
+        if reserved:
+            raise RowError(f"column(s) {', '.join(reserved)} are the output's; rename them in the input", reserved[0])
+        given = [c for c in PROMPT_COLUMNS if row.get(c) is not None]
+        if len(given) != 1:
+            raise RowError(f"a row needs exactly one of {', '.join(PROMPT_COLUMNS)}; it has "
+                           f"{', '.join(given) or 'none'}", given[1] if given else "prompt")
+        column = given[0]
+        value = row[column]
+        if column == "prompt":
+            if not isinstance(value, str):
+                raise RowError(f"prompt must be a string, got {type(value).__name__}", "prompt")
+            prompt = value
+        elif column == "messages":
+            try:
+                prompt = RenderedChat(render_chat(self.tokenizer, parse_conversation(value)))
+            except ValueError as exc:
+                raise RowError(f"messages: {exc}", "messages") from None
+        else:
+            prompt = {"prompt_token_ids": value}
+        fields = row.get("sampling_params")
+        if fields is None:
+            fields = {}
+        if not isinstance(fields, dict):
+            raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
+        fields = {k: v for k, v in fields.items() if v is not None}  # Parquet structs hold every key
+        return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
+
+    def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
+        return {
+            **job_row.row,
+            "outputs": [_completion(c) for c in output.outputs],
+            "prompt_tokens": len(output.prompt_token_ids),
+            "completion_tokens": sum(len(c.token_ids) for c in output.outputs),
+            "error": None,
+        }
+
+    def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
+        carried = {k: v for k, v in row.items() if k not in RESULT_COLUMNS} if isinstance(row, dict) else {"id": key}
+        return {**carried, "outputs": None, "prompt_tokens": None, "completion_tokens": None, "error": error}
+
+
+def _completion(c: CompletionOutput) -> dict:
+    return {
+        "index": c.index,
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "stop_reason": None if c.stop_reason is None else str(c.stop_reason),
+        "cumulative_logprob": c.cumulative_logprob,
+        "logprobs": None if c.logprobs is None else [
+            [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in position.items()]
+            for position in c.logprobs
+        ],
+    }

@@ -1,0 +1,84 @@
+"""A job's progress: a tqdm bar on a terminal, a plain line every few seconds in a log, a summary."""
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class JobStats:
+    """Counts of one run of a job (a resumed run counts what it did, plus ``skipped``)."""
+
+    rows: int = 0  # input rows read, skipped ones included
+    completed: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in the output when the run started (--resume)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.errors + self.skipped
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self, interrupted: bool) -> dict:
+        wall = self.elapsed()
+        counts = {k: v for k, v in asdict(self).items() if k != "started"}
+        return {**counts, "interrupted": interrupted, "wall_time_s": round(wall, 3),
+                "generated_tokens_per_s": round(self.completion_tokens / wall, 1) if wall > 0 else None,
+                "total_tokens_per_s": round((self.prompt_tokens + self.completion_tokens) / wall, 1) if wall > 0 else None}
+
+
+class Progress:
+    """Shows ``JobStats`` as rows finish.
+
+    On a terminal (stderr is a TTY) a tqdm bar; otherwise (batch schedulers, ``nohup``, CI logs)
+    one line on stderr every ``interval`` seconds: rows done / total, errors, tokens/s and ETA.
+    """
+
+    def __init__(self, stats: JobStats, total: int | None, interval: float, tty: bool | None = None) -> None:
+        self.stats = stats
+        self.total = total
+        self.interval = interval
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self._bar = tqdm(total=total, initial=stats.done, desc="Rows", unit="row", dynamic_ncols=True) if self.tty else None
+        self._last_line = time.monotonic()
+
+    def update(self, num_rows: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(num_rows)
+            self._bar.set_postfix_str(f"errors: {self.stats.errors}, {self._rate():.1f} gen tok/s", refresh=False)
+        elif time.monotonic() - self._last_line >= self.interval:
+            self._print_line()
+
+    def _rate(self) -> float:
+        return self.stats.completion_tokens / max(self.stats.elapsed(), 1e-9)
+
+    def _print_line(self) -> None:
+        s = self.stats
+        done = s.done
+        of = f"/{self.total} ({100 * done / self.total:.1f}%)" if self.total else ""
+        eta = ""
+        run_rows = s.completed + s.errors
+        if self.total and run_rows:
+            remaining = (self.total - done) * s.elapsed() / run_rows
+            eta = f", ETA {_duration(remaining)}"
+        print(f"[pagedlm run] rows {done}{of}, errors {s.errors}, {self._rate():.1f} generated tok/s, "
+              f"elapsed {_duration(s.elapsed())}{eta}", file=sys.stderr, flush=True)
+        self._last_line = time.monotonic()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            self._print_line()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

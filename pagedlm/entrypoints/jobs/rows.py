@@ -1,0 +1,75 @@
+"""What the job formats share: a parsed row, a row's error, and JSON fields to ``SamplingParams``."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pagedlm.entrypoints.llm import PromptType
+from pagedlm.outputs import RequestOutput
+from pagedlm.sampling_params import SamplingParams
+
+# SamplingParams fields a row may set: every one but the callables.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "logits_processors")
+
+RowKey = str | int | None  # a row's id; None for a row whose id could not be read
+
+
+class RowError(ValueError):
+    """Why one row cannot run; it becomes that row's error in the output.
+
+    ``param`` names the offending field where there is one (OpenAI's error ``param``).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class JobRow:
+    """One input row ready to run: its id, prompt and parameters, the row as read, and what else
+    its output row needs."""
+
+    key: RowKey
+    prompt: PromptType
+    params: SamplingParams
+    row: dict
+    context: Any = None
+
+
+class JobFormat(Protocol):
+    """A row format (OpenAI batch or plain): input rows in, output rows out."""
+
+    name: str
+
+    def parse(self, row: Any, key: RowKey) -> JobRow:
+        """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of_input(row)``."""
+
+    def key_of_input(self, row: Any) -> RowKey:
+        """The row's id, or None when it has none that can be read (never raises)."""
+
+    def key_of_output(self, row: dict) -> RowKey:
+        """The id an output row was written for (resume skips those)."""
+
+    def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
+        """The output row of a finished request."""
+
+    def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
+        """The output row of a row that could not run; ``row`` is the input row, if it could be read."""
+
+
+def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str) -> SamplingParams:
+    """``SamplingParams`` from a row's fields over the job's defaults.
+
+    Raises:
+        RowError: an unknown field (the message lists the allowed ones) or a bad value (it names
+            the field), ``where`` saying where the fields came from.
+    """
+    unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise RowError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}",
+                       unknown[0])
+    try:
+        return SamplingParams(**{**defaults, **fields})
+    except ValueError as exc:
+        raise RowError(f"{where}: {exc}", next((f for f in fields if str(exc).startswith(f)), None)) from None

@@ -1,0 +1,269 @@
+"""``pagedlm run``: a file of prompts in, a file of completions out, resumable, one error per bad row.
+
+Rows stream from the input through ``LLM.generate_as_completed`` (a bounded window of requests in
+the engine) and each output row is written as soon as its request finishes, so the output is in
+completion order. Resume works by id: a run skips the rows whose ids the output already holds.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import chain, tee
+from typing import Any
+
+from pagedlm.entrypoints.jobs.files import (
+    JsonlWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
+)
+from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
+from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+from pagedlm.entrypoints.jobs.progress import JobStats, Progress
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey
+from pagedlm.entrypoints.llm import LLM
+from pagedlm.sampling_params import SamplingParams
+from pagedlm.transformers_utils.gguf import default_model_path
+
+INPUT_FORMATS = ("auto", "openai", "plain")
+
+
+@dataclass
+class JobConfig:
+    """What ``pagedlm run`` was asked to do.
+
+    ``sampling`` holds the job's sampling defaults from the command line (``SamplingParams``
+    fields), over the model's generation config and under each row's own; ``engine`` the
+    ``LLM(...)`` keyword arguments. A resumed run must give the same ``model``, ``sampling`` and
+    generation config as the run that started the job.
+    """
+
+    input: str
+    output: str
+    model: str | None = None
+    resume: bool = False
+    input_format: str = "auto"
+    served_model_names: list[str] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    max_in_flight: int | None = None
+    progress_interval: float = 10.0
+    sync_interval: float = 2.0
+
+
+class JobInterrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int | None]:
+    """Run the job to the end of the input, or until SIGINT/SIGTERM: ``(stats, the signal or None)``.
+    ``tty`` forces the progress display (default: a bar when stderr is a terminal).
+
+    Raises:
+        ValueError: before any model is loaded or row is run: a bad option, an output that exists
+            without ``resume``, or a resume whose settings differ from the job's record.
+    """
+    in_kind = file_kind(config.input, "--input")
+    out_kind = file_kind(config.output, "--output")
+    if not os.path.isfile(config.input):
+        raise ValueError(f"--input {config.input!r} is not a file")
+    if config.input_format not in INPUT_FORMATS:
+        raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
+    unknown = sorted(set(config.sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
+    SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
+    rows = read_rows(config.input, in_kind)
+    first = next(rows, None)
+    rows = chain([first], rows) if first is not None else iter(())
+    fmt_name = config.input_format if config.input_format != "auto" else _detect_format(first)
+    if fmt_name == "openai" and out_kind != "jsonl":
+        raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
+    model = config.model or default_model_path()
+    record = {
+        "model": os.path.abspath(model) if os.path.exists(model) else model,
+        "input_format": fmt_name,
+        "sampling": config.sampling,
+        "generation_config": config.engine.get("generation_config", "auto"),
+        "served_model_names": config.served_model_names,
+    }
+    _check_record(config, record, out_kind)
+
+    llm = LLM(model, **config.engine)
+    model_defaults = llm.get_default_sampling_params()
+    plain = SamplingParams()
+    defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
+    defaults.update(config.sampling)
+    fmt: JobFormat
+    if fmt_name == "openai":
+        names = config.served_model_names or list(dict.fromkeys([config.model or model, os.path.basename(model)]))
+        fmt = OpenAIBatchFormat(llm.get_tokenizer(), names, defaults)
+    else:
+        fmt = PlainFormat(llm.get_tokenizer(), defaults)
+    if out_kind == "jsonl":
+        writer = JsonlWriter(config.output, config.resume, fmt.key_of_output, config.sync_interval)
+    else:
+        writer = ParquetWriter(config.output, config.resume, fmt.key_of_output, _output_schema(config.input, in_kind),
+                               config.sync_interval)
+    stats = JobStats()
+    total = count_rows(config.input, in_kind)
+    job = _Job(llm, fmt, writer, stats, writer.keys)
+    progress = Progress(stats, total, config.progress_interval, tty)
+    job.progress = progress
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
+    interrupted = None
+    try:
+        job.run(rows, config.max_in_flight)
+    except JobInterrupted as exc:
+        interrupted = exc.signum
+        print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
+              file=sys.stderr, flush=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        writer.close(finished=interrupted is None)
+        progress.close()
+        llm.close()
+    summary = {**stats.summary(interrupted is not None), "output": config.output}
+    with open(config.output + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return stats, interrupted
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise JobInterrupted(signum)
+
+
+def _detect_format(first: tuple | None) -> str:
+    row = first[1] if first is not None else None
+    return "openai" if isinstance(row, dict) and "custom_id" in row and "body" in row else "plain"
+
+
+def _record_path(output: str) -> str:
+    return output + ".job.json"
+
+
+def _check_record(config: JobConfig, record: dict, out_kind: str) -> None:
+    """Refuse to overwrite an output, or to resume one under other settings; record a new job's."""
+    started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
+    if started and not config.resume:
+        raise ValueError(f"--output {config.output!r} exists; pass --resume to continue that job, "
+                         "or choose another output")
+    path = _record_path(config.output)
+    if started:
+        if not os.path.exists(path):
+            raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
+        with open(path) as f:
+            recorded = json.load(f)
+        differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
+        if differ:
+            raise ValueError("cannot resume: this run's settings differ from the job's:\n  " + "\n  ".join(differ))
+        return
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _output_schema(path: str, kind: str):
+    """Arrow types of the output's known columns: the results' and the Parquet input's."""
+    import pyarrow as pa
+
+    completion = pa.struct([
+        ("index", pa.int64()), ("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
+        ("finish_reason", pa.string()), ("stop_reason", pa.string()), ("cumulative_logprob", pa.float64()),
+        ("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()),
+                                                  ("rank", pa.int64())])))),
+    ])
+    results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
+               pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string())]
+    carried = input_schema(path, kind)
+    return pa.schema(list(carried or []) + results)
+
+
+class _Job:
+    """One run's loop: rows to requests, finished requests and bad rows to output rows."""
+
+    def __init__(self, llm: LLM, fmt: JobFormat, writer, stats: JobStats, done: Counter) -> None:
+        self.llm = llm
+        self.fmt = fmt
+        self.writer = writer
+        self.stats = stats
+        self.done = done  # output rows per id when the run started
+        self.seen: Counter = Counter()
+        self.in_flight: dict[int, tuple[str, JobRow]] = {}  # request index -> (where in the input, row)
+        self.in_flight_keys: Counter = Counter()
+        # Error rows of duplicate ids wait for the first row of their id, so that on resume the
+        # rows of an id in the output are always its first row's, then its duplicates'.
+        self.held: dict[RowKey, list[dict]] = {}
+        self.progress: Progress | None = None
+
+    def run(self, rows: Iterator, max_in_flight: int | None) -> None:
+        requests_for_prompts, requests_for_params = tee(self._requests(rows))
+        results = self.llm.generate_as_completed(
+            (r.prompt for r in requests_for_prompts), (r.params for r in requests_for_params),
+            max_in_flight=max_in_flight, return_errors=True,
+        )
+        with closing(results):
+            for index, result in results:
+                where, job_row = self.in_flight.pop(index)
+                self.in_flight_keys[job_row.key] -= 1
+                if isinstance(result, ValueError):
+                    self._write_error(job_row.key, job_row.row, f"{where}: {result}")
+                else:
+                    self.stats.completed += 1
+                    self.stats.prompt_tokens += len(result.prompt_token_ids)
+                    self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
+                    self._write(self.fmt.result_row(job_row, result))
+                for held in self.held.pop(job_row.key, ()):
+                    self._write(held, error=True)
+
+    def _requests(self, rows: Iterator) -> Iterator[JobRow]:
+        """The rows that can run, in input order; the others' error rows are written on the way."""
+        index = 0
+        for where, row, read_error in rows:
+            self.stats.rows += 1
+            key = self.fmt.key_of_input(row) if read_error is None else None
+            self.seen[key] += 1
+            if self.seen[key] <= self.done[key]:
+                self.stats.skipped += 1
+                self._count()
+                continue
+            if read_error is not None:
+                self._write_error(None, None, read_error)
+                continue
+            if key is not None and self.seen[key] > 1:
+                error = self.fmt.error_row(key, row, f"{where}: duplicate id {key!r} (an earlier row has it)", "id")
+                if self.in_flight_keys[key]:
+                    self.held.setdefault(key, []).append(error)
+                else:
+                    self._write(error, error=True)
+                continue
+            try:
+                job_row = self.fmt.parse(row, key)
+            except RowError as exc:
+                self._write_error(key, row, f"{where}: {exc}", exc.param)
+                continue
+            self.in_flight[index] = where, job_row
+            self.in_flight_keys[key] += 1
+            index += 1
+            yield job_row
+
+    def _write_error(self, key: RowKey, row: Any, error: str, param: str | None = None) -> None:
+        self._write(self.fmt.error_row(key, row, error, param), error=True)
+
+    def _write(self, output_row: dict, error: bool = False) -> None:
+        self.writer.write(output_row)
+        if error:
+            self.stats.errors += 1
+        self._count()
+
+    def _count(self) -> None:
+        if self.progress is not None:
+            self.progress.update()
+
+
