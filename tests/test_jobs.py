@@ -1,0 +1,299 @@
+"""``pagedlm run``: formats, per-row errors, resume after a kill, Parquet, progress and summary."""
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import BOS
+from pagedlm import LLM, SamplingParams
+from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
+
+ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
+TEMPLATE = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
+           "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def read_output(path) -> list[dict]:
+    if str(path).endswith(".parquet"):
+        return pq.read_table(path).to_pylist()
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run(model, inp, out, tty=False, **kw):
+    config = JobConfig(input=str(inp), output=str(out), model=model, engine=dict(ENGINE),
+                       sampling={"temperature": 0.0, "max_tokens": 6}, **kw)
+    stats, interrupted = run_job(config, tty=tty)
+    assert interrupted is None
+    return stats, read_output(out)
+
+
+def by_id(rows, key="id") -> dict:
+    return {r[key]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    """Greedy completions from LLM.generate, the runner's reference."""
+    with LLM(llama_dir, **ENGINE) as llm:
+        def complete(prompts, **params):
+            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, **params), use_tqdm=False)
+            return [o.outputs for o in outs]
+        yield complete
+
+
+def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
+    good = [{"id": i, "prompt": f"Hello {i}", "extra": [i, {"k": "v"}]} for i in range(5)]
+    rows = [
+        good[0],
+        {"id": 10, "prompt_token_ids": [BOS, 5, 6, 7]},
+        "{not json",
+        {"id": 11},  # no prompt column
+        {"id": 12, "prompt": "x", "messages": [{"role": "user", "content": "y"}]},  # two prompt columns
+        {"prompt": "no id"},
+        {"id": 1.5, "prompt": "float id"},
+        good[1],
+        {"id": 0, "prompt": "duplicate of id 0"},
+        {"id": 13, "prompt": "x", "sampling_params": {"temperature": -1}},
+        {"id": 14, "prompt": "x", "sampling_params": {"tempreature": 1}},
+        {"id": 15, "prompt": "x", "sampling_params": "hot"},
+        {"id": 16, "prompt_token_ids": []},  # empty prompt: refused by the engine's check
+        {"id": 17, "prompt": "word " * 200},  # longer than max_model_len
+        {"id": 18, "prompt_token_ids": [BOS, 10**6]},  # outside the vocabulary
+        {"id": 19, "messages": [{"role": "wizard", "content": "hi"}]},
+        {"id": 20, "prompt": "x", "outputs": "clash"},
+        *good[2:],
+        {"id": 21, "prompt": "hot", "sampling_params": {"temperature": 1.0, "seed": 7, "max_tokens": 3}},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    errors = [r for r in out if r["error"]]
+    ok = by_id([r for r in out if not r["error"]])
+    assert sorted(ok) == [0, 1, 2, 3, 4, 10, 21]
+    assert len(errors) == 14 and len(out) == len(rows) == stats.rows == 21
+    assert (stats.completed, stats.errors, stats.skipped) == (7, 14, 0)
+    messages = " | ".join(r["error"] for r in errors)
+    for needle in ("line 3 is not valid JSON", "exactly one of prompt, messages, prompt_token_ids",
+                   "id must be a string or an integer", "duplicate id 0", "temperature must be >= 0",
+                   "unknown field(s) tempreature", "sampling_params must be an object", "the prompt is empty",
+                   "max_model_len", "outside the vocabulary", "'role' must be one of", "are the output's"):
+        assert needle in messages, needle
+    expected = reference([f"Hello {i}" for i in range(5)] + [{"prompt_token_ids": [BOS, 5, 6, 7]}])
+    for key, completions in zip([0, 1, 2, 3, 4, 10], expected):
+        row = ok[key]
+        assert row["outputs"][0]["token_ids"] == completions[0].token_ids
+        assert row["outputs"][0]["text"] == completions[0].text
+        assert row["completion_tokens"] == 6 and row["prompt_tokens"] > 0
+    assert ok[3]["extra"] == [3, {"k": "v"}] and ok[3]["prompt"] == "Hello 3"  # carried through
+    assert len(ok[21]["outputs"][0]["token_ids"]) == 3  # the row's own sampling params win
+    assert stats.prompt_tokens == sum(r["prompt_tokens"] for r in ok.values())
+    assert stats.completion_tokens == sum(r["completion_tokens"] for r in ok.values())
+    summary = json.load(open(str(tmp_path / "out.jsonl") + ".summary.json"))
+    assert (summary["rows"], summary["completed"], summary["errors"], summary["interrupted"]) == (21, 7, 14, False)
+
+
+def _openai_row(custom_id, url, body):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def test_openai_batch_format(llama_dir, reference, tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    rows = [
+        _openai_row("chat", "/v1/chat/completions",
+                    {"model": "tiny", "messages": chat, "chat_template": TEMPLATE, "max_completion_tokens": 5,
+                     "logprobs": True, "top_logprobs": 2}),
+        _openai_row("cmpl", "/v1/completions", {"model": "tiny", "prompt": "Hello 1", "max_tokens": 6, "logprobs": 3, "temperature": 0}),
+        _openai_row("n3", "/v1/completions", {"prompt": "Hello", "n": 3, "temperature": 1.0, "seed": 1, "max_tokens": 4}),
+        _openai_row("default-len", "/v1/completions", {"prompt": "Hello", "ignore_eos": True, "temperature": 0}),
+        _openai_row("no-template", "/v1/chat/completions", {"messages": chat}),
+        _openai_row("embed", "/v1/embeddings", {"input": "x"}),
+        _openai_row("other-model", "/v1/completions", {"model": "gpt-4o", "prompt": "x"}),
+        _openai_row("json-mode", "/v1/chat/completions", {"messages": chat, "response_format": {"type": "json_object"}}),
+        _openai_row("stream", "/v1/completions", {"prompt": "x", "stream": True}),
+        {"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}},
+    ]
+    inp = write_jsonl(tmp_path / "batch.jsonl", rows)
+    config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine=dict(ENGINE),
+                       served_model_names=["tiny"])
+    stats, _ = run_job(config, tty=False)
+    out = by_id(read_output(tmp_path / "out.jsonl"), "custom_id")
+    assert sorted(out) == sorted(r["custom_id"] for r in rows) and stats.errors == 6
+    for row in out.values():
+        assert set(row) == {"id", "custom_id", "response", "error"} and row["id"].startswith("batch_req_")
+        assert set(row["response"]) == {"status_code", "request_id", "body"}
+    for bad, param in [("no-template", "messages"), ("embed", "url"), ("other-model", "model"),
+                       ("json-mode", "response_format"), ("stream", "stream"), ("get", "method")]:
+        row = out[bad]
+        assert row["response"]["status_code"] == 400 and row["error"]["message"]
+        assert row["response"]["body"]["error"]["type"] == "invalid_request_error"
+        assert row["response"]["body"]["error"]["param"] == param, bad
+
+    body = out["chat"]["response"]["body"]
+    assert out["chat"]["response"]["status_code"] == 200 and out["chat"]["error"] is None
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        assert isinstance(entry["token"], str) and isinstance(entry["logprob"], float)
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["logprob"] >= entry["logprob"]
+    hf_ids = AutoTokenizer.from_pretrained(llama_dir).apply_chat_template(
+        chat, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert body["usage"]["prompt_tokens"] == len(hf_ids)
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+    body = out["cmpl"]["response"]["body"]
+    assert body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["text"] == reference(["Hello 1"])[0][0].text
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 6
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+    assert all(len(top) <= 3 for top in lp["top_logprobs"])
+    choices = out["n3"]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and all(c["text"] is not None for c in choices)
+    # /v1/completions without max_tokens: OpenAI's default of 16 tokens.
+    assert out["default-len"]["response"]["body"]["usage"]["completion_tokens"] == 16
+
+
+def test_output_is_never_overwritten_and_resume_checks_settings(llama_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    run(llama_dir, inp, out)
+    with pytest.raises(ValueError, match="exists; pass --resume"):
+        run(llama_dir, inp, out)
+    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE), resume=True,
+                       sampling={"temperature": 0.5, "max_tokens": 6})
+    with pytest.raises(ValueError, match="sampling: started with"):
+        run_job(config)
+    stats, rows = run(llama_dir, inp, out, resume=True)  # same settings: nothing left to do
+    assert (stats.skipped, stats.completed, len(rows)) == (3, 0, 3)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pagedlm", "run", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_rows(proc: subprocess.Popen, path, num_lines: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if os.path.exists(path) and open(path, "rb").read().count(b"\n") >= num_lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the job wrote no rows in time")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_job_resumes_to_the_uninterrupted_result(llama_dir, tmp_path, how):
+    rows = [{"id": f"r{i}", "prompt": f"Row number {i} says"} for i in range(160)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    _, expected = run(llama_dir, inp, tmp_path / "whole.jsonl")
+    out = tmp_path / "out.jsonl"
+    args = ["--model", llama_dir, "--input", inp, "--output", str(out), "--temperature", "0", "--max-tokens", "6",
+            "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--max-in-flight", "8"]
+    proc = _start(args)
+    _wait_for_rows(proc, out, 20)
+    proc.send_signal(getattr(signal, how))
+    log = proc.communicate(timeout=60)[0]
+    written = open(out, "rb").read()
+    if how == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM, log
+        assert "--resume continues the job" in log and written.endswith(b"\n")
+        assert json.load(open(str(out) + ".summary.json"))["interrupted"] is True
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        with open(out, "ab") as f:  # as if the kill had torn the line being written
+            f.write(b'{"id": "r999", "outputs": [{"te')
+    assert written.count(b"\n") < len(rows), "the job finished before it was stopped"
+    proc = _start(args + ["--resume"])
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    result = read_output(out)
+    assert sorted(r["id"] for r in result) == sorted(r["id"] for r in rows)  # each id exactly once
+    assert by_id(result) == by_id(expected)
+
+
+@pytest.fixture(scope="module")
+def chat_llama_dir(llama_dir, tmp_path_factory) -> str:
+    """The tiny checkpoint with a chat template."""
+    path = tmp_path_factory.mktemp("chat_llama")
+    for name in os.listdir(llama_dir):
+        os.symlink(os.path.join(llama_dir, name), path / name)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.chat_template = TEMPLATE
+    for name in os.listdir(path):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.unlink(path / name)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_parquet_round_trips_keep_every_column(chat_llama_dir, tmp_path):
+    when = datetime.datetime(2026, 11, 30, 12, 0, 0)
+    table = pa.table({
+        "id": pa.array([1, 2, 3], pa.int64()),
+        "prompt": ["Hello 1", None, "Hello 3"],
+        "messages": pa.array([None, [{"role": "user", "content": "Hi", "name": None}], None]),
+        "score": pa.array([0.5, 1.5, None], pa.float32()),
+        "tags": [["a"], [], ["b", "c"]],
+        "meta": [{"source": "x", "n": 1}, {"source": "y", "n": 2}, {"source": "z", "n": 3}],
+        "when": pa.array([when] * 3, pa.timestamp("us")),
+        "sampling_params": pa.array([{"max_tokens": 2, "seed": None}, None, {"max_tokens": None, "seed": 4}]),
+    })
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(table, inp)
+    _, out = run(chat_llama_dir, inp, tmp_path / "out.parquet")
+    assert not os.path.exists(str(tmp_path / "out.parquet") + ".parts")
+    schema = pq.read_schema(tmp_path / "out.parquet")
+    for name in table.column_names:  # Parquet -> Parquet: every input column, with its type
+        assert schema.field(name).type == table.schema.field(name).type, name
+    got, rows = by_id(out), by_id(table.to_pylist())
+    for key, row in rows.items():
+        assert {k: got[key][k] for k in row} == row
+        assert got[key]["error"] is None, got[key]["error"]
+    assert len(got[1]["outputs"][0]["token_ids"]) == 2 and len(got[3]["outputs"][0]["token_ids"]) == 6
+    assert got[2]["prompt_tokens"] == len(AutoTokenizer.from_pretrained(chat_llama_dir).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    # Parquet -> JSONL: the same values as JSON (the timestamp in ISO 8601).
+    _, as_json = run(chat_llama_dir, inp, tmp_path / "out.jsonl")
+    for key, row in by_id(as_json).items():
+        assert row == {**got[key], "when": when.isoformat()}
+
+    # JSONL -> Parquet: every column, with the types JSON gives.
+    jsonl_in = write_jsonl(tmp_path / "in2.jsonl", [{**r, "when": when.isoformat()} for r in rows.values()])
+    _, from_json = run(chat_llama_dir, jsonl_in, tmp_path / "out2.parquet")
+    for key, row in by_id(from_json).items():
+        assert row == {**got[key], "when": when.isoformat(), "score": rows[key]["score"]}
+
+
+def test_non_tty_progress_lines_and_summary(llama_dir, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(12)] + ["oops"])
+    stats, _ = run(llama_dir, inp, tmp_path / "out.jsonl", progress_interval=0.0)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[pagedlm run] rows")]
+    assert lines and "rows 13/13 (100.0%), errors 1," in lines[-1] and "generated tok/s" in lines[-1]
+    assert (stats.rows, stats.completed, stats.errors) == (13, 12, 1)
