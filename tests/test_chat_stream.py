@@ -1,0 +1,263 @@
+"""``LLM.chat`` (a chat template renders each conversation; parity with Hugging Face; every bad
+conversation listed before any work) and ``LLM.generate_as_completed`` (lazy reading, a bounded
+window, results as they finish, errors returned or raised, closing early, one iteration at a time)."""
+
+import json
+import shutil
+from contextlib import closing
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import BOS, EOS, hf_greedy
+from pagedlm import LLM, RequestOutput, SamplingParams
+from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+DEFAULT_MAX_TOKENS = 3  # the checkpoint's generation config: greedy, 3 new tokens
+PROMPTS = ["Hello, my name is", {"prompt": "The capital of France is"}, {"prompt_token_ids": [BOS, 40, 41, 42]},
+           "Continuous batching", "12 + 30 =", {"prompt_token_ids": [BOS] + list(range(10, 60))}]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def rendered(text: str) -> str:
+    """What TEMPLATE makes of ``user(text)`` with a generation prompt."""
+    return f"<s><|user|>{text}\n<|assistant|>"
+
+
+def exact(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir, tmp_path_factory) -> LLM:
+    # llama_dir's weights and tokenizer (no chat template), with greedy sampling defaults.
+    path = tmp_path_factory.mktemp("chat_stream") / "m"
+    shutil.copytree(llama_dir, path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False, "max_new_tokens": DEFAULT_MAX_TOKENS}
+    ))
+    llm = LLM(str(path), dtype="float32", max_model_len=256)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.max_tokens) == (0, DEFAULT_MAX_TOKENS)
+    return llm
+
+
+@pytest.fixture(autouse=True)
+def engine_left_clean(llm):
+    """After every test: nothing queued and every KV block free."""
+    yield
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    stats = engine.get_stats()
+    assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+# --- LLM.chat ---------------------------------------------------------------------------------
+
+
+def test_chat_is_token_identical_to_hugging_face(llm, llama_dir):
+    conversations = [
+        user("Hello, my name is"),
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France is"},
+         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And 12 + 30 ="}],
+    ]
+    hf_tok = AutoTokenizer.from_pretrained(llama_dir)
+    hf_ids = [hf_tok.apply_chat_template(c, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True)
+              for c in conversations]
+    hf_ids = [ids["input_ids"] if not isinstance(ids, list) else ids for ids in hf_ids]
+    outs = llm.chat(conversations, GREEDY, use_tqdm=False, chat_template=TEMPLATE)
+    assert [o.prompt_token_ids for o in outs] == hf_ids
+    assert all(o.prompt_token_ids[0] == BOS and o.prompt_token_ids.count(BOS) == 1 for o in outs)
+    assert outs[0].prompt == rendered("Hello, my name is")
+    assert outs[1].prompt == ("<s><|system|>Be brief.\n<|user|>The capital of France is\n<|assistant|>Paris.\n"
+                              "<|user|>And 12 + 30 =\n<|assistant|>")
+    assert token_ids(outs) == hf_greedy(llama_dir, hf_ids, GREEDY.max_tokens)
+
+
+def test_one_conversation_or_a_list_of_them(llm):
+    one = llm.chat(user("Hello"), exact(2), use_tqdm=False, chat_template=TEMPLATE)
+    assert isinstance(one, list) and len(one) == 1 and isinstance(one[0], RequestOutput)
+    assert one[0].prompt == rendered("Hello")
+    texts = ["Hello", "The quick brown fox", "Paris"]
+    # The last conversation finishes first; outputs still come back in input order.
+    many = llm.chat([user(t) for t in texts], [exact(6), exact(4), exact(2)], use_tqdm=False,
+                    chat_template=TEMPLATE)
+    assert [o.prompt for o in many] == [rendered(t) for t in texts]
+    assert [len(ids) for ids in token_ids(many)] == [6, 4, 2]
+    assert token_ids(many)[0][:2] == token_ids(one)[0]
+
+
+def _refused(llm, monkeypatch, conversations, **kwargs) -> str:
+    """The ValueError message ``chat`` raises, checking that no request reached the engine."""
+    with monkeypatch.context() as m:
+        m.setattr(llm.llm_engine, "add_request", lambda *a, **k: pytest.fail("a request was added"))
+        with pytest.raises(ValueError) as err:
+            llm.chat(conversations, GREEDY, use_tqdm=False, **{"chat_template": TEMPLATE, **kwargs})
+    return str(err.value)
+
+
+def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
+    msg = _refused(llm, monkeypatch, [
+        user("fine"),
+        [{"role": "wizard", "content": "hi"}],
+        [{"role": "user", "content": 5}],
+        [],
+        user("also fine"),
+    ])
+    assert "3 of 5 conversations are invalid" in msg
+    assert "conversation 1: message 0: 'role'" in msg and "'wizard'" in msg
+    assert "conversation 2: message 0: 'content'" in msg and "int" in msg
+    assert "conversation 3: a conversation must be a non-empty list" in msg
+    assert "conversation 0:" not in msg and "conversation 4:" not in msg
+
+    msg = _refused(llm, monkeypatch, [user("a"), user("b")], continue_final_message=True)
+    assert "2 of 2 conversations" in msg and "conversation 0:" in msg and "conversation 1:" in msg
+    assert "add_generation_prompt and continue_final_message" in msg
+
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(token_ids(llm.chat(user("fine"), exact(2), use_tqdm=False, chat_template=TEMPLATE))[0]) == 2
+
+
+def test_no_chat_template_anywhere_is_a_clear_error(llm, monkeypatch):
+    assert llm.get_tokenizer().chat_template is None
+    assert "chat_template" in _refused(llm, monkeypatch, user("Hello"), chat_template=None)
+
+
+def test_continue_final_message_extends_the_last_message(llm):
+    conversation = user("The capital of France is") + [{"role": "assistant", "content": "The capital"}]
+    out = llm.chat(conversation, exact(2), use_tqdm=False, chat_template=TEMPLATE,
+                   add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt == "<s><|user|>The capital of France is\n<|assistant|>The capital"
+    assert out.prompt_token_ids == llm.get_tokenizer()(out.prompt, add_special_tokens=False).input_ids
+
+
+def test_text_parts_are_joined_and_other_parts_refused(llm, monkeypatch):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert llm.chat(parts, exact(1), use_tqdm=False, chat_template=TEMPLATE)[0].prompt == rendered("a\nb")
+    image = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    msg = _refused(llm, monkeypatch, [{"role": "user", "content": image}])
+    assert "conversation 0: message 0" in msg and "only text" in msg
+
+
+# --- LLM.generate_as_completed --------------------------------------------------------------
+
+
+def test_a_generator_is_read_lazily(llm):
+    pulled = 0
+
+    def prompts():
+        nonlocal pulled
+        for i in range(500):
+            pulled += 1
+            yield {"prompt_token_ids": [BOS, 10 + i % 50]}
+
+    with closing(llm.generate_as_completed(prompts(), exact(2), max_in_flight=4)) as results:
+        index, out = next(results)
+        assert isinstance(out, RequestOutput) and 0 <= index < 4
+        assert len(llm.llm_engine.seq_groups) <= 4
+        assert pulled <= 4 + _TOKENIZE_CHUNK and pulled < 500
+
+
+def test_each_index_once_with_the_outputs_generate_gives(llm):
+    params = [exact(n) for n in range(len(PROMPTS) + 2, 2, -1)]  # later prompts finish sooner
+    expected = token_ids(llm.generate(PROMPTS, params, use_tqdm=False))
+    indices, got = [], {}
+    for index, out in llm.generate_as_completed(PROMPTS, params, max_in_flight=3):
+        indices.append(index)
+        got[index] = out.outputs[0].token_ids
+    assert sorted(indices) == list(range(len(PROMPTS))) and indices != sorted(indices)
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+
+
+BAD = ["Hello", "Paris", {"prompt_token_ids": []}, {"prompt_token_ids": list(range(3, 300))}, "fox"]
+
+
+def test_return_errors_yields_each_bad_prompt_and_runs_the_rest(llm):
+    results = dict(llm.generate_as_completed(BAD, exact(2), return_errors=True))
+    assert sorted(results) == list(range(len(BAD)))
+    assert isinstance(results[2], ValueError) and "empty" in str(results[2])
+    assert isinstance(results[3], ValueError) and "max_model_len" in str(results[3])
+    assert all(isinstance(results[i], RequestOutput) and results[i].finished for i in (0, 1, 4))
+
+
+def test_without_return_errors_the_earlier_prompts_finish_then_it_raises(llm):
+    seen = []
+    with pytest.raises(ValueError, match="prompt 2 cannot run: the prompt is empty"):
+        for index, out in llm.generate_as_completed(BAD, exact(2), max_in_flight=1):
+            assert isinstance(out, RequestOutput)
+            seen.append(index)
+    assert seen == [0, 1]
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.xfail(strict=True, reason="prompts are read a tokenization chunk ahead: up to _TOKENIZE_CHUNK - 1 "
+                   "prompts after the bad one are pulled from the iterable, though the error says none was")
+def test_no_prompt_after_a_bad_one_is_read(llm):
+    pulled = []
+
+    def prompts():
+        for prompt in BAD:
+            pulled.append(prompt)
+            yield prompt
+
+    with pytest.raises(ValueError, match="no later prompt was read"):
+        list(llm.generate_as_completed(prompts(), exact(2)))
+    assert pulled == BAD[:3]
+
+
+@pytest.mark.xfail(strict=True, reason="prompts and per-prompt sampling_params are zipped: prompts past the end of a "
+                   "shorter sampling_params iterable are dropped without a word")
+def test_sampling_params_that_run_out_before_the_prompts_are_refused(llm):
+    with pytest.raises(ValueError, match="sampling_params"):
+        list(llm.generate_as_completed(PROMPTS[:4], iter([exact(1)] * 2)))
+
+
+def test_closing_early_aborts_what_is_in_flight(llm):
+    params = [exact(1)] + [exact(40)] * 3
+    with closing(llm.generate_as_completed(PROMPTS[:4], params)) as results:
+        for index, _ in results:
+            break
+        assert index == 0 and llm.llm_engine.has_unfinished_requests()
+        results.close()
+        assert not llm.llm_engine.has_unfinished_requests()
+    # The same without a reference: the abandoned generator is closed when it is dropped.
+    assert next(iter(llm.generate_as_completed(PROMPTS[:4], params)))[0] == 0
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(token_ids(llm.generate(PROMPTS[1], exact(5), use_tqdm=False))[0]) == 5
+
+
+def test_one_iteration_at_a_time(llm):
+    with closing(llm.generate_as_completed(PROMPTS[:3], [exact(1), exact(3), exact(5)])) as first:
+        assert next(first)[0] == 0
+        with pytest.raises(RuntimeError, match="already running"):
+            next(llm.generate_as_completed(["Hello"], exact(1)))
+        with pytest.raises(RuntimeError, match="already running"):
+            llm.generate("Hello", exact(1), use_tqdm=False)
+        with pytest.raises(RuntimeError, match="already running"):
+            llm.chat(user("Hello"), exact(1), use_tqdm=False, chat_template=TEMPLATE)
+        assert next(first)[0] == 1  # the refused calls left the open iteration alone
+    assert [i for i, _ in llm.generate_as_completed(["Hello"], exact(1))] == [0]
+
+
+def test_per_prompt_params_as_an_iterable_with_none_for_the_defaults(llm):
+    prompts = PROMPTS[:3]
+    params = iter([exact(2), None, exact(5)])
+    results = dict(llm.generate_as_completed(iter(prompts), params))
+    assert sorted(results) == [0, 1, 2]
+    assert [len(results[i].outputs[0].token_ids) for i in (0, 2)] == [2, 5]
+    default = llm.generate(prompts[1], use_tqdm=False)[0].outputs[0].token_ids
+    assert results[1].outputs[0].token_ids == default
+    assert default == token_ids(llm.generate(prompts[1], SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS),
+                                             use_tqdm=False))[0]
