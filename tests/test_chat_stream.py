@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, EOS, hf_greedy
 from pagedlm import LLM, RequestOutput, SamplingParams
+from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
 
 TEMPLATE = (
@@ -132,7 +133,8 @@ def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
 
 def test_no_chat_template_anywhere_is_a_clear_error(llm, monkeypatch):
     assert llm.get_tokenizer().chat_template is None
-    assert "chat_template" in _refused(llm, monkeypatch, user("Hello"), chat_template=None)
+    assert "conversation 0: the tokenizer has no chat template; pass chat_template=" in _refused(
+        llm, monkeypatch, user("Hello"), chat_template=None)
 
 
 def test_continue_final_message_extends_the_last_message(llm):
@@ -195,33 +197,38 @@ def test_return_errors_yields_each_bad_prompt_and_runs_the_rest(llm):
 def test_without_return_errors_the_earlier_prompts_finish_then_it_raises(llm):
     seen = []
     with pytest.raises(ValueError, match="prompt 2 cannot run: the prompt is empty"):
-        for index, out in llm.generate_as_completed(BAD, exact(2), max_in_flight=1):
+        for index, out in llm.generate_as_completed(BAD, exact(2)):
             assert isinstance(out, RequestOutput)
             seen.append(index)
-    assert seen == [0, 1]
+    assert sorted(seen) == [0, 1]  # both were in flight when prompt 2 was read
     assert not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.xfail(strict=True, reason="prompts are read a tokenization chunk ahead: up to _TOKENIZE_CHUNK - 1 "
-                   "prompts after the bad one are pulled from the iterable, though the error says none was")
-def test_no_prompt_after_a_bad_one_is_read(llm):
-    pulled = []
-
+def test_no_prompt_after_a_bad_one_is_run(llm):
     def prompts():
-        for prompt in BAD:
-            pulled.append(prompt)
-            yield prompt
+        yield from BAD
 
-    with pytest.raises(ValueError, match="no later prompt was read"):
-        list(llm.generate_as_completed(prompts(), exact(2)))
-    assert pulled == BAD[:3]
+    seen = []
+    with pytest.raises(ValueError, match="no later prompt was run"):
+        for index, _ in llm.generate_as_completed(prompts(), exact(2)):
+            seen.append(index)
+    assert sorted(seen) == [0, 1]
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.xfail(strict=True, reason="prompts and per-prompt sampling_params are zipped: prompts past the end of a "
-                   "shorter sampling_params iterable are dropped without a word")
-def test_sampling_params_that_run_out_before_the_prompts_are_refused(llm):
-    with pytest.raises(ValueError, match="sampling_params"):
-        list(llm.generate_as_completed(PROMPTS[:4], iter([exact(1)] * 2)))
+@pytest.mark.parametrize("num_params", [2, 6])
+def test_sampling_params_of_another_length_are_refused(llm, num_params):
+    with pytest.raises(ValueError, match="sampling_params has"):  # sized: at once
+        llm.generate_as_completed(PROMPTS[:4], [exact(1)] * num_params)
+    with pytest.raises(ValueError, match="sampling_params (ran out|has more)"):  # iterators: when it shows
+        list(llm.generate_as_completed(iter(PROMPTS[:4]), iter([exact(1)] * num_params)))
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_a_single_rendered_chat_is_one_prompt(llm):
+    text = render_chat(llm.get_tokenizer(), [{"role": "user", "content": "Hi"}], TEMPLATE)
+    out = llm.generate(RenderedChat(text), exact(2), use_tqdm=False)
+    assert len(out) == 1 and out[0].prompt == text and out[0].prompt_token_ids.count(BOS) == 1
 
 
 def test_closing_early_aborts_what_is_in_flight(llm):

@@ -138,7 +138,7 @@ class LLM:
         prompt and parameter is checked before any work starts: bad ones raise one ``ValueError``
         listing each bad prompt's index and why.
         """
-        if isinstance(prompts, (str, dict)):
+        if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]
         if not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
@@ -197,28 +197,34 @@ class LLM:
         """Yield ``(index, RequestOutput)`` for each prompt as soon as it finishes, in the order they
         finish; ``index`` is the prompt's position in ``prompts``.
 
-        ``prompts`` may be any iterable, a generator included: it is read lazily, and at most
-        ``max_in_flight`` requests (default twice ``max_num_seqs``) are tokenized and queued at
-        once, so memory is bounded by that window, not by the input. ``sampling_params`` is one
-        ``SamplingParams`` for all, ``None`` for the model's defaults, or an iterable with one
-        entry per prompt (``None`` entries take the defaults). Closing the iterator early (``break``)
-        aborts the requests still in flight.
+        ``prompts`` may be any iterable, a generator included: it is read lazily, 64 prompts at a
+        time (they are tokenized together), and at most ``max_in_flight`` requests (default twice
+        ``max_num_seqs``) are queued in the engine at once, so memory is bounded by that window,
+        not by the input. ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the
+        model's defaults, or an iterable with one entry per prompt (``None`` entries take the
+        defaults). Closing the iterator early (``break``) aborts the requests still in flight.
 
         A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
-        ``return_errors`` is True; otherwise no more prompts are read, the requests already in
-        flight finish and are yielded, and then a ``ValueError`` naming the prompt is raised.
+        ``return_errors`` is True. Otherwise the prompts after it are not run (those already read
+        with it are dropped), the requests already in the engine finish and are yielded, and then a
+        ``ValueError`` naming the prompt is raised.
 
         Raises:
+            ValueError: ``sampling_params`` has fewer or more entries than ``prompts``, when the
+                shorter one runs out (at once, for sized inputs).
             RuntimeError: another ``generate``/``chat``/iteration is running on this LLM.
         """
         if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
-        if isinstance(prompts, (str, dict)):
+        if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = repeat(sampling_params)
-        items = zip(count(), prompts, sampling_params)
+            items = zip(count(), prompts, repeat(sampling_params))
+        elif total is not None and isinstance(sampling_params, Sized) and len(sampling_params) != total:
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {total} prompts.")
+        else:
+            items = _zip_one_each(prompts, sampling_params)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
         return self._stream(_chunks(items, _TOKENIZE_CHUNK, self._prepare), window, total, use_tqdm, return_errors)
 
@@ -381,8 +387,8 @@ class LLM:
             self._streaming = False
         if rejected:
             bad = rejected[0]
-            raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests read before it finished "
-                             "and were yielded; no later prompt was read)")
+            raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
+                             "were yielded; no later prompt was run)")
 
 
 @dataclass(slots=True)
@@ -402,6 +408,21 @@ class _Rejected:
 
 
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)
+
+
+def _zip_one_each(prompts: Iterable, sampling_params: Iterable) -> Iterator[tuple[int, object, object]]:
+    """``(index, prompt, params)``; a ``ValueError`` when one input runs out before the other."""
+    params = iter(sampling_params)
+    for index, prompt in enumerate(prompts):
+        entry = next(params, _END)
+        if entry is _END:
+            raise ValueError(f"sampling_params ran out at prompt {index}; give one entry per prompt.")
+        yield index, prompt, entry
+    if next(params, _END) is not _END:
+        raise ValueError("sampling_params has more entries than there are prompts.")
+
+
+_END = object()
 
 
 def _chunks(items: Iterator, size: int, prepare) -> Iterator:
