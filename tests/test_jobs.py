@@ -297,3 +297,21 @@ def test_non_tty_progress_lines_and_summary(llama_dir, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("[pagedlm run] rows")]
     assert lines and "rows 13/13 (100.0%), errors 1," in lines[-1] and "generated tok/s" in lines[-1]
     assert (stats.rows, stats.completed, stats.errors) == (13, 12, 1)
+
+
+def test_a_written_row_reaches_the_disk_without_waiting_for_the_next(tmp_path):
+    from pagedlm.entrypoints.jobs.files import JsonlWriter
+
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(str(path), False, lambda row: row["id"], sync_interval=0.05)
+    writer.write({"id": 1})
+    deadline = time.monotonic() + 30
+    while path.stat().st_size == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.read_text() == '{"id": 1}\n'  # synced by the writer's thread, the file still open
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"id": 2, "tor')
+    resumed = JsonlWriter(str(path), True, lambda row: row["id"])
+    assert resumed.keys == {1: 1} and path.read_text() == '{"id": 1}\n'
+    resumed.close()

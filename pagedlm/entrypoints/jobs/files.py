@@ -11,7 +11,7 @@ import decimal
 import json
 import os
 import shutil
-import time
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -106,27 +106,72 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-class JsonlWriter:
-    """Appends output rows to a JSONL file.
+class OutputWriter:
+    """Appends output rows to a file and makes them durable every ``sync_interval`` seconds.
+
+    A daemon thread calls ``_sync`` when rows were written since the last one, so the rows that
+    finished before a long wait reach the disk without waiting for the next row. ``keys`` counts
+    the rows per id that the output held when it was opened (resume).
+    """
+
+    def __init__(self, sync_interval: float) -> None:
+        self.keys: Counter = Counter()
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sync_every, args=(sync_interval,), daemon=True)
+
+    def _sync_every(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with self._lock:
+                if self._dirty:
+                    self._sync()
+                    self._dirty = False
+
+    def write(self, row: dict) -> None:
+        with self._lock:
+            self._append(row)
+            self._dirty = True
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
+
+    def close(self, finished: bool = True) -> None:
+        """Sync what is written; ``finished`` says the job reached the end of its input."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._lock:
+            self._sync()
+            self._finish(finished)
+
+    def _append(self, row: dict) -> None:
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self, finished: bool) -> None:
+        raise NotImplementedError
+
+
+class JsonlWriter(OutputWriter):
+    """Output rows as JSONL lines, flushed and fsynced every ``sync_interval`` seconds.
 
     Args:
-        path: the output file. With ``resume`` it may exist: its keys are read (``keys``) and a
-            torn last line, left by a kill, is cut off.
+        path: the output file. With ``resume`` it may exist: its keys are read and a torn last
+            line, left by a kill, is cut off.
         key_of: an output row's id.
-        sync_interval: most seconds between ``fsync``s.
 
     Raises:
         ValueError: a line other than the last is not valid JSON (the file is not one we wrote).
     """
 
     def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], sync_interval: float = 2.0) -> None:
+        super().__init__(sync_interval)
         self.path = path
-        self.keys: Counter = Counter()
         if resume and os.path.exists(path):
             self.keys = self._read_keys(key_of)
         self._file = open(path, "a", encoding="utf-8")
-        self._sync_interval = sync_interval
-        self._last_sync = time.monotonic()
 
     def _read_keys(self, key_of: Callable[[dict], Any]) -> Counter:
         keys: Counter = Counter()
@@ -134,7 +179,7 @@ class JsonlWriter:
             good_end = 0
             for number, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):
-                    break  # torn by a kill: written again below
+                    break  # torn by a kill: that row runs again
                 try:
                     keys[key_of(json.loads(line))] += 1
                 except ValueError as exc:
@@ -144,27 +189,23 @@ class JsonlWriter:
             f.truncate(good_end)
         return keys
 
-    def write(self, row: dict) -> None:
+    def _append(self, row: dict) -> None:
         self._file.write(to_json(row) + "\n")
-        if time.monotonic() - self._last_sync >= self._sync_interval:
-            self.sync()
 
-    def sync(self) -> None:
+    def _sync(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._last_sync = time.monotonic()
 
-    def close(self, finished: bool = True) -> None:
-        self.sync()
+    def _finish(self, finished: bool) -> None:
         self._file.close()
 
 
-class ParquetWriter:
-    """Writes output rows to a Parquet file through parts.
+class ParquetWriter(OutputWriter):
+    """Output rows to a Parquet file, through parts.
 
-    Rows are buffered and written every ``sync_interval`` seconds (or ``part_rows`` rows) as one
-    part file in ``<path>.parts/``, written to a temporary name and renamed. ``close`` merges the
-    parts into ``path`` when the job finished; an interrupted job keeps them for ``--resume``.
+    Every ``sync_interval`` seconds (or ``part_rows`` rows) the rows written since are written as
+    one part file in ``<path>.parts/`` (to a temporary name, fsynced, renamed). When the job
+    finished, the parts are merged into ``path``; an interrupted job keeps them for ``--resume``.
 
     Args:
         path: the output file.
@@ -178,17 +219,15 @@ class ParquetWriter:
                  sync_interval: float = 2.0, part_rows: int = 10_000) -> None:
         import pyarrow.parquet as pq
 
+        super().__init__(sync_interval)
         self.path = path
         self.parts_dir = path + ".parts"
         self._schema = schema
         self._rows: list[dict] = []
-        self._sync_interval = sync_interval
         self._part_rows = part_rows
-        self._last_sync = time.monotonic()
         os.makedirs(self.parts_dir, exist_ok=True)
         if resume and os.path.exists(path):
             os.replace(path, self._part_path(0))
-        self.keys: Counter = Counter()
         for part in self._parts():
             self.keys.update(key_of(row) for row in pq.read_table(part).to_pylist())
         self._next_part = len(self._parts()) + 1
@@ -199,15 +238,14 @@ class ParquetWriter:
     def _parts(self) -> list[str]:
         return sorted(os.path.join(self.parts_dir, p) for p in os.listdir(self.parts_dir) if p.endswith(".parquet"))
 
-    def write(self, row: dict) -> None:
+    def _append(self, row: dict) -> None:
         self._rows.append(row)
-        if len(self._rows) >= self._part_rows or time.monotonic() - self._last_sync >= self._sync_interval:
-            self.sync()
+        if len(self._rows) >= self._part_rows:
+            self._sync()
 
-    def sync(self) -> None:
+    def _sync(self) -> None:
         import pyarrow.parquet as pq
 
-        self._last_sync = time.monotonic()
         if not self._rows:
             return
         path = self._part_path(self._next_part)
@@ -217,11 +255,10 @@ class ParquetWriter:
         self._next_part += 1
         self._rows = []
 
-    def close(self, finished: bool = True) -> None:
+    def _finish(self, finished: bool) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.sync()
         if not finished:
             return
         parts = self._parts()

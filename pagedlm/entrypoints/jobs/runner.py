@@ -18,7 +18,7 @@ from itertools import chain, tee
 from typing import Any
 
 from pagedlm.entrypoints.jobs.files import (
-    JsonlWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
+    JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
@@ -188,7 +188,7 @@ def _output_schema(path: str, kind: str):
 class _Job:
     """One run's loop: rows to requests, finished requests and bad rows to output rows."""
 
-    def __init__(self, llm: LLM, fmt: JobFormat, writer, stats: JobStats, done: Counter) -> None:
+    def __init__(self, llm: LLM, fmt: JobFormat, writer: OutputWriter, stats: JobStats, done: Counter) -> None:
         self.llm = llm
         self.fmt = fmt
         self.writer = writer
