@@ -315,3 +315,35 @@ def test_a_written_row_reaches_the_disk_without_waiting_for_the_next(tmp_path):
     resumed = JsonlWriter(str(path), True, lambda row: row["id"])
     assert resumed.keys == {1: 1} and path.read_text() == '{"id": 1}\n'
     resumed.close()
+
+
+def test_parquet_output_of_mixed_json_columns_resumes_without_repeats(llama_dir, tmp_path):
+    rows = [{"id": 1, "prompt": "a", "x": 1}, {"id": "b", "prompt": "b", "x": "text"},
+            {"id": 2.5, "prompt": "bad id", "x": None}, {"id": 3, "prompt": "c", "x": {"k": [1]}}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    stats, first = run(llama_dir, inp, out)
+    assert (stats.completed, stats.errors) == (3, 1)
+    assert pq.read_schema(out).field("x").type == pa.string()  # no common type: JSON text
+    assert sorted(r["x"] for r in first if r["x"] is not None) == ["1", "text", '{"k": [1]}']
+    assert [r["id"] for r in first if r["error"]] == [None] and "got 2.5" in [r["error"] for r in first if r["error"]][0]
+    stats, again = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (4, 0, 0) and again == first
+
+
+def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
+    from pagedlm.entrypoints.jobs.files import ParquetWriter
+    from pagedlm.entrypoints.jobs.runner import _output_schema
+
+    path, schema = str(tmp_path / "out.parquet"), _output_schema("in.jsonl", "jsonl")
+    writer = ParquetWriter(path, False, lambda row: row["id"], schema, part_rows=2)
+    for i in range(5):
+        writer.write({"id": i, "error": None})
+    writer.close(finished=False)  # as after SIGTERM: the parts stay, no output file yet
+    assert not os.path.exists(path) and len(os.listdir(path + ".parts")) == 3
+    writer = ParquetWriter(path, True, lambda row: row["id"], schema)
+    assert writer.keys == {str(i): 1 for i in range(5)}
+    writer.write({"id": 5, "error": "late"})
+    writer.close()
+    assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(6))
+    assert not os.path.exists(path + ".parts")

@@ -128,6 +128,10 @@ class OutputWriter:
                     self._sync()
                     self._dirty = False
 
+    def same_key(self, key: Any) -> Any:
+        """The form of an id under which this output tells ids apart (and counts them in ``keys``)."""
+        return key
+
     def write(self, row: dict) -> None:
         with self._lock:
             self._append(row)
@@ -229,8 +233,12 @@ class ParquetWriter(OutputWriter):
         if resume and os.path.exists(path):
             os.replace(path, self._part_path(0))
         for part in self._parts():
-            self.keys.update(key_of(row) for row in pq.read_table(part).to_pylist())
+            self.keys.update(self.same_key(key_of(row)) for row in pq.read_table(part).to_pylist())
         self._next_part = len(self._parts()) + 1
+
+    def same_key(self, key: Any) -> Any:
+        # A column of ids of mixed types is written as text (see _to_table): ids are compared as text.
+        return None if key is None else str(key)
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
@@ -263,7 +271,7 @@ class ParquetWriter(OutputWriter):
             return
         parts = self._parts()
         schemas = [pq.read_schema(p) for p in parts]
-        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else _to_table([], self._schema).schema
+        schema = _unify(schemas) if schemas else _to_table([], self._schema).schema
         tmp = self.path + ".tmp"
         with pq.ParquetWriter(tmp, schema) as writer:
             for part in parts:
@@ -274,7 +282,11 @@ class ParquetWriter(OutputWriter):
 
 
 def _to_table(rows: list[dict], schema):
-    """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``."""
+    """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``.
+
+    A column whose values have no common Arrow type (JSON rows may hold an int in one row and a
+    string in the next) is written as JSON text, so one odd row never fails the part.
+    """
     import pyarrow as pa
 
     names = list(dict.fromkeys(name for row in rows for name in row)) or list(schema.names)
@@ -282,18 +294,56 @@ def _to_table(rows: list[dict], schema):
     for name in names:
         values = [row.get(name) for row in rows]
         typ = schema.field(name).type if name in schema.names else None
-        array = pa.array(values, type=typ)
+        try:
+            array = pa.array(values, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            array = _as_json_text(values)
         arrays.append(array)
         fields.append(pa.field(name, array.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _as_json_text(values: list):
+    import pyarrow as pa
+
+    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=_json_default)
+                     for v in values], pa.string())
+
+
+def _unify(schemas: list):
+    """One schema for all parts: each column's types promoted (int64 + float64 -> float64, null +
+    any -> any), or text where they cannot be (then ``_conform`` writes its values as JSON)."""
+    import pyarrow as pa
+
+    types: dict[str, list] = {}
+    for schema in schemas:
+        for f in schema:
+            types.setdefault(f.name, []).append(f.type)
+    fields = []
+    for name, column_types in types.items():
+        try:
+            field = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in column_types],
+                                     promote_options="permissive").field(name)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            field = pa.field(name, pa.string())
+        fields.append(field)
+    return pa.schema(fields)
 
 
 def _conform(table, schema):
     """``table`` with ``schema``'s columns, in its order (missing ones null) and types."""
     import pyarrow as pa
 
-    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in schema]
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        column = table.column(f.name)
+        try:
+            columns.append(column.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            columns.append(_as_json_text(column.to_pylist()))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -34,7 +34,7 @@ class PlainFormat:
         return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
 
     def key_of_output(self, row: dict) -> RowKey:
-        return self.key_of_input(row)  # an error row carries the unusable id it was given
+        return self.key_of_input(row)
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
@@ -79,8 +79,11 @@ class PlainFormat:
         }
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
-        carried = {k: v for k, v in row.items() if k not in RESULT_COLUMNS} if isinstance(row, dict) else {"id": key}
-        return {**carried, "outputs": None, "prompt_tokens": None, "completion_tokens": None, "error": error}
+        carried = {k: v for k, v in row.items() if k not in RESULT_COLUMNS} if isinstance(row, dict) else {}
+        # An id that is not a str or int is replaced by null (the error quotes it): the id column
+        # then holds only ids that resume can match.
+        return {**carried, "id": key, "outputs": None, "prompt_tokens": None, "completion_tokens": None,
+                "error": error}
 
 
 def _completion(c: CompletionOutput) -> dict:

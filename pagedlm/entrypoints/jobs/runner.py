@@ -219,7 +219,7 @@ class _Job:
         with closing(results):
             for index, result in results:
                 where, job_row = self.in_flight.pop(index)
-                self.in_flight_keys[job_row.key] -= 1
+                self.in_flight_keys[self.writer.same_key(job_row.key)] -= 1
                 if isinstance(result, ValueError):
                     self._write_error(job_row.key, job_row.row, f"{where}: {result}")
                 else:
@@ -227,7 +227,7 @@ class _Job:
                     self.stats.prompt_tokens += len(result.prompt_token_ids)
                     self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
                     self._write(self.fmt.result_row(job_row, result))
-                for held in self.held.pop(job_row.key, ()):
+                for held in self.held.pop(self.writer.same_key(job_row.key), ()):
                     self._write(held, error=True)
 
     def _requests(self, rows: Iterator) -> Iterator[JobRow]:
@@ -236,18 +236,19 @@ class _Job:
         for where, row, read_error in rows:
             self.stats.rows += 1
             key = self.fmt.key_of_input(row) if read_error is None else None
-            self.seen[key] += 1
-            if self.seen[key] <= self.done[key]:
+            same = self.writer.same_key(key)
+            self.seen[same] += 1
+            if self.seen[same] <= self.done[same]:
                 self.stats.skipped += 1
                 self._count()
                 continue
             if read_error is not None:
                 self._write_error(None, None, read_error)
                 continue
-            if key is not None and self.seen[key] > 1:
+            if key is not None and self.seen[same] > 1:
                 error = self.fmt.error_row(key, row, f"{where}: duplicate id {key!r} (an earlier row has it)", "id")
-                if self.in_flight_keys[key]:
-                    self.held.setdefault(key, []).append(error)
+                if self.in_flight_keys[same]:
+                    self.held.setdefault(same, []).append(error)
                 else:
                     self._write(error, error=True)
                 continue
@@ -257,7 +258,7 @@ class _Job:
                 self._write_error(key, row, f"{where}: {exc}", exc.param)
                 continue
             self.in_flight[index] = where, job_row
-            self.in_flight_keys[key] += 1
+            self.in_flight_keys[same] += 1
             index += 1
             yield job_row
 
