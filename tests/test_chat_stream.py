@@ -120,7 +120,7 @@ def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
     assert "3 of 5 conversations are invalid" in msg
     assert "conversation 1: message 0: 'role'" in msg and "'wizard'" in msg
     assert "conversation 2: message 0: 'content'" in msg and "int" in msg
-    assert "conversation 3: a conversation must be a non-empty list" in msg
+    assert "conversation 3: a conversation must have at least one message" in msg
     assert "conversation 0:" not in msg and "conversation 4:" not in msg
 
     msg = _refused(llm, monkeypatch, [user("a"), user("b")], continue_final_message=True)

@@ -37,9 +37,9 @@ def read_output(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def run(model, inp, out, tty=False, **kw):
-    config = JobConfig(input=str(inp), output=str(out), model=model, engine=dict(ENGINE),
-                       sampling={"temperature": 0.0, "max_tokens": 6}, **kw)
+def run(model, inp, out, tty=False, sampling=None, **kw):
+    sampling = {"temperature": 0.0, "max_tokens": 6} if sampling is None else sampling
+    config = JobConfig(input=str(inp), output=str(out), model=model, engine=dict(ENGINE), sampling=sampling, **kw)
     stats, interrupted = run_job(config, tty=tty)
     assert interrupted is None
     return stats, read_output(out)
@@ -347,3 +347,106 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     writer.close()
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(6))
     assert not os.path.exists(path + ".parts")
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_values_an_output_cannot_hold_never_stop_the_job(llama_dir, tmp_path, out_name):
+    rows = ['{"id": 1, "prompt": "fine"}', '{"id": 2, "prompt": "bad \\ud800"}',
+            '{"id": 3, "prompt": "fine too", "note": "x\\udc80"}', '{"id": 4, "prompt": "last"}']
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    stats, out = run(llama_dir, inp, tmp_path / out_name)
+    got = by_id(out)
+    assert sorted(got) == [1, 2, 3, 4] and (stats.completed, stats.errors) == (3, 1)
+    assert "not valid Unicode" in got[2]["error"] and got[1]["error"] is None and got[4]["error"] is None
+    assert got[3]["note"] in ("x\\udc80", "x\udc80")  # the surrogate kept as its escape
+
+
+def test_a_previous_jobs_output_as_input_gets_an_error_per_row(llama_dir, tmp_path):
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "error": [None, "x"], "outputs": [None, None]}), inp)
+    stats, out = run(llama_dir, inp, tmp_path / "out.parquet")
+    assert stats.errors == 2 and all("are the output's" in r["error"] for r in out)
+
+
+def test_openai_rows_with_null_fields_and_a_bad_first_row(llama_dir, tmp_path):
+    def completion(custom_id, **body):
+        return _openai_row(custom_id, "/v1/completions", {"prompt": "Hello", "temperature": 0, "ignore_eos": True,
+                                                            **body})
+
+    chat = [{"role": "user", "content": "Hi"}]
+    rows = [
+        {"custom_id": "no-body", "method": "POST", "url": "/v1/completions"},  # first: still OpenAI rows
+        completion("nulls", stream=None, tools=None, response_format=None, logit_bias=None, max_tokens=None,
+                   stream_options=None, n=None),
+        _openai_row("chat-nulls", "/v1/chat/completions",
+                    {"messages": chat, "chat_template": TEMPLATE, "max_completion_tokens": None, "max_tokens": 3,
+                     "ignore_eos": True, "prompt": None, "tools": None}),
+        completion("dup"), completion("dup"),
+        {"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with open(inp, "rb") as f:
+        text = f.read()
+    with open(inp, "wb") as f:  # with a byte-order mark, as Notepad writes
+        f.write(b"\xef\xbb\xbf" + text)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={}, served_model_names=["tiny"])
+    assert stats.completed == 3 and stats.errors == 3
+    errors = {r["custom_id"]: r["response"]["body"]["error"] for r in out if r["error"]}
+    assert errors["no-body"]["param"] == "body" and errors["dup"]["param"] == "custom_id"
+    assert errors[7]["param"] == "custom_id" and "got 7" in errors[7]["message"]  # echoed, to join on
+    usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in out if not r["error"]}
+    assert usage["nulls"]["completion_tokens"] == 16 and usage["chat-nulls"]["completion_tokens"] == 3
+
+
+def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(pa.Table.from_pylist([
+        _openai_row("c", "/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+        _openai_row("m", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                   "chat_template": TEMPLATE}),
+    ]), inp)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (2, 0), out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_in_flight": 0}, "--max-in-flight must be a positive integer"),
+    ({"output": "missing_dir/out.jsonl"}, "does not exist"),
+    ({"output": "in.jsonl"}, "the same file"),
+    ({"input": "array.json"}, "holds a JSON array"),
+])
+def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    (tmp_path / "array.json").write_text(json.dumps([{"id": 1, "prompt": "x"}], indent=2))
+    config = JobConfig(**{"input": "in.jsonl", "output": "out.jsonl", "model": "/nonexistent/model", **change})
+    with pytest.raises(ValueError, match=message):
+        run_job(config)
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [_openai_row("a", "/v1/completions", {
+        "model": os.path.basename(llama_dir), "prompt": "x", "max_tokens": 1})])
+    config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir + "/", engine=dict(ENGINE))
+    stats, _ = run_job(config, tty=False)
+    assert stats.completed == 1  # --model with a trailing slash still answers to its basename
+    record = json.load(open(str(tmp_path / "out.jsonl") + ".job.json"))
+    assert record["input"] == os.path.abspath(inp)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(ValueError, match="input: started with"):
+        run_job(JobConfig(input=other, output=str(tmp_path / "out.jsonl"), model=llama_dir + "/", resume=True,
+                          engine=dict(ENGINE)))
+
+
+def test_progress_lines_come_while_rows_run(capsys):
+    from pagedlm.entrypoints.jobs.progress import JobStats, Progress
+
+    stats = JobStats(rows=3, completed=1)
+    progress = Progress(stats, total=10, interval=0.01, tty=False)
+    deadline = time.monotonic() + 30
+    while "rows 1/10" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.01)  # no row finishes: the thread still prints
+    assert time.monotonic() < deadline
+    progress.close()
+    assert stats.summary(False)["unfinished"] == 2

@@ -32,13 +32,15 @@ def parse_conversation(conversation: object) -> Conversation:
 
     A message is ``{"role": one of ROLES, "content": str}``; ``content`` may also be a list of
     ``{"type": "text", "text": str}`` parts, which are joined with newlines (vLLM's "string" content
-    format). Other keys (``name``, ``tool_calls``, ``tool_call_id``) go to the template unchanged.
+    format), or null in an assistant message with ``tool_calls``. Other keys (``name``, ``tool_calls``, ``tool_call_id``) go to the template unchanged.
 
     Raises:
         ValueError: the first problem, naming the message's index and the field.
     """
-    if not isinstance(conversation, Sequence) or isinstance(conversation, str) or not conversation:
-        raise ValueError("a conversation must be a non-empty list of messages")
+    if not isinstance(conversation, Sequence) or isinstance(conversation, str):
+        raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
+    if not conversation:
+        raise ValueError("a conversation must have at least one message")
     messages = []
     for i, message in enumerate(conversation):
         if not isinstance(message, dict):
@@ -49,6 +51,8 @@ def parse_conversation(conversation: object) -> Conversation:
         content = message.get("content")
         if isinstance(content, list):
             content = _join_text_parts(i, content)
+        elif content is None and role == "assistant" and message.get("tool_calls"):
+            pass  # OpenAI's assistant turn that only calls tools
         elif not isinstance(content, str):
             raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
                              f"got {type(content).__name__}")

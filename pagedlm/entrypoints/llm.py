@@ -214,7 +214,7 @@ class LLM:
                 shorter one runs out (at once, for sized inputs).
             RuntimeError: another ``generate``/``chat``/iteration is running on this LLM.
         """
-        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+        if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
         if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]

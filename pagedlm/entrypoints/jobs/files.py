@@ -74,8 +74,8 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield f"line {number}", json.loads(line.decode("utf-8")), None
+            try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
+                yield f"line {number}", json.loads(line.decode("utf-8-sig")), None
             except (UnicodeDecodeError, ValueError) as exc:
                 yield f"line {number}", None, f"line {number} is not valid JSON: {exc}"
 
@@ -88,7 +88,7 @@ def input_schema(path: str, kind: str):
     return pq.ParquetFile(path).schema_arrow
 
 
-def to_json(row: dict) -> str:
+def to_json(row: Any) -> str:
     """One JSONL line; Arrow values JSON lacks become text (dates and times ISO 8601, decimals as
     written, bytes base64)."""
     return json.dumps(row, ensure_ascii=False, default=_json_default)
@@ -175,7 +175,8 @@ class JsonlWriter(OutputWriter):
         self.path = path
         if resume and os.path.exists(path):
             self.keys = self._read_keys(key_of)
-        self._file = open(path, "a", encoding="utf-8")
+        # A lone surrogate (a JSON input's "\\ud800") is written as its JSON escape, not refused.
+        self._file = open(path, "a", encoding="utf-8", errors="backslashreplace")
 
     def _read_keys(self, key_of: Callable[[dict], Any]) -> Counter:
         keys: Counter = Counter()
@@ -296,7 +297,7 @@ def _to_table(rows: list[dict], schema):
         typ = schema.field(name).type if name in schema.names else None
         try:
             array = pa.array(values, type=typ)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeError):
             array = _as_json_text(values)
         arrays.append(array)
         fields.append(pa.field(name, array.type))
@@ -304,10 +305,12 @@ def _to_table(rows: list[dict], schema):
 
 
 def _as_json_text(values: list):
+    """Values as text: strings as they are, others as JSON; lone surrogates as their escapes."""
     import pyarrow as pa
 
-    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=_json_default)
-                     for v in values], pa.string())
+    texts = [None if v is None else v if isinstance(v, str) else to_json(v) for v in values]
+    return pa.array([None if t is None else t.encode("utf-8", "backslashreplace").decode("utf-8") for t in texts],
+                    pa.string())
 
 
 def _unify(schemas: list):

@@ -55,6 +55,7 @@ class OpenAIBatchFormat:
     """
 
     name = "openai"
+    key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any]) -> None:
@@ -67,7 +68,7 @@ class OpenAIBatchFormat:
         return key if isinstance(key, str) else None
 
     def key_of_output(self, row: dict) -> RowKey:
-        return row.get("custom_id")
+        return self.key_of_input(row)
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
@@ -76,7 +77,7 @@ class OpenAIBatchFormat:
         if unknown:
             raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
         if key is None:
-            raise RowError("custom_id must be a string", "custom_id")
+            raise RowError(f"custom_id must be a string, got {row.get('custom_id')!r}", "custom_id")
         if row.get("method") != "POST":
             raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
         url, body = row.get("url"), row.get("body")
@@ -84,6 +85,8 @@ class OpenAIBatchFormat:
             raise RowError(f"url must be {CHAT_URL!r} or {COMPLETIONS_URL!r}, got {url!r}", "url")
         if not isinstance(body, dict):
             raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
+        # Null fields are unset, as OpenAI reads them (SDK dumps and Parquet structs write every key).
+        body = {k: v for k, v in body.items() if v is not None}
         unknown = sorted(set(body) - BODY_FIELDS[url])
         if unknown:
             raise RowError(f"body field(s) {', '.join(unknown)} are not supported for {url}; supported: "
@@ -92,7 +95,7 @@ class OpenAIBatchFormat:
         if model not in self.served_model_names:
             raise RowError(f"body.model {model!r} is not the model this job serves; use one of "
                            f"{self.served_model_names} (or start the job with --served-model-name)", "model")
-        if body.get("stream", False) is not False:
+        if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         if url == CHAT_URL:
@@ -150,7 +153,11 @@ class OpenAIBatchFormat:
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
         body = {"error": {"message": error, "type": "invalid_request_error", "param": param, "code": None}}
-        return _line(key, 400, body, {"code": "invalid_request_error", "message": error})
+        # A custom_id that is not a string is echoed, to join on; resume reads it as no id (None).
+        custom_id = key if key is not None or not isinstance(row, dict) else row.get("custom_id")
+        if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
+            custom_id = None
+        return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
 
 
 def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:

@@ -24,6 +24,7 @@ class PlainFormat:
     """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's."""
 
     name = "plain"
+    key_field = "id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]) -> None:
         self.tokenizer = tokenizer

@@ -1,6 +1,7 @@
 """A job's progress: a tqdm bar on a terminal, a plain line every few seconds in a log, a summary."""
 
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,9 +28,11 @@ class JobStats:
         return time.monotonic() - self.started
 
     def summary(self, interrupted: bool) -> dict:
+        """This run's counts; ``unfinished`` rows were read but not written (in flight when the run
+        was interrupted: ``--resume`` runs them)."""
         wall = self.elapsed()
         counts = {k: v for k, v in asdict(self).items() if k != "started"}
-        return {**counts, "interrupted": interrupted, "wall_time_s": round(wall, 3),
+        return {**counts, "unfinished": self.rows - self.done, "interrupted": interrupted, "wall_time_s": round(wall, 3),
                 "generated_tokens_per_s": round(self.completion_tokens / wall, 1) if wall > 0 else None,
                 "total_tokens_per_s": round((self.prompt_tokens + self.completion_tokens) / wall, 1) if wall > 0 else None}
 
@@ -38,22 +41,30 @@ class Progress:
     """Shows ``JobStats`` as rows finish.
 
     On a terminal (stderr is a TTY) a tqdm bar; otherwise (batch schedulers, ``nohup``, CI logs)
-    one line on stderr every ``interval`` seconds: rows done / total, errors, tokens/s and ETA.
+    one line on stderr every ``interval`` seconds, from a thread, so a log shows the job is alive
+    while long rows generate: rows done / total, errors, generated tokens/s of the finished rows,
+    and the ETA.
     """
 
     def __init__(self, stats: JobStats, total: int | None, interval: float, tty: bool | None = None) -> None:
         self.stats = stats
         self.total = total
-        self.interval = interval
         self.tty = sys.stderr.isatty() if tty is None else tty
         self._bar = tqdm(total=total, initial=stats.done, desc="Rows", unit="row", dynamic_ncols=True) if self.tty else None
-        self._last_line = time.monotonic()
+        self._printed_done: int | None = None
+        self._stop = threading.Event()
+        self._thread = None
+        if not self.tty:
+            self._thread = threading.Thread(target=self._print_every, args=(interval,), daemon=True)
+            self._thread.start()
 
     def update(self, num_rows: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(num_rows)
             self._bar.set_postfix_str(f"errors: {self.stats.errors}, {self._rate():.1f} gen tok/s", refresh=False)
-        elif time.monotonic() - self._last_line >= self.interval:
+
+    def _print_every(self, interval: float) -> None:
+        while not self._stop.wait(interval):
             self._print_line()
 
     def _rate(self) -> float:
@@ -70,12 +81,15 @@ class Progress:
             eta = f", ETA {_duration(remaining)}"
         print(f"[pagedlm run] rows {done}{of}, errors {s.errors}, {self._rate():.1f} generated tok/s, "
               f"elapsed {_duration(s.elapsed())}{eta}", file=sys.stderr, flush=True)
-        self._last_line = time.monotonic()
+        self._printed_done = done
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        else:
+            return
+        self._stop.set()
+        self._thread.join()
+        if self._printed_done != self.stats.done:
             self._print_line()
 
 

@@ -41,6 +41,7 @@ class JobFormat(Protocol):
     """A row format (OpenAI batch or plain): input rows in, output rows out."""
 
     name: str
+    key_field: str  # the input field that holds a row's id
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of_input(row)``."""

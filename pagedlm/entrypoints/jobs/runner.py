@@ -12,7 +12,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, tee
 from typing import Any
@@ -21,7 +21,7 @@ from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
-from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey
 from pagedlm.entrypoints.llm import LLM
@@ -54,7 +54,7 @@ class JobConfig:
     sync_interval: float = 2.0
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -70,10 +70,11 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
     """
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output")
-    if not os.path.isfile(config.input):
-        raise ValueError(f"--input {config.input!r} is not a file")
+    _check_paths(config, in_kind)
     if config.input_format not in INPUT_FORMATS:
         raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
+    if config.max_in_flight is not None and (type(config.max_in_flight) is not int or config.max_in_flight < 1):
+        raise ValueError(f"--max-in-flight must be a positive integer, got {config.max_in_flight!r}")
     unknown = sorted(set(config.sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
@@ -87,6 +88,7 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
     model = config.model or default_model_path()
     record = {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
+        "input": os.path.abspath(config.input),
         "input_format": fmt_name,
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
@@ -94,47 +96,89 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
     }
     _check_record(config, record, out_kind)
 
-    llm = LLM(model, **config.engine)
-    model_defaults = llm.get_default_sampling_params()
-    plain = SamplingParams()
-    defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
-    defaults.update(config.sampling)
-    fmt: JobFormat
-    if fmt_name == "openai":
-        default_names = [config.model, os.path.basename(model)] if config.model else [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
-        names = config.served_model_names or list(dict.fromkeys(default_names))
-        fmt = OpenAIBatchFormat(llm.get_tokenizer(), names, defaults)
-    else:
-        fmt = PlainFormat(llm.get_tokenizer(), defaults)
-    if out_kind == "jsonl":
-        writer = JsonlWriter(config.output, config.resume, fmt.key_of_output, config.sync_interval)
-    else:
-        writer = ParquetWriter(config.output, config.resume, fmt.key_of_output, _output_schema(config.input, in_kind),
-                               config.sync_interval)
     stats = JobStats()
-    total = count_rows(config.input, in_kind)
-    job = _Job(llm, fmt, writer, stats, writer.keys)
-    progress = Progress(stats, total, config.progress_interval, tty)
-    job.progress = progress
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
-    interrupted = None
+    interrupted = finished = None
+    llm = writer = progress = None
     try:
-        job.run(rows, config.max_in_flight)
-    except JobInterrupted as exc:
-        interrupted = exc.signum
-        print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
-              file=sys.stderr, flush=True)
+        with _signals_interrupt():
+            try:
+                llm = LLM(model, **config.engine)
+                fmt = _job_format(fmt_name, config, model, llm)
+                writer = _writer(out_kind, config, fmt, in_kind)
+                progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
+                _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
+                finished = True
+            except JobInterrupted as exc:
+                interrupted = exc.signum
+                print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
+                      file=sys.stderr, flush=True)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        writer.close(finished=interrupted is None)
-        progress.close()
-        llm.close()
+        if writer is not None:
+            writer.close(finished=bool(finished))
+        if progress is not None:
+            progress.close()
+        if llm is not None:
+            llm.close()
     summary = {**stats.summary(interrupted is not None), "output": config.output}
     with open(config.output + ".summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return stats, interrupted
+
+
+def _check_paths(config: JobConfig, in_kind: str) -> None:
+    if not os.path.isfile(config.input):
+        raise ValueError(f"--input {config.input!r} is not a file")
+    out_dir = os.path.dirname(os.path.abspath(config.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} does not exist")
+    if os.path.abspath(config.input) == os.path.abspath(config.output):
+        raise ValueError("--input and --output are the same file")
+    if in_kind == "jsonl" and _first_byte(config.input) == b"[":
+        raise ValueError(f"--input {config.input!r} holds a JSON array; pagedlm run reads JSON Lines "
+                         "(one object per line)")
+
+
+def _first_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+
+
+def _job_format(fmt_name: str, config: JobConfig, model: str, llm: LLM) -> JobFormat:
+    """The row format, with the job's sampling defaults: the model's generation config under the
+    command line's."""
+    model_defaults, plain = llm.get_default_sampling_params(), SamplingParams()
+    defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
+    defaults.update(config.sampling)
+    if fmt_name == "plain":
+        return PlainFormat(llm.get_tokenizer(), defaults)
+    if config.model:
+        names = [config.model, config.model.rstrip("/"), os.path.basename(os.path.normpath(config.model))]
+    else:
+        names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
+    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults)
+
+
+def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
+    if out_kind == "jsonl":
+        return JsonlWriter(config.output, config.resume, fmt.key_of_output, config.sync_interval)
+    return ParquetWriter(config.output, config.resume, fmt.key_of_output, _output_schema(config.input, in_kind),
+                         config.sync_interval)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``JobInterrupted`` (on the main thread; a signal the process was
+    started ignoring stays ignored)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -150,7 +194,7 @@ def _until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
 
 
 def _detect_format(row: Any) -> str:
-    return "openai" if isinstance(row, dict) and "custom_id" in row and "body" in row else "plain"
+    return "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
 
 
 def _record_path(output: str) -> str:
@@ -189,26 +233,26 @@ def _output_schema(path: str, kind: str):
     ])
     results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
                pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string())]
-    carried = input_schema(path, kind)
-    return pa.schema(list(carried or []) + results)
+    carried = [f for f in input_schema(path, kind) or [] if f.name not in RESULT_COLUMNS]  # those rows fail
+    return pa.schema(carried + results)
 
 
 class _Job:
     """One run's loop: rows to requests, finished requests and bad rows to output rows."""
 
-    def __init__(self, llm: LLM, fmt: JobFormat, writer: OutputWriter, stats: JobStats, done: Counter) -> None:
+    def __init__(self, llm: LLM, fmt: JobFormat, writer: OutputWriter, stats: JobStats, progress: Progress) -> None:
         self.llm = llm
         self.fmt = fmt
         self.writer = writer
         self.stats = stats
-        self.done = done  # output rows per id when the run started
+        self.progress = progress
+        self.done = writer.keys  # output rows per id when the run started
         self.seen: Counter = Counter()
         self.in_flight: dict[int, tuple[str, JobRow]] = {}  # request index -> (where in the input, row)
         self.in_flight_keys: Counter = Counter()
         # Error rows of duplicate ids wait for the first row of their id, so that on resume the
         # rows of an id in the output are always its first row's, then its duplicates'.
         self.held: dict[RowKey, list[dict]] = {}
-        self.progress: Progress | None = None
 
     def run(self, rows: Iterator, max_in_flight: int | None) -> None:
         requests_for_prompts, requests_for_params = tee(self._requests(rows))
@@ -226,9 +270,9 @@ class _Job:
                     self.stats.completed += 1
                     self.stats.prompt_tokens += len(result.prompt_token_ids)
                     self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
-                    self._write(self.fmt.result_row(job_row, result))
+                    self._write(self.fmt.result_row(job_row, result), job_row.key)
                 for held in self.held.pop(self.writer.same_key(job_row.key), ()):
-                    self._write(held, error=True)
+                    self._write(held, job_row.key, error=True)
 
     def _requests(self, rows: Iterator) -> Iterator[JobRow]:
         """The rows that can run, in input order; the others' error rows are written on the way."""
@@ -246,11 +290,12 @@ class _Job:
                 self._write_error(None, None, read_error)
                 continue
             if key is not None and self.seen[same] > 1:
-                error = self.fmt.error_row(key, row, f"{where}: duplicate id {key!r} (an earlier row has it)", "id")
+                error = self.fmt.error_row(key, row, f"{where}: duplicate id {key!r} (an earlier row has it)",
+                                           self.fmt.key_field)
                 if self.in_flight_keys[same]:
                     self.held.setdefault(same, []).append(error)
                 else:
-                    self._write(error, error=True)
+                    self._write(error, key, error=True)
                 continue
             try:
                 job_row = self.fmt.parse(row, key)
@@ -263,16 +308,20 @@ class _Job:
             yield job_row
 
     def _write_error(self, key: RowKey, row: Any, error: str, param: str | None = None) -> None:
-        self._write(self.fmt.error_row(key, row, error, param), error=True)
+        self._write(self.fmt.error_row(key, row, error, param), key, error=True)
 
-    def _write(self, output_row: dict, error: bool = False) -> None:
-        self.writer.write(output_row)
+    def _write(self, output_row: dict, key: RowKey, error: bool = False) -> None:
+        try:
+            self.writer.write(output_row)
+        except Exception as exc:  # a value the output cannot hold: the row gets an error, the job goes on
+            self.writer.write(self.fmt.error_row(key, None, f"the output row could not be written: "
+                                                            f"{type(exc).__name__}: {exc}"))
+            error = True
         if error:
             self.stats.errors += 1
         self._count()
 
     def _count(self) -> None:
-        if self.progress is not None:
-            self.progress.update()
+        self.progress.update()
 
 
