@@ -450,3 +450,16 @@ def test_progress_lines_come_while_rows_run(capsys):
     assert time.monotonic() < deadline
     progress.close()
     assert stats.summary(False)["unfinished"] == 2
+
+
+def test_a_job_on_a_loaded_llm_leaves_it_open(llama_dir, tmp_path):
+    from pagedlm.entrypoints.jobs import JobConfig as PublicJobConfig, run_job as public_run_job
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(3)])
+    with LLM(llama_dir, **ENGINE) as llm:
+        config = PublicJobConfig(input=inp, output=str(tmp_path / "out.jsonl"), sampling={"max_tokens": 2})
+        stats, interrupted = public_run_job(config, tty=False, llm=llm)
+        assert (stats.completed, interrupted) == (3, None)
+        assert len(llm.generate("still open", SamplingParams(max_tokens=1), use_tqdm=False)) == 1
+        with pytest.raises(ValueError, match="leave JobConfig.model and JobConfig.engine unset"):
+            public_run_job(JobConfig(input=inp, output=str(tmp_path / "o2.jsonl"), model=llama_dir), llm=llm)

@@ -4,7 +4,7 @@ import ctypes
 import dataclasses
 import logging
 import numbers
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import count, islice, repeat
 from typing import Any
@@ -130,13 +130,15 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
     ) -> list[RequestOutput]:
         """Complete every prompt; one ``RequestOutput`` per prompt, in input order.
 
         A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [int, ...]}``. Every
         prompt and parameter is checked before any work starts: bad ones raise one ``ValueError``
-        listing each bad prompt's index and why.
+        listing each bad prompt's index and why. ``use_tqdm`` shows a progress bar (tqdm.auto's: a
+        widget in a notebook that has ipywidgets); a callable makes the bar instead, as vLLM's
+        does (e.g. ``functools.partial(tqdm, leave=False)``).
         """
         if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]
@@ -148,7 +150,7 @@ class LLM:
         self,
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -190,7 +192,7 @@ class LLM:
         prompts: Iterable[PromptType],
         sampling_params: SamplingParams | Iterable[SamplingParams | None] | None = None,
         *,
-        use_tqdm: bool = False,
+        use_tqdm: bool | Callable[..., tqdm] = False,
         max_in_flight: int | None = None,
         return_errors: bool = False,
     ) -> Iterator[tuple[int, RequestOutput | ValueError]]:
@@ -238,7 +240,7 @@ class LLM:
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts.")
         return list(sampling_params)
 
-    def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool,
+    def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
                  errors: dict[int, str] | None = None, what: str = "prompts") -> list[RequestOutput]:
         """Check everything first (one ``ValueError`` lists each bad input), then run it all."""
         errors = dict(errors or {})
@@ -332,7 +334,8 @@ class LLM:
         the cache / tokens of admitted sequences) so far."""
         return self.llm_engine.get_stats()
 
-    def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None, use_tqdm: bool,
+    def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None,
+                use_tqdm: bool | Callable[..., tqdm],
                 return_errors: bool) -> Iterator[tuple[int, RequestOutput | ValueError]]:
         """Keep up to ``window`` requests in the engine, topping up from ``requests`` before each
         step, and yield ``(index, output)`` as each finishes."""
@@ -347,7 +350,8 @@ class LLM:
         exhausted = False
         num_in = num_out = 0
         try:
-            with tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 while True:
                     while not exhausted and not rejected and len(in_flight) < window:
                         request = next(requests, None)

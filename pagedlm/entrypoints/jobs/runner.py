@@ -60,14 +60,19 @@ class JobInterrupted(BaseException):  # like KeyboardInterrupt: no `except Excep
         self.signum = signum
 
 
-def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int | None]:
+def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) -> tuple[JobStats, int | None]:
     """Run the job to the end of the input, or until SIGINT/SIGTERM: ``(stats, the signal or None)``.
-    ``tty`` forces the progress display (default: a bar when stderr is a terminal).
+
+    ``tty`` forces the progress display (default: a bar when stderr is a terminal). ``llm`` runs the
+    job on a model already loaded (a notebook's), which stays open; ``config.model`` and
+    ``config.engine`` must then be unset.
 
     Raises:
         ValueError: before any model is loaded or row is run: a bad option, an output that exists
             without ``resume``, or a resume whose settings differ from the job's record.
     """
+    if llm is not None and (config.model is not None or config.engine):
+        raise ValueError("run_job(llm=...) runs on that LLM: leave JobConfig.model and JobConfig.engine unset")
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output")
     _check_paths(config, in_kind)
@@ -85,7 +90,7 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
     fmt_name = config.input_format if config.input_format != "auto" else _detect_format(head[-1][1] if head else None)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
-    model = config.model or default_model_path()
+    model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
     record = {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
         "input": os.path.abspath(config.input),
@@ -98,12 +103,14 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
 
     stats = JobStats()
     interrupted = finished = None
-    llm = writer = progress = None
+    own_llm = llm is None
+    writer = progress = None
     try:
         with _signals_interrupt():
             try:
-                llm = LLM(model, **config.engine)
-                fmt = _job_format(fmt_name, config, model, llm)
+                if own_llm:
+                    llm = LLM(model, **config.engine)
+                fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
                 writer = _writer(out_kind, config, fmt, in_kind)
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
@@ -117,7 +124,7 @@ def run_job(config: JobConfig, tty: bool | None = None) -> tuple[JobStats, int |
             writer.close(finished=bool(finished))
         if progress is not None:
             progress.close()
-        if llm is not None:
+        if own_llm and llm is not None:
             llm.close()
     summary = {**stats.summary(interrupted is not None), "output": config.output}
     with open(config.output + ".summary.json", "w") as f:
@@ -143,16 +150,16 @@ def _first_byte(path: str) -> bytes:
         return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
 
 
-def _job_format(fmt_name: str, config: JobConfig, model: str, llm: LLM) -> JobFormat:
+def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
     """The row format, with the job's sampling defaults: the model's generation config under the
-    command line's."""
+    command line's. ``model_name`` is the model as the user named it (None: the embedded one)."""
     model_defaults, plain = llm.get_default_sampling_params(), SamplingParams()
     defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
     defaults.update(config.sampling)
     if fmt_name == "plain":
         return PlainFormat(llm.get_tokenizer(), defaults)
-    if config.model:
-        names = [config.model, config.model.rstrip("/"), os.path.basename(os.path.normpath(config.model))]
+    if model_name:
+        names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
     return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults)
