@@ -123,7 +123,7 @@ setup(
         "tqdm",
         "gguf>=0.10",
     ],
-    extras_require={"parquet": ["pyarrow"], "test": ["pytest", "hypothesis", "pyarrow"]},
+    extras_require={"parquet": ["pyarrow"], "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib"]},
     entry_points={"console_scripts": ["pagedlm=pagedlm.entrypoints.cli:main"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildPagedlmExtension},

@@ -1,5 +1,8 @@
 """pagedlm: offline batch inference for LLMs with continuous batching over a paged KV cache."""
 
+# First: tqdm.auto picks the notebook's progress bar once, when first imported (transformers
+# imports it too), and this import keeps its warning about a missing ipywidgets quiet.
+import pagedlm.entrypoints.progress_bar  # noqa: F401, I001
 from pagedlm.logger import init_logger
 
 init_logger()

@@ -10,6 +10,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
@@ -152,6 +153,23 @@ def model_dir(request, tmp_path_factory, tokenizer_dir) -> str:
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer_dir) -> str:
     return make_checkpoint(str(tmp_path_factory.mktemp("llama_main")), "llama", tokenizer_dir)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(llama_dir, tmp_path_factory) -> str:
+    """The tiny Llama checkpoint with CHAT_TEMPLATE as its tokenizer's chat template."""
+    path = tmp_path_factory.mktemp("chat_llama")
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    for name in os.listdir(llama_dir):
+        if not os.path.exists(path / name):
+            os.symlink(os.path.join(llama_dir, name), path / name)
+    return str(path)
 
 
 def hf_greedy(

@@ -9,15 +9,11 @@ from contextlib import closing
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import BOS, EOS, hf_greedy
+from conftest import BOS, CHAT_TEMPLATE as TEMPLATE, EOS, hf_greedy
 from pagedlm import LLM, RequestOutput, SamplingParams
 from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
 
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 DEFAULT_MAX_TOKENS = 3  # the checkpoint's generation config: greedy, 3 new tokens
 PROMPTS = ["Hello, my name is", {"prompt": "The capital of France is"}, {"prompt_token_ids": [BOS, 40, 41, 42]},

@@ -13,13 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import BOS
+from conftest import BOS, CHAT_TEMPLATE as TEMPLATE
 from pagedlm import LLM, SamplingParams
 from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
 
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
-TEMPLATE = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
-           "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 def write_jsonl(path, rows) -> str:
@@ -234,21 +232,6 @@ def test_killed_job_resumes_to_the_uninterrupted_result(llama_dir, tmp_path, how
     result = read_output(out)
     assert sorted(r["id"] for r in result) == sorted(r["id"] for r in rows)  # each id exactly once
     assert by_id(result) == by_id(expected)
-
-
-@pytest.fixture(scope="module")
-def chat_llama_dir(llama_dir, tmp_path_factory) -> str:
-    """The tiny checkpoint with a chat template."""
-    path = tmp_path_factory.mktemp("chat_llama")
-    for name in os.listdir(llama_dir):
-        os.symlink(os.path.join(llama_dir, name), path / name)
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    tokenizer.chat_template = TEMPLATE
-    for name in os.listdir(path):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            os.unlink(path / name)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_parquet_round_trips_keep_every_column(chat_llama_dir, tmp_path):

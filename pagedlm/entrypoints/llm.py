@@ -10,13 +10,13 @@ from itertools import count, islice, repeat
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, parse_conversation, render_chat,
 )
+from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model

@@ -5,7 +5,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from tqdm.auto import tqdm
+from pagedlm.entrypoints.progress_bar import tqdm
 
 
 @dataclass
