@@ -264,3 +264,19 @@ def test_per_prompt_params_as_an_iterable_with_none_for_the_defaults(llm):
     assert results[1].outputs[0].token_ids == default
     assert default == token_ids(llm.generate(prompts[1], SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS),
                                              use_tqdm=False))[0]
+
+
+def test_use_tqdm_takes_a_callable_that_makes_the_bar(llm):
+    import io
+
+    from tqdm import tqdm
+
+    bars = []
+
+    def make_bar(**kwargs):
+        bars.append(tqdm(**kwargs, file=io.StringIO()))
+        return bars[-1]
+
+    llm.generate(PROMPTS[:2], exact(2), use_tqdm=make_bar)
+    llm.chat(user("Hi"), exact(2), use_tqdm=make_bar, chat_template=TEMPLATE)
+    assert [(bar.n, bar.total) for bar in bars] == [(2, 2), (1, 1)]
