@@ -123,7 +123,11 @@ setup(
         "tqdm",
         "gguf>=0.10",
     ],
-    extras_require={"parquet": ["pyarrow"], "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib"]},
+    extras_require={
+        "parquet": ["pyarrow"],
+        "ray": ["ray[data]"],
+        "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]"],
+    },
     entry_points={"console_scripts": ["pagedlm=pagedlm.entrypoints.cli:main"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildPagedlmExtension},

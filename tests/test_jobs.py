@@ -316,9 +316,9 @@ def test_parquet_output_of_mixed_json_columns_resumes_without_repeats(llama_dir,
 
 def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     from pagedlm.entrypoints.jobs.files import ParquetWriter
-    from pagedlm.entrypoints.jobs.runner import _output_schema
+    from pagedlm.entrypoints.jobs.plain_rows import output_schema
 
-    path, schema = str(tmp_path / "out.parquet"), _output_schema("in.jsonl", "jsonl")
+    path, schema = str(tmp_path / "out.parquet"), output_schema()
     writer = ParquetWriter(path, False, lambda row: row["id"], schema, part_rows=2)
     for i in range(5):
         writer.write({"id": i, "error": None})

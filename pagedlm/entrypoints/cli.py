@@ -41,6 +41,16 @@ def run_parser() -> argparse.ArgumentParser:
                         help="most requests queued in the engine at once (default: twice max_num_seqs)")
     parser.add_argument("--progress-interval", type=float, default=10.0,
                         help="seconds between progress lines when stderr is not a terminal")
+    distributed = parser.add_argument_group("Ray Data (docs/distributed.md; pip install 'pagedlm[ray]')")
+    distributed.add_argument("--ray", action="store_true",
+                             help="run on Ray Data, one LLM per actor; --output is then a directory of files")
+    distributed.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
+    distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each")
+    distributed.add_argument("--threads-per-actor", type=int, default=None,
+                             help="torch threads of each actor's LLM (default: all the node's cores)")
+    distributed.add_argument("--cpus-per-actor", type=float, default=None,
+                             help="CPUs Ray reserves for each actor (default: --threads-per-actor, else 1); leave "
+                                  "some for Ray's read and write tasks")
     sampling = parser.add_argument_group("sampling defaults (each row's own fields win)")
     for flag, _, typ in SAMPLING_FLAGS:
         sampling.add_argument(flag, type=typ, default=None)
@@ -66,8 +76,13 @@ def run_main(argv: list[str]) -> int:
         served_model_names=args.served_model_names, sampling=sampling, engine=engine,
         max_in_flight=args.max_in_flight, progress_interval=args.progress_interval,
     )
+    if not args.ray and (args.ray_address or args.num_actors != 1 or args.threads_per_actor or args.cpus_per_actor):
+        parser.error("--ray-address, --num-actors, --threads-per-actor and --cpus-per-actor need --ray")
     try:
-        stats, interrupted = run_job(config)
+        if args.ray:
+            stats, interrupted = _run_on_ray(config, args), None
+        else:
+            stats, interrupted = run_job(config)
     except ValueError as exc:
         parser.error(str(exc))
     summary = stats.summary(interrupted is not None)
@@ -77,6 +92,14 @@ def run_main(argv: list[str]) -> int:
           f"({summary['generated_tokens_per_s']} generated tok/s). Summary: {args.output}.summary.json",
           file=sys.stderr)
     return 0 if interrupted is None else 128 + interrupted
+
+
+def _run_on_ray(config: JobConfig, args: argparse.Namespace):
+    try:
+        from pagedlm.entrypoints.jobs.ray_job import run_ray_job
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray Data: pip install 'pagedlm[ray]' ({exc})") from None
+    return run_ray_job(config, args.ray_address, args.num_actors, args.threads_per_actor, args.cpus_per_actor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -258,7 +258,7 @@ class ParquetWriter(OutputWriter):
         if not self._rows:
             return
         path = self._part_path(self._next_part)
-        pq.write_table(_to_table(self._rows, self._schema), path + ".tmp")
+        pq.write_table(rows_to_table(self._rows, self._schema), path + ".tmp")
         _fsync_file(path + ".tmp")
         os.replace(path + ".tmp", path)
         self._next_part += 1
@@ -272,7 +272,7 @@ class ParquetWriter(OutputWriter):
             return
         parts = self._parts()
         schemas = [pq.read_schema(p) for p in parts]
-        schema = _unify(schemas) if schemas else _to_table([], self._schema).schema
+        schema = _unify(schemas) if schemas else rows_to_table([], self._schema).schema
         tmp = self.path + ".tmp"
         with pq.ParquetWriter(tmp, schema) as writer:
             for part in parts:
@@ -282,7 +282,7 @@ class ParquetWriter(OutputWriter):
         shutil.rmtree(self.parts_dir)
 
 
-def _to_table(rows: list[dict], schema):
+def rows_to_table(rows: list[dict], schema):
     """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``.
 
     A column whose values have no common Arrow type (JSON rows may hold an int in one row and a

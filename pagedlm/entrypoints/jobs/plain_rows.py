@@ -87,6 +87,22 @@ class PlainFormat:
                 "error": error}
 
 
+def output_schema(carried=None):
+    """The Arrow schema of output rows: the input's columns (``carried``, a schema or None), less
+    any named like a result column (those rows fail), then the result columns."""
+    import pyarrow as pa
+
+    completion = pa.struct([
+        ("index", pa.int64()), ("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
+        ("finish_reason", pa.string()), ("stop_reason", pa.string()), ("cumulative_logprob", pa.float64()),
+        ("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()),
+                                                  ("rank", pa.int64())])))),
+    ])
+    results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
+               pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string())]
+    return pa.schema([f for f in carried or [] if f.name not in RESULT_COLUMNS] + results)
+
+
 def _completion(c: CompletionOutput) -> dict:
     return {
         "index": c.index,

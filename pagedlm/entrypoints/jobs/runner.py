@@ -21,7 +21,7 @@ from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
-from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat
+from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey
 from pagedlm.entrypoints.llm import LLM
@@ -91,15 +91,8 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
-    record = {
-        "model": os.path.abspath(model) if os.path.exists(model) else model,
-        "input": os.path.abspath(config.input),
-        "input_format": fmt_name,
-        "sampling": config.sampling,
-        "generation_config": config.engine.get("generation_config", "auto"),
-        "served_model_names": config.served_model_names,
-    }
-    _check_record(config, record, out_kind)
+    started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
+    check_record(config, job_record(config, fmt_name, model), started)
 
     stats = JobStats()
     interrupted = finished = None
@@ -168,7 +161,7 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
     if out_kind == "jsonl":
         return JsonlWriter(config.output, config.resume, fmt.key_of_output, config.sync_interval)
-    return ParquetWriter(config.output, config.resume, fmt.key_of_output, _output_schema(config.input, in_kind),
+    return ParquetWriter(config.output, config.resume, fmt.key_of_output, output_schema(input_schema(config.input, in_kind)),
                          config.sync_interval)
 
 
@@ -204,17 +197,26 @@ def _detect_format(row: Any) -> str:
     return "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
 
 
-def _record_path(output: str) -> str:
-    return output + ".job.json"
+def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
+    """The settings a resumed run must repeat."""
+    model = model or config.model or "(the embedded default model)"
+    return {
+        "model": os.path.abspath(model) if os.path.exists(model) else model,
+        "input": os.path.abspath(config.input),
+        "input_format": fmt_name,
+        "sampling": config.sampling,
+        "generation_config": config.engine.get("generation_config", "auto"),
+        "served_model_names": config.served_model_names,
+    }
 
 
-def _check_record(config: JobConfig, record: dict, out_kind: str) -> None:
-    """Refuse to overwrite an output, or to resume one under other settings; record a new job's."""
-    started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
+def check_record(config: JobConfig, record: dict, started: bool) -> None:
+    """Refuse to overwrite a started job's output, or to resume it under other settings; record a
+    new job's settings next to its output (``OUT.job.json``)."""
     if started and not config.resume:
         raise ValueError(f"--output {config.output!r} exists; pass --resume to continue that job, "
                          "or choose another output")
-    path = _record_path(config.output)
+    path = config.output.rstrip("/") + ".job.json"
     if started:
         if not os.path.exists(path):
             raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
@@ -226,22 +228,6 @@ def _check_record(config: JobConfig, record: dict, out_kind: str) -> None:
         return
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-
-
-def _output_schema(path: str, kind: str):
-    """Arrow types of the output's known columns: the results' and the Parquet input's."""
-    import pyarrow as pa
-
-    completion = pa.struct([
-        ("index", pa.int64()), ("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
-        ("finish_reason", pa.string()), ("stop_reason", pa.string()), ("cumulative_logprob", pa.float64()),
-        ("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()),
-                                                  ("rank", pa.int64())])))),
-    ])
-    results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
-               pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string())]
-    carried = [f for f in input_schema(path, kind) or [] if f.name not in RESULT_COLUMNS]  # those rows fail
-    return pa.schema(carried + results)
 
 
 class _Job:

@@ -1,0 +1,1 @@
+"""Integrations with other systems (imported lazily; each needs its own extra)."""

@@ -1,0 +1,166 @@
+"""pagedlm on Ray Data: one ``LLM`` per actor of an actor pool, rows in the job runner's plain schema.
+
+Shaped like Ray Data LLM's ``build_processor(vLLMEngineProcessorConfig(...))``::
+
+    import ray
+    from pagedlm.integrations.ray import PagedLMProcessorConfig, build_processor
+
+    processor = build_processor(PagedLMProcessorConfig(model_source="/models/llama", concurrency=4))
+    ds = processor(ray.data.read_parquet("/shared/prompts.parquet"))
+    ds.write_parquet("/shared/answers")
+
+Rows are the plain rows of ``pagedlm run`` (docs/jobs.md): ``id`` + one of ``prompt`` /
+``messages`` / ``prompt_token_ids``, optional ``sampling_params``, other columns carried through; the
+output adds ``outputs``, ``prompt_tokens``, ``completion_tokens`` and ``error``. A row that cannot
+run gets its ``error`` and never fails the dataset (Ray Data LLM's ``should_continue_on_error``,
+always on). Needs ``pip install 'pagedlm[ray]'``.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pagedlm.entrypoints.jobs.files import rows_to_table, to_json
+from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError
+
+
+@dataclass
+class PagedLMProcessorConfig:
+    """How the processor runs (Ray Data LLM's ``vLLMEngineProcessorConfig``, in pagedlm's terms).
+
+    Args:
+        model_source: a checkpoint directory or ``.gguf`` every node can read; None for the embedded
+            SmolLM2-135M-Instruct (each node fetches it once).
+        engine_kwargs: ``LLM(...)`` keyword arguments (dtype, max_model_len, max_num_seqs, ...).
+        sampling_params: the rows' sampling defaults (``SamplingParams`` fields), under each row's
+            own ``sampling_params``; the model's generation config is under both.
+        concurrency: actors in the pool, one ``LLM`` each.
+        batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
+            continuous batching, so make it a few times ``max_num_seqs``.
+        num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1).
+        torch_threads: intra-op threads of each actor's ``LLM`` (default: torch's, i.e. all cores
+            of the node; set it to ``num_cpus`` when several actors share a node).
+    """
+
+    model_source: str | None = None
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 1
+    batch_size: int = 256
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "batch_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        unknown = sorted(set(self.sampling_params) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
+                             f"{', '.join(SAMPLING_FIELDS)}")
+
+
+class Processor:
+    """``processor(ds)``: the dataset with each row's completions (lazy, as Ray Data is)."""
+
+    def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool = False, json_lines_out: bool = False,
+                 done_ids: Any = None) -> None:
+        self.config = config
+        self._stage_kwargs = {"config": config, "json_lines_in": json_lines_in, "json_lines_out": json_lines_out,
+                              "done_ids": done_ids}
+
+    def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":  # noqa: F821
+        import ray
+
+        resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
+                     if v is not None}
+        return ds.map_batches(
+            PagedLMStage, fn_constructor_kwargs=self._stage_kwargs, batch_size=self.config.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.config.concurrency), **resources,
+        )
+
+
+def build_processor(config: PagedLMProcessorConfig) -> Processor:
+    """A processor that completes every row of a dataset (Ray Data LLM's ``build_processor``)."""
+    return Processor(config)
+
+
+class PagedLMStage:
+    """The actor: one ``LLM``, created once; each call completes one batch of rows.
+
+    ``json_lines_in``: the batch is ``read_text``'s ``text`` column of JSON lines (a line that is
+    not JSON becomes an error row instead of failing the read). ``json_lines_out``: the result is one
+    ``line`` column of output rows as JSON (written as they are, whatever their types).
+    ``done_ids``: ids (as text) already in the output, whose rows are dropped (resume).
+    """
+
+    def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool, json_lines_out: bool,
+                 done_ids: Any) -> None:
+        import ray
+        import torch
+
+        from pagedlm import LLM, SamplingParams, default_model_path
+
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
+        self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
+        model_defaults, plain = self.llm.get_default_sampling_params(), SamplingParams()
+        defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS
+                    if getattr(model_defaults, f) != getattr(plain, f)}
+        self.fmt = PlainFormat(self.llm.get_tokenizer(), {**defaults, **config.sampling_params})
+        self.json_lines_in = json_lines_in
+        self.json_lines_out = json_lines_out
+        self.done_ids = set(ray.get(done_ids)) if isinstance(done_ids, ray.ObjectRef) else set(done_ids or ())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
+            else [(row, None) for row in batch.to_pylist()]
+        out: list[dict | None] = []
+        runnable: dict[int, Any] = {}
+        seen: set[str] = set()
+        for row, read_error in rows:
+            key = self.fmt.key_of_input(row) if read_error is None else None
+            text_key = None if key is None else str(key)
+            if text_key is not None and text_key in self.done_ids:
+                continue
+            if read_error is not None:
+                out.append(self.fmt.error_row(None, None, read_error))
+                continue
+            if text_key is not None and text_key in seen:
+                out.append(self.fmt.error_row(key, row, f"duplicate id {key!r} (an earlier row of its batch has it)",
+                                              "id"))
+                continue
+            seen.add(text_key)
+            try:
+                runnable[len(out)] = self.fmt.parse(row, key)
+            except RowError as exc:
+                out.append(self.fmt.error_row(key, row, str(exc), exc.param))
+                continue
+            out.append(None)
+        positions = list(runnable)
+        results = self.llm.generate_as_completed(
+            [runnable[p].prompt for p in positions], [runnable[p].params for p in positions],
+            max_in_flight=len(positions) or None, return_errors=True,
+        )
+        for index, result in results:
+            job_row = runnable[positions[index]]
+            out[positions[index]] = (self.fmt.error_row(job_row.key, job_row.row, str(result))
+                                     if isinstance(result, ValueError) else self.fmt.result_row(job_row, result))
+        if self.json_lines_out:
+            lines = [to_json(row).encode("utf-8", "backslashreplace").decode("utf-8") for row in out]
+            return pa.table({"line": pa.array(lines, pa.string())})
+        carried = None if self.json_lines_in else batch.schema
+        table = rows_to_table(out, output_schema(carried))
+        return table
+
+
+def _parse_line(line: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(line.lstrip("\ufeff")), None
+    except ValueError as exc:
+        return None, f"a line is not valid JSON ({exc}): {line[:80]!r}"
