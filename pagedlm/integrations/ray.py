@@ -18,13 +18,16 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+if TYPE_CHECKING:
+    import ray.data
+
 from pagedlm.entrypoints.jobs.files import rows_to_table, to_json
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, sampling_defaults
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Processor:
         self._stage_kwargs = {"config": config, "json_lines_in": json_lines_in, "json_lines_out": json_lines_out,
                               "done_ids": done_ids}
 
-    def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":  # noqa: F821
+    def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":
         import ray
 
         resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
@@ -104,15 +107,12 @@ class PagedLMStage:
         import ray
         import torch
 
-        from pagedlm import LLM, SamplingParams, default_model_path
+        from pagedlm import LLM, default_model_path
 
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
-        model_defaults, plain = self.llm.get_default_sampling_params(), SamplingParams()
-        defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS
-                    if getattr(model_defaults, f) != getattr(plain, f)}
-        self.fmt = PlainFormat(self.llm.get_tokenizer(), {**defaults, **config.sampling_params})
+        self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params))
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
         self.done_ids = set(ray.get(done_ids)) if isinstance(done_ids, ray.ObjectRef) else set(done_ids or ())
@@ -155,8 +155,7 @@ class PagedLMStage:
             lines = [to_json(row).encode("utf-8", "backslashreplace").decode("utf-8") for row in out]
             return pa.table({"line": pa.array(lines, pa.string())})
         carried = None if self.json_lines_in else batch.schema
-        table = rows_to_table(out, output_schema(carried))
-        return table
+        return rows_to_table(out, output_schema(carried))
 
 
 def _parse_line(line: str) -> tuple[Any, str | None]:

@@ -265,7 +265,6 @@ class ParquetWriter(OutputWriter):
         self._rows = []
 
     def _finish(self, finished: bool) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not finished:

@@ -4,7 +4,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pagedlm.entrypoints.llm import PromptType
+from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 
@@ -57,6 +57,14 @@ class JobFormat(Protocol):
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
         """The output row of a row that could not run; ``row`` is the input row, if it could be read."""
+
+
+def sampling_defaults(llm: LLM, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A job's sampling defaults: the fields the model's generation config sets (what ``LLM`` uses
+    when given no ``SamplingParams``), under ``overrides``."""
+    model_defaults, plain = llm.get_default_sampling_params(), SamplingParams()
+    fields = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
+    return {**fields, **overrides}
 
 
 def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str) -> SamplingParams:

@@ -23,7 +23,7 @@ from pagedlm.entrypoints.jobs.files import (
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
@@ -146,9 +146,7 @@ def _first_byte(path: str) -> bytes:
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
     """The row format, with the job's sampling defaults: the model's generation config under the
     command line's. ``model_name`` is the model as the user named it (None: the embedded one)."""
-    model_defaults, plain = llm.get_default_sampling_params(), SamplingParams()
-    defaults = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
-    defaults.update(config.sampling)
+    defaults = sampling_defaults(llm, config.sampling)
     if fmt_name == "plain":
         return PlainFormat(llm.get_tokenizer(), defaults)
     if model_name:
