@@ -126,7 +126,9 @@ setup(
     extras_require={
         "parquet": ["pyarrow"],
         "ray": ["ray[data]"],
-        "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]"],
+        "structured": ["xgrammar"],
+        "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]", "xgrammar",
+                 "jsonschema"],
     },
     entry_points={"console_scripts": ["pagedlm=pagedlm.entrypoints.cli:main"]},
     ext_modules=[extension],

@@ -1,6 +1,7 @@
 """Sampling parameters for text generation (vLLM's ``SamplingParams``)."""
 
 import inspect
+import json as _json
 import math
 import numbers
 from collections.abc import Callable
@@ -52,6 +53,65 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint every completion must satisfy (vLLM's ``StructuredOutputsParams``): exactly one of
+
+    Args:
+        json: a JSON schema (a dict, or its JSON text); the output is a JSON value it validates.
+        regex: a regular expression the whole output matches.
+        choice: a list of strings; the output is one of them.
+        grammar: an EBNF grammar (xgrammar's / GBNF dialect, rule ``root``).
+        json_object: True: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+
+    Enforced by masking, at every step, the tokens that cannot continue a valid output (xgrammar);
+    end-of-sequence is allowed only where the output may end.
+
+    Raises:
+        ValueError: none or several constraints, or one of the wrong type (the message names it).
+            A schema, regex or grammar that does not compile is refused by ``LLM.generate``, naming
+            the prompt.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
+                             f"got {', '.join(given) or 'none'}.")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json" and not isinstance(value, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or str), got {type(value).__name__}.")
+        if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
+            raise ValueError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.")
+        if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got {value!r}.")
+        if kind == "json_object" and value is not True:
+            raise ValueError(f"structured_outputs.json_object must be True, got {value!r}.")
+        if kind == "choice":
+            self.choice = list(value)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec): equal for equal constraints (a dict schema in canonical JSON)."""
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, kind)
+            if value is not None:
+                if kind == "json" and isinstance(value, dict):
+                    value = _json.dumps(value, sort_keys=True)
+                elif kind == "choice":
+                    value = _json.dumps(value)
+                return kind, value
+        return "json_object", ""
+
+
+@dataclass
 class SamplingParams:
     """How to generate the completions of one prompt (vLLM's names and meanings).
 
@@ -93,6 +153,8 @@ class SamplingParams:
         logits_processors: callables ``f(output_token_ids, logits)`` or
             ``f(prompt_token_ids, output_token_ids, logits)`` returning the new logits row.
         detokenize: produce ``text``; with False only token ids come back.
+        structured_outputs: a ``StructuredOutputsParams`` (or a dict of its fields) every
+            completion must satisfy: a JSON schema, regex, choice, EBNF grammar or any JSON object.
     """
 
     n: int = 1
@@ -120,6 +182,7 @@ class SamplingParams:
     early_stopping: bool | str = False
     logits_processors: list[LogitsProcessor] | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -173,6 +236,18 @@ class SamplingParams:
             except ValueError:
                 raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.") from None
         self._verify_logits_processors()
+        if isinstance(self.structured_outputs, dict):
+            fields = ("json", "regex", "choice", "grammar", "json_object")
+            unknown = sorted(set(self.structured_outputs) - set(fields))
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}.")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
+                                 f"got {type(self.structured_outputs).__name__}.")
+            if self.use_beam_search:
+                raise ValueError("structured_outputs is not supported with use_beam_search.")
         if self.use_beam_search:
             self._verify_beam_search()
         else:

@@ -446,3 +446,23 @@ def test_a_job_on_a_loaded_llm_leaves_it_open(llama_dir, tmp_path):
         assert len(llm.generate("still open", SamplingParams(max_tokens=1), use_tqdm=False)) == 1
         with pytest.raises(ValueError, match="leave JobConfig.model and JobConfig.engine unset"):
             public_run_job(JobConfig(input=inp, output=str(tmp_path / "o2.jsonl"), model=llama_dir), llm=llm)
+
+
+def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
+    schema = {"type": "string", "enum": ["alpha", "beta"]}
+    rows = [
+        _openai_row("schema", "/v1/completions", {"prompt": "Hello", "max_tokens": 10, "temperature": 1.0, "seed": 1,
+                                                  "response_format": {"type": "json_schema",
+                                                                      "json_schema": {"name": "x", "schema": schema}}}),
+        _openai_row("text", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "response_format": {"type": "text"}}),
+        _openai_row("bad-type", "/v1/completions", {"prompt": "Hello", "response_format": {"type": "yaml"}}),
+        _openai_row("bad-schema", "/v1/completions", {"prompt": "Hello", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}}),
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={})
+    got = by_id(out, "custom_id")
+    assert (stats.completed, stats.errors) == (2, 2)
+    assert json.loads(got["schema"]["response"]["body"]["choices"][0]["text"]) in ("alpha", "beta")
+    assert got["bad-type"]["response"]["body"]["error"]["param"] == "response_format"
+    assert "does not compile" in got["bad-schema"]["error"]["message"]

@@ -14,6 +14,7 @@ from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
+from pagedlm.engine.structured_outputs import StructuredOutputManager
 from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
@@ -52,6 +53,7 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._structured_outputs: StructuredOutputManager | None = None  # made on first use
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
         # moving it out of the cyclic GC's generations spares the steps' young-object collections
         # a walk over it (vLLM freezes the same way).
@@ -95,7 +97,20 @@ class LLMEngine:
                 return f"{name} ({k}) exceeds the vocabulary size ({vocab_size})"
         if params.use_beam_search and (params.stop or params.logprobs is not None):
             return "stop strings and logprobs are not supported with use_beam_search"
+        if params.structured_outputs is not None:
+            try:
+                self.structured_outputs.compile(params.structured_outputs)
+            except ValueError as exc:
+                return str(exc)
         return None
+
+    @property
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The structured-outputs manager (xgrammar), made when the first constrained request comes."""
+        if self._structured_outputs is None:
+            self._structured_outputs = StructuredOutputManager(
+                self.tokenizer, self.vocab_size, sorted(self.stop_checker.eos_token_ids))
+        return self._structured_outputs
 
     def add_request(
         self,
@@ -142,6 +157,8 @@ class LLMEngine:
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
         elif params.detokenize:
             self._add_detokenizer(seq_group.seqs[0], seq_group)
+        if params.structured_outputs is not None:
+            seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
         self.seq_groups[request_id] = seq_group
         self.scheduler.add_seq_group(seq_group)
 
@@ -262,6 +279,8 @@ class LLMEngine:
                     data.generators = group.generators if fans_out else [group.generators[seq.index]]
                 if params.min_tokens:
                     data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
+                if seq.grammar_matcher is not None:
+                    data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
             if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None
@@ -304,12 +323,18 @@ class LLMEngine:
             context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
             seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
+        grammar_ended = False
+        if seq.grammar_matcher is not None:
+            # The bitmask allowed only tokens the matcher accepts; it ends at its stop token.
+            if not seq.grammar_matcher.accept_token(sample.token_id):
+                raise RuntimeError(f"structured outputs: token {sample.token_id} was sampled outside the grammar")
+            grammar_ended = seq.grammar_matcher.is_terminated()
         new_text = ""
         # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
-        if stopped_on_token:
+        if stopped_on_token or grammar_ended:
             status = SequenceStatus.FINISHED_STOPPED
         else:
             status = self.stop_checker.check(seq, params, group.max_seq_len, len(new_text))

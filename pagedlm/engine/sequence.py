@@ -2,6 +2,7 @@
 
 import enum
 from itertools import count
+from typing import Any
 
 import torch
 
@@ -60,6 +61,7 @@ class Sequence:
         # (sequence, tokens): after a preempted group is re-admitted, this sequence's first blocks
         # are another one's, which must compute that many tokens before this one may run.
         self.waits_for: tuple["Sequence", int] | None = None
+        self.grammar_matcher: Any = None  # xgrammar's GrammarMatcher, under structured outputs
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +113,8 @@ class Sequence:
         child.output_text = self.output_text
         child.logprobs = list(self.logprobs)
         child._block_keys = list(self._block_keys)
+        if self.grammar_matcher is not None:
+            child.grammar_matcher = self.grammar_matcher.fork()
         return child
 
     def reset_for_recompute(self) -> None:

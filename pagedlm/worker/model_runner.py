@@ -87,6 +87,7 @@ class ModelRunner:
             prompt_token_ids=[e.seq.prompt_token_ids for e in owners],
             output_token_ids=[e.seq.output_token_ids for e in owners],
             banned_token_ids=[e.seq.banned_token_ids for e in owners],
+            token_bitmasks=[e.seq.token_bitmask for e in owners],
             generators=generators,
             beam_rows=beam_rows,
             vocab_size=self.vocab_size,

@@ -33,7 +33,7 @@ _SAME_NAME = (
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
-_COMMON = ("model", "max_tokens", "stream", "user", *_SAME_NAME)
+_COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 
 
@@ -117,6 +117,10 @@ class OpenAIBatchFormat:
                     fields[name] = body[name]
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
+        if "response_format" in body:
+            constraint = _response_format(body["response_format"])
+            if constraint is not None:
+                fields["structured_outputs"] = constraint
         params = sampling_params_from(fields, self.defaults, "body")
         return JobRow(key, prompt, params, row, _Context(key, url, self.served_model_names[0]))
 
@@ -158,6 +162,22 @@ class OpenAIBatchFormat:
         if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
             custom_id = None
         return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
+
+
+def _response_format(response_format: Any) -> dict | None:
+    """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
+        return {"json": spec["schema"]}
+    raise RowError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   "response_format")
 
 
 def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:

@@ -26,6 +26,7 @@ class SamplingMetadata:
     output_token_ids: list[list[int]]
     generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that may not be sampled yet
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, int32 [rows, ceil(V / 32)] token bitmasks)
     beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
     temperatures: torch.Tensor  # [R] float32, 0.0 on greedy rows
     top_ps: torch.Tensor
@@ -46,6 +47,7 @@ class SamplingMetadata:
         beam_rows: list[int],
         vocab_size: int,
         device: torch.device,
+        token_bitmasks: list[torch.Tensor | None] | None = None,
     ) -> "SamplingMetadata":
         def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(data, dtype=dtype, device=device)
@@ -54,7 +56,11 @@ class SamplingMetadata:
         for row, banned in enumerate(banned_token_ids):
             banned_rows += [row] * len(banned)
             banned_ids += banned
-        needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params)
+        masked = [(row, mask) for row, mask in enumerate(token_bitmasks or ()) if mask is not None]
+        allowed = None
+        if masked:
+            allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
+        needs_processing = bool(banned_rows) or bool(masked) or any(p.has_penalties or p.logits_processors for p in params)
         num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         return cls(
             params=params,
@@ -62,6 +68,7 @@ class SamplingMetadata:
             output_token_ids=output_token_ids,
             generators=generators,
             banned=(tensor(banned_rows, torch.int64), tensor(banned_ids, torch.int64)) if banned_rows else None,
+            allowed=allowed,
             beam_rows=beam_rows,
             temperatures=tensor([0.0 if p.greedy else p.temperature for p in params], torch.float32),
             top_ps=tensor([p.top_p for p in params], torch.float32),
@@ -118,7 +125,8 @@ class Sampler(nn.Module):
         return uniforms
 
     def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Penalties, then user logits processors, then the min_tokens bans."""
+        """Penalties, then user logits processors, then the min_tokens bans and the structured
+        outputs' token bitmasks."""
         penalized = [row for row, p in enumerate(meta.params) if p.has_penalties]
         if penalized:
             logits[penalized] = _apply_penalties(logits[penalized], meta, penalized)
@@ -127,6 +135,11 @@ class Sampler(nn.Module):
                 logits[row] = p.apply_logits_processors(meta.prompt_token_ids[row], meta.output_token_ids[row], logits[row])
         if meta.banned is not None:
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
+        if meta.allowed is not None:
+            rows, bitmask = meta.allowed
+            shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+            allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, : logits.shape[-1]].bool()
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
         return logits
 
 

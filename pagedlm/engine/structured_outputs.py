@@ -1,0 +1,84 @@
+"""Structured outputs through xgrammar: compiled grammars, one matcher per sequence, token bitmasks.
+
+xgrammar (https://github.com/mlc-ai/xgrammar) compiles a JSON schema, regex or EBNF grammar against
+the tokenizer's vocabulary once; a ``GrammarMatcher`` then follows one sequence's tokens and fills
+its row of a token bitmask (bit ``t % 32`` of word ``t // 32`` set = token ``t`` may come next; stop
+tokens only where the output may end). The worker applies the row to the logits before sampling.
+"""
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from pagedlm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger("pagedlm")
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise ValueError(f"structured_outputs needs xgrammar: pip install 'pagedlm[structured]' ({exc})") from None
+    return xgrammar
+
+
+class StructuredOutputManager:
+    """Compiles each distinct constraint once (cached by ``StructuredOutputsParams.key``) and makes
+    matchers and bitmask rows from it.
+
+    Args:
+        tokenizer: the model's Hugging Face tokenizer.
+        vocab_size: the model's vocabulary (lm_head rows); rows past the tokenizer's stay masked.
+        stop_token_ids: the tokens that end a sequence (EOS and the generation config's).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        xgr = _xgrammar()
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiled: dict[tuple[str, str], Any] = {}
+        self.bitmask_width = (vocab_size + 31) // 32
+        self.compile_seconds = 0.0
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar of ``params`` (compiled on first use).
+
+        Raises:
+            ValueError: the schema, regex or grammar does not compile (xgrammar's message kept).
+        """
+        key = params.key
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            kind, spec = key
+            try:
+                if kind == "json":
+                    compiled = self._compiler.compile_json_schema(spec)
+                elif kind == "regex":
+                    compiled = self._compiler.compile_regex(spec)
+                elif kind == "choice":
+                    compiled = self._compiler.compile_grammar(
+                        "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
+                elif kind == "grammar":
+                    compiled = self._compiler.compile_grammar(spec)
+                else:
+                    compiled = self._compiler.compile_builtin_json_grammar()
+            except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
+                raise ValueError(f"structured_outputs.{kind} does not compile: {exc}") from None
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled[key] = compiled
+        return compiled
+
+    def new_matcher(self, params: StructuredOutputsParams) -> Any:
+        return self._xgr.GrammarMatcher(self.compile(params))
+
+    def bitmask(self, matcher: Any) -> torch.Tensor:
+        """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""
+        row = torch.zeros((1, self.bitmask_width), dtype=torch.int32)
+        matcher.fill_next_token_bitmask(row, 0)
+        return row[0]

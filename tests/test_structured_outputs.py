@@ -1,0 +1,141 @@
+"""Structured outputs (xgrammar): the mask, choice/regex/JSON always hold, n > 1, preemption, errors."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+import xgrammar as xgr
+
+from conftest import BOS
+from pagedlm import LLM, SamplingParams, default_model_path
+from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
+from pagedlm.sampling_params import StructuredOutputsParams as SO
+
+PROMPTS = ["Hello, my name is", "The answer is", "12 + 30 =", "Once upon a time", "Colors:", "fox"]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(llama_dir, dtype="float32", max_model_len=256)
+
+
+def texts(outs) -> list[str]:
+    return [c.text for o in outs for c in o.outputs]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (1.5, 5, 0.9), (0.7, 0, 0.5)])
+def test_sampled_tokens_are_always_in_the_mask(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    rows, vocab = 64, 1000
+    logits = torch.randn(rows, vocab) * 5
+    allowed = torch.rand(rows, vocab) < 0.05
+    allowed[:, 0] = True  # never empty
+    bits = torch.zeros(rows, (vocab + 31) // 32 * 32, dtype=torch.int64)
+    bits[:, :vocab] = allowed.long()
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    words = (bits.view(rows, -1, 32) * weights).sum(-1)
+    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # as int32 bit patterns
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * rows
+    meta = SamplingMetadata.build(params, [[1]] * rows, [[]] * rows, [()] * rows, {}, [], vocab, torch.device("cpu"),
+                                  token_bitmasks=list(bitmask))
+    tokens = Sampler()(logits.clone(), meta).token_ids
+    assert bool(allowed[torch.arange(rows), tokens].all())
+    if temperature == 0.0:  # greedy: the best allowed token
+        assert torch.equal(tokens, logits.masked_fill(~allowed, float("-inf")).argmax(-1))
+
+
+def test_choice_regex_and_grammar_always_hold_with_n_gt_1(llm):
+    choice = ["red", "green", "blue shades"]
+    outs = llm.generate(PROMPTS, SamplingParams(n=3, temperature=1.2, seed=5, max_tokens=20,
+                                                structured_outputs=SO(choice=choice)), use_tqdm=False)
+    assert all(c.text in choice and c.finish_reason == "stop" for o in outs for c in o.outputs)
+    regex = r"[a-c]{2,4}x(yz)?"
+    outs = llm.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, seed=6, max_tokens=20,
+                                                structured_outputs=SO(regex=regex)), use_tqdm=False)
+    for o in outs:
+        for c in o.outputs:
+            assert re.fullmatch(regex, c.text) and c.finish_reason == "stop", c.text
+    grammar = 'root ::= "(" digits ")"\ndigits ::= [0-9] | [0-9] digits'
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=7, max_tokens=12,
+                                                structured_outputs=SO(grammar=grammar)), use_tqdm=False)
+    for c in (o.outputs[0] for o in outs):
+        assert re.fullmatch(r"\(\d+\)", c.text) if c.finish_reason == "stop" else re.fullmatch(r"\(\d*", c.text)
+
+
+def test_constrained_greedy_is_unconstrained_greedy_wherever_allowed(llm):
+    regex = r"[a-z ]{1,30}\."
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(regex=regex))
+    for prompt in PROMPTS[:3]:
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        prompt_ids, constrained = out.prompt_token_ids, out.outputs[0].token_ids
+        free = llm.generate([{"prompt_token_ids": prompt_ids + constrained[:i]} for i in range(len(constrained))],
+                            SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=llm.llm_engine.vocab_size)
+        matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_regex(regex))
+        mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+        for i, token in enumerate(constrained):
+            unconstrained = free[i].outputs[0].token_ids[0]
+            matcher.fill_next_token_bitmask(mask)
+            allowed = bool((int(mask[0, unconstrained // 32]) >> (unconstrained % 32)) & 1)
+            assert token == unconstrained or not allowed, (prompt, i)
+            assert matcher.accept_token(token)
+
+
+def test_preemption_under_a_tight_cache_keeps_the_constraint(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=24, block_size=8, max_num_seqs=8)
+    regex = r"([a-d]{3} ){6,12}end"
+    outs = llm.generate([{"prompt_token_ids": [BOS] + [10 + i] * 20} for i in range(8)],
+                        SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=60,
+                                       structured_outputs=SO(regex=regex)), use_tqdm=False)
+    assert llm.get_stats()["num_preemptions"] > 0
+    for c in (c for o in outs for c in o.outputs):
+        assert (re.fullmatch(regex, c.text) if c.finish_reason == "stop" else re.fullmatch(r"([a-d]{0,3} ?)*", c.text)), c.text
+
+
+def test_bad_constraints_are_refused_before_any_work(llm):
+    with pytest.raises(ValueError, match="exactly one of"):
+        SO(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="exactly one of"):
+        SO()
+    with pytest.raises(ValueError, match="not supported with use_beam_search"):
+        SamplingParams(use_beam_search=True, best_of=2, temperature=0, structured_outputs=SO(choice=["a"]))
+    with pytest.raises(ValueError, match="unknown field"):
+        SamplingParams(structured_outputs={"regexp": "a"})
+    bad = [SamplingParams(structured_outputs=SO(regex="(")), SamplingParams(max_tokens=2),
+           SamplingParams(structured_outputs=SO(grammar="root ::= undefined_rule")),
+           SamplingParams(structured_outputs=SO(json='{"type": "object", "properties": 5}'))]
+    with pytest.raises(ValueError) as err:
+        llm.generate(["a", "b", "c", "d"], bad, use_tqdm=False)
+    msg = str(err.value)
+    assert "3 of 4 prompts are invalid" in msg and "prompt 0: structured_outputs.regex does not compile" in msg
+    assert "prompt 2: structured_outputs.grammar" in msg and "prompt 3: structured_outputs.json" in msg
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "hobbies": {"type": "array",
+                   "items": {"type": "string"}, "maxItems": 3}},
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+def test_smollm2_json_outputs_parse_and_validate():
+    llm = LLM(default_model_path(), max_model_len=1024)
+    conversations = [[{"role": "user", "content": f"Describe person number {i} as a JSON object with a name, an "
+                                                  "age and up to three hobbies."}] for i in range(40)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=120,
+                             structured_outputs=SO(json=SCHEMA)) for i in range(40)]
+    outs = llm.chat(conversations, params, use_tqdm=False)
+    stopped = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(stopped) >= 30
+    for c in stopped:
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+    choice = llm.chat(conversations[:8], SamplingParams(temperature=1.0, seed=1, max_tokens=10,
+                                                        structured_outputs=SO(choice=["yes", "no"])), use_tqdm=False)
+    assert all(o.outputs[0].text in ("yes", "no") for o in choice)
+    llm.close()
