@@ -9,8 +9,8 @@ init_logger()
 
 from pagedlm.entrypoints.llm import LLM  # noqa: E402
 from pagedlm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from pagedlm.sampling_params import SamplingParams  # noqa: E402
+from pagedlm.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 from pagedlm.transformers_utils.gguf import default_model_path  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "default_model_path"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "default_model_path"]
 __version__ = "0.1.0"
