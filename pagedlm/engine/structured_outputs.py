@@ -79,6 +79,6 @@ class StructuredOutputManager:
 
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""
-        row = torch.zeros((1, self.bitmask_width), dtype=torch.int32)
-        matcher.fill_next_token_bitmask(row, 0)
+        row = torch.empty((1, self.bitmask_width), dtype=torch.int32)
+        matcher.fill_next_token_bitmask(row, 0)  # writes every word
         return row[0]

@@ -33,8 +33,9 @@ class SamplingMetadata:
     top_ks: torch.Tensor  # [R] int64, vocab size where off
     min_ps: torch.Tensor
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
-    needs_processing: bool  # penalties, logits processors or min_tokens bans on some row
+    needs_processing: bool  # penalties, logits processors, min_tokens bans or token bitmasks on some row
     plain_greedy: bool  # every row greedy on raw logits, no top logprobs, no beams
+    masked_greedy: bool  # the same, but some rows have token bitmasks (and nothing else changes logits)
 
     @classmethod
     def build(
@@ -60,8 +61,10 @@ class SamplingMetadata:
         allowed = None
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
-        needs_processing = bool(banned_rows) or bool(masked) or any(p.has_penalties or p.logits_processors for p in params)
+        changes_logits = bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params)
+        needs_processing = changes_logits or bool(masked)
         num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        greedy = num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params)
         return cls(
             params=params,
             prompt_token_ids=prompt_token_ids,
@@ -76,7 +79,8 @@ class SamplingMetadata:
             min_ps=tensor([p.min_p for p in params], torch.float32),
             num_top_logprobs=num_top_logprobs,
             needs_processing=needs_processing,
-            plain_greedy=not needs_processing and num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params),
+            plain_greedy=greedy and not needs_processing,
+            masked_greedy=greedy and bool(masked) and not changes_logits,
         )
 
 
@@ -95,8 +99,10 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        if meta.plain_greedy:
+        if meta.plain_greedy or meta.masked_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
+            if meta.masked_greedy:
+                _mask_greedy(logits, meta.allowed, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None, None)
         # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
         processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
@@ -137,10 +143,38 @@ class Sampler(nn.Module):
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
         if meta.allowed is not None:
             rows, bitmask = meta.allowed
-            shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, : logits.shape[-1]].bool()
-            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+            logits[rows] = logits[rows].masked_fill_(~_unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
+
+
+# Bit b of byte value v, for every v: unpacks a bitmask one byte (8 tokens) per lookup.
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()
+
+
+def _unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] bool from int32 [rows, ceil(vocab / 32)] words (token t is bit t % 32 of word
+    t // 32, as xgrammar fills them; bytes read little-endian)."""
+    table = _BYTE_BITS.to(bitmask.device)
+    as_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).int()
+    return torch.index_select(table, 0, as_bytes).view(bitmask.shape[0], -1)[:, :vocab]
+
+
+def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
+                 chosen: torch.Tensor) -> None:
+    """Greedy under token bitmasks without masking whole rows: the unconstrained argmax stands
+    wherever it is allowed (the usual case); only the other rows are masked and argmaxed again.
+    ``chosen`` stays the model's own log-probability of the token."""
+    rows, bitmask = allowed
+    picked = tokens[rows]
+    words = bitmask.gather(1, (picked // 32)[:, None]).squeeze(1)
+    ok = ((words >> (picked % 32).to(torch.int32)) & 1).bool()
+    if bool(ok.all()):
+        return
+    bad = rows[~ok]
+    raw = logits[bad].float()
+    best = raw.masked_fill(~_unpack_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
+    tokens[bad] = best
+    chosen[bad] = raw.gather(1, best[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
