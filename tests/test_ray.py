@@ -93,3 +93,37 @@ def test_cli_on_ray_end_to_end_and_resume(local_cluster, llama_dir, local_rows, 
     _same_results(resumed, local_rows)
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["completed"] + summary["errors"] >= len([i for i in lost if i is not None])
+
+
+@pytest.mark.parametrize("extra, rows, message", [
+    ([], [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}], "runs plain rows"),
+    (["--model", "/nonexistent/model"], None, "does not exist"),
+    (["--ray-address", "127.0.0.1:1"], None, "no Ray cluster answers"),
+    (["--threads-per-actor", "0"], None, "--threads-per-actor must be a positive integer"),
+])
+def test_cli_on_ray_refuses_before_ray_starts(llama_dir, tmp_path, capsys, extra, rows, message):
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows or ROWS[:2]) + "\n")
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--ray", "--model", llama_dir,
+            *extra]
+    with pytest.raises(SystemExit):
+        run_main(args)
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.job.json")
+
+
+def test_json_rows_of_changing_types_to_parquet_on_ray(local_cluster, llama_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 1, "prompt": "a", "x": 1}, {"id": "two", "prompt": "b", "x": "text"}, {"id": 10.5, "prompt": "c"},
+            {"id": 3, "messages": "not a list"}, {"id": 4, "prompt": "d", "x": [1, {"k": None}]}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.parquet"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", llama_dir, "--ray",
+            "--num-actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-in-flight", "2",
+            "--max-tokens", "2", "--dtype", "float32", "--max-model-len", "128"]
+    assert run_main(args) == 0
+    got = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert set(got) == {"1", "two", None, "3", "4"}  # ids as text; an unusable id is null
+    assert got["1"]["x"] == "1" and got["two"]["x"] == "text" and got["4"]["x"] == '[1, {"k": null}]'
+    assert got["1"]["error"] is None and "a conversation must be a list" in got["3"]["error"]
+    assert "got 10.5" in got[None]["error"]

@@ -80,7 +80,7 @@ def run_main(argv: list[str]) -> int:
         parser.error("--ray-address, --num-actors, --threads-per-actor and --cpus-per-actor need --ray")
     try:
         if args.ray:
-            stats, interrupted = _run_on_ray(config, args), None
+            stats, interrupted = _run_on_ray(config, args)
         else:
             stats, interrupted = run_job(config)
     except ValueError as exc:

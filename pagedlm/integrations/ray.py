@@ -16,6 +16,7 @@ run gets its ``error`` and never fails the dataset (Ray Data LLM's ``should_cont
 always on). Needs ``pip install 'pagedlm[ray]'``.
 """
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     import ray.data
 
 from pagedlm.entrypoints.jobs.files import rows_to_table, to_json
-from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
+from pagedlm.entrypoints.llm import LLM
+from pagedlm.sampling_params import SamplingParams
+from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, sampling_defaults
 
 
@@ -66,6 +69,13 @@ class PagedLMProcessorConfig:
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(SAMPLING_FIELDS)}")
+        SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
+        engine_args = [name for name in inspect.signature(LLM.__init__).parameters if name not in ("self", "model")]
+        unknown = sorted(set(self.engine_kwargs) - set(engine_args))
+        if unknown:
+            raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
+        if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
+            raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
 
 
 class Processor:
@@ -104,10 +114,9 @@ class PagedLMStage:
 
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool, json_lines_out: bool,
                  done_ids: Any) -> None:
-        import ray
         import torch
 
-        from pagedlm import LLM, default_model_path
+        from pagedlm import default_model_path
 
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
@@ -115,7 +124,7 @@ class PagedLMStage:
         self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params))
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
-        self.done_ids = set(ray.get(done_ids)) if isinstance(done_ids, ray.ObjectRef) else set(done_ids or ())
+        self.done_ids = set(done_ids or ())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
@@ -139,7 +148,8 @@ class PagedLMStage:
             try:
                 runnable[len(out)] = self.fmt.parse(row, key)
             except RowError as exc:
-                out.append(self.fmt.error_row(key, row, str(exc), exc.param))
+                where = f" (the row {to_json(row)[:80]})" if key is None else ""
+                out.append(self.fmt.error_row(key, row, f"{exc}{where}", exc.param))
                 continue
             out.append(None)
         positions = list(runnable)
@@ -154,7 +164,16 @@ class PagedLMStage:
         if self.json_lines_out:
             lines = [to_json(row).encode("utf-8", "backslashreplace").decode("utf-8") for row in out]
             return pa.table({"line": pa.array(lines, pa.string())})
-        carried = None if self.json_lines_in else batch.schema
+        if self.json_lines_in:  # JSON rows to Parquet: batches must agree on types, so carried values are text
+            out = [{k: v if k in RESULT_COLUMNS or v is None or isinstance(v, str) else to_json(v)
+                    for k, v in row.items()} for row in out]
+            for row in out:
+                if row.get("id") is not None:
+                    row["id"] = str(row["id"])
+            carried = pa.schema([(name, pa.string()) for name in dict.fromkeys(k for r in out for k in r)
+                                 if name not in RESULT_COLUMNS])
+        else:
+            carried = batch.schema
         return rows_to_table(out, output_schema(carried))
 
 

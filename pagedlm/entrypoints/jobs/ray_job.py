@@ -8,6 +8,9 @@ read time, which needs ``read_json``: one bad line would fail the whole read).
 
 import json
 import os
+import signal
+import socket
+import sys
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -15,62 +18,102 @@ import ray
 import ray.data
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import PARQUET_SUFFIXES, file_kind
+from pagedlm.entrypoints.jobs.files import PARQUET_SUFFIXES, file_kind, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
-from pagedlm.entrypoints.jobs.runner import JobConfig, check_record, job_record
+from pagedlm.entrypoints.jobs.runner import (
+    JobConfig, JobInterrupted, check_record, detect_format, job_record, signals_interrupt, until_readable,
+)
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 
 
 def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int = 1,
-                torch_threads: int | None = None, cpus_per_actor: float | None = None) -> JobStats:
+                torch_threads: int | None = None, cpus_per_actor: float | None = None) -> tuple[JobStats, int | None]:
     """Run the job on Ray (``address``: a running cluster; None: the one this process already
     joined, or a new local one) with ``num_actors`` actors of ``torch_threads`` threads, each
-    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1). ``config.output`` is a directory of
-    ``.jsonl`` or ``.parquet`` files: the output's format is its suffix's, else the input's.
+    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1). ``config.output`` is a
+    directory of ``.jsonl`` or ``.parquet`` files: the output's format is its suffix's, else the
+    input's. Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
+    already written (``--resume`` continues).
 
     Raises:
-        ValueError: before Ray starts: a bad option, OpenAI batch rows (the Ray path runs plain
-            rows), an output that exists without ``resume``, or other settings than the job's.
+        ValueError: before Ray starts: a bad option, a missing model or input, OpenAI batch rows
+            (the Ray path runs plain rows), an unreachable ``address``, an output that exists
+            without ``resume``, or other settings than the job's.
     """
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
         (".jsonl", ".json", ".ndjson") + PARQUET_SUFFIXES) else in_kind
-    if type(num_actors) is not int or num_actors < 1:
-        raise ValueError(f"--num-actors must be a positive integer, got {num_actors!r}")
-    if config.input_format == "openai":
+    for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if cpus_per_actor is not None and not cpus_per_actor > 0:
+        raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor!r}")
+    if not os.path.isfile(config.input):
+        raise ValueError(f"--input {config.input!r} is not a file")
+    if config.model is not None and not os.path.exists(config.model):
+        raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
+    fmt_name = config.input_format
+    if fmt_name == "auto":
+        head = list(until_readable(read_rows(config.input, in_kind)))
+        fmt_name = detect_format(head[-1][1] if head else None)
+    if fmt_name == "openai":
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
     if os.path.isfile(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
-    check_record(config, job_record(config, "plain"), started=os.path.isdir(config.output))
     processor_config = PagedLMProcessorConfig(
         model_source=config.model, engine_kwargs=dict(config.engine), sampling_params=dict(config.sampling),
         concurrency=num_actors, batch_size=config.max_in_flight or 256,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else torch_threads, torch_threads=torch_threads,
     )
+    if address not in (None, "auto"):
+        _check_reachable(address)
+    check_record(config, job_record(config, "plain"), started=os.path.isdir(config.output))
+    stats, interrupted = JobStats(), None
+    done_ids: list[str] = []
     if not ray.is_initialized():
         ray.init(address=address)
-    done_ids = sorted(_done_ids(config.output, out_kind)) if config.resume and os.path.isdir(config.output) else []
-    processor = Processor(processor_config, json_lines_in=in_kind == "jsonl", json_lines_out=out_kind == "jsonl",
-                          done_ids=ray.put(done_ids))
-    stats = JobStats()
-    ds = ray.data.read_text(config.input) if in_kind == "jsonl" else ray.data.read_parquet(config.input)
-    ds = processor(ds)
-    if out_kind == "jsonl":
-        ds.write_datasink(JsonLinesDatasink(config.output))
-    else:
-        ds.write_parquet(config.output)
-    done = set(done_ids)
-    run_rows = [r for r in _output_rows(config.output, out_kind) if r.get("id") is None or str(r["id"]) not in done]
-    stats.skipped = len(done_ids)
+    try:
+        with signals_interrupt():  # after ray.init, which sets handlers of its own
+            if config.resume and os.path.isdir(config.output):
+                done_ids = sorted(_done_ids(config.output, out_kind))
+            processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
+                                  json_lines_out=out_kind == "jsonl", done_ids=done_ids)
+            ds = ray.data.read_text(config.input) if in_kind == "jsonl" else ray.data.read_parquet(config.input)
+            ds = processor(ds)
+            if out_kind == "jsonl":
+                ds.write_datasink(JsonLinesDatasink(config.output))
+            else:
+                ds.write_parquet(config.output)
+    except (JobInterrupted, KeyboardInterrupt) as exc:
+        interrupted = exc.signum if isinstance(exc, JobInterrupted) else signal.SIGINT
+        print(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
+              "--resume continues the job", file=sys.stderr, flush=True)
+    if os.path.isdir(config.output):
+        _count_outputs(stats, config.output, out_kind, set(done_ids))
+    with open(config.output.rstrip("/") + ".summary.json", "w") as f:
+        json.dump({**stats.summary(interrupted is not None), "output": config.output}, f, indent=2)
+    return stats, interrupted
+
+
+def _check_reachable(address: str) -> None:
+    """A quick TCP connect to ``host:port`` (ray.init would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
+
+
+def _count_outputs(stats: JobStats, directory: str, kind: str, done: set[str]) -> None:
+    """This run's counts, from the output files: the rows whose ids were not already done."""
+    run_rows = [r for r in _output_rows(directory, kind) if r.get("id") is None or str(r["id"]) not in done]
+    stats.skipped = len(done)
     stats.rows = stats.skipped + len(run_rows)
     stats.errors = sum(1 for r in run_rows if r["error"])
     stats.completed = len(run_rows) - stats.errors
     stats.prompt_tokens = sum(r["prompt_tokens"] or 0 for r in run_rows)
     stats.completion_tokens = sum(r["completion_tokens"] or 0 for r in run_rows)
-    with open(config.output.rstrip("/") + ".summary.json", "w") as f:
-        json.dump({**stats.summary(False), "output": config.output}, f, indent=2)
-    return stats
 
 
 def _output_files(directory: str, kind: str) -> list[str]:

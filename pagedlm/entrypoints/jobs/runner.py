@@ -85,9 +85,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     rows = read_rows(config.input, in_kind)
-    head = list(_until_readable(rows))
+    head = list(until_readable(rows))
     rows = chain(head, rows)
-    fmt_name = config.input_format if config.input_format != "auto" else _detect_format(head[-1][1] if head else None)
+    fmt_name = config.input_format if config.input_format != "auto" else detect_format(head[-1][1] if head else None)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -99,7 +99,7 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     own_llm = llm is None
     writer = progress = None
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             try:
                 if own_llm:
                     llm = LLM(model, **config.engine)
@@ -164,7 +164,7 @@ def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> O
 
 
 @contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise ``JobInterrupted`` (on the main thread; a signal the process was
     started ignoring stays ignored)."""
     previous = {}
@@ -183,7 +183,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise JobInterrupted(signum)
 
 
-def _until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
+def until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
     """The first rows, up to and including the first that could be read (at most ``limit``)."""
     for _, (where, row, error) in zip(range(limit), rows):
         yield where, row, error
@@ -191,7 +191,7 @@ def _until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
             return
 
 
-def _detect_format(row: Any) -> str:
+def detect_format(row: Any) -> str:
     return "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
 
 
