@@ -123,7 +123,7 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         _openai_row("no-template", "/v1/chat/completions", {"messages": chat}),
         _openai_row("embed", "/v1/embeddings", {"input": "x"}),
         _openai_row("other-model", "/v1/completions", {"model": "gpt-4o", "prompt": "x"}),
-        _openai_row("json-mode", "/v1/chat/completions", {"messages": chat, "response_format": {"type": "json_object"}}),
+        _openai_row("tools", "/v1/chat/completions", {"messages": chat, "chat_template": TEMPLATE, "tools": []}),
         _openai_row("stream", "/v1/completions", {"prompt": "x", "stream": True}),
         {"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}},
     ]
@@ -137,7 +137,7 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         assert set(row) == {"id", "custom_id", "response", "error"} and row["id"].startswith("batch_req_")
         assert set(row["response"]) == {"status_code", "request_id", "body"}
     for bad, param in [("no-template", "messages"), ("embed", "url"), ("other-model", "model"),
-                       ("json-mode", "response_format"), ("stream", "stream"), ("get", "method")]:
+                       ("tools", "tools"), ("stream", "stream"), ("get", "method")]:
         row = out[bad]
         assert row["response"]["status_code"] == 400 and row["error"]["message"]
         assert row["response"]["body"]["error"]["type"] == "invalid_request_error"

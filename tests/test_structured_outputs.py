@@ -139,3 +139,16 @@ def test_smollm2_json_outputs_parse_and_validate():
                                                         structured_outputs=SO(choice=["yes", "no"])), use_tqdm=False)
     assert all(o.outputs[0].text in ("yes", "no") for o in choice)
     llm.close()
+
+
+def test_streamed_prompts_wait_for_their_grammar_and_bad_ones_are_returned(llm):
+    params = [SamplingParams(temperature=0, max_tokens=4),
+              SamplingParams(temperature=1.0, seed=1, max_tokens=8, structured_outputs=SO(regex=r"z{2,5}q")),
+              SamplingParams(structured_outputs=SO(regex="[unclosed"))]
+    results = dict(llm.generate_as_completed(iter(PROMPTS[:3]), iter(params), return_errors=True))
+    assert sorted(results) == [0, 1, 2]
+    assert re.fullmatch(r"z{2,5}q", results[1].outputs[0].text)
+    assert isinstance(results[2], ValueError) and "does not compile" in str(results[2])
+    with pytest.raises(ValueError, match="prompt 2 cannot run: structured_outputs.regex"):
+        list(llm.generate_as_completed(PROMPTS[:3], params))
+    assert not llm.llm_engine.has_unfinished_requests()

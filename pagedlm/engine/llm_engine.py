@@ -64,8 +64,11 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.hf_config.vocab_size
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
-        """Why a request can never run, or ``None`` when it can."""
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      wait_for_grammar: bool = True) -> str | None:
+        """Why a request can never run, or ``None`` when it can. A structured-outputs constraint is
+        compiled here (once per distinct one); with ``wait_for_grammar=False`` its compilation only
+        starts (``structured_outputs.compile_async`` says how it ended)."""
         n = len(prompt_token_ids)
         if n == 0:
             return "the prompt is empty"
@@ -98,10 +101,9 @@ class LLMEngine:
         if params.use_beam_search and (params.stop or params.logprobs is not None):
             return "stop strings and logprobs are not supported with use_beam_search"
         if params.structured_outputs is not None:
-            try:
-                self.structured_outputs.compile(params.structured_outputs)
-            except ValueError as exc:
-                return str(exc)
+            compiling = self.structured_outputs.compile_async(params.structured_outputs)
+            if wait_for_grammar and compiling.exception() is not None:
+                return str(compiling.exception())
         return None
 
     @property
@@ -181,6 +183,8 @@ class LLMEngine:
         """Abort every request and release the KV cache and the weights."""
         self.abort_request(list(self.seq_groups))
         self.model_runner.close()
+        if self._structured_outputs is not None:
+            self._structured_outputs.close()
         # The released objects were frozen at start-up: let the cyclic GC see them again, then
         # freeze what is still alive (another engine, say) as before.
         gc.unfreeze()

@@ -9,6 +9,7 @@ tokens only where the output may end). The worker applies the row to the logits 
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,38 +42,48 @@ class StructuredOutputManager:
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._compiled: dict[tuple[str, str], Any] = {}
+        self._compiled: dict[tuple[str, str], Future] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlm-grammar")
         self.bitmask_width = (vocab_size + 31) // 32
         self.compile_seconds = 0.0
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar of ``params`` (compiled on first use).
+        """The compiled grammar of ``params`` (compiled on first use, waiting for it).
 
         Raises:
             ValueError: the schema, regex or grammar does not compile (xgrammar's message kept).
         """
-        key = params.key
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            start = time.perf_counter()
-            kind, spec = key
-            try:
-                if kind == "json":
-                    compiled = self._compiler.compile_json_schema(spec)
-                elif kind == "regex":
-                    compiled = self._compiler.compile_regex(spec)
-                elif kind == "choice":
-                    compiled = self._compiler.compile_grammar(
-                        "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
-                elif kind == "grammar":
-                    compiled = self._compiler.compile_grammar(spec)
-                else:
-                    compiled = self._compiler.compile_builtin_json_grammar()
-            except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
-                raise ValueError(f"structured_outputs.{kind} does not compile: {exc}") from None
-            self.compile_seconds += time.perf_counter() - start
-            self._compiled[key] = compiled
+        return self.compile_async(params).result()
+
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar, compiling on a background thread on first use (its
+        exception: the ``ValueError`` of ``compile``)."""
+        future = self._compiled.get(params.key)
+        if future is None:
+            future = self._compiled[params.key] = self._executor.submit(self._compile, params)
+        return future
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
+        start = time.perf_counter()
+        kind, spec = params.key
+        try:
+            if kind == "json":
+                compiled = self._compiler.compile_json_schema(spec)
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(spec)
+            elif kind == "choice":
+                compiled = self._compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.choice))
+            elif kind == "grammar":
+                compiled = self._compiler.compile_grammar(spec)
+            else:
+                compiled = self._compiler.compile_builtin_json_grammar()
+        except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
+            raise ValueError(f"structured_outputs.{kind} does not compile: {exc}") from None
+        self.compile_seconds += time.perf_counter() - start
         return compiled
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def new_matcher(self, params: StructuredOutputsParams) -> Any:
         return self._xgr.GrammarMatcher(self.compile(params))

@@ -2,8 +2,10 @@
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import numbers
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from itertools import count, islice, repeat
@@ -228,7 +230,8 @@ class LLM:
         else:
             items = _zip_one_each(prompts, sampling_params)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
-        return self._stream(_chunks(items, _TOKENIZE_CHUNK, self._prepare), window, total, use_tqdm, return_errors)
+        prepare = functools.partial(self._prepare, wait_for_grammars=False)
+        return self._stream(_chunks(items, _TOKENIZE_CHUNK, prepare), window, total, use_tqdm, return_errors)
 
     def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams | None]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -257,8 +260,11 @@ class LLM:
             outputs[index] = output
         return outputs
 
-    def _prepare(self, items: list[tuple[int, object, SamplingParams | None]]) -> list["_Request | _Rejected"]:
-        """Tokenize and check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults."""
+    def _prepare(self, items: list[tuple[int, object, SamplingParams | None]],
+                 wait_for_grammars: bool = True) -> list["_Request | _Rejected"]:
+        """Tokenize and check a chunk of ``(index, prompt, params)``; ``None`` params are the
+        defaults. Without ``wait_for_grammars`` a structured-outputs constraint is compiled in the
+        background (``_Request.grammar``) and checked when it is done."""
         texts, token_ids, errors = self._tokenize([prompt for _, prompt, _ in items])
         requests: list[_Request | _Rejected] = []
         for k, (index, _, params) in enumerate(items):
@@ -268,9 +274,12 @@ class LLM:
             if reason is None and not isinstance(params, SamplingParams):
                 reason = f"sampling_params must be a SamplingParams, got {type(params).__name__}"
             if reason is None:
-                reason = self.llm_engine.check_request(token_ids[k], params)
+                reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
             if reason is None:
-                requests.append(_Request(index, texts[k], token_ids[k], params))
+                grammar = None
+                if params.structured_outputs is not None and not wait_for_grammars:
+                    grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
+                requests.append(_Request(index, texts[k], token_ids[k], params, grammar))
             else:
                 requests.append(_Rejected(index, reason))
         return requests
@@ -346,6 +355,7 @@ class LLM:
         self._streaming = True
         engine.reset_peak_kv_blocks_in_use()
         in_flight: dict[str, int] = {}
+        compiling: list[_Request] = []  # waiting for their structured-outputs grammar
         rejected: list[_Rejected] = []
         exhausted = False
         num_in = num_out = 0
@@ -353,22 +363,37 @@ class LLM:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 while True:
-                    while not exhausted and not rejected and len(in_flight) < window:
+                    ready: list[_Request | _Rejected] = []
+                    while not exhausted and not rejected and len(in_flight) + len(compiling) + len(ready) < window:
                         request = next(requests, None)
                         if request is None:
                             exhausted = True
-                        elif isinstance(request, _Rejected):
-                            if return_errors:
-                                bar.update(1)
-                                yield request.index, ValueError(request.reason)
-                            else:
-                                rejected.append(request)
+                        elif isinstance(request, _Request) and request.grammar and not request.grammar.done():
+                            compiling.append(request)  # joins once its grammar is compiled; the batch runs on
                         else:
+                            ready.append(request)
+                    ready += [r for r in compiling if r.grammar.done()]
+                    compiling = [r for r in compiling if not r.grammar.done()]
+                    for request in sorted(ready, key=lambda r: r.index):
+                        reason = request.reason if isinstance(request, _Rejected) else request.error()
+                        if rejected and request.index > rejected[0].index:
+                            continue  # after a bad prompt (not returning errors): not run
+                        if reason is None:
                             request_id = str(next(self._request_counter))
                             engine.add_request(request_id, request.prompt, request.params, request.prompt_token_ids)
                             in_flight[request_id] = request.index
+                        elif return_errors:
+                            bar.update(1)
+                            yield request.index, ValueError(reason)
+                        else:
+                            rejected[:] = [_Rejected(request.index, reason)]
+                    if rejected:
+                        compiling = [r for r in compiling if r.index < rejected[0].index]
                     if not in_flight:
-                        break
+                        if not compiling:
+                            break
+                        wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
+                        continue
                     finished = [out for out in engine.step() if out.finished]
                     if not finished:
                         continue
@@ -397,12 +422,19 @@ class LLM:
 
 @dataclass(slots=True)
 class _Request:
-    """A prompt that passed every check, ready for ``LLMEngine.add_request``."""
+    """A prompt that passed every check, ready for ``LLMEngine.add_request`` (once ``grammar``, a
+    structured-outputs constraint compiling in the background, is done)."""
 
     index: int
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    grammar: Future | None = None
+
+    def error(self) -> str | None:
+        """Why the request cannot run after all (its constraint did not compile), else None."""
+        exc = self.grammar.exception() if self.grammar is not None else None
+        return None if exc is None else str(exc)
 
 
 @dataclass(slots=True)
