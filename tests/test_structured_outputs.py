@@ -152,3 +152,9 @@ def test_streamed_prompts_wait_for_their_grammar_and_bad_ones_are_returned(llm):
     with pytest.raises(ValueError, match="prompt 2 cannot run: structured_outputs.regex"):
         list(llm.generate_as_completed(PROMPTS[:3], params))
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_min_tokens_yields_where_the_grammar_can_only_end(llm):
+    outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=1.0, seed=2, min_tokens=10, max_tokens=20,
+                                                    structured_outputs=SO(choice=["ok"])), use_tqdm=False)
+    assert all(o.outputs[0].text == "ok" and o.outputs[0].finish_reason == "stop" for o in outs)

@@ -285,6 +285,10 @@ class LLMEngine:
                     data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
                 if seq.grammar_matcher is not None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
+                    # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).
+                    if data.banned_token_ids and not self.structured_outputs.allows_other_than(
+                            data.token_bitmask, data.banned_token_ids):
+                        data.banned_token_ids = ()
             if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None

@@ -9,9 +9,11 @@ tokens only where the output may end). The worker applies the row to the logits 
 import json
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedlm.sampling_params import StructuredOutputsParams
@@ -87,6 +89,13 @@ class StructuredOutputManager:
 
     def new_matcher(self, params: StructuredOutputsParams) -> Any:
         return self._xgr.GrammarMatcher(self.compile(params))
+
+    @staticmethod
+    def allows_other_than(bitmask: torch.Tensor, token_ids: Sequence[int]) -> bool:
+        """Whether the row allows some token outside ``token_ids``."""
+        allowed = int(np.unpackbits(bitmask.numpy().view(np.uint8)).sum())
+        words = bitmask.tolist()
+        return allowed > sum((words[t // 32] >> (t % 32)) & 1 for t in set(token_ids) if t // 32 < len(words))
 
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""
