@@ -86,8 +86,9 @@ class StructuredOutputsParams:
                              f"got {', '.join(given) or 'none'}.")
         kind = given[0]
         value = getattr(self, kind)
-        if kind == "json" and not isinstance(value, (str, dict)):
-            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or str), got {type(value).__name__}.")
+        if kind == "json" and not (isinstance(value, dict) or (isinstance(value, str) and value.strip())):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or its non-empty JSON text), "
+                             f"got {value!r:.80}.")
         if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
             raise ValueError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.")
         if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):

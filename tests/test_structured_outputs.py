@@ -135,6 +135,8 @@ def test_smollm2_json_outputs_parse_and_validate():
     assert len(stopped) >= 30
     for c in stopped:
         jsonschema.validate(json.loads(c.text), SCHEMA)
+        # In the schema's order (not sorted: "age" would come first).
+        assert c.text.index('"name"') < c.text.index('"age"') < c.text.index('"hobbies"'), c.text
     choice = llm.chat(conversations[:8], SamplingParams(temperature=1.0, seed=1, max_tokens=10,
                                                         structured_outputs=SO(choice=["yes", "no"])), use_tqdm=False)
     assert all(o.outputs[0].text in ("yes", "no") for o in choice)
@@ -158,3 +160,54 @@ def test_min_tokens_yields_where_the_grammar_can_only_end(llm):
     outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=1.0, seed=2, min_tokens=10, max_tokens=20,
                                                     structured_outputs=SO(choice=["ok"])), use_tqdm=False)
     assert all(o.outputs[0].text == "ok" and o.outputs[0].finish_reason == "stop" for o in outs)
+
+
+def test_json_object_is_an_object_and_choices_keep_any_unicode(llm):
+    outs = llm.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=40,
+                                                structured_outputs=SO(json_object=True)), use_tqdm=False)
+    for c in (c for o in outs for c in o.outputs):
+        assert c.text.lstrip()[:1] in ("{", ""), c.text  # never an array or a scalar
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+    choice = ["😀 smile", "𝔘nicode", "日本", 'quote " and \\ backslash']
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=5, max_tokens=30,
+                                                structured_outputs=SO(choice=choice)), use_tqdm=False)
+    assert all(o.outputs[0].text in choice for o in outs)
+
+
+@pytest.mark.parametrize("schema, keyword", [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}}}, "multipleOf"),
+    ({"type": "array", "contains": {"const": 42}}, "contains"),
+    ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "allOf"),
+    ({"$defs": {"x": {"not": {"type": "string"}}}, "$ref": "#/$defs/x"}, "not"),
+])
+def test_schema_keywords_xgrammar_cannot_enforce_are_refused(llm, schema, keyword):
+    with pytest.raises(ValueError, match=f"prompt 0: structured_outputs.json does not compile: keyword.*{keyword}"):
+        llm.generate("x", SamplingParams(structured_outputs=SO(json=schema)), use_tqdm=False)
+    # A property merely named like a keyword is fine.
+    llm.generate("x", SamplingParams(max_tokens=2, structured_outputs=SO(
+        json={"type": "object", "properties": {keyword: {"type": "integer"}}})), use_tqdm=False)
+
+
+def test_a_processor_that_removes_every_allowed_token_ends_only_its_completion(llm):
+    def ban_all(ids, logits):
+        return torch.full_like(logits, float("-inf")).index_fill_(0, torch.tensor([7]), 0.0)
+
+    outs = llm.generate(PROMPTS[:2], [SamplingParams(temperature=0, max_tokens=6, logits_processors=[ban_all],
+                                                     structured_outputs=SO(regex="zz")),
+                                      SamplingParams(temperature=0, max_tokens=6)], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "abort" and outs[0].outputs[0].token_ids == []
+    assert len(outs[1].outputs[0].token_ids) == 6
+
+
+def test_without_return_errors_no_prompt_after_a_bad_constraint_runs(llm):
+    slow = {"type": "object", "properties": {f"f{i}": {"type": "string", "format": "date"} for i in range(40)}}
+    params = [SamplingParams(temperature=0, max_tokens=3, structured_outputs=SO(json=slow)),
+              SamplingParams(structured_outputs=SO(regex="(bad")),
+              SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=3)]
+    seen = []
+    with pytest.raises(ValueError, match="prompt 1 cannot run"):
+        for index, _ in llm.generate_as_completed(iter(PROMPTS[:4]), iter(params)):
+            seen.append(index)
+    assert seen == [0] and not llm.llm_engine.has_unfinished_requests()

@@ -326,17 +326,21 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, group: SequenceGroup, sample: SequenceOutput) -> None:
         params = group.sampling_params
+        grammar_ended = False
+        if seq.grammar_matcher is not None:
+            # The bitmask allows only tokens the matcher accepts, unless a logits processor or a ban
+            # removed every one of them: then the completion ends there, finish_reason "abort".
+            if not seq.grammar_matcher.accept_token(sample.token_id):
+                logger.warning("request %s: no token its grammar allows was left to sample (a logits processor "
+                               "or ban removed them all); completion %d ends with finish_reason 'abort'",
+                               group.request_id, seq.index)
+                return self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+            grammar_ended = seq.grammar_matcher.is_terminated()
         seq.append_token(sample.token_id, sample.logprob)
         if params.logprobs is not None:
             context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
             seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
-        grammar_ended = False
-        if seq.grammar_matcher is not None:
-            # The bitmask allowed only tokens the matcher accepts; it ends at its stop token.
-            if not seq.grammar_matcher.accept_token(sample.token_id):
-                raise RuntimeError(f"structured outputs: token {sample.token_id} was sampled outside the grammar")
-            grammar_ended = seq.grammar_matcher.is_terminated()
         new_text = ""
         # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):

@@ -20,7 +20,7 @@ class SequenceStatus(enum.Enum):
     RUNNING = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()
-    FINISHED_ABORTED = enum.auto()  # a beam that lost its place
+    FINISHED_ABORTED = enum.auto()  # a beam that lost its place; a sequence left with no allowed token
 
     @property
     def finished(self) -> bool:
@@ -32,7 +32,8 @@ class SequenceStatus(enum.Enum):
 
 
 _FINISHED = frozenset((SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED, SequenceStatus.FINISHED_ABORTED))
-_FINISH_REASONS = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length"}
+_FINISH_REASONS = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
+                   SequenceStatus.FINISHED_ABORTED: "abort"}
 
 
 class Sequence:

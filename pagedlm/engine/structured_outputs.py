@@ -70,15 +70,22 @@ class StructuredOutputManager:
         kind, spec = params.key
         try:
             if kind == "json":
-                compiled = self._compiler.compile_json_schema(spec)
+                schema = json.loads(params.json) if isinstance(params.json, str) else params.json
+                unsupported = sorted(_unsupported_keywords(schema))
+                if unsupported:
+                    raise ValueError(f"keyword(s) {', '.join(unsupported)} cannot be enforced (xgrammar does not "
+                                     "support them)")
+                # The schema as written: its properties come out in their order (the key sorts them).
+                compiled = self._compiler.compile_json_schema(json.dumps(schema, ensure_ascii=False))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(spec)
             elif kind == "choice":
-                compiled = self._compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in params.choice))
+                compiled = self._compiler.compile_grammar(
+                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice))
             elif kind == "grammar":
                 compiled = self._compiler.compile_grammar(spec)
-            else:
-                compiled = self._compiler.compile_builtin_json_grammar()
+            else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
+                compiled = self._compiler.compile_json_schema('{"type": "object"}')
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
             raise ValueError(f"structured_outputs.{kind} does not compile: {exc}") from None
         self.compile_seconds += time.perf_counter() - start
@@ -102,3 +109,29 @@ class StructuredOutputManager:
         row = torch.empty((1, self.bitmask_width), dtype=torch.int32)
         matcher.fill_next_token_bitmask(row, 0)  # writes every word
         return row[0]
+
+
+# JSON Schema keywords xgrammar compiles but does not enforce (vLLM refuses them for xgrammar too).
+_UNSUPPORTED = frozenset({
+    "multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "allOf", "not", "if", "then", "else",
+    "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames", "unevaluatedProperties",
+    "unevaluatedItems", "minProperties", "maxProperties",
+})
+
+
+def _unsupported_keywords(schema: Any) -> set[str]:
+    """The unsupported keywords used anywhere in ``schema`` (property names are not keywords)."""
+    found: set[str] = set()
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
+                found.add(key)
+            if key in ("properties", "$defs", "definitions"):
+                for sub in (value.values() if isinstance(value, dict) else ()):
+                    found |= _unsupported_keywords(sub)
+            elif key not in ("enum", "const", "default", "examples", "required"):
+                found |= _unsupported_keywords(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            found |= _unsupported_keywords(item)
+    return found

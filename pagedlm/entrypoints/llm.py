@@ -356,6 +356,7 @@ class LLM:
         engine.reset_peak_kv_blocks_in_use()
         in_flight: dict[str, int] = {}
         compiling: list[_Request] = []  # waiting for their structured-outputs grammar
+        held: list[_Request | _Rejected] = []  # read, not yet added
         rejected: list[_Rejected] = []
         exhausted = False
         num_in = num_out = 0
@@ -363,18 +364,25 @@ class LLM:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 while True:
-                    ready: list[_Request | _Rejected] = []
-                    while not exhausted and not rejected and len(in_flight) + len(compiling) + len(ready) < window:
+                    while not exhausted and not rejected and len(in_flight) + len(compiling) + len(held) < window:
                         request = next(requests, None)
                         if request is None:
                             exhausted = True
                         elif isinstance(request, _Request) and request.grammar and not request.grammar.done():
                             compiling.append(request)  # joins once its grammar is compiled; the batch runs on
                         else:
-                            ready.append(request)
-                    ready += [r for r in compiling if r.grammar.done()]
+                            held.append(request)
+                    held += [r for r in compiling if r.grammar.done()]
                     compiling = [r for r in compiling if not r.grammar.done()]
-                    for request in sorted(ready, key=lambda r: r.index):
+                    held.sort(key=lambda r: r.index)
+                    # Without return_errors a prompt runs only once every earlier one is known to be good.
+                    first_compiling = min((r.index for r in compiling), default=None)
+                    if return_errors or first_compiling is None:
+                        ready, held = held, []
+                    else:
+                        ready = [r for r in held if r.index < first_compiling]
+                        held = [r for r in held if r.index > first_compiling]
+                    for request in ready:
                         reason = request.reason if isinstance(request, _Rejected) else request.error()
                         if rejected and request.index > rejected[0].index:
                             continue  # after a bad prompt (not returning errors): not run
@@ -389,6 +397,7 @@ class LLM:
                             rejected[:] = [_Rejected(request.index, reason)]
                     if rejected:
                         compiling = [r for r in compiling if r.index < rejected[0].index]
+                        held = [r for r in held if r.index < rejected[0].index]
                     if not in_flight:
                         if not compiling:
                             break

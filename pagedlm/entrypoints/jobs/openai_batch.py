@@ -166,7 +166,10 @@ class OpenAIBatchFormat:
 
 def _response_format(response_format: Any) -> dict | None:
     """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if not isinstance(response_format, dict):
+        raise RowError(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got "
+                       f"{response_format!r:.60}", "response_format")
+    kind = response_format.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
