@@ -16,6 +16,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 os.environ.setdefault("PAGEDLM_LOGGING_LEVEL", "WARNING")
@@ -71,6 +72,11 @@ _CONFIGS = {
     "qwen2": lambda: Qwen2Config(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"],
         **_COMMON,
+    ),
+    # head_dim 32 is not hidden / heads (16): Qwen3 sets it explicitly.
+    "qwen3": lambda: Qwen3Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+        architectures=["Qwen3ForCausalLM"], **_COMMON,
     ),
 }
 

@@ -90,3 +90,19 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
     else:
         assert [g[:4] for g in got] == [e[:4] for e in expected]
     assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_kv_blocks
+
+
+def test_qwen3_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir):
+    from conftest import make_checkpoint
+
+    qwen3 = make_checkpoint(str(tmp_path / "qwen3"), "qwen3", tokenizer_dir)
+    shared = _prompts(7, [48])[0]
+    prompts = [shared + p for p in _prompts(8, [10, 30, 50, 70, 20, 40, 60, 5])]
+    expected = hf_greedy(qwen3, prompts, 30)
+    # 20 blocks of 16 tokens cannot hold all eight at once (preemption); the shared 48-token prefix
+    # is served from the prefix cache after the first prompt.
+    llm = LLM(qwen3, dtype="float32", num_kv_blocks=20)
+    assert _generate(llm, prompts, 30) == expected
+    stats = llm.get_stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert _generate(llm, prompts, 30) == expected  # again, now mostly from the cache

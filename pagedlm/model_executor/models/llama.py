@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2) on the paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) on the paged KV cache.
 
 Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
@@ -17,7 +17,7 @@ from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool) -> None:
+    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = get_num_kv_heads(config)
@@ -28,11 +28,17 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size, self.head_size**-0.5)
+        # Qwen3: RMSNorm over each head of q and k, after the projection and before RoPE.
+        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_size))
+            k = self.k_norm(k.reshape(-1, self.head_size))
         q = q.view(-1, self.num_heads, self.head_size)
         k = k.view(-1, self.num_kv_heads, self.head_size)
         v = v.view(-1, self.num_kv_heads, self.head_size)
@@ -54,9 +60,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool) -> None:
+    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, qkv_bias)
+        self.self_attn = LlamaAttention(config, rotary_emb, qkv_bias, qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -88,12 +94,14 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: PretrainedConfig, max_position: int, qkv_bias: bool = False) -> None:
+    def __init__(self, config: PretrainedConfig, max_position: int, qkv_bias: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.config = config
         rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary_emb, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
@@ -121,6 +129,16 @@ class LlamaForCausalLM(nn.Module):
 class Qwen2ForCausalLM(LlamaForCausalLM):
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         super().__init__(config, max_position, qkv_bias=True)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama with per-head RMSNorm on q and k before RoPE, an explicit ``head_dim`` and
+    ``attention_bias`` (off in released checkpoints). Sliding-window layers are not supported."""
+
+    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("Qwen3 checkpoints with use_sliding_window=True are not supported yet.")
+        super().__init__(config, max_position, qkv_bias=getattr(config, "attention_bias", False), qk_norm=True)
 
 
 MistralForCausalLM = LlamaForCausalLM
