@@ -106,3 +106,6 @@ def test_qwen3_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir):
     stats = llm.get_stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
     assert _generate(llm, prompts, 30) == expected  # again, now mostly from the cache
+    # bfloat16: the first tokens agree with HF's bfloat16 (near-ties may flip later, as for Llama).
+    bf16 = hf_greedy(qwen3, prompts[:4], 4, dtype=torch.bfloat16)
+    assert [g[0] for g in _generate(LLM(qwen3, dtype="bfloat16"), prompts[:4], 4)] == [e[0] for e in bf16]
