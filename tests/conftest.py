@@ -11,6 +11,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GraniteConfig,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
@@ -71,6 +72,11 @@ _CONFIGS = {
     ),
     "qwen2": lambda: Qwen2Config(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"],
+        **_COMMON,
+    ),
+    "granite": lambda: GraniteConfig(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, embedding_multiplier=3.0,
+        attention_multiplier=0.1, residual_multiplier=0.4, logits_scaling=2.5, architectures=["GraniteForCausalLM"],
         **_COMMON,
     ),
     # head_dim 32 is not hidden / heads (16): Qwen3 sets it explicitly.

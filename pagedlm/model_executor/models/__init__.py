@@ -2,7 +2,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm.model_executor.models.llama import (
-    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 )
 
 _MODELS: dict[str, type[nn.Module]] = {
@@ -10,6 +10,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
 }
 
 

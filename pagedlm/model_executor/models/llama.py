@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) on the paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite) on the paged KV cache.
 
 Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
@@ -27,7 +27,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size, self.head_size**-0.5)
+        # Granite sets the softmax scale itself (attention_multiplier).
+        scale = getattr(config, "attention_multiplier", None) or self.head_size**-0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size, scale)
         # Qwen3: RMSNorm over each head of q and k, after the projection and before RoPE.
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
@@ -66,6 +68,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Granite scales what each block adds to the residual stream.
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)
 
     def forward(
         self,
@@ -80,8 +84,13 @@ class LlamaDecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, kv_cache, meta)
+        if self.residual_multiplier != 1.0:
+            x = x * self.residual_multiplier
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        if self.residual_multiplier != 1.0:
+            x = x * self.residual_multiplier
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -106,6 +115,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
+        # Granite: embeddings scaled up, logits scaled down.
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)
 
     def forward(
         self,
@@ -116,6 +128,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta)
@@ -123,7 +137,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
@@ -142,3 +157,4 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
 
 
 MistralForCausalLM = LlamaForCausalLM
+GraniteForCausalLM = LlamaForCausalLM  # Llama with the multipliers its config sets
