@@ -15,6 +15,7 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -78,6 +79,10 @@ _CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, embedding_multiplier=3.0,
         attention_multiplier=0.1, residual_multiplier=0.4, logits_scaling=2.5, architectures=["GraniteForCausalLM"],
         **_COMMON,
+    ),
+    "phi3": lambda: Phi3Config(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False,
+        architectures=["Phi3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
     # head_dim 32 is not hidden / heads (16): Qwen3 sets it explicitly.
     "qwen3": lambda: Qwen3Config(

@@ -16,6 +16,7 @@ def rope_parameters(config: PretrainedConfig) -> tuple[float, dict]:
     params = dict(getattr(config, "rope_parameters", None) or {})
     theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
     scaling = params or dict(getattr(config, "rope_scaling", None) or {})
+    scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
     scaling.setdefault("rope_type", scaling.pop("type", "default"))
     if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope_scaling type {scaling['rope_type']!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")

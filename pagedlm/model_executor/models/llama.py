@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite) on the paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3) on the paged KV cache.
 
 Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
@@ -154,6 +154,20 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
         if getattr(config, "use_sliding_window", False):
             raise ValueError("Qwen3 checkpoints with use_sliding_window=True are not supported yet.")
         super().__init__(config, max_position, qkv_bias=getattr(config, "attention_bias", False), qk_norm=True)
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: Llama whose checkpoint already holds qkv_proj and gate_up_proj fused (in our order).
+    LongRoPE scaling (the 128k variants) and partial rotary (Phi-4-mini) are not supported yet."""
+
+    packed_modules_mapping: dict = {}
+
+    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        if factor != 1.0:
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={factor}) are not supported yet.")
+        super().__init__(config, max_position)
 
 
 MistralForCausalLM = LlamaForCausalLM
