@@ -106,6 +106,27 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def read_output_lines(path: str) -> Iterator[dict]:
+    """The rows of a JSONL output written by a job, streamed; once they are all read, a torn last
+    line (left by a kill) is cut off the file, and that row runs again.
+
+    Raises:
+        ValueError: a complete line is not valid JSON (the file is not one a job wrote).
+    """
+    good_end = 0
+    with open(path, "rb+") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({exc}); cannot resume into this file") from None
+            good_end += len(line)
+            yield row
+        f.truncate(good_end)
+
+
 class OutputWriter:
     """Appends output rows to a file and makes them durable every ``sync_interval`` seconds.
 
@@ -174,25 +195,9 @@ class JsonlWriter(OutputWriter):
         super().__init__(sync_interval)
         self.path = path
         if resume and os.path.exists(path):
-            self.keys = self._read_keys(key_of)
+            self.keys = Counter(map(key_of, read_output_lines(path)))
         # A lone surrogate (a JSON input's "\\ud800") is written as its JSON escape, not refused.
         self._file = open(path, "a", encoding="utf-8", errors="backslashreplace")
-
-    def _read_keys(self, key_of: Callable[[dict], Any]) -> Counter:
-        keys: Counter = Counter()
-        with open(self.path, "rb+") as f:
-            good_end = 0
-            for number, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):
-                    break  # torn by a kill: that row runs again
-                try:
-                    keys[key_of(json.loads(line))] += 1
-                except ValueError as exc:
-                    raise ValueError(f"{self.path}: line {number} is not valid JSON ({exc}); "
-                                     "cannot resume into this file") from None
-                good_end += len(line)
-            f.truncate(good_end)
-        return keys
 
     def _append(self, row: dict) -> None:
         self._file.write(to_json(row) + "\n")

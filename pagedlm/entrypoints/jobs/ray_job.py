@@ -18,7 +18,7 @@ import ray
 import ray.data
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import PARQUET_SUFFIXES, file_kind, read_rows
+from pagedlm.entrypoints.jobs.files import PARQUET_SUFFIXES, file_kind, read_output_lines, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_record, detect_format, job_record, signals_interrupt, until_readable,
@@ -144,24 +144,12 @@ def _done_ids(directory: str, kind: str) -> set[str]:
             if kind == "parquet":
                 ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
             else:
-                ids = _jsonl_ids(path)
+                ids = [row.get("id") for row in read_output_lines(path)]
         except (OSError, ValueError, pa.ArrowException):
             os.replace(path, path + ".damaged")
             continue
         done.update(str(i) for i in ids if i is not None)
     return done
-
-
-def _jsonl_ids(path: str) -> list:
-    ids, good_end = [], 0
-    with open(path, "rb+") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            ids.append(json.loads(line).get("id"))
-            good_end += len(line)
-        f.truncate(good_end)
-    return ids
 
 
 class JsonLinesDatasink(BlockBasedFileDatasink):
