@@ -222,8 +222,10 @@ def test_sampling_params_of_another_length_are_refused(llm, num_params):
 
 
 def test_a_single_rendered_chat_is_one_prompt(llm):
-    text = render_chat(llm.get_tokenizer(), [{"role": "user", "content": "Hi"}], TEMPLATE)
-    out = llm.generate(RenderedChat(text), exact(2), use_tqdm=False)
+    rendered = render_chat(llm.get_tokenizer(), [{"role": "user", "content": "Hi"}], TEMPLATE)
+    assert isinstance(rendered, RenderedChat)
+    text = rendered.text
+    out = llm.generate(rendered, exact(2), use_tqdm=False)
     assert len(out) == 1 and out[0].prompt == text and out[0].prompt_token_ids.count(BOS) == 1
 
 

@@ -73,31 +73,34 @@ def _join_text_parts(i: int, parts: list) -> str:
 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase,
-    conversation: Conversation,
+    conversation: object,
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
-) -> str:
-    """The prompt text the template makes of a parsed conversation. It already holds the template's
-    special tokens (BOS included), so it is tokenized with ``add_special_tokens=False``.
+) -> RenderedChat:
+    """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
+    Its text already holds the template's special tokens (BOS included), so it is tokenized with
+    ``add_special_tokens=False``.
 
     Raises:
-        ValueError: the tokenizer has no template and none is given, both ``add_generation_prompt``
+        ValueError: a bad message (``parse_conversation``), the tokenizer has no template and none
+            is given, both ``add_generation_prompt``
             and ``continue_final_message`` are set, or the template rejects the conversation (its
             message is kept, e.g. "Conversation roles must alternate").
     """
+    messages = parse_conversation(conversation)
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
     try:
         text = tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}),
         )
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered a {type(text).__name__}, not text")
-    return text
+    return RenderedChat(text)

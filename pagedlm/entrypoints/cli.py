@@ -67,8 +67,8 @@ def run_parser() -> argparse.ArgumentParser:
 def run_main(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
-    fields = [(field, field) for _, field, _ in SAMPLING_FLAGS] + [("stop", "stop"), ("ignore_eos", "ignore_eos")]
-    sampling = {field: getattr(args, dest) for dest, field in fields if getattr(args, dest) is not None}
+    sampling_fields = [field for _, field, _ in SAMPLING_FLAGS] + ["stop", "ignore_eos"]
+    sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
     engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(

@@ -16,7 +16,7 @@ import torch
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
-    Conversation, RenderedChat, is_conversation, parse_conversation, render_chat,
+    Conversation, RenderedChat, is_conversation, render_chat,
 )
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.outputs import RequestOutput
@@ -180,10 +180,10 @@ class LLM:
         errors: dict[int, str] = {}
         for i, conversation in enumerate(conversations):
             try:
-                prompts.append(RenderedChat(render_chat(
-                    self.get_tokenizer(), parse_conversation(conversation), chat_template, add_generation_prompt,
+                prompts.append(render_chat(
+                    self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
                     continue_final_message, chat_template_kwargs,
-                )))
+                ))
             except ValueError as exc:
                 errors[i] = str(exc)
                 prompts.append("")

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.entrypoints.chat_utils import RenderedChat, parse_conversation, render_chat
+from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
 from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
 from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -129,10 +129,10 @@ class OpenAIBatchFormat:
         if kwargs is not None and not isinstance(kwargs, dict):
             raise RowError("body.chat_template_kwargs must be an object", "chat_template_kwargs")
         try:
-            return RenderedChat(render_chat(
-                self.tokenizer, parse_conversation(body.get("messages")), body.get("chat_template"),
+            return render_chat(
+                self.tokenizer, body.get("messages"), body.get("chat_template"),
                 body.get("add_generation_prompt", True), body.get("continue_final_message", False), kwargs,
-            ))
+            )
         except ValueError as exc:
             raise RowError(f"body.messages: {exc}", "messages") from None
 

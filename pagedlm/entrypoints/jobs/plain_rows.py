@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.entrypoints.chat_utils import RenderedChat, parse_conversation, render_chat
+from pagedlm.entrypoints.chat_utils import render_chat
 from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
 from pagedlm.outputs import CompletionOutput, RequestOutput
 
@@ -57,7 +57,7 @@ class PlainFormat:
             prompt = value
         elif column == "messages":
             try:
-                prompt = RenderedChat(render_chat(self.tokenizer, parse_conversation(value)))
+                prompt = render_chat(self.tokenizer, value)
             except ValueError as exc:
                 raise RowError(f"messages: {exc}", "messages") from None
         else:

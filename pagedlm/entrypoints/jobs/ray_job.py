@@ -18,7 +18,7 @@ import ray
 import ray.data
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import PARQUET_SUFFIXES, file_kind, read_output_lines, read_rows
+from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, read_output_lines, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_record, detect_format, job_record, signals_interrupt, until_readable,
@@ -43,7 +43,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     """
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
-        (".jsonl", ".json", ".ndjson") + PARQUET_SUFFIXES) else in_kind
+        JSONL_SUFFIXES + PARQUET_SUFFIXES) else in_kind
     for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads)):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
