@@ -133,7 +133,7 @@ class PagedLMStage:
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
         for row, read_error in rows:
-            key = self.fmt.key_of_input(row) if read_error is None else None
+            key = self.fmt.key_of(row) if read_error is None else None
             text_key = None if key is None else str(key)
             if text_key is not None and text_key in self.done_ids:
                 continue

@@ -54,7 +54,6 @@ class OpenAIBatchFormat:
         defaults: the job's sampling defaults, under each body's own fields.
     """
 
-    name = "openai"
     key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
@@ -63,12 +62,9 @@ class OpenAIBatchFormat:
         self.served_model_names = served_model_names
         self.defaults = defaults
 
-    def key_of_input(self, row: Any) -> RowKey:
+    def key_of(self, row: Any) -> RowKey:
         key = row.get("custom_id") if isinstance(row, dict) else None
         return key if isinstance(key, str) else None
-
-    def key_of_output(self, row: dict) -> RowKey:
-        return self.key_of_input(row)
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):

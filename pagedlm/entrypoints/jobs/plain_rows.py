@@ -23,19 +23,15 @@ RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error")
 class PlainFormat:
     """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's."""
 
-    name = "plain"
     key_field = "id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults
 
-    def key_of_input(self, row: Any) -> RowKey:
+    def key_of(self, row: Any) -> RowKey:
         key = row.get("id") if isinstance(row, dict) else None
         return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
-
-    def key_of_output(self, row: dict) -> RowKey:
-        return self.key_of_input(row)
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):

@@ -58,9 +58,10 @@ class Progress:
             self._thread = threading.Thread(target=self._print_every, args=(interval,), daemon=True)
             self._thread.start()
 
-    def update(self, num_rows: int = 1) -> None:
+    def update(self) -> None:
+        """One more row done."""
         if self._bar is not None:
-            self._bar.update(num_rows)
+            self._bar.update()
             self._bar.set_postfix_str(f"errors: {self.stats.errors}, {self._rate():.1f} gen tok/s", refresh=False)
 
     def _print_every(self, interval: float) -> None:

@@ -18,10 +18,10 @@ import ray
 import ray.data
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, read_output_lines, read_rows
+from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, read_output_lines
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_record, detect_format, job_record, signals_interrupt, until_readable,
+    JobConfig, JobInterrupted, check_record, job_record, read_input, signals_interrupt,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -53,11 +53,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         raise ValueError(f"--input {config.input!r} is not a file")
     if config.model is not None and not (os.path.exists(config.model) or is_hub_model_id(config.model)):
         raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
-    fmt_name = config.input_format
-    if fmt_name == "auto":
-        head = list(until_readable(read_rows(config.input, in_kind)))
-        fmt_name = detect_format(head[-1][1] if head else None)
-    if fmt_name == "openai":
+    if read_input(config, in_kind)[0] == "openai":
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
     if os.path.isfile(config.output):

@@ -40,17 +40,14 @@ class JobRow:
 class JobFormat(Protocol):
     """A row format (OpenAI batch or plain): input rows in, output rows out."""
 
-    name: str
-    key_field: str  # the input field that holds a row's id
+    key_field: str  # the field that holds a row's id, in input and output rows alike
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
-        """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of_input(row)``."""
+        """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of(row)``."""
 
-    def key_of_input(self, row: Any) -> RowKey:
-        """The row's id, or None when it has none that can be read (never raises)."""
-
-    def key_of_output(self, row: dict) -> RowKey:
-        """The id an output row was written for (resume skips those)."""
+    def key_of(self, row: Any) -> RowKey:
+        """An input or output row's id, or None when it has none that can be read (never raises);
+        resume skips the input rows whose ids the output holds."""
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         """The output row of a finished request."""

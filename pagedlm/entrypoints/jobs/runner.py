@@ -76,18 +76,13 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output")
     _check_paths(config, in_kind)
-    if config.input_format not in INPUT_FORMATS:
-        raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
     if config.max_in_flight is not None and (type(config.max_in_flight) is not int or config.max_in_flight < 1):
         raise ValueError(f"--max-in-flight must be a positive integer, got {config.max_in_flight!r}")
     unknown = sorted(set(config.sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
-    rows = read_rows(config.input, in_kind)
-    head = list(until_readable(rows))
-    rows = chain(head, rows)
-    fmt_name = config.input_format if config.input_format != "auto" else detect_format(head[-1][1] if head else None)
+    fmt_name, rows = read_input(config, in_kind)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -158,8 +153,8 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
     if out_kind == "jsonl":
-        return JsonlWriter(config.output, config.resume, fmt.key_of_output, config.sync_interval)
-    return ParquetWriter(config.output, config.resume, fmt.key_of_output, output_schema(input_schema(config.input, in_kind)),
+        return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
+    return ParquetWriter(config.output, config.resume, fmt.key_of, output_schema(input_schema(config.input, in_kind)),
                          config.sync_interval)
 
 
@@ -183,16 +178,26 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise JobInterrupted(signum)
 
 
-def until_readable(rows: Iterator, limit: int = 1000) -> Iterator:
-    """The first rows, up to and including the first that could be read (at most ``limit``)."""
-    for _, (where, row, error) in zip(range(limit), rows):
-        yield where, row, error
-        if error is None:
-            return
+def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
+    """The input's row format ("openai" or "plain": ``--input-format``, or "openai" when the first
+    row that can be read, among the first ``limit``, has a ``custom_id``) and its rows, streamed.
 
-
-def detect_format(row: Any) -> str:
-    return "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
+    Raises:
+        ValueError: ``input_format`` is none of ``INPUT_FORMATS``.
+    """
+    if config.input_format not in INPUT_FORMATS:
+        raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
+    rows = read_rows(config.input, in_kind)
+    if config.input_format != "auto":
+        return config.input_format, rows
+    head = []
+    for _, item in zip(range(limit), rows):
+        head.append(item)
+        if item[2] is None:
+            break
+    row = head[-1][1] if head else None
+    fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
+    return fmt_name, chain(head, rows)
 
 
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
@@ -270,7 +275,7 @@ class _Job:
         index = 0
         for where, row, read_error in rows:
             self.stats.rows += 1
-            key = self.fmt.key_of_input(row) if read_error is None else None
+            key = self.fmt.key_of(row) if read_error is None else None
             same = self.writer.same_key(key)
             self.seen[same] += 1
             if self.seen[same] <= self.done[same]:
