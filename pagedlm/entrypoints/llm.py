@@ -357,14 +357,14 @@ class LLM:
         in_flight: dict[str, int] = {}
         compiling: list[_Request] = []  # waiting for their structured-outputs grammar
         held: list[_Request | _Rejected] = []  # read, not yet added
-        rejected: list[_Rejected] = []
+        bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
         exhausted = False
         num_in = num_out = 0
         try:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 while True:
-                    while not exhausted and not rejected and len(in_flight) + len(compiling) + len(held) < window:
+                    while not exhausted and bad is None and len(in_flight) + len(compiling) + len(held) < window:
                         request = next(requests, None)
                         if request is None:
                             exhausted = True
@@ -384,7 +384,7 @@ class LLM:
                         held = [r for r in held if r.index > first_compiling]
                     for request in ready:
                         reason = request.reason if isinstance(request, _Rejected) else request.error()
-                        if rejected and request.index > rejected[0].index:
+                        if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
                             request_id = str(next(self._request_counter))
@@ -394,10 +394,10 @@ class LLM:
                             bar.update(1)
                             yield request.index, ValueError(reason)
                         else:
-                            rejected[:] = [_Rejected(request.index, reason)]
-                    if rejected:
-                        compiling = [r for r in compiling if r.index < rejected[0].index]
-                        held = [r for r in held if r.index < rejected[0].index]
+                            bad = _Rejected(request.index, reason)
+                    if bad is not None:
+                        compiling = [r for r in compiling if r.index < bad.index]
+                        held = [r for r in held if r.index < bad.index]
                     if not in_flight:
                         if not compiling:
                             break
@@ -423,8 +423,7 @@ class LLM:
             if self._engine is not None:
                 self._engine.abort_request(list(in_flight))
             self._streaming = False
-        if rejected:
-            bad = rejected[0]
+        if bad is not None:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
 
