@@ -26,7 +26,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-from pagedlm.entrypoints.jobs.files import rows_to_table, to_json
+from pagedlm.entrypoints.jobs.files import as_text, rows_to_table, to_json
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
@@ -142,7 +142,7 @@ class PagedLMStage:
                 continue
             if text_key is not None and text_key in seen:
                 out.append(self.fmt.error_row(key, row, f"duplicate id {key!r} (an earlier row of its batch has it)",
-                                              "id"))
+                                              self.fmt.key_field))
                 continue
             seen.add(text_key)
             try:
@@ -162,11 +162,9 @@ class PagedLMStage:
             out[positions[index]] = (self.fmt.error_row(job_row.key, job_row.row, str(result))
                                      if isinstance(result, ValueError) else self.fmt.result_row(job_row, result))
         if self.json_lines_out:
-            lines = [to_json(row).encode("utf-8", "backslashreplace").decode("utf-8") for row in out]
-            return pa.table({"line": pa.array(lines, pa.string())})
+            return pa.table({"line": pa.array([as_text(row) for row in out], pa.string())})
         if self.json_lines_in:  # JSON rows to Parquet: batches must agree on types, so carried values are text
-            out = [{k: v if k in RESULT_COLUMNS or v is None or isinstance(v, str) else to_json(v)
-                    for k, v in row.items()} for row in out]
+            out = [{k: v if k in RESULT_COLUMNS else as_text(v) for k, v in row.items()} for row in out]
             for row in out:
                 if row.get("id") is not None:
                     row["id"] = str(row["id"])

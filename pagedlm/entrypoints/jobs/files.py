@@ -308,13 +308,19 @@ def rows_to_table(rows: list[dict], schema):
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def as_text(value: Any) -> str | None:
+    """A value for a text column or line: a string as it is, anything else as JSON; lone
+    surrogates (from a JSON input's escapes) as their escapes, which UTF-8 can hold."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else to_json(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _as_json_text(values: list):
-    """Values as text: strings as they are, others as JSON; lone surrogates as their escapes."""
     import pyarrow as pa
 
-    texts = [None if v is None else v if isinstance(v, str) else to_json(v) for v in values]
-    return pa.array([None if t is None else t.encode("utf-8", "backslashreplace").decode("utf-8") for t in texts],
-                    pa.string())
+    return pa.array([as_text(v) for v in values], pa.string())
 
 
 def _unify(schemas: list):
