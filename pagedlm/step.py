@@ -25,6 +25,18 @@ def token_range(prompt_token_ids: list[int], output_token_ids: list[int], start:
     return prompt_token_ids[start:] + output_token_ids[: end - num_prompt]
 
 
+# Bit b of byte value v, for every v: unpacks a token bitmask one byte (8 tokens) per lookup.
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()
+
+
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab_size] bool from int32 [rows, ceil(vocab_size / 32)] words (``token_bitmask``
+    rows: token t is bit t % 32 of word t // 32, as xgrammar fills them; bytes read little-endian)."""
+    table = _BYTE_BITS.to(bitmask.device)
+    as_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).int()
+    return torch.index_select(table, 0, as_bytes).view(bitmask.shape[0], -1)[:, :vocab_size]
+
+
 @dataclass(slots=True)
 class SequenceData:
     """One sequence's share of a step.

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from pagedlm.sampling_params import StructuredOutputsParams
+from pagedlm.step import unpack_token_bitmask
 
 logger = logging.getLogger("pagedlm")
 
@@ -100,9 +100,9 @@ class StructuredOutputManager:
     @staticmethod
     def allows_other_than(bitmask: torch.Tensor, token_ids: Sequence[int]) -> bool:
         """Whether the row allows some token outside ``token_ids``."""
-        allowed = int(np.unpackbits(bitmask.numpy().view(np.uint8)).sum())
-        words = bitmask.tolist()
-        return allowed > sum((words[t // 32] >> (t % 32)) & 1 for t in set(token_ids) if t // 32 < len(words))
+        allowed = unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0]
+        allowed[[t for t in set(token_ids) if t < allowed.shape[0]]] = False
+        return bool(allowed.any())
 
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from pagedlm import ops
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.step import unpack_token_bitmask
 
 
 @dataclass
@@ -143,20 +144,8 @@ class Sampler(nn.Module):
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
         if meta.allowed is not None:
             rows, bitmask = meta.allowed
-            logits[rows] = logits[rows].masked_fill_(~_unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
+            logits[rows] = logits[rows].masked_fill_(~unpack_token_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
-
-
-# Bit b of byte value v, for every v: unpacks a bitmask one byte (8 tokens) per lookup.
-_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()
-
-
-def _unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, vocab] bool from int32 [rows, ceil(vocab / 32)] words (token t is bit t % 32 of word
-    t // 32, as xgrammar fills them; bytes read little-endian)."""
-    table = _BYTE_BITS.to(bitmask.device)
-    as_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).int()
-    return torch.index_select(table, 0, as_bytes).view(bitmask.shape[0], -1)[:, :vocab]
 
 
 def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
@@ -172,7 +161,7 @@ def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor
         return
     bad = rows[~ok]
     raw = logits[bad].float()
-    best = raw.masked_fill(~_unpack_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
+    best = raw.masked_fill(~unpack_token_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
     tokens[bad] = best
     chosen[bad] = raw.gather(1, best[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
 
