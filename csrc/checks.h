@@ -29,7 +29,9 @@ inline void check_index(const at::Tensor& t, int64_t dim, const char* name) {
 
 inline void check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens) {
+                            const at::Tensor& seq_lens, int64_t sliding_window, double logits_soft_cap) {
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: no window), got ", sliding_window);
+  TORCH_CHECK(logits_soft_cap >= 0, "logits_soft_cap must be >= 0 (0: no cap), got ", logits_soft_cap);
   check_cache_pair(key_cache, value_cache);
   check_rows(query, "query");
   check_rows(out, "out");

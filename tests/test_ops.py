@@ -74,32 +74,63 @@ def fp32(*tensors):
     return [t.float() for t in tensors]
 
 
-def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_heads=2, seed=0):
+def poison_unread(key_cache, value_cache, tables, seq_lens, first_keys):
+    """NaN into every slot no sequence reads: sequence i reads its tokens [first_keys[i], seq_lens[i]),
+    so a kernel that reads before a sliding window (or past the end) poisons its result."""
+    num_blocks, _, block_size, _ = key_cache.shape
+    read = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for i, (first, n) in enumerate(zip(first_keys, seq_lens.tolist())):
+        pos = torch.arange(first, n)
+        read[tables[i].cpu()[pos // block_size].long(), pos % block_size] = True
+    unread = ~read.to(key_cache.device)
+    key_cache.masked_fill_(unread[:, None, :, None], float("nan"))
+    value_cache.masked_fill_(unread[:, None, :, None], float("nan"))
+
+
+def first_key(pos, sliding_window):
+    return max(0, pos - sliding_window + 1) if sliding_window else 0
+
+
+def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_heads=2, seed=0, sliding_window=0,
+                 soft_cap=0.0):
     key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+    if sliding_window:
+        poison_unread(key_cache, value_cache, tables, lens, [first_key(n - 1, sliding_window) for n in seq_lens])
     num_heads = num_kv_heads * gqa
     query = fused_query(len(seq_lens), num_heads, num_kv_heads, head_size, dtype, device, seed)
     out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     scale = 1 / math.sqrt(head_size)
-    torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, scale)
+    options = (sliding_window, soft_cap)
+    torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, scale, *options)
     ref = torch.empty(query.shape, device=device)
-    reference.paged_attention(ref, *fp32(query, key_cache, value_cache), tables, lens, scale)
-    assert_close_rel(out, ref, dtype, f"decode {dtype} bs={block_size} D={head_size} gqa={gqa} lens={seq_lens}")
+    reference.paged_attention(ref, *fp32(query, key_cache, value_cache), tables, lens, scale, *options)
+    what = f"decode {dtype} bs={block_size} D={head_size} gqa={gqa} lens={seq_lens} window={sliding_window} cap={soft_cap}"
+    assert_close_rel(out, ref, dtype, what)
 
 
-def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads=2, seed=0):
+def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads=2, seed=0, sliding_window=0,
+                  soft_cap=0.0):
     """spans: (cached context, new query rows) per sequence."""
     seq_lens = [context + rows for context, rows in spans]
     key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+    if sliding_window:
+        poison_unread(key_cache, value_cache, tables, lens, [first_key(c, sliding_window) if r else c for c, r in spans])
     rows = torch.tensor([0] + [r for _, r in spans]).cumsum(0)
     cu_seqlens_q = rows.to(torch.int32).to(device)
     num_heads = num_kv_heads * gqa
     query = fused_query(int(rows[-1]), num_heads, num_kv_heads, head_size, dtype, device, seed)
     out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     scale = 1 / math.sqrt(head_size)
-    torch.ops.pagedlm.paged_prefill_attention(out, query, key_cache, value_cache, tables, cu_seqlens_q, lens, scale)
+    options = (sliding_window, soft_cap)
+    torch.ops.pagedlm.paged_prefill_attention(
+        out, query, key_cache, value_cache, tables, cu_seqlens_q, lens, scale, *options
+    )
     ref = torch.empty(query.shape, device=device)
-    reference.paged_prefill_attention(ref, *fp32(query, key_cache, value_cache), tables, cu_seqlens_q, lens, scale)
-    assert_close_rel(out, ref, dtype, f"prefill {dtype} bs={block_size} D={head_size} gqa={gqa} spans={spans}")
+    reference.paged_prefill_attention(
+        ref, *fp32(query, key_cache, value_cache), tables, cu_seqlens_q, lens, scale, *options
+    )
+    what = f"prefill {dtype} bs={block_size} D={head_size} gqa={gqa} spans={spans} window={sliding_window} cap={soft_cap}"
+    assert_close_rel(out, ref, dtype, what)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,6 +180,39 @@ def test_paged_prefill_attention(device, dtype, block_size, head_size, gqa):
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_prefill_attention_long(device):
     check_prefill(device, torch.bfloat16, 16, 128, 4, [(0, 700), (1500, 300)], num_kv_heads=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("sliding_window", [0, 1, 7, 100, 600])
+@pytest.mark.parametrize("soft_cap", [0.0, 2.0])
+def test_sliding_window_and_soft_cap(device, dtype, block_size, sliding_window, soft_cap):
+    # Every slot outside the windows is NaN, so reading a block before a window fails the test.
+    seed = block_size + sliding_window
+    lens = [1, block_size + 1, 99, 100, 101, 513, 1100]
+    check_decode(device, dtype, block_size, 64, 4, lens, seed=seed, sliding_window=sliding_window, soft_cap=soft_cap)
+    spans = [(0, 1), (0, 45), (5, 2 * block_size + 1), (40, 0), (90, 70), (700, 33), (0, 300)]
+    check_prefill(device, dtype, block_size, 64, 2, spans, seed=seed, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("head_size", [8, 40, 72, 100, 200])
+def test_cpu_odd_head_sizes(dtype, head_size):
+    # Head sizes that are not a multiple of the vector width take a partial last vector on CPU.
+    check_decode("cpu", dtype, 16, head_size, 4, [1, 17, 600], seed=head_size)
+    check_prefill("cpu", dtype, 16, head_size, 2, [(0, 40), (100, 17)], seed=head_size, sliding_window=50, soft_cap=5.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_options_refused(device):
+    key_cache, value_cache, tables, lens = paged_kv([5], 16, 1, 64, torch.float32, device, 0)
+    query = fused_query(1, 1, 1, 64, torch.float32, device, 0)
+    out = torch.empty_like(query)
+    with pytest.raises(RuntimeError, match="sliding_window must be >= 0"):
+        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, -1, 0.0)
+    with pytest.raises(RuntimeError, match="logits_soft_cap must be >= 0"):
+        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, 0, -1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -47,8 +47,8 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
 // max_out[i], sum_out[i].
 template <typename T>
 void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
-                      const float* q, const T* q_raw, float scale, int group, float* logits, float* acc,
-                      float* max_out, float* sum_out) {
+                      const float* q, const T* q_raw, float scale, float soft_cap, int group, float* logits,
+                      float* acc, float* max_out, float* sum_out) {
   const int D = kv.head_size, heads = (kv_end - kv_begin) * group;
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
@@ -57,7 +57,7 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
     const int first = (h - kv_begin) * group;  // the item's query heads reading KV head h
     for_each_head_chunk(group, [&](auto ng, int g) {
       const int i = first + g;
-      attend_rows<ng()>(q + i * D, q_raw ? q_raw + i * D : nullptr, scale, kv.key + row, kv.value + row, n, D,
+      attend_rows<ng()>(q + i * D, q_raw ? q_raw + i * D : nullptr, scale, soft_cap, kv.key + row, kv.value + row, n, D,
                         logits, kv.block_size, max_out + i, sum_out + i, acc + i * D);
     });
   });
@@ -65,16 +65,20 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
 
 template <typename T>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, float scale) {
-  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, float scale, int64_t sliding_window,
+            double soft_cap) {
+  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                          sliding_window, soft_cap);
   const int num_seqs = p.num_seqs, num_heads = p.num_heads, D = p.kv.head_size;
 
   // Partial results of multi-partition sequences: row (first_part[s] + part) * num_heads + head.
-  std::vector<int> parts(num_seqs);
+  // A sequence's keys are [first_key[s], seq_lens[s]): with a sliding window, only the window's blocks.
+  std::vector<int> parts(num_seqs), first_key(num_seqs);
   std::vector<int64_t> first_part(num_seqs, -1);
   int64_t num_partials = 0, num_parts = 0;
   for (int s = 0; s < num_seqs; ++s) {
-    parts[s] = std::max(1, (p.seq_lens[s] + kPartitionSize - 1) / kPartitionSize);
+    first_key[s] = p.first_key(p.seq_lens[s] - 1);
+    parts[s] = std::max(1, (p.seq_lens[s] - first_key[s] + kPartitionSize - 1) / kPartitionSize);
     if (parts[s] > 1) first_part[s] = num_partials, num_partials += parts[s];
     num_parts += parts[s];
   }
@@ -96,7 +100,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* q = scratch.data();
     for (int h = 0; h < heads; ++h) to_fp32_scaled(q + h * D, p.query_row(s, h0 + h), p.scale, D);
     const T* q_raw = raw_queries(p.query_row(s, h0), p.query_stride[0], 1, p.query_stride[1], heads, D);
-    const int begin = part * kPartitionSize, end = std::min<int>(p.seq_lens[s], begin + kPartitionSize);
+    const int begin = first_key[s] + part * kPartitionSize, end = std::min<int>(p.seq_lens[s], begin + kPartitionSize);
     const int32_t* table = p.block_table(s);
     float* acc = q + heads * D;
     float* max = acc + heads * D;
@@ -104,11 +108,11 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* logits = sum + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
-      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.group, logits,
+      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.soft_cap, p.group, logits,
                        partial_acc + row * D, partial_max + row, partial_sum + row);
       return;
     }
-    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.group, logits, acc, max, sum);
+    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.soft_cap, p.group, logits, acc, max, sum);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
       const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
@@ -143,12 +147,12 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+                     double scale, int64_t sliding_window, double logits_soft_cap) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
-  TORCH_CHECK(query.size(2) % kHeadSizeMultiple == 0, "head_size must be a multiple of ", kHeadSizeMultiple);
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
-    decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale));
+    decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale),
+                     sliding_window, logits_soft_cap);
   });
 }
 

@@ -61,14 +61,18 @@ inline void qk_rows(const float* q, const T* k, int D, float* logits, int stride
   fVec acc[NG][R];
   for (int j = 0; j < NG; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = fVec(0.f);
-  for (int d = 0; d < D; d += kVecLen) {
+  auto step = [&](auto whole, int d) {
+    const int n = D - d;
     fVec kv[R];
-    for (int r = 0; r < R; ++r) kv[r] = load_fp32(k + r * D + d);
+    for (int r = 0; r < R; ++r) kv[r] = load_row<whole()>(k + r * D + d, n);
     for (int j = 0; j < NG; ++j) {
-      const fVec qv = fVec::loadu(q + j * D + d);
+      const fVec qv = load_row<whole()>(q + j * D + d, n);
       for (int r = 0; r < R; ++r) acc[j][r] = at::vec::fmadd(qv, kv[r], acc[j][r]);
     }
-  }
+  };
+  int d = 0;
+  for (; d + kVecLen <= D; d += kVecLen) step(std::true_type{}, d);
+  if (d < D) step(std::false_type{}, d);  // a partial vector (zeros beyond D) adds nothing
   store_sums(acc, logits, stride);
 }
 
@@ -131,22 +135,24 @@ inline void qk_block(const float* q, const T* q_raw, float scale, const T* k, in
   for (; r < n; ++r) qk_rows<NG, 1>(q, k + r * D, D, logits + r, stride);
 }
 
-// acc[j][d0 : d0 + C * kVecLen] += sum_r p[j * stride + r] * v[r][...] over n rows.
-template <int NG, int C, typename T>
+// acc[j][d0 : d0 + C * kVecLen] += sum_r p[j * stride + r] * v[r][...] over n rows; with kWhole
+// false, C is 1 and only the D - d0 < kVecLen columns left are touched.
+template <int NG, int C, bool kWhole, typename T>
 inline void pv_columns(const float* p, int stride, const T* v, int n, int D, int d0, float* acc) {
+  const int width = D - d0;
   fVec a[NG][C];
   for (int j = 0; j < NG; ++j)
-    for (int c = 0; c < C; ++c) a[j][c] = fVec::loadu(acc + j * D + d0 + c * kVecLen);
+    for (int c = 0; c < C; ++c) a[j][c] = load_row<kWhole>(acc + j * D + d0 + c * kVecLen, width);
   for (int r = 0; r < n; ++r) {
     fVec vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load_fp32(v + r * D + d0 + c * kVecLen);
+    for (int c = 0; c < C; ++c) vv[c] = load_row<kWhole>(v + r * D + d0 + c * kVecLen, width);
     for (int j = 0; j < NG; ++j) {
       const fVec pj(p[j * stride + r]);
       for (int c = 0; c < C; ++c) a[j][c] = at::vec::fmadd(pj, vv[c], a[j][c]);
     }
   }
   for (int j = 0; j < NG; ++j)
-    for (int c = 0; c < C; ++c) a[j][c].store(acc + j * D + d0 + c * kVecLen);
+    for (int c = 0; c < C; ++c) store_row<kWhole>(acc + j * D + d0 + c * kVecLen, a[j][c], width);
 }
 
 // acc[j] (rows of D floats) += sum_r p[j * stride + r] * v[r] for NG vectors and n consecutive V rows.
@@ -154,20 +160,23 @@ template <int NG, typename T>
 inline void pv_block(const float* p, int stride, const T* v, int n, int D, float* acc) {
   constexpr int C = 8 / NG > 1 ? 8 / NG : 1;
   int d = 0;
-  for (; d + C * kVecLen <= D; d += C * kVecLen) pv_columns<NG, C>(p, stride, v, n, D, d, acc);
-  for (; d < D; d += kVecLen) pv_columns<NG, 1>(p, stride, v, n, D, d, acc);
+  for (; d + C * kVecLen <= D; d += C * kVecLen) pv_columns<NG, C, true>(p, stride, v, n, D, d, acc);
+  for (; d + kVecLen <= D; d += kVecLen) pv_columns<NG, 1, true>(p, stride, v, n, D, d, acc);
+  if (d < D) pv_columns<NG, 1, false>(p, stride, v, n, D, d, acc);
 }
 
 // One step of the online softmax (flash attention) for NG query vectors (q: [NG, D], fp32,
 // pre-scaled; q_raw: the same unscaled in T, or nullptr; see qk_block) over n consecutive K/V
 // rows: rescales each vector's running max, exp-sum and unnormalised output acc [NG, D] to the new
-// max and adds the rows. logits: [NG, stride] scratch.
+// max and adds the rows. With soft_cap > 0 the scaled logits are capped first. logits: [NG, stride]
+// scratch.
 template <int NG, typename T>
-inline void attend_rows(const float* q, const T* q_raw, float scale, const T* k, const T* v, int n, int D,
-                        float* logits, int stride, float* running_max, float* running_sum, float* acc) {
+inline void attend_rows(const float* q, const T* q_raw, float scale, float soft_cap, const T* k, const T* v, int n,
+                        int D, float* logits, int stride, float* running_max, float* running_sum, float* acc) {
   qk_block<NG>(q, q_raw, scale, k, n, D, logits, stride);
   for (int j = 0; j < NG; ++j) {
     float* l = logits + j * stride;
+    if (soft_cap > 0.f) soft_cap_inplace(l, n, soft_cap);
     const float new_max = std::max(running_max[j], max_of(l, n));
     if (new_max > running_max[j] && running_sum[j] > 0.f) {
       const float correction = std::exp(running_max[j] - new_max);

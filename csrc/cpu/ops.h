@@ -9,11 +9,12 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale);
+                     double scale, int64_t sliding_window, double logits_soft_cap);
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale);
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
+                             int64_t sliding_window, double logits_soft_cap);
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping);
 

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <initializer_list>
 
@@ -51,17 +52,22 @@ struct AttentionParams {
   int64_t out_stride[2];
   int64_t table_stride;
   float scale;
+  int sliding_window;  // > 0: a query at position i sees keys (i - sliding_window, i]; 0: all keys up to i
+  float soft_cap;      // > 0: logits become soft_cap * tanh(logits / soft_cap)
 
   const T* query_row(int64_t token, int head) const { return query + token * query_stride[0] + head * query_stride[1]; }
   T* out_row(int64_t token, int head) const { return out + token * out_stride[0] + head * out_stride[1]; }
   const int32_t* block_table(int seq) const { return block_tables + seq * table_stride; }
+  // The first key a query at position `pos` sees.
+  int first_key(int pos) const { return sliding_window > 0 ? std::max(0, pos - sliding_window + 1) : 0; }
 };
 
 // For tensors that passed check_attention; also checks every sequence's block table.
 template <typename T>
 AttentionParams<T> make_attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                          const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                         const at::Tensor& seq_lens, float scale) {
+                                         const at::Tensor& seq_lens, float scale, int64_t sliding_window,
+                                         double soft_cap) {
   const int num_heads = query.size(1), num_kv_heads = key_cache.size(1);
   const AttentionParams<T> p{out.data_ptr<T>(),
                              query.data_ptr<T>(),
@@ -76,7 +82,9 @@ AttentionParams<T> make_attention_params(at::Tensor& out, const at::Tensor& quer
                              {query.stride(0), query.stride(1)},
                              {out.stride(0), out.stride(1)},
                              block_tables.stride(0),
-                             scale};
+                             scale,
+                             static_cast<int>(std::min<int64_t>(sliding_window, INT32_MAX)),
+                             static_cast<float>(soft_cap)};
   for (int s = 0; s < p.num_seqs; ++s) {
     check_block_table(p.block_table(s), block_tables.size(1), p.seq_lens[s], p.kv.block_size, key_cache.size(0), s);
   }

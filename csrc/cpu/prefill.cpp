@@ -31,8 +31,9 @@ struct Tile {
 template <typename T>
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
              const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-             float scale) {
-  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+             float scale, int64_t sliding_window, double soft_cap) {
+  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                          sliding_window, soft_cap);
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
 
@@ -43,7 +44,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     const int context = p.seq_lens[s] - q_len;
     for (int r0 = 0; r0 < q_len; r0 += kQueryTile) {
       const int rows = std::min(kQueryTile, q_len - r0);
-      for (int h = 0; h < p.num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * (context + r0 + rows)});
+      const int keys = context + r0 + rows, window = p.sliding_window > 0 ? p.sliding_window + rows : keys;
+      for (int h = 0; h < p.num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * std::min(keys, window)});
     }
   }
   TORCH_CHECK(tiles.empty() || starts[p.num_seqs] <= query.size(0), "cu_seqlens_q exceeds the query rows");
@@ -75,23 +77,30 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     auto attend = [&](const T* k, const T* v, int m0, int count, int n) {
       for_each_head_chunk(count, [&](auto ng, int first) {
         const int m = m0 + first;
-        attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, p.scale, k, v, n, D, logits, bs, row_max + m,
+        attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, p.scale, p.soft_cap, k, v, n, D, logits, bs, row_max + m,
                           row_sum + m, acc + m * D);
       });
     };
 
-    // Row r sits at position first_pos + r and sees keys 0 ..= first_pos + r.
+    // Row r sits at position first_pos + r and sees keys first_key(first_pos + r) ..= first_pos + r.
     const int first_pos = p.seq_lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
     const int last_pos = first_pos + tile.rows - 1;
-    for_each_run(p.kv, p.block_table(tile.seq), tile.kv_head, tile.kv_head + 1, 0, last_pos + 1, {p.kv.key, p.kv.value},
-                 [&](int64_t row, int kb, int n, int) {
-      // Rows before r_full see only part of this block (the causal diagonal); the rest see all of it.
-      const int r_begin = std::max(0, kb - first_pos);
-      const int r_full = std::clamp(kb + n - 1 - first_pos, r_begin, tile.rows);
+    for_each_run(p.kv, p.block_table(tile.seq), tile.kv_head, tile.kv_head + 1, p.first_key(first_pos), last_pos + 1,
+                 {p.kv.key, p.kv.value}, [&](int64_t row, int kb, int n, int) {
       const T* k = p.kv.key + row;
       const T* v = p.kv.value + row;
-      for (int r = r_begin; r < r_full; ++r) attend(k, v, r * group, group, first_pos + r - kb + 1);
-      if (r_full < tile.rows) attend(k, v, r_full * group, (tile.rows - r_full) * group, n);
+      // Rows [r_full, r_end) see all n keys of this run; the others only a part: the causal diagonal
+      // cuts the run's end for earlier rows, the window's start cuts its beginning for later ones.
+      const int r_full = std::clamp(kb + n - 1 - first_pos, 0, tile.rows);
+      const int r_end =
+          p.sliding_window > 0 ? std::clamp(kb + p.sliding_window - first_pos, r_full, tile.rows) : tile.rows;
+      for (int r = 0; r < tile.rows; ++r) {
+        if (r == r_full) r = r_end;
+        if (r == tile.rows) break;
+        const int pos = first_pos + r, a = std::max(kb, p.first_key(pos)), b = std::min(kb + n, pos + 1);
+        if (b > a) attend(k + int64_t{a - kb} * D, v + int64_t{a - kb} * D, r * group, group, b - a);
+      }
+      if (r_end > r_full) attend(k, v, r_full * group, (r_end - r_full) * group, n);
     });
     for (int r = 0; r < tile.rows; ++r)
       for (int g = 0; g < group; ++g) {
@@ -105,15 +114,15 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
+                             int64_t sliding_window, double logits_soft_cap) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, logits_soft_cap);
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
-  TORCH_CHECK(query.size(2) % kHeadSizeMultiple == 0, "head_size must be a multiple of ", kHeadSizeMultiple);
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_prefill_attention", [&] {
     prefill<scalar_t>(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
-                      static_cast<float>(scale));
+                      static_cast<float>(scale), sliding_window, logits_soft_cap);
   });
 }
 

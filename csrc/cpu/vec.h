@@ -92,31 +92,58 @@ inline float hmax(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// Kernels walk head_size in whole vectors; every supported head size is a multiple of 16.
-constexpr int kHeadSizeMultiple = 16;
-static_assert(kHeadSizeMultiple % kVecLen == 0);
+// Loops over a row of n elements take whole vectors and then, where n is not a multiple of kVecLen
+// (odd head sizes), one partial vector; the fast path for whole rows pays one comparison per call.
+// load_row<false> is the partial load of a row's last n < kVecLen elements.
+template <bool kWhole, typename T>
+inline fVec load_row(const T* p, int n) {
+  if constexpr (kWhole) {
+    return load_fp32(p);
+  } else if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p, n);
+  } else {
+    return load_fp32(p, n);
+  }
+}
+
+template <bool kWhole>
+inline void store_row(float* p, fVec v, int n) {
+  if constexpr (kWhole) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
 
 // acc[0:n] += p * v[0:n]
 inline void axpy(float* acc, float p, const float* v, int n) {
   const fVec pv(p);
-  for (int d = 0; d < n; d += kVecLen) at::vec::fmadd(pv, fVec::loadu(v + d), fVec::loadu(acc + d)).store(acc + d);
+  int d = 0;
+  for (; d + kVecLen <= n; d += kVecLen) at::vec::fmadd(pv, fVec::loadu(v + d), fVec::loadu(acc + d)).store(acc + d);
+  if (d < n) at::vec::fmadd(pv, fVec::loadu(v + d, n - d), fVec::loadu(acc + d, n - d)).store(acc + d, n - d);
 }
 
 inline void scale_inplace(float* x, float s, int n) {
   const fVec sv(s);
-  for (int d = 0; d < n; d += kVecLen) (fVec::loadu(x + d) * sv).store(x + d);
+  int d = 0;
+  for (; d + kVecLen <= n; d += kVecLen) (fVec::loadu(x + d) * sv).store(x + d);
+  if (d < n) (fVec::loadu(x + d, n - d) * sv).store(x + d, n - d);
 }
 
 template <typename T>
 inline void store_scaled(T* out, const float* x, float s, int n) {
   const fVec sv(s);
-  for (int d = 0; d < n; d += kVecLen) store_fp32(out + d, fVec::loadu(x + d) * sv);
+  int d = 0;
+  for (; d + kVecLen <= n; d += kVecLen) store_fp32(out + d, fVec::loadu(x + d) * sv);
+  if (d < n) store_fp32(out + d, fVec::loadu(x + d, n - d) * sv, n - d);
 }
 
 template <typename T>
 inline void to_fp32_scaled(float* dst, const T* src, float s, int n) {
   const fVec sv(s);
-  for (int d = 0; d < n; d += kVecLen) (load_fp32(src + d) * sv).store(dst + d);
+  int d = 0;
+  for (; d + kVecLen <= n; d += kVecLen) (load_fp32(src + d) * sv).store(dst + d);
+  if (d < n) (load_fp32(src + d, n - d) * sv).store(dst + d, n - d);
 }
 
 template <typename T>
@@ -130,6 +157,14 @@ inline float max_of(const T* x, int64_t n) {
   }
   for (; i < n; ++i) m = std::max(m, static_cast<float>(x[i]));
   return m;
+}
+
+// x[i] = cap * tanh(x[i] / cap) in place: Gemma 2's attention logit soft-capping.
+inline void soft_cap_inplace(float* x, int n, float cap) {
+  const fVec cv(cap), inv(1.f / cap);
+  int i = 0;
+  for (; i + kVecLen <= n; i += kVecLen) (cv * (fVec::loadu(x + i) * inv).tanh()).store(x + i);
+  if (i < n) (cv * (fVec::loadu(x + i, n - i) * inv).tanh()).store(x + i, n - i);
 }
 
 // x[i] = exp(x[i] - max) in place; returns the sum.

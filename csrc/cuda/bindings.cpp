@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <vector>
 
 namespace pagedlm::cuda {
@@ -27,8 +29,9 @@ DType dtype_of(const at::Tensor& t) {
 
 AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& seq_lens, double scale) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens);
+                                 const at::Tensor& seq_lens, double scale, int64_t sliding_window,
+                                 double soft_cap) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, soft_cap);
   TORCH_CHECK(query.is_cuda(), "expected CUDA tensors");
   TORCH_CHECK(query.size(2) <= kMaxHeadSize, "head_size above ", kMaxHeadSize, " is not supported");
   TORCH_CHECK(query.size(2) * query.element_size() % 16 == 0,
@@ -47,13 +50,16 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
           {query.stride(0), query.stride(1)},
           {out.stride(0), out.stride(1)},
           block_tables.stride(0),
-          static_cast<float>(scale)};
+          static_cast<float>(scale),
+          static_cast<int>(std::min<int64_t>(sliding_window, INT32_MAX)),
+          static_cast<float>(soft_cap)};
 }
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale) {
-  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+                     double scale, int64_t sliding_window, double logits_soft_cap) {
+  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                             sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
   // The block table width bounds every context, so the grid is sized without reading seq_lens.
@@ -70,8 +76,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale) {
-  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
+                             int64_t sliding_window, double logits_soft_cap) {
+  const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                             sliding_window, logits_soft_cap);
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");

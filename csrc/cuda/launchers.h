@@ -29,7 +29,17 @@ struct AttentionParams {
   int64_t out_stride[2];
   int64_t table_stride;
   float scale;
+  int sliding_window;  // > 0: a query at position i sees keys (i - sliding_window, i]; 0: all up to i
+  float soft_cap;      // > 0: logits become soft_cap * tanh(logits / soft_cap)
 };
+
+// The first key a query at position `pos` sees (host and device).
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline int first_key(const AttentionParams& p, int pos) {
+  return p.sliding_window > 0 ? (pos - p.sliding_window + 1 > 0 ? pos - p.sliding_window + 1 : 0) : 0;
+}
 
 // Number of partitions decode splits a context of up to max_context tokens into; above 1 the
 // launcher needs decode_workspace_floats(...) floats of workspace.

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
   const int heads = min(kMaxGroup, group - chunk * kMaxGroup);
   const int seq = blockIdx.y, part = blockIdx.z;
   const int seq_len = p.seq_lens[seq];
-  const int begin = part * kPartitionSize;
+  const int begin = first_key(p, seq_len - 1) + part * kPartitionSize;  // a window reads only its blocks
   if (begin >= seq_len && part > 0) return;
   const int n = min(seq_len, begin + kPartitionSize) - begin;
   const int D = p.head_size, nvec = D / E, padded = next_pow2(nvec);
@@ -121,6 +121,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int h = 0; h < kMaxGroup; ++h) {
         float s = acc[u][h];
         for (int offset = lanes / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        if (p.soft_cap > 0.f) s = p.soft_cap * tanhf(s / p.soft_cap);
         if (sub == 0 && t < n && h < heads) logits[h][t] = s;
       }
     }
@@ -200,7 +201,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_partitions_kernel(AttentionParams p, Workspace ws, int partitions) {
   const int head = blockIdx.x, seq = blockIdx.y, D = p.head_size;
   const int seq_len = p.seq_lens[seq];
-  const int parts = max(1, (seq_len + kPartitionSize - 1) / kPartitionSize);
+  const int parts = max(1, (seq_len - first_key(p, seq_len - 1) + kPartitionSize - 1) / kPartitionSize);
   const int64_t first = (static_cast<int64_t>(seq) * p.num_heads + head) * partitions;
   float global_max = -INFINITY;
   for (int i = 0; i < parts; ++i) global_max = fmaxf(global_max, ws.max[first + i]);

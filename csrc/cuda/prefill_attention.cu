@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   if (token >= num_tokens || token >= cu_seqlens_q[p.num_seqs]) return;
   const int seq = owner(cu_seqlens_q, p.num_seqs, token);
   const int q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
-  const int pos = p.seq_lens[seq] - q_len + (token - cu_seqlens_q[seq]);  // sees keys 0 ..= pos
+  const int pos = p.seq_lens[seq] - q_len + (token - cu_seqlens_q[seq]);  // sees keys first_key(pos) ..= pos
   const int D = p.head_size, kv_head = head / (p.num_heads / p.num_kv_heads);
   const int32_t* table = p.block_tables + seq * p.table_stride;
   const T* key_cache = static_cast<const T*>(p.key_cache);
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 
   float running_max = -INFINITY, running_sum = 0.f;
-  for (int chunk = 0; chunk <= pos; chunk += kWarpSize) {
+  for (int chunk = first_key(p, pos); chunk <= pos; chunk += kWarpSize) {
     const int n = min(kWarpSize, pos + 1 - chunk);
     float my_logit = -INFINITY;
     for (int j = 0; j < n; ++j) {
@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
         if (d < D) s += q[i] * to_float(k[d]);
       }
       s = warp_sum(s);
+      if (p.soft_cap > 0.f) s = p.soft_cap * tanhf(s / p.soft_cap);
       if (lane == j) my_logit = s;
     }
     const float new_max = fmaxf(running_max, warp_max(my_logit));

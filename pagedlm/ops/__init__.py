@@ -18,12 +18,19 @@ Ops:
 
 * ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)``; ``slot_mapping`` is
   ``int64 [num_tokens]`` (int32 is accepted).
-* ``paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale)``: decode,
-  one query per sequence.
+* ``paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+  sliding_window=0, logits_soft_cap=0.0)``: decode, one query per sequence, at position
+  ``seq_lens[b] - 1``.
 * ``paged_prefill_attention(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
-  scale)``: causal varlen attention; the query rows of sequence ``b`` are its last
-  ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its first ``seq_lens[b]``.
-  ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
+  scale, sliding_window=0, logits_soft_cap=0.0)``: causal varlen attention; the query rows of
+  sequence ``b`` are its last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its
+  first ``seq_lens[b]``. ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
+* Both attention ops: the logits are ``scale * q·k`` (the model's softmax scale, e.g.
+  ``head_size ** -0.5`` or Gemma's ``query_pre_attn_scalar ** -0.5``); with ``logits_soft_cap > 0``
+  they become ``cap * tanh(logits / cap)`` before the mask (Gemma 2). With ``sliding_window = W > 0`` a
+  query at position ``i`` sees only the keys at positions ``i - W + 1 .. i`` (Mistral's and
+  transformers' convention; flash-attention's ``window_size=(W - 1, 0)``), and the kernels read no
+  block before the window: slots there may hold anything, as stale slots may.
 * ``copy_blocks(key_caches, value_caches, block_mapping)``: copies whole blocks within each cache
   by ``int64 [n, 2]`` (src, dst) pairs; lists with one key and one value cache per layer, every
   layer in one call.
@@ -39,6 +46,11 @@ Face's eager code does, so results match transformers bit for bit up to fp32 sum
   dtype, each row the cos values of the ``head_size / 2`` frequencies followed by their sin values;
   ``positions`` is ``int64 [num_tokens]``.
 * ``silu_and_mul(out, input)``: ``out = silu(input[:, :d]) * input[:, d:]``.
+* ``gelu_tanh_and_mul(out, input)``: ``out = gelu_tanh(input[:, :d]) * input[:, d:]``, GELU's tanh
+  approximation (transformers' ``gelu_pytorch_tanh``, Gemma's GeGLU).
+* ``gemma_rms_norm(out, input, weight, epsilon)`` and ``gemma_fused_add_rms_norm(input, residual,
+  weight, epsilon)``: Gemma's RMSNorm, ``x / rms(x) * (1 + weight)`` with the product taken in fp32
+  and rounded once (Llama's rounds the normalised ``x`` before multiplying by ``weight``).
 
 Sampling op:
 
@@ -61,9 +73,10 @@ Sampling op:
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
-attention tensors live on one device. The CPU kernels need ``head_size % 16 == 0``; the CUDA
-kernels ``head_size <= 256`` with ``head_size`` times the element size a multiple of 16 bytes (they
-read K/V rows as 16-byte vectors).
+attention tensors live on one device. The CPU kernels take any ``head_size`` (multiples of the
+vector width, 16 floats with AVX-512, run without a partial last vector); the CUDA kernels need
+``head_size <= 256`` with ``head_size`` times the element size a multiple of 16 bytes (they read K/V
+rows as 16-byte vectors).
 
 Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
 and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"

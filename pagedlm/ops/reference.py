@@ -35,17 +35,29 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[:length]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:
-    """q [Lq, H, D], k/v [Lk, Hkv, D]; query i sees keys 0 .. causal_offset + i."""
+def _soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(scores / cap) * cap if cap > 0 else scores
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int, sliding_window: int, soft_cap: float
+) -> torch.Tensor:
+    """q [Lq, H, D], k/v [Lk, Hkv, D]; query i sits at position causal_offset + i and sees the keys
+    at positions (p - sliding_window, p] (all up to p when sliding_window is 0)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    scores = _soft_cap(torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale, soft_cap)
     q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
     k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
-    scores.masked_fill_(k_pos > q_pos, float("-inf"))
+    hidden = k_pos > q_pos
+    if sliding_window > 0:
+        hidden |= k_pos <= q_pos - sliding_window
+    scores.masked_fill_(hidden, float("-inf"))
     probs = scores.softmax(dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v.float())
+    # Keys outside the window may hold anything (NaN included); zero them so 0 * NaN does not poison the sum.
+    v = v.float().masked_fill(hidden.all(dim=0)[:, None, None], 0.0) if sliding_window > 0 else v.float()
+    return torch.einsum("hqk,khd->qhd", probs, v)
 
 
 def paged_attention(
@@ -56,8 +68,11 @@ def paged_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
 ) -> None:
-    """Decode: one query token per sequence, attending over its whole cached context."""
+    """Decode: one query token per sequence (at position ``seq_len - 1``), attending over its cached
+    context, or the last ``sliding_window`` tokens of it."""
     num_seqs, num_heads, head_size = query.shape
     if num_seqs == 0:
         return
@@ -70,12 +85,15 @@ def paged_attention(
     v = value_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
     group = num_heads // num_kv_heads
     q = query.float().view(num_seqs, num_kv_heads, group, head_size)
-    scores = torch.einsum("bhgd,bhkd->bhgk", q, k.float()) * scale
+    scores = _soft_cap(torch.einsum("bhgd,bhkd->bhgk", q, k.float()) * scale, logits_soft_cap)
     positions = torch.arange(k.shape[2], device=query.device)
-    stale = positions[None, :] >= seq_lens[:, None].to(positions.device)
-    scores.masked_fill_(stale[:, None, None, :], float("-inf"))
-    # Stale slots may hold NaN; zero them so 0 * NaN does not poison the weighted sum.
-    v = v.float().masked_fill(stale[:, None, :, None], 0.0)
+    lens = seq_lens[:, None].to(positions.device)
+    hidden = positions[None, :] >= lens
+    if sliding_window > 0:
+        hidden |= positions[None, :] < lens - sliding_window
+    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    # Stale slots (and keys before the window) may hold NaN; zero them so 0 * NaN does not poison the sum.
+    v = v.float().masked_fill(hidden[:, None, :, None], 0.0)
     probs = scores.softmax(dim=-1)
     result = torch.einsum("bhgk,bhkd->bhgd", probs, v)
     out.copy_(result.reshape(num_seqs, num_heads, head_size))
@@ -90,9 +108,12 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
 ) -> None:
     """Varlen causal attention: sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
-    which are its last tokens; they attend over its first ``seq_lens[b]`` cached tokens."""
+    which are its last tokens; they attend over its first ``seq_lens[b]`` cached tokens (within the
+    sliding window, if any)."""
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b, seq_len in enumerate(lens):
@@ -101,7 +122,8 @@ def paged_prefill_attention(
             continue
         k = _gather(key_cache, block_tables[b], seq_len)
         v = _gather(value_cache, block_tables[b], seq_len)
-        out[lo:hi] = _attend(query[lo:hi], k, v, scale, seq_len - (hi - lo)).to(out.dtype)
+        offset = seq_len - (hi - lo)
+        out[lo:hi] = _attend(query[lo:hi], k, v, scale, offset, sliding_window, logits_soft_cap).to(out.dtype)
 
 
 def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
