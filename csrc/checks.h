@@ -94,7 +94,7 @@ inline void check_norm(const at::Tensor& a, const char* a_name, const at::Tensor
   TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " shapes differ");
 }
 
-inline void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input) {
+inline void check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0, "input must be [num_tokens, 2 * d]");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == input.size(0) && out.size(1) * 2 == input.size(1),
               "out must be [num_tokens, d] for input [num_tokens, 2 * d]");

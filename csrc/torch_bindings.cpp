@@ -20,7 +20,10 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  m.def("gemma_rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
+  m.def("gemma_fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def(
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
@@ -41,7 +44,10 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
+  m.impl("gemma_rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
+  m.impl("gemma_fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
+  m.impl("gelu_tanh_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, at::Tensor&, at::Tensor&) {});

@@ -291,6 +291,8 @@ def test_opcheck(device):
     samples = [
         (ops.reshape_and_cache.default, (kv, kv.clone(), key_cache.clone(), value_cache.clone(), slots)),
         (ops.paged_attention.default, (torch.empty_like(query), query, key_cache, value_cache, tables, lens, 0.125)),
+        (ops.paged_attention.default,
+         (torch.empty_like(query), query, key_cache, value_cache, tables, lens, 0.125, 4, 30.0)),
         (
             ops.paged_prefill_attention.default,
             (torch.empty_like(prompt), prompt, key_cache, value_cache, tables, cu_seqlens_q, lens, 0.125),
@@ -300,7 +302,11 @@ def test_opcheck(device):
         (ops.fused_add_rms_norm.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
         (ops.rotary_embedding.default, (torch.tensor([0, 9, 3], device=device), query[:1].expand(3, 4, 64).clone(),
                                         kv.clone(), torch.randn(16, 64, device=device))),
+        (ops.gemma_rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
+        (ops.gemma_fused_add_rms_norm.default,
+         (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
         (ops.silu_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
+        (ops.gelu_tanh_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
         (ops.argmax_logprob.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device),
                                       torch.empty(3, device=device))),
         (ops.sample.default, (kv[:, 0], torch.ones(3, device=device), torch.full((3,), 5, device=device),
@@ -324,10 +330,11 @@ def assert_matches_hf(out, expected, dtype, what):
         assert torch.equal(out, expected), f"{what}: differs from Hugging Face's result"
 
 
-def hf_rms_norm(x, weight, eps):
+def hf_rms_norm(style, x, weight, eps):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.device, x.dtype)
+    norm = {"llama": LlamaRMSNorm, "gemma": Gemma2RMSNorm}[style](x.shape[-1], eps=eps).to(x.device, x.dtype)
     norm.weight.data.copy_(weight)
     return norm(x)
 
@@ -335,21 +342,24 @@ def hf_rms_norm(x, weight, eps):
 @pytest.mark.parametrize("device", DEVICES)
 @LAYER_DTYPES
 @pytest.mark.parametrize("hidden", [64, 576, 100])
-def test_rms_norm(device, dtype, hidden):
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_rms_norm(device, dtype, hidden, style):
+    prefix = "gemma_" if style == "gemma" else ""
     gen = torch.Generator().manual_seed(hidden)
     wide = torch.randn(37, 2 * hidden, generator=gen).to(dtype).to(device)
     x = wide[:, :hidden]  # strided rows, as a view of a wider buffer
     weight = torch.randn(hidden, generator=gen).to(dtype).to(device)
     out = torch.full_like(x, float("nan"))
-    torch.ops.pagedlm.rms_norm(out, x, weight, 1e-5)
-    assert_matches_hf(out, hf_rms_norm(x, weight, 1e-5), dtype, "rms_norm")
+    getattr(torch.ops.pagedlm, f"{prefix}rms_norm")(out, x, weight, 1e-5)
+    assert_matches_hf(out, hf_rms_norm(style, x, weight, 1e-5), dtype, f"{prefix}rms_norm")
 
     residual = torch.randn(37, hidden, generator=gen).to(dtype).to(device)
     expected_residual = x + residual
     x_inout = x.clone()
-    torch.ops.pagedlm.fused_add_rms_norm(x_inout, residual, weight, 1e-5)
+    getattr(torch.ops.pagedlm, f"{prefix}fused_add_rms_norm")(x_inout, residual, weight, 1e-5)
     assert torch.equal(residual, expected_residual), "fused_add_rms_norm: residual is not input + residual"
-    assert_matches_hf(x_inout, hf_rms_norm(expected_residual, weight, 1e-5), dtype, "fused_add_rms_norm")
+    expected = hf_rms_norm(style, expected_residual, weight, 1e-5)
+    assert_matches_hf(x_inout, expected, dtype, f"{prefix}fused_add_rms_norm")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,6 +401,23 @@ def test_silu_and_mul(device, dtype, d):
     expected = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
     # fp32 tails (d % 16) use a vector exp where torch's scalar tail uses std::exp: ~1 ulp apart.
     assert_matches_hf(out, expected, dtype if d % 16 == 0 else torch.float32, "silu_and_mul")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("d", [64, 1536, 100])
+def test_gelu_tanh_and_mul(device, dtype, d):
+    from transformers.activations import ACT2FN
+
+    gen = torch.Generator().manual_seed(d)
+    x = (4 * torch.randn(37, 2 * d, generator=gen)).to(dtype).to(device)
+    out = torch.full((37, d), float("nan"), dtype=dtype, device=device)
+    torch.ops.pagedlm.gelu_tanh_and_mul(out, x)
+    expected = ACT2FN["gelu_pytorch_tanh"](x[:, :d]) * x[:, d:]  # Gemma's GeGLU
+    # torch's GELU kernel and ours use different tanh approximations: results are ~1 ulp apart (of
+    # fp32, or of bf16 where the activation is rounded), not bit-equal as silu_and_mul is.
+    rtol = 2e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=1e-5, msg="gelu_tanh_and_mul")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -498,7 +525,8 @@ def test_sample_rejects_out_of_range_parameters(field, value, message):
 
 @pytest.mark.parametrize(
     "op",
-    [reference.argmax_logprob, reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul],
+    [reference.argmax_logprob, reference.rms_norm, reference.fused_add_rms_norm, reference.gemma_rms_norm,
+     reference.gemma_fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul, reference.gelu_tanh_and_mul],
     ids=lambda op: op.__name__,
 )
 def test_layer_reference_equals_kernel(op):
@@ -510,8 +538,11 @@ def test_layer_reference_equals_kernel(op):
     args = {
         "rms_norm": lambda: (torch.empty(5, 64).bfloat16(), x, w, 1e-6),
         "fused_add_rms_norm": lambda: (x.clone(), x.flip(0).clone(), w, 1e-6),
+        "gemma_rms_norm": lambda: (torch.empty(5, 64).bfloat16(), x, w, 1e-6),
+        "gemma_fused_add_rms_norm": lambda: (x.clone(), x.flip(0).clone(), w, 1e-6),
         "rotary_embedding": lambda: (torch.tensor([0, 3, 7, 1, 2]), x.view(5, 2, 32).clone(), x.flip(0).view(5, 2, 32).clone(), table),
         "silu_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
+        "gelu_tanh_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
         "argmax_logprob": lambda: (x, torch.empty(5, dtype=torch.int64), torch.empty(5)),
     }[op.__name__]
     ours, theirs = args(), args()

@@ -1,6 +1,7 @@
 // RMSNorm, alone and fused with the residual add, with Hugging Face's rounding: the sum of squares
-// and the scaling run in fp32, the normalised row is rounded to the model dtype before the weight
-// multiplies it, and the residual sum is rounded to the model dtype.
+// and the scaling run in fp32, the residual sum is rounded to the model dtype, and then
+// - Llama: the normalised row is rounded to the model dtype before the weight multiplies it;
+// - Gemma: the normalised row is multiplied by (1 + weight) in fp32 and rounded once.
 #include "vec.h"
 
 #include "../checks.h"
@@ -24,22 +25,24 @@ float inv_rms(const T* x, int64_t hidden, float eps) {
   return 1.f / std::sqrt(hsum(acc) / static_cast<float>(hidden) + eps);
 }
 
-template <typename T>
+template <bool kGemma, typename T>
 void scale_row(T* out, const T* x, const T* weight, int64_t hidden, float inv) {
-  const fVec iv(inv);
+  const fVec iv(inv), one(1.f);
   for (int64_t d = 0; d < hidden; d += kVecLen) {
     const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
-    const fVec normed = round_to<T>(load_fp32(x + d, n) * iv);
-    store_fp32(out + d, load_fp32(weight + d, n) * normed, n);
+    if constexpr (kGemma) {
+      store_fp32(out + d, load_fp32(x + d, n) * iv * (one + load_fp32(weight + d, n)), n);
+    } else {
+      store_fp32(out + d, load_fp32(weight + d, n) * round_to<T>(load_fp32(x + d, n) * iv), n);
+    }
   }
 }
 
 // Rows of at least ~16k elements per thread task; a decode step's few rows stay on one thread.
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
 
-}  // namespace
-
-void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+template <bool kGemma>
+void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   check_norm(out, "out", input, "input", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
   const int64_t in_stride = input.stride(0), out_stride = out.stride(0);
@@ -51,13 +54,14 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
     at::parallel_for(0, tokens, row_grain(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const scalar_t* row = x + t * in_stride;
-        scale_row(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
+        scale_row<kGemma>(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
       }
     });
   });
 }
 
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+template <bool kGemma>
+void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
   check_norm(input, "input", residual, "residual", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
   const int64_t in_stride = input.stride(0), res_stride = residual.stride(0);
@@ -74,10 +78,28 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
           const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
           store_fp32(rr + d, load_fp32(xr + d, n) + load_fp32(rr + d, n), n);
         }
-        scale_row(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
+        scale_row<kGemma>(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
       }
     });
   });
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  rms_norm_rows<false>(out, input, weight, epsilon);
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  fused_add_rms_norm_rows<false>(input, residual, weight, epsilon);
+}
+
+void gemma_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  rms_norm_rows<true>(out, input, weight, epsilon);
+}
+
+void gemma_fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  fused_add_rms_norm_rows<true>(input, residual, weight, epsilon);
 }
 
 }  // namespace pagedlm::cpu

@@ -24,7 +24,13 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos_sin_cache);
 
+void gemma_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+
+void gemma_fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon);
+
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input);
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
 

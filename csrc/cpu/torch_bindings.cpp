@@ -10,7 +10,10 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("rms_norm", &pagedlm::cpu::rms_norm);
   m.impl("fused_add_rms_norm", &pagedlm::cpu::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagedlm::cpu::rotary_embedding);
+  m.impl("gemma_rms_norm", &pagedlm::cpu::gemma_rms_norm);
+  m.impl("gemma_fused_add_rms_norm", &pagedlm::cpu::gemma_fused_add_rms_norm);
   m.impl("silu_and_mul", &pagedlm::cpu::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &pagedlm::cpu::gelu_tanh_and_mul);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("sample", &pagedlm::cpu::sample);
 }

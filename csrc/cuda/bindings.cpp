@@ -131,21 +131,40 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
                                     c10::cuda::getCurrentCUDAStream()));
 }
 
-void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon,
+                   NormStyle style) {
   check_norm(out, "out", input, "input", weight);
   const c10::cuda::CUDAGuard guard(input.device());
   C10_CUDA_CHECK(launch_rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), static_cast<int>(input.size(0)),
                                  static_cast<int>(input.size(1)), out.stride(0), input.stride(0),
-                                 static_cast<float>(epsilon), dtype_of(input), c10::cuda::getCurrentCUDAStream()));
+                                 static_cast<float>(epsilon), style, dtype_of(input),
+                                 c10::cuda::getCurrentCUDAStream()));
 }
 
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon,
+                             NormStyle style) {
   check_norm(input, "input", residual, "residual", weight);
   const c10::cuda::CUDAGuard guard(input.device());
   C10_CUDA_CHECK(launch_fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(),
                                            static_cast<int>(input.size(0)), static_cast<int>(input.size(1)),
-                                           input.stride(0), residual.stride(0), static_cast<float>(epsilon),
+                                           input.stride(0), residual.stride(0), static_cast<float>(epsilon), style,
                                            dtype_of(input), c10::cuda::getCurrentCUDAStream()));
+}
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  rms_norm_rows(out, input, weight, epsilon, NormStyle::kLlama);
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  fused_add_rms_norm_rows(input, residual, weight, epsilon, NormStyle::kLlama);
+}
+
+void gemma_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  rms_norm_rows(out, input, weight, epsilon, NormStyle::kGemma);
+}
+
+void gemma_fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  fused_add_rms_norm_rows(input, residual, weight, epsilon, NormStyle::kGemma);
 }
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
@@ -167,13 +186,17 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
   C10_CUDA_CHECK(launch_rotary_embedding(p, dtype_of(query), c10::cuda::getCurrentCUDAStream()));
 }
 
-void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
-  check_silu_and_mul(out, input);
+void act_and_mul(at::Tensor& out, const at::Tensor& input, Activation act) {
+  check_act_and_mul(out, input);
   const c10::cuda::CUDAGuard guard(input.device());
-  C10_CUDA_CHECK(launch_silu_and_mul(out.data_ptr(), input.data_ptr(), static_cast<int>(out.size(0)),
-                                     static_cast<int>(out.size(1)), out.stride(0), input.stride(0), dtype_of(input),
-                                     c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_act_and_mul(out.data_ptr(), input.data_ptr(), static_cast<int>(out.size(0)),
+                                    static_cast<int>(out.size(1)), out.stride(0), input.stride(0), act,
+                                    dtype_of(input), c10::cuda::getCurrentCUDAStream()));
 }
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul(out, input, Activation::kSilu); }
+
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul(out, input, Activation::kGeluTanh); }
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs) {
   check_argmax_logprob(logits, token_ids, logprobs);
@@ -196,6 +219,9 @@ TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("rms_norm", &pagedlm::cuda::rms_norm);
   m.impl("fused_add_rms_norm", &pagedlm::cuda::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagedlm::cuda::rotary_embedding);
+  m.impl("gemma_rms_norm", &pagedlm::cuda::gemma_rms_norm);
+  m.impl("gemma_fused_add_rms_norm", &pagedlm::cuda::gemma_fused_add_rms_norm);
   m.impl("silu_and_mul", &pagedlm::cuda::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &pagedlm::cuda::gelu_tanh_and_mul);
   m.impl("argmax_logprob", &pagedlm::cuda::argmax_logprob);
 }

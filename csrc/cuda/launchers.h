@@ -66,15 +66,21 @@ cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, c
 
 // Fused layer ops (see pagedlm/ops/__init__.py for their rounding contract); rows are
 // [num_tokens, ...] with the given row strides and a contiguous last dimension.
+// kLlama: weight * round(x / rms); kGemma: round(x / rms * (1 + weight)).
+enum class NormStyle { kLlama, kGemma };
+
 cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,
-                            int64_t out_stride, int64_t input_stride, float epsilon, DType dtype, cudaStream_t stream);
+                            int64_t out_stride, int64_t input_stride, float epsilon, NormStyle style, DType dtype,
+                            cudaStream_t stream);
 
 cudaError_t launch_fused_add_rms_norm(void* input, void* residual, const void* weight, int num_tokens, int hidden,
-                                     int64_t input_stride, int64_t residual_stride, float epsilon, DType dtype,
-                                     cudaStream_t stream);
+                                     int64_t input_stride, int64_t residual_stride, float epsilon, NormStyle style,
+                                     DType dtype, cudaStream_t stream);
 
-cudaError_t launch_silu_and_mul(void* out, const void* input, int num_tokens, int d, int64_t out_stride,
-                                int64_t input_stride, DType dtype, cudaStream_t stream);
+enum class Activation { kSilu, kGeluTanh };
+
+cudaError_t launch_act_and_mul(void* out, const void* input, int num_tokens, int d, int64_t out_stride,
+                               int64_t input_stride, Activation act, DType dtype, cudaStream_t stream);
 
 struct RotaryParams {
   const int64_t* positions;

@@ -1,9 +1,12 @@
 // RMSNorm, alone and fused with the residual add, one block per token, with Hugging Face's
-// rounding: fp32 statistics, the normalised row rounded to the model dtype before the weight
-// multiplies it, the residual sum rounded to the model dtype.
+// rounding: fp32 statistics, the residual sum rounded to the model dtype, then Llama's normalised
+// row rounded to the model dtype before the weight multiplies it, or Gemma's row times
+// (1 + weight) in fp32, rounded once.
 
 #include "dtype.cuh"
 #include "reduce.cuh"
+
+#include <type_traits>
 
 namespace pagedlm::cuda {
 namespace {
@@ -23,55 +26,70 @@ __device__ float inv_rms(const T* x, int hidden, float epsilon) {
   return rsqrtf(block_reduce<kWarps, false>(acc, scratch) / static_cast<float>(hidden) + epsilon);
 }
 
-template <typename T>
+template <NormStyle kStyle, typename T>
 __device__ void scale_row(T* out, const T* x, const T* weight, int hidden, float inv) {
   for (int i = threadIdx.x; i < hidden; i += kThreads) {
-    out[i] = from_float<T>(to_float(weight[i]) * round_to<T>(to_float(x[i]) * inv));
+    if constexpr (kStyle == NormStyle::kGemma) {
+      out[i] = from_float<T>(to_float(x[i]) * inv * (1.f + to_float(weight[i])));
+    } else {
+      out[i] = from_float<T>(to_float(weight[i]) * round_to<T>(to_float(x[i]) * inv));
+    }
   }
 }
 
-template <typename T>
+template <NormStyle kStyle, typename T>
 __global__ void rms_norm_kernel(T* out, const T* input, const T* weight, int hidden, int64_t out_stride,
                                 int64_t input_stride, float epsilon) {
   const T* x = input + blockIdx.x * input_stride;
-  scale_row(out + blockIdx.x * out_stride, x, weight, hidden, inv_rms(x, hidden, epsilon));
+  scale_row<kStyle>(out + blockIdx.x * out_stride, x, weight, hidden, inv_rms(x, hidden, epsilon));
 }
 
 // Each thread rereads only the residual elements it wrote itself before the barrier inside inv_rms.
-template <typename T>
+template <NormStyle kStyle, typename T>
 __global__ void fused_add_rms_norm_kernel(T* input, T* residual, const T* weight, int hidden, int64_t input_stride,
                                           int64_t residual_stride, float epsilon) {
   T* x = input + blockIdx.x * input_stride;
   T* r = residual + blockIdx.x * residual_stride;
   for (int i = threadIdx.x; i < hidden; i += kThreads) r[i] = from_float<T>(to_float(x[i]) + to_float(r[i]));
-  scale_row(x, r, weight, hidden, inv_rms(r, hidden, epsilon));
+  scale_row<kStyle>(x, r, weight, hidden, inv_rms(r, hidden, epsilon));
+}
+
+// f(std::integral_constant<NormStyle, style>{}).
+template <typename F>
+cudaError_t dispatch_style(NormStyle style, const F& f) {
+  if (style == NormStyle::kGemma) return f(std::integral_constant<NormStyle, NormStyle::kGemma>{});
+  return f(std::integral_constant<NormStyle, NormStyle::kLlama>{});
 }
 
 }  // namespace
 
 cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,
-                            int64_t out_stride, int64_t input_stride, float epsilon, DType dtype,
+                            int64_t out_stride, int64_t input_stride, float epsilon, NormStyle style, DType dtype,
                             cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    rms_norm_kernel<T><<<num_tokens, kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(input),
-                                                            static_cast<const T*>(weight), hidden, out_stride,
-                                                            input_stride, epsilon);
-    return cudaGetLastError();
+  return dispatch_style(style, [&](auto kStyle) {
+    return dispatch_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      rms_norm_kernel<kStyle(), T><<<num_tokens, kThreads, 0, stream>>>(
+          static_cast<T*>(out), static_cast<const T*>(input), static_cast<const T*>(weight), hidden, out_stride,
+          input_stride, epsilon);
+      return cudaGetLastError();
+    });
   });
 }
 
 cudaError_t launch_fused_add_rms_norm(void* input, void* residual, const void* weight, int num_tokens, int hidden,
-                                     int64_t input_stride, int64_t residual_stride, float epsilon, DType dtype,
-                                     cudaStream_t stream) {
+                                     int64_t input_stride, int64_t residual_stride, float epsilon, NormStyle style,
+                                     DType dtype, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    fused_add_rms_norm_kernel<T><<<num_tokens, kThreads, 0, stream>>>(
-        static_cast<T*>(input), static_cast<T*>(residual), static_cast<const T*>(weight), hidden, input_stride,
-        residual_stride, epsilon);
-    return cudaGetLastError();
+  return dispatch_style(style, [&](auto kStyle) {
+    return dispatch_dtype(dtype, [&](auto zero) {
+      using T = decltype(zero);
+      fused_add_rms_norm_kernel<kStyle(), T><<<num_tokens, kThreads, 0, stream>>>(
+          static_cast<T*>(input), static_cast<T*>(residual), static_cast<const T*>(weight), hidden, input_stride,
+          residual_stride, epsilon);
+      return cudaGetLastError();
+    });
   });
 }
 

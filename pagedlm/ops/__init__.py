@@ -101,8 +101,11 @@ _OP_NAMES = (
     "copy_blocks",
     "rms_norm",
     "fused_add_rms_norm",
+    "gemma_rms_norm",
+    "gemma_fused_add_rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "gelu_tanh_and_mul",
     "argmax_logprob",
     "sample",
 )
@@ -175,8 +178,11 @@ paged_prefill_attention = _impl.paged_prefill_attention
 copy_blocks = _impl.copy_blocks
 rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
+gemma_rms_norm = _impl.gemma_rms_norm
+gemma_fused_add_rms_norm = _impl.gemma_fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
 silu_and_mul = _impl.silu_and_mul
+gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 

@@ -144,6 +144,19 @@ def fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torc
     rms_norm(input, residual, weight, epsilon)
 
 
+def gemma_rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    x = input.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
+    out.copy_((x * (1.0 + weight.float())).to(input.dtype))
+
+
+def gemma_fused_add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
+) -> None:
+    residual.add_(input)
+    gemma_rms_norm(input, residual, weight, epsilon)
+
+
 def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
@@ -161,6 +174,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     gate, up = input.chunk(2, dim=-1)
     out.copy_(F.silu(gate) * up)
+
+
+def gelu_tanh_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
+    gate, up = input.chunk(2, dim=-1)
+    out.copy_(F.gelu(gate, approximate="tanh") * up)
 
 
 def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
