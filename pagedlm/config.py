@@ -58,10 +58,6 @@ class ModelConfig:
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        sliding_window = getattr(hf_config, "sliding_window", None)
-        if sliding_window and getattr(hf_config, "use_sliding_window", True) and sliding_window < limit:
-            logger.info("Capping max_model_len at the model's sliding window of %d tokens.", sliding_window)
-            limit = sliding_window
         if max_model_len is None:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
@@ -96,6 +92,18 @@ def get_num_kv_heads(hf_config: PretrainedConfig) -> int:
 def get_head_size(hf_config: PretrainedConfig) -> int:
     """Size of one attention head: ``head_dim`` where the config sets it, else hidden / heads."""
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
+    """The sliding window of layer ``layer_idx`` in tokens (a query sees itself and the ``W - 1``
+    tokens before it), 0 for full attention. Where the config lists ``layer_types`` (Gemma 2/3, Qwen2,
+    Qwen3, ...) only "sliding_attention" layers slide; otherwise a set ``sliding_window`` applies to
+    every layer, as transformers' Mistral and Phi-3 apply it."""
+    window = getattr(hf_config, "sliding_window", None) or 0
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else 0
+    return window
 
 
 def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -11,6 +11,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma3TextConfig,
     GraniteConfig,
     GenerationConfig,
     LlamaConfig,
@@ -88,6 +90,31 @@ _CONFIGS = {
     "qwen3": lambda: Qwen3Config(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
         architectures=["Qwen3ForCausalLM"], **_COMMON,
+    ),
+    # Sliding windows shorter than most test prompts: Mistral's on every layer, Qwen2's on the layers
+    # from max_window_layers on.
+    "mistral_swa": lambda: MistralConfig(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=48, architectures=["MistralForCausalLM"],
+        **_COMMON,
+    ),
+    "qwen2_swa": lambda: Qwen2Config(
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=40,
+        max_window_layers=1, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"], **_COMMON,
+    ),
+    # Gemma 2: a sliding layer then a global one, soft-caps small enough to matter with random weights,
+    # and head_dim 40 (not a multiple of 16: the kernels' partial-vector path).
+    "gemma2": lambda: Gemma2Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=40, query_pre_attn_scalar=32, sliding_window=48,
+        attn_logit_softcapping=5.0, final_logit_softcapping=8.0, architectures=["Gemma2ForCausalLM"],
+        pad_token_id=0, **_COMMON,
+    ),
+    # Gemma 3: q/k norms, a RoPE base per layer type (and linear scaling on the global layers).
+    "gemma3": lambda: Gemma3TextConfig(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+        architectures=["Gemma3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
 }
 

@@ -92,20 +92,44 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
     assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_kv_blocks
 
 
-def test_qwen3_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "mistral_swa", "qwen2_swa"])
+def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     from conftest import make_checkpoint
 
-    qwen3 = make_checkpoint(str(tmp_path / "qwen3"), "qwen3", tokenizer_dir)
+    path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
     shared = _prompts(7, [48])[0]
     prompts = [shared + p for p in _prompts(8, [10, 30, 50, 70, 20, 40, 60, 5])]
-    expected = hf_greedy(qwen3, prompts, 30)
+    expected = hf_greedy(path, prompts, 30)
     # 20 blocks of 16 tokens cannot hold all eight at once (preemption); the shared 48-token prefix
-    # is served from the prefix cache after the first prompt.
-    llm = LLM(qwen3, dtype="float32", num_kv_blocks=20)
+    # (longer than the sliding windows) is served from the prefix cache after the first prompt.
+    llm = LLM(path, dtype="float32", num_kv_blocks=20)
     assert _generate(llm, prompts, 30) == expected
     stats = llm.get_stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
     assert _generate(llm, prompts, 30) == expected  # again, now mostly from the cache
     # bfloat16: the first tokens agree with HF's bfloat16 (near-ties may flip later, as for Llama).
-    bf16 = hf_greedy(qwen3, prompts[:4], 4, dtype=torch.bfloat16)
-    assert [g[0] for g in _generate(LLM(qwen3, dtype="bfloat16"), prompts[:4], 4)] == [e[0] for e in bf16]
+    bf16 = hf_greedy(path, prompts[:4], 4, dtype=torch.bfloat16)
+    assert [g[0] for g in _generate(LLM(path, dtype="bfloat16"), prompts[:4], 4)] == [e[0] for e in bf16]
+
+
+@pytest.mark.parametrize("arch", ["mistral_swa", "qwen2_swa", "gemma2", "gemma3"])
+def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir, arch):
+    """Every position of prompts several windows long, prefilled in 64-token chunks (so chunks start
+    inside and outside the windows), against one Hugging Face forward pass. Greedy continuations alone
+    can miss a wrong window: with random weights they often do not depend on the far context."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
+    prompts = _prompts(9, [300, 130, 47])
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4)

@@ -11,3 +11,13 @@ class SiluAndMul(nn.Module):
         out = x.new_empty(x.shape[0], x.shape[1] // 2)
         ops.silu_and_mul(out, x)
         return out
+
+
+class GeluAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` (GeGLU with GELU's tanh approximation, transformers'
+    ``gelu_pytorch_tanh``) over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], x.shape[1] // 2)
+        ops.gelu_tanh_and_mul(out, x)
+        return out

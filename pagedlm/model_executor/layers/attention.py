@@ -27,12 +27,25 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
+    """One layer's attention: softmax ``scale``, a ``sliding_window`` in tokens (0: full causal) and a
+    ``logits_soft_cap`` (0: none); see ``pagedlm.ops`` for their exact meaning."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        scale: float,
+        sliding_window: int = 0,
+        logits_soft_cap: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
 
     def forward(
         self,
@@ -49,10 +62,11 @@ class Attention(nn.Module):
         if n:
             ops.paged_prefill_attention(
                 out[:n], q[:n], key_cache, value_cache, meta.prefill_block_tables,
-                meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, self.scale,
+                meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, self.scale, self.sliding_window, self.logits_soft_cap,
             )
         if n < q.shape[0]:
             ops.paged_attention(
-                out[n:], q[n:], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale
+                out[n:], q[n:], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
+                self.sliding_window, self.logits_soft_cap,
             )
         return out

@@ -22,3 +22,18 @@ class RMSNorm(nn.Module):
             return out
         ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)`` in fp32, rounded once (the checkpoint stores
+    ``weight`` as the offset from 1)."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            out = torch.empty_like(x)
+            ops.gemma_rms_norm(out, x, self.weight, self.eps)
+            return out
+        ops.gemma_fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual

@@ -11,9 +11,13 @@ from pagedlm import ops
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_parameters(config: PretrainedConfig) -> tuple[float, dict]:
-    """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config."""
+def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config. Configs
+    with a RoPE per layer type (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``)
+    give the ``layer_type``'s."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
     scaling = params or dict(getattr(config, "rope_scaling", None) or {})
     scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
@@ -41,11 +45,13 @@ def _inv_freq(head_size: int, theta: float, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_size: int, max_position: int, config: PretrainedConfig) -> None:
+    def __init__(
+        self, head_size: int, max_position: int, config: PretrainedConfig, layer_type: str | None = None
+    ) -> None:
         super().__init__()
         self.head_size = head_size
         self.max_position = max_position
-        self.theta, self.scaling = rope_parameters(config)
+        self.theta, self.scaling = rope_parameters(config, layer_type)
         self.build_cos_sin_cache()
 
     def build_cos_sin_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:

@@ -1,4 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3) on the paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3) on the paged KV cache; sliding-window
+layers where the config has them.
 
 Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedlm.config import get_head_size, get_num_kv_heads
+from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window
 from pagedlm.model_executor.layers.activation import SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
 from pagedlm.model_executor.layers.layernorm import RMSNorm
@@ -17,7 +18,21 @@ from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
+    """q/k/v from one packed projection, RoPE, paged attention, o_proj. Options beyond Llama: a qkv
+    bias (Qwen2), a per-head norm of q and k before RoPE (Qwen3: ``RMSNorm``; Gemma 3:
+    ``GemmaRMSNorm``), the softmax ``scale`` (default ``head_size ** -0.5``), a logit soft-cap
+    (Gemma 2); the layer's sliding window comes from the config."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool = False,
+        qk_norm: type[RMSNorm] | None = None,
+        scale: float | None = None,
+        logits_soft_cap: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = get_num_kv_heads(config)
@@ -27,12 +42,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
-        # Granite sets the softmax scale itself (attention_multiplier).
-        scale = getattr(config, "attention_multiplier", None) or self.head_size**-0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size, scale)
-        # Qwen3: RMSNorm over each head of q and k, after the projection and before RoPE.
-        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_size, scale or self.head_size**-0.5,
+            get_sliding_window(config, layer_idx), logits_soft_cap,
+        )
+        self.q_norm = qk_norm(self.head_size, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = qk_norm(self.head_size, config.rms_norm_eps) if qk_norm else None
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -50,21 +65,28 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    """down_proj(act(gate) * up) with gate and up in one packed projection; act is SiLU, or GELU's
+    tanh approximation for Gemma (``act_fn=GeluAndMul()``)."""
+
+    def __init__(self, config: PretrainedConfig, act_fn: nn.Module | None = None) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, qkv_bias, qk_norm)
+        # Granite sets the softmax scale itself (attention_multiplier).
+        scale = getattr(config, "attention_multiplier", None)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, RMSNorm if qk_norm else None, scale)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -109,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -148,11 +170,9 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: Llama with per-head RMSNorm on q and k before RoPE, an explicit ``head_dim`` and
-    ``attention_bias`` (off in released checkpoints). Sliding-window layers are not supported."""
+    ``attention_bias`` (off in released checkpoints)."""
 
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("Qwen3 checkpoints with use_sliding_window=True are not supported yet.")
         super().__init__(config, max_position, qkv_bias=getattr(config, "attention_bias", False), qk_norm=True)
 
 

@@ -1,0 +1,115 @@
+"""Gemma 2 and Gemma 3 (text) on the paged KV cache.
+
+What differs from Llama (transformers' ``modeling_gemma2.py`` / ``modeling_gemma3.py``): embeddings
+scaled by ``sqrt(hidden_size)`` (rounded to the model dtype), RMSNorm as ``x * (1 + w)``, four norms
+per layer (the attention and MLP outputs are normalised before the residual add), GeGLU with GELU's
+tanh approximation, the softmax scale ``query_pre_attn_scalar ** -0.5``, sliding-window and global
+layers (``config.layer_types``), tied embeddings. Gemma 2 soft-caps the attention logits and the final
+logits; Gemma 3 instead normalises q and k per head and has a RoPE base per layer type.
+"""
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from pagedlm.config import get_head_size
+from pagedlm.model_executor.layers.activation import GeluAndMul
+from pagedlm.model_executor.layers.attention import AttentionMetadata
+from pagedlm.model_executor.layers.layernorm import GemmaRMSNorm
+from pagedlm.model_executor.layers.linear import Linear
+from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedlm.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(
+            config, layer_idx, rotary_emb,
+            qkv_bias=getattr(config, "attention_bias", False),
+            qk_norm=GemmaRMSNorm if qk_norm else None,
+            scale=config.query_pre_attn_scalar**-0.5,
+            logits_soft_cap=getattr(config, "attn_logit_softcapping", None) or 0.0,
+        )
+        self.mlp = LlamaMLP(config, GeluAndMul())
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is what the previous layer adds to ``residual`` (already normalised by its
+        post-feedforward norm); returns the same pair for the next layer."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, kv_cache, meta))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
+class Gemma2ForCausalLM(nn.Module):
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
+    qk_norm = False
+
+    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
+        super().__init__()
+        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        if activation not in _GELU_TANH:
+            raise ValueError(f"Gemma's hidden_activation {activation!r} is not supported; supported: {_GELU_TANH}.")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError("Gemma checkpoints with use_bidirectional_attention=True (embedding models) are not supported.")
+        self.config = config
+        head_size = get_head_size(config)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        rotary = {t: RotaryEmbedding(head_size, max_position, config, t) for t in sorted(set(layer_types))}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm) for i in range(config.num_hidden_layers)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.embed_tokens.weight
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] after the final norm."""
+        x = self.embed_tokens(input_ids)
+        # transformers rounds the scale to the model dtype before multiplying.
+        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden_states)
+        if self.final_logit_softcapping:
+            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        return logits
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3's text model: Gemma 2's layout with q/k norms (its soft-caps are unset in released
+    checkpoints but honoured when set) and a RoPE base per layer type."""
+
+    qk_norm = True
