@@ -86,6 +86,17 @@ _CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False,
         architectures=["Phi3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
+    # Phi-4-mini's shape of RoPE: LongRoPE with short/long factors switching at 64 tokens (so prompts and
+    # generations cross it) on the first 3/4 of each head.
+    "phi3_longrope": lambda: Phi3Config(
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=None, tie_word_embeddings=True,
+        original_max_position_embeddings=64, partial_rotary_factor=0.75,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "original_max_position_embeddings": 64,
+                         "short_factor": [1.0 + 0.1 * i for i in range(12)],
+                         "long_factor": [1.0 + 2.5 * i for i in range(12)]},
+        architectures=["Phi3ForCausalLM"], pad_token_id=0, **_COMMON,
+    ),
     # head_dim 32 is not hidden / heads (16): Qwen3 sets it explicitly.
     "qwen3": lambda: Qwen3Config(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,

@@ -31,6 +31,10 @@ logger = logging.getLogger("pagedlm")
 _LOGPROB_CONTEXT_TOKENS = 8
 
 
+# The prefix-cache salt of LongRoPE sequences past the threshold: their K/V use the long factors.
+_LONG_ROPE_SALT = "long_rope"
+
+
 class LLMEngine:
     """Holds every request's state, schedules each step and turns the worker's samples into
     ``RequestOutput``s (vLLM's ``LLMEngine``). ``LLM`` drives it; so can a caller that wants
@@ -149,9 +153,11 @@ class LLMEngine:
         generators = None
         if params.seed is not None:
             generators = [torch.Generator(self.model_config.device).manual_seed(params.seed + i) for i in range(params.best_of)]
+        long_rope = self.model_runner.long_rope
+        cache_salt = _LONG_ROPE_SALT if long_rope is not None and len(prompt_token_ids) > long_rope[0] else None
         seq_group = SequenceGroup(
             request_id, prompt, prompt_token_ids, params, self.cache_config.block_size,
-            arrival_time if arrival_time is not None else time.monotonic(), generators,
+            arrival_time if arrival_time is not None else time.monotonic(), generators, cache_salt,
         )
         seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params.best_of)
         if params.use_beam_search:
@@ -259,10 +265,26 @@ class LLMEngine:
             for seq, chunk in scheduled.token_chunks.items():
                 seq.num_computed_tokens += chunk
             self._process_group_output(scheduled.seq_group, output)
+        if self.model_runner.long_rope is not None:
+            self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
         request_outputs = [RequestOutput.from_seq_group(s.seq_group) for s in sched.scheduled_seq_groups]
         for seq_group in self.scheduler.free_finished_seq_groups():
             del self.seq_groups[seq_group.request_id]
         return request_outputs
+
+    def _recompute_past_long_rope_threshold(self, scheduled: list[ScheduledSequenceGroup]) -> None:
+        """A LongRoPE sequence that grew past the threshold takes the long factors at every position
+        (``model_input._long_rope_positions``): its KV, computed with the short ones, is recomputed,
+        as transformers' Phi-3 drops its cache at that point. Its blocks get a salt of their own in
+        the prefix cache."""
+        threshold = self.model_runner.long_rope[0]
+        for s in scheduled:
+            group = s.seq_group
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
+            if seqs and seqs[0].cache_salt is None and any(seq.num_tokens > threshold for seq in seqs):
+                for seq in group.seqs:
+                    seq.set_cache_salt(_LONG_ROPE_SALT)
+                self.scheduler.recompute(group)
 
     def _seq_group_metadata(self, scheduled: ScheduledSequenceGroup) -> SequenceGroupMetadata:
         """What the worker needs of one scheduled group: per sequence its chunk and block table,

@@ -149,9 +149,18 @@ class Scheduler:
         out.num_batched_tokens += sum(chunks.values())
         out.num_seqs += len(chunks)
 
+    def recompute(self, seq_group: SequenceGroup) -> None:
+        """Drop a running group's KV and queue it to be computed again, first: its cache no longer
+        holds what the model would compute (a LongRoPE sequence that outgrew the short factors)."""
+        self.running.remove(seq_group)
+        self._reset(seq_group)
+
     def _preempt(self, seq_group: SequenceGroup) -> None:
+        self._reset(seq_group)
+        self.num_preemptions += 1
+
+    def _reset(self, seq_group: SequenceGroup) -> None:
         for seq in seq_group.get_seqs(SequenceStatus.RUNNING):
             self.block_manager.free(seq)
             seq.reset_for_recompute()
         self.waiting.appendleft(seq_group)
-        self.num_preemptions += 1

@@ -11,8 +11,9 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import token_range
 from pagedlm.utils import cdiv
 
-# A full KV block's prefix-cache key: (hash of the parent block's key, the block's token ids).
-BlockKey = tuple[int | None, tuple[int, ...]]
+# A full KV block's prefix-cache key: (hash of the parent block's key, the block's token ids); the
+# first block's parent is the sequence's cache salt.
+BlockKey = tuple[int | str | None, tuple[int, ...]]
 
 
 class SequenceStatus(enum.Enum):
@@ -46,8 +47,11 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, index: int, prompt_token_ids: list[int], block_size: int) -> None:
+    def __init__(self, index: int, prompt_token_ids: list[int], block_size: int, cache_salt: str | None = None) -> None:
         self.seq_id = next(Sequence._ids)
+        # Blocks are shared through the prefix cache only between sequences with the same salt: their
+        # K/V depend on more than the tokens (a LongRoPE prompt longer than the threshold).
+        self.cache_salt = cache_salt
         self.index = index  # position among the group's completions
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
@@ -85,7 +89,7 @@ class Sequence:
         """The prefix-cache key of full block ``i``; each key is computed once, from its parent's."""
         while len(self._block_keys) <= i:
             j = len(self._block_keys)
-            parent = hash(self._block_keys[-1]) if j else None
+            parent = hash(self._block_keys[-1]) if j else self.cache_salt
             self._block_keys.append((parent, tuple(self.token_ids(j * self.block_size, (j + 1) * self.block_size))))
         return self._block_keys[i]
 
@@ -106,7 +110,7 @@ class Sequence:
     def fork(self, index: int) -> "Sequence":
         """A new sequence with this one's tokens and cache state (its blocks are shared by the
         block manager's ``fork``)."""
-        child = Sequence(index, self.prompt_token_ids, self.block_size)
+        child = Sequence(index, self.prompt_token_ids, self.block_size, self.cache_salt)
         child.output_token_ids = list(self.output_token_ids)
         child.status = self.status
         child.num_computed_tokens = self.num_computed_tokens
@@ -117,6 +121,11 @@ class Sequence:
         if self.grammar_matcher is not None:
             child.grammar_matcher = self.grammar_matcher.fork()
         return child
+
+    def set_cache_salt(self, cache_salt: str | None) -> None:
+        """A new salt for the sequence's blocks from now on (keys computed so far are dropped)."""
+        self.cache_salt = cache_salt
+        self._block_keys = []
 
     def reset_for_recompute(self) -> None:
         self.status = SequenceStatus.WAITING
@@ -140,13 +149,14 @@ class SequenceGroup:
         block_size: int,
         arrival_time: float,
         generators: list[torch.Generator] | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
-        self.seqs = [Sequence(0, self.prompt_token_ids, block_size)]
+        self.seqs = [Sequence(0, self.prompt_token_ids, block_size, cache_salt)]
         self.generators = generators  # one per completion index, for seeded requests
         self.prompt_logprobs: PromptLogprobs | None = [None] if sampling_params.prompt_logprobs is not None else None
         self.beam = None  # BeamSearchState under beam search

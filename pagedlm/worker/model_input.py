@@ -29,8 +29,12 @@ class ModelInput:
 
 
 def prepare_model_input(
-    seq_group_metadata_list: list[SequenceGroupMetadata], block_size: int, device: torch.device
+    seq_group_metadata_list: list[SequenceGroupMetadata],
+    block_size: int,
+    device: torch.device,
+    long_rope: tuple[int, int] | None = None,
 ) -> ModelInput:
+    """``long_rope``: (threshold, offset) for a LongRoPE model; see ``_long_rope_positions``."""
     entries = [StepEntry(i, seq) for i, group in enumerate(seq_group_metadata_list) for seq in group.seq_data]
     entries.sort(key=lambda e: e.seq.token_chunk_size == 1)  # stable: prefills first, then decodes
     input_ids: list[int] = []
@@ -63,6 +67,8 @@ def prepare_model_input(
         width = max((len(t) for t in tables), default=0)
         return tensor([t + [0] * (width - len(t)) for t in tables], torch.int32).view(len(tables), width)
 
+    if long_rope is not None:
+        positions = _long_rope_positions(entries, positions, *long_rope)
     attn_metadata = AttentionMetadata(
         slot_mapping=tensor(slot_mapping, torch.int64),
         num_prefill_tokens=cu_seqlens_q[-1],
@@ -73,3 +79,16 @@ def prepare_model_input(
         decode_block_tables=block_table_tensor(decode_tables),
     )
     return ModelInput(tensor(input_ids, torch.int64), tensor(positions, torch.int64), attn_metadata, entries)
+
+
+def _long_rope_positions(entries: list[StepEntry], positions: list[int], threshold: int, offset: int) -> list[int]:
+    """Rows of a LongRoPE table (``RotaryEmbedding``: short factors, then the long ones from row
+    ``offset``): a sequence longer than ``threshold`` tokens (prompt and outputs so far) takes the long
+    factors at every position, as transformers does (the engine recomputes a sequence that outgrows
+    the threshold, as transformers drops its cache then)."""
+    rows = list(positions)
+    for e in entries:
+        if len(e.seq.prompt_token_ids) + len(e.seq.output_token_ids) > threshold:
+            for row in range(e.last_row + 1 - e.seq.token_chunk_size, e.last_row + 1):
+                rows[row] += offset
+    return rows

@@ -4,6 +4,7 @@ log-probabilities and samples the metadata asks for (types in ``pagedlm/step.py`
 import torch
 
 from pagedlm.config import CacheConfig, ModelConfig
+from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
@@ -19,6 +20,9 @@ class ModelRunner:
         self.device = model_config.device
         self.vocab_size = model_config.hf_config.vocab_size
         self.model = get_model(model_config)
+        threshold = long_rope_threshold(model_config.hf_config)
+        # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
+        self.long_rope = (threshold, model_config.max_model_len) if threshold is not None else None
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
 
@@ -42,7 +46,7 @@ class ModelRunner:
         """Copy the step's copy-on-write blocks, run the model over every scheduled chunk and
         return, per group in the same order, its samples and prompt log-probabilities."""
         self.cache_engine.copy(blocks_to_copy)
-        model_input = prepare_model_input(seq_group_metadata_list, self.block_size, self.device)
+        model_input = prepare_model_input(seq_group_metadata_list, self.block_size, self.device, self.long_rope)
         hidden = self.model(model_input.input_ids, model_input.positions, self.cache_engine.kv_caches, model_input.attn_metadata)
         outputs = [SequenceGroupOutput() for _ in seq_group_metadata_list]
         for e in model_input.entries:

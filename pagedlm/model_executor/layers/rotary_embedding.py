@@ -1,4 +1,5 @@
-"""Rotary position embedding with a precomputed cos/sin table (Llama "default", "linear", "llama3")."""
+"""Rotary position embedding with a precomputed cos/sin table: "default", "linear", "llama3" and
+"longrope" (Phi-3/Phi-4-mini) scaling, over all of a head or its first ``partial_rotary_factor``."""
 
 import math
 
@@ -8,16 +9,37 @@ from transformers import PretrainedConfig
 
 from pagedlm import ops
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def _rope_dict(config: PretrainedConfig, layer_type: str | None) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    return params
+
+
+def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = None) -> float:
+    """The share of each head that RoPE rotates (Phi-4-mini: 0.75); the rest passes unchanged."""
+    factor = _rope_dict(config, layer_type).get("partial_rotary_factor")
+    return float(factor or getattr(config, "partial_rotary_factor", None) or 1.0)
+
+
+def long_rope_threshold(config: PretrainedConfig) -> int | None:
+    """For "longrope" scaling, ``original_max_position_embeddings``: a token takes the long factors
+    when its sequence is longer than this (its prompt, or its own position + 1), as transformers
+    decides per forward pass; None for other RoPE types."""
+    theta, scaling = rope_parameters(config)
+    if scaling["rope_type"] != "longrope":
+        return None
+    return int(scaling.get("original_max_position_embeddings") or config.original_max_position_embeddings)
 
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
     """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config. Configs
     with a RoPE per layer type (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``)
     give the ``layer_type``'s."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if layer_type is not None and isinstance(params.get(layer_type), dict):
-        params = dict(params[layer_type])
+    params = _rope_dict(config, layer_type)
     theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
     scaling = params or dict(getattr(config, "rope_scaling", None) or {})
     scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
@@ -27,9 +49,13 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     return float(theta), scaling
 
 
-def _inv_freq(head_size: int, theta: float, scaling: dict) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
+def _inv_freq(head_size: int, theta: float, scaling: dict, long: bool = False) -> torch.Tensor:
+    exponents = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
     rope_type = scaling["rope_type"]
+    if rope_type == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
@@ -44,24 +70,49 @@ def _inv_freq(head_size: int, theta: float, scaling: dict) -> torch.Tensor:
     return inv_freq
 
 
+def _attention_factor(config: PretrainedConfig, scaling: dict) -> float:
+    """LongRoPE's scale on cos and sin (transformers' ``_compute_longrope_parameters``); 1 otherwise."""
+    if scaling["rope_type"] != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+
+
 class RotaryEmbedding(nn.Module):
+    """The cos|sin table of one RoPE and its application to the first ``rotary_dim`` dimensions of
+    each head. With "longrope" the table holds the short factors' rows for positions
+    ``[0, max_position)`` and then the long factors' rows: the model runner passes
+    ``position + max_position`` for tokens that take the long factors (see ``long_rope_threshold``)."""
+
     def __init__(
         self, head_size: int, max_position: int, config: PretrainedConfig, layer_type: str | None = None
     ) -> None:
         super().__init__()
         self.head_size = head_size
+        self.rotary_dim = int(head_size * partial_rotary_factor(config, layer_type))
         self.max_position = max_position
         self.theta, self.scaling = rope_parameters(config, layer_type)
+        self.scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+        self.attention_factor = _attention_factor(config, self.scaling)
         self.build_cos_sin_cache()
 
     def build_cos_sin_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
-        """(Re)compute the ``[max_position, head_size]`` cos|sin table (see ``ops.rotary_embedding``),
-        e.g. after the model was built on the meta device. Computed in float32 and cast to the
-        model dtype, as Hugging Face casts its cos and sin."""
-        inv_freq = _inv_freq(self.head_size, self.theta, self.scaling).to(device)
-        freqs = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype), persistent=False)
+        """(Re)compute the ``[max_position, rotary_dim]`` cos|sin table (``[2 * max_position, ...]`` for
+        "longrope"; see ``ops.rotary_embedding``), e.g. after the model was built on the meta device.
+        Computed in float32 and cast to the model dtype, as Hugging Face casts its cos and sin."""
+        positions = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None]
+        tables = []
+        for long in (False, True) if self.scaling["rope_type"] == "longrope" else (False,):
+            freqs = positions * _inv_freq(self.rotary_dim, self.theta, self.scaling, long).to(device)[None, :]
+            tables.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor)
+        self.register_buffer("cos_sin_cache", torch.cat(tables).to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, Hkv, D] at ``positions`` [T], in place."""
+        """Rotate the first ``rotary_dim`` dimensions of ``q`` [T, H, D] and ``k`` [T, Hkv, D] at
+        ``positions`` [T] (int64 rows of the table), in place."""
+        if self.rotary_dim < self.head_size:
+            q, k = q[..., : self.rotary_dim], k[..., : self.rotary_dim]
         ops.rotary_embedding(positions, q, k, self.cos_sin_cache)

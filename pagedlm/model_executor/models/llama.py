@@ -177,17 +177,10 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """Phi-3: Llama whose checkpoint already holds qkv_proj and gate_up_proj fused (in our order).
-    LongRoPE scaling (the 128k variants) and partial rotary (Phi-4-mini) are not supported yet."""
+    """Phi-3 / Phi-4-mini: Llama whose checkpoint already holds qkv_proj and gate_up_proj fused (in our
+    order), with LongRoPE (the 128k variants) and partial rotary (Phi-4-mini) from its config."""
 
     packed_modules_mapping: dict = {}
-
-    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-        if factor != 1.0:
-            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={factor}) are not supported yet.")
-        super().__init__(config, max_position)
 
 
 MistralForCausalLM = LlamaForCausalLM
