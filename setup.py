@@ -122,6 +122,7 @@ setup(
         "numpy",
         "tqdm",
         "gguf>=0.10",
+        "accelerate",  # transformers reads non-Llama GGUF files only with it
     ],
     extras_require={
         "parquet": ["pyarrow"],

@@ -2,6 +2,9 @@
 
 pagedlm loads HF-style checkpoints only; a `.gguf` is dequantised once into a float32
 safetensors checkpoint with matching config and tokenizer files, kept under `download_dir()`.
+Llama-architecture files (Llama, SmolLM, Mistral) go through the converter here; the other
+architectures pagedlm runs (Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) through transformers' GGUF
+loader, with the model fields it does not read filled in from the file's metadata.
 """
 
 import hashlib
@@ -79,9 +82,6 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"only Llama-architecture GGUF files are supported, got {arch!r}")
     if _field(reader, "llama.rope.scaling.type", "none") != "none":
         raise ValueError("GGUF rope scaling is not supported")
     hidden = _field(reader, "llama.embedding_length")
@@ -136,7 +136,7 @@ def _load_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray
     return weights
 
 
-def _write_tokenizer(gguf_path: str, out_dir: str, config: dict, add_bos: bool, add_eos: bool) -> None:
+def _write_tokenizer(gguf_path: str, out_dir: str, max_len: int | None, add_bos: bool, add_eos: bool) -> None:
     # Load from a directory holding only the GGUF, so a stray tokenizer.json next to it can't win.
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
@@ -147,9 +147,9 @@ def _write_tokenizer(gguf_path: str, out_dir: str, config: dict, add_bos: bool, 
         tokenizer_config = json.load(f)
     for key in ("is_local", "local_files_only", "name_or_path"):
         tokenizer_config.pop(key, None)
-    tokenizer_config.update(
-        add_bos_token=add_bos, add_eos_token=add_eos, model_max_length=config["max_position_embeddings"]
-    )
+    tokenizer_config.update(add_bos_token=add_bos, add_eos_token=add_eos)
+    if max_len is not None:
+        tokenizer_config["model_max_length"] = max_len
     _write_json(path, tokenizer_config)
 
 
@@ -159,8 +159,54 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
+# GGUF architectures converted by transformers: the model fields its config mapping leaves out
+# (metadata key after the "<arch>." prefix -> HF config field), as llama.cpp's convert_hf_to_gguf.py
+# writes them.
+_TRANSFORMERS_ARCHITECTURES = {
+    "qwen2": {},
+    "qwen3": {"attention.key_length": "head_dim"},
+    "phi3": {},
+    "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"},
+    "gemma3": {"attention.key_length": "head_dim"},
+}
+
+
+def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: str, out_dir: str) -> None:
+    """An HF checkpoint of a GGUF whose architecture transformers reads, written into `out_dir`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(t.name.startswith("rope_factors") for t in reader.tensors):
+        raise ValueError("GGUF files with LongRoPE factors (Phi-3 128k) are not supported: transformers does not "
+                         "read them; load the Hugging Face checkpoint instead.")
+    dimension_count = _field(reader, f"{arch}.rope.dimension_count")
+    with tempfile.TemporaryDirectory() as src:
+        os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
+        config = AutoConfig.from_pretrained(src, gguf_file="model.gguf")
+        for key, field in _TRANSFORMERS_ARCHITECTURES[arch].items():
+            value = _field(reader, f"{arch}.{key}")
+            if value is not None:
+                setattr(config, field, _f32(value) if isinstance(value, float) else value)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if arch in ("gemma2", "gemma3"):
+            # GGUF does not store it; llama.cpp's rule: hidden / heads for the 27B models, else head_dim.
+            is_27b = config.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[arch]
+            config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if is_27b else head_dim
+        if dimension_count is not None and dimension_count != head_dim:
+            config.partial_rotary_factor = dimension_count / head_dim
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF ("not serializable"): write its tensors directly.
+    tied = getattr(config, "tie_word_embeddings", False)
+    weights = {name: t.numpy() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+
+
 def convert_gguf(gguf_path: str, out_dir: str) -> str:
-    """Dequantise a Llama GGUF into an HF checkpoint directory `out_dir` and return it.
+    """Dequantise a GGUF (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) into an HF checkpoint
+    directory `out_dir` and return it. Raises ValueError for another architecture.
 
     Writes float32 `model.safetensors`, `config.json`, `generation_config.json` and
     tokenizer files. The directory appears atomically; `out_dir` must not exist yet.
@@ -169,8 +215,10 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists")
     reader = gguf.GGUFReader(gguf_path)
-    tied = all(t.name != "output.weight" for t in reader.tensors)
-    config, generation_config = _build_config(reader, tied)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama" and arch not in _TRANSFORMERS_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(['llama', *_TRANSFORMERS_ARCHITECTURES])}")
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
@@ -179,10 +227,16 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        save_file(_load_weights(reader, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), config)
-        _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
-        _write_tokenizer(gguf_path, tmp, config, add_bos, add_eos)
+        if arch == "llama":
+            tied = all(t.name != "output.weight" for t in reader.tensors)
+            config, generation_config = _build_config(reader, tied)
+            save_file(_load_weights(reader, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            _write_json(os.path.join(tmp, "config.json"), config)
+            _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+        else:
+            _convert_with_transformers(reader, arch, gguf_path, tmp)
+        max_len = _field(reader, f"{arch}.context_length")
+        _write_tokenizer(gguf_path, tmp, max_len, add_bos, add_eos)
         os.rename(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
