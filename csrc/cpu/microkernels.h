@@ -57,7 +57,7 @@ inline void store_sums(const fVec (&acc)[NG][R], float* logits, int stride) {
 
 // logits[j * stride + r] = q[j] · k[r] for NG query vectors (rows of q, fp32) and R rows of k.
 template <int NG, int R, typename T>
-inline void qk_rows(const float* q, const T* k, int D, float* logits, int stride) {
+PAGEDLM_ALWAYS_INLINE void qk_rows(const float* q, const T* k, int D, float* logits, int stride) {
   fVec acc[NG][R];
   for (int j = 0; j < NG; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = fVec(0.f);
@@ -99,7 +99,7 @@ inline const T* raw_queries(const T* first, int64_t stride0, int rows, int64_t s
 // vdpbf16ps: it multiplies bf16 pairs exactly and accumulates in fp32, so K is never converted, and
 // the scale multiplies the fp32 sums. D must be a multiple of 32.
 template <int R>
-inline void qk_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int D, float scale, float* logits) {
+PAGEDLM_ALWAYS_INLINE void qk_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int D, float scale, float* logits) {
   fVec acc[1][R];
   for (int r = 0; r < R; ++r) acc[0][r] = fVec(0.f);
   for (int d = 0; d < D; d += 32) {
@@ -115,7 +115,7 @@ inline void qk_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int D, 
 // Logits of NG query vectors against n consecutive K rows. q is fp32 and pre-scaled; for bf16
 // caches q_raw may give the same vectors unscaled in bf16 for the dot-product instruction.
 template <int NG, typename T>
-inline void qk_block(const float* q, const T* q_raw, float scale, const T* k, int n, int D, float* logits,
+PAGEDLM_ALWAYS_INLINE void qk_block(const float* q, const T* q_raw, float scale, const T* k, int n, int D, float* logits,
                      int stride) {
 #ifdef PAGEDLM_DPBF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -138,7 +138,7 @@ inline void qk_block(const float* q, const T* q_raw, float scale, const T* k, in
 // acc[j][d0 : d0 + C * kVecLen] += sum_r p[j * stride + r] * v[r][...] over n rows; with kWhole
 // false, C is 1 and only the D - d0 < kVecLen columns left are touched.
 template <int NG, int C, bool kWhole, typename T>
-inline void pv_columns(const float* p, int stride, const T* v, int n, int D, int d0, float* acc) {
+PAGEDLM_ALWAYS_INLINE void pv_columns(const float* p, int stride, const T* v, int n, int D, int d0, float* acc) {
   const int width = D - d0;
   fVec a[NG][C];
   for (int j = 0; j < NG; ++j)
@@ -157,7 +157,7 @@ inline void pv_columns(const float* p, int stride, const T* v, int n, int D, int
 
 // acc[j] (rows of D floats) += sum_r p[j * stride + r] * v[r] for NG vectors and n consecutive V rows.
 template <int NG, typename T>
-inline void pv_block(const float* p, int stride, const T* v, int n, int D, float* acc) {
+PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int n, int D, float* acc) {
   constexpr int C = 8 / NG > 1 ? 8 / NG : 1;
   int d = 0;
   for (; d + C * kVecLen <= D; d += C * kVecLen) pv_columns<NG, C, true>(p, stride, v, n, D, d, acc);
@@ -171,7 +171,7 @@ inline void pv_block(const float* p, int stride, const T* v, int n, int D, float
 // max and adds the rows. With soft_cap > 0 the scaled logits are capped first. logits: [NG, stride]
 // scratch.
 template <int NG, typename T>
-inline void attend_rows(const float* q, const T* q_raw, float scale, float soft_cap, const T* k, const T* v, int n,
+PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, const T* q_raw, float scale, float soft_cap, const T* k, const T* v, int n,
                         int D, float* logits, int stride, float* running_max, float* running_sum, float* acc) {
   qk_block<NG>(q, q_raw, scale, k, n, D, logits, stride);
   for (int j = 0; j < NG; ++j) {

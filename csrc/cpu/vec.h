@@ -25,6 +25,10 @@
 
 namespace pagedlm::cpu {
 
+// For the microkernels of the attention loops: the compiler's inliner gives up on them once their
+// caller grows (a soft-cap branch cost decode 35% when qk_rows_bf16 and max_of became calls).
+#define PAGEDLM_ALWAYS_INLINE inline __attribute__((always_inline))
+
 using fVec = at::vec::Vectorized<float>;
 constexpr int kVecLen = fVec::size();
 
@@ -147,7 +151,7 @@ inline void to_fp32_scaled(float* dst, const T* src, float s, int n) {
 }
 
 template <typename T>
-inline float max_of(const T* x, int64_t n) {
+PAGEDLM_ALWAYS_INLINE float max_of(const T* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   if (n >= kVecLen) {
@@ -160,7 +164,8 @@ inline float max_of(const T* x, int64_t n) {
 }
 
 // x[i] = cap * tanh(x[i] / cap) in place: Gemma 2's attention logit soft-capping.
-inline void soft_cap_inplace(float* x, int n, float cap) {
+// Not inlined: only Gemma 2's layers call it, and its Sleef tanh is large.
+__attribute__((noinline)) inline void soft_cap_inplace(float* x, int n, float cap) {
   const fVec cv(cap), inv(1.f / cap);
   int i = 0;
   for (; i + kVecLen <= n; i += kVecLen) (cv * (fVec::loadu(x + i) * inv).tanh()).store(x + i);
