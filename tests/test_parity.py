@@ -92,7 +92,9 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
     assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_kv_blocks
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "mistral_swa", "qwen2_swa", "phi3_longrope"])
+@pytest.mark.parametrize(
+    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "gemma2", "gemma3", "mistral_swa", "qwen2_swa"]
+)
 def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     from conftest import make_checkpoint
 
