@@ -36,20 +36,29 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
     return model
 
 
-def write_gguf(model: LlamaForCausalLM, path: str) -> None:
+def write_gguf(model, path: str, arch: str = "llama") -> None:
+    """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
+    permuted for Llama only, Gemma's norm weights stored as 1 + w."""
     c = model.config
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
+    if arch != "llama":
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "gemma2":
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
     writer.add_token_list(TOKENS)
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
     writer.add_token_merges(["H i"])
@@ -58,15 +67,17 @@ def write_gguf(model: LlamaForCausalLM, path: str) -> None:
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         w = tensor.numpy()
-        if "q_proj" in hf_name:
+        if arch == "llama" and "q_proj" in hf_name:
             w = llama_cpp_permute(w, c.num_attention_heads)
-        elif "k_proj" in hf_name:
+        elif arch == "llama" and "k_proj" in hf_name:
             w = llama_cpp_permute(w, c.num_key_value_heads)
+        elif arch == "gemma2" and "norm" in hf_name:
+            w = w + 1
         writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -131,48 +142,6 @@ def test_resolve_model(tmp_path, monkeypatch):
         convert_gguf(path, out)
 
 
-def _write_llama_cpp_gguf(model, path: str, arch: str) -> None:
-    """The tensors and fields llama.cpp's convert_hf_to_gguf.py writes for a Qwen3 or Gemma 2 model
-    (no q/k permutation; Gemma's norm weights stored as 1 + w)."""
-    c = model.config
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    if arch == "gemma2":
-        writer.add_sliding_window(c.sliding_window)
-        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
-        writer.add_final_logit_softcapping(c.final_logit_softcapping)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
-    writer.add_token_merges(["H i"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        w = tensor.numpy()
-        if arch == "gemma2" and "norm" in hf_name:
-            w = w + 1
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
 def test_gguf_of_other_architectures(tmp_path, arch):
     """A Qwen3 (head_dim != hidden / heads) and a Gemma 2 (soft-caps, sliding window) GGUF, written as
@@ -198,7 +167,7 @@ def test_gguf_of_other_architectures(tmp_path, arch):
             if "norm" in name:
                 p.uniform_(-0.5, 0.5) if arch == "gemma2" else p.uniform_(0.5, 1.5)
     path = str(tmp_path / f"{arch}.gguf")
-    _write_llama_cpp_gguf(model, path, arch)
+    write_gguf(model, path, arch)
     prompts = [[1, 40, 77, 200, 3, 259, 100] * (n // 7 + 1) for n in (7, 40, 90)]
     expected = []
     for ids in prompts:

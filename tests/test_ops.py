@@ -393,31 +393,24 @@ def test_rotary_embedding(device, dtype, head_size):
 @pytest.mark.parametrize("device", DEVICES)
 @LAYER_DTYPES
 @pytest.mark.parametrize("d", [64, 1536, 100])
-def test_silu_and_mul(device, dtype, d):
-    gen = torch.Generator().manual_seed(d)
-    x = (4 * torch.randn(37, 2 * d, generator=gen)).to(dtype).to(device)
-    out = torch.full((37, d), float("nan"), dtype=dtype, device=device)
-    torch.ops.pagedlm.silu_and_mul(out, x)
-    expected = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
-    # fp32 tails (d % 16) use a vector exp where torch's scalar tail uses std::exp: ~1 ulp apart.
-    assert_matches_hf(out, expected, dtype if d % 16 == 0 else torch.float32, "silu_and_mul")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@LAYER_DTYPES
-@pytest.mark.parametrize("d", [64, 1536, 100])
-def test_gelu_tanh_and_mul(device, dtype, d):
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_act_and_mul(device, dtype, d, act):
     from transformers.activations import ACT2FN
 
     gen = torch.Generator().manual_seed(d)
     x = (4 * torch.randn(37, 2 * d, generator=gen)).to(dtype).to(device)
     out = torch.full((37, d), float("nan"), dtype=dtype, device=device)
-    torch.ops.pagedlm.gelu_tanh_and_mul(out, x)
-    expected = ACT2FN["gelu_pytorch_tanh"](x[:, :d]) * x[:, d:]  # Gemma's GeGLU
-    # torch's GELU kernel and ours use different tanh approximations: results are ~1 ulp apart (of
-    # fp32, or of bf16 where the activation is rounded), not bit-equal as silu_and_mul is.
-    rtol = 2e-6 if dtype == torch.float32 else 2**-7
-    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=1e-5, msg="gelu_tanh_and_mul")
+    op = {"silu": torch.ops.pagedlm.silu_and_mul, "gelu_pytorch_tanh": torch.ops.pagedlm.gelu_tanh_and_mul}[act]
+    op(out, x)
+    expected = ACT2FN[act](x[:, :d]) * x[:, d:]  # Llama's SwiGLU, Gemma's GeGLU
+    if act == "silu":
+        # fp32 tails (d % 16) use a vector exp where torch's scalar tail uses std::exp: ~1 ulp apart.
+        assert_matches_hf(out, expected, dtype if d % 16 == 0 else torch.float32, "silu_and_mul")
+    else:
+        # torch's GELU kernel and ours use different tanh approximations: results are ~1 ulp apart (of
+        # fp32, or of bf16 where the activation is rounded), not bit-equal as silu_and_mul is.
+        rtol = 2e-6 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=1e-5, msg="gelu_tanh_and_mul")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,6 +7,9 @@ from pagedlm import ops
 class RMSNorm(nn.Module):
     """RMSNorm with Hugging Face's numerics, optionally fused with the residual add (in place)."""
 
+    norm = staticmethod(ops.rms_norm)
+    fused_add_norm = staticmethod(ops.fused_add_rms_norm)
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -18,9 +21,9 @@ class RMSNorm(nn.Module):
         """``norm(x)``; with ``residual``, ``residual += x`` and ``x = norm(residual)``, both in place."""
         if residual is None:
             out = torch.empty_like(x)
-            ops.rms_norm(out, x, self.weight, self.eps)
+            self.norm(out, x, self.weight, self.eps)
             return out
-        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        self.fused_add_norm(x, residual, self.weight, self.eps)
         return x, residual
 
 
@@ -28,12 +31,5 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)`` in fp32, rounded once (the checkpoint stores
     ``weight`` as the offset from 1)."""
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            out = torch.empty_like(x)
-            ops.gemma_rms_norm(out, x, self.weight, self.eps)
-            return out
-        ops.gemma_fused_add_rms_norm(x, residual, self.weight, self.eps)
-        return x, residual
+    norm = staticmethod(ops.gemma_rms_norm)
+    fused_add_norm = staticmethod(ops.gemma_fused_add_rms_norm)

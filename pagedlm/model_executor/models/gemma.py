@@ -16,7 +16,6 @@ from pagedlm.config import get_head_size
 from pagedlm.model_executor.layers.activation import GeluAndMul
 from pagedlm.model_executor.layers.attention import AttentionMetadata
 from pagedlm.model_executor.layers.layernorm import GemmaRMSNorm
-from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
@@ -59,47 +58,28 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
-class Gemma2ForCausalLM(nn.Module):
-    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
-    qk_norm = False
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    norm_class = GemmaRMSNorm
 
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        super().__init__()
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
         if activation not in _GELU_TANH:
             raise ValueError(f"Gemma's hidden_activation {activation!r} is not supported; supported: {_GELU_TANH}.")
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma checkpoints with use_bidirectional_attention=True (embedding models) are not supported.")
-        self.config = config
+        super().__init__(config, max_position)
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+
+    def make_layers(self, config: PretrainedConfig, max_position: int) -> list[nn.Module]:
         head_size = get_head_size(config)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         rotary = {t: RotaryEmbedding(head_size, max_position, config, t) for t in sorted(set(layer_types))}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm) for i in range(config.num_hidden_layers)
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.embed_tokens.weight
-        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+        return [GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm) for i in range(config.num_hidden_layers)]
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] after the final norm."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         # transformers rounds the scale to the model dtype before multiplying.
-        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)

@@ -124,22 +124,31 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    qkv_bias: bool | None = None  # None: the config's attention_bias
+    qk_norm = False
+    norm_class: type[RMSNorm] = RMSNorm
 
-    def __init__(self, config: PretrainedConfig, max_position: int, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         super().__init__()
         self.config = config
-        rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.make_layers(config, max_position))
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         # Granite: embeddings scaled up, logits scaled down.
         self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)
         self.logits_scaling = getattr(config, "logits_scaling", 1.0)
+
+    def make_layers(self, config: PretrainedConfig, max_position: int) -> list[nn.Module]:
+        rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
+        qkv_bias = getattr(config, "attention_bias", False) if self.qkv_bias is None else self.qkv_bias
+        return [LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, self.qk_norm) for i in range(config.num_hidden_layers)]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x * self.embedding_multiplier if self.embedding_multiplier != 1.0 else x
 
     def forward(
         self,
@@ -149,9 +158,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
-        x = self.embed_tokens(input_ids)
-        if self.embedding_multiplier != 1.0:
-            x = x * self.embedding_multiplier
+        x = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta)
@@ -164,16 +171,14 @@ class LlamaForCausalLM(nn.Module):
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        super().__init__(config, max_position, qkv_bias=True)
+    qkv_bias = True  # and none on o_proj
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: Llama with per-head RMSNorm on q and k before RoPE, an explicit ``head_dim`` and
     ``attention_bias`` (off in released checkpoints)."""
 
-    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        super().__init__(config, max_position, qkv_bias=getattr(config, "attention_bias", False), qk_norm=True)
+    qk_norm = True
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
