@@ -36,6 +36,8 @@ def resolve_device(device: str) -> torch.device:
 @dataclass
 class ModelConfig:
     model: str
+    # The language model's config: a composite (multimodal) checkpoint's text_config, with the
+    # checkpoint's architectures; pagedlm runs the language model only.
     hf_config: PretrainedConfig
     dtype: torch.dtype
     max_model_len: int
@@ -57,6 +59,10 @@ class ModelConfig:
         hf_config = AutoConfig.from_pretrained(model)
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
+        text_config = hf_config.get_text_config()
+        if text_config is not hf_config:
+            text_config.architectures = hf_config.architectures
+            hf_config = text_config
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         if max_model_len is None:
             max_model_len = limit

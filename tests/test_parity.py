@@ -135,3 +135,29 @@ def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir
         got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
         want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
         torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
+
+
+def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir):
+    """A Gemma3ForConditionalGeneration checkpoint (vision tower and projector saved beside the
+    language model under "language_model.model.*"): text prompts give transformers' greedy tokens."""
+    import shutil
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from conftest import _CONFIGS, VOCAB_SIZE
+
+    text = _CONFIGS["gemma3"]()
+    text.vocab_size = VOCAB_SIZE
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=VOCAB_SIZE - 1, boi_token_index=VOCAB_SIZE - 2,
+                          eoi_token_index=VOCAB_SIZE - 3)
+    torch.manual_seed(0)
+    path = tmp_path / "gemma3_mm"
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), path / name)
+    prompts = _prompts(10, [5, 60, 130])
+    expected = hf_greedy(str(path), prompts, 16)
+    assert _generate(LLM(str(path), dtype="float32"), prompts, 16) == expected

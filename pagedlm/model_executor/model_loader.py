@@ -41,12 +41,13 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     packed = getattr(model, "packed_modules_mapping", {})
+    prefixes = getattr(model, "checkpoint_prefixes", {})
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():
-                if "rotary_emb.inv_freq" in ckpt_name:
+                name = _our_name(ckpt_name, prefixes)
+                if name is None:
                     continue
-                name = ckpt_name.removeprefix("model.")
                 shard = None
                 for src, (dst, shard_id) in packed.items():
                     if f".{src}." in name:
@@ -67,6 +68,17 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     missing = expected - loaded
     if missing:
         raise ValueError(f"Checkpoint {model_dir!r} lacks weights: {sorted(missing)[:8]}...")
+
+
+def _our_name(ckpt_name: str, prefixes: dict[str, str | None]) -> str | None:
+    """The parameter a checkpoint tensor loads into (before packing), or None for one not loaded:
+    the model's ``checkpoint_prefixes`` (first match) then transformers' "model." prefix."""
+    if "rotary_emb.inv_freq" in ckpt_name:
+        return None
+    for prefix, ours in prefixes.items():
+        if ckpt_name.startswith(prefix):
+            return None if ours is None else ours + ckpt_name.removeprefix(prefix)
+    return ckpt_name.removeprefix("model.")
 
 
 def _shard_view(model: nn.Module, name: str, param: torch.Tensor, shard: str | int | None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedlm.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from pagedlm.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from pagedlm.model_executor.models.llama import (
     GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 )
@@ -15,6 +15,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its language model
 }
 
 

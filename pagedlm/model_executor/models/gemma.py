@@ -5,7 +5,8 @@ scaled by ``sqrt(hidden_size)`` (rounded to the model dtype), RMSNorm as ``x * (
 per layer (the attention and MLP outputs are normalised before the residual add), GeGLU with GELU's
 tanh approximation, the softmax scale ``query_pre_attn_scalar ** -0.5``, sliding-window and global
 layers (``config.layer_types``), tied embeddings. Gemma 2 soft-caps the attention logits and the final
-logits; Gemma 3 instead normalises q and k per head and has a RoPE base per layer type.
+logits; Gemma 3 instead normalises q and k per head and has a RoPE base per layer type. Multimodal
+Gemma 3 checkpoints run their language model on text prompts.
 """
 
 import torch
@@ -93,3 +94,19 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     checkpoints but honoured when set) and a RoPE base per layer type."""
 
     qk_norm = True
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """The language model of a multimodal Gemma 3 checkpoint (4B and up), for text prompts; the
+    vision tower and projector weights are not loaded (images are not supported)."""
+
+    # Checkpoint name prefixes -> ours (None: not loaded); transformers 4 and 5 layouts.
+    checkpoint_prefixes = {
+        "language_model.model.": "",
+        "language_model.lm_head.": "lm_head.",
+        "model.language_model.": "",
+        "vision_tower.": None,
+        "model.vision_tower.": None,
+        "multi_modal_projector.": None,
+        "model.multi_modal_projector.": None,
+    }
