@@ -17,10 +17,8 @@
 namespace pagedlm::cpu {
 namespace {
 
-// Contexts are split into partitions whose partial softmaxes are merged at the end (vLLM's
-// paged_attention_v2), so even a single sequence spreads over all threads. Within a partition the
-// softmax is online, block by block.
-constexpr int kPartitionSize = 512;
+// Contexts are split into partitions (kPartitionSize, merge_partitions) so even a single sequence
+// spreads over all threads. Within a partition the softmax is online, block by block.
 
 // A work item: one partition of one sequence, for KV heads [kv_begin, kv_end).
 struct Item {
@@ -72,13 +70,14 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
   const int num_seqs = p.num_seqs, num_heads = p.num_heads, D = p.kv.head_size;
 
   // Partial results of multi-partition sequences: row (first_part[s] + part) * num_heads + head.
-  // A sequence's keys are [first_key[s], seq_lens[s]): with a sliding window, only the window's blocks.
+  // A sequence's keys are [first_key[s], seq_lens[s]) (with a sliding window, only the window's
+  // blocks), in the partitions that range touches.
   std::vector<int> parts(num_seqs), first_key(num_seqs);
   std::vector<int64_t> first_part(num_seqs, -1);
   int64_t num_partials = 0, num_parts = 0;
   for (int s = 0; s < num_seqs; ++s) {
     first_key[s] = p.first_key(p.seq_lens[s] - 1);
-    parts[s] = std::max(1, (p.seq_lens[s] - first_key[s] + kPartitionSize - 1) / kPartitionSize);
+    parts[s] = std::max(1, (p.seq_lens[s] - 1) / kPartitionSize - first_key[s] / kPartitionSize + 1);
     if (parts[s] > 1) first_part[s] = num_partials, num_partials += parts[s];
     num_parts += parts[s];
   }
@@ -100,7 +99,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* q = scratch.data();
     for (int h = 0; h < heads; ++h) to_fp32_scaled(q + h * D, p.query_row(s, h0 + h), p.scale, D);
     const T* q_raw = raw_queries(p.query_row(s, h0), p.query_stride[0], 1, p.query_stride[1], heads, D);
-    const int begin = first_key[s] + part * kPartitionSize, end = std::min<int>(p.seq_lens[s], begin + kPartitionSize);
+    const int bound = (first_key[s] / kPartitionSize + part) * kPartitionSize;
+    const int begin = std::max(first_key[s], bound), end = std::min<int>(p.seq_lens[s], bound + kPartitionSize);
     const int32_t* table = p.block_table(s);
     float* acc = q + heads * D;
     float* max = acc + heads * D;
@@ -122,23 +122,13 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
 
   if (num_partials == 0) return;
   at::parallel_for(0, int64_t{num_seqs} * num_heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc(D);
+    std::vector<float> scratch(D);
     for (int64_t i = lo; i < hi; ++i) {
       const int s = i / num_heads, h = i % num_heads;
       if (first_part[s] < 0) continue;
-      const int64_t row0 = first_part[s] * num_heads + h;
-      float global_max = -std::numeric_limits<float>::infinity();
-      for (int part = 0; part < parts[s]; ++part)
-        global_max = std::max(global_max, partial_max[row0 + part * num_heads]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float total = 0.f;
-      for (int part = 0; part < parts[s]; ++part) {
-        const int64_t row = row0 + part * num_heads;
-        const float w = std::exp(partial_max[row] - global_max);
-        total += w * partial_sum[row];
-        axpy(acc.data(), w, partial_acc + row * D, D);
-      }
-      store_scaled(p.out_row(s, h), acc.data(), 1.f / total, D);
+      const int64_t row = first_part[s] * num_heads + h;
+      merge_partitions(p.out_row(s, h), partial_acc + row * D, int64_t{num_heads} * D, partial_max + row,
+                       partial_sum + row, num_heads, parts[s], D, scratch.data());
     }
   });
 }

@@ -129,10 +129,14 @@ PAGEDLM_ALWAYS_INLINE void qk_block(const float* q, const T* q_raw, float scale,
     }
   }
 #endif
-  constexpr int R = 8 / NG > 1 ? 8 / NG : 1;
-  int r = 0;
-  for (; r + R <= n; r += R) qk_rows<NG, R>(q, k + r * D, D, logits + r, stride);
-  for (; r < n; ++r) qk_rows<NG, 1>(q, k + r * D, D, logits + r, stride);
+  // One query vector at a time, eight keys per pass: a logit's summation order then depends on the
+  // key's place in its block run only, not on how many query vectors share the call, so a position
+  // gets the same logits in any prefill tile and in decode (batch invariance).
+  for (int j = 0; j < NG; ++j) {
+    int r = 0;
+    for (; r + 8 <= n; r += 8) qk_rows<1, 8>(q + j * D, k + r * D, D, logits + j * stride + r, 0);
+    for (; r < n; ++r) qk_rows<1, 1>(q + j * D, k + r * D, D, logits + j * stride + r, 0);
+  }
 }
 
 // acc[j][d0 : d0 + C * kVecLen] += sum_r p[j * stride + r] * v[r][...] over n rows; with kWhole
@@ -187,6 +191,30 @@ PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, const T* q_raw, float sca
     running_sum[j] += exp_sum(l, n, new_max);
   }
   pv_block<NG>(logits, stride, v, n, D, acc);
+}
+
+// Attention over long contexts runs in partitions of the key positions [k * kPartitionSize,
+// (k + 1) * kPartitionSize), each an online softmax from scratch, merged by merge_partitions
+// (vLLM's paged_attention_v2). Decode uses them to spread one sequence over threads; prefill uses the
+// same ones so that a position computed in a prefill chunk, a decode step or a recompute gets the
+// same bits.
+constexpr int kPartitionSize = 512;
+
+// out = the softmax-weighted sum of the partial states of `parts` partitions of one query vector:
+// unnormalised acc (D floats, acc_stride apart), max logit and exp-sum (stride apart). scratch: D floats.
+template <typename T>
+inline void merge_partitions(T* out, const float* acc, int64_t acc_stride, const float* max, const float* sum,
+                             int64_t stride, int parts, int D, float* scratch) {
+  float global_max = -std::numeric_limits<float>::infinity();
+  for (int part = 0; part < parts; ++part) global_max = std::max(global_max, max[part * stride]);
+  std::fill(scratch, scratch + D, 0.f);
+  float total = 0.f;
+  for (int part = 0; part < parts; ++part) {
+    const float w = std::exp(max[part * stride] - global_max);
+    total += w * sum[part * stride];
+    axpy(scratch, w, acc + part * acc_stride, D);
+  }
+  store_scaled(out, scratch, 1.f / total, D);
 }
 
 }  // namespace pagedlm::cpu
