@@ -107,9 +107,12 @@ def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
     every layer, as transformers' Mistral and Phi-3 apply it."""
     window = getattr(hf_config, "sliding_window", None) or 0
     layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None:
-        return window if layer_types[layer_idx] == "sliding_attention" else 0
-    return window
+    if layer_types is None:
+        return window
+    if layer_types[layer_idx] not in ("full_attention", "sliding_attention"):
+        raise ValueError(f"layer_types[{layer_idx}] = {layer_types[layer_idx]!r} is not supported; supported: "
+                         "'full_attention', 'sliding_attention'.")
+    return window if layer_types[layer_idx] == "sliding_attention" else 0
 
 
 def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

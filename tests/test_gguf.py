@@ -36,7 +36,7 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
     return model
 
 
-def write_gguf(model, path: str, arch: str = "llama") -> None:
+def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w."""
     c = model.config
@@ -48,14 +48,24 @@ def write_gguf(model, path: str, arch: str = "llama") -> None:
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     if arch != "llama":
-        writer.add_key_length(c.head_dim)
-        writer.add_value_length(c.head_dim)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3: the global layers' base
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch in ("gemma2", "gemma3", "phi3"):
+        writer.add_sliding_window(c.sliding_window or 0)
     if arch == "gemma2":
-        writer.add_sliding_window(c.sliding_window)
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":  # llama.cpp records the global layers' linear scaling
+        rope_scaling = (gguf.RopeScalingType.LINEAR, c.rope_parameters["full_attention"]["factor"])
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(rope_scaling[0])
+        writer.add_rope_scaling_factor(rope_scaling[1])
+    if arch == "phi3":
+        writer.add_rope_dimension_count(int(head_dim * c.rope_parameters["partial_rotary_factor"]))
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
@@ -76,7 +86,7 @@ def write_gguf(model, path: str, arch: str = "llama") -> None:
             w = llama_cpp_permute(w, c.num_attention_heads)
         elif arch == "llama" and "k_proj" in hf_name:
             w = llama_cpp_permute(w, c.num_key_value_heads)
-        elif arch == "gemma2" and "norm" in hf_name:
+        elif arch in ("gemma2", "gemma3") and "norm" in hf_name:
             w = w + 1
         writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
     writer.write_header_to_file()
@@ -124,6 +134,18 @@ def test_convert_roundtrip(tmp_path, tied):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temp dir left behind"
 
 
+def test_gguf_rope_scaling_other_than_linear_is_refused(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(TOKENS), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    path = str(tmp_path / "yarn.gguf")
+    write_gguf(model, path, "qwen3", rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
+    with pytest.raises(ValueError, match=r"GGUF rope scaling 'yarn' \(qwen3.rope.scaling.type\) is not supported"):
+        convert_gguf(path, str(tmp_path / "out"))
+
+
 def test_resolve_model(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
     path = str(tmp_path / "tiny.gguf")
@@ -142,12 +164,16 @@ def test_resolve_model(tmp_path, monkeypatch):
         convert_gguf(path, out)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_gguf_of_other_architectures(tmp_path, arch):
-    """A Qwen3 (head_dim != hidden / heads) and a Gemma 2 (soft-caps, sliding window) GGUF, written as
-    llama.cpp writes them, load through transformers' GGUF reader and generate what the original
-    weights generate in Hugging Face."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """GGUFs written as llama.cpp writes them load through transformers' GGUF reader plus the fields
+    it skips, and generate what the original weights generate in Hugging Face: Qwen3 (head_dim !=
+    hidden / heads), Gemma 2 (soft-caps, sliding window), Gemma 3 (linear RoPE scaling on the global
+    layers), Phi-3 (sliding window, partial rotary)."""
+    from transformers import (
+        Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Phi3Config, Phi3ForCausalLM,
+        Qwen3Config, Qwen3ForCausalLM,
+    )
 
     from pagedlm import LLM, SamplingParams
 
@@ -155,17 +181,28 @@ def test_gguf_of_other_architectures(tmp_path, arch):
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(0)
+    # query_pre_attn_scalar = head_dim: what llama.cpp (and so the converter) assumes for Gemma below 27B.
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
-    else:
-        # query_pre_attn_scalar = head_dim: what llama.cpp (and so the converter) assumes for Gemma 2 below 27B.
+    elif arch == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**common, query_pre_attn_scalar=32, sliding_window=16,
                                                attn_logit_softcapping=5.0, final_logit_softcapping=8.0))
+    elif arch == "gemma3":
+        # Six layers: GGUF does not record Gemma 3's five-sliding-to-one-global pattern, llama.cpp assumes it.
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 6}, query_pre_attn_scalar=32, sliding_window=16,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}))
+    else:
+        phi3 = {k: v for k, v in common.items() if k != "head_dim"}  # Phi-3 derives it: 64 / 4 = 16
+        model = Phi3ForCausalLM(Phi3Config(**phi3, sliding_window=20, pad_token_id=0,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "partial_rotary_factor": 0.75}))
     model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(-0.5, 0.5) if arch == "gemma2" else p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if arch.startswith("gemma") else p.uniform_(0.5, 1.5)
     path = str(tmp_path / f"{arch}.gguf")
     write_gguf(model, path, arch)
     prompts = [[1, 40, 77, 200, 3, 259, 100] * (n // 7 + 1) for n in (7, 40, 90)]
@@ -175,6 +212,11 @@ def test_gguf_of_other_architectures(tmp_path, arch):
             out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
         expected.append(out[0, len(ids):].tolist())
     llm = LLM(path, dtype="float32")
+    config = llm.llm_engine.model_config.hf_config
+    if arch == "phi3":
+        assert (config.sliding_window, config.rope_parameters["partial_rotary_factor"]) == (20, 0.75)
+    if arch == "gemma3":
+        assert config.rope_parameters["full_attention"]["rope_type"] == "linear"
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12,
                                                                                    ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected

@@ -161,3 +161,49 @@ def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir):
     prompts = _prompts(10, [5, 60, 130])
     expected = hf_greedy(str(path), prompts, 16)
     assert _generate(LLM(str(path), dtype="float32"), prompts, 16) == expected
+
+
+def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_dir):
+    """n=2 sampled completions of prompts that cross LongRoPE's 64-token threshold while generating,
+    preempted (after which siblings run out of step): each completion switches factors when it crosses
+    itself, so the results equal those of a run without preemption."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "phi3_longrope"), "phi3_longrope", tokenizer_dir)
+    prompts = _prompts(11, [50, 60, 63, 40, 58, 45])
+    params = [SamplingParams(n=2, temperature=0.9, top_p=0.9, seed=7 + i, max_tokens=24, logprobs=0)
+              for i in range(len(prompts))]
+
+    def run(**kwargs):
+        llm = LLM(path, dtype="float32", block_size=8, **kwargs)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return llm, [[(c.token_ids, [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in o.outputs]
+                     for o in outs]
+
+    _, expected = run()
+    tight, got = run(num_kv_blocks=24)
+    assert tight.get_stats()["num_preemptions"] > 0
+    assert got == expected
+
+
+def test_no_chunked_prefill_needs_a_budget_of_max_model_len(llama_dir):
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(512\) must be >= max_model_len \(1024\)"):
+        LLM(llama_dir, enable_chunked_prefill=False, max_num_batched_tokens=512)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu'"),
+    ("layer_types", ["full_attention", "chunked_attention"], r"layer_types\[1\] = 'chunked_attention' is not supported"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}, r"rope_type 'yarn' .* not supported"),
+])
+def test_unsupported_config_fields_are_refused(llama_dir, tmp_path, field, value, message):
+    """A config field the native model would not honour is refused, never run as something else."""
+    import json
+    import shutil
+
+    path = shutil.copytree(llama_dir, tmp_path / "edited")
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(path), dtype="float32")

@@ -36,7 +36,7 @@ def test_outputs_identical_with_caching_and_chunking(llama_dir, prefix_caching, 
     prompts = _shared_prefix_prompts()
     baseline = _run(LLM(llama_dir, dtype="float32", enable_prefix_caching=False, enable_chunked_prefill=False), prompts)
     llm = LLM(llama_dir, dtype="float32", enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked,
-              max_num_seqs=8, max_num_batched_tokens=256 if not chunked else 40)
+              max_num_seqs=8, max_num_batched_tokens=256 if not chunked else 40, max_model_len=256)
     assert _run(llm, prompts) == baseline
     # A second call hits blocks cached by the first.
     assert _run(llm, prompts[::-1]) == baseline[::-1]

@@ -280,9 +280,12 @@ class LLMEngine:
         threshold = self.model_runner.long_rope[0]
         for s in scheduled:
             group = s.seq_group
-            seqs = group.get_seqs(SequenceStatus.RUNNING)
-            if seqs and seqs[0].cache_salt is None and any(seq.num_tokens > threshold for seq in seqs):
-                for seq in group.seqs:
+            crossed = [seq for seq in group.get_seqs(SequenceStatus.RUNNING)
+                       if seq.cache_salt is None and seq.num_tokens > threshold]
+            if crossed:
+                # Per sequence: a sibling still under the threshold keeps the short factors and
+                # shares no block with the ones past it (their block keys differ by the salt).
+                for seq in crossed:
                     seq.set_cache_salt(_LONG_ROPE_SALT)
                 self.scheduler.recompute(group)
 

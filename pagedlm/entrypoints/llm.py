@@ -78,6 +78,14 @@ class LLM:
         model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config)
         cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
+            # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
+            # outputs) must fit one step, or it would wait forever.
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                f"({model_config.max_model_len}) when enable_chunked_prefill=False; raise max_num_batched_tokens, "
+                "lower max_model_len or enable chunked prefill."
+            )
         self._default_sampling_params = model_config.get_diff_sampling_param()
         try:
             SamplingParams(**self._default_sampling_params)

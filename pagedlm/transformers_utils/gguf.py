@@ -165,7 +165,7 @@ def _write_json(path: str, obj: dict) -> None:
 _TRANSFORMERS_ARCHITECTURES = {
     "qwen2": {},
     "qwen3": {"attention.key_length": "head_dim"},
-    "phi3": {},
+    "phi3": {"attention.sliding_window": "sliding_window"},  # 0: none (Phi-4)
     "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"},
     "gemma3": {"attention.key_length": "head_dim"},
 }
@@ -186,7 +186,9 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
         for key, field in _TRANSFORMERS_ARCHITECTURES[arch].items():
             value = _field(reader, f"{arch}.{key}")
             if value is not None:
-                setattr(config, field, _f32(value) if isinstance(value, float) else value)
+                setattr(config, field, _f32(value) if isinstance(value, float) else value or None)
+        _set_rope_scaling(reader, arch, config)
+        config.rms_norm_eps = _f32(config.rms_norm_eps)  # transformers keeps the float32's long tail
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if arch in ("gemma2", "gemma3"):
             # GGUF does not store it; llama.cpp's rule: hidden / heads for the 27B models, else head_dim.
@@ -194,6 +196,7 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
             config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if is_27b else head_dim
         if dimension_count is not None and dimension_count != head_dim:
             config.partial_rotary_factor = dimension_count / head_dim
+            config.rope_parameters["partial_rotary_factor"] = dimension_count / head_dim
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config, dtype=torch.float32)
     # save_pretrained refuses a model loaded from GGUF ("not serializable"): write its tensors directly.
     tied = getattr(config, "tie_word_embeddings", False)
@@ -202,6 +205,19 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     config.architectures = [type(model).__name__]
     config.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
+
+
+def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
+    """The RoPE scaling llama.cpp records (transformers' reader drops it): linear scaling (Gemma 3's
+    global layers) is applied; other kinds are refused rather than ignored."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return
+    if kind != "linear":
+        raise ValueError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear.")
+    params = config.rope_parameters
+    target = params["full_attention"] if isinstance(params.get("full_attention"), dict) else params
+    target.update(rope_type="linear", factor=_f32(_field(reader, f"{arch}.rope.scaling.factor")))
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:

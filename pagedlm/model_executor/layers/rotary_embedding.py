@@ -45,7 +45,9 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
     scaling.setdefault("rope_type", scaling.pop("type", "default"))
     if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {scaling['rope_type']!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")
+        where = f" of the {layer_type} layers" if layer_type else ""
+        raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
+                         f"supported: {SUPPORTED_ROPE_TYPES}.")
     return float(theta), scaling
 
 

@@ -31,7 +31,8 @@ class GemmaDecoderLayer(nn.Module):
             qkv_bias=getattr(config, "attention_bias", False),
             qk_norm=GemmaRMSNorm if qk_norm else None,
             scale=config.query_pre_attn_scalar**-0.5,
-            logits_soft_cap=getattr(config, "attn_logit_softcapping", None) or 0.0,
+            # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
+            logits_soft_cap=0.0 if qk_norm else getattr(config, "attn_logit_softcapping", None) or 0.0,
         )
         self.mlp = LlamaMLP(config, GeluAndMul())
         eps = config.rms_norm_eps
@@ -90,8 +91,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
-    """Gemma 3's text model: Gemma 2's layout with q/k norms (its soft-caps are unset in released
-    checkpoints but honoured when set) and a RoPE base per layer type."""
+    """Gemma 3's text model: Gemma 2's layout with q/k norms and a RoPE base per layer type; the
+    final-logit soft-cap applies when set, the attention one never (as in transformers)."""
 
     qk_norm = True
 

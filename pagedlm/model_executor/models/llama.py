@@ -70,6 +70,8 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config: PretrainedConfig, act_fn: nn.Module | None = None) -> None:
         super().__init__()
+        if act_fn is None and getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; supported: 'silu'.")
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
