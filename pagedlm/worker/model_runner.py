@@ -5,7 +5,7 @@ import torch
 
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
-from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
+from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, top_k_logprobs
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
@@ -117,7 +117,7 @@ class ModelRunner:
         targets = torch.tensor(seq.prompt_token_ids[first + 1 : end + 1], dtype=torch.int64, device=self.device)
         chosen = logprobs.gather(1, targets[:, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_lps, top_ids = logprobs.topk(num_top, dim=-1)
+        top_lps, top_ids = top_k_logprobs(logprobs, num_top)
         tops = _top_logprobs(ranks, top_ids, top_lps)
         return [PromptLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen.squeeze(1).tolist(), tops)]
 

@@ -115,7 +115,7 @@ class Sampler(nn.Module):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
             chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
             ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
-            top_logprobs, top_ids = raw_logprobs.topk(meta.num_top_logprobs, dim=-1)
+            top_logprobs, top_ids = top_k_logprobs(raw_logprobs, meta.num_top_logprobs)
         elif meta.needs_processing:
             raw = logits.float()
             chosen = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
@@ -146,6 +146,23 @@ class Sampler(nn.Module):
             rows, bitmask = meta.allowed
             logits[rows] = logits[rows].masked_fill_(~unpack_token_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
+
+
+def top_k_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``logprobs`` [rows, vocab] and their token ids, ties
+    in token order. ``torch.topk`` breaks ties (common in bf16 logits) differently for different
+    row counts, which would make a request's reported logprobs depend on its batch."""
+    if k == 0:
+        return logprobs.new_empty(logprobs.shape[0], 0), torch.empty(logprobs.shape[0], 0, dtype=torch.int64,
+                                                                      device=logprobs.device)
+    kth = logprobs.topk(k, dim=-1).values[:, -1:]  # values do not depend on the ties
+    rows, ids = (logprobs >= kth).nonzero(as_tuple=True)  # row-major, ids ascending within a row
+    values = logprobs[rows, ids]
+    order = values.argsort(descending=True, stable=True)
+    order = order[rows[order].argsort(stable=True)]  # rows grouped, by value within, ties by id
+    first = torch.bincount(rows, minlength=logprobs.shape[0]).cumsum(0) - torch.bincount(rows, minlength=logprobs.shape[0])
+    picked = order[(first[:, None] + torch.arange(k, device=logprobs.device)).flatten()].view(-1, k)
+    return values[picked], ids[picked]
 
 
 def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
