@@ -1,9 +1,14 @@
 """pagedlm: offline batch inference for LLMs with continuous batching over a paged KV cache."""
 
+# Before anything imports torch: libgomp reads its environment once, when torch loads it.
+from pagedlm.openmp import set_openmp_defaults
+
+set_openmp_defaults()
+
 # First: tqdm.auto picks the notebook's progress bar once, when first imported (transformers
 # imports it too), and this import keeps its warning about a missing ipywidgets quiet.
-import pagedlm.entrypoints.progress_bar  # noqa: F401, I001
-from pagedlm.logger import init_logger
+import pagedlm.entrypoints.progress_bar  # noqa: E402, F401, I001
+from pagedlm.logger import init_logger  # noqa: E402
 
 init_logger()
 
