@@ -1,4 +1,5 @@
-"""OpenMP settings that only take effect in the environment before torch loads libgomp.
+"""OpenMP settings: the spin count, which only takes effect in the environment before torch loads
+libgomp, and a thread count within the process's CPU quota.
 
 A waiting libgomp thread spins ``GOMP_SPINCOUNT`` times (300,000 by default) before it sleeps. A
 decode step runs hundreds of short parallel regions (every linear, norm and attention call); when
@@ -9,8 +10,12 @@ cheap and yields the core soon after (0.57-0.65 of quiet, quiet rate unchanged w
 machine's noise; ``benchmarks/contention.py``).
 """
 
+import logging
+import math
 import os
 import sys
+
+logger = logging.getLogger("pagedlm")
 
 GOMP_SPINCOUNT = "1000"
 
@@ -24,3 +29,37 @@ def set_openmp_defaults() -> bool:
         return False
     os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
     return True
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPUs the process's cgroup may use (its CFS quota / period, rounded up), or None without a
+    quota. libgomp sizes its pool from the CPU affinity mask, which a container's quota does not
+    shrink: 2 CPUs of quota on a 64-core host would otherwise run 64 threads."""
+    for quota_file, period_file in ((f"{root}/cpu.max", None),
+                                    (f"{root}/cpu/cpu.cfs_quota_us", f"{root}/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields.append(f.read().strip())
+        except OSError:
+            continue
+        quota, period = fields[0], fields[1] if len(fields) > 1 else "100000"
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    return None
+
+
+def limit_threads_to_cpu_quota() -> None:
+    """Lower torch's intra-op threads to the cgroup's CPU quota when it is smaller, unless the user
+    chose a count (``OMP_NUM_THREADS``)."""
+    import torch
+
+    quota = cpu_quota()
+    if quota is None or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() <= quota:
+        return
+    logger.info("Using %d threads, the CPU quota of this process's cgroup (torch would use %d); set "
+                "OMP_NUM_THREADS to choose.", quota, torch.get_num_threads())
+    torch.set_num_threads(quota)

@@ -19,6 +19,7 @@ from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
 )
 from pagedlm.entrypoints.progress_bar import tqdm
+from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
@@ -95,6 +96,8 @@ class LLM:
         if self._default_sampling_params:
             logger.info("Default sampling parameters from the model's generation config: %s (generation_config='vllm' "
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
+        if model_config.device.type == "cpu":
+            limit_threads_to_cpu_quota()
         self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
         self._streaming = False
