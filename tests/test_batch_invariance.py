@@ -29,6 +29,7 @@ POOL += [_SHARED + [5, 6, 7], _SHARED + [_rng.randrange(3, VOCAB_SIZE) for _ in 
 MODES = {
     "greedy": SamplingParams(temperature=0, max_tokens=GEN_TOKENS, logprobs=2, ignore_eos=True),
     "seeded": SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=GEN_TOKENS, logprobs=2, ignore_eos=True),
+    "penalised": SamplingParams(temperature=0, presence_penalty=0.5, max_tokens=GEN_TOKENS, ignore_eos=True),
     "seeded_n2": SamplingParams(n=2, temperature=0.7, top_k=20, seed=3, max_tokens=GEN_TOKENS, logprobs=1, ignore_eos=True),
 }
 
@@ -51,12 +52,13 @@ def inv_model(request, tmp_path_factory, tokenizer_dir) -> str:
 
 
 def _results(llm: LLM, items: list[tuple[int, str]]) -> list[tuple]:
-    """Per (pool index, mode) request, in one call: per completion its token ids and per-token
-    {token: (logprob, rank)}."""
+    """Per (pool index, mode) request, in one call: per completion its token ids, per-token
+    {token: (logprob, rank)} and cumulative logprob."""
     outs = llm.generate([{"prompt_token_ids": POOL[i]} for i, _ in items], [MODES[m] for _, m in items],
                         use_tqdm=False)
     return [
-        [(c.token_ids, [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in c.logprobs]) for c in o.outputs]
+        [(c.token_ids, [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in c.logprobs or []],
+          c.cumulative_logprob) for c in o.outputs]
         for o in outs
     ]
 

@@ -111,14 +111,12 @@ class Sampler(nn.Module):
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
         ranks = top_ids = top_logprobs = beam_logprobs = beam_raw_logprobs = None
+        if meta.needs_processing:
+            chosen = _raw_logprob(logits, tokens)
         if meta.num_top_logprobs >= 0:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-            ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+            ranks = (raw_logprobs > raw_logprobs.gather(1, tokens[:, None])).sum(dim=-1) + 1
             top_logprobs, top_ids = top_k_logprobs(raw_logprobs, meta.num_top_logprobs)
-        elif meta.needs_processing:
-            raw = logits.float()
-            chosen = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
         if meta.beam_rows:
             beam_logprobs = torch.log_softmax(processed[meta.beam_rows].float(), dim=-1)
             beam_raw_logprobs = torch.log_softmax(logits[meta.beam_rows].float(), dim=-1) if meta.needs_processing else beam_logprobs
@@ -146,6 +144,18 @@ class Sampler(nn.Module):
             rows, bitmask = meta.allowed
             logits[rows] = logits[rows].masked_fill_(~unpack_token_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
+
+
+def _raw_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probability of ``tokens`` under the softmax of ``logits`` [rows, vocab], float32, with
+    the formula of the ``argmax_logprob`` and ``sample`` kernels, ``(x[t] - max) - log(sum(exp(x - max)))``,
+    so a row's value (and its sequence's cumulative_logprob) is the same whichever path the rest of
+    the batch sends it down."""
+    argmax = torch.empty_like(tokens)
+    neg_log_sum = torch.empty(tokens.shape[0], dtype=torch.float32, device=logits.device)
+    ops.argmax_logprob(logits, argmax, neg_log_sum)
+    picked = logits.gather(1, tokens[:, None]).squeeze(1).float()
+    return (picked - logits.gather(1, argmax[:, None]).squeeze(1).float()) + neg_log_sum
 
 
 def top_k_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +190,7 @@ def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor
     raw = logits[bad].float()
     best = raw.masked_fill(~unpack_token_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
     tokens[bad] = best
-    chosen[bad] = raw.gather(1, best[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+    chosen[bad] = _raw_logprob(logits[bad], best)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
