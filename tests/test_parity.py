@@ -119,13 +119,17 @@ def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir
     """Every position of prompts several windows long, prefilled in 64-token chunks (so chunks start
     inside and outside the windows), against one Hugging Face forward pass. Greedy continuations alone
     can miss a wrong window: with random weights they often do not depend on the far context."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_checkpoint
 
     path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
-    prompts = _prompts(9, [300, 130, 47])
-    llm = LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=2)
+    _assert_prompt_logprobs_match_hf(LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=2), path,
+                                     _prompts(9, [300, 130, 47]))
+
+
+def _assert_prompt_logprobs_match_hf(llm: LLM, path: str, prompts: list[list[int]]) -> None:
+    """Every prompt position's log-probability against one Hugging Face forward pass (float32)."""
+    from transformers import AutoModelForCausalLM
+
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -207,3 +211,15 @@ def test_unsupported_config_fields_are_refused(llama_dir, tmp_path, field, value
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         LLM(str(path), dtype="float32")
+
+
+def test_gemma3_attn_logit_softcapping_is_not_applied(tmp_path, tokenizer_dir):
+    """transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it; a
+    checkpoint that sets it gives transformers' log-probabilities (greedy tokens alone do not notice)."""
+    import conftest
+
+    config = conftest._CONFIGS["gemma3"]()
+    config.attn_logit_softcapping = 1.0
+    conftest._CONFIGS["gemma3_capped"] = lambda: config
+    path = conftest.make_checkpoint(str(tmp_path / "gemma3_capped"), "gemma3_capped", tokenizer_dir)
+    _assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [5, 60, 130]))

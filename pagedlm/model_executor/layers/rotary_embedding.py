@@ -29,10 +29,8 @@ def long_rope_threshold(config: PretrainedConfig) -> int | None:
     """For "longrope" scaling, ``original_max_position_embeddings``: a token takes the long factors
     when its sequence is longer than this (its prompt, or its own position + 1), as transformers
     decides per forward pass; None for other RoPE types."""
-    theta, scaling = rope_parameters(config)
-    if scaling["rope_type"] != "longrope":
-        return None
-    return int(scaling.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    _, scaling = rope_parameters(config)
+    return int(scaling["original_max_position_embeddings"]) if scaling["rope_type"] == "longrope" else None
 
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
@@ -44,6 +42,8 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     scaling = params or dict(getattr(config, "rope_scaling", None) or {})
     scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
     scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    # Phi-3 keeps it on the config rather than in its rope parameters.
+    scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
     if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
         where = f" of the {layer_type} layers" if layer_type else ""
         raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
@@ -97,7 +97,6 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = int(head_size * partial_rotary_factor(config, layer_type))
         self.max_position = max_position
         self.theta, self.scaling = rope_parameters(config, layer_type)
-        self.scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
         self.attention_factor = _attention_factor(config, self.scaling)
         self.build_cos_sin_cache()
 

@@ -170,7 +170,8 @@ def top_k_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     values = logprobs[rows, ids]
     order = values.argsort(descending=True, stable=True)
     order = order[rows[order].argsort(stable=True)]  # rows grouped, by value within, ties by id
-    first = torch.bincount(rows, minlength=logprobs.shape[0]).cumsum(0) - torch.bincount(rows, minlength=logprobs.shape[0])
+    counts = torch.bincount(rows, minlength=logprobs.shape[0])
+    first = counts.cumsum(0) - counts
     picked = order[(first[:, None] + torch.arange(k, device=logprobs.device)).flatten()].view(-1, k)
     return values[picked], ids[picked]
 
@@ -187,10 +188,10 @@ def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor
     if bool(ok.all()):
         return
     bad = rows[~ok]
-    raw = logits[bad].float()
-    best = raw.masked_fill(~unpack_token_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
+    bad_logits = logits[bad]
+    best = bad_logits.float().masked_fill(~unpack_token_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
     tokens[bad] = best
-    chosen[bad] = _raw_logprob(logits[bad], best)
+    chosen[bad] = _raw_logprob(bad_logits, best)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:

@@ -24,15 +24,16 @@ _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool) -> None:
+    def __init__(
+        self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool, logits_soft_cap: float
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(
             config, layer_idx, rotary_emb,
             qkv_bias=getattr(config, "attention_bias", False),
             qk_norm=GemmaRMSNorm if qk_norm else None,
             scale=config.query_pre_attn_scalar**-0.5,
-            # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
-            logits_soft_cap=0.0 if qk_norm else getattr(config, "attn_logit_softcapping", None) or 0.0,
+            logits_soft_cap=logits_soft_cap,
         )
         self.mlp = LlamaMLP(config, GeluAndMul())
         eps = config.rms_norm_eps
@@ -62,6 +63,7 @@ class GemmaDecoderLayer(nn.Module):
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
     norm_class = GemmaRMSNorm
+    attn_soft_cap = True  # the config's attn_logit_softcapping
 
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
@@ -76,7 +78,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         head_size = get_head_size(config)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         rotary = {t: RotaryEmbedding(head_size, max_position, config, t) for t in sorted(set(layer_types))}
-        return [GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm) for i in range(config.num_hidden_layers)]
+        soft_cap = (getattr(config, "attn_logit_softcapping", None) or 0.0) if self.attn_soft_cap else 0.0
+        return [GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm, soft_cap)
+                for i in range(config.num_hidden_layers)]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -95,6 +99,7 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     final-logit soft-cap applies when set, the attention one never (as in transformers)."""
 
     qk_norm = True
+    attn_soft_cap = False  # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
 
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
