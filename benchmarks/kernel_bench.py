@@ -1,11 +1,18 @@
-"""Decode paged-attention throughput: the pagedlm._C kernel against the torch reference.
+"""Paged-attention kernels: the pagedlm._C kernels against the torch reference (decode) or their
+FLOP rate against the machine's matmul peak (prefill).
 
 Decode attention reads every cached K/V byte of the batch once, so it is memory bound: the table
 reports the bytes of K/V read per call, the achieved GB/s and that as a fraction of this machine's
 copy bandwidth (a 1 GiB ``tensor.copy_``, read + write), measured in the same run.
 
-    python benchmarks/kernel_bench.py                # CPU, bf16 and fp32
+Prefill attention of one long prompt is compute bound: the table reports its causal Q·Kᵀ and P·V
+FLOPs (2 · 2 · heads · head_size · n(n+1)/2) per second as a share of a 4096³ ``torch.matmul`` in the
+same dtype, measured in the same run, and the same for torch's SDPA (its flash-attention CPU kernel,
+what transformers' ``sdpa`` runs) on the same K/V, gathered into contiguous tensors.
+
+    python benchmarks/kernel_bench.py                # decode, CPU, bf16 and fp32
     python benchmarks/kernel_bench.py --device cuda
+    python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 2048,8192
 """
 
 import argparse
@@ -67,8 +74,59 @@ def make_batch(args, dtype: torch.dtype, device: torch.device, generator: torch.
     return query, key_cache, value_cache, block_tables.to(device), seq_lens, kv_bytes
 
 
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a 4096^3 torch.matmul, the fastest of 4 calls."""
+    a = torch.randn(4096, 4096, device=device).to(dtype)
+    return 2 * 4096**3 / timeit(lambda: a @ a, device, iters=4, warmup=1)
+
+
+def prefill(args, device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(args.seed)
+    group = args.num_heads // args.num_kv_heads
+    print(
+        f"prefill paged attention on {device}, {torch.get_num_threads()} threads: one prompt, "
+        f"{args.num_heads} q heads / {args.num_kv_heads} kv heads, head size {args.head_size}, block size {args.block_size}\n"
+    )
+    header = f"{'dtype':<6} {'tokens':>7} {'pagedlm ms':>11} {'GFLOP/s':>8} {'% peak':>7} {'sdpa ms':>9} {'% peak':>7} {'sdpa/pagedlm':>13}"
+    print(header)
+    print("-" * len(header))
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        peak = matmul_peak(dtype, device)
+        for n in (int(x) for x in args.prompt_lens.split(",")):
+            num_blocks = (n + args.block_size - 1) // args.block_size
+            shape = (num_blocks, args.num_kv_heads, args.block_size, args.head_size)
+            key_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+            value_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+            table = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+            query = torch.randn(n, args.num_heads, args.head_size, generator=generator).to(dtype).to(device)
+            out = torch.empty_like(query)
+            cu_seqlens_q = torch.tensor([0, n], dtype=torch.int32, device=device)
+            seq_lens = torch.tensor([n], dtype=torch.int32, device=device)
+            tables = table[None].to(device)
+            scale = 1.0 / math.sqrt(args.head_size)
+            seconds = timeit(
+                lambda: ops.paged_prefill_attention(out, query, key_cache, value_cache, tables, cu_seqlens_q, seq_lens, scale),
+                device, args.prefill_iters, warmup=1,
+            )
+            # SDPA on the same keys and values in token order, one KV head per group of query heads.
+            gathered = [c[table.long().to(device)].transpose(0, 1).reshape(args.num_kv_heads, -1, args.head_size)[:, :n]
+                        for c in (key_cache, value_cache)]
+            k, v = (x.repeat_interleave(group, 0)[None] for x in gathered)
+            q = query.transpose(0, 1)[None]
+            sdpa = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+                          device, args.prefill_iters, warmup=1)
+            flops = 4 * args.num_heads * args.head_size * n * (n + 1) / 2
+            print(
+                f"{name:<6} {n:7d} {seconds * 1e3:11.1f} {flops / seconds / 1e9:8.0f} {100 * flops / seconds / peak:6.1f}% "
+                f"{sdpa * 1e3:9.1f} {100 * flops / sdpa / peak:6.1f}% {sdpa / seconds:12.2f}x"
+            )
+        print(f"{name} matmul peak (4096^3 torch.matmul): {peak / 1e9:.0f} GFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="decode", choices=["decode", "prefill"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: " + ",".join(DTYPES))
     parser.add_argument("--num-seqs", type=int, default=64)
@@ -81,12 +139,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reference-iters", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-lens", default="512,2048,8192", help="prefill: comma-separated prompt lengths")
+    parser.add_argument("--prefill-iters", type=int, default=3)
     args = parser.parse_args()
 
     device = torch.device(args.device)
     backend = ops.backend_for(device)
     if backend == "torch-reference":
         raise SystemExit(f"pagedlm._C kernels are not available for {device} (backend {backend!r}); build them first")
+    if args.mode == "prefill":
+        prefill(args, device)
+        return
     copy_bw = copy_bandwidth(device, iters=5)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(

@@ -2,6 +2,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "bf16_tiles.h"
 #include "dispatch.h"
 #include "microkernels.h"
 #include "ops.h"
@@ -40,23 +41,65 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
 }
 
 // Attention of the query heads of KV heads [kv_begin, kv_end) over tokens [begin, end) of one
-// sequence (q: [heads, head_size], fp32, pre-scaled; q_raw: see attend_rows). Per query head i of
-// the item, leaves the unnormalised weighted V sum in acc[i] and the max logit and exp-sum in
-// max_out[i], sum_out[i].
-template <typename T>
+// sequence. Per query head i of the item, leaves the unnormalised weighted V sum in acc[i] and the
+// max logit and exp-sum in max_out[i], sum_out[i]. query(i) is query head i's row.
+template <typename T, typename Q>
 void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
-                      const float* q, const T* q_raw, float scale, float soft_cap, int group, float* logits,
-                      float* acc, float* max_out, float* sum_out) {
-  const int D = kv.head_size, heads = (kv_end - kv_begin) * group;
+                      const Q& query, float scale, float soft_cap, int group, float* acc, float* max_out,
+                      float* sum_out) {
+  const int D = kv.head_size, bs = kv.block_size, heads = (kv_end - kv_begin) * group;
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
   std::fill(sum_out, sum_out + heads, 0.f);
+#ifdef PAGEDLM_BF16_TILES
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_tiles::supports(D, bs)) {
+      using namespace bf16_tiles;
+      const int key_groups = (bs + kLanes - 1) / kLanes, stride = key_groups * kLanes;
+      thread_local std::vector<uint32_t> pairs;  // K transposed, then V as pairs
+      pairs.resize(int64_t{key_groups} * D / 2 * kLanes + bs / 2 * D);
+      uint32_t* kt = pairs.data();
+      uint32_t* vp = kt + int64_t{key_groups} * D / 2 * kLanes;
+      thread_local std::vector<float> logits_buffer;
+      logits_buffer.resize(group * stride + group);
+      float* logits = logits_buffer.data();
+      float* corr = logits + group * stride;
+      thread_local std::vector<c10::BFloat16> p_buffer;
+      p_buffer.resize(group * bs);
+      const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
+      for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
+        const int first = t % bs, i0 = (h - kv_begin) * group;  // visible block rows, the item's query heads of h
+        const int64_t block_row = row - int64_t{first} * D;
+        for (int k = 0; k < key_groups; ++k)
+          transpose_keys(kv.key + block_row + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D,
+                         kt + int64_t{k} * D / 2 * kLanes);
+        for_each_head_chunk(group, [&](auto ng, int g0) {
+          const c10::BFloat16* q[ng()];
+          for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
+          for (int k = 0; k < key_groups; ++k)
+            logits_by_key<ng()>(q, kt + int64_t{k} * D / 2 * kLanes, D, scale, logits + g0 * stride + k * kLanes, stride);
+        });
+        for (int g = 0; g < group; ++g)
+          corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i0 + g,
+                                 sum_out + i0 + g, p_buffer.data() + g * bs);
+        pack_values(kv.value + block_row, bs, D, first, first + n, vp);
+        values_by_dim(pp, bs / 2, group, corr, vp, bs / 2, D, acc + i0 * D);
+      });
+      return;
+    }
+  }
+#endif
+  thread_local std::vector<float> scratch;
+  scratch.resize(heads * D + kMaxHeadChunk * bs);
+  float* q = scratch.data();
+  float* logits = q + heads * D;
+  for (int i = 0; i < heads; ++i) to_fp32_scaled(q + i * D, query(i), scale, D);
   for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int, int n, int h) {
     const int first = (h - kv_begin) * group;  // the item's query heads reading KV head h
     for_each_head_chunk(group, [&](auto ng, int g) {
       const int i = first + g;
-      attend_rows<ng()>(q + i * D, q_raw ? q_raw + i * D : nullptr, scale, soft_cap, kv.key + row, kv.value + row, n, D,
-                        logits, kv.block_size, max_out + i, sum_out + i, acc + i * D);
+      attend_rows<ng()>(q + i * D, soft_cap, kv.key + row, kv.value + row, n, D, logits, bs, max_out + i,
+                        sum_out + i, acc + i * D);
     });
   });
 }
@@ -95,24 +138,21 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     const auto [s, part, kv_begin, kv_end] = items[i];
     const int heads = (kv_end - kv_begin) * p.group, h0 = kv_begin * p.group;
     thread_local std::vector<float> scratch;
-    scratch.resize(heads * (2 * D + 2) + kMaxHeadChunk * p.kv.block_size);
-    float* q = scratch.data();
-    for (int h = 0; h < heads; ++h) to_fp32_scaled(q + h * D, p.query_row(s, h0 + h), p.scale, D);
-    const T* q_raw = raw_queries(p.query_row(s, h0), p.query_stride[0], 1, p.query_stride[1], heads, D);
+    scratch.resize(heads * (D + 2));
+    auto query = [&](int i) { return p.query_row(s, h0 + i); };
     const int bound = (first_key[s] / kPartitionSize + part) * kPartitionSize;
     const int begin = std::max(first_key[s], bound), end = std::min<int>(p.seq_lens[s], bound + kPartitionSize);
     const int32_t* table = p.block_table(s);
-    float* acc = q + heads * D;
+    float* acc = scratch.data();
     float* max = acc + heads * D;
     float* sum = max + heads;
-    float* logits = sum + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
-      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.soft_cap, p.group, logits,
+      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group,
                        partial_acc + row * D, partial_max + row, partial_sum + row);
       return;
     }
-    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, q, q_raw, p.scale, p.soft_cap, p.group, logits, acc, max, sum);
+    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group, acc, max, sum);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
       const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;

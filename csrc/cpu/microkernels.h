@@ -76,59 +76,9 @@ PAGEDLM_ALWAYS_INLINE void qk_rows(const float* q, const T* k, int D, float* log
   store_sums(acc, logits, stride);
 }
 
-// The raw bf16 query vectors qk_block's dot-product path takes, for `rows` tokens stride0 apart and
-// `heads` heads stride1 apart from `first`, gathered (token-major) into a thread-local buffer;
-// nullptr for other types, which use the fp32 copy.
-template <typename T>
-inline const T* raw_queries(const T* first, int64_t stride0, int rows, int64_t stride1, int heads, int D) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    thread_local std::vector<T> buffer;
-    buffer.resize(int64_t{rows} * heads * D);
-    T* out = buffer.data();
-    for (int r = 0; r < rows; ++r)
-      for (int h = 0; h < heads; ++h, out += D) std::copy_n(first + r * stride0 + h * stride1, D, out);
-    return buffer.data();
-  } else {
-    return nullptr;
-  }
-}
-
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define PAGEDLM_DPBF16 1
-// logits[r] = scale * (q · k[r]) for R bf16 rows of k and one raw bf16 query vector, with
-// vdpbf16ps: it multiplies bf16 pairs exactly and accumulates in fp32, so K is never converted, and
-// the scale multiplies the fp32 sums. D must be a multiple of 32.
-template <int R>
-PAGEDLM_ALWAYS_INLINE void qk_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int D, float scale, float* logits) {
-  fVec acc[1][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = fVec(0.f);
-  for (int d = 0; d < D; d += 32) {
-    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
-    for (int r = 0; r < R; ++r)
-      acc[0][r] = _mm512_dpbf16_ps(acc[0][r], qv, (__m512bh)_mm512_loadu_si512(k + r * D + d));
-  }
-  store_sums(acc, logits, 0);
-  for (int r = 0; r < R; ++r) logits[r] *= scale;
-}
-#endif
-
-// Logits of NG query vectors against n consecutive K rows. q is fp32 and pre-scaled; for bf16
-// caches q_raw may give the same vectors unscaled in bf16 for the dot-product instruction.
+// Logits of NG query vectors (fp32, pre-scaled) against n consecutive K rows.
 template <int NG, typename T>
-PAGEDLM_ALWAYS_INLINE void qk_block(const float* q, const T* q_raw, float scale, const T* k, int n, int D, float* logits,
-                     int stride) {
-#ifdef PAGEDLM_DPBF16
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (q_raw != nullptr && D % 32 == 0) {
-      for (int j = 0; j < NG; ++j) {
-        int r = 0;
-        for (; r + 8 <= n; r += 8) qk_rows_bf16<8>(q_raw + j * D, k + r * D, D, scale, logits + j * stride + r);
-        for (; r < n; ++r) qk_rows_bf16<1>(q_raw + j * D, k + r * D, D, scale, logits + j * stride + r);
-      }
-      return;
-    }
-  }
-#endif
+PAGEDLM_ALWAYS_INLINE void qk_block(const float* q, const T* k, int n, int D, float* logits, int stride) {
   // One query vector at a time, eight keys per pass: a logit's summation order then depends on the
   // key's place in its block run only, not on how many query vectors share the call, so a position
   // gets the same logits in any prefill tile and in decode (batch invariance).
@@ -170,14 +120,14 @@ PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int 
 }
 
 // One step of the online softmax (flash attention) for NG query vectors (q: [NG, D], fp32,
-// pre-scaled; q_raw: the same unscaled in T, or nullptr; see qk_block) over n consecutive K/V
+// pre-scaled) over n consecutive K/V
 // rows: rescales each vector's running max, exp-sum and unnormalised output acc [NG, D] to the new
 // max and adds the rows. With soft_cap > 0 the scaled logits are capped first. logits: [NG, stride]
 // scratch.
 template <int NG, typename T>
-PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, const T* q_raw, float scale, float soft_cap, const T* k, const T* v, int n,
-                        int D, float* logits, int stride, float* running_max, float* running_sum, float* acc) {
-  qk_block<NG>(q, q_raw, scale, k, n, D, logits, stride);
+PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, float soft_cap, const T* k, const T* v, int n, int D,
+                                       float* logits, int stride, float* running_max, float* running_sum, float* acc) {
+  qk_block<NG>(q, k, n, D, logits, stride);
   for (int j = 0; j < NG; ++j) {
     float* l = logits + j * stride;
     if (soft_cap > 0.f) soft_cap_inplace(l, n, soft_cap);

@@ -3,6 +3,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "bf16_tiles.h"
 #include "dispatch.h"
 #include "microkernels.h"
 #include "ops.h"
@@ -40,7 +41,6 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
   std::vector<Tile> tiles;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int q_len = starts[s + 1] - starts[s];
-    TORCH_CHECK(q_len >= 0 && q_len <= p.seq_lens[s], "sequence ", s, " has more query rows than cached tokens");
     const int context = p.seq_lens[s] - q_len;
     for (int r0 = 0; r0 < q_len; r0 += kQueryTile) {
       const int rows = std::min(kQueryTile, q_len - r0);
@@ -48,7 +48,6 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
       for (int h = 0; h < p.num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * std::min(keys, window)});
     }
   }
-  TORCH_CHECK(tiles.empty() || starts[p.num_seqs] <= query.size(0), "cu_seqlens_q exceeds the query rows");
   // Longest first, so the last tiles handed out are short ones.
   std::sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
 
@@ -74,7 +73,6 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
     for (int r = 0; r < tile.rows; ++r)
       for (int g = 0; g < group; ++g)
         to_fp32_scaled(q + (r * group + g) * D, p.query_row(token0 + r, h0 + g), p.scale, D);
-    const T* q_raw = raw_queries(p.query_row(token0, h0), p.query_stride[0], tile.rows, p.query_stride[1], group, D);
 
     for (int part = part_lo; part <= part_hi; ++part) {
       float* acc = states + (part - part_lo) * state_size;
@@ -88,8 +86,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
       auto attend = [&](const T* k, const T* v, int m0, int count, int n) {
         for_each_head_chunk(count, [&](auto ng, int first) {
           const int m = m0 + first;
-          attend_rows<ng()>(q + m * D, q_raw ? q_raw + m * D : nullptr, p.scale, p.soft_cap, k, v, n, D, logits, bs,
-                            row_max + m, row_sum + m, acc + m * D);
+          attend_rows<ng()>(q + m * D, p.soft_cap, k, v, n, D, logits, bs, row_max + m, row_sum + m, acc + m * D);
         });
       };
       const int begin = std::max(part * kPartitionSize, p.first_key(first_pos));
@@ -134,6 +131,135 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
   });
 }
 
+#ifdef PAGEDLM_BF16_TILES
+// bf16 prefill on bf16_tiles: a tile is up to kMaxTileLanes query vectors of one KV head (whole rows
+// of its query-head group where that fits), each partition of their keys two passes over its
+// blocks: Q·K, softmax and packing block by block, then P·V over the whole partition with the
+// accumulators in registers.
+void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* starts) {
+  using namespace bf16_tiles;
+  const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
+  const int rows_per_tile = std::max(1, kMaxTileLanes / group), heads_per_tile = std::min(group, kMaxTileLanes);
+  struct QueryTile {
+    int seq, kv_head, row0, rows, head0, heads;
+    int64_t cost;
+  };
+  std::vector<QueryTile> tiles;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = starts[s + 1] - starts[s], context = p.seq_lens[s] - q_len;
+    for (int r0 = 0; r0 < q_len; r0 += rows_per_tile) {
+      const int rows = std::min(rows_per_tile, q_len - r0);
+      const int keys = context + r0 + rows, window = p.sliding_window > 0 ? p.sliding_window + rows : keys;
+      for (int h = 0; h < p.num_kv_heads; ++h)
+        for (int g = 0; g < group; g += heads_per_tile)
+          tiles.push_back({s, h, r0, rows, g, std::min(heads_per_tile, group - g), int64_t{rows} * std::min(keys, window)});
+    }
+  }
+  std::sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) { return a.cost > b.cost; });
+
+  parallel_items(tiles.size(), [&](int64_t i) {
+    const QueryTile tile = tiles[i];
+    const int count = tile.rows * tile.heads, nm = (count + kLanes - 1) / kLanes, lanes = nm * kLanes;
+    const int first_pos = p.seq_lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
+    const int last_pos = first_pos + tile.rows - 1;
+    const int part_lo = p.first_key(first_pos) / kPartitionSize, part_hi = last_pos / kPartitionSize;
+    const int parts = part_hi - part_lo + 1, max_blocks = kPartitionSize / bs + 1, pairs = bs / 2;
+    const int64_t token0 = starts[tile.seq] + tile.row0;
+    const int h0 = tile.kv_head * group + tile.head0;
+
+    thread_local std::vector<uint32_t> packed;
+    packed.resize(int64_t{D} / 2 * lanes + int64_t{max_blocks} * pairs * (lanes + D));
+    uint32_t* qp = packed.data();
+    uint32_t* pp = qp + D / 2 * lanes;
+    uint32_t* vp = pp + int64_t{max_blocks} * pairs * lanes;
+    thread_local std::vector<float> scratch;
+    scratch.resize(int64_t{parts} * lanes * (D + 2) + bs * lanes + int64_t{max_blocks} * lanes + (parts + 1) * D);
+    float* acc_t = scratch.data();                          // [parts][D, lanes]
+    float* part_max = acc_t + int64_t{parts} * lanes * D;  // [parts][lanes]
+    float* part_sum = part_max + parts * lanes;
+    float* logits = part_sum + parts * lanes;  // [bs, lanes]
+    float* corr = logits + bs * lanes;        // [blocks][lanes]
+    float* gathered = corr + max_blocks * lanes;  // [parts][D], then D for merge_partitions
+    thread_local std::vector<char> corrected;
+    corrected.resize(max_blocks);
+
+    // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
+    pack_queries([&](int m) { return p.query_row(token0 + m / tile.heads, h0 + m % tile.heads); }, count, lanes, D, qp);
+    int lo[kMaxTileLanes], hi[kMaxTileLanes];
+    for (int m = 0; m < lanes; ++m) {
+      const int pos = first_pos + m / tile.heads;
+      lo[m] = m < count ? p.first_key(pos) : 1;
+      hi[m] = m < count ? pos : 0;
+    }
+    // Keys every lane sees: [p.first_key(last_pos), first_pos].
+    const int all_lo = p.first_key(last_pos), all_hi = first_pos;
+
+    for (int part = part_lo; part <= part_hi; ++part) {
+      const int k = part - part_lo;
+      SoftmaxState state{part_max + k * lanes, part_sum + k * lanes};
+      std::fill(state.max, state.max + lanes, -std::numeric_limits<float>::infinity());
+      std::fill(state.sum, state.sum + lanes, 0.f);
+      const int begin = std::max(part * kPartitionSize, p.first_key(first_pos));
+      const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
+      const int32_t* table = p.block_table(tile.seq);
+      const int64_t head_offset = tile.kv_head * p.kv.head_stride();
+      int blocks = 0;
+      for (int kb = begin / bs * bs; kb < end; kb += bs, ++blocks) {
+        const int64_t row = table[kb / bs] * p.kv.block_stride + head_offset;
+        if (kb + bs < end) {
+          const int64_t next = table[kb / bs + 1] * p.kv.block_stride + head_offset;
+          prefetch(p.kv.key + next, bs, D);
+          prefetch(p.kv.value + next, bs, D);
+        }
+        switch (nm) {
+          case 1: block_logits<1>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
+          case 2: block_logits<2>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
+          default: block_logits<3>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
+        }
+        const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
+        corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
+                                          corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
+        pack_values(p.kv.value + row, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
+                    vp + int64_t{blocks} * pairs * D);
+      }
+      const BlockRun run{blocks, pairs, pp, vp, corr, reinterpret_cast<const bool*>(corrected.data())};
+      float* part_acc = acc_t + int64_t{k} * lanes * D;
+      switch (nm) {
+        case 1: values_by_lane<1>(run, D, part_acc); break;
+        case 2: values_by_lane<2>(run, D, part_acc); break;
+        default: values_by_lane<3>(run, D, part_acc); break;
+      }
+    }
+
+    // As decode ends: one partition normalised directly, several merged.
+    for (int m = 0; m < count; ++m) {
+      const int pos = first_pos + m / tile.heads;
+      const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
+      for (int k = 0; k < n; ++k)
+        for (int d = 0; d < D; ++d) gathered[k * D + d] = acc_t[int64_t{first + k} * lanes * D + d * lanes + m];
+      c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
+      if (n == 1) {
+        store_scaled(out, gathered, 1.f / part_sum[first * lanes + m], D);
+      } else {
+        merge_partitions(out, gathered, D, part_max + first * lanes + m, part_sum + first * lanes + m, lanes, n, D,
+                         gathered + n * D);
+      }
+    }
+  });
+}
+#endif
+
+// Every sequence's query rows must lie within the query tensor and be at most its cached tokens.
+void check_query_spans(const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, int64_t query_rows) {
+  const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+    const int q_len = starts[s + 1] - starts[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "sequence ", s, " has more query rows than cached tokens");
+    TORCH_CHECK(q_len == 0 || (starts[s] >= 0 && starts[s + 1] <= query_rows), "cu_seqlens_q exceeds the query rows");
+  }
+}
+
 }  // namespace
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -144,6 +270,15 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
+  check_query_spans(cu_seqlens_q, seq_lens, query.size(0));
+#ifdef PAGEDLM_BF16_TILES
+  if (query.scalar_type() == at::kBFloat16 && bf16_tiles::supports(query.size(2), key_cache.size(2))) {
+    const auto p = make_attention_params<c10::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens,
+                                                        scale, sliding_window, logits_soft_cap);
+    prefill_tiles(p, cu_seqlens_q.data_ptr<int32_t>());
+    return;
+  }
+#endif
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_prefill_attention", [&] {
     prefill<scalar_t>(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
                       static_cast<float>(scale), sliding_window, logits_soft_cap);
