@@ -130,3 +130,42 @@ def test_smollm2_bfloat16_alone_equals_together(mode):
         assert alone.token_ids == batched.token_ids
         assert [lp[t].logprob for t, lp in zip(alone.token_ids, alone.logprobs)] == [
             lp[t].logprob for t, lp in zip(batched.token_ids, batched.logprobs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize(("head_size", "group"), [(64, 3), (128, 1), (64, 7), (32, 20), (64, 50)])
+@pytest.mark.parametrize(("sliding_window", "soft_cap"), [(0, 0.0), (37, 0.0), (0, 3.0)])
+def test_attention_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap):
+    """Op level: every position's attention output is the same bits from decode, from one prefill of
+    the whole prompt and from prefill chunks that start mid-block (query tiles of 48 lanes, head
+    groups larger than a tile, 512-key partitions)."""
+    import pagedlm.ops as ops
+
+    gen = torch.Generator().manual_seed(block_size + head_size + group)
+    n, num_kv_heads = 1100, 2
+    num_blocks = -(-n // block_size) + 3
+    shape = (num_blocks, num_kv_heads, block_size, head_size)
+    key_cache = torch.randn(shape, generator=gen).to(dtype)
+    value_cache = torch.randn(shape, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen)[: -(-n // block_size)].to(torch.int32)
+    # Logits of standard deviation ~3: softmax weights over many binades, so sums of them round.
+    query = (3 * torch.randn(n, num_kv_heads * group, head_size, generator=gen)).to(dtype)
+    scale, options = head_size**-0.5, (sliding_window, soft_cap)
+    positions = list(range(0, 40)) + list(range(500, 530)) + list(range(1030, n))
+
+    decode = torch.empty(len(positions), *query.shape[1:], dtype=dtype)
+    ops.paged_attention(decode, query[positions], key_cache, value_cache, table.expand(len(positions), -1),
+                        torch.tensor([p + 1 for p in positions], dtype=torch.int32), scale, *options)
+    decoded = dict(zip(positions, decode))
+    for chunks in ([(0, n)], [(0, 7), (7, 515), (515, 1029), (1029, n)]):
+        for lo, hi in chunks:
+            out = torch.empty(hi - lo, *query.shape[1:], dtype=dtype)
+            ops.paged_prefill_attention(out, query[lo:hi], key_cache, value_cache, table[None],
+                                        torch.tensor([0, hi - lo], dtype=torch.int32),
+                                        torch.tensor([hi], dtype=torch.int32), scale, *options)
+            for p in positions:
+                if lo <= p < hi:
+                    assert torch.equal(out[p - lo].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                       decoded[p].view(torch.int16 if dtype != torch.float32 else torch.int32)), (
+                        f"position {p}, prefill rows {lo}:{hi}")

@@ -270,24 +270,29 @@ inline float softmax_keys(float* logits, int n, int first, int last, float soft_
   return c;
 }
 
+// out[0 : 16 * C] += query g's p pairs times the pairs of vp's columns [0, 16 * C) (rows D apart).
+template <int C>
+PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const uint32_t* vp, int pairs, int D, float* out) {
+  __m512 o[C];
+  for (int c = 0; c < C; ++c) o[c] = _mm512_loadu_ps(out + c * kLanes);
+  for (int j = 0; j < pairs; ++j) {
+    const __m512bh p = broadcast_pair(pp + j);
+    for (int c = 0; c < C; ++c) o[c] = _mm512_dpbf16_ps(o[c], p, load_pairs(vp + j * D + c * kLanes));
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * kLanes, o[c]);
+}
+
 // Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the block's key pairs,
 // for query vectors g < count; query g's pair j is pp[g * query_stride + j].
 inline void values_by_dim(const uint32_t* pp, int64_t query_stride, int count, const float* corr, const uint32_t* vp,
                           int pairs, int D, float* acc) {
-  constexpr int C = 8;  // registers of the head dimension at a time
   for (int g = 0; g < count; ++g) {
     float* a = acc + g * D;
     if (corr[g] != 1.f) scale_inplace(a, corr[g], D);
-    for (int d0 = 0; d0 < D; d0 += C * kLanes) {
-      const int regs = std::min(C, (D - d0) / kLanes);
-      __m512 o[C];
-      for (int c = 0; c < regs; ++c) o[c] = _mm512_loadu_ps(a + d0 + c * kLanes);
-      for (int j = 0; j < pairs; ++j) {
-        const __m512bh p = broadcast_pair(pp + g * query_stride + j);
-        for (int c = 0; c < regs; ++c) o[c] = _mm512_dpbf16_ps(o[c], p, load_pairs(vp + j * D + d0 + c * kLanes));
-      }
-      for (int c = 0; c < regs; ++c) _mm512_storeu_ps(a + d0 + c * kLanes, o[c]);
-    }
+    int d = 0;
+    for (; d + 8 * kLanes <= D; d += 8 * kLanes) values_columns<8>(pp + g * query_stride, vp + d, pairs, D, a + d);
+    if (d + 4 * kLanes <= D) values_columns<4>(pp + g * query_stride, vp + d, pairs, D, a + d), d += 4 * kLanes;
+    if (d < D) values_columns<2>(pp + g * query_stride, vp + d, pairs, D, a + d);
   }
 }
 
