@@ -3,11 +3,13 @@
 // a pair of bf16 pairs), as tiles of query vectors against cache blocks. Decode and prefill are both
 // built from these pieces, which fix the arithmetic of every logit and output element whatever tile
 // or batch it is computed in (batch invariance):
-//   logit(q, k) = scale * s, s an fp32 sum over the head dimension's pairs (2i, 2i + 1) in order,
-//                 one pair per vdpbf16ps step;
+//   logit(q, k) = scale * (s0 + s1), s0 and s1 fp32 sums over the head dimension's even and odd
+//                 pairs (2i, 2i + 1) in order, one pair per vdpbf16ps step (two chains, not one:
+//                 decode has few of them and would wait on the instruction's latency);
 //   per cache block, over the keys of the query's range in it, one online-softmax step: the new max
-//                 m', the correction c = exp(m - m') (exactly 1 if m' == m or nothing was summed yet),
-//                 p = bf16(exp(logit - m')) (0 outside the range), sum = sum * c + p, key by key;
+//                 m', the correction c = exp(m - m') (exactly 1 if m' == m or nothing was summed
+//                 yet), p = bf16(exp(logit - m')) (0 outside the range), and sum = sum * c + the
+//                 block's p summed by halving (key r + half onto key r, half = n / 2 .. 1);
 //   out[d] = out[d] * c, then the block's key pairs (2j, 2j + 1) in order, one vdpbf16ps step each
 //                 (p pair times v pair).
 // Prefill puts 16 query vectors in a register's lanes for both products (K and V elements are
@@ -34,12 +36,12 @@ namespace pagedlm::cpu::bf16_tiles {
 using bf16 = c10::BFloat16;
 
 constexpr int kLanes = 16;
-// Query vectors of one prefill tile: three registers of lanes, with 8 keys (Q·K) or 8 head
-// dimensions (P·V) that is 24 accumulators.
+// Query vectors of one prefill tile: three registers of lanes; with 4 keys in two chains (Q·K) or 8
+// head dimensions (P·V) that is 24 accumulators.
 constexpr int kMaxTileLanes = 48;
 
-// The kernels need whole vdpbf16ps steps over the head dimension and whole key pairs in a block.
-// (block sizes: the ones the engine allows, whose halving sums fit a register).
+// The kernels take whole vdpbf16ps steps over the head dimension and the engine's block sizes,
+// whose key pairs and halving sums fit a register's lanes.
 inline bool supports(int head_size, int block_size) {
   return head_size % 32 == 0 && (block_size == 8 || block_size == 16 || block_size == 32);
 }
@@ -250,7 +252,8 @@ inline float softmax_keys(float* logits, int n, int first, int last, float soft_
   for (int v = 0; v * kLanes < n; ++v) {
     const __m512 e = (fVec(x[v]) - fVec(new_max)).exp_u20();
     const __m256bh pv = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(visible[v], e));
-    block_sum = v == 0 ? bf16_to_fp32(pv) : _mm512_add_ps(block_sum, bf16_to_fp32(pv));  // key r + 16 to key r
+    // With 32 keys, the first halving: key r + 16 onto key r.
+    block_sum = v == 0 ? bf16_to_fp32(pv) : _mm512_add_ps(block_sum, bf16_to_fp32(pv));
     if (n - v * kLanes >= kLanes) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + v * kLanes), (__m256i)pv);
     } else {
@@ -303,7 +306,7 @@ struct BlockRun {
   const uint32_t* pp;      // [blocks][pairs, lanes]
   const uint32_t* vp;      // [blocks][pairs, D]
   const float* corr;       // [blocks][lanes]
-  const bool* corrected;   // [blocks]
+  const uint8_t* corrected;  // [blocks]: whether any correction differs from 1
 };
 
 // Prefill's P·V, query vectors in lanes: acc_t[d * lanes + m] (head dimension major) = 0, then per

@@ -180,7 +180,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
     float* logits = part_sum + parts * lanes;  // [bs, lanes]
     float* corr = logits + bs * lanes;        // [blocks][lanes]
     float* gathered = corr + max_blocks * lanes;  // [parts][D], then D for merge_partitions
-    thread_local std::vector<char> corrected;
+    thread_local std::vector<uint8_t> corrected;
     corrected.resize(max_blocks);
 
     // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
@@ -222,7 +222,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
         pack_values(p.kv.value + row, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
                     vp + int64_t{blocks} * pairs * D);
       }
-      const BlockRun run{blocks, pairs, pp, vp, corr, reinterpret_cast<const bool*>(corrected.data())};
+      const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
       float* part_acc = acc_t + int64_t{k} * lanes * D;
       switch (nm) {
         case 1: values_by_lane<1>(run, D, part_acc); break;
