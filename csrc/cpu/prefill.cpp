@@ -24,10 +24,31 @@ constexpr int kQueryTile = 32;
 struct Tile {
   int seq;
   int kv_head;
-  int row0;  // first query row of the tile within its sequence
+  int row0;   // first query row of the tile within its sequence
   int rows;
+  int head0;  // first query head of the tile within its KV head's group
+  int heads;
   int64_t cost;
 };
+
+// Tiles of rows_per_tile query rows and heads_per_tile query heads of one KV head, longest first so
+// the last tiles handed out are short ones.
+template <typename T>
+std::vector<Tile> make_tiles(const AttentionParams<T>& p, const int32_t* starts, int rows_per_tile, int heads_per_tile) {
+  std::vector<Tile> tiles;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = starts[s + 1] - starts[s], context = p.seq_lens[s] - q_len;
+    for (int r0 = 0; r0 < q_len; r0 += rows_per_tile) {
+      const int rows = std::min(rows_per_tile, q_len - r0);
+      const int keys = context + r0 + rows, window = p.sliding_window > 0 ? p.sliding_window + rows : keys;
+      for (int h = 0; h < p.num_kv_heads; ++h)
+        for (int g = 0; g < p.group; g += heads_per_tile)
+          tiles.push_back({s, h, r0, rows, g, std::min(heads_per_tile, p.group - g), int64_t{rows} * std::min(keys, window)});
+    }
+  }
+  std::sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
+  return tiles;
+}
 
 template <typename T>
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -38,18 +59,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
 
-  std::vector<Tile> tiles;
-  for (int s = 0; s < p.num_seqs; ++s) {
-    const int q_len = starts[s + 1] - starts[s];
-    const int context = p.seq_lens[s] - q_len;
-    for (int r0 = 0; r0 < q_len; r0 += kQueryTile) {
-      const int rows = std::min(kQueryTile, q_len - r0);
-      const int keys = context + r0 + rows, window = p.sliding_window > 0 ? p.sliding_window + rows : keys;
-      for (int h = 0; h < p.num_kv_heads; ++h) tiles.push_back({s, h, r0, rows, int64_t{rows} * std::min(keys, window)});
-    }
-  }
-  // Longest first, so the last tiles handed out are short ones.
-  std::sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
+  const std::vector<Tile> tiles = make_tiles(p, starts, kQueryTile, group);
 
   parallel_items(tiles.size(), [&](int64_t i) {
     const Tile tile = tiles[i];
@@ -140,25 +150,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
   using namespace bf16_tiles;
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int rows_per_tile = std::max(1, kMaxTileLanes / group), heads_per_tile = std::min(group, kMaxTileLanes);
-  struct QueryTile {
-    int seq, kv_head, row0, rows, head0, heads;
-    int64_t cost;
-  };
-  std::vector<QueryTile> tiles;
-  for (int s = 0; s < p.num_seqs; ++s) {
-    const int q_len = starts[s + 1] - starts[s], context = p.seq_lens[s] - q_len;
-    for (int r0 = 0; r0 < q_len; r0 += rows_per_tile) {
-      const int rows = std::min(rows_per_tile, q_len - r0);
-      const int keys = context + r0 + rows, window = p.sliding_window > 0 ? p.sliding_window + rows : keys;
-      for (int h = 0; h < p.num_kv_heads; ++h)
-        for (int g = 0; g < group; g += heads_per_tile)
-          tiles.push_back({s, h, r0, rows, g, std::min(heads_per_tile, group - g), int64_t{rows} * std::min(keys, window)});
-    }
-  }
-  std::sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) { return a.cost > b.cost; });
+  const std::vector<Tile> tiles = make_tiles(p, starts, rows_per_tile, heads_per_tile);
 
   parallel_items(tiles.size(), [&](int64_t i) {
-    const QueryTile tile = tiles[i];
+    const Tile tile = tiles[i];
     const int count = tile.rows * tile.heads, nm = (count + kLanes - 1) / kLanes, lanes = nm * kLanes;
     const int first_pos = p.seq_lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
     const int last_pos = first_pos + tile.rows - 1;
