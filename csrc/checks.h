@@ -4,7 +4,23 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
+
 namespace pagedlm {
+
+inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// A KV cache holds entries of `dtype` (the queries' or the written keys'), or fp8 entries whose
+// values are entry * k_scale (keys) and entry * v_scale (values); other caches take no scales.
+inline void check_cache_dtype(const at::Tensor& cache, at::ScalarType dtype, double k_scale, double v_scale) {
+  TORCH_CHECK(cache.scalar_type() == dtype || is_fp8(cache.scalar_type()), "the KV cache dtype must be ", dtype,
+              " (the model's) or float8_e4m3fn or float8_e5m2, got ", cache.scalar_type());
+  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
+              "k_scale and v_scale must be positive and finite, got ", k_scale, " and ", v_scale);
+  TORCH_CHECK(is_fp8(cache.scalar_type()) || (k_scale == 1 && v_scale == 1),
+              "k_scale and v_scale apply to fp8 KV caches only; a ", cache.scalar_type(),
+              " cache needs 1.0, got ", k_scale, " and ", v_scale);
+}
 
 inline void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache) {
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, num_kv_heads, block_size, head_size]");
@@ -29,7 +45,8 @@ inline void check_index(const at::Tensor& t, int64_t dim, const char* name) {
 
 inline void check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, int64_t sliding_window, double logits_soft_cap) {
+                            const at::Tensor& seq_lens, double k_scale, double v_scale, int64_t sliding_window,
+                            double logits_soft_cap) {
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: no window), got ", sliding_window);
   TORCH_CHECK(logits_soft_cap >= 0, "logits_soft_cap must be >= 0 (0: no cap), got ", logits_soft_cap);
   check_cache_pair(key_cache, value_cache);
@@ -38,8 +55,8 @@ inline void check_attention(const at::Tensor& out, const at::Tensor& query, cons
   check_index(block_tables, 2, "block_tables");
   check_index(seq_lens, 1, "seq_lens");
   TORCH_CHECK(out.sizes() == query.sizes(), "out and query shapes differ");
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == key_cache.scalar_type(),
-              "query, out and the KV cache must share a dtype");
+  TORCH_CHECK(out.scalar_type() == query.scalar_type(), "query and out dtypes differ");
+  check_cache_dtype(key_cache, query.scalar_type(), k_scale, v_scale);
   TORCH_CHECK(query.size(2) == key_cache.size(3), "query head_size differs from the cache's");
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables and seq_lens disagree on num_seqs");
@@ -49,15 +66,16 @@ inline void check_attention(const at::Tensor& out, const at::Tensor& query, cons
 }
 
 inline void check_cache_write(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                              const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                              const at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale,
+                              double v_scale) {
   check_cache_pair(key_cache, value_cache);
   check_rows(key, "key");
   check_rows(value, "value");
   TORCH_CHECK(key.sizes() == value.sizes(), "key and value shapes differ");
   TORCH_CHECK(key.size(1) == key_cache.size(1) && key.size(2) == key_cache.size(3),
               "key is not [num_tokens, num_kv_heads, head_size] of the cache");
-  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type(),
-              "key, value and the cache must share a dtype");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
+  check_cache_dtype(key_cache, key.scalar_type(), k_scale, v_scale);
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "slot_mapping must be [num_tokens]");
   for (const at::Tensor* t : {&key, &value, &slot_mapping}) {
     TORCH_CHECK(t->device() == key_cache.device(), "reshape_and_cache tensors must be on one device");

@@ -8,14 +8,15 @@
 TORCH_LIBRARY(pagedlm, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-      "Tensor slot_mapping) -> ()");
+      "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0, float logits_soft_cap=0.0) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, int sliding_window=0, float logits_soft_cap=0.0, "
+      "float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int sliding_window=0, "
-      "float logits_soft_cap=0.0) -> ()");
+      "float logits_soft_cap=0.0, float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
@@ -34,12 +35,12 @@ TORCH_LIBRARY(pagedlm, m) {
 // at::Tensor&, everything else const at::Tensor&.
 TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("reshape_and_cache",
-         [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
+         [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, double, double) {});
   m.impl("paged_attention", [](at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&, double, int64_t, double) {});
+                               const at::Tensor&, const at::Tensor&, double, int64_t, double, double, double) {});
   m.impl("paged_prefill_attention", [](at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                                       double) {});
+                                       double, double, double) {});
   m.impl("copy_blocks", [](at::TensorList, at::TensorList, const at::Tensor&) {});
   m.impl("rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});

@@ -13,6 +13,8 @@ from pagedlm.transformers_utils.generation_config import sampling_defaults
 logger = logging.getLogger("pagedlm")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# kv_cache_dtype values other than "auto" (vLLM's names; "fp8" is e4m3).
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # Share of available RAM given to the KV cache on CPU when neither kv_cache_memory nor
 # num_kv_blocks is set; the rest stays for weights, activations and the user's process.
 CPU_KV_CACHE_RAM_SHARE = 0.2
@@ -143,10 +145,18 @@ class CacheConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # "auto" (the model's dtype) or a key of KV_CACHE_DTYPES
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the KV cache's entries: the model's for "auto", else the fp8 format."""
+        return model_dtype if self.cache_dtype == "auto" else KV_CACHE_DTYPES[self.cache_dtype]
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size) or self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size!r}.")
+        if not isinstance(self.cache_dtype, str) or (self.cache_dtype != "auto" and self.cache_dtype not in KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be 'auto', {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.cache_dtype!r}.")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
         if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):

@@ -244,3 +244,26 @@ def hf_greedy(
             generated = generated[: generated.index(EOS) + 1]
         outputs.append(generated)
     return outputs
+
+
+def prompt_logprob_errors(llm, path: str, prompts: list[list[int]], hf=None) -> torch.Tensor:
+    """|engine - reference| of every prompt position's log-probability (after the first; all prompts
+    concatenated), the reference being one forward pass of ``hf`` (default: the Hugging Face model of
+    ``path`` in float32)."""
+    from pagedlm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    hf = hf or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    errors = []
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
+        errors.append((got - expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]).abs())
+    return torch.cat(errors)
+
+
+def assert_prompt_logprobs_match_hf(llm, path: str, prompts: list[list[int]]) -> None:
+    errors = prompt_logprob_errors(llm, path, prompts)
+    assert errors.max() <= 2e-4, f"prompt log-probabilities differ from HF's by up to {errors.max():.2e}"

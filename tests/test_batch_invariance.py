@@ -140,18 +140,34 @@ def test_attention_rows_equal_decode_bits(dtype, block_size, head_size, group, s
     """Op level: every position's attention output is the same bits from decode, from one prefill of
     the whole prompt and from prefill chunks that start mid-block (query tiles of 48 lanes, head
     groups larger than a tile, 512-key partitions)."""
+    check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize(("head_size", "group", "sliding_window"), [(64, 3, 0), (32, 20, 37), (64, 50, 0), (40, 2, 0)])
+def test_fp8_cache_rows_equal_decode_bits(dtype, cache_dtype, head_size, group, sliding_window):
+    """The same over fp8 caches with scales (bf16 queries take the tiles on converted blocks, head size
+    40 the generic path)."""
+    check_rows_equal_decode_bits(dtype, 16, head_size, group, sliding_window, 0.0, cache_dtype, (0.02, 0.03))
+
+
+def check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap, cache_dtype=None,
+                                 scales=(1.0, 1.0)):
     import pagedlm.ops as ops
+    from pagedlm.ops.reference import _to_cache
 
     gen = torch.Generator().manual_seed(block_size + head_size + group)
     n, num_kv_heads = 1100, 2
     num_blocks = -(-n // block_size) + 3
     shape = (num_blocks, num_kv_heads, block_size, head_size)
-    key_cache = torch.randn(shape, generator=gen).to(dtype)
-    value_cache = torch.randn(shape, generator=gen).to(dtype)
+    cache_dtype = cache_dtype or dtype
+    key_cache = _to_cache(torch.randn(shape, generator=gen), cache_dtype, scales[0])
+    value_cache = _to_cache(torch.randn(shape, generator=gen), cache_dtype, scales[1])
     table = torch.randperm(num_blocks, generator=gen)[: -(-n // block_size)].to(torch.int32)
     # Logits of standard deviation ~3: softmax weights over many binades, so sums of them round.
     query = (3 * torch.randn(n, num_kv_heads * group, head_size, generator=gen)).to(dtype)
-    scale, options = head_size**-0.5, (sliding_window, soft_cap)
+    scale, options = head_size**-0.5, (sliding_window, soft_cap, *scales)
     positions = list(range(0, 40)) + list(range(500, 530)) + list(range(1030, n))
 
     decode = torch.empty(len(positions), *query.shape[1:], dtype=dtype)

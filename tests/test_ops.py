@@ -70,10 +70,6 @@ def assert_close_rel(out, ref, dtype, what):
     assert err < REL_TOL[dtype], f"{what}: ||out - ref|| / ||ref|| = {err:.2e} >= {REL_TOL[dtype]:.0e}"
 
 
-def fp32(*tensors):
-    return [t.float() for t in tensors]
-
-
 def poison_unread(key_cache, value_cache, tables, seq_lens, first_keys):
     """NaN into every slot no sequence reads: sequence i reads its tokens [first_keys[i], seq_lens[i]),
     so a kernel that reads before a sliding window (or past the end) poisons its result."""
@@ -91,45 +87,55 @@ def first_key(pos, sliding_window):
     return max(0, pos - sliding_window + 1) if sliding_window else 0
 
 
+def fp8_caches(key_cache, value_cache, cache_dtype, scales):
+    """The caches' values as fp8 entries (value / scale; NaN stays NaN), or the caches themselves."""
+    if cache_dtype is None:
+        return key_cache, value_cache
+    return tuple(reference._to_cache(c.float(), cache_dtype, s) for c, s in zip((key_cache, value_cache), scales))
+
+
 def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_heads=2, seed=0, sliding_window=0,
-                 soft_cap=0.0):
+                 soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0)):
     key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
     if sliding_window:
         poison_unread(key_cache, value_cache, tables, lens, [first_key(n - 1, sliding_window) for n in seq_lens])
+    key_cache, value_cache = fp8_caches(key_cache, value_cache, cache_dtype, scales)
     num_heads = num_kv_heads * gqa
     query = fused_query(len(seq_lens), num_heads, num_kv_heads, head_size, dtype, device, seed)
     out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     scale = 1 / math.sqrt(head_size)
-    options = (sliding_window, soft_cap)
+    options = (sliding_window, soft_cap, *scales)
     torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, scale, *options)
     ref = torch.empty(query.shape, device=device)
-    reference.paged_attention(ref, *fp32(query, key_cache, value_cache), tables, lens, scale, *options)
-    what = f"decode {dtype} bs={block_size} D={head_size} gqa={gqa} lens={seq_lens} window={sliding_window} cap={soft_cap}"
+    reference.paged_attention(ref, query.float(), key_cache, value_cache, tables, lens, scale, *options)
+    what = (f"decode {dtype} bs={block_size} D={head_size} gqa={gqa} lens={seq_lens} window={sliding_window} "
+            f"cap={soft_cap} cache={cache_dtype} scales={scales}")
     assert_close_rel(out, ref, dtype, what)
 
 
 def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads=2, seed=0, sliding_window=0,
-                  soft_cap=0.0):
+                  soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0)):
     """spans: (cached context, new query rows) per sequence."""
     seq_lens = [context + rows for context, rows in spans]
     key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
     if sliding_window:
         poison_unread(key_cache, value_cache, tables, lens, [first_key(c, sliding_window) if r else c for c, r in spans])
+    key_cache, value_cache = fp8_caches(key_cache, value_cache, cache_dtype, scales)
     rows = torch.tensor([0] + [r for _, r in spans]).cumsum(0)
     cu_seqlens_q = rows.to(torch.int32).to(device)
     num_heads = num_kv_heads * gqa
     query = fused_query(int(rows[-1]), num_heads, num_kv_heads, head_size, dtype, device, seed)
     out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     scale = 1 / math.sqrt(head_size)
-    options = (sliding_window, soft_cap)
+    options = (sliding_window, soft_cap, *scales)
     torch.ops.pagedlm.paged_prefill_attention(
         out, query, key_cache, value_cache, tables, cu_seqlens_q, lens, scale, *options
     )
     ref = torch.empty(query.shape, device=device)
-    reference.paged_prefill_attention(
-        ref, *fp32(query, key_cache, value_cache), tables, cu_seqlens_q, lens, scale, *options
-    )
-    what = f"prefill {dtype} bs={block_size} D={head_size} gqa={gqa} spans={spans} window={sliding_window} cap={soft_cap}"
+    reference.paged_prefill_attention(ref, query.float(), key_cache, value_cache, tables, cu_seqlens_q, lens, scale,
+                                      *options)
+    what = (f"prefill {dtype} bs={block_size} D={head_size} gqa={gqa} spans={spans} window={sliding_window} "
+            f"cap={soft_cap} cache={cache_dtype} scales={scales}")
     assert_close_rel(out, ref, dtype, what)
 
 
@@ -204,6 +210,71 @@ def test_cpu_odd_head_sizes(dtype, head_size):
     check_prefill("cpu", dtype, 16, head_size, 2, [(0, 40), (100, 17)], seed=head_size, sliding_window=50, soft_cap=5.0)
 
 
+FP8_CACHES = pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@FP8_CACHES
+@pytest.mark.parametrize("head_size", [64, 48])
+def test_fp8_kv_cache(device, dtype, cache_dtype, head_size):
+    # The reference reads the same fp8 entries (entry * scale), so the bounds are the query dtype's.
+    # Scales that put the entries well inside the formats' range and far from 1 (1 would hide a
+    # missing or doubled scale); head size 64 takes the bf16 tiles on CPU, 48 the generic path.
+    scales = (0.02, 0.05)
+    check_decode(device, dtype, 16, head_size, 3, [1, 17, 600, 1100], seed=1, cache_dtype=cache_dtype, scales=scales)
+    check_prefill(device, dtype, 16, head_size, 3, [(0, 40), (100, 17), (500, 30)], seed=2, cache_dtype=cache_dtype,
+                  scales=scales)
+    check_prefill(device, dtype, 8, head_size, 2, [(0, 60), (90, 70)], seed=3, sliding_window=50, soft_cap=5.0,
+                  cache_dtype=cache_dtype, scales=scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@FP8_CACHES
+def test_reshape_and_cache_fp8(device, dtype, cache_dtype):
+    """Entries are value / scale, saturated at the largest finite value, rounded to nearest even, NaN
+    kept: the reference's bytes exactly, over magnitudes from subnormal to far past the range."""
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.logspace(-9, 7, 60)[:, None, None]
+    kv = (torch.randn(60, 2, 2, 64, generator=gen) * magnitudes[..., None]).to(dtype)
+    key, value = kv[:, 0], kv[:, 1]
+    key[3, 0, 5], key[4, 1, 7], value[5, 1, 9] = float("nan"), float("inf"), -float("inf")
+    slots = torch.randperm(12 * 16, generator=gen)[:60]
+    slots[::7] = -1
+    for scales in ((1.0, 1.0), (0.37, 3.1)):
+        expect_k = torch.zeros(12, 2, 16, 64, dtype=cache_dtype)
+        expect_v = expect_k.clone()
+        reference.reshape_and_cache(key, value, expect_k, expect_v, slots, *scales)
+        key_cache, value_cache = expect_k.clone().zero_().to(device), expect_v.clone().zero_().to(device)
+        torch.ops.pagedlm.reshape_and_cache(key.to(device), value.to(device), key_cache, value_cache,
+                                            slots.to(device), *scales)
+        assert torch.equal(key_cache.cpu().view(torch.uint8), expect_k.view(torch.uint8))
+        assert torch.equal(value_cache.cpu().view(torch.uint8), expect_v.view(torch.uint8))
+    largest = torch.finfo(cache_dtype).max
+    entries = expect_k.float()
+    assert entries.isnan().any() and entries.nan_to_num(0.0).abs().max() == largest  # the cases did occur
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_dtype_and_scales_refused(device):
+    key_cache, value_cache, tables, lens = paged_kv([5], 16, 1, 64, torch.bfloat16, device, 0)
+    query = fused_query(1, 1, 1, 64, torch.bfloat16, device, 0)
+    out = torch.empty_like(query)
+    attend = torch.ops.pagedlm.paged_attention
+    with pytest.raises(RuntimeError, match="apply to fp8 KV caches only"):
+        attend(out, query, key_cache, value_cache, tables, lens, 0.1, 0, 0.0, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match="KV cache dtype must be"):
+        attend(out, query, key_cache.half(), value_cache.half(), tables, lens, 0.1)
+    fp8 = [c.to(torch.float8_e4m3fn) for c in (key_cache, value_cache)]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="must be positive and finite"):
+            attend(out, query, *fp8, tables, lens, 0.1, 0, 0.0, bad, 1.0)
+    kv = torch.randn(1, 1, 64, dtype=torch.bfloat16, device=device)
+    with pytest.raises(RuntimeError, match="apply to fp8 KV caches only"):
+        torch.ops.pagedlm.reshape_and_cache(kv, kv, key_cache, value_cache, torch.tensor([0], device=device), 1.0, 2.0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_options_refused(device):
     key_cache, value_cache, tables, lens = paged_kv([5], 16, 1, 64, torch.float32, device, 0)
@@ -264,7 +335,7 @@ def test_rejects_contract_violations():
     out = torch.empty_like(query)
     with pytest.raises(RuntimeError, match="block_tables must be int32"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables.long(), lens, 1.0)
-    with pytest.raises(RuntimeError, match="share a dtype"):
+    with pytest.raises(RuntimeError, match="query and out dtypes differ"):
         torch.ops.pagedlm.paged_attention(out, query.double(), key_cache, value_cache, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="does not fit its block table"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables[:, :1], lens, 1.0)
@@ -287,6 +358,7 @@ def test_opcheck(device):
     kv = torch.randn(3, 2, 64, device=device)
     slots = torch.tensor([0, 5, -1], device=device)
     mapping = torch.tensor([[0, 1]], device=device)
+    fp8_cache = torch.randn(key_cache.shape, device=device).to(torch.float8_e5m2)
     ops = torch.ops.pagedlm
     samples = [
         (ops.reshape_and_cache.default, (kv, kv.clone(), key_cache.clone(), value_cache.clone(), slots)),
@@ -316,6 +388,15 @@ def test_opcheck(device):
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+    fp8_samples = [
+        (ops.reshape_and_cache.default, (kv, kv.clone(), fp8_cache.clone(), fp8_cache.clone(), slots, 0.5, 2.0)),
+        (ops.paged_attention.default,
+         (torch.empty_like(query), query, fp8_cache, fp8_cache, tables, lens, 0.125, 0, 0.0, 0.5, 2.0)),
+        (ops.paged_prefill_attention.default,
+         (torch.empty_like(prompt), prompt, fp8_cache, fp8_cache, tables, cu_seqlens_q, lens, 0.125, 0, 0.0, 0.5, 2.0)),
+    ]
+    for op, args in fp8_samples:  # the schema check does arithmetic that fp8 tensors lack
+        torch.library.opcheck(op, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 # The layer ops must reproduce Hugging Face's eager Llama code: bit for bit where it rounds each op

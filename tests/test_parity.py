@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB_SIZE, hf_greedy
+from conftest import VOCAB_SIZE, assert_prompt_logprobs_match_hf, hf_greedy
 from pagedlm import LLM, SamplingParams, ops
 
 LENGTHS = [1, 2, 5, 15, 16, 17, 31, 32, 33, 64, 100, 129, 200, 250, 300, 7]
@@ -122,23 +122,8 @@ def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir
     from conftest import make_checkpoint
 
     path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
-    _assert_prompt_logprobs_match_hf(LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=2), path,
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32", max_num_batched_tokens=64, max_num_seqs=2), path,
                                      _prompts(9, [300, 130, 47]))
-
-
-def _assert_prompt_logprobs_match_hf(llm: LLM, path: str, prompts: list[list[int]]) -> None:
-    """Every prompt position's log-probability against one Hugging Face forward pass (float32)."""
-    from transformers import AutoModelForCausalLM
-
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt, out in zip(prompts, outs):
-        with torch.no_grad():
-            expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
-        got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
-        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
-        torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
 
 
 def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir):
@@ -222,4 +207,4 @@ def test_gemma3_attn_logit_softcapping_is_not_applied(tmp_path, tokenizer_dir):
     config.attn_logit_softcapping = 1.0
     conftest._CONFIGS["gemma3_capped"] = lambda: config
     path = conftest.make_checkpoint(str(tmp_path / "gemma3_capped"), "gemma3_capped", tokenizer_dir)
-    _assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [5, 60, 130]))
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [5, 60, 130]))

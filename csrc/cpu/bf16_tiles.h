@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace pagedlm::cpu::bf16_tiles {
 
@@ -56,6 +57,22 @@ PAGEDLM_ALWAYS_INLINE __m512bh load_pairs(const uint32_t* p) { return (__m512bh)
 
 PAGEDLM_ALWAYS_INLINE __m512 bf16_to_fp32(__m256bh x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)x), 16));
+}
+
+// The `count` entries (a multiple of 32) of cache rows as bf16: the rows themselves in a bf16
+// cache; fp8 entries converted into buf, exactly (bf16 holds every fp8 value), so the arithmetic
+// below is the same for every cache dtype.
+template <typename C>
+PAGEDLM_ALWAYS_INLINE const bf16* bf16_rows(const C* rows, int64_t count, bf16* buf) {
+  if constexpr (std::is_same_v<C, bf16>) {
+    return rows;
+  } else {
+    for (int64_t i = 0; i < count; i += 2 * kLanes) {
+      const __m512 lo = fp8_to_fp32(rows + i), hi = fp8_to_fp32(rows + i + kLanes);
+      _mm512_storeu_si512(buf + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return buf;
+  }
 }
 
 // 16 dwords (a[i], b[i]) from two vectors of 16 bf16.

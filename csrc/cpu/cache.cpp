@@ -1,38 +1,80 @@
-// Cache writes and whole-block copies. All are dtype-agnostic byte copies.
+// Cache writes (copies, or conversions into an fp8 cache) and whole-block copies (byte copies).
+#include "vec.h"  // first: selects ATen's vector width
+
 #include "../checks.h"
+#include "dispatch.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace pagedlm::cpu {
+namespace {
 
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_cache_write(key, value, key_cache, value_cache, slot_mapping);
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
-  const int64_t* slot = slots.data_ptr<int64_t>();
+// x as a cache entry of type C: x itself for the model's dtypes; for fp8, saturated at the largest
+// finite value, then rounded to nearest even (NaN stays NaN), as torch's x.clamp(-max, max).to(C).
+template <typename C>
+inline C to_cache_entry(float x) {
+  if constexpr (is_fp8<C>) {
+    const float max = static_cast<float>(std::numeric_limits<C>::max());
+    return C(std::clamp(x, -max, max));
+  } else {
+    return C(x);
+  }
+}
+
+// n entries x of a key or value row into cache entries: copied for the model's dtypes, x * inv_scale
+// (inv_scale = 1 / k_scale or 1 / v_scale, rounded to fp32) for fp8.
+template <typename T, typename C>
+inline void write_row(C* dst, const T* src, int64_t n, float inv_scale) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_cache_entry<C>(static_cast<float>(src[i]) * inv_scale);
+  }
+}
+
+template <typename T, typename C>
+void write_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                 const int64_t* slot, double k_scale, double v_scale) {
   const int64_t num_heads = key.size(1), block_size = key_cache.size(2), num_slots = key_cache.size(0) * block_size;
-  const int64_t elem = key.element_size(), row_bytes = key.size(2) * elem;
+  const int64_t D = key.size(2);
   const int64_t k_stride0 = key.stride(0), k_stride1 = key.stride(1);
   const int64_t v_stride0 = value.stride(0), v_stride1 = value.stride(1);
-  const auto* k = static_cast<const char*>(key.data_ptr());
-  const auto* v = static_cast<const char*>(value.data_ptr());
-  auto* kc = static_cast<char*>(key_cache.data_ptr());
-  auto* vc = static_cast<char*>(value_cache.data_ptr());
+  const float inv_k = 1.f / static_cast<float>(k_scale), inv_v = 1.f / static_cast<float>(v_scale);
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  C* kc = key_cache.data_ptr<C>();
+  C* vc = value_cache.data_ptr<C>();
   at::parallel_for(0, key.size(0), 16, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       if (slot[t] < 0) continue;
       TORCH_CHECK(slot[t] < num_slots, "slot ", slot[t], " is outside the cache");
       const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
       for (int64_t h = 0; h < num_heads; ++h) {
-        const int64_t dst = ((block * num_heads + h) * block_size + offset) * row_bytes;
-        std::memcpy(kc + dst, k + (t * k_stride0 + h * k_stride1) * elem, row_bytes);
-        std::memcpy(vc + dst, v + (t * v_stride0 + h * v_stride1) * elem, row_bytes);
+        const int64_t dst = ((block * num_heads + h) * block_size + offset) * D;
+        write_row(kc + dst, k + t * k_stride0 + h * k_stride1, D, inv_k);
+        write_row(vc + dst, v + t * v_stride0 + h * v_stride1, D, inv_v);
       }
     }
+  });
+}
+
+}  // namespace
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale, double v_scale) {
+  check_cache_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale);
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  PAGEDLM_DISPATCH_FLOATING_TYPES(key.scalar_type(), "reshape_and_cache", [&] {
+    dispatch_cache_type<scalar_t>(key_cache.scalar_type(), [&](auto entry) {
+      write_cache<scalar_t, decltype(entry)>(key, value, key_cache, value_cache, slots.data_ptr<int64_t>(), k_scale,
+                                             v_scale);
+    });
   });
 }
 

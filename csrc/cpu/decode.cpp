@@ -43,8 +43,8 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
 // Attention of the query heads of KV heads [kv_begin, kv_end) over tokens [begin, end) of one
 // sequence. Per query head i of the item, leaves the unnormalised weighted V sum in acc[i] and the
 // max logit and exp-sum in max_out[i], sum_out[i]. query(i) is query head i's row.
-template <typename T, typename Q>
-void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
+template <typename T, typename C, typename Q>
+void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
                       const Q& query, float scale, float soft_cap, int group, float* acc, float* max_out,
                       float* sum_out) {
   const int D = kv.head_size, bs = kv.block_size, heads = (kv_end - kv_begin) * group;
@@ -56,6 +56,8 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
     if (bf16_tiles::supports(D, bs)) {
       using namespace bf16_tiles;
       const int key_groups = (bs + kLanes - 1) / kLanes, stride = key_groups * kLanes;
+      thread_local std::vector<c10::BFloat16> rows;  // an fp8 block's K, then V rows as bf16
+      rows.resize(is_fp8<C> ? 2 * bs * D : 0);
       thread_local std::vector<uint32_t> pairs;  // K transposed, then V as pairs
       pairs.resize(int64_t{key_groups} * D / 2 * kLanes + bs / 2 * D);
       uint32_t* kt = pairs.data();
@@ -70,9 +72,9 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
       for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
         const int first = t % bs, i0 = (h - kv_begin) * group;  // visible block rows, the item's query heads of h
         const int64_t block_row = row - int64_t{first} * D;
+        const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
         for (int k = 0; k < key_groups; ++k)
-          transpose_keys(kv.key + block_row + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D,
-                         kt + int64_t{k} * D / 2 * kLanes);
+          transpose_keys(keys + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D, kt + int64_t{k} * D / 2 * kLanes);
         for_each_head_chunk(group, [&](auto ng, int g0) {
           const c10::BFloat16* q[ng()];
           for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
@@ -82,7 +84,7 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
         for (int g = 0; g < group; ++g)
           corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i0 + g,
                                  sum_out + i0 + g, p_buffer.data() + g * bs);
-        pack_values(kv.value + block_row, bs, D, first, first + n, vp);
+        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
         values_by_dim(pp, bs / 2, group, corr, vp, bs / 2, D, acc + i0 * D);
       });
       return;
@@ -104,12 +106,12 @@ void attend_partition(const PagedKV<T>& kv, const int32_t* table, int kv_begin, 
   });
 }
 
-template <typename T>
+template <typename T, typename C>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, float scale, int64_t sliding_window,
-            double soft_cap) {
-  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                          sliding_window, soft_cap);
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, double k_scale, double v_scale,
+            int64_t sliding_window, double soft_cap) {
+  const auto p = make_attention_params<T, C>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                             k_scale, v_scale, sliding_window, soft_cap);
   const int num_seqs = p.num_seqs, num_heads = p.num_heads, D = p.kv.head_size;
 
   // Partial results of multi-partition sequences: row (first_part[s] + part) * num_heads + head.
@@ -148,14 +150,14 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
     float* sum = max + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
-      attend_partition(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group,
+      attend_partition<T>(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group,
                        partial_acc + row * D, partial_max + row, partial_sum + row);
       return;
     }
-    attend_partition(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group, acc, max, sum);
+    attend_partition<T>(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group, acc, max, sum);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
-      const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
+      const float inv = sum[h] > 0.f ? p.v_scale / sum[h] : 0.f;
       store_scaled(p.out_row(s, h0 + h), acc + h * D, inv, D);
     }
   });
@@ -168,7 +170,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
       if (first_part[s] < 0) continue;
       const int64_t row = first_part[s] * num_heads + h;
       merge_partitions(p.out_row(s, h), partial_acc + row * D, int64_t{num_heads} * D, partial_max + row,
-                       partial_sum + row, num_heads, parts[s], D, scratch.data());
+                       partial_sum + row, num_heads, parts[s], D, p.v_scale, scratch.data());
     }
   });
 }
@@ -177,12 +179,16 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale, int64_t sliding_window, double logits_soft_cap) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, logits_soft_cap);
+                     double scale, int64_t sliding_window, double logits_soft_cap, double k_scale,
+                     double v_scale) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
+                  logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
-    decode<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, static_cast<float>(scale),
-                     sliding_window, logits_soft_cap);
+    dispatch_cache_type<scalar_t>(key_cache.scalar_type(), [&](auto entry) {
+      decode<scalar_t, decltype(entry)>(out, query, key_cache, value_cache, block_tables, seq_lens, scale, k_scale,
+                                        v_scale, sliding_window, logits_soft_cap);
+    });
   });
 }
 

@@ -150,11 +150,12 @@ PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, float soft_cap, const T* 
 // same bits.
 constexpr int kPartitionSize = 512;
 
-// out = the softmax-weighted sum of the partial states of `parts` partitions of one query vector:
-// unnormalised acc (D floats, acc_stride apart), max logit and exp-sum (stride apart). scratch: D floats.
+// out = v_scale times the softmax-weighted sum of the partial states of `parts` partitions of one
+// query vector: unnormalised acc (D floats, acc_stride apart), max logit and exp-sum (stride apart).
+// scratch: D floats.
 template <typename T>
 inline void merge_partitions(T* out, const float* acc, int64_t acc_stride, const float* max, const float* sum,
-                             int64_t stride, int parts, int D, float* scratch) {
+                             int64_t stride, int parts, int D, float v_scale, float* scratch) {
   float global_max = -std::numeric_limits<float>::infinity();
   for (int part = 0; part < parts; ++part) global_max = std::max(global_max, max[part * stride]);
   std::fill(scratch, scratch + D, 0.f);
@@ -164,7 +165,7 @@ inline void merge_partitions(T* out, const float* acc, int64_t acc_stride, const
     total += w * sum[part * stride];
     axpy(scratch, w, acc + part * acc_stride, D);
   }
-  store_scaled(out, scratch, 1.f / total, D);
+  store_scaled(out, scratch, v_scale / total, D);
 }
 
 }  // namespace pagedlm::cpu

@@ -5,16 +5,16 @@
 namespace pagedlm::cpu {
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping);
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, double k_scale, double v_scale);
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale, int64_t sliding_window, double logits_soft_cap);
+                     double scale, int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale);
 
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
-                             int64_t sliding_window, double logits_soft_cap);
+                             int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale);
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping);
 

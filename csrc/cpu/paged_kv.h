@@ -36,12 +36,13 @@ inline void check_block_table(const int32_t* table, int64_t table_width, int len
 }
 
 // The tensors of one decode or prefill call as pointers and strides (in elements), like CUDA's
-// AttentionParams in cuda/launchers.h.
-template <typename T>
+// AttentionParams in cuda/launchers.h. Queries and outputs are T; cache entries are C, T itself or
+// fp8 (read as entry * k_scale or entry * v_scale).
+template <typename T, typename C = T>
 struct AttentionParams {
   T* out;
   const T* query;
-  PagedKV<T> kv;
+  PagedKV<C> kv;
   const int32_t* block_tables;
   const int32_t* seq_lens;
   int num_seqs;
@@ -51,7 +52,8 @@ struct AttentionParams {
   int64_t query_stride[2];  // token, head
   int64_t out_stride[2];
   int64_t table_stride;
-  float scale;
+  float scale;    // the logits' scale times k_scale: dequantising K is a factor on each logit
+  float v_scale;  // likewise a factor on each output
   int sliding_window;  // > 0: a query at position i sees keys (i - sliding_window, i]; 0: all keys up to i
   float soft_cap;      // > 0: logits become soft_cap * tanh(logits / soft_cap)
 
@@ -63,15 +65,15 @@ struct AttentionParams {
 };
 
 // For tensors that passed check_attention; also checks every sequence's block table.
-template <typename T>
-AttentionParams<T> make_attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                                         const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                         const at::Tensor& seq_lens, float scale, int64_t sliding_window,
-                                         double soft_cap) {
+template <typename T, typename C>
+AttentionParams<T, C> make_attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                            const at::Tensor& seq_lens, double scale, double k_scale, double v_scale,
+                                            int64_t sliding_window, double soft_cap) {
   const int num_heads = query.size(1), num_kv_heads = key_cache.size(1);
-  const AttentionParams<T> p{out.data_ptr<T>(),
+  const AttentionParams<T, C> p{out.data_ptr<T>(),
                              query.data_ptr<T>(),
-                             {key_cache.data_ptr<T>(), value_cache.data_ptr<T>(), key_cache.stride(0),
+                             {key_cache.data_ptr<C>(), value_cache.data_ptr<C>(), key_cache.stride(0),
                               static_cast<int>(key_cache.size(2)), static_cast<int>(query.size(2))},
                              block_tables.data_ptr<int32_t>(),
                              seq_lens.data_ptr<int32_t>(),
@@ -82,7 +84,8 @@ AttentionParams<T> make_attention_params(at::Tensor& out, const at::Tensor& quer
                              {query.stride(0), query.stride(1)},
                              {out.stride(0), out.stride(1)},
                              block_tables.stride(0),
-                             scale,
+                             static_cast<float>(scale * k_scale),
+                             static_cast<float>(v_scale),
                              static_cast<int>(std::min<int64_t>(sliding_window, INT32_MAX)),
                              static_cast<float>(soft_cap)};
   for (int s = 0; s < p.num_seqs; ++s) {

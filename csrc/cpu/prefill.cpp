@@ -33,8 +33,8 @@ struct Tile {
 
 // Tiles of rows_per_tile query rows and heads_per_tile query heads of one KV head, longest first so
 // the last tiles handed out are short ones.
-template <typename T>
-std::vector<Tile> make_tiles(const AttentionParams<T>& p, const int32_t* starts, int rows_per_tile, int heads_per_tile) {
+template <typename T, typename C>
+std::vector<Tile> make_tiles(const AttentionParams<T, C>& p, const int32_t* starts, int rows_per_tile, int heads_per_tile) {
   std::vector<Tile> tiles;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int q_len = starts[s + 1] - starts[s], context = p.seq_lens[s] - q_len;
@@ -50,14 +50,9 @@ std::vector<Tile> make_tiles(const AttentionParams<T>& p, const int32_t* starts,
   return tiles;
 }
 
-template <typename T>
-void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-             const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-             float scale, int64_t sliding_window, double soft_cap) {
-  const auto p = make_attention_params<T>(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                          sliding_window, soft_cap);
+template <typename T, typename C>
+void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
-  const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
 
   const std::vector<Tile> tiles = make_tiles(p, starts, kQueryTile, group);
 
@@ -93,7 +88,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
       std::fill(row_sum, row_sum + M, 0.f);
 
       // Query vectors [m0, m0 + count) over the first n rows of a K/V block.
-      auto attend = [&](const T* k, const T* v, int m0, int count, int n) {
+      auto attend = [&](const C* k, const C* v, int m0, int count, int n) {
         for_each_head_chunk(count, [&](auto ng, int first) {
           const int m = m0 + first;
           attend_rows<ng()>(q + m * D, p.soft_cap, k, v, n, D, logits, bs, row_max + m, row_sum + m, acc + m * D);
@@ -103,8 +98,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
       const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
       for_each_run(p.kv, p.block_table(tile.seq), tile.kv_head, tile.kv_head + 1, begin, end, {p.kv.key, p.kv.value},
                    [&](int64_t row, int kb, int n, int) {
-        const T* k = p.kv.key + row;
-        const T* v = p.kv.value + row;
+        const C* k = p.kv.key + row;
+        const C* v = p.kv.value + row;
         // Rows [r_full, r_end) see all n keys of this run; the others only a part: the causal
         // diagonal cuts the run's end for earlier rows, the window's start cuts its beginning for
         // later ones.
@@ -131,10 +126,10 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
         const float* row_max = states + first * state_size + int64_t{M} * D + m;
         const float* row_sum = row_max + M;
         if (parts == 1) {
-          store_scaled(p.out_row(token0 + r, h0 + g), acc, 1.f / *row_sum, D);
+          store_scaled(p.out_row(token0 + r, h0 + g), acc, p.v_scale / *row_sum, D);
         } else {
           merge_partitions(p.out_row(token0 + r, h0 + g), acc, state_size, row_max, row_sum, state_size, parts, D,
-                           merged);
+                           p.v_scale, merged);
         }
       }
     }
@@ -146,7 +141,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cac
 // of its query-head group where that fits), each partition of their keys two passes over its
 // blocks: Q·K, softmax and packing block by block, then P·V over the whole partition with the
 // accumulators in registers.
-void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* starts) {
+template <typename C>
+void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts) {
   using namespace bf16_tiles;
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int rows_per_tile = std::max(1, kMaxTileLanes / group), heads_per_tile = std::min(group, kMaxTileLanes);
@@ -177,6 +173,8 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
     float* gathered = corr + max_blocks * lanes;  // [parts][D], then D for merge_partitions
     thread_local std::vector<uint8_t> corrected;
     corrected.resize(max_blocks);
+    thread_local std::vector<bf16> rows;  // an fp8 block's K, then V rows as bf16
+    rows.resize(is_fp8<C> ? 2 * bs * D : 0);
 
     // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
     pack_queries([&](int m) { return p.query_row(token0 + m / tile.heads, h0 + m % tile.heads); }, count, lanes, D, qp);
@@ -206,15 +204,16 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
           prefetch(p.kv.key + next, bs, D);
           prefetch(p.kv.value + next, bs, D);
         }
+        const bf16* keys = bf16_rows(p.kv.key + row, bs * D, rows.data());
         switch (nm) {
-          case 1: block_logits<1>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
-          case 2: block_logits<2>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
-          default: block_logits<3>(qp, p.kv.key + row, bs, D, p.scale, logits); break;
+          case 1: block_logits<1>(qp, keys, bs, D, p.scale, logits); break;
+          case 2: block_logits<2>(qp, keys, bs, D, p.scale, logits); break;
+          default: block_logits<3>(qp, keys, bs, D, p.scale, logits); break;
         }
         const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
         corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
                                           corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
-        pack_values(p.kv.value + row, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
+        pack_values(bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D), bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
                     vp + int64_t{blocks} * pairs * D);
       }
       const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
@@ -234,10 +233,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16>& p, const int32_t* start
         for (int d = 0; d < D; ++d) gathered[k * D + d] = acc_t[int64_t{first + k} * lanes * D + d * lanes + m];
       c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
       if (n == 1) {
-        store_scaled(out, gathered, 1.f / part_sum[first * lanes + m], D);
+        store_scaled(out, gathered, p.v_scale / part_sum[first * lanes + m], D);
       } else {
         merge_partitions(out, gathered, D, part_max + first * lanes + m, part_sum + first * lanes + m, lanes, n, D,
-                         gathered + n * D);
+                         p.v_scale, gathered + n * D);
       }
     }
   });
@@ -260,23 +259,26 @@ void check_query_spans(const at::Tensor& cu_seqlens_q, const at::Tensor& seq_len
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
-                             int64_t sliding_window, double logits_soft_cap) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, logits_soft_cap);
+                             int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
+                  logits_soft_cap);
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
   check_query_spans(cu_seqlens_q, seq_lens, query.size(0));
-#ifdef PAGEDLM_BF16_TILES
-  if (query.scalar_type() == at::kBFloat16 && bf16_tiles::supports(query.size(2), key_cache.size(2))) {
-    const auto p = make_attention_params<c10::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens,
-                                                        scale, sliding_window, logits_soft_cap);
-    prefill_tiles(p, cu_seqlens_q.data_ptr<int32_t>());
-    return;
-  }
-#endif
+  const int32_t* starts = cu_seqlens_q.data_ptr<int32_t>();
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_prefill_attention", [&] {
-    prefill<scalar_t>(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
-                      static_cast<float>(scale), sliding_window, logits_soft_cap);
+    dispatch_cache_type<scalar_t>(key_cache.scalar_type(), [&](auto entry) {
+      const auto p = make_attention_params<scalar_t, decltype(entry)>(
+          out, query, key_cache, value_cache, block_tables, seq_lens, scale, k_scale, v_scale, sliding_window,
+          logits_soft_cap);
+#ifdef PAGEDLM_BF16_TILES
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (bf16_tiles::supports(p.kv.head_size, p.kv.block_size)) return prefill_tiles(p, starts);
+      }
+#endif
+      prefill(p, starts);
+    });
   });
 }
 

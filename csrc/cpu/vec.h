@@ -17,6 +17,8 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <algorithm>
 #include <limits>
@@ -32,10 +34,40 @@ namespace pagedlm::cpu {
 using fVec = at::vec::Vectorized<float>;
 constexpr int kVecLen = fVec::size();
 
+// fp8 KV-cache entries: OCP e4m3fn and e5m2 (torch.float8_e4m3fn, torch.float8_e5m2).
+template <typename T>
+constexpr bool is_fp8 = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
+
+// 16 fp8 values as fp32, exactly. Both formats become fp16 bit patterns that vcvtph2ps widens:
+// e5m2 is the top byte of the fp16 with the same value; e4m3fn's exponent bias is 8 less than
+// fp16's, so its bits shifted into place read 2^-8 times the value (subnormals included), and its
+// one NaN pattern (S.1111.111) is set explicitly.
+template <typename T>
+inline fVec fp8_to_fp32(const T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<T, c10::Float8_e5m2>) {
+    return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8));
+  } else {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(-0x4080));
+    const __m512 x = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+    const __m128i payload = _mm_and_si128(b, _mm_set1_epi8(0x7f));
+    const __mmask16 nan = _mm_cmpeq_epi8_mask(payload, _mm_set1_epi8(0x7f));
+    return _mm512_mask_mov_ps(x, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  }
+#else
+  float x[kVecLen];
+  for (int i = 0; i < kVecLen; ++i) x[i] = static_cast<float>(p[i]);
+  return fVec::loadu(x);
+#endif
+}
+
 template <typename T>
 inline fVec load_fp32(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p);
+  } else if constexpr (is_fp8<T>) {
+    return fp8_to_fp32(p);
   } else {
     fVec v;
     at::vec::load_to_float<T>(p, v);

@@ -23,19 +23,25 @@ DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return DType::kFloat;
     case at::kHalf: return DType::kHalf;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "pagedlm CUDA kernels support float32, float16 and bfloat16, not ", t.scalar_type());
+    case at::kFloat8_e4m3fn: return DType::kFp8E4M3;
+    case at::kFloat8_e5m2: return DType::kFp8E5M2;
+    default:
+      TORCH_CHECK(false, "pagedlm CUDA kernels support float32, float16 and bfloat16 (and fp8 KV caches), not ",
+                  t.scalar_type());
   }
 }
 
 AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                                 double soft_cap) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, sliding_window, soft_cap);
+                                 const at::Tensor& seq_lens, double scale, double k_scale, double v_scale,
+                                 int64_t sliding_window, double soft_cap) {
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
+                  soft_cap);
   TORCH_CHECK(query.is_cuda(), "expected CUDA tensors");
   TORCH_CHECK(query.size(2) <= kMaxHeadSize, "head_size above ", kMaxHeadSize, " is not supported");
-  TORCH_CHECK(query.size(2) * query.element_size() % 16 == 0,
-              "the CUDA kernels read K/V rows as 16-byte vectors: head_size * element size must be a multiple of 16");
+  TORCH_CHECK(query.size(2) * key_cache.element_size() % 16 == 0,
+              "the CUDA kernels read K/V rows as 16-byte vectors: head_size * the cache's element size must be a "
+              "multiple of 16");
   return {out.data_ptr(),
           query.data_ptr(),
           key_cache.data_ptr(),
@@ -50,16 +56,18 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
           {query.stride(0), query.stride(1)},
           {out.stride(0), out.stride(1)},
           block_tables.stride(0),
-          static_cast<float>(scale),
+          static_cast<float>(scale * k_scale),
+          static_cast<float>(v_scale),
           static_cast<int>(std::min<int64_t>(sliding_window, INT32_MAX)),
           static_cast<float>(soft_cap)};
 }
 
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     double scale, int64_t sliding_window, double logits_soft_cap) {
+                     double scale, int64_t sliding_window, double logits_soft_cap, double k_scale,
+                     double v_scale) {
   const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                             sliding_window, logits_soft_cap);
+                                             k_scale, v_scale, sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
   // The block table width bounds every context, so the grid is sized without reading seq_lens.
@@ -69,7 +77,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
     workspace = at::empty({decode_workspace_floats(p.num_seqs, p.num_heads, p.head_size, partitions)},
                           query.options().dtype(at::kFloat));
   }
-  C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), partitions,
+  C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), dtype_of(key_cache), partitions,
                                         partitions > 1 ? workspace.data_ptr<float>() : nullptr,
                                         c10::cuda::getCurrentCUDAStream()));
 }
@@ -77,20 +85,20 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
-                             int64_t sliding_window, double logits_soft_cap) {
+                             int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale) {
   const AttentionParams p = attention_params(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                             sliding_window, logits_soft_cap);
+                                             k_scale, v_scale, sliding_window, logits_soft_cap);
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
   const c10::cuda::CUDAGuard guard(query.device());
-  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), cu_seqlens_q.data_ptr<int32_t>(),
+  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), dtype_of(key_cache), cu_seqlens_q.data_ptr<int32_t>(),
                                                 static_cast<int>(query.size(0)), c10::cuda::getCurrentCUDAStream()));
 }
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
-                       const at::Tensor& slot_mapping) {
-  check_cache_write(key, value, key_cache, value_cache, slot_mapping);
+                       const at::Tensor& slot_mapping, double k_scale, double v_scale) {
+  check_cache_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale);
   const c10::cuda::CUDAGuard guard(key.device());
   const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
   const int64_t key_stride[2] = {key.stride(0), key.stride(1)};
@@ -98,8 +106,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   C10_CUDA_CHECK(launch_reshape_and_cache(
       key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr<int64_t>(),
       static_cast<int>(key.size(0)), static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
-      static_cast<int>(key_cache.size(2)), key_stride, value_stride, static_cast<int>(key.element_size()),
-      c10::cuda::getCurrentCUDAStream()));
+      static_cast<int>(key_cache.size(2)), key_stride, value_stride, dtype_of(key), dtype_of(key_cache),
+      1.f / static_cast<float>(k_scale), 1.f / static_cast<float>(v_scale), c10::cuda::getCurrentCUDAStream()));
 }
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping) {

@@ -8,7 +8,8 @@
 
 namespace pagedlm::cuda {
 
-enum class DType { kFloat, kHalf, kBFloat16 };
+// Model dtypes, and the fp8 formats a KV cache may hold (OCP e4m3fn and e5m2).
+enum class DType { kFloat, kHalf, kBFloat16, kFp8E4M3, kFp8E5M2 };
 
 // Kernels keep up to kMaxHeadSize / 32 values per lane in registers.
 constexpr int kMaxHeadSize = 256;
@@ -28,7 +29,8 @@ struct AttentionParams {
   int64_t query_stride[2];  // token, head
   int64_t out_stride[2];
   int64_t table_stride;
-  float scale;
+  float scale;    // the logits' scale times k_scale (an fp8 key entry times k_scale is the key)
+  float v_scale;  // an fp8 value entry times v_scale is the value: a factor on each output
   int sliding_window;  // > 0: a query at position i sees keys (i - sliding_window, i]; 0: all up to i
   float soft_cap;      // > 0: logits become soft_cap * tanh(logits / soft_cap)
 };
@@ -46,18 +48,21 @@ inline int first_key(const AttentionParams& p, int pos) {
 int decode_partitions(int max_context);
 int64_t decode_workspace_floats(int num_seqs, int num_heads, int head_size, int partitions);
 
-cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, int partitions, float* workspace,
-                                   cudaStream_t stream);
+// dtype: the queries' and outputs'; cache_dtype: the KV cache's, dtype itself or an fp8 format.
+cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, DType cache_dtype, int partitions,
+                                   float* workspace, cudaStream_t stream);
 
-cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, const int32_t* cu_seqlens_q,
-                                           int num_tokens, cudaStream_t stream);
+cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, DType cache_dtype,
+                                           const int32_t* cu_seqlens_q, int num_tokens, cudaStream_t stream);
 
-// Copies key/value rows [num_tokens, num_kv_heads, head_size] into the caches at slot_mapping;
-// elem_bytes is 2 or 4 (the copy is dtype-agnostic).
+// Writes key/value rows [num_tokens, num_kv_heads, head_size] of `dtype` into the caches at
+// slot_mapping: copied when cache_dtype is dtype; for fp8, x * inv_k_scale (keys) or x * inv_v_scale
+// (values), saturated at the format's largest finite value and rounded to nearest even.
 cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
                                      const int64_t* slot_mapping, int num_tokens, int num_kv_heads, int head_size,
                                      int block_size, const int64_t key_stride[2], const int64_t value_stride[2],
-                                     int elem_bytes, cudaStream_t stream);
+                                     DType dtype, DType cache_dtype, float inv_k_scale, float inv_v_scale,
+                                     cudaStream_t stream);
 
 // For each of num_caches caches (device array of base addresses) copies whole blocks of
 // block_bytes (a multiple of 16) by the device array of (src, dst) pairs.

@@ -51,10 +51,11 @@ __device__ __forceinline__ int64_t row_offset(const AttentionParams& p, const in
           t % p.block_size) * p.head_size;
 }
 
-template <typename T>
+// T: the queries' and outputs' element type; C: the cache's (T or fp8).
+template <typename T, typename C>
 __global__ void __launch_bounds__(kThreads)
     paged_attention_kernel(AttentionParams p, Workspace ws, int partitions, int head_chunks) {
-  constexpr int E = Vec<T>::kSize;
+  constexpr int E = Vec<C>::kSize;
   // Vectors of a row one lane covers in Q.K (head_size <= kMaxHeadSize, 32 lanes per row at most).
   constexpr int kVecsPerLane = (kMaxHeadSize / E + kWarpSize - 1) / kWarpSize;
   const int group = p.num_heads / p.num_kv_heads;
@@ -68,8 +69,8 @@ __global__ void __launch_bounds__(kThreads)
   const int n = min(seq_len, begin + kPartitionSize) - begin;
   const int D = p.head_size, nvec = D / E, padded = next_pow2(nvec);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const T* key_cache = static_cast<const T*>(p.key_cache);
-  const T* value_cache = static_cast<const T*>(p.value_cache);
+  const C* key_cache = static_cast<const C*>(p.key_cache);
+  const C* value_cache = static_cast<const C*>(p.value_cache);
   const int32_t* table = p.block_tables + seq * p.table_stride;
 
   __shared__ float logits[kMaxGroup][kPartitionSize];
@@ -180,11 +181,11 @@ __global__ void __launch_bounds__(kThreads)
       if (partitions == 1) {
         T* out = static_cast<T*>(p.out) + seq * p.out_stride[0] + head * p.out_stride[1] + v * E;
 #pragma unroll
-        for (int e = 0; e < E; ++e) out[e] = from_float<T>(acc[h][e] * inv_sum);
+        for (int e = 0; e < E; ++e) out[e] = from_float<T>(acc[h][e] * inv_sum * p.v_scale);
       } else {
         float* out = ws.out + ((static_cast<int64_t>(seq) * p.num_heads + head) * partitions + part) * D + v * E;
 #pragma unroll
-        for (int e = 0; e < E; ++e) out[e] = acc[h][e] * inv_sum;
+        for (int e = 0; e < E; ++e) out[e] = acc[h][e] * inv_sum;  // v_scale comes with the merge
       }
     }
   }
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partitions_kernel(AttentionPa
     if (seq_len > 0) {
       for (int i = 0; i < parts; ++i)
         acc += ws.out[(first + i) * D + d] * ws.sum[first + i] * __expf(ws.max[first + i] - global_max);
-      acc /= total;
+      acc *= p.v_scale / total;
     }
     out[d] = from_float<T>(acc);
   }
@@ -227,15 +228,15 @@ int64_t decode_workspace_floats(int num_seqs, int num_heads, int head_size, int 
   return static_cast<int64_t>(num_seqs) * num_heads * partitions * (head_size + 2);
 }
 
-cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, int partitions, float* workspace,
-                                   cudaStream_t stream) {
+cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, DType cache_dtype, int partitions,
+                                   float* workspace, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   const int64_t slots = static_cast<int64_t>(p.num_seqs) * p.num_heads * partitions;
   const Workspace ws{workspace, workspace + slots * p.head_size, workspace + slots * (p.head_size + 1)};
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return dispatch_dtype_and_cache(dtype, cache_dtype, [&](auto t, auto c) {
+    using T = decltype(t);
     const int group = p.num_heads / p.num_kv_heads, head_chunks = (group + kMaxGroup - 1) / kMaxGroup;
-    paged_attention_kernel<T><<<dim3(p.num_kv_heads * head_chunks, p.num_seqs, partitions), kThreads, 0, stream>>>(
+    paged_attention_kernel<T, decltype(c)><<<dim3(p.num_kv_heads * head_chunks, p.num_seqs, partitions), kThreads, 0, stream>>>(
         p, ws, partitions, head_chunks);
     if (partitions > 1) {
       reduce_partitions_kernel<T><<<dim3(p.num_heads, p.num_seqs), kThreads, 0, stream>>>(p, ws, partitions);

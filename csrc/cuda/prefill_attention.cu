@@ -23,7 +23,8 @@ __device__ __forceinline__ int owner(const int32_t* cu_seqlens_q, int num_seqs, 
   return lo;
 }
 
-template <typename T>
+// T: the queries' and outputs' element type; C: the cache's (T or fp8).
+template <typename T, typename C>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
     prefill_attention_kernel(AttentionParams p, const int32_t* cu_seqlens_q, int num_tokens) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -34,8 +35,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   const int pos = p.seq_lens[seq] - q_len + (token - cu_seqlens_q[seq]);  // sees keys first_key(pos) ..= pos
   const int D = p.head_size, kv_head = head / (p.num_heads / p.num_kv_heads);
   const int32_t* table = p.block_tables + seq * p.table_stride;
-  const T* key_cache = static_cast<const T*>(p.key_cache);
-  const T* value_cache = static_cast<const T*>(p.value_cache);
+  const C* key_cache = static_cast<const C*>(p.key_cache);
+  const C* value_cache = static_cast<const C*>(p.value_cache);
 
   const T* query = static_cast<const T*>(p.query) + token * p.query_stride[0] + head * p.query_stride[1];
   float q[kDimsPerLane], acc[kDimsPerLane];
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     float my_logit = -INFINITY;
     for (int j = 0; j < n; ++j) {
       const int t = chunk + j;
-      const T* k = key_cache + ((static_cast<int64_t>(table[t / p.block_size]) * p.num_kv_heads + kv_head) *
+      const C* k = key_cache + ((static_cast<int64_t>(table[t / p.block_size]) * p.num_kv_heads + kv_head) *
                                     p.block_size + t % p.block_size) * D;
       float s = 0.f;
 #pragma unroll
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     for (int i = 0; i < kDimsPerLane; ++i) acc[i] *= correction;
     for (int j = 0; j < n; ++j) {
       const int t = chunk + j;
-      const T* v = value_cache + ((static_cast<int64_t>(table[t / p.block_size]) * p.num_kv_heads + kv_head) *
+      const C* v = value_cache + ((static_cast<int64_t>(table[t / p.block_size]) * p.num_kv_heads + kv_head) *
                                       p.block_size + t % p.block_size) * D;
       const float pj = __shfl_sync(0xffffffffu, prob, j);
 #pragma unroll
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 
   T* out = static_cast<T*>(p.out) + token * p.out_stride[0] + head * p.out_stride[1];
-  const float inv_sum = 1.f / running_sum;
+  const float inv_sum = p.v_scale / running_sum;
 #pragma unroll
   for (int i = 0; i < kDimsPerLane; ++i) {
     const int d = lane + i * kWarpSize;
@@ -95,12 +96,12 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
 
 }  // namespace
 
-cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, const int32_t* cu_seqlens_q,
-                                           int num_tokens, cudaStream_t stream) {
+cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, DType cache_dtype,
+                                           const int32_t* cu_seqlens_q, int num_tokens, cudaStream_t stream) {
   if (num_tokens == 0 || p.num_seqs == 0) return cudaSuccess;
   const dim3 grid((num_tokens + kWarps - 1) / kWarps, p.num_heads);
-  return dispatch_dtype(dtype, [&](auto tag) {
-    prefill_attention_kernel<decltype(tag)><<<grid, kWarps * kWarpSize, 0, stream>>>(p, cu_seqlens_q, num_tokens);
+  return dispatch_dtype_and_cache(dtype, cache_dtype, [&](auto t, auto c) {
+    prefill_attention_kernel<decltype(t), decltype(c)><<<grid, kWarps * kWarpSize, 0, stream>>>(p, cu_seqlens_q, num_tokens);
     return cudaGetLastError();
   });
 }

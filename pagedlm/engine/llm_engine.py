@@ -222,10 +222,11 @@ class LLMEngine:
         bm = self.block_manager
         num_tokens = bm.num_kv_blocks * bm.block_size
         logger.info(
-            "Memory plan: weights %.2f GiB (%s); KV cache %d blocks = %d tokens of KV cache (%.2f GiB, block_size %d); "
+            "Memory plan: weights %.2f GiB (%s); KV cache %d blocks = %d tokens of KV cache (%.2f GiB, %s, block_size %d); "
             "longest sequence %d tokens (max_model_len %d).",
             self.model_runner.weight_bytes() / 2**30, str(self.model_config.dtype).removeprefix("torch."),
-            bm.num_kv_blocks, num_tokens, self.model_runner.cache_engine.num_bytes / 2**30, bm.block_size,
+            bm.num_kv_blocks, num_tokens, self.model_runner.cache_engine.num_bytes / 2**30,
+            str(self.model_runner.cache_engine.key_caches[0].dtype).removeprefix("torch."), bm.block_size,
             self._max_seq_len(0, best_of=1), self.model_config.max_model_len,
         )
 

@@ -16,7 +16,8 @@ SAMPLING_FLAGS = [
 ENGINE_FLAGS = [
     ("--dtype", "dtype", str), ("--device", "device", str), ("--max-model-len", "max_model_len", int),
     ("--block-size", "block_size", int), ("--num-kv-blocks", "num_kv_blocks", int),
-    ("--kv-cache-memory", "kv_cache_memory", int), ("--max-num-seqs", "max_num_seqs", int),
+    ("--kv-cache-memory", "kv_cache_memory", int), ("--kv-cache-dtype", "kv_cache_dtype", str),
+    ("--max-num-seqs", "max_num_seqs", int),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
 ]
 

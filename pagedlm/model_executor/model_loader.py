@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -48,6 +49,9 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 name = _our_name(ckpt_name, prefixes)
                 if name is None:
                     continue
+                if scale := _KV_CACHE_SCALE.fullmatch(name):
+                    _load_kv_cache_scale(model, scale, f.get_tensor(ckpt_name), ckpt_name)
+                    continue
                 shard = None
                 for src, (dst, shard_id) in packed.items():
                     if f".{src}." in name:
@@ -68,6 +72,19 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     missing = expected - loaded
     if missing:
         raise ValueError(f"Checkpoint {model_dir!r} lacks weights: {sorted(missing)[:8]}...")
+
+
+# An fp8 KV cache's per-tensor scales: llm-compressor's "self_attn.k_scale" and the older
+# "self_attn.k_proj.output_scale" (as vLLM reads them); group 1 is the attention module.
+_KV_CACHE_SCALE = re.compile(r"(.+)\.(?:([kv])_scale|([kv])_proj\.output_scale)")
+
+
+def _load_kv_cache_scale(model: nn.Module, match: re.Match, tensor: torch.Tensor, ckpt_name: str) -> None:
+    if tensor.numel() != 1:
+        raise ValueError(f"Checkpoint tensor {ckpt_name!r} holds {tensor.numel()} KV-cache scales; pagedlm takes one "
+                         "per layer's keys and values (per-head scales are not supported).")
+    kind = match[2] or match[3]
+    setattr(model.get_submodule(f"{match[1]}.attn"), f"{kind}_scale", float(tensor))
 
 
 def _our_name(ckpt_name: str, prefixes: dict[str, str | None]) -> str | None:

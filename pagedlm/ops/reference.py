@@ -5,10 +5,38 @@ against it. The layer ops are Hugging Face's eager Llama code, written to an out
 where torch allows, because it is also the fallback backend when the extension is not built.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from pagedlm.utils import cdiv
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if not all(math.isfinite(s) and s > 0 for s in (k_scale, v_scale)):
+        raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
+    if cache.dtype not in FP8_DTYPES and (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(f"k_scale and v_scale apply to fp8 KV caches only; a {cache.dtype} cache needs 1.0, "
+                         f"got {k_scale} and {v_scale}")
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as cache entries: x / scale, saturated at the largest finite value, rounded to nearest even
+    (vLLM's convention for fp8 caches); other caches hold x itself."""
+    if dtype not in FP8_DTYPES:
+        return x.to(dtype)
+    largest = torch.finfo(dtype).max
+    inverse = torch.tensor(scale, dtype=torch.float32).reciprocal()
+    return (x.float() * inverse.to(x.device)).clamp(-largest, largest).to(dtype)
+
+
+def _from_cache(entries: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache entries as fp32 values: entry * scale (the scale is 1 for non-fp8 caches)."""
+    return entries.float() * scale
 
 
 def reshape_and_cache(
@@ -17,15 +45,18 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
+    _check_scales(key_cache, k_scale, v_scale)
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     block_size = key_cache.shape[2]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
-    key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
-    value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+    key_cache[blocks, :, offsets] = _to_cache(key, key_cache.dtype, k_scale)
+    value_cache[blocks, :, offsets] = _to_cache(value, value_cache.dtype, v_scale)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -70,9 +101,12 @@ def paged_attention(
     scale: float,
     sliding_window: int = 0,
     logits_soft_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Decode: one query token per sequence (at position ``seq_len - 1``), attending over its cached
     context, or the last ``sliding_window`` tokens of it."""
+    _check_scales(key_cache, k_scale, v_scale)
     num_seqs, num_heads, head_size = query.shape
     if num_seqs == 0:
         return
@@ -81,11 +115,11 @@ def paged_attention(
     num_blocks = cdiv(max_len, block_size)
     tables = block_tables[:, :num_blocks].long()
     # [B, n, Hkv, bs, D] -> [B, Hkv, n*bs, D]
-    k = key_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
-    v = value_cache[tables].permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
+    k = _from_cache(key_cache[tables], k_scale).permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
+    v = _from_cache(value_cache[tables], v_scale).permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_size)
     group = num_heads // num_kv_heads
     q = query.float().view(num_seqs, num_kv_heads, group, head_size)
-    scores = _soft_cap(torch.einsum("bhgd,bhkd->bhgk", q, k.float()) * scale, logits_soft_cap)
+    scores = _soft_cap(torch.einsum("bhgd,bhkd->bhgk", q, k) * scale, logits_soft_cap)
     positions = torch.arange(k.shape[2], device=query.device)
     lens = seq_lens[:, None].to(positions.device)
     hidden = positions[None, :] >= lens
@@ -93,7 +127,7 @@ def paged_attention(
         hidden |= positions[None, :] < lens - sliding_window
     scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
     # Stale slots (and keys before the window) may hold NaN; zero them so 0 * NaN does not poison the sum.
-    v = v.float().masked_fill(hidden[:, None, :, None], 0.0)
+    v = v.masked_fill(hidden[:, None, :, None], 0.0)
     probs = scores.softmax(dim=-1)
     result = torch.einsum("bhgk,bhkd->bhgd", probs, v)
     out.copy_(result.reshape(num_seqs, num_heads, head_size))
@@ -110,18 +144,21 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int = 0,
     logits_soft_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Varlen causal attention: sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
     which are its last tokens; they attend over its first ``seq_lens[b]`` cached tokens (within the
     sliding window, if any)."""
+    _check_scales(key_cache, k_scale, v_scale)
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b, seq_len in enumerate(lens):
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = _gather(key_cache, block_tables[b], seq_len)
-        v = _gather(value_cache, block_tables[b], seq_len)
+        k = _from_cache(_gather(key_cache, block_tables[b], seq_len), k_scale)
+        v = _from_cache(_gather(value_cache, block_tables[b], seq_len), v_scale)
         offset = seq_len - (hi - lo)
         out[lo:hi] = _attend(query[lo:hi], k, v, scale, offset, sliding_window, logits_soft_cap).to(out.dtype)
 

@@ -1,15 +1,30 @@
 """Runs one step on the model: inputs from the step's metadata, the forward pass, then the
 log-probabilities and samples the metadata asks for (types in ``pagedlm/step.py``)."""
 
+import logging
+
 import torch
 
 from pagedlm.config import CacheConfig, ModelConfig
+from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, top_k_logprobs
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
 from pagedlm.worker.model_input import StepEntry, prepare_model_input
+
+logger = logging.getLogger("pagedlm")
+
+
+def _drop_kv_cache_scales(model: torch.nn.Module) -> None:
+    """A cache in the model's dtype holds the values themselves: the checkpoint's fp8 KV-cache scales do not apply."""
+    scaled = [m for m in model.modules() if isinstance(m, Attention) and (m.k_scale, m.v_scale) != (1.0, 1.0)]
+    if scaled:
+        logger.info("The checkpoint has fp8 KV-cache scales; kv_cache_dtype='auto' keeps the model's dtype and does not "
+                    "use them (kv_cache_dtype='fp8' does).")
+    for m in scaled:
+        m.k_scale = m.v_scale = 1.0
 
 
 class ModelRunner:
@@ -20,6 +35,8 @@ class ModelRunner:
         self.device = model_config.device
         self.vocab_size = model_config.hf_config.vocab_size
         self.model = get_model(model_config)
+        if cache_config.cache_dtype == "auto":
+            _drop_kv_cache_scales(self.model)
         threshold = long_rope_threshold(model_config.hf_config)
         # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
         self.long_rope = (threshold, model_config.max_model_len) if threshold is not None else None

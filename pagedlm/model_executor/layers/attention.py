@@ -28,7 +28,9 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     """One layer's attention: softmax ``scale``, a ``sliding_window`` in tokens (0: full causal) and a
-    ``logits_soft_cap`` (0: none); see ``pagedlm.ops`` for their exact meaning."""
+    ``logits_soft_cap`` (0: none); see ``pagedlm.ops`` for their exact meaning. ``k_scale`` and
+    ``v_scale`` are the per-tensor scales of an fp8 KV cache (an entry times its scale is the value;
+    vLLM's convention): 1.0 unless the checkpoint gives them."""
 
     def __init__(
         self,
@@ -46,6 +48,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -56,17 +60,18 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)
         n = meta.num_prefill_tokens
         if n:
             ops.paged_prefill_attention(
                 out[:n], q[:n], key_cache, value_cache, meta.prefill_block_tables,
                 meta.prefill_cu_seqlens_q, meta.prefill_seq_lens, self.scale, self.sliding_window, self.logits_soft_cap,
+                self.k_scale, self.v_scale,
             )
         if n < q.shape[0]:
             ops.paged_attention(
                 out[n:], q[n:], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
-                self.sliding_window, self.logits_soft_cap,
+                self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale,
             )
         return out
