@@ -3,7 +3,12 @@
 KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow it):
 
 * Per layer, one key cache and one value cache, each a contiguous tensor of shape
-  ``[num_blocks, num_kv_heads, block_size, head_size]`` in the model's dtype.
+  ``[num_blocks, num_kv_heads, block_size, head_size]`` in the model's dtype, or fp8
+  (``torch.float8_e4m3fn`` or ``torch.float8_e5m2``). An fp8 entry is ``x / k_scale`` (keys) or
+  ``x / v_scale`` (values) saturated at the format's largest finite value and rounded to nearest
+  even; its value is ``entry * scale`` (vLLM's convention). Every cache op takes ``k_scale`` and
+  ``v_scale`` (floats, default 1.0, positive and finite; they must be 1.0 for a cache in the model's
+  dtype).
 * Token ``t`` of a sequence lives in physical block ``block_table[t // block_size]`` at offset
   ``t % block_size``. Its *slot* is ``block * block_size + offset``; ``slot_mapping`` gives the slot
   of every token of a step, and a negative slot means "do not write".
@@ -16,13 +21,14 @@ KV-cache layout contract (every kernel, the reference and ``CacheEngine`` follow
 
 Ops:
 
-* ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)``; ``slot_mapping`` is
-  ``int64 [num_tokens]`` (int32 is accepted).
+* ``reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=1.0, v_scale=1.0)``;
+  ``slot_mapping`` is ``int64 [num_tokens]`` (int32 is accepted).
 * ``paged_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-  sliding_window=0, logits_soft_cap=0.0)``: decode, one query per sequence, at position
-  ``seq_lens[b] - 1``.
+  sliding_window=0, logits_soft_cap=0.0, k_scale=1.0, v_scale=1.0)``: decode, one query per
+  sequence, at position ``seq_lens[b] - 1``.
 * ``paged_prefill_attention(out, query, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
-  scale, sliding_window=0, logits_soft_cap=0.0)``: causal varlen attention; the query rows of
+  scale, sliding_window=0, logits_soft_cap=0.0, k_scale=1.0, v_scale=1.0)``: causal varlen
+  attention; the query rows of
   sequence ``b`` are its last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` tokens, attending over its
   first ``seq_lens[b]``. ``cu_seqlens_q`` is ``int32 [num_seqs + 1]``.
 * Both attention ops: the logits are ``scale * q·k`` (the model's softmax scale, e.g.
@@ -71,12 +77,13 @@ Sampling op:
   the reference runs.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
-query, out, keys, values and caches share one dtype (float32, bfloat16 or float16); the last
+query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
+or fp8; the last
 dimension of query/out/key/value is contiguous (they may be views into a fused QKV buffer);
 attention tensors live on one device. The CPU kernels take any ``head_size`` (multiples of the
 vector width, 16 floats with AVX-512, run without a partial last vector); the CUDA kernels need
-``head_size <= 256`` with ``head_size`` times the element size a multiple of 16 bytes (they read K/V
-rows as 16-byte vectors).
+``head_size <= 256`` with ``head_size`` times the cache's element size a multiple of 16 bytes (they
+read K/V rows as 16-byte vectors).
 
 Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
 and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
