@@ -146,6 +146,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # "auto" (the model's dtype) or a key of KV_CACHE_DTYPES
+    calculate_kv_scales: bool = False  # fp8 scales from a calibration prefill instead of the checkpoint's or 1.0
 
     def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the KV cache's entries: the model's for "auto", else the fp8 format."""
@@ -157,6 +158,11 @@ class CacheConfig:
         if not isinstance(self.cache_dtype, str) or (self.cache_dtype != "auto" and self.cache_dtype not in KV_CACHE_DTYPES):
             raise ValueError(f"kv_cache_dtype must be 'auto', {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {self.cache_dtype!r}.")
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
+        if self.calculate_kv_scales and self.cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales=True sets the scales of an fp8 KV cache; it needs kv_cache_dtype "
+                             "'fp8', 'fp8_e4m3' or 'fp8_e5m2', got 'auto'.")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
         if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):

@@ -73,6 +73,43 @@ def test_prompt_logprobs_match_hf_through_fp8(llama_dir, tmp_path, monkeypatch, 
         f"median {through_fp8.median():.1e}, mean {through_fp8.mean():.1e} vs {plain.mean():.1e} without fp8")
 
 
+def test_calculate_kv_scales(llama_dir, monkeypatch):
+    """vLLM's rule over a seeded prefill of random tokens: k_scale = max|k| / 200 (keys after RoPE),
+    v_scale = max|v| / 100, per layer, checked against the same tokens through Hugging Face."""
+    import random
+
+    import transformers.models.llama.modeling_llama as modeling
+
+    llm = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True)
+    engine = llm.llm_engine
+    assert engine.model_runner.kv_cache_scales() == LLM(
+        llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True).llm_engine.model_runner.kv_cache_scales()
+    length = min(engine.scheduler_config.max_num_batched_tokens, engine.model_config.max_model_len - 1, 1024)
+    rng = random.Random(0)
+    tokens = [rng.randrange(engine.vocab_size) for _ in range(length)]
+    largest_k, largest_v = [], []
+    rotate = modeling.apply_rotary_pos_emb
+
+    def rotate_and_record(q, k, *args, **kwargs):
+        q, k = rotate(q, k, *args, **kwargs)
+        largest_k.append(float(k.abs().max()))
+        return q, k
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", rotate_and_record)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    for layer in hf.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda m, args, out: largest_v.append(float(out.abs().max())))
+    with torch.no_grad():
+        hf(torch.tensor([tokens]))
+    expected = [scale for k, v in zip(largest_k, largest_v) for scale in (k / 200, v / 100)]
+    got = [scale for pair in engine.model_runner.kv_cache_scales() for scale in pair]
+    # Layer 0 exactly; later layers' inputs went through the earlier layers' fp8 caches in our pass.
+    assert got[:2] == pytest.approx(expected[:2], rel=1e-6) and got == pytest.approx(expected, rel=1e-2)
+    assert engine.get_stats()["num_free_kv_blocks"] == engine.block_manager.num_kv_blocks  # nothing left behind
+    with pytest.raises(ValueError, match="calculate_kv_scales=True .* needs kv_cache_dtype"):
+        LLM(llama_dir, calculate_kv_scales=True)
+
+
 def test_fp8_cache_holds_more_tokens(llama_dir):
     memory = 8 << 20
     blocks = {kv: LLM(llama_dir, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory=memory).llm_engine.block_manager
@@ -95,3 +132,15 @@ def test_refusals(llama_dir, tmp_path):
     path = with_kv_scales(llama_dir, tmp_path, {"model.layers.0.self_attn.v_scale": torch.ones(2)})
     with pytest.raises(ValueError, match=r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"):
         LLM(path, kv_cache_dtype="fp8")
+
+
+def test_job_flags(llama_dir, tmp_path, caplog):
+    from pagedlm.entrypoints.cli import run_main
+
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{"id": 1, "prompt": "hello"}\n')
+    with caplog.at_level(logging.INFO, logger="pagedlm"):
+        assert run_main(["--model", llama_dir, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                         "--max-tokens", "4", "--kv-cache-dtype", "fp8_e5m2", "--calculate-kv-scales"]) == 0
+    assert "float8_e5m2" in caplog.text and "KV-cache scales from" in caplog.text
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 1

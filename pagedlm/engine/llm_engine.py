@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import random
 import time
 from collections.abc import Iterable
 
@@ -58,11 +59,29 @@ class LLMEngine:
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured_outputs: StructuredOutputManager | None = None  # made on first use
+        if cache_config.calculate_kv_scales:
+            self._calculate_kv_scales()
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
         # moving it out of the cyclic GC's generations spares the steps' young-object collections
         # a walk over it (vLLM freezes the same way).
         gc.collect()
         gc.freeze()
+
+    def _calculate_kv_scales(self) -> None:
+        """vLLM's ``calculate_kv_scales``: every layer's fp8 KV-cache scales from one prefill of random
+        tokens (seeded, so the same model gets the same scales), fixed from then on."""
+        rng = random.Random(0)
+        length = min(self.scheduler_config.max_num_batched_tokens, self.model_config.max_model_len - 1, 1024)
+        self.model_runner.calculate_kv_scales_next_step()
+        self.add_request("pagedlm-kv-scale-calibration", None, SamplingParams(max_tokens=1, detokenize=False),
+                         [rng.randrange(self.vocab_size) for _ in range(length)])
+        while self.has_unfinished_requests():
+            self.step()
+        self.reset_prefix_cache()
+        scales = self.model_runner.kv_cache_scales()
+        logger.info("KV-cache scales from %d random tokens: k_scale %.3g to %.3g, v_scale %.3g to %.3g.", length,
+                    min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales),
+                    max(v for _, v in scales))
 
     @property
     def vocab_size(self) -> int:

@@ -62,6 +62,7 @@ def run_parser() -> argparse.ArgumentParser:
         engine.add_argument(flag, type=typ, default=None)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
+    engine.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=None)
     return parser
 
 
@@ -70,7 +71,8 @@ def run_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     sampling_fields = [field for _, field, _ in SAMPLING_FLAGS] + ["stop", "ignore_eos"]
     sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
-    engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill"]
+    engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill",
+                                                         "calculate_kv_scales"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,

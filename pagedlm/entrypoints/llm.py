@@ -46,6 +46,8 @@ class LLM:
         kv_cache_dtype: "auto" (the model's dtype), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0
             (vLLM's names and convention). It halves a bf16 cache's bytes per token, at some accuracy.
+        calculate_kv_scales: with an fp8 cache, set each layer's scales from one prefill of random
+            tokens at start-up (max|k| / 200, max|v| / 100, vLLM's rule) instead.
         num_kv_blocks / kv_cache_memory: size the KV cache by blocks or bytes; by default it takes
             the free GPU memory less 10% of the GPU's total on CUDA, and 20% of available RAM on
             CPU (capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens could use).
@@ -72,6 +74,7 @@ class LLM:
         max_model_len: int | None = None,
         block_size: int = 16,
         kv_cache_dtype: str = "auto",
+        calculate_kv_scales: bool = False,
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         max_num_seqs: int = 256,
@@ -81,7 +84,8 @@ class LLM:
         generation_config: str = "auto",
     ) -> None:
         model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config)
-        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype)
+        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype,
+                                   calculate_kv_scales)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
             # vLLM's rule: without chunking a sequence computed again after preemption (prompt and

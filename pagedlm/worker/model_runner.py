@@ -17,9 +17,13 @@ from pagedlm.worker.model_input import StepEntry, prepare_model_input
 logger = logging.getLogger("pagedlm")
 
 
+def _attention_layers(model: torch.nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
 def _drop_kv_cache_scales(model: torch.nn.Module) -> None:
     """A cache in the model's dtype holds the values themselves: the checkpoint's fp8 KV-cache scales do not apply."""
-    scaled = [m for m in model.modules() if isinstance(m, Attention) and (m.k_scale, m.v_scale) != (1.0, 1.0)]
+    scaled = [m for m in _attention_layers(model) if (m.k_scale, m.v_scale) != (1.0, 1.0)]
     if scaled:
         logger.info("The checkpoint has fp8 KV-cache scales; kv_cache_dtype='auto' keeps the model's dtype and does not "
                     "use them (kv_cache_dtype='fp8' does).")
@@ -42,6 +46,15 @@ class ModelRunner:
         self.long_rope = (threshold, model_config.max_model_len) if threshold is not None else None
         self.sampler = Sampler()
         self.cache_engine: CacheEngine | None = None
+
+    def calculate_kv_scales_next_step(self) -> None:
+        """Each attention layer sets its fp8 KV-cache scales from the keys and values of the next step."""
+        for m in _attention_layers(self.model):
+            m.calculate_kv_scales = True
+
+    def kv_cache_scales(self) -> list[tuple[float, float]]:
+        """(k_scale, v_scale) of each attention layer."""
+        return [(m.k_scale, m.v_scale) for m in _attention_layers(self.model)]
 
     def init_cache(self, num_kv_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, num_kv_blocks)

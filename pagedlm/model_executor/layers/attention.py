@@ -12,6 +12,11 @@ from torch import nn
 
 from pagedlm import ops
 
+# vLLM's calculate_kv_scales constants: a calibration pass's largest |key| becomes entry 200, its
+# largest |value| entry 100 (headroom below e4m3's 448 for later, larger ones).
+K_SCALE_CONSTANT = 200.0
+V_SCALE_CONSTANT = 100.0
+
 
 @dataclass
 class AttentionMetadata:
@@ -50,6 +55,7 @@ class Attention(nn.Module):
         self.logits_soft_cap = logits_soft_cap
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.calculate_kv_scales = False  # set for one calibration pass: see _calculate_kv_scales
 
     def forward(
         self,
@@ -60,6 +66,8 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache
+        if self.calculate_kv_scales:
+            self._calculate_kv_scales(k, v)
         ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)
         n = meta.num_prefill_tokens
@@ -75,3 +83,12 @@ class Attention(nn.Module):
                 self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale,
             )
         return out
+
+    def _calculate_kv_scales(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """vLLM's ``calculate_kv_scales``: ``k_scale = max|k| / 200``, ``v_scale = max|v| / 100`` over
+        this pass's tokens (1.0 kept where they are all zero), fixed from then on."""
+        for name, x, constant in (("k_scale", k, K_SCALE_CONSTANT), ("v_scale", v, V_SCALE_CONSTANT)):
+            largest = float(x.abs().max()) if x.numel() else 0.0
+            if largest > 0:
+                setattr(self, name, largest / constant)
+        self.calculate_kv_scales = False
