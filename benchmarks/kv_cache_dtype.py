@@ -2,9 +2,10 @@
 
 Accuracy (``--mode accuracy``): SmolLM2-135M-Instruct by default, chat-templated AlpacaEval
 instructions (``../shared/data/alpaca_eval_805.jsonl`` or ``--dataset``), greedy, ``--max-tokens``
-each, once per cache dtype. Printed per fp8 format: the share of completions token-identical to
-the "auto" run's, and the mean absolute difference of the log-probabilities of the "auto" run's
-completion tokens when prompt + completion is scored (``prompt_logprobs``) with each cache.
+each, once per cache setting (e4m3 with scales 1.0 and with ``calculate_kv_scales``, e5m2). Printed
+per setting: the share of completions token-identical to the "auto" run's, and the mean absolute
+difference of the log-probabilities of the "auto" run's completion tokens when prompt + completion
+is scored (``prompt_logprobs``) with each cache.
 
 Throughput (``--mode throughput``): for each context length, ``--context-tokens`` worth of random
 prompts of that length, ``--output-len`` tokens each (ignore_eos), prefix caching off; one LLM per
@@ -27,7 +28,9 @@ from throughput import SHARED_DATASET, chat_prompt, read_records
 
 from pagedlm import LLM, SamplingParams, default_model_path
 
-FP8_DTYPES = ["fp8_e4m3", "fp8_e5m2"]
+# (kv_cache_dtype, calculate_kv_scales) compared with "auto"; SmolLM2's checkpoint has no scales, so
+# without calculate_kv_scales they are 1.0.
+FP8_SETTINGS = [("fp8_e4m3", False), ("fp8_e4m3", True), ("fp8_e5m2", False)]
 
 
 def engine(args: argparse.Namespace, kv_cache_dtype: str, **kwargs) -> LLM:
@@ -57,13 +60,14 @@ def accuracy(args: argparse.Namespace) -> None:
         reference_logprobs = completion_logprobs(llm, prompts, reference)
         llm.close()
         rows = []
-        for kv_cache_dtype in FP8_DTYPES:
-            fp8 = engine(args, kv_cache_dtype)
+        for kv_cache_dtype, calculate_kv_scales in FP8_SETTINGS:
+            fp8 = engine(args, kv_cache_dtype, calculate_kv_scales=calculate_kv_scales)
             same = sum(a == b for a, b in zip(completions(fp8), reference))
             diffs = [abs(a - b) for ours, theirs in zip(completion_logprobs(fp8, prompts, reference), reference_logprobs)
                      for a, b in zip(ours, theirs)]
             fp8.close()
-            rows.append((kv_cache_dtype, same, statistics.fmean(diffs), max(diffs)))
+            name = kv_cache_dtype + (", calculate_kv_scales" if calculate_kv_scales else "")
+            rows.append((name, same, statistics.fmean(diffs), max(diffs)))
     print(f"\n{len(prompts)} AlpacaEval prompts, {args.model}, {args.dtype}, greedy, max_tokens {args.max_tokens}; "
           f"others {load.others:.2f} cores")
     print("| kv_cache_dtype | completions identical to auto | mean abs logprob diff | max abs logprob diff |")
