@@ -4,6 +4,7 @@
 #include "../checks.h"
 #include "dispatch.h"
 #include "ops.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 
@@ -50,7 +51,7 @@ void write_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key
   const T* v = value.data_ptr<T>();
   C* kc = key_cache.data_ptr<C>();
   C* vc = value_cache.data_ptr<C>();
-  at::parallel_for(0, key.size(0), 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, key.size(0), grain_for(2 * num_heads * D), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       if (slot[t] < 0) continue;
       TORCH_CHECK(slot[t] < num_slots, "slot ", slot[t], " is outside the cache");

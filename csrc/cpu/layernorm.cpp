@@ -7,6 +7,7 @@
 #include "../checks.h"
 #include "dispatch.h"
 #include "ops.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 
@@ -38,9 +39,6 @@ void scale_row(T* out, const T* x, const T* weight, int64_t hidden, float inv) {
   }
 }
 
-// Rows of at least ~16k elements per thread task; a decode step's few rows stay on one thread.
-int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
-
 template <bool kGemma>
 void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   check_norm(out, "out", input, "input", weight);
@@ -51,7 +49,7 @@ void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
     const auto* x = input.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
     auto* y = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, row_grain(hidden), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const scalar_t* row = x + t * in_stride;
         scale_row<kGemma>(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
@@ -70,7 +68,7 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
     auto* x = input.data_ptr<scalar_t>();
     auto* r = residual.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, row_grain(hidden), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         scalar_t* xr = x + t * in_stride;
         scalar_t* rr = r + t * res_stride;

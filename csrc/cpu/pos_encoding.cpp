@@ -6,6 +6,7 @@
 #include "../checks.h"
 #include "dispatch.h"
 #include "ops.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 
@@ -39,7 +40,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
     auto* q = query.data_ptr<scalar_t>();
     auto* k = key.data_ptr<scalar_t>();
     const auto* table = cos_sin_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 8192 / work), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, tokens, grain_for(work), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         TORCH_CHECK(p[t] >= 0 && p[t] < max_position, "position ", p[t], " is outside the rotary table");
         const scalar_t* cos = table + p[t] * 2 * half;
