@@ -11,6 +11,7 @@ same dtype, measured in the same run, and the same for torch's SDPA (its flash-a
 what transformers' ``sdpa`` runs) on the same K/V, gathered into contiguous tensors.
 
     python benchmarks/kernel_bench.py                # decode, CPU, bf16 and fp32
+    python benchmarks/kernel_bench.py --dtypes bf16 --kv-cache-dtypes auto,fp8_e4m3
     python benchmarks/kernel_bench.py --device cuda
     python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 2048,8192
 """
@@ -25,6 +26,7 @@ import pagedlm.ops as ops
 from pagedlm.ops import reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def timeit(fn, device: torch.device, iters: int, warmup: int) -> float:
@@ -53,7 +55,7 @@ def copy_bandwidth(device: torch.device, iters: int) -> float:
     return 2 * size / seconds
 
 
-def make_batch(args, dtype: torch.dtype, device: torch.device, generator: torch.Generator):
+def make_batch(args, dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, generator: torch.Generator):
     seq_lens = torch.randint(args.min_context, args.max_context + 1, (args.num_seqs,), generator=generator)
     blocks_per_seq = (seq_lens + args.block_size - 1) // args.block_size
     num_blocks = int(blocks_per_seq.sum())
@@ -66,8 +68,8 @@ def make_batch(args, dtype: torch.dtype, device: torch.device, generator: torch.
         block_tables[i, :n] = placement[start : start + n]
         start += n
     shape = (num_blocks, args.num_kv_heads, args.block_size, args.head_size)
-    key_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
-    value_cache = torch.randn(shape, generator=generator).to(dtype).to(device)
+    key_cache = torch.randn(shape, generator=generator).to(cache_dtype).to(device)
+    value_cache = torch.randn(shape, generator=generator).to(cache_dtype).to(device)
     query = torch.randn(args.num_seqs, args.num_heads, args.head_size, generator=generator).to(dtype).to(device)
     kv_bytes = 2 * int(seq_lens.sum()) * args.num_kv_heads * args.head_size * key_cache.element_size()
     seq_lens = seq_lens.to(torch.int32).to(device)
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--mode", default="decode", choices=["decode", "prefill"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: " + ",".join(DTYPES))
+    parser.add_argument("--kv-cache-dtypes", default="auto", help="decode: comma-separated: auto," + ",".join(CACHE_DTYPES))
     parser.add_argument("--num-seqs", type=int, default=64)
     parser.add_argument("--min-context", type=int, default=1024)
     parser.add_argument("--max-context", type=int, default=4096)
@@ -158,15 +161,17 @@ def main() -> None:
         f"head size {args.head_size}, block size {args.block_size}"
     )
     print(f"copy bandwidth (1 GiB copy_, read + write): {copy_bw / 1e9:.1f} GB/s\n")
-    header = f"{'dtype':<6} {'impl':<10} {'ms/call':>9} {'KV MB':>8} {'GB/s':>7} {'% copy BW':>10} {'vs ref':>7}"
+    header = f"{'dtype':<14} {'impl':<10} {'ms/call':>9} {'KV MB':>8} {'GB/s':>7} {'% copy BW':>10} {'vs ref':>7}"
     print(header)
     print("-" * len(header))
 
     generator = torch.Generator().manual_seed(args.seed)
-    for name in args.dtypes.split(","):
+    for name, cache in [(d, c) for d in args.dtypes.split(",") for c in args.kv_cache_dtypes.split(",")]:
+        dtype = DTYPES[name]
         query, key_cache, value_cache, block_tables, seq_lens, kv_bytes = make_batch(
-            args, DTYPES[name], device, generator
+            args, dtype, CACHE_DTYPES.get(cache, dtype), device, generator
         )
+        name = name if cache == "auto" else f"{name}/{cache}"
         out = torch.empty_like(query)
         scale = 1.0 / math.sqrt(args.head_size)
         timings = {}
@@ -179,7 +184,7 @@ def main() -> None:
         for impl, seconds in timings.items():
             bandwidth = kv_bytes / seconds
             print(
-                f"{name:<6} {impl:<10} {seconds * 1e3:9.2f} {kv_bytes / 1e6:8.1f} {bandwidth / 1e9:7.2f} "
+                f"{name:<14} {impl:<10} {seconds * 1e3:9.2f} {kv_bytes / 1e6:8.1f} {bandwidth / 1e9:7.2f} "
                 f"{100 * bandwidth / copy_bw:9.1f}% {timings['reference'] / seconds:6.1f}x"
             )
         del query, key_cache, value_cache, out
