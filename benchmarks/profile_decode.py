@@ -15,13 +15,21 @@ wall time, the self time of the ops directly inside it, and the rest (Python, di
 Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``LLMEngine._seq_group_metadata``,
 ``prepare_model_input`` in ``pagedlm.worker.model_runner``, ``model.forward``, ``model.compute_logits``,
 ``sampler.forward``); one that is missing is skipped.
+
+``--roofline`` instead times the decode steps of each of ``--batch-sizes`` (no profiler) and sets
+each against its roofline: its linears (every layer's projections and the LM head, M = batch rows)
+timed alone on the model's own ``Linear`` modules, i.e. oneDNN on the same weights in the same
+layout, each layer's own so that they come from memory as in the step (fastest of 8 passes), plus
+the K/V bytes its attention reads at the copy bandwidth measured in the same run (a 1 GiB
+``tensor.copy_``, read + write). A small step is also set against one read of the linears'
+weights at that bandwidth. Only steps that decode the whole batch (no prefill chunk) count.
+
+    python benchmarks/profile_decode.py --roofline --batch-sizes 1,8,64,256
 """
 
 import argparse
 import functools
 import json
-import os
-import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,8 +38,12 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 
+from jobs import Load
+from kernel_bench import copy_bandwidth, timeit
 from pagedlm import LLM, SamplingParams, default_model_path
+from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.worker import model_runner as model_runner_module
+from pagedlm.worker.cache_engine import block_bytes
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"
 STEP = "engine step"
@@ -156,15 +168,68 @@ def print_rows(title: str, rows: dict[str, Row], steps: int, step_us: float) -> 
               f"{(r.span - r.ops) / steps / 1e3:9.2f}  {top}")
 
 
-def busy_cpu_seconds() -> float:
-    """CPU-seconds the whole machine has spent busy (``/proc/stat``)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+def start(args: argparse.Namespace, model: str, num_seqs: int) -> tuple[LLM, list[dict], SamplingParams]:
+    """The engine after a short warm-up, ``num_seqs`` prompts and their sampling parameters."""
+    llm = LLM(model, dtype=args.dtype, max_num_seqs=num_seqs)
+    prompts = prompts_for(llm, argparse.Namespace(**{**vars(args), "num_seqs": num_seqs}))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    return llm, prompts, params
 
 
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+@dataclass
+class DecodeSteps:
+    seconds: list[float]  # each step of the window
+    context: float  # mean cached tokens per sequence that the window's attention reads
+    others: float  # other processes' CPU (cores) during the whole generate
+
+
+def time_decode(llm: LLM, prompts: list[dict], params: SamplingParams, skip: int, steps: int) -> DecodeSteps:
+    """Generate, timing each engine step; the window is the first ``steps`` steps after ``skip``
+    that decode every sequence and prefill nothing."""
+    recorded: list[tuple[float, int, int]] = []  # seconds, decodes, cached tokens read
+    shape = [0, 0]
+
+    def record_shape(module, inputs) -> None:
+        meta = inputs[3]
+        shape[:] = (-1, 0) if meta.num_prefill_tokens else (len(meta.decode_seq_lens), int(meta.decode_seq_lens.sum()))
+
+    hook = llm.llm_engine.model_runner.model.register_forward_pre_hook(record_shape)
+    after_each_step(llm, lambda seconds: recorded.append((seconds, *shape)))
+    with Load() as load:
+        llm.generate(prompts, params, use_tqdm=False)
+    hook.remove()
+    window = [r for r in recorded[skip:] if r[1] == len(prompts)][:steps]
+    return DecodeSteps([r[0] for r in window], sum(r[2] for r in window) / len(window) / len(prompts), load.others)
+
+
+def linear_seconds(linears: list[Linear], rows: int) -> float:
+    """Fastest of 8 passes over ``linears`` (after 2), each on ``rows`` input rows."""
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in linears}
+    with torch.inference_mode():
+        return timeit(lambda: [m(inputs[m.in_features]) for m in linears], torch.device("cpu"), iters=8, warmup=2)
+
+
+def roofline(args: argparse.Namespace, model: str) -> None:
+    """One row per batch size: its decode step against its roofline and against one weight read."""
+    bandwidth = copy_bandwidth(torch.device("cpu"), iters=5)
+    print(f"{args.dtype}, {args.threads} threads; copy bandwidth (1 GiB tensor.copy_, read + write, best of 5): "
+          f"{bandwidth / 1e9:.1f} GB/s; mean of up to {args.steps} full-batch decode steps after {args.skip}")
+    print(f"{'batch':>5} {'context':>7} {'step ms':>8} {'matmul ms':>9} {'KV ms':>6} {'roofline ms':>11} "
+          f"{'/roofline':>9} {'weights ms':>10} {'/weights':>8} {'others':>6}")
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        llm, prompts, params = start(args, model, batch)
+        run = time_decode(llm, prompts, params, args.skip, args.steps)
+        runner = llm.llm_engine.model_runner
+        linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
+        matmul_ms = 1e3 * linear_seconds(linears, batch)
+        kv_ms = 1e3 * batch * run.context * block_bytes(runner.model_config, 1) / bandwidth
+        weights_ms = 1e3 * sum(m.weight.numel() * m.weight.element_size() for m in linears) / bandwidth
+        step_ms = 1e3 * sum(run.seconds) / len(run.seconds)
+        print(f"{batch:>5} {run.context:7.0f} {step_ms:8.2f} {matmul_ms:9.2f} {kv_ms:6.2f} {matmul_ms + kv_ms:11.2f} "
+              f"{step_ms / (matmul_ms + kv_ms):8.2f}x {weights_ms:10.2f} {step_ms / weights_ms:7.2f}x "
+              f"{run.others:6.2f}", flush=True)
+        llm.close()
 
 
 def main() -> None:
@@ -181,39 +246,34 @@ def main() -> None:
     parser.add_argument("--no-profiler", action="store_true", help="only time the steps (for py-spy)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--roofline", action="store_true", help="decode steps against their roofline, no profiler")
+    parser.add_argument("--batch-sizes", default="1,8,64,256", help="with --roofline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    model = args.model or default_model_path()
+    if args.roofline:
+        roofline(args, model)
+        return
 
-    llm = LLM(args.model or default_model_path(), dtype=args.dtype, max_num_seqs=args.num_seqs)
-    prompts = prompts_for(llm, args)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-
-    times: list[float] = []
-    after_each_step(llm, times.append)
-    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    others = (busy_cpu_seconds() - busy - own_cpu_seconds() + own) / (time.perf_counter() - start)
-    window = times[args.skip : args.skip + args.steps]
-    step_ms = 1e3 * sum(window) / len(window)
-    print(f"{args.num_seqs} sequences, {args.dtype}, {args.threads} threads: {len(window)} decode steps "
+    llm, prompts, params = start(args, model, args.num_seqs)
+    run = time_decode(llm, prompts, params, args.skip, args.steps)
+    step_ms = 1e3 * sum(run.seconds) / len(run.seconds)
+    print(f"{args.num_seqs} sequences, {args.dtype}, {args.threads} threads: {len(run.seconds)} decode steps "
           f"of {step_ms:.1f} ms = {args.num_seqs / step_ms * 1e3:.0f} tok/s (no profiler; other processes "
-          f"kept {others:.2f} cores busy meanwhile)")
+          f"kept {run.others:.2f} cores busy meanwhile)")
     if args.no_profiler:
         return
 
     phases, modules = instrument(llm)
     steps = args.steps - 2
     schedule = torch.profiler.schedule(wait=args.skip, warmup=2, active=steps, repeat=1)
-    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
+    with Load() as load, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
         after_each_step(llm, lambda seconds: prof.step())
         llm.generate(prompts, params, use_tqdm=False)
-    others = (busy_cpu_seconds() - busy - own_cpu_seconds() + own) / (time.perf_counter() - start)
     by_phase, by_module = breakdown(prof.events(), phases, modules)
     step_us = sum(r.span for r in by_phase.values())
     print(f"\nwith torch.profiler: {step_us / steps / 1e3:.1f} ms per decode step (profiler overhead included; other "
-          f"processes kept {others:.2f} cores busy); 'other ms' = span minus op self-time: Python, dispatch, allocation")
+          f"processes kept {load.others:.2f} cores busy); 'other ms' = span minus op self-time: Python, dispatch, allocation")
     print_rows("engine phase", by_phase, steps, step_us)
     overhead = step_us - by_phase[FORWARD].span - by_phase[LM_HEAD].span
     print(f"per-step engine overhead (schedule + prepare inputs + sampler + outputs, detokenisation, stop "
