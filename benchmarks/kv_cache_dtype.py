@@ -8,10 +8,10 @@ difference of the log-probabilities of the "auto" run's completion tokens when p
 is scored (``prompt_logprobs``) with each cache.
 
 Throughput (``--mode throughput``): for each context length, ``--context-tokens`` worth of random
-prompts of that length, ``--output-len`` tokens each (ignore_eos), prefix caching off; one LLM per
-cache dtype, the dtypes interleaved ``--repeats`` times (best kept). ``prefill s`` is a
-``max_tokens=1`` run of the same prompts; ``decode tok/s`` counts the other output tokens over the
-rest of the wall time. ``others`` is other processes' CPU (cores) meanwhile.
+prompts of that length; one LLM per cache dtype, the dtypes interleaved ``--repeats`` times (best
+kept). ``prefill s`` is a ``max_tokens=1`` run of the prompts, which leaves them in the prefix cache;
+``decode tok/s`` is a second run of the same prompts for ``--output-len`` tokens each (ignore_eos),
+whose prompts then cost one token each. ``others`` is other processes' CPU (cores) meanwhile.
 
     python benchmarks/kv_cache_dtype.py --mode accuracy --num-prompts 805
     python benchmarks/kv_cache_dtype.py --mode throughput --contexts 256,1024,4096
@@ -85,17 +85,17 @@ def throughput(args: argparse.Namespace) -> None:
                    for _ in range(max(1, args.context_tokens // context))]
         for repeat in range(args.repeats):
             for kv_cache_dtype in dtypes if repeat % 2 == 0 else dtypes[::-1]:
-                llm = engine(args, kv_cache_dtype, enable_prefix_caching=False, max_num_seqs=len(prompts))
-                llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+                llm = engine(args, kv_cache_dtype, max_num_seqs=len(prompts))
+                llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
                 with Load() as load:
                     start = time.perf_counter()
                     llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
                     prefill = time.perf_counter() - start
                     start = time.perf_counter()
-                    llm.generate(prompts, SamplingParams(max_tokens=args.output_len + 1, ignore_eos=True), use_tqdm=False)
-                    wall = time.perf_counter() - start
+                    llm.generate(prompts, SamplingParams(max_tokens=args.output_len, ignore_eos=True), use_tqdm=False)
+                    decode = len(prompts) * args.output_len / (time.perf_counter() - start)
+                assert llm.get_stats()["prefix_cache_hit_tokens"] > 0
                 llm.close()
-                decode = len(prompts) * args.output_len / max(wall - prefill, 1e-9)
                 results.setdefault((context, kv_cache_dtype), []).append((prefill, decode, load.others))
                 print(f"[{repeat + 1}/{args.repeats}] context {context}, {kv_cache_dtype}: prefill {prefill:.2f} s, "
                       f"decode {decode:.0f} tok/s, others {load.others:.2f}", flush=True)
