@@ -15,8 +15,14 @@ inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at
 inline void check_cache_dtype(const at::Tensor& cache, at::ScalarType dtype, double k_scale, double v_scale) {
   TORCH_CHECK(cache.scalar_type() == dtype || is_fp8(cache.scalar_type()), "the KV cache dtype must be ", dtype,
               " (the model's) or float8_e4m3fn or float8_e5m2, got ", cache.scalar_type());
-  TORCH_CHECK(std::isfinite(k_scale) && k_scale > 0 && std::isfinite(v_scale) && v_scale > 0,
-              "k_scale and v_scale must be positive and finite, got ", k_scale, " and ", v_scale);
+  // In float32, the kernels' precision, with a finite reciprocal (what writing divides by).
+  auto valid = [](double scale) {
+    const float s = static_cast<float>(scale);
+    return s > 0.f && std::isfinite(s) && std::isfinite(1.f / s);
+  };
+  TORCH_CHECK(valid(k_scale) && valid(v_scale),
+              "k_scale and v_scale must be positive and finite in float32, with finite reciprocals; got ", k_scale,
+              " and ", v_scale);
   TORCH_CHECK(is_fp8(cache.scalar_type()) || (k_scale == 1 && v_scale == 1),
               "k_scale and v_scale apply to fp8 KV caches only; a ", cache.scalar_type(),
               " cache needs 1.0, got ", k_scale, " and ", v_scale);

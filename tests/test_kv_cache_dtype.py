@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import prompt_logprob_errors
-from pagedlm import LLM
+from pagedlm import LLM, SamplingParams
 from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.ops.reference import _to_cache
 from test_parity import _prompts
@@ -41,6 +41,7 @@ def hf_with_fp8_kv(path: str, fp8_dtype: torch.dtype, k_scale: float, v_scale: f
 
 def with_kv_scales(llama_dir: str, tmp_path, scales: dict[str, torch.Tensor]) -> str:
     """The checkpoint plus a safetensors file of KV-cache scales (as llm-compressor saves them)."""
+    tmp_path.mkdir(exist_ok=True)
     for name in os.listdir(llama_dir):
         os.symlink(os.path.join(llama_dir, name), tmp_path / name)
     save_file(scales, tmp_path / "kv_scales.safetensors")
@@ -126,12 +127,25 @@ def test_auto_cache_does_not_use_checkpoint_scales(llama_dir, tmp_path, caplog):
                if isinstance(m, Attention))
 
 
+def test_calculate_kv_scales_fits_a_small_cache(llama_dir):
+    """The calibration prompt is cut to what the cache holds, as any request of the user's would be."""
+    llm = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=4, calculate_kv_scales=True)
+    assert all((k, v) != (1.0, 1.0) for k, v in llm.llm_engine.model_runner.kv_cache_scales())
+    assert len(llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
 def test_refusals(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2', got 'int8'"):
         LLM(llama_dir, kv_cache_dtype="int8")
-    path = with_kv_scales(llama_dir, tmp_path, {"model.layers.0.self_attn.v_scale": torch.ones(2)})
-    with pytest.raises(ValueError, match=r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"):
-        LLM(path, kv_cache_dtype="fp8")
+    cases = [
+        ("model.layers.0.self_attn.v_scale", torch.ones(2), r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"),
+        ("model.layers.99.self_attn.k_scale", torch.tensor(0.5), "Unexpected weight .* no attention layer 'layers.99"),
+    ] + [("model.layers.1.self_attn.k_proj.output_scale", torch.tensor(bad), "is a KV-cache scale of .* positive and finite")
+         for bad in (0.0, -0.5, float("nan"), float("inf"), 1e-40)]
+    for i, (name, value, message) in enumerate(cases):
+        path = with_kv_scales(llama_dir, tmp_path / str(i), {name: value})
+        with pytest.raises(ValueError, match=message):
+            LLM(path, kv_cache_dtype="fp8")
 
 
 def test_job_flags(llama_dir, tmp_path, caplog):

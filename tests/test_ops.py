@@ -267,9 +267,12 @@ def test_kv_cache_dtype_and_scales_refused(device):
     with pytest.raises(RuntimeError, match="KV cache dtype must be"):
         attend(out, query, key_cache.half(), value_cache.half(), tables, lens, 0.1)
     fp8 = [c.to(torch.float8_e4m3fn) for c in (key_cache, value_cache)]
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(RuntimeError, match="must be positive and finite"):
+    # Checked in float32, the kernels' precision: 1e39 overflows it, 1e-40's reciprocal does.
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e39, 1e-40):
+        with pytest.raises(RuntimeError, match="must be positive and finite in float32"):
             attend(out, query, *fp8, tables, lens, 0.1, 0, 0.0, bad, 1.0)
+        with pytest.raises(ValueError, match="must be positive and finite in float32"):
+            reference.paged_attention(out, query, *fp8, tables, lens, 0.1, 0, 0.0, 1.0, bad)
     kv = torch.randn(1, 1, 64, dtype=torch.bfloat16, device=device)
     with pytest.raises(RuntimeError, match="apply to fp8 KV caches only"):
         torch.ops.pagedlm.reshape_and_cache(kv, kv, key_cache, value_cache, torch.tensor([0], device=device), 1.0, 2.0)

@@ -69,9 +69,10 @@ class LLMEngine:
 
     def _calculate_kv_scales(self) -> None:
         """vLLM's ``calculate_kv_scales``: every layer's fp8 KV-cache scales from one prefill of random
-        tokens (seeded, so the same model gets the same scales), fixed from then on."""
+        tokens (seeded, so the same model gets the same scales), fixed from then on. The prompt is
+        one step's budget, at most 1,024 tokens, and fits the KV cache with its one output token."""
         rng = random.Random(0)
-        length = min(self.scheduler_config.max_num_batched_tokens, self.model_config.max_model_len - 1, 1024)
+        length = max(1, min(self.scheduler_config.max_num_batched_tokens, self._max_seq_len(0, best_of=1) - 1, 1024))
         self.model_runner.calculate_kv_scales_next_step()
         self.add_request("pagedlm-kv-scale-calibration", None, SamplingParams(max_tokens=1, detokenize=False),
                          [rng.randrange(self.vocab_size) for _ in range(length)])

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedlm.config import ModelConfig
+from pagedlm.ops import kv_cache_scale_is_valid
 from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
@@ -83,8 +84,15 @@ def _load_kv_cache_scale(model: nn.Module, match: re.Match, tensor: torch.Tensor
     if tensor.numel() != 1:
         raise ValueError(f"Checkpoint tensor {ckpt_name!r} holds {tensor.numel()} KV-cache scales; pagedlm takes one "
                          "per layer's keys and values (per-head scales are not supported).")
-    kind = match[2] or match[3]
-    setattr(model.get_submodule(f"{match[1]}.attn"), f"{kind}_scale", float(tensor))
+    try:
+        attention = model.get_submodule(f"{match[1]}.attn")
+    except AttributeError:
+        raise ValueError(f"Unexpected weight {ckpt_name!r}: the model has no attention layer {match[1]!r}.") from None
+    scale = float(tensor)
+    if not kv_cache_scale_is_valid(scale):
+        raise ValueError(f"Checkpoint tensor {ckpt_name!r} is a KV-cache scale of {scale}; a scale must be positive "
+                         "and finite in float32, with a finite reciprocal.")
+    setattr(attention, f"{match[2] or match[3]}_scale", scale)
 
 
 def _our_name(ckpt_name: str, prefixes: dict[str, str | None]) -> str | None:

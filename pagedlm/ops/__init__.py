@@ -193,4 +193,6 @@ gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 
-__all__ = ["EXTENSION_LOADED", "backend_for", *_OP_NAMES]
+kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
+
+__all__ = ["EXTENSION_LOADED", "backend_for", "kv_cache_scale_is_valid", *_OP_NAMES]

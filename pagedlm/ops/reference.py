@@ -5,8 +5,6 @@ against it. The layer ops are Hugging Face's eager Llama code, written to an out
 where torch allows, because it is also the fallback backend when the extension is not built.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +14,17 @@ from pagedlm.utils import cdiv
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def kv_cache_scale_is_valid(scale: float) -> bool:
+    """Whether ``scale`` can scale an fp8 KV cache: positive and finite in float32 (the kernels'
+    precision), with a finite float32 reciprocal (what writing divides by)."""
+    single = torch.tensor(scale, dtype=torch.float32)
+    return bool(single > 0 and torch.isfinite(single) and torch.isfinite(single.reciprocal()))
+
+
 def _check_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
-    if not all(math.isfinite(s) and s > 0 for s in (k_scale, v_scale)):
-        raise ValueError(f"k_scale and v_scale must be positive and finite, got {k_scale} and {v_scale}")
+    if not all(kv_cache_scale_is_valid(s) for s in (k_scale, v_scale)):
+        raise ValueError(f"k_scale and v_scale must be positive and finite in float32, with finite reciprocals; "
+                         f"got {k_scale} and {v_scale}")
     if cache.dtype not in FP8_DTYPES and (k_scale, v_scale) != (1.0, 1.0):
         raise ValueError(f"k_scale and v_scale apply to fp8 KV caches only; a {cache.dtype} cache needs 1.0, "
                          f"got {k_scale} and {v_scale}")

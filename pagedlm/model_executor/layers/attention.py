@@ -86,9 +86,9 @@ class Attention(nn.Module):
 
     def _calculate_kv_scales(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """vLLM's ``calculate_kv_scales``: ``k_scale = max|k| / 200``, ``v_scale = max|v| / 100`` over
-        this pass's tokens (1.0 kept where they are all zero), fixed from then on."""
+        this pass's tokens (1.0 kept where that is no usable scale, e.g. all zeros), fixed from then on."""
         for name, x, constant in (("k_scale", k, K_SCALE_CONSTANT), ("v_scale", v, V_SCALE_CONSTANT)):
             largest = float(x.abs().max()) if x.numel() else 0.0
-            if largest > 0:
+            if ops.kv_cache_scale_is_valid(largest / constant):
                 setattr(self, name, largest / constant)
         self.calculate_kv_scales = False
