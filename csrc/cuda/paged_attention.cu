@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partitions_kernel(AttentionPa
     if (seq_len > 0) {
       for (int i = 0; i < parts; ++i)
         acc += ws.out[(first + i) * D + d] * ws.sum[first + i] * __expf(ws.max[first + i] - global_max);
-      acc *= p.v_scale / total;
+      acc = acc / total * p.v_scale;
     }
     out[d] = from_float<T>(acc);
   }
