@@ -162,7 +162,7 @@ class CacheConfig:
             raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
         if self.calculate_kv_scales and self.cache_dtype == "auto":
             raise ValueError("calculate_kv_scales=True sets the scales of an fp8 KV cache; it needs kv_cache_dtype "
-                             "'fp8', 'fp8_e4m3' or 'fp8_e5m2', got 'auto'.")
+                             f"{' or '.join(map(repr, KV_CACHE_DTYPES))}, got 'auto'.")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
         if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):

@@ -106,7 +106,9 @@ def test_calculate_kv_scales(llama_dir, monkeypatch):
     got = [scale for pair in engine.model_runner.kv_cache_scales() for scale in pair]
     # Layer 0 exactly; later layers' inputs went through the earlier layers' fp8 caches in our pass.
     assert got[:2] == pytest.approx(expected[:2], rel=1e-6) and got == pytest.approx(expected, rel=1e-2)
-    assert engine.get_stats()["num_free_kv_blocks"] == engine.block_manager.num_kv_blocks  # nothing left behind
+    stats = engine.get_stats()  # nothing left behind, and the statistics are the user's alone
+    assert stats["num_free_kv_blocks"] == engine.block_manager.num_kv_blocks
+    assert stats["prefix_cache_queried_tokens"] == stats["peak_kv_blocks_in_use"] == 0
     with pytest.raises(ValueError, match="calculate_kv_scales=True .* needs kv_cache_dtype"):
         LLM(llama_dir, calculate_kv_scales=True)
 

@@ -16,16 +16,13 @@
 namespace pagedlm::cpu {
 namespace {
 
-// x as a cache entry of type C: x itself for the model's dtypes; for fp8, saturated at the largest
-// finite value, then rounded to nearest even (NaN stays NaN), as torch's x.clamp(-max, max).to(C).
+// x as an fp8 entry: saturated at the largest finite value, then rounded to nearest even (NaN stays
+// NaN), as torch's x.clamp(-max, max).to(C).
 template <typename C>
-inline C to_cache_entry(float x) {
-  if constexpr (is_fp8<C>) {
-    const float max = static_cast<float>(std::numeric_limits<C>::max());
-    return C(std::clamp(x, -max, max));
-  } else {
-    return C(x);
-  }
+inline C to_fp8_entry(float x) {
+  static_assert(is_fp8<C>);
+  const float max = static_cast<float>(std::numeric_limits<C>::max());
+  return C(std::clamp(x, -max, max));
 }
 
 // n entries x of a key or value row into cache entries: copied for the model's dtypes, x * inv_scale
@@ -35,7 +32,7 @@ inline void write_row(C* dst, const T* src, int64_t n, float inv_scale) {
   if constexpr (std::is_same_v<T, C>) {
     std::memcpy(dst, src, n * sizeof(T));
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = to_cache_entry<C>(static_cast<float>(src[i]) * inv_scale);
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_fp8_entry<C>(static_cast<float>(src[i]) * inv_scale);
   }
 }
 

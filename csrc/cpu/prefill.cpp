@@ -213,7 +213,8 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
         const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
         corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
                                           corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
-        pack_values(bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D), bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
+        const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
+        pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
                     vp + int64_t{blocks} * pairs * D);
       }
       const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};

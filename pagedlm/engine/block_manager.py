@@ -102,9 +102,7 @@ class BlockSpaceManager:
         # Shared blocks that one sequence of a re-admitted group computes for the others, which wait
         # for them: that sequence writes into them without a copy-on-write.
         self.blocks_computed_for_sharers: set[int] = set()
-        self.peak_blocks_in_use = 0
-        self.num_queried_tokens = 0  # tokens of admitted sequences
-        self.num_hit_tokens = 0  # of which served from the prefix cache
+        self.reset_stats()
 
     @property
     def num_free_blocks(self) -> int:
@@ -243,6 +241,11 @@ class BlockSpaceManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay where they are)."""
         self.allocator.reset_prefix_cache()
+
+    def reset_stats(self) -> None:
+        self.peak_blocks_in_use = 0
+        self.num_queried_tokens = 0  # tokens of admitted sequences
+        self.num_hit_tokens = 0  # of which served from the prefix cache
 
     def reset_peak_blocks_in_use(self) -> None:
         self.peak_blocks_in_use = self.num_kv_blocks - self.num_free_blocks

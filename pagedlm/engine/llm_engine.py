@@ -79,6 +79,7 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         self.reset_prefix_cache()
+        self.block_manager.reset_stats()  # the KV-cache statistics count the user's requests only
         scales = self.model_runner.kv_cache_scales()
         logger.info("KV-cache scales from %d random tokens: k_scale %.3g to %.3g, v_scale %.3g to %.3g.", length,
                     min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales),

@@ -9,10 +9,10 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedlm.config import ModelConfig
-from pagedlm.ops import kv_cache_scale_is_valid
 from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
+from pagedlm.ops import kv_cache_scale_is_valid
 
 
 def get_model(model_config: ModelConfig) -> nn.Module:
