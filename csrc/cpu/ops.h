@@ -2,6 +2,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace pagedlm::cpu {
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
@@ -37,5 +39,8 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
             const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
             at::Tensor& logprobs);
+
+void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends);
 
 }  // namespace pagedlm::cpu

@@ -16,4 +16,8 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("gelu_tanh_and_mul", &pagedlm::cpu::gelu_tanh_and_mul);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("sample", &pagedlm::cpu::sample);
+  m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
 }
+
+// The weight of bf16_blocked_linear is an MKLDNN tensor, whose dispatch key outranks CPU.
+TORCH_LIBRARY_IMPL(pagedlm, MkldnnCPU, m) { m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear); }

@@ -76,6 +76,20 @@ Sampling op:
   log-probability under the softmax of the untempered logits. CPU kernel and reference; on CUDA
   the reference runs.
 
+Linear op (CPU, bfloat16):
+
+* ``bf16_blocked_linear(out, input, weight, bias, k_chunk_ends)``: ``out = input @ weight.T + bias``
+  for ``input`` bf16 ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` the
+  bf16 MKLDNN tensor ``torch.ops.mkldnn._reorder_linear_weight`` returns in oneDNN's AB16b64a2b layout
+  (blocks of 64 output by 32 input features, zero-padded), ``bias`` ``[out_features]`` (any float
+  dtype) or None, ``out`` bf16 ``[rows, out_features]``. The sums follow oneDNN's brgemm order:
+  ``k_chunk_ends`` (increasing, even except the last, which is ``in_features``) splits the features
+  into chunks; each chunk is one fp32 chain over its feature pairs ``(2p, 2p + 1)``, the odd
+  feature's exact product added first (one ``vdpbf16ps`` step); the chunk sums are added left to
+  right, then the bias, and the total rounded to bf16. The CPU kernel needs an AVX512-BF16 build
+  (it raises otherwise) and flushes subnormals as ``vdpbf16ps`` does; the reference does not.
+  ``pagedlm.model_executor.layers.onednn_order`` finds oneDNN's chunks for a weight.
+
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
 or fp8; the last
@@ -115,6 +129,7 @@ _OP_NAMES = (
     "gelu_tanh_and_mul",
     "argmax_logprob",
     "sample",
+    "bf16_blocked_linear",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -192,6 +207,7 @@ silu_and_mul = _impl.silu_and_mul
 gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
+bf16_blocked_linear = _impl.bf16_blocked_linear
 
 kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
 

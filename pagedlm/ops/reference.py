@@ -261,3 +261,23 @@ def sample(
     picked = torch.where(greedy, x.argmax(dim=-1), torch.minimum(picked, last_kept))
     token_ids.copy_(picked)
     logprobs.copy_(x.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1))
+
+
+def bf16_blocked_linear(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_chunk_ends: list[int]
+) -> None:
+    w = (weight.to_dense() if weight.is_mkldnn else weight).float()
+    x = input.float()
+    total = None
+    start = 0
+    for end in k_chunk_ends:
+        chain = torch.zeros(x.shape[0], w.shape[0])
+        for k in range(start, end, 2):  # one vdpbf16ps step: the odd feature's product first
+            for j in (k + 1, k):
+                if j < end:
+                    chain = chain + torch.outer(x[:, j], w[:, j])
+        total = chain if total is None else total + chain
+        start = end
+    if bias is not None:
+        total = total + bias.float()
+    out.copy_(total)

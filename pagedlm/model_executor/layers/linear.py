@@ -4,8 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedlm import ops
+from pagedlm.model_executor.layers.onednn_order import streamed_chunk_ends
+
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
 _REORDER_ROWS_HINT = 64
+# Up to this many rows ops.bf16_blocked_linear beats oneDNN's bf16 matmul (1.7-1.9x at 1-2 rows,
+# 1.1-1.3x at 8-128, even at 256 and 0.96x at 512, on the AMD EPYC of docs/performance.md).
+_STREAMED_MAX_ROWS = 128
 
 
 def _onednn_reorders(weight: torch.Tensor) -> bool:
@@ -22,19 +28,31 @@ class Linear(nn.Linear):
     ``F.linear`` hands oneDNN (bf16) or MKL (fp32) a row-major ``[out, in]`` weight, which is
     reordered into the kernel's layout on every call; for decode-sized inputs that reorder costs as
     much as the product. ``process_weights_after_loading`` reorders the weight once instead (a tied
-    weight is reordered as a copy, so the embedding keeps the original).
+    weight is reordered as a copy, so the embedding keeps the original). In bf16, inputs of up to
+    ``_STREAMED_MAX_ROWS`` rows run on ``ops.bf16_blocked_linear`` over the same weight, which gives
+    each row oneDNN's bits (``onednn_order``) at the weights' streaming rate.
+
+    Input ``[rows, in_features]``, output ``[rows, out_features]``, in the weight's dtype.
     """
 
     blocked_layout = False
+    # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
+    k_chunk_ends: list[int] | None = None
 
     def process_weights_after_loading(self) -> None:
         if _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
             self.weight = nn.Parameter(blocked, requires_grad=False)
             self.blocked_layout = True
+            if blocked.dtype == torch.bfloat16:
+                self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked_layout:
+            if self.k_chunk_ends is not None and x.shape[0] <= _STREAMED_MAX_ROWS:
+                out = x.new_empty(x.shape[0], self.out_features)
+                ops.bf16_blocked_linear(out, x, self.weight, self.bias, self.k_chunk_ends)
+                return out
             if x.shape[0] == 1:
                 # oneDNN takes another kernel for one row whose sums round differently: a request's
                 # results would depend on whether it ran alone. Two rows take the kernel every other

@@ -1,0 +1,177 @@
+// bf16 linear for decode-sized row counts, read straight from the weight oneDNN keeps for `Linear`
+// (layout AB16b64a2b) and summed in oneDNN's own order, so that a row gets the bits oneDNN's matmul
+// gives it at any row count (batch invariance), at the weights' streaming rate: oneDNN's bf16
+// matmul reads the weights at about half the copy bandwidth below ~16 rows (docs/performance.md).
+//
+// Layout: 64 output columns by 32 input features per block, blocks [n / 64][k / 32]; inside a block,
+// for each pair (2p, 2p + 1) of input features, the 64 columns' two weights. So each 64-column block
+// is one run of [K_padded / 2][64][2] bf16, zero-padded to whole blocks.
+//
+// Order (found by pagedlm/model_executor/layers/onednn_order.py and checked against oneDNN at load):
+// K splits into chunks [0, e0), [e0, e1), ...; each chunk is one fp32 chain over its feature pairs in
+// order, one vdpbf16ps step per pair (the odd feature's product added first, then the even one's);
+// the chunk sums are added left to right, then the bias, and the result rounded to bf16 (RNE).
+#include "vec.h"
+
+#include "../checks.h"
+#include "ops.h"
+#include "parallel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace pagedlm::cpu {
+namespace {
+
+constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockK = 32;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The address of an MKLDNN tensor's buffer (ATen has no data_ptr for opaque tensors).
+const void* mkldnn_data(const at::Tensor& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::data_ptr", "")
+                             .typed<int64_t(const at::Tensor&)>();
+  return reinterpret_cast<const void*>(op.call(weight));
+}
+
+int64_t mkldnn_nbytes(const at::Tensor& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_nbytes", "")
+                             .typed<int64_t(const at::Tensor&)>();
+  return op.call(weight);
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+
+constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight vectors, 1 broadcast
+
+// sum[r][0..64) (+)= rows r of x against one 64-column block over the feature pairs [p0, p1). A
+// pair is one 32-bit lane, its even feature in the low half; the pair past an odd K holds only its
+// even feature.
+template <int MT>
+PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_t K, const __m512bh* w, int64_t p0,
+                                 int64_t p1, bool first, float* sum) {
+  __m512 acc[MT][4];
+  for (int r = 0; r < MT; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+  auto step = [&](int64_t p, auto pair) {
+    const __m512bh* wp = w + 4 * p;
+    const __m512bh w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
+    for (int r = 0; r < MT; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair(x + r * x_stride + 2 * p));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, w3);
+    }
+  };
+  const int64_t whole = std::min(p1, K / 2);
+  for (int64_t p = p0; p < whole; ++p) step(p, [](const at::BFloat16* q) {
+    int v;
+    std::memcpy(&v, q, 4);
+    return v;
+  });
+  if (whole < p1) step(whole, [](const at::BFloat16* q) { return static_cast<int>(q->x); });
+  for (int r = 0; r < MT; ++r)
+    for (int t = 0; t < 4; ++t) {
+      float* s = sum + r * kBlockN + t * 16;
+      _mm512_storeu_ps(s, first ? acc[r][t] : _mm512_add_ps(_mm512_loadu_ps(s), acc[r][t]));
+    }
+}
+
+template <typename F>
+void with_tile_rows(int64_t rows, const F& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::BFloat16* weight,
+                           const float* bias, const std::vector<int64_t>& pair_ends) {
+  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+  const int64_t num_blocks = round_up(N, kBlockN) / kBlockN, block_pairs = round_up(K, kBlockK) / 2;
+  const auto* x = input.data_ptr<at::BFloat16>();
+  auto* y = out.data_ptr<at::BFloat16>();
+  const int64_t x_stride = input.stride(0), y_stride = out.stride(0);
+  at::parallel_for(0, num_blocks, grain_for(block_pairs * 2 * kBlockN), [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(M * kBlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_pairs * 2 * kBlockN);
+      // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
+      int64_t p0 = 0;
+      for (size_t c = 0; c < pair_ends.size(); ++c) {
+        for (int64_t r = 0; r < M; r += kMaxTileRows)
+          with_tile_rows(std::min<int64_t>(kMaxTileRows, M - r), [&](auto mt) {
+            chain<mt()>(x + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN);
+          });
+        p0 = pair_ends[c];
+      }
+      const int64_t n0 = b * kBlockN, cols = std::min(kBlockN, N - n0);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t t = 0; t < cols; t += 16) {
+          const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - t)) - 1);
+          __m512 v = _mm512_loadu_ps(sum.data() + r * kBlockN + t);
+          if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + t));
+          _mm256_mask_storeu_epi16(y + r * y_stride + n0 + t, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+  });
+}
+
+#endif
+
+}  // namespace
+
+void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
+              "bf16_blocked_linear: input must be bfloat16 [rows, in_features] with contiguous rows");
+  const int64_t M = input.size(0), K = input.size(1);
+  TORCH_CHECK(weight.is_mkldnn() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 &&
+                  weight.size(1) == K,
+              "bf16_blocked_linear: weight must be a bfloat16 MKLDNN tensor [out_features, ", K,
+              "] (torch.ops.mkldnn._reorder_linear_weight's result)");
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2,
+              "bf16_blocked_linear: the weight is not in oneDNN's AB16b64a2b layout (its size is ", mkldnn_nbytes(weight),
+              " bytes)");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.scalar_type() == at::kBFloat16 &&
+                  out.stride(1) == 1,
+              "bf16_blocked_linear: out must be bfloat16 [", M, ", ", N, "] with contiguous rows");
+  std::vector<int64_t> pair_ends;
+  int64_t previous = 0;
+  for (const int64_t e : k_chunk_ends) {
+    TORCH_CHECK(e > previous && (e % 2 == 0 || e == K) && e <= K,
+                "bf16_blocked_linear: k_chunk_ends must increase, be even (or the last, in_features) and end at ",
+                K, "; got ", k_chunk_ends);
+    pair_ends.push_back((e + 1) / 2);
+    previous = e;
+  }
+  TORCH_CHECK(previous == K, "bf16_blocked_linear: k_chunk_ends must end at in_features = ", K, "; got ",
+              k_chunk_ends);
+  at::Tensor bias_f32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bf16_blocked_linear: bias must be [", N, "]");
+    bias_f32 = bias->to(at::kFloat).contiguous();
+  }
+  if (M == 0) return;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  blocked_linear_kernel(out, input, static_cast<const at::BFloat16*>(mkldnn_data(weight)),
+                        bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, pair_ends);
+#else
+  TORCH_CHECK(false, "bf16_blocked_linear needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
+#endif
+}
+
+}  // namespace pagedlm::cpu

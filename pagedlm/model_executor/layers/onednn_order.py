@@ -1,0 +1,87 @@
+"""oneDNN's summation order for a bf16 linear, found at load time.
+
+``ops.bf16_blocked_linear`` streams a ``Linear``'s blocked weight faster than oneDNN's matmul does for
+decode-sized row counts, and sums in oneDNN's order: a chain per chunk of input features, chunks
+added left to right. A row then gets the same bits from either kernel, so ``Linear`` can pick one by
+row count without breaking batch invariance. Where the chunks start is oneDNN's choice (here: 512
+features for K <= 1024, else 1024); ``k_chunk_ends`` asks oneDNN itself, and the kernel is used for a
+weight only after it reproduced oneDNN's rows bit for bit on that weight (AMX machines, for example,
+sum in tiles this kernel does not mimic; they keep oneDNN).
+"""
+
+import logging
+
+import torch
+
+from pagedlm import ops
+
+logger = logging.getLogger(__name__)
+
+# The weight layout's input-feature block: chunk boundaries fall on multiples of it.
+_K_BLOCK = 32
+# A value whose sum with 1 rounds back to it in fp32 (its ulp is 128).
+_BIG = 2.0**30
+# Rows of the check against oneDNN: every row tile of the kernel (1..6 rows) and a full tile beyond.
+_CHECK_ROWS = 13
+
+_verified: dict[tuple, list[int] | None] = {}
+
+
+def _onednn_linear(x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, blocked_weight, bias, "none", [], "")
+
+
+def k_chunk_ends(in_features: int, reorder_rows_hint: int) -> list[int]:
+    """Where oneDNN's bf16 matmul restarts its fp32 sums along the input features (exclusive ends).
+
+    One probe matmul on a weight of ones: row ``i`` tests the boundary ``b = 32 * (i + 1)`` with
+    features ``b - 1 = 1``, ``b = 2**30`` and ``b + 1 = -2**30``. In one chain the 1 is lost to the
+    large values (the row sums to 0); across a chunk boundary the chunk sums are 1 and 0.
+    """
+    candidates = list(range(_K_BLOCK, in_features - 1, _K_BLOCK))
+    if not candidates:
+        return [in_features]
+    ones = torch.ops.mkldnn._reorder_linear_weight(torch.ones(64, in_features, dtype=torch.bfloat16), reorder_rows_hint)
+    x = torch.zeros(max(2, len(candidates)), in_features, dtype=torch.bfloat16)
+    for row, b in enumerate(candidates):
+        x[row, b - 1], x[row, b], x[row, b + 1] = 1.0, _BIG, -_BIG
+    sums = _onednn_linear(x, ones, None)[: len(candidates), 0]
+    return [b for b, s in zip(candidates, sums.tolist()) if s == 1.0] + [in_features]
+
+
+def streamed_chunk_ends(
+    blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows_hint: int
+) -> list[int] | None:
+    """oneDNN's chunk ends for ``blocked_weight`` (a bf16 MKLDNN tensor ``[out, in]``) if
+    ``ops.bf16_blocked_linear`` reproduces oneDNN's rows on it bit for bit, else None.
+
+    Checked once per (shape, bias dtype) on random rows against the weight itself; None also when the
+    kernel is unavailable (no AVX512-BF16 build, or the ops run on the torch reference).
+    """
+    out_features, in_features = blocked_weight.shape
+    key = (out_features, in_features, None if bias is None else bias.dtype, reorder_rows_hint)
+    if key not in _verified:
+        _verified[key] = _check(blocked_weight, bias, reorder_rows_hint)
+    return _verified[key]
+
+
+@torch.inference_mode()  # as the model runs: with autograd on, oneDNN adds a bias that needs grad apart
+def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows_hint: int) -> list[int] | None:
+    if ops.backend_for("cpu") != "cpu":
+        return None
+    ends = k_chunk_ends(blocked_weight.shape[1], reorder_rows_hint)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_CHECK_ROWS, blocked_weight.shape[1], generator=generator).to(torch.bfloat16)
+    expected = _onednn_linear(x, blocked_weight, bias)
+    try:
+        for rows in [*range(1, 7), _CHECK_ROWS]:
+            out = torch.empty(rows, blocked_weight.shape[0], dtype=torch.bfloat16)
+            ops.bf16_blocked_linear(out, x[:rows], blocked_weight, bias, ends)
+            if not torch.equal(out, expected[:rows]):
+                logger.info("bf16 linear %s: oneDNN sums in another order here; it keeps every row count",
+                            tuple(blocked_weight.shape))
+                return None
+    except RuntimeError as exc:  # a build without AVX512-BF16
+        logger.info("bf16 linear: the streaming kernel is unavailable (%s); oneDNN runs every row count", exc)
+        return None
+    return ends

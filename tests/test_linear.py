@@ -1,0 +1,124 @@
+"""The bf16 streaming linear (ops.bf16_blocked_linear) against its reference and against oneDNN.
+
+Its point is to give every row the bits oneDNN's matmul gives it, so the checks are bit for bit:
+the CPU kernel against the reference's emulation of the summation order, the kernel on the chunk
+ends found for a weight against oneDNN's own rows, and ``Linear`` (which switches kernels by row
+count) row by row across row counts.
+"""
+
+import pytest
+import torch
+
+from pagedlm import ops
+from pagedlm.model_executor.layers import linear, onednn_order
+from pagedlm.model_executor.layers.linear import Linear
+from pagedlm.ops import reference
+
+pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
+if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    pytest.skip("oneDNN has no bf16 matmul on this CPU", allow_module_level=True)
+
+
+def operands(num_rows: int, out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 rows and a blocked weight whose products cancel: half the features are copies of the
+    other half (x 64) with negated weights. Partial sums are then large and the totals small, so
+    adding in any other order changes ~5% of the outputs' bits, and a wrong order cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    perm = torch.randperm(in_features, generator=gen)
+    first, second = perm[: in_features // 2], perm[in_features // 2 : 2 * (in_features // 2)]
+    x[:, first] *= 64
+    x[:, second] = x[:, first]
+    weight[:, second] = -weight[:, first]
+    return x.to(torch.bfloat16), torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 64)
+
+
+def kernel_or_skip(*args) -> None:
+    try:
+        torch.ops.pagedlm.bf16_blocked_linear(*args)
+    except RuntimeError as exc:
+        if "AVX512-BF16" not in str(exc):
+            raise
+        pytest.skip("pagedlm._C was built without AVX512-BF16")
+
+
+@pytest.mark.parametrize(
+    "out_features,in_features,chunks",
+    [(64, 32, []), (100, 50, [32]), (130, 33, []), (200, 96, [32, 64]), (70, 1100, [512, 1024]), (16, 7, [])],
+)
+@pytest.mark.parametrize("num_rows", [1, 5, 13])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_kernel_equals_reference_bits(out_features, in_features, chunks, num_rows, with_bias):
+    dense_x, weight = operands(num_rows, out_features, in_features)
+    # Strided rows on both sides: the op only needs each row's features contiguous.
+    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 1 : in_features + 1]
+    x.copy_(dense_x)
+    bias = torch.randn(out_features).to(torch.bfloat16) if with_bias else None
+    ends = [*chunks, in_features]
+    out = torch.full((num_rows, out_features + 5), float("nan"), dtype=torch.bfloat16)[:, :out_features]
+    kernel_or_skip(out, x, weight, bias, ends)
+    expected = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
+    reference.bf16_blocked_linear(expected, x, weight, bias, ends)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (64, 1024), (96, 4864), (130, 33)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_kernel_reproduces_onednn_rows(out_features, in_features, with_bias):
+    x, weight = operands(40, out_features, in_features)
+    bias = torch.randn(out_features).to(torch.bfloat16) if with_bias else None
+    ends = onednn_order.streamed_chunk_ends(weight, bias, 64)
+    if ends is None:
+        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine (Linear keeps oneDNN)")
+    expected = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    for count in (1, 2, 3, 8, 17, 40):
+        out = torch.empty(count, out_features, dtype=torch.bfloat16)
+        ops.bf16_blocked_linear(out, x[:count], weight, bias, ends)
+        assert torch.equal(out, expected[:count]), count
+
+
+def test_chunk_probe_finds_a_split():
+    # K = 1536 is summed in two chunks by oneDNN 3.x's brgemm here; the probe must see at least one
+    # restart, or its rows test nothing (the bit check above would then fail on real weights).
+    ends = onednn_order.k_chunk_ends(1536, 64)
+    assert ends[-1] == 1536 and len(ends) > 1 and all(e % 32 == 0 for e in ends)
+    assert onednn_order.k_chunk_ends(40, 64) == [40]
+
+
+def test_linear_rows_equal_at_every_row_count():
+    x, weight = operands(linear._STREAMED_MAX_ROWS + 40, 300, 1536)
+    layer = Linear(1536, 300, bias=True).to(torch.bfloat16)
+    layer.weight = torch.nn.Parameter(weight.to_dense(), requires_grad=False)
+    layer.process_weights_after_loading()
+    if layer.k_chunk_ends is None:
+        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine")
+    with torch.inference_mode():
+        full = layer(x)
+        for count in (1, 2, 6, linear._STREAMED_MAX_ROWS, linear._STREAMED_MAX_ROWS + 1):
+            assert torch.equal(layer(x[:count]), full[:count]), count
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "k_chunk_ends": [64, 32, 96]}, "k_chunk_ends must increase"),
+        (lambda a: {**a, "k_chunk_ends": [33, 96]}, "be even"),
+        (lambda a: {**a, "k_chunk_ends": [32, 64]}, "end at in_features = 96"),
+        (lambda a: {**a, "weight": torch.zeros(64, 96, dtype=torch.bfloat16)}, "MKLDNN tensor"),
+        (lambda a: {**a, "input": a["input"].float()}, "input must be bfloat16"),
+        (lambda a: {**a, "out": torch.empty(4, 63, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, 64\]"),
+        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be \[64\]"),
+    ],
+)
+def test_bad_arguments_are_named(change, message):
+    x, weight = operands(4, 64, 96)
+    args = {
+        "out": torch.empty(4, 64, dtype=torch.bfloat16),
+        "input": x,
+        "weight": weight,
+        "bias": None,
+        "k_chunk_ends": [32, 96],
+    }
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pagedlm.bf16_blocked_linear(**change(args))
