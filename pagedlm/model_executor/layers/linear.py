@@ -9,9 +9,10 @@ from pagedlm.model_executor.layers.onednn_order import streamed_chunk_ends
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
 _REORDER_ROWS_HINT = 64
-# Up to this many rows ops.bf16_blocked_linear beats oneDNN's bf16 matmul (1.7-1.9x at 1-2 rows,
-# 1.1-1.3x at 8-128, even at 256 and 0.96x at 512, on the AMD EPYC of docs/performance.md).
-_STREAMED_MAX_ROWS = 128
+# Up to this many rows ops.bf16_blocked_linear is at least as fast as oneDNN's bf16 matmul (1.7x at
+# 1-2 rows, 1.2-1.4x at 8-16, 1.0-1.07x at 128-256, 0.96x at 512: benchmarks/linear_bench.py on the
+# AMD EPYC of docs/performance.md).
+_STREAMED_MAX_ROWS = 256
 
 
 def _onednn_reorders(weight: torch.Tensor) -> bool:

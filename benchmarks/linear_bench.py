@@ -1,0 +1,90 @@
+"""bf16 linears of a model's shape: oneDNN's matmul against pagedlm's streaming kernel, per row count.
+
+Every linear of one forward pass (each layer's qkv, o, gate_up and down, then the LM head), each
+with its own random weight in oneDNN's blocked layout, so the weights come from memory as in a
+decode step. Per row count, interleaved: the fastest of ``--rounds`` passes through oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, one row run as two as ``Linear`` does without the kernel)
+and through ``ops.bf16_blocked_linear`` on the chunk ends ``onednn_order`` finds. The table gives
+both times, the weight bytes per second (against one read of the weights at the copy bandwidth,
+measured in the same run), GFLOP/s, the ratio, and other processes' CPU (cores) meanwhile.
+
+    python benchmarks/linear_bench.py --model-shape smollm2 --rows 1,2,8,16,64,128,256
+"""
+
+import argparse
+import time
+
+import torch
+
+from jobs import Load
+from kernel_bench import copy_bandwidth
+from pagedlm import ops
+from pagedlm.model_executor.layers import onednn_order
+
+# (hidden, q heads, kv heads, head size, intermediate, layers, vocab)
+SHAPES = {
+    "smollm2": (576, 9, 3, 64, 1536, 30, 49152),
+    "qwen2-0.5b": (896, 14, 2, 64, 4864, 24, 151936),
+}
+
+
+def linear_shapes(name: str) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every linear of one forward pass."""
+    hidden, heads, kv_heads, head_size, intermediate, layers, vocab = SHAPES[name]
+    layer = [
+        ((heads + 2 * kv_heads) * head_size, hidden),
+        (hidden, heads * head_size),
+        (2 * intermediate, hidden),
+        (hidden, intermediate),
+    ]
+    return layer * layers + [(vocab, hidden)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-shape", default="smollm2", choices=sorted(SHAPES))
+    parser.add_argument("--rows", default="1,2,8,16,64,128,256", help="comma-separated row counts")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    shapes = linear_shapes(args.model_shape)
+    ends = {k: onednn_order.k_chunk_ends(k, 64) for k in {k for _, k in shapes}}
+    weights = [torch.ops.mkldnn._reorder_linear_weight((torch.randn(n, k) * 0.05).to(torch.bfloat16), 64)
+               for n, k in shapes]
+    weight_bytes = sum(2 * n * k for n, k in shapes)
+    bandwidth = copy_bandwidth(torch.device("cpu"), iters=5)
+    print(f"{args.model_shape}: {len(shapes)} bf16 linears, {weight_bytes / 1e6:.0f} MB of weights, "
+          f"{torch.get_num_threads()} threads; copy bandwidth (1 GiB copy_, read + write) {bandwidth / 1e9:.1f} GB/s "
+          f"= one weight read in {1e3 * weight_bytes / bandwidth:.2f} ms; K chunk ends {ends}")
+    header = (f"{'rows':>5} {'oneDNN ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'pagedlm ms':>11} {'GB/s':>6} {'GFLOP/s':>8} "
+              f"{'oneDNN/pagedlm':>15} {'others':>7}")
+    print(header)
+    print("-" * len(header))
+    for rows in (int(r) for r in args.rows.split(",")):
+        inputs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in ends}
+        outputs = [torch.empty(rows, n, dtype=torch.bfloat16) for n, _ in shapes]
+
+        def onednn() -> None:
+            for (_, k), w in zip(shapes, weights):
+                x = inputs[k] if rows > 1 else inputs[k].expand(2, -1)
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+        def streamed() -> None:
+            for (_, k), w, out in zip(shapes, weights, outputs):
+                ops.bf16_blocked_linear(out, inputs[k], w, None, ends[k])
+
+        best = {onednn: float("inf"), streamed: float("inf")}
+        with Load() as load:
+            for _ in range(args.rounds):
+                for fn in best:
+                    start = time.perf_counter()
+                    fn()
+                    best[fn] = min(best[fn], time.perf_counter() - start)
+        flops = 2 * rows * weight_bytes / 2
+        a, b = best[onednn], best[streamed]
+        print(f"{rows:5d} {1e3 * a:10.2f} {weight_bytes / a / 1e9:6.1f} {flops / a / 1e9:8.0f} {1e3 * b:11.2f} "
+              f"{weight_bytes / b / 1e9:6.1f} {flops / b / 1e9:8.0f} {a / b:14.2f}x {load.others:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
