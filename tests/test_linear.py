@@ -99,6 +99,38 @@ def test_linear_rows_equal_at_every_row_count():
             assert torch.equal(layer(x[:count]), full[:count]), count
 
 
+@pytest.mark.parametrize("in_features", [513, 1025, 2049])
+def test_linear_rows_equal_with_a_one_feature_last_chunk(in_features):
+    # oneDNN sums the last feature apart when in_features is 1 past a chunk boundary; only a
+    # subnormal running sum, which vdpbf16ps flushes within a chain, shows it (the bias exposes it).
+    layer = Linear(in_features, 64, bias=True).to(torch.bfloat16)
+    weight = torch.zeros(64, in_features)
+    weight[:, 0], weight[:, in_features - 1] = 1.5e-38, 8e-38
+    layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.full((64,), 1.2e-38, dtype=torch.bfloat16), requires_grad=False)
+    layer.process_weights_after_loading()
+    if layer.k_chunk_ends is None:
+        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine")
+    x = torch.zeros(linear._STREAMED_MAX_ROWS + 44, in_features)
+    x[:, 0], x[:, in_features - 1] = 1.0, -0.125
+    x = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layer(x[:1]), layer(x)[:1])
+
+
+def test_linear_takes_any_leading_shape_and_strided_features():
+    x, weight = operands(12, 200, 576)
+    layer = Linear(576, 200, bias=True).to(torch.bfloat16)
+    layer.weight = torch.nn.Parameter(weight.to_dense(), requires_grad=False)
+    layer.process_weights_after_loading()
+    with torch.inference_mode():
+        flat = layer(x)
+        assert torch.equal(layer(x.view(3, 4, 576)), flat.view(3, 4, 200))
+        assert torch.equal(layer(x.t().contiguous().t()), flat)
+    with torch.enable_grad():  # the bias no longer needs grad, so oneDNN adds it as the kernel does
+        assert torch.equal(layer(x[:1]), layer(torch.cat([x] * 30))[:1])
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -108,7 +140,8 @@ def test_linear_rows_equal_at_every_row_count():
         (lambda a: {**a, "weight": torch.zeros(64, 96, dtype=torch.bfloat16)}, "MKLDNN tensor"),
         (lambda a: {**a, "input": a["input"].float()}, "input must be bfloat16"),
         (lambda a: {**a, "out": torch.empty(4, 63, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, 64\]"),
-        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be \[64\]"),
+        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
+        (lambda a: {**a, "bias": torch.zeros(64, dtype=torch.int64)}, "bias must be a floating-point"),
     ],
 )
 def test_bad_arguments_are_named(change, message):
@@ -122,3 +155,10 @@ def test_bad_arguments_are_named(change, message):
     }
     with pytest.raises(RuntimeError, match=message):
         torch.ops.pagedlm.bf16_blocked_linear(**change(args))
+
+
+def test_a_weight_of_another_size_is_refused():
+    x, _ = operands(4, 60, 90)
+    plain = torch.zeros(60, 90, dtype=torch.bfloat16).to_mkldnn()  # 10,800 bytes; AB16b64a2b pads to 12,288
+    with pytest.raises(RuntimeError, match="weight must be in oneDNN's AB16b64a2b layout"):
+        torch.ops.pagedlm.bf16_blocked_linear(torch.empty(4, 60, dtype=torch.bfloat16), x, plain, None, [90])

@@ -143,9 +143,11 @@ void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Ten
               "bf16_blocked_linear: weight must be a bfloat16 MKLDNN tensor [out_features, ", K,
               "] (torch.ops.mkldnn._reorder_linear_weight's result)");
   const int64_t N = weight.size(0);
+  // Only the size can be checked here; a weight in another layout of the same size gives wrong sums.
   TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2,
-              "bf16_blocked_linear: the weight is not in oneDNN's AB16b64a2b layout (its size is ", mkldnn_nbytes(weight),
-              " bytes)");
+              "bf16_blocked_linear: weight must be in oneDNN's AB16b64a2b layout "
+              "(torch.ops.mkldnn._reorder_linear_weight(w, 64)); its ", mkldnn_nbytes(weight),
+              " bytes are not that layout's size");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.scalar_type() == at::kBFloat16 &&
                   out.stride(1) == 1,
               "bf16_blocked_linear: out must be bfloat16 [", M, ", ", N, "] with contiguous rows");
@@ -162,7 +164,9 @@ void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Ten
               k_chunk_ends);
   at::Tensor bias_f32;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bf16_blocked_linear: bias must be [", N, "]");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu() &&
+                    at::isFloatingType(bias->scalar_type()),
+                "bf16_blocked_linear: bias must be a floating-point CPU tensor [", N, "]");
     bias_f32 = bias->to(at::kFloat).contiguous();
   }
   if (M == 0) return;

@@ -81,13 +81,15 @@ Linear op (CPU, bfloat16):
 * ``bf16_blocked_linear(out, input, weight, bias, k_chunk_ends)``: ``out = input @ weight.T + bias``
   for ``input`` bf16 ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` the
   bf16 MKLDNN tensor ``torch.ops.mkldnn._reorder_linear_weight`` returns in oneDNN's AB16b64a2b layout
-  (blocks of 64 output by 32 input features, zero-padded), ``bias`` ``[out_features]`` (any float
-  dtype) or None, ``out`` bf16 ``[rows, out_features]``. The sums follow oneDNN's brgemm order:
+  (blocks of 64 output by 32 input features, zero-padded), ``bias`` ``[out_features]`` (any floating
+  dtype, on the CPU) or None, ``out`` bf16 ``[rows, out_features]``. The sums follow oneDNN's brgemm order:
   ``k_chunk_ends`` (increasing, even except the last, which is ``in_features``) splits the features
   into chunks; each chunk is one fp32 chain over its feature pairs ``(2p, 2p + 1)``, the odd
   feature's exact product added first (one ``vdpbf16ps`` step); the chunk sums are added left to
   right, then the bias, and the total rounded to bf16. The CPU kernel needs an AVX512-BF16 build
-  (it raises otherwise) and flushes subnormals as ``vdpbf16ps`` does; the reference does not.
+  (it raises otherwise) and flushes subnormal running sums within a chain as ``vdpbf16ps`` does;
+  the reference does not, and its NaNs may have other bit patterns. The kernel checks the weight's
+  size, not its layout: an MKLDNN tensor in another layout of the same size gives wrong sums.
   ``pagedlm.model_executor.layers.onednn_order`` finds oneDNN's chunks for a weight.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:

@@ -33,7 +33,7 @@ class Linear(nn.Linear):
     ``_STREAMED_MAX_ROWS`` rows run on ``ops.bf16_blocked_linear`` over the same weight, which gives
     each row oneDNN's bits (``onednn_order``) at the weights' streaming rate.
 
-    Input ``[rows, in_features]``, output ``[rows, out_features]``, in the weight's dtype.
+    Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
     blocked_layout = False
@@ -45,19 +45,26 @@ class Linear(nn.Linear):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
             self.weight = nn.Parameter(blocked, requires_grad=False)
             self.blocked_layout = True
+            if self.bias is not None:
+                # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
+                self.bias.requires_grad_(False)
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocked_layout:
-            if self.k_chunk_ends is not None and x.shape[0] <= _STREAMED_MAX_ROWS:
-                out = x.new_empty(x.shape[0], self.out_features)
-                ops.bf16_blocked_linear(out, x, self.weight, self.bias, self.k_chunk_ends)
-                return out
-            if x.shape[0] == 1:
-                # oneDNN takes another kernel for one row whose sums round differently: a request's
-                # results would depend on whether it ran alone. Two rows take the kernel every other
-                # row count does (measured bit-identical per row for 2..4096 rows).
-                return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), self.weight, self.bias, "none", [], "")[:1]
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if not self.blocked_layout:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if self.k_chunk_ends is not None and rows.shape[0] <= _STREAMED_MAX_ROWS:
+            out = rows.new_empty(rows.shape[0], self.out_features)
+            ops.bf16_blocked_linear(out, rows, self.weight, self.bias, self.k_chunk_ends)
+        elif rows.shape[0] == 1:
+            # oneDNN takes another kernel for one row whose sums round differently: a request's
+            # results would depend on whether it ran alone. Two rows take the kernel every other
+            # row count does (measured bit-identical per row for 2..4096 rows).
+            out = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1), self.weight, self.bias, "none", [], "")[:1]
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _K_BLOCK = 32
 # A value whose sum with 1 rounds back to it in fp32 (its ulp is 128).
 _BIG = 2.0**30
+# Candidate boundaries per probe matmul.
+_PROBE_ROWS = 256
 # Rows of the check against oneDNN: every row tile of the kernel (1..6 rows) and a full tile beyond.
 _CHECK_ROWS = 13
 
@@ -34,19 +36,32 @@ def _onednn_linear(x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Te
 def k_chunk_ends(in_features: int, reorder_rows_hint: int) -> list[int]:
     """Where oneDNN's bf16 matmul restarts its fp32 sums along the input features (exclusive ends).
 
-    One probe matmul on a weight of ones: row ``i`` tests the boundary ``b = 32 * (i + 1)`` with
+    Probe matmuls on a weight of ones, one row per candidate boundary ``b`` (a multiple of 32):
     features ``b - 1 = 1``, ``b = 2**30`` and ``b + 1 = -2**30``. In one chain the 1 is lost to the
-    large values (the row sums to 0); across a chunk boundary the chunk sums are 1 and 0.
+    large values (the row sums to 0); across a chunk boundary the chunk sums are 1 and 0. A boundary
+    before the last feature has no ``b + 1``; there the chains differ only in that ``vdpbf16ps``
+    flushes a subnormal running sum to zero while adding chunk sums does not, so its row is
+    ``b - 1 = 2**-125``, ``b = -1.5 * 2**-126`` with a bias of ``2**-125`` that exposes the
+    subnormal ``2**-127`` only when the two features are summed apart.
     """
-    candidates = list(range(_K_BLOCK, in_features - 1, _K_BLOCK))
-    if not candidates:
-        return [in_features]
     ones = torch.ops.mkldnn._reorder_linear_weight(torch.ones(64, in_features, dtype=torch.bfloat16), reorder_rows_hint)
-    x = torch.zeros(max(2, len(candidates)), in_features, dtype=torch.bfloat16)
-    for row, b in enumerate(candidates):
-        x[row, b - 1], x[row, b], x[row, b + 1] = 1.0, _BIG, -_BIG
-    sums = _onednn_linear(x, ones, None)[: len(candidates), 0]
-    return [b for b, s in zip(candidates, sums.tolist()) if s == 1.0] + [in_features]
+    ends = []
+    candidates = list(range(_K_BLOCK, in_features - 1, _K_BLOCK))
+    for first in range(0, len(candidates), _PROBE_ROWS):  # bounded probe memory for wide layers
+        batch = candidates[first : first + _PROBE_ROWS]
+        x = torch.zeros(max(2, len(batch)), in_features, dtype=torch.bfloat16)
+        for row, b in enumerate(batch):
+            x[row, b - 1], x[row, b], x[row, b + 1] = 1.0, _BIG, -_BIG
+        sums = _onednn_linear(x, ones, None)[: len(batch), 0]
+        ends += [b for b, s in zip(batch, sums.tolist()) if s == 1.0]
+    last = in_features - 1
+    if last > 0 and last % _K_BLOCK == 0:
+        x = torch.zeros(2, in_features, dtype=torch.bfloat16)
+        x[:, last - 1], x[:, last] = 2.0**-125, -1.5 * 2.0**-126
+        bias = torch.full((64,), 2.0**-125, dtype=torch.bfloat16)
+        if _onednn_linear(x, ones, bias)[0, 0].item() != 2.0**-125:
+            ends.append(last)
+    return ends + [in_features]
 
 
 def streamed_chunk_ends(
@@ -81,7 +96,8 @@ def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows
                 logger.info("bf16 linear %s: oneDNN sums in another order here; it keeps every row count",
                             tuple(blocked_weight.shape))
                 return None
-    except RuntimeError as exc:  # a build without AVX512-BF16
-        logger.info("bf16 linear: the streaming kernel is unavailable (%s); oneDNN runs every row count", exc)
+    except RuntimeError as exc:  # the kernel refused, e.g. in a build without AVX512-BF16
+        logger.info("bf16 linear %s: the streaming kernel is unavailable (%s); oneDNN runs every row count",
+                    tuple(blocked_weight.shape), exc)
         return None
     return ends
