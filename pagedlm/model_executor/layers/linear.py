@@ -54,9 +54,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.blocked_layout:
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
+        rows = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
         if self.k_chunk_ends is not None and rows.shape[0] <= _STREAMED_MAX_ROWS:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_blocked_linear(out, rows, self.weight, self.bias, self.k_chunk_ends)
@@ -67,4 +65,4 @@ class Linear(nn.Linear):
             out = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1), self.weight, self.bias, "none", [], "")[:1]
         else:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if rows is x else out.view(*x.shape[:-1], self.out_features)
