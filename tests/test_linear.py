@@ -78,12 +78,19 @@ def test_kernel_reproduces_onednn_rows(out_features, in_features, with_bias):
         assert torch.equal(out, expected[:count]), count
 
 
-def test_chunk_probe_finds_a_split():
-    # K = 1536 is summed in two chunks by oneDNN 3.x's brgemm here; the probe must see at least one
-    # restart, or its rows test nothing (the bit check above would then fail on real weights).
-    ends = onednn_order.k_chunk_ends(1536, 64)
-    assert ends[-1] == 1536 and len(ends) > 1 and all(e % 32 == 0 for e in ends)
-    assert onednn_order.k_chunk_ends(40, 64) == [40]
+def test_chunk_probe_splits_where_oneDNN_does():
+    # A split the probe reports must be real: one chain over all of K then misses oneDNN's bits.
+    x, weight = operands(40, 96, 1536)
+    ends = onednn_order.streamed_chunk_ends(weight, None, 64)
+    if ends is None:
+        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine (Linear keeps oneDNN)")
+    if ends == [1536]:
+        pytest.skip("oneDNN sums K = 1536 in one chain on this machine")
+    assert all(e % 32 == 0 for e in ends[:-1])
+    expected = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    one_chain = torch.empty(40, 96, dtype=torch.bfloat16)
+    ops.bf16_blocked_linear(one_chain, x, weight, None, [1536])
+    assert not torch.equal(one_chain, expected)
 
 
 def test_linear_rows_equal_at_every_row_count():
