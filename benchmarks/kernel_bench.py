@@ -14,6 +14,7 @@ what transformers' ``sdpa`` runs) on the same K/V, gathered into contiguous tens
     python benchmarks/kernel_bench.py --dtypes bf16 --kv-cache-dtypes auto,fp8_e4m3
     python benchmarks/kernel_bench.py --device cuda
     python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 2048,8192
+    python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 8192 --chunk 2048
 """
 
 import argparse
@@ -82,6 +83,17 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * 4096**3 / timeit(lambda: a @ a, device, iters=4, warmup=1)
 
 
+def chunked_prefill(out, query, key_cache, value_cache, tables, scale: float, chunk: int) -> None:
+    """The prompt as chunked prefill runs it: each chunk's queries over the cached prefix and itself."""
+    n = query.shape[0]
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        cu_seqlens_q = torch.tensor([0, end - start], dtype=torch.int32, device=query.device)
+        seq_lens = torch.tensor([end], dtype=torch.int32, device=query.device)
+        ops.paged_prefill_attention(out[start:end], query[start:end], key_cache, value_cache, tables, cu_seqlens_q,
+                                    seq_lens, scale)
+
+
 def prefill(args, device: torch.device) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     group = args.num_heads // args.num_kv_heads
@@ -90,6 +102,8 @@ def prefill(args, device: torch.device) -> None:
         f"{args.num_heads} q heads / {args.num_kv_heads} kv heads, head size {args.head_size}, block size {args.block_size}\n"
     )
     header = f"{'dtype':<6} {'tokens':>7} {'pagedlm ms':>11} {'GFLOP/s':>8} {'% peak':>7} {'sdpa ms':>9} {'% peak':>7} {'sdpa/pagedlm':>13}"
+    if args.chunk:
+        header += f" {f'{args.chunk}-token chunks ms':>22} {'chunked/one pass':>17}"
     print(header)
     print("-" * len(header))
     for name in args.dtypes.split(","):
@@ -119,10 +133,15 @@ def prefill(args, device: torch.device) -> None:
             sdpa = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
                           device, args.prefill_iters, warmup=1)
             flops = 4 * args.num_heads * args.head_size * n * (n + 1) / 2
-            print(
+            row = (
                 f"{name:<6} {n:7d} {seconds * 1e3:11.1f} {flops / seconds / 1e9:8.0f} {100 * flops / seconds / peak:6.1f}% "
                 f"{sdpa * 1e3:9.1f} {100 * flops / sdpa / peak:6.1f}% {sdpa / seconds:12.2f}x"
             )
+            if args.chunk:
+                chunked = timeit(lambda: chunked_prefill(out, query, key_cache, value_cache, tables, scale, args.chunk),
+                                 device, args.prefill_iters, warmup=1)
+                row += f" {chunked * 1e3:22.1f} {chunked / seconds:16.2f}x"
+            print(row)
         print(f"{name} matmul peak (4096^3 torch.matmul): {peak / 1e9:.0f} GFLOP/s")
 
 
@@ -144,6 +163,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-lens", default="512,2048,8192", help="prefill: comma-separated prompt lengths")
     parser.add_argument("--prefill-iters", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="prefill: also time the prompt in chunks of this many tokens over the cached prefix")
     args = parser.parse_args()
 
     device = torch.device(args.device)
