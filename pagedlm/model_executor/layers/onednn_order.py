@@ -23,8 +23,9 @@ _K_BLOCK = 32
 _BIG = 2.0**30
 # Candidate boundaries per probe matmul.
 _PROBE_ROWS = 256
-# Rows of the check against oneDNN: every row tile of the kernel (1..6 rows) and a full tile beyond.
-_CHECK_ROWS = 13
+# Rows of the check against oneDNN: enough elements that a wrong chunk boundary, which changes about
+# one bf16 result in 10^4 on random rows, shows (the kernel's row tiles of 1..6 rows are checked too).
+_CHECK_ROWS = 256
 
 _verified: dict[tuple, list[int] | None] = {}
 
@@ -89,11 +90,11 @@ def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows
     x = torch.randn(_CHECK_ROWS, blocked_weight.shape[1], generator=generator).to(torch.bfloat16)
     expected = _onednn_linear(x, blocked_weight, bias)
     try:
-        for rows in [*range(1, 7), _CHECK_ROWS]:
+        for rows in [*range(1, 7), _CHECK_ROWS]:  # every row tile size of the kernel, then many rows
             out = torch.empty(rows, blocked_weight.shape[0], dtype=torch.bfloat16)
             ops.bf16_blocked_linear(out, x[:rows], blocked_weight, bias, ends)
             if not torch.equal(out, expected[:rows]):
-                logger.info("bf16 linear %s: oneDNN sums in another order here; it keeps every row count",
+                logger.info("bf16 linear %s: oneDNN sums in another order here; oneDNN keeps every row count",
                             tuple(blocked_weight.shape))
                 return None
     except RuntimeError as exc:  # the kernel refused, e.g. in a build without AVX512-BF16
