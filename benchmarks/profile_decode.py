@@ -223,7 +223,8 @@ def roofline(args: argparse.Namespace, model: str) -> None:
         runner = llm.llm_engine.model_runner
         linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
         matmul_ms = 1e3 * linear_seconds(linears, batch)
-        kv_ms = 1e3 * batch * run.context * block_bytes(runner.model_config, runner.cache_config) / runner.cache_config.block_size / bandwidth
+        token_bytes = block_bytes(runner.model_config, runner.cache_config) / runner.cache_config.block_size
+        kv_ms = 1e3 * batch * run.context * token_bytes / bandwidth
         weights_ms = 1e3 * sum(m.weight.numel() * m.weight.element_size() for m in linears) / bandwidth
         step_ms = 1e3 * sum(run.seconds) / len(run.seconds)
         print(f"{batch:>5} {run.context:7.0f} {step_ms:8.2f} {matmul_ms:9.2f} {kv_ms:6.2f} {matmul_ms + kv_ms:11.2f} "
