@@ -15,34 +15,33 @@ import argparse
 import time
 
 import torch
+from transformers import AutoConfig
 
 from jobs import Load
 from kernel_bench import copy_bandwidth
-from pagedlm import ops
+from pagedlm import default_model_path, ops
 from pagedlm.model_executor.layers import onednn_order
-
-# (hidden, q heads, kv heads, head size, intermediate, layers, vocab)
-SHAPES = {
-    "smollm2": (576, 9, 3, 64, 1536, 30, 49152),
-    "qwen2-0.5b": (896, 14, 2, 64, 4864, 24, 151936),
-}
+from throughput import MODEL_SHAPES
 
 
 def linear_shapes(name: str) -> list[tuple[int, int]]:
-    """(out_features, in_features) of every linear of one forward pass."""
-    hidden, heads, kv_heads, head_size, intermediate, layers, vocab = SHAPES[name]
+    """(out_features, in_features) of every linear of one forward pass: "smollm2" is the default
+    model's config, the others ``throughput.py``'s random-weight shapes."""
+    c = AutoConfig.from_pretrained(default_model_path()).to_dict() if name == "smollm2" else MODEL_SHAPES[name]
+    hidden, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_size = hidden // heads
     layer = [
         ((heads + 2 * kv_heads) * head_size, hidden),
         (hidden, heads * head_size),
-        (2 * intermediate, hidden),
-        (hidden, intermediate),
+        (2 * c["intermediate_size"], hidden),
+        (hidden, c["intermediate_size"]),
     ]
-    return layer * layers + [(vocab, hidden)]
+    return layer * c["num_hidden_layers"] + [(c["vocab_size"], hidden)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-shape", default="smollm2", choices=sorted(SHAPES))
+    parser.add_argument("--model-shape", default="smollm2", choices=["smollm2", *MODEL_SHAPES])
     parser.add_argument("--rows", default="1,2,8,16,64,128,256", help="comma-separated row counts")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
