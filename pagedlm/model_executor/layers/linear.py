@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedlm import ops
-from pagedlm.model_executor.layers.onednn_order import streamed_chunk_ends
+from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_chunk_ends
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
 _REORDER_ROWS_HINT = 64
@@ -62,7 +62,7 @@ class Linear(nn.Linear):
             # oneDNN takes another kernel for one row whose sums round differently: a request's
             # results would depend on whether it ran alone. Two rows take the kernel every other
             # row count does (measured bit-identical per row for 2..4096 rows).
-            out = torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1), self.weight, self.bias, "none", [], "")[:1]
+            out = onednn_linear(rows.expand(2, -1), self.weight, self.bias)[:1]
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+            out = onednn_linear(rows, self.weight, self.bias)
         return out if rows is x else out.view(*x.shape[:-1], self.out_features)

@@ -9,6 +9,7 @@ weight only after it reproduced oneDNN's rows bit for bit on that weight (AMX ma
 sum in tiles this kernel does not mimic; they keep oneDNN).
 """
 
+import functools
 import logging
 
 import torch
@@ -30,10 +31,12 @@ _CHECK_ROWS = 256
 _verified: dict[tuple, list[int] | None] = {}
 
 
-def _onednn_linear(x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul ``x @ weight.T + bias`` on a weight from ``torch.ops.mkldnn._reorder_linear_weight``."""
     return torch.ops.mkldnn._linear_pointwise(x, blocked_weight, bias, "none", [], "")
 
 
+@functools.cache  # layers of one in_features share it (qkv and gate_up; o and down when equal)
 def k_chunk_ends(in_features: int, reorder_rows_hint: int) -> list[int]:
     """Where oneDNN's bf16 matmul restarts its fp32 sums along the input features (exclusive ends).
 
@@ -53,14 +56,14 @@ def k_chunk_ends(in_features: int, reorder_rows_hint: int) -> list[int]:
         x = torch.zeros(max(2, len(batch)), in_features, dtype=torch.bfloat16)
         for row, b in enumerate(batch):
             x[row, b - 1], x[row, b], x[row, b + 1] = 1.0, _BIG, -_BIG
-        sums = _onednn_linear(x, ones, None)[: len(batch), 0]
+        sums = onednn_linear(x, ones, None)[: len(batch), 0]
         ends += [b for b, s in zip(batch, sums.tolist()) if s == 1.0]
     last = in_features - 1
     if last > 0 and last % _K_BLOCK == 0:
         x = torch.zeros(2, in_features, dtype=torch.bfloat16)
         x[:, last - 1], x[:, last] = 2.0**-125, -1.5 * 2.0**-126
         bias = torch.full((64,), 2.0**-125, dtype=torch.bfloat16)
-        if _onednn_linear(x, ones, bias)[0, 0].item() != 2.0**-125:
+        if onednn_linear(x, ones, bias)[0, 0].item() != 2.0**-125:
             ends.append(last)
     return ends + [in_features]
 
@@ -88,7 +91,7 @@ def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows
     ends = k_chunk_ends(blocked_weight.shape[1], reorder_rows_hint)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(_CHECK_ROWS, blocked_weight.shape[1], generator=generator).to(torch.bfloat16)
-    expected = _onednn_linear(x, blocked_weight, bias)
+    expected = onednn_linear(x, blocked_weight, bias)
     try:
         for rows in [*range(1, 7), _CHECK_ROWS]:  # every row tile size of the kernel, then many rows
             out = torch.empty(rows, blocked_weight.shape[0], dtype=torch.bfloat16)
