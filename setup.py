@@ -27,6 +27,9 @@ AVX512_FLAGS = {
     "-mfma": "fma",
 }
 
+# The tile instructions of csrc/cpu/amx_linear.cpp (Sapphire Rapids and later).
+AMX_FLAGS = {"-mamx-tile": "amx_tile", "-mamx-bf16": "amx_bf16"}
+
 
 def cxx() -> str:
     return os.environ.get("CXX", "c++")
@@ -42,7 +45,8 @@ def compiler_accepts(flags: list[str]) -> bool:
 
 
 def cpu_arch_flags() -> list[str]:
-    """AVX-512 flags when both this CPU and the compiler support them; PAGEDLM_CPU_ARCH_FLAGS overrides."""
+    """AVX-512 flags (plus AMX's) when both this CPU and the compiler support them;
+    PAGEDLM_CPU_ARCH_FLAGS overrides."""
     if "PAGEDLM_CPU_ARCH_FLAGS" in os.environ:
         return os.environ["PAGEDLM_CPU_ARCH_FLAGS"].split()
     try:
@@ -52,6 +56,9 @@ def cpu_arch_flags() -> list[str]:
         cpu_flags = set()
     flags = list(AVX512_FLAGS)
     if cpu_flags.issuperset(AVX512_FLAGS.values()) and compiler_accepts(flags):
+        amx = [*flags, *AMX_FLAGS]
+        if cpu_flags.issuperset(AMX_FLAGS.values()) and compiler_accepts(amx):
+            return amx
         return flags
     print("pagedlm: AVX-512 (f/bw/vl/dq/bf16) not available on this CPU or compiler; building portable kernels")
     return []

@@ -30,6 +30,7 @@ TORCH_LIBRARY(pagedlm, m) {
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
       "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def("bf16_blocked_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
+  m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -55,6 +56,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                       const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("bf16_blocked_linear", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, at::IntArrayRef) {});
+  m.impl("bf16_amx_linear",
+         [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
 }
 
 // `import pagedlm._C` loads this library, which runs the registrations above.

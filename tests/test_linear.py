@@ -1,9 +1,11 @@
-"""The bf16 streaming linear (ops.bf16_blocked_linear) against its reference and against oneDNN.
+"""The bf16 linears: the streaming kernel (ops.bf16_blocked_linear) against its reference and against
+oneDNN, the AMX kernel (ops.bf16_amx_linear) against its reference, and ``Linear``'s rows.
 
-Its point is to give every row the bits oneDNN's matmul gives it, so the checks are bit for bit:
-the CPU kernel against the reference's emulation of the summation order, the kernel on the chunk
-ends found for a weight against oneDNN's own rows, and ``Linear`` (which switches kernels by row
-count) row by row across row counts.
+The streaming kernel's point is to give every row the bits oneDNN's matmul gives it, so the checks
+are bit for bit: the CPU kernel against the reference's emulation of the summation order, the kernel
+on the chunk ends found for a weight against oneDNN's own rows. The AMX kernel's is that a row's bits
+do not depend on the row count. ``Linear`` (whichever kernels it runs) is checked row by row across
+row counts.
 """
 
 import pytest
@@ -35,6 +37,8 @@ def operands(num_rows: int, out_features: int, in_features: int, seed: int = 0) 
 
 
 def kernel_or_skip(*args) -> None:
+    if not onednn_order.reorders_to_ab16b64a2b(64):
+        pytest.skip("oneDNN lays bf16 weights out in another layout than AB16b64a2b on this CPU (AMX)")
     try:
         torch.ops.pagedlm.bf16_blocked_linear(*args)
     except RuntimeError as exc:
@@ -98,8 +102,8 @@ def test_linear_rows_equal_at_every_row_count():
     layer = Linear(1536, 300, bias=True).to(torch.bfloat16)
     layer.weight = torch.nn.Parameter(weight.to_dense(), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None:
-        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine")
+    if layer.k_chunk_ends is None and not layer.amx_packed:
+        pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
     with torch.inference_mode():
         full = layer(x)
         for count in (1, 2, 6, linear._STREAMED_MAX_ROWS, linear._STREAMED_MAX_ROWS + 1):
@@ -116,8 +120,8 @@ def test_linear_rows_equal_with_a_one_feature_last_chunk(in_features):
     layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
     layer.bias = torch.nn.Parameter(torch.full((64,), 1.2e-38, dtype=torch.bfloat16), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None:
-        pytest.skip("the streaming kernel does not reproduce oneDNN on this machine")
+    if layer.k_chunk_ends is None and not layer.amx_packed:
+        pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
     x = torch.zeros(linear._STREAMED_MAX_ROWS + 44, in_features)
     x[:, 0], x[:, in_features - 1] = 1.0, -0.125
     x = x.to(torch.bfloat16)
@@ -169,3 +173,81 @@ def test_a_weight_of_another_size_is_refused():
     plain = torch.zeros(60, 90, dtype=torch.bfloat16).to_mkldnn()  # 10,800 bytes; AB16b64a2b pads to 12,288
     with pytest.raises(RuntimeError, match="weight must be in oneDNN's AB16b64a2b layout"):
         torch.ops.pagedlm.bf16_blocked_linear(torch.empty(4, 60, dtype=torch.bfloat16), x, plain, None, [90])
+
+
+def amx_or_skip() -> None:
+    if not linear.amx_linear_available():
+        pytest.skip("ops.bf16_amx_linear does not run here (no AMX-BF16 build, CPU or kernel permission)")
+
+
+def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small integers: every partial sum is exact in fp32, so any summation order gives the
+    reference's bits and a misplaced weight or row cannot."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 4, (num_rows, in_features), generator=gen)
+    weight = torch.randint(-3, 4, (out_features, in_features), generator=gen)
+    return x.to(torch.bfloat16), weight.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "out_features,in_features", [(16, 32), (7, 5), (100, 50), (130, 33), (64, 1100), (200, 96), (33, 576)]
+)
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 33, 300])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_amx_kernel_equals_reference_on_exact_sums(out_features, in_features, num_rows, with_bias):
+    amx_or_skip()
+    dense_x, weight = exact_operands(num_rows, out_features, in_features)
+    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 1 : in_features + 1]
+    x.copy_(dense_x)  # strided rows: the op only needs each row's features contiguous
+    bias = torch.randint(-8, 9, (out_features,)).float() if with_bias else None
+    packed = ops.amx_pack_weight(weight)
+    out = torch.full((num_rows, out_features + 5), float("nan"), dtype=torch.bfloat16)[:, :out_features]
+    ops.bf16_amx_linear(out, x, packed, bias)
+    expected = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
+    reference.bf16_amx_linear(expected, x, packed, bias)
+    assert torch.equal(out, expected)
+    assert torch.equal(expected, (dense_x.float() @ weight.float().T + (0 if bias is None else bias)).bfloat16())
+
+
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (49, 1100), (4864, 896)])
+def test_amx_kernel_rows_do_not_depend_on_the_row_count(out_features, in_features):
+    # Random operands: sums round, so this fails if a row's sum ever took another order by row count
+    # (oneDNN's AMX matmul changes some rows' bits between 32 and 33 rows).
+    amx_or_skip()
+    x, weight = operands(600, out_features, in_features)
+    packed, bias = ops.amx_pack_weight(weight.to_dense()), torch.randn(out_features)
+    full = torch.empty(600, out_features, dtype=torch.bfloat16)
+    ops.bf16_amx_linear(full, x, packed, bias)
+    expected = torch.empty_like(full)
+    reference.bf16_amx_linear(expected, x, packed, bias)
+    torch.testing.assert_close(full.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+    for count in (*range(1, 40), 64, 255, 256, 257, 599):
+        out = torch.empty(count, out_features, dtype=torch.bfloat16)
+        ops.bf16_amx_linear(out, x[-count:], packed, bias)
+        assert torch.equal(out, full[-count:]), count
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "weight": a["weight"][:, :-1]}, r"weight must be a contiguous bfloat16 \[4, 48, 16, 2\]"),
+        (lambda a: {**a, "weight": a["weight"].float()}, "weight must be a contiguous bfloat16"),
+        (lambda a: {**a, "input": a["input"].float()}, "input must be bfloat16"),
+        (lambda a: {**a, "out": torch.empty(3, 64, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, out_features\]"),
+        (lambda a: {**a, "out": torch.empty(4, 80, dtype=torch.bfloat16)}, r"weight must be .*\[5, 48, 16, 2\]"),
+        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
+    ],
+)
+def test_amx_bad_arguments_are_named(change, message):
+    x, weight = exact_operands(4, 64, 96)
+    args = {"out": torch.empty(4, 64, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_weight(weight),
+            "bias": None}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pagedlm.bf16_amx_linear(**change(args))
+
+
+def test_linear_runs_amx_where_it_can():
+    amx_or_skip()
+    layer = Linear(96, 64, bias=True).to(torch.bfloat16)
+    layer.process_weights_after_loading()
+    assert layer.amx_packed and layer.weight.shape == (4, 48, 16, 2)

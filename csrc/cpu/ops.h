@@ -43,4 +43,7 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
 void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends);
 
+void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias);
+
 }  // namespace pagedlm::cpu

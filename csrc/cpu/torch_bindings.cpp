@@ -17,6 +17,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("sample", &pagedlm::cpu::sample);
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
+  m.impl("bf16_amx_linear", &pagedlm::cpu::bf16_amx_linear);
 }
 
 // The weight of bf16_blocked_linear is an MKLDNN tensor, whose dispatch key outranks CPU.

@@ -91,6 +91,16 @@ Linear op (CPU, bfloat16):
   the reference does not, and its NaNs may have other bit patterns. The kernel checks the weight's
   size, not its layout: an MKLDNN tensor in another layout of the same size gives wrong sums.
   ``pagedlm.model_executor.layers.onednn_order`` finds oneDNN's chunks for a weight.
+* ``bf16_amx_linear(out, input, weight, bias)``: ``out = input @ W.T + bias`` for ``input`` bf16
+  ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` = ``amx_pack_weight(W)``
+  of a ``[out_features, in_features]`` weight (bf16 ``[ceil(out / 16), ceil(in / 32) * 16, 16, 2]``:
+  per 16 output columns and per pair of input features, the columns' two weights, zero-padded),
+  ``bias`` ``[out_features]`` (any floating dtype, on the CPU) or None, ``out`` bf16
+  ``[rows, out_features]``. Each output is an fp32 sum over the 32-feature blocks of ``in_features``
+  in order, one AMX ``tdpbf16ps`` per block (whose internal order the hardware defines), then the
+  bias, rounded to bf16 once; a row's sums read no other row, so its bits do not depend on the
+  number of rows. The CPU kernel needs an AMX-BF16 build and a CPU and kernel that grant AMX (it
+  raises otherwise); the reference sums in fp32 in torch's order, so the two agree to fp32 rounding.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
@@ -132,6 +142,7 @@ _OP_NAMES = (
     "argmax_logprob",
     "sample",
     "bf16_blocked_linear",
+    "bf16_amx_linear",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -210,7 +221,9 @@ gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear
+bf16_amx_linear = _impl.bf16_amx_linear
 
 kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
+amx_pack_weight = reference.amx_pack_weight
 
-__all__ = ["EXTENSION_LOADED", "backend_for", "kv_cache_scale_is_valid", *_OP_NAMES]
+__all__ = ["EXTENSION_LOADED", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight", *_OP_NAMES]

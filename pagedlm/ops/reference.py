@@ -281,3 +281,23 @@ def bf16_blocked_linear(
     if bias is not None:
         total = total + bias.float()
     out.copy_(total)
+
+
+def amx_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A ``[N, K]`` weight in ``bf16_amx_linear``'s layout: bf16 ``[ceil(N / 16), ceil(K / 32) * 16, 16, 2]``,
+    per block of 16 output columns and per pair of input features, the 16 columns' two weights
+    (zero-padded: AMX's VNNI B-tile layout, Intel SDM TDPBF16PS)."""
+    n, k = weight.shape
+    n_pad, k_pad = -(-n // 16) * 16, -(-k // 32) * 32
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.bfloat16, device=weight.device)
+    padded[:n, :k] = weight
+    return padded.view(n_pad // 16, 16, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_amx_linear(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    n, k = out.shape[1], input.shape[1]
+    w = weight.permute(0, 2, 1, 3).reshape(weight.shape[0] * 16, -1)[:n, :k].float()
+    total = input.float() @ w.T
+    if bias is not None:
+        total = total + bias.float()
+    out.copy_(total)

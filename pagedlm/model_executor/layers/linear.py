@@ -1,5 +1,7 @@
 """Linear layers whose weights are reordered once, after loading, into the CPU GEMM's blocked layout."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,20 @@ _REORDER_ROWS_HINT = 64
 _STREAMED_MAX_ROWS = 256
 
 
+@functools.cache
+def amx_linear_available() -> bool:
+    """Whether ``ops.bf16_amx_linear`` runs here: an AMX-BF16 build on a CPU and kernel that grant AMX."""
+    if ops.backend_for("cpu") != "cpu":
+        return False
+    x = torch.ones(1, 32, dtype=torch.bfloat16)
+    out = torch.empty(1, 16, dtype=torch.bfloat16)
+    try:
+        ops.bf16_amx_linear(out, x, ops.amx_pack_weight(torch.ones(16, 32)), None)
+    except RuntimeError:
+        return False
+    return bool((out == 32).all())
+
+
 def _onednn_reorders(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -24,38 +40,50 @@ def _onednn_reorders(weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that keeps its weight on the CPU in oneDNN's blocked layout.
+    """``nn.Linear`` that keeps its weight on the CPU in its kernel's layout.
 
     ``F.linear`` hands oneDNN (bf16) or MKL (fp32) a row-major ``[out, in]`` weight, which is
     reordered into the kernel's layout on every call; for decode-sized inputs that reorder costs as
-    much as the product. ``process_weights_after_loading`` reorders the weight once instead (a tied
-    weight is reordered as a copy, so the embedding keeps the original). In bf16, inputs of up to
-    ``_STREAMED_MAX_ROWS`` rows run on ``ops.bf16_blocked_linear`` over the same weight, which gives
-    each row oneDNN's bits (``onednn_order``) at the weights' streaming rate.
+    much as the product. ``process_weights_after_loading`` lays the weight out once instead (a tied
+    weight as a copy, so the embedding keeps the original):
+
+    - bf16 on a CPU with AMX: ``ops.amx_pack_weight``, and every row count runs on
+      ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
+      changes its sums between 32 and 33 rows, among others).
+    - otherwise oneDNN's blocked layout. In bf16, inputs of up to ``_STREAMED_MAX_ROWS`` rows run on
+      ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's bits
+      (``onednn_order``) at the weights' streaming rate.
 
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
+    amx_packed = False
     blocked_layout = False
     # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
     k_chunk_ends: list[int] | None = None
 
     def process_weights_after_loading(self) -> None:
-        if _onednn_reorders(self.weight):
+        if self.bias is not None:
+            # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
+            self.bias.requires_grad_(False)
+        if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and amx_linear_available():
+            self.weight = nn.Parameter(ops.amx_pack_weight(self.weight.detach()), requires_grad=False)
+            self.amx_packed = True
+        elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
             self.weight = nn.Parameter(blocked, requires_grad=False)
             self.blocked_layout = True
-            if self.bias is not None:
-                # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
-                self.bias.requires_grad_(False)
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.blocked_layout:
+        if not (self.blocked_layout or self.amx_packed):
             return F.linear(x, self.weight, self.bias)
         rows = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
-        if self.k_chunk_ends is not None and rows.shape[0] <= _STREAMED_MAX_ROWS:
+        if self.amx_packed:
+            out = rows.new_empty(rows.shape[0], self.out_features)
+            ops.bf16_amx_linear(out, rows, self.weight, self.bias)
+        elif self.k_chunk_ends is not None and rows.shape[0] <= _STREAMED_MAX_ROWS:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_blocked_linear(out, rows, self.weight, self.bias, self.k_chunk_ends)
         elif rows.shape[0] == 1:

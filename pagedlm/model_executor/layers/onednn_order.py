@@ -5,10 +5,11 @@ decode-sized row counts, and sums in oneDNN's order: a chain per chunk of input 
 added left to right. A row then gets the same bits from either kernel, so ``Linear`` can pick one by
 row count without breaking batch invariance. Where the chunks start is oneDNN's choice (here: 512
 features for K <= 1024, else 1024); ``k_chunk_ends`` asks oneDNN itself, and the kernel is used for a
-weight only after it reproduced oneDNN's rows bit for bit on that weight (AMX machines, for example,
-sum in tiles this kernel does not mimic; they keep oneDNN).
+weight only after it reproduced oneDNN's rows bit for bit on that weight. AMX machines lay the weights
+out and sum in tiles this kernel does not mimic; ``Linear`` runs ``ops.bf16_amx_linear`` there.
 """
 
+import ctypes
 import functools
 import logging
 
@@ -34,6 +35,22 @@ _verified: dict[tuple, list[int] | None] = {}
 def onednn_linear(x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's matmul ``x @ weight.T + bias`` on a weight from ``torch.ops.mkldnn._reorder_linear_weight``."""
     return torch.ops.mkldnn._linear_pointwise(x, blocked_weight, bias, "none", [], "")
+
+
+@functools.cache
+def reorders_to_ab16b64a2b(reorder_rows_hint: int) -> bool:
+    """Whether oneDNN lays bf16 linear weights out as ``AB16b64a2b``, the layout ``ops.bf16_blocked_linear``
+    reads (its avx512_core_bf16 matmul does; with AMX it picks ``AB16b32a2b``), read from the bytes of
+    a reordered probe weight whose entries are distinct."""
+    n, k = 64, 64
+    dense = (torch.arange(n * k) % 251).to(torch.bfloat16).view(n, k)  # integers below 256 are exact in bf16
+    blocked = torch.ops.mkldnn._reorder_linear_weight(dense, reorder_rows_hint)
+    nbytes = torch.ops.mkldnn._nbytes(blocked)
+    if nbytes != n * k * 2:
+        return False
+    raw = bytes((ctypes.c_uint8 * nbytes).from_address(torch.ops.mkldnn.data_ptr(blocked)))
+    expected = dense.view(n // 64, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.bfloat16), expected.flatten())
 
 
 @functools.cache  # layers of one in_features share it (qkv and gate_up; o and down when equal)
@@ -87,6 +104,10 @@ def streamed_chunk_ends(
 @torch.inference_mode()  # as the model runs: with autograd on, oneDNN adds a bias that needs grad apart
 def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows_hint: int) -> list[int] | None:
     if ops.backend_for("cpu") != "cpu":
+        return None
+    if not reorders_to_ab16b64a2b(reorder_rows_hint):
+        logger.info("bf16 linear %s: oneDNN keeps bf16 weights in another layout here; oneDNN keeps every row count",
+                    tuple(blocked_weight.shape))
         return None
     ends = k_chunk_ends(blocked_weight.shape[1], reorder_rows_hint)
     generator = torch.Generator().manual_seed(0)

@@ -1,0 +1,189 @@
+// bf16 linear on AMX tiles over a weight packed once at load. Every output row is summed the same way
+// whatever the number of rows: one fp32 accumulator tile per 16 x 16 outputs, one tdpbf16ps per
+// 32-feature block of K in order, then the bias, then one rounding to bf16. A tile row's sums use
+// only that row of the input, so a row's bits do not depend on the batch at any row count; oneDNN's
+// AMX matmul gives no such guarantee (it changes its sums between 32 and 33 rows, among others).
+//
+// Weight layout (pagedlm/ops/reference.py, amx_pack_weight): [N_pad / 16][K_pad / 2][16][2] bf16,
+// per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
+// two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). One B tile
+// is 16 pairs of one column block: 1 KiB, contiguous.
+#include "vec.h"
+
+#include "ops.h"
+#include "parallel.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PAGEDLM_AMX 1
+#endif
+
+namespace pagedlm::cpu {
+namespace {
+
+constexpr int64_t kTileN = 16;  // output columns per B tile
+constexpr int64_t kTileK = 32;  // input features per tdpbf16ps
+constexpr int64_t kTileM = 16;  // rows per A tile
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+#ifdef PAGEDLM_AMX
+
+// Rows whose input stays in L2 while a thread passes over its column blocks.
+constexpr int64_t kRowChunk = 256;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands AMX state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool amx_permitted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+// Tiles: C 0..3 ([row tile][column tile]), A 4..5 (row tiles), B 6..7 (column tiles).
+void configure(int m0, int m1) {
+  TileConfig cfg;
+  for (int t : {0, 1, 4}) cfg.rows[t] = m0, cfg.colsb[t] = 64;
+  if (m1 > 0)
+    for (int t : {2, 3, 5}) cfg.rows[t] = m1, cfg.colsb[t] = 64;
+  for (int t : {6, 7}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// c[0..32)[0..32) (row stride 32 floats) = up to 32 rows x 32 columns of sums. The rows' features
+// come from a (row stride lda elements) for the first full_blocks blocks of K, then from tail
+// (row stride 32 elements, zero-padded).
+template <bool TWO_M, bool TWO_N>
+void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int64_t full_blocks,
+               int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, float* c) {
+  _tile_zero(0);
+  if constexpr (TWO_N) _tile_zero(1);
+  if constexpr (TWO_M) {
+    _tile_zero(2);
+    if constexpr (TWO_N) _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const bool full = kb < full_blocks;
+    const at::BFloat16* ak = full ? a + kb * kTileK : tail;
+    const int64_t stride = (full ? lda : kTileK) * 2;
+    _tile_loadd(4, ak, stride);
+    if constexpr (TWO_M) _tile_loadd(5, ak + kTileM * stride / 2, stride);
+    _tile_loadd(6, b0 + kb * kTileK * kTileN, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TWO_M) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (TWO_N) {
+      _tile_loadd(7, b1 + kb * kTileK * kTileN, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (TWO_M) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  if constexpr (TWO_N) _tile_stored(1, c + 16, 128);
+  if constexpr (TWO_M) {
+    _tile_stored(2, c + 16 * 32, 128);
+    if constexpr (TWO_N) _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+
+void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias) {
+  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+  const int64_t k_pad = weight.size(1) * 2, n_blocks = weight.size(0);
+  const int64_t full_blocks = K / kTileK, blocks = k_pad / kTileK, tail_k = K - full_blocks * kTileK;
+  const auto* x = input.data_ptr<at::BFloat16>();
+  const auto* w = weight.data_ptr<at::BFloat16>();
+  auto* y = out.data_ptr<at::BFloat16>();
+  const int64_t lda = input.stride(0), ldy = out.stride(0);
+  const int64_t units = (n_blocks + 1) / 2;  // pairs of column blocks: 32 output columns
+  at::parallel_for(0, units, grain_for(k_pad * 2 * kTileN * std::min<int64_t>(M, kRowChunk)),
+                   [&](int64_t begin, int64_t end) {
+    alignas(64) float c[32 * 32];
+    alignas(64) at::BFloat16 tail[kRowChunk * kTileK];
+    int configured = -1;
+    for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, M - r0);
+      if (tail_k > 0) {  // the last, partial block of K, zero-padded: tile rows read 64 bytes
+        std::memset(tail, 0, sizeof(tail));
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(tail + r * kTileK, x + (r0 + r) * lda + full_blocks * kTileK, tail_k * 2);
+      }
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t nb = 2 * u;
+        const bool two_n = nb + 1 < n_blocks;
+        const at::BFloat16* b0 = w + nb * k_pad * kTileN;
+        for (int64_t m = 0; m < rows; m += 2 * kTileM) {
+          const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, rows - m));
+          if (mr != configured) {
+            configure(std::min<int>(mr, kTileM), std::max<int>(mr - kTileM, 0));
+            configured = mr;
+          }
+          const at::BFloat16* a = x + (r0 + m) * lda;
+          const at::BFloat16* t = tail + m * kTileK;
+          if (mr > kTileM) {
+            if (two_n) tile_sums<true, true>(a, lda, t, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
+            else tile_sums<true, false>(a, lda, t, full_blocks, blocks, b0, nullptr, c);
+          } else {
+            if (two_n) tile_sums<false, true>(a, lda, t, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
+            else tile_sums<false, false>(a, lda, t, full_blocks, blocks, b0, nullptr, c);
+          }
+          const int64_t n0 = nb * kTileN, cols = std::min<int64_t>(two_n ? 32 : 16, N - n0);
+          for (int r = 0; r < mr; ++r)
+            for (int64_t j = 0; j < cols; j += 16) {
+              const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
+              __m512 v = _mm512_load_ps(c + r * 32 + j);
+              if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + j));
+              _mm256_mask_storeu_epi16(y + (r0 + m + r) * ldy + n0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#endif
+
+}  // namespace
+
+void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
+              "bf16_amx_linear: input must be bfloat16 [rows, in_features] with contiguous rows");
+  const int64_t M = input.size(0), K = input.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
+              "bf16_amx_linear: out must be bfloat16 [", M, ", out_features] with contiguous rows");
+  const int64_t N = out.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+                  weight.size(0) == round_up(N, kTileN) / kTileN && weight.size(1) == round_up(K, kTileK) / 2 &&
+                  weight.size(2) == kTileN && weight.size(3) == 2,
+              "bf16_amx_linear: weight must be a contiguous bfloat16 [", round_up(N, kTileN) / kTileN, ", ",
+              round_up(K, kTileK) / 2, ", 16, 2] tensor (ops.amx_pack_weight of a [", N, ", ", K,
+              "] weight); got ", weight.sizes(), " ", weight.scalar_type());
+  at::Tensor bias_f32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu() &&
+                    at::isFloatingType(bias->scalar_type()),
+                "bf16_amx_linear: bias must be a floating-point CPU tensor [", N, "]");
+    bias_f32 = bias->to(at::kFloat).contiguous();
+  }
+#ifdef PAGEDLM_AMX
+  TORCH_CHECK(amx_permitted(), "bf16_amx_linear: the kernel refused AMX (arch_prctl ARCH_REQ_XCOMP_PERM failed)");
+  if (M == 0 || N == 0) return;
+  amx_linear_kernel(out, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr);
+#else
+  TORCH_CHECK(false, "bf16_amx_linear needs pagedlm._C built with AMX-BF16 (this build has no tdpbf16ps)");
+#endif
+}
+
+}  // namespace pagedlm::cpu
