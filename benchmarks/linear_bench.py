@@ -1,10 +1,11 @@
-"""bf16 linears of a model's shape: oneDNN's matmul against pagedlm's streaming kernel, per row count.
+"""bf16 linears of a model's shape: oneDNN's matmul against pagedlm's kernel, per row count.
 
 Every linear of one forward pass (each layer's qkv, o, gate_up and down, then the LM head), each
-with its own random weight in oneDNN's blocked layout, so the weights come from memory as in a
-decode step. Per row count, interleaved: the fastest of ``--rounds`` passes through oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, one row run as two as ``Linear`` does without the kernel)
-and through ``ops.bf16_blocked_linear`` on the chunk ends ``onednn_order`` finds. The table gives
+with its own random weight, so the weights come from memory as in a decode step. Per row count,
+interleaved: the fastest of ``--rounds`` passes through oneDNN (``torch.ops.mkldnn._linear_pointwise``
+on its blocked layout, one row run as two as ``Linear`` does without a kernel of ours) and through
+the kernel ``Linear`` runs here: ``ops.bf16_amx_linear`` on packed weights where AMX is usable, else
+``ops.bf16_blocked_linear`` on oneDNN's layout and the chunk ends ``onednn_order`` finds. The table gives
 both times, the weight bytes per second (against one read of the weights at the copy bandwidth,
 measured in the same run), GFLOP/s, the ratio, and other processes' CPU (cores) meanwhile.
 
@@ -20,7 +21,7 @@ from transformers import AutoConfig
 from jobs import Load
 from kernel_bench import copy_bandwidth
 from pagedlm import default_model_path, ops
-from pagedlm.model_executor.layers import onednn_order
+from pagedlm.model_executor.layers import linear, onednn_order
 from throughput import MODEL_SHAPES
 
 
@@ -47,14 +48,20 @@ def main() -> None:
     args = parser.parse_args()
 
     shapes = linear_shapes(args.model_shape)
-    ends = {k: onednn_order.k_chunk_ends(k, 64) for k in {k for _, k in shapes}}
-    weights = [torch.ops.mkldnn._reorder_linear_weight((torch.randn(n, k) * 0.05).to(torch.bfloat16), 64)
-               for n, k in shapes]
+    amx = linear.amx_linear_available()
+    dense = [(torch.randn(n, k) * 0.05).to(torch.bfloat16) for n, k in shapes]
+    weights = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in dense]
+    if amx:
+        kernel, ends, ours = "bf16_amx_linear", {k: None for _, k in shapes}, [ops.amx_pack_weight(w) for w in dense]
+    else:
+        kernel, ends, ours = "bf16_blocked_linear", {k: onednn_order.k_chunk_ends(k, 64) for _, k in shapes}, weights
+    del dense
     weight_bytes = sum(2 * n * k for n, k in shapes)
     bandwidth = copy_bandwidth(torch.device("cpu"), iters=5)
     print(f"{args.model_shape}: {len(shapes)} bf16 linears, {weight_bytes / 1e6:.0f} MB of weights, "
           f"{torch.get_num_threads()} threads; copy bandwidth (1 GiB copy_, read + write) {bandwidth / 1e9:.1f} GB/s "
-          f"= one weight read in {1e3 * weight_bytes / bandwidth:.2f} ms; K chunk ends {ends}")
+          f"= one weight read in {1e3 * weight_bytes / bandwidth:.2f} ms; pagedlm runs ops.{kernel}"
+          + ("" if amx else f" (K chunk ends {ends})"))
     header = (f"{'rows':>5} {'oneDNN ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'pagedlm ms':>11} {'GB/s':>6} {'GFLOP/s':>8} "
               f"{'oneDNN/pagedlm':>15} {'others':>7}")
     print(header)
@@ -68,11 +75,14 @@ def main() -> None:
                 x = inputs[k] if rows > 1 else inputs[k].expand(2, -1)
                 torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-        def streamed() -> None:
-            for (_, k), w, out in zip(shapes, weights, outputs):
-                ops.bf16_blocked_linear(out, inputs[k], w, None, ends[k])
+        def pagedlm() -> None:
+            for (_, k), w, out in zip(shapes, ours, outputs):
+                if amx:
+                    ops.bf16_amx_linear(out, inputs[k], w, None)
+                else:
+                    ops.bf16_blocked_linear(out, inputs[k], w, None, ends[k])
 
-        best = {onednn: float("inf"), streamed: float("inf")}
+        best = {onednn: float("inf"), pagedlm: float("inf")}
         with Load() as load:
             for _ in range(args.rounds):
                 for fn in best:
@@ -80,7 +90,7 @@ def main() -> None:
                     fn()
                     best[fn] = min(best[fn], time.perf_counter() - start)
         flops = 2 * rows * weight_bytes / 2
-        a, b = best[onednn], best[streamed]
+        a, b = best[onednn], best[pagedlm]
         print(f"{rows:5d} {1e3 * a:10.2f} {weight_bytes / a / 1e9:6.1f} {flops / a / 1e9:8.0f} {1e3 * b:11.2f} "
               f"{weight_bytes / b / 1e9:6.1f} {flops / b / 1e9:8.0f} {a / b:14.2f}x {load.others:7.2f}")
 
