@@ -35,8 +35,9 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #ifdef PAGEDLM_AMX
 
-// Rows whose input stays in L2 while a thread passes over its column blocks.
-constexpr int64_t kRowChunk = 256;
+// Weights of the column blocks that every row tile passes over in turn: they stay in L2 (a 2 MiB L2
+// per core here; 256 KiB to 2 MiB measured, benchmarks/linear_bench.py, 512 KiB best at 256-2,048 rows).
+constexpr int64_t kPanelBytes = 512 << 10;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -106,36 +107,36 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t lda = input.stride(0), ldy = out.stride(0);
   const int64_t units = (n_blocks + 1) / 2;  // pairs of column blocks: 32 output columns
-  at::parallel_for(0, units, grain_for(k_pad * 2 * kTileN * std::min<int64_t>(M, kRowChunk)),
-                   [&](int64_t begin, int64_t end) {
+  const int64_t unit_bytes = k_pad * 2 * kTileN * 2;
+  // Column units whose weights stay in L2 while every row tile passes over them.
+  const int64_t units_per_panel = std::max<int64_t>(1, kPanelBytes / unit_bytes);
+  at::parallel_for(0, units, grain_for(unit_bytes / 2 * std::min<int64_t>(M, 2 * kTileM)), [&](int64_t begin, int64_t end) {
     alignas(64) float c[32 * 32];
-    alignas(64) at::BFloat16 tail[kRowChunk * kTileK];
+    alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
     int configured = -1;
-    for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
-      const int64_t rows = std::min(kRowChunk, M - r0);
-      if (tail_k > 0) {  // the last, partial block of K, zero-padded: tile rows read 64 bytes
-        std::memset(tail, 0, sizeof(tail));
-        for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(tail + r * kTileK, x + (r0 + r) * lda + full_blocks * kTileK, tail_k * 2);
-      }
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t nb = 2 * u;
-        const bool two_n = nb + 1 < n_blocks;
-        const at::BFloat16* b0 = w + nb * k_pad * kTileN;
-        for (int64_t m = 0; m < rows; m += 2 * kTileM) {
-          const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, rows - m));
-          if (mr != configured) {
-            configure(std::min<int>(mr, kTileM), std::max<int>(mr - kTileM, 0));
-            configured = mr;
-          }
-          const at::BFloat16* a = x + (r0 + m) * lda;
-          const at::BFloat16* t = tail + m * kTileK;
+    for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
+      const int64_t p1 = std::min(end, p0 + units_per_panel);
+      for (int64_t m = 0; m < M; m += 2 * kTileM) {
+        const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
+        if (mr != configured) {
+          configure(std::min<int>(mr, kTileM), std::max<int>(mr - kTileM, 0));
+          configured = mr;
+        }
+        const at::BFloat16* a = x + m * lda;
+        if (tail_k > 0) {  // the last, partial block of K, zero-padded: tile rows read 64 bytes
+          std::memset(tail, 0, sizeof(tail));
+          for (int r = 0; r < mr; ++r) std::memcpy(tail + r * kTileK, a + r * lda + full_blocks * kTileK, tail_k * 2);
+        }
+        for (int64_t u = p0; u < p1; ++u) {
+          const int64_t nb = 2 * u;
+          const bool two_n = nb + 1 < n_blocks;
+          const at::BFloat16* b0 = w + nb * k_pad * kTileN;
           if (mr > kTileM) {
-            if (two_n) tile_sums<true, true>(a, lda, t, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
-            else tile_sums<true, false>(a, lda, t, full_blocks, blocks, b0, nullptr, c);
+            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
+            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, c);
           } else {
-            if (two_n) tile_sums<false, true>(a, lda, t, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
-            else tile_sums<false, false>(a, lda, t, full_blocks, blocks, b0, nullptr, c);
+            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, c);
+            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, c);
           }
           const int64_t n0 = nb * kTileN, cols = std::min<int64_t>(two_n ? 32 : 16, N - n0);
           for (int r = 0; r < mr; ++r)
@@ -143,7 +144,7 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
               const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
               __m512 v = _mm512_load_ps(c + r * 32 + j);
               if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + j));
-              _mm256_mask_storeu_epi16(y + (r0 + m + r) * ldy + n0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+              _mm256_mask_storeu_epi16(y + (m + r) * ldy + n0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
             }
         }
       }
