@@ -8,8 +8,7 @@
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
 // two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). One B tile
 // is 16 pairs of one column block: 1 KiB, contiguous.
-#include "vec.h"
-
+#include "amx.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -17,12 +16,6 @@
 
 #include <algorithm>
 #include <cstring>
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define PAGEDLM_AMX 1
-#endif
 
 namespace pagedlm::cpu {
 namespace {
@@ -39,28 +32,14 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // per core here; 256 KiB to 2 MiB measured, benchmarks/linear_bench.py, 512 KiB best at 256-2,048 rows).
 constexpr int64_t kPanelBytes = 512 << 10;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands AMX state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
-bool amx_permitted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
 // Tiles: C 0..3 ([row tile][column tile]), A 4..5 (row tiles), B 6..7 (column tiles).
 void configure(int m0, int m1) {
-  TileConfig cfg;
-  for (int t : {0, 1, 4}) cfg.rows[t] = m0, cfg.colsb[t] = 64;
+  amx::TileConfig cfg;
+  for (int t : {0, 1, 4}) cfg.set(t, m0, 64);
   if (m1 > 0)
-    for (int t : {2, 3, 5}) cfg.rows[t] = m1, cfg.colsb[t] = 64;
-  for (int t : {6, 7}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+    for (int t : {2, 3, 5}) cfg.set(t, m1, 64);
+  for (int t : {6, 7}) cfg.set(t, 16, 64);
+  cfg.load();
 }
 
 // c[0..32)[0..32) (row stride 32 floats) = up to 32 rows x 32 columns of sums. The rows' features
@@ -179,7 +158,7 @@ void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor&
     bias_f32 = bias->to(at::kFloat).contiguous();
   }
 #ifdef PAGEDLM_AMX
-  TORCH_CHECK(amx_permitted(), "bf16_amx_linear: the kernel refused AMX (arch_prctl ARCH_REQ_XCOMP_PERM failed)");
+  TORCH_CHECK(amx::permitted(), "bf16_amx_linear: the kernel refused AMX (arch_prctl ARCH_REQ_XCOMP_PERM failed)");
   if (M == 0 || N == 0) return;
   amx_linear_kernel(out, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr);
 #else

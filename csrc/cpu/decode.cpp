@@ -2,6 +2,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "amx_attention.h"
 #include "bf16_tiles.h"
 #include "dispatch.h"
 #include "microkernels.h"
@@ -51,6 +52,61 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
   std::fill(sum_out, sum_out + heads, 0.f);
+#ifdef PAGEDLM_AMX_ATTENTION
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_tiles::supports(D, bs) && amx_attention::enabled()) {
+      // Prefill's arithmetic (amx_attention.h): the item's query heads of a KV head as one tile's
+      // query vectors, each with its own softmax state and output rows until the end.
+      using namespace bf16_tiles;
+      const int kv_count = kv_end - kv_begin, nm = (group + kLanes - 1) / kLanes, lanes = nm * kLanes;
+      thread_local std::vector<c10::BFloat16> rows;  // an fp8 block's K, then V rows as bf16
+      rows.resize(is_fp8<C> ? 2 * bs * D : 0);
+      thread_local std::vector<uint32_t> packed;  // per KV head query pairs [D / 2, lanes]; P, V pairs
+      packed.resize(int64_t{kv_count} * D / 2 * lanes + bs / 2 * (lanes + D));
+      uint32_t* qp = packed.data();
+      uint32_t* pp = qp + int64_t{kv_count} * D / 2 * lanes;
+      uint32_t* vp = pp + bs / 2 * lanes;
+      thread_local std::vector<float> state;  // per KV head out [lanes, D], max, sum [lanes]; logits, corr
+      const int64_t per_head = int64_t{lanes} * (D + 2);
+      state.resize(kv_count * per_head + (bs + 1) * lanes);
+      float* logits = state.data() + kv_count * per_head;
+      float* corr = logits + bs * lanes;
+      thread_local std::vector<int> range;  // per query vector, its first and last visible key
+      range.resize(2 * lanes);
+      int* lo = range.data();
+      int* hi = lo + lanes;
+      for (int h = 0; h < kv_count; ++h) {
+        float* s = state.data() + h * per_head;
+        std::fill(s, s + lanes * D, 0.f);
+        std::fill(s + lanes * D, s + lanes * (D + 1), -std::numeric_limits<float>::infinity());
+        std::fill(s + lanes * (D + 1), s + per_head, 0.f);
+        pack_queries([&](int m) { return query(h * group + m); }, group, lanes, D, qp + int64_t{h} * D / 2 * lanes);
+      }
+      const amx_attention::Tiles tiles(bs);
+      for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
+        const int first = t % bs, k = h - kv_begin;
+        const int64_t block_row = row - int64_t{first} * D;
+        float* s = state.data() + k * per_head;
+        const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
+        for (int v = 0; v < nm; ++v)
+          amx_attention::block_logits(qp + int64_t{k} * D / 2 * lanes, lanes, v, keys, bs, D, scale, logits);
+        for (int m = 0; m < lanes; ++m) lo[m] = m < group ? t : 1, hi[m] = m < group ? t + n - 1 : 0;
+        const bool corrected = softmax_block(logits, bs, nm, t - first, lo, hi, false, soft_cap,
+                                             SoftmaxState{s + lanes * D, s + lanes * (D + 1)}, corr, pp);
+        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
+        for (int v = 0; v < nm; ++v)
+          amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, corrected, s + int64_t{v} * kLanes * D);
+      });
+      for (int h = 0; h < kv_count; ++h) {
+        const float* s = state.data() + h * per_head;
+        std::copy_n(s, group * D, acc + h * group * D);
+        std::copy_n(s + lanes * D, group, max_out + h * group);
+        std::copy_n(s + lanes * (D + 1), group, sum_out + h * group);
+      }
+      return;
+    }
+  }
+#endif
 #ifdef PAGEDLM_BF16_TILES
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles::supports(D, bs)) {

@@ -3,6 +3,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "amx_attention.h"
 #include "bf16_tiles.h"
 #include "dispatch.h"
 #include "microkernels.h"
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace pagedlm::cpu {
@@ -186,6 +188,14 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     }
     // Keys every lane sees: [p.first_key(last_pos), first_pos].
     const int all_lo = p.first_key(last_pos), all_hi = first_pos;
+#ifdef PAGEDLM_AMX_ATTENTION
+    // On AMX, both products per block on tiles (amx_attention.h), each partition's output [lanes, D].
+    const bool amx = amx_attention::enabled();
+    std::optional<amx_attention::Tiles> amx_tiles;
+    if (amx) amx_tiles.emplace(bs);
+#else
+    constexpr bool amx = false;
+#endif
 
     for (int part = part_lo; part <= part_hi; ++part) {
       const int k = part - part_lo;
@@ -196,6 +206,8 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
       const int32_t* table = p.block_table(tile.seq);
       const int64_t head_offset = tile.kv_head * p.kv.head_stride();
+      float* part_acc = acc_t + int64_t{k} * lanes * D;
+      if (amx) std::fill(part_acc, part_acc + int64_t{lanes} * D, 0.f);
       int blocks = 0;
       for (int kb = begin / bs * bs; kb < end; kb += bs, ++blocks) {
         const int64_t row = table[kb / bs] * p.kv.block_stride + head_offset;
@@ -205,20 +217,33 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
           prefetch(p.kv.value + next, bs, D);
         }
         const bf16* keys = bf16_rows(p.kv.key + row, bs * D, rows.data());
+#ifdef PAGEDLM_AMX_ATTENTION
+        if (amx) {
+          for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, p.scale, logits);
+        } else
+#endif
         switch (nm) {
           case 1: block_logits<1>(qp, keys, bs, D, p.scale, logits); break;
           case 2: block_logits<2>(qp, keys, bs, D, p.scale, logits); break;
           default: block_logits<3>(qp, keys, bs, D, p.scale, logits); break;
         }
         const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
-        corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
-                                          corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
+        // With AMX a block's P and V are used at once, so every block reuses the first slot.
+        const int slot = amx ? 0 : blocks;
+        corrected[slot] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
+                                        corr + slot * lanes, pp + int64_t{slot} * pairs * lanes);
         const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
         pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
-                    vp + int64_t{blocks} * pairs * D);
+                    vp + int64_t{slot} * pairs * D);
+#ifdef PAGEDLM_AMX_ATTENTION
+        if (amx) {
+          for (int v = 0; v < nm; ++v)
+            amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, corrected[0], part_acc + int64_t{v} * kLanes * D);
+        }
+#endif
       }
+      if (amx) continue;
       const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
-      float* part_acc = acc_t + int64_t{k} * lanes * D;
       switch (nm) {
         case 1: values_by_lane<1>(run, D, part_acc); break;
         case 2: values_by_lane<2>(run, D, part_acc); break;
@@ -230,8 +255,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     for (int m = 0; m < count; ++m) {
       const int pos = first_pos + m / tile.heads;
       const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
-      for (int k = 0; k < n; ++k)
-        for (int d = 0; d < D; ++d) gathered[k * D + d] = acc_t[int64_t{first + k} * lanes * D + d * lanes + m];
+      for (int k = 0; k < n; ++k) {
+        const float* part_acc = acc_t + int64_t{first + k} * lanes * D;  // [lanes, D] with AMX, else [D, lanes]
+        for (int d = 0; d < D; ++d) gathered[k * D + d] = amx ? part_acc[int64_t{m} * D + d] : part_acc[d * lanes + m];
+      }
       c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
       if (n == 1) {
         store_scaled(out, gathered, p.v_scale / part_sum[first * lanes + m], D);
