@@ -55,54 +55,41 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
 #ifdef PAGEDLM_AMX_ATTENTION
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles::supports(D, bs) && amx_attention::enabled()) {
-      // Prefill's arithmetic (amx_attention.h): the item's query heads of a KV head as one tile's
-      // query vectors, each with its own softmax state and output rows until the end.
+      // Query heads as tile rows (at most 16 at a time), keys as columns; softmax as the vdpbf16ps
+      // path's; the products as prefill's (amx_attention.h).
       using namespace bf16_tiles;
-      const int kv_count = kv_end - kv_begin, nm = (group + kLanes - 1) / kLanes, lanes = nm * kLanes;
+      const int key_groups = (bs + kLanes - 1) / kLanes, stride = key_groups * kLanes;
       thread_local std::vector<c10::BFloat16> rows;  // an fp8 block's K, then V rows as bf16
       rows.resize(is_fp8<C> ? 2 * bs * D : 0);
-      thread_local std::vector<uint32_t> packed;  // per KV head query pairs [D / 2, lanes]; P, V pairs
-      packed.resize(int64_t{kv_count} * D / 2 * lanes + bs / 2 * (lanes + D));
-      uint32_t* qp = packed.data();
-      uint32_t* pp = qp + int64_t{kv_count} * D / 2 * lanes;
-      uint32_t* vp = pp + bs / 2 * lanes;
-      thread_local std::vector<float> state;  // per KV head out [lanes, D], max, sum [lanes]; logits, corr
-      const int64_t per_head = int64_t{lanes} * (D + 2);
-      state.resize(kv_count * per_head + (bs + 1) * lanes);
-      float* logits = state.data() + kv_count * per_head;
-      float* corr = logits + bs * lanes;
-      thread_local std::vector<int> range;  // per query vector, its first and last visible key
-      range.resize(2 * lanes);
-      int* lo = range.data();
-      int* hi = lo + lanes;
-      for (int h = 0; h < kv_count; ++h) {
-        float* s = state.data() + h * per_head;
-        std::fill(s, s + lanes * D, 0.f);
-        std::fill(s + lanes * D, s + lanes * (D + 1), -std::numeric_limits<float>::infinity());
-        std::fill(s + lanes * (D + 1), s + per_head, 0.f);
-        pack_queries([&](int m) { return query(h * group + m); }, group, lanes, D, qp + int64_t{h} * D / 2 * lanes);
-      }
-      const amx_attention::Tiles tiles(bs);
+      thread_local std::vector<uint32_t> pairs;  // K transposed, then V as pairs
+      pairs.resize(int64_t{key_groups} * D / 2 * kLanes + bs / 2 * D);
+      uint32_t* kt = pairs.data();
+      uint32_t* vp = kt + int64_t{key_groups} * D / 2 * kLanes;
+      thread_local std::vector<float> logits_buffer;
+      logits_buffer.resize(kLanes * (stride + 1));
+      float* logits = logits_buffer.data();
+      float* corr = logits + kLanes * stride;
+      thread_local std::vector<c10::BFloat16> p_buffer;
+      p_buffer.resize(kLanes * bs);
+      const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
+      amx_attention::Tiles tiles(std::min(group, kLanes), bs, false);
       for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
-        const int first = t % bs, k = h - kv_begin;
+        const int first = t % bs, i0 = (h - kv_begin) * group;
         const int64_t block_row = row - int64_t{first} * D;
-        float* s = state.data() + k * per_head;
         const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
-        for (int v = 0; v < nm; ++v)
-          amx_attention::block_logits(qp + int64_t{k} * D / 2 * lanes, lanes, v, keys, bs, D, scale, logits);
-        for (int m = 0; m < lanes; ++m) lo[m] = m < group ? t : 1, hi[m] = m < group ? t + n - 1 : 0;
-        const bool corrected = softmax_block(logits, bs, nm, t - first, lo, hi, false, soft_cap,
-                                             SoftmaxState{s + lanes * D, s + lanes * (D + 1)}, corr, pp);
+        for (int k = 0; k < key_groups; ++k)
+          transpose_keys(keys + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D, kt + int64_t{k} * D / 2 * kLanes);
         pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
-        for (int v = 0; v < nm; ++v)
-          amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, corrected, s + int64_t{v} * kLanes * D);
+        for (int g0 = 0; g0 < group; g0 += kLanes) {
+          const int count = std::min(kLanes, group - g0), i = i0 + g0;
+          tiles.use(count);
+          amx_attention::key_logits(query(i), q_stride, count, kt, bs, D, scale, logits, stride);
+          for (int g = 0; g < count; ++g)
+            corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i + g, sum_out + i + g,
+                                   p_buffer.data() + g * bs);
+          amx_attention::values(p_buffer.data(), bs * 2, count, corr, vp, D, acc + int64_t{i} * D);
+        }
       });
-      for (int h = 0; h < kv_count; ++h) {
-        const float* s = state.data() + h * per_head;
-        std::copy_n(s, group * D, acc + h * group * D);
-        std::copy_n(s + lanes * D, group, max_out + h * group);
-        std::copy_n(s + lanes * (D + 1), group, sum_out + h * group);
-      }
       return;
     }
   }

@@ -192,7 +192,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     // On AMX, both products per block on tiles (amx_attention.h), each partition's output [lanes, D].
     const bool amx = amx_attention::enabled();
     std::optional<amx_attention::Tiles> amx_tiles;
-    if (amx) amx_tiles.emplace(bs);
+    if (amx) amx_tiles.emplace(kLanes, bs, true);
 #else
     constexpr bool amx = false;
 #endif
@@ -238,7 +238,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
 #ifdef PAGEDLM_AMX_ATTENTION
         if (amx) {
           for (int v = 0; v < nm; ++v)
-            amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, corrected[0], part_acc + int64_t{v} * kLanes * D);
+            amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, part_acc + int64_t{v} * kLanes * D);
         }
 #endif
       }
