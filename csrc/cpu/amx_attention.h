@@ -122,15 +122,36 @@ inline void values(const void* p, int p_stride, int rows, const float* corr, con
   }
 }
 
-// Prefill's P.V for lane group v: values() on the lanes' rows of pp as bf16_tiles::softmax_block
-// leaves it ([bs / 2, lanes] key pairs).
-inline void block_values(const uint32_t* pp, int lanes, int v, const uint32_t* vp, int bs, int D, const float* corr,
-                         float* acc) {
-  const int pairs = bs / 2;
-  alignas(64) uint32_t rows[kLanes * 16];
-  for (int m = 0; m < kLanes; ++m)
-    for (int j = 0; j < pairs; ++j) rows[m * pairs + j] = pp[j * lanes + v * kLanes + m];
-  values(rows, pairs * 4, kLanes, corr + v * kLanes, vp, D, acc);
+// Prefill's P.V over a partition's blocks as bf16_tiles::softmax_block and pack_values left them:
+// acc[m * D + d] for the lanes = 16 * nm query vectors m, the arithmetic of values() block by block,
+// with each 16 x 16 output tile kept in a tile register across the blocks (stored, scaled and
+// reloaded only at a block that corrects one of its rows). rows: scratch for [run.blocks, 16,
+// run.pairs] dwords.
+inline void run_values(const bf16_tiles::BlockRun& run, int nm, int D, uint32_t* rows, float* acc) {
+  const int lanes = nm * kLanes, pairs = run.pairs;
+  alignas(64) float tile[kLanes * kLanes];
+  for (int v = 0; v < nm; ++v) {
+    for (int b = 0; b < run.blocks; ++b)  // the lane group's P, one query vector per row
+      for (int m = 0; m < kLanes; ++m)
+        for (int j = 0; j < pairs; ++j)
+          rows[(b * kLanes + m) * pairs + j] = run.pp[(int64_t{b} * pairs + j) * lanes + v * kLanes + m];
+    for (int d = 0; d < D; d += kLanes) {
+      _tile_zero(5);
+      for (int b = 0; b < run.blocks; ++b) {
+        const float* corr = run.corr + b * lanes + v * kLanes;
+        if (run.corrected[b] && std::any_of(corr, corr + kLanes, [](float c) { return c != 1.f; })) {
+          _tile_stored(5, tile, kLanes * 4);
+          for (int m = 0; m < kLanes; ++m)
+            _mm512_store_ps(tile + m * kLanes, _mm512_mul_ps(_mm512_load_ps(tile + m * kLanes), _mm512_set1_ps(corr[m])));
+          _tile_loadd(5, tile, kLanes * 4);
+        }
+        _tile_loadd(3, rows + b * kLanes * pairs, pairs * 4);
+        _tile_loadd(4, run.vp + int64_t{b} * pairs * D + d, D * 4);
+        _tile_dpbf16ps(5, 3, 4);
+      }
+      _tile_stored(5, acc + int64_t{v} * kLanes * D + d, D * 4);
+    }
+  }
 }
 
 }  // namespace pagedlm::cpu::amx_attention

@@ -9,7 +9,8 @@
 //   per cache block, over the keys of the query's range in it, one online-softmax step: the new max
 //                 m', the correction c = exp(m - m') (exactly 1 if m' == m or nothing was summed
 //                 yet), p = bf16(exp(logit - m')) (0 outside the range), and sum = sum * c + the
-//                 block's p summed by halving (key r + half onto key r, half = n / 2 .. 1);
+//                 block's p summed by halving (key r + half onto key r, half = n / 2 .. 1); both
+//                 exps are ATen's vector exp_u20;
 //   out[d] = out[d] * c, then the block's key pairs (2j, 2j + 1) in order, one vdpbf16ps step each
 //                 (p pair times v pair).
 // Prefill puts 16 query vectors in a register's lanes for both products (K and V elements are
@@ -138,6 +139,16 @@ PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n
   for (; r < n; ++r) logit_rows<NM, 1>(qp, lanes, k + r * D, D, scale, logits + r * lanes);
 }
 
+// The online softmax's correction per lane: exp(old_max - new_max) where the max grew over a nonzero
+// sum, else exactly 1; one vector exp for 16 lanes (softmax_keys takes it for one lane, so the two
+// agree).
+PAGEDLM_ALWAYS_INLINE __m512 correction(__m512 old_max, __m512 new_max, __m512 old_sum) {
+  const __mmask16 grew = _mm512_cmp_ps_mask(new_max, old_max, _CMP_GT_OQ) &
+                         _mm512_cmp_ps_mask(old_sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 e = (fVec(old_max) - fVec(new_max)).exp_u20();
+  return _mm512_mask_mov_ps(_mm512_set1_ps(1.f), grew, e);
+}
+
 // Per-lane online-softmax state of up to kMaxTileLanes query vectors over one partition.
 struct SoftmaxState {
   float* max;  // running max logit, -inf before the first key
@@ -173,16 +184,11 @@ PAGEDLM_ALWAYS_INLINE bool softmax_block(float* logits, int n, int nm, int key0,
       _mm512_storeu_ps(l, x);
       new_max = _mm512_max_ps(new_max, x);
     }
-    alignas(64) float m_old[kLanes], m_new[kLanes], s[kLanes], c[kLanes];
-    _mm512_store_ps(m_old, old_max);
-    _mm512_store_ps(m_new, new_max);
-    _mm512_store_ps(s, _mm512_loadu_ps(state.sum + off));
-    for (int i = 0; i < kLanes; ++i) {
-      c[i] = m_new[i] > m_old[i] && s[i] > 0.f ? std::exp(m_old[i] - m_new[i]) : 1.f;
-      corrected |= c[i] != 1.f;
-    }
-    __m512 sum = _mm512_mul_ps(_mm512_load_ps(s), _mm512_load_ps(c));
-    _mm512_storeu_ps(corr + off, _mm512_load_ps(c));
+    const __m512 old_sum = _mm512_loadu_ps(state.sum + off);
+    const __m512 c = correction(old_max, new_max, old_sum);
+    corrected |= _mm512_cmp_ps_mask(c, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) != 0;
+    __m512 sum = _mm512_mul_ps(old_sum, c);
+    _mm512_storeu_ps(corr + off, c);
     _mm512_storeu_ps(state.max + off, new_max);
     __m512 block_sum[32];
     for (int r = 0; r < n; r += 2) {
@@ -264,7 +270,7 @@ inline float softmax_keys(float* logits, int n, int first, int last, float soft_
     x[v] = _mm512_mask_mov_ps(minus_inf, visible[v], x[v]);
     new_max = std::max(new_max, _mm512_reduce_max_ps(x[v]));
   }
-  const float c = new_max > *max && *sum > 0.f ? std::exp(*max - new_max) : 1.f;
+  const float c = _mm512_cvtss_f32(correction(_mm512_set1_ps(*max), _mm512_set1_ps(new_max), _mm512_set1_ps(*sum)));
   __m512 block_sum = _mm512_setzero_ps();  // lanes past n stay 0: adding them changes nothing
   for (int v = 0; v * kLanes < n; ++v) {
     const __m512 e = (fVec(x[v]) - fVec(new_max)).exp_u20();

@@ -193,6 +193,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     const bool amx = amx_attention::enabled();
     std::optional<amx_attention::Tiles> amx_tiles;
     if (amx) amx_tiles.emplace(kLanes, bs, true);
+    thread_local std::vector<uint32_t> p_rows;  // run_values' scratch
 #else
     constexpr bool amx = false;
 #endif
@@ -207,11 +208,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       const int32_t* table = p.block_table(tile.seq);
       const int64_t head_offset = tile.kv_head * p.kv.head_stride();
       float* part_acc = acc_t + int64_t{k} * lanes * D;
-      if (amx) std::fill(part_acc, part_acc + int64_t{lanes} * D, 0.f);
       int blocks = 0;
       for (int kb = begin / bs * bs; kb < end; kb += bs, ++blocks) {
         const int64_t row = table[kb / bs] * p.kv.block_stride + head_offset;
-        if (kb + bs < end) {
+        if (kb + bs < end && !amx) {  // AMX's tile loads wait on these instead of gaining from them
           const int64_t next = table[kb / bs + 1] * p.kv.block_stride + head_offset;
           prefetch(p.kv.key + next, bs, D);
           prefetch(p.kv.value + next, bs, D);
@@ -228,22 +228,20 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
           default: block_logits<3>(qp, keys, bs, D, p.scale, logits); break;
         }
         const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
-        // With AMX a block's P and V are used at once, so every block reuses the first slot.
-        const int slot = amx ? 0 : blocks;
-        corrected[slot] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
-                                        corr + slot * lanes, pp + int64_t{slot} * pairs * lanes);
+        corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
+                                          corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
         const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
         pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
-                    vp + int64_t{slot} * pairs * D);
-#ifdef PAGEDLM_AMX_ATTENTION
-        if (amx) {
-          for (int v = 0; v < nm; ++v)
-            amx_attention::block_values(pp, lanes, v, vp, bs, D, corr, part_acc + int64_t{v} * kLanes * D);
-        }
-#endif
+                    vp + int64_t{blocks} * pairs * D);
       }
-      if (amx) continue;
       const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
+#ifdef PAGEDLM_AMX_ATTENTION
+      if (amx) {
+        p_rows.resize(int64_t{blocks} * kLanes * pairs);
+        amx_attention::run_values(run, nm, D, p_rows.data(), part_acc);
+        continue;
+      }
+#endif
       switch (nm) {
         case 1: values_by_lane<1>(run, D, part_acc); break;
         case 2: values_by_lane<2>(run, D, part_acc); break;
@@ -257,7 +255,11 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
       for (int k = 0; k < n; ++k) {
         const float* part_acc = acc_t + int64_t{first + k} * lanes * D;  // [lanes, D] with AMX, else [D, lanes]
-        for (int d = 0; d < D; ++d) gathered[k * D + d] = amx ? part_acc[int64_t{m} * D + d] : part_acc[d * lanes + m];
+        if (amx) {
+          std::copy_n(part_acc + int64_t{m} * D, D, gathered + k * D);
+        } else {
+          for (int d = 0; d < D; ++d) gathered[k * D + d] = part_acc[d * lanes + m];
+        }
       }
       c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
       if (n == 1) {
