@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 namespace pagedlm::cpu::amx {
 
@@ -32,9 +34,14 @@ struct alignas(64) TileConfig {
   void load() const { asm volatile("ldtilecfg %0" : : "m"(*this)); }
 };
 
-// Linux hands AMX state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+// Whether the tile kernels run: Linux hands AMX state to a process only on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XTILEDATA); PAGEDLM_DISABLE_AMX=1 keeps the AVX-512 kernels (read once).
 inline bool permitted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  static const bool granted = [] {
+    const char* disable = std::getenv("PAGEDLM_DISABLE_AMX");
+    if (disable != nullptr && std::string_view(disable) == "1") return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
   return granted;
 }
 

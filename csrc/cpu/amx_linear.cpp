@@ -158,7 +158,8 @@ void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor&
     bias_f32 = bias->to(at::kFloat).contiguous();
   }
 #ifdef PAGEDLM_AMX
-  TORCH_CHECK(amx::permitted(), "bf16_amx_linear: the kernel refused AMX (arch_prctl ARCH_REQ_XCOMP_PERM failed)");
+  TORCH_CHECK(amx::permitted(), "bf16_amx_linear: AMX is off (PAGEDLM_DISABLE_AMX=1, or the kernel refused "
+              "arch_prctl ARCH_REQ_XCOMP_PERM)");
   if (M == 0 || N == 0) return;
   amx_linear_kernel(out, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr);
 #else
