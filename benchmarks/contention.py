@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SETTINGS = {
-    "pagedlm default": {},  # GOMP_SPINCOUNT=1000, set by `import pagedlm` (pagedlm/openmp.py)
+    "pagedlm default": {},  # GOMP_SPINCOUNT=3000, set by `import pagedlm` (pagedlm/openmp.py)
     "libgomp default": {"GOMP_SPINCOUNT": "300000"},
     "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
 }

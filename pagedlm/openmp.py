@@ -5,9 +5,12 @@ A waiting libgomp thread spins ``GOMP_SPINCOUNT`` times (300,000 by default) bef
 decode step runs hundreds of short parallel regions (every linear, norm and attention call); when
 another busy process shares a core, the spinning threads take time slices from the descheduled one
 that every region then waits for, and throughput collapses (48 chat prompts on SmolLM2, 2 threads,
-one busy-loop neighbour: 0.31-0.37 of the quiet rate). Spinning 1,000 times keeps short waits
-cheap and yields the core soon after (0.53-0.56 of quiet, quiet rate unchanged within this
-machine's noise; ``benchmarks/contention.py``, numbers in docs/performance.md).
+one busy-loop neighbour: 0.31-0.37 of the quiet rate). A short spin yields the core soon after;
+too short, and a quiet run pays a sleep and a wake-up between regions. On the AMD EPYC of
+docs/performance.md 1,000 spins kept 0.53-0.56 of quiet at no measured quiet cost; on the faster
+steps of an AMX Xeon they cost 27-29% of the quiet rate, and 3,000 keeps 0.52 of quiet loaded at
+10% below libgomp's default quiet rate (1,000: 0.72 at 29%; 10,000: 0.35 at 3%;
+``benchmarks/contention.py``, numbers in docs/performance.md).
 """
 
 import logging
@@ -17,7 +20,7 @@ import sys
 
 logger = logging.getLogger("pagedlm")
 
-GOMP_SPINCOUNT = "1000"
+GOMP_SPINCOUNT = "3000"
 
 
 def set_openmp_defaults() -> None:

@@ -8,6 +8,10 @@ do not depend on the row count. ``Linear`` (whichever kernels it runs) is checke
 row counts.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -251,3 +255,11 @@ def test_linear_runs_amx_where_it_can():
     layer = Linear(96, 64, bias=True).to(torch.bfloat16)
     layer.process_weights_after_loading()
     assert layer.amx_packed and layer.weight.shape == (4, 48, 16, 2)
+
+
+def test_disable_amx_keeps_the_avx512_kernels():
+    # Read once per process by the extension: a fresh interpreter with the switch set.
+    code = "from pagedlm.model_executor.layers.linear import amx_linear_available; print(amx_linear_available())"
+    env = {**os.environ, "PAGEDLM_DISABLE_AMX": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
