@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <optional>
 
 namespace pagedlm {
 
@@ -86,6 +87,15 @@ inline void check_cache_write(const at::Tensor& key, const at::Tensor& value, co
   for (const at::Tensor* t : {&key, &value, &slot_mapping}) {
     TORCH_CHECK(t->device() == key_cache.device(), "reshape_and_cache tensors must be on one device");
   }
+}
+
+// A linear op's optional bias, checked ([N], floating point, on the CPU) and as contiguous fp32;
+// undefined without one.
+inline at::Tensor linear_bias_fp32(const std::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value()) return {};
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()),
+              op, ": bias must be a floating-point CPU tensor [", N, "]");
+  return bias->to(at::kFloat).contiguous();
 }
 
 // The (src, dst) rows of block_mapping as a contiguous host tensor, bounds-checked.

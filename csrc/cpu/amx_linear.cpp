@@ -8,6 +8,9 @@
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
 // two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). One B tile
 // is 16 pairs of one column block: 1 KiB, contiguous.
+#include "vec.h"  // first: selects ATen's vector width
+
+#include "../checks.h"
 #include "amx.h"
 #include "ops.h"
 #include "parallel.h"
@@ -150,13 +153,7 @@ void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor&
               "bf16_amx_linear: weight must be a contiguous bfloat16 [", round_up(N, kTileN) / kTileN, ", ",
               round_up(K, kTileK) / 2, ", 16, 2] tensor (ops.amx_pack_weight of a [", N, ", ", K,
               "] weight); got ", weight.sizes(), " ", weight.scalar_type());
-  at::Tensor bias_f32;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu() &&
-                    at::isFloatingType(bias->scalar_type()),
-                "bf16_amx_linear: bias must be a floating-point CPU tensor [", N, "]");
-    bias_f32 = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, "bf16_amx_linear");
 #ifdef PAGEDLM_AMX
   TORCH_CHECK(amx::permitted(), "bf16_amx_linear: AMX is off (PAGEDLM_DISABLE_AMX=1, or the kernel refused "
               "arch_prctl ARCH_REQ_XCOMP_PERM)");

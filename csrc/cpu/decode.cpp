@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace pagedlm::cpu {
@@ -52,48 +53,6 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
   std::fill(sum_out, sum_out + heads, 0.f);
-#ifdef PAGEDLM_AMX_ATTENTION
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_tiles::supports(D, bs) && amx_attention::enabled()) {
-      // Query heads as tile rows (at most 16 at a time), keys as columns; softmax as the vdpbf16ps
-      // path's; the products as prefill's (amx_attention.h).
-      using namespace bf16_tiles;
-      const int key_groups = (bs + kLanes - 1) / kLanes, stride = key_groups * kLanes;
-      thread_local std::vector<c10::BFloat16> rows;  // an fp8 block's K, then V rows as bf16
-      rows.resize(is_fp8<C> ? 2 * bs * D : 0);
-      thread_local std::vector<uint32_t> pairs;  // K transposed, then V as pairs
-      pairs.resize(int64_t{key_groups} * D / 2 * kLanes + bs / 2 * D);
-      uint32_t* kt = pairs.data();
-      uint32_t* vp = kt + int64_t{key_groups} * D / 2 * kLanes;
-      thread_local std::vector<float> logits_buffer;
-      logits_buffer.resize(kLanes * (stride + 1));
-      float* logits = logits_buffer.data();
-      float* corr = logits + kLanes * stride;
-      thread_local std::vector<c10::BFloat16> p_buffer;
-      p_buffer.resize(kLanes * bs);
-      const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
-      amx_attention::Tiles tiles(std::min(group, kLanes), bs, false);
-      for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
-        const int first = t % bs, i0 = (h - kv_begin) * group;
-        const int64_t block_row = row - int64_t{first} * D;
-        const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
-        for (int k = 0; k < key_groups; ++k)
-          transpose_keys(keys + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D, kt + int64_t{k} * D / 2 * kLanes);
-        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
-        for (int g0 = 0; g0 < group; g0 += kLanes) {
-          const int count = std::min(kLanes, group - g0), i = i0 + g0;
-          tiles.use(count);
-          amx_attention::key_logits(query(i), q_stride, count, kt, bs, D, scale, logits, stride);
-          for (int g = 0; g < count; ++g)
-            corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i + g, sum_out + i + g,
-                                   p_buffer.data() + g * bs);
-          amx_attention::values(p_buffer.data(), bs * 2, count, corr, vp, D, acc + int64_t{i} * D);
-        }
-      });
-      return;
-    }
-  }
-#endif
 #ifdef PAGEDLM_BF16_TILES
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles::supports(D, bs)) {
@@ -112,12 +71,28 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       thread_local std::vector<c10::BFloat16> p_buffer;
       p_buffer.resize(group * bs);
       const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
+#ifdef PAGEDLM_AMX_ATTENTION
+      // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
+      std::optional<amx_attention::Tiles> tiles;
+      if (amx_attention::enabled()) tiles.emplace(std::min(group, kLanes), bs, false);
+      const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
+#endif
       for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
         const int first = t % bs, i0 = (h - kv_begin) * group;  // visible block rows, the item's query heads of h
         const int64_t block_row = row - int64_t{first} * D;
         const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
         for (int k = 0; k < key_groups; ++k)
           transpose_keys(keys + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D, kt + int64_t{k} * D / 2 * kLanes);
+        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
+#ifdef PAGEDLM_AMX_ATTENTION
+        if (tiles) {
+          for (int g0 = 0; g0 < group; g0 += kLanes) {
+            tiles->use(std::min(kLanes, group - g0));
+            amx_attention::key_logits(query(i0 + g0), q_stride, std::min(kLanes, group - g0), kt, bs, D, scale,
+                                      logits + g0 * stride, stride);
+          }
+        } else
+#endif
         for_each_head_chunk(group, [&](auto ng, int g0) {
           const c10::BFloat16* q[ng()];
           for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
@@ -127,7 +102,16 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
         for (int g = 0; g < group; ++g)
           corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i0 + g,
                                  sum_out + i0 + g, p_buffer.data() + g * bs);
-        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
+#ifdef PAGEDLM_AMX_ATTENTION
+        if (tiles) {
+          for (int g0 = 0; g0 < group; g0 += kLanes) {
+            tiles->use(std::min(kLanes, group - g0));
+            amx_attention::values(p_buffer.data() + g0 * bs, bs * 2, std::min(kLanes, group - g0), corr + g0, vp, D,
+                                  acc + int64_t{i0 + g0} * D);
+          }
+          return;
+        }
+#endif
         values_by_dim(pp, bs / 2, group, corr, vp, bs / 2, D, acc + i0 * D);
       });
       return;

@@ -162,13 +162,7 @@ void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Ten
   }
   TORCH_CHECK(previous == K, "bf16_blocked_linear: k_chunk_ends must end at in_features = ", K, "; got ",
               k_chunk_ends);
-  at::Tensor bias_f32;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu() &&
-                    at::isFloatingType(bias->scalar_type()),
-                "bf16_blocked_linear: bias must be a floating-point CPU tensor [", N, "]");
-    bias_f32 = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, "bf16_blocked_linear");
   if (M == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   blocked_linear_kernel(out, input, static_cast<const at::BFloat16*>(mkldnn_data(weight)),
