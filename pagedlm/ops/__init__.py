@@ -76,7 +76,7 @@ Sampling op:
   log-probability under the softmax of the untempered logits. CPU kernel and reference; on CUDA
   the reference runs.
 
-Linear op (CPU, bfloat16):
+Linear ops (CPU, bfloat16):
 
 * ``bf16_blocked_linear(out, input, weight, bias, k_chunk_ends)``: ``out = input @ weight.T + bias``
   for ``input`` bf16 ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` the
