@@ -27,7 +27,7 @@ AVX512_FLAGS = {
     "-mfma": "fma",
 }
 
-# The tile instructions of csrc/cpu/amx_linear.cpp (Sapphire Rapids and later).
+# The tile instructions of csrc/cpu/amx_linear.cpp and amx_attention.h (Sapphire Rapids and later).
 AMX_FLAGS = {"-mamx-tile": "amx_tile", "-mamx-bf16": "amx_bf16"}
 
 

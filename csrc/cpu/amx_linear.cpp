@@ -122,12 +122,7 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
           }
           const int64_t n0 = nb * kTileN, cols = std::min<int64_t>(two_n ? 32 : 16, N - n0);
           for (int r = 0; r < mr; ++r)
-            for (int64_t j = 0; j < cols; j += 16) {
-              const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
-              __m512 v = _mm512_load_ps(c + r * 32 + j);
-              if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + j));
-              _mm256_mask_storeu_epi16(y + (m + r) * ldy + n0 + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
-            }
+            store_sums_bf16(y + (m + r) * ldy + n0, c + r * 32, bias ? bias + n0 : nullptr, cols);
         }
       }
     }

@@ -119,12 +119,7 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
       }
       const int64_t n0 = b * kBlockN, cols = std::min(kBlockN, N - n0);
       for (int64_t r = 0; r < M; ++r)
-        for (int64_t t = 0; t < cols; t += 16) {
-          const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - t)) - 1);
-          __m512 v = _mm512_loadu_ps(sum.data() + r * kBlockN + t);
-          if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + t));
-          _mm256_mask_storeu_epi16(y + r * y_stride + n0 + t, mask, (__m256i)_mm512_cvtneps_pbh(v));
-        }
+        store_sums_bf16(y + r * y_stride + n0, sum.data() + r * kBlockN, bias ? bias + n0 : nullptr, cols);
     }
   });
 }
