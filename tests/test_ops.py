@@ -631,7 +631,8 @@ def test_layer_reference_equals_kernel(op):
 
 
 def _without_backend_variables():
-    return {k: v for k, v in os.environ.items() if k not in ("PAGEDLM_OPS_BACKEND", "PAGEDLM_ATTENTION_BACKEND")}
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PAGEDLM_OPS_BACKEND", "PAGEDLM_ATTENTION_BACKEND", "PAGEDLM_DISABLE_AMX")}
 
 
 @pytest.mark.parametrize("forced", [False, True])
@@ -650,6 +651,7 @@ def test_backend_selection(forced):
     [
         ("PAGEDLM_OPS_BACKEND", "cpu", "PAGEDLM_OPS_BACKEND='cpu': the only accepted value is 'torch-reference'"),
         ("PAGEDLM_ATTENTION_BACKEND", "torch-reference", "PAGEDLM_ATTENTION_BACKEND was renamed to PAGEDLM_OPS_BACKEND"),
+        ("PAGEDLM_DISABLE_AMX", "true", "PAGEDLM_DISABLE_AMX='true': the accepted values are '0' and '1'"),
     ],
 )
 def test_backend_variable_errors(name, value, message):

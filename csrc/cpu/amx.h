@@ -35,7 +35,8 @@ struct alignas(64) TileConfig {
 };
 
 // Whether the tile kernels run: Linux hands AMX state to a process only on request (arch_prctl
-// ARCH_REQ_XCOMP_PERM, XTILEDATA); PAGEDLM_DISABLE_AMX=1 keeps the AVX-512 kernels (read once).
+// ARCH_REQ_XCOMP_PERM, XTILEDATA); PAGEDLM_DISABLE_AMX=1 keeps the AVX-512 kernels (read once;
+// pagedlm.ops refuses values other than 0 and 1 before the extension loads).
 inline bool permitted() {
   static const bool granted = [] {
     const char* disable = std::getenv("PAGEDLM_DISABLE_AMX");

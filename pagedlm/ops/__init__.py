@@ -116,7 +116,8 @@ and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` s
 for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
 "torch-reference" (the reference is registered for CUDA then, as it always is for ``sample``).
 Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
-reference on every device.
+reference on every device. On a CPU with AMX, ``PAGEDLM_DISABLE_AMX=1`` keeps the AVX-512 kernels
+(``0``, the default, lets the linears and attention run on AMX tiles).
 """
 
 import os
@@ -158,6 +159,10 @@ def _load_extension() -> bool:
         return False
     if requested:
         raise ValueError(f"PAGEDLM_OPS_BACKEND={requested!r}: the only accepted value is 'torch-reference'")
+    # Read by the extension (csrc/cpu/amx.h), which takes "1" as off and anything else as on.
+    disable_amx = os.environ.get("PAGEDLM_DISABLE_AMX")
+    if disable_amx not in (None, "0", "1"):
+        raise ValueError(f"PAGEDLM_DISABLE_AMX={disable_amx!r}: the accepted values are '0' and '1'")
     try:
         import pagedlm._C  # noqa: F401  (registers torch.ops.pagedlm.*)
     except ImportError as exc:
