@@ -10,11 +10,15 @@
 // A tile row (keys in Q·K, query vectors in P·V) reads only its own operands, so a query's bits do
 // not depend on the other query vectors of its tile, nor on how many there are.
 //
-// Tiles: 0, 1, 2 Q.K's A, B and C (32 head dimensions of keys or query vectors as rows, 16 query
-// vectors' or keys' dimension pairs, the logits), 3 P rows (A, query vectors x the block's keys), 4 V
-// pairs (B, the block's key pairs x 16 head dimensions), 5 output (C, query vectors x 16 head
-// dimensions). The products are the same either way round: a tdpbf16ps element sums the same pair
-// products in the same order whichever operand holds the keys (test_attention_rows_equal_decode_bits).
+// Tiles, decode: 0, 1, 2 Q.K's A, B and C (a KV head's query heads as rows, 32 head dimensions; 16
+// keys' dimension pairs; the logits), 3 P rows (A, query heads x the block's keys), 4 V pairs (B, the
+// block's key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
+// Tiles, prefill: 0, 1, 2 Q.K's A, B and C (16 of a block's keys as rows, 32 head dimensions; 16 query
+// vectors' dimension pairs; the logits); then 3 V transposed (A, 16 head dimensions x the block's
+// keys), 4 P pairs (B, the block's key pairs x 16 query vectors), 1, 5, 6, 7 output (C, 16 head
+// dimensions x 16 query vectors): the output tiles stay in registers across a partition's blocks.
+// The products are the same either way round: a tdpbf16ps element sums the same pair products in the
+// same order whichever operand holds the keys (test_attention_rows_equal_decode_bits).
 
 #include "amx.h"
 #include "bf16_tiles.h"
@@ -33,42 +37,50 @@ using bf16_tiles::kLanes;
 // Whether the kernels take these products: decided once per process, the same for decode and prefill.
 inline bool enabled() { return amx::permitted(); }
 
-// Tile shapes for a work item: `rows` query vectors (at most 16) against cache blocks of bs keys (8,
-// 16 or 32). Prefill (keys_as_rows) puts a block's keys in Q.K's rows and 16 query vectors in its
-// columns; decode puts its few query heads in the rows and 16 keys in the columns.
+// The tile shapes of one kernel (see above), against cache blocks of bs keys (8, 16 or 32). Decode
+// reshapes them (use) for its tiles' number of query heads.
 class Tiles {
  public:
-  Tiles(int rows, int bs, bool keys_as_rows) : bs_(bs), keys_as_rows_(keys_as_rows) { use(rows); }
+  enum Kernel { kDecode, kPrefill };
+  Tiles(Kernel kernel, int bs, int rows = kLanes) : kernel_(kernel), bs_(bs) { use(rows); }
   ~Tiles() { _tile_release(); }  // so that the kernel need not save them
   Tiles(const Tiles&) = delete;
   Tiles& operator=(const Tiles&) = delete;
 
-  // Reshapes the tiles for `rows` query vectors.
+  // Decode: reshapes the tiles for `rows` (at most 16) query heads.
   void use(int rows) {
     if (rows == rows_) return;
     amx::TileConfig cfg;
-    const int qk_rows = keys_as_rows_ ? std::min(bs_, kLanes) : rows;
-    cfg.set(0, qk_rows, 64);
-    cfg.set(1, kLanes, 64);
-    cfg.set(2, qk_rows, 64);
-    cfg.set(3, rows, bs_ * 2);
-    cfg.set(4, bs_ / 2, 64);
-    cfg.set(5, rows, 64);
+    if (kernel_ == kDecode) {
+      cfg.set(0, rows, 64);
+      cfg.set(1, kLanes, 64);
+      cfg.set(2, rows, 64);
+      cfg.set(3, rows, bs_ * 2);
+      cfg.set(4, bs_ / 2, 64);
+      cfg.set(5, rows, 64);
+    } else {
+      const int key_rows = std::min(bs_, kLanes);
+      cfg.set(0, key_rows, 64);
+      cfg.set(1, kLanes, 64);
+      cfg.set(2, key_rows, 64);
+      cfg.set(3, kLanes, bs_ * 2);
+      cfg.set(4, bs_ / 2, 64);
+      for (int t : {5, 6, 7}) cfg.set(t, kLanes, 64);
+    }
     cfg.load();
     rows_ = rows;
   }
 
  private:
+  Kernel kernel_;
   int bs_;
-  bool keys_as_rows_;
   int rows_ = 0;
 };
 
-// Prefill's Q.K: logits[r * lanes + 16 * v + m] = scale * q_m . k_r for the bs rows of k (bf16
-// [bs, D]) and the query vectors m of lane group v, from qp as bf16_tiles::pack_queries leaves it
-// ([D / 2, lanes]).
-inline void block_logits(const uint32_t* qp, int lanes, int v, const bf16* k, int bs, int D, float scale,
-                         float* logits) {
+// Prefill's Q.K: logits[r * lanes + 16 * v + m] = q_m . k_r (not yet scaled) for the bs rows of k
+// (bf16 [bs, D]) and the query vectors m of lane group v, from qp as bf16_tiles::pack_queries leaves
+// it ([D / 2, lanes]).
+inline void block_logits(const uint32_t* qp, int lanes, int v, const bf16* k, int bs, int D, float* logits) {
   for (int r0 = 0; r0 < bs; r0 += kLanes) {
     _tile_zero(2);
     for (int c = 0; c < D; c += 32) {
@@ -78,18 +90,12 @@ inline void block_logits(const uint32_t* qp, int lanes, int v, const bf16* k, in
     }
     _tile_stored(2, logits + r0 * lanes + v * kLanes, lanes * 4);
   }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int r = 0; r < bs; ++r) {
-    float* l = logits + r * lanes + v * kLanes;
-    _mm512_storeu_ps(l, _mm512_mul_ps(_mm512_loadu_ps(l), s));
-  }
 }
 
-// Decode's Q.K: logits[g * stride + n] = scale * q_g . k_n for the tile's query rows q (bf16, rows
-// q_stride elements apart) and the bs keys of kt as bf16_tiles::transpose_keys leaves them, per 16
-// keys [D / 2, 16].
-inline void key_logits(const bf16* q, int64_t q_stride, int rows, const uint32_t* kt, int bs, int D, float scale,
-                       float* logits, int stride) {
+// Decode's Q.K: logits[g * stride + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
+// rows q_stride elements apart) and the bs keys of kt as bf16_tiles::transpose_keys leaves them, per
+// 16 keys [D / 2, 16].
+inline void key_logits(const bf16* q, int64_t q_stride, const uint32_t* kt, int bs, int D, float* logits, int stride) {
   for (int n0 = 0; n0 < bs; n0 += kLanes) {
     _tile_zero(2);
     for (int c = 0; c < D; c += 32) {
@@ -99,12 +105,6 @@ inline void key_logits(const bf16* q, int64_t q_stride, int rows, const uint32_t
     }
     _tile_stored(2, logits + n0, stride * 4);
   }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int g = 0; g < rows; ++g)
-    for (int n0 = 0; n0 < bs; n0 += kLanes) {
-      float* l = logits + g * stride + n0;
-      _mm512_storeu_ps(l, _mm512_mul_ps(_mm512_loadu_ps(l), s));
-    }
 }
 
 // P.V for the tile's query vectors: acc[g * D + d] = acc * corr[g] (where corr[g] != 1), then plus the
@@ -122,37 +122,67 @@ inline void values(const void* p, int p_stride, int rows, const float* corr, con
   }
 }
 
-// Prefill's P.V over a partition's blocks as bf16_tiles::softmax_block and pack_values left them:
-// acc[m * D + d] for the lanes = 16 * nm query vectors m, the arithmetic of values() block by block,
-// with each 16 x 16 output tile kept in a tile register across the blocks (stored, scaled and
-// reloaded only at a block that corrects one of its rows). rows: scratch for [run.blocks, 16,
-// run.pairs] dwords.
-inline void run_values(const bf16_tiles::BlockRun& run, int nm, int D, uint32_t* rows, float* acc) {
-  const int lanes = nm * kLanes, pairs = run.pairs;
-  alignas(64) float tile[kLanes * kLanes];
+// The values of one cache block as prefill's P.V reads them (its A operand, head dimensions as rows):
+// vt[d * 16 + j] = (v[2j][d], v[2j + 1][d]) for the bs / 2 key pairs of v (bf16 [bs, D]), rows outside
+// [first, last) read as zeros; rows of vt are 64 bytes apart whatever bs. scratch: bs / 2 * D dwords.
+inline void transpose_values(const bf16* v, int bs, int D, int first, int last, uint32_t* scratch, uint32_t* vt) {
+  bf16_tiles::pack_values(v, bs, D, first, last, scratch);
+  bf16_tiles::transpose_keys(reinterpret_cast<const bf16*>(scratch), bs / 2, 2 * D, vt);
+}
+
+// The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each): the intrinsics take
+// a tile's number as a literal, so a loop over them names each.
+#define PAGEDLM_FOR_OUTPUT_TILES(count, body) \
+  do {                                        \
+    { [[maybe_unused]] constexpr int kTile = 0; body(1); }     \
+    { [[maybe_unused]] constexpr int kTile = 1; body(5); }     \
+    if ((count) == 4) {                       \
+      { [[maybe_unused]] constexpr int kTile = 2; body(6); }   \
+      { [[maybe_unused]] constexpr int kTile = 3; body(7); }   \
+    }                                         \
+  } while (0)
+
+// Prefill's P.V over a partition's blocks as bf16_tiles::softmax_block left them and their values as
+// transpose_values left them (vt: [run.blocks][D, 16] dwords): acc_t[d * lanes + m] for the lanes =
+// 16 * nm query vectors m, 0, then per block acc_t * corr (where corr != 1), plus the block's key
+// pairs, up to 64 head dimensions at a time in tiles that stay in registers across the blocks.
+inline void run_values(const bf16_tiles::BlockRun& run, const uint32_t* vt, int nm, int D, float* acc_t) {
+  const int lanes = nm * kLanes;
+  alignas(64) float buf[kLanes * kLanes];
   for (int v = 0; v < nm; ++v) {
-    for (int b = 0; b < run.blocks; ++b)  // the lane group's P, one query vector per row
-      for (int m = 0; m < kLanes; ++m)
-        for (int j = 0; j < pairs; ++j)
-          rows[(b * kLanes + m) * pairs + j] = run.pp[(int64_t{b} * pairs + j) * lanes + v * kLanes + m];
-    for (int d = 0; d < D; d += kLanes) {
-      _tile_zero(5);
+    for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
+      const int tiles = std::min(4, (D - d0) / kLanes);  // 2 or 4: D is a multiple of 32
+#define PAGEDLM_ZERO(t) _tile_zero(t)
+      PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_ZERO);
       for (int b = 0; b < run.blocks; ++b) {
         const float* corr = run.corr + b * lanes + v * kLanes;
         if (run.corrected[b] && std::any_of(corr, corr + kLanes, [](float c) { return c != 1.f; })) {
-          _tile_stored(5, tile, kLanes * 4);
-          for (int m = 0; m < kLanes; ++m)
-            _mm512_store_ps(tile + m * kLanes, _mm512_mul_ps(_mm512_load_ps(tile + m * kLanes), _mm512_set1_ps(corr[m])));
-          _tile_loadd(5, tile, kLanes * 4);
+          const __m512 c = _mm512_loadu_ps(corr);
+#define PAGEDLM_CORRECT(t)                                                                                   \
+  _tile_stored(t, buf, kLanes * 4);                                                                          \
+  for (int d = 0; d < kLanes; ++d) _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), c)); \
+  _tile_loadd(t, buf, kLanes * 4)
+          PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_CORRECT);
         }
-        _tile_loadd(3, rows + b * kLanes * pairs, pairs * 4);
-        _tile_loadd(4, run.vp + int64_t{b} * pairs * D + d, D * 4);
-        _tile_dpbf16ps(5, 3, 4);
+        _tile_loadd(4, run.pp + int64_t{b} * run.pairs * lanes + v * kLanes, lanes * 4);
+        const uint32_t* block = vt + (int64_t{b} * D + d0) * kLanes;
+#define PAGEDLM_VALUES(t)                                           \
+  _tile_loadd(3, block + kTile * kLanes * kLanes, kLanes * 4); \
+  _tile_dpbf16ps(t, 3, 4)
+        PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_VALUES);
       }
-      _tile_stored(5, acc + int64_t{v} * kLanes * D + d, D * 4);
+      float* out = acc_t + int64_t{d0} * lanes + v * kLanes;
+#define PAGEDLM_STORE(t) _tile_stored(t, out + kTile * kLanes * lanes, lanes * 4)
+      PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_STORE);
+#undef PAGEDLM_ZERO
+#undef PAGEDLM_CORRECT
+#undef PAGEDLM_VALUES
+#undef PAGEDLM_STORE
     }
   }
 }
+
+#undef PAGEDLM_FOR_OUTPUT_TILES
 
 }  // namespace pagedlm::cpu::amx_attention
 

@@ -6,11 +6,14 @@
 //   logit(q, k) = scale * (s0 + s1), s0 and s1 fp32 sums over the head dimension's even and odd
 //                 pairs (2i, 2i + 1) in order, one pair per vdpbf16ps step (two chains, not one:
 //                 decode has few of them and would wait on the instruction's latency);
-//   per cache block, over the keys of the query's range in it, one online-softmax step: the new max
-//                 m', the correction c = exp(m - m') (exactly 1 if m' == m or nothing was summed
-//                 yet), p = bf16(exp(logit - m')) (0 outside the range), and sum = sum * c + the
-//                 block's p summed by halving (key r + half onto key r, half = n / 2 .. 1); both
-//                 exps are ATen's vector exp_u20;
+//   per cache block, over the keys of the query's range in it, one online-softmax step: the block's
+//                 max b; the reference m' = b if b > m + kRescaleThreshold (or nothing was seen
+//                 yet), else m' = m (lazy rescaling: the reference moves only when the max has
+//                 grown a lot, so most blocks need no correction); the correction c = exp(m - m')
+//                 (exactly 1 if m' == m or nothing was summed yet), p = bf16(exp(logit - m')) (0
+//                 outside the range), and sum = sum * c + the block's p summed by halving (key
+//                 r + half onto key r, half = n / 2 .. 1); c's exp is ATen's vector exp_u20, p's
+//                 exp_p below;
 //   out[d] = out[d] * c, then the block's key pairs (2j, 2j + 1) in order, one vdpbf16ps step each
 //                 (p pair times v pair).
 // Prefill puts 16 query vectors in a register's lanes for both products (K and V elements are
@@ -41,6 +44,10 @@ constexpr int kLanes = 16;
 // Query vectors of one prefill tile: three registers of lanes; with 4 keys in two chains (Q·K) or 8
 // head dimensions (P·V) that is 24 accumulators.
 constexpr int kMaxTileLanes = 48;
+// How far (in logits) a block's max may exceed the softmax reference before the reference moves to
+// it (FlashAttention-4's conditional rescaling). p stays at most e^8 ~ 3e3, far inside fp32's and
+// bf16's range, and a block that moves nothing needs no correction of the output accumulated so far.
+constexpr float kRescaleThreshold = 8.f;
 
 // The kernels take whole vdpbf16ps steps over the head dimension and the engine's block sizes,
 // whose key pairs and halving sums fit a register's lanes.
@@ -107,9 +114,10 @@ inline void pack_values(const bf16* v, int n, int D, int first, int last, uint32
   }
 }
 
-// logits[r * lanes + 16 * v + m] = scale * q · k_r for NK rows of k and NM registers of query lanes.
+// logits[r * lanes + 16 * v + m] = q · k_r (not yet scaled) for NK rows of k and NM registers of query
+// lanes.
 template <int NM, int NK>
-PAGEDLM_ALWAYS_INLINE void logit_rows(const uint32_t* qp, int lanes, const bf16* k, int D, float scale, float* logits) {
+PAGEDLM_ALWAYS_INLINE void logit_rows(const uint32_t* qp, int lanes, const bf16* k, int D, float* logits) {
   __m512 acc[2][NK][NM];
   for (int h = 0; h < 2; ++h)
     for (int r = 0; r < NK; ++r)
@@ -124,20 +132,37 @@ PAGEDLM_ALWAYS_INLINE void logit_rows(const uint32_t* qp, int lanes, const bf16*
       }
     }
   }
-  const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < NK; ++r)
     for (int v = 0; v < NM; ++v)
-      _mm512_storeu_ps(logits + r * lanes + v * kLanes, _mm512_mul_ps(_mm512_add_ps(acc[0][r][v], acc[1][r][v]), s));
+      _mm512_storeu_ps(logits + r * lanes + v * kLanes, _mm512_add_ps(acc[0][r][v], acc[1][r][v]));
 }
 
-// Logits of lanes = 16 * NM packed query vectors against the n rows of k: [n, lanes].
+// Unscaled logits of lanes = 16 * NM packed query vectors against the n rows of k: [n, lanes].
 template <int NM>
-PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n, int D, float scale, float* logits) {
+PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n, int D, float* logits) {
   constexpr int lanes = NM * kLanes;
   int r = 0;
-  for (; r + 4 <= n; r += 4) logit_rows<NM, 4>(qp, lanes, k + r * D, D, scale, logits + r * lanes);
-  for (; r < n; ++r) logit_rows<NM, 1>(qp, lanes, k + r * D, D, scale, logits + r * lanes);
+  for (; r + 4 <= n; r += 4) logit_rows<NM, 4>(qp, lanes, k + r * D, D, logits + r * lanes);
+  for (; r < n; ++r) logit_rows<NM, 1>(qp, lanes, k + r * D, D, logits + r * lanes);
 }
+
+// p = exp(x - max) for the 16 lanes of x, as 2^t, t = x log2(e) - max log2(e) (one fma): 2^round(t)
+// times a degree-5 polynomial for 2^(t - round(t)) (fitted here for relative error, at most 2.4e-7 in
+// fp32 over [-0.5, 0.5]; the p that leave here are rounded to bf16 next). t is clamped below at -150,
+// where 2^t is 0 in fp32. neg_max_log2e: -max log2(e).
+PAGEDLM_ALWAYS_INLINE __m512 exp_p(__m512 x, __m512 neg_max_log2e) {
+  const __m512 t = _mm512_max_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), neg_max_log2e), _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0013276358f), f, _mm512_set1_ps(0.0096755028f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.055507131f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24022120f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.69314694f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001f));
+  return _mm512_scalef_ps(q, n);
+}
+
+PAGEDLM_ALWAYS_INLINE __m512 neg_max_log2e(__m512 max) { return _mm512_mul_ps(max, _mm512_set1_ps(-1.44269504f)); }
 
 // The online softmax's correction per lane: exp(old_max - new_max) where the max grew over a nonzero
 // sum, else exactly 1; one vector exp for 16 lanes (softmax_keys takes it for one lane, so the two
@@ -155,63 +180,74 @@ struct SoftmaxState {
   float* sum;  // running sum of p
 };
 
-// One online-softmax step over a block of n (even) keys at positions key0 .. key0 + n - 1 for
-// lanes = 16 * nm query vectors: logits [n, lanes] in; lane m sees keys [lo[m], hi[m]], or every key
-// when all_visible. Updates the state, writes each lane's correction to corr [lanes] and p as key
-// pairs to pp [n / 2, lanes] (pp[j * lanes + m] = (p[2j][m], p[2j + 1][m])). Returns whether any
-// correction differs from 1.
-PAGEDLM_ALWAYS_INLINE bool softmax_block(float* logits, int n, int nm, int key0, const int* lo, const int* hi,
-                                         bool all_visible, float soft_cap, SoftmaxState state, float* corr,
-                                         uint32_t* pp) {
+// One online-softmax step over a block of N keys at positions key0 .. key0 + N - 1 for lanes = 16 * nm
+// query vectors: unscaled logits [N, lanes] in (the logit is scale times each, soft-capped where
+// soft_cap > 0); lane m sees keys [lo[m], hi[m]], or every key when all_visible. Updates the state,
+// writes each lane's correction to corr [lanes] and p as key pairs to pp [N / 2, lanes]
+// (pp[j * lanes + m] = (p[2j][m], p[2j + 1][m])). Returns whether any correction differs from 1.
+template <int N>
+PAGEDLM_ALWAYS_INLINE bool softmax_block(const float* logits, int nm, float scale, int key0, const int* lo,
+                                         const int* hi, bool all_visible, float soft_cap, SoftmaxState state,
+                                         float* corr, uint32_t* pp) {
   const int lanes = nm * kLanes;
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 s = _mm512_set1_ps(scale), threshold = _mm512_set1_ps(kRescaleThreshold);
   bool corrected = false;
   for (int v = 0; v < nm; ++v) {
     const int off = v * kLanes;
     const __m512i lo_v = _mm512_loadu_si512(lo + off), hi_v = _mm512_loadu_si512(hi + off);
-    auto visible = [&](int r) -> __mmask16 {
-      if (all_visible) return 0xffff;
+    __m512 x[N];
+    __mmask16 visible[N];
+    __m512 block_max = minus_inf;
+    for (int r = 0; r < N; ++r) {
       const __m512i key = _mm512_set1_epi32(key0 + r);
-      return _mm512_cmp_epi32_mask(key, lo_v, _MM_CMPINT_NLT) & _mm512_cmp_epi32_mask(key, hi_v, _MM_CMPINT_LE);
-    };
-    const __m512 old_max = _mm512_loadu_ps(state.max + off);
-    __m512 new_max = old_max;
-    for (int r = 0; r < n; ++r) {
-      float* l = logits + r * lanes + off;
-      __m512 x = _mm512_loadu_ps(l);
-      if (soft_cap > 0.f) x = fVec(soft_cap) * (fVec(x) * fVec(1.f / soft_cap)).tanh();
-      x = _mm512_mask_mov_ps(minus_inf, visible(r), x);
-      _mm512_storeu_ps(l, x);
-      new_max = _mm512_max_ps(new_max, x);
+      visible[r] = all_visible ? __mmask16{0xffff}
+                               : static_cast<__mmask16>(_mm512_cmp_epi32_mask(key, lo_v, _MM_CMPINT_NLT) &
+                                                        _mm512_cmp_epi32_mask(key, hi_v, _MM_CMPINT_LE));
+      x[r] = _mm512_mul_ps(_mm512_loadu_ps(logits + r * lanes + off), s);
+      if (soft_cap > 0.f) x[r] = fVec(soft_cap) * (fVec(x[r]) * fVec(1.f / soft_cap)).tanh();
+      block_max = _mm512_mask_max_ps(block_max, visible[r], block_max, x[r]);
     }
-    const __m512 old_sum = _mm512_loadu_ps(state.sum + off);
+    const __m512 old_max = _mm512_loadu_ps(state.max + off), old_sum = _mm512_loadu_ps(state.sum + off);
+    const __m512 new_max = _mm512_mask_mov_ps(
+        old_max, _mm512_cmp_ps_mask(block_max, _mm512_add_ps(old_max, threshold), _CMP_GT_OQ), block_max);
     const __m512 c = correction(old_max, new_max, old_sum);
     corrected |= _mm512_cmp_ps_mask(c, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) != 0;
-    __m512 sum = _mm512_mul_ps(old_sum, c);
     _mm512_storeu_ps(corr + off, c);
     _mm512_storeu_ps(state.max + off, new_max);
-    __m512 block_sum[32];
-    for (int r = 0; r < n; r += 2) {
+    const __m512 shift = neg_max_log2e(new_max);
+    __m512 block_sum[N];
+    for (int r = 0; r < N; r += 2) {
       __m256bh p[2];
       for (int h = 0; h < 2; ++h) {
-        const __m512 x = _mm512_loadu_ps(logits + (r + h) * lanes + off);
-        const __m512 e = (fVec(x) - fVec(new_max)).exp_u20();
-        // Keys outside the range are -inf: exactly 0 even while the lane's max is still -inf.
-        p[h] = _mm512_cvtneps_pbh(_mm512_mask_mov_ps(_mm512_setzero_ps(), _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ), e));
+        // Keys outside the range are exactly 0, even while the lane's reference is still -inf.
+        const __m512 e = exp_p(x[r + h], shift);
+        p[h] = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(visible[r + h], e));
         block_sum[r + h] = bf16_to_fp32(p[h]);
       }
       _mm512_storeu_si512(pp + r / 2 * lanes + off, interleave((__m256i)p[0], (__m256i)p[1]));
     }
-    for (int half = n / 2; half > 0; half /= 2)
+    for (int half = N / 2; half > 0; half /= 2)
       for (int r = 0; r < half; ++r) block_sum[r] = _mm512_add_ps(block_sum[r], block_sum[r + half]);
-    _mm512_storeu_ps(state.sum + off, _mm512_add_ps(sum, block_sum[0]));
+    _mm512_storeu_ps(state.sum + off, _mm512_add_ps(_mm512_mul_ps(old_sum, c), block_sum[0]));
   }
   return corrected;
 }
 
-// Decode's Q·K, keys in lanes. kt[i * 16 + n] = (k[n][2i], k[n][2i + 1]) for the first 16 rows of a
-// block (rows past n are zero): a 16 x 16 transpose of 32-bit pairs per 32 head dimensions.
-inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt) {
+// softmax_block for the engine's block sizes (bf16_tiles::supports).
+inline bool softmax_block(int n, const float* logits, int nm, float scale, int key0, const int* lo, const int* hi,
+                          bool all_visible, float soft_cap, SoftmaxState state, float* corr, uint32_t* pp) {
+  switch (n) {
+    case 8: return softmax_block<8>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
+    case 16: return softmax_block<16>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
+    default: return softmax_block<32>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
+  }
+}
+
+// Decode's Q·K, keys in lanes. kt[i * kt_stride + n] = (k[n][2i], k[n][2i + 1]) for the first 16 rows
+// of a block (rows past n are zero): a 16 x 16 transpose of 32-bit pairs per 32 head dimensions (of
+// any 32-bit elements, 16 rows of D / 2 of them D / 2 apart).
+inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt, int64_t kt_stride = kLanes) {
   for (int i0 = 0; i0 < D / 2; i0 += kLanes) {
     __m512i r[kLanes], t[kLanes];
     for (int j = 0; j < kLanes; ++j) r[j] = j < n ? _mm512_loadu_si512(k + j * D + 2 * i0) : _mm512_setzero_si512();
@@ -229,18 +265,17 @@ inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt) {
     for (int b = 0; b < 4; ++b) {
       const __m512i x = _mm512_shuffle_i32x4(r[b], r[4 + b], 0x88), y = _mm512_shuffle_i32x4(r[b], r[4 + b], 0xdd);
       const __m512i z = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0x88), w = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0xdd);
-      _mm512_storeu_si512(kt + (i0 + b) * kLanes, _mm512_shuffle_i32x4(x, z, 0x88));
-      _mm512_storeu_si512(kt + (i0 + b + 4) * kLanes, _mm512_shuffle_i32x4(y, w, 0x88));
-      _mm512_storeu_si512(kt + (i0 + b + 8) * kLanes, _mm512_shuffle_i32x4(x, z, 0xdd));
-      _mm512_storeu_si512(kt + (i0 + b + 12) * kLanes, _mm512_shuffle_i32x4(y, w, 0xdd));
+      _mm512_storeu_si512(kt + (i0 + b) * kt_stride, _mm512_shuffle_i32x4(x, z, 0x88));
+      _mm512_storeu_si512(kt + (i0 + b + 4) * kt_stride, _mm512_shuffle_i32x4(y, w, 0x88));
+      _mm512_storeu_si512(kt + (i0 + b + 8) * kt_stride, _mm512_shuffle_i32x4(x, z, 0xdd));
+      _mm512_storeu_si512(kt + (i0 + b + 12) * kt_stride, _mm512_shuffle_i32x4(y, w, 0xdd));
     }
   }
 }
 
-// logits[g * stride + n] = scale * q[g] · k_n for NG query vectors and the 16 keys of kt.
+// logits[g * stride + n] = q[g] · k_n (not yet scaled) for NG query vectors and the 16 keys of kt.
 template <int NG>
-PAGEDLM_ALWAYS_INLINE void logits_by_key(const bf16* const* q, const uint32_t* kt, int D, float scale, float* logits,
-                                         int stride) {
+PAGEDLM_ALWAYS_INLINE void logits_by_key(const bf16* const* q, const uint32_t* kt, int D, float* logits, int stride) {
   __m512 acc[2][NG];
   for (int h = 0; h < 2; ++h)
     for (int g = 0; g < NG; ++g) acc[h][g] = _mm512_setzero_ps();
@@ -250,30 +285,30 @@ PAGEDLM_ALWAYS_INLINE void logits_by_key(const bf16* const* q, const uint32_t* k
       for (int g = 0; g < NG; ++g) acc[h][g] = _mm512_dpbf16_ps(acc[h][g], broadcast_pair(q[g] + 2 * (i + h)), k);
     }
   }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(logits + g * stride, _mm512_mul_ps(_mm512_add_ps(acc[0][g], acc[1][g]), s));
+  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(logits + g * stride, _mm512_add_ps(acc[0][g], acc[1][g]));
 }
 
-// softmax_block for one query vector with its keys' logits in lanes: logits [n] of the block's keys,
-// of which [first, last) are visible. Updates *max and *sum, returns the correction and writes p to
-// p [n] (bf16; pairs as softmax_block's pp).
-inline float softmax_keys(float* logits, int n, int first, int last, float soft_cap, float* max, float* sum, bf16* p) {
+// softmax_block for one query vector with its keys' unscaled logits in lanes: logits [n] of the
+// block's keys, of which [first, last) are visible. Updates *max and *sum, returns the correction and
+// writes p to p [n] (bf16; pairs as softmax_block's pp).
+inline float softmax_keys(const float* logits, int n, int first, int last, float scale, float soft_cap, float* max,
+                          float* sum, bf16* p) {
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 x[2];
   __mmask16 visible[2];
-  float new_max = *max;
+  float block_max = -std::numeric_limits<float>::infinity();
   for (int v = 0; v * kLanes < n; ++v) {
     const int lo = std::clamp(first - v * kLanes, 0, kLanes), hi = std::clamp(last - v * kLanes, 0, kLanes);
     visible[v] = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
-    x[v] = _mm512_loadu_ps(logits + v * kLanes);
+    x[v] = _mm512_mul_ps(_mm512_loadu_ps(logits + v * kLanes), _mm512_set1_ps(scale));
     if (soft_cap > 0.f) x[v] = fVec(soft_cap) * (fVec(x[v]) * fVec(1.f / soft_cap)).tanh();
-    x[v] = _mm512_mask_mov_ps(minus_inf, visible[v], x[v]);
-    new_max = std::max(new_max, _mm512_reduce_max_ps(x[v]));
+    block_max = std::max(block_max, _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_inf, visible[v], x[v])));
   }
+  const float new_max = block_max > *max + kRescaleThreshold ? block_max : *max;
   const float c = _mm512_cvtss_f32(correction(_mm512_set1_ps(*max), _mm512_set1_ps(new_max), _mm512_set1_ps(*sum)));
   __m512 block_sum = _mm512_setzero_ps();  // lanes past n stay 0: adding them changes nothing
   for (int v = 0; v * kLanes < n; ++v) {
-    const __m512 e = (fVec(x[v]) - fVec(new_max)).exp_u20();
+    const __m512 e = exp_p(x[v], neg_max_log2e(_mm512_set1_ps(new_max)));
     const __m256bh pv = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(visible[v], e));
     // With 32 keys, the first halving: key r + 16 onto key r.
     block_sum = v == 0 ? bf16_to_fp32(pv) : _mm512_add_ps(block_sum, bf16_to_fp32(pv));

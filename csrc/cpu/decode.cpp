@@ -74,7 +74,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
 #ifdef PAGEDLM_AMX_ATTENTION
       // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
       std::optional<amx_attention::Tiles> tiles;
-      if (amx_attention::enabled()) tiles.emplace(std::min(group, kLanes), bs, false);
+      if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, bs, std::min(group, kLanes));
       const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
 #endif
       for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
@@ -88,8 +88,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
         if (tiles) {
           for (int g0 = 0; g0 < group; g0 += kLanes) {
             tiles->use(std::min(kLanes, group - g0));
-            amx_attention::key_logits(query(i0 + g0), q_stride, std::min(kLanes, group - g0), kt, bs, D, scale,
-                                      logits + g0 * stride, stride);
+            amx_attention::key_logits(query(i0 + g0), q_stride, kt, bs, D, logits + g0 * stride, stride);
           }
         } else
 #endif
@@ -97,10 +96,10 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           const c10::BFloat16* q[ng()];
           for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
           for (int k = 0; k < key_groups; ++k)
-            logits_by_key<ng()>(q, kt + int64_t{k} * D / 2 * kLanes, D, scale, logits + g0 * stride + k * kLanes, stride);
+            logits_by_key<ng()>(q, kt + int64_t{k} * D / 2 * kLanes, D, logits + g0 * stride + k * kLanes, stride);
         });
         for (int g = 0; g < group; ++g)
-          corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, soft_cap, max_out + i0 + g,
+          corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, scale, soft_cap, max_out + i0 + g,
                                  sum_out + i0 + g, p_buffer.data() + g * bs);
 #ifdef PAGEDLM_AMX_ATTENTION
         if (tiles) {

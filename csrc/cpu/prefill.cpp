@@ -11,6 +11,8 @@
 #include "paged_kv.h"
 #include "parallel.h"
 
+#include <ATen/ops/empty.h>
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -138,17 +140,78 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
   });
 }
 
+#ifdef PAGEDLM_AMX_ATTENTION
+// The cache blocks that a prefill call's prompt rows read, converted once per call for the AMX
+// kernel rather than once per query tile: values as amx_attention::transpose_values leaves them
+// (rows outside the sequence's keys [first_key(first prompt position), seq_len) zeroed), and an fp8
+// cache's keys as bf16 (exactly). Sequence s's KV head h reads its blocks first_block[s] .. as the
+// consecutive items first_item[s] + h * blocks[s] + i.
+template <typename C>
+class PackedBlocks {
+ public:
+  PackedBlocks(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts)
+      : D_(p.kv.head_size), bs_(p.kv.block_size), first_block_(p.num_seqs), blocks_(p.num_seqs),
+        first_item_(p.num_seqs + 1) {
+    std::vector<int> first_key(p.num_seqs);
+    for (int s = 0; s < p.num_seqs; ++s) {
+      const int q_len = starts[s + 1] - starts[s];
+      first_key[s] = q_len > 0 ? p.first_key(p.seq_lens[s] - q_len) : 0;
+      first_block_[s] = first_key[s] / bs_;
+      blocks_[s] = q_len > 0 ? (p.seq_lens[s] - 1) / bs_ - first_block_[s] + 1 : 0;
+      first_item_[s + 1] = first_item_[s] + int64_t{p.num_kv_heads} * blocks_[s];
+    }
+    const int64_t items = first_item_.back();
+    values_ = at::empty({items, D_, kLanes}, at::kInt);
+    if constexpr (is_fp8<C>) keys_ = at::empty({items, bs_, D_}, at::kBFloat16);
+    parallel_items(items, [&](int64_t i) {
+      const int s = std::upper_bound(first_item_.begin(), first_item_.end(), i) - first_item_.begin() - 1;
+      const int h = (i - first_item_[s]) / blocks_[s], kb = (first_block_[s] + (i - first_item_[s]) % blocks_[s]) * bs_;
+      const int64_t row = p.block_table(s)[kb / bs_] * p.kv.block_stride + h * p.kv.head_stride();
+      thread_local std::vector<bf16_tiles::bf16> rows;
+      thread_local std::vector<uint32_t> scratch;
+      rows.resize(is_fp8<C> ? bs_ * D_ : 0);
+      scratch.resize(bs_ / 2 * D_);
+      const auto* v = bf16_tiles::bf16_rows(p.kv.value + row, bs_ * D_, rows.data());
+      amx_attention::transpose_values(v, bs_, D_, std::clamp(first_key[s] - kb, 0, bs_),
+                                      std::clamp(p.seq_lens[s] - kb, 0, bs_), scratch.data(), value_block(i));
+      if constexpr (is_fp8<C>) bf16_tiles::bf16_rows(p.kv.key + row, bs_ * D_, key_block(i));
+    });
+  }
+
+  // The item of the block holding key kb of sequence s, KV head h.
+  int64_t item(int s, int h, int kb) const { return first_item_[s] + int64_t{h} * blocks_[s] + kb / bs_ - first_block_[s]; }
+  uint32_t* value_block(int64_t item) const {
+    return reinterpret_cast<uint32_t*>(values_.data_ptr<int32_t>()) + item * D_ * kLanes;
+  }
+  c10::BFloat16* key_block(int64_t item) const { return keys_.data_ptr<c10::BFloat16>() + item * bs_ * D_; }
+
+ private:
+  static constexpr int kLanes = bf16_tiles::kLanes;
+  int D_, bs_;
+  std::vector<int> first_block_, blocks_;
+  std::vector<int64_t> first_item_;
+  at::Tensor values_, keys_;
+};
+#endif
+
 #ifdef PAGEDLM_BF16_TILES
 // bf16 prefill on bf16_tiles: a tile is up to kMaxTileLanes query vectors of one KV head (whole rows
 // of its query-head group where that fits), each partition of their keys two passes over its
 // blocks: Q·K, softmax and packing block by block, then P·V over the whole partition with the
-// accumulators in registers.
+// accumulators in registers (vector registers, or on AMX tile registers).
 template <typename C>
 void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts) {
   using namespace bf16_tiles;
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
   const int rows_per_tile = std::max(1, kMaxTileLanes / group), heads_per_tile = std::min(group, kMaxTileLanes);
   const std::vector<Tile> tiles = make_tiles(p, starts, rows_per_tile, heads_per_tile);
+#ifdef PAGEDLM_AMX_ATTENTION
+  const bool amx = amx_attention::enabled();
+  std::optional<PackedBlocks<C>> packed;
+  if (amx) packed.emplace(p, starts);
+#else
+  constexpr bool amx = false;
+#endif
 
   parallel_items(tiles.size(), [&](int64_t i) {
     const Tile tile = tiles[i];
@@ -160,23 +223,24 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     const int64_t token0 = starts[tile.seq] + tile.row0;
     const int h0 = tile.kv_head * group + tile.head0;
 
-    thread_local std::vector<uint32_t> packed;
-    packed.resize(int64_t{D} / 2 * lanes + int64_t{max_blocks} * pairs * (lanes + D));
-    uint32_t* qp = packed.data();
+    thread_local std::vector<uint32_t> packed_rows;
+    packed_rows.resize(int64_t{D} / 2 * lanes + int64_t{max_blocks} * pairs * (lanes + (amx ? 0 : D)));
+    uint32_t* qp = packed_rows.data();
     uint32_t* pp = qp + D / 2 * lanes;
-    uint32_t* vp = pp + int64_t{max_blocks} * pairs * lanes;
+    uint32_t* vp = pp + int64_t{max_blocks} * pairs * lanes;  // the vector kernel's values
     thread_local std::vector<float> scratch;
-    scratch.resize(int64_t{parts} * lanes * (D + 2) + bs * lanes + int64_t{max_blocks} * lanes + (parts + 1) * D);
+    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + bs * lanes + int64_t{max_blocks} * lanes + D);
     float* acc_t = scratch.data();                          // [parts][D, lanes]
-    float* part_max = acc_t + int64_t{parts} * lanes * D;  // [parts][lanes]
+    float* acc = acc_t + int64_t{parts} * lanes * D;       // [parts][lanes, D]
+    float* part_max = acc + int64_t{parts} * lanes * D;    // [parts][lanes]
     float* part_sum = part_max + parts * lanes;
     float* logits = part_sum + parts * lanes;  // [bs, lanes]
     float* corr = logits + bs * lanes;        // [blocks][lanes]
-    float* gathered = corr + max_blocks * lanes;  // [parts][D], then D for merge_partitions
+    float* merged = corr + max_blocks * lanes;  // [D]
     thread_local std::vector<uint8_t> corrected;
     corrected.resize(max_blocks);
-    thread_local std::vector<bf16> rows;  // an fp8 block's K, then V rows as bf16
-    rows.resize(is_fp8<C> ? 2 * bs * D : 0);
+    thread_local std::vector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
+    rows.resize(is_fp8<C> && !amx ? 2 * bs * D : 0);
 
     // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
     pack_queries([&](int m) { return p.query_row(token0 + m / tile.heads, h0 + m % tile.heads); }, count, lanes, D, qp);
@@ -189,13 +253,8 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     // Keys every lane sees: [p.first_key(last_pos), first_pos].
     const int all_lo = p.first_key(last_pos), all_hi = first_pos;
 #ifdef PAGEDLM_AMX_ATTENTION
-    // On AMX, both products per block on tiles (amx_attention.h), each partition's output [lanes, D].
-    const bool amx = amx_attention::enabled();
     std::optional<amx_attention::Tiles> amx_tiles;
-    if (amx) amx_tiles.emplace(kLanes, bs, true);
-    thread_local std::vector<uint32_t> p_rows;  // run_values' scratch
-#else
-    constexpr bool amx = false;
+    if (amx) amx_tiles.emplace(amx_attention::Tiles::kPrefill, bs);
 #endif
 
     for (int part = part_lo; part <= part_hi; ++part) {
@@ -211,34 +270,44 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       int blocks = 0;
       for (int kb = begin / bs * bs; kb < end; kb += bs, ++blocks) {
         const int64_t row = table[kb / bs] * p.kv.block_stride + head_offset;
-        if (kb + bs < end && !amx) {  // AMX's tile loads wait on these instead of gaining from them
-          const int64_t next = table[kb / bs + 1] * p.kv.block_stride + head_offset;
-          prefetch(p.kv.key + next, bs, D);
-          prefetch(p.kv.value + next, bs, D);
-        }
-        const bf16* keys = bf16_rows(p.kv.key + row, bs * D, rows.data());
 #ifdef PAGEDLM_AMX_ATTENTION
         if (amx) {
-          for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, p.scale, logits);
+          const bf16* keys;
+          if constexpr (is_fp8<C>) {
+            keys = packed->key_block(packed->item(tile.seq, tile.kv_head, kb));
+          } else {
+            keys = p.kv.key + row;
+          }
+          for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, logits);
         } else
 #endif
-        switch (nm) {
-          case 1: block_logits<1>(qp, keys, bs, D, p.scale, logits); break;
-          case 2: block_logits<2>(qp, keys, bs, D, p.scale, logits); break;
-          default: block_logits<3>(qp, keys, bs, D, p.scale, logits); break;
+        {
+          if (kb + bs < end) {
+            const int64_t next = table[kb / bs + 1] * p.kv.block_stride + head_offset;
+            prefetch(p.kv.key + next, bs, D);
+            prefetch(p.kv.value + next, bs, D);
+          }
+          const bf16* keys = bf16_rows(p.kv.key + row, bs * D, rows.data());
+          switch (nm) {
+            case 1: block_logits<1>(qp, keys, bs, D, logits); break;
+            case 2: block_logits<2>(qp, keys, bs, D, logits); break;
+            default: block_logits<3>(qp, keys, bs, D, logits); break;
+          }
         }
         const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
-        corrected[blocks] = softmax_block(logits, bs, nm, kb, lo, hi, all_visible, p.soft_cap, state,
+        corrected[blocks] = softmax_block(bs, logits, nm, p.scale, kb, lo, hi, all_visible, p.soft_cap, state,
                                           corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
-        const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
-        pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
-                    vp + int64_t{blocks} * pairs * D);
+        if (!amx) {
+          const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
+          pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
+                      vp + int64_t{blocks} * pairs * D);
+        }
       }
       const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
 #ifdef PAGEDLM_AMX_ATTENTION
       if (amx) {
-        p_rows.resize(int64_t{blocks} * kLanes * pairs);
-        amx_attention::run_values(run, nm, D, p_rows.data(), part_acc);
+        const uint32_t* vt = packed->value_block(packed->item(tile.seq, tile.kv_head, begin / bs * bs));
+        amx_attention::run_values(run, vt, nm, D, part_acc);
         continue;
       }
 #endif
@@ -249,24 +318,21 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       }
     }
 
-    // As decode ends: one partition normalised directly, several merged.
+    // As decode ends: one partition normalised directly, several merged, from each query vector's row.
+    for (int k = 0; k < parts; ++k)
+      for (int d0 = 0; d0 < D; d0 += kLanes)
+        transpose_keys(reinterpret_cast<const bf16*>(acc_t + (int64_t{k} * D + d0) * lanes), kLanes, 2 * lanes,
+                       reinterpret_cast<uint32_t*>(acc + int64_t{k} * lanes * D + d0), D);
     for (int m = 0; m < count; ++m) {
       const int pos = first_pos + m / tile.heads;
       const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
-      for (int k = 0; k < n; ++k) {
-        const float* part_acc = acc_t + int64_t{first + k} * lanes * D;  // [lanes, D] with AMX, else [D, lanes]
-        if (amx) {
-          std::copy_n(part_acc + int64_t{m} * D, D, gathered + k * D);
-        } else {
-          for (int d = 0; d < D; ++d) gathered[k * D + d] = part_acc[d * lanes + m];
-        }
-      }
+      const float* rows = acc + (int64_t{first} * lanes + m) * D;
       c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
       if (n == 1) {
-        store_scaled(out, gathered, p.v_scale / part_sum[first * lanes + m], D);
+        store_scaled(out, rows, p.v_scale / part_sum[first * lanes + m], D);
       } else {
-        merge_partitions(out, gathered, D, part_max + first * lanes + m, part_sum + first * lanes + m, lanes, n, D,
-                         p.v_scale, gathered + n * D);
+        merge_partitions(out, rows, int64_t{lanes} * D, part_max + first * lanes + m, part_sum + first * lanes + m,
+                         lanes, n, D, p.v_scale, merged);
       }
     }
   });
