@@ -5,18 +5,18 @@
 // output element again has one arithmetic whatever tile or batch computes it:
 //   logit(q, k) = scale * s, s one fp32 tile sum over the head dimension's 32-element blocks in
 //                 order, one tdpbf16ps per block (its internal order is the hardware's);
-//   out[d]      = out[d] * c when a block corrects the softmax (exactly out[d] when c == 1), then
-//                 one tdpbf16ps over the block's key pairs (p pair times v pair) into it.
+//   out[d]      = out[d] * c when a chunk corrects the softmax (exactly out[d] when c == 1), then
+//                 one tdpbf16ps over the chunk's 16 key pairs (p pair times v pair) into it.
 // A tile row (keys in Q·K, query vectors in P·V) reads only its own operands, so a query's bits do
 // not depend on the other query vectors of its tile, nor on how many there are.
 //
 // Tiles, decode: 0, 1, 2 Q.K's A, B and C (a KV head's query heads as rows, 32 head dimensions; 16
-// keys' dimension pairs; the logits), 3 P rows (A, query heads x the block's keys), 4 V pairs (B, the
-// block's key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
+// keys' dimension pairs; the logits), 3 P rows (A, query heads x the chunk's 32 keys), 4 V pairs (B,
+// the chunk's 16 key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
 // Tiles, prefill: 0, 1, 2 Q.K's A, B and C (16 of a block's keys as rows, 32 head dimensions; 16 query
-// vectors' dimension pairs; the logits); then 3 V transposed (A, 16 head dimensions x the block's
-// keys), 4 P pairs (B, the block's key pairs x 16 query vectors), 1, 5, 6, 7 output (C, 16 head
-// dimensions x 16 query vectors): the output tiles stay in registers across a partition's blocks.
+// vectors' dimension pairs; the logits); then 3 V transposed (A, 16 head dimensions x the chunk's 32
+// keys), 4 P pairs (B, the chunk's 16 key pairs x 16 query vectors), 1, 5, 6, 7 output (C, 16 head
+// dimensions x 16 query vectors): the output tiles stay in registers across a partition's chunks.
 // The products are the same either way round: a tdpbf16ps element sums the same pair products in the
 // same order whichever operand holds the keys (test_attention_rows_equal_decode_bits).
 
@@ -51,21 +51,11 @@ class Tiles {
   void use(int rows) {
     if (rows == rows_) return;
     amx::TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.set(t, kLanes, 64);
     if (kernel_ == kDecode) {
-      cfg.set(0, rows, 64);
-      cfg.set(1, kLanes, 64);
-      cfg.set(2, rows, 64);
-      cfg.set(3, rows, bs_ * 2);
-      cfg.set(4, bs_ / 2, 64);
-      cfg.set(5, rows, 64);
+      for (int t : {0, 2, 3, 5}) cfg.set(t, rows, 64);
     } else {
-      const int key_rows = std::min(bs_, kLanes);
-      cfg.set(0, key_rows, 64);
-      cfg.set(1, kLanes, 64);
-      cfg.set(2, key_rows, 64);
-      cfg.set(3, kLanes, bs_ * 2);
-      cfg.set(4, bs_ / 2, 64);
-      for (int t : {5, 6, 7}) cfg.set(t, kLanes, 64);
+      for (int t : {0, 2}) cfg.set(t, std::min(bs_, kLanes), 64);
     }
     cfg.load();
     rows_ = rows;
@@ -92,28 +82,28 @@ inline void block_logits(const uint32_t* qp, int lanes, int v, const bf16* k, in
   }
 }
 
-// Decode's Q.K: logits[g * stride + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
-// rows q_stride elements apart) and the bs keys of kt as bf16_tiles::transpose_keys leaves them, per
-// 16 keys [D / 2, 16].
-inline void key_logits(const bf16* q, int64_t q_stride, const uint32_t* kt, int bs, int D, float* logits, int stride) {
-  for (int n0 = 0; n0 < bs; n0 += kLanes) {
+// Decode's Q.K: logits[g * 32 + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
+// rows q_stride elements apart) and the chunk's 32 keys in kt as bf16_tiles::transpose_keys leaves
+// them, per 16 keys [D / 2, 16].
+inline void key_logits(const bf16* q, int64_t q_stride, const uint32_t* kt, int D, float* logits) {
+  for (int n0 = 0; n0 < bf16_tiles::kChunk; n0 += kLanes) {
     _tile_zero(2);
     for (int c = 0; c < D; c += 32) {
       _tile_loadd(0, q + c, q_stride * 2);
       _tile_loadd(1, kt + int64_t{n0} * D / 2 + c / 2 * kLanes, 64);
       _tile_dpbf16ps(2, 0, 1);
     }
-    _tile_stored(2, logits + n0, stride * 4);
+    _tile_stored(2, logits + n0, bf16_tiles::kChunk * 4);
   }
 }
 
 // P.V for the tile's query vectors: acc[g * D + d] = acc * corr[g] (where corr[g] != 1), then plus the
-// block's key pairs, from p (bf16 [rows, bs], rows p_stride bytes apart) and vp as
-// bf16_tiles::pack_values leaves it ([bs / 2, D]).
-inline void values(const void* p, int p_stride, int rows, const float* corr, const uint32_t* vp, int D, float* acc) {
+// chunk's key pairs, from p (bf16 [rows, 32]) and vp as bf16_tiles::pack_chunk_values leaves it
+// ([16, D]).
+inline void values(const bf16* p, int rows, const float* corr, const uint32_t* vp, int D, float* acc) {
   for (int g = 0; g < rows; ++g)
     if (corr[g] != 1.f) scale_inplace(acc + int64_t{g} * D, corr[g], D);
-  _tile_loadd(3, p, p_stride);
+  _tile_loadd(3, p, bf16_tiles::kChunk * 2);
   for (int d = 0; d < D; d += kLanes) {
     _tile_loadd(5, acc + d, D * 4);
     _tile_loadd(4, vp + d, D * 4);
@@ -122,12 +112,14 @@ inline void values(const void* p, int p_stride, int rows, const float* corr, con
   }
 }
 
-// The values of one cache block as prefill's P.V reads them (its A operand, head dimensions as rows):
-// vt[d * 16 + j] = (v[2j][d], v[2j + 1][d]) for the bs / 2 key pairs of v (bf16 [bs, D]), rows outside
-// [first, last) read as zeros; rows of vt are 64 bytes apart whatever bs. scratch: bs / 2 * D dwords.
-inline void transpose_values(const bf16* v, int bs, int D, int first, int last, uint32_t* scratch, uint32_t* vt) {
-  bf16_tiles::pack_values(v, bs, D, first, last, scratch);
-  bf16_tiles::transpose_keys(reinterpret_cast<const bf16*>(scratch), bs / 2, 2 * D, vt);
+// The values of the chunk of keys [c0, c0 + 32) as prefill's P.V reads them (its A operand, head
+// dimensions as rows): vt[d * 16 + j] = (v[2j][d], v[2j + 1][d]), keys in [begin, end) from their
+// blocks (block(kb) as for bf16_tiles::pack_chunk_values), the others zero. scratch: 16 * D dwords.
+template <typename F>
+inline void transpose_values(const F& block, int c0, int bs, int D, int begin, int end, uint32_t* scratch,
+                             uint32_t* vt) {
+  bf16_tiles::pack_chunk_values(block, c0, bs, D, begin, end, scratch);
+  bf16_tiles::transpose_keys(reinterpret_cast<const bf16*>(scratch), kLanes, 2 * D, vt);
 }
 
 // The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each): the intrinsics take
@@ -142,11 +134,11 @@ inline void transpose_values(const bf16* v, int bs, int D, int first, int last, 
     }                                         \
   } while (0)
 
-// Prefill's P.V over a partition's blocks as bf16_tiles::softmax_block left them and their values as
-// transpose_values left them (vt: [run.blocks][D, 16] dwords): acc_t[d * lanes + m] for the lanes =
-// 16 * nm query vectors m, 0, then per block acc_t * corr (where corr != 1), plus the block's key
-// pairs, up to 64 head dimensions at a time in tiles that stay in registers across the blocks.
-inline void run_values(const bf16_tiles::BlockRun& run, const uint32_t* vt, int nm, int D, float* acc_t) {
+// Prefill's P.V over a partition's chunks as bf16_tiles::softmax_chunk left them and their values as
+// transpose_values left them (vt: [run.chunks][D, 16] dwords): acc_t[d * lanes + m] for the lanes =
+// 16 * nm query vectors m, 0, then per chunk acc_t * corr (where corr != 1), plus the chunk's key
+// pairs, up to 64 head dimensions at a time in tiles that stay in registers across the chunks.
+inline void run_values(const bf16_tiles::ChunkRun& run, const uint32_t* vt, int nm, int D, float* acc_t) {
   const int lanes = nm * kLanes;
   alignas(64) float buf[kLanes * kLanes];
   for (int v = 0; v < nm; ++v) {
@@ -154,7 +146,7 @@ inline void run_values(const bf16_tiles::BlockRun& run, const uint32_t* vt, int 
       const int tiles = std::min(4, (D - d0) / kLanes);  // 2 or 4: D is a multiple of 32
 #define PAGEDLM_ZERO(t) _tile_zero(t)
       PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_ZERO);
-      for (int b = 0; b < run.blocks; ++b) {
+      for (int b = 0; b < run.chunks; ++b) {
         const float* corr = run.corr + b * lanes + v * kLanes;
         if (run.corrected[b] && std::any_of(corr, corr + kLanes, [](float c) { return c != 1.f; })) {
           const __m512 c = _mm512_loadu_ps(corr);
@@ -164,10 +156,10 @@ inline void run_values(const bf16_tiles::BlockRun& run, const uint32_t* vt, int 
   _tile_loadd(t, buf, kLanes * 4)
           PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_CORRECT);
         }
-        _tile_loadd(4, run.pp + int64_t{b} * run.pairs * lanes + v * kLanes, lanes * 4);
-        const uint32_t* block = vt + (int64_t{b} * D + d0) * kLanes;
+        _tile_loadd(4, run.pp + int64_t{b} * bf16_tiles::kChunkPairs * lanes + v * kLanes, lanes * 4);
+        const uint32_t* chunk = vt + (int64_t{b} * D + d0) * kLanes;
 #define PAGEDLM_VALUES(t)                                           \
-  _tile_loadd(3, block + kTile * kLanes * kLanes, kLanes * 4); \
+  _tile_loadd(3, chunk + kTile * kLanes * kLanes, kLanes * 4); \
   _tile_dpbf16ps(t, 3, 4)
         PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_VALUES);
       }

@@ -1,26 +1,30 @@
 #pragma once
 // bf16 attention on the dot-product instruction (vdpbf16ps: one fp32 lane adds the exact products of
-// a pair of bf16 pairs), as tiles of query vectors against cache blocks. Decode and prefill are both
+// a pair of bf16 pairs), as tiles of query vectors against chunks of keys. Decode and prefill are both
 // built from these pieces, which fix the arithmetic of every logit and output element whatever tile
 // or batch it is computed in (batch invariance):
 //   logit(q, k) = scale * (s0 + s1), s0 and s1 fp32 sums over the head dimension's even and odd
 //                 pairs (2i, 2i + 1) in order, one pair per vdpbf16ps step (two chains, not one:
-//                 decode has few of them and would wait on the instruction's latency);
-//   per cache block, over the keys of the query's range in it, one online-softmax step: the block's
-//                 max b; the reference m' = b if b > m + kRescaleThreshold (or nothing was seen
-//                 yet), else m' = m (lazy rescaling: the reference moves only when the max has
-//                 grown a lot, so most blocks need no correction); the correction c = exp(m - m')
-//                 (exactly 1 if m' == m or nothing was summed yet), p = bf16(exp(logit - m')) (0
-//                 outside the range), and sum = sum * c + the block's p summed by halving (key
-//                 r + half onto key r, half = n / 2 .. 1); c's exp is ATen's vector exp_u20, p's
-//                 exp_p below;
-//   out[d] = out[d] * c, then the block's key pairs (2j, 2j + 1) in order, one vdpbf16ps step each
+//                 decode has few of them and would wait on the instruction's latency); with a soft
+//                 cap, soft_cap * tanh(logit / soft_cap);
+//   per chunk of kChunk = 32 keys (positions [32 c, 32 c + 32), one to four cache blocks), over the
+//                 keys of the query's range in it, one online-softmax step: the chunk's max logit b;
+//                 the reference m' = b if b > m + kRescaleThreshold (or nothing was seen yet), else
+//                 m' = m (lazy rescaling: the reference moves only when the max has grown a lot, so
+//                 most chunks need no correction); the correction c = exp(m - m') (ATen's exp_u20;
+//                 exactly 1 if m' == m or nothing was summed yet); p = bf16(exp_p(logit - m')) (0
+//                 outside the range; exp_p's fma takes the unscaled sum and scale * log2(e) where
+//                 there is no soft cap); and sum = sum * c + the chunk's p summed by halving (key
+//                 r + half onto key r, half = 16 .. 1);
+//   out[d] = out[d] * c, then the chunk's key pairs (2j, 2j + 1) in order, one vdpbf16ps step each
 //                 (p pair times v pair).
 // Prefill puts 16 query vectors in a register's lanes for both products (K and V elements are
 // broadcast); decode, with only a KV head's few query heads, puts keys' logits in lanes for Q·K and
 // the head dimension in lanes for P·V. The per-element arithmetic is the same, since the two products
 // of a pair are exact whichever operand holds them. Keys outside a query's range get p = 0, and V rows
-// that may hold anything (stale slots, slots before a sliding window) are zeroed before they meet it.
+// that may hold anything (stale slots, slots before a sliding window, blocks past the sequence) are
+// zeroed before they meet it. The chunks do not depend on the cache's block size, so neither do the
+// bits.
 
 #include "vec.h"
 
@@ -44,13 +48,16 @@ constexpr int kLanes = 16;
 // Query vectors of one prefill tile: three registers of lanes; with 4 keys in two chains (Q·K) or 8
 // head dimensions (P·V) that is 24 accumulators.
 constexpr int kMaxTileLanes = 48;
-// How far (in logits) a block's max may exceed the softmax reference before the reference moves to
+// How far (in logits) a chunk's max may exceed the softmax reference before the reference moves to
 // it (FlashAttention-4's conditional rescaling). p stays at most e^8 ~ 3e3, far inside fp32's and
-// bf16's range, and a block that moves nothing needs no correction of the output accumulated so far.
+// bf16's range, and a chunk that moves nothing needs no correction of the output accumulated so far.
 constexpr float kRescaleThreshold = 8.f;
 
-// The kernels take whole vdpbf16ps steps over the head dimension and the engine's block sizes,
-// whose key pairs and halving sums fit a register's lanes.
+// Keys per online-softmax step: its key pairs fill an AMX tile's depth.
+constexpr int kChunk = 32;
+constexpr int kChunkPairs = kChunk / 2;
+
+// The kernels take whole vdpbf16ps steps over the head dimension, and chunks of whole cache blocks.
 inline bool supports(int head_size, int block_size) {
   return head_size % 32 == 0 && (block_size == 8 || block_size == 16 || block_size == 32);
 }
@@ -137,6 +144,17 @@ PAGEDLM_ALWAYS_INLINE void logit_rows(const uint32_t* qp, int lanes, const bf16*
       _mm512_storeu_ps(logits + r * lanes + v * kLanes, _mm512_add_ps(acc[0][r][v], acc[1][r][v]));
 }
 
+// vp[j * D + d] = (v[2j][d], v[2j + 1][d]) for the chunk of keys [c0, c0 + 32): keys in [begin, end)
+// from their blocks' rows (block(kb): bf16 [bs, D] of the block that starts at key kb), the others
+// zero.
+template <typename F>
+inline void pack_chunk_values(const F& block, int c0, int bs, int D, int begin, int end, uint32_t* vp) {
+  for (int kb = c0; kb < c0 + kChunk; kb += bs) {
+    const int first = std::clamp(begin - kb, 0, bs), last = std::clamp(end - kb, 0, bs);
+    pack_values(first < last ? block(kb) : nullptr, bs, D, first, last, vp + (kb - c0) / 2 * D);
+  }
+}
+
 // Unscaled logits of lanes = 16 * NM packed query vectors against the n rows of k: [n, lanes].
 template <int NM>
 PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n, int D, float* logits) {
@@ -146,12 +164,13 @@ PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n
   for (; r < n; ++r) logit_rows<NM, 1>(qp, lanes, k + r * D, D, logits + r * lanes);
 }
 
-// p = exp(x - max) for the 16 lanes of x, as 2^t, t = x log2(e) - max log2(e) (one fma): 2^round(t)
-// times a degree-5 polynomial for 2^(t - round(t)) (fitted here for relative error, at most 2.4e-7 in
-// fp32 over [-0.5, 0.5]; the p that leave here are rounded to bf16 next). t is clamped below at -150,
-// where 2^t is 0 in fp32. neg_max_log2e: -max log2(e).
-PAGEDLM_ALWAYS_INLINE __m512 exp_p(__m512 x, __m512 neg_max_log2e) {
-  const __m512 t = _mm512_max_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), neg_max_log2e), _mm512_set1_ps(-150.f));
+// p = exp(x - max) for the 16 lanes of a logit x = a * l (the scaled logit is a = scale, a soft-capped
+// one l itself with a = 1), as 2^t, t = l a log2(e) - max log2(e) (one fma; shift = -max log2(e)):
+// 2^round(t) (vscalefps, which gives 0 far below fp32's range) times a degree-5 polynomial for
+// 2^(t - round(t)) (fitted here for relative error, at most 2.4e-7 in fp32 over [-0.5, 0.5]; the p
+// that leave here are rounded to bf16 next). a_log2e: a log2(e).
+PAGEDLM_ALWAYS_INLINE __m512 exp_p(__m512 l, __m512 a_log2e, __m512 shift) {
+  const __m512 t = _mm512_fmadd_ps(l, a_log2e, shift);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0013276358f), f, _mm512_set1_ps(0.0096755028f));
@@ -162,7 +181,15 @@ PAGEDLM_ALWAYS_INLINE __m512 exp_p(__m512 x, __m512 neg_max_log2e) {
   return _mm512_scalef_ps(q, n);
 }
 
-PAGEDLM_ALWAYS_INLINE __m512 neg_max_log2e(__m512 max) { return _mm512_mul_ps(max, _mm512_set1_ps(-1.44269504f)); }
+constexpr float kLog2e = 1.44269504f;
+
+// The logits of a row of 16: without a soft cap the unscaled l (the softmax scales it within exp_p,
+// and its max as scale * max(l), which is max(scale * l) exactly for scale > 0), with one the capped
+// soft_cap * tanh(scale * l / soft_cap).
+PAGEDLM_ALWAYS_INLINE __m512 capped(__m512 l, float scale, float soft_cap) {
+  if (soft_cap <= 0.f) return l;
+  return fVec(soft_cap) * (fVec(_mm512_mul_ps(l, _mm512_set1_ps(scale))) * fVec(1.f / soft_cap)).tanh();
+}
 
 // The online softmax's correction per lane: exp(old_max - new_max) where the max grew over a nonzero
 // sum, else exactly 1; one vector exp for 16 lanes (softmax_keys takes it for one lane, so the two
@@ -180,68 +207,75 @@ struct SoftmaxState {
   float* sum;  // running sum of p
 };
 
-// One online-softmax step over a block of N keys at positions key0 .. key0 + N - 1 for lanes = 16 * nm
-// query vectors: unscaled logits [N, lanes] in (the logit is scale times each, soft-capped where
-// soft_cap > 0); lane m sees keys [lo[m], hi[m]], or every key when all_visible. Updates the state,
-// writes each lane's correction to corr [lanes] and p as key pairs to pp [N / 2, lanes]
+// One online-softmax step over the chunk of keys at positions key0 .. key0 + 31 for lanes = 16 * nm
+// query vectors: unscaled logits [32, lanes] in (the logit is scale times each, soft-capped where
+// soft_cap > 0; rows of keys no lane sees may hold anything; with a soft cap the capped logits are
+// left in their place); lane m sees keys [lo[m], hi[m]], or every key when all_visible. Updates the
+// state, writes each lane's correction to corr [lanes] and p as key pairs to pp [16, lanes]
 // (pp[j * lanes + m] = (p[2j][m], p[2j + 1][m])). Returns whether any correction differs from 1.
-template <int N>
-PAGEDLM_ALWAYS_INLINE bool softmax_block(const float* logits, int nm, float scale, int key0, const int* lo,
-                                         const int* hi, bool all_visible, float soft_cap, SoftmaxState state,
-                                         float* corr, uint32_t* pp) {
+inline bool softmax_chunk(float* logits, int nm, float scale, int key0, const int* lo, const int* hi, bool all_visible,
+                          float soft_cap, SoftmaxState state, float* corr, uint32_t* pp) {
   const int lanes = nm * kLanes;
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 s = _mm512_set1_ps(scale), threshold = _mm512_set1_ps(kRescaleThreshold);
+  // Per the row values capped() leaves: the factor to the logit, and that times log2(e).
+  const float a = soft_cap > 0.f ? 1.f : scale;
+  const __m512 a_log2e = _mm512_set1_ps(a * kLog2e), threshold = _mm512_set1_ps(kRescaleThreshold);
+  const __m512i hi_bits = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   bool corrected = false;
   for (int v = 0; v < nm; ++v) {
     const int off = v * kLanes;
     const __m512i lo_v = _mm512_loadu_si512(lo + off), hi_v = _mm512_loadu_si512(hi + off);
-    __m512 x[N];
-    __mmask16 visible[N];
-    __m512 block_max = minus_inf;
-    for (int r = 0; r < N; ++r) {
+    auto visible = [&](int r) -> __mmask16 {
+      if (all_visible) return 0xffff;
       const __m512i key = _mm512_set1_epi32(key0 + r);
-      visible[r] = all_visible ? __mmask16{0xffff}
-                               : static_cast<__mmask16>(_mm512_cmp_epi32_mask(key, lo_v, _MM_CMPINT_NLT) &
-                                                        _mm512_cmp_epi32_mask(key, hi_v, _MM_CMPINT_LE));
-      x[r] = _mm512_mul_ps(_mm512_loadu_ps(logits + r * lanes + off), s);
-      if (soft_cap > 0.f) x[r] = fVec(soft_cap) * (fVec(x[r]) * fVec(1.f / soft_cap)).tanh();
-      block_max = _mm512_mask_max_ps(block_max, visible[r], block_max, x[r]);
+      return _mm512_cmp_epi32_mask(key, lo_v, _MM_CMPINT_NLT) & _mm512_cmp_epi32_mask(key, hi_v, _MM_CMPINT_LE);
+    };
+    auto row = [&](int r) { return logits + r * lanes + off; };
+    __m512 max4[4];
+    for (int i = 0; i < 4; ++i) max4[i] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < kChunk; ++r) {
+      __m512 l = _mm512_loadu_ps(row(r));
+      if (soft_cap > 0.f) _mm512_storeu_ps(row(r), l = capped(l, scale, soft_cap));
+      max4[r % 4] = _mm512_mask_max_ps(max4[r % 4], visible(r), max4[r % 4], l);
     }
+    const __m512 chunk_max = _mm512_mul_ps(
+        _mm512_max_ps(_mm512_max_ps(max4[0], max4[1]), _mm512_max_ps(max4[2], max4[3])), _mm512_set1_ps(a));
     const __m512 old_max = _mm512_loadu_ps(state.max + off), old_sum = _mm512_loadu_ps(state.sum + off);
     const __m512 new_max = _mm512_mask_mov_ps(
-        old_max, _mm512_cmp_ps_mask(block_max, _mm512_add_ps(old_max, threshold), _CMP_GT_OQ), block_max);
+        old_max, _mm512_cmp_ps_mask(chunk_max, _mm512_add_ps(old_max, threshold), _CMP_GT_OQ), chunk_max);
     const __m512 c = correction(old_max, new_max, old_sum);
     corrected |= _mm512_cmp_ps_mask(c, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) != 0;
     _mm512_storeu_ps(corr + off, c);
     _mm512_storeu_ps(state.max + off, new_max);
-    const __m512 shift = neg_max_log2e(new_max);
-    __m512 block_sum[N];
-    for (int r = 0; r < N; r += 2) {
-      __m256bh p[2];
-      for (int h = 0; h < 2; ++h) {
-        // Keys outside the range are exactly 0, even while the lane's reference is still -inf.
-        const __m512 e = exp_p(x[r + h], shift);
-        p[h] = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(visible[r + h], e));
-        block_sum[r + h] = bf16_to_fp32(p[h]);
+    const __m512 shift = _mm512_mul_ps(new_max, _mm512_set1_ps(-kLog2e));
+    // Keys outside the range are exactly 0, even while the lane's reference is still -inf.
+    auto p = [&](int r) {
+      return _mm512_maskz_cvtneps_pbh(visible(r), exp_p(_mm512_loadu_ps(row(r)), a_log2e, shift));
+    };
+    // Rows 2j, 2j + 1 + {0, 8, 16, 24} at a time, so that the halving sum's first two steps (row r + 16
+    // onto r, then r + 8 onto r) close as soon as their rows are done. A pair's dword holds row 2j's p
+    // in its low half and 2j + 1's in its high half: each as fp32 by one shift or mask.
+    __m512 sum8[8];
+    for (int j = 0; j < 4; ++j) {
+      __m512 half[2][2];  // [row 2j (+ 8) or 2j + 1 (+ 8)][+ 0 or + 8]
+      for (int e = 0; e < 2; ++e) {
+        const int r = 2 * j + 8 * e;
+        const __m512i x = interleave((__m256i)p(r), (__m256i)p(r + 1));
+        const __m512i y = interleave((__m256i)p(r + 16), (__m256i)p(r + 17));
+        _mm512_storeu_si512(pp + (r / 2) * lanes + off, x);
+        _mm512_storeu_si512(pp + (r / 2 + 8) * lanes + off, y);
+        half[0][e] = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+                                   _mm512_castsi512_ps(_mm512_slli_epi32(y, 16)));
+        half[1][e] = _mm512_add_ps(_mm512_castsi512_ps(_mm512_and_si512(x, hi_bits)),
+                                   _mm512_castsi512_ps(_mm512_and_si512(y, hi_bits)));
       }
-      _mm512_storeu_si512(pp + r / 2 * lanes + off, interleave((__m256i)p[0], (__m256i)p[1]));
+      sum8[2 * j] = _mm512_add_ps(half[0][0], half[0][1]);
+      sum8[2 * j + 1] = _mm512_add_ps(half[1][0], half[1][1]);
     }
-    for (int half = N / 2; half > 0; half /= 2)
-      for (int r = 0; r < half; ++r) block_sum[r] = _mm512_add_ps(block_sum[r], block_sum[r + half]);
-    _mm512_storeu_ps(state.sum + off, _mm512_add_ps(_mm512_mul_ps(old_sum, c), block_sum[0]));
+    for (int h = 4; h > 0; h /= 2)
+      for (int r = 0; r < h; ++r) sum8[r] = _mm512_add_ps(sum8[r], sum8[r + h]);
+    _mm512_storeu_ps(state.sum + off, _mm512_add_ps(_mm512_mul_ps(old_sum, c), sum8[0]));
   }
   return corrected;
-}
-
-// softmax_block for the engine's block sizes (bf16_tiles::supports).
-inline bool softmax_block(int n, const float* logits, int nm, float scale, int key0, const int* lo, const int* hi,
-                          bool all_visible, float soft_cap, SoftmaxState state, float* corr, uint32_t* pp) {
-  switch (n) {
-    case 8: return softmax_block<8>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
-    case 16: return softmax_block<16>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
-    default: return softmax_block<32>(logits, nm, scale, key0, lo, hi, all_visible, soft_cap, state, corr, pp);
-  }
 }
 
 // Decode's Q·K, keys in lanes. kt[i * kt_stride + n] = (k[n][2i], k[n][2i + 1]) for the first 16 rows
@@ -288,104 +322,96 @@ PAGEDLM_ALWAYS_INLINE void logits_by_key(const bf16* const* q, const uint32_t* k
   for (int g = 0; g < NG; ++g) _mm512_storeu_ps(logits + g * stride, _mm512_add_ps(acc[0][g], acc[1][g]));
 }
 
-// softmax_block for one query vector with its keys' unscaled logits in lanes: logits [n] of the
-// block's keys, of which [first, last) are visible. Updates *max and *sum, returns the correction and
-// writes p to p [n] (bf16; pairs as softmax_block's pp).
-inline float softmax_keys(const float* logits, int n, int first, int last, float scale, float soft_cap, float* max,
+// softmax_chunk for one query vector with its keys' unscaled logits in lanes: logits [32] of the
+// chunk's keys, of which [first, last) are visible (the others may hold anything). Updates *max and
+// *sum, returns the correction and writes p to p [32] (bf16; pairs as softmax_chunk's pp).
+inline float softmax_keys(const float* logits, int first, int last, float scale, float soft_cap, float* max,
                           float* sum, bf16* p) {
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 x[2];
   __mmask16 visible[2];
-  float block_max = -std::numeric_limits<float>::infinity();
-  for (int v = 0; v * kLanes < n; ++v) {
+  float chunk_max = -std::numeric_limits<float>::infinity();
+  for (int v = 0; v < 2; ++v) {
     const int lo = std::clamp(first - v * kLanes, 0, kLanes), hi = std::clamp(last - v * kLanes, 0, kLanes);
     visible[v] = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
-    x[v] = _mm512_mul_ps(_mm512_loadu_ps(logits + v * kLanes), _mm512_set1_ps(scale));
-    if (soft_cap > 0.f) x[v] = fVec(soft_cap) * (fVec(x[v]) * fVec(1.f / soft_cap)).tanh();
-    block_max = std::max(block_max, _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_inf, visible[v], x[v])));
+    x[v] = capped(_mm512_loadu_ps(logits + v * kLanes), scale, soft_cap);
+    chunk_max = std::max(chunk_max, _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_inf, visible[v], x[v])));
   }
-  const float new_max = block_max > *max + kRescaleThreshold ? block_max : *max;
+  const float a = soft_cap > 0.f ? 1.f : scale;  // as softmax_chunk
+  chunk_max *= a;
+  const float new_max = chunk_max > *max + kRescaleThreshold ? chunk_max : *max;
   const float c = _mm512_cvtss_f32(correction(_mm512_set1_ps(*max), _mm512_set1_ps(new_max), _mm512_set1_ps(*sum)));
-  __m512 block_sum = _mm512_setzero_ps();  // lanes past n stay 0: adding them changes nothing
-  for (int v = 0; v * kLanes < n; ++v) {
-    const __m512 e = exp_p(x[v], neg_max_log2e(_mm512_set1_ps(new_max)));
-    const __m256bh pv = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(visible[v], e));
-    // With 32 keys, the first halving: key r + 16 onto key r.
-    block_sum = v == 0 ? bf16_to_fp32(pv) : _mm512_add_ps(block_sum, bf16_to_fp32(pv));
-    if (n - v * kLanes >= kLanes) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + v * kLanes), (__m256i)pv);
-    } else {
-      alignas(32) bf16 tail[kLanes];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), (__m256i)pv);
-      std::copy_n(tail, n - v * kLanes, p + v * kLanes);
-    }
+  const __m512 shift = _mm512_mul_ps(_mm512_set1_ps(new_max), _mm512_set1_ps(-kLog2e));
+  __m256bh pv[2];
+  for (int v = 0; v < 2; ++v) {
+    pv[v] = _mm512_maskz_cvtneps_pbh(visible[v], exp_p(x[v], _mm512_set1_ps(a * kLog2e), shift));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + v * kLanes), (__m256i)pv[v]);
   }
-  // Halving over the lanes: + lane r + 8, + r + 4, + r + 2, + r + 1.
-  block_sum = _mm512_add_ps(block_sum, _mm512_shuffle_f32x4(block_sum, block_sum, 0x4e));
-  block_sum = _mm512_add_ps(block_sum, _mm512_shuffle_f32x4(block_sum, block_sum, 0xb1));
-  block_sum = _mm512_add_ps(block_sum, _mm512_permute_ps(block_sum, 0x4e));
-  block_sum = _mm512_add_ps(block_sum, _mm512_permute_ps(block_sum, 0xb1));
-  const float s = *sum * c + _mm512_cvtss_f32(block_sum);
+  // Halving: key r + 16 onto key r, then over the lanes + lane r + 8, + r + 4, + r + 2, + r + 1.
+  __m512 chunk_sum = _mm512_add_ps(bf16_to_fp32(pv[0]), bf16_to_fp32(pv[1]));
+  chunk_sum = _mm512_add_ps(chunk_sum, _mm512_shuffle_f32x4(chunk_sum, chunk_sum, 0x4e));
+  chunk_sum = _mm512_add_ps(chunk_sum, _mm512_shuffle_f32x4(chunk_sum, chunk_sum, 0xb1));
+  chunk_sum = _mm512_add_ps(chunk_sum, _mm512_permute_ps(chunk_sum, 0x4e));
+  chunk_sum = _mm512_add_ps(chunk_sum, _mm512_permute_ps(chunk_sum, 0xb1));
+  *sum = *sum * c + _mm512_cvtss_f32(chunk_sum);
   *max = new_max;
-  *sum = s;
   return c;
 }
 
 // out[0 : 16 * C] += query g's p pairs times the pairs of vp's columns [0, 16 * C) (rows D apart).
 template <int C>
-PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const uint32_t* vp, int pairs, int D, float* out) {
+PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const uint32_t* vp, int D, float* out) {
   __m512 o[C];
   for (int c = 0; c < C; ++c) o[c] = _mm512_loadu_ps(out + c * kLanes);
-  for (int j = 0; j < pairs; ++j) {
+  for (int j = 0; j < kChunkPairs; ++j) {
     const __m512bh p = broadcast_pair(pp + j);
     for (int c = 0; c < C; ++c) o[c] = _mm512_dpbf16_ps(o[c], p, load_pairs(vp + j * D + c * kLanes));
   }
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * kLanes, o[c]);
 }
 
-// Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the block's key pairs,
-// for query vectors g < count; query g's pair j is pp[g * query_stride + j].
-inline void values_by_dim(const uint32_t* pp, int64_t query_stride, int count, const float* corr, const uint32_t* vp,
-                          int pairs, int D, float* acc) {
+// Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the chunk's key pairs
+// (vp: [16, D]), for query vectors g < count; query g's pair j is pp[g * 16 + j].
+inline void values_by_dim(const uint32_t* pp, int count, const float* corr, const uint32_t* vp, int D, float* acc) {
   for (int g = 0; g < count; ++g) {
     float* a = acc + g * D;
+    const uint32_t* p = pp + g * kChunkPairs;
     if (corr[g] != 1.f) scale_inplace(a, corr[g], D);
     int d = 0;
-    for (; d + 8 * kLanes <= D; d += 8 * kLanes) values_columns<8>(pp + g * query_stride, vp + d, pairs, D, a + d);
-    if (d + 4 * kLanes <= D) values_columns<4>(pp + g * query_stride, vp + d, pairs, D, a + d), d += 4 * kLanes;
-    if (d < D) values_columns<2>(pp + g * query_stride, vp + d, pairs, D, a + d);
+    for (; d + 8 * kLanes <= D; d += 8 * kLanes) values_columns<8>(p, vp + d, D, a + d);
+    if (d + 4 * kLanes <= D) values_columns<4>(p, vp + d, D, a + d), d += 4 * kLanes;
+    if (d < D) values_columns<2>(p, vp + d, D, a + d);
   }
 }
 
-// The blocks of one partition as softmax_block and pack_values left them, for prefill's P·V.
-struct BlockRun {
-  int blocks;
-  int pairs;               // key pairs per block
-  const uint32_t* pp;      // [blocks][pairs, lanes]
-  const uint32_t* vp;      // [blocks][pairs, D]
-  const float* corr;       // [blocks][lanes]
-  const uint8_t* corrected;  // [blocks]: whether any correction differs from 1
+// The chunks of one partition as softmax_chunk and pack_values left them, for prefill's P·V.
+struct ChunkRun {
+  int chunks;
+  const uint32_t* pp;        // [chunks][16, lanes]
+  const uint32_t* vp;        // [chunks][16, D]
+  const float* corr;         // [chunks][lanes]
+  const uint8_t* corrected;  // [chunks]: whether any correction differs from 1
 };
 
 // Prefill's P·V, query vectors in lanes: acc_t[d * lanes + m] (head dimension major) = 0, then per
-// block acc_t * corr, plus the block's key pairs.
+// chunk acc_t * corr, plus the chunk's key pairs.
 template <int NM>
-inline void values_by_lane(const BlockRun& run, int D, float* acc_t) {
+inline void values_by_lane(const ChunkRun& run, int D, float* acc_t) {
   constexpr int lanes = NM * kLanes, C = 8;
   for (int d0 = 0; d0 < D; d0 += C) {
     __m512 o[C][NM];
     for (int c = 0; c < C; ++c)
       for (int v = 0; v < NM; ++v) o[c][v] = _mm512_setzero_ps();
-    for (int b = 0; b < run.blocks; ++b) {
+    for (int b = 0; b < run.chunks; ++b) {
       if (run.corrected[b]) {
         for (int v = 0; v < NM; ++v) {
           const __m512 corr = _mm512_loadu_ps(run.corr + b * lanes + v * kLanes);
           for (int c = 0; c < C; ++c) o[c][v] = _mm512_mul_ps(o[c][v], corr);
         }
       }
-      const uint32_t* pp = run.pp + int64_t{b} * run.pairs * lanes;
-      const uint32_t* vp = run.vp + int64_t{b} * run.pairs * D + d0;
-      for (int j = 0; j < run.pairs; ++j) {
+      const uint32_t* pp = run.pp + int64_t{b} * kChunkPairs * lanes;
+      const uint32_t* vp = run.vp + int64_t{b} * kChunkPairs * D + d0;
+      for (int j = 0; j < kChunkPairs; ++j) {
         __m512bh p[NM];
         for (int v = 0; v < NM; ++v) p[v] = load_pairs(pp + j * lanes + v * kLanes);
         for (int c = 0; c < C; ++c) {

@@ -57,19 +57,19 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles::supports(D, bs)) {
       using namespace bf16_tiles;
-      const int key_groups = (bs + kLanes - 1) / kLanes, stride = key_groups * kLanes;
-      thread_local std::vector<c10::BFloat16> rows;  // an fp8 block's K, then V rows as bf16
-      rows.resize(is_fp8<C> ? 2 * bs * D : 0);
-      thread_local std::vector<uint32_t> pairs;  // K transposed, then V as pairs
-      pairs.resize(int64_t{key_groups} * D / 2 * kLanes + bs / 2 * D);
+      thread_local std::vector<c10::BFloat16> rows;  // a chunk's K rows, then an fp8 block's V rows, as bf16
+      rows.resize(kChunk * D + (is_fp8<C> ? bs * D : 0));
+      c10::BFloat16* keys = rows.data();
+      thread_local std::vector<uint32_t> pairs;  // K transposed [2][D / 2, 16], then V as pairs [16, D]
+      pairs.resize(kChunk * D / 2 + kChunkPairs * D);
       uint32_t* kt = pairs.data();
-      uint32_t* vp = kt + int64_t{key_groups} * D / 2 * kLanes;
+      uint32_t* vp = kt + kChunk * D / 2;
       thread_local std::vector<float> logits_buffer;
-      logits_buffer.resize(group * stride + group);
-      float* logits = logits_buffer.data();
-      float* corr = logits + group * stride;
+      logits_buffer.resize(group * kChunk + group);
+      float* logits = logits_buffer.data();  // [group, 32]
+      float* corr = logits + group * kChunk;
       thread_local std::vector<c10::BFloat16> p_buffer;
-      p_buffer.resize(group * bs);
+      p_buffer.resize(group * kChunk);
       const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
 #ifdef PAGEDLM_AMX_ATTENTION
       // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
@@ -77,42 +77,57 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, bs, std::min(group, kLanes));
       const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
 #endif
-      for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int t, int n, int h) {
-        const int first = t % bs, i0 = (h - kv_begin) * group;  // visible block rows, the item's query heads of h
-        const int64_t block_row = row - int64_t{first} * D;
-        const c10::BFloat16* keys = bf16_rows(kv.key + block_row, bs * D, rows.data());
-        for (int k = 0; k < key_groups; ++k)
-          transpose_keys(keys + k * kLanes * D, std::min(kLanes, bs - k * kLanes), D, kt + int64_t{k} * D / 2 * kLanes);
-        pack_values(bf16_rows(kv.value + block_row, bs * D, rows.data() + bs * D), bs, D, first, first + n, vp);
-#ifdef PAGEDLM_AMX_ATTENTION
-        if (tiles) {
-          for (int g0 = 0; g0 < group; g0 += kLanes) {
-            tiles->use(std::min(kLanes, group - g0));
-            amx_attention::key_logits(query(i0 + g0), q_stride, kt, bs, D, logits + g0 * stride, stride);
+      // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item).
+      for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
+        const int c_end = std::min(c0 + kChunk, end);
+        for (int h = kv_begin; h < kv_end; ++h) {
+          const int64_t head = h * kv.head_stride();
+          auto block_row = [&](int kb) { return table[kb / bs] * kv.block_stride + head; };
+          for (int kb = c_end; kb < std::min(c_end + kChunk, end); kb += bs) {
+            prefetch(kv.key + block_row(kb), bs, D);
+            prefetch(kv.value + block_row(kb), bs, D);
           }
-        } else
+          for (int kb = std::max(c0, begin / bs * bs); kb < c_end; kb += bs) {
+            const c10::BFloat16* k = bf16_rows(kv.key + block_row(kb), bs * D, keys + (kb - c0) * D);
+            if (k != keys + (kb - c0) * D) std::copy_n(k, bs * D, keys + (kb - c0) * D);
+          }
+          for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
+            if (c0 + (g + 1) * kLanes > begin && c0 + g * kLanes < end)
+              transpose_keys(keys + g * kLanes * D, kLanes, D, kt + g * D / 2 * kLanes);
+          }
+          pack_chunk_values([&](int kb) { return bf16_rows(kv.value + block_row(kb), bs * D, keys + kChunk * D); },
+                            c0, bs, D, begin, end, vp);
+          const int i0 = (h - kv_begin) * group;  // the item's query heads of h
+#ifdef PAGEDLM_AMX_ATTENTION
+          if (tiles) {
+            for (int g0 = 0; g0 < group; g0 += kLanes) {
+              tiles->use(std::min(kLanes, group - g0));
+              amx_attention::key_logits(query(i0 + g0), q_stride, kt, D, logits + g0 * kChunk);
+            }
+          } else
 #endif
-        for_each_head_chunk(group, [&](auto ng, int g0) {
-          const c10::BFloat16* q[ng()];
-          for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
-          for (int k = 0; k < key_groups; ++k)
-            logits_by_key<ng()>(q, kt + int64_t{k} * D / 2 * kLanes, D, logits + g0 * stride + k * kLanes, stride);
-        });
-        for (int g = 0; g < group; ++g)
-          corr[g] = softmax_keys(logits + g * stride, bs, first, first + n, scale, soft_cap, max_out + i0 + g,
-                                 sum_out + i0 + g, p_buffer.data() + g * bs);
+          for_each_head_chunk(group, [&](auto ng, int g0) {
+            const c10::BFloat16* q[ng()];
+            for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
+            for (int k = 0; k < 2; ++k)
+              logits_by_key<ng()>(q, kt + k * D / 2 * kLanes, D, logits + g0 * kChunk + k * kLanes, kChunk);
+          });
+          for (int g = 0; g < group; ++g)
+            corr[g] = softmax_keys(logits + g * kChunk, std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
+                                   max_out + i0 + g, sum_out + i0 + g, p_buffer.data() + g * kChunk);
 #ifdef PAGEDLM_AMX_ATTENTION
-        if (tiles) {
-          for (int g0 = 0; g0 < group; g0 += kLanes) {
-            tiles->use(std::min(kLanes, group - g0));
-            amx_attention::values(p_buffer.data() + g0 * bs, bs * 2, std::min(kLanes, group - g0), corr + g0, vp, D,
-                                  acc + int64_t{i0 + g0} * D);
+          if (tiles) {
+            for (int g0 = 0; g0 < group; g0 += kLanes) {
+              tiles->use(std::min(kLanes, group - g0));
+              amx_attention::values(p_buffer.data() + g0 * kChunk, std::min(kLanes, group - g0), corr + g0, vp, D,
+                                    acc + int64_t{i0 + g0} * D);
+            }
+            continue;
           }
-          return;
+#endif
+          values_by_dim(pp, group, corr, vp, D, acc + i0 * D);
         }
-#endif
-        values_by_dim(pp, bs / 2, group, corr, vp, bs / 2, D, acc + i0 * D);
-      });
+      }
       return;
     }
   }

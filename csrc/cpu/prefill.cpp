@@ -12,6 +12,7 @@
 #include "parallel.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -141,54 +142,60 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
 }
 
 #ifdef PAGEDLM_AMX_ATTENTION
-// The cache blocks that a prefill call's prompt rows read, converted once per call for the AMX
-// kernel rather than once per query tile: values as amx_attention::transpose_values leaves them
-// (rows outside the sequence's keys [first_key(first prompt position), seq_len) zeroed), and an fp8
-// cache's keys as bf16 (exactly). Sequence s's KV head h reads its blocks first_block[s] .. as the
-// consecutive items first_item[s] + h * blocks[s] + i.
+// The chunks of keys (bf16_tiles::kChunk) that a prefill call's prompt rows read, converted once per
+// call for the AMX kernel rather than once per query tile: values as amx_attention::transpose_values
+// leaves them (keys outside the sequence's [first_key(first prompt position), seq_len) zero), and an
+// fp8 cache's keys as bf16 (exactly; [32, D] per chunk). Sequence s's KV head h reads its chunks
+// first_chunk[s] .. as the consecutive items first_item[s] + h * chunks[s] + i.
 template <typename C>
-class PackedBlocks {
+class PackedChunks {
  public:
-  PackedBlocks(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts)
-      : D_(p.kv.head_size), bs_(p.kv.block_size), first_block_(p.num_seqs), blocks_(p.num_seqs),
-        first_item_(p.num_seqs + 1) {
+  PackedChunks(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts)
+      : D_(p.kv.head_size), first_chunk_(p.num_seqs), chunks_(p.num_seqs), first_item_(p.num_seqs + 1) {
+    const int bs = p.kv.block_size;
     std::vector<int> first_key(p.num_seqs);
     for (int s = 0; s < p.num_seqs; ++s) {
       const int q_len = starts[s + 1] - starts[s];
       first_key[s] = q_len > 0 ? p.first_key(p.seq_lens[s] - q_len) : 0;
-      first_block_[s] = first_key[s] / bs_;
-      blocks_[s] = q_len > 0 ? (p.seq_lens[s] - 1) / bs_ - first_block_[s] + 1 : 0;
-      first_item_[s + 1] = first_item_[s] + int64_t{p.num_kv_heads} * blocks_[s];
+      first_chunk_[s] = first_key[s] / kChunk;
+      chunks_[s] = q_len > 0 ? (p.seq_lens[s] - 1) / kChunk - first_chunk_[s] + 1 : 0;
+      first_item_[s + 1] = first_item_[s] + int64_t{p.num_kv_heads} * chunks_[s];
     }
     const int64_t items = first_item_.back();
     values_ = at::empty({items, D_, kLanes}, at::kInt);
-    if constexpr (is_fp8<C>) keys_ = at::empty({items, bs_, D_}, at::kBFloat16);
+    if constexpr (is_fp8<C>) keys_ = at::zeros({items, kChunk, D_}, at::kBFloat16);
     parallel_items(items, [&](int64_t i) {
       const int s = std::upper_bound(first_item_.begin(), first_item_.end(), i) - first_item_.begin() - 1;
-      const int h = (i - first_item_[s]) / blocks_[s], kb = (first_block_[s] + (i - first_item_[s]) % blocks_[s]) * bs_;
-      const int64_t row = p.block_table(s)[kb / bs_] * p.kv.block_stride + h * p.kv.head_stride();
+      const int h = (i - first_item_[s]) / chunks_[s], c0 = (first_chunk_[s] + (i - first_item_[s]) % chunks_[s]) * kChunk;
+      const int begin = first_key[s], end = p.seq_lens[s];
+      auto block_row = [&](int kb) { return p.block_table(s)[kb / bs] * p.kv.block_stride + h * p.kv.head_stride(); };
       thread_local std::vector<bf16_tiles::bf16> rows;
       thread_local std::vector<uint32_t> scratch;
-      rows.resize(is_fp8<C> ? bs_ * D_ : 0);
-      scratch.resize(bs_ / 2 * D_);
-      const auto* v = bf16_tiles::bf16_rows(p.kv.value + row, bs_ * D_, rows.data());
-      amx_attention::transpose_values(v, bs_, D_, std::clamp(first_key[s] - kb, 0, bs_),
-                                      std::clamp(p.seq_lens[s] - kb, 0, bs_), scratch.data(), value_block(i));
-      if constexpr (is_fp8<C>) bf16_tiles::bf16_rows(p.kv.key + row, bs_ * D_, key_block(i));
+      rows.resize(is_fp8<C> ? bs * D_ : 0);
+      scratch.resize(kChunkPairs * D_);
+      amx_attention::transpose_values(
+          [&](int kb) { return bf16_tiles::bf16_rows(p.kv.value + block_row(kb), bs * D_, rows.data()); }, c0, bs, D_,
+          begin, end, scratch.data(), value_chunk(i));
+      if constexpr (is_fp8<C>) {
+        for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs)
+          bf16_tiles::bf16_rows(p.kv.key + block_row(kb), bs * D_, key_chunk(i) + (kb - c0) * D_);
+      }
     });
   }
 
-  // The item of the block holding key kb of sequence s, KV head h.
-  int64_t item(int s, int h, int kb) const { return first_item_[s] + int64_t{h} * blocks_[s] + kb / bs_ - first_block_[s]; }
-  uint32_t* value_block(int64_t item) const {
+  // The item of the chunk holding key `key` of sequence s, KV head h.
+  int64_t item(int s, int h, int key) const {
+    return first_item_[s] + int64_t{h} * chunks_[s] + key / kChunk - first_chunk_[s];
+  }
+  uint32_t* value_chunk(int64_t item) const {
     return reinterpret_cast<uint32_t*>(values_.data_ptr<int32_t>()) + item * D_ * kLanes;
   }
-  c10::BFloat16* key_block(int64_t item) const { return keys_.data_ptr<c10::BFloat16>() + item * bs_ * D_; }
+  c10::BFloat16* key_chunk(int64_t item) const { return keys_.data_ptr<c10::BFloat16>() + item * kChunk * D_; }
 
  private:
-  static constexpr int kLanes = bf16_tiles::kLanes;
-  int D_, bs_;
-  std::vector<int> first_block_, blocks_;
+  static constexpr int kLanes = bf16_tiles::kLanes, kChunk = bf16_tiles::kChunk, kChunkPairs = bf16_tiles::kChunkPairs;
+  int D_;
+  std::vector<int> first_chunk_, chunks_;
   std::vector<int64_t> first_item_;
   at::Tensor values_, keys_;
 };
@@ -196,9 +203,9 @@ class PackedBlocks {
 
 #ifdef PAGEDLM_BF16_TILES
 // bf16 prefill on bf16_tiles: a tile is up to kMaxTileLanes query vectors of one KV head (whole rows
-// of its query-head group where that fits), each partition of their keys two passes over its
-// blocks: Q·K, softmax and packing block by block, then P·V over the whole partition with the
-// accumulators in registers (vector registers, or on AMX tile registers).
+// of its query-head group where that fits), each partition of their keys two passes over its chunks:
+// Q·K, softmax and packing chunk by chunk, then P·V over the whole partition with the accumulators in
+// registers (vector registers, or on AMX tile registers).
 template <typename C>
 void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts) {
   using namespace bf16_tiles;
@@ -207,7 +214,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
   const std::vector<Tile> tiles = make_tiles(p, starts, rows_per_tile, heads_per_tile);
 #ifdef PAGEDLM_AMX_ATTENTION
   const bool amx = amx_attention::enabled();
-  std::optional<PackedBlocks<C>> packed;
+  std::optional<PackedChunks<C>> packed;
   if (amx) packed.emplace(p, starts);
 #else
   constexpr bool amx = false;
@@ -219,26 +226,26 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     const int first_pos = p.seq_lens[tile.seq] - (starts[tile.seq + 1] - starts[tile.seq]) + tile.row0;
     const int last_pos = first_pos + tile.rows - 1;
     const int part_lo = p.first_key(first_pos) / kPartitionSize, part_hi = last_pos / kPartitionSize;
-    const int parts = part_hi - part_lo + 1, max_blocks = kPartitionSize / bs + 1, pairs = bs / 2;
+    const int parts = part_hi - part_lo + 1, max_chunks = kPartitionSize / kChunk;
     const int64_t token0 = starts[tile.seq] + tile.row0;
     const int h0 = tile.kv_head * group + tile.head0;
 
     thread_local std::vector<uint32_t> packed_rows;
-    packed_rows.resize(int64_t{D} / 2 * lanes + int64_t{max_blocks} * pairs * (lanes + (amx ? 0 : D)));
+    packed_rows.resize(int64_t{D} / 2 * lanes + int64_t{max_chunks} * kChunkPairs * (lanes + (amx ? 0 : D)));
     uint32_t* qp = packed_rows.data();
     uint32_t* pp = qp + D / 2 * lanes;
-    uint32_t* vp = pp + int64_t{max_blocks} * pairs * lanes;  // the vector kernel's values
+    uint32_t* vp = pp + int64_t{max_chunks} * kChunkPairs * lanes;  // the vector kernel's values
     thread_local std::vector<float> scratch;
-    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + bs * lanes + int64_t{max_blocks} * lanes + D);
+    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + kChunk * lanes + int64_t{max_chunks} * lanes + D);
     float* acc_t = scratch.data();                          // [parts][D, lanes]
     float* acc = acc_t + int64_t{parts} * lanes * D;       // [parts][lanes, D]
     float* part_max = acc + int64_t{parts} * lanes * D;    // [parts][lanes]
     float* part_sum = part_max + parts * lanes;
-    float* logits = part_sum + parts * lanes;  // [bs, lanes]
-    float* corr = logits + bs * lanes;        // [blocks][lanes]
-    float* merged = corr + max_blocks * lanes;  // [D]
+    float* logits = part_sum + parts * lanes;  // [32, lanes]
+    float* corr = logits + kChunk * lanes;     // [chunks][lanes]
+    float* merged = corr + max_chunks * lanes;  // [D]
     thread_local std::vector<uint8_t> corrected;
-    corrected.resize(max_blocks);
+    corrected.resize(max_chunks);
     thread_local std::vector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
     rows.resize(is_fp8<C> && !amx ? 2 * bs * D : 0);
 
@@ -256,6 +263,9 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     std::optional<amx_attention::Tiles> amx_tiles;
     if (amx) amx_tiles.emplace(amx_attention::Tiles::kPrefill, bs);
 #endif
+    const int32_t* table = p.block_table(tile.seq);
+    const int64_t head_offset = tile.kv_head * p.kv.head_stride();
+    auto block_row = [&](int kb) { return table[kb / bs] * p.kv.block_stride + head_offset; };
 
     for (int part = part_lo; part <= part_hi; ++part) {
       const int k = part - part_lo;
@@ -264,50 +274,48 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       std::fill(state.sum, state.sum + lanes, 0.f);
       const int begin = std::max(part * kPartitionSize, p.first_key(first_pos));
       const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
-      const int32_t* table = p.block_table(tile.seq);
-      const int64_t head_offset = tile.kv_head * p.kv.head_stride();
       float* part_acc = acc_t + int64_t{k} * lanes * D;
-      int blocks = 0;
-      for (int kb = begin / bs * bs; kb < end; kb += bs, ++blocks) {
-        const int64_t row = table[kb / bs] * p.kv.block_stride + head_offset;
+      int chunks = 0;
+      for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk, ++chunks) {
+        // The logits of the chunk's blocks that hold keys in [begin, end); the other rows are masked.
+        for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs) {
+          float* block_logits_out = logits + (kb - c0) * lanes;
 #ifdef PAGEDLM_AMX_ATTENTION
-        if (amx) {
-          const bf16* keys;
-          if constexpr (is_fp8<C>) {
-            keys = packed->key_block(packed->item(tile.seq, tile.kv_head, kb));
-          } else {
-            keys = p.kv.key + row;
+          if (amx) {
+            const bf16* keys;
+            if constexpr (is_fp8<C>) {
+              keys = packed->key_chunk(packed->item(tile.seq, tile.kv_head, c0)) + (kb - c0) * D;
+            } else {
+              keys = p.kv.key + block_row(kb);
+            }
+            for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, block_logits_out);
+            continue;
           }
-          for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, logits);
-        } else
 #endif
-        {
           if (kb + bs < end) {
-            const int64_t next = table[kb / bs + 1] * p.kv.block_stride + head_offset;
-            prefetch(p.kv.key + next, bs, D);
-            prefetch(p.kv.value + next, bs, D);
+            prefetch(p.kv.key + block_row(kb + bs), bs, D);
+            prefetch(p.kv.value + block_row(kb + bs), bs, D);
           }
-          const bf16* keys = bf16_rows(p.kv.key + row, bs * D, rows.data());
+          const bf16* keys = bf16_rows(p.kv.key + block_row(kb), bs * D, rows.data());
           switch (nm) {
-            case 1: block_logits<1>(qp, keys, bs, D, logits); break;
-            case 2: block_logits<2>(qp, keys, bs, D, logits); break;
-            default: block_logits<3>(qp, keys, bs, D, logits); break;
+            case 1: block_logits<1>(qp, keys, bs, D, block_logits_out); break;
+            case 2: block_logits<2>(qp, keys, bs, D, block_logits_out); break;
+            default: block_logits<3>(qp, keys, bs, D, block_logits_out); break;
           }
         }
-        const bool all_visible = kb >= all_lo && kb + bs - 1 <= all_hi;
-        corrected[blocks] = softmax_block(bs, logits, nm, p.scale, kb, lo, hi, all_visible, p.soft_cap, state,
-                                          corr + blocks * lanes, pp + int64_t{blocks} * pairs * lanes);
+        const bool all_visible = c0 >= all_lo && c0 + kChunk - 1 <= all_hi;
+        corrected[chunks] = softmax_chunk(logits, nm, p.scale, c0, lo, hi, all_visible, p.soft_cap, state,
+                                          corr + chunks * lanes, pp + int64_t{chunks} * kChunkPairs * lanes);
         if (!amx) {
-          const bf16* values = bf16_rows(p.kv.value + row, bs * D, rows.data() + bs * D);
-          pack_values(values, bs, D, std::max(begin, kb) - kb, std::min(end, kb + bs) - kb,
-                      vp + int64_t{blocks} * pairs * D);
+          pack_chunk_values([&](int kb) { return bf16_rows(p.kv.value + block_row(kb), bs * D, rows.data() + bs * D); },
+                            c0, bs, D, begin, end, vp + int64_t{chunks} * kChunkPairs * D);
         }
       }
-      const BlockRun run{blocks, pairs, pp, vp, corr, corrected.data()};
+      const ChunkRun run{chunks, pp, vp, corr, corrected.data()};
 #ifdef PAGEDLM_AMX_ATTENTION
       if (amx) {
-        const uint32_t* vt = packed->value_block(packed->item(tile.seq, tile.kv_head, begin / bs * bs));
-        amx_attention::run_values(run, vt, nm, D, part_acc);
+        amx_attention::run_values(run, packed->value_chunk(packed->item(tile.seq, tile.kv_head, begin)), nm, D,
+                                  part_acc);
         continue;
       }
 #endif
