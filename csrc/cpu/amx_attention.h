@@ -13,10 +13,12 @@
 // Tiles, decode: 0, 1, 2 Q.K's A, B and C (a KV head's query heads as rows, 32 head dimensions; 16
 // keys' dimension pairs; the logits), 3 P rows (A, query heads x the chunk's 32 keys), 4 V pairs (B,
 // the chunk's 16 key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
-// Tiles, prefill: 0, 1, 2 Q.K's A, B and C (16 of a block's keys as rows, 32 head dimensions; 16 query
-// vectors' dimension pairs; the logits); then 3 V transposed (A, 16 head dimensions x the chunk's 32
-// keys), 4 P pairs (B, the chunk's 16 key pairs x 16 query vectors), 1, 5, 6, 7 output (C, 16 head
-// dimensions x 16 query vectors): the output tiles stay in registers across a partition's chunks.
+// Tiles, prefill, one lane group of 16 query vectors at a time: 0, 1 Q.K's A (the 16-key groups of a
+// chunk, 32 head dimensions), 2, 3 their logits (C), 4-7 the query vectors' dimension pairs (B, 32
+// head dimensions each, loaded once per partition while D <= 128); then 0, 1 V transposed (A, 16 head
+// dimensions x the chunk's 32 keys, alternating), 2 P pairs (B, the chunk's 16 key pairs x the 16
+// query vectors), 4-7 output (C, 16 head dimensions x 16 query vectors), which stay in registers
+// across a partition's chunks.
 // The products are the same either way round: a tdpbf16ps element sums the same pair products in the
 // same order whichever operand holds the keys (test_attention_rows_equal_decode_bits).
 
@@ -37,12 +39,12 @@ using bf16_tiles::kLanes;
 // Whether the kernels take these products: decided once per process, the same for decode and prefill.
 inline bool enabled() { return amx::permitted(); }
 
-// The tile shapes of one kernel (see above), against cache blocks of bs keys (8, 16 or 32). Decode
-// reshapes them (use) for its tiles' number of query heads.
+// The tile shapes of one kernel (see above). Decode reshapes them (use) for its tiles' number of query
+// heads.
 class Tiles {
  public:
   enum Kernel { kDecode, kPrefill };
-  Tiles(Kernel kernel, int bs, int rows = kLanes) : kernel_(kernel), bs_(bs) { use(rows); }
+  explicit Tiles(Kernel kernel, int rows = kLanes) : kernel_(kernel) { use(rows); }
   ~Tiles() { _tile_release(); }  // so that the kernel need not save them
   Tiles(const Tiles&) = delete;
   Tiles& operator=(const Tiles&) = delete;
@@ -54,8 +56,6 @@ class Tiles {
     for (int t = 0; t < 8; ++t) cfg.set(t, kLanes, 64);
     if (kernel_ == kDecode) {
       for (int t : {0, 2, 3, 5}) cfg.set(t, rows, 64);
-    } else {
-      for (int t : {0, 2}) cfg.set(t, std::min(bs_, kLanes), 64);
     }
     cfg.load();
     rows_ = rows;
@@ -63,23 +63,47 @@ class Tiles {
 
  private:
   Kernel kernel_;
-  int bs_;
   int rows_ = 0;
 };
 
-// Prefill's Q.K: logits[r * lanes + 16 * v + m] = q_m . k_r (not yet scaled) for the bs rows of k
-// (bf16 [bs, D]) and the query vectors m of lane group v, from qp as bf16_tiles::pack_queries leaves
-// it ([D / 2, lanes]).
-inline void block_logits(const uint32_t* qp, int lanes, int v, const bf16* k, int bs, int D, float* logits) {
-  for (int r0 = 0; r0 < bs; r0 += kLanes) {
-    _tile_zero(2);
-    for (int c = 0; c < D; c += 32) {
-      _tile_loadd(0, k + int64_t{r0} * D + c, D * 2);
-      _tile_loadd(1, qp + int64_t{c / 2} * lanes + v * kLanes, lanes * 4);
-      _tile_dpbf16ps(2, 0, 1);
-    }
-    _tile_stored(2, logits + r0 * lanes + v * kLanes, lanes * 4);
+// Prefill: loads lane group v's query pairs (qp as bf16_tiles::pack_queries leaves it, [D / 2, lanes])
+// into tiles 4 .. 3 + D / 32, where chunk_logits finds them; D <= 128.
+inline void load_queries(const uint32_t* qp, int lanes, int v, int D) {
+  const uint32_t* q = qp + v * kLanes;
+  _tile_loadd(4, q, lanes * 4);
+  if (D > 32) _tile_loadd(5, q + 16 * lanes, lanes * 4);
+  if (D > 64) _tile_loadd(6, q + 32 * lanes, lanes * 4);
+  if (D > 96) _tile_loadd(7, q + 48 * lanes, lanes * 4);
+}
+
+// Prefill's Q.K for one lane group and one chunk: logits[r * 16 + m] = q_m . k_r (not yet scaled) for
+// the chunk's keys r < 32, from keys(g) (bf16 [16, D], rows D apart) for its 16-key groups g (nullptr:
+// no lane sees the group; its rows are left as they are). The query pairs are load_queries' where
+// D <= 128, else lane group v's of qp.
+template <typename K>
+inline void chunk_logits(const K& keys, const uint32_t* qp, int lanes, int v, int D, float* logits) {
+  const bool resident = D <= 128;
+  // tdpbf16ps names its tiles by literals: C tile cg, K rows into kg.
+#define PAGEDLM_GROUP_LOGITS(g, cg, kg)                                             \
+  if (const bf16* k = keys(g)) {                                                    \
+    _tile_zero(cg);                                                                 \
+    for (int c = 0; c < D / 32; ++c) {                                              \
+      _tile_loadd(kg, k + c * 32, D * 2);                                           \
+      switch (resident ? c : -1) {                                                  \
+        case 0: _tile_dpbf16ps(cg, kg, 4); break;                                   \
+        case 1: _tile_dpbf16ps(cg, kg, 5); break;                                   \
+        case 2: _tile_dpbf16ps(cg, kg, 6); break;                                   \
+        case 3: _tile_dpbf16ps(cg, kg, 7); break;                                   \
+        default:                                                                    \
+          _tile_loadd(4, qp + int64_t{c} * 16 * lanes + v * kLanes, lanes * 4);    \
+          _tile_dpbf16ps(cg, kg, 4);                                                \
+      }                                                                             \
+    }                                                                               \
+    _tile_stored(cg, logits + (g) * kLanes * kLanes, kLanes * 4);                   \
   }
+  PAGEDLM_GROUP_LOGITS(0, 2, 0)
+  PAGEDLM_GROUP_LOGITS(1, 3, 1)
+#undef PAGEDLM_GROUP_LOGITS
 }
 
 // Decode's Q.K: logits[g * 32 + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
@@ -122,55 +146,55 @@ inline void transpose_values(const F& block, int c0, int bs, int D, int begin, i
   bf16_tiles::transpose_keys(reinterpret_cast<const bf16*>(scratch), kLanes, 2 * D, vt);
 }
 
-// The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each): the intrinsics take
-// a tile's number as a literal, so a loop over them names each.
+// The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each), with the A tile each
+// reads (alternating, so that loading the next does not wait on the product before): the intrinsics
+// take a tile's number as a literal, so a loop over them names each.
 #define PAGEDLM_FOR_OUTPUT_TILES(count, body) \
   do {                                        \
-    { [[maybe_unused]] constexpr int kTile = 0; body(1); }     \
-    { [[maybe_unused]] constexpr int kTile = 1; body(5); }     \
+    { [[maybe_unused]] constexpr int kTile = 0; body(4, 0); }     \
+    { [[maybe_unused]] constexpr int kTile = 1; body(5, 1); }     \
     if ((count) == 4) {                       \
-      { [[maybe_unused]] constexpr int kTile = 2; body(6); }   \
-      { [[maybe_unused]] constexpr int kTile = 3; body(7); }   \
+      { [[maybe_unused]] constexpr int kTile = 2; body(6, 0); }   \
+      { [[maybe_unused]] constexpr int kTile = 3; body(7, 1); }   \
     }                                         \
   } while (0)
 
-// Prefill's P.V over a partition's chunks as bf16_tiles::softmax_chunk left them and their values as
-// transpose_values left them (vt: [run.chunks][D, 16] dwords): acc_t[d * lanes + m] for the lanes =
-// 16 * nm query vectors m, 0, then per chunk acc_t * corr (where corr != 1), plus the chunk's key
-// pairs, up to 64 head dimensions at a time in tiles that stay in registers across the chunks.
-inline void run_values(const bf16_tiles::ChunkRun& run, const uint32_t* vt, int nm, int D, float* acc_t) {
-  const int lanes = nm * kLanes;
+// Prefill's P.V for one lane group over a partition's chunks, as bf16_tiles::softmax_chunk left them
+// (pp: [chunks][16, 16] pairs, corr: [chunks][16], corrected: [chunks]) and their values as
+// transpose_values left them (vt: [chunks][D, 16] dwords): acc_t[d * acc_stride + m] for the 16 query
+// vectors m, 0, then per chunk acc_t * corr (where corr != 1), plus the chunk's key pairs, up to 64
+// head dimensions at a time in tiles that stay in registers across the chunks.
+inline void lane_group_values(const uint32_t* pp, const float* corr, const uint8_t* corrected, int chunks,
+                              const uint32_t* vt, int D, float* acc_t, int acc_stride) {
   alignas(64) float buf[kLanes * kLanes];
-  for (int v = 0; v < nm; ++v) {
-    for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
-      const int tiles = std::min(4, (D - d0) / kLanes);  // 2 or 4: D is a multiple of 32
-#define PAGEDLM_ZERO(t) _tile_zero(t)
-      PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_ZERO);
-      for (int b = 0; b < run.chunks; ++b) {
-        const float* corr = run.corr + b * lanes + v * kLanes;
-        if (run.corrected[b] && std::any_of(corr, corr + kLanes, [](float c) { return c != 1.f; })) {
-          const __m512 c = _mm512_loadu_ps(corr);
-#define PAGEDLM_CORRECT(t)                                                                                   \
-  _tile_stored(t, buf, kLanes * 4);                                                                          \
-  for (int d = 0; d < kLanes; ++d) _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), c)); \
+  for (int d0 = 0; d0 < D; d0 += 4 * kLanes) {
+    const int tiles = std::min(4, (D - d0) / kLanes);  // 2 or 4: D is a multiple of 32
+    float* out = acc_t + int64_t{d0} * acc_stride;
+#define PAGEDLM_ZERO(t, a) _tile_zero(t)
+    PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_ZERO);
+    for (int b = 0; b < chunks; ++b) {
+      const float* c = corr + b * kLanes;
+      if (corrected[b] && std::any_of(c, c + kLanes, [](float x) { return x != 1.f; })) {
+        const __m512 cv = _mm512_loadu_ps(c);
+#define PAGEDLM_CORRECT(t, a)                                                                                   \
+  _tile_stored(t, buf, kLanes * 4);                                                                             \
+  for (int d = 0; d < kLanes; ++d) _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), cv)); \
   _tile_loadd(t, buf, kLanes * 4)
-          PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_CORRECT);
-        }
-        _tile_loadd(4, run.pp + int64_t{b} * bf16_tiles::kChunkPairs * lanes + v * kLanes, lanes * 4);
-        const uint32_t* chunk = vt + (int64_t{b} * D + d0) * kLanes;
-#define PAGEDLM_VALUES(t)                                           \
-  _tile_loadd(3, chunk + kTile * kLanes * kLanes, kLanes * 4); \
-  _tile_dpbf16ps(t, 3, 4)
-        PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_VALUES);
+        PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_CORRECT);
       }
-      float* out = acc_t + int64_t{d0} * lanes + v * kLanes;
-#define PAGEDLM_STORE(t) _tile_stored(t, out + kTile * kLanes * lanes, lanes * 4)
-      PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_STORE);
+      _tile_loadd(2, pp + int64_t{b} * bf16_tiles::kChunkPairs * kLanes, kLanes * 4);
+      const uint32_t* chunk = vt + (int64_t{b} * D + d0) * kLanes;
+#define PAGEDLM_VALUES(t, a)                                     \
+  _tile_loadd(a, chunk + kTile * kLanes * kLanes, kLanes * 4); \
+  _tile_dpbf16ps(t, a, 2)
+      PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_VALUES);
+    }
+#define PAGEDLM_STORE(t, a) _tile_stored(t, out + kTile * kLanes * acc_stride, acc_stride * 4)
+    PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_STORE);
 #undef PAGEDLM_ZERO
 #undef PAGEDLM_CORRECT
 #undef PAGEDLM_VALUES
 #undef PAGEDLM_STORE
-    }
   }
 }
 

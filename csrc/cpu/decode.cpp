@@ -74,7 +74,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
 #ifdef PAGEDLM_AMX_ATTENTION
       // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
       std::optional<amx_attention::Tiles> tiles;
-      if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, bs, std::min(group, kLanes));
+      if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, std::min(group, kLanes));
       const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
 #endif
       // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item).

@@ -96,12 +96,13 @@ AttentionParams<T, C> make_attention_params(at::Tensor& out, const at::Tensor& q
 
 // Blocks are scattered over the cache, which defeats the hardware prefetcher at every block
 // boundary; asking for the next block while computing on this one keeps memory busy (~25% faster
-// decode on the dev machine). Into L2 (locality 2) measured a few percent faster than into L1.
-template <typename T>
+// decode on the dev machine). Into L2 (locality 2) measured a few percent faster than into L1 there;
+// the AMX prefill kernel's tile loads want theirs in L1 (3).
+template <int Locality = 2, typename T>
 inline void prefetch(const T* rows, int count, int head_size) {
   const char* p = reinterpret_cast<const char*>(rows);
   const int64_t bytes = int64_t{count} * head_size * sizeof(T);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 2);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, Locality);
 }
 
 // Walks tokens [begin, end) of a sequence in runs that share a block and, within a run, KV heads

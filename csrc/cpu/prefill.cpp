@@ -144,14 +144,19 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
 #ifdef PAGEDLM_AMX_ATTENTION
 // The chunks of keys (bf16_tiles::kChunk) that a prefill call's prompt rows read, converted once per
 // call for the AMX kernel rather than once per query tile: values as amx_attention::transpose_values
-// leaves them (keys outside the sequence's [first_key(first prompt position), seq_len) zero), and an
-// fp8 cache's keys as bf16 (exactly; [32, D] per chunk). Sequence s's KV head h reads its chunks
+// leaves them (keys outside the sequence's [first_key(first prompt position), seq_len) zero), and,
+// where a 16-key group's rows are not one bf16 run in the cache (an fp8 cache, blocks of 8), its keys
+// as bf16 (exactly; [32, D] per chunk). Sequence s's KV head h reads its chunks
 // first_chunk[s] .. as the consecutive items first_item[s] + h * chunks[s] + i.
 template <typename C>
 class PackedChunks {
  public:
   PackedChunks(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts)
-      : D_(p.kv.head_size), first_chunk_(p.num_seqs), chunks_(p.num_seqs), first_item_(p.num_seqs + 1) {
+      : D_(p.kv.head_size),
+        packs_keys_(is_fp8<C> || p.kv.block_size < kLanes),
+        first_chunk_(p.num_seqs),
+        chunks_(p.num_seqs),
+        first_item_(p.num_seqs + 1) {
     const int bs = p.kv.block_size;
     std::vector<int> first_key(p.num_seqs);
     for (int s = 0; s < p.num_seqs; ++s) {
@@ -163,7 +168,7 @@ class PackedChunks {
     }
     const int64_t items = first_item_.back();
     values_ = at::empty({items, D_, kLanes}, at::kInt);
-    if constexpr (is_fp8<C>) keys_ = at::zeros({items, kChunk, D_}, at::kBFloat16);
+    if (packs_keys_) keys_ = at::empty({items, kChunk, D_}, at::kBFloat16);
     parallel_items(items, [&](int64_t i) {
       const int s = std::upper_bound(first_item_.begin(), first_item_.end(), i) - first_item_.begin() - 1;
       const int h = (i - first_item_[s]) / chunks_[s], c0 = (first_chunk_[s] + (i - first_item_[s]) % chunks_[s]) * kChunk;
@@ -176,9 +181,12 @@ class PackedChunks {
       amx_attention::transpose_values(
           [&](int kb) { return bf16_tiles::bf16_rows(p.kv.value + block_row(kb), bs * D_, rows.data()); }, c0, bs, D_,
           begin, end, scratch.data(), value_chunk(i));
-      if constexpr (is_fp8<C>) {
-        for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs)
-          bf16_tiles::bf16_rows(p.kv.key + block_row(kb), bs * D_, key_chunk(i) + (kb - c0) * D_);
+      if (packs_keys_) {
+        for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs) {
+          bf16_tiles::bf16* k = key_chunk(i) + (kb - c0) * D_;
+          const bf16_tiles::bf16* rows = bf16_tiles::bf16_rows(p.kv.key + block_row(kb), bs * D_, k);
+          if (rows != k) std::copy_n(rows, bs * D_, k);
+        }
       }
     });
   }
@@ -190,11 +198,14 @@ class PackedChunks {
   uint32_t* value_chunk(int64_t item) const {
     return reinterpret_cast<uint32_t*>(values_.data_ptr<int32_t>()) + item * D_ * kLanes;
   }
+  // Whether key_chunk holds the keys: else they are read from the cache.
+  bool packs_keys() const { return packs_keys_; }
   c10::BFloat16* key_chunk(int64_t item) const { return keys_.data_ptr<c10::BFloat16>() + item * kChunk * D_; }
 
  private:
   static constexpr int kLanes = bf16_tiles::kLanes, kChunk = bf16_tiles::kChunk, kChunkPairs = bf16_tiles::kChunkPairs;
   int D_;
+  bool packs_keys_;
   std::vector<int> first_chunk_, chunks_;
   std::vector<int64_t> first_item_;
   at::Tensor values_, keys_;
@@ -236,13 +247,13 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     uint32_t* pp = qp + D / 2 * lanes;
     uint32_t* vp = pp + int64_t{max_chunks} * kChunkPairs * lanes;  // the vector kernel's values
     thread_local std::vector<float> scratch;
-    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + kChunk * lanes + int64_t{max_chunks} * lanes + D);
+    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + 2 * kChunk * lanes + int64_t{max_chunks} * lanes + D);
     float* acc_t = scratch.data();                          // [parts][D, lanes]
     float* acc = acc_t + int64_t{parts} * lanes * D;       // [parts][lanes, D]
     float* part_max = acc + int64_t{parts} * lanes * D;    // [parts][lanes]
     float* part_sum = part_max + parts * lanes;
-    float* logits = part_sum + parts * lanes;  // [32, lanes]
-    float* corr = logits + kChunk * lanes;     // [chunks][lanes]
+    float* logits = part_sum + parts * lanes;  // [32, lanes], or on AMX two of [32, 16]
+    float* corr = logits + 2 * kChunk * lanes;  // [chunks][lanes]
     float* merged = corr + max_chunks * lanes;  // [D]
     thread_local std::vector<uint8_t> corrected;
     corrected.resize(max_chunks);
@@ -261,7 +272,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     const int all_lo = p.first_key(last_pos), all_hi = first_pos;
 #ifdef PAGEDLM_AMX_ATTENTION
     std::optional<amx_attention::Tiles> amx_tiles;
-    if (amx) amx_tiles.emplace(amx_attention::Tiles::kPrefill, bs);
+    if (amx) amx_tiles.emplace(amx_attention::Tiles::kPrefill);
 #endif
     const int32_t* table = p.block_table(tile.seq);
     const int64_t head_offset = tile.kv_head * p.kv.head_stride();
@@ -275,50 +286,73 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       const int begin = std::max(part * kPartitionSize, p.first_key(first_pos));
       const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
       float* part_acc = acc_t + int64_t{k} * lanes * D;
-      int chunks = 0;
-      for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk, ++chunks) {
+      const int c_begin = begin / kChunk * kChunk, chunks = (end - c_begin + kChunk - 1) / kChunk;
+#ifdef PAGEDLM_AMX_ATTENTION
+      if (amx) {
+        // One lane group at a time, its query pairs in tiles; a chunk's Q·K runs before the softmax of
+        // the one before, whose logits are then in memory, and its keys are asked for into L1 a chunk
+        // before that.
+        const int64_t item0 = packed->item(tile.seq, tile.kv_head, c_begin);
+        auto group_keys = [&](int i, int g) -> const bf16* {  // nullptr: no lane sees the 16 keys
+          const int k0 = c_begin + i * kChunk + g * kLanes;
+          if (k0 + kLanes <= begin || k0 >= end) return nullptr;
+          if constexpr (!is_fp8<C>) {
+            if (!packed->packs_keys()) return p.kv.key + block_row(k0) + (k0 % bs) * D;
+          }
+          return packed->key_chunk(item0 + i) + g * kLanes * D;
+        };
+        auto logits_of = [&](int i) { return logits + (i % 2) * kChunk * kLanes; };
+        for (int v = 0; v < nm; ++v) {
+          const int off = v * kLanes;
+          auto qk = [&](int i) {
+            amx_attention::chunk_logits([&](int g) { return group_keys(i, g); }, qp, lanes, v, D, logits_of(i));
+          };
+          // Keys every lane of the group sees.
+          const int v_lo = p.first_key(first_pos + (std::min(off + kLanes, count) - 1) / tile.heads);
+          const int v_hi = first_pos + off / tile.heads;
+          if (D <= 128) amx_attention::load_queries(qp, lanes, v, D);
+          qk(0);
+          for (int i = 0; i < chunks; ++i) {
+            if (i + 2 < chunks) {
+              for (int g = 0; g < 2; ++g)
+                if (const bf16* k = group_keys(i + 2, g)) prefetch<3>(k, kLanes, D);
+            }
+            if (i + 1 < chunks) qk(i + 1);
+            const int c0 = c_begin + i * kChunk;
+            corrected[i] = softmax_chunk(logits_of(i), 1, p.scale, c0, lo + off, hi + off,
+                                         c0 >= v_lo && c0 + kChunk - 1 <= v_hi, p.soft_cap,
+                                         {state.max + off, state.sum + off}, corr + i * kLanes,
+                                         pp + int64_t{i} * kChunkPairs * kLanes);
+          }
+          amx_attention::lane_group_values(pp, corr, corrected.data(), chunks, packed->value_chunk(item0), D,
+                                           part_acc + off, lanes);
+        }
+        continue;
+      }
+#endif
+      for (int i = 0; i < chunks; ++i) {
+        const int c0 = c_begin + i * kChunk;
         // The logits of the chunk's blocks that hold keys in [begin, end); the other rows are masked.
         for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs) {
-          float* block_logits_out = logits + (kb - c0) * lanes;
-#ifdef PAGEDLM_AMX_ATTENTION
-          if (amx) {
-            const bf16* keys;
-            if constexpr (is_fp8<C>) {
-              keys = packed->key_chunk(packed->item(tile.seq, tile.kv_head, c0)) + (kb - c0) * D;
-            } else {
-              keys = p.kv.key + block_row(kb);
-            }
-            for (int v = 0; v < nm; ++v) amx_attention::block_logits(qp, lanes, v, keys, bs, D, block_logits_out);
-            continue;
-          }
-#endif
           if (kb + bs < end) {
             prefetch(p.kv.key + block_row(kb + bs), bs, D);
             prefetch(p.kv.value + block_row(kb + bs), bs, D);
           }
           const bf16* keys = bf16_rows(p.kv.key + block_row(kb), bs * D, rows.data());
+          float* out = logits + (kb - c0) * lanes;
           switch (nm) {
-            case 1: block_logits<1>(qp, keys, bs, D, block_logits_out); break;
-            case 2: block_logits<2>(qp, keys, bs, D, block_logits_out); break;
-            default: block_logits<3>(qp, keys, bs, D, block_logits_out); break;
+            case 1: block_logits<1>(qp, keys, bs, D, out); break;
+            case 2: block_logits<2>(qp, keys, bs, D, out); break;
+            default: block_logits<3>(qp, keys, bs, D, out); break;
           }
         }
         const bool all_visible = c0 >= all_lo && c0 + kChunk - 1 <= all_hi;
-        corrected[chunks] = softmax_chunk(logits, nm, p.scale, c0, lo, hi, all_visible, p.soft_cap, state,
-                                          corr + chunks * lanes, pp + int64_t{chunks} * kChunkPairs * lanes);
-        if (!amx) {
-          pack_chunk_values([&](int kb) { return bf16_rows(p.kv.value + block_row(kb), bs * D, rows.data() + bs * D); },
-                            c0, bs, D, begin, end, vp + int64_t{chunks} * kChunkPairs * D);
-        }
+        corrected[i] = softmax_chunk(logits, nm, p.scale, c0, lo, hi, all_visible, p.soft_cap, state, corr + i * lanes,
+                                     pp + int64_t{i} * kChunkPairs * lanes);
+        pack_chunk_values([&](int kb) { return bf16_rows(p.kv.value + block_row(kb), bs * D, rows.data() + bs * D); },
+                          c0, bs, D, begin, end, vp + int64_t{i} * kChunkPairs * D);
       }
       const ChunkRun run{chunks, pp, vp, corr, corrected.data()};
-#ifdef PAGEDLM_AMX_ATTENTION
-      if (amx) {
-        amx_attention::run_values(run, packed->value_chunk(packed->item(tile.seq, tile.kv_head, begin)), nm, D,
-                                  part_acc);
-        continue;
-      }
-#endif
       switch (nm) {
         case 1: values_by_lane<1>(run, D, part_acc); break;
         case 2: values_by_lane<2>(run, D, part_acc); break;
