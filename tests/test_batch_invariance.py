@@ -185,3 +185,36 @@ def check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_wi
                     assert torch.equal(out[p - lo].view(torch.int16 if dtype != torch.float32 else torch.int32),
                                        decoded[p].view(torch.int16 if dtype != torch.float32 else torch.int32)), (
                         f"position {p}, prefill rows {lo}:{hi}")
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_bf16_attention_bits_do_not_depend_on_the_block_size(head_size):
+    """The bf16 kernels take their online-softmax steps over chunks of 32 keys, not cache blocks: the
+    same keys and values in blocks of 8, 16 or 32 give the same bits, from decode and from prefill."""
+    import pagedlm.ops as ops
+
+    gen = torch.Generator().manual_seed(head_size)
+    n, num_kv_heads, group = 700, 2, 3
+    keys, values = (torch.randn(n, num_kv_heads, head_size, generator=gen).to(torch.bfloat16) for _ in range(2))
+    query = (3 * torch.randn(n, num_kv_heads * group, head_size, generator=gen)).to(torch.bfloat16)
+    scale = head_size**-0.5
+    results = {}
+    for block_size in (8, 16, 32):
+        num_blocks = -(-n // block_size)
+        table = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+        key_cache = torch.zeros(num_blocks, num_kv_heads, block_size, head_size, dtype=torch.bfloat16)
+        value_cache = torch.zeros_like(key_cache)
+        pos = torch.arange(n)
+        key_cache[table[pos // block_size].long(), :, pos % block_size] = keys
+        value_cache[table[pos // block_size].long(), :, pos % block_size] = values
+        prefill = torch.empty_like(query)
+        ops.paged_prefill_attention(prefill, query, key_cache, value_cache, table[None],
+                                    torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                                    scale, 0, 0.0, 1.0, 1.0)
+        positions = [0, 31, 32, 100, 511, 512, 699]
+        decode = torch.empty(len(positions), *query.shape[1:], dtype=torch.bfloat16)
+        ops.paged_attention(decode, query[positions], key_cache, value_cache, table.expand(len(positions), -1),
+                            torch.tensor([p + 1 for p in positions], dtype=torch.int32), scale, 0, 0.0, 1.0, 1.0)
+        assert torch.equal(decode.view(torch.int16), prefill[positions].view(torch.int16)), block_size
+        results[block_size] = prefill.view(torch.int16)
+    assert torch.equal(results[8], results[16]) and torch.equal(results[16], results[32])

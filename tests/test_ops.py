@@ -31,10 +31,11 @@ DEVICES = ["cpu", CUDA]
 REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-def paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed):
+def paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed, key_growth=0.0):
     """NaN-filled caches where only the tokens of the given sequences hold data, plus block tables
     that scatter blocks randomly, share full prefix blocks between neighbouring sequences and pad
-    with random (valid, never to be read) block ids."""
+    with random (valid, never to be read) block ids. key_growth: the key at position p gains
+    key_growth * p along one direction, so a query's logits drift by that much per key."""
     gen = torch.Generator().manual_seed(seed)
     needed = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(needed) + 8
@@ -51,7 +52,8 @@ def paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
     for i, n in enumerate(seq_lens):
         pos = torch.arange(n)
         blocks = tables[i, pos // block_size].long()
-        key_cache[blocks, :, pos % block_size] = torch.randn(n, num_kv_heads, head_size, generator=gen)
+        drift = key_growth * pos[:, None, None] * torch.ones(head_size) / head_size**0.5
+        key_cache[blocks, :, pos % block_size] = torch.randn(n, num_kv_heads, head_size, generator=gen) + drift
         value_cache[blocks, :, pos % block_size] = torch.randn(n, num_kv_heads, head_size, generator=gen)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
     return key_cache.to(dtype).to(device), value_cache.to(dtype).to(device), tables.to(device), seq_lens_t.to(device)
@@ -95,8 +97,9 @@ def fp8_caches(key_cache, value_cache, cache_dtype, scales):
 
 
 def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_heads=2, seed=0, sliding_window=0,
-                 soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0)):
-    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+                 soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0), key_growth=0.0):
+    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed,
+                                                    key_growth)
     if sliding_window:
         poison_unread(key_cache, value_cache, tables, lens, [first_key(n - 1, sliding_window) for n in seq_lens])
     key_cache, value_cache = fp8_caches(key_cache, value_cache, cache_dtype, scales)
@@ -114,10 +117,11 @@ def check_decode(device, dtype, block_size, head_size, gqa, seq_lens, num_kv_hea
 
 
 def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads=2, seed=0, sliding_window=0,
-                  soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0)):
+                  soft_cap=0.0, cache_dtype=None, scales=(1.0, 1.0), key_growth=0.0):
     """spans: (cached context, new query rows) per sequence."""
     seq_lens = [context + rows for context, rows in spans]
-    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed)
+    key_cache, value_cache, tables, lens = paged_kv(seq_lens, block_size, num_kv_heads, head_size, dtype, device, seed,
+                                                    key_growth)
     if sliding_window:
         poison_unread(key_cache, value_cache, tables, lens, [first_key(c, sliding_window) if r else c for c, r in spans])
     key_cache, value_cache = fp8_caches(key_cache, value_cache, cache_dtype, scales)
@@ -181,6 +185,20 @@ def test_paged_prefill_attention(device, dtype, block_size, head_size, gqa):
     # one sequence contributes no query rows.
     spans = [(0, 1), (0, block_size), (0, 33), (block_size - 1, 1), (5, 2 * block_size + 1), (40, 0), (70, 65)]
     check_prefill(device, dtype, block_size, head_size, gqa, spans, seed=block_size + head_size + gqa)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("soft_cap", [0.0, 30.0])
+def test_attention_while_the_max_logit_grows(device, dtype, block_size, soft_cap):
+    """Logits that drift by ~0.03 a key (up or down per head): over 1,100 keys a query's max grows far
+    past the online softmax's lazy-rescaling threshold again and again, within chunks, partitions and
+    query tiles, so the reference moves and the output summed so far is corrected many times."""
+    seed = block_size + int(soft_cap)
+    check_decode(device, dtype, block_size, 64, 3, [40, 513, 1100], seed=seed, soft_cap=soft_cap, key_growth=0.3)
+    check_prefill(device, dtype, block_size, 64, 3, [(0, 600), (500, 130)], seed=seed, soft_cap=soft_cap,
+                  key_growth=0.3)
 
 
 @pytest.mark.parametrize("device", DEVICES)

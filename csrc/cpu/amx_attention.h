@@ -143,7 +143,7 @@ template <typename F>
 inline void transpose_values(const F& block, int c0, int bs, int D, int begin, int end, uint32_t* scratch,
                              uint32_t* vt) {
   bf16_tiles::pack_chunk_values(block, c0, bs, D, begin, end, scratch);
-  bf16_tiles::transpose_keys(reinterpret_cast<const bf16*>(scratch), kLanes, 2 * D, vt);
+  for (int d0 = 0; d0 < D; d0 += kLanes) bf16_tiles::transpose_16x16(scratch + d0, D, kLanes, vt + d0 * kLanes, kLanes);
 }
 
 // The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each), with the A tile each

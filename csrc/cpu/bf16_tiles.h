@@ -48,6 +48,11 @@ constexpr int kLanes = 16;
 // Query vectors of one prefill tile: three registers of lanes; with 4 keys in two chains (Q·K) or 8
 // head dimensions (P·V) that is 24 accumulators.
 constexpr int kMaxTileLanes = 48;
+// The AMX kernel's, which takes one register of lanes at a time: query vectors times head size
+// (192 x 64 measured best on SmolLM2's heads; 48 .. 384 within 10%), so that its per-partition
+// accumulators stay within L2 while each partition's keys and values are read once for all of them.
+constexpr int kAmxTileElements = 192 * 64;
+constexpr int kMaxAmxTileLanes = kAmxTileElements / 32;
 // How far (in logits) a chunk's max may exceed the softmax reference before the reference moves to
 // it (FlashAttention-4's conditional rescaling). p stays at most e^8 ~ 3e3, far inside fp32's and
 // bf16's range, and a chunk that moves nothing needs no correction of the output accumulated so far.
@@ -278,33 +283,37 @@ inline bool softmax_chunk(float* logits, int nm, float scale, int key0, const in
   return corrected;
 }
 
-// Decode's Q·K, keys in lanes. kt[i * kt_stride + n] = (k[n][2i], k[n][2i + 1]) for the first 16 rows
-// of a block (rows past n are zero): a 16 x 16 transpose of 32-bit pairs per 32 head dimensions (of
-// any 32-bit elements, 16 rows of D / 2 of them D / 2 apart).
-inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt, int64_t kt_stride = kLanes) {
-  for (int i0 = 0; i0 < D / 2; i0 += kLanes) {
-    __m512i r[kLanes], t[kLanes];
-    for (int j = 0; j < kLanes; ++j) r[j] = j < n ? _mm512_loadu_si512(k + j * D + 2 * i0) : _mm512_setzero_si512();
-    for (int j = 0; j < kLanes; j += 2) {
-      t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
-      t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
-    }
-    // r[4a + b], 128-bit lane L: pair 4L + b of rows 4a .. 4a + 3.
-    for (int a = 0; a < kLanes; a += 4) {
-      r[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
-      r[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
-      r[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
-      r[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
-    }
-    for (int b = 0; b < 4; ++b) {
-      const __m512i x = _mm512_shuffle_i32x4(r[b], r[4 + b], 0x88), y = _mm512_shuffle_i32x4(r[b], r[4 + b], 0xdd);
-      const __m512i z = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0x88), w = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0xdd);
-      _mm512_storeu_si512(kt + (i0 + b) * kt_stride, _mm512_shuffle_i32x4(x, z, 0x88));
-      _mm512_storeu_si512(kt + (i0 + b + 4) * kt_stride, _mm512_shuffle_i32x4(y, w, 0x88));
-      _mm512_storeu_si512(kt + (i0 + b + 8) * kt_stride, _mm512_shuffle_i32x4(x, z, 0xdd));
-      _mm512_storeu_si512(kt + (i0 + b + 12) * kt_stride, _mm512_shuffle_i32x4(y, w, 0xdd));
-    }
+// out[i * out_stride + j] = in[j * in_stride + i] for a 16 x 16 block of 32-bit elements; rows j >= n
+// of in are read as zeros.
+inline void transpose_16x16(const uint32_t* in, int64_t in_stride, int n, uint32_t* out, int64_t out_stride) {
+  __m512i r[kLanes], t[kLanes];
+  for (int j = 0; j < kLanes; ++j) r[j] = j < n ? _mm512_loadu_si512(in + j * in_stride) : _mm512_setzero_si512();
+  for (int j = 0; j < kLanes; j += 2) {
+    t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
   }
+  // r[4a + b], 128-bit lane L: element 4L + b of rows 4a .. 4a + 3.
+  for (int a = 0; a < kLanes; a += 4) {
+    r[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
+    r[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
+    r[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
+    r[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
+  }
+  for (int b = 0; b < 4; ++b) {
+    const __m512i x = _mm512_shuffle_i32x4(r[b], r[4 + b], 0x88), y = _mm512_shuffle_i32x4(r[b], r[4 + b], 0xdd);
+    const __m512i z = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0x88), w = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0xdd);
+    _mm512_storeu_si512(out + b * out_stride, _mm512_shuffle_i32x4(x, z, 0x88));
+    _mm512_storeu_si512(out + (b + 4) * out_stride, _mm512_shuffle_i32x4(y, w, 0x88));
+    _mm512_storeu_si512(out + (b + 8) * out_stride, _mm512_shuffle_i32x4(x, z, 0xdd));
+    _mm512_storeu_si512(out + (b + 12) * out_stride, _mm512_shuffle_i32x4(y, w, 0xdd));
+  }
+}
+
+// Decode's Q·K, keys in lanes. kt[i * 16 + n] = (k[n][2i], k[n][2i + 1]) for the first 16 rows of a
+// block (rows past n are zero): a 16 x 16 transpose of 32-bit pairs per 32 head dimensions.
+inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt) {
+  const auto* rows = reinterpret_cast<const uint32_t*>(k);
+  for (int i0 = 0; i0 < D / 2; i0 += kLanes) transpose_16x16(rows + i0, D / 2, n, kt + i0 * kLanes, kLanes);
 }
 
 // logits[g * stride + n] = q[g] · k_n (not yet scaled) for NG query vectors and the 16 keys of kt.

@@ -221,8 +221,6 @@ template <typename C>
 void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* starts) {
   using namespace bf16_tiles;
   const int D = p.kv.head_size, group = p.group, bs = p.kv.block_size;
-  const int rows_per_tile = std::max(1, kMaxTileLanes / group), heads_per_tile = std::min(group, kMaxTileLanes);
-  const std::vector<Tile> tiles = make_tiles(p, starts, rows_per_tile, heads_per_tile);
 #ifdef PAGEDLM_AMX_ATTENTION
   const bool amx = amx_attention::enabled();
   std::optional<PackedChunks<C>> packed;
@@ -230,6 +228,11 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
 #else
   constexpr bool amx = false;
 #endif
+  // AMX runs a tile's lane groups one at a time, so its tiles can be wider: each partition's keys and
+  // values are then read from memory once for more query vectors.
+  const int max_lanes = amx ? std::max(kLanes, kAmxTileElements / D / kLanes * kLanes) : kMaxTileLanes;
+  const int rows_per_tile = std::max(1, max_lanes / group), heads_per_tile = std::min(group, max_lanes);
+  const std::vector<Tile> tiles = make_tiles(p, starts, rows_per_tile, heads_per_tile);
 
   parallel_items(tiles.size(), [&](int64_t i) {
     const Tile tile = tiles[i];
@@ -247,14 +250,15 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     uint32_t* pp = qp + D / 2 * lanes;
     uint32_t* vp = pp + int64_t{max_chunks} * kChunkPairs * lanes;  // the vector kernel's values
     thread_local std::vector<float> scratch;
-    scratch.resize(int64_t{parts} * lanes * (2 * D + 2) + 2 * kChunk * lanes + int64_t{max_chunks} * lanes + D);
+    scratch.resize(int64_t{parts} * lanes * (D + 2) + 2 * kChunk * lanes + int64_t{max_chunks} * lanes +
+                   int64_t{parts} * kLanes * D + D);
     float* acc_t = scratch.data();                          // [parts][D, lanes]
-    float* acc = acc_t + int64_t{parts} * lanes * D;       // [parts][lanes, D]
-    float* part_max = acc + int64_t{parts} * lanes * D;    // [parts][lanes]
+    float* part_max = acc_t + int64_t{parts} * lanes * D;  // [parts][lanes]
     float* part_sum = part_max + parts * lanes;
     float* logits = part_sum + parts * lanes;  // [32, lanes], or on AMX two of [32, 16]
     float* corr = logits + 2 * kChunk * lanes;  // [chunks][lanes]
-    float* merged = corr + max_chunks * lanes;  // [D]
+    float* acc = corr + max_chunks * lanes;    // a lane group's [parts][16, D]
+    float* merged = acc + int64_t{parts} * kLanes * D;  // [D]
     thread_local std::vector<uint8_t> corrected;
     corrected.resize(max_chunks);
     thread_local std::vector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
@@ -262,7 +266,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
 
     // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
     pack_queries([&](int m) { return p.query_row(token0 + m / tile.heads, h0 + m % tile.heads); }, count, lanes, D, qp);
-    int lo[kMaxTileLanes], hi[kMaxTileLanes];
+    int lo[kMaxAmxTileLanes], hi[kMaxAmxTileLanes];
     for (int m = 0; m < lanes; ++m) {
       const int pos = first_pos + m / tile.heads;
       lo[m] = m < count ? p.first_key(pos) : 1;
@@ -361,20 +365,22 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     }
 
     // As decode ends: one partition normalised directly, several merged, from each query vector's row.
-    for (int k = 0; k < parts; ++k)
-      for (int d0 = 0; d0 < D; d0 += kLanes)
-        transpose_keys(reinterpret_cast<const bf16*>(acc_t + (int64_t{k} * D + d0) * lanes), kLanes, 2 * lanes,
-                       reinterpret_cast<uint32_t*>(acc + int64_t{k} * lanes * D + d0), D);
-    for (int m = 0; m < count; ++m) {
-      const int pos = first_pos + m / tile.heads;
-      const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
-      const float* rows = acc + (int64_t{first} * lanes + m) * D;
-      c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
-      if (n == 1) {
-        store_scaled(out, rows, p.v_scale / part_sum[first * lanes + m], D);
-      } else {
-        merge_partitions(out, rows, int64_t{lanes} * D, part_max + first * lanes + m, part_sum + first * lanes + m,
-                         lanes, n, D, p.v_scale, merged);
+    for (int v = 0; v < nm; ++v) {
+      for (int k = 0; k < parts; ++k)
+        for (int d0 = 0; d0 < D; d0 += kLanes)
+          transpose_16x16(reinterpret_cast<const uint32_t*>(acc_t + (int64_t{k} * D + d0) * lanes + v * kLanes), lanes,
+                          kLanes, reinterpret_cast<uint32_t*>(acc + int64_t{k} * kLanes * D + d0), D);
+      for (int m = v * kLanes; m < std::min(count, (v + 1) * kLanes); ++m) {
+        const int pos = first_pos + m / tile.heads;
+        const int first = p.first_key(pos) / kPartitionSize - part_lo, n = pos / kPartitionSize - part_lo - first + 1;
+        const float* rows = acc + (int64_t{first} * kLanes + m % kLanes) * D;
+        c10::BFloat16* out = p.out_row(token0 + m / tile.heads, h0 + m % tile.heads);
+        if (n == 1) {
+          store_scaled(out, rows, p.v_scale / part_sum[first * lanes + m], D);
+        } else {
+          merge_partitions(out, rows, int64_t{kLanes} * D, part_max + first * lanes + m,
+                           part_sum + first * lanes + m, lanes, n, D, p.v_scale, merged);
+        }
       }
     }
   });
