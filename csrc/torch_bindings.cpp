@@ -2,6 +2,8 @@
 // and cuda/bindings.cpp; the Meta kernels below let fake tensors (torch.compile, opcheck) trace
 // the ops, which only mutate their arguments.
 
+#include "cpu/ops.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -60,8 +62,14 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
 }
 
-// `import pagedlm._C` loads this library, which runs the registrations above.
+// `import pagedlm._C` loads this library, which runs the registrations above. BF16_ATTENTION_TILES:
+// whether this build's CPU attention runs bf16 on csrc/cpu/bf16_tiles.h (see pagedlm.ops).
 PyMODINIT_FUNC PyInit__C() {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m && PyModule_AddIntConstant(m, "BF16_ATTENTION_TILES", pagedlm::cpu::bf16_attention_tiles()) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

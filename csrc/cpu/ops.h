@@ -13,6 +13,9 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale, int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale);
 
+// Whether bf16 attention runs on bf16_tiles.h in this build (an AVX512-BF16 build).
+bool bf16_attention_tiles();
+
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,

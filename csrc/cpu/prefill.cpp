@@ -400,6 +400,14 @@ void check_query_spans(const at::Tensor& cu_seqlens_q, const at::Tensor& seq_len
 
 }  // namespace
 
+bool bf16_attention_tiles() {
+#ifdef PAGEDLM_BF16_TILES
+  return true;
+#else
+  return false;
+#endif
+}
+
 void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,

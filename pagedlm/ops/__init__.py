@@ -121,6 +121,7 @@ reference on every device. On a CPU with AMX, ``PAGEDLM_DISABLE_AMX=1`` keeps th
 """
 
 import os
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -228,7 +229,12 @@ sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_amx_linear = _impl.bf16_amx_linear
 
+# Whether the CPU kernels run bf16 attention on their bf16 tiles (an AVX512-BF16 build): online-softmax
+# steps over chunks of 32 keys, so bits that do not depend on the cache's block size. Else (and in
+# fp32) a step per cache block.
+BF16_ATTENTION_TILES = EXTENSION_LOADED and bool(getattr(sys.modules.get("pagedlm._C"), "BF16_ATTENTION_TILES", 0))
+
 kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
 amx_pack_weight = reference.amx_pack_weight
 
-__all__ = ["EXTENSION_LOADED", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight", *_OP_NAMES]
+__all__ = ["EXTENSION_LOADED", "BF16_ATTENTION_TILES", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight", *_OP_NAMES]
