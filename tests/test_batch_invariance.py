@@ -143,6 +143,13 @@ def test_attention_rows_equal_decode_bits(dtype, block_size, head_size, group, s
     check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap)
 
 
+@pytest.mark.parametrize(("head_size", "group"), [(96, 3), (256, 2)])
+def test_attention_rows_equal_decode_bits_other_head_sizes(head_size, group):
+    """The same for head sizes that end on a 32-dimension step of the P·V tiles (96) and whose query
+    pairs are reloaded per step in the AMX prefill (256)."""
+    check_rows_equal_decode_bits(torch.bfloat16, 16, head_size, group, 0, 0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize(("head_size", "group", "sliding_window"), [(64, 3, 0), (32, 20, 37), (64, 50, 0), (40, 2, 0)])

@@ -202,6 +202,16 @@ def test_attention_while_the_max_logit_grows(device, dtype, block_size, soft_cap
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_size", [32, 96, 160, 256])
+def test_bf16_attention_other_head_sizes(device, head_size):
+    """Head sizes whose 32-dimension steps leave the bf16 kernels' tile loops partial: one step (32),
+    a 64-dimension pass plus 32 (96, Phi-3), query pairs that no longer fit the AMX prefill's four
+    resident tiles (160, 256: Gemma)."""
+    check_decode(device, torch.bfloat16, 16, head_size, 3, [1, 33, 600], seed=head_size)
+    check_prefill(device, torch.bfloat16, 16, head_size, 3, [(0, 70), (530, 20)], seed=head_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_paged_prefill_attention_long(device):
     check_prefill(device, torch.bfloat16, 16, 128, 4, [(0, 700), (1500, 300)], num_kv_heads=1)
 
