@@ -171,18 +171,17 @@ PAGEDLM_ALWAYS_INLINE void block_logits(const uint32_t* qp, const bf16* k, int n
 
 // p = exp(x - max) for the 16 lanes of a logit x = a * l (the scaled logit is a = scale, a soft-capped
 // one l itself with a = 1), as 2^t, t = l a log2(e) - max log2(e) (one fma; shift = -max log2(e)):
-// 2^round(t) (vscalefps, which gives 0 far below fp32's range) times a degree-4 polynomial for
-// 2^(t - round(t)) (fitted here for relative error, at most 2.7e-6 in fp32 over [-0.5, 0.5]: the p
-// that leave here are rounded to bf16 next, whose half-ulp is 2e-3). a_log2e: a log2(e).
+// 2^floor(t) (vscalefps, which gives 0 far below fp32's range) times a degree-4 polynomial for
+// 2^(t - floor(t)) (vreduceps; fitted here for relative error, at most 2.7e-6 in fp32 over [0, 1):
+// the p that leave here are rounded to bf16 next, whose half-ulp is 2e-3). a_log2e: a log2(e).
 PAGEDLM_ALWAYS_INLINE __m512 exp_p(__m512 l, __m512 a_log2e, __m512 shift) {
   const __m512 t = _mm512_fmadd_ps(l, a_log2e, shift);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0095699932f), f, _mm512_set1_ps(0.055917542f));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24024744f));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.69312185f));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.99999928f));
-  return _mm512_scalef_ps(q, n);
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.013534014f), f, _mm512_set1_ps(0.052011319f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24144320f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.69300365f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000026f));
+  return _mm512_scalef_ps(q, t);
 }
 
 constexpr float kLog2e = 1.44269504f;
@@ -251,9 +250,15 @@ inline bool softmax_chunk(float* logits, int nm, float scale, int key0, const in
     _mm512_storeu_ps(corr + off, c);
     _mm512_storeu_ps(state.max + off, new_max);
     const __m512 shift = _mm512_mul_ps(new_max, _mm512_set1_ps(-kLog2e));
-    // Keys outside the range are exactly 0, even while the lane's reference is still -inf.
-    auto p = [&](int r) {
-      return _mm512_maskz_cvtneps_pbh(visible(r), exp_p(_mm512_loadu_ps(row(r)), a_log2e, shift));
+    // Rows r and r + 1's p as pairs: dword m = (p[r][m], p[r + 1][m]). Keys outside the range are
+    // exactly 0, even while the lane's reference is still -inf.
+    const __m512i pairs_index = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                                 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    auto p_pairs = [&](int r) {
+      const __m512 e0 = exp_p(_mm512_loadu_ps(row(r)), a_log2e, shift);
+      const __m512 e1 = exp_p(_mm512_loadu_ps(row(r + 1)), a_log2e, shift);
+      const __m512bh x = _mm512_maskz_cvtne2ps_pbh(_mm512_kunpackw(visible(r + 1), visible(r)), e1, e0);
+      return _mm512_permutexvar_epi16(pairs_index, (__m512i)x);
     };
     // Rows 2j, 2j + 1 + {0, 8, 16, 24} at a time, so that the halving sum's first two steps (row r + 16
     // onto r, then r + 8 onto r) close as soon as their rows are done. A pair's dword holds row 2j's p
@@ -263,8 +268,7 @@ inline bool softmax_chunk(float* logits, int nm, float scale, int key0, const in
       __m512 half[2][2];  // [row 2j (+ 8) or 2j + 1 (+ 8)][+ 0 or + 8]
       for (int e = 0; e < 2; ++e) {
         const int r = 2 * j + 8 * e;
-        const __m512i x = interleave((__m256i)p(r), (__m256i)p(r + 1));
-        const __m512i y = interleave((__m256i)p(r + 16), (__m256i)p(r + 17));
+        const __m512i x = p_pairs(r), y = p_pairs(r + 16);
         _mm512_storeu_si512(pp + (r / 2) * lanes + off, x);
         _mm512_storeu_si512(pp + (r / 2 + 8) * lanes + off, y);
         half[0][e] = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
