@@ -200,6 +200,61 @@ inline void lane_group_values(const uint32_t* pp, const float* corr, const uint8
 
 #undef PAGEDLM_FOR_OUTPUT_TILES
 
+// Output tile t (16 head dimensions x 16 query vectors) times each query vector's correction c.
+#define PAGEDLM_CORRECT_TILE(t, c, buf)                                                            \
+  do {                                                                                             \
+    _tile_stored(t, buf, kLanes * 4);                                                              \
+    for (int d = 0; d < kLanes; ++d)                                                               \
+      _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), c));       \
+    _tile_loadd(t, buf, kLanes * 4);                                                               \
+  } while (0)
+
+// lane_group_values for two lane groups at once (pp, corr, corrected and acc_t for each), 32 head
+// dimensions at a time: each chunk's two A tiles of values serve both groups' products (tiles 0, 1
+// the values, 2, 3 the groups' P pairs, 4, 5 and 6, 7 their outputs), so the values are read half as
+// often. The arithmetic per output element is lane_group_values'.
+inline void lane_pair_values(const uint32_t* const pp[2], const float* const corr[2], const uint8_t* const corrected[2],
+                             int chunks, const uint32_t* vt, int D, float* const acc_t[2], int acc_stride) {
+  alignas(64) float buf[kLanes * kLanes];
+  auto needs = [&](int g, int b) {
+    const float* c = corr[g] + b * kLanes;
+    return corrected[g][b] && std::any_of(c, c + kLanes, [](float x) { return x != 1.f; });
+  };
+  for (int d0 = 0; d0 < D; d0 += 2 * kLanes) {
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int b = 0; b < chunks; ++b) {
+      if (needs(0, b)) {
+        const __m512 c = _mm512_loadu_ps(corr[0] + b * kLanes);
+        PAGEDLM_CORRECT_TILE(4, c, buf);
+        PAGEDLM_CORRECT_TILE(5, c, buf);
+      }
+      if (needs(1, b)) {
+        const __m512 c = _mm512_loadu_ps(corr[1] + b * kLanes);
+        PAGEDLM_CORRECT_TILE(6, c, buf);
+        PAGEDLM_CORRECT_TILE(7, c, buf);
+      }
+      const uint32_t* chunk = vt + (int64_t{b} * D + d0) * kLanes;
+      _tile_loadd(0, chunk, kLanes * 4);
+      _tile_loadd(2, pp[0] + int64_t{b} * bf16_tiles::kChunkPairs * kLanes, kLanes * 4);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_loadd(1, chunk + kLanes * kLanes, kLanes * 4);
+      _tile_dpbf16ps(5, 1, 2);
+      _tile_loadd(3, pp[1] + int64_t{b} * bf16_tiles::kChunkPairs * kLanes, kLanes * 4);
+      _tile_dpbf16ps(6, 0, 3);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+    _tile_stored(4, acc_t[0] + int64_t{d0} * acc_stride, acc_stride * 4);
+    _tile_stored(5, acc_t[0] + int64_t{d0 + kLanes} * acc_stride, acc_stride * 4);
+    _tile_stored(6, acc_t[1] + int64_t{d0} * acc_stride, acc_stride * 4);
+    _tile_stored(7, acc_t[1] + int64_t{d0 + kLanes} * acc_stride, acc_stride * 4);
+  }
+}
+
+#undef PAGEDLM_CORRECT_TILE
+
 }  // namespace pagedlm::cpu::amx_attention
 
 #endif

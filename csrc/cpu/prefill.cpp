@@ -260,7 +260,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     float* acc = corr + max_chunks * lanes;    // a lane group's [parts][16, D]
     float* merged = acc + int64_t{parts} * kLanes * D;  // [D]
     thread_local std::vector<uint8_t> corrected;
-    corrected.resize(max_chunks);
+    corrected.resize(2 * max_chunks);
     thread_local std::vector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
     rows.resize(is_fp8<C> && !amx ? 2 * bs * D : 0);
 
@@ -306,6 +306,11 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
           return packed->key_chunk(item0 + i) + g * kLanes * D;
         };
         auto logits_of = [&](int i) { return logits + (i % 2) * kChunk * kLanes; };
+        // A lane group's softmax results, two groups' at a time: [2][chunks][16, 16] pairs, [2][chunks][16]
+        // corrections, [2][chunks] whether any.
+        auto group_pp = [&](int v) { return pp + int64_t{v % 2} * max_chunks * kChunkPairs * kLanes; };
+        auto group_corr = [&](int v) { return corr + (v % 2) * max_chunks * kLanes; };
+        auto group_corrected = [&](int v) { return corrected.data() + (v % 2) * max_chunks; };
         for (int v = 0; v < nm; ++v) {
           const int off = v * kLanes;
           auto qk = [&](int i) {
@@ -323,13 +328,22 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
             }
             if (i + 1 < chunks) qk(i + 1);
             const int c0 = c_begin + i * kChunk;
-            corrected[i] = softmax_chunk(logits_of(i), 1, p.scale, c0, lo + off, hi + off,
-                                         c0 >= v_lo && c0 + kChunk - 1 <= v_hi, p.soft_cap,
-                                         {state.max + off, state.sum + off}, corr + i * kLanes,
-                                         pp + int64_t{i} * kChunkPairs * kLanes);
+            group_corrected(v)[i] = softmax_chunk(logits_of(i), 1, p.scale, c0, lo + off, hi + off,
+                                                  c0 >= v_lo && c0 + kChunk - 1 <= v_hi, p.soft_cap,
+                                                  {state.max + off, state.sum + off}, group_corr(v) + i * kLanes,
+                                                  group_pp(v) + int64_t{i} * kChunkPairs * kLanes);
           }
-          amx_attention::lane_group_values(pp, corr, corrected.data(), chunks, packed->value_chunk(item0), D,
-                                           part_acc + off, lanes);
+          const uint32_t* vt = packed->value_chunk(item0);
+          if (v % 2 == 1) {
+            const uint32_t* const pps[2] = {group_pp(v - 1), group_pp(v)};
+            const float* const corrs[2] = {group_corr(v - 1), group_corr(v)};
+            const uint8_t* const corrected2[2] = {group_corrected(v - 1), group_corrected(v)};
+            float* const accs[2] = {part_acc + off - kLanes, part_acc + off};
+            amx_attention::lane_pair_values(pps, corrs, corrected2, chunks, vt, D, accs, lanes);
+          } else if (v == nm - 1) {
+            amx_attention::lane_group_values(group_pp(v), group_corr(v), group_corrected(v), chunks, vt, D,
+                                             part_acc + off, lanes);
+          }
         }
         continue;
       }
