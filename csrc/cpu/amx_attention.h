@@ -106,6 +106,41 @@ inline void chunk_logits(const K& keys, const uint32_t* qp, int lanes, int v, in
 #undef PAGEDLM_GROUP_LOGITS
 }
 
+// chunk_logits for lane groups v and v + 1 at once where D <= 64: both groups' query pairs resident
+// (v's in tiles 4, 5 and v + 1's in 6, 7, from load_query_pair), each K tile loaded once for both
+// products (C tiles 2 and 3), into logits0 and logits1.
+inline void load_query_pair(const uint32_t* qp, int lanes, int v, int D) {
+  const uint32_t* q = qp + v * kLanes;
+  _tile_loadd(4, q, lanes * 4);
+  _tile_loadd(6, q + kLanes, lanes * 4);
+  if (D > 32) {
+    _tile_loadd(5, q + 16 * lanes, lanes * 4);
+    _tile_loadd(7, q + 16 * lanes + kLanes, lanes * 4);
+  }
+}
+
+template <typename K>
+inline void chunk_logits_pair(const K& keys, int D, float* logits0, float* logits1) {
+#define PAGEDLM_GROUP_LOGITS(g, kg)                                    \
+  if (const bf16* k = keys(g)) {                                       \
+    _tile_zero(2);                                                     \
+    _tile_zero(3);                                                     \
+    _tile_loadd(kg, k, D * 2);                                         \
+    _tile_dpbf16ps(2, kg, 4);                                          \
+    _tile_dpbf16ps(3, kg, 6);                                          \
+    if (D > 32) {                                                      \
+      _tile_loadd(kg, k + 32, D * 2);                                  \
+      _tile_dpbf16ps(2, kg, 5);                                        \
+      _tile_dpbf16ps(3, kg, 7);                                        \
+    }                                                                  \
+    _tile_stored(2, logits0 + (g) * kLanes * kLanes, kLanes * 4);      \
+    _tile_stored(3, logits1 + (g) * kLanes * kLanes, kLanes * 4);      \
+  }
+  PAGEDLM_GROUP_LOGITS(0, 0)
+  PAGEDLM_GROUP_LOGITS(1, 1)
+#undef PAGEDLM_GROUP_LOGITS
+}
+
 // Decode's Q.K: logits[g * 32 + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
 // rows q_stride elements apart) and the chunk's 32 keys in kt as bf16_tiles::transpose_keys leaves
 // them, per 16 keys [D / 2, 16].

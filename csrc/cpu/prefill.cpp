@@ -293,9 +293,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
       const int c_begin = begin / kChunk * kChunk, chunks = (end - c_begin + kChunk - 1) / kChunk;
 #ifdef PAGEDLM_AMX_ATTENTION
       if (amx) {
-        // One lane group at a time, its query pairs in tiles; a chunk's Q·K runs before the softmax of
-        // the one before, whose logits are then in memory, and its keys are asked for into L1 a chunk
-        // before that.
+        // Two lane groups at a time, their query pairs in tiles: Q·K for both from each key tile where
+        // D <= 64, else one group after the other; a chunk's Q·K runs before the softmax of the one
+        // before, whose logits are then in memory, and its keys are asked for into L1 a chunk before
+        // that; then P·V for both from each value tile.
         const int64_t item0 = packed->item(tile.seq, tile.kv_head, c_begin);
         auto group_keys = [&](int i, int g) -> const bf16* {  // nullptr: no lane sees the 16 keys
           const int k0 = c_begin + i * kChunk + g * kLanes;
@@ -305,44 +306,66 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
           }
           return packed->key_chunk(item0 + i) + g * kLanes * D;
         };
-        auto logits_of = [&](int i) { return logits + (i % 2) * kChunk * kLanes; };
-        // A lane group's softmax results, two groups' at a time: [2][chunks][16, 16] pairs, [2][chunks][16]
-        // corrections, [2][chunks] whether any.
+        auto prefetch_keys = [&](int i) {
+          for (int g = 0; g < 2; ++g)
+            if (const bf16* k = i < chunks ? group_keys(i, g) : nullptr) prefetch<3>(k, kLanes, D);
+        };
+        // Per lane group of the two (v % 2): logits [2][32, 16] (by chunk parity), P pairs
+        // [chunks][16, 16], corrections [chunks][16] and whether any [chunks].
+        auto logits_of = [&](int v, int i) { return logits + ((v % 2) * 2 + i % 2) * kChunk * kLanes; };
         auto group_pp = [&](int v) { return pp + int64_t{v % 2} * max_chunks * kChunkPairs * kLanes; };
         auto group_corr = [&](int v) { return corr + (v % 2) * max_chunks * kLanes; };
         auto group_corrected = [&](int v) { return corrected.data() + (v % 2) * max_chunks; };
-        for (int v = 0; v < nm; ++v) {
-          const int off = v * kLanes;
-          auto qk = [&](int i) {
-            amx_attention::chunk_logits([&](int g) { return group_keys(i, g); }, qp, lanes, v, D, logits_of(i));
-          };
+        auto softmax = [&](int v, int i) {
+          const int off = v * kLanes, c0 = c_begin + i * kChunk;
           // Keys every lane of the group sees.
           const int v_lo = p.first_key(first_pos + (std::min(off + kLanes, count) - 1) / tile.heads);
           const int v_hi = first_pos + off / tile.heads;
-          if (D <= 128) amx_attention::load_queries(qp, lanes, v, D);
-          qk(0);
-          for (int i = 0; i < chunks; ++i) {
-            if (i + 2 < chunks) {
-              for (int g = 0; g < 2; ++g)
-                if (const bf16* k = group_keys(i + 2, g)) prefetch<3>(k, kLanes, D);
+          group_corrected(v)[i] = softmax_chunk(logits_of(v, i), 1, p.scale, c0, lo + off, hi + off,
+                                                c0 >= v_lo && c0 + kChunk - 1 <= v_hi, p.soft_cap,
+                                                {state.max + off, state.sum + off}, group_corr(v) + i * kLanes,
+                                                group_pp(v) + int64_t{i} * kChunkPairs * kLanes);
+        };
+        const uint32_t* vt = packed->value_chunk(item0);
+        for (int v0 = 0; v0 < nm; v0 += 2) {
+          if (v0 + 1 < nm && D <= 64) {
+            auto qk = [&](int i) {
+              amx_attention::chunk_logits_pair([&](int g) { return group_keys(i, g); }, D, logits_of(v0, i),
+                                               logits_of(v0 + 1, i));
+            };
+            amx_attention::load_query_pair(qp, lanes, v0, D);
+            qk(0);
+            for (int i = 0; i < chunks; ++i) {
+              prefetch_keys(i + 2);
+              if (i + 1 < chunks) qk(i + 1);
+              softmax(v0, i);
+              softmax(v0 + 1, i);
             }
-            if (i + 1 < chunks) qk(i + 1);
-            const int c0 = c_begin + i * kChunk;
-            group_corrected(v)[i] = softmax_chunk(logits_of(i), 1, p.scale, c0, lo + off, hi + off,
-                                                  c0 >= v_lo && c0 + kChunk - 1 <= v_hi, p.soft_cap,
-                                                  {state.max + off, state.sum + off}, group_corr(v) + i * kLanes,
-                                                  group_pp(v) + int64_t{i} * kChunkPairs * kLanes);
+          } else {
+            for (int v = v0; v < std::min(nm, v0 + 2); ++v) {
+              auto qk = [&](int i) {
+                amx_attention::chunk_logits([&](int g) { return group_keys(i, g); }, qp, lanes, v, D,
+                                            logits_of(v, i));
+              };
+              if (D <= 128) amx_attention::load_queries(qp, lanes, v, D);
+              qk(0);
+              for (int i = 0; i < chunks; ++i) {
+                prefetch_keys(i + 2);
+                if (i + 1 < chunks) qk(i + 1);
+                softmax(v, i);
+              }
+            }
           }
-          const uint32_t* vt = packed->value_chunk(item0);
-          if (v % 2 == 1) {
-            const uint32_t* const pps[2] = {group_pp(v - 1), group_pp(v)};
-            const float* const corrs[2] = {group_corr(v - 1), group_corr(v)};
-            const uint8_t* const corrected2[2] = {group_corrected(v - 1), group_corrected(v)};
-            float* const accs[2] = {part_acc + off - kLanes, part_acc + off};
+          float* acc0 = part_acc + v0 * kLanes;
+          if (v0 + 1 < nm) {
+            const uint32_t* const pps[2] = {group_pp(v0), group_pp(v0 + 1)};
+            const float* const corrs[2] = {group_corr(v0), group_corr(v0 + 1)};
+            const uint8_t* const corrected2[2] = {group_corrected(v0), group_corrected(v0 + 1)};
+            float* const accs[2] = {acc0, acc0 + kLanes};
             amx_attention::lane_pair_values(pps, corrs, corrected2, chunks, vt, D, accs, lanes);
-          } else if (v == nm - 1) {
-            amx_attention::lane_group_values(group_pp(v), group_corr(v), group_corrected(v), chunks, vt, D,
-                                             part_acc + off, lanes);
+          } else {
+            amx_attention::lane_group_values(group_pp(v0), group_corr(v0), group_corrected(v0), chunks, vt, D, acc0,
+                                             lanes);
           }
         }
         continue;
