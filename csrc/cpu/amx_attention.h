@@ -13,12 +13,12 @@
 // Tiles, decode: 0, 1, 2 Q.K's A, B and C (a KV head's query heads as rows, 32 head dimensions; 16
 // keys' dimension pairs; the logits), 3 P rows (A, query heads x the chunk's 32 keys), 4 V pairs (B,
 // the chunk's 16 key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
-// Tiles, prefill, one lane group of 16 query vectors at a time: 0, 1 Q.K's A (the 16-key groups of a
-// chunk, 32 head dimensions), 2, 3 their logits (C), 4-7 the query vectors' dimension pairs (B, 32
-// head dimensions each, loaded once per partition while D <= 128); then 0, 1 V transposed (A, 16 head
-// dimensions x the chunk's 32 keys, alternating), 2 P pairs (B, the chunk's 16 key pairs x the 16
-// query vectors), 4-7 output (C, 16 head dimensions x 16 query vectors), which stay in registers
-// across a partition's chunks.
+// Tiles, prefill, for lane groups of 16 query vectors: 0, 1 Q.K's A (the 16-key groups of a chunk, 32
+// head dimensions), 2, 3 their logits (C), 4-7 the query vectors' dimension pairs (B, 32 head
+// dimensions each, loaded once per partition: one group's while D <= 128, or two groups' while
+// D <= 64, chunk_logits_pair); then 0, 1 V transposed (A, 16 head dimensions x the chunk's 32 keys),
+// 2, 3 P pairs (B, the chunk's 16 key pairs x the 16 query vectors of a group), 4-7 output (C, 16 head
+// dimensions x 16 query vectors), which stay in registers across a partition's chunks.
 // The products are the same either way round: a tdpbf16ps element sums the same pair products in the
 // same order whichever operand holds the keys (test_attention_rows_equal_decode_bits).
 
