@@ -184,15 +184,29 @@ inline void transpose_values(const F& block, int c0, int bs, int D, int begin, i
 // The output tiles of prefill's P.V (16 head dimensions x 16 query vectors each), with the A tile each
 // reads (alternating, so that loading the next does not wait on the product before): the intrinsics
 // take a tile's number as a literal, so a loop over them names each.
-#define PAGEDLM_FOR_OUTPUT_TILES(count, body) \
-  do {                                        \
+#define PAGEDLM_FOR_OUTPUT_TILES(count, body)                    \
+  do {                                                           \
     { [[maybe_unused]] constexpr int kTile = 0; body(4, 0); }     \
     { [[maybe_unused]] constexpr int kTile = 1; body(5, 1); }     \
-    if ((count) == 4) {                       \
+    if ((count) == 4) {                                          \
       { [[maybe_unused]] constexpr int kTile = 2; body(6, 0); }   \
       { [[maybe_unused]] constexpr int kTile = 3; body(7, 1); }   \
-    }                                         \
+    }                                                            \
   } while (0)
+
+// Output tile t (16 head dimensions x 16 query vectors) times each query vector's correction c.
+#define PAGEDLM_CORRECT_TILE(t, c, buf)                                                            \
+  do {                                                                                             \
+    _tile_stored(t, buf, kLanes * 4);                                                              \
+    for (int d = 0; d < kLanes; ++d)                                                               \
+      _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), c));       \
+    _tile_loadd(t, buf, kLanes * 4);                                                               \
+  } while (0)
+
+// Whether a chunk's softmax corrected any of a lane group's 16 query vectors (corr: their corrections).
+inline bool corrects(bool corrected, const float* corr) {
+  return corrected && std::any_of(corr, corr + kLanes, [](float c) { return c != 1.f; });
+}
 
 // Prefill's P.V for one lane group over a partition's chunks, as bf16_tiles::softmax_chunk left them
 // (pp: [chunks][16, 16] pairs, corr: [chunks][16], corrected: [chunks]) and their values as
@@ -208,13 +222,9 @@ inline void lane_group_values(const uint32_t* pp, const float* corr, const uint8
 #define PAGEDLM_ZERO(t, a) _tile_zero(t)
     PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_ZERO);
     for (int b = 0; b < chunks; ++b) {
-      const float* c = corr + b * kLanes;
-      if (corrected[b] && std::any_of(c, c + kLanes, [](float x) { return x != 1.f; })) {
-        const __m512 cv = _mm512_loadu_ps(c);
-#define PAGEDLM_CORRECT(t, a)                                                                                   \
-  _tile_stored(t, buf, kLanes * 4);                                                                             \
-  for (int d = 0; d < kLanes; ++d) _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), cv)); \
-  _tile_loadd(t, buf, kLanes * 4)
+      if (corrects(corrected[b], corr + b * kLanes)) {
+        const __m512 cv = _mm512_loadu_ps(corr + b * kLanes);
+#define PAGEDLM_CORRECT(t, a) PAGEDLM_CORRECT_TILE(t, cv, buf)
         PAGEDLM_FOR_OUTPUT_TILES(tiles, PAGEDLM_CORRECT);
       }
       _tile_loadd(2, pp + int64_t{b} * bf16_tiles::kChunkPairs * kLanes, kLanes * 4);
@@ -235,15 +245,6 @@ inline void lane_group_values(const uint32_t* pp, const float* corr, const uint8
 
 #undef PAGEDLM_FOR_OUTPUT_TILES
 
-// Output tile t (16 head dimensions x 16 query vectors) times each query vector's correction c.
-#define PAGEDLM_CORRECT_TILE(t, c, buf)                                                            \
-  do {                                                                                             \
-    _tile_stored(t, buf, kLanes * 4);                                                              \
-    for (int d = 0; d < kLanes; ++d)                                                               \
-      _mm512_store_ps(buf + d * kLanes, _mm512_mul_ps(_mm512_load_ps(buf + d * kLanes), c));       \
-    _tile_loadd(t, buf, kLanes * 4);                                                               \
-  } while (0)
-
 // lane_group_values for two lane groups at once (pp, corr, corrected and acc_t for each), 32 head
 // dimensions at a time: each chunk's two A tiles of values serve both groups' products (tiles 0, 1
 // the values, 2, 3 the groups' P pairs, 4, 5 and 6, 7 their outputs), so the values are read half as
@@ -251,10 +252,7 @@ inline void lane_group_values(const uint32_t* pp, const float* corr, const uint8
 inline void lane_pair_values(const uint32_t* const pp[2], const float* const corr[2], const uint8_t* const corrected[2],
                              int chunks, const uint32_t* vt, int D, float* const acc_t[2], int acc_stride) {
   alignas(64) float buf[kLanes * kLanes];
-  auto needs = [&](int g, int b) {
-    const float* c = corr[g] + b * kLanes;
-    return corrected[g][b] && std::any_of(c, c + kLanes, [](float x) { return x != 1.f; });
-  };
+  auto needs = [&](int g, int b) { return corrects(corrected[g][b], corr[g] + b * kLanes); };
   for (int d0 = 0; d0 < D; d0 += 2 * kLanes) {
     _tile_zero(4);
     _tile_zero(5);
