@@ -57,7 +57,10 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles::supports(D, bs)) {
       using namespace bf16_tiles;
-      thread_local std::vector<c10::BFloat16> rows;  // a chunk's K rows, then an fp8 block's V rows, as bf16
+      // A chunk's K rows where a 16-key group's rows are not one bf16 run in the cache (an fp8 cache,
+      // blocks of 8), then an fp8 block's V rows, as bf16.
+      const bool gathers_keys = is_fp8<C> || bs < kLanes;
+      thread_local std::vector<c10::BFloat16> rows;
       rows.resize(kChunk * D + (is_fp8<C> ? bs * D : 0));
       c10::BFloat16* keys = rows.data();
       thread_local std::vector<uint32_t> pairs;  // K transposed [2][D / 2, 16], then V as pairs [16, D]
@@ -87,13 +90,20 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             prefetch(kv.key + block_row(kb), bs, D);
             prefetch(kv.value + block_row(kb), bs, D);
           }
-          for (int kb = std::max(c0, begin / bs * bs); kb < c_end; kb += bs) {
-            const c10::BFloat16* k = bf16_rows(kv.key + block_row(kb), bs * D, keys + (kb - c0) * D);
-            if (k != keys + (kb - c0) * D) std::copy_n(k, bs * D, keys + (kb - c0) * D);
+          if (gathers_keys) {
+            for (int kb = std::max(c0, begin / bs * bs); kb < c_end; kb += bs) {
+              const c10::BFloat16* k = bf16_rows(kv.key + block_row(kb), bs * D, keys + (kb - c0) * D);
+              if (k != keys + (kb - c0) * D) std::copy_n(k, bs * D, keys + (kb - c0) * D);
+            }
           }
           for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
-            if (c0 + (g + 1) * kLanes > begin && c0 + g * kLanes < end)
-              transpose_keys(keys + g * kLanes * D, kLanes, D, kt + g * D / 2 * kLanes);
+            const int k0 = c0 + g * kLanes;
+            if (k0 + kLanes <= begin || k0 >= end) continue;
+            const c10::BFloat16* k = keys + g * kLanes * D;
+            if constexpr (!is_fp8<C>) {
+              if (!gathers_keys) k = kv.key + block_row(k0) + (k0 % bs) * D;
+            }
+            transpose_keys(k, kLanes, D, kt + g * D / 2 * kLanes);
           }
           pack_chunk_values([&](int kb) { return bf16_rows(kv.value + block_row(kb), bs * D, keys + kChunk * D); },
                             c0, bs, D, begin, end, vp);
