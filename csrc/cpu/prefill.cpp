@@ -12,7 +12,6 @@
 #include "parallel.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -184,8 +183,8 @@ class PackedChunks {
       if (packs_keys_) {
         for (int kb = std::max(c0, begin / bs * bs); kb < std::min(c0 + kChunk, end); kb += bs) {
           bf16_tiles::bf16* k = key_chunk(i) + (kb - c0) * D_;
-          const bf16_tiles::bf16* rows = bf16_tiles::bf16_rows(p.kv.key + block_row(kb), bs * D_, k);
-          if (rows != k) std::copy_n(rows, bs * D_, k);
+          const bf16_tiles::bf16* src = bf16_tiles::bf16_rows(p.kv.key + block_row(kb), bs * D_, k);
+          if (src != k) std::copy_n(src, bs * D_, k);
         }
       }
     });
@@ -328,32 +327,27 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
         };
         const uint32_t* vt = packed->value_chunk(item0);
         for (int v0 = 0; v0 < nm; v0 += 2) {
-          if (v0 + 1 < nm && D <= 64) {
+          // Q·K and the softmax for groups [v, v + step): both of the two at once where they fit.
+          const int step = v0 + 1 < nm && D <= 64 ? 2 : 1;
+          for (int v = v0; v < std::min(nm, v0 + 2); v += step) {
             auto qk = [&](int i) {
-              amx_attention::chunk_logits_pair([&](int g) { return group_keys(i, g); }, D, logits_of(v0, i),
-                                               logits_of(v0 + 1, i));
+              auto keys = [&](int g) { return group_keys(i, g); };
+              if (step == 2) {
+                amx_attention::chunk_logits_pair(keys, D, logits_of(v, i), logits_of(v + 1, i));
+              } else {
+                amx_attention::chunk_logits(keys, qp, lanes, v, D, logits_of(v, i));
+              }
             };
-            amx_attention::load_query_pair(qp, lanes, v0, D);
+            if (step == 2) {
+              amx_attention::load_query_pair(qp, lanes, v, D);
+            } else if (D <= 128) {
+              amx_attention::load_queries(qp, lanes, v, D);
+            }
             qk(0);
             for (int i = 0; i < chunks; ++i) {
               prefetch_keys(i + 2);
               if (i + 1 < chunks) qk(i + 1);
-              softmax(v0, i);
-              softmax(v0 + 1, i);
-            }
-          } else {
-            for (int v = v0; v < std::min(nm, v0 + 2); ++v) {
-              auto qk = [&](int i) {
-                amx_attention::chunk_logits([&](int g) { return group_keys(i, g); }, qp, lanes, v, D,
-                                            logits_of(v, i));
-              };
-              if (D <= 128) amx_attention::load_queries(qp, lanes, v, D);
-              qk(0);
-              for (int i = 0; i < chunks; ++i) {
-                prefetch_keys(i + 2);
-                if (i + 1 < chunks) qk(i + 1);
-                softmax(v, i);
-              }
+              for (int u = v; u < v + step; ++u) softmax(u, i);
             }
           }
           float* acc0 = part_acc + v0 * kLanes;
