@@ -60,19 +60,20 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       // A chunk's K rows where a 16-key group's rows are not one bf16 run in the cache (an fp8 cache,
       // blocks of 8), then an fp8 block's V rows, as bf16.
       const bool gathers_keys = is_fp8<C> || bs < kLanes;
+      const int kv_heads = kv_end - kv_begin;
       thread_local std::vector<c10::BFloat16> rows;
       rows.resize(kChunk * D + (is_fp8<C> ? bs * D : 0));
       c10::BFloat16* keys = rows.data();
-      thread_local std::vector<uint32_t> pairs;  // K transposed [2][D / 2, 16], then V as pairs [16, D]
-      pairs.resize(kChunk * D / 2 + kChunkPairs * D);
-      uint32_t* kt = pairs.data();
-      uint32_t* vp = kt + kChunk * D / 2;
+      // Per KV head of the item: K transposed [2][D / 2, 16], then V as pairs [16, D].
+      const int64_t head_pairs = kChunk * D / 2 + kChunkPairs * D;
+      thread_local std::vector<uint32_t> pairs;
+      pairs.resize(kv_heads * head_pairs);
       thread_local std::vector<float> logits_buffer;
-      logits_buffer.resize(group * kChunk + group);
-      float* logits = logits_buffer.data();  // [group, 32]
-      float* corr = logits + group * kChunk;
+      logits_buffer.resize(heads * kChunk + heads);
+      float* logits = logits_buffer.data();  // [heads, 32]
+      float* corr = logits + heads * kChunk;
       thread_local std::vector<c10::BFloat16> p_buffer;
-      p_buffer.resize(group * kChunk);
+      p_buffer.resize(heads * kChunk);
       const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
 #ifdef PAGEDLM_AMX_ATTENTION
       // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
@@ -80,62 +81,83 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, std::min(group, kLanes));
       const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
 #endif
-      // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item).
+      // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item),
+      // in stages over those heads: packing, Q.K, softmax, P.V. Each stage's results are then in
+      // memory well before the next stage reads them (the tile stores and vector loads between them
+      // would otherwise wait on each other, head after head).
       for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
         const int c_end = std::min(c0 + kChunk, end);
-        for (int h = kv_begin; h < kv_end; ++h) {
-          const int64_t head = h * kv.head_stride();
-          auto block_row = [&](int kb) { return table[kb / bs] * kv.block_stride + head; };
-          for (int kb = c_end; kb < std::min(c_end + kChunk, end); kb += bs) {
-            prefetch(kv.key + block_row(kb), bs, D);
-            prefetch(kv.value + block_row(kb), bs, D);
-          }
-          if (gathers_keys) {
-            for (int kb = std::max(c0, begin / bs * bs); kb < c_end; kb += bs) {
-              const c10::BFloat16* k = bf16_rows(kv.key + block_row(kb), bs * D, keys + (kb - c0) * D);
-              if (k != keys + (kb - c0) * D) std::copy_n(k, bs * D, keys + (kb - c0) * D);
+        auto block_row = [&](int kb, int h) { return table[kb / bs] * kv.block_stride + h * kv.head_stride(); };
+        auto head_pairs_of = [&](int h) { return pairs.data() + (h - kv_begin) * head_pairs; };
+        // Block by block, then head by head: the cache's own order, in which the hardware prefetcher
+        // follows the reads.
+        for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
+          const int k0 = c0 + g * kLanes;
+          if (k0 + kLanes <= begin || k0 >= end) continue;
+          for (int h = kv_begin; h < kv_end; ++h) {
+            // The next chunk's rows of this group's keys, spread over the work.
+            const int run = std::min(bs, kLanes);
+            for (int kb = c_end + g * kLanes; kb < std::min(c_end + (g + 1) * kLanes, end); kb += run) {
+              prefetch<1>(kv.key + block_row(kb, h) + (kb % bs) * D, run, D);
+              prefetch<1>(kv.value + block_row(kb, h) + (kb % bs) * D, run, D);
             }
-          }
-          for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
-            const int k0 = c0 + g * kLanes;
-            if (k0 + kLanes <= begin || k0 >= end) continue;
-            const c10::BFloat16* k = keys + g * kLanes * D;
+            const c10::BFloat16* k = keys;
             if constexpr (!is_fp8<C>) {
-              if (!gathers_keys) k = kv.key + block_row(k0) + (k0 % bs) * D;
+              if (!gathers_keys) k = kv.key + block_row(k0, h) + (k0 % bs) * D;
             }
-            transpose_keys(k, kLanes, D, kt + g * D / 2 * kLanes);
+            if (gathers_keys) {
+              for (int kb = k0; kb < k0 + kLanes; kb += bs) {
+                if (kb + bs <= begin || kb >= end) continue;
+                const c10::BFloat16* rows_kb = bf16_rows(kv.key + block_row(kb, h), bs * D, keys + (kb - k0) * D);
+                if (rows_kb != keys + (kb - k0) * D) std::copy_n(rows_kb, bs * D, keys + (kb - k0) * D);
+              }
+            }
+            transpose_keys(k, kLanes, D, head_pairs_of(h) + g * D / 2 * kLanes);
           }
-          pack_chunk_values([&](int kb) { return bf16_rows(kv.value + block_row(kb), bs * D, keys + kChunk * D); },
-                            c0, bs, D, begin, end, vp);
+        }
+        for (int kb = c0; kb < c0 + kChunk; kb += bs) {
+          const int first = std::clamp(begin - kb, 0, bs), last = std::clamp(end - kb, 0, bs);
+          for (int h = kv_begin; h < kv_end; ++h) {
+            const c10::BFloat16* v = first < last ? bf16_rows(kv.value + block_row(kb, h), bs * D, keys + kChunk * D) : nullptr;
+            pack_values(v, bs, D, first, last, head_pairs_of(h) + kChunk * D / 2 + (kb - c0) / 2 * D);
+          }
+        }
+        for (int h = kv_begin; h < kv_end; ++h) {
+          const uint32_t* kt = head_pairs_of(h);
           const int i0 = (h - kv_begin) * group;  // the item's query heads of h
 #ifdef PAGEDLM_AMX_ATTENTION
           if (tiles) {
             for (int g0 = 0; g0 < group; g0 += kLanes) {
               tiles->use(std::min(kLanes, group - g0));
-              amx_attention::key_logits(query(i0 + g0), q_stride, kt, D, logits + g0 * kChunk);
+              amx_attention::key_logits(query(i0 + g0), q_stride, kt, D, logits + (i0 + g0) * kChunk);
             }
-          } else
+            continue;
+          }
 #endif
           for_each_head_chunk(group, [&](auto ng, int g0) {
             const c10::BFloat16* q[ng()];
             for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
             for (int k = 0; k < 2; ++k)
-              logits_by_key<ng()>(q, kt + k * D / 2 * kLanes, D, logits + g0 * kChunk + k * kLanes, kChunk);
+              logits_by_key<ng()>(q, kt + k * D / 2 * kLanes, D, logits + (i0 + g0) * kChunk + k * kLanes, kChunk);
           });
-          for (int g = 0; g < group; ++g)
-            corr[g] = softmax_keys(logits + g * kChunk, std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
-                                   max_out + i0 + g, sum_out + i0 + g, p_buffer.data() + g * kChunk);
+        }
+        for (int i = 0; i < heads; ++i)
+          corr[i] = softmax_keys(logits + i * kChunk, std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
+                                 max_out + i, sum_out + i, p_buffer.data() + i * kChunk);
+        for (int h = kv_begin; h < kv_end; ++h) {
+          const uint32_t* vp = head_pairs_of(h) + kChunk * D / 2;
+          const int i0 = (h - kv_begin) * group;
 #ifdef PAGEDLM_AMX_ATTENTION
           if (tiles) {
             for (int g0 = 0; g0 < group; g0 += kLanes) {
               tiles->use(std::min(kLanes, group - g0));
-              amx_attention::values(p_buffer.data() + g0 * kChunk, std::min(kLanes, group - g0), corr + g0, vp, D,
-                                    acc + int64_t{i0 + g0} * D);
+              amx_attention::values(p_buffer.data() + (i0 + g0) * kChunk, std::min(kLanes, group - g0), corr + i0 + g0,
+                                    vp, D, acc + int64_t{i0 + g0} * D);
             }
             continue;
           }
 #endif
-          values_by_dim(pp, group, corr, vp, D, acc + i0 * D);
+          values_by_dim(pp + i0 * kChunkPairs, group, corr + i0, vp, D, acc + i0 * D);
         }
       }
       return;
