@@ -11,6 +11,11 @@ docs/performance.md 1,000 spins kept 0.53-0.56 of quiet at no measured quiet cos
 steps of an AMX Xeon they cost 27-29% of the quiet rate, and 3,000 keeps 0.52 of quiet loaded at
 10% below libgomp's default quiet rate (1,000: 0.72 at 29%; 10,000: 0.35 at 3%;
 ``benchmarks/contention.py``, numbers in docs/performance.md).
+
+pagedlm's own kernels no longer wait on libgomp (they run on their own pool, csrc/cpu/thread_pool.cpp,
+which adapts to contention), but torch's ops between them still open libgomp regions: with the
+default 300,000 spins libgomp's threads then spin ~3.5 ms after each, beside the pool's (contention.py:
+1,033 quiet tok/s against 1,333 with 3,000).
 """
 
 import logging

@@ -8,7 +8,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 
 #include <cmath>
 
@@ -37,7 +36,7 @@ void act_and_mul(at::Tensor& out, const at::Tensor& input) {
   PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "act_and_mul", [&] {
     const auto* x = input.data_ptr<scalar_t>();
     auto* y = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, grain_for(2 * d), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, tokens, grain_for(2 * d), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const scalar_t* gate = x + t * in_stride;
         const scalar_t* up = gate + d;

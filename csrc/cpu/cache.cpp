@@ -6,7 +6,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
@@ -48,7 +47,7 @@ void write_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key
   const T* v = value.data_ptr<T>();
   C* kc = key_cache.data_ptr<C>();
   C* vc = value_cache.data_ptr<C>();
-  at::parallel_for(0, key.size(0), grain_for(2 * num_heads * D), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, key.size(0), grain_for(2 * num_heads * D), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       if (slot[t] < 0) continue;
       TORCH_CHECK(slot[t] < num_slots, "slot ", slot[t], " is outside the cache");
@@ -89,7 +88,7 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
   const at::Tensor pairs = host_block_pairs(block_mapping, key_caches[0].size(0));
   const int64_t* p = pairs.data_ptr<int64_t>();
   const int64_t n = pairs.size(0);
-  at::parallel_for(0, static_cast<int64_t>(caches.size()) * n, 4, [&](int64_t lo, int64_t hi) {
+  parallel_for(0, static_cast<int64_t>(caches.size()) * n, 4, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const at::Tensor& cache = caches[i / n];
       const int64_t j = i % n, block_bytes = cache.stride(0) * cache.element_size();

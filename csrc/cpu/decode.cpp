@@ -236,7 +236,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
   });
 
   if (num_partials == 0) return;
-  at::parallel_for(0, int64_t{num_seqs} * num_heads, grain_for(2 * D), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, int64_t{num_seqs} * num_heads, grain_for(2 * D), [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch(D);
     for (int64_t i = lo; i < hi; ++i) {
       const int s = i / num_heads, h = i % num_heads;

@@ -9,7 +9,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 
 #include <cmath>
 
@@ -49,7 +48,7 @@ void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
     const auto* x = input.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
     auto* y = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const scalar_t* row = x + t * in_stride;
         scale_row<kGemma>(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
@@ -68,7 +67,7 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
     auto* x = input.data_ptr<scalar_t>();
     auto* r = residual.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         scalar_t* xr = x + t * in_stride;
         scalar_t* rr = r + t * res_stride;

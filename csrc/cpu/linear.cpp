@@ -17,7 +17,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -104,7 +103,7 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
   const auto* x = input.data_ptr<at::BFloat16>();
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t x_stride = input.stride(0), y_stride = out.stride(0);
-  at::parallel_for(0, num_blocks, grain_for(block_pairs * 2 * kBlockN), [&](int64_t begin, int64_t end) {
+  parallel_for(0, num_blocks, grain_for(block_pairs * 2 * kBlockN), [&](int64_t begin, int64_t end) {
     std::vector<float> sum(M * kBlockN);
     for (int64_t b = begin; b < end; ++b) {
       const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_pairs * 2 * kBlockN);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 
 namespace pagedlm::cpu {
 
@@ -16,15 +17,34 @@ constexpr int64_t kMinTaskElements = int64_t{1} << 16;
 
 inline int64_t grain_for(int64_t elements) { return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, elements)); }
 
-// Runs fn(i) for every i in [0, n) on torch's intra-op threads, handing items out one at a time:
+// Runs fn(i) for i in [0, n) on the kernels' thread pool (thread_pool.cpp): i = 0 on the calling
+// thread. Inside a region, or for n <= 1, runs them one after another on the calling thread.
+void run_in_parallel(int n, const std::function<void(int)>& fn);
+
+// at::parallel_for's contract on the kernels' pool: f(lo, hi) over contiguous ranges of [begin, end),
+// at most one per thread of torch's intra-op count, each of at least `grain` items but the last.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  const int64_t n = end - begin;
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(1, grain));
+  if (tasks <= 1) return f(begin, end);
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  run_in_parallel(static_cast<int>(tasks), [&](int t) {
+    const int64_t lo = begin + t * chunk;
+    if (lo < end) f(lo, std::min(end, lo + chunk));
+  });
+}
+
+// Runs fn(i) for every i in [0, n) on the kernels' threads, handing items out one at a time:
 // attention items differ a lot in cost (short and long sequences, causal tiles), and
-// at::parallel_for alone would give each thread a fixed contiguous range.
+// parallel_for alone would give each thread a fixed contiguous range.
 template <typename F>
 void parallel_items(int64_t n, const F& fn) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < n; i = next++) fn(i);
   });
 }

@@ -8,7 +8,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 
 namespace pagedlm::cpu {
 namespace {
@@ -40,7 +39,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
     auto* q = query.data_ptr<scalar_t>();
     auto* k = key.data_ptr<scalar_t>();
     const auto* table = cos_sin_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, grain_for(work), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, tokens, grain_for(work), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         TORCH_CHECK(p[t] >= 0 && p[t] < max_position, "position ", p[t], " is outside the rotary table");
         const scalar_t* cos = table + p[t] * 2 * half;

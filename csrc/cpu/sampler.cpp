@@ -12,7 +12,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -170,7 +169,7 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
   float* lp = logprobs.data_ptr<float>();
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
       std::vector<float> p, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
@@ -189,7 +188,7 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
   float* lp = logprobs.data_ptr<float>();
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "argmax_logprob", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
+    parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
         const float max = max_of(row, vocab);

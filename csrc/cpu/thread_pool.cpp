@@ -1,0 +1,178 @@
+// The kernels' own thread pool (parallel.h), whose waiting adapts to whether the CPUs are contended.
+//
+// libgomp, which at::parallel_for runs on, makes a waiting thread spin GOMP_SPINCOUNT times and then
+// sleep on a futex. A decode step has hundreds of regions with gaps of 30-150 us between them (Python,
+// the small ops that run on the calling thread), so one count cannot serve both cases: a short count
+// sleeps in those gaps and pays a wake-up per region on a quiet machine (3,000 spins, 35 us here: ~10%
+// of a decode step, ~180 context switches a step); a long one keeps spinning on a core that a busy
+// neighbour needs (300,000: under a fifth of the quiet rate beside one busy process).
+//
+// Here a quiet pool spins (yielding every few pauses) for up to kQuietSpin between regions, and the
+// caller spins until its region's tasks are done. A worker that picks up a task more than
+// kLateStart after it was published was descheduled: the CPUs are contended, and for kContendedFor
+// from then on everyone spins only kContendedSpin before sleeping, so that the threads doing the work
+// get the cores (and the scheduler can move a neighbour onto a core nobody spins on).
+#include "parallel.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace pagedlm::cpu {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+
+constexpr int kPausesPerYield = 16;  // a pause is ~12 ns on the AMX Xeon
+constexpr Clock::duration kQuietSpin = milliseconds(2);  // longer than a step's gaps, not than its Python phases
+constexpr Clock::duration kContendedSpin = microseconds(30);
+constexpr Clock::duration kLateStart = microseconds(500);
+constexpr Clock::duration kContendedFor = milliseconds(200);
+
+int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
+
+// Spins until done() holds, yielding the core every kPausesPerYield pauses; false after `limit`.
+template <typename F>
+bool spin_until(const F& done, Clock::duration limit) {
+  const auto start = Clock::now();
+  for (;;) {
+    for (int i = 0; i < kPausesPerYield; ++i) {
+      if (done()) return true;
+      _mm_pause();
+    }
+    sched_yield();
+    if (Clock::now() - start > limit) return done();
+  }
+}
+
+class ThreadPool {
+ public:
+  // Runs fn(i) for i in [0, n): i = 0 on the calling thread, the others on workers 1 .. n - 1.
+  // Rethrows the first exception a task threw, after every task has finished.
+  void run(int n, const std::function<void(int)>& fn) {
+    while (static_cast<int>(workers_.size()) < n - 1) {
+      const int index = static_cast<int>(workers_.size()) + 1;
+      const uint64_t seen = generation_.load(std::memory_order_relaxed);  // it waits for the next one
+      workers_.emplace_back([this, index, seen] { work(index, seen); });
+      workers_.back().detach();
+    }
+    task_ = &fn;
+    participants_ = n;
+    error_ = nullptr;
+    pending_.store(n - 1, std::memory_order_relaxed);
+    published_ns_.store(now_ns(), std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      wake_.notify_all();
+    }
+    try {
+      fn(0);
+    } catch (...) {
+      record(std::current_exception());
+    }
+    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(done, contended() ? kContendedSpin : Clock::duration::max())) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      caller_sleeps_.store(true, std::memory_order_seq_cst);
+      done_.wait(lock, done);
+      caller_sleeps_.store(false, std::memory_order_relaxed);
+    }
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  bool contended() const { return now_ns() < contended_until_ns_.load(std::memory_order_relaxed); }
+
+  void work(int index, uint64_t seen) {
+    omp_set_num_threads(1);  // ATen called from a task runs serially rather than opening a team here
+    for (;;) {
+      auto arrived = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(arrived, contended() ? kContendedSpin : kQuietSpin)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        wake_.wait(lock, arrived);
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (index >= participants_) continue;
+      const int64_t start = now_ns();
+      if (start - published_ns_.load(std::memory_order_relaxed) > std::chrono::nanoseconds(kLateStart).count())
+        contended_until_ns_.store(start + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
+      try {
+        (*task_)(index);
+      } catch (...) {
+        record(std::current_exception());
+      }
+      if (pending_.fetch_sub(1, std::memory_order_seq_cst) == 1 && caller_sleeps_.load(std::memory_order_seq_cst)) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  void record(std::exception_ptr error) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!error_) error_ = error;
+  }
+
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* task_ = nullptr;
+  int participants_ = 0;
+  std::exception_ptr error_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_sleeps_{false};
+  std::atomic<int64_t> published_ns_{0};
+  std::atomic<int64_t> contended_until_ns_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;  // workers: a new region
+  std::condition_variable done_;  // the caller: its region's tasks are done
+};
+
+// Never destroyed: its detached workers may still be waiting when the process exits. A forked child
+// has none of the parent's threads, so it starts a pool of its own (the parent's is left alone: its
+// mutex may have been held at the fork).
+ThreadPool* pool = nullptr;
+std::once_flag fork_handler;
+
+ThreadPool& get_pool() {
+  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { pool = nullptr; }); });
+  if (pool == nullptr) pool = new ThreadPool();
+  return *pool;
+}
+
+thread_local bool in_region = false;
+
+}  // namespace
+
+void run_in_parallel(int n, const std::function<void(int)>& fn) {
+  if (n <= 1 || in_region) {
+    for (int i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  static std::mutex one_region_at_a_time;  // callers on several threads (a user's own threads) take turns
+  std::lock_guard<std::mutex> lock(one_region_at_a_time);
+  get_pool().run(n, [&](int i) {
+    struct Region {
+      Region() { in_region = true; }
+      ~Region() { in_region = false; }
+    } region;
+    fn(i);
+  });
+}
+
+}  // namespace pagedlm::cpu
