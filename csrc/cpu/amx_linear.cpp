@@ -15,7 +15,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-
 #include <algorithm>
 #include <cstring>
 

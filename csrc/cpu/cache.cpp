@@ -6,7 +6,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-
 #include <algorithm>
 #include <cstring>
 #include <limits>

@@ -9,7 +9,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-
 #include <cmath>
 
 namespace pagedlm::cpu {

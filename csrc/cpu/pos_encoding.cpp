@@ -8,7 +8,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-
 namespace pagedlm::cpu {
 namespace {
 

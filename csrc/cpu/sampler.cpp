@@ -12,7 +12,6 @@
 #include "ops.h"
 #include "parallel.h"
 
-
 #include <algorithm>
 #include <array>
 #include <cmath>

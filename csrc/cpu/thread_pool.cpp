@@ -8,10 +8,11 @@
 // neighbour needs (300,000: under a fifth of the quiet rate beside one busy process).
 //
 // Here a quiet pool spins (yielding every few pauses) for up to kQuietSpin between regions, and the
-// caller spins until its region's tasks are done. A worker that picks up a task more than
-// kLateStart after it was published was descheduled: the CPUs are contended, and for kContendedFor
-// from then on everyone spins only kContendedSpin before sleeping, so that the threads doing the work
-// get the cores (and the scheduler can move a neighbour onto a core nobody spins on).
+// caller spins until its region's tasks are done. The CPUs are contended when a worker picks up a
+// task more than kLateStart after it was published (it was descheduled), or when the machine has more
+// runnable threads than the pool has awake (check_load); for kContendedFor from then on everyone
+// spins only kContendedSpin before sleeping, so that the threads doing the work get the cores (and
+// the scheduler can move a neighbour onto a core nobody spins on).
 #include "parallel.h"
 
 #include <immintrin.h>
@@ -21,6 +22,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -41,7 +43,21 @@ constexpr Clock::duration kContendedSpin = microseconds(30);
 constexpr Clock::duration kLateStart = microseconds(500);
 constexpr Clock::duration kContendedFor = milliseconds(200);
 
+constexpr Clock::duration kLoadCheckEvery = milliseconds(10);
+
 int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
+
+// Threads runnable on the whole machine right now (/proc/loadavg's fourth field, "running/total"),
+// or -1 where that cannot be read.
+int runnable_threads() {
+  FILE* f = std::fopen("/proc/loadavg", "r");
+  if (f == nullptr) return -1;
+  double l1, l5, l15;
+  int running = -1, total;
+  if (std::fscanf(f, "%lf %lf %lf %d/%d", &l1, &l5, &l15, &running, &total) != 5) running = -1;
+  std::fclose(f);
+  return running;
+}
 
 // Spins until done() holds, yielding the core every kPausesPerYield pauses; false after `limit`.
 template <typename F>
@@ -68,6 +84,7 @@ class ThreadPool {
       workers_.emplace_back([this, index, seen] { work(index, seen); });
       workers_.back().detach();
     }
+    check_load();
     task_ = &fn;
     participants_ = n;
     error_ = nullptr;
@@ -95,6 +112,18 @@ class ThreadPool {
 
  private:
   bool contended() const { return now_ns() < contended_until_ns_.load(std::memory_order_relaxed); }
+
+  // A descheduled worker shows contention by starting late (work); a descheduled caller does not,
+  // while its workers spin on the other cores. So every kLoadCheckEvery the caller also counts the
+  // machine's runnable threads against the pool's awake ones (itself and the workers not asleep).
+  void check_load() {
+    const int64_t now = now_ns();
+    if (now < next_load_check_ns_) return;
+    next_load_check_ns_ = now + std::chrono::nanoseconds(kLoadCheckEvery).count();
+    const int awake = static_cast<int>(workers_.size()) + 1 - sleepers_.load(std::memory_order_relaxed);
+    if (runnable_threads() > awake)
+      contended_until_ns_.store(now + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
+  }
 
   void work(int index, uint64_t seen) {
     omp_set_num_threads(1);  // ATen called from a task runs serially rather than opening a team here
@@ -138,6 +167,7 @@ class ThreadPool {
   std::atomic<bool> caller_sleeps_{false};
   std::atomic<int64_t> published_ns_{0};
   std::atomic<int64_t> contended_until_ns_{0};
+  int64_t next_load_check_ns_ = 0;
   std::mutex mutex_;
   std::condition_variable wake_;  // workers: a new region
   std::condition_variable done_;  // the caller: its region's tasks are done
