@@ -1,21 +1,14 @@
-"""OpenMP settings: the spin count, which only takes effect in the environment before torch loads
+"""OpenMP settings: the wait policy, which only takes effect in the environment before torch loads
 libgomp, and a thread count within the process's CPU quota.
 
-A waiting libgomp thread spins ``GOMP_SPINCOUNT`` times (300,000 by default) before it sleeps. A
-decode step runs hundreds of short parallel regions (every linear, norm and attention call); when
-another busy process shares a core, the spinning threads take time slices from the descheduled one
-that every region then waits for, and throughput collapses (48 chat prompts on SmolLM2, 2 threads,
-one busy-loop neighbour: 0.31-0.37 of the quiet rate). A short spin yields the core soon after;
-too short, and a quiet run pays a sleep and a wake-up between regions. On the AMD EPYC of
-docs/performance.md 1,000 spins kept 0.53-0.56 of quiet at no measured quiet cost; on the faster
-steps of an AMX Xeon they cost 27-29% of the quiet rate, and 3,000 keeps 0.52 of quiet loaded at
-10% below libgomp's default quiet rate (1,000: 0.72 at 29%; 10,000: 0.35 at 3%;
-``benchmarks/contention.py``, numbers in docs/performance.md).
-
-pagedlm's own kernels no longer wait on libgomp (they run on their own pool, csrc/cpu/thread_pool.cpp,
-which adapts to contention), but torch's ops between them still open libgomp regions: with the
-default 300,000 spins libgomp's threads then spin ~3.5 ms after each, beside the pool's (contention.py:
-1,033 quiet tok/s against 1,333 with 3,000).
+pagedlm's CPU kernels run on a thread pool of their own (csrc/cpu/thread_pool.cpp), which spins
+between regions on a quiet machine and sleeps early on a busy one. Only torch's own ops between
+them (the embedding lookup, copies; the linears in float32) still open libgomp regions, and
+libgomp's waiting threads spin ``GOMP_SPINCOUNT`` times (300,000 by default, ~3.5 ms here) after
+each one: beside the pool's workers, that took a quarter of the quiet rate (benchmarks/contention.py)
+and 10% of a Qwen2-0.5B-shaped run's. With ``OMP_WAIT_POLICY=passive`` they sleep at once: as fast
+as 3,000 spins (the earlier default) on SmolLM2, 8% faster on the 0.5B shape, and kinder to a
+busy neighbour (numbers in docs/performance.md).
 """
 
 import logging
@@ -25,15 +18,15 @@ import sys
 
 logger = logging.getLogger("pagedlm")
 
-GOMP_SPINCOUNT = "3000"
+OMP_WAIT_POLICY = "passive"
 
 
 def set_openmp_defaults() -> None:
-    """Set ``GOMP_SPINCOUNT`` unless the user set it or ``OMP_WAIT_POLICY``, or torch was imported
+    """Set ``OMP_WAIT_POLICY`` unless the user set it or ``GOMP_SPINCOUNT``, or torch was imported
     before pagedlm (libgomp has read its environment then, so it would not take effect)."""
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
-    os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
 
 
 def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
