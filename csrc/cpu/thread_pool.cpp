@@ -15,7 +15,6 @@
 // the scheduler can move a neighbour onto a core nobody spins on).
 #include "parallel.h"
 
-#include <immintrin.h>
 #include <omp.h>
 #include <pthread.h>
 #include <sched.h>
@@ -45,6 +44,14 @@ constexpr Clock::duration kContendedFor = milliseconds(200);
 
 constexpr Clock::duration kLoadCheckEvery = milliseconds(10);
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
 
 // Threads runnable on the whole machine right now (/proc/loadavg's fourth field, "running/total"),
@@ -66,7 +73,7 @@ bool spin_until(const F& done, Clock::duration limit) {
   for (;;) {
     for (int i = 0; i < kPausesPerYield; ++i) {
       if (done()) return true;
-      _mm_pause();
+      cpu_relax();
     }
     sched_yield();
     if (Clock::now() - start > limit) return done();
