@@ -87,17 +87,17 @@ class ThreadPool {
   void run(int n, const std::function<void(int)>& fn) {
     while (static_cast<int>(workers_.size()) < n - 1) {
       const int index = static_cast<int>(workers_.size()) + 1;
-      const uint64_t seen = generation_.load(std::memory_order_relaxed);  // it waits for the next one
+      const uint64_t seen = region_.load(std::memory_order_relaxed);  // it waits for the next one
       workers_.emplace_back([this, index, seen] { work(index, seen); });
       workers_.back().detach();
     }
     check_load();
     task_ = &fn;
-    participants_ = n;
     error_ = nullptr;
     pending_.store(n - 1, std::memory_order_relaxed);
     published_ns_.store(now_ns(), std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_seq_cst);
+    region_.store(((region_.load(std::memory_order_relaxed) >> kCountBits) + 1) << kCountBits | n,
+                  std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
@@ -135,15 +135,15 @@ class ThreadPool {
   void work(int index, uint64_t seen) {
     omp_set_num_threads(1);  // ATen called from a task runs serially rather than opening a team here
     for (;;) {
-      auto arrived = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      auto arrived = [&] { return region_.load(std::memory_order_acquire) != seen; };
       if (!spin_until(arrived, contended() ? kContendedSpin : kQuietSpin)) {
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_.wait(lock, arrived);
         sleepers_.fetch_sub(1, std::memory_order_relaxed);
       }
-      seen = generation_.load(std::memory_order_acquire);
-      if (index >= participants_) continue;
+      seen = region_.load(std::memory_order_acquire);
+      if (index >= static_cast<int>(seen & kCountMask)) continue;  // not one of this region's tasks
       const int64_t start = now_ns();
       if (start - published_ns_.load(std::memory_order_relaxed) > std::chrono::nanoseconds(kLateStart).count())
         contended_until_ns_.store(start + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
@@ -165,10 +165,13 @@ class ThreadPool {
   }
 
   std::vector<std::thread> workers_;
-  const std::function<void(int)>* task_ = nullptr;
-  int participants_ = 0;
+  // The region's number and its task count in one word, read at once: a worker that sat out a region
+  // and reads its number must not pair it with the next region's count (it would run that task twice).
+  static constexpr int kCountBits = 16;
+  static constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
+  const std::function<void(int)>* task_ = nullptr;  // the region's; changes only after its tasks are done
   std::exception_ptr error_;
-  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> region_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_sleeps_{false};
