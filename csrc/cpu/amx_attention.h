@@ -106,9 +106,8 @@ inline void chunk_logits(const K& keys, const uint32_t* qp, int lanes, int v, in
 #undef PAGEDLM_GROUP_LOGITS
 }
 
-// chunk_logits for lane groups v and v + 1 at once where D <= 64: both groups' query pairs resident
-// (v's in tiles 4, 5 and v + 1's in 6, 7, from load_query_pair), each K tile loaded once for both
-// products (C tiles 2 and 3), into logits0 and logits1.
+// Prefill, D <= 64: loads lane groups v's and v + 1's query pairs into tiles 4, 5 and 6, 7, where
+// chunk_logits_pair finds them.
 inline void load_query_pair(const uint32_t* qp, int lanes, int v, int D) {
   const uint32_t* q = qp + v * kLanes;
   _tile_loadd(4, q, lanes * 4);
@@ -119,6 +118,9 @@ inline void load_query_pair(const uint32_t* qp, int lanes, int v, int D) {
   }
 }
 
+// chunk_logits for lane groups v and v + 1 at once where D <= 64, from the query pairs
+// load_query_pair left: each K tile loaded once for both products (C tiles 2 and 3), into logits0 and
+// logits1.
 template <typename K>
 inline void chunk_logits_pair(const K& keys, int D, float* logits0, float* logits1) {
 #define PAGEDLM_GROUP_LOGITS(g, kg)                                    \

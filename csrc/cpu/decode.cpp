@@ -89,6 +89,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
         const int c_end = std::min(c0 + kChunk, end);
         auto block_row = [&](int kb, int h) { return table[kb / bs] * kv.block_stride + h * kv.head_stride(); };
         auto head_pairs_of = [&](int h) { return pairs.data() + (h - kv_begin) * head_pairs; };
+        const int run = std::min(bs, kLanes);  // rows of a 16-key group that lie in one block
         // Block by block, then head by head: the cache's own order, in which the hardware prefetcher
         // follows the reads.
         for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
@@ -96,7 +97,6 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           if (k0 + kLanes <= begin || k0 >= end) continue;
           for (int h = kv_begin; h < kv_end; ++h) {
             // The next chunk's rows of this group's keys, spread over the work.
-            const int run = std::min(bs, kLanes);
             for (int kb = c_end + g * kLanes; kb < std::min(c_end + (g + 1) * kLanes, end); kb += run) {
               prefetch<1>(kv.key + block_row(kb, h) + (kb % bs) * D, run, D);
               prefetch<1>(kv.value + block_row(kb, h) + (kb % bs) * D, run, D);
