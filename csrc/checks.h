@@ -137,6 +137,18 @@ inline void check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
   TORCH_CHECK(input.device() == out.device(), "input and out are on different devices");
 }
 
+// out [n, d] = the rows of input [rows, d] that an int64 [n] index names, each checked to be in range.
+inline void check_gather_rows(const at::Tensor& out, const at::Tensor& input, const at::Tensor& index) {
+  TORCH_CHECK(input.dim() == 2 && input.stride(1) == 1, "input must be [num_rows, d], contiguous in its last dimension");
+  TORCH_CHECK(index.dim() == 1 && index.is_contiguous() && index.scalar_type() == at::kLong,
+              "index must be a contiguous int64 [n]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == index.size(0) && out.size(1) == input.size(1) && out.stride(1) == 1,
+              "out must be [n, d] for index [n] and input [num_rows, d], contiguous in its last dimension");
+  TORCH_CHECK(out.scalar_type() == input.scalar_type(), "input and out dtypes differ");
+  TORCH_CHECK(out.device() == input.device() && index.device() == input.device(),
+              "gather_rows tensors must be on one device");
+}
+
 // query [num_tokens, num_heads, head_size] and key [num_tokens, num_kv_heads, head_size] rotate in
 // place by a [max_position, head_size] table whose rows are cos (first half) then sin.
 inline void check_rotary(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,

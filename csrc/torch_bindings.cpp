@@ -20,6 +20,7 @@ TORCH_LIBRARY(pagedlm, m) {
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int sliding_window=0, "
       "float logits_soft_cap=0.0, float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
+  m.def("gather_rows(Tensor(a!) out, Tensor input, Tensor index) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
@@ -46,6 +47,7 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                                        double, double, double) {});
   m.impl("copy_blocks", [](at::TensorList, at::TensorList, const at::Tensor&) {});
+  m.impl("gather_rows", [](at::Tensor&, const at::Tensor&, const at::Tensor&) {});
   m.impl("rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});

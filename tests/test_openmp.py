@@ -1,5 +1,7 @@
-"""OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota."""
+"""OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota, no OpenMP region
+of torch's in a bf16 step."""
 
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pagedlm import openmp
+from pagedlm import LLM, SamplingParams, openmp, ops
 
 
 def _run(code: str, **env: str) -> str:
@@ -53,3 +55,31 @@ def test_threads_are_lowered_to_the_quota(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# Ops that only view, allocate or draw the per-request uniforms; any other torch op in a step may open
+# an OpenMP region, after which libgomp's threads spin beside the kernels' pool (300,000 times when
+# torch was imported before pagedlm, so OMP_WAIT_POLICY could not be set: a decode step 25% slower).
+_NO_COMPUTE = {"aten::as_strided", "aten::detach_", "aten::empty", "aten::empty_like", "aten::empty_strided",
+               "aten::lift_fresh", "aten::new_empty", "aten::resolve_conj", "aten::resolve_neg", "aten::slice",
+               "aten::select", "aten::split_with_sizes", "aten::view", "aten::reshape"}
+_SMALL_ONLY = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::rand", "aten::uniform_"}
+_GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run without a parallel region
+
+
+@pytest.mark.skipif(not ops.EXTENSION_LOADED, reason="needs the C++ kernels")
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                                    SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)])
+def test_a_bf16_step_runs_no_torch_compute_op(llama_dir, params):
+    llm = LLM(llama_dir, dtype="bfloat16")
+    prompts = [{"prompt_token_ids": [1, 5 + i, 6, 7] * (40 if i == 0 else 1)} for i in range(5)]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    found = set()
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name in _NO_COMPUTE:
+            continue
+        numel = sum(math.prod(shape) for shape in event.input_shapes if shape)
+        if event.name not in _SMALL_ONLY or numel >= _GRAIN_SIZE:
+            found.add((event.name, str(event.input_shapes)))
+    assert not found

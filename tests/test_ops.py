@@ -527,6 +527,30 @@ def test_act_and_mul(device, dtype, d, act):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 5, 3000])
+def test_gather_rows(device, dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    table = torch.randn(400, 2 * 96, generator=gen).to(dtype).to(device)[:, :96]  # a row stride of 192
+    index = torch.randint(0, 400, (rows,), generator=gen)
+    index[0] = 399
+    out = torch.full((rows, 96), float("nan"), dtype=dtype, device=device)
+    torch.ops.pagedlm.gather_rows(out, table, index.to(device))
+    assert torch.equal(out, table[index.to(device)])
+
+
+def test_gather_rows_rejects_bad_indices():
+    table, out = torch.randn(10, 8), torch.empty(3, 8)
+    for bad in (10, -1):
+        with pytest.raises(RuntimeError, match=rf"index\[2\] = {bad} is out of range for input with 10 rows"):
+            torch.ops.pagedlm.gather_rows(out, table, torch.tensor([0, 1, bad]))
+    with pytest.raises(RuntimeError, match="index must be a contiguous int64"):
+        torch.ops.pagedlm.gather_rows(out, table, torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="out must be \\[n, d\\]"):
+        torch.ops.pagedlm.gather_rows(torch.empty(2, 8), table, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("vocab", [49152, 1000, 37])
 def test_argmax_logprob(device, dtype, vocab):
     gen = torch.Generator().manual_seed(vocab)
@@ -631,7 +655,8 @@ def test_sample_rejects_out_of_range_parameters(field, value, message):
 @pytest.mark.parametrize(
     "op",
     [reference.argmax_logprob, reference.rms_norm, reference.fused_add_rms_norm, reference.gemma_rms_norm,
-     reference.gemma_fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul, reference.gelu_tanh_and_mul],
+     reference.gemma_fused_add_rms_norm, reference.rotary_embedding, reference.silu_and_mul, reference.gelu_tanh_and_mul,
+     reference.gather_rows],
     ids=lambda op: op.__name__,
 )
 def test_layer_reference_equals_kernel(op):
@@ -649,6 +674,7 @@ def test_layer_reference_equals_kernel(op):
         "silu_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
         "gelu_tanh_and_mul": lambda: (torch.empty(5, 32).bfloat16(), x),
         "argmax_logprob": lambda: (x, torch.empty(5, dtype=torch.int64), torch.empty(5)),
+        "gather_rows": lambda: (torch.empty(3, 64).bfloat16(), x, torch.tensor([4, 0, 4])),
     }[op.__name__]
     ours, theirs = args(), args()
     getattr(torch.ops.pagedlm, op.__name__)(*ours)

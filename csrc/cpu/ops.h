@@ -23,6 +23,8 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
 
 void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& block_mapping);
 
+void gather_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& index);
+
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon);

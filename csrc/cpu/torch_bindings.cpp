@@ -7,6 +7,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("paged_attention", &pagedlm::cpu::paged_attention);
   m.impl("paged_prefill_attention", &pagedlm::cpu::paged_prefill_attention);
   m.impl("copy_blocks", &pagedlm::cpu::copy_blocks);
+  m.impl("gather_rows", &pagedlm::cpu::gather_rows);
   m.impl("rms_norm", &pagedlm::cpu::rms_norm);
   m.impl("fused_add_rms_norm", &pagedlm::cpu::fused_add_rms_norm);
   m.impl("rotary_embedding", &pagedlm::cpu::rotary_embedding);

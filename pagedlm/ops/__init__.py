@@ -40,6 +40,10 @@ Ops:
 * ``copy_blocks(key_caches, value_caches, block_mapping)``: copies whole blocks within each cache
   by ``int64 [n, 2]`` (src, dst) pairs; lists with one key and one value cache per layer, every
   layer in one call.
+* ``gather_rows(out, input, index)``: ``out[i] = input[index[i]]`` (``torch.index_select`` along
+  dim 0) for an ``int64 [n]`` index, each entry checked to lie in ``[0, num_rows)``; the embedding
+  lookup and the rows that get logits. On CPU it runs on the kernels' threads, so a step opens no
+  OpenMP region of torch's.
 
 Fused layer ops (in place or into ``out``; rows are ``[num_tokens, ...]`` and may be strided views,
 last dimension contiguous). Each rounds its intermediates to the model dtype exactly where Hugging
@@ -134,6 +138,7 @@ _OP_NAMES = (
     "paged_attention",
     "paged_prefill_attention",
     "copy_blocks",
+    "gather_rows",
     "rms_norm",
     "fused_add_rms_norm",
     "gemma_rms_norm",
@@ -217,6 +222,7 @@ reshape_and_cache = _impl.reshape_and_cache
 paged_attention = _impl.paged_attention
 paged_prefill_attention = _impl.paged_prefill_attention
 copy_blocks = _impl.copy_blocks
+gather_rows = _impl.gather_rows
 rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
 gemma_rms_norm = _impl.gemma_rms_norm

@@ -214,6 +214,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def gather_rows(out: torch.Tensor, input: torch.Tensor, index: torch.Tensor) -> None:
+    torch.index_select(input, 0, index, out=out)
+
+
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     gate, up = input.chunk(2, dim=-1)
     out.copy_(F.silu(gate) * up)

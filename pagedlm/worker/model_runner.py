@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
@@ -114,7 +115,10 @@ class ModelRunner:
                     beam_rows.append(len(rows))
                 rows.append(e.last_row)
                 owners.append(e)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        selected = hidden.new_empty(len(rows), hidden.shape[1])
+        ops.gather_rows(selected, hidden, index)
+        logits = self.model.compute_logits(selected)
         params = [seq_group_metadata_list[e.group_index].sampling_params for e in owners]
         meta = SamplingMetadata.build(
             params=params,

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window
 from pagedlm.model_executor.layers.activation import SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
+from pagedlm.model_executor.layers.embedding import Embedding
 from pagedlm.model_executor.layers.layernorm import RMSNorm
 from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -133,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.make_layers(config, max_position))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
