@@ -42,13 +42,31 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
   return 1;
 }
 
+#ifdef PAGEDLM_BF16_TILES
+// Queues the K and V rows of keys [from, to) of KV heads [kv_begin, kv_end), block by block, then head
+// by head (the cache's order), in runs of up to 16 rows; `from` is rounded down to a run.
+template <typename C>
+void queue_rows(PrefetchQueue& queue, const PagedKV<C>& kv, const int32_t* table, int kv_begin, int kv_end, int from,
+                int to) {
+  const int bs = kv.block_size, run = std::min(bs, bf16_tiles::kLanes);
+  for (int kb = from / run * run; kb < to; kb += run) {
+    for (int h = kv_begin; h < kv_end; ++h) {
+      const int64_t row = table[kb / bs] * kv.block_stride + h * kv.head_stride() + (kb % bs) * kv.head_size;
+      queue.add(kv.key + row, run, kv.head_size);
+      queue.add(kv.value + row, run, kv.head_size);
+    }
+  }
+}
+#endif
+
 // Attention of the query heads of KV heads [kv_begin, kv_end) over tokens [begin, end) of one
 // sequence. Per query head i of the item, leaves the unnormalised weighted V sum in acc[i] and the
-// max logit and exp-sum in max_out[i], sum_out[i]. query(i) is query head i's row.
-template <typename T, typename C, typename Q>
+// max logit and exp-sum in max_out[i], sum_out[i]. query(i) is query head i's row. On the bf16
+// tiles, queue_next(queue) queues the rows of the thread's next item, asked for during the last chunk.
+template <typename T, typename C, typename Q, typename N>
 void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, int kv_end, int begin, int end,
                       const Q& query, float scale, float soft_cap, int group, float* acc, float* max_out,
-                      float* sum_out) {
+                      float* sum_out, const N& queue_next) {
   const int D = kv.head_size, bs = kv.block_size, heads = (kv_end - kv_begin) * group;
   std::fill(acc, acc + heads * D, 0.f);
   std::fill(max_out, max_out + heads, -std::numeric_limits<float>::infinity());
@@ -84,23 +102,27 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item),
       // in stages over those heads: packing, Q.K, softmax, P.V. Each stage's results are then in
       // memory well before the next stage reads them (the tile stores and vector loads between them
-      // would otherwise wait on each other, head after head).
+      // would otherwise wait on each other, head after head). The next chunk's rows are asked for a
+      // few lines after each step of each stage.
+      PrefetchQueue next_chunk;
+      const int lines_per_step = 12 * D / 64;  // ~2/3 of a SmolLM2 chunk spread, the rest at its start
       for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
         const int c_end = std::min(c0 + kChunk, end);
         auto block_row = [&](int kb, int h) { return table[kb / bs] * kv.block_stride + h * kv.head_stride(); };
         auto head_pairs_of = [&](int h) { return pairs.data() + (h - kv_begin) * head_pairs; };
         const int run = std::min(bs, kLanes);  // rows of a 16-key group that lie in one block
+        next_chunk.drain();
+        if (c_end < end) {
+          queue_rows(next_chunk, kv, table, kv_begin, kv_end, c_end, std::min(c_end + kChunk, end));
+        } else {
+          queue_next(next_chunk);
+        }
         // Block by block, then head by head: the cache's own order, in which the hardware prefetcher
         // follows the reads.
         for (int g = 0; g < 2; ++g) {  // 16 keys' rows each; rows outside [begin, end) are masked
           const int k0 = c0 + g * kLanes;
           if (k0 + kLanes <= begin || k0 >= end) continue;
           for (int h = kv_begin; h < kv_end; ++h) {
-            // The next chunk's rows of this group's keys, spread over the work.
-            for (int kb = c_end + g * kLanes; kb < std::min(c_end + (g + 1) * kLanes, end); kb += run) {
-              prefetch<1>(kv.key + block_row(kb, h) + (kb % bs) * D, run, D);
-              prefetch<1>(kv.value + block_row(kb, h) + (kb % bs) * D, run, D);
-            }
             const c10::BFloat16* k = keys;
             if constexpr (!is_fp8<C>) {
               if (!gathers_keys) k = kv.key + block_row(k0, h) + (k0 % bs) * D;
@@ -113,6 +135,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
               }
             }
             transpose_keys(k, kLanes, D, head_pairs_of(h) + g * D / 2 * kLanes);
+            next_chunk.issue(lines_per_step);
           }
         }
         for (int kb = c0; kb < c0 + kChunk; kb += bs) {
@@ -120,6 +143,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           for (int h = kv_begin; h < kv_end; ++h) {
             const c10::BFloat16* v = first < last ? bf16_rows(kv.value + block_row(kb, h), bs * D, keys + kChunk * D) : nullptr;
             pack_values(v, bs, D, first, last, head_pairs_of(h) + kChunk * D / 2 + (kb - c0) / 2 * D);
+            next_chunk.issue(lines_per_step);
           }
         }
         for (int h = kv_begin; h < kv_end; ++h) {
@@ -130,6 +154,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             for (int g0 = 0; g0 < group; g0 += kLanes) {
               tiles->use(std::min(kLanes, group - g0));
               amx_attention::key_logits(query(i0 + g0), q_stride, kt, D, logits + (i0 + g0) * kChunk);
+              next_chunk.issue(lines_per_step);
             }
             continue;
           }
@@ -140,10 +165,13 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             for (int k = 0; k < 2; ++k)
               logits_by_key<ng()>(q, kt + k * D / 2 * kLanes, D, logits + (i0 + g0) * kChunk + k * kLanes, kChunk);
           });
+          next_chunk.issue(lines_per_step);
         }
-        for (int i = 0; i < heads; ++i)
+        for (int i = 0; i < heads; ++i) {
           corr[i] = softmax_keys(logits + i * kChunk, std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
                                  max_out + i, sum_out + i, p_buffer.data() + i * kChunk);
+          next_chunk.issue(lines_per_step);
+        }
         for (int h = kv_begin; h < kv_end; ++h) {
           const uint32_t* vp = head_pairs_of(h) + kChunk * D / 2;
           const int i0 = (h - kv_begin) * group;
@@ -153,11 +181,13 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
               tiles->use(std::min(kLanes, group - g0));
               amx_attention::values(p_buffer.data() + (i0 + g0) * kChunk, std::min(kLanes, group - g0), corr + i0 + g0,
                                     vp, D, acc + int64_t{i0 + g0} * D);
+              next_chunk.issue(lines_per_step);
             }
             continue;
           }
 #endif
           values_by_dim(pp + i0 * kChunkPairs, group, corr + i0, vp, D, acc + i0 * D);
+          next_chunk.issue(lines_per_step);
         }
       }
       return;
@@ -209,25 +239,40 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
   float* partial_max = partial_acc + num_partials * num_heads * D;
   float* partial_sum = partial_max + num_partials * num_heads;
 
-  parallel_items(items.size(), [&](int64_t i) {
+  // An item's keys: [begin, end) of its partition.
+  auto key_range = [&](const Item& item) {
+    const int bound = (first_key[item.seq] / kPartitionSize + item.part) * kPartitionSize;
+    return std::pair{std::max(first_key[item.seq], bound), std::min<int>(p.seq_lens[item.seq], bound + kPartitionSize)};
+  };
+  parallel_items(items.size(), [&](int64_t i, int64_t after) {
     const auto [s, part, kv_begin, kv_end] = items[i];
     const int heads = (kv_end - kv_begin) * p.group, h0 = kv_begin * p.group;
     thread_local std::vector<float> scratch;
     scratch.resize(heads * (D + 2));
     auto query = [&](int i) { return p.query_row(s, h0 + i); };
-    const int bound = (first_key[s] / kPartitionSize + part) * kPartitionSize;
-    const int begin = std::max(first_key[s], bound), end = std::min<int>(p.seq_lens[s], bound + kPartitionSize);
+    const auto [begin, end] = key_range(items[i]);
     const int32_t* table = p.block_table(s);
+    // The first chunk of the thread's next item, so that it does not start by waiting on memory.
+    auto queue_next = [&](PrefetchQueue& queue) {
+#ifdef PAGEDLM_BF16_TILES
+      if (after < 0) return;
+      const Item& next = items[after];
+      const auto [next_begin, next_end] = key_range(next);
+      queue_rows(queue, p.kv, p.block_table(next.seq), next.kv_begin, next.kv_end, next_begin,
+                 std::min(next_end, next_begin / bf16_tiles::kChunk * bf16_tiles::kChunk + bf16_tiles::kChunk));
+#endif
+    };
     float* acc = scratch.data();
     float* max = acc + heads * D;
     float* sum = max + heads;
     if (first_part[s] >= 0) {
       const int64_t row = (first_part[s] + part) * num_heads + h0;
       attend_partition<T>(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group,
-                       partial_acc + row * D, partial_max + row, partial_sum + row);
+                       partial_acc + row * D, partial_max + row, partial_sum + row, queue_next);
       return;
     }
-    attend_partition<T>(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group, acc, max, sum);
+    attend_partition<T>(p.kv, table, kv_begin, kv_end, begin, end, query, p.scale, p.soft_cap, p.group, acc, max, sum,
+                        queue_next);
     for (int h = 0; h < heads; ++h) {
       // An empty context attends to nothing; write zeros rather than 0/0.
       const float inv = sum[h] > 0.f ? p.v_scale / sum[h] : 0.f;

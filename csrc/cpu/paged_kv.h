@@ -9,6 +9,8 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
+#include <utility>
 
 namespace pagedlm::cpu {
 
@@ -105,6 +107,41 @@ inline void prefetch(const T* rows, int count, int head_size) {
   const int64_t bytes = int64_t{count} * head_size * sizeof(T);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, Locality);
 }
+
+// Cache rows asked for a few lines at a time between the steps of a computation instead of in one
+// burst: each prefetch holds an L1 fill buffer until its line arrives from memory, so a burst takes
+// them all and the computation's own loads from L2 wait behind it (decode ~10% slower on the AMX
+// Xeon). Ranges past kMaxRanges are asked for at once.
+class PrefetchQueue {
+ public:
+  template <typename T>
+  void add(const T* rows, int count, int head_size) {
+    const char* begin = reinterpret_cast<const char*>(rows);
+    const char* end = begin + int64_t{count} * head_size * sizeof(T);
+    if (size_ == kMaxRanges) {
+      for (; begin < end; begin += 64) __builtin_prefetch(begin, 0, 1);
+      return;
+    }
+    ranges_[size_++] = {begin, end};
+  }
+  // The next `lines` 64-byte lines, with locality 1 (see prefetch).
+  void issue(int lines) {
+    for (; lines > 0 && next_ < size_; --lines) {
+      __builtin_prefetch(ranges_[next_].first, 0, 1);
+      if ((ranges_[next_].first += 64) >= ranges_[next_].second) ++next_;
+    }
+  }
+  // Everything not yet asked for; the queue is then empty.
+  void drain() {
+    issue(std::numeric_limits<int>::max());
+    size_ = next_ = 0;
+  }
+
+ private:
+  static constexpr int kMaxRanges = 64;
+  std::pair<const char*, const char*> ranges_[kMaxRanges];
+  int size_ = 0, next_ = 0;
+};
 
 // Walks tokens [begin, end) of a sequence in runs that share a block and, within a run, KV heads
 // [head_begin, head_end): fn(rows, t, n, h) gets the cache offset of token t's row for KV head h,

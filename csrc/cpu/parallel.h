@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <type_traits>
 
 namespace pagedlm::cpu {
 
@@ -38,14 +39,24 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 
 // Runs fn(i) for every i in [0, n) on the kernels' threads, handing items out one at a time:
 // attention items differ a lot in cost (short and long sequences, causal tiles), and
-// parallel_for alone would give each thread a fixed contiguous range.
+// parallel_for alone would give each thread a fixed contiguous range. An fn(i, after) also learns
+// the item its thread runs next (-1: none), taken when i starts, so that it can ask for that item's
+// memory while it works on i.
 template <typename F>
 void parallel_items(int64_t n, const F& fn) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < n; i = next++) fn(i);
+    if constexpr (std::is_invocable_v<F, int64_t, int64_t>) {
+      for (int64_t i = next++; i < n;) {
+        const int64_t after = next++;
+        fn(i, after < n ? after : -1);
+        i = after;
+      }
+    } else {
+      for (int64_t i = next++; i < n; i = next++) fn(i);
+    }
   });
 }
 
