@@ -3,7 +3,9 @@ FLOP rate against the machine's matmul peak (prefill).
 
 Decode attention reads every cached K/V byte of the batch once, so it is memory bound: the table
 reports the bytes of K/V read per call, the achieved GB/s and that as a fraction of this machine's
-copy bandwidth (a 1 GiB ``tensor.copy_``, read + write), measured in the same run.
+copy bandwidth (a 1 GiB ``tensor.copy_``, read + write), measured in the same run. With ``--layers
+N`` a call is one pass over N layers' caches (each its own blocks and tables), as a decode step
+makes: one layer's cache alone may stay in a large L3 (480 MB on the AMX Xeon) between calls.
 
 Prefill attention of one long prompt is compute bound: the table reports its causal Q·Kᵀ and P·V
 FLOPs (2 · 2 · heads · head_size · n(n+1)/2) per second as a share of a 4096³ ``torch.matmul`` in the
@@ -12,6 +14,8 @@ what transformers' ``sdpa`` runs) on the same K/V, gathered into contiguous tens
 
     python benchmarks/kernel_bench.py                # decode, CPU, bf16 and fp32
     python benchmarks/kernel_bench.py --dtypes bf16 --kv-cache-dtypes auto,fp8_e4m3
+    python benchmarks/kernel_bench.py --dtypes bf16 --num-heads 9 --num-kv-heads 3 --head-size 64 \
+        --num-seqs 256 --min-context 100 --max-context 200 --layers 30 --reference-iters 0   # SmolLM2
     python benchmarks/kernel_bench.py --device cuda
     python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 2048,8192
     python benchmarks/kernel_bench.py --mode prefill --dtypes bf16 --prompt-lens 8192 --chunk 2048
@@ -158,6 +162,7 @@ def main() -> None:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=1, help="decode: caches per call, one after another")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reference-iters", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -189,26 +194,32 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     for name, cache in [(d, c) for d in args.dtypes.split(",") for c in args.kv_cache_dtypes.split(",")]:
         dtype = DTYPES[name]
-        query, key_cache, value_cache, block_tables, seq_lens, kv_bytes = make_batch(
-            args, dtype, CACHE_DTYPES.get(cache, dtype), device, generator
-        )
+        layers = [make_batch(args, dtype, CACHE_DTYPES.get(cache, dtype), device, generator) for _ in range(args.layers)]
+        kv_bytes = sum(layer[-1] for layer in layers)
         name = name if cache == "auto" else f"{name}/{cache}"
-        out = torch.empty_like(query)
+        out = torch.empty_like(layers[0][0])
         scale = 1.0 / math.sqrt(args.head_size)
         timings = {}
         for impl, fn, iters in (
             (backend, ops.paged_attention, args.iters),
             ("reference", reference.paged_attention, args.reference_iters),
         ):
-            call = lambda fn=fn: fn(out, query, key_cache, value_cache, block_tables, seq_lens, scale)  # noqa: E731
+            if iters == 0:
+                continue
+
+            def call(fn=fn):
+                for query, key_cache, value_cache, block_tables, seq_lens, _ in layers:
+                    fn(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+
             timings[impl] = timeit(call, device, iters, warmup=1)
         for impl, seconds in timings.items():
             bandwidth = kv_bytes / seconds
+            versus = f"{timings['reference'] / seconds:6.1f}x" if "reference" in timings else f"{'-':>7}"
             print(
                 f"{name:<14} {impl:<10} {seconds * 1e3:9.2f} {kv_bytes / 1e6:8.1f} {bandwidth / 1e9:7.2f} "
-                f"{100 * bandwidth / copy_bw:9.1f}% {timings['reference'] / seconds:6.1f}x"
+                f"{100 * bandwidth / copy_bw:9.1f}% {versus}"
             )
-        del query, key_cache, value_cache, out
+        del layers, out
 
 
 if __name__ == "__main__":
