@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=1, help="decode: caches per call, one after another")
+    parser.add_argument("--layers", type=int, default=1, help="decode: caches per call, one after another (>= 1)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reference-iters", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=0,
                         help="prefill: also time the prompt in chunks of this many tokens over the cached prefix")
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error("--layers must be >= 1")
 
     device = torch.device(args.device)
     backend = ops.backend_for(device)

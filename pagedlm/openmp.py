@@ -2,15 +2,16 @@
 libgomp, and a thread count within the process's CPU quota.
 
 pagedlm's CPU kernels run on a thread pool of their own (csrc/cpu/thread_pool.cpp), which spins
-between regions on a quiet machine and sleeps early on a busy one. A greedy or seeded bf16 step
-runs no torch op large enough to open a libgomp region (tests/test_openmp.py); the linears in
-float32, log-probabilities, penalties and prompt log-probabilities still do, and libgomp's waiting
+between regions on a quiet machine and sleeps early on a busy one. On AMX, a greedy or seeded bf16
+step of a Llama-family model runs no torch op large enough to open a libgomp region
+(tests/test_openmp.py); oneDNN's linears (float32, or bf16 without AMX), Gemma's and Granite's
+scalings, log-probabilities, penalties and prompt log-probabilities still do, and libgomp's waiting
 threads spin ``GOMP_SPINCOUNT`` times (300,000 by default, ~3.5 ms here) after each one. Beside the
 pool's workers, that took a quarter of the quiet rate (benchmarks/contention.py) and 10% of a
 Qwen2-0.5B-shaped run's while the embedding lookup was torch's. With ``OMP_WAIT_POLICY=passive``
 they sleep at once: as fast as 3,000 spins (the earlier default) on SmolLM2, 8% faster on the 0.5B
 shape, and kinder to a busy neighbour (numbers in docs/performance.md). It cannot be set once torch
-is imported, which is why a bf16 step must not depend on it.
+is imported, which is why the common bf16 step must not depend on it.
 """
 
 import logging

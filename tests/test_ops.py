@@ -547,6 +547,8 @@ def test_gather_rows_rejects_bad_indices():
         torch.ops.pagedlm.gather_rows(out, table, torch.tensor([0, 1, 2], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="out must be \\[n, d\\]"):
         torch.ops.pagedlm.gather_rows(torch.empty(2, 8), table, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="single memory location"):  # out overlapping input
+        torch.ops.pagedlm.gather_rows(table[:3], table, torch.tensor([5, 0, 1]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -110,7 +110,6 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
         const int c_end = std::min(c0 + kChunk, end);
         auto block_row = [&](int kb, int h) { return table[kb / bs] * kv.block_stride + h * kv.head_stride(); };
         auto head_pairs_of = [&](int h) { return pairs.data() + (h - kv_begin) * head_pairs; };
-        const int run = std::min(bs, kLanes);  // rows of a 16-key group that lie in one block
         next_chunk.drain();
         if (c_end < end) {
           queue_rows(next_chunk, kv, table, kv_begin, kv_end, c_end, std::min(c_end + kChunk, end));

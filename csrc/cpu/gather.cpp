@@ -6,12 +6,16 @@
 #include "ops.h"
 #include "parallel.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cstring>
 
 namespace pagedlm::cpu {
 
 void gather_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& index) {
   check_gather_rows(out, input, index);
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, input);
   const int64_t n = index.size(0), rows = input.size(0), d = input.size(1);
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {

@@ -40,8 +40,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 // Runs fn(i) for every i in [0, n) on the kernels' threads, handing items out one at a time:
 // attention items differ a lot in cost (short and long sequences, causal tiles), and
 // parallel_for alone would give each thread a fixed contiguous range. An fn(i, after) also learns
-// the item its thread runs next (-1: none), taken when i starts, so that it can ask for that item's
-// memory while it works on i.
+// the item its thread runs next, taken when i starts, so that it can ask for that item's memory
+// while it works on i; after is -1 when no item is taken ahead, which is whenever no more items
+// remain than threads (a thread that holds one then would leave another idle at the end).
 template <typename F>
 void parallel_items(int64_t n, const F& fn) {
   if (n <= 0) return;
@@ -50,9 +51,9 @@ void parallel_items(int64_t n, const F& fn) {
   parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     if constexpr (std::is_invocable_v<F, int64_t, int64_t>) {
       for (int64_t i = next++; i < n;) {
-        const int64_t after = next++;
+        const int64_t after = n - next.load(std::memory_order_relaxed) > threads ? next++ : -1;
         fn(i, after < n ? after : -1);
-        i = after;
+        i = after >= 0 ? after : next++;
       }
     } else {
       for (int64_t i = next++; i < n; i = next++) fn(i);

@@ -11,11 +11,12 @@ class Embedding(nn.Module):
     before) without its OpenMP region on CPU (see ``ops.gather_rows``).
 
     forward: ``input_ids`` int64 ``[num_tokens]`` -> ``[num_tokens, hidden_size]`` in the weight's dtype;
-    raises RuntimeError for an id outside ``[0, vocab_size)``."""
+    raises for an id outside ``[0, vocab_size)`` (RuntimeError; IndexError on the torch-reference
+    backend)."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.weight.new_empty(input_ids.shape[0], self.weight.shape[1])
