@@ -116,13 +116,9 @@ class PrefetchQueue {
  public:
   template <typename T>
   void add(const T* rows, int count, int head_size) {
+    if (size_ == kMaxRanges) return prefetch<1>(rows, count, head_size);
     const char* begin = reinterpret_cast<const char*>(rows);
-    const char* end = begin + int64_t{count} * head_size * sizeof(T);
-    if (size_ == kMaxRanges) {
-      for (; begin < end; begin += 64) __builtin_prefetch(begin, 0, 1);
-      return;
-    }
-    ranges_[size_++] = {begin, end};
+    ranges_[size_++] = {begin, begin + int64_t{count} * head_size * sizeof(T)};
   }
   // The next `lines` 64-byte lines, with locality 1 (see prefetch).
   void issue(int lines) {
