@@ -34,6 +34,7 @@ TORCH_LIBRARY(pagedlm, m) {
       "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def("bf16_blocked_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
   m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+  m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -62,6 +63,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                                    const std::optional<at::Tensor>&, at::IntArrayRef) {});
   m.impl("bf16_amx_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("bf16_amx_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, c10::string_view) {});
 }
 
 // `import pagedlm._C` loads this library, which runs the registrations above. BF16_ATTENTION_TILES:

@@ -17,7 +17,8 @@ import torch
 
 from pagedlm import ops
 from pagedlm.model_executor.layers import linear, onednn_order
-from pagedlm.model_executor.layers.linear import Linear
+from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
 from pagedlm.ops import reference
 
 pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
@@ -255,6 +256,85 @@ def test_linear_runs_amx_where_it_can():
     layer = Linear(96, 64, bias=True).to(torch.bfloat16)
     layer.process_weights_after_loading()
     assert layer.amx_packed and layer.weight.shape == (4, 48, 16, 2)
+
+
+ACTS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTS))
+@pytest.mark.parametrize("d,in_features", [(16, 32), (48, 100), (1536, 576), (4864, 896)])
+@pytest.mark.parametrize("num_rows", [1, 17, 33, 300])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_amx_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activation, d, in_features, num_rows,
+                                                                           with_bias):
+    # Random operands, so the sums and the activation round: any other order or rounding shows.
+    amx_or_skip()
+    x, weight = operands(num_rows, 2 * d, in_features)
+    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 2:-1].copy_(x)  # strided rows
+    weight, bias = weight.to_dense(), torch.randn(2 * d) if with_bias else None
+    gate_up = torch.empty(num_rows, 2 * d, dtype=torch.bfloat16)
+    ops.bf16_amx_linear(gate_up, x, ops.amx_pack_weight(weight), bias)
+    expected = torch.empty(num_rows, d, dtype=torch.bfloat16)
+    ACTS[activation](expected, gate_up)
+    packed = ops.amx_pack_gate_up_weight(weight)
+    out = torch.full((num_rows, d + 16), float("nan"), dtype=torch.bfloat16)[:, 16:]
+    ops.bf16_amx_linear_act_and_mul(out, x, packed, bias, activation)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTS))
+def test_act_and_mul_on_exact_sums(activation):
+    # Small integers: the sums are exact, so gate and up must be the right columns, in the kernel
+    # (where it runs) and in the reference.
+    d, in_features = 32, 40
+    x, weight = exact_operands(5, 2 * d, in_features)
+    bias = torch.randint(-8, 9, (2 * d,)).float()
+    gate_up = (x.float() @ weight.float().T + bias).bfloat16()
+    gate, up = gate_up[:, :d], gate_up[:, d:]
+    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    impls = [reference.bf16_amx_linear_act_and_mul]
+    if linear.amx_linear_available():
+        impls.append(ops.bf16_amx_linear_act_and_mul)
+    for impl in impls:
+        out = torch.empty(5, d, dtype=torch.bfloat16)
+        impl(out, x, ops.amx_pack_gate_up_weight(weight), bias, activation)
+        assert torch.equal(out, act * up), impl
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "activation": "gelu"}, "activation must be 'silu' or 'gelu_tanh'; got 'gelu'"),
+        (lambda a: {**a, "out": torch.empty(4, 24, dtype=torch.bfloat16)}, r"out_features \(d = 24\) must be a multiple of 16"),
+        (lambda a: {**a, "out": torch.empty(4, 16, dtype=torch.bfloat16)}, r"weight must be .*\[2, 48, 16, 2\]"),
+        (lambda a: {**a, "bias": torch.zeros(32)}, r"bias must be a floating-point CPU tensor \[64\]"),
+    ],
+)
+def test_amx_act_and_mul_bad_arguments_are_named(change, message):
+    x, weight = exact_operands(4, 64, 96)
+    args = {"out": torch.empty(4, 32, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_gate_up_weight(weight),
+            "bias": None, "activation": "silu"}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pagedlm.bf16_amx_linear_act_and_mul(**change(args))
+
+
+def test_gate_up_weight_needs_d_a_multiple_of_16():
+    with pytest.raises(ValueError, match="d a multiple of 16; got 48 rows"):
+        ops.amx_pack_gate_up_weight(torch.zeros(48, 32))
+
+
+@pytest.mark.parametrize("d,fused", [(64, True), (40, False)])
+@pytest.mark.parametrize("act_fn", [SiluAndMul(), GeluAndMul()], ids=["silu", "gelu_tanh"])
+def test_gate_up_linear_equals_linear_then_activation(d, fused, act_fn):
+    torch.manual_seed(0)
+    layer = GateUpLinear(96, d, bias=True, act_fn=act_fn).to(torch.bfloat16)
+    plain = Linear(96, 2 * d, bias=True).to(torch.bfloat16)
+    plain.load_state_dict({"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()})
+    for module in (layer, plain):
+        module.process_weights_after_loading()
+    assert layer.amx_act_and_mul == (fused and linear.amx_linear_available())
+    x = torch.randn(3, 7, 96).bfloat16()
+    assert torch.equal(layer(x), act_fn(plain(x).view(21, 2 * d)).view(3, 7, d))
 
 
 def test_disable_amx_keeps_the_avx512_kernels():

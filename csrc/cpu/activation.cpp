@@ -1,34 +1,17 @@
-// act(gate) * up over a packed [tokens, 2 * d] gate_up projection, rounded like eager torch: the
-// activation's result is rounded to the model dtype before the multiply. act is SiLU, or GELU's tanh
-// approximation (0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), torch's approximate="tanh").
+// act(gate) * up over a packed [tokens, 2 * d] gate_up projection (activation.h).
 #include "vec.h"
 
 #include "../checks.h"
+#include "activation.h"
 #include "dispatch.h"
 #include "ops.h"
 #include "parallel.h"
 
-#include <cmath>
-
 namespace pagedlm::cpu {
 namespace {
 
-enum class Activation { kSilu, kGeluTanh };
-
 template <Activation kAct>
-fVec activate(fVec x) {
-  if constexpr (kAct == Activation::kSilu) {
-    return x / (fVec(1.f) + x.neg().exp());
-  } else {
-    // torch's operation order, so results match it bit for bit.
-    const fVec cube = x * x * x;
-    const fVec inner = fVec(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)) * (x + fVec(0.044715f) * cube);
-    return fVec(0.5f) * x * (fVec(1.f) + inner.tanh());
-  }
-}
-
-template <Activation kAct>
-void act_and_mul(at::Tensor& out, const at::Tensor& input) {
+void act_and_mul_rows(at::Tensor& out, const at::Tensor& input) {
   check_act_and_mul(out, input);
   const int64_t tokens = out.size(0), d = out.size(1);
   const int64_t in_stride = input.stride(0), out_stride = out.stride(0);
@@ -41,8 +24,7 @@ void act_and_mul(at::Tensor& out, const at::Tensor& input) {
         const scalar_t* up = gate + d;
         for (int64_t i = 0; i < d; i += kVecLen) {
           const int n = static_cast<int>(std::min<int64_t>(kVecLen, d - i));
-          const fVec act = round_to<scalar_t>(activate<kAct>(load_fp32(gate + i, n)));
-          store_fp32(y + t * out_stride + i, act * load_fp32(up + i, n), n);
+          store_fp32(y + t * out_stride + i, act_and_mul<kAct, scalar_t>(load_fp32(gate + i, n), load_fp32(up + i, n)), n);
         }
       }
     });
@@ -51,8 +33,8 @@ void act_and_mul(at::Tensor& out, const at::Tensor& input) {
 
 }  // namespace
 
-void silu_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul<Activation::kSilu>(out, input); }
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul_rows<Activation::kSilu>(out, input); }
 
-void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul<Activation::kGeluTanh>(out, input); }
+void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input) { act_and_mul_rows<Activation::kGeluTanh>(out, input); }
 
 }  // namespace pagedlm::cpu

@@ -8,15 +8,24 @@
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
 // two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). One B tile
 // is 16 pairs of one column block: 1 KiB, contiguous.
+//
+// bf16_amx_linear_act_and_mul takes a gated MLP's packed gate_up weight whose column blocks alternate
+// (amx_pack_gate_up_weight): gate columns 16j..16j+15, then up columns 16j..16j+15. The 32 columns one
+// pass of the kernel sums are then a gate block and its up block, and it stores act(gate) * up
+// instead of both: the [rows, 2 * d] projection is never written, nor read back by act_and_mul. Each
+// value is rounded where the linear and act_and_mul round it, so the bits are theirs.
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "activation.h"
 #include "amx.h"
 #include "ops.h"
 #include "parallel.h"
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <string>
 
 namespace pagedlm::cpu {
 namespace {
@@ -43,16 +52,36 @@ void configure(int m0, int m1) {
   cfg.load();
 }
 
-// A block of sums in memory, waiting for its bias and its rounding to bf16.
+// One row of a gate block's and its up block's sums (16 each) -> 16 outputs of act(gate) * up.
+template <Activation kAct>
+void store_act_and_mul(at::BFloat16* out, const float* sums, const float* gate_bias, const float* up_bias) {
+  __m512 gate = _mm512_loadu_ps(sums), up = _mm512_loadu_ps(sums + 16);
+  if (gate_bias) {
+    gate = _mm512_add_ps(gate, _mm512_loadu_ps(gate_bias));
+    up = _mm512_add_ps(up, _mm512_loadu_ps(up_bias));
+  }
+  using BF16 = at::BFloat16;
+  store_fp32(out, act_and_mul<kAct, BF16>(round_to<BF16>(fVec(gate)), round_to<BF16>(fVec(up))));
+}
+
+// A block of sums in memory, waiting for its bias and its rounding to bf16 (and, gated, its activation).
 struct PendingBlock {
   const float* sums = nullptr;  // row stride 32 floats
   at::BFloat16* out = nullptr;  // the block's first output, row stride ldy
-  const float* bias = nullptr;  // the block's first column's, or null
+  const float* bias = nullptr;  // the block's first column's (gated: its gate column's), or null
+  const float* up_bias = nullptr;  // gated: the up column's, or null
   int64_t ldy = 0, cols = 0;
   int rows = 0, done = 0;
+  std::optional<Activation> act;
 
   void finish_rows(int end) {
-    for (; done < end; ++done) store_sums_bf16(out + done * ldy, sums + done * 32, bias, cols);
+    for (; done < end; ++done) {
+      at::BFloat16* row = out + done * ldy;
+      const float* row_sums = sums + done * 32;
+      if (!act) store_sums_bf16(row, row_sums, bias, cols);
+      else if (*act == Activation::kSilu) store_act_and_mul<Activation::kSilu>(row, row_sums, bias, up_bias);
+      else store_act_and_mul<Activation::kGeluTanh>(row, row_sums, bias, up_bias);
+    }
   }
 };
 
@@ -95,7 +124,10 @@ void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int
   }
 }
 
-void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias) {
+// act unset: out = input @ W.T + bias. act set: out [M, d] = act(gate) * up over a gate_up weight
+// packed by amx_pack_gate_up_weight, bias [2 * d] in gate, up order.
+void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias,
+                       std::optional<Activation> act) {
   const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
   const int64_t k_pad = weight.size(1) * 2, n_blocks = weight.size(0);
   const int64_t full_blocks = K / kTileK, blocks = k_pad / kTileK, tail_k = K - full_blocks * kTileK;
@@ -137,8 +169,15 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
             if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending);
             else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending);
           }
-          const int64_t n0 = nb * kTileN;
-          pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, ldy, std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0};
+          if (act) {
+            const int64_t n0 = u * kTileN;
+            pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr,
+                       ldy, kTileN, mr, 0, act};
+          } else {
+            const int64_t n0 = nb * kTileN;
+            pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, nullptr, ldy,
+                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, act};
+          }
         }
       }
     }
@@ -149,31 +188,56 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
 
 #endif
 
+// The checks both ops share: input bf16 [M, K] with contiguous rows, out bf16 [M, N] with contiguous
+// rows, weight = amx_pack_weight of a [packed_n, K] weight. Returns the bias as fp32.
+at::Tensor check_amx_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t packed_n, const char* op) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
+              op, ": input must be bfloat16 [rows, in_features] with contiguous rows");
+  const int64_t M = input.size(0), K = input.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
+              op, ": out must be bfloat16 [", M, ", out_features] with contiguous rows");
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+                  weight.size(0) == round_up(packed_n, kTileN) / kTileN && weight.size(1) == round_up(K, kTileK) / 2 &&
+                  weight.size(2) == kTileN && weight.size(3) == 2,
+              op, ": weight must be a contiguous bfloat16 [", round_up(packed_n, kTileN) / kTileN, ", ",
+              round_up(K, kTileK) / 2, ", 16, 2] tensor (the packing of a [", packed_n, ", ", K,
+              "] weight); got ", weight.sizes(), " ", weight.scalar_type());
+  return linear_bias_fp32(bias, packed_n, op);
+}
+
+void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    std::optional<Activation> act, const char* op) {
+#ifdef PAGEDLM_AMX
+  TORCH_CHECK(amx::permitted(), op, ": AMX is off (PAGEDLM_DISABLE_AMX=1, or the kernel refused "
+              "arch_prctl ARCH_REQ_XCOMP_PERM)");
+  if (input.size(0) == 0 || out.size(1) == 0) return;
+  amx_linear_kernel(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
+#else
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AMX-BF16 (this build has no tdpbf16ps)");
+#endif
+}
+
 }  // namespace
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
-              "bf16_amx_linear: input must be bfloat16 [rows, in_features] with contiguous rows");
-  const int64_t M = input.size(0), K = input.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
-              "bf16_amx_linear: out must be bfloat16 [", M, ", out_features] with contiguous rows");
-  const int64_t N = out.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  weight.size(0) == round_up(N, kTileN) / kTileN && weight.size(1) == round_up(K, kTileK) / 2 &&
-                  weight.size(2) == kTileN && weight.size(3) == 2,
-              "bf16_amx_linear: weight must be a contiguous bfloat16 [", round_up(N, kTileN) / kTileN, ", ",
-              round_up(K, kTileK) / 2, ", 16, 2] tensor (ops.amx_pack_weight of a [", N, ", ", K,
-              "] weight); got ", weight.sizes(), " ", weight.scalar_type());
-  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, "bf16_amx_linear");
-#ifdef PAGEDLM_AMX
-  TORCH_CHECK(amx::permitted(), "bf16_amx_linear: AMX is off (PAGEDLM_DISABLE_AMX=1, or the kernel refused "
-              "arch_prctl ARCH_REQ_XCOMP_PERM)");
-  if (M == 0 || N == 0) return;
-  amx_linear_kernel(out, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr);
-#else
-  TORCH_CHECK(false, "bf16_amx_linear needs pagedlm._C built with AMX-BF16 (this build has no tdpbf16ps)");
-#endif
+  const at::Tensor bias_f32 = check_amx_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0,
+                                               "bf16_amx_linear");
+  run_amx_linear(out, input, weight, bias_f32, std::nullopt, "bf16_amx_linear");
+}
+
+void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const char* op = "bf16_amx_linear_act_and_mul";
+  std::optional<Activation> act;
+  if (activation == "silu") act = Activation::kSilu;
+  if (activation == "gelu_tanh") act = Activation::kGeluTanh;
+  TORCH_CHECK(act, op, ": activation must be 'silu' or 'gelu_tanh'; got '", std::string(activation), "'");
+  const int64_t d = out.dim() == 2 ? out.size(1) : 0;
+  TORCH_CHECK(d % kTileN == 0, op, ": out_features (d = ", d, ") must be a multiple of 16");
+  const at::Tensor bias_f32 = check_amx_linear(out, input, weight, bias, 2 * d, op);
+  run_amx_linear(out, input, weight, bias_f32, act, op);
 }
 
 }  // namespace pagedlm::cpu

@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("sample", &pagedlm::cpu::sample);
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
   m.impl("bf16_amx_linear", &pagedlm::cpu::bf16_amx_linear);
+  m.impl("bf16_amx_linear_act_and_mul", &pagedlm::cpu::bf16_amx_linear_act_and_mul);
 }
 
 // The weight of bf16_blocked_linear is an MKLDNN tensor, whose dispatch key outranks CPU.

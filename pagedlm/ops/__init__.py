@@ -105,6 +105,14 @@ Linear ops (CPU, bfloat16):
   bias, rounded to bf16 once; a row's sums read no other row, so its bits do not depend on the
   number of rows. The CPU kernel needs an AMX-BF16 build and a CPU and kernel that grant AMX (it
   raises otherwise); the reference sums in fp32 in torch's order, so the two agree to fp32 rounding.
+* ``bf16_amx_linear_act_and_mul(out, input, weight, bias, activation)``: a gated MLP's gate_up
+  projection and its activation in one pass, ``out = act(input @ Wg.T + bg) * (input @ Wu.T + bu)``
+  for ``weight`` = ``amx_pack_gate_up_weight(W)`` of a ``[2 * d, in_features]`` gate_up weight
+  ``W = [Wg; Wu]`` (``d`` a multiple of 16), ``bias`` ``[2 * d]`` in the same gate, up order or None,
+  ``out`` bf16 ``[rows, d]``, ``activation`` ``"silu"`` or ``"gelu_tanh"``. Gate and up are summed
+  and rounded as ``bf16_amx_linear`` does, then combined as ``silu_and_mul`` / ``gelu_tanh_and_mul``
+  do, so the CPU kernel's bits are those two ops' bits; the [rows, 2 * d] projection is never
+  stored. Same requirements as ``bf16_amx_linear``.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
@@ -150,6 +158,7 @@ _OP_NAMES = (
     "sample",
     "bf16_blocked_linear",
     "bf16_amx_linear",
+    "bf16_amx_linear_act_and_mul",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -234,6 +243,7 @@ argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_amx_linear = _impl.bf16_amx_linear
+bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
 
 # Whether the CPU kernels run bf16 attention on their bf16 tiles (an AVX512-BF16 build): online-softmax
 # steps over chunks of 32 keys, so bits that do not depend on the cache's block size. Else (and in
@@ -242,5 +252,9 @@ BF16_ATTENTION_TILES = EXTENSION_LOADED and bool(getattr(sys.modules.get("pagedl
 
 kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
 amx_pack_weight = reference.amx_pack_weight
+amx_pack_gate_up_weight = reference.amx_pack_gate_up_weight
 
-__all__ = ["EXTENSION_LOADED", "BF16_ATTENTION_TILES", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight", *_OP_NAMES]
+__all__ = [
+    "EXTENSION_LOADED", "BF16_ATTENTION_TILES", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight",
+    "amx_pack_gate_up_weight", *_OP_NAMES,
+]

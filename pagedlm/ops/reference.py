@@ -305,3 +305,35 @@ def bf16_amx_linear(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor
     if bias is not None:
         total = total + bias.float()
     out.copy_(total)
+
+
+def _gate_up_blocks(d: int) -> torch.Tensor:
+    """Row order of a packed gate_up weight: per 16 columns of ``d``, the gate's rows, then the up's."""
+    return torch.arange(2 * d).view(2, d // 16, 16).transpose(0, 1).reshape(-1)
+
+
+def amx_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's ``[2 * d, K]`` gate_up weight (gate rows, then up rows; ``d`` a multiple of 16)
+    in ``bf16_amx_linear_act_and_mul``'s layout: ``amx_pack_weight`` of its rows in the order gate
+    16j..16j+15, up 16j..16j+15 for each j, so that column blocks alternate gate and up.
+
+    Raises ValueError when the rows are not ``2 * d`` with ``d`` a multiple of 16."""
+    rows = weight.shape[0]
+    if rows % 32:
+        raise ValueError(f"amx_pack_gate_up_weight: a [2 * d, K] weight with d a multiple of 16; got {rows} rows")
+    return amx_pack_weight(weight[_gate_up_blocks(rows // 2).to(weight.device)])
+
+
+def bf16_amx_linear_act_and_mul(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> None:
+    acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+    if activation not in acts:
+        raise ValueError(f"bf16_amx_linear_act_and_mul: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
+    d = out.shape[1]
+    order = _gate_up_blocks(d).to(input.device)
+    blocked = out.new_empty(out.shape[0], 2 * d)
+    bf16_amx_linear(blocked, input, weight, None if bias is None else bias[order])
+    gate_up = torch.empty_like(blocked)
+    gate_up[:, order] = blocked
+    acts[activation](out, gate_up)

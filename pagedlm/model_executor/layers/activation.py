@@ -7,6 +7,8 @@ from pagedlm import ops
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
 
+    activation = "silu"  # ops.bf16_amx_linear_act_and_mul's name for it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(x.shape[0], x.shape[1] // 2)
         ops.silu_and_mul(out, x)
@@ -16,6 +18,8 @@ class SiluAndMul(nn.Module):
 class GeluAndMul(nn.Module):
     """``gelu_tanh(gate) * up`` (GeGLU with GELU's tanh approximation, transformers'
     ``gelu_pytorch_tanh``) over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
+
+    activation = "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(x.shape[0], x.shape[1] // 2)

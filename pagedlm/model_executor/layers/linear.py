@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_chunk_ends
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
@@ -76,10 +77,13 @@ class Linear(nn.Linear):
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.blocked_layout or self.amx_packed):
             return F.linear(x, self.weight, self.bias)
-        rows = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
+        rows = self._rows(x)
         if self.amx_packed:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_amx_linear(out, rows, self.weight, self.bias)
@@ -94,3 +98,40 @@ class Linear(nn.Linear):
         else:
             out = onednn_linear(rows, self.weight, self.bias)
         return out if rows is x else out.view(*x.shape[:-1], self.out_features)
+
+
+class GateUpLinear(Linear):
+    """A gated MLP's gate and up projections in one ``[2 * d, in_features]`` weight (gate rows, then
+    up rows: vLLM's ``MergedColumnParallelLinear``), joined by their activation: input
+    ``[..., in_features]``, output ``act_fn(gate_up)`` ``[..., d]`` in the weight's dtype.
+
+    Where ``Linear`` would run ``ops.bf16_amx_linear`` and ``d`` is a multiple of 16, the weight is
+    packed by ``ops.amx_pack_gate_up_weight`` and one kernel (``ops.bf16_amx_linear_act_and_mul``)
+    sums and activates, with the bits of the two ops it replaces; the ``[rows, 2 * d]`` projection is
+    never stored nor read back.
+    """
+
+    amx_act_and_mul = False
+
+    def __init__(self, in_features: int, d: int, bias: bool, act_fn: SiluAndMul | GeluAndMul) -> None:
+        super().__init__(in_features, 2 * d, bias=bias)
+        self.act_fn = act_fn
+
+    def process_weights_after_loading(self) -> None:
+        fusable = self.out_features % 32 == 0 and self.weight.device.type == "cpu"
+        if not (fusable and self.weight.dtype == torch.bfloat16 and amx_linear_available()):
+            return super().process_weights_after_loading()
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.weight = nn.Parameter(ops.amx_pack_gate_up_weight(self.weight.detach()), requires_grad=False)
+        self.amx_act_and_mul = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(x)
+        d = self.out_features // 2
+        if self.amx_act_and_mul:
+            out = rows.new_empty(rows.shape[0], d)
+            ops.bf16_amx_linear_act_and_mul(out, rows, self.weight, self.bias, self.act_fn.activation)
+        else:
+            out = self.act_fn(super().forward(rows))
+        return out if rows is x else out.view(*x.shape[:-1], d)

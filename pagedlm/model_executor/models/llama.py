@@ -10,11 +10,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window
-from pagedlm.model_executor.layers.activation import SiluAndMul
+from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
 from pagedlm.model_executor.layers.embedding import Embedding
 from pagedlm.model_executor.layers.layernorm import RMSNorm
-from pagedlm.model_executor.layers.linear import Linear
+from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -66,20 +66,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """down_proj(act(gate) * up) with gate and up in one packed projection; act is SiLU, or GELU's
-    tanh approximation for Gemma (``act_fn=GeluAndMul()``)."""
+    """down_proj(act(gate) * up) with gate and up in one packed projection that applies act
+    (``GateUpLinear``); act is SiLU, or GELU's tanh approximation for Gemma (``act_fn=GeluAndMul()``)."""
 
-    def __init__(self, config: PretrainedConfig, act_fn: nn.Module | None = None) -> None:
+    def __init__(self, config: PretrainedConfig, act_fn: SiluAndMul | GeluAndMul | None = None) -> None:
         super().__init__()
         if act_fn is None and getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; supported: 'silu'.")
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias, act_fn or SiluAndMul())
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_fn = act_fn or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
