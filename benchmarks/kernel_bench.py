@@ -6,6 +6,8 @@ reports the bytes of K/V read per call, the achieved GB/s and that as a fraction
 copy bandwidth (a 1 GiB ``tensor.copy_``, read + write), measured in the same run. With ``--layers
 N`` a call is one pass over N layers' caches (each its own blocks and tables), as a decode step
 makes: one layer's cache alone may stay in a large L3 (480 MB on the AMX Xeon) between calls.
+Each sequence's blocks are scattered over the cache; with ``--block-run N`` they lie in runs of N
+consecutive blocks (longer contiguous reads, which the memory system streams faster).
 
 Prefill attention of one long prompt is compute bound: the table reports its causal Q·Kᵀ and P·V
 FLOPs (2 · 2 · heads · head_size · n(n+1)/2) per second as a share of a 4096³ ``torch.matmul`` in the
@@ -65,8 +67,13 @@ def make_batch(args, dtype: torch.dtype, cache_dtype: torch.dtype, device: torch
     blocks_per_seq = (seq_lens + args.block_size - 1) // args.block_size
     num_blocks = int(blocks_per_seq.sum())
     max_blocks = int(blocks_per_seq.max())
-    # Scatter every sequence's blocks over the cache, as after a while of serving.
-    placement = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+    # Scatter every sequence's blocks over the cache, as after a while of serving: in runs of
+    # --block-run consecutive cache blocks (1: each block on its own).
+    run = args.block_run
+    runs = torch.randperm(-(-num_blocks // run), generator=generator)
+    placement = (runs[:, None] * run + torch.arange(run)).flatten()
+    num_blocks = int(placement.max()) + 1
+    placement = placement.to(torch.int32)
     block_tables = torch.zeros(args.num_seqs, max_blocks, dtype=torch.int32)
     start = 0
     for i, n in enumerate(blocks_per_seq.tolist()):
@@ -162,6 +169,9 @@ def main() -> None:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-run", type=int, default=1,
+                        help="decode: a sequence's blocks lie in runs of this many consecutive cache blocks, the "
+                        "runs scattered (default 1: every block scattered)")
     parser.add_argument("--layers", type=int, default=1, help="decode: caches per call, one after another (>= 1)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--reference-iters", type=int, default=3)
@@ -171,8 +181,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=0,
                         help="prefill: also time the prompt in chunks of this many tokens over the cached prefix")
     args = parser.parse_args()
-    if args.layers < 1:
-        parser.error("--layers must be >= 1")
+    for name in ("layers", "block_run"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     device = torch.device(args.device)
     backend = ops.backend_for(device)
@@ -186,7 +197,7 @@ def main() -> None:
     print(
         f"decode paged attention on {device}{threads}: {args.num_seqs} seqs, context "
         f"{args.min_context}-{args.max_context}, {args.num_heads} q heads / {args.num_kv_heads} kv heads, "
-        f"head size {args.head_size}, block size {args.block_size}"
+        f"head size {args.head_size}, block size {args.block_size}, blocks in runs of {args.block_run}"
     )
     print(f"copy bandwidth (1 GiB copy_, read + write): {copy_bw / 1e9:.1f} GB/s\n")
     header = f"{'dtype':<14} {'impl':<10} {'ms/call':>9} {'KV MB':>8} {'GB/s':>7} {'% copy BW':>10} {'vs ref':>7}"

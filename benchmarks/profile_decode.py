@@ -81,13 +81,15 @@ def wrap(obj: object, attr: str, label: str) -> bool:
 
 
 def instrument(llm: LLM) -> tuple[list[str], set[str]]:
-    """Wrap the engine step, its phases and the model's leaf modules (labelled by class name) in
-    profiler ranges; the phase labels and module labels installed."""
+    """Wrap the engine step, its phases and the model's leaf modules and linears (labelled by class
+    name; a ``GateUpLinear`` holds its activation) in profiler ranges; the phase labels and module
+    labels installed."""
     engine = llm.llm_engine
     runner = engine.model_runner
     modules = set()
     for module in runner.model.modules():
-        if next(module.children(), None) is None and wrap(module, "forward", type(module).__name__):
+        leaf = next(module.children(), None) is None or isinstance(module, Linear)
+        if leaf and wrap(module, "forward", type(module).__name__):
             modules.add(type(module).__name__)
     phases = [
         (engine.scheduler, "schedule", "schedule"),
@@ -266,11 +268,22 @@ def main() -> None:
         return
 
     phases, modules = instrument(llm)
-    steps = args.steps - 2
-    schedule = torch.profiler.schedule(wait=args.skip, warmup=2, active=steps, repeat=1)
+    active = args.steps - 2
+    schedule = torch.profiler.schedule(wait=args.skip, warmup=2, active=active, repeat=1)
+    engine_steps = 0
+
+    def next_step(seconds: float) -> None:
+        nonlocal engine_steps
+        engine_steps += 1
+        prof.step()
+
     with Load() as load, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
-        after_each_step(llm, lambda seconds: prof.step())
+        after_each_step(llm, next_step)
         llm.generate(prompts, params, use_tqdm=False)
+    # The run may end before the window does (a short --output-len).
+    steps = min(active, engine_steps - args.skip - 2)
+    if steps <= 0:
+        raise SystemExit(f"only {engine_steps} engine steps: raise --output-len above --skip + 2")
     by_phase, by_module = breakdown(prof.events(), phases, modules)
     step_us = sum(r.span for r in by_phase.values())
     print(f"\nwith torch.profiler: {step_us / steps / 1e3:.1f} ms per decode step (profiler overhead included; other "
