@@ -67,18 +67,20 @@ def make_batch(args, dtype: torch.dtype, cache_dtype: torch.dtype, device: torch
     blocks_per_seq = (seq_lens + args.block_size - 1) // args.block_size
     num_blocks = int(blocks_per_seq.sum())
     max_blocks = int(blocks_per_seq.max())
-    # Scatter every sequence's blocks over the cache, as after a while of serving: in runs of
-    # --block-run consecutive cache blocks (1: each block on its own).
+    # Scatter every sequence's blocks over the cache, as after a while of serving: each sequence's
+    # in runs of --block-run consecutive cache blocks (1: each block on its own), its runs placed
+    # at random among everyone's.
     run = args.block_run
-    runs = torch.randperm(-(-num_blocks // run), generator=generator)
-    placement = (runs[:, None] * run + torch.arange(run)).flatten()
-    num_blocks = int(placement.max()) + 1
-    placement = placement.to(torch.int32)
+    runs_per_seq = [-(-n // run) for n in blocks_per_seq.tolist()]
+    order = torch.randperm(sum(runs_per_seq), generator=generator)
+    num_blocks = sum(runs_per_seq) * run
+    max_blocks = max(runs_per_seq) * run
     block_tables = torch.zeros(args.num_seqs, max_blocks, dtype=torch.int32)
-    start = 0
-    for i, n in enumerate(blocks_per_seq.tolist()):
-        block_tables[i, :n] = placement[start : start + n]
-        start += n
+    first = 0
+    for i, count in enumerate(runs_per_seq):
+        starts = order[first : first + count] * run
+        block_tables[i, : count * run] = (starts[:, None] + torch.arange(run)).flatten()
+        first += count
     shape = (num_blocks, args.num_kv_heads, args.block_size, args.head_size)
     key_cache = torch.randn(shape, generator=generator).to(cache_dtype).to(device)
     value_cache = torch.randn(shape, generator=generator).to(cache_dtype).to(device)

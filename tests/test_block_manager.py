@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pagedlm.engine.block_manager import AllocStatus, BlockSpaceManager
+from pagedlm.engine.block_manager import AllocStatus, BlockAllocator, BlockSpaceManager
 from pagedlm.engine.sequence import SequenceGroup, SequenceStatus
 from pagedlm.sampling_params import SamplingParams
 
@@ -85,6 +85,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.bm = BlockSpaceManager(block_size=BS, num_kv_blocks=24, watermark=0.0)
+        # Extents of 5 (the last one of 4): placement after a sequence's last block, wholly free
+        # extents and the fallback to single blocks all happen within a few steps.
+        self.bm.allocator = BlockAllocator(24, extent_blocks=5)
         self.store: dict[int, list] = {b: [None] * BS for b in range(24)}
         self.seqs = []
         self.next_token = 1000
@@ -149,6 +152,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert all((refs[b] == 0) == (b in free) for b in range(24))
 
     @invariant()
+    def extents_are_counted(self):
+        allocator = self.bm.allocator
+        free = [sum(allocator.ref_counts[b] == 0 for b in range(e * 5, min(e * 5 + 5, 24))) for e in range(5)]
+        assert allocator.free_in_extent == free
+        assert set(allocator.free_extents) == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
+
+    @invariant()
     def cached_blocks_hold_their_keys_tokens(self):
         for key, block in self.bm.allocator.cached_blocks.items():
             assert self.bm.allocator.block_keys[block] == key
@@ -205,3 +215,48 @@ def test_readmitted_group_keeps_its_cached_blocks_and_shares_its_prompt():
         for i in range(seq.num_computed_tokens // 4):  # every block counted computed holds its own tokens
             assert bm.allocator.block_keys[table[i]] == seq.block_key(i)
     assert bm.num_free_blocks == 8 - 6  # 2 shared prompt blocks + 2 × (a full block and a partial one)
+
+
+def _grow(bm: BlockSpaceManager, seqs: list, tokens: int) -> None:
+    """Each sequence appends ``tokens`` tokens, the sequences in turn (as a decode batch does)."""
+    for _ in range(tokens):
+        for seq in seqs:
+            seq.append_token(7, 0.0)
+            assert bm.append_slots(seq) is None
+            seq.num_computed_tokens = seq.num_tokens
+
+
+def test_a_growing_sequence_gets_the_block_after_its_last():
+    # Four sequences decoding together: each fills its own extent in order, then moves on to a
+    # wholly free one; freed and run again (every full block now cached), the same holds.
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=64, watermark=0.0)
+    bm.allocator = BlockAllocator(64, extent_blocks=8)
+    for _ in range(2):
+        groups = [SequenceGroup("r", None, [i] * 6, SamplingParams(), 4, 0.0) for i in range(4)]  # no shared prefix
+        for g in groups:
+            bm.allocate(g, bm.can_allocate(g)[1])
+            bm.cache_full_blocks(g.seqs[0], 6)
+            g.seqs[0].num_computed_tokens = 6
+        seqs = [g.seqs[0] for g in groups]
+        _grow(bm, seqs, 30)  # 36 tokens: 9 blocks, one more than an extent
+        for seq in seqs:
+            bm.cache_full_blocks(seq, seq.num_tokens)
+            table = bm.get_block_table(seq)
+            assert table[:8] == list(range(table[0], table[0] + 8)) and table[0] % 8 == 0
+            assert table[8] % 8 == 0
+        for seq in seqs:
+            bm.free(seq)
+        assert bm.num_free_blocks == 64
+
+
+def test_with_no_free_extent_blocks_come_one_by_one():
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
+    bm.allocator = BlockAllocator(16, extent_blocks=8)
+    groups = [SequenceGroup("r", None, [i] * 4, SamplingParams(), 4, 0.0) for i in range(3)]
+    for g in groups:  # the third takes the least recently freed block, in the first's extent
+        bm.allocate(g, bm.can_allocate(g)[1])
+    assert [bm.get_block_table(g.seqs[0]) for g in groups] == [[0], [8], [1]]
+    seqs = [g.seqs[0] for g in groups]
+    _grow(bm, seqs, 4 * 4)  # every free block but one gets used: nothing fails, nothing is shared
+    blocks = [b for seq in seqs for b in bm.get_block_table(seq)]
+    assert sorted(blocks) == list(range(15)) and bm.num_free_blocks == 1
