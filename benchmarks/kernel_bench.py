@@ -65,8 +65,6 @@ def copy_bandwidth(device: torch.device, iters: int) -> float:
 def make_batch(args, dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device, generator: torch.Generator):
     seq_lens = torch.randint(args.min_context, args.max_context + 1, (args.num_seqs,), generator=generator)
     blocks_per_seq = (seq_lens + args.block_size - 1) // args.block_size
-    num_blocks = int(blocks_per_seq.sum())
-    max_blocks = int(blocks_per_seq.max())
     # Scatter every sequence's blocks over the cache, as after a while of serving: each sequence's
     # in runs of --block-run consecutive cache blocks (1: each block on its own), its runs placed
     # at random among everyone's.

@@ -87,8 +87,10 @@ def instrument(llm: LLM) -> tuple[list[str], set[str]]:
     engine = llm.llm_engine
     runner = engine.model_runner
     modules = set()
+    inside_linears = {id(m) for linear in runner.model.modules() if isinstance(linear, Linear)
+                      for m in linear.modules() if m is not linear}
     for module in runner.model.modules():
-        leaf = next(module.children(), None) is None or isinstance(module, Linear)
+        leaf = (next(module.children(), None) is None and id(module) not in inside_linears) or isinstance(module, Linear)
         if leaf and wrap(module, "forward", type(module).__name__):
             modules.add(type(module).__name__)
     phases = [

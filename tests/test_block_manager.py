@@ -260,3 +260,24 @@ def test_with_no_free_extent_blocks_come_one_by_one():
     _grow(bm, seqs, 4 * 4)  # every free block but one gets used: nothing fails, nothing is shared
     blocks = [b for seq in seqs for b in bm.get_block_table(seq)]
     assert sorted(blocks) == list(range(15)) and bm.num_free_blocks == 1
+
+
+def test_taking_an_extent_keeps_its_cached_prefix_where_it_can():
+    # A prefix is found from its first block: a new sequence that takes the prefix's extent starts
+    # past its cached blocks, so the prefix stays whole for the next request that shares it.
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
+    bm.allocator = BlockAllocator(16, extent_blocks=8)
+    prompt = list(range(9))  # two full blocks (cached) and one partial
+    first = SequenceGroup("p", None, prompt, SamplingParams(), 4, 0.0)
+    bm.allocate(first, bm.can_allocate(first)[1])
+    bm.cache_full_blocks(first.seqs[0], 9)
+    assert bm.get_block_table(first.seqs[0]) == [0, 1, 2]
+    bm.free(first.seqs[0])
+    filler = SequenceGroup("f", None, [100] * 32, SamplingParams(), 4, 0.0)  # fills the other extent
+    bm.allocate(filler, bm.can_allocate(filler)[1])
+    other = SequenceGroup("o", None, [200] * 4, SamplingParams(), 4, 0.0)
+    bm.allocate(other, bm.can_allocate(other)[1])
+    assert bm.get_block_table(other.seqs[0]) == [2]
+    again = SequenceGroup("p2", None, prompt, SamplingParams(), 4, 0.0)
+    status, plans = bm.can_allocate(again)
+    assert plans[again.seqs[0].seq_id].cached_blocks == [0, 1]

@@ -330,7 +330,11 @@ def bf16_amx_linear_act_and_mul(
     acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
     if activation not in acts:
         raise ValueError(f"bf16_amx_linear_act_and_mul: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
-    d = out.shape[1]
+    d = out.shape[-1]
+    if out.dim() != 2 or d % 16 or weight.shape[0] * 16 != 2 * d:
+        raise ValueError(f"bf16_amx_linear_act_and_mul: out must be [rows, d] with d a multiple of 16 and weight "
+                         f"amx_pack_gate_up_weight of a [2 * d, in_features] weight; got out {tuple(out.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     order = _gate_up_blocks(d).to(input.device)
     blocked = out.new_empty(out.shape[0], 2 * d)
     bf16_amx_linear(blocked, input, weight, None if bias is None else bias[order])
