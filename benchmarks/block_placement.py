@@ -37,10 +37,11 @@ def random_prompts(rng: random.Random, count: int, vocab: int) -> list[dict]:
     return [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(rng.randint(16, 160))]} for _ in range(count)]
 
 
-def capture_tables(args: argparse.Namespace, extent_blocks: int) -> dict:
-    """The block tables and sequence lengths of one decode step of the last batch (see the module)."""
+def capture_tables(args: argparse.Namespace, extent_blocks: int, num_kv_blocks: int | None) -> dict:
+    """The block tables and sequence lengths of one decode step of the last batch (see the module),
+    with a cache of ``num_kv_blocks`` (None: the default size)."""
     block_manager.EXTENT_BLOCKS = extent_blocks
-    llm = LLM(args.model, dtype="bfloat16")
+    llm = LLM(args.model, dtype="bfloat16", num_kv_blocks=num_kv_blocks)
     rng = random.Random(args.seed)
     vocab = llm.llm_engine.model_config.hf_config.vocab_size
     for _ in range(args.passes):
@@ -93,8 +94,10 @@ def main() -> None:
     args.model = args.model or default_model_path()
 
     cases = {}
+    num_kv_blocks = None  # the first engine's default; every later one gets the same cache
     for extent in (int(x) for x in args.extent_blocks.split(",")):
-        cases[f"extents of {extent}"] = capture_tables(args, extent)
+        cases[f"extents of {extent}"] = capture_tables(args, extent, num_kv_blocks)
+        num_kv_blocks = cases[f"extents of {extent}"]["num_blocks"]
     first = next(iter(cases.values()))
     scatter = torch.randperm(first["num_blocks"], generator=torch.Generator().manual_seed(args.seed)).to(torch.int32)
     cases["every block scattered"] = {**first, "tables": scatter[first["tables"].long()]}
