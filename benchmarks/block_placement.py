@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jobs import Load  # noqa: E402
 from pagedlm import LLM, SamplingParams, default_model_path, ops  # noqa: E402
-from pagedlm.engine import block_manager  # noqa: E402
+from pagedlm.engine.block_manager import BlockAllocator  # noqa: E402
 
 
 def random_prompts(rng: random.Random, count: int, vocab: int) -> list[dict]:
@@ -40,8 +40,9 @@ def random_prompts(rng: random.Random, count: int, vocab: int) -> list[dict]:
 def capture_tables(args: argparse.Namespace, extent_blocks: int, num_kv_blocks: int | None) -> dict:
     """The block tables and sequence lengths of one decode step of the last batch (see the module),
     with a cache of ``num_kv_blocks`` (None: the default size)."""
-    block_manager.EXTENT_BLOCKS = extent_blocks
     llm = LLM(args.model, dtype="bfloat16", num_kv_blocks=num_kv_blocks)
+    blocks = llm.llm_engine.block_manager
+    blocks.allocator = BlockAllocator(blocks.num_kv_blocks, extent_blocks)  # before any block is taken
     rng = random.Random(args.seed)
     vocab = llm.llm_engine.model_config.hf_config.vocab_size
     for _ in range(args.passes):

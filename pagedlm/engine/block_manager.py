@@ -61,9 +61,9 @@ class BlockAllocator:
     """Physical block numbers with reference counts, an LRU free list, the wholly free extents
     (least recently freed first) and the prefix-cache map."""
 
-    def __init__(self, num_kv_blocks: int, extent_blocks: int | None = None) -> None:
+    def __init__(self, num_kv_blocks: int, extent_blocks: int = EXTENT_BLOCKS) -> None:
         self.num_kv_blocks = num_kv_blocks
-        self.extent_blocks = extent_blocks = extent_blocks or EXTENT_BLOCKS
+        self.extent_blocks = extent_blocks
         self.ref_counts = [0] * num_kv_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_kv_blocks))
         num_extents = cdiv(num_kv_blocks, extent_blocks)
@@ -223,8 +223,7 @@ class BlockSpaceManager:
                 self.num_hit_tokens += len(table) * self.block_size
             seq.num_computed_tokens = len(table) * self.block_size
             self.num_queried_tokens += seq.num_tokens
-            while len(table) < seq.num_logical_blocks:
-                table.append(self.allocator.allocate(after=table[-1] if table else None))
+            self._grow(table, seq)
             self.block_tables[seq.seq_id] = table
         self._track_peak()
 
@@ -259,8 +258,7 @@ class BlockSpaceManager:
         """Make room for every token of ``seq`` not yet in its table; return a (src, dst)
         block copy when a shared block had to be copied before being written."""
         table = self.block_tables[seq.seq_id]
-        while len(table) < seq.num_logical_blocks:
-            table.append(self.allocator.allocate(after=table[-1] if table else None))
+        self._grow(table, seq)
         first_write_block = seq.num_computed_tokens // self.block_size
         copy = None
         if self._copy_before_write(table, first_write_block):
@@ -270,6 +268,11 @@ class BlockSpaceManager:
             copy = (src, table[first_write_block])
         self._track_peak()
         return copy
+
+    def _grow(self, table: list[int], seq: Sequence) -> None:
+        """Fresh blocks at the end of ``table`` until it covers every token of ``seq``."""
+        while len(table) < seq.num_logical_blocks:
+            table.append(self.allocator.allocate(after=table[-1] if table else None))
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         table = self.block_tables[parent.seq_id]

@@ -68,7 +68,7 @@ class Linear(nn.Linear):
             # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
             self.bias.requires_grad_(False)
         if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and amx_linear_available():
-            self.weight = nn.Parameter(ops.amx_pack_weight(self.weight.detach()), requires_grad=False)
+            self.weight = nn.Parameter(self._amx_pack(self.weight.detach()), requires_grad=False)
             self.amx_packed = True
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
@@ -76,6 +76,10 @@ class Linear(nn.Linear):
             self.blocked_layout = True
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
+
+    def _amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in its AMX kernel's layout (``GateUpLinear`` packs its own)."""
+        return ops.amx_pack_weight(weight)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
@@ -117,14 +121,11 @@ class GateUpLinear(Linear):
         super().__init__(in_features, 2 * d, bias=bias)
         self.act_fn = act_fn
 
-    def process_weights_after_loading(self) -> None:
-        fusable = self.out_features % 32 == 0 and self.weight.device.type == "cpu"
-        if not (fusable and self.weight.dtype == torch.bfloat16 and amx_linear_available()):
-            return super().process_weights_after_loading()
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.weight = nn.Parameter(ops.amx_pack_gate_up_weight(self.weight.detach()), requires_grad=False)
+    def _amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.out_features % 32:  # d not a multiple of 16: the plain linear, then act_fn
+            return super()._amx_pack(weight)
         self.amx_act_and_mul = True
+        return ops.amx_pack_gate_up_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
