@@ -28,6 +28,8 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("gemma_fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  m.def("scale(Tensor(a!) x, float factor, bool divide=False) -> ()");
+  m.def("soft_cap(Tensor(a!) x, float cap) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def(
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
@@ -56,6 +58,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("gemma_fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("gelu_tanh_and_mul", [](at::Tensor&, const at::Tensor&) {});
+  m.impl("scale", [](at::Tensor&, double, bool) {});
+  m.impl("soft_cap", [](at::Tensor&, double) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, at::Tensor&, at::Tensor&) {});

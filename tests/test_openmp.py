@@ -1,5 +1,5 @@
 """OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota, no OpenMP region
-of torch's in a bf16 step of a Llama on AMX."""
+of torch's in a bf16 step on AMX (Llama, Granite, Gemma 2)."""
 
 import math
 import os
@@ -11,6 +11,7 @@ import torch
 
 from pagedlm import LLM, SamplingParams, openmp
 from pagedlm.model_executor.layers.linear import amx_linear_available
+from conftest import make_checkpoint
 
 
 def _run(code: str, **env: str) -> str:
@@ -58,21 +59,30 @@ def test_threads_are_lowered_to_the_quota(monkeypatch):
         torch.set_num_threads(before)
 
 
-# Ops that only view, allocate or draw the per-request uniforms; any other torch op in a step may open
+# Ops that only view, allocate, read one scalar or draw the per-request uniforms; any other torch op in a step may open
 # an OpenMP region, after which libgomp's threads spin beside the kernels' pool (300,000 times when
 # torch was imported before pagedlm, so OMP_WAIT_POLICY could not be set: a decode step 25% slower).
 _NO_COMPUTE = {"aten::as_strided", "aten::detach_", "aten::empty", "aten::empty_like", "aten::empty_strided",
                "aten::lift_fresh", "aten::new_empty", "aten::resolve_conj", "aten::resolve_neg", "aten::slice",
-               "aten::select", "aten::split_with_sizes", "aten::view", "aten::reshape"}
+               "aten::select", "aten::split_with_sizes", "aten::view", "aten::reshape", "aten::item",
+               "aten::_local_scalar_dense"}
 _SMALL_ONLY = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::rand", "aten::uniform_"}
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run without a parallel region
+
+
+@pytest.fixture(scope="module", params=["llama", "granite", "gemma2"])
+def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
+    """Llama, and the models that scale their embeddings, residuals or logits (Granite's multipliers,
+    Gemma's normaliser and Gemma 2's final soft cap). Not yet the models with q/k norms (Qwen3, Gemma 3):
+    their norms copy q and k out of the fused projection first."""
+    return make_checkpoint(str(tmp_path_factory.mktemp(f"openmp_{request.param}")), request.param, tokenizer_dir)
 
 
 @pytest.mark.skipif(not amx_linear_available(), reason="without AMX the bf16 linears run on oneDNN, which uses OpenMP")
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                                     SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)])
-def test_a_bf16_step_runs_no_torch_compute_op(llama_dir, params):
-    llm = LLM(llama_dir, dtype="bfloat16")
+def test_a_bf16_step_runs_no_torch_compute_op(arch_dir, params):
+    llm = LLM(arch_dir, dtype="bfloat16")
     prompts = [{"prompt_token_ids": [1, 5 + i, 6, 7] * (40 if i == 0 else 1)} for i in range(5)]
     with torch.profiler.profile(record_shapes=True) as prof:
         llm.generate(prompts, params, use_tqdm=False)

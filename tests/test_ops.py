@@ -553,6 +553,39 @@ def test_gather_rows_rejects_bad_indices():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("numel", [1, 17, 4096 * 33, 49152 * 8 + 5])
+def test_scalings_are_eager_torchs(device, dtype, numel):
+    """Every element as eager torch computes it with a Python float (tails of the vector loop too)."""
+    x = (30 * torch.randn(numel, generator=torch.Generator().manual_seed(numel))).to(dtype).to(device)
+    normaliser = torch.tensor(576**0.5, dtype=dtype).item()  # Gemma's, rounded to the dtype
+    for factor, divide, expected in [(0.22, False, x * 0.22), (normaliser, False, x * normaliser),
+                                     (3.7, True, x / 3.7), (1 / 3.7, True, x / (1 / 3.7))]:
+        out = x.clone()
+        torch.ops.pagedlm.scale(out, factor, divide)
+        assert torch.equal(out, expected), (factor, divide)
+    for cap in (30.0, 5.5):
+        out = x.clone()
+        torch.ops.pagedlm.soft_cap(out, cap)
+        assert torch.equal(out, torch.tanh(x / cap) * cap), cap
+
+
+def test_scalings_reject_bad_arguments():
+    for call, message in [
+        (lambda: torch.ops.pagedlm.scale(torch.ones(4, 3).t(), 2.0), "scale: x must be contiguous"),
+        (lambda: torch.ops.pagedlm.scale(torch.ones(3, dtype=torch.int32), 2.0),
+         "scale: x must be float32, bfloat16 or float16; got Int"),
+        (lambda: torch.ops.pagedlm.scale(torch.ones(3), 0.0), "scale: factor must be finite and nonzero; got 0"),
+        (lambda: torch.ops.pagedlm.scale(torch.ones(3), float("inf")), "scale: factor must be finite and nonzero"),
+        (lambda: torch.ops.pagedlm.soft_cap(torch.ones(3), -1.0), "soft_cap: cap must be finite and positive; got -1"),
+        (lambda: torch.ops.pagedlm.soft_cap(torch.ones(3, dtype=torch.int32), 2.0),
+         "soft_cap: x must be float32, bfloat16 or float16"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("vocab", [49152, 1000, 37])
 def test_argmax_logprob(device, dtype, vocab):
     gen = torch.Generator().manual_seed(vocab)

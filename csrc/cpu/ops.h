@@ -39,6 +39,10 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 
 void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input);
 
+void scale(at::Tensor& x, double factor, bool divide);
+
+void soft_cap(at::Tensor& x, double cap);
+
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
 
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,

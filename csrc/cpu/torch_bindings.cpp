@@ -15,6 +15,8 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("gemma_fused_add_rms_norm", &pagedlm::cpu::gemma_fused_add_rms_norm);
   m.impl("silu_and_mul", &pagedlm::cpu::silu_and_mul);
   m.impl("gelu_tanh_and_mul", &pagedlm::cpu::gelu_tanh_and_mul);
+  m.impl("scale", &pagedlm::cpu::scale);
+  m.impl("soft_cap", &pagedlm::cpu::soft_cap);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("sample", &pagedlm::cpu::sample);
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);

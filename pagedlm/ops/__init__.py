@@ -62,6 +62,19 @@ Face's eager code does, so results match transformers bit for bit up to fp32 sum
   weight, epsilon)``: Gemma's RMSNorm, ``x / rms(x) * (1 + weight)`` with the product taken in fp32
   and rounded once (Llama's rounds the normalised ``x`` before multiplying by ``weight``).
 
+Scalings (in place on a contiguous ``x`` in float32, bfloat16 or float16; each step computed in fp32 and
+rounded to ``x``'s dtype, as eager torch's ops with a Python float do; on CPU on the kernels' threads,
+so a bf16 step opens no OpenMP region for them):
+
+* ``scale(x, factor, divide=False)``: ``x = x * factor``, or ``x / factor`` (a true division, not a
+  product with ``1 / factor``), for a finite nonzero ``factor``: Granite's embedding and residual
+  multipliers and its logits scaling, Gemma's embedding normaliser.
+* ``soft_cap(x, cap)``: ``x = tanh(x / cap) * cap`` for a finite ``cap > 0``, rounded after the
+  division, the tanh and the product (transformers' Gemma 2 final-logit soft-capping). In bfloat16
+  and float16 the CPU kernel's tanh is ATen's vectorised one (Sleef), as eager torch's is for those
+  dtypes; a float32 ``x`` goes through ATen's own ops (their fp32 tanh is MKL's, whose last bits
+  Sleef's do not match), which open OpenMP regions.
+
 Sampling op:
 
 * ``argmax_logprob(logits, token_ids, logprobs)``: for each row of ``logits`` ``[num_rows, vocab]``
@@ -154,6 +167,8 @@ _OP_NAMES = (
     "rotary_embedding",
     "silu_and_mul",
     "gelu_tanh_and_mul",
+    "scale",
+    "soft_cap",
     "argmax_logprob",
     "sample",
     "bf16_blocked_linear",
@@ -239,6 +254,8 @@ gemma_fused_add_rms_norm = _impl.gemma_fused_add_rms_norm
 rotary_embedding = _impl.rotary_embedding
 silu_and_mul = _impl.silu_and_mul
 gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
+scale = _impl.scale
+soft_cap = _impl.soft_cap
 argmax_logprob = _impl.argmax_logprob
 sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear

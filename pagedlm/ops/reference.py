@@ -5,6 +5,8 @@ against it. The layer ops are Hugging Face's eager Llama code, written to an out
 where torch allows, because it is also the fallback backend when the extension is not built.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -226,6 +228,21 @@ def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
 def gelu_tanh_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     gate, up = input.chunk(2, dim=-1)
     out.copy_(F.gelu(gate, approximate="tanh") * up)
+
+
+def scale(x: torch.Tensor, factor: float, divide: bool = False) -> None:
+    if not (math.isfinite(factor) and factor != 0.0):
+        raise ValueError(f"scale: factor must be finite and nonzero; got {factor}")
+    if divide:
+        x.div_(factor)
+    else:
+        x.mul_(factor)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> None:
+    if not (math.isfinite(cap) and cap > 0.0):
+        raise ValueError(f"soft_cap: cap must be finite and positive; got {cap}")
+    x.copy_(torch.tanh(x / cap) * cap)
 
 
 def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:

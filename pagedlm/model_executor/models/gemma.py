@@ -9,10 +9,13 @@ logits; Gemma 3 instead normalises q and k per head and has a RoPE base per laye
 Gemma 3 checkpoints run their language model on text prompts.
 """
 
+import functools
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedlm import ops
 from pagedlm.config import get_head_size
 from pagedlm.model_executor.layers.activation import GeluAndMul
 from pagedlm.model_executor.layers.attention import AttentionMetadata
@@ -21,6 +24,11 @@ from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+@functools.cache
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return torch.tensor(value, dtype=dtype).item()
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -85,12 +93,13 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         # transformers rounds the scale to the model dtype before multiplying.
-        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        ops.scale(x, _rounded(self.config.hidden_size**0.5, x.dtype))
+        return x
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)
         if self.final_logit_softcapping:
-            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+            ops.soft_cap(logits, self.final_logit_softcapping)
         return logits
 
 

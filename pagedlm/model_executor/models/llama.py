@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedlm import ops
 from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
@@ -109,11 +110,11 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, kv_cache, meta)
         if self.residual_multiplier != 1.0:
-            x = x * self.residual_multiplier
+            ops.scale(x, self.residual_multiplier)
         x, residual = self.post_attention_layernorm(x, residual)
         x = self.mlp(x)
         if self.residual_multiplier != 1.0:
-            x = x * self.residual_multiplier
+            ops.scale(x, self.residual_multiplier)
         return x, residual
 
 
@@ -150,7 +151,9 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        return x * self.embedding_multiplier if self.embedding_multiplier != 1.0 else x
+        if self.embedding_multiplier != 1.0:
+            ops.scale(x, self.embedding_multiplier)
+        return x
 
     def forward(
         self,
@@ -169,7 +172,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)
-        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+        if self.logits_scaling != 1.0:
+            ops.scale(logits, self.logits_scaling, divide=True)
+        return logits
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
