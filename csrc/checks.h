@@ -112,21 +112,38 @@ inline at::Tensor host_block_pairs(const at::Tensor& block_mapping, int64_t num_
 }
 
 // [num_tokens, hidden] rows (a row stride is allowed) normalised by a [hidden] weight.
-inline void check_norm_rows(const at::Tensor& t, const at::Tensor& weight, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [num_tokens, hidden], contiguous in its last dimension");
-  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == t.size(1),
+// with_heads: also [num_tokens, num_heads, head_size] (rms_norm of q or k per head, views into a
+// fused projection).
+inline void check_norm_rows(const at::Tensor& t, const at::Tensor& weight, const char* name, bool with_heads) {
+  TORCH_CHECK((t.dim() == 2 || (with_heads && t.dim() == 3)) && t.stride(-1) == 1, name,
+              with_heads ? " must be [num_tokens, hidden] or [num_tokens, num_heads, head_size], contiguous in its "
+                           "last dimension"
+                         : " must be [num_tokens, hidden], contiguous in its last dimension");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.size(0) == t.size(-1),
               "weight must be a contiguous [hidden] vector matching ", name);
   TORCH_CHECK(t.scalar_type() == weight.scalar_type(), name, " and weight dtypes differ");
   TORCH_CHECK(t.device() == weight.device(), name, " and weight are on different devices");
 }
 
-// The two row tensors of rms_norm (out, input) or fused_add_rms_norm (input, residual).
+// The two row tensors of rms_norm (out, input; with_heads) or fused_add_rms_norm (input, residual).
 inline void check_norm(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                       const at::Tensor& weight) {
-  check_norm_rows(a, weight, a_name);
-  check_norm_rows(b, weight, b_name);
+                       const at::Tensor& weight, bool with_heads = false) {
+  check_norm_rows(a, weight, a_name, with_heads);
+  check_norm_rows(b, weight, b_name, with_heads);
   TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " shapes differ");
 }
+
+// The rows of a tensor check_norm_rows passed: [num_tokens, hidden] or [num_tokens, num_heads,
+// head_size]; strides in elements.
+struct NormRows {
+  int64_t tokens, heads, token_stride, head_stride;
+  explicit NormRows(const at::Tensor& t)
+      : tokens(t.size(0)),
+        heads(t.dim() == 3 ? t.size(1) : 1),
+        token_stride(t.stride(0)),
+        head_stride(t.dim() == 3 ? t.stride(1) : 0) {}
+  int64_t offset(int64_t row) const { return row / heads * token_stride + row % heads * head_stride; }
+};
 
 inline void check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 2 && input.size(1) % 2 == 0, "input must be [num_tokens, 2 * d]");

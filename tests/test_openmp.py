@@ -1,5 +1,5 @@
 """OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota, no OpenMP region
-of torch's in a bf16 step on AMX (Llama, Granite, Gemma 2)."""
+of torch's in a bf16 step on AMX (Llama, Granite, Gemma 2, Qwen3, Gemma 3)."""
 
 import math
 import os
@@ -70,11 +70,10 @@ _SMALL_ONLY = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::rand", "aten:
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run without a parallel region
 
 
-@pytest.fixture(scope="module", params=["llama", "granite", "gemma2"])
+@pytest.fixture(scope="module", params=["llama", "granite", "gemma2", "qwen3", "gemma3"])
 def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
-    """Llama, and the models that scale their embeddings, residuals or logits (Granite's multipliers,
-    Gemma's normaliser and Gemma 2's final soft cap). Not yet the models with q/k norms (Qwen3, Gemma 3):
-    their norms copy q and k out of the fused projection first."""
+    """Llama, the models that scale their embeddings, residuals or logits (Granite's multipliers,
+    Gemma's normaliser and Gemma 2's final soft cap) and those that normalise q and k per head."""
     return make_checkpoint(str(tmp_path_factory.mktemp(f"openmp_{request.param}")), request.param, tokenizer_dir)
 
 

@@ -465,6 +465,16 @@ def test_rms_norm(device, dtype, hidden, style):
     getattr(torch.ops.pagedlm, f"{prefix}rms_norm")(out, x, weight, 1e-5)
     assert_matches_hf(out, hf_rms_norm(style, x, weight, 1e-5), dtype, f"{prefix}rms_norm")
 
+    # Per head: q's heads as a view into a fused QKV buffer, normalised into a contiguous tensor, each
+    # row as the same rows copied out and normalised as [rows, head_size] are.
+    qkv = torch.randn(37, 5 * hidden, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    q = qkv[:, : 3 * hidden].view(37, 3, hidden)
+    per_head = torch.full((37, 3, hidden), float("nan"), dtype=dtype, device=device)
+    getattr(torch.ops.pagedlm, f"{prefix}rms_norm")(per_head, q, weight, 1e-5)
+    rows = torch.full((37 * 3, hidden), float("nan"), dtype=dtype, device=device)
+    getattr(torch.ops.pagedlm, f"{prefix}rms_norm")(rows, q.reshape(-1, hidden), weight, 1e-5)
+    assert torch.equal(per_head.view(-1, hidden), rows), f"{prefix}rms_norm per head differs from its rows"
+
     residual = torch.randn(37, hidden, generator=gen).to(dtype).to(device)
     expected_residual = x + residual
     x_inout = x.clone()

@@ -39,18 +39,18 @@ void scale_row(T* out, const T* x, const T* weight, int64_t hidden, float inv) {
 
 template <bool kGemma>
 void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  check_norm(out, "out", input, "input", weight);
-  const int64_t tokens = input.size(0), hidden = input.size(1);
-  const int64_t in_stride = input.stride(0), out_stride = out.stride(0);
+  check_norm(out, "out", input, "input", weight, /*with_heads=*/true);
+  const NormRows in_rows(input), out_rows(out);
+  const int64_t hidden = input.size(-1);
   const float eps = static_cast<float>(epsilon);
   PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rms_norm", [&] {
     const auto* x = input.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
     auto* y = out.data_ptr<scalar_t>();
-    parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const scalar_t* row = x + t * in_stride;
-        scale_row<kGemma>(y + t * out_stride, row, w, hidden, inv_rms(row, hidden, eps));
+    parallel_for(0, in_rows.tokens * in_rows.heads, grain_for(hidden), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = x + in_rows.offset(r);
+        scale_row<kGemma>(y + out_rows.offset(r), row, w, hidden, inv_rms(row, hidden, eps));
       }
     });
   });

@@ -141,12 +141,14 @@ void copy_blocks(at::TensorList key_caches, at::TensorList value_caches, const a
 
 void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon,
                    NormStyle style) {
-  check_norm(out, "out", input, "input", weight);
+  check_norm(out, "out", input, "input", weight, /*with_heads=*/true);
   const c10::cuda::CUDAGuard guard(input.device());
-  C10_CUDA_CHECK(launch_rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), static_cast<int>(input.size(0)),
-                                 static_cast<int>(input.size(1)), out.stride(0), input.stride(0),
-                                 static_cast<float>(epsilon), style, dtype_of(input),
-                                 c10::cuda::getCurrentCUDAStream()));
+  const NormRows in_rows(input), out_rows(out);
+  C10_CUDA_CHECK(launch_rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), static_cast<int>(in_rows.tokens),
+                                 static_cast<int>(in_rows.heads), static_cast<int>(input.size(-1)),
+                                 {out_rows.token_stride, out_rows.head_stride},
+                                 {in_rows.token_stride, in_rows.head_stride}, static_cast<float>(epsilon), style,
+                                 dtype_of(input), c10::cuda::getCurrentCUDAStream()));
 }
 
 void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon,

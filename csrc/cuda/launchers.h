@@ -74,9 +74,15 @@ cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, c
 // kLlama: weight * round(x / rms); kGemma: round(x / rms * (1 + weight)).
 enum class NormStyle { kLlama, kGemma };
 
-cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,
-                            int64_t out_stride, int64_t input_stride, float epsilon, NormStyle style, DType dtype,
-                            cudaStream_t stream);
+// A norm's rows in elements: token t, head h at t * token + h * head ([num_tokens, hidden]: head = 0).
+struct RowStrides {
+  int64_t token;
+  int64_t head;
+};
+
+cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int num_heads,
+                            int hidden, RowStrides out_strides, RowStrides input_strides, float epsilon,
+                            NormStyle style, DType dtype, cudaStream_t stream);
 
 cudaError_t launch_fused_add_rms_norm(void* input, void* residual, const void* weight, int num_tokens, int hidden,
                                      int64_t input_stride, int64_t residual_stride, float epsilon, NormStyle style,

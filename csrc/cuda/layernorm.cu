@@ -1,4 +1,4 @@
-// RMSNorm, alone and fused with the residual add, one block per token, with Hugging Face's
+// RMSNorm, alone and fused with the residual add, one block per row, with Hugging Face's
 // rounding: fp32 statistics, the residual sum rounded to the model dtype, then Llama's normalised
 // row rounded to the model dtype before the weight multiplies it, or Gemma's row times
 // (1 + weight) in fp32, rounded once.
@@ -37,11 +37,13 @@ __device__ void scale_row(T* out, const T* x, const T* weight, int hidden, float
   }
 }
 
+// One block per row: token blockIdx.x, head blockIdx.y.
 template <NormStyle kStyle, typename T>
-__global__ void rms_norm_kernel(T* out, const T* input, const T* weight, int hidden, int64_t out_stride,
-                                int64_t input_stride, float epsilon) {
-  const T* x = input + blockIdx.x * input_stride;
-  scale_row<kStyle>(out + blockIdx.x * out_stride, x, weight, hidden, inv_rms(x, hidden, epsilon));
+__global__ void rms_norm_kernel(T* out, const T* input, const T* weight, int hidden, RowStrides out_strides,
+                                RowStrides input_strides, float epsilon) {
+  const T* x = input + blockIdx.x * input_strides.token + blockIdx.y * input_strides.head;
+  scale_row<kStyle>(out + blockIdx.x * out_strides.token + blockIdx.y * out_strides.head, x, weight, hidden,
+                    inv_rms(x, hidden, epsilon));
 }
 
 // Each thread rereads only the residual elements it wrote itself before the barrier inside inv_rms.
@@ -63,16 +65,16 @@ cudaError_t dispatch_style(NormStyle style, const F& f) {
 
 }  // namespace
 
-cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int hidden,
-                            int64_t out_stride, int64_t input_stride, float epsilon, NormStyle style, DType dtype,
-                            cudaStream_t stream) {
-  if (num_tokens == 0) return cudaSuccess;
+cudaError_t launch_rms_norm(void* out, const void* input, const void* weight, int num_tokens, int num_heads,
+                            int hidden, RowStrides out_strides, RowStrides input_strides, float epsilon,
+                            NormStyle style, DType dtype, cudaStream_t stream) {
+  if (num_tokens == 0 || num_heads == 0) return cudaSuccess;
   return dispatch_style(style, [&](auto kStyle) {
     return dispatch_dtype(dtype, [&](auto zero) {
       using T = decltype(zero);
-      rms_norm_kernel<kStyle(), T><<<num_tokens, kThreads, 0, stream>>>(
-          static_cast<T*>(out), static_cast<const T*>(input), static_cast<const T*>(weight), hidden, out_stride,
-          input_stride, epsilon);
+      rms_norm_kernel<kStyle(), T><<<dim3(num_tokens, num_heads), kThreads, 0, stream>>>(
+          static_cast<T*>(out), static_cast<const T*>(input), static_cast<const T*>(weight), hidden, out_strides,
+          input_strides, epsilon);
       return cudaGetLastError();
     });
   });

@@ -50,7 +50,9 @@ last dimension contiguous). Each rounds its intermediates to the model dtype exa
 Face's eager code does, so results match transformers bit for bit up to fp32 summation order:
 
 * ``rms_norm(out, input, weight, epsilon)`` and ``fused_add_rms_norm(input, residual, weight,
-  epsilon)``: ``residual += input``, then ``input = rms_norm(residual)``.
+  epsilon)``: ``residual += input``, then ``input = rms_norm(residual)``. ``rms_norm`` and
+  ``gemma_rms_norm`` also take ``[num_tokens, num_heads, head_size]`` (q or k normalised per head,
+  views into a fused QKV buffer; strided in their first two dimensions).
 * ``rotary_embedding(positions, query, key, cos_sin_cache)``: rotate-half rotary embedding of
   ``query`` and ``key`` in place; ``cos_sin_cache`` is ``[max_position, head_size]`` in the model
   dtype, each row the cos values of the ``head_size / 2`` frequencies followed by their sin values;

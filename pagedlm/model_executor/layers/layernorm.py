@@ -18,9 +18,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x)``; with ``residual``, ``residual += x`` and ``x = norm(residual)``, both in place."""
+        """``norm(x)`` into a new contiguous tensor (x ``[num_tokens, hidden]``, or ``[num_tokens, num_heads,
+        head_size]`` for per-head norms; rows may be strided views); with ``residual`` (2-D),
+        ``residual += x`` and ``x = norm(residual)``, both in place."""
         if residual is None:
-            out = torch.empty_like(x)
+            out = x.new_empty(x.shape)
             self.norm(out, x, self.weight, self.eps)
             return out
         self.fused_add_norm(x, residual, self.weight, self.eps)

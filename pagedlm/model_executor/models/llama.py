@@ -55,12 +55,12 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_size))
-            k = self.k_norm(k.reshape(-1, self.head_size))
         q = q.view(-1, self.num_heads, self.head_size)
         k = k.view(-1, self.num_kv_heads, self.head_size)
         v = v.view(-1, self.num_kv_heads, self.head_size)
+        if self.q_norm is not None:  # per head, read from the fused projection, into new tensors
+            q = self.q_norm(q)
+            k = self.k_norm(k)
         self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.view(-1, self.q_size))
