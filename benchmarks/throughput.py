@@ -59,9 +59,9 @@ from pathlib import Path
 
 from throughput_systems import SYSTEMS, Workload
 
-# The environment the systems' subprocesses start from: this process's as it was launched. `import
-# pagedlm` (for the default model) sets OMP_WAIT_POLICY=passive here, which vLLM's libiomp5 would
-# otherwise inherit (AlpacaEval 882-906 instead of ~1,200 output tok/s for vllm-cpu-tuned).
+# The environment the systems' subprocesses start from: this process's as it was launched, whatever
+# its imports change. (`import pagedlm` once left OMP_WAIT_POLICY=passive set, and vLLM's libiomp5
+# inherited it: AlpacaEval 882-906 instead of ~1,200 output tok/s for vllm-cpu-tuned.)
 LAUNCH_ENV = dict(os.environ)
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_805.jsonl"

@@ -22,14 +22,32 @@ import sys
 logger = logging.getLogger("pagedlm")
 
 OMP_WAIT_POLICY = "passive"
+_set_here = False  # whether set_openmp_defaults set it (restore_environment removes it then)
 
 
 def set_openmp_defaults() -> None:
     """Set ``OMP_WAIT_POLICY`` unless the user set it or ``GOMP_SPINCOUNT``, or torch was imported
-    before pagedlm (libgomp has read its environment then, so it would not take effect)."""
+    before pagedlm (libgomp has read its environment then, so it would not take effect). libgomp
+    reads it once, when torch loads it; ``restore_environment`` then takes it out again."""
+    global _set_here
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
     os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    _set_here = True
+
+
+def restore_environment() -> None:
+    """Remove the ``OMP_WAIT_POLICY`` that ``set_openmp_defaults`` set, once torch has loaded
+    libgomp: child processes (a benchmark's peers, a data loader's workers, another OpenMP runtime)
+    would otherwise inherit pagedlm's choice. A child that imports pagedlm sets it for itself."""
+    global _set_here
+    if not _set_here:
+        return
+    import torch  # noqa: F401  (loads libgomp, which reads its environment then)
+
+    if os.environ.get("OMP_WAIT_POLICY") == OMP_WAIT_POLICY:
+        del os.environ["OMP_WAIT_POLICY"]
+    _set_here = False
 
 
 def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:

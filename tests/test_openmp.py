@@ -3,6 +3,7 @@ of torch's in a bf16 step on AMX (Llama, Granite, Gemma 2, Qwen3, Gemma 3)."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,18 +15,25 @@ from pagedlm.model_executor.layers.linear import amx_linear_available
 from conftest import make_checkpoint
 
 
-def _run(code: str, **env: str) -> str:
+def _run(code: str, **env: str) -> tuple[str, str]:
+    """stdout, and the spin count libgomp took (OMP_DISPLAY_ENV=verbose prints it when it loads)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, "OMP_DISPLAY_ENV": "verbose", **env},
+                          capture_output=True, text=True, check=True)
+    spin = re.search(r"GOMP_SPINCOUNT = '(\d+)'", done.stderr)
+    return done.stdout.strip(), spin and spin.group(1)
 
 
-def test_wait_policy_is_set_only_when_it_can_take_effect():
+def test_wait_policy_is_set_only_when_it_can_take_effect_and_not_passed_on():
     show = "import os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _run(f"import pagedlm; {show}") == openmp.OMP_WAIT_POLICY == "passive"
-    assert _run(f"import torch, pagedlm; {show}") == "None"  # libgomp has read its environment already
-    assert _run(f"import pagedlm; {show}", OMP_WAIT_POLICY="active") == "active"
-    assert _run(f"import pagedlm; {show}", GOMP_SPINCOUNT="5") == "None"
+    assert openmp.OMP_WAIT_POLICY == "passive"
+    # libgomp took passive (no spinning), and the variable is gone again for child processes.
+    assert _run(f"import pagedlm; {show}") == ("None", "0")
+    child = "import os, subprocess, sys; subprocess.run([sys.executable, '-c', \"import os; print(os.environ.get('OMP_WAIT_POLICY'))\"])"
+    assert _run(f"import pagedlm; {child}")[0] == "None"
+    assert _run(f"import torch, pagedlm; {show}") == ("None", "300000")  # libgomp had read its environment
+    assert _run(f"import pagedlm; {show}", OMP_WAIT_POLICY="active")[0] == "active"
+    assert _run(f"import pagedlm; {show}", GOMP_SPINCOUNT="5") == ("None", "5")
 
 
 @pytest.mark.parametrize("files,expected", [
