@@ -200,6 +200,22 @@ inline void check_argmax_logprob(const at::Tensor& logits, const at::Tensor& tok
   check_per_row(logprobs, "logprobs", at::kFloat, logits);
 }
 
+// logits [rows, vocab]; token_ids int64 [rows] (each checked in range by the kernel); per row the
+// token's log-probability (fp32) and rank (int64); top_logprobs fp32 and top_ids int64 [rows, k].
+inline void check_top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& logprobs,
+                               const at::Tensor& ranks, const at::Tensor& top_logprobs, const at::Tensor& top_ids) {
+  check_argmax_logprob(logits, token_ids, logprobs);
+  check_per_row(ranks, "ranks", at::kLong, logits);
+  TORCH_CHECK(top_logprobs.dim() == 2 && top_logprobs.is_contiguous() && top_logprobs.scalar_type() == at::kFloat &&
+                  top_logprobs.size(0) == logits.size(0) && top_logprobs.size(1) <= logits.size(1),
+              "top_logprobs must be a contiguous float32 [num_rows, k] with k <= vocab (", logits.size(1), ")");
+  TORCH_CHECK(top_ids.dim() == 2 && top_ids.is_contiguous() && top_ids.scalar_type() == at::kLong &&
+                  top_ids.sizes() == top_logprobs.sizes(),
+              "top_ids must be a contiguous int64 tensor shaped as top_logprobs");
+  TORCH_CHECK(top_logprobs.device() == logits.device() && top_ids.device() == logits.device(),
+              "top_logprobs, top_ids and logits are on different devices");
+}
+
 inline void check_sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
                          const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms,
                          const at::Tensor& token_ids, const at::Tensor& logprobs) {

@@ -32,6 +32,9 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("soft_cap(Tensor(a!) x, float cap) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def(
+      "top_logprobs(Tensor logits, Tensor token_ids, Tensor(a!) logprobs, Tensor(b!) ranks, Tensor(c!) top_logprobs, "
+      "Tensor(d!) top_ids) -> ()");
+  m.def(
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
       "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def("bf16_blocked_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
@@ -61,6 +64,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("scale", [](at::Tensor&, double, bool) {});
   m.impl("soft_cap", [](at::Tensor&, double) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
+  m.impl("top_logprobs",
+         [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("bf16_blocked_linear", [](at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -87,7 +87,9 @@ def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
 
 @pytest.mark.skipif(not amx_linear_available(), reason="without AMX the bf16 linears run on oneDNN, which uses OpenMP")
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                                    SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)])
+                                    SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
+                                    SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2,
+                                                   ignore_eos=True)])
 def test_a_bf16_step_runs_no_torch_compute_op(arch_dir, params):
     llm = LLM(arch_dir, dtype="bfloat16")
     prompts = [{"prompt_token_ids": [1, 5 + i, 6, 7] * (40 if i == 0 else 1)} for i in range(5)]

@@ -613,6 +613,54 @@ def test_argmax_logprob(device, dtype, vocab):
     torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_top_logprobs(device, dtype, vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    wide = (3 * torch.randn(9, vocab + 5, generator=gen)).to(dtype)
+    wide[3:6, :vocab] = torch.randint(-4, 5, (3, vocab), generator=gen).to(dtype)  # many ties
+    wide[6, vocab - 1] = 50  # the maximum in the last (tail) element
+    wide[7, :vocab] = -1e4  # all-equal row, far from zero
+    logits = wide[:, :vocab].to(device)  # strided rows
+    token_ids = torch.randint(0, vocab, (9,), generator=gen).to(device)
+    token_ids[6] = vocab - 1
+
+    def run(op):
+        out = (torch.full((9,), float("nan"), device=device), torch.full((9,), -1, dtype=torch.int64, device=device),
+               torch.full((9, min(k, vocab)), float("nan"), device=device),
+               torch.full((9, min(k, vocab)), -1, dtype=torch.int64, device=device))
+        op(logits, token_ids, *out)
+        return out
+
+    logprobs, ranks, top, ids = run(torch.ops.pagedlm.top_logprobs)
+    ref_logprobs, ref_ranks, ref_top, ref_ids = run(reference.top_logprobs)
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
+    torch.testing.assert_close(top, ref_top, rtol=0, atol=2e-5)
+    assert torch.equal(ids, ref_ids)  # ties in token order, whatever the rows around
+    assert torch.equal(ranks, ref_ranks)
+    # The argmax_logprob kernel's formula: the first maximum's entry is its logprob, bit for bit.
+    argmax, argmax_logprob = torch.empty_like(token_ids), torch.empty_like(logprobs)
+    torch.ops.pagedlm.argmax_logprob(logits, argmax, argmax_logprob)
+    if k:
+        assert torch.equal(ids[:, 0], argmax) and torch.equal(top[:, 0], argmax_logprob)
+    assert ranks[6] == 1 and logprobs[6] == argmax_logprob[6]
+
+
+def test_top_logprobs_rejects_bad_arguments():
+    logits, ids = torch.randn(2, 10), torch.tensor([1, 10])
+    out = (torch.empty(2), torch.empty(2, dtype=torch.int64), torch.empty(2, 3), torch.empty(2, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"token_ids\[1\] = 10 is not in \[0, 10\)"):
+        torch.ops.pagedlm.top_logprobs(logits, ids, *out)
+    with pytest.raises(RuntimeError, match=r"top_logprobs must be a contiguous float32 \[num_rows, k\] with k <= vocab"):
+        torch.ops.pagedlm.top_logprobs(logits, torch.tensor([1, 2]), out[0], out[1], torch.empty(2, 11),
+                                       torch.empty(2, 11, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="top_ids must be a contiguous int64 tensor shaped as top_logprobs"):
+        torch.ops.pagedlm.top_logprobs(logits, torch.tensor([1, 2]), out[0], out[1], out[2], torch.empty(2, 3))
+
+
 def sample_case(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int):
     """Logits and per-row parameters mixing greedy rows, top-k, top-p, min-p and all together."""
     gen = torch.Generator().manual_seed(seed)

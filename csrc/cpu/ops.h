@@ -45,6 +45,9 @@ void soft_cap(at::Tensor& x, double cap);
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
 
+void top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, at::Tensor& logprobs, at::Tensor& ranks,
+                  at::Tensor& top_logprobs, at::Tensor& top_ids);
+
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
             const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
             at::Tensor& logprobs);

@@ -2,6 +2,9 @@
 // vocab-many random numbers per row:
 // * argmax_logprob: greedy, the first index of the maximum and its log-probability,
 //   logit - logsumexp = -log(sum(exp(x - max))), in one read of the logits;
+// * top_logprobs: a given token's log-probability by the same formula, (x - max) + -log(sum(exp(x -
+//   max))), its rank, and the k largest log-probabilities, ties in token order, without a
+//   log-softmax in memory;
 // * sample: temperature, top-k, top-p and min-p reduce each row to the tokens whose tempered
 //   probability reaches a threshold (found by a radix select over the float bits), and one uniform
 //   number per row picks among them by inverse CDF in token order.
@@ -143,7 +146,77 @@ int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::
   return inverse_cdf(p.data(), n, threshold, static_cast<double>(row.uniform) * kept_mass(p.data(), n, threshold));
 }
 
+// Entries of a row's top k: better = larger log-probability, then smaller token id.
+struct Entry {
+  float logprob;
+  int64_t id;
+};
+inline bool better(const Entry& a, const Entry& b) { return a.logprob > b.logprob || (a.logprob == b.logprob && a.id < b.id); }
+
+// Ranks token t of row x [n] and fills its top k (top/ids, k entries each); returns t's log-probability.
+template <typename T>
+float rank_and_top(const T* x, int64_t n, int64_t t, int64_t k, int64_t& rank, float* top, int64_t* ids,
+                   std::vector<Entry>& heap) {
+  const float max = max_of(x, n);
+  const float neg_log_sum = -std::log(sum_exp(x, n, max));
+  const float chosen = (static_cast<float>(x[t]) - max) + neg_log_sum;
+  const fVec mv(max), nv(neg_log_sum), cv(chosen);
+  heap.clear();  // a heap under `better`: its front is the worst of the best k so far
+  int64_t greater = 0;
+  for (int64_t i = 0; i < n; i += kVecLen) {
+    const int len = static_cast<int>(std::min<int64_t>(kVecLen, n - i));
+    const int valid = (1 << len) - 1;
+    const fVec v = (load_fp32(x + i, len) - mv) + nv;
+    greater += __builtin_popcount(~(v > cv).zero_mask() & valid);
+    if (k == 0) continue;
+    // Entries come in token order, so one equal to the worst kept loses the tie: only a larger one enters.
+    int candidates = static_cast<int>(heap.size()) < k ? valid
+                                                        : ~(v > fVec(heap.front().logprob)).zero_mask() & valid;
+    if (candidates == 0) continue;
+    float lanes[kVecLen];
+    v.store(lanes);
+    for (; candidates; candidates &= candidates - 1) {
+      const int j = __builtin_ctz(candidates);
+      const Entry e{lanes[j], i + j};
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), better);
+      } else if (better(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), better);
+      }
+    }
+  }
+  std::sort_heap(heap.begin(), heap.end(), better);  // best first
+  for (int64_t j = 0; j < k; ++j) top[j] = heap[j].logprob, ids[j] = heap[j].id;
+  rank = greater + 1;
+  return chosen;
+}
+
 }  // namespace
+
+void top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, at::Tensor& logprobs, at::Tensor& ranks,
+                  at::Tensor& top_logprobs, at::Tensor& top_ids) {
+  check_top_logprobs(logits, token_ids, logprobs, ranks, top_logprobs, top_ids);
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0), k = top_logprobs.size(1);
+  const int64_t* tokens = token_ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(tokens[r] >= 0 && tokens[r] < vocab, "token_ids[", r, "] = ", tokens[r], " is not in [0, ", vocab, ")");
+  }
+  float* lp = logprobs.data_ptr<float>();
+  int64_t* rk = ranks.data_ptr<int64_t>();
+  float* top = top_logprobs.data_ptr<float>();
+  int64_t* ids = top_ids.data_ptr<int64_t>();
+  PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "top_logprobs", [&] {
+    const auto* x = logits.data_ptr<scalar_t>();
+    parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
+      std::vector<Entry> heap;
+      for (int64_t r = lo; r < hi; ++r)
+        lp[r] = rank_and_top(x + r * stride, vocab, tokens[r], k, rk[r], top + r * k, ids + r * k, heap);
+    });
+  });
+}
 
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
             const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,

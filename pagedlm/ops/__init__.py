@@ -83,6 +83,14 @@ Sampling op:
   (any float dtype), the first index of its maximum into ``token_ids`` (int64) and that token's
   log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
   of the logits.
+* ``top_logprobs(logits, token_ids, logprobs, ranks, top_logprobs, top_ids)``: for each row of
+  ``logits`` ``[num_rows, vocab]`` (any float dtype) and its ``token_ids[r]`` (int64, in
+  ``[0, vocab)``): the token's log-probability ``(x[t] - max) + -log(sum(exp(x - max)))`` in fp32
+  into ``logprobs`` (``argmax_logprob``'s and ``sample``'s formula, so the same bits), its rank
+  (1 + the entries whose log-probability, by that formula, is greater) into ``ranks`` (int64), and
+  the ``k = top_logprobs.shape[1]`` largest log-probabilities, largest first and ties in token
+  order, into ``top_logprobs`` (float32 ``[num_rows, k]``) with their ids in ``top_ids`` (int64).
+  One pass over the logits after the two of the log-sum; no log-softmax is stored.
 * ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
   per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum; also taken for a
   row whose maximum is not finite), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
@@ -172,6 +180,7 @@ _OP_NAMES = (
     "scale",
     "soft_cap",
     "argmax_logprob",
+    "top_logprobs",
     "sample",
     "bf16_blocked_linear",
     "bf16_amx_linear",
@@ -259,6 +268,7 @@ gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 scale = _impl.scale
 soft_cap = _impl.soft_cap
 argmax_logprob = _impl.argmax_logprob
+top_logprobs = _impl.top_logprobs
 sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_amx_linear = _impl.bf16_amx_linear

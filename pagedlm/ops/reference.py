@@ -252,6 +252,37 @@ def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torc
     logprobs.copy_(top - torch.logsumexp(x, dim=-1))
 
 
+def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
+                 top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
+    if logits.shape[0] and not bool(((token_ids >= 0) & (token_ids < logits.shape[1])).all()):
+        raise ValueError(f"top_logprobs: token_ids must be in [0, {logits.shape[1]})")
+    x = logits.float()
+    top = x.max(dim=-1, keepdim=True).values
+    lp = (x - top) + -torch.log(torch.exp(x - top).sum(dim=-1, keepdim=True))
+    chosen = lp.gather(1, token_ids[:, None])
+    logprobs.copy_(chosen[:, 0])
+    ranks.copy_((lp > chosen).sum(dim=-1) + 1)
+    values, ids = _top_k_in_token_order(lp, top_logprobs.shape[1])
+    top_logprobs.copy_(values)
+    top_ids.copy_(ids)
+
+
+def _top_k_in_token_order(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``x`` and their indices, ties in index order
+    (``torch.topk`` breaks them differently for different row counts)."""
+    if k == 0:
+        return x.new_empty(x.shape[0], 0), torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    kth = x.topk(k, dim=-1).values[:, -1:]  # values do not depend on the ties
+    rows, ids = (x >= kth).nonzero(as_tuple=True)  # row-major, ids ascending within a row
+    values = x[rows, ids]
+    order = values.argsort(descending=True, stable=True)
+    order = order[rows[order].argsort(stable=True)]  # rows grouped, by value within, ties by id
+    counts = torch.bincount(rows, minlength=x.shape[0])
+    first = counts.cumsum(0) - counts
+    picked = order[(first[:, None] + torch.arange(k, device=x.device)).flatten()].view(-1, k)
+    return values[picked], ids[picked]
+
+
 def sample(
     logits: torch.Tensor,
     temperatures: torch.Tensor,

@@ -9,7 +9,7 @@ from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
-from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, top_k_logprobs
+from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, rank_and_top_logprobs
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
@@ -147,13 +147,11 @@ class ModelRunner:
         self, seq: SequenceData, num_top: int, hidden: torch.Tensor, first: int, end: int
     ) -> list[PromptLogprob]:
         """Log-probabilities of prompt tokens ``first+1 .. end`` given everything before each."""
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
         targets = torch.tensor(seq.prompt_token_ids[first + 1 : end + 1], dtype=torch.int64, device=self.device)
-        chosen = logprobs.gather(1, targets[:, None])
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_lps, top_ids = top_k_logprobs(logprobs, num_top)
+        chosen = torch.empty(targets.shape[0], dtype=torch.float32, device=self.device)
+        ranks, top_lps, top_ids = rank_and_top_logprobs(self.model.compute_logits(hidden), targets, num_top, chosen)
         tops = _top_logprobs(ranks, top_ids, top_lps)
-        return [PromptLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen.squeeze(1).tolist(), tops)]
+        return [PromptLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen.tolist(), tops)]
 
 
 def _top_logprobs(ranks: torch.Tensor | None, ids: torch.Tensor | None, lps: torch.Tensor | None) -> list[TopLogprobs]:

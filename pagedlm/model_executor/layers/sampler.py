@@ -111,12 +111,10 @@ class Sampler(nn.Module):
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
         ranks = top_ids = top_logprobs = beam_logprobs = beam_raw_logprobs = None
-        if meta.needs_processing:
-            chosen = _raw_logprob(logits, tokens)
         if meta.num_top_logprobs >= 0:
-            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-            ranks = (raw_logprobs > raw_logprobs.gather(1, tokens[:, None])).sum(dim=-1) + 1
-            top_logprobs, top_ids = top_k_logprobs(raw_logprobs, meta.num_top_logprobs)
+            ranks, top_logprobs, top_ids = rank_and_top_logprobs(logits, tokens, meta.num_top_logprobs, chosen)
+        elif meta.needs_processing:
+            chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
             beam_logprobs = torch.log_softmax(processed[meta.beam_rows].float(), dim=-1)
             beam_raw_logprobs = torch.log_softmax(logits[meta.beam_rows].float(), dim=-1) if meta.needs_processing else beam_logprobs
@@ -158,22 +156,18 @@ def _raw_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return (picked - logits.gather(1, argmax[:, None]).squeeze(1).float()) + neg_log_sum
 
 
-def top_k_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest entries of each row of ``logprobs`` [rows, vocab] and their token ids, ties
-    in token order. ``torch.topk`` breaks ties (common in bf16 logits) differently for different
-    row counts, which would make a request's reported logprobs depend on its batch."""
-    if k == 0:
-        return logprobs.new_empty(logprobs.shape[0], 0), torch.empty(logprobs.shape[0], 0, dtype=torch.int64,
-                                                                      device=logprobs.device)
-    kth = logprobs.topk(k, dim=-1).values[:, -1:]  # values do not depend on the ties
-    rows, ids = (logprobs >= kth).nonzero(as_tuple=True)  # row-major, ids ascending within a row
-    values = logprobs[rows, ids]
-    order = values.argsort(descending=True, stable=True)
-    order = order[rows[order].argsort(stable=True)]  # rows grouped, by value within, ties by id
-    counts = torch.bincount(rows, minlength=logprobs.shape[0])
-    first = counts.cumsum(0) - counts
-    picked = order[(first[:, None] + torch.arange(k, device=logprobs.device)).flatten()].view(-1, k)
-    return values[picked], ids[picked]
+def rank_and_top_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int, logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row of ``logits`` [rows, vocab]: the raw log-probability of ``token_ids`` into
+    ``logprobs`` [rows] (``_raw_logprob``'s value), and returns its rank [rows] and the ``k`` largest
+    raw log-probabilities [rows, k] with their token ids, ties in token order (``ops.top_logprobs``)."""
+    rows = logits.shape[0]
+    ranks = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    top = torch.empty(rows, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(rows, k, dtype=torch.int64, device=logits.device)
+    ops.top_logprobs(logits, token_ids, logprobs, ranks, top, ids)
+    return ranks, top, ids
 
 
 def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
