@@ -103,7 +103,27 @@ def test_repetition_penalty_matches_hf_processor():
     for row in range(2):
         ids = torch.tensor([prompts[row] + outputs[row]])
         ref = RepetitionPenaltyLogitsProcessor(params[row].repetition_penalty)(ids, logits[row : row + 1].clone())
-        torch.testing.assert_close(ours[row], ref[0])
+        assert torch.equal(ours[row], ref[0])
+
+
+def test_penalties_are_the_dense_formulas_on_the_rows_that_ask():
+    """Only the seen entries are touched; each gets the bits of the dense [rows, vocab] formulas, and
+    a row without penalties is left as it was."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, VOCAB_SIZE) * 3
+    prompts = [[1, 5, 9, 5], [7, 7], [3], [2, 4]]
+    outputs = [[11, 5, 11], [300, 7, 2, 2], [8], [4, 4, 6]]
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.3), SamplingParams(presence_penalty=0.7),
+              SamplingParams(), SamplingParams(repetition_penalty=0.8, presence_penalty=-0.2, frequency_penalty=0.1)]
+    ours = Sampler()._process(logits.clone(), _sampler_meta(params, outputs, prompts))
+    for row, p in enumerate(params):
+        x = logits[row].clone()
+        counts = torch.bincount(torch.tensor(outputs[row]), minlength=VOCAB_SIZE).float()
+        seen = (counts + torch.bincount(torch.tensor(prompts[row]), minlength=VOCAB_SIZE)) > 0
+        r = torch.tensor(p.repetition_penalty)
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+        x = x - torch.tensor(p.frequency_penalty) * counts - torch.tensor(p.presence_penalty) * (counts > 0)
+        assert torch.equal(ours[row], x), row
 
 
 def test_presence_and_frequency_penalties_follow_their_definition():

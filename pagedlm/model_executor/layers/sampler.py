@@ -132,7 +132,7 @@ class Sampler(nn.Module):
         outputs' token bitmasks."""
         penalized = [row for row, p in enumerate(meta.params) if p.has_penalties]
         if penalized:
-            logits[penalized] = _apply_penalties(logits[penalized], meta, penalized)
+            _apply_penalties(logits, meta, penalized)
         for row, p in enumerate(meta.params):
             if p.logits_processors:
                 logits[row] = p.apply_logits_processors(meta.prompt_token_ids[row], meta.output_token_ids[row], logits[row])
@@ -188,24 +188,29 @@ def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor
     chosen[bad] = _raw_logprob(bad_logits, best)
 
 
-def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    device = logits.device
-    params = [meta.params[r] for r in rows]
-    counts = _token_counts([meta.output_token_ids[r] for r in rows], vocab, device)
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if bool((repetition != 1.0).any()):
-        seen = (_token_counts([meta.prompt_token_ids[r] for r in rows], vocab, device) + counts) > 0
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-    return logits - frequency * counts - presence * (counts > 0)
+def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> None:
+    """Penalties of ``rows`` on the tokens each has seen, in place on ``logits`` [num_rows, vocab]
+    (contiguous float32): HF's repetition penalty over the prompt and output tokens, then OpenAI's
+    frequency and presence penalties over the output tokens. Only those entries are read and written
+    (a step's few thousand, not rows x vocab), each with the arithmetic of the dense formulas
+    ``where(x > 0, x / r, x * r)`` and ``x - f * count - p * (count > 0)``, which leave the other
+    entries as they are."""
+    vocab, device = logits.shape[-1], logits.device
+    flat = logits.view(-1)
+    outputs = torch.tensor([r * vocab + t for r in rows for t in meta.output_token_ids[r]], dtype=torch.int64,
+                           device=device)  # (row, token) keys
 
+    def per_row(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in meta.params], device=device)
 
-def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[rows, vocab] occurrence counts; padding uses an extra column that is dropped."""
-    width = max((len(t) for t in token_ids), default=0)
-    padded = torch.tensor([t + [vocab] * (width - len(t)) for t in token_ids], dtype=torch.int64, device=device)
-    counts = torch.zeros(len(token_ids), vocab + 1, device=device)
-    counts.scatter_add_(1, padded.view(len(token_ids), width), torch.ones_like(padded, dtype=counts.dtype).view(len(token_ids), width))
-    return counts[:, :vocab]
+    if any(meta.params[r].repetition_penalty != 1.0 for r in rows):
+        prompts = torch.tensor([r * vocab + t for r in rows if meta.params[r].repetition_penalty != 1.0
+                                for t in meta.prompt_token_ids[r]], dtype=torch.int64, device=device)
+        seen = torch.unique(torch.cat([outputs, prompts]))
+        x = flat[seen]
+        penalty = per_row("repetition_penalty")[seen // vocab]
+        flat[seen] = torch.where(x > 0, x / penalty, x * penalty)
+    if any(meta.params[r].frequency_penalty or meta.params[r].presence_penalty for r in rows):
+        keys, counts = torch.unique(outputs, return_counts=True)
+        frequency, presence = per_row("frequency_penalty")[keys // vocab], per_row("presence_penalty")[keys // vocab]
+        flat[keys] = flat[keys] - frequency * counts.float() - presence * (counts > 0)
