@@ -109,7 +109,8 @@ class Sampler(nn.Module):
         processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
-        # raw one is recomputed (the full log-softmax only when top logprobs or ranks were asked for).
+        # raw one is recomputed (by ops.top_logprobs, with the ranks and top entries, when those
+        # were asked for).
         ranks = top_ids = top_logprobs = beam_logprobs = beam_raw_logprobs = None
         if meta.num_top_logprobs >= 0:
             ranks, top_logprobs, top_ids = rank_and_top_logprobs(logits, tokens, meta.num_top_logprobs, chosen)
