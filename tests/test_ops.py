@@ -649,6 +649,24 @@ def test_top_logprobs(device, dtype, vocab, k):
     assert ranks[6] == 1 and logprobs[6] == argmax_logprob[6]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_logprobs_of_a_row_without_a_softmax(device):
+    """NaN, all -inf and +inf rows: NaN log-probabilities, rank 1, ids 0 .. k - 1 (kernel and reference)."""
+    logits = torch.randn(4, 40)
+    logits[0, 7] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, 3] = float("inf")
+    logits = logits.to(device)
+    for op in (torch.ops.pagedlm.top_logprobs, reference.top_logprobs):
+        out = (torch.empty(4, device=device), torch.empty(4, dtype=torch.int64, device=device),
+               torch.empty(4, 3, device=device), torch.empty(4, 3, dtype=torch.int64, device=device))
+        op(logits, torch.tensor([7, 0, 3, 5], device=device), *out)
+        logprobs, ranks, top, ids = out
+        assert logprobs[:3].isnan().all() and top[:3].isnan().all() and (ranks[:3] == 1).all()
+        assert ids[:3].tolist() == [[0, 1, 2]] * 3
+        assert logprobs[3].isfinite() and top[3].isfinite().all()
+
+
 def test_top_logprobs_rejects_bad_arguments():
     logits, ids = torch.randn(2, 10), torch.tensor([1, 10])
     out = (torch.empty(2), torch.empty(2, dtype=torch.int64), torch.empty(2, 3), torch.empty(2, 3, dtype=torch.int64))

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <vector>
 
 namespace pagedlm::cpu {
@@ -159,6 +160,11 @@ float rank_and_top(const T* x, int64_t n, int64_t t, int64_t k, int64_t& rank, f
                    std::vector<Entry>& heap) {
   const float max = max_of(x, n);
   const float neg_log_sum = -std::log(sum_exp(x, n, max));
+  if (!std::isfinite(max) || !std::isfinite(neg_log_sum)) {  // a NaN, or an infinite maximum: no softmax
+    for (int64_t j = 0; j < k; ++j) top[j] = std::numeric_limits<float>::quiet_NaN(), ids[j] = j;
+    rank = 1;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
   const float chosen = (static_cast<float>(x[t]) - max) + neg_log_sum;
   const fVec mv(max), nv(neg_log_sum), cv(chosen);
   heap.clear();  // a heap under `better`: its front is the worst of the best k so far

@@ -90,7 +90,8 @@ Sampling op:
   (1 + the entries whose log-probability, by that formula, is greater) into ``ranks`` (int64), and
   the ``k = top_logprobs.shape[1]`` largest log-probabilities, largest first and ties in token
   order, into ``top_logprobs`` (float32 ``[num_rows, k]``) with their ids in ``top_ids`` (int64).
-  One pass over the logits after the two of the log-sum; no log-softmax is stored.
+  One pass over the logits after the two of the log-sum; no log-softmax is stored. A row with no
+  softmax (a NaN, or an infinite maximum) gets NaN log-probabilities, rank 1 and ids ``0 .. k - 1``.
 * ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
   per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum; also taken for a
   row whose maximum is not finite), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in

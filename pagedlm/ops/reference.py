@@ -258,13 +258,17 @@ def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.
         raise ValueError(f"top_logprobs: token_ids must be in [0, {logits.shape[1]})")
     x = logits.float()
     top = x.max(dim=-1, keepdim=True).values
-    lp = (x - top) + -torch.log(torch.exp(x - top).sum(dim=-1, keepdim=True))
+    neg_log_sum = -torch.log(torch.exp(x - top).sum(dim=-1, keepdim=True))
+    # A row with a NaN or an infinite maximum has no softmax: NaN, rank 1, ids 0 .. k - 1.
+    bad = ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))[:, 0]
+    lp = ((x - top) + neg_log_sum).masked_fill(bad[:, None], 0.0)
     chosen = lp.gather(1, token_ids[:, None])
-    logprobs.copy_(chosen[:, 0])
-    ranks.copy_((lp > chosen).sum(dim=-1) + 1)
-    values, ids = _top_k_in_token_order(lp, top_logprobs.shape[1])
-    top_logprobs.copy_(values)
-    top_ids.copy_(ids)
+    k = top_logprobs.shape[1]
+    values, ids = _top_k_in_token_order(lp, k)
+    logprobs.copy_(chosen[:, 0].masked_fill(bad, float("nan")))
+    ranks.copy_(((lp > chosen).sum(dim=-1) + 1).masked_fill(bad, 1))
+    top_logprobs.copy_(values.masked_fill(bad[:, None], float("nan")))
+    top_ids.copy_(torch.where(bad[:, None], torch.arange(k, device=ids.device), ids))
 
 
 def _top_k_in_token_order(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
