@@ -629,8 +629,7 @@ def test_top_logprobs(device, dtype, vocab, k):
 
     def run(op):
         out = (torch.full((9,), float("nan"), device=device), torch.full((9,), -1, dtype=torch.int64, device=device),
-               torch.full((9, min(k, vocab)), float("nan"), device=device),
-               torch.full((9, min(k, vocab)), -1, dtype=torch.int64, device=device))
+               torch.full((9, k), float("nan"), device=device), torch.full((9, k), -1, dtype=torch.int64, device=device))
         op(logits, token_ids, *out)
         return out
 

@@ -17,14 +17,17 @@ struct Dtype {
   using type = T;
 };
 
-// x[i] = f(Dtype<T>{}, x[i]) (x's dtype T, the value in fp32) over a contiguous tensor, every element
-// with the same vector math (tails too).
-template <typename F>
-void map_in_place(at::Tensor& x, const char* op, const F& f) {
+void check_in_place(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": x must be float32, bfloat16 or float16; got ", x.scalar_type());
-  PAGEDLM_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale", [&] {
+}
+
+// x[i] = f(Dtype<T>{}, x[i]) (x's dtype T, the value in fp32) over a tensor check_in_place passed,
+// every element with the same vector math (tails too).
+template <typename F>
+void map_in_place(at::Tensor& x, const F& f) {
+  PAGEDLM_DISPATCH_FLOATING_TYPES(x.scalar_type(), "map_in_place", [&] {
     auto* p = x.data_ptr<scalar_t>();
     const int64_t n = x.numel(), vectors = (n + kVecLen - 1) / kVecLen;
     parallel_for(0, vectors, grain_for(kVecLen), [&](int64_t lo, int64_t hi) {
@@ -41,26 +44,27 @@ void map_in_place(at::Tensor& x, const char* op, const F& f) {
 
 void scale(at::Tensor& x, double factor, bool divide) {
   TORCH_CHECK(std::isfinite(factor) && factor != 0.0, "scale: factor must be finite and nonzero; got ", factor);
+  check_in_place(x, "scale");
   const fVec s(static_cast<float>(factor));
   if (divide) {
-    map_in_place(x, "scale", [&](auto, fVec v) { return v / s; });
+    map_in_place(x, [&](auto, fVec v) { return v / s; });
   } else {
-    map_in_place(x, "scale", [&](auto, fVec v) { return v * s; });
+    map_in_place(x, [&](auto, fVec v) { return v * s; });
   }
 }
 
 void soft_cap(at::Tensor& x, double cap) {
   TORCH_CHECK(std::isfinite(cap) && cap > 0.0, "soft_cap: cap must be finite and positive; got ", cap);
+  check_in_place(x, "soft_cap");
   if (x.scalar_type() == at::kFloat) {
     // torch's fp32 tanh is MKL's (VML), whose last bits differ from Sleef's in ~1% of elements:
     // ATen's own ops keep transformers' fp32 logits. No rounding between the steps to fuse here.
-    TORCH_CHECK(x.is_contiguous(), "soft_cap: x must be contiguous");
     x.div_(cap).tanh_().mul_(cap);
     return;
   }
   const fVec c(static_cast<float>(cap));
   // Each step rounded to x's dtype, as transformers' x / cap, tanh, * cap are.
-  map_in_place(x, "soft_cap", [&](auto dtype, fVec v) {
+  map_in_place(x, [&](auto dtype, fVec v) {
     using T = typename decltype(dtype)::type;
     return round_to<T>(round_to<T>(v / c).tanh()) * c;
   });
