@@ -197,7 +197,7 @@ def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[
 @pytest.mark.parametrize(
     "out_features,in_features", [(16, 32), (7, 5), (100, 50), (130, 33), (64, 1100), (200, 96), (33, 576)]
 )
-@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 33, 300])
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 33, 130, 300])  # 130: panels prefetched
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_amx_kernel_equals_reference_on_exact_sums(out_features, in_features, num_rows, with_bias):
     amx_or_skip()
@@ -226,7 +226,7 @@ def test_amx_kernel_rows_do_not_depend_on_the_row_count(out_features, in_feature
     expected = torch.empty_like(full)
     reference.bf16_amx_linear(expected, x, packed, bias)
     torch.testing.assert_close(full.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.abs().max().item())
-    for count in (*range(1, 40), 64, 255, 256, 257, 599):
+    for count in (*range(1, 40), 64, 96, 97, 130, 255, 256, 257, 599):
         out = torch.empty(count, out_features, dtype=torch.bfloat16)
         ops.bf16_amx_linear(out, x[-count:], packed, bias)
         assert torch.equal(out, full[-count:]), count
@@ -263,7 +263,7 @@ ACTS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
 @pytest.mark.parametrize("d,in_features", [(16, 32), (48, 100), (1536, 576), (4864, 896)])
-@pytest.mark.parametrize("num_rows", [1, 17, 33, 300])
+@pytest.mark.parametrize("num_rows", [1, 17, 33, 130, 300])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_amx_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activation, d, in_features, num_rows,
                                                                            with_bias):

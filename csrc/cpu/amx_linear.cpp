@@ -38,9 +38,34 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #ifdef PAGEDLM_AMX
 
-// Weights of the column blocks that every row tile passes over in turn: they stay in L2 (a 2 MiB L2
-// per core here; 256 KiB to 2 MiB measured, benchmarks/linear_bench.py, 512 KiB best at 256-2,048 rows).
-constexpr int64_t kPanelBytes = 512 << 10;
+// Weights of the column blocks that every row tile passes over in turn stay in L2 (2 MiB per core
+// here) as a panel. The first pass over a panel waits on memory. From 97 to 256 rows (4 to 8 passes)
+// the other passes compute from L2 for about as long, so the next panel is asked into L2 while they
+// run, in panels of 256 KiB: two of them and the rows' inputs fit in L2. With fewer passes there is
+// too little to hide the stream behind (Qwen2-0.5B's linears 5-10% slower at 48-96 rows with the
+// prefetch); with more, the rows' inputs, read again for every panel, no longer fit beside it, and
+// 512 KiB panels without a prefetch measured faster (benchmarks/linear_bench.py; SmolLM2's linears
+// ~10% faster at 256 rows with the prefetch, ~15% slower at 2,048 rows with 256 KiB panels).
+bool prefetches_panels(int64_t rows) { return rows > 96 && rows <= 256; }
+int64_t panel_bytes(int64_t rows) { return prefetches_panels(rows) ? 256 << 10 : 512 << 10; }
+
+// The next panel's weights [next, end), asked into L2 a few lines per step of K over `steps` steps:
+// the passes after the first over this panel.
+struct PanelPrefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+
+  PanelPrefetch() = default;
+  PanelPrefetch(const at::BFloat16* next_weights, const at::BFloat16* end_weights, int64_t steps)
+      : next(reinterpret_cast<const char*>(next_weights)),
+        end(reinterpret_cast<const char*>(end_weights)),
+        per_step(((end - next) / 64 + steps - 1) / steps) {}
+
+  void issue() {
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
 
 // Tiles: C 0..3 ([row tile][column tile]), A 4..5 (row tiles), B 6..7 (column tiles).
 void configure(int m0, int m1) {
@@ -93,7 +118,8 @@ struct PendingBlock {
 // slower (benchmarks/linear_bench.py).
 template <bool TWO_M, bool TWO_N>
 void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int64_t full_blocks,
-               int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, float* c, PendingBlock& previous) {
+               int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, float* c, PendingBlock& previous,
+               PanelPrefetch& prefetch) {
   _tile_zero(0);
   if constexpr (TWO_N) _tile_zero(1);
   if constexpr (TWO_M) {
@@ -102,6 +128,7 @@ void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int
   }
   for (int64_t kb = 0; kb < blocks; ++kb) {
     previous.finish_rows(static_cast<int>((kb + 1) * previous.rows / blocks));
+    prefetch.issue();
     const bool full = kb < full_blocks;
     const at::BFloat16* ak = full ? a + kb * kTileK : tail;
     const int64_t stride = (full ? lda : kTileK) * 2;
@@ -138,7 +165,9 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t units = (n_blocks + 1) / 2;  // pairs of column blocks: 32 output columns
   const int64_t unit_bytes = k_pad * 2 * kTileN * 2;
   // Column units whose weights stay in L2 while every row tile passes over them.
-  const int64_t units_per_panel = std::max<int64_t>(1, kPanelBytes / unit_bytes);
+  const int64_t units_per_panel = std::max<int64_t>(1, panel_bytes(M) / unit_bytes);
+  const int64_t unit_elements = unit_bytes / 2;
+  const at::BFloat16* w_end = w + n_blocks * k_pad * kTileN;
   parallel_for(0, units, grain_for(unit_bytes / 2 * std::min<int64_t>(M, 2 * kTileM)), [&](int64_t begin, int64_t end) {
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
@@ -146,7 +175,12 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
     int configured = -1;
     for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
       const int64_t p1 = std::min(end, p0 + units_per_panel);
+      PanelPrefetch prefetch;
       for (int64_t m = 0; m < M; m += 2 * kTileM) {
+        if (m == 2 * kTileM && prefetches_panels(M)) {
+          const at::BFloat16* next_end = std::min(w + std::min(end, p1 + units_per_panel) * unit_elements, w_end);
+          prefetch = PanelPrefetch(w + p1 * unit_elements, next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
+        }
         const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
         if (mr != configured) {
           configure(std::min<int>(mr, kTileM), std::max<int>(mr - kTileM, 0));
@@ -163,11 +197,11 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
           const at::BFloat16* b0 = w + nb * k_pad * kTileN;
           float* sums = c[pending.sums == c[0] ? 1 : 0];
           if (mr > kTileM) {
-            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending);
-            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending);
+            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending, prefetch);
+            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending, prefetch);
           } else {
-            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending);
-            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending);
+            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending, prefetch);
+            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending, prefetch);
           }
           if (act) {
             const int64_t n0 = u * kTileN;
