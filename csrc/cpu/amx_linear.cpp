@@ -45,7 +45,7 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // too little to hide the stream behind (Qwen2-0.5B's linears 5-10% slower at 48-96 rows with the
 // prefetch); with more, the rows' inputs, read again for every panel, no longer fit beside it, and
 // 512 KiB panels without a prefetch measured faster (benchmarks/linear_bench.py; SmolLM2's linears
-// ~10% faster at 256 rows with the prefetch, ~15% slower at 2,048 rows with 256 KiB panels).
+// ~10% faster at 256 rows with the prefetch, 15-25% slower at 2,048 rows with 256 KiB panels).
 bool prefetches_panels(int64_t rows) { return rows > 96 && rows <= 256; }
 int64_t panel_bytes(int64_t rows) { return prefetches_panels(rows) ? 256 << 10 : 512 << 10; }
 
