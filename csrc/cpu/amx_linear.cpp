@@ -178,8 +178,9 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
       PanelPrefetch prefetch;
       for (int64_t m = 0; m < M; m += 2 * kTileM) {
         if (m == 2 * kTileM && prefetches_panels(M)) {
+          const at::BFloat16* next = std::min(w + p1 * unit_elements, w_end);  // a last unit may be one block
           const at::BFloat16* next_end = std::min(w + std::min(end, p1 + units_per_panel) * unit_elements, w_end);
-          prefetch = PanelPrefetch(w + p1 * unit_elements, next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
+          prefetch = PanelPrefetch(next, next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
         }
         const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
         if (mr != configured) {
