@@ -166,8 +166,7 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t unit_bytes = k_pad * 2 * kTileN * 2;
   // Column units whose weights stay in L2 while every row tile passes over them.
   const int64_t units_per_panel = std::max<int64_t>(1, panel_bytes(M) / unit_bytes);
-  const int64_t unit_elements = unit_bytes / 2;
-  const at::BFloat16* w_end = w + n_blocks * k_pad * kTileN;
+  const int64_t unit_elements = unit_bytes / 2, w_elements = n_blocks * k_pad * kTileN;
   parallel_for(0, units, grain_for(unit_bytes / 2 * std::min<int64_t>(M, 2 * kTileM)), [&](int64_t begin, int64_t end) {
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
@@ -178,9 +177,10 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
       PanelPrefetch prefetch;
       for (int64_t m = 0; m < M; m += 2 * kTileM) {
         if (m == 2 * kTileM && prefetches_panels(M)) {
-          const at::BFloat16* next = std::min(w + p1 * unit_elements, w_end);  // a last unit may be one block
-          const at::BFloat16* next_end = std::min(w + std::min(end, p1 + units_per_panel) * unit_elements, w_end);
-          prefetch = PanelPrefetch(next, next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
+          // Offsets clamped to the weight: the last unit may hold one column block.
+          const int64_t next = std::min(p1 * unit_elements, w_elements);
+          const int64_t next_end = std::min(std::min(end, p1 + units_per_panel) * unit_elements, w_elements);
+          prefetch = PanelPrefetch(w + next, w + next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
         }
         const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
         if (mr != configured) {
