@@ -167,7 +167,7 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   // Column units whose weights stay in L2 while every row tile passes over them.
   const int64_t units_per_panel = std::max<int64_t>(1, panel_bytes(M) / unit_bytes);
   const int64_t unit_elements = unit_bytes / 2, w_elements = n_blocks * k_pad * kTileN;
-  parallel_for(0, units, grain_for(unit_bytes / 2 * std::min<int64_t>(M, 2 * kTileM)), [&](int64_t begin, int64_t end) {
+  parallel_for(0, units, grain_for(unit_elements * std::min<int64_t>(M, 2 * kTileM)), [&](int64_t begin, int64_t end) {
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
     PendingBlock pending;
