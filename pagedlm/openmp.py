@@ -1,5 +1,6 @@
 """OpenMP settings: the wait policy, which only takes effect in the environment before torch loads
-libgomp, and a thread count within the process's CPU quota.
+libgomp, a thread count within the process's CPU quota, and MKL's vector math initialised before a
+parallel region can first call it.
 
 pagedlm's CPU kernels run on a thread pool of their own (csrc/cpu/thread_pool.cpp), which spins
 between regions on a quiet machine and sleeps early on a busy one. On AMX, a greedy or seeded bf16
@@ -49,6 +50,18 @@ def restore_environment() -> None:
     if os.environ.get("OMP_WAIT_POLICY") == OMP_WAIT_POLICY:
         del os.environ["OMP_WAIT_POLICY"]
     _set_here = False
+
+
+def initialize_vector_math() -> None:
+    """Make the process's first call into MKL's vector math library (VML, behind torch's float32
+    ``tanh``, ``exp`` and others) here, on one thread. Its lazy initialisation races when the first
+    call comes from an OpenMP region: with two threads, 4-9 of 20-30 fresh processes computed their
+    first float32 ``torch.tanh`` with errors up to 5e-5 (3e-8 on every later call, and on every call
+    with one thread or after one serial call), so a float32 Gemma 2 soft cap, ours (``ops.soft_cap``)
+    or transformers', could differ between runs of the same input."""
+    import torch
+
+    torch.tanh(torch.zeros(1))
 
 
 def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:

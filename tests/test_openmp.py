@@ -1,5 +1,6 @@
-"""OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota, no OpenMP region
-of torch's in a bf16 step on AMX (Llama, Granite, Gemma 2, Qwen3, Gemma 3)."""
+"""OpenMP settings: the wait policy set at import, threads within a cgroup CPU quota, MKL's vector math
+initialised before a parallel region calls it, no OpenMP region of torch's in a bf16 step on AMX
+(Llama, Granite, Gemma 2, Qwen3, Gemma 3)."""
 
 import math
 import os
@@ -34,6 +35,24 @@ def test_wait_policy_is_set_only_when_it_can_take_effect_and_not_passed_on():
     assert _run(f"import torch, pagedlm; {show}") == ("None", "300000")  # libgomp had read its environment
     assert _run(f"import pagedlm; {show}", OMP_WAIT_POLICY="active")[0] == "active"
     assert _run(f"import pagedlm; {show}", GOMP_SPINCOUNT="5") == ("None", "5")
+
+
+def test_the_first_parallel_float32_tanh_is_as_exact_as_the_others():
+    # MKL's vector math initialises itself lazily and races when first called from two threads: in
+    # about one fresh process of four (torch alone), the first tanh was off by up to 5e-5. Ten fresh
+    # processes, each running initialize_vector_math (from openmp.py alone, so that nothing else
+    # imported first has called the library) and then checking its first parallel tanh against
+    # float64 and a second call.
+    code = (
+        f"import runpy, torch; runpy.run_path({openmp.__file__!r})['initialize_vector_math'](); "
+        "torch.set_num_threads(2); "
+        "x = torch.randn(3, 2, 3, 1104, generator=torch.Generator().manual_seed(0)) * 1.2; "
+        "first, second = torch.tanh(x), torch.tanh(x); "
+        "print(torch.equal(first, second), float((first.double() - torch.tanh(x.double())).abs().max()))"
+    )
+    for _ in range(10):
+        same, err = _run(code)[0].split()
+        assert same == "True" and float(err) < 1e-7, (same, err)
 
 
 @pytest.mark.parametrize("files,expected", [
