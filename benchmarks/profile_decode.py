@@ -174,7 +174,7 @@ def print_rows(title: str, rows: dict[str, Row], steps: int, step_us: float) -> 
 
 def start(args: argparse.Namespace, model: str, num_seqs: int) -> tuple[LLM, list[dict], SamplingParams]:
     """The engine after a short warm-up, ``num_seqs`` prompts and their sampling parameters."""
-    llm = LLM(model, dtype=args.dtype, max_num_seqs=num_seqs)
+    llm = LLM(model, dtype=args.dtype, max_num_seqs=num_seqs, block_size=args.block_size)
     prompts = prompts_for(llm, argparse.Namespace(**{**vars(args), "num_seqs": num_seqs}))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (8, 16 or 32)")
     parser.add_argument("--num-seqs", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=192)
     parser.add_argument("--skip", type=int, default=16, help="steps before the profiled window (prefill)")
