@@ -286,11 +286,20 @@ class ParquetWriter(OutputWriter):
         shutil.rmtree(self.parts_dir)
 
 
+def _conversion_errors() -> tuple[type[BaseException], ...]:
+    """What pyarrow raises for values a column cannot hold: no common type (ArrowInvalid,
+    ArrowTypeError), an int beyond int64 (OverflowError), a lone surrogate (UnicodeError)."""
+    import pyarrow as pa
+
+    return pa.ArrowException, OverflowError, ValueError, TypeError
+
+
 def rows_to_table(rows: list[dict], schema):
     """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``.
 
-    A column whose values have no common Arrow type (JSON rows may hold an int in one row and a
-    string in the next) is written as JSON text, so one odd row never fails the part.
+    A column whose values no Arrow type holds together (JSON rows may hold an int in one row and a
+    string in the next, or an int beyond int64) is written as text (``as_text``: strings as they
+    are, other values as JSON), so one odd row never fails the part.
     """
     import pyarrow as pa
 
@@ -301,7 +310,7 @@ def rows_to_table(rows: list[dict], schema):
         typ = schema.field(name).type if name in schema.names else None
         try:
             array = pa.array(values, type=typ)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeError):
+        except _conversion_errors():
             array = _as_json_text(values)
         arrays.append(array)
         fields.append(pa.field(name, array.type))
@@ -355,7 +364,7 @@ def _conform(table, schema):
         column = table.column(f.name)
         try:
             columns.append(column.cast(f.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        except _conversion_errors():
             columns.append(_as_json_text(column.to_pylist()))
     return pa.Table.from_arrays(columns, schema=schema)
 
