@@ -333,6 +333,22 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
 
 
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_prompt_logprobs_asked_for_are_written(llama_dir, tmp_path, out_name):
+    rows = [{"id": 1, "prompt": "The capital of France is", "sampling_params": {"prompt_logprobs": 2}},
+            {"id": 2, "prompt": "no prompt logprobs here"}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / out_name)
+    got = by_id(out)
+    assert (stats.completed, stats.errors) == (2, 0) and got[2].get("prompt_logprobs") is None
+    with LLM(llama_dir, **ENGINE) as llm:
+        want = llm.generate(rows[0]["prompt"], SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2))[0]
+    written = got[1]["prompt_logprobs"]
+    assert len(written) == got[1]["prompt_tokens"] == len(want.prompt_token_ids) and written[0] is None
+    for entries, position in zip(written[1:], want.prompt_logprobs[1:]):
+        assert [(e["token_id"], e["logprob"], e["rank"]) for e in entries] == [
+            (t, lp.logprob, lp.rank) for t, lp in position.items()]
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
 def test_values_an_output_cannot_hold_never_stop_the_job(llama_dir, tmp_path, out_name):
     big = 10**23  # beyond int64: pyarrow raises OverflowError, not an Arrow error
     rows = ['{"id": 1, "prompt": "fine"}', '{"id": 2, "prompt": "bad \\ud800"}',

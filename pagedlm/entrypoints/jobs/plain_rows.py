@@ -5,7 +5,9 @@ conversation, rendered with the model's chat template) or ``prompt_token_ids``, 
 ``sampling_params`` (an object of ``SamplingParams`` fields; null fields are unset). Output: the
 input row with ``outputs`` (one entry per completion: ``index``, ``text``, ``token_ids``,
 ``finish_reason``, ``stop_reason`` as text, ``cumulative_logprob``, ``logprobs``),
-``prompt_tokens``, ``completion_tokens`` and ``error`` (null, or why the row could not run).
+``prompt_tokens``, ``completion_tokens``, ``error`` (null, or why the row could not run) and, for a
+row that asked for them, ``prompt_logprobs`` (one entry per prompt token, null for the first, as
+vLLM's ``RequestOutput.prompt_logprobs``).
 """
 
 from typing import Any
@@ -17,7 +19,7 @@ from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_par
 from pagedlm.outputs import CompletionOutput, RequestOutput
 
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
-RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error")
+RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs")
 
 
 class PlainFormat:
@@ -67,13 +69,16 @@ class PlainFormat:
         return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
-        return {
+        row = {
             **job_row.row,
             "outputs": [_completion(c) for c in output.outputs],
             "prompt_tokens": len(output.prompt_token_ids),
             "completion_tokens": sum(len(c.token_ids) for c in output.outputs),
             "error": None,
         }
+        if output.prompt_logprobs is not None:
+            row["prompt_logprobs"] = [None if p is None else _logprob_entries(p) for p in output.prompt_logprobs]
+        return row
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
         carried = {k: v for k, v in row.items() if k not in RESULT_COLUMNS} if isinstance(row, dict) else {}
@@ -88,14 +93,15 @@ def output_schema(carried=None):
     any named like a result column (those rows fail), then the result columns."""
     import pyarrow as pa
 
+    entries = pa.list_(pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()), ("rank", pa.int64())]))
     completion = pa.struct([
         ("index", pa.int64()), ("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
         ("finish_reason", pa.string()), ("stop_reason", pa.string()), ("cumulative_logprob", pa.float64()),
-        ("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int64()), ("logprob", pa.float64()),
-                                                  ("rank", pa.int64())])))),
+        ("logprobs", pa.list_(entries)),
     ])
     results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
-               pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string())]
+               pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string()),
+               pa.field("prompt_logprobs", pa.list_(entries))]
     return pa.schema([f for f in carried or [] if f.name not in RESULT_COLUMNS] + results)
 
 
@@ -107,8 +113,10 @@ def _completion(c: CompletionOutput) -> dict:
         "finish_reason": c.finish_reason,
         "stop_reason": None if c.stop_reason is None else str(c.stop_reason),
         "cumulative_logprob": c.cumulative_logprob,
-        "logprobs": None if c.logprobs is None else [
-            [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in position.items()]
-            for position in c.logprobs
-        ],
+        "logprobs": None if c.logprobs is None else [_logprob_entries(position) for position in c.logprobs],
     }
+
+
+def _logprob_entries(position: dict) -> list[dict]:
+    """One position's ``{token_id: Logprob}`` as ``[{token_id, logprob, rank}, ...]``."""
+    return [{"token_id": t, "logprob": lp.logprob, "rank": lp.rank} for t, lp in position.items()]
