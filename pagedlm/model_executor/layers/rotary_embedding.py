@@ -104,9 +104,16 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the ``[max_position, rotary_dim]`` cos|sin table (``[2 * max_position, ...]`` for
         "longrope"; see ``ops.rotary_embedding``), e.g. after the model was built on the meta device.
         Computed in float32 and cast to the model dtype, as Hugging Face casts its cos and sin."""
+        factors = (False, True) if self.scaling["rope_type"] == "longrope" else (False,)
+        if torch.device(device or torch.get_default_device()).type == "meta":
+            # Only its shape until the model is on its device. (A meta arange goes through torch's
+            # Python references, which import torch._dynamo and with it triton: slow, and noisy at exit.)
+            cache = torch.empty(len(factors) * self.max_position, self.rotary_dim, dtype=dtype, device=device)
+            self.register_buffer("cos_sin_cache", cache, persistent=False)
+            return
         positions = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None]
         tables = []
-        for long in (False, True) if self.scaling["rope_type"] == "longrope" else (False,):
+        for long in factors:
             freqs = positions * _inv_freq(self.rotary_dim, self.theta, self.scaling, long).to(device)[None, :]
             tables.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor)
         self.register_buffer("cos_sin_cache", torch.cat(tables).to(dtype), persistent=False)
