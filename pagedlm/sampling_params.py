@@ -129,7 +129,8 @@ class SamplingParams:
         repetition_penalty: Hugging Face's: logits of tokens in the prompt or the output are divided
             by it when positive and multiplied when negative; 1 turns it off; must be > 0.
         seed: random seed. Completion ``i`` of a seeded request samples from its own generator
-            seeded with ``seed + i``, so it does not depend on what else is in the batch.
+            seeded with ``seed + i``, so its random draws do not depend on what else is in the
+            batch; its tokens do not either where the logits do not (fp32 and bf16 on CPU, README).
         max_tokens: most tokens to generate per completion. ``None`` (the default) generates until
             EOS, a stop token or string, or the engine's ``max_model_len``; nothing is cut at an
             arbitrary small length.
