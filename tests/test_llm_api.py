@@ -592,7 +592,7 @@ def test_a_hub_model_id_resolves_through_the_local_hf_cache(llama_dir, tmp_path,
         LLM("not a model")
 
 
-def test_building_an_llm_imports_no_compiler(llama_dir):
+def test_building_an_llm_imports_no_compiler(model_dir):
     """Building the model on the meta device must not reach torch's Python references (a meta
     ``arange`` did): they import torch._dynamo and with it triton, half a second of start-up and
     ~50 lines of nanobind leak reports on stderr when the process exits."""
@@ -602,7 +602,7 @@ def test_building_an_llm_imports_no_compiler(llama_dir):
     code = ("import sys; from pagedlm import LLM, SamplingParams; llm = LLM(sys.argv[1]); "
             "llm.generate(['Hi'], SamplingParams(max_tokens=2), use_tqdm=False); "
             "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, llama_dir], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "nanobind" not in proc.stderr
