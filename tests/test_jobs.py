@@ -415,9 +415,9 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"max_in_flight": 0}, "--max-in-flight must be a positive integer"),
-    ({"progress_interval": -1.0}, "--progress-interval must be a positive number"),
-    ({"progress_interval": 0}, "--progress-interval must be a positive number"),
-    ({"progress_interval": float("nan")}, "--progress-interval must be a positive number"),
+    ({"progress_interval": -1.0}, "--progress-interval must be a finite number of seconds >= 0"),
+    ({"progress_interval": float("inf")}, "--progress-interval must be a finite number of seconds >= 0"),
+    ({"progress_interval": float("nan")}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"output": "missing_dir/out.jsonl"}, "does not exist"),
     ({"output": "in.jsonl"}, "the same file"),
     ({"input": "array.json"}, "holds a JSON array"),

@@ -41,7 +41,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="most requests queued in the engine at once (default: twice max_num_seqs)")
     parser.add_argument("--progress-interval", type=float, default=10.0,
-                        help="seconds between progress lines when stderr is not a terminal")
+                        help="seconds between progress lines when stderr is not a terminal (0: a line per row)")
     distributed = parser.add_argument_group("Ray Data (docs/distributed.md; pip install 'pagedlm[ray]')")
     distributed.add_argument("--ray", action="store_true",
                              help="run on Ray Data, one LLM per actor; --output is then a directory of files")

@@ -80,8 +80,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     if config.max_in_flight is not None and (type(config.max_in_flight) is not int or config.max_in_flight < 1):
         raise ValueError(f"--max-in-flight must be a positive integer, got {config.max_in_flight!r}")
     interval = config.progress_interval
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
-        raise ValueError(f"--progress-interval must be a positive number of seconds, got {interval!r}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
+        raise ValueError(f"--progress-interval must be a finite number of seconds >= 0 (0: a line per row), "
+                         f"got {interval!r}")
     unknown = sorted(set(config.sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
