@@ -8,11 +8,18 @@
 // neighbour needs (300,000: under a fifth of the quiet rate beside one busy process).
 //
 // Here a quiet pool spins (yielding every few pauses) for up to kQuietSpin between regions, and the
-// caller spins until its region's tasks are done. The CPUs are contended when a worker picks up a
-// task more than kLateStart after it was published (it was descheduled), or when the machine has more
-// runnable threads than the pool has awake (check_load); for kContendedFor from then on everyone
-// spins only kContendedSpin before sleeping, so that the threads doing the work get the cores (and
-// the scheduler can move a neighbour onto a core nobody spins on).
+// caller spins until its region's tasks are done. The CPUs are contended when workers pick up tasks
+// more than kLateStart after they were published (they were descheduled) kLateStarts times within
+// kLateWindow, or when the machine has had more runnable threads than the pool has awake at
+// kBusyChecks checks in a row (check_load); for kContendedFor from then on everyone spins only
+// kContendedSpin before sleeping, so that the threads doing the work get the cores (and the scheduler
+// can move a neighbour onto a core nobody spins on).
+//
+// One sign alone is not enough: a quiet machine's daemons (0.02 cores here) deschedule a spinning
+// worker for 0.5-4 ms a few times a second, and a kernel thread is runnable at one load check in ~20.
+// Acting on each kept the pool in its contended mode most of the time, where the wake-up after every
+// sleep made decode steps of 1 and 8 sequences 6-11% slower. A busy neighbour deschedules a worker at
+// every time slice and is runnable at every check.
 #include "parallel.h"
 
 #include <omp.h>
@@ -42,7 +49,10 @@ constexpr Clock::duration kContendedSpin = microseconds(30);
 constexpr Clock::duration kLateStart = microseconds(500);
 constexpr Clock::duration kContendedFor = milliseconds(200);
 
+constexpr int kLateStarts = 2;
+constexpr Clock::duration kLateWindow = milliseconds(100);
 constexpr Clock::duration kLoadCheckEvery = milliseconds(10);
+constexpr int kBusyChecks = 2;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -128,7 +138,8 @@ class ThreadPool {
     if (now < next_load_check_ns_) return;
     next_load_check_ns_ = now + std::chrono::nanoseconds(kLoadCheckEvery).count();
     const int awake = static_cast<int>(workers_.size()) + 1 - sleepers_.load(std::memory_order_relaxed);
-    if (runnable_threads() > awake)
+    busy_checks_ = runnable_threads() > awake ? busy_checks_ + 1 : 0;
+    if (busy_checks_ >= kBusyChecks)
       contended_until_ns_.store(now + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
   }
 
@@ -146,7 +157,7 @@ class ThreadPool {
       if (index >= static_cast<int>(seen & kCountMask)) continue;  // not one of this region's tasks
       const int64_t start = now_ns();
       if (start - published_ns_.load(std::memory_order_relaxed) > std::chrono::nanoseconds(kLateStart).count())
-        contended_until_ns_.store(start + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
+        late_start(start);
       try {
         (*task_)(index);
       } catch (...) {
@@ -157,6 +168,16 @@ class ThreadPool {
         done_.notify_all();
       }
     }
+  }
+
+  // The times of the kLateStarts - 1 late starts before this one, as a ring; the pool is contended once
+  // all kLateStarts fall within kLateWindow. Workers race on it harmlessly: a lost update only delays
+  // the verdict.
+  void late_start(int64_t now) {
+    const int i = late_count_.fetch_add(1, std::memory_order_relaxed) % (kLateStarts - 1);
+    const int64_t oldest = late_ns_[i].exchange(now, std::memory_order_relaxed);
+    if (oldest > 0 && now - oldest < std::chrono::nanoseconds(kLateWindow).count())
+      contended_until_ns_.store(now + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
   }
 
   void record(std::exception_ptr error) {
@@ -177,7 +198,10 @@ class ThreadPool {
   std::atomic<bool> caller_sleeps_{false};
   std::atomic<int64_t> published_ns_{0};
   std::atomic<int64_t> contended_until_ns_{0};
+  std::atomic<int> late_count_{0};
+  std::atomic<int64_t> late_ns_[kLateStarts - 1] = {};
   int64_t next_load_check_ns_ = 0;
+  int busy_checks_ = 0;  // checks in a row that saw more runnable threads than awake ones
   std::mutex mutex_;
   std::condition_variable wake_;  // workers: a new region
   std::condition_variable done_;  // the caller: its region's tasks are done
