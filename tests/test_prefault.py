@@ -1,23 +1,21 @@
-"""The KV cache's background prefault (pagedlm/worker/prefault.py): it maps every page, leaves what
-steps wrote meanwhile as it was, and stops when told to."""
+"""A CPU KV cache's pages are mapped when it is allocated (pagedlm/worker/prefault.py), contents
+left as they were, and the cache still works where the kernel cannot map them ahead."""
 
 import ctypes
-import gc
 import os
 import sys
-import threading
-import time
 
 import pytest
 import torch
 
-from pagedlm.worker.cache_engine import CacheEngine
-from pagedlm.worker.prefault import MADV_POPULATE_WRITE, prefault_in_background
+from pagedlm import LLM, SamplingParams
+from pagedlm.worker import prefault
+from pagedlm.worker.prefault import MADV_POPULATE_WRITE, populate
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-# 64 MiB in bf16: past glibc's largest mmap threshold (32 MiB), so every cache is a fresh mapping
+# 64 MiB in bf16: past glibc's largest mmap threshold (32 MiB), so every tensor is a fresh mapping
 # with no page mapped yet.
-CACHE_SHAPE = (8192, 4, 16, 64)
+SHAPE = (8192, 4, 16, 64)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -45,50 +43,33 @@ def resident_share(t: torch.Tensor) -> float:
     return sum(b & 1 for b in vec.raw) / pages
 
 
-def prefault_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "pagedlm-kv-prefault"]
-
-
-def wait_for(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 def test_maps_every_page_and_keeps_what_was_written():
-    caches = [torch.empty(CACHE_SHAPE, dtype=torch.bfloat16) for _ in range(4)]
-    assert all(resident_share(c) < 0.01 for c in caches)  # fresh mappings: the test can fail
-    # A step's writes, some before the thread gets there: the last block of every cache and block 3.
-    for i, c in enumerate(caches):
-        c[-1].fill_(i + 1.5)
-        c[3].fill_(-(i + 0.25))
-    stop = prefault_in_background(caches, blocks_per_chunk=64)
-    assert stop is not None
-    assert wait_for(lambda: all(resident_share(c) == 1.0 for c in caches))
-    for i, c in enumerate(caches):
-        assert torch.equal(c[-1], torch.full_like(c[-1], i + 1.5))
-        assert torch.equal(c[3], torch.full_like(c[3], -(i + 0.25)))
-    assert wait_for(lambda: not prefault_threads())
+    tensors = [torch.empty(SHAPE, dtype=torch.bfloat16) for _ in range(3)]
+    assert all(resident_share(t) < 0.01 for t in tensors)  # fresh mappings: the test can fail
+    for i, t in enumerate(tensors):
+        t[-1].fill_(i + 1.5)
+        t[3].fill_(-(i + 0.25))
+    assert populate(tensors, threads=2)
+    assert all(resident_share(t) == 1.0 for t in tensors)
+    for i, t in enumerate(tensors):
+        assert torch.equal(t[-1], torch.full_like(t[-1], i + 1.5))
+        assert torch.equal(t[3], torch.full_like(t[3], -(i + 0.25)))
 
 
-def test_stops_when_told():
-    caches = [torch.empty(CACHE_SHAPE, dtype=torch.bfloat16) for _ in range(16)]  # 1 GiB: ~0.3 s or more to map
-    stop = prefault_in_background(caches, blocks_per_chunk=64)
-    stop.set()
-    assert wait_for(lambda: not prefault_threads())
-    assert sum(resident_share(c) for c in caches) / len(caches) < 0.5
+def test_llm_cache_is_mapped_at_start(llama_dir):
+    llm = LLM(llama_dir, dtype="bfloat16", num_kv_blocks=40_000)  # 40k blocks: caches past 32 MiB
+    cache_engine = llm.llm_engine.model_runner.cache_engine
+    caches = cache_engine.key_caches + cache_engine.value_caches
+    assert caches[0].numel() * 2 > 32 << 20
+    assert cache_engine.populated
+    assert all(resident_share(c) == 1.0 for c in caches)
 
 
-def test_cache_engine_stops_its_thread_when_freed(llama_dir):
-    from pagedlm.config import CacheConfig, ModelConfig
-
-    model_config = ModelConfig.create(llama_dir, "bfloat16", None, "cpu")
-    cache_config = CacheConfig(block_size=16)
-    engine = CacheEngine(model_config, cache_config, num_kv_blocks=200_000)
-    assert prefault_threads()
-    del engine
-    gc.collect()
-    assert wait_for(lambda: not prefault_threads(), timeout=10.0)
+def test_without_populate_the_cache_faults_in_and_outputs_are_the_same(llama_dir, monkeypatch):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9, 10]}, {"prompt_token_ids": list(range(20, 60))}]
+    expected = [o.outputs[0].token_ids for o in LLM(llama_dir, dtype="bfloat16").generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(prefault, "MADV_POPULATE_WRITE", -1)  # an advice no kernel takes: EINVAL
+    llm = LLM(llama_dir, dtype="bfloat16")
+    assert not llm.llm_engine.model_runner.cache_engine.populated
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected

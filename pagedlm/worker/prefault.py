@@ -1,65 +1,51 @@
-"""Commits a CPU KV cache's memory in the background, so that steps do not take its page faults.
+"""Maps a CPU KV cache's pages when it is allocated, so that steps take no page faults.
 
 ``torch.empty`` leaves the cache's pages unmapped; Linux maps each one (and zeroes it) at its
-first write. The block manager hands out never-used blocks first, in block order, so without this
-every block a run touches costs a step its first writes' faults: ~1.9 s of a 42 s AlpacaEval run
-here, in ``reshape_and_cache`` on the step's calling thread (4 KiB pages, ~5 us each).
+first write. The block manager hands out never-used blocks first, so a lazily mapped cache costs
+the steps its first writes' faults, one page at a time inside ``reshape_and_cache`` on the step's
+calling thread: ~1.9 s of a 42 s AlpacaEval run here (2.6 GiB of SmolLM2's 4.5 GiB cache, ~3 us
+a 4 KiB page). ``populate`` maps the whole cache at start with ``madvise(MADV_POPULATE_WRITE)``
+(Linux >= 5.14: pages mapped as writes would map them, nothing written) on every thread, as vLLM's
+``torch.zeros`` cache and llama.cpp's cleared one are committed at start: 0.6 s for 4.5 GiB on 2
+cores in a fresh process here, 2.2-2.7 s in ``LLM()`` after the model has loaded (the zeroing,
+``clear_page``, runs slower there on this VM).
 
-A daemon thread at ``SCHED_IDLE`` (it runs only on a core nobody else wants, such as the one a
-step's serial phases leave idle) asks the kernel to map the pages, chunk by chunk in block order
-over every layer, with ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14). That maps a page as a
-write would but writes nothing, so it may run while steps write the cache, and pages already
-written are left as they are. Where the call is missing (another OS, an older kernel) the thread
-stops at once and the cache faults in as before. The thread holds no reference to the cache: it
-checks ``stop`` before each call, and a call on memory freed meanwhile fails or maps pages of
-whatever owns them now, without changing their contents.
+Tried and not kept: mapping a few hundred blocks ahead of the highest block each step writes (no
+faults left, but the zeroing moved into the steps: AlpacaEval 42.2-42.9 s against 41.9-44.2), and a
+background thread at idle priority (while it ran, decode steps took 2-3x as long: the kernels'
+pool spins with ``sched_yield``, which hands the core to any runnable thread, an idle-priority one
+included, until the next scheduler tick).
 """
 
 import ctypes
-import errno
-import logging
 import os
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-logger = logging.getLogger("pagedlm")
-
 MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PIECE_BYTES = 64 << 20  # one madvise call: small enough to share the cache evenly among threads
 
 
-def prefault_in_background(caches: list[torch.Tensor], blocks_per_chunk: int) -> threading.Event | None:
-    """Start mapping the pages of ``caches`` (CPU tensors of equal shape ``[num_blocks, ...]``) in
-    block order, ``blocks_per_chunk`` blocks of every cache at a time; returns the event that stops
-    it (set it before the caches are freed), or ``None`` where this cannot run (not Linux)."""
-    if not sys.platform.startswith("linux") or not caches:
-        return None
-    num_blocks = caches[0].shape[0]
-    block_bytes = caches[0][0].numel() * caches[0].element_size() if num_blocks else 0
-    chunks = [
-        [(t.data_ptr() + b * block_bytes, t.data_ptr() + min(num_blocks, b + blocks_per_chunk) * block_bytes) for t in caches]
-        for b in range(0, num_blocks, blocks_per_chunk)
-    ]
-    stop = threading.Event()
-    threading.Thread(target=_populate, args=(chunks, stop), name="pagedlm-kv-prefault", daemon=True).start()
-    return stop
+def populate(tensors: list[torch.Tensor], threads: int) -> bool:
+    """Map every page under ``tensors`` (contiguous CPU tensors) now, on ``threads`` threads; their
+    contents are left as they are. Returns ``False``, having mapped nothing or part, where the
+    kernel cannot (not Linux, Linux < 5.14); the pages are then mapped by their first writes.
+    A tensor's first page may be shared with what lies before it: mapping it changes nothing there."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    pieces = []
+    for t in tensors:
+        begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        begin -= begin % _PAGE
+        pieces += [(p, min(end, p + _PIECE_BYTES)) for p in range(begin, end, _PIECE_BYTES)]
 
+    def advise(piece: tuple[int, int]) -> bool:  # ctypes releases the GIL for the call
+        return libc.madvise(piece[0], piece[1] - piece[0], MADV_POPULATE_WRITE) == 0
 
-def _populate(chunks: list[list[tuple[int, int]]], stop: threading.Event) -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError) as exc:
-        logger.debug("KV cache prefault not started: %s", exc)
-        return
-    for chunk in chunks:
-        for begin, end in chunk:
-            if stop.is_set():
-                return
-            start = begin - begin % _PAGE
-            if libc.madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
-                logger.debug("KV cache prefault stopped: madvise: %s", errno.errorcode.get(ctypes.get_errno(), "?"))
-                return
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return all(pool.map(advise, pieces))
