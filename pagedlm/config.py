@@ -205,12 +205,56 @@ def available_memory(device: torch.device) -> int:
 
 
 def _available_ram() -> int:
-    """MemAvailable (free plus reclaimable page cache) where /proc/meminfo exists, else free pages."""
+    """MemAvailable (free plus reclaimable page cache) where /proc/meminfo exists, else free pages;
+    at most what this process's memory cgroup has left (a container's limit, which /proc/meminfo
+    does not show)."""
+    ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    ram = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    left = _cgroup_memory_left()
+    return ram if left is None else min(ram, left)
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroup_memory_left(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's memory cgroup and its ancestors may still take (the least of limit minus
+    usage among those with a limit), or None where none has one or they cannot be read. cgroup v2
+    (``memory.max``, ``memory.current``) or v1 (``memory/memory.limit_in_bytes``,
+    ``memory.usage_in_bytes``); the process's path from ``proc_cgroup``, whose root is the mount's
+    inside a container's cgroup namespace."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, limit_file, usage_file = root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_file, usage_file = os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        left = None
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            directory = os.path.join(base, *parts[:depth])
+            try:
+                with open(os.path.join(directory, limit_file)) as f:
+                    limit = f.read().strip()
+                with open(os.path.join(directory, usage_file)) as f:
+                    usage = int(f.read())
+            except (OSError, ValueError):
+                continue
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                left = int(limit) - usage if left is None else min(left, int(limit) - usage)
+        if left is not None:
+            return max(left, 0)
+    return None
