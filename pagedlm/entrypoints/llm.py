@@ -51,7 +51,7 @@ class LLM:
         num_kv_blocks / kv_cache_memory: size the KV cache by blocks or bytes; by default it takes
             the free GPU memory less 10% of the GPU's total on CUDA, and 20% of available RAM on
             CPU (within the process's memory cgroup; capped at what ``max_num_seqs`` sequences of
-            ``max_model_len`` tokens could use). A CPU cache's pages are committed at start-up.
+            ``max_model_len`` tokens could use).
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: most tokens (prefill + decode) in one step.
         enable_chunked_prefill: split prompts longer than the step's token budget over steps.

@@ -4,7 +4,6 @@ import torch
 
 from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig, available_memory
-from pagedlm.worker.prefault import populate
 
 
 def block_bytes(model_config: ModelConfig, cache_config: CacheConfig) -> int:
@@ -35,10 +34,6 @@ class CacheEngine:
         self.value_caches = [torch.empty(shape, **kw) for _ in range(model_config.num_layers)]
         self.kv_caches = list(zip(self.key_caches, self.value_caches))
         self.num_bytes = num_kv_blocks * block_bytes(model_config, cache_config)
-        # The pages mapped now, on every thread, rather than one by one by the steps' first writes
-        # (prefault.py); False off the CPU, or where the kernel cannot.
-        self.populated = model_config.device.type == "cpu" and populate(
-            self.key_caches + self.value_caches, torch.get_num_threads())
 
     def copy(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         if blocks_to_copy:
