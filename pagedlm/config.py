@@ -248,13 +248,14 @@ def _cgroup_memory_left(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/
             directory = os.path.join(base, *parts[:depth])
             try:
                 with open(os.path.join(directory, limit_file)) as f:
-                    limit = f.read().strip()
+                    text = f.read().strip()
+                limit = None if text == "max" else int(text)
                 with open(os.path.join(directory, usage_file)) as f:
                     usage = int(f.read())
             except (OSError, ValueError):
                 continue
-            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
-                left = int(limit) - usage if left is None else min(left, int(limit) - usage)
+            if limit is not None and limit < 1 << 60:  # v1 writes "no limit" as ~2^63
+                left = limit - usage if left is None else min(left, limit - usage)
         if left is not None:
             return max(left, 0)
     return None

@@ -5,6 +5,7 @@ import pytest
 
 from pagedlm import config
 
+
 def _write(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -39,6 +40,8 @@ def test_no_cgroup_limit_leaves_meminfo(tmp_path):
     _write(tmp_path / "cgroup" / "memory.current", "123\n")
     assert config._cgroup_memory_left(str(tmp_path / "cgroup"), str(proc)) is None
     assert config._cgroup_memory_left(str(tmp_path / "missing"), str(tmp_path / "missing_proc")) is None
+    _write(tmp_path / "cgroup" / "memory.max", "garbage\n")
+    assert config._cgroup_memory_left(str(tmp_path / "cgroup"), str(proc)) is None
 
 
 def test_available_ram_takes_the_cgroup_limit(monkeypatch):
