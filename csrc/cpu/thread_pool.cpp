@@ -9,11 +9,11 @@
 //
 // Here a quiet pool spins (yielding every few pauses) for up to kQuietSpin between regions, and the
 // caller spins until its region's tasks are done. The CPUs are contended when workers pick up tasks
-// more than kLateStart after they were published (they were descheduled) kLateStarts times within
-// kLateWindow, or when the machine has had more runnable threads than the pool has awake at
-// kBusyChecks checks in a row (check_load); for kContendedFor from then on everyone spins only
-// kContendedSpin before sleeping, so that the threads doing the work get the cores (and the scheduler
-// can move a neighbour onto a core nobody spins on).
+// more than kLateStart after they were published (they were descheduled) twice within kLateWindow,
+// or when the machine has had more runnable threads than the pool has awake at kBusyChecks checks in
+// a row (check_load); for kContendedFor from then on everyone spins only kContendedSpin before
+// sleeping, so that the threads doing the work get the cores (and the scheduler can move a neighbour
+// onto a core nobody spins on).
 //
 // One sign alone is not enough: a quiet machine's daemons (0.02 cores here) deschedule a spinning
 // worker for 0.5-4 ms a few times a second, and a kernel thread is runnable at one load check in ~20.
@@ -49,7 +49,6 @@ constexpr Clock::duration kContendedSpin = microseconds(30);
 constexpr Clock::duration kLateStart = microseconds(500);
 constexpr Clock::duration kContendedFor = milliseconds(200);
 
-constexpr int kLateStarts = 2;
 constexpr Clock::duration kLateWindow = milliseconds(100);
 constexpr Clock::duration kLoadCheckEvery = milliseconds(10);
 constexpr int kBusyChecks = 2;
@@ -170,13 +169,10 @@ class ThreadPool {
     }
   }
 
-  // The times of the kLateStarts - 1 late starts before this one, as a ring; the pool is contended once
-  // all kLateStarts fall within kLateWindow. Workers race on it harmlessly: a lost update only delays
-  // the verdict.
+  // Contended when the late start before this one was within kLateWindow.
   void late_start(int64_t now) {
-    const int i = late_count_.fetch_add(1, std::memory_order_relaxed) % (kLateStarts - 1);
-    const int64_t oldest = late_ns_[i].exchange(now, std::memory_order_relaxed);
-    if (oldest > 0 && now - oldest < std::chrono::nanoseconds(kLateWindow).count())
+    const int64_t previous = last_late_ns_.exchange(now, std::memory_order_relaxed);
+    if (previous > 0 && now - previous < std::chrono::nanoseconds(kLateWindow).count())
       contended_until_ns_.store(now + std::chrono::nanoseconds(kContendedFor).count(), std::memory_order_relaxed);
   }
 
@@ -198,8 +194,7 @@ class ThreadPool {
   std::atomic<bool> caller_sleeps_{false};
   std::atomic<int64_t> published_ns_{0};
   std::atomic<int64_t> contended_until_ns_{0};
-  std::atomic<int> late_count_{0};
-  std::atomic<int64_t> late_ns_[kLateStarts - 1] = {};
+  std::atomic<int64_t> last_late_ns_{0};  // when a worker last started a task late
   int64_t next_load_check_ns_ = 0;
   int busy_checks_ = 0;  // checks in a row that saw more runnable threads than awake ones
   std::mutex mutex_;
