@@ -116,10 +116,15 @@ struct PendingBlock {
 // step of K while this block's products run: written all at once between two blocks, its stores'
 // cache misses held the fill buffers that the tile loads need, and a 2,048-row linear ran ~15%
 // slower (benchmarks/linear_bench.py).
+//
+// Once a pass has brought the weights into L2 (b_in_l2: every row tile after the first), B tiles are
+// loaded with tileloaddt1, which does not keep them in L1: the row tiles' inputs (36 KiB at K = 576)
+// then stay in L1 across the column blocks, and only B comes from L2. A 2,048-row [3072, 576] linear
+// ran 12-15% faster. The first pass loads B as usual: from memory, the hint cost 5-15% at 64-128 rows.
 template <bool TWO_M, bool TWO_N>
 void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int64_t full_blocks,
-               int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, float* c, PendingBlock& previous,
-               PanelPrefetch& prefetch) {
+               int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, bool b_in_l2, float* c,
+               PendingBlock& previous, PanelPrefetch& prefetch) {
   _tile_zero(0);
   if constexpr (TWO_N) _tile_zero(1);
   if constexpr (TWO_M) {
@@ -133,14 +138,19 @@ void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int
     const at::BFloat16* ak = full ? a + kb * kTileK : tail;
     const int64_t stride = (full ? lda : kTileK) * 2;
     _tile_loadd(4, ak, stride);
-    if constexpr (TWO_M) _tile_loadd(5, ak + kTileM * stride / 2, stride);
-    _tile_loadd(6, b0 + kb * kTileK * kTileN, 64);
+    if (b_in_l2) {
+      _tile_stream_loadd(6, b0 + kb * kTileK * kTileN, 64);
+      if constexpr (TWO_N) _tile_stream_loadd(7, b1 + kb * kTileK * kTileN, 64);
+    } else {
+      _tile_loadd(6, b0 + kb * kTileK * kTileN, 64);
+      if constexpr (TWO_N) _tile_loadd(7, b1 + kb * kTileK * kTileN, 64);
+    }
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (TWO_M) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (TWO_N) {
-      _tile_loadd(7, b1 + kb * kTileK * kTileN, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (TWO_M) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (TWO_M) _tile_loadd(5, ak + kTileM * stride / 2, stride);
+    if constexpr (TWO_N) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (TWO_M) {
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (TWO_N) _tile_dpbf16ps(3, 5, 7);
     }
   }
   _tile_stored(0, c, 128);
@@ -198,11 +208,11 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
           const at::BFloat16* b0 = w + nb * k_pad * kTileN;
           float* sums = c[pending.sums == c[0] ? 1 : 0];
           if (mr > kTileM) {
-            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending, prefetch);
-            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending, prefetch);
+            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, m > 0, sums, pending, prefetch);
+            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, m > 0, sums, pending, prefetch);
           } else {
-            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, sums, pending, prefetch);
-            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, sums, pending, prefetch);
+            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, m > 0, sums, pending, prefetch);
+            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, m > 0, sums, pending, prefetch);
           }
           if (act) {
             const int64_t n0 = u * kTileN;
