@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pagedlm.engine.block_manager import AllocStatus, BlockAllocator, BlockSpaceManager
-from pagedlm.engine.sequence import SequenceGroup, SequenceStatus
+from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -156,7 +156,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         allocator = self.bm.allocator
         free = [sum(allocator.ref_counts[b] == 0 for b in range(e * 5, min(e * 5 + 5, 24))) for e in range(5)]
         assert allocator.free_in_extent == free
-        assert set(allocator.free_extents) == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
+        assert set(allocator.fresh_extents) | set(allocator.warm_free_extents) == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
 
     @invariant()
     def cached_blocks_hold_their_keys_tokens(self):
@@ -273,11 +273,43 @@ def test_taking_an_extent_keeps_its_cached_prefix_where_it_can():
     bm.cache_full_blocks(first.seqs[0], 9)
     assert bm.get_block_table(first.seqs[0]) == [0, 1, 2]
     bm.free(first.seqs[0])
-    filler = SequenceGroup("f", None, [100] * 32, SamplingParams(), 4, 0.0)  # fills the other extent
-    bm.allocate(filler, bm.can_allocate(filler)[1])
-    other = SequenceGroup("o", None, [200] * 4, SamplingParams(), 4, 0.0)
+    other = SequenceGroup("o", None, [200] * 32, SamplingParams(), 4, 0.0)  # the only warm extent: the prefix's
     bm.allocate(other, bm.can_allocate(other)[1])
-    assert bm.get_block_table(other.seqs[0]) == [2]
+    assert bm.get_block_table(other.seqs[0]) == [2, 3, 4, 5, 6, 7, 8, 9]
     again = SequenceGroup("p2", None, prompt, SamplingParams(), 4, 0.0)
     status, plans = bm.can_allocate(again)
     assert plans[again.seqs[0].seq_id].cached_blocks == [0, 1]
+
+
+def _admit(bm: BlockSpaceManager, name: str, tokens: int) -> Sequence:
+    group = SequenceGroup(name, None, [len(name)] * tokens, SamplingParams(), 4, 0.0)
+    bm.allocate(group, bm.can_allocate(group)[1])
+    return group.seqs[0]
+
+
+def test_sequences_reuse_written_extents_before_fresh_ones():
+    # One request after another: each finds the extent the previous one wrote and freed, so the job
+    # writes one extent's memory, not the whole cache (a fresh extent's first writes are page faults).
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=64, watermark=0.0)
+    bm.allocator = BlockAllocator(64, extent_blocks=8)
+    for i in range(20):
+        seq = _admit(bm, f"r{i}", 12)
+        assert bm.get_block_table(seq) == [0, 1, 2]
+        bm.free(seq)
+    assert bm.allocator.num_warm_extents == 1
+
+
+def test_a_quarter_of_the_written_extents_stay_free_before_one_is_reused():
+    # Eight running sequences hold eight warm extents. A new one takes a warm extent only while more
+    # than a quarter of the warm extents are wholly free (so some prefix cache stays), else a fresh
+    # one; the warm one freed longest ago goes first.
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=128, watermark=0.0)
+    bm.allocator = BlockAllocator(128, extent_blocks=8)
+    seqs = [_admit(bm, "r" * (i + 1), 4) for i in range(8)]
+    assert [bm.get_block_table(s)[0] // 8 for s in seqs] == list(range(8))
+    bm.free(seqs[3])
+    bm.free(seqs[5])  # 2 of 8 warm extents free: not more than a quarter
+    assert bm.get_block_table(_admit(bm, "a", 4))[0] // 8 == 8  # fresh
+    bm.free(seqs[1])  # 3 of 9: more than a quarter
+    assert bm.get_block_table(_admit(bm, "b", 4))[0] // 8 == 3  # freed longest ago
+    assert bm.allocator.num_warm_extents == 9
