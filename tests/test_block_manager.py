@@ -262,9 +262,9 @@ def test_with_no_free_extent_blocks_come_one_by_one():
     assert sorted(blocks) == list(range(15)) and bm.num_free_blocks == 1
 
 
-def test_taking_an_extent_keeps_its_cached_prefix_where_it_can():
-    # A prefix is found from its first block: a new sequence that takes the prefix's extent starts
-    # past its cached blocks, so the prefix stays whole for the next request that shares it.
+def test_a_reused_extent_is_taken_from_its_first_block():
+    # The warm extent's cached prefix goes with it: a sequence written after it starts where it
+    # started, on memory already written, rather than past it on memory never written.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
     bm.allocator = BlockAllocator(16, extent_blocks=8)
     prompt = list(range(9))  # two full blocks (cached) and one partial
@@ -273,12 +273,12 @@ def test_taking_an_extent_keeps_its_cached_prefix_where_it_can():
     bm.cache_full_blocks(first.seqs[0], 9)
     assert bm.get_block_table(first.seqs[0]) == [0, 1, 2]
     bm.free(first.seqs[0])
-    other = SequenceGroup("o", None, [200] * 32, SamplingParams(), 4, 0.0)  # the only warm extent: the prefix's
+    other = SequenceGroup("o", None, [200] * 12, SamplingParams(), 4, 0.0)
     bm.allocate(other, bm.can_allocate(other)[1])
-    assert bm.get_block_table(other.seqs[0]) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert bm.get_block_table(other.seqs[0]) == [0, 1, 2]
     again = SequenceGroup("p2", None, prompt, SamplingParams(), 4, 0.0)
     status, plans = bm.can_allocate(again)
-    assert plans[again.seqs[0].seq_id].cached_blocks == [0, 1]
+    assert plans[again.seqs[0].seq_id].cached_blocks == []
 
 
 def _admit(bm: BlockSpaceManager, name: str, tokens: int) -> Sequence:
@@ -301,15 +301,23 @@ def test_sequences_reuse_written_extents_before_fresh_ones():
 
 def test_a_quarter_of_the_written_extents_stay_free_before_one_is_reused():
     # Eight running sequences hold eight warm extents. A new one takes a warm extent only while more
-    # than a quarter of the warm extents are wholly free (so some prefix cache stays), else a fresh
-    # one; the warm one freed longest ago goes first.
+    # than a quarter of the warm extents are wholly free, else a fresh one; the warm one freed
+    # longest ago goes first, and the prefixes cached in the rest stay found.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=128, watermark=0.0)
     bm.allocator = BlockAllocator(128, extent_blocks=8)
     seqs = [_admit(bm, "r" * (i + 1), 4) for i in range(8)]
+    for seq in seqs:
+        bm.cache_full_blocks(seq, 4)
     assert [bm.get_block_table(s)[0] // 8 for s in seqs] == list(range(8))
     bm.free(seqs[3])
     bm.free(seqs[5])  # 2 of 8 warm extents free: not more than a quarter
-    assert bm.get_block_table(_admit(bm, "a", 4))[0] // 8 == 8  # fresh
+    assert bm.get_block_table(_admit(bm, "x" * 20, 4))[0] // 8 == 8  # fresh
     bm.free(seqs[1])  # 3 of 9: more than a quarter
-    assert bm.get_block_table(_admit(bm, "b", 4))[0] // 8 == 3  # freed longest ago
+    assert bm.get_block_table(_admit(bm, "x" * 21, 4))[0] // 8 == 3  # freed longest ago
     assert bm.allocator.num_warm_extents == 9
+
+    def cached(name: str) -> int:
+        group = SequenceGroup("q", None, [len(name)] * 4 + [0], SamplingParams(), 4, 0.0)
+        return len(bm.can_allocate(group)[1][group.seqs[0].seq_id].cached_blocks)
+
+    assert (cached("rrrr"), cached("rrrrrr"), cached("rr")) == (0, 1, 1)  # 3 reused; 5 and 1 kept

@@ -12,16 +12,13 @@ Blocks carry reference counts so sequences can share them:
 
 Placement: the cache's blocks are grouped in extents of ``EXTENT_BLOCKS`` consecutive blocks. A
 sequence's new block is the one after its last block when that one is free and in the same extent
-(or starts a wholly free extent); else a block of a wholly free extent (its first block that holds
-no cached prefix, if any), a warm one (written before) in preference to a fresh one while enough
-warm ones are free (``BlockAllocator._free_extent``); else, when no extent is wholly free, the least
-recently freed block. A sequence's keys and values then lie in runs of consecutive blocks even
-after a long job has recycled the cache, and decode attention reads runs faster than scattered
-blocks (docs/performance.md, "Where decode attention's bandwidth goes"). Cached blocks are thus
-evicted about an extent at a time, in the order their extents became wholly free, and a sequence
-may evict the cached blocks of its own extent (a prefix's head among them, which loses the prefix).
-Three system prompts under 360 requests kept their hit rate: 0.654 and 0.643 with 100 and 48
-blocks, against 0.654 and 0.639 with block-by-block LRU placement.
+(or starts a wholly free extent); else the first block of a wholly free extent, a warm one (written
+before) in preference to a fresh one while enough warm ones are free (``BlockAllocator._free_extent``);
+else, when no extent is wholly free, the least recently freed block. A sequence's keys and values
+then lie in runs of consecutive blocks even after a long job has recycled the cache, and decode
+attention reads runs faster than scattered blocks (docs/performance.md, "Where decode attention's
+bandwidth goes"). Cached blocks are evicted an extent at a time, the whole extent's content when a
+sequence starts in it; docs/architecture.md gives the hit rates this keeps.
 """
 
 import enum
@@ -99,20 +96,20 @@ class BlockAllocator:
                 return block
         extent = self._free_extent()
         if extent is not None:
-            first = extent * self.extent_blocks
-            blocks = range(first, first + self.extent_sizes[extent])
-            # Past the extent's cached blocks where it can: a prefix is found from its first block,
-            # so evicting that one loses the whole prefix.
-            return next((block for block in blocks if self.block_keys[block] is None), first)
+            return extent * self.extent_blocks
         return next(iter(self.free_blocks))
 
     def _free_extent(self) -> int | None:
-        """The wholly free extent a sequence starts in: the warm one freed longest ago while more than
-        a quarter of the warm extents are wholly free, else a fresh one, else any warm one. The cache
-        is ``torch.empty``: a fresh extent's first writes are page faults, slow on the dev VM (6-7 s
-        of a 41 s AlpacaEval run when every request started a fresh extent). A job so writes about a
-        third more memory than it holds at its peak, not the whole cache, and keeps at least a quarter
-        of what it wrote as prefix cache."""
+        """The wholly free extent a sequence starts in, from its first block: the warm one freed
+        longest ago while more than a quarter of the warm extents are wholly free, else a fresh one,
+        else any warm one. The cache is ``torch.empty``, so a block's first write maps its pages, and
+        on a VM whose host backs guest memory on first use that costs more than the step's work
+        (AlpacaEval: 6-13 s of a 42-49 s run in ``reshape_and_cache`` when fresh extents came
+        first, and starting a warm extent past its cached blocks wrote into fresh ones all the same).
+        A job so writes little more memory than it holds at its peak. The price is the prefix cache's
+        memory: the content of a warm extent is evicted whole when the extent is reused, so it keeps
+        a freed prefix only until its extent is the oldest of a quarter of what the job has written,
+        not the whole cache."""
         if self.warm_free_extents and (not self.fresh_extents or 4 * len(self.warm_free_extents) > self.num_warm_extents):
             return next(iter(self.warm_free_extents))
         return next(iter(self.fresh_extents), None)
