@@ -4,9 +4,9 @@ Decode attention reads runs of consecutive cache blocks faster than blocks scatt
 (docs/performance.md, "Where decode attention's bandwidth goes"). This runs the engine as a long job
 does, then times ``ops.paged_attention`` over the block tables it produced:
 
-1. For each ``--extent-blocks`` value (the block manager's ``EXTENT_BLOCKS``; with 1 a sequence
-   still gets the block after its last when that one is free, else the least recently freed
-   block), an ``LLM`` generates ``--passes`` batches of ``--num-prompts`` random prompts
+1. For each ``--extent-blocks`` value (the block manager's ``EXTENT_BLOCKS``; with 1 every block is
+   an extent, so a sequence gets a warm block freed long ago or a fresh one, never by position), an
+   ``LLM`` generates ``--passes`` batches of ``--num-prompts`` random prompts
    (16-160 tokens, outputs of 32-160), so that the cache has been recycled as in a long job, then
    ``--num-seqs`` more prompts; at decode step ``--step`` of that last batch one layer's block tables
    and sequence lengths are kept.

@@ -156,7 +156,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         allocator = self.bm.allocator
         free = [sum(allocator.ref_counts[b] == 0 for b in range(e * 5, min(e * 5 + 5, 24))) for e in range(5)]
         assert allocator.free_in_extent == free
-        assert set(allocator.fresh_extents) | set(allocator.warm_free_extents) == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
+        fresh, warm = set(allocator.fresh_extents), set(allocator.warm_free_extents)
+        assert not fresh & warm and fresh | warm == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
+        assert allocator.num_warm_extents == 5 - len(fresh)
 
     @invariant()
     def cached_blocks_hold_their_keys_tokens(self):
@@ -321,3 +323,46 @@ def test_a_quarter_of_the_written_extents_stay_free_before_one_is_reused():
         return len(bm.can_allocate(group)[1][group.seqs[0].seq_id].cached_blocks)
 
     assert (cached("rrrr"), cached("rrrrrr"), cached("rr")) == (0, 1, 1)  # 3 reused; 5 and 1 kept
+
+
+def test_a_sequence_leaving_its_extent_goes_where_a_new_one_would():
+    # Requests of 9 blocks, one at a time, over extents of 8: each crosses into a second extent. It
+    # takes the warm extent freed longest ago, not the fresh one after its own, so the job keeps
+    # writing the same two extents' memory.
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=64, watermark=0.0)
+    bm.allocator = BlockAllocator(64, extent_blocks=8)
+    for i in range(20):
+        seq = _admit(bm, "r" * (i + 1), 36)
+        table = bm.get_block_table(seq)
+        assert table[:8] == list(range(table[0], table[0] + 8)) and table[8] in (0, 8) and table[8] != table[0]
+        bm.free(seq)
+    assert bm.allocator.num_warm_extents == 2
+
+
+def test_a_prefix_computed_again_takes_the_keys_a_reused_extent_left_behind():
+    # P's extent is reused from its first block: P's head is evicted, its second block keeps a key no
+    # lookup reaches. P computed again keys both of its blocks, so a third P hits both while the
+    # second runs, even after the stale block is reused.
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
+    bm.allocator = BlockAllocator(16, extent_blocks=4)
+    prompt = list(range(8)) + [99]
+
+    def admit(tokens: list[int]) -> tuple[Sequence, int]:
+        group = SequenceGroup("r", None, tokens, SamplingParams(), 4, 0.0)
+        plans = bm.can_allocate(group)[1]
+        bm.allocate(group, plans)
+        seq = group.seqs[0]
+        bm.cache_full_blocks(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+        return seq, len(plans[seq.seq_id].cached_blocks)
+
+    first, _ = admit(prompt)
+    bm.free(first)
+    other, _ = admit([50] * 3)
+    assert bm.get_block_table(other) == [0]
+    second, hit = admit(prompt)
+    assert hit == 0 and bm.get_block_table(second) == [4, 5, 6]
+    _grow(bm, [other], 5)  # into block 1, the stale one
+    assert bm.get_block_table(other) == [0, 1]
+    _, hit = admit(prompt)
+    assert hit == 2

@@ -11,14 +11,15 @@ Blocks carry reference counts so sequences can share them:
   least-recently-freed first, and loses its key only when it is taken for new content.
 
 Placement: the cache's blocks are grouped in extents of ``EXTENT_BLOCKS`` consecutive blocks. A
-sequence's new block is the one after its last block when that one is free and in the same extent
-(or starts a wholly free extent); else the first block of a wholly free extent, a warm one (written
-before) in preference to a fresh one while enough warm ones are free (``BlockAllocator._free_extent``);
-else, when no extent is wholly free, the least recently freed block. A sequence's keys and values
-then lie in runs of consecutive blocks even after a long job has recycled the cache, and decode
-attention reads runs faster than scattered blocks (docs/performance.md, "Where decode attention's
-bandwidth goes"). Cached blocks are evicted an extent at a time, the whole extent's content when a
-sequence starts in it; docs/architecture.md gives the hit rates this keeps.
+sequence's new block is the one after its last block when that one is free and in the same extent;
+else the first block of a wholly free extent, a warm one (written before) in preference to a fresh
+one while enough warm ones are free (``BlockAllocator._free_extent``); else, when no extent is
+wholly free, the least recently freed block. A sequence's keys and values then lie in runs of
+consecutive blocks even after a long job has recycled the cache, and decode attention reads runs
+faster than scattered blocks (docs/performance.md, "Where decode attention's bandwidth goes").
+Cached blocks are evicted about an extent at a time, from the extent's first block: a prefix whose
+head is taken is lost, and its later blocks keep keys that no lookup reaches until they are taken
+or the prefix is computed again (``cache_block``). docs/architecture.md gives the hit rates.
 """
 
 import enum
@@ -92,7 +93,9 @@ class BlockAllocator:
     def _place(self, after: int | None) -> int:
         if after is not None:
             block = after + 1
-            if block in self.free_blocks and (block % self.extent_blocks or self._is_free_extent(block // self.extent_blocks)):
+            # Within its extent only: at an extent's end the sequence goes where _free_extent says,
+            # which is the next extent when that is the fresh one due (a long job's first pass).
+            if block % self.extent_blocks and block in self.free_blocks:
                 return block
         extent = self._free_extent()
         if extent is not None:
@@ -100,16 +103,15 @@ class BlockAllocator:
         return next(iter(self.free_blocks))
 
     def _free_extent(self) -> int | None:
-        """The wholly free extent a sequence starts in, from its first block: the warm one freed
+        """The wholly free extent a sequence goes on in, from its first block: the warm one freed
         longest ago while more than a quarter of the warm extents are wholly free, else a fresh one,
-        else any warm one. The cache is ``torch.empty``, so a block's first write maps its pages, and
-        on a VM whose host backs guest memory on first use that costs more than the step's work
-        (AlpacaEval: 6-13 s of a 42-49 s run in ``reshape_and_cache`` when fresh extents came
-        first, and starting a warm extent past its cached blocks wrote into fresh ones all the same).
-        A job so writes little more memory than it holds at its peak. The price is the prefix cache's
-        memory: the content of a warm extent is evicted whole when the extent is reused, so it keeps
-        a freed prefix only until its extent is the oldest of a quarter of what the job has written,
-        not the whole cache."""
+        else the oldest warm one. The cache is ``torch.empty``, so a block's first write maps its
+        pages, and on a VM whose host backs guest memory on first use that costs more than the
+        step's work (AlpacaEval: 6-13 s of a 42-49 s run in ``reshape_and_cache`` when fresh extents
+        came first). A job so writes about a third more memory than it holds at its peak, not the
+        whole cache. The price is the prefix cache's memory: while fresh extents remain, a freed
+        prefix stays only until its extent is the oldest of the warm ones, a quarter or more of
+        them, kept free."""
         if self.warm_free_extents and (not self.fresh_extents or 4 * len(self.warm_free_extents) > self.num_warm_extents):
             return next(iter(self.warm_free_extents))
         return next(iter(self.fresh_extents), None)
@@ -144,9 +146,18 @@ class BlockAllocator:
                 self.warm_free_extents[extent] = None
 
     def cache_block(self, block: int, key: BlockKey) -> None:
-        if key not in self.cached_blocks and self.block_keys[block] is None:
-            self.cached_blocks[key] = block
-            self.block_keys[block] = key
+        """Key ``block``, unless it has a key or a block in use holds ``key``: a free block that
+        holds it gives it up. (A reused extent evicts the head of a prefix cached in it, and its
+        later blocks keep keys that no lookup reaches; the same prefix computed again takes them.)"""
+        if self.block_keys[block] is not None:
+            return
+        old = self.cached_blocks.get(key)
+        if old is not None:
+            if self.ref_counts[old] > 0:
+                return
+            self.block_keys[old] = None
+        self.cached_blocks[key] = block
+        self.block_keys[block] = key
 
     def reset_prefix_cache(self) -> None:
         self.cached_blocks.clear()

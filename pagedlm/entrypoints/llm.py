@@ -58,9 +58,10 @@ class LLM:
         enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (within one
             ``generate`` call and across calls). Unlike vLLM, whose free blocks keep their content
             until the whole cache is in use, a freed prefix stays only while the cache memory the
-            engine has written holds it (new requests reuse written memory before they write
-            memory never written, whose first writes are page faults): prefixes shared by running
-            requests always hit; one seen again after many unrelated requests may not.
+            engine has written holds it: new requests reuse written memory while over a quarter of
+            it is free, before they write memory never written (whose first writes are page
+            faults). A prefix held by running requests is found as before; one seen again after
+            many unrelated requests may not be.
         generation_config: where the default ``SamplingParams`` (used when a call passes none)
             come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
             max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
