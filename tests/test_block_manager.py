@@ -90,6 +90,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.allocator = BlockAllocator(24, extent_blocks=5)
         self.store: dict[int, list] = {b: [None] * BS for b in range(24)}
         self.seqs = []
+        self.written: set[int] = set()  # extents a table has held a block of
         self.next_token = 1000
 
     def _write(self, seq, start: int) -> None:
@@ -158,7 +159,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert allocator.free_in_extent == free
         fresh, warm = set(allocator.fresh_extents), set(allocator.warm_free_extents)
         assert not fresh & warm and fresh | warm == {e for e in range(5) if free[e] == allocator.extent_sizes[e]}
-        assert allocator.num_warm_extents == 5 - len(fresh)
+        self.written |= {b // 5 for seq in self.seqs for b in self.bm.get_block_table(seq)}
+        assert fresh == set(range(5)) - self.written  # fresh: no block of it ever taken
 
     @invariant()
     def cached_blocks_hold_their_keys_tokens(self):

@@ -72,7 +72,6 @@ class BlockAllocator:
         # recently freed first); see _free_extent.
         self.fresh_extents: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_extents))
         self.warm_free_extents: OrderedDict[int, None] = OrderedDict()
-        self.num_warm_extents = 0
         self.block_keys: list[BlockKey | None] = [None] * num_kv_blocks
         self.cached_blocks: dict[BlockKey, int] = {}  # the prefix cache
 
@@ -116,6 +115,11 @@ class BlockAllocator:
             return next(iter(self.warm_free_extents))
         return next(iter(self.fresh_extents), None)
 
+    @property
+    def num_warm_extents(self) -> int:
+        """Extents that have held a block (a fresh extent becomes warm when its first block is taken)."""
+        return len(self.extent_sizes) - len(self.fresh_extents)
+
     def _is_free_extent(self, extent: int) -> bool:
         return self.free_in_extent[extent] == self.extent_sizes[extent]
 
@@ -124,7 +128,6 @@ class BlockAllocator:
         extent = block // self.extent_blocks
         if extent in self.fresh_extents:
             del self.fresh_extents[extent]
-            self.num_warm_extents += 1
         elif self._is_free_extent(extent):
             del self.warm_free_extents[extent]
         self.free_in_extent[extent] -= 1
