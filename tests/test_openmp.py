@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedlm import LLM, SamplingParams, openmp
-from pagedlm.model_executor.layers.linear import amx_linear_available
+from pagedlm.model_executor.layers.linear import Linear, amx_linear_available
 from conftest import make_checkpoint
 
 
@@ -86,13 +86,13 @@ def test_threads_are_lowered_to_the_quota(monkeypatch):
         torch.set_num_threads(before)
 
 
-# Ops that only view, allocate, read one scalar or draw the per-request uniforms; any other torch op in a step may open
+# Ops that only view, allocate, read one scalar (a size, an address) or draw the per-request uniforms; any other torch op in a step may open
 # an OpenMP region, after which libgomp's threads spin beside the kernels' pool (300,000 times when
 # torch was imported before pagedlm, so OMP_WAIT_POLICY could not be set: a decode step 25% slower).
 _NO_COMPUTE = {"aten::as_strided", "aten::detach_", "aten::empty", "aten::empty_like", "aten::empty_strided",
                "aten::lift_fresh", "aten::new_empty", "aten::resolve_conj", "aten::resolve_neg", "aten::slice",
                "aten::select", "aten::split_with_sizes", "aten::view", "aten::reshape", "aten::item",
-               "aten::_local_scalar_dense"}
+               "aten::_local_scalar_dense", "mkldnn::_nbytes", "mkldnn::data_ptr"}
 _SMALL_ONLY = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::rand", "aten::uniform_"}
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run without a parallel region
 
@@ -104,7 +104,17 @@ def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
     return make_checkpoint(str(tmp_path_factory.mktemp(f"openmp_{request.param}")), request.param, tokenizer_dir)
 
 
-@pytest.mark.skipif(not amx_linear_available(), reason="without AMX the bf16 linears run on oneDNN, which uses OpenMP")
+def _bf16_linears_are_ours() -> bool:
+    """Whether bf16 ``Linear`` runs one of pagedlm's kernels here (AMX, or the AVX512-BF16 streaming
+    kernel in oneDNN's order) rather than oneDNN's matmul, which opens OpenMP regions."""
+    if amx_linear_available():
+        return True
+    layer = Linear(64, 64, bias=False).to(torch.bfloat16)
+    layer.process_weights_after_loading()
+    return layer.k_chunk_ends is not None
+
+
+@pytest.mark.skipif(not _bf16_linears_are_ours(), reason="the bf16 linears run on oneDNN here, which uses OpenMP")
 @pytest.mark.parametrize("params", [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                                     SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
                                     SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2,

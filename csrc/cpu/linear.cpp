@@ -96,6 +96,10 @@ void with_tile_rows(int64_t rows, const F& f) {
   }
 }
 
+// Work units are (column block, row group) pairs, block-major, handed out in contiguous ranges: an
+// odd number of blocks (SmolLM2's 576- and 960-column linears have 9 and 15) would otherwise leave
+// one thread idle for a block's time. With `groups` row groups, each thread's range covers whole
+// blocks but for at most two, which it shares with a neighbour.
 void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::BFloat16* weight,
                            const float* bias, const std::vector<int64_t>& pair_ends) {
   const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
@@ -103,22 +107,29 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
   const auto* x = input.data_ptr<at::BFloat16>();
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t x_stride = input.stride(0), y_stride = out.stride(0);
-  parallel_for(0, num_blocks, grain_for(block_pairs * 2 * kBlockN), [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(M * kBlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_pairs * 2 * kBlockN);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
+  const int64_t groups = num_blocks % threads == 0 ? 1 : std::min<int64_t>(threads, tiles);
+  const int64_t rows_per_group = (tiles + groups - 1) / groups * kMaxTileRows;
+  const int64_t block_elements = block_pairs * 2 * kBlockN;
+  parallel_for(0, num_blocks * groups, grain_for(block_elements * groups), [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(std::min(M, rows_per_group) * kBlockN);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
+      const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_elements);
+      const at::BFloat16* xg = x + m0 * x_stride;
       // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
       int64_t p0 = 0;
       for (size_t c = 0; c < pair_ends.size(); ++c) {
-        for (int64_t r = 0; r < M; r += kMaxTileRows)
-          with_tile_rows(std::min<int64_t>(kMaxTileRows, M - r), [&](auto mt) {
-            chain<mt()>(x + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN);
+        for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
+          with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
+            chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN);
           });
         p0 = pair_ends[c];
       }
       const int64_t n0 = b * kBlockN, cols = std::min(kBlockN, N - n0);
-      for (int64_t r = 0; r < M; ++r)
-        store_sums_bf16(y + r * y_stride + n0, sum.data() + r * kBlockN, bias ? bias + n0 : nullptr, cols);
+      for (int64_t r = m0; r < m1; ++r)
+        store_sums_bf16(y + r * y_stride + n0, sum.data() + (r - m0) * kBlockN, bias ? bias + n0 : nullptr, cols);
     }
   });
 }

@@ -12,10 +12,6 @@ from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_c
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
 _REORDER_ROWS_HINT = 64
-# Up to this many rows ops.bf16_blocked_linear is at least as fast as oneDNN's bf16 matmul (1.7x at
-# 1-2 rows, 1.2-1.4x at 8-16, 1.0-1.07x at 128-256, 0.96x at 512: benchmarks/linear_bench.py on the
-# AMD EPYC of docs/performance.md).
-_STREAMED_MAX_ROWS = 256
 
 
 @functools.cache
@@ -51,9 +47,10 @@ class Linear(nn.Linear):
     - bf16 on a CPU with AMX: ``ops.amx_pack_weight``, and every row count runs on
       ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
       changes its sums between 32 and 33 rows, among others).
-    - otherwise oneDNN's blocked layout. In bf16, inputs of up to ``_STREAMED_MAX_ROWS`` rows run on
-      ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's bits
-      (``onednn_order``) at the weights' streaming rate.
+    - otherwise oneDNN's blocked layout. In bf16, every row count runs on ``ops.bf16_blocked_linear``
+      over the same weight, which gives each row oneDNN's bits (``onednn_order``): as fast as
+      oneDNN's matmul or faster from 1 to 2,048 rows on the AMD EPYC of docs/performance.md, and no
+      libgomp region in a step, whose waking threads would compete with the kernels' own pool.
 
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
@@ -91,7 +88,7 @@ class Linear(nn.Linear):
         if self.amx_packed:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_amx_linear(out, rows, self.weight, self.bias)
-        elif self.k_chunk_ends is not None and rows.shape[0] <= _STREAMED_MAX_ROWS:
+        elif self.k_chunk_ends is not None:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_blocked_linear(out, rows, self.weight, self.bias, self.k_chunk_ends)
         elif rows.shape[0] == 1:
