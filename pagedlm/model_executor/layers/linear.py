@@ -48,9 +48,10 @@ class Linear(nn.Linear):
       ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
       changes its sums between 32 and 33 rows, among others).
     - otherwise oneDNN's blocked layout. In bf16, every row count runs on ``ops.bf16_blocked_linear``
-      over the same weight, which gives each row oneDNN's bits (``onednn_order``): as fast as
-      oneDNN's matmul or faster from 1 to 2,048 rows on the AMD EPYC of docs/performance.md, and no
-      libgomp region in a step, whose waking threads would compete with the kernels' own pool.
+      over the same weight, which gives each row oneDNN's bits (``onednn_order``): faster than
+      oneDNN's matmul up to ~768 rows and within a few percent of it at 1,024-2,048 on the AMD EPYC of
+      docs/performance.md, and no libgomp region in a step, whose threads would compete with the
+      kernels' own pool.
 
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
