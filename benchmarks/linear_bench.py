@@ -15,12 +15,14 @@ measured in the same run), GFLOP/s, the ratio, and other processes' CPU (cores) 
 import argparse
 import time
 
+# Before torch: pagedlm sets OMP_WAIT_POLICY=passive as the engine runs with. Otherwise libgomp's
+# threads spin after each oneDNN pass and take a core from the kernel's pool in the pass after it.
+from pagedlm import default_model_path, ops  # isort: skip
 import torch
 from transformers import AutoConfig
 
 from jobs import Load
 from kernel_bench import copy_bandwidth
-from pagedlm import default_model_path, ops
 from pagedlm.model_executor.layers import linear, onednn_order
 from throughput import MODEL_SHAPES
 
