@@ -113,6 +113,8 @@ def test_linear_rows_equal_at_every_row_count():
         full = layer(x)
         for count in (1, 2, 6, 13, 256, 257):
             assert torch.equal(layer(x[:count]), full[:count]), count
+        if layer.k_chunk_ends is not None:  # a prefill's rows: oneDNN's bits, as transformers' F.linear gets
+            assert torch.equal(full, onednn_order.onednn_linear(x, layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("in_features", [513, 1025, 2049])

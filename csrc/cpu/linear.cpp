@@ -112,7 +112,8 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
   const int64_t groups = num_blocks % threads == 0 ? 1 : std::min<int64_t>(threads, tiles);
   const int64_t rows_per_group = (tiles + groups - 1) / groups * kMaxTileRows;
   const int64_t block_elements = block_pairs * 2 * kBlockN;
-  parallel_for(0, num_blocks * groups, grain_for(block_elements * groups), [&](int64_t begin, int64_t end) {
+  // A unit reads its whole block, so the grain counts a block's weights per unit.
+  parallel_for(0, num_blocks * groups, grain_for(block_elements), [&](int64_t begin, int64_t end) {
     std::vector<float> sum(std::min(M, rows_per_group) * kBlockN);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
