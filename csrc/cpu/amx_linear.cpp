@@ -19,6 +19,7 @@
 #include "../checks.h"
 #include "activation.h"
 #include "amx.h"
+#include "l2_prefetch.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -48,24 +49,6 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // ~10% faster at 256 rows with the prefetch, 15-25% slower at 2,048 rows with 256 KiB panels).
 bool prefetches_panels(int64_t rows) { return rows > 96 && rows <= 256; }
 int64_t panel_bytes(int64_t rows) { return prefetches_panels(rows) ? 256 << 10 : 512 << 10; }
-
-// The next panel's weights [next, end), asked into L2 a few lines per step of K over `steps` steps:
-// the passes after the first over this panel.
-struct PanelPrefetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int64_t per_step = 0;
-
-  PanelPrefetch() = default;
-  PanelPrefetch(const at::BFloat16* next_weights, const at::BFloat16* end_weights, int64_t steps)
-      : next(reinterpret_cast<const char*>(next_weights)),
-        end(reinterpret_cast<const char*>(end_weights)),
-        per_step(((end - next) / 64 + steps - 1) / steps) {}
-
-  void issue() {
-    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
-  }
-};
 
 // Tiles: C 0..3 ([row tile][column tile]), A 4..5 (row tiles), B 6..7 (column tiles).
 void configure(int m0, int m1) {
@@ -124,7 +107,7 @@ struct PendingBlock {
 template <bool TWO_M, bool TWO_N>
 void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int64_t full_blocks,
                int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, bool b_in_l2, float* c,
-               PendingBlock& previous, PanelPrefetch& prefetch) {
+               PendingBlock& previous, L2Prefetch& prefetch) {
   _tile_zero(0);
   if constexpr (TWO_N) _tile_zero(1);
   if constexpr (TWO_M) {
@@ -184,13 +167,13 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
     int configured = -1;
     for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
       const int64_t p1 = std::min(end, p0 + units_per_panel);
-      PanelPrefetch prefetch;
+      L2Prefetch prefetch;
       for (int64_t m = 0; m < M; m += 2 * kTileM) {
         if (m == 2 * kTileM && prefetches_panels(M)) {
           // Offsets clamped to the weight: the last unit may hold one column block.
           const int64_t next = std::min(p1 * unit_elements, w_elements);
           const int64_t next_end = std::min(std::min(end, p1 + units_per_panel) * unit_elements, w_elements);
-          prefetch = PanelPrefetch(w + next, w + next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
+          prefetch = L2Prefetch(w + next, w + next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
         }
         const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
         if (mr != configured) {
