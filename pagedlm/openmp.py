@@ -3,7 +3,8 @@ libgomp, a thread count within the process's CPU quota, and MKL's vector math in
 parallel region can first call it.
 
 pagedlm's CPU kernels run on a thread pool of their own (csrc/cpu/thread_pool.cpp), which spins
-between regions on a quiet machine and sleeps early on a busy one. On AMX or AVX512-BF16, a greedy
+between regions on a quiet machine and sleeps early on a busy one. On AMX, or AVX512-BF16 where
+``Linear`` runs pagedlm's streaming kernel (its sums reproduced oneDNN's for the weights), a greedy
 or seeded bf16 step of a Llama-family model (Granite, Gemma 2 and 3, Qwen3 included),
 log-probabilities and prompt log-probabilities included, runs no torch op large enough to open a
 libgomp region (tests/test_openmp.py); oneDNN's linears (float32, or bf16 on a CPU with neither),

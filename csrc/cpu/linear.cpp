@@ -1,7 +1,8 @@
-// bf16 linear for decode-sized row counts, read straight from the weight oneDNN keeps for `Linear`
-// (layout AB16b64a2b) and summed in oneDNN's own order, so that a row gets the bits oneDNN's matmul
-// gives it at any row count (batch invariance), at the weights' streaming rate: oneDNN's bf16
-// matmul reads the weights at about half the copy bandwidth below ~16 rows (docs/performance.md).
+// bf16 linear at any row count, read straight from the weight oneDNN keeps for `Linear` (layout
+// AB16b64a2b) and summed in oneDNN's own order, so that a row gets the bits oneDNN's matmul gives it
+// (batch invariance, and transformers' bits): at the weights' streaming rate for few rows, where
+// oneDNN's bf16 matmul reads them at about half the copy bandwidth, and without oneDNN's libgomp
+// region at every row count (docs/performance.md).
 //
 // Layout: 64 output columns by 32 input features per block, blocks [n / 64][k / 32]; inside a block,
 // for each pair (2p, 2p + 1) of input features, the 64 columns' two weights. So each 64-column block
@@ -111,8 +112,10 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
   const int64_t x_stride = input.stride(0), y_stride = out.stride(0);
   const int64_t threads = at::get_num_threads();
   const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
-  const int64_t groups = num_blocks % threads == 0 ? 1 : std::min<int64_t>(threads, tiles);
-  const int64_t rows_per_group = (tiles + groups - 1) / groups * kMaxTileRows;
+  const int64_t wanted = num_blocks % threads == 0 ? 1 : std::min<int64_t>(threads, tiles);
+  const int64_t group_tiles = (tiles + wanted - 1) / wanted;
+  const int64_t groups = (tiles + group_tiles - 1) / group_tiles;  // none empty
+  const int64_t rows_per_group = group_tiles * kMaxTileRows;
   const int64_t block_elements = block_pairs * 2 * kBlockN;
   // A unit reads its whole block, so the grain counts a block's weights per unit.
   parallel_for(0, num_blocks * groups, grain_for(block_elements), [&](int64_t begin, int64_t end) {
@@ -121,10 +124,11 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
       const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
       const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_elements);
       const at::BFloat16* xg = x + m0 * x_stride;
-      // With two or more row tiles, the tiles after the first read the block from L2 while the
-      // next block (this thread's, after the unit's last row group) is asked into L2 behind them:
-      // SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256 (benchmarks/linear_bench.py).
-      // One tile waits on memory anyway, and a second stream beside it measured no faster.
+      // Where the unit has two or more row tiles (the tiles after the first read the block from
+      // L2), the thread's next block is asked into L2 over the unit's tile passes, by the unit of
+      // the block's last row group: SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
+      // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
+      // beside it measured no faster.
       L2Prefetch pf;
       const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
       if (tile_passes > 1 && unit % groups == groups - 1 && (b + 1) * groups < end) {

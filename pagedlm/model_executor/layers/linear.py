@@ -47,11 +47,12 @@ class Linear(nn.Linear):
     - bf16 on a CPU with AMX: ``ops.amx_pack_weight``, and every row count runs on
       ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
       changes its sums between 32 and 33 rows, among others).
-    - otherwise oneDNN's blocked layout. In bf16, every row count runs on ``ops.bf16_blocked_linear``
-      over the same weight, which gives each row oneDNN's bits (``onednn_order``): faster than
-      oneDNN's matmul up to ~768 rows and within a few percent of it at 1,024-2,048 on the AMD EPYC of
-      docs/performance.md, and no libgomp region in a step, whose threads would compete with the
-      kernels' own pool.
+    - otherwise oneDNN's blocked layout. In bf16, where ``onednn_order`` reproduced oneDNN's sums
+      for the weight at load (an AVX512-BF16 build; else oneDNN runs, one row as two), every row
+      count runs on ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's
+      bits: faster than oneDNN's matmul up to ~768 rows and within a few percent of it at
+      1,024-2,048 on the AMD EPYC of docs/performance.md, and no libgomp region in a step, whose
+      threads would compete with the kernels' own pool.
 
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
