@@ -17,7 +17,7 @@ import time
 
 # Before torch: pagedlm sets OMP_WAIT_POLICY=passive as the engine runs with. Otherwise libgomp's
 # threads spin after each oneDNN pass and take a core from the kernel's pool in the pass after it.
-from pagedlm import default_model_path, ops  # isort: skip
+from pagedlm import default_model_path, ops
 import torch
 from transformers import AutoConfig
 
