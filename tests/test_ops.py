@@ -535,6 +535,25 @@ def test_act_and_mul(device, dtype, d, act):
         torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=1e-5, msg="gelu_tanh_and_mul")
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_act_and_mul_every_bf16_gate(act):
+    """On CPU a bf16 gate's activation is looked up in a table of all 65,536 bf16 values: every one of
+    them, times up values of three magnitudes, gives eager torch's bits (NaN payloads aside)."""
+    from transformers.activations import ACT2FN
+
+    gate = torch.arange(-(2**15), 2**15, dtype=torch.int16).view(torch.bfloat16).view(256, 256)
+    op = {"silu": torch.ops.pagedlm.silu_and_mul, "gelu_pytorch_tanh": torch.ops.pagedlm.gelu_tanh_and_mul}[act]
+    gen = torch.Generator().manual_seed(0)
+    for magnitude in (1e-30, 1.0, 1e3):
+        up = (magnitude * torch.randn(256, 256, generator=gen)).bfloat16()
+        out = torch.empty(256, 256, dtype=torch.bfloat16)
+        op(out, torch.cat([gate, up], dim=1))
+        expected = ACT2FN[act](gate) * up
+        both_nan = out.isnan() & expected.isnan()
+        differ = (out.view(torch.int16) != expected.view(torch.int16)) & ~both_nan
+        assert not differ.any(), f"{act}: {int(differ.sum())} of 65,536 gates differ from torch at |up| ~ {magnitude}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rows", [1, 5, 3000])

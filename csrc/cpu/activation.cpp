@@ -18,11 +18,25 @@ void act_and_mul_rows(at::Tensor& out, const at::Tensor& input) {
   PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "act_and_mul", [&] {
     const auto* x = input.data_ptr<scalar_t>();
     auto* y = out.data_ptr<scalar_t>();
+#if defined(CPU_CAPABILITY_AVX512)
+    const uint16_t* table = nullptr;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) table = bf16_activation_table<kAct>();
+#endif
     parallel_for(0, tokens, grain_for(2 * d), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const scalar_t* gate = x + t * in_stride;
         const scalar_t* up = gate + d;
-        for (int64_t i = 0; i < d; i += kVecLen) {
+        int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          for (; i + kVecLen <= d; i += kVecLen) {
+            const __m512i g = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
+            const __m512i act = _mm512_slli_epi32(_mm512_i32gather_epi32(g, table, 2), 16);
+            store_fp32(y + t * out_stride + i, fVec(_mm512_castsi512_ps(act)) * load_fp32(up + i));
+          }
+        }
+#endif
+        for (; i < d; i += kVecLen) {
           const int n = static_cast<int>(std::min<int64_t>(kVecLen, d - i));
           store_fp32(y + t * out_stride + i, act_and_mul<kAct, scalar_t>(load_fp32(gate + i, n), load_fp32(up + i, n)), n);
         }

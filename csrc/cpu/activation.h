@@ -4,7 +4,11 @@
 
 #include "vec.h"
 
+#include <c10/util/BFloat16.h>
+
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 namespace pagedlm::cpu {
 
@@ -29,6 +33,25 @@ inline fVec activate(fVec x) {
 template <Activation kAct, typename T>
 inline fVec act_and_mul(fVec gate, fVec up) {
   return round_to<T>(activate<kAct>(gate)) * up;
+}
+
+// act(x) rounded to bf16 for each of the 65,536 bf16 bit patterns x (one more, zero, so that a 32-bit
+// gather at the last one stays inside), computed by activate<kAct> itself: a bf16 gate's activation is
+// then one gather with activate's bits. On the Zen 5 EPYC a [256, 2 x 1536] act_and_mul took 110 us
+// either way, against 117 (SiLU) and 325 (GELU's tanh) computed. Built on first use, 128 KiB.
+template <Activation kAct>
+const uint16_t* bf16_activation_table() {
+  static const auto table = [] {
+    std::vector<uint16_t> t(65536 + 1, 0);
+    for (uint32_t x = 0; x < 65536; x += kVecLen) {
+      c10::BFloat16 in[kVecLen], out[kVecLen];
+      for (int i = 0; i < kVecLen; ++i) in[i].x = static_cast<uint16_t>(x + i);
+      store_fp32(out, activate<kAct>(load_fp32(in)));
+      for (int i = 0; i < kVecLen; ++i) t[x + i] = out[i].x;
+    }
+    return t;
+  }();
+  return table.data();
 }
 
 }  // namespace pagedlm::cpu
