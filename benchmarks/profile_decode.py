@@ -194,15 +194,19 @@ def time_decode(llm: LLM, prompts: list[dict], params: SamplingParams, skip: int
     recorded: list[tuple[float, int, int]] = []  # seconds, decodes, cached tokens read
     shape = [0, 0]
 
-    def record_shape(module, inputs) -> None:
+    model = llm.llm_engine.model_runner.model
+    forward = model.forward
+
+    def record_shape(*inputs):
         meta = inputs[3]
         shape[:] = (-1, 0) if meta.num_prefill_tokens else (len(meta.decode_seq_lens), int(meta.decode_seq_lens.sum()))
+        return forward(*inputs)
 
-    hook = llm.llm_engine.model_runner.model.register_forward_pre_hook(record_shape)
+    model.forward = record_shape
     after_each_step(llm, lambda seconds: recorded.append((seconds, *shape)))
     with Load() as load:
         llm.generate(prompts, params, use_tqdm=False)
-    hook.remove()
+    del model.forward
     window = [r for r in recorded[skip:] if r[1] == len(prompts)][:steps]
     return DecodeSteps([r[0] for r in window], sum(r[2] for r in window) / len(window) / len(prompts), load.others)
 

@@ -2,9 +2,10 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 
 
-class SiluAndMul(nn.Module):
+class SiluAndMul(DirectCall, nn.Module):
     """``silu(gate) * up`` over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
 
     activation = "silu"  # ops.bf16_amx_linear_act_and_mul's name for it
@@ -15,7 +16,7 @@ class SiluAndMul(nn.Module):
         return out
 
 
-class GeluAndMul(nn.Module):
+class GeluAndMul(DirectCall, nn.Module):
     """``gelu_tanh(gate) * up`` (GeGLU with GELU's tanh approximation, transformers'
     ``gelu_pytorch_tanh``) over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 
 # vLLM's calculate_kv_scales constants: a calibration pass's largest |key| becomes entry 200, its
 # largest |value| entry 100 (headroom below e4m3's 448 for later, larger ones).
@@ -31,7 +32,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
 
 
-class Attention(nn.Module):
+class Attention(DirectCall, nn.Module):
     """One layer's attention: softmax ``scale``, a ``sliding_window`` in tokens (0: full causal) and a
     ``logits_soft_cap`` (0: none); see ``pagedlm.ops`` for their exact meaning. ``k_scale`` and
     ``v_scale`` are the per-tensor scales of an fp8 KV cache (an entry times its scale is the value;

@@ -4,9 +4,10 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 
 
-class Embedding(nn.Module):
+class Embedding(DirectCall, nn.Module):
     """``nn.Embedding``'s lookup (same ``weight`` parameter, so checkpoints and tied LM heads load as
     before) without its OpenMP region on CPU (see ``ops.gather_rows``).
 

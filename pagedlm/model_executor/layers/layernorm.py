@@ -2,9 +2,10 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DirectCall, nn.Module):
     """RMSNorm with Hugging Face's numerics, optionally fused with the residual add (in place)."""
 
     norm = staticmethod(ops.rms_norm)

@@ -8,6 +8,7 @@ from torch import nn
 
 from pagedlm import ops
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_chunk_ends
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
@@ -36,7 +37,7 @@ def _onednn_reorders(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
-class Linear(nn.Linear):
+class Linear(DirectCall, nn.Linear):
     """``nn.Linear`` that keeps its weight on the CPU in its kernel's layout.
 
     ``F.linear`` hands oneDNN (bf16) or MKL (fp32) a row-major ``[out, in]`` weight, which is

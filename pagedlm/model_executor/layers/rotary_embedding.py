@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -83,7 +84,7 @@ def _attention_factor(config: PretrainedConfig, scaling: dict) -> float:
     return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(DirectCall, nn.Module):
     """The cos|sin table of one RoPE and its application to the first ``rotary_dim`` dimensions of
     each head. With "longrope" the table holds the short factors' rows for positions
     ``[0, max_position)`` and then the long factors' rows: the model runner passes

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import unpack_token_bitmask
 
@@ -96,7 +97,7 @@ class SamplerResult:
     beam_raw_logprobs: torch.Tensor | None  # [len(beam_rows), V] the model's (beams report these)
 
 
-class Sampler(nn.Module):
+class Sampler(DirectCall, nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)

@@ -19,6 +19,7 @@ from pagedlm import ops
 from pagedlm.config import get_head_size
 from pagedlm.model_executor.layers.activation import GeluAndMul
 from pagedlm.model_executor.layers.attention import AttentionMetadata
+from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.model_executor.layers.layernorm import GemmaRMSNorm
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
@@ -31,7 +32,7 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=dtype).item()
 
 
-class GemmaDecoderLayer(nn.Module):
+class GemmaDecoderLayer(DirectCall, nn.Module):
     def __init__(
         self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool, logits_soft_cap: float
     ) -> None:

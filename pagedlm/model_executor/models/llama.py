@@ -13,13 +13,14 @@ from pagedlm import ops
 from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
+from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.model_executor.layers.embedding import Embedding
 from pagedlm.model_executor.layers.layernorm import RMSNorm
 from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(DirectCall, nn.Module):
     """q/k/v from one packed projection, RoPE, paged attention, o_proj. Options beyond Llama: a qkv
     bias (Qwen2), a per-head norm of q and k before RoPE (Qwen3: ``RMSNorm``; Gemma 3:
     ``GemmaRMSNorm``), the softmax ``scale`` (default ``head_size ** -0.5``), a logit soft-cap
@@ -66,7 +67,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.view(-1, self.q_size))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(DirectCall, nn.Module):
     """down_proj(act(gate) * up) with gate and up in one packed projection that applies act
     (``GateUpLinear``); act is SiLU, or GELU's tanh approximation for Gemma (``act_fn=GeluAndMul()``)."""
 
@@ -82,7 +83,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DirectCall, nn.Module):
     def __init__(
         self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
     ) -> None:
@@ -118,7 +119,7 @@ class LlamaDecoderLayer(nn.Module):
         return x, residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DirectCall, nn.Module):
     # Checkpoint names that load into a shard of a packed parameter: name -> (packed name, shard).
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
