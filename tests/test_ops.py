@@ -554,6 +554,29 @@ def test_act_and_mul_every_bf16_gate(act):
         assert not differ.any(), f"{act}: {int(differ.sum())} of 65,536 gates differ from torch at |up| ~ {magnitude}"
 
 
+_TABLE_UNDER_FLUSH_DENORMAL = """
+import pagedlm, torch
+from pagedlm import ops
+gate = torch.arange(-(2**15), 2**15, dtype=torch.int16).view(torch.bfloat16).view(256, 256)
+x = torch.cat([gate, torch.ones(256, 256, dtype=torch.bfloat16)], dim=1)
+ops.silu_and_mul(torch.empty(256, 256), x.float())  # the kernels' threads start in the default mode
+torch.set_flush_denormal(True)
+ops.silu_and_mul(torch.empty(256, 256, dtype=torch.bfloat16), x)  # the first bf16 call builds the table
+torch.set_flush_denormal(False)
+out = torch.empty(256, 256, dtype=torch.bfloat16)
+ops.silu_and_mul(out, x)
+print(int(((out.view(torch.int16) != torch.nn.functional.silu(gate).view(torch.int16)) & ~out.isnan()).sum()))
+"""
+
+
+def test_act_and_mul_table_ignores_flush_denormal_at_its_build():
+    """The bf16 activation table is built once, by the first call: built while the caller flushed
+    subnormals, it still holds them (as eager torch computes them without flushing)."""
+    result = subprocess.run([sys.executable, "-c", _TABLE_UNDER_FLUSH_DENORMAL], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split()[-1] == "0", result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rows", [1, 5, 3000])

@@ -38,10 +38,15 @@ inline fVec act_and_mul(fVec gate, fVec up) {
 // act(x) rounded to bf16 for each of the 65,536 bf16 bit patterns x (one more, zero, so that a 32-bit
 // gather at the last one stays inside), computed by activate<kAct> itself: a bf16 gate's activation is
 // then one gather with activate's bits. On the Zen 5 EPYC a [256, 2 x 1536] act_and_mul took 110 us
-// either way, against 117 (SiLU) and 325 (GELU's tanh) computed. Built on first use, 128 KiB.
+// either way, against 117 (SiLU) and 325 (GELU's tanh) computed. Built on first use, 128 KiB, with
+// subnormals kept (the build clears the calling thread's flush-to-zero and denormals-are-zero modes,
+// e.g. torch.set_flush_denormal(True), and restores them), so the table never depends on them.
+#if defined(CPU_CAPABILITY_AVX512)
 template <Activation kAct>
 const uint16_t* bf16_activation_table() {
   static const auto table = [] {
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr & ~(_MM_FLUSH_ZERO_ON | 0x0040u));  // 0x0040: denormals-are-zero
     std::vector<uint16_t> t(65536 + 1, 0);
     for (uint32_t x = 0; x < 65536; x += kVecLen) {
       c10::BFloat16 in[kVecLen], out[kVecLen];
@@ -49,9 +54,11 @@ const uint16_t* bf16_activation_table() {
       store_fp32(out, activate<kAct>(load_fp32(in)));
       for (int i = 0; i < kVecLen; ++i) t[x + i] = out[i].x;
     }
+    _mm_setcsr(csr);
     return t;
   }();
   return table.data();
 }
+#endif
 
 }  // namespace pagedlm::cpu
