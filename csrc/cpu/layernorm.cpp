@@ -66,7 +66,9 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
     auto* x = input.data_ptr<scalar_t>();
     auto* r = residual.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
-    parallel_for(0, tokens, grain_for(hidden), [&](int64_t lo, int64_t hi) {
+    // A row reads two inputs: tasks of grain_for(2 * hidden) rows hold as many elements as
+    // act_and_mul's (a 104-row SmolLM2 step then splits over two threads).
+    parallel_for(0, tokens, grain_for(2 * hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         scalar_t* xr = x + t * in_stride;
         scalar_t* rr = r + t * res_stride;
