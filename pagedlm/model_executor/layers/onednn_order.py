@@ -3,10 +3,11 @@
 ``ops.bf16_blocked_linear`` streams a ``Linear``'s blocked weight faster than oneDNN's matmul does for
 few rows, runs no libgomp region, and sums in oneDNN's order: a chain per chunk of input features,
 chunks added left to right. A row then gets the bits oneDNN (and so transformers' ``F.linear``) gives
-it, which ``Linear`` keeps at every row count by running the kernel for all of them. Where the chunks start is oneDNN's choice (here: 512
-features for K <= 1024, else 1024); ``k_chunk_ends`` asks oneDNN itself, and the kernel is used for a
-weight only after it reproduced oneDNN's rows bit for bit on that weight. AMX machines lay the weights
-out and sum in tiles this kernel does not mimic; ``Linear`` runs ``ops.bf16_amx_linear`` there.
+it, which ``Linear`` keeps at every row count by running the kernel for all of them. Where the
+chunks start is oneDNN's choice (here: 512 features for K <= 1024, else 1024); ``k_chunk_ends`` asks
+oneDNN itself, and the kernel is used for a weight only after it reproduced oneDNN's rows bit for
+bit on that weight. AMX machines lay the weights out and sum in tiles this kernel does not mimic;
+``Linear`` runs ``ops.bf16_amx_linear`` there.
 """
 
 import ctypes
