@@ -52,12 +52,19 @@ int64_t mkldnn_nbytes(const at::Tensor& weight) {
 
 constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight vectors, 1 broadcast
 
+// How far ahead of its reads a pass that streams a block from memory asks for the weights: the
+// out-of-order window alone keeps ~3 KB in flight at 6 rows, less than memory's latency needs.
+// 8 KB measured best of 2-32 KB (benchmarks/linear_bench.py; docs/performance.md, session 22).
+constexpr int64_t kStreamAheadBytes = 8192;
+
 // sum[r][0..64) (+)= rows r of x against one 64-column block over the feature pairs [p0, p1). A
 // pair is one 32-bit lane, its even feature in the low half; the pair past an odd K holds only its
-// even feature. Each step also issues pf's next prefetches.
+// even feature. Each step also issues pf's next prefetches and, when `streams` (the pass that reads
+// the block from memory), asks for the step's four lines kStreamAheadBytes ahead, into the next
+// block at the end of this one.
 template <int MT>
 PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_t K, const __m512bh* w, int64_t p0,
-                                 int64_t p1, bool first, float* sum, L2Prefetch& pf) {
+                                 int64_t p1, bool first, float* sum, L2Prefetch& pf, bool streams) {
   __m512 acc[MT][4];
   for (int r = 0; r < MT; ++r)
     for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -65,6 +72,10 @@ PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_
     const __m512bh* wp = w + 4 * p;
     const __m512bh w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
     pf.issue();
+    if (streams) {
+      const char* ahead = reinterpret_cast<const char*>(wp) + kStreamAheadBytes;
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    }
     for (int r = 0; r < MT; ++r) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair(x + r * x_stride + 2 * p));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
@@ -135,12 +146,16 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
         const at::BFloat16* next = weight + (b + 1) * block_elements;
         pf = L2Prefetch(next, next + block_elements, (K + 1) / 2 * tile_passes);
       }
+      // The block comes from memory for its first row group, and for a thread's first unit (whose
+      // earlier groups, if any, ran on another thread); the other groups find it in L2.
+      const bool from_memory = unit % groups == 0 || unit == begin;
       // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
       int64_t p0 = 0;
       for (size_t c = 0; c < pair_ends.size(); ++c) {
         for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
           with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
-            chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN, pf);
+            chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN, pf,
+                        from_memory && r == 0);
           });
         p0 = pair_ends[c];
       }
