@@ -38,6 +38,9 @@ TORCH_LIBRARY(pagedlm, m) {
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
       "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def("bf16_blocked_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
+  m.def(
+      "bf16_blocked_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends, "
+      "str activation) -> ()");
   m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
 }
@@ -70,6 +73,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                       const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("bf16_blocked_linear", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, at::IntArrayRef) {});
+  m.impl("bf16_blocked_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, at::IntArrayRef, c10::string_view) {});
   m.impl("bf16_amx_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
   m.impl("bf16_amx_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,

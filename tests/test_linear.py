@@ -1,5 +1,6 @@
 """The bf16 linears: the streaming kernel (ops.bf16_blocked_linear) against its reference and against
-oneDNN, the AMX kernel (ops.bf16_amx_linear) against its reference, and ``Linear``'s rows.
+oneDNN, the AMX kernel (ops.bf16_amx_linear) against its reference, both kernels' gate_up variants
+(``*_act_and_mul``) against the linear then the activation, and ``Linear``'s rows.
 
 The streaming kernel's point is to give every row the bits oneDNN's matmul gives it, so the checks
 are bit for bit: the CPU kernel against the reference's emulation of the summation order, the kernel
@@ -320,6 +321,66 @@ def test_amx_act_and_mul_bad_arguments_are_named(change, message):
         torch.ops.pagedlm.bf16_amx_linear_act_and_mul(**change(args))
 
 
+@pytest.mark.parametrize("activation", sorted(ACTS))
+@pytest.mark.parametrize("d,in_features,chunks", [(64, 32, []), (128, 100, [64]), (320, 64, []), (1536, 576, [512]), (4864, 896, [512])])
+@pytest.mark.parametrize("num_rows", [1, 5, 8, 13, 40, 300])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_blocked_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activation, d, in_features, chunks,
+                                                                               num_rows, with_bias):
+    # Cancelling operands (see operands), so the sums and the activation round: a wrong order, a
+    # misplaced gate or up block, or another rounding shows.
+    x, weight = operands(num_rows, 2 * d, in_features)
+    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 2:-1].copy_(x)  # strided rows
+    bias = torch.randn(2 * d).bfloat16() if with_bias else None
+    ends = [*chunks, in_features]
+    gate_up = torch.empty(num_rows, 2 * d, dtype=torch.bfloat16)
+    kernel_or_skip(gate_up, x, weight, bias, ends)
+    expected = torch.empty(num_rows, d, dtype=torch.bfloat16)
+    ACTS[activation](expected, gate_up)
+    out = torch.full((num_rows, d + 16), float("nan"), dtype=torch.bfloat16)[:, 16:]
+    ops.bf16_blocked_linear_act_and_mul(out, x, weight, bias, ends, activation)
+    assert torch.equal(out, expected)
+    if num_rows <= 8 and in_features <= 100:  # the reference emulates the sums one product at a time
+        ref = torch.empty_like(expected)
+        reference.bf16_blocked_linear_act_and_mul(ref, x, weight, bias, ends, activation)
+        assert torch.equal(ref, expected)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTS))
+def test_blocked_act_and_mul_on_exact_sums(activation):
+    # Small integers: the sums are exact, so gate and up must be the right columns.
+    d, in_features = 128, 40
+    x, weight = exact_operands(5, 2 * d, in_features)
+    bias = torch.randint(-8, 9, (2 * d,)).float()
+    gate_up = (x.float() @ weight.float().T + bias).bfloat16()
+    gate, up = gate_up[:, :d], gate_up[:, d:]
+    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    blocked = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    kernel_or_skip(torch.empty(5, 2 * d, dtype=torch.bfloat16), x, blocked, bias, [in_features])
+    for impl in (reference.bf16_blocked_linear_act_and_mul, ops.bf16_blocked_linear_act_and_mul):
+        out = torch.empty(5, d, dtype=torch.bfloat16)
+        impl(out, x, blocked, bias, [in_features], activation)
+        assert torch.equal(out, act * up), impl
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "activation": "gelu"}, "activation must be 'silu' or 'gelu_tanh'; got 'gelu'"),
+        (lambda a: {**a, "weight": operands(4, 192, 96)[1]}, r"out_features \(2 \* d = 192\) must be a multiple of 128"),
+        (lambda a: {**a, "out": torch.empty(4, 128, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, 64\]"),
+        (lambda a: {**a, "bias": torch.zeros(64)}, r"bias must be a floating-point CPU tensor \[128\]"),
+        (lambda a: {**a, "k_chunk_ends": [32, 64]}, "end at in_features = 96"),
+    ],
+)
+def test_blocked_act_and_mul_bad_arguments_are_named(change, message):
+    x, weight = operands(4, 128, 96)
+    args = {"out": torch.empty(4, 64, dtype=torch.bfloat16), "input": x, "weight": weight, "bias": None,
+            "k_chunk_ends": [32, 96], "activation": "silu"}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pagedlm.bf16_blocked_linear_act_and_mul(**change(args))
+
+
 def test_gate_up_weight_needs_d_a_multiple_of_16():
     with pytest.raises(ValueError, match="d a multiple of 16; got 48 rows"):
         ops.amx_pack_gate_up_weight(torch.zeros(48, 32))
@@ -335,6 +396,7 @@ def test_gate_up_linear_equals_linear_then_activation(d, fused, act_fn):
     for module in (layer, plain):
         module.process_weights_after_loading()
     assert layer.amx_act_and_mul == (fused and linear.amx_linear_available())
+    assert layer.blocked_act_and_mul == (fused and layer.k_chunk_ends is not None)
     x = torch.randn(3, 7, 96).bfloat16()
     assert torch.equal(layer(x), act_fn(plain(x).view(21, 2 * d)).view(3, 7, d))
 

@@ -30,9 +30,10 @@ void act_and_mul_rows(at::Tensor& out, const at::Tensor& input) {
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
           for (; i + kVecLen <= d; i += kVecLen) {
-            const __m512i g = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
-            const __m512i act = _mm512_slli_epi32(_mm512_i32gather_epi32(g, table, 2), 16);
-            store_fp32(y + t * out_stride + i, fVec(_mm512_castsi512_ps(act)) * load_fp32(up + i));
+            const auto bits = [](const scalar_t* p) {
+              return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+            };
+            store_fp32(y + t * out_stride + i, table_act_and_mul(table, bits(gate + i), bits(up + i)));
           }
         }
 #endif

@@ -5,6 +5,8 @@
 #include "vec.h"
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
@@ -15,6 +17,13 @@ namespace pagedlm::cpu {
 // SiLU, or GELU's tanh approximation (0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), torch's
 // approximate="tanh").
 enum class Activation { kSilu, kGeluTanh };
+
+// The ops' name for it ("silu" or "gelu_tanh"); `op` names the op in the error otherwise.
+inline Activation parse_activation(c10::string_view name, const char* op) {
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(name == "gelu_tanh", op, ": activation must be 'silu' or 'gelu_tanh'; got '", std::string(name), "'");
+  return Activation::kGeluTanh;
+}
 
 template <Activation kAct>
 inline fVec activate(fVec x) {
@@ -58,6 +67,13 @@ const uint16_t* bf16_activation_table() {
     return t;
   }();
   return table.data();
+}
+
+// act(gate) * up for 16 bf16 gates and ups, given as their bits in 32-bit lanes: the gate's
+// activation from `table` (one of the above), the product in fp32 (the caller rounds it as it stores).
+inline fVec table_act_and_mul(const uint16_t* table, __m512i gate_bits, __m512i up_bits) {
+  const __m512i act = _mm512_slli_epi32(_mm512_i32gather_epi32(gate_bits, table, 2), 16);
+  return fVec(_mm512_castsi512_ps(act)) * fVec(_mm512_castsi512_ps(_mm512_slli_epi32(up_bits, 16)));
 }
 #endif
 

@@ -258,10 +258,7 @@ void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor&
 void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
   const char* op = "bf16_amx_linear_act_and_mul";
-  std::optional<Activation> act;
-  if (activation == "silu") act = Activation::kSilu;
-  if (activation == "gelu_tanh") act = Activation::kGeluTanh;
-  TORCH_CHECK(act, op, ": activation must be 'silu' or 'gelu_tanh'; got '", std::string(activation), "'");
+  const Activation act = parse_activation(activation, op);
   const int64_t d = out.dim() == 2 ? out.size(1) : 0;
   TORCH_CHECK(d % kTileN == 0, op, ": out_features (d = ", d, ") must be a multiple of 16");
   const at::Tensor bias_f32 = check_amx_linear(out, input, weight, bias, 2 * d, op);

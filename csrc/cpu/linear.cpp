@@ -15,6 +15,7 @@
 #include "vec.h"
 
 #include "../checks.h"
+#include "activation.h"
 #include "l2_prefetch.h"
 #include "ops.h"
 #include "parallel.h"
@@ -114,13 +115,17 @@ void with_tile_rows(int64_t rows, const F& f) {
 // odd number of blocks (SmolLM2's 576- and 960-column linears have 9 and 15) would otherwise leave
 // one thread idle for a block's time. With `groups` row groups, each thread's range covers whole
 // blocks but for at most two, which it shares with a neighbour.
-void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::BFloat16* weight,
-                           const float* bias, const std::vector<int64_t>& pair_ends) {
-  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
-  const int64_t num_blocks = round_up(N, kBlockN) / kBlockN, block_pairs = round_up(K, kBlockK) / 2;
+//
+// A unit's block b sums `parts` weight blocks: block b itself (parts = 1), or gate block b and its
+// up block b + num_blocks (parts = 2, a gated MLP's gate_up weight). store(b, m0, m1, sums, stride)
+// then writes rows [m0, m1) from sums[part * stride + (row - m0) * 64 + 0..64).
+template <typename Store>
+void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, int64_t N, int parts,
+                           const std::vector<int64_t>& pair_ends, const Store& store) {
+  const int64_t M = input.size(0), K = input.size(1);
+  const int64_t num_blocks = round_up(N, kBlockN) / kBlockN / parts, block_pairs = round_up(K, kBlockK) / 2;
   const auto* x = input.data_ptr<at::BFloat16>();
-  auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t x_stride = input.stride(0), y_stride = out.stride(0);
+  const int64_t x_stride = input.stride(0);
   const int64_t threads = at::get_num_threads();
   const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
   const int64_t wanted = num_blocks % threads == 0 ? 1 : std::min<int64_t>(threads, tiles);
@@ -128,84 +133,156 @@ void blocked_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::B
   const int64_t groups = (tiles + group_tiles - 1) / group_tiles;  // none empty
   const int64_t rows_per_group = group_tiles * kMaxTileRows;
   const int64_t block_elements = block_pairs * 2 * kBlockN;
-  // A unit reads its whole block, so the grain counts a block's weights per unit.
-  parallel_for(0, num_blocks * groups, grain_for(block_elements), [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(std::min(M, rows_per_group) * kBlockN);
+  // A unit reads its whole blocks, so the grain counts a unit's weights.
+  parallel_for(0, num_blocks * groups, grain_for(parts * block_elements), [&](int64_t begin, int64_t end) {
+    const int64_t part_rows = std::min(M, rows_per_group);
+    std::vector<float> sum(parts * part_rows * kBlockN);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
-      const auto* w = reinterpret_cast<const __m512bh*>(weight + b * block_elements);
       const at::BFloat16* xg = x + m0 * x_stride;
-      // Where the unit has two or more row tiles (the tiles after the first read the block from
-      // L2), the thread's next block is asked into L2 over the unit's tile passes, by the unit of
-      // the block's last row group: SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
-      // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
-      // beside it measured no faster.
-      L2Prefetch pf;
       const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
-      if (tile_passes > 1 && unit % groups == groups - 1 && (b + 1) * groups < end) {
-        const at::BFloat16* next = weight + (b + 1) * block_elements;
-        pf = L2Prefetch(next, next + block_elements, (K + 1) / 2 * tile_passes);
-      }
       // The block comes from memory for its first row group, and for a thread's first unit (whose
       // earlier groups, if any, ran on another thread); the other groups find it in L2.
       const bool from_memory = unit % groups == 0 || unit == begin;
-      // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
-      int64_t p0 = 0;
-      for (size_t c = 0; c < pair_ends.size(); ++c) {
-        for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
-          with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
-            chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, sum.data() + r * kBlockN, pf,
-                        from_memory && r == 0);
-          });
-        p0 = pair_ends[c];
+      for (int part = 0; part < parts; ++part) {
+        const at::BFloat16* block = weight + (b + part * num_blocks) * block_elements;
+        const auto* w = reinterpret_cast<const __m512bh*>(block);
+        float* part_sum = sum.data() + part * part_rows * kBlockN;
+        // Where the unit has two or more row tiles (the tiles after the first read the block from
+        // L2), the thread's next block is asked into L2 over the unit's tile passes, by the unit of
+        // the block's last row group: SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
+        // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
+        // beside it measured no faster.
+        L2Prefetch pf;
+        if (tile_passes > 1 && unit % groups == groups - 1 && (b + 1) * groups < end)
+          pf = L2Prefetch(block + block_elements, block + 2 * block_elements, (K + 1) / 2 * tile_passes);
+        // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
+        int64_t p0 = 0;
+        for (size_t c = 0; c < pair_ends.size(); ++c) {
+          for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
+            with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
+              chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, part_sum + r * kBlockN, pf,
+                          from_memory && r == 0);
+            });
+          p0 = pair_ends[c];
+        }
       }
-      const int64_t n0 = b * kBlockN, cols = std::min(kBlockN, N - n0);
-      for (int64_t r = m0; r < m1; ++r)
-        store_sums_bf16(y + r * y_stride + n0, sum.data() + (r - m0) * kBlockN, bias ? bias + n0 : nullptr, cols);
+      store(b, m0, m1, sum.data(), part_rows * kBlockN);
     }
   });
+}
+
+// act(gate) * up for one row of a gate block's and its up block's sums, each rounded to bf16 as
+// store_sums_bf16 rounds the linear's outputs, then joined by `table` (bf16_activation_table) as
+// act_and_mul joins them: the bits of bf16_blocked_linear followed by silu_and_mul / gelu_tanh_and_mul.
+void store_act_and_mul_bf16(at::BFloat16* out, const float* gate_sums, const float* up_sums, const float* gate_bias,
+                            const float* up_bias, const uint16_t* table) {
+  for (int64_t j = 0; j < kBlockN; j += 16) {
+    __m512 gate = _mm512_loadu_ps(gate_sums + j), up = _mm512_loadu_ps(up_sums + j);
+    if (gate_bias) {
+      gate = _mm512_add_ps(gate, _mm512_loadu_ps(gate_bias + j));
+      up = _mm512_add_ps(up, _mm512_loadu_ps(up_bias + j));
+    }
+    const __m512i gate_bits = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(gate));
+    const __m512i up_bits = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(up));
+    store_fp32(out + j, table_act_and_mul(table, gate_bits, up_bits));
+  }
 }
 
 #endif
 
 }  // namespace
 
-void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
-              "bf16_blocked_linear: input must be bfloat16 [rows, in_features] with contiguous rows");
+namespace {
+
+// Checks the arguments of the two ops below (out's N columns: out_features, or d for the gated op)
+// and returns the chunks' ends in feature pairs.
+std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                          int64_t out_cols, at::IntArrayRef k_chunk_ends, const char* op) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1, op,
+              ": input must be bfloat16 [rows, in_features] with contiguous rows");
   const int64_t M = input.size(0), K = input.size(1);
   TORCH_CHECK(weight.is_mkldnn() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 &&
                   weight.size(1) == K,
-              "bf16_blocked_linear: weight must be a bfloat16 MKLDNN tensor [out_features, ", K,
+              op, ": weight must be a bfloat16 MKLDNN tensor [out_features, ", K,
               "] (torch.ops.mkldnn._reorder_linear_weight's result)");
   const int64_t N = weight.size(0);
   // Only the size can be checked here; a weight in another layout of the same size gives wrong sums.
-  TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2,
-              "bf16_blocked_linear: weight must be in oneDNN's AB16b64a2b layout "
-              "(torch.ops.mkldnn._reorder_linear_weight(w, 64)); its ", mkldnn_nbytes(weight),
-              " bytes are not that layout's size");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.scalar_type() == at::kBFloat16 &&
+  TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2, op,
+              ": weight must be in oneDNN's AB16b64a2b layout (torch.ops.mkldnn._reorder_linear_weight(w, 64)); its ",
+              mkldnn_nbytes(weight), " bytes are not that layout's size");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == out_cols && out.scalar_type() == at::kBFloat16 &&
                   out.stride(1) == 1,
-              "bf16_blocked_linear: out must be bfloat16 [", M, ", ", N, "] with contiguous rows");
+              op, ": out must be bfloat16 [", M, ", ", out_cols, "] with contiguous rows");
   std::vector<int64_t> pair_ends;
   int64_t previous = 0;
   for (const int64_t e : k_chunk_ends) {
-    TORCH_CHECK(e > previous && (e % 2 == 0 || e == K) && e <= K,
-                "bf16_blocked_linear: k_chunk_ends must increase, be even (or the last, in_features) and end at ",
-                K, "; got ", k_chunk_ends);
+    TORCH_CHECK(e > previous && (e % 2 == 0 || e == K) && e <= K, op,
+                ": k_chunk_ends must increase, be even (or the last, in_features) and end at ", K, "; got ",
+                k_chunk_ends);
     pair_ends.push_back((e + 1) / 2);
     previous = e;
   }
-  TORCH_CHECK(previous == K, "bf16_blocked_linear: k_chunk_ends must end at in_features = ", K, "; got ",
-              k_chunk_ends);
-  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, "bf16_blocked_linear");
-  if (M == 0) return;
+  TORCH_CHECK(previous == K, op, ": k_chunk_ends must end at in_features = ", K, "; got ", k_chunk_ends);
+  return pair_ends;
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
+  const char* op = "bf16_blocked_linear";
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
+  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, N, k_chunk_ends, op);
+  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
+  if (input.size(0) == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  blocked_linear_kernel(out, input, static_cast<const at::BFloat16*>(mkldnn_data(weight)),
-                        bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, pair_ends);
+  auto* y = out.data_ptr<at::BFloat16>();
+  const int64_t y_stride = out.stride(0);
+  const float* b = data_or_null(bias_f32);
+  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 1, pair_ends,
+                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t) {
+                          const int64_t n0 = block * kBlockN, cols = std::min(kBlockN, N - n0);
+                          for (int64_t r = m0; r < m1; ++r)
+                            store_sums_bf16(y + r * y_stride + n0, sums + (r - m0) * kBlockN, b ? b + n0 : nullptr, cols);
+                        });
 #else
-  TORCH_CHECK(false, "bf16_blocked_linear needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
+#endif
+}
+
+void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
+                                     c10::string_view activation) {
+  const char* op = "bf16_blocked_linear_act_and_mul";
+  const Activation act = parse_activation(activation, op);
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, d = N / 2;
+  TORCH_CHECK(N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
+              ") must be a multiple of 128, so that d is one of whole 64-column blocks");
+  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, d, k_chunk_ends, op);
+  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
+  if (input.size(0) == 0) return;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  auto* y = out.data_ptr<at::BFloat16>();
+  const int64_t y_stride = out.stride(0);
+  const float* b = data_or_null(bias_f32);
+  const uint16_t* table =
+      act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>() : bf16_activation_table<Activation::kGeluTanh>();
+  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 2, pair_ends,
+                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
+                          const int64_t n0 = block * kBlockN;
+                          const float* gate_bias = b ? b + n0 : nullptr;
+                          const float* up_bias = b ? b + d + n0 : nullptr;
+                          for (int64_t r = m0; r < m1; ++r) {
+                            const float* gate = sums + (r - m0) * kBlockN;
+                            at::BFloat16* row = y + r * y_stride + n0;
+                            store_act_and_mul_bf16(row, gate, gate + part_stride, gate_bias, up_bias, table);
+                          }
+                        });
+#else
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
 #endif
 }
 

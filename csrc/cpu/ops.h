@@ -55,6 +55,10 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
 void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends);
 
+void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
+                                     c10::string_view activation);
+
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias);
 

@@ -22,8 +22,12 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("sample", &pagedlm::cpu::sample);
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
   m.impl("bf16_amx_linear", &pagedlm::cpu::bf16_amx_linear);
+  m.impl("bf16_blocked_linear_act_and_mul", &pagedlm::cpu::bf16_blocked_linear_act_and_mul);
   m.impl("bf16_amx_linear_act_and_mul", &pagedlm::cpu::bf16_amx_linear_act_and_mul);
 }
 
-// The weight of bf16_blocked_linear is an MKLDNN tensor, whose dispatch key outranks CPU.
-TORCH_LIBRARY_IMPL(pagedlm, MkldnnCPU, m) { m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear); }
+// The weight of the bf16_blocked_linear ops is an MKLDNN tensor, whose dispatch key outranks CPU.
+TORCH_LIBRARY_IMPL(pagedlm, MkldnnCPU, m) {
+  m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
+  m.impl("bf16_blocked_linear_act_and_mul", &pagedlm::cpu::bf16_blocked_linear_act_and_mul);
+}

@@ -119,6 +119,14 @@ Linear ops (CPU, bfloat16):
   the reference does not, and its NaNs may have other bit patterns. The kernel checks the weight's
   size, not its layout: an MKLDNN tensor in another layout of the same size gives wrong sums.
   ``pagedlm.model_executor.layers.onednn_order`` finds oneDNN's chunks for a weight.
+* ``bf16_blocked_linear_act_and_mul(out, input, weight, bias, k_chunk_ends, activation)``: a gated
+  MLP's gate_up projection and its activation in one pass, ``out = act(gate) * up`` for ``weight`` the
+  blocked layout (as ``bf16_blocked_linear``'s) of a ``[2 * d, in_features]`` gate_up weight ``[Wg; Wu]``
+  with ``d`` a multiple of 64, ``bias`` ``[2 * d]`` in the same gate, up order or None, ``out`` bf16
+  ``[rows, d]``, ``activation`` ``"silu"`` or ``"gelu_tanh"``. Gate and up are summed and rounded as
+  ``bf16_blocked_linear`` does, then combined as ``silu_and_mul`` / ``gelu_tanh_and_mul`` do: the
+  bits of those two ops; the ``[rows, 2 * d]`` projection is never stored. Same requirements as
+  ``bf16_blocked_linear``.
 * ``bf16_amx_linear(out, input, weight, bias)``: ``out = input @ W.T + bias`` for ``input`` bf16
   ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` = ``amx_pack_weight(W)``
   of a ``[out_features, in_features]`` weight (bf16 ``[ceil(out / 16), ceil(in / 32) * 16, 16, 2]``:
@@ -184,6 +192,7 @@ _OP_NAMES = (
     "top_logprobs",
     "sample",
     "bf16_blocked_linear",
+    "bf16_blocked_linear_act_and_mul",
     "bf16_amx_linear",
     "bf16_amx_linear_act_and_mul",
 )
@@ -272,6 +281,7 @@ argmax_logprob = _impl.argmax_logprob
 top_logprobs = _impl.top_logprobs
 sample = _impl.sample
 bf16_blocked_linear = _impl.bf16_blocked_linear
+bf16_blocked_linear_act_and_mul = _impl.bf16_blocked_linear_act_and_mul
 bf16_amx_linear = _impl.bf16_amx_linear
 bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
 

@@ -339,6 +339,25 @@ def bf16_blocked_linear(
     out.copy_(total)
 
 
+def bf16_blocked_linear_act_and_mul(
+    out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k_chunk_ends: list[int],
+    activation: str,
+) -> None:
+    acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+    if activation not in acts:
+        raise ValueError(f"bf16_blocked_linear_act_and_mul: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
+    if weight.shape[0] % 128 or out.dim() != 2 or 2 * out.shape[-1] != weight.shape[0]:
+        raise ValueError(f"bf16_blocked_linear_act_and_mul: out must be [rows, d] for a [2 * d, in_features] gate_up "
+                         f"weight with d a multiple of 64; got out {tuple(out.shape)}, weight {tuple(weight.shape)}")
+    gate_up = out.new_empty(out.shape[0], weight.shape[0])
+    bf16_blocked_linear(gate_up, input, weight, bias, k_chunk_ends)
+    acts[activation](out, gate_up)
+
+
 def amx_pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A ``[N, K]`` weight in ``bf16_amx_linear``'s layout: bf16 ``[ceil(N / 16), ceil(K / 32) * 16, 16, 2]``,
     per block of 16 output columns and per pair of input features, the 16 columns' two weights

@@ -112,14 +112,20 @@ class GateUpLinear(Linear):
     Where ``Linear`` would run ``ops.bf16_amx_linear`` and ``d`` is a multiple of 16, the weight is
     packed by ``ops.amx_pack_gate_up_weight`` and one kernel (``ops.bf16_amx_linear_act_and_mul``)
     sums and activates, with the bits of the two ops it replaces; the ``[rows, 2 * d]`` projection is
-    never stored nor read back.
+    never stored nor read back. Where it would run ``ops.bf16_blocked_linear`` and ``d`` is a multiple
+    of 64, ``ops.bf16_blocked_linear_act_and_mul`` does the same on that weight.
     """
 
     amx_act_and_mul = False
+    blocked_act_and_mul = False
 
     def __init__(self, in_features: int, d: int, bias: bool, act_fn: SiluAndMul | GeluAndMul) -> None:
         super().__init__(in_features, 2 * d, bias=bias)
         self.act_fn = act_fn
+
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
+        self.blocked_act_and_mul = self.k_chunk_ends is not None and self.out_features % 128 == 0
 
     def _amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self.out_features % 32:  # d not a multiple of 16: the plain linear, then act_fn
@@ -133,6 +139,11 @@ class GateUpLinear(Linear):
         if self.amx_act_and_mul:
             out = rows.new_empty(rows.shape[0], d)
             ops.bf16_amx_linear_act_and_mul(out, rows, self.weight, self.bias, self.act_fn.activation)
+        elif self.blocked_act_and_mul:
+            out = rows.new_empty(rows.shape[0], d)
+            ops.bf16_blocked_linear_act_and_mul(
+                out, rows, self.weight, self.bias, self.k_chunk_ends, self.act_fn.activation
+            )
         else:
             out = self.act_fn(super().forward(rows))
         return out if rows is x else out.view(*x.shape[:-1], d)
