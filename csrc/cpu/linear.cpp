@@ -227,8 +227,6 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
   return pair_ends;
 }
 
-const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
 }  // namespace
 
 void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
@@ -241,7 +239,7 @@ void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Ten
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t y_stride = out.stride(0);
-  const float* b = data_or_null(bias_f32);
+  const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 1, pair_ends,
                         [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t) {
                           const int64_t n0 = block * kBlockN, cols = std::min(kBlockN, N - n0);
@@ -257,7 +255,7 @@ void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, c
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                                      c10::string_view activation) {
   const char* op = "bf16_blocked_linear_act_and_mul";
-  const Activation act = parse_activation(activation, op);
+  [[maybe_unused]] const Activation act = parse_activation(activation, op);
   const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, d = N / 2;
   TORCH_CHECK(N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
               ") must be a multiple of 128, so that d is one of whole 64-column blocks");
@@ -267,7 +265,7 @@ void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, c
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t y_stride = out.stride(0);
-  const float* b = data_or_null(bias_f32);
+  const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   const uint16_t* table =
       act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>() : bf16_activation_table<Activation::kGeluTanh>();
   blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 2, pair_ends,
