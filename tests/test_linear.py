@@ -285,25 +285,6 @@ def test_amx_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activa
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("activation", sorted(ACTS))
-def test_act_and_mul_on_exact_sums(activation):
-    # Small integers: the sums are exact, so gate and up must be the right columns, in the kernel
-    # (where it runs) and in the reference.
-    d, in_features = 32, 40
-    x, weight = exact_operands(5, 2 * d, in_features)
-    bias = torch.randint(-8, 9, (2 * d,)).float()
-    gate_up = (x.float() @ weight.float().T + bias).bfloat16()
-    gate, up = gate_up[:, :d], gate_up[:, d:]
-    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
-    impls = [reference.bf16_amx_linear_act_and_mul]
-    if linear.amx_linear_available():
-        impls.append(ops.bf16_amx_linear_act_and_mul)
-    for impl in impls:
-        out = torch.empty(5, d, dtype=torch.bfloat16)
-        impl(out, x, ops.amx_pack_gate_up_weight(weight), bias, activation)
-        assert torch.equal(out, act * up), impl
-
-
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -347,19 +328,28 @@ def test_blocked_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ac
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
-def test_blocked_act_and_mul_on_exact_sums(activation):
-    # Small integers: the sums are exact, so gate and up must be the right columns.
+@pytest.mark.parametrize("kernel", ["amx", "blocked"])
+def test_act_and_mul_on_exact_sums(activation, kernel):
+    # Small integers: the sums are exact, so gate and up must be the right columns, in the kernels
+    # (where they run) and in their references.
     d, in_features = 128, 40
     x, weight = exact_operands(5, 2 * d, in_features)
     bias = torch.randint(-8, 9, (2 * d,)).float()
     gate_up = (x.float() @ weight.float().T + bias).bfloat16()
     gate, up = gate_up[:, :d], gate_up[:, d:]
     act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
-    blocked = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-    kernel_or_skip(torch.empty(5, 2 * d, dtype=torch.bfloat16), x, blocked, bias, [in_features])
-    for impl in (reference.bf16_blocked_linear_act_and_mul, ops.bf16_blocked_linear_act_and_mul):
+    if kernel == "amx":
+        weight_args = (ops.amx_pack_gate_up_weight(weight), bias)
+        impls = [reference.bf16_amx_linear_act_and_mul]
+        if linear.amx_linear_available():
+            impls.append(ops.bf16_amx_linear_act_and_mul)
+    else:
+        weight_args = (torch.ops.mkldnn._reorder_linear_weight(weight, 64), bias, [in_features])
+        kernel_or_skip(torch.empty(5, 2 * d, dtype=torch.bfloat16), x, *weight_args)
+        impls = [reference.bf16_blocked_linear_act_and_mul, ops.bf16_blocked_linear_act_and_mul]
+    for impl in impls:
         out = torch.empty(5, d, dtype=torch.bfloat16)
-        impl(out, x, blocked, bias, [in_features], activation)
+        impl(out, x, *weight_args, activation)
         assert torch.equal(out, act * up), impl
 
 

@@ -191,12 +191,8 @@ void store_act_and_mul_bf16(at::BFloat16* out, const float* gate_sums, const flo
 
 #endif
 
-}  // namespace
-
-namespace {
-
-// Checks the arguments of the two ops below (out's N columns: out_features, or d for the gated op)
-// and returns the chunks' ends in feature pairs.
+// Checks the arguments of the two ops (out's `out_cols` columns: out_features, or d for the gated
+// op) and returns the chunks' ends in feature pairs.
 std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                           int64_t out_cols, at::IntArrayRef k_chunk_ends, const char* op) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1, op,
@@ -227,61 +223,56 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
   return pair_ends;
 }
 
-}  // namespace
-
-void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
-  const char* op = "bf16_blocked_linear";
-  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
-  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, N, k_chunk_ends, op);
+// The two ops' body: with `act`, the gated op (out has d = out_features / 2 columns), else the linear.
+void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
+                        std::optional<Activation> act, const char* op) {
+  const int parts = act ? 2 : 1;
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, out_cols = N / parts;
+  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, out_cols, k_chunk_ends, op);
   const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
   if (input.size(0) == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t y_stride = out.stride(0);
   const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 1, pair_ends,
-                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t) {
-                          const int64_t n0 = block * kBlockN, cols = std::min(kBlockN, N - n0);
-                          for (int64_t r = m0; r < m1; ++r)
-                            store_sums_bf16(y + r * y_stride + n0, sums + (r - m0) * kBlockN, b ? b + n0 : nullptr, cols);
+  const uint16_t* table = !act                        ? nullptr
+                          : *act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>()
+                                                      : bf16_activation_table<Activation::kGeluTanh>();
+  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, parts, pair_ends,
+                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
+                          const int64_t n0 = block * kBlockN;
+                          for (int64_t r = m0; r < m1; ++r) {
+                            const float* row_sums = sums + (r - m0) * kBlockN;
+                            at::BFloat16* row = y + r * y_stride + n0;
+                            if (table)
+                              store_act_and_mul_bf16(row, row_sums, row_sums + part_stride, b ? b + n0 : nullptr,
+                                                     b ? b + out_cols + n0 : nullptr, table);
+                            else
+                              store_sums_bf16(row, row_sums, b ? b + n0 : nullptr, std::min(kBlockN, N - n0));
+                          }
                         });
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
 #endif
 }
 
+}  // namespace
+
+void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
+  run_blocked_linear(out, input, weight, bias, k_chunk_ends, std::nullopt, "bf16_blocked_linear");
+}
+
 void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                                      c10::string_view activation) {
   const char* op = "bf16_blocked_linear_act_and_mul";
-  [[maybe_unused]] const Activation act = parse_activation(activation, op);
-  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, d = N / 2;
+  const Activation act = parse_activation(activation, op);
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
   TORCH_CHECK(N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
               ") must be a multiple of 128, so that d is one of whole 64-column blocks");
-  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, d, k_chunk_ends, op);
-  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
-  if (input.size(0) == 0) return;
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t y_stride = out.stride(0);
-  const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  const uint16_t* table =
-      act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>() : bf16_activation_table<Activation::kGeluTanh>();
-  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, 2, pair_ends,
-                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
-                          const int64_t n0 = block * kBlockN;
-                          const float* gate_bias = b ? b + n0 : nullptr;
-                          const float* up_bias = b ? b + d + n0 : nullptr;
-                          for (int64_t r = m0; r < m1; ++r) {
-                            const float* gate = sums + (r - m0) * kBlockN;
-                            at::BFloat16* row = y + r * y_stride + n0;
-                            store_act_and_mul_bf16(row, gate, gate + part_stride, gate_bias, up_bias, table);
-                          }
-                        });
-#else
-  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
-#endif
+  run_blocked_linear(out, input, weight, bias, k_chunk_ends, act, op);
 }
 
 }  // namespace pagedlm::cpu
