@@ -58,14 +58,26 @@ constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight
 // 8 KB measured best of 2-32 KB (benchmarks/linear_bench.py; docs/performance.md, session 22).
 constexpr int64_t kStreamAheadBytes = 8192;
 
+// The pass that reads a block from memory asks for each step's lines kStreamAheadBytes ahead; past
+// the block's end, `jump` bytes further on, where the block the thread reads next begins.
+struct StreamAhead {
+  bool on = false;
+  const char* block_end = nullptr;
+  int64_t jump = 0;
+
+  const char* target(const void* read) const {
+    const char* a = static_cast<const char*>(read) + kStreamAheadBytes;
+    return a < block_end ? a : a + jump;
+  }
+};
+
 // sum[r][0..64) (+)= rows r of x against one 64-column block over the feature pairs [p0, p1). A
 // pair is one 32-bit lane, its even feature in the low half; the pair past an odd K holds only its
-// even feature. Each step also issues pf's next prefetches and, when `streams` (the pass that reads
-// the block from memory), asks for the step's four lines kStreamAheadBytes ahead, into the next
-// block at the end of this one.
+// even feature. Each step also issues pf's next prefetches and, with `ahead` on, asks for the step's
+// four lines ahead.
 template <int MT>
 PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_t K, const __m512bh* w, int64_t p0,
-                                 int64_t p1, bool first, float* sum, L2Prefetch& pf, bool streams) {
+                                 int64_t p1, bool first, float* sum, L2Prefetch& pf, const StreamAhead& ahead) {
   __m512 acc[MT][4];
   for (int r = 0; r < MT; ++r)
     for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -73,9 +85,9 @@ PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_
     const __m512bh* wp = w + 4 * p;
     const __m512bh w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
     pf.issue();
-    if (streams) {
-      const char* ahead = reinterpret_cast<const char*>(wp) + kStreamAheadBytes;
-      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    if (ahead.on) {
+      const char* a = ahead.target(wp);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(a + 64 * line, _MM_HINT_T0);
     }
     for (int r = 0; r < MT; ++r) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair(x + r * x_stride + 2 * p));
@@ -133,6 +145,7 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   const int64_t groups = (tiles + group_tiles - 1) / group_tiles;  // none empty
   const int64_t rows_per_group = group_tiles * kMaxTileRows;
   const int64_t block_elements = block_pairs * 2 * kBlockN;
+  auto block_of = [&](int64_t b, int part) { return weight + (b + part * num_blocks) * block_elements; };
   // A unit reads its whole blocks, so the grain counts a unit's weights.
   parallel_for(0, num_blocks * groups, grain_for(parts * block_elements), [&](int64_t begin, int64_t end) {
     const int64_t part_rows = std::min(M, rows_per_group);
@@ -145,24 +158,32 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
       // earlier groups, if any, ran on another thread); the other groups find it in L2.
       const bool from_memory = unit % groups == 0 || unit == begin;
       for (int part = 0; part < parts; ++part) {
-        const at::BFloat16* block = weight + (b + part * num_blocks) * block_elements;
+        const at::BFloat16* block = block_of(b, part);
         const auto* w = reinterpret_cast<const __m512bh*>(block);
         float* part_sum = sum.data() + part * part_rows * kBlockN;
+        // The block the thread reads next: the unit's up block after its gate block, else the next
+        // unit's first.
+        const bool last_part = part + 1 == parts;
+        const at::BFloat16* next = last_part ? block_of(b + 1, 0) : block_of(b, part + 1);
         // Where the unit has two or more row tiles (the tiles after the first read the block from
-        // L2), the thread's next block is asked into L2 over the unit's tile passes, by the unit of
-        // the block's last row group: SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
+        // L2), that next block is asked into L2 over the unit's tile passes, if it comes from memory:
+        // the unit's up block when the unit reads from memory, the next unit's blocks when this is the
+        // last row group of b. SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
         // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
         // beside it measured no faster.
         L2Prefetch pf;
-        if (tile_passes > 1 && unit % groups == groups - 1 && (b + 1) * groups < end)
-          pf = L2Prefetch(block + block_elements, block + 2 * block_elements, (K + 1) / 2 * tile_passes);
+        const bool next_from_memory = last_part ? unit % groups == groups - 1 && (b + 1) * groups < end : from_memory;
+        if (tile_passes > 1 && next_from_memory)
+          pf = L2Prefetch(next, next + block_elements, (K + 1) / 2 * tile_passes);
+        StreamAhead ahead;
+        if (from_memory) ahead = {true, reinterpret_cast<const char*>(block + block_elements), (next - block - block_elements) * 2};
         // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
         int64_t p0 = 0;
         for (size_t c = 0; c < pair_ends.size(); ++c) {
           for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
             with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
               chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, part_sum + r * kBlockN, pf,
-                          from_memory && r == 0);
+                          r == 0 ? ahead : StreamAhead{});
             });
           p0 = pair_ends[c];
         }
