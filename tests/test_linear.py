@@ -332,7 +332,7 @@ def test_blocked_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ac
 def test_act_and_mul_on_exact_sums(activation, kernel):
     # Small integers: the sums are exact, so gate and up must be the right columns, in the kernels
     # (where they run) and in their references.
-    d, in_features = 128, 40
+    d, in_features = {"amx": 32, "blocked": 128}[kernel], 40  # multiples of 16 and of 64
     x, weight = exact_operands(5, 2 * d, in_features)
     bias = torch.randint(-8, 9, (2 * d,)).float()
     gate_up = (x.float() @ weight.float().T + bias).bfloat16()
@@ -361,6 +361,7 @@ def test_act_and_mul_on_exact_sums(activation, kernel):
         (lambda a: {**a, "out": torch.empty(4, 128, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, 64\]"),
         (lambda a: {**a, "bias": torch.zeros(64)}, r"bias must be a floating-point CPU tensor \[128\]"),
         (lambda a: {**a, "k_chunk_ends": [32, 64]}, "end at in_features = 96"),
+        (lambda a: {**a, "weight": torch.zeros(100, 96, dtype=torch.bfloat16)}, "weight must be a bfloat16 MKLDNN"),
     ],
 )
 def test_blocked_act_and_mul_bad_arguments_are_named(change, message):
@@ -376,17 +377,17 @@ def test_gate_up_weight_needs_d_a_multiple_of_16():
         ops.amx_pack_gate_up_weight(torch.zeros(48, 32))
 
 
-@pytest.mark.parametrize("d,fused", [(64, True), (40, False)])
+@pytest.mark.parametrize("d", [64, 80, 40])  # fused on both kernels, on AMX only, on neither
 @pytest.mark.parametrize("act_fn", [SiluAndMul(), GeluAndMul()], ids=["silu", "gelu_tanh"])
-def test_gate_up_linear_equals_linear_then_activation(d, fused, act_fn):
+def test_gate_up_linear_equals_linear_then_activation(d, act_fn):
     torch.manual_seed(0)
     layer = GateUpLinear(96, d, bias=True, act_fn=act_fn).to(torch.bfloat16)
     plain = Linear(96, 2 * d, bias=True).to(torch.bfloat16)
     plain.load_state_dict({"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()})
     for module in (layer, plain):
         module.process_weights_after_loading()
-    assert layer.amx_act_and_mul == (fused and linear.amx_linear_available())
-    assert layer.blocked_act_and_mul == (fused and layer.k_chunk_ends is not None)
+    assert layer.amx_act_and_mul == (d % 16 == 0 and linear.amx_linear_available())
+    assert layer.blocked_act_and_mul == (d % 64 == 0 and layer.k_chunk_ends is not None)
     x = torch.randn(3, 7, 96).bfloat16()
     assert torch.equal(layer(x), act_fn(plain(x).view(21, 2 * d)).view(3, 7, d))
 

@@ -1,6 +1,6 @@
 #pragma once
-// The gated MLPs' activations on fp32 vectors, shared by act_and_mul (activation.cpp) and the AMX
-// linear that applies one as it stores (amx_linear.cpp), so both give the same bits.
+// The gated MLPs' activations on fp32 vectors, shared by act_and_mul (activation.cpp) and the linears
+// that apply one as they store (amx_linear.cpp, linear.cpp), so all give the same bits.
 
 #include "vec.h"
 

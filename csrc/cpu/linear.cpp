@@ -212,10 +212,10 @@ void store_act_and_mul_bf16(at::BFloat16* out, const float* gate_sums, const flo
 
 #endif
 
-// Checks the arguments of the two ops (out's `out_cols` columns: out_features, or d for the gated
-// op) and returns the chunks' ends in feature pairs.
+// Checks the arguments of the two ops (with parts = 2 the gated one, whose out has d = out_features / 2
+// columns) and returns the chunks' ends in feature pairs.
 std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                                          int64_t out_cols, at::IntArrayRef k_chunk_ends, const char* op) {
+                                          int parts, at::IntArrayRef k_chunk_ends, const char* op) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1, op,
               ": input must be bfloat16 [rows, in_features] with contiguous rows");
   const int64_t M = input.size(0), K = input.size(1);
@@ -228,6 +228,9 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
   TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2, op,
               ": weight must be in oneDNN's AB16b64a2b layout (torch.ops.mkldnn._reorder_linear_weight(w, 64)); its ",
               mkldnn_nbytes(weight), " bytes are not that layout's size");
+  TORCH_CHECK(parts == 1 || N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
+              ") must be a multiple of 128, so that d is one of whole 64-column blocks");
+  const int64_t out_cols = N / parts;
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == out_cols && out.scalar_type() == at::kBFloat16 &&
                   out.stride(1) == 1,
               op, ": out must be bfloat16 [", M, ", ", out_cols, "] with contiguous rows");
@@ -249,8 +252,8 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                         std::optional<Activation> act, const char* op) {
   const int parts = act ? 2 : 1;
-  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0, out_cols = N / parts;
-  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, out_cols, k_chunk_ends, op);
+  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, parts, k_chunk_ends, op);
+  const int64_t N = weight.size(0), out_cols = N / parts;
   const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
   if (input.size(0) == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
@@ -289,11 +292,7 @@ void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, c
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                                      c10::string_view activation) {
   const char* op = "bf16_blocked_linear_act_and_mul";
-  const Activation act = parse_activation(activation, op);
-  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
-  TORCH_CHECK(N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
-              ") must be a multiple of 128, so that d is one of whole 64-column blocks");
-  run_blocked_linear(out, input, weight, bias, k_chunk_ends, act, op);
+  run_blocked_linear(out, input, weight, bias, k_chunk_ends, parse_activation(activation, op), op);
 }
 
 }  // namespace pagedlm::cpu

@@ -8,7 +8,7 @@ from pagedlm.model_executor.layers.direct_call import DirectCall
 class SiluAndMul(DirectCall, nn.Module):
     """``silu(gate) * up`` over a packed ``[num_tokens, 2 * d]`` gate_up projection."""
 
-    activation = "silu"  # ops.bf16_amx_linear_act_and_mul's name for it
+    activation = "silu"  # the gated linears' name for it (ops.bf16_*_linear_act_and_mul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(x.shape[0], x.shape[1] // 2)
