@@ -34,14 +34,6 @@ constexpr int64_t kBlockK = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The address of an MKLDNN tensor's buffer (ATen has no data_ptr for opaque tensors).
-const void* mkldnn_data(const at::Tensor& weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::data_ptr", "")
-                             .typed<int64_t(const at::Tensor&)>();
-  return reinterpret_cast<const void*>(op.call(weight));
-}
-
 int64_t mkldnn_nbytes(const at::Tensor& weight) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mkldnn::_nbytes", "")
@@ -50,6 +42,14 @@ int64_t mkldnn_nbytes(const at::Tensor& weight) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+
+// The address of an MKLDNN tensor's buffer (ATen has no data_ptr for opaque tensors).
+const void* mkldnn_data(const at::Tensor& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::data_ptr", "")
+                             .typed<int64_t(const at::Tensor&)>();
+  return reinterpret_cast<const void*>(op.call(weight));
+}
 
 constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight vectors, 1 broadcast
 
@@ -253,12 +253,12 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
                         std::optional<Activation> act, const char* op) {
   const int parts = act ? 2 : 1;
   const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, parts, k_chunk_ends, op);
-  const int64_t N = weight.size(0), out_cols = N / parts;
+  const int64_t N = weight.size(0);
   const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
   if (input.size(0) == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t y_stride = out.stride(0);
+  const int64_t y_stride = out.stride(0), out_cols = N / parts;
   const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   const uint16_t* table = !act                        ? nullptr
                           : *act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>()
