@@ -80,8 +80,8 @@ class Attention(DirectCall, nn.Module):
             )
         if n < q.shape[0]:
             ops.paged_attention(
-                out[n:], q[n:], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale,
-                self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale,
+                out[n:] if n else out, q[n:] if n else q, key_cache, value_cache, meta.decode_block_tables,
+                meta.decode_seq_lens, self.scale, self.sliding_window, self.logits_soft_cap, self.k_scale, self.v_scale,
             )
         return out
 

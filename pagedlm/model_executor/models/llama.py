@@ -55,10 +55,11 @@ class LlamaAttention(DirectCall, nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_size)
-        k = k.view(-1, self.num_kv_heads, self.head_size)
-        v = v.view(-1, self.num_kv_heads, self.head_size)
+        # Heads of the fused projection as views: q, then k, then v.
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_size)
+        q = qkv[:, : self.num_heads]
+        k = qkv[:, self.num_heads : self.num_heads + self.num_kv_heads]
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         if self.q_norm is not None:  # per head, read from the fused projection, into new tensors
             q = self.q_norm(q)
             k = self.k_norm(k)
