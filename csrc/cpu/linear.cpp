@@ -193,20 +193,15 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   });
 }
 
-// act(gate) * up for one row of a gate block's and its up block's sums, each rounded to bf16 as
-// store_sums_bf16 rounds the linear's outputs, then joined by `table` (bf16_activation_table) as
-// act_and_mul joins them: the bits of bf16_blocked_linear followed by silu_and_mul / gelu_tanh_and_mul.
+// act(gate) * up for one row of a gate block's and its up block's sums, each rounded to bf16 as the
+// linear stores it (round_sums_bf16), then joined by `table` (bf16_activation_table) as act_and_mul
+// joins them: the bits of bf16_blocked_linear followed by silu_and_mul / gelu_tanh_and_mul.
 void store_act_and_mul_bf16(at::BFloat16* out, const float* gate_sums, const float* up_sums, const float* gate_bias,
                             const float* up_bias, const uint16_t* table) {
   for (int64_t j = 0; j < kBlockN; j += 16) {
-    __m512 gate = _mm512_loadu_ps(gate_sums + j), up = _mm512_loadu_ps(up_sums + j);
-    if (gate_bias) {
-      gate = _mm512_add_ps(gate, _mm512_loadu_ps(gate_bias + j));
-      up = _mm512_add_ps(up, _mm512_loadu_ps(up_bias + j));
-    }
-    const __m512i gate_bits = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(gate));
-    const __m512i up_bits = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(up));
-    store_fp32(out + j, table_act_and_mul(table, gate_bits, up_bits));
+    const __m512i gate = _mm512_cvtepu16_epi32(round_sums_bf16(gate_sums + j, gate_bias ? gate_bias + j : nullptr));
+    const __m512i up = _mm512_cvtepu16_epi32(round_sums_bf16(up_sums + j, up_bias ? up_bias + j : nullptr));
+    store_fp32(out + j, table_act_and_mul(table, gate, up));
   }
 }
 

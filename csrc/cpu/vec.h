@@ -92,14 +92,20 @@ inline void store_fp32(T* p, fVec v) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// out[0, cols) = bf16(sums + bias) (bias may be null), rounded once to nearest even: how the bf16
-// linear kernels store their fp32 sums. sums is read in whole vectors up to cols rounded up to 16.
+// The bf16 bits of sums[0, 16) + bias[0, 16) (bias may be null; only its `mask` lanes are read),
+// rounded once to nearest even: how the bf16 linear kernels round their fp32 sums.
+inline __m256i round_sums_bf16(const float* sums, const float* bias, __mmask16 mask = 0xffff) {
+  __m512 v = _mm512_loadu_ps(sums);
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias));
+  return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+// out[0, cols) = round_sums_bf16(sums + bias): how the bf16 linear kernels store their fp32 sums.
+// sums is read in whole vectors up to cols rounded up to 16.
 inline void store_sums_bf16(at::BFloat16* out, const float* sums, const float* bias, int64_t cols) {
   for (int64_t j = 0; j < cols; j += 16) {
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
-    __m512 v = _mm512_loadu_ps(sums + j);
-    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-    _mm256_mask_storeu_epi16(out + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(out + j, mask, round_sums_bf16(sums + j, bias ? bias + j : nullptr, mask));
   }
 }
 #endif
