@@ -6,6 +6,7 @@ where torch allows, because it is also the fallback backend when the extension i
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -339,6 +340,14 @@ def bf16_blocked_linear(
     out.copy_(total)
 
 
+def _gated_activation(activation: str, op: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The act_and_mul op the gated linears' ``activation`` names; ValueError naming ``op`` otherwise."""
+    acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+    if activation not in acts:
+        raise ValueError(f"{op}: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
+    return acts[activation]
+
+
 def bf16_blocked_linear_act_and_mul(
     out: torch.Tensor,
     input: torch.Tensor,
@@ -347,15 +356,13 @@ def bf16_blocked_linear_act_and_mul(
     k_chunk_ends: list[int],
     activation: str,
 ) -> None:
-    acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
-    if activation not in acts:
-        raise ValueError(f"bf16_blocked_linear_act_and_mul: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
+    act_and_mul = _gated_activation(activation, "bf16_blocked_linear_act_and_mul")
     if weight.shape[0] % 128 or out.dim() != 2 or 2 * out.shape[-1] != weight.shape[0]:
         raise ValueError(f"bf16_blocked_linear_act_and_mul: out must be [rows, d] for a [2 * d, in_features] gate_up "
                          f"weight with d a multiple of 64; got out {tuple(out.shape)}, weight {tuple(weight.shape)}")
     gate_up = out.new_empty(out.shape[0], weight.shape[0])
     bf16_blocked_linear(gate_up, input, weight, bias, k_chunk_ends)
-    acts[activation](out, gate_up)
+    act_and_mul(out, gate_up)
 
 
 def amx_pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -398,9 +405,7 @@ def amx_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
 def bf16_amx_linear_act_and_mul(
     out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> None:
-    acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
-    if activation not in acts:
-        raise ValueError(f"bf16_amx_linear_act_and_mul: activation must be 'silu' or 'gelu_tanh'; got {activation!r}")
+    act_and_mul = _gated_activation(activation, "bf16_amx_linear_act_and_mul")
     d = out.shape[-1]
     if out.dim() != 2 or d % 16 or weight.shape[0] * 16 != 2 * d:
         raise ValueError(f"bf16_amx_linear_act_and_mul: out must be [rows, d] with d a multiple of 16 and weight "
@@ -411,4 +416,4 @@ def bf16_amx_linear_act_and_mul(
     bf16_amx_linear(blocked, input, weight, None if bias is None else bias[order])
     gate_up = torch.empty_like(blocked)
     gate_up[:, order] = blocked
-    acts[activation](out, gate_up)
+    act_and_mul(out, gate_up)
