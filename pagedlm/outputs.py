@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pagedlm.sampling_params import RequestOutputKind
+
 if TYPE_CHECKING:  # the engine's state types import this module's
     from pagedlm.engine.sequence import SequenceGroup
 
@@ -48,7 +50,8 @@ class CompletionOutput:
 class RequestOutput:
     """The result of one prompt: its completions, in ``outputs``.
 
-    While ``finished`` is False it is a snapshot of a request in progress (lists are copies).
+    While ``finished`` is False it is a snapshot of a request in progress (lists are copies), or
+    under ``RequestOutputKind.DELTA`` what is new since the request's previous output.
     """
 
     request_id: str
@@ -59,10 +62,16 @@ class RequestOutput:
     finished: bool
 
     @classmethod
-    def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput":
-        """The request as it stands: ``n`` completions. With ``best_of > n`` the ``n`` of highest
-        cumulative log-probability; under beam search the ``n`` best beams, best first."""
+    def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput | None":
+        """The request as its ``output_kind`` returns it after a step, or ``None`` (``FINAL_ONLY``
+        before it finishes): ``n`` completions. With ``best_of > n`` the ``n`` of highest
+        cumulative log-probability; under beam search the ``n`` best beams, best first. A
+        ``DELTA`` output moves the sequences' returned offsets on."""
         params = seq_group.sampling_params
+        finished = seq_group.is_finished()
+        if params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = params.output_kind is RequestOutputKind.DELTA
         seqs = seq_group.seqs
         if params.use_beam_search:
             seqs = seqs[: params.n]
@@ -71,16 +80,27 @@ class RequestOutput:
             if params.best_of > params.n:
                 seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
         with_logprobs = params.logprobs is not None
-        outputs = [  # positional: this runs for every scheduled request every step
-            CompletionOutput(
-                i if params.use_beam_search else seq.index, seq.output_text, list(seq.output_token_ids),
-                seq.cumulative_logprob, list(seq.logprobs) if with_logprobs else None, seq.status.finish_reason,
+        held_back = params.output_text_buffer_length
+        outputs = []  # positional arguments below: this runs for every scheduled request every step
+        for i, seq in enumerate(seqs):
+            finish_reason = seq.status.finish_reason
+            text = seq.output_text
+            shown = max(len(text) - held_back, 0) if held_back and finish_reason is None else len(text)
+            first_token, first_char = (seq.num_returned_tokens, seq.num_returned_chars) if delta else (0, 0)
+            if delta:
+                seq.num_returned_tokens = len(seq.output_token_ids)
+                seq.num_returned_chars = max(first_char, shown)
+            outputs.append(CompletionOutput(
+                i if params.use_beam_search else seq.index, text[first_char:shown], seq.output_token_ids[first_token:],
+                seq.cumulative_logprob, seq.logprobs[first_token:] if with_logprobs else None, finish_reason,
                 seq.stop_reason,
-            )
-            for i, seq in enumerate(seqs)
-        ]
-        prompt_logprobs = list(seq_group.prompt_logprobs) if seq_group.prompt_logprobs is not None else None
+            ))
+        prompt_logprobs = seq_group.prompt_logprobs
+        if prompt_logprobs is not None:
+            first = seq_group.num_returned_prompt_logprobs if delta else 0
+            prompt_logprobs = prompt_logprobs[first:]
+            if delta:
+                seq_group.num_returned_prompt_logprobs += len(prompt_logprobs)
         return cls(
-            seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs,
-            seq_group.is_finished(),
+            seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs, finished,
         )

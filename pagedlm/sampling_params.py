@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,22 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool
     if not (np.float32(value) > lo if lo_open else lo <= value) or value > hi:
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}.")
     return value
+
+
+class RequestOutputKind(Enum):
+    """What ``LLMEngine.step`` returns for a request that took part in the step (vLLM's names).
+
+    ``CUMULATIVE``: everything generated so far, every step. ``DELTA``: only what is new since the
+    request's previous output (token ids, text, logprobs and prompt logprobs; the cumulative
+    logprob stays the running total). ``FINAL_ONLY``: nothing until the request finishes, then
+    everything. Until a completion finishes, the last ``max(len(stop)) - 1`` characters of its text
+    are held back under the first two (they may be the start of a stop string that is then cut).
+    ``LLM``'s methods run every request as ``FINAL_ONLY``, as vLLM's ``LLM`` does.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -157,6 +174,9 @@ class SamplingParams:
         detokenize: produce ``text``; with False only token ids come back.
         structured_outputs: a ``StructuredOutputsParams`` (or a dict of its fields) every
             completion must satisfy: a JSON schema, regex, choice, EBNF grammar or any JSON object.
+        output_kind: a ``RequestOutputKind``: what ``LLMEngine.step`` returns for the request while
+            it runs. ``DELTA`` needs ``best_of == n`` and no beam search (the completions returned
+            are then the ones generated, and their tokens are never replaced).
     """
 
     n: int = 1
@@ -185,6 +205,7 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -257,6 +278,18 @@ class SamplingParams:
                 raise ValueError("length_penalty and early_stopping apply only with use_beam_search=True.")
             if self.greedy and self.best_of > 1:
                 raise ValueError(f"best_of (and n) must be 1 with greedy sampling (temperature=0), got {self.best_of}.")
+        self._verify_output_kind()
+
+    def _verify_output_kind(self) -> None:
+        if not isinstance(self.output_kind, RequestOutputKind):
+            allowed = ", ".join(f"RequestOutputKind.{k.name}" for k in RequestOutputKind)
+            raise ValueError(f"output_kind must be one of {allowed}, got {self.output_kind!r}.")
+        if self.output_kind is RequestOutputKind.DELTA:
+            if self.use_beam_search:
+                raise ValueError("output_kind=DELTA is not supported with use_beam_search (beams are replaced).")
+            if self.best_of != self.n:
+                raise ValueError(f"output_kind=DELTA needs best_of == n (the n best are known only at the end), "
+                                 f"got best_of={self.best_of} and n={self.n}.")
 
     def _verify_stop(self) -> None:
         if self.stop is None:
@@ -314,6 +347,14 @@ class SamplingParams:
             raise ValueError("top_p, top_k and min_p must be off with use_beam_search.")
         if self.seed is not None:
             raise ValueError("seed has no meaning with use_beam_search (it is deterministic).")
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters of an unfinished completion's text held back from its outputs: a stop
+        string that is cut from the text may have begun in them."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
 
     @property
     def greedy(self) -> bool:

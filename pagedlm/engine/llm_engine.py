@@ -267,9 +267,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration: schedule, run the model once, sample, append and check stops.
 
-        Returns one ``RequestOutput`` for every request that took part in the step, as it stands
-        after it (``finished`` tells whether it is done; a finished request is not returned
-        again). Raises whatever the model step raised (a logits processor's error, an
+        Returns one ``RequestOutput`` for every request that took part in the step, as its
+        ``SamplingParams.output_kind`` asks (``CUMULATIVE``: as it stands after the step; ``DELTA``:
+        what the step added; ``FINAL_ONLY``: only once it is done). ``finished`` tells whether it
+        is done; a finished request is not returned again. Raises whatever the model step raised (a logits processor's error, an
         interrupt); the requests then stay queued, and the prefix cache is reset because the
         step's blocks may not have been written.
         """
@@ -289,7 +290,7 @@ class LLMEngine:
             self._process_group_output(scheduled.seq_group, output)
         if self.model_runner.long_rope is not None:
             self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
-        request_outputs = [RequestOutput.from_seq_group(s.seq_group) for s in sched.scheduled_seq_groups]
+        request_outputs = [out for s in sched.scheduled_seq_groups if (out := RequestOutput.from_seq_group(s.seq_group))]
         for seq_group in self.scheduler.free_finished_seq_groups():
             del self.seq_groups[seq_group.request_id]
         return request_outputs

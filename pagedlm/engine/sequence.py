@@ -62,6 +62,9 @@ class Sequence:
         self.output_text = ""
         self.stop_reason: int | str | None = None
         self.logprobs: SampleLogprobs = []
+        # How much of output_token_ids (and logprobs) and output_text earlier DELTA outputs returned.
+        self.num_returned_tokens = 0
+        self.num_returned_chars = 0
         self._block_keys: list[BlockKey] = []
         # (sequence, tokens): after a preempted group is re-admitted, this sequence's first blocks
         # are another one's, which must compute that many tokens before this one may run.
@@ -117,6 +120,7 @@ class Sequence:
         child.cumulative_logprob = self.cumulative_logprob
         child.output_text = self.output_text
         child.logprobs = list(self.logprobs)
+        child.num_returned_tokens, child.num_returned_chars = self.num_returned_tokens, self.num_returned_chars
         child._block_keys = list(self._block_keys)
         if self.grammar_matcher is not None:
             child.grammar_matcher = self.grammar_matcher.fork()
@@ -159,6 +163,7 @@ class SequenceGroup:
         self.seqs = [Sequence(0, self.prompt_token_ids, block_size, cache_salt)]
         self.generators = generators  # one per completion index, for seeded requests
         self.prompt_logprobs: PromptLogprobs | None = [None] if sampling_params.prompt_logprobs is not None else None
+        self.num_returned_prompt_logprobs = 0  # by earlier DELTA outputs
         self.beam = None  # BeamSearchState under beam search
         self.max_seq_len = 0  # set by the engine: the longest each sequence may grow (stop checker)
 

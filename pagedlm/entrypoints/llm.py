@@ -21,7 +21,7 @@ from pagedlm.entrypoints.chat_utils import (
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import RequestOutput
-from pagedlm.sampling_params import SamplingParams
+from pagedlm.sampling_params import RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
 from pagedlm.transformers_utils.tokenizer import encode_prompts
 
@@ -103,7 +103,7 @@ class LLM:
             )
         self._default_sampling_params = model_config.get_diff_sampling_param()
         try:
-            SamplingParams(**self._default_sampling_params)
+            self._final_only_defaults = SamplingParams(**self._default_sampling_params, output_kind=RequestOutputKind.FINAL_ONLY)
         except ValueError as exc:
             raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
                              "pass generation_config='vllm' to ignore them.") from exc
@@ -292,15 +292,21 @@ class LLM:
         background (``_Request.grammar``) and checked when it is done."""
         texts, token_ids, errors = self._tokenize([prompt for _, prompt, _ in items])
         requests: list[_Request | _Rejected] = []
+        final_only: dict[int, SamplingParams] = {}  # a FINAL_ONLY copy of each params object of the chunk
         for k, (index, _, params) in enumerate(items):
             if params is None:
-                params = self._fit_max_tokens(self.get_default_sampling_params(), len(token_ids[k]))
+                params = self._fit_max_tokens(self._final_only_defaults, len(token_ids[k]))
             reason = errors.get(k)
             if reason is None and not isinstance(params, SamplingParams):
                 reason = f"sampling_params must be a SamplingParams, got {type(params).__name__}"
             if reason is None:
                 reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
             if reason is None:
+                # Only finished outputs are returned (as vLLM's LLM does), so the engine builds no others.
+                if params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    if id(params) not in final_only:
+                        final_only[id(params)] = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                    params = final_only[id(params)]
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)

@@ -1,0 +1,122 @@
+"""``SamplingParams.output_kind``: what ``LLMEngine.step`` returns while a request runs (vLLM's
+``RequestOutputKind``), and ``LLM`` running every request as ``FINAL_ONLY``."""
+
+import dataclasses
+
+import pytest
+
+from conftest import BOS
+from pagedlm import LLM, SamplingParams
+from pagedlm.sampling_params import RequestOutputKind
+
+CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
+PROMPT = [BOS, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    # Chunks of 8 tokens: the prompt's logprobs come over two steps.
+    return LLM(llama_dir, dtype="float32", max_model_len=256, max_num_batched_tokens=8, max_num_seqs=8,
+               enable_chunked_prefill=True)
+
+
+def run(llm: LLM, params: SamplingParams) -> list:
+    """Every output the engine returns for one request, step by step."""
+    engine = llm.llm_engine
+    engine.add_request("r", None, params, PROMPT)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return outputs
+
+
+def spanning_stop(llm: LLM, params: SamplingParams) -> str:
+    """A stop string whose first half is the end of one generated token's text and whose second half
+    begins the next token's, so the first half is in the text a step before the stop is seen."""
+    out = run(llm, dataclasses.replace(params, max_tokens=40))[-1].outputs[0]
+    tok = llm.get_tokenizer()
+    texts = [tok.decode(PROMPT + out.token_ids[: i + 1], skip_special_tokens=True) for i in range(len(out.token_ids))]
+    prompt_len = len(tok.decode(PROMPT, skip_special_tokens=True))
+    for i in range(4, len(texts) - 1):
+        end = len(texts[i]) - prompt_len
+        stop = out.text[end - 2 : end + 2]
+        if len(stop) == 4 and len(texts[i]) - len(texts[i - 1]) >= 2 and out.text.find(stop) == end - 2:
+            return stop
+    pytest.skip("no stop string spans two tokens in this completion")
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_delta_outputs_add_up_to_the_final_output(llm, n):
+    base = SamplingParams(n=n, temperature=0.8, seed=7, max_tokens=30, logprobs=2, prompt_logprobs=1)
+    stop = spanning_stop(llm, base)
+    params = dataclasses.replace(base, stop=[stop])
+    cumulative = run(llm, params)
+    deltas = run(llm, dataclasses.replace(params, output_kind=DELTA))
+    final = run(llm, dataclasses.replace(params, output_kind=FINAL_ONLY))
+
+    assert len(final) == 1 and final[0].finished
+    assert final[0] == cumulative[-1] and cumulative[-1].finished and not any(o.finished for o in cumulative[:-1])
+    assert len(deltas) == len(cumulative) and deltas[-1].finished
+    assert sum((o.prompt_logprobs for o in deltas), []) == final[0].prompt_logprobs
+    assert any(not o.prompt_logprobs for o in deltas)  # returned once, not again
+    assert final[0].outputs[0].stop_reason == stop
+    for done in final[0].outputs:
+        parts = [c for o in deltas for c in o.outputs if c.index == done.index]
+        assert stop not in done.text
+        assert "".join(c.text for c in parts) == done.text
+        assert sum((c.token_ids for c in parts), []) == done.token_ids
+        assert sum((c.logprobs for c in parts), []) == done.logprobs
+        assert parts[-1].cumulative_logprob == done.cumulative_logprob
+        # The stop string's first half is held back until the stop is found, so no output shows
+        # text that is cut afterwards.
+        assert all(done.text.startswith(c.text) for o in cumulative for c in o.outputs if c.index == done.index)
+
+
+def test_final_only_returns_nothing_before_the_request_finishes(llm):
+    engine = llm.llm_engine
+    engine.add_request("a", None, SamplingParams(temperature=0, ignore_eos=True, max_tokens=3, output_kind=FINAL_ONLY), PROMPT)
+    engine.add_request("b", None, SamplingParams(temperature=0, ignore_eos=True, max_tokens=6), PROMPT)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append({o.request_id: o for o in engine.step()})
+    a = [step["a"] for step in steps if "a" in step]
+    assert len(a) == 1 and a[0].finished and len(a[0].outputs[0].token_ids) == 3
+    assert sum("b" in step for step in steps) >= 6  # a CUMULATIVE request is returned every step it runs
+
+
+def test_llm_runs_requests_as_final_only_without_changing_the_callers_params(llm):
+    params = SamplingParams(temperature=0, max_tokens=8, output_kind=DELTA, stop=["zz"])
+    engine_params = []
+    add_request = llm.llm_engine.add_request
+    llm.llm_engine.add_request = lambda *args: engine_params.append(args[2]) or add_request(*args)
+    try:
+        outs = llm.generate([{"prompt_token_ids": PROMPT}] * 3 + ["hello"], params, use_tqdm=False)
+        llm.generate(["hello"], use_tqdm=False)  # the model's defaults
+    finally:
+        del llm.llm_engine.add_request
+    assert params.output_kind is DELTA
+    assert all(p.output_kind is FINAL_ONLY for p in engine_params) and len(engine_params) == 5
+    assert len({id(p) for p in engine_params[:4]}) == 1  # one copy for the prompts that share params
+    expected = run(llm, dataclasses.replace(params, output_kind=CUMULATIVE))[-1]
+    assert all(o.outputs == expected.outputs for o in outs[:3])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(output_kind="delta"), r"output_kind must be one of RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, "
+                                    r"RequestOutputKind.FINAL_ONLY, got 'delta'"),
+        (dict(output_kind=1), "output_kind must be one of"),
+        (dict(output_kind=DELTA, n=2, best_of=3), "output_kind=DELTA needs best_of == n"),
+        (dict(output_kind=DELTA, use_beam_search=True, best_of=2, temperature=0), "not supported with use_beam_search"),
+    ],
+)
+def test_bad_output_kind(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_output_text_buffer_length():
+    assert SamplingParams().output_text_buffer_length == 0
+    assert SamplingParams(stop=["ab", "wxyz"]).output_text_buffer_length == 3
+    assert SamplingParams(stop=["wxyz"], include_stop_str_in_output=True).output_text_buffer_length == 0
