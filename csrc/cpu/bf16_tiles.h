@@ -319,19 +319,29 @@ inline void transpose_keys(const bf16* k, int n, int D, uint32_t* kt) {
   for (int i0 = 0; i0 < D / 2; i0 += kLanes) transpose_16x16(rows + i0, D / 2, n, kt + i0 * kLanes, kLanes);
 }
 
-// logits[g * stride + n] = q[g] · k_n (not yet scaled) for NG query vectors and the 16 keys of kt.
+// logits[g * stride + 16 * h + n] = q[g] · k_{16 h + n} (not yet scaled) for NG query vectors and a
+// chunk's 32 keys, whose halves h are transposed at kt + h * 8 D. Both halves and all NG vectors at
+// once: 4 NG independent chains hide the instruction's latency, and each q pair is broadcast once.
 template <int NG>
 PAGEDLM_ALWAYS_INLINE void logits_by_key(const bf16* const* q, const uint32_t* kt, int D, float* logits, int stride) {
-  __m512 acc[2][NG];
-  for (int h = 0; h < 2; ++h)
-    for (int g = 0; g < NG; ++g) acc[h][g] = _mm512_setzero_ps();
+  __m512 acc[2][2][NG];  // [key half][chain][query vector]
+  for (int k = 0; k < 2; ++k)
+    for (int h = 0; h < 2; ++h)
+      for (int g = 0; g < NG; ++g) acc[k][h][g] = _mm512_setzero_ps();
+  const uint32_t* kt1 = kt + D / 2 * kLanes;
   for (int i = 0; i < D / 2; i += 2) {
     for (int h = 0; h < 2; ++h) {
-      const __m512bh k = load_pairs(kt + (i + h) * kLanes);
-      for (int g = 0; g < NG; ++g) acc[h][g] = _mm512_dpbf16_ps(acc[h][g], broadcast_pair(q[g] + 2 * (i + h)), k);
+      const __m512bh k0 = load_pairs(kt + (i + h) * kLanes), k1 = load_pairs(kt1 + (i + h) * kLanes);
+      for (int g = 0; g < NG; ++g) {
+        const __m512bh qg = broadcast_pair(q[g] + 2 * (i + h));
+        acc[0][h][g] = _mm512_dpbf16_ps(acc[0][h][g], qg, k0);
+        acc[1][h][g] = _mm512_dpbf16_ps(acc[1][h][g], qg, k1);
+      }
     }
   }
-  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(logits + g * stride, _mm512_add_ps(acc[0][g], acc[1][g]));
+  for (int k = 0; k < 2; ++k)
+    for (int g = 0; g < NG; ++g)
+      _mm512_storeu_ps(logits + g * stride + k * kLanes, _mm512_add_ps(acc[k][0][g], acc[k][1][g]));
 }
 
 // softmax_chunk for one query vector with its keys' unscaled logits in lanes: logits [32] of the
@@ -370,30 +380,36 @@ inline float softmax_keys(const float* logits, int first, int last, float scale,
   return c;
 }
 
-// out[0 : 16 * C] += query g's p pairs times the pairs of vp's columns [0, 16 * C) (rows D apart).
-template <int C>
-PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const uint32_t* vp, int D, float* out) {
-  __m512 o[C];
-  for (int c = 0; c < C; ++c) o[c] = _mm512_loadu_ps(out + c * kLanes);
+// For NG query vectors g: out[g * D + 0 : 16 C] times corr[g], plus query g's p pairs (pp[g * 16 + j])
+// times the pairs of vp's columns [0, 16 C) (rows D apart). The vectors share each V load, and their
+// NG C chains hide the instruction's latency.
+template <int NG, int C>
+PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const float* corr, const uint32_t* vp, int D, float* out) {
+  __m512 o[NG][C];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < C; ++c) {
+      o[g][c] = _mm512_loadu_ps(out + g * D + c * kLanes);
+      if (corr[g] != 1.f) o[g][c] = _mm512_mul_ps(o[g][c], _mm512_set1_ps(corr[g]));
+    }
   for (int j = 0; j < kChunkPairs; ++j) {
-    const __m512bh p = broadcast_pair(pp + j);
-    for (int c = 0; c < C; ++c) o[c] = _mm512_dpbf16_ps(o[c], p, load_pairs(vp + j * D + c * kLanes));
+    __m512bh v[C];
+    for (int c = 0; c < C; ++c) v[c] = load_pairs(vp + j * D + c * kLanes);
+    for (int g = 0; g < NG; ++g) {
+      const __m512bh p = broadcast_pair(pp + g * kChunkPairs + j);
+      for (int c = 0; c < C; ++c) o[g][c] = _mm512_dpbf16_ps(o[g][c], p, v[c]);
+    }
   }
-  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * kLanes, o[c]);
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * kLanes, o[g][c]);
 }
 
 // Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the chunk's key pairs
-// (vp: [16, D]), for query vectors g < count; query g's pair j is pp[g * 16 + j].
-inline void values_by_dim(const uint32_t* pp, int count, const float* corr, const uint32_t* vp, int D, float* acc) {
-  for (int g = 0; g < count; ++g) {
-    float* a = acc + g * D;
-    const uint32_t* p = pp + g * kChunkPairs;
-    if (corr[g] != 1.f) scale_inplace(a, corr[g], D);
-    int d = 0;
-    for (; d + 8 * kLanes <= D; d += 8 * kLanes) values_columns<8>(p, vp + d, D, a + d);
-    if (d + 4 * kLanes <= D) values_columns<4>(p, vp + d, D, a + d), d += 4 * kLanes;
-    if (d < D) values_columns<2>(p, vp + d, D, a + d);
-  }
+// (vp: [16, D]), for NG query vectors; query g's pair j is pp[g * 16 + j].
+template <int NG>
+inline void values_by_dim(const uint32_t* pp, const float* corr, const uint32_t* vp, int D, float* acc) {
+  int d = 0;
+  for (; d + 4 * kLanes <= D; d += 4 * kLanes) values_columns<NG, 4>(pp, corr, vp + d, D, acc + d);
+  if (d < D) values_columns<NG, 2>(pp, corr, vp + d, D, acc + d);
 }
 
 // The chunks of one partition as softmax_chunk and pack_values left them, for prefill's P·V.

@@ -161,8 +161,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           for_each_head_chunk(group, [&](auto ng, int g0) {
             const c10::BFloat16* q[ng()];
             for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
-            for (int k = 0; k < 2; ++k)
-              logits_by_key<ng()>(q, kt + k * D / 2 * kLanes, D, logits + (i0 + g0) * kChunk + k * kLanes, kChunk);
+            logits_by_key<ng()>(q, kt, D, logits + (i0 + g0) * kChunk, kChunk);
           });
           next_chunk.issue(lines_per_step);
         }
@@ -185,7 +184,9 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             continue;
           }
 #endif
-          values_by_dim(pp + i0 * kChunkPairs, group, corr + i0, vp, D, acc + i0 * D);
+          for_each_head_chunk(group, [&](auto ng, int g0) {
+            values_by_dim<ng()>(pp + (i0 + g0) * kChunkPairs, corr + i0 + g0, vp, D, acc + int64_t{i0 + g0} * D);
+          });
           next_chunk.issue(lines_per_step);
         }
       }
