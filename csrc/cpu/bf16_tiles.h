@@ -380,36 +380,45 @@ inline float softmax_keys(const float* logits, int first, int last, float scale,
   return c;
 }
 
-// For NG query vectors g: out[g * D + 0 : 16 C] times corr[g], plus query g's p pairs (pp[g * 16 + j])
-// times the pairs of vp's columns [0, 16 C) (rows D apart). The vectors share each V load, and their
-// NG C chains hide the instruction's latency.
-template <int NG, int C>
-PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const float* corr, const uint32_t* vp, int D, float* out) {
+// For NG query vectors g: out[g * D + d0 : + 16 C] times corr[g], plus query g's p pairs
+// (pp[g * 16 + j]) times the pairs (v[2j][d], v[2j + 1][d]) of the chunk's V rows, columns [d0, d0 +
+// 16 C). rows(r) is key r's row (bf16 [D]), or nullptr for a key outside the range (read as zeros);
+// the pairs are interleaved in registers. The vectors share each pair, and their NG C chains hide
+// the instruction's latency.
+template <int NG, int C, typename R>
+PAGEDLM_ALWAYS_INLINE void values_columns(const uint32_t* pp, const float* corr, const R& rows, int d0, int D,
+                                          float* out) {
   __m512 o[NG][C];
   for (int g = 0; g < NG; ++g)
     for (int c = 0; c < C; ++c) {
-      o[g][c] = _mm512_loadu_ps(out + g * D + c * kLanes);
+      o[g][c] = _mm512_loadu_ps(out + g * D + d0 + c * kLanes);
       if (corr[g] != 1.f) o[g][c] = _mm512_mul_ps(o[g][c], _mm512_set1_ps(corr[g]));
     }
   for (int j = 0; j < kChunkPairs; ++j) {
+    const bf16* a = rows(2 * j);
+    const bf16* b = rows(2 * j + 1);
     __m512bh v[C];
-    for (int c = 0; c < C; ++c) v[c] = load_pairs(vp + j * D + c * kLanes);
+    for (int c = 0; c < C; ++c) {
+      const __m256i av = a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d0 + c * kLanes)) : __m256i{};
+      const __m256i bv = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + d0 + c * kLanes)) : __m256i{};
+      v[c] = (__m512bh)interleave(av, bv);
+    }
     for (int g = 0; g < NG; ++g) {
       const __m512bh p = broadcast_pair(pp + g * kChunkPairs + j);
       for (int c = 0; c < C; ++c) o[g][c] = _mm512_dpbf16_ps(o[g][c], p, v[c]);
     }
   }
   for (int g = 0; g < NG; ++g)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * kLanes, o[g][c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + d0 + c * kLanes, o[g][c]);
 }
 
-// Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the chunk's key pairs
-// (vp: [16, D]), for NG query vectors; query g's pair j is pp[g * 16 + j].
-template <int NG>
-inline void values_by_dim(const uint32_t* pp, const float* corr, const uint32_t* vp, int D, float* acc) {
+// Decode's P·V, head dimension in lanes: acc[g][0:D] = acc[g] * corr[g] plus the chunk's key pairs,
+// for NG query vectors; query g's pair j is pp[g * 16 + j], key r's V row rows(r) (values_columns).
+template <int NG, typename R>
+inline void values_by_dim(const uint32_t* pp, const float* corr, const R& rows, int D, float* acc) {
   int d = 0;
-  for (; d + 4 * kLanes <= D; d += 4 * kLanes) values_columns<NG, 4>(pp, corr, vp + d, D, acc + d);
-  if (d < D) values_columns<NG, 2>(pp, corr, vp + d, D, acc + d);
+  for (; d + 4 * kLanes <= D; d += 4 * kLanes) values_columns<NG, 4>(pp, corr, rows, d, D, acc);
+  if (d < D) values_columns<NG, 2>(pp, corr, rows, d, D, acc);
 }
 
 // The chunks of one partition as softmax_chunk and pack_values left them, for prefill's P·V.
