@@ -258,6 +258,21 @@ def test_fp8_kv_cache(device, dtype, cache_dtype, head_size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@FP8_CACHES
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("sliding_window", [0, 50])
+def test_fp8_kv_cache_block_sizes(device, dtype, cache_dtype, block_size, sliding_window):
+    # Decode's blocks of 8 gather a 16-key group from two blocks, blocks of 32 from half of one (its
+    # second half must start at key 16 of the block, not 0).
+    scales = (0.02, 0.05)
+    check_decode(device, dtype, block_size, 64, 3, [1, 17, 40, 600], seed=4, sliding_window=sliding_window,
+                 cache_dtype=cache_dtype, scales=scales)
+    check_prefill(device, dtype, block_size, 64, 3, [(0, 40), (70, 30)], seed=5, sliding_window=sliding_window,
+                  cache_dtype=cache_dtype, scales=scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @FP8_CACHES
 def test_reshape_and_cache_fp8(device, dtype, cache_dtype):

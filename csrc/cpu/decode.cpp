@@ -136,10 +136,13 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
               if (!gathers_keys) k = kv.key + block_row(k0, h) + (k0 % bs) * D;
             }
             if (gathers_keys) {
-              for (int kb = k0; kb < k0 + kLanes; kb += bs) {
-                if (kb + bs <= begin || kb >= end) continue;
-                const c10::BFloat16* rows_kb = bf16_rows(kv.key + block_row(kb, h), bs * D, keys + (kb - k0) * D);
-                if (rows_kb != keys + (kb - k0) * D) std::copy_n(rows_kb, bs * D, keys + (kb - k0) * D);
+              // A run of the group's rows: a whole block, or the group's half of a 32-key block.
+              const int run = std::min(bs, kLanes);
+              for (int kb = k0; kb < k0 + kLanes; kb += run) {
+                if (kb + run <= begin || kb >= end) continue;
+                const auto* cached = kv.key + block_row(kb, h) + (kb % bs) * D;
+                const c10::BFloat16* rows_kb = bf16_rows(cached, run * D, keys + (kb - k0) * D);
+                if (rows_kb != keys + (kb - k0) * D) std::copy_n(rows_kb, run * D, keys + (kb - k0) * D);
               }
             }
             transpose_keys(k, kLanes, D, head_pairs_of(h) + g * D / 2 * kLanes);
