@@ -270,9 +270,9 @@ class LLMEngine:
         Returns one ``RequestOutput`` for every request that took part in the step, as its
         ``SamplingParams.output_kind`` asks (``CUMULATIVE``: as it stands after the step; ``DELTA``:
         what the step added; ``FINAL_ONLY``: only once it is done). ``finished`` tells whether it
-        is done; a finished request is not returned again. Raises whatever the model step raised (a logits processor's error, an
-        interrupt); the requests then stay queued, and the prefix cache is reset because the
-        step's blocks may not have been written.
+        is done; a finished request is not returned again. Raises whatever the model step raised
+        (a logits processor's error, an interrupt); the requests then stay queued, and the prefix
+        cache is reset because the step's blocks may not have been written.
         """
         self._check_open()
         sched = self.scheduler.schedule()

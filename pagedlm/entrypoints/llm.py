@@ -103,7 +103,8 @@ class LLM:
             )
         self._default_sampling_params = model_config.get_diff_sampling_param()
         try:
-            self._final_only_defaults = SamplingParams(**self._default_sampling_params, output_kind=RequestOutputKind.FINAL_ONLY)
+            self._final_only_defaults = SamplingParams(**self._default_sampling_params,
+                                                       output_kind=RequestOutputKind.FINAL_ONLY)
         except ValueError as exc:
             raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
                              "pass generation_config='vllm' to ignore them.") from exc
