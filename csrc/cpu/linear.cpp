@@ -58,8 +58,11 @@ constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight
 // 8 KB measured best of 2-32 KB (benchmarks/linear_bench.py; docs/performance.md, session 22).
 constexpr int64_t kStreamAheadBytes = 8192;
 
-// The pass that reads a block from memory asks for each step's lines kStreamAheadBytes ahead; past
-// the block's end, `jump` bytes further on, where the block the thread reads next begins.
+// The pass that reads a block from memory asks for each step's lines kStreamAheadBytes ahead, into
+// L2 (prefetcht1): a request into L1 holds one of the core's few L1 fill buffers until its line
+// arrives, and on the Zen 4 of docs/performance.md (session 24) the linears at 1-16 rows ran 3-10%
+// faster asking into L2. Past the block's end, `jump` bytes further on, where the block the thread
+// reads next begins.
 struct StreamAhead {
   bool on = false;
   const char* block_end = nullptr;
@@ -87,7 +90,7 @@ PAGEDLM_ALWAYS_INLINE void chain(const at::BFloat16* x, int64_t x_stride, int64_
     pf.issue();
     if (ahead.on) {
       const char* a = ahead.target(wp);
-      for (int line = 0; line < 4; ++line) _mm_prefetch(a + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(a + 64 * line, _MM_HINT_T1);
     }
     for (int r = 0; r < MT; ++r) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair(x + r * x_stride + 2 * p));
