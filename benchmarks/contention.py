@@ -68,8 +68,12 @@ def main() -> None:
         return worker(args)
 
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
-    for repeat in range(args.repeats):  # interleaved: the machine's noise hits every setting alike
-        for name, env in SETTINGS.items():
+    names = list(SETTINGS)
+    for repeat in range(args.repeats):
+        # Interleaved, each repeat starting one setting later: the machine's noise, and whatever
+        # running first costs, hit every setting alike.
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            env = SETTINGS[name]
             clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
             cmd = [sys.executable, __file__, "--worker", "--dtype", args.dtype, "--num-prompts", str(args.num_prompts),
                    "--max-tokens", str(args.max_tokens)] + (["--model", args.model] if args.model else [])
