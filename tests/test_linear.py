@@ -57,7 +57,7 @@ def kernel_or_skip(*args) -> None:
     "out_features,in_features,chunks",
     [(64, 32, []), (100, 50, [32]), (130, 33, []), (200, 96, [32, 64]), (70, 1100, [512, 1024]), (16, 7, [])],
 )
-@pytest.mark.parametrize("num_rows", [1, 5, 13, 40])
+@pytest.mark.parametrize("num_rows", [1, 5, 8, 13, 40])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_kernel_equals_reference_bits(out_features, in_features, chunks, num_rows, with_bias):
     dense_x, weight = operands(num_rows, out_features, in_features)
@@ -116,6 +116,39 @@ def test_linear_rows_equal_at_every_row_count():
             assert torch.equal(layer(x[:count]), full[:count]), count
         if layer.k_chunk_ends is not None:  # a prefill's rows: oneDNN's bits, as transformers' F.linear gets
             assert torch.equal(full, onednn_order.onednn_linear(x, layer.weight, layer.bias))
+
+
+READ_AHEAD_OF_A_DROPPED_WEIGHT = """
+import gc, time, torch
+torch.set_num_threads(2)
+from pagedlm import ops
+def blocked(out_features, in_features):
+    return torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features).to(torch.bfloat16), 64)
+x = torch.randn(1, 4096).to(torch.bfloat16)
+a, b = blocked(256, 4096), blocked(8192, 4096)  # b: 64 MiB, its own mapping, unmapped when freed
+out_a, out_b = torch.empty(1, 256, dtype=torch.bfloat16), torch.empty(1, 8192, dtype=torch.bfloat16)
+for _ in range(3):  # the kernels learn that b follows a
+    ops.bf16_blocked_linear(out_a, x, a, None, [4096])
+    ops.bf16_blocked_linear(out_b, x, b, None, [4096])
+first = out_a.clone()
+del b
+gc.collect()
+for _ in range(200):  # each call asks the idle worker to read ahead what followed a last time
+    ops.bf16_blocked_linear(out_a, x, a, None, [4096])
+    end = time.perf_counter() + 2e-4
+    while time.perf_counter() < end:
+        pass
+    assert torch.equal(out_a, first)
+print("ok")
+"""
+
+
+def test_read_ahead_never_reads_a_dropped_weight():
+    # The pool's idle workers read ahead the weight that followed this one last time; once that
+    # weight is gone they must not read its (unmapped) memory. A fresh interpreter: a crash fails here.
+    kernel_or_skip(*(lambda x, w: (torch.empty(1, 64, dtype=torch.bfloat16), x, w, None, [32]))(*operands(1, 64, 32)))
+    result = subprocess.run([sys.executable, "-c", READ_AHEAD_OF_A_DROPPED_WEIGHT], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("in_features", [513, 1025, 2049])

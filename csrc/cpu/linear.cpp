@@ -19,10 +19,12 @@
 #include "l2_prefetch.h"
 #include "ops.h"
 #include "parallel.h"
+#include "weight_read_ahead.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -126,14 +128,44 @@ void with_tile_rows(int64_t rows, const F& f) {
   }
 }
 
-// Work units are (column block, row group) pairs, block-major, handed out in contiguous ranges: an
-// odd number of blocks (SmolLM2's 576- and 960-column linears have 9 and 15) would otherwise leave
-// one thread idle for a block's time. With `groups` row groups, each thread's range covers whole
-// blocks but for at most two, which it shares with a neighbour.
+// At most this many rows, a linear is weight-bound, and its units are taken from both ends.
+constexpr int64_t kTwoEndedRows = 2 * kMaxTileRows;
+
+// Items [0, n) taken one at a time from either end until none remain.
+class TwoEnded {
+ public:
+  explicit TwoEnded(int64_t n) : span_(pack(0, n)) {}
+
+  // The front's or the back's next item, or -1 when none remain.
+  int64_t take(bool from_back) {
+    uint64_t s = span_.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t begin = static_cast<int64_t>(s >> 32), end = static_cast<int64_t>(s & 0xffffffffu);
+      if (begin >= end) return -1;
+      if (span_.compare_exchange_weak(s, from_back ? pack(begin, end - 1) : pack(begin + 1, end),
+                                      std::memory_order_relaxed))
+        return from_back ? end - 1 : begin;
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t begin, int64_t end) { return static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(end); }
+  std::atomic<uint64_t> span_;  // [begin, end) of what remains
+};
+
+// Work units are (column block, row group) pairs, block-major. An odd number of blocks (SmolLM2's
+// 576- and 960-column linears have 9 and 15) would leave one thread idle for a block's time, so with
+// `groups` row groups a unit is a block's rows in one group.
 //
 // A unit's block b sums `parts` weight blocks: block b itself (parts = 1), or gate block b and its
 // up block b + num_blocks (parts = 2, a gated MLP's gate_up weight). store(b, m0, m1, sums, stride)
 // then writes rows [m0, m1) from sums[part * stride + (row - m0) * 64 + 0..64).
+//
+// Up to kTwoEndedRows rows (weight-bound) the units are taken one at a time, the caller from the
+// back and the workers from the front, whose first blocks the pool's workers have read into their
+// caches while idle (weight_read_ahead.h): the threads meet wherever those reads left them. Above,
+// each thread takes a contiguous range that covers whole blocks but for at most two, which it shares
+// with a neighbour.
 template <typename Store>
 void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, int64_t N, int parts,
                            const std::vector<int64_t>& pair_ends, const Store& store) {
@@ -147,51 +179,71 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   const int64_t group_tiles = (tiles + wanted - 1) / wanted;
   const int64_t groups = (tiles + group_tiles - 1) / group_tiles;  // none empty
   const int64_t rows_per_group = group_tiles * kMaxTileRows;
+  const int64_t part_rows = std::min(M, rows_per_group);
   const int64_t block_elements = block_pairs * 2 * kBlockN;
   auto block_of = [&](int64_t b, int part) { return weight + (b + part * num_blocks) * block_elements; };
-  // A unit reads its whole blocks, so the grain counts a unit's weights.
-  parallel_for(0, num_blocks * groups, grain_for(parts * block_elements), [&](int64_t begin, int64_t end) {
-    const int64_t part_rows = std::min(M, rows_per_group);
+  // One unit; its block comes from memory (from_memory: this thread did not just read it for another
+  // row group), and next_block is the block this thread reads after it if that one comes from memory
+  // too (-1 if not, or not known).
+  auto run_unit = [&](std::vector<float>& sum, int64_t unit, bool from_memory, int64_t next_block) {
+    const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
+    const at::BFloat16* xg = x + m0 * x_stride;
+    const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
+    for (int part = 0; part < parts; ++part) {
+      const at::BFloat16* block = block_of(b, part);
+      const auto* w = reinterpret_cast<const __m512bh*>(block);
+      float* part_sum = sum.data() + part * part_rows * kBlockN;
+      // The block the thread reads next: the unit's up block after its gate block, else the next
+      // unit's first.
+      const bool last_part = part + 1 == parts;
+      const at::BFloat16* next = last_part ? block_of(next_block >= 0 ? next_block : b + 1, 0) : block_of(b, part + 1);
+      // Where the unit has two or more row tiles (the tiles after the first read the block from
+      // L2), that next block is asked into L2 over the unit's tile passes, if it comes from memory:
+      // the unit's up block when the unit reads from memory, the next unit's blocks when this is the
+      // last row group of b. SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
+      // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
+      // beside it measured no faster.
+      L2Prefetch pf;
+      if (tile_passes > 1 && (last_part ? next_block >= 0 : from_memory))
+        pf = L2Prefetch(next, next + block_elements, (K + 1) / 2 * tile_passes);
+      StreamAhead ahead;
+      if (from_memory) ahead = {true, reinterpret_cast<const char*>(block + block_elements), (next - block - block_elements) * 2};
+      // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
+      int64_t p0 = 0;
+      for (size_t c = 0; c < pair_ends.size(); ++c) {
+        for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
+          with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
+            chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, part_sum + r * kBlockN, pf,
+                        r == 0 ? ahead : StreamAhead{});
+          });
+        p0 = pair_ends[c];
+      }
+    }
+    store(b, m0, m1, sum.data(), part_rows * kBlockN);
+  };
+  const int64_t units = num_blocks * groups, grain = grain_for(parts * block_elements);
+  const int64_t tasks = std::min(threads, (units + grain - 1) / grain);
+  if (M <= kTwoEndedRows && tasks > 1) {
+    TwoEnded remaining(units);
+    run_in_parallel(static_cast<int>(tasks), [&](int t) {
+      const bool from_back = t == 0;
+      std::vector<float> sum(parts * part_rows * kBlockN);
+      int64_t previous = -1;
+      for (int64_t unit = remaining.take(from_back); unit >= 0;) {
+        const int64_t next = remaining.take(from_back), b = unit / groups;
+        run_unit(sum, unit, b != previous, next >= 0 && next / groups != b ? next / groups : -1);
+        previous = b;
+        unit = next;
+      }
+    });
+    return;
+  }
+  parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(parts * part_rows * kBlockN);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
-      const at::BFloat16* xg = x + m0 * x_stride;
-      const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
-      // The block comes from memory for its first row group, and for a thread's first unit (whose
-      // earlier groups, if any, ran on another thread); the other groups find it in L2.
-      const bool from_memory = unit % groups == 0 || unit == begin;
-      for (int part = 0; part < parts; ++part) {
-        const at::BFloat16* block = block_of(b, part);
-        const auto* w = reinterpret_cast<const __m512bh*>(block);
-        float* part_sum = sum.data() + part * part_rows * kBlockN;
-        // The block the thread reads next: the unit's up block after its gate block, else the next
-        // unit's first.
-        const bool last_part = part + 1 == parts;
-        const at::BFloat16* next = last_part ? block_of(b + 1, 0) : block_of(b, part + 1);
-        // Where the unit has two or more row tiles (the tiles after the first read the block from
-        // L2), that next block is asked into L2 over the unit's tile passes, if it comes from memory:
-        // the unit's up block when the unit reads from memory, the next unit's blocks when this is the
-        // last row group of b. SmolLM2's linears 7-19% faster at 8-104 rows and 6% at 256
-        // (benchmarks/linear_bench.py). A single tile waits on memory anyway, and a second stream
-        // beside it measured no faster.
-        L2Prefetch pf;
-        const bool next_from_memory = last_part ? unit % groups == groups - 1 && (b + 1) * groups < end : from_memory;
-        if (tile_passes > 1 && next_from_memory)
-          pf = L2Prefetch(next, next + block_elements, (K + 1) / 2 * tile_passes);
-        StreamAhead ahead;
-        if (from_memory) ahead = {true, reinterpret_cast<const char*>(block + block_elements), (next - block - block_elements) * 2};
-        // Chunk by chunk, so a chunk's weights stay in cache while every row tile reads them.
-        int64_t p0 = 0;
-        for (size_t c = 0; c < pair_ends.size(); ++c) {
-          for (int64_t r = 0; r < m1 - m0; r += kMaxTileRows)
-            with_tile_rows(std::min<int64_t>(kMaxTileRows, m1 - m0 - r), [&](auto mt) {
-              chain<mt()>(xg + r * x_stride, x_stride, K, w, p0, pair_ends[c], c == 0, part_sum + r * kBlockN, pf,
-                          r == 0 ? ahead : StreamAhead{});
-            });
-          p0 = pair_ends[c];
-        }
-      }
-      store(b, m0, m1, sum.data(), part_rows * kBlockN);
+      const int64_t b = unit / groups;
+      const bool last_group = unit % groups == groups - 1 && (b + 1) * groups < end;
+      run_unit(sum, unit, unit % groups == 0 || unit == begin, last_group ? b + 1 : -1);
     }
   });
 }
@@ -261,7 +313,10 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
   const uint16_t* table = !act                        ? nullptr
                           : *act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>()
                                                       : bf16_activation_table<Activation::kGeluTanh>();
-  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(mkldnn_data(weight)), N, parts, pair_ends,
+  const void* data = mkldnn_data(weight);
+  if (input.size(0) <= kTwoEndedRows)
+    read_next_weights_while_idle(weight, data, round_up(N, kBlockN) * round_up(input.size(1), kBlockK) * 2, parts);
+  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(data), N, parts, pair_ends,
                         [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
                           const int64_t n0 = block * kBlockN;
                           for (int64_t r = m0; r < m1; ++r) {

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 namespace pagedlm::cpu {
 
@@ -21,6 +23,21 @@ inline int64_t grain_for(int64_t elements) { return std::max<int64_t>(1, kMinTas
 // Runs fn(i) for i in [0, n) on the kernels' thread pool (thread_pool.cpp): i = 0 on the calling
 // thread. Inside a region, or for n <= 1, runs them one after another on the calling thread.
 void run_in_parallel(int n, const std::function<void(int)>& fn);
+
+// Memory a kernel reads soon: `parts` runs of `bytes` bytes each, the i-th at begin + i * stride,
+// read in step (a gated MLP's gate and up halves are read a block of each at a time).
+struct ReadAhead {
+  const char* begin;
+  int64_t bytes;
+  int64_t stride;
+  int parts;
+};
+
+// Asks the pool's workers to read `ranges` (in order) into their caches while they wait for the next
+// region, replacing any earlier request; `owner` keeps that memory alive while they may read it. A
+// worker stops at the next region and drops the request when it goes to sleep. Workers spin only on
+// a quiet machine, so this costs a busy one nothing.
+void read_while_idle(std::vector<ReadAhead> ranges, std::shared_ptr<const void> owner);
 
 // at::parallel_for's contract on the kernels' pool: f(lo, hi) over contiguous ranges of [begin, end),
 // at most one per thread of torch's intra-op count, each of at least `grain` items but the last.

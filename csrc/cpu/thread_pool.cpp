@@ -15,6 +15,10 @@
 // sleeping, so that the threads doing the work get the cores (and the scheduler can move a neighbour
 // onto a core nobody spins on).
 //
+// A spinning worker also reads ahead what the caller said the kernels read next (read_while_idle):
+// between a small decode step's regions the caller runs Python and one-thread ops while the workers
+// wait, and a weight they have read into their caches reads several times faster in the next region.
+//
 // One sign alone is not enough: a quiet machine's daemons (0.02 cores here) deschedule a spinning
 // worker for 0.5-4 ms a few times a second, and a kernel thread is runnable at one load check in ~20.
 // Acting on each kept the pool in its contended mode most of the time, where the wake-up after every
@@ -29,9 +33,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -99,6 +105,7 @@ class ThreadPool {
       const uint64_t seen = region_.load(std::memory_order_relaxed);  // it waits for the next one
       workers_.emplace_back([this, index, seen] { work(index, seen); });
       workers_.back().detach();
+      num_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     }
     check_load();
     task_ = &fn;
@@ -126,6 +133,19 @@ class ThreadPool {
     if (error_) std::rethrow_exception(error_);
   }
 
+  void read_ahead(std::vector<ReadAhead> ranges, std::shared_ptr<const void> owner) {
+    if (num_workers_.load(std::memory_order_relaxed) == 0) return;
+    auto job = std::make_shared<ReadAheadJob>();
+    int64_t chunks = 0;
+    for (const ReadAhead& r : ranges) {
+      chunks += (r.bytes + kReadAheadChunk - 1) / kReadAheadChunk * r.parts;
+      job->chunk_ends.push_back(chunks);
+    }
+    job->ranges = std::move(ranges);
+    job->owner = std::move(owner);
+    std::atomic_store(&read_ahead_, std::shared_ptr<ReadAheadJob>(std::move(job)));
+  }
+
  private:
   bool contended() const { return now_ns() < contended_until_ns_.load(std::memory_order_relaxed); }
 
@@ -146,7 +166,9 @@ class ThreadPool {
     omp_set_num_threads(1);  // ATen called from a task runs serially rather than opening a team here
     for (;;) {
       auto arrived = [&] { return region_.load(std::memory_order_acquire) != seen; };
-      if (!spin_until(arrived, contended() ? kContendedSpin : kQuietSpin)) {
+      auto arrived_or_read = [&] { return arrived() || (read_ahead_step(), false); };
+      if (!spin_until(arrived_or_read, contended() ? kContendedSpin : kQuietSpin)) {
+        drop_read_ahead();
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_.wait(lock, arrived);
@@ -169,6 +191,42 @@ class ThreadPool {
     }
   }
 
+  // A read_while_idle request: its ranges cut into chunks that the workers take in turn.
+  struct ReadAheadJob {
+    std::vector<ReadAhead> ranges;
+    std::vector<int64_t> chunk_ends;  // chunks up to the end of each range
+    std::shared_ptr<const void> owner;
+    std::atomic<int64_t> next{0};
+  };
+  static constexpr int64_t kReadAheadChunk = 4096;  // per part of a range
+
+  // Reads the request's next chunk into this core's caches, if one is left.
+  void read_ahead_step() {
+    const std::shared_ptr<ReadAheadJob> job = std::atomic_load(&read_ahead_);
+    if (!job) return;
+    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job->chunk_ends.back()) return drop_read_ahead(job);
+    size_t i = 0;
+    while (job->chunk_ends[i] <= c) ++i;
+    const ReadAhead& r = job->ranges[i];
+    const int64_t local = c - (i == 0 ? 0 : job->chunk_ends[i - 1]);
+    const int64_t offset = local / r.parts * kReadAheadChunk;
+    const char* p = r.begin + local % r.parts * r.stride + offset;
+    uint64_t x = 0;  // one load a cache line; their xor keeps the compiler from dropping them
+    for (int64_t j = 0; j + 8 <= std::min(kReadAheadChunk, r.bytes - offset); j += 64) {
+      uint64_t v;
+      std::memcpy(&v, p + j, 8);
+      x ^= v;
+    }
+    read_ahead_sink_.store(x, std::memory_order_relaxed);
+  }
+
+  // Lets go of the request (the memory its owner holds) unless a newer one replaced it.
+  void drop_read_ahead(std::shared_ptr<ReadAheadJob> job = nullptr) {
+    if (!job) job = std::atomic_load(&read_ahead_);
+    if (job) std::atomic_compare_exchange_strong(&read_ahead_, &job, std::shared_ptr<ReadAheadJob>());
+  }
+
   // Contended when the late start before this one was within kLateWindow.
   void late_start(int64_t now) {
     const int64_t previous = last_late_ns_.exchange(now, std::memory_order_relaxed);
@@ -182,12 +240,15 @@ class ThreadPool {
   }
 
   std::vector<std::thread> workers_;
+  std::atomic<int> num_workers_{0};  // workers_.size(), for callers outside a region
   // The region's number and its task count in one word, read at once: a worker that sat out a region
   // and reads its number must not pair it with the next region's count (it would run that task twice).
   static constexpr int kCountBits = 16;
   static constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
   const std::function<void(int)>* task_ = nullptr;  // the region's; changes only after its tasks are done
   std::exception_ptr error_;
+  std::shared_ptr<ReadAheadJob> read_ahead_;  // through std::atomic_load / atomic_store only
+  std::atomic<uint64_t> read_ahead_sink_{0};
   std::atomic<uint64_t> region_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};
@@ -217,6 +278,10 @@ ThreadPool& get_pool() {
 thread_local bool in_region = false;
 
 }  // namespace
+
+void read_while_idle(std::vector<ReadAhead> ranges, std::shared_ptr<const void> owner) {
+  if (!ranges.empty() && !in_region) get_pool().read_ahead(std::move(ranges), std::move(owner));
+}
 
 void run_in_parallel(int n, const std::function<void(int)>& fn) {
   if (n <= 1 || in_region) {

@@ -1,0 +1,69 @@
+// Which weight a model's linears read after which, learnt from the calls, and the next weights read
+// ahead by the pool's idle workers (docs/performance.md, session 25).
+#include "weight_read_ahead.h"
+
+#include "parallel.h"
+
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace pagedlm::cpu {
+namespace {
+
+// Past the next weight's front, a step's short gaps rarely leave time for more; a few MB also stay
+// far below the L3 the weights pass through.
+constexpr int64_t kReadAheadBytes = int64_t{4} << 20;
+constexpr size_t kMaxRanges = 16;
+constexpr size_t kMaxWeights = 4096;  // forget everything past this many (models loaded and dropped)
+
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Next {
+  WeakTensor weight;  // never keeps a dropped model's weight alive
+  const char* data;
+  int64_t bytes;
+  int parts;
+};
+
+std::mutex mutex;
+std::unordered_map<const c10::TensorImpl*, Next> next_of;  // keys are only compared, never followed
+const c10::TensorImpl* last = nullptr;
+
+}  // namespace
+
+void read_next_weights_while_idle(const at::Tensor& weight, const void* data, int64_t bytes, int parts) {
+  if (at::get_num_threads() < 2) return;
+  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
+  std::vector<ReadAhead> ranges;
+  auto owner = std::make_shared<std::vector<at::Tensor>>();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (last != nullptr && last != key) {
+      if (next_of.size() >= kMaxWeights) next_of.clear();
+      next_of.insert_or_assign(last, Next{WeakTensor(weight.getIntrusivePtr()),
+                                          static_cast<const char*>(data), bytes, parts});
+    }
+    last = key;
+    int64_t total = 0;
+    const c10::TensorImpl* from = key;
+    for (auto it = next_of.find(from); it != next_of.end() && total < kReadAheadBytes && ranges.size() < kMaxRanges;
+         it = next_of.find(from)) {
+      auto alive = it->second.weight.lock();
+      if (!alive || alive.get() == key) break;
+      const Next& n = it->second;
+      const int64_t run = std::min(n.bytes, kReadAheadBytes - total) / n.parts;
+      ranges.push_back({n.data, run, n.bytes / n.parts, n.parts});
+      total += run * n.parts;
+      from = alive.get();
+      owner->emplace_back(std::move(alive));
+    }
+  }
+  read_while_idle(std::move(ranges), std::move(owner));
+}
+
+}  // namespace pagedlm::cpu
