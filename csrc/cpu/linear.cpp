@@ -45,14 +45,6 @@ int64_t mkldnn_nbytes(const at::Tensor& weight) {
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 
-// The address of an MKLDNN tensor's buffer (ATen has no data_ptr for opaque tensors).
-const void* mkldnn_data(const at::Tensor& weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::data_ptr", "")
-                             .typed<int64_t(const at::Tensor&)>();
-  return reinterpret_cast<const void*>(op.call(weight));
-}
-
 constexpr int kMaxTileRows = 6;  // 6 rows x 4 vectors of accumulators, 4 weight vectors, 1 broadcast
 
 // How far ahead of its reads a pass that streams a block from memory asks for the weights: the
@@ -135,6 +127,11 @@ constexpr int64_t kTwoEndedRows = 2 * kMaxTileRows;
 class TwoEnded {
  public:
   explicit TwoEnded(int64_t n) : span_(pack(0, n)) {}
+
+  int64_t remaining() const {
+    const uint64_t s = span_.load(std::memory_order_relaxed);
+    return static_cast<int64_t>(s & 0xffffffffu) - static_cast<int64_t>(s >> 32);
+  }
 
   // The front's or the back's next item, or -1 when none remain.
   int64_t take(bool from_back) {
@@ -229,11 +226,13 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
       const bool from_back = t == 0;
       std::vector<float> sum(parts * part_rows * kBlockN);
       int64_t previous = -1;
+      // Each thread takes its next unit as it starts one (to ask for its blocks early), but only
+      // while more units remain than threads: one held then would leave another thread idle.
       for (int64_t unit = remaining.take(from_back); unit >= 0;) {
-        const int64_t next = remaining.take(from_back), b = unit / groups;
+        const int64_t next = remaining.remaining() > tasks ? remaining.take(from_back) : -1, b = unit / groups;
         run_unit(sum, unit, b != previous, next >= 0 && next / groups != b ? next / groups : -1);
         previous = b;
-        unit = next;
+        unit = next >= 0 ? next : remaining.take(from_back);
       }
     });
     return;

@@ -133,17 +133,22 @@ class ThreadPool {
     if (error_) std::rethrow_exception(error_);
   }
 
+  // Replaces the read-ahead request (none with no ranges).
   void read_ahead(std::vector<ReadAhead> ranges, std::shared_ptr<const void> owner) {
-    if (num_workers_.load(std::memory_order_relaxed) == 0) return;
-    auto job = std::make_shared<ReadAheadJob>();
-    int64_t chunks = 0;
-    for (const ReadAhead& r : ranges) {
-      chunks += (r.bytes + kReadAheadChunk - 1) / kReadAheadChunk * r.parts;
-      job->chunk_ends.push_back(chunks);
+    std::shared_ptr<ReadAheadJob> job;
+    if (!ranges.empty() && num_workers_.load(std::memory_order_relaxed) > 0) {
+      job = std::make_shared<ReadAheadJob>();
+      int64_t chunks = 0;
+      for (const ReadAhead& r : ranges) {
+        chunks += (r.bytes + kReadAheadChunk - 1) / kReadAheadChunk * r.parts;
+        job->chunk_ends.push_back(chunks);
+      }
+      job->ranges = std::move(ranges);
+      job->owner = std::move(owner);
     }
-    job->ranges = std::move(ranges);
-    job->owner = std::move(owner);
-    std::atomic_store(&read_ahead_, std::shared_ptr<ReadAheadJob>(std::move(job)));
+    std::lock_guard<std::mutex> lock(read_ahead_mutex_);
+    read_ahead_.swap(job);  // the old one is released below, outside a worker's way
+    has_read_ahead_.store(static_cast<bool>(read_ahead_), std::memory_order_release);
   }
 
  private:
@@ -168,7 +173,7 @@ class ThreadPool {
       auto arrived = [&] { return region_.load(std::memory_order_acquire) != seen; };
       auto arrived_or_read = [&] { return arrived() || (read_ahead_step(), false); };
       if (!spin_until(arrived_or_read, contended() ? kContendedSpin : kQuietSpin)) {
-        drop_read_ahead();
+        drop_read_ahead(nullptr);
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         wake_.wait(lock, arrived);
@@ -200,9 +205,16 @@ class ThreadPool {
   };
   static constexpr int64_t kReadAheadChunk = 4096;  // per part of a range
 
+  // The request, if there is one and nobody holds its lock (a worker never waits for it).
+  std::shared_ptr<ReadAheadJob> current_read_ahead() {
+    if (!has_read_ahead_.load(std::memory_order_acquire)) return nullptr;
+    std::unique_lock<std::mutex> lock(read_ahead_mutex_, std::try_to_lock);
+    return lock.owns_lock() ? read_ahead_ : nullptr;
+  }
+
   // Reads the request's next chunk into this core's caches, if one is left.
   void read_ahead_step() {
-    const std::shared_ptr<ReadAheadJob> job = std::atomic_load(&read_ahead_);
+    const std::shared_ptr<ReadAheadJob> job = current_read_ahead();
     if (!job) return;
     const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
     if (c >= job->chunk_ends.back()) return drop_read_ahead(job);
@@ -222,9 +234,14 @@ class ThreadPool {
   }
 
   // Lets go of the request (the memory its owner holds) unless a newer one replaced it.
-  void drop_read_ahead(std::shared_ptr<ReadAheadJob> job = nullptr) {
-    if (!job) job = std::atomic_load(&read_ahead_);
-    if (job) std::atomic_compare_exchange_strong(&read_ahead_, &job, std::shared_ptr<ReadAheadJob>());
+  void drop_read_ahead(const std::shared_ptr<ReadAheadJob>& job) {
+    std::shared_ptr<ReadAheadJob> dropped;
+    {
+      std::unique_lock<std::mutex> lock(read_ahead_mutex_, std::try_to_lock);
+      if (!lock.owns_lock() || !read_ahead_ || (job && read_ahead_ != job)) return;
+      dropped.swap(read_ahead_);
+      has_read_ahead_.store(false, std::memory_order_relaxed);
+    }
   }
 
   // Contended when the late start before this one was within kLateWindow.
@@ -247,7 +264,9 @@ class ThreadPool {
   static constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
   const std::function<void(int)>* task_ = nullptr;  // the region's; changes only after its tasks are done
   std::exception_ptr error_;
-  std::shared_ptr<ReadAheadJob> read_ahead_;  // through std::atomic_load / atomic_store only
+  std::mutex read_ahead_mutex_;
+  std::shared_ptr<ReadAheadJob> read_ahead_;  // under read_ahead_mutex_
+  std::atomic<bool> has_read_ahead_{false};
   std::atomic<uint64_t> read_ahead_sink_{0};
   std::atomic<uint64_t> region_{0};
   std::atomic<int> pending_{0};
@@ -266,13 +285,14 @@ class ThreadPool {
 // Never destroyed: its detached workers may still be waiting when the process exits. A forked child
 // has none of the parent's threads, so it starts a pool of its own (the parent's is left alone: its
 // mutex may have been held at the fork).
-ThreadPool* pool = nullptr;
+std::atomic<ThreadPool*> pool{nullptr};
 std::once_flag fork_handler;
 
+// Called under run_in_parallel's lock: one thread at a time creates the pool.
 ThreadPool& get_pool() {
-  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { pool = nullptr; }); });
-  if (pool == nullptr) pool = new ThreadPool();
-  return *pool;
+  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { pool.store(nullptr); }); });
+  if (pool.load() == nullptr) pool.store(new ThreadPool());
+  return *pool.load();
 }
 
 thread_local bool in_region = false;
@@ -280,7 +300,8 @@ thread_local bool in_region = false;
 }  // namespace
 
 void read_while_idle(std::vector<ReadAhead> ranges, std::shared_ptr<const void> owner) {
-  if (!ranges.empty() && !in_region) get_pool().read_ahead(std::move(ranges), std::move(owner));
+  ThreadPool* p = pool.load();  // no pool yet: no workers to read anything
+  if (p != nullptr && !in_region) p->read_ahead(std::move(ranges), std::move(owner));
 }
 
 void run_in_parallel(int n, const std::function<void(int)>& fn) {

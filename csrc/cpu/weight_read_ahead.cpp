@@ -25,7 +25,7 @@ using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensor
 
 struct Next {
   WeakTensor weight;  // never keeps a dropped model's weight alive
-  const char* data;
+  const char* data;   // its buffer when learnt (a weight's .data can be replaced)
   int64_t bytes;
   int parts;
 };
@@ -34,35 +34,49 @@ std::mutex mutex;
 std::unordered_map<const c10::TensorImpl*, Next> next_of;  // keys are only compared, never followed
 const c10::TensorImpl* last = nullptr;
 
+// A tensor on `weight`'s buffer that no Python object backs: the workers may drop the last reference
+// to it, which must not need the GIL.
+at::Tensor alias_of(const c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>& weight) {
+  return at::Tensor(weight->shallow_copy_and_detach(c10::VariableVersion(0), false));
+}
+
 }  // namespace
 
 void read_next_weights_while_idle(const at::Tensor& weight, const void* data, int64_t bytes, int parts) {
   if (at::get_num_threads() < 2) return;
+  // Never waits: another thread in here (or one that held the lock when this process forked) means
+  // no read-ahead this time.
+  std::unique_lock<std::mutex> lock(mutex, std::try_to_lock);
+  if (!lock.owns_lock()) return;
   const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
-  std::vector<ReadAhead> ranges;
-  auto owner = std::make_shared<std::vector<at::Tensor>>();
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (last != nullptr && last != key) {
+  if (last != nullptr && last != key) {
+    auto it = next_of.find(last);
+    if (it == next_of.end() || it->second.weight._unsafe_get_target() != key || it->second.data != data) {
       if (next_of.size() >= kMaxWeights) next_of.clear();
-      next_of.insert_or_assign(last, Next{WeakTensor(weight.getIntrusivePtr()),
-                                          static_cast<const char*>(data), bytes, parts});
-    }
-    last = key;
-    int64_t total = 0;
-    const c10::TensorImpl* from = key;
-    for (auto it = next_of.find(from); it != next_of.end() && total < kReadAheadBytes && ranges.size() < kMaxRanges;
-         it = next_of.find(from)) {
-      auto alive = it->second.weight.lock();
-      if (!alive || alive.get() == key) break;
-      const Next& n = it->second;
-      const int64_t run = std::min(n.bytes, kReadAheadBytes - total) / n.parts;
-      ranges.push_back({n.data, run, n.bytes / n.parts, n.parts});
-      total += run * n.parts;
-      from = alive.get();
-      owner->emplace_back(std::move(alive));
+      next_of.insert_or_assign(last, Next{WeakTensor(weight.getIntrusivePtr()), static_cast<const char*>(data), bytes, parts});
     }
   }
+  last = key;
+  std::vector<ReadAhead> ranges;
+  auto owner = std::make_shared<std::vector<at::Tensor>>();
+  int64_t total = 0;
+  const c10::TensorImpl* from = key;
+  for (auto it = next_of.find(from); it != next_of.end() && total < kReadAheadBytes && ranges.size() < kMaxRanges;
+       it = next_of.find(from)) {
+    const Next& n = it->second;
+    if (n.weight._unsafe_get_target() == key) break;
+    auto alive = n.weight.lock();
+    if (!alive || mkldnn_data(at::Tensor(alive)) != n.data) {
+      next_of.erase(it);
+      break;
+    }
+    const int64_t run = std::min(n.bytes, kReadAheadBytes - total) / n.parts;
+    ranges.push_back({n.data, run, n.bytes / n.parts, n.parts});
+    total += run * n.parts;
+    from = alive.get();
+    owner->push_back(alias_of(alive));
+  }
+  lock.unlock();
   read_while_idle(std::move(ranges), std::move(owner));
 }
 
