@@ -146,7 +146,8 @@ print("ok")
 def test_read_ahead_never_reads_a_dropped_weight():
     # The pool's idle workers read ahead the weight that followed this one last time; once that
     # weight is gone they must not read its (unmapped) memory. A fresh interpreter: a crash fails here.
-    kernel_or_skip(*(lambda x, w: (torch.empty(1, 64, dtype=torch.bfloat16), x, w, None, [32]))(*operands(1, 64, 32)))
+    x, weight = operands(1, 64, 32)
+    kernel_or_skip(torch.empty(1, 64, dtype=torch.bfloat16), x, weight, None, [32])
     result = subprocess.run([sys.executable, "-c", READ_AHEAD_OF_A_DROPPED_WEIGHT], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 

@@ -17,14 +17,12 @@
 #include "../checks.h"
 #include "activation.h"
 #include "l2_prefetch.h"
+#include "mkldnn_tensor.h"
 #include "ops.h"
 #include "parallel.h"
 #include "weight_read_ahead.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -36,12 +34,8 @@ constexpr int64_t kBlockK = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-int64_t mkldnn_nbytes(const at::Tensor& weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::_nbytes", "")
-                             .typed<int64_t(const at::Tensor&)>();
-  return op.call(weight);
-}
+// The bytes of an [N, K] weight in the AB16b64a2b layout: whole 64 x 32 blocks.
+int64_t blocked_weight_bytes(int64_t N, int64_t K) { return round_up(N, kBlockN) * round_up(K, kBlockK) * 2; }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 
@@ -122,33 +116,6 @@ void with_tile_rows(int64_t rows, const F& f) {
 
 // At most this many rows, a linear is weight-bound, and its units are taken from both ends.
 constexpr int64_t kTwoEndedRows = 2 * kMaxTileRows;
-
-// Items [0, n) taken one at a time from either end until none remain.
-class TwoEnded {
- public:
-  explicit TwoEnded(int64_t n) : span_(pack(0, n)) {}
-
-  int64_t remaining() const {
-    const uint64_t s = span_.load(std::memory_order_relaxed);
-    return static_cast<int64_t>(s & 0xffffffffu) - static_cast<int64_t>(s >> 32);
-  }
-
-  // The front's or the back's next item, or -1 when none remain.
-  int64_t take(bool from_back) {
-    uint64_t s = span_.load(std::memory_order_relaxed);
-    for (;;) {
-      const int64_t begin = static_cast<int64_t>(s >> 32), end = static_cast<int64_t>(s & 0xffffffffu);
-      if (begin >= end) return -1;
-      if (span_.compare_exchange_weak(s, from_back ? pack(begin, end - 1) : pack(begin + 1, end),
-                                      std::memory_order_relaxed))
-        return from_back ? end - 1 : begin;
-    }
-  }
-
- private:
-  static uint64_t pack(int64_t begin, int64_t end) { return static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(end); }
-  std::atomic<uint64_t> span_;  // [begin, end) of what remains
-};
 
 // Work units are (column block, row group) pairs, block-major. An odd number of blocks (SmolLM2's
 // 576- and 960-column linears have 9 and 15) would leave one thread idle for a block's time, so with
@@ -274,7 +241,7 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
               "] (torch.ops.mkldnn._reorder_linear_weight's result)");
   const int64_t N = weight.size(0);
   // Only the size can be checked here; a weight in another layout of the same size gives wrong sums.
-  TORCH_CHECK(mkldnn_nbytes(weight) == round_up(N, kBlockN) * round_up(K, kBlockK) * 2, op,
+  TORCH_CHECK(mkldnn_nbytes(weight) == blocked_weight_bytes(N, K), op,
               ": weight must be in oneDNN's AB16b64a2b layout (torch.ops.mkldnn._reorder_linear_weight(w, 64)); its ",
               mkldnn_nbytes(weight), " bytes are not that layout's size");
   TORCH_CHECK(parts == 1 || N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
@@ -314,7 +281,7 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
                                                       : bf16_activation_table<Activation::kGeluTanh>();
   const void* data = mkldnn_data(weight);
   if (input.size(0) <= kTwoEndedRows)
-    read_next_weights_while_idle(weight, data, round_up(N, kBlockN) * round_up(input.size(1), kBlockK) * 2, parts);
+    read_next_weights_while_idle(weight, data, blocked_weight_bytes(N, input.size(1)), parts);
   blocked_linear_kernel(input, static_cast<const at::BFloat16*>(data), N, parts, pair_ends,
                         [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
                           const int64_t n0 = block * kBlockN;

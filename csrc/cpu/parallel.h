@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <type_traits>
@@ -77,5 +78,33 @@ void parallel_items(int64_t n, const F& fn) {
     }
   });
 }
+
+// Items [0, n) taken one at a time from either end until none remain: parallel_items with two
+// kinds of taker (bf16_blocked_linear's caller takes from the back, its workers from the front).
+class TwoEnded {
+ public:
+  explicit TwoEnded(int64_t n) : span_(pack(0, n)) {}
+
+  int64_t remaining() const {
+    const uint64_t s = span_.load(std::memory_order_relaxed);
+    return static_cast<int64_t>(s & 0xffffffffu) - static_cast<int64_t>(s >> 32);
+  }
+
+  // The front's or the back's next item, or -1 when none remain.
+  int64_t take(bool from_back) {
+    uint64_t s = span_.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t begin = static_cast<int64_t>(s >> 32), end = static_cast<int64_t>(s & 0xffffffffu);
+      if (begin >= end) return -1;
+      if (span_.compare_exchange_weak(s, from_back ? pack(begin, end - 1) : pack(begin + 1, end),
+                                      std::memory_order_relaxed))
+        return from_back ? end - 1 : begin;
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t begin, int64_t end) { return static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(end); }
+  std::atomic<uint64_t> span_;  // [begin, end) of what remains, 32 bits each
+};
 
 }  // namespace pagedlm::cpu

@@ -2,6 +2,7 @@
 // ahead by the pool's idle workers (docs/performance.md, session 25).
 #include "weight_read_ahead.h"
 
+#include "mkldnn_tensor.h"
 #include "parallel.h"
 
 #include <c10/util/intrusive_ptr.h>
@@ -66,7 +67,8 @@ void read_next_weights_while_idle(const at::Tensor& weight, const void* data, in
     const Next& n = it->second;
     if (n.weight._unsafe_get_target() == key) break;
     auto alive = n.weight.lock();
-    if (!alive || mkldnn_data(at::Tensor(alive)) != n.data) {
+    at::Tensor alias = alive ? alias_of(alive) : at::Tensor();
+    if (!alias.defined() || mkldnn_data(alias) != n.data) {
       next_of.erase(it);
       break;
     }
@@ -74,7 +76,7 @@ void read_next_weights_while_idle(const at::Tensor& weight, const void* data, in
     ranges.push_back({n.data, run, n.bytes / n.parts, n.parts});
     total += run * n.parts;
     from = alive.get();
-    owner->push_back(alias_of(alive));
+    owner->push_back(std::move(alias));
   }
   lock.unlock();
   read_while_idle(std::move(ranges), std::move(owner));

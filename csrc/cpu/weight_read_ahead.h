@@ -1,21 +1,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
 
 namespace pagedlm::cpu {
 
-// The address of an MKLDNN tensor's buffer (ATen has no data_ptr for opaque tensors).
-inline const void* mkldnn_data(const at::Tensor& weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::data_ptr", "")
-                             .typed<int64_t(const at::Tensor&)>();
-  return reinterpret_cast<const void*>(op.call(weight));
-}
-
-// Called by a linear kernel as it starts on `weight` (whose bytes are [data, data + bytes), read as
+// Called by a linear kernel as it starts on `weight`, an MKLDNN tensor (whose bytes are [data, data + bytes), read as
 // `parts` equal runs in step): learns which weight follows which (a model runs its linears in the
 // same order every step) and asks the pool's idle workers to read the front of the weights that
 // followed this one last time (read_while_idle), up to kReadAheadBytes.
