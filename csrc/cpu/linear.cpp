@@ -114,8 +114,10 @@ void with_tile_rows(int64_t rows, const F& f) {
   }
 }
 
-// At most this many rows, a linear is weight-bound, and its units are taken from both ends.
-constexpr int64_t kTwoEndedRows = 2 * kMaxTileRows;
+// At most this many rows (one row tile) a linear's units are taken from both ends, after the pool
+// read the next weights ahead. Decode steps of 1 and 4 sequences ran 3-12% faster; of 8 (two row
+// tiles) 1-4% slower (docs/performance.md, session 25).
+constexpr int64_t kTwoEndedRows = kMaxTileRows;
 
 // Work units are (column block, row group) pairs, block-major. An odd number of blocks (SmolLM2's
 // 576- and 960-column linears have 9 and 15) would leave one thread idle for a block's time, so with
