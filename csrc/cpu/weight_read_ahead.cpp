@@ -19,7 +19,7 @@ namespace {
 // Past the next weight's front, a step's short gaps rarely leave time for more; a few MB also stay
 // far below the L3 the weights pass through.
 constexpr int64_t kReadAheadBytes = int64_t{4} << 20;
-// Each range costs the call ~1 us (a weak lock, an alias, oneDNN's data_ptr): 16 ranges of 128 KB
+// Each range costs the call a weak lock, an alias and oneDNN's data_ptr: 16 ranges of 128 KB
 // weights added 6.6 us to a 1-row call, 4 added 3.5 (session 25); a real model's linears fill
 // the bytes in 1-3.
 constexpr size_t kMaxRanges = 4;
