@@ -5,7 +5,7 @@ import json as _json
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -211,6 +211,8 @@ class SamplingParams:
         self.n = _number("n", self.n, integer=True)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
+        # best_of taken from n (not given): a clone after n changed takes the new n (see clone).
+        self._best_of_from_n = self.n if self.best_of is None else None
         if self.best_of is None:
             self.best_of = self.n
         self.best_of = _number("best_of", self.best_of, integer=True)
@@ -279,6 +281,21 @@ class SamplingParams:
             if self.greedy and self.best_of > 1:
                 raise ValueError(f"best_of (and n) must be 1 with greedy sampling (temperature=0), got {self.best_of}.")
         self._verify_output_kind()
+
+    def clone(self, **changes: Any) -> "SamplingParams":
+        """A copy with ``changes`` applied, every field checked and normalised again as the
+        constructor does: a field assigned after construction (``params.temperature = -1``) is
+        checked here too. ``best_of`` still follows ``n`` when it was never given. Lists are
+        copied; the logits processors and structured-outputs params themselves are shared.
+        ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input
+        processor does), so later changes to the caller's object do not reach a queued request.
+
+        Raises:
+            ValueError: a field is invalid; the message names it and what it allows.
+        """
+        if self._best_of_from_n is not None and self.best_of == self._best_of_from_n:
+            changes.setdefault("best_of", None)
+        return replace(self, **changes)
 
     def _verify_output_kind(self) -> None:
         if not isinstance(self.output_kind, RequestOutputKind):

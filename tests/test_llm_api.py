@@ -606,3 +606,31 @@ def test_building_an_llm_imports_no_compiler(model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "nanobind" not in proc.stderr
+
+
+def test_params_changed_after_construction_are_checked_and_queued_requests_keep_theirs(llm):
+    engine = llm.llm_engine
+    bad = SamplingParams(temperature=0, max_tokens=4)
+    bad.temperature = -1.0
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        engine.add_request("bad", None, bad, [BOS, 5, 6])
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match=r"1 of 2 prompts are invalid; nothing was run:\n  prompt 1: temperature"):
+        llm.generate([{"prompt_token_ids": [BOS, 5, 6]}] * 2, [SamplingParams(max_tokens=2), bad], use_tqdm=False)
+    results = list(llm.generate_as_completed([{"prompt_token_ids": [BOS, 5, 6]}] * 2, [SamplingParams(max_tokens=2), bad],
+                                             return_errors=True, use_tqdm=False))
+    assert sorted((i, type(r).__name__) for i, r in results) == [(0, "RequestOutput"), (1, "ValueError")]
+
+    params = SamplingParams(temperature=0, max_tokens=3)
+    engine.add_request("kept", None, params, [BOS, 5, 6])
+    params.max_tokens = 9  # after the request was added: it keeps max_tokens=3
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs[-1].outputs[0].token_ids) == 3
+
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=2)
+    params.n = 2  # best_of was never given, so it follows n
+    params.logits_processors = [lambda prompt_ids, output_ids, logits: torch.where(torch.arange(logits.numel()) == 42, 0.0, -1e9)]
+    out = llm.generate([{"prompt_token_ids": [BOS, 5, 6]}], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [[42, 42], [42, 42]]

@@ -54,3 +54,35 @@ def test_numbers_of_other_types_are_stored_as_python_numbers():
     assert [type(v) for v in (p.top_k, p.stop_token_ids[0], p.seed)] == [int] * 3
     beams = SamplingParams(n=2, use_beam_search=True, temperature=0, early_stopping=np.True_)
     assert beams.early_stopping is True
+
+
+@pytest.mark.parametrize("field,value", BAD + [
+    ("n", 0), ("stop", ""), ("stop", ["ok", 3]), ("output_kind", "delta"), ("logits_processors", [lambda: 0]),
+])
+def test_clone_checks_a_field_set_after_construction(field, value):
+    params = SamplingParams()
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=field):
+        params.clone()
+
+
+def test_clone_normalises_as_the_constructor_does():
+    params = SamplingParams()
+    params.stop, params.top_k, params.stop_token_ids = "end", -1, (3, np.int64(4))
+    copy = params.clone()
+    assert (copy.stop, copy.top_k, copy.stop_token_ids) == (["end"], 0, [3, 4])
+    assert copy.stop is not params.stop and params.stop == "end"
+
+
+def test_best_of_follows_n_in_a_clone_unless_it_was_given():
+    params = SamplingParams(temperature=0.8)
+    params.n = 3
+    assert params.clone().best_of == 3
+    assert SamplingParams(n=2, temperature=0.8).clone(n=1).best_of == 1
+    given = SamplingParams(n=2, best_of=4, temperature=0.8)
+    given.n = 3
+    assert given.clone().best_of == 4
+    params.best_of = 5  # given after construction
+    assert params.clone().best_of == 5
+    with pytest.raises(ValueError, match="best_of must be >= n"):
+        given.clone(n=5)

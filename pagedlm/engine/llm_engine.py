@@ -154,18 +154,22 @@ class LLMEngine:
                 unfinished requests.
             prompt: the prompt text, tokenized with the model's tokenizer when ``prompt_token_ids``
                 is ``None``, and returned in the output.
-            params: how to generate its completions.
+            params: how to generate its completions. The request keeps a checked copy
+                (``SamplingParams.clone``): changing ``params`` afterwards does not change it.
             prompt_token_ids: the prompt as token ids (``prompt`` is then only returned).
             arrival_time: ``time.monotonic()`` seconds, default now; earlier requests are
                 scheduled first and preempted last.
 
         Raises:
-            ValueError: ``request_id`` is in use, or the request can never run (``check_request``
-                says why).
+            ValueError: ``request_id`` is in use, a field of ``params`` is invalid (one set after
+                construction included), or the request can never run (``check_request`` says why).
         """
         self._check_open()
         if request_id in self.seq_groups:
             raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")
+        params = params.clone()
         if prompt_token_ids is None:
             prompt_token_ids = encode_prompts(self.tokenizer, [prompt])[0]
         reason = self.check_request(prompt_token_ids, params)

@@ -1,7 +1,6 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
 import ctypes
-import dataclasses
 import functools
 import logging
 import numbers
@@ -293,21 +292,28 @@ class LLM:
         background (``_Request.grammar``) and checked when it is done."""
         texts, token_ids, errors = self._tokenize([prompt for _, prompt, _ in items])
         requests: list[_Request | _Rejected] = []
-        final_only: dict[int, SamplingParams] = {}  # a FINAL_ONLY copy of each params object of the chunk
+        # Each params object's checked FINAL_ONLY copy, or why it is invalid (a field set after
+        # construction). Only finished outputs are returned (as vLLM's LLM does), so the engine
+        # builds no others.
+        final_only: dict[int, SamplingParams | str] = {}
         for k, (index, _, params) in enumerate(items):
+            reason = errors.get(k)
             if params is None:
                 params = self._fit_max_tokens(self._final_only_defaults, len(token_ids[k]))
-            reason = errors.get(k)
-            if reason is None and not isinstance(params, SamplingParams):
-                reason = f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            elif not isinstance(params, SamplingParams):
+                reason = reason or f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            else:
+                if id(params) not in final_only:  # the chunk holds each object, so no id is reused in it
+                    try:
+                        final_only[id(params)] = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                    except ValueError as e:
+                        final_only[id(params)] = str(e).rstrip(".")
+                params = final_only[id(params)]
+                if isinstance(params, str):
+                    reason = reason or params
             if reason is None:
                 reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
             if reason is None:
-                # Only finished outputs are returned (as vLLM's LLM does), so the engine builds no others.
-                if params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                    if id(params) not in final_only:
-                        final_only[id(params)] = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-                    params = final_only[id(params)]
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
@@ -319,7 +325,7 @@ class LLM:
     def _fit_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
         room = self.llm_engine.model_config.max_model_len - num_prompt_tokens
         if params.max_tokens is not None and 0 < room < params.max_tokens:
-            return dataclasses.replace(params, max_tokens=room)
+            return params.clone(max_tokens=room)
         return params
 
     def _tokenize(self, prompts: Sequence[object]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
