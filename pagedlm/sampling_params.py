@@ -211,7 +211,7 @@ class SamplingParams:
         self.n = _number("n", self.n, integer=True)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
-        # best_of taken from n (not given): a clone after n changed takes the new n (see clone).
+        # best_of taken from n (not given): a clone after n rose above it takes the new n (see clone).
         self._best_of_from_n = self.n if self.best_of is None else None
         if self.best_of is None:
             self.best_of = self.n
@@ -284,17 +284,22 @@ class SamplingParams:
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied, every field checked and normalised again as the
-        constructor does: a field assigned after construction (``params.temperature = -1``) is
-        checked here too. ``best_of`` still follows ``n`` when it was never given. Lists are
-        copied; the logits processors and structured-outputs params themselves are shared.
-        ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input
-        processor does), so later changes to the caller's object do not reach a queued request.
+        constructor does: a field assigned after construction (``params.temperature = -1``,
+        ``params.structured_outputs.regex = None``) is checked here too. A ``best_of`` that was
+        never given rises with ``n`` (``params.n = 3`` on ``SamplingParams(temperature=0.8)``
+        gives best_of 3); otherwise ``best_of`` stays as it is. Lists and the structured-outputs
+        params are copied; the logits processors themselves are shared. ``LLMEngine.add_request``
+        keeps such a copy of each request's params (as vLLM's input processor does), so later
+        changes to the caller's object do not reach a queued request.
 
         Raises:
             ValueError: a field is invalid; the message names it and what it allows.
         """
-        if self._best_of_from_n is not None and self.best_of == self._best_of_from_n:
+        derived = getattr(self, "_best_of_from_n", None)
+        if derived is not None and self.best_of == derived and changes.get("n", self.n) > derived:
             changes.setdefault("best_of", None)
+        if isinstance(self.structured_outputs, StructuredOutputsParams):
+            changes.setdefault("structured_outputs", replace(self.structured_outputs))
         return replace(self, **changes)
 
     def _verify_output_kind(self) -> None:

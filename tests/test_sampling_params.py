@@ -74,15 +74,39 @@ def test_clone_normalises_as_the_constructor_does():
     assert copy.stop is not params.stop and params.stop == "end"
 
 
-def test_best_of_follows_n_in_a_clone_unless_it_was_given():
+def test_a_best_of_never_given_rises_with_n_in_a_clone_and_otherwise_stays():
     params = SamplingParams(temperature=0.8)
     params.n = 3
     assert params.clone().best_of == 3
-    assert SamplingParams(n=2, temperature=0.8).clone(n=1).best_of == 1
+    assert SamplingParams(n=2, temperature=0.8).clone(n=3).best_of == 3
+    assert SamplingParams(n=4, temperature=0.8).clone(n=1).best_of == 4  # lowering n keeps the candidates
+    beams = SamplingParams(n=2, use_beam_search=True, temperature=0)
+    beams.n = 1
+    assert beams.clone().best_of == 2
     given = SamplingParams(n=2, best_of=4, temperature=0.8)
     given.n = 3
     assert given.clone().best_of == 4
-    params.best_of = 5  # given after construction
-    assert params.clone().best_of == 5
+    later = SamplingParams(n=2, temperature=0.8)
+    later.n, later.best_of = 1, 2  # given after construction, equal to what n gave
+    assert later.clone().best_of == 2
     with pytest.raises(ValueError, match="best_of must be >= n"):
         given.clone(n=5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("regex", None, "exactly one of"), ("json", {"type": "object"}, "exactly one of"),
+    ("choice", "yes", r"structured_outputs.choice must be a non-empty list"),
+    ("regex", 5, r"structured_outputs.regex must be a non-empty str"),
+])
+def test_clone_checks_structured_outputs_changed_after_construction(field, value, message):
+    from pagedlm import StructuredOutputsParams
+
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    if field == "choice":
+        params.structured_outputs.regex = None
+    setattr(params.structured_outputs, field, value)
+    with pytest.raises(ValueError, match=message):
+        params.clone()
+    ok = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert ok.clone().structured_outputs == ok.structured_outputs
+    assert ok.clone().structured_outputs is not ok.structured_outputs

@@ -305,7 +305,9 @@ class LLM:
             else:
                 if id(params) not in final_only:  # the chunk holds each object, so no id is reused in it
                     try:
-                        final_only[id(params)] = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                        checked = params.clone()  # checks the caller's output_kind too, before replacing it
+                        checked.output_kind = RequestOutputKind.FINAL_ONLY
+                        final_only[id(params)] = checked
                     except ValueError as e:
                         final_only[id(params)] = str(e).rstrip(".")
                 params = final_only[id(params)]
