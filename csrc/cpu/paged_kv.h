@@ -120,11 +120,22 @@ class PrefetchQueue {
     const char* begin = reinterpret_cast<const char*>(rows);
     ranges_[size_++] = {begin, begin + int64_t{count} * head_size * sizeof(T)};
   }
-  // The next `lines` 64-byte lines, with locality 1 (see prefetch).
+  // The next `lines` 64-byte lines, with locality 1 (see prefetch). A range's lines go out from a
+  // local pointer: stepping ranges_[next_].first itself line by line made each prefetch wait for
+  // the previous one's store (~30% of decode attention's samples with its K/V in cache).
   void issue(int lines) {
-    for (; lines > 0 && next_ < size_; --lines) {
-      __builtin_prefetch(ranges_[next_].first, 0, 1);
-      if ((ranges_[next_].first += 64) >= ranges_[next_].second) ++next_;
+    while (lines > 0 && next_ < size_) {
+      const char* p = ranges_[next_].first;
+      const char* end = ranges_[next_].second;
+      const int n = static_cast<int>(std::min<int64_t>(lines, (end - p + 63) / 64));
+      for (int i = 0; i < n; ++i) __builtin_prefetch(p + int64_t{i} * 64, 0, 1);
+      lines -= n;
+      p += int64_t{n} * 64;
+      if (p >= end) {
+        ++next_;
+      } else {
+        ranges_[next_].first = p;
+      }
     }
   }
   // Everything not yet asked for; the queue is then empty.
