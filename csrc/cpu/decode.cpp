@@ -211,8 +211,8 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             continue;
           }
 #endif
-          // The chunk's V rows of KV head h, nullptr outside [begin, end): one block-table lookup
-          // a block (a division by the block size a row cost ~10% of the kernel with K/V in cache).
+          // The chunk's V rows of KV head h, nullptr outside [begin, end): one block-table lookup a
+          // block (a division by the block size a row took ~10% of the kernel's samples, K/V in cache).
           const c10::BFloat16* v_rows[kChunk];
           for (int kb = c0; kb < c0 + kChunk; kb += bs) {
             const int first = std::clamp(begin - kb, 0, bs), last = std::clamp(end - kb, 0, bs);
