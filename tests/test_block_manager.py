@@ -42,6 +42,54 @@ def test_admission_statuses():
     assert bm.can_allocate(_group(4))[0] == AllocStatus.OK
 
 
+def _admit_prompt(bm: BlockSpaceManager, tokens: list[int]) -> tuple[Sequence, list[tuple[int, int]]]:
+    """Admit a prompt as the scheduler does (its blocks keyed in the step that admits it)."""
+    group = SequenceGroup("r", None, tokens, SamplingParams(), 4, 0.0)
+    status, plans = bm.can_allocate(group)
+    assert status == AllocStatus.OK
+    copies = bm.allocate(group, plans)
+    seq = group.seqs[0]
+    seq.status = SequenceStatus.RUNNING
+    bm.cache_full_blocks(seq, seq.num_tokens)
+    return seq, copies
+
+
+def test_a_partial_block_hit_copies_the_shared_tokens_of_a_block_an_earlier_step_wrote():
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
+    a, copies = _admit_prompt(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert copies == [] and a.num_computed_tokens == 0
+    # Admitted in a's step: a's blocks are keyed but not yet written, so only the full block hits.
+    b, copies = _admit_prompt(bm, [1, 2, 3, 4, 5, 6, 0, 0, 0])
+    assert copies == [] and b.num_computed_tokens == 4
+    bm.finish_step()
+    c, copies = _admit_prompt(bm, [1, 2, 3, 4, 5, 6, 0, 7, 7])
+    # Block 0 shared; block 1 a copy of b's block 1, which shares 3 tokens with it (a's shares 2).
+    assert c.num_computed_tokens == 7
+    assert copies == [(bm.get_block_table(b)[1], bm.get_block_table(c)[1])]
+    assert bm.get_block_table(c)[0] == bm.get_block_table(a)[0]
+    assert bm.num_hit_tokens == 4 + 7
+    bm.finish_step()
+    # A prompt ending inside a's block 1 leaves its last token to compute.
+    d, _ = _admit_prompt(bm, [1, 2, 3, 4, 5, 6])
+    assert d.num_computed_tokens == 5
+    bm.finish_step()
+
+
+def test_a_free_partial_hit_source_is_held_until_the_step_has_run():
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=8, watermark=0.0)
+    a, _ = _admit_prompt(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    bm.finish_step()
+    source = bm.get_block_table(a)[1]
+    bm.free(a)
+    b, copies = _admit_prompt(bm, [1, 2, 3, 4, 5, 0, 0])
+    assert copies == [(source, bm.get_block_table(b)[1])]
+    assert bm.allocator.ref_counts[source] == 1 and source not in bm.allocator.free_blocks
+    bm.finish_step()
+    assert bm.allocator.ref_counts[source] == 0 and bm.allocator.block_keys[source] is not None
+    bm.free(b)
+    assert bm.num_free_blocks == 8
+
+
 def test_fork_shares_blocks_and_copy_on_write_of_last_block():
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=10, watermark=0.0)
     g = _group(6)
@@ -101,18 +149,34 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.store[table[pos // BS]][pos % BS] = token
         seq.num_computed_tokens = seq.num_tokens
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=20))
-    def allocate(self, tokens):
+    def _copy(self, copies: list[tuple[int, int]]) -> None:
+        """One step's block copies, as a kernel that copies them all at once does: no copy may
+        write a block that another reads."""
+        assert not {dst for _, dst in copies} & {src for src, _ in copies}
+        for dst, content in [(dst, list(self.store[src])) for src, dst in copies]:
+            self.store[dst] = content
+
+    @rule(prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=20), min_size=1, max_size=3))
+    def admit(self, prompts):
+        """One step admitting up to three prompts, as the scheduler does: each one's blocks are
+        keyed when it is admitted and written only when the step runs, after its block copies."""
         # Few distinct token values: prompts often share prefixes and hit the prefix cache.
-        group = SequenceGroup("r", None, tokens, SamplingParams(), BS, 0.0)
-        status, computed = self.bm.can_allocate(group)
-        if status != AllocStatus.OK:
-            return
-        self.bm.allocate(group, computed)
-        seq = group.seqs[0]
-        seq.status = SequenceStatus.RUNNING
-        self._write(seq, seq.num_computed_tokens)
-        self.seqs.append(seq)
+        admitted, copies = [], []
+        for tokens in prompts:
+            group = SequenceGroup("r", None, tokens, SamplingParams(), BS, 0.0)
+            status, plans = self.bm.can_allocate(group)
+            if status != AllocStatus.OK:
+                break
+            copies += self.bm.allocate(group, plans)
+            seq = group.seqs[0]
+            seq.status = SequenceStatus.RUNNING
+            admitted.append((seq, seq.num_computed_tokens))
+            self.bm.cache_full_blocks(seq, seq.num_tokens)
+        self._copy(copies)
+        for seq, start in admitted:
+            self._write(seq, start)
+            self.seqs.append(seq)
+        self.bm.finish_step()
 
     @precondition(lambda self: self.seqs)
     @rule(i=st.integers(0, 100))
@@ -132,9 +196,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             seq.output_token_ids.pop()
             return
         copy = self.bm.append_slots(seq)
-        if copy is not None:
-            self.store[copy[1]] = list(self.store[copy[0]])
+        self._copy([copy] if copy is not None else [])
         self._write(seq, seq.num_computed_tokens)
+        self.bm.finish_step()
 
     @precondition(lambda self: self.seqs)
     @rule(i=st.integers(0, 100))

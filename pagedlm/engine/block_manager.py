@@ -9,6 +9,15 @@ Blocks carry reference counts so sequences can share them:
   (so the key names the whole prefix). A new sequence reuses the longest run of cached full blocks
   of its tokens. A block whose count drops to zero stays cached in the free list, which is kept
   least-recently-freed first, and loses its key only when it is taken for new content.
+* Partial-block hits: a shared prefix rarely ends on a block boundary (a chat template's system
+  prompt and the start of its user turn, a few-shot preamble). After its run of full hits, a new
+  sequence's next block gets a copy of a cached block with the same parent whose leading tokens it
+  shares (one of the ``PARTIAL_CANDIDATES`` most recently keyed), and those tokens count as
+  computed: the positions a block-granular cache would compute again (8 of SmolLM2's 24-token
+  template prefix at block size 16). The copy runs with the step's other block copies, before
+  the model writes anything, so its source must have been written by an earlier step (blocks keyed
+  in the step being scheduled are not candidates) and is held until the step has run, so that
+  the step allocates it to no one (``finish_step``).
 
 Placement: the cache's blocks are grouped in extents of ``EXTENT_BLOCKS`` consecutive blocks. A
 sequence's new block is the one after its last block when that one is free and in the same extent;
@@ -24,6 +33,7 @@ or the prefix is computed again (``cache_block``). docs/architecture.md gives th
 
 import enum
 from collections import OrderedDict
+from itertools import islice
 from dataclasses import dataclass
 
 from pagedlm.engine.sequence import BlockKey, Sequence, SequenceGroup, SequenceStatus
@@ -46,14 +56,22 @@ class PrefixPlan:
     shares_with: Sequence | None = None
     num_shared_blocks: int = 0
     waits: bool = False
+    # (cached block, tokens): the next block starts as a copy of that block's first tokens.
+    partial_hit: tuple[int, int] | None = None
 
     @property
     def num_computed_blocks(self) -> int:
         return self.num_shared_blocks if self.shares_with is not None else len(self.cached_blocks)
 
+    def num_computed_tokens(self, block_size: int) -> int:
+        return self.num_computed_blocks * block_size + (self.partial_hit[1] if self.partial_hit else 0)
+
 
 # Blocks per extent (module docstring): 256 tokens at the default block size, a typical sequence.
 EXTENT_BLOCKS = 16
+# Cached blocks a partial-block hit compares against, the most recently keyed first: children of
+# one parent usually share the same leading tokens (the rest of a common prefix), so a few suffice.
+PARTIAL_CANDIDATES = 8
 
 
 class BlockAllocator:
@@ -74,6 +92,8 @@ class BlockAllocator:
         self.warm_free_extents: OrderedDict[int, None] = OrderedDict()
         self.block_keys: list[BlockKey | None] = [None] * num_kv_blocks
         self.cached_blocks: dict[BlockKey, int] = {}  # the prefix cache
+        # The cached blocks under each parent key, in the order they were keyed (partial-block hits).
+        self.cached_children: dict[int | str | None, OrderedDict[int, None]] = {}
 
     def allocate(self, after: int | None = None) -> int:
         """A free block for new content, placed after ``after`` (the sequence's last block, if any)
@@ -82,10 +102,9 @@ class BlockAllocator:
             raise RuntimeError("Out of KV cache blocks; the scheduler should have prevented this.")
         block = self._place(after)
         self._take(block)
-        key = self.block_keys[block]
-        if key is not None:
-            del self.cached_blocks[key]
-            self.block_keys[block] = None
+        if self.block_keys[block] is not None:
+            del self.cached_blocks[self.block_keys[block]]
+            self._drop_key(block)
         self.ref_counts[block] = 1
         return block
 
@@ -158,12 +177,23 @@ class BlockAllocator:
         if old is not None:
             if self.ref_counts[old] > 0:
                 return
-            self.block_keys[old] = None
+            self._drop_key(old)
         self.cached_blocks[key] = block
         self.block_keys[block] = key
+        self.cached_children.setdefault(key[0], OrderedDict())[block] = None
+
+    def _drop_key(self, block: int) -> None:
+        """Forget ``block``'s key in ``block_keys`` and ``cached_children`` (not ``cached_blocks``)."""
+        parent = self.block_keys[block][0]
+        children = self.cached_children[parent]
+        del children[block]
+        if not children:
+            del self.cached_children[parent]
+        self.block_keys[block] = None
 
     def reset_prefix_cache(self) -> None:
         self.cached_blocks.clear()
+        self.cached_children.clear()
         self.block_keys = [None] * self.num_kv_blocks
 
     @property
@@ -184,6 +214,11 @@ class BlockSpaceManager:
         # Shared blocks that one sequence of a re-admitted group computes for the others, which wait
         # for them: that sequence writes into them without a copy-on-write.
         self.blocks_computed_for_sharers: set[int] = set()
+        # Blocks keyed by the step being scheduled: their content is written only when it runs.
+        self.blocks_keyed_this_step: set[int] = set()
+        # Sources of the step's partial-hit copies, held until it has run, so that no block the
+        # step allocates is one whose content a copy of the same step reads.
+        self.held_copy_sources: list[int] = []
         self.reset_stats()
 
     @property
@@ -203,6 +238,25 @@ class BlockSpaceManager:
             blocks.append(block)
         return blocks
 
+    def partial_hit(self, seq: Sequence, num_cached_blocks: int) -> tuple[int, int] | None:
+        """A cached block written by an earlier step whose leading tokens equal those of ``seq``'s
+        block ``num_cached_blocks`` (the first one its full hits leave), and how many, leaving its
+        last token to compute; None when no candidate shares a token."""
+        start = num_cached_blocks * self.block_size
+        tokens = seq.token_ids(start, min(start + self.block_size, seq.num_tokens - 1))
+        parent = hash(seq.block_key(num_cached_blocks - 1)) if num_cached_blocks else seq.cache_salt
+        children = self.allocator.cached_children.get(parent)
+        if not tokens or not children:
+            return None
+        best, best_count = None, 0
+        candidates = (b for b in reversed(children) if b not in self.blocks_keyed_this_step)
+        for block in islice(candidates, PARTIAL_CANDIDATES):
+            cached = self.allocator.block_keys[block][1]
+            count = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), len(tokens))
+            if count > best_count:
+                best, best_count = block, count
+        return (best, best_count) if best is not None else None
+
     def can_allocate(
         self, seq_group: SequenceGroup, use_prefix_cache: bool = True
     ) -> tuple[AllocStatus, dict[int, PrefixPlan]]:
@@ -213,7 +267,7 @@ class BlockSpaceManager:
         plans: dict[int, PrefixPlan] = {}
         earlier: list[Sequence] = []
         counted: set[int] = set()  # cached blocks an earlier sequence of the group already takes
-        num_required = 0
+        num_required = num_held = 0
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
             cached = self.computed_blocks(seq) if use_prefix_cache else []
             owner, num_shared = self._longest_shared_prefix(seq, earlier)
@@ -223,25 +277,35 @@ class BlockSpaceManager:
                 plans[seq.seq_id] = PrefixPlan([], owner, num_shared, waits)
                 num_required += seq.num_logical_blocks - num_shared
             else:
-                plans[seq.seq_id] = PrefixPlan(cached)
+                partial = self.partial_hit(seq, len(cached)) if use_prefix_cache and self.enable_prefix_caching else None
+                plans[seq.seq_id] = PrefixPlan(cached, partial_hit=partial)
                 # A cached block in use costs nothing; a cached free one is taken from the free list once.
                 num_required += seq.num_logical_blocks - sum(self.allocator.ref_counts[b] > 0 or b in counted for b in cached)
                 counted.update(cached)
+                if partial and not self.allocator.ref_counts[partial[0]] and partial[0] not in counted:
+                    num_held += 1  # a free source, held until the step has run
+                    counted.add(partial[0])
             earlier.append(seq)
         if self.num_kv_blocks - num_required < self.watermark_blocks:
             return AllocStatus.NEVER, plans
-        if self.num_free_blocks - num_required >= self.watermark_blocks:
+        if self.num_free_blocks - num_required - num_held >= self.watermark_blocks:
             return AllocStatus.OK, plans
         return AllocStatus.LATER, plans
 
-    def allocate(self, seq_group: SequenceGroup, plans: dict[int, PrefixPlan]) -> None:
+    def allocate(self, seq_group: SequenceGroup, plans: dict[int, PrefixPlan]) -> list[tuple[int, int]]:
         """Give each waiting sequence a block table covering all its tokens, starting with the
         blocks its plan (from ``can_allocate``) names, and mark those tokens computed; a sequence
-        that shares blocks its group has yet to compute waits for them (``Sequence.waits_for``)."""
+        that shares blocks its group has yet to compute waits for them (``Sequence.waits_for``).
+        Returns the (src, dst) block copies that partial-block hits need before the step runs."""
         waiting = seq_group.get_seqs(SequenceStatus.WAITING)
         for seq in waiting:  # every planned cached block first, so no fresh block below evicts one
-            for block in plans[seq.seq_id].cached_blocks:
+            plan = plans[seq.seq_id]
+            for block in plan.cached_blocks:
                 self.allocator.incref(block)
+            if plan.partial_hit is not None:
+                self.allocator.incref(plan.partial_hit[0])
+                self.held_copy_sources.append(plan.partial_hit[0])
+        copies = []
         for seq in waiting:
             plan = plans[seq.seq_id]
             if plan.shares_with is not None:
@@ -254,12 +318,16 @@ class BlockSpaceManager:
                     self.blocks_computed_for_sharers.update(table[num_written:])
             else:
                 table = list(plan.cached_blocks)
-                self.num_hit_tokens += len(table) * self.block_size
-            seq.num_computed_tokens = len(table) * self.block_size
+            seq.num_computed_tokens = plan.num_computed_tokens(self.block_size)
+            if plan.shares_with is None:
+                self.num_hit_tokens += seq.num_computed_tokens
             self.num_queried_tokens += seq.num_tokens
             self._grow(table, seq)
+            if plan.partial_hit is not None:
+                copies.append((plan.partial_hit[0], table[len(plan.cached_blocks)]))
             self.block_tables[seq.seq_id] = table
         self._track_peak()
+        return copies
 
     def _longest_shared_prefix(self, seq: Sequence, others: list[Sequence]) -> tuple[Sequence | None, int]:
         """The sequence among ``others`` with which ``seq`` shares the most full leading blocks
@@ -283,6 +351,15 @@ class BlockSpaceManager:
         table = self.block_tables[seq.seq_id]
         for i in range(seq.num_computed_tokens // self.block_size, num_computed_tokens // self.block_size):
             self.allocator.cache_block(table[i], seq.block_key(i))
+            self.blocks_keyed_this_step.add(table[i])
+
+    def finish_step(self) -> None:
+        """The scheduled step has run (or failed): the blocks it keyed are written, so they may be
+        partial-hit sources now, and the sources its copies read are released."""
+        self.blocks_keyed_this_step.clear()
+        for block in self.held_copy_sources:
+            self.allocator.free(block)
+        self.held_copy_sources.clear()
 
     def can_append_slots(self, chunks: dict[Sequence, int]) -> bool:
         """Whether each sequence can write its next ``chunks[seq]`` tokens."""

@@ -288,6 +288,8 @@ class LLMEngine:
         except BaseException:
             self.block_manager.reset_prefix_cache()
             raise
+        finally:
+            self.block_manager.finish_step()
         for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
             for seq, chunk in scheduled.token_chunks.items():
                 seq.num_computed_tokens += chunk

@@ -82,14 +82,14 @@ class Scheduler:
                 break
             seqs = seq_group.get_seqs(SequenceStatus.WAITING)
             ready = {
-                seq: seq.num_tokens - plans[seq.seq_id].num_computed_blocks * block_size
+                seq: seq.num_tokens - plans[seq.seq_id].num_computed_tokens(block_size)
                 for seq in seqs if not plans[seq.seq_id].waits
             }
             chunks = self._chunks(seq_group, ready, len(seqs), out)
             if not chunks:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq_group, plans)
+            out.blocks_to_copy += self.block_manager.allocate(seq_group, plans)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             for seq, chunk in chunks.items():
