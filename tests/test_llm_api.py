@@ -51,6 +51,25 @@ def test_text_is_incremental_decode_of_tokens(llm):
         assert comp.text == full[len(prompt):]
 
 
+def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text():
+    """Token-id prompts may end inside a character (a continuation of a completion cut by
+    max_tokens). The completion's text is what its tokens add after the last point where the
+    prompt's text is final, and never the prompt's text before it (which stop strings and
+    structured outputs would then match)."""
+    from transformers import AutoTokenizer
+
+    from pagedlm import default_model_path
+    from pagedlm.engine.detokenizer import decode_completion
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ids = tok("The Japanese word for 'thank you' is ありがとう and 'hello' is こんにちは 🙂👍🏽 done").input_ids
+    for cut in range(1, len(ids) - 1):
+        full = tok.decode(ids[: cut + 6])
+        final = max(j for j in range(cut + 1) if full.startswith(tok.decode(ids[:j])))
+        expected = full[len(tok.decode(ids[:final])):]
+        assert decode_completion(tok, ids[:cut], ids[cut: cut + 6], SamplingParams()) == expected, cut
+
+
 def test_outputs_in_input_order_with_per_prompt_params(llm):
     prompts = [{"prompt_token_ids": [BOS] + [10 + i] * (3 + 20 * i)} for i in range(6)]
     params = [SamplingParams(temperature=0, max_tokens=2 + i) for i in range(6)]

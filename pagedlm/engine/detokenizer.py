@@ -34,7 +34,12 @@ class IncrementalDetokenizer:
     ) -> None:
         self._backend = tokenizer.backend_tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._stream = DecodeStream(ids=prompt_token_ids[-_CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
+        # Primed by stepping through the context (as vLLM's fast detokenizer does), not with
+        # ``DecodeStream(ids=...)``: that one returns the context's text along with the first
+        # character an output token completes when the context ends inside a character.
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in prompt_token_ids[-_CONTEXT_TOKENS:]:
+            self._step_stream(token_id)
         self._num_fed = 0  # output tokens stepped through so far
         self._num_pending = 0  # tokens that so far end in an incomplete character
         self._added_tokens: dict[int, str] | None = None
@@ -42,10 +47,9 @@ class IncrementalDetokenizer:
             self._added_tokens = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
         self._last_added = False
 
-    def step(self, token_id: int) -> str:
-        """The text that ``token_id`` adds (empty while it completes only part of a character)."""
+    def _step_stream(self, token_id: int) -> str | None:
         try:
-            text = self._stream.step(self._backend, token_id)
+            return self._stream.step(self._backend, token_id)
         except Exception as exc:
             # Byte-fallback tokenizers: a valid byte followed by a byte that cannot start a
             # character makes the whole decode change its mind about text already returned, which
@@ -53,7 +57,11 @@ class IncrementalDetokenizer:
             if not str(exc).startswith(_INVALID_PREFIX):
                 raise
             self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
-            text = self._stream.step(self._backend, token_id)
+            return self._stream.step(self._backend, token_id)
+
+    def step(self, token_id: int) -> str:
+        """The text that ``token_id`` adds (empty while it completes only part of a character)."""
+        text = self._step_stream(token_id)
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
         if self._added_tokens is not None:
