@@ -278,7 +278,8 @@ def test_non_tty_progress_lines_and_summary(llama_dir, tmp_path, capsys):
     stats, _ = run(llama_dir, inp, tmp_path / "out.jsonl", progress_interval=0.0)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("[pagedlm run] rows")]
-    assert lines and "rows 13/13 (100.0%), errors 1," in lines[-1] and "generated tok/s" in lines[-1]
+    assert [line.split()[3] for line in lines] == [f"{i}/13" for i in range(1, 14)]  # interval 0: a line a row
+    assert "rows 13/13 (100.0%), errors 1," in lines[-1] and "generated tok/s" in lines[-1]
     assert (stats.rows, stats.completed, stats.errors) == (13, 12, 1)
 
 
@@ -490,3 +491,50 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     assert json.loads(got["schema"]["response"]["body"]["choices"][0]["text"]) in ("alpha", "beta")
     assert got["bad-type"]["response"]["body"]["error"]["param"] == "response_format"
     assert "does not compile" in got["bad-schema"]["error"]["message"]
+
+
+def test_parquet_output_of_empty_objects_and_surrogate_ids_resumes(llama_dir, tmp_path):
+    """``{}`` values make a struct without fields, which Parquet cannot store: the column is JSON
+    text, and the job finishes. An id with a lone surrogate is written as its escape and matched
+    in that form on resume (not run again)."""
+    rows = ['{"id": 1, "prompt": "a", "sampling_params": {}, "meta": [{}]}',
+            '{"id": "x\\ud800", "prompt": "b", "sampling_params": {}, "meta": {"a": {}}}']
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    stats, first = run(llama_dir, inp, out)
+    assert (stats.completed, stats.errors) == (2, 0)
+    assert sorted(r["meta"] for r in first) == ['[{}]', '{"a": {}}'] and {r["sampling_params"] for r in first} == {"{}"}
+    stats, again = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (2, 0, 0) and again == first
+
+
+def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE}
+    rows = [
+        _openai_row("lp-no", "/v1/chat/completions", {**chat, "logprobs": "no"}),
+        _openai_row("agp", "/v1/chat/completions", {**chat, "add_generation_prompt": "yes"}),
+        _openai_row("mct", "/v1/chat/completions", {**chat, "max_completion_tokens": "5"}),
+        _openai_row("tlp", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -1}),
+        _openai_row("stop-ids", "/v1/completions", {"prompt": "x", "stop": "y", "stop_token_ids": [-1]}),
+        _openai_row("ok", "/v1/chat/completions", {**chat, "logprobs": False}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r for r in out}
+    params = {k: r["response"]["body"].get("error", {}).get("param") for k, r in got.items()}
+    assert params == {"lp-no": "logprobs", "agp": "add_generation_prompt", "mct": "max_completion_tokens",
+                      "tlp": "top_logprobs", "stop-ids": "stop_token_ids", "ok": None}
+    assert "body.logprobs must be true or false" in got["lp-no"]["error"]["message"]
+    assert "max_completion_tokens must be" in got["mct"]["error"]["message"]
+    assert got["ok"]["response"]["status_code"] == 200 and got["ok"]["response"]["body"]["choices"][0]["logprobs"] is None
+
+
+def test_plain_rows_with_a_custom_id_column_stay_plain_and_sampling_columns_are_warned_of(llama_dir, tmp_path, monkeypatch):
+    from pagedlm.entrypoints.jobs import plain_rows
+
+    warnings = []
+    monkeypatch.setattr(plain_rows.logger, "warning", lambda message, *args: warnings.append(message % args))
+    rows = [{"id": 1, "custom_id": "mine-1", "prompt": "Hello", "max_tokens": 3, "temperature": 0.5},
+            {"id": 2, "prompt": "World", "max_tokens": 3}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (2, 0) and by_id(out)[1]["custom_id"] == "mine-1"
+    assert len(warnings) == 1 and "max_tokens, temperature are named like sampling parameters" in warnings[0]

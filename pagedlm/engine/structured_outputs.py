@@ -8,6 +8,7 @@ tokens only where the output may end). The worker applies the row to the logits 
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,7 +88,7 @@ class StructuredOutputManager:
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
                 compiled = self._compiler.compile_json_schema('{"type": "object"}')
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
-            raise ValueError(f"structured_outputs.{kind} does not compile: {exc}") from None
+            raise ValueError(f"structured_outputs.{kind} does not compile: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
@@ -135,3 +136,8 @@ def _unsupported_keywords(schema: Any) -> set[str]:
         for item in schema:
             found |= _unsupported_keywords(item)
     return found
+
+
+def _xgrammar_message(exc: Exception) -> str:
+    """xgrammar's error without the log prefix of its C++ check (``[09:08:23] /project/cpp/x.cc:5082: ``)."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip())

@@ -243,8 +243,9 @@ class ParquetWriter(OutputWriter):
         self._next_part = len(self._parts()) + 1
 
     def same_key(self, key: Any) -> Any:
-        # A column of ids of mixed types is written as text (see _to_table): ids are compared as text.
-        return None if key is None else str(key)
+        # A column of ids of mixed types is written as text (rows_to_table), a string with lone
+        # surrogates with their escapes (as_text): ids are compared as that text.
+        return None if key is None else as_text(key) if isinstance(key, str) else str(key)
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
@@ -298,7 +299,8 @@ def rows_to_table(rows: list[dict], schema):
     """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``.
 
     A column whose values no Arrow type holds together (JSON rows may hold an int in one row and a
-    string in the next, or an int beyond int64) is written as text (``as_text``: strings as they
+    string in the next, or an int beyond int64), or whose type Parquet cannot store (a struct
+    without fields, which ``{}`` values make), is written as text (``as_text``: strings as they
     are, other values as JSON), so one odd row never fails the part.
     """
     import pyarrow as pa
@@ -311,10 +313,25 @@ def rows_to_table(rows: list[dict], schema):
         try:
             array = pa.array(values, type=typ)
         except _conversion_errors():
+            array = None
+        if array is None or _has_empty_struct(array.type):
             array = _as_json_text(values)
         arrays.append(array)
         fields.append(pa.field(name, array.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _has_empty_struct(typ) -> bool:
+    """Whether an Arrow type holds a struct without fields, which Parquet cannot store."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(typ):
+        return typ.num_fields == 0 or any(_has_empty_struct(typ.field(i).type) for i in range(typ.num_fields))
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        return _has_empty_struct(typ.value_type)
+    if pa.types.is_map(typ):
+        return _has_empty_struct(typ.key_type) or _has_empty_struct(typ.item_type)
+    return False
 
 
 def as_text(value: Any) -> str | None:

@@ -35,6 +35,9 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
+# Body fields that OpenAI's API reference types as booleans (checked here: a truthy "no" is not true).
+_BOOLEANS = {CHAT_URL: ("logprobs", "add_generation_prompt", "continue_final_message"),
+             COMPLETIONS_URL: ("echo",)}
 
 
 @dataclass(slots=True)
@@ -93,12 +96,20 @@ class OpenAIBatchFormat:
                            f"{self.served_model_names} (or start the job with --served-model-name)", "model")
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
+        for name in _BOOLEANS[url]:
+            if not isinstance(body.get(name, False), bool):
+                raise RowError(f"body.{name} must be true or false, got {body[name]!r:.40}", name)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
+        names = {}  # SamplingParams field -> the body's name for it, for errors
         if url == CHAT_URL:
             prompt = self._chat_prompt(body)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            if "max_completion_tokens" in body:
+                names["max_tokens"] = "max_completion_tokens"
             if body.get("logprobs"):
-                fields["logprobs"] = body.get("top_logprobs") or 0
+                fields["logprobs"] = body.get("top_logprobs", 0)
+                if "top_logprobs" in body:
+                    names["logprobs"] = "top_logprobs"
             elif body.get("top_logprobs") is not None:
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
@@ -117,7 +128,7 @@ class OpenAIBatchFormat:
             constraint = _response_format(body["response_format"])
             if constraint is not None:
                 fields["structured_outputs"] = constraint
-        params = sampling_params_from(fields, self.defaults, "body")
+        params = sampling_params_from(fields, self.defaults, "body", names)
         return JobRow(key, prompt, params, row, _Context(key, url, self.served_model_names[0]))
 
     def _chat_prompt(self, body: dict) -> RenderedChat:

@@ -10,13 +10,16 @@ row that asked for them, ``prompt_logprobs`` (one entry per prompt token, null f
 vLLM's ``RequestOutput.prompt_logprobs``).
 """
 
+import logging
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import render_chat
-from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobRow, RowError, RowKey, sampling_params_from
 from pagedlm.outputs import CompletionOutput, RequestOutput
+
+logger = logging.getLogger("pagedlm")
 
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
 RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs")
@@ -30,6 +33,7 @@ class PlainFormat:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults
+        self._warned_columns: set[str] = set()
 
     def key_of(self, row: Any) -> RowKey:
         key = row.get("id") if isinstance(row, dict) else None
@@ -60,6 +64,7 @@ class PlainFormat:
                 raise RowError(f"messages: {exc}", "messages") from None
         else:
             prompt = {"prompt_token_ids": value}
+        self._warn_of_sampling_columns(row)
         fields = row.get("sampling_params")
         if fields is None:
             fields = {}
@@ -67,6 +72,16 @@ class PlainFormat:
             raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
         fields = {k: v for k, v in fields.items() if v is not None}  # Parquet structs hold every key
         return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
+
+    def _warn_of_sampling_columns(self, row: dict) -> None:
+        """Top-level columns named like ``SamplingParams`` fields are carried, not used: say so
+        once per column, since they are most likely meant for ``sampling_params``."""
+        new = [c for c in row if c in SAMPLING_FIELDS and c not in self._warned_columns]
+        if new:
+            self._warned_columns.update(new)
+            logger.warning("Row column(s) %s are named like sampling parameters but are carried to the output "
+                           "unchanged: a plain row sets them in its sampling_params object (or use the job's "
+                           "flags, e.g. --max-tokens).", ", ".join(new))
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         row = {

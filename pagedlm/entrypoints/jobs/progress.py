@@ -43,7 +43,7 @@ class Progress:
     On a terminal (stderr is a TTY) a tqdm bar; otherwise (batch schedulers, ``nohup``, CI logs)
     one line on stderr every ``interval`` seconds, from a thread, so a log shows the job is alive
     while long rows generate: rows done / total, errors, generated tokens/s of the finished rows,
-    and the ETA.
+    and the ETA. ``interval`` 0: a line each time a row is done instead.
     """
 
     def __init__(self, stats: JobStats, total: int | None, interval: float, tty: bool | None = None) -> None:
@@ -54,7 +54,8 @@ class Progress:
         self._printed_done: int | None = None
         self._stop = threading.Event()
         self._thread = None
-        if not self.tty:
+        self._every_row = not self.tty and interval == 0
+        if not self.tty and interval > 0:
             self._thread = threading.Thread(target=self._print_every, args=(interval,), daemon=True)
             self._thread.start()
 
@@ -63,6 +64,8 @@ class Progress:
         if self._bar is not None:
             self._bar.update()
             self._bar.set_postfix_str(f"errors: {self.stats.errors}, {self._rate():.1f} gen tok/s", refresh=False)
+        elif self._every_row:
+            self._print_line()
 
     def _print_every(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -88,8 +91,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             return
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         if self._printed_done != self.stats.done:
             self._print_line()
 

@@ -1,6 +1,7 @@
 """What the job formats share: a parsed row, a row's error, and JSON fields to ``SamplingParams``."""
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,8 +65,10 @@ def sampling_defaults(llm: LLM, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**fields, **overrides}
 
 
-def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str) -> SamplingParams:
-    """``SamplingParams`` from a row's fields over the job's defaults.
+def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str,
+                         names: dict[str, str] | None = None) -> SamplingParams:
+    """``SamplingParams`` from a row's fields over the job's defaults. ``names`` maps a field to
+    the name the row gave it (OpenAI's ``max_completion_tokens`` for ``max_tokens``), which errors use.
 
     Raises:
         RowError: an unknown field (the message lists the allowed ones) or a bad value (it names
@@ -78,4 +81,11 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     try:
         return SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
-        raise RowError(f"{where}: {exc}", next((f for f in fields if str(exc).startswith(f)), None)) from None
+        message = str(exc)
+        # The field the message starts with (SamplingParams names it first): the longest that fits,
+        # so that "stop_token_ids ..." is not taken for "stop".
+        field = max((f for f in fields if re.match(rf"{f}\b", message)), key=len, default=None)
+        if field is not None and names and field in names:
+            message = names[field] + message[len(field):]
+            field = names[field]
+        raise RowError(f"{where}: {message}", field) from None

@@ -185,7 +185,8 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
     """The input's row format ("openai" or "plain": ``--input-format``, or "openai" when the first
-    row that can be read, among the first ``limit``, has a ``custom_id``) and its rows, streamed.
+    row that can be read, among the first ``limit``, has a ``custom_id`` and a ``method``, ``url`` or
+    ``body``) and its rows, streamed.
 
     Raises:
         ValueError: ``input_format`` is none of ``INPUT_FORMATS``.
@@ -201,7 +202,7 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
         if item[2] is None:
             break
     row = head[-1][1] if head else None
-    fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row else "plain"
+    fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row and {"method", "url", "body"} & set(row) else "plain"
     return fmt_name, chain(head, rows)
 
 
