@@ -229,6 +229,35 @@ def test_a_single_rendered_chat_is_one_prompt(llm):
     assert len(out) == 1 and out[0].prompt == text and out[0].prompt_token_ids.count(BOS) == 1
 
 
+def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(llm):
+    """``tools`` go to the template; a tool call's JSON-text arguments arrive parsed, so a template's
+    ``tojson`` writes them once (not as a JSON string of JSON); ``chat_template_kwargs`` win over
+    the arguments of the same name. An empty list of conversations is none."""
+    template = ("{% if tools %}TOOLS {{ tools | tojson }}; {% endif %}{% for m in messages %}{{ m.role }}: "
+                "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}"
+                "{% endif %}; {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    conversation = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    text = render_chat(llm.get_tokenizer(), conversation, template, tools=tools).text
+    assert text == ('TOOLS [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]; '
+                    'user: Weather in Paris?; assistant: {"city": "Paris"}; tool: sunny; assistant:')
+    assert conversation[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's is kept
+    bad = [{**conversation[1], "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{oops"}}]}]
+    with pytest.raises(ValueError, match="message 0: a tool call's function.arguments is not valid JSON"):
+        render_chat(llm.get_tokenizer(), bad, template)
+    no_prompt = render_chat(llm.get_tokenizer(), conversation[:1], template,
+                            chat_template_kwargs={"add_generation_prompt": False}).text
+    assert no_prompt == "user: Weather in Paris?; "
+    out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
+    assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
+    assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []
+
+
 def test_closing_early_aborts_what_is_in_flight(llm):
     params = [exact(1)] + [exact(40)] * 3
     with closing(llm.generate_as_completed(PROMPTS[:4], params)) as results:

@@ -84,7 +84,7 @@ def test_bad_inputs_raise_one_error_listing_each(llm):
         "fine",
         {"prompt_token_ids": []},
         {"prompt_token_ids": [1, 999999]},
-        {"prompt_token_ids": list(range(3, 250))},
+        {"prompt_token_ids": list(range(3, 259))},  # 256 tokens: none left to generate
         {"bogus": 1},
         "also fine",
     ]
@@ -100,6 +100,14 @@ def test_bad_inputs_raise_one_error_listing_each(llm):
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="sampling_params has 2 entries for 1 prompts"):
         llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_max_tokens_past_max_model_len_stops_there_with_length(llm):
+    """As vLLM's check_stop: a sequence ends with "length" at max_model_len (256 here), whatever
+    max_tokens asks; the request is not refused."""
+    out = llm.generate({"prompt_token_ids": [BOS] + [7] * 249}, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
 
 
 def _pagedlm_log(caplog):

@@ -104,14 +104,14 @@ class LLMEngine:
         max_len = self.model_config.max_model_len
         if n >= max_len:
             return f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be generated"
-        if params.max_tokens is not None and n + params.max_tokens > max_len:
-            return f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({max_len})"
         if not self.scheduler_config.enable_chunked_prefill and n > self.scheduler_config.max_num_batched_tokens:
             return f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill"
         if params.best_of > self.scheduler_config.max_num_seqs:
             return f"best_of ({params.best_of}) exceeds max_num_seqs ({self.scheduler_config.max_num_seqs})"
+        # A sequence stops with "length" at max_model_len whatever max_tokens says (vLLM's
+        # check_stop); only the KV cache's room refuses a request.
         max_seq_len = self._max_seq_len(n, params.best_of)
-        if n >= max_seq_len or (params.max_tokens is not None and n + params.max_tokens > max_seq_len):
+        if n >= max_seq_len or (params.max_tokens is not None and min(n + params.max_tokens, max_len) > max_seq_len):
             bm = self.block_manager
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
             return (f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} tokens hold "
@@ -471,10 +471,16 @@ class LLMEngine:
     def _logprob_dict(
         self, group: SequenceGroup, context: list[int], token_id: int, logprob: float, top: TopLogprobs
     ) -> dict[int, Logprob]:
-        """One position's logprobs: the top ones and the chosen token's, each with the text it
-        adds after ``context`` (none without ``detokenize``)."""
-        entries = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(zip(top.token_ids, top.logprobs), start=1)}
-        entries[token_id] = Logprob(logprob, top.rank)
+        """One position's logprobs, as vLLM orders and ranks them: the chosen token's first, then the
+        top ones, ranked by their position (1 = most likely, ties in token order), each with the text
+        it adds after ``context`` (none without ``detokenize``). A chosen token among them has its
+        position's rank; one outside them ranks after them (``top.rank`` counts only larger
+        log-probabilities, so a tie with the last of them would repeat its rank)."""
+        position = {t: rank for rank, t in enumerate(top.token_ids, start=1)}
+        entries = {token_id: Logprob(logprob, position.get(token_id, max(top.rank, len(position) + 1)))}
+        for t, lp in zip(top.token_ids, top.logprobs):
+            if t != token_id:
+                entries[t] = Logprob(lp, position[t])
         if group.sampling_params.detokenize:
             for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries))):
                 entry.decoded_token = text

@@ -1,5 +1,6 @@
 """Conversations (OpenAI's chat message format) to prompt text through the model's chat template."""
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,9 @@ class RenderedChat:
 
 
 def is_conversation(messages: object) -> bool:
-    """True for one conversation (a list of message dicts), False for a list of conversations."""
-    return isinstance(messages, Sequence) and not isinstance(messages, str) and (
-        not messages or isinstance(messages[0], dict)
-    )
+    """True for one conversation (a list of message dicts), False for a list of conversations
+    (an empty list is none, as in vLLM's ``LLM.chat``)."""
+    return isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages) and isinstance(messages[0], dict)
 
 
 def parse_conversation(conversation: object) -> Conversation:
@@ -32,7 +32,10 @@ def parse_conversation(conversation: object) -> Conversation:
 
     A message is ``{"role": one of ROLES, "content": str}``; ``content`` may also be a list of
     ``{"type": "text", "text": str}`` parts, which are joined with newlines (vLLM's "string" content
-    format), or null in an assistant message with ``tool_calls``. Other keys (``name``, ``tool_calls``, ``tool_call_id``) go to the template unchanged.
+    format), or null in an assistant message with ``tool_calls``. Other keys (``name``,
+    ``tool_calls``, ``tool_call_id``) go to the template unchanged, except that a tool call's
+    ``function.arguments`` given as JSON text (OpenAI's form) reaches it parsed, and absent or
+    empty as ``{}``, as vLLM passes them (templates render them with ``tojson``).
 
     Raises:
         ValueError: the first problem, naming the message's index and the field.
@@ -57,8 +60,31 @@ def parse_conversation(conversation: object) -> Conversation:
             raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
                              f"got {type(content).__name__}")
         # Null fields are unset: a Parquet struct or an OpenAI client writes every key.
-        messages.append({**{k: v for k, v in message.items() if v is not None}, "content": content})
+        message = {**{k: v for k, v in message.items() if v is not None}, "content": content}
+        if role == "assistant" and isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_parse_tool_call(i, call) for call in message["tool_calls"]]
+        messages.append(message)
     return messages
+
+
+def _parse_tool_call(i: int, call: object) -> object:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if isinstance(arguments, (dict, list)):
+        return call
+    if not arguments:
+        arguments = {}
+    else:
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError as exc:
+            raise ValueError(f"message {i}: a tool call's function.arguments is not valid JSON ({exc})") from None
+        if arguments is None:
+            raise ValueError(f"message {i}: a tool call's function.arguments must be JSON text or an object, "
+                             f"got {type(function.get('arguments')).__name__}")
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _join_text_parts(i: int, parts: list) -> str:
@@ -78,10 +104,13 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> RenderedChat:
     """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
     Its text already holds the template's special tokens (BOS included), so it is tokenized with
-    ``add_special_tokens=False``.
+    ``add_special_tokens=False``. ``tools`` (OpenAI's tool definitions) go to the template as
+    ``tools``; ``chat_template_kwargs`` go to it too and win over the arguments of the same name,
+    as in vLLM.
 
     Raises:
         ValueError: a bad message (``parse_conversation``), the tokenizer has no template and none
@@ -92,13 +121,14 @@ def render_chat(
     messages = parse_conversation(conversation)
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
-    if add_generation_prompt and continue_final_message:
+    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              "tools": tools, **(chat_template_kwargs or {})}
+    if kwargs.pop("tokenize", False) is not False:
+        raise ValueError("chat_template_kwargs cannot set tokenize: the rendered text is tokenized afterwards")
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
     try:
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}),
-        )
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(text, str):

@@ -182,6 +182,7 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation or each of a list of them (vLLM's ``LLM.chat``); one
         ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
@@ -189,9 +190,10 @@ class LLM:
         A conversation is a list of ``{"role": "system" | "developer" | "user" | "assistant" |
         "tool", "content": str}`` messages (see ``chat_utils.parse_conversation``). It is rendered
         with ``chat_template`` or the tokenizer's own, with ``add_generation_prompt`` (open an
-        assistant turn) or ``continue_final_message`` (extend the last message; not both), and
-        ``chat_template_kwargs`` passed to the template; the text is tokenized without adding
-        special tokens, since the template has placed them.
+        assistant turn) or ``continue_final_message`` (extend the last message; not both),
+        ``tools`` (OpenAI's function definitions) and ``chat_template_kwargs`` passed to the
+        template (``render_chat``); the text is tokenized without adding special tokens, since the
+        template has placed them. An empty list is no conversation (no outputs).
 
         Raises:
             ValueError: listing every conversation that cannot run and why, before any work.
@@ -207,7 +209,7 @@ class LLM:
             try:
                 prompts.append(render_chat(
                     self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
-                    continue_final_message, chat_template_kwargs,
+                    continue_final_message, chat_template_kwargs, tools,
                 ))
             except ValueError as exc:
                 errors[i] = str(exc)
@@ -299,7 +301,7 @@ class LLM:
         for k, (index, _, params) in enumerate(items):
             reason = errors.get(k)
             if params is None:
-                params = self._fit_max_tokens(self._final_only_defaults, len(token_ids[k]))
+                params = self._final_only_defaults
             elif not isinstance(params, SamplingParams):
                 reason = reason or f"sampling_params must be a SamplingParams, got {type(params).__name__}"
             else:
@@ -323,12 +325,6 @@ class LLM:
             else:
                 requests.append(_Rejected(index, reason))
         return requests
-
-    def _fit_max_tokens(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
-        room = self.llm_engine.model_config.max_model_len - num_prompt_tokens
-        if params.max_tokens is not None and 0 < room < params.max_tokens:
-            return params.clone(max_tokens=room)
-        return params
 
     def _tokenize(self, prompts: Sequence[object]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
         texts: list[str | None] = []
