@@ -60,6 +60,9 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
+    # Prompt tokens served from the prefix cache when the request was first admitted (vLLM's
+    # field; None before that).
+    num_cached_tokens: int | None = None
 
     @classmethod
     def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput | None":
@@ -103,4 +106,5 @@ class RequestOutput:
                 seq_group.num_returned_prompt_logprobs += len(prompt_logprobs)
         return cls(
             seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs, finished,
+            seq_group.num_cached_tokens,
         )

@@ -85,3 +85,17 @@ def test_prompt_longer_than_the_step_budget(llama_dir):
     prompts = [[BOS] + _random_tokens(rng, 299), [BOS] + _random_tokens(rng, 20)]
     llm = LLM(llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=64)
     assert _run(llm, prompts, SamplingParams(temperature=0, max_tokens=12)) == hf_greedy(llama_dir, prompts, 12)
+
+
+def test_a_prefix_that_ends_inside_a_block_is_reused_to_its_last_shared_token(llama_dir):
+    """A shared prefix of 24 tokens at block size 16 (as SmolLM2's chat template makes): prompts
+    admitted after the step that computed it reuse all 24 tokens (a copy of the partly shared
+    block), and their outputs are those of a run without the cache. ``num_cached_tokens`` says so."""
+    rng = random.Random(3)
+    prefix = [BOS] + _random_tokens(rng, 23)
+    prompts = [prefix + _random_tokens(rng, rng.randrange(2, 30)) for _ in range(6)]
+    baseline = _run(LLM(llama_dir, dtype="float32", enable_prefix_caching=False), prompts)
+    llm = LLM(llama_dir, dtype="float32", block_size=16)
+    outs = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts]  # one at a time
+    assert [o.outputs[0].token_ids for o in outs] == baseline
+    assert [o.num_cached_tokens for o in outs] == [0] + [24] * 5

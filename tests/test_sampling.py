@@ -374,3 +374,19 @@ def test_beam_search_reports_the_models_log_probabilities_as_sampling_does(llm):
     assert sampled.token_ids == forced and sampled.cumulative_logprob < -1.0
     best = beams.outputs[0]  # (the other beam holds a token the processor ruled out)
     assert best.token_ids == forced and best.cumulative_logprob == pytest.approx(sampled.cumulative_logprob, abs=1e-4)
+
+
+def test_logprob_ranks_are_positions_with_the_chosen_token_first():
+    """vLLM's dict: the chosen token first, the top entries ranked by position; a chosen token
+    tied with the last of them (the kernel's rank counts only larger ones) ranks after them."""
+    from types import SimpleNamespace
+
+    from pagedlm.engine.llm_engine import LLMEngine
+    from pagedlm.step import TopLogprobs
+
+    group = SimpleNamespace(sampling_params=SimpleNamespace(detokenize=False))
+    top = TopLogprobs(2, [5, 7], [-0.5, -1.0])
+    tied = LLMEngine._logprob_dict(None, group, [], 9, -1.0, top)
+    assert [(t, lp.rank) for t, lp in tied.items()] == [(9, 3), (5, 1), (7, 2)]
+    among = LLMEngine._logprob_dict(None, group, [], 7, -1.0, top)
+    assert [(t, lp.rank, lp.logprob) for t, lp in among.items()] == [(7, 2, -1.0), (5, 1, -0.5)]

@@ -90,6 +90,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             out.blocks_to_copy += self.block_manager.allocate(seq_group, plans)
+            if seq_group.num_cached_tokens is None:
+                seq_group.num_cached_tokens = seqs[0].num_computed_tokens
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             for seq, chunk in chunks.items():
