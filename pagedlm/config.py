@@ -45,11 +45,15 @@ class ModelConfig:
     max_model_len: int
     device: torch.device
     generation_config: str = "auto"  # where sampling defaults come from: "auto" (the model), "vllm" (none), a directory
+    seed: int | None = None  # seeds the draws of completions without a seed of their own
 
     @classmethod
     def create(
-        cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto"
+        cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto",
+        seed: int | None = None,
     ) -> "ModelConfig":
+        if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}.")
         if not isinstance(generation_config, str) or (
             generation_config not in ("auto", "vllm")
             and not os.path.isfile(os.path.join(generation_config, "generation_config.json"))
@@ -70,7 +74,7 @@ class ModelConfig:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
-        return cls(model, hf_config, resolved, max_model_len, dev, generation_config)
+        return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed)
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with

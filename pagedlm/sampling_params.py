@@ -159,7 +159,7 @@ class SamplingParams:
             EOS token's, is left out of ``text`` unless ``include_stop_str_in_output``).
         ignore_eos: keep generating after the end-of-sequence token.
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
-            the sampled token's); 0 returns just the sampled token's.
+            the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
         prompt_logprobs: the same for each prompt position.
         skip_special_tokens: leave special tokens out of the output text.
         spaces_between_special_tokens: with ``skip_special_tokens=False``, False drops the space a
@@ -171,6 +171,11 @@ class SamplingParams:
             heuristic (False, the default), or only when no better beam can exist ("never").
         logits_processors: callables ``f(output_token_ids, logits)`` or
             ``f(prompt_token_ids, output_token_ids, logits)`` returning the new logits row.
+        logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
+            string ids, as OpenAI's JSON gives them, are read as ints; biases clamped to [-100, 100]).
+        allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all.
+        truncate_prompt_tokens: keep only the prompt's last this many tokens (left truncation,
+            vLLM's); -1 keeps as many as ``max_model_len`` leaves room for (one token to generate).
         detokenize: produce ``text``; with False only token ids come back.
         structured_outputs: a ``StructuredOutputsParams`` (or a dict of its fields) every
             completion must satisfy: a JSON schema, regex, choice, EBNF grammar or any JSON object.
@@ -203,6 +208,9 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     logits_processors: list[LogitsProcessor] | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -252,8 +260,8 @@ class SamplingParams:
             if value is not None:
                 value = _number(name, value, integer=True)
                 setattr(self, name, value)
-                if value < 0:
-                    raise ValueError(f"{name} must be None or >= 0, got {value}.")
+                if value < -1:
+                    raise ValueError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.")
         self.length_penalty = _number("length_penalty", self.length_penalty)
         if self.early_stopping != "never":
             try:
@@ -261,6 +269,19 @@ class SamplingParams:
             except ValueError:
                 raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.") from None
         self._verify_logits_processors()
+        self._verify_logit_bias()
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError(f"allowed_token_ids must be None or a non-empty list of token ids, "
+                                 f"got {self.allowed_token_ids!r}.")
+            self.allowed_token_ids = [_number("allowed_token_ids", t, integer=True) for t in self.allowed_token_ids]
+            if any(t < 0 for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must hold non-negative ints, got {self.allowed_token_ids!r}.")
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = _number("truncate_prompt_tokens", self.truncate_prompt_tokens, integer=True)
+            if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
+                raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, "
+                                 f"got {self.truncate_prompt_tokens}.")
         if isinstance(self.structured_outputs, dict):
             fields = ("json", "regex", "choice", "grammar", "json_object")
             unknown = sorted(set(self.structured_outputs) - set(fields))
@@ -346,6 +367,20 @@ class SamplingParams:
             self._processor_takes_prompt.append(num_args == 3)
         self.logits_processors = list(processors)
 
+    def _verify_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be None or a dict of token id -> bias, got {type(self.logit_bias).__name__}.")
+        bias = {}
+        for token, value in self.logit_bias.items():
+            # OpenAI's JSON gives the ids as strings; its biases lie in [-100, 100], as vLLM clamps them.
+            token = _number("logit_bias", int(token) if isinstance(token, str) and token.isdigit() else token, integer=True)
+            if token < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token}.")
+            bias[token] = min(max(_number("logit_bias", value), -100.0), 100.0)
+        self.logit_bias = bias
+
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Run the processors in order on one row of logits ``[vocab]``. Each gets copies of the
         token lists (what it does to them changes nothing) and must return a float tensor of the
@@ -381,6 +416,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether sampling sees logits other than the model's (vLLM applies these before
+        penalties): ``allowed_token_ids`` or ``logit_bias``."""
+        return self.allowed_token_ids is not None or bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:

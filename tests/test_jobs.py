@@ -514,7 +514,7 @@ def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path)
         _openai_row("lp-no", "/v1/chat/completions", {**chat, "logprobs": "no"}),
         _openai_row("agp", "/v1/chat/completions", {**chat, "add_generation_prompt": "yes"}),
         _openai_row("mct", "/v1/chat/completions", {**chat, "max_completion_tokens": "5"}),
-        _openai_row("tlp", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -1}),
+        _openai_row("tlp", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -2}),
         _openai_row("stop-ids", "/v1/completions", {"prompt": "x", "stop": "y", "stop_token_ids": [-1]}),
         _openai_row("ok", "/v1/chat/completions", {**chat, "logprobs": False}),
     ]
@@ -538,3 +538,14 @@ def test_plain_rows_with_a_custom_id_column_stay_plain_and_sampling_columns_are_
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     assert (stats.completed, stats.errors) == (2, 0) and by_id(out)[1]["custom_id"] == "mine-1"
     assert len(warnings) == 1 and "max_tokens, temperature are named like sampling parameters" in warnings[0]
+
+
+def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(2)])
+    out = tmp_path / "out.jsonl"
+    run(llama_dir, inp, out)
+    with pytest.raises(ValueError, match="engine: started with .*'dtype': 'float32'.*now .*'dtype': 'bfloat16'"):
+        run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True, sampling={"temperature": 0.0, "max_tokens": 6},
+                          engine={**ENGINE, "dtype": "bfloat16"}))
+    stats, _ = run(llama_dir, inp, out, resume=True)  # the same settings: nothing left to run
+    assert stats.skipped == 2

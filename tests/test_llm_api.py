@@ -227,7 +227,8 @@ def test_eos_from_generation_config_stops(llama_dir, tmp_path):
     (model_dir / "generation_config.json").write_text(json.dumps(gen))
     out = LLM(str(model_dir), dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == tokens[: tokens.index(tokens[3]) + 1]
-    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason is None
+    # As vLLM reports it: generation_config's other EOS ids are stop tokens, named by stop_reason.
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == tokens[3]
     ignored = LLM(str(model_dir), dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert ignored.outputs[0].token_ids == tokens
 
@@ -665,3 +666,17 @@ def test_params_changed_after_construction_are_checked_and_queued_requests_keep_
     params.logits_processors = [lambda prompt_ids, output_ids, logits: torch.where(torch.arange(logits.numel()) == 42, 0.0, -1e9)]
     out = llm.generate([{"prompt_token_ids": [BOS, 5, 6]}], params, use_tqdm=False)[0]
     assert [c.token_ids for c in out.outputs] == [[42, 42], [42, 42]]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    """vLLM's left truncation: the request runs on the prompt's last k tokens, and its output says
+    which; -1 keeps what max_model_len (256) leaves room for."""
+    long = [BOS] + list(range(3, 303))  # 301 tokens: over max_model_len
+    params = SamplingParams(temperature=0, max_tokens=3, truncate_prompt_tokens=20)
+    got = llm.generate({"prompt_token_ids": long}, params, use_tqdm=False)[0]
+    want = llm.generate({"prompt_token_ids": long[-20:]}, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    assert got.prompt_token_ids == long[-20:] and got.outputs[0].token_ids == want.outputs[0].token_ids
+    most = llm.generate({"prompt_token_ids": long}, params.clone(truncate_prompt_tokens=-1, max_tokens=1), use_tqdm=False)[0]
+    assert most.prompt_token_ids == long[-255:] and len(most.outputs[0].token_ids) == 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1 .the model's limit. or >= 1, got 0"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -390,3 +390,57 @@ def test_logprob_ranks_are_positions_with_the_chosen_token_first():
     assert [(t, lp.rank) for t, lp in tied.items()] == [(9, 3), (5, 1), (7, 2)]
     among = LLMEngine._logprob_dict(None, group, [], 7, -1.0, top)
     assert [(t, lp.rank, lp.logprob) for t, lp in among.items()] == [(7, 2, -1.0), (5, 1, -0.5)]
+
+
+def test_logprobs_minus_one_returns_the_whole_vocabulary(llm, hf):
+    """vLLM's ``logprobs=-1`` / ``prompt_logprobs=-1``: every token's log-probability."""
+    prompt = PROMPTS[0]
+    out = llm.generate(_ids([prompt]), SamplingParams(temperature=0, max_tokens=1, logprobs=-1, prompt_logprobs=-1),
+                       use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    entry = out.outputs[0].logprobs[0]
+    assert len(entry) == VOCAB_SIZE and sorted(lp.rank for lp in entry.values()) == list(range(1, VOCAB_SIZE + 1))
+    assert max(abs(entry[t].logprob - ref[-1, t].item()) for t in range(VOCAB_SIZE)) < 1e-4
+    assert all(len(p) == VOCAB_SIZE for p in out.prompt_logprobs[1:])
+    with pytest.raises(ValueError, match="logprobs must be None, -1 .the whole vocabulary. or >= 0, got -2"):
+        SamplingParams(logprobs=-2)
+
+
+def test_llm_seed_makes_unseeded_sampling_repeat(llama_dir):
+    """``LLM(seed=)`` (vLLM's argument): completions without a seed of their own draw from the
+    engine's generator, so a run repeats itself, and another seed gives other samples."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+
+    def sample(seed):
+        with LLM(llama_dir, dtype="float32", seed=seed) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(_ids(PROMPTS), params, use_tqdm=False)]
+
+    first = sample(7)
+    assert sample(7) == first and sample(8) != first
+    with pytest.raises(ValueError, match="seed must be None or an int"):
+        LLM(llama_dir, seed="7")
+
+
+def test_allowed_token_ids_and_logit_bias_steer_sampling_and_logprobs_stay_raw(llm, hf):
+    """vLLM's ``allowed_token_ids`` (the argmax among them) and OpenAI's ``logit_bias`` (string ids,
+    clamped to [-100, 100]); the reported logprobs are the model's own."""
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    allowed = [10, 20, 30, 40]
+    out = llm.generate(_ids([prompt]), SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=allowed, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    token = out.token_ids[0]
+    assert token == max(allowed, key=lambda t: ref[t].item())
+    assert out.logprobs[0][token].logprob == pytest.approx(ref[token].item(), abs=1e-4)
+    biased = llm.generate(_ids([prompt]), SamplingParams(temperature=0.7, seed=1, max_tokens=6, ignore_eos=True,
+                                                         logit_bias={"42": 1000}), use_tqdm=False)[0].outputs[0]
+    assert biased.token_ids == [42] * 6
+    sampled = llm.generate(_ids([prompt]), SamplingParams(temperature=1.0, seed=2, max_tokens=30, ignore_eos=True,
+                                                          allowed_token_ids=allowed), use_tqdm=False)[0].outputs[0]
+    assert set(sampled.token_ids) <= set(allowed)
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[999\] are outside the vocabulary"):
+        llm.generate(_ids([prompt]), SamplingParams(allowed_token_ids=[999]), use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias must be a number"):
+        SamplingParams(logit_bias={5: "high"})

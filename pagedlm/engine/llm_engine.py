@@ -47,7 +47,7 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.model)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
-        self.stop_checker = StopChecker(eos)
+        self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         self.model_runner = ModelRunner(model_config, cache_config)
         block_size = cache_config.block_size
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
@@ -89,6 +89,15 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.hf_config.vocab_size
 
+    def truncate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt's last ``params.truncate_prompt_tokens`` tokens (-1: ``max_model_len - 1``)."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return prompt_token_ids
+        if keep == -1:
+            keep = self.model_config.max_model_len - 1
+        return prompt_token_ids[-keep:]
+
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
                       wait_for_grammar: bool = True) -> str | None:
         """Why a request can never run, or ``None`` when it can. A structured-outputs constraint is
@@ -116,9 +125,11 @@ class LLMEngine:
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
             return (f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} tokens hold "
                     f"at most {max_seq_len} tokens for each of the request's {params.best_of} sequence(s) at once")
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                return f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})"
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab_size:
@@ -172,9 +183,13 @@ class LLMEngine:
         params = params.clone()
         if prompt_token_ids is None:
             prompt_token_ids = encode_prompts(self.tokenizer, [prompt])[0]
+        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params)
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise ValueError(f"Request {request_id!r}: {reason}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) == -1:  # vLLM's "the whole vocabulary" (the request's own copy)
+                setattr(params, name, self.vocab_size)
         generators = None
         if params.seed is not None:
             generators = [torch.Generator(self.model_config.device).manual_seed(params.seed + i) for i in range(params.best_of)]

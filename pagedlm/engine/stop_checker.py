@@ -13,8 +13,12 @@ from pagedlm.sampling_params import SamplingParams
 
 
 class StopChecker:
-    def __init__(self, eos_token_ids: Collection[int]) -> None:
+    """``eos_token_ids``: every EOS id; ``primary_eos_token_id``: the tokenizer's, the one whose
+    stop reports no ``stop_reason`` (vLLM adds the others to ``stop_token_ids``)."""
+
+    def __init__(self, eos_token_ids: Collection[int], primary_eos_token_id: int | None = None) -> None:
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.primary_eos_token_id = primary_eos_token_id
 
     def is_stop_token(self, params: SamplingParams, token_id: int) -> bool:
         """The rule: every id of ``stop_token_ids``, and the EOS ids unless ``ignore_eos``."""
@@ -31,8 +35,9 @@ class StopChecker:
         return tuple(sorted(self.stop_token_ids(params)))
 
     def stop_reason(self, params: SamplingParams, token_id: int) -> int | None:
-        """vLLM's ``stop_reason`` for a sequence ended by ``token_id``: ``None`` for EOS, else the id."""
-        return None if token_id in self.eos_token_ids and not params.ignore_eos else token_id
+        """vLLM's ``stop_reason`` for a sequence ended by ``token_id``: ``None`` for the tokenizer's
+        EOS, else the id (another EOS id of ``generation_config.json`` included)."""
+        return None if token_id == self.primary_eos_token_id and not params.ignore_eos else token_id
 
     def check_stop_token(self, seq: Sequence, params: SamplingParams) -> bool:
         """Whether ``seq``'s newest token stops it; sets ``seq.stop_reason`` if so. Checked before

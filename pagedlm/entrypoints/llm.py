@@ -65,6 +65,9 @@ class LLM:
             come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
             max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
+        seed: seeds the random draws of completions that have no ``SamplingParams.seed``, so a
+            run repeats itself (with the same requests in the same order); None (the default)
+            leaves them to torch's default generator. A seeded request does not depend on it.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values).
@@ -87,8 +90,9 @@ class LLM:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
+        seed: int | None = None,
     ) -> None:
-        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config)
+        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config, seed)
         cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype,
                                    calculate_kv_scales)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
@@ -316,6 +320,7 @@ class LLM:
                 if isinstance(params, str):
                     reason = reason or params
             if reason is None:
+                token_ids[k] = self.llm_engine.truncate_prompt(token_ids[k], params)
                 reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
             if reason is None:
                 grammar = None

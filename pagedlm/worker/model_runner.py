@@ -45,7 +45,8 @@ class ModelRunner:
         threshold = long_rope_threshold(model_config.hf_config)
         # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
         self.long_rope = (threshold, model_config.max_model_len) if threshold is not None else None
-        self.sampler = Sampler()
+        seed = model_config.seed
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed) if seed is not None else None)
         self.cache_engine: CacheEngine | None = None
 
     def calculate_kv_scales_next_step(self) -> None:

@@ -9,8 +9,9 @@ from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 
-# SamplingParams fields a row may set: every one but the callables.
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "logits_processors")
+# SamplingParams fields a row may set: every one but the callables and output_kind (which JSON
+# cannot give, and the job sets).
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("logits_processors", "output_kind"))
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 

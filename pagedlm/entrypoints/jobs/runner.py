@@ -206,6 +206,11 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     return fmt_name, chain(head, rows)
 
 
+# Engine settings that change a row's output (batch sizes, budgets and cache sizes do not: the
+# outputs are batch-invariant), which a resumed run must repeat.
+OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "kv_cache_dtype", "calculate_kv_scales", "seed")
+
+
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
     """The settings a resumed run must repeat."""
     model = model or config.model or "(the embedded default model)"
@@ -216,6 +221,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
         "served_model_names": config.served_model_names,
+        "engine": {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS if k in config.engine},
     }
 
 
@@ -231,6 +237,7 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
             raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
         with open(path) as f:
             recorded = json.load(f)
+        recorded.setdefault("engine", {})  # a job started before engine settings were recorded
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
             raise ValueError("cannot resume: this run's settings differ from the job's:\n  " + "\n  ".join(differ))

@@ -35,7 +35,7 @@ class SamplingMetadata:
     top_ks: torch.Tensor  # [R] int64, vocab size where off
     min_ps: torch.Tensor
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
-    needs_processing: bool  # penalties, logits processors, min_tokens bans or token bitmasks on some row
+    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, min_tokens bans or bitmasks
     plain_greedy: bool  # every row greedy on raw logits, no top logprobs, no beams
     masked_greedy: bool  # the same, but some rows have token bitmasks (and nothing else changes logits)
 
@@ -63,7 +63,7 @@ class SamplingMetadata:
         allowed = None
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
-        changes_logits = bool(banned_rows) or any(p.has_penalties or p.logits_processors for p in params)
+        changes_logits = bool(banned_rows) or any(p.has_penalties or p.logits_processors or p.changes_logits for p in params)
         needs_processing = changes_logits or bool(masked)
         num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         greedy = num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params)
@@ -98,6 +98,13 @@ class SamplerResult:
 
 
 class Sampler(DirectCall, nn.Module):
+    """``generator``: draws for the rows of completions without a seed of their own (``LLM(seed=)``);
+    torch's default generator when None."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.generator = generator
+
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -122,16 +129,18 @@ class Sampler(DirectCall, nn.Module):
             beam_raw_logprobs = torch.log_softmax(logits[meta.beam_rows].float(), dim=-1) if meta.needs_processing else beam_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
-    @staticmethod
-    def _uniforms(meta: SamplingMetadata) -> torch.Tensor:
-        uniforms = torch.rand(len(meta.params), device=meta.temperatures.device)
+    def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
+        uniforms = torch.rand(len(meta.params), generator=self.generator, device=meta.temperatures.device)
         for row, generator in meta.generators.items():
             uniforms[row] = torch.rand(1, generator=generator, device=generator.device)[0]
         return uniforms
 
     def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Penalties, then user logits processors, then the min_tokens bans and the structured
-        outputs' token bitmasks."""
+        """As vLLM orders them: allowed_token_ids and logit_bias, penalties, then user logits
+        processors, then the min_tokens bans and the structured outputs' token bitmasks."""
+        for row, p in enumerate(meta.params):
+            if p.changes_logits:
+                _apply_allowed_and_bias(logits[row], p)
         penalized = [row for row, p in enumerate(meta.params) if p.has_penalties]
         if penalized:
             _apply_penalties(logits, meta, penalized)
@@ -144,6 +153,19 @@ class Sampler(DirectCall, nn.Module):
             rows, bitmask = meta.allowed
             logits[rows] = logits[rows].masked_fill_(~unpack_token_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
+
+
+def _apply_allowed_and_bias(row: torch.Tensor, p: SamplingParams) -> None:
+    """vLLM's first two changes to a row of logits [vocab], in place: every id outside
+    ``allowed_token_ids`` to -inf, then ``logit_bias`` added."""
+    if p.allowed_token_ids is not None:
+        allowed = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=row.device)
+        kept = row[allowed]
+        row.fill_(float("-inf"))
+        row[allowed] = kept
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=row.device)
+        row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
 
 
 def _raw_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
