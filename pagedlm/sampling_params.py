@@ -174,6 +174,8 @@ class SamplingParams:
         logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
             string ids, as OpenAI's JSON gives them, are read as ints; biases clamped to [-100, 100]).
         allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all.
+        bad_words: words no completion may generate (vLLM's; ``engine.bad_words`` says how they
+            are matched).
         truncate_prompt_tokens: keep only the prompt's last this many tokens (left truncation,
             vLLM's); -1 keeps as many as ``max_model_len`` leaves room for (one token to generate).
         detokenize: produce ``text``; with False only token ids come back.
@@ -211,6 +213,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -277,6 +280,10 @@ class SamplingParams:
             self.allowed_token_ids = [_number("allowed_token_ids", t, integer=True) for t in self.allowed_token_ids]
             if any(t < 0 for t in self.allowed_token_ids):
                 raise ValueError(f"allowed_token_ids must hold non-negative ints, got {self.allowed_token_ids!r}.")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.")
+            self.bad_words = list(self.bad_words)
         if self.truncate_prompt_tokens is not None:
             self.truncate_prompt_tokens = _number("truncate_prompt_tokens", self.truncate_prompt_tokens, integer=True)
             if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:

@@ -56,7 +56,7 @@ class SequenceData:
     # ``best_of`` when a group samples the first tokens of all its completions from one prompt.
     num_samples: int = 0
     generators: list[torch.Generator] | None = None  # one per sample, for seeded requests
-    banned_token_ids: Sequence[int] = ()  # may not be sampled yet (``min_tokens``)
+    banned_token_ids: Sequence[int] = ()  # may not be sampled now (``min_tokens``, ``bad_words``)
     # Structured outputs: int32 [ceil(vocab / 32)], bit t % 32 of word t // 32 set = token t allowed.
     token_bitmask: torch.Tensor | None = None
     # Prompt positions [first, end) in this chunk whose next-token log-probabilities are returned.

@@ -444,3 +444,24 @@ def test_allowed_token_ids_and_logit_bias_steer_sampling_and_logprobs_stay_raw(l
         llm.generate(_ids([prompt]), SamplingParams(allowed_token_ids=[999]), use_tqdm=False)
     with pytest.raises(ValueError, match="logit_bias must be a number"):
         SamplingParams(logit_bias={5: "high"})
+
+
+def test_bad_words_are_never_generated(llama_dir):
+    """vLLM's ``bad_words``: a one-token word is never sampled, a longer word's last token never
+    right after the rest of it. Greedy, so the words are taken from what the model does generate."""
+    from pagedlm.engine.bad_words import banned_by_bad_words, bad_words_token_ids
+
+    llm = LLM(llama_dir, dtype="float32")
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    free = llm.generate(_ids(PROMPTS[:1]), params, use_tqdm=False)[0].outputs[0]
+    word = tok.decode(free.token_ids[3:5])  # two of the tokens it generates, as text
+    sequences = bad_words_token_ids(tok, [word])
+    assert any(ids == free.token_ids[3:5] for ids in sequences)
+    out = llm.generate(_ids(PROMPTS[:1]), params.clone(bad_words=[word]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:4] == free.token_ids[:4] and out.token_ids[4] != free.token_ids[4]
+    for end in range(len(out.token_ids)):
+        assert out.token_ids[end] not in banned_by_bad_words(sequences, out.token_ids[:end])
+    assert banned_by_bad_words([[7], [1, 2, 3]], [9, 1, 2]) == {7, 3} and banned_by_bad_words([[1, 2, 3]], [2]) == set()
+    with pytest.raises(ValueError, match="bad_words must be None or a list of non-blank strings"):
+        SamplingParams(bad_words=[" "])

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
 from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context
@@ -200,6 +201,8 @@ class LLMEngine:
             arrival_time if arrival_time is not None else time.monotonic(), generators, cache_salt,
         )
         seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params.best_of)
+        if params.bad_words:
+            seq_group.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.use_beam_search:
             max_new = seq_group.max_seq_len - len(prompt_token_ids)
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
@@ -352,6 +355,9 @@ class LLMEngine:
                     data.generators = group.generators if fans_out else [group.generators[seq.index]]
                 if params.min_tokens:
                     data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
+                if group.bad_words_token_ids:
+                    banned = banned_by_bad_words(group.bad_words_token_ids, seq.output_token_ids)
+                    data.banned_token_ids = tuple(sorted(banned.union(data.banned_token_ids)))
                 if seq.grammar_matcher is not None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
                     # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).

@@ -27,6 +27,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _SAME_NAME = (
     "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "stop", "logit_bias",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "allowed_token_ids",
+    "bad_words", "truncate_prompt_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
     "use_beam_search", "length_penalty",
 )
