@@ -1,5 +1,6 @@
 """Sampling parameters for text generation (vLLM's ``SamplingParams``)."""
 
+import dataclasses
 import inspect
 import json as _json
 import math
@@ -79,6 +80,13 @@ class StructuredOutputsParams:
         choice: a list of strings; the output is one of them.
         grammar: an EBNF grammar (xgrammar's / GBNF dialect, rule ``root``).
         json_object: True: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+        disable_any_whitespace: with ``json`` or ``json_object``, no whitespace between tokens of
+            the JSON beyond the single spaces of its compact form (xgrammar's ``any_whitespace=False``,
+            as vLLM passes it).
+        disable_additional_properties: objects take only the properties their schema lists. This is
+            xgrammar's strict mode, which pagedlm (like vLLM's xgrammar backend) always uses, so
+            False does not allow more.
+        disable_fallback: vLLM's "do not fall back to another backend"; there is none here.
 
     Enforced by masking, at every step, the tokens that cannot continue a valid output (xgrammar);
     end-of-sequence is allowed only where the output may end.
@@ -94,6 +102,9 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
@@ -114,10 +125,15 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs.json_object must be True, got {value!r}.")
         if kind == "choice":
             self.choice = list(value)
+        for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            setattr(self, name, _check_bool(f"structured_outputs.{name}", getattr(self, name)))
+        if self.disable_any_whitespace and kind not in ("json", "json_object"):
+            raise ValueError(f"structured_outputs.disable_any_whitespace applies to json and json_object only, not {kind}.")
 
     @property
-    def key(self) -> tuple[str, str]:
-        """(kind, spec): equal for equal constraints (a dict schema in canonical JSON)."""
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, spec, any whitespace): equal for equal constraints (a dict schema in canonical JSON)."""
+        any_whitespace = not self.disable_any_whitespace
         for kind in ("json", "regex", "choice", "grammar"):
             value = getattr(self, kind)
             if value is not None:
@@ -125,8 +141,8 @@ class StructuredOutputsParams:
                     value = _json.dumps(value, sort_keys=True)
                 elif kind == "choice":
                     value = _json.dumps(value)
-                return kind, value
-        return "json_object", ""
+                return kind, value, any_whitespace
+        return "json_object", "", any_whitespace
 
 
 @dataclass
@@ -290,7 +306,7 @@ class SamplingParams:
                 raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, "
                                  f"got {self.truncate_prompt_tokens}.")
         if isinstance(self.structured_outputs, dict):
-            fields = ("json", "regex", "choice", "grammar", "json_object")
+            fields = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
             unknown = sorted(set(self.structured_outputs) - set(fields))
             if unknown:
                 raise ValueError(f"structured_outputs: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}.")

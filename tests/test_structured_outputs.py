@@ -211,3 +211,23 @@ def test_without_return_errors_no_prompt_after_a_bad_constraint_runs(llm):
         for index, _ in llm.generate_as_completed(iter(PROMPTS[:4]), iter(params)):
             seen.append(index)
     assert seen == [0] and not llm.llm_engine.has_unfinished_requests()
+
+
+def test_disable_any_whitespace_gives_compact_json(llm):
+    """vLLM's ``disable_any_whitespace``: outside strings only the single spaces of the compact form
+    (after ``:`` and ``,``). The same schema with whitespace allowed is compiled apart (the key)."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3},
+                                               "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
+              "required": ["a", "b"]}
+
+    def skeletons(disable):
+        params = SamplingParams(n=4, temperature=1.5, seed=3, max_tokens=60,
+                                structured_outputs=SO(json=schema, disable_any_whitespace=disable))
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return [re.sub(r'"(?:[^"\\]|\\.)*("|$)', '""', c.text) for o in outs for c in o.outputs]
+
+    loose, compact = skeletons(False), skeletons(True)
+    assert any(re.search(r"\s", s.replace(": ", ":").replace(", ", ",")) for s in loose)
+    assert not any(re.search(r"\s", s.replace(": ", ":").replace(", ", ",")) for s in compact)
+    with pytest.raises(ValueError, match="disable_any_whitespace applies to json and json_object only"):
+        SO(regex="a+", disable_any_whitespace=True)

@@ -68,7 +68,7 @@ class StructuredOutputManager:
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
-        kind, spec = params.key
+        kind, spec, any_whitespace = params.key
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
@@ -77,7 +77,8 @@ class StructuredOutputManager:
                     raise ValueError(f"keyword(s) {', '.join(unsupported)} cannot be enforced (xgrammar does not "
                                      "support them)")
                 # The schema as written: its properties come out in their order (the key sorts them).
-                compiled = self._compiler.compile_json_schema(json.dumps(schema, ensure_ascii=False))
+                compiled = self._compiler.compile_json_schema(json.dumps(schema, ensure_ascii=False),
+                                                              any_whitespace=any_whitespace)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(spec)
             elif kind == "choice":
@@ -86,7 +87,7 @@ class StructuredOutputManager:
             elif kind == "grammar":
                 compiled = self._compiler.compile_grammar(spec)
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
-                compiled = self._compiler.compile_json_schema('{"type": "object"}')
+                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
             raise ValueError(f"structured_outputs.{kind} does not compile: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
