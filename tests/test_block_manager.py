@@ -432,3 +432,17 @@ def test_a_prefix_computed_again_takes_the_keys_a_reused_extent_left_behind():
     assert bm.get_block_table(other) == [0, 1]
     _, hit = admit(prompt)
     assert hit == 2
+
+
+def test_a_group_that_fits_only_without_its_partial_hit_is_admitted_without_it():
+    """A free partial-hit source is held for the step: when that one block is all that is missing,
+    the group is admitted without the partial hit (waiting could be forever)."""
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=4, watermark=0.0)
+    first, _ = _admit_prompt(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # blocks [1-4] [5-8] [9]
+    bm.finish_step()
+    bm.free(first)
+    tokens = [1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # 4 blocks: the whole cache
+    group = SequenceGroup("r", None, tokens, SamplingParams(), 4, 0.0)
+    status, plans = bm.can_allocate(group)
+    assert status == AllocStatus.OK and plans[group.seqs[0].seq_id].partial_hit is None
+    assert bm.allocate(group, plans) == [] and group.seqs[0].num_computed_tokens == 4

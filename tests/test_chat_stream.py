@@ -253,6 +253,8 @@ def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(ll
     no_prompt = render_chat(llm.get_tokenizer(), conversation[:1], template,
                             chat_template_kwargs={"add_generation_prompt": False}).text
     assert no_prompt == "user: Weather in Paris?; "
+    assert render_chat(llm.get_tokenizer(), conversation[:1], TEMPLATE,
+                       chat_template_kwargs={"chat_template": template}).text == "user: Weather in Paris?; assistant:"
     out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
     assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []

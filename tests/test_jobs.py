@@ -553,3 +553,6 @@ def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp
                           engine={**ENGINE, "dtype": "bfloat16"}))
     stats, _ = run(llama_dir, inp, out, resume=True)  # the same settings: nothing left to run
     assert stats.skipped == 2
+    stats, _ = run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
+                                 sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"}))
+    assert stats.skipped == 2  # a default given explicitly is the same job

@@ -51,23 +51,26 @@ def test_text_is_incremental_decode_of_tokens(llm):
         assert comp.text == full[len(prompt):]
 
 
-def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text():
+@pytest.mark.parametrize("which", ["smollm2", "byte_level_bpe"])
+def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text(which, tokenizer_dir):
     """Token-id prompts may end inside a character (a continuation of a completion cut by
     max_tokens). The completion's text is what its tokens add after the last point where the
     prompt's text is final, and never the prompt's text before it (which stop strings and
-    structured outputs would then match)."""
+    structured outputs would then match); a completion that ends inside a character keeps what
+    a full decode shows. Every cut of a sentence, with completions of 1, 2 and 6 tokens."""
     from transformers import AutoTokenizer
 
     from pagedlm import default_model_path
     from pagedlm.engine.detokenizer import decode_completion
 
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    ids = tok("The Japanese word for 'thank you' is ありがとう and 'hello' is こんにちは 🙂👍🏽 done").input_ids
-    for cut in range(1, len(ids) - 1):
-        full = tok.decode(ids[: cut + 6])
-        final = max(j for j in range(cut + 1) if full.startswith(tok.decode(ids[:j])))
-        expected = full[len(tok.decode(ids[:final])):]
-        assert decode_completion(tok, ids[:cut], ids[cut: cut + 6], SamplingParams()) == expected, cut
+    tok = AutoTokenizer.from_pretrained(default_model_path() if which == "smollm2" else tokenizer_dir)
+    ids = tok("The word for 'thank you' is ありがとう, wörld 日本語 and 🙂👍🏽 done", add_special_tokens=False).input_ids
+    for cut in range(1, len(ids)):
+        for n in (1, 2, 6):
+            full = tok.decode(ids[: cut + n])
+            final = max(j for j in range(cut + 1) if full.startswith(tok.decode(ids[:j])))
+            expected = full[len(tok.decode(ids[:final])):]
+            assert decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams()) == expected, (cut, n)
 
 
 def test_outputs_in_input_order_with_per_prompt_params(llm):
@@ -396,6 +399,21 @@ def _forcing(token_ids: list[int]):
         logits[token_ids[len(output_token_ids)]] = 0.0
         return logits
     return force
+
+
+def test_a_context_that_begins_inside_a_character_adds_no_replacement_characters(sentencepiece_llama_dir):
+    """Byte-fallback SentencePiece: the prompt's last 6 tokens begin inside 👍 (byte tokens), which
+    a decode shows as "\ufffd"s that later tokens could change; the context then reaches back to a
+    whole character (vLLM's fast detokenizer does the same), so neither the text nor a
+    ``decoded_token`` carries them."""
+    llm = LLM(sentencepiece_llama_dir, dtype="float32")
+    tok = llm.get_tokenizer()
+    cat = tok.get_vocab()["▁cat"]
+    ids = tok("a cat 👍🏽").input_ids
+    assert tok.decode(ids[-6:]).startswith("\ufffd")
+    out = llm.generate("a cat 👍🏽", SamplingParams(temperature=0, max_tokens=2, logprobs=0, allowed_token_ids=[cat]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == " cat cat" and [lp[cat].decoded_token for lp in out.logprobs] == [" cat", " cat"]
 
 
 def test_decoded_token_is_the_text_a_token_adds_in_context(sentencepiece_llama_dir):

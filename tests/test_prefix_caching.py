@@ -99,3 +99,18 @@ def test_a_prefix_that_ends_inside_a_block_is_reused_to_its_last_shared_token(ll
     outs = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts]  # one at a time
     assert [o.outputs[0].token_ids for o in outs] == baseline
     assert [o.num_cached_tokens for o in outs] == [0] + [24] * 5
+
+
+def test_a_request_that_fills_the_cache_runs_although_a_partial_hit_would_not_fit(llama_dir):
+    """A review found this hang: the request needs every block, and holding a free partial-hit
+    source would need one more, so it waited for blocks nothing was going to free."""
+    rng = random.Random(0)
+    head, shared = [BOS] + _random_tokens(rng, 7), _random_tokens(rng, 8)
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=4, block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate({"prompt_token_ids": head + shared + _random_tokens(rng, 1)}, params, use_tqdm=False)
+    prompt = head + shared[:4] + _random_tokens(rng, 19)  # 31 tokens + 1: all 4 blocks
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    uncached = LLM(llama_dir, dtype="float32", num_kv_blocks=4, block_size=8, enable_prefix_caching=False)
+    assert out.outputs[0].token_ids == uncached.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out.num_cached_tokens == 8

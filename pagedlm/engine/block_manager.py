@@ -290,6 +290,12 @@ class BlockSpaceManager:
             return AllocStatus.NEVER, plans
         if self.num_free_blocks - num_required - num_held >= self.watermark_blocks:
             return AllocStatus.OK, plans
+        if self.num_free_blocks - num_required >= self.watermark_blocks:
+            # Only the held sources do not fit: without its partial hits the group fits now (and
+            # waiting could be forever: nothing may be running to free a block).
+            for plan in plans.values():
+                plan.partial_hit = None
+            return AllocStatus.OK, plans
         return AllocStatus.LATER, plans
 
     def allocate(self, seq_group: SequenceGroup, plans: dict[int, PrefixPlan]) -> list[tuple[int, int]]:

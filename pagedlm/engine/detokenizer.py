@@ -8,8 +8,11 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.sampling_params import SamplingParams
 
-# Tokens fed to the decoder as context, so a token decodes with the spacing it has after them.
+# Tokens fed to the decoder as context, so a token decodes with the spacing it has after them:
+# at least this many, and more (up to _MAX_CONTEXT_TOKENS) where the first of them begin inside a
+# character (vLLM's fast detokenizer looks for a prompt suffix that decodes without "\ufffd").
 _CONTEXT_TOKENS = 6
+_MAX_CONTEXT_TOKENS = 24
 # What decoders make of bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"
 _INVALID_PREFIX = "Invalid prefix encountered"
@@ -38,7 +41,8 @@ class IncrementalDetokenizer:
         # ``DecodeStream(ids=...)``: that one returns the context's text along with the first
         # character an output token completes when the context ends inside a character.
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in prompt_token_ids[-_CONTEXT_TOKENS:]:
+        self._context = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
+        for token_id in self._context:
             self._step_stream(token_id)
         self._num_fed = 0  # output tokens stepped through so far
         self._num_pending = 0  # tokens that so far end in an incomplete character
@@ -71,15 +75,33 @@ class IncrementalDetokenizer:
             self._last_added = content is not None
         return text or ""
 
-    def flush(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> str:
+    def flush(self, output_token_ids: list[int]) -> str:
         """At the end of a sequence, the text its pending tokens make, incomplete characters
         included, as a full decode of the tokens stepped through would give it."""
         if not self._num_pending:
             return ""
-        token_ids = prompt_token_ids[-_CONTEXT_TOKENS:] + output_token_ids[: self._num_fed]
-        window = token_ids[-(self._num_pending + _CONTEXT_TOKENS):]
-        context = self._backend.decode(window[: -self._num_pending], skip_special_tokens=self._skip_special_tokens)
-        return self._backend.decode(window, skip_special_tokens=self._skip_special_tokens)[len(context):]
+        token_ids = self._context + output_token_ids[: self._num_fed]
+        split = len(token_ids) - self._num_pending
+        context = context_tokens(self._backend, token_ids[:split], self._skip_special_tokens)
+        text = self._backend.decode(context + token_ids[split:], skip_special_tokens=self._skip_special_tokens)
+        # What follows the last point where the context's text is final (``step``'s rule): the end
+        # of the text returned so far, or inside the prompt when it ends inside a character.
+        for end in range(len(context), 0, -1):
+            before = self._backend.decode(context[:end], skip_special_tokens=self._skip_special_tokens)
+            if text.startswith(before):
+                return text[len(before):]
+        return text
+
+
+def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> list[int]:
+    """The last ``_CONTEXT_TOKENS`` of ``token_ids``, or the shortest longer suffix (up to
+    ``_MAX_CONTEXT_TOKENS``) that does not begin inside a character: a byte-fallback decoder turns
+    such a start into ``\ufffd`` characters that later tokens can change, which would then show
+    in the text they add."""
+    for n in range(_CONTEXT_TOKENS, min(len(token_ids), _MAX_CONTEXT_TOKENS) + 1):
+        if not backend.decode(token_ids[-n:], skip_special_tokens=skip_special_tokens).startswith(_INCOMPLETE):
+            return list(token_ids[-n:])
+    return list(token_ids[-_CONTEXT_TOKENS:])
 
 
 def decode_completion(
@@ -90,7 +112,7 @@ def decode_completion(
         tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
     )
     text = "".join(detokenizer.step(t) for t in token_ids)
-    return text + detokenizer.flush(prompt_token_ids, token_ids)
+    return text + detokenizer.flush(token_ids)
 
 
 def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int]) -> list[str]:
@@ -101,7 +123,7 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
     """
     backend = tokenizer.backend_tokenizer
-    window = list(context_ids[-_CONTEXT_TOKENS:])
+    window = context_tokens(backend, context_ids, skip_special_tokens=False)
     prefix = backend.decode(window, skip_special_tokens=False).rstrip(_INCOMPLETE)
     texts = []
     for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):

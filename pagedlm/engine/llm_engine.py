@@ -300,8 +300,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty():
             return []
-        metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
         try:
+            metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
             outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
         except BaseException:
             self.block_manager.reset_prefix_cache()
@@ -481,7 +481,7 @@ class LLMEngine:
         self.block_manager.free(seq)
         detokenizer = self.detokenizers.pop(seq.seq_id, None)
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.output_text += detokenizer.flush(seq.prompt_token_ids, seq.output_token_ids)
+            seq.output_text += detokenizer.flush(seq.output_token_ids)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params

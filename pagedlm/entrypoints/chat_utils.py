@@ -119,10 +119,11 @@ def render_chat(
             message is kept, e.g. "Conversation roles must alternate").
     """
     messages = parse_conversation(conversation)
+    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              "tools": tools, "chat_template": chat_template, **(chat_template_kwargs or {})}
+    chat_template = kwargs.pop("chat_template")
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
-    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-              "tools": tools, **(chat_template_kwargs or {})}
     if kwargs.pop("tokenize", False) is not False:
         raise ValueError("chat_template_kwargs cannot set tokenize: the rendered text is tokenized afterwards")
     if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:

@@ -5,6 +5,7 @@ the engine) and each output row is written as soon as its request finishes, so t
 completion order. Resume works by id: a run skips the rows whose ids the output already holds.
 """
 
+import inspect
 import json
 import math
 import os
@@ -206,9 +207,12 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     return fmt_name, chain(head, rows)
 
 
-# Engine settings that change a row's output (batch sizes, budgets and cache sizes do not: the
-# outputs are batch-invariant), which a resumed run must repeat.
-OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "kv_cache_dtype", "calculate_kv_scales", "seed")
+# Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
+# and the cache's size do not: outputs are batch-invariant; the block size does, in float32
+# attention's last bits). Recorded where they differ from LLM's defaults, so that giving a default
+# explicitly is the same job.
+OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed")
+_LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()}
 
 
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
@@ -221,7 +225,8 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
         "served_model_names": config.served_model_names,
-        "engine": {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS if k in config.engine},
+        "engine": {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS
+                   if k in config.engine and config.engine[k] != _LLM_DEFAULTS[k]},
     }
 
 
