@@ -33,8 +33,8 @@ or the prefix is computed again (``cache_block``). docs/architecture.md gives th
 
 import enum
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 
 from pagedlm.engine.sequence import BlockKey, Sequence, SequenceGroup, SequenceStatus
 from pagedlm.utils import cdiv
