@@ -40,6 +40,16 @@ def _number(name: str, value: Any, *, integer: bool = False) -> int | float:
     return value
 
 
+def _token_ids(name: str, value: Any) -> list[int]:
+    """``value`` as a list of token ids (non-negative ints), else a ValueError naming the field."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of non-negative ints, got {value!r}.")
+    ids = [_number(name, t, integer=True) for t in value]
+    if any(t < 0 for t in ids):
+        raise ValueError(f"{name} must be a list of non-negative ints, got {ids!r}.")
+    return ids
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool, got {value!r}.")
@@ -290,12 +300,10 @@ class SamplingParams:
         self._verify_logits_processors()
         self._verify_logit_bias()
         if self.allowed_token_ids is not None:
-            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+            if not self.allowed_token_ids:
                 raise ValueError(f"allowed_token_ids must be None or a non-empty list of token ids, "
                                  f"got {self.allowed_token_ids!r}.")
-            self.allowed_token_ids = [_number("allowed_token_ids", t, integer=True) for t in self.allowed_token_ids]
-            if any(t < 0 for t in self.allowed_token_ids):
-                raise ValueError(f"allowed_token_ids must hold non-negative ints, got {self.allowed_token_ids!r}.")
+            self.allowed_token_ids = _token_ids("allowed_token_ids", self.allowed_token_ids)
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise ValueError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.")
@@ -365,13 +373,7 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
         self.stop = list(self.stop)
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
-        if not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}.")
-        self.stop_token_ids = [_number("stop_token_ids", t, integer=True) for t in self.stop_token_ids]
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}.")
+        self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True.")
 
