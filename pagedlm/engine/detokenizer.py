@@ -2,6 +2,7 @@
 token adds in its context (the ``decoded_token`` of logprobs)."""
 
 from collections.abc import Sequence
+from itertools import chain
 
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
@@ -41,7 +42,7 @@ class IncrementalDetokenizer:
         # ``DecodeStream(ids=...)``: that one returns the context's text along with the first
         # character an output token completes when the context ends inside a character.
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self._context = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
+        self._context, _ = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
         for token_id in self._context:
             self._step_stream(token_id)
         self._num_fed = 0  # output tokens stepped through so far
@@ -82,26 +83,29 @@ class IncrementalDetokenizer:
             return ""
         token_ids = self._context + output_token_ids[: self._num_fed]
         split = len(token_ids) - self._num_pending
-        context = context_tokens(self._backend, token_ids[:split], self._skip_special_tokens)
+        context, before = context_tokens(self._backend, token_ids[:split], self._skip_special_tokens)
         text = self._backend.decode(context + token_ids[split:], skip_special_tokens=self._skip_special_tokens)
         # What follows the last point where the context's text is final (``step``'s rule): the end
         # of the text returned so far, or inside the prompt when it ends inside a character.
-        for end in range(len(context), 0, -1):
-            before = self._backend.decode(context[:end], skip_special_tokens=self._skip_special_tokens)
+        shorter = (self._backend.decode(context[:end], skip_special_tokens=self._skip_special_tokens)
+                   for end in range(len(context) - 1, 0, -1))
+        for before in chain([before], shorter):
             if text.startswith(before):
                 return text[len(before):]
         return text
 
 
-def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> list[int]:
+def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> tuple[list[int], str]:
     """The last ``_CONTEXT_TOKENS`` of ``token_ids``, or the shortest longer suffix (up to
-    ``_MAX_CONTEXT_TOKENS``) that does not begin inside a character: a byte-fallback decoder turns
-    such a start into ``\ufffd`` characters that later tokens can change, which would then show
-    in the text they add."""
+    ``_MAX_CONTEXT_TOKENS``) that does not begin inside a character, and its text: a byte-fallback
+    decoder turns such a start into ``\ufffd`` characters that later tokens can change, which would
+    then show in the text they add."""
     for n in range(_CONTEXT_TOKENS, min(len(token_ids), _MAX_CONTEXT_TOKENS) + 1):
-        if not backend.decode(token_ids[-n:], skip_special_tokens=skip_special_tokens).startswith(_INCOMPLETE):
-            return list(token_ids[-n:])
-    return list(token_ids[-_CONTEXT_TOKENS:])
+        text = backend.decode(token_ids[-n:], skip_special_tokens=skip_special_tokens)
+        if not text.startswith(_INCOMPLETE):
+            return list(token_ids[-n:]), text
+    context = list(token_ids[-_CONTEXT_TOKENS:])
+    return context, backend.decode(context, skip_special_tokens=skip_special_tokens)
 
 
 def decode_completion(
@@ -123,8 +127,8 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
     """
     backend = tokenizer.backend_tokenizer
-    window = context_tokens(backend, context_ids, skip_special_tokens=False)
-    prefix = backend.decode(window, skip_special_tokens=False).rstrip(_INCOMPLETE)
+    window, prefix = context_tokens(backend, context_ids, skip_special_tokens=False)
+    prefix = prefix.rstrip(_INCOMPLETE)
     texts = []
     for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):
         full = full.rstrip(_INCOMPLETE)
