@@ -17,11 +17,13 @@ def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, bad_words: Sequence[
     sequences: list[list[int]] = []
     for word in bad_words:
         plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not plain:  # nothing the model could generate spells it
+            continue
         sequences.append(plain)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             sequences.append(spaced)
-    return [ids for ids in sequences if ids]
+    return sequences
 
 
 def banned_by_bad_words(sequences: list[list[int]], output_token_ids: Sequence[int]) -> set[int]:
