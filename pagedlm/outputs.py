@@ -108,3 +108,27 @@ class RequestOutput:
             seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs, finished,
             seq_group.num_cached_tokens,
         )
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    """One sequence ``LLM.beam_search`` returns (vLLM's): ``tokens`` are the prompt's token ids
+    followed by the generated ones, and ``text`` their decode, prompt included (as vLLM's).
+    ``logprobs`` has one dict per generated token: the ``2 * beam_width`` most likely tokens and
+    the chosen one. ``cum_logprob`` is the model's log-probability of the generated tokens (the
+    sum over ``logprobs``' chosen entries); ``finish_reason`` and ``stop_reason`` are as in
+    ``CompletionOutput``."""
+
+    tokens: list[int]
+    logprobs: SampleLogprobs
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    """The result of one prompt's beam search: its best sequences, best first."""
+
+    sequences: list[BeamSearchSequence]

@@ -451,3 +451,47 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
+
+
+@dataclass
+class BeamSearchParams:
+    """The parameters of ``LLM.beam_search`` (vLLM's ``BeamSearchParams``).
+
+    The search keeps the ``beam_width`` most likely continuations for up to ``max_tokens`` tokens,
+    with Hugging Face's semantics (``generate(num_beams=beam_width, do_sample=False)``,
+    ``early_stopping=False``; ``beam_width=1`` is greedy decoding). A finished beam scores
+    ``cum_logprob / generated_tokens ** length_penalty``, as in HF; vLLM's own search counts the
+    prompt's tokens in that length too. ``ignore_eos`` keeps beams going past EOS;
+    ``skip_special_tokens`` applies to the returned text.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names it);
+            ``temperature`` other than 0 (the search is deterministic here).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = _number(name, getattr(self, name), integer=True)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+            setattr(self, name, value)
+        if _number("temperature", self.temperature) != 0:
+            raise ValueError(f"temperature must be 0.0 (pagedlm's beam search is deterministic), got {self.temperature}.")
+        self.length_penalty = _number("length_penalty", self.length_penalty)
+        self.ignore_eos = _check_bool("ignore_eos", self.ignore_eos)
+        self.skip_special_tokens = _check_bool("skip_special_tokens", self.skip_special_tokens)
+
+    def sampling_params(self, vocab_size: int) -> SamplingParams:
+        """What the engine runs: ``beam_width`` beams, each token with the log-probabilities of the
+        ``2 * beam_width`` most likely ones (vLLM's beam search returns those), no detokenization."""
+        beams = dict(n=self.beam_width, use_beam_search=True, length_penalty=self.length_penalty) if self.beam_width > 1 else {}
+        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              logprobs=min(2 * self.beam_width, vocab_size), detokenize=False,
+                              output_kind=RequestOutputKind.FINAL_ONLY, **beams)

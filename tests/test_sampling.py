@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import BOS, EOS, VOCAB_SIZE
-from pagedlm import LLM, SamplingParams
+from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
 
 PROMPTS = [[BOS, 5, 17, 99, 4], [BOS] + list(range(40, 100)), [BOS, 200, 201]]
@@ -297,6 +297,59 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
     if length_penalty <= 1.0:  # (a large penalty favours the beams that run to max_tokens)
         assert finished_early > 0
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+def test_beam_search_logprobs_are_the_models_at_each_beams_tokens(llm, hf):
+    """Each beam's logprob dicts are those of its own prefix (a forked beam keeps its parent's
+    earlier ones), as sampling reports them; their chosen entries sum to cumulative_logprob."""
+    params = SamplingParams(n=3, best_of=4, use_beam_search=True, temperature=0, max_tokens=6, ignore_eos=True,
+                            logprobs=3)
+    for prompt, out in zip(PROMPTS, llm.generate(_ids(PROMPTS), params, use_tqdm=False)):
+        assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+        for comp in out.outputs:
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + comp.token_ids])).logits[0, len(prompt) - 1 : -1]
+            ref = torch.log_softmax(logits.float(), dim=-1)
+            assert len(comp.logprobs) == len(comp.token_ids)
+            for row, token, entry in zip(ref, comp.token_ids, comp.logprobs):
+                assert next(iter(entry)) == token and entry[token].rank == int((row > row[token]).sum()) + 1
+                top_vals, top_ids = row.topk(3)
+                assert set(top_ids.tolist()) <= set(entry) and len(entry) <= 4
+                for t in entry:
+                    assert entry[t].logprob == pytest.approx(row[t].item(), abs=1e-4)
+                assert entry[token].decoded_token is not None
+            assert sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)) == pytest.approx(
+                comp.cumulative_logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("width,length_penalty", [(3, 1.0), (2, 0.0), (1, 1.0)])
+def test_llm_beam_search_matches_hf(eos_model_dir, width, length_penalty):
+    """vLLM's ``LLM.beam_search`` API over the engine's beam search: ``tokens`` hold the prompt,
+    and the sequences are HF's ``num_beams`` ones (greedy at width 1)."""
+    path, eos = eos_model_dir
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [[BOS, i + 3, 2 * i + 5] for i in range(4)]
+    params = BeamSearchParams(beam_width=width, max_tokens=8, length_penalty=length_penalty)
+    outs = llm.beam_search(_ids(prompts), params)
+    assert llm.beam_search(_ids(prompts), params, concurrency_limit=1) == outs
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                              max_new_tokens=8, length_penalty=length_penalty, eos_token_id=[eos, EOS], pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
+        assert len(out.sequences) == width
+        for row, seq in enumerate(out.sequences):
+            expected = ref.sequences[row].tolist()
+            ends = [i for i, t in enumerate(expected) if i >= len(prompt) and t in (eos, EOS)]
+            expected = expected[: ends[0] + 1] if ends else expected
+            assert seq.tokens == expected and seq.finish_reason == ("stop" if ends else "length")
+            assert seq.text == llm.get_tokenizer().decode(expected, skip_special_tokens=True)
+            assert len(seq.logprobs) == len(expected) - len(prompt)
+            assert all(len(e) == min(2 * width, VOCAB_SIZE) and t in e for t, e in zip(expected[len(prompt):], seq.logprobs))
+            if width > 1:
+                score = seq.cum_logprob / (len(expected) - len(prompt)) ** length_penalty
+                assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("ignore_eos,stop_token_ids,finish_reason,stop_reason", [

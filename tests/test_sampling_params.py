@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pagedlm import SamplingParams
+from pagedlm import BeamSearchParams, SamplingParams
 
 BAD = [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
@@ -110,3 +110,21 @@ def test_clone_checks_structured_outputs_changed_after_construction(field, value
     ok = SamplingParams(structured_outputs={"choice": ["a", "b"]})
     assert ok.clone().structured_outputs == ok.structured_outputs
     assert ok.clone().structured_outputs is not ok.structured_outputs
+
+
+@pytest.mark.parametrize("field,value", [
+    ("beam_width", 0), ("beam_width", 2.0), ("beam_width", True), ("max_tokens", 0), ("max_tokens", None),
+    ("temperature", 0.7), ("temperature", "0"), ("length_penalty", "1"), ("ignore_eos", 1), ("skip_special_tokens", "no"),
+])
+def test_beam_search_params_name_the_bad_field(field, value):
+    kwargs = {"beam_width": 2, "max_tokens": 8, field: value}
+    with pytest.raises(ValueError, match=field):
+        BeamSearchParams(**kwargs)
+
+
+def test_beam_search_params_run_as_beams_with_their_logprobs():
+    params = BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True, length_penalty=0.5).sampling_params(100)
+    assert (params.use_beam_search, params.n, params.best_of, params.max_tokens) == (True, 3, 3, 5)
+    assert (params.ignore_eos, params.length_penalty, params.logprobs, params.detokenize) == (True, 0.5, 6, False)
+    greedy = BeamSearchParams(beam_width=1, max_tokens=5).sampling_params(4)
+    assert not greedy.use_beam_search and greedy.greedy and greedy.logprobs == 2

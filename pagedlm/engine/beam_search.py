@@ -6,11 +6,13 @@ sequences accordingly, so shared prefixes stay shared by copy-on-write), and tho
 first ``k`` places become finished hypotheses, scored ``logprob_sum / length ** length_penalty``.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from pagedlm.outputs import SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
 
 _NEG = -1.0e9
@@ -22,6 +24,7 @@ class BeamHypothesis:
     cumulative_logprob: float  # the model's, as sampling reports it
     score: float  # length-penalised, from the processed log-probabilities
     stopped: bool  # ended on a stop token (else at the length limit)
+    logprobs: SampleLogprobs  # one dict per token when ``logprobs`` is asked for, else empty
 
 
 @dataclass
@@ -54,11 +57,14 @@ class BeamSearchState:
         cumulative_logprobs: list[float],
         raw_logprobs: torch.Tensor,
         stop_token_ids: frozenset[int],
+        logprobs_of: Callable[[int, int], SampleLogprobs] | None = None,
     ) -> list[BeamCandidate]:
         """Advance by one token. ``logprobs`` [beams, V] are the running beams' next-token
         log-probabilities after logits processing, which with ``scores`` rank the beams;
-        ``raw_logprobs`` are the model's, which with ``cumulative_logprobs`` are reported. Returns
-        the next running beams, best first (empty when done)."""
+        ``raw_logprobs`` are the model's, which with ``cumulative_logprobs`` are reported.
+        ``logprobs_of(beam, token_id)``, when given, is the reported logprob dicts of beam ``beam``
+        extended by ``token_id``, kept with each finished hypothesis. Returns the next running
+        beams, best first (empty when done)."""
         k, lp = self.width, self.params.length_penalty
         num_generated = len(output_token_ids[0]) + 1
         vocab = logprobs.shape[-1]
@@ -78,7 +84,9 @@ class BeamSearchState:
                 if end:
                     tokens = output_token_ids[c.parent] + [c.token_id]
                     score = _length_penalised(c.score, num_generated, lp)
-                    self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, score, c.token_id in stop_token_ids))
+                    reported = logprobs_of(c.parent, c.token_id) if logprobs_of else []
+                    self.finished.append(BeamHypothesis(tokens, c.cumulative_logprob, score, c.token_id in stop_token_ids,
+                                                        reported))
             self.finished = sorted(self.finished, key=lambda h: h.score, reverse=True)[:k]
 
         running = [c for c, end in zip(candidates, ends) if not end][:k]

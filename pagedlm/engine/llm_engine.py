@@ -4,7 +4,7 @@ import gc
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -135,8 +135,8 @@ class LLMEngine:
             k = getattr(params, name)
             if k is not None and k > vocab_size:
                 return f"{name} ({k}) exceeds the vocabulary size ({vocab_size})"
-        if params.use_beam_search and (params.stop or params.logprobs is not None):
-            return "stop strings and logprobs are not supported with use_beam_search"
+        if params.use_beam_search and params.stop:
+            return "stop strings are not supported with use_beam_search"
         if params.structured_outputs is not None:
             compiling = self.structured_outputs.compile_async(params.structured_outputs)
             if wait_for_grammar and compiling.exception() is not None:
@@ -431,9 +431,11 @@ class LLMEngine:
     def _process_beams(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         params = group.sampling_params
         beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
+        entry = self._beam_logprob_entry(group, beams, out.beam_raw_logprobs) if params.logprobs is not None else None
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
             [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
+            (lambda beam, token_id: beams[beam].logprobs + [entry(beam, token_id)]) if entry else None,
         )
         used = [False] * len(beams)
         next_beams = []
@@ -449,6 +451,8 @@ class LLMEngine:
                 self._finish(parent, SequenceStatus.FINISHED_ABORTED)
         group.beam.scores = {beam.seq_id: c.score for beam, c in next_beams}
         for beam, c in next_beams:
+            if entry is not None:
+                beam.logprobs.append(entry(c.parent, c.token_id))
             beam.output_token_ids.append(c.token_id)
             beam.cumulative_logprob = c.cumulative_logprob
             if params.detokenize:
@@ -463,6 +467,7 @@ class LLMEngine:
             seq = Sequence(i, group.prompt_token_ids, self.cache_config.block_size)
             seq.output_token_ids = hypothesis.token_ids
             seq.cumulative_logprob = hypothesis.cumulative_logprob
+            seq.logprobs = hypothesis.logprobs
             if hypothesis.stopped:
                 seq.status = SequenceStatus.FINISHED_STOPPED
                 seq.stop_reason = self.stop_checker.stop_reason(params, hypothesis.token_ids[-1])
@@ -475,6 +480,26 @@ class LLMEngine:
                 seq.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
             results.append(seq)
         return results
+
+    def _beam_logprob_entry(
+        self, group: SequenceGroup, beams: list[Sequence], raw_logprobs: torch.Tensor
+    ) -> Callable[[int, int], dict[int, Logprob]]:
+        """``entry(beam, token_id)``: the logprob dict of ``beams[beam]`` choosing ``token_id``, as
+        sampling reports one (``_logprob_dict``), from the model's log-probabilities ``raw_logprobs``
+        [beams, V] (float32) that beam search reports."""
+        k = group.sampling_params.logprobs
+        top_logprobs, top_ids = raw_logprobs.sort(dim=-1, descending=True, stable=True)  # ties in token order
+        top_logprobs, top_ids = top_logprobs[:, :k].tolist(), top_ids[:, :k].tolist()
+
+        def entry(beam: int, token_id: int) -> dict[int, Logprob]:
+            row = raw_logprobs[beam]
+            rank = int((row > row[token_id]).sum()) + 1
+            seq = beams[beam]
+            context = seq.token_ids(max(0, seq.num_tokens - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens)
+            top = TopLogprobs(rank, top_ids[beam], top_logprobs[beam])
+            return self._logprob_dict(group, context, token_id, float(row[token_id]), top)
+
+        return entry
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status

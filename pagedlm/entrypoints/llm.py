@@ -19,8 +19,8 @@ from pagedlm.entrypoints.chat_utils import (
 )
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.openmp import limit_threads_to_cpu_quota
-from pagedlm.outputs import RequestOutput
-from pagedlm.sampling_params import RequestOutputKind, SamplingParams
+from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
 from pagedlm.transformers_utils.tokenizer import encode_prompts
 
@@ -171,11 +171,43 @@ class LLM:
         widget in a notebook that has ipywidgets); a callable makes the bar instead, as vLLM's
         does (e.g. ``functools.partial(tqdm, leave=False)``).
         """
-        if isinstance(prompts, (str, dict, RenderedChat)):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence):
-            raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
+        prompts = _prompt_list(prompts)
         return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool | Callable[..., tqdm] = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (vLLM's ``LLM.beam_search``); one ``BeamSearchOutput`` per
+        prompt, in input order, holding its ``params.beam_width`` best sequences, best first (see
+        ``BeamSearchParams`` for the search and ``BeamSearchSequence`` for what each holds).
+
+        Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
+        (all of them when None), each with ``beam_width`` sequences in the batch.
+
+        Raises:
+            ValueError: ``params`` is not a ``BeamSearchParams``, ``concurrency_limit`` is not a
+                positive int, or prompts are invalid (listed as by ``generate``, before any work).
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
+        prompts = _prompt_list(prompts)
+        sampling_params = params.sampling_params(self.llm_engine.vocab_size)
+        outputs = self._run_all(prompts, [sampling_params] * len(prompts), use_tqdm, max_in_flight=concurrency_limit)
+        decode = functools.partial(self.get_tokenizer().decode, skip_special_tokens=params.skip_special_tokens)
+        return [
+            BeamSearchOutput([
+                BeamSearchSequence(tokens, c.logprobs, c.cumulative_logprob, decode(tokens), c.finish_reason, c.stop_reason)
+                for c in out.outputs
+                for tokens in [out.prompt_token_ids + c.token_ids]
+            ])
+            for out in outputs
+        ]
 
     def chat(
         self,
@@ -275,8 +307,10 @@ class LLM:
         return list(sampling_params)
 
     def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
-                 errors: dict[int, str] | None = None, what: str = "prompts") -> list[RequestOutput]:
-        """Check everything first (one ``ValueError`` lists each bad input), then run it all."""
+                 errors: dict[int, str] | None = None, what: str = "prompts",
+                 max_in_flight: int | None = None) -> list[RequestOutput]:
+        """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
+        most ``max_in_flight`` requests at once (all when None)."""
         errors = dict(errors or {})
         requests = []
         for request in self._prepare(list(zip(count(), prompts, params))):
@@ -287,7 +321,7 @@ class LLM:
             lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
             raise ValueError(f"{len(errors)} of {len(prompts)} {what} are invalid; nothing was run:\n{lines}")
         outputs: list[RequestOutput | None] = [None] * len(prompts)
-        for index, output in self._stream(iter(requests), len(requests), len(requests), use_tqdm, False):
+        for index, output in self._stream(iter(requests), max_in_flight or len(requests), len(requests), use_tqdm, False):
             outputs[index] = output
         return outputs
 
@@ -493,6 +527,14 @@ class _Rejected:
 
 
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
+    if isinstance(prompts, (str, dict, RenderedChat)):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
+    return prompts
 
 
 def _zip_one_each(prompts: Iterable, sampling_params: Iterable) -> Iterator[tuple[int, object, object]]:
