@@ -129,7 +129,7 @@ def memory(args: argparse.Namespace, tmp: Path) -> None:
                                 "source": "bench"}) + "\n")
     out = tmp / "many_out.jsonl"
     cmd = [sys.executable, "-m", "pagedlm", "run", "--model", model, "--input", str(path), "--output", str(out),
-           "--max-tokens", "2", "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--kv-cache-memory",
+           "--max-tokens", "2", "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--kv-cache-memory-bytes",
            str(256 << 20), "--progress-interval", "30"]
     with Load() as load:
         proc = subprocess.Popen(cmd)

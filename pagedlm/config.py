@@ -15,7 +15,7 @@ logger = logging.getLogger("pagedlm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # kv_cache_dtype values other than "auto" (vLLM's names; "fp8" is e4m3).
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# Share of available RAM given to the KV cache on CPU when neither kv_cache_memory nor
+# Share of available RAM given to the KV cache on CPU when neither kv_cache_memory_bytes nor
 # num_kv_blocks is set; the rest stays for weights, activations and the user's process.
 CPU_KV_CACHE_RAM_SHARE = 0.2
 GPU_MEMORY_UTILIZATION = 0.9
@@ -46,12 +46,18 @@ class ModelConfig:
     device: torch.device
     generation_config: str = "auto"  # where sampling defaults come from: "auto" (the model), "vllm" (none), a directory
     seed: int | None = None  # seeds the draws of completions without a seed of their own
+    tokenizer: str | None = None  # the tokenizer's checkpoint directory; None: the model's
+    trust_remote_code: bool = False  # lets transformers run a checkpoint's own config/tokenizer code
+    chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
 
     @classmethod
     def create(
         cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto",
-        seed: int | None = None,
+        seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
+        chat_template: str | None = None,
     ) -> "ModelConfig":
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
         if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):
             raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}.")
         if not isinstance(generation_config, str) or (
@@ -62,7 +68,7 @@ class ModelConfig:
                 f"generation_config must be 'auto' (the model's generation_config.json), 'vllm' (no model "
                 f"defaults) or a directory holding a generation_config.json, got {generation_config!r}."
             )
-        hf_config = AutoConfig.from_pretrained(model)
+        hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
         text_config = hf_config.get_text_config()
@@ -74,7 +80,8 @@ class ModelConfig:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
-        return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed)
+        return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
+                   load_chat_template(chat_template))
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with
@@ -147,10 +154,11 @@ def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device
 class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None  # bytes
+    kv_cache_memory_bytes: int | None = None  # bytes
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # "auto" (the model's dtype) or a key of KV_CACHE_DTYPES
     calculate_kv_scales: bool = False  # fp8 scales from a calibration prefill instead of the checkpoint's or 1.0
+    gpu_memory_utilization: float | None = None  # CUDA only: the share of the GPU's memory pagedlm may fill
 
     def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the KV cache's entries: the model's for "auto", else the fp8 format."""
@@ -167,14 +175,21 @@ class CacheConfig:
         if self.calculate_kv_scales and self.cache_dtype == "auto":
             raise ValueError("calculate_kv_scales=True sets the scales of an fp8 KV cache; it needs kv_cache_dtype "
                              f"{' or '.join(map(repr, KV_CACHE_DTYPES))}, got 'auto'.")
-        if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
-            raise ValueError("Set at most one of num_kv_blocks and kv_cache_memory.")
+        sizes = [name for name in ("num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization")
+                 if getattr(self, name) is not None]
+        if len(sizes) > 1:
+            raise ValueError(f"Set at most one of num_kv_blocks, kv_cache_memory_bytes and gpu_memory_utilization, "
+                             f"got {' and '.join(sizes)}.")
         if self.num_kv_blocks is not None and (not _is_int(self.num_kv_blocks) or self.num_kv_blocks < 1):
             raise ValueError(f"num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}.")
-        if self.kv_cache_memory is not None and (not _is_int(self.kv_cache_memory) or self.kv_cache_memory < 1):
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}.")
+        memory = self.kv_cache_memory_bytes
+        if memory is not None and (not _is_int(memory) or memory < 1):
+            raise ValueError(f"kv_cache_memory_bytes must be a positive number of bytes, got {memory!r}.")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}.")
+        share = self.gpu_memory_utilization
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            raise ValueError(f"gpu_memory_utilization must be None or a number in (0, 1], got {share!r}.")
 
 
 @dataclass
@@ -200,11 +215,28 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes the KV cache may take by default on ``device`` (see the module constants)."""
+def load_chat_template(chat_template: str | os.PathLike | None) -> str | None:
+    """A chat template given as a file's path, or as the template itself (vLLM's
+    ``load_chat_template``: text with any of ``{``, ``}`` or a newline is a template)."""
+    if chat_template is None:
+        return None
+    if not isinstance(chat_template, (str, os.PathLike)):
+        raise ValueError(f"chat_template must be a Jinja template or a path to one, got {type(chat_template).__name__}.")
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    if isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
+        return chat_template
+    raise ValueError(f"chat_template must be a Jinja template or a path to one; there is no file {chat_template!r}.")
+
+
+def available_memory(device: torch.device, gpu_memory_utilization: float | None = None) -> int:
+    """Bytes the KV cache may take by default on ``device``: on CUDA what is free less the share
+    of the total that ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) leaves to
+    others; on CPU a share of available RAM (``CPU_KV_CACHE_RAM_SHARE``)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return int(free - total * (1 - GPU_MEMORY_UTILIZATION))
+        return int(free - total * (1 - (gpu_memory_utilization or GPU_MEMORY_UTILIZATION)))
     return int(_available_ram() * CPU_KV_CACHE_RAM_SHARE)
 
 

@@ -447,6 +447,24 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
                           engine=dict(ENGINE)))
 
 
+def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):
+    """``--chat-template`` (LLM's ``chat_template``) reaches rows rendered by the job; a resume with
+    another template is another job."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "Hi"}]}])
+    out = tmp_path / "out.jsonl"
+    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE, chat_template=TEMPLATE),
+                       sampling={"max_tokens": 2})
+    stats, _ = run_job(config, tty=False)
+    expected = AutoTokenizer.from_pretrained(llama_dir).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True,
+        return_dict=True)["input_ids"]
+    assert stats.completed == 1 and read_output(out)[0]["prompt_tokens"] == len(expected)
+    assert json.load(open(str(out) + ".job.json"))["engine"]["chat_template"] == TEMPLATE
+    with pytest.raises(ValueError, match="chat_template"):
+        run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True, engine=dict(ENGINE),
+                          sampling={"max_tokens": 2}))
+
+
 def test_progress_lines_come_while_rows_run(capsys):
     from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 

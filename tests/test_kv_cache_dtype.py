@@ -115,7 +115,7 @@ def test_calculate_kv_scales(llama_dir, monkeypatch):
 
 def test_fp8_cache_holds_more_tokens(llama_dir):
     memory = 8 << 20
-    blocks = {kv: LLM(llama_dir, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory=memory).llm_engine.block_manager
+    blocks = {kv: LLM(llama_dir, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=memory).llm_engine.block_manager
               .num_kv_blocks for kv in ("auto", "fp8")}
     assert blocks["fp8"] == 2 * blocks["auto"]
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import BOS, EOS
 from pagedlm import LLM, CompletionOutput, RequestOutput, SamplingParams
@@ -551,9 +552,17 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
 @pytest.mark.parametrize("kwargs,field", [
     (dict(device="cuda:x"), "device"),
     (dict(num_kv_blocks=True), "num_kv_blocks"),
-    (dict(kv_cache_memory=True), "kv_cache_memory"),
+    (dict(kv_cache_memory_bytes=True), "kv_cache_memory_bytes"),
     (dict(max_model_len=True), "max_model_len"),
     (dict(max_num_seqs=True), "max_num_seqs"),
+    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+    (dict(trust_remote_code="yes"), "trust_remote_code"),
+    (dict(tokenizer="no/such/dir"), "tokenizer"),
+    (dict(tokenizer=3), "tokenizer"),
+    (dict(chat_template="no_such_template.jinja"), "chat_template"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=0.5, num_kv_blocks=8), "gpu_memory_utilization"),
+    (dict(num_kv_blocks=8, kv_cache_memory_bytes=2**20), "num_kv_blocks and kv_cache_memory_bytes"),
 ])
 def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kwargs, field, monkeypatch):
     import pagedlm.engine.llm_engine as llm_engine
@@ -561,6 +570,33 @@ def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kw
     monkeypatch.setattr(llm_engine, "ModelRunner", None)  # reaching the weights would fail differently
     with pytest.raises(ValueError, match=field):
         LLM(llama_dir, **kwargs)
+
+
+def test_gpu_memory_utilization_is_refused_on_cpu(llama_dir, monkeypatch):
+    import pagedlm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "ModelRunner", None)
+    with pytest.raises(ValueError, match="gpu_memory_utilization applies on CUDA; on cpu"):
+        LLM(llama_dir, device="cpu", gpu_memory_utilization=0.5)
+
+
+def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, chat_llama_dir):
+    """``tokenizer=`` takes another checkpoint's tokenizer and chat template; ``chat_template=``
+    (a template or a file) replaces it wherever chats are rendered; ``chat``'s own argument wins."""
+    chat = [{"role": "user", "content": "Hi"}]
+    with LLM(llama_dir, tokenizer=chat_llama_dir, num_kv_blocks=32) as llm:
+        expected = AutoTokenizer.from_pretrained(chat_llama_dir).apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=False)
+        assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == expected
+    template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    for given in (template, str(path), path):
+        with LLM(llama_dir, chat_template=given, num_kv_blocks=32) as llm:
+            assert llm.get_tokenizer().chat_template == template
+            assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == "<Hi>"
+            own = llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="[{{ messages[0].content }}]")
+            assert own[0].prompt == "[Hi]"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

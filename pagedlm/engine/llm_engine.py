@@ -46,7 +46,8 @@ class LLMEngine:
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
-        self.tokenizer = get_tokenizer(model_config.model)
+        self.tokenizer = get_tokenizer(model_config.tokenizer or model_config.model, model_config.trust_remote_code,
+                                       model_config.chat_template)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         self.model_runner = ModelRunner(model_config, cache_config)

@@ -16,9 +16,11 @@ SAMPLING_FLAGS = [
 ENGINE_FLAGS = [
     ("--dtype", "dtype", str), ("--device", "device", str), ("--max-model-len", "max_model_len", int),
     ("--block-size", "block_size", int), ("--num-kv-blocks", "num_kv_blocks", int),
-    ("--kv-cache-memory", "kv_cache_memory", int), ("--kv-cache-dtype", "kv_cache_dtype", str),
+    ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int), ("--kv-cache-dtype", "kv_cache_dtype", str),
     ("--max-num-seqs", "max_num_seqs", int),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
+    ("--tokenizer", "tokenizer", str), ("--chat-template", "chat_template", str),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float),
 ]
 
 
@@ -63,6 +65,7 @@ def run_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=None)
+    engine.add_argument("--trust-remote-code", action="store_true", default=None)
     return parser
 
 
@@ -72,7 +75,7 @@ def run_main(argv: list[str]) -> int:
     sampling_fields = [field for _, field, _ in SAMPLING_FLAGS] + ["stop", "ignore_eos"]
     sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
     engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill",
-                                                         "calculate_kv_scales"]
+                                                         "calculate_kv_scales", "trust_remote_code"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,

@@ -4,6 +4,7 @@ import ctypes
 import functools
 import logging
 import numbers
+import os
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
@@ -47,10 +48,11 @@ class LLM:
             (vLLM's names and convention). It halves a bf16 cache's bytes per token, at some accuracy.
         calculate_kv_scales: with an fp8 cache, set each layer's scales from one prefill of random
             tokens at start-up (max|k| / 200, max|v| / 100, vLLM's rule) instead.
-        num_kv_blocks / kv_cache_memory: size the KV cache by blocks or bytes; by default it takes
-            the free GPU memory less 10% of the GPU's total on CUDA, and 20% of available RAM on
-            CPU (within the process's memory cgroup; capped at what ``max_num_seqs`` sequences of
-            ``max_model_len`` tokens could use).
+        num_kv_blocks / kv_cache_memory_bytes: size the KV cache by blocks or bytes; by default it
+            takes the free GPU memory less 10% of the GPU's total on CUDA (see
+            ``gpu_memory_utilization``), and 20% of available RAM on CPU (within the process's
+            memory cgroup; capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens
+            could use). At most one of the three is set.
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: most tokens (prefill + decode) in one step.
         enable_chunked_prefill: split prompts longer than the step's token budget over steps.
@@ -68,6 +70,15 @@ class LLM:
         seed: seeds the random draws of completions that have no ``SamplingParams.seed``, so a
             run repeats itself (with the same requests in the same order); None (the default)
             leaves them to torch's default generator. A seeded request does not depend on it.
+        tokenizer: a checkpoint directory, ``.gguf`` file or Hub id whose tokenizer (and chat
+            template) to use instead of the model's.
+        trust_remote_code: let transformers run code a checkpoint ships for its config or
+            tokenizer (``auto_map``); the model itself always runs pagedlm's own code.
+        chat_template: a Jinja chat template, or a path to one, replacing the tokenizer's own
+            wherever chats are rendered (``chat``, ``pagedlm run``); ``chat``'s own argument wins.
+        gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
+            may fill up to, counting what is already in use (default 0.9); not on CPU.
+        tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values).
@@ -84,17 +95,31 @@ class LLM:
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
         num_kv_blocks: int | None = None,
-        kv_cache_memory: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
         seed: int | None = None,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        chat_template: str | os.PathLike | None = None,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
-        model_config = ModelConfig.create(resolve_model(model), dtype, max_model_len, device, generation_config, seed)
-        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype,
-                                   calculate_kv_scales)
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
+                             "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
+        model_config = ModelConfig.create(
+            resolve_model(model), dtype, max_model_len, device, generation_config, seed,
+            None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
+        )
+        if gpu_memory_utilization is not None and model_config.device.type != "cuda":
+            raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
+                             "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
+        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching, kv_cache_dtype,
+                                   calculate_kv_scales, gpu_memory_utilization)
         scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
             # vLLM's rule: without chunking a sequence computed again after preemption (prompt and

@@ -266,16 +266,21 @@ def _converted_dir_for(gguf_path: str) -> str:
     return os.path.join(download_dir(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
-def resolve_model(model: str) -> str:
+def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
     """Return an HF checkpoint directory for `model`: a directory as is, a `.gguf` file converted
     (once, then kept under `download_dir()`) with `convert_gguf`, or a Hub id ("org/name") from the
-    local Hugging Face cache (`hub.resolve_hub_model`)."""
+    local Hugging Face cache (`hub.resolve_hub_model`). Errors name the argument as `what`."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id (org/name), "
+                         f"got {type(model).__name__}")
     if os.path.isdir(model):
         return model
     if not (model.endswith(".gguf") and os.path.isfile(model)):
         if is_hub_model_id(model) and not os.path.exists(model):
             return resolve_hub_model(model)
-        raise ValueError(f"model must be a checkpoint directory, a .gguf file or a Hugging Face model id "
+        raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id "
                          f"(org/name), got {model!r}")
     out_dir = _converted_dir_for(model)
     if os.path.isdir(out_dir):

@@ -7,11 +7,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 logger = logging.getLogger("pagedlm")
 
 
-def get_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
-    """The checkpoint's fast (Rust) tokenizer; incremental detokenization needs its backend."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template: str | None = None
+                  ) -> PreTrainedTokenizerBase:
+    """The checkpoint's fast (Rust) tokenizer; incremental detokenization needs its backend.
+    ``chat_template``, when given, replaces its own (every chat rendering goes through it)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 

@@ -13,14 +13,14 @@ def block_bytes(model_config: ModelConfig, cache_config: CacheConfig) -> int:
 
 
 def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int) -> int:
-    """``num_kv_blocks`` if set, else as many blocks as ``kv_cache_memory`` (default: see
+    """``num_kv_blocks`` if set, else as many blocks as ``kv_cache_memory_bytes`` (default: see
     ``available_memory``) holds, at most ``max_useful_blocks``."""
     if cache_config.num_kv_blocks is not None:
         return cache_config.num_kv_blocks
-    memory = cache_config.kv_cache_memory or available_memory(model_config.device)
+    memory = cache_config.kv_cache_memory_bytes or available_memory(model_config.device, cache_config.gpu_memory_utilization)
     num_kv_blocks = min(memory // block_bytes(model_config, cache_config), max_useful_blocks)
     if num_kv_blocks < 1:
-        raise ValueError(f"kv_cache_memory of {memory} bytes holds no KV block; it needs at least "
+        raise ValueError(f"kv_cache_memory_bytes of {memory} bytes holds no KV block; it needs at least "
                          f"{block_bytes(model_config, cache_config)} bytes.")
     return int(num_kv_blocks)
 

@@ -211,7 +211,8 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
 # and the cache's size do not: outputs are batch-invariant; the block size does, in float32
 # attention's last bits). Recorded where they differ from LLM's defaults, so that giving a default
 # explicitly is the same job.
-OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed")
+OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
+                          "tokenizer", "chat_template")
 _LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()}
 
 
