@@ -422,15 +422,24 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"output": "missing_dir/out.jsonl"}, "does not exist"),
     ({"output": "in.jsonl"}, "the same file"),
     ({"input": "array.json"}, "holds a JSON array"),
+    ({"input": "object.json"}, "holds one JSON value over several lines"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
     (tmp_path / "array.json").write_text(json.dumps([{"id": 1, "prompt": "x"}], indent=2))
+    (tmp_path / "object.json").write_text("\n" + json.dumps({"id": 1, "prompt": "x"}, indent=2))
     config = JobConfig(**{"input": "in.jsonl", "output": "out.jsonl", "model": "/nonexistent/model", **change})
     with pytest.raises(ValueError, match=message):
         run_job(config)
     assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run_job(JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine={"dtype": "foo"}))
+    assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
 def test_served_model_names_and_the_job_record(llama_dir, tmp_path):

@@ -21,7 +21,7 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, read_output_lines
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_record, job_record, read_input, signals_interrupt,
+    JobConfig, JobInterrupted, check_record, job_record, read_input, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -65,7 +65,10 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     )
     if address not in (None, "auto"):
         _check_reachable(address)
-    check_record(config, job_record(config, "plain"), started=os.path.isdir(config.output))
+    record, started = job_record(config, "plain"), os.path.isdir(config.output)
+    check_record(config, record, started)
+    if not started:
+        write_record(config, record)
     stats, interrupted = JobStats(), None
     done_ids: list[str] = []
     if not ray.is_initialized():

@@ -93,7 +93,8 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
     started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
-    check_record(config, job_record(config, fmt_name, model), started)
+    record = job_record(config, fmt_name, model)
+    check_record(config, record, started)
 
     stats = JobStats()
     interrupted = finished = None
@@ -104,6 +105,8 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
             try:
                 if own_llm:
                     llm = LLM(model, **config.engine)
+                if not started:  # once the engine settings have proved valid
+                    write_record(config, record)
                 fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
                 writer = _writer(out_kind, config, fmt, in_kind)
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
@@ -134,14 +137,19 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
         raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} does not exist")
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
-    if in_kind == "jsonl" and _first_byte(config.input) == b"[":
-        raise ValueError(f"--input {config.input!r} holds a JSON array; pagedlm run reads JSON Lines "
-                         "(one object per line)")
+    if in_kind == "jsonl":
+        first = _first_line(config.input)
+        # A row is never a lone "{": that is pretty-printed JSON, which would give an error per line.
+        held = "a JSON array" if first.startswith(b"[") else "one JSON value over several lines" if first == b"{" else None
+        if held:
+            raise ValueError(f"--input {config.input!r} holds {held}; pagedlm run reads JSON Lines (one object per line)")
 
 
-def _first_byte(path: str) -> bytes:
+def _first_line(path: str) -> bytes:
+    """The first line that is not blank (after a BOM), stripped; at most 4 KB of it."""
     with open(path, "rb") as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.split(b"\n", 1)[0].strip()
 
 
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
@@ -232,12 +240,11 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
 
 
 def check_record(config: JobConfig, record: dict, started: bool) -> None:
-    """Refuse to overwrite a started job's output, or to resume it under other settings; record a
-    new job's settings next to its output (``OUT.job.json``)."""
+    """Refuse to overwrite a started job's output, or to resume it under other settings."""
     if started and not config.resume:
         raise ValueError(f"--output {config.output!r} exists; pass --resume to continue that job, "
                          "or choose another output")
-    path = config.output.rstrip("/") + ".job.json"
+    path = _record_path(config)
     if started:
         if not os.path.exists(path):
             raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
@@ -247,9 +254,16 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
             raise ValueError("cannot resume: this run's settings differ from the job's:\n  " + "\n  ".join(differ))
-        return
-    with open(path, "w") as f:
+
+
+def write_record(config: JobConfig, record: dict) -> None:
+    """Record a new job's settings next to its output (``OUT.job.json``), for ``check_record``."""
+    with open(_record_path(config), "w") as f:
         json.dump(record, f, indent=2)
+
+
+def _record_path(config: JobConfig) -> str:
+    return config.output.rstrip("/") + ".job.json"
 
 
 class _Job:
