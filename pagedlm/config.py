@@ -74,6 +74,11 @@ class ModelConfig:
         text_config = hf_config.get_text_config()
         if text_config is not hf_config:
             text_config.architectures = hf_config.architectures
+            # transformers' composite model ties its head by the top-level flag, and generates
+            # with the top-level EOS ids when there is no generation_config.json.
+            text_config.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", text_config.tie_word_embeddings)
+            if getattr(hf_config, "eos_token_id", None) is not None:
+                text_config.eos_token_id = hf_config.eos_token_id
             hf_config = text_config
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         if max_model_len is None:
@@ -113,15 +118,24 @@ def get_head_size(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+# Where transformers' models read a sliding window: on every layer, or by the config's layer_types.
+# Others (Llama, Granite) ignore ``sliding_window`` (a "llamafied" Qwen2 checkpoint keeps the key).
+_SLIDING_EVERY_LAYER = ("mistral", "phi3")
+_SLIDING_BY_LAYER_TYPES = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "ministral")
+
+
 def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
     """The sliding window of layer ``layer_idx`` in tokens (a query sees itself and the ``W - 1``
-    tokens before it), 0 for full attention. Where the config lists ``layer_types`` (Gemma 2/3, Qwen2,
-    Qwen3, ...) only "sliding_attention" layers slide; otherwise a set ``sliding_window`` applies to
-    every layer, as transformers' Mistral and Phi-3 apply it."""
+    tokens before it), 0 for full attention, as transformers' model of the config's ``model_type``
+    applies ``sliding_window``: Mistral and Phi-3 on every layer; Gemma 2/3, Qwen2, Qwen3 and
+    Ministral (a Mistral config with ``layer_types``, as transformers reads it) on the
+    "sliding_attention" layers of ``layer_types`` (their configs derive it); other models never."""
     window = getattr(hf_config, "sliding_window", None) or 0
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is None:
+    if hf_config.model_type in _SLIDING_EVERY_LAYER:
         return window
+    layer_types = getattr(hf_config, "layer_types", None)
+    if hf_config.model_type not in _SLIDING_BY_LAYER_TYPES or layer_types is None:
+        return 0
     if layer_types[layer_idx] not in ("full_attention", "sliding_attention"):
         raise ValueError(f"layer_types[{layer_idx}] = {layer_types[layer_idx]!r} is not supported; supported: "
                          "'full_attention', 'sliding_attention'.")

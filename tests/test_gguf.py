@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from pagedlm import LLM, SamplingParams
 from pagedlm.transformers_utils.gguf import convert_gguf, resolve_model
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -36,9 +37,11 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
     return model
 
 
-def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None) -> None:
+def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None,
+               rope_freqs: np.ndarray | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
-    permuted for Llama only, Gemma's norm weights stored as 1 + w."""
+    permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
+    ``rope_freqs`` tensor."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
@@ -89,6 +92,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         elif arch in ("gemma2", "gemma3") and "norm" in hf_name:
             w = w + 1
         writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -132,6 +137,43 @@ def test_convert_roundtrip(tmp_path, tied):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temp dir left behind"
+
+
+@pytest.mark.parametrize("rope", ["llama3", "linear"])
+def test_llama_gguf_rope_scaling(tmp_path, rope):
+    """Found by a checkpoint hunt: Llama 3.1/3.2 GGUFs (llama.cpp stores their "llama3" scaling as
+    per-frequency divisors in ``rope_freqs.weight``) and linear scaling were refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    torch.manual_seed(0)
+    scaling = ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32} if rope == "llama3" else {"rope_type": "linear", "factor": 4.0})
+    config = LlamaConfig(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         rope_parameters={"rope_theta": 10000.0, **scaling}, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    path = str(tmp_path / "tiny.gguf")
+    if rope == "llama3":  # as llama.cpp computes it: theta_i / factor_i
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        base = 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))
+        assert 1.0 < (base / scaled).max() and len(set((base / scaled).tolist())) > 2  # some dims in each band
+        write_gguf(model, path, rope_freqs=(base / scaled).numpy())
+    else:
+        write_gguf(model, path, rope_scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    out_dir = convert_gguf(path, str(tmp_path / "ckpt"))
+    llm = LLM(out_dir, dtype="float32", num_kv_blocks=32)
+    loaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    prompts = [[1, 40, 77, 200, 3, 259, 100] * 6, [1, 5, 9]]
+    for prompt in prompts:  # positions past the original 32 tokens, where the scaling matters
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == expected
 
 
 def test_gguf_rope_scaling_other_than_linear_is_refused(tmp_path):

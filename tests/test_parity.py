@@ -1,12 +1,13 @@
 """Greedy parity with Hugging Face transformers on the same weights (float32)."""
 
+import json
 import os
 import random
 
 import pytest
 import torch
 
-from conftest import VOCAB_SIZE, assert_prompt_logprobs_match_hf, hf_greedy
+from conftest import EOS, VOCAB_SIZE, assert_prompt_logprobs_match_hf, hf_greedy
 from pagedlm import LLM, SamplingParams, ops
 
 LENGTHS = [1, 2, 5, 15, 16, 17, 31, 32, 33, 64, 100, 129, 200, 250, 300, 7]
@@ -126,9 +127,12 @@ def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir
                                      _prompts(9, [300, 130, 47]))
 
 
-def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir, tie_word_embeddings):
     """A Gemma3ForConditionalGeneration checkpoint (vision tower and projector saved beside the
-    language model under "language_model.model.*"): text prompts give transformers' greedy tokens."""
+    language model under "language_model.model.*"): text prompts give transformers' greedy tokens.
+    Its top-level tie_word_embeddings and EOS ids count, as transformers reads them (the text
+    config's say otherwise)."""
     import shutil
 
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
@@ -141,15 +145,19 @@ def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir):
                                 image_size=28, patch_size=14)
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                           image_token_index=VOCAB_SIZE - 1, boi_token_index=VOCAB_SIZE - 2,
-                          eoi_token_index=VOCAB_SIZE - 3)
+                          eoi_token_index=VOCAB_SIZE - 3, tie_word_embeddings=tie_word_embeddings,
+                          eos_token_id=[EOS, VOCAB_SIZE - 4])
     torch.manual_seed(0)
     path = tmp_path / "gemma3_mm"
     Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    (path / "generation_config.json").unlink(missing_ok=True)
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), path / name)
     prompts = _prompts(10, [5, 60, 130])
     expected = hf_greedy(str(path), prompts, 16)
-    assert _generate(LLM(str(path), dtype="float32"), prompts, 16) == expected
+    llm = LLM(str(path), dtype="float32")
+    assert VOCAB_SIZE - 4 in llm.llm_engine.stop_checker.eos_token_ids
+    assert _generate(llm, prompts, 16) == expected
 
 
 def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_dir):
@@ -180,22 +188,60 @@ def test_no_chunked_prefill_needs_a_budget_of_max_model_len(llama_dir):
         LLM(llama_dir, enable_chunked_prefill=False, max_num_batched_tokens=512)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu'"),
-    ("layer_types", ["full_attention", "chunked_attention"], r"layer_types\[1\] = 'chunked_attention' is not supported"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}, r"rope_type 'yarn' .* not supported"),
-])
-def test_unsupported_config_fields_are_refused(llama_dir, tmp_path, field, value, message):
-    """A config field the native model would not honour is refused, never run as something else."""
-    import json
-    import shutil
+def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
+    from conftest import make_checkpoint
 
-    path = shutil.copytree(llama_dir, tmp_path / "edited")
-    config = json.loads((path / "config.json").read_text())
-    config[field] = value
-    (path / "config.json").write_text(json.dumps(config))
+    path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, **fields}, f)
+    return path
+
+
+@pytest.mark.parametrize("arch,field,value,message", [
+    ("llama", "hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu'"),
+    ("qwen2_swa", "layer_types", ["full_attention", "chunked_attention"],
+     r"layer_types\[1\] = 'chunked_attention' is not supported"),
+    ("llama", "rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
+     r"rope_type 'yarn' .* not supported"),
+])
+def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, field, value, message):
+    """A config field the native model would not honour is refused, never run as something else."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, **{field: value})
     with pytest.raises(ValueError, match=message):
-        LLM(str(path), dtype="float32")
+        LLM(path, dtype="float32")
+
+
+@pytest.mark.parametrize("arch,fields", [
+    ("llama", {"sliding_window": 8, "use_sliding_window": False, "max_window_layers": 2}),  # a "llamafied" Qwen2's
+    ("llama", {"partial_rotary_factor": 0.5}),
+    ("llama", {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}),
+    ("granite", {"sliding_window": 8}),
+    ("mistral_swa", {"layer_types": ["full_attention", "sliding_attention"]}),  # transformers reads it as Ministral's
+])
+def test_config_fields_count_where_transformers_model_reads_them(tmp_path, tokenizer_dir, arch, fields):
+    """Found by a checkpoint hunt: keys that transformers' model of an architecture never reads
+    (Llama's and Granite's sliding window, Llama's partial rotary factor) were applied anyway. A
+    checkpoint gives the log-probabilities of its transformers model, whatever else it carries."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, **fields)
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [100, 47]))
+
+
+def test_a_saved_head_unlike_the_tied_embeddings_is_used_as_transformers_does(tmp_path, tokenizer_dir):
+    """tie_word_embeddings with an lm_head.weight in the file that differs from the embeddings:
+    transformers runs the saved head ("will NOT tie them"); an equal one stays tied."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "granite"), "granite", tokenizer_dir)
+    weights_path = os.path.join(path, "model.safetensors")
+    weights = load_file(weights_path)
+    for head in (weights["model.embed_tokens.weight"].clone(), torch.randn_like(weights["model.embed_tokens.weight"])):
+        save_file({**weights, "lm_head.weight": head}, weights_path, metadata={"format": "pt"})
+        assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(13, [30, 20]))
 
 
 def test_gemma3_attn_logit_softcapping_is_not_applied(tmp_path, tokenizer_dir):

@@ -1,6 +1,7 @@
 """Build a native model and load its weights straight from safetensors (no transformers model)."""
 
 import glob
+import json
 import os
 import re
 
@@ -33,7 +34,20 @@ def get_model(model_config: ModelConfig) -> nn.Module:
 
 
 def _checkpoint_files(model_dir: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    """The safetensors files that hold the model: those ``model.safetensors.index.json`` names
+    where there is one (Mistral's repos also ship ``consolidated.safetensors``, the same weights
+    under other names), else ``model.safetensors``, else every ``*.safetensors``."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+        files = [os.path.join(model_dir, name) for name in names]
+        missing = [name for name, path in zip(names, files) if not os.path.isfile(path)]
+        if not files or missing:
+            raise ValueError(f"{index} names {'no files' if not files else f'files that are missing: {missing[:4]}'}.")
+        return files
+    single = os.path.join(model_dir, "model.safetensors")
+    files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise ValueError(f"No *.safetensors files in {model_dir!r}; pagedlm loads safetensors checkpoints.")
     return files
@@ -42,6 +56,7 @@ def _checkpoint_files(model_dir: str) -> list[str]:
 def load_weights(model: nn.Module, model_dir: str) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    saved_head = None  # a tied model's lm_head.weight, when the checkpoint holds one
     packed = getattr(model, "packed_modules_mapping", {})
     prefixes = getattr(model, "checkpoint_prefixes", {})
     for path in _checkpoint_files(model_dir):
@@ -60,7 +75,8 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                         break
                 if name not in params:
                     if name == "lm_head.weight" and "embed_tokens.weight" in params:
-                        continue  # tied embeddings saved twice
+                        saved_head = f.get_tensor(ckpt_name)
+                        continue
                     raise ValueError(f"Unexpected weight {ckpt_name!r} in {path}.")
                 target = _shard_view(model, name, params[name], shard)
                 tensor = f.get_tensor(ckpt_name)
@@ -73,6 +89,19 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     missing = expected - loaded
     if missing:
         raise ValueError(f"Checkpoint {model_dir!r} lacks weights: {sorted(missing)[:8]}...")
+    if saved_head is not None:
+        _untie_a_different_head(model, saved_head)
+
+
+def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
+    """A checkpoint that ties its head yet saves one that differs from the embeddings runs with the
+    saved head, as transformers does ("will NOT tie them"); an equal one stays tied."""
+    embedding = model.embed_tokens.weight
+    if saved_head.shape != embedding.shape:
+        raise ValueError(f"Weight 'lm_head.weight' has shape {tuple(saved_head.shape)}, expected {tuple(embedding.shape)}.")
+    saved_head = saved_head.to(embedding)
+    if not torch.equal(saved_head, embedding):
+        model.lm_head.weight = nn.Parameter(saved_head, requires_grad=False)
 
 
 # An fp8 KV cache's per-tensor scales: llm-compressor's "self_attn.k_scale" and the older

@@ -81,9 +81,26 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama_rope_scaling(reader: gguf.GGUFReader, max_position: int) -> dict | None:
+    """The RoPE scaling of a Llama GGUF as transformers' ``rope_scaling``: linear, or the per-frequency
+    divisors of ``rope_freqs.weight`` (how llama.cpp stores Llama 3.1's "llama3" scaling), which are
+    "longrope" factors with no attention factor and no switch (both factor lists the same, the
+    threshold at the context length): ``theta_i / factor_i``, as llama.cpp applies them."""
+    kind = _field(reader, "llama.rope.scaling.type", "none")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if kind not in ("none", "linear") or (kind == "linear" and freqs is not None):
+        raise ValueError(f"GGUF rope scaling {kind!r} (llama.rope.scaling.type){' with rope_freqs.weight' if freqs else ''}"
+                         " is not supported; supported: linear, or Llama 3's rope_freqs.weight alone.")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(_field(reader, "llama.rope.scaling.factor"))}
+    if freqs is None:
+        return None
+    factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).astype(np.float64).ravel().tolist()
+    return {"rope_type": "longrope", "short_factor": factors, "long_factor": factors,
+            "original_max_position_embeddings": max_position, "factor": 1.0, "attention_factor": 1.0}
+
+
 def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
-    if _field(reader, "llama.rope.scaling.type", "none") != "none":
-        raise ValueError("GGUF rope scaling is not supported")
     hidden = _field(reader, "llama.embedding_length")
     n_head = _field(reader, "llama.attention.head_count")
     # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match.
@@ -117,6 +134,9 @@ def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
         # The GGUF itself records no dtype; bfloat16 is what Llama-family HF releases ship in.
         "torch_dtype": "bfloat16",
     }
+    rope_scaling = _llama_rope_scaling(reader, config["max_position_embeddings"])
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
     generation_config = {"bos_token_id": bos, "eos_token_id": eos}
     if pad is not None:
         generation_config["pad_token_id"] = pad
@@ -127,6 +147,8 @@ def _load_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray
     n_head, n_kv_head = config["num_attention_heads"], config["num_key_value_heads"]
     weights = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # in config["rope_scaling"]
+            continue
         w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         if tensor.name.endswith(".attn_q.weight"):
             w = _unpermute_rope(w, n_head)
@@ -195,6 +217,9 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
             is_27b = config.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[arch]
             config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if is_27b else head_dim
         if dimension_count is not None and dimension_count != head_dim:
+            if arch != "phi3":
+                raise ValueError(f"{arch}.rope.dimension_count ({dimension_count}) differs from the head size "
+                                 f"({head_dim}): RoPE over part of a head is supported for Phi-3 only")
             config.partial_rotary_factor = dimension_count / head_dim
             config.rope_parameters["partial_rotary_factor"] = dimension_count / head_dim
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config, dtype=torch.float32)

@@ -21,7 +21,11 @@ def _rope_dict(config: PretrainedConfig, layer_type: str | None) -> dict:
 
 
 def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = None) -> float:
-    """The share of each head that RoPE rotates (Phi-4-mini: 0.75); the rest passes unchanged."""
+    """The share of each head that RoPE rotates (Phi-4-mini: 0.75); the rest passes unchanged.
+    Of the supported models only transformers' Phi-3 reads it; the others rotate whole heads
+    whatever their config says."""
+    if config.model_type != "phi3":
+        return 1.0
     factor = _rope_dict(config, layer_type).get("partial_rotary_factor")
     return float(factor or getattr(config, "partial_rotary_factor", None) or 1.0)
 

@@ -1,5 +1,6 @@
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from pagedlm.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from pagedlm.model_executor.models.llama import (
@@ -9,6 +10,7 @@ from pagedlm.model_executor.models.llama import (
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MinistralForCausalLM": MistralForCausalLM,  # Mistral with layer_types (config.get_sliding_window)
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
@@ -20,10 +22,13 @@ _MODELS: dict[str, type[nn.Module]] = {
 
 
 def get_model_class(config: PretrainedConfig) -> type[nn.Module]:
-    for arch in getattr(config, "architectures", None) or []:
+    """The model of the config's ``architectures``; without them, the one transformers'
+    ``AutoModelForCausalLM`` takes for its ``model_type``."""
+    archs = getattr(config, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)]
+    for arch in archs:
         if arch in _MODELS:
             return _MODELS[arch]
     raise ValueError(
-        f"Model architectures {getattr(config, 'architectures', None)} are not supported; "
-        f"supported architectures: {', '.join(_MODELS)}."
+        f"Model architectures {getattr(config, 'architectures', None)} (model_type {config.model_type!r}) are not "
+        f"supported; supported architectures: {', '.join(_MODELS)}."
     )
