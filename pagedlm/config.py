@@ -118,6 +118,23 @@ def get_head_size(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+# Config fields that only some of transformers' models read, by model_type: a checkpoint may carry
+# keys its architecture's model never reads, which must not count (``reads_field``).
+_FIELD_READERS = {
+    "partial_rotary_factor": ("phi3",),
+    "attention_bias": ("llama", "granite", "qwen3", "gemma2", "gemma3", "gemma3_text"),
+    "mlp_bias": ("llama", "granite"),
+    **{name: ("granite",) for name in ("attention_multiplier", "residual_multiplier", "embedding_multiplier",
+                                       "logits_scaling")},
+}
+
+
+def reads_field(hf_config: PretrainedConfig, name: str) -> bool:
+    """Whether transformers' model of the config's ``model_type`` reads the field ``name`` (one of
+    ``_FIELD_READERS``); others run as if it were absent."""
+    return hf_config.model_type in _FIELD_READERS[name]
+
+
 # Where transformers' models read a sliding window: on every layer, or by the config's layer_types.
 # Others (Llama, Granite) ignore ``sliding_window`` (a "llamafied" Qwen2 checkpoint keeps the key).
 _SLIDING_EVERY_LAYER = ("mistral", "phi3")

@@ -219,12 +219,15 @@ def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, fi
     ("llama", {"partial_rotary_factor": 0.5}),
     ("llama", {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}),
     ("granite", {"sliding_window": 8}),
+    ("llama", {"embedding_multiplier": 3.0, "logits_scaling": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1}),
+    ("mistral_swa", {"attention_bias": True, "mlp_bias": True}),
     ("mistral_swa", {"layer_types": ["full_attention", "sliding_attention"]}),  # transformers reads it as Ministral's
 ])
 def test_config_fields_count_where_transformers_model_reads_them(tmp_path, tokenizer_dir, arch, fields):
     """Found by a checkpoint hunt: keys that transformers' model of an architecture never reads
-    (Llama's and Granite's sliding window, Llama's partial rotary factor) were applied anyway. A
-    checkpoint gives the log-probabilities of its transformers model, whatever else it carries."""
+    (Llama's and Granite's sliding window, Llama's partial rotary factor, Granite's multipliers on
+    a Llama, Mistral's biases) were applied anyway. A checkpoint gives the log-probabilities of its
+    transformers model, whatever else it carries."""
     path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, **fields)
     assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [100, 47]))
 

@@ -432,12 +432,14 @@ class LLMEngine:
     def _process_beams(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         params = group.sampling_params
         beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
-        entry = self._beam_logprob_entry(group, beams, out.beam_raw_logprobs) if params.logprobs is not None else None
+        entry = self._beam_logprob_entry(group, beams, out) if params.logprobs is not None else None
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
             [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
             (lambda beam, token_id: beams[beam].logprobs + [entry(beam, token_id)]) if entry else None,
         )
+        # Each beam's dict from its parent's context, before any beam appends its token.
+        entries = [entry(c.parent, c.token_id) for c in candidates] if entry else None
         used = [False] * len(beams)
         next_beams = []
         for c in candidates:  # fork before any beam appends its own token
@@ -451,9 +453,9 @@ class LLMEngine:
             if not is_used:
                 self._finish(parent, SequenceStatus.FINISHED_ABORTED)
         group.beam.scores = {beam.seq_id: c.score for beam, c in next_beams}
-        for beam, c in next_beams:
-            if entry is not None:
-                beam.logprobs.append(entry(c.parent, c.token_id))
+        for i, (beam, c) in enumerate(next_beams):
+            if entries is not None:
+                beam.logprobs.append(entries[i])
             beam.output_token_ids.append(c.token_id)
             beam.cumulative_logprob = c.cumulative_logprob
             if params.detokenize:
@@ -483,21 +485,20 @@ class LLMEngine:
         return results
 
     def _beam_logprob_entry(
-        self, group: SequenceGroup, beams: list[Sequence], raw_logprobs: torch.Tensor
+        self, group: SequenceGroup, beams: list[Sequence], out: SequenceGroupOutput
     ) -> Callable[[int, int], dict[int, Logprob]]:
-        """``entry(beam, token_id)``: the logprob dict of ``beams[beam]`` choosing ``token_id``, as
-        sampling reports one (``_logprob_dict``), from the model's log-probabilities ``raw_logprobs``
-        [beams, V] (float32) that beam search reports."""
-        k = group.sampling_params.logprobs
-        top_logprobs, top_ids = raw_logprobs.sort(dim=-1, descending=True, stable=True)  # ties in token order
-        top_logprobs, top_ids = top_logprobs[:, :k].tolist(), top_ids[:, :k].tolist()
+        """``entry(beam, token_id)``: the logprob dict of ``beams[beam]`` (as it is before the step
+        appends) choosing ``token_id``, as sampling reports one (``_logprob_dict``): the top entries
+        the sampler found for the beam's row, the chosen token's log-probability and rank from the
+        model's log-probabilities ``out.beam_raw_logprobs`` [beams, V] that beam search reports."""
+        raw_logprobs = out.beam_raw_logprobs
 
         def entry(beam: int, token_id: int) -> dict[int, Logprob]:
             row = raw_logprobs[beam]
-            rank = int((row > row[token_id]).sum()) + 1
+            sampled = out.samples[beam].top_logprobs
+            top = TopLogprobs(int((row > row[token_id]).sum()) + 1, sampled.token_ids, sampled.logprobs)
             seq = beams[beam]
             context = seq.token_ids(max(0, seq.num_tokens - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens)
-            top = TopLogprobs(rank, top_ids[beam], top_logprobs[beam])
             return self._logprob_dict(group, context, token_id, float(row[token_id]), top)
 
         return entry

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm import ops
+from pagedlm.config import reads_field
 from pagedlm.model_executor.layers.direct_call import DirectCall
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -24,7 +25,7 @@ def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = Non
     """The share of each head that RoPE rotates (Phi-4-mini: 0.75); the rest passes unchanged.
     Of the supported models only transformers' Phi-3 reads it; the others rotate whole heads
     whatever their config says."""
-    if config.model_type != "phi3":
+    if not reads_field(config, "partial_rotary_factor"):
         return 1.0
     factor = _rope_dict(config, layer_type).get("partial_rotary_factor")
     return float(factor or getattr(config, "partial_rotary_factor", None) or 1.0)

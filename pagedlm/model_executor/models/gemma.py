@@ -39,7 +39,7 @@ class GemmaDecoderLayer(DirectCall, nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(
             config, layer_idx, rotary_emb,
-            qkv_bias=getattr(config, "attention_bias", False),
+            qkv_bias=getattr(config, "attention_bias", False),  # every Gemma reads it (config.reads_field)
             qk_norm=GemmaRMSNorm if qk_norm else None,
             scale=config.query_pre_attn_scalar**-0.5,
             logits_soft_cap=logits_soft_cap,
