@@ -422,13 +422,15 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"output": "missing_dir/out.jsonl"}, "does not exist"),
     ({"output": "in.jsonl"}, "the same file"),
     ({"input": "array.json"}, "holds a JSON array"),
-    ({"input": "object.json"}, "holds one JSON value over several lines"),
+    ({"input": "object.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
+    ({"input": "object2.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
     (tmp_path / "array.json").write_text(json.dumps([{"id": 1, "prompt": "x"}], indent=2))
     (tmp_path / "object.json").write_text("\n" + json.dumps({"id": 1, "prompt": "x"}, indent=2))
+    (tmp_path / "object2.json").write_text('{"id": 1,\n "prompt": "x"}\n{"id": 2,\n "prompt": "y"}\n')
     config = JobConfig(**{"input": "in.jsonl", "output": "out.jsonl", "model": "/nonexistent/model", **change})
     with pytest.raises(ValueError, match=message):
         run_job(config)
@@ -461,7 +463,9 @@ def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record
     another template is another job."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "Hi"}]}])
     out = tmp_path / "out.jsonl"
-    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE, chat_template=TEMPLATE),
+    template_file = tmp_path / "template.jinja"  # recorded as its text: an edited file is another job
+    template_file.write_text(TEMPLATE)
+    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE, chat_template=str(template_file)),
                        sampling={"max_tokens": 2})
     stats, _ = run_job(config, tty=False)
     expected = AutoTokenizer.from_pretrained(llama_dir).apply_chat_template(
@@ -469,9 +473,10 @@ def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record
         return_dict=True)["input_ids"]
     assert stats.completed == 1 and read_output(out)[0]["prompt_tokens"] == len(expected)
     assert json.load(open(str(out) + ".job.json"))["engine"]["chat_template"] == TEMPLATE
+    template_file.write_text(TEMPLATE + " ")
     with pytest.raises(ValueError, match="chat_template"):
-        run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True, engine=dict(ENGINE),
-                          sampling={"max_tokens": 2}))
+        run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
+                          engine=dict(ENGINE, chat_template=str(template_file)), sampling={"max_tokens": 2}))
 
 
 def test_progress_lines_come_while_rows_run(capsys):

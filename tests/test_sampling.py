@@ -352,6 +352,16 @@ def test_llm_beam_search_matches_hf(eos_model_dir, width, length_penalty):
                 assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
 
 
+def test_beam_search_checks_params_changed_after_construction_and_its_width(llm):
+    params = BeamSearchParams(beam_width=2, max_tokens=2)
+    params.beam_width = 0
+    with pytest.raises(ValueError, match="beam_width must be at least 1, got 0"):
+        llm.beam_search(_ids([[BOS, 9]]), params)
+    params.beam_width = llm.llm_engine.scheduler_config.max_num_seqs + 1
+    with pytest.raises(ValueError, match=r"beam_width \(\d+\) exceeds max_num_seqs"):
+        llm.beam_search(_ids([[BOS, 9]]), params)
+
+
 @pytest.mark.parametrize("ignore_eos,stop_token_ids,finish_reason,stop_reason", [
     (False, [], "stop", None),
     (True, [], "length", None),  # EOS does not stop a sequence under ignore_eos, so beams ending on it ran out of length

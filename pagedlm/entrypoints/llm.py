@@ -7,7 +7,7 @@ import numbers
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count, islice, repeat
 from typing import Any
 
@@ -108,7 +108,7 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        if tensor_parallel_size != 1:
+        if type(tensor_parallel_size) is not int or tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
                              "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
         model_config = ModelConfig.create(
@@ -207,18 +207,26 @@ class LLM:
         concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """Beam search over each prompt (vLLM's ``LLM.beam_search``); one ``BeamSearchOutput`` per
-        prompt, in input order, holding its ``params.beam_width`` best sequences, best first (see
-        ``BeamSearchParams`` for the search and ``BeamSearchSequence`` for what each holds).
+        prompt, in input order, holding its ``params.beam_width`` best sequences (fewer only when
+        there are fewer continuations), best first (see ``BeamSearchParams`` for the search and
+        ``BeamSearchSequence`` for what each holds).
 
         Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
         (all of them when None), each with ``beam_width`` sequences in the batch.
 
         Raises:
-            ValueError: ``params`` is not a ``BeamSearchParams``, ``concurrency_limit`` is not a
-                positive int, or prompts are invalid (listed as by ``generate``, before any work).
+            ValueError: ``params`` is not a ``BeamSearchParams`` or has a bad field (fields set after
+                construction are checked too), ``beam_width`` exceeds ``max_num_seqs``,
+                ``concurrency_limit`` is not a positive int, or prompts are invalid (listed as by
+                ``generate``, before any work).
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        params = replace(params)  # checks fields set after construction
+        max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
+        if params.beam_width > max_num_seqs:
+            raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({max_num_seqs}): each beam is a "
+                             "sequence of the batch.")
         if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
         prompts = _prompt_list(prompts)

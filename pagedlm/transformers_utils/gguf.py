@@ -304,7 +304,7 @@ def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
         return model
     if not (model.endswith(".gguf") and os.path.isfile(model)):
         if is_hub_model_id(model) and not os.path.exists(model):
-            return resolve_hub_model(model)
+            return resolve_hub_model(model, what=what)
         raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id "
                          f"(org/name), got {model!r}")
     out_dir = _converted_dir_for(model)

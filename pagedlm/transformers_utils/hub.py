@@ -17,10 +17,10 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def resolve_hub_model(model_id: str, revision: str | None = None) -> str:
+def resolve_hub_model(model_id: str, revision: str | None = None, what: str = "model") -> str:
     """The snapshot directory of ``model_id`` in the Hugging Face cache (``HF_HUB_CACHE``, else
     ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), downloaded there first when it is not
-    cached and ``HF_HUB_OFFLINE`` is not set.
+    cached and ``HF_HUB_OFFLINE`` is not set. Errors name the argument as ``what``.
 
     Raises:
         ValueError: not cached (and offline, or the download failed): the message says where it
@@ -35,10 +35,10 @@ def resolve_hub_model(model_id: str, revision: str | None = None) -> str:
                                  allow_patterns=CHECKPOINT_FILES)
     except Exception as cached_error:  # LocalEntryNotFoundError and friends
         if _env_true("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
-            raise ValueError(f"model {model_id!r} is not in the Hugging Face cache at {where} and HF_HUB_OFFLINE is "
+            raise ValueError(f"{what} {model_id!r} is not in the Hugging Face cache at {where} and HF_HUB_OFFLINE is "
                              f"set ({type(cached_error).__name__})") from None
     try:
         return snapshot_download(model_id, revision=revision, cache_dir=cache_dir, allow_patterns=CHECKPOINT_FILES)
     except Exception as exc:
-        raise ValueError(f"model {model_id!r}: not in the Hugging Face cache at {where}, and downloading it failed "
+        raise ValueError(f"{what} {model_id!r}: not in the Hugging Face cache at {where}, and downloading it failed "
                          f"({type(exc).__name__}: {exc})") from None

@@ -17,11 +17,13 @@ def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig
     ``available_memory``) holds, at most ``max_useful_blocks``."""
     if cache_config.num_kv_blocks is not None:
         return cache_config.num_kv_blocks
-    memory = cache_config.kv_cache_memory_bytes or available_memory(model_config.device, cache_config.gpu_memory_utilization)
+    given = cache_config.kv_cache_memory_bytes
+    memory = given or available_memory(model_config.device, cache_config.gpu_memory_utilization)
     num_kv_blocks = min(memory // block_bytes(model_config, cache_config), max_useful_blocks)
     if num_kv_blocks < 1:
-        raise ValueError(f"kv_cache_memory_bytes of {memory} bytes holds no KV block; it needs at least "
-                         f"{block_bytes(model_config, cache_config)} bytes.")
+        share = "gpu_memory_utilization" if cache_config.gpu_memory_utilization is not None else "the default share"
+        what = f"kv_cache_memory_bytes of {given} bytes" if given else f"the memory {share} leaves ({memory} bytes)"
+        raise ValueError(f"{what} holds no KV block; it needs at least {block_bytes(model_config, cache_config)} bytes.")
     return int(num_kv_blocks)
 
 

@@ -26,6 +26,7 @@ from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
+from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
@@ -138,18 +139,32 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
     if in_kind == "jsonl":
-        first = _first_line(config.input)
-        # A row is never a lone "{": that is pretty-printed JSON, which would give an error per line.
-        held = "a JSON array" if first.startswith(b"[") else "one JSON value over several lines" if first == b"{" else None
-        if held:
-            raise ValueError(f"--input {config.input!r} holds {held}; pagedlm run reads JSON Lines (one object per line)")
+        check_json_lines(config.input)
 
 
-def _first_line(path: str) -> bytes:
-    """The first line that is not blank (after a BOM), stripped; at most 4 KB of it."""
+def check_json_lines(path: str) -> None:
+    """Refuse a JSON file that is not JSON Lines before any row runs: an array, or JSON spread over
+    several lines (pretty-printed), which would give an error row for every line. Only the start of
+    the file is read; a first row that is merely bad JSON is left to be that row's error."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.split(b"\n", 1)[0].strip()
+        head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
+    first = head.split("\n", 1)[0]
+    if head.startswith("["):
+        held = "a JSON array"
+    else:
+        try:
+            json.loads(first)
+            return
+        except ValueError:
+            pass
+        try:
+            _, end = json.JSONDecoder().raw_decode(head)
+        except ValueError:
+            return
+        if end <= len(first):
+            return
+        held = "JSON spread over several lines (pretty-printed)"
+    raise ValueError(f"--input {path!r} holds {held}; pagedlm run reads JSON Lines (one object per line)")
 
 
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
@@ -225,8 +240,18 @@ _LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).para
 
 
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
-    """The settings a resumed run must repeat."""
+    """The settings a resumed run must repeat: paths made absolute, a chat template file read (its
+    text is what renders the rows).
+
+    Raises:
+        ValueError: ``config.engine["chat_template"]`` is neither a template nor a file.
+    """
     model = model or config.model or "(the embedded default model)"
+    engine = {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS if k in config.engine and config.engine[k] != _LLM_DEFAULTS[k]}
+    if isinstance(engine.get("tokenizer"), str) and os.path.exists(engine["tokenizer"]):
+        engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
+    if "chat_template" in engine:
+        engine["chat_template"] = load_chat_template(engine["chat_template"])
     return {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
         "input": os.path.abspath(config.input),
@@ -234,8 +259,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
         "served_model_names": config.served_model_names,
-        "engine": {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS
-                   if k in config.engine and config.engine[k] != _LLM_DEFAULTS[k]},
+        "engine": engine,
     }
 
 
