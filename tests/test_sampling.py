@@ -233,6 +233,33 @@ def test_stop_strings_cut_text_across_tokens(llm):
     assert kept.text == text[: first + len(stop)]
 
 
+def test_which_stop_string_ends_the_text_as_in_vllm(llm):
+    """Found against vLLM: the stop string that the text completes first wins, ties going to the
+    first in ``stop`` (earliest start, ties alphabetical, before); the text of the first
+    ``min_tokens`` tokens cannot complete one (it could, by one token)."""
+    params = dict(temperature=0, max_tokens=30, ignore_eos=True)
+    base = llm.generate(_ids(PROMPTS[:1]), SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    text = base.text
+
+    def run(stop, **kw):
+        out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(**params, stop=stop, **kw), use_tqdm=False)[0].outputs[0]
+        return out.text, out.stop_reason
+
+    # p: where a 3-character string and its middle character both occur first
+    p = next(p for p in range(len(text) - 3) if text.find(text[p : p + 3]) == p and text.find(text[p + 1]) == p + 1)
+    longer, inner, pair = text[p : p + 3], text[p + 1], text[p : p + 2]
+    assert run([longer, inner]) == (text[: p + 1], inner)  # inner completes first, though longer starts first
+    assert run([pair, inner]) == (text[:p], pair) and run([inner, pair]) == (text[: p + 1], inner)  # same end
+
+    pieces = [llm.get_tokenizer().decode(base.token_ids[: i + 1]) for i in range(3)]
+    first = pieces[0][-1:] or pieces[1][-1:]
+    for min_tokens in (0, 1, 2):
+        done = len(pieces[min_tokens - 1]) if min_tokens else 0  # the text of the first min_tokens tokens
+        end = text.find(first, max(0, done - len(first) + 1))
+        expected = (text[:end], first) if end >= 0 else (text, None)
+        assert run([first], min_tokens=min_tokens) == expected
+
+
 def test_logits_processors_receive_tokens_and_steer(llm):
     calls = []
 

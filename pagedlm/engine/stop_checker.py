@@ -52,7 +52,8 @@ class StopChecker:
         """After ``check_stop_token``: the status ``seq`` ends with once its newest token's text
         (``num_new_chars`` characters) is added, or ``None``; cuts the text at a stop string."""
         num_out = len(seq.output_token_ids)
-        if num_out >= params.min_tokens and params.stop and num_new_chars:
+        # vLLM's rule: the text of the first min_tokens tokens cannot complete a stop string.
+        if num_out > params.min_tokens and params.stop and num_new_chars:
             if _cut_at_stop_string(seq, params, num_new_chars):
                 return SequenceStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_out >= params.max_tokens:
@@ -63,17 +64,18 @@ class StopChecker:
 
 
 def _cut_at_stop_string(seq: Sequence, params: SamplingParams, num_new_chars: int) -> bool:
-    """Find the earliest stop string that the new text completes; cut the text there."""
+    """Find the stop string that the new text completes first (ties: the first in ``stop``, as
+    vLLM's ``check_stop_strings`` chooses); cut the text there."""
     text = seq.output_text
     hits = []
-    for stop in params.stop:
+    for order, stop in enumerate(params.stop):
         # A match must end inside the new text, so start looking len(stop) - 1 chars before it.
         index = text.find(stop, max(0, len(text) - num_new_chars - len(stop) + 1))
         if index >= 0:
-            hits.append((index, stop))
+            hits.append((index + len(stop), order, index, stop))
     if not hits:
         return False
-    index, stop = min(hits)
+    _, _, index, stop = min(hits)
     seq.output_text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
     seq.stop_reason = stop
     return True
