@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE, EOS, hf_greedy
-from pagedlm import LLM, RequestOutput, SamplingParams
+from pagedlm import LLM, RequestOutput, SamplingParams, default_model_path
 from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
 
@@ -139,6 +139,25 @@ def test_continue_final_message_extends_the_last_message(llm):
                    add_generation_prompt=False, continue_final_message=True)[0]
     assert out.prompt == "<s><|user|>The capital of France is\n<|assistant|>The capital"
     assert out.prompt_token_ids == llm.get_tokenizer()(out.prompt, add_special_tokens=False).input_ids
+
+
+def test_developer_messages_and_tool_only_turns_render_as_in_vllm():
+    """Found against vLLM: a template that does not know the "developer" role gets it as "system",
+    system messages merged at the start; an assistant turn of tool calls only has empty content."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+
+    def text(messages, template=None):
+        return render_chat(tokenizer, messages, template).text
+
+    dev, hi = {"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Hi"}
+    assert text([dev, hi]) == text([{"role": "system", "content": "Be terse."}, hi])
+    assert text([{"role": "system", "content": "A"}, hi, {**dev, "content": "B"}]) == text(
+        [{"role": "system", "content": "A\n\nB"}, hi])
+    knows = "{% for m in messages %}{% if m['role'] == 'developer' %}D:{% endif %}{{ m['content'] }}|{% endfor %}"
+    assert text([dev, hi], knows) == "D:Be terse.|Hi|"
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    turns = [hi, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "4"}]
+    assert text(turns) == text([hi, {**turns[1], "content": ""}, turns[2]])
 
 
 def test_text_parts_are_joined_and_other_parts_refused(llm, monkeypatch):

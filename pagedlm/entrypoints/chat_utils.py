@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-# OpenAI's chat roles ("developer" is its newer name for "system").
+# OpenAI's chat roles ("developer" is its newer name for "system"; see _developer_as_system).
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Conversation = list[dict[str, Any]]
@@ -32,7 +32,7 @@ def parse_conversation(conversation: object) -> Conversation:
 
     A message is ``{"role": one of ROLES, "content": str}``; ``content`` may also be a list of
     ``{"type": "text", "text": str}`` parts, which are joined with newlines (vLLM's "string" content
-    format), or null in an assistant message with ``tool_calls``. Other keys (``name``,
+    format), or null (rendered empty) in an assistant message with ``tool_calls``. Other keys (``name``,
     ``tool_calls``, ``tool_call_id``) go to the template unchanged, except that a tool call's
     ``function.arguments`` given as JSON text (OpenAI's form) reaches it parsed, and absent or
     empty as ``{}``, as vLLM passes them (templates render them with ``tojson``).
@@ -55,7 +55,7 @@ def parse_conversation(conversation: object) -> Conversation:
         if isinstance(content, list):
             content = _join_text_parts(i, content)
         elif content is None and role == "assistant" and message.get("tool_calls"):
-            pass  # OpenAI's assistant turn that only calls tools
+            content = ""  # OpenAI's assistant turn that only calls tools; vLLM renders it empty
         elif not isinstance(content, str):
             raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
                              f"got {type(content).__name__}")
@@ -65,6 +65,24 @@ def parse_conversation(conversation: object) -> Conversation:
             message["tool_calls"] = [_parse_tool_call(i, call) for call in message["tool_calls"]]
         messages.append(message)
     return messages
+
+
+def _knows_developer_role(template: str) -> bool:
+    return '"developer"' in template or "'developer'" in template
+
+
+def _developer_as_system(messages: Conversation) -> Conversation:
+    """For a template that does not know the "developer" role (vLLM's rule): developer messages
+    become system messages, and several system messages, or one after the first message, become
+    one at the start, their texts joined by a blank line."""
+    if all(m["role"] != "developer" for m in messages):
+        return messages
+    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if systems == [0]:
+        return messages
+    text = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
+    return [{"role": "system", "content": text}, *(m for m in messages if m["role"] != "system")]
 
 
 def _parse_tool_call(i: int, call: object) -> object:
@@ -128,6 +146,9 @@ def render_chat(
         raise ValueError("chat_template_kwargs cannot set tokenize: the rendered text is tokenized afterwards")
     if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
+    template = chat_template or tokenizer.chat_template
+    if not _knows_developer_role(template if isinstance(template, str) else " ".join(template.values())):
+        messages = _developer_as_system(messages)
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
