@@ -163,7 +163,7 @@ class SamplingParams:
         n: completions to return.
         best_of: completions to generate, of which the ``n`` with the highest cumulative
             log-probability are returned (the beam width under beam search). Defaults to ``n``.
-        temperature: softmax temperature; 0 means greedy decoding.
+        temperature: softmax temperature in [0, 2] (vLLM's range); 0 means greedy decoding.
         top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1].
         top_k: keep the ``top_k`` most likely tokens; 0 or -1 turns it off.
         min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
@@ -174,6 +174,7 @@ class SamplingParams:
         seed: random seed. Completion ``i`` of a seeded request samples from its own generator
             seeded with ``seed + i``, so its random draws do not depend on what else is in the
             batch; its tokens do not either where the logits do not (fp32 and bf16 on CPU, README).
+            -1 is no seed, as in vLLM.
         max_tokens: most tokens to generate per completion. ``None`` (the default) generates until
             EOS, a stop token or string, or the engine's ``max_model_len``; nothing is cut at an
             arbitrary small length.
@@ -256,8 +257,9 @@ class SamplingParams:
         if self.best_of < self.n:
             raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.")
         self.temperature = _number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2] (0 means greedy; vLLM's and OpenAI's range), "
+                             f"got {self.temperature}.")
         self.top_p = _check_range("top_p", self.top_p, 0, 1, lo_open=True)
         self.top_k = _number("top_k", self.top_k, integer=True)
         if self.top_k < -1:
@@ -271,6 +273,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
         if self.seed is not None:
             self.seed = _number("seed", self.seed, integer=True)
+            if self.seed == -1:  # vLLM's "no seed"
+                self.seed = None
         if self.max_tokens is not None:
             self.max_tokens = _number("max_tokens", self.max_tokens, integer=True)
             if self.max_tokens < 1:

@@ -4,7 +4,7 @@ import pytest
 from pagedlm import BeamSearchParams, SamplingParams
 
 BAD = [
-    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
+    ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")), ("temperature", "hot"),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1),
     ("seed", 1.5), ("seed", True), ("max_tokens", 0), ("max_tokens", 3.0), ("min_tokens", -1),
     ("ignore_eos", 1), ("stop_token_ids", [-1]), ("stop_token_ids", "2"), ("stop_token_ids", [True]),
@@ -29,6 +29,7 @@ def test_hf_style_off_values_are_accepted():
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
     assert SamplingParams().max_tokens is None
+    assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed"
 
 
 @pytest.mark.parametrize("kwargs,field", [
