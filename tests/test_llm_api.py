@@ -619,6 +619,22 @@ def test_every_prompt_problem_is_listed_with_its_index(llm):
     assert out[0].prompt_token_ids == [BOS, 5] and all(type(t) is int for t in out[0].prompt_token_ids)
 
 
+def test_token_prompts_in_vllms_other_forms(llm):
+    """Found against vLLM: a bare list of token ids is a prompt (and a list of ints passed as
+    ``prompts`` is one), and a token prompt may carry the text it stands for, which is echoed."""
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    expected = llm.generate({"prompt_token_ids": [BOS, 5, 6]}, params, use_tqdm=False)[0]
+    one = llm.generate([BOS, 5, 6], params, use_tqdm=False)
+    several = llm.generate([[BOS, 5, 6], (BOS, 7)], params, use_tqdm=False)
+    echoed = llm.generate({"prompt_token_ids": [BOS, 5, 6], "prompt": "XYZ"}, params, use_tqdm=False)[0]
+    assert len(one) == 1 and one[0].outputs[0].token_ids == expected.outputs[0].token_ids
+    assert several[0].outputs[0].token_ids == expected.outputs[0].token_ids and several[1].prompt_token_ids == [BOS, 7]
+    assert (echoed.prompt, echoed.prompt_token_ids) == ("XYZ", [BOS, 5, 6]) and expected.prompt is None
+    assert echoed.outputs[0].token_ids == expected.outputs[0].token_ids
+    with pytest.raises(ValueError, match='prompt 0: "prompt" beside "prompt_token_ids" must be a str'):
+        llm.generate({"prompt_token_ids": [BOS], "prompt": 5}, params, use_tqdm=False)
+
+
 def test_bytes_that_are_not_utf8_do_not_stop_a_byte_fallback_tokenizer(sentencepiece_llama_dir):
     """Found by review: '5' as a byte token, then a byte that cannot start a character, made
     tokenizers' DecodeStream raise mid-run; random sampling hit it for a third of the seeds."""

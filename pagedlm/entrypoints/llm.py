@@ -28,8 +28,9 @@ from pagedlm.transformers_utils.tokenizer import encode_prompts
 
 logger = logging.getLogger("pagedlm")
 
-# A str, {"prompt": str}, {"prompt_token_ids": [int, ...]}, or a chat template's RenderedChat.
-PromptType = str | dict | RenderedChat
+# A str, {"prompt": str}, {"prompt_token_ids": [int, ...]} (optionally with the "prompt" text it
+# stands for, which outputs echo), a list of token ids, or a chat template's RenderedChat.
+PromptType = str | dict | list[int] | RenderedChat
 
 
 class LLM:
@@ -190,7 +191,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete every prompt; one ``RequestOutput`` per prompt, in input order.
 
-        A prompt is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [int, ...]}``. Every
+        A prompt is a string, ``{"prompt": str}``, ``{"prompt_token_ids": [int, ...]}`` (with an
+        optional ``"prompt"`` text that the output echoes) or a list of token ids (a list of ints
+        passed as ``prompts`` is one prompt, as in vLLM). Every
         prompt and parameter is checked before any work starts: bad ones raise one ``ValueError``
         listing each bad prompt's index and why. ``use_tqdm`` shows a progress bar (tqdm.auto's: a
         widget in a notebook that has ipywidgets); a callable makes the bar instead, as vLLM's
@@ -403,6 +406,7 @@ class LLM:
         token_ids: list[list[int]] = []
         errors: dict[int, str] = {}
         rendered: list[int] = []
+        shown: dict[int, str] = {}  # a token prompt's own text, which RequestOutput.prompt echoes
         for i, prompt in enumerate(prompts):
             text, ids = None, []
             if isinstance(prompt, RenderedChat):
@@ -412,22 +416,28 @@ class LLM:
                 prompt = prompt["prompt"]
                 if not isinstance(prompt, str):
                     errors[i] = f'"prompt" must be a str, got {type(prompt).__name__}'
+            elif _is_token_ids(prompt):  # vLLM takes a bare list of token ids too
+                prompt = {"prompt_token_ids": prompt}
             if isinstance(prompt, str):
                 try:
                     prompt.encode("utf-8")
                     text = prompt
                 except UnicodeEncodeError as exc:
                     errors[i] = f"the text is not valid Unicode ({exc.reason} at character {exc.start})"
-            elif isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
+            elif isinstance(prompt, dict) and set(prompt) in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids
-                ):
+                if not _is_token_ids(ids):
                     errors[i] = "prompt_token_ids must be a list of ints"
                     ids = []
                 ids = [int(t) for t in ids]
+                if "prompt" in prompt:
+                    if isinstance(prompt["prompt"], str):
+                        shown[i] = prompt["prompt"]
+                    else:
+                        errors[i] = f'"prompt" beside "prompt_token_ids" must be a str, got {type(prompt["prompt"]).__name__}'
             elif i not in errors:
-                errors[i] = 'a prompt must be a str, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
+                errors[i] = ('a prompt must be a str, {"prompt": str}, {"prompt_token_ids": [int, ...]} (with an '
+                             'optional "prompt" text) or a list of token ids')
             texts.append(text)
             token_ids.append(ids)
         tokenizer = self.llm_engine.tokenizer
@@ -439,6 +449,8 @@ class LLM:
         if chats:
             for i, ids in zip(chats, tokenizer([texts[i] for i in chats], add_special_tokens=False).input_ids):
                 token_ids[i] = ids
+        for i, text in shown.items():
+            texts[i] = text
         return texts, token_ids, errors
 
     def reset_prefix_cache(self) -> None:
@@ -562,8 +574,14 @@ class _Rejected:
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)
 
 
+def _is_token_ids(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+
+
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
-    if isinstance(prompts, (str, dict, RenderedChat)):
+    """One prompt as a list of one; a non-empty list of ints is one prompt of token ids (vLLM's)."""
+    if isinstance(prompts, (str, dict, RenderedChat)) or (prompts and _is_token_ids(prompts)):
         return [prompts]
     if not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
