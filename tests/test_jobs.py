@@ -89,7 +89,7 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
     assert (stats.completed, stats.errors, stats.skipped) == (7, 14, 0)
     messages = " | ".join(r["error"] for r in errors)
     for needle in ("line 3 is not valid JSON", "exactly one of prompt, messages, prompt_token_ids",
-                   "id must be a string or an integer", "duplicate id 0", "temperature must be >= 0",
+                   "id must be a string or an integer", "duplicate id 0", "temperature must be in [0, 2]",
                    "unknown field(s) tempreature", "sampling_params must be an object", "the prompt is empty",
                    "max_model_len", "outside the vocabulary", "'role' must be one of", "are the output's"):
         assert needle in messages, needle

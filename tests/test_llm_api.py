@@ -710,7 +710,7 @@ def test_params_changed_after_construction_are_checked_and_queued_requests_keep_
     engine = llm.llm_engine
     bad = SamplingParams(temperature=0, max_tokens=4)
     bad.temperature = -1.0
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\]"):
         engine.add_request("bad", None, bad, [BOS, 5, 6])
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match=r"1 of 2 prompts are invalid; nothing was run:\n  prompt 1: temperature"):
