@@ -259,25 +259,28 @@ def test_gemma3_attn_logit_softcapping_is_not_applied(tmp_path, tokenizer_dir):
     assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [5, 60, 130]))
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_the_files_a_checkpoint_names_are_loaded_and_no_others(tmp_path, tokenizer_dir, sharded):
+def test_the_files_the_index_names_are_loaded_and_no_others(tmp_path, tokenizer_dir):
     """Found by a checkpoint hunt: Mistral's repos ship ``consolidated.safetensors`` (the same
-    weights, under Mistral's names) beside transformers' files, which were all read. The index, or
-    ``model.safetensors``, names the files. A config without ``architectures`` is read by its
-    ``model_type``, as ``AutoModelForCausalLM`` reads it."""
+    weights, under Mistral's names) beside transformers' shards, which were all read; the index
+    names the files (vLLM's rule)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    path = _edited_checkpoint(tmp_path, tokenizer_dir, "mistral_swa", architectures=None)
-    if sharded:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        os.remove(os.path.join(path, "model.safetensors"))
-        model.save_pretrained(path, max_shard_size="100KB")
-        assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "mistral_swa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    os.remove(os.path.join(path, "model.safetensors"))
+    model.save_pretrained(path, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     weights = {}
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(path, name)))
     save_file({k.replace("model.", "").replace("self_attn.q_proj", "attention.wq"): v for k, v in weights.items()},
               os.path.join(path, "consolidated.safetensors"))
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(14, [60, 20]))
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path, tokenizer_dir):
+    """As ``AutoModelForCausalLM`` reads it (found by a checkpoint hunt: it was refused)."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "mistral_swa", architectures=None)
     assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(14, [60, 20]))

@@ -34,9 +34,9 @@ def get_model(model_config: ModelConfig) -> nn.Module:
 
 
 def _checkpoint_files(model_dir: str) -> list[str]:
-    """The safetensors files that hold the model: those ``model.safetensors.index.json`` names
-    where there is one (Mistral's repos also ship ``consolidated.safetensors``, the same weights
-    under other names), else ``model.safetensors``, else every ``*.safetensors``."""
+    """The safetensors files that hold the model (vLLM's rule): those ``model.safetensors.index.json``
+    names where there is one (Mistral's repos also ship ``consolidated.safetensors``, the same
+    weights under other names), else every ``*.safetensors``."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -46,8 +46,7 @@ def _checkpoint_files(model_dir: str) -> list[str]:
         if not files or missing:
             raise ValueError(f"{index} names {'no files' if not files else f'files that are missing: {missing[:4]}'}.")
         return files
-    single = os.path.join(model_dir, "model.safetensors")
-    files = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise ValueError(f"No *.safetensors files in {model_dir!r}; pagedlm loads safetensors checkpoints.")
     return files
