@@ -297,6 +297,54 @@ def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
     assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
 
 
+@pytest.mark.parametrize("where", ["Scheduler._add", "BlockSpaceManager.can_append_slots", "BlockSpaceManager.allocate",
+                                   "ModelRunner.execute_model"])
+def test_an_interrupt_inside_a_step_leaves_the_same_outputs_and_no_leak(llama_dir, monkeypatch, where):
+    """Found by a hunt: an interrupt inside scheduling dropped groups from both queues (leaked
+    blocks, a later hang) or left prompt blocks keyed but never written (a later prefix-cache hit
+    gave other tokens). The step now requeues every request to be computed again."""
+    import pagedlm.engine.block_manager as block_manager
+    import pagedlm.engine.scheduler as scheduler
+    import pagedlm.worker.model_runner as model_runner
+
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=12, block_size=8)
+    prompts = [[BOS] + list(range(40, 81)), [BOS, 5, 6, 7], [BOS] + list(range(40, 70))]
+    params = [SamplingParams(temperature=0.8, seed=i, n=2, max_tokens=12, ignore_eos=True) for i in range(3)]
+
+    def run():
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[c.token_ids for c in o.outputs] for o in outs]
+
+    expected = run()
+    module = {"Scheduler": scheduler, "BlockSpaceManager": block_manager, "ModelRunner": model_runner}[where.split(".")[0]]
+    cls, name = getattr(module, where.split(".")[0]), where.split(".")[1]
+    real, calls = getattr(cls, name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    stats = llm.get_stats()
+    assert not llm.llm_engine.has_unfinished_requests() and stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+    assert run() == expected
+
+
+def test_generate_refuses_while_requests_added_directly_are_unfinished(llm):
+    """Found by a hunt: their outputs reached generate's bookkeeping as a bare KeyError."""
+    engine = llm.llm_engine
+    engine.add_request("mine", None, SamplingParams(max_tokens=2), [BOS, 5])
+    with pytest.raises(RuntimeError, match="unfinished requests added with llm_engine.add_request"):
+        llm.generate("x", SamplingParams(max_tokens=1), use_tqdm=False)
+    engine.abort_request("mine")
+    assert len(llm.generate("x", SamplingParams(max_tokens=1), use_tqdm=False)) == 1
+
+
 def test_step_reports_every_scheduled_request_until_it_finishes_and_abort_frees_it(llm):
     engine = llm.llm_engine
     greedy = dict(temperature=0, ignore_eos=True)

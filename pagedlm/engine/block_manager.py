@@ -225,6 +225,16 @@ class BlockSpaceManager:
     def num_free_blocks(self) -> int:
         return self.allocator.num_free_blocks
 
+    def free_all(self) -> None:
+        """Every block free and no prefix cached, whatever state an interrupted operation left (an
+        interrupt can land between a table's change and its blocks' reference counts); for when no
+        sequence holds blocks any more (``Scheduler.requeue``)."""
+        self.allocator = BlockAllocator(self.num_kv_blocks, self.allocator.extent_blocks)
+        self.block_tables.clear()
+        self.blocks_computed_for_sharers.clear()
+        self.blocks_keyed_this_step.clear()
+        self.held_copy_sources.clear()
+
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest run of ``seq``'s full leading blocks, leaving at least
         its last token to compute (its logits are needed)."""

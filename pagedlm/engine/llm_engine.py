@@ -293,22 +293,23 @@ class LLMEngine:
         Returns one ``RequestOutput`` for every request that took part in the step, as its
         ``SamplingParams.output_kind`` asks (``CUMULATIVE``: as it stands after the step; ``DELTA``:
         what the step added; ``FINAL_ONLY``: only once it is done). ``finished`` tells whether it
-        is done; a finished request is not returned again. Raises whatever the model step raised
-        (a logits processor's error, an interrupt); the requests then stay queued, and the prefix
-        cache is reset because the step's blocks may not have been written.
+        is done; a finished request is not returned again. Raises whatever scheduling or the model
+        step raised (a logits processor's error, an interrupt); every unfinished request then goes
+        back to the queue to be computed again (``Scheduler.requeue``), and the prefix cache is reset
+        because the step's blocks may not have been written, so the same requests give the same
+        outputs when stepping goes on.
         """
         self._check_open()
-        sched = self.scheduler.schedule()
-        if sched.is_empty():
-            return []
         try:
+            sched = self.scheduler.schedule()
+            if sched.is_empty():
+                return []
             metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
             outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
         except BaseException:
-            self.block_manager.reset_prefix_cache()
+            self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
             raise
-        finally:
-            self.block_manager.finish_step()
+        self.block_manager.finish_step()
         for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
             for seq, chunk in scheduled.token_chunks.items():
                 seq.num_computed_tokens += chunk

@@ -151,6 +151,21 @@ class Scheduler:
         out.num_batched_tokens += sum(chunks.values())
         out.num_seqs += len(chunks)
 
+    def requeue(self, seq_groups: list[SequenceGroup]) -> None:
+        """After an interrupted step (an interrupt can land anywhere in ``schedule``, between taking
+        a group off one queue and putting it on the other): ``seq_groups``, every request the engine
+        holds in arrival order, are queued again from scratch, as preemption by recompute leaves
+        them, and every block is free again."""
+        self.running, self.waiting = deque(), deque()
+        for seq_group in seq_groups:
+            if seq_group.is_finished():
+                continue
+            for seq in seq_group.seqs:
+                if not seq.status.finished:
+                    seq.reset_for_recompute()
+            self.waiting.append(seq_group)
+        self.block_manager.free_all()
+
     def recompute(self, seq_group: SequenceGroup) -> None:
         """Drop a running group's KV and queue it to be computed again, first: its cache no longer
         holds what the model would compute (a LongRoPE sequence that outgrew the short factors)."""

@@ -472,15 +472,18 @@ class LLM:
             raise RuntimeError("This LLM is already running a generate/chat/generate_as_completed; "
                                "finish or close that iterator first (the engine is shared).")
         engine = self.llm_engine
-        self._streaming = True
-        engine.reset_peak_kv_blocks_in_use()
+        if engine.has_unfinished_requests():
+            raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
+                               "step them to the end or abort them (llm_engine.abort_request) first.")
         in_flight: dict[str, int] = {}
         compiling: list[_Request] = []  # waiting for their structured-outputs grammar
         held: list[_Request | _Rejected] = []  # read, not yet added
         bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
         exhausted = False
         num_in = num_out = 0
+        self._streaming = True
         try:
+            engine.reset_peak_kv_blocks_in_use()
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
             with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
                 while True:
@@ -508,8 +511,8 @@ class LLM:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
                             request_id = str(next(self._request_counter))
+                            in_flight[request_id] = request.index  # first: an interrupt between them is aborted
                             engine.add_request(request_id, request.prompt, request.params, request.prompt_token_ids)
-                            in_flight[request_id] = request.index
                         elif return_errors:
                             bar.update(1)
                             yield request.index, ValueError(reason)
