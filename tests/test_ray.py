@@ -127,3 +127,40 @@ def test_json_rows_of_changing_types_to_parquet_on_ray(local_cluster, llama_dir,
     assert got["1"]["x"] == "1" and got["two"]["x"] == "text" and got["4"]["x"] == '[1, {"k": null}]'
     assert got["1"]["error"] is None and "a conversation must be a list" in got["3"]["error"]
     assert "got 10.5" in got[None]["error"]
+
+
+def test_rows_as_ray_holds_them(local_cluster, llama_dir):
+    """Found by a hunt: a tensor column (numpy arrays) failed the dataset when a row's error quoted
+    it, tensor token ids were refused, and a per-row logit_bias met the other rows' keys as nulls
+    (Arrow unifies structs)."""
+    import numpy as np
+
+    rows = [{"id": 1, "prompt_token_ids": np.array([BOS, 5, 6]), "emb": np.zeros(3), "sampling_params": {"logit_bias": {"5": 2.0}}},
+            {"id": 2, "prompt": "Hi", "emb": np.ones(3), "sampling_params": {"logit_bias": {"7": -2.0}}},
+            {"id": None, "prompt": "Hi", "emb": np.ones(3), "sampling_params": {"logit_bias": {"7": -2.0}}}]
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
+                                    concurrency=1, batch_size=4, num_cpus=0.5, torch_threads=1)
+    got = {row["id"]: row for row in build_processor(config)(ray.data.from_items(rows)).take_all()}
+    assert got[1]["error"] is None and got[1]["prompt_tokens"] == 3 and got[2]["error"] is None
+    assert "id must be a string or an integer" in got[None]["error"]
+
+
+def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster, llama_dir, tmp_path):
+    """Found by a hunt: a directory named like a hive partition ("prompt=x") replaced every row's
+    prompt, and a ``.pq`` input was not found."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "prompt=x" / "in.pq"
+    path.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": "a"}, {"id": 2, "prompt": None}]), path)
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(path), "--output", str(out), "--model", llama_dir, "--ray", "--num-actors", "1",
+            "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-tokens", "2", "--dtype", "float32",
+            "--max-model-len", "128"]
+    assert run_main(args) == 0
+    got = {}
+    for name in os.listdir(out):
+        with open(out / name) as f:
+            got.update((row["id"], row) for row in map(json.loads, f))
+    assert got[1]["prompt"] == "a" and got[1]["error"] is None and got[2]["prompt"] is None and got[2]["error"]

@@ -26,7 +26,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-from pagedlm.entrypoints.jobs.files import as_text, rows_to_table, to_json
+from pagedlm.entrypoints.jobs.files import as_text, id_text, rows_to_table, to_json
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
@@ -128,13 +128,13 @@ class PagedLMStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
-            else [(row, None) for row in batch.to_pylist()]
+            else [(_plain(row), None) for row in batch.to_pylist()]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
         for row, read_error in rows:
             key = self.fmt.key_of(row) if read_error is None else None
-            text_key = None if key is None else str(key)
+            text_key = id_text(key)
             if text_key is not None and text_key in self.done_ids:
                 continue
             if read_error is not None:
@@ -175,8 +175,13 @@ class PagedLMStage:
         return rows_to_table(out, output_schema(carried))
 
 
+def _plain(row: dict) -> dict:
+    """A row of Arrow values with a tensor column's numpy arrays as lists, as JSON would give them."""
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()}
+
+
 def _parse_line(line: str) -> tuple[Any, str | None]:
     try:
         return json.loads(line.lstrip("\ufeff")), None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         return None, f"a line is not valid JSON ({exc}): {line[:80]!r}"

@@ -75,9 +75,11 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
             if not line.strip():
                 continue
             try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
-                yield f"line {number}", json.loads(line.decode("utf-8-sig")), None
-            except (UnicodeDecodeError, ValueError) as exc:
+                row = json.loads(line.decode("utf-8-sig"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 yield f"line {number}", None, f"line {number} is not valid JSON: {exc}"
+                continue
+            yield f"line {number}", row, None
 
 
 def input_schema(path: str, kind: str):
@@ -103,6 +105,8 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if hasattr(value, "tolist"):  # numpy arrays (a Ray tensor column) and scalars
+        return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -243,9 +247,7 @@ class ParquetWriter(OutputWriter):
         self._next_part = len(self._parts()) + 1
 
     def same_key(self, key: Any) -> Any:
-        # A column of ids of mixed types is written as text (rows_to_table), a string with lone
-        # surrogates with their escapes (as_text): ids are compared as that text.
-        return None if key is None else as_text(key) if isinstance(key, str) else str(key)
+        return id_text(key)
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
@@ -341,6 +343,13 @@ def as_text(value: Any) -> str | None:
         return None
     text = value if isinstance(value, str) else to_json(value)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def id_text(key: Any) -> str | None:
+    """A row id as a Parquet output holds it, which resume compares: a column of ids of mixed types
+    is written as text (``rows_to_table``), a string with lone surrogates with their escapes
+    (``as_text``)."""
+    return None if key is None else as_text(key) if isinstance(key, str) else str(key)
 
 
 def _as_json_text(values: list):

@@ -70,7 +70,10 @@ class PlainFormat:
             fields = {}
         if not isinstance(fields, dict):
             raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
-        fields = {k: v for k, v in fields.items() if v is not None}  # Parquet structs hold every key
+        # Parquet (and Arrow) structs hold every key of every row, nulls where a row has none; in
+        # a map-like field too (logit_bias: each row gets the other rows' token ids as nulls).
+        fields = {k: {t: b for t, b in v.items() if b is not None} if k == "logit_bias" and isinstance(v, dict) else v
+                  for k, v in fields.items() if v is not None}
         return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
 
     def _warn_of_sampling_columns(self, row: dict) -> None:

@@ -18,7 +18,7 @@ import ray
 import ray.data
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, read_output_lines
+from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_output_lines
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_json_lines, check_record, job_record, read_input, signals_interrupt, write_record,
@@ -44,7 +44,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
         JSONL_SUFFIXES + PARQUET_SUFFIXES) else in_kind
-    for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads)):
+    for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads),
+                        ("--max-in-flight", config.max_in_flight)):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cpus_per_actor is not None and not cpus_per_actor > 0:
@@ -81,7 +82,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                 done_ids = sorted(_done_ids(config.output, out_kind))
             processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
                                   json_lines_out=out_kind == "jsonl", done_ids=done_ids)
-            ds = ray.data.read_text(config.input) if in_kind == "jsonl" else ray.data.read_parquet(config.input)
+            # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
+            ds = ray.data.read_text(config.input) if in_kind == "jsonl" else ray.data.read_parquet(
+                config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
             ds = processor(ds)
             if out_kind == "jsonl":
                 ds.write_datasink(JsonLinesDatasink(config.output))
@@ -149,7 +152,7 @@ def _done_ids(directory: str, kind: str) -> set[str]:
         except (OSError, ValueError, pa.ArrowException):
             os.replace(path, path + ".damaged")
             continue
-        done.update(str(i) for i in ids if i is not None)
+        done.update(id_text(i) for i in ids if i is not None)
     return done
 
 
