@@ -2,6 +2,7 @@
 
 import ctypes
 import functools
+import inspect
 import logging
 import numbers
 import os
@@ -109,27 +110,12 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        if type(tensor_parallel_size) is not int or tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
-                             "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
-        model_config = ModelConfig.create(
-            resolve_model(model), dtype, max_model_len, device, generation_config, seed,
-            None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
+        model_config, cache_config, scheduler_config = _engine_configs(
+            model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
+            kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
+            generation_config, seed, tokenizer, trust_remote_code, chat_template, gpu_memory_utilization,
+            tensor_parallel_size,
         )
-        if gpu_memory_utilization is not None and model_config.device.type != "cuda":
-            raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
-                             "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
-        cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching, kv_cache_dtype,
-                                   calculate_kv_scales, gpu_memory_utilization)
-        scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
-            # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
-            # outputs) must fit one step, or it would wait forever.
-            raise ValueError(
-                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
-                f"({model_config.max_model_len}) when enable_chunked_prefill=False; raise max_num_batched_tokens, "
-                "lower max_model_len or enable chunked prefill."
-            )
         self._default_sampling_params = model_config.get_diff_sampling_param()
         try:
             self._final_only_defaults = SamplingParams(**self._default_sampling_params,
@@ -575,6 +561,51 @@ class _Rejected:
 
 
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)
+
+
+def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
+    """Check ``LLM(model, **engine_kwargs)``'s arguments as the constructor does, without loading
+    the weights or the tokenizer (for a job whose engines start elsewhere, e.g. Ray actors).
+
+    Raises:
+        ValueError: an unknown argument, or one the constructor would refuse (naming it).
+    """
+    try:
+        bound = inspect.signature(LLM.__init__).bind(None, model, **engine_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"engine arguments: {exc}") from None
+    bound.apply_defaults()
+    _engine_configs(*list(bound.arguments.values())[1:])
+
+
+def _engine_configs(
+    model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
+    kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
+    generation_config, seed, tokenizer, trust_remote_code, chat_template, gpu_memory_utilization, tensor_parallel_size,
+) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
+    """``LLM``'s arguments (in its order) as the engine's configs, each checked."""
+    if type(tensor_parallel_size) is not int or tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
+                         "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
+    model_config = ModelConfig.create(
+        resolve_model(model), dtype, max_model_len, device, generation_config, seed,
+        None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
+    )
+    if gpu_memory_utilization is not None and model_config.device.type != "cuda":
+        raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
+                         "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
+    cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching, kv_cache_dtype,
+                               calculate_kv_scales, gpu_memory_utilization)
+    scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+    if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
+        # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
+        # outputs) must fit one step, or it would wait forever.
+        raise ValueError(
+            f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+            f"({model_config.max_model_len}) when enable_chunked_prefill=False; raise max_num_batched_tokens, "
+            "lower max_model_len or enable chunked prefill."
+        )
+    return model_config, cache_config, scheduler_config
 
 
 def _is_token_ids(value: object) -> bool:

@@ -18,6 +18,7 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 
 import inspect
 import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     import ray.data
 
 from pagedlm.entrypoints.jobs.files import as_text, id_text, rows_to_table, to_json
-from pagedlm.entrypoints.llm import LLM
+from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, sampling_defaults
@@ -74,6 +75,14 @@ class PagedLMProcessorConfig:
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))
         if unknown:
             raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
+        if self.model_source is not None and os.path.exists(self.model_source):
+            # Their values too, where this process can read the model, so that a bad one fails
+            # here and not in every actor; an actor's device may not be this process's.
+            on_device = ("device", "gpu_memory_utilization")
+            try:
+                check_engine_args(self.model_source, {k: v for k, v in self.engine_kwargs.items() if k not in on_device})
+            except ValueError as exc:
+                raise ValueError(f"engine_kwargs: {exc}") from None
         if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
             raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
 
