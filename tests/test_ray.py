@@ -166,3 +166,20 @@ def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster
         with open(out / name) as f:
             got.update((row["id"], row) for row in map(json.loads, f))
     assert got[1]["prompt"] == "a" and got[1]["error"] is None and got[2]["prompt"] is None and got[2]["error"]
+
+
+def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_cluster, llama_dir, tmp_path):
+    """Found by a hunt: read_text split rows at a U+2028 inside a JSON string (rows lost) and one
+    line of bad UTF-8 failed the job."""
+    lines = [json.dumps({"id": 1, "prompt": "a\u2028b\u0085c"}, ensure_ascii=False).encode(), b'{"id": 2, "prompt": "\xff"}',
+             json.dumps({"id": 3, "prompt": "d"}).encode()]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", llama_dir, "--ray", "--num-actors", "1",
+            "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-tokens", "2", "--dtype", "float32",
+            "--max-model-len", "128"]
+    assert run_main(args) == 0
+    rows = [json.loads(line) for name in os.listdir(out) for line in open(out / name, encoding="utf-8")]
+    assert sorted((r["id"], r["error"] is None) for r in rows if r["id"] is not None) == [(1, True), (3, True)]
+    assert [r["id"] for r in rows if r["error"]] == [None] and len(rows) == 3
+    assert next(r for r in rows if r["id"] == 1)["prompt"] == "a\u2028b\u0085c"

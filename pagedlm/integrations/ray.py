@@ -189,8 +189,8 @@ def _plain(row: dict) -> dict:
     return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()}
 
 
-def _parse_line(line: str) -> tuple[Any, str | None]:
-    try:
-        return json.loads(line.lstrip("\ufeff")), None
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+def _parse_line(line: str | bytes) -> tuple[Any, str | None]:
+    try:  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
+        return json.loads((line.decode("utf-8") if isinstance(line, bytes) else line).lstrip("\ufeff")), None
+    except (ValueError, RecursionError) as exc:
         return None, f"a line is not valid JSON ({exc}): {line[:80]!r}"

@@ -1,6 +1,6 @@
 """``pagedlm run --ray``: the same job over Ray Data, for inputs and outputs every node can read.
 
-read_text (JSONL, so that a bad line is one error row) or read_parquet → the pagedlm processor (one
+``JsonLinesDatasource`` (JSONL as lines, so that a bad line is one error row) or read_parquet → the pagedlm processor (one
 ``LLM`` per actor) → one file per block in the output directory. Resume skips the ids the
 directory's files already hold (Ray Data's own ``CheckpointConfig`` filters rows by an id column at
 read time, which needs ``read_json``: one bad line would fail the whole read).
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data.datasource import FileBasedDatasource
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_output_lines
@@ -83,7 +84,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
                                   json_lines_out=out_kind == "jsonl", done_ids=done_ids)
             # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
-            ds = ray.data.read_text(config.input) if in_kind == "jsonl" else ray.data.read_parquet(
+            ds = ray.data.read_datasource(JsonLinesDatasource(config.input)) if in_kind == "jsonl" else ray.data.read_parquet(
                 config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
             ds = processor(ds)
             if out_kind == "jsonl":
@@ -154,6 +155,17 @@ def _done_ids(directory: str, kind: str) -> set[str]:
             continue
         done.update(id_text(i) for i in ids if i is not None)
     return done
+
+
+class JsonLinesDatasource(FileBasedDatasource):
+    """A JSONL file's lines that are not blank, as bytes in a ``text`` column, split on newlines only:
+    ``read_text`` splits on every Unicode line break (a U+2028 inside a JSON string cut its row in
+    two) and decodes the whole file at once (one bad byte failed the job). Each line is decoded
+    where it is parsed, so a bad one is its row's error, as in the local runner."""
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        lines = [line for line in f.readall().split(b"\n") if line.strip()]
+        yield pa.table({"text": pa.array(lines, pa.binary())})
 
 
 class JsonLinesDatasink(BlockBasedFileDatasink):
