@@ -115,8 +115,9 @@ def build_processor(config: PagedLMProcessorConfig) -> Processor:
 class PagedLMStage:
     """The actor: one ``LLM``, created once; each call completes one batch of rows.
 
-    ``json_lines_in``: the batch is ``read_text``'s ``text`` column of JSON lines (a line that is
-    not JSON becomes an error row instead of failing the read). ``json_lines_out``: the result is one
+    ``json_lines_in``: the batch is a ``text`` column of JSON lines, str (``read_text``'s) or
+    UTF-8 bytes (``JsonLinesDatasource``'s); a line that is not JSON becomes an error row instead
+    of failing the read. ``json_lines_out``: the result is one
     ``line`` column of output rows as JSON (written as they are, whatever their types).
     ``done_ids``: ids (as text) already in the output, whose rows are dropped (resume).
     """
