@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import BOS, EOS
-from pagedlm import LLM, CompletionOutput, RequestOutput, SamplingParams
+from pagedlm import LLM, CompletionOutput, RequestOutput, SamplingParams, default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,16 @@ def test_a_text_that_starts_with_bos_gets_one_bos_and_a_warning(llm, caplog):
     finished = [o for o in engine.step() if o.request_id == "bos"]
     assert finished[0].prompt_token_ids == expected
     engine.abort_request("bos")
+
+
+def test_a_tokenizer_that_adds_no_bos_keeps_a_text_that_starts_with_its_bos_token():
+    """Found by a hunt: SmolLM2's tokenizer adds no BOS, yet its bos_token is the chat marker
+    <|im_start|>; a text starting with two of them lost one."""
+    from pagedlm.transformers_utils.tokenizer import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    text = tok.bos_token * 2 + "user\nhi"
+    assert encode_prompts(tok, [text]) == [tok(text).input_ids] and tok(text).input_ids[:2] == [tok.bos_token_id] * 2
 
 
 def test_an_empty_text_is_the_prompt_the_tokenizer_makes_of_it(llm):

@@ -24,13 +24,14 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
 
     A text that already starts with the BOS token (a chat template rendered with
     ``tokenize=False`` usually does) would get a second BOS from a tokenizer that prepends one;
-    one of the two is dropped, and one warning says how many prompts it happened to.
+    the one the tokenizer adds is dropped, and one warning says how many prompts it happened to.
+    A tokenizer that adds none (SmolLM2's, whose ``bos_token`` is a chat marker) keeps every token.
     """
     if not texts:
         return []
     encoded = tokenizer(texts).input_ids
     bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
-    if bos_id is None or not bos:
+    if bos_id is None or not bos or tokenizer("").input_ids[:1] != [bos_id]:
         return encoded
     num_doubled = 0
     for i, (text, ids) in enumerate(zip(texts, encoded)):
@@ -40,6 +41,6 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
     if num_doubled:
         logger.warning(
             "%d prompt(s) already started with the BOS token %r, which the tokenizer adds again; "
-            "kept a single BOS at the start of each.", num_doubled, bos,
+            "dropped the one it added.", num_doubled, bos,
         )
     return encoded
