@@ -183,3 +183,12 @@ def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_clust
     assert sorted((r["id"], r["error"] is None) for r in rows if r["id"] is not None) == [(1, True), (3, True)]
     assert [r["id"] for r in rows if r["error"]] == [None] and len(rows) == 3
     assert next(r for r in rows if r["id"] == 1)["prompt"] == "a\u2028b\u0085c"
+
+
+def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
+                                    concurrency=1, batch_size=4, num_cpus=0.5, torch_threads=1)
+    processor = build_processor(config, preprocess=lambda row: {"id": row["n"], "prompt": f"Hello {row['n']}"},
+                                postprocess=lambda row: {"n": row["id"], "answer": row["outputs"][0]["text"]})
+    rows = processor(ray.data.from_items([{"n": 1}, {"n": 2}])).take_all()
+    assert sorted(r["n"] for r in rows) == [1, 2] and all(isinstance(r["answer"], str) for r in rows)

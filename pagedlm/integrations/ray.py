@@ -19,6 +19,7 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,10 @@ from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, sampling_defaults
+
+
+# A row function of Ray Data LLM's build_processor (preprocess, postprocess).
+RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -91,25 +96,33 @@ class Processor:
     """``processor(ds)``: the dataset with each row's completions (lazy, as Ray Data is)."""
 
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool = False, json_lines_out: bool = False,
-                 done_ids: Any = None) -> None:
+                 done_ids: Any = None, preprocess: RowFn | None = None, postprocess: RowFn | None = None) -> None:
         self.config = config
         self._stage_kwargs = {"config": config, "json_lines_in": json_lines_in, "json_lines_out": json_lines_out,
                               "done_ids": done_ids}
+        self.preprocess, self.postprocess = preprocess, postprocess
 
     def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":
         import ray
 
         resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
                      if v is not None}
-        return ds.map_batches(
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess)
+        ds = ds.map_batches(
             PagedLMStage, fn_constructor_kwargs=self._stage_kwargs, batch_size=self.config.batch_size,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.config.concurrency), **resources,
         )
+        return ds if self.postprocess is None else ds.map(self.postprocess)
 
 
-def build_processor(config: PagedLMProcessorConfig) -> Processor:
-    """A processor that completes every row of a dataset (Ray Data LLM's ``build_processor``)."""
-    return Processor(config)
+def build_processor(config: PagedLMProcessorConfig, preprocess: RowFn | None = None,
+                    postprocess: RowFn | None = None) -> Processor:
+    """A processor that completes every row of a dataset (Ray Data LLM's ``build_processor``):
+    ``preprocess`` turns each input row into a row of the plain schema first, ``postprocess`` each
+    output row into what the caller keeps, both with ``Dataset.map`` (an exception there is the
+    caller's and fails the dataset, as in Ray Data LLM)."""
+    return Processor(config, preprocess=preprocess, postprocess=postprocess)
 
 
 class PagedLMStage:
