@@ -69,14 +69,25 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     )
     if address not in (None, "auto"):
         _check_reachable(address)
+    reserved = processor_config.num_cpus
+    if reserved is not None and (ray.is_initialized() or address is None):
+        # The largest node of the cluster this process joined, or of the local one it will start.
+        cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0) \
+            if ray.is_initialized() else os.cpu_count() or 1
+        if reserved > cpus:
+            raise ValueError(f"--cpus-per-actor {reserved} is more than the {cpus} CPUs of the largest Ray node: "
+                             "no actor could be placed")
     record, started = job_record(config, "plain"), os.path.isdir(config.output)
     check_record(config, record, started)
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            raise ValueError(f"--ray-address {address!r}: {exc}") from None
     if not started:
         write_record(config, record)
     stats, interrupted = JobStats(), None
     done_ids: list[str] = []
-    if not ray.is_initialized():
-        ray.init(address=address)
     try:
         with signals_interrupt():  # after ray.init, which sets handlers of its own
             if config.resume and os.path.isdir(config.output):
@@ -113,7 +124,7 @@ def _check_reachable(address: str) -> None:
 
 def _count_outputs(stats: JobStats, directory: str, kind: str, done: set[str]) -> None:
     """This run's counts, from the output files: the rows whose ids were not already done."""
-    run_rows = [r for r in _output_rows(directory, kind) if r.get("id") is None or str(r["id"]) not in done]
+    run_rows = [r for r in _output_rows(directory, kind) if r.get("id") is None or id_text(r["id"]) not in done]
     stats.skipped = len(done)
     stats.rows = stats.skipped + len(run_rows)
     stats.errors = sum(1 for r in run_rows if r["error"])
