@@ -86,13 +86,13 @@ def _llama_rope_scaling(reader: gguf.GGUFReader, max_position: int) -> dict | No
     divisors of ``rope_freqs.weight`` (how llama.cpp stores Llama 3.1's "llama3" scaling), which are
     "longrope" factors with no attention factor and no switch (both factor lists the same, the
     threshold at the context length): ``theta_i / factor_i``, as llama.cpp applies them."""
-    kind = _field(reader, "llama.rope.scaling.type", "none")
+    linear = _linear_rope_factor(reader, "llama")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if kind not in ("none", "linear") or (kind == "linear" and freqs is not None):
-        raise ValueError(f"GGUF rope scaling {kind!r} (llama.rope.scaling.type){' with rope_freqs.weight' if freqs else ''}"
-                         " is not supported; supported: linear, or Llama 3's rope_freqs.weight alone.")
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(_field(reader, "llama.rope.scaling.factor"))}
+    if linear is not None and freqs is not None:
+        raise ValueError("GGUF rope scaling 'linear' (llama.rope.scaling.type) with rope_freqs.weight is not supported; "
+                         "supported: linear, or Llama 3's rope_freqs.weight alone.")
+    if linear is not None:
+        return {"rope_type": "linear", "factor": linear}
     if freqs is None:
         return None
     factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).astype(np.float64).ravel().tolist()
@@ -232,17 +232,26 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     model.generation_config.save_pretrained(out_dir)
 
 
-def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
-    """The RoPE scaling llama.cpp records (transformers' reader drops it): linear scaling (Gemma 3's
-    global layers) is applied; other kinds are refused rather than ignored."""
+def _linear_rope_factor(reader: gguf.GGUFReader, arch: str) -> float | None:
+    """The factor of the linear RoPE scaling llama.cpp records, None for none; other kinds are
+    refused rather than ignored."""
     kind = _field(reader, f"{arch}.rope.scaling.type", "none")
     if kind == "none":
-        return
+        return None
     if kind != "linear":
         raise ValueError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear.")
+    return _f32(_field(reader, f"{arch}.rope.scaling.factor"))
+
+
+def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
+    """The RoPE scaling llama.cpp records (transformers' reader drops it): linear scaling (Gemma 3's
+    global layers) is applied (``_linear_rope_factor``)."""
+    factor = _linear_rope_factor(reader, arch)
+    if factor is None:
+        return
     params = config.rope_parameters
     target = params["full_attention"] if isinstance(params.get("full_attention"), dict) else params
-    target.update(rope_type="linear", factor=_f32(_field(reader, f"{arch}.rope.scaling.factor")))
+    target.update(rope_type="linear", factor=factor)
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:
