@@ -4,6 +4,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -133,6 +134,11 @@ def reads_field(hf_config: PretrainedConfig, name: str) -> bool:
     """Whether transformers' model of the config's ``model_type`` reads the field ``name`` (one of
     ``_FIELD_READERS``); others run as if it were absent."""
     return hf_config.model_type in _FIELD_READERS[name]
+
+
+def read_field(hf_config: PretrainedConfig, name: str, default: Any) -> Any:
+    """The config's ``name`` where transformers' model of its ``model_type`` reads it, else ``default``."""
+    return getattr(hf_config, name, default) if reads_field(hf_config, name) else default
 
 
 # Where transformers' models read a sliding window: on every layer, or by the config's layer_types.

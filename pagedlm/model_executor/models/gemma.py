@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm import ops
-from pagedlm.config import get_head_size
+from pagedlm.config import get_head_size, read_field
 from pagedlm.model_executor.layers.activation import GeluAndMul
 from pagedlm.model_executor.layers.attention import AttentionMetadata
 from pagedlm.model_executor.layers.direct_call import DirectCall
@@ -39,7 +39,7 @@ class GemmaDecoderLayer(DirectCall, nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(
             config, layer_idx, rotary_emb,
-            qkv_bias=getattr(config, "attention_bias", False),  # every Gemma reads it (config.reads_field)
+            qkv_bias=read_field(config, "attention_bias", False),
             qk_norm=GemmaRMSNorm if qk_norm else None,
             scale=config.query_pre_attn_scalar**-0.5,
             logits_soft_cap=logits_soft_cap,

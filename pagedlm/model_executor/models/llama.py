@@ -5,14 +5,12 @@ Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into on
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
 """
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from pagedlm import ops
-from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window, reads_field
+from pagedlm.config import get_head_size, get_num_kv_heads, get_sliding_window, read_field
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.attention import Attention, AttentionMetadata
 from pagedlm.model_executor.layers.direct_call import DirectCall
@@ -20,11 +18,6 @@ from pagedlm.model_executor.layers.embedding import Embedding
 from pagedlm.model_executor.layers.layernorm import RMSNorm
 from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
-
-
-def _read(config: PretrainedConfig, name: str, default: Any) -> Any:
-    """The config's ``name`` where transformers' model of its ``model_type`` reads it, else ``default``."""
-    return getattr(config, name, default) if reads_field(config, name) else default
 
 
 class LlamaAttention(DirectCall, nn.Module):
@@ -50,7 +43,7 @@ class LlamaAttention(DirectCall, nn.Module):
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=_read(config, "attention_bias", False))
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=read_field(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.num_heads, self.num_kv_heads, self.head_size, scale or self.head_size**-0.5,
@@ -83,7 +76,7 @@ class LlamaMLP(DirectCall, nn.Module):
         super().__init__()
         if act_fn is None and getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; supported: 'silu'.")
-        bias = _read(config, "mlp_bias", False)
+        bias = read_field(config, "mlp_bias", False)
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias, act_fn or SiluAndMul())
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
@@ -97,13 +90,13 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
     ) -> None:
         super().__init__()
         # Granite sets the softmax scale itself (attention_multiplier).
-        scale = _read(config, "attention_multiplier", None)
+        scale = read_field(config, "attention_multiplier", None)
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, RMSNorm if qk_norm else None, scale)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Granite scales what each block adds to the residual stream.
-        self.residual_multiplier = _read(config, "residual_multiplier", 1.0)
+        self.residual_multiplier = read_field(config, "residual_multiplier", 1.0)
 
     def forward(
         self,
@@ -150,12 +143,12 @@ class LlamaForCausalLM(DirectCall, nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         # Granite: embeddings scaled up, logits scaled down.
-        self.embedding_multiplier = _read(config, "embedding_multiplier", 1.0)
-        self.logits_scaling = _read(config, "logits_scaling", 1.0)
+        self.embedding_multiplier = read_field(config, "embedding_multiplier", 1.0)
+        self.logits_scaling = read_field(config, "logits_scaling", 1.0)
 
     def make_layers(self, config: PretrainedConfig, max_position: int) -> list[nn.Module]:
         rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
-        qkv_bias = _read(config, "attention_bias", False) if self.qkv_bias is None else self.qkv_bias
+        qkv_bias = read_field(config, "attention_bias", False) if self.qkv_bias is None else self.qkv_bias
         return [LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, self.qk_norm) for i in range(config.num_hidden_layers)]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
