@@ -588,3 +588,21 @@ def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp
     stats, _ = run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
                                  sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"}))
     assert stats.skipped == 2  # a default given explicitly is the same job
+
+
+def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
+    """Arrow unifies the rows' sampling_params into one struct: each row gets the other rows' keys
+    as nulls, inside logit_bias and structured_outputs too (found by a hunt for logit_bias; the
+    same nulls refused structured_outputs.disable_any_whitespace)."""
+    from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+
+    rows = pa.Table.from_pylist([
+        {"id": 1, "prompt": "a", "sampling_params": {"logit_bias": {"5": 2.0}, "structured_outputs": {"regex": "a+"}}},
+        {"id": 2, "prompt": "b", "sampling_params": {"logit_bias": {"7": -2.0},
+                                                   "structured_outputs": {"json_object": True, "disable_any_whitespace": True}}},
+    ]).to_pylist()
+    assert rows[0]["sampling_params"]["structured_outputs"]["disable_any_whitespace"] is None  # as Arrow gives it
+    fmt = PlainFormat(None, {})
+    first, second = (fmt.parse(row, row["id"]).params for row in rows)
+    assert first.logit_bias == {5: 2.0} and first.structured_outputs.regex == "a+"
+    assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace

@@ -70,9 +70,10 @@ class PlainFormat:
             fields = {}
         if not isinstance(fields, dict):
             raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
-        # Parquet (and Arrow) structs hold every key of every row, nulls where a row has none; in
-        # a map-like field too (logit_bias: each row gets the other rows' token ids as nulls).
-        fields = {k: {t: b for t, b in v.items() if b is not None} if k == "logit_bias" and isinstance(v, dict) else v
+        # Parquet (and Arrow) structs hold every key of every row, nulls where a row has none, in
+        # the fields that are objects too (logit_bias gets the other rows' token ids as nulls,
+        # structured_outputs the other rows' constraint fields): null is unset at both levels.
+        fields = {k: {f: x for f, x in v.items() if x is not None} if isinstance(v, dict) else v
                   for k, v in fields.items() if v is not None}
         return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
 
