@@ -31,16 +31,17 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
         return []
     encoded = tokenizer(texts).input_ids
     bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
-    if bos_id is None or not bos or tokenizer("").input_ids[:1] != [bos_id]:
+    if bos_id is None or not bos:
         return encoded
-    num_doubled = 0
-    for i, (text, ids) in enumerate(zip(texts, encoded)):
-        if len(ids) > 1 and ids[0] == ids[1] == bos_id and text.startswith(bos):
-            encoded[i] = ids[1:]
-            num_doubled += 1
-    if num_doubled:
-        logger.warning(
-            "%d prompt(s) already started with the BOS token %r, which the tokenizer adds again; "
-            "dropped the one it added.", num_doubled, bos,
-        )
+    doubled = [i for i, (text, ids) in enumerate(zip(texts, encoded))
+               if len(ids) > 1 and ids[0] == ids[1] == bos_id and text.startswith(bos)]
+    # Asked only then: an extra tokenizer call per prompt on the engine's add_request path.
+    if not doubled or tokenizer("").input_ids[:1] != [bos_id]:
+        return encoded
+    for i in doubled:
+        encoded[i] = encoded[i][1:]
+    logger.warning(
+        "%d prompt(s) already started with the BOS token %r, which the tokenizer adds again; "
+        "dropped the one it added.", len(doubled), bos,
+    )
     return encoded
