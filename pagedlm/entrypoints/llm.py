@@ -575,7 +575,7 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
     except TypeError as exc:
         raise ValueError(f"engine arguments: {exc}") from None
     bound.apply_defaults()
-    _engine_configs(*list(bound.arguments.values())[1:])
+    _engine_configs(**{name: value for name, value in bound.arguments.items() if name != "self"})
 
 
 def _engine_configs(
