@@ -66,7 +66,8 @@ def test_random_inputs_run_or_fail_up_front_and_leave_the_engine_clean(llm, fres
             event("generate refused up front")
         else:
             event("ran")
-            assert len(outs) == len(prompts)
+            one_token_prompt = all(isinstance(p, int) and not isinstance(p, bool) for p in prompts)  # vLLM's rule
+            assert len(outs) == (1 if one_token_prompt else len(prompts))
             for out in outs:
                 assert 1 <= len(out.outputs) <= params.n
                 for comp in out.outputs:
