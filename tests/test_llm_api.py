@@ -345,6 +345,71 @@ def test_an_interrupt_inside_a_step_leaves_the_same_outputs_and_no_leak(llama_di
     assert run() == expected
 
 
+@pytest.mark.parametrize("where", ["BlockAllocator.free", "LLMEngine._append"])
+def test_a_ctrl_c_while_the_engine_changes_its_state_waits_for_the_change(llama_dir, monkeypatch, where):
+    """A SIGINT landing half-way through applying a step's outputs, an abort or an add left blocks
+    freed from a table but not from the allocator (a leak, or a later double free) or a token
+    without its logprobs. Such changes now hold the signal until they end (``deferred_signals``)."""
+    import signal
+
+    import pagedlm.engine.block_manager as block_manager
+    import pagedlm.engine.llm_engine as llm_engine
+
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=24, block_size=8)
+    prompts = [[BOS] + list(range(40, 81)), [BOS, 5, 6, 7], [BOS] + list(range(40, 70))]
+    params = [SamplingParams(temperature=0.8, seed=i, n=2, max_tokens=12, ignore_eos=True, logprobs=2) for i in range(3)]
+
+    def run():
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[(c.token_ids, [sorted(d) for d in c.logprobs]) for c in o.outputs] for o in outs]
+
+    expected = run()
+    module = {"BlockAllocator": block_manager, "LLMEngine": llm_engine}[where.split(".")[0]]
+    cls, name = getattr(module, where.split(".")[0]), where.split(".")[1]
+    real, calls = getattr(cls, name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # delivered at the next bytecode, inside the change
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    assert calls["n"] >= 3
+    stats = llm.get_stats()
+    assert not llm.llm_engine.has_unfinished_requests() and stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+    assert run() == expected
+
+
+def test_a_ctrl_c_inside_an_abort_frees_every_block(llm, monkeypatch):
+    import signal
+
+    from pagedlm.engine.block_manager import BlockAllocator
+
+    engine = llm.llm_engine
+    for i in range(3):
+        engine.add_request(str(i), None, SamplingParams(n=2, temperature=1, seed=i, max_tokens=20, ignore_eos=True),
+                           [BOS] + list(range(5, 30)))
+    for _ in range(3):
+        engine.step()
+    real, calls = BlockAllocator.free, {"n": 0}
+
+    def interrupted(self, block):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, block)
+
+    monkeypatch.setattr(BlockAllocator, "free", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.abort_request(["0", "1", "2"])
+    assert calls["n"] > 2 and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
+
+
 def test_generate_refuses_while_requests_added_directly_are_unfinished(llm):
     """Found by a hunt: their outputs reached generate's bookkeeping as a bare KeyError."""
     engine = llm.llm_engine

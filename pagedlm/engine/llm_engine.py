@@ -22,7 +22,7 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
-from pagedlm.utils import cdiv
+from pagedlm.utils import cdiv, deferred_signals
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
 
@@ -207,12 +207,13 @@ class LLMEngine:
         if params.use_beam_search:
             max_new = seq_group.max_seq_len - len(prompt_token_ids)
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
-        elif params.detokenize:
-            self._add_detokenizer(seq_group.seqs[0], seq_group)
         if params.structured_outputs is not None:
             seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
-        self.seq_groups[request_id] = seq_group
-        self.scheduler.add_seq_group(seq_group)
+        with deferred_signals():
+            if params.detokenize and not params.use_beam_search:
+                self._add_detokenizer(seq_group.seqs[0], seq_group)
+            self.seq_groups[request_id] = seq_group
+            self.scheduler.add_seq_group(seq_group)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any added request has not finished (or been aborted) yet."""
@@ -224,10 +225,11 @@ class LLMEngine:
         if not isinstance(request_id, (str, Iterable)):
             raise TypeError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}.")
         request_ids = {request_id} if isinstance(request_id, str) else set(request_id)
-        for seq_group in self.scheduler.abort_seq_groups(request_ids):
-            del self.seq_groups[seq_group.request_id]
-            for seq in seq_group.seqs:
-                self.detokenizers.pop(seq.seq_id, None)
+        with deferred_signals():
+            for seq_group in self.scheduler.abort_seq_groups(request_ids):
+                del self.seq_groups[seq_group.request_id]
+                for seq in seq_group.seqs:
+                    self.detokenizers.pop(seq.seq_id, None)
 
     def close(self) -> None:
         """Abort every request and release the KV cache and the weights."""
@@ -297,7 +299,9 @@ class LLMEngine:
         step raised (a logits processor's error, an interrupt); every unfinished request then goes
         back to the queue to be computed again (``Scheduler.requeue``), and the prefix cache is reset
         because the step's blocks may not have been written, so the same requests give the same
-        outputs when stepping goes on.
+        outputs when stepping goes on. SIGINT or SIGTERM arriving once the model has run is held
+        until the step's outputs are applied (``deferred_signals``) and raised then; the requests
+        that finished in that step are not returned.
         """
         self._check_open()
         try:
@@ -307,18 +311,20 @@ class LLMEngine:
             metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
             outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
         except BaseException:
-            self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
+            with deferred_signals():
+                self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
             raise
-        self.block_manager.finish_step()
-        for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
-            for seq, chunk in scheduled.token_chunks.items():
-                seq.num_computed_tokens += chunk
-            self._process_group_output(scheduled.seq_group, output)
-        if self.model_runner.long_rope is not None:
-            self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
-        request_outputs = [out for s in sched.scheduled_seq_groups if (out := RequestOutput.from_seq_group(s.seq_group))]
-        for seq_group in self.scheduler.free_finished_seq_groups():
-            del self.seq_groups[seq_group.request_id]
+        with deferred_signals():
+            self.block_manager.finish_step()
+            for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
+                for seq, chunk in scheduled.token_chunks.items():
+                    seq.num_computed_tokens += chunk
+                self._process_group_output(scheduled.seq_group, output)
+            if self.model_runner.long_rope is not None:
+                self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
+            request_outputs = [out for s in sched.scheduled_seq_groups if (out := RequestOutput.from_seq_group(s.seq_group))]
+            for seq_group in self.scheduler.free_finished_seq_groups():
+                del self.seq_groups[seq_group.request_id]
         return request_outputs
 
     def _recompute_past_long_rope_threshold(self, scheduled: list[ScheduledSequenceGroup]) -> None:
