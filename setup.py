@@ -130,6 +130,7 @@ setup(
         "tqdm",
         "gguf>=0.10",
         "accelerate",  # transformers reads non-Llama GGUF files only with it
+        "jinja2>=3.1",  # transformers renders chat templates with it
     ],
     extras_require={
         "parquet": ["pyarrow"],

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateSyntaxError
 from transformers import AutoConfig, PretrainedConfig
+from transformers.utils.chat_template_utils import _compile_jinja_template  # how chats are rendered
 
 from pagedlm.transformers_utils.generation_config import sampling_defaults
 
@@ -254,17 +256,28 @@ def _is_int(value: object) -> bool:
 
 def load_chat_template(chat_template: str | os.PathLike | None) -> str | None:
     """A chat template given as a file's path, or as the template itself (vLLM's
-    ``load_chat_template``: text with any of ``{``, ``}`` or a newline is a template)."""
+    ``load_chat_template``: text with any of ``{``, ``}`` or a newline is a template), compiled as
+    transformers compiles it to render chats.
+
+    Raises:
+        ValueError: neither a file nor template text, or the template is not valid Jinja.
+    """
     if chat_template is None:
         return None
     if not isinstance(chat_template, (str, os.PathLike)):
         raise ValueError(f"chat_template must be a Jinja template or a path to one, got {type(chat_template).__name__}.")
     if os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
-            return f.read()
-    if isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
-        return chat_template
-    raise ValueError(f"chat_template must be a Jinja template or a path to one; there is no file {chat_template!r}.")
+            template = f.read()
+    elif isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
+        template = chat_template
+    else:
+        raise ValueError(f"chat_template must be a Jinja template or a path to one; there is no file {chat_template!r}.")
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template is not a valid Jinja template: {exc.message} (line {exc.lineno}).") from None
+    return template
 
 
 def available_memory(device: torch.device, gpu_memory_utilization: float | None = None) -> int:

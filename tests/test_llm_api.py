@@ -683,6 +683,8 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
     (dict(tokenizer="no/such/dir"), "tokenizer"),
     (dict(tokenizer=3), "tokenizer"),
     (dict(chat_template="no_such_template.jinja"), "chat_template"),
+    (dict(chat_template="{% for m in messages %}{{ m.content }}"), r"chat_template is not a valid Jinja template: "
+                                                                   r"Unexpected end of template.*\(line 1\)"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=0.5, num_kv_blocks=8), "gpu_memory_utilization"),
     (dict(num_kv_blocks=8, kv_cache_memory_bytes=2**20), "num_kv_blocks and kv_cache_memory_bytes"),
