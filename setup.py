@@ -137,7 +137,7 @@ setup(
         "ray": ["ray[data]"],
         "structured": ["xgrammar"],
         "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]", "xgrammar",
-                 "jsonschema"],
+                 "jsonschema", "moto[server]"],
     },
     entry_points={"console_scripts": ["pagedlm=pagedlm.entrypoints.cli:main"]},
     ext_modules=[extension],

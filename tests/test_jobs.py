@@ -421,6 +421,8 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"progress_interval": float("nan")}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"output": "missing_dir/out.jsonl"}, "does not exist"),
     ({"output": "in.jsonl"}, "the same file"),
+    ({"input": "s3://bucket/in.jsonl"}, "URIs are read and written by --ray jobs; a local job takes local paths"),
+    ({"output": "file:///tmp/out.jsonl"}, "--output 'file:///tmp/out.jsonl': URIs are read and written by --ray jobs"),
     ({"input": "array.json"}, "holds a JSON array"),
     ({"input": "object.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
     ({"input": "object2.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),

@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pagedlm.entrypoints.jobs import storage
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -65,12 +67,12 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
     if kind == "parquet":
         import pyarrow.parquet as pq
         number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(storage.parquet_source(path)).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
                 yield f"row {number}", row, None
         return
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

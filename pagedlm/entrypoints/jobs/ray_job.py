@@ -1,4 +1,5 @@
-"""``pagedlm run --ray``: the same job over Ray Data, for inputs and outputs every node can read.
+"""``pagedlm run --ray``: the same job over Ray Data, for inputs and outputs every node can read
+(shared paths, or URIs such as ``s3://``: ``storage``).
 
 ``JsonLinesDatasource`` (JSONL as lines, so that a bad line is one error row) or read_parquet → the pagedlm processor (one
 ``LLM`` per actor) → one file per block in the output directory. Resume skips the ids the
@@ -19,7 +20,8 @@ import ray.data
 from ray.data.datasource import FileBasedDatasource
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_output_lines
+from pagedlm.entrypoints.jobs import storage
+from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_json_lines, check_record, job_record, read_input, signals_interrupt, write_record,
@@ -32,9 +34,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                 torch_threads: int | None = None, cpus_per_actor: float | None = None) -> tuple[JobStats, int | None]:
     """Run the job on Ray (``address``: a running cluster; None: the one this process already
     joined, or a new local one) with ``num_actors`` actors of ``torch_threads`` threads, each
-    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1). ``config.output`` is a
-    directory of ``.jsonl`` or ``.parquet`` files: the output's format is its suffix's, else the
-    input's. Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
+    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1). ``config.input`` and
+    ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output is
+    a directory of ``.jsonl`` or ``.parquet`` files, in its suffix's format, else the input's. Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
     already written (``--resume`` continues).
 
     Raises:
@@ -51,7 +53,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cpus_per_actor is not None and not cpus_per_actor > 0:
         raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor!r}")
-    if not os.path.isfile(config.input):
+    if not storage.is_file(config.input):
         raise ValueError(f"--input {config.input!r} is not a file")
     if in_kind == "jsonl":
         check_json_lines(config.input)
@@ -60,7 +62,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     if read_input(config, in_kind)[0] == "openai":
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
-    if os.path.isfile(config.output):
+    if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(
         model_source=config.model, engine_kwargs=dict(config.engine), sampling_params=dict(config.sampling),
@@ -77,9 +79,10 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         if reserved > cpus:
             raise ValueError(f"--cpus-per-actor {reserved} is more than the {cpus} CPUs of the largest Ray node: "
                              "no actor could be placed")
-    record, started = job_record(config, "plain"), os.path.isdir(config.output)
+    record, started = job_record(config, "plain"), storage.is_dir(config.output)
     check_record(config, record, started)
-    if not ray.is_initialized():
+    own_ray = not ray.is_initialized()
+    if own_ray:
         try:
             ray.init(address=address)
         except ConnectionError as exc:
@@ -87,11 +90,12 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     if not started:
         write_record(config, record)
     stats, interrupted = JobStats(), None
-    done_ids: list[str] = []
+    earlier: list[str] = []  # the output's files from earlier runs
     try:
         with signals_interrupt():  # after ray.init, which sets handlers of its own
-            if config.resume and os.path.isdir(config.output):
-                done_ids = sorted(_done_ids(config.output, out_kind))
+            if config.resume and started:
+                earlier = _readable_files(config.output, out_kind)
+            done_ids = sorted({id_text(i) for i in _column(earlier, out_kind, "id") if i is not None})
             processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
                                   json_lines_out=out_kind == "jsonl", done_ids=done_ids)
             # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
@@ -106,10 +110,12 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         interrupted = exc.signum if isinstance(exc, JobInterrupted) else signal.SIGINT
         print(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
               "--resume continues the job", file=sys.stderr, flush=True)
-    if os.path.isdir(config.output):
-        _count_outputs(stats, config.output, out_kind, set(done_ids))
-    with open(config.output.rstrip("/") + ".summary.json", "w") as f:
-        json.dump({**stats.summary(interrupted is not None), "output": config.output}, f, indent=2)
+        if own_ray:
+            ray.shutdown()  # ends the write tasks still running, before the files are counted
+    if storage.is_dir(config.output):
+        _count_outputs(stats, config.output, out_kind, earlier)
+    storage.write_text(config.output.rstrip("/") + ".summary.json",
+                       json.dumps({**stats.summary(interrupted is not None), "output": config.output}, indent=2))
     return stats, interrupted
 
 
@@ -122,50 +128,56 @@ def _check_reachable(address: str) -> None:
         raise ValueError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
 
 
-def _count_outputs(stats: JobStats, directory: str, kind: str, done: set[str]) -> None:
-    """This run's counts, from the output files: the rows whose ids were not already done."""
-    run_rows = [r for r in _output_rows(directory, kind) if r.get("id") is None or id_text(r["id"]) not in done]
-    stats.skipped = len(done)
-    stats.rows = stats.skipped + len(run_rows)
-    stats.errors = sum(1 for r in run_rows if r["error"])
-    stats.completed = len(run_rows) - stats.errors
-    stats.prompt_tokens = sum(r["prompt_tokens"] or 0 for r in run_rows)
-    stats.completion_tokens = sum(r["completion_tokens"] or 0 for r in run_rows)
+def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: list[str]) -> None:
+    """This run's counts, from the output files it added; ``skipped``: the rows with ids that the
+    files of earlier runs hold (a row without an id runs again)."""
+    new = [path for path in _output_files(directory, kind) if path not in set(earlier)]
+    stats.skipped = sum(i is not None for i in _column(earlier, kind, "id"))
+    errors = list(_column(new, kind, "error"))
+    stats.rows = stats.skipped + len(errors)
+    stats.errors = sum(e is not None for e in errors)
+    stats.completed = len(errors) - stats.errors
+    stats.prompt_tokens = sum(n or 0 for n in _column(new, kind, "prompt_tokens"))
+    stats.completion_tokens = sum(n or 0 for n in _column(new, kind, "completion_tokens"))
 
 
 def _output_files(directory: str, kind: str) -> list[str]:
-    suffixes = (".jsonl",) if kind == "jsonl" else (".parquet",)
-    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(suffixes))
+    return storage.list_files(directory, (".jsonl",) if kind == "jsonl" else (".parquet",))
 
 
-def _output_rows(directory: str, kind: str) -> Iterator[dict]:
+def _column(paths: list[str], kind: str, name: str) -> Iterator:
+    """One column of the rows of ``paths``, output files of this job."""
     import pyarrow.parquet as pq
 
-    for path in _output_files(directory, kind):
-        if kind == "jsonl":
-            with open(path, encoding="utf-8") as f:
-                yield from (json.loads(line) for line in f)
+    for path in paths:
+        if kind == "parquet":
+            yield from pq.read_table(path, columns=[name]).column(name).to_pylist()
         else:
-            yield from pq.read_table(path, columns=["id", "prompt_tokens", "completion_tokens", "error"]).to_pylist()
+            with storage.open_input(path) as f:
+                yield from (json.loads(line)[name] for line in f)
 
 
-def _done_ids(directory: str, kind: str) -> set[str]:
-    """The ids (as text) of the rows the output's files hold. A file a kill left unreadable or torn
-    is repaired (a torn last line cut off) or moved aside, and its rows run again."""
+def _readable_files(directory: str, kind: str) -> list[str]:
+    """The output's files, once those that a kill left torn or unreadable are moved aside
+    (``*.damaged``): their rows run again."""
     import pyarrow.parquet as pq
 
-    done = set()
+    readable = []
     for path in _output_files(directory, kind):
         try:
             if kind == "parquet":
-                ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+                pq.read_table(path, columns=["id"])
             else:
-                ids = [row.get("id") for row in read_output_lines(path)]
-        except (OSError, ValueError, pa.ArrowException):
-            os.replace(path, path + ".damaged")
+                with storage.open_input(path) as f:
+                    for line in f:
+                        if not line.endswith(b"\n"):
+                            raise ValueError("a torn last line")
+                        json.loads(line)["id"]
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            storage.move(path, path + ".damaged")
             continue
-        done.update(id_text(i) for i in ids if i is not None)
-    return done
+        readable.append(path)
+    return readable
 
 
 class JsonLinesDatasource(FileBasedDatasource):

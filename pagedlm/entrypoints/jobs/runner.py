@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import chain, tee
 from typing import Any
 
+from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
@@ -131,6 +132,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
 
 
 def _check_paths(config: JobConfig, in_kind: str) -> None:
+    for flag, path in (("--input", config.input), ("--output", config.output)):
+        if storage.is_uri(path):
+            raise ValueError(f"{flag} {path!r}: URIs are read and written by --ray jobs; a local job takes local paths")
     if not os.path.isfile(config.input):
         raise ValueError(f"--input {config.input!r} is not a file")
     out_dir = os.path.dirname(os.path.abspath(config.output))
@@ -146,7 +150,7 @@ def check_json_lines(path: str) -> None:
     """Refuse a JSON file that is not JSON Lines before any row runs: an array, or JSON spread over
     several lines (pretty-printed), which would give an error row for every line. Only the start of
     the file is read; a first row that is merely bad JSON is left to be that row's error."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     first = head.split("\n", 1)[0]
     if head.startswith("["):
@@ -254,7 +258,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         engine["chat_template"] = load_chat_template(engine["chat_template"])
     return {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
-        "input": os.path.abspath(config.input),
+        "input": storage.absolute(config.input),
         "input_format": fmt_name,
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
@@ -270,10 +274,9 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
                          "or choose another output")
     path = _record_path(config)
     if started:
-        if not os.path.exists(path):
+        if not storage.is_file(path):
             raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
-        with open(path) as f:
-            recorded = json.load(f)
+        recorded = json.loads(storage.read_text(path))
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
@@ -282,8 +285,7 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
 
 def write_record(config: JobConfig, record: dict) -> None:
     """Record a new job's settings next to its output (``OUT.job.json``), for ``check_record``."""
-    with open(_record_path(config), "w") as f:
-        json.dump(record, f, indent=2)
+    storage.write_text(_record_path(config), json.dumps(record, indent=2))
 
 
 def _record_path(config: JobConfig) -> str:
