@@ -189,9 +189,15 @@ def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_clust
     assert next(r for r in rows if r["id"] == 1)["prompt"] == "a\u2028b\u0085c"
 
 
+@pytest.mark.parametrize("concurrency", [0, (2, 1), (0, 2), (1, 2, 3), 1.5, (1, "2")])
+def test_processor_config_refuses_a_bad_concurrency(concurrency):
+    with pytest.raises(ValueError, match=r"concurrency must be a positive integer or a pair \(m, n\)"):
+        PagedLMProcessorConfig(concurrency=concurrency)
+
+
 def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
     config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
-                                    concurrency=1, batch_size=4, num_cpus=0.5, torch_threads=1)
+                                    concurrency=(1, 2), batch_size=4, num_cpus=0.5, torch_threads=1)  # autoscaling
     processor = build_processor(config, preprocess=lambda row: {"id": row["n"], "prompt": f"Hello {row['n']}"},
                                 postprocess=lambda row: {"n": row["id"], "answer": row["outputs"][0]["text"]})
     rows = processor(ray.data.from_items([{"n": 1}, {"n": 2}])).take_all()

@@ -49,7 +49,8 @@ class PagedLMProcessorConfig:
         engine_kwargs: ``LLM(...)`` keyword arguments (dtype, max_model_len, max_num_seqs, ...).
         sampling_params: the rows' sampling defaults (``SamplingParams`` fields), under each row's
             own ``sampling_params``; the model's generation config is under both.
-        concurrency: actors in the pool, one ``LLM`` each.
+        concurrency: actors in the pool, one ``LLM`` each; ``(m, n)``: a pool that Ray scales between
+            ``m`` and ``n`` actors (``1 <= m <= n``), as in Ray Data LLM.
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
         num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1).
@@ -60,17 +61,19 @@ class PagedLMProcessorConfig:
     model_source: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling_params: dict[str, Any] = field(default_factory=dict)
-    concurrency: int = 1
+    concurrency: int | tuple[int, int] = 1
     batch_size: int = 256
     num_cpus: float | None = None
     num_gpus: float | None = None
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "batch_size"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        sizes = tuple(self.concurrency) if isinstance(self.concurrency, (tuple, list)) else (self.concurrency,)
+        if not (len(sizes) in (1, 2) and all(type(n) is int and n >= 1 for n in sizes) and sizes[0] <= sizes[-1]):
+            raise ValueError(f"concurrency must be a positive integer or a pair (m, n) of them with m <= n, "
+                             f"got {self.concurrency!r}")
         unknown = sorted(set(self.sampling_params) - set(SAMPLING_FIELDS))
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
@@ -111,9 +114,17 @@ class Processor:
             ds = ds.map(self.preprocess)
         ds = ds.map_batches(
             PagedLMStage, fn_constructor_kwargs=self._stage_kwargs, batch_size=self.config.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.config.concurrency), **resources,
+            batch_format="pyarrow", compute=_actor_pool(self.config.concurrency), **resources,
         )
         return ds if self.postprocess is None else ds.map(self.postprocess)
+
+
+def _actor_pool(concurrency: int | tuple[int, int]) -> "ray.data.ActorPoolStrategy":
+    import ray
+
+    if isinstance(concurrency, (tuple, list)):
+        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+    return ray.data.ActorPoolStrategy(size=concurrency)
 
 
 def build_processor(config: PagedLMProcessorConfig, preprocess: RowFn | None = None,
