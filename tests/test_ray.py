@@ -128,7 +128,12 @@ def test_json_rows_of_changing_types_to_parquet_on_ray(local_cluster, llama_dir,
             "--num-actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-in-flight", "2",
             "--max-tokens", "2", "--dtype", "float32", "--max-model-len", "128"]
     assert run_main(args) == 0
+    # Found by a hunt: each batch wrote its own rows' fields, and readers that take the first
+    # file's schema (pandas, pyarrow datasets) lost the others ("messages" here).
+    schemas = {pq.read_schema(path).to_string() for path in out.glob("*.parquet")}
+    assert len(schemas) == 1 and "messages" in schemas.pop()
     got = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert got["3"]["messages"] == "not a list" and got["1"]["messages"] is None
     assert set(got) == {"1", "two", None, "3", "4"}  # ids as text; an unusable id is null
     assert got["1"]["x"] == "1" and got["two"]["x"] == "text" and got["4"]["x"] == '[1, {"k": null}]'
     assert got["1"]["error"] is None and "a conversation must be a list" in got["3"]["error"]

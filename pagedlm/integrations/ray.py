@@ -99,10 +99,11 @@ class Processor:
     """``processor(ds)``: the dataset with each row's completions (lazy, as Ray Data is)."""
 
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool = False, json_lines_out: bool = False,
-                 done_ids: Any = None, preprocess: RowFn | None = None, postprocess: RowFn | None = None) -> None:
+                 done_ids: Any = None, preprocess: RowFn | None = None, postprocess: RowFn | None = None,
+                 json_fields: list[str] | None = None) -> None:
         self.config = config
         self._stage_kwargs = {"config": config, "json_lines_in": json_lines_in, "json_lines_out": json_lines_out,
-                              "done_ids": done_ids}
+                              "done_ids": done_ids, "json_fields": json_fields}
         self.preprocess, self.postprocess = preprocess, postprocess
 
     def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":
@@ -144,10 +145,12 @@ class PagedLMStage:
     of failing the read. ``json_lines_out``: the result is one
     ``line`` column of output rows as JSON (written as they are, whatever their types).
     ``done_ids``: ids (as text) already in the output, whose rows are dropped (resume).
+    ``json_fields``: the JSON input's top-level fields, when its rows are written as Parquet: every
+    batch has a column for each (null where a row lacks it), so the output's files share a schema.
     """
 
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool, json_lines_out: bool,
-                 done_ids: Any) -> None:
+                 done_ids: Any, json_fields: list[str] | None = None) -> None:
         import torch
 
         from pagedlm import default_model_path
@@ -159,6 +162,7 @@ class PagedLMStage:
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
         self.done_ids = set(done_ids or ())
+        self.json_fields = json_fields or []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
@@ -202,11 +206,13 @@ class PagedLMStage:
             for row in out:
                 if row.get("id") is not None:
                     row["id"] = str(row["id"])
-            carried = pa.schema([(name, pa.string()) for name in dict.fromkeys(k for r in out for k in r)
-                                 if name not in RESULT_COLUMNS])
+            names = dict.fromkeys(["id", *self.json_fields, *(k for r in out for k in r)])
+            carried = pa.schema([(name, pa.string()) for name in names if name not in RESULT_COLUMNS])
         else:
             carried = batch.schema
-        return rows_to_table(out, output_schema(carried))
+        # Every column in every batch (prompt_logprobs too), so the output's files share one schema.
+        schema = output_schema(carried)
+        return rows_to_table([{name: row.get(name) for name in schema.names} for row in out], schema)
 
 
 def _plain(row: dict) -> dict:

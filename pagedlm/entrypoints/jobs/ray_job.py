@@ -97,7 +97,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                 earlier = _readable_files(config.output, out_kind)
             done_ids = sorted({id_text(i) for i in _column(earlier, out_kind, "id") if i is not None})
             processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
-                                  json_lines_out=out_kind == "jsonl", done_ids=done_ids)
+                                  json_lines_out=out_kind == "jsonl", done_ids=done_ids,
+                                  json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
             # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
             ds = ray.data.read_datasource(JsonLinesDatasource(config.input)) if in_kind == "jsonl" else ray.data.read_parquet(
                 config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
@@ -139,6 +140,21 @@ def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: list[str
     stats.completed = len(errors) - stats.errors
     stats.prompt_tokens = sum(n or 0 for n in _column(new, kind, "prompt_tokens"))
     stats.completion_tokens = sum(n or 0 for n in _column(new, kind, "completion_tokens"))
+
+
+def _json_fields(path: str) -> list[str]:
+    """The top-level fields of a JSONL file's objects, in the order they first appear (one pass
+    over the file in this process, before any row runs)."""
+    fields: dict[str, None] = {}
+    with storage.open_input(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # that line's error row has no fields of its own
+                continue
+            if isinstance(row, dict):
+                fields.update(dict.fromkeys(row))
+    return list(fields)
 
 
 def _output_files(directory: str, kind: str) -> list[str]:
