@@ -333,6 +333,102 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     assert not os.path.exists(path + ".parts")
 
 
+def test_a_kill_between_the_parquet_merge_and_the_parts_removal_resumes_without_repeats(tmp_path):
+    """Found by a hunt: both the merged output and its parts were there, and --resume made the
+    output a part beside them (450 rows for 400)."""
+    from pagedlm.entrypoints.jobs.files import ParquetWriter
+    from pagedlm.entrypoints.jobs.plain_rows import output_schema
+
+    path, schema = str(tmp_path / "out.parquet"), output_schema()
+    writer = ParquetWriter(path, False, lambda row: row["id"], schema, part_rows=2)
+    for i in range(5):
+        writer.write({"id": i, "error": None})
+    writer.close()
+    os.makedirs(path + ".parts")  # as if killed after the rename: a part the merge already holds
+    pq.write_table(pq.read_table(path).slice(0, 2), path + ".parts/part-000002.parquet")
+    writer = ParquetWriter(path, True, lambda row: row["id"], schema)
+    assert writer.keys == {str(i): 1 for i in range(5)}
+    writer.close()
+    assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(5))
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_a_full_disk_stops_the_job_with_one_clear_error_and_resume_finishes_it(llama_dir, tmp_path, monkeypatch, capsys,
+                                                                                out_name):
+    """Found by a hunt: the writer's thread died on ENOSPC, each later write tried to start it again
+    (RuntimeError: threads can only be started once), and no clear message came."""
+    import errno
+
+    from pagedlm.entrypoints.cli import run_main
+    from pagedlm.entrypoints.jobs import files
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"row {i}"} for i in range(6)])
+    out = tmp_path / out_name
+    args = ["--input", inp, "--output", str(out), "--model", llama_dir, "--max-tokens", "2", "--dtype", "float32",
+            "--max-in-flight", "2"]
+    writer_class = files.JsonlWriter if out_name.endswith(".jsonl") else files.ParquetWriter
+    real_append, calls = writer_class._append, {"n": 0}
+
+    def append(self, row):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, row)
+
+    monkeypatch.setattr(writer_class, "_append", append)
+    assert run_main(args) == 1
+    err = capsys.readouterr().err
+    assert f"pagedlm run: error: cannot write {out}: No space left on device; the rows synced before are kept" in err
+    assert "Traceback" not in err and "threads can only be started once" not in err
+    monkeypatch.undo()
+    assert run_main(args + ["--resume"]) == 0
+    rows = pq.read_table(out).to_pylist() if out_name.endswith(".parquet") else \
+        [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(6)) and all(r["error"] is None for r in rows)
+
+
+def test_values_json_has_no_literal_for_are_written_as_json_reads_them(llama_dir, tmp_path):
+    """Found by a hunt: a Parquet uuid column failed every finished row's write (and the row was
+    counted completed and an error: "unfinished": -2); NaN from pandas was written as a bare NaN,
+    which strict JSON parsers refuse."""
+    import uuid
+
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "u": pa.array([uuid.UUID(int=7).bytes] * 2, pa.uuid()),
+                             "score": [float("nan"), 1.5]}), inp)
+    out = tmp_path / "out.jsonl"
+    stats, _ = run_job(JobConfig(input=str(inp), output=str(out), model=llama_dir, engine={"dtype": "float32"},
+                                 sampling={"max_tokens": 2}), tty=False)
+    assert (stats.rows, stats.completed, stats.errors) == (2, 2, 0)
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the output")) for line in
+            out.read_text().splitlines()]
+    assert [r["u"] for r in rows] == [str(uuid.UUID(int=7))] * 2 and [r["score"] for r in rows] == [None, 1.5]
+
+
+def test_a_second_run_of_a_running_job_is_refused(tmp_path):
+    """Found by a hunt: two runs of one job (a scheduler's requeue while the first still runs)
+    both appended to the output."""
+    import fcntl
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model="/nonexistent/model")
+    fd = os.open(tmp_path / "out.jsonl.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as the first run holds it
+    with pytest.raises(ValueError, match="another run of this job is writing it"):
+        run_job(config)
+    os.close(fd)
+    with pytest.raises(Exception, match="nonexistent"):  # now it runs (and fails on its model)
+        run_job(config)
+    assert not os.path.exists(tmp_path / "out.jsonl.lock")
+
+
+def test_a_read_only_output_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root passes a chmod; a read-only mount refuses
+    with pytest.raises(ValueError, match="is not writable"):
+        run_job(JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model="/nonexistent/model"))
+
+
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
 def test_prompt_logprobs_asked_for_are_written(llama_dir, tmp_path, out_name):
     rows = [{"id": 1, "prompt": "The capital of France is", "sampling_params": {"prompt_logprobs": 2}},

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from pagedlm.entrypoints import demo
+from pagedlm.entrypoints.jobs.files import OutputWriteError
 from pagedlm.entrypoints.jobs.runner import INPUT_FORMATS, JobConfig, run_job
 
 # Command-line flags that set the job's sampling defaults: (flag, SamplingParams field, type).
@@ -91,6 +92,9 @@ def run_main(argv: list[str]) -> int:
             stats, interrupted = run_job(config)
     except ValueError as exc:
         parser.error(str(exc))
+    except OutputWriteError as exc:
+        print(f"pagedlm run: error: {exc.strerror}", file=sys.stderr)
+        return 1
     summary = stats.summary(interrupted is not None)
     print(f"[pagedlm run] {'done' if interrupted is None else 'interrupted'}: {stats.rows} rows read, {stats.completed} "
           f"completed, {stats.errors} errors, {stats.skipped} already done; {stats.prompt_tokens} prompt + "

@@ -9,9 +9,11 @@ import base64
 import datetime
 import decimal
 import json
+import math
 import os
 import shutil
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,8 +96,24 @@ def input_schema(path: str, kind: str):
 
 def to_json(row: Any) -> str:
     """One JSONL line; Arrow values JSON lacks become text (dates and times ISO 8601, decimals as
-    written, bytes base64)."""
-    return json.dumps(row, ensure_ascii=False, default=_json_default)
+    written, bytes base64, UUIDs in their canonical form), and NaN or an infinity (a pandas
+    column's missing value, a ``-inf`` logprob) null, as strict JSON parsers read nothing else."""
+    try:
+        return json.dumps(row, ensure_ascii=False, default=_json_default, allow_nan=False)
+    except ValueError:  # a float JSON has no literal for
+        return json.dumps(_finite(row), ensure_ascii=False, default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _finite(value.tolist())
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -107,6 +125,8 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if isinstance(value, uuid.UUID):  # an Arrow uuid column's values
+        return str(value)
     if hasattr(value, "tolist"):  # numpy arrays (a Ray tensor column) and scalars
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -133,47 +153,76 @@ def read_output_lines(path: str) -> Iterator[dict]:
         f.truncate(good_end)
 
 
+class OutputWriteError(OSError):
+    """The output's storage refused a write (full, read-only, gone): the job stops; the rows synced
+    before stay, and ``--resume`` continues once the storage is mended."""
+
+
 class OutputWriter:
     """Appends output rows to a file and makes them durable every ``sync_interval`` seconds.
 
     A daemon thread calls ``_sync`` when rows were written since the last one, so the rows that
     finished before a long wait reach the disk without waiting for the next row. ``keys`` counts
-    the rows per id that the output held when it was opened (resume).
+    the rows per id that the output held when it was opened (resume). Once a write or sync fails
+    with an ``OSError``, ``write`` and ``close`` raise it as an ``OutputWriteError``.
     """
 
-    def __init__(self, sync_interval: float) -> None:
+    def __init__(self, path: str, sync_interval: float) -> None:
+        self.path = path
         self.keys: Counter = Counter()
         self._lock = threading.Lock()
         self._dirty = False
+        self._error: OutputWriteError | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sync_every, args=(sync_interval,), daemon=True)
 
     def _sync_every(self, interval: float) -> None:
         while not self._stop.wait(interval):
             with self._lock:
-                if self._dirty:
-                    self._sync()
+                if self._dirty and self._error is None:
+                    self._guarded(self._sync)
                     self._dirty = False
+
+    def _guarded(self, action: Callable, *args: Any) -> None:
+        try:
+            action(*args)
+        except OSError as exc:
+            self._error = OutputWriteError(exc.errno, f"cannot write {self.path}: {exc.strerror or exc}; the rows "
+                                                      "synced before are kept, and --resume continues the job "
+                                                      "once that is mended")
 
     def same_key(self, key: Any) -> Any:
         """The form of an id under which this output tells ids apart (and counts them in ``keys``)."""
         return key
 
     def write(self, row: dict) -> None:
+        """Raises: OutputWriteError; TypeError or ValueError: a value this output cannot hold."""
         with self._lock:
-            self._append(row)
+            if self._error is None:
+                self._guarded(self._append, row)
+            if self._error is not None:
+                raise self._error
             self._dirty = True
             if not self._thread.is_alive() and not self._stop.is_set():
                 self._thread.start()
 
     def close(self, finished: bool = True) -> None:
-        """Sync what is written; ``finished`` says the job reached the end of its input."""
+        """Sync what is written; ``finished`` says the job reached the end of its input.
+
+        Raises:
+            OutputWriteError: a write, now or before, failed (the file is closed all the same).
+        """
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         with self._lock:
-            self._sync()
-            self._finish(finished)
+            if self._error is None:
+                self._guarded(self._sync)
+            if self._error is None:
+                self._guarded(self._finish, finished)
+            if self._error is not None:
+                self._abandon()
+                raise self._error
 
     def _append(self, row: dict) -> None:
         raise NotImplementedError
@@ -183,6 +232,9 @@ class OutputWriter:
 
     def _finish(self, finished: bool) -> None:
         raise NotImplementedError
+
+    def _abandon(self) -> None:
+        """Release what is open after a failed write, writing nothing more."""
 
 
 class JsonlWriter(OutputWriter):
@@ -198,8 +250,7 @@ class JsonlWriter(OutputWriter):
     """
 
     def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], sync_interval: float = 2.0) -> None:
-        super().__init__(sync_interval)
-        self.path = path
+        super().__init__(path, sync_interval)
         if resume and os.path.exists(path):
             self.keys = Counter(map(key_of, read_output_lines(path)))
         # A lone surrogate (a JSON input's "\\ud800") is written as its JSON escape, not refused.
@@ -214,6 +265,12 @@ class JsonlWriter(OutputWriter):
 
     def _finish(self, finished: bool) -> None:
         self._file.close()
+
+    def _abandon(self) -> None:
+        try:
+            self._file.close()
+        except OSError:  # the buffered rest of a line that could not be written
+            pass
 
 
 class ParquetWriter(OutputWriter):
@@ -235,12 +292,14 @@ class ParquetWriter(OutputWriter):
                  sync_interval: float = 2.0, part_rows: int = 10_000) -> None:
         import pyarrow.parquet as pq
 
-        super().__init__(sync_interval)
-        self.path = path
+        super().__init__(path, sync_interval)
         self.parts_dir = path + ".parts"
         self._schema = schema
         self._rows: list[dict] = []
         self._part_rows = part_rows
+        if os.path.exists(path) and os.path.isdir(self.parts_dir):
+            # A kill between the merge's rename and the parts' removal: the output holds their rows.
+            shutil.rmtree(self.parts_dir)
         os.makedirs(self.parts_dir, exist_ok=True)
         if resume and os.path.exists(path):
             os.replace(path, self._part_path(0))

@@ -5,6 +5,7 @@ the engine) and each output row is written as soon as its request finishes, so t
 completion order. Resume works by id: a run skips the rows whose ids the output already holds.
 """
 
+import fcntl
 import inspect
 import json
 import math
@@ -73,7 +74,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
 
     Raises:
         ValueError: before any model is loaded or row is run: a bad option, an output that exists
-            without ``resume``, or a resume whose settings differ from the job's record.
+            without ``resume``, a resume whose settings differ from the job's record, or another
+            run writing the same output.
+        OutputWriteError: the output's storage refused a write (the rows synced before stay).
     """
     if llm is not None and (config.model is not None or config.engine):
         raise ValueError("run_job(llm=...) runs on that LLM: leave JobConfig.model and JobConfig.engine unset")
@@ -90,45 +93,68 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
-    fmt_name, rows = read_input(config, in_kind)
-    if fmt_name == "openai" and out_kind != "jsonl":
-        raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
-    model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
-    started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
-    record = job_record(config, fmt_name, model)
-    check_record(config, record, started)
+    with _exclusive_run(config.output):
+        fmt_name, rows = read_input(config, in_kind)
+        if fmt_name == "openai" and out_kind != "jsonl":
+            raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
+        model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
+        started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
+        record = job_record(config, fmt_name, model)
+        check_record(config, record, started)
 
-    stats = JobStats()
-    interrupted = finished = None
-    own_llm = llm is None
-    writer = progress = None
-    try:
-        with signals_interrupt():
+        stats = JobStats()
+        interrupted = finished = None
+        own_llm = llm is None
+        writer = progress = None
+        try:
+            with signals_interrupt():
+                try:
+                    if own_llm:
+                        llm = LLM(model, **config.engine)
+                    if not started:  # once the engine settings have proved valid
+                        write_record(config, record)
+                    fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
+                    writer = _writer(out_kind, config, fmt, in_kind)
+                    progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
+                    _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
+                    finished = True
+                except JobInterrupted as exc:
+                    interrupted = exc.signum
+                    print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
+                          file=sys.stderr, flush=True)
+        finally:
             try:
-                if own_llm:
-                    llm = LLM(model, **config.engine)
-                if not started:  # once the engine settings have proved valid
-                    write_record(config, record)
-                fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
-                writer = _writer(out_kind, config, fmt, in_kind)
-                progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
-                _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
-                finished = True
-            except JobInterrupted as exc:
-                interrupted = exc.signum
-                print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
-                      file=sys.stderr, flush=True)
+                if writer is not None:
+                    writer.close(finished=bool(finished))
+            finally:
+                if progress is not None:
+                    progress.close()
+                if own_llm and llm is not None:
+                    llm.close()
+        summary = {**stats.summary(interrupted is not None), "output": config.output}
+        with open(config.output + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        return stats, interrupted
+
+
+@contextmanager
+def _exclusive_run(output: str) -> Iterator[None]:
+    """Hold ``OUT.lock`` (``flock``) while the run writes ``output``: a second run of the same job
+    (a scheduler that requeued it while the first still runs) is refused instead of writing the
+    same rows again. The kernel drops the lock with the process, so a killed run leaves none."""
+    path = output + ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--output {output!r}: another run of this job is writing it (it holds {path}); "
+                         "let it finish or stop it first") from None
+    try:
+        yield
     finally:
-        if writer is not None:
-            writer.close(finished=bool(finished))
-        if progress is not None:
-            progress.close()
-        if own_llm and llm is not None:
-            llm.close()
-    summary = {**stats.summary(interrupted is not None), "output": config.output}
-    with open(config.output + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    return stats, interrupted
+        os.unlink(path)
+        os.close(fd)
 
 
 def _check_paths(config: JobConfig, in_kind: str) -> None:
@@ -140,6 +166,8 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} does not exist")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} is not writable")
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
     if in_kind == "jsonl":
@@ -322,7 +350,6 @@ class _Job:
                 if isinstance(result, ValueError):
                     self._write_error(job_row.key, job_row.row, f"{where}: {result}")
                 else:
-                    self.stats.completed += 1
                     self.stats.prompt_tokens += len(result.prompt_token_ids)
                     self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
                     self._write(self.fmt.result_row(job_row, result), job_row.key)
@@ -366,14 +393,18 @@ class _Job:
         self._write(self.fmt.error_row(key, row, error, param), key, error=True)
 
     def _write(self, output_row: dict, key: RowKey, error: bool = False) -> None:
+        """Write a result row (counted completed) or an error row; a result row with a value the
+        output cannot hold becomes an error row, and the job goes on."""
         try:
             self.writer.write(output_row)
-        except Exception as exc:  # a value the output cannot hold: the row gets an error, the job goes on
+        except (TypeError, ValueError, RecursionError) as exc:
             self.writer.write(self.fmt.error_row(key, None, f"the output row could not be written: "
                                                             f"{type(exc).__name__}: {exc}"))
             error = True
         if error:
             self.stats.errors += 1
+        else:
+            self.stats.completed += 1
         self._count()
 
     def _count(self) -> None:
