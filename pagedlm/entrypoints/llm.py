@@ -110,12 +110,8 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        model_config, cache_config, scheduler_config = _engine_configs(
-            model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
-            kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
-            generation_config, seed, tokenizer, trust_remote_code, chat_template, gpu_memory_utilization,
-            tensor_parallel_size,
-        )
+        arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
+        model_config, cache_config, scheduler_config = _engine_configs(**arguments)
         self._default_sampling_params = model_config.get_diff_sampling_param()
         try:
             self._final_only_defaults = SamplingParams(**self._default_sampling_params,
@@ -579,11 +575,11 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
 
 
 def _engine_configs(
-    model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
+    *, model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, seed, tokenizer, trust_remote_code, chat_template, gpu_memory_utilization, tensor_parallel_size,
 ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
-    """``LLM``'s arguments (in its order) as the engine's configs, each checked."""
+    """``LLM``'s arguments as the engine's configs, each checked."""
     if type(tensor_parallel_size) is not int or tensor_parallel_size != 1:
         raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
                          "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
