@@ -608,3 +608,22 @@ def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
     first, second = (fmt.parse(row, row["id"]).params for row in rows)
     assert first.logit_bias == {5: 2.0} and first.structured_outputs.regex == "a+"
     assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace
+
+
+def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": f"Hello {i}"} for i in range(6)]), inp, row_group_size=2)
+    page = pq.ParquetFile(inp).metadata.row_group(1).column(0).data_page_offset
+    with open(inp, "r+b") as f:  # garble the page header of the second row group's ids
+        f.seek(page)
+        f.write(b"\xff" * 8)
+    out = tmp_path / "out.jsonl"
+    stats, rows = run(llama_dir, inp, out)
+    assert (stats.rows, stats.completed, stats.errors) == (6, 4, 2)
+    assert sorted(r["id"] for r in rows if not r["error"]) == [0, 1, 4, 5]
+    errors = sorted(r["error"] for r in rows if r["error"])
+    for error, number in zip(errors, (3, 4)):
+        assert error.startswith(f"row {number}: row group 2 of 3 of the input cannot be read: OSError: "), error
+    assert json.load(open(str(out) + ".summary.json"))["errors"] == 2
+    stats, _ = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed) == (6, 0)
