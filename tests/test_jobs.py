@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE
 from pagedlm import LLM, SamplingParams
-from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
+from pagedlm.entrypoints.jobs.runner import JobConfig, read_input, run_job
 
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
 
@@ -608,6 +609,33 @@ def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
     first, second = (fmt.parse(row, row["id"]).params for row in rows)
     assert first.logit_bias == {5: 2.0} and first.structured_outputs.regex == "a+"
     assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace
+
+
+@pytest.fixture
+def pagedlm_log(caplog):
+    """caplog over the pagedlm logger (it does not propagate to the root logger)."""
+    logger = logging.getLogger("pagedlm")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_input_format_is_detected_from_the_first_row_that_looks_like_one(llama_dir, tmp_path, pagedlm_log):
+    """Rows that look like neither format (``null``, an OpenAI row without its custom_id) are
+    passed over: they no longer make a file of OpenAI rows plain, failing every row."""
+    completion = _openai_row("a", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    no_custom_id = {k: v for k, v in completion.items() if k != "custom_id"}
+    inp = write_jsonl(tmp_path / "in.jsonl", ["null", no_custom_id, completion, {**completion, "custom_id": "b"}])
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={})
+    assert (stats.completed, stats.errors) == (2, 2)
+    assert all(set(row) == {"id", "custom_id", "response", "error"} for row in out)  # the bad rows too
+    assert "Input read as openai rows, from line 3" in pagedlm_log.text and "--input-format" in pagedlm_log.text
+    assert read_input(JobConfig(input=inp, output=""), "jsonl", limit=2)[0] == "plain"  # none of the first 2 decides
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", ['{"note": 1}', {"id": 1, "prompt": "x"},
+                                                   {"custom_id": "c", "url": "/v1/completions"}])
+    fmt_name, rows = read_input(JobConfig(input=plain, output=""), "jsonl")
+    assert fmt_name == "plain" and [where for where, _, _ in rows] == ["line 1", "line 2", "line 3"]
 
 
 def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):

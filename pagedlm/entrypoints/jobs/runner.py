@@ -7,6 +7,7 @@ completion order. Resume works by id: a run skips the rows whose ids the output 
 
 import inspect
 import json
+import logging
 import math
 import os
 import signal
@@ -24,13 +25,15 @@ from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
-from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
+from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
 from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
+
+logger = logging.getLogger("pagedlm")
 
 INPUT_FORMATS = ("auto", "openai", "plain")
 
@@ -212,9 +215,12 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
-    """The input's row format ("openai" or "plain": ``--input-format``, or "openai" when the first
-    row that can be read, among the first ``limit``, has a ``custom_id`` and a ``method``, ``url`` or
-    ``body``) and its rows, streamed.
+    """The input's row format ("openai" or "plain") and its rows, streamed.
+
+    The format is ``--input-format``, or (``auto``) that of the first row, among the first
+    ``limit``, that looks like one (``_row_format``); rows that look like neither (bad JSON,
+    ``null``, an OpenAI row without its ``custom_id``) are passed over, and become errors of
+    that format. With no such row, "plain".
 
     Raises:
         ValueError: ``input_format`` is none of ``INPUT_FORMATS``.
@@ -224,14 +230,39 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     rows = read_rows(config.input, in_kind)
     if config.input_format != "auto":
         return config.input_format, rows
-    head = []
+    head, fmt_name = [], None
     for _, item in zip(range(limit), rows):
         head.append(item)
-        if item[2] is None:
+        fmt_name = _row_format(item[1])
+        if fmt_name is not None:
             break
-    row = head[-1][1] if head else None
-    fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row and {"method", "url", "body"} & set(row) else "plain"
-    return fmt_name, chain(head, rows)
+    _log_detected_format(fmt_name, head)
+    return fmt_name or "plain", chain(head, rows)
+
+
+def _log_detected_format(fmt_name: str | None, head: list) -> None:
+    """Say which row decided the format; a warning when rows before it were passed over (they
+    will be errors of that format) or when none decided."""
+    override = "--input-format openai|plain overrides this"
+    if fmt_name is not None:
+        level = logging.INFO if len(head) == 1 else logging.WARNING
+        logger.log(level, "Input read as %s rows, from %s (the first row that looks like a row of either format); %s.",
+                   fmt_name, head[-1][0], override)
+    elif head:
+        logger.warning("Input read as plain rows: none of its first %d rows looks like a row of either format; %s.",
+                       len(head), override)
+
+
+def _row_format(row: Any) -> str | None:
+    """The format a row looks like: "openai" (a ``custom_id`` and a ``method``, ``url`` or ``body``),
+    "plain" (an ``id`` or a prompt column; it may carry a ``custom_id`` of its own), or None."""
+    if not isinstance(row, dict):
+        return None
+    if "custom_id" in row and {"method", "url", "body"} & set(row):
+        return "openai"
+    if {"id", *PROMPT_COLUMNS} & set(row):
+        return "plain"
+    return None
 
 
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
