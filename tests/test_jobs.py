@@ -638,6 +638,14 @@ def test_input_format_is_detected_from_the_first_row_that_looks_like_one(llama_d
     assert fmt_name == "plain" and [where for where, _, _ in rows] == ["line 1", "line 2", "line 3"]
 
 
+def test_a_first_line_nested_too_deep_is_that_row_s_error(llama_dir, tmp_path):
+    deep = '{"id": 1, "prompt": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    inp = write_jsonl(tmp_path / "in.jsonl", [deep, {"id": 2, "prompt": "y"}])
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (1, 1)
+    assert [r["error"] for r in out if r["error"]][0].startswith("line 1 is not valid JSON")
+
+
 def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):
     inp = str(tmp_path / "in.parquet")
     pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": f"Hello {i}"} for i in range(6)]), inp, row_group_size=2)

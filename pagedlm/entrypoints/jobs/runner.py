@@ -152,7 +152,12 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
 def check_json_lines(path: str) -> None:
     """Refuse a JSON file that is not JSON Lines before any row runs: an array, or JSON spread over
     several lines (pretty-printed), which would give an error row for every line. Only the start of
-    the file is read; a first row that is merely bad JSON is left to be that row's error."""
+    the file is read; a first row that is merely bad JSON (or nested too deep) is left to be that
+    row's error.
+
+    Raises:
+        ValueError: the file is not JSON Lines (the message names ``--input``).
+    """
     with storage.open_input(path) as f:
         head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     first = head.split("\n", 1)[0]
@@ -162,11 +167,11 @@ def check_json_lines(path: str) -> None:
         try:
             json.loads(first)
             return
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             pass
         try:
             _, end = json.JSONDecoder().raw_decode(head)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if end <= len(first):
             return
