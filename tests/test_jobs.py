@@ -1,6 +1,7 @@
 """``pagedlm run``: formats, per-row errors, resume after a kill, Parquet, progress and summary."""
 
 import datetime
+import gzip
 import json
 import logging
 import os
@@ -367,13 +368,6 @@ def test_values_an_output_cannot_hold_never_stop_the_job(llama_dir, tmp_path, ou
     assert (stats.skipped, stats.completed, stats.errors) == (5, 0, 0)
 
 
-def test_a_previous_jobs_output_as_input_gets_an_error_per_row(llama_dir, tmp_path):
-    inp = str(tmp_path / "in.parquet")
-    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "error": [None, "x"], "outputs": [None, None]}), inp)
-    stats, out = run(llama_dir, inp, tmp_path / "out.parquet")
-    assert stats.errors == 2 and all("are the output's" in r["error"] for r in out)
-
-
 def test_openai_rows_with_null_fields_and_a_bad_first_row(llama_dir, tmp_path):
     def completion(custom_id, **body):
         return _openai_row(custom_id, "/v1/completions", {"prompt": "Hello", "temperature": 0, "ignore_eos": True,
@@ -427,10 +421,23 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "array.json"}, "holds a JSON array"),
     ({"input": "object.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
     ({"input": "object2.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
+    ({"input": "utf16.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),
+    ({"input": "utf16be.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),  # no byte-order mark: NUL bytes
+    ({"input": "gzip.jsonl"}, "'gzip.jsonl' is gzip data; .*decompress it first"),
+    ({"input": "cr.jsonl"}, "'cr.jsonl' has lines ended by CR alone"),
+    ({"input": "commas.jsonl"}, r"'commas.jsonl' holds lines copied out of a JSON array \(its first line ends in '},'\)"),
+    ({"input": "previous.parquet"}, r"'previous.parquet' has column\(s\) outputs, error, which the output writes"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    line = json.dumps({"id": 1, "prompt": "x"})
+    write_jsonl(tmp_path / "in.jsonl", [line])
+    (tmp_path / "utf16.jsonl").write_text(line + "\n", encoding="utf-16")  # as PowerShell's > writes
+    (tmp_path / "utf16be.jsonl").write_text(line + "\n", encoding="utf-16-be")
+    (tmp_path / "gzip.jsonl").write_bytes(gzip.compress((line + "\n").encode()))
+    (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
+    (tmp_path / "commas.jsonl").write_text(f"{line},\n{line},\n")
+    pq.write_table(pa.table({"id": [1], "prompt": ["a"], "outputs": [None], "error": ["x"]}), tmp_path / "previous.parquet")
     (tmp_path / "array.json").write_text(json.dumps([{"id": 1, "prompt": "x"}], indent=2))
     (tmp_path / "object.json").write_text("\n" + json.dumps({"id": 1, "prompt": "x"}, indent=2))
     (tmp_path / "object2.json").write_text('{"id": 1,\n "prompt": "x"}\n{"id": 2,\n "prompt": "y"}\n')

@@ -25,7 +25,7 @@ from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
-from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, PlainFormat, output_schema
+from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
 from pagedlm.config import load_chat_template
@@ -94,6 +94,8 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     fmt_name, rows = read_input(config, in_kind)
+    if fmt_name == "plain":
+        _check_result_columns(config.input, in_kind)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -150,33 +152,62 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
 
 
 def check_json_lines(path: str) -> None:
-    """Refuse a JSON file that is not JSON Lines before any row runs: an array, or JSON spread over
-    several lines (pretty-printed), which would give an error row for every line. Only the start of
-    the file is read; a first row that is merely bad JSON (or nested too deep) is left to be that
-    row's error.
+    """Refuse a JSON file that is not UTF-8 JSON Lines before any row runs, which would give an
+    error row for every line (and a resume would count those rows as done): see
+    ``_not_json_lines``. Only the start of the file is read; a first row that is merely bad JSON
+    (or nested too deep) is left to be that row's error.
 
     Raises:
-        ValueError: the file is not JSON Lines (the message names ``--input``).
+        ValueError: the file is not JSON Lines (the message names ``--input`` and what to do).
     """
     with storage.open_input(path) as f:
-        head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
-    first = head.split("\n", 1)[0]
+        problem = _not_json_lines(f.read(1 << 20))
+    if problem:
+        raise ValueError(f"--input {path!r} {problem}")
+
+
+def _not_json_lines(raw: bytes) -> str | None:
+    """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
+    if raw.startswith(b"\x1f\x8b"):
+        return "is gzip data; pagedlm run reads JSON Lines: decompress it first (gunzip)"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:  # JSON text never holds a NUL byte
+        return "is UTF-16 or UTF-32 text (a byte-order mark or NUL bytes); pagedlm run reads UTF-8: save it as UTF-8"
+    head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     if head.startswith("["):
-        held = "a JSON array"
-    else:
-        try:
-            json.loads(first)
-            return
-        except (ValueError, RecursionError):  # RecursionError: nested too deep
-            pass
-        try:
-            _, end = json.JSONDecoder().raw_decode(head)
-        except (ValueError, RecursionError):
-            return
-        if end <= len(first):
-            return
-        held = "JSON spread over several lines (pretty-printed)"
-    raise ValueError(f"--input {path!r} holds {held}; pagedlm run reads JSON Lines (one object per line)")
+        return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
+    first = head.split("\n", 1)[0]
+    try:
+        json.loads(first)
+        return None
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        pass
+    if "\r" in head and "\n" not in head:
+        return ("has lines ended by CR alone (old Mac line endings); pagedlm run reads JSON Lines: end them with LF "
+                "(\\n), e.g. tr '\\r' '\\n'")
+    if first.strip().endswith("},"):
+        return ("holds lines copied out of a JSON array (its first line ends in '},'); pagedlm run reads JSON Lines "
+                "(one object per line): remove the commas after the objects")
+    try:
+        _, end = json.JSONDecoder().raw_decode(head)
+    except (ValueError, RecursionError):
+        return None
+    if end <= len(first):
+        return None
+    return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
+
+
+def _check_result_columns(path: str, in_kind: str) -> None:
+    """Refuse plain rows from a Parquet file whose columns are named like the output's results (a
+    job's output, most likely): every row would be an error (``PlainFormat.parse``).
+
+    Raises:
+        ValueError: such columns (the message names them).
+    """
+    schema = input_schema(path, in_kind)
+    clash = [c for c in RESULT_COLUMNS if schema is not None and c in schema.names]
+    if clash:
+        raise ValueError(f"--input {path!r} has column(s) {', '.join(clash)}, which the output writes (is it a "
+                         "job's output?); drop or rename them in the input")
 
 
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
