@@ -337,6 +337,11 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
 def check_record(config: JobConfig, record: dict, started: bool) -> None:
     """Refuse to overwrite a started job's output, or to resume it under other settings."""
     if started and not config.resume:
+        parts = config.output + ".parts"
+        if os.path.isdir(parts) and not os.path.exists(config.output):
+            raise ValueError(f"--output {config.output!r}: its job was started (its parts directory {parts!r} "
+                             "exists, as an interrupted job leaves it); pass --resume to continue that job, or "
+                             "choose another output")
         raise ValueError(f"--output {config.output!r} exists; pass --resume to continue that job, "
                          "or choose another output")
     path = _record_path(config)
