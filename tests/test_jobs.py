@@ -1,7 +1,9 @@
 """``pagedlm run``: formats, per-row errors, resume after a kill, Parquet, progress and summary."""
 
 import datetime
+import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +17,7 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE
 from pagedlm import LLM, SamplingParams
-from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
+from pagedlm.entrypoints.jobs.runner import JobConfig, read_input, run_job
 
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
 
@@ -405,6 +407,23 @@ def test_values_json_has_no_literal_for_are_written_as_json_reads_them(llama_dir
     assert [r["u"] for r in rows] == [str(uuid.UUID(int=7))] * 2 and [r["score"] for r in rows] == [None, 1.5]
 
 
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_a_parquet_map_column_is_an_object(llama_dir, tmp_path, out_name):
+    """Found by a hunt: a map column came as a list of pairs, so a map-typed logit_bias was refused
+    and a carried map was written to JSONL as pairs."""
+    bias = pa.array([[("5", 100.0)], None], pa.map_(pa.string(), pa.float64()))
+    sampling = pa.StructArray.from_arrays([bias], names=["logit_bias"])
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "sampling_params": sampling,
+                             "tags": pa.array([[("k", "v")], []], pa.map_(pa.string(), pa.string()))}), inp)
+    stats, rows = run(llama_dir, str(inp), tmp_path / out_name)
+    assert (stats.completed, stats.errors) == (2, 0), rows
+    by_id = {r["id"]: r for r in rows}
+    assert set(by_id[1]["outputs"][0]["token_ids"]) == {5}  # the bias took effect
+    tags = by_id[1]["tags"]
+    assert (tags if out_name.endswith(".jsonl") else dict(tags)) == {"k": "v"}
+
+
 def test_a_second_run_of_a_running_job_is_refused(tmp_path):
     """Found by a hunt: two runs of one job (a scheduler's requeue while the first still runs)
     both appended to the output."""
@@ -462,13 +481,6 @@ def test_values_an_output_cannot_hold_never_stop_the_job(llama_dir, tmp_path, ou
     assert (stats.skipped, stats.completed, stats.errors) == (5, 0, 0)
 
 
-def test_a_previous_jobs_output_as_input_gets_an_error_per_row(llama_dir, tmp_path):
-    inp = str(tmp_path / "in.parquet")
-    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "error": [None, "x"], "outputs": [None, None]}), inp)
-    stats, out = run(llama_dir, inp, tmp_path / "out.parquet")
-    assert stats.errors == 2 and all("are the output's" in r["error"] for r in out)
-
-
 def test_openai_rows_with_null_fields_and_a_bad_first_row(llama_dir, tmp_path):
     def completion(custom_id, **body):
         return _openai_row(custom_id, "/v1/completions", {"prompt": "Hello", "temperature": 0, "ignore_eos": True,
@@ -522,10 +534,26 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "array.json"}, "holds a JSON array"),
     ({"input": "object.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
     ({"input": "object2.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
+    ({"input": "utf16.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),
+    ({"input": "utf16be.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),  # no byte-order mark: NUL bytes
+    ({"input": "gzip.jsonl"}, "'gzip.jsonl' is gzip data; .*decompress it first"),
+    ({"input": "cr.jsonl"}, "'cr.jsonl' has lines ended by CR alone"),
+    ({"input": "commas.jsonl"}, r"'commas.jsonl' holds lines copied out of a JSON array \(its first line ends in '},'\)"),
+    ({"input": "previous.parquet"}, r"'previous.parquet' has column\(s\) outputs, error, which the output writes"),
+    ({"output": "started.parquet"}, r"'started.parquet': its job was started \(its parts directory "
+                                    r"'started.parquet.parts' exists.*pass --resume"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    line = json.dumps({"id": 1, "prompt": "x"})
+    write_jsonl(tmp_path / "in.jsonl", [line])
+    (tmp_path / "utf16.jsonl").write_text(line + "\n", encoding="utf-16")  # as PowerShell's > writes
+    (tmp_path / "utf16be.jsonl").write_text(line + "\n", encoding="utf-16-be")
+    (tmp_path / "gzip.jsonl").write_bytes(gzip.compress((line + "\n").encode()))
+    (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
+    (tmp_path / "commas.jsonl").write_text(f"{line},\n{line},\n")
+    pq.write_table(pa.table({"id": [1], "prompt": ["a"], "outputs": [None], "error": ["x"]}), tmp_path / "previous.parquet")
+    (tmp_path / "started.parquet.parts").mkdir()  # as an interrupted Parquet job leaves it
     (tmp_path / "array.json").write_text(json.dumps([{"id": 1, "prompt": "x"}], indent=2))
     (tmp_path / "object.json").write_text("\n" + json.dumps({"id": 1, "prompt": "x"}, indent=2))
     (tmp_path / "object2.json").write_text('{"id": 1,\n "prompt": "x"}\n{"id": 2,\n "prompt": "y"}\n')
@@ -704,3 +732,57 @@ def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
     first, second = (fmt.parse(row, row["id"]).params for row in rows)
     assert first.logit_bias == {5: 2.0} and first.structured_outputs.regex == "a+"
     assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace
+
+
+@pytest.fixture
+def pagedlm_log(caplog):
+    """caplog over the pagedlm logger (it does not propagate to the root logger)."""
+    logger = logging.getLogger("pagedlm")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_input_format_is_detected_from_the_first_row_that_looks_like_one(llama_dir, tmp_path, pagedlm_log):
+    """Rows that look like neither format (``null``, an OpenAI row without its custom_id) are
+    passed over: they no longer make a file of OpenAI rows plain, failing every row."""
+    completion = _openai_row("a", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    no_custom_id = {k: v for k, v in completion.items() if k != "custom_id"}
+    inp = write_jsonl(tmp_path / "in.jsonl", ["null", no_custom_id, completion, {**completion, "custom_id": "b"}])
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={})
+    assert (stats.completed, stats.errors) == (2, 2)
+    assert all(set(row) == {"id", "custom_id", "response", "error"} for row in out)  # the bad rows too
+    assert "Input read as openai rows, from line 3" in pagedlm_log.text and "--input-format" in pagedlm_log.text
+    assert read_input(JobConfig(input=inp, output=""), "jsonl", limit=2)[0] == "plain"  # none of the first 2 decides
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", ['{"note": 1}', {"id": 1, "prompt": "x"},
+                                                   {"custom_id": "c", "url": "/v1/completions"}])
+    fmt_name, rows = read_input(JobConfig(input=plain, output=""), "jsonl")
+    assert fmt_name == "plain" and [where for where, _, _ in rows] == ["line 1", "line 2", "line 3"]
+
+
+def test_a_first_line_nested_too_deep_is_that_row_s_error(llama_dir, tmp_path):
+    deep = '{"id": 1, "prompt": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    inp = write_jsonl(tmp_path / "in.jsonl", [deep, {"id": 2, "prompt": "y"}])
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (1, 1)
+    assert [r["error"] for r in out if r["error"]][0].startswith("line 1 is not valid JSON")
+
+
+def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": i, "prompt": f"Hello {i}"} for i in range(6)]), inp, row_group_size=2)
+    page = pq.ParquetFile(inp).metadata.row_group(1).column(0).data_page_offset
+    with open(inp, "r+b") as f:  # garble the page header of the second row group's ids
+        f.seek(page)
+        f.write(b"\xff" * 8)
+    out = tmp_path / "out.jsonl"
+    stats, rows = run(llama_dir, inp, out)
+    assert (stats.rows, stats.completed, stats.errors) == (6, 4, 2)
+    assert sorted(r["id"] for r in rows if not r["error"]) == [0, 1, 4, 5]
+    errors = sorted(r["error"] for r in rows if r["error"])
+    for error, number in zip(errors, (3, 4)):
+        assert error.startswith(f"row {number}: row group 2 of 3 of the input cannot be read: OSError: "), error
+    assert json.load(open(str(out) + ".summary.json"))["errors"] == 2
+    stats, _ = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed) == (6, 0)

@@ -38,7 +38,8 @@ def run_parser() -> argparse.ArgumentParser:
                         help="continue the job that writes --output: skip the ids it holds, append the rest")
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                         help="openai (Batch API rows), plain (id + prompt/messages/prompt_token_ids), or auto "
-                             "(openai when the first row has custom_id and one of method, url, body)")
+                             "(the format of the first row that looks like either: openai with custom_id and one of method, "
+                             "url, body; plain with id or a prompt column)")
     parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
                         help="a name OpenAI rows' body.model may give (repeatable; default: --model and its basename)")
     parser.add_argument("--max-in-flight", type=int, default=None,

@@ -166,7 +166,7 @@ class PagedLMStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
-            else [(_plain(row), None) for row in batch.to_pylist()]
+            else [(_plain(row), None) for row in batch.to_pylist(maps_as_pydicts="lossy")]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()

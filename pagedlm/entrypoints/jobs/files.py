@@ -65,14 +65,10 @@ def count_rows(path: str, kind: str) -> int | None:
 
 
 def read_rows(path: str, kind: str) -> Iterator[InputRow]:
-    """The input's rows, streamed: a JSONL line that is not valid UTF-8 JSON comes as an error."""
+    """The input's rows, streamed: a JSONL line that is not valid UTF-8 JSON, or a Parquet row of a
+    row group that cannot be read, comes as an error."""
     if kind == "parquet":
-        import pyarrow.parquet as pq
-        number = 0
-        for batch in pq.ParquetFile(storage.parquet_source(path)).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield f"row {number}", row, None
+        yield from _parquet_rows(path)
         return
     with storage.open_input(path) as f:
         for number, line in enumerate(f, 1):
@@ -84,6 +80,31 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
                 yield f"line {number}", None, f"line {number} is not valid JSON: {exc}"
                 continue
             yield f"line {number}", row, None
+
+
+def _parquet_rows(path: str) -> Iterator[InputRow]:
+    """A Parquet file's rows, one row group at a time: the rows of a row group that cannot be read
+    (a corrupt page) come as errors, and the row groups after it are still read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(storage.parquet_source(path))
+    groups = parquet.num_row_groups
+    start = 0  # rows before this row group
+    for group in range(groups):
+        size = parquet.metadata.row_group(group).num_rows
+        read = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
+                for row in batch.to_pylist(maps_as_pydicts="lossy"):  # a map as JSON's object (a logit_bias)
+                    read += 1
+                    yield f"row {start + read}", row, None
+        except (OSError, pa.ArrowException) as exc:
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())  # pyarrow's messages span lines
+            for number in range(start + read + 1, start + size + 1):
+                yield (f"row {number}", None,
+                       f"row {number}: row group {group + 1} of {groups} of the input cannot be read: {why}")
+        start += size
 
 
 def input_schema(path: str, kind: str):

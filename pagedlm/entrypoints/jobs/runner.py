@@ -8,6 +8,7 @@ completion order. Resume works by id: a run skips the rows whose ids the output 
 import fcntl
 import inspect
 import json
+import logging
 import math
 import os
 import signal
@@ -25,13 +26,15 @@ from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
-from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
+from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
 from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
+
+logger = logging.getLogger("pagedlm")
 
 INPUT_FORMATS = ("auto", "openai", "plain")
 
@@ -95,6 +98,8 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     with _exclusive_run(config.output):
         fmt_name, rows = read_input(config, in_kind)
+        if fmt_name == "plain":
+            _check_result_columns(config.input, in_kind)
         if fmt_name == "openai" and out_kind != "jsonl":
             raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
         model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -175,28 +180,62 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
 
 
 def check_json_lines(path: str) -> None:
-    """Refuse a JSON file that is not JSON Lines before any row runs: an array, or JSON spread over
-    several lines (pretty-printed), which would give an error row for every line. Only the start of
-    the file is read; a first row that is merely bad JSON is left to be that row's error."""
+    """Refuse a JSON file that is not UTF-8 JSON Lines before any row runs, which would give an
+    error row for every line (and a resume would count those rows as done): see
+    ``_not_json_lines``. Only the start of the file is read; a first row that is merely bad JSON
+    (or nested too deep) is left to be that row's error.
+
+    Raises:
+        ValueError: the file is not JSON Lines (the message names ``--input`` and what to do).
+    """
     with storage.open_input(path) as f:
-        head = f.read(1 << 20).lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
-    first = head.split("\n", 1)[0]
+        problem = _not_json_lines(f.read(1 << 20))
+    if problem:
+        raise ValueError(f"--input {path!r} {problem}")
+
+
+def _not_json_lines(raw: bytes) -> str | None:
+    """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
+    if raw.startswith(b"\x1f\x8b"):
+        return "is gzip data; pagedlm run reads JSON Lines: decompress it first (gunzip)"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:  # JSON text never holds a NUL byte
+        return "is UTF-16 or UTF-32 text (a byte-order mark or NUL bytes); pagedlm run reads UTF-8: save it as UTF-8"
+    head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     if head.startswith("["):
-        held = "a JSON array"
-    else:
-        try:
-            json.loads(first)
-            return
-        except ValueError:
-            pass
-        try:
-            _, end = json.JSONDecoder().raw_decode(head)
-        except ValueError:
-            return
-        if end <= len(first):
-            return
-        held = "JSON spread over several lines (pretty-printed)"
-    raise ValueError(f"--input {path!r} holds {held}; pagedlm run reads JSON Lines (one object per line)")
+        return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
+    first = head.split("\n", 1)[0]
+    try:
+        json.loads(first)
+        return None
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        pass
+    if "\r" in head and "\n" not in head:
+        return ("has lines ended by CR alone (old Mac line endings); pagedlm run reads JSON Lines: end them with LF "
+                "(\\n), e.g. tr '\\r' '\\n'")
+    if first.strip().endswith("},"):
+        return ("holds lines copied out of a JSON array (its first line ends in '},'); pagedlm run reads JSON Lines "
+                "(one object per line): remove the commas after the objects")
+    try:
+        _, end = json.JSONDecoder().raw_decode(head)
+    except (ValueError, RecursionError):
+        return None
+    if end <= len(first):
+        return None
+    return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
+
+
+def _check_result_columns(path: str, in_kind: str) -> None:
+    """Refuse plain rows from a Parquet file whose columns are named like the output's results (a
+    job's output, most likely): every row would be an error (``PlainFormat.parse``).
+
+    Raises:
+        ValueError: such columns (the message names them).
+    """
+    schema = input_schema(path, in_kind)
+    clash = [c for c in RESULT_COLUMNS if schema is not None and c in schema.names]
+    if clash:
+        raise ValueError(f"--input {path!r} has column(s) {', '.join(clash)}, which the output writes (is it a "
+                         "job's output?); drop or rename them in the input")
 
 
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
@@ -240,9 +279,12 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
-    """The input's row format ("openai" or "plain": ``--input-format``, or "openai" when the first
-    row that can be read, among the first ``limit``, has a ``custom_id`` and a ``method``, ``url`` or
-    ``body``) and its rows, streamed.
+    """The input's row format ("openai" or "plain") and its rows, streamed.
+
+    The format is ``--input-format``, or (``auto``) that of the first row, among the first
+    ``limit``, that looks like one (``_row_format``); rows that look like neither (bad JSON,
+    ``null``, an OpenAI row without its ``custom_id``) are passed over, and become errors of
+    that format. With no such row, "plain".
 
     Raises:
         ValueError: ``input_format`` is none of ``INPUT_FORMATS``.
@@ -252,14 +294,39 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     rows = read_rows(config.input, in_kind)
     if config.input_format != "auto":
         return config.input_format, rows
-    head = []
+    head, fmt_name = [], None
     for _, item in zip(range(limit), rows):
         head.append(item)
-        if item[2] is None:
+        fmt_name = _row_format(item[1])
+        if fmt_name is not None:
             break
-    row = head[-1][1] if head else None
-    fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row and {"method", "url", "body"} & set(row) else "plain"
-    return fmt_name, chain(head, rows)
+    _log_detected_format(fmt_name, head)
+    return fmt_name or "plain", chain(head, rows)
+
+
+def _log_detected_format(fmt_name: str | None, head: list) -> None:
+    """Say which row decided the format; a warning when rows before it were passed over (they
+    will be errors of that format) or when none decided."""
+    override = "--input-format openai|plain overrides this"
+    if fmt_name is not None:
+        level = logging.INFO if len(head) == 1 else logging.WARNING
+        logger.log(level, "Input read as %s rows, from %s (the first row that looks like a row of either format); %s.",
+                   fmt_name, head[-1][0], override)
+    elif head:
+        logger.warning("Input read as plain rows: none of its first %d rows looks like a row of either format; %s.",
+                       len(head), override)
+
+
+def _row_format(row: Any) -> str | None:
+    """The format a row looks like: "openai" (a ``custom_id`` and a ``method``, ``url`` or ``body``),
+    "plain" (an ``id`` or a prompt column; it may carry a ``custom_id`` of its own), or None."""
+    if not isinstance(row, dict):
+        return None
+    if "custom_id" in row and {"method", "url", "body"} & set(row):
+        return "openai"
+    if {"id", *PROMPT_COLUMNS} & set(row):
+        return "plain"
+    return None
 
 
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
@@ -298,6 +365,11 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
 def check_record(config: JobConfig, record: dict, started: bool) -> None:
     """Refuse to overwrite a started job's output, or to resume it under other settings."""
     if started and not config.resume:
+        parts = config.output + ".parts"
+        if os.path.isdir(parts) and not os.path.exists(config.output):
+            raise ValueError(f"--output {config.output!r}: its job was started (its parts directory {parts!r} "
+                             "exists, as an interrupted job leaves it); pass --resume to continue that job, or "
+                             "choose another output")
         raise ValueError(f"--output {config.output!r} exists; pass --resume to continue that job, "
                          "or choose another output")
     path = _record_path(config)
