@@ -24,7 +24,7 @@ from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_json_lines, check_record, job_record, read_input, signals_interrupt, write_record,
+    JobConfig, JobInterrupted, check_input_file, check_record, job_record, read_input, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -55,8 +55,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor!r}")
     if not storage.is_file(config.input):
         raise ValueError(f"--input {config.input!r} is not a file")
-    if in_kind == "jsonl":
-        check_json_lines(config.input)
+    check_input_file(config.input, in_kind)
     if config.model is not None and not (os.path.exists(config.model) or is_hub_model_id(config.model)):
         raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
     if read_input(config, in_kind)[0] == "openai":

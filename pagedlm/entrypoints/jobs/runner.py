@@ -175,8 +175,27 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
         raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} is not writable")
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
+    check_input_file(config.input, in_kind)
+
+
+def check_input_file(path: str, in_kind: str) -> None:
+    """Refuse an input that is not JSON Lines (``check_json_lines``) or a Parquet file whose
+    footer cannot be read, before any row runs.
+
+    Raises:
+        ValueError: naming ``--input`` and why.
+    """
     if in_kind == "jsonl":
-        check_json_lines(config.input)
+        check_json_lines(path)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(storage.parquet_source(path))
+    except (OSError, pa.ArrowException) as exc:
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ValueError(f"--input {path!r} is not a readable Parquet file ({why})") from None
 
 
 def check_json_lines(path: str) -> None:
