@@ -612,8 +612,11 @@ def test_generation_config_sampling_defaults_as_vllm_applies_them(llama_dir, tmp
 
     off = LLM(str(model_dir), dtype="float32", max_model_len=64, generation_config="vllm")
     assert off.get_default_sampling_params() == SamplingParams()
-    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS, "do_sample": False, "temperature": 0.7}))
-    assert LLM(str(model_dir), dtype="float32", max_model_len=64).get_default_sampling_params().temperature == 0.0
+    (model_dir / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": EOS, "do_sample": False, "temperature": 0.7, "presence_penalty": 0.5, "frequency_penalty": 0.3}))
+    defaults = LLM(str(model_dir), dtype="float32", max_model_len=64).get_default_sampling_params()
+    # vLLM 0.32 reads the two penalties too (found by a differential run); do_sample=false is HF's greedy.
+    assert (defaults.temperature, defaults.presence_penalty, defaults.frequency_penalty) == (0.0, 0.5, 0.3)
     with pytest.raises(ValueError, match="generation_config must be 'auto'"):
         LLM(str(model_dir), generation_config="nowhere")
 

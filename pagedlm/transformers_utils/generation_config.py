@@ -12,6 +12,8 @@ _SAMPLING_DEFAULTS = {
     "top_p": "top_p",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
     "max_new_tokens": "max_tokens",
 }
 
@@ -30,9 +32,9 @@ def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer_eos: in
 
 def sampling_defaults(config_dir: str) -> dict[str, int | float]:
     """The ``SamplingParams`` fields that ``config_dir/generation_config.json`` sets (vLLM's
-    ``get_diff_sampling_param``): temperature, top_k, top_p, min_p, repetition_penalty, and
-    ``max_new_tokens`` as ``max_tokens``; ``"do_sample": false`` makes it greedy (temperature 0),
-    as in Hugging Face's ``generate``. Keys the file leaves out are not defaults; no file, none."""
+    ``get_diff_sampling_param``): temperature, top_k, top_p, min_p, repetition_penalty,
+    presence_penalty, frequency_penalty, and ``max_new_tokens`` as ``max_tokens``; ``"do_sample":
+    false`` makes it greedy (temperature 0), as in Hugging Face's ``generate`` (vLLM ignores it). Keys the file leaves out are not defaults; no file, none."""
     path = os.path.join(config_dir, "generation_config.json")
     if not os.path.isfile(path):
         return {}
