@@ -608,3 +608,91 @@ def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
     first, second = (fmt.parse(row, row["id"]).params for row in rows)
     assert first.logit_bias == {5: 2.0} and first.structured_outputs.regex == "a+"
     assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace
+
+
+def _chat_row(custom_id, **body):
+    return _openai_row(custom_id, "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE, **body})
+
+
+def _errors(out) -> dict:
+    """OpenAI error rows by custom_id: (param, message)."""
+    return {r["custom_id"]: (r["response"]["body"]["error"]["param"], r["error"]["message"]) for r in out if r["error"]}
+
+
+def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):
+    """Errors of SamplingParams, the engine's request check and the chat template name the body's
+    field (param and text), in JSON's words."""
+    rows = [
+        _openai_row("n", "/v1/completions", {"prompt": "x", "n": 9, "temperature": 1.0}),  # max_num_seqs is 8
+        _openai_row("n-greedy", "/v1/completions", {"prompt": "x", "n": 3, "temperature": 0}),
+        _openai_row("long-prompt", "/v1/completions", {"prompt": "word " * 200}),
+        _chat_row("long-chat", messages=[{"role": "user", "content": "word " * 200}]),
+        _chat_row("template-syntax", chat_template="{% for %}"),
+        _chat_row("kwargs-messages", chat_template_kwargs={"messages": []}),
+        _chat_row("both-prompts", add_generation_prompt=True, continue_final_message=True),
+        _openai_row("empty-stop", "/v1/completions", {"prompt": "x", "stop": ""}),
+        _chat_row("mct", max_completion_tokens=-1),
+        _chat_row("beam", use_beam_search=True, temperature=0),
+        _openai_row("schema", "/v1/completions", {"prompt": "x", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = _errors(out)
+    assert stats.errors == len(rows), sorted(set(r["custom_id"] for r in rows) - set(errors))
+    assert {k: param for k, (param, _) in errors.items()} == {
+        "n": "n", "n-greedy": "n", "long-prompt": "prompt", "long-chat": "messages", "template-syntax": "chat_template",
+        "kwargs-messages": "chat_template_kwargs", "both-prompts": "continue_final_message", "empty-stop": "stop",
+        "mct": "max_completion_tokens", "beam": "use_beam_search", "schema": "response_format"}
+    messages = {k: message for k, (_, message) in errors.items()}
+    assert "n (9) exceeds max_num_seqs (8)" in messages["n"]
+    assert "n must be 1 with greedy sampling" in messages["n-greedy"]
+    assert "got ''" in messages["empty-stop"] and "['']" not in messages["empty-stop"]
+    assert "max_completion_tokens must be null or at least 1" in messages["mct"]
+    assert "body.chat_template" in messages["template-syntax"]
+    assert "body.chat_template_kwargs" in messages["kwargs-messages"] and "messages" in messages["kwargs-messages"]
+    assert "use_beam_search needs" in messages["beam"]
+    assert "response_format" in messages["schema"] and "structured_outputs" not in messages["schema"]
+
+
+def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
+    rows = [
+        {"id": 1, "prompt": "x", "sampling_params": {"use_beam_search": True, "temperature": 0}},
+        {"id": 2, "prompt": "x", "sampling_params": {"n": 9, "temperature": 1.0}},
+        {"id": 3, "prompt": "x", "sampling_params": {"stop": ""}},
+        {"id": 4, "prompt": "x", "sampling_params": {"max_tokens": -1}},
+        {"id": 5, "prompt": "x", "sampling_params": {"logprobs": 500}},  # the vocabulary has 384 tokens
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = {r["id"]: r["error"] for r in out}
+    assert stats.errors == 5
+    assert "sampling_params: use_beam_search needs a beam width above 1" in errors[1]
+    assert "n (9) exceeds max_num_seqs (8)" in errors[2]
+    assert "got ''" in errors[3] and "['']" not in errors[3]
+    assert "max_tokens must be null or at least 1" in errors[4]
+    assert "logprobs (500) exceeds the vocabulary size (384)" in errors[5]
+
+
+def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path):
+    """A plain row's chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+    and tools render its messages as OpenAI rows' body fields do; on a row without messages they are
+    an error, not carried unused."""
+    tok = AutoTokenizer.from_pretrained(chat_llama_dir)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    options = [{}, {"add_generation_prompt": False}, {"chat_template_kwargs": {"add_generation_prompt": False}},
+               {"add_generation_prompt": False, "continue_final_message": True},
+               {"chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ tools[0].name }}",
+                "tools": [{"name": "search"}]}]
+    rows = [{"id": i, "messages": chat, **option} for i, option in enumerate(options)]
+    rows += [{"id": 10, "prompt": "x", "add_generation_prompt": False}, {"id": 11, "prompt": "x", "tools": None}]
+    stats, out = run(chat_llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl",
+                     sampling={"max_tokens": 1})
+    got = by_id(out)
+    assert stats.errors == 1 and "add_generation_prompt apply to rows with messages" in got[10]["error"]
+    assert got[11]["error"] is None  # null is unset (a Parquet column of other rows' values)
+    for i, option in enumerate(options):
+        kwargs = {"add_generation_prompt": True, **option, **option.get("chat_template_kwargs", {})}
+        kwargs.pop("chat_template_kwargs", None)
+        want = tok.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+        assert got[i]["prompt_tokens"] == len(want), option
+    assert len({got[i]["prompt_tokens"] for i in range(4)}) == 3  # each option changed the prompt

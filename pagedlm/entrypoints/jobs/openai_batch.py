@@ -14,9 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
-from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
+from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from
 from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedlm.utils import FieldError
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 ROW_FIELDS = ("custom_id", "method", "url", "body")
@@ -36,9 +37,9 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
-# Body fields that OpenAI's API reference types as booleans (checked here: a truthy "no" is not true).
-_BOOLEANS = {CHAT_URL: ("logprobs", "add_generation_prompt", "continue_final_message"),
-             COMPLETIONS_URL: ("echo",)}
+# Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
+# true), with their words for messages.
+_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false")}, COMPLETIONS_URL: {"echo": (bool, "true or false")}}
 
 
 @dataclass(slots=True)
@@ -97,20 +98,24 @@ class OpenAIBatchFormat:
                            f"{self.served_model_names} (or start the job with --served-model-name)", "model")
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
-        for name in _BOOLEANS[url]:
-            if not isinstance(body.get(name, False), bool):
-                raise RowError(f"body.{name} must be true or false, got {body[name]!r:.40}", name)
+        for name, (kind, words) in _TYPES[url].items():
+            if name in body and not isinstance(body[name], kind):
+                raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
-        names = {}  # SamplingParams field -> the body's name for it, for errors
+        renames = {}  # SamplingParams field -> the body's name for it
         if url == CHAT_URL:
-            prompt = self._chat_prompt(body)
+            options = {k: body[k] for k in CHAT_OPTIONS if k in body}  # tools never: refused above
+            try:
+                prompt = render_chat(self.tokenizer, body.get("messages"), **options)
+            except FieldError as exc:
+                raise chat_error(exc, "body.") from None
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
-                names["max_tokens"] = "max_completion_tokens"
+                renames["max_tokens"] = "max_completion_tokens"
             if body.get("logprobs"):
                 fields["logprobs"] = body.get("top_logprobs", 0)
                 if "top_logprobs" in body:
-                    names["logprobs"] = "top_logprobs"
+                    renames["logprobs"] = "top_logprobs"
             elif body.get("top_logprobs") is not None:
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
@@ -129,20 +134,10 @@ class OpenAIBatchFormat:
             constraint = _response_format(body["response_format"])
             if constraint is not None:
                 fields["structured_outputs"] = constraint
+                renames["structured_outputs"] = "response_format"
+        names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
         params = sampling_params_from(fields, self.defaults, "body", names)
-        return JobRow(key, prompt, params, row, _Context(key, url, self.served_model_names[0]))
-
-    def _chat_prompt(self, body: dict) -> RenderedChat:
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise RowError("body.chat_template_kwargs must be an object", "chat_template_kwargs")
-        try:
-            return render_chat(
-                self.tokenizer, body.get("messages"), body.get("chat_template"),
-                body.get("add_generation_prompt", True), body.get("continue_final_message", False), kwargs,
-            )
-        except ValueError as exc:
-            raise RowError(f"body.messages: {exc}", "messages") from None
+        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0]))
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context

@@ -26,7 +26,9 @@ from pagedlm.entrypoints.jobs.files import (
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
+from pagedlm.entrypoints.jobs.rows import (
+    SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, field_error, sampling_defaults,
+)
 from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
@@ -320,7 +322,8 @@ class _Job:
                 where, job_row = self.in_flight.pop(index)
                 self.in_flight_keys[self.writer.same_key(job_row.key)] -= 1
                 if isinstance(result, ValueError):
-                    self._write_error(job_row.key, job_row.row, f"{where}: {result}")
+                    error = field_error(result, job_row.names)
+                    self._write_error(job_row.key, job_row.row, f"{where}: {error}", error.param)
                 else:
                     self.stats.completed += 1
                     self.stats.prompt_tokens += len(result.prompt_token_ids)
