@@ -673,6 +673,30 @@ def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
     assert "logprobs (500) exceeds the vocabulary size (384)" in errors[5]
 
 
+def test_openai_rows_outside_openai_limits_are_refused(llama_dir, tmp_path):
+    rows = [
+        _openai_row("bias-high", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 100.5}}),
+        _openai_row("bias-low", "/v1/completions", {"prompt": "x", "logit_bias": {"5": -101}}),
+        _chat_row("tlp-high", logprobs=True, top_logprobs=21),
+        _chat_row("tlp-vocab", logprobs=True, top_logprobs=50000),
+        _chat_row("tlp-all", logprobs=True, top_logprobs=-1),
+        _openai_row("lp-all", "/v1/completions", {"prompt": "x", "logprobs": -1}),
+        _openai_row("", "/v1/completions", {"prompt": "x"}),
+        _openai_row("user", "/v1/completions", {"prompt": "x", "user": 5}),
+        _openai_row("ok", "/v1/completions", {"prompt": "x", "max_tokens": 1, "user": "u1", "logprobs": 5,
+                                              "logit_bias": {"5": -100}}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = _errors(out)
+    assert stats.completed == 1 and "ok" not in errors
+    assert {k: param for k, (param, _) in errors.items()} == {
+        "bias-high": "logit_bias", "bias-low": "logit_bias", "tlp-high": "top_logprobs", "tlp-vocab": "top_logprobs",
+        "tlp-all": "top_logprobs", "lp-all": "logprobs", "": "custom_id", "user": "user"}
+    assert "[-100, 100]" in errors["bias-high"][1] and "[-100, 100]" in errors["bias-low"][1]
+    assert all("[0, 20]" in errors[k][1] for k in ("tlp-high", "tlp-vocab", "tlp-all", "lp-all"))
+    assert "must be a string" in errors["user"][1]
+
+
 def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path):
     """A plain row's chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
     and tools render its messages as OpenAI rows' body fields do; on a row without messages they are

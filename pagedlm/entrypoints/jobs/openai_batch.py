@@ -38,8 +38,14 @@ _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
-# true), with their words for messages.
-_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false")}, COMPLETIONS_URL: {"echo": (bool, "true or false")}}
+# true; user reaches no SamplingParams), with their words for messages.
+_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), "user": (str, "a string")},
+          COMPLETIONS_URL: {"echo": (bool, "true or false"), "user": (str, "a string")}}
+# OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
+# (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
+# (SamplingParams clamps, as vLLM does).
+MAX_LOGPROBS = 20
+LOGIT_BIAS_RANGE = (-100, 100)
 
 
 @dataclass(slots=True)
@@ -77,8 +83,8 @@ class OpenAIBatchFormat:
         unknown = sorted(set(row) - set(ROW_FIELDS))
         if unknown:
             raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
-        if key is None:
-            raise RowError(f"custom_id must be a string, got {row.get('custom_id')!r}", "custom_id")
+        if not key:
+            raise RowError(f"custom_id must be a non-empty string, got {row.get('custom_id')!r}", "custom_id")
         if row.get("method") != "POST":
             raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
         url, body = row.get("url"), row.get("body")
@@ -101,6 +107,7 @@ class OpenAIBatchFormat:
         for name, (kind, words) in _TYPES[url].items():
             if name in body and not isinstance(body[name], kind):
                 raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
+        _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         renames = {}  # SamplingParams field -> the body's name for it
         if url == CHAT_URL:
@@ -165,6 +172,20 @@ class OpenAIBatchFormat:
         if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
             custom_id = None
         return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
+
+
+def _check_limits(body: dict) -> None:
+    """Refuse values OpenAI refuses that SamplingParams would take (see ``MAX_LOGPROBS``)."""
+    for name in ("top_logprobs", "logprobs"):
+        value = body.get(name)
+        if type(value) is int and not 0 <= value <= MAX_LOGPROBS:  # chat's logprobs is a bool
+            raise RowError(f"body.{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    bias = body.get("logit_bias")
+    low, high = LOGIT_BIAS_RANGE
+    for token, value in bias.items() if isinstance(bias, dict) else ():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            raise RowError(f"body.logit_bias values must be in [{low}, {high}], got {value} for token {token}",
+                           "logit_bias")
 
 
 def _response_format(response_format: Any) -> dict | None:
