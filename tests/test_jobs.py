@@ -426,6 +426,8 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "array.json"}, "holds a JSON array"),
     ({"input": "object.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
     ({"input": "object2.json"}, r"holds JSON spread over several lines \(pretty-printed\)"),
+    ({"served_model_names": ["tiny"]}, "--served-model-name names the model of OpenAI batch rows"),
+    ({"served_model_names": [""], "input_format": "openai"}, "--served-model-name must be a non-empty name"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)

@@ -93,6 +93,7 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     fmt_name, rows = read_input(config, in_kind)
+    check_served_model_names(config, fmt_name)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -234,6 +235,20 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     row = head[-1][1] if head else None
     fmt_name = "openai" if isinstance(row, dict) and "custom_id" in row and {"method", "url", "body"} & set(row) else "plain"
     return fmt_name, chain(head, rows)
+
+
+def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
+    """``--served-model-name`` gives names to OpenAI rows' ``body.model``: refuse it for plain rows
+    (where it would do nothing) and refuse an empty name."""
+    names = config.served_model_names
+    if names is None:
+        return
+    if fmt_name != "openai":
+        raise ValueError("--served-model-name names the model of OpenAI batch rows (their body.model); this input "
+                         "is plain rows, which name no model: leave it out")
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"--served-model-name must be a non-empty name, got {name!r}")
 
 
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
