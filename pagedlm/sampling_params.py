@@ -335,7 +335,8 @@ class SamplingParams:
             if self.length_penalty != 1.0 or self.early_stopping is not False:
                 raise ValueError("length_penalty and early_stopping apply only with use_beam_search=True.")
             if self.greedy and self.best_of > 1:
-                raise ValueError(f"best_of (and n) must be 1 with greedy sampling (temperature=0), got {self.best_of}.")
+                raise ValueError(f"{self.best_of_field} must be 1 with greedy sampling (temperature=0), "
+                                 f"got {self.best_of}.")
         self._verify_output_kind()
 
     def clone(self, **changes: Any) -> "SamplingParams":
@@ -352,7 +353,7 @@ class SamplingParams:
             ValueError: a field is invalid; the message names it and what it allows.
         """
         derived = getattr(self, "_best_of_from_n", None)
-        if derived is not None and self.best_of == derived and changes.get("n", self.n) > derived:
+        if derived is not None and self.best_of == derived and changes.get("n", self.n) >= derived:
             changes.setdefault("best_of", None)
         if isinstance(self.structured_outputs, StructuredOutputsParams):
             changes.setdefault("structured_outputs", replace(self.structured_outputs))
@@ -370,13 +371,10 @@ class SamplingParams:
                                  f"got best_of={self.best_of} and n={self.n}.")
 
     def _verify_stop(self) -> None:
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
-        self.stop = list(self.stop)
+        self.stop = list(stop)
         self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True.")
@@ -426,7 +424,8 @@ class SamplingParams:
 
     def _verify_beam_search(self) -> None:
         if self.best_of < 2:
-            raise ValueError(f"best_of (the beam width) must be > 1 with use_beam_search, got {self.best_of}.")
+            raise ValueError(f"use_beam_search needs a beam width above 1: n or best_of > 1 (got "
+                             f"{self.best_of_field}={self.best_of}).")
         if not self.greedy:
             raise ValueError("temperature must be 0 with use_beam_search.")
         if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:
@@ -441,6 +440,11 @@ class SamplingParams:
         if not self.stop or self.include_stop_str_in_output:
             return 0
         return max(len(s) for s in self.stop) - 1
+
+    @property
+    def best_of_field(self) -> str:
+        """The field ``best_of`` came from, for messages: "n" when ``best_of`` was not given."""
+        return "best_of" if getattr(self, "_best_of_from_n", None) is None else "n"
 
     @property
     def greedy(self) -> bool:

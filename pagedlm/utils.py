@@ -8,6 +8,15 @@ from contextlib import contextmanager
 _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class FieldError(ValueError):
+    """A ValueError caused by one input: ``field`` names it (a ``SamplingParams`` field, "prompt", or
+    an argument of ``render_chat``), so that a caller can name it by its own name for it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling of ``a / b`` for non-negative ``a`` and positive ``b`` (blocks needed for ``a`` tokens)."""
     return -(a // -b)

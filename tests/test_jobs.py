@@ -543,6 +543,8 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "footer.parquet"}, r"'footer.parquet' is not a readable Parquet file \(OSError: Couldn't deserialize thrift"),
     ({"output": "started.parquet"}, r"'started.parquet': its job was started \(its parts directory "
                                     r"'started.parquet.parts' exists.*pass --resume"),
+    ({"served_model_names": ["tiny"]}, "--served-model-name names the model of OpenAI batch rows"),
+    ({"served_model_names": [""], "input_format": "openai"}, "--served-model-name must be a non-empty name"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
@@ -791,3 +793,115 @@ def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir
     assert json.load(open(str(out) + ".summary.json"))["errors"] == 2
     stats, _ = run(llama_dir, inp, out, resume=True)
     assert (stats.skipped, stats.completed) == (6, 0)
+
+
+def _chat_row(custom_id, **body):
+    return _openai_row(custom_id, "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE, **body})
+
+
+def _errors(out) -> dict:
+    """OpenAI error rows by custom_id: (param, message)."""
+    return {r["custom_id"]: (r["response"]["body"]["error"]["param"], r["error"]["message"]) for r in out if r["error"]}
+
+
+def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):
+    """Errors of SamplingParams, the engine's request check and the chat template name the body's
+    field (param and text), in JSON's words."""
+    rows = [
+        _openai_row("n", "/v1/completions", {"prompt": "x", "n": 9, "temperature": 1.0}),  # max_num_seqs is 8
+        _openai_row("n-greedy", "/v1/completions", {"prompt": "x", "n": 3, "temperature": 0}),
+        _openai_row("long-prompt", "/v1/completions", {"prompt": "word " * 200}),
+        _chat_row("long-chat", messages=[{"role": "user", "content": "word " * 200}]),
+        _chat_row("template-syntax", chat_template="{% for %}"),
+        _chat_row("kwargs-messages", chat_template_kwargs={"messages": []}),
+        _chat_row("both-prompts", add_generation_prompt=True, continue_final_message=True),
+        _openai_row("empty-stop", "/v1/completions", {"prompt": "x", "stop": ""}),
+        _chat_row("mct", max_completion_tokens=-1),
+        _chat_row("beam", use_beam_search=True, temperature=0),
+        _openai_row("schema", "/v1/completions", {"prompt": "x", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = _errors(out)
+    assert stats.errors == len(rows), sorted(set(r["custom_id"] for r in rows) - set(errors))
+    assert {k: param for k, (param, _) in errors.items()} == {
+        "n": "n", "n-greedy": "n", "long-prompt": "prompt", "long-chat": "messages", "template-syntax": "chat_template",
+        "kwargs-messages": "chat_template_kwargs", "both-prompts": "continue_final_message", "empty-stop": "stop",
+        "mct": "max_completion_tokens", "beam": "use_beam_search", "schema": "response_format"}
+    messages = {k: message for k, (_, message) in errors.items()}
+    assert "n (9) exceeds max_num_seqs (8)" in messages["n"]
+    assert "n must be 1 with greedy sampling" in messages["n-greedy"]
+    assert "got ''" in messages["empty-stop"] and "['']" not in messages["empty-stop"]
+    assert "max_completion_tokens must be null or at least 1" in messages["mct"]
+    assert "body.chat_template" in messages["template-syntax"]
+    assert "body.chat_template_kwargs" in messages["kwargs-messages"] and "messages" in messages["kwargs-messages"]
+    assert "use_beam_search needs" in messages["beam"]
+    assert "response_format" in messages["schema"] and "structured_outputs" not in messages["schema"]
+
+
+def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
+    rows = [
+        {"id": 1, "prompt": "x", "sampling_params": {"use_beam_search": True, "temperature": 0}},
+        {"id": 2, "prompt": "x", "sampling_params": {"n": 9, "temperature": 1.0}},
+        {"id": 3, "prompt": "x", "sampling_params": {"stop": ""}},
+        {"id": 4, "prompt": "x", "sampling_params": {"max_tokens": -1}},
+        {"id": 5, "prompt": "x", "sampling_params": {"logprobs": 500}},  # the vocabulary has 384 tokens
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = {r["id"]: r["error"] for r in out}
+    assert stats.errors == 5
+    assert "sampling_params: use_beam_search needs a beam width above 1" in errors[1]
+    assert "n (9) exceeds max_num_seqs (8)" in errors[2]
+    assert "got ''" in errors[3] and "['']" not in errors[3]
+    assert "max_tokens must be null or at least 1" in errors[4]
+    assert "logprobs (500) exceeds the vocabulary size (384)" in errors[5]
+
+
+def test_openai_rows_outside_openai_limits_are_refused(llama_dir, tmp_path):
+    rows = [
+        _openai_row("bias-high", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 100.5}}),
+        _openai_row("bias-low", "/v1/completions", {"prompt": "x", "logit_bias": {"5": -101}}),
+        _chat_row("tlp-high", logprobs=True, top_logprobs=21),
+        _chat_row("tlp-vocab", logprobs=True, top_logprobs=50000),
+        _chat_row("tlp-all", logprobs=True, top_logprobs=-1),
+        _openai_row("lp-all", "/v1/completions", {"prompt": "x", "logprobs": -1}),
+        _openai_row("", "/v1/completions", {"prompt": "x"}),
+        _openai_row("user", "/v1/completions", {"prompt": "x", "user": 5}),
+        _openai_row("ok", "/v1/completions", {"prompt": "x", "max_tokens": 1, "user": "u1", "logprobs": 5,
+                                              "logit_bias": {"5": -100}}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    errors = _errors(out)
+    assert stats.completed == 1 and "ok" not in errors
+    assert {k: param for k, (param, _) in errors.items()} == {
+        "bias-high": "logit_bias", "bias-low": "logit_bias", "tlp-high": "top_logprobs", "tlp-vocab": "top_logprobs",
+        "tlp-all": "top_logprobs", "lp-all": "logprobs", "": "custom_id", "user": "user"}
+    assert "[-100, 100]" in errors["bias-high"][1] and "[-100, 100]" in errors["bias-low"][1]
+    assert all("[0, 20]" in errors[k][1] for k in ("tlp-high", "tlp-vocab", "tlp-all", "lp-all"))
+    assert "must be a string" in errors["user"][1]
+
+
+def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path):
+    """A plain row's chat_template, chat_template_kwargs, add_generation_prompt, continue_final_message
+    and tools render its messages as OpenAI rows' body fields do; on a row without messages they are
+    an error, not carried unused."""
+    tok = AutoTokenizer.from_pretrained(chat_llama_dir)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    options = [{}, {"add_generation_prompt": False}, {"chat_template_kwargs": {"add_generation_prompt": False}},
+               {"add_generation_prompt": False, "continue_final_message": True},
+               {"chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ tools[0].name }}",
+                "tools": [{"name": "search"}]}]
+    rows = [{"id": i, "messages": chat, **option} for i, option in enumerate(options)]
+    rows += [{"id": 10, "prompt": "x", "add_generation_prompt": False}, {"id": 11, "prompt": "x", "tools": None}]
+    stats, out = run(chat_llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl",
+                     sampling={"max_tokens": 1})
+    got = by_id(out)
+    assert stats.errors == 1 and "add_generation_prompt apply to rows with messages" in got[10]["error"]
+    assert got[11]["error"] is None  # null is unset (a Parquet column of other rows' values)
+    for i, option in enumerate(options):
+        kwargs = {"add_generation_prompt": True, **option, **option.get("chat_template_kwargs", {})}
+        kwargs.pop("chat_template_kwargs", None)
+        want = tok.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+        assert got[i]["prompt_tokens"] == len(want), option
+    assert len({got[i]["prompt_tokens"] for i in range(4)}) == 3  # each option changed the prompt

@@ -22,7 +22,7 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
-from pagedlm.utils import cdiv, deferred_signals
+from pagedlm.utils import FieldError, cdiv, deferred_signals
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
 
@@ -101,47 +101,52 @@ class LLMEngine:
         return prompt_token_ids[-keep:]
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                      wait_for_grammar: bool = True) -> str | None:
-        """Why a request can never run, or ``None`` when it can. A structured-outputs constraint is
-        compiled here (once per distinct one); with ``wait_for_grammar=False`` its compilation only
-        starts (``structured_outputs.compile_async`` says how it ended)."""
+                      wait_for_grammar: bool = True) -> FieldError | None:
+        """Why a request can never run, naming the ``SamplingParams`` field at fault (or "prompt"),
+        or ``None`` when it can. A structured-outputs constraint is compiled here (once per distinct
+        one); with ``wait_for_grammar=False`` its compilation only starts
+        (``structured_outputs.compile_async`` says how it ended)."""
         n = len(prompt_token_ids)
         if n == 0:
-            return "the prompt is empty"
+            return FieldError("the prompt is empty", "prompt")
         vocab_size = self.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
         if bad:
-            return f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+            return FieldError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", "prompt")
         max_len = self.model_config.max_model_len
         if n >= max_len:
-            return f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be generated"
+            return FieldError(f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be "
+                              "generated", "prompt")
         if not self.scheduler_config.enable_chunked_prefill and n > self.scheduler_config.max_num_batched_tokens:
-            return f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill"
+            return FieldError(f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill",
+                              "prompt")
         if params.best_of > self.scheduler_config.max_num_seqs:
-            return f"best_of ({params.best_of}) exceeds max_num_seqs ({self.scheduler_config.max_num_seqs})"
+            return FieldError(f"{params.best_of_field} ({params.best_of}) exceeds max_num_seqs "
+                              f"({self.scheduler_config.max_num_seqs})", params.best_of_field)
         # A sequence stops with "length" at max_model_len whatever max_tokens says (vLLM's
         # check_stop); only the KV cache's room refuses a request.
         max_seq_len = self._max_seq_len(n, params.best_of)
         if n >= max_seq_len or (params.max_tokens is not None and min(n + params.max_tokens, max_len) > max_seq_len):
             bm = self.block_manager
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
-            return (f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} tokens hold "
-                    f"at most {max_seq_len} tokens for each of the request's {params.best_of} sequence(s) at once")
+            return FieldError(f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} "
+                              f"tokens hold at most {max_seq_len} tokens for each of the request's {params.best_of} "
+                              "sequence(s) at once", "prompt" if n >= max_seq_len else "max_tokens")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
                           ("logit_bias", params.logit_bias or ())):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
-                return f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+                return FieldError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})", name)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab_size:
-                return f"{name} ({k}) exceeds the vocabulary size ({vocab_size})"
+                return FieldError(f"{name} ({k}) exceeds the vocabulary size ({vocab_size})", name)
         if params.use_beam_search and params.stop:
-            return "stop strings are not supported with use_beam_search"
+            return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
             compiling = self.structured_outputs.compile_async(params.structured_outputs)
             if wait_for_grammar and compiling.exception() is not None:
-                return str(compiling.exception())
+                return FieldError(str(compiling.exception()), "structured_outputs")
         return None
 
     @property
@@ -188,7 +193,7 @@ class LLMEngine:
         prompt_token_ids = self.truncate_prompt(prompt_token_ids, params)
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
-            raise ValueError(f"Request {request_id!r}: {reason}.")
+            raise FieldError(f"Request {request_id!r}: {reason}.", reason.field)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(params, name) == -1:  # vLLM's "the whole vocabulary" (the request's own copy)
                 setattr(params, name, self.vocab_size)

@@ -5,12 +5,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
+
+from pagedlm.utils import FieldError
 
 # OpenAI's chat roles ("developer" is its newer name for "system"; see _developer_as_system).
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Conversation = list[dict[str, Any]]
+
+# render_chat's options besides the conversation (OpenAI's and vLLM's chat request fields).
+CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "tools")
+# Each option's type, and its words for messages.
+_OPTION_TYPES = {"chat_template": (str, "a string"), "chat_template_kwargs": (dict, "an object"),
+                 "add_generation_prompt": (bool, "True or False"), "continue_final_message": (bool, "True or False"),
+                 "tools": (list, "a list of tool definitions")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,28 +141,51 @@ def render_chat(
     as in vLLM.
 
     Raises:
-        ValueError: a bad message (``parse_conversation``), the tokenizer has no template and none
-            is given, both ``add_generation_prompt``
-            and ``continue_final_message`` are set, or the template rejects the conversation (its
-            message is kept, e.g. "Conversation roles must alternate").
+        FieldError: its ``field`` the argument at fault: a bad message (``parse_conversation``;
+            "messages"), the tokenizer has no template and none is given ("messages"), both
+            ``add_generation_prompt`` and ``continue_final_message`` are set, ``chat_template_kwargs``
+            sets the conversation or ``tokenize``, the template does not parse ("chat_template"),
+            or the template rejects the conversation ("messages"; its message is kept, e.g.
+            "Conversation roles must alternate").
     """
-    messages = parse_conversation(conversation)
+    options = {"chat_template": chat_template, "chat_template_kwargs": chat_template_kwargs, "tools": tools,
+               "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+    for name, value in options.items():
+        kind, words = _OPTION_TYPES[name]
+        if value is not None and not isinstance(value, kind):
+            raise FieldError(f"{name} must be {words}, got {value!r:.40}", name)
+    try:
+        messages = parse_conversation(conversation)
+    except ValueError as exc:
+        raise FieldError(str(exc), "messages") from None
+    given = chat_template_kwargs or {}
+    # The template gets the conversation as "messages", apply_chat_template as "conversation".
+    clash = sorted({"messages", "conversation"} & set(given))
+    if given.get("tokenize", False) is not False:
+        clash.append("tokenize")
+    if clash:
+        raise FieldError(f"chat_template_kwargs cannot set {', '.join(clash)}: the conversation is the messages "
+                         "given, and the rendered text is tokenized afterwards", "chat_template_kwargs")
     kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-              "tools": tools, "chat_template": chat_template, **(chat_template_kwargs or {})}
+              "tools": tools, "chat_template": chat_template, **given}
+    kwargs.pop("tokenize", None)
     chat_template = kwargs.pop("chat_template")
     if chat_template is None and tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
-    if kwargs.pop("tokenize", False) is not False:
-        raise ValueError("chat_template_kwargs cannot set tokenize: the rendered text is tokenized afterwards")
+        raise FieldError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)",
+                         "messages")
     if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
-        raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
+        raise FieldError("add_generation_prompt and continue_final_message cannot both be True",
+                         "chat_template_kwargs" if "continue_final_message" in given else "continue_final_message")
     template = chat_template or tokenizer.chat_template
     if not _knows_developer_role(template if isinstance(template, str) else " ".join(template.values())):
         messages = _developer_as_system(messages)
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
-        raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+        field = "messages"
+        if isinstance(exc, jinja2.TemplateSyntaxError):
+            field = "chat_template_kwargs" if "chat_template" in given else "chat_template"
+        raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}", field) from exc
     if not isinstance(text, str):
-        raise ValueError(f"the chat template rendered a {type(text).__name__}, not text")
+        raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")
     return RenderedChat(text)

@@ -25,6 +25,7 @@ from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
 from pagedlm.transformers_utils.tokenizer import encode_prompts
+from pagedlm.utils import FieldError
 
 
 logger = logging.getLogger("pagedlm")
@@ -290,7 +291,8 @@ class LLM:
         defaults). Closing the iterator early (``break``) aborts the requests still in flight.
 
         A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
-        ``return_errors`` is True. Otherwise the prompts after it are not run (those already read
+        ``return_errors`` is True (a ``utils.FieldError`` naming the ``SamplingParams`` field at
+        fault, or "prompt", where one is). Otherwise the prompts after it are not run (those already read
         with it are dropped), the requests already in the engine finish and are yielded, and then a
         ``ValueError`` naming the prompt is raised.
 
@@ -333,7 +335,7 @@ class LLM:
         requests = []
         for request in self._prepare(list(zip(count(), prompts, params))):
             if isinstance(request, _Rejected):
-                errors.setdefault(request.index, request.reason)
+                errors.setdefault(request.index, str(request.reason))
             requests.append(request)
         if errors:
             lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
@@ -353,13 +355,13 @@ class LLM:
         # Each params object's checked FINAL_ONLY copy, or why it is invalid (a field set after
         # construction). Only finished outputs are returned (as vLLM's LLM does), so the engine
         # builds no others.
-        final_only: dict[int, SamplingParams | str] = {}
+        final_only: dict[int, SamplingParams | ValueError] = {}
         for k, (index, _, params) in enumerate(items):
-            reason = errors.get(k)
+            reason = FieldError(errors[k], "prompt") if k in errors else None
             if params is None:
                 params = self._final_only_defaults
             elif not isinstance(params, SamplingParams):
-                reason = reason or f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+                reason = reason or ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
             else:
                 if id(params) not in final_only:  # the chunk holds each object, so no id is reused in it
                     try:
@@ -367,9 +369,9 @@ class LLM:
                         checked.output_kind = RequestOutputKind.FINAL_ONLY
                         final_only[id(params)] = checked
                     except ValueError as e:
-                        final_only[id(params)] = str(e).rstrip(".")
+                        final_only[id(params)] = ValueError(str(e).rstrip("."))
                 params = final_only[id(params)]
-                if isinstance(params, str):
+                if isinstance(params, ValueError):
                     reason = reason or params
             if reason is None:
                 token_ids[k] = self.llm_engine.truncate_prompt(token_ids[k], params)
@@ -497,7 +499,7 @@ class LLM:
                             engine.add_request(request_id, request.prompt, request.params, request.prompt_token_ids)
                         elif return_errors:
                             bar.update(1)
-                            yield request.index, ValueError(reason)
+                            yield request.index, reason
                         else:
                             bad = _Rejected(request.index, reason)
                     if bad is not None:
@@ -544,16 +546,16 @@ class _Request:
     params: SamplingParams
     grammar: Future | None = None
 
-    def error(self) -> str | None:
+    def error(self) -> FieldError | None:
         """Why the request cannot run after all (its constraint did not compile), else None."""
         exc = self.grammar.exception() if self.grammar is not None else None
-        return None if exc is None else str(exc)
+        return None if exc is None else FieldError(str(exc), "structured_outputs")
 
 
 @dataclass(slots=True)
 class _Rejected:
     index: int
-    reason: str
+    reason: ValueError  # a FieldError where one input is at fault
 
 
 _TOKENIZE_CHUNK = 64  # prompts tokenized together (the fast tokenizer batches them in Rust)

@@ -32,7 +32,7 @@ from pagedlm.entrypoints.jobs.files import as_text, id_text, rows_to_table, to_j
 from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, sampling_defaults
+from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, field_error, sampling_defaults
 
 
 # A row function of Ray Data LLM's build_processor (preprocess, postprocess).
@@ -197,8 +197,10 @@ class PagedLMStage:
         )
         for index, result in results:
             job_row = runnable[positions[index]]
-            out[positions[index]] = (self.fmt.error_row(job_row.key, job_row.row, str(result))
-                                     if isinstance(result, ValueError) else self.fmt.result_row(job_row, result))
+            if isinstance(result, ValueError):
+                out[positions[index]] = self.fmt.error_row(job_row.key, job_row.row, str(field_error(result, job_row.names)))
+            else:
+                out[positions[index]] = self.fmt.result_row(job_row, result)
         if self.json_lines_out:
             return pa.table({"line": pa.array([as_text(row) for row in out], pa.string())})
         if self.json_lines_in:  # JSON rows to Parquet: batches must agree on types, so carried values are text

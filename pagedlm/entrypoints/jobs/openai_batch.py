@@ -14,9 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
-from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
+from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from
 from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedlm.utils import FieldError
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 ROW_FIELDS = ("custom_id", "method", "url", "body")
@@ -36,9 +37,15 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
-# Body fields that OpenAI's API reference types as booleans (checked here: a truthy "no" is not true).
-_BOOLEANS = {CHAT_URL: ("logprobs", "add_generation_prompt", "continue_final_message"),
-             COMPLETIONS_URL: ("echo",)}
+# Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
+# true; user reaches no SamplingParams), with their words for messages.
+_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), "user": (str, "a string")},
+          COMPLETIONS_URL: {"echo": (bool, "true or false"), "user": (str, "a string")}}
+# OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
+# (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
+# (SamplingParams clamps, as vLLM does).
+MAX_LOGPROBS = 20
+LOGIT_BIAS_RANGE = (-100, 100)
 
 
 @dataclass(slots=True)
@@ -76,8 +83,8 @@ class OpenAIBatchFormat:
         unknown = sorted(set(row) - set(ROW_FIELDS))
         if unknown:
             raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
-        if key is None:
-            raise RowError(f"custom_id must be a string, got {row.get('custom_id')!r}", "custom_id")
+        if not key:
+            raise RowError(f"custom_id must be a non-empty string, got {row.get('custom_id')!r}", "custom_id")
         if row.get("method") != "POST":
             raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
         url, body = row.get("url"), row.get("body")
@@ -97,20 +104,25 @@ class OpenAIBatchFormat:
                            f"{self.served_model_names} (or start the job with --served-model-name)", "model")
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
-        for name in _BOOLEANS[url]:
-            if not isinstance(body.get(name, False), bool):
-                raise RowError(f"body.{name} must be true or false, got {body[name]!r:.40}", name)
+        for name, (kind, words) in _TYPES[url].items():
+            if name in body and not isinstance(body[name], kind):
+                raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
+        _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
-        names = {}  # SamplingParams field -> the body's name for it, for errors
+        renames = {}  # SamplingParams field -> the body's name for it
         if url == CHAT_URL:
-            prompt = self._chat_prompt(body)
+            options = {k: body[k] for k in CHAT_OPTIONS if k in body}  # tools never: refused above
+            try:
+                prompt = render_chat(self.tokenizer, body.get("messages"), **options)
+            except FieldError as exc:
+                raise chat_error(exc, "body.") from None
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
-                names["max_tokens"] = "max_completion_tokens"
+                renames["max_tokens"] = "max_completion_tokens"
             if body.get("logprobs"):
                 fields["logprobs"] = body.get("top_logprobs", 0)
                 if "top_logprobs" in body:
-                    names["logprobs"] = "top_logprobs"
+                    renames["logprobs"] = "top_logprobs"
             elif body.get("top_logprobs") is not None:
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
@@ -129,20 +141,10 @@ class OpenAIBatchFormat:
             constraint = _response_format(body["response_format"])
             if constraint is not None:
                 fields["structured_outputs"] = constraint
+                renames["structured_outputs"] = "response_format"
+        names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
         params = sampling_params_from(fields, self.defaults, "body", names)
-        return JobRow(key, prompt, params, row, _Context(key, url, self.served_model_names[0]))
-
-    def _chat_prompt(self, body: dict) -> RenderedChat:
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise RowError("body.chat_template_kwargs must be an object", "chat_template_kwargs")
-        try:
-            return render_chat(
-                self.tokenizer, body.get("messages"), body.get("chat_template"),
-                body.get("add_generation_prompt", True), body.get("continue_final_message", False), kwargs,
-            )
-        except ValueError as exc:
-            raise RowError(f"body.messages: {exc}", "messages") from None
+        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0]))
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context
@@ -170,6 +172,20 @@ class OpenAIBatchFormat:
         if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
             custom_id = None
         return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
+
+
+def _check_limits(body: dict) -> None:
+    """Refuse values OpenAI refuses that SamplingParams would take (see ``MAX_LOGPROBS``)."""
+    for name in ("top_logprobs", "logprobs"):
+        value = body.get(name)
+        if type(value) is int and not 0 <= value <= MAX_LOGPROBS:  # chat's logprobs is a bool
+            raise RowError(f"body.{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    bias = body.get("logit_bias")
+    low, high = LOGIT_BIAS_RANGE
+    for token, value in bias.items() if isinstance(bias, dict) else ():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            raise RowError(f"body.logit_bias values must be in [{low}, {high}], got {value} for token {token}",
+                           "logit_bias")
 
 
 def _response_format(response_format: Any) -> dict | None:

@@ -1,8 +1,9 @@
 """Plain rows (JSONL or Parquet): an ``id``, one prompt column, optional ``sampling_params``.
 
 Input: ``id`` (str or int, unique), exactly one non-null of ``prompt`` (text), ``messages`` (a
-conversation, rendered with the model's chat template) or ``prompt_token_ids``, and optionally
-``sampling_params`` (an object of ``SamplingParams`` fields; null fields are unset). Output: the
+conversation, rendered with the model's chat template, under the row's ``CHAT_OPTIONS`` columns) or
+``prompt_token_ids``, and optionally ``sampling_params`` (an object of ``SamplingParams`` fields;
+null fields are unset). Output: the
 input row with ``outputs`` (one entry per completion: ``index``, ``text``, ``token_ids``,
 ``finish_reason``, ``stop_reason`` as text, ``cumulative_logprob``, ``logprobs``),
 ``prompt_tokens``, ``completion_tokens``, ``error`` (null, or why the row could not run) and, for a
@@ -15,9 +16,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.entrypoints.chat_utils import render_chat
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobRow, RowError, RowKey, sampling_params_from
+from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
+from pagedlm.entrypoints.jobs.rows import (
+    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from,
+)
 from pagedlm.outputs import CompletionOutput, RequestOutput
+from pagedlm.utils import FieldError
 
 logger = logging.getLogger("pagedlm")
 
@@ -53,15 +57,19 @@ class PlainFormat:
                            f"{', '.join(given) or 'none'}", given[1] if given else "prompt")
         column = given[0]
         value = row[column]
+        options = {c: row[c] for c in CHAT_OPTIONS if row.get(c) is not None}
+        if options and column != "messages":
+            raise RowError(f"column(s) {', '.join(options)} apply to rows with messages (they render the "
+                           f"conversation); this row has {column}", next(iter(options)))
         if column == "prompt":
             if not isinstance(value, str):
                 raise RowError(f"prompt must be a string, got {type(value).__name__}", "prompt")
             prompt = value
         elif column == "messages":
             try:
-                prompt = render_chat(self.tokenizer, value)
-            except ValueError as exc:
-                raise RowError(f"messages: {exc}", "messages") from None
+                prompt = render_chat(self.tokenizer, value, **options)
+            except FieldError as exc:
+                raise chat_error(exc) from None
         else:
             prompt = {"prompt_token_ids": value}
         self._warn_of_sampling_columns(row)
@@ -75,7 +83,8 @@ class PlainFormat:
         # structured_outputs the other rows' constraint fields): null is unset at both levels.
         fields = {k: {f: x for f, x in v.items() if x is not None} if isinstance(v, dict) else v
                   for k, v in fields.items() if v is not None}
-        return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params"), row)
+        names = row_names(fields, column)
+        return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params", names), row, names)
 
     def _warn_of_sampling_columns(self, row: dict) -> None:
         """Top-level columns named like ``SamplingParams`` fields are carried, not used: say so

@@ -24,7 +24,8 @@ from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_input_file, check_record, job_record, read_input, signals_interrupt, write_record,
+    JobConfig, JobInterrupted, check_input_file, check_record, check_served_model_names, job_record, read_input,
+    signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -61,6 +62,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     if read_input(config, in_kind)[0] == "openai":
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
+    check_served_model_names(config, "plain")
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(

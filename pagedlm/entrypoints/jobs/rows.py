@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.utils import FieldError
 
 # SamplingParams fields a row may set: every one but the callables and output_kind (which JSON
 # cannot give, and the job sets).
@@ -29,13 +30,15 @@ class RowError(ValueError):
 
 @dataclass(slots=True)
 class JobRow:
-    """One input row ready to run: its id, prompt and parameters, the row as read, and what else
-    its output row needs."""
+    """One input row ready to run: its id, prompt and parameters, the row as read, the row's name
+    for each ``SamplingParams`` field it set and for "prompt" (``row_names``), and what else its
+    output row needs."""
 
     key: RowKey
     prompt: PromptType
     params: SamplingParams
     row: dict
+    names: dict[str, str]
     context: Any = None
 
 
@@ -66,14 +69,20 @@ def sampling_defaults(llm: LLM, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**fields, **overrides}
 
 
+def row_names(fields: dict[str, Any], prompt_field: str, renames: dict[str, str] | None = None) -> dict[str, str]:
+    """``JobRow.names``: each of ``fields`` (``SamplingParams`` fields the row set) by the row's name
+    for it (its own, or the one ``renames`` gives, such as OpenAI's ``max_completion_tokens`` for
+    ``max_tokens``), and "prompt" by the row's field that holds the prompt."""
+    return {**{f: f for f in fields}, **(renames or {}), "prompt": prompt_field}
+
+
 def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str,
-                         names: dict[str, str] | None = None) -> SamplingParams:
-    """``SamplingParams`` from a row's fields over the job's defaults. ``names`` maps a field to
-    the name the row gave it (OpenAI's ``max_completion_tokens`` for ``max_tokens``), which errors use.
+                         names: dict[str, str]) -> SamplingParams:
+    """``SamplingParams`` from a row's fields over the job's defaults; ``names`` is ``row_names``.
 
     Raises:
-        RowError: an unknown field (the message lists the allowed ones) or a bad value (it names
-            the field), ``where`` saying where the fields came from.
+        RowError: an unknown field (the message lists the allowed ones) or a bad value
+            (``field_error``), ``where`` saying where the fields came from.
     """
     unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
     if unknown:
@@ -82,11 +91,50 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     try:
         return SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
-        message = str(exc)
-        # The field the message starts with (SamplingParams names it first): the longest that fits,
-        # so that "stop_token_ids ..." is not taken for "stop".
-        field = max((f for f in fields if re.match(rf"{f}\b", message)), key=len, default=None)
-        if field is not None and names and field in names:
-            message = names[field] + message[len(field):]
-            field = names[field]
-        raise RowError(f"{where}: {message}", field) from None
+        raise field_error(exc, names, f"{where}: ") from None
+
+
+def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> RowError:
+    """A ``SamplingParams`` or request-check error (``LLM.generate_as_completed``'s) as the row's
+    error: the field at fault (a ``FieldError``'s, else the one a ``SamplingParams`` message names
+    first) by the row's name for it (``names``, ``row_names``), in the text too, with JSON's words.
+    A field the row did not set (a job default) is no ``param``: then the first field the message
+    names that the row set is ("temperature must be 0 with use_beam_search")."""
+    message = str(exc)
+    field = getattr(exc, "field", None)
+    if field is None:
+        named = _named_fields(message, SAMPLING_FIELDS)
+        field = next((f for f in named if f in names), None)
+    name = names.get(field)
+    if name is not None and field != "prompt":
+        message = re.sub(_word(field), name, message)
+    return RowError(json_words(prefix + message), name)
+
+
+def chat_error(exc: FieldError, prefix: str = "") -> RowError:
+    """A ``render_chat`` error as the row's error, naming the row's field (its argument's name)."""
+    message = str(exc)
+    if not re.match(_word(exc.field), message):
+        message = f"{exc.field}: {message}"
+    return RowError(json_words(prefix + message), exc.field)
+
+
+def _word(field: str) -> str:
+    return rf"(?<![\w.]){re.escape(field)}\b"
+
+
+def _named_fields(message: str, fields: tuple[str, ...]) -> list[str]:
+    """The ``fields`` that ``message`` names, in the order it first names them (the longest first
+    where two start at once)."""
+    at = {f: m.start() for f in fields if (m := re.search(_word(f), message))}
+    return sorted(at, key=lambda f: (at[f], -len(f)))
+
+
+_JSON_WORDS = {"None": "null", "True": "true", "False": "false"}
+
+
+def json_words(message: str) -> str:
+    """Python's None, True and False in a message as JSON's null, true and false (rows are JSON);
+    quoted text, such as an echoed string, is left as it is."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\b(None|True|False)\b",
+                  lambda m: _JSON_WORDS[m.group(1)] if m.group(1) else m.group(0), message)

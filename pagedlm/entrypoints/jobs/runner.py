@@ -28,7 +28,9 @@ from pagedlm.entrypoints.jobs.files import (
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, sampling_defaults
+from pagedlm.entrypoints.jobs.rows import (
+    SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, field_error, sampling_defaults,
+)
 from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
@@ -98,6 +100,7 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     with _exclusive_run(config.output):
         fmt_name, rows = read_input(config, in_kind)
+        check_served_model_names(config, fmt_name)
         if fmt_name == "plain":
             _check_result_columns(config.input, in_kind)
         if fmt_name == "openai" and out_kind != "jsonl":
@@ -348,6 +351,20 @@ def _row_format(row: Any) -> str | None:
     return None
 
 
+def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
+    """``--served-model-name`` gives names to OpenAI rows' ``body.model``: refuse it for plain rows
+    (where it would do nothing) and refuse an empty name."""
+    names = config.served_model_names
+    if names is None:
+        return
+    if fmt_name != "openai":
+        raise ValueError("--served-model-name names the model of OpenAI batch rows (their body.model); this input "
+                         "is plain rows, which name no model: leave it out")
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"--served-model-name must be a non-empty name, got {name!r}")
+
+
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
 # and the cache's size do not: outputs are batch-invariant; the block size does, in float32
 # attention's last bits). Recorded where they differ from LLM's defaults, so that giving a default
@@ -439,7 +456,8 @@ class _Job:
                 where, job_row = self.in_flight.pop(index)
                 self.in_flight_keys[self.writer.same_key(job_row.key)] -= 1
                 if isinstance(result, ValueError):
-                    self._write_error(job_row.key, job_row.row, f"{where}: {result}")
+                    error = field_error(result, job_row.names)
+                    self._write_error(job_row.key, job_row.row, f"{where}: {error}", error.param)
                 else:
                     self.stats.prompt_tokens += len(result.prompt_token_ids)
                     self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
