@@ -216,6 +216,18 @@ inline void check_top_logprobs(const at::Tensor& logits, const at::Tensor& token
               "top_logprobs, top_ids and logits are on different devices");
 }
 
+// logits [rows, vocab] (any float dtype); rows int64 [n] (each checked in range by the kernel); bitmask
+// int32 [n, words] with words * 32 >= vocab.
+inline void check_apply_token_bitmask(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [num_rows, vocab], contiguous in its last dimension");
+  TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && rows.scalar_type() == at::kLong, "rows must be a contiguous int64 [n]");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.scalar_type() == at::kInt &&
+                  bitmask.size(0) == rows.size(0) && bitmask.size(1) * 32 >= logits.size(1),
+              "bitmask must be a contiguous int32 [n, ceil(vocab / 32)] with n = len(rows)");
+  TORCH_CHECK(rows.device() == logits.device() && bitmask.device() == logits.device(),
+              "rows, bitmask and logits are on different devices");
+}
+
 inline void check_sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
                          const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms,
                          const at::Tensor& token_ids, const at::Tensor& logprobs) {

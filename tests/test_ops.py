@@ -431,6 +431,8 @@ def test_opcheck(device):
                               torch.full((3,), 0.9, device=device), torch.zeros(3, device=device),
                               torch.rand(3, device=device), torch.empty(3, dtype=torch.int64, device=device),
                               torch.empty(3, device=device))),
+        (ops.apply_token_bitmask.default, (kv[:, 0].clone(), torch.tensor([2, 0], device=device),
+                                           torch.tensor([[5, 0], [-1, 7]], dtype=torch.int32, device=device))),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
@@ -668,6 +670,32 @@ def test_argmax_logprob(device, dtype, vocab):
     assert torch.equal(token_ids, logits.float().argmax(dim=-1))
     assert token_ids[0] == 3 and token_ids[2] == 0
     torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37, 64])
+def test_apply_token_bitmask(device, dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(6, vocab + 3, generator=gen).to(dtype)
+    logits = wide[:, :vocab].to(device)  # strided rows
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, words + 1), generator=gen, dtype=torch.int32)
+    bitmask[1], bitmask[2] = -1, 0  # every token allowed; none
+    bitmask[3, ::2] = 0x00010001  # words with few tokens allowed
+    bitmask = bitmask.to(device)
+    rows = torch.tensor([4, 0, 5, 2], device=device)
+    expected = logits.clone()
+    tokens = torch.arange(vocab, device=device)
+    allowed = ((bitmask[:, tokens // 32] >> (tokens % 32).to(torch.int32)) & 1).bool()
+    expected[rows] = expected[rows].masked_fill(~allowed, float("-inf"))
+    before = wide.clone()
+    torch.ops.pagedlm.apply_token_bitmask(logits, rows, bitmask)  # words past the vocabulary are not read
+    assert torch.equal(logits, expected)
+    if device == "cpu":
+        assert torch.equal(wide[:, vocab:], before[:, vocab:])  # nothing past a row's vocabulary written
+    with pytest.raises(RuntimeError, match=r"rows\[0\] = 6: must be in \[0, 6\)"):
+        torch.ops.pagedlm.apply_token_bitmask(logits, torch.tensor([6], device=device), bitmask[:1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -84,6 +84,41 @@ def test_constrained_greedy_is_unconstrained_greedy_wherever_allowed(llm):
             assert matcher.accept_token(token)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_the_model_s_under_the_grammar_mask_as_vllm_reports_them(llm, temperature):
+    """Found by a differential run against vLLM 0.32: logprobs and cumulative_logprob ignored the
+    grammar (a forbidden token first, the chosen one at rank 323). vLLM masks the logits before its
+    sampler, so the allowed tokens share all the probability."""
+    regex = r"[a-z ]{1,30}\."
+    tokenizer = llm.get_tokenizer()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=llm.llm_engine.vocab_size)
+    compiled = xgr.GrammarCompiler(info).compile_regex(regex)
+    for prompt in PROMPTS[:2]:
+        params = dict(temperature=temperature, seed=3, max_tokens=12, structured_outputs=SO(regex=regex))
+        out = llm.generate(prompt, SamplingParams(logprobs=4, **params), use_tqdm=False)[0]
+        c = out.outputs[0]
+        bare = llm.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+        assert bare.token_ids == c.token_ids and bare.cumulative_logprob == pytest.approx(c.cumulative_logprob, abs=1e-5)
+        free = llm.generate([{"prompt_token_ids": out.prompt_token_ids + c.token_ids[:i]} for i in range(len(c.token_ids))],
+                            SamplingParams(temperature=0, max_tokens=1, logprobs=-1), use_tqdm=False)
+        matcher, mask = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, info.vocab_size)
+        total = 0.0
+        for i, token in enumerate(c.token_ids):
+            raw = free[i].outputs[0].logprobs[0]  # every token's raw log-probability
+            matcher.fill_next_token_bitmask(mask)
+            allowed = [t for t in raw if (int(mask[0, t // 32]) >> (t % 32)) & 1]
+            norm = torch.logsumexp(torch.tensor([raw[t].logprob for t in allowed], dtype=torch.float64), 0).item()
+            got = c.logprobs[i]
+            assert got[token].logprob == pytest.approx(raw[token].logprob - norm, abs=1e-4)
+            ranked = sorted(allowed, key=lambda t: -raw[t].logprob)
+            assert got[token].rank == ranked.index(token) + 1
+            finite = {t for t, lp in got.items() if lp.logprob > float("-inf")}
+            assert finite == set(ranked[:4]) | {token}  # a token the grammar leaves out only as -inf, as in vLLM
+            total += got[token].logprob
+            assert matcher.accept_token(token)
+        assert c.cumulative_logprob == pytest.approx(total, abs=1e-4)
+
+
 def test_preemption_under_a_tight_cache_keeps_the_constraint(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=24, block_size=8, max_num_seqs=8)
     regex = r"([a-d]{3} ){6,12}end"

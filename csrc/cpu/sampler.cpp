@@ -7,7 +7,9 @@
 //   log-softmax in memory;
 // * sample: temperature, top-k, top-p and min-p reduce each row to the tokens whose tempered
 //   probability reaches a threshold (found by a radix select over the float bits), and one uniform
-//   number per row picks among them by inverse CDF in token order.
+//   number per row picks among them by inverse CDF in token order;
+// * apply_token_bitmask: -inf, in place, for the tokens a structured output's bitmask leaves out,
+//   skipping the words that allow all 32 of theirs.
 #include "vec.h"
 
 #include "../checks.h"
@@ -272,6 +274,37 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
         const float max = max_of(row, vocab);
         ids[r] = first_index_of(row, vocab, max);
         lp[r] = -std::log(sum_exp(row, vocab, max));
+      }
+    });
+  });
+}
+
+void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  check_apply_token_bitmask(logits, rows, bitmask);
+  const int64_t n = rows.size(0), vocab = logits.size(1), stride = logits.stride(0), words = bitmask.size(1);
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(row_ids[i] >= 0 && row_ids[i] < logits.size(0), "rows[", i, "] = ", row_ids[i], ": must be in [0, ",
+                logits.size(0), ")");
+  }
+  const auto* bits = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "apply_token_bitmask", [&] {
+    auto* x = logits.data_ptr<scalar_t>();
+    const auto neg_inf = static_cast<scalar_t>(-std::numeric_limits<float>::infinity());
+    parallel_for(0, n, grain_for(vocab), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        scalar_t* row = x + row_ids[i] * stride;
+        const uint32_t* mask = bits + i * words;
+        for (int64_t w = 0; w * 32 < vocab; ++w) {
+          const int end = static_cast<int>(std::min<int64_t>(32, vocab - w * 32));
+          uint32_t left_out = ~mask[w] & (end == 32 ? ~0u : (1u << end) - 1);
+          scalar_t* chunk = row + w * 32;
+          if (left_out == ~0u) {
+            std::fill(chunk, chunk + 32, neg_inf);
+            continue;
+          }
+          for (; left_out; left_out &= left_out - 1) chunk[__builtin_ctz(left_out)] = neg_inf;
+        }
       }
     });
   });

@@ -20,6 +20,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("top_logprobs", &pagedlm::cpu::top_logprobs);
   m.impl("sample", &pagedlm::cpu::sample);
+  m.impl("apply_token_bitmask", &pagedlm::cpu::apply_token_bitmask);
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
   m.impl("bf16_amx_linear", &pagedlm::cpu::bf16_amx_linear);
   m.impl("bf16_blocked_linear_act_and_mul", &pagedlm::cpu::bf16_blocked_linear_act_and_mul);

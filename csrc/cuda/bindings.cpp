@@ -219,7 +219,7 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
 }  // namespace
 }  // namespace pagedlm::cuda
 
-// No CUDA kernel for `sample`: pagedlm/ops/__init__.py registers the torch reference for CUDA at
+// No CUDA kernel for `sample` and `apply_token_bitmask`: pagedlm/ops/__init__.py registers the torch reference for CUDA at
 // import time (`_reference_on_cuda`), for every op this file does not register.
 TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);

@@ -103,6 +103,11 @@ Sampling op:
   of the kept tokens exceeds ``uniform`` times their total (inverse CDF). ``logprobs`` gets its
   log-probability under the softmax of the untempered logits. CPU kernel and reference; on CUDA
   the reference runs.
+* ``apply_token_bitmask(logits, rows, bitmask)``: in place, ``logits[rows[i], t] = -inf`` for every
+  token ``t`` that bit ``t % 32`` of word ``t // 32`` of ``bitmask[i]`` leaves out (xgrammar's token
+  bitmask: int32 ``[len(rows), ceil(vocab / 32)]``; ``rows`` int64, each in ``[0, num_rows)``);
+  ``logits`` ``[num_rows, vocab]`` in any float dtype. CPU kernel and reference; on CUDA the
+  reference runs.
 
 Linear ops (CPU, bfloat16):
 
@@ -158,7 +163,8 @@ read K/V rows as 16-byte vectors).
 Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
 and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
 for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
-"torch-reference" (the reference is registered for CUDA then, as it always is for ``sample``).
+"torch-reference" (the reference is registered for CUDA then, as it always is for ``sample`` and
+``apply_token_bitmask``).
 Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
 reference on every device. On a CPU with AMX, ``PAGEDLM_DISABLE_AMX=1`` keeps the AVX-512 kernels
 (``0``, the default, lets the linears and attention run on AMX tiles).
@@ -191,6 +197,7 @@ _OP_NAMES = (
     "argmax_logprob",
     "top_logprobs",
     "sample",
+    "apply_token_bitmask",
     "bf16_blocked_linear",
     "bf16_blocked_linear_act_and_mul",
     "bf16_amx_linear",
@@ -238,7 +245,8 @@ if EXTENSION_LOADED and torch.cuda.is_available():
             f"them, {_BUILD_HINT} with CUDA_HOME set.",
             stacklevel=2,
         )
-    # Ops without a CUDA kernel (all of them in a CPU-only build; ``sample`` always) run the reference there.
+    # Ops without a CUDA kernel (all of them in a CPU-only build; ``sample`` and ``apply_token_bitmask``
+    # always) run the reference there.
     _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
     for _name in _OP_NAMES:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pagedlm::{_name}", "CUDA"):
@@ -280,6 +288,7 @@ soft_cap = _impl.soft_cap
 argmax_logprob = _impl.argmax_logprob
 top_logprobs = _impl.top_logprobs
 sample = _impl.sample
+apply_token_bitmask = _impl.apply_token_bitmask
 bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_blocked_linear_act_and_mul = _impl.bf16_blocked_linear_act_and_mul
 bf16_amx_linear = _impl.bf16_amx_linear

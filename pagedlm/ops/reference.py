@@ -253,6 +253,14 @@ def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torc
     logprobs.copy_(top - torch.logsumexp(x, dim=-1))
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    if rows.numel() and not bool(((rows >= 0) & (rows < logits.shape[0])).all()):
+        raise ValueError(f"apply_token_bitmask: rows must be in [0, {logits.shape[0]})")
+    tokens = torch.arange(logits.shape[1], device=logits.device)
+    allowed = (bitmask[:, tokens // 32] >> (tokens % 32).to(torch.int32)) & 1
+    logits[rows] = logits[rows].masked_fill(allowed == 0, float("-inf"))
+
+
 def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
                  top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
     if logits.shape[0] and not bool(((token_ids >= 0) & (token_ids < logits.shape[1])).all()):

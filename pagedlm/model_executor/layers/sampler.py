@@ -4,7 +4,9 @@ Tokens come from the ``sample`` op: temperature, top-k, top-p and min-p select t
 one uniform number per row picks among them by inverse CDF, without sorting the vocabulary. A
 seeded completion draws its number from its own generator, one a step, so it does not depend on
 what else is in the batch. Reported log-probabilities are the model's raw ones (log-softmax of its
-logits), as Hugging Face's are.
+logits), as Hugging Face's are, after a structured output's token bitmask: vLLM applies it to the
+logits before its sampler, so a token the grammar leaves out has probability 0 and the allowed ones
+share all of it.
 """
 
 from collections.abc import Sequence
@@ -16,7 +18,6 @@ from torch import nn
 from pagedlm import ops
 from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.step import unpack_token_bitmask
 
 
 @dataclass
@@ -35,9 +36,8 @@ class SamplingMetadata:
     top_ks: torch.Tensor  # [R] int64, vocab size where off
     min_ps: torch.Tensor
     num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
-    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, min_tokens bans or bitmasks
-    plain_greedy: bool  # every row greedy on raw logits, no top logprobs, no beams
-    masked_greedy: bool  # the same, but some rows have token bitmasks (and nothing else changes logits)
+    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors or min_tokens bans
+    plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, no top logprobs, no beams
 
     @classmethod
     def build(
@@ -63,8 +63,7 @@ class SamplingMetadata:
         allowed = None
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
-        changes_logits = bool(banned_rows) or any(p.has_penalties or p.logits_processors or p.changes_logits for p in params)
-        needs_processing = changes_logits or bool(masked)
+        needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors or p.changes_logits for p in params)
         num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         greedy = num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params)
         return cls(
@@ -82,7 +81,6 @@ class SamplingMetadata:
             num_top_logprobs=num_top_logprobs,
             needs_processing=needs_processing,
             plain_greedy=greedy and not needs_processing,
-            masked_greedy=greedy and bool(masked) and not changes_logits,
         )
 
 
@@ -108,10 +106,10 @@ class Sampler(DirectCall, nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        if meta.plain_greedy or meta.masked_greedy:
+        if meta.allowed is not None:
+            ops.apply_token_bitmask(logits, *meta.allowed)
+        if meta.plain_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
-            if meta.masked_greedy:
-                _mask_greedy(logits, meta.allowed, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None, None)
         # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
         processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
@@ -137,7 +135,8 @@ class Sampler(DirectCall, nn.Module):
 
     def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """As vLLM orders them: allowed_token_ids and logit_bias, penalties, then user logits
-        processors, then the min_tokens bans and the structured outputs' token bitmasks."""
+        processors, then the min_tokens bans (the structured outputs' token bitmasks came before,
+        on the raw logits)."""
         for row, p in enumerate(meta.params):
             if p.changes_logits:
                 _apply_allowed_and_bias(logits[row], p)
@@ -149,9 +148,6 @@ class Sampler(DirectCall, nn.Module):
                 logits[row] = p.apply_logits_processors(meta.prompt_token_ids[row], meta.output_token_ids[row], logits[row])
         if meta.banned is not None:
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
-        if meta.allowed is not None:
-            rows, bitmask = meta.allowed
-            logits[rows] = logits[rows].masked_fill_(~unpack_token_bitmask(bitmask, logits.shape[-1]), float("-inf"))
         return logits
 
 
@@ -192,24 +188,6 @@ def rank_and_top_logprobs(
     ids = torch.empty(rows, k, dtype=torch.int64, device=logits.device)
     ops.top_logprobs(logits, token_ids, logprobs, ranks, top, ids)
     return ranks, top, ids
-
-
-def _mask_greedy(logits: torch.Tensor, allowed: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
-                 chosen: torch.Tensor) -> None:
-    """Greedy under token bitmasks without masking whole rows: the unconstrained argmax stands
-    wherever it is allowed (the usual case); only the other rows are masked and argmaxed again.
-    ``chosen`` stays the model's own log-probability of the token."""
-    rows, bitmask = allowed
-    picked = tokens[rows]
-    words = bitmask.gather(1, (picked // 32)[:, None]).squeeze(1)
-    ok = ((words >> (picked % 32).to(torch.int32)) & 1).bool()
-    if bool(ok.all()):
-        return
-    bad = rows[~ok]
-    bad_logits = logits[bad]
-    best = bad_logits.float().masked_fill(~unpack_token_bitmask(bitmask[~ok], logits.shape[-1]), float("-inf")).argmax(-1)
-    tokens[bad] = best
-    chosen[bad] = _raw_logprob(bad_logits, best)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata, rows: list[int]) -> None:
