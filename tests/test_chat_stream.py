@@ -250,8 +250,8 @@ def test_a_single_rendered_chat_is_one_prompt(llm):
 
 def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(llm):
     """``tools`` go to the template; a tool call's JSON-text arguments arrive parsed, so a template's
-    ``tojson`` writes them once (not as a JSON string of JSON); ``chat_template_kwargs`` win over
-    the arguments of the same name. An empty list of conversations is none."""
+    ``tojson`` writes them once (not as a JSON string of JSON). An empty list of conversations is
+    none."""
     template = ("{% if tools %}TOOLS {{ tools | tojson }}; {% endif %}{% for m in messages %}{{ m.role }}: "
                 "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}"
                 "{% endif %}; {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
@@ -269,14 +269,32 @@ def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(ll
     bad = [{**conversation[1], "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{oops"}}]}]
     with pytest.raises(ValueError, match="message 0: a tool call's function.arguments is not valid JSON"):
         render_chat(llm.get_tokenizer(), bad, template)
-    no_prompt = render_chat(llm.get_tokenizer(), conversation[:1], template,
-                            chat_template_kwargs={"add_generation_prompt": False}).text
-    assert no_prompt == "user: Weather in Paris?; "
-    assert render_chat(llm.get_tokenizer(), conversation[:1], TEMPLATE,
-                       chat_template_kwargs={"chat_template": template}).text == "user: Weather in Paris?; assistant:"
     out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
     assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []
+
+
+def test_chat_template_kwargs_give_way_to_the_arguments_as_in_vllm(llm):
+    """Found against vLLM 0.32, whose ``LLM.chat`` merges ``chat_template_kwargs`` under its own
+    arguments (``merge_kwargs``): ``add_generation_prompt`` and ``continue_final_message`` always
+    win, ``tools`` and ``chat_template`` when they are not None; ``tokenize`` stays False; other
+    keys reach the template."""
+    tokenizer = llm.get_tokenizer()
+    out = llm.chat(user("hi"), exact(1), use_tqdm=False, chat_template=TEMPLATE,
+                   chat_template_kwargs={"add_generation_prompt": False})
+    assert out[0].prompt == rendered("hi")
+
+    def text(**kwargs) -> str:
+        return render_chat(tokenizer, user("hi"), **{"chat_template": TEMPLATE, **kwargs}).text
+
+    assert text(add_generation_prompt=False, chat_template_kwargs={"add_generation_prompt": True}) == "<s><|user|>hi\n"
+    assert text(chat_template_kwargs={"continue_final_message": True}) == rendered("hi")
+    assert text(chat_template_kwargs={"tokenize": True}) == rendered("hi")
+    template = "{{ tools }}|{{ foo }}|{{ messages[0].content }}"
+    assert text(chat_template=template, chat_template_kwargs={"tools": [{"a": 1}], "foo": "F"}) == "[{'a': 1}]|F|hi"
+    assert text(chat_template=template, tools=[{"b": 2}], chat_template_kwargs={"tools": [{"a": 1}]}) == "[{'b': 2}]||hi"
+    assert text(chat_template=None, chat_template_kwargs={"chat_template": template}) == "None||hi"
+    assert text(chat_template_kwargs={"chat_template": template}) == rendered("hi")
 
 
 def test_closing_early_aborts_what_is_in_flight(llm):

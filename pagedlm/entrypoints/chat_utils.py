@@ -127,8 +127,9 @@ def render_chat(
     """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
     Its text already holds the template's special tokens (BOS included), so it is tokenized with
     ``add_special_tokens=False``. ``tools`` (OpenAI's tool definitions) go to the template as
-    ``tools``; ``chat_template_kwargs`` go to it too and win over the arguments of the same name,
-    as in vLLM.
+    ``tools``. ``chat_template_kwargs`` go to it too, under the arguments: an argument that is not
+    None wins over the key of the same name (vLLM's ``merge_kwargs``), so they only fill in
+    ``tools`` and ``chat_template`` when those are None, and ``tokenize`` stays False.
 
     Raises:
         ValueError: a bad message (``parse_conversation``), the tokenizer has no template and none
@@ -137,22 +138,28 @@ def render_chat(
             message is kept, e.g. "Conversation roles must alternate").
     """
     messages = parse_conversation(conversation)
-    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-              "tools": tools, "chat_template": chat_template, **(chat_template_kwargs or {})}
-    chat_template = kwargs.pop("chat_template")
+    kwargs = merge_kwargs(chat_template_kwargs, {
+        "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+        "tools": tools, "chat_template": chat_template, "tokenize": False,
+    })
+    chat_template = kwargs.pop("chat_template", None)
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)")
-    if kwargs.pop("tokenize", False) is not False:
-        raise ValueError("chat_template_kwargs cannot set tokenize: the rendered text is tokenized afterwards")
-    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+    if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
     template = chat_template or tokenizer.chat_template
     if not _knows_developer_role(template if isinstance(template, str) else " ".join(template.values())):
         messages = _developer_as_system(messages)
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **kwargs)
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(text, str):
         raise ValueError(f"the chat template rendered a {type(text).__name__}, not text")
     return RenderedChat(text)
+
+
+def merge_kwargs(defaults: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with the ``overrides`` that are set (not None), as vLLM merges
+    ``chat_template_kwargs`` under ``LLM.chat``'s own arguments."""
+    return {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}}

@@ -246,8 +246,9 @@ class LLM:
         with ``chat_template`` or the tokenizer's own, with ``add_generation_prompt`` (open an
         assistant turn) or ``continue_final_message`` (extend the last message; not both),
         ``tools`` (OpenAI's function definitions) and ``chat_template_kwargs`` passed to the
-        template (``render_chat``); the text is tokenized without adding special tokens, since the
-        template has placed them. An empty list is no conversation (no outputs).
+        template (``render_chat``; as in vLLM, an argument that is not None wins over the key of
+        the same name in ``chat_template_kwargs``); the text is tokenized without adding special
+        tokens, since the template has placed them. An empty list is no conversation (no outputs).
 
         Raises:
             ValueError: listing every conversation that cannot run and why, before any work.
