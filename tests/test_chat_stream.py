@@ -108,13 +108,13 @@ def _refused(llm, monkeypatch, conversations, **kwargs) -> str:
 def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
     msg = _refused(llm, monkeypatch, [
         user("fine"),
-        [{"role": "wizard", "content": "hi"}],
+        [{"role": 7, "content": "hi"}],
         [{"role": "user", "content": 5}],
         [],
         user("also fine"),
     ])
     assert "3 of 5 conversations are invalid" in msg
-    assert "conversation 1: message 0: 'role'" in msg and "'wizard'" in msg
+    assert "conversation 1: message 0: 'role' must be a str (e.g. 'user'), got int" in msg
     assert "conversation 2: message 0: 'content'" in msg and "int" in msg
     assert "conversation 3: a conversation must have at least one message" in msg
     assert "conversation 0:" not in msg and "conversation 4:" not in msg
@@ -165,7 +165,47 @@ def test_text_parts_are_joined_and_other_parts_refused(llm, monkeypatch):
     assert llm.chat(parts, exact(1), use_tqdm=False, chat_template=TEMPLATE)[0].prompt == rendered("a\nb")
     image = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     msg = _refused(llm, monkeypatch, [{"role": "user", "content": image}])
-    assert "conversation 0: message 0" in msg and "only text" in msg
+    assert "conversation 0: message 0: content part {'type': 'image_url'" in msg and "no multimodal inputs" in msg
+    msg = _refused(llm, monkeypatch, [{"role": "user", "content": [{"text": "no type"}]}])
+    assert "is not text" in msg and "type text, input_text, output_text, refusal, thinking" in msg
+
+
+def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
+    """Found against vLLM 0.32 (prompts its LLM.chat rendered with TEMPLATE): any role string goes
+    to the template as it is; null or absent content is empty; content parts may be plain strings
+    and input_text, output_text, refusal or thinking parts, joined with newlines, skipping null or
+    empty texts."""
+    def prompts(*conversations) -> list[str]:
+        return [o.prompt for o in llm.chat(list(conversations), exact(1), use_tqdm=False, chat_template=TEMPLATE)]
+
+    q = user("q")
+    assert prompts(
+        [{"role": "ipython", "content": "out"}],
+        [{"role": "narrator", "content": "n"}, {"role": "user", "content": "u"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+        [{"role": "user", "content": ["What is", "2+2?"]}],
+        [{"role": "user", "content": [{"type": "input_text", "text": "I"}, {"type": "text", "text": "T"}]}],
+        q + [{"role": "assistant", "content": [{"type": "output_text", "text": "O"}]}],
+        q + [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
+        [{"role": "user", "content": [{"type": "thinking", "thinking": "hmm"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "refusal"}, "", "B"]}],
+        [{"role": "user", "content": []}],
+    ) == [
+        "<s><|ipython|>out\n<|assistant|>",
+        "<s><|narrator|>n\n<|user|>u\n<|assistant|>",
+        rendered(""),
+        rendered(""),
+        "<s><|user|>a\n<|assistant|>\n<|assistant|>",
+        rendered("What is\n2+2?"),
+        rendered("I\nT"),
+        "<s><|user|>q\n<|assistant|>O\n<|assistant|>",
+        "<s><|user|>q\n<|assistant|>no\n<|assistant|>",
+        rendered("hmm"),
+        rendered("B"),
+        rendered(""),
+    ]
 
 
 # --- LLM.generate_as_completed --------------------------------------------------------------

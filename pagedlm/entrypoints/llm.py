@@ -241,14 +241,15 @@ class LLM:
         """Answer one conversation or each of a list of them (vLLM's ``LLM.chat``); one
         ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
 
-        A conversation is a list of ``{"role": "system" | "developer" | "user" | "assistant" |
-        "tool", "content": str}`` messages (see ``chat_utils.parse_conversation``). It is rendered
-        with ``chat_template`` or the tokenizer's own, with ``add_generation_prompt`` (open an
-        assistant turn) or ``continue_final_message`` (extend the last message; not both),
-        ``tools`` (OpenAI's function definitions) and ``chat_template_kwargs`` passed to the
-        template (``render_chat``; as in vLLM, an argument that is not None wins over the key of
-        the same name in ``chat_template_kwargs``); the text is tokenized without adding special
-        tokens, since the template has placed them. An empty list is no conversation (no outputs).
+        A conversation is a list of ``{"role": str, "content": str}`` messages, with any role the
+        template knows; content may also be null or a list of text parts (see
+        ``chat_utils.parse_conversation``). It is rendered with ``chat_template`` or the
+        tokenizer's own, with ``add_generation_prompt`` (open an assistant turn) or
+        ``continue_final_message`` (extend the last message; not both), ``tools`` (OpenAI's
+        function definitions) and ``chat_template_kwargs`` passed to the template (``render_chat``;
+        as in vLLM, an argument that is not None wins over the key of the same name in
+        ``chat_template_kwargs``); the text is tokenized without adding special tokens, since the
+        template has placed them. An empty list is no conversation (no outputs).
 
         Raises:
             ValueError: listing every conversation that cannot run and why, before any work.
