@@ -64,6 +64,20 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool
     return value
 
 
+def check_truncate_prompt_tokens(value: Any) -> int | None:
+    """A ``truncate_prompt_tokens`` (``SamplingParams``' or ``tokenization_kwargs``'), as an int.
+
+    Raises:
+        ValueError: it is not None, -1 (the model's limit) or an int >= 1.
+    """
+    if value is None:
+        return None
+    value = _number("truncate_prompt_tokens", value, integer=True)
+    if value < 1 and value != -1:
+        raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, got {value}.")
+    return value
+
+
 class RequestOutputKind(Enum):
     """What ``LLMEngine.step`` returns for a request that took part in the step (vLLM's names).
 
@@ -204,7 +218,9 @@ class SamplingParams:
         bad_words: words no completion may generate (vLLM's; ``engine.bad_words`` says how they
             are matched).
         truncate_prompt_tokens: keep only the prompt's last this many tokens (left truncation,
-            vLLM's); -1 keeps as many as ``max_model_len`` leaves room for (one token to generate).
+            vLLM's; a text prompt keeps the BOS its tokenizer adds); -1 keeps as many as
+            ``max_model_len`` leaves room for (one token to generate). vLLM 0.32 moved it to
+            ``LLM.generate``'s ``tokenization_kwargs``, which pagedlm takes too.
         detokenize: produce ``text``; with False only token ids come back.
         structured_outputs: a ``StructuredOutputsParams`` (or a dict of its fields) every
             completion must satisfy: a JSON schema, regex, choice, EBNF grammar or any JSON object.
@@ -312,11 +328,7 @@ class SamplingParams:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise ValueError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.")
             self.bad_words = list(self.bad_words)
-        if self.truncate_prompt_tokens is not None:
-            self.truncate_prompt_tokens = _number("truncate_prompt_tokens", self.truncate_prompt_tokens, integer=True)
-            if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
-                raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, "
-                                 f"got {self.truncate_prompt_tokens}.")
+        self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         if isinstance(self.structured_outputs, dict):
             fields = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
             unknown = sorted(set(self.structured_outputs) - set(fields))

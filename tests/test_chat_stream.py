@@ -108,13 +108,13 @@ def _refused(llm, monkeypatch, conversations, **kwargs) -> str:
 def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
     msg = _refused(llm, monkeypatch, [
         user("fine"),
-        [{"role": "wizard", "content": "hi"}],
+        [{"role": 7, "content": "hi"}],
         [{"role": "user", "content": 5}],
         [],
         user("also fine"),
     ])
     assert "3 of 5 conversations are invalid" in msg
-    assert "conversation 1: message 0: 'role'" in msg and "'wizard'" in msg
+    assert "conversation 1: message 0: 'role' must be a str (e.g. 'user'), got int" in msg
     assert "conversation 2: message 0: 'content'" in msg and "int" in msg
     assert "conversation 3: a conversation must have at least one message" in msg
     assert "conversation 0:" not in msg and "conversation 4:" not in msg
@@ -165,7 +165,47 @@ def test_text_parts_are_joined_and_other_parts_refused(llm, monkeypatch):
     assert llm.chat(parts, exact(1), use_tqdm=False, chat_template=TEMPLATE)[0].prompt == rendered("a\nb")
     image = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     msg = _refused(llm, monkeypatch, [{"role": "user", "content": image}])
-    assert "conversation 0: message 0" in msg and "only text" in msg
+    assert "conversation 0: message 0: content part {'type': 'image_url'" in msg and "no multimodal inputs" in msg
+    msg = _refused(llm, monkeypatch, [{"role": "user", "content": [{"text": "no type"}]}])
+    assert "is not text" in msg and "type text, input_text, output_text, refusal, thinking" in msg
+
+
+def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
+    """Found against vLLM 0.32 (prompts its LLM.chat rendered with TEMPLATE): any role string goes
+    to the template as it is; null or absent content is empty; content parts may be plain strings
+    and input_text, output_text, refusal or thinking parts, joined with newlines, skipping null or
+    empty texts."""
+    def prompts(*conversations) -> list[str]:
+        return [o.prompt for o in llm.chat(list(conversations), exact(1), use_tqdm=False, chat_template=TEMPLATE)]
+
+    q = user("q")
+    assert prompts(
+        [{"role": "ipython", "content": "out"}],
+        [{"role": "narrator", "content": "n"}, {"role": "user", "content": "u"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+        [{"role": "user", "content": ["What is", "2+2?"]}],
+        [{"role": "user", "content": [{"type": "input_text", "text": "I"}, {"type": "text", "text": "T"}]}],
+        q + [{"role": "assistant", "content": [{"type": "output_text", "text": "O"}]}],
+        q + [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
+        [{"role": "user", "content": [{"type": "thinking", "thinking": "hmm"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "refusal"}, "", "B"]}],
+        [{"role": "user", "content": []}],
+    ) == [
+        "<s><|ipython|>out\n<|assistant|>",
+        "<s><|narrator|>n\n<|user|>u\n<|assistant|>",
+        rendered(""),
+        rendered(""),
+        "<s><|user|>a\n<|assistant|>\n<|assistant|>",
+        rendered("What is\n2+2?"),
+        rendered("I\nT"),
+        "<s><|user|>q\n<|assistant|>O\n<|assistant|>",
+        "<s><|user|>q\n<|assistant|>no\n<|assistant|>",
+        rendered("hmm"),
+        rendered("B"),
+        rendered(""),
+    ]
 
 
 # --- LLM.generate_as_completed --------------------------------------------------------------
@@ -250,8 +290,8 @@ def test_a_single_rendered_chat_is_one_prompt(llm):
 
 def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(llm):
     """``tools`` go to the template; a tool call's JSON-text arguments arrive parsed, so a template's
-    ``tojson`` writes them once (not as a JSON string of JSON); ``chat_template_kwargs`` win over
-    the arguments of the same name. An empty list of conversations is none."""
+    ``tojson`` writes them once (not as a JSON string of JSON). An empty list of conversations is
+    none."""
     template = ("{% if tools %}TOOLS {{ tools | tojson }}; {% endif %}{% for m in messages %}{{ m.role }}: "
                 "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}"
                 "{% endif %}; {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
@@ -269,14 +309,33 @@ def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(ll
     bad = [{**conversation[1], "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{oops"}}]}]
     with pytest.raises(ValueError, match="message 0: a tool call's function.arguments is not valid JSON"):
         render_chat(llm.get_tokenizer(), bad, template)
-    no_prompt = render_chat(llm.get_tokenizer(), conversation[:1], template,
-                            chat_template_kwargs={"add_generation_prompt": False}).text
-    assert no_prompt == "user: Weather in Paris?; "
-    assert render_chat(llm.get_tokenizer(), conversation[:1], TEMPLATE,
-                       chat_template_kwargs={"chat_template": template}).text == "user: Weather in Paris?; assistant:"
     out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
     assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []
+
+
+def test_chat_template_kwargs_give_way_to_the_arguments_as_in_vllm(llm):
+    """Found against vLLM 0.32, whose ``LLM.chat`` merges ``chat_template_kwargs`` under its own
+    arguments (``merge_kwargs``): ``add_generation_prompt`` and ``continue_final_message`` always
+    win, ``tools`` and ``chat_template`` when they are not None; other keys reach the template.
+    (vLLM ignores a ``tokenize`` there; pagedlm refuses it, as it accepts nothing it ignores.)"""
+    tokenizer = llm.get_tokenizer()
+    out = llm.chat(user("hi"), exact(1), use_tqdm=False, chat_template=TEMPLATE,
+                   chat_template_kwargs={"add_generation_prompt": False})
+    assert out[0].prompt == rendered("hi")
+
+    def text(**kwargs) -> str:
+        return render_chat(tokenizer, user("hi"), **{"chat_template": TEMPLATE, **kwargs}).text
+
+    assert text(add_generation_prompt=False, chat_template_kwargs={"add_generation_prompt": True}) == "<s><|user|>hi\n"
+    assert text(chat_template_kwargs={"continue_final_message": True}) == rendered("hi")
+    with pytest.raises(ValueError, match="chat_template_kwargs cannot set tokenize"):
+        text(chat_template_kwargs={"tokenize": True})
+    template = "{{ tools }}|{{ foo }}|{{ messages[0].content }}"
+    assert text(chat_template=template, chat_template_kwargs={"tools": [{"a": 1}], "foo": "F"}) == "[{'a': 1}]|F|hi"
+    assert text(chat_template=template, tools=[{"b": 2}], chat_template_kwargs={"tools": [{"a": 1}]}) == "[{'b': 2}]||hi"
+    assert text(chat_template=None, chat_template_kwargs={"chat_template": template}) == "None||hi"
+    assert text(chat_template_kwargs={"chat_template": template}) == rendered("hi")
 
 
 def test_closing_early_aborts_what_is_in_flight(llm):

@@ -77,7 +77,7 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
         {"id": 16, "prompt_token_ids": []},  # empty prompt: refused by the engine's check
         {"id": 17, "prompt": "word " * 200},  # longer than max_model_len
         {"id": 18, "prompt_token_ids": [BOS, 10**6]},  # outside the vocabulary
-        {"id": 19, "messages": [{"role": "wizard", "content": "hi"}]},
+        {"id": 19, "messages": [{"role": 7, "content": "hi"}]},
         {"id": 20, "prompt": "x", "outputs": "clash"},
         *good[2:],
         {"id": 21, "prompt": "hot", "sampling_params": {"temperature": 1.0, "seed": 7, "max_tokens": 3}},
@@ -93,7 +93,7 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
     for needle in ("line 3 is not valid JSON", "exactly one of prompt, messages, prompt_token_ids",
                    "id must be a string or an integer", "duplicate id 0", "temperature must be in [0, 2]",
                    "unknown field(s) tempreature", "sampling_params must be an object", "the prompt is empty",
-                   "max_model_len", "outside the vocabulary", "'role' must be one of", "are the output's"):
+                   "max_model_len", "outside the vocabulary", "'role' must be a str", "are the output's"):
         assert needle in messages, needle
     expected = reference([f"Hello {i}" for i in range(5)] + [{"prompt_token_ids": [BOS, 5, 6, 7]}])
     for key, completions in zip([0, 1, 2, 3, 4, 10], expected):
@@ -900,8 +900,9 @@ def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path)
     assert stats.errors == 1 and "add_generation_prompt apply to rows with messages" in got[10]["error"]
     assert got[11]["error"] is None  # null is unset (a Parquet column of other rows' values)
     for i, option in enumerate(options):
-        kwargs = {"add_generation_prompt": True, **option, **option.get("chat_template_kwargs", {})}
+        # The row's own fields (and the default add_generation_prompt) win over chat_template_kwargs, as in vLLM.
+        kwargs = {**option.get("chat_template_kwargs", {}), "add_generation_prompt": True, **option}
         kwargs.pop("chat_template_kwargs", None)
         want = tok.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)["input_ids"]
         assert got[i]["prompt_tokens"] == len(want), option
-    assert len({got[i]["prompt_tokens"] for i in range(4)}) == 3  # each option changed the prompt
+    assert len({got[i]["prompt_tokens"] for i in range(4)}) == 3  # options 1 and 3 changed the prompt

@@ -878,3 +878,61 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
     assert most.prompt_token_ids == long[-255:] and len(most.outputs[0].token_ids) == 1
     with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1 .the model's limit. or >= 1, got 0"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_tokenization_kwargs_truncate_prompts_as_vllm_0_32_does(llm):
+    """vLLM 0.32 truncates through ``tokenization_kwargs={"truncate_prompt_tokens": k}`` (its
+    SamplingParams no longer has the field). Found against it: a text prompt keeps the BOS its
+    tokenizer adds and its last k - 1 tokens; token ids and chats keep their last k; other keys,
+    and k over max_model_len, are refused. -1 keeps max_model_len - 1 tokens (vLLM 0.32 keeps
+    max_model_len, which it then refuses). SamplingParams' field still applies, the smaller wins."""
+    tok = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+
+    def prompt_ids(prompts, params=greedy, **kwargs) -> list[list[int]]:
+        return [o.prompt_token_ids for o in llm.generate(prompts, params, use_tqdm=False, **kwargs)]
+
+    def truncated(k: int) -> dict:
+        return {"tokenization_kwargs": {"truncate_prompt_tokens": k}}
+
+    text = "The capital of France is Paris. The quick brown fox jumps over the lazy dog."
+    full = tok(text).input_ids
+    assert full[0] == BOS and len(full) > 10
+    assert prompt_ids([text, {"prompt": text}], **truncated(5)) == [[BOS] + full[-4:]] * 2
+    assert prompt_ids(text, **truncated(1)) == [[BOS]]
+    assert prompt_ids(text, greedy.clone(truncate_prompt_tokens=5)) == [[BOS] + full[-4:]]
+    engine = llm.llm_engine
+    engine.add_request("truncated text", text, greedy.clone(truncate_prompt_tokens=5))
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert out[0].prompt_token_ids == [BOS] + full[-4:]
+    assert prompt_ids(text, **truncated(len(full))) == [full]
+    ids = list(range(3, 23))
+    assert prompt_ids({"prompt_token_ids": ids}, **truncated(5)) == [ids[-5:]]
+    long = [BOS] + list(range(3, 303))  # over max_model_len (256)
+    assert prompt_ids({"prompt_token_ids": long}, **truncated(-1)) == [long[-255:]]
+    assert prompt_ids({"prompt_token_ids": ids}, greedy.clone(truncate_prompt_tokens=8), **truncated(5)) == [ids[-5:]]
+    assert prompt_ids({"prompt_token_ids": ids}, greedy.clone(truncate_prompt_tokens=4), **truncated(5)) == [ids[-4:]]
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    chat = llm.chat([{"role": "user", "content": text}], greedy, use_tqdm=False, chat_template=template,
+                    **truncated(4))[0]
+    assert chat.prompt_token_ids == tok(chat.prompt, add_special_tokens=False).input_ids[-4:]
+    streamed = llm.generate_as_completed([{"prompt_token_ids": ids}], greedy, **truncated(3))
+    assert [out.prompt_token_ids for _, out in streamed] == [ids[-3:]]
+
+    for kwargs, match in [
+        ({"truncation": True}, "unknown key.s. 'truncation'; pagedlm takes only 'truncate_prompt_tokens'"),
+        ({"truncate_prompt_tokens": 257}, r"truncate_prompt_tokens \(257\) cannot be greater than max_model_len \(256\)"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be None, -1 .the model's limit. or >= 1, got 0"),
+        ({"truncate_prompt_tokens": 5.0}, "truncate_prompt_tokens must be an int"),
+        ([("truncate_prompt_tokens", 5)], "tokenization_kwargs must be a dict, got list"),
+    ]:
+        for call in (lambda: llm.generate(text, greedy, use_tqdm=False, tokenization_kwargs=kwargs),
+                     lambda: llm.chat([{"role": "user", "content": text}], greedy, use_tqdm=False,
+                                      chat_template=template, tokenization_kwargs=kwargs),
+                     lambda: llm.generate_as_completed([text], greedy, tokenization_kwargs=kwargs)):
+            with pytest.raises(ValueError, match=match):
+                call()
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert prompt_ids(text, tokenization_kwargs={"truncate_prompt_tokens": None}) == [full]

@@ -21,7 +21,7 @@ from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
-from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer
+from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
 from pagedlm.utils import FieldError, cdiv, deferred_signals
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
@@ -48,6 +48,7 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.tokenizer or model_config.model, model_config.trust_remote_code,
                                        model_config.chat_template)
+        self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         self.model_runner = ModelRunner(model_config, cache_config)
@@ -91,14 +92,17 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.hf_config.vocab_size
 
-    def truncate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
-        """The prompt's last ``params.truncate_prompt_tokens`` tokens (-1: ``max_model_len - 1``)."""
-        keep = params.truncate_prompt_tokens
-        if keep is None:
+    def truncate_prompt(self, prompt_token_ids: list[int], *limits: int | None, from_text: bool = False) -> list[int]:
+        """The prompt's last ``k`` tokens, ``k`` the smallest of ``limits`` (``truncate_prompt_tokens``
+        values: None is no limit, -1 ``max_model_len - 1``): vLLM's left truncation. A prompt the
+        tokenizer encoded from text (``from_text``) keeps the special tokens it put first (a BOS),
+        as the tokenizer's own truncation, which vLLM uses, keeps them."""
+        max_len = self.model_config.max_model_len
+        keep = min((max_len - 1 if k == -1 else k for k in limits if k is not None), default=None)
+        if keep is None or len(prompt_token_ids) <= keep:
             return prompt_token_ids
-        if keep == -1:
-            keep = self.model_config.max_model_len - 1
-        return prompt_token_ids[-keep:]
+        first = min(self._specials_before_text, keep) if from_text else 0
+        return prompt_token_ids[:first] + prompt_token_ids[len(prompt_token_ids) - keep + first:]
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
                       wait_for_grammar: bool = True) -> FieldError | None:
@@ -188,9 +192,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")
         params = params.clone()
-        if prompt_token_ids is None:
+        from_text = prompt_token_ids is None
+        if from_text:
             prompt_token_ids = encode_prompts(self.tokenizer, [prompt])[0]
-        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params)
+        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, from_text=from_text)
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise FieldError(f"Request {request_id!r}: {reason}.", reason.field)

@@ -10,8 +10,9 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.utils import FieldError
 
-# OpenAI's chat roles ("developer" is its newer name for "system"; see _developer_as_system).
-ROLES = ("system", "developer", "user", "assistant", "tool")
+# vLLM's text content part types, each with the key that holds its text.
+TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+                  "thinking": "thinking"}
 
 Conversation = list[dict[str, Any]]
 
@@ -38,17 +39,22 @@ def is_conversation(messages: object) -> bool:
 
 
 def parse_conversation(conversation: object) -> Conversation:
-    """The conversation with every message checked and text content parts joined.
+    """The conversation with every message checked and its content made text, as vLLM's "string"
+    content format makes it.
 
-    A message is ``{"role": one of ROLES, "content": str}``; ``content`` may also be a list of
-    ``{"type": "text", "text": str}`` parts, which are joined with newlines (vLLM's "string" content
-    format), or null (rendered empty) in an assistant message with ``tool_calls``. Other keys (``name``,
-    ``tool_calls``, ``tool_call_id``) go to the template unchanged, except that a tool call's
+    A message is ``{"role": str, "content": ...}``. Any role goes to the template as it is (e.g.
+    Llama 3's "ipython"; "developer" becomes "system" for a template that does not know it). The
+    content is a str; null or absent (rendered empty); or a list of parts, each a str or a text
+    part (``{"type": "text" | "input_text" | "output_text", "text": str}``,
+    ``{"type": "refusal", "refusal": str}``, ``{"type": "thinking", "thinking": str}``), whose
+    non-empty texts are joined with newlines. Other keys (``name``, ``tool_calls``,
+    ``tool_call_id``) go to the template unchanged, except that a tool call's
     ``function.arguments`` given as JSON text (OpenAI's form) reaches it parsed, and absent or
     empty as ``{}``, as vLLM passes them (templates render them with ``tojson``).
 
     Raises:
-        ValueError: the first problem, naming the message's index and the field.
+        ValueError: the first problem, naming the message's index and the field; a non-text
+            content part (an image, audio, video) among them: pagedlm has no multimodal inputs.
     """
     if not isinstance(conversation, Sequence) or isinstance(conversation, str):
         raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
@@ -59,22 +65,43 @@ def parse_conversation(conversation: object) -> Conversation:
         if not isinstance(message, dict):
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"message {i}: 'role' must be one of {', '.join(ROLES)}; got {role!r}")
-        content = message.get("content")
-        if isinstance(content, list):
-            content = _join_text_parts(i, content)
-        elif content is None and role == "assistant" and message.get("tool_calls"):
-            content = ""  # OpenAI's assistant turn that only calls tools; vLLM renders it empty
-        elif not isinstance(content, str):
-            raise ValueError(f"message {i}: 'content' must be a str or a list of text parts, "
-                             f"got {type(content).__name__}")
+        if role is None:
+            raise ValueError(f"message {i} has no 'role'")
+        if not isinstance(role, str):
+            raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
         # Null fields are unset: a Parquet struct or an OpenAI client writes every key.
-        message = {**{k: v for k, v in message.items() if v is not None}, "content": content}
+        message = {**{k: v for k, v in message.items() if v is not None},
+                   "content": _content_text(i, message.get("content"))}
         if role == "assistant" and isinstance(message.get("tool_calls"), list):
             message["tool_calls"] = [_parse_tool_call(i, call) for call in message["tool_calls"]]
         messages.append(message)
     return messages
+
+
+def _content_text(i: int, content: object) -> str:
+    if content is None:
+        return ""  # e.g. OpenAI's assistant turn that only calls tools
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"message {i}: 'content' must be a str, a list of text parts or null, "
+                         f"got {type(content).__name__}")
+    # vLLM skips a part whose text is empty or null.
+    return "\n".join(text for part in content if (text := _part_text(i, part)))
+
+
+def _part_text(i: int, part: object) -> str | None:
+    if isinstance(part, str):
+        return part
+    part_type = part.get("type") if isinstance(part, dict) else None
+    key = TEXT_PART_KEYS.get(part_type) if isinstance(part_type, str) else None
+    if key is None:
+        raise ValueError(f"message {i}: content part {part!r:.80} is not text, and pagedlm has no multimodal "
+                         f"inputs (a part is a str or a dict of type {', '.join(TEXT_PART_KEYS)})")
+    text = part.get(key)
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"message {i}: a {part_type!r} part's {key!r} must be a str, got {type(text).__name__}")
+    return text
 
 
 def _knows_developer_role(template: str) -> bool:
@@ -115,16 +142,6 @@ def _parse_tool_call(i: int, call: object) -> object:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def _join_text_parts(i: int, parts: list) -> str:
-    texts = []
-    for part in parts:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            raise ValueError(f"message {i}: a content part must be {{'type': 'text', 'text': str}} "
-                             f"(only text is supported), got {part!r:.80}")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
 def render_chat(
     tokenizer: PreTrainedTokenizerBase,
     conversation: object,
@@ -137,8 +154,10 @@ def render_chat(
     """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
     Its text already holds the template's special tokens (BOS included), so it is tokenized with
     ``add_special_tokens=False``. ``tools`` (OpenAI's tool definitions) go to the template as
-    ``tools``; ``chat_template_kwargs`` go to it too and win over the arguments of the same name,
-    as in vLLM.
+    ``tools``. ``chat_template_kwargs`` go to it too, under the arguments: an argument that is not
+    None wins over the key of the same name (vLLM's ``merge_kwargs``), so they only fill in
+    ``tools`` and ``chat_template`` when those are None (they may not set the conversation or
+    ``tokenize``).
 
     Raises:
         FieldError: its ``field`` the argument at fault: a bad message (``parse_conversation``;
@@ -166,21 +185,22 @@ def render_chat(
     if clash:
         raise FieldError(f"chat_template_kwargs cannot set {', '.join(clash)}: the conversation is the messages "
                          "given, and the rendered text is tokenized afterwards", "chat_template_kwargs")
-    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-              "tools": tools, "chat_template": chat_template, **given}
-    kwargs.pop("tokenize", None)
-    chat_template = kwargs.pop("chat_template")
+    kwargs = merge_kwargs(given, {
+        "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+        "tools": tools, "chat_template": chat_template, "tokenize": False,
+    })
+    chat_template = kwargs.pop("chat_template", None)
     if chat_template is None and tokenizer.chat_template is None:
         raise FieldError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)",
                          "messages")
-    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+    if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise FieldError("add_generation_prompt and continue_final_message cannot both be True",
-                         "chat_template_kwargs" if "continue_final_message" in given else "continue_final_message")
+                         "continue_final_message" if continue_final_message else "chat_template_kwargs")
     template = chat_template or tokenizer.chat_template
     if not _knows_developer_role(template if isinstance(template, str) else " ".join(template.values())):
         messages = _developer_as_system(messages)
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **kwargs)
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         field = "messages"
         if isinstance(exc, jinja2.TemplateSyntaxError):
@@ -189,3 +209,9 @@ def render_chat(
     if not isinstance(text, str):
         raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")
     return RenderedChat(text)
+
+
+def merge_kwargs(defaults: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with the ``overrides`` that are set (not None), as vLLM merges
+    ``chat_template_kwargs`` under ``LLM.chat``'s own arguments."""
+    return {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}}

@@ -22,7 +22,9 @@ from pagedlm.entrypoints.chat_utils import (
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
-from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from pagedlm.sampling_params import (
+    BeamSearchParams, RequestOutputKind, SamplingParams, check_truncate_prompt_tokens,
+)
 from pagedlm.transformers_utils.gguf import resolve_model
 from pagedlm.transformers_utils.tokenizer import encode_prompts
 from pagedlm.utils import FieldError
@@ -171,6 +173,8 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
+        *,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; one ``RequestOutput`` per prompt, in input order.
 
@@ -181,9 +185,22 @@ class LLM:
         listing each bad prompt's index and why. ``use_tqdm`` shows a progress bar (tqdm.auto's: a
         widget in a notebook that has ipywidgets); a callable makes the bar instead, as vLLM's
         does (e.g. ``functools.partial(tqdm, leave=False)``).
+
+        ``tokenization_kwargs`` is vLLM's; pagedlm takes its ``truncate_prompt_tokens``: k >= 1
+        runs each prompt on its last k tokens (a text prompt keeps the BOS its tokenizer adds, as
+        vLLM's does), -1 on as many as ``max_model_len`` leaves room for (vLLM 0.32 keeps
+        ``max_model_len``, a prompt it then refuses). ``SamplingParams.truncate_prompt_tokens``
+        (vLLM's older place for it) still works; given both, the smaller limit applies.
+
+        Raises:
+            ValueError: the bad prompts and parameters (as above), or ``tokenization_kwargs`` has
+                another key or a ``truncate_prompt_tokens`` that is not None, -1 or 1 to
+                ``max_model_len``.
         """
+        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
         prompts = _prompt_list(prompts)
-        return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm)
+        return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm,
+                             truncate_prompt_tokens=truncate_prompt_tokens)
 
     def beam_search(
         self,
@@ -238,21 +255,29 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        *,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation or each of a list of them (vLLM's ``LLM.chat``); one
         ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
 
-        A conversation is a list of ``{"role": "system" | "developer" | "user" | "assistant" |
-        "tool", "content": str}`` messages (see ``chat_utils.parse_conversation``). It is rendered
-        with ``chat_template`` or the tokenizer's own, with ``add_generation_prompt`` (open an
-        assistant turn) or ``continue_final_message`` (extend the last message; not both),
-        ``tools`` (OpenAI's function definitions) and ``chat_template_kwargs`` passed to the
-        template (``render_chat``); the text is tokenized without adding special tokens, since the
+        A conversation is a list of ``{"role": str, "content": str}`` messages, with any role the
+        template knows; content may also be null or a list of text parts (see
+        ``chat_utils.parse_conversation``). It is rendered with ``chat_template`` or the
+        tokenizer's own, with ``add_generation_prompt`` (open an assistant turn) or
+        ``continue_final_message`` (extend the last message; not both), ``tools`` (OpenAI's
+        function definitions) and ``chat_template_kwargs`` passed to the template (``render_chat``;
+        as in vLLM, an argument that is not None wins over the key of the same name in
+        ``chat_template_kwargs``); the text is tokenized without adding special tokens, since the
         template has placed them. An empty list is no conversation (no outputs).
+        ``tokenization_kwargs`` truncates the rendered prompts as in ``generate`` (from the left,
+        special tokens included).
 
         Raises:
-            ValueError: listing every conversation that cannot run and why, before any work.
+            ValueError: listing every conversation that cannot run and why, before any work; a bad
+                ``tokenization_kwargs`` (see ``generate``).
         """
+        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
         conversations = [messages] if is_conversation(messages) else messages
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
@@ -269,7 +294,8 @@ class LLM:
             except ValueError as exc:
                 errors[i] = str(exc)
                 prompts.append("")
-        return self._run_all(prompts, params, use_tqdm, errors, what="conversations")
+        return self._run_all(prompts, params, use_tqdm, errors, what="conversations",
+                             truncate_prompt_tokens=truncate_prompt_tokens)
 
     def generate_as_completed(
         self,
@@ -279,6 +305,7 @@ class LLM:
         use_tqdm: bool | Callable[..., tqdm] = False,
         max_in_flight: int | None = None,
         return_errors: bool = False,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> Iterator[tuple[int, RequestOutput | ValueError]]:
         """Yield ``(index, RequestOutput)`` for each prompt as soon as it finishes, in the order they
         finish; ``index`` is the prompt's position in ``prompts``.
@@ -294,15 +321,17 @@ class LLM:
         ``return_errors`` is True (a ``utils.FieldError`` naming the ``SamplingParams`` field at
         fault, or "prompt", where one is). Otherwise the prompts after it are not run (those already read
         with it are dropped), the requests already in the engine finish and are yielded, and then a
-        ``ValueError`` naming the prompt is raised.
+        ``ValueError`` naming the prompt is raised. ``tokenization_kwargs`` is as in ``generate``.
 
         Raises:
             ValueError: ``sampling_params`` has fewer or more entries than ``prompts``, when the
-                shorter one runs out (at once, for sized inputs).
+                shorter one runs out (at once, for sized inputs); a bad ``tokenization_kwargs``
+                (at once).
             RuntimeError: another ``generate``/``chat``/iteration is running on this LLM.
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
+        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
         if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
@@ -313,8 +342,26 @@ class LLM:
         else:
             items = _zip_one_each(prompts, sampling_params)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
-        prepare = functools.partial(self._prepare, wait_for_grammars=False)
+        prepare = functools.partial(self._prepare, wait_for_grammars=False,
+                                    truncate_prompt_tokens=truncate_prompt_tokens)
         return self._stream(_chunks(items, _TOKENIZE_CHUNK, prepare), window, total, use_tqdm, return_errors)
+
+    def _truncate_prompt_tokens(self, tokenization_kwargs: dict[str, Any] | None) -> int | None:
+        """The ``truncate_prompt_tokens`` of vLLM's ``tokenization_kwargs``, checked."""
+        if tokenization_kwargs is None:
+            return None
+        if not isinstance(tokenization_kwargs, dict):
+            raise ValueError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}.")
+        unknown = sorted(map(repr, set(tokenization_kwargs) - {"truncate_prompt_tokens"}))
+        if unknown:
+            raise ValueError(f"tokenization_kwargs: unknown key(s) {', '.join(unknown)}; pagedlm takes only "
+                             "'truncate_prompt_tokens'.")
+        value = check_truncate_prompt_tokens(tokenization_kwargs.get("truncate_prompt_tokens"))
+        max_model_len = self.llm_engine.model_config.max_model_len
+        if value is not None and value > max_model_len:
+            raise ValueError(f"tokenization_kwargs: truncate_prompt_tokens ({value}) cannot be greater than "
+                             f"max_model_len ({max_model_len}).")
+        return value
 
     def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams | None]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -328,12 +375,13 @@ class LLM:
 
     def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
                  errors: dict[int, str] | None = None, what: str = "prompts",
-                 max_in_flight: int | None = None) -> list[RequestOutput]:
+                 max_in_flight: int | None = None, truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
         """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
         most ``max_in_flight`` requests at once (all when None)."""
         errors = dict(errors or {})
         requests = []
-        for request in self._prepare(list(zip(count(), prompts, params))):
+        items = list(zip(count(), prompts, params))
+        for request in self._prepare(items, truncate_prompt_tokens=truncate_prompt_tokens):
             if isinstance(request, _Rejected):
                 errors.setdefault(request.index, str(request.reason))
             requests.append(request)
@@ -345,12 +393,13 @@ class LLM:
             outputs[index] = output
         return outputs
 
-    def _prepare(self, items: list[tuple[int, object, SamplingParams | None]],
-                 wait_for_grammars: bool = True) -> list["_Request | _Rejected"]:
-        """Tokenize and check a chunk of ``(index, prompt, params)``; ``None`` params are the
-        defaults. Without ``wait_for_grammars`` a structured-outputs constraint is compiled in the
-        background (``_Request.grammar``) and checked when it is done."""
-        texts, token_ids, errors = self._tokenize([prompt for _, prompt, _ in items])
+    def _prepare(self, items: list[tuple[int, object, SamplingParams | None]], wait_for_grammars: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list["_Request | _Rejected"]:
+        """Tokenize, truncate (to the smaller of ``truncate_prompt_tokens`` and the params') and
+        check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults. Without
+        ``wait_for_grammars`` a structured-outputs constraint is compiled in the background
+        (``_Request.grammar``) and checked when it is done."""
+        texts, token_ids, errors, from_text = self._tokenize([prompt for _, prompt, _ in items])
         requests: list[_Request | _Rejected] = []
         # Each params object's checked FINAL_ONLY copy, or why it is invalid (a field set after
         # construction). Only finished outputs are returned (as vLLM's LLM does), so the engine
@@ -374,7 +423,8 @@ class LLM:
                 if isinstance(params, ValueError):
                     reason = reason or params
             if reason is None:
-                token_ids[k] = self.llm_engine.truncate_prompt(token_ids[k], params)
+                token_ids[k] = self.llm_engine.truncate_prompt(
+                    token_ids[k], params.truncate_prompt_tokens, truncate_prompt_tokens, from_text=k in from_text)
                 reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
             if reason is None:
                 grammar = None
@@ -385,7 +435,10 @@ class LLM:
                 requests.append(_Rejected(index, reason))
         return requests
 
-    def _tokenize(self, prompts: Sequence[object]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
+    def _tokenize(self, prompts: Sequence[object]
+                  ) -> tuple[list[str | None], list[list[int]], dict[int, str], set[int]]:
+        """Each prompt's text (None for token ids without one) and token ids, why each bad one is
+        bad, and which were encoded from text with the tokenizer's special tokens."""
         texts: list[str | None] = []
         token_ids: list[list[int]] = []
         errors: dict[int, str] = {}
@@ -435,7 +488,7 @@ class LLM:
                 token_ids[i] = ids
         for i, text in shown.items():
             texts[i] = text
-        return texts, token_ids, errors
+        return texts, token_ids, errors, set(plain)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix; later requests compute their prompts afresh."""

@@ -45,3 +45,10 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
         "dropped the one it added.", len(doubled), bos,
     )
     return encoded
+
+
+def num_special_tokens_before_text(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many special tokens (a BOS) the tokenizer puts before a text's own tokens."""
+    text = tokenizer("a", add_special_tokens=False).input_ids
+    ids = tokenizer("a").input_ids
+    return next((i for i in range(len(ids) - len(text) + 1) if ids[i:i + len(text)] == text), 0)
