@@ -133,7 +133,7 @@ setup(
         "jinja2>=3.1",  # transformers renders chat templates with it
     ],
     extras_require={
-        "parquet": ["pyarrow"],
+        "parquet": ["pyarrow>=13"],  # to_pylist(maps_as_pydicts=...)
         "ray": ["ray[data]"],
         "structured": ["xgrammar"],
         "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]", "xgrammar",

@@ -4,6 +4,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -24,24 +25,39 @@ def cdiv(a: int, b: int) -> int:
 
 @contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers they had: for
-    a change of the engine's state that a ``KeyboardInterrupt`` (or a job's ``JobInterrupted``)
-    landing half-way would leave inconsistent (a block table freed but not its blocks, a token
-    appended but not its logprobs). Only the main thread receives signals; elsewhere, and for a
-    signal ignored or whose handler Python does not own, the block runs as is."""
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers they had
+    (SIGTERM first): for a change of the engine's state that a ``KeyboardInterrupt`` (or a job's
+    ``JobInterrupted``) landing half-way would leave inconsistent (a block table freed but not its
+    blocks, a token appended but not its logprobs). Only the main thread runs signal handlers;
+    elsewhere, and for a signal ignored or whose handler Python does not own, the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
-    previous = {}
-    for s in _DEFERRED_SIGNALS:
-        handler = signal.getsignal(s)
-        if handler is not None and handler is not signal.SIG_IGN:
-            previous[s] = signal.signal(s, lambda signum, frame: received.append(signum))
+    previous = {s: h for s in _DEFERRED_SIGNALS if (h := signal.getsignal(s)) is not None and h is not signal.SIG_IGN}
+    held: list[int] = []
+    holding = True
+
+    def hold(signum: int, frame: object) -> None:
+        if holding:
+            held.append(signum)
+        else:  # between the end of the block and its handler's return
+            _deliver(previous[signum], signum, frame)
+
+    for s in previous:
+        signal.signal(s, hold)
     try:
         yield
     finally:
+        holding = False  # one step: from here a signal reaches its own handler, even before it is back
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(received):
-            signal.raise_signal(s)
+        for s in sorted(set(held), key=_DEFERRED_SIGNALS.index, reverse=True):
+            _deliver(previous[s], s, None)
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    if callable(handler):
+        handler(signum, frame)
+    else:  # SIG_DFL: the default action (SIGTERM ends the process)
+        signal.signal(signum, handler)
+        signal.raise_signal(signum)

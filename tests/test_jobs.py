@@ -389,6 +389,26 @@ def test_a_full_disk_stops_the_job_with_one_clear_error_and_resume_finishes_it(l
     assert sorted(r["id"] for r in rows) == list(range(6)) and all(r["error"] is None for r in rows)
 
 
+def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypatch):
+    """Found by a review: a sync failing with anything but OSError (pyarrow's ValueError) killed
+    the writer's thread, and every later write tried to start it again."""
+    from pagedlm.entrypoints.jobs import files
+    from pagedlm.entrypoints.jobs.plain_rows import output_schema
+
+    def fail(*args, **kwargs):
+        raise ValueError("cannot convert")
+
+    writer = files.ParquetWriter(str(tmp_path / "out.parquet"), False, lambda row: row["id"], output_schema(),
+                                 part_rows=2)
+    monkeypatch.setattr(files, "rows_to_table", fail)
+    writer.write({"id": 1, "error": None})
+    for _ in range(2):
+        with pytest.raises(files.OutputWriteError, match="cannot write .*out.parquet: ValueError: cannot convert"):
+            writer.write({"id": 2, "error": None})
+    with pytest.raises(files.OutputWriteError):
+        writer.close()
+
+
 def test_values_json_has_no_literal_for_are_written_as_json_reads_them(llama_dir, tmp_path):
     """Found by a hunt: a Parquet uuid column failed every finished row's write (and the row was
     counted completed and an error: "unfinished": -2); NaN from pandas was written as a bare NaN,

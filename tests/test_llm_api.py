@@ -384,6 +384,32 @@ def test_a_ctrl_c_while_the_engine_changes_its_state_waits_for_the_change(llama_
     assert run() == expected
 
 
+def test_deferred_signals_deliver_sigterm_first_and_restore_every_handler():
+    """Found by a review: with both signals held, the first delivery's exception lost the second
+    (a scheduler's SIGTERM), and a signal between two handler restores left a holding handler."""
+    import signal
+
+    from pagedlm.utils import deferred_signals
+
+    calls = []
+
+    def on_term(signum, frame):
+        calls.append("term")
+        raise SystemExit(143)
+
+    previous_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(SystemExit):
+            with deferred_signals():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                calls.append("block ran to its end")
+        assert calls == ["block ran to its end", "term"]
+        assert signal.getsignal(signal.SIGTERM) is on_term and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
 def test_a_ctrl_c_inside_an_abort_frees_every_block(llm, monkeypatch):
     import signal
 

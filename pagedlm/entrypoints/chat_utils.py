@@ -204,7 +204,8 @@ def render_chat(
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         field = "messages"
         if isinstance(exc, jinja2.TemplateSyntaxError):
-            field = "chat_template_kwargs" if "chat_template" in given else "chat_template"
+            from_kwargs = options["chat_template"] is None and given.get("chat_template") is not None
+            field = "chat_template_kwargs" if from_kwargs else "chat_template"
         raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}", field) from exc
     if not isinstance(text, str):
         raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")

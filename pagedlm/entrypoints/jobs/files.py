@@ -184,8 +184,9 @@ class OutputWriter:
 
     A daemon thread calls ``_sync`` when rows were written since the last one, so the rows that
     finished before a long wait reach the disk without waiting for the next row. ``keys`` counts
-    the rows per id that the output held when it was opened (resume). Once a write or sync fails
-    with an ``OSError``, ``write`` and ``close`` raise it as an ``OutputWriteError``.
+    the rows per id that the output held when it was opened (resume). Once a file write fails
+    with an ``OSError``, or a sync fails with anything, ``write`` and ``close`` raise it as an
+    ``OutputWriteError``.
     """
 
     def __init__(self, path: str, sync_interval: float) -> None:
@@ -194,6 +195,7 @@ class OutputWriter:
         self._lock = threading.Lock()
         self._dirty = False
         self._error: OutputWriteError | None = None
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sync_every, args=(sync_interval,), daemon=True)
 
@@ -204,13 +206,14 @@ class OutputWriter:
                     self._guarded(self._sync)
                     self._dirty = False
 
-    def _guarded(self, action: Callable, *args: Any) -> None:
+    def _guarded(self, action: Callable, *args: Any, errors: tuple[type[BaseException], ...] = (Exception,)) -> None:
+        """Run ``action``; an error of ``errors`` stops the writer (``_error``)."""
         try:
             action(*args)
-        except OSError as exc:
-            self._error = OutputWriteError(exc.errno, f"cannot write {self.path}: {exc.strerror or exc}; the rows "
-                                                      "synced before are kept, and --resume continues the job "
-                                                      "once that is mended")
+        except errors as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            self._error = OutputWriteError(getattr(exc, "errno", None), f"cannot write {self.path}: {why}; the rows "
+                                           "synced before are kept, and --resume continues the job once that is mended")
 
     def same_key(self, key: Any) -> Any:
         """The form of an id under which this output tells ids apart (and counts them in ``keys``)."""
@@ -220,12 +223,13 @@ class OutputWriter:
         """Raises: OutputWriteError; TypeError or ValueError: a value this output cannot hold."""
         with self._lock:
             if self._error is None:
-                self._guarded(self._append, row)
+                self._guarded(self._append, row, errors=(OSError,))  # a TypeError is the row's
             if self._error is not None:
                 raise self._error
             self._dirty = True
-            if not self._thread.is_alive() and not self._stop.is_set():
+            if not self._started:
                 self._thread.start()
+                self._started = True
 
     def close(self, finished: bool = True) -> None:
         """Sync what is written; ``finished`` says the job reached the end of its input.
@@ -340,7 +344,7 @@ class ParquetWriter(OutputWriter):
     def _append(self, row: dict) -> None:
         self._rows.append(row)
         if len(self._rows) >= self._part_rows:
-            self._sync()
+            self._guarded(self._sync)
 
     def _sync(self) -> None:
         import pyarrow.parquet as pq

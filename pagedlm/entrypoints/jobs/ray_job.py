@@ -131,9 +131,10 @@ def _check_reachable(address: str) -> None:
 
 
 def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: list[str]) -> None:
-    """This run's counts, from the output files it added; ``skipped``: the rows with ids that the
-    files of earlier runs hold (a row without an id runs again)."""
-    new = [path for path in _output_files(directory, kind) if path not in set(earlier)]
+    """This run's counts, from the whole output files it added (an interrupt can leave one torn,
+    which the next ``--resume`` moves aside); ``skipped``: the rows with ids that the files of
+    earlier runs hold (a row without an id runs again)."""
+    new = [path for path in _output_files(directory, kind) if path not in set(earlier) and _is_whole(path, kind)]
     stats.skipped = sum(i is not None for i in _column(earlier, kind, "id"))
     errors = list(_column(new, kind, "error"))
     stats.rows = stats.skipped + len(errors)
@@ -177,24 +178,32 @@ def _column(paths: list[str], kind: str, name: str) -> Iterator:
 def _readable_files(directory: str, kind: str) -> list[str]:
     """The output's files, once those that a kill left torn or unreadable are moved aside
     (``*.damaged``): their rows run again."""
-    import pyarrow.parquet as pq
-
     readable = []
     for path in _output_files(directory, kind):
-        try:
-            if kind == "parquet":
-                pq.read_table(path, columns=["id"])
-            else:
-                with storage.open_input(path) as f:
-                    for line in f:
-                        if not line.endswith(b"\n"):
-                            raise ValueError("a torn last line")
-                        json.loads(line)["id"]
-        except (OSError, ValueError, KeyError, pa.ArrowException):
+        if _is_whole(path, kind):
+            readable.append(path)
+        else:
             storage.move(path, path + ".damaged")
-            continue
-        readable.append(path)
     return readable
+
+
+def _is_whole(path: str, kind: str) -> bool:
+    """Whether an output file reads to its end: Parquet with its footer, JSONL lines of JSON
+    objects each ended by a newline."""
+    import pyarrow.parquet as pq
+
+    try:
+        if kind == "parquet":
+            pq.read_table(path, columns=["id"])
+        else:
+            with storage.open_input(path) as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        return False
+                    json.loads(line)["id"]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return False
+    return True
 
 
 class JsonLinesDatasource(FileBasedDatasource):

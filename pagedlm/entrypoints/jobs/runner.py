@@ -151,18 +151,27 @@ def _exclusive_run(output: str) -> Iterator[None]:
     (a scheduler that requeued it while the first still runs) is refused instead of writing the
     same rows again. The kernel drops the lock with the process, so a killed run leaves none."""
     path = output + ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"--output {output!r}: another run of this job is writing it (it holds {path}); "
-                         "let it finish or stop it first") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"--output {output!r}: another run of this job is writing it (it holds {path}); "
+                             "let it finish or stop it first") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file the run before unlinked on its way out: lock the one at path now
     try:
         yield
     finally:
-        os.unlink(path)
-        os.close(fd)
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
 
 
 def _check_paths(config: JobConfig, in_kind: str) -> None:
@@ -220,7 +229,9 @@ def _not_json_lines(raw: bytes) -> str | None:
     """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
     if raw.startswith(b"\x1f\x8b"):
         return "is gzip data; pagedlm run reads JSON Lines: decompress it first (gunzip)"
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:  # JSON text never holds a NUL byte
+    # UTF-16/32 without a byte-order mark: NUL bytes around the first character (a NUL in a later
+    # line is only that line's error).
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw.lstrip(b" \t\r\n")[:4]:
         return "is UTF-16 or UTF-32 text (a byte-order mark or NUL bytes); pagedlm run reads UTF-8: save it as UTF-8"
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     if head.startswith("["):
