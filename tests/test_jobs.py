@@ -389,6 +389,14 @@ def test_a_full_disk_stops_the_job_with_one_clear_error_and_resume_finishes_it(l
     assert sorted(r["id"] for r in rows) == list(range(6)) and all(r["error"] is None for r in rows)
 
 
+def test_a_summary_that_cannot_be_written_does_not_fail_a_finished_job(llama_dir, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    (tmp_path / "out.jsonl.summary.json").mkdir()  # opening it for writing fails (IsADirectoryError)
+    stats, rows = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={"max_tokens": 1})
+    assert stats.completed == 1 and len(rows) == 1
+    assert "could not write" in capsys.readouterr().err
+
+
 def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypatch):
     """Found by a review: a sync failing with anything but OSError (pyarrow's ValueError) killed
     the writer's thread, and every later write tried to start it again."""

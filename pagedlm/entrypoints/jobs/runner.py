@@ -140,8 +140,12 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
                 if own_llm and llm is not None:
                     llm.close()
         summary = {**stats.summary(interrupted is not None), "output": config.output}
-        with open(config.output + ".summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        try:
+            with open(config.output + ".summary.json", "w") as f:
+                json.dump(summary, f, indent=2)
+        except OSError as exc:  # the rows are written; only the summary is lost
+            print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
+                  "is complete", file=sys.stderr, flush=True)
         return stats, interrupted
 
 
