@@ -568,6 +568,7 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "cr.jsonl"}, "'cr.jsonl' has lines ended by CR alone"),
     ({"input": "commas.jsonl"}, r"'commas.jsonl' holds lines copied out of a JSON array \(its first line ends in '},'\)"),
     ({"input": "previous.parquet"}, r"'previous.parquet' has column\(s\) outputs, error, which the output writes"),
+    ({"input": "previous.jsonl"}, r"'previous.jsonl' has column\(s\) outputs, prompt_tokens, completion_tokens, error, "),
     ({"input": "footer.parquet"}, r"'footer.parquet' is not a readable Parquet file \(OSError: Couldn't deserialize thrift"),
     ({"output": "started.parquet"}, r"'started.parquet': its job was started \(its parts directory "
                                     r"'started.parquet.parts' exists.*pass --resume"),
@@ -584,6 +585,8 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
     (tmp_path / "commas.jsonl").write_text(f"{line},\n{line},\n")
     pq.write_table(pa.table({"id": [1], "prompt": ["a"], "outputs": [None], "error": ["x"]}), tmp_path / "previous.parquet")
+    write_jsonl(tmp_path / "previous.jsonl", [{"id": 1, "prompt": "a", "outputs": [], "prompt_tokens": 1,
+                                              "completion_tokens": 0, "error": None}])  # found by a hunt
     (tmp_path / "started.parquet.parts").mkdir()  # as an interrupted Parquet job leaves it
     pq.write_table(pa.table({"id": [1], "prompt": ["a"]}), tmp_path / "footer.parquet")
     with open(tmp_path / "footer.parquet", "r+b") as f:  # a torn footer (found by a hunt: a raw traceback)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from itertools import chain, tee
+from itertools import chain, islice, tee
 from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
@@ -262,14 +262,20 @@ def _not_json_lines(raw: bytes) -> str | None:
 
 
 def _check_result_columns(path: str, in_kind: str) -> None:
-    """Refuse plain rows from a Parquet file whose columns are named like the output's results (a
-    job's output, most likely): every row would be an error (``PlainFormat.parse``).
+    """Refuse plain rows from a Parquet file whose columns are named like the output's results, or
+    a JSONL file whose first object holds every result field a job writes: a job's output, most
+    likely, whose every row would be an error (``PlainFormat.parse``). (One JSON row with a stray
+    ``error`` field is only that row's error.)
 
     Raises:
         ValueError: such columns (the message names them).
     """
-    schema = input_schema(path, in_kind)
-    clash = [c for c in RESULT_COLUMNS if schema is not None and c in schema.names]
+    if in_kind == "parquet":
+        names = set(input_schema(path, in_kind).names)
+    else:
+        first = next((row for _, row, _ in islice(read_rows(path, in_kind), 1000) if isinstance(row, dict)), {})
+        names = set(first) if {"outputs", "prompt_tokens", "completion_tokens", "error"} <= set(first) else set()
+    clash = [c for c in RESULT_COLUMNS if c in names]
     if clash:
         raise ValueError(f"--input {path!r} has column(s) {', '.join(clash)}, which the output writes (is it a "
                          "job's output?); drop or rename them in the input")
