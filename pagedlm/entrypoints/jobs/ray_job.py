@@ -21,7 +21,7 @@ from ray.data.datasource import FileBasedDatasource
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
-from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text
+from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_input_file, check_record, check_served_model_names, job_record, read_input,
@@ -91,12 +91,12 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     if not started:
         write_record(config, record)
     stats, interrupted = JobStats(), None
-    earlier: list[str] = []  # the output's files from earlier runs
+    earlier: dict[str, list] = {}  # the ids in each of the output's files from earlier runs
     try:
         with signals_interrupt():  # after ray.init, which sets handlers of its own
             if config.resume and started:
-                earlier = _readable_files(config.output, out_kind)
-            done_ids = sorted({id_text(i) for i in _column(earlier, out_kind, "id") if i is not None})
+                earlier = _earlier_ids(config.output, out_kind)
+            done_ids = sorted({id_text(i) for ids in earlier.values() for i in ids if i is not None})
             processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
                                   json_lines_out=out_kind == "jsonl", done_ids=done_ids,
                                   json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
@@ -130,32 +130,27 @@ def _check_reachable(address: str) -> None:
         raise ValueError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
 
 
-def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: list[str]) -> None:
+def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: dict[str, list]) -> None:
     """This run's counts, from the whole output files it added (an interrupt can leave one torn,
     which the next ``--resume`` moves aside); ``skipped``: the rows with ids that the files of
     earlier runs hold (a row without an id runs again)."""
-    new = [path for path in _output_files(directory, kind) if path not in set(earlier) and _is_whole(path, kind)]
-    stats.skipped = sum(i is not None for i in _column(earlier, kind, "id"))
-    errors = list(_column(new, kind, "error"))
-    stats.rows = stats.skipped + len(errors)
-    stats.errors = sum(e is not None for e in errors)
-    stats.completed = len(errors) - stats.errors
-    stats.prompt_tokens = sum(n or 0 for n in _column(new, kind, "prompt_tokens"))
-    stats.completion_tokens = sum(n or 0 for n in _column(new, kind, "completion_tokens"))
+    rows = [row for path in _output_files(directory, kind) if path not in earlier
+            for row in _whole_rows(path, kind, ("error", "prompt_tokens", "completion_tokens")) or ()]
+    stats.skipped = sum(i is not None for ids in earlier.values() for i in ids)
+    stats.rows = stats.skipped + len(rows)
+    stats.errors = sum(error is not None for error, _, _ in rows)
+    stats.completed = len(rows) - stats.errors
+    stats.prompt_tokens = sum(n or 0 for _, n, _ in rows)
+    stats.completion_tokens = sum(n or 0 for _, _, n in rows)
 
 
 def _json_fields(path: str) -> list[str]:
     """The top-level fields of a JSONL file's objects, in the order they first appear (one pass
     over the file in this process, before any row runs)."""
     fields: dict[str, None] = {}
-    with storage.open_input(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):  # that line's error row has no fields of its own
-                continue
-            if isinstance(row, dict):
-                fields.update(dict.fromkeys(row))
+    for _, row, _ in read_rows(path, "jsonl"):  # a line that is not JSON has no fields of its own
+        if isinstance(row, dict):
+            fields.update(dict.fromkeys(row))
     return list(fields)
 
 
@@ -163,47 +158,38 @@ def _output_files(directory: str, kind: str) -> list[str]:
     return storage.list_files(directory, (".jsonl",) if kind == "jsonl" else (".parquet",))
 
 
-def _column(paths: list[str], kind: str, name: str) -> Iterator:
-    """One column of the rows of ``paths``, output files of this job."""
-    import pyarrow.parquet as pq
-
-    for path in paths:
-        if kind == "parquet":
-            yield from pq.read_table(path, columns=[name]).column(name).to_pylist()
-        else:
-            with storage.open_input(path) as f:
-                yield from (json.loads(line)[name] for line in f)
-
-
-def _readable_files(directory: str, kind: str) -> list[str]:
-    """The output's files, once those that a kill left torn or unreadable are moved aside
-    (``*.damaged``): their rows run again."""
-    readable = []
+def _earlier_ids(directory: str, kind: str) -> dict[str, list]:
+    """The ids in each of the output's files, once those that a kill left torn or unreadable are
+    moved aside (``*.damaged``): their rows run again."""
+    earlier = {}
     for path in _output_files(directory, kind):
-        if _is_whole(path, kind):
-            readable.append(path)
-        else:
+        rows = _whole_rows(path, kind, ("id",))
+        if rows is None:
             storage.move(path, path + ".damaged")
-    return readable
+        else:
+            earlier[path] = [key for (key,) in rows]
+    return earlier
 
 
-def _is_whole(path: str, kind: str) -> bool:
-    """Whether an output file reads to its end: Parquet with its footer, JSONL lines of JSON
-    objects each ended by a newline."""
+def _whole_rows(path: str, kind: str, names: tuple[str, ...]) -> list[tuple] | None:
+    """The ``names`` columns of an output file's rows, or None when the file does not read to its
+    end: Parquet without its footer, JSONL with a torn line or one that is not an output row."""
     import pyarrow.parquet as pq
 
     try:
         if kind == "parquet":
-            pq.read_table(path, columns=["id"])
-        else:
-            with storage.open_input(path) as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        return False
-                    json.loads(line)["id"]
+            table = pq.read_table(path, columns=list(names))
+            return list(zip(*(table.column(name).to_pylist() for name in names)))
+        rows = []
+        with storage.open_input(path) as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return None
+                row = json.loads(line)
+                rows.append(tuple(row[name] for name in names))
+        return rows
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
-        return False
-    return True
+        return None
 
 
 class JsonLinesDatasource(FileBasedDatasource):
