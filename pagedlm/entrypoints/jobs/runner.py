@@ -99,54 +99,61 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
     with _exclusive_run(config.output):
-        fmt_name, rows = read_input(config, in_kind)
-        check_served_model_names(config, fmt_name)
-        if fmt_name == "plain":
-            _check_result_columns(config.input, in_kind)
-        if fmt_name == "openai" and out_kind != "jsonl":
-            raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
-        model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
-        started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
-        record = job_record(config, fmt_name, model)
-        check_record(config, record, started)
+        return _run_locked(config, tty, llm, in_kind, out_kind)
 
-        stats = JobStats()
-        interrupted = finished = None
-        own_llm = llm is None
-        writer = progress = None
-        try:
-            with signals_interrupt():
-                try:
-                    if own_llm:
-                        llm = LLM(model, **config.engine)
-                    if not started:  # once the engine settings have proved valid
-                        write_record(config, record)
-                    fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
-                    writer = _writer(out_kind, config, fmt, in_kind)
-                    progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
-                    _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
-                    finished = True
-                except JobInterrupted as exc:
-                    interrupted = exc.signum
-                    print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
-                          file=sys.stderr, flush=True)
-        finally:
+
+def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: str,
+                out_kind: str) -> tuple[JobStats, int | None]:
+    """``run_job`` once the run holds its output: the checks that read the input and the job's
+    record, then the rows."""
+    fmt_name, rows = read_input(config, in_kind)
+    check_served_model_names(config, fmt_name)
+    if fmt_name == "plain":
+        _check_result_columns(config.input, in_kind)
+    if fmt_name == "openai" and out_kind != "jsonl":
+        raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
+    model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
+    started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
+    record = job_record(config, fmt_name, model)
+    check_record(config, record, started)
+
+    stats = JobStats()
+    interrupted = finished = None
+    own_llm = llm is None
+    writer = progress = None
+    try:
+        with signals_interrupt():
             try:
-                if writer is not None:
-                    writer.close(finished=bool(finished))
-            finally:
-                if progress is not None:
-                    progress.close()
-                if own_llm and llm is not None:
-                    llm.close()
-        summary = {**stats.summary(interrupted is not None), "output": config.output}
+                if own_llm:
+                    llm = LLM(model, **config.engine)
+                if not started:  # once the engine settings have proved valid
+                    write_record(config, record)
+                fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
+                writer = _writer(out_kind, config, fmt, in_kind)
+                progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
+                _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
+                finished = True
+            except JobInterrupted as exc:
+                interrupted = exc.signum
+                print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
+                      file=sys.stderr, flush=True)
+    finally:
         try:
-            with open(config.output + ".summary.json", "w") as f:
-                json.dump(summary, f, indent=2)
-        except OSError as exc:  # the rows are written; only the summary is lost
-            print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
-                  "is complete", file=sys.stderr, flush=True)
-        return stats, interrupted
+            if writer is not None:
+                writer.close(finished=bool(finished))
+        finally:
+            if progress is not None:
+                progress.close()
+            if own_llm and llm is not None:
+                llm.close()
+    summary = {**stats.summary(interrupted is not None), "output": config.output}
+    try:
+        with open(config.output + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    except OSError as exc:  # the rows are written; only the summary is lost
+        print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
+              "is complete", file=sys.stderr, flush=True)
+    return stats, interrupted
 
 
 @contextmanager
