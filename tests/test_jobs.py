@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE
 from pagedlm import LLM, SamplingParams
 from pagedlm.entrypoints.jobs.runner import JobConfig, read_input, run_job
+from pagedlm.transformers_utils.tokenizer import TokenBytes
 
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
 
@@ -155,7 +156,7 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
     assert len(content) == body["usage"]["completion_tokens"]
     for entry in content:
         assert isinstance(entry["token"], str) and isinstance(entry["logprob"], float)
-        assert entry["bytes"] == list(entry["token"].encode())
+        assert isinstance(entry["bytes"], list) and all(0 <= b < 256 for b in entry["bytes"])
         assert len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["logprob"] >= entry["logprob"]
     hf_ids = AutoTokenizer.from_pretrained(llama_dir).apply_chat_template(
         chat, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -673,7 +674,7 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     schema = {"type": "string", "enum": ["alpha", "beta"]}
     rows = [
         _openai_row("schema", "/v1/completions", {"prompt": "Hello", "max_tokens": 10, "temperature": 1.0, "seed": 1,
-                                                  "response_format": {"type": "json_schema",
+                                                  "logprobs": 5, "response_format": {"type": "json_schema",
                                                                       "json_schema": {"name": "x", "schema": schema}}}),
         _openai_row("text", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "response_format": {"type": "text"}}),
         _openai_row("bad-type", "/v1/completions", {"prompt": "Hello", "response_format": {"type": "yaml"}}),
@@ -684,7 +685,11 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={})
     got = by_id(out, "custom_id")
     assert (stats.completed, stats.errors) == (2, 2)
-    assert json.loads(got["schema"]["response"]["body"]["choices"][0]["text"]) in ("alpha", "beta")
+    choice = got["schema"]["response"]["body"]["choices"][0]
+    assert json.loads(choice["text"]) in ("alpha", "beta")
+    # Tokens the grammar forbids have logprob -inf: OpenAI's schema wants a number, and vLLM writes -9999.0.
+    top = [value for position in choice["logprobs"]["top_logprobs"] for value in position.values()]
+    assert -9999.0 in top and all(isinstance(v, float) and v >= -9999.0 for v in top + choice["logprobs"]["token_logprobs"])
     assert got["bad-type"]["response"]["body"]["error"]["param"] == "response_format"
     assert "does not compile" in got["bad-schema"]["error"]["message"]
 
@@ -937,3 +942,33 @@ def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path)
         want = tok.apply_chat_template(chat, tokenize=True, return_dict=True, **kwargs)["input_ids"]
         assert got[i]["prompt_tokens"] == len(want), option
     assert len({got[i]["prompt_tokens"] for i in range(4)}) == 3  # options 1 and 3 changed the prompt
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "byte_fallback", "wordpiece"])
+def test_openai_logprob_bytes_are_each_token_s_own(request, kind):
+    """OpenAI's ``bytes``: a token inside a multi-byte character carries its part of it (the text
+    it adds in context is "" until the character is whole), and the parts join into the text.
+    WordPiece's tokens have no bytes of their own (the output then uses the text a token adds)."""
+    fixture = {"byte_level": "tokenizer_dir", "byte_fallback": "sentencepiece_llama_dir",
+               "wordpiece": "wordpiece_llama_dir"}[kind]
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    token_bytes = TokenBytes(tok)
+    assert token_bytes(tok.eos_token_id) == b"</s>"
+    if kind == "wordpiece":
+        assert [token_bytes(t) for t in tok("cat dogs", add_special_tokens=False).input_ids] == [None] * 3
+        return
+    text = "a cat 日本 👍🏽 é"
+    ids = tok(text, add_special_tokens=False).input_ids
+    parts = [token_bytes(t) for t in ids]
+    assert b"".join(parts).decode() == (" " + text if kind == "byte_fallback" else text)  # "▁a" is " a"
+    assert sum(1 for part in parts if _is_partial_utf8(part)) >= 3
+    if kind == "byte_fallback":
+        assert token_bytes(tok.get_vocab()["<0xE6>"]) == b"\xe6"
+
+
+def _is_partial_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return True
+    return False

@@ -1,8 +1,11 @@
 """The checkpoint's tokenizer, and prompt text to token ids."""
 
+import json
 import logging
+import re
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger("pagedlm")
 
@@ -52,3 +55,53 @@ def num_special_tokens_before_text(tokenizer: PreTrainedTokenizerBase) -> int:
     text = tokenizer("a", add_special_tokens=False).input_ids
     ids = tokenizer("a").input_ids
     return next((i for i in range(len(ids) - len(text) + 1) if ids[i:i + len(text)] == text), 0)
+
+
+class TokenBytes:
+    """The bytes each vocabulary token stands for on its own: OpenAI's logprobs ``bytes``, where a
+    token inside a multi-byte UTF-8 character carries only its part of it.
+
+    Read from the vocabulary for the two byte-complete kinds of tokenizer: byte-level BPE (GPT-2's
+    byte-to-unicode alphabet, as transformers' ``convert_slow_tokenizer.bytes_to_unicode`` defines
+    it) and SentencePiece with byte fallback (``<0xNN>`` is byte NN; the decoder's ``Replace``
+    steps, "▁" to a space, apply to the rest). Added tokens give the UTF-8 of their text; other
+    tokenizers' tokens (WordPiece's ``##s``) give None: what they stand for depends on their context.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        steps = _decoder_steps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+        kinds = {step.get("type") for step in steps}
+        self._byte_level = {char: byte for byte, char in bytes_to_unicode().items()} if "ByteLevel" in kinds else None
+        self._byte_fallback = "ByteFallback" in kinds
+        self._replacements = [(step["pattern"]["String"], step["content"]) for step in steps
+                              if step.get("type") == "Replace" and "String" in (step.get("pattern") or {})]
+        self._added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+
+    def __call__(self, token_id: int) -> bytes | None:
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        token = self._tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:  # an id past the tokenizer's vocabulary (padded lm_head rows)
+            return b""
+        if self._byte_level is not None:
+            return b"".join(bytes([self._byte_level[c]]) if c in self._byte_level else c.encode("utf-8") for c in token)
+        if self._byte_fallback and (byte := _BYTE_FALLBACK.fullmatch(token)):
+            return bytes([int(byte.group(1), 16)])
+        if self._byte_fallback:
+            for pattern, content in self._replacements:
+                token = token.replace(pattern, content)
+            return token.encode("utf-8")
+        return None
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_steps(decoder: dict | None) -> list[dict]:
+    """A tokenizer.json decoder and the steps of its ``Sequence``s, flattened."""
+    if not decoder:
+        return []
+    if decoder.get("type") == "Sequence":
+        return [step for inner in decoder.get("decoders", []) for step in _decoder_steps(inner)]
+    return [decoder]

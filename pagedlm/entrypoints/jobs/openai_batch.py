@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from
 from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedlm.transformers_utils.tokenizer import TokenBytes
 from pagedlm.utils import FieldError
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
@@ -59,7 +60,7 @@ class OpenAIBatchFormat:
     """Reads and writes OpenAI Batch API rows.
 
     Args:
-        tokenizer: renders chat rows with its chat template.
+        tokenizer: renders chat rows with its chat template, and gives logprobs' token bytes.
         served_model_names: the names a body's ``model`` may give (vLLM refuses others); the first
             is written as ``model`` in the responses.
         defaults: the job's sampling defaults, under each body's own fields.
@@ -70,6 +71,7 @@ class OpenAIBatchFormat:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any]) -> None:
         self.tokenizer = tokenizer
+        self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
         self.defaults = defaults
 
@@ -150,7 +152,7 @@ class OpenAIBatchFormat:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
         k = job_row.params.logprobs or 0
-        choices = [(_chat_choice if chat else _completion_choice)(c, k) for c in output.outputs]
+        choices = [(_chat_choice if chat else _completion_choice)(c, k, self._token_bytes) for c in output.outputs]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         body = {
@@ -216,19 +218,19 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
     }
 
 
-def _chat_choice(c: CompletionOutput, k: int) -> dict:
+def _chat_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
-            {**_token_logprob(token_id, position[token_id]),
-             "top_logprobs": [_token_logprob(t, lp) for t, lp in _top(position, k)]}
+            {**_token_logprob(token_id, position[token_id], token_bytes),
+             "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in _top(position, k)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
     return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _completion_choice(c: CompletionOutput, k: int) -> dict:
+def _completion_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         tokens = [position[t].decoded_token or "" for t, position in zip(c.token_ids, c.logprobs)]
@@ -237,8 +239,8 @@ def _completion_choice(c: CompletionOutput, k: int) -> dict:
             offsets.append(offsets[-1] + len(token))
         logprobs = {
             "tokens": tokens,
-            "token_logprobs": [position[t].logprob for t, position in zip(c.token_ids, c.logprobs)],
-            "top_logprobs": [{lp.decoded_token or "": lp.logprob for _, lp in _top(position, k)} for position in c.logprobs],
+            "token_logprobs": [_logprob(position[t]) for t, position in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in _top(position, k)} for position in c.logprobs],
             "text_offset": offsets[: len(tokens)],
         }
     return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
@@ -251,6 +253,13 @@ def _top(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k), key=lambda item: item[1].rank)
 
 
-def _token_logprob(token_id: int, lp: Logprob) -> dict:
+def _token_logprob(token_id: int, lp: Logprob, token_bytes: TokenBytes) -> dict:
     token = lp.decoded_token or ""
-    return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8"))}
+    data = token_bytes(token_id)
+    return {"token": token, "logprob": _logprob(lp), "bytes": list(token.encode("utf-8") if data is None else data)}
+
+
+def _logprob(lp: Logprob) -> float:
+    """A logprob as OpenAI's schema types it, a number: a token the grammar forbids (``-inf``)
+    reads -9999.0, as vLLM's server writes it."""
+    return max(lp.logprob, -9999.0)
