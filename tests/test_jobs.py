@@ -318,6 +318,16 @@ def test_parquet_output_of_mixed_json_columns_resumes_without_repeats(llama_dir,
     assert (stats.skipped, stats.completed, stats.errors) == (4, 0, 0) and again == first
 
 
+def test_parquet_output_puts_the_results_after_the_input_s_columns(llama_dir, tmp_path):
+    """Found by a review: a first row that is not JSON has no input columns, and its error row set
+    the merged file's column order (id, the results, then prompt and meta)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", ["not json", {"id": 1, "prompt": "a", "meta": 2}])
+    stats, _ = run(llama_dir, inp, tmp_path / "out.parquet", sampling={"max_tokens": 1})
+    assert (stats.completed, stats.errors) == (1, 1)
+    assert pq.read_schema(tmp_path / "out.parquet").names == [
+        "id", "prompt", "meta", "outputs", "prompt_tokens", "completion_tokens", "error"]
+
+
 def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     from pagedlm.entrypoints.jobs.files import ParquetWriter
     from pagedlm.entrypoints.jobs.plain_rows import output_schema
@@ -398,6 +408,19 @@ def test_a_summary_that_cannot_be_written_does_not_fail_a_finished_job(llama_dir
     assert "could not write" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_opened_is_an_output_write_error(llama_dir, tmp_path, monkeypatch):
+    """As a read-only remount between the checks and the model's load: one message, not a traceback."""
+    from pagedlm.entrypoints.jobs import files, runner
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runner, "JsonlWriter", refuse)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(files.OutputWriteError, match=r"cannot open .*out.jsonl: Permission denied"):
+        run(llama_dir, inp, tmp_path / "out.jsonl")
+
+
 def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypatch):
     """Found by a review: a sync failing with anything but OSError (pyarrow's ValueError) killed
     the writer's thread, and every later write tried to start it again."""
@@ -475,6 +498,14 @@ def test_a_read_only_output_directory_is_refused_before_the_model_loads(tmp_path
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root passes a chmod; a read-only mount refuses
     with pytest.raises(ValueError, match="is not writable"):
         run_job(JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model="/nonexistent/model"))
+
+
+def test_an_output_where_no_file_can_be_made_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """/proc passes the writable check as root but takes no new file (found by a hunt: a raw traceback)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    with pytest.raises(ValueError, match="--output '/proc/out.jsonl': cannot create /proc/out.jsonl.lock: "):
+        run_job(JobConfig(input=inp, output="/proc/out.jsonl", model="/nonexistent/model"))
 
 
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
@@ -557,6 +588,9 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"progress_interval": float("inf")}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"progress_interval": float("nan")}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"output": "missing_dir/out.jsonl"}, "does not exist"),
+    ({"output": "in.jsonl/out.jsonl"}, "the directory '.*in.jsonl' is not a directory"),
+    ({"output": "outdir.jsonl"}, "'outdir.jsonl' is a directory; name the output file"),
+    ({"output": "loose.parquet"}, "'loose.parquet.parts', where a Parquet output keeps its parts, is not a directory"),
     ({"output": "in.jsonl"}, "the same file"),
     ({"input": "s3://bucket/in.jsonl"}, "URIs are read and written by --ray jobs; a local job takes local paths"),
     ({"output": "file:///tmp/out.jsonl"}, "--output 'file:///tmp/out.jsonl': URIs are read and written by --ray jobs"),
@@ -589,6 +623,8 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     write_jsonl(tmp_path / "previous.jsonl", [{"id": 1, "prompt": "a", "outputs": [], "prompt_tokens": 1,
                                               "completion_tokens": 0, "error": None}])  # found by a hunt
     (tmp_path / "started.parquet.parts").mkdir()  # as an interrupted Parquet job leaves it
+    (tmp_path / "outdir.jsonl").mkdir()
+    (tmp_path / "loose.parquet.parts").write_text("x")
     pq.write_table(pa.table({"id": [1], "prompt": ["a"]}), tmp_path / "footer.parquet")
     with open(tmp_path / "footer.parquet", "r+b") as f:  # a torn footer (found by a hunt: a raw traceback)
         f.seek(-8, os.SEEK_END)

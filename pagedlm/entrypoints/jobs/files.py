@@ -15,7 +15,7 @@ import shutil
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
@@ -311,15 +311,19 @@ class ParquetWriter(OutputWriter):
         key_of: an output row's id.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
             columns' types are inferred and unified across parts.
+        trailing_columns: columns the merged file puts after all others, in this order (the
+            results after the input's columns, even where the first part holds only rows whose
+            input could not be read).
     """
 
     def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], schema,
-                 sync_interval: float = 2.0, part_rows: int = 10_000) -> None:
+                 sync_interval: float = 2.0, part_rows: int = 10_000, trailing_columns: Sequence[str] = ()) -> None:
         import pyarrow.parquet as pq
 
         super().__init__(path, sync_interval)
         self.parts_dir = path + ".parts"
         self._schema = schema
+        self._trailing_columns = trailing_columns
         self._rows: list[dict] = []
         self._part_rows = part_rows
         if os.path.exists(path) and os.path.isdir(self.parts_dir):
@@ -365,7 +369,7 @@ class ParquetWriter(OutputWriter):
             return
         parts = self._parts()
         schemas = [pq.read_schema(p) for p in parts]
-        schema = _unify(schemas) if schemas else rows_to_table([], self._schema).schema
+        schema = _unify(schemas, self._trailing_columns) if schemas else rows_to_table([], self._schema).schema
         tmp = self.path + ".tmp"
         with pq.ParquetWriter(tmp, schema) as writer:
             for part in parts:
@@ -444,17 +448,19 @@ def _as_json_text(values: list):
     return pa.array([as_text(v) for v in values], pa.string())
 
 
-def _unify(schemas: list):
+def _unify(schemas: list, trailing_columns: Sequence[str]):
     """One schema for all parts: each column's types promoted (int64 + float64 -> float64, null +
-    any -> any), or text where they cannot be (then ``_conform`` writes its values as JSON)."""
+    any -> any), or text where they cannot be (then ``_conform`` writes its values as JSON); the
+    columns in the order they first appear, ``trailing_columns`` last."""
     import pyarrow as pa
 
     types: dict[str, list] = {}
     for schema in schemas:
         for f in schema:
             types.setdefault(f.name, []).append(f.type)
+    names = [name for name in types if name not in trailing_columns] + [n for n in trailing_columns if n in types]
     fields = []
-    for name, column_types in types.items():
+    for name, column_types in ((name, types[name]) for name in names):
         try:
             field = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in column_types],
                                      promote_options="permissive").field(name)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JsonlWriter, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
+    JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
@@ -163,7 +163,10 @@ def _exclusive_run(output: str) -> Iterator[None]:
     same rows again. The kernel drops the lock with the process, so a killed run leaves none."""
     path = output + ".lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ValueError(f"--output {output!r}: cannot create {path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -193,9 +196,16 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
         raise ValueError(f"--input {config.input!r} is not a file")
     out_dir = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(out_dir):
-        raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} does not exist")
+        why = "is not a directory" if os.path.exists(out_dir) else "does not exist"
+        raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} {why}")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--output {config.output!r}: the directory {out_dir!r} is not writable")
+    if os.path.isdir(config.output):
+        raise ValueError(f"--output {config.output!r} is a directory; name the output file")
+    parts = config.output + ".parts"
+    if os.path.lexists(parts) and not os.path.isdir(parts):
+        raise ValueError(f"--output {config.output!r}: {parts!r}, where a Parquet output keeps its parts, is not a "
+                         "directory; move it away")
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
     check_input_file(config.input, in_kind)
@@ -302,10 +312,13 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
-    if out_kind == "jsonl":
-        return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
-    return ParquetWriter(config.output, config.resume, fmt.key_of, output_schema(input_schema(config.input, in_kind)),
-                         config.sync_interval)
+    try:
+        if out_kind == "jsonl":
+            return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
+        return ParquetWriter(config.output, config.resume, fmt.key_of, output_schema(input_schema(config.input, in_kind)),
+                             config.sync_interval, trailing_columns=RESULT_COLUMNS)
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot open {config.output}: {exc.strerror or exc}") from exc
 
 
 @contextmanager
