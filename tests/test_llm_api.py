@@ -751,6 +751,14 @@ def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, cha
             assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == "<Hi>"
             own = llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="[{{ messages[0].content }}]")
             assert own[0].prompt == "[Hi]"
+    # chat's argument is read as LLM's (found by a hunt: a path was rendered as the template's text).
+    other = tmp_path / "other.jinja"
+    other.write_text("({{ messages[0].content }})")
+    with LLM(llama_dir, num_kv_blocks=32) as llm:
+        for given in (str(other), other):
+            assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=given)[0].prompt == "(Hi)"
+        with pytest.raises(ValueError, match="there is no file 'oops.jinja'"):
+            llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="oops.jinja")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

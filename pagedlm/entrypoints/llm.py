@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig, load_chat_template
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
@@ -250,7 +250,7 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
-        chat_template: str | None = None,
+        chat_template: str | os.PathLike | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
@@ -263,8 +263,8 @@ class LLM:
 
         A conversation is a list of ``{"role": str, "content": str}`` messages, with any role the
         template knows; content may also be null or a list of text parts (see
-        ``chat_utils.parse_conversation``). It is rendered with ``chat_template`` or the
-        tokenizer's own, with ``add_generation_prompt`` (open an assistant turn) or
+        ``chat_utils.parse_conversation``). It is rendered with ``chat_template`` (a template or a
+        path to one, as ``LLM``'s argument) or the tokenizer's own, with ``add_generation_prompt`` (open an assistant turn) or
         ``continue_final_message`` (extend the last message; not both), ``tools`` (OpenAI's
         function definitions) and ``chat_template_kwargs`` passed to the template (``render_chat``;
         as in vLLM, an argument that is not None wins over the key of the same name in
@@ -275,9 +275,11 @@ class LLM:
 
         Raises:
             ValueError: listing every conversation that cannot run and why, before any work; a bad
-                ``tokenization_kwargs`` (see ``generate``).
+                ``tokenization_kwargs`` (see ``generate``); a ``chat_template`` that is neither a
+                file nor a valid template.
         """
         truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
+        chat_template = load_chat_template(chat_template)
         conversations = [messages] if is_conversation(messages) else messages
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
