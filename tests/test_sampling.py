@@ -499,15 +499,17 @@ def test_logprobs_minus_one_returns_the_whole_vocabulary(llm, hf):
 
 def test_llm_seed_makes_unseeded_sampling_repeat(llama_dir):
     """``LLM(seed=)`` (vLLM's argument): completions without a seed of their own draw from the
-    engine's generator, so a run repeats itself, and another seed gives other samples."""
+    engine's generator, so a run repeats itself, and another seed gives other samples. The
+    default is vLLM's 0 (found by a hunt: it was None, so unseeded runs never repeated)."""
     params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
 
-    def sample(seed):
-        with LLM(llama_dir, dtype="float32", seed=seed) as llm:
+    def sample(**seed):
+        with LLM(llama_dir, dtype="float32", **seed) as llm:
             return [o.outputs[0].token_ids for o in llm.generate(_ids(PROMPTS), params, use_tqdm=False)]
 
-    first = sample(7)
-    assert sample(7) == first and sample(8) != first
+    first = sample(seed=7)
+    assert sample(seed=7) == first and sample(seed=8) != first
+    assert sample() == sample(seed=0) != first
     with pytest.raises(ValueError, match="seed must be None or an int"):
         LLM(llama_dir, seed="7")
 

@@ -73,8 +73,9 @@ class LLM:
             max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
         seed: seeds the random draws of completions that have no ``SamplingParams.seed``, so a
-            run repeats itself (with the same requests in the same order); None (the default)
-            leaves them to torch's default generator. A seeded request does not depend on it.
+            run repeats itself (with the same requests in the same order): 0 by default, as in
+            vLLM; None leaves them to torch's default generator. A seeded request does not
+            depend on it.
         tokenizer: a checkpoint directory, ``.gguf`` file or Hub id whose tokenizer (and chat
             template) to use instead of the model's.
         trust_remote_code: let transformers run code a checkpoint ships for its config or
@@ -106,7 +107,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
-        seed: int | None = None,
+        seed: int | None = 0,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         chat_template: str | os.PathLike | None = None,
