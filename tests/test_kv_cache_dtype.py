@@ -83,9 +83,14 @@ def test_calculate_kv_scales(llama_dir, monkeypatch):
 
     llm = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True)
     engine = llm.llm_engine
-    assert engine.model_runner.kv_cache_scales() == LLM(
-        llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True).llm_engine.model_runner.kv_cache_scales()
-    length = min(engine.scheduler_config.max_num_batched_tokens, engine.model_config.max_model_len - 1, 1024)
+    # The same scales again, and with another step budget (found by a hunt: the prompt was one
+    # step's budget long, so the scales and every result after depended on it).
+    for budget in (2048, 64):
+        assert engine.model_runner.kv_cache_scales() == LLM(
+            llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=budget,
+            max_num_seqs=64).llm_engine.model_runner.kv_cache_scales()
+    assert engine.scheduler_config.max_num_batched_tokens == 2048
+    length = min(engine.model_config.max_model_len - 1, 1024)
     rng = random.Random(0)
     tokens = [rng.randrange(engine.vocab_size) for _ in range(length)]
     largest_k, largest_v = [], []

@@ -1,6 +1,7 @@
 """The user-facing API: prompt forms, output fields, validation, tokenization, stopping, seeds."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -417,8 +418,8 @@ def test_a_ctrl_c_inside_an_abort_frees_every_block(llm, monkeypatch):
 
     engine = llm.llm_engine
     for i in range(3):
-        engine.add_request(str(i), None, SamplingParams(n=2, temperature=1, seed=i, max_tokens=20, ignore_eos=True),
-                           [BOS] + list(range(5, 30)))
+        engine.add_request(str(i), [BOS] + list(range(5, 30)),
+                           SamplingParams(n=2, temperature=1, seed=i, max_tokens=20, ignore_eos=True))
     for _ in range(3):
         engine.step()
     real, calls = BlockAllocator.free, {"n": 0}
@@ -439,20 +440,63 @@ def test_a_ctrl_c_inside_an_abort_frees_every_block(llm, monkeypatch):
 def test_generate_refuses_while_requests_added_directly_are_unfinished(llm):
     """Found by a hunt: their outputs reached generate's bookkeeping as a bare KeyError."""
     engine = llm.llm_engine
-    engine.add_request("mine", None, SamplingParams(max_tokens=2), [BOS, 5])
+    engine.add_request("mine", [BOS, 5], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="unfinished requests added with llm_engine.add_request"):
         llm.generate("x", SamplingParams(max_tokens=1), use_tqdm=False)
     engine.abort_request("mine")
     assert len(llm.generate("x", SamplingParams(max_tokens=1), use_tqdm=False)) == 1
 
 
+def test_engine_add_request_takes_vllm_s_arguments(llm):
+    """Found against vLLM 0.32: its add_request(request_id, prompt, params, arrival_time, ...) takes
+    every prompt form; pagedlm's took (prompt text, params, prompt_token_ids)."""
+    engine = llm.llm_engine
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    text = "The capital of France is"
+    ids = llm.get_tokenizer()(text).input_ids
+    forms = {"str": text, "text": {"prompt": text}, "tokens": {"prompt_token_ids": ids}, "list": ids,
+             "echo": {"prompt_token_ids": ids, "prompt": "shown"}}
+    for i, (name, prompt) in enumerate(forms.items()):
+        assert engine.add_request(name, prompt, greedy, time.monotonic() + i, None, None, priority=0) == name
+    assert engine.get_num_unfinished_requests() == 5 and engine.get_tokenizer() is llm.get_tokenizer()
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert {tuple(o.outputs[0].token_ids) for o in finished.values()} == {tuple(finished["str"].outputs[0].token_ids)}
+    assert {name: o.prompt for name, o in finished.items()} == {
+        "str": text, "text": text, "tokens": None, "list": None, "echo": "shown"}
+    assert all(o.prompt_token_ids == ids for o in finished.values())
+    with pytest.raises(TypeError, match="request_id must be a str, got int"):
+        engine.add_request(7, text, greedy)
+    for kwargs, match in [({"priority": 1}, "priority must be 0"), ({"lora_request": object()}, "lora_request: pagedlm runs no LoRA"),
+                          ({"tokenization_kwargs": {"truncation": True}}, "unknown key.s. 'truncation'")]:
+        with pytest.raises(ValueError, match=match):
+            engine.add_request("x", text, greedy, **kwargs)
+    with pytest.raises(ValueError, match="unknown prompt key 'token_type_ids'"):
+        engine.add_request("x", {"prompt": text, "token_type_ids": [0]}, greedy)
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_prompt_in_chunks_makes_no_output_until_it_samples(llama_dir):
+    """Found against vLLM 0.32: a step that prefilled a chunk of a prompt returned its request with
+    no tokens (``outputs[0].token_ids[-1]`` raised IndexError); vLLM returns nothing for it."""
+    with LLM(llama_dir, dtype="float32", max_num_batched_tokens=32, max_num_seqs=4, num_kv_blocks=64) as llm:
+        engine = llm.llm_engine
+        engine.add_request("long", [BOS] + list(range(5, 105)), SamplingParams(max_tokens=3, ignore_eos=True))
+        steps = []
+        while engine.has_unfinished_requests():
+            steps.append(engine.step())
+        assert len(steps) == 6 and steps[:3] == [[], [], []]  # 101 prompt tokens in chunks of 32
+        assert [len(outs[0].outputs[0].token_ids) for outs in steps[3:]] == [1, 2, 3]
+
+
 def test_step_reports_every_scheduled_request_until_it_finishes_and_abort_frees_it(llm):
     engine = llm.llm_engine
     greedy = dict(temperature=0, ignore_eos=True)
-    engine.add_request("a", None, SamplingParams(max_tokens=4, **greedy), [BOS, 5, 6])
-    engine.add_request("b", None, SamplingParams(max_tokens=200, **greedy), [BOS, 7, 8])
+    engine.add_request("a", [BOS, 5, 6], SamplingParams(max_tokens=4, **greedy))
+    engine.add_request("b", [BOS, 7, 8], SamplingParams(max_tokens=200, **greedy))
     with pytest.raises(ValueError, match="already running"):
-        engine.add_request("a", None, SamplingParams(max_tokens=4, **greedy), [BOS, 5, 6])
+        engine.add_request("a", [BOS, 5, 6], SamplingParams(max_tokens=4, **greedy))
     outs = engine.step()
     assert [(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in outs] == [("a", False, 1), ("b", False, 1)]
     snapshot = outs[0].outputs[0]
@@ -781,6 +825,51 @@ def test_every_prompt_problem_is_listed_with_its_index(llm):
     assert out[0].prompt_token_ids == [BOS, 5] and all(type(t) is int for t in out[0].prompt_token_ids)
 
 
+def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
+    """Found against vLLM 0.32: prompt dicts with its other keys, and generate/chat arguments, were
+    refused without naming the key (or raised TypeError). Their no-op values run; others are
+    refused naming them."""
+    greedy = SamplingParams(temperature=0, max_tokens=2)
+    chat = [{"role": "user", "content": "Hi"}]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    expected = llm.generate("Hi", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    for prompt in ({"prompt": "Hi", "multi_modal_data": None}, {"prompt": "Hi", "mm_processor_kwargs": {}}):
+        assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
+    out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, lora_request=None, priority=[0, 0], mm_processor_kwargs=None)
+    assert [o.outputs[0].token_ids for o in out] == [expected] * 2
+    assert llm.chat(chat, greedy, False, None, 0, template, "string")[0].prompt == "Hi"  # vLLM's positions
+    for prompt, match in [({"prompt": "Hi", "multi_modal_data": {"image": 1}}, "multi_modal_data: pagedlm runs text-only"),
+                          ({"prompt_token_ids": [BOS], "token_type_ids": [0]}, "unknown prompt key 'token_type_ids'")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, greedy, use_tqdm=False)
+    for kwargs, match in [({"priority": 1}, "priority: pagedlm schedules first come, first served; it takes None or 0, got 1"),
+                          ({"priority": [0]}, "priority has 1 entries for 2 prompts"),
+                          ({"lora_request": "adapter"}, "lora_request: pagedlm runs no LoRA adapters"),
+                          ({"mm_processor_kwargs": {"size": 1}}, "mm_processor_kwargs: pagedlm runs text-only")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, **kwargs)
+    with pytest.raises(ValueError, match="chat_template_content_format must be 'auto' or 'string'"):
+        llm.chat(chat, greedy, use_tqdm=False, chat_template=template, chat_template_content_format="openai")
+
+
+def test_add_special_tokens_of_tokenization_kwargs(llm):
+    """vLLM's ``tokenization_kwargs={"add_special_tokens": ...}`` (found by a hunt: refused): a
+    text prompt without its BOS; a chat with the tokenizer's specials added to the template's."""
+    tok = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    bare = tok("Hi", add_special_tokens=False).input_ids
+    for flag, ids in [(None, [BOS] + bare), (True, [BOS] + bare), (False, bare)]:
+        kwargs = None if flag is None else {"add_special_tokens": flag}
+        assert llm.generate("Hi", greedy, use_tqdm=False, tokenization_kwargs=kwargs)[0].prompt_token_ids == ids
+        assert llm.llm_engine.add_request("r", "Hi", greedy, tokenization_kwargs=kwargs) == "r"
+        assert next(o for o in llm.llm_engine.step() if o.request_id == "r").prompt_token_ids == ids
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = [{"role": "user", "content": "Hi"}]
+    assert llm.chat(chat, greedy, use_tqdm=False, chat_template=template)[0].prompt_token_ids == bare
+    assert llm.chat(chat, greedy, use_tqdm=False, chat_template=template,
+                    tokenization_kwargs={"add_special_tokens": True})[0].prompt_token_ids == [BOS] + bare
+
+
 def test_token_prompts_in_vllms_other_forms(llm):
     """Found against vLLM: a bare list of token ids is a prompt (and a list of ints passed as
     ``prompts`` is one), and a token prompt may carry the text it stands for, which is echoed."""
@@ -818,7 +907,7 @@ def test_edges_of_closing_aborting_and_generation_configs(llama_dir, tmp_path):
         engine.abort_request(5)
     llm.close()
     for call in (llm.get_default_sampling_params, engine.step,
-                 lambda: engine.add_request("x", None, SamplingParams(max_tokens=1), [BOS])):
+                 lambda: engine.add_request("x", [BOS], SamplingParams(max_tokens=1))):
         with pytest.raises(RuntimeError, match="closed"):
             call()
     (tmp_path / "generation_config.json").write_text("[1, 2]")
@@ -873,7 +962,7 @@ def test_params_changed_after_construction_are_checked_and_queued_requests_keep_
     bad = SamplingParams(temperature=0, max_tokens=4)
     bad.temperature = -1.0
     with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\]"):
-        engine.add_request("bad", None, bad, [BOS, 5, 6])
+        engine.add_request("bad", [BOS, 5, 6], bad)
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match=r"1 of 2 prompts are invalid; nothing was run:\n  prompt 1: temperature"):
         llm.generate([{"prompt_token_ids": [BOS, 5, 6]}] * 2, [SamplingParams(max_tokens=2), bad], use_tqdm=False)
@@ -886,7 +975,7 @@ def test_params_changed_after_construction_are_checked_and_queued_requests_keep_
         llm.generate([{"prompt_token_ids": [BOS, 5, 6]}], odd, use_tqdm=False)
 
     params = SamplingParams(temperature=0, max_tokens=3)
-    engine.add_request("kept", None, params, [BOS, 5, 6])
+    engine.add_request("kept", [BOS, 5, 6], params)
     params.max_tokens = 9  # after the request was added: it keeps max_tokens=3
     outputs = []
     while engine.has_unfinished_requests():
@@ -956,7 +1045,9 @@ def test_tokenization_kwargs_truncate_prompts_as_vllm_0_32_does(llm):
     assert [out.prompt_token_ids for _, out in streamed] == [ids[-3:]]
 
     for kwargs, match in [
-        ({"truncation": True}, "unknown key.s. 'truncation'; pagedlm takes only 'truncate_prompt_tokens'"),
+        ({"truncation": True}, "unknown key.s. 'truncation'; pagedlm takes 'truncate_prompt_tokens' and "
+                               "'add_special_tokens'"),
+        ({"add_special_tokens": 1}, "add_special_tokens must be a bool, got 1"),
         ({"truncate_prompt_tokens": 257}, r"truncate_prompt_tokens \(257\) cannot be greater than max_model_len \(256\)"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be None, -1 .the model's limit. or >= 1, got 0"),
         ({"truncate_prompt_tokens": 5.0}, "truncate_prompt_tokens must be an int"),

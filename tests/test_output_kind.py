@@ -23,7 +23,7 @@ def llm(llama_dir) -> LLM:
 def run(llm: LLM, params: SamplingParams) -> list:
     """Every output the engine returns for one request, step by step."""
     engine = llm.llm_engine
-    engine.add_request("r", None, params, PROMPT)
+    engine.add_request("r", PROMPT, params)
     outputs = []
     while engine.has_unfinished_requests():
         outputs += engine.step()
@@ -74,8 +74,8 @@ def test_delta_outputs_add_up_to_the_final_output(llm, n):
 
 def test_final_only_returns_nothing_before_the_request_finishes(llm):
     engine = llm.llm_engine
-    engine.add_request("a", None, SamplingParams(temperature=0, ignore_eos=True, max_tokens=3, output_kind=FINAL_ONLY), PROMPT)
-    engine.add_request("b", None, SamplingParams(temperature=0, ignore_eos=True, max_tokens=6), PROMPT)
+    engine.add_request("a", PROMPT, SamplingParams(temperature=0, ignore_eos=True, max_tokens=3, output_kind=FINAL_ONLY))
+    engine.add_request("b", PROMPT, SamplingParams(temperature=0, ignore_eos=True, max_tokens=6))
     steps = []
     while engine.has_unfinished_requests():
         steps.append({o.request_id: o for o in engine.step()})

@@ -212,9 +212,9 @@ def test_prompt_logprob_spans_are_not_produced_twice_after_preemption():
 def test_short_request_leaves_and_waiting_one_joins_while_long_one_runs(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_num_seqs=2, max_num_batched_tokens=64)
     engine = llm.llm_engine
-    engine.add_request("long", None, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), [1, 5, 6, 7])
-    engine.add_request("short", None, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), [1, 8, 9])
-    engine.add_request("late", None, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), [1, 10, 11, 12])
+    engine.add_request("long", [1, 5, 6, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    engine.add_request("short", [1, 8, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.add_request("late", [1, 10, 11, 12], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
 
     def running():
         return [g.request_id for g in engine.scheduler.running]
@@ -236,9 +236,9 @@ def test_short_request_leaves_and_waiting_one_joins_while_long_one_runs(llama_di
 def test_prefill_and_decode_share_a_step(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
     engine = llm.llm_engine
-    engine.add_request("a", None, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), [1, 5, 6])
+    engine.add_request("a", [1, 5, 6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
-    engine.add_request("b", None, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), list(range(3, 200)))
+    engine.add_request("b", list(range(3, 200)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     out = engine.scheduler.schedule()
     chunks = {s.seq_group.request_id: sum(s.token_chunks.values()) for s in out.scheduled_seq_groups}
     # "a" decodes one token while "b" prefills a chunk that fills the rest of the 64-token budget.

@@ -5,8 +5,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
@@ -17,6 +19,7 @@ from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
+from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
 from pagedlm.outputs import Logprob, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
@@ -33,8 +36,17 @@ logger = logging.getLogger("pagedlm")
 _LOGPROB_CONTEXT_TOKENS = 8
 
 
-# The prefix-cache salt of LongRoPE sequences past the threshold: their K/V use the long factors.
+# The prefix-cache salt of LongRoPE sequences past the threshold (their K/V use the long factors),
+# paired with the request's own salt.
 _LONG_ROPE_SALT = "long_rope"
+
+
+def _long_rope_salt(cache_salt: str | None) -> tuple[str, str | None]:
+    return (_LONG_ROPE_SALT, cache_salt)
+
+
+def _is_long_rope_salt(cache_salt: object) -> bool:
+    return isinstance(cache_salt, tuple)
 
 
 class LLMEngine:
@@ -73,14 +85,21 @@ class LLMEngine:
     def _calculate_kv_scales(self) -> None:
         """vLLM's ``calculate_kv_scales``: every layer's fp8 KV-cache scales from one prefill of random
         tokens (seeded, so the same model gets the same scales), fixed from then on. The prompt is
-        one step's budget, at most 1,024 tokens, and fits the KV cache with its one output token."""
+        1,024 tokens, or fewer where ``max_model_len`` or the KV cache (with its one output token)
+        holds fewer, and runs in one pass whatever the step budget, so that the scales (and every
+        result after) do not depend on it."""
         rng = random.Random(0)
-        length = max(1, min(self.scheduler_config.max_num_batched_tokens, self._max_seq_len(0, best_of=1) - 1, 1024))
+        length = max(1, min(self._max_seq_len(0, best_of=1) - 1, 1024))
         self.model_runner.calculate_kv_scales_next_step()
-        self.add_request("pagedlm-kv-scale-calibration", None, SamplingParams(max_tokens=1, detokenize=False),
-                         [rng.randrange(self.vocab_size) for _ in range(length)])
-        while self.has_unfinished_requests():
-            self.step()
+        self.add_request("pagedlm-kv-scale-calibration", [rng.randrange(self.vocab_size) for _ in range(length)],
+                         SamplingParams(max_tokens=1, detokenize=False))
+        budget = self.scheduler_config.max_num_batched_tokens
+        self.scheduler_config.max_num_batched_tokens = max(budget, length)
+        try:
+            while self.has_unfinished_requests():
+                self.step()
+        finally:
+            self.scheduler_config.max_num_batched_tokens = budget
         self.reset_prefix_cache()
         self.block_manager.reset_stats()  # the KV-cache statistics count the user's requests only
         scales = self.model_runner.kv_cache_scales()
@@ -164,38 +183,62 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | None,
+        prompt: PromptType,
         params: SamplingParams,
-        prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
-    ) -> None:
-        """Queue one request; it runs from the next ``step`` on.
+        lora_request: None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Queue one request; it runs from the next ``step`` on. vLLM's signature.
 
         Args:
             request_id: names the request in its outputs and in ``abort_request``; unique among
                 unfinished requests.
-            prompt: the prompt text, tokenized with the model's tokenizer when ``prompt_token_ids``
-                is ``None``, and returned in the output.
+            prompt: a str, ``TextPrompt``, ``TokensPrompt`` or list of token ids (``inputs.parse_prompt``);
+                text is tokenized with the model's tokenizer. Its ``cache_salt`` keeps its blocks
+                from being shared with requests of another salt (or none) in the prefix cache.
             params: how to generate its completions. The request keeps a checked copy
                 (``SamplingParams.clone``): changing ``params`` afterwards does not change it.
-            prompt_token_ids: the prompt as token ids (``prompt`` is then only returned).
             arrival_time: ``time.monotonic()`` seconds, default now; earlier requests are
                 scheduled first and preempted last.
+            lora_request: None (pagedlm has no LoRA adapters).
+            tokenization_kwargs: ``truncate_prompt_tokens`` and ``add_special_tokens``
+                (``inputs.TokenizationKwargs``).
+            priority: 0 (requests are scheduled first come, first served).
+
+        Returns:
+            ``request_id``.
 
         Raises:
-            ValueError: ``request_id`` is in use, a field of ``params`` is invalid (one set after
-                construction included), or the request can never run (``check_request`` says why).
+            TypeError: ``request_id`` is not a str.
+            ValueError: ``request_id`` is in use, the prompt or a field of ``params`` is invalid (one
+                set after construction included), the request can never run (``check_request``
+                says why), or an argument pagedlm has no use for is set.
         """
         self._check_open()
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}.")
         if request_id in self.seq_groups:
             raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
+        if lora_request is not None:
+            raise ValueError("lora_request: pagedlm runs no LoRA adapters; pass None.")
+        if priority != 0:
+            raise ValueError(f"priority must be 0 (pagedlm schedules first come, first served), got {priority!r}.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")
         params = params.clone()
-        from_text = prompt_token_ids is None
-        if from_text:
-            prompt_token_ids = encode_prompts(self.tokenizer, [prompt])[0]
-        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens, from_text=from_text)
+        tokenization = parse_tokenization_kwargs(tokenization_kwargs, self.model_config.max_model_len)
+        try:
+            parsed = parse_prompt(prompt)
+        except FieldError as exc:
+            raise FieldError(f"Request {request_id!r}: {exc}.", exc.field) from None
+        prompt_token_ids, from_text = parsed.token_ids, False
+        if prompt_token_ids is None:
+            from_text = tokenization.add_special_tokens is not False
+            prompt_token_ids = self.encode(parsed.text, from_text)
+        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens,
+                                                tokenization.truncate_prompt_tokens, from_text=from_text)
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise FieldError(f"Request {request_id!r}: {reason}.", reason.field)
@@ -206,9 +249,11 @@ class LLMEngine:
         if params.seed is not None:
             generators = [torch.Generator(self.model_config.device).manual_seed(params.seed + i) for i in range(params.best_of)]
         long_rope = self.model_runner.long_rope
-        cache_salt = _LONG_ROPE_SALT if long_rope is not None and len(prompt_token_ids) > long_rope[0] else None
+        cache_salt = parsed.cache_salt
+        if long_rope is not None and len(prompt_token_ids) > long_rope[0]:
+            cache_salt = _long_rope_salt(cache_salt)
         seq_group = SequenceGroup(
-            request_id, prompt, prompt_token_ids, params, self.cache_config.block_size,
+            request_id, parsed.text, prompt_token_ids, params, self.cache_config.block_size,
             arrival_time if arrival_time is not None else time.monotonic(), generators, cache_salt,
         )
         seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params.best_of)
@@ -224,6 +269,19 @@ class LLMEngine:
                 self._add_detokenizer(seq_group.seqs[0], seq_group)
             self.seq_groups[request_id] = seq_group
             self.scheduler.add_seq_group(seq_group)
+        return request_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's token ids (``encode_prompts``: one BOS where the text begins with one)."""
+        if add_special_tokens:
+            return encode_prompts(self.tokenizer, [text])[0]
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.seq_groups)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any added request has not finished (or been aborted) yet."""
@@ -302,7 +360,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration: schedule, run the model once, sample, append and check stops.
 
-        Returns one ``RequestOutput`` for every request that took part in the step, as its
+        Returns one ``RequestOutput`` for every request that took part in the step and sampled
+        (not one whose prompt is still being prefilled in chunks), as its
         ``SamplingParams.output_kind`` asks (``CUMULATIVE``: as it stands after the step; ``DELTA``:
         what the step added; ``FINAL_ONLY``: only once it is done). ``finished`` tells whether it
         is done; a finished request is not returned again. Raises whatever scheduling or the model
@@ -332,7 +391,9 @@ class LLMEngine:
                 self._process_group_output(scheduled.seq_group, output)
             if self.model_runner.long_rope is not None:
                 self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
-            request_outputs = [out for s in sched.scheduled_seq_groups if (out := RequestOutput.from_seq_group(s.seq_group))]
+            # A prompt chunk that sampled nothing makes no output (as in vLLM).
+            request_outputs = [out for s, o in zip(sched.scheduled_seq_groups, outputs)
+                               if (o.samples or s.seq_group.is_finished()) and (out := RequestOutput.from_seq_group(s.seq_group))]
             for seq_group in self.scheduler.free_finished_seq_groups():
                 del self.seq_groups[seq_group.request_id]
         return request_outputs
@@ -346,12 +407,12 @@ class LLMEngine:
         for s in scheduled:
             group = s.seq_group
             crossed = [seq for seq in group.get_seqs(SequenceStatus.RUNNING)
-                       if seq.cache_salt is None and seq.num_tokens > threshold]
+                       if not _is_long_rope_salt(seq.cache_salt) and seq.num_tokens > threshold]
             if crossed:
                 # Per sequence: a sibling still under the threshold keeps the short factors and
                 # shares no block with the ones past it (their block keys differ by the salt).
                 for seq in crossed:
-                    seq.set_cache_salt(_LONG_ROPE_SALT)
+                    seq.set_cache_salt(_long_rope_salt(seq.cache_salt))
                 self.scheduler.recompute(group)
 
     def _seq_group_metadata(self, scheduled: ScheduledSequenceGroup) -> SequenceGroupMetadata:

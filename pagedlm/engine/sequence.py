@@ -1,6 +1,7 @@
 """Sequences and sequence groups: the engine's unit of state (vLLM v0's ``sequence.py``)."""
 
 import enum
+from collections.abc import Hashable
 from itertools import count
 from typing import Any
 
@@ -47,10 +48,11 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, index: int, prompt_token_ids: list[int], block_size: int, cache_salt: str | None = None) -> None:
+    def __init__(self, index: int, prompt_token_ids: list[int], block_size: int, cache_salt: Hashable | None = None) -> None:
         self.seq_id = next(Sequence._ids)
-        # Blocks are shared through the prefix cache only between sequences with the same salt: their
-        # K/V depend on more than the tokens (a LongRoPE prompt longer than the threshold).
+        # Blocks are shared through the prefix cache only between sequences with the same salt: the
+        # request's cache_salt, and whether its K/V depend on more than the tokens (a LongRoPE
+        # prompt longer than the threshold).
         self.cache_salt = cache_salt
         self.index = index  # position among the group's completions
         self.prompt_token_ids = prompt_token_ids
@@ -126,7 +128,7 @@ class Sequence:
             child.grammar_matcher = self.grammar_matcher.fork()
         return child
 
-    def set_cache_salt(self, cache_salt: str | None) -> None:
+    def set_cache_salt(self, cache_salt: Hashable | None) -> None:
         """A new salt for the sequence's blocks from now on (keys computed so far are dropped)."""
         self.cache_salt = cache_salt
         self._block_keys = []
@@ -153,7 +155,7 @@ class SequenceGroup:
         block_size: int,
         arrival_time: float,
         generators: list[torch.Generator] | None = None,
-        cache_salt: str | None = None,
+        cache_salt: Hashable | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt

@@ -4,7 +4,6 @@ import ctypes
 import functools
 import inspect
 import logging
-import numbers
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -20,6 +19,10 @@ from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
 )
 from pagedlm.entrypoints.progress_bar import tqdm
+from pagedlm.inputs import (
+    ParsedPrompt, PromptType as InputPrompt, TokenizationKwargs, TokensPrompt, is_token_ids, parse_prompt,
+    parse_tokenization_kwargs,
+)
 from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedlm.sampling_params import (
@@ -32,9 +35,8 @@ from pagedlm.utils import FieldError
 
 logger = logging.getLogger("pagedlm")
 
-# A str, {"prompt": str}, {"prompt_token_ids": [int, ...]} (optionally with the "prompt" text it
-# stands for, which outputs echo), a list of token ids, or a chat template's RenderedChat.
-PromptType = str | dict | list[int] | RenderedChat
+# A str, TextPrompt, TokensPrompt or list of token ids (inputs.parse_prompt), or a chat template's RenderedChat.
+PromptType = InputPrompt | RenderedChat
 
 
 class LLM:
@@ -175,13 +177,17 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
         *,
+        lora_request: None = None,
+        priority: int | Sequence[int] | None = None,
         tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; one ``RequestOutput`` per prompt, in input order.
 
-        A prompt is a string, ``{"prompt": str}``, ``{"prompt_token_ids": [int, ...]}`` (with an
-        optional ``"prompt"`` text that the output echoes) or a list of token ids (a list of ints
-        passed as ``prompts`` is one prompt, as in vLLM). Every
+        A prompt is a string, ``{"prompt": str}`` (``TextPrompt``), ``{"prompt_token_ids": [int,
+        ...]}`` (``TokensPrompt``, with an optional ``"prompt"`` text that the output echoes) or a
+        list of token ids (a list of ints passed as ``prompts`` is one prompt, as in vLLM); a dict's
+        ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's). Every
         prompt and parameter is checked before any work starts: bad ones raise one ``ValueError``
         listing each bad prompt's index and why. ``use_tqdm`` shows a progress bar (tqdm.auto's: a
         widget in a notebook that has ipywidgets); a callable makes the bar instead, as vLLM's
@@ -190,18 +196,23 @@ class LLM:
         ``tokenization_kwargs`` is vLLM's; pagedlm takes its ``truncate_prompt_tokens``: k >= 1
         runs each prompt on its last k tokens (a text prompt keeps the BOS its tokenizer adds, as
         vLLM's does), -1 on as many as ``max_model_len`` leaves room for (vLLM 0.32 keeps
-        ``max_model_len``, a prompt it then refuses). ``SamplingParams.truncate_prompt_tokens``
+        ``max_model_len``, a prompt it then refuses); and ``add_special_tokens`` (default True:
+        text prompts get the tokenizer's BOS). ``SamplingParams.truncate_prompt_tokens``
         (vLLM's older place for it) still works; given both, the smaller limit applies.
+        ``lora_request``, ``priority`` and ``mm_processor_kwargs`` are vLLM's and take only their
+        no-op values (None, 0 and empty), which pagedlm's text-only, first-come-first-served
+        engine without adapters honours.
 
         Raises:
-            ValueError: the bad prompts and parameters (as above), or ``tokenization_kwargs`` has
+            ValueError: the bad prompts and parameters (as above), ``tokenization_kwargs`` has
                 another key or a ``truncate_prompt_tokens`` that is not None, -1 or 1 to
-                ``max_model_len``.
+                ``max_model_len``, or a vLLM argument is set to something pagedlm cannot do.
         """
-        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
+        tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
+        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
         return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm,
-                             truncate_prompt_tokens=truncate_prompt_tokens)
+                             tokenization=tokenization)
 
     def beam_search(
         self,
@@ -251,13 +262,16 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
+        lora_request: None = None,
+        priority: int | Sequence[int] | None = None,
         chat_template: str | os.PathLike | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
-        *,
+        chat_template_kwargs: dict[str, Any] | None = None,
         tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Answer one conversation or each of a list of them (vLLM's ``LLM.chat``); one
         ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
@@ -272,18 +286,26 @@ class LLM:
         ``chat_template_kwargs``); the text is tokenized without adding special tokens, since the
         template has placed them. An empty list is no conversation (no outputs).
         ``tokenization_kwargs`` truncates the rendered prompts as in ``generate`` (from the left,
-        special tokens included).
+        special tokens included); its ``add_special_tokens`` (default False: the template placed
+        them) adds the tokenizer's. The arguments are vLLM's, in its order;
+        ``chat_template_content_format`` is "auto" or "string" (text parts are joined into one
+        string, as vLLM's "string" format does), and ``lora_request``, ``priority`` and
+        ``mm_processor_kwargs`` take their no-op values, as in ``generate``.
 
         Raises:
             ValueError: listing every conversation that cannot run and why, before any work; a bad
                 ``tokenization_kwargs`` (see ``generate``); a ``chat_template`` that is neither a
-                file nor a valid template.
+                file nor a valid template; a vLLM argument pagedlm cannot honour.
         """
-        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
+        tokenization = self._tokenization(tokenization_kwargs)
         chat_template = load_chat_template(chat_template)
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (pagedlm passes message "
+                             f"content to the template as text), got {chat_template_content_format!r}.")
         conversations = [messages] if is_conversation(messages) else messages
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
+        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(conversations))
         params = self._params_per_prompt(sampling_params, len(conversations))
         self.llm_engine  # a closed LLM refuses before rendering anything
         prompts: list[PromptType] = []
@@ -297,8 +319,7 @@ class LLM:
             except ValueError as exc:
                 errors[i] = str(exc)
                 prompts.append("")
-        return self._run_all(prompts, params, use_tqdm, errors, what="conversations",
-                             truncate_prompt_tokens=truncate_prompt_tokens)
+        return self._run_all(prompts, params, use_tqdm, errors, what="conversations", tokenization=tokenization)
 
     def generate_as_completed(
         self,
@@ -334,7 +355,7 @@ class LLM:
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
-        truncate_prompt_tokens = self._truncate_prompt_tokens(tokenization_kwargs)
+        tokenization = self._tokenization(tokenization_kwargs)
         if isinstance(prompts, (str, dict, RenderedChat)):
             prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
@@ -345,26 +366,11 @@ class LLM:
         else:
             items = _zip_one_each(prompts, sampling_params)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
-        prepare = functools.partial(self._prepare, wait_for_grammars=False,
-                                    truncate_prompt_tokens=truncate_prompt_tokens)
+        prepare = functools.partial(self._prepare, wait_for_grammars=False, tokenization=tokenization)
         return self._stream(_chunks(items, _TOKENIZE_CHUNK, prepare), window, total, use_tqdm, return_errors)
 
-    def _truncate_prompt_tokens(self, tokenization_kwargs: dict[str, Any] | None) -> int | None:
-        """The ``truncate_prompt_tokens`` of vLLM's ``tokenization_kwargs``, checked."""
-        if tokenization_kwargs is None:
-            return None
-        if not isinstance(tokenization_kwargs, dict):
-            raise ValueError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}.")
-        unknown = sorted(map(repr, set(tokenization_kwargs) - {"truncate_prompt_tokens"}))
-        if unknown:
-            raise ValueError(f"tokenization_kwargs: unknown key(s) {', '.join(unknown)}; pagedlm takes only "
-                             "'truncate_prompt_tokens'.")
-        value = check_truncate_prompt_tokens(tokenization_kwargs.get("truncate_prompt_tokens"))
-        max_model_len = self.llm_engine.model_config.max_model_len
-        if value is not None and value > max_model_len:
-            raise ValueError(f"tokenization_kwargs: truncate_prompt_tokens ({value}) cannot be greater than "
-                             f"max_model_len ({max_model_len}).")
-        return value
+    def _tokenization(self, tokenization_kwargs: dict[str, Any] | None) -> TokenizationKwargs:
+        return parse_tokenization_kwargs(tokenization_kwargs, self.llm_engine.model_config.max_model_len)
 
     def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams | None]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -378,13 +384,14 @@ class LLM:
 
     def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
                  errors: dict[int, str] | None = None, what: str = "prompts",
-                 max_in_flight: int | None = None, truncate_prompt_tokens: int | None = None) -> list[RequestOutput]:
+                 max_in_flight: int | None = None, tokenization: TokenizationKwargs = TokenizationKwargs()
+                 ) -> list[RequestOutput]:
         """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
         most ``max_in_flight`` requests at once (all when None)."""
         errors = dict(errors or {})
         requests = []
         items = list(zip(count(), prompts, params))
-        for request in self._prepare(items, truncate_prompt_tokens=truncate_prompt_tokens):
+        for request in self._prepare(items, tokenization=tokenization):
             if isinstance(request, _Rejected):
                 errors.setdefault(request.index, str(request.reason))
             requests.append(request)
@@ -397,19 +404,21 @@ class LLM:
         return outputs
 
     def _prepare(self, items: list[tuple[int, object, SamplingParams | None]], wait_for_grammars: bool = True,
-                 truncate_prompt_tokens: int | None = None) -> list["_Request | _Rejected"]:
-        """Tokenize, truncate (to the smaller of ``truncate_prompt_tokens`` and the params') and
+                 tokenization: TokenizationKwargs = TokenizationKwargs()) -> list["_Request | _Rejected"]:
+        """Tokenize, truncate (to the smaller of ``tokenization``'s limit and the params') and
         check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults. Without
         ``wait_for_grammars`` a structured-outputs constraint is compiled in the background
         (``_Request.grammar``) and checked when it is done."""
-        texts, token_ids, errors, from_text = self._tokenize([prompt for _, prompt, _ in items])
+        parsed, token_ids, errors, from_text = self._tokenize([prompt for _, prompt, _ in items],
+                                                              tokenization.add_special_tokens)
+        truncate_prompt_tokens = tokenization.truncate_prompt_tokens
         requests: list[_Request | _Rejected] = []
         # Each params object's checked FINAL_ONLY copy, or why it is invalid (a field set after
         # construction). Only finished outputs are returned (as vLLM's LLM does), so the engine
         # builds no others.
         final_only: dict[int, SamplingParams | ValueError] = {}
         for k, (index, _, params) in enumerate(items):
-            reason = FieldError(errors[k], "prompt") if k in errors else None
+            reason = errors.get(k)
             if params is None:
                 params = self._final_only_defaults
             elif not isinstance(params, SamplingParams):
@@ -433,65 +442,44 @@ class LLM:
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
-                requests.append(_Request(index, texts[k], token_ids[k], params, grammar))
+                requests.append(_Request(index, TokensPrompt(prompt_token_ids=token_ids[k]), params, grammar))
+                if parsed[k].text is not None:
+                    requests[-1].prompt["prompt"] = parsed[k].text
+                if parsed[k].cache_salt is not None:
+                    requests[-1].prompt["cache_salt"] = parsed[k].cache_salt
             else:
                 requests.append(_Rejected(index, reason))
         return requests
 
-    def _tokenize(self, prompts: Sequence[object]
-                  ) -> tuple[list[str | None], list[list[int]], dict[int, str], set[int]]:
-        """Each prompt's text (None for token ids without one) and token ids, why each bad one is
-        bad, and which were encoded from text with the tokenizer's special tokens."""
-        texts: list[str | None] = []
-        token_ids: list[list[int]] = []
-        errors: dict[int, str] = {}
-        rendered: list[int] = []
-        shown: dict[int, str] = {}  # a token prompt's own text, which RequestOutput.prompt echoes
+    def _tokenize(self, prompts: Sequence[object], add_special_tokens: bool | None
+                  ) -> tuple[list[ParsedPrompt], list[list[int]], dict[int, FieldError], set[int]]:
+        """Each prompt parsed (``inputs.parse_prompt``; its ``text`` the one outputs echo) and its
+        token ids, why each bad one is bad, and which were encoded from text with the tokenizer's
+        special tokens (by default text prompts are, rendered chats not)."""
+        parsed: list[ParsedPrompt] = []
+        errors: dict[int, FieldError] = {}
+        rendered: set[int] = set()
         for i, prompt in enumerate(prompts):
-            text, ids = None, []
             if isinstance(prompt, RenderedChat):
-                rendered.append(i)
+                rendered.add(i)
                 prompt = prompt.text
-            elif isinstance(prompt, dict) and set(prompt) == {"prompt"}:
-                prompt = prompt["prompt"]
-                if not isinstance(prompt, str):
-                    errors[i] = f'"prompt" must be a str, got {type(prompt).__name__}'
-            elif _is_token_ids(prompt):  # vLLM takes a bare list of token ids too
-                prompt = {"prompt_token_ids": prompt}
-            if isinstance(prompt, str):
-                try:
-                    prompt.encode("utf-8")
-                    text = prompt
-                except UnicodeEncodeError as exc:
-                    errors[i] = f"the text is not valid Unicode ({exc.reason} at character {exc.start})"
-            elif isinstance(prompt, dict) and set(prompt) in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
-                ids = prompt["prompt_token_ids"]
-                if not _is_token_ids(ids):
-                    errors[i] = "prompt_token_ids must be a list of ints"
-                    ids = []
-                ids = [int(t) for t in ids]
-                if "prompt" in prompt:
-                    if isinstance(prompt["prompt"], str):
-                        shown[i] = prompt["prompt"]
-                    else:
-                        errors[i] = f'"prompt" beside "prompt_token_ids" must be a str, got {type(prompt["prompt"]).__name__}'
-            elif i not in errors:
-                errors[i] = ('a prompt must be a str, {"prompt": str}, {"prompt_token_ids": [int, ...]} (with an '
-                             'optional "prompt" text) or a list of token ids')
-            texts.append(text)
-            token_ids.append(ids)
-        tokenizer = self.llm_engine.tokenizer
+            try:
+                parsed.append(parse_prompt(prompt))
+            except FieldError as exc:
+                errors[i] = exc
+                parsed.append(ParsedPrompt(None, []))
+        token_ids = [p.token_ids or [] for p in parsed]
+        texts = {i: p.text for i, p in enumerate(parsed) if p.token_ids is None and p.text is not None}
+        special = {i for i in texts if (i not in rendered if add_special_tokens is None else add_special_tokens)}
         # Emptiness is decided on the final ids: "" is the prompt [BOS] for a tokenizer that adds one.
-        plain = [i for i, t in enumerate(texts) if t is not None and i not in rendered]
-        for i, ids in zip(plain, encode_prompts(tokenizer, [texts[i] for i in plain])):
+        plain = sorted(special)
+        for i, ids in zip(plain, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in plain])):
             token_ids[i] = ids
-        chats = [i for i in rendered if texts[i] is not None]
-        if chats:
-            for i, ids in zip(chats, tokenizer([texts[i] for i in chats], add_special_tokens=False).input_ids):
+        bare = sorted(set(texts) - special)
+        if bare:
+            for i, ids in zip(bare, self.llm_engine.tokenizer([texts[i] for i in bare], add_special_tokens=False).input_ids):
                 token_ids[i] = ids
-        for i, text in shown.items():
-            texts[i] = text
-        return texts, token_ids, errors, set(plain)
+        return parsed, token_ids, errors, special
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix; later requests compute their prompts afresh."""
@@ -552,7 +540,7 @@ class LLM:
                         if reason is None:
                             request_id = str(next(self._request_counter))
                             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
-                            engine.add_request(request_id, request.prompt, request.params, request.prompt_token_ids)
+                            engine.add_request(request_id, request.prompt, request.params)
                         elif return_errors:
                             bar.update(1)
                             yield request.index, reason
@@ -597,8 +585,7 @@ class _Request:
     structured-outputs constraint compiling in the background, is done)."""
 
     index: int
-    prompt: str | None
-    prompt_token_ids: list[int]
+    prompt: TokensPrompt  # tokenized, truncated and checked
     params: SamplingParams
     grammar: Future | None = None
 
@@ -662,14 +649,28 @@ def _engine_configs(
     return model_config, cache_config, scheduler_config
 
 
-def _is_token_ids(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs: object, num_prompts: int) -> None:
+    """vLLM's per-call arguments that pagedlm takes at their no-op values only: no adapter (None, or
+    a list of None), priority None or 0 (one, or one per prompt), no multimodal options.
+
+    Raises:
+        ValueError: naming the argument and what it may be.
+    """
+    for name, value, allowed in (("lora_request", lora_request, (None,)), ("priority", priority, (None, 0))):
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        if values is value and len(values) != num_prompts:
+            raise ValueError(f"{name} has {len(values)} entries for {num_prompts} prompts.")
+        bad = next((v for v in values if v not in allowed or isinstance(v, bool)), allowed[0])
+        if bad not in allowed or isinstance(bad, bool):
+            why = "runs no LoRA adapters" if name == "lora_request" else "schedules first come, first served"
+            raise ValueError(f"{name}: pagedlm {why}; it takes {' or '.join(map(repr, allowed))}, got {bad!r}.")
+    if mm_processor_kwargs:
+        raise ValueError("mm_processor_kwargs: pagedlm runs text-only language models; it takes None or {}.")
 
 
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
     """One prompt as a list of one; a non-empty list of ints is one prompt of token ids (vLLM's)."""
-    if isinstance(prompts, (str, dict, RenderedChat)) or (prompts and _is_token_ids(prompts)):
+    if isinstance(prompts, (str, dict, RenderedChat)) or (prompts and is_token_ids(prompts)):
         return [prompts]
     if not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")
