@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from jinja2 import TemplateSyntaxError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils.chat_template_utils import _compile_jinja_template  # how chats are rendered
 
-from pagedlm.transformers_utils.generation_config import sampling_defaults
+from pagedlm.transformers_utils.generation_config import check_generation_overrides, generation_overrides, sampling_defaults
 
 logger = logging.getLogger("pagedlm")
 
@@ -52,12 +53,16 @@ class ModelConfig:
     tokenizer: str | None = None  # the tokenizer's checkpoint directory; None: the model's
     trust_remote_code: bool = False  # lets transformers run a checkpoint's own config/tokenizer code
     chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
+    override_generation_config: dict[str, Any] | None = None  # generation-config keys set over the model's
+    max_logprobs: int | None = None  # the most logprobs / prompt_logprobs a request may ask for (None: any)
 
     @classmethod
     def create(
         cls, model: str, dtype: str | torch.dtype, max_model_len: int | None, device: str, generation_config: str = "auto",
         seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
-        chat_template: str | None = None,
+        chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
+        hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
+        max_logprobs: int | None = None,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
@@ -71,7 +76,16 @@ class ModelConfig:
                 f"generation_config must be 'auto' (the model's generation_config.json), 'vllm' (no model "
                 f"defaults) or a directory holding a generation_config.json, got {generation_config!r}."
             )
-        hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        check_generation_overrides(override_generation_config)
+        if max_logprobs is not None and (not _is_int(max_logprobs) or max_logprobs < -1):
+            raise ValueError(f"max_logprobs must be None, -1 (the vocabulary) or an int >= 0, got {max_logprobs!r}.")
+        hf_config = _apply_hf_overrides(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code),
+                                        hf_overrides)
+        quantization = getattr(hf_config, "quantization_config", None)
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+            raise ValueError(f"{model!r} is a quantized checkpoint (quantization_config: {method}); pagedlm runs "
+                             "checkpoints in float32, bfloat16 or float16, and GGUF files (dequantized when loaded).")
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
         text_config = hf_config.get_text_config()
@@ -89,14 +103,14 @@ class ModelConfig:
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
-                   load_chat_template(chat_template))
+                   load_chat_template(chat_template), override_generation_config, max_logprobs)
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with
-        ``generation_config="vllm"``."""
-        if self.generation_config == "vllm":
-            return {}
-        return sampling_defaults(self.model if self.generation_config == "auto" else self.generation_config)
+        ``generation_config="vllm"``; ``override_generation_config`` set over either."""
+        defaults = {} if self.generation_config == "vllm" else sampling_defaults(
+            self.model if self.generation_config == "auto" else self.generation_config)
+        return {**defaults, **generation_overrides(self.override_generation_config)}
 
     @property
     def num_kv_heads(self) -> int:
@@ -109,6 +123,28 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         return self.hf_config.num_hidden_layers
+
+
+def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:
+    """vLLM's ``hf_overrides``: a function of the config, or fields to set on it (a dict value
+    updates the nested config of that name, e.g. a multimodal checkpoint's ``text_config``)."""
+    if hf_overrides is None:
+        return hf_config
+    if callable(hf_overrides):
+        hf_config = hf_overrides(hf_config)
+        if not isinstance(hf_config, PretrainedConfig):
+            raise ValueError(f"hf_overrides must return the config, got {type(hf_config).__name__}.")
+        return hf_config
+    if not isinstance(hf_overrides, dict) or not all(isinstance(k, str) for k in hf_overrides):
+        raise ValueError(f"hf_overrides must be a dict of config fields or a function of the config, "
+                         f"got {type(hf_overrides).__name__}.")
+    for key, value in hf_overrides.items():
+        nested = getattr(hf_config, key, None)
+        if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
+            _apply_hf_overrides(nested, value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
 
 
 def get_num_kv_heads(hf_config: PretrainedConfig) -> int:

@@ -657,6 +657,14 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="input: started with"):
         run_job(JobConfig(input=other, output=str(tmp_path / "out.jsonl"), model=llama_dir + "/", resume=True,
                           engine=dict(ENGINE)))
+    # Settings that change the rows' outputs are part of the record; explicit defaults are not.
+    from pagedlm.entrypoints.jobs.runner import job_record
+
+    engine = dict(ENGINE, block_size=16, seed=0, hf_overrides={"rms_norm_eps": 1e-5},
+                  override_generation_config={"temperature": 0.5})
+    recorded = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir, engine=engine), "plain")["engine"]
+    assert recorded == {"hf_overrides": {"rms_norm_eps": 1e-5}, "override_generation_config": {"temperature": 0.5},
+                        **{k: v for k, v in ENGINE.items() if k in ("dtype", "max_model_len")}}
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):

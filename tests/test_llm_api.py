@@ -689,6 +689,62 @@ def test_generation_config_sampling_defaults_as_vllm_applies_them(llama_dir, tmp
     assert (defaults.temperature, defaults.presence_penalty, defaults.frequency_penalty) == (0.0, 0.5, 0.3)
     with pytest.raises(ValueError, match="generation_config must be 'auto'"):
         LLM(str(model_dir), generation_config="nowhere")
+    # vLLM's override_generation_config: set over the model's defaults, or alone with "vllm".
+    over = {"temperature": 0.2, "max_new_tokens": 9, "top_p": None}
+    defaults = LLM(str(model_dir), dtype="float32", max_model_len=64,
+                   override_generation_config=over).get_default_sampling_params()
+    assert (defaults.temperature, defaults.presence_penalty, defaults.max_tokens) == (0.2, 0.5, 9)
+    alone = LLM(str(model_dir), dtype="float32", max_model_len=64, generation_config="vllm",
+                override_generation_config=over).get_default_sampling_params()
+    assert (alone.temperature, alone.presence_penalty, alone.max_tokens) == (0.2, 0.0, 9)
+    with pytest.raises(ValueError, match="override_generation_config: unknown key.s. 'do_sampl'; allowed: temperature"):
+        LLM(str(model_dir), override_generation_config={"do_sampl": False})
+
+
+def test_vllm_s_other_constructor_arguments(llama_dir):
+    """Found against vLLM 0.32: its arguments raised TypeError even at values pagedlm honours;
+    None (vLLM's default for the budgets) raised ValueError."""
+    greedy = SamplingParams(temperature=0, max_tokens=3, logprobs=2)
+    with LLM(llama_dir, dtype="float32") as llm:
+        expected = llm.generate("Hello", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    vllm_style = dict(enforce_eager=True, disable_log_stats=True, quantization=None, revision=None, tokenizer_mode="auto",
+                      skip_tokenizer_init=False, load_format="auto", cpu_offload_gb=0, pipeline_parallel_size=1,
+                      max_num_seqs=None, max_num_batched_tokens=None, enable_chunked_prefill=None,
+                      enable_prefix_caching=None, block_size=None, max_logprobs=2)
+    with LLM(llama_dir, dtype="float32", **vllm_style) as llm:
+        assert llm.generate("Hello", greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
+        config = llm.llm_engine.scheduler_config
+        assert (config.max_num_seqs, config.max_num_batched_tokens, llm.llm_engine.cache_config.block_size) == (256, 2048, 16)
+        with pytest.raises(ValueError, match=r"logprobs \(3\) exceeds max_logprobs \(2\), the LLM's limit"):
+            llm.generate("Hello", SamplingParams(max_tokens=1, logprobs=3), use_tqdm=False)
+        with pytest.raises(ValueError, match=r"prompt_logprobs \(-1, the vocabulary\) exceeds max_logprobs"):
+            llm.generate("Hello", SamplingParams(max_tokens=1, prompt_logprobs=-1), use_tqdm=False)
+    # As vLLM: a budget under 256 lowers the default max_num_seqs; no chunking budgets max_model_len.
+    with LLM(llama_dir, dtype="float32", max_num_batched_tokens=64, num_kv_blocks=64) as llm:
+        assert llm.llm_engine.scheduler_config.max_num_seqs == 64
+    with LLM(llama_dir, dtype="float32", hf_overrides={"max_position_embeddings": 4096}, enable_chunked_prefill=False,
+             num_kv_blocks=300) as llm:
+        assert llm.llm_engine.scheduler_config.max_num_batched_tokens == 4096
+    # hf_overrides: fields of the config, or a function of it.
+    with LLM(llama_dir, dtype="float32", hf_overrides={"max_position_embeddings": 100}) as llm:
+        assert llm.llm_engine.model_config.max_model_len == 100
+
+    def shorter(config):
+        config.max_position_embeddings = 90
+        return config
+
+    with LLM(llama_dir, dtype="float32", hf_overrides=shorter) as llm:
+        assert llm.llm_engine.model_config.max_model_len == 90
+    for kwargs, error, match in [
+        ({"disable_log_stats": False}, ValueError, r"disable_log_stats must be True \(pagedlm logs no periodic"),
+        ({"quantization": "awq"}, ValueError, "quantization must be None"),
+        ({"enforce_eager": 1}, ValueError, "enforce_eager must be True or False"),
+        ({"swap_spaces": 4}, TypeError, "unexpected keyword argument 'swap_spaces'"),
+        ({"hf_overrides": [1]}, ValueError, "hf_overrides must be a dict of config fields or a function"),
+        ({"max_logprobs": -2}, ValueError, "max_logprobs must be None, -1"),
+    ]:
+        with pytest.raises(error, match=match):
+            LLM(llama_dir, **kwargs)
 
 
 def _rss_bytes() -> int:

@@ -160,10 +160,14 @@ class LLMEngine:
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 return FieldError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})", name)
+        max_logprobs = self.model_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab_size:
                 return FieldError(f"{name} ({k}) exceeds the vocabulary size ({vocab_size})", name)
+            if k is not None and max_logprobs not in (None, -1) and (k == -1 or k > max_logprobs):
+                return FieldError(f"{name} ({'-1, the vocabulary' if k == -1 else k}) exceeds max_logprobs "
+                                  f"({max_logprobs}), the LLM's limit", name)
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:

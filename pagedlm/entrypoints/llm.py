@@ -4,6 +4,7 @@ import ctypes
 import functools
 import inspect
 import logging
+import numbers
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -49,7 +50,7 @@ class LLM:
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
         max_model_len: longest prompt + completion; defaults to the model's context length.
-        block_size: tokens per KV block (8, 16 or 32).
+        block_size: tokens per KV block (8, 16 or 32; None, vLLM's default, is 16).
         kv_cache_dtype: "auto" (the model's dtype), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0
             (vLLM's names and convention). It halves a bf16 cache's bytes per token, at some accuracy.
@@ -60,10 +61,13 @@ class LLM:
             ``gpu_memory_utilization``), and 20% of available RAM on CPU (within the process's
             memory cgroup; capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens
             could use). At most one of the three is set.
-        max_num_seqs: most sequences in one step.
-        max_num_batched_tokens: most tokens (prefill + decode) in one step.
-        enable_chunked_prefill: split prompts longer than the step's token budget over steps.
-        enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (within one
+        max_num_seqs: most sequences in one step (None: 256, or ``max_num_batched_tokens`` where
+            that is set lower, as in vLLM).
+        max_num_batched_tokens: most tokens (prefill + decode) in one step (None: 2048; without
+            chunked prefill at least ``max_model_len``, as in vLLM).
+        enable_chunked_prefill: split prompts longer than the step's token budget over steps
+            (None: True).
+        enable_prefix_caching: (None: True) reuse the KV blocks of prompt prefixes seen before (within one
             ``generate`` call and across calls). Unlike vLLM, whose free blocks keep their content
             until the whole cache is in use, a freed prefix stays only while the cache memory the
             engine has written holds it: new requests reuse written memory while over a quarter of
@@ -74,6 +78,14 @@ class LLM:
             come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
             max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
+        override_generation_config: generation-config keys (the ones ``generation_config`` reads:
+            temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+            frequency_penalty, max_new_tokens) set over it, as vLLM's argument does.
+        hf_overrides: values set on the checkpoint's config before the model is built (vLLM's): a
+            dict of its fields (a dict value updates a nested config such as ``text_config``), or
+            a function from the config to the config.
+        max_logprobs: the most ``logprobs`` / ``prompt_logprobs`` a request may ask for (vLLM's
+            limit, 20 there); None (the default) sets none, -1 the vocabulary.
         seed: seeds the random draws of completions that have no ``SamplingParams.seed``, so a
             run repeats itself (with the same requests in the same order): 0 by default, as in
             vLLM; None leaves them to torch's default generator. A seeded request does not
@@ -87,6 +99,13 @@ class LLM:
         gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
             may fill up to, counting what is already in use (default 0.9); not on CPU.
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
+        **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours (see
+            ``VLLM_NO_OP_ARGS``): ``enforce_eager`` (pagedlm always runs eagerly),
+            ``disable_log_stats=True``, ``quantization=None``, ``revision``,
+            ``tokenizer_revision``, ``code_revision``, ``download_dir`` and ``hf_token`` None,
+            ``tokenizer_mode`` "auto" or "hf", ``skip_tokenizer_init=False``, ``load_format="auto"``,
+            ``cpu_offload_gb=0``, ``pipeline_parallel_size=1``, ``disable_sliding_window=False``,
+            ``logits_processors=None``.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values).
@@ -99,22 +118,26 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
-        block_size: int = 16,
+        block_size: int | None = 16,
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        enable_chunked_prefill: bool = True,
-        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool | None = None,
+        enable_prefix_caching: bool | None = None,
         generation_config: str = "auto",
+        override_generation_config: dict[str, Any] | None = None,
+        hf_overrides: dict[str, Any] | Callable[[Any], Any] | None = None,
+        max_logprobs: int | None = None,
         seed: int | None = 0,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         chat_template: str | os.PathLike | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
+        **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
         model_config, cache_config, scheduler_config = _engine_configs(**arguments)
@@ -616,27 +639,65 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
     except TypeError as exc:
         raise ValueError(f"engine arguments: {exc}") from None
     bound.apply_defaults()
-    _engine_configs(**{name: value for name, value in bound.arguments.items() if name != "self"})
+    try:
+        _engine_configs(**{name: value for name, value in bound.arguments.items() if name != "self"})
+    except TypeError as exc:
+        raise ValueError(f"engine arguments: {exc}") from None
+
+
+# vLLM's LLM arguments that pagedlm takes at the values it honours: name -> (allowed values, why).
+VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
+    "enforce_eager": ((True, False), "pagedlm always runs eagerly"),
+    "disable_log_stats": ((True,), "pagedlm logs no periodic statistics (llm.get_stats() gives them)"),
+    "quantization": ((None,), "pagedlm runs checkpoints in their dtype (a GGUF file is dequantized)"),
+    "revision": ((None,), "pagedlm loads local checkpoints or the Hub cache's default revision"),
+    "tokenizer_revision": ((None,), "pagedlm loads local checkpoints or the Hub cache's default revision"),
+    "code_revision": ((None,), "pagedlm loads local checkpoints or the Hub cache's default revision"),
+    "download_dir": ((None,), "pagedlm reads the Hugging Face cache (HF_HUB_CACHE)"),
+    "hf_token": ((None,), "pagedlm reads the Hugging Face cache (HF_TOKEN for a download)"),
+    "tokenizer_mode": (("auto", "hf"), "pagedlm uses the checkpoint's fast Hugging Face tokenizer"),
+    "skip_tokenizer_init": ((False,), "pagedlm detokenizes and renders chats with the tokenizer"),
+    "load_format": (("auto",), "pagedlm reads safetensors or GGUF as the checkpoint holds them"),
+    "cpu_offload_gb": ((0,), "pagedlm keeps the weights on the model's device"),
+    "pipeline_parallel_size": ((1,), "pagedlm runs a model on one device (replicas: Ray Data)"),
+    "disable_sliding_window": ((False,), "pagedlm runs sliding-window layers as the model defines them"),
+    "logits_processors": ((None,), "pagedlm takes logits processors per request (SamplingParams.logits_processors)"),
+}
 
 
 def _engine_configs(
     *, model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
-    generation_config, seed, tokenizer, trust_remote_code, chat_template, gpu_memory_utilization, tensor_parallel_size,
+    generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
+    chat_template, gpu_memory_utilization, tensor_parallel_size, vllm_kwargs,
 ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
-    """``LLM``'s arguments as the engine's configs, each checked."""
+    """``LLM``'s arguments as the engine's configs, each checked; None stands for the default."""
+    for name, value in vllm_kwargs.items():
+        if name not in VLLM_NO_OP_ARGS:
+            raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+        allowed, why = VLLM_NO_OP_ARGS[name]
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))} ({why}), got {value!r}.")
     if type(tensor_parallel_size) is not int or tensor_parallel_size != 1:
         raise ValueError(f"tensor_parallel_size must be 1, got {tensor_parallel_size!r}: pagedlm runs a model on one "
                          "device (for more throughput, run replicas on Ray Data: docs/distributed.md).")
     model_config = ModelConfig.create(
         resolve_model(model), dtype, max_model_len, device, generation_config, seed,
         None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
+        override_generation_config, hf_overrides, max_logprobs,
     )
     if gpu_memory_utilization is not None and model_config.device.type != "cuda":
         raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
                          "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
-    cache_config = CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching, kv_cache_dtype,
+    cache_config = CacheConfig(16 if block_size is None else block_size, num_kv_blocks, kv_cache_memory_bytes,
+                               True if enable_prefix_caching is None else enable_prefix_caching, kv_cache_dtype,
                                calculate_kv_scales, gpu_memory_utilization)
+    if enable_chunked_prefill is None:
+        enable_chunked_prefill = True
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = 2048 if enable_chunked_prefill is not False else max(2048, model_config.max_model_len)
+    if max_num_seqs is None and _is_positive_int(max_num_batched_tokens):
+        max_num_seqs = min(256, max_num_batched_tokens)
     scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
     if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
         # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
@@ -647,6 +708,10 @@ def _engine_configs(
             "lower max_model_len or enable chunked prefill."
         )
     return model_config, cache_config, scheduler_config
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs: object, num_prompts: int) -> None:

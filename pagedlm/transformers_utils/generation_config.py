@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import Any
 
 from transformers import GenerationConfig, PretrainedConfig
 
@@ -50,3 +51,20 @@ def sampling_defaults(config_dir: str) -> dict[str, int | float]:
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults
+
+
+def check_generation_overrides(overrides: dict[str, Any] | None) -> None:
+    """Raises: ValueError: not a dict, or a key ``sampling_defaults`` does not read (named)."""
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"override_generation_config must be a dict, got {type(overrides).__name__}.")
+    unknown = sorted(map(repr, set(overrides) - set(_SAMPLING_DEFAULTS)))
+    if unknown:
+        raise ValueError(f"override_generation_config: unknown key(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(_SAMPLING_DEFAULTS)}.")
+
+
+def generation_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's ``override_generation_config`` as ``SamplingParams`` fields (None values unset)."""
+    return {_SAMPLING_DEFAULTS[key]: value for key, value in (overrides or {}).items() if value is not None}
