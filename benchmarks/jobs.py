@@ -70,18 +70,19 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
     for repeat in range(args.repeats):
         order = ["LLM.generate", "pagedlm run"] if repeat % 2 == 0 else ["pagedlm run", "LLM.generate"]
         for arm in order:
-            if arm == "LLM.generate":  # a fresh engine, as the job's, and its start-up left out, as the job's
-                with LLM(args.model, **engine) as llm, Load() as load:
-                    outs = llm.chat(conversations, SamplingParams(**sampling), use_tqdm=False)
-                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-                wall = load.wall
-            else:
-                out = tmp / f"out{repeat}.jsonl"
-                config = JobConfig(input=str(tmp / "rows.jsonl"), output=str(out), model=args.model, engine=engine,
-                                   sampling=sampling)
-                with Load() as load:
-                    stats, _ = run_job(config, tty=False)
-                tokens, wall = stats.completion_tokens, stats.elapsed()
+            # Each arm on a fresh engine whose start-up is left out: the job's run_job(llm=...).
+            with LLM(args.model, **engine) as llm:
+                if arm == "LLM.generate":
+                    with Load() as load:
+                        outs = llm.chat(conversations, SamplingParams(**sampling), use_tqdm=False)
+                    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                else:
+                    config = JobConfig(input=str(tmp / "rows.jsonl"), output=str(tmp / f"out{repeat}.jsonl"),
+                                       sampling=sampling)
+                    with Load() as load:
+                        stats, _ = run_job(config, tty=False, llm=llm)
+                    tokens = stats.completion_tokens
+            wall = load.wall
             results[arm].append((tokens / wall, wall, load.others))
             print(f"  repeat {repeat} {arm:>12}: {tokens / wall:7.1f} generated tok/s, {wall:6.2f} s, "
                   f"others {load.others:.2f} cores", flush=True)

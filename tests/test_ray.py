@@ -200,6 +200,13 @@ def test_processor_config_refuses_a_bad_concurrency(concurrency):
         PagedLMProcessorConfig(concurrency=concurrency)
 
 
+def test_processor_config_checks_engine_values_against_the_default_model_too():
+    """Found by a hunt: without model_source (the embedded model) a bad value was left to the actors."""
+    with pytest.raises(ValueError, match="engine_kwargs: block_size must be 8, 16 or 32, got 64"):
+        PagedLMProcessorConfig(engine_kwargs={"block_size": 64})
+    PagedLMProcessorConfig(engine_kwargs={"enforce_eager": True})  # vLLM's arguments at their honoured values
+
+
 def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
     config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
                                     concurrency=(1, 2), batch_size=4, num_cpus=0.5, torch_threads=1)  # autoscaling

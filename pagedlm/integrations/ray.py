@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     import ray.data
 
 from pagedlm.entrypoints.jobs.files import as_text, id_text, rows_to_table, to_json
-from pagedlm.entrypoints.llm import LLM, check_engine_args
+from pagedlm.entrypoints.llm import LLM, VLLM_NO_OP_ARGS, check_engine_args
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, field_error, sampling_defaults
 
@@ -79,16 +80,18 @@ class PagedLMProcessorConfig:
             raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(SAMPLING_FIELDS)}")
         SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
-        engine_args = [name for name in inspect.signature(LLM.__init__).parameters if name not in ("self", "model")]
+        engine_args = [name for name, p in inspect.signature(LLM.__init__).parameters.items()
+                       if name not in ("self", "model") and p.kind is not p.VAR_KEYWORD] + list(VLLM_NO_OP_ARGS)
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))
         if unknown:
             raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
-        if self.model_source is not None and os.path.exists(self.model_source):
+        model = self.model_source if self.model_source is not None else default_model_path()
+        if os.path.exists(model):
             # Their values too, where this process can read the model, so that a bad one fails
             # here and not in every actor; an actor's device may not be this process's.
             on_device = ("device", "gpu_memory_utilization")
             try:
-                check_engine_args(self.model_source, {k: v for k, v in self.engine_kwargs.items() if k not in on_device})
+                check_engine_args(model, {k: v for k, v in self.engine_kwargs.items() if k not in on_device})
             except ValueError as exc:
                 raise ValueError(f"engine_kwargs: {exc}") from None
         if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
@@ -152,8 +155,6 @@ class PagedLMStage:
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool, json_lines_out: bool,
                  done_ids: Any, json_fields: list[str] | None = None) -> None:
         import torch
-
-        from pagedlm import default_model_path
 
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
