@@ -190,8 +190,9 @@ class SamplingParams:
             batch; its tokens do not either where the logits do not (fp32 and bf16 on CPU, README).
             -1 is no seed, as in vLLM.
         max_tokens: most tokens to generate per completion. ``None`` (the default) generates until
-            EOS, a stop token or string, or the engine's ``max_model_len``; nothing is cut at an
-            arbitrary small length.
+            EOS, a stop token or string, or the engine's ``max_model_len``, or the KV cache's room
+            for the request's sequences where a small cache (``num_kv_blocks``) holds fewer tokens
+            than that (then ``"length"``); nothing is cut at an arbitrary small length.
         min_tokens: EOS and stop tokens cannot be sampled before this many tokens.
         stop: strings that end a completion; the text is cut before the stop string unless
             ``include_stop_str_in_output``.
