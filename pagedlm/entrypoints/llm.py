@@ -45,7 +45,8 @@ class LLM:
 
     Args:
         model: a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
-            or a Llama-architecture ``.gguf`` file (converted once and cached).
+            or a ``.gguf`` file of a Llama, Mistral, Qwen2, Qwen3, Phi-3 (without LongRoPE), Gemma 2
+            or Gemma 3 model (converted once and cached).
         dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
