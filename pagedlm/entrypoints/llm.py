@@ -76,8 +76,9 @@ class LLM:
             faults). A prefix held by running requests is found as before; one seen again after
             many unrelated requests may not be.
         generation_config: where the default ``SamplingParams`` (used when a call passes none)
-            come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
-            max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
+            come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty,
+            presence_penalty, frequency_penalty and max_new_tokens from the model's
+            generation_config.json, as vLLM does; "vllm" takes
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
         override_generation_config: generation-config keys (the ones ``generation_config`` reads:
             temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
