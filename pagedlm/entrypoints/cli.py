@@ -41,7 +41,8 @@ def run_parser() -> argparse.ArgumentParser:
                              "(the format of the first row that looks like either: openai with custom_id and one of method, "
                              "url, body; plain with id or a prompt column)")
     parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
-                        help="a name OpenAI rows' body.model may give (repeatable; default: --model and its basename)")
+                        help="a name OpenAI rows' body.model may give, replacing the default names (repeatable; "
+                             "default: --model as given and its basename)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="most requests queued in the engine at once (default: twice max_num_seqs)")
     parser.add_argument("--progress-interval", type=float, default=10.0,
