@@ -308,7 +308,8 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
         names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
-    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults)
+    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
+                             names_given=bool(config.served_model_names))
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
