@@ -32,8 +32,10 @@ def run_parser() -> argparse.ArgumentParser:
                     "finishes; a row that cannot run gets an error in its output row. Formats: docs/jobs.md.",
     )
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--input", required=True, help="rows to run: .jsonl or .parquet")
-    parser.add_argument("--output", required=True, help="where results go: .jsonl or .parquet (plain rows)")
+    parser.add_argument("--input", required=True, help="rows to run: .jsonl, .json, .ndjson (JSON Lines) or "
+                                                       ".parquet, .pq")
+    parser.add_argument("--output", required=True, help="where results go: .jsonl, .json, .ndjson (JSON Lines) or "
+                                                        ".parquet, .pq (Parquet for plain rows only)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the job that writes --output: skip the ids it holds, append the rest")
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
