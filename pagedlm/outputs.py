@@ -27,11 +27,14 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 class CompletionOutput:
     """One generated completion of a request.
 
-    ``finish_reason`` is ``"stop"`` (EOS, a stop token or string) or ``"length"`` (``max_tokens``
-    or the model's context length); ``stop_reason`` is the stop token id or stop string that ended
-    it, else ``None``. ``cumulative_logprob`` is the sum of the model's own log-probabilities of
-    ``token_ids`` (log-softmax of its logits, before penalties, processors or bans), for sampling
-    and beam search alike; beam search ranks its beams by the processed ones.
+    ``finish_reason`` is ``None`` while unfinished, then ``"stop"`` (EOS, a stop token or string,
+    or a structured-outputs grammar that accepted a stop token), ``"length"`` (``max_tokens`` or the
+    model's context length) or ``"abort"`` (a logits processor or ban left no token its
+    structured-outputs grammar allows; the completion ends before that token). ``stop_reason`` is
+    the stop token id or stop string that ended it, else ``None``. ``cumulative_logprob`` is the
+    sum of the model's own log-probabilities of ``token_ids`` (log-softmax of its logits, before
+    penalties, processors or bans), for sampling and beam search alike; beam search ranks its beams
+    by the processed ones.
     """
 
     index: int

@@ -145,6 +145,9 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         assert row["response"]["status_code"] == 400 and row["error"]["message"]
         assert row["response"]["body"]["error"]["type"] == "invalid_request_error"
         assert row["response"]["body"]["error"]["param"] == param, bad
+    # The job was started with --served-model-name: the error does not suggest it.
+    assert "['tiny']" in out["other-model"]["error"]["message"]
+    assert "--served-model-name" not in out["other-model"]["error"]["message"]
 
     body = out["chat"]["response"]["body"]
     assert out["chat"]["response"]["status_code"] == 200 and out["chat"]["error"] is None
@@ -646,11 +649,14 @@ def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):
 
 
 def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
-    inp = write_jsonl(tmp_path / "in.jsonl", [_openai_row("a", "/v1/completions", {
-        "model": os.path.basename(llama_dir), "prompt": "x", "max_tokens": 1})])
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        _openai_row("a", "/v1/completions", {"model": os.path.basename(llama_dir), "prompt": "x", "max_tokens": 1}),
+        _openai_row("b", "/v1/completions", {"model": "gpt-4o", "prompt": "x", "max_tokens": 1})])
     config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir + "/", engine=dict(ENGINE))
     stats, _ = run_job(config, tty=False)
     assert stats.completed == 1  # --model with a trailing slash still answers to its basename
+    refused = by_id(read_output(tmp_path / "out.jsonl"), "custom_id")["b"]["error"]["message"]
+    assert os.path.basename(llama_dir) in refused and "(or start the job with --served-model-name)" in refused
     record = json.load(open(str(tmp_path / "out.jsonl") + ".job.json"))
     assert record["input"] == os.path.abspath(inp)
     other = write_jsonl(tmp_path / "other.jsonl", [{"id": 1, "prompt": "x"}])

@@ -219,8 +219,9 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
 }  // namespace
 }  // namespace pagedlm::cuda
 
-// No CUDA kernel for `sample` and `apply_token_bitmask`: pagedlm/ops/__init__.py registers the torch reference for CUDA at
-// import time (`_reference_on_cuda`), for every op this file does not register.
+// No CUDA kernel for `gather_rows`, `scale`, `soft_cap`, `top_logprobs`, `sample`, `apply_token_bitmask` and the bf16
+// linears: pagedlm/ops/__init__.py registers the torch reference for CUDA at import time (`_reference_on_cuda`), for
+// every op this file does not register.
 TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedlm::cuda::paged_attention);

@@ -32,8 +32,10 @@ def run_parser() -> argparse.ArgumentParser:
                     "finishes; a row that cannot run gets an error in its output row. Formats: docs/jobs.md.",
     )
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--input", required=True, help="rows to run: .jsonl or .parquet")
-    parser.add_argument("--output", required=True, help="where results go: .jsonl or .parquet (plain rows)")
+    parser.add_argument("--input", required=True, help="rows to run: .jsonl, .json, .ndjson (JSON Lines) or "
+                                                       ".parquet, .pq")
+    parser.add_argument("--output", required=True, help="where results go: .jsonl, .json, .ndjson (JSON Lines) or "
+                                                        ".parquet, .pq (Parquet for plain rows only)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the job that writes --output: skip the ids it holds, append the rest")
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
@@ -41,7 +43,8 @@ def run_parser() -> argparse.ArgumentParser:
                              "(the format of the first row that looks like either: openai with custom_id and one of method, "
                              "url, body; plain with id or a prompt column)")
     parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
-                        help="a name OpenAI rows' body.model may give (repeatable; default: --model and its basename)")
+                        help="a name OpenAI rows' body.model may give, replacing the default names (repeatable; "
+                             "default: --model as given and its basename)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="most requests queued in the engine at once (default: twice max_num_seqs)")
     parser.add_argument("--progress-interval", type=float, default=10.0,

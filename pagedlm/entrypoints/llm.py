@@ -45,7 +45,8 @@ class LLM:
 
     Args:
         model: a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
-            or a Llama-architecture ``.gguf`` file (converted once and cached).
+            or a ``.gguf`` file of a Llama, Mistral, Qwen2, Qwen3, Phi-3 (without LongRoPE), Gemma 2
+            or Gemma 3 model (converted once and cached).
         dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
@@ -75,8 +76,9 @@ class LLM:
             faults). A prefix held by running requests is found as before; one seen again after
             many unrelated requests may not be.
         generation_config: where the default ``SamplingParams`` (used when a call passes none)
-            come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty and
-            max_new_tokens from the model's generation_config.json, as vLLM does; "vllm" takes
+            come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty,
+            presence_penalty, frequency_penalty and max_new_tokens from the model's
+            generation_config.json, as vLLM does; "vllm" takes
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
         override_generation_config: generation-config keys (the ones ``generation_config`` reads:
             temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,

@@ -163,8 +163,9 @@ read K/V rows as 16-byte vectors).
 Backends: when the extension is loaded (``EXTENSION_LOADED``), the ops are ``torch.ops.pagedlm.*``
 and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` says which: "cpu"
 for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
-"torch-reference" (the reference is registered for CUDA then, as it always is for ``sample`` and
-``apply_token_bitmask``).
+"torch-reference" (the reference is registered for CUDA then, as it always is for the ops with
+no CUDA kernel: ``gather_rows``, ``scale``, ``soft_cap``, ``top_logprobs``, ``sample``,
+``apply_token_bitmask`` and the CPU-only bf16 linears).
 Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
 reference on every device. On a CPU with AMX, ``PAGEDLM_DISABLE_AMX=1`` keeps the AVX-512 kernels
 (``0``, the default, lets the linears and attention run on AMX tiles).
@@ -245,8 +246,8 @@ if EXTENSION_LOADED and torch.cuda.is_available():
             f"them, {_BUILD_HINT} with CUDA_HOME set.",
             stacklevel=2,
         )
-    # Ops without a CUDA kernel (all of them in a CPU-only build; ``sample`` and ``apply_token_bitmask``
-    # always) run the reference there.
+    # Ops without a CUDA kernel (all of them in a CPU-only build; always gather_rows, scale, soft_cap,
+    # top_logprobs, sample, apply_token_bitmask and the bf16 linears) run the reference there.
     _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
     for _name in _OP_NAMES:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pagedlm::{_name}", "CUDA"):

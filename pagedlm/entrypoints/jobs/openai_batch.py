@@ -64,15 +64,18 @@ class OpenAIBatchFormat:
         served_model_names: the names a body's ``model`` may give (vLLM refuses others); the first
             is written as ``model`` in the responses.
         defaults: the job's sampling defaults, under each body's own fields.
+        names_given: the names came from ``--served-model-name`` (a refused ``model``'s error then
+            does not suggest that flag).
     """
 
     key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
-                 defaults: dict[str, Any]) -> None:
+                 defaults: dict[str, Any], names_given: bool = False) -> None:
         self.tokenizer = tokenizer
         self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
+        self.names_given = names_given
         self.defaults = defaults
 
     def key_of(self, row: Any) -> RowKey:
@@ -102,8 +105,9 @@ class OpenAIBatchFormat:
                            f"{', '.join(sorted(BODY_FIELDS[url]))}", unknown[0])
         model = body.get("model", self.served_model_names[0])
         if model not in self.served_model_names:
+            hint = "" if self.names_given else " (or start the job with --served-model-name)"
             raise RowError(f"body.model {model!r} is not the model this job serves; use one of "
-                           f"{self.served_model_names} (or start the job with --served-model-name)", "model")
+                           f"{self.served_model_names}{hint}", "model")
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
         for name, (kind, words) in _TYPES[url].items():

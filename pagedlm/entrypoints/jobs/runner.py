@@ -111,7 +111,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     if fmt_name == "plain":
         _check_result_columns(config.input, in_kind)
     if fmt_name == "openai" and out_kind != "jsonl":
-        raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl")
+        raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
     started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
     record = job_record(config, fmt_name, model)
@@ -308,7 +308,8 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
         names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
-    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults)
+    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
+                             names_given=bool(config.served_model_names))
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
