@@ -698,8 +698,8 @@ def _engine_configs(
         enable_chunked_prefill = True
     if max_num_batched_tokens is None:
         max_num_batched_tokens = 2048 if enable_chunked_prefill is not False else max(2048, model_config.max_model_len)
-    if max_num_seqs is None and _is_positive_int(max_num_batched_tokens):
-        max_num_seqs = min(256, max_num_batched_tokens)
+    if max_num_seqs is None:
+        max_num_seqs = min(256, max_num_batched_tokens) if _is_positive_int(max_num_batched_tokens) else 256
     scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
     if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
         # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
