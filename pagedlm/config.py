@@ -110,7 +110,8 @@ class ModelConfig:
         ``generation_config="vllm"``; ``override_generation_config`` set over either."""
         defaults = {} if self.generation_config == "vllm" else sampling_defaults(
             self.model if self.generation_config == "auto" else self.generation_config)
-        return {**defaults, **generation_overrides(self.override_generation_config)}
+        merged = {**defaults, **generation_overrides(self.override_generation_config)}
+        return {field: value for field, value in merged.items() if value is not None}
 
     @property
     def num_kv_heads(self) -> int:
@@ -130,21 +131,29 @@ def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> Pretr
     updates the nested config of that name, e.g. a multimodal checkpoint's ``text_config``)."""
     if hf_overrides is None:
         return hf_config
-    if callable(hf_overrides):
-        hf_config = hf_overrides(hf_config)
-        if not isinstance(hf_config, PretrainedConfig):
-            raise ValueError(f"hf_overrides must return the config, got {type(hf_config).__name__}.")
-        return hf_config
-    if not isinstance(hf_overrides, dict) or not all(isinstance(k, str) for k in hf_overrides):
+    if not callable(hf_overrides) and (not isinstance(hf_overrides, dict)
+                                       or not all(isinstance(k, str) for k in hf_overrides)):
         raise ValueError(f"hf_overrides must be a dict of config fields or a function of the config, "
                          f"got {type(hf_overrides).__name__}.")
-    for key, value in hf_overrides.items():
-        nested = getattr(hf_config, key, None)
-        if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
-            _apply_hf_overrides(nested, value)
+    try:
+        if callable(hf_overrides):
+            hf_config = hf_overrides(hf_config)
         else:
-            setattr(hf_config, key, value)
+            _set_fields(hf_config, hf_overrides)
+    except Exception as exc:  # transformers' own validation errors are not all ValueErrors
+        raise ValueError(f"hf_overrides: {type(exc).__name__}: {exc}") from None
+    if not isinstance(hf_config, PretrainedConfig):
+        raise ValueError(f"hf_overrides must return the config, got {type(hf_config).__name__}.")
     return hf_config
+
+
+def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
+    for key, value in fields.items():
+        nested = getattr(config, key, None)
+        if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
+            _set_fields(nested, value)
+        else:
+            setattr(config, key, value)
 
 
 def get_num_kv_heads(hf_config: PretrainedConfig) -> int:

@@ -9,7 +9,8 @@ from pagedlm.utils import FieldError
 
 
 class TextPrompt(TypedDict):
-    """A prompt as text, tokenized with the model's tokenizer (its special tokens added)."""
+    """A prompt as text, tokenized with the model's tokenizer (its special tokens added, unless
+    ``tokenization_kwargs`` says ``add_special_tokens=False``)."""
 
     prompt: str
     cache_salt: NotRequired[str]  # requests share prefix-cache blocks only with requests of the same salt
@@ -25,8 +26,9 @@ class TokensPrompt(TypedDict):
 
 PromptType = str | TextPrompt | TokensPrompt | list[int]
 
-# Keys of vLLM's prompt dicts for inputs other than text, taken when they hold nothing.
-_EMPTY_ONLY = {"multi_modal_data": "multimodal data", "mm_processor_kwargs": "multimodal processor options"}
+# Keys of vLLM's prompt dicts for inputs other than text, taken when they hold nothing (None or {}).
+_EMPTY_ONLY = {"multi_modal_data": "multimodal data", "mm_processor_kwargs": "multimodal processor options",
+               "multi_modal_uuids": "multimodal data ids", "media_io_kwargs": "media loading options"}
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt", *_EMPTY_ONLY)
 
 
@@ -46,13 +48,16 @@ def is_token_ids(value: object) -> bool:
 
 
 def parse_prompt(prompt: object) -> ParsedPrompt:
-    """A str, ``TextPrompt``, ``TokensPrompt`` or list of token ids, checked.
+    """A str, ``TextPrompt``, ``TokensPrompt`` or list of token ids, checked (a ``ParsedPrompt``
+    is already checked: ``LLM`` passes its prompts on to the engine so).
 
     Raises:
         FieldError: the prompt is none of these (field "prompt"), or one of its keys is bad
             (the field is the key: an unknown key, text that is not valid Unicode, ids that are not
             ints, a non-empty ``multi_modal_data``).
     """
+    if isinstance(prompt, ParsedPrompt):
+        return prompt
     if isinstance(prompt, str):
         return ParsedPrompt(_checked_text(prompt, "prompt"), None)
     if is_token_ids(prompt):  # vLLM takes a bare list of token ids too
@@ -65,7 +70,7 @@ def parse_prompt(prompt: object) -> ParsedPrompt:
         raise FieldError(f"unknown prompt key {unknown[0]!r}; a prompt dict takes {', '.join(map(repr, _PROMPT_KEYS))}",
                          str(unknown[0]))
     for key, what in _EMPTY_ONLY.items():
-        if prompt.get(key):
+        if prompt.get(key) is not None and prompt[key] != {}:
             raise FieldError(f"{key}: pagedlm runs text-only language models (a multimodal checkpoint's language "
                              f"model), so a prompt cannot carry {what}", key)
     salt = prompt.get("cache_salt")

@@ -666,10 +666,13 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     # Settings that change the rows' outputs are part of the record; explicit defaults are not.
     from pagedlm.entrypoints.jobs.runner import job_record
 
-    engine = dict(ENGINE, block_size=16, seed=0, hf_overrides={"rms_norm_eps": 1e-5},
-                  override_generation_config={"temperature": 0.5})
+    import torch
+
+    engine = dict(ENGINE, block_size=16, seed=0, hf_overrides={"rms_norm_eps": 1e-5, "torch_dtype": torch.float32},
+                  override_generation_config={"temperature": 0.5}, max_logprobs=5)
     recorded = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir, engine=engine), "plain")["engine"]
-    assert recorded == {"hf_overrides": {"rms_norm_eps": 1e-5}, "override_generation_config": {"temperature": 0.5},
+    assert recorded == {"hf_overrides": {"rms_norm_eps": 1e-5, "torch_dtype": "torch.float32"}, "max_logprobs": 5,
+                        "override_generation_config": {"temperature": 0.5},
                         **{k: v for k, v in ENGINE.items() if k in ("dtype", "max_model_len")}}
 
 
@@ -1014,6 +1017,10 @@ def test_openai_logprob_bytes_are_each_token_s_own(request, kind):
     assert sum(1 for part in parts if _is_partial_utf8(part)) >= 3
     if kind == "byte_fallback":
         assert token_bytes(tok.get_vocab()["<0xE6>"]) == b"\xe6"
+        # A non-special added token goes through the decoder's "▁" -> " " too (found by a review).
+        tok.add_tokens(["▁banana▁split"])
+        added = tok.convert_tokens_to_ids("▁banana▁split")
+        assert TokenBytes(tok)(added) == b" banana split"  # the decoder strips a first token's leading space only
 
 
 def _is_partial_utf8(data: bytes) -> bool:

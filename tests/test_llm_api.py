@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import BOS, EOS
-from pagedlm import LLM, CompletionOutput, RequestOutput, SamplingParams, default_model_path
+from conftest import BOS, EOS, VOCAB_SIZE
+from pagedlm import BeamSearchParams, LLM, CompletionOutput, RequestOutput, SamplingParams, default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -468,7 +468,9 @@ def test_engine_add_request_takes_vllm_s_arguments(llm):
     assert all(o.prompt_token_ids == ids for o in finished.values())
     with pytest.raises(TypeError, match="request_id must be a str, got int"):
         engine.add_request(7, text, greedy)
-    for kwargs, match in [({"priority": 1}, "priority must be 0"), ({"lora_request": object()}, "lora_request: pagedlm runs no LoRA"),
+    for kwargs, match in [({"priority": 1}, "priority must be 0"), ({"priority": 0.0}, "priority must be 0"),
+                          ({"trace_headers": {}}, "trace_headers: pagedlm exports no traces"),
+                          ({"lora_request": object()}, "lora_request: pagedlm runs no LoRA"),
                           ({"tokenization_kwargs": {"truncation": True}}, "unknown key.s. 'truncation'")]:
         with pytest.raises(ValueError, match=match):
             engine.add_request("x", text, greedy, **kwargs)
@@ -699,6 +701,16 @@ def test_generation_config_sampling_defaults_as_vllm_applies_them(llama_dir, tmp
     assert (alone.temperature, alone.presence_penalty, alone.max_tokens) == (0.2, 0.0, 9)
     with pytest.raises(ValueError, match="override_generation_config: unknown key.s. 'do_sampl'; allowed: temperature"):
         LLM(str(model_dir), override_generation_config={"do_sampl": False})
+    # A None value unsets the model's (vLLM's update-then-drop-None); a bad value is named (found by a review).
+    unset = LLM(str(model_dir), dtype="float32", max_model_len=64,
+                override_generation_config={"presence_penalty": None}).get_default_sampling_params()
+    assert (unset.temperature, unset.presence_penalty) == (0.0, 0.0)
+    from pagedlm.entrypoints.llm import check_engine_args
+    for call in (lambda: LLM(str(model_dir), override_generation_config={"temperature": "hot"}),
+                 lambda: check_engine_args(str(model_dir), {"override_generation_config": {"temperature": "hot"}})):
+        with pytest.raises(ValueError, match="override_generation_config with the model's generation config gives "
+                                             "unusable sampling defaults"):
+            call()
 
 
 def test_vllm_s_other_constructor_arguments(llama_dir):
@@ -719,6 +731,13 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
             llm.generate("Hello", SamplingParams(max_tokens=1, logprobs=3), use_tqdm=False)
         with pytest.raises(ValueError, match=r"prompt_logprobs \(-1, the vocabulary\) exceeds max_logprobs"):
             llm.generate("Hello", SamplingParams(max_tokens=1, prompt_logprobs=-1), use_tqdm=False)
+        with pytest.raises(ValueError, match=r"beam_search ranks 2 \* beam_width \(4\) logprobs a step, over max_logprobs"):
+            llm.beam_search(["Hello"], BeamSearchParams(beam_width=2, max_tokens=2))
+    with LLM(llama_dir, dtype="float32", max_logprobs=VOCAB_SIZE) as llm:  # -1 is the vocabulary, within the limit
+        assert len(llm.generate("Hello", SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)[0]
+                   .outputs[0].logprobs[0]) == VOCAB_SIZE
+        # vLLM's beam_search(prompts, params, lora_request, use_tqdm, concurrency_limit)
+        assert len(llm.beam_search(["Hello"], BeamSearchParams(beam_width=2, max_tokens=2), None, False, 1)) == 1
     # As vLLM: a budget under 256 lowers the default max_num_seqs; no chunking budgets max_model_len.
     with LLM(llama_dir, dtype="float32", max_num_batched_tokens=64, num_kv_blocks=64) as llm:
         assert llm.llm_engine.scheduler_config.max_num_seqs == 64
@@ -741,6 +760,8 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
         ({"enforce_eager": 1}, ValueError, "enforce_eager must be True or False"),
         ({"swap_spaces": 4}, TypeError, "unexpected keyword argument 'swap_spaces'"),
         ({"hf_overrides": [1]}, ValueError, "hf_overrides must be a dict of config fields or a function"),
+        ({"hf_overrides": lambda config: None}, ValueError, "hf_overrides must return the config, got NoneType"),
+        ({"hf_overrides": {"rms_norm_eps": "x"}}, ValueError, "hf_overrides: "),  # transformers' own error type
         ({"max_logprobs": -2}, ValueError, "max_logprobs must be None, -1"),
     ]:
         with pytest.raises(error, match=match):
@@ -889,17 +910,20 @@ def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
     chat = [{"role": "user", "content": "Hi"}]
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     expected = llm.generate("Hi", greedy, use_tqdm=False)[0].outputs[0].token_ids
-    for prompt in ({"prompt": "Hi", "multi_modal_data": None}, {"prompt": "Hi", "mm_processor_kwargs": {}}):
+    for prompt in ({"prompt": "Hi", "multi_modal_data": None}, {"prompt": "Hi", "mm_processor_kwargs": {}},
+                   {"prompt": "Hi", "multi_modal_uuids": None, "media_io_kwargs": {}}):
         assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
     out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, lora_request=None, priority=[0, 0], mm_processor_kwargs=None)
     assert [o.outputs[0].token_ids for o in out] == [expected] * 2
     assert llm.chat(chat, greedy, False, None, 0, template, "string")[0].prompt == "Hi"  # vLLM's positions
     for prompt, match in [({"prompt": "Hi", "multi_modal_data": {"image": 1}}, "multi_modal_data: pagedlm runs text-only"),
+                          ({"prompt": "Hi", "multi_modal_data": []}, "multi_modal_data: pagedlm runs text-only"),
                           ({"prompt_token_ids": [BOS], "token_type_ids": [0]}, "unknown prompt key 'token_type_ids'")]:
         with pytest.raises(ValueError, match=match):
             llm.generate(prompt, greedy, use_tqdm=False)
     for kwargs, match in [({"priority": 1}, "priority: pagedlm schedules first come, first served; it takes None or 0, got 1"),
                           ({"priority": [0]}, "priority has 1 entries for 2 prompts"),
+                          ({"priority": False}, "priority: pagedlm schedules first come, first served"),
                           ({"lora_request": "adapter"}, "lora_request: pagedlm runs no LoRA adapters"),
                           ({"mm_processor_kwargs": {"size": 1}}, "mm_processor_kwargs: pagedlm runs text-only")]:
         with pytest.raises(ValueError, match=match):
@@ -940,6 +964,9 @@ def test_token_prompts_in_vllms_other_forms(llm):
     assert echoed.outputs[0].token_ids == expected.outputs[0].token_ids
     with pytest.raises(ValueError, match='prompt 0: "prompt" beside "prompt_token_ids" must be a str'):
         llm.generate({"prompt_token_ids": [BOS], "prompt": 5}, params, use_tqdm=False)
+    # generate_as_completed reads a flat list of ints as generate does (found by a review: three bad prompts).
+    streamed = list(llm.generate_as_completed([BOS, 5, 6], params))
+    assert [(i, out.outputs[0].token_ids) for i, out in streamed] == [(0, expected.outputs[0].token_ids)]
 
 
 def test_bytes_that_are_not_utf8_do_not_stop_a_byte_fallback_tokenizer(sentencepiece_llama_dir):

@@ -207,6 +207,16 @@ def test_processor_config_checks_engine_values_against_the_default_model_too():
     PagedLMProcessorConfig(engine_kwargs={"enforce_eager": True})  # vLLM's arguments at their honoured values
 
 
+def test_processor_config_does_not_download_the_default_model(tmp_path, monkeypatch):
+    """Found by a review: a driver that runs no inference (and may be offline) fetched it to check values."""
+    import pagedlm.transformers_utils.gguf as gguf
+
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf, "_fetch_default_gguf", lambda dest: pytest.fail("downloaded"))
+    assert gguf.default_model_path(download=False) is None
+    PagedLMProcessorConfig(engine_kwargs={"block_size": 64})  # checked by the actors instead
+
+
 def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
     config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
                                     concurrency=(1, 2), batch_size=4, num_cpus=0.5, torch_threads=1)  # autoscaling

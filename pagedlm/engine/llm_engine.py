@@ -165,7 +165,7 @@ class LLMEngine:
             k = getattr(params, name)
             if k is not None and k > vocab_size:
                 return FieldError(f"{name} ({k}) exceeds the vocabulary size ({vocab_size})", name)
-            if k is not None and max_logprobs not in (None, -1) and (k == -1 or k > max_logprobs):
+            if k is not None and max_logprobs not in (None, -1) and (vocab_size if k == -1 else k) > max_logprobs:
                 return FieldError(f"{name} ({'-1, the vocabulary' if k == -1 else k}) exceeds max_logprobs "
                                   f"({max_logprobs}), the LLM's limit", name)
         if params.use_beam_search and params.stop:
@@ -192,6 +192,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request: None = None,
         tokenization_kwargs: dict[str, Any] | None = None,
+        trace_headers: None = None,
         priority: int = 0,
     ) -> str:
         """Queue one request; it runs from the next ``step`` on. vLLM's signature.
@@ -209,6 +210,7 @@ class LLMEngine:
             lora_request: None (pagedlm has no LoRA adapters).
             tokenization_kwargs: ``truncate_prompt_tokens`` and ``add_special_tokens``
                 (``inputs.TokenizationKwargs``).
+            trace_headers: None (pagedlm exports no traces).
             priority: 0 (requests are scheduled first come, first served).
 
         Returns:
@@ -227,7 +229,9 @@ class LLMEngine:
             raise ValueError(f"Request {request_id!r} is already running; request ids must be unique.")
         if lora_request is not None:
             raise ValueError("lora_request: pagedlm runs no LoRA adapters; pass None.")
-        if priority != 0:
+        if trace_headers is not None:
+            raise ValueError("trace_headers: pagedlm exports no traces; pass None.")
+        if type(priority) is not int or priority != 0:
             raise ValueError(f"priority must be 0 (pagedlm schedules first come, first served), got {priority!r}.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")
@@ -240,7 +244,7 @@ class LLMEngine:
         prompt_token_ids, from_text = parsed.token_ids, False
         if prompt_token_ids is None:
             from_text = tokenization.add_special_tokens is not False
-            prompt_token_ids = self.encode(parsed.text, from_text)
+            prompt_token_ids = encode_prompts(self.tokenizer, [parsed.text], from_text)[0]
         prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens,
                                                 tokenization.truncate_prompt_tokens, from_text=from_text)
         reason = self.check_request(prompt_token_ids, params)
@@ -274,12 +278,6 @@ class LLMEngine:
             self.seq_groups[request_id] = seq_group
             self.scheduler.add_seq_group(seq_group)
         return request_id
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """A text prompt's token ids (``encode_prompts``: one BOS where the text begins with one)."""
-        if add_special_tokens:
-            return encode_prompts(self.tokenizer, [text])[0]
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer

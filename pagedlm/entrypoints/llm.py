@@ -21,7 +21,7 @@ from pagedlm.entrypoints.chat_utils import (
 )
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.inputs import (
-    ParsedPrompt, PromptType as InputPrompt, TokenizationKwargs, TokensPrompt, is_token_ids, parse_prompt,
+    ParsedPrompt, PromptType as InputPrompt, TokenizationKwargs, is_token_ids, parse_prompt,
     parse_tokenization_kwargs,
 )
 from pagedlm.openmp import limit_threads_to_cpu_quota
@@ -82,12 +82,14 @@ class LLM:
             none; a directory, its generation_config.json. See ``get_default_sampling_params``.
         override_generation_config: generation-config keys (the ones ``generation_config`` reads:
             temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-            frequency_penalty, max_new_tokens) set over it, as vLLM's argument does.
+            frequency_penalty, max_new_tokens) set over it, as vLLM's argument does (a None value
+            unsets the model's).
         hf_overrides: values set on the checkpoint's config before the model is built (vLLM's): a
             dict of its fields (a dict value updates a nested config such as ``text_config``), or
             a function from the config to the config.
         max_logprobs: the most ``logprobs`` / ``prompt_logprobs`` a request may ask for (vLLM's
-            limit, 20 there); None (the default) sets none, -1 the vocabulary.
+            limit, 20 there; -1 in a request asks for the vocabulary), and ``beam_search``'s
+            ``2 * beam_width``; None (the default) sets none, -1 the vocabulary.
         seed: seeds the random draws of completions that have no ``SamplingParams.seed``, so a
             run repeats itself (with the same requests in the same order): 0 by default, as in
             vLLM; None leaves them to torch's default generator. A seeded request does not
@@ -144,12 +146,8 @@ class LLM:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
         model_config, cache_config, scheduler_config = _engine_configs(**arguments)
         self._default_sampling_params = model_config.get_diff_sampling_param()
-        try:
-            self._final_only_defaults = SamplingParams(**self._default_sampling_params,
-                                                       output_kind=RequestOutputKind.FINAL_ONLY)
-        except ValueError as exc:
-            raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
-                             "pass generation_config='vllm' to ignore them.") from exc
+        self._final_only_defaults = SamplingParams(**self._default_sampling_params,
+                                                   output_kind=RequestOutputKind.FINAL_ONLY)
         if self._default_sampling_params:
             logger.info("Default sampling parameters from the model's generation config: %s (generation_config='vllm' "
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
@@ -243,6 +241,7 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         params: BeamSearchParams,
+        lora_request: None = None,
         use_tqdm: bool | Callable[..., tqdm] = False,
         concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
@@ -252,7 +251,9 @@ class LLM:
         ``BeamSearchSequence`` for what each holds).
 
         Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
-        (all of them when None), each with ``beam_width`` sequences in the batch.
+        (all of them when None), each with ``beam_width`` sequences in the batch. The arguments
+        are vLLM's, in its order; ``lora_request`` takes None. Each step ranks ``2 * beam_width``
+        logprobs, which ``LLM(max_logprobs=)`` must allow.
 
         Raises:
             ValueError: ``params`` is not a ``BeamSearchParams`` or has a bad field (fields set after
@@ -263,13 +264,18 @@ class LLM:
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
         params = replace(params)  # checks fields set after construction
+        prompts = _prompt_list(prompts)
+        _check_vllm_only(lora_request, None, None, len(prompts))
+        max_logprobs = self.llm_engine.model_config.max_logprobs
+        if max_logprobs not in (None, -1) and 2 * params.beam_width > max_logprobs:
+            raise ValueError(f"beam_search ranks 2 * beam_width ({2 * params.beam_width}) logprobs a step, over "
+                             f"max_logprobs ({max_logprobs}), the LLM's limit.")
         max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
         if params.beam_width > max_num_seqs:
             raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({max_num_seqs}): each beam is a "
                              "sequence of the batch.")
         if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
-        prompts = _prompt_list(prompts)
         sampling_params = params.sampling_params(self.llm_engine.vocab_size)
         outputs = self._run_all(prompts, [sampling_params] * len(prompts), use_tqdm, max_in_flight=concurrency_limit)
         decode = functools.partial(self.get_tokenizer().decode, skip_special_tokens=params.skip_special_tokens)
@@ -330,7 +336,7 @@ class LLM:
         conversations = [messages] if is_conversation(messages) else messages
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
-        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(conversations))
+        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(conversations), "conversations")
         params = self._params_per_prompt(sampling_params, len(conversations))
         self.llm_engine  # a closed LLM refuses before rendering anything
         prompts: list[PromptType] = []
@@ -381,8 +387,9 @@ class LLM:
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
         tokenization = self._tokenization(tokenization_kwargs)
-        if isinstance(prompts, (str, dict, RenderedChat)):
-            prompts = [prompts]
+        if isinstance(prompts, (str, dict, RenderedChat)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                              and is_token_ids(prompts)):
+            prompts = [prompts]  # one prompt, as in generate
         total = len(prompts) if isinstance(prompts, Sized) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             items = zip(count(), prompts, repeat(sampling_params))
@@ -467,11 +474,8 @@ class LLM:
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
-                requests.append(_Request(index, TokensPrompt(prompt_token_ids=token_ids[k]), params, grammar))
-                if parsed[k].text is not None:
-                    requests[-1].prompt["prompt"] = parsed[k].text
-                if parsed[k].cache_salt is not None:
-                    requests[-1].prompt["cache_salt"] = parsed[k].cache_salt
+                prompt = ParsedPrompt(parsed[k].text, token_ids[k], parsed[k].cache_salt)
+                requests.append(_Request(index, prompt, params, grammar))
             else:
                 requests.append(_Rejected(index, reason))
         return requests
@@ -501,9 +505,8 @@ class LLM:
         for i, ids in zip(plain, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in plain])):
             token_ids[i] = ids
         bare = sorted(set(texts) - special)
-        if bare:
-            for i, ids in zip(bare, self.llm_engine.tokenizer([texts[i] for i in bare], add_special_tokens=False).input_ids):
-                token_ids[i] = ids
+        for i, ids in zip(bare, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in bare], False)):
+            token_ids[i] = ids
         return parsed, token_ids, errors, special
 
     def reset_prefix_cache(self) -> None:
@@ -610,7 +613,7 @@ class _Request:
     structured-outputs constraint compiling in the background, is done)."""
 
     index: int
-    prompt: TokensPrompt  # tokenized, truncated and checked
+    prompt: ParsedPrompt  # tokenized, truncated and checked
     params: SamplingParams
     grammar: Future | None = None
 
@@ -688,6 +691,14 @@ def _engine_configs(
         None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
         override_generation_config, hf_overrides, max_logprobs,
     )
+    try:
+        SamplingParams(**model_config.get_diff_sampling_param())
+    except ValueError as exc:
+        if override_generation_config:
+            raise ValueError(f"override_generation_config with the model's generation config gives unusable "
+                             f"sampling defaults ({exc}).") from exc
+        raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
+                         "pass generation_config='vllm' to ignore them.") from exc
     if gpu_memory_utilization is not None and model_config.device.type != "cuda":
         raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
                          "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
@@ -716,7 +727,8 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
-def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs: object, num_prompts: int) -> None:
+def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs: object, num_prompts: int,
+                     what: str = "prompts") -> None:
     """vLLM's per-call arguments that pagedlm takes at their no-op values only: no adapter (None, or
     a list of None), priority None or 0 (one, or one per prompt), no multimodal options.
 
@@ -726,11 +738,11 @@ def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs
     for name, value, allowed in (("lora_request", lora_request, (None,)), ("priority", priority, (None, 0))):
         values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
         if values is value and len(values) != num_prompts:
-            raise ValueError(f"{name} has {len(values)} entries for {num_prompts} prompts.")
-        bad = next((v for v in values if v not in allowed or isinstance(v, bool)), allowed[0])
-        if bad not in allowed or isinstance(bad, bool):
-            why = "runs no LoRA adapters" if name == "lora_request" else "schedules first come, first served"
-            raise ValueError(f"{name}: pagedlm {why}; it takes {' or '.join(map(repr, allowed))}, got {bad!r}.")
+            raise ValueError(f"{name} has {len(values)} entries for {num_prompts} {what}.")
+        for v in values:
+            if not (v is None or (type(v) is int and v in allowed)):
+                why = "runs no LoRA adapters" if name == "lora_request" else "schedules first come, first served"
+                raise ValueError(f"{name}: pagedlm {why}; it takes {' or '.join(map(repr, allowed))}, got {v!r}.")
     if mm_processor_kwargs:
         raise ValueError("mm_processor_kwargs: pagedlm runs text-only language models; it takes None or {}.")
 

@@ -86,8 +86,9 @@ class PagedLMProcessorConfig:
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))
         if unknown:
             raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
-        model = self.model_source if self.model_source is not None else default_model_path()
-        if os.path.exists(model):
+        # Not downloaded here: a driver that runs no inference may be offline.
+        model = self.model_source if self.model_source is not None else default_model_path(download=False)
+        if model is not None and os.path.exists(model):
             # Their values too, where this process can read the model, so that a bad one fails
             # here and not in every actor; an actor's device may not be this process's.
             on_device = ("device", "gpu_memory_utilization")

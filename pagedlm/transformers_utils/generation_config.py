@@ -66,5 +66,6 @@ def check_generation_overrides(overrides: dict[str, Any] | None) -> None:
 
 
 def generation_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """vLLM's ``override_generation_config`` as ``SamplingParams`` fields (None values unset)."""
-    return {_SAMPLING_DEFAULTS[key]: value for key, value in (overrides or {}).items() if value is not None}
+    """vLLM's ``override_generation_config`` as ``SamplingParams`` fields (a None value stays: it
+    unsets the model's default)."""
+    return {_SAMPLING_DEFAULTS[key]: value for key, value in (overrides or {}).items()}

