@@ -317,7 +317,8 @@ def load_chat_template(chat_template: str | os.PathLike | None) -> str | None:
     elif isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
         template = chat_template
     else:
-        raise ValueError(f"chat_template must be a Jinja template or a path to one; there is no file {chat_template!r}.")
+        what = "a directory" if os.path.isdir(chat_template) else "no file"
+        raise ValueError(f"chat_template must be a Jinja template or a path to one; {chat_template!r} is {what}.")
     try:
         _compile_jinja_template(template)
     except TemplateSyntaxError as exc:

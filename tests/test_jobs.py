@@ -723,6 +723,34 @@ def test_a_job_on_a_loaded_llm_leaves_it_open(llama_dir, tmp_path):
             public_run_job(JobConfig(input=inp, output=str(tmp_path / "o2.jsonl"), model=llama_dir), llm=llm)
 
 
+def test_openai_rows_take_vllm_s_cache_salt(llama_dir, tmp_path):
+    """vLLM's ``cache_salt`` body field (found by a review: refused): rows of one salt share their
+    prompt's cached blocks, other salts do not, and the outputs are the same."""
+    prefix = "The quick brown fox jumps over the lazy dog. " * 4
+    body = {"prompt": prefix, "max_tokens": 2, "temperature": 0}
+    chat = {"messages": [{"role": "user", "content": prefix}], "chat_template": TEMPLATE, "max_tokens": 2, "temperature": 0}
+    rows = [_openai_row("a1", "/v1/completions", {**body, "cache_salt": "a"}),
+            _openai_row("c1", "/v1/chat/completions", {**chat, "cache_salt": "a"}),
+            _openai_row("bad", "/v1/completions", {**body, "cache_salt": 5}),
+            _openai_row("empty", "/v1/completions", {**body, "cache_salt": ""})]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl", sampling={})
+    got = by_id(out, "custom_id")
+    assert (stats.completed, stats.errors) == (2, 2)
+    assert got["bad"]["response"]["body"]["error"]["param"] == "cache_salt"
+    assert "cache_salt must be a non-empty str" in got["empty"]["error"]["message"]
+    with LLM(llama_dir, **ENGINE) as llm:
+        for salt, row in (("a", "a1"), (None, "a1")):
+            prompt = {"prompt": prefix, **({"cache_salt": salt} if salt else {})}
+            assert llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0].outputs[0].text \
+                == got[row]["response"]["body"]["choices"][0]["text"]
+    from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
+
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    assert fmt.parse(rows[0], "a1").prompt == {"prompt": prefix, "cache_salt": "a"}
+    assert fmt.parse(rows[1], "c1").prompt.cache_salt == "a"
+
+
 def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     schema = {"type": "string", "enum": ["alpha", "beta"]}
     rows = [

@@ -878,8 +878,10 @@ def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, cha
     with LLM(llama_dir, num_kv_blocks=32) as llm:
         for given in (str(other), other):
             assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=given)[0].prompt == "(Hi)"
-        with pytest.raises(ValueError, match="there is no file 'oops.jinja'"):
+        with pytest.raises(ValueError, match="'oops.jinja' is no file"):
             llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="oops.jinja")
+        with pytest.raises(ValueError, match=f"'{tmp_path}' is a directory"):
+            llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=str(tmp_path))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

@@ -134,3 +134,10 @@ def test_cache_salt_keeps_prefixes_apart(llama_dir):
         assert text.prompt == "a salted text prompt"
         with pytest.raises(ValueError, match="cache_salt must be a non-empty str, got 5"):
             llm.generate({"prompt": "x", "cache_salt": 5}, GREEDY, use_tqdm=False)
+        # A rendered chat carries one too (the job runner's chat rows).
+        from pagedlm.entrypoints.chat_utils import RenderedChat
+
+        chat = llm.get_tokenizer().decode(prompt[1:])
+        cached = [llm.generate(RenderedChat(chat, salt), GREEDY, use_tqdm=False)[0].num_cached_tokens
+                  for salt in ("c", "c", "d")]
+        assert cached[0] == cached[2] == 0 and cached[1] > 0

@@ -27,9 +27,11 @@ _OPTION_TYPES = {"chat_template": (str, "a string"), "chat_template_kwargs": (di
 @dataclass(frozen=True, slots=True)
 class RenderedChat:
     """A prompt that a chat template made (``render_chat``): the template has placed its special
-    tokens in ``text``, so ``LLM.generate`` tokenizes it without adding any."""
+    tokens in ``text``, so ``LLM.generate`` tokenizes it without adding any. ``cache_salt`` is a
+    prompt dict's (``inputs.TextPrompt``)."""
 
     text: str
+    cache_salt: str | None = None
 
 
 def is_conversation(messages: object) -> bool:

@@ -491,7 +491,8 @@ class LLM:
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, RenderedChat):
                 rendered.add(i)
-                prompt = prompt.text
+                salt = {} if prompt.cache_salt is None else {"cache_salt": prompt.cache_salt}
+                prompt = {"prompt": prompt.text, **salt}
             try:
                 parsed.append(parse_prompt(prompt))
             except FieldError as exc:

@@ -9,7 +9,7 @@ cannot run gets status 400, OpenAI's error object as the body, and ``error`` set
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -36,12 +36,12 @@ _SAME_NAME = (
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
-_COMMON = ("model", "max_tokens", "stream", "user", "response_format", *_SAME_NAME)
+_COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
-_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), "user": (str, "a string")},
-          COMPLETIONS_URL: {"echo": (bool, "true or false"), "user": (str, "a string")}}
+_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), "user": (str, "a string"), "cache_salt": (str, "a string")},
+          COMPLETIONS_URL: {"echo": (bool, "true or false"), "user": (str, "a string"), "cache_salt": (str, "a string")}}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
 # (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
 # (SamplingParams clamps, as vLLM does).
@@ -122,6 +122,8 @@ class OpenAIBatchFormat:
                 prompt = render_chat(self.tokenizer, body.get("messages"), **options)
             except FieldError as exc:
                 raise chat_error(exc, "body.") from None
+            if "cache_salt" in body:  # vLLM's: this row's prefix-cache blocks are its salt's
+                prompt = replace(prompt, cache_salt=body["cache_salt"])
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
                 renames["max_tokens"] = "max_completion_tokens"
@@ -137,6 +139,8 @@ class OpenAIBatchFormat:
                 raise RowError("body.prompt must be a string (one prompt per row)", "prompt")
             if body.get("echo") or body.get("suffix") is not None:
                 raise RowError("body.echo and body.suffix are not supported", "echo" if body.get("echo") else "suffix")
+            if "cache_salt" in body:
+                prompt = {"prompt": prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
             for name in ("logprobs", "best_of"):
                 if body.get(name) is not None:
