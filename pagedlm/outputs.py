@@ -23,7 +23,7 @@ SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
 
 
-@dataclass(slots=True)
+@dataclass
 class CompletionOutput:
     """One generated completion of a request.
 
@@ -49,7 +49,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestOutput:
     """The result of one prompt: its completions, in ``outputs``.
 
@@ -113,7 +113,7 @@ class RequestOutput:
         )
 
 
-@dataclass(slots=True)
+@dataclass
 class BeamSearchSequence:
     """One sequence ``LLM.beam_search`` returns (vLLM's): ``tokens`` are the prompt's token ids
     followed by the generated ones, and ``text`` their decode, prompt included (as vLLM's).
@@ -130,7 +130,7 @@ class BeamSearchSequence:
     stop_reason: int | str | None = None
 
 
-@dataclass(slots=True)
+@dataclass
 class BeamSearchOutput:
     """The result of one prompt's beam search: its best sequences, best first."""
 

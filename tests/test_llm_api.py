@@ -34,6 +34,9 @@ def test_prompt_forms_and_output_fields(llm):
     assert first.cumulative_logprob < 0
     single = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert single[0].outputs[0].token_ids == first.token_ids
+    # vars() and extra attributes work as on vLLM's objects (found against vLLM 0.32: slots refused them).
+    assert vars(first)["token_ids"] == first.token_ids and vars(outs[0])["outputs"] == [first]
+    outs[0].my_tag = 1
 
 
 def test_special_tokens_added_once(llm):
