@@ -387,9 +387,8 @@ class LLM:
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
         tokenization = self._tokenization(tokenization_kwargs)
-        if isinstance(prompts, (str, dict, RenderedChat)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                              and is_token_ids(prompts)):
-            prompts = [prompts]  # one prompt, as in generate
+        if _is_one_prompt(prompts):
+            prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             items = zip(count(), prompts, repeat(sampling_params))
@@ -502,12 +501,10 @@ class LLM:
         texts = {i: p.text for i, p in enumerate(parsed) if p.token_ids is None and p.text is not None}
         special = {i for i in texts if (i not in rendered if add_special_tokens is None else add_special_tokens)}
         # Emptiness is decided on the final ids: "" is the prompt [BOS] for a tokenizer that adds one.
-        plain = sorted(special)
-        for i, ids in zip(plain, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in plain])):
-            token_ids[i] = ids
-        bare = sorted(set(texts) - special)
-        for i, ids in zip(bare, encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in bare], False)):
-            token_ids[i] = ids
+        for indices, with_specials in ((sorted(special), True), (sorted(set(texts) - special), False)):
+            encoded = encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in indices], with_specials)
+            for i, ids in zip(indices, encoded):
+                token_ids[i] = ids
         return parsed, token_ids, errors, special
 
     def reset_prefix_cache(self) -> None:
@@ -748,9 +745,16 @@ def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs
         raise ValueError("mm_processor_kwargs: pagedlm runs text-only language models; it takes None or {}.")
 
 
+def _is_one_prompt(prompts: object) -> bool:
+    """Whether ``prompts`` is one prompt, not a list of them: a non-empty list of ints is one prompt
+    of token ids (vLLM's)."""
+    return isinstance(prompts, (str, dict, RenderedChat)) or (
+        isinstance(prompts, (list, tuple)) and bool(prompts) and is_token_ids(prompts))
+
+
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
-    """One prompt as a list of one; a non-empty list of ints is one prompt of token ids (vLLM's)."""
-    if isinstance(prompts, (str, dict, RenderedChat)) or (prompts and is_token_ids(prompts)):
+    """One prompt as a list of one (``_is_one_prompt``)."""
+    if _is_one_prompt(prompts):
         return [prompts]
     if not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}.")

@@ -40,8 +40,9 @@ _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_sa
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
-_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), "user": (str, "a string"), "cache_salt": (str, "a string")},
-          COMPLETIONS_URL: {"echo": (bool, "true or false"), "user": (str, "a string"), "cache_salt": (str, "a string")}}
+_COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string")}
+_TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
+          COMPLETIONS_URL: {"echo": (bool, "true or false"), **_COMMON_TYPES}}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
 # (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
 # (SamplingParams clamps, as vLLM does).
