@@ -16,16 +16,23 @@ try:
 except ImportError as exc:
     sys.exit(f"pagedlm: building the pagedlm._C extension needs torch ({exc}); {INSTALL_HINT}")
 
-# Everything needed to use AVX-512 through ATen's Vectorized<float> (vec512 needs DQ) plus the
-# BF16 conversions; x86 /proc/cpuinfo spells the flags without the dash.
+# Everything needed to use AVX-512 through ATen's Vectorized<float> (vec512 needs DQ): the flags torch
+# itself dispatches its AVX-512 kernels on, so that reductions written in ATen's order (layernorm.cpp)
+# run at its vector width. x86 /proc/cpuinfo spells the flags without the dash.
 AVX512_FLAGS = {
     "-mavx512f": "avx512f",
     "-mavx512bw": "avx512bw",
     "-mavx512vl": "avx512vl",
     "-mavx512dq": "avx512dq",
-    "-mavx512bf16": "avx512_bf16",
     "-mfma": "fma",
 }
+
+# vdpbf16ps and the BF16 conversions (Cooper Lake, Sapphire Rapids, Zen 4 and later): the bf16 linears
+# in oneDNN's order and the bf16 attention tiles.
+AVX512_BF16_FLAGS = {"-mavx512bf16": "avx512_bf16"}
+
+# Without AVX-512: 256-bit vectors for ATen's Vectorized<float> and the FMA linear (Haswell, Zen 1-3).
+AVX2_FLAGS = {"-mavx2": "avx2", "-mfma": "fma", "-mf16c": "f16c"}
 
 # The tile instructions of csrc/cpu/amx_linear.cpp and amx_attention.h (Sapphire Rapids and later).
 AMX_FLAGS = {"-mamx-tile": "amx_tile", "-mamx-bf16": "amx_bf16"}
@@ -45,8 +52,8 @@ def compiler_accepts(flags: list[str]) -> bool:
 
 
 def cpu_arch_flags() -> list[str]:
-    """AVX-512 flags (plus AMX's) when both this CPU and the compiler support them;
-    PAGEDLM_CPU_ARCH_FLAGS overrides."""
+    """The widest of AVX-512 (plus BF16's, then AMX's, where this CPU has them) and AVX2 that both this
+    CPU and the compiler support; PAGEDLM_CPU_ARCH_FLAGS overrides."""
     if "PAGEDLM_CPU_ARCH_FLAGS" in os.environ:
         return os.environ["PAGEDLM_CPU_ARCH_FLAGS"].split()
     try:
@@ -54,13 +61,17 @@ def cpu_arch_flags() -> list[str]:
             cpu_flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         cpu_flags = set()
-    flags = list(AVX512_FLAGS)
-    if cpu_flags.issuperset(AVX512_FLAGS.values()) and compiler_accepts(flags):
-        amx = [*flags, *AMX_FLAGS]
-        if cpu_flags.issuperset(AMX_FLAGS.values()) and compiler_accepts(amx):
-            return amx
+    flags: list[str] = []
+    for tier in (AVX512_FLAGS, AVX512_BF16_FLAGS, AMX_FLAGS):
+        if not (cpu_flags.issuperset(tier.values()) and compiler_accepts([*flags, *tier])):
+            break
+        flags += tier
+    if flags:
         return flags
-    print("pagedlm: AVX-512 (f/bw/vl/dq/bf16) not available on this CPU or compiler; building portable kernels")
+    if cpu_flags.issuperset(AVX2_FLAGS.values()) and compiler_accepts(list(AVX2_FLAGS)):
+        print("pagedlm: AVX-512 (f/bw/vl/dq) not available on this CPU or compiler; building AVX2 kernels")
+        return list(AVX2_FLAGS)
+    print("pagedlm: neither AVX-512 (f/bw/vl/dq) nor AVX2 available on this CPU or compiler; building portable kernels")
     return []
 
 

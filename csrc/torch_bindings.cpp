@@ -44,6 +44,8 @@ TORCH_LIBRARY(pagedlm, m) {
       "str activation) -> ()");
   m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
+  m.def("bf16_fma_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+  m.def("bf16_fma_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -80,6 +82,10 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("bf16_amx_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
   m.impl("bf16_amx_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, c10::string_view) {});
+  m.impl("bf16_fma_linear",
+         [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("bf16_fma_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, c10::string_view) {});
 }
 

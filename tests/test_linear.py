@@ -1,11 +1,12 @@
 """The bf16 linears: the streaming kernel (ops.bf16_blocked_linear) against its reference and against
-oneDNN, the AMX kernel (ops.bf16_amx_linear) against its reference, both kernels' gate_up variants
-(``*_act_and_mul``) against the linear then the activation, and ``Linear``'s rows.
+oneDNN, the packed kernels (ops.bf16_amx_linear, and ops.bf16_fma_linear for AVX2 CPUs) against
+their reference, the kernels' gate_up variants (``*_act_and_mul``) against the linear then the
+activation, and ``Linear``'s rows.
 
 The streaming kernel's point is to give every row the bits oneDNN's matmul gives it, so the checks
 are bit for bit: the CPU kernel against the reference's emulation of the summation order, the kernel
-on the chunk ends found for a weight against oneDNN's own rows. The AMX kernel's is that a row's bits
-do not depend on the row count. ``Linear`` (whichever kernels it runs) is checked row by row across
+on the chunk ends found for a weight against oneDNN's own rows. The packed kernels' is that a row's
+bits do not depend on the row count. ``Linear`` (whichever kernels it runs) is checked row by row across
 row counts.
 """
 
@@ -23,14 +24,15 @@ from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
 from pagedlm.ops import reference
 
 pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
-if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-    pytest.skip("oneDNN has no bf16 matmul on this CPU", allow_module_level=True)
+ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bf16 matmul on this CPU (AVX2)")
 
 
 def operands(num_rows: int, out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 rows and a blocked weight whose products cancel: half the features are copies of the
-    other half (x 64) with negated weights. Partial sums are then large and the totals small, so
-    adding in any other order changes ~5% of the outputs' bits, and a wrong order cannot pass."""
+    """bf16 rows and a weight whose products cancel: half the features are copies of the other half
+    (x 64) with negated weights. Partial sums are then large and the totals small, so adding in any
+    other order changes ~5% of the outputs' bits, and a wrong order cannot pass. The weight is in
+    oneDNN's blocked layout where oneDNN takes bf16, else dense."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_rows, in_features, generator=gen)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -39,10 +41,17 @@ def operands(num_rows: int, out_features: int, in_features: int, seed: int = 0) 
     x[:, first] *= 64
     x[:, second] = x[:, first]
     weight[:, second] = -weight[:, first]
-    return x.to(torch.bfloat16), torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 64)
+    weight = weight.to(torch.bfloat16)
+    return x.to(torch.bfloat16), torch.ops.mkldnn._reorder_linear_weight(weight, 64) if ONEDNN_BF16 else weight
+
+
+def onednn_bf16_or_skip() -> None:
+    if not ONEDNN_BF16:
+        pytest.skip("oneDNN has no bf16 matmul on this CPU (AVX2): no blocked weights")
 
 
 def kernel_or_skip(*args) -> None:
+    onednn_bf16_or_skip()
     if not onednn_order.reorders_to_ab16b64a2b(64):
         pytest.skip("oneDNN lays bf16 weights out in another layout than AB16b64a2b on this CPU (AMX)")
     try:
@@ -73,6 +82,7 @@ def test_kernel_equals_reference_bits(out_features, in_features, chunks, num_row
     assert torch.equal(out, expected)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (64, 1024), (96, 4864), (130, 33)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_kernel_reproduces_onednn_rows(out_features, in_features, with_bias):
@@ -88,6 +98,7 @@ def test_kernel_reproduces_onednn_rows(out_features, in_features, with_bias):
         assert torch.equal(out, expected[:count]), count
 
 
+@needs_onednn_bf16
 def test_chunk_probe_splits_where_oneDNN_does():
     # A split the probe reports must be real: one chain over all of K then misses oneDNN's bits.
     x, weight = operands(40, 96, 1536)
@@ -108,7 +119,7 @@ def test_linear_rows_equal_at_every_row_count():
     layer = Linear(1536, 300, bias=True).to(torch.bfloat16)
     layer.weight = torch.nn.Parameter(weight.to_dense(), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None and not layer.amx_packed:
+    if layer.k_chunk_ends is None and layer.packed_linear is None:
         pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
     with torch.inference_mode():
         full = layer(x)
@@ -143,6 +154,7 @@ print("ok")
 """
 
 
+@needs_onednn_bf16
 def test_read_ahead_never_reads_a_dropped_weight():
     # The pool's idle workers read ahead the weight that followed this one last time; once that
     # weight is gone they must not read its (unmapped) memory. A fresh interpreter: a crash fails here.
@@ -162,7 +174,7 @@ def test_linear_rows_equal_with_a_one_feature_last_chunk(in_features):
     layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
     layer.bias = torch.nn.Parameter(torch.full((64,), 1.2e-38, dtype=torch.bfloat16), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None and not layer.amx_packed:
+    if layer.k_chunk_ends is None and layer.packed_linear is None:
         pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
     x = torch.zeros(300, in_features)
     x[:, 0], x[:, in_features - 1] = 1.0, -0.125
@@ -184,6 +196,7 @@ def test_linear_takes_any_leading_shape_and_strided_features():
         assert torch.equal(layer(x[:1]), layer(torch.cat([x] * 30))[:1])
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -210,6 +223,7 @@ def test_bad_arguments_are_named(change, message):
         torch.ops.pagedlm.bf16_blocked_linear(**change(args))
 
 
+@needs_onednn_bf16
 def test_a_weight_of_another_size_is_refused():
     x, _ = operands(4, 60, 90)
     plain = torch.zeros(60, 90, dtype=torch.bfloat16).to_mkldnn()  # 10,800 bytes; AB16b64a2b pads to 12,288
@@ -217,9 +231,17 @@ def test_a_weight_of_another_size_is_refused():
         torch.ops.pagedlm.bf16_blocked_linear(torch.empty(4, 60, dtype=torch.bfloat16), x, plain, None, [90])
 
 
-def amx_or_skip() -> None:
-    if not linear.amx_linear_available():
+PACKED_KERNELS = ["amx", "fma"]
+
+
+def packed_ops_or_skip(kernel: str):
+    """The linear and gated ops of a kernel over ``amx_pack_weight``'s layout, or a skip where it does
+    not run here."""
+    if kernel == "amx" and not linear.amx_linear_available():
         pytest.skip("ops.bf16_amx_linear does not run here (no AMX-BF16 build, CPU or kernel permission)")
+    if kernel == "fma" and not linear.fma_linear_available():
+        pytest.skip("ops.bf16_fma_linear does not run here (no AVX2 + FMA build)")
+    return getattr(ops, f"bf16_{kernel}_linear"), getattr(ops, f"bf16_{kernel}_linear_act_and_mul")
 
 
 def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,15 +258,16 @@ def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[
 )
 @pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 33, 130, 300])  # 130: panels prefetched
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_amx_kernel_equals_reference_on_exact_sums(out_features, in_features, num_rows, with_bias):
-    amx_or_skip()
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_kernel_equals_reference_on_exact_sums(kernel, out_features, in_features, num_rows, with_bias):
+    packed_linear, _ = packed_ops_or_skip(kernel)
     dense_x, weight = exact_operands(num_rows, out_features, in_features)
     x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 1 : in_features + 1]
     x.copy_(dense_x)  # strided rows: the op only needs each row's features contiguous
     bias = torch.randint(-8, 9, (out_features,)).float() if with_bias else None
     packed = ops.amx_pack_weight(weight)
     out = torch.full((num_rows, out_features + 5), float("nan"), dtype=torch.bfloat16)[:, :out_features]
-    ops.bf16_amx_linear(out, x, packed, bias)
+    packed_linear(out, x, packed, bias)
     expected = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
     reference.bf16_amx_linear(expected, x, packed, bias)
     assert torch.equal(out, expected)
@@ -252,27 +275,28 @@ def test_amx_kernel_equals_reference_on_exact_sums(out_features, in_features, nu
 
 
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (49, 1100), (4864, 896)])
-def test_amx_kernel_rows_do_not_depend_on_the_row_count(out_features, in_features):
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_kernel_rows_do_not_depend_on_the_row_count(kernel, out_features, in_features):
     # Random operands: sums round, so this fails if a row's sum ever took another order by row count
     # (oneDNN's AMX matmul changes some rows' bits between 32 and 33 rows).
-    amx_or_skip()
+    packed_linear, _ = packed_ops_or_skip(kernel)
     x, weight = operands(600, out_features, in_features)
     packed, bias = ops.amx_pack_weight(weight.to_dense()), torch.randn(out_features)
     full = torch.empty(600, out_features, dtype=torch.bfloat16)
-    ops.bf16_amx_linear(full, x, packed, bias)
+    packed_linear(full, x, packed, bias)
     expected = torch.empty_like(full)
     reference.bf16_amx_linear(expected, x, packed, bias)
     torch.testing.assert_close(full.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.abs().max().item())
     for count in (*range(1, 40), 64, 96, 97, 130, 255, 256, 257, 599):
         out = torch.empty(count, out_features, dtype=torch.bfloat16)
-        ops.bf16_amx_linear(out, x[-count:], packed, bias)
+        packed_linear(out, x[-count:], packed, bias)
         assert torch.equal(out, full[-count:]), count
 
 
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda a: {**a, "weight": a["weight"][:, :-1]}, r"weight must be a contiguous bfloat16 \[4, 48, 16, 2\]"),
+        (lambda a: {**a, "weight": a["weight"][:, :-1]}, r"weight must be a contiguous bfloat16 CPU tensor \[4, 48, 16, 2\]"),
         (lambda a: {**a, "weight": a["weight"].float()}, "weight must be a contiguous bfloat16"),
         (lambda a: {**a, "input": a["input"].float()}, "input must be bfloat16"),
         (lambda a: {**a, "out": torch.empty(3, 64, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, out_features\]"),
@@ -280,19 +304,26 @@ def test_amx_kernel_rows_do_not_depend_on_the_row_count(out_features, in_feature
         (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
     ],
 )
-def test_amx_bad_arguments_are_named(change, message):
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_bad_arguments_are_named(kernel, change, message):
     x, weight = exact_operands(4, 64, 96)
     args = {"out": torch.empty(4, 64, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_weight(weight),
             "bias": None}
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.pagedlm.bf16_amx_linear(**change(args))
+        getattr(torch.ops.pagedlm, f"bf16_{kernel}_linear")(**change(args))
 
 
-def test_linear_runs_amx_where_it_can():
-    amx_or_skip()
+def test_linear_runs_a_packed_kernel_where_it_can():
+    """AMX where it runs; else, where oneDNN takes no bf16 (AVX2 CPUs), the FMA kernel."""
+    if linear.amx_linear_available():
+        expected = ops.bf16_amx_linear
+    elif linear.fma_linear_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        expected = ops.bf16_fma_linear
+    else:
+        pytest.skip("bf16 Linear runs oneDNN here (no AMX, and oneDNN takes bf16)")
     layer = Linear(96, 64, bias=True).to(torch.bfloat16)
     layer.process_weights_after_loading()
-    assert layer.amx_packed and layer.weight.shape == (4, 48, 16, 2)
+    assert layer.packed_linear is expected and layer.weight.shape == (4, 48, 16, 2)
 
 
 ACTS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
@@ -302,20 +333,21 @@ ACTS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
 @pytest.mark.parametrize("d,in_features", [(16, 32), (48, 100), (1536, 576), (4864, 896)])
 @pytest.mark.parametrize("num_rows", [1, 17, 33, 130, 300])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_amx_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activation, d, in_features, num_rows,
-                                                                           with_bias):
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(kernel, activation, d, in_features,
+                                                                              num_rows, with_bias):
     # Random operands, so the sums and the activation round: any other order or rounding shows.
-    amx_or_skip()
+    packed_linear, packed_act_and_mul = packed_ops_or_skip(kernel)
     x, weight = operands(num_rows, 2 * d, in_features)
     x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 2:-1].copy_(x)  # strided rows
     weight, bias = weight.to_dense(), torch.randn(2 * d) if with_bias else None
     gate_up = torch.empty(num_rows, 2 * d, dtype=torch.bfloat16)
-    ops.bf16_amx_linear(gate_up, x, ops.amx_pack_weight(weight), bias)
+    packed_linear(gate_up, x, ops.amx_pack_weight(weight), bias)
     expected = torch.empty(num_rows, d, dtype=torch.bfloat16)
     ACTS[activation](expected, gate_up)
     packed = ops.amx_pack_gate_up_weight(weight)
     out = torch.full((num_rows, d + 16), float("nan"), dtype=torch.bfloat16)[:, 16:]
-    ops.bf16_amx_linear_act_and_mul(out, x, packed, bias, activation)
+    packed_act_and_mul(out, x, packed, bias, activation)
     assert torch.equal(out, expected)
 
 
@@ -328,12 +360,13 @@ def test_amx_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(activa
         (lambda a: {**a, "bias": torch.zeros(32)}, r"bias must be a floating-point CPU tensor \[64\]"),
     ],
 )
-def test_amx_act_and_mul_bad_arguments_are_named(change, message):
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_act_and_mul_bad_arguments_are_named(kernel, change, message):
     x, weight = exact_operands(4, 64, 96)
     args = {"out": torch.empty(4, 32, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_gate_up_weight(weight),
             "bias": None, "activation": "silu"}
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.pagedlm.bf16_amx_linear_act_and_mul(**change(args))
+        getattr(torch.ops.pagedlm, f"bf16_{kernel}_linear_act_and_mul")(**change(args))
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
@@ -362,22 +395,23 @@ def test_blocked_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ac
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
-@pytest.mark.parametrize("kernel", ["amx", "blocked"])
+@pytest.mark.parametrize("kernel", ["amx", "fma", "blocked"])
 def test_act_and_mul_on_exact_sums(activation, kernel):
     # Small integers: the sums are exact, so gate and up must be the right columns, in the kernels
     # (where they run) and in their references.
-    d, in_features = {"amx": 32, "blocked": 128}[kernel], 40  # multiples of 16 and of 64
+    d, in_features = {"amx": 32, "fma": 32, "blocked": 128}[kernel], 40  # multiples of 16 and of 64
     x, weight = exact_operands(5, 2 * d, in_features)
     bias = torch.randint(-8, 9, (2 * d,)).float()
     gate_up = (x.float() @ weight.float().T + bias).bfloat16()
     gate, up = gate_up[:, :d], gate_up[:, d:]
     act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
-    if kernel == "amx":
+    if kernel in ("amx", "fma"):
         weight_args = (ops.amx_pack_gate_up_weight(weight), bias)
-        impls = [reference.bf16_amx_linear_act_and_mul]
-        if linear.amx_linear_available():
-            impls.append(ops.bf16_amx_linear_act_and_mul)
+        impls = [getattr(reference, f"bf16_{kernel}_linear_act_and_mul")]
+        if getattr(linear, f"{kernel}_linear_available")():
+            impls.append(getattr(ops, f"bf16_{kernel}_linear_act_and_mul"))
     else:
+        onednn_bf16_or_skip()
         weight_args = (torch.ops.mkldnn._reorder_linear_weight(weight, 64), bias, [in_features])
         kernel_or_skip(torch.empty(5, 2 * d, dtype=torch.bfloat16), x, *weight_args)
         impls = [reference.bf16_blocked_linear_act_and_mul, ops.bf16_blocked_linear_act_and_mul]
@@ -387,6 +421,7 @@ def test_act_and_mul_on_exact_sums(activation, kernel):
         assert torch.equal(out, act * up), impl
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -420,7 +455,7 @@ def test_gate_up_linear_equals_linear_then_activation(d, act_fn):
     plain.load_state_dict({"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()})
     for module in (layer, plain):
         module.process_weights_after_loading()
-    assert layer.amx_act_and_mul == (d % 16 == 0 and linear.amx_linear_available())
+    assert (layer.packed_act_and_mul is not None) == (d % 16 == 0 and plain.packed_linear is not None)
     assert layer.blocked_act_and_mul == (d % 64 == 0 and layer.k_chunk_ends is not None)
     x = torch.randn(3, 7, 96).bfloat16()
     assert torch.equal(layer(x), act_fn(plain(x).view(21, 2 * d)).view(3, 7, d))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedlm import LLM, SamplingParams, openmp
-from pagedlm.model_executor.layers.linear import Linear, amx_linear_available
+from pagedlm.model_executor.layers.linear import Linear
 from conftest import make_checkpoint
 
 
@@ -105,13 +105,12 @@ def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
 
 
 def _bf16_linears_are_ours() -> bool:
-    """Whether bf16 ``Linear`` runs one of pagedlm's kernels here (AMX, or the AVX512-BF16 streaming
-    kernel in oneDNN's order) rather than oneDNN's matmul, which opens OpenMP regions."""
-    if amx_linear_available():
-        return True
+    """Whether bf16 ``Linear`` runs one of pagedlm's kernels here (AMX, AVX2's FMA kernel, or the
+    AVX512-BF16 streaming kernel in oneDNN's order) rather than oneDNN's matmul, which opens OpenMP
+    regions."""
     layer = Linear(64, 64, bias=False).to(torch.bfloat16)
     layer.process_weights_after_loading()
-    return layer.k_chunk_ends is not None
+    return layer.packed_linear is not None or layer.k_chunk_ends is not None
 
 
 @pytest.mark.skipif(not _bf16_linears_are_ours(), reason="the bf16 linears run on oneDNN here, which uses OpenMP")

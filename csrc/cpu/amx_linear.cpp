@@ -1,26 +1,20 @@
-// bf16 linear on AMX tiles over a weight packed once at load. Every output row is summed the same way
-// whatever the number of rows: one fp32 accumulator tile per 16 x 16 outputs, one tdpbf16ps per
-// 32-feature block of K in order, then the bias, then one rounding to bf16. A tile row's sums use
-// only that row of the input, so a row's bits do not depend on the batch at any row count; oneDNN's
-// AMX matmul gives no such guarantee (it changes its sums between 32 and 33 rows, among others).
+// bf16 linear on AMX tiles over a weight packed once at load (packed_linear.h). Every output row is
+// summed the same way whatever the number of rows: one fp32 accumulator tile per 16 x 16 outputs, one
+// tdpbf16ps per 32-feature block of K in order, then the bias, then one rounding to bf16. A tile
+// row's sums use only that row of the input, so a row's bits do not depend on the batch at any row
+// count; oneDNN's AMX matmul gives no such guarantee (it changes its sums between 32 and 33 rows,
+// among others). One B tile is 16 pairs of one column block: 1 KiB, contiguous.
 //
-// Weight layout (pagedlm/ops/reference.py, amx_pack_weight): [N_pad / 16][K_pad / 2][16][2] bf16,
-// per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
-// two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). One B tile
-// is 16 pairs of one column block: 1 KiB, contiguous.
-//
-// bf16_amx_linear_act_and_mul takes a gated MLP's packed gate_up weight whose column blocks alternate
-// (amx_pack_gate_up_weight): gate columns 16j..16j+15, then up columns 16j..16j+15. The 32 columns one
-// pass of the kernel sums are then a gate block and its up block, and it stores act(gate) * up
-// instead of both: the [rows, 2 * d] projection is never written, nor read back by act_and_mul. Each
-// value is rounded where the linear and act_and_mul round it, so the bits are theirs.
+// bf16_amx_linear_act_and_mul takes a gated MLP's packed gate_up weight. The 32 columns one pass of
+// the kernel sums are then a gate block and its up block, and it stores act(gate) * up instead of
+// both: the [rows, 2 * d] projection is never written, nor read back by act_and_mul.
+
 #include "vec.h"  // first: selects ATen's vector width
 
-#include "../checks.h"
-#include "activation.h"
 #include "amx.h"
 #include "l2_prefetch.h"
 #include "ops.h"
+#include "packed_linear.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -31,11 +25,9 @@
 namespace pagedlm::cpu {
 namespace {
 
-constexpr int64_t kTileN = 16;  // output columns per B tile
-constexpr int64_t kTileK = 32;  // input features per tdpbf16ps
+constexpr int64_t kTileN = kPackN;  // output columns per B tile
+constexpr int64_t kTileK = kPackK;  // input features per tdpbf16ps
 constexpr int64_t kTileM = 16;  // rows per A tile
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #ifdef PAGEDLM_AMX
 
@@ -60,18 +52,6 @@ void configure(int m0, int m1) {
   cfg.load();
 }
 
-// One row of a gate block's and its up block's sums (16 each) -> 16 outputs of act(gate) * up.
-template <Activation kAct>
-void store_act_and_mul(at::BFloat16* out, const float* sums, const float* gate_bias, const float* up_bias) {
-  __m512 gate = _mm512_loadu_ps(sums), up = _mm512_loadu_ps(sums + 16);
-  if (gate_bias) {
-    gate = _mm512_add_ps(gate, _mm512_loadu_ps(gate_bias));
-    up = _mm512_add_ps(up, _mm512_loadu_ps(up_bias));
-  }
-  using BF16 = at::BFloat16;
-  store_fp32(out, act_and_mul<kAct, BF16>(round_to<BF16>(fVec(gate)), round_to<BF16>(fVec(up))));
-}
-
 // A block of sums in memory, waiting for its bias and its rounding to bf16 (and, gated, its activation).
 struct PendingBlock {
   const float* sums = nullptr;  // row stride 32 floats
@@ -87,8 +67,7 @@ struct PendingBlock {
       at::BFloat16* row = out + done * ldy;
       const float* row_sums = sums + done * 32;
       if (!act) store_sums_bf16(row, row_sums, bias, cols);
-      else if (*act == Activation::kSilu) store_act_and_mul<Activation::kSilu>(row, row_sums, bias, up_bias);
-      else store_act_and_mul<Activation::kGeluTanh>(row, row_sums, bias, up_bias);
+      else store_act_and_mul(*act, row, row_sums, row_sums + kTileN, bias, up_bias);
     }
   }
 };
@@ -216,24 +195,6 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
 
 #endif
 
-// The checks both ops share: input bf16 [M, K] with contiguous rows, out bf16 [M, N] with contiguous
-// rows, weight = amx_pack_weight of a [packed_n, K] weight. Returns the bias as fp32.
-at::Tensor check_amx_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t packed_n, const char* op) {
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
-              op, ": input must be bfloat16 [rows, in_features] with contiguous rows");
-  const int64_t M = input.size(0), K = input.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
-              op, ": out must be bfloat16 [", M, ", out_features] with contiguous rows");
-  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  weight.size(0) == round_up(packed_n, kTileN) / kTileN && weight.size(1) == round_up(K, kTileK) / 2 &&
-                  weight.size(2) == kTileN && weight.size(3) == 2,
-              op, ": weight must be a contiguous bfloat16 [", round_up(packed_n, kTileN) / kTileN, ", ",
-              round_up(K, kTileK) / 2, ", 16, 2] tensor (the packing of a [", packed_n, ", ", K,
-              "] weight); got ", weight.sizes(), " ", weight.scalar_type());
-  return linear_bias_fp32(bias, packed_n, op);
-}
-
 void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     std::optional<Activation> act, const char* op) {
 #ifdef PAGEDLM_AMX
@@ -250,8 +211,8 @@ void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
-  const at::Tensor bias_f32 = check_amx_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0,
-                                               "bf16_amx_linear");
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0,
+                                                  "bf16_amx_linear");
   run_amx_linear(out, input, weight, bias_f32, std::nullopt, "bf16_amx_linear");
 }
 
@@ -259,9 +220,8 @@ void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
   const char* op = "bf16_amx_linear_act_and_mul";
   const Activation act = parse_activation(activation, op);
-  const int64_t d = out.dim() == 2 ? out.size(1) : 0;
-  TORCH_CHECK(d % kTileN == 0, op, ": out_features (d = ", d, ") must be a multiple of 16");
-  const at::Tensor bias_f32 = check_amx_linear(out, input, weight, bias, 2 * d, op);
+  const int64_t d = check_gated_out(out, op);
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * d, op);
   run_amx_linear(out, input, weight, bias_f32, act, op);
 }
 

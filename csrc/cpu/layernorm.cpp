@@ -14,14 +14,61 @@
 namespace pagedlm::cpu {
 namespace {
 
+// The sum of a row's squares as Hugging Face's x.pow(2).mean(-1) sums them: each square rounded to
+// fp32, then ATen's cascade sum of a contiguous row (aten/src/ATen/native/cpu/SumKernel.cpp:
+// vectorized_inner_sum, row_sum, multi_row_sum). The row is read as rows of 4 vectors; whole rows go
+// into 4 accumulators that spill into coarser levels every 2^level_power rows, the levels are then
+// added, the 4 accumulators left to right, the elements past the last whole vector into a scalar
+// and the vector's lanes after them. Its bits equal torch's where this build's vector width is the
+// one torch dispatches to on this CPU (AVX2: 8 floats, AVX-512: 16).
+template <typename T>
+float sum_of_squares(const T* x, int64_t n) {
+  constexpr int kIlp = 4, kLevels = 4;
+  const int64_t vecs = n / kVecLen, rows = vecs / kIlp;
+  const int64_t ceil_log2 = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
+  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
+  auto square = [&](int64_t v) {
+    const fVec a = load_fp32(x + v * kVecLen);
+    return a * a;
+  };
+  fVec acc[kLevels][kIlp];
+  for (auto& level : acc)
+    for (fVec& a : level) a = fVec(0.f);
+  int64_t i = 0;
+  while (i + level_step <= rows) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + square(i * kIlp + k);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k) {
+        acc[j][k] = acc[j][k] + acc[j - 1][k];
+        acc[j - 1][k] = fVec(0.f);
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i)
+    for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + square(i * kIlp + k);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + acc[j][k];
+  for (int64_t v = rows * kIlp; v < vecs; ++v) acc[0][0] = acc[0][0] + square(v);
+  for (int k = 1; k < kIlp; ++k) acc[0][0] = acc[0][0] + acc[0][k];
+  float total = 0.f;
+  for (int64_t e = vecs * kVecLen; e < n; ++e) {
+    const float v = static_cast<float>(x[e]);
+    total += v * v;
+  }
+  float lanes[kVecLen];
+  acc[0][0].store(lanes);
+  for (const float lane : lanes) total += lane;
+  return total;
+}
+
+// 1 / sqrt(mean of squares + eps), rounded as torch.rsqrt(x.pow(2).mean(-1) + eps) rounds it: the mean
+// is the sum divided by n.
 template <typename T>
 float inv_rms(const T* x, int64_t hidden, float eps) {
-  fVec acc(0.f);
-  for (int64_t d = 0; d < hidden; d += kVecLen) {
-    const fVec v = load_fp32(x + d, static_cast<int>(std::min<int64_t>(kVecLen, hidden - d)));
-    acc = at::vec::fmadd(v, v, acc);
-  }
-  return 1.f / std::sqrt(hsum(acc) / static_cast<float>(hidden) + eps);
+  return 1.f / std::sqrt(sum_of_squares(x, hidden) / static_cast<float>(hidden) + eps);
 }
 
 template <bool kGemma, typename T>

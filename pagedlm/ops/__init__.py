@@ -150,6 +150,12 @@ Linear ops (CPU, bfloat16):
   and rounded as ``bf16_amx_linear`` does, then combined as ``silu_and_mul`` / ``gelu_tanh_and_mul``
   do, so the CPU kernel's bits are those two ops' bits; the [rows, 2 * d] projection is never
   stored. Same requirements as ``bf16_amx_linear``.
+* ``bf16_fma_linear(out, input, weight, bias)`` and ``bf16_fma_linear_act_and_mul(out, input, weight,
+  bias, activation)``: the two ops above, same arguments and packed weights, for CPUs without bf16
+  dot products (AVX2). Each output is one fp32 chain of FMAs over the features in order (the weights
+  widened from bf16 exactly), then the bias, rounded to bf16 once; a row's bits do not depend on the
+  number of rows. The CPU kernel needs an AVX2 + FMA build (it raises otherwise); the reference sums
+  in fp32 in torch's order, so the two agree to fp32 rounding.
 
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
@@ -203,6 +209,8 @@ _OP_NAMES = (
     "bf16_blocked_linear_act_and_mul",
     "bf16_amx_linear",
     "bf16_amx_linear_act_and_mul",
+    "bf16_fma_linear",
+    "bf16_fma_linear_act_and_mul",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -294,6 +302,8 @@ bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_blocked_linear_act_and_mul = _impl.bf16_blocked_linear_act_and_mul
 bf16_amx_linear = _impl.bf16_amx_linear
 bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
+bf16_fma_linear = _impl.bf16_fma_linear
+bf16_fma_linear_act_and_mul = _impl.bf16_fma_linear_act_and_mul
 
 # Whether the CPU kernels run bf16 attention on their bf16 tiles (an AVX512-BF16 build): online-softmax
 # steps over chunks of 32 keys, so bits that do not depend on the cache's block size. Else (and in

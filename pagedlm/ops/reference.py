@@ -410,13 +410,13 @@ def amx_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
     return amx_pack_weight(weight[_gate_up_blocks(rows // 2).to(weight.device)])
 
 
-def bf16_amx_linear_act_and_mul(
-    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+def _packed_linear_act_and_mul(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, op: str
 ) -> None:
-    act_and_mul = _gated_activation(activation, "bf16_amx_linear_act_and_mul")
+    act_and_mul = _gated_activation(activation, op)
     d = out.shape[-1]
     if out.dim() != 2 or d % 16 or weight.shape[0] * 16 != 2 * d:
-        raise ValueError(f"bf16_amx_linear_act_and_mul: out must be [rows, d] with d a multiple of 16 and weight "
+        raise ValueError(f"{op}: out must be [rows, d] with d a multiple of 16 and weight "
                          f"amx_pack_gate_up_weight of a [2 * d, in_features] weight; got out {tuple(out.shape)}, "
                          f"weight {tuple(weight.shape)}")
     order = _gate_up_blocks(d).to(input.device)
@@ -425,3 +425,19 @@ def bf16_amx_linear_act_and_mul(
     gate_up = torch.empty_like(blocked)
     gate_up[:, order] = blocked
     act_and_mul(out, gate_up)
+
+
+def bf16_amx_linear_act_and_mul(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> None:
+    _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul")
+
+
+# The FMA kernels take the same packed weights and sum the same products in another fp32 order.
+bf16_fma_linear = bf16_amx_linear
+
+
+def bf16_fma_linear_act_and_mul(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> None:
+    _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_fma_linear_act_and_mul")

@@ -15,18 +15,28 @@ from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_c
 _REORDER_ROWS_HINT = 64
 
 
-@functools.cache
-def amx_linear_available() -> bool:
-    """Whether ``ops.bf16_amx_linear`` runs here: an AMX-BF16 build on a CPU and kernel that grant AMX."""
+def _packed_kernel_runs(op) -> bool:
     if ops.backend_for("cpu") != "cpu":
         return False
     x = torch.ones(1, 32, dtype=torch.bfloat16)
     out = torch.empty(1, 16, dtype=torch.bfloat16)
     try:
-        ops.bf16_amx_linear(out, x, ops.amx_pack_weight(torch.ones(16, 32)), None)
+        op(out, x, ops.amx_pack_weight(torch.ones(16, 32)), None)
     except RuntimeError:
         return False
     return bool((out == 32).all())
+
+
+@functools.cache
+def amx_linear_available() -> bool:
+    """Whether ``ops.bf16_amx_linear`` runs here: an AMX-BF16 build on a CPU and kernel that grant AMX."""
+    return _packed_kernel_runs(ops.bf16_amx_linear)
+
+
+@functools.cache
+def fma_linear_available() -> bool:
+    """Whether ``ops.bf16_fma_linear`` runs here: an AVX2 + FMA build (every x86 build but the portable one)."""
+    return _packed_kernel_runs(ops.bf16_fma_linear)
 
 
 def _onednn_reorders(weight: torch.Tensor) -> bool:
@@ -48,17 +58,21 @@ class Linear(DirectCall, nn.Linear):
     - bf16 on a CPU with AMX: ``ops.amx_pack_weight``, and every row count runs on
       ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
       changes its sums between 32 and 33 rows, among others).
-    - otherwise oneDNN's blocked layout. In bf16, where ``onednn_order`` reproduced oneDNN's sums
-      for the weight at load (an AVX512-BF16 build; else oneDNN runs, one row as two), every row
-      count runs on ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's
-      bits: faster than oneDNN's matmul up to ~768 rows and within a few percent of it at
-      1,024-2,048 on the AMD EPYC of docs/performance.md, and no libgomp region in a step, whose
-      threads would compete with the kernels' own pool.
+    - otherwise, where oneDNN takes the dtype, oneDNN's blocked layout. In bf16, where
+      ``onednn_order`` reproduced oneDNN's sums for the weight at load (an AVX512-BF16 build; else
+      oneDNN runs, one row as two), every row count runs on ``ops.bf16_blocked_linear`` over the same
+      weight, which gives each row oneDNN's bits: faster than oneDNN's matmul up to ~768 rows and
+      within a few percent of it at 1,024-2,048 on the AMD EPYC of docs/performance.md, and no
+      libgomp region in a step, whose threads would compete with the kernels' own pool.
+    - bf16 where oneDNN takes none (AVX2 CPUs: Haswell, Zen 1-3): ``ops.amx_pack_weight``, and every
+      row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row sums independent of the row count),
+      5-7x torch's bf16 matmul there (docs/performance.md).
 
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
-    amx_packed = False
+    # The op that runs the packed weight (ops.bf16_amx_linear or ops.bf16_fma_linear), if packed.
+    packed_linear = None
     blocked_layout = False
     # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
     k_chunk_ends: list[int] | None = None
@@ -67,30 +81,33 @@ class Linear(DirectCall, nn.Linear):
         if self.bias is not None:
             # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
             self.bias.requires_grad_(False)
-        if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and amx_linear_available():
-            self.weight = nn.Parameter(self._amx_pack(self.weight.detach()), requires_grad=False)
-            self.amx_packed = True
+        bf16_cpu = self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
+        if bf16_cpu and amx_linear_available():
+            self._pack("amx")
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
             self.weight = nn.Parameter(blocked, requires_grad=False)
             self.blocked_layout = True
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
+        elif bf16_cpu and fma_linear_available():
+            self._pack("fma")
 
-    def _amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight in its AMX kernel's layout (``GateUpLinear`` packs its own)."""
-        return ops.amx_pack_weight(weight)
+    def _pack(self, kernel: str) -> None:
+        """Lays the weight out for ``ops.bf16_{kernel}_linear`` (``GateUpLinear`` packs its own)."""
+        self.packed_linear = getattr(ops, f"bf16_{kernel}_linear")
+        self.weight = nn.Parameter(ops.amx_pack_weight(self.weight.detach()), requires_grad=False)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.blocked_layout or self.amx_packed):
+        if not (self.blocked_layout or self.packed_linear):
             return F.linear(x, self.weight, self.bias)
         rows = self._rows(x)
-        if self.amx_packed:
+        if self.packed_linear:
             out = rows.new_empty(rows.shape[0], self.out_features)
-            ops.bf16_amx_linear(out, rows, self.weight, self.bias)
+            self.packed_linear(out, rows, self.weight, self.bias)
         elif self.k_chunk_ends is not None:
             out = rows.new_empty(rows.shape[0], self.out_features)
             ops.bf16_blocked_linear(out, rows, self.weight, self.bias, self.k_chunk_ends)
@@ -109,14 +126,16 @@ class GateUpLinear(Linear):
     up rows: vLLM's ``MergedColumnParallelLinear``), joined by their activation: input
     ``[..., in_features]``, output ``act_fn(gate_up)`` ``[..., d]`` in the weight's dtype.
 
-    Where ``Linear`` would run ``ops.bf16_amx_linear`` and ``d`` is a multiple of 16, the weight is
-    packed by ``ops.amx_pack_gate_up_weight`` and one kernel (``ops.bf16_amx_linear_act_and_mul``)
-    sums and activates, with the bits of the two ops it replaces; the ``[rows, 2 * d]`` projection is
-    never stored nor read back. Where it would run ``ops.bf16_blocked_linear`` and ``d`` is a multiple
-    of 64, ``ops.bf16_blocked_linear_act_and_mul`` does the same on that weight.
+    Where ``Linear`` would run ``ops.bf16_amx_linear`` or ``ops.bf16_fma_linear`` and ``d`` is a
+    multiple of 16, the weight is packed by ``ops.amx_pack_gate_up_weight`` and one kernel
+    (``ops.bf16_amx_linear_act_and_mul`` or ``ops.bf16_fma_linear_act_and_mul``) sums and activates,
+    with the bits of the two ops it replaces; the ``[rows, 2 * d]`` projection is never stored nor read
+    back. Where it would run ``ops.bf16_blocked_linear`` and ``d`` is a multiple of 64,
+    ``ops.bf16_blocked_linear_act_and_mul`` does the same on that weight.
     """
 
-    amx_act_and_mul = False
+    # The op that sums and activates the packed gate_up weight, if packed so.
+    packed_act_and_mul = None
     blocked_act_and_mul = False
 
     def __init__(self, in_features: int, d: int, bias: bool, act_fn: SiluAndMul | GeluAndMul) -> None:
@@ -127,18 +146,18 @@ class GateUpLinear(Linear):
         super().process_weights_after_loading()
         self.blocked_act_and_mul = self.k_chunk_ends is not None and self.out_features % 128 == 0
 
-    def _amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def _pack(self, kernel: str) -> None:
         if self.out_features % 32:  # d not a multiple of 16: the plain linear, then act_fn
-            return super()._amx_pack(weight)
-        self.amx_act_and_mul = True
-        return ops.amx_pack_gate_up_weight(weight)
+            return super()._pack(kernel)
+        self.packed_act_and_mul = getattr(ops, f"bf16_{kernel}_linear_act_and_mul")
+        self.weight = nn.Parameter(ops.amx_pack_gate_up_weight(self.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
         d = self.out_features // 2
-        if self.amx_act_and_mul:
+        if self.packed_act_and_mul:
             out = rows.new_empty(rows.shape[0], d)
-            ops.bf16_amx_linear_act_and_mul(out, rows, self.weight, self.bias, self.act_fn.activation)
+            self.packed_act_and_mul(out, rows, self.weight, self.bias, self.act_fn.activation)
         elif self.blocked_act_and_mul:
             out = rows.new_empty(rows.shape[0], d)
             ops.bf16_blocked_linear_act_and_mul(

@@ -1,0 +1,160 @@
+// bf16 linear in fp32 FMAs over a weight packed once at load (packed_linear.h), for CPUs without a
+// bf16 dot-product instruction (AVX2: Haswell, Zen 1-3), where torch's bf16 matmul runs at a fifth
+// of its fp32 rate and oneDNN takes no bf16. The weights stay bf16 in memory (half fp32's bytes, what
+// bounds a decode step) and become fp32 in registers: a 32-bit lane of the packed layout holds one
+// column's pair of features, the even one in its low half, so a shift and a mask give both as fp32.
+//
+// Each output is one fp32 chain over the features in order, 2p then 2p + 1 for each pair p, one FMA
+// each, then the bias, then one rounding to bf16. A row's chain reads only that row of the input, so
+// its bits do not depend on the number of rows, nor on how rows and columns are split over threads.
+//
+// bf16_fma_linear_act_and_mul takes a gated MLP's packed gate_up weight (gate and up blocks
+// alternating) and stores act(gate) * up, as bf16_amx_linear_act_and_mul does, with the bits of this
+// linear followed by silu_and_mul / gelu_tanh_and_mul.
+#include "vec.h"  // first: selects ATen's vector width
+
+#include "ops.h"
+#include "packed_linear.h"
+#include "parallel.h"
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace pagedlm::cpu {
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// 4 rows x 16 columns of accumulators (8 registers), the 4 weight vectors of a pair, 2 broadcasts:
+// 14 of AVX2's 16 registers.
+constexpr int kMaxTileRows = 4;
+// Rows whose fp32 inputs (at most 32 x K x 4 bytes: 192 KiB at K = 1,536) stay in L2 while a unit's
+// column blocks pass over them.
+constexpr int64_t kGroupRows = 32;
+// Column blocks a unit sums: 64 columns, two gate/up pairs of a gated weight.
+constexpr int64_t kUnitBlocks = 4;
+
+// sums[r * 16 + c] = the chain of row r of x (fp32, row stride ldx, zero past K) against column c
+// of the block w, over `pairs` feature pairs.
+template <int MT>
+PAGEDLM_ALWAYS_INLINE void block_sums(const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs,
+                                      float* sums) {
+  __m256 acc[MT][2];
+  for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p + 16));
+    const __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+    const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask));
+    const __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+    const __m256 odd1 = _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask));
+    for (int r = 0; r < MT; ++r) {
+      const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * p);
+      const __m256 xo = _mm256_broadcast_ss(x + r * ldx + 2 * p + 1);
+      acc[r][0] = _mm256_fmadd_ps(xo, odd0, _mm256_fmadd_ps(xe, even0, acc[r][0]));
+      acc[r][1] = _mm256_fmadd_ps(xo, odd1, _mm256_fmadd_ps(xe, even1, acc[r][1]));
+    }
+  }
+  for (int r = 0; r < MT; ++r) {
+    _mm256_storeu_ps(sums + r * kPackN, acc[r][0]);
+    _mm256_storeu_ps(sums + r * kPackN + 8, acc[r][1]);
+  }
+}
+
+void tile_sums(int rows, const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs, float* sums) {
+  switch (rows) {
+    case 1: block_sums<1>(x, ldx, w, pairs, sums); break;
+    case 2: block_sums<2>(x, ldx, w, pairs, sums); break;
+    case 3: block_sums<3>(x, ldx, w, pairs, sums); break;
+    default: block_sums<4>(x, ldx, w, pairs, sums); break;
+  }
+}
+
+// act unset: out [M, N] = input @ W.T + bias. act set: out [M, d] = act(gate) * up over a packed
+// gate_up weight, bias [2 * d] in gate, up order.
+void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias,
+                       std::optional<Activation> act) {
+  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+  const int64_t pairs = (K + 1) / 2, k_pad = weight.size(1) * 2, blocks = weight.size(0);
+  const int64_t ldx = 2 * pairs;
+  // The input as fp32, zero past K (a pair past an odd K holds one feature).
+  std::vector<float> xf(M * ldx);
+  const auto* x = input.data_ptr<at::BFloat16>();
+  const int64_t lda = input.stride(0);
+  parallel_for(0, M, grain_for(K), [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      float* row = xf.data() + m * ldx;
+      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(x[m * lda + k]);
+      if (ldx > K) row[K] = 0.f;
+    }
+  });
+  const auto* w = weight.data_ptr<at::BFloat16>();
+  auto* y = out.data_ptr<at::BFloat16>();
+  const int64_t ldy = out.stride(0), block_elements = k_pad * kPackN;
+  const int64_t units = (blocks + kUnitBlocks - 1) / kUnitBlocks, groups = (M + kGroupRows - 1) / kGroupRows;
+  const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
+  // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
+  parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
+    alignas(64) float sums[2][kMaxTileRows * kPackN];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t m0 = u % groups * kGroupRows, m1 = std::min(M, m0 + kGroupRows);
+      const int64_t b0 = u / groups * kUnitBlocks, b1 = std::min(blocks, b0 + kUnitBlocks);
+      for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
+        for (int64_t m = m0; m < m1; m += kMaxTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxTileRows, m1 - m));
+          const float* xm = xf.data() + m * ldx;
+          tile_sums(rows, xm, ldx, w + b * block_elements, pairs, sums[0]);
+          if (act) {
+            tile_sums(rows, xm, ldx, w + (b + 1) * block_elements, pairs, sums[1]);
+            const int64_t n0 = b / 2 * kPackN;
+            for (int r = 0; r < rows; ++r)
+              store_act_and_mul(*act, y + (m + r) * ldy + n0, sums[0] + r * kPackN, sums[1] + r * kPackN,
+                                bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr);
+          } else {
+            const int64_t n0 = b * kPackN;
+            const int cols = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
+            for (int r = 0; r < rows; ++r)
+              for (int c = 0; c < cols; c += kVecLen) {
+                fVec v = fVec::loadu(sums[0] + r * kPackN + c);
+                if (bias) v = v + fVec::loadu(bias + n0 + c, std::min(kVecLen, cols - c));
+                store_fp32(y + (m + r) * ldy + n0 + c, v, std::min(kVecLen, cols - c));
+              }
+          }
+        }
+      }
+    }
+  });
+}
+
+#endif
+
+void run_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    std::optional<Activation> act, const char* op) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (input.size(0) == 0 || out.size(1) == 0) return;
+  fma_linear_kernel(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
+#else
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX2 and FMA (this build has neither)");
+#endif
+}
+
+}  // namespace
+
+void bf16_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias) {
+  const char* op = "bf16_fma_linear";
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0, op);
+  run_fma_linear(out, input, weight, bias_f32, std::nullopt, op);
+}
+
+void bf16_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const char* op = "bf16_fma_linear_act_and_mul";
+  const Activation act = parse_activation(activation, op);
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * check_gated_out(out, op), op);
+  run_fma_linear(out, input, weight, bias_f32, act, op);
+}
+
+}  // namespace pagedlm::cpu
