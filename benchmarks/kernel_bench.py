@@ -89,7 +89,11 @@ def make_batch(args, dtype: torch.dtype, cache_dtype: torch.dtype, device: torch
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of a 4096^3 torch.matmul, the fastest of 4 calls."""
+    """FLOP/s of a 4096^3 torch.matmul, the fastest of 4 calls. In fp32 for bf16 on a CPU whose oneDNN
+    has no bf16 (AVX2): pagedlm's bf16 linears run fp32 FMAs there (ops.bf16_fma_linear), and torch's
+    bf16 matmul runs at a few GFLOP/s (minutes for these four calls)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtype = torch.float32
     a = torch.randn(4096, 4096, device=device).to(dtype)
     return 2 * 4096**3 / timeit(lambda: a @ a, device, iters=4, warmup=1)
 

@@ -30,7 +30,7 @@ machine may be shared, and the ``others`` column says how busy other processes k
 Per system: requests/s, output tokens/s, total (prompt + output) tokens/s, wall time of generation
 (model load and a short warm-up excluded), peak RSS, achieved model FLOP/s (``model_flops``) as a
 share of the machine's matmul peak for the dtype (a 4096^3 ``torch.matmul``, best of 4, measured
-in the same run) and pagedlm's output tokens/s over the system's (and over vLLM's fastest row, on
+in the same run; fp32's for bf16 on a CPU whose oneDNN has no bf16, where pagedlm computes bf16 in fp32) and pagedlm's output tokens/s over the system's (and over vLLM's fastest row, on
 a line of its own). For pagedlm also the same by phase: its decode-heavy steps (most scheduled
 tokens are decodes) and prefill-heavy ones, with the mean batch and context of each
 (``record_step_phases`` in ``throughput_systems.py``).
@@ -192,23 +192,12 @@ def physical_cores() -> int:
 
 
 def matmul_peak(dtype: str, device: str, threads: int) -> float:
-    """FLOP/s of a 4096^3 ``torch.matmul`` in ``dtype``, best of 4."""
+    """FLOP/s of a 4096^3 ``torch.matmul`` in ``dtype``, best of 4 (``kernel_bench.matmul_peak``)."""
     import torch
+    from kernel_bench import matmul_peak as kernel_matmul_peak
 
     torch.set_num_threads(threads)
-    n = 4096
-    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    best = float("inf")
-    for _ in range(4):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return kernel_matmul_peak(getattr(torch, dtype), torch.device(device))
 
 
 def llamacpp_gguf(args: argparse.Namespace) -> Path:
