@@ -1,11 +1,14 @@
-"""bf16 linears of a model's shape: oneDNN's matmul against pagedlm's kernel, per row count.
+"""bf16 linears of a model's shape: oneDNN's matmul (torch's where oneDNN has no bf16) against
+pagedlm's kernel, per row count.
 
 Every linear of one forward pass (each layer's qkv, o, gate_up and down, then the LM head), each
 with its own random weight, so the weights come from memory as in a decode step. Per row count,
 interleaved: the fastest of ``--rounds`` passes through oneDNN (``torch.ops.mkldnn._linear_pointwise``
-on its blocked layout, one row run as two as ``Linear`` does without a kernel of ours) and through
-the kernel ``Linear`` runs here: ``ops.bf16_amx_linear`` on packed weights where AMX is usable, else
-``ops.bf16_blocked_linear`` on oneDNN's layout and the chunk ends ``onednn_order`` finds. The table gives
+on its blocked layout, one row run as two as ``Linear`` does without a kernel of ours; on a CPU whose
+oneDNN has no bf16, AVX2, torch's ``F.linear`` instead) and through the kernel ``Linear`` runs here:
+``ops.bf16_amx_linear`` on packed weights where AMX is usable, ``ops.bf16_fma_linear`` on them where
+oneDNN has no bf16, else ``ops.bf16_blocked_linear`` on oneDNN's layout and the chunk ends
+``onednn_order`` finds. The table gives
 both times, the weight bytes per second (against one read of the weights at the copy bandwidth,
 measured in the same run), GFLOP/s, the ratio, and other processes' CPU (cores) meanwhile.
 
@@ -50,22 +53,25 @@ def main() -> None:
     args = parser.parse_args()
 
     shapes = linear_shapes(args.model_shape)
-    amx = linear.amx_linear_available()
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     dense = [(torch.randn(n, k) * 0.05).to(torch.bfloat16) for n, k in shapes]
-    weights = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in dense]
-    if amx:
-        kernel, ends, ours = "bf16_amx_linear", {k: None for _, k in shapes}, [ops.amx_pack_weight(w) for w in dense]
+    weights = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in dense] if onednn_bf16 else dense
+    if linear.amx_linear_available() or not onednn_bf16:
+        kernel = "bf16_amx_linear" if linear.amx_linear_available() else "bf16_fma_linear"
+        ends, ours = {k: None for _, k in shapes}, [ops.amx_pack_weight(w) for w in dense]
     else:
         kernel, ends, ours = "bf16_blocked_linear", {k: onednn_order.k_chunk_ends(k, 64) for _, k in shapes}, weights
     del dense
+    baseline = "oneDNN" if onednn_bf16 else "torch"
     weight_bytes = sum(2 * n * k for n, k in shapes)
     bandwidth = copy_bandwidth(torch.device("cpu"), iters=5)
     print(f"{args.model_shape}: {len(shapes)} bf16 linears, {weight_bytes / 1e6:.0f} MB of weights, "
           f"{torch.get_num_threads()} threads; copy bandwidth (1 GiB copy_, read + write) {bandwidth / 1e9:.1f} GB/s "
           f"= one weight read in {1e3 * weight_bytes / bandwidth:.2f} ms; pagedlm runs ops.{kernel}"
-          + ("" if amx else f" (K chunk ends {ends})"))
-    header = (f"{'rows':>5} {'oneDNN ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'pagedlm ms':>11} {'GB/s':>6} {'GFLOP/s':>8} "
-              f"{'oneDNN/pagedlm':>15} {'others':>7}")
+          + (f" (K chunk ends {ends})" if kernel == "bf16_blocked_linear" else "")
+          + ("" if onednn_bf16 else "; oneDNN has no bf16 here, so the baseline is torch's F.linear"))
+    header = (f"{'rows':>5} {baseline + ' ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'pagedlm ms':>11} {'GB/s':>6} "
+              f"{'GFLOP/s':>8} {baseline + '/pagedlm':>15} {'others':>7}")
     print(header)
     print("-" * len(header))
     for rows in (int(r) for r in args.rows.split(",")):
@@ -74,13 +80,16 @@ def main() -> None:
 
         def onednn() -> None:
             for (_, k), w in zip(shapes, weights):
+                if not onednn_bf16:
+                    torch.nn.functional.linear(inputs[k], w)
+                    continue
                 x = inputs[k] if rows > 1 else inputs[k].expand(2, -1)
                 torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
         def pagedlm() -> None:
             for (_, k), w, out in zip(shapes, ours, outputs):
-                if amx:
-                    ops.bf16_amx_linear(out, inputs[k], w, None)
+                if ends[k] is None:
+                    getattr(ops, kernel)(out, inputs[k], w, None)
                 else:
                     ops.bf16_blocked_linear(out, inputs[k], w, None, ends[k])
 
