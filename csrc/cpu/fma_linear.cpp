@@ -4,9 +4,11 @@
 // bounds a decode step) and become fp32 in registers: a 32-bit lane of the packed layout holds one
 // column's pair of features, the even one in its low half, so a shift and a mask give both as fp32.
 //
-// Each output is one fp32 chain over the features in order, 2p then 2p + 1 for each pair p, one FMA
-// each, then the bias, then one rounding to bf16. A row's chain reads only that row of the input, so
-// its bits do not depend on the number of rows, nor on how rows and columns are split over threads.
+// Each output is one fp32 chain over the features in order, one FMA each, then the bias, then one
+// rounding to bf16. A row's chain reads only that row of the input, so its bits do not depend on the
+// number of rows, nor on how rows and columns are split over threads, nor on which of the two paths
+// (weights widened in registers per tile of up to 4 rows, or once per block for groups of 12 rows
+// and more) ran it.
 //
 // bf16_fma_linear_act_and_mul takes a gated MLP's packed gate_up weight (gate and up blocks
 // alternating) and stores act(gate) * up, as bf16_amx_linear_act_and_mul does, with the bits of this
@@ -26,20 +28,28 @@ namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-// 4 rows x 16 columns of accumulators (8 registers), the 4 weight vectors of a pair, 2 broadcasts:
-// 14 of AVX2's 16 registers.
+// Rows per tile of the weight-streaming path: 4 rows x 16 columns of accumulators (8 registers), the
+// 4 weight vectors of a pair, 2 broadcasts: 14 of AVX2's 16 registers.
 constexpr int kMaxTileRows = 4;
-// Rows whose fp32 inputs (at most 32 x K x 4 bytes: 192 KiB at K = 1,536) stay in L2 while a unit's
+// Rows per tile of the path over a widened block: 6 x 16 accumulators, 2 weight vectors, a broadcast.
+constexpr int kWideTileRows = 6;
+// Rows whose fp32 inputs (at most 36 x K x 4 bytes: 216 KiB at K = 1,536) stay in L2 while a unit's
 // column blocks pass over them.
-constexpr int64_t kGroupRows = 32;
+constexpr int64_t kGroupRows = 36;
 // Column blocks a unit sums: 64 columns, two gate/up pairs of a gated weight.
 constexpr int64_t kUnitBlocks = 4;
 
+void store_tile(const __m256 (&acc)[2], float* sums) {
+  _mm256_storeu_ps(sums, acc[0]);
+  _mm256_storeu_ps(sums + 8, acc[1]);
+}
+
 // sums[r * 16 + c] = the chain of row r of x (fp32, row stride ldx, zero past K) against column c
-// of the block w, over `pairs` feature pairs.
+// of the packed block w, over `pairs` feature pairs, widening the weights in registers: for one
+// tile of rows, a block read once (from memory, in a decode step).
 template <int MT>
-PAGEDLM_ALWAYS_INLINE void block_sums(const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs,
-                                      float* sums) {
+PAGEDLM_ALWAYS_INLINE void packed_sums(const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs,
+                                       float* sums) {
   __m256 acc[MT][2];
   for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
@@ -57,19 +67,72 @@ PAGEDLM_ALWAYS_INLINE void block_sums(const float* x, int64_t ldx, const at::BFl
       acc[r][1] = _mm256_fmadd_ps(xo, odd1, _mm256_fmadd_ps(xe, even1, acc[r][1]));
     }
   }
-  for (int r = 0; r < MT; ++r) {
-    _mm256_storeu_ps(sums + r * kPackN, acc[r][0]);
-    _mm256_storeu_ps(sums + r * kPackN + 8, acc[r][1]);
+  for (int r = 0; r < MT; ++r) store_tile(acc[r], sums + r * kPackN);
+}
+
+// The same sums from the block widened once into wide ([2 * pairs][16] fp32), for the many row tiles
+// of a prefill: one FMA per feature and accumulator, 12 independent chains against packed_sums' 8 (each
+// of which takes two FMAs a pair), and no widening per tile. Each chain adds the same products in the
+// same order, so a row's bits are packed_sums'.
+template <int MT>
+PAGEDLM_ALWAYS_INLINE void wide_sums(const float* x, int64_t ldx, const float* wide, int64_t features,
+                                     float* sums) {
+  __m256 acc[MT][2];
+  for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < features; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(wide + 16 * k), w1 = _mm256_loadu_ps(wide + 16 * k + 8);
+    for (int r = 0; r < MT; ++r) {
+      const __m256 xk = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(xk, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xk, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MT; ++r) store_tile(acc[r], sums + r * kPackN);
+}
+
+// wide[k][0..16) = the packed block's 16 weights of feature k, for k < 2 * pairs, as fp32.
+void widen_block(const at::BFloat16* w, int64_t pairs, float* wide) {
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p + 16));
+    float* even = wide + 32 * p;
+    _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)));
+    _mm256_storeu_ps(even + 8, _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)));
+    _mm256_storeu_ps(even + 16, _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask)));
+    _mm256_storeu_ps(even + 24, _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask)));
   }
 }
 
-void tile_sums(int rows, const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs, float* sums) {
-  switch (rows) {
-    case 1: block_sums<1>(x, ldx, w, pairs, sums); break;
-    case 2: block_sums<2>(x, ldx, w, pairs, sums); break;
-    case 3: block_sums<3>(x, ldx, w, pairs, sums); break;
-    default: block_sums<4>(x, ldx, w, pairs, sums); break;
+// Below this many rows a block is widened in registers for each tile of up to kMaxTileRows rows; from
+// it on, once into memory for tiles of kWideTileRows. SmolLM2's linears at 8 rows ran ~10% faster
+// per tile, at 64-256 rows 1.3-1.6x faster widened once (docs/performance.md, session 31).
+constexpr int64_t kWideFromRows = 3 * kMaxTileRows;
+
+template <int MaxRows, typename Sums>
+PAGEDLM_ALWAYS_INLINE void tiles(int64_t rows, const Sums& sums) {
+  for (int64_t r = 0; r < rows; r += MaxRows) {
+    const int64_t n = std::min<int64_t>(MaxRows, rows - r);
+    if (n == MaxRows) sums(r, std::integral_constant<int, MaxRows>{});
+    else if (n == 1) sums(r, std::integral_constant<int, 1>{});
+    else if (n == 2) sums(r, std::integral_constant<int, 2>{});
+    else if (n == 3) sums(r, std::integral_constant<int, 3>{});
+    else if constexpr (MaxRows > 4) {
+      if (n == 4) sums(r, std::integral_constant<int, 4>{});
+      else sums(r, std::integral_constant<int, 5>{});
+    }
   }
+}
+
+// sums[r * 16 + c] for the `rows` rows of x against one packed block; wide: 2 * pairs * 16 floats.
+void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs, float* wide,
+                float* sums) {
+  if (rows < kWideFromRows) {
+    tiles<kMaxTileRows>(rows, [&](int64_t r, auto mt) { packed_sums<mt()>(x + r * ldx, ldx, w, pairs, sums + r * kPackN); });
+    return;
+  }
+  widen_block(w, pairs, wide);
+  tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, wide, 2 * pairs, sums + r * kPackN); });
 }
 
 // act unset: out [M, N] = input @ W.T + bias. act set: out [M, d] = act(gate) * up over a packed
@@ -97,31 +160,31 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
   parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
-    alignas(64) float sums[2][kMaxTileRows * kPackN];
+    std::vector<float> sums(2 * kGroupRows * kPackN), wide(M >= kWideFromRows ? 2 * pairs * kPackN : 0);
+    float* gate_sums = sums.data();
+    float* up_sums = gate_sums + kGroupRows * kPackN;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t m0 = u % groups * kGroupRows, m1 = std::min(M, m0 + kGroupRows);
+      const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
       const int64_t b0 = u / groups * kUnitBlocks, b1 = std::min(blocks, b0 + kUnitBlocks);
+      const float* xm = xf.data() + m0 * ldx;
       for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
-        for (int64_t m = m0; m < m1; m += kMaxTileRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxTileRows, m1 - m));
-          const float* xm = xf.data() + m * ldx;
-          tile_sums(rows, xm, ldx, w + b * block_elements, pairs, sums[0]);
-          if (act) {
-            tile_sums(rows, xm, ldx, w + (b + 1) * block_elements, pairs, sums[1]);
-            const int64_t n0 = b / 2 * kPackN;
-            for (int r = 0; r < rows; ++r)
-              store_act_and_mul(*act, y + (m + r) * ldy + n0, sums[0] + r * kPackN, sums[1] + r * kPackN,
-                                bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr);
-          } else {
-            const int64_t n0 = b * kPackN;
-            const int cols = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
-            for (int r = 0; r < rows; ++r)
-              for (int c = 0; c < cols; c += kVecLen) {
-                fVec v = fVec::loadu(sums[0] + r * kPackN + c);
-                if (bias) v = v + fVec::loadu(bias + n0 + c, std::min(kVecLen, cols - c));
-                store_fp32(y + (m + r) * ldy + n0 + c, v, std::min(kVecLen, cols - c));
-              }
-          }
+        block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), gate_sums);
+        if (act) {
+          block_sums(rows, xm, ldx, w + (b + 1) * block_elements, pairs, wide.data(), up_sums);
+          const int64_t n0 = b / 2 * kPackN;
+          for (int64_t r = 0; r < rows; ++r)
+            store_act_and_mul(*act, y + (m0 + r) * ldy + n0, gate_sums + r * kPackN, up_sums + r * kPackN,
+                              bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr);
+        } else {
+          const int64_t n0 = b * kPackN;
+          const int cols = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
+          for (int64_t r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; c += kVecLen) {
+              const int n = std::min(kVecLen, cols - c);
+              fVec v = fVec::loadu(gate_sums + r * kPackN + c);
+              if (bias) v = v + fVec::loadu(bias + n0 + c, n);
+              store_fp32(y + (m0 + r) * ldy + n0 + c, v, n);
+            }
         }
       }
     }
