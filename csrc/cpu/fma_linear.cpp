@@ -105,8 +105,8 @@ void widen_block(const at::BFloat16* w, int64_t pairs, float* wide) {
 }
 
 // Below this many rows a block is widened in registers for each tile of up to kMaxTileRows rows; from
-// it on, once into memory for tiles of kWideTileRows. SmolLM2's linears at 8 rows ran ~10% faster
-// per tile, at 64-256 rows 1.3-1.6x faster widened once (docs/performance.md, session 31).
+// it on, once into memory for tiles of kWideTileRows. Widened once, SmolLM2's shapes ran no faster at
+// 8 rows (tiles of 6 and 2) and 1.3-1.6x faster at 64-256 (docs/performance.md, session 31).
 constexpr int64_t kWideFromRows = 3 * kMaxTileRows;
 
 template <int MaxRows, typename Sums>
