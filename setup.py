@@ -16,9 +16,8 @@ try:
 except ImportError as exc:
     sys.exit(f"pagedlm: building the pagedlm._C extension needs torch ({exc}); {INSTALL_HINT}")
 
-# Everything needed to use AVX-512 through ATen's Vectorized<float> (vec512 needs DQ): the flags torch
-# itself dispatches its AVX-512 kernels on, so that reductions written in ATen's order (layernorm.cpp)
-# run at its vector width. x86 /proc/cpuinfo spells the flags without the dash.
+# Everything needed to use AVX-512 through ATen's Vectorized<float> (vec512 needs DQ); x86
+# /proc/cpuinfo spells the flags without the dash.
 AVX512_FLAGS = {
     "-mavx512f": "avx512f",
     "-mavx512bw": "avx512bw",

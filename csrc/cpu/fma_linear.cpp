@@ -44,6 +44,20 @@ void store_tile(const __m256 (&acc)[2], float* sums) {
   _mm256_storeu_ps(sums + 8, acc[1]);
 }
 
+// Pair p of a packed block as fp32: its even feature's 16 weights (columns 0-7, 8-15), then its odd
+// feature's. A 32-bit lane holds one column's pair, the even feature in its low half.
+struct PairWeights {
+  __m256 even0, even1, odd0, odd1;
+};
+
+PAGEDLM_ALWAYS_INLINE PairWeights widen_pair(const at::BFloat16* w, int64_t p) {
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p + 16));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask)), _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask))};
+}
+
 // sums[r * 16 + c] = the chain of row r of x (fp32, row stride ldx, zero past K) against column c
 // of the packed block w, over `pairs` feature pairs, widening the weights in registers: for one
 // tile of rows, a block read once (from memory, in a decode step).
@@ -52,19 +66,13 @@ PAGEDLM_ALWAYS_INLINE void packed_sums(const float* x, int64_t ldx, const at::BF
                                        float* sums) {
   __m256 acc[MT][2];
   for (int r = 0; r < MT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
-    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p + 16));
-    const __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-    const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask));
-    const __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-    const __m256 odd1 = _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask));
+    const PairWeights pw = widen_pair(w, p);
     for (int r = 0; r < MT; ++r) {
       const __m256 xe = _mm256_broadcast_ss(x + r * ldx + 2 * p);
       const __m256 xo = _mm256_broadcast_ss(x + r * ldx + 2 * p + 1);
-      acc[r][0] = _mm256_fmadd_ps(xo, odd0, _mm256_fmadd_ps(xe, even0, acc[r][0]));
-      acc[r][1] = _mm256_fmadd_ps(xo, odd1, _mm256_fmadd_ps(xe, even1, acc[r][1]));
+      acc[r][0] = _mm256_fmadd_ps(xo, pw.odd0, _mm256_fmadd_ps(xe, pw.even0, acc[r][0]));
+      acc[r][1] = _mm256_fmadd_ps(xo, pw.odd1, _mm256_fmadd_ps(xe, pw.even1, acc[r][1]));
     }
   }
   for (int r = 0; r < MT; ++r) store_tile(acc[r], sums + r * kPackN);
@@ -92,22 +100,20 @@ PAGEDLM_ALWAYS_INLINE void wide_sums(const float* x, int64_t ldx, const float* w
 
 // wide[k][0..16) = the packed block's 16 weights of feature k, for k < 2 * pairs, as fp32.
 void widen_block(const at::BFloat16* w, int64_t pairs, float* wide) {
-  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
-    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p + 16));
+    const PairWeights pw = widen_pair(w, p);
     float* even = wide + 32 * p;
-    _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)));
-    _mm256_storeu_ps(even + 8, _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)));
-    _mm256_storeu_ps(even + 16, _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask)));
-    _mm256_storeu_ps(even + 24, _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask)));
+    _mm256_storeu_ps(even, pw.even0);
+    _mm256_storeu_ps(even + 8, pw.even1);
+    _mm256_storeu_ps(even + 16, pw.odd0);
+    _mm256_storeu_ps(even + 24, pw.odd1);
   }
 }
 
 // Below this many rows a block is widened in registers for each tile of up to kMaxTileRows rows; from
 // it on, once into memory for tiles of kWideTileRows. Widened once, SmolLM2's shapes ran no faster at
 // 8 rows (tiles of 6 and 2) and 1.3-1.6x faster at 64-256 (docs/performance.md, session 31).
-constexpr int64_t kWideFromRows = 3 * kMaxTileRows;
+constexpr int64_t kWideFromRows = 12;
 
 template <int MaxRows, typename Sums>
 PAGEDLM_ALWAYS_INLINE void tiles(int64_t rows, const Sums& sums) {
@@ -142,17 +148,8 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
   const int64_t pairs = (K + 1) / 2, k_pad = weight.size(1) * 2, blocks = weight.size(0);
   const int64_t ldx = 2 * pairs;
-  // The input as fp32, zero past K (a pair past an odd K holds one feature).
-  std::vector<float> xf(M * ldx);
   const auto* x = input.data_ptr<at::BFloat16>();
   const int64_t lda = input.stride(0);
-  parallel_for(0, M, grain_for(K), [&](int64_t lo, int64_t hi) {
-    for (int64_t m = lo; m < hi; ++m) {
-      float* row = xf.data() + m * ldx;
-      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(x[m * lda + k]);
-      if (ldx > K) row[K] = 0.f;
-    }
-  });
   const auto* w = weight.data_ptr<at::BFloat16>();
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t ldy = out.stride(0), block_elements = k_pad * kPackN;
@@ -161,12 +158,21 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
   parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
     std::vector<float> sums(2 * kGroupRows * kPackN), wide(M >= kWideFromRows ? 2 * pairs * kPackN : 0);
+    // The unit's rows as fp32, zero past K (a pair past an odd K holds one feature); converted again
+    // only when the row group changes (a 1/64 share of the unit's FMAs when it does).
+    std::vector<float> xg(std::min(M, kGroupRows) * ldx, 0.f);
+    int64_t converted = -1;
     float* gate_sums = sums.data();
     float* up_sums = gate_sums + kGroupRows * kPackN;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
       const int64_t b0 = u / groups * kUnitBlocks, b1 = std::min(blocks, b0 + kUnitBlocks);
-      const float* xm = xf.data() + m0 * ldx;
+      if (m0 != converted) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < K; ++k) xg[r * ldx + k] = static_cast<float>(x[(m0 + r) * lda + k]);
+        converted = m0;
+      }
+      const float* xm = xg.data();
       for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
         block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), gate_sums);
         if (act) {

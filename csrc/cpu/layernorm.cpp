@@ -9,57 +9,72 @@
 #include "ops.h"
 #include "parallel.h"
 
+#include <array>
 #include <cmath>
 
 namespace pagedlm::cpu {
 namespace {
 
-// The sum of a row's squares as Hugging Face's x.pow(2).mean(-1) sums them: each square rounded to
-// fp32, then ATen's cascade sum of a contiguous row (aten/src/ATen/native/cpu/SumKernel.cpp:
-// vectorized_inner_sum, row_sum, multi_row_sum). The row is read as rows of 4 vectors; whole rows go
-// into 4 accumulators that spill into coarser levels every 2^level_power rows, the levels are then
-// added, the 4 accumulators left to right, the elements past the last whole vector into a scalar
-// and the vector's lanes after them. Its bits equal torch's where this build's vector width is the
-// one torch dispatches to on this CPU (AVX2: 8 floats, AVX-512: 16).
-template <typename T>
-float sum_of_squares(const T* x, int64_t n) {
+// ATen's row_sum over `count` items of W lanes (aten/src/ATen/native/cpu/SumKernel.cpp: multi_row_sum
+// and row_sum): the items read as rows of 4; whole rows go into 4 accumulators that spill into
+// coarser levels every 2^level_power rows; the levels are added, then the items past the last whole
+// row into the first accumulator, then the other 3 into it. item(i) gives the i-th item's lanes.
+template <int W, typename Item>
+std::array<float, W> cascade_row_sum(int64_t count, const Item& item) {
+  using Lanes = std::array<float, W>;
   constexpr int kIlp = 4, kLevels = 4;
-  const int64_t vecs = n / kVecLen, rows = vecs / kIlp;
+  auto add = [](Lanes& a, const Lanes& b) {
+    for (int l = 0; l < W; ++l) a[l] += b[l];
+  };
+  const int64_t rows = count / kIlp;
   const int64_t ceil_log2 = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
   const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
   const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
-  auto square = [&](int64_t v) {
-    const fVec a = load_fp32(x + v * kVecLen);
-    return a * a;
-  };
-  fVec acc[kLevels][kIlp];
-  for (auto& level : acc)
-    for (fVec& a : level) a = fVec(0.f);
+  Lanes acc[kLevels][kIlp] = {};
   int64_t i = 0;
   while (i + level_step <= rows) {
     for (int64_t j = 0; j < level_step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + square(i * kIlp + k);
+      for (int k = 0; k < kIlp; ++k) add(acc[0][k], item(i * kIlp + k));
     for (int j = 1; j < kLevels; ++j) {
       for (int k = 0; k < kIlp; ++k) {
-        acc[j][k] = acc[j][k] + acc[j - 1][k];
-        acc[j - 1][k] = fVec(0.f);
+        add(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = Lanes{};
       }
       if ((i & (level_mask << (j * level_power))) != 0) break;
     }
   }
   for (; i < rows; ++i)
-    for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + square(i * kIlp + k);
+    for (int k = 0; k < kIlp; ++k) add(acc[0][k], item(i * kIlp + k));
   for (int j = 1; j < kLevels; ++j)
-    for (int k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + acc[j][k];
-  for (int64_t v = rows * kIlp; v < vecs; ++v) acc[0][0] = acc[0][0] + square(v);
-  for (int k = 1; k < kIlp; ++k) acc[0][0] = acc[0][0] + acc[0][k];
+    for (int k = 0; k < kIlp; ++k) add(acc[0][k], acc[j][k]);
+  for (int64_t v = rows * kIlp; v < count; ++v) add(acc[0][0], item(v));
+  for (int k = 1; k < kIlp; ++k) add(acc[0][0], acc[0][k]);
+  return acc[0][0];
+}
+
+// The sum of a row's squares as Hugging Face's x.pow(2).mean(-1) sums them: each square rounded to
+// fp32, then ATen's sum of a contiguous row (SumKernel.cpp's cascade_sum). Its sum kernel is
+// registered with REGISTER_DISPATCH, which gives AVX-512 CPUs the AVX2 kernel: 8 lanes on every x86
+// CPU, whatever this build's vector width. A row of at least 8 is summed as rows of 8-lane vectors
+// (vectorized_inner_sum), its last n % 8 elements one by one into a scalar, then the lanes after
+// them; a shorter row as scalars (scalar_inner_sum). One row of 32,768 or more elements alone is the
+// exception: torch splits it over its threads (two_pass_reduction), and so do transformers' bits.
+template <typename T>
+float sum_of_squares(const T* x, int64_t n) {
+  constexpr int kLanes = 8;
+  auto square = [&](int64_t i) {
+    const float v = static_cast<float>(x[i]);
+    return v * v;
+  };
+  if (n < kLanes) return cascade_row_sum<1>(n, [&](int64_t i) { return std::array<float, 1>{square(i)}; })[0];
+  const int64_t vecs = n / kLanes;
+  const std::array<float, kLanes> lanes = cascade_row_sum<kLanes>(vecs, [&](int64_t v) {
+    std::array<float, kLanes> squares;
+    for (int l = 0; l < kLanes; ++l) squares[l] = square(v * kLanes + l);
+    return squares;
+  });
   float total = 0.f;
-  for (int64_t e = vecs * kVecLen; e < n; ++e) {
-    const float v = static_cast<float>(x[e]);
-    total += v * v;
-  }
-  float lanes[kVecLen];
-  acc[0][0].store(lanes);
+  for (int64_t e = vecs * kLanes; e < n; ++e) total += square(e);
   for (const float lane : lanes) total += lane;
   return total;
 }

@@ -148,7 +148,8 @@ class GateUpLinear(Linear):
 
     def _pack(self, kernel: str) -> None:
         if self.out_features % 32:  # d not a multiple of 16: the plain linear, then act_fn
-            return super()._pack(kernel)
+            super()._pack(kernel)
+            return
         self.packed_act_and_mul = getattr(ops, f"bf16_{kernel}_linear_act_and_mul")
         self.weight = nn.Parameter(ops.amx_pack_gate_up_weight(self.weight.detach()), requires_grad=False)
 
