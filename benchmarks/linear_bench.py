@@ -56,8 +56,9 @@ def main() -> None:
     onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     dense = [(torch.randn(n, k) * 0.05).to(torch.bfloat16) for n, k in shapes]
     weights = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in dense] if onednn_bf16 else dense
-    if linear.amx_linear_available() or not onednn_bf16:
-        kernel = "bf16_amx_linear" if linear.amx_linear_available() else "bf16_fma_linear"
+    amx = linear.amx_linear_available()
+    if amx or not onednn_bf16:
+        kernel = "bf16_amx_linear" if amx else "bf16_fma_linear"
         ends, ours = {k: None for _, k in shapes}, [ops.amx_pack_weight(w) for w in dense]
     else:
         kernel, ends, ours = "bf16_blocked_linear", {k: onednn_order.k_chunk_ends(k, 64) for _, k in shapes}, weights

@@ -211,18 +211,12 @@ void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
-  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0,
-                                                  "bf16_amx_linear");
-  run_amx_linear(out, input, weight, bias_f32, std::nullopt, "bf16_amx_linear");
+  packed_linear_op(run_amx_linear, out, input, weight, bias, "bf16_amx_linear");
 }
 
 void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const char* op = "bf16_amx_linear_act_and_mul";
-  const Activation act = parse_activation(activation, op);
-  const int64_t d = check_gated_out(out, op);
-  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * d, op);
-  run_amx_linear(out, input, weight, bias_f32, act, op);
+  packed_act_and_mul_op(run_amx_linear, out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul");
 }
 
 }  // namespace pagedlm::cpu

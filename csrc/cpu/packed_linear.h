@@ -1,6 +1,6 @@
 #pragma once
 // What the linears over a weight packed once at load share (amx_linear.cpp on AMX tiles, fma_linear.cpp
-// on AVX2 FMA): the layout's checks and how a gated block of sums is stored.
+// on AVX2 FMA): their ops' checks and how a gated block of sums is stored.
 //
 // Weight layout (pagedlm/ops/reference.py, amx_pack_weight): [N_pad / 16][K_pad / 2][16][2] bf16,
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
@@ -42,11 +42,28 @@ inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& i
   return linear_bias_fp32(bias, packed_n, op);
 }
 
-// The d checked by the gated ops (out [M, d], d a multiple of 16), or 0 for an out that is not 2-D.
-inline int64_t check_gated_out(const at::Tensor& out, const char* op) {
+// A packed kernel's body, run once its op's arguments are checked: the linear with act unset, the
+// gated op (out [M, d] = act(gate) * up) with it set; bias_f32 is undefined without a bias.
+using PackedLinearRun = void (*)(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& bias_f32, std::optional<Activation> act, const char* op);
+
+// The linear op of a packed kernel (bf16_amx_linear, bf16_fma_linear): its checks, then `run`.
+inline void packed_linear_op(PackedLinearRun run, at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const char* op) {
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0, op);
+  run(out, input, weight, bias_f32, std::nullopt, op);
+}
+
+// The gated op of a packed kernel (the *_act_and_mul ops): out [M, d] with d a multiple of 16 over a
+// [2 * d, K] gate_up weight, then `run`.
+inline void packed_act_and_mul_op(PackedLinearRun run, at::Tensor& out, const at::Tensor& input,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  c10::string_view activation, const char* op) {
+  const Activation act = parse_activation(activation, op);
   const int64_t d = out.dim() == 2 ? out.size(1) : 0;
   TORCH_CHECK(d % kPackN == 0, op, ": out_features (d = ", d, ") must be a multiple of 16");
-  return d;
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * d, op);
+  run(out, input, weight, bias_f32, act, op);
 }
 
 // One row of a gate block's and its up block's sums (16 each, biases null or 16 each) -> 16 outputs
