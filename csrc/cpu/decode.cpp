@@ -231,16 +231,17 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
   }
 #endif
   thread_local std::vector<float> scratch;
-  scratch.resize(heads * D + kMaxHeadChunk * bs);
+  scratch.resize(heads * D + group * bs + 2 * bs * D);
   float* q = scratch.data();
-  float* logits = q + heads * D;
+  float* logits = q + heads * D;  // [group, bs]
+  float* kv_rows = logits + group * bs;  // a run's K and V rows in fp32
   for (int i = 0; i < heads; ++i) to_fp32_scaled(q + i * D, query(i), scale, D);
   for_each_run(kv, table, kv_begin, kv_end, begin, end, {kv.key, kv.value}, [&](int64_t row, int, int n, int h) {
-    const int first = (h - kv_begin) * group;  // the item's query heads reading KV head h
-    for_each_head_chunk(group, [&](auto ng, int g) {
-      const int i = first + g;
-      attend_rows<ng()>(q + i * D, soft_cap, kv.key + row, kv.value + row, n, D, logits, bs, max_out + i,
-                        sum_out + i, acc + i * D);
+    const int i = (h - kv_begin) * group;  // the item's query heads reading KV head h
+    const float* k = fp32_rows(kv.key + row, int64_t{n} * D, kv_rows);
+    const float* v = fp32_rows(kv.value + row, int64_t{n} * D, kv_rows + bs * D);
+    with_head_size(D, [&](auto d) {
+      attend_rows(q + i * D, group, soft_cap, k, v, n, d, logits, bs, max_out + i, sum_out + i, acc + i * D);
     });
   });
 }

@@ -1,8 +1,8 @@
 #pragma once
-// Register-blocked Q·K and P·V over the rows of one cache block, for NG query vectors at once so each
-// K/V row is converted to fp32 once per NG heads. The blocking keeps about eight independent FMA
-// chains in flight, which is what hides the FMA latency. Decode and prefill both walk the cache
-// block by block with attend_rows, reading each block's K and V rows together.
+// Register-blocked Q·K and P·V over the rows of one run of cached keys, for several query vectors at
+// once so each K/V row is loaded once per tile of vectors. The blocking keeps about eight independent
+// FMA chains in flight, which is what hides the FMA latency. Decode and prefill both walk the cache
+// run by run with attend_rows, on K and V rows already in fp32 (fp32_rows).
 
 #include "vec.h"
 
@@ -13,7 +13,7 @@
 
 namespace pagedlm::cpu {
 
-// Largest number of query vectors handled together; more would spill the accumulators.
+// Largest number of query vectors handled together by pv_block; more would spill the accumulators.
 constexpr int kMaxHeadChunk = 4;
 
 // Calls f(std::integral_constant<int, NG>, first) for chunks of at most kMaxHeadChunk of [0, count).
@@ -28,6 +28,22 @@ inline void for_each_head_chunk(int count, const F& f) {
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+// hsum(a[0]) .. hsum(a[7]) in one transposing reduction, returned in the order
+// [0, 2, 4, 6, 1, 3, 5, 7]. Each sum is added as ATen's AVX2 vec_reduce_all adds (lanes four apart,
+// then two apart, then adjacent), so it is the same bits as hsum.
+PAGEDLM_ALWAYS_INLINE __m256 hsum8(const __m256 (&a)[8]) {
+  __m256 c[4];  // 128-bit lane h of c[i]: b(2i + h)[t] = a[2i + h][t] + a[2i + h][t + 4]
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+  __m256 s[2];  // lane h of s[i]: [b_x[0] + b_x[2], b_x[1] + b_x[3], b_y[0] + b_y[2], b_y[1] + b_y[3]]
+  for (int i = 0; i < 2; ++i)
+    s[i] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm256_shuffle_ps(c[2 * i], c[2 * i + 1], 0xee));
+  return _mm256_hadd_ps(s[0], s[1]);
+}
+#endif
 
 // Stores the horizontal sums of the NG x R accumulators to logits[j * stride + r].
 template <int NG, int R>
@@ -48,6 +64,16 @@ inline void store_sums(const fVec (&acc)[NG][R], float* logits, int stride) {
     alignas(64) float sums[16];
     _mm512_store_ps(sums, v);
     for (int i = 0; i < 8; ++i) logits[(i / R) * stride + i % R] = sums[(i % 4) * 4 + (i / 4) * 2];
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (NG * R == 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = acc[i / R][i % R];
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, hsum8(a));
+    for (int i = 0; i < 8; ++i) logits[(i / R) * stride + i % R] = sums[(i % 2) * 4 + i / 2];
     return;
   }
 #endif
@@ -76,16 +102,17 @@ PAGEDLM_ALWAYS_INLINE void qk_rows(const float* q, const T* k, int D, float* log
   store_sums(acc, logits, stride);
 }
 
-// Logits of NG query vectors (fp32, pre-scaled) against n consecutive K rows.
-template <int NG, typename T>
-PAGEDLM_ALWAYS_INLINE void qk_block(const float* q, const T* k, int n, int D, float* logits, int stride) {
-  // One query vector at a time, eight keys per pass: a logit's summation order then depends on the
-  // key's place in its block run only, not on how many query vectors share the call, so a position
-  // gets the same logits in any prefill tile and in decode (batch invariance).
-  for (int j = 0; j < NG; ++j) {
+// logits[m * stride + r] = q[m] · k[r] for count query vectors (rows of q, fp32, pre-scaled) and n
+// consecutive K rows. One vector at a time, eight keys per pass (store_sums reduces them together):
+// a logit's summation order then depends on the key's place in its run only, never on count or on
+// the vectors beside it, so a position gets the same logits in any prefill tile and in decode (batch
+// invariance).
+template <typename Dim>
+PAGEDLM_ALWAYS_INLINE void qk_tile(const float* q, int count, const float* k, int n, Dim D, float* logits, int stride) {
+  for (int m = 0; m < count; ++m) {
     int r = 0;
-    for (; r + 8 <= n; r += 8) qk_rows<1, 8>(q + j * D, k + r * D, D, logits + j * stride + r, 0);
-    for (; r < n; ++r) qk_rows<1, 1>(q + j * D, k + r * D, D, logits + j * stride + r, 0);
+    for (; r + 8 <= n; r += 8) qk_rows<1, 8>(q + m * D, k + r * D, D, logits + m * stride + r, 0);
+    for (; r < n; ++r) qk_rows<1, 1>(q + m * D, k + r * D, D, logits + m * stride + r, 0);
   }
 }
 
@@ -110,8 +137,8 @@ PAGEDLM_ALWAYS_INLINE void pv_columns(const float* p, int stride, const T* v, in
 }
 
 // acc[j] (rows of D floats) += sum_r p[j * stride + r] * v[r] for NG vectors and n consecutive V rows.
-template <int NG, typename T>
-PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int n, int D, float* acc) {
+template <int NG, typename T, typename Dim>
+PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int n, Dim D, float* acc) {
   constexpr int C = 8 / NG > 1 ? 8 / NG : 1;
   int d = 0;
   for (; d + C * kVecLen <= D; d += C * kVecLen) pv_columns<NG, C, true>(p, stride, v, n, D, d, acc);
@@ -119,16 +146,15 @@ PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int 
   if (d < D) pv_columns<NG, 1, false>(p, stride, v, n, D, d, acc);
 }
 
-// One step of the online softmax (flash attention) for NG query vectors (q: [NG, D], fp32,
-// pre-scaled) over n consecutive K/V
-// rows: rescales each vector's running max, exp-sum and unnormalised output acc [NG, D] to the new
-// max and adds the rows. With soft_cap > 0 the scaled logits are capped first. logits: [NG, stride]
-// scratch.
-template <int NG, typename T>
-PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, float soft_cap, const T* k, const T* v, int n, int D,
-                                       float* logits, int stride, float* running_max, float* running_sum, float* acc) {
-  qk_block<NG>(q, k, n, D, logits, stride);
-  for (int j = 0; j < NG; ++j) {
+// One step of the online softmax (flash attention) for count query vectors (q: [count, D], fp32,
+// pre-scaled) over n consecutive K/V rows (fp32): rescales each vector's running max, exp-sum and
+// unnormalised output acc [count, D] to the new max and adds the rows. With soft_cap > 0 the scaled
+// logits are capped first. logits: [count, stride] scratch.
+template <typename Dim>
+void attend_rows(const float* q, int count, float soft_cap, const float* k, const float* v, int n, Dim D,
+                        float* logits, int stride, float* running_max, float* running_sum, float* acc) {
+  qk_tile(q, count, k, n, D, logits, stride);
+  for (int j = 0; j < count; ++j) {
     float* l = logits + j * stride;
     if (soft_cap > 0.f) soft_cap_inplace(l, n, soft_cap);
     const float new_max = std::max(running_max[j], max_of(l, n));
@@ -140,7 +166,20 @@ PAGEDLM_ALWAYS_INLINE void attend_rows(const float* q, float soft_cap, const T* 
     running_max[j] = new_max;
     running_sum[j] += exp_sum(l, n, new_max);
   }
-  pv_block<NG>(logits, stride, v, n, D, acc);
+  for_each_head_chunk(count, [&](auto ng, int first) {
+    pv_block<ng()>(logits + first * stride, stride, v, n, D, acc + first * D);
+  });
+}
+
+// f(D) with the head size as a compile-time constant where it is a common one, so that the
+// microkernels' loops over it unroll.
+template <typename F>
+inline void with_head_size(int D, const F& f) {
+  switch (D) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(D);
+  }
 }
 
 // Attention over long contexts runs in partitions of the key positions [k * kPartitionSize,

@@ -71,10 +71,11 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
     const int part_lo = p.first_key(first_pos) / kPartitionSize, part_hi = last_pos / kPartitionSize;
     const int64_t state_size = int64_t{M} * (D + 2);
     thread_local std::vector<float> scratch;
-    scratch.resize(M * D + kMaxHeadChunk * bs + D + (part_hi - part_lo + 1) * state_size);
+    scratch.resize(M * D + M * bs + 2 * bs * D + D + (part_hi - part_lo + 1) * state_size);
     float* q = scratch.data();
-    float* logits = q + M * D;  // [kMaxHeadChunk, bs]
-    float* merged = logits + kMaxHeadChunk * bs;  // [D]
+    float* logits = q + M * D;  // [M, bs]
+    float* kv_rows = logits + M * bs;  // a run's K and V rows in fp32
+    float* merged = kv_rows + 2 * bs * D;  // [D]
     float* states = merged + D;
 
     const int64_t token0 = starts[tile.seq] + tile.row0;
@@ -91,19 +92,18 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
       std::fill(row_max, row_max + M, -std::numeric_limits<float>::infinity());
       std::fill(row_sum, row_sum + M, 0.f);
 
-      // Query vectors [m0, m0 + count) over the first n rows of a K/V block.
-      auto attend = [&](const C* k, const C* v, int m0, int count, int n) {
-        for_each_head_chunk(count, [&](auto ng, int first) {
-          const int m = m0 + first;
-          attend_rows<ng()>(q + m * D, p.soft_cap, k, v, n, D, logits, bs, row_max + m, row_sum + m, acc + m * D);
+      // Query vectors [m0, m0 + count) over the first n rows of a run.
+      auto attend = [&](const float* k, const float* v, int m0, int count, int n) {
+        with_head_size(D, [&](auto d) {
+          attend_rows(q + m0 * D, count, p.soft_cap, k, v, n, d, logits, bs, row_max + m0, row_sum + m0, acc + m0 * D);
         });
       };
       const int begin = std::max(part * kPartitionSize, p.first_key(first_pos));
       const int end = std::min((part + 1) * kPartitionSize, last_pos + 1);
       for_each_run(p.kv, p.block_table(tile.seq), tile.kv_head, tile.kv_head + 1, begin, end, {p.kv.key, p.kv.value},
                    [&](int64_t row, int kb, int n, int) {
-        const C* k = p.kv.key + row;
-        const C* v = p.kv.value + row;
+        const float* k = fp32_rows(p.kv.key + row, int64_t{n} * D, kv_rows);
+        const float* v = fp32_rows(p.kv.value + row, int64_t{n} * D, kv_rows + bs * D);
         // Rows [r_full, r_end) see all n keys of this run; the others only a part: the causal
         // diagonal cuts the run's end for earlier rows, the window's start cuts its beginning for
         // later ones.

@@ -128,6 +128,19 @@ inline void store_fp32(T* p, fVec v, int n) {
   std::copy(buf, buf + n, p);
 }
 
+// n elements of rows in fp32: rows itself where T is float, else converted (exactly) into scratch.
+template <typename T>
+inline const float* fp32_rows(const T* rows, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows;
+  } else {
+    int64_t i = 0;
+    for (; i + kVecLen <= n; i += kVecLen) load_fp32(rows + i).store(scratch + i);
+    if (i < n) load_fp32(rows + i, n - i).store(scratch + i, n - i);
+    return scratch;
+  }
+}
+
 // v rounded to T and back: what storing an intermediate result in T (as eager torch does) keeps.
 template <typename T>
 inline fVec round_to(fVec v) {
