@@ -151,8 +151,8 @@ PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int 
 // unnormalised output acc [count, D] to the new max and adds the rows. With soft_cap > 0 the scaled
 // logits are capped first. logits: [count, stride] scratch.
 template <typename Dim>
-void attend_rows(const float* q, int count, float soft_cap, const float* k, const float* v, int n, Dim D,
-                        float* logits, int stride, float* running_max, float* running_sum, float* acc) {
+void attend_rows(const float* q, int count, float soft_cap, const float* k, const float* v, int n, Dim D, float* logits,
+                 int stride, float* running_max, float* running_sum, float* acc) {
   qk_tile(q, count, k, n, D, logits, stride);
   for (int j = 0; j < count; ++j) {
     float* l = logits + j * stride;
