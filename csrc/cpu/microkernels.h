@@ -1,6 +1,6 @@
 #pragma once
-// Register-blocked Q·K and P·V over the rows of one run of cached keys, for several query vectors at
-// once so each K/V row is loaded once per tile of vectors. The blocking keeps about eight independent
+// Register-blocked Q·K and P·V over the rows of one run of cached keys, for any number of query vectors
+// at once, so each run's K/V rows are converted to fp32 once for all of them. The blocking keeps about eight independent
 // FMA chains in flight, which is what hides the FMA latency. Decode and prefill both walk the cache
 // run by run with attend_rows, on K and V rows already in fp32 (fp32_rows).
 
@@ -13,7 +13,7 @@
 
 namespace pagedlm::cpu {
 
-// Largest number of query vectors handled together by pv_block; more would spill the accumulators.
+// Largest number of query vectors handled together; more would spill the accumulators.
 constexpr int kMaxHeadChunk = 4;
 
 // Calls f(std::integral_constant<int, NG>, first) for chunks of at most kMaxHeadChunk of [0, count).
@@ -29,16 +29,19 @@ inline void for_each_head_chunk(int count, const F& f) {
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+// Where ATen's vec_reduce_all has its AVX2 specialisation (its guard: GCC, not clang): hsum8.
+#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__) && (__GNUC__ > 5)
+#define PAGEDLM_HSUM8
 // hsum(a[0]) .. hsum(a[7]) in one transposing reduction, returned in the order
-// [0, 2, 4, 6, 1, 3, 5, 7]. Each sum is added as ATen's AVX2 vec_reduce_all adds (lanes four apart,
-// then two apart, then adjacent), so it is the same bits as hsum.
+// [0, 2, 4, 6, 1, 3, 5, 7]. Each sum is added as that specialisation adds (lanes four apart, then two
+// apart, then adjacent), so it is the same bits as hsum.
 PAGEDLM_ALWAYS_INLINE __m256 hsum8(const __m256 (&a)[8]) {
   __m256 c[4];  // 128-bit lane h of c[i]: b(2i + h)[t] = a[2i + h][t] + a[2i + h][t + 4]
   for (int i = 0; i < 4; ++i)
     c[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
                          _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
-  __m256 s[2];  // lane h of s[i]: [b_x[0] + b_x[2], b_x[1] + b_x[3], b_y[0] + b_y[2], b_y[1] + b_y[3]]
+  // lane h of s[i], with x = 4i + h, y = 4i + 2 + h: [b(x)[0] + b(x)[2], b(x)[1] + b(x)[3], b(y)[0] + b(y)[2], ...]
+  __m256 s[2];
   for (int i = 0; i < 2; ++i)
     s[i] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm256_shuffle_ps(c[2 * i], c[2 * i + 1], 0xee));
   return _mm256_hadd_ps(s[0], s[1]);
@@ -67,7 +70,7 @@ inline void store_sums(const fVec (&acc)[NG][R], float* logits, int stride) {
     return;
   }
 #endif
-#if defined(CPU_CAPABILITY_AVX2)
+#ifdef PAGEDLM_HSUM8
   if constexpr (NG * R == 8) {
     __m256 a[8];
     for (int i = 0; i < 8; ++i) a[i] = acc[i / R][i % R];
@@ -107,8 +110,8 @@ PAGEDLM_ALWAYS_INLINE void qk_rows(const float* q, const T* k, int D, float* log
 // a logit's summation order then depends on the key's place in its run only, never on count or on
 // the vectors beside it, so a position gets the same logits in any prefill tile and in decode (batch
 // invariance).
-template <typename Dim>
-PAGEDLM_ALWAYS_INLINE void qk_tile(const float* q, int count, const float* k, int n, Dim D, float* logits, int stride) {
+template <typename T, typename Dim>
+PAGEDLM_ALWAYS_INLINE void qk_tile(const float* q, int count, const T* k, int n, Dim D, float* logits, int stride) {
   for (int m = 0; m < count; ++m) {
     int r = 0;
     for (; r + 8 <= n; r += 8) qk_rows<1, 8>(q + m * D, k + r * D, D, logits + m * stride + r, 0);
@@ -147,11 +150,12 @@ PAGEDLM_ALWAYS_INLINE void pv_block(const float* p, int stride, const T* v, int 
 }
 
 // One step of the online softmax (flash attention) for count query vectors (q: [count, D], fp32,
-// pre-scaled) over n consecutive K/V rows (fp32): rescales each vector's running max, exp-sum and
-// unnormalised output acc [count, D] to the new max and adds the rows. With soft_cap > 0 the scaled
-// logits are capped first. logits: [count, stride] scratch.
-template <typename Dim>
-void attend_rows(const float* q, int count, float soft_cap, const float* k, const float* v, int n, Dim D, float* logits,
+// pre-scaled) over n consecutive K/V rows (fp32, or converted as they are read; see fp32_rows):
+// rescales each vector's running max, exp-sum and unnormalised output acc [count, D] to the new max
+// and adds the rows. With soft_cap > 0 the scaled logits are capped first. logits: [count, stride]
+// scratch.
+template <typename T, typename Dim>
+void attend_rows(const float* q, int count, float soft_cap, const T* k, const T* v, int n, Dim D, float* logits,
                  int stride, float* running_max, float* running_sum, float* acc) {
   qk_tile(q, count, k, n, D, logits, stride);
   for (int j = 0; j < count; ++j) {
