@@ -130,28 +130,22 @@ def test_linear_rows_equal_at_every_row_count():
 
 
 READ_AHEAD_OF_A_DROPPED_WEIGHT = """
-import gc, sys, time, torch
+import gc, time, torch
 torch.set_num_threads(2)
 from pagedlm import ops
-def weight(out_features, in_features):
-    w = torch.randn(out_features, in_features).to(torch.bfloat16)
-    return torch.ops.mkldnn._reorder_linear_weight(w, 64) if sys.argv[1] == "blocked" else ops.amx_pack_weight(w)
-def linear(out, x, w):
-    if sys.argv[1] == "blocked":
-        ops.bf16_blocked_linear(out, x, w, None, [4096])
-    else:
-        ops.bf16_fma_linear(out, x, w, None)
+def blocked(out_features, in_features):
+    return torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, in_features).to(torch.bfloat16), 64)
 x = torch.randn(1, 4096).to(torch.bfloat16)
-a, b = weight(256, 4096), weight(8192, 4096)  # b: 64 MiB, its own mapping, unmapped when freed
+a, b = blocked(256, 4096), blocked(8192, 4096)  # b: 64 MiB, its own mapping, unmapped when freed
 out_a, out_b = torch.empty(1, 256, dtype=torch.bfloat16), torch.empty(1, 8192, dtype=torch.bfloat16)
 for _ in range(3):  # the kernels learn that b follows a
-    linear(out_a, x, a)
-    linear(out_b, x, b)
+    ops.bf16_blocked_linear(out_a, x, a, None, [4096])
+    ops.bf16_blocked_linear(out_b, x, b, None, [4096])
 first = out_a.clone()
 del b
 gc.collect()
 for _ in range(200):  # each call asks the idle worker to read ahead what followed a last time
-    linear(out_a, x, a)
+    ops.bf16_blocked_linear(out_a, x, a, None, [4096])
     end = time.perf_counter() + 2e-4
     while time.perf_counter() < end:
         pass
@@ -160,17 +154,13 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "fma"])
-def test_read_ahead_never_reads_a_dropped_weight(kernel):
+@needs_onednn_bf16
+def test_read_ahead_never_reads_a_dropped_weight():
     # The pool's idle workers read ahead the weight that followed this one last time; once that
     # weight is gone they must not read its (unmapped) memory. A fresh interpreter: a crash fails here.
-    if kernel == "blocked":
-        x, weight = operands(1, 64, 32)
-        kernel_or_skip(torch.empty(1, 64, dtype=torch.bfloat16), x, weight, None, [32])
-    else:
-        packed_ops_or_skip("fma")
-    result = subprocess.run([sys.executable, "-c", READ_AHEAD_OF_A_DROPPED_WEIGHT, kernel], capture_output=True,
-                            text=True)
+    x, weight = operands(1, 64, 32)
+    kernel_or_skip(torch.empty(1, 64, dtype=torch.bfloat16), x, weight, None, [32])
+    result = subprocess.run([sys.executable, "-c", READ_AHEAD_OF_A_DROPPED_WEIGHT], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 

@@ -18,7 +18,6 @@
 #include "ops.h"
 #include "packed_linear.h"
 #include "parallel.h"
-#include "weight_read_ahead.h"
 
 #include <algorithm>
 #include <optional>
@@ -204,9 +203,6 @@ void run_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
                     std::optional<Activation> act, const char* op) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (input.size(0) == 0 || out.size(1) == 0) return;
-  // A decode step's weights come from memory, and its rows are too few to hide that: the idle workers
-  // read the front of the next weight meanwhile.
-  read_next_weights_while_idle(weight, weight.const_data_ptr(), weight.nbytes(), 1);
   fma_linear_kernel(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AVX2 and FMA (this build has neither)");

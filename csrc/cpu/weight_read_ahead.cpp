@@ -71,7 +71,7 @@ void read_next_weights_while_idle(const at::Tensor& weight, const void* data, in
     if (n.weight._unsafe_get_target() == key) break;
     auto alive = n.weight.lock();
     at::Tensor alias = alive ? alias_of(alive) : at::Tensor();
-    if (!alias.defined() || (alias.is_mkldnn() ? mkldnn_data(alias) : alias.const_data_ptr()) != n.data) {
+    if (!alias.defined() || mkldnn_data(alias) != n.data) {
       next_of.erase(it);
       break;
     }

@@ -6,7 +6,7 @@
 
 namespace pagedlm::cpu {
 
-// Called by a linear kernel as it starts on `weight` (an MKLDNN tensor or a dense one) whose bytes are
+// Called by a linear kernel as it starts on `weight`, an MKLDNN tensor whose bytes are
 // [data, data + bytes), read as `parts` equal runs in step: learns which weight follows which (a
 // model runs its linears in the same order every step) and asks the pool's idle workers to read the
 // front of the weights that followed this one last time (read_while_idle), up to kReadAheadBytes.
