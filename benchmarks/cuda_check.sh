@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is for, in one call: build the CUDA extension, run the CUDA tests, time
-# the decode kernel and the end-to-end throughput against Hugging Face on the same card.
+# the decode kernel and the end-to-end throughput against Hugging Face on the same card (and against
+# pagedlm with batch_invariant=False: what batch invariance costs there).
 #
 #   bash benchmarks/cuda_check.sh [build] [test] [kernels] [throughput]   (default: all four)
 #
@@ -40,7 +41,8 @@ for stage in "${stages[@]}"; do
         run build "$python" setup.py build_ext --inplace || exit 1
       ;;
     test)
-      run test "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_parity.py
+      run test "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_parity.py \
+        tests/test_batch_invariance.py tests/test_linear.py tests/test_llm_api.py
       ;;
     kernels)
       run kernels "$python" benchmarks/kernel_bench.py --device cuda --dtypes bf16,fp16,fp32 --iters 50
@@ -64,7 +66,7 @@ EOF
       fi
       for dtype in ${DTYPES:-bfloat16 float32}; do
         run "throughput_$dtype" "$python" benchmarks/throughput.py --device cuda --dtype "$dtype" \
-          --model "$MODEL" --dataset "$DATASET" --systems pagedlm,hf-static,hf-cb,hf-single \
+          --model "$MODEL" --dataset "$DATASET" --systems pagedlm,pagedlm-batch-variant,hf-static,hf-cb,hf-single \
           --hf-single-requests "${HF_SINGLE_REQUESTS:-8}" --hf-requests "${HF_REQUESTS:-256}" \
           --hf-batch-sizes "${HF_BATCH_SIZES:-64,256}"
       done

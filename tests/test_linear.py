@@ -20,7 +20,8 @@ import torch
 from pagedlm import ops
 from pagedlm.model_executor.layers import linear, onednn_order
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
-from pagedlm.model_executor.layers.linear import GateUpLinear, Linear
+from conftest import HAS_CUDA_KERNELS
+from pagedlm.model_executor.layers.linear import INVARIANT_ROWS, GateUpLinear, Linear, fixed_shape_linear
 from pagedlm.ops import reference
 
 pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
@@ -127,6 +128,42 @@ def test_linear_rows_equal_at_every_row_count():
             assert torch.equal(layer(x[:count]), full[:count]), count
         if layer.k_chunk_ends is not None:  # a prefill's rows: oneDNN's bits, as transformers' F.linear gets
             assert torch.equal(full, onednn_order.onednn_linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_fixed_shape_linear_computes_the_product(with_bias):
+    """Its chunking and padding (on CPU: on CUDA the products' bits are what it is for)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2 * INVARIANT_ROWS + 3, 40, generator=gen, dtype=torch.float64)
+    weight = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    bias = torch.randn(24, generator=gen, dtype=torch.float64) if with_bias else None
+    for m in (0, 1, 5, INVARIANT_ROWS, INVARIANT_ROWS + 1, 2 * INVARIANT_ROWS + 3):
+        out = fixed_shape_linear(x[:m], weight, bias)
+        assert out.shape == (m, 24) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x[:m], weight, bias), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("out_features,in_features", [(1536, 576), (4096, 4096), (151936, 896)])
+def test_cuda_linear_rows_do_not_depend_on_the_row_count(dtype, out_features, in_features):
+    """On CUDA ``Linear`` (batch-invariant by default) gives each row the same bits at any row count,
+    where one cuBLAS product per call need not."""
+    gen = torch.Generator().manual_seed(out_features)
+    layer = Linear(in_features, out_features, bias=True)
+    layer.weight = torch.nn.Parameter(torch.randn(out_features, in_features, generator=gen) * in_features**-0.5)
+    layer.bias = torch.nn.Parameter(torch.randn(out_features, generator=gen))
+    layer = layer.to("cuda", dtype)
+    layer.process_weights_after_loading()
+    x = torch.randn(700, in_features, generator=gen).to("cuda", dtype)
+    picked = list(range(0, 700, 37))
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1]) for i in picked])
+        for count in (1, 2, 3, 8, 64, 127, 128, 129, 256, 300, 700):
+            rows = [j for j, i in enumerate(picked) if i < count]
+            out = layer(x[:count])
+            assert torch.equal(out[[picked[j] for j in rows]], alone[rows]), count
 
 
 READ_AHEAD_OF_A_DROPPED_WEIGHT = """

@@ -14,17 +14,11 @@ import sys
 import pytest
 import torch
 
+from conftest import CUDA, HAS_CUDA_KERNELS
 from pagedlm.ops import reference
 
 pytest.importorskip("pagedlm._C", reason="pagedlm._C is not built; run `pip install --no-build-isolation -e .`")
 
-HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "pagedlm::paged_attention", "CUDA"
-)
-CUDA = pytest.param(
-    "cuda",
-    marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")],
-)
 DEVICES = ["cpu", CUDA]
 # Relative error bounds: fp32 is limited by summation order (and the ~1e-6 exp approximation),
 # bf16/fp16 by rounding the output.

@@ -62,6 +62,18 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
           static_cast<float>(soft_cap)};
 }
 
+// The block table's width bounds every context, so grids are sized without reading seq_lens.
+int max_context(const at::Tensor& block_tables, const AttentionParams& p) {
+  return static_cast<int>(std::min<int64_t>(block_tables.size(1) * p.block_size, INT32_MAX));
+}
+
+// Undefined where one partition needs none.
+at::Tensor attention_workspace(const at::Tensor& query, const AttentionParams& p, int rows, int partitions) {
+  if (partitions == 1) return {};
+  return at::empty({attention_workspace_floats(rows, p.num_heads, p.head_size, partitions)},
+                   query.options().dtype(at::kFloat));
+}
+
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale, int64_t sliding_window, double logits_soft_cap, double k_scale,
@@ -70,15 +82,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                                              k_scale, v_scale, sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
-  // The block table width bounds every context, so the grid is sized without reading seq_lens.
-  const int partitions = decode_partitions(block_tables.size(1) * p.block_size);
-  at::Tensor workspace;
-  if (partitions > 1) {
-    workspace = at::empty({decode_workspace_floats(p.num_seqs, p.num_heads, p.head_size, partitions)},
-                          query.options().dtype(at::kFloat));
-  }
+  const int partitions = attention_partitions(max_context(block_tables, p));
+  const at::Tensor workspace = attention_workspace(query, p, p.num_seqs, partitions);
   C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), dtype_of(key_cache), partitions,
-                                        partitions > 1 ? workspace.data_ptr<float>() : nullptr,
+                                        workspace.defined() ? workspace.data_ptr<float>() : nullptr,
                                         c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -92,8 +99,14 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
   const c10::cuda::CUDAGuard guard(query.device());
-  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), dtype_of(key_cache), cu_seqlens_q.data_ptr<int32_t>(),
-                                                static_cast<int>(query.size(0)), c10::cuda::getCurrentCUDAStream()));
+  const int num_tokens = static_cast<int>(query.size(0));
+  const int partitions = attention_partitions(max_context(block_tables, p));
+  const int rows_per_launch = prefill_rows_per_launch(p.num_heads, p.head_size, partitions);
+  const at::Tensor workspace = attention_workspace(query, p, std::min(num_tokens, rows_per_launch), partitions);
+  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), dtype_of(key_cache),
+                                                cu_seqlens_q.data_ptr<int32_t>(), num_tokens, partitions,
+                                                workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                                rows_per_launch, c10::cuda::getCurrentCUDAStream()));
 }
 
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,

@@ -43,17 +43,24 @@ inline int first_key(const AttentionParams& p, int pos) {
   return p.sliding_window > 0 ? (pos - p.sliding_window + 1 > 0 ? pos - p.sliding_window + 1 : 0) : 0;
 }
 
-// Number of partitions decode splits a context of up to max_context tokens into; above 1 the
-// launcher needs decode_workspace_floats(...) floats of workspace.
-int decode_partitions(int max_context);
-int64_t decode_workspace_floats(int num_seqs, int num_heads, int head_size, int partitions);
+// Attention (paged_attention.cu): decode takes one query row per sequence, prefill the query
+// tokens of the sequences cu_seqlens_q delimits; both run one kernel, so a position's output has
+// the same bits from either. A launch covering contexts of up to max_context tokens splits them
+// into attention_partitions(max_context) partitions; above 1 it needs a workspace of
+// attention_workspace_floats(rows, ...) floats, rows being num_seqs for decode and
+// min(num_tokens, rows_per_launch) for prefill, which launches rows_per_launch rows at a time
+// (prefill_rows_per_launch bounds its workspace).
+int attention_partitions(int max_context);
+int64_t attention_workspace_floats(int rows, int num_heads, int head_size, int partitions);
+int prefill_rows_per_launch(int num_heads, int head_size, int partitions);
 
 // dtype: the queries' and outputs'; cache_dtype: the KV cache's, dtype itself or an fp8 format.
 cudaError_t launch_paged_attention(const AttentionParams& p, DType dtype, DType cache_dtype, int partitions,
                                    float* workspace, cudaStream_t stream);
 
 cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype, DType cache_dtype,
-                                           const int32_t* cu_seqlens_q, int num_tokens, cudaStream_t stream);
+                                           const int32_t* cu_seqlens_q, int num_tokens, int partitions,
+                                           float* workspace, int rows_per_launch, cudaStream_t stream);
 
 // Writes key/value rows [num_tokens, num_kv_heads, head_size] of `dtype` into the caches at
 // slot_mapping: copied when cache_dtype is dtype; for fp8, x * inv_k_scale (keys) or x * inv_v_scale

@@ -103,6 +103,13 @@ class LLM:
         gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
             may fill up to, counting what is already in use (default 0.9); not on CPU.
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
+        batch_invariant: (None: True) a request's tokens and log-probabilities are the same bits
+            whatever else is in the batch, the step's token budget, prefix-cache hits or
+            preemption (vLLM's opt-in ``VLLM_BATCH_INVARIANT``, here the default). On CPU it
+            costs nothing measurable and cannot be turned off. On CUDA False lets cuBLAS take each
+            linear's rows in one product (True runs them in products of a fixed shape,
+            ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
+            (docs/architecture.md).
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours (see
             ``VLLM_NO_OP_ARGS``): ``enforce_eager`` (pagedlm always runs eagerly),
             ``disable_log_stats=True``, ``quantization=None``, ``revision``,
@@ -141,6 +148,7 @@ class LLM:
         chat_template: str | os.PathLike | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
+        batch_invariant: bool | None = None,
         **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
@@ -672,7 +680,7 @@ def _engine_configs(
     *, model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
-    chat_template, gpu_memory_utilization, tensor_parallel_size, vllm_kwargs,
+    chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, vllm_kwargs,
 ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
     """``LLM``'s arguments as the engine's configs, each checked; None stands for the default."""
     for name, value in vllm_kwargs.items():
@@ -687,7 +695,7 @@ def _engine_configs(
     model_config = ModelConfig.create(
         resolve_model(model), dtype, max_model_len, device, generation_config, seed,
         None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
-        override_generation_config, hf_overrides, max_logprobs,
+        override_generation_config, hf_overrides, max_logprobs, batch_invariant,
     )
     try:
         SamplingParams(**model_config.get_diff_sampling_param())

@@ -29,7 +29,7 @@ def get_model(model_config: ModelConfig) -> nn.Module:
     load_weights(model, model_config.model)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.process_weights_after_loading()
+            module.process_weights_after_loading(model_config.batch_invariant)
     return model.eval()
 
 

@@ -10,9 +10,34 @@ from pagedlm import ops
 from pagedlm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.model_executor.layers.onednn_order import onednn_linear, streamed_chunk_ends
+from pagedlm.ops.fixed_rows import call_in_fixed_row_chunks
 
 # oneDNN picks its blocked weight layout for an expected number of rows; any row count works with it.
 _REORDER_ROWS_HINT = 64
+
+# Rows per cuBLAS product on CUDA with batch_invariant (ops/fixed_rows.py). 128: a bf16 product of
+# 128 rows takes about as long as reading the weight on an H100/H200, whose bf16 FLOP-to-byte
+# ridge is near 300 rows.
+INVARIANT_ROWS = 128
+
+
+def fixed_shape_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` as products of exactly ``INVARIANT_ROWS`` rows each, so that a row's
+    result does not depend on how many rows came with it (``call_in_fixed_row_chunks``).
+
+    x ``[m, in]``, weight ``[out, in]``, bias ``[out]`` or None, all of one dtype and device;
+    returns ``[m, out]``.
+    """
+
+    def product(out: torch.Tensor, rows: torch.Tensor) -> None:
+        if bias is None:
+            torch.mm(rows, weight.t(), out=out)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=out)
+
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    call_in_fixed_row_chunks(product, INVARIANT_ROWS, (out, x), written=(0,))
+    return out
 
 
 def _packed_kernel_runs(op) -> bool:
@@ -68,6 +93,9 @@ class Linear(DirectCall, nn.Linear):
       row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row sums independent of the row count),
       5-7x torch's bf16 matmul there (docs/performance.md).
 
+    On CUDA the weight stays as loaded; with ``batch_invariant`` (the default) every call runs
+    ``fixed_shape_linear``, else one ``F.linear``.
+
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
@@ -76,13 +104,17 @@ class Linear(DirectCall, nn.Linear):
     blocked_layout = False
     # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
     k_chunk_ends: list[int] | None = None
+    # Products of INVARIANT_ROWS rows (CUDA with batch_invariant).
+    fixed_shape = False
 
-    def process_weights_after_loading(self) -> None:
+    def process_weights_after_loading(self, batch_invariant: bool = True) -> None:
         if self.bias is not None:
             # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
             self.bias.requires_grad_(False)
         bf16_cpu = self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
-        if bf16_cpu and amx_linear_available():
+        if self.weight.device.type == "cuda":
+            self.fixed_shape = batch_invariant
+        elif bf16_cpu and amx_linear_available():
             self._pack("amx")
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
@@ -102,10 +134,12 @@ class Linear(DirectCall, nn.Linear):
         return x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.blocked_layout or self.packed_linear):
+        if not (self.blocked_layout or self.packed_linear or self.fixed_shape):
             return F.linear(x, self.weight, self.bias)
         rows = self._rows(x)
-        if self.packed_linear:
+        if self.fixed_shape:
+            out = fixed_shape_linear(rows, self.weight, self.bias)
+        elif self.packed_linear:
             out = rows.new_empty(rows.shape[0], self.out_features)
             self.packed_linear(out, rows, self.weight, self.bias)
         elif self.k_chunk_ends is not None:
@@ -142,8 +176,8 @@ class GateUpLinear(Linear):
         super().__init__(in_features, 2 * d, bias=bias)
         self.act_fn = act_fn
 
-    def process_weights_after_loading(self) -> None:
-        super().process_weights_after_loading()
+    def process_weights_after_loading(self, batch_invariant: bool = True) -> None:
+        super().process_weights_after_loading(batch_invariant)
         self.blocked_act_and_mul = self.k_chunk_ends is not None and self.out_features % 128 == 0
 
     def _pack(self, kernel: str) -> None:
