@@ -1,12 +1,14 @@
-"""``call_in_fixed_row_chunks``, which CUDA runs the linears (batch_invariant), ``top_logprobs`` and
-``sample`` through: on CPU, that the chunks, the padding and the written arguments give the results
-of one call (on CUDA the point is the bits; the ``cuda``-marked tests check those)."""
+"""What CUDA runs for batch invariance, checked on CPU for its arithmetic (on CUDA the point is the
+bits; the ``cuda``-marked tests check those): ``call_in_fixed_row_chunks`` (the linears with
+``batch_invariant``, and ``sample``) and ``top_logprobs`` and ``sample`` with ``argmax_logprob``'s
+log-sum (``pagedlm/ops/sampling.py``)."""
 
 import pytest
 import torch
 
-from pagedlm.ops import reference
-from pagedlm.ops.fixed_rows import call_in_fixed_row_chunks, in_fixed_row_chunks
+from pagedlm import ops
+from pagedlm.ops import reference, sampling
+from pagedlm.ops.fixed_rows import call_in_fixed_row_chunks
 
 
 @pytest.mark.parametrize("m", [0, 1, 3, 4, 9])
@@ -28,24 +30,50 @@ def test_chunks_write_every_row_and_only_the_written_args(m):
         assert torch.equal(calls[-1][m % 4:], x[-1:].expand(4 - m % 4, 3))  # padded with the last row
 
 
-def test_sampler_ops_in_chunks_equal_one_call():
-    """The written-argument lists ops/__init__.py registers for CUDA."""
-    from pagedlm.ops import _ROW_REDUCING_WRITES
+def _logits(n: int, vocab: int) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(n)) * 3
 
-    gen = torch.Generator().manual_seed(3)
-    n, vocab, k = 11, 500, 3
-    logits = torch.randn(n, vocab, generator=gen) * 3
-    sample_args = lambda: (logits, torch.rand(n, generator=gen) + 0.2, torch.randint(1, 600, (n,), generator=gen),  # noqa: E731
-                           torch.rand(n, generator=gen) * 0.5 + 0.5, torch.rand(n, generator=gen) * 0.1,
-                           torch.rand(n, generator=gen), torch.empty(n, dtype=torch.int64), torch.empty(n))
-    top_args = lambda: (logits, torch.randint(0, vocab, (n,), generator=gen), torch.empty(n),  # noqa: E731
-                        torch.empty(n, dtype=torch.int64), torch.empty(n, k), torch.empty(n, k, dtype=torch.int64))
-    for name, make in (("sample", sample_args), ("top_logprobs", top_args)):
-        gen.manual_seed(5)
-        whole = make()
-        getattr(reference, name)(*whole)
-        gen.manual_seed(5)
-        chunked = make()
-        in_fixed_row_chunks(getattr(reference, name), 4, _ROW_REDUCING_WRITES[name])(*chunked)
-        for i in _ROW_REDUCING_WRITES[name]:
-            torch.testing.assert_close(chunked[i], whole[i], rtol=1e-6, atol=1e-6)
+
+def _formula(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The contract's ``(x[t] - max) + -log(sum(exp(x - max)))`` with the kernel's log-sum."""
+    argmax, neg_log_sum = torch.empty(len(ids), dtype=torch.int64), torch.empty(len(ids))
+    ops.argmax_logprob(logits, argmax, neg_log_sum)
+    return (logits.gather(1, ids[:, None])[:, 0] - logits.gather(1, argmax[:, None])[:, 0]) + neg_log_sum
+
+
+def test_top_logprobs_on_cuda_is_the_reference_with_the_kernels_log_sum():
+    n, vocab, k = 70, 501, 4  # 70 rows: more than one chunk of SAMPLER_ROWS; an odd vocabulary
+    logits = _logits(n, vocab)
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1))
+    got = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n, k), torch.empty(n, k, dtype=torch.int64))
+    want = tuple(torch.empty_like(t) for t in got)
+    sampling.top_logprobs_on_cuda(logits, ids, *got)
+    reference.top_logprobs(logits, ids, *want)
+    assert torch.equal(got[0], _formula(logits, ids))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, 501\)"):
+        sampling.top_logprobs_on_cuda(logits, ids + vocab, *got)
+
+
+def test_sample_on_cuda_picks_the_references_tokens_in_chunks():
+    n, vocab = 2 * sampling.SAMPLER_ROWS + 5, 300
+    gen = torch.Generator().manual_seed(4)
+    logits = _logits(n, vocab)
+    temperatures = torch.where(torch.arange(n) % 5 == 0, 0.0, torch.rand(n, generator=gen) + 0.3)
+    rest = (torch.randint(1, 400, (n,), generator=gen), torch.rand(n, generator=gen) * 0.5 + 0.5,
+            torch.rand(n, generator=gen) * 0.05, torch.rand(n, generator=gen))
+    got = (torch.empty(n, dtype=torch.int64), torch.empty(n))
+    want = (torch.empty(n, dtype=torch.int64), torch.empty(n))
+    sampling.sample_on_cuda(logits, temperatures, *rest, *got)
+    reference.sample(logits, temperatures, *rest, *want)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], _formula(logits, got[0]))
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_log_softmax_is_the_formula_for_every_token():
+    logits = _logits(5, 257)
+    ids = torch.arange(257).repeat(5, 1)
+    assert torch.equal(sampling.log_softmax(logits), torch.stack([_formula(logits, ids[:, t]) for t in range(257)], 1))
+    torch.testing.assert_close(sampling.log_softmax(logits), torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)

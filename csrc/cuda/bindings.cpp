@@ -62,9 +62,14 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
           static_cast<float>(soft_cap)};
 }
 
-// The block table's width bounds every context, so grids are sized without reading seq_lens.
-int max_context(const at::Tensor& block_tables, const AttentionParams& p) {
-  return static_cast<int>(std::min<int64_t>(block_tables.size(1) * p.block_size, INT32_MAX));
+// Partitions for the contexts a block table bounds (its width), so grids are sized without reading
+// seq_lens; the grid's z dimension holds at most 65,535.
+int partitions_for(const at::Tensor& block_tables, const AttentionParams& p) {
+  TORCH_CHECK(p.num_heads > 0 && p.num_kv_heads > 0, "attention needs at least one query and one KV head");
+  const int64_t max_context = block_tables.size(1) * static_cast<int64_t>(p.block_size);
+  TORCH_CHECK(max_context <= int64_t{65535} * kPartitionSize, "the CUDA attention kernels take contexts (block "
+              "table width x block_size) up to ", int64_t{65535} * kPartitionSize, " tokens, got ", max_context);
+  return attention_partitions(static_cast<int>(max_context));
 }
 
 // Undefined where one partition needs none.
@@ -82,7 +87,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                                              k_scale, v_scale, sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   const c10::cuda::CUDAGuard guard(query.device());
-  const int partitions = attention_partitions(max_context(block_tables, p));
+  TORCH_CHECK(p.num_seqs <= 65535, "the CUDA decode kernel takes up to 65535 sequences a call, got ", p.num_seqs);
+  const int partitions = partitions_for(block_tables, p);
   const at::Tensor workspace = attention_workspace(query, p, p.num_seqs, partitions);
   C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), dtype_of(key_cache), partitions,
                                         workspace.defined() ? workspace.data_ptr<float>() : nullptr,
@@ -100,7 +106,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");
   const c10::cuda::CUDAGuard guard(query.device());
   const int num_tokens = static_cast<int>(query.size(0));
-  const int partitions = attention_partitions(max_context(block_tables, p));
+  const int partitions = partitions_for(block_tables, p);
   const int rows_per_launch = prefill_rows_per_launch(p.num_heads, p.head_size, partitions);
   const at::Tensor workspace = attention_workspace(query, p, std::min(num_tokens, rows_per_launch), partitions);
   C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), dtype_of(key_cache),

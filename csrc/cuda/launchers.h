@@ -13,6 +13,8 @@ enum class DType { kFloat, kHalf, kBFloat16, kFp8E4M3, kFp8E5M2 };
 
 // Kernels keep up to kMaxHeadSize / 32 values per lane in registers.
 constexpr int kMaxHeadSize = 256;
+// Attention takes a context in partitions of this many keys, each one block of a launch's z dimension.
+constexpr int kPartitionSize = 512;
 
 struct AttentionParams {
   void* out;

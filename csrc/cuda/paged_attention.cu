@@ -21,7 +21,6 @@
 namespace pagedlm::cuda {
 namespace {
 
-constexpr int kPartitionSize = 512;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 // Query heads per block: their query vectors live in registers, kMaxGroup * 16 bytes' worth each.

@@ -171,8 +171,9 @@ and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` s
 for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
 "torch-reference" (the reference is registered for CUDA then, as it always is for the ops with
 no CUDA kernel: ``gather_rows``, ``scale``, ``soft_cap``, ``top_logprobs``, ``sample``,
-``apply_token_bitmask`` and the CPU-only bf16 linears; ``top_logprobs`` and ``sample`` run there
-in calls of ``SAMPLER_ROWS`` rows, so that a row's bits do not depend on the row count).
+``apply_token_bitmask`` and the CPU-only bf16 linears; with the CUDA kernels ``top_logprobs`` and
+``sample`` take ``argmax_logprob``'s log-sum there, and ``sample`` runs in calls of one row count,
+so that a row's bits do not depend on the batch: ``pagedlm/ops/sampling.py``).
 Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
 reference on every device. On a CPU with AMX, ``PAGEDLM_DISABLE_AMX=1`` keeps the AVX-512 kernels
 (``0``, the default, lets the linears and attention run on AMX tiles).
@@ -186,7 +187,7 @@ from types import SimpleNamespace
 import torch
 
 from pagedlm.ops import reference
-from pagedlm.ops.fixed_rows import in_fixed_row_chunks
+from pagedlm.ops import sampling
 
 _OP_NAMES = (
     "reshape_and_cache",
@@ -214,10 +215,6 @@ _OP_NAMES = (
     "bf16_fma_linear",
     "bf16_fma_linear_act_and_mul",
 )
-# Rows per call of top_logprobs and sample on CUDA (the reference's [rows, vocab] float tensors),
-# and the arguments each writes.
-SAMPLER_ROWS = 64
-_ROW_REDUCING_WRITES = {"top_logprobs": (2, 3, 4, 5), "sample": (6, 7)}
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
 
@@ -261,16 +258,13 @@ if EXTENSION_LOADED and torch.cuda.is_available():
             stacklevel=2,
         )
     # Ops without a CUDA kernel (all of them in a CPU-only build; always gather_rows, scale, soft_cap,
-    # top_logprobs, sample, apply_token_bitmask and the bf16 linears) run the reference there; the
-    # two that reduce over a row's vocabulary in calls of one shape, so that a row's result does not
-    # depend on the number of rows (fixed_rows.py).
+    # top_logprobs, sample, apply_token_bitmask and the bf16 linears) run the reference there, but
+    # with the CUDA kernels top_logprobs and sample take argmax_logprob's log-sum (sampling.py).
     _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
+    _on_cuda = {"top_logprobs": sampling.top_logprobs_on_cuda, "sample": sampling.sample_on_cuda} if _CUDA_KERNELS else {}
     for _name in _OP_NAMES:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pagedlm::{_name}", "CUDA"):
-            _op = getattr(reference, _name)
-            if _name in _ROW_REDUCING_WRITES:
-                _op = in_fixed_row_chunks(_op, SAMPLER_ROWS, _ROW_REDUCING_WRITES[_name])
-            _reference_on_cuda.impl(_name, _op, "CUDA")
+            _reference_on_cuda.impl(_name, _on_cuda.get(_name, getattr(reference, _name)), "CUDA")
 
 
 def backend_for(device: torch.device | str) -> str:

@@ -39,14 +39,3 @@ def call_in_fixed_row_chunks(op: Callable[..., object], rows: int, args: Sequenc
         op(*(buffer[lo:lo + rows] for buffer in fresh))
     for i in written:
         args[i].copy_(fresh[i][:m])
-
-
-def in_fixed_row_chunks(op: Callable[..., None], rows: int, written: Sequence[int]) -> Callable[..., None]:
-    """``op`` (an op whose arguments are all per-row tensors, ``written`` its outputs) run by
-    ``call_in_fixed_row_chunks``."""
-
-    def chunked(*args: torch.Tensor) -> None:
-        call_in_fixed_row_chunks(op, rows, args, written)
-
-    chunked.__name__ = op.__name__
-    return chunked

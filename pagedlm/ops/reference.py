@@ -263,11 +263,19 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
 
 def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
                  top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
-    if logits.shape[0] and not bool(((token_ids >= 0) & (token_ids < logits.shape[1])).all()):
-        raise ValueError(f"top_logprobs: token_ids must be in [0, {logits.shape[1]})")
     x = logits.float()
     top = x.max(dim=-1, keepdim=True).values
     neg_log_sum = -torch.log(torch.exp(x - top).sum(dim=-1, keepdim=True))
+    top_logprobs_from_log_sum(x, top, neg_log_sum, token_ids, logprobs, ranks, top_logprobs, top_ids)
+
+
+def top_logprobs_from_log_sum(x: torch.Tensor, top: torch.Tensor, neg_log_sum: torch.Tensor, token_ids: torch.Tensor,
+                              logprobs: torch.Tensor, ranks: torch.Tensor, top_logprobs: torch.Tensor,
+                              top_ids: torch.Tensor) -> None:
+    """``top_logprobs`` given float32 logits ``x`` and each row's maximum and ``-log(sum(exp(x - max)))``
+    (``[rows, 1]``)."""
+    if x.shape[0] and not bool(((token_ids >= 0) & (token_ids < x.shape[1])).all()):
+        raise ValueError(f"top_logprobs: token_ids must be in [0, {x.shape[1]})")
     # A row with a NaN or an infinite maximum has no softmax: NaN, rank 1, ids 0 .. k - 1.
     bad = ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))[:, 0]
     lp = ((x - top) + neg_log_sum).masked_fill(bad[:, None], 0.0)

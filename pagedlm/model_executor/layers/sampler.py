@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedlm import ops
 from pagedlm.model_executor.layers.direct_call import DirectCall
+from pagedlm.ops.sampling import log_softmax, max_and_neg_log_sum
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -123,8 +124,8 @@ class Sampler(DirectCall, nn.Module):
         elif meta.needs_processing:
             chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
-            beam_logprobs = torch.log_softmax(processed[meta.beam_rows].float(), dim=-1)
-            beam_raw_logprobs = torch.log_softmax(logits[meta.beam_rows].float(), dim=-1) if meta.needs_processing else beam_logprobs
+            beam_logprobs = log_softmax(processed[meta.beam_rows])
+            beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.needs_processing else beam_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
     def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
@@ -169,11 +170,8 @@ def _raw_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     the formula of the ``argmax_logprob`` and ``sample`` kernels, ``(x[t] - max) - log(sum(exp(x - max)))``,
     so a row's value (and its sequence's cumulative_logprob) is the same whichever path the rest of
     the batch sends it down."""
-    argmax = torch.empty_like(tokens)
-    neg_log_sum = torch.empty(tokens.shape[0], dtype=torch.float32, device=logits.device)
-    ops.argmax_logprob(logits, argmax, neg_log_sum)
-    picked = logits.gather(1, tokens[:, None]).squeeze(1).float()
-    return (picked - logits.gather(1, argmax[:, None]).squeeze(1).float()) + neg_log_sum
+    top, neg_log_sum = max_and_neg_log_sum(logits)
+    return ((logits.gather(1, tokens[:, None]).float() - top) + neg_log_sum)[:, 0]
 
 
 def rank_and_top_logprobs(

@@ -1,0 +1,56 @@
+"""Log-probabilities with the ``argmax_logprob`` kernel's log-sum, and ``top_logprobs`` and ``sample``
+as CUDA runs them.
+
+The sampling ops' contract (``pagedlm/ops/__init__.py``) gives a token's log-probability as
+``(x[t] - max) + -log(sum(exp(x - max)))``, one formula for the three ops, so a row gets the same
+bits whichever op the rest of the batch sends it through. On CUDA ``argmax_logprob`` is a kernel,
+whose log-sum is a block reduction of fixed shape per row, but ``top_logprobs`` and ``sample`` run
+the torch reference, whose sums torch launches by the number of rows and the rows' alignment. So on
+CUDA both take the log-sum from the kernel, and ``sample`` (whose top-p mass and inverse CDF are
+``cumsum``s over a row) runs in calls of ``SAMPLER_ROWS`` rows (``call_in_fixed_row_chunks``).
+"""
+
+import torch
+
+from pagedlm.ops import reference
+from pagedlm.ops.fixed_rows import call_in_fixed_row_chunks
+
+SAMPLER_ROWS = 64
+
+
+def max_and_neg_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum (as float32) and ``-log(sum(exp(x - max)))`` from ``ops.argmax_logprob``:
+    two float32 ``[rows, 1]``, from ``logits`` ``[rows, vocab]`` in any float dtype."""
+    from pagedlm import ops  # this module is imported while pagedlm.ops is
+
+    argmax = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    neg_log_sum = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    ops.argmax_logprob(logits, argmax, neg_log_sum)
+    return logits.gather(1, argmax[:, None]).float(), neg_log_sum[:, None]
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the rows of ``logits`` ``[rows, vocab]`` (any float dtype) in the ops'
+    formula; float32 ``[rows, vocab]``."""
+    top, neg_log_sum = max_and_neg_log_sum(logits)
+    return (logits.float() - top) + neg_log_sum
+
+
+def top_logprobs_on_cuda(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
+                         top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
+    """``top_logprobs`` (the reference, past its log-sum: max, gathers, comparisons and counts, exact
+    whatever the launch shape)."""
+    top, neg_log_sum = max_and_neg_log_sum(logits)
+    reference.top_logprobs_from_log_sum(logits.float(), top, neg_log_sum, token_ids, logprobs, ranks, top_logprobs,
+                                        top_ids)
+
+
+def sample_on_cuda(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+                   min_ps: torch.Tensor, uniforms: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """``sample``: the reference picks the tokens in calls of ``SAMPLER_ROWS`` rows; their
+    log-probabilities take the kernel's log-sum."""
+    call_in_fixed_row_chunks(reference.sample, SAMPLER_ROWS,
+                             (logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs),
+                             written=(6, 7))
+    top, neg_log_sum = max_and_neg_log_sum(logits)
+    logprobs.copy_(((logits.gather(1, token_ids[:, None]).float() - top) + neg_log_sum)[:, 0])
