@@ -119,7 +119,7 @@ def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
     from pagedlm import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device,
-              batch_invariant=False if args.system == "pagedlm-batch-variant" else None)
+              batch_invariant=args.system != "pagedlm-batch-variant")
     warm_up(llm, SamplingParams, work)
     phases = record_step_phases(llm.llm_engine)
     return Run(timed_generate(llm, SamplingParams, work), phases=phases)

@@ -64,7 +64,7 @@ class ModelConfig:
         seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
         chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
         hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
-        max_logprobs: int | None = None, batch_invariant: bool | None = None,
+        max_logprobs: int | None = None, batch_invariant: bool = True,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
@@ -104,12 +104,10 @@ class ModelConfig:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
-        if batch_invariant is None:
-            batch_invariant = True
-        elif not isinstance(batch_invariant, bool) or (dev.type != "cuda" and not batch_invariant):
+        if not isinstance(batch_invariant, bool) or (dev.type != "cuda" and not batch_invariant):
             raise ValueError(
-                f"batch_invariant must be None or True on {dev.type}, or False on CUDA only, got {batch_invariant!r}: "
-                "the CPU kernels are batch-invariant at no measured cost and have no other path.")
+                f"batch_invariant must be True on {dev.type} (False is for CUDA only), got {batch_invariant!r}: the CPU "
+                "kernels are batch-invariant at no measured cost and have no other path.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
                    load_chat_template(chat_template), override_generation_config, max_logprobs, batch_invariant)
 

@@ -1057,3 +1057,15 @@ def _is_partial_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def test_no_batch_invariant_is_refused_on_cpu_before_any_row_runs(tmp_path, llama_dir, capsys):
+    from pagedlm.entrypoints.cli import run_main
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 0, "prompt": "row"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit):
+        run_main(["--input", inp, "--output", str(out), "--model", llama_dir, "--device", "cpu",
+                  "--no-batch-invariant"])
+    assert "batch_invariant must be True on cpu (False is for CUDA only)" in capsys.readouterr().err
+    assert not out.exists()

@@ -820,11 +820,11 @@ def test_batch_invariant_false_on_cuda_runs_one_product_per_linear(llama_dir):
 
     prompts, params = ["a b c", "d e"], SamplingParams(temperature=0, max_tokens=4)
     outputs = []
-    for batch_invariant in (None, False):
+    for batch_invariant in (True, False):
         with LLM(llama_dir, dtype="float32", device="cuda", num_kv_blocks=64, batch_invariant=batch_invariant) as llm:
             model = llm.llm_engine.model_runner.model
             linears = [m for m in model.modules() if isinstance(m, Linear)]
-            assert linears and all(m.fixed_shape == (batch_invariant is None) for m in linears)
+            assert linears and all(m.fixed_shape == batch_invariant for m in linears)
             outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert all(len(ids) == 4 for ids in outputs[1])
 
@@ -857,8 +857,8 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=0.5, num_kv_blocks=8), "gpu_memory_utilization"),
     (dict(num_kv_blocks=8, kv_cache_memory_bytes=2**20), "num_kv_blocks and kv_cache_memory_bytes"),
-    (dict(batch_invariant="yes"), "batch_invariant must be None or True"),
-    (dict(device="cpu", batch_invariant=False), "batch_invariant must be None or True on cpu, or False on CUDA only"),
+    (dict(batch_invariant="yes"), "batch_invariant must be True"),
+    (dict(device="cpu", batch_invariant=False), r"batch_invariant must be True on cpu \(False is for CUDA only\)"),
 ])
 def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kwargs, field, monkeypatch):
     import pagedlm.engine.llm_engine as llm_engine

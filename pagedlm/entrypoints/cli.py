@@ -70,6 +70,9 @@ def run_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=None)
+    engine.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="--no-batch-invariant: on CUDA, one cuBLAS product per linear; rows then depend on "
+                             "the batch (CPU: refused)")
     engine.add_argument("--trust-remote-code", action="store_true", default=None)
     return parser
 
@@ -80,7 +83,7 @@ def run_main(argv: list[str]) -> int:
     sampling_fields = [field for _, field, _ in SAMPLING_FLAGS] + ["stop", "ignore_eos"]
     sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
     engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill",
-                                                         "calculate_kv_scales", "trust_remote_code"]
+                                                         "calculate_kv_scales", "batch_invariant", "trust_remote_code"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,

@@ -103,7 +103,7 @@ class LLM:
         gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
             may fill up to, counting what is already in use (default 0.9); not on CPU.
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
-        batch_invariant: (None: True) a request's tokens and log-probabilities are the same bits
+        batch_invariant: a request's tokens and log-probabilities are the same bits
             whatever else is in the batch, the step's token budget, prefix-cache hits or
             preemption (vLLM's opt-in ``VLLM_BATCH_INVARIANT``, here the default). On CPU it
             costs nothing measurable and cannot be turned off. On CUDA False lets cuBLAS take each
@@ -148,7 +148,7 @@ class LLM:
         chat_template: str | os.PathLike | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
-        batch_invariant: bool | None = None,
+        batch_invariant: bool = True,
         **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
