@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is for, in one call: build the CUDA extension, run the CUDA tests, time
 # the decode kernel and the end-to-end throughput against Hugging Face on the same card (and against
-# pagedlm with batch_invariant=False: what batch invariance costs there).
+# pagedlm with batch_invariant=False: what the fixed-shape linears of batch invariance cost there).
 #
 #   bash benchmarks/cuda_check.sh [build] [test] [kernels] [throughput]   (default: all four)
 #

@@ -351,7 +351,7 @@ def with_subsample_note(result: Result, total: int) -> Result:
 
 def print_table(results: list[Result], peak: float) -> None:
     base = next((r for r in results if r.system == "pagedlm"), None)
-    header = (f"{'system':<14} {'reqs':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'wall s':>8} "
+    header = (f"{'system':<21} {'reqs':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'wall s':>8} "
               f"{'peak RSS':>9} {'GFLOP/s':>8} {'% peak':>7} {'pagedlm x':>10} {'others':>7}")
     print(header)
     print("-" * len(header))
@@ -359,7 +359,7 @@ def print_table(results: list[Result], peak: float) -> None:
         out_tps = r.output_tokens / r.wall
         ratio = f"{base.output_tokens / base.wall / out_tps:9.2f}x" if base else f"{'-':>10}"
         print(
-            f"{r.system:<14} {r.requests:>5} {r.requests / r.wall:7.2f} {out_tps:10.1f} "
+            f"{r.system:<21} {r.requests:>5} {r.requests / r.wall:7.2f} {out_tps:10.1f} "
             f"{(r.prompt_tokens + r.output_tokens) / r.wall:10.1f} {r.wall:8.1f} {r.peak_rss / 2**30:7.2f} G "
             f"{r.flops / r.wall / 1e9:8.1f} {100 * r.flops / r.wall / peak:6.1f}% {ratio} {r.others:7.2f}"
         )

@@ -8,7 +8,7 @@ and a short warm-up, checks every output length, and prints one line ``RESULT {"
 llama.cpp and vLLM systems run in their own venvs (vLLM spawns processes, hence the ``__main__`` guard).
 
   pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
-  pagedlm-batch-variant  the same with ``batch_invariant=False`` (CUDA only: the cost of batch invariance)
+  pagedlm-batch-variant  the same with ``batch_invariant=False`` (CUDA only: what the fixed-shape linears cost)
   hf-single  transformers ``generate`` one request at a time (``min_new_tokens == max_new_tokens``)
   hf-static  transformers ``generate`` on left-padded batches of ``--batch-size`` in request order
   hf-cb      transformers continuous batching: the manager behind ``generate_batch`` (which takes one

@@ -104,7 +104,9 @@ class ModelConfig:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
-        if not isinstance(batch_invariant, bool) or (dev.type != "cuda" and not batch_invariant):
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}.")
+        if dev.type != "cuda" and not batch_invariant:
             raise ValueError(
                 f"batch_invariant must be True on {dev.type} (False is for CUDA only), got {batch_invariant!r}: the CPU "
                 "kernels are batch-invariant at no measured cost and have no other path.")

@@ -77,3 +77,22 @@ def test_log_softmax_is_the_formula_for_every_token():
     ids = torch.arange(257).repeat(5, 1)
     assert torch.equal(sampling.log_softmax(logits), torch.stack([_formula(logits, ids[:, t]) for t in range(257)], 1))
     torch.testing.assert_close(sampling.log_softmax(logits), torch.log_softmax(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_without_a_softmax_take_the_kernels_token_and_nan_log_softmax():
+    """A NaN row is greedy in sample; torch.argmax takes the NaN for its maximum, argmax_logprob
+    never does, and sample_on_cuda answers with the kernel's (the plain-greedy path's) token. Beam
+    search's log-softmax of such a row is all NaN, as torch.log_softmax's."""
+    logits = _logits(4, 40)
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    logits[3, 7] = float("inf")
+    n = logits.shape[0]
+    kernel_ids, kernel_lps = torch.empty(n, dtype=torch.int64), torch.empty(n)
+    ops.argmax_logprob(logits, kernel_ids, kernel_lps)
+    ids, lps = torch.empty(n, dtype=torch.int64), torch.empty(n)
+    sampling.sample_on_cuda(logits, torch.full((n,), 0.7), torch.full((n,), 40), torch.ones(n), torch.zeros(n),
+                            torch.full((n,), 0.5), ids, lps)
+    assert torch.equal(ids[1:], kernel_ids[1:])
+    rows = sampling.log_softmax(logits)
+    assert rows[1:].isnan().all() and not rows[0].isnan().any()

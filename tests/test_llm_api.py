@@ -857,7 +857,7 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=0.5, num_kv_blocks=8), "gpu_memory_utilization"),
     (dict(num_kv_blocks=8, kv_cache_memory_bytes=2**20), "num_kv_blocks and kv_cache_memory_bytes"),
-    (dict(batch_invariant="yes"), "batch_invariant must be True"),
+    (dict(batch_invariant="yes"), "batch_invariant must be a bool"),
     (dict(device="cpu", batch_invariant=False), r"batch_invariant must be True on cpu \(False is for CUDA only\)"),
 ])
 def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kwargs, field, monkeypatch):

@@ -103,8 +103,8 @@ class LLM:
         gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
             may fill up to, counting what is already in use (default 0.9); not on CPU.
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
-        batch_invariant: a request's tokens and log-probabilities are the same bits
-            whatever else is in the batch, the step's token budget, prefix-cache hits or
+        batch_invariant: a greedy or seeded request's tokens and log-probabilities are the same
+            bits whatever else is in the batch, the step's token budget, prefix-cache hits or
             preemption (vLLM's opt-in ``VLLM_BATCH_INVARIANT``, here the default). On CPU it
             costs nothing measurable and cannot be turned off. On CUDA False lets cuBLAS take each
             linear's rows in one product (True runs them in products of a fixed shape,

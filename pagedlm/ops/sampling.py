@@ -18,39 +18,49 @@ from pagedlm.ops.fixed_rows import call_in_fixed_row_chunks
 SAMPLER_ROWS = 64
 
 
-def max_and_neg_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's maximum (as float32) and ``-log(sum(exp(x - max)))`` from ``ops.argmax_logprob``:
-    two float32 ``[rows, 1]``, from ``logits`` ``[rows, vocab]`` in any float dtype."""
+def argmax_and_neg_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ``ops.argmax_logprob`` over ``logits`` ``[rows, vocab]`` (any float dtype): each row's
+    first maximum (int64 ``[rows]``), its value as float32 and ``-log(sum(exp(x - max)))``
+    (float32 ``[rows, 1]`` each)."""
     from pagedlm import ops  # this module is imported while pagedlm.ops is
 
     argmax = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     neg_log_sum = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     ops.argmax_logprob(logits, argmax, neg_log_sum)
-    return logits.gather(1, argmax[:, None]).float(), neg_log_sum[:, None]
+    return argmax, logits.gather(1, argmax[:, None]).float(), neg_log_sum[:, None]
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` over the rows of ``logits`` ``[rows, vocab]`` (any float dtype) in the ops'
-    formula; float32 ``[rows, vocab]``."""
-    top, neg_log_sum = max_and_neg_log_sum(logits)
-    return (logits.float() - top) + neg_log_sum
+    formula; float32 ``[rows, vocab]``, all NaN in a row with no softmax (a NaN, or an infinite
+    maximum), as ``torch.log_softmax`` gives."""
+    _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
+    return ((logits.float() - top) + neg_log_sum).masked_fill(_no_softmax(top, neg_log_sum), float("nan"))
+
+
+def _no_softmax(top: torch.Tensor, neg_log_sum: torch.Tensor) -> torch.Tensor:
+    # A NaN makes the log-sum NaN (on CPU -inf); an infinite maximum leaves top infinite.
+    return ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))
 
 
 def top_logprobs_on_cuda(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
                          top_logprobs: torch.Tensor, top_ids: torch.Tensor) -> None:
     """``top_logprobs`` (the reference, past its log-sum: max, gathers, comparisons and counts, exact
     whatever the launch shape)."""
-    top, neg_log_sum = max_and_neg_log_sum(logits)
+    _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
     reference.top_logprobs_from_log_sum(logits.float(), top, neg_log_sum, token_ids, logprobs, ranks, top_logprobs,
                                         top_ids)
 
 
 def sample_on_cuda(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                    min_ps: torch.Tensor, uniforms: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
-    """``sample``: the reference picks the tokens in calls of ``SAMPLER_ROWS`` rows; their
-    log-probabilities take the kernel's log-sum."""
+    """``sample``: the reference picks the tokens in calls of ``SAMPLER_ROWS`` rows, but greedy rows
+    (temperature 0, or no softmax) take the kernel's argmax (``torch.argmax`` takes a NaN for the
+    maximum, the kernel never does); the log-probabilities take the kernel's log-sum."""
     call_in_fixed_row_chunks(reference.sample, SAMPLER_ROWS,
                              (logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs),
                              written=(6, 7))
-    top, neg_log_sum = max_and_neg_log_sum(logits)
+    argmax, top, neg_log_sum = argmax_and_neg_log_sum(logits)
+    greedy = (temperatures == 0) | _no_softmax(top, neg_log_sum)[:, 0]
+    token_ids.copy_(torch.where(greedy, argmax, token_ids))
     logprobs.copy_(((logits.gather(1, token_ids[:, None]).float() - top) + neg_log_sum)[:, 0])
