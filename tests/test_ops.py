@@ -676,6 +676,28 @@ def test_argmax_logprob(device, dtype, vocab):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sampling_ops_give_nan_for_rows_without_a_softmax(device):
+    """A row with a NaN, an infinite maximum or only -inf (every token masked) has no softmax: each
+    of the three ops reports NaN, so a row's cumulative logprob does not depend on which op the rest
+    of the batch sends it through (the CPU argmax_logprob gave -inf for such rows)."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 7] = float("nan")
+    logits[2, 9] = float("inf")
+    logits[3] = float("-inf")
+    logits = logits.to(device)
+    n, ids = logits.shape[0], torch.zeros(5, dtype=torch.int64, device=device)
+    argmax_lp, sample_lp, top_lp = (torch.empty(n, device=device) for _ in range(3))
+    torch.ops.pagedlm.argmax_logprob(logits, torch.empty_like(ids), argmax_lp)
+    ones = torch.ones(n, device=device)
+    torch.ops.pagedlm.sample(logits, ones, torch.full((n,), 300, device=device), ones, 0 * ones, 0.5 * ones,
+                             torch.empty_like(ids), sample_lp)
+    torch.ops.pagedlm.top_logprobs(logits, ids, top_lp, torch.empty_like(ids), torch.empty(n, 2, device=device),
+                                   torch.empty(n, 2, dtype=torch.int64, device=device))
+    for lp in (argmax_lp, sample_lp, top_lp):
+        assert lp[1:4].isnan().all() and lp[[0, 4]].isfinite().all(), lp
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("vocab", [49152, 1000, 37, 64])
 def test_apply_token_bitmask(device, dtype, vocab):

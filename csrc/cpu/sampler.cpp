@@ -53,6 +53,14 @@ float sum_exp(const T* x, int64_t n, float max) {
   return s;
 }
 
+// -log(sum(exp(x - max))), or NaN for a row with no softmax (a NaN, or an infinite maximum), as every
+// sampling op reports such a row (exp_u20 takes NaN to +inf, which alone would give -inf).
+template <typename T>
+float neg_log_sum(const T* x, int64_t n, float max) {
+  const float s = -std::log(sum_exp(x, n, max));
+  return std::isfinite(max) && std::isfinite(s) ? s : std::numeric_limits<float>::quiet_NaN();
+}
+
 // Unnormalised tempered probabilities p[i] = exp(x[i] / t - max / t), computed as torch computes
 // exp(x / t - max(x / t)) (the same vectorised exp), so the top token has p = 1.
 template <typename T>
@@ -161,14 +169,14 @@ template <typename T>
 float rank_and_top(const T* x, int64_t n, int64_t t, int64_t k, int64_t& rank, float* top, int64_t* ids,
                    std::vector<Entry>& heap) {
   const float max = max_of(x, n);
-  const float neg_log_sum = -std::log(sum_exp(x, n, max));
-  if (!std::isfinite(max) || !std::isfinite(neg_log_sum)) {  // a NaN, or an infinite maximum: no softmax
+  const float nls = neg_log_sum(x, n, max);
+  if (std::isnan(nls)) {  // no softmax
     for (int64_t j = 0; j < k; ++j) top[j] = std::numeric_limits<float>::quiet_NaN(), ids[j] = j;
     rank = 1;
     return std::numeric_limits<float>::quiet_NaN();
   }
-  const float chosen = (static_cast<float>(x[t]) - max) + neg_log_sum;
-  const fVec mv(max), nv(neg_log_sum), cv(chosen);
+  const float chosen = (static_cast<float>(x[t]) - max) + nls;
+  const fVec mv(max), nv(nls), cv(chosen);
   heap.clear();  // a heap under `better`: its front is the worst of the best k so far
   int64_t greater = 0;
   for (int64_t i = 0; i < n; i += kVecLen) {
@@ -255,7 +263,7 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
         const scalar_t* row = x + r * stride;
         const float max = max_of(row, vocab);
         ids[r] = sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, scratch);
-        lp[r] = static_cast<float>(row[ids[r]]) - max - std::log(sum_exp(row, vocab, max));
+        lp[r] = (static_cast<float>(row[ids[r]]) - max) + neg_log_sum(row, vocab, max);
       }
     });
   });
@@ -273,7 +281,7 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
         const scalar_t* row = x + r * stride;
         const float max = max_of(row, vocab);
         ids[r] = first_index_of(row, vocab, max);
-        lp[r] = -std::log(sum_exp(row, vocab, max));
+        lp[r] = neg_log_sum(row, vocab, max);
       }
     });
   });

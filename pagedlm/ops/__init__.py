@@ -82,7 +82,8 @@ Sampling op:
 * ``argmax_logprob(logits, token_ids, logprobs)``: for each row of ``logits`` ``[num_rows, vocab]``
   (any float dtype), the first index of its maximum into ``token_ids`` (int64) and that token's
   log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
-  of the logits.
+  of the logits. A row with no softmax (a NaN, or an infinite maximum) gets NaN, as in
+  ``top_logprobs`` and ``sample``.
 * ``top_logprobs(logits, token_ids, logprobs, ranks, top_logprobs, top_ids)``: for each row of
   ``logits`` ``[num_rows, vocab]`` (any float dtype) and its ``token_ids[r]`` (int64, in
   ``[0, vocab)``): the token's log-probability ``(x[t] - max) + -log(sum(exp(x - max)))`` in fp32
