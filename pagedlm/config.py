@@ -55,7 +55,7 @@ class ModelConfig:
     chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
     override_generation_config: dict[str, Any] | None = None  # generation-config keys set over the model's
     max_logprobs: int | None = None  # the most logprobs / prompt_logprobs a request may ask for (None: any)
-    # Whether a request's results may not depend on the rest of the batch (see LLM's batch_invariant).
+    # Whether a request's results must not depend on the rest of the batch (see LLM's batch_invariant).
     batch_invariant: bool = True
 
     @classmethod

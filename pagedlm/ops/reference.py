@@ -269,6 +269,13 @@ def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.
     top_logprobs_from_log_sum(x, top, neg_log_sum, token_ids, logprobs, ranks, top_logprobs, top_ids)
 
 
+def no_softmax(top: torch.Tensor, neg_log_sum: torch.Tensor) -> torch.Tensor:
+    """The rows, of their maxima and ``-log(sum(exp(x - max)))`` (``[rows, 1]`` each), that have no
+    softmax: a NaN (which makes the log-sum NaN, or -inf from the CPU kernels' exp), or an infinite
+    maximum."""
+    return ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))
+
+
 def top_logprobs_from_log_sum(x: torch.Tensor, top: torch.Tensor, neg_log_sum: torch.Tensor, token_ids: torch.Tensor,
                               logprobs: torch.Tensor, ranks: torch.Tensor, top_logprobs: torch.Tensor,
                               top_ids: torch.Tensor) -> None:
@@ -277,7 +284,7 @@ def top_logprobs_from_log_sum(x: torch.Tensor, top: torch.Tensor, neg_log_sum: t
     if x.shape[0] and not bool(((token_ids >= 0) & (token_ids < x.shape[1])).all()):
         raise ValueError(f"top_logprobs: token_ids must be in [0, {x.shape[1]})")
     # A row with a NaN or an infinite maximum has no softmax: NaN, rank 1, ids 0 .. k - 1.
-    bad = ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))[:, 0]
+    bad = no_softmax(top, neg_log_sum)[:, 0]
     lp = ((x - top) + neg_log_sum).masked_fill(bad[:, None], 0.0)
     chosen = lp.gather(1, token_ids[:, None])
     k = top_logprobs.shape[1]

@@ -30,17 +30,19 @@ def argmax_and_neg_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return argmax, logits.gather(1, argmax[:, None]).float(), neg_log_sum[:, None]
 
 
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top: torch.Tensor,
+                   neg_log_sum: torch.Tensor) -> torch.Tensor:
+    """``(x[t] - max) + neg_log_sum`` for each row's ``token_ids`` (int64 ``[rows]``), given
+    ``argmax_and_neg_log_sum``'s ``top`` and ``neg_log_sum``: float32 ``[rows]``."""
+    return ((logits.gather(1, token_ids[:, None]).float() - top) + neg_log_sum)[:, 0]
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` over the rows of ``logits`` ``[rows, vocab]`` (any float dtype) in the ops'
     formula; float32 ``[rows, vocab]``, all NaN in a row with no softmax (a NaN, or an infinite
     maximum), as ``torch.log_softmax`` gives."""
     _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
-    return ((logits.float() - top) + neg_log_sum).masked_fill(_no_softmax(top, neg_log_sum), float("nan"))
-
-
-def _no_softmax(top: torch.Tensor, neg_log_sum: torch.Tensor) -> torch.Tensor:
-    # A NaN makes the log-sum NaN (on CPU -inf); an infinite maximum leaves top infinite.
-    return ~(torch.isfinite(top) & torch.isfinite(neg_log_sum))
+    return ((logits.float() - top) + neg_log_sum).masked_fill(reference.no_softmax(top, neg_log_sum), float("nan"))
 
 
 def top_logprobs_on_cuda(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
@@ -61,6 +63,6 @@ def sample_on_cuda(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: tor
                              (logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs),
                              written=(6, 7))
     argmax, top, neg_log_sum = argmax_and_neg_log_sum(logits)
-    greedy = (temperatures == 0) | _no_softmax(top, neg_log_sum)[:, 0]
+    greedy = (temperatures == 0) | reference.no_softmax(top, neg_log_sum)[:, 0]
     token_ids.copy_(torch.where(greedy, argmax, token_ids))
-    logprobs.copy_(((logits.gather(1, token_ids[:, None]).float() - top) + neg_log_sum)[:, 0])
+    logprobs.copy_(token_logprobs(logits, token_ids, top, neg_log_sum))

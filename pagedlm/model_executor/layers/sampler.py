@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedlm import ops
 from pagedlm.model_executor.layers.direct_call import DirectCall
-from pagedlm.ops.sampling import argmax_and_neg_log_sum, log_softmax
+from pagedlm.ops.sampling import argmax_and_neg_log_sum, log_softmax, token_logprobs
 from pagedlm.sampling_params import SamplingParams
 
 
@@ -171,7 +171,7 @@ def _raw_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     so a row's value (and its sequence's cumulative_logprob) is the same whichever path the rest of
     the batch sends it down."""
     _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
-    return ((logits.gather(1, tokens[:, None]).float() - top) + neg_log_sum)[:, 0]
+    return token_logprobs(logits, tokens, top, neg_log_sum)
 
 
 def rank_and_top_logprobs(
