@@ -46,6 +46,8 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
   m.def("bf16_fma_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_fma_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
+  m.def("fp32_fma_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+  m.def("fp32_fma_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
 }
 
 // Kernels for one op must share a C++ signature across dispatch keys: mutated tensors are
@@ -86,6 +88,10 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("bf16_fma_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
   m.impl("bf16_fma_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, c10::string_view) {});
+  m.impl("fp32_fma_linear",
+         [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
+  m.impl("fp32_fma_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, c10::string_view) {});
 }
 

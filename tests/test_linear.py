@@ -1,6 +1,6 @@
-"""The bf16 linears: the streaming kernel (ops.bf16_blocked_linear) against its reference and against
-oneDNN, the packed kernels (ops.bf16_amx_linear, and ops.bf16_fma_linear for AVX2 CPUs) against
-their reference, the kernels' gate_up variants (``*_act_and_mul``) against the linear then the
+"""The CPU linears: the streaming kernel (ops.bf16_blocked_linear) against its reference and against
+oneDNN, the packed kernels (ops.bf16_amx_linear, and ops.bf16_fma_linear and ops.fp32_fma_linear for
+AVX2 CPUs) against their reference, the kernels' gate_up variants (``*_act_and_mul``) against the linear then the
 activation, and ``Linear``'s rows.
 
 The streaming kernel's point is to give every row the bits oneDNN's matmul gives it, so the checks
@@ -115,13 +115,15 @@ def test_chunk_probe_splits_where_oneDNN_does():
     assert not torch.equal(one_chain, expected)
 
 
-def test_linear_rows_equal_at_every_row_count():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_linear_rows_equal_at_every_row_count(dtype):
     x, weight = operands(300, 300, 1536)
-    layer = Linear(1536, 300, bias=True).to(torch.bfloat16)
-    layer.weight = torch.nn.Parameter(weight.to_dense(), requires_grad=False)
+    x = x.to(dtype)
+    layer = Linear(1536, 300, bias=True).to(dtype)
+    layer.weight = torch.nn.Parameter(weight.to_dense().to(dtype), requires_grad=False)
     layer.process_weights_after_loading()
     if layer.k_chunk_ends is None and layer.packed_linear is None:
-        pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
+        pytest.skip("no kernel of Linear's own runs this dtype on this machine (oneDNN runs every row count)")
     with torch.inference_mode():
         full = layer(x)
         for count in (1, 2, 6, 13, 256, 257):
@@ -268,26 +270,37 @@ def test_a_weight_of_another_size_is_refused():
         torch.ops.pagedlm.bf16_blocked_linear(torch.empty(4, 60, dtype=torch.bfloat16), x, plain, None, [90])
 
 
-PACKED_KERNELS = ["amx", "fma"]
+PACKED_KERNELS = ["bf16_amx", "bf16_fma", "fp32_fma"]
 
 
 def packed_ops_or_skip(kernel: str):
-    """The linear and gated ops of a kernel over ``amx_pack_weight``'s layout, or a skip where it does
-    not run here."""
-    if kernel == "amx" and not linear.amx_linear_available():
+    """The linear and gated ops of a kernel, or a skip where it does not run here."""
+    if kernel == "bf16_amx" and not linear.amx_linear_available():
         pytest.skip("ops.bf16_amx_linear does not run here (no AMX-BF16 build, CPU or kernel permission)")
-    if kernel == "fma" and not linear.fma_linear_available():
-        pytest.skip("ops.bf16_fma_linear does not run here (no AVX2 + FMA build)")
-    return getattr(ops, f"bf16_{kernel}_linear"), getattr(ops, f"bf16_{kernel}_linear_act_and_mul")
+    if kernel.endswith("fma") and not linear.fma_linear_available():
+        pytest.skip(f"ops.{kernel}_linear does not run here (no AVX2 + FMA build)")
+    return getattr(ops, f"{kernel}_linear"), getattr(ops, f"{kernel}_linear_act_and_mul")
 
 
-def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_dtype(kernel: str) -> torch.dtype:
+    return torch.float32 if kernel == "fp32_fma" else torch.bfloat16
+
+
+def pack(kernel: str, weight: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
+    """``weight`` in the kernel's layout (fp32_pack_weight's or amx_pack_weight's), gate_up or plain."""
+    if kernel == "fp32_fma":
+        return (ops.fp32_pack_gate_up_weight if gate_up else ops.fp32_pack_weight)(weight.float())
+    return (ops.amx_pack_gate_up_weight if gate_up else ops.amx_pack_weight)(weight)
+
+
+def exact_operands(num_rows: int, out_features: int, in_features: int,
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """Small integers: every partial sum is exact in fp32, so any summation order gives the
     reference's bits and a misplaced weight or row cannot."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(-3, 4, (num_rows, in_features), generator=gen)
     weight = torch.randint(-3, 4, (out_features, in_features), generator=gen)
-    return x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    return x.to(dtype), weight.to(dtype)
 
 
 @pytest.mark.parametrize(
@@ -298,17 +311,18 @@ def exact_operands(num_rows: int, out_features: int, in_features: int) -> tuple[
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_packed_kernel_equals_reference_on_exact_sums(kernel, out_features, in_features, num_rows, with_bias):
     packed_linear, _ = packed_ops_or_skip(kernel)
-    dense_x, weight = exact_operands(num_rows, out_features, in_features)
-    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 1 : in_features + 1]
+    dtype = kernel_dtype(kernel)
+    dense_x, weight = exact_operands(num_rows, out_features, in_features, dtype)
+    x = torch.zeros(num_rows, in_features + 3, dtype=dtype)[:, 1 : in_features + 1]
     x.copy_(dense_x)  # strided rows: the op only needs each row's features contiguous
     bias = torch.randint(-8, 9, (out_features,)).float() if with_bias else None
-    packed = ops.amx_pack_weight(weight)
-    out = torch.full((num_rows, out_features + 5), float("nan"), dtype=torch.bfloat16)[:, :out_features]
+    packed = pack(kernel, weight)
+    out = torch.full((num_rows, out_features + 5), float("nan"), dtype=dtype)[:, :out_features]
     packed_linear(out, x, packed, bias)
-    expected = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-    reference.bf16_amx_linear(expected, x, packed, bias)
+    expected = torch.empty(num_rows, out_features, dtype=dtype)
+    getattr(reference, f"{kernel}_linear")(expected, x, packed, bias)
     assert torch.equal(out, expected)
-    assert torch.equal(expected, (dense_x.float() @ weight.float().T + (0 if bias is None else bias)).bfloat16())
+    assert torch.equal(expected, (dense_x.float() @ weight.float().T + (0 if bias is None else bias)).to(dtype))
 
 
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (49, 1100), (4864, 896)])
@@ -317,37 +331,44 @@ def test_packed_kernel_rows_do_not_depend_on_the_row_count(kernel, out_features,
     # Random operands: sums round, so this fails if a row's sum ever took another order by row count
     # (oneDNN's AMX matmul changes some rows' bits between 32 and 33 rows).
     packed_linear, _ = packed_ops_or_skip(kernel)
+    dtype = kernel_dtype(kernel)
     x, weight = operands(600, out_features, in_features)
-    packed, bias = ops.amx_pack_weight(weight.to_dense()), torch.randn(out_features)
-    full = torch.empty(600, out_features, dtype=torch.bfloat16)
+    x, packed, bias = x.to(dtype), pack(kernel, weight.to_dense()), torch.randn(out_features)
+    full = torch.empty(600, out_features, dtype=dtype)
     packed_linear(full, x, packed, bias)
     expected = torch.empty_like(full)
-    reference.bf16_amx_linear(expected, x, packed, bias)
+    getattr(reference, f"{kernel}_linear")(expected, x, packed, bias)
     torch.testing.assert_close(full.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.abs().max().item())
     for count in (*range(1, 40), 64, 96, 97, 130, 255, 256, 257, 599):
-        out = torch.empty(count, out_features, dtype=torch.bfloat16)
+        out = torch.empty(count, out_features, dtype=dtype)
         packed_linear(out, x[-count:], packed, bias)
         assert torch.equal(out, full[-count:]), count
 
 
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        (lambda a: {**a, "weight": a["weight"][:, :-1]}, r"weight must be a contiguous bfloat16 CPU tensor \[4, 48, 16, 2\]"),
-        (lambda a: {**a, "weight": a["weight"].float()}, "weight must be a contiguous bfloat16"),
-        (lambda a: {**a, "input": a["input"].float()}, "input must be bfloat16"),
-        (lambda a: {**a, "out": torch.empty(3, 64, dtype=torch.bfloat16)}, r"out must be bfloat16 \[4, out_features\]"),
-        (lambda a: {**a, "out": torch.empty(4, 80, dtype=torch.bfloat16)}, r"weight must be .*\[5, 48, 16, 2\]"),
-        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
-    ],
-)
+# Messages with the kernel's dtype name and its weight shapes for 4 and 5 column blocks (K = 96).
+BAD_PACKED_ARGUMENTS = [
+    (lambda a: {**a, "weight": a["weight"][:, :-1]}, r"weight must be a contiguous {name} CPU tensor \[4, {shape}\]"),
+    (lambda a: {**a, "weight": a["weight"].double()}, "weight must be a contiguous {name}"),
+    (lambda a: {**a, "input": a["input"].double()}, "input must be {name}"),
+    (lambda a: {**a, "out": a["out"][:3]}, r"out must be {name} \[4, out_features\]"),
+    (lambda a: {**a, "out": a["out"].new_empty(4, 80)}, r"weight must be .*\[5, {shape}\]"),
+    (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
+]
+
+
+def packed_message(kernel: str, message: str) -> str:
+    fp32 = kernel == "fp32_fma"
+    return message.format(name="float32" if fp32 else "bfloat16", shape="96, 16" if fp32 else "48, 16, 2")
+
+
+@pytest.mark.parametrize("change,message", BAD_PACKED_ARGUMENTS)
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_packed_bad_arguments_are_named(kernel, change, message):
-    x, weight = exact_operands(4, 64, 96)
-    args = {"out": torch.empty(4, 64, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_weight(weight),
-            "bias": None}
-    with pytest.raises(RuntimeError, match=message):
-        getattr(torch.ops.pagedlm, f"bf16_{kernel}_linear")(**change(args))
+    dtype = kernel_dtype(kernel)
+    x, weight = exact_operands(4, 64, 96, dtype)
+    args = {"out": torch.empty(4, 64, dtype=dtype), "input": x, "weight": pack(kernel, weight), "bias": None}
+    with pytest.raises(RuntimeError, match=packed_message(kernel, message)):
+        getattr(torch.ops.pagedlm, f"{kernel}_linear")(**change(args))
 
 
 def test_linear_runs_a_packed_kernel_where_it_can():
@@ -363,6 +384,17 @@ def test_linear_runs_a_packed_kernel_where_it_can():
     assert layer.packed_linear is expected and layer.weight.shape == (4, 48, 16, 2)
 
 
+def test_fp32_linear_runs_the_fma_kernel_on_avx2_cpus():
+    """On CPUs without AVX-512 (where oneDNN's fp32 matmul has 8-lane FMAs too) fp32 runs the FMA
+    kernel; elsewhere oneDNN."""
+    layer = Linear(96, 64, bias=True)
+    layer.process_weights_after_loading()
+    if linear.fma_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert layer.packed_linear is ops.fp32_fma_linear and layer.weight.shape == (4, 96, 16)
+    else:
+        assert layer.packed_linear is None and layer.blocked_layout
+
+
 ACTS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
 
 
@@ -375,15 +407,16 @@ def test_packed_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ker
                                                                               num_rows, with_bias):
     # Random operands, so the sums and the activation round: any other order or rounding shows.
     packed_linear, packed_act_and_mul = packed_ops_or_skip(kernel)
+    dtype = kernel_dtype(kernel)
     x, weight = operands(num_rows, 2 * d, in_features)
-    x = torch.zeros(num_rows, in_features + 3, dtype=torch.bfloat16)[:, 2:-1].copy_(x)  # strided rows
+    x = torch.zeros(num_rows, in_features + 3, dtype=dtype)[:, 2:-1].copy_(x)  # strided rows
     weight, bias = weight.to_dense(), torch.randn(2 * d) if with_bias else None
-    gate_up = torch.empty(num_rows, 2 * d, dtype=torch.bfloat16)
-    packed_linear(gate_up, x, ops.amx_pack_weight(weight), bias)
-    expected = torch.empty(num_rows, d, dtype=torch.bfloat16)
+    gate_up = torch.empty(num_rows, 2 * d, dtype=dtype)
+    packed_linear(gate_up, x, pack(kernel, weight), bias)
+    expected = torch.empty(num_rows, d, dtype=dtype)
     ACTS[activation](expected, gate_up)
-    packed = ops.amx_pack_gate_up_weight(weight)
-    out = torch.full((num_rows, d + 16), float("nan"), dtype=torch.bfloat16)[:, 16:]
+    packed = pack(kernel, weight, gate_up=True)
+    out = torch.full((num_rows, d + 16), float("nan"), dtype=dtype)[:, 16:]
     packed_act_and_mul(out, x, packed, bias, activation)
     assert torch.equal(out, expected)
 
@@ -392,18 +425,19 @@ def test_packed_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ker
     "change,message",
     [
         (lambda a: {**a, "activation": "gelu"}, "activation must be 'silu' or 'gelu_tanh'; got 'gelu'"),
-        (lambda a: {**a, "out": torch.empty(4, 24, dtype=torch.bfloat16)}, r"out_features \(d = 24\) must be a multiple of 16"),
-        (lambda a: {**a, "out": torch.empty(4, 16, dtype=torch.bfloat16)}, r"weight must be .*\[2, 48, 16, 2\]"),
+        (lambda a: {**a, "out": a["out"].new_empty(4, 24)}, r"out_features \(d = 24\) must be a multiple of 16"),
+        (lambda a: {**a, "out": a["out"].new_empty(4, 16)}, r"weight must be .*\[2, {shape}\]"),
         (lambda a: {**a, "bias": torch.zeros(32)}, r"bias must be a floating-point CPU tensor \[64\]"),
     ],
 )
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_packed_act_and_mul_bad_arguments_are_named(kernel, change, message):
-    x, weight = exact_operands(4, 64, 96)
-    args = {"out": torch.empty(4, 32, dtype=torch.bfloat16), "input": x, "weight": ops.amx_pack_gate_up_weight(weight),
+    dtype = kernel_dtype(kernel)
+    x, weight = exact_operands(4, 64, 96, dtype)
+    args = {"out": torch.empty(4, 32, dtype=dtype), "input": x, "weight": pack(kernel, weight, gate_up=True),
             "bias": None, "activation": "silu"}
-    with pytest.raises(RuntimeError, match=message):
-        getattr(torch.ops.pagedlm, f"bf16_{kernel}_linear_act_and_mul")(**change(args))
+    with pytest.raises(RuntimeError, match=packed_message(kernel, message)):
+        getattr(torch.ops.pagedlm, f"{kernel}_linear_act_and_mul")(**change(args))
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
@@ -432,28 +466,30 @@ def test_blocked_act_and_mul_gives_the_bits_of_the_linear_then_the_activation(ac
 
 
 @pytest.mark.parametrize("activation", sorted(ACTS))
-@pytest.mark.parametrize("kernel", ["amx", "fma", "blocked"])
+@pytest.mark.parametrize("kernel", [*PACKED_KERNELS, "blocked"])
 def test_act_and_mul_on_exact_sums(activation, kernel):
     # Small integers: the sums are exact, so gate and up must be the right columns, in the kernels
     # (where they run) and in their references.
-    d, in_features = {"amx": 32, "fma": 32, "blocked": 128}[kernel], 40  # multiples of 16 and of 64
-    x, weight = exact_operands(5, 2 * d, in_features)
+    d, in_features = (128 if kernel == "blocked" else 32), 40  # multiples of 64 and of 16
+    dtype = torch.bfloat16 if kernel == "blocked" else kernel_dtype(kernel)
+    x, weight = exact_operands(5, 2 * d, in_features, dtype)
     bias = torch.randint(-8, 9, (2 * d,)).float()
-    gate_up = (x.float() @ weight.float().T + bias).bfloat16()
+    gate_up = (x.float() @ weight.float().T + bias).to(dtype)
     gate, up = gate_up[:, :d], gate_up[:, d:]
     act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
-    if kernel in ("amx", "fma"):
-        weight_args = (ops.amx_pack_gate_up_weight(weight), bias)
-        impls = [getattr(reference, f"bf16_{kernel}_linear_act_and_mul")]
-        if getattr(linear, f"{kernel}_linear_available")():
-            impls.append(getattr(ops, f"bf16_{kernel}_linear_act_and_mul"))
+    if kernel != "blocked":
+        weight_args = (pack(kernel, weight, gate_up=True), bias)
+        impls = [getattr(reference, f"{kernel}_linear_act_and_mul")]
+        available = linear.amx_linear_available if kernel == "bf16_amx" else linear.fma_linear_available
+        if available():
+            impls.append(getattr(ops, f"{kernel}_linear_act_and_mul"))
     else:
         onednn_bf16_or_skip()
         weight_args = (torch.ops.mkldnn._reorder_linear_weight(weight, 64), bias, [in_features])
         kernel_or_skip(torch.empty(5, 2 * d, dtype=torch.bfloat16), x, *weight_args)
         impls = [reference.bf16_blocked_linear_act_and_mul, ops.bf16_blocked_linear_act_and_mul]
     for impl in impls:
-        out = torch.empty(5, d, dtype=torch.bfloat16)
+        out = torch.empty(5, d, dtype=dtype)
         impl(out, x, *weight_args, activation)
         assert torch.equal(out, act * up), impl
 
@@ -478,23 +514,25 @@ def test_blocked_act_and_mul_bad_arguments_are_named(change, message):
         torch.ops.pagedlm.bf16_blocked_linear_act_and_mul(**change(args))
 
 
-def test_gate_up_weight_needs_d_a_multiple_of_16():
+@pytest.mark.parametrize("pack_gate_up", [ops.amx_pack_gate_up_weight, ops.fp32_pack_gate_up_weight])
+def test_gate_up_weight_needs_d_a_multiple_of_16(pack_gate_up):
     with pytest.raises(ValueError, match="d a multiple of 16; got 48 rows"):
-        ops.amx_pack_gate_up_weight(torch.zeros(48, 32))
+        pack_gate_up(torch.zeros(48, 32))
 
 
 @pytest.mark.parametrize("d", [64, 80, 40])  # fused on both kernels, on AMX only, on neither
 @pytest.mark.parametrize("act_fn", [SiluAndMul(), GeluAndMul()], ids=["silu", "gelu_tanh"])
-def test_gate_up_linear_equals_linear_then_activation(d, act_fn):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gate_up_linear_equals_linear_then_activation(d, act_fn, dtype):
     torch.manual_seed(0)
-    layer = GateUpLinear(96, d, bias=True, act_fn=act_fn).to(torch.bfloat16)
-    plain = Linear(96, 2 * d, bias=True).to(torch.bfloat16)
+    layer = GateUpLinear(96, d, bias=True, act_fn=act_fn).to(dtype)
+    plain = Linear(96, 2 * d, bias=True).to(dtype)
     plain.load_state_dict({"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()})
     for module in (layer, plain):
         module.process_weights_after_loading()
     assert (layer.packed_act_and_mul is not None) == (d % 16 == 0 and plain.packed_linear is not None)
     assert layer.blocked_act_and_mul == (d % 64 == 0 and layer.k_chunk_ends is not None)
-    x = torch.randn(3, 7, 96).bfloat16()
+    x = torch.randn(3, 7, 96).to(dtype)
     assert torch.equal(layer(x), act_fn(plain(x).view(21, 2 * d)).view(3, 7, d))
 
 

@@ -211,12 +211,13 @@ void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
-  packed_linear_op(run_amx_linear, out, input, weight, bias, "bf16_amx_linear");
+  packed_linear_op(run_amx_linear, out, input, weight, bias, at::kBFloat16, "bf16_amx_linear");
 }
 
 void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  packed_act_and_mul_op(run_amx_linear, out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul");
+  packed_act_and_mul_op(run_amx_linear, out, input, weight, bias, activation, at::kBFloat16,
+                        "bf16_amx_linear_act_and_mul");
 }
 
 }  // namespace pagedlm::cpu

@@ -13,6 +13,11 @@
 // bf16_fma_linear_act_and_mul takes a gated MLP's packed gate_up weight (gate and up blocks
 // alternating) and stores act(gate) * up, as bf16_amx_linear_act_and_mul does, with the bits of this
 // linear followed by silu_and_mul / gelu_tanh_and_mul.
+//
+// fp32_fma_linear and fp32_fma_linear_act_and_mul are the same over fp32 inputs and a weight packed
+// as fp32 ([blocks][K][16]: a widened block, read in place), with no rounding at the end. On these
+// CPUs they replace oneDNN's fp32 matmul: its sums for a row depend on the row count at one row, and
+// its OpenMP regions stall a step beside a busy process (docs/performance.md, session 35).
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "ops.h"
@@ -141,42 +146,60 @@ void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w
   tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, wide, 2 * pairs, sums + r * kPackN); });
 }
 
-// act unset: out [M, N] = input @ W.T + bias. act set: out [M, d] = act(gate) * up over a packed
-// gate_up weight, bias [2 * d] in gate, up order.
+// The `rows` rows of x (fp32, row stride ldx) against one block of fp32_pack_weight's layout.
+void fp32_block_sums(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t K, float* sums) {
+  tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, w, K, sums + r * kPackN); });
+}
+
+// T = bf16 (amx_pack_weight's layout) or float (fp32_pack_weight's). act unset: out [M, N] =
+// input @ W.T + bias. act set: out [M, d] = act(gate) * up over a packed gate_up weight, bias [2 * d]
+// in gate, up order.
+template <typename T>
 void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias,
                        std::optional<Activation> act) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
-  const int64_t pairs = (K + 1) / 2, k_pad = weight.size(1) * 2, blocks = weight.size(0);
-  const int64_t ldx = 2 * pairs;
-  const auto* x = input.data_ptr<at::BFloat16>();
+  const int64_t pairs = (K + 1) / 2, blocks = weight.size(0);
+  const auto* x = input.data_ptr<T>();
   const int64_t lda = input.stride(0);
-  const auto* w = weight.data_ptr<at::BFloat16>();
-  auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t ldy = out.stride(0), block_elements = k_pad * kPackN;
+  // bf16 rows are converted into a zero-padded fp32 group of row stride ldx; fp32 rows are read in place.
+  const int64_t ldx = kBf16 ? 2 * pairs : lda;
+  const auto* w = weight.data_ptr<T>();
+  auto* y = out.data_ptr<T>();
+  const int64_t ldy = out.stride(0), block_elements = weight.numel() / blocks;
   const int64_t units = (blocks + kUnitBlocks - 1) / kUnitBlocks, groups = (M + kGroupRows - 1) / kGroupRows;
   const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
   parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(2 * kGroupRows * kPackN), wide(M >= kWideFromRows ? 2 * pairs * kPackN : 0);
-    // The unit's rows as fp32, zero past K (a pair past an odd K holds one feature); converted again
-    // only when the row group changes (a 1/64 share of the unit's FMAs when it does).
-    std::vector<float> xg(std::min(M, kGroupRows) * ldx, 0.f);
+    std::vector<float> sums(2 * kGroupRows * kPackN), wide(kBf16 && M >= kWideFromRows ? 2 * pairs * kPackN : 0);
+    // The unit's bf16 rows as fp32, zero past K (a pair past an odd K holds one feature); converted
+    // again only when the row group changes (a 1/64 share of the unit's FMAs when it does).
+    std::vector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
     int64_t converted = -1;
     float* gate_sums = sums.data();
     float* up_sums = gate_sums + kGroupRows * kPackN;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
       const int64_t b0 = u / groups * kUnitBlocks, b1 = std::min(blocks, b0 + kUnitBlocks);
-      if (m0 != converted) {
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) xg[r * ldx + k] = static_cast<float>(x[(m0 + r) * lda + k]);
-        converted = m0;
+      const float* xm;
+      if constexpr (kBf16) {
+        if (m0 != converted) {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t k = 0; k < K; ++k) xg[r * ldx + k] = static_cast<float>(x[(m0 + r) * lda + k]);
+          converted = m0;
+        }
+        xm = xg.data();
+      } else {
+        xm = x + m0 * lda;
       }
-      const float* xm = xg.data();
+      const auto sum_block = [&](int64_t b, float* into) {
+        if constexpr (kBf16) block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), into);
+        else fp32_block_sums(rows, xm, ldx, w + b * block_elements, K, into);
+      };
       for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
-        block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), gate_sums);
+        sum_block(b, gate_sums);
         if (act) {
-          block_sums(rows, xm, ldx, w + (b + 1) * block_elements, pairs, wide.data(), up_sums);
+          sum_block(b + 1, up_sums);
           const int64_t n0 = b / 2 * kPackN;
           for (int64_t r = 0; r < rows; ++r)
             store_act_and_mul(*act, y + (m0 + r) * ldy + n0, gate_sums + r * kPackN, up_sums + r * kPackN,
@@ -199,11 +222,12 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
 
 #endif
 
+template <typename T>
 void run_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     std::optional<Activation> act, const char* op) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (input.size(0) == 0 || out.size(1) == 0) return;
-  fma_linear_kernel(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
+  fma_linear_kernel<T>(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AVX2 and FMA (this build has neither)");
 #endif
@@ -213,12 +237,24 @@ void run_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 
 void bf16_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias) {
-  packed_linear_op(run_fma_linear, out, input, weight, bias, "bf16_fma_linear");
+  packed_linear_op(run_fma_linear<at::BFloat16>, out, input, weight, bias, at::kBFloat16, "bf16_fma_linear");
 }
 
 void bf16_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  packed_act_and_mul_op(run_fma_linear, out, input, weight, bias, activation, "bf16_fma_linear_act_and_mul");
+  packed_act_and_mul_op(run_fma_linear<at::BFloat16>, out, input, weight, bias, activation, at::kBFloat16,
+                        "bf16_fma_linear_act_and_mul");
+}
+
+void fp32_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias) {
+  packed_linear_op(run_fma_linear<float>, out, input, weight, bias, at::kFloat, "fp32_fma_linear");
+}
+
+void fp32_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  packed_act_and_mul_op(run_fma_linear<float>, out, input, weight, bias, activation, at::kFloat,
+                        "fp32_fma_linear_act_and_mul");
 }
 
 }  // namespace pagedlm::cpu

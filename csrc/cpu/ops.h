@@ -72,4 +72,10 @@ void bf16_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor&
 void bf16_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, c10::string_view activation);
 
+void fp32_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias);
+
+void fp32_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation);
+
 }  // namespace pagedlm::cpu

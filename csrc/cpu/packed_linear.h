@@ -2,11 +2,12 @@
 // What the linears over a weight packed once at load share (amx_linear.cpp on AMX tiles, fma_linear.cpp
 // on AVX2 FMA): their ops' checks and how a gated block of sums is stored.
 //
-// Weight layout (pagedlm/ops/reference.py, amx_pack_weight): [N_pad / 16][K_pad / 2][16][2] bf16,
+// Weight layouts (pagedlm/ops/reference.py): bf16, amx_pack_weight's [N_pad / 16][K_pad / 2][16][2],
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
-// two weights; zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32). A gated MLP's
-// gate_up weight (amx_pack_gate_up_weight) alternates its column blocks: gate columns 16j..16j+15,
-// then up columns 16j..16j+15.
+// two weights, zero-padded to N_pad = 16 * ceil(N / 16) and K_pad = 32 * ceil(K / 32); fp32,
+// fp32_pack_weight's [N_pad / 16][K][16], per block and feature the 16 columns' weights. A gated MLP's
+// gate_up weight (amx_pack_gate_up_weight, fp32_pack_gate_up_weight) alternates its column blocks:
+// gate columns 16j..16j+15, then up columns 16j..16j+15.
 
 #include "vec.h"  // first: selects ATen's vector width
 
@@ -17,28 +18,35 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace pagedlm::cpu {
 
 constexpr int64_t kPackN = 16;  // output columns per packed block
 constexpr int64_t kPackK = 32;  // K_pad's multiple
 
-// The checks both ops of a kernel share: input bf16 [M, K] with contiguous rows, out bf16 [M, N] with
-// contiguous rows, weight = amx_pack_weight of a [packed_n, K] weight. Returns the bias as fp32.
+// The checks both ops of a kernel share: input and out of `dtype` (bf16 or fp32), [M, K] and [M, N]
+// with contiguous rows; weight the packing of a [packed_n, K] weight: bf16, amx_pack_weight's
+// [N_pad / 16][K_pad / 2][16][2]; fp32, fp32_pack_weight's [N_pad / 16][K][16] (per block of 16
+// output columns and per input feature, the 16 columns' weights, zero-padded). Returns the bias as
+// fp32.
 inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t packed_n, const char* op) {
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1,
-              op, ": input must be bfloat16 [rows, in_features] with contiguous rows");
+                                      const std::optional<at::Tensor>& bias, int64_t packed_n, at::ScalarType dtype,
+                                      const char* op) {
+  const char* name = dtype == at::kBFloat16 ? "bfloat16" : "float32";
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == dtype && input.stride(1) == 1,
+              op, ": input must be ", name, " [rows, in_features] with contiguous rows");
   const int64_t M = input.size(0), K = input.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
-              op, ": out must be bfloat16 [", M, ", out_features] with contiguous rows");
-  const int64_t blocks = (packed_n + kPackN - 1) / kPackN, pairs = (K + kPackK - 1) / kPackK * kPackK / 2;
-  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  weight.device().is_cpu() && weight.size(0) == blocks && weight.size(1) == pairs &&
-                  weight.size(2) == kPackN && weight.size(3) == 2,
-              op, ": weight must be a contiguous bfloat16 CPU tensor [", blocks, ", ", pairs,
-              ", 16, 2] (the packing of a [", packed_n, ", ", K, "] weight); got ", weight.sizes(), " ",
-              weight.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == dtype && out.stride(1) == 1,
+              op, ": out must be ", name, " [", M, ", out_features] with contiguous rows");
+  const int64_t blocks = (packed_n + kPackN - 1) / kPackN;
+  const std::vector<int64_t> shape = dtype == at::kBFloat16
+                                         ? std::vector<int64_t>{blocks, (K + kPackK - 1) / kPackK * kPackK / 2, kPackN, 2}
+                                         : std::vector<int64_t>{blocks, K, kPackN};
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef(shape) && weight.scalar_type() == dtype && weight.is_contiguous() &&
+                  weight.device().is_cpu(),
+              op, ": weight must be a contiguous ", name, " CPU tensor ", at::IntArrayRef(shape), " (the packing of a [",
+              packed_n, ", ", K, "] weight); got ", weight.sizes(), " ", weight.scalar_type());
   return linear_bias_fp32(bias, packed_n, op);
 }
 
@@ -47,10 +55,11 @@ inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& i
 using PackedLinearRun = void (*)(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& bias_f32, std::optional<Activation> act, const char* op);
 
-// The linear op of a packed kernel (bf16_amx_linear, bf16_fma_linear): its checks, then `run`.
+// The linear op of a packed kernel (bf16_amx_linear, bf16_fma_linear, fp32_fma_linear): its checks, then `run`.
 inline void packed_linear_op(PackedLinearRun run, at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, const char* op) {
-  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0, op);
+                             const std::optional<at::Tensor>& bias, at::ScalarType dtype, const char* op) {
+  const at::Tensor bias_f32 =
+      check_packed_linear(out, input, weight, bias, out.dim() == 2 ? out.size(1) : 0, dtype, op);
   run(out, input, weight, bias_f32, std::nullopt, op);
 }
 
@@ -58,31 +67,31 @@ inline void packed_linear_op(PackedLinearRun run, at::Tensor& out, const at::Ten
 // [2 * d, K] gate_up weight, then `run`.
 inline void packed_act_and_mul_op(PackedLinearRun run, at::Tensor& out, const at::Tensor& input,
                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                  c10::string_view activation, const char* op) {
+                                  c10::string_view activation, at::ScalarType dtype, const char* op) {
   const Activation act = parse_activation(activation, op);
   const int64_t d = out.dim() == 2 ? out.size(1) : 0;
   TORCH_CHECK(d % kPackN == 0, op, ": out_features (d = ", d, ") must be a multiple of 16");
-  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * d, op);
+  const at::Tensor bias_f32 = check_packed_linear(out, input, weight, bias, 2 * d, dtype, op);
   run(out, input, weight, bias_f32, act, op);
 }
 
 // One row of a gate block's and its up block's sums (16 each, biases null or 16 each) -> 16 outputs
 // of act(gate) * up, each rounded where the linear and act_and_mul round it, so the bits are theirs.
-template <Activation kAct>
-inline void store_act_and_mul(at::BFloat16* out, const float* gate_sums, const float* up_sums,
-                              const float* gate_bias, const float* up_bias) {
-  using BF16 = at::BFloat16;
+template <Activation kAct, typename T>
+inline void store_act_and_mul(T* out, const float* gate_sums, const float* up_sums, const float* gate_bias,
+                              const float* up_bias) {
   for (int64_t j = 0; j < kPackN; j += kVecLen) {
     fVec gate = fVec::loadu(gate_sums + j), up = fVec::loadu(up_sums + j);
     if (gate_bias) {
       gate = gate + fVec::loadu(gate_bias + j);
       up = up + fVec::loadu(up_bias + j);
     }
-    store_fp32(out + j, act_and_mul<kAct, BF16>(round_to<BF16>(gate), round_to<BF16>(up)));
+    store_fp32(out + j, act_and_mul<kAct, T>(round_to<T>(gate), round_to<T>(up)));
   }
 }
 
-inline void store_act_and_mul(Activation act, at::BFloat16* out, const float* gate_sums, const float* up_sums,
+template <typename T>
+inline void store_act_and_mul(Activation act, T* out, const float* gate_sums, const float* up_sums,
                               const float* gate_bias, const float* up_bias) {
   if (act == Activation::kSilu) store_act_and_mul<Activation::kSilu>(out, gate_sums, up_sums, gate_bias, up_bias);
   else store_act_and_mul<Activation::kGeluTanh>(out, gate_sums, up_sums, gate_bias, up_bias);

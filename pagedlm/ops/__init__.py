@@ -158,6 +158,16 @@ Linear ops (CPU, bfloat16):
   number of rows. The CPU kernel needs an AVX2 + FMA build (it raises otherwise); the reference sums
   in fp32 in torch's order, so the two agree to fp32 rounding.
 
+Linear ops (CPU, float32):
+
+* ``fp32_fma_linear(out, input, weight, bias)`` and ``fp32_fma_linear_act_and_mul(out, input, weight,
+  bias, activation)``: the two ops above for float32 ``input`` and ``out``, with ``weight`` =
+  ``fp32_pack_weight(W)`` (fp32 ``[ceil(out / 16), in, 16]``: per 16 output columns and per input
+  feature, the columns' weights, zero-padded) or ``fp32_pack_gate_up_weight(W)`` (the gate_up row
+  order of ``amx_pack_gate_up_weight``). Each output is one fp32 chain of FMAs over the features in
+  order, then the bias; a row's bits do not depend on the number of rows. Same requirements and
+  reference as the bf16 FMA ops.
+
 The extension kernels (``pagedlm._C``, registered as ``torch.ops.pagedlm.*``) also require:
 query, out, keys and values share one dtype (float32, bfloat16 or float16), and the caches hold it
 or fp8; the last
@@ -172,7 +182,7 @@ and dispatch picks the kernels by the tensors' device. ``backend_for(device)`` s
 for CPU tensors; "cuda" for CUDA tensors when the extension was built with CUDA, else
 "torch-reference" (the reference is registered for CUDA then, as it always is for the ops with
 no CUDA kernel: ``gather_rows``, ``scale``, ``soft_cap``, ``top_logprobs``, ``sample``,
-``apply_token_bitmask`` and the CPU-only bf16 linears; with the CUDA kernels ``top_logprobs`` and
+``apply_token_bitmask`` and the CPU-only linears; with the CUDA kernels ``top_logprobs`` and
 ``sample`` take ``argmax_logprob``'s log-sum there, and ``sample`` runs in calls of one row count,
 so that a row's bits do not depend on the batch: ``pagedlm/ops/sampling.py``).
 Without the extension, or with ``PAGEDLM_OPS_BACKEND=torch-reference``, every op is the pure-torch
@@ -215,6 +225,8 @@ _OP_NAMES = (
     "bf16_amx_linear_act_and_mul",
     "bf16_fma_linear",
     "bf16_fma_linear_act_and_mul",
+    "fp32_fma_linear",
+    "fp32_fma_linear_act_and_mul",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -259,7 +271,7 @@ if EXTENSION_LOADED and torch.cuda.is_available():
             stacklevel=2,
         )
     # Ops without a CUDA kernel (all of them in a CPU-only build; always gather_rows, scale, soft_cap,
-    # top_logprobs, sample, apply_token_bitmask and the bf16 linears) run the reference there, but
+    # top_logprobs, sample, apply_token_bitmask and the CPU-only linears) run the reference there, but
     # with the CUDA kernels top_logprobs and sample take argmax_logprob's log-sum (sampling.py).
     _reference_on_cuda = torch.library.Library("pagedlm", "IMPL")
     _on_cuda = {"top_logprobs": sampling.top_logprobs_on_cuda, "sample": sampling.sample_on_cuda} if _CUDA_KERNELS else {}
@@ -310,6 +322,8 @@ bf16_amx_linear = _impl.bf16_amx_linear
 bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
 bf16_fma_linear = _impl.bf16_fma_linear
 bf16_fma_linear_act_and_mul = _impl.bf16_fma_linear_act_and_mul
+fp32_fma_linear = _impl.fp32_fma_linear
+fp32_fma_linear_act_and_mul = _impl.fp32_fma_linear_act_and_mul
 
 # Whether the CPU kernels run bf16 attention on their bf16 tiles (an AVX512-BF16 build): online-softmax
 # steps over chunks of 32 keys, so bits that do not depend on the cache's block size. Else (and in
@@ -319,8 +333,10 @@ BF16_ATTENTION_TILES = EXTENSION_LOADED and bool(getattr(sys.modules.get("pagedl
 kv_cache_scale_is_valid = reference.kv_cache_scale_is_valid
 amx_pack_weight = reference.amx_pack_weight
 amx_pack_gate_up_weight = reference.amx_pack_gate_up_weight
+fp32_pack_weight = reference.fp32_pack_weight
+fp32_pack_gate_up_weight = reference.fp32_pack_gate_up_weight
 
 __all__ = [
     "EXTENSION_LOADED", "BF16_ATTENTION_TILES", "backend_for", "kv_cache_scale_is_valid", "amx_pack_weight",
-    "amx_pack_gate_up_weight", *_OP_NAMES,
+    "amx_pack_gate_up_weight", "fp32_pack_weight", "fp32_pack_gate_up_weight", *_OP_NAMES,
 ]

@@ -399,18 +399,41 @@ def amx_pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(n_pad // 16, 16, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def bf16_amx_linear(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def fp32_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A ``[N, K]`` weight in ``fp32_fma_linear``'s layout: fp32 ``[ceil(N / 16), K, 16]``, per block of
+    16 output columns and per input feature, the 16 columns' weights (columns zero-padded)."""
+    n, k = weight.shape
+    n_pad = -(-n // 16) * 16
+    padded = torch.zeros(n_pad, k, dtype=torch.float32, device=weight.device)
+    padded[:n] = weight
+    return padded.view(n_pad // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def _packed_linear(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out = input @ W.T + bias`` for ``weight`` = ``amx_pack_weight(W)`` or ``fp32_pack_weight(W)``."""
     n, k = out.shape[1], input.shape[1]
-    w = weight.permute(0, 2, 1, 3).reshape(weight.shape[0] * 16, -1)[:n, :k].float()
+    blocked = weight.permute(0, 2, 1, 3) if weight.dim() == 4 else weight.transpose(1, 2)
+    w = blocked.reshape(weight.shape[0] * 16, -1)[:n, :k].float()
     total = input.float() @ w.T
     if bias is not None:
         total = total + bias.float()
     out.copy_(total)
 
 
+# The AMX and FMA kernels sum the same products in other fp32 orders.
+bf16_amx_linear = bf16_fma_linear = fp32_fma_linear = _packed_linear
+
+
 def _gate_up_blocks(d: int) -> torch.Tensor:
     """Row order of a packed gate_up weight: per 16 columns of ``d``, the gate's rows, then the up's."""
     return torch.arange(2 * d).view(2, d // 16, 16).transpose(0, 1).reshape(-1)
+
+
+def _pack_gate_up(weight: torch.Tensor, pack, name: str) -> torch.Tensor:
+    rows = weight.shape[0]
+    if rows % 32:
+        raise ValueError(f"{name}: a [2 * d, K] weight with d a multiple of 16; got {rows} rows")
+    return pack(weight[_gate_up_blocks(rows // 2).to(weight.device)])
 
 
 def amx_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -419,10 +442,13 @@ def amx_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
     16j..16j+15, up 16j..16j+15 for each j, so that column blocks alternate gate and up.
 
     Raises ValueError when the rows are not ``2 * d`` with ``d`` a multiple of 16."""
-    rows = weight.shape[0]
-    if rows % 32:
-        raise ValueError(f"amx_pack_gate_up_weight: a [2 * d, K] weight with d a multiple of 16; got {rows} rows")
-    return amx_pack_weight(weight[_gate_up_blocks(rows // 2).to(weight.device)])
+    return _pack_gate_up(weight, amx_pack_weight, "amx_pack_gate_up_weight")
+
+
+def fp32_pack_gate_up_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``amx_pack_gate_up_weight``'s row order in ``fp32_pack_weight``'s layout, for
+    ``fp32_fma_linear_act_and_mul``. Raises ValueError as that function does."""
+    return _pack_gate_up(weight, fp32_pack_weight, "fp32_pack_gate_up_weight")
 
 
 def _packed_linear_act_and_mul(
@@ -431,12 +457,12 @@ def _packed_linear_act_and_mul(
     act_and_mul = _gated_activation(activation, op)
     d = out.shape[-1]
     if out.dim() != 2 or d % 16 or weight.shape[0] * 16 != 2 * d:
-        raise ValueError(f"{op}: out must be [rows, d] with d a multiple of 16 and weight "
-                         f"amx_pack_gate_up_weight of a [2 * d, in_features] weight; got out {tuple(out.shape)}, "
+        raise ValueError(f"{op}: out must be [rows, d] with d a multiple of 16 and weight the packed gate_up "
+                         f"weight of a [2 * d, in_features] weight; got out {tuple(out.shape)}, "
                          f"weight {tuple(weight.shape)}")
     order = _gate_up_blocks(d).to(input.device)
     blocked = out.new_empty(out.shape[0], 2 * d)
-    bf16_amx_linear(blocked, input, weight, None if bias is None else bias[order])
+    _packed_linear(blocked, input, weight, None if bias is None else bias[order])
     gate_up = torch.empty_like(blocked)
     gate_up[:, order] = blocked
     act_and_mul(out, gate_up)
@@ -448,11 +474,13 @@ def bf16_amx_linear_act_and_mul(
     _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul")
 
 
-# The FMA kernels take the same packed weights and sum the same products in another fp32 order.
-bf16_fma_linear = bf16_amx_linear
-
-
 def bf16_fma_linear_act_and_mul(
     out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> None:
     _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_fma_linear_act_and_mul")
+
+
+def fp32_fma_linear_act_and_mul(
+    out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> None:
+    _packed_linear_act_and_mul(out, input, weight, bias, activation, "fp32_fma_linear_act_and_mul")

@@ -64,6 +64,13 @@ def fma_linear_available() -> bool:
     return _packed_kernel_runs(ops.bf16_fma_linear)
 
 
+@functools.cache
+def fp32_fma_linear_preferred() -> bool:
+    """Whether fp32 linears run ``ops.fp32_fma_linear``: the FMA kernels run here and the CPU has no
+    AVX-512, whose 16-lane FMAs oneDNN's fp32 matmul would use (this kernel's are 8 lanes)."""
+    return fma_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def _onednn_reorders(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -92,6 +99,9 @@ class Linear(DirectCall, nn.Linear):
     - bf16 where oneDNN takes none (AVX2 CPUs: Haswell, Zen 1-3): ``ops.amx_pack_weight``, and every
       row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row sums independent of the row count),
       5-7x torch's bf16 matmul there (docs/performance.md).
+    - fp32 on those CPUs: ``ops.fp32_pack_weight``, and every row count runs on ``ops.fp32_fma_linear``
+      (the same chains), 1.1-1.9x oneDNN's fp32 matmul at 1-26 rows and within its noise above, with
+      no libgomp region in a step (docs/performance.md, session 35).
 
     On CUDA the weight stays as loaded; with ``batch_invariant`` (the default) every call runs
     ``fixed_shape_linear``, else one ``F.linear``.
@@ -99,7 +109,7 @@ class Linear(DirectCall, nn.Linear):
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
-    # The op that runs the packed weight (ops.bf16_amx_linear or ops.bf16_fma_linear), if packed.
+    # The op that runs the packed weight (ops.bf16_amx_linear, bf16_fma_linear or fp32_fma_linear), if packed.
     packed_linear = None
     blocked_layout = False
     # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
@@ -112,10 +122,13 @@ class Linear(DirectCall, nn.Linear):
             # With autograd on, oneDNN adds a bias that needs grad apart from the sums.
             self.bias.requires_grad_(False)
         bf16_cpu = self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
+        fp32_cpu = self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
         if self.weight.device.type == "cuda":
             self.fixed_shape = batch_invariant
         elif bf16_cpu and amx_linear_available():
-            self._pack("amx")
+            self._pack("bf16_amx")
+        elif fp32_cpu and fp32_fma_linear_preferred():
+            self._pack("fp32_fma")
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
             self.weight = nn.Parameter(blocked, requires_grad=False)
@@ -123,12 +136,13 @@ class Linear(DirectCall, nn.Linear):
             if blocked.dtype == torch.bfloat16:
                 self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
         elif bf16_cpu and fma_linear_available():
-            self._pack("fma")
+            self._pack("bf16_fma")
 
     def _pack(self, kernel: str) -> None:
-        """Lays the weight out for ``ops.bf16_{kernel}_linear`` (``GateUpLinear`` packs its own)."""
-        self.packed_linear = getattr(ops, f"bf16_{kernel}_linear")
-        self.weight = nn.Parameter(ops.amx_pack_weight(self.weight.detach()), requires_grad=False)
+        """Lays the weight out for ``ops.{kernel}_linear`` (``GateUpLinear`` packs its own)."""
+        self.packed_linear = getattr(ops, f"{kernel}_linear")
+        pack = ops.fp32_pack_weight if kernel == "fp32_fma" else ops.amx_pack_weight
+        self.weight = nn.Parameter(pack(self.weight.detach()), requires_grad=False)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features).contiguous()
@@ -160,9 +174,10 @@ class GateUpLinear(Linear):
     up rows: vLLM's ``MergedColumnParallelLinear``), joined by their activation: input
     ``[..., in_features]``, output ``act_fn(gate_up)`` ``[..., d]`` in the weight's dtype.
 
-    Where ``Linear`` would run ``ops.bf16_amx_linear`` or ``ops.bf16_fma_linear`` and ``d`` is a
-    multiple of 16, the weight is packed by ``ops.amx_pack_gate_up_weight`` and one kernel
-    (``ops.bf16_amx_linear_act_and_mul`` or ``ops.bf16_fma_linear_act_and_mul``) sums and activates,
+    Where ``Linear`` would run a packed kernel (``ops.bf16_amx_linear``, ``ops.bf16_fma_linear``,
+    ``ops.fp32_fma_linear``) and ``d`` is a multiple of 16, the weight is packed by
+    ``ops.amx_pack_gate_up_weight`` (``ops.fp32_pack_gate_up_weight`` in fp32) and that kernel's
+    ``_act_and_mul`` op sums and activates,
     with the bits of the two ops it replaces; the ``[rows, 2 * d]`` projection is never stored nor read
     back. Where it would run ``ops.bf16_blocked_linear`` and ``d`` is a multiple of 64,
     ``ops.bf16_blocked_linear_act_and_mul`` does the same on that weight.
@@ -184,8 +199,9 @@ class GateUpLinear(Linear):
         if self.out_features % 32:  # d not a multiple of 16: the plain linear, then act_fn
             super()._pack(kernel)
             return
-        self.packed_act_and_mul = getattr(ops, f"bf16_{kernel}_linear_act_and_mul")
-        self.weight = nn.Parameter(ops.amx_pack_gate_up_weight(self.weight.detach()), requires_grad=False)
+        self.packed_act_and_mul = getattr(ops, f"{kernel}_linear_act_and_mul")
+        pack = ops.fp32_pack_gate_up_weight if kernel == "fp32_fma" else ops.amx_pack_gate_up_weight
+        self.weight = nn.Parameter(pack(self.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows(x)
