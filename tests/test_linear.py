@@ -542,3 +542,11 @@ def test_disable_amx_keeps_the_avx512_kernels():
     env = {**os.environ, "PAGEDLM_DISABLE_AMX": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_packed_reference_refuses_the_other_kernels_layout():
+    x, weight = exact_operands(4, 64, 96, torch.float32)
+    with pytest.raises(ValueError, match="a torch.float32 input takes a torch.float32 weight of 3 dimensions"):
+        reference.fp32_fma_linear(torch.empty(4, 64), x, ops.amx_pack_weight(weight), None)
+    with pytest.raises(ValueError, match="a torch.bfloat16 input takes a torch.bfloat16 weight of 4 dimensions"):
+        reference.bf16_fma_linear(torch.empty(4, 64, dtype=torch.bfloat16), x.bfloat16(), ops.fp32_pack_weight(weight), None)

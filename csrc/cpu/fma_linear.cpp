@@ -184,8 +184,7 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
       const float* xm;
       if constexpr (kBf16) {
         if (m0 != converted) {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t k = 0; k < K; ++k) xg[r * ldx + k] = static_cast<float>(x[(m0 + r) * lda + k]);
+          for (int64_t r = 0; r < rows; ++r) fp32_rows(x + (m0 + r) * lda, K, xg.data() + r * ldx);
           converted = m0;
         }
         xm = xg.data();

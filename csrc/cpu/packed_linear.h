@@ -35,10 +35,12 @@ inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& i
                                       const char* op) {
   const char* name = dtype == at::kBFloat16 ? "bfloat16" : "float32";
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == dtype && input.stride(1) == 1,
-              op, ": input must be ", name, " [rows, in_features] with contiguous rows");
+              op, ": input must be ", name, " [rows, in_features] with contiguous rows; got ", input.scalar_type(), " ",
+              input.sizes(), " with strides ", input.strides());
   const int64_t M = input.size(0), K = input.size(1);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == dtype && out.stride(1) == 1,
-              op, ": out must be ", name, " [", M, ", out_features] with contiguous rows");
+              op, ": out must be ", name, " [", M, ", out_features] with contiguous rows; got ", out.scalar_type(), " ",
+              out.sizes(), " with strides ", out.strides());
   const int64_t blocks = (packed_n + kPackN - 1) / kPackN;
   const std::vector<int64_t> shape = dtype == at::kBFloat16
                                          ? std::vector<int64_t>{blocks, (K + kPackK - 1) / kPackK * kPackK / 2, kPackN, 2}

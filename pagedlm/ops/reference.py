@@ -410,7 +410,13 @@ def fp32_pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_linear(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``out = input @ W.T + bias`` for ``weight`` = ``amx_pack_weight(W)`` or ``fp32_pack_weight(W)``."""
+    """``out = input @ W.T + bias`` for ``weight`` = ``amx_pack_weight(W)`` (bf16 ``input``) or
+    ``fp32_pack_weight(W)`` (fp32 ``input``). Raises ValueError for another weight layout."""
+    layout = (4, torch.bfloat16) if input.dtype == torch.bfloat16 else (3, torch.float32)
+    if (weight.dim(), weight.dtype) != layout:
+        raise ValueError(f"packed linear: a {input.dtype} input takes a {layout[1]} weight of {layout[0]} dimensions "
+                         f"({'amx_pack_weight' if layout[0] == 4 else 'fp32_pack_weight'}); got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
     n, k = out.shape[1], input.shape[1]
     blocked = weight.permute(0, 2, 1, 3) if weight.dim() == 4 else weight.transpose(1, 2)
     w = blocked.reshape(weight.shape[0] * 16, -1)[:n, :k].float()

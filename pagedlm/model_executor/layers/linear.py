@@ -66,8 +66,9 @@ def fma_linear_available() -> bool:
 
 @functools.cache
 def fp32_fma_linear_preferred() -> bool:
-    """Whether fp32 linears run ``ops.fp32_fma_linear``: the FMA kernels run here and the CPU has no
-    AVX-512, whose 16-lane FMAs oneDNN's fp32 matmul would use (this kernel's are 8 lanes)."""
+    """Whether fp32 linears run ``ops.fp32_fma_linear``: the FMA kernels run here and torch dispatches
+    its AVX2 kernels (a CPU without AVX-512, or ``ATEN_CPU_CAPABILITY=avx2``); with AVX-512, oneDNN's
+    fp32 matmul has 16-lane FMAs, twice this kernel's."""
     return fma_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
