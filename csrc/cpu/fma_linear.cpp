@@ -135,6 +135,12 @@ PAGEDLM_ALWAYS_INLINE void tiles(int64_t rows, const Sums& sums) {
   }
 }
 
+// The `rows` rows of x (fp32, row stride ldx) against one fp32 block of `features` x 16 weights:
+// fp32_pack_weight's block, or a bf16 block widened.
+void wide_block_sums(int64_t rows, const float* x, int64_t ldx, const float* wide, int64_t features, float* sums) {
+  tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, wide, features, sums + r * kPackN); });
+}
+
 // sums[r * 16 + c] for the `rows` rows of x against one packed block; wide: 2 * pairs * 16 floats.
 void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs, float* wide,
                 float* sums) {
@@ -143,12 +149,7 @@ void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w
     return;
   }
   widen_block(w, pairs, wide);
-  tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, wide, 2 * pairs, sums + r * kPackN); });
-}
-
-// The `rows` rows of x (fp32, row stride ldx) against one block of fp32_pack_weight's layout.
-void fp32_block_sums(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t K, float* sums) {
-  tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, w, K, sums + r * kPackN); });
+  wide_block_sums(rows, x, ldx, wide, 2 * pairs, sums);
 }
 
 // T = bf16 (amx_pack_weight's layout) or float (fp32_pack_weight's). act unset: out [M, N] =
@@ -193,7 +194,7 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
       }
       const auto sum_block = [&](int64_t b, float* into) {
         if constexpr (kBf16) block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), into);
-        else fp32_block_sums(rows, xm, ldx, w + b * block_elements, K, into);
+        else wide_block_sums(rows, xm, ldx, w + b * block_elements, K, into);
       };
       for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
         sum_block(b, gate_sums);

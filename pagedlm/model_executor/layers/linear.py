@@ -21,6 +21,13 @@ _REORDER_ROWS_HINT = 64
 INVARIANT_ROWS = 128
 
 
+# The packed kernels' weight layouts by the weight's dtype: (a plain weight's, a gate_up weight's).
+_PACKINGS = {
+    torch.bfloat16: (ops.amx_pack_weight, ops.amx_pack_gate_up_weight),
+    torch.float32: (ops.fp32_pack_weight, ops.fp32_pack_gate_up_weight),
+}
+
+
 def fixed_shape_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` as products of exactly ``INVARIANT_ROWS`` rows each, so that a row's
     result does not depend on how many rows came with it (``call_in_fixed_row_chunks``).
@@ -142,7 +149,7 @@ class Linear(DirectCall, nn.Linear):
     def _pack(self, kernel: str) -> None:
         """Lays the weight out for ``ops.{kernel}_linear`` (``GateUpLinear`` packs its own)."""
         self.packed_linear = getattr(ops, f"{kernel}_linear")
-        pack = ops.fp32_pack_weight if kernel == "fp32_fma" else ops.amx_pack_weight
+        pack, _ = _PACKINGS[self.weight.dtype]
         self.weight = nn.Parameter(pack(self.weight.detach()), requires_grad=False)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +208,7 @@ class GateUpLinear(Linear):
             super()._pack(kernel)
             return
         self.packed_act_and_mul = getattr(ops, f"{kernel}_linear_act_and_mul")
-        pack = ops.fp32_pack_gate_up_weight if kernel == "fp32_fma" else ops.amx_pack_gate_up_weight
+        _, pack = _PACKINGS[self.weight.dtype]
         self.weight = nn.Parameter(pack(self.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
