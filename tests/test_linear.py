@@ -304,9 +304,10 @@ def exact_operands(num_rows: int, out_features: int, in_features: int,
 
 
 @pytest.mark.parametrize(
-    "out_features,in_features", [(16, 32), (7, 5), (100, 50), (130, 33), (64, 1100), (200, 96), (33, 576)]
+    "out_features,in_features",
+    [(16, 32), (7, 5), (100, 50), (130, 33), (64, 1100), (200, 96), (33, 576), (90, 40)],  # 1-4 blocks in a unit's last
 )
-@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 33, 130, 300])  # 130: panels prefetched
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 20, 33, 130, 300])  # 130: panels prefetched; 1-6 rows in a last tile
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_packed_kernel_equals_reference_on_exact_sums(kernel, out_features, in_features, num_rows, with_bias):
@@ -384,12 +385,12 @@ def test_linear_runs_a_packed_kernel_where_it_can():
     assert layer.packed_linear is expected and layer.weight.shape == (4, 48, 16, 2)
 
 
-def test_fp32_linear_runs_the_fma_kernel_on_avx2_cpus():
-    """On CPUs without AVX-512 (where oneDNN's fp32 matmul has 8-lane FMAs too) fp32 runs the FMA
-    kernel; elsewhere oneDNN."""
+def test_fp32_linear_runs_the_fma_kernel_wherever_it_runs():
+    """fp32 runs the FMA kernel on every AVX2 or AVX-512 build (8- or 16-lane FMAs, as oneDNN's); only a
+    portable build leaves it to oneDNN."""
     layer = Linear(96, 64, bias=True)
     layer.process_weights_after_loading()
-    if linear.fma_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX2":
+    if linear.fma_linear_available():
         assert layer.packed_linear is ops.fp32_fma_linear and layer.weight.shape == (4, 96, 16)
     else:
         assert layer.packed_linear is None and layer.blocked_layout

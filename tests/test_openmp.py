@@ -109,7 +109,7 @@ def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
 
 
 def _linears_are_ours(dtype: torch.dtype) -> bool:
-    """Whether ``Linear`` runs one of pagedlm's kernels here in ``dtype`` (AMX, AVX2's FMA kernels, or
+    """Whether ``Linear`` runs one of pagedlm's kernels here in ``dtype`` (AMX, the FMA kernels, or
     the AVX512-BF16 streaming kernel in oneDNN's order) rather than oneDNN's matmul, which opens
     OpenMP regions."""
     layer = Linear(64, 64, bias=False).to(dtype)

@@ -15,9 +15,10 @@
 // linear followed by silu_and_mul / gelu_tanh_and_mul.
 //
 // fp32_fma_linear and fp32_fma_linear_act_and_mul are the same over fp32 inputs and a weight packed
-// as fp32 ([blocks][K][16]: a widened block, read in place), with no rounding at the end. On these
-// CPUs they replace oneDNN's fp32 matmul: its sums for a row depend on the row count at one row, and
-// its OpenMP regions stall a step beside a busy process (docs/performance.md, session 35).
+// as fp32 ([blocks][K][16]: a widened block, read in place), with no rounding at the end; an AVX-512
+// build runs them in 512-bit tiles of 6 rows x 4 blocks (the same chains, so the same bits). They
+// replace oneDNN's fp32 matmul: its sums for a row depend on the row count at one row, and its OpenMP
+// regions stall a step beside a busy process (docs/performance.md, sessions 35 and 36).
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "ops.h"
@@ -141,6 +142,55 @@ void wide_block_sums(int64_t rows, const float* x, int64_t ldx, const float* wid
   tiles<kWideTileRows>(rows, [&](int64_t r, auto mt) { wide_sums<mt()>(x + r * ldx, ldx, wide, features, sums + r * kPackN); });
 }
 
+#if defined(__AVX512F__)
+// fp32 tiles of up to 6 rows x 4 blocks on AVX-512: 24 accumulators of 16 columns, a block's 16
+// weights of a feature in one register, a broadcast: 29 of its 32 registers, against wide_sums' 14
+// of AVX2's 16. Each lane runs the chain wide_sums runs (one FMA per feature, in order), so the bits
+// are the same.
+constexpr int kZmmTileRows = 6;
+
+template <int MT, int NB>
+PAGEDLM_ALWAYS_INLINE void zmm_sums(const float* x, int64_t ldx, const float* w, int64_t block_elements, int64_t features,
+                                    float* sums, int64_t sums_stride) {
+  __m512 acc[MT][NB];
+  for (int r = 0; r < MT; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < features; ++k) {
+    __m512 wk[NB];
+    for (int j = 0; j < NB; ++j) wk[j] = _mm512_loadu_ps(w + j * block_elements + kPackN * k);
+    for (int r = 0; r < MT; ++r) {
+      const __m512 xk = _mm512_set1_ps(x[r * ldx + k]);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_fmadd_ps(xk, wk[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MT; ++r)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(sums + j * sums_stride + r * kPackN, acc[r][j]);
+}
+
+template <int NB>
+void zmm_unit_sums(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t block_elements,
+                   int64_t features, float* sums, int64_t sums_stride) {
+  tiles<kZmmTileRows>(rows, [&](int64_t r, auto mt) {
+    zmm_sums<mt(), NB>(x + r * ldx, ldx, w, block_elements, features, sums + r * kPackN, sums_stride);
+  });
+}
+#endif
+
+// The `rows` rows of x (fp32) against `blocks` consecutive fp32 blocks of `features` x 16 weights
+// (fp32_pack_weight's), block j's sums at sums + j * sums_stride.
+void fp32_unit_sums(int64_t rows, const float* x, int64_t ldx, const float* w, int64_t block_elements,
+                    int64_t blocks, int64_t features, float* sums, int64_t sums_stride) {
+#if defined(__AVX512F__)
+  if (blocks == 4) return zmm_unit_sums<4>(rows, x, ldx, w, block_elements, features, sums, sums_stride);
+  if (blocks == 3) return zmm_unit_sums<3>(rows, x, ldx, w, block_elements, features, sums, sums_stride);
+  if (blocks == 2) return zmm_unit_sums<2>(rows, x, ldx, w, block_elements, features, sums, sums_stride);
+  return zmm_unit_sums<1>(rows, x, ldx, w, block_elements, features, sums, sums_stride);
+#else
+  for (int64_t j = 0; j < blocks; ++j)
+    wide_block_sums(rows, x, ldx, w + j * block_elements, features, sums + j * sums_stride);
+#endif
+}
+
 // sums[r * 16 + c] for the `rows` rows of x against one packed block; wide: 2 * pairs * 16 floats.
 void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w, int64_t pairs, float* wide,
                 float* sums) {
@@ -172,34 +222,32 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
   parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(2 * kGroupRows * kPackN), wide(kBf16 && M >= kWideFromRows ? 2 * pairs * kPackN : 0);
+    // Block j of a unit sums into sums + j * kBlockSums.
+    constexpr int64_t kBlockSums = kGroupRows * kPackN;
+    std::vector<float> sums(kUnitBlocks * kBlockSums), wide(kBf16 && M >= kWideFromRows ? 2 * pairs * kPackN : 0);
     // The unit's bf16 rows as fp32, zero past K (a pair past an odd K holds one feature); converted
     // again only when the row group changes (a 1/64 share of the unit's FMAs when it does).
     std::vector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
     int64_t converted = -1;
-    float* gate_sums = sums.data();
-    float* up_sums = gate_sums + kGroupRows * kPackN;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
-      const int64_t b0 = u / groups * kUnitBlocks, b1 = std::min(blocks, b0 + kUnitBlocks);
-      const float* xm;
+      const int64_t b0 = u / groups * kUnitBlocks, unit_blocks = std::min(blocks, b0 + kUnitBlocks) - b0;
       if constexpr (kBf16) {
         if (m0 != converted) {
           for (int64_t r = 0; r < rows; ++r) fp32_rows(x + (m0 + r) * lda, K, xg.data() + r * ldx);
           converted = m0;
         }
-        xm = xg.data();
+        for (int64_t j = 0; j < unit_blocks; ++j)
+          block_sums(rows, xg.data(), ldx, w + (b0 + j) * block_elements, pairs, wide.data(), sums.data() + j * kBlockSums);
       } else {
-        xm = x + m0 * lda;
+        fp32_unit_sums(rows, x + m0 * lda, ldx, w + b0 * block_elements, block_elements, unit_blocks, K, sums.data(),
+                       kBlockSums);
       }
-      const auto sum_block = [&](int64_t b, float* into) {
-        if constexpr (kBf16) block_sums(rows, xm, ldx, w + b * block_elements, pairs, wide.data(), into);
-        else wide_block_sums(rows, xm, ldx, w + b * block_elements, K, into);
-      };
-      for (int64_t b = b0; b < b1; b += act ? 2 : 1) {
-        sum_block(b, gate_sums);
+      for (int64_t j = 0; j < unit_blocks; j += act ? 2 : 1) {
+        const float* gate_sums = sums.data() + j * kBlockSums;
+        const int64_t b = b0 + j;
         if (act) {
-          sum_block(b + 1, up_sums);
+          const float* up_sums = gate_sums + kBlockSums;
           const int64_t n0 = b / 2 * kPackN;
           for (int64_t r = 0; r < rows; ++r)
             store_act_and_mul(*act, y + (m0 + r) * ldy + n0, gate_sums + r * kPackN, up_sums + r * kPackN,

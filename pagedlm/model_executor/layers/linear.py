@@ -67,16 +67,9 @@ def amx_linear_available() -> bool:
 
 @functools.cache
 def fma_linear_available() -> bool:
-    """Whether ``ops.bf16_fma_linear`` runs here: an AVX2 + FMA build (every x86 build but the portable one)."""
+    """Whether ``ops.bf16_fma_linear`` and ``ops.fp32_fma_linear`` run here: an AVX2 + FMA build (every
+    x86 build but the portable one)."""
     return _packed_kernel_runs(ops.bf16_fma_linear)
-
-
-@functools.cache
-def fp32_fma_linear_preferred() -> bool:
-    """Whether fp32 linears run ``ops.fp32_fma_linear``: the FMA kernels run here and torch dispatches
-    its AVX2 kernels (a CPU without AVX-512, or ``ATEN_CPU_CAPABILITY=avx2``); with AVX-512, oneDNN's
-    fp32 matmul has 16-lane FMAs, twice this kernel's."""
-    return fma_linear_available() and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def _onednn_reorders(weight: torch.Tensor) -> bool:
@@ -135,7 +128,7 @@ class Linear(DirectCall, nn.Linear):
             self.fixed_shape = batch_invariant
         elif bf16_cpu and amx_linear_available():
             self._pack("bf16_amx")
-        elif fp32_cpu and fp32_fma_linear_preferred():
+        elif fp32_cpu and fma_linear_available():
             self._pack("fp32_fma")
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
