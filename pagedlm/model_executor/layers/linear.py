@@ -91,18 +91,21 @@ class Linear(DirectCall, nn.Linear):
     - bf16 on a CPU with AMX: ``ops.amx_pack_weight``, and every row count runs on
       ``ops.bf16_amx_linear``, whose row sums do not depend on the row count (oneDNN's AMX matmul
       changes its sums between 32 and 33 rows, among others).
-    - otherwise, where oneDNN takes the dtype, oneDNN's blocked layout. In bf16, where
-      ``onednn_order`` reproduced oneDNN's sums for the weight at load (an AVX512-BF16 build; else
-      oneDNN runs, one row as two), every row count runs on ``ops.bf16_blocked_linear`` over the same
-      weight, which gives each row oneDNN's bits: faster than oneDNN's matmul up to ~768 rows and
-      within a few percent of it at 1,024-2,048 on the AMD EPYC of docs/performance.md, and no
-      libgomp region in a step, whose threads would compete with the kernels' own pool.
+    - fp32 on every AVX2 or AVX-512 build: ``ops.fp32_pack_weight``, and every row count runs on
+      ``ops.fp32_fma_linear`` (one fp32 FMA chain per output over the features in order, so row sums
+      independent of the row count; 512-bit tiles on AVX-512): against oneDNN's fp32 matmul
+      1.1-1.9x at 1-26 rows on AVX2, 1.0-1.6x at 1-128 rows and 0.93x at 2,048 on AVX-512, with no
+      libgomp region in a step (docs/performance.md, sessions 35 and 36).
+    - otherwise (bf16 without AMX, fp32 in a portable build), where oneDNN takes the dtype, oneDNN's
+      blocked layout. In bf16, where ``onednn_order`` reproduced oneDNN's sums for the weight at load
+      (an AVX512-BF16 build; else oneDNN runs, one row as two), every row count runs on
+      ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's bits: faster
+      than oneDNN's matmul up to ~768 rows and within a few percent of it at 1,024-2,048 on the AMD
+      EPYC of docs/performance.md, and no libgomp region in a step, whose threads would compete with
+      the kernels' own pool.
     - bf16 where oneDNN takes none (AVX2 CPUs: Haswell, Zen 1-3): ``ops.amx_pack_weight``, and every
       row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row sums independent of the row count),
       5-7x torch's bf16 matmul there (docs/performance.md).
-    - fp32 on those CPUs: ``ops.fp32_pack_weight``, and every row count runs on ``ops.fp32_fma_linear``
-      (the same chains), 1.1-1.9x oneDNN's fp32 matmul at 1-26 rows and within its noise above, with
-      no libgomp region in a step (docs/performance.md, session 35).
 
     On CUDA the weight stays as loaded; with ``batch_invariant`` (the default) every call runs
     ``fixed_shape_linear``, else one ``F.linear``.
