@@ -326,7 +326,9 @@ def test_packed_kernel_equals_reference_on_exact_sums(kernel, out_features, in_f
     assert torch.equal(expected, (dense_x.float() @ weight.float().T + (0 if bias is None else bias)).to(dtype))
 
 
-@pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (49, 1100), (4864, 896)])
+@pytest.mark.parametrize(  # the last unit of 4 column blocks holds 4, 1, 2 and 3
+    "out_features,in_features", [(960, 576), (576, 1536), (49, 1100), (4864, 896), (200, 576), (90, 576), (100, 300)]
+)
 @pytest.mark.parametrize("kernel", PACKED_KERNELS)
 def test_packed_kernel_rows_do_not_depend_on_the_row_count(kernel, out_features, in_features):
     # Random operands: sums round, so this fails if a row's sum ever took another order by row count
@@ -345,6 +347,24 @@ def test_packed_kernel_rows_do_not_depend_on_the_row_count(kernel, out_features,
         packed_linear(out, x[-count:], packed, bias)
         assert torch.equal(out, full[-count:]), count
 
+
+
+def test_fp32_fma_kernel_sums_as_the_bf16_one_does():
+    # Both kernels chain each output's FMAs over the features in order, whatever their tile width
+    # (512-bit for fp32 on an AVX-512 build, 256-bit for bf16): on bf16-valued operands their fp32
+    # sums are equal. bf16_fma_linear rounds its output, so each row runs with minus the fp32 kernel's
+    # row as its bias: equal sums leave exact zeros, any other order a difference that rounds to
+    # none of them.
+    if not linear.fma_linear_available():
+        pytest.skip("the FMA kernels do not run here (no AVX2 + FMA build)")
+    x, weight = operands(40, 200, 1100)
+    weight = weight.to_dense()
+    sums = torch.empty(40, 200)
+    ops.fp32_fma_linear(sums, x.float(), ops.fp32_pack_weight(weight.float()), None)
+    packed, difference = ops.amx_pack_weight(weight), torch.empty(1, 200, dtype=torch.bfloat16)
+    for row in range(40):
+        ops.bf16_fma_linear(difference, x[row : row + 1], packed, -sums[row])
+        assert torch.count_nonzero(difference) == 0, row
 
 # Messages with the kernel's dtype name and its weight shapes for 4 and 5 column blocks (K = 96).
 BAD_PACKED_ARGUMENTS = [
