@@ -94,7 +94,7 @@ class Linear(DirectCall, nn.Linear):
     - fp32 on every AVX2 or AVX-512 build: ``ops.fp32_pack_weight``, and every row count runs on
       ``ops.fp32_fma_linear`` (one fp32 FMA chain per output over the features in order, so row sums
       independent of the row count; 512-bit tiles on AVX-512): against oneDNN's fp32 matmul
-      1.1-1.9x at 1-26 rows on AVX2, 1.0-1.6x at 1-128 rows and 0.93x at 2,048 on AVX-512, with no
+      1.1-1.9x at 1-26 rows on AVX2, 1.0-2.0x at 1-256 rows and 0.93-1.15x at 2,048 on AVX-512, with no
       libgomp region in a step (docs/performance.md, sessions 35 and 36).
     - otherwise (bf16 without AMX, fp32 in a portable build), where oneDNN takes the dtype, oneDNN's
       blocked layout. In bf16, where ``onednn_order`` reproduced oneDNN's sums for the weight at load
