@@ -62,11 +62,10 @@ def main() -> None:
     dense = [(torch.randn(n, k) * 0.05).to(dtype) for n, k in shapes]
     weights = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in dense] if onednn_takes_dtype else dense
     amx = linear.amx_linear_available()
-    if fp32:
-        kernel, ends, ours = "fp32_fma_linear", {k: None for _, k in shapes}, [ops.fp32_pack_weight(w) for w in dense]
-    elif amx or not onednn_takes_dtype:
-        kernel = "bf16_amx_linear" if amx else "bf16_fma_linear"
-        ends, ours = {k: None for _, k in shapes}, [ops.amx_pack_weight(w) for w in dense]
+    if fp32 or amx or not onednn_takes_dtype:
+        kernel = "fp32_fma_linear" if fp32 else "bf16_amx_linear" if amx else "bf16_fma_linear"
+        pack = ops.fp32_pack_weight if fp32 else ops.amx_pack_weight
+        ends, ours = {k: None for _, k in shapes}, [pack(w) for w in dense]
     else:
         kernel, ends, ours = "bf16_blocked_linear", {k: onednn_order.k_chunk_ends(k, 64) for _, k in shapes}, weights
     del dense

@@ -5,10 +5,11 @@ parallel region can first call it.
 pagedlm's CPU kernels run on a thread pool of their own (csrc/cpu/thread_pool.cpp), which spins
 between regions on a quiet machine and sleeps early on a busy one. On AMX, on AVX512-BF16 where
 ``Linear`` runs pagedlm's streaming kernel (its sums reproduced oneDNN's for the weights), on AVX2
-(its FMA kernels), and in float32 on AVX2 and AVX-512 (the FMA kernels), a greedy or seeded step of a Llama-family model (Granite,
-Gemma 2 and 3, Qwen3 included), log-probabilities and prompt log-probabilities included, runs no
-torch op large enough to open a libgomp region (tests/test_openmp.py; Gemma 2's float32 final soft
-cap excepted); oneDNN's linears (bf16 on an AVX-512 CPU without BF16),
+(its FMA kernels), and in float32 on AVX-512 too (the same FMA kernels), a greedy or seeded step of
+a Llama-family model (Granite, Gemma 2 and 3, Qwen3 included), log-probabilities and prompt
+log-probabilities included, runs no torch op large enough to open a libgomp region
+(tests/test_openmp.py; Gemma 2's float32 final soft cap excepted); oneDNN's linears (bf16 on an
+AVX-512 CPU without BF16),
 penalties, logits processors and beam search still do, and libgomp's waiting
 threads spin ``GOMP_SPINCOUNT`` times (300,000 by default, ~3.5 ms here) after each one. Beside the
 pool's workers, that took a quarter of the quiet rate (benchmarks/contention.py) and 10% of a

@@ -348,7 +348,6 @@ def test_packed_kernel_rows_do_not_depend_on_the_row_count(kernel, out_features,
         assert torch.equal(out, full[-count:]), count
 
 
-
 def test_fp32_fma_kernel_sums_as_the_bf16_one_does():
     # Both kernels chain each output's FMAs over the features in order, whatever their tile width
     # (512-bit for fp32 on an AVX-512 build, 256-bit for bf16): on bf16-valued operands their fp32
@@ -365,6 +364,7 @@ def test_fp32_fma_kernel_sums_as_the_bf16_one_does():
     for row in range(40):
         ops.bf16_fma_linear(difference, x[row : row + 1], packed, -sums[row])
         assert torch.count_nonzero(difference) == 0, row
+
 
 # Messages with the kernel's dtype name and its weight shapes for 4 and 5 column blocks (K = 96).
 BAD_PACKED_ARGUMENTS = [
