@@ -1,7 +1,9 @@
 """Block allocator and block tables: reference counts, copy-on-write, admission decisions."""
 
+import copy
+
 import pytest
-from hypothesis import settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -446,3 +448,59 @@ def test_a_group_that_fits_only_without_its_partial_hit_is_admitted_without_it()
     status, plans = bm.can_allocate(group)
     assert status == AllocStatus.OK and plans[group.seqs[0].seq_id].partial_hit is None
     assert bm.allocate(group, plans) == [] and group.seqs[0].num_computed_tokens == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    others=st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.booleans()), max_size=4),
+    prompt=st.lists(st.integers(0, 2), min_size=1, max_size=10),
+    outputs=st.lists(st.lists(st.integers(0, 2), max_size=9), min_size=1, max_size=4),
+    num_free=st.integers(0, 24),
+)
+def test_a_readmitted_group_is_admitted_exactly_when_it_fits(others, prompt, outputs, num_free):
+    """A forked group preempted by recompute and admitted again (``n > 1``, beam search): its
+    sequences' full hits, shared prompt blocks and partial hits on each other's freed blocks are
+    counted once each, so ``OK`` means ``allocate`` finds every block it takes, and ``LATER`` means
+    even the full hits alone do not fit. Few token values: prefixes and partial blocks often match."""
+    bm = BlockSpaceManager(block_size=4, num_kv_blocks=24, watermark=0.0)
+    for tokens, keep in others:
+        seq, _ = _admit_prompt(bm, tokens)
+        bm.finish_step()
+        if not keep:
+            bm.free(seq)
+    group = SequenceGroup("r", None, prompt, SamplingParams(), 4, 0.0)
+    status, plans = bm.can_allocate(group)
+    assume(status == AllocStatus.OK)
+    bm.allocate(group, plans)
+    parent = group.seqs[0]
+    parent.status = SequenceStatus.RUNNING
+    bm.cache_full_blocks(parent, parent.num_tokens)
+    parent.num_computed_tokens = parent.num_tokens
+    bm.finish_step()
+    for index in range(1, len(outputs)):
+        child = parent.fork(index)
+        bm.fork(parent, child)
+        group.seqs.append(child)
+    for seq, tokens in zip(group.seqs, outputs):
+        for token in tokens:
+            seq.append_token(token, 0.0)
+            assume(bm.can_append_slots({seq: 1}))
+            bm.append_slots(seq)
+            bm.cache_full_blocks(seq, seq.num_tokens)
+            seq.num_computed_tokens = seq.num_tokens
+            bm.finish_step()
+    for seq in reversed(group.seqs):  # preempted
+        bm.free(seq)
+        seq.reset_for_recompute()
+    while bm.num_free_blocks > num_free:  # other work takes the rest (evicting cached blocks)
+        bm.allocator.allocate()
+    status, plans = bm.can_allocate(group)
+    assume(status != AllocStatus.NEVER)
+    if status == AllocStatus.OK:
+        bm.allocate(group, plans)
+        return
+    bm, plans = copy.deepcopy((bm, plans))
+    for plan in plans.values():
+        plan.partial_hit = None
+    with pytest.raises(RuntimeError, match="Out of KV cache blocks"):
+        bm.allocate(group, plans)

@@ -276,8 +276,12 @@ class BlockSpaceManager:
         after forking takes its shared prompt (and any shared output) back into shared blocks."""
         plans: dict[int, PrefixPlan] = {}
         earlier: list[Sequence] = []
-        counted: set[int] = set()  # cached blocks an earlier sequence of the group already takes
-        num_required = num_held = 0
+        # Free cached blocks the group's full hits take off the free list (each once, however many
+        # sequences hit it), and the free sources of its partial hits, held until the step has run.
+        # Kept apart: dropping the partial hits must leave the full hits' count whole.
+        taken: set[int] = set()
+        held: set[int] = set()
+        num_required = 0
         for seq in seq_group.get_seqs(SequenceStatus.WAITING):
             cached = self.computed_blocks(seq) if use_prefix_cache else []
             owner, num_shared = self._longest_shared_prefix(seq, earlier)
@@ -289,13 +293,13 @@ class BlockSpaceManager:
             else:
                 partial = self.partial_hit(seq, len(cached)) if use_prefix_cache and self.enable_prefix_caching else None
                 plans[seq.seq_id] = PrefixPlan(cached, partial_hit=partial)
-                # A cached block in use costs nothing; a cached free one is taken from the free list once.
-                num_required += seq.num_logical_blocks - sum(self.allocator.ref_counts[b] > 0 or b in counted for b in cached)
-                counted.update(cached)
-                if partial and not self.allocator.ref_counts[partial[0]] and partial[0] not in counted:
-                    num_held += 1  # a free source, held until the step has run
-                    counted.add(partial[0])
+                num_required += seq.num_logical_blocks - len(cached)
+                taken.update(b for b in cached if not self.allocator.ref_counts[b])
+                if partial and not self.allocator.ref_counts[partial[0]]:
+                    held.add(partial[0])
             earlier.append(seq)
+        num_required += len(taken)
+        num_held = len(held - taken)
         if self.num_kv_blocks - num_required < self.watermark_blocks:
             return AllocStatus.NEVER, plans
         if self.num_free_blocks - num_required - num_held >= self.watermark_blocks:
