@@ -78,6 +78,24 @@ def check_truncate_prompt_tokens(value: Any) -> int | None:
     return value
 
 
+def _check_json_value(value: Any, where: str) -> None:
+    """Raises ValueError naming the place in ``value`` that JSON cannot hold: a key that is not a
+    str, a non-finite float, or an object of another type (a set, a class)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} must be JSON: key {key!r} is not a str.")
+            _check_json_value(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be JSON: {value} is not a finite number.")
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError(f"{where} must be JSON (dicts, lists, str, int, float, bool, None): got a "
+                         f"{type(value).__name__}.")
+
+
 class RequestOutputKind(Enum):
     """What ``LLMEngine.step`` returns for a request that took part in the step (vLLM's names).
 
@@ -141,6 +159,8 @@ class StructuredOutputsParams:
         if kind == "json" and not (isinstance(value, dict) or (isinstance(value, str) and value.strip())):
             raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or its non-empty JSON text), "
                              f"got {value!r:.80}.")
+        if kind == "json" and isinstance(value, dict):
+            _check_json_value(value, "structured_outputs.json")
         if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
             raise ValueError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.")
         if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):
@@ -156,13 +176,14 @@ class StructuredOutputsParams:
 
     @property
     def key(self) -> tuple[str, str, bool]:
-        """(kind, spec, any whitespace): equal for equal constraints (a dict schema in canonical JSON)."""
+        """(kind, spec, any whitespace): equal for equal constraints (a dict schema as its JSON text, in
+        its own key order, which is the order its properties are generated in)."""
         any_whitespace = not self.disable_any_whitespace
         for kind in ("json", "regex", "choice", "grammar"):
             value = getattr(self, kind)
             if value is not None:
                 if kind == "json" and isinstance(value, dict):
-                    value = _json.dumps(value, sort_keys=True)
+                    value = _json.dumps(value, ensure_ascii=False)  # in order: the order properties come out
                 elif kind == "choice":
                     value = _json.dumps(value)
                 return kind, value, any_whitespace
@@ -193,13 +214,15 @@ class SamplingParams:
             EOS, a stop token or string, or the engine's ``max_model_len``, or the KV cache's room
             for the request's sequences where a small cache (``num_kv_blocks``) holds fewer tokens
             than that (then ``"length"``); nothing is cut at an arbitrary small length.
-        min_tokens: EOS and stop tokens cannot be sampled before this many tokens.
+        min_tokens: EOS and stop tokens cannot be sampled before this many tokens (except where
+            ``structured_outputs``' grammar can only end: the completion ends there).
         stop: strings that end a completion; the text is cut before the stop string unless
             ``include_stop_str_in_output``.
         include_stop_str_in_output: keep the stop string, or the stop token's text, in ``text``.
         stop_token_ids: token ids that end a completion (kept in ``token_ids``; their text, like an
             EOS token's, is left out of ``text`` unless ``include_stop_str_in_output``).
-        ignore_eos: keep generating after the end-of-sequence token.
+        ignore_eos: keep generating after the end-of-sequence token (a completion whose
+            ``structured_outputs`` grammar can only end still ends).
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
         prompt_logprobs: the same for each prompt position.

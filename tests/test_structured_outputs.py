@@ -216,9 +216,10 @@ def test_json_object_is_an_object_and_choices_keep_any_unicode(llm):
     ({"type": "array", "contains": {"const": 42}}, "contains"),
     ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "allOf"),
     ({"$defs": {"x": {"not": {"type": "string"}}}, "$ref": "#/$defs/x"}, "not"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependencies": {"a": ["b"]}}, "dependencies"),
 ])
 def test_schema_keywords_xgrammar_cannot_enforce_are_refused(llm, schema, keyword):
-    with pytest.raises(ValueError, match=f"prompt 0: structured_outputs.json does not compile: keyword.*{keyword}"):
+    with pytest.raises(ValueError, match=f"prompt 0: structured_outputs.json does not compile: keyword {keyword}"):
         llm.generate("x", SamplingParams(structured_outputs=SO(json=schema)), use_tqdm=False)
     # A property merely named like a keyword is fine.
     llm.generate("x", SamplingParams(max_tokens=2, structured_outputs=SO(
@@ -266,3 +267,81 @@ def test_disable_any_whitespace_gives_compact_json(llm):
     assert not any(re.search(r"\s", s.replace(": ", ":").replace(", ", ",")) for s in compact)
     with pytest.raises(ValueError, match="disable_any_whitespace applies to json and json_object only"):
         SO(regex="a+", disable_any_whitespace=True)
+
+
+_CAT_OR_DOG = {
+    "$defs": {"Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                      "required": ["kind", "lives"]},
+              "Dog": {"type": "object", "properties": {"kind": {"enum": ["dog"]}, "name": {"type": "string"}},
+                      "required": ["kind", "name"]}},
+    "type": "object", "required": ["pet"],
+    "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                           "discriminator": {"propertyName": "kind"}}},
+}
+
+
+@pytest.mark.parametrize("schema, message", [
+    # xgrammar enforces oneOf as anyOf: {} and {"a": 1} match both branches.
+    ({"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                {"type": "object", "properties": {"b": {"type": "integer"}}}]}, "oneOf whose branches may overlap"),
+    ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "oneOf whose branches may overlap"),
+    # Strict mode generates only listed properties: "zzz" could never appear.
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zzz"]}, r"required \['zzz'\]"),
+    ({"type": "object", "required": ["a"]}, r"required \['a'\]"),
+    ({"$ref": "http://example.com/schema.json"}, r"\$ref 'http://example.com/schema.json'"),
+    # xgrammar drops the length where a pattern or format is given.
+    ({"type": "string", "pattern": "^a", "maxLength": 3}, "maxLength beside pattern"),
+    ({"type": "string", "format": "email", "minLength": 30}, "minLength beside format"),
+])
+def test_schemas_xgrammar_would_accept_without_enforcing_are_refused(llm, schema, message):
+    with pytest.raises(ValueError, match=f"prompt 0: structured_outputs.json does not compile: {message}"):
+        llm.generate("x", SamplingParams(structured_outputs=SO(json=schema)), use_tqdm=False)
+
+
+def test_a_oneof_of_exclusive_branches_is_kept_and_holds(llm):
+    """Branches of distinct types, or a discriminated union (pydantic's, through $refs): anyOf means
+    the same, so xgrammar enforces them."""
+    by_type = {"oneOf": [{"type": "string", "maxLength": 5}, {"type": "boolean"}]}
+    outs = llm.generate(PROMPTS, [SamplingParams(n=2, temperature=1.0, seed=i, max_tokens=60,
+                                                 structured_outputs=SO(json=schema))
+                                  for i, schema in enumerate([by_type, _CAT_OR_DOG] * 3)], use_tqdm=False)
+    for i, o in enumerate(outs):
+        for c in o.outputs:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), [by_type, _CAT_OR_DOG][i % 2])
+
+
+def test_length_bounded_strings_are_json_strings_of_those_lengths(llm):
+    """xgrammar's own length-bounded strings let raw control characters through (invalid JSON); as
+    patterns of the same lengths they do not. Random weights pick such characters often."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 4},
+                                               "b": {"type": "string", "minLength": 2, "maxLength": 6}},
+              "required": ["a", "b"]}
+    for s in (schema, schema["properties"]["a"]):
+        outs = llm.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=60, structured_outputs=SO(
+            json=s, disable_any_whitespace=True)), use_tqdm=False)
+        stopped = [c.text for o in outs for c in o.outputs if c.finish_reason == "stop"]
+        assert len(stopped) >= 8
+        # Not those whose bytes are no UTF-8 (decoded with U+FFFD): xgrammar takes overlong encodings
+        # byte by byte, which random weights pick and a trained model's text does not hold.
+        for text in (t for t in stopped if "\ufffd" not in t):
+            jsonschema.validate(json.loads(text), s)
+
+
+def test_schemas_in_another_property_order_are_compiled_apart(llm):
+    """Properties are generated in the schema's order, so a schema is cached by its text in that order."""
+    first = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+    second = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}, "required": ["a", "b"]}
+    params = [SamplingParams(temperature=0, max_tokens=3, structured_outputs=SO(json=s, disable_any_whitespace=True))
+              for s in (first, second)]
+    assert [t[:3] for t in texts(llm.generate(PROMPTS[:2], params, use_tqdm=False))] == ['{"a', '{"b']
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"enum": {1, 2}}, r"structured_outputs.json\['enum'\] must be JSON .*got a set"),
+    ({1: "x", "type": "integer"}, "key 1 is not a str"),
+    ({"type": "number", "maximum": float("inf")}, r"\['maximum'\] must be JSON: inf is not a finite number"),
+])
+def test_a_schema_json_cannot_hold_is_refused_by_name(schema, message):
+    with pytest.raises(ValueError, match=message):
+        SO(json=schema)

@@ -72,13 +72,12 @@ class StructuredOutputManager:
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-                unsupported = sorted(_unsupported_keywords(schema))
-                if unsupported:
-                    raise ValueError(f"keyword(s) {', '.join(unsupported)} cannot be enforced (xgrammar does not "
-                                     "support them)")
-                # The schema as written: its properties come out in their order (the key sorts them).
-                compiled = self._compiler.compile_json_schema(json.dumps(schema, ensure_ascii=False),
-                                                              any_whitespace=any_whitespace)
+                unenforceable = sorted(_unenforceable(schema, schema))
+                if unenforceable:
+                    raise ValueError(f"{'; '.join(unenforceable)}: cannot be enforced (xgrammar does not support it)")
+                # Its properties come out in the schema's order.
+                compiled = self._compiler.compile_json_schema(
+                    json.dumps(_bounded_strings_as_patterns(schema), ensure_ascii=False), any_whitespace=any_whitespace)
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(spec)
             elif kind == "choice":
@@ -116,27 +115,112 @@ class StructuredOutputManager:
 # JSON Schema keywords xgrammar compiles but does not enforce (vLLM refuses them for xgrammar too).
 _UNSUPPORTED = frozenset({
     "multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "allOf", "not", "if", "then", "else",
-    "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames", "unevaluatedProperties",
-    "unevaluatedItems", "minProperties", "maxProperties",
+    "dependencies", "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames",
+    "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties",
 })
 
 
-def _unsupported_keywords(schema: Any) -> set[str]:
-    """The unsupported keywords used anywhere in ``schema`` (property names are not keywords)."""
+def _unenforceable(schema: Any, root: Any) -> set[str]:
+    """What in ``schema`` (a part of ``root``) xgrammar would accept without enforcing it: the
+    keywords above, a ``$ref`` outside the document, a ``required`` property its ``properties`` do
+    not define (strict mode generates no other), a ``oneOf`` whose branches may overlap (xgrammar
+    enforces ``anyOf``). Property names are not keywords."""
     found: set[str] = set()
     if isinstance(schema, dict):
         for key, value in schema.items():
             if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
-                found.add(key)
+                found.add(f"keyword {key}")
+            elif key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+                found.add(f"$ref {value!r} (only references within the schema, '#/...')")
+            elif key == "required" and isinstance(value, list):
+                defined = schema.get("properties")
+                missing = [name for name in value if not (isinstance(defined, dict) and name in defined)]
+                if missing:
+                    found.add(f"required {missing} not in properties")
+            elif key in ("minLength", "maxLength") and ("pattern" in schema or "format" in schema):
+                found.add(f"{key} beside {'pattern' if 'pattern' in schema else 'format'}")
+            elif key == "oneOf" and not _exclusive_branches(value, root):
+                found.add("oneOf whose branches may overlap (use anyOf, or give every branch its own type or "
+                          "its own const of a required property)")
             if key in ("properties", "$defs", "definitions"):
                 for sub in (value.values() if isinstance(value, dict) else ()):
-                    found |= _unsupported_keywords(sub)
+                    found |= _unenforceable(sub, root)
             elif key not in ("enum", "const", "default", "examples", "required"):
-                found |= _unsupported_keywords(value)
+                found |= _unenforceable(value, root)
     elif isinstance(schema, list):
         for item in schema:
-            found |= _unsupported_keywords(item)
+            found |= _unenforceable(item, root)
     return found
+
+
+def _bounded_strings_as_patterns(schema: Any) -> Any:
+    """``schema`` with each string's ``minLength`` / ``maxLength`` (whole numbers, min <= max) as a
+    ``pattern`` of the same lengths, ``^[^\\ud800-\\udfff]{min,max}$``. xgrammar 0.2.9 draws a
+    length-bounded string's characters from a class that lets raw control characters through, which
+    JSON does not allow in a string (its patterns leave them out), and surrogate code points, which
+    are no UTF-8 (decoded, each byte becomes a U+FFFD and the string outgrows its maxLength)."""
+    if isinstance(schema, list):
+        return [_bounded_strings_as_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("enum", "const", "default", "examples", "required"):
+            out[key] = value
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: _bounded_strings_as_patterns(sub) for name, sub in value.items()}
+        else:
+            out[key] = _bounded_strings_as_patterns(value)
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high) if n is not None)
+    if schema.get("type") == "string" and ("minLength" in schema or high is not None) and whole and (high is None or low <= high):
+        out.pop("minLength", None), out.pop("maxLength", None)
+        out["pattern"] = f"^[^\\ud800-\\udfff]{{{low},{'' if high is None else high}}}$"
+    return out
+
+
+def _exclusive_branches(branches: Any, root: Any) -> bool:
+    """Whether no JSON value can match two of the ``oneOf`` branches, so that ``anyOf`` means the
+    same: each branch a distinct single ``type`` (integer and number overlap), or each an object
+    whose one shared required property has a distinct ``const`` (or one-value ``enum``): a
+    discriminated union, pydantic's included."""
+    if not isinstance(branches, list):
+        return False
+    resolved = [_resolve_local_ref(branch, root) for branch in branches]
+    if not all(isinstance(branch, dict) for branch in resolved):
+        return False
+    types = [branch.get("type") for branch in resolved]
+    if all(isinstance(t, str) for t in types) and len(set(types)) == len(types) and not {"integer", "number"} <= set(types):
+        return True
+    shared = set.intersection(*(set(branch.get("required", ())) for branch in resolved)) if resolved else set()
+    for name in shared:
+        values = []
+        for branch in resolved:
+            prop = _resolve_local_ref((branch.get("properties") or {}).get(name), root)
+            if not isinstance(prop, dict):
+                break
+            if "const" in prop:
+                values.append(json.dumps(prop["const"], sort_keys=True))
+            elif isinstance(prop.get("enum"), list) and len(prop["enum"]) == 1:
+                values.append(json.dumps(prop["enum"][0], sort_keys=True))
+            else:
+                break
+        if len(values) == len(resolved) and len(set(values)) == len(values):
+            return True
+    return False
+
+
+def _resolve_local_ref(schema: Any, root: Any) -> Any:
+    """``schema``, or the part of ``root`` its ``$ref`` (a JSON pointer, ``#/$defs/Name``) names;
+    None where the pointer leads nowhere."""
+    seen = 0
+    while isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#") and seen < 32:
+        node = root
+        for part in schema["$ref"][1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+        schema, seen = node, seen + 1
+    return schema
 
 
 def _xgrammar_message(exc: Exception) -> str:
