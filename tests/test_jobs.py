@@ -240,6 +240,38 @@ def test_killed_job_resumes_to_the_uninterrupted_result(llama_dir, tmp_path, how
     assert by_id(result) == by_id(expected)
 
 
+def test_signals_during_the_shutdown_lose_no_finished_row(llama_dir, tmp_path):
+    """Ctrl-C pressed again (and again) while an interrupted job writes what has finished: the
+    rows, their Parquet parts and the summary are still written; the exit status is the first
+    signal's, or SIGINT's where one lands once the job has reported."""
+    rows = [{"id": f"r{i}", "prompt": f"Row number {i} says"} for i in range(160)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = ["--model", llama_dir, "--input", inp, "--output", str(out), "--temperature", "0", "--max-tokens", "6",
+            "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--max-in-flight", "8",
+            "--progress-interval", "0"]
+    proc = _start(args)
+    lines = []
+    for line in proc.stdout:  # a progress line per finished row
+        lines.append(line)
+        if line.startswith("[pagedlm run] rows 30/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    while proc.poll() is None:
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+    log = "".join(lines) + proc.stdout.read()
+    assert proc.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT), log
+    assert "Traceback" not in log and "still writing what has finished" in log, log
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert summary["interrupted"] is True and summary["completed"] > 0, summary
+    proc = _start(args + ["--resume"])
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    assert json.load(open(str(out) + ".summary.json"))["skipped"] == summary["completed"]
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == sorted(r["id"] for r in rows)
+
+
 def test_parquet_round_trips_keep_every_column(chat_llama_dir, tmp_path):
     when = datetime.datetime(2026, 11, 30, 12, 0, 0)
     table = pa.table({

@@ -1,6 +1,7 @@
 """The ``pagedlm`` command: ``pagedlm run ...`` runs a job; anything else runs the demo."""
 
 import argparse
+import signal
 import sys
 
 from pagedlm.entrypoints import demo
@@ -122,5 +123,13 @@ def _run_on_ray(config: JobConfig, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        sys.exit(run_main(argv[1:]))
+        try:
+            code = run_main(argv[1:])
+        except KeyboardInterrupt:  # outside the job's own handling (before it, or once it has reported)
+            print("[pagedlm run] SIGINT: stopped", file=sys.stderr)
+            code = 128 + signal.SIGINT
+        # Only the interpreter's shutdown is left, where another Ctrl-C would just print a traceback.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        sys.exit(code)
     demo.main(argv)

@@ -25,7 +25,7 @@ from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, fil
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_input_file, check_record, check_served_model_names, job_record, read_input,
-    signals_interrupt, write_record,
+    signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -92,32 +92,34 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         write_record(config, record)
     stats, interrupted = JobStats(), None
     earlier: dict[str, list] = {}  # the ids in each of the output's files from earlier runs
-    try:
-        with signals_interrupt():  # after ray.init, which sets handlers of its own
-            if config.resume and started:
-                earlier = _earlier_ids(config.output, out_kind)
-            done_ids = sorted({id_text(i) for ids in earlier.values() for i in ids if i is not None})
-            processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
-                                  json_lines_out=out_kind == "jsonl", done_ids=done_ids,
-                                  json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
-            # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
-            ds = ray.data.read_datasource(JsonLinesDatasource(config.input)) if in_kind == "jsonl" else ray.data.read_parquet(
-                config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
-            ds = processor(ds)
-            if out_kind == "jsonl":
-                ds.write_datasink(JsonLinesDatasink(config.output))
-            else:
-                ds.write_parquet(config.output)
-    except (JobInterrupted, KeyboardInterrupt) as exc:
-        interrupted = exc.signum if isinstance(exc, JobInterrupted) else signal.SIGINT
-        print(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
-              "--resume continues the job", file=sys.stderr, flush=True)
-        if own_ray:
-            ray.shutdown()  # ends the write tasks still running, before the files are counted
-    if storage.is_dir(config.output):
-        _count_outputs(stats, config.output, out_kind, earlier)
-    storage.write_text(config.output.rstrip("/") + ".summary.json",
-                       json.dumps({**stats.summary(interrupted is not None), "output": config.output}, indent=2))
+    # A signal stops the rows (signals_interrupt), never the counting and the summary after them.
+    with signals_deferred():
+        try:
+            with signals_interrupt():  # after ray.init, which sets handlers of its own
+                if config.resume and started:
+                    earlier = _earlier_ids(config.output, out_kind)
+                done_ids = sorted({id_text(i) for ids in earlier.values() for i in ids if i is not None})
+                processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
+                                      json_lines_out=out_kind == "jsonl", done_ids=done_ids,
+                                      json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
+                # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
+                ds = ray.data.read_datasource(JsonLinesDatasource(config.input)) if in_kind == "jsonl" else ray.data.read_parquet(
+                    config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
+                ds = processor(ds)
+                if out_kind == "jsonl":
+                    ds.write_datasink(JsonLinesDatasink(config.output))
+                else:
+                    ds.write_parquet(config.output)
+        except (JobInterrupted, KeyboardInterrupt) as exc:
+            interrupted = exc.signum if isinstance(exc, JobInterrupted) else signal.SIGINT
+            print(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
+                  "--resume continues the job", file=sys.stderr, flush=True)
+            if own_ray:
+                ray.shutdown()  # ends the write tasks still running, before the files are counted
+        if storage.is_dir(config.output):
+            _count_outputs(stats, config.output, out_kind, earlier)
+        storage.write_text(config.output.rstrip("/") + ".summary.json",
+                           json.dumps({**stats.summary(interrupted is not None), "output": config.output}, indent=2))
     return stats, interrupted
 
 

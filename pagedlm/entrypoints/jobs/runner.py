@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, islice, tee
@@ -121,9 +121,10 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     interrupted = finished = None
     own_llm = llm is None
     writer = progress = None
-    try:
-        with signals_interrupt():
-            try:
+    # A signal stops the rows (signals_interrupt), never the writing of those that finished.
+    with signals_deferred():
+        try:
+            with signals_interrupt():
                 if own_llm:
                     llm = LLM(model, **config.engine)
                 if not started:  # once the engine settings have proved valid
@@ -133,26 +134,26 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
                 finished = True
-            except JobInterrupted as exc:
-                interrupted = exc.signum
-                print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
-                      file=sys.stderr, flush=True)
-    finally:
-        try:
-            if writer is not None:
-                writer.close(finished=bool(finished))
+        except JobInterrupted as exc:  # out of signals_interrupt: another signal only prints its note
+            interrupted = exc.signum
+            print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
+                  file=sys.stderr, flush=True)
         finally:
-            if progress is not None:
-                progress.close()
-            if own_llm and llm is not None:
-                llm.close()
-    summary = {**stats.summary(interrupted is not None), "output": config.output}
-    try:
-        with open(config.output + ".summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-    except OSError as exc:  # the rows are written; only the summary is lost
-        print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
-              "is complete", file=sys.stderr, flush=True)
+            try:
+                if writer is not None:
+                    writer.close(finished=bool(finished))
+            finally:
+                if progress is not None:
+                    progress.close()
+                if own_llm and llm is not None:
+                    llm.close()
+        summary = {**stats.summary(interrupted is not None), "output": config.output}
+        try:
+            with open(config.output + ".summary.json", "w") as f:
+                json.dump(summary, f, indent=2)
+        except OSError as exc:  # the rows are written; only the summary is lost
+            print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
+                  "is complete", file=sys.stderr, flush=True)
     return stats, interrupted
 
 
@@ -326,20 +327,42 @@ def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> O
 def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise ``JobInterrupted`` (on the main thread; a signal the process was
     started ignoring stays ignored)."""
+    with _signal_handlers(_raise_interrupted):
+        yield
+
+
+@contextmanager
+def _signal_handlers(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM while the block runs, on the main thread, except for a
+    signal the process was started ignoring; the previous handlers after it."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) is not signal.SIG_IGN:
-                previous[s] = signal.signal(s, _raise_interrupted)
+                previous[s] = signal.signal(s, handler)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise JobInterrupted(signum)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM only print a note while the block runs (on the main thread): a second
+    Ctrl-C must not stop the writing of the rows that have finished, nor their summary (kill -9
+    still does)."""
+    with _signal_handlers(_note_deferred):
+        yield
+
+
+def _note_deferred(signum: int, frame: object) -> None:
+    print(f"[pagedlm run] {signal.Signals(signum).name}: still writing what has finished; stopping right after",
+          file=sys.stderr, flush=True)
 
 
 def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
