@@ -808,18 +808,25 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
 
 
 def test_parquet_output_of_empty_objects_and_surrogate_ids_resumes(llama_dir, tmp_path):
-    """``{}`` values make a struct without fields, which Parquet cannot store: the column is JSON
-    text, and the job finishes. An id with a lone surrogate is written as its escape and matched
-    in that form on resume (not run again)."""
-    rows = ['{"id": 1, "prompt": "a", "sampling_params": {}, "meta": [{}]}',
-            '{"id": "x\\ud800", "prompt": "b", "sampling_params": {}, "meta": {"a": {}}}']
+    """``{}`` values make a struct without fields, which Parquet cannot store, and values nested
+    deeper than Parquet readers take (50 lists; 99 objects) a schema no part could be read back
+    in: those columns are JSON text, and the job finishes. An id with a lone surrogate is written as
+    its escape and matched in that form on resume (not run again)."""
+    lists, objects = "[" * 50 + "1" + "]" * 50, '{"x": ' * 99 + "1" + "}" * 99
+    rows = ['{"id": 1, "prompt": "a", "sampling_params": {}, "meta": [{}], "deep": ' + lists + "}",
+            '{"id": "x\\ud800", "prompt": "b", "sampling_params": {}, "meta": {"a": {}}, "deep": null}',
+            '{"id": 3, "prompt": "c", "deeper": ' + objects + ', "fine": ' + "[" * 49 + "]" * 49 + "}"]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.parquet"
     stats, first = run(llama_dir, inp, out)
-    assert (stats.completed, stats.errors) == (2, 0)
-    assert sorted(r["meta"] for r in first) == ['[{}]', '{"a": {}}'] and {r["sampling_params"] for r in first} == {"{}"}
+    assert (stats.completed, stats.errors) == (3, 0)
+    assert sorted(r["meta"] for r in first if r["meta"]) == ['[{}]', '{"a": {}}']
+    assert {r["sampling_params"] for r in first} == {"{}", None}
+    by = {r["prompt"]: r for r in first}
+    assert json.loads(by["a"]["deep"]) == json.loads(lists) and json.loads(by["c"]["deeper"]) == json.loads(objects)
+    assert pq.read_schema(out).field("fine").type != pa.string()  # 49 lists: stored as lists
     stats, again = run(llama_dir, inp, out, resume=True)
-    assert (stats.skipped, stats.completed, stats.errors) == (2, 0, 0) and again == first
+    assert (stats.skipped, stats.completed, stats.errors) == (3, 0, 0) and again == first
 
 
 def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path):

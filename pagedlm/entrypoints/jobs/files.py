@@ -391,9 +391,9 @@ def rows_to_table(rows: list[dict], schema):
     """An Arrow table of ``rows``: columns in first-seen order, known ones typed by ``schema``.
 
     A column whose values no Arrow type holds together (JSON rows may hold an int in one row and a
-    string in the next, or an int beyond int64), or whose type Parquet cannot store (a struct
-    without fields, which ``{}`` values make), is written as text (``as_text``: strings as they
-    are, other values as JSON), so one odd row never fails the part.
+    string in the next, or an int beyond int64), or whose type Parquet cannot store or read back
+    (``_storable``), is written as text (``as_text``: strings as they are, other values as JSON),
+    so one odd row never fails the part, nor the job when its parts are read again.
     """
     import pyarrow as pa
 
@@ -406,15 +406,26 @@ def rows_to_table(rows: list[dict], schema):
             array = pa.array(values, type=typ)
         except _conversion_errors():
             array = None
-        if array is None or _has_empty_struct(array.type):
+        if array is None or not _storable(array.type):
             array = _as_json_text(values)
         arrays.append(array)
         fields.append(pa.field(name, array.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+# Parquet readers refuse a schema nested deeper (pyarrow: "Parquet schema too deeply nested"): a
+# struct is one level, a list or a map two.
+_MAX_PARQUET_DEPTH = 98
+
+
+def _storable(typ) -> bool:
+    """Whether Parquet can store an Arrow type and read it back: no struct without fields, and no
+    deeper nesting than ``_MAX_PARQUET_DEPTH`` (JSON rows can hold either)."""
+    return not _has_empty_struct(typ) and _parquet_depth(typ) <= _MAX_PARQUET_DEPTH
+
+
 def _has_empty_struct(typ) -> bool:
-    """Whether an Arrow type holds a struct without fields, which Parquet cannot store."""
+    """Whether an Arrow type holds a struct without fields."""
     import pyarrow as pa
 
     if pa.types.is_struct(typ):
@@ -424,6 +435,19 @@ def _has_empty_struct(typ) -> bool:
     if pa.types.is_map(typ):
         return _has_empty_struct(typ.key_type) or _has_empty_struct(typ.item_type)
     return False
+
+
+def _parquet_depth(typ) -> int:
+    """The levels of nested groups Parquet stores an Arrow type in."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(typ):
+        return 1 + max((_parquet_depth(typ.field(i).type) for i in range(typ.num_fields)), default=0)
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        return 2 + _parquet_depth(typ.value_type)
+    if pa.types.is_map(typ):
+        return 2 + max(_parquet_depth(typ.key_type), _parquet_depth(typ.item_type))
+    return 0
 
 
 def as_text(value: Any) -> str | None:
