@@ -858,10 +858,12 @@ def test_plain_rows_with_a_custom_id_column_stay_plain_and_sampling_columns_are_
 
     warnings = []
     monkeypatch.setattr(plain_rows.logger, "warning", lambda message, *args: warnings.append(message % args))
-    rows = [{"id": 1, "custom_id": "mine-1", "prompt": "Hello", "max_tokens": 3, "temperature": 0.5},
+    rows = [{"id": 1, "custom_id": "mine-1", "url": "https://example.com/1", "prompt": "Hello", "max_tokens": 3,
+             "temperature": 0.5},
             {"id": 2, "prompt": "World", "max_tokens": 3}]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     assert (stats.completed, stats.errors) == (2, 0) and by_id(out)[1]["custom_id"] == "mine-1"
+    assert by_id(out)[1]["url"] == "https://example.com/1"
     assert len(warnings) == 1 and "max_tokens, temperature are named like sampling parameters" in warnings[0]
 
 

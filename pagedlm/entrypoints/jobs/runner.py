@@ -405,15 +405,16 @@ def _log_detected_format(fmt_name: str | None, head: list) -> None:
 
 
 def _row_format(row: Any) -> str | None:
-    """The format a row looks like: "openai" (a ``custom_id`` and a ``method``, ``url`` or ``body``),
-    "plain" (an ``id`` or a prompt column; it may carry a ``custom_id`` of its own), or None."""
+    """The format a row looks like: "plain" (a prompt column, which an OpenAI row holds in its
+    ``body``; it may carry ``custom_id``, ``url`` or ``method`` columns of its own), "openai" (a
+    ``custom_id`` and a ``method``, ``url`` or ``body``), "plain" (an ``id``), or None."""
     if not isinstance(row, dict):
         return None
+    if set(PROMPT_COLUMNS) & set(row):
+        return "plain"
     if "custom_id" in row and {"method", "url", "body"} & set(row):
         return "openai"
-    if {"id", *PROMPT_COLUMNS} & set(row):
-        return "plain"
-    return None
+    return "plain" if "id" in row else None
 
 
 def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
