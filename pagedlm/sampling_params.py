@@ -78,6 +78,18 @@ def check_truncate_prompt_tokens(value: Any) -> int | None:
     return value
 
 
+class _FieldsOnly:
+    """Mixin for a dataclass: setting an attribute that is not one of its fields (a misspelt field,
+    or vLLM's older ``guided_decoding``) raises, as vLLM's ``msgspec`` structs do, instead of being
+    kept where nothing reads it. Private names (``_x``) are the class's own."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_") and name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields are "
+                                 f"{', '.join(f for f in self.__dataclass_fields__ if not f.startswith('_'))}.")
+        object.__setattr__(self, name, value)
+
+
 def _check_json_value(value: Any, where: str) -> None:
     """Raises ValueError naming the place in ``value`` that JSON cannot hold: a key that is not a
     str, a non-finite float, or an object of another type (a set, a class)."""
@@ -113,7 +125,7 @@ class RequestOutputKind(Enum):
 
 
 @dataclass
-class StructuredOutputsParams:
+class StructuredOutputsParams(_FieldsOnly):
     """A constraint every completion must satisfy (vLLM's ``StructuredOutputsParams``): exactly one of
 
     Args:
@@ -191,7 +203,7 @@ class StructuredOutputsParams:
 
 
 @dataclass
-class SamplingParams:
+class SamplingParams(_FieldsOnly):
     """How to generate the completions of one prompt (vLLM's names and meanings).
 
     Args:
@@ -289,7 +301,7 @@ class SamplingParams:
         self.n = _number("n", self.n, integer=True)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
-        # best_of taken from n (not given): a clone after n rose above it takes the new n (see clone).
+        # best_of taken from n (not given, then or later): a clone takes the n of then (see clone).
         self._best_of_from_n = self.n if self.best_of is None else None
         if self.best_of is None:
             self.best_of = self.n
@@ -374,13 +386,20 @@ class SamplingParams:
                 raise ValueError(f"{self.best_of_field} must be 1 with greedy sampling (temperature=0), "
                                  f"got {self.best_of}.")
         self._verify_output_kind()
+        self._constructed = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "best_of" and self.__dict__.get("_constructed"):
+            self._best_of_from_n = None  # given now: it no longer follows n
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied, every field checked and normalised again as the
         constructor does: a field assigned after construction (``params.temperature = -1``,
         ``params.structured_outputs.regex = None``) is checked here too. A ``best_of`` that was
-        never given rises with ``n`` (``params.n = 3`` on ``SamplingParams(temperature=0.8)``
-        gives best_of 3); otherwise ``best_of`` stays as it is. Lists and the structured-outputs
+        never given, at construction or after it, follows ``n`` (``params.n = 3`` on
+        ``SamplingParams(temperature=0.8)`` gives best_of 3, and ``params.n = 1`` after it best_of
+        1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists and the structured-outputs
         params are copied; the logits processors themselves are shared. ``LLMEngine.add_request``
         keeps such a copy of each request's params (as vLLM's input processor does), so later
         changes to the caller's object do not reach a queued request.
@@ -389,7 +408,7 @@ class SamplingParams:
             ValueError: a field is invalid; the message names it and what it allows.
         """
         derived = getattr(self, "_best_of_from_n", None)
-        if derived is not None and self.best_of == derived and changes.get("n", self.n) >= derived:
+        if derived is not None and self.best_of == derived:
             changes.setdefault("best_of", None)
         if isinstance(self.structured_outputs, StructuredOutputsParams):
             changes.setdefault("structured_outputs", replace(self.structured_outputs))

@@ -1167,3 +1167,25 @@ def test_tokenization_kwargs_truncate_prompts_as_vllm_0_32_does(llm):
                 call()
     assert not llm.llm_engine.has_unfinished_requests()
     assert prompt_ids(text, tokenization_kwargs={"truncate_prompt_tokens": None}) == [full]
+
+
+def test_arguments_of_the_wrong_kind_are_refused_at_the_call(llm):
+    """Refused before anything runs (a generator is not even started), naming the argument."""
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams, None, or an iterable .* got dict"):
+        llm.generate_as_completed(["a"], {"max_tokens": 1})
+    with pytest.raises(ValueError, match="return_errors must be a bool, got 'no'"):
+        llm.generate_as_completed(["a"], return_errors="no")
+    for call in (lambda: llm.generate("a", use_tqdm="no"), lambda: llm.generate_as_completed(["a"], use_tqdm=0)):
+        with pytest.raises(ValueError, match="use_tqdm must be a bool or a callable"):
+            call()
+    # bytes are a sequence of ints: they would run as one-token prompts.
+    for call in (lambda: llm.generate(b"hello"), lambda: llm.generate_as_completed(bytearray(b"hi"))):
+        with pytest.raises(ValueError, match="got (bytes|bytearray): decode it to a str first"):
+            call()
+    engine = llm.llm_engine
+    with pytest.raises(ValueError, match=r"arrival_time must be None or time.monotonic\(\) seconds .* got 'now'"):
+        engine.add_request("late", "Hello", SamplingParams(), "now")
+    with pytest.raises(ValueError) as err:
+        engine.add_request("bad", {"prompt_token_ids": [-1]}, SamplingParams())
+    assert not str(err.value).endswith("..")
+    assert not engine.has_unfinished_requests()

@@ -75,15 +75,18 @@ def test_clone_normalises_as_the_constructor_does():
     assert copy.stop is not params.stop and params.stop == "end"
 
 
-def test_a_best_of_never_given_rises_with_n_in_a_clone_and_otherwise_stays():
+def test_a_best_of_never_given_follows_n_in_a_clone_and_otherwise_stays():
     params = SamplingParams(temperature=0.8)
     params.n = 3
     assert params.clone().best_of == 3
+    params.n = 1  # one completion, not the best of 3: as SamplingParams(n=1, ...)
+    assert params.clone().best_of == 1
     assert SamplingParams(n=2, temperature=0.8).clone(n=3).best_of == 3
-    assert SamplingParams(n=4, temperature=0.8).clone(n=1).best_of == 4  # lowering n keeps the candidates
+    assert SamplingParams(n=4, temperature=0.8).clone(n=1).best_of == 1
     beams = SamplingParams(n=2, use_beam_search=True, temperature=0)
     beams.n = 1
-    assert beams.clone().best_of == 2
+    with pytest.raises(ValueError, match="beam width above 1"):
+        beams.clone()
     given = SamplingParams(n=2, best_of=4, temperature=0.8)
     given.n = 3
     assert given.clone().best_of == 4
@@ -92,6 +95,23 @@ def test_a_best_of_never_given_rises_with_n_in_a_clone_and_otherwise_stays():
     assert later.clone().best_of == 2
     with pytest.raises(ValueError, match="best_of must be >= n"):
         given.clone(n=5)
+
+
+def test_an_attribute_that_is_no_field_is_refused():
+    """vLLM's older name, or a misspelt field, set after construction would be kept where nothing
+    reads it."""
+    from pagedlm import StructuredOutputsParams
+
+    params = SamplingParams(max_tokens=3)
+    with pytest.raises(AttributeError, match="SamplingParams has no field 'guided_decoding'; its fields are n, "):
+        params.guided_decoding = {"regex": "a+"}
+    with pytest.raises(AttributeError, match="no field 'max_token'"):
+        params.max_token = 4
+    constraint = StructuredOutputsParams(regex="a+")
+    with pytest.raises(AttributeError, match="StructuredOutputsParams has no field 'whitespace_pattern'"):
+        constraint.whitespace_pattern = r"\s*"
+    params.max_tokens, constraint.regex = 4, "b+"  # fields are fine
+    assert params.clone(structured_outputs=constraint).structured_outputs.regex == "b+"
 
 
 @pytest.mark.parametrize("field,value,message", [

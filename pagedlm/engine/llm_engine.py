@@ -2,6 +2,8 @@
 
 import gc
 import logging
+import math
+import numbers
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -235,12 +237,15 @@ class LLMEngine:
             raise ValueError(f"priority must be 0 (pagedlm schedules first come, first served), got {priority!r}.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, numbers.Real)
+                                         or not math.isfinite(arrival_time)):
+            raise ValueError(f"arrival_time must be None or time.monotonic() seconds (a finite number), got {arrival_time!r}.")
         params = params.clone()
         tokenization = parse_tokenization_kwargs(tokenization_kwargs, self.model_config.max_model_len)
         try:
             parsed = parse_prompt(prompt)
         except FieldError as exc:
-            raise FieldError(f"Request {request_id!r}: {exc}.", exc.field) from None
+            raise FieldError(f"Request {request_id!r}: {str(exc).rstrip('.')}.", exc.field) from None
         prompt_token_ids, from_text = parsed.token_ids, False
         if prompt_token_ids is None:
             from_text = tokenization.add_special_tokens is not False
@@ -249,7 +254,7 @@ class LLMEngine:
                                                 tokenization.truncate_prompt_tokens, from_text=from_text)
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
-            raise FieldError(f"Request {request_id!r}: {reason}.", reason.field)
+            raise FieldError(f"Request {request_id!r}: {str(reason).rstrip('.')}.", reason.field)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(params, name) == -1:  # vLLM's "the whole vocabulary" (the request's own copy)
                 setattr(params, name, self.vocab_size)

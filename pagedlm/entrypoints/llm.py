@@ -394,12 +394,17 @@ class LLM:
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
+        _check_flags(use_tqdm, return_errors)
         tokenization = self._tokenization(tokenization_kwargs)
+        _refuse_bytes(prompts)
         if _is_one_prompt(prompts):
             prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             items = zip(count(), prompts, repeat(sampling_params))
+        elif not isinstance(sampling_params, Iterable) or isinstance(sampling_params, (str, bytes, dict)):
+            raise ValueError(f"sampling_params must be a SamplingParams, None, or an iterable with one per prompt, "
+                             f"got {type(sampling_params).__name__}.")
         elif total is not None and isinstance(sampling_params, Sized) and len(sampling_params) != total:
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {total} prompts.")
         else:
@@ -427,6 +432,7 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
         most ``max_in_flight`` requests at once (all when None)."""
+        _check_flags(use_tqdm)
         errors = dict(errors or {})
         requests = []
         items = list(zip(count(), prompts, params))
@@ -760,8 +766,23 @@ def _is_one_prompt(prompts: object) -> bool:
         isinstance(prompts, (list, tuple)) and bool(prompts) and is_token_ids(prompts))
 
 
+def _refuse_bytes(prompts: object) -> None:
+    """bytes are a sequence of ints, which would read as that many prompts of one token id each."""
+    if isinstance(prompts, (bytes, bytearray, memoryview)):
+        raise ValueError(f"prompts must be a prompt (a str, a dict or a list of token ids) or a list of prompts, "
+                         f"got {type(prompts).__name__}: decode it to a str first.")
+
+
+def _check_flags(use_tqdm: object, return_errors: object = False) -> None:
+    if not (isinstance(use_tqdm, bool) or callable(use_tqdm)):
+        raise ValueError(f"use_tqdm must be a bool or a callable that makes a tqdm bar, got {use_tqdm!r}.")
+    if not isinstance(return_errors, bool):
+        raise ValueError(f"return_errors must be a bool, got {return_errors!r}.")
+
+
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
     """One prompt as a list of one (``_is_one_prompt``)."""
+    _refuse_bytes(prompts)
     if _is_one_prompt(prompts):
         return [prompts]
     if not isinstance(prompts, Sequence):
