@@ -3,6 +3,7 @@ conversation listed before any work) and ``LLM.generate_as_completed`` (lazy rea
 window, results as they finish, errors returned or raised, closing early, one iteration at a time)."""
 
 import json
+import re
 import shutil
 from contextlib import closing
 
@@ -125,6 +126,19 @@ def test_every_bad_conversation_is_listed_before_any_work(llm, monkeypatch):
 
     assert not llm.llm_engine.has_unfinished_requests()
     assert len(token_ids(llm.chat(user("fine"), exact(2), use_tqdm=False, chat_template=TEMPLATE))[0]) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tools": [5]}, r"tools must be a list of tool definitions \(objects\), got \[5\]"),
+    ({"chat_template_kwargs": {"tools": ["f"]}}, r"chat_template_kwargs.tools must be a list of tool definitions"),
+    # Where the argument is None, the template variable is what the template gets.
+    ({"add_generation_prompt": None, "chat_template_kwargs": {"add_generation_prompt": "yes"}},
+     "chat_template_kwargs.add_generation_prompt must be True or False, got 'yes'"),
+    ({"chat_template_kwargs": {"chat_template": 3}}, "chat_template_kwargs.chat_template must be a string"),
+])
+def test_chat_options_given_as_template_variables_are_checked_too(llm, monkeypatch, options, message):
+    msg = _refused(llm, monkeypatch, [user("a")], **options)
+    assert re.search(f"conversation 0: {message}", msg), msg
 
 
 def test_no_chat_template_anywhere_is_a_clear_error(llm, monkeypatch):

@@ -175,6 +175,14 @@ def render_chat(
         kind, words = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, kind):
             raise FieldError(f"{name} must be {words}, got {value!r:.40}", name)
+        # The same option as a template variable (it reaches the template where the argument is None).
+        inner = (chat_template_kwargs or {}).get(name)
+        if name != "chat_template_kwargs" and inner is not None and not isinstance(inner, kind):
+            raise FieldError(f"chat_template_kwargs.{name} must be {words}, got {inner!r:.40}", "chat_template_kwargs")
+    for where, value in (("tools", tools), ("chat_template_kwargs.tools", (chat_template_kwargs or {}).get("tools"))):
+        if isinstance(value, list) and not all(isinstance(tool, dict) for tool in value):
+            raise FieldError(f"{where} must be a list of tool definitions (objects), got {value!r:.60}",
+                             where.split(".")[0])
     try:
         messages = parse_conversation(conversation)
     except ValueError as exc:
