@@ -1,5 +1,6 @@
 """Engine configuration: the model, the KV cache and the scheduler's budgets."""
 
+import inspect
 import logging
 import os
 import re
@@ -156,7 +157,13 @@ def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> Pretr
 
 
 def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
+    """Raises ValueError for a key that is no field of ``config`` (neither set on it nor taken by
+    its class), which nothing would read."""
+    known = set(config.to_dict()) | set(inspect.signature(type(config).__init__).parameters) - {"self", "kwargs"}
     for key, value in fields.items():
+        if key not in known and not hasattr(config, key):
+            raise ValueError(f"{key!r} is no field of {type(config).__name__}, so nothing would read it; its fields: "
+                             f"{', '.join(sorted(known))}")
         nested = getattr(config, key, None)
         if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
             _set_fields(nested, value)

@@ -764,6 +764,7 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
         ({"swap_spaces": 4}, TypeError, "unexpected keyword argument 'swap_spaces'"),
         ({"hf_overrides": [1]}, ValueError, "hf_overrides must be a dict of config fields or a function"),
         ({"hf_overrides": lambda config: None}, ValueError, "hf_overrides must return the config, got NoneType"),
+        ({"hf_overrides": {"sliding_window": 8}}, ValueError, "hf_overrides: .*'sliding_window' is no field of LlamaConfig, so nothing would read it; its fields: .*rms_norm_eps"),
         ({"hf_overrides": {"rms_norm_eps": "x"}}, ValueError, "hf_overrides: "),  # transformers' own error type
         ({"max_logprobs": -2}, ValueError, "max_logprobs must be None, -1"),
     ]:
