@@ -345,3 +345,16 @@ def test_schemas_in_another_property_order_are_compiled_apart(llm):
 def test_a_schema_json_cannot_hold_is_refused_by_name(schema, message):
     with pytest.raises(ValueError, match=message):
         SO(json=schema)
+
+
+def test_allowed_token_ids_that_cannot_start_the_constraint_are_refused_before_any_work(llm):
+    tok = llm.get_tokenizer()
+    q, z = (tok.encode(c, add_special_tokens=False)[0] for c in ("q", "z"))
+    with pytest.raises(ValueError, match="prompt 1: allowed_token_ids hold none of the tokens structured_outputs lets"):
+        llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=2),
+                                   SamplingParams(allowed_token_ids=[q], structured_outputs=SO(choice=["zz"]))],
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, allowed_token_ids=[z, tok.eos_token_id],
+                                                  structured_outputs=SO(choice=["zz"])), use_tqdm=False)
+    assert out[0].outputs[0].text == "zz"

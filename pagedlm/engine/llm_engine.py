@@ -176,6 +176,12 @@ class LLMEngine:
             compiling = self.structured_outputs.compile_async(params.structured_outputs)
             if wait_for_grammar and compiling.exception() is not None:
                 return FieldError(str(compiling.exception()), "structured_outputs")
+            if wait_for_grammar and params.allowed_token_ids:
+                manager = self.structured_outputs
+                start = manager.bitmask(manager.new_matcher(params.structured_outputs))
+                if not manager.allows_any_of(start, params.allowed_token_ids):
+                    return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
+                                      "start with", "allowed_token_ids")
         return None
 
     @property

@@ -105,6 +105,12 @@ class StructuredOutputManager:
         allowed[[t for t in set(token_ids) if t < allowed.shape[0]]] = False
         return bool(allowed.any())
 
+    @staticmethod
+    def allows_any_of(bitmask: torch.Tensor, token_ids: Sequence[int]) -> bool:
+        """Whether the row allows some token of ``token_ids``."""
+        allowed = unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0]
+        return bool(allowed[[t for t in set(token_ids) if t < allowed.shape[0]]].any())
+
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""
         row = torch.empty((1, self.bitmask_width), dtype=torch.int32)
