@@ -108,6 +108,13 @@ _CONFIGS = {
                          "long_factor": [1.0 + 2.5 * i for i in range(12)]},
         architectures=["Phi3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
+    # head_dim 36 with 3/4 of it rotary: 27 dimensions by the config, 28 rotated (transformers' cos
+    # has one column per frequency pair).
+    "phi3_odd_rotary": lambda: Phi3Config(
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=None, tie_word_embeddings=True,
+        partial_rotary_factor=0.75, architectures=["Phi3ForCausalLM"], pad_token_id=0,
+        **{**_COMMON, "hidden_size": 72},
+    ),
     # head_dim 32 is not hidden / heads (16): Qwen3 sets it explicitly.
     "qwen3": lambda: Qwen3Config(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,

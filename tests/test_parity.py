@@ -94,7 +94,8 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
 
 
 @pytest.mark.parametrize(
-    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "gemma2", "gemma3", "mistral_swa", "qwen2_swa"]
+    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "phi3_odd_rotary", "gemma2", "gemma3", "mistral_swa",
+             "qwen2_swa"]
 )
 def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     from conftest import make_checkpoint

@@ -57,8 +57,8 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     return float(theta), scaling
 
 
-def _inv_freq(head_size: int, theta: float, scaling: dict, long: bool = False) -> torch.Tensor:
-    exponents = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
+def _inv_freq(dim: int, theta: float, scaling: dict, long: bool = False) -> torch.Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     rope_type = scaling["rope_type"]
     if rope_type == "longrope":
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
@@ -100,7 +100,10 @@ class RotaryEmbedding(DirectCall, nn.Module):
     ) -> None:
         super().__init__()
         self.head_size = head_size
-        self.rotary_dim = int(head_size * partial_rotary_factor(config, layer_type))
+        # transformers' dim: the frequencies' exponents are i / dim for even i < dim, so an odd dim
+        # (Phi-3's int(head_size * partial_rotary_factor)) rotates dim + 1 dimensions, as it does.
+        dim = int(head_size * partial_rotary_factor(config, layer_type))
+        self.frequency_dim, self.rotary_dim = dim, dim + dim % 2
         self.max_position = max_position
         self.theta, self.scaling = rope_parameters(config, layer_type)
         self.attention_factor = _attention_factor(config, self.scaling)
@@ -120,7 +123,7 @@ class RotaryEmbedding(DirectCall, nn.Module):
         positions = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None]
         tables = []
         for long in factors:
-            freqs = positions * _inv_freq(self.rotary_dim, self.theta, self.scaling, long).to(device)[None, :]
+            freqs = positions * _inv_freq(self.frequency_dim, self.theta, self.scaling, long).to(device)[None, :]
             tables.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor)
         self.register_buffer("cos_sin_cache", torch.cat(tables).to(dtype), persistent=False)
 
