@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pagedlm.engine.block_manager import AllocStatus, BlockAllocator, BlockSpaceManager
+from pagedlm.engine.block_manager import WARM_RESERVE_EXTENTS, AllocStatus, BlockAllocator, BlockSpaceManager
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.sampling_params import SamplingParams
 
@@ -336,7 +336,7 @@ def test_a_reused_extent_is_taken_from_its_first_block():
     # The warm extent's cached prefix goes with it: a sequence written after it starts where it
     # started, on memory already written, rather than past it on memory never written.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
-    bm.allocator = BlockAllocator(16, extent_blocks=8)
+    bm.allocator = BlockAllocator(16, extent_blocks=8, warm_reserve_extents=0)
     prompt = list(range(9))  # two full blocks (cached) and one partial
     first = SequenceGroup("p", None, prompt, SamplingParams(), 4, 0.0)
     bm.allocate(first, bm.can_allocate(first)[1])
@@ -361,7 +361,7 @@ def test_sequences_reuse_written_extents_before_fresh_ones():
     # One request after another: each finds the extent the previous one wrote and freed, so the job
     # writes one extent's memory, not the whole cache (a fresh extent's first writes are page faults).
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=64, watermark=0.0)
-    bm.allocator = BlockAllocator(64, extent_blocks=8)
+    bm.allocator = BlockAllocator(64, extent_blocks=8, warm_reserve_extents=0)
     for i in range(20):
         seq = _admit(bm, f"r{i}", 12)
         assert bm.get_block_table(seq) == [0, 1, 2]
@@ -374,7 +374,7 @@ def test_a_quarter_of_the_written_extents_stay_free_before_one_is_reused():
     # than a quarter of the warm extents are wholly free, else a fresh one; the warm one freed
     # longest ago goes first, and the prefixes cached in the rest stay found.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=128, watermark=0.0)
-    bm.allocator = BlockAllocator(128, extent_blocks=8)
+    bm.allocator = BlockAllocator(128, extent_blocks=8, warm_reserve_extents=0)
     seqs = [_admit(bm, "r" * (i + 1), 4) for i in range(8)]
     for seq in seqs:
         bm.cache_full_blocks(seq, 4)
@@ -393,12 +393,33 @@ def test_a_quarter_of_the_written_extents_stay_free_before_one_is_reused():
     assert (cached("rrrr"), cached("rrrrrr"), cached("rr")) == (0, 1, 1)  # 3 reused; 5 and 1 kept
 
 
+def test_prefixes_of_calls_one_after_another_stay_while_the_cache_is_mostly_free():
+    """Two system prompts taking turns, one request per call, in a cache of 64 extents: each finds
+    its earlier prefix (a reserve of warm extents is kept), and the job writes only those extents."""
+    bm = BlockSpaceManager(block_size=16, num_kv_blocks=1024, watermark=0.0)
+    prompts = {name: [i] * 50 for i, name in enumerate("AB")}
+    hits = []
+    for turn in range(12):
+        name = "AB"[turn % 2]
+        group = SequenceGroup(name, None, prompts[name] + [100 + turn], SamplingParams(), 16, 0.0)
+        plans = bm.can_allocate(group)[1]
+        hits.append(len(plans[group.seqs[0].seq_id].cached_blocks))
+        bm.allocate(group, plans)
+        seq = group.seqs[0]
+        bm.cache_full_blocks(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+        bm.finish_step()
+        bm.free(seq)
+    assert hits == [0, 0] + [3] * 10
+    assert bm.allocator.num_warm_extents <= WARM_RESERVE_EXTENTS + 1
+
+
 def test_a_sequence_leaving_its_extent_goes_where_a_new_one_would():
     # Requests of 9 blocks, one at a time, over extents of 8: each crosses into a second extent. It
     # takes the warm extent freed longest ago, not the fresh one after its own, so the job keeps
     # writing the same two extents' memory.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=64, watermark=0.0)
-    bm.allocator = BlockAllocator(64, extent_blocks=8)
+    bm.allocator = BlockAllocator(64, extent_blocks=8, warm_reserve_extents=0)
     for i in range(20):
         seq = _admit(bm, "r" * (i + 1), 36)
         table = bm.get_block_table(seq)
@@ -412,7 +433,7 @@ def test_a_prefix_computed_again_takes_the_keys_a_reused_extent_left_behind():
     # lookup reaches. P computed again keys both of its blocks, so a third P hits both while the
     # second runs, even after the stale block is reused.
     bm = BlockSpaceManager(block_size=4, num_kv_blocks=16, watermark=0.0)
-    bm.allocator = BlockAllocator(16, extent_blocks=4)
+    bm.allocator = BlockAllocator(16, extent_blocks=4, warm_reserve_extents=0)
     prompt = list(range(8)) + [99]
 
     def admit(tokens: list[int]) -> tuple[Sequence, int]:

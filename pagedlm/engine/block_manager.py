@@ -69,6 +69,10 @@ class PrefixPlan:
 
 # Blocks per extent (module docstring): 256 tokens at the default block size, a typical sequence.
 EXTENT_BLOCKS = 16
+# Wholly free warm extents kept (their cached prefixes with them) before the oldest is reused: 128
+# blocks, 2,048 tokens at the default block size. Without it a small job reused the one extent the
+# call before had freed, and every prefix of that call was lost with a cache nearly all free.
+WARM_RESERVE_EXTENTS = 8
 # Cached blocks a partial-block hit compares against, the most recently keyed first: children of
 # one parent usually share the same leading tokens (the rest of a common prefix), so a few suffice.
 PARTIAL_CANDIDATES = 8
@@ -78,9 +82,11 @@ class BlockAllocator:
     """Physical block numbers with reference counts, an LRU free list, the wholly free extents
     (fresh ones in block order, warm ones least recently freed first) and the prefix-cache map."""
 
-    def __init__(self, num_kv_blocks: int, extent_blocks: int = EXTENT_BLOCKS) -> None:
+    def __init__(self, num_kv_blocks: int, extent_blocks: int = EXTENT_BLOCKS,
+                 warm_reserve_extents: int = WARM_RESERVE_EXTENTS) -> None:
         self.num_kv_blocks = num_kv_blocks
         self.extent_blocks = extent_blocks
+        self.warm_reserve_extents = warm_reserve_extents
         self.ref_counts = [0] * num_kv_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_kv_blocks))
         num_extents = cdiv(num_kv_blocks, extent_blocks)
@@ -122,15 +128,17 @@ class BlockAllocator:
 
     def _free_extent(self) -> int | None:
         """The wholly free extent a sequence goes on in, from its first block: the warm one freed
-        longest ago while more than a quarter of the warm extents are wholly free, else a fresh one,
-        else the oldest warm one. The cache is ``torch.empty``, so a block's first write maps its
+        longest ago while more than a quarter of the warm extents, and more than
+        ``warm_reserve_extents``, are wholly free, else a fresh one, else the oldest warm one. The cache is ``torch.empty``, so a block's first write maps its
         pages, and on a VM whose host backs guest memory on first use that costs more than the
         step's work (AlpacaEval: 6-13 s of a 42-49 s run in ``reshape_and_cache`` when fresh extents
         came first). A job so writes about a third more memory than it holds at its peak, not the
         whole cache. The price is the prefix cache's memory: while fresh extents remain, a freed
-        prefix stays only until its extent is the oldest of the warm ones, a quarter or more of
-        them, kept free."""
-        if self.warm_free_extents and (not self.fresh_extents or 4 * len(self.warm_free_extents) > self.num_warm_extents):
+        prefix stays only until its extent is the oldest of the warm ones kept free (a quarter of
+        them, and at least ``warm_reserve_extents``: a few requests per call, call after call, keep
+        their prefixes, e.g. alternating system prompts)."""
+        reserve = max(self.warm_reserve_extents, self.num_warm_extents / 4)
+        if self.warm_free_extents and (not self.fresh_extents or len(self.warm_free_extents) > reserve):
             return next(iter(self.warm_free_extents))
         return next(iter(self.fresh_extents), None)
 
@@ -229,7 +237,8 @@ class BlockSpaceManager:
         """Every block free and no prefix cached, whatever state an interrupted operation left (an
         interrupt can land between a table's change and its blocks' reference counts); for when no
         sequence holds blocks any more (``Scheduler.requeue``)."""
-        self.allocator = BlockAllocator(self.num_kv_blocks, self.allocator.extent_blocks)
+        self.allocator = BlockAllocator(self.num_kv_blocks, self.allocator.extent_blocks,
+                                        self.allocator.warm_reserve_extents)
         self.block_tables.clear()
         self.blocks_computed_for_sharers.clear()
         self.blocks_keyed_this_step.clear()

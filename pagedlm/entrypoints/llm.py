@@ -72,9 +72,10 @@ class LLM:
             ``generate`` call and across calls). Unlike vLLM, whose free blocks keep their content
             until the whole cache is in use, a freed prefix stays only while the cache memory the
             engine has written holds it: new requests reuse written memory while over a quarter of
-            it is free, before they write memory never written (whose first writes are page
-            faults). A prefix held by running requests is found as before; one seen again after
-            many unrelated requests may not be.
+            it, and over 128 blocks, is free, before they write memory never written (whose first
+            writes are page faults). A prefix held by running requests is found as before, and so
+            are the prefixes of the last few calls of a small job; one seen again after many
+            unrelated requests may not be.
         generation_config: where the default ``SamplingParams`` (used when a call passes none)
             come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty,
             presence_penalty, frequency_penalty and max_new_tokens from the model's
