@@ -349,6 +349,37 @@ def test_an_interrupt_inside_a_step_leaves_the_same_outputs_and_no_leak(llama_di
     assert run() == expected
 
 
+def test_stepping_on_after_an_interrupt_past_the_draws_gives_the_uninterrupted_outputs(llm, monkeypatch):
+    """An interrupt after the seeded generators drew the step's random numbers (in the sampler's
+    logprobs pass): the step's draws are undone with it, so stepping on draws them again."""
+    import pagedlm.model_executor.layers.sampler as sampler
+
+    engine = llm.llm_engine
+    params = SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=42, logprobs=1, ignore_eos=True)
+
+    def run() -> list[list[int]]:
+        engine.add_request("seeded", {"prompt_token_ids": [BOS, 17, 33, 50, 90]}, params)
+        done = None
+        while engine.has_unfinished_requests():
+            try:
+                done = next((o for o in engine.step() if o.finished), done)
+            except KeyboardInterrupt:
+                pass
+        return [c.token_ids for c in done.outputs]
+
+    expected = run()
+    real, calls = sampler.rank_and_top_logprobs, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in (4, 9):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "rank_and_top_logprobs", interrupted)
+    assert run() == expected and calls["n"] > 9
+
+
 @pytest.mark.parametrize("where", ["BlockAllocator.free", "LLMEngine._append"])
 def test_a_ctrl_c_while_the_engine_changes_its_state_waits_for_the_change(llama_dir, monkeypatch, where):
     """A SIGINT landing half-way through applying a step's outputs, an abort or an add left blocks

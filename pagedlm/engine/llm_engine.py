@@ -386,14 +386,19 @@ class LLMEngine:
         that finished in that step are not returned.
         """
         self._check_open()
+        drawn: list[tuple[torch.Generator, torch.Tensor]] = []  # seeded generators' states before the step
         try:
             sched = self.scheduler.schedule()
             if sched.is_empty():
                 return []
             metadata = [self._seq_group_metadata(scheduled) for scheduled in sched.scheduled_seq_groups]
+            # A failed step's draws are undone, so that stepping on draws them again.
+            drawn = [(g, g.get_state()) for s in sched.scheduled_seq_groups for g in s.seq_group.generators or ()]
             outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
         except BaseException:
             with deferred_signals():
+                for generator, state in drawn:
+                    generator.set_state(state)
                 self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
             raise
         with deferred_signals():
