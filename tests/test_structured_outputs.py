@@ -358,3 +358,10 @@ def test_allowed_token_ids_that_cannot_start_the_constraint_are_refused_before_a
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, allowed_token_ids=[z, tok.eos_token_id],
                                                   structured_outputs=SO(choice=["zz"])), use_tqdm=False)
     assert out[0].outputs[0].text == "zz"
+    # Streamed (the job runner's path): that prompt alone is an error, once its grammar compiled.
+    params = [SamplingParams(max_tokens=2), SamplingParams(allowed_token_ids=[q], structured_outputs=SO(choice=["yy"]))]
+    results = dict(llm.generate_as_completed(PROMPTS[:2], params, return_errors=True))
+    assert len(results[0].outputs[0].token_ids) == 2 and "allowed_token_ids hold none" in str(results[1])
+    with pytest.raises(ValueError, match="prompt 1 cannot run: allowed_token_ids hold none"):
+        list(llm.generate_as_completed(PROMPTS[:2], params))
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -129,8 +129,8 @@ class LLMEngine:
                       wait_for_grammar: bool = True) -> FieldError | None:
         """Why a request can never run, naming the ``SamplingParams`` field at fault (or "prompt"),
         or ``None`` when it can. A structured-outputs constraint is compiled here (once per distinct
-        one); with ``wait_for_grammar=False`` its compilation only starts
-        (``structured_outputs.compile_async`` says how it ended)."""
+        one) and checked (``check_constraint``); with ``wait_for_grammar=False`` its compilation
+        only starts, and ``check_constraint`` says later whether it can run."""
         n = len(prompt_token_ids)
         if n == 0:
             return FieldError("the prompt is empty", "prompt")
@@ -173,15 +173,23 @@ class LLMEngine:
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
-            compiling = self.structured_outputs.compile_async(params.structured_outputs)
-            if wait_for_grammar and compiling.exception() is not None:
-                return FieldError(str(compiling.exception()), "structured_outputs")
-            if wait_for_grammar and params.allowed_token_ids:
-                manager = self.structured_outputs
-                start = manager.bitmask(manager.new_matcher(params.structured_outputs))
-                if not manager.allows_any_of(start, params.allowed_token_ids):
-                    return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
-                                      "start with", "allowed_token_ids")
+            if wait_for_grammar:
+                return self.check_constraint(params)
+            self.structured_outputs.compile_async(params.structured_outputs)
+        return None
+
+    def check_constraint(self, params: SamplingParams) -> FieldError | None:
+        """Why a request's structured-outputs constraint cannot run (waiting for it to compile):
+        it does not compile, or ``allowed_token_ids`` hold none of the tokens it can start with."""
+        manager = self.structured_outputs
+        compiling = manager.compile_async(params.structured_outputs)
+        if compiling.exception() is not None:
+            return FieldError(str(compiling.exception()), "structured_outputs")
+        if params.allowed_token_ids:
+            start = manager.bitmask(manager.new_matcher(params.structured_outputs))
+            if not manager.allows_any_of(start, params.allowed_token_ids):
+                return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
+                                  "start with", "allowed_token_ids")
         return None
 
     @property

@@ -575,7 +575,7 @@ class LLM:
                         ready = [r for r in held if r.index < first_compiling]
                         held = [r for r in held if r.index > first_compiling]
                     for request in ready:
-                        reason = request.reason if isinstance(request, _Rejected) else request.error()
+                        reason = request.reason if isinstance(request, _Rejected) else request.error(engine)
                         if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
@@ -630,10 +630,10 @@ class _Request:
     params: SamplingParams
     grammar: Future | None = None
 
-    def error(self) -> FieldError | None:
-        """Why the request cannot run after all (its constraint did not compile), else None."""
-        exc = self.grammar.exception() if self.grammar is not None else None
-        return None if exc is None else FieldError(str(exc), "structured_outputs")
+    def error(self, engine: LLMEngine) -> FieldError | None:
+        """Why the request cannot run after all, once its constraint has compiled
+        (``LLMEngine.check_constraint``), else None."""
+        return engine.check_constraint(self.params) if self.grammar is not None else None
 
 
 @dataclass(slots=True)
