@@ -272,7 +272,7 @@ def test_disable_any_whitespace_gives_compact_json(llm):
 _CAT_OR_DOG = {
     "$defs": {"Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
                       "required": ["kind", "lives"]},
-              "Dog": {"type": "object", "properties": {"kind": {"enum": ["dog"]}, "name": {"type": "string"}},
+              "Dog": {"type": "object", "properties": {"kind": {"enum": ["dog", "puppy"]}, "name": {"type": "string"}},
                       "required": ["kind", "name"]}},
     "type": "object", "required": ["pet"],
     "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
@@ -285,6 +285,11 @@ _CAT_OR_DOG = {
     ({"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
                 {"type": "object", "properties": {"b": {"type": "integer"}}}]}, "oneOf whose branches may overlap"),
     ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "oneOf whose branches may overlap"),
+    # 1 and 1.0 are one JSON value; "cat" in both.
+    ({"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"const": 1.0}}, "required": ["k"]}]}, "oneOf whose"),
+    ({"oneOf": [{"type": "object", "properties": {"k": {"enum": ["dog", "cat"]}}, "required": ["k"]},
+                {"type": "object", "properties": {"k": {"const": "cat"}}, "required": ["k"]}]}, "oneOf whose"),
     # Strict mode generates only listed properties: "zzz" could never appear.
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zzz"]}, r"required \['zzz'\]"),
     ({"type": "object", "required": ["a"]}, r"required \['a'\]"),
@@ -302,13 +307,15 @@ def test_a_oneof_of_exclusive_branches_is_kept_and_holds(llm):
     """Branches of distinct types, or a discriminated union (pydantic's, through $refs): anyOf means
     the same, so xgrammar enforces them."""
     by_type = {"oneOf": [{"type": "string", "maxLength": 5}, {"type": "boolean"}]}
+    by_value = {"oneOf": [{"const": "a", "description": "the first"}, {"type": "string", "enum": ["b", "c"]}]}
+    schemas = [by_type, _CAT_OR_DOG, by_value]
     outs = llm.generate(PROMPTS, [SamplingParams(n=2, temperature=1.0, seed=i, max_tokens=60,
-                                                 structured_outputs=SO(json=schema))
-                                  for i, schema in enumerate([by_type, _CAT_OR_DOG] * 3)], use_tqdm=False)
+                                                 structured_outputs=SO(json=schemas[i % 3])) for i in range(6)],
+                        use_tqdm=False)
     for i, o in enumerate(outs):
         for c in o.outputs:
             if c.finish_reason == "stop":
-                jsonschema.validate(json.loads(c.text), [by_type, _CAT_OR_DOG][i % 2])
+                jsonschema.validate(json.loads(c.text), schemas[i % 3])
 
 
 def test_length_bounded_strings_are_json_strings_of_those_lengths(llm):
@@ -317,7 +324,8 @@ def test_length_bounded_strings_are_json_strings_of_those_lengths(llm):
     schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 4},
                                                "b": {"type": "string", "minLength": 2, "maxLength": 6}},
               "required": ["a", "b"]}
-    for s in (schema, schema["properties"]["a"]):
+    # Also where other types are allowed: those stay, strings are bounded.
+    for s in (schema, schema["properties"]["a"], {"type": ["string", "null"], "maxLength": 3}, {"maxLength": 2}):
         outs = llm.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=60, structured_outputs=SO(
             json=s, disable_any_whitespace=True)), use_tqdm=False)
         stopped = [c.text for o in outs for c in o.outputs if c.finish_reason == "stop"]

@@ -144,10 +144,12 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
                 if missing:
                     found.add(f"required {missing} not in properties")
             elif key in ("minLength", "maxLength") and ("pattern" in schema or "format" in schema):
-                found.add(f"{key} beside {'pattern' if 'pattern' in schema else 'format'}")
+                beside = "pattern" if "pattern" in schema else "format"
+                found.add(f"{key} beside {beside} (xgrammar enforces the {beside} alone; drop the length, e.g. "
+                          "pydantic HttpUrl's maxLength 2083, or write it into a pattern)")
             elif key == "oneOf" and not _exclusive_branches(value, root):
-                found.add("oneOf whose branches may overlap (use anyOf, or give every branch its own type or "
-                          "its own const of a required property)")
+                found.add("oneOf whose branches may overlap (use anyOf, or give every branch its own type, its own "
+                          "const or enum values, or its own const or enum values of a required property)")
             if key in ("properties", "$defs", "definitions"):
                 for sub in (value.values() if isinstance(value, dict) else ()):
                     found |= _unenforceable(sub, root)
@@ -164,7 +166,10 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
     ``pattern`` of the same lengths, ``^[^\\ud800-\\udfff]{min,max}$``. xgrammar 0.2.9 draws a
     length-bounded string's characters from a class that lets raw control characters through, which
     JSON does not allow in a string (its patterns leave them out), and surrogate code points, which
-    are no UTF-8 (decoded, each byte becomes a U+FFFD and the string outgrows its maxLength)."""
+    are no UTF-8 (decoded, each byte becomes a U+FFFD and the string outgrows its maxLength). A
+    schema that allows other types too (``"type": ["string", "null"]``, or no type: the lengths
+    bind strings only) becomes an ``anyOf`` of the bounded string and the other types, which
+    xgrammar would otherwise generate strings of any length for."""
     if isinstance(schema, list):
         return [_bounded_strings_as_patterns(item) for item in schema]
     if not isinstance(schema, dict):
@@ -179,17 +184,31 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
             out[key] = _bounded_strings_as_patterns(value)
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high) if n is not None)
-    if schema.get("type") == "string" and ("minLength" in schema or high is not None) and whole and (high is None or low <= high):
-        out.pop("minLength", None), out.pop("maxLength", None)
-        out["pattern"] = f"^[^\\ud800-\\udfff]{{{low},{'' if high is None else high}}}$"
-    return out
+    bounded = ("minLength" in schema or high is not None) and whole and (high is None or low <= high)
+    kind = schema.get("type")
+    types = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else list(_JSON_TYPES)
+    if not bounded or "string" not in types or {"pattern", "format", "enum", "const", "$ref"} & set(schema):
+        return out
+    string = {"type": "string", "pattern": f"^[^\\ud800-\\udfff]{{{low},{'' if high is None else high}}}$"}
+    rest = {k: v for k, v in out.items() if k not in ("type", "minLength", "maxLength")}
+    others = [t for t in types if t != "string"]
+    if not others:
+        return {**rest, **string}
+    if any(k in rest for k in ("anyOf", "oneOf")):  # the other types' keywords cannot be split off
+        return out
+    return {"anyOf": [string, {**rest, "type": others}]}
+
+
+# JSON Schema's types but "integer" (a number); a schema without "type" allows them all.
+_JSON_TYPES = ("string", "number", "boolean", "null", "array", "object")
 
 
 def _exclusive_branches(branches: Any, root: Any) -> bool:
     """Whether no JSON value can match two of the ``oneOf`` branches, so that ``anyOf`` means the
-    same: each branch a distinct single ``type`` (integer and number overlap), or each an object
-    whose one shared required property has a distinct ``const`` (or one-value ``enum``): a
-    discriminated union, pydantic's included."""
+    same: each branch a distinct single ``type`` (integer and number overlap); or each branch's
+    ``const`` / ``enum`` values apart from the others'; or, for one property every branch
+    requires, each branch's ``const`` / ``enum`` values of it apart from the others' (a
+    discriminated union, pydantic's included). Values compare as JSON does (1 equals 1.0)."""
     if not isinstance(branches, list):
         return False
     resolved = [_resolve_local_ref(branch, root) for branch in branches]
@@ -198,22 +217,45 @@ def _exclusive_branches(branches: Any, root: Any) -> bool:
     types = [branch.get("type") for branch in resolved]
     if all(isinstance(t, str) for t in types) and len(set(types)) == len(types) and not {"integer", "number"} <= set(types):
         return True
+    if _apart([_listed_values(branch) for branch in resolved]):
+        return True
     shared = set.intersection(*(set(branch.get("required", ())) for branch in resolved)) if resolved else set()
-    for name in shared:
-        values = []
-        for branch in resolved:
-            prop = _resolve_local_ref((branch.get("properties") or {}).get(name), root)
-            if not isinstance(prop, dict):
-                break
-            if "const" in prop:
-                values.append(json.dumps(prop["const"], sort_keys=True))
-            elif isinstance(prop.get("enum"), list) and len(prop["enum"]) == 1:
-                values.append(json.dumps(prop["enum"][0], sort_keys=True))
-            else:
-                break
-        if len(values) == len(resolved) and len(set(values)) == len(values):
-            return True
-    return False
+    return any(_apart([_listed_values(_resolve_local_ref((branch.get("properties") or {}).get(name), root))
+                       for branch in resolved]) for name in shared)
+
+
+def _listed_values(schema: Any) -> set[str] | None:
+    """The values a schema lists (``const``, or ``enum``), as canonical JSON; None if it lists none."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return {_canonical(schema["const"])}
+    if isinstance(schema.get("enum"), list):
+        return {_canonical(value) for value in schema["enum"]}
+    return None
+
+
+def _apart(value_sets: list[set[str] | None]) -> bool:
+    """Whether every set is known and no value is in two of them."""
+    if not value_sets or any(values is None for values in value_sets):
+        return False
+    return sum(len(values) for values in value_sets) == len(set().union(*value_sets))
+
+
+def _canonical(value: Any) -> str:
+    """A JSON value's text, equal for equal values: numbers as floats (JSON's 1 is 1.0), keys sorted."""
+    def numbers_as_floats(v: Any) -> Any:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dict):
+            return {k: numbers_as_floats(item) for k, item in v.items()}
+        if isinstance(v, list):
+            return [numbers_as_floats(item) for item in v]
+        return v
+
+    return json.dumps(numbers_as_floats(value), sort_keys=True)
 
 
 def _resolve_local_ref(schema: Any, root: Any) -> Any:
