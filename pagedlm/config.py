@@ -164,6 +164,9 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
         if key not in known and not hasattr(config, key):
             raise ValueError(f"{key!r} is no field of {type(config).__name__}, so nothing would read it; its fields: "
                              f"{', '.join(sorted(known))}")
+        if key == "rope_scaling" and "rope_parameters" in known:
+            raise ValueError("set rope_parameters (with its rope_theta) instead of rope_scaling: transformers "
+                             "writes rope_scaling into rope_parameters without the model's rope_theta")
         nested = getattr(config, key, None)
         if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
             _set_fields(nested, value)

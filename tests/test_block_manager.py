@@ -3,7 +3,7 @@
 import copy
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -472,6 +472,9 @@ def test_a_group_that_fits_only_without_its_partial_hit_is_admitted_without_it()
 
 
 @settings(max_examples=300, deadline=None)
+@example(others=[([0], True), ([0], True)], prompt=[0], outputs=[[0], [0, 0, 0, 0]], num_free=2)  # the bug it was for
+@example(others=[([0], True), ([0], True)], prompt=[0, 0, 0, 0, 0, 0],
+         outputs=[[], [0] * 7, [0, 1, 0, 0, 0, 0, 0], [0, 2, 0, 0, 0, 0, 0]], num_free=10)
 @given(
     others=st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.booleans()), max_size=4),
     prompt=st.lists(st.integers(0, 2), min_size=1, max_size=10),

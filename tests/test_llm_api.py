@@ -797,6 +797,8 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
         ({"hf_overrides": lambda config: None}, ValueError, "hf_overrides must return the config, got NoneType"),
         ({"hf_overrides": {"sliding_window": 8}}, ValueError, "hf_overrides: .*'sliding_window' is no field of LlamaConfig, so nothing would read it; its fields: .*rms_norm_eps"),
         ({"hf_overrides": {"rms_norm_eps": "x"}}, ValueError, "hf_overrides: "),  # transformers' own error type
+        ({"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}}, ValueError,
+         "set rope_parameters .* instead of rope_scaling"),
         ({"max_logprobs": -2}, ValueError, "max_logprobs must be None, -1"),
     ]:
         with pytest.raises(error, match=match):

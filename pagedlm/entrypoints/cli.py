@@ -123,13 +123,17 @@ def _run_on_ray(config: JobConfig, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
+        code = stopped = None
         try:
             code = run_main(argv[1:])
         except KeyboardInterrupt:  # outside the job's own handling (before it, or once it has reported)
+            code, stopped = 128 + signal.SIGINT, True
+        finally:
+            # Only a note and the interpreter's shutdown are left: another Ctrl-C would just print a
+            # traceback there.
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
+        if stopped:
             print("[pagedlm run] SIGINT: stopped", file=sys.stderr)
-            code = 128 + signal.SIGINT
-        # Only the interpreter's shutdown is left, where another Ctrl-C would just print a traceback.
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
         sys.exit(code)
     demo.main(argv)
