@@ -122,6 +122,10 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
                      "logprobs": True, "top_logprobs": 2}),
         _openai_row("cmpl", "/v1/completions", {"model": "tiny", "prompt": "Hello 1", "max_tokens": 6, "logprobs": 3, "temperature": 0}),
         _openai_row("n3", "/v1/completions", {"prompt": "Hello", "n": 3, "temperature": 1.0, "seed": 1, "max_tokens": 4}),
+        _openai_row("best-of", "/v1/completions", {"prompt": "Hello", "n": 2, "best_of": 5, "temperature": 1.0, "seed": 3,
+                                                    "max_tokens": 4}),
+        _openai_row("hot", "/v1/completions", {"prompt": "Hello", "temperature": 2.0, "seed": 5, "max_tokens": 8,
+                                                "logprobs": 1}),
         _openai_row("default-len", "/v1/completions", {"prompt": "Hello", "ignore_eos": True, "temperature": 0}),
         _openai_row("no-template", "/v1/chat/completions", {"messages": chat}),
         _openai_row("embed", "/v1/embeddings", {"input": "x"}),
@@ -176,6 +180,13 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
     assert all(len(top) <= 3 for top in lp["top_logprobs"])
     choices = out["n3"]["response"]["body"]["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2] and all(c["text"] is not None for c in choices)
+    # The n best of best_of are numbered 0..n-1, as OpenAI numbers choices.
+    assert [c["index"] for c in out["best-of"]["response"]["body"]["choices"]] == [0, 1]
+    # Completions' top_logprobs hold the sampled token too, when it is not among the k best (OpenAI's
+    # "up to logprobs + 1").
+    lp = out["hot"]["response"]["body"]["choices"][0]["logprobs"]
+    assert all(token in top and len(top) <= 2 for token, top in zip(lp["tokens"], lp["top_logprobs"]))
+    assert any(len(top) == 2 for top in lp["top_logprobs"])
     # /v1/completions without max_tokens: OpenAI's default of 16 tokens.
     assert out["default-len"]["response"]["body"]["usage"]["completion_tokens"] == 16
 

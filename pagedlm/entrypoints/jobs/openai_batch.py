@@ -161,7 +161,9 @@ class OpenAIBatchFormat:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
         k = job_row.params.logprobs or 0
-        choices = [(_chat_choice if chat else _completion_choice)(c, k, self._token_bytes) for c in output.outputs]
+        # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
+        choices = [(_chat_choice if chat else _completion_choice)(i, c, k, self._token_bytes)
+                   for i, c in enumerate(output.outputs)]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         body = {
@@ -227,7 +229,7 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
     }
 
 
-def _chat_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
+def _chat_choice(index: int, c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -235,11 +237,11 @@ def _chat_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
              "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in _top(position, k)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
-    return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+    return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _completion_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
+def _completion_choice(index: int, c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         tokens = [position[t].decoded_token or "" for t, position in zip(c.token_ids, c.logprobs)]
@@ -249,17 +251,19 @@ def _completion_choice(c: CompletionOutput, k: int, token_bytes: TokenBytes) -> 
         logprobs = {
             "tokens": tokens,
             "token_logprobs": [_logprob(position[t]) for t, position in zip(c.token_ids, c.logprobs)],
-            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in _top(position, k)} for position in c.logprobs],
+            # OpenAI's completions: the k most likely and the sampled token (up to k + 1).
+            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in _top(position, k, sampled=t)}
+                             for t, position in zip(c.token_ids, c.logprobs)],
             "text_offset": offsets[: len(tokens)],
         }
-    return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+    return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason}
 
 
-def _top(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    """The ``k`` most likely tokens of a position, best first (the dict also holds the sampled
-    token when it ranks lower)."""
-    return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k), key=lambda item: item[1].rank)
+def _top(position: dict[int, Logprob], k: int, sampled: int | None = None) -> list[tuple[int, Logprob]]:
+    """The ``k`` most likely tokens of a position, and the ``sampled`` one if given, best first (the
+    dict holds the sampled token too, which may rank lower)."""
+    return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k or t == sampled), key=lambda item: item[1].rank)
 
 
 def _token_logprob(token_id: int, lp: Logprob, token_bytes: TokenBytes) -> dict:
