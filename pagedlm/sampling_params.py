@@ -211,7 +211,9 @@ class SamplingParams(_FieldsOnly):
         best_of: completions to generate, of which the ``n`` with the highest cumulative
             log-probability are returned (the beam width under beam search). Defaults to ``n``.
         temperature: softmax temperature in [0, 2] (vLLM's range); 0 means greedy decoding.
-        top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1].
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``, in
+            (0, 1], and every token tied with the least likely of them (Hugging Face and vLLM keep
+            some of such ties by their sort's order; pagedlm's choice does not depend on it).
         top_k: keep the ``top_k`` most likely tokens; 0 or -1 turns it off.
         min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
         presence_penalty: subtracted from the logit of every token already generated, in [-2, 2].

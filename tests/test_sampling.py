@@ -296,15 +296,18 @@ def eos_model_dir(llama_dir, tmp_path_factory, llm):
     return str(path), eos
 
 
-@pytest.mark.parametrize("width,n,length_penalty,early_stopping", [
-    (4, 4, 1.0, False), (3, 2, 0.0, True), (4, 1, 2.0, "never"), (2, 2, -1.0, False),
+@pytest.mark.parametrize("width,n,length_penalty,early_stopping,repetition_penalty,min_tokens", [
+    (4, 4, 1.0, False, 1.0, 0), (3, 2, 0.0, True, 1.0, 0), (4, 1, 2.0, "never", 1.0, 0), (2, 2, -1.0, False, 1.0, 0),
+    # Processors act on the log-probabilities, as in Hugging Face's beam search (not on the logits).
+    (3, 3, 1.0, False, 1.5, 0), (3, 2, 1.0, True, 1.0, 4),
 ])
-def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_stopping):
+def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_stopping, repetition_penalty, min_tokens):
     path, eos = eos_model_dir
     llm = LLM(path, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     params = SamplingParams(n=n, best_of=width, use_beam_search=True, temperature=0, max_tokens=10,
-                            length_penalty=length_penalty, early_stopping=early_stopping)
+                            length_penalty=length_penalty, early_stopping=early_stopping,
+                            repetition_penalty=repetition_penalty, min_tokens=min_tokens)
     prompts = [[BOS, i + 3, 2 * i + 5] for i in range(6)]
     outs = llm.generate(_ids(prompts), params, use_tqdm=False)
     finished_early = 0
@@ -312,14 +315,16 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=n, do_sample=False,
                               max_new_tokens=10, length_penalty=length_penalty, early_stopping=early_stopping,
+                              repetition_penalty=repetition_penalty, min_new_tokens=min_tokens,
                               eos_token_id=[eos, EOS], pad_token_id=0, output_scores=True, return_dict_in_generate=True)
         for row, comp in enumerate(out.outputs):
             seq = ref.sequences[row, len(prompt):].tolist()
             ends = [i for i, t in enumerate(seq) if t in (eos, EOS)]
             seq = seq[: ends[0] + 1] if ends else seq
             assert comp.token_ids == seq
-            score = comp.cumulative_logprob / len(comp.token_ids) ** length_penalty
-            assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
+            if repetition_penalty == 1.0 and not min_tokens:  # else HF scores the processed log-probabilities
+                score = comp.cumulative_logprob / len(comp.token_ids) ** length_penalty
+                assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
             finished_early += comp.finish_reason == "stop"
     if length_penalty <= 1.0:  # (a large penalty favours the beams that run to max_tokens)
         assert finished_early > 0
@@ -557,3 +562,13 @@ def test_bad_words_are_never_generated(llama_dir):
     assert banned_by_bad_words([[7], [1, 2, 3]], [9, 1, 2]) == {7, 3} and banned_by_bad_words([[1, 2, 3]], [2]) == set()
     with pytest.raises(ValueError, match="bad_words must be None or a list of non-blank strings"):
         SamplingParams(bad_words=[" "])
+
+
+def test_allowed_token_ids_that_min_tokens_bans_entirely_are_refused(llm):
+    """Every allowed id a stop token, min_tokens > 0: nothing could be sampled (the kernel took an
+    all -inf row's first id, outside allowed_token_ids)."""
+    with pytest.raises(ValueError, match=r"allowed_token_ids \[2\] are all stop tokens, which min_tokens \(2\) bans"):
+        llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS], min_tokens=2, max_tokens=4), use_tqdm=False)
+    out = llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS, 7], min_tokens=2, max_tokens=4),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:2] == [7, 7]

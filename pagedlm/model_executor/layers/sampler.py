@@ -124,8 +124,13 @@ class Sampler(DirectCall, nn.Module):
         elif meta.needs_processing:
             chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
-            beam_logprobs = log_softmax(processed[meta.beam_rows])
-            beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.needs_processing else beam_logprobs
+            beam_raw_logprobs = log_softmax(logits[meta.beam_rows])
+            beam_logprobs = beam_raw_logprobs
+            if meta.needs_processing:
+                # Hugging Face's beam search runs the processors on the log-probabilities (and does
+                # not normalise again), not on the logits as sampling does: a repetition penalty
+                # multiplies a log-probability, a ban leaves the others' as they were.
+                beam_logprobs = self._process(log_softmax(logits), meta)[meta.beam_rows]
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
     def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
