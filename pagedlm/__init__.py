@@ -13,7 +13,7 @@ from pagedlm.logger import init_logger  # noqa: E402
 init_logger()
 
 from pagedlm.entrypoints.llm import LLM  # noqa: E402
-from pagedlm.inputs import TextPrompt, TokensPrompt  # noqa: E402
+from pagedlm.inputs import PromptType, TextPrompt, TokensPrompt  # noqa: E402
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput  # noqa: E402
 from pagedlm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams  # noqa: E402
 from pagedlm.transformers_utils.gguf import default_model_path  # noqa: E402
@@ -22,6 +22,6 @@ from pagedlm.openmp import initialize_vector_math, restore_environment  # noqa: 
 restore_environment()  # libgomp has read it by now; child processes do not inherit it
 initialize_vector_math()
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "TextPrompt", "TokensPrompt",
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "TextPrompt", "TokensPrompt", "PromptType",
            "RequestOutput", "CompletionOutput", "BeamSearchOutput", "BeamSearchSequence", "default_model_path"]
 __version__ = "0.1.0"

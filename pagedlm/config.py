@@ -260,7 +260,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # "auto" (the model's dtype) or a key of KV_CACHE_DTYPES
     calculate_kv_scales: bool = False  # fp8 scales from a calibration prefill instead of the checkpoint's or 1.0
-    gpu_memory_utilization: float | None = None  # CUDA only: the share of the GPU's memory pagedlm may fill
+    # The share of the GPU's memory pagedlm may fill (CUDA), or of available RAM the KV cache takes (CPU).
+    gpu_memory_utilization: float | None = None
 
     def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the KV cache's entries: the model's for "auto", else the fp8 format."""
@@ -347,11 +348,12 @@ def load_chat_template(chat_template: str | os.PathLike | None) -> str | None:
 def available_memory(device: torch.device, gpu_memory_utilization: float | None = None) -> int:
     """Bytes the KV cache may take by default on ``device``: on CUDA what is free less the share
     of the total that ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) leaves to
-    others; on CPU a share of available RAM (``CPU_KV_CACHE_RAM_SHARE``)."""
+    others; on CPU the share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of
+    the available RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(free - total * (1 - (gpu_memory_utilization or GPU_MEMORY_UTILIZATION)))
-    return int(_available_ram() * CPU_KV_CACHE_RAM_SHARE)
+    return int(_available_ram() * (gpu_memory_utilization or CPU_KV_CACHE_RAM_SHARE))
 
 
 def _available_ram() -> int:

@@ -1,26 +1,14 @@
-"""What ``LLM.generate`` returns (vLLM's ``RequestOutput``, ``CompletionOutput``, ``Logprob``)."""
+"""What ``LLM.generate`` returns (vLLM's ``RequestOutput``, ``CompletionOutput``; ``Logprob`` is in
+``pagedlm.logprobs``, as vLLM's is in ``vllm.logprobs``)."""
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pagedlm.logprobs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import RequestOutputKind
 
 if TYPE_CHECKING:  # the engine's state types import this module's
     from pagedlm.engine.sequence import SequenceGroup
-
-
-@dataclass
-class Logprob:
-    """A token's log-probability under the model, its rank (1 = most likely) and its text."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-# One dict per position: token id -> Logprob (the top-k tokens plus the chosen one).
-SampleLogprobs = list[dict[int, Logprob]]
-PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -44,6 +32,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    lora_request: None = None  # vLLM's field; pagedlm runs no adapters
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -63,6 +52,12 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
+    # vLLM's fields, in its order; always None here: its offline LLM keeps no per-request metrics
+    # either, and pagedlm runs no adapters and no encoder-decoder models.
+    metrics: None = None
+    lora_request: None = None
+    encoder_prompt: None = None
+    encoder_prompt_token_ids: None = None
     # Prompt tokens served from the prefix cache when the request was first admitted (vLLM's
     # field; None before that).
     num_cached_tokens: int | None = None
@@ -109,7 +104,7 @@ class RequestOutput:
                 seq_group.num_returned_prompt_logprobs += len(prompt_logprobs)
         return cls(
             seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs, finished,
-            seq_group.num_cached_tokens,
+            num_cached_tokens=seq_group.num_cached_tokens,
         )
 
 

@@ -902,12 +902,16 @@ def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kw
         LLM(llama_dir, **kwargs)
 
 
-def test_gpu_memory_utilization_is_refused_on_cpu(llama_dir, monkeypatch):
-    import pagedlm.engine.llm_engine as llm_engine
+def test_gpu_memory_utilization_sets_the_cache_s_share_of_ram_on_cpu(llama_dir, monkeypatch):
+    """As a vLLM script passes it (vLLM's CPU backend reserves that share of RAM): here the KV
+    cache's share of the available RAM, which is 0.2 by default."""
+    from pagedlm import config
 
-    monkeypatch.setattr(llm_engine, "ModelRunner", None)
-    with pytest.raises(ValueError, match="gpu_memory_utilization applies on CUDA; on cpu"):
-        LLM(llama_dir, device="cpu", gpu_memory_utilization=0.5)
+    monkeypatch.setattr(config, "_available_ram", lambda: 64 << 20)
+    sizes = {share: LLM(llama_dir, device="cpu", dtype="float32", gpu_memory_utilization=share).get_stats()["num_kv_blocks"]
+             for share in (None, 0.4)}
+    block = LLM(llama_dir, device="cpu", dtype="float32", num_kv_blocks=1).llm_engine.model_runner.cache_engine.num_bytes
+    assert sizes == {None: int(0.2 * (64 << 20)) // block, 0.4: int(0.4 * (64 << 20)) // block}
 
 
 def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, chat_llama_dir):
@@ -1223,3 +1227,23 @@ def test_arguments_of_the_wrong_kind_are_refused_at_the_call(llm):
         engine.add_request("bad", {"prompt_token_ids": [-1]}, SamplingParams())
     assert not str(err.value).endswith("..")
     assert not engine.has_unfinished_requests()
+
+
+def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir):
+    """vLLM's output fields pagedlm never sets are None, its ``model_config`` and exports are where
+    vLLM has them, its arguments at their defaults are taken, and its methods pagedlm has not say
+    what to use instead."""
+    from pagedlm import PromptType  # noqa: F401
+    from pagedlm.logprobs import Logprob, PromptLogprobs, SampleLogprobs  # noqa: F401
+
+    out = llm.generate([[BOS, 5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert (out.metrics, out.lora_request, out.encoder_prompt, out.encoder_prompt_token_ids) == (None,) * 4
+    assert out.outputs[0].lora_request is None
+    assert llm.model_config is llm.llm_engine.model_config and llm.reset_prefix_cache() is True
+    with pytest.raises(AttributeError, match="LLM.embed is vLLM's; pagedlm does not have it: pagedlm runs generative"):
+        llm.embed(["x"])
+    assert not hasattr(llm, "sleep") and not hasattr(llm, "no_such_method")
+    LLM(llama_dir, dtype="float32", runner="auto", convert="auto", compilation_config=0, enable_lora=False,
+        cpu_offload_gb=0.0, logits_processors=[], mm_processor_kwargs=None, swap_space=4).close()
+    with pytest.raises(ValueError, match=r"enable_lora must be False \(pagedlm runs no LoRA adapters\), got True"):
+        LLM(llama_dir, enable_lora=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedlm.outputs import SampleLogprobs
+from pagedlm.logprobs import SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
 
 _NEG = -1.0e9

@@ -22,7 +22,8 @@ from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
 from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
-from pagedlm.outputs import Logprob, RequestOutput
+from pagedlm.logprobs import Logprob
+from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.outputs import PromptLogprobs, SampleLogprobs
+from pagedlm.logprobs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import token_range
 from pagedlm.utils import cdiv

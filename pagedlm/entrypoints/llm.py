@@ -59,7 +59,7 @@ class LLM:
             tokens at start-up (max|k| / 200, max|v| / 100, vLLM's rule) instead.
         num_kv_blocks / kv_cache_memory_bytes: size the KV cache by blocks or bytes; by default it
             takes the free GPU memory less 10% of the GPU's total on CUDA (see
-            ``gpu_memory_utilization``), and 20% of available RAM on CPU (within the process's
+            ``gpu_memory_utilization``), and 20% of available RAM on CPU (that too; within the process's
             memory cgroup; capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens
             could use). At most one of the three is set.
         max_num_seqs: most sequences in one step (None: 256, or ``max_num_batched_tokens`` where
@@ -102,7 +102,10 @@ class LLM:
         chat_template: a Jinja chat template, or a path to one, replacing the tokenizer's own
             wherever chats are rendered (``chat``, ``pagedlm run``); ``chat``'s own argument wins.
         gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
-            may fill up to, counting what is already in use (default 0.9); not on CPU.
+            may fill up to, counting what is already in use (default 0.9); on CPU, the share of the
+            RAM available once the weights are loaded that the KV cache takes (default 0.2). vLLM's
+            CPU backend reads it as the share of all RAM it reserves, weights included, which
+            sizes the cache alike for a small model.
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
         batch_invariant: a greedy or seeded request's tokens and log-probabilities are the same
             bits whatever else is in the batch, the step's token budget, prefix-cache hits or
@@ -111,13 +114,12 @@ class LLM:
             linear's rows in one product (True runs them in products of a fixed shape,
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
-        **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours (see
-            ``VLLM_NO_OP_ARGS``): ``enforce_eager`` (pagedlm always runs eagerly),
-            ``disable_log_stats=True``, ``quantization=None``, ``revision``,
-            ``tokenizer_revision``, ``code_revision``, ``download_dir`` and ``hf_token`` None,
-            ``tokenizer_mode`` "auto" or "hf", ``skip_tokenizer_init=False``, ``load_format="auto"``,
-            ``cpu_offload_gb=0``, ``pipeline_parallel_size=1``, ``disable_sliding_window=False``,
-            ``logits_processors=None``.
+        **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
+            nothing (vLLM's defaults, mostly): ``VLLM_NO_OP_ARGS`` lists each with its allowed
+            values and why (e.g. ``enforce_eager``, ``quantization=None``, ``tokenizer_mode`` "auto",
+            ``compilation_config`` None or 0, ``enable_lora=False``). Another value is refused
+            (``ValueError``, naming the argument and the allowed values), another name too
+            (``TypeError``).
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values).
@@ -171,6 +173,18 @@ class LLM:
         if self._engine is None:
             raise RuntimeError("This LLM is closed (its KV cache and weights were released); create a new LLM.")
         return self._engine
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The engine's ``ModelConfig`` (vLLM's ``LLM.model_config``)."""
+        return self.llm_engine.model_config
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the class lacks: say why for vLLM's LLM methods pagedlm has not.
+        why = _VLLM_ONLY_METHODS.get(name)
+        if why is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(f"LLM.{name} is vLLM's; pagedlm does not have it: {why}")
 
     def close(self) -> None:
         """Release the KV cache and the weights now, without waiting for the garbage collector
@@ -522,9 +536,11 @@ class LLM:
                 token_ids[i] = ids
         return parsed, token_ids, errors, special
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prompt prefix; later requests compute their prompts afresh."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix; later requests compute their prompts afresh. Returns
+        True (vLLM's: whether it was reset; pagedlm's always is, blocks in use staying where they are)."""
         self.llm_engine.reset_prefix_cache()
+        return True
 
     def get_stats(self) -> dict[str, int | float]:
         """KV-cache use: total and free blocks, the peak in use during the last ``generate``, the
@@ -676,10 +692,36 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "tokenizer_mode": (("auto", "hf"), "pagedlm uses the checkpoint's fast Hugging Face tokenizer"),
     "skip_tokenizer_init": ((False,), "pagedlm detokenizes and renders chats with the tokenizer"),
     "load_format": (("auto",), "pagedlm reads safetensors or GGUF as the checkpoint holds them"),
-    "cpu_offload_gb": ((0,), "pagedlm keeps the weights on the model's device"),
+    "cpu_offload_gb": ((0, 0.0), "pagedlm keeps the weights on the model's device"),
+    **dict.fromkeys(("offload_group_size",), ((0,), "pagedlm keeps the weights on the model's device")),
+    **dict.fromkeys(("offload_num_in_group", "offload_prefetch_step"), ((1,), "pagedlm keeps the weights on the "
+                                                                              "model's device")),
+    "offload_params": ((None,), "pagedlm keeps the weights on the model's device"),
     "pipeline_parallel_size": ((1,), "pagedlm runs a model on one device (replicas: Ray Data)"),
+    "data_parallel_size": ((1,), "pagedlm runs a model on one device (replicas: Ray Data)"),
+    "distributed_executor_backend": ((None,), "pagedlm runs a model on one device (replicas: Ray Data)"),
+    "disable_custom_all_reduce": ((False, True), "pagedlm runs a model on one device"),
     "disable_sliding_window": ((False,), "pagedlm runs sliding-window layers as the model defines them"),
-    "logits_processors": ((None,), "pagedlm takes logits processors per request (SamplingParams.logits_processors)"),
+    "logits_processors": ((None, []), "pagedlm takes logits processors per request (SamplingParams.logits_processors)"),
+    "runner": (("auto", "generate"), "pagedlm runs generative models"),
+    "convert": (("auto", "none"), "pagedlm runs generative models"),
+    "pooler_config": ((None,), "pagedlm runs generative models"),
+    **dict.fromkeys(("mm_processor_kwargs", "allowed_media_domains", "limit_mm_per_prompt"),
+                    ((None,), "pagedlm runs text-only models")),
+    "allowed_local_media_path": (("",), "pagedlm runs text-only models"),
+    "enable_prompt_embeds": ((False,), "pagedlm takes text or token-id prompts"),
+    "enable_lora": ((False,), "pagedlm runs no LoRA adapters"),
+    "enable_return_routed_experts": ((False,), "pagedlm runs no mixture-of-experts models"),
+    "return_sampling_mask": ((False,), "pagedlm does not return the sampled tokens' masks"),
+    "compilation_config": ((None, 0), "pagedlm runs eagerly on its own kernels"),
+    "attention_config": ((None,), "pagedlm runs its own attention kernels"),
+    "structured_outputs_config": ((None,), "pagedlm's structured outputs run on xgrammar"),
+    "profiler_config": ((None,), "pagedlm has no built-in profiler (benchmarks/profile_decode.py)"),
+    "quantization_config": ((None,), "pagedlm runs checkpoints in their dtype"),
+    **dict.fromkeys(("speculative_config", "spec_method", "spec_model", "spec_tokens"),
+                    ((None,), "pagedlm runs no speculative decoding")),
+    "async_scheduling": ((None, False), "pagedlm schedules each step before it runs"),
+    "swap_space": ((4, 0), "pagedlm preempts by recompute and swaps nothing (vLLM's default is 4)"),
 }
 
 
@@ -712,9 +754,6 @@ def _engine_configs(
                              f"sampling defaults ({exc}).") from exc
         raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
                          "pass generation_config='vllm' to ignore them.") from exc
-    if gpu_memory_utilization is not None and model_config.device.type != "cuda":
-        raise ValueError(f"gpu_memory_utilization applies on CUDA; on {model_config.device.type} the KV cache takes "
-                         "a share of available RAM unless kv_cache_memory_bytes or num_kv_blocks says otherwise.")
     cache_config = CacheConfig(16 if block_size is None else block_size, num_kv_blocks, kv_cache_memory_bytes,
                                True if enable_prefix_caching is None else enable_prefix_caching, kv_cache_dtype,
                                calculate_kv_scales, gpu_memory_utilization)
@@ -765,6 +804,23 @@ def _is_one_prompt(prompts: object) -> bool:
     of token ids (vLLM's)."""
     return isinstance(prompts, (str, dict, RenderedChat)) or (
         isinstance(prompts, (list, tuple)) and bool(prompts) and is_token_ids(prompts))
+
+
+# vLLM's LLM methods that pagedlm has not, and what to use instead.
+_POOLING = "pagedlm runs generative models only (vLLM's pooling runner); use generate"
+_VLLM_ONLY_METHODS = {
+    **dict.fromkeys(("embed", "encode", "classify", "score", "reward"), _POOLING),
+    **dict.fromkeys(("sleep", "wake_up"), "the KV cache and weights are released by close() (or leaving a "
+                                          "`with LLM(...)` block); create a new LLM to load them again"),
+    **dict.fromkeys(("start_profile", "stop_profile"), "run torch.profiler around generate, or "
+                                                       "benchmarks/profile_decode.py"),
+    **dict.fromkeys(("enqueue", "enqueue_chat", "wait_for_completion"), "generate_as_completed streams prompts in "
+                                                                        "and yields each output as it finishes"),
+    **dict.fromkeys(("collective_rpc", "apply_model", "get_world_size"), "one process runs the model "
+                                                                          "(llm.llm_engine.model_runner.model)"),
+    "get_metrics": "get_stats() gives the KV cache's use and the prefix cache's hit rate",
+    "reset_mm_cache": "pagedlm runs text-only models",
+}
 
 
 def _refuse_bytes(prompts: object) -> None:

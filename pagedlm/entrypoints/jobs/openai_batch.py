@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from
-from pagedlm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedlm.logprobs import Logprob
+from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.transformers_utils.tokenizer import TokenBytes
 from pagedlm.utils import FieldError
 
