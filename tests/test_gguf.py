@@ -38,10 +38,12 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
 
 
 def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None,
-               rope_freqs: np.ndarray | None = None) -> None:
+               rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
+               down_type: gguf.GGMLQuantizationType | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
-    ``rope_freqs`` tensor."""
+    ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
+    the down projections as zero blocks of that quantized type."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
@@ -56,7 +58,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         writer.add_value_length(head_dim)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3: the global layers' base
     writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if rms_eps:
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     if arch in ("gemma2", "gemma3", "phi3"):
         writer.add_sliding_window(c.sliding_window or 0)
     if arch == "gemma2":
@@ -91,7 +94,13 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
             w = llama_cpp_permute(w, c.num_key_value_heads)
         elif arch in ("gemma2", "gemma3") and "norm" in hf_name:
             w = w + 1
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), np.ascontiguousarray(w))
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if down_type is not None and "down_proj" in hf_name:
+            block, size = gguf.GGML_QUANT_SIZES[down_type]
+            raw = np.zeros((w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=down_type)
+            continue
+        writer.add_tensor(name, np.ascontiguousarray(w))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.write_header_to_file()
@@ -186,6 +195,20 @@ def test_gguf_rope_scaling_other_than_linear_is_refused(tmp_path):
     write_gguf(model, path, "qwen3", rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
     with pytest.raises(ValueError, match=r"GGUF rope scaling 'yarn' \(qwen3.rope.scaling.type\) is not supported"):
         convert_gguf(path, str(tmp_path / "out"))
+
+
+def test_a_gguf_missing_what_the_model_needs_is_refused_by_name(tmp_path):
+    """A missing RMSNorm epsilon became NaN (every output wrong, silently); a tensor type the gguf
+    package cannot dequantize raised its NotImplementedError, naming no tensor."""
+    path = str(tmp_path / "no_eps.gguf")
+    write_gguf(tiny_model(tied=True), path, rms_eps=False)
+    with pytest.raises(ValueError, match="the GGUF file has no 'llama.attention.layer_norm_rms_epsilon'"):
+        convert_gguf(path, str(tmp_path / "out"))
+    path = str(tmp_path / "q8_1.gguf")
+    write_gguf(tiny_model(tied=True), path, down_type=gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(ValueError, match=r"GGUF tensor 'blk.[01].ffn_down.weight' is Q8_1, which pagedlm cannot read"):
+        convert_gguf(path, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_resolve_model(tmp_path, monkeypatch):

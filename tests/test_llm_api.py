@@ -1247,3 +1247,12 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
         cpu_offload_gb=0.0, logits_processors=[], mm_processor_kwargs=None, swap_space=4).close()
     with pytest.raises(ValueError, match=r"enable_lora must be False \(pagedlm runs no LoRA adapters\), got True"):
         LLM(llama_dir, enable_lora=True)
+
+
+def test_the_demo_reports_a_bad_value_as_a_usage_error_before_loading(capsys, monkeypatch):
+    from pagedlm.entrypoints import demo
+
+    monkeypatch.setattr(demo, "LLM", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        demo.main(["--max-tokens", "0"])
+    assert "pagedlm: error: max_tokens must be None or at least 1, got 0." in capsys.readouterr().err

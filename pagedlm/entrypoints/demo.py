@@ -24,9 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args(argv)
-
-    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    try:  # bad values as usage errors, the sampling ones before the model loads
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+        llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     for question, out in zip(QUESTIONS, llm.chat(conversations, params)):
         print(f"\n>>> {question}\n{out.outputs[0].text.strip()}")

@@ -61,6 +61,25 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _required(reader: gguf.GGUFReader, key: str):
+    """A metadata value the model cannot be built without (llama.cpp requires these too)."""
+    value = _field(reader, key)
+    if value is None:
+        raise ValueError(f"the GGUF file has no {key!r}, which a Llama model needs")
+    return value
+
+
+def _check_tensor_types(reader: gguf.GGUFReader) -> None:
+    """Raises ValueError naming a tensor whose type the gguf package cannot dequantize (one tensor
+    of each type is tried before any is converted)."""
+    for tensor in {t.tensor_type: t for t in reader.tensors}.values():
+        try:
+            gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise ValueError(f"GGUF tensor {tensor.name!r} is {tensor.tensor_type.name}, which pagedlm cannot read "
+                             f"(the gguf package: {exc})") from None
+
+
 def _f32(value: float) -> float:
     # GGUF stores floats as float32; take the shortest repr so 1e-5 stays 1e-5, not 9.99999974e-06.
     return float(str(np.float32(value)))
@@ -101,8 +120,8 @@ def _llama_rope_scaling(reader: gguf.GGUFReader, max_position: int) -> dict | No
 
 
 def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
-    hidden = _field(reader, "llama.embedding_length")
-    n_head = _field(reader, "llama.attention.head_count")
+    hidden = _required(reader, "llama.embedding_length")
+    n_head = _required(reader, "llama.attention.head_count")
     # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match.
     vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
@@ -116,14 +135,14 @@ def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
         "model_type": "llama",
         "hidden_act": "silu",
         "hidden_size": hidden,
-        "intermediate_size": _field(reader, "llama.feed_forward_length"),
-        "num_hidden_layers": _field(reader, "llama.block_count"),
+        "intermediate_size": _required(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": _required(reader, "llama.block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": _field(reader, "llama.attention.head_count_kv", n_head),
         "head_dim": _field(reader, "llama.attention.key_length", hidden // n_head),
-        "rms_norm_eps": _f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _f32(_required(reader, "llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": _f32(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": _field(reader, "llama.context_length"),
+        "max_position_embeddings": _required(reader, "llama.context_length"),
         "vocab_size": vocab_size,
         "tie_word_embeddings": tied,
         "attention_bias": False,
@@ -271,6 +290,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
                          f"{', '.join(['llama', *_TRANSFORMERS_ARCHITECTURES])}")
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    _check_tensor_types(reader)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

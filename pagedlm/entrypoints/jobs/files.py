@@ -112,7 +112,8 @@ def input_schema(path: str, kind: str):
     if kind != "parquet":
         return None
     import pyarrow.parquet as pq
-    return pq.ParquetFile(path).schema_arrow
+
+    return pq.ParquetFile(storage.parquet_source(path)).schema_arrow  # a --ray job's input may be a URI
 
 
 def to_json(row: Any) -> str:

@@ -24,7 +24,8 @@ from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_input_file, check_record, check_served_model_names, job_record, read_input,
+    JobConfig, JobInterrupted, check_input_file, check_record, check_result_columns, check_served_model_names, job_record,
+    read_input,
     signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
@@ -63,6 +64,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
     check_served_model_names(config, "plain")
+    check_result_columns(config.input, in_kind)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(

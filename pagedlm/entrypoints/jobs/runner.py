@@ -109,7 +109,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     fmt_name, rows = read_input(config, in_kind)
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
-        _check_result_columns(config.input, in_kind)
+        check_result_columns(config.input, in_kind)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -279,7 +279,7 @@ def _not_json_lines(raw: bytes) -> str | None:
     return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
 
 
-def _check_result_columns(path: str, in_kind: str) -> None:
+def check_result_columns(path: str, in_kind: str) -> None:
     """Refuse plain rows from a Parquet file whose columns are named like the output's results, or
     a JSONL file whose first object holds every result field a job writes: a job's output, most
     likely, whose every row would be an error (``PlainFormat.parse``). (One JSON row with a stray
