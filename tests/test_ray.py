@@ -106,6 +106,7 @@ def test_cli_on_ray_end_to_end_and_resume(local_cluster, llama_dir, local_rows, 
     (["--dtype", "float99"], None, "engine_kwargs: dtype must be one of"),  # found by a hunt: failed in the actors
     (["--max-in-flight", "0"], None, "--max-in-flight must be a positive integer"),
     (["--cpus-per-actor", "100000"], None, "more than the"),  # found by a hunt: waited forever
+    (["--gpu-memory-utilization", "1.5"], None, "gpu_memory_utilization must be None or a number in (0, 1]"),
     # A job's output as input: refused as the local runner refuses it (it ran every row as an error).
     ([], [{"id": 1, "prompt": "x", "outputs": [], "prompt_tokens": 1, "completion_tokens": 0, "error": None}],
      "is it a job's output"),

@@ -331,6 +331,24 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
 
 
+def test_logits_processors_run_once_a_row_and_step_beside_beams(llm):
+    """In a step with beam rows and sampled rows each row's processors run once: on log-probabilities
+    for the beams, on logits for the others."""
+    calls = {"beam": 0, "sampled": 0}
+
+    def counting(kind):
+        def processor(prompt_ids, output_ids, row):
+            calls[kind] += 1
+            return row
+        return processor
+
+    params = [SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, ignore_eos=True,
+                             logits_processors=[counting("beam")]),
+              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[counting("sampled")])]
+    llm.generate(_ids([[BOS, 5, 6], [BOS, 7, 8]]), params, use_tqdm=False)
+    assert calls == {"beam": 1 + 2 * 3, "sampled": 4}  # the prompt's row, then two beams
+
+
 def test_beam_search_logprobs_are_the_models_at_each_beams_tokens(llm, hf):
     """Each beam's logprob dicts are those of its own prefix (a forked beam keeps its parent's
     earlier ones), as sampling reports them; their chosen entries sum to cumulative_logprob."""
@@ -564,11 +582,15 @@ def test_bad_words_are_never_generated(llama_dir):
         SamplingParams(bad_words=[" "])
 
 
-def test_allowed_token_ids_that_min_tokens_bans_entirely_are_refused(llm):
-    """Every allowed id a stop token, min_tokens > 0: nothing could be sampled (the kernel took an
-    all -inf row's first id, outside allowed_token_ids)."""
-    with pytest.raises(ValueError, match=r"allowed_token_ids \[2\] are all stop tokens, which min_tokens \(2\) bans"):
-        llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS], min_tokens=2, max_tokens=4), use_tqdm=False)
+def test_allowed_token_ids_that_bans_cover_entirely_are_refused(llm):
+    """Every allowed id a stop token while min_tokens holds, or a one-token bad word: nothing could
+    be sampled (the kernel took an all -inf row's first id, outside allowed_token_ids)."""
+    word = llm.get_tokenizer().decode([7])
+    for params in (SamplingParams(allowed_token_ids=[EOS], min_tokens=2, max_tokens=4),
+                   SamplingParams(allowed_token_ids=[7], bad_words=[word], max_tokens=4),
+                   SamplingParams(allowed_token_ids=[EOS, 7], bad_words=[word], min_tokens=1, max_tokens=4)):
+        with pytest.raises(ValueError, match=r"allowed_token_ids \[.*\] are all banned at some step"):
+            llm.generate(_ids([[BOS, 5]]), params, use_tqdm=False)
     out = llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS, 7], min_tokens=2, max_tokens=4),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:2] == [7, 7]

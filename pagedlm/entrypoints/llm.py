@@ -105,7 +105,8 @@ class LLM:
             may fill up to, counting what is already in use (default 0.9); on CPU, the share of the
             RAM available once the weights are loaded that the KV cache takes (default 0.2). vLLM's
             CPU backend reads it as the share of all RAM it reserves, weights included, which
-            sizes the cache alike for a small model.
+            sizes the cache alike for a small model; so 0.9 leaves little for anything else (the
+            cache's pages are mapped as it fills: a job that fills it may then run out of memory).
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
         batch_invariant: a greedy or seeded request's tokens and log-probabilities are the same
             bits whatever else is in the batch, the step's token budget, prefix-cache hits or
@@ -721,7 +722,7 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     **dict.fromkeys(("speculative_config", "spec_method", "spec_model", "spec_tokens"),
                     ((None,), "pagedlm runs no speculative decoding")),
     "async_scheduling": ((None, False), "pagedlm schedules each step before it runs"),
-    "swap_space": ((4, 0), "pagedlm preempts by recompute and swaps nothing (vLLM's default is 4)"),
+    "swap_space": ((4, 4.0, 0, 0.0), "pagedlm preempts by recompute and swaps nothing (vLLM's default is 4)"),
 }
 
 

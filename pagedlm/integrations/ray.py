@@ -91,7 +91,7 @@ class PagedLMProcessorConfig:
         if model is not None and os.path.exists(model):
             # Their values too, where this process can read the model, so that a bad one fails
             # here and not in every actor; an actor's device may not be this process's.
-            on_device = ("device", "gpu_memory_utilization")
+            on_device = ("device",)
             try:
                 check_engine_args(model, {k: v for k, v in self.engine_kwargs.items() if k not in on_device})
             except ValueError as exc:

@@ -70,9 +70,13 @@ def _required(reader: gguf.GGUFReader, key: str):
 
 
 def _check_tensor_types(reader: gguf.GGUFReader) -> None:
-    """Raises ValueError naming a tensor whose type the gguf package cannot dequantize (one tensor
-    of each type is tried before any is converted)."""
-    for tensor in {t.tensor_type: t for t in reader.tensors}.values():
+    """Raises ValueError naming a tensor whose type the gguf package cannot dequantize (the
+    smallest tensor of each type is tried before any is converted)."""
+    smallest = {}
+    for t in reader.tensors:
+        if t.tensor_type not in smallest or t.n_bytes < smallest[t.tensor_type].n_bytes:
+            smallest[t.tensor_type] = t
+    for tensor in smallest.values():
         try:
             gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:

@@ -112,8 +112,16 @@ class Sampler(DirectCall, nn.Module):
         if meta.plain_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None, None)
-        # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
-        processed = self._process(logits.to(torch.float32, copy=True), meta) if meta.needs_processing else logits
+        processed = logits
+        if meta.needs_processing:
+            # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
+            processed = logits.to(torch.float32, copy=True)
+            if meta.beam_rows:
+                # Hugging Face's beam search runs the processors on the log-probabilities (and does
+                # not normalise again), not on the logits as sampling does: a repetition penalty
+                # multiplies a log-probability, a ban leaves the others' as they were.
+                processed[meta.beam_rows] = log_softmax(logits[meta.beam_rows])
+            processed = self._process(processed, meta)
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (by ops.top_logprobs, with the ranks and top entries, when those
@@ -125,12 +133,7 @@ class Sampler(DirectCall, nn.Module):
             chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
             beam_raw_logprobs = log_softmax(logits[meta.beam_rows])
-            beam_logprobs = beam_raw_logprobs
-            if meta.needs_processing:
-                # Hugging Face's beam search runs the processors on the log-probabilities (and does
-                # not normalise again), not on the logits as sampling does: a repetition penalty
-                # multiplies a log-probability, a ban leaves the others' as they were.
-                beam_logprobs = self._process(log_softmax(logits), meta)[meta.beam_rows]
+            beam_logprobs = processed[meta.beam_rows] if meta.needs_processing else beam_raw_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
     def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
