@@ -409,8 +409,7 @@ class SamplingParams(_FieldsOnly):
         Raises:
             ValueError: a field is invalid; the message names it and what it allows.
         """
-        derived = getattr(self, "_best_of_from_n", None)
-        if derived is not None and self.best_of == derived:
+        if getattr(self, "_best_of_from_n", None) is not None:  # never given: it follows n
             changes.setdefault("best_of", None)
         if isinstance(self.structured_outputs, StructuredOutputsParams):
             changes.setdefault("structured_outputs", replace(self.structured_outputs))

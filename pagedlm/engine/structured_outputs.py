@@ -101,15 +101,15 @@ class StructuredOutputManager:
     @staticmethod
     def allows_other_than(bitmask: torch.Tensor, token_ids: Sequence[int]) -> bool:
         """Whether the row allows some token outside ``token_ids``."""
-        allowed = unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0]
-        allowed[[t for t in set(token_ids) if t < allowed.shape[0]]] = False
+        allowed, ids = _allowed_and_ids(bitmask, token_ids)
+        allowed[ids] = False
         return bool(allowed.any())
 
     @staticmethod
     def allows_any_of(bitmask: torch.Tensor, token_ids: Sequence[int]) -> bool:
         """Whether the row allows some token of ``token_ids``."""
-        allowed = unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0]
-        return bool(allowed[[t for t in set(token_ids) if t < allowed.shape[0]]].any())
+        allowed, ids = _allowed_and_ids(bitmask, token_ids)
+        return bool(allowed[ids].any())
 
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""
@@ -117,6 +117,17 @@ class StructuredOutputManager:
         matcher.fill_next_token_bitmask(row, 0)  # writes every word
         return row[0]
 
+
+def _allowed_and_ids(bitmask: torch.Tensor, token_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """A bitmask row as one bool per token, and the distinct ``token_ids`` that row covers."""
+    allowed = unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0]
+    return allowed, [t for t in set(token_ids) if t < allowed.shape[0]]
+
+
+# Where a schema holds schemas under names (property names are not keywords), and keywords whose
+# values are JSON values, not schemas: both walks below (_unenforceable, _bounded_strings_as_patterns).
+_SCHEMAS_BY_NAME = ("properties", "$defs", "definitions")
+_VALUE_KEYWORDS = ("enum", "const", "default", "examples", "required")
 
 # JSON Schema keywords xgrammar compiles but does not enforce (vLLM refuses them for xgrammar too).
 _UNSUPPORTED = frozenset({
@@ -150,10 +161,10 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
             elif key == "oneOf" and not _exclusive_branches(value, root):
                 found.add("oneOf whose branches may overlap (use anyOf, or give every branch its own type, its own "
                           "const or enum values, or its own const or enum values of a required property)")
-            if key in ("properties", "$defs", "definitions"):
+            if key in _SCHEMAS_BY_NAME:
                 for sub in (value.values() if isinstance(value, dict) else ()):
                     found |= _unenforceable(sub, root)
-            elif key not in ("enum", "const", "default", "examples", "required"):
+            elif key not in _VALUE_KEYWORDS:
                 found |= _unenforceable(value, root)
     elif isinstance(schema, list):
         for item in schema:
@@ -176,9 +187,9 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
         return schema
     out = {}
     for key, value in schema.items():
-        if key in ("enum", "const", "default", "examples", "required"):
+        if key in _VALUE_KEYWORDS:
             out[key] = value
-        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+        elif key in _SCHEMAS_BY_NAME and isinstance(value, dict):
             out[key] = {name: _bounded_strings_as_patterns(sub) for name, sub in value.items()}
         else:
             out[key] = _bounded_strings_as_patterns(value)

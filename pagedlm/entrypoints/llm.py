@@ -694,7 +694,7 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "skip_tokenizer_init": ((False,), "pagedlm detokenizes and renders chats with the tokenizer"),
     "load_format": (("auto",), "pagedlm reads safetensors or GGUF as the checkpoint holds them"),
     "cpu_offload_gb": ((0, 0.0), "pagedlm keeps the weights on the model's device"),
-    **dict.fromkeys(("offload_group_size",), ((0,), "pagedlm keeps the weights on the model's device")),
+    "offload_group_size": ((0,), "pagedlm keeps the weights on the model's device"),
     **dict.fromkeys(("offload_num_in_group", "offload_prefetch_step"), ((1,), "pagedlm keeps the weights on the "
                                                                               "model's device")),
     "offload_params": ((None,), "pagedlm keeps the weights on the model's device"),

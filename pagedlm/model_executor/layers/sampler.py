@@ -112,6 +112,7 @@ class Sampler(DirectCall, nn.Module):
         if meta.plain_greedy:
             ops.argmax_logprob(logits, tokens, chosen)
             return SamplerResult(tokens, chosen, None, None, None, None, None)
+        beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         processed = logits
         if meta.needs_processing:
             # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
@@ -120,19 +121,18 @@ class Sampler(DirectCall, nn.Module):
                 # Hugging Face's beam search runs the processors on the log-probabilities (and does
                 # not normalise again), not on the logits as sampling does: a repetition penalty
                 # multiplies a log-probability, a ban leaves the others' as they were.
-                processed[meta.beam_rows] = log_softmax(logits[meta.beam_rows])
+                processed[meta.beam_rows] = beam_raw_logprobs
             processed = self._process(processed, meta)
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (by ops.top_logprobs, with the ranks and top entries, when those
         # were asked for).
-        ranks = top_ids = top_logprobs = beam_logprobs = beam_raw_logprobs = None
+        ranks = top_ids = top_logprobs = beam_logprobs = None
         if meta.num_top_logprobs >= 0:
             ranks, top_logprobs, top_ids = rank_and_top_logprobs(logits, tokens, meta.num_top_logprobs, chosen)
         elif meta.needs_processing:
             chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
-            beam_raw_logprobs = log_softmax(logits[meta.beam_rows])
             beam_logprobs = processed[meta.beam_rows] if meta.needs_processing else beam_raw_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
 
