@@ -17,8 +17,9 @@ class CompletionOutput:
 
     ``finish_reason`` is ``None`` while unfinished, then ``"stop"`` (EOS, a stop token or string,
     or a structured-outputs grammar that accepted a stop token), ``"length"`` (``max_tokens`` or the
-    model's context length) or ``"abort"`` (a logits processor or ban left no token its
-    structured-outputs grammar allows; the completion ends before that token). ``stop_reason`` is
+    model's context length) or ``"abort"`` (penalties, logits processors, ``allowed_token_ids``
+    or bans left no token to sample, or none its structured-outputs grammar allows; the completion
+    ends before that step, with a warning logged). ``stop_reason`` is
     the stop token id or stop string that ended it, else ``None``. ``cumulative_logprob`` is the
     sum of the model's own log-probabilities of ``token_ids`` (log-softmax of its logits, before
     penalties, processors or bans), for sampling and beam search alike; beam search ranks its beams

@@ -98,9 +98,10 @@ class SequenceOutput:
     """One sampled token. A sequence that samples ``k`` tokens gets ``k`` of these, in order."""
 
     parent_seq_id: int
-    token_id: int
+    token_id: int  # meaningless where ``no_token``
     logprob: float  # under the model's raw logits
     top_logprobs: TopLogprobs | None
+    no_token: bool = False  # penalties, processors or bans left every token at -inf
 
 
 @dataclass(slots=True)

@@ -278,6 +278,30 @@ def test_logits_processors_receive_tokens_and_steer(llm):
     assert calls == [[], [42], [42, 42], [42, 42, 42]]
 
 
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_a_step_with_no_token_left_ends_only_that_completion_with_abort(llm, logprobs):
+    """Processing that leaves a row all -inf has nothing to sample (the kernels would take id 0,
+    a token that was banned): that completion ends with "abort" before the step; a processor that
+    forces a token with +inf still gets it, and the other rows run on."""
+    def ban_all_from(step):
+        return lambda ids, logits: torch.full_like(logits, float("-inf")) if len(ids) >= step else logits
+
+    def force_42(ids, logits):
+        return logits.index_fill(0, torch.tensor([42]), float("inf"))
+
+    prompts = _ids(PROMPTS[:3])
+    params = [SamplingParams(temperature=0, max_tokens=6, logits_processors=[ban_all_from(2)], logprobs=logprobs),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=6, logits_processors=[ban_all_from(3)]),
+              SamplingParams(temperature=0.7, max_tokens=3, logits_processors=[force_42], repetition_penalty=1.3)]
+    alone = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2, logprobs=logprobs), use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    first = outs[0].outputs[0]
+    assert first.finish_reason == "abort" and first.token_ids == alone[0].outputs[0].token_ids
+    assert first.cumulative_logprob == pytest.approx(alone[0].outputs[0].cumulative_logprob)
+    assert [(len(c.token_ids), c.finish_reason) for c in outs[1].outputs] == [(3, "abort"), (3, "abort")]
+    assert outs[2].outputs[0].token_ids == [42] * 3 and outs[2].outputs[0].finish_reason == "length"
+
+
 def test_detokenize_false_returns_ids_only(llm):
     out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=5, detokenize=False), use_tqdm=False)[0]
     assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 5

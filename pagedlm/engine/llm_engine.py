@@ -517,14 +517,16 @@ class LLMEngine:
     def _append(self, seq: Sequence, group: SequenceGroup, sample: SequenceOutput) -> None:
         params = group.sampling_params
         grammar_ended = False
+        # Penalties, logits processors or bans may leave no token to sample (every logit -inf), or
+        # a processor may raise one the grammar's bitmask had removed: the completion ends before
+        # that token, finish_reason "abort".
+        if sample.no_token:
+            return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
+                                                      "allowed_token_ids, bad_words or bans removed them all)")
         if seq.grammar_matcher is not None:
-            # The bitmask allows only tokens the matcher accepts, unless a logits processor or a ban
-            # removed every one of them: then the completion ends there, finish_reason "abort".
             if not seq.grammar_matcher.accept_token(sample.token_id):
-                logger.warning("request %s: no token its grammar allows was left to sample (a logits processor "
-                               "or ban removed them all); completion %d ends with finish_reason 'abort'",
-                               group.request_id, seq.index)
-                return self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+                return self._abort_completion(seq, group, "no token its structured output allows was left to "
+                                                          "sample (a logits processor or ban removed them all)")
             grammar_ended = seq.grammar_matcher.is_terminated()
         seq.append_token(sample.token_id, sample.logprob)
         if params.logprobs is not None:
@@ -542,6 +544,10 @@ class LLMEngine:
             status = self.stop_checker.check(seq, params, group.max_seq_len, len(new_text))
         if status is not None:
             self._finish(seq, status)
+
+    def _abort_completion(self, seq: Sequence, group: SequenceGroup, why: str) -> None:
+        logger.warning("request %s: %s; completion %d ends with finish_reason 'abort'", group.request_id, why, seq.index)
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
 
     def _process_beams(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         params = group.sampling_params

@@ -135,11 +135,13 @@ class ModelRunner:
         result = self.sampler(logits, meta)
         token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
         tops = _top_logprobs(result.ranks, result.top_ids, result.top_logprobs)
+        no_token = set(result.no_token_rows)
         for row, (e, p) in enumerate(zip(owners, params)):
             top = None
             if tops and p.logprobs is not None:
                 top = TopLogprobs(tops[row].rank, tops[row].token_ids[: p.logprobs], tops[row].logprobs[: p.logprobs])
-            outputs[e.group_index].samples.append(SequenceOutput(e.seq.seq_id, token_ids[row], logprobs[row], top))
+            outputs[e.group_index].samples.append(
+                SequenceOutput(e.seq.seq_id, token_ids[row], logprobs[row], top, row in no_token))
         for group_index, positions in beam_rows_of.items():
             outputs[group_index].beam_logprobs = result.beam_logprobs[positions]
             outputs[group_index].beam_raw_logprobs = result.beam_raw_logprobs[positions]

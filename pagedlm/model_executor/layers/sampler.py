@@ -10,7 +10,7 @@ share all of it.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -94,6 +94,7 @@ class SamplerResult:
     top_logprobs: torch.Tensor | None  # [R, K]
     beam_logprobs: torch.Tensor | None  # [len(beam_rows), V] processed log-probabilities (beams rank by these)
     beam_raw_logprobs: torch.Tensor | None  # [len(beam_rows), V] the model's (beams report these)
+    no_token_rows: list[int] = field(default_factory=list)  # rows processing left all -inf: no token to sample
 
 
 class Sampler(DirectCall, nn.Module):
@@ -124,6 +125,7 @@ class Sampler(DirectCall, nn.Module):
                 processed[meta.beam_rows] = beam_raw_logprobs
             processed = self._process(processed, meta)
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
+        no_token_rows = _no_token_rows(processed, chosen) if meta.needs_processing else []
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
         # raw one is recomputed (by ops.top_logprobs, with the ranks and top entries, when those
         # were asked for).
@@ -134,7 +136,8 @@ class Sampler(DirectCall, nn.Module):
             chosen = _raw_logprob(logits, tokens)
         if meta.beam_rows:
             beam_logprobs = processed[meta.beam_rows] if meta.needs_processing else beam_raw_logprobs
-        return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs)
+        return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs,
+                             no_token_rows)
 
     def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
         uniforms = torch.rand(len(meta.params), generator=self.generator, device=meta.temperatures.device)
@@ -158,6 +161,16 @@ class Sampler(DirectCall, nn.Module):
         if meta.banned is not None:
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
         return logits
+
+
+def _no_token_rows(processed: torch.Tensor, chosen: torch.Tensor) -> list[int]:
+    """Rows of ``processed`` [rows, vocab] with every logit -inf, from ``sample``'s ``chosen``
+    log-probabilities [rows]: NaN there (-inf minus an -inf maximum) and in rows with a +inf logit
+    (a processor forcing a token, which ``sample`` takes), told apart by the row's maximum."""
+    suspects = chosen.isnan().nonzero()[:, 0]
+    if not len(suspects):
+        return []
+    return suspects[processed[suspects].amax(dim=1) == float("-inf")].tolist()
 
 
 def _apply_allowed_and_bias(row: torch.Tensor, p: SamplingParams) -> None:
