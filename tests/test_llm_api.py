@@ -1243,6 +1243,9 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
     with pytest.raises(AttributeError, match="LLM.embed is vLLM's; pagedlm does not have it: pagedlm runs generative"):
         llm.embed(["x"])
     assert not hasattr(llm, "sleep") and not hasattr(llm, "no_such_method")
+    unbuilt = LLM.__new__(LLM)  # an __init__ that raised: a property names what is missing, not itself
+    with pytest.raises(AttributeError, match="'LLM' object has no attribute '_engine'"):
+        unbuilt.model_config
     LLM(llama_dir, dtype="float32", runner="auto", convert="auto", compilation_config=0, enable_lora=False,
         cpu_offload_gb=0.0, logits_processors=[], mm_processor_kwargs=None, swap_space=4).close()
     with pytest.raises(ValueError, match=r"enable_lora must be False \(pagedlm runs no LoRA adapters\), got True"):

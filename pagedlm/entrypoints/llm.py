@@ -181,7 +181,11 @@ class LLM:
         return self.llm_engine.model_config
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for names the class lacks: say why for vLLM's LLM methods pagedlm has not.
+        # Reached for names the class lacks (say why for vLLM's LLM methods pagedlm has not), and
+        # when a property's getter raised AttributeError: run it again to let its own error out.
+        attribute = inspect.getattr_static(type(self), name, None)
+        if isinstance(attribute, property):
+            return attribute.__get__(self, type(self))
         why = _VLLM_ONLY_METHODS.get(name)
         if why is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
