@@ -17,7 +17,8 @@ class CompletionOutput:
 
     ``finish_reason`` is ``None`` while unfinished, then ``"stop"`` (EOS, a stop token or string,
     or a structured-outputs grammar that accepted a stop token), ``"length"`` (``max_tokens`` or the
-    model's context length) or ``"abort"`` (penalties, logits processors, ``allowed_token_ids``
+    model's context length), ``"repetition"`` (its ``repetition_detection`` found a repeating
+    pattern; ``stop_reason`` ``"repetition_detected"``) or ``"abort"`` (penalties, logits processors, ``allowed_token_ids``
     or bans left no token to sample, or none its structured-outputs grammar allows; the completion
     ends before that step, with a warning logged). ``stop_reason`` is
     the stop token id or stop string that ended it, else ``None``. ``cumulative_logprob`` is the

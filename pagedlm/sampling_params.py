@@ -1,5 +1,6 @@
 """Sampling parameters for text generation (vLLM's ``SamplingParams``)."""
 
+import copy
 import dataclasses
 import inspect
 import json as _json
@@ -202,6 +203,60 @@ class StructuredOutputsParams(_FieldsOnly):
         return "json_object", "", any_whitespace
 
 
+def _dataclass_field(name: str, value: Any, cls: type) -> Any:
+    """A field holding a ``cls`` dataclass (or None): a dict of its fields is built into one (as
+    JSON carries it); another value is a ValueError naming the field and its fields."""
+    if isinstance(value, dict):
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}.")
+        return cls(**value)
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {type(value).__name__}.")
+    return value
+
+
+@dataclass
+class RepetitionDetectionParams(_FieldsOnly):
+    """vLLM's repetition detection: a completion whose output tokens end in one pattern of
+    ``min_pattern_size`` to ``max_pattern_size`` tokens repeated ``min_count`` times in a row
+    ends there with ``finish_reason`` ``"repetition"`` and ``stop_reason`` ``"repetition_detected"``
+    (checked after ``max_tokens`` and only once ``min_tokens`` are generated, as vLLM's
+    ``check_stop``). ``max_pattern_size`` 0 turns it off; ``min_pattern_size`` 0 means 1.
+
+    Raises:
+        ValueError: a size is negative or not an int, ``min_pattern_size > max_pattern_size``, or
+            ``min_count < 2`` while ``max_pattern_size > 0``.
+    """
+
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0
+    min_count: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_pattern_size", "min_pattern_size", "min_count"):
+            setattr(self, name, _number(f"repetition_detection.{name}", getattr(self, name), integer=True))
+        if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
+            raise ValueError("repetition_detection: max_pattern_size and min_pattern_size must be >= 0 with "
+                             f"min_pattern_size <= max_pattern_size (both 0 turn it off), got "
+                             f"{self.min_pattern_size} and {self.max_pattern_size}.")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise ValueError(f"repetition_detection.min_count must be >= 2 with max_pattern_size > 0, "
+                             f"got {self.min_count}.")
+
+    def detects(self, token_ids: list[int]) -> bool:
+        """Whether ``token_ids`` ends in a pattern of an allowed size repeated ``min_count`` times."""
+        for size in range(max(self.min_pattern_size, 1), self.max_pattern_size + 1):
+            span = size * self.min_count
+            if span > len(token_ids):
+                return False
+            tail = token_ids[-span:]
+            if tail == tail[-size:] * self.min_count:
+                return True
+        return False
+
+
 @dataclass
 class SamplingParams(_FieldsOnly):
     """How to generate the completions of one prompt (vLLM's names and meanings).
@@ -265,6 +320,12 @@ class SamplingParams(_FieldsOnly):
         output_kind: a ``RequestOutputKind``: what ``LLMEngine.step`` returns for the request while
             it runs. ``DELTA`` needs ``best_of == n`` and no beam search (the completions returned
             are then the ones generated, and their tokens are never replaced).
+        repetition_detection: a ``RepetitionDetectionParams`` (or a dict of its fields): end a
+            completion stuck repeating a pattern of tokens (vLLM's), with ``"repetition"``.
+        extra_args: a dict for one's own code (vLLM's: no sampling implementation reads it); kept
+            on the params, ``clone`` copies it.
+        skip_clone: vLLM's promise that the object is not shared: ``clone`` (which the engine
+            takes of every request's params) then keeps ``extra_args`` itself instead of a deep copy.
     """
 
     n: int = 1
@@ -298,6 +359,9 @@ class SamplingParams(_FieldsOnly):
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    repetition_detection: RepetitionDetectionParams | None = None
+    extra_args: dict[str, Any] | None = None
+    skip_clone: bool = False
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -340,7 +404,7 @@ class SamplingParams(_FieldsOnly):
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
         self._verify_stop()
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                     "spaces_between_special_tokens", "use_beam_search", "detokenize"):
+                     "spaces_between_special_tokens", "use_beam_search", "detokenize", "skip_clone"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -367,18 +431,15 @@ class SamplingParams(_FieldsOnly):
                 raise ValueError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.")
             self.bad_words = list(self.bad_words)
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
-        if isinstance(self.structured_outputs, dict):
-            fields = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
-            unknown = sorted(set(self.structured_outputs) - set(fields))
-            if unknown:
-                raise ValueError(f"structured_outputs: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}.")
-            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
+                                                   StructuredOutputsParams)
         if self.structured_outputs is not None:
-            if not isinstance(self.structured_outputs, StructuredOutputsParams):
-                raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
-                                 f"got {type(self.structured_outputs).__name__}.")
             if self.use_beam_search:
                 raise ValueError("structured_outputs is not supported with use_beam_search.")
+        self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,
+                                                     RepetitionDetectionParams)
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError(f"extra_args must be None or a dict, got {type(self.extra_args).__name__}.")
         if self.use_beam_search:
             self._verify_beam_search()
         else:
@@ -401,9 +462,10 @@ class SamplingParams(_FieldsOnly):
         ``params.structured_outputs.regex = None``) is checked here too. A ``best_of`` that was
         never given, at construction or after it, follows ``n`` (``params.n = 3`` on
         ``SamplingParams(temperature=0.8)`` gives best_of 3, and ``params.n = 1`` after it best_of
-        1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists and the structured-outputs
-        params are copied; the logits processors themselves are shared. ``LLMEngine.add_request``
-        keeps such a copy of each request's params (as vLLM's input processor does), so later
+        1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists and the
+        structured-outputs and repetition-detection params are copied, and ``extra_args`` deeply
+        unless ``skip_clone`` (vLLM's ``clone``); the logits processors themselves are shared.
+        ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input processor does), so later
         changes to the caller's object do not reach a queued request.
 
         Raises:
@@ -411,8 +473,11 @@ class SamplingParams(_FieldsOnly):
         """
         if getattr(self, "_best_of_from_n", None) is not None:  # never given: it follows n
             changes.setdefault("best_of", None)
-        if isinstance(self.structured_outputs, StructuredOutputsParams):
-            changes.setdefault("structured_outputs", replace(self.structured_outputs))
+        for name in ("structured_outputs", "repetition_detection"):
+            if dataclasses.is_dataclass(getattr(self, name)):
+                changes.setdefault(name, replace(getattr(self, name)))
+        if isinstance(self.extra_args, dict) and not self.skip_clone:
+            changes.setdefault("extra_args", copy.deepcopy(self.extra_args))
         return replace(self, **changes)
 
     def _verify_output_kind(self) -> None:
@@ -484,6 +549,8 @@ class SamplingParams(_FieldsOnly):
                              f"{self.best_of_field}={self.best_of}).")
         if not self.greedy:
             raise ValueError("temperature must be 0 with use_beam_search.")
+        if self.repetition_detection is not None:
+            raise ValueError("repetition_detection is not supported with use_beam_search.")
         if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:
             raise ValueError("top_p, top_k and min_p must be off with use_beam_search.")
         if self.seed is not None:

@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 from conftest import BOS, EOS, VOCAB_SIZE
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
+from pagedlm.sampling_params import RepetitionDetectionParams
 
 PROMPTS = [[BOS, 5, 17, 99, 4], [BOS] + list(range(40, 100)), [BOS, 200, 201]]
 
@@ -300,6 +301,25 @@ def test_a_step_with_no_token_left_ends_only_that_completion_with_abort(llm, log
     assert first.cumulative_logprob == pytest.approx(alone[0].outputs[0].cumulative_logprob)
     assert [(len(c.token_ids), c.finish_reason) for c in outs[1].outputs] == [(3, "abort"), (3, "abort")]
     assert outs[2].outputs[0].token_ids == [42] * 3 and outs[2].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("min_tokens", [0, 9])
+def test_repetition_detection_ends_a_completion_where_its_output_first_repeats(llm, min_tokens):
+    """vLLM's: the output is the run without detection, cut at its first token (not before
+    min_tokens) that ends a pattern repeated min_count times; "repetition", "repetition_detected"."""
+    def cycle_after_4(ids, logits):
+        return logits if len(ids) < 4 else torch.full_like(logits, float("-inf")).index_fill(
+            0, torch.tensor([(11, 12, 11, 13)[len(ids) % 4]]), 0.0)
+
+    detection = {"max_pattern_size": 4, "min_pattern_size": 2, "min_count": 2}
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=24, min_tokens=min_tokens, ignore_eos=True,
+                            logits_processors=[cycle_after_4])
+    free = llm.generate(_ids(PROMPTS[:1]), params, use_tqdm=False)[0].outputs[0].token_ids
+    detector = RepetitionDetectionParams(**detection)
+    end = next(i for i in range(max(min_tokens, 1), len(free) + 1) if detector.detects(free[:i]))
+    out = llm.generate(_ids(PROMPTS[:1]), params.clone(repetition_detection=detection), use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (free[:end], "repetition", "repetition_detected")
+    assert end < len(free)
 
 
 def test_detokenize_false_returns_ids_only(llm):

@@ -149,3 +149,47 @@ def test_beam_search_params_run_as_beams_with_their_logprobs():
     assert (params.ignore_eos, params.length_penalty, params.logprobs, params.detokenize) == (True, 0.5, 6, False)
     greedy = BeamSearchParams(beam_width=1, max_tokens=5).sampling_params(4)
     assert not greedy.use_beam_search and greedy.greedy and greedy.logprobs == 2
+
+
+def _repeats_as_vllm_checks(tokens: list[int], lo: int, hi: int, count: int) -> bool:
+    """vLLM's ``check_sequence_repetition``, position by position."""
+    for size in range(max(lo, 1), hi + 1):
+        if size * count > len(tokens):
+            return False
+        if all(tokens[-n] == tokens[-(size * m + n)] for n in range(1, size + 1) for m in range(1, count)):
+            return True
+    return False
+
+
+def test_repetition_detection_finds_what_vllm_finds_and_names_bad_values():
+    from pagedlm.sampling_params import RepetitionDetectionParams
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        tokens = rng.integers(0, 3, size=int(rng.integers(0, 14))).tolist()
+        hi = int(rng.integers(0, 5))
+        lo, count = int(rng.integers(0, hi + 1)), int(rng.integers(2, 5))
+        assert RepetitionDetectionParams(hi, lo, count).detects(tokens) == _repeats_as_vllm_checks(tokens, lo, hi, count)
+    params = SamplingParams(repetition_detection={"max_pattern_size": 3, "min_count": 2})
+    assert params.repetition_detection == RepetitionDetectionParams(max_pattern_size=3, min_count=2)
+    for bad, message in [({"max_pattern_size": 2}, "min_count must be >= 2 with max_pattern_size > 0, got 0"),
+                         ({"max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2}, "min_pattern_size <= max"),
+                         ({"max_pattern_size": -1}, "must be >= 0"), ({"count": 2}, "unknown field.*count"),
+                         ({"max_pattern_size": 2.0, "min_count": 2}, "max_pattern_size must be an int"),
+                         (3, "RepetitionDetectionParams \\(or a dict of its fields\\), got int")]:
+        with pytest.raises(ValueError, match=f"repetition_detection.*{message}"):
+            SamplingParams(repetition_detection=bad)
+    with pytest.raises(ValueError, match="repetition_detection is not supported with use_beam_search"):
+        SamplingParams(n=2, temperature=0, use_beam_search=True, repetition_detection={"max_pattern_size": 1, "min_count": 2})
+
+
+def test_extra_args_are_kept_and_cloned_deeply_unless_skip_clone():
+    args = {"scorer": {"weights": [1, 2]}}
+    params = SamplingParams(extra_args=args)
+    clone = params.clone()
+    assert clone.extra_args == args and clone.extra_args["scorer"] is not args["scorer"]
+    assert SamplingParams(extra_args=args, skip_clone=True).clone().extra_args is args
+    with pytest.raises(ValueError, match="extra_args must be None or a dict, got list"):
+        SamplingParams(extra_args=[1])
+    with pytest.raises(ValueError, match="skip_clone must be a bool"):
+        SamplingParams(skip_clone="yes")

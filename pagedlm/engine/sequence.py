@@ -23,6 +23,7 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()
     FINISHED_ABORTED = enum.auto()  # a beam that lost its place; a sequence left with no allowed token
+    FINISHED_REPETITION = enum.auto()  # its repetition_detection found a repeating pattern
 
     @property
     def finished(self) -> bool:
@@ -33,9 +34,9 @@ class SequenceStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
-_FINISHED = frozenset((SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED, SequenceStatus.FINISHED_ABORTED))
 _FINISH_REASONS = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
-                   SequenceStatus.FINISHED_ABORTED: "abort"}
+                   SequenceStatus.FINISHED_ABORTED: "abort", SequenceStatus.FINISHED_REPETITION: "repetition"}
+_FINISHED = frozenset(_FINISH_REASONS)
 
 
 class Sequence:

@@ -3,7 +3,8 @@
 A sequence stops on an EOS id (from ``generation_config.json`` and the tokenizer) unless
 ``ignore_eos``, on one of ``stop_token_ids``, or when its new text completes a stop string; none
 of these before ``min_tokens`` tokens. It is cut at ``max_tokens`` and at its request's
-``max_seq_len`` (``max_model_len``, or less where the KV cache cannot hold more).
+``max_seq_len`` (``max_model_len``, or less where the KV cache cannot hold more), and past
+``min_tokens`` where its ``repetition_detection`` finds its output repeating a pattern.
 """
 
 from collections.abc import Collection
@@ -60,6 +61,10 @@ class StopChecker:
             return SequenceStatus.FINISHED_LENGTH_CAPPED
         if seq.num_tokens >= max_seq_len:
             return SequenceStatus.FINISHED_LENGTH_CAPPED
+        if params.repetition_detection and num_out >= params.min_tokens \
+                and params.repetition_detection.detects(seq.output_token_ids):
+            seq.stop_reason = "repetition_detected"
+            return SequenceStatus.FINISHED_REPETITION
         return None
 
 

@@ -32,7 +32,7 @@ _SAME_NAME = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "allowed_token_ids",
     "bad_words", "truncate_prompt_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-    "use_beam_search", "length_penalty",
+    "use_beam_search", "length_penalty", "repetition_detection",
 )
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message")

@@ -12,7 +12,9 @@ from pagedlm.utils import FieldError
 
 # SamplingParams fields a row may set: every one but the callables and output_kind (which JSON
 # cannot give, and the job sets).
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("logits_processors", "output_kind"))
+# Not a row's: callables, the engine's streaming, and fields only one's own code reads.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
+                        if f.name not in ("logits_processors", "output_kind", "extra_args", "skip_clone"))
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 
