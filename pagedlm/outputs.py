@@ -82,7 +82,7 @@ class RequestOutput:
             seqs = sorted(seqs, key=lambda s: s.index)
             if params.best_of > params.n:
                 seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
-        with_logprobs = params.logprobs is not None
+        with_logprobs = params.num_logprobs is not None
         held_back = params.output_text_buffer_length
         outputs = []  # positional arguments below: this runs for every scheduled request every step
         for i, seq in enumerate(seqs):

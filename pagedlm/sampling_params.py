@@ -20,6 +20,8 @@ _GREEDY_EPS = 1e-5
 LogitsProcessor = Callable[..., torch.Tensor]
 
 
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on SamplingParams.logprob_token_ids
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -295,6 +297,10 @@ class SamplingParams(_FieldsOnly):
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
         prompt_logprobs: the same for each prompt position.
+        logprob_token_ids: instead of the top ones, return the log-probabilities of these ids (at
+            most ``MAX_LOGPROB_TOKEN_IDS``, no repeats) at each generated position, with their
+            ranks, plus the sampled token's (vLLM's, for scoring label tokens; ``logprobs``, if
+            set too, must equal its length).
         skip_special_tokens: leave special tokens out of the output text.
         spaces_between_special_tokens: with ``skip_special_tokens=False``, False drops the space a
             tokenizer's decoder puts between two consecutive special tokens (vLLM's fast
@@ -346,6 +352,7 @@ class SamplingParams(_FieldsOnly):
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     use_beam_search: bool = False
@@ -413,6 +420,7 @@ class SamplingParams(_FieldsOnly):
                 setattr(self, name, value)
                 if value < -1:
                     raise ValueError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.")
+        self._verify_logprob_token_ids()
         self.length_penalty = _number("length_penalty", self.length_penalty)
         if self.early_stopping != "never":
             try:
@@ -479,6 +487,26 @@ class SamplingParams(_FieldsOnly):
         if isinstance(self.extra_args, dict) and not self.skip_clone:
             changes.setdefault("extra_args", copy.deepcopy(self.extra_args))
         return replace(self, **changes)
+
+    def _verify_logprob_token_ids(self) -> None:
+        ids = self.logprob_token_ids
+        if ids is None:
+            return
+        ids = self.logprob_token_ids = _token_ids("logprob_token_ids", ids)
+        if not 0 < len(ids) <= MAX_LOGPROB_TOKEN_IDS or len(set(ids)) < len(ids):
+            raise ValueError(f"logprob_token_ids must be None or 1 to {MAX_LOGPROB_TOKEN_IDS} distinct token ids, "
+                             f"got {len(ids)} ({len(set(ids))} distinct).")
+        if self.logprobs is not None and self.logprobs != len(ids):
+            raise ValueError(f"logprobs must equal len(logprob_token_ids) when both are set (vLLM's rule), got "
+                             f"logprobs={self.logprobs} and {len(ids)} ids.")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many log-probabilities each generated position returns besides the sampled
+        token's (``logprobs``, else the number of ``logprob_token_ids``); None for none (vLLM's)."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     def _verify_output_kind(self) -> None:
         if not isinstance(self.output_kind, RequestOutputKind):
@@ -549,6 +577,8 @@ class SamplingParams(_FieldsOnly):
                              f"{self.best_of_field}={self.best_of}).")
         if not self.greedy:
             raise ValueError("temperature must be 0 with use_beam_search.")
+        if self.logprob_token_ids is not None:
+            raise ValueError("logprob_token_ids is not supported with use_beam_search.")
         if self.repetition_detection is not None:
             raise ValueError("repetition_detection is not supported with use_beam_search.")
         if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:

@@ -86,11 +86,13 @@ class SequenceGroupMetadata:
 
 @dataclass(slots=True)
 class TopLogprobs:
-    """The chosen token's rank and the top-k (ids, log-probabilities) at one position."""
+    """The chosen token's rank and the top-k (ids, log-probabilities) at one position, or a
+    request's ``logprob_token_ids`` with theirs and their ``ranks``."""
 
     rank: int
     token_ids: list[int]
     logprobs: list[float]
+    ranks: list[int] | None = None  # None: the top-k's ranks are their positions
 
 
 @dataclass(slots=True)

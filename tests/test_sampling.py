@@ -322,6 +322,31 @@ def test_repetition_detection_ends_a_completion_where_its_output_first_repeats(l
     assert end < len(free)
 
 
+def test_logprob_token_ids_return_those_ids_logprobs_and_ranks_as_the_whole_vocabulary_has_them(llm):
+    """vLLM's ``logprob_token_ids``: at each position the sampled token's entry, then the ids' own,
+    in their order, with the values and ranks ``logprobs=-1`` gives them; in a batch with top-k
+    and greedy rows, whose outputs stay as they are alone."""
+    ids = [9, 3, 40]
+    prompts = _ids(PROMPTS[:3])
+    sampled = SamplingParams(temperature=0.9, seed=2, max_tokens=4)
+    everything = llm.generate(prompts[:1], sampled.clone(logprobs=-1), use_tqdm=False)[0].outputs[0]
+    others = [SamplingParams(temperature=0, max_tokens=4, logprobs=2), SamplingParams(temperature=0, max_tokens=4)]
+    alone = llm.generate(prompts[1:], others, use_tqdm=False)
+    outs = llm.generate(prompts, [sampled.clone(logprob_token_ids=ids), *others], use_tqdm=False)
+    got = outs[0].outputs[0]
+    assert got.token_ids == everything.token_ids and got.cumulative_logprob == everything.cumulative_logprob
+    for token, position, whole in zip(got.token_ids, got.logprobs, everything.logprobs):
+        assert list(position) == [token] + [t for t in ids if t != token]
+        for t, entry in position.items():
+            assert (entry.logprob, entry.rank, entry.decoded_token) == \
+                (whole[t].logprob, whole[t].rank, whole[t].decoded_token)
+    for out, before in zip(outs[1:], alone):
+        assert out.outputs[0].token_ids == before.outputs[0].token_ids
+        assert out.outputs[0].logprobs == before.outputs[0].logprobs
+    with pytest.raises(ValueError, match=r"logprob_token_ids \[%d\] are outside the vocabulary" % VOCAB_SIZE):
+        llm.generate(prompts[:1], SamplingParams(logprob_token_ids=[1, VOCAB_SIZE]), use_tqdm=False)
+
+
 def test_detokenize_false_returns_ids_only(llm):
     out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(temperature=0, max_tokens=5, detokenize=False), use_tqdm=False)[0]
     assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 5

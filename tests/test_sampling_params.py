@@ -193,3 +193,17 @@ def test_extra_args_are_kept_and_cloned_deeply_unless_skip_clone():
         SamplingParams(extra_args=[1])
     with pytest.raises(ValueError, match="skip_clone must be a bool"):
         SamplingParams(skip_clone="yes")
+
+
+def test_logprob_token_ids_are_checked_as_vllm_checks_them():
+    assert SamplingParams(logprob_token_ids=(np.int64(3), 5)).logprob_token_ids == [3, 5]
+    assert SamplingParams(logprob_token_ids=[3, 5]).num_logprobs == 2 and SamplingParams().num_logprobs is None
+    assert SamplingParams(logprobs=2, logprob_token_ids=[3, 5]).num_logprobs == 2
+    for bad, message in [([], "1 to 128 distinct token ids, got 0"), (list(range(129)), "got 129"),
+                         ([3, 3], r"got 2 \(1 distinct\)"), ([-1], "non-negative ints"), (5, "a list of")]:
+        with pytest.raises(ValueError, match=f"logprob_token_ids must .*{message}"):
+            SamplingParams(logprob_token_ids=bad)
+    with pytest.raises(ValueError, match=r"logprobs must equal len\(logprob_token_ids\).*logprobs=1 and 2 ids"):
+        SamplingParams(logprobs=1, logprob_token_ids=[3, 5])
+    with pytest.raises(ValueError, match="logprob_token_ids is not supported with use_beam_search"):
+        SamplingParams(n=2, temperature=0, use_beam_search=True, logprob_token_ids=[3])

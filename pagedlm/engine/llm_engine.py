@@ -159,7 +159,7 @@ class LLMEngine:
                               f"tokens hold at most {max_seq_len} tokens for each of the request's {params.best_of} "
                               "sequence(s) at once", "prompt" if n >= max_seq_len else "max_tokens")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
-                          ("logit_bias", params.logit_bias or ())):
+                          ("logit_bias", params.logit_bias or ()), ("logprob_token_ids", params.logprob_token_ids or ())):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 return FieldError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})", name)
@@ -529,7 +529,7 @@ class LLMEngine:
                                                           "sample (a logits processor or ban removed them all)")
             grammar_ended = seq.grammar_matcher.is_terminated()
         seq.append_token(sample.token_id, sample.logprob)
-        if params.logprobs is not None:
+        if params.num_logprobs is not None:
             context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
             seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
@@ -643,12 +643,17 @@ class LLMEngine:
         top ones, ranked by their position (1 = most likely, ties in token order), each with the text
         it adds after ``context`` (none without ``detokenize``). A chosen token among them has its
         position's rank; one outside them ranks after them (``top.rank`` counts only larger
-        log-probabilities, so a tie with the last of them would repeat its rank)."""
-        position = {t: rank for rank, t in enumerate(top.token_ids, start=1)}
-        entries = {token_id: Logprob(logprob, position.get(token_id, max(top.rank, len(position) + 1)))}
+        log-probabilities, so a tie with the last of them would repeat its rank). ``logprob_token_ids``'
+        entries (``top.ranks`` given) keep their own ranks, as the chosen token does then."""
+        if top.ranks is None:
+            ranks = {t: rank for rank, t in enumerate(top.token_ids, start=1)}
+            chosen_rank = ranks.get(token_id, max(top.rank, len(ranks) + 1))
+        else:
+            ranks, chosen_rank = dict(zip(top.token_ids, top.ranks)), top.rank
+        entries = {token_id: Logprob(logprob, chosen_rank)}
         for t, lp in zip(top.token_ids, top.logprobs):
             if t != token_id:
-                entries[t] = Logprob(lp, position[t])
+                entries[t] = Logprob(lp, ranks[t])
         if group.sampling_params.detokenize:
             for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries))):
                 entry.decoded_token = text

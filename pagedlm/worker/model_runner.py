@@ -138,7 +138,10 @@ class ModelRunner:
         no_token = set(result.no_token_rows)
         for row, (e, p) in enumerate(zip(owners, params)):
             top = None
-            if tops and p.logprobs is not None:
+            if p.logprob_token_ids:
+                values, ranks = result.token_id_logprobs[row]
+                top = TopLogprobs(tops[row].rank, p.logprob_token_ids, values, ranks)
+            elif tops and p.logprobs is not None:
                 top = TopLogprobs(tops[row].rank, tops[row].token_ids[: p.logprobs], tops[row].logprobs[: p.logprobs])
             outputs[e.group_index].samples.append(
                 SequenceOutput(e.seq.seq_id, token_ids[row], logprobs[row], top, row in no_token))

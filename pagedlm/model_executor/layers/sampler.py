@@ -36,7 +36,8 @@ class SamplingMetadata:
     top_ps: torch.Tensor
     top_ks: torch.Tensor  # [R] int64, vocab size where off
     min_ps: torch.Tensor
-    num_top_logprobs: int  # the largest ``logprobs`` asked for, -1 when none
+    num_top_logprobs: int  # the largest ``logprobs`` asked for (0 for logprob_token_ids rows), -1 when none
+    logprob_token_ids: dict[int, list[int]]  # row -> the ids whose log-probabilities it returns
     needs_processing: bool  # allowed ids, logit bias, penalties, logits processors or min_tokens bans
     plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, no top logprobs, no beams
 
@@ -65,7 +66,9 @@ class SamplingMetadata:
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
         needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors or p.changes_logits for p in params)
-        num_top_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
+        num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
+                               default=-1)
         greedy = num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params)
         return cls(
             params=params,
@@ -80,6 +83,7 @@ class SamplingMetadata:
             top_ks=tensor([p.top_k or vocab_size for p in params], torch.int64),
             min_ps=tensor([p.min_p for p in params], torch.float32),
             num_top_logprobs=num_top_logprobs,
+            logprob_token_ids=logprob_token_ids,
             needs_processing=needs_processing,
             plain_greedy=greedy and not needs_processing,
         )
@@ -95,6 +99,8 @@ class SamplerResult:
     beam_logprobs: torch.Tensor | None  # [len(beam_rows), V] processed log-probabilities (beams rank by these)
     beam_raw_logprobs: torch.Tensor | None  # [len(beam_rows), V] the model's (beams report these)
     no_token_rows: list[int] = field(default_factory=list)  # rows processing left all -inf: no token to sample
+    # row -> (log-probabilities, ranks) of its logprob_token_ids
+    token_id_logprobs: dict[int, tuple[list[float], list[int]]] = field(default_factory=dict)
 
 
 class Sampler(DirectCall, nn.Module):
@@ -137,7 +143,7 @@ class Sampler(DirectCall, nn.Module):
         if meta.beam_rows:
             beam_logprobs = processed[meta.beam_rows] if meta.needs_processing else beam_raw_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs,
-                             no_token_rows)
+                             no_token_rows, _token_id_logprobs(logits, meta.logprob_token_ids))
 
     def _uniforms(self, meta: SamplingMetadata) -> torch.Tensor:
         uniforms = torch.rand(len(meta.params), generator=self.generator, device=meta.temperatures.device)
@@ -171,6 +177,23 @@ def _no_token_rows(processed: torch.Tensor, chosen: torch.Tensor) -> list[int]:
     if not len(suspects):
         return []
     return suspects[processed[suspects].amax(dim=1) == float("-inf")].tolist()
+
+
+def _token_id_logprobs(logits: torch.Tensor, ids_of: dict[int, list[int]]) -> dict[int, tuple[list[float], list[int]]]:
+    """For each row of ``ids_of`` (row of ``logits`` [rows, vocab] -> token ids): the ids' raw
+    log-probabilities, in ``_raw_logprob``'s formula, and their ranks, 1 + how many of the row's
+    log-probabilities are larger (the sampled token's rank; NaN and rank 1 in a row with no softmax)."""
+    if not ids_of:
+        return {}
+    rows = torch.tensor(list(ids_of), dtype=torch.int64, device=logits.device)
+    _, top, neg_log_sum = argmax_and_neg_log_sum(logits[rows])
+    result = {}
+    for i, (row, ids) in enumerate(ids_of.items()):
+        logprobs = (logits[row].float() - top[i]) + neg_log_sum[i]
+        values = logprobs[torch.tensor(ids, dtype=torch.int64, device=logits.device)]
+        ranks = (logprobs[None, :] > values[:, None]).sum(dim=1) + 1
+        result[row] = (values.tolist(), ranks.tolist())
+    return result
 
 
 def _apply_allowed_and_bias(row: torch.Tensor, p: SamplingParams) -> None:
