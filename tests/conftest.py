@@ -108,6 +108,15 @@ _CONFIGS = {
                          "long_factor": [1.0 + 2.5 * i for i in range(12)]},
         architectures=["Phi3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
+    # LongRoPE on a Llama: transformers keeps the keys computed with the short factors when a
+    # sequence crosses the threshold while generating (Phi-3 recomputes them).
+    "llama_longrope": lambda: LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                         "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                         "long_factor": [1.0 + 2.5 * i for i in range(8)]},
+        architectures=["LlamaForCausalLM"], **_COMMON,
+    ),
     # head_dim 36 with 3/4 of it rotary: 27 dimensions by the config, 28 rotated (transformers' cos
     # has one column per frequency pair).
     "phi3_odd_rotary": lambda: Phi3Config(

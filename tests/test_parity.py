@@ -94,8 +94,8 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
 
 
 @pytest.mark.parametrize(
-    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "phi3_odd_rotary", "gemma2", "gemma3", "mistral_swa",
-             "qwen2_swa"]
+    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "llama_longrope", "phi3_odd_rotary", "gemma2", "gemma3",
+             "mistral_swa", "qwen2_swa"]
 )
 def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     from conftest import make_checkpoint
@@ -182,6 +182,22 @@ def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_
     tight, got = run(num_kv_blocks=24)
     assert tight.get_stats()["num_preemptions"] > 0
     assert got == expected
+
+
+def test_longrope_for_one_layer_type_is_refused(tmp_path, tokenizer_dir):
+    """Gemma 3's RoPE per layer type: "longrope" on one type would switch those layers alone."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "gemma3"), "gemma3", tokenizer_dir)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["rope_parameters"]["full_attention"] = {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+        "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="rope_type 'longrope' for the full_attention layers .* is not supported"):
+        LLM(path, dtype="float32")
 
 
 def test_no_chunked_prefill_needs_a_budget_of_max_model_len(llama_dir):

@@ -425,7 +425,7 @@ class LLMEngine:
                 for seq, chunk in scheduled.token_chunks.items():
                     seq.num_computed_tokens += chunk
                 self._process_group_output(scheduled.seq_group, output)
-            if self.model_runner.long_rope is not None:
+            if self.model_runner.long_rope is not None and self.model_runner.long_rope[2]:
                 self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
             # A prompt chunk that sampled nothing makes no output (as in vLLM).
             request_outputs = [out for s, o in zip(sched.scheduled_seq_groups, outputs)
@@ -436,8 +436,8 @@ class LLMEngine:
 
     def _recompute_past_long_rope_threshold(self, scheduled: list[ScheduledSequenceGroup]) -> None:
         """A LongRoPE sequence that grew past the threshold takes the long factors at every position
-        (``model_input._long_rope_positions``): its KV, computed with the short ones, is recomputed,
-        as transformers' Phi-3 drops its cache at that point. Its blocks get a salt of their own in
+        (``model_input._long_rope_positions``) in Phi-3: its KV, computed with the short ones, is
+        recomputed, as transformers' Phi-3 drops its cache at that point. Its blocks get a salt of their own in
         the prefix cache."""
         threshold = self.model_runner.long_rope[0]
         for s in scheduled:

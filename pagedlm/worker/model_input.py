@@ -32,9 +32,9 @@ def prepare_model_input(
     seq_group_metadata_list: list[SequenceGroupMetadata],
     block_size: int,
     device: torch.device,
-    long_rope: tuple[int, int] | None = None,
+    long_rope: tuple[int, int, bool] | None = None,
 ) -> ModelInput:
-    """``long_rope``: (threshold, offset) for a LongRoPE model; see ``_long_rope_positions``."""
+    """``long_rope``: (threshold, offset, whole_sequence) for a LongRoPE model; see ``_long_rope_positions``."""
     entries = [StepEntry(i, seq) for i, group in enumerate(seq_group_metadata_list) for seq in group.seq_data]
     entries.sort(key=lambda e: e.seq.token_chunk_size == 1)  # stable: prefills first, then decodes
     input_ids: list[int] = []
@@ -81,14 +81,26 @@ def prepare_model_input(
     return ModelInput(tensor(input_ids, torch.int64), tensor(positions, torch.int64), attn_metadata, entries)
 
 
-def _long_rope_positions(entries: list[StepEntry], positions: list[int], threshold: int, offset: int) -> list[int]:
+def _long_rope_positions(entries: list[StepEntry], positions: list[int], threshold: int, offset: int,
+                         whole_sequence: bool) -> list[int]:
     """Rows of a LongRoPE table (``RotaryEmbedding``: short factors, then the long ones from row
-    ``offset``): a sequence longer than ``threshold`` tokens (prompt and outputs so far) takes the long
-    factors at every position, as transformers does (the engine recomputes a sequence that outgrows
-    the threshold, as transformers drops its cache then)."""
+    ``offset``), as transformers picks the factors per forward pass, by its longest position. With
+    ``whole_sequence`` (Phi-3), a sequence longer than ``threshold`` tokens (prompt and outputs so
+    far) takes the long factors at every position (the engine recomputes a sequence that outgrows
+    the threshold, as transformers' Phi-3 drops its cache then). Otherwise (other models keep their
+    cache) a token takes them where its prompt is longer than ``threshold`` or it is at position
+    ``threshold`` or later: a rule of its own position, so a recomputed sequence gets the same KV."""
     rows = list(positions)
     for e in entries:
-        if len(e.seq.prompt_token_ids) + len(e.seq.output_token_ids) > threshold:
-            for row in range(e.last_row + 1 - e.seq.token_chunk_size, e.last_row + 1):
-                rows[row] += offset
+        seq = e.seq
+        first = e.last_row + 1 - seq.token_chunk_size
+        if whole_sequence:
+            long = len(seq.prompt_token_ids) + len(seq.output_token_ids) > threshold
+            first_long = first if long else e.last_row + 1
+        elif len(seq.prompt_token_ids) > threshold:
+            first_long = first
+        else:  # rows first .. last_row hold positions num_computed_tokens onwards
+            first_long = first + max(threshold - seq.num_computed_tokens, 0)
+        for row in range(first_long, e.last_row + 1):
+            rows[row] += offset
     return rows

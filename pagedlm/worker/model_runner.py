@@ -8,7 +8,7 @@ import torch
 from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.model_executor.layers.attention import Attention
-from pagedlm.model_executor.layers.rotary_embedding import long_rope_threshold
+from pagedlm.model_executor.layers.rotary_embedding import long_rope_recomputes, long_rope_threshold
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, rank_and_top_logprobs
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
@@ -44,7 +44,8 @@ class ModelRunner:
             _drop_kv_cache_scales(self.model)
         threshold = long_rope_threshold(model_config.hf_config)
         # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
-        self.long_rope = (threshold, model_config.max_model_len) if threshold is not None else None
+        self.long_rope = None if threshold is None else (
+            threshold, model_config.max_model_len, long_rope_recomputes(model_config.hf_config))
         seed = model_config.seed
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed) if seed is not None else None)
         self.cache_engine: CacheEngine | None = None

@@ -34,9 +34,26 @@ def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = Non
 def long_rope_threshold(config: PretrainedConfig) -> int | None:
     """For "longrope" scaling, ``original_max_position_embeddings``: a token takes the long factors
     when its sequence is longer than this (its prompt, or its own position + 1), as transformers
-    decides per forward pass; None for other RoPE types."""
+    decides per forward pass; None for other RoPE types.
+
+    Raises:
+        ValueError: "longrope" for one layer type of a config with a RoPE per layer type (Gemma 3):
+            the layers would have to switch apart.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    for layer_type, per_type in params.items():
+        if isinstance(per_type, dict) and per_type.get("rope_type", per_type.get("type")) == "longrope":
+            raise ValueError(f"rope_type 'longrope' for the {layer_type} layers (a RoPE per layer type) is not "
+                             "supported; it is supported for the whole model (rope_parameters.rope_type).")
     _, scaling = rope_parameters(config)
     return int(scaling["original_max_position_embeddings"]) if scaling["rope_type"] == "longrope" else None
+
+
+def long_rope_recomputes(config: PretrainedConfig) -> bool:
+    """Whether transformers recomputes a LongRoPE sequence with the long factors where it outgrows
+    the threshold: Phi-3's ``prepare_inputs_for_generation`` drops its cache there; the other
+    models keep the keys computed with the short factors."""
+    return config.model_type == "phi3"
 
 
 def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
