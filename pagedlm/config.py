@@ -13,6 +13,7 @@ from jinja2 import TemplateSyntaxError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils.chat_template_utils import _compile_jinja_template  # how chats are rendered
 
+from pagedlm.transformers_utils.rope import rope_parameters
 from pagedlm.transformers_utils.generation_config import check_generation_overrides, generation_overrides, sampling_defaults
 
 logger = logging.getLogger("pagedlm")
@@ -100,7 +101,7 @@ class ModelConfig:
             if getattr(hf_config, "eos_token_id", None) is not None:
                 text_config.eos_token_id = hf_config.eos_token_id
             hf_config = text_config
-        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        limit = _max_positions(hf_config)
         if max_model_len is None:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
@@ -411,3 +412,17 @@ def _cgroup_memory_left(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/
         if left is not None:
             return max(left, 0)
     return None
+
+
+def _max_positions(hf_config: PretrainedConfig) -> int:
+    """The longest sequence the model takes: ``max_position_embeddings`` (2048 if absent), times the
+    factor of a "linear" RoPE scaling, whose checkpoints were tuned at the scaled length (e.g.
+    vicuna-13b-v1.5-16k: 4096 x 4), as vLLM's ``_get_and_verify_max_len`` reads it. A RoPE per layer
+    type (Gemma 3) gives the length as it is."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if any(isinstance(value, dict) for value in (getattr(hf_config, "rope_parameters", None) or {}).values()):
+        return limit
+    _, scaling = rope_parameters(hf_config)
+    if scaling["rope_type"] == "linear":
+        limit = int(limit * float(scaling.get("factor", 1.0)))
+    return limit

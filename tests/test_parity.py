@@ -234,6 +234,20 @@ def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, fi
         LLM(path, dtype="float32")
 
 
+def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, tokenizer_dir):
+    """A linear factor's checkpoint was tuned at max_position_embeddings x factor (vicuna-v1.5-16k):
+    that is max_model_len (vLLM's reading; it was capped at max_position_embeddings), and a prompt
+    past max_position_embeddings gives transformers' tokens."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "llama", max_position_embeddings=128,
+                              rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    llm = LLM(path, dtype="float32")
+    assert llm.llm_engine.model_config.max_model_len == 512
+    prompts = _prompts(13, [300, 40])
+    assert _generate(llm, prompts, 8) == hf_greedy(path, prompts, 8)
+    with pytest.raises(ValueError, match=r"max_model_len must be an int in \[1, 512\]"):
+        LLM(path, max_model_len=513)
+
+
 @pytest.mark.parametrize("arch,fields", [
     ("llama", {"sliding_window": 8, "use_sliding_window": False, "max_window_layers": 2}),  # a "llamafied" Qwen2's
     ("llama", {"partial_rotary_factor": 0.5}),
@@ -265,6 +279,25 @@ def test_a_saved_head_unlike_the_tied_embeddings_is_used_as_transformers_does(tm
     for head in (weights["model.embed_tokens.weight"].clone(), torch.randn_like(weights["model.embed_tokens.weight"])):
         save_file({**weights, "lm_head.weight": head}, weights_path, metadata={"format": "pt"})
         assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(13, [30, 20]))
+
+
+def test_missing_weights_are_named_as_the_checkpoint_names_them(tmp_path, tokenizer_dir):
+    """Found by a hunt: a missing k_proj was reported as "layers.1.self_attn.qkv_proj.weight:k"."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "llama"), "llama", tokenizer_dir)
+    weights_path = os.path.join(path, "model.safetensors")
+    weights = load_file(weights_path)
+    gone = {"model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    save_file({k: v for k, v in weights.items() if k not in gone}, weights_path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 2 weight\(s\) the model needs: layers.0.mlp.up_proj.weight, "
+                                         r"layers.1.self_attn.k_proj.weight \(named without"):
+        LLM(path, dtype="float32")
+    save_file({k: v for k, v in weights.items() if ".layers." not in k}, weights_path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 18 weight\(s\) .*layers.0.self_attn.q_proj.weight and 10 more"):
+        LLM(path, dtype="float32")
 
 
 def test_gemma3_attn_logit_softcapping_is_not_applied(tmp_path, tokenizer_dir):

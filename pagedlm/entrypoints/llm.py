@@ -50,7 +50,8 @@ class LLM:
         dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
-        max_model_len: longest prompt + completion; defaults to the model's context length.
+        max_model_len: longest prompt + completion; defaults to the model's context length
+            (``max_position_embeddings``, times a "linear" RoPE scaling's factor, as vLLM reads it).
         block_size: tokens per KV block (8, 16 or 32; None, vLLM's default, is 16).
         kv_cache_dtype: "auto" (the model's dtype), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0

@@ -85,9 +85,11 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     target.copy_(tensor)
                 loaded.add(name if shard is None else f"{name}:{shard}")
     expected = _expected_weights(params, packed, model)
-    missing = expected - loaded
+    missing = sorted(_checkpoint_name(name, packed) for name in expected - loaded)
     if missing:
-        raise ValueError(f"Checkpoint {model_dir!r} lacks weights: {sorted(missing)[:8]}...")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"Checkpoint {model_dir!r} lacks {len(missing)} weight(s) the model needs: "
+                         f"{', '.join(missing[:8])}{more} (named without the checkpoint's 'model.' prefix).")
     if saved_head is not None:
         _untie_a_different_head(model, saved_head)
 
@@ -144,6 +146,16 @@ def _shard_view(model: nn.Module, name: str, param: torch.Tensor, shard: str | i
         return param.narrow(0, start, size)
     half = param.shape[0] // 2
     return param.narrow(0, shard * half, half)
+
+
+def _checkpoint_name(name: str, packed: dict) -> str:
+    """A parameter's name in ``_expected_weights`` ("layers.1.self_attn.qkv_proj.weight:k") as
+    the checkpoint tensor that fills it ("layers.1.self_attn.k_proj.weight")."""
+    name, _, shard = name.partition(":")
+    for src, (dst, shard_id) in packed.items():
+        if shard and str(shard_id) == shard and f".{dst}." in name:
+            return name.replace(f".{dst}.", f".{src}.")
+    return name
 
 
 def _expected_weights(params: dict[str, torch.Tensor], packed: dict, model: nn.Module) -> set[str]:

@@ -10,15 +10,7 @@ from transformers import PretrainedConfig
 from pagedlm import ops
 from pagedlm.config import reads_field
 from pagedlm.model_executor.layers.direct_call import DirectCall
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-
-
-def _rope_dict(config: PretrainedConfig, layer_type: str | None) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if layer_type is not None and isinstance(params.get(layer_type), dict):
-        params = dict(params[layer_type])
-    return params
+from pagedlm.transformers_utils.rope import rope_dict, rope_parameters
 
 
 def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = None) -> float:
@@ -27,7 +19,7 @@ def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = Non
     whatever their config says."""
     if not reads_field(config, "partial_rotary_factor"):
         return 1.0
-    factor = _rope_dict(config, layer_type).get("partial_rotary_factor")
+    factor = rope_dict(config, layer_type).get("partial_rotary_factor")
     return float(factor or getattr(config, "partial_rotary_factor", None) or 1.0)
 
 
@@ -54,24 +46,6 @@ def long_rope_recomputes(config: PretrainedConfig) -> bool:
     the threshold: Phi-3's ``prepare_inputs_for_generation`` drops its cache there; the other
     models keep the keys computed with the short factors."""
     return config.model_type == "phi3"
-
-
-def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
-    """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config. Configs
-    with a RoPE per layer type (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``)
-    give the ``layer_type``'s."""
-    params = _rope_dict(config, layer_type)
-    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
-    scaling = params or dict(getattr(config, "rope_scaling", None) or {})
-    scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    # Phi-3 keeps it on the config rather than in its rope parameters.
-    scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
-    if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        where = f" of the {layer_type} layers" if layer_type else ""
-        raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
-                         f"supported: {SUPPORTED_ROPE_TYPES}.")
-    return float(theta), scaling
 
 
 def _inv_freq(dim: int, theta: float, scaling: dict, long: bool = False) -> torch.Tensor:

@@ -1,0 +1,32 @@
+"""RoPE settings from a Hugging Face config: transformers 5's ``rope_parameters`` or 4.x's
+``rope_theta`` and ``rope_scaling``, per layer type where a model has one per type (Gemma 3)."""
+
+from transformers import PretrainedConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+def rope_dict(config: PretrainedConfig, layer_type: str | None) -> dict:
+    """The config's ``rope_parameters`` (a copy), the ``layer_type``'s where it has one per type."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    return params
+
+
+def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) from a transformers 5 ``rope_parameters`` or a 4.x config. Configs
+    with a RoPE per layer type (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``)
+    give the ``layer_type``'s."""
+    params = rope_dict(config, layer_type)
+    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
+    scaling = params or dict(getattr(config, "rope_scaling", None) or {})
+    scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    # Phi-3 keeps it on the config rather than in its rope parameters.
+    scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+    if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        where = f" of the {layer_type} layers" if layer_type else ""
+        raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
+                         f"supported: {SUPPORTED_ROPE_TYPES}.")
+    return float(theta), scaling
