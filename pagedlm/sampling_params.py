@@ -272,7 +272,9 @@ class SamplingParams(_FieldsOnly):
             (0, 1], and every token tied with the least likely of them (Hugging Face and vLLM keep
             some of such ties by their sort's order; pagedlm's choice does not depend on it).
         top_k: keep the ``top_k`` most likely tokens; 0 or -1 turns it off.
-        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1].
+        min_p: drop tokens less likely than ``min_p`` times the most likely one, in [0, 1]. Top-k,
+            top-p and min-p apply in Hugging Face's warper order (min-p last; vLLM applies it
+            first, so there ``top_p`` counts only the mass min-p kept, and may keep fewer tokens).
         presence_penalty: subtracted from the logit of every token already generated, in [-2, 2].
         frequency_penalty: subtracted once per earlier occurrence in the output, in [-2, 2].
         repetition_penalty: Hugging Face's: logits of tokens in the prompt or the output are divided
@@ -560,7 +562,8 @@ class SamplingParams(_FieldsOnly):
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Run the processors in order on one row of logits ``[vocab]``. Each gets copies of the
         token lists (what it does to them changes nothing) and must return a float tensor of the
-        row's shape; anything else is a ValueError naming the processor."""
+        row's shape without NaN (-inf removes a token; a NaN has no probability the sampler could
+        draw by); anything else is a ValueError naming the processor."""
         for fn, takes_prompt in zip(self.logits_processors, self._processor_takes_prompt):
             outputs = list(output_token_ids)
             new = fn(list(prompt_token_ids), outputs, logits) if takes_prompt else fn(outputs, logits)
@@ -568,6 +571,10 @@ class SamplingParams(_FieldsOnly):
                 got = f"{new.dtype} tensor of shape {list(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
                 raise ValueError(f"logits processor {fn!r} must return a float tensor of shape {list(logits.shape)} "
                                  f"(the logits row it was given), got {got}.")
+            nan = new.isnan().nonzero()[:, 0]
+            if len(nan):
+                raise ValueError(f"logits processor {fn!r} returned NaN for token id(s) {nan[:5].tolist()} "
+                                 f"({len(nan)} in all); a logit must be a number (-inf removes the token).")
             logits = new
         return logits
 

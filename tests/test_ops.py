@@ -750,6 +750,9 @@ def test_top_logprobs(device, dtype, vocab, k):
     torch.testing.assert_close(top, ref_top, rtol=0, atol=2e-5)
     assert torch.equal(ids, ref_ids)  # ties in token order, whatever the rows around
     assert torch.equal(ranks, ref_ranks)
+    # vLLM's rank: how many tokens are at least as likely, itself included (a tie ranks last of its group).
+    assert torch.equal(ranks, (expected >= expected.gather(1, token_ids[:, None])).sum(dim=-1))
+    assert ranks[7] == vocab
     # The argmax_logprob kernel's formula: the first maximum's entry is its logprob, bit for bit.
     argmax, argmax_logprob = torch.empty_like(token_ids), torch.empty_like(logprobs)
     torch.ops.pagedlm.argmax_logprob(logits, argmax, argmax_logprob)

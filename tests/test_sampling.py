@@ -514,13 +514,16 @@ def test_beam_search_with_an_extreme_length_penalty_runs(llm, length_penalty):
 
 
 @pytest.mark.parametrize("processor,shown", [
-    (lambda out, logits: logits[:-1], "shape"),
-    (lambda out, logits: logits.sum(), "shape"),
-    (lambda out, logits: logits.long(), "int64"),
-    (lambda out, logits: None, "NoneType"),
+    (lambda out, logits: logits[:-1], "must return a float tensor .*shape"),
+    (lambda out, logits: logits.sum(), "must return a float tensor .*shape"),
+    (lambda out, logits: logits.long(), "must return a float tensor .*int64"),
+    (lambda out, logits: None, "must return a float tensor .*NoneType"),
+    # Found by a hunt: the kernels took a NaN row's last id, every step, without a word.
+    (lambda out, logits: logits.index_fill(0, torch.tensor([5, 9]), float("nan")),
+     r"returned NaN for token id\(s\) \[5, 9\] \(2 in all\)"),
 ])
 def test_a_logits_processor_returning_the_wrong_thing_is_named(llm, processor, shown):
-    with pytest.raises(ValueError, match=f"logits processor .* must return a float tensor .*{shown}"):
+    with pytest.raises(ValueError, match=f"logits processor .* {shown}"):
         llm.generate("Hello", SamplingParams(max_tokens=3, logits_processors=[processor]), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
@@ -560,14 +563,15 @@ def test_beam_search_reports_the_models_log_probabilities_as_sampling_does(llm):
 
 def test_logprob_ranks_are_positions_with_the_chosen_token_first():
     """vLLM's dict: the chosen token first, the top entries ranked by position; a chosen token
-    tied with the last of them (the kernel's rank counts only larger ones) ranks after them."""
+    tied with the last of them ranks after them (the kernel's rank counts the tokens at least as
+    likely, itself included)."""
     from types import SimpleNamespace
 
     from pagedlm.engine.llm_engine import LLMEngine
     from pagedlm.step import TopLogprobs
 
     group = SimpleNamespace(sampling_params=SimpleNamespace(detokenize=False))
-    top = TopLogprobs(2, [5, 7], [-0.5, -1.0])
+    top = TopLogprobs(3, [5, 7], [-0.5, -1.0])
     tied = LLMEngine._logprob_dict(None, group, [], 9, -1.0, top)
     assert [(t, lp.rank) for t, lp in tied.items()] == [(9, 3), (5, 1), (7, 2)]
     among = LLMEngine._logprob_dict(None, group, [], 7, -1.0, top)

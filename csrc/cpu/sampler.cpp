@@ -178,12 +178,12 @@ float rank_and_top(const T* x, int64_t n, int64_t t, int64_t k, int64_t& rank, f
   const float chosen = (static_cast<float>(x[t]) - max) + nls;
   const fVec mv(max), nv(nls), cv(chosen);
   heap.clear();  // a heap under `better`: its front is the worst of the best k so far
-  int64_t greater = 0;
+  int64_t at_least = 0;  // entries at least as likely as the token: its rank, as vLLM counts it
   for (int64_t i = 0; i < n; i += kVecLen) {
     const int len = static_cast<int>(std::min<int64_t>(kVecLen, n - i));
     const int valid = (1 << len) - 1;
     const fVec v = (load_fp32(x + i, len) - mv) + nv;
-    greater += __builtin_popcount(~(v > cv).zero_mask() & valid);
+    at_least += __builtin_popcount(~(v >= cv).zero_mask() & valid);
     if (k == 0) continue;
     // Entries come in token order, so one equal to the worst kept loses the tie: only a larger one enters.
     int candidates = static_cast<int>(heap.size()) < k ? valid
@@ -206,7 +206,7 @@ float rank_and_top(const T* x, int64_t n, int64_t t, int64_t k, int64_t& rank, f
   }
   std::sort_heap(heap.begin(), heap.end(), better);  // best first
   for (int64_t j = 0; j < k; ++j) top[j] = heap[j].logprob, ids[j] = heap[j].id;
-  rank = greater + 1;
+  rank = std::max<int64_t>(at_least, 1);
   return chosen;
 }
 

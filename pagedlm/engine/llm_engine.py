@@ -616,7 +616,7 @@ class LLMEngine:
         def entry(beam: int, token_id: int) -> dict[int, Logprob]:
             row = raw_logprobs[beam]
             sampled = out.samples[beam].top_logprobs
-            top = TopLogprobs(int((row > row[token_id]).sum()) + 1, sampled.token_ids, sampled.logprobs)
+            top = TopLogprobs(max(int((row >= row[token_id]).sum()), 1), sampled.token_ids, sampled.logprobs)
             seq = beams[beam]
             context = seq.token_ids(max(0, seq.num_tokens - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens)
             return self._logprob_dict(group, context, token_id, float(row[token_id]), top)
@@ -642,12 +642,12 @@ class LLMEngine:
         """One position's logprobs, as vLLM orders and ranks them: the chosen token's first, then the
         top ones, ranked by their position (1 = most likely, ties in token order), each with the text
         it adds after ``context`` (none without ``detokenize``). A chosen token among them has its
-        position's rank; one outside them ranks after them (``top.rank`` counts only larger
-        log-probabilities, so a tie with the last of them would repeat its rank). ``logprob_token_ids``'
-        entries (``top.ranks`` given) keep their own ranks, as the chosen token does then."""
+        position's rank; one outside them ``top.rank``, how many tokens are at least as likely
+        (vLLM's), which places it after them. ``logprob_token_ids``' entries (``top.ranks`` given)
+        keep their own ranks, as the chosen token does then."""
         if top.ranks is None:
             ranks = {t: rank for rank, t in enumerate(top.token_ids, start=1)}
-            chosen_rank = ranks.get(token_id, max(top.rank, len(ranks) + 1))
+            chosen_rank = ranks.get(token_id, top.rank)
         else:
             ranks, chosen_rank = dict(zip(top.token_ids, top.ranks)), top.rank
         entries = {token_id: Logprob(logprob, chosen_rank)}

@@ -88,7 +88,8 @@ Sampling op:
   ``logits`` ``[num_rows, vocab]`` (any float dtype) and its ``token_ids[r]`` (int64, in
   ``[0, vocab)``): the token's log-probability ``(x[t] - max) + -log(sum(exp(x - max)))`` in fp32
   into ``logprobs`` (``argmax_logprob``'s and ``sample``'s formula, so the same bits), its rank
-  (1 + the entries whose log-probability, by that formula, is greater) into ``ranks`` (int64), and
+  (how many entries' log-probabilities, by that formula, are at least its own: vLLM's count, so a
+  token tied with others ranks last of them) into ``ranks`` (int64), and
   the ``k = top_logprobs.shape[1]`` largest log-probabilities, largest first and ties in token
   order, into ``top_logprobs`` (float32 ``[num_rows, k]``) with their ids in ``top_ids`` (int64).
   One pass over the logits after the two of the log-sum; no log-softmax is stored. A row with no

@@ -290,7 +290,7 @@ def top_logprobs_from_log_sum(x: torch.Tensor, top: torch.Tensor, neg_log_sum: t
     k = top_logprobs.shape[1]
     values, ids = _top_k_in_token_order(lp, k)
     logprobs.copy_(chosen[:, 0].masked_fill(bad, float("nan")))
-    ranks.copy_(((lp > chosen).sum(dim=-1) + 1).masked_fill(bad, 1))
+    ranks.copy_((lp >= chosen).sum(dim=-1).clamp(min=1).masked_fill(bad, 1))
     top_logprobs.copy_(values.masked_fill(bad[:, None], float("nan")))
     top_ids.copy_(torch.where(bad[:, None], torch.arange(k, device=ids.device), ids))
 

@@ -152,9 +152,10 @@ class Sampler(DirectCall, nn.Module):
         return uniforms
 
     def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """As vLLM orders them: allowed_token_ids and logit_bias, penalties, then user logits
-        processors, then the min_tokens bans (the structured outputs' token bitmasks came before,
-        on the raw logits)."""
+        """allowed_token_ids and logit_bias first (vLLM's order), then the penalties and the user's
+        logits processors in Hugging Face's order (its generate runs a caller's processors after
+        its repetition penalty; vLLM V0 ran them first, on the raw logits), then the min_tokens
+        bans (the structured outputs' token bitmasks came before, on the raw logits)."""
         for row, p in enumerate(meta.params):
             if p.changes_logits:
                 _apply_allowed_and_bias(logits[row], p)
@@ -181,8 +182,9 @@ def _no_token_rows(processed: torch.Tensor, chosen: torch.Tensor) -> list[int]:
 
 def _token_id_logprobs(logits: torch.Tensor, ids_of: dict[int, list[int]]) -> dict[int, tuple[list[float], list[int]]]:
     """For each row of ``ids_of`` (row of ``logits`` [rows, vocab] -> token ids): the ids' raw
-    log-probabilities, in ``_raw_logprob``'s formula, and their ranks, 1 + how many of the row's
-    log-probabilities are larger (the sampled token's rank; NaN and rank 1 in a row with no softmax)."""
+    log-probabilities, in ``_raw_logprob``'s formula, and their ranks, how many of the row's
+    log-probabilities are at least theirs (the sampled token's rank, ``ops.top_logprobs``'; NaN and
+    rank 1 in a row with no softmax)."""
     if not ids_of:
         return {}
     rows = torch.tensor(list(ids_of), dtype=torch.int64, device=logits.device)
@@ -191,7 +193,7 @@ def _token_id_logprobs(logits: torch.Tensor, ids_of: dict[int, list[int]]) -> di
     for i, (row, ids) in enumerate(ids_of.items()):
         logprobs = (logits[row].float() - top[i]) + neg_log_sum[i]
         values = logprobs[torch.tensor(ids, dtype=torch.int64, device=logits.device)]
-        ranks = (logprobs[None, :] > values[:, None]).sum(dim=1) + 1
+        ranks = (logprobs[None, :] >= values[:, None]).sum(dim=1).clamp(min=1)
         result[row] = (values.tolist(), ranks.tolist())
     return result
 
