@@ -14,6 +14,7 @@ from conftest import BOS, CHAT_TEMPLATE as TEMPLATE, EOS, hf_greedy
 from pagedlm import LLM, RequestOutput, SamplingParams, default_model_path
 from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
+from pagedlm.utils import FieldError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 DEFAULT_MAX_TOKENS = 3  # the checkpoint's generation config: greedy, 3 new tokens
@@ -350,6 +351,16 @@ def test_chat_template_kwargs_give_way_to_the_arguments_as_in_vllm(llm):
     assert text(chat_template=template, tools=[{"b": 2}], chat_template_kwargs={"tools": [{"a": 1}]}) == "[{'b': 2}]||hi"
     assert text(chat_template=None, chat_template_kwargs={"chat_template": template}) == "None||hi"
     assert text(chat_template_kwargs={"chat_template": template}) == rendered("hi")
+    # Found by a hunt: tools or a key the template never reads changed nothing, without a word.
+    with pytest.raises(FieldError, match="the chat template does not read tools, so it would change nothing; "
+                                         "the template reads add_generation_prompt, bos_token, messages") as error:
+        text(tools=[{"b": 2}])
+    assert error.value.field == "tools" and text(tools=[]) == rendered("hi")
+    with pytest.raises(FieldError, match="does not read enable_thinking, tools") as error:
+        text(chat_template_kwargs={"enable_thinking": False, "tools": [{"a": 1}]})
+    assert error.value.field == "chat_template_kwargs"
+    assert text(chat_template="{% if enable_thinking is defined %}T{% endif %}{{ messages[0].content }}",
+                chat_template_kwargs={"enable_thinking": False}) == "Thi"
 
 
 def test_closing_early_aborts_what_is_in_flight(llm):

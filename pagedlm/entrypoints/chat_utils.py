@@ -1,12 +1,15 @@
 """Conversations (OpenAI's chat message format) to prompt text through the model's chat template."""
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import _compile_jinja_template  # the environment chats render in
 
 from pagedlm.utils import FieldError
 
@@ -219,7 +222,33 @@ def render_chat(
         raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}", field) from exc
     if not isinstance(text, str):
         raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")
+    # After rendering, which reports a template that does not parse.
+    _check_template_reads(tokenizer.get_chat_template(chat_template, kwargs.get("tools")), kwargs,
+                          "tools" if tools is not None else "chat_template_kwargs")
     return RenderedChat(text)
+
+
+# Arguments apply_chat_template acts on itself or every template may leave alone.
+_NOT_TEMPLATE_VARIABLES = frozenset({"add_generation_prompt", "continue_final_message", "tokenize"})
+
+
+def _check_template_reads(template: str, kwargs: dict[str, Any], tools_field: str) -> None:
+    """Raises FieldError for ``tools`` or a ``chat_template_kwargs`` key the template never reads:
+    the model would not see it (vLLM drops such keys without a word). An empty ``tools`` asks for nothing."""
+    given = {name for name, value in kwargs.items() if not (name == "tools" and value == [])}
+    unread = sorted(given - _NOT_TEMPLATE_VARIABLES - template_variables(template))
+    if unread:
+        field = tools_field if unread == ["tools"] else "chat_template_kwargs"
+        raise FieldError(f"the chat template does not read {', '.join(unread)}, so it would change nothing; the "
+                         f"template reads {', '.join(sorted(template_variables(template))) or 'no variables'}", field)
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a Jinja chat template reads (those it does not set itself), parsed by the
+    environment transformers renders chat templates in (its extensions' tags included)."""
+    environment = _compile_jinja_template(template).environment
+    return frozenset(jinja2.meta.find_undeclared_variables(environment.parse(template)))
 
 
 def merge_kwargs(defaults: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
