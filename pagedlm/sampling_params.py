@@ -249,12 +249,12 @@ class RepetitionDetectionParams(_FieldsOnly):
 
     def detects(self, token_ids: list[int]) -> bool:
         """Whether ``token_ids`` ends in a pattern of an allowed size repeated ``min_count`` times."""
+        n = len(token_ids)
         for size in range(max(self.min_pattern_size, 1), self.max_pattern_size + 1):
-            span = size * self.min_count
-            if span > len(token_ids):
+            if size * self.min_count > n:
                 return False
-            tail = token_ids[-span:]
-            if tail == tail[-size:] * self.min_count:
+            # Token by token from the end, so a mismatch (the usual case) stops at once.
+            if all(token_ids[i] == token_ids[i - size] for i in range(n - 1, n - 1 - size * (self.min_count - 1), -1)):
                 return True
         return False
 
@@ -300,9 +300,10 @@ class SamplingParams(_FieldsOnly):
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
         prompt_logprobs: the same for each prompt position.
         logprob_token_ids: instead of the top ones, return the log-probabilities of these ids (at
-            most ``MAX_LOGPROB_TOKEN_IDS``, no repeats) at each generated position, with their
-            ranks, plus the sampled token's (vLLM's, for scoring label tokens; ``logprobs``, if
-            set too, must equal its length).
+            most ``MAX_LOGPROB_TOKEN_IDS``, no repeats) at each generated position, plus the
+            sampled token's (vLLM's, for scoring label tokens; ``logprobs``, if set too, must
+            equal its length). Their ranks are their places in the vocabulary, as the sampled
+            token's is (vLLM numbers them 1, 2, ... in the order given).
         skip_special_tokens: leave special tokens out of the output text.
         spaces_between_special_tokens: with ``skip_special_tokens=False``, False drops the space a
             tokenizer's decoder puts between two consecutive special tokens (vLLM's fast

@@ -366,6 +366,29 @@ def test_a_written_row_reaches_the_disk_without_waiting_for_the_next(tmp_path):
     resumed.close()
 
 
+def test_parquet_nulls_of_other_rows_keys_are_unset_in_every_object_field(llama_dir, tmp_path):
+    """Found by a review: a Parquet struct gives each row the other rows' keys as nulls. Row 1's
+    chat_template_kwargs got row 2's key as a null and was refused for a key it never set, and
+    an OpenAI body's repetition_detection got a null min_pattern_size."""
+    template = "{{ bos_token }}{% if a %}A{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = [{"role": "user", "content": "hi"}]
+    plain = pa.table({"id": [1, 2], "messages": [chat, chat], "chat_template": [template, template],
+                      "chat_template_kwargs": [{"a": True}, {"zzz": True}]})
+    pq.write_table(plain, tmp_path / "plain.parquet")
+    _, out = run(llama_dir, tmp_path / "plain.parquet", tmp_path / "plain.jsonl")
+    rows = by_id(out)
+    tokens = AutoTokenizer.from_pretrained(llama_dir)("<s>Ahi", add_special_tokens=False)["input_ids"]
+    assert rows[1]["error"] is None and rows[1]["prompt_tokens"] == len(tokens)
+    assert "the chat template does not read zzz" in rows[2]["error"]
+    bodies = [{"prompt": "x", "max_tokens": 6, "repetition_detection": {"max_pattern_size": 1, "min_count": 2}},
+              {"prompt": "y", "max_tokens": 6,
+               "repetition_detection": {"max_pattern_size": 2, "min_count": 2, "min_pattern_size": 2}}]
+    batch = pa.table({"custom_id": ["a", "b"], "method": ["POST"] * 2, "url": ["/v1/completions"] * 2, "body": bodies})
+    pq.write_table(batch, tmp_path / "batch.parquet")
+    _, out = run(llama_dir, tmp_path / "batch.parquet", tmp_path / "batch.jsonl")
+    assert [row["error"] for row in out] == [None, None]
+
+
 def test_parquet_output_of_mixed_json_columns_resumes_without_repeats(llama_dir, tmp_path):
     rows = [{"id": 1, "prompt": "a", "x": 1}, {"id": "b", "prompt": "b", "x": "text"},
             {"id": 2.5, "prompt": "bad id", "x": None}, {"id": 3, "prompt": "c", "x": {"k": [1]}}]

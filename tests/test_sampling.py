@@ -301,6 +301,11 @@ def test_a_step_with_no_token_left_ends_only_that_completion_with_abort(llm, log
     assert first.cumulative_logprob == pytest.approx(alone[0].outputs[0].cumulative_logprob)
     assert [(len(c.token_ids), c.finish_reason) for c in outs[1].outputs] == [(3, "abort"), (3, "abort")]
     assert outs[2].outputs[0].token_ids == [42] * 3 and outs[2].outputs[0].finish_reason == "length"
+    # Beam search too, once no beam has a token to go on with (found by a review: beams took banned ids).
+    beams = llm.generate(prompts[:1], SamplingParams(n=2, temperature=0, use_beam_search=True, max_tokens=6,
+                                                     logits_processors=[ban_all_from(2)]), use_tqdm=False)[0]
+    assert [(len(c.token_ids), c.finish_reason) for c in beams.outputs] == [(2, "abort"), (2, "abort")]
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
 
 
 @pytest.mark.parametrize("min_tokens", [0, 9])

@@ -552,6 +552,11 @@ class LLMEngine:
     def _process_beams(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         params = group.sampling_params
         beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
+        if all(s.no_token for s in out.samples):  # no beam can go on: each ends as it is
+            for beam in beams:
+                self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
+                                                    "allowed_token_ids, bad_words or bans removed them all)")
+            return
         entry = self._beam_logprob_entry(group, beams, out) if params.logprobs is not None else None
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,

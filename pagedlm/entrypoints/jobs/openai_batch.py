@@ -15,7 +15,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
-from pagedlm.entrypoints.jobs.rows import JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from
+from pagedlm.entrypoints.jobs.rows import (
+    JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, without_nulls,
+)
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.transformers_utils.tokenizer import TokenBytes
@@ -100,7 +102,7 @@ class OpenAIBatchFormat:
         if not isinstance(body, dict):
             raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
         # Null fields are unset, as OpenAI reads them (SDK dumps and Parquet structs write every key).
-        body = {k: v for k, v in body.items() if v is not None}
+        body = without_nulls(body)
         unknown = sorted(set(body) - BODY_FIELDS[url])
         if unknown:
             raise RowError(f"body field(s) {', '.join(unknown)} are not supported for {url}; supported: "

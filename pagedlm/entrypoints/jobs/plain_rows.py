@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from,
+    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.utils import FieldError
@@ -57,7 +57,7 @@ class PlainFormat:
                            f"{', '.join(given) or 'none'}", given[1] if given else "prompt")
         column = given[0]
         value = row[column]
-        options = {c: row[c] for c in CHAT_OPTIONS if row.get(c) is not None}
+        options = without_nulls({c: row.get(c) for c in CHAT_OPTIONS})
         if options and column != "messages":
             raise RowError(f"column(s) {', '.join(options)} apply to rows with messages (they render the "
                            f"conversation); this row has {column}", next(iter(options)))
@@ -78,11 +78,7 @@ class PlainFormat:
             fields = {}
         if not isinstance(fields, dict):
             raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
-        # Parquet (and Arrow) structs hold every key of every row, nulls where a row has none, in
-        # the fields that are objects too (logit_bias gets the other rows' token ids as nulls,
-        # structured_outputs the other rows' constraint fields): null is unset at both levels.
-        fields = {k: {f: x for f, x in v.items() if x is not None} if isinstance(v, dict) else v
-                  for k, v in fields.items() if v is not None}
+        fields = without_nulls(fields)
         names = row_names(fields, column)
         return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params", names), row, names)
 

@@ -10,9 +10,8 @@ from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.utils import FieldError
 
-# SamplingParams fields a row may set: every one but the callables and output_kind (which JSON
-# cannot give, and the job sets).
-# Not a row's: callables, the engine's streaming, and fields only one's own code reads.
+# SamplingParams fields a row may set. Not a row's: callables, the engine's streaming (the job
+# sets it), and fields only one's own code reads.
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
                         if f.name not in ("logits_processors", "output_kind", "extra_args", "skip_clone"))
 
@@ -76,6 +75,15 @@ def row_names(fields: dict[str, Any], prompt_field: str, renames: dict[str, str]
     for it (its own, or the one ``renames`` gives, such as OpenAI's ``max_completion_tokens`` for
     ``max_tokens``), and "prompt" by the row's field that holds the prompt."""
     return {**{f: f for f in fields}, **(renames or {}), "prompt": prompt_field}
+
+
+def without_nulls(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without null values, at the top level and inside values that are objects: null
+    is unset, and Parquet (and Arrow) structs hold every key of every row, null where a row has
+    none (``logit_bias`` gets the other rows' token ids as nulls, ``chat_template_kwargs`` the
+    other rows' keys)."""
+    return {k: {f: x for f, x in v.items() if x is not None} if isinstance(v, dict) else v
+            for k, v in fields.items() if v is not None}
 
 
 def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pagedlm import ops
+from pagedlm.ops import reference
 from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.ops.sampling import argmax_and_neg_log_sum, log_softmax, token_logprobs
 from pagedlm.sampling_params import SamplingParams
@@ -155,7 +156,9 @@ class Sampler(DirectCall, nn.Module):
         """allowed_token_ids and logit_bias first (vLLM's order), then the penalties and the user's
         logits processors in Hugging Face's order (its generate runs a caller's processors after
         its repetition penalty; vLLM V0 ran them first, on the raw logits), then the min_tokens
-        bans (the structured outputs' token bitmasks came before, on the raw logits)."""
+        and bad_words bans, last so that no processor lifts them (Hugging Face bans for
+        min_new_tokens before a caller's processors). The structured outputs' token bitmasks
+        came before all of it, on the raw logits."""
         for row, p in enumerate(meta.params):
             if p.changes_logits:
                 _apply_allowed_and_bias(logits[row], p)
@@ -189,12 +192,22 @@ def _token_id_logprobs(logits: torch.Tensor, ids_of: dict[int, list[int]]) -> di
         return {}
     rows = torch.tensor(list(ids_of), dtype=torch.int64, device=logits.device)
     _, top, neg_log_sum = argmax_and_neg_log_sum(logits[rows])
+    no_softmax = reference.no_softmax(top, neg_log_sum)[:, 0].tolist()
     result = {}
     for i, (row, ids) in enumerate(ids_of.items()):
         logprobs = (logits[row].float() - top[i]) + neg_log_sum[i]
         values = logprobs[torch.tensor(ids, dtype=torch.int64, device=logits.device)]
-        ranks = (logprobs[None, :] >= values[:, None]).sum(dim=1).clamp(min=1)
-        result[row] = (values.tolist(), ranks.tolist())
+        if no_softmax[i]:
+            result[row] = (values.tolist(), [1] * len(ids))
+            continue
+        # One pass over the vocabulary whatever the number of ids: each entry's place among the
+        # sorted values says which of them it is at least as likely as.
+        order = values.argsort()
+        places = torch.searchsorted(values[order], logprobs, right=True)
+        at_least = torch.bincount(places, minlength=len(ids) + 1).flip(0).cumsum(0).flip(0)[1:]
+        ranks = torch.empty_like(at_least)
+        ranks[order] = at_least
+        result[row] = (values.tolist(), ranks.clamp(min=1).tolist())
     return result
 
 
