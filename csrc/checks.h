@@ -30,7 +30,8 @@ inline void check_cache_dtype(const at::Tensor& cache, at::ScalarType dtype, dou
 }
 
 inline void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache) {
-  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, num_kv_heads, block_size, head_size]");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(1) > 0 && key_cache.size(2) > 0 && key_cache.size(3) > 0,
+              "key_cache must be [num_blocks, num_kv_heads, block_size, head_size], each but num_blocks >= 1");
   TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache and value_cache shapes differ");
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key_cache and value_cache dtypes differ");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "KV caches must be contiguous");
@@ -52,10 +53,12 @@ inline void check_index(const at::Tensor& t, int64_t dim, const char* name) {
 
 inline void check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, double k_scale, double v_scale, int64_t sliding_window,
-                            double logits_soft_cap) {
+                            const at::Tensor& seq_lens, double scale, double k_scale, double v_scale,
+                            int64_t sliding_window, double logits_soft_cap) {
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: no window), got ", sliding_window);
-  TORCH_CHECK(logits_soft_cap >= 0, "logits_soft_cap must be >= 0 (0: no cap), got ", logits_soft_cap);
+  TORCH_CHECK(std::isfinite(logits_soft_cap) && logits_soft_cap >= 0,
+              "logits_soft_cap must be finite and >= 0 (0: no cap), got ", logits_soft_cap);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be finite and > 0, got ", scale);
   check_cache_pair(key_cache, value_cache);
   check_rows(query, "query");
   check_rows(out, "out");
@@ -83,7 +86,9 @@ inline void check_cache_write(const at::Tensor& key, const at::Tensor& value, co
               "key is not [num_tokens, num_kv_heads, head_size] of the cache");
   TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
   check_cache_dtype(key_cache, key.scalar_type(), k_scale, v_scale);
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "slot_mapping must be [num_tokens]");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) &&
+                  (slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt),
+              "slot_mapping must be int64 (or int32) [num_tokens]");
   for (const at::Tensor* t : {&key, &value, &slot_mapping}) {
     TORCH_CHECK(t->device() == key_cache.device(), "reshape_and_cache tensors must be on one device");
   }
@@ -223,7 +228,7 @@ inline void check_apply_token_bitmask(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && rows.scalar_type() == at::kLong, "rows must be a contiguous int64 [n]");
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.scalar_type() == at::kInt &&
                   bitmask.size(0) == rows.size(0) && bitmask.size(1) * 32 >= logits.size(1),
-              "bitmask must be a contiguous int32 [n, ceil(vocab / 32)] with n = len(rows)");
+              "bitmask must be a contiguous int32 [n, at least ceil(vocab / 32)] with n = len(rows)");
   TORCH_CHECK(rows.device() == logits.device() && bitmask.device() == logits.device(),
               "rows, bitmask and logits are on different devices");
 }

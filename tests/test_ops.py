@@ -322,8 +322,26 @@ def test_attention_options_refused(device):
     out = torch.empty_like(query)
     with pytest.raises(RuntimeError, match="sliding_window must be >= 0"):
         torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, -1, 0.0)
-    with pytest.raises(RuntimeError, match="logits_soft_cap must be >= 0"):
-        torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, 0, -1.0)
+    for cap in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="logits_soft_cap must be finite and >= 0"):
+            torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, 0, cap)
+        with pytest.raises(ValueError, match="logits_soft_cap must be finite and >= 0"):
+            reference.paged_attention(out, query, key_cache, value_cache, tables, lens, 0.1, 0, cap)
+    for scale in (0.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="scale must be finite and > 0"):
+            torch.ops.pagedlm.paged_attention(out, query, key_cache, value_cache, tables, lens, scale)
+    # Found by a hunt: no KV heads, or blocks of no tokens, divided by zero in the kernels (SIGFPE).
+    for shape in ((4, 0, 16, 64), (4, 1, 0, 64)):
+        empty = torch.zeros(shape, device=device)
+        for attend in (lambda: torch.ops.pagedlm.paged_attention(out, query, empty, empty, tables, lens, 0.1),
+                       lambda: torch.ops.pagedlm.paged_prefill_attention(
+                           out, query, empty, empty, tables, torch.tensor([0, 1], dtype=torch.int32, device=device),
+                           lens, 0.1)):
+            with pytest.raises(RuntimeError, match="key_cache must be .* each but num_blocks >= 1"):
+                attend()
+    kv = torch.randn(2, 1, 64, device=device)
+    with pytest.raises(RuntimeError, match="slot_mapping must be int64 \\(or int32\\)"):
+        torch.ops.pagedlm.reshape_and_cache(kv, kv, key_cache, value_cache, torch.tensor([0.7, 17.9], device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -339,8 +339,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      double scale, int64_t sliding_window, double logits_soft_cap, double k_scale,
                      double v_scale) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
-                  logits_soft_cap);
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, k_scale, v_scale,
+                  sliding_window, logits_soft_cap);
   TORCH_CHECK(query.size(0) == seq_lens.size(0), "paged_attention takes one query row per sequence");
   PAGEDLM_DISPATCH_FLOATING_TYPES(query.scalar_type(), "paged_attention", [&] {
     dispatch_cache_type<scalar_t>(key_cache.scalar_type(), [&](auto entry) {

@@ -443,8 +443,8 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, double scale,
                              int64_t sliding_window, double logits_soft_cap, double k_scale, double v_scale) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
-                  logits_soft_cap);
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, k_scale, v_scale,
+                  sliding_window, logits_soft_cap);
   check_index(cu_seqlens_q, 1, "cu_seqlens_q");
   TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1, "cu_seqlens_q must have num_seqs + 1 entries");
   TORCH_CHECK(cu_seqlens_q.device() == query.device(), "cu_seqlens_q must be on the query's device");

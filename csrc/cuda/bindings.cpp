@@ -35,8 +35,8 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
                                  const at::Tensor& seq_lens, double scale, double k_scale, double v_scale,
                                  int64_t sliding_window, double soft_cap) {
-  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, sliding_window,
-                  soft_cap);
+  check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, k_scale, v_scale,
+                  sliding_window, soft_cap);
   TORCH_CHECK(query.is_cuda(), "expected CUDA tensors");
   TORCH_CHECK(query.size(2) <= kMaxHeadSize, "head_size above ", kMaxHeadSize, " is not supported");
   TORCH_CHECK(query.size(2) * key_cache.element_size() % 16 == 0,

@@ -107,7 +107,7 @@ Sampling op:
   the reference runs.
 * ``apply_token_bitmask(logits, rows, bitmask)``: in place, ``logits[rows[i], t] = -inf`` for every
   token ``t`` that bit ``t % 32`` of word ``t // 32`` of ``bitmask[i]`` leaves out (xgrammar's token
-  bitmask: int32 ``[len(rows), ceil(vocab / 32)]``; ``rows`` int64, each in ``[0, num_rows)``);
+  bitmask: int32 ``[len(rows), at least ceil(vocab / 32)]``, words past the vocabulary unread; ``rows`` int64, each in ``[0, num_rows)``);
   ``logits`` ``[num_rows, vocab]`` in any float dtype. CPU kernel and reference; on CUDA the
   reference runs.
 

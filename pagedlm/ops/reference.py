@@ -24,6 +24,15 @@ def kv_cache_scale_is_valid(scale: float) -> bool:
     return bool(single > 0 and torch.isfinite(single) and torch.isfinite(single.reciprocal()))
 
 
+def _check_attention_options(key_cache: torch.Tensor, scale: float, logits_soft_cap: float) -> None:
+    if key_cache.dim() != 4 or min(key_cache.shape[1:]) < 1:
+        raise ValueError("key_cache must be [num_blocks, num_kv_heads, block_size, head_size], each but num_blocks >= 1")
+    if not (math.isfinite(logits_soft_cap) and logits_soft_cap >= 0):
+        raise ValueError(f"logits_soft_cap must be finite and >= 0 (0: no cap), got {logits_soft_cap}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+
+
 def _check_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
     if not all(kv_cache_scale_is_valid(s) for s in (k_scale, v_scale)):
         raise ValueError(f"k_scale and v_scale must be positive and finite in float32, with finite reciprocals; "
@@ -58,6 +67,8 @@ def reshape_and_cache(
     v_scale: float = 1.0,
 ) -> None:
     _check_scales(key_cache, k_scale, v_scale)
+    if slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slot_mapping must be int64 (or int32) [num_tokens], got {slot_mapping.dtype}")
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
@@ -115,6 +126,7 @@ def paged_attention(
 ) -> None:
     """Decode: one query token per sequence (at position ``seq_len - 1``), attending over its cached
     context, or the last ``sliding_window`` tokens of it."""
+    _check_attention_options(key_cache, scale, logits_soft_cap)
     _check_scales(key_cache, k_scale, v_scale)
     num_seqs, num_heads, head_size = query.shape
     if num_seqs == 0:
@@ -159,6 +171,7 @@ def paged_prefill_attention(
     """Varlen causal attention: sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
     which are its last tokens; they attend over its first ``seq_lens[b]`` cached tokens (within the
     sliding window, if any)."""
+    _check_attention_options(key_cache, scale, logits_soft_cap)
     _check_scales(key_cache, k_scale, v_scale)
     starts = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
