@@ -837,6 +837,35 @@ def test_close_releases_the_kv_cache_and_weights(llama_dir, caplog):
     assert "Memory plan: weights" in caplog.text and "longest sequence 128 tokens" in caplog.text
 
 
+def test_a_close_from_another_thread_waits_for_the_step_then_the_call_finds_it_closed(llama_dir):
+    """Found by a hunt: close() during another thread's step freed the model under it
+    (AttributeError: 'NoneType' object has no attribute 'compute_logits', or a KeyError)."""
+    import threading
+
+    llm = LLM(llama_dir, dtype="float32")
+    stepping = threading.Event()
+
+    def slow(ids, logits):
+        stepping.set()
+        time.sleep(0.05)  # the close below lands inside this step
+        return logits
+
+    errors = []
+
+    def generate():
+        try:
+            llm.generate([[BOS, 5, 6]] * 2, SamplingParams(max_tokens=50, logits_processors=[slow]), use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    assert stepping.wait(60)
+    llm.close()
+    thread.join(60)
+    assert [type(e) for e in errors] == [RuntimeError] and "This LLM is closed" in str(errors[0])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_close_returns_cuda_memory(llama_dir):

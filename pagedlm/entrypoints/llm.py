@@ -6,6 +6,7 @@ import inspect
 import logging
 import numbers
 import os
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, replace
@@ -169,6 +170,9 @@ class LLM:
         self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config)
         self._request_counter = count()
         self._streaming = False
+        # Held while a call steps the engine or adds to it, and by close(): a close() from another
+        # thread waits for the step, and the call then finds the LLM closed.
+        self._engine_lock = threading.Lock()
 
     @property
     def llm_engine(self) -> LLMEngine:
@@ -195,13 +199,15 @@ class LLM:
     def close(self) -> None:
         """Release the KV cache and the weights now, without waiting for the garbage collector
         (a notebook gets its memory back without a restart). Calling it again does nothing; any
-        other use of the LLM afterwards raises ``RuntimeError``. ``with LLM(...) as llm:`` closes
-        on leaving the block."""
-        if self._engine is None:
-            return
-        device = self._engine.model_config.device
-        self._engine.close()
-        self._engine = None
+        other use of the LLM afterwards raises ``RuntimeError``, a call running in another thread
+        included (close waits for its step to end). ``with LLM(...) as llm:`` closes on leaving
+        the block."""
+        with self._engine_lock:
+            if self._engine is None:
+                return
+            device = self._engine.model_config.device
+            self._engine.close()
+            self._engine = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         else:
@@ -554,25 +560,35 @@ class LLM:
         the cache / tokens of admitted sequences) so far."""
         return self.llm_engine.get_stats()
 
+    def _engine_call(self, call: Callable[[LLMEngine], Any]) -> Any:
+        """``call(engine)`` with no close() from another thread under it.
+
+        Raises:
+            RuntimeError: the LLM was closed (before, or while the calling iteration was paused).
+        """
+        with self._engine_lock:
+            return call(self.llm_engine)
+
     def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None,
                 use_tqdm: bool | Callable[..., tqdm],
                 return_errors: bool) -> Iterator[tuple[int, RequestOutput | ValueError]]:
         """Keep up to ``window`` requests in the engine, topping up from ``requests`` before each
         step, and yield ``(index, output)`` as each finishes."""
-        if self._streaming:
-            raise RuntimeError("This LLM is already running a generate/chat/generate_as_completed; "
-                               "finish or close that iterator first (the engine is shared).")
-        engine = self.llm_engine
-        if engine.has_unfinished_requests():
-            raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
-                               "step them to the end or abort them (llm_engine.abort_request) first.")
+        with self._engine_lock:
+            if self._streaming:
+                raise RuntimeError("This LLM is already running a generate/chat/generate_as_completed; "
+                                   "finish or close that iterator first (the engine is shared).")
+            engine = self.llm_engine
+            if engine.has_unfinished_requests():
+                raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
+                                   "step them to the end or abort them (llm_engine.abort_request) first.")
+            self._streaming = True
         in_flight: dict[str, int] = {}
         compiling: list[_Request] = []  # waiting for their structured-outputs grammar
         held: list[_Request | _Rejected] = []  # read, not yet added
         bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
         exhausted = False
         num_in = num_out = 0
-        self._streaming = True
         try:
             engine.reset_peak_kv_blocks_in_use()
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
@@ -597,13 +613,13 @@ class LLM:
                         ready = [r for r in held if r.index < first_compiling]
                         held = [r for r in held if r.index > first_compiling]
                     for request in ready:
-                        reason = request.reason if isinstance(request, _Rejected) else request.error(engine)
+                        reason = request.reason if isinstance(request, _Rejected) else self._engine_call(request.error)
                         if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
                             request_id = str(next(self._request_counter))
                             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
-                            engine.add_request(request_id, request.prompt, request.params)
+                            self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
                         elif return_errors:
                             bar.update(1)
                             yield request.index, reason
@@ -617,7 +633,7 @@ class LLM:
                             break
                         wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
                         continue
-                    finished = [out for out in engine.step() if out.finished]
+                    finished = [out for out in self._engine_call(LLMEngine.step) if out.finished]
                     if not finished:
                         continue
                     for out in finished:
@@ -634,9 +650,10 @@ class LLM:
                         yield in_flight.pop(out.request_id), out
         finally:
             # An interrupted or abandoned iteration leaves nothing queued for the next call.
-            if self._engine is not None:
-                self._engine.abort_request(list(in_flight))
-            self._streaming = False
+            with self._engine_lock:
+                if self._engine is not None:
+                    self._engine.abort_request(list(in_flight))
+                self._streaming = False
         if bad is not None:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
