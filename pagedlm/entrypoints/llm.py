@@ -633,7 +633,7 @@ class LLM:
                             break
                         wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
                         continue
-                    finished = [out for out in self._engine_call(LLMEngine.step) if out.finished]
+                    finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
                     if not finished:
                         continue
                     for out in finished:
