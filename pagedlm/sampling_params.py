@@ -138,12 +138,14 @@ class StructuredOutputsParams(_FieldsOnly):
         grammar: an EBNF grammar (xgrammar's / GBNF dialect, rule ``root``).
         json_object: True: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
         disable_any_whitespace: with ``json`` or ``json_object``, no whitespace between tokens of
-            the JSON beyond the single spaces of its compact form (xgrammar's ``any_whitespace=False``,
-            as vLLM passes it).
+            the JSON beyond the single spaces after ``,`` and ``:`` (xgrammar's
+            ``any_whitespace=False``; vLLM 0.32 ignores the per-request field and, with its engine's
+            ``disable_any_whitespace``, writes no spaces at all).
         disable_additional_properties: objects take only the properties their schema lists. This is
             xgrammar's strict mode, which pagedlm (like vLLM's xgrammar backend) always uses, so
             False does not allow more.
-        disable_fallback: vLLM's "do not fall back to another backend"; there is none here.
+        disable_fallback: older vLLM's "do not fall back to another backend"; there is none here.
+            (vLLM 0.32's ``whitespace_pattern`` and ``structural_tag`` are not supported.)
 
     Enforced by masking, at every step, the tokens that cannot continue a valid output (xgrammar);
     end-of-sequence is allowed only where the output may end.
@@ -261,7 +263,9 @@ class RepetitionDetectionParams(_FieldsOnly):
 
 @dataclass
 class SamplingParams(_FieldsOnly):
-    """How to generate the completions of one prompt (vLLM's names and meanings).
+    """How to generate the completions of one prompt (vLLM's names and meanings; ``best_of``,
+    ``use_beam_search``, ``length_penalty``, ``early_stopping`` and ``logits_processors`` are older
+    vLLM's fields, which vLLM 0.32 dropped).
 
     Args:
         n: completions to return.

@@ -50,7 +50,7 @@ class LLM:
             or Gemma 3 model (converted once and cached).
         dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
             "bfloat16" or "float16".
-        device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         max_model_len: longest prompt + completion; defaults to the model's context length
             (``max_position_embeddings``, times a "linear" RoPE scaling's factor, as vLLM reads it).
         block_size: tokens per KV block (8, 16 or 32; None, vLLM's default, is 16).
@@ -58,7 +58,8 @@ class LLM:
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0
             (vLLM's names and convention). It halves a bf16 cache's bytes per token, at some accuracy.
         calculate_kv_scales: with an fp8 cache, set each layer's scales from one prefill of random
-            tokens at start-up (max|k| / 200, max|v| / 100, vLLM's rule) instead.
+            tokens at start-up (max|k| / 200, max|v| / 100, older vLLM's rule; vLLM 0.32 dropped the
+            argument) instead.
         num_kv_blocks / kv_cache_memory_bytes: size the KV cache by blocks or bytes; by default it
             takes the free GPU memory less 10% of the GPU's total on CUDA (see
             ``gpu_memory_utilization``), and 20% of available RAM on CPU (that too; within the process's
@@ -550,7 +551,8 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prompt prefix; later requests compute their prompts afresh. Returns
-        True (vLLM's: whether it was reset; pagedlm's always is, blocks in use staying where they are)."""
+        True (vLLM's: whether it was reset; pagedlm's always is, blocks in use staying where they are).
+        vLLM 0.32's ``reset_running_requests`` and ``reset_connector`` arguments are not taken."""
         self.llm_engine.reset_prefix_cache()
         return True
 
@@ -744,7 +746,7 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     **dict.fromkeys(("speculative_config", "spec_method", "spec_model", "spec_tokens"),
                     ((None,), "pagedlm runs no speculative decoding")),
     "async_scheduling": ((None, False), "pagedlm schedules each step before it runs"),
-    "swap_space": ((4, 4.0, 0, 0.0), "pagedlm preempts by recompute and swaps nothing (vLLM's default is 4)"),
+    "swap_space": ((4, 4.0, 0, 0.0), "pagedlm preempts by recompute and swaps nothing (older vLLM's argument, default 4)"),
 }
 
 
