@@ -110,20 +110,23 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
     assert (summary["rows"], summary["completed"], summary["errors"], summary["interrupted"]) == (21, 7, 14, False)
 
 
-def test_a_row_may_set_repetition_detection_but_not_what_only_ones_own_code_reads(llama_dir, tmp_path):
+def test_a_row_may_set_repetition_detection_but_not_what_only_code_can_give(llama_dir, tmp_path):
     detection = {"max_pattern_size": 1, "min_count": 2}
     rows = [{"id": 0, "prompt_token_ids": [BOS, 5], "sampling_params": {"repetition_detection": detection,
                                                                          "allowed_token_ids": [9], "max_tokens": 8}},
             {"id": 1, "prompt": "x", "sampling_params": {"extra_args": {"k": 1}}},
             {"id": 2, "prompt": "x", "sampling_params": {"skip_clone": True}},
-            {"id": 3, "prompt": "x", "sampling_params": {"repetition_detection": {"max_pattern_size": 1}}}]
+            {"id": 3, "prompt": "x", "sampling_params": {"repetition_detection": {"max_pattern_size": 1}}},
+            {"id": 4, "prompt": "x", "sampling_params": {"logits_processors": []}}]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     rows = by_id(out)
     completion = rows[0]["outputs"][0]
     assert (completion["token_ids"], completion["finish_reason"], completion["stop_reason"]) == \
         ([9, 9], "repetition", "repetition_detected")
-    assert "unknown field(s) extra_args" in rows[1]["error"] and "unknown field(s) skip_clone" in rows[2]["error"]
+    assert "field(s) a job row cannot set extra_args" in rows[1]["error"]
+    assert "field(s) a job row cannot set skip_clone" in rows[2]["error"]
     assert "repetition_detection.min_count must be >= 2" in rows[3]["error"]
+    assert "field(s) a job row cannot set logits_processors" in rows[4]["error"]
 
 
 def _openai_row(custom_id, url, body):
@@ -669,6 +672,7 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"max_in_flight": 0}, "--max-in-flight must be a positive integer"),
+    ({"model": ""}, "--model must be a checkpoint directory, a .gguf file or a Hub id"),  # ran the default
     ({"progress_interval": -1.0}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"progress_interval": float("inf")}, "--progress-interval must be a finite number of seconds >= 0"),
     ({"progress_interval": float("nan")}, "--progress-interval must be a finite number of seconds >= 0"),

@@ -51,3 +51,20 @@ def test_smollm2_stop_token_text_is_left_out(smollm2_dir):
     comp = llm.generate(chat, SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
     assert comp.text == "The capital of France is Paris." and comp.finish_reason == "stop"
     assert comp.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_job_on_a_loaded_embedded_model_serves_its_names(smollm2_dir, tmp_path):
+    """Found by a user's audit: run_job(llm=LLM(default_model_path())) served the GGUF cache path as
+    the model, so an OpenAI row naming "SmolLM2-135M-Instruct" (as the docs' example does) failed."""
+    import json
+
+    from pagedlm.entrypoints.jobs import JobConfig, run_job
+
+    row = {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}],
+                    "max_completion_tokens": 2}}
+    (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
+    with LLM(smollm2_dir) as llm:
+        run_job(JobConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl")), llm=llm)
+    out = json.loads((tmp_path / "out.jsonl").read_text())
+    assert out["error"] is None and out["response"]["body"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

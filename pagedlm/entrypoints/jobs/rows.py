@@ -12,8 +12,8 @@ from pagedlm.utils import FieldError
 
 # SamplingParams fields a row may set. Not a row's: callables, the engine's streaming (the job
 # sets it), and fields only one's own code reads.
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
-                        if f.name not in ("logits_processors", "output_kind", "extra_args", "skip_clone"))
+_ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone"})
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 
@@ -96,8 +96,8 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     """
     unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
     if unknown:
-        raise RowError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}",
-                       unknown[0])
+        kind = "unknown field(s)" if set(unknown) - _ROW_REFUSED else "SamplingParams field(s) a job row cannot set"
+        raise RowError(f"{where}: {kind} {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}", unknown[0])
     try:
         return SamplingParams(**{**defaults, **fields})
     except ValueError as exc:

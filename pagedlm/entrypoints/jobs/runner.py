@@ -85,6 +85,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     """
     if llm is not None and (config.model is not None or config.engine):
         raise ValueError("run_job(llm=...) runs on that LLM: leave JobConfig.model and JobConfig.engine unset")
+    if config.model is not None and (not isinstance(config.model, str) or not config.model.strip()):
+        raise ValueError(f"--model must be a checkpoint directory, a .gguf file or a Hub id (leave it out for "
+                         f"the embedded model), got {config.model!r}")
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output")
     _check_paths(config, in_kind)
@@ -129,7 +132,9 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
                     llm = LLM(model, **config.engine)
                 if not started:  # once the engine settings have proved valid
                     write_record(config, record)
-                fmt = _job_format(fmt_name, config, config.model or (model if not own_llm else None), llm)
+                # A loaded LLM of the embedded model serves its names, as the job that loads it does.
+                given = model if not own_llm and model != default_model_path(download=False) else None
+                fmt = _job_format(fmt_name, config, config.model or given, llm)
                 writer = _writer(out_kind, config, fmt, in_kind)
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
