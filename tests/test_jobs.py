@@ -1162,5 +1162,11 @@ def test_no_batch_invariant_is_refused_on_cpu_before_any_row_runs(tmp_path, llam
     with pytest.raises(SystemExit):
         run_main(["--input", inp, "--output", str(out), "--model", llama_dir, "--device", "cpu",
                   "--no-batch-invariant"])
-    assert "batch_invariant must be True on cpu (False is for CUDA only)" in capsys.readouterr().err
+    assert "--batch-invariant: batch_invariant must be True on cpu (False is for CUDA only)" in capsys.readouterr().err
     assert not out.exists()
+    # A user's audit: the error named the Python field, not the flag typed.
+    for flags, message in ((["--temperature", "-1"], "--temperature: temperature must be in [0, 2]"),
+                           (["--max-tokens", "0"], "--max-tokens: max_tokens must be None or at least 1")):
+        with pytest.raises(SystemExit):
+            run_main(["--input", inp, "--output", str(out), "--model", llama_dir, *flags])
+        assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``pagedlm`` command: ``pagedlm run ...`` runs a job; anything else runs the demo."""
 
 import argparse
+import re
 import signal
 import sys
 
@@ -78,6 +79,15 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _naming_the_flag(message: str, fields: list[str]) -> str:
+    """A SamplingParams or LLM error about a field a flag set ("temperature must be ...") led by
+    that flag, the name the user typed."""
+    for field in fields:
+        if re.match(rf"{field}\b", message):
+            return f"--{field.replace('_', '-')}: {message}"
+    return message
+
+
 def run_main(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
@@ -99,7 +109,7 @@ def run_main(argv: list[str]) -> int:
         else:
             stats, interrupted = run_job(config)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(_naming_the_flag(str(exc), [*sampling, *engine]))
     except OutputWriteError as exc:
         print(f"pagedlm run: error: {exc.strerror}", file=sys.stderr)
         return 1
