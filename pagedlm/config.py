@@ -13,8 +13,8 @@ from jinja2 import TemplateSyntaxError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils.chat_template_utils import _compile_jinja_template  # how chats are rendered
 
-from pagedlm.transformers_utils.rope import rope_parameters
 from pagedlm.transformers_utils.generation_config import check_generation_overrides, generation_overrides, sampling_defaults
+from pagedlm.transformers_utils.rope import rope_layer_types, rope_parameters
 
 logger = logging.getLogger("pagedlm")
 
@@ -420,7 +420,7 @@ def _max_positions(hf_config: PretrainedConfig) -> int:
     vicuna-13b-v1.5-16k: 4096 x 4), as vLLM's ``_get_and_verify_max_len`` reads it. A RoPE per layer
     type (Gemma 3) gives the length as it is."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    if any(isinstance(value, dict) for value in (getattr(hf_config, "rope_parameters", None) or {}).values()):
+    if rope_layer_types(hf_config):
         return limit
     _, scaling = rope_parameters(hf_config)
     if scaling["rope_type"] == "linear":

@@ -480,8 +480,8 @@ class SamplingParams(_FieldsOnly):
         1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists and the
         structured-outputs and repetition-detection params are copied, and ``extra_args`` deeply
         unless ``skip_clone`` (vLLM's ``clone``); the logits processors themselves are shared.
-        ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input processor does), so later
-        changes to the caller's object do not reach a queued request.
+        ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input
+        processor does), so later changes to the caller's object do not reach a queued request.
 
         Raises:
             ValueError: a field is invalid; the message names it and what it allows.

@@ -287,7 +287,7 @@ class LLMEngine:
             generators = [torch.Generator(self.model_config.device).manual_seed(params.seed + i) for i in range(params.best_of)]
         long_rope = self.model_runner.long_rope
         cache_salt = parsed.cache_salt
-        if long_rope is not None and len(prompt_token_ids) > long_rope[0]:
+        if long_rope is not None and len(prompt_token_ids) > long_rope.threshold:
             cache_salt = _long_rope_salt(cache_salt)
         seq_group = SequenceGroup(
             request_id, parsed.text, prompt_token_ids, params, self.cache_config.block_size,
@@ -425,7 +425,7 @@ class LLMEngine:
                 for seq, chunk in scheduled.token_chunks.items():
                     seq.num_computed_tokens += chunk
                 self._process_group_output(scheduled.seq_group, output)
-            if self.model_runner.long_rope is not None and self.model_runner.long_rope[2]:
+            if self.model_runner.long_rope is not None and self.model_runner.long_rope.whole_sequence:
                 self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
             # A prompt chunk that sampled nothing makes no output (as in vLLM).
             request_outputs = [out for s, o in zip(sched.scheduled_seq_groups, outputs)
@@ -437,9 +437,9 @@ class LLMEngine:
     def _recompute_past_long_rope_threshold(self, scheduled: list[ScheduledSequenceGroup]) -> None:
         """A LongRoPE sequence that grew past the threshold takes the long factors at every position
         (``model_input._long_rope_positions``) in Phi-3: its KV, computed with the short ones, is
-        recomputed, as transformers' Phi-3 drops its cache at that point. Its blocks get a salt of their own in
-        the prefix cache."""
-        threshold = self.model_runner.long_rope[0]
+        recomputed, as transformers' Phi-3 drops its cache at that point. Its blocks get a salt of
+        their own in the prefix cache."""
+        threshold = self.model_runner.long_rope.threshold
         for s in scheduled:
             group = s.seq_group
             crossed = [seq for seq in group.get_seqs(SequenceStatus.RUNNING)

@@ -6,6 +6,12 @@ from transformers import PretrainedConfig
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
+def rope_layer_types(config: PretrainedConfig) -> list[str]:
+    """The layer types with a RoPE of their own (Gemma 3's "sliding_attention" and
+    "full_attention"); none where one RoPE serves every layer."""
+    return [name for name, value in (getattr(config, "rope_parameters", None) or {}).items() if isinstance(value, dict)]
+
+
 def rope_dict(config: PretrainedConfig, layer_type: str | None) -> dict:
     """The config's ``rope_parameters`` (a copy), the ``layer_type``'s where it has one per type."""
     params = dict(getattr(config, "rope_parameters", None) or {})

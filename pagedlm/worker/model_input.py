@@ -6,6 +6,7 @@ shared by every layer (the layout is the KV-cache contract in ``pagedlm/ops/__in
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,14 @@ class StepEntry:
     last_row: int = -1  # row of the chunk's last token in the flattened step
 
 
+class LongRope(NamedTuple):
+    """A LongRoPE model's switch to the long factors (``_long_rope_positions``)."""
+
+    threshold: int  # original_max_position_embeddings
+    offset: int  # the first row of the long factors in the RoPE table (max_model_len)
+    whole_sequence: bool  # a sequence past the threshold takes them at every position (Phi-3)
+
+
 @dataclass
 class ModelInput:
     input_ids: torch.Tensor  # [num_tokens] int64
@@ -32,9 +41,9 @@ def prepare_model_input(
     seq_group_metadata_list: list[SequenceGroupMetadata],
     block_size: int,
     device: torch.device,
-    long_rope: tuple[int, int, bool] | None = None,
+    long_rope: LongRope | None = None,
 ) -> ModelInput:
-    """``long_rope``: (threshold, offset, whole_sequence) for a LongRoPE model; see ``_long_rope_positions``."""
+    """``long_rope``: a LongRoPE model's; see ``_long_rope_positions``."""
     entries = [StepEntry(i, seq) for i, group in enumerate(seq_group_metadata_list) for seq in group.seq_data]
     entries.sort(key=lambda e: e.seq.token_chunk_size == 1)  # stable: prefills first, then decodes
     input_ids: list[int] = []

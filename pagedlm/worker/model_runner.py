@@ -13,7 +13,7 @@ from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, ran
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
-from pagedlm.worker.model_input import StepEntry, prepare_model_input
+from pagedlm.worker.model_input import LongRope, StepEntry, prepare_model_input
 
 logger = logging.getLogger("pagedlm")
 
@@ -44,7 +44,7 @@ class ModelRunner:
             _drop_kv_cache_scales(self.model)
         threshold = long_rope_threshold(model_config.hf_config)
         # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
-        self.long_rope = None if threshold is None else (
+        self.long_rope = None if threshold is None else LongRope(
             threshold, model_config.max_model_len, long_rope_recomputes(model_config.hf_config))
         seed = model_config.seed
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed) if seed is not None else None)

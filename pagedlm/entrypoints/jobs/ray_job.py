@@ -24,9 +24,8 @@ from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_input_file, check_record, check_result_columns, check_served_model_names, job_record,
-    read_input,
-    signals_deferred, signals_interrupt, write_record,
+    JobConfig, JobInterrupted, check_input_file, check_record, check_result_columns, check_served_model_names,
+    job_record, read_input, signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id

@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 from pagedlm import ops
 from pagedlm.config import reads_field
 from pagedlm.model_executor.layers.direct_call import DirectCall
-from pagedlm.transformers_utils.rope import rope_dict, rope_parameters
+from pagedlm.transformers_utils.rope import rope_dict, rope_layer_types, rope_parameters
 
 
 def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = None) -> float:
@@ -32,9 +32,8 @@ def long_rope_threshold(config: PretrainedConfig) -> int | None:
         ValueError: "longrope" for one layer type of a config with a RoPE per layer type (Gemma 3):
             the layers would have to switch apart.
     """
-    params = getattr(config, "rope_parameters", None) or {}
-    for layer_type, per_type in params.items():
-        if isinstance(per_type, dict) and per_type.get("rope_type", per_type.get("type")) == "longrope":
+    for layer_type in rope_layer_types(config):
+        if rope_parameters(config, layer_type)[1]["rope_type"] == "longrope":
             raise ValueError(f"rope_type 'longrope' for the {layer_type} layers (a RoPE per layer type) is not "
                              "supported; it is supported for the whole model (rope_parameters.rope_type).")
     _, scaling = rope_parameters(config)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from pagedlm import ops
-from pagedlm.ops import reference
 from pagedlm.model_executor.layers.direct_call import DirectCall
+from pagedlm.ops import reference
 from pagedlm.ops.sampling import argmax_and_neg_log_sum, log_softmax, token_logprobs
 from pagedlm.sampling_params import SamplingParams
 
