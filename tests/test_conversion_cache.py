@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -83,18 +84,29 @@ def test_each_path_has_its_own_conversion(setup, tmp_path):
     assert convert.calls == 2
 
 
-def test_what_nothing_can_use_is_removed(setup):
+def test_what_nothing_can_use_is_removed(setup, tmp_path):
     source, root, convert = setup
     os.makedirs(os.path.join(root, "model-0123456789ab", "sub"))  # the naming before source.json
+    gone, remote = tmp_path / "gone.gguf", tmp_path / "remote.gguf"
+    for path in (gone, remote):
+        path.write_bytes(b"D")
+    gone_out = cached_conversion(str(gone), root, convert, 1)
+    remote_out = cached_conversion(str(remote), root, convert, 1)
+    with open(os.path.join(remote_out, "source.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(remote_out, "source.json"), "w") as f:
+        json.dump({**record, "host": "another-host"}, f)
+    gone.unlink()
+    remote.unlink()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
     killed = os.path.join(root, f".model-0123456789ab.{socket.gethostname()}.{dead.stdout.strip()}.x1y2")
     elsewhere = os.path.join(root, f".model-0123456789ab.another-host.{dead.stdout.strip()}.x1y2")
     alive = os.path.join(root, f".model-0123456789ab.{socket.gethostname()}.{os.getppid()}.x1y2")
     for path in (killed, elsewhere, alive):
         os.makedirs(path)
     out = cached_conversion(source, root, convert, 1)
-    assert sorted(os.listdir(root)) == sorted(os.path.basename(p) for p in (out, elsewhere, alive))
+    assert sorted(os.listdir(root)) == sorted(os.path.basename(p) for p in (out, remote_out, elsewhere, alive))
+    assert not os.path.exists(gone_out)
 
 
 def test_a_failed_conversion_leaves_nothing(setup):

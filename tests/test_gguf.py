@@ -272,7 +272,7 @@ def test_resolve_model(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "phi3"])
-def test_gguf_of_other_architectures(tmp_path, arch):
+def test_gguf_of_other_architectures(tmp_path, monkeypatch, arch):
     """GGUFs written as llama.cpp writes them load through transformers' GGUF reader plus the fields
     it skips, and generate what the original weights generate in Hugging Face: Qwen3 (head_dim !=
     hidden / heads), Gemma 2 (soft-caps, sliding window), Gemma 3 (linear RoPE scaling on the global
@@ -284,6 +284,7 @@ def test_gguf_of_other_architectures(tmp_path, arch):
 
     from pagedlm import LLM, SamplingParams
 
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
     common = dict(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)

@@ -2,8 +2,8 @@
 
 `cached_conversion(source, root, convert, version)` keeps the conversion of `source` in one
 directory under `root`, named after the file and its absolute path. Beside the converted files,
-`source.json` records what was converted: the file's identity when it was read (size, mtime,
-ctime, inode, device), the sha256 of its bytes, and the converter's format version.
+`source.json` records what was converted: the file's path and host, its identity when it was read
+(size, mtime, ctime, inode, device), the sha256 of its bytes, and the converter's format version.
 
 - The identity matches: the conversion is used without reading the file.
 - Only the identity changed (a `touch`, a `cp` of the same bytes, a re-download): the file is
@@ -13,8 +13,10 @@ ctime, inode, device), the sha256 of its bytes, and the converter's format versi
 
 ctime is part of the identity because no user can set it: `cp -p` or `rsync -t` give another
 file the old size and mtime, never the old ctime. Whenever a conversion is written, what nothing
-can use any more is removed: directories from before the record existed (no `source.json`), and
-the staging directories of conversions on this host whose process is gone (killed mid-conversion).
+can use any more is removed: directories from before the record existed (no `source.json`), the
+conversions of files this host recorded and no longer has, and the staging directories of
+conversions on this host whose process is gone (killed mid-conversion). Another host sharing the
+cache keeps what it recorded.
 """
 
 import hashlib
@@ -88,7 +90,10 @@ def _process_gone(pid: int) -> bool:
 
 def _unusable(root: str, name: str) -> bool:
     if not name.startswith("."):
-        return not os.path.exists(os.path.join(root, name, _RECORD))
+        if not os.path.exists(os.path.join(root, name, _RECORD)):
+            return True
+        record = _read_record(os.path.join(root, name))
+        return record is not None and record.get("host") == socket.gethostname() and not os.path.exists(record["path"])
     parts = name.rsplit(".", 2)  # _staging_prefix, then mkdtemp's suffix (no dots)
     return (len(parts) == 3 and parts[0].endswith(f".{socket.gethostname()}") and parts[1].isdigit()
             and int(parts[1]) != os.getpid() and _process_gone(int(parts[1])))
@@ -118,8 +123,8 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
         return out_dir
 
     os.makedirs(root, exist_ok=True)
-    identity = _identity(os.stat(source))
-    record = {"path": source, "identity": identity, "sha256": _sha256(source), "version": version}
+    record = {"path": source, "host": socket.gethostname(), "identity": _identity(os.stat(source)),
+              "sha256": _sha256(source), "version": version}
     staging = tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=root)
     converted = os.path.join(staging, "checkpoint")
     try:
