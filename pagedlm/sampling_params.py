@@ -303,6 +303,9 @@ class SamplingParams(_FieldsOnly):
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
         prompt_logprobs: the same for each prompt position.
+        flat_logprobs: return ``logprobs`` and ``prompt_logprobs`` as a ``FlatLogprobs`` (vLLM's):
+            six flat lists that read like the list of dicts, a few objects per request instead of
+            two per entry (less for the garbage collector to walk across a million outputs).
         logprob_token_ids: instead of the top ones, return the log-probabilities of these ids (at
             most ``MAX_LOGPROB_TOKEN_IDS``, no repeats) at each generated position, plus the
             sampled token's (vLLM's, for scoring label tokens; ``logprobs``, if set too, must
@@ -339,6 +342,11 @@ class SamplingParams(_FieldsOnly):
             on the params, ``clone`` copies it.
         skip_clone: vLLM's promise that the object is not shared: ``clone`` (which the engine
             takes of every request's params) then keeps ``extra_args`` itself instead of a deep copy.
+        skip_reading_prefix_cache: compute the whole prompt even where the prefix cache holds its
+            first blocks (the request's blocks still enter the cache). ``None`` (the default) means
+            True with ``prompt_logprobs`` (cached tokens have none), else False (vLLM's); False
+            with ``prompt_logprobs`` is refused. vLLM sets the field to that value at
+            construction; here it stays None and ``reads_prefix_cache`` says which.
     """
 
     n: int = 1
@@ -376,6 +384,8 @@ class SamplingParams(_FieldsOnly):
     repetition_detection: RepetitionDetectionParams | None = None
     extra_args: dict[str, Any] | None = None
     skip_clone: bool = False
+    flat_logprobs: bool = False
+    skip_reading_prefix_cache: bool | None = None
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -418,7 +428,8 @@ class SamplingParams(_FieldsOnly):
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
         self._verify_stop()
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                     "spaces_between_special_tokens", "use_beam_search", "detokenize", "skip_clone"):
+                     "spaces_between_special_tokens", "use_beam_search", "detokenize", "skip_clone",
+                     "flat_logprobs"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -428,6 +439,11 @@ class SamplingParams(_FieldsOnly):
                 if value < -1:
                     raise ValueError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.")
         self._verify_logprob_token_ids()
+        if self.skip_reading_prefix_cache is not None:
+            self.skip_reading_prefix_cache = _check_bool("skip_reading_prefix_cache", self.skip_reading_prefix_cache)
+            if not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
+                raise ValueError("skip_reading_prefix_cache=False cannot be set with prompt_logprobs: prompt tokens "
+                                 "read from the prefix cache are not computed, so they would have no logprobs.")
         self.length_penalty = _number("length_penalty", self.length_penalty)
         if self.early_stopping != "never":
             try:
@@ -514,6 +530,14 @@ class SamplingParams(_FieldsOnly):
         if self.logprobs is not None:
             return self.logprobs
         return len(self.logprob_token_ids) if self.logprob_token_ids else None
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether the request may take its first blocks from the prefix cache
+        (``skip_reading_prefix_cache``)."""
+        if self.skip_reading_prefix_cache is None:
+            return self.prompt_logprobs is None
+        return not self.skip_reading_prefix_cache
 
     def _verify_output_kind(self) -> None:
         if not isinstance(self.output_kind, RequestOutputKind):

@@ -1,6 +1,7 @@
 """Automatic prefix caching and chunked prefill: same tokens with them on or off, the hit rate the
 prompts imply, eviction under a small cache, prompts longer than the step budget."""
 
+import dataclasses
 import random
 
 import pytest
@@ -99,6 +100,25 @@ def test_a_prefix_that_ends_inside_a_block_is_reused_to_its_last_shared_token(ll
     outs = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts]  # one at a time
     assert [o.outputs[0].token_ids for o in outs] == baseline
     assert [o.num_cached_tokens for o in outs] == [0] + [24] * 5
+
+
+def test_skip_reading_prefix_cache(llama_dir):
+    """vLLM's ``skip_reading_prefix_cache``: the request computes its whole prompt (its blocks still
+    enter the cache); unset, it follows ``prompt_logprobs``; False with them is refused."""
+    rng = random.Random(5)
+    prompt = {"prompt_token_ids": [BOS] + _random_tokens(rng, 40)}
+    llm = LLM(llama_dir, dtype="float32", block_size=16)
+    first = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    skipped = llm.generate(prompt, dataclasses.replace(GREEDY, skip_reading_prefix_cache=True), use_tqdm=False)[0]
+    read = llm.generate(prompt, dataclasses.replace(GREEDY, skip_reading_prefix_cache=False), use_tqdm=False)[0]
+    assert [first.num_cached_tokens, skipped.num_cached_tokens, read.num_cached_tokens] == [0, 0, 40]
+    assert first.outputs[0].token_ids == skipped.outputs[0].token_ids == read.outputs[0].token_ids
+    assert not SamplingParams(prompt_logprobs=0).reads_prefix_cache and SamplingParams().reads_prefix_cache
+    assert SamplingParams(prompt_logprobs=0).skip_reading_prefix_cache is None
+    with pytest.raises(ValueError, match="skip_reading_prefix_cache=False cannot be set with prompt_logprobs"):
+        SamplingParams(prompt_logprobs=0, skip_reading_prefix_cache=False)
+    with pytest.raises(ValueError, match="skip_reading_prefix_cache must be"):
+        SamplingParams(skip_reading_prefix_cache="no")
 
 
 def test_a_request_that_fills_the_cache_runs_although_a_partial_hit_would_not_fit(llama_dir):

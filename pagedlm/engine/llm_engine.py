@@ -22,7 +22,7 @@ from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
 from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
-from pagedlm.logprobs import Logprob
+from pagedlm.logprobs import FlatLogprobs, Logprob
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
@@ -561,7 +561,7 @@ class LLMEngine:
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
             [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
-            (lambda beam, token_id: beams[beam].logprobs + [entry(beam, token_id)]) if entry else None,
+            (lambda beam, token_id: [*beams[beam].logprobs, entry(beam, token_id)]) if entry else None,
         )
         # Each beam's dict from its parent's context, before any beam appends its token.
         entries = [entry(c.parent, c.token_id) for c in candidates] if entry else None
@@ -595,7 +595,7 @@ class LLMEngine:
             seq = Sequence(i, group.prompt_token_ids, self.cache_config.block_size)
             seq.output_token_ids = hypothesis.token_ids
             seq.cumulative_logprob = hypothesis.cumulative_logprob
-            seq.logprobs = hypothesis.logprobs
+            seq.logprobs = FlatLogprobs.of(hypothesis.logprobs) if params.flat_logprobs else hypothesis.logprobs
             if hypothesis.stopped:
                 seq.status = SequenceStatus.FINISHED_STOPPED
                 seq.stop_reason = self.stop_checker.stop_reason(params, hypothesis.token_ids[-1])

@@ -76,7 +76,8 @@ class Scheduler:
         while self.waiting and not out.num_preempted:
             seq_group = self.waiting[0]
             # Prompt logprobs need the logits of every prompt position: no prefix-cache hits.
-            status, plans = self.block_manager.can_allocate(seq_group, use_prefix_cache=seq_group.prompt_logprobs is None)
+            status, plans = self.block_manager.can_allocate(
+                seq_group, use_prefix_cache=seq_group.sampling_params.reads_prefix_cache)
             if status != AllocStatus.OK:
                 assert status == AllocStatus.LATER, "add_request admits only requests that fit"
                 break

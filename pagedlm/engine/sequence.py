@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.logprobs import PromptLogprobs, SampleLogprobs
+from pagedlm.logprobs import PromptLogprobs, SampleLogprobs, create_prompt_logprobs, create_sample_logprobs
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import token_range
 from pagedlm.utils import cdiv
@@ -122,7 +122,7 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.cumulative_logprob = self.cumulative_logprob
         child.output_text = self.output_text
-        child.logprobs = list(self.logprobs)
+        child.logprobs = self.logprobs[:]
         child.num_returned_tokens, child.num_returned_chars = self.num_returned_tokens, self.num_returned_chars
         child._block_keys = list(self._block_keys)
         if self.grammar_matcher is not None:
@@ -164,8 +164,10 @@ class SequenceGroup:
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
         self.seqs = [Sequence(0, self.prompt_token_ids, block_size, cache_salt)]
+        self.seqs[0].logprobs = create_sample_logprobs(sampling_params.flat_logprobs)
         self.generators = generators  # one per completion index, for seeded requests
-        self.prompt_logprobs: PromptLogprobs | None = [None] if sampling_params.prompt_logprobs is not None else None
+        self.prompt_logprobs: PromptLogprobs | None = (
+            None if sampling_params.prompt_logprobs is None else create_prompt_logprobs(sampling_params.flat_logprobs))
         self.num_returned_prompt_logprobs = 0  # by earlier DELTA outputs
         self.beam = None  # BeamSearchState under beam search
         self.max_seq_len = 0  # set by the engine: the longest each sequence may grow (stop checker)

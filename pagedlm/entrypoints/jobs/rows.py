@@ -11,8 +11,8 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.utils import FieldError
 
 # SamplingParams fields a row may set. Not a row's: callables, the engine's streaming (the job
-# sets it), and fields only one's own code reads.
-_ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone"})
+# sets it), fields only one's own code reads, and the Python type of logprobs (a job writes JSON).
+_ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone", "flat_logprobs"})
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
