@@ -387,6 +387,23 @@ def test_copy_blocks(device):
         assert torch.equal(got[untouched], want[untouched])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and CUDA kernels")
+def test_cuda_row_ops_past_the_grids_y_limit():
+    """More than 65,535 rows (a long prompt without chunked prefill; many copy pairs): the CUDA
+    launchers put rows on the grid's x dimension (y holds 65,535)."""
+    rows = 70_000
+    x = torch.randn(rows, 2 * 64, device="cuda")
+    out = torch.empty(rows, 64, device="cuda")
+    torch.ops.pagedlm.silu_and_mul(out, x)
+    torch.testing.assert_close(out, torch.nn.functional.silu(x[:, :64]) * x[:, 64:], rtol=2e-6, atol=1e-6)
+    caches = [torch.randn(2 * rows, 1, 2, 8, device="cuda") for _ in range(2)]
+    mapping = torch.stack([torch.arange(rows), torch.arange(rows, 2 * rows)], dim=1)
+    torch.ops.pagedlm.copy_blocks(caches[:1], caches[1:], mapping.cuda())
+    for cache in caches:
+        assert torch.equal(cache[rows:], cache[:rows])
+
+
 def test_rejects_contract_violations():
     key_cache, value_cache, tables, lens = paged_kv([20], 16, 2, 64, torch.float32, "cpu", 0)
     query = torch.randn(1, 4, 64)
@@ -713,6 +730,33 @@ def test_sampling_ops_give_nan_for_rows_without_a_softmax(device):
                                    torch.empty(n, 2, dtype=torch.int64, device=device))
     for lp in (argmax_lp, sample_lp, top_lp):
         assert lp[1:4].isnan().all() and lp[[0, 4]].isfinite().all(), lp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_without_a_softmax_take_torch_argmax_token(device):
+    """argmax_logprob and sample (any temperature) take torch.argmax's token in a row with no
+    softmax: its first NaN (a NaN counts above every number), else the first infinite maximum. A
+    NaN in the kernels' vector part, their scalar tail, or both; +inf; all -inf."""
+    logits = torch.randn(7, 301, generator=torch.Generator().manual_seed(1))
+    logits[0, 5] = float("nan")    # vector part
+    logits[1, 300] = float("nan")  # the tail past the last full vector
+    logits[2, [40, 299]] = float("nan")
+    logits[3, [8, 200]] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 0] = float("nan")
+    logits[5, 1] = float("inf")
+    logits = logits.to(device)
+    expected = logits.argmax(dim=-1)
+    assert expected[:6].tolist() == [5, 300, 40, 8, 0, 0]
+    n = logits.shape[0]
+    ids, lp = torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device)
+    torch.ops.pagedlm.argmax_logprob(logits, ids, lp)
+    assert torch.equal(ids[:6], expected[:6]) and lp[:6].isnan().all()
+    for temperature in (0.0, 0.7):
+        t = torch.full((n,), temperature, device=device)
+        torch.ops.pagedlm.sample(logits, t, torch.full((n,), 301, device=device), torch.ones(n, device=device),
+                                 torch.zeros(n, device=device), torch.full((n,), 0.5, device=device), ids, lp)
+        assert torch.equal(ids[:6], expected[:6]) and lp[:6].isnan().all(), (temperature, ids)
 
 
 @pytest.mark.parametrize("device", DEVICES)

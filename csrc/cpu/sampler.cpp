@@ -42,6 +42,16 @@ int64_t first_index_of(const T* x, int64_t n, float value) {
   return n - 1;  // unreachable for a row without NaN
 }
 
+// torch.argmax's choice in a row with no softmax (a NaN, or an infinite maximum): the first NaN,
+// else the first index of the maximum. max_of's `max` misses a NaN past its vector part.
+template <typename T>
+int64_t first_index_without_softmax(const T* x, int64_t n, float max) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(static_cast<float>(x[i]))) return i;
+  }
+  return first_index_of(x, n, max);
+}
+
 template <typename T>
 float sum_exp(const T* x, int64_t n, float max) {
   const fVec mv(max);
@@ -141,8 +151,7 @@ struct RowParams {
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::vector<float>& p,
                    std::vector<float>& scratch) {
-  // A row whose maximum is +inf (a processor forcing a token), -inf or NaN has no distribution.
-  if (row.temperature == 0.f || !std::isfinite(max)) return first_index_of(x, n, max);
+  if (row.temperature == 0.f) return first_index_of(x, n, max);
   p.resize(n);
   tempered_probs(x, n, max, row.temperature, p.data());
   // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to
@@ -261,9 +270,12 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
       std::vector<float> p, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = max_of(row, vocab);
-        ids[r] = sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, scratch);
-        lp[r] = (static_cast<float>(row[ids[r]]) - max) + neg_log_sum(row, vocab, max);
+        const float max = max_of(row, vocab), nls = neg_log_sum(row, vocab, max);
+        // A row with no softmax has no distribution: greedy's token, as for temperature 0.
+        ids[r] = std::isnan(nls) ? first_index_without_softmax(row, vocab, max)
+                                 : sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p,
+                                              scratch);
+        lp[r] = (static_cast<float>(row[ids[r]]) - max) + nls;
       }
     });
   });
@@ -280,8 +292,8 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
         const float max = max_of(row, vocab);
-        ids[r] = first_index_of(row, vocab, max);
         lp[r] = neg_log_sum(row, vocab, max);
+        ids[r] = std::isnan(lp[r]) ? first_index_without_softmax(row, vocab, max) : first_index_of(row, vocab, max);
       }
     });
   });

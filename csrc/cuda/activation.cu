@@ -24,10 +24,11 @@ __device__ __forceinline__ float activate(float x) {
 
 template <Activation kAct, typename T>
 __global__ void act_and_mul_kernel(T* out, const T* input, int d, int64_t out_stride, int64_t input_stride) {
-  const T* gate = input + blockIdx.y * input_stride;
+  // Tokens on the grid's x dimension (up to 2^31 - 1; y and z hold 65,535).
+  const T* gate = input + blockIdx.x * input_stride;
   const T* up = gate + d;
-  T* y = out + blockIdx.y * out_stride;
-  for (int i = blockIdx.x * kThreads + threadIdx.x; i < d; i += gridDim.x * kThreads) {
+  T* y = out + blockIdx.x * out_stride;
+  for (int i = blockIdx.y * kThreads + threadIdx.x; i < d; i += gridDim.y * kThreads) {
     y[i] = from_float<T>(round_to<T>(activate<kAct>(to_float(gate[i]))) * to_float(up[i]));
   }
 }
@@ -37,7 +38,7 @@ __global__ void act_and_mul_kernel(T* out, const T* input, int d, int64_t out_st
 cudaError_t launch_act_and_mul(void* out, const void* input, int num_tokens, int d, int64_t out_stride,
                                int64_t input_stride, Activation act, DType dtype, cudaStream_t stream) {
   if (num_tokens == 0 || d == 0) return cudaSuccess;
-  const dim3 grid((d + kThreads - 1) / kThreads, num_tokens);
+  const dim3 grid(num_tokens, (d + kThreads - 1) / kThreads);
   return dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     auto kernel = act == Activation::kSilu ? act_and_mul_kernel<Activation::kSilu, T>

@@ -18,16 +18,24 @@
 namespace pagedlm::cuda {
 namespace {
 
+// A model tensor's dtype (activations, queries, logits): float32, float16 or bfloat16.
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat;
     case at::kHalf: return DType::kHalf;
     case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "pagedlm CUDA kernels take float32, float16 or bfloat16 tensors (fp8 only as a KV cache), "
+                  "not ", t.scalar_type());
+  }
+}
+
+// A KV cache's dtype: the model's, or an fp8 format.
+DType cache_dtype_of(const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
     case at::kFloat8_e4m3fn: return DType::kFp8E4M3;
     case at::kFloat8_e5m2: return DType::kFp8E5M2;
-    default:
-      TORCH_CHECK(false, "pagedlm CUDA kernels support float32, float16 and bfloat16 (and fp8 KV caches), not ",
-                  t.scalar_type());
+    default: return dtype_of(cache);
   }
 }
 
@@ -59,7 +67,9 @@ AttentionParams attention_params(at::Tensor& out, const at::Tensor& query, const
           static_cast<float>(scale * k_scale),
           static_cast<float>(v_scale),
           static_cast<int>(std::min<int64_t>(sliding_window, INT32_MAX)),
-          static_cast<float>(soft_cap)};
+          static_cast<float>(soft_cap),
+          static_cast<int>(block_tables.size(1)),
+          static_cast<int>(key_cache.size(0))};
 }
 
 // Partitions for the contexts a block table bounds (its width), so grids are sized without reading
@@ -90,7 +100,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   TORCH_CHECK(p.num_seqs <= 65535, "the CUDA decode kernel takes up to 65535 sequences a call, got ", p.num_seqs);
   const int partitions = partitions_for(block_tables, p);
   const at::Tensor workspace = attention_workspace(query, p, p.num_seqs, partitions);
-  C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), dtype_of(key_cache), partitions,
+  C10_CUDA_CHECK(launch_paged_attention(p, dtype_of(query), cache_dtype_of(key_cache), partitions,
                                         workspace.defined() ? workspace.data_ptr<float>() : nullptr,
                                         c10::cuda::getCurrentCUDAStream()));
 }
@@ -109,7 +119,7 @@ void paged_prefill_attention(at::Tensor& out, const at::Tensor& query, const at:
   const int partitions = partitions_for(block_tables, p);
   const int rows_per_launch = prefill_rows_per_launch(p.num_heads, p.head_size, partitions);
   const at::Tensor workspace = attention_workspace(query, p, std::min(num_tokens, rows_per_launch), partitions);
-  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), dtype_of(key_cache),
+  C10_CUDA_CHECK(launch_paged_prefill_attention(p, dtype_of(query), cache_dtype_of(key_cache),
                                                 cu_seqlens_q.data_ptr<int32_t>(), num_tokens, partitions,
                                                 workspace.defined() ? workspace.data_ptr<float>() : nullptr,
                                                 rows_per_launch, c10::cuda::getCurrentCUDAStream()));
@@ -124,8 +134,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
   C10_CUDA_CHECK(launch_reshape_and_cache(
       key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr<int64_t>(),
-      static_cast<int>(key.size(0)), static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
-      static_cast<int>(key_cache.size(2)), key_stride, value_stride, dtype_of(key), dtype_of(key_cache),
+      key_cache.size(0) * key_cache.size(2), static_cast<int>(key.size(0)), static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
+      static_cast<int>(key_cache.size(2)), key_stride, value_stride, dtype_of(key), cache_dtype_of(key_cache),
       1.f / static_cast<float>(k_scale), 1.f / static_cast<float>(v_scale), c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -1,5 +1,6 @@
 // Cache writes (copies, or conversions into an fp8 cache) and whole-block copies (word copies).
 
+#include <cassert>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,13 +21,14 @@ __device__ __forceinline__ C to_cache(T x, float inv_scale) {
 
 template <typename T, typename C>
 __global__ void reshape_and_cache_kernel(const T* key, const T* value, C* key_cache, C* value_cache,
-                                         const int64_t* slot_mapping, int num_kv_heads, int head_size,
-                                         int block_size, int64_t key_stride0, int64_t key_stride1,
-                                         int64_t value_stride0, int64_t value_stride1, float inv_k_scale,
-                                         float inv_v_scale) {
+                                         const int64_t* slot_mapping, int64_t num_slots, int num_kv_heads,
+                                         int head_size, int block_size, int64_t key_stride0,
+                                         int64_t key_stride1, int64_t value_stride0, int64_t value_stride1,
+                                         float inv_k_scale, float inv_v_scale) {
   const int token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0) return;
+  assert(slot < num_slots);  // checked here, not on the host: reading slot_mapping there would sync
   const int64_t block = slot / block_size, offset = slot % block_size;
   for (int i = threadIdx.x; i < num_kv_heads * head_size; i += blockDim.x) {
     const int head = i / head_size, d = i % head_size;
@@ -36,18 +38,20 @@ __global__ void reshape_and_cache_kernel(const T* key, const T* value, C* key_ca
   }
 }
 
-// Block (cache, pair) copies block `pairs[2 * pair]` to `pairs[2 * pair + 1]` of that cache.
+// Block (pair, cache) copies block `pairs[2 * pair]` to `pairs[2 * pair + 1]` of that cache; pairs
+// on the grid's x dimension, which holds more than y's 65,535.
 __global__ void copy_blocks_kernel(const int64_t* cache_addresses, const int64_t* pairs, int64_t block_words) {
-  int4* cache = reinterpret_cast<int4*>(cache_addresses[blockIdx.x]);
-  const int4* src = cache + pairs[2 * blockIdx.y] * block_words;
-  int4* dst = cache + pairs[2 * blockIdx.y + 1] * block_words;
+  int4* cache = reinterpret_cast<int4*>(cache_addresses[blockIdx.y]);
+  const int4* src = cache + pairs[2 * blockIdx.x] * block_words;
+  int4* dst = cache + pairs[2 * blockIdx.x + 1] * block_words;
   for (int64_t i = threadIdx.x; i < block_words; i += blockDim.x) dst[i] = src[i];
 }
 
 }  // namespace
 
 cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
-                                     const int64_t* slot_mapping, int num_tokens, int num_kv_heads, int head_size,
+                                     const int64_t* slot_mapping, int64_t num_slots, int num_tokens,
+                                     int num_kv_heads, int head_size,
                                      int block_size, const int64_t key_stride[2], const int64_t value_stride[2],
                                      DType dtype, DType cache_dtype, float inv_k_scale, float inv_v_scale,
                                      cudaStream_t stream) {
@@ -58,7 +62,7 @@ cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* k
     using C = decltype(c);
     reshape_and_cache_kernel<T, C><<<num_tokens, threads, 0, stream>>>(
         static_cast<const T*>(key), static_cast<const T*>(value), static_cast<C*>(key_cache),
-        static_cast<C*>(value_cache), slot_mapping, num_kv_heads, head_size, block_size, key_stride[0],
+        static_cast<C*>(value_cache), slot_mapping, num_slots, num_kv_heads, head_size, block_size, key_stride[0],
         key_stride[1], value_stride[0], value_stride[1], inv_k_scale, inv_v_scale);
     return cudaGetLastError();
   });
@@ -68,7 +72,8 @@ cudaError_t launch_copy_blocks(const int64_t* cache_addresses, int num_caches, c
                                int64_t block_bytes, cudaStream_t stream) {
   if (num_caches == 0 || num_pairs == 0) return cudaSuccess;
   if (block_bytes % sizeof(int4) != 0) return cudaErrorInvalidValue;
-  copy_blocks_kernel<<<dim3(num_caches, num_pairs), 256, 0, stream>>>(cache_addresses, pairs,
+  if (num_caches > 65535) return cudaErrorInvalidValue;
+  copy_blocks_kernel<<<dim3(num_pairs, num_caches), 256, 0, stream>>>(cache_addresses, pairs,
                                                                       block_bytes / sizeof(int4));
   return cudaGetLastError();
 }

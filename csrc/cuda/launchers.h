@@ -35,6 +35,10 @@ struct AttentionParams {
   float v_scale;  // an fp8 value entry times v_scale is the value: a factor on each output
   int sliding_window;  // > 0: a query at position i sees keys (i - sliding_window, i]; 0: all up to i
   float soft_cap;      // > 0: logits become soft_cap * tanh(logits / soft_cap)
+  // Bounds the kernels assert on the device (reading seq_lens and block tables on the host would
+  // sync): a context holds at most table_width * block_size tokens, block ids are below num_blocks.
+  int table_width;
+  int num_blocks;
 };
 
 // The first key a query at position `pos` sees (host and device).
@@ -65,10 +69,12 @@ cudaError_t launch_paged_prefill_attention(const AttentionParams& p, DType dtype
                                            float* workspace, int rows_per_launch, cudaStream_t stream);
 
 // Writes key/value rows [num_tokens, num_kv_heads, head_size] of `dtype` into the caches at
-// slot_mapping: copied when cache_dtype is dtype; for fp8, x * inv_k_scale (keys) or x * inv_v_scale
-// (values), saturated at the format's largest finite value and rounded to nearest even.
+// slot_mapping (-1: skipped; at most num_slots - 1, a device assert): copied when cache_dtype is
+// dtype; for fp8, x * inv_k_scale (keys) or x * inv_v_scale (values), saturated at the format's
+// largest finite value and rounded to nearest even.
 cudaError_t launch_reshape_and_cache(const void* key, const void* value, void* key_cache, void* value_cache,
-                                     const int64_t* slot_mapping, int num_tokens, int num_kv_heads, int head_size,
+                                     const int64_t* slot_mapping, int64_t num_slots, int num_tokens,
+                                     int num_kv_heads, int head_size,
                                      int block_size, const int64_t key_stride[2], const int64_t value_stride[2],
                                      DType dtype, DType cache_dtype, float inv_k_scale, float inv_v_scale,
                                      cudaStream_t stream);

@@ -17,6 +17,7 @@
 #include "reduce.cuh"
 
 #include <algorithm>
+#include <cassert>
 
 namespace pagedlm::cuda {
 namespace {
@@ -68,13 +69,21 @@ __device__ __forceinline__ int owner(const int32_t* cu_seqlens_q, int num_seqs, 
   return lo;
 }
 
+__device__ __forceinline__ int checked_seq_len(const AttentionParams& p, int seq) {
+  const int seq_len = p.seq_lens[seq];
+  assert(seq_len >= 0 && seq_len <= static_cast<int64_t>(p.table_width) * p.block_size);
+  return seq_len;
+}
+
 // context < 0: a prefill row past the last query token, which is left unwritten.
 __device__ __forceinline__ RowContext row_context(const AttentionParams& p, QueryRows rows, int row) {
-  if (rows.cu_seqlens_q == nullptr) return {row, p.seq_lens[row]};
+  if (rows.cu_seqlens_q == nullptr) return {row, checked_seq_len(p, row)};
   if (row >= rows.cu_seqlens_q[p.num_seqs]) return {0, -1};
   const int seq = owner(rows.cu_seqlens_q, p.num_seqs, row);
   const int q_len = rows.cu_seqlens_q[seq + 1] - rows.cu_seqlens_q[seq];
-  return {seq, p.seq_lens[seq] - q_len + (row - rows.cu_seqlens_q[seq]) + 1};
+  const int seq_len = checked_seq_len(p, seq);
+  assert(rows.cu_seqlens_q[0] == 0 && q_len >= 1 && q_len <= seq_len);  // row lies in seq's span
+  return {seq, seq_len - q_len + (row - rows.cu_seqlens_q[seq]) + 1};
 }
 
 // Partitions of a context: a function of the context alone, so the same position is merged (or
@@ -96,7 +105,9 @@ struct Workspace {
 
 // Row of token t for kv_head, as an offset into the cache.
 __device__ __forceinline__ int64_t row_offset(const AttentionParams& p, const int32_t* table, int kv_head, int t) {
-  return ((static_cast<int64_t>(table[t / p.block_size]) * p.num_kv_heads + kv_head) * p.block_size +
+  const int block = table[t / p.block_size];
+  assert(block >= 0 && block < p.num_blocks);
+  return ((static_cast<int64_t>(block) * p.num_kv_heads + kv_head) * p.block_size +
           t % p.block_size) * p.head_size;
 }
 

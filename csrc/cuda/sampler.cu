@@ -17,9 +17,12 @@ struct ArgMax {
   int index;
 };
 
-// The larger value wins; on a tie the smaller index, so the result is the first maximum.
+// torch.argmax's order: the larger value wins, NaN above every number; on a tie the smaller index,
+// so the result is the first maximum (the first NaN in a row holding one).
 __device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
-  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+  const bool a_nan = isnan(a.value), b_nan = isnan(b.value);
+  const bool tie = a_nan == b_nan && (a_nan || b.value == a.value);
+  return ((b_nan && !a_nan) || (!a_nan && b.value > a.value) || (tie && b.index < a.index)) ? b : a;
 }
 
 __device__ __forceinline__ ArgMax warp_argmax(ArgMax x) {
@@ -47,8 +50,7 @@ __global__ void argmax_logprob_kernel(const T* logits, int64_t* token_ids, float
   for (int i = threadIdx.x; i < vocab; i += kThreads) sum += expf(to_float(row[i]) - best.value);
   sum = block_reduce<kWarps, false>(sum, scratch);
   if (threadIdx.x == 0) {
-    // A row of -inf or NaN finds no maximum; clamp like the CPU kernel's last index.
-    token_ids[blockIdx.x] = best.index < vocab ? best.index : vocab - 1;
+    token_ids[blockIdx.x] = best.index;  // every entry beats the initial {-inf, vocab}, -inf on its index
     logprobs[blockIdx.x] = -logf(sum);
   }
 }

@@ -83,7 +83,8 @@ Sampling op:
   (any float dtype), the first index of its maximum into ``token_ids`` (int64) and that token's
   log-probability under a softmax in fp32 into ``logprobs`` (float32): greedy sampling in one read
   of the logits. A row with no softmax (a NaN, or an infinite maximum) gets NaN, as in
-  ``top_logprobs`` and ``sample``.
+  ``top_logprobs`` and ``sample``, and the index ``torch.argmax`` gives (a NaN counts above every
+  number: a row holding one takes its first NaN).
 * ``top_logprobs(logits, token_ids, logprobs, ranks, top_logprobs, top_ids)``: for each row of
   ``logits`` ``[num_rows, vocab]`` (any float dtype) and its ``token_ids[r]`` (int64, in
   ``[0, vocab)``): the token's log-probability ``(x[t] - max) + -log(sum(exp(x - max)))`` in fp32
@@ -95,8 +96,8 @@ Sampling op:
   One pass over the logits after the two of the log-sum; no log-softmax is stored. A row with no
   softmax (a NaN, or an infinite maximum) gets NaN log-probabilities, rank 1 and ids ``0 .. k - 1``.
 * ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
-  per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum; also taken for a
-  row whose maximum is not finite), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
+  per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum, ``argmax_logprob``'s
+  token; also taken for a row with no softmax), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
   (0, 1]; 1 = off), ``min_ps`` (in [0, 1]; 0 = off) and ``uniforms`` in [0, 1).
   With ``p = exp(x / t - max(x / t))``, the kept tokens are those with ``p`` at or above a threshold:
   the ``top_k``-th largest ``p``; then, over those, the ``p`` at which their descending cumulative
