@@ -106,6 +106,8 @@ def test_cli_on_ray_end_to_end_and_resume(local_cluster, llama_dir, local_rows, 
     (["--dtype", "float99"], None, "engine_kwargs: dtype must be one of"),  # found by a hunt: failed in the actors
     (["--max-in-flight", "0"], None, "--max-in-flight must be a positive integer"),
     (["--cpus-per-actor", "100000"], None, "more than the"),  # found by a hunt: waited forever
+    # Found by a hunt: actors holding every CPU left none for the read task, which waited forever.
+    (["--num-actors", str(os.cpu_count() or 1)], None, "Ray's read and write tasks need one"),
     (["--gpu-memory-utilization", "1.5"], None, "gpu_memory_utilization must be None or a number in (0, 1]"),
     # A job's output as input: refused as the local runner refuses it (it ran every row as an error).
     ([], [{"id": 1, "prompt": "x", "outputs": [], "prompt_tokens": 1, "completion_tokens": 0, "error": None}],
@@ -158,6 +160,35 @@ def test_rows_as_ray_holds_them(local_cluster, llama_dir):
     got = {row["id"]: row for row in build_processor(config)(ray.data.from_items(rows)).take_all()}
     assert got[1]["error"] is None and got[1]["prompt_tokens"] == 3 and got[2]["error"] is None
     assert "id must be a string or an integer" in got[None]["error"]
+
+
+def test_tensor_columns_come_back_as_lists_of_one_type(local_cluster, llama_dir):
+    """Found by a hunt: numpy columns of unequal lengths (a tokenizing preprocess) came back as JSON
+    text, and equal-length batches as Ray's tensor type: pandas and Parquet could not join them."""
+    import numpy as np
+
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=ENGINE, sampling_params=SAMPLING,
+                                    concurrency=1, batch_size=2, num_cpus=0.5, torch_threads=1)
+    lengths = [2, 3, 4, 4]  # batches of unequal and of equal lengths
+    processor = build_processor(config, preprocess=lambda row: {
+        "id": row["item"], "prompt_token_ids": np.arange(BOS, BOS + lengths[row["item"]]),
+        "emb": np.ones((2, lengths[row["item"]]), np.float32)})
+    frame = processor(ray.data.from_items(list(range(4)))).to_pandas()
+    for row in frame.itertuples():
+        n = lengths[row.id]
+        assert list(row.prompt_token_ids) == list(range(BOS, BOS + n)) and row.prompt_tokens == n
+        assert [list(r) for r in row.emb] == [[1.0] * n] * 2
+    assert frame["error"].isna().all()
+
+
+def test_actor_threads_default_to_the_cpus_it_reserves():
+    """Found by a hunt: the docs said all the node's cores; Ray's OMP_NUM_THREADS gave num_cpus."""
+    assert PagedLMProcessorConfig().threads == 1
+    assert PagedLMProcessorConfig(num_cpus=2.5).threads == 2 and PagedLMProcessorConfig(num_cpus=0.5).threads == 1
+    assert PagedLMProcessorConfig(num_cpus=2, torch_threads=3).threads == 3
+    assert PagedLMProcessorConfig(concurrency=(1, 3), num_cpus=2).reserved_cpus == 6
+    with pytest.raises(ValueError, match="num_cpus must be a number > 0"):
+        PagedLMProcessorConfig(num_cpus=0)
 
 
 def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster, llama_dir, tmp_path):

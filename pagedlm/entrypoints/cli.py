@@ -57,10 +57,11 @@ def run_parser() -> argparse.ArgumentParser:
     distributed.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
     distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each")
     distributed.add_argument("--threads-per-actor", type=int, default=None,
-                             help="torch threads of each actor's LLM (default: all the node's cores)")
+                             help="torch threads of each actor's LLM (default: --cpus-per-actor rounded down, "
+                                  "else 1)")
     distributed.add_argument("--cpus-per-actor", type=float, default=None,
                              help="CPUs Ray reserves for each actor (default: --threads-per-actor, else 1); leave "
-                                  "some for Ray's read and write tasks")
+                                  "at least one of the cluster's for Ray's read and write tasks")
     sampling = parser.add_argument_group("sampling defaults (each row's own fields win)")
     for flag, _, typ in SAMPLING_FLAGS:
         sampling.add_argument(flag, type=typ, default=None)

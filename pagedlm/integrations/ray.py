@@ -19,6 +19,7 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, field_error, sampling_defaults
 
+
+logger = logging.getLogger("pagedlm")
 
 # A row function of Ray Data LLM's build_processor (preprocess, postprocess).
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -55,9 +58,12 @@ class PagedLMProcessorConfig:
             ``m`` and ``n`` actors (``1 <= m <= n``), as in Ray Data LLM.
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
-        num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1).
-        torch_threads: intra-op threads of each actor's ``LLM`` (default: torch's, i.e. all cores
-            of the node; set it to ``num_cpus`` when several actors share a node).
+        num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1); Ray reserves
+            one CPU for an actor without ``num_cpus``. Actors that hold every CPU of the cluster
+            leave none for Ray's read and write tasks, and the dataset waits forever (a warning
+            says so when the cluster Ray has joined is that small).
+        torch_threads: intra-op threads of each actor's ``LLM`` (default: the CPUs it reserves,
+            ``num_cpus`` rounded down, at least 1; one for an actor without ``num_cpus``).
     """
 
     model_source: str | None = None
@@ -98,6 +104,19 @@ class PagedLMProcessorConfig:
                 raise ValueError(f"engine_kwargs: {exc}") from None
         if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
             raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
+        if self.num_cpus is not None and not (isinstance(self.num_cpus, (int, float)) and self.num_cpus > 0):
+            raise ValueError(f"num_cpus must be a number > 0, got {self.num_cpus!r}")
+
+    @property
+    def threads(self) -> int:
+        """Each actor's torch threads: ``torch_threads``, else the CPUs it reserves."""
+        return self.torch_threads or max(1, int(self.num_cpus or 1))
+
+    @property
+    def reserved_cpus(self) -> float:
+        """The CPUs the largest actor pool holds (Ray's default of one per actor without ``num_cpus``)."""
+        sizes = self.concurrency if isinstance(self.concurrency, (tuple, list)) else (self.concurrency,)
+        return sizes[-1] * (1 if self.num_cpus is None else self.num_cpus)
 
 
 class Processor:
@@ -114,6 +133,12 @@ class Processor:
     def __call__(self, ds: "ray.data.Dataset") -> "ray.data.Dataset":
         import ray
 
+        if ray.is_initialized():
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if self.config.reserved_cpus >= cpus:
+                logger.warning("the actors reserve %s CPUs of the cluster's %s: none is left for Ray's read and write "
+                               "tasks, and the dataset waits until the cluster grows (set concurrency or num_cpus "
+                               "lower)", self.config.reserved_cpus, cpus)
         resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
                      if v is not None}
         if self.preprocess is not None:
@@ -158,8 +183,7 @@ class PagedLMStage:
                  done_ids: Any, json_fields: list[str] | None = None) -> None:
         import torch
 
-        if config.torch_threads is not None:
-            torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(config.threads)
         self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
         self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params))
         self.json_lines_in = json_lines_in
@@ -214,10 +238,22 @@ class PagedLMStage:
             names = dict.fromkeys(["id", *self.json_fields, *(k for r in out for k in r)])
             carried = pa.schema([(name, pa.string()) for name in names if name not in RESULT_COLUMNS])
         else:
-            carried = batch.schema
+            carried = pa.schema([pa.field(f.name, _plain_type(f.type)) for f in batch.schema])
         # Every column in every batch (prompt_logprobs too), so the output's files share one schema.
         schema = output_schema(carried)
         return rows_to_table([{name: row.get(name) for name in schema.names} for row in out], schema)
+
+
+def _plain_type(typ: pa.DataType) -> pa.DataType:
+    """A Ray tensor column's type as the nested lists ``_plain`` turns its values into: Ray types a
+    batch of equal-shaped arrays and one of unequal shapes differently, and neither Parquet nor
+    pandas joins the two."""
+    if not (isinstance(typ, pa.ExtensionType) and typ.extension_name.startswith("ray.data.arrow_")):
+        return typ
+    plain = typ.value_type
+    for _ in range(getattr(typ, "ndim", None) or len(typ.shape)):
+        plain = pa.list_(plain)
+    return plain
 
 
 def _plain(row: dict) -> dict:

@@ -35,14 +35,15 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                 torch_threads: int | None = None, cpus_per_actor: float | None = None) -> tuple[JobStats, int | None]:
     """Run the job on Ray (``address``: a running cluster; None: the one this process already
     joined, or a new local one) with ``num_actors`` actors of ``torch_threads`` threads, each
-    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1). ``config.input`` and
+    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1; threads default to the
+    CPUs reserved, rounded down). ``config.input`` and
     ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output is
     a directory of ``.jsonl`` or ``.parquet`` files, in its suffix's format, else the input's. Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
     already written (``--resume`` continues).
 
     Raises:
         ValueError: before Ray starts: a bad option, a missing model or input, OpenAI batch rows
-            (the Ray path runs plain rows), an unreachable ``address``, an output that exists
+            (the Ray path runs plain rows), actors that would hold every CPU of a known cluster, an unreachable ``address``, an output that exists
             without ``resume``, or other settings than the job's.
     """
     in_kind = file_kind(config.input, "--input")
@@ -73,14 +74,19 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     )
     if address not in (None, "auto"):
         _check_reachable(address)
-    reserved = processor_config.num_cpus
-    if reserved is not None and (ray.is_initialized() or address is None):
-        # The largest node of the cluster this process joined, or of the local one it will start.
-        cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0) \
-            if ray.is_initialized() else os.cpu_count() or 1
-        if reserved > cpus:
-            raise ValueError(f"--cpus-per-actor {reserved} is more than the {cpus} CPUs of the largest Ray node: "
-                             "no actor could be placed")
+    if ray.is_initialized() or address is None:
+        # The nodes of the cluster this process joined, or the local one it will start.
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]] if ray.is_initialized() \
+            else [os.cpu_count() or 1]
+        reserved = processor_config.num_cpus
+        if reserved is not None and reserved > max(nodes, default=0):
+            raise ValueError(f"--cpus-per-actor {reserved} is more than the {max(nodes, default=0)} CPUs of the "
+                             "largest Ray node: no actor could be placed")
+        if processor_config.reserved_cpus >= sum(nodes):
+            raise ValueError(f"--num-actors {num_actors} actors of {reserved or 1} CPUs each (--cpus-per-actor, else "
+                             f"--threads-per-actor, else 1) hold all {sum(nodes)} CPUs of the Ray cluster, and "
+                             "Ray's read and write tasks need one: the job would wait forever; use fewer actors or "
+                             "CPUs per actor")
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
     check_record(config, record, started)
     own_ray = not ray.is_initialized()
