@@ -124,13 +124,20 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
 
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
     ``"a"``); a token that completes a character begun by the context gives the whole character,
-    and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
+    and one that leaves a character incomplete adds nothing yet. Where the context ends inside a
+    character, a token that does not complete it gives its own text, without the ``�`` that the
+    unfinished bytes become (vLLM shows ``-``, not ``�-``). Special tokens are shown.
     """
     backend = tokenizer.backend_tokenizer
-    window, prefix = context_tokens(backend, context_ids, skip_special_tokens=False)
-    prefix = prefix.rstrip(_INCOMPLETE)
+    window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
+    prefix = context_text.rstrip(_INCOMPLETE)
+    broken = _INCOMPLETE * (len(context_text) - len(prefix))  # the context's unfinished character, if any
     texts = []
     for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):
         full = full.rstrip(_INCOMPLETE)
-        texts.append(full[len(prefix):] if full.startswith(prefix) else backend.decode([token_id], skip_special_tokens=False))
+        if not full.startswith(prefix):
+            texts.append(backend.decode([token_id], skip_special_tokens=False))
+            continue
+        added = full[len(prefix):]
+        texts.append(added[len(broken):] if broken and added.startswith(broken) else added)
     return texts
