@@ -1021,7 +1021,8 @@ def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):
     """Errors of SamplingParams, the engine's request check and the chat template name the body's
     field (param and text), in JSON's words."""
     rows = [
-        _openai_row("n", "/v1/completions", {"prompt": "x", "n": 9, "temperature": 1.0}),  # max_num_seqs is 8
+        # max_num_seqs is 8 (a larger n runs as several requests; best_of picks among all of them)
+        _openai_row("n", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 9, "temperature": 1.0}),
         _openai_row("n-greedy", "/v1/completions", {"prompt": "x", "n": 3, "temperature": 0}),
         _openai_row("long-prompt", "/v1/completions", {"prompt": "word " * 200}),
         _chat_row("long-chat", messages=[{"role": "user", "content": "word " * 200}]),
@@ -1038,11 +1039,11 @@ def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):
     errors = _errors(out)
     assert stats.errors == len(rows), sorted(set(r["custom_id"] for r in rows) - set(errors))
     assert {k: param for k, (param, _) in errors.items()} == {
-        "n": "n", "n-greedy": "n", "long-prompt": "prompt", "long-chat": "messages", "template-syntax": "chat_template",
+        "n": "best_of", "n-greedy": "n", "long-prompt": "prompt", "long-chat": "messages", "template-syntax": "chat_template",
         "kwargs-messages": "chat_template_kwargs", "both-prompts": "continue_final_message", "empty-stop": "stop",
         "mct": "max_completion_tokens", "beam": "use_beam_search", "schema": "response_format"}
     messages = {k: message for k, (_, message) in errors.items()}
-    assert "n (9) exceeds max_num_seqs (8)" in messages["n"]
+    assert "best_of (9) exceeds max_num_seqs (8)" in messages["n"]
     assert "n must be 1 with greedy sampling" in messages["n-greedy"]
     assert "got ''" in messages["empty-stop"] and "['']" not in messages["empty-stop"]
     assert "max_completion_tokens must be null or at least 1" in messages["mct"]
@@ -1055,7 +1056,7 @@ def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):
 def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
     rows = [
         {"id": 1, "prompt": "x", "sampling_params": {"use_beam_search": True, "temperature": 0}},
-        {"id": 2, "prompt": "x", "sampling_params": {"n": 9, "temperature": 1.0}},
+        {"id": 2, "prompt": "x", "sampling_params": {"n": 2, "best_of": 9, "temperature": 1.0}},
         {"id": 3, "prompt": "x", "sampling_params": {"stop": ""}},
         {"id": 4, "prompt": "x", "sampling_params": {"max_tokens": -1}},
         {"id": 5, "prompt": "x", "sampling_params": {"logprobs": 500}},  # the vocabulary has 384 tokens
@@ -1064,7 +1065,7 @@ def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
     errors = {r["id"]: r["error"] for r in out}
     assert stats.errors == 5
     assert "sampling_params: use_beam_search needs a beam width above 1" in errors[1]
-    assert "n (9) exceeds max_num_seqs (8)" in errors[2]
+    assert "best_of (9) exceeds max_num_seqs (8)" in errors[2]
     assert "got ''" in errors[3] and "['']" not in errors[3]
     assert "max_tokens must be null or at least 1" in errors[4]
     assert "logprobs (500) exceeds the vocabulary size (384)" in errors[5]

@@ -187,6 +187,30 @@ def test_n_with_seed_equals_independent_seeded_requests(llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
+@pytest.mark.parametrize("n", [10, 16])
+def test_n_above_max_num_seqs_runs_as_child_requests(llama_dir, n):
+    """vLLM's parallel sampling: an n above max_num_seqs runs as requests of at most max_num_seqs
+    completions, each completion seeded as one request seeds it, the prompt logprobs computed once."""
+    params = SamplingParams(n=n, temperature=1.0, seed=5, max_tokens=6, logprobs=1, prompt_logprobs=1)
+    prompts = _ids(PROMPTS[:2])
+    small = LLM(llama_dir, dtype="float32", max_num_seqs=4)
+    whole = LLM(llama_dir, dtype="float32", max_num_seqs=16).generate(prompts, params, use_tqdm=False)
+    split = small.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(whole, split):
+        assert [c.index for c in b.outputs] == list(range(n))
+        assert [c.token_ids for c in b.outputs] == [c.token_ids for c in a.outputs]
+        assert [c.logprobs for c in b.outputs] == [c.logprobs for c in a.outputs]
+        assert b.prompt_logprobs == a.prompt_logprobs and b.finished and b.request_id.isdigit()
+    assert len({tuple(c.token_ids) for c in split[0].outputs}) > 1
+    done = dict(small.generate_as_completed(prompts, params))
+    assert [[c.token_ids for c in done[i].outputs] for i in (0, 1)] == [[c.token_ids for c in o.outputs] for o in whole]
+    assert not small.llm_engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match=r"best_of \(10\) exceeds max_num_seqs \(4\)"):
+        small.generate(prompts, SamplingParams(n=2, best_of=10, temperature=1.0), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"LLM.generate runs a larger n"):
+        small.llm_engine.add_request("r", prompts[0], params)
+
+
 def test_n_shares_prompt_blocks(llama_dir):
     llm = LLM(llama_dir, dtype="float32", block_size=16)
     prompt = [BOS] + [(7 * i) % 300 + 3 for i in range(511)]  # 512 tokens = 32 full blocks

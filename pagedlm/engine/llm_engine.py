@@ -147,8 +147,11 @@ class LLMEngine:
             return FieldError(f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill",
                               "prompt")
         if params.best_of > self.scheduler_config.max_num_seqs:
+            split = " (LLM.generate runs a larger n, with best_of == n, as several requests)" \
+                if params.best_of == params.n and not params.use_beam_search else ""
             return FieldError(f"{params.best_of_field} ({params.best_of}) exceeds max_num_seqs "
-                              f"({self.scheduler_config.max_num_seqs})", params.best_of_field)
+                              f"({self.scheduler_config.max_num_seqs}): the engine runs a request's sequences "
+                              f"together{split}", params.best_of_field)
         # A sequence stops with "length" at max_model_len whatever max_tokens says (vLLM's
         # check_stop); only the KV cache's room refuses a request.
         max_seq_len = self._max_seq_len(n, params.best_of)

@@ -20,6 +20,7 @@ from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
 )
+from pagedlm.entrypoints.parallel_sampling import ParentRequest, child_params, needs_children
 from pagedlm.entrypoints.progress_bar import tqdm
 from pagedlm.inputs import (
     ParsedPrompt, PromptType as InputPrompt, TokenizationKwargs, is_token_ids, parse_prompt,
@@ -510,7 +511,9 @@ class LLM:
             if reason is None:
                 token_ids[k] = self.llm_engine.truncate_prompt(
                     token_ids[k], params.truncate_prompt_tokens, truncate_prompt_tokens, from_text=k in from_text)
-                reason = self.llm_engine.check_request(token_ids[k], params, wait_for_grammars)
+                max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
+                checked = child_params(params, max_num_seqs)[0][1] if needs_children(params, max_num_seqs) else params
+                reason = self.llm_engine.check_request(token_ids[k], checked, wait_for_grammars)
             if reason is None:
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
@@ -585,7 +588,8 @@ class LLM:
                 raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
                                    "step them to the end or abort them (llm_engine.abort_request) first.")
             self._streaming = True
-        in_flight: dict[str, int] = {}
+        in_flight: dict[str, int] = {}  # engine request id -> prompt index
+        parents: dict[str, ParentRequest] = {}  # child request id -> its request (parallel_sampling)
         compiling: list[_Request] = []  # waiting for their structured-outputs grammar
         held: list[_Request | _Rejected] = []  # read, not yet added
         bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
@@ -619,9 +623,7 @@ class LLM:
                         if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
-                            request_id = str(next(self._request_counter))
-                            in_flight[request_id] = request.index  # first: an interrupt between them is aborted
-                            self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
+                            self._add(request, in_flight, parents)
                         elif return_errors:
                             bar.update(1)
                             yield request.index, reason
@@ -636,20 +638,26 @@ class LLM:
                         wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
                         continue
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
-                    if not finished:
-                        continue
                     for out in finished:
                         num_in += len(out.prompt_token_ids)
                         num_out += sum(len(c.token_ids) for c in out.outputs)
+                    done = []
+                    for out in finished:
+                        index, parent = in_flight.pop(out.request_id), parents.pop(out.request_id, None)
+                        if parent is not None:
+                            out = parent.add(out.request_id, out)
+                        if out is not None:
+                            done.append((index, out))
+                    if not done:
+                        continue
                     if use_tqdm:
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.set_postfix_str(
                             f"est. speed input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s",
                             refresh=False,
                         )
-                        bar.update(len(finished))
-                    for out in finished:
-                        yield in_flight.pop(out.request_id), out
+                        bar.update(len(done))
+                    yield from done
         finally:
             # An interrupted or abandoned iteration leaves nothing queued for the next call.
             with self._engine_lock:
@@ -659,6 +667,23 @@ class LLM:
         if bad is not None:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
+
+
+    def _add(self, request: "_Request", in_flight: dict[str, int], parents: dict[str, ParentRequest]) -> None:
+        """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``
+        when it asks for more completions than the engine runs at once."""
+        request_id = str(next(self._request_counter))
+        max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
+        if not needs_children(request.params, max_num_seqs):
+            in_flight[request_id] = request.index  # first: an interrupt between them is aborted
+            self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
+            return
+        children = child_params(request.params, max_num_seqs)
+        parent = ParentRequest(request_id, request.index, {f"{request_id}.{j}": offset
+                                                           for j, (offset, _) in enumerate(children)})
+        for child_id, (_, params) in zip(parent.offsets, children):
+            in_flight[child_id], parents[child_id] = request.index, parent
+            self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
 
 
 @dataclass(slots=True)
