@@ -124,9 +124,12 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
 
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
     ``"a"``); a token that completes a character begun by the context gives the whole character,
-    and one that leaves a character incomplete adds nothing yet. Where the context ends inside a
-    character, a token that does not complete it gives its own text, without the ``�`` that the
-    unfinished bytes become (vLLM shows ``-``, not ``�-``). Special tokens are shown.
+    and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
+
+    ``token_ids[0]`` is the token the sequence took: its text is exactly what it adds, so the taken
+    tokens' texts add up to the completion's (as OpenAI's ``text_offset`` needs). Where the context
+    ends inside a character, the others (alternatives) that do not complete it give their own text,
+    without the ``�`` that the unfinished bytes become beside them (vLLM shows ``-``, not ``�-``).
     """
     backend = tokenizer.backend_tokenizer
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
@@ -139,5 +142,5 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
             texts.append(backend.decode([token_id], skip_special_tokens=False))
             continue
         added = full[len(prefix):]
-        texts.append(added[len(broken):] if broken and added.startswith(broken) else added)
+        texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)
     return texts

@@ -109,7 +109,9 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
     error: the field at fault (a ``FieldError``'s, else the one a ``SamplingParams`` message names
     first) by the row's name for it (``names``, ``row_names``), in the text too, with JSON's words.
     A field the row did not set (a job default) is no ``param``: then the first field the message
-    names that the row set is ("temperature must be 0 with use_beam_search")."""
+    names that the row set is ("temperature must be 0 with use_beam_search"). A prompt error is led
+    by the row's prompt field where the message does not name it ("prompt_token_ids: the prompt
+    is empty")."""
     message = str(exc)
     field = getattr(exc, "field", None)
     if field is None:
@@ -118,6 +120,8 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
     name = names.get(field)
     if name is not None and field != "prompt":
         message = re.sub(_word(field), name, message)
+    elif name is not None and not re.search(_word(name), message):  # "the prompt is empty": name the row's field
+        message = f"{name}: {message}"
     return RowError(json_words(prefix + message), name)
 
 
