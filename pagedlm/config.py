@@ -315,6 +315,47 @@ class SchedulerConfig:
             )
 
 
+# vLLM's reasoning parsers whose reasoning start and end strings pagedlm knows (vllm/reasoning/).
+REASONING_PARSERS = {
+    "qwen3": ("<think>", "</think>"),
+    "deepseek_r1": ("<think>", "</think>"),
+    "ernie45": ("<think>", "</think>"),
+    "cohere_command3": ("<|START_THINKING|>", "<|END_THINKING|>"),
+    "minimax_m3": ("<mm:think>", "</mm:think>"),
+}
+
+
+@dataclass
+class ReasoningConfig:
+    """Where a reasoning model's thinking starts, and the string forced when a request's
+    ``thinking_token_budget`` runs out (vLLM's ``ReasoningConfig``). ``reasoning_parser`` names
+    vLLM's parser whose strings to take (``REASONING_PARSERS``); a string given here wins over the
+    parser's. ``reasoning_end_str`` may lead with a transition phrase ("\n\nTime to answer.\n</think>").
+
+    Raises:
+        ValueError: an unknown parser, or no start or end string.
+    """
+
+    reasoning_parser: str = ""
+    reasoning_start_str: str = ""
+    reasoning_end_str: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("reasoning_parser", "reasoning_start_str", "reasoning_end_str"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}.")
+        if self.reasoning_parser:
+            if self.reasoning_parser not in REASONING_PARSERS:
+                raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)} (or give "
+                                 f"reasoning_start_str and reasoning_end_str), got {self.reasoning_parser!r}.")
+            start, end = REASONING_PARSERS[self.reasoning_parser]
+            self.reasoning_start_str = self.reasoning_start_str or start
+            self.reasoning_end_str = self.reasoning_end_str or end
+        if not (self.reasoning_start_str and self.reasoning_end_str):
+            raise ValueError("a ReasoningConfig needs reasoning_parser, or both reasoning_start_str and "
+                             "reasoning_end_str.")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

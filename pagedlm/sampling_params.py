@@ -342,6 +342,10 @@ class SamplingParams(_FieldsOnly):
             on the params, ``clone`` copies it.
         skip_clone: vLLM's promise that the object is not shared: ``clone`` (which the engine
             takes of every request's params) then keeps ``extra_args`` itself instead of a deep copy.
+        thinking_token_budget: the most tokens a thinking section may hold before the end of the
+            reasoning is forced, token by token (vLLM's; needs ``LLM(reasoning_parser=...)`` or
+            ``reasoning_config``, ``engine.thinking_budget`` says how it counts); -1 or None: no
+            limit. Not with beam search or ``structured_outputs``.
         skip_reading_prefix_cache: compute the whole prompt even where the prefix cache holds its
             first blocks (the request's blocks still enter the cache). ``None`` (the default) means
             True with ``prompt_logprobs`` (cached tokens have none), else False (vLLM's); False
@@ -386,6 +390,7 @@ class SamplingParams(_FieldsOnly):
     skip_clone: bool = False
     flat_logprobs: bool = False
     skip_reading_prefix_cache: bool | None = None
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -444,6 +449,13 @@ class SamplingParams(_FieldsOnly):
             if not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
                 raise ValueError("skip_reading_prefix_cache=False cannot be set with prompt_logprobs: prompt tokens "
                                  "read from the prefix cache are not computed, so they would have no logprobs.")
+        if self.thinking_token_budget is not None:
+            budget = self.thinking_token_budget = _number("thinking_token_budget", self.thinking_token_budget,
+                                                          integer=True)
+            if budget < -1:
+                raise ValueError(f"thinking_token_budget must be None, -1 (no limit) or >= 0, got {budget}.")
+            if budget == -1:  # vLLM's "no limit"
+                self.thinking_token_budget = None
         self.length_penalty = _number("length_penalty", self.length_penalty)
         if self.early_stopping != "never":
             try:
@@ -467,6 +479,11 @@ class SamplingParams(_FieldsOnly):
         if self.structured_outputs is not None:
             if self.use_beam_search:
                 raise ValueError("structured_outputs is not supported with use_beam_search.")
+            if self.thinking_token_budget is not None:
+                raise ValueError("thinking_token_budget is not supported with structured_outputs (the grammar "
+                                 "would hold from the first token, thinking included).")
+        if self.thinking_token_budget is not None and self.use_beam_search:
+            raise ValueError("thinking_token_budget is not supported with use_beam_search.")
         self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,
                                                      RepetitionDetectionParams)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):

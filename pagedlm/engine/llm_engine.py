@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
@@ -21,11 +21,14 @@ from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
+from pagedlm.engine.thinking_budget import ReasoningTokens, ThinkingBudget
 from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
 from pagedlm.logprobs import FlatLogprobs, Logprob
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
+from pagedlm.step import (
+    SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs, one_token_bitmask,
+)
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
 from pagedlm.utils import FieldError, cdiv, deferred_signals
@@ -57,12 +60,15 @@ class LLMEngine:
     ``RequestOutput``s (vLLM's ``LLMEngine``). ``LLM`` drives it; so can a caller that wants
     results step by step: ``add_request`` any time, ``step`` while ``has_unfinished_requests``."""
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 reasoning_config: ReasoningConfig | None = None) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.tokenizer = get_tokenizer(model_config.tokenizer or model_config.model, model_config.trust_remote_code,
                                        model_config.chat_template)
+        # thinking_token_budget's start and end tokens (None: no request may set it)
+        self.reasoning_tokens = None if reasoning_config is None else ReasoningTokens.of(reasoning_config, self.tokenizer)
         self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
@@ -146,6 +152,15 @@ class LLMEngine:
         if not self.scheduler_config.enable_chunked_prefill and n > self.scheduler_config.max_num_batched_tokens:
             return FieldError(f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill",
                               "prompt")
+        if params.thinking_token_budget is not None:
+            if self.reasoning_tokens is None:
+                return FieldError("thinking_token_budget needs the model's reasoning start and end strings: "
+                                  "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...))",
+                                  "thinking_token_budget")
+            if params.allowed_token_ids is not None and not set(self.reasoning_tokens.end) <= set(params.allowed_token_ids):
+                return FieldError(f"allowed_token_ids must hold the reasoning end tokens "
+                                  f"{list(self.reasoning_tokens.end)} that thinking_token_budget forces",
+                                  "allowed_token_ids")
         if params.best_of > self.scheduler_config.max_num_seqs:
             split = " (LLM.generate runs a larger n, with best_of == n, as several requests)" \
                 if params.best_of == params.n and not params.use_beam_search else ""
@@ -304,6 +319,9 @@ class LLMEngine:
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
         if params.structured_outputs is not None:
             seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
+        if params.thinking_token_budget is not None:
+            seq_group.seqs[0].thinking = ThinkingBudget.for_prompt(params.thinking_token_budget, self.reasoning_tokens,
+                                                                   prompt_token_ids)
         with deferred_signals():
             if params.detokenize and not params.use_beam_search:
                 self._add_detokenizer(seq_group.seqs[0], seq_group)
@@ -478,10 +496,13 @@ class LLMEngine:
                     data.banned_token_ids = tuple(sorted(banned.union(data.banned_token_ids)))
                 if seq.grammar_matcher is not None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
-                    # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).
-                    if data.banned_token_ids and not self.structured_outputs.allows_other_than(
-                            data.token_bitmask, data.banned_token_ids):
-                        data.banned_token_ids = ()
+                elif seq.thinking is not None and (forced := seq.thinking.forced_token()) is not None:
+                    data.token_bitmask = one_token_bitmask(forced, self.vocab_size)
+                # Where the grammar can only end, ending beats min_tokens (else nothing is allowed);
+                # a forced token beats bans alike.
+                if data.token_bitmask is not None and data.banned_token_ids and \
+                        not StructuredOutputManager.allows_other_than(data.token_bitmask, data.banned_token_ids):
+                    data.banned_token_ids = ()
             if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None
@@ -532,6 +553,8 @@ class LLMEngine:
                                                           "sample (a logits processor or ban removed them all)")
             grammar_ended = seq.grammar_matcher.is_terminated()
         seq.append_token(sample.token_id, sample.logprob)
+        if seq.thinking is not None:
+            seq.thinking.append(sample.token_id)
         if params.num_logprobs is not None:
             context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
             seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))

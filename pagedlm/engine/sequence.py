@@ -2,11 +2,13 @@
 
 import enum
 from collections.abc import Hashable
+from dataclasses import replace
 from itertools import count
 from typing import Any
 
 import torch
 
+from pagedlm.engine.thinking_budget import ThinkingBudget
 from pagedlm.logprobs import PromptLogprobs, SampleLogprobs, create_prompt_logprobs, create_sample_logprobs
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import token_range
@@ -73,6 +75,7 @@ class Sequence:
         # are another one's, which must compute that many tokens before this one may run.
         self.waits_for: tuple["Sequence", int] | None = None
         self.grammar_matcher: Any = None  # xgrammar's GrammarMatcher, under structured outputs
+        self.thinking: ThinkingBudget | None = None  # under thinking_token_budget
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +130,8 @@ class Sequence:
         child._block_keys = list(self._block_keys)
         if self.grammar_matcher is not None:
             child.grammar_matcher = self.grammar_matcher.fork()
+        if self.thinking is not None:
+            child.thinking = replace(self.thinking)
         return child
 
     def set_cache_salt(self, cache_salt: Hashable | None) -> None:

@@ -14,6 +14,7 @@ SAMPLING_FLAGS = [
     ("--temperature", "temperature", float), ("--top-p", "top_p", float), ("--top-k", "top_k", int),
     ("--min-p", "min_p", float), ("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int),
     ("--n", "n", int), ("--seed", "seed", int), ("--presence-penalty", "presence_penalty", float),
+    ("--thinking-token-budget", "thinking_token_budget", int),
     ("--frequency-penalty", "frequency_penalty", float), ("--repetition-penalty", "repetition_penalty", float),
 ]
 ENGINE_FLAGS = [
@@ -23,7 +24,7 @@ ENGINE_FLAGS = [
     ("--max-num-seqs", "max_num_seqs", int),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
     ("--tokenizer", "tokenizer", str), ("--chat-template", "chat_template", str),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", float),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float), ("--reasoning-parser", "reasoning_parser", str),
 ]
 
 

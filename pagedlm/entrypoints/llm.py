@@ -1,6 +1,7 @@
 """``LLM``: the offline facade (vLLM's ``LLM`` class)."""
 
 import ctypes
+import dataclasses
 import functools
 import inspect
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import CacheConfig, ModelConfig, SchedulerConfig, load_chat_template
+from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, load_chat_template
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
@@ -119,6 +120,12 @@ class LLM:
             linear's rows in one product (True runs them in products of a fixed shape,
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
+        reasoning_parser: vLLM's reasoning parser of the model ("qwen3", "deepseek_r1", ...:
+            ``config.REASONING_PARSERS``), for its reasoning start and end strings, which
+            ``SamplingParams.thinking_token_budget`` needs. pagedlm does not split the reasoning
+            out of the text (vLLM's offline ``LLM`` does not either).
+        reasoning_config: a ``ReasoningConfig`` (or a dict of its fields) with those strings, the
+            end string forced when the budget runs out; over ``reasoning_parser``'s.
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
             nothing (vLLM's defaults, mostly): ``VLLM_NO_OP_ARGS`` lists each with its allowed
             values and why (e.g. ``enforce_eager``, ``quantization=None``, ``tokenizer_mode`` "auto",
@@ -157,10 +164,12 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
         batch_invariant: bool = True,
+        reasoning_parser: str | None = None,
+        reasoning_config: ReasoningConfig | dict[str, str] | None = None,
         **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
-        model_config, cache_config, scheduler_config = _engine_configs(**arguments)
+        model_config, cache_config, scheduler_config, reasoning = _engine_configs(**arguments)
         self._default_sampling_params = model_config.get_diff_sampling_param()
         self._final_only_defaults = SamplingParams(**self._default_sampling_params,
                                                    output_kind=RequestOutputKind.FINAL_ONLY)
@@ -169,7 +178,7 @@ class LLM:
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
         if model_config.device.type == "cpu":
             limit_threads_to_cpu_quota()
-        self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config)
+        self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config, reasoning)
         self._request_counter = count()
         self._streaming = False
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
@@ -779,8 +788,9 @@ def _engine_configs(
     *, model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
-    chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, vllm_kwargs,
-) -> tuple[ModelConfig, CacheConfig, SchedulerConfig]:
+    chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, reasoning_parser, reasoning_config,
+    vllm_kwargs,
+) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, ReasoningConfig | None]:
     """``LLM``'s arguments as the engine's configs, each checked; None stands for the default."""
     for name, value in vllm_kwargs.items():
         if name not in VLLM_NO_OP_ARGS:
@@ -822,7 +832,27 @@ def _engine_configs(
             f"({model_config.max_model_len}) when enable_chunked_prefill=False; raise max_num_batched_tokens, "
             "lower max_model_len or enable chunked prefill."
         )
-    return model_config, cache_config, scheduler_config
+    return model_config, cache_config, scheduler_config, _reasoning_config(reasoning_parser, reasoning_config)
+
+
+def _reasoning_config(parser: str | None, config: ReasoningConfig | dict[str, str] | None) -> ReasoningConfig | None:
+    """``LLM``'s ``reasoning_parser`` and ``reasoning_config`` as one ``ReasoningConfig`` (the
+    config's strings over the parser's), or None where neither is given."""
+    if parser is not None and not isinstance(parser, str):
+        raise ValueError(f"reasoning_parser must be a str, got {parser!r}.")
+    if isinstance(config, dict):
+        fields = [f.name for f in dataclasses.fields(ReasoningConfig)]
+        if set(config) - set(fields):
+            raise ValueError(f"reasoning_config: unknown field(s) {', '.join(sorted(set(config) - set(fields)))}; "
+                             f"allowed: {', '.join(fields)}.")
+        config = ReasoningConfig(**{"reasoning_parser": parser or "", **config})
+    elif config is not None and not isinstance(config, ReasoningConfig):
+        raise ValueError(f"reasoning_config must be a ReasoningConfig, a dict of its fields or None, got {config!r}.")
+    if config is None:
+        return ReasoningConfig(reasoning_parser=parser) if parser else None
+    if parser and config.reasoning_parser and parser != config.reasoning_parser:
+        raise ValueError(f"reasoning_parser {parser!r} differs from reasoning_config's {config.reasoning_parser!r}.")
+    return replace(config, reasoning_parser=parser) if parser and not config.reasoning_parser else config
 
 
 def _is_positive_int(value: object) -> bool:

@@ -1,0 +1,87 @@
+"""vLLM's ``thinking_token_budget``: once a sequence has thought that many tokens, the end of its
+reasoning is forced.
+
+A thinking section opens with the reasoning start tokens (``ReasoningConfig``'s; ``<think>`` for
+Qwen3), in the prompt (a chat template that opens it) or the output, and closes with the end
+tokens. Once an open section holds ``budget`` tokens, the next tokens are those of the configured
+end string, one a step, each the only token the sampler may take; the section is then closed, and
+a later one has the budget afresh (vLLM's ``ThinkingBudgetStateHolder``). What is counted and
+forced depends on the tokens alone, so recompute after preemption forces the same tokens.
+"""
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedlm.config import ReasoningConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningTokens:
+    """A ``ReasoningConfig``'s strings as token ids."""
+
+    start: tuple[int, ...]
+    end: tuple[int, ...]  # forced when the budget runs out
+
+    @classmethod
+    def of(cls, config: ReasoningConfig, tokenizer: PreTrainedTokenizerBase) -> "ReasoningTokens":
+        """Raises ValueError where a string encodes to no tokens."""
+        start, end = (tuple(tokenizer.encode(text, add_special_tokens=False))
+                      for text in (config.reasoning_start_str, config.reasoning_end_str))
+        if not (start and end):
+            raise ValueError(f"reasoning_config: the tokenizer encodes reasoning_start_str "
+                             f"{config.reasoning_start_str!r} to {list(start)} and reasoning_end_str "
+                             f"{config.reasoning_end_str!r} to {list(end)}; both need tokens.")
+        return cls(start, end)
+
+
+@dataclass(slots=True)
+class ThinkingBudget:
+    """One sequence's thinking section and what it must take next."""
+
+    budget: int
+    tokens: ReasoningTokens
+    count: int | None  # tokens in the open section; None while none is open
+    tail: tuple[int, ...]  # the last tokens, enough to see a start or end sequence complete
+    forced: int = 0  # end tokens taken so far under forcing (0: not forcing)
+
+    @classmethod
+    def for_prompt(cls, budget: int, tokens: ReasoningTokens, prompt_token_ids: list[int]) -> "ThinkingBudget":
+        """The state after the prompt: a section is open where the prompt's last start sequence
+        comes after its last end sequence."""
+        start, end = _last_index(prompt_token_ids, tokens.start), _last_index(prompt_token_ids, tokens.end)
+        count = len(prompt_token_ids) - start - len(tokens.start) if start > end else None
+        width = max(len(tokens.start), len(tokens.end))
+        return cls(budget, tokens, count, tuple(prompt_token_ids[-width:]))
+
+    def forced_token(self) -> int | None:
+        """The token the next step must take, or None."""
+        if self.forced:
+            return self.tokens.end[self.forced]
+        if self.count is not None and self.count >= self.budget:
+            return self.tokens.end[0]
+        return None
+
+    def append(self, token_id: int) -> None:
+        """Take the sequence's next token."""
+        forcing = self.forced or (self.count is not None and self.count >= self.budget)
+        self.tail = (self.tail + (token_id,))[-max(len(self.tokens.start), len(self.tokens.end)):]
+        if forcing:
+            self.forced += 1
+            if self.forced == len(self.tokens.end):
+                self.forced, self.count = 0, None
+        elif self.tail[-len(self.tokens.end):] == self.tokens.end:
+            self.count = None
+        elif self.tail[-len(self.tokens.start):] == self.tokens.start:
+            self.count = 0
+        elif self.count is not None:
+            self.count += 1
+
+
+def _last_index(token_ids: list[int], pattern: tuple[int, ...]) -> int:
+    """Where ``pattern`` last begins in ``token_ids``, or -1."""
+    n = len(pattern)
+    for i in range(len(token_ids) - n, -1, -1):
+        if token_ids[i] == pattern[0] and tuple(token_ids[i:i + n]) == pattern:
+            return i
+    return -1

@@ -1,0 +1,133 @@
+"""``SamplingParams.thinking_token_budget`` (vLLM's): once a thinking section holds that many tokens,
+the reasoning end string is forced, token by token."""
+
+import json
+
+import pytest
+
+from conftest import BOS
+from pagedlm import LLM, SamplingParams
+from pagedlm.config import ReasoningConfig
+from pagedlm.engine.thinking_budget import ReasoningTokens, ThinkingBudget
+
+TOKENS = ReasoningTokens(start=(5, 6), end=(7, 8, 9))
+FOX = {"reasoning_start_str": " fox", "reasoning_end_str": " lazy dog."}  # 2 and 5 tokens here
+
+
+def forced_run(budget: int, prompt: list[int], free: list[int]) -> list[int]:
+    """The tokens a sequence takes when it would take ``free`` tokens wherever nothing is forced."""
+    state, out, free = ThinkingBudget.for_prompt(budget, TOKENS, prompt), [], iter(free)
+    while (token := state.forced_token()) is not None or (token := next(free, None)) is not None:
+        state.append(token)
+        out.append(token)
+    return out
+
+
+def test_a_section_the_prompt_opens_ends_after_its_budget():
+    assert forced_run(2, [1, 5, 6], [20, 21, 22, 23]) == [20, 21, 7, 8, 9, 22, 23]
+    assert forced_run(0, [1, 5, 6], [20]) == [7, 8, 9, 20]
+    assert forced_run(2, [1, 5, 6, 30, 31, 32], [20]) == [7, 8, 9, 20]  # the prompt spent it already
+    assert forced_run(2, [1, 5, 6, 7, 8, 9], [20, 21, 22]) == [20, 21, 22]  # closed in the prompt
+    assert forced_run(2, [1, 5], [6, 20, 21, 22]) == [6, 20, 21, 7, 8, 9, 22]  # the start spans prompt and output
+
+
+def test_sections_the_output_opens_and_closes():
+    # Closed naturally within budget (the end sequence's tokens count until it is complete), then a
+    # second section gets the budget afresh.
+    assert forced_run(4, [1], [5, 6, 20, 7, 8, 9, 21, 5, 6, 22, 23, 24, 25, 26]) == \
+        [5, 6, 20, 7, 8, 9, 21, 5, 6, 22, 23, 24, 25, 7, 8, 9, 26]
+    assert forced_run(3, [1], [5, 6, 20, 7, 8, 9]) == [5, 6, 20, 7, 8, 7, 8, 9, 9]  # as vLLM counts
+    assert forced_run(3, [1], [20, 21, 22, 23, 24]) == [20, 21, 22, 23, 24]  # never opened
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(llama_dir, dtype="float32", max_model_len=128, reasoning_config=FOX)
+
+
+def _greedy(llm: LLM, prompt: list[int], max_tokens: int, **fields) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **fields)
+    return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_the_end_string_is_forced_and_generation_goes_on_after_it(llm, budget):
+    start, end = (list(ids) for ids in (llm.llm_engine.reasoning_tokens.start, llm.llm_engine.reasoning_tokens.end))
+    assert len(start) == 2 and len(end) == 5
+    prompt = [BOS, 40, 41] + start
+    out = _greedy(llm, prompt, 14, thinking_token_budget=budget)
+    assert out[:budget] == _greedy(llm, prompt, budget or 1)[:budget]
+    assert out[budget:budget + len(end)] == end
+    # After the end string the section is closed: what follows is the model's own greedy choice.
+    prefix = out[:budget + len(end)]
+    assert out[len(prefix):] == _greedy(llm, prompt + prefix, 14 - len(prefix))
+
+
+def test_each_completion_of_a_request_counts_its_own_section(llm):
+    start, end = llm.llm_engine.reasoning_tokens.start, list(llm.llm_engine.reasoning_tokens.end)
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=12, ignore_eos=True, thinking_token_budget=2)
+    out = llm.generate({"prompt_token_ids": [BOS, 40, *start]}, params, use_tqdm=False)[0]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert all(c.token_ids[2:7] == end for c in out.outputs)
+
+
+def test_a_closed_or_unopened_section_forces_nothing(llm):
+    start, end = llm.llm_engine.reasoning_tokens.start, llm.llm_engine.reasoning_tokens.end
+    prompt = [BOS, 40, *start, 41, *end]
+    out = _greedy(llm, prompt, 10, thinking_token_budget=0)
+    assert out == _greedy(llm, prompt, 10)
+    assert not any(out[i:i + len(start)] == list(start) for i in range(len(out)))  # else a section opened
+
+
+def test_preemption_forces_the_same_tokens(llama_dir):
+    start = None
+    outs = []
+    for num_kv_blocks in (None, 6):
+        llm = LLM(llama_dir, dtype="float32", max_model_len=128, reasoning_config=FOX, num_kv_blocks=num_kv_blocks,
+                  block_size=8)
+        start = llm.llm_engine.reasoning_tokens.start
+        prompts = [{"prompt_token_ids": [BOS, 40 + i, *start]} for i in range(4)]
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, thinking_token_budget=3)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        if num_kv_blocks:
+            assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert outs[0] == outs[1]
+
+
+def test_what_thinking_token_budget_refuses(llama_dir, llm):
+    with pytest.raises(ValueError, match="thinking_token_budget must be None, -1"):
+        SamplingParams(thinking_token_budget=-2)
+    assert SamplingParams(thinking_token_budget=-1).thinking_token_budget is None  # vLLM's "no limit"
+    with pytest.raises(ValueError, match="thinking_token_budget is not supported with use_beam_search"):
+        SamplingParams(thinking_token_budget=2, use_beam_search=True, best_of=2, temperature=0)
+    with pytest.raises(ValueError, match="not supported with structured_outputs"):
+        SamplingParams(thinking_token_budget=2, structured_outputs={"regex": "a+"})
+    plain = LLM(llama_dir, dtype="float32", max_model_len=128)
+    with pytest.raises(ValueError, match=r"thinking_token_budget needs .*LLM\(reasoning_parser=\.\.\.\)"):
+        plain.generate("Hi", SamplingParams(thinking_token_budget=2), use_tqdm=False)
+    end = list(llm.llm_engine.reasoning_tokens.end)
+    with pytest.raises(ValueError, match="allowed_token_ids must hold the reasoning end tokens"):
+        llm.generate("Hi", SamplingParams(thinking_token_budget=2, allowed_token_ids=end[:1]), use_tqdm=False)
+    with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3, deepseek_r1"):
+        LLM(llama_dir, reasoning_parser="nope")
+    with pytest.raises(ValueError, match="reasoning_config: unknown field"):
+        LLM(llama_dir, reasoning_config={"reasoning_start": "<think>"})
+    with pytest.raises(ValueError, match="needs reasoning_parser, or both"):
+        ReasoningConfig(reasoning_end_str="</think>")
+    assert ReasoningConfig(reasoning_parser="qwen3").reasoning_end_str == "</think>"
+
+
+def test_a_job_row_sets_the_budget_under_the_jobs_reasoning_parser(llama_dir, tmp_path):
+    from pagedlm.entrypoints.cli import run_main
+
+    tok = LLM(llama_dir, dtype="float32", max_model_len=128).get_tokenizer()
+    think, end = (tok.encode(text, add_special_tokens=False) for text in ("<think>", "</think>"))
+    rows = [{"id": 1, "prompt_token_ids": [BOS, 40, *think], "sampling_params": {"thinking_token_budget": 2}},
+            {"id": 2, "prompt_token_ids": [BOS, 40, *think]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--model", llama_dir,
+            "--dtype", "float32", "--max-model-len", "128", "--reasoning-parser", "qwen3", "--temperature", "0",
+            "--max-tokens", "12", "--ignore-eos"]
+    assert run_main(args) == 0
+    out = {r["id"]: r["outputs"][0]["token_ids"] for r in map(json.loads, open(tmp_path / "out.jsonl"))}
+    assert out[1][2:2 + len(end)] == end and out[1][:2] == out[2][:2]
