@@ -1171,3 +1171,22 @@ def test_no_batch_invariant_is_refused_on_cpu_before_any_row_runs(tmp_path, llam
         with pytest.raises(SystemExit):
             run_main(["--input", inp, "--output", str(out), "--model", llama_dir, *flags])
         assert message in capsys.readouterr().err
+
+
+def test_openai_bodies_take_vllms_logprob_token_ids(llama_dir, tmp_path):
+    """vLLM's server takes logprob_token_ids in a body (chat with logprobs: true): each position's
+    top_logprobs are those ids, in their order."""
+    ids = [40, 41, 42]
+    rows = [_chat_row("chat", logprobs=True, logprob_token_ids=ids),
+            _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": ids}),
+            _chat_row("no-logprobs", logprob_token_ids=ids),
+            _chat_row("both", logprobs=True, top_logprobs=2, logprob_token_ids=ids)]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r for r in out}
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    for entry in got["chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]:
+        assert [t["token"] for t in entry["top_logprobs"]] == [tok.decode([i]) for i in ids]
+    for position in got["cmpl"]["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"]:
+        assert set(tok.decode([i]) for i in ids) <= set(position) and len(position) <= len(ids) + 1
+    assert "logprob_token_ids needs logprobs: true" in got["no-logprobs"]["error"]["message"]
+    assert "give one" in got["both"]["error"]["message"]

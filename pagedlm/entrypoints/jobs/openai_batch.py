@@ -7,8 +7,10 @@ API reference, https://platform.openai.com/docs/api-reference/batch/request-outp
 cannot run gets status 400, OpenAI's error object as the body, and ``error`` set.
 """
 
+import functools
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +36,7 @@ _SAME_NAME = (
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "allowed_token_ids",
     "bad_words", "truncate_prompt_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-    "use_beam_search", "length_penalty", "repetition_detection",
+    "use_beam_search", "length_penalty", "repetition_detection", "thinking_token_budget", "logprob_token_ids",
 )
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
@@ -131,7 +133,13 @@ class OpenAIBatchFormat:
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
                 renames["max_tokens"] = "max_completion_tokens"
-            if body.get("logprobs"):
+            if body.get("logprob_token_ids") is not None:  # vLLM's: these ids instead of the top ones
+                if not body.get("logprobs"):
+                    raise RowError("body.logprob_token_ids needs logprobs: true", "logprob_token_ids")
+                if body.get("top_logprobs") is not None:
+                    raise RowError("body.top_logprobs and body.logprob_token_ids: give one (the ids replace the "
+                                   "top ones)", "top_logprobs")
+            elif body.get("logprobs"):
                 fields["logprobs"] = body.get("top_logprobs", 0)
                 if "top_logprobs" in body:
                     renames["logprobs"] = "top_logprobs"
@@ -163,9 +171,10 @@ class OpenAIBatchFormat:
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
-        k = job_row.params.logprobs or 0
+        params = job_row.params
+        top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
-        choices = [(_chat_choice if chat else _completion_choice)(i, c, k, self._token_bytes)
+        choices = [(_chat_choice if chat else _completion_choice)(i, c, top, self._token_bytes)
                    for i, c in enumerate(output.outputs)]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
@@ -232,19 +241,19 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
     }
 
 
-def _chat_choice(index: int, c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
+def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
             {**_token_logprob(token_id, position[token_id], token_bytes),
-             "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in _top(position, k)]}
+             "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in top(position)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
     return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _completion_choice(index: int, c: CompletionOutput, k: int, token_bytes: TokenBytes) -> dict:
+def _completion_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes) -> dict:
     logprobs = None
     if c.logprobs is not None:
         tokens = [position[t].decoded_token or "" for t, position in zip(c.token_ids, c.logprobs)]
@@ -255,7 +264,7 @@ def _completion_choice(index: int, c: CompletionOutput, k: int, token_bytes: Tok
             "tokens": tokens,
             "token_logprobs": [_logprob(position[t]) for t, position in zip(c.token_ids, c.logprobs)],
             # OpenAI's completions: the k most likely and the sampled token (up to k + 1).
-            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in _top(position, k, sampled=t)}
+            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in top(position, sampled=t)}
                              for t, position in zip(c.token_ids, c.logprobs)],
             "text_offset": offsets[: len(tokens)],
         }
@@ -263,9 +272,14 @@ def _completion_choice(index: int, c: CompletionOutput, k: int, token_bytes: Tok
             "stop_reason": c.stop_reason}
 
 
-def _top(position: dict[int, Logprob], k: int, sampled: int | None = None) -> list[tuple[int, Logprob]]:
-    """The ``k`` most likely tokens of a position, and the ``sampled`` one if given, best first (the
-    dict holds the sampled token too, which may rank lower)."""
+def _top(position: dict[int, Logprob], k: int, token_ids: list[int] | None = None,
+         sampled: int | None = None) -> list[tuple[int, Logprob]]:
+    """The ``k`` most likely tokens of a position, or the ``token_ids`` asked for (``logprob_token_ids``,
+    in their order), and the ``sampled`` one if given, best first (the dict holds the sampled token
+    too, which may rank lower)."""
+    if token_ids is not None:
+        return [(t, position[t]) for t in token_ids] + ([(sampled, position[sampled])]
+                                                        if sampled is not None and sampled not in token_ids else [])
     return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k or t == sampled), key=lambda item: item[1].rank)
 
 
