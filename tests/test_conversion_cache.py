@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -84,29 +83,39 @@ def test_each_path_has_its_own_conversion(setup, tmp_path):
     assert convert.calls == 2
 
 
-def test_what_nothing_can_use_is_removed(setup, tmp_path):
+def test_leftovers_are_removed_and_nothing_else(setup, tmp_path):
+    """Found by a review: a user's directory inside the cache, and a conversion another container
+    was writing, were deleted (by missing source.json, and a host name and pid taken as a process)."""
     source, root, convert = setup
-    os.makedirs(os.path.join(root, "model-0123456789ab", "sub"))  # the naming before source.json
-    gone, remote = tmp_path / "gone.gguf", tmp_path / "remote.gguf"
-    for path in (gone, remote):
-        path.write_bytes(b"D")
-    gone_out = cached_conversion(str(gone), root, convert, 1)
-    remote_out = cached_conversion(str(remote), root, convert, 1)
-    with open(os.path.join(remote_out, "source.json")) as f:
-        record = json.load(f)
-    with open(os.path.join(remote_out, "source.json"), "w") as f:
-        json.dump({**record, "host": "another-host"}, f)
-    gone.unlink()
-    remote.unlink()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = os.path.join(root, f".model-0123456789ab.{socket.gethostname()}.{dead.stdout.strip()}.x1y2")
-    elsewhere = os.path.join(root, f".model-0123456789ab.another-host.{dead.stdout.strip()}.x1y2")
-    alive = os.path.join(root, f".model-0123456789ab.{socket.gethostname()}.{os.getppid()}.x1y2")
-    for path in (killed, elsewhere, alive):
+    os.makedirs(root)
+    legacy = os.path.join(root, "model-0123456789ab")  # the naming before source.json
+    user_dirs = [os.path.join(root, "my-models"), os.path.join(root, "old-0123456789ab")]
+    for path in (legacy, *user_dirs):
         os.makedirs(path)
-    out = cached_conversion(source, root, convert, 1)
-    assert sorted(os.listdir(root)) == sorted(os.path.basename(p) for p in (out, remote_out, elsewhere, alive))
-    assert not os.path.exists(gone_out)
+    open(os.path.join(legacy, "config.json"), "w").close()
+    open(os.path.join(user_dirs[0], "model.gguf"), "w").close()  # no config.json: not a conversion
+    open(os.path.join(user_dirs[1], "config.json"), "w").close()
+    open(os.path.join(user_dirs[1], "x.gguf"), "w").close()  # holds a GGUF: the user's
+    gone = tmp_path / "gone.gguf"  # a conversion whose source is missing now (an unmounted drive)
+    gone.write_bytes(b"D")
+    gone_out = cached_conversion(str(gone), root, convert, 1)
+    gone.unlink()
+    killed, running, young = (os.path.join(root, f".model-0123456789ab.staging-{n}") for n in ("k", "r", "y"))
+    for path in (killed, running, young):
+        os.makedirs(path)
+        open(os.path.join(path, ".lock"), "w").close()
+    for path in (killed, running):
+        os.utime(path, (time.time() - 3600,) * 2)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               os.path.join(running, ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = cached_conversion(source, root, convert, 1)
+    finally:
+        holder.kill()
+    kept = {os.path.basename(p) for p in (out, gone_out, running, young, *user_dirs)}
+    assert set(os.listdir(root)) == kept
 
 
 def test_a_failed_conversion_leaves_nothing(setup):

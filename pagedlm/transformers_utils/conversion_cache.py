@@ -2,40 +2,49 @@
 
 `cached_conversion(source, root, convert, version)` keeps the conversion of `source` in one
 directory under `root`, named after the file and its absolute path. Beside the converted files,
-`source.json` records what was converted: the file's path and host, its identity when it was read
-(size, mtime, ctime, inode, device), the sha256 of its bytes, and the converter's format version.
+`source.json` records what was converted: the file's path, its identity when it was read (size,
+mtime, ctime, inode), the sha256 of its bytes, and the converter's format version.
 
 - The identity matches: the conversion is used without reading the file.
 - Only the identity changed (a `touch`, a `cp` of the same bytes, a re-download): the file is
-  hashed; the same sha256 keeps the conversion and records the new identity.
+  hashed; the same sha256 keeps the conversion and records the new identity (where the cache can
+  be written).
 - Anything else (other bytes, another format version, no record): the file is converted again and
   the new directory replaces the old one, so a path never holds more than one conversion.
 
 ctime is part of the identity because no user can set it: `cp -p` or `rsync -t` give another
-file the old size and mtime, never the old ctime. Whenever a conversion is written, what nothing
-can use any more is removed: directories from before the record existed (no `source.json`), the
-conversions of files this host recorded and no longer has, and the staging directories of
-conversions on this host whose process is gone (killed mid-conversion). Another host sharing the
-cache keeps what it recorded.
+file the old size and mtime, never the old ctime. A conversion is built in a staging directory
+whose lock file its process holds (`flock`) until the result is renamed into place. Whenever a
+conversion is written, two kinds of leftovers are removed: staging directories whose lock nobody
+holds (a conversion killed midway), and directories of the naming before the record existed
+(`<name>-<12 hex digits>` holding a `config.json`, no `source.json` and no `.gguf`). Nothing else
+under `root` is touched.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import socket
 import tempfile
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("pagedlm")
 
 _RECORD = "source.json"
+_LOCK = ".lock"  # in a staging directory, held by the process converting there
+_STAGING = ".staging-"
+_LEGACY_NAME = re.compile(r".+-[0-9a-f]{12}")
+# A staging directory younger than this is left alone (its process may not hold its lock yet).
+_STAGING_GRACE_SECONDS = 60
 
 
 def _identity(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino, "device": st.st_dev}
+    # Not st_dev: one file on a shared (NFS) mount has another device number on each host.
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
 def _sha256(path: str) -> str:
@@ -59,51 +68,56 @@ def _write_record(out_dir: str, record: dict) -> None:
     os.replace(tmp, os.path.join(out_dir, _RECORD))
 
 
-def _still_valid(out_dir: str, source: str, version: int) -> bool:
-    """Whether `out_dir` holds a conversion of `source`'s current bytes, re-recording its identity
-    when only that changed."""
+def _holds_source(out_dir: str, source: str, version: int) -> bool:
+    """Whether `out_dir` holds this converter version's conversion of `source`'s current bytes;
+    where only the file's identity changed, the new one is recorded (when the cache is writable)."""
     record = _read_record(out_dir)
     if record is None or record.get("version") != version or record.get("path") != source:
         return False
     identity = _identity(os.stat(source))
-    if record.get("identity") == identity:
+    recorded = record.get("identity") or {}
+    if recorded == identity:
         return True
-    if record["identity"].get("size") != identity["size"] or record.get("sha256") != _sha256(source):
+    if recorded.get("size") != identity["size"] or record.get("sha256") != _sha256(source):
         return False
-    _write_record(out_dir, {**record, "identity": identity})
+    try:
+        _write_record(out_dir, {**record, "identity": identity})
+    except OSError:
+        pass  # a read-only cache: the same bytes are hashed again next time
     return True
 
 
-def _staging_prefix(out_dir: str) -> str:
-    return f".{os.path.basename(out_dir)}.{socket.gethostname()}.{os.getpid()}."
-
-
-def _process_gone(pid: int) -> bool:
+def _abandoned_staging(path: str) -> bool:
+    """Whether a staging directory's conversion is over: old enough, and nobody holds its lock."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
+        if time.time() - os.stat(path).st_mtime < _STAGING_GRACE_SECONDS:
+            return False
+        with open(os.path.join(path, _LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False
+    return True
 
 
-def _unusable(root: str, name: str) -> bool:
-    if not name.startswith("."):
-        if not os.path.exists(os.path.join(root, name, _RECORD)):
-            return True
-        record = _read_record(os.path.join(root, name))
-        return record is not None and record.get("host") == socket.gethostname() and not os.path.exists(record["path"])
-    parts = name.rsplit(".", 2)  # _staging_prefix, then mkdtemp's suffix (no dots)
-    return (len(parts) == 3 and parts[0].endswith(f".{socket.gethostname()}") and parts[1].isdigit()
-            and int(parts[1]) != os.getpid() and _process_gone(int(parts[1])))
+def _legacy_conversion(path: str) -> bool:
+    """Whether a directory is a conversion of the naming before ``source.json`` (nothing finds it)."""
+    names = set(os.listdir(path))
+    return (_LEGACY_NAME.fullmatch(os.path.basename(path)) is not None and "config.json" in names
+            and _RECORD not in names and not any(n.endswith(".gguf") for n in names))
 
 
-def _remove_unusable(root: str) -> None:
+def _remove_leftovers(root: str, keep: str) -> None:
     for name in os.listdir(root):
-        if os.path.isdir(os.path.join(root, name)) and _unusable(root, name):
-            logger.info("removing %s, a conversion nothing can use", os.path.join(root, name))
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        path = os.path.join(root, name)
+        if path == keep or not os.path.isdir(path):
+            continue
+        staging = name.startswith(".") and _STAGING in name
+        if (staging and _abandoned_staging(path)) or (not name.startswith(".") and _legacy_conversion(path)):
+            logger.info("removing %s, %s", path, "a conversion killed midway" if staging else
+                        "a conversion from before source.json")
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def cached_conversion(source: str, root: str, convert: Callable[[str, str], object], version: int) -> str:
@@ -118,34 +132,43 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
     source = os.path.abspath(source)
     stem = os.path.basename(source).removesuffix(".gguf")
     out_dir = os.path.join(root, f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:12]}")
-    if os.path.isdir(out_dir) and _still_valid(out_dir, source, version):
+    if os.path.isdir(out_dir) and _holds_source(out_dir, source, version):
         logger.debug("using the earlier conversion of %s at %s", source, out_dir)
         return out_dir
 
     os.makedirs(root, exist_ok=True)
-    record = {"path": source, "host": socket.gethostname(), "identity": _identity(os.stat(source)),
-              "sha256": _sha256(source), "version": version}
-    staging = tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=root)
+    record = {"path": source, "identity": _identity(os.stat(source)), "sha256": _sha256(source), "version": version}
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)
     converted = os.path.join(staging, "checkpoint")
     try:
-        logger.info("converting %s to an HF checkpoint at %s", source, out_dir)
-        convert(source, converted)
-        _write_record(converted, record)
-        for attempt in range(3):
-            try:
-                os.rename(converted, out_dir)
-                break
-            except OSError:
-                if not os.path.isdir(out_dir):
-                    raise
-            if _still_valid(out_dir, source, version):  # another process finished first
-                break
-            logger.info("replacing the conversion of %s's earlier contents", source)
-            try:
-                os.rename(out_dir, os.path.join(staging, f"superseded-{attempt}"))
-            except FileNotFoundError:
-                pass
+        with open(os.path.join(staging, _LOCK), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held until the result is in place
+            logger.info("converting %s to an HF checkpoint at %s", source, out_dir)
+            convert(source, converted)
+            _write_record(converted, record)
+            _move_into_place(converted, out_dir, staging, source, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _remove_unusable(root)
+    _remove_leftovers(root, keep=out_dir)
     return out_dir
+
+
+def _move_into_place(converted: str, out_dir: str, staging: str, source: str, version: int) -> None:
+    """Rename `converted` to `out_dir`, moving a conversion of other bytes there aside first; keep
+    one that another process finished first for the same bytes."""
+    for attempt in range(3):
+        try:
+            os.rename(converted, out_dir)
+            return
+        except OSError:
+            if not os.path.isdir(out_dir):
+                raise
+        if _holds_source(out_dir, source, version):
+            return
+        logger.info("replacing the conversion of %s's earlier contents", source)
+        try:
+            os.rename(out_dir, os.path.join(staging, f"superseded-{attempt}"))
+        except FileNotFoundError:
+            pass
+    raise OSError(f"could not put the conversion of {source} in place at {out_dir}: other processes kept "
+                  "replacing it")
