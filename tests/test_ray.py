@@ -107,7 +107,7 @@ def test_cli_on_ray_end_to_end_and_resume(local_cluster, llama_dir, local_rows, 
     (["--max-in-flight", "0"], None, "--max-in-flight must be a positive integer"),
     (["--cpus-per-actor", "100000"], None, "more than the"),  # found by a hunt: waited forever
     # Found by a hunt: actors holding every CPU left none for the read task, which waited forever.
-    (["--num-actors", str(os.cpu_count() or 1)], None, "Ray's read and write tasks need one"),
+    (["--num-actors", "100000"], None, "Ray's read and write tasks need one"),
     (["--gpu-memory-utilization", "1.5"], None, "gpu_memory_utilization must be None or a number in (0, 1]"),
     # A job's output as input: refused as the local runner refuses it (it ran every row as an error).
     ([], [{"id": 1, "prompt": "x", "outputs": [], "prompt_tokens": 1, "completion_tokens": 0, "error": None}],

@@ -1,6 +1,7 @@
 """SamplingParams semantics against Hugging Face: logprobs, prompt logprobs, penalties and
 warpers, beam search; plus n/best_of sharing KV blocks, seeds, stop strings and processors."""
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -193,8 +194,8 @@ def test_n_above_max_num_seqs_runs_as_child_requests(llama_dir, n):
     completions, each completion seeded as one request seeds it, the prompt logprobs computed once."""
     params = SamplingParams(n=n, temperature=1.0, seed=5, max_tokens=6, logprobs=1, prompt_logprobs=1)
     prompts = _ids(PROMPTS[:2])
-    small = LLM(llama_dir, dtype="float32", max_num_seqs=4)
-    whole = LLM(llama_dir, dtype="float32", max_num_seqs=16).generate(prompts, params, use_tqdm=False)
+    small, big = LLM(llama_dir, dtype="float32", max_num_seqs=4), LLM(llama_dir, dtype="float32", max_num_seqs=16)
+    whole = big.generate(prompts, params, use_tqdm=False)
     split = small.generate(prompts, params, use_tqdm=False)
     for a, b in zip(whole, split):
         assert [c.index for c in b.outputs] == list(range(n))
@@ -209,6 +210,13 @@ def test_n_above_max_num_seqs_runs_as_child_requests(llama_dir, n):
         small.generate(prompts, SamplingParams(n=2, best_of=10, temperature=1.0), use_tqdm=False)
     with pytest.raises(ValueError, match=r"LLM.generate runs a larger n"):
         small.llm_engine.add_request("r", prompts[0], params)
+    # A seed near int64's end: the children's seeds wrap as torch wraps a generator's (found by a review).
+    near_end = dataclasses.replace(params, seed=2**63 - 5, prompt_logprobs=None, logprobs=None)
+    assert [c.token_ids for c in small.generate(prompts[:1], near_end, use_tqdm=False)[0].outputs] == \
+        [c.token_ids for c in big.generate(prompts[:1], near_end, use_tqdm=False)[0].outputs]
+    errors = dict(small.generate_as_completed(prompts[:1], dataclasses.replace(near_end, seed=-1 - 4),
+                                              return_errors=True))
+    assert "gives completion 4 the seed -1" in str(errors[0]) and errors[0].field == "seed"
 
 
 def test_n_shares_prompt_blocks(llama_dir):

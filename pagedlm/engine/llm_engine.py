@@ -23,7 +23,7 @@ from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
 from pagedlm.engine.thinking_budget import ReasoningTokens, ThinkingBudget
 from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
-from pagedlm.logprobs import FlatLogprobs, Logprob
+from pagedlm.logprobs import Logprob, SampleLogprobs
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import (
@@ -45,6 +45,13 @@ _LOGPROB_CONTEXT_TOKENS = 8
 # The prefix-cache salt of LongRoPE sequences past the threshold (their K/V use the long factors),
 # paired with the request's own salt.
 _LONG_ROPE_SALT = "long_rope"
+
+
+def _with_entry(logprobs: SampleLogprobs, entry: dict[int, Logprob]) -> SampleLogprobs:
+    """A copy of ``logprobs`` (a list or a ``FlatLogprobs``) with ``entry`` appended."""
+    extended = logprobs[:]
+    extended.append(entry)
+    return extended
 
 
 def _long_rope_salt(cache_salt: str | None) -> tuple[str, str | None]:
@@ -587,7 +594,7 @@ class LLMEngine:
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
             [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
-            (lambda beam, token_id: [*beams[beam].logprobs, entry(beam, token_id)]) if entry else None,
+            (lambda beam, token_id: _with_entry(beams[beam].logprobs, entry(beam, token_id))) if entry else None,
         )
         # Each beam's dict from its parent's context, before any beam appends its token.
         entries = [entry(c.parent, c.token_id) for c in candidates] if entry else None
@@ -621,7 +628,7 @@ class LLMEngine:
             seq = Sequence(i, group.prompt_token_ids, self.cache_config.block_size)
             seq.output_token_ids = hypothesis.token_ids
             seq.cumulative_logprob = hypothesis.cumulative_logprob
-            seq.logprobs = FlatLogprobs.of(hypothesis.logprobs) if params.flat_logprobs else hypothesis.logprobs
+            seq.logprobs = hypothesis.logprobs
             if hypothesis.stopped:
                 seq.status = SequenceStatus.FINISHED_STOPPED
                 seq.stop_reason = self.stop_checker.stop_reason(params, hypothesis.token_ids[-1])

@@ -414,7 +414,8 @@ class LLM:
         ``prompts`` may be any iterable, a generator included: it is read lazily, 64 prompts at a
         time (they are tokenized together), and at most ``max_in_flight`` requests (default twice
         ``max_num_seqs``) are queued in the engine at once, so memory is bounded by that window,
-        not by the input. ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the
+        not by the input (a prompt whose ``n`` runs as several requests, ``parallel_sampling``, is
+        added whole: all its requests count, and it may overshoot the window). ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the
         model's defaults, or an iterable with one entry per prompt (``None`` entries take the
         defaults). Closing the iterator early (``break``) aborts the requests still in flight.
 
@@ -500,6 +501,8 @@ class LLM:
         # construction). Only finished outputs are returned (as vLLM's LLM does), so the engine
         # builds no others.
         final_only: dict[int, SamplingParams | ValueError] = {}
+        # Each checked params object's child requests (parallel_sampling), None where it runs as one.
+        split: dict[int, list[tuple[int, SamplingParams]] | ValueError | None] = {}
         for k, (index, _, params) in enumerate(items):
             reason = errors.get(k)
             if params is None:
@@ -520,15 +523,20 @@ class LLM:
             if reason is None:
                 token_ids[k] = self.llm_engine.truncate_prompt(
                     token_ids[k], params.truncate_prompt_tokens, truncate_prompt_tokens, from_text=k in from_text)
-                max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
-                checked = child_params(params, max_num_seqs)[0][1] if needs_children(params, max_num_seqs) else params
-                reason = self.llm_engine.check_request(token_ids[k], checked, wait_for_grammars)
+                if id(params) not in split:
+                    split[id(params)] = self._children_of(params)
+                children = split[id(params)]
+                if isinstance(children, ValueError):
+                    reason = children
+                else:
+                    checked = children[0][1] if children else params
+                    reason = self.llm_engine.check_request(token_ids[k], checked, wait_for_grammars)
             if reason is None:
                 grammar = None
                 if params.structured_outputs is not None and not wait_for_grammars:
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
                 prompt = ParsedPrompt(parsed[k].text, token_ids[k], parsed[k].cache_salt)
-                requests.append(_Request(index, prompt, params, grammar))
+                requests.append(_Request(index, prompt, params, grammar, children))
             else:
                 requests.append(_Rejected(index, reason))
         return requests
@@ -647,9 +655,6 @@ class LLM:
                         wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
                         continue
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
-                    for out in finished:
-                        num_in += len(out.prompt_token_ids)
-                        num_out += sum(len(c.token_ids) for c in out.outputs)
                     done = []
                     for out in finished:
                         index, parent = in_flight.pop(out.request_id), parents.pop(out.request_id, None)
@@ -659,6 +664,9 @@ class LLM:
                             done.append((index, out))
                     if not done:
                         continue
+                    for _, out in done:
+                        num_in += len(out.prompt_token_ids)
+                        num_out += sum(len(c.token_ids) for c in out.outputs)
                     if use_tqdm:
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.set_postfix_str(
@@ -677,20 +685,26 @@ class LLM:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
 
+    def _children_of(self, params: SamplingParams) -> list[tuple[int, SamplingParams]] | ValueError | None:
+        """``params``' child requests where it asks for more completions than the engine runs at
+        once (``parallel_sampling``), None where it runs as one request, or why it cannot split."""
+        max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
+        if not needs_children(params, max_num_seqs):
+            return None
+        try:
+            return child_params(params, max_num_seqs)
+        except ValueError as exc:
+            return exc
 
     def _add(self, request: "_Request", in_flight: dict[str, int], parents: dict[str, ParentRequest]) -> None:
-        """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``
-        when it asks for more completions than the engine runs at once."""
+        """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``."""
         request_id = str(next(self._request_counter))
-        max_num_seqs = self.llm_engine.scheduler_config.max_num_seqs
-        if not needs_children(request.params, max_num_seqs):
+        if request.children is None:
             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
             self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
             return
-        children = child_params(request.params, max_num_seqs)
-        parent = ParentRequest(request_id, request.index, {f"{request_id}.{j}": offset
-                                                           for j, (offset, _) in enumerate(children)})
-        for child_id, (_, params) in zip(parent.offsets, children):
+        parent = ParentRequest(request_id, {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)})
+        for child_id, (_, params) in zip(parent.offsets, request.children):
             in_flight[child_id], parents[child_id] = request.index, parent
             self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
 
@@ -704,6 +718,7 @@ class _Request:
     prompt: ParsedPrompt  # tokenized, truncated and checked
     params: SamplingParams
     grammar: Future | None = None
+    children: list[tuple[int, SamplingParams]] | None = None  # (offset, params) of its child requests
 
     def error(self, engine: LLMEngine) -> FieldError | None:
         """Why the request cannot run after all, once its constraint has compiled

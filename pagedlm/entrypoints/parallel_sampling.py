@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
+from pagedlm.utils import FieldError
 
 
 def needs_children(params: SamplingParams, max_num_seqs: int) -> bool:
@@ -22,17 +23,32 @@ def needs_children(params: SamplingParams, max_num_seqs: int) -> bool:
 def child_params(params: SamplingParams, max_num_seqs: int) -> list[tuple[int, SamplingParams]]:
     """``(offset, params)`` of each child: child completion ``i`` is the request's completion
     ``offset + i``, seeded with ``seed + offset + i`` as one request would seed it. Only the first
-    child computes ``prompt_logprobs``; the others read the prompt's blocks from the prefix cache."""
+    child computes ``prompt_logprobs``; the others read the prompt's blocks from the prefix cache.
+
+    Raises:
+        FieldError: a child's seed would be -1, which ``SamplingParams`` reads as no seed.
+    """
     children = []
     for offset in range(0, params.n, max_num_seqs):
         n = min(max_num_seqs, params.n - offset)
         changes = {"n": n, "best_of": n}
         if params.seed is not None:
-            changes["seed"] = params.seed + offset
+            changes["seed"] = _child_seed(params.seed, offset)
         if offset:
             changes["prompt_logprobs"] = None
         children.append((offset, params.clone(**changes)))
     return children
+
+
+def _child_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` within int64 (what ``SamplingParams`` holds), wrapped as torch wraps a
+    generator's seed (modulo 2**64), so that the child's generators are the ones ``seed + offset + i``
+    gives."""
+    wrapped = (seed + offset + 2**63) % 2**64 - 2**63
+    if wrapped == -1:
+        raise FieldError(f"seed {seed} gives completion {offset} the seed -1, which SamplingParams reads as no seed "
+                         f"(this n runs as several requests); pick another seed", "seed")
+    return wrapped
 
 
 @dataclass(slots=True)
@@ -40,7 +56,6 @@ class ParentRequest:
     """The children of one request that are still running, and the outputs of those that finished."""
 
     request_id: str
-    index: int  # the prompt's position in the LLM call
     offsets: dict[str, int]  # child request id -> its first completion's index in the request
     finished: list[tuple[int, RequestOutput]] = field(default_factory=list)
 

@@ -59,8 +59,8 @@ class PagedLMProcessorConfig:
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
         num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1); Ray reserves
-            one CPU for an actor without ``num_cpus``. Actors that hold every CPU of the cluster
-            leave none for Ray's read and write tasks, and the dataset waits forever (a warning
+            one CPU for an actor without ``num_cpus``. Actors that leave less than one CPU of the
+            cluster free leave none for Ray's read and write tasks, and the dataset waits forever (a warning
             says so when the cluster Ray has joined is that small).
         torch_threads: intra-op threads of each actor's ``LLM`` (default: the CPUs it reserves,
             ``num_cpus`` rounded down, at least 1; one for an actor without ``num_cpus``).
@@ -135,10 +135,10 @@ class Processor:
 
         if ray.is_initialized():
             cpus = ray.cluster_resources().get("CPU", 0)
-            if self.config.reserved_cpus >= cpus:
-                logger.warning("the actors reserve %s CPUs of the cluster's %s: none is left for Ray's read and write "
-                               "tasks, and the dataset waits until the cluster grows (set concurrency or num_cpus "
-                               "lower)", self.config.reserved_cpus, cpus)
+            if cpus - self.config.reserved_cpus < 1:
+                logger.warning("the actors reserve %s CPUs of the cluster's %s: less than one is left for Ray's read "
+                               "and write tasks, and the dataset waits until the cluster grows (set concurrency or "
+                               "num_cpus lower)", self.config.reserved_cpus, cpus)
         resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
                      if v is not None}
         if self.preprocess is not None:
@@ -248,7 +248,8 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
     """A Ray tensor column's type as the nested lists ``_plain`` turns its values into: Ray types a
     batch of equal-shaped arrays and one of unequal shapes differently, and neither Parquet nor
     pandas joins the two."""
-    if not (isinstance(typ, pa.ExtensionType) and typ.extension_name.startswith("ray.data.arrow_")):
+    if not (isinstance(typ, pa.ExtensionType) and (typ.extension_name.startswith("ray.data.arrow_")
+                                                    or typ.extension_name == "arrow.fixed_shape_tensor")):
         return typ
     plain = typ.value_type
     for _ in range(getattr(typ, "ndim", None) or len(typ.shape)):
