@@ -1,6 +1,6 @@
 """Log-probabilities in outputs (vLLM's ``vllm.logprobs``)."""
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -18,7 +18,7 @@ LogprobsOnePosition = dict[int, Logprob]
 
 
 @dataclass
-class FlatLogprobs(Sequence[LogprobsOnePosition]):
+class FlatLogprobs(MutableSequence[LogprobsOnePosition]):
     """The logprobs of many positions in six flat lists (vLLM's, ``SamplingParams.flat_logprobs``):
     a constant number of Python objects whatever the length and ``logprobs`` count, where a list
     of dicts holds two objects per entry for the garbage collector to walk.
@@ -27,7 +27,8 @@ class FlatLogprobs(Sequence[LogprobsOnePosition]):
     ``i``'s dict on demand, and a slice is a ``FlatLogprobs``. Position ``i``'s entries are
     ``token_ids[start_indices[i]:end_indices[i]]`` and the same range of ``logprobs``, ``ranks`` and
     ``decoded_tokens``. A position without logprobs (the first prompt token's ``None``) reads as
-    ``{}``, as vLLM's does. Only ``append`` and ``extend`` change it.
+    ``{}``, as vLLM's does. Only ``append`` and ``extend`` change it (setting, deleting or inserting a
+    position raises ``TypeError``, as in vLLM).
     """
 
     start_indices: list[int] = field(default_factory=list)
@@ -71,6 +72,15 @@ class FlatLogprobs(Sequence[LogprobsOnePosition]):
                                 self.logprobs[lo:hi], self.ranks[lo:hi], self.decoded_tokens[lo:hi])
         return {self.token_ids[j]: Logprob(self.logprobs[j], self.ranks[j], self.decoded_tokens[j])
                 for j in range(self.start_indices[index], self.end_indices[index])}
+
+    def __setitem__(self, index: int | slice, value: object) -> None:
+        raise TypeError("FlatLogprobs positions cannot be set")
+
+    def __delitem__(self, index: int | slice) -> None:
+        raise TypeError("FlatLogprobs positions cannot be deleted")
+
+    def insert(self, index: int, value: object) -> None:
+        raise TypeError("FlatLogprobs positions cannot be inserted; append adds the next one")
 
     def __iter__(self) -> Iterator[LogprobsOnePosition]:
         return (self[i] for i in range(len(self)))

@@ -264,6 +264,16 @@ def test_return_errors_yields_each_bad_prompt_and_runs_the_rest(llm):
     assert all(isinstance(results[i], RequestOutput) and results[i].finished for i in (0, 1, 4))
 
 
+@pytest.mark.parametrize("max_in_flight", [1, 2, None])
+def test_a_window_of_only_bad_prompts_does_not_end_the_input(llm, max_in_flight):
+    """Found by a hunt: when a whole window of prompts was refused with nothing in flight, the loop
+    ended and the prompts after them never ran (a job wrote no rows for them and exited 0)."""
+    prompts = ["a", {"prompt_token_ids": []}, "b", "c"] + [{"prompt_token_ids": []}] * 20 + ["d", "e"]
+    results = dict(llm.generate_as_completed(prompts, exact(2), return_errors=True, max_in_flight=max_in_flight))
+    assert sorted(results) == list(range(len(prompts)))
+    assert [i for i, r in sorted(results.items()) if isinstance(r, RequestOutput)] == [0, 2, 3, 24, 25]
+
+
 def test_without_return_errors_the_earlier_prompts_finish_then_it_raises(llm):
     seen = []
     with pytest.raises(ValueError, match="prompt 2 cannot run: the prompt is empty"):

@@ -23,6 +23,9 @@ def test_flat_logprobs_read_as_a_list_of_dicts():
     assert flat[1:].start_indices == [0, 2, 2] and flat[1:].token_ids == [5, 7, 9]
     with pytest.raises(IndexError):
         flat[4]
+    for change in (lambda: flat.__setitem__(0, {}), lambda: flat.__delitem__(0), lambda: flat.insert(0, {})):
+        with pytest.raises(TypeError):  # vLLM's: positions are only appended
+            change()
 
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,8 @@ def test_resolve_model(tmp_path, monkeypatch):
     out = resolve_model(path)
     assert out.startswith(str(tmp_path / "cache" / "gguf" / "tiny-"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    # Readable by every user of a shared cache (safetensors wrote the weights owner-only).
+    assert all(os.stat(os.path.join(out, name)).st_mode & 0o444 == 0o444 for name in os.listdir(out))
     mtime = os.stat(os.path.join(out, "config.json")).st_mtime_ns
     assert resolve_model(path) == out
     assert os.stat(os.path.join(out, "config.json")).st_mtime_ns == mtime

@@ -134,7 +134,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
   C10_CUDA_CHECK(launch_reshape_and_cache(
       key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr<int64_t>(),
-      key_cache.size(0) * key_cache.size(2), static_cast<int>(key.size(0)), static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
+      key_cache.size(0) * key_cache.size(2), static_cast<int>(key.size(0)), static_cast<int>(key.size(1)),
+      static_cast<int>(key.size(2)),
       static_cast<int>(key_cache.size(2)), key_stride, value_stride, dtype_of(key), cache_dtype_of(key_cache),
       1.f / static_cast<float>(k_scale), 1.f / static_cast<float>(v_scale), c10::cuda::getCurrentCUDAStream()));
 }

@@ -75,7 +75,8 @@ class LLMEngine:
         self.tokenizer = get_tokenizer(model_config.tokenizer or model_config.model, model_config.trust_remote_code,
                                        model_config.chat_template)
         # thinking_token_budget's start and end tokens (None: no request may set it)
-        self.reasoning_tokens = None if reasoning_config is None else ReasoningTokens.of(reasoning_config, self.tokenizer)
+        self.reasoning_tokens = (None if reasoning_config is None
+                                 else ReasoningTokens.of(reasoning_config, self.tokenizer))
         self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
@@ -164,7 +165,8 @@ class LLMEngine:
                 return FieldError("thinking_token_budget needs the model's reasoning start and end strings: "
                                   "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...))",
                                   "thinking_token_budget")
-            if params.allowed_token_ids is not None and not set(self.reasoning_tokens.end) <= set(params.allowed_token_ids):
+            end = set(self.reasoning_tokens.end)
+            if params.allowed_token_ids is not None and not end <= set(params.allowed_token_ids):
                 return FieldError(f"allowed_token_ids must hold the reasoning end tokens "
                                   f"{list(self.reasoning_tokens.end)} that thinking_token_budget forces",
                                   "allowed_token_ids")

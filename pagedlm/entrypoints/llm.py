@@ -415,9 +415,9 @@ class LLM:
         time (they are tokenized together), and at most ``max_in_flight`` requests (default twice
         ``max_num_seqs``) are queued in the engine at once, so memory is bounded by that window,
         not by the input (a prompt whose ``n`` runs as several requests, ``parallel_sampling``, is
-        added whole: all its requests count, and it may overshoot the window). ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the
-        model's defaults, or an iterable with one entry per prompt (``None`` entries take the
-        defaults). Closing the iterator early (``break``) aborts the requests still in flight.
+        added whole: all its requests count, and it may overshoot the window).
+        ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the model's defaults, or
+        an iterable with one entry per prompt (``None`` entries take the defaults). Closing the iterator early (``break``) aborts the requests still in flight.
 
         A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
         ``return_errors`` is True (a ``utils.FieldError`` naming the ``SamplingParams`` field at
@@ -483,7 +483,8 @@ class LLM:
             lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
             raise ValueError(f"{len(errors)} of {len(prompts)} {what} are invalid; nothing was run:\n{lines}")
         outputs: list[RequestOutput | None] = [None] * len(prompts)
-        for index, output in self._stream(iter(requests), max_in_flight or len(requests), len(requests), use_tqdm, False):
+        window = max_in_flight or max(len(requests), 1)
+        for index, output in self._stream(iter(requests), window, len(requests), use_tqdm, False):
             outputs[index] = output
         return outputs
 
@@ -650,10 +651,11 @@ class LLM:
                         compiling = [r for r in compiling if r.index < bad.index]
                         held = [r for r in held if r.index < bad.index]
                     if not in_flight:
-                        if not compiling:
+                        if compiling:
+                            wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
+                        elif exhausted or bad is not None:
                             break
-                        wait([r.grammar for r in compiling], return_when=FIRST_COMPLETED)
-                        continue
+                        continue  # a window of prompts that could not run: read on
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
                     done = []
                     for out in finished:
@@ -703,7 +705,8 @@ class LLM:
             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
             self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
             return
-        parent = ParentRequest(request_id, {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)})
+        offsets = {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)}
+        parent = ParentRequest(request_id, offsets)
         for child_id, (_, params) in zip(parent.offsets, request.children):
             in_flight[child_id], parents[child_id] = request.index, parent
             self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))

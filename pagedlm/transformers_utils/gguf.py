@@ -331,6 +331,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
             _convert_with_transformers(reader, arch, gguf_path, tmp)
         max_len = _field(reader, f"{arch}.context_length")
         _write_tokenizer(gguf_path, tmp, max_len, add_bos, add_eos)
+        for name in os.listdir(tmp):  # safetensors writes owner-only files; a shared cache is read by others
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.chmod(os.path.join(tmp, name), 0o644)
         os.rename(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

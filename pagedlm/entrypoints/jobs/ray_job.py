@@ -43,8 +43,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
 
     Raises:
         ValueError: before Ray starts: a bad option, a missing model or input, OpenAI batch rows
-            (the Ray path runs plain rows), actors that would hold every CPU of a known cluster, an unreachable ``address``, an output that exists
-            without ``resume``, or other settings than the job's.
+            (the Ray path runs plain rows), actors that would leave less than one CPU of a known
+            cluster free, an unreachable ``address``, an output that exists without ``resume``, or
+            other settings than the job's.
     """
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
@@ -85,8 +86,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         if sum(nodes) - processor_config.reserved_cpus < 1:
             raise ValueError(f"--num-actors {num_actors} actors of {reserved or 1} CPUs each (--cpus-per-actor, else "
                              f"--threads-per-actor, else 1) leave less than one of the {sum(nodes)} CPUs of the Ray "
-                             "cluster free, and Ray's read and write tasks need one: the job would wait forever; use fewer actors or "
-                             "CPUs per actor")
+                             "cluster free, and Ray's read and write tasks need one: the job would wait forever; "
+                             "use fewer actors or CPUs per actor")
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
     check_record(config, record, started)
     own_ray = not ray.is_initialized()
