@@ -1190,3 +1190,13 @@ def test_openai_bodies_take_vllms_logprob_token_ids(llama_dir, tmp_path):
         assert set(tok.decode([i]) for i in ids) <= set(position) and len(position) <= len(ids) + 1
     assert "logprob_token_ids needs logprobs: true" in got["no-logprobs"]["error"]["message"]
     assert "give one" in got["both"]["error"]["message"]
+
+
+def test_rows_after_a_window_of_bad_rows_still_run(llama_dir, tmp_path):
+    """Found by a hunt: with --max-in-flight 1, a refused row with nothing in flight ended the run;
+    the rows after it were never written and the job exited 0."""
+    rows = [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "word " * 200}, {"id": 3, "prompt": "b"},
+            {"id": 4, "prompt_token_ids": []}, {"id": 5, "prompt": "c"}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", max_in_flight=1)
+    assert sorted(r["id"] for r in out) == [1, 2, 3, 4, 5]
+    assert sorted(r["id"] for r in out if r["error"]) == [2, 4] and (stats.completed, stats.errors) == (3, 2)
