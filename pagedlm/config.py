@@ -354,6 +354,9 @@ class ReasoningConfig:
         if not (self.reasoning_start_str and self.reasoning_end_str):
             raise ValueError("a ReasoningConfig needs reasoning_parser, or both reasoning_start_str and "
                              "reasoning_end_str.")
+        if self.reasoning_start_str == self.reasoning_end_str:
+            raise ValueError(f"reasoning_start_str and reasoning_end_str must differ, got {self.reasoning_end_str!r} "
+                             "for both (no thinking section could ever close).")
 
 
 def _is_int(value: object) -> bool:

@@ -37,14 +37,6 @@ def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor
     return torch.index_select(table, 0, as_bytes).view(bitmask.shape[0], -1)[:, :vocab_size]
 
 
-def one_token_bitmask(token_id: int, vocab_size: int) -> torch.Tensor:
-    """A ``token_bitmask`` row (int32 [ceil(vocab_size / 32)]) that allows ``token_id`` alone."""
-    row = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-    bit = 1 << (token_id % 32)
-    row[token_id // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # int32's two's complement
-    return row
-
-
 @dataclass(slots=True)
 class SequenceData:
     """One sequence's share of a step.
@@ -65,9 +57,10 @@ class SequenceData:
     num_samples: int = 0
     generators: list[torch.Generator] | None = None  # one per sample, for seeded requests
     banned_token_ids: Sequence[int] = ()  # may not be sampled now (``min_tokens``, ``bad_words``)
-    # Structured outputs, or a token forced (thinking_token_budget): int32 [ceil(vocab / 32)], bit
-    # t % 32 of word t // 32 set = token t allowed.
+    # Structured outputs: int32 [ceil(vocab / 32)], bit t % 32 of word t // 32 set = token t allowed.
     token_bitmask: torch.Tensor | None = None
+    # The token the sample must be (thinking_token_budget), whatever the processed logits say.
+    forced_token_id: int | None = None
     # Prompt positions [first, end) in this chunk whose next-token log-probabilities are returned.
     prompt_logprob_span: tuple[int, int] | None = None
 

@@ -1178,16 +1178,24 @@ def test_openai_bodies_take_vllms_logprob_token_ids(llama_dir, tmp_path):
     top_logprobs are those ids, in their order."""
     ids = [40, 41, 42]
     rows = [_chat_row("chat", logprobs=True, logprob_token_ids=ids),
-            _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": ids}),
+            # vLLM's server: logprobs switches the ids on, its count unused; an empty list is none.
+            _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "logprobs": 0, "logprob_token_ids": ids}),
+            _openai_row("cmpl-empty", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": []}),
+            _openai_row("cmpl-no-logprobs", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": ids}),
             _chat_row("no-logprobs", logprob_token_ids=ids),
             _chat_row("both", logprobs=True, top_logprobs=2, logprob_token_ids=ids)]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r for r in out}
     tok = AutoTokenizer.from_pretrained(llama_dir)
-    for entry in got["chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]:
-        assert [t["token"] for t in entry["top_logprobs"]] == [tok.decode([i]) for i in ids]
+    choice = got["chat"]["response"]["body"]["choices"][0]
+    for entry in choice["logprobs"]["content"]:  # the sampled token, then the ids (vLLM's whole dict)
+        listed = [t["token"] for t in entry["top_logprobs"]]
+        assert listed[0] == entry["token"] and [t for t in listed[1:] if t != entry["token"]] == \
+            [tok.decode([i]) for i in ids if tok.decode([i]) != entry["token"]]
     for position in got["cmpl"]["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"]:
         assert set(tok.decode([i]) for i in ids) <= set(position) and len(position) <= len(ids) + 1
+    assert got["cmpl-empty"]["error"] is None and got["cmpl-empty"]["response"]["body"]["choices"][0]["logprobs"] is None
+    assert "logprob_token_ids needs logprobs set" in got["cmpl-no-logprobs"]["error"]["message"]
     assert "logprob_token_ids needs logprobs: true" in got["no-logprobs"]["error"]["message"]
     assert "give one" in got["both"]["error"]["message"]
 

@@ -1,6 +1,7 @@
 """``SamplingParams.thinking_token_budget`` (vLLM's): once a thinking section holds that many tokens,
 the reasoning end string is forced, token by token."""
 
+import dataclasses
 import json
 
 import pytest
@@ -37,6 +38,8 @@ def test_sections_the_output_opens_and_closes():
     assert forced_run(4, [1], [5, 6, 20, 7, 8, 9, 21, 5, 6, 22, 23, 24, 25, 26]) == \
         [5, 6, 20, 7, 8, 9, 21, 5, 6, 22, 23, 24, 25, 7, 8, 9, 26]
     assert forced_run(3, [1], [5, 6, 20, 7, 8, 9]) == [5, 6, 20, 7, 8, 7, 8, 9, 9]  # as vLLM counts
+    # A start inside an open section does not restart its count (found by a hunt against vLLM's V1).
+    assert forced_run(3, [1, 5, 6], [20, 5, 6, 21, 22]) == [20, 5, 6, 7, 8, 9, 21, 22]
     assert forced_run(3, [1], [20, 21, 22, 23, 24]) == [20, 21, 22, 23, 24]  # never opened
 
 
@@ -61,6 +64,34 @@ def test_the_end_string_is_forced_and_generation_goes_on_after_it(llm, budget):
     # After the end string the section is closed: what follows is the model's own greedy choice.
     prefix = out[:budget + len(end)]
     assert out[len(prefix):] == _greedy(llm, prompt + prefix, 14 - len(prefix))
+
+
+def test_forced_tokens_report_the_models_logprobs_and_win_over_processing(llm):
+    """Found by a hunt: forcing ran through a bitmask, before the log-probabilities, so a forced
+    token reported 0.0 (vLLM reports the model's own, computed before it forces); and a processor or
+    ban that removed the forced token ended the completion (vLLM forces after its processors)."""
+    start, end = list(llm.llm_engine.reasoning_tokens.start), list(llm.llm_engine.reasoning_tokens.end)
+    prompt = [BOS, 40, 41, *start]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, thinking_token_budget=1, logprobs=1)
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[1:6] == end
+    for i in range(1, 6):
+        free = SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=[out.token_ids[i]])
+        alone = llm.generate({"prompt_token_ids": prompt + out.token_ids[:i]}, free, use_tqdm=False)[0].outputs[0]
+        model = alone.logprobs[0][out.token_ids[i]]
+        assert out.logprobs[i][out.token_ids[i]].logprob == pytest.approx(model.logprob, abs=1e-5)
+        assert model.logprob < 0
+        assert out.logprobs[i][out.token_ids[i]].rank == model.rank
+    assert out.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(out.token_ids, out.logprobs)))
+
+    def ban_the_end(token_ids, logits):
+        logits[end] = float("-inf")
+        return logits
+
+    processed = dataclasses.replace(params, logits_processors=[ban_the_end], bad_words=[" lazy"],
+                                    allowed_token_ids=[40, 41, 42])
+    got = llm.generate({"prompt_token_ids": prompt}, processed, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids[1:6] == end and got.finish_reason == "length"
 
 
 def test_each_completion_of_a_request_counts_its_own_section(llm):
@@ -105,19 +136,18 @@ def test_what_thinking_token_budget_refuses(llama_dir, llm):
     plain = LLM(llama_dir, dtype="float32", max_model_len=128)
     with pytest.raises(ValueError, match=r"thinking_token_budget needs .*LLM\(reasoning_parser=\.\.\.\)"):
         plain.generate("Hi", SamplingParams(thinking_token_budget=2), use_tqdm=False)
-    end = list(llm.llm_engine.reasoning_tokens.end)
-    with pytest.raises(ValueError, match="allowed_token_ids must hold the reasoning end tokens"):
-        llm.generate("Hi", SamplingParams(thinking_token_budget=2, allowed_token_ids=end[:1]), use_tqdm=False)
     with pytest.raises(ValueError, match="reasoning_parser must be one of qwen3, deepseek_r1"):
         LLM(llama_dir, reasoning_parser="nope")
     with pytest.raises(ValueError, match="reasoning_config: unknown field"):
         LLM(llama_dir, reasoning_config={"reasoning_start": "<think>"})
     with pytest.raises(ValueError, match="needs reasoning_parser, or both"):
         ReasoningConfig(reasoning_end_str="</think>")
+    with pytest.raises(ValueError, match="must differ"):
+        ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str="<think>")
     assert ReasoningConfig(reasoning_parser="qwen3").reasoning_end_str == "</think>"
 
 
-def test_a_job_row_sets_the_budget_under_the_jobs_reasoning_parser(llama_dir, tmp_path):
+def test_a_job_row_sets_the_budget_under_the_jobs_reasoning_parser(llama_dir, tmp_path, capsys):
     from pagedlm.entrypoints.cli import run_main
 
     tok = LLM(llama_dir, dtype="float32", max_model_len=128).get_tokenizer()
@@ -131,3 +161,10 @@ def test_a_job_row_sets_the_budget_under_the_jobs_reasoning_parser(llama_dir, tm
     assert run_main(args) == 0
     out = {r["id"]: r["outputs"][0]["token_ids"] for r in map(json.loads, open(tmp_path / "out.jsonl"))}
     assert out[1][2:2 + len(end)] == end and out[1][:2] == out[2][:2]
+    # The budget as a job default without the parser: refused before any row runs (every row failed).
+    no_parser = [a for a in args if a not in ("--reasoning-parser", "qwen3")]
+    no_parser[no_parser.index(str(tmp_path / "out.jsonl"))] = str(tmp_path / "out2.jsonl")
+    with pytest.raises(SystemExit):
+        run_main([*no_parser, "--thinking-token-budget", "2"])
+    assert not (tmp_path / "out2.jsonl").exists()
+    assert "--thinking-token-budget needs the model's reasoning strings: --reasoning-parser" in capsys.readouterr().err

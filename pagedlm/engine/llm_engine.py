@@ -26,9 +26,7 @@ from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
 from pagedlm.logprobs import Logprob, SampleLogprobs
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.step import (
-    SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs, one_token_bitmask,
-)
+from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
 from pagedlm.utils import FieldError, cdiv, deferred_signals
@@ -163,13 +161,8 @@ class LLMEngine:
         if params.thinking_token_budget is not None:
             if self.reasoning_tokens is None:
                 return FieldError("thinking_token_budget needs the model's reasoning start and end strings: "
-                                  "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...))",
-                                  "thinking_token_budget")
-            end = set(self.reasoning_tokens.end)
-            if params.allowed_token_ids is not None and not end <= set(params.allowed_token_ids):
-                return FieldError(f"allowed_token_ids must hold the reasoning end tokens "
-                                  f"{list(self.reasoning_tokens.end)} that thinking_token_budget forces",
-                                  "allowed_token_ids")
+                                  "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...)) "
+                                  "(pagedlm run: --reasoning-parser)", "thinking_token_budget")
         if params.best_of > self.scheduler_config.max_num_seqs:
             split = " (LLM.generate runs a larger n, with best_of == n, as several requests)" \
                 if params.best_of == params.n and not params.use_beam_search else ""
@@ -505,13 +498,12 @@ class LLMEngine:
                     data.banned_token_ids = tuple(sorted(banned.union(data.banned_token_ids)))
                 if seq.grammar_matcher is not None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
-                elif seq.thinking is not None and (forced := seq.thinking.forced_token()) is not None:
-                    data.token_bitmask = one_token_bitmask(forced, self.vocab_size)
-                # Where the grammar can only end, ending beats min_tokens (else nothing is allowed);
-                # a forced token beats bans alike.
-                if data.token_bitmask is not None and data.banned_token_ids and \
-                        not StructuredOutputManager.allows_other_than(data.token_bitmask, data.banned_token_ids):
-                    data.banned_token_ids = ()
+                    # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).
+                    if data.banned_token_ids and not self.structured_outputs.allows_other_than(
+                            data.token_bitmask, data.banned_token_ids):
+                        data.banned_token_ids = ()
+                if seq.thinking is not None:
+                    data.forced_token_id = seq.thinking.forced_token()
             if group.prompt_logprobs is not None and not span_taken:
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None

@@ -72,8 +72,8 @@ class ThinkingBudget:
                 self.forced, self.count = 0, None
         elif self.tail[-len(self.tokens.end):] == self.tokens.end:
             self.count = None
-        elif self.tail[-len(self.tokens.start):] == self.tokens.start:
-            self.count = 0
+        elif self.count is None and self.tail[-len(self.tokens.start):] == self.tokens.start:
+            self.count = 0  # a start inside an open section does not restart it (vLLM's V1 count)
         elif self.count is not None:
             self.count += 1
 

@@ -128,6 +128,7 @@ class ModelRunner:
             output_token_ids=[e.seq.output_token_ids for e in owners],
             banned_token_ids=[e.seq.banned_token_ids for e in owners],
             token_bitmasks=[e.seq.token_bitmask for e in owners],
+            forced_token_ids=[e.seq.forced_token_id for e in owners],
             generators=generators,
             beam_rows=beam_rows,
             vocab_size=self.vocab_size,

@@ -121,6 +121,8 @@ class OpenAIBatchFormat:
                 raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
         _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
+        if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
+            del fields["logprob_token_ids"]
         renames = {}  # SamplingParams field -> the body's name for it
         if url == CHAT_URL:
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}  # tools never: refused above
@@ -133,7 +135,7 @@ class OpenAIBatchFormat:
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
                 renames["max_tokens"] = "max_completion_tokens"
-            if body.get("logprob_token_ids") is not None:  # vLLM's: these ids instead of the top ones
+            if "logprob_token_ids" in fields:  # vLLM's: these ids instead of the top ones
                 if not body.get("logprobs"):
                     raise RowError("body.logprob_token_ids needs logprobs: true", "logprob_token_ids")
                 if body.get("top_logprobs") is not None:
@@ -157,6 +159,9 @@ class OpenAIBatchFormat:
             for name in ("logprobs", "best_of"):
                 if body.get(name) is not None:
                     fields[name] = body[name]
+            if "logprob_token_ids" in fields:  # vLLM's server: logprobs switches them on, its count unused
+                if fields.pop("logprobs", None) is None:
+                    raise RowError("body.logprob_token_ids needs logprobs set (vLLM's server)", "logprob_token_ids")
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
         if "response_format" in body:
@@ -274,12 +279,11 @@ def _completion_choice(index: int, c: CompletionOutput, top: Callable, token_byt
 
 def _top(position: dict[int, Logprob], k: int, token_ids: list[int] | None = None,
          sampled: int | None = None) -> list[tuple[int, Logprob]]:
-    """The ``k`` most likely tokens of a position, or the ``token_ids`` asked for (``logprob_token_ids``,
-    in their order), and the ``sampled`` one if given, best first (the dict holds the sampled token
-    too, which may rank lower)."""
-    if token_ids is not None:
-        return [(t, position[t]) for t in token_ids] + ([(sampled, position[sampled])]
-                                                        if sampled is not None and sampled not in token_ids else [])
+    """The ``k`` most likely tokens of a position and the ``sampled`` one if given, best first (the
+    dict holds the sampled token too, which may rank lower); with ``token_ids``
+    (``logprob_token_ids``) the whole dict: the sampled token, then those ids in their order."""
+    if token_ids is not None:  # the sampled token, then the ids (vLLM's server lists the whole dict)
+        return list(position.items())
     return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k or t == sampled), key=lambda item: item[1].rank)
 
 

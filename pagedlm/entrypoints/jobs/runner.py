@@ -102,6 +102,11 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
     SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
+    reasoning = llm.llm_engine.reasoning_tokens if llm is not None else (
+        config.engine.get("reasoning_parser") or config.engine.get("reasoning_config"))
+    if config.sampling.get("thinking_token_budget") is not None and not reasoning:
+        raise ValueError("--thinking-token-budget needs the model's reasoning strings: --reasoning-parser "
+                         "(LLM's reasoning_parser or reasoning_config from Python)")
     with _exclusive_run(config.output):
         return _run_locked(config, tty, llm, in_kind, out_kind)
 

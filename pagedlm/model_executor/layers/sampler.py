@@ -32,6 +32,7 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that may not be sampled yet
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, int32 [rows, ceil(V / 32)] token bitmasks)
+    forced: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) each row must take
     beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
     temperatures: torch.Tensor  # [R] float32, 0.0 on greedy rows
     top_ps: torch.Tensor
@@ -39,7 +40,7 @@ class SamplingMetadata:
     min_ps: torch.Tensor
     num_top_logprobs: int  # the largest ``logprobs`` asked for (0 for logprob_token_ids rows), -1 when none
     logprob_token_ids: dict[int, list[int]]  # row -> the ids whose log-probabilities it returns
-    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors or min_tokens bans
+    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, bans or forced tokens
     plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, no top logprobs, no beams
 
     @classmethod
@@ -54,6 +55,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
         token_bitmasks: list[torch.Tensor | None] | None = None,
+        forced_token_ids: list[int | None] | None = None,
     ) -> "SamplingMetadata":
         def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(data, dtype=dtype, device=device)
@@ -66,7 +68,9 @@ class SamplingMetadata:
         allowed = None
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
-        needs_processing = bool(banned_rows) or any(p.has_penalties or p.logits_processors or p.changes_logits for p in params)
+        forced = [(row, t) for row, t in enumerate(forced_token_ids or ()) if t is not None]
+        needs_processing = bool(banned_rows) or bool(forced) or any(
+            p.has_penalties or p.logits_processors or p.changes_logits for p in params)
         logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
         num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
                                default=-1)
@@ -78,6 +82,8 @@ class SamplingMetadata:
             generators=generators,
             banned=(tensor(banned_rows, torch.int64), tensor(banned_ids, torch.int64)) if banned_rows else None,
             allowed=allowed,
+            forced=(tensor([r for r, _ in forced], torch.int64), tensor([t for _, t in forced], torch.int64))
+            if forced else None,
             beam_rows=beam_rows,
             temperatures=tensor([0.0 if p.greedy else p.temperature for p in params], torch.float32),
             top_ps=tensor([p.top_p for p in params], torch.float32),
@@ -157,8 +163,10 @@ class Sampler(DirectCall, nn.Module):
         logits processors in Hugging Face's order (its generate runs a caller's processors after
         its repetition penalty; vLLM V0 ran them first, on the raw logits), then the min_tokens
         and bad_words bans, last so that no processor lifts them (Hugging Face bans for
-        min_new_tokens before a caller's processors). The structured outputs' token bitmasks
-        came before all of it, on the raw logits."""
+        min_new_tokens before a caller's processors). A forced token (``thinking_token_budget``)
+        comes last, over all of it, as vLLM forces after its processors. The structured outputs'
+        token bitmasks came before all of it, on the raw logits; the reported log-probabilities are
+        the raw logits' either way, the forced token's too (vLLM's)."""
         for row, p in enumerate(meta.params):
             if p.changes_logits:
                 _apply_allowed_and_bias(logits[row], p)
@@ -170,6 +178,10 @@ class Sampler(DirectCall, nn.Module):
                 logits[row] = p.apply_logits_processors(meta.prompt_token_ids[row], meta.output_token_ids[row], logits[row])
         if meta.banned is not None:
             logits.index_put_(meta.banned, torch.tensor(float("-inf"), device=logits.device))
+        if meta.forced is not None:
+            rows, token_ids = meta.forced
+            logits[rows] = float("-inf")
+            logits[rows, token_ids] = 0.0
         return logits
 
 
