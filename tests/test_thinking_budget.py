@@ -168,3 +168,11 @@ def test_a_job_row_sets_the_budget_under_the_jobs_reasoning_parser(llama_dir, tm
         run_main([*no_parser, "--thinking-token-budget", "2"])
     assert not (tmp_path / "out2.jsonl").exists()
     assert "--thinking-token-budget needs the model's reasoning strings: --reasoning-parser" in capsys.readouterr().err
+    # -1 is no limit (vLLM's), which needs no parser; the Ray processor checks as the job does.
+    assert run_main([*no_parser, "--thinking-token-budget", "-1"]) == 0
+    from pagedlm.integrations.ray import PagedLMProcessorConfig
+
+    with pytest.raises(ValueError, match="thinking_token_budget needs the model's reasoning strings"):
+        PagedLMProcessorConfig(model_source=llama_dir, sampling_params={"thinking_token_budget": 2})
+    PagedLMProcessorConfig(model_source=llama_dir, sampling_params={"thinking_token_budget": 2},
+                           engine_kwargs={"reasoning_parser": "qwen3"})

@@ -35,7 +35,9 @@ from pagedlm.entrypoints.llm import LLM, VLLM_NO_OP_ARGS, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
-from pagedlm.entrypoints.jobs.rows import SAMPLING_FIELDS, RowError, field_error, sampling_defaults
+from pagedlm.entrypoints.jobs.rows import (
+    SAMPLING_FIELDS, RowError, check_thinking_budget, engine_has_reasoning, field_error, sampling_defaults,
+)
 
 
 logger = logging.getLogger("pagedlm")
@@ -86,7 +88,10 @@ class PagedLMProcessorConfig:
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(SAMPLING_FIELDS)}")
-        SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
+        defaults = SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
+        check_thinking_budget(defaults, engine_has_reasoning(self.engine_kwargs),
+                              "sampling_params: thinking_token_budget needs the model's reasoning strings: "
+                              "engine_kwargs reasoning_parser or reasoning_config (pagedlm run: --reasoning-parser)")
         engine_args = [name for name, p in inspect.signature(LLM.__init__).parameters.items()
                        if name not in ("self", "model") and p.kind is not p.VAR_KEYWORD] + list(VLLM_NO_OP_ARGS)
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))

@@ -70,6 +70,18 @@ def sampling_defaults(llm: LLM, overrides: dict[str, Any]) -> dict[str, Any]:
     return {**fields, **overrides}
 
 
+def engine_has_reasoning(engine: dict[str, Any]) -> bool:
+    """Whether ``LLM(**engine)`` will know the reasoning strings ``thinking_token_budget`` needs."""
+    return bool(engine.get("reasoning_parser") or engine.get("reasoning_config"))
+
+
+def check_thinking_budget(defaults: SamplingParams, has_reasoning: bool, message: str) -> None:
+    """A job whose default ``thinking_token_budget`` its engine cannot honour fails before any row
+    runs (each row would fail), with ``message``."""
+    if defaults.thinking_token_budget is not None and not has_reasoning:
+        raise ValueError(message)
+
+
 def row_names(fields: dict[str, Any], prompt_field: str, renames: dict[str, str] | None = None) -> dict[str, str]:
     """``JobRow.names``: each of ``fields`` (``SamplingParams`` fields the row set) by the row's name
     for it (its own, or the one ``renames`` gives, such as OpenAI's ``max_completion_tokens`` for

@@ -30,7 +30,8 @@ from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, field_error, sampling_defaults,
+    SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning, field_error,
+    sampling_defaults,
 )
 from pagedlm.config import ReasoningConfig, load_chat_template
 from pagedlm.entrypoints.llm import LLM
@@ -101,12 +102,12 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     unknown = sorted(set(config.sampling) - set(SAMPLING_FIELDS))
     if unknown:
         raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}")
-    SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
-    reasoning = llm.llm_engine.reasoning_tokens if llm is not None else (
-        config.engine.get("reasoning_parser") or config.engine.get("reasoning_config"))
-    if config.sampling.get("thinking_token_budget") is not None and not reasoning:
-        raise ValueError("--thinking-token-budget needs the model's reasoning strings: --reasoning-parser "
-                         "(LLM's reasoning_parser or reasoning_config from Python)")
+    defaults = SamplingParams(**config.sampling)  # a bad flag fails here, naming itself
+    has_reasoning = llm.llm_engine.reasoning_tokens is not None if llm is not None else \
+        engine_has_reasoning(config.engine)
+    check_thinking_budget(defaults, has_reasoning, "--thinking-token-budget needs the model's reasoning strings: "
+                                                   "--reasoning-parser (LLM's reasoning_parser or reasoning_config "
+                                                   "from Python)")
     with _exclusive_run(config.output):
         return _run_locked(config, tty, llm, in_kind, out_kind)
 
