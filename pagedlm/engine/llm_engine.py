@@ -158,11 +158,10 @@ class LLMEngine:
         if not self.scheduler_config.enable_chunked_prefill and n > self.scheduler_config.max_num_batched_tokens:
             return FieldError(f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill",
                               "prompt")
-        if params.thinking_token_budget is not None:
-            if self.reasoning_tokens is None:
-                return FieldError("thinking_token_budget needs the model's reasoning start and end strings: "
-                                  "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...)) "
-                                  "(pagedlm run: --reasoning-parser)", "thinking_token_budget")
+        if params.thinking_token_budget is not None and self.reasoning_tokens is None:
+            return FieldError("thinking_token_budget needs the model's reasoning start and end strings: "
+                              "LLM(reasoning_parser=...) or LLM(reasoning_config=ReasoningConfig(...)) "
+                              "(pagedlm run: --reasoning-parser)", "thinking_token_budget")
         if params.best_of > self.scheduler_config.max_num_seqs:
             split = " (LLM.generate runs a larger n, with best_of == n, as several requests)" \
                 if params.best_of == params.n and not params.use_beam_search else ""

@@ -417,7 +417,8 @@ class LLM:
         not by the input (a prompt whose ``n`` runs as several requests, ``parallel_sampling``, is
         added whole: all its requests count, and it may overshoot the window).
         ``sampling_params`` is one ``SamplingParams`` for all, ``None`` for the model's defaults, or
-        an iterable with one entry per prompt (``None`` entries take the defaults). Closing the iterator early (``break``) aborts the requests still in flight.
+        an iterable with one entry per prompt (``None`` entries take the defaults). Closing the
+        iterator early (``break``) aborts the requests still in flight.
 
         A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
         ``return_errors`` is True (a ``utils.FieldError`` naming the ``SamplingParams`` field at

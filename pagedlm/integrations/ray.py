@@ -61,9 +61,9 @@ class PagedLMProcessorConfig:
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
         num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1); Ray reserves
-            one CPU for an actor without ``num_cpus``. Actors that leave less than one CPU of the
-            cluster free leave none for Ray's read and write tasks, and the dataset waits forever (a warning
-            says so when the cluster Ray has joined is that small).
+            one CPU for an actor without ``num_cpus``. The actors must leave at least one CPU of the
+            cluster free for Ray's read and write tasks, else the dataset waits forever (a warning
+            says so when the cluster Ray has joined is that small: ``leaves_a_cpu``).
         torch_threads: intra-op threads of each actor's ``LLM`` (default: the CPUs it reserves,
             ``num_cpus`` rounded down, at least 1; one for an actor without ``num_cpus``).
     """
@@ -123,6 +123,11 @@ class PagedLMProcessorConfig:
         sizes = self.concurrency if isinstance(self.concurrency, (tuple, list)) else (self.concurrency,)
         return sizes[-1] * (1 if self.num_cpus is None else self.num_cpus)
 
+    def leaves_a_cpu(self, cluster_cpus: float) -> bool:
+        """Whether the largest actor pool leaves Ray's read and write tasks a whole CPU of
+        ``cluster_cpus``."""
+        return cluster_cpus - self.reserved_cpus >= 1
+
 
 class Processor:
     """``processor(ds)``: the dataset with each row's completions (lazy, as Ray Data is)."""
@@ -140,7 +145,7 @@ class Processor:
 
         if ray.is_initialized():
             cpus = ray.cluster_resources().get("CPU", 0)
-            if cpus - self.config.reserved_cpus < 1:
+            if not self.config.leaves_a_cpu(cpus):
                 logger.warning("the actors reserve %s CPUs of the cluster's %s: less than one is left for Ray's read "
                                "and write tasks, and the dataset waits until the cluster grows (set concurrency or "
                                "num_cpus lower)", self.config.reserved_cpus, cpus)

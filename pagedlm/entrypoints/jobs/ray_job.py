@@ -83,7 +83,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         if reserved is not None and reserved > max(nodes, default=0):
             raise ValueError(f"--cpus-per-actor {reserved} is more than the {max(nodes, default=0)} CPUs of the "
                              "largest Ray node: no actor could be placed")
-        if sum(nodes) - processor_config.reserved_cpus < 1:
+        if not processor_config.leaves_a_cpu(sum(nodes)):
             raise ValueError(f"--num-actors {num_actors} actors of {reserved or 1} CPUs each (--cpus-per-actor, else "
                              f"--threads-per-actor, else 1) leave less than one of the {sum(nodes)} CPUs of the Ray "
                              "cluster free, and Ray's read and write tasks need one: the job would wait forever; "
