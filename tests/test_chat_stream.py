@@ -2,6 +2,7 @@
 conversation listed before any work) and ``LLM.generate_as_completed`` (lazy reading, a bounded
 window, results as they finish, errors returned or raised, closing early, one iteration at a time)."""
 
+import copy
 import json
 import re
 import shutil
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE, EOS, hf_greedy
 from pagedlm import LLM, RequestOutput, SamplingParams, default_model_path
-from pagedlm.entrypoints.chat_utils import RenderedChat, render_chat
+from pagedlm.entrypoints.chat_utils import RenderedChat, detect_content_format, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
 from pagedlm.utils import FieldError
 
@@ -223,6 +224,88 @@ def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
     ]
 
 
+
+# Each message as the JSON the template gets (key order included).
+DUMP = "{% for m in messages %}{{ m | tojson }}|{% endfor %}"
+# Templates written after Gemma 3's and Llama 4's, which loop over a message's content parts.
+PARTS = ("{% for m in messages %}{{ m['role'] }}:{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+         "{% for part in m['content'] %}[{{ part['text'] }}]{% endfor %}{% endif %}|{% endfor %}")
+PARTS_IN_MACRO = ("{% macro body(c) %}{% for p in c %}[{{ p.text }}]{% endfor %}{% endmacro %}"
+                  "{% set loop_messages = messages %}{% for m in loop_messages %}{{ body(m.content) }}|{% endfor %}")
+
+
+@pytest.mark.parametrize("template, expected", [
+    (TEMPLATE, "string"), (DUMP, "string"), (PARTS, "openai"), (PARTS_IN_MACRO, "openai"),
+    ("{% for message in messages %}{% set content = message.content %}{% for c in content %}{{ c.text }}"
+     "{% endfor %}{% endfor %}", "openai"),
+    ("{% for m in messages[1:] %}{% for p in m['content'] | reverse %}{{ p }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for m in messages %}{% for line in m.content.split('\\n') %}{{ line }}{% endfor %}{% endfor %}", "string"),
+])
+def test_the_content_format_is_detected_from_the_template_as_vllm_does(template, expected):
+    assert detect_content_format(template) == expected
+
+
+def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
+    """Found against vLLM 0.32's LLM.chat: a template that loops over a message's content gets a
+    list of text parts ("auto" detects it; each part keeps its other keys), where pagedlm gave it
+    the joined text and such templates rendered parts as characters or nothing; a message keeps
+    only the fields vLLM keeps, in its order (an assistant's past reasoning_content reached a
+    Qwen3-style template and was rendered; vLLM drops it); an empty tool_calls is dropped (Llama
+    3.1's template refused the turn); Claude Code's billing header line leaves a system message."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+
+    def text(messages, template, **options):
+        return render_chat(tokenizer, messages, template, **options).text
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a "}, " b", {"type": "text", "text": ""}]},
+             {"role": "assistant", "content": None}, {"role": "tool", "content": [{"type": "text", "text": "t"}]}]
+    assert text(parts, PARTS) == "user:[a ][ b][]|assistant:|tool:t|"
+    assert text(parts, PARTS, chat_template_content_format="string") == "user:a \n b|assistant:|tool:t|"
+    assert text(parts, DUMP, chat_template_content_format="openai").startswith(
+        '{"role": "user", "content": [{"type": "text", "text": "a "}, {"type": "text", "text": " b"}')
+    tagged = [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]
+    assert text(tagged, DUMP, chat_template_content_format="openai") == (
+        '{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}|')
+    with pytest.raises(FieldError, match="chat_template_content_format must be one of auto, string, openai"):
+        text(parts, PARTS, chat_template_content_format="list")
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "u", "name": "bob", "refusal": "r", "custom": 1, "tool_calls": [call]},
+        {"role": "assistant", "content": "a", "reasoning_content": "hidden", "name": 7, "tool_calls": []},
+        {"role": "assistant", "content": "b", "tool_calls": [call]},
+        {"role": "tool", "content": "t", "name": "f", "tool_call_id": "c1", "task": "t1"},
+    ]
+    assert text(messages, DUMP) == (
+        '{"role": "user", "content": "u", "name": "bob"}|{"role": "assistant", "content": "a"}|'
+        '{"role": "assistant", "content": "b", "tool_calls": [{"id": "c1", "type": "function", "function": '
+        '{"name": "f", "arguments": {}}}]}|'
+        '{"role": "tool", "content": "t", "tool_call_id": "c1", "name": "f", "task": "t1"}|')
+    reasoning = "{% for m in messages %}{{ m.reasoning_content }}{% endfor %}"
+    assert text([{"role": "assistant", "content": "b", "reasoning": "why"}], reasoning) == "why"
+    billed = [{"role": "system", "content": "x-anthropic-billing-header: cch=1\nBe brief."}, user("hi")[0]]
+    assert text(billed, DUMP) == '{"role": "system", "content": "Be brief."}|{"role": "user", "content": "hi"}|'
+
+
+def test_chat_template_names_files_and_text_everywhere(llm, tmp_path):
+    """A chat_template may name one of the tokenizer's templates, or be a file or template text, in
+    LLM.chat, job rows and batch bodies alike (found by a hunt: rows and bodies passed a path or
+    a word on to the tokenizer, which made it the whole prompt)."""
+    tokenizer = llm.get_tokenizer()
+    path = tmp_path / "t.jinja"
+    path.write_text(TEMPLATE)
+    assert render_chat(tokenizer, user("hi"), str(path)).text == rendered("hi")
+    assert llm.chat(user("hi"), exact(1), use_tqdm=False, chat_template=path)[0].prompt == rendered("hi")
+    for word in ("hello", str(tmp_path / "missing.jinja")):
+        with pytest.raises(FieldError, match="chat_template must be a Jinja template or a path to one") as info:
+            render_chat(tokenizer, user("hi"), word)
+        assert info.value.field == "chat_template"
+    named = copy.copy(tokenizer)
+    named.chat_template = {"default": TEMPLATE, "tool_use": DUMP}
+    assert render_chat(named, user("hi"), "tool_use").text == '{"role": "user", "content": "hi"}|'
+    with pytest.raises(FieldError, match=r"or one of the tokenizer's template names \(default, tool_use\)"):
+        render_chat(named, user("hi"), "other")
+
 # --- LLM.generate_as_completed --------------------------------------------------------------
 
 
@@ -331,9 +414,14 @@ def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(ll
     assert text == ('TOOLS [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]; '
                     'user: Weather in Paris?; assistant: {"city": "Paris"}; tool: sunny; assistant:')
     assert conversation[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's is kept
-    bad = [{**conversation[1], "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{oops"}}]}]
-    with pytest.raises(ValueError, match="message 0: a tool call's function.arguments is not valid JSON"):
-        render_chat(llm.get_tokenizer(), bad, template)
+    # Arguments that are no JSON object become {} (vLLM coerces them, so that a conversation whose
+    # history holds one can go on); a call that is not of type "function" is refused.
+    for arguments in ("{oops", "null", "42", "[1, 2]", [1, 2], 7, "", None):
+        bad = [{**conversation[1], "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": arguments}}]}]
+        assert render_chat(llm.get_tokenizer(), bad, template).text == "assistant: {}; assistant:"
+    for call in ({"type": "custom", "function": {"name": "w"}}, "x", {"type": "function"}):
+        with pytest.raises(ValueError, match="message 0: each of tool_calls must be an object of type 'function'"):
+            render_chat(llm.get_tokenizer(), [{**conversation[1], "tool_calls": [call]}], template)
     out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
     assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []

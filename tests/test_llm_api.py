@@ -1028,8 +1028,8 @@ def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
                           ({"mm_processor_kwargs": {"size": 1}}, "mm_processor_kwargs: pagedlm runs text-only")]:
         with pytest.raises(ValueError, match=match):
             llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, **kwargs)
-    with pytest.raises(ValueError, match="chat_template_content_format must be 'auto' or 'string'"):
-        llm.chat(chat, greedy, use_tqdm=False, chat_template=template, chat_template_content_format="openai")
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of auto, string, openai"):
+        llm.chat(chat, greedy, use_tqdm=False, chat_template=template, chat_template_content_format="parts")
 
 
 def test_add_special_tokens_of_tokenization_kwargs(llm):

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,20 +12,33 @@ import jinja2.meta
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _compile_jinja_template  # the environment chats render in
 
+from pagedlm.config import load_chat_template
 from pagedlm.utils import FieldError
 
 # vLLM's text content part types, each with the key that holds its text.
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
                   "thinking": "thinking"}
 
+# A text part's keys that are not passed on to the template with it (vLLM's content part fields).
+_PART_KEYS = frozenset({"type", "text", "refusal", "thinking", "name", "uuid", "closed", "data", "file",
+                        "prompt_cache_breakpoint", "image_url", "image_pil", "image_embeds", "audio_url",
+                        "audio_embeds", "input_audio", "video_url", "video_embeds"})
+_BILLING_HEADER = "x-anthropic-billing-header"
+# vLLM's chat_template_content_format values: "auto" detects the template's (detect_content_format).
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+logger = logging.getLogger("pagedlm")
+
 Conversation = list[dict[str, Any]]
 
 # render_chat's options besides the conversation (OpenAI's and vLLM's chat request fields).
-CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "tools")
+CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "tools",
+                "chat_template_content_format")
 # Each option's type, and its words for messages.
 _OPTION_TYPES = {"chat_template": (str, "a string"), "chat_template_kwargs": (dict, "an object"),
                  "add_generation_prompt": (bool, "True or False"), "continue_final_message": (bool, "True or False"),
-                 "tools": (list, "a list of tool definitions")}
+                 "tools": (list, "a list of tool definitions"),
+                 "chat_template_content_format": (str, "a string")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,70 +57,116 @@ def is_conversation(messages: object) -> bool:
     return isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages) and isinstance(messages[0], dict)
 
 
-def parse_conversation(conversation: object) -> Conversation:
-    """The conversation with every message checked and its content made text, as vLLM's "string"
-    content format makes it.
+def parse_conversation(conversation: object, content_format: str = "string") -> Conversation:
+    """The conversation as vLLM hands it to a chat template: every message checked, its content
+    made text, and only the fields vLLM keeps.
 
     A message is ``{"role": str, "content": ...}``. Any role goes to the template as it is (e.g.
     Llama 3's "ipython"; "developer" becomes "system" for a template that does not know it). The
-    content is a str; null or absent (rendered empty); or a list of parts, each a str or a text
-    part (``{"type": "text" | "input_text" | "output_text", "text": str}``,
-    ``{"type": "refusal", "refusal": str}``, ``{"type": "thinking", "thinking": str}``), whose
-    non-empty texts are joined with newlines. Other keys (``name``, ``tool_calls``,
-    ``tool_call_id``) go to the template unchanged, except that a tool call's
-    ``function.arguments`` given as JSON text (OpenAI's form) reaches it parsed, and absent or
-    empty as ``{}``, as vLLM passes them (templates render them with ``tojson``).
+    content is a str; null or absent; or a list of parts, each a str or a text part
+    (``{"type": "text" | "input_text" | "output_text", "text": str}``, ``{"type": "refusal",
+    "refusal": str}``, ``{"type": "thinking", "thinking": str}``). In the "string" content format
+    the texts (empty ones skipped) are joined with newlines, null content is ""; in the "openai"
+    format (a template that loops over a message's content, ``detect_content_format``) the content
+    is a list of ``{"type": "text", "text": str}`` parts, with a part's other keys, and null content
+    is ``[]``; a tool message's content is text in both.
+
+    Besides role and content a message keeps only what vLLM's ``parse_chat_messages`` keeps: a
+    str ``name`` or ``task``; an assistant's ``tool_calls`` (dropped when empty, each of type
+    "function", its ``function.arguments`` given as JSON text parsed, and anything that is not a
+    JSON object, absent or empty as ``{}``, as templates render them with ``tojson``) and
+    ``reasoning`` (also passed as ``reasoning_content``); a tool message's ``tool_call_id``; a
+    developer message's ``tools``. Null fields are absent (a Parquet struct or an OpenAI client
+    writes every key). A system message's text part that starts with Claude Code's
+    "x-anthropic-billing-header" line loses that line, as in vLLM.
 
     Raises:
         ValueError: the first problem, naming the message's index and the field; a non-text
             content part (an image, audio, video) among them: pagedlm has no multimodal inputs.
     """
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"content_format must be one of {', '.join(CONTENT_FORMATS)}, got {content_format!r}")
     if not isinstance(conversation, Sequence) or isinstance(conversation, str):
         raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
     if not conversation:
         raise ValueError("a conversation must have at least one message")
-    messages = []
-    for i, message in enumerate(conversation):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
-        role = message.get("role")
-        if role is None:
-            raise ValueError(f"message {i} has no 'role'")
-        if not isinstance(role, str):
-            raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
-        # Null fields are unset: a Parquet struct or an OpenAI client writes every key.
-        message = {**{k: v for k, v in message.items() if v is not None},
-                   "content": _content_text(i, message.get("content"))}
-        if role == "assistant" and isinstance(message.get("tool_calls"), list):
-            message["tool_calls"] = [_parse_tool_call(i, call) for call in message["tool_calls"]]
-        messages.append(message)
-    return messages
+    return [_parse_message(i, message, content_format) for i, message in enumerate(conversation)]
 
 
-def _content_text(i: int, content: object) -> str:
+def _parse_message(i: int, message: object, content_format: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if role is None:
+        raise ValueError(f"message {i} has no 'role'")
+    if not isinstance(role, str):
+        raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
+    parts = _content_parts(i, message.get("content"))
+    if role == "system":
+        parts = _without_billing_header(parts)
+    content: str | list[dict[str, Any]]
+    if content_format == "openai" and role != "tool":
+        content = parts
+    else:
+        joined = [part["text"] for part in parts if content_format == "openai" or part["text"]]
+        content = "\n".join(joined)
+    parsed: dict[str, Any] = {"role": role, "content": content}
+    # In vLLM's order, which a template that dumps a message as JSON shows.
+    if role == "assistant" and message.get("tool_calls") is not None:
+        calls = [_parse_tool_call(i, call) for call in message["tool_calls"]]
+        if calls:  # an empty list would take a template off its plain assistant path
+            parsed["tool_calls"] = calls
+    if role == "assistant" and message.get("reasoning") is not None:
+        parsed["reasoning"] = parsed["reasoning_content"] = message["reasoning"]
+    if role == "tool" and message.get("tool_call_id") is not None:
+        parsed["tool_call_id"] = message["tool_call_id"]
+    parsed.update({key: message[key] for key in ("name", "task") if isinstance(message.get(key), str)})
+    if role == "developer" and message.get("tools") is not None:
+        parsed["tools"] = message["tools"]
+    return parsed
+
+
+def _without_billing_header(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A system message's parts without the first line of any that starts with Claude Code's
+    billing header, which changes every request and would end its prefix-cache hits (vLLM drops it)."""
+    kept = []
+    for part in parts:
+        if part["text"].startswith(_BILLING_HEADER):
+            rest = part["text"].partition("\n")[2]
+            if not rest:
+                continue
+            part = {**part, "text": rest}
+        kept.append(part)
+    return kept
+
+
+def _content_parts(i: int, content: object) -> list[dict[str, Any]]:
+    """The content's text parts as ``{"type": "text", "text": str, **other keys}``; parts whose
+    text is null are skipped (vLLM's)."""
     if content is None:
-        return ""  # e.g. OpenAI's assistant turn that only calls tools
+        return []  # e.g. OpenAI's assistant turn that only calls tools
     if isinstance(content, str):
-        return content
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise ValueError(f"message {i}: 'content' must be a str, a list of text parts or null, "
                          f"got {type(content).__name__}")
-    # vLLM skips a part whose text is empty or null.
-    return "\n".join(text for part in content if (text := _part_text(i, part)))
+    return [part for raw in content if (part := _text_part(i, raw)) is not None]
 
 
-def _part_text(i: int, part: object) -> str | None:
+def _text_part(i: int, part: object) -> dict[str, Any] | None:
     if isinstance(part, str):
-        return part
+        return {"type": "text", "text": part}
     part_type = part.get("type") if isinstance(part, dict) else None
     key = TEXT_PART_KEYS.get(part_type) if isinstance(part_type, str) else None
     if key is None:
         raise ValueError(f"message {i}: content part {part!r:.80} is not text, and pagedlm has no multimodal "
                          f"inputs (a part is a str or a dict of type {', '.join(TEXT_PART_KEYS)})")
     text = part.get(key)
-    if text is not None and not isinstance(text, str):
+    if text is None:
+        return None
+    if not isinstance(text, str):
         raise ValueError(f"message {i}: a {part_type!r} part's {key!r} must be a str, got {type(text).__name__}")
-    return text
+    return {"type": "text", "text": text, **{k: v for k, v in part.items() if k not in _PART_KEYS}}
 
 
 def _knows_developer_role(template: str) -> bool:
@@ -115,35 +175,43 @@ def _knows_developer_role(template: str) -> bool:
 
 def _developer_as_system(messages: Conversation) -> Conversation:
     """For a template that does not know the "developer" role (vLLM's rule): developer messages
-    become system messages, and several system messages, or one after the first message, become
-    one at the start, their texts joined by a blank line."""
+    become system messages (without their ``tools``), and several system messages, or one after
+    the first message, become one at the start, their texts joined by a blank line."""
     if all(m["role"] != "developer" for m in messages):
         return messages
-    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "tools"} | {"role": "system"} if m["role"] == "developer" else m
+                for m in messages]
     systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
     if systems == [0]:
         return messages
-    text = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
-    return [{"role": "system", "content": text}, *(m for m in messages if m["role"] != "system")]
+    texts = (_as_text(messages[i]["content"]) for i in systems)
+    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)},
+            *(m for m in messages if m["role"] != "system")]
 
 
-def _parse_tool_call(i: int, call: object) -> object:
+def _as_text(content: str | list[dict[str, Any]]) -> str:
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
+def _parse_tool_call(i: int, call: object) -> dict[str, Any]:
+    """A tool call with its ``function.arguments`` an object: JSON text parsed; anything that is
+    not an object (invalid JSON, a number, a list, absent) becomes ``{}`` with a warning, as vLLM
+    coerces it so that a conversation whose history holds one can go on."""
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        return call
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise ValueError(f"message {i}: each of tool_calls must be an object of type 'function' with a "
+                         f"'function' object, got {call!r:.80}")
     arguments = function.get("arguments")
-    if isinstance(arguments, (dict, list)):
-        return call
-    if not arguments:
-        arguments = {}
-    else:
+    if isinstance(arguments, str) and arguments:
         try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else None
-        except ValueError as exc:
-            raise ValueError(f"message {i}: a tool call's function.arguments is not valid JSON ({exc})") from None
-        if arguments is None:
-            raise ValueError(f"message {i}: a tool call's function.arguments must be JSON text or an object, "
-                             f"got {type(function.get('arguments')).__name__}")
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    if not isinstance(arguments, dict):
+        if function.get("arguments"):
+            logger.warning("message %d: tool call %r has arguments that are not a JSON object; the template "
+                           "gets {} instead", i, function.get("name"))
+        arguments = {}
     return {**call, "function": {**function, "arguments": arguments}}
 
 
@@ -155,6 +223,7 @@ def render_chat(
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
+    chat_template_content_format: str = "auto",
 ) -> RenderedChat:
     """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
     Its text already holds the template's special tokens (BOS included), so it is tokenized with
@@ -173,7 +242,8 @@ def render_chat(
             "Conversation roles must alternate").
     """
     options = {"chat_template": chat_template, "chat_template_kwargs": chat_template_kwargs, "tools": tools,
-               "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+               "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+               "chat_template_content_format": chat_template_content_format}
     for name, value in options.items():
         kind, words = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, kind):
@@ -186,6 +256,9 @@ def render_chat(
         if isinstance(value, list) and not all(isinstance(tool, dict) for tool in value):
             raise FieldError(f"{where} must be a list of tool definitions (objects), got {value!r:.60}",
                              where.split(".")[0])
+    if chat_template_content_format not in CONTENT_FORMATS:
+        raise FieldError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
+                         f"{chat_template_content_format!r:.40}", "chat_template_content_format")
     try:
         messages = parse_conversation(conversation)
     except ValueError as exc:
@@ -202,15 +275,17 @@ def render_chat(
         "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
         "tools": tools, "chat_template": chat_template, "tokenize": False,
     })
-    chat_template = kwargs.pop("chat_template", None)
-    if chat_template is None and tokenizer.chat_template is None:
-        raise FieldError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)",
-                         "messages")
+    template_field = "chat_template" if chat_template is not None else "chat_template_kwargs"
+    chat_template = _resolve_template(tokenizer, kwargs.pop("chat_template", None), template_field)
     if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise FieldError("add_generation_prompt and continue_final_message cannot both be True",
                          "continue_final_message" if continue_final_message else "chat_template_kwargs")
-    template = chat_template or tokenizer.chat_template
-    if not _knows_developer_role(template if isinstance(template, str) else " ".join(template.values())):
+    template = tokenizer.get_chat_template(chat_template, kwargs.get("tools"))
+    if chat_template_content_format == "auto":
+        chat_template_content_format = detect_content_format(template)
+    if chat_template_content_format == "openai":
+        messages = parse_conversation(conversation, "openai")
+    if not _knows_developer_role(template):
         messages = _developer_as_system(messages)
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
@@ -223,9 +298,26 @@ def render_chat(
     if not isinstance(text, str):
         raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")
     # After rendering, which reports a template that does not parse.
-    _check_template_reads(tokenizer.get_chat_template(chat_template, kwargs.get("tools")), kwargs,
-                          "tools" if tools is not None else "chat_template_kwargs")
+    _check_template_reads(template, kwargs, "tools" if tools is not None else "chat_template_kwargs")
     return RenderedChat(text)
+
+
+def _resolve_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, field: str) -> str | None:
+    """``chat_template`` as ``apply_chat_template`` takes it: the name of one of the tokenizer's
+    templates, the text of a file it names, or template text as given (``config.load_chat_template``)."""
+    own = tokenizer.chat_template
+    if chat_template is None:
+        if own is None:
+            raise FieldError("the tokenizer has no chat template; pass chat_template= (a Jinja template string)",
+                             "messages")
+        return None
+    if isinstance(own, dict) and chat_template in own:
+        return chat_template
+    try:
+        return load_chat_template(chat_template)
+    except ValueError as exc:
+        names = f" or one of the tokenizer's template names ({', '.join(own)})" if isinstance(own, dict) else ""
+        raise FieldError(f"{str(exc).rstrip('.')}{names}", field) from None
 
 
 # Arguments apply_chat_template acts on itself or every template may leave alone.
@@ -241,6 +333,59 @@ def _check_template_reads(template: str, kwargs: dict[str, Any], tools_field: st
         field = tools_field if unread == ["tools"] else "chat_template_kwargs"
         raise FieldError(f"the chat template does not read {', '.join(unread)}, so it would change nothing; the "
                          f"template reads {', '.join(sorted(template_variables(template))) or 'no variables'}", field)
+
+
+@functools.lru_cache(maxsize=16)
+def detect_content_format(template: str) -> str:
+    """The content format a chat template expects (vLLM's "auto"): "openai" (a list of parts) where
+    it loops over a message's content, directly (``{% for part in message['content'] %}``, the
+    message from a loop over ``messages`` or a variable set from it), as a macro's parameter the
+    content is passed to, or as a variable named ``content`` outside a macro; else "string"."""
+    root = _compile_jinja_template(template).environment.parse(template)
+    sources = {"messages"}
+    for assign in root.find_all(jinja2.nodes.Assign):  # e.g. {% set loop_messages = messages[1:] %}
+        if isinstance(assign.target, jinja2.nodes.Name) and _reads(assign.node, sources):
+            sources.add(assign.target.name)
+    loops = list(root.find_all(jinja2.nodes.For))
+    messages = {loop.target.name for loop in loops
+                if isinstance(loop.target, jinja2.nodes.Name) and _reads(loop.iter, sources)}
+    in_macros, macro_params = set(), {}
+    for macro in root.find_all(jinja2.nodes.Macro):
+        names = [arg.name for arg in macro.args]
+        passed = set()
+        for call in root.find_all(jinja2.nodes.Call):
+            if isinstance(call.node, jinja2.nodes.Name) and call.node.name == macro.name:
+                passed |= {names[i] for i, arg in enumerate(call.args[:len(names)]) if _reads(arg, messages, "content")}
+                passed |= {kw.key for kw in call.kwargs if kw.key in names and _reads(kw.value, messages, "content")}
+        for loop in macro.find_all(jinja2.nodes.For):
+            in_macros.add(id(loop))
+            macro_params[id(loop)] = passed
+    for loop in loops:
+        if _reads(loop.iter, messages, "content"):
+            return "openai"
+        if isinstance(loop.iter, jinja2.nodes.Name):
+            name = loop.iter.name
+            if name in macro_params.get(id(loop), ()) or (name == "content" and id(loop) not in in_macros):
+                return "openai"
+    return "string"
+
+
+def _reads(node: jinja2.nodes.Node, names: set[str], key: str | None = None) -> bool:
+    """Whether ``node`` is one of the variables ``names`` (with ``key``: its item or attribute
+    ``key``), through filters, tests and slices."""
+    while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test)) or (
+            isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Slice)):
+        node = node.node
+        if node is None:
+            return False
+    if key is not None:
+        if isinstance(node, jinja2.nodes.Getattr) and node.attr == key:
+            node = node.node
+        elif isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == key:
+            node = node.node
+        else:
+            return False
+    return isinstance(node, jinja2.nodes.Name) and node.ctx == "load" and node.name in names
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, load_chat_template
+from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
@@ -364,21 +364,22 @@ class LLM:
         template has placed them. An empty list is no conversation (no outputs).
         ``tokenization_kwargs`` truncates the rendered prompts as in ``generate`` (from the left,
         special tokens included); its ``add_special_tokens`` (default False: the template placed
-        them) adds the tokenizer's. The arguments are vLLM's, in its order;
-        ``chat_template_content_format`` is "auto" or "string" (text parts are joined into one
-        string, as vLLM's "string" format does), and ``lora_request``, ``priority`` and
-        ``mm_processor_kwargs`` take their no-op values, as in ``generate``.
+        them) adds the tokenizer's. ``chat_template`` may also name one of the tokenizer's
+        templates. ``chat_template_content_format`` is vLLM's: "string" (a message's text parts
+        joined into one string), "openai" (a list of ``{"type": "text", "text": ...}`` parts) or
+        "auto" (the template's, ``chat_utils.detect_content_format``). The arguments are vLLM's,
+        in its order; ``lora_request``, ``priority`` and ``mm_processor_kwargs`` take their no-op
+        values, as in ``generate``.
 
         Raises:
-            ValueError: listing every conversation that cannot run and why, before any work; a bad
-                ``tokenization_kwargs`` (see ``generate``); a ``chat_template`` that is neither a
-                file nor a valid template; a vLLM argument pagedlm cannot honour.
+            ValueError: listing every conversation that cannot run and why, before any work (a
+                ``chat_template`` that is neither a template name, a file nor a valid template
+                included); a bad ``tokenization_kwargs`` (see ``generate``); a vLLM argument
+                pagedlm cannot honour.
         """
         tokenization = self._tokenization(tokenization_kwargs)
-        chat_template = load_chat_template(chat_template)
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (pagedlm passes message "
-                             f"content to the template as text), got {chat_template_content_format!r}.")
+        if isinstance(chat_template, os.PathLike):
+            chat_template = os.fspath(chat_template)
         conversations = [messages] if is_conversation(messages) else messages
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
@@ -391,7 +392,7 @@ class LLM:
             try:
                 prompts.append(render_chat(
                     self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
-                    continue_final_message, chat_template_kwargs, tools,
+                    continue_final_message, chat_template_kwargs, tools, chat_template_content_format,
                 ))
             except ValueError as exc:
                 errors[i] = str(exc)

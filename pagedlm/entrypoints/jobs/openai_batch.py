@@ -39,7 +39,7 @@ _SAME_NAME = (
     "use_beam_search", "length_penalty", "repetition_detection", "thinking_token_budget", "logprob_token_ids",
 )
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
-              "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+              "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
