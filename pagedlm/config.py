@@ -359,6 +359,32 @@ class ReasoningConfig:
                              "for both (no thinking section could ever close).")
 
 
+@dataclass
+class StructuredOutputsConfig:
+    """The engine's structured-outputs settings (vLLM's ``StructuredOutputsConfig``, the fields
+    pagedlm honours). ``reasoning_parser`` (or ``LLM``'s) makes a request's grammar hold only after
+    the model's reasoning ends (``engine/reasoning_gate.py``), unless ``enable_in_reasoning``.
+
+    Raises:
+        ValueError: a field of the wrong type, or a backend other than xgrammar.
+    """
+
+    backend: str = "auto"  # "auto" or "xgrammar": pagedlm's grammars run on xgrammar
+    reasoning_parser: str = ""
+    enable_in_reasoning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_config.backend must be 'auto' or 'xgrammar' (pagedlm's structured "
+                             f"outputs run on xgrammar), got {self.backend!r}.")
+        if not isinstance(self.reasoning_parser, str) or self.reasoning_parser not in ("", *REASONING_PARSERS):
+            raise ValueError(f"structured_outputs_config.reasoning_parser must be one of {', '.join(REASONING_PARSERS)} "
+                             f"or '' (none), got {self.reasoning_parser!r}.")
+        if not isinstance(self.enable_in_reasoning, bool):
+            raise ValueError("structured_outputs_config.enable_in_reasoning must be True or False, got "
+                             f"{self.enable_in_reasoning!r}.")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

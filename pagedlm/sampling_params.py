@@ -345,7 +345,8 @@ class SamplingParams(_FieldsOnly):
         thinking_token_budget: the most tokens a thinking section may hold before the end of the
             reasoning is forced, token by token (vLLM's; needs ``LLM(reasoning_parser=...)`` or
             ``reasoning_config``, ``engine.thinking_budget`` says how it counts); -1 or None: no
-            limit. Not with beam search or ``structured_outputs``.
+            limit. Not with beam search; with ``structured_outputs`` only where the grammar waits
+            for the end of the reasoning (``engine.reasoning_gate``).
         skip_reading_prefix_cache: compute the whole prompt even where the prefix cache holds its
             first blocks (the request's blocks still enter the cache). ``None`` (the default) means
             True with ``prompt_logprobs`` (cached tokens have none), else False (vLLM's); False
@@ -479,9 +480,6 @@ class SamplingParams(_FieldsOnly):
         if self.structured_outputs is not None:
             if self.use_beam_search:
                 raise ValueError("structured_outputs is not supported with use_beam_search.")
-            if self.thinking_token_budget is not None:
-                raise ValueError("thinking_token_budget is not supported with structured_outputs (the grammar "
-                                 "would hold from the first token, thinking included).")
         if self.thinking_token_budget is not None and self.use_beam_search:
             raise ValueError("thinking_token_budget is not supported with use_beam_search.")
         self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
 from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context
+from pagedlm.engine.reasoning_gate import END_FED, FREE, ReasoningParser
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
@@ -66,7 +67,8 @@ class LLMEngine:
     results step by step: ``add_request`` any time, ``step`` while ``has_unfinished_requests``."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 reasoning_config: ReasoningConfig | None = None) -> None:
+                 reasoning_config: ReasoningConfig | None = None,
+                 structured_outputs_config: StructuredOutputsConfig | None = None) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -89,6 +91,10 @@ class LLMEngine:
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured_outputs: StructuredOutputManager | None = None  # made on first use
+        # The parser whose reasoning end a request's grammar waits for (reasoning_gate.py); made on first use.
+        structured = structured_outputs_config or StructuredOutputsConfig()
+        self._gate_parser_name = "" if structured.enable_in_reasoning else structured.reasoning_parser
+        self._gate_parser: ReasoningParser | ValueError | None = None
         if cache_config.calculate_kv_scales:
             self._calculate_kv_scales()
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
@@ -202,6 +208,13 @@ class LLMEngine:
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
+            if self._gate_parser_name and isinstance(self.reasoning_gate_parser, ValueError):
+                return FieldError(f"structured_outputs: {self.reasoning_gate_parser}", "structured_outputs")
+            if params.thinking_token_budget is not None and not self._gate_parser_name:
+                return FieldError("thinking_token_budget with structured_outputs needs the grammar to wait for the end "
+                                  "of the reasoning (LLM(reasoning_parser=...), without structured_outputs_config's "
+                                  "enable_in_reasoning): else it would hold from the first token, thinking included",
+                                  "thinking_token_budget")
             if wait_for_grammar:
                 return self.check_constraint(params)
             self.structured_outputs.compile_async(params.structured_outputs)
@@ -220,6 +233,17 @@ class LLMEngine:
                 return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
                                   "start with", "allowed_token_ids")
         return None
+
+    @property
+    def reasoning_gate_parser(self) -> ReasoningParser | ValueError | None:
+        """The reasoning parser structured outputs wait for (None: they hold from the first token),
+        or why the tokenizer cannot have it."""
+        if self._gate_parser is None and self._gate_parser_name:
+            try:
+                self._gate_parser = ReasoningParser.of(self._gate_parser_name, self.tokenizer)
+            except ValueError as exc:
+                self._gate_parser = exc
+        return self._gate_parser
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -320,6 +344,8 @@ class LLMEngine:
             seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
         if params.structured_outputs is not None:
             seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
+            if self.reasoning_gate_parser is not None:
+                seq_group.seqs[0].reasoning_gate = self.reasoning_gate_parser.gate(prompt_token_ids)
         if params.thinking_token_budget is not None:
             seq_group.seqs[0].thinking = ThinkingBudget.for_prompt(params.thinking_token_budget, self.reasoning_tokens,
                                                                    prompt_token_ids)
@@ -495,7 +521,7 @@ class LLMEngine:
                 if group.bad_words_token_ids:
                     banned = banned_by_bad_words(group.bad_words_token_ids, seq.output_token_ids)
                     data.banned_token_ids = tuple(sorted(banned.union(data.banned_token_ids)))
-                if seq.grammar_matcher is not None:
+                if seq.grammar_matcher is not None and seq.reasoning_gate is None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
                     # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).
                     if data.banned_token_ids and not self.structured_outputs.allows_other_than(
@@ -547,7 +573,13 @@ class LLMEngine:
         if sample.no_token:
             return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
                                                       "allowed_token_ids, bad_words or bans removed them all)")
-        if seq.grammar_matcher is not None:
+        feeds_grammar = seq.grammar_matcher is not None
+        if seq.reasoning_gate is not None:  # still reasoning: this token is free, unless it ends it and is fed
+            taken = seq.reasoning_gate.take(sample.token_id)
+            feeds_grammar = taken == END_FED
+            if taken != FREE:
+                seq.reasoning_gate = None
+        if feeds_grammar:
             if not seq.grammar_matcher.accept_token(sample.token_id):
                 return self._abort_completion(seq, group, "no token its structured output allows was left to "
                                                           "sample (a logits processor or ban removed them all)")

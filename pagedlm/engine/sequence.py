@@ -1,5 +1,6 @@
 """Sequences and sequence groups: the engine's unit of state (vLLM v0's ``sequence.py``)."""
 
+import copy
 import enum
 from collections.abc import Hashable
 from dataclasses import replace
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pagedlm.engine.reasoning_gate import ReasoningGate
 from pagedlm.engine.thinking_budget import ThinkingBudget
 from pagedlm.logprobs import PromptLogprobs, SampleLogprobs, create_prompt_logprobs, create_sample_logprobs
 from pagedlm.sampling_params import SamplingParams
@@ -76,6 +78,8 @@ class Sequence:
         self.waits_for: tuple["Sequence", int] | None = None
         self.grammar_matcher: Any = None  # xgrammar's GrammarMatcher, under structured outputs
         self.thinking: ThinkingBudget | None = None  # under thinking_token_budget
+        # Under structured outputs with a reasoning parser, until the reasoning ends: the grammar waits.
+        self.reasoning_gate: ReasoningGate | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -132,6 +136,8 @@ class Sequence:
             child.grammar_matcher = self.grammar_matcher.fork()
         if self.thinking is not None:
             child.thinking = replace(self.thinking)
+        if self.reasoning_gate is not None:
+            child.reasoning_gate = copy.copy(self.reasoning_gate)
         return child
 
     def set_cache_salt(self, cache_salt: Hashable | None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig
 from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
@@ -126,6 +126,11 @@ class LLM:
             out of the text (vLLM's offline ``LLM`` does not either).
         reasoning_config: a ``ReasoningConfig`` (or a dict of its fields) with those strings, the
             end string forced when the budget runs out; over ``reasoning_parser``'s.
+        structured_outputs_config: a ``StructuredOutputsConfig`` (or a dict of its fields). With a
+            reasoning parser (``reasoning_parser``, or this config's), a request's structured
+            outputs hold only from the token after the model's reasoning ends, as in vLLM
+            (``engine/reasoning_gate.py``); ``enable_in_reasoning=True`` makes them hold from the
+            first token.
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
             nothing (vLLM's defaults, mostly): ``VLLM_NO_OP_ARGS`` lists each with its allowed
             values and why (e.g. ``enforce_eager``, ``quantization=None``, ``tokenizer_mode`` "auto",
@@ -166,10 +171,11 @@ class LLM:
         batch_invariant: bool = True,
         reasoning_parser: str | None = None,
         reasoning_config: ReasoningConfig | dict[str, str] | None = None,
+        structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None,
         **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet
-        model_config, cache_config, scheduler_config, reasoning = _engine_configs(**arguments)
+        model_config, cache_config, scheduler_config, reasoning, structured = _engine_configs(**arguments)
         self._default_sampling_params = model_config.get_diff_sampling_param()
         self._final_only_defaults = SamplingParams(**self._default_sampling_params,
                                                    output_kind=RequestOutputKind.FINAL_ONLY)
@@ -178,7 +184,7 @@ class LLM:
                         "turns them off).", ", ".join(f"{k}={v}" for k, v in self._default_sampling_params.items()))
         if model_config.device.type == "cpu":
             limit_threads_to_cpu_quota()
-        self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config, reasoning)
+        self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config, reasoning, structured)
         self._request_counter = count()
         self._streaming = False
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
@@ -794,7 +800,6 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "return_sampling_mask": ((False,), "pagedlm does not return the sampled tokens' masks"),
     "compilation_config": ((None, 0), "pagedlm runs eagerly on its own kernels"),
     "attention_config": ((None,), "pagedlm runs its own attention kernels"),
-    "structured_outputs_config": ((None,), "pagedlm's structured outputs run on xgrammar"),
     "profiler_config": ((None,), "pagedlm has no built-in profiler (benchmarks/profile_decode.py)"),
     "quantization_config": ((None,), "pagedlm runs checkpoints in their dtype"),
     **dict.fromkeys(("speculative_config", "spec_method", "spec_model", "spec_tokens"),
@@ -809,8 +814,8 @@ def _engine_configs(
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
     chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, reasoning_parser, reasoning_config,
-    vllm_kwargs,
-) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, ReasoningConfig | None]:
+    structured_outputs_config, vllm_kwargs,
+) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, ReasoningConfig | None, StructuredOutputsConfig]:
     """``LLM``'s arguments as the engine's configs, each checked; None stands for the default."""
     for name, value in vllm_kwargs.items():
         if name not in VLLM_NO_OP_ARGS:
@@ -852,7 +857,9 @@ def _engine_configs(
             f"({model_config.max_model_len}) when enable_chunked_prefill=False; raise max_num_batched_tokens, "
             "lower max_model_len or enable chunked prefill."
         )
-    return model_config, cache_config, scheduler_config, _reasoning_config(reasoning_parser, reasoning_config)
+    reasoning = _reasoning_config(reasoning_parser, reasoning_config)
+    return model_config, cache_config, scheduler_config, reasoning, _structured_outputs_config(
+        structured_outputs_config, reasoning)
 
 
 def _reasoning_config(parser: str | None, config: ReasoningConfig | dict[str, str] | None) -> ReasoningConfig | None:
@@ -873,6 +880,26 @@ def _reasoning_config(parser: str | None, config: ReasoningConfig | dict[str, st
     if parser and config.reasoning_parser and parser != config.reasoning_parser:
         raise ValueError(f"reasoning_parser {parser!r} differs from reasoning_config's {config.reasoning_parser!r}.")
     return replace(config, reasoning_parser=parser) if parser and not config.reasoning_parser else config
+
+
+def _structured_outputs_config(config: StructuredOutputsConfig | dict[str, Any] | None,
+                               reasoning: ReasoningConfig | None) -> StructuredOutputsConfig:
+    """``LLM``'s ``structured_outputs_config``, its ``reasoning_parser`` the reasoning config's
+    where it names none (vLLM's ``reasoning_parser`` argument arms both)."""
+    if isinstance(config, dict):
+        fields = [f.name for f in dataclasses.fields(StructuredOutputsConfig)]
+        if set(config) - set(fields):
+            raise ValueError(f"structured_outputs_config: unknown or unsupported field(s) "
+                             f"{', '.join(sorted(set(config) - set(fields)))}; supported: {', '.join(fields)}.")
+        config = StructuredOutputsConfig(**config)
+    elif config is None:
+        config = StructuredOutputsConfig()
+    elif not isinstance(config, StructuredOutputsConfig):
+        raise ValueError(f"structured_outputs_config must be a StructuredOutputsConfig, a dict of its fields or None, "
+                         f"got {config!r}.")
+    if reasoning is not None and reasoning.reasoning_parser:
+        return replace(config, reasoning_parser=reasoning.reasoning_parser)
+    return config
 
 
 def _is_positive_int(value: object) -> bool:

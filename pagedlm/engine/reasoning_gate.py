@@ -1,0 +1,121 @@
+"""Structured outputs after the reasoning: with a reasoning parser (``LLM(reasoning_parser=...)``),
+a request's grammar holds only from the token after its reasoning ends, as vLLM 0.32's
+structured-outputs manager gates it (``vllm/v1/structured_output/__init__.py``,
+``_get_constraint_bounds`` and ``accept_tokens``).
+
+Reasoning has ended in the prompt where the parser's ``is_reasoning_end`` says so of the prompt's
+tokens; then the grammar holds from the first token. Otherwise the output's tokens are free (no
+bitmask, nothing fed to the grammar) until the parser sees the end: the end token itself is free
+too, and the grammar holds from the next token on, for good (a later start token reopens
+nothing). qwen3's ``<tool_call>`` also ends reasoning, and is fed to the grammar. A completion
+whose reasoning never ends is not constrained at all. Each parser's rules, read from vLLM's
+source (``vllm/reasoning/``, ``vllm/parser/``):
+
+* deepseek_r1, ernie45: the prompt ended reasoning if its last ``<think>`` or ``</think>`` is
+  ``</think>``; in the output, ``</think>`` ends it.
+* qwen3: the same, but only after the prompt's last ``<|im_start|>`` or ``<|im_end|>`` (an earlier
+  turn's reasoning does not count), and ``<tool_call>`` ends it as ``</think>`` does.
+* cohere_command3: over the prompt and the output so far, at every token: ended if the last
+  ``<|START_THINKING|>`` or ``<|CHATBOT_TOKEN|>`` is a ``<|START_THINKING|>`` with an
+  ``<|END_THINKING|>`` after it, or where neither occurs, if any ``<|END_THINKING|>`` does.
+* minimax_m3: markers that may be several tokens; the prompt ended reasoning if it holds
+  ``</mm:think>`` after its last ``<mm:think>`` (or holds no ``<mm:think>``); in the output, a
+  completed ``</mm:think>``. (vLLM 0.32's gate also ends it at the first token of an output whose
+  prompt has no ``<mm:think>``, or has a ``</mm:think>`` before its last one, a side effect of its
+  streaming check; pagedlm does not.)
+"""
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+FREE, END, END_FED = 0, 1, 2  # what a token is to the gate: reasoning; the end (not fed); the end, fed
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningParser:
+    """A vLLM reasoning parser's markers as token ids (sequences for minimax_m3, one token otherwise)."""
+
+    name: str
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    implicit_end: int | None = None  # qwen3's <tool_call>
+    boundaries: frozenset[int] = frozenset()  # qwen3's turn markers; cohere_command3's chatbot token
+
+    @classmethod
+    def of(cls, name: str, tokenizer: PreTrainedTokenizerBase) -> "ReasoningParser":
+        """Raises ValueError for a parser pagedlm does not know, or markers that are not single
+        tokens of the tokenizer (vLLM's parsers refuse such a tokenizer too)."""
+        spec = _PARSERS.get(name)
+        if spec is None:
+            raise ValueError(f"reasoning_parser {name!r} has no structured-outputs rules in pagedlm; "
+                             f"known: {', '.join(_PARSERS)}")
+        start, end, implicit, boundaries = spec
+        if name == "minimax_m3":
+            ids = [tuple(tokenizer.encode(text, add_special_tokens=False)) for text in (start, end)]
+            return cls(name, ids[0], ids[1])
+        vocab = tokenizer.get_vocab()
+        missing = [text for text in (start, end) if text not in vocab]
+        if missing:
+            raise ValueError(f"reasoning_parser {name!r} needs {' and '.join(map(repr, missing))} as single tokens "
+                             "of the tokenizer, which has none")
+        return cls(name, (vocab[start],), (vocab[end],), vocab.get(implicit) if implicit else None,
+                   frozenset(vocab[t] for t in boundaries if t in vocab))
+
+    def gate(self, prompt_token_ids: list[int]) -> "ReasoningGate | None":
+        """A sequence's gate after its prompt, or None where the prompt ended reasoning."""
+        gate = ReasoningGate(self)
+        for token_id in prompt_token_ids:
+            gate.scan(token_id)
+        return None if gate.ended_by_markers() else gate
+
+
+class ReasoningGate:
+    """Where one sequence stands in the markers of its tokens so far (prompt and output)."""
+
+    __slots__ = ("parser", "last", "end_since_last", "any_end", "tail")
+
+    def __init__(self, parser: ReasoningParser) -> None:
+        self.parser = parser
+        self.last: str | None = None  # the last marker's kind: "start", "end" or "boundary" (cohere: not "end")
+        self.end_since_last = False  # an end marker after the last start or boundary
+        self.any_end = False
+        self.tail: tuple[int, ...] = ()  # minimax_m3: the last tokens, to see a marker complete
+
+    def scan(self, token_id: int) -> None:
+        p = self.parser
+        width = max(len(p.start), len(p.end))
+        self.tail = (self.tail + (token_id,))[-width:]
+        if self.tail[-len(p.end):] == p.end or token_id == p.implicit_end:
+            if p.name != "cohere_command3":  # whose rule looks back to the last start or boundary
+                self.last = "end"
+            self.end_since_last = self.any_end = True
+        elif self.tail[-len(p.start):] == p.start:
+            self.last, self.end_since_last = "start", False
+        elif token_id in p.boundaries:
+            self.last, self.end_since_last = "boundary", False
+
+    def ended_by_markers(self) -> bool:
+        """vLLM's ``is_reasoning_end`` of the tokens scanned so far."""
+        if self.parser.name == "cohere_command3":
+            return self.end_since_last if self.last == "start" else self.last is None and self.any_end
+        return self.last == "end"
+
+    def take(self, token_id: int) -> int:
+        """The next output token: FREE while reasoning goes on, else END or END_FED."""
+        self.scan(token_id)
+        if self.parser.name == "cohere_command3":
+            return END if self.ended_by_markers() else FREE
+        if token_id == self.parser.implicit_end:
+            return END_FED
+        return END if self.tail[-len(self.parser.end):] == self.parser.end else FREE
+
+
+# name -> (start, end, implicit end, boundaries), from vLLM 0.32's parsers.
+_PARSERS = {
+    "qwen3": ("<think>", "</think>", "<tool_call>", ("<|im_start|>", "<|im_end|>")),
+    "deepseek_r1": ("<think>", "</think>", None, ()),
+    "ernie45": ("<think>", "</think>", None, ()),
+    "cohere_command3": ("<|START_THINKING|>", "<|END_THINKING|>", None, ("<|CHATBOT_TOKEN|>",)),
+    "minimax_m3": ("<mm:think>", "</mm:think>", None, ()),
+}

@@ -1,0 +1,123 @@
+"""Structured outputs after the reasoning (``engine/reasoning_gate.py``): with a reasoning parser,
+a request's grammar holds from the token after the reasoning ends, as vLLM 0.32 gates it. The
+rules were checked against vLLM itself (a differential run over 172 cases, docs/architecture.md)."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import BOS, make_checkpoint
+from pagedlm import LLM, SamplingParams
+from pagedlm.config import StructuredOutputsConfig
+from pagedlm.engine.reasoning_gate import END, END_FED, FREE, ReasoningParser
+
+S, E, TOOL, IM_START, IM_END, CHATBOT = 90, 91, 92, 93, 94, 95
+QWEN3 = ReasoningParser("qwen3", (S,), (E,), TOOL, frozenset({IM_START, IM_END}))
+R1 = ReasoningParser("deepseek_r1", (S,), (E,))
+COHERE = ReasoningParser("cohere_command3", (S,), (E,), boundaries=frozenset({CHATBOT}))
+MINIMAX = ReasoningParser("minimax_m3", (S, 1), (E, 1))
+
+
+@pytest.mark.parametrize("parser, prompt, ended", [
+    (R1, [5, S, 6, E, 7], True), (R1, [5, S, 6], False), (R1, [5, 6], False), (R1, [E, 5, S], False),
+    (R1, [5, E], True), (R1, [S, E, IM_START, 5], True),
+    (QWEN3, [S, E, IM_START, 5], False),  # an earlier turn's end does not count
+    (QWEN3, [IM_START, S, 6, E, 7], True), (QWEN3, [IM_START, S, 6, TOOL], True), (QWEN3, [IM_START, 5], False),
+    (COHERE, [S, 6, E], True), (COHERE, [S, E, CHATBOT], False), (COHERE, [CHATBOT, E], False), (COHERE, [E], True),
+    (COHERE, [5], False), (COHERE, [E, S], False),
+    (MINIMAX, [S, 1, 6, E, 1], True), (MINIMAX, [S, 1, 6, E], False), (MINIMAX, [5, E, 1], True),
+    (MINIMAX, [E, 1, S, 1], False),
+])
+def test_whether_the_prompt_ended_the_reasoning(parser, prompt, ended):
+    assert (parser.gate(prompt) is None) == ended
+
+
+def takes(parser: ReasoningParser, prompt: list[int], output: list[int]) -> list[int]:
+    gate = parser.gate(prompt)
+    return [gate.take(t) for t in output]
+
+
+def test_where_the_output_ends_the_reasoning():
+    assert takes(R1, [5, S], [6, S, E]) == [FREE, FREE, END]
+    assert takes(R1, [5], [6, E]) == [FREE, END]  # no start needed
+    assert takes(QWEN3, [IM_START, S], [6, TOOL]) == [FREE, END_FED]  # qwen3's implicit end is fed to the grammar
+    assert takes(R1, [5, S], [TOOL, E]) == [FREE, END]
+    assert takes(MINIMAX, [S, 1], [6, E, 7, E, 1]) == [FREE, FREE, FREE, FREE, END]
+    # cohere_command3 judges the whole sequence at every token: after a chatbot token an end alone
+    # does not end it, a new start and end do.
+    assert takes(COHERE, [S, 6, E, CHATBOT], [E, 7, S, 8, E]) == [FREE, FREE, FREE, FREE, END]
+
+
+@pytest.fixture(scope="module")
+def think_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """The test llama with qwen3's markers added to its tokenizer as tokens of their own."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "<|im_start|>", "<|im_end|>"], special_tokens=True)
+    path = tmp_path_factory.mktemp("think")
+    tokenizer.save_pretrained(path / "tok")
+    return make_checkpoint(str(path / "m"), "llama", str(path / "tok"), vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def llm(think_dir) -> LLM:
+    return LLM(think_dir, dtype="float32", max_model_len=128, reasoning_parser="qwen3")
+
+
+CHOICE = {"choice": ["yes", "no"]}
+
+
+def greedy(llm: LLM, prompt: list[int], max_tokens: int, **fields) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **fields)
+    return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_the_grammar_holds_from_the_token_after_the_reasoning_ends(llm, think_dir):
+    tok = llm.get_tokenizer()
+    think, end, im_start = (tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_start|>"))
+    prompt = [BOS, im_start, 40, 41, think]
+    free = greedy(llm, prompt, 6)
+    assert end not in free  # the model alone does not end its reasoning here
+    # Never ended: the whole completion is free.
+    assert greedy(llm, prompt, 6, structured_outputs=CHOICE) == free
+    # Ended by the forced end string (thinking_token_budget): free before it, then the grammar.
+    out = greedy(llm, prompt, 12, structured_outputs=CHOICE, thinking_token_budget=3)
+    assert out[:3] == free[:3] and out[3] == end
+    answer = tok.decode(out[4:], skip_special_tokens=True)
+    assert answer in ("yes", "no")
+    # Ended in the prompt: the grammar from the first token, as without a reasoning parser.
+    closed = prompt + out[:4]
+    assert greedy(llm, closed, 8, structured_outputs=CHOICE) == out[4:]
+    plain = LLM(think_dir, dtype="float32", max_model_len=128)
+    held = greedy(plain, prompt, 8, structured_outputs=CHOICE)
+    assert tok.decode(held, skip_special_tokens=True) in ("yes", "no")
+    # enable_in_reasoning: from the first token whatever the prompt.
+    eager = LLM(think_dir, dtype="float32", max_model_len=128, reasoning_parser="qwen3",
+                structured_outputs_config={"enable_in_reasoning": True})
+    assert greedy(eager, prompt, 8, structured_outputs=CHOICE) == held
+    with pytest.raises(ValueError, match="thinking_token_budget with structured_outputs needs the grammar to wait"):
+        greedy(eager, prompt, 8, structured_outputs=CHOICE, thinking_token_budget=2)
+
+
+def test_each_completion_keeps_its_own_gate(llm):
+    """n completions fork from one sequence: each ends its reasoning on its own tokens."""
+    tok = llm.get_tokenizer()
+    think = tok.convert_tokens_to_ids("<think>")
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True, thinking_token_budget=2,
+                            structured_outputs=CHOICE)
+    out = llm.generate({"prompt_token_ids": [BOS, 40, think]}, params, use_tqdm=False)[0]
+    for completion in out.outputs:
+        assert completion.token_ids[2] == tok.convert_tokens_to_ids("</think>")
+        assert tok.decode(completion.token_ids[3:], skip_special_tokens=True) in ("yes", "no")
+
+
+def test_what_the_gate_refuses(llama_dir):
+    with pytest.raises(ValueError, match="structured_outputs_config.reasoning_parser must be one of qwen3"):
+        StructuredOutputsConfig(reasoning_parser="nope")
+    with pytest.raises(ValueError, match="structured_outputs_config.backend must be 'auto' or 'xgrammar'"):
+        LLM(llama_dir, structured_outputs_config={"backend": "outlines"})
+    with pytest.raises(ValueError, match="structured_outputs_config: unknown or unsupported field"):
+        LLM(llama_dir, structured_outputs_config={"disable_any_whitespace": True})
+    # The test tokenizer has no <think> token: qwen3's rules cannot run on it.
+    llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3")
+    with pytest.raises(ValueError, match="needs '<think>' and '</think>' as single tokens"):
+        llm.generate("Hi", SamplingParams(structured_outputs=CHOICE), use_tqdm=False)
+    assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
