@@ -1208,3 +1208,93 @@ def test_rows_after_a_window_of_bad_rows_still_run(llama_dir, tmp_path):
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", max_in_flight=1)
     assert sorted(r["id"] for r in out) == [1, 2, 3, 4, 5]
     assert sorted(r["id"] for r in out if r["error"]) == [2, 4] and (stats.completed, stats.errors) == (3, 2)
+
+
+def test_one_row_of_an_unexpected_shape_is_its_own_error(llama_dir, tmp_path):
+    """Found by a hunt: a row whose chat_template_kwargs was a string, or an OpenAI row whose url
+    was a list, raised out of the row parser and ended the whole job (every --resume again); a
+    response_format with keys its type does not take was run with them ignored."""
+    chat = [{"role": "user", "content": "hi"}]
+    plain = [{"id": 1, "prompt": "ok"}, {"id": 2, "messages": chat, "chat_template_kwargs": "x"}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "plain.jsonl", plain), tmp_path / "plain.out.jsonl")
+    rows = by_id(out)
+    assert rows[1]["error"] is None and "chat_template_kwargs must be an object" in rows[2]["error"]
+    batch = [_openai_row("a", "/v1/completions", {"prompt": "x", "max_tokens": 2}),
+             _openai_row("b", ["/v1/completions"], {"prompt": "x"}),
+             _chat_row("c", chat_template_kwargs=["x"]),
+             _chat_row("d", response_format={"type": "json_object", "schema": {"type": "object"}})]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "batch.jsonl", batch), tmp_path / "batch.out.jsonl")
+    errors = {key: message for key, (_, message) in _errors(out).items()}
+    assert "a" not in errors and stats.errors == 3
+    assert "url must be" in errors["b"] and "chat_template_kwargs must be an object" in errors["c"]
+    assert "response_format of type 'json_object' takes no schema" in errors["d"]
+    # And a parser that raises anything else still fails only its row.
+    from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+
+    real = PlainFormat.parse
+
+    def parse(self, row, key):
+        if key == 2:
+            raise KeyError("surprise")
+        return real(self, row, key)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PlainFormat, "parse", parse)
+        stats, out = run(llama_dir, write_jsonl(tmp_path / "p2.jsonl", [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}]),
+                         tmp_path / "p2.out.jsonl")
+    rows = by_id(out)
+    assert rows[1]["error"] is None and "the row could not be read: KeyError" in rows[2]["error"]
+
+
+def test_a_row_asking_for_more_logprobs_than_the_job_allows_is_its_error(llama_dir, tmp_path):
+    """Found by a hunt: one row's prompt_logprobs=-1 over a long prompt took gigabytes (every
+    token's logprobs at every position), enough to end the job for every row. A job allows
+    vLLM's max_logprobs, 20, unless --max-logprobs says more."""
+    rows = [{"id": 1, "prompt": "The capital of France is", "sampling_params": {"prompt_logprobs": -1}},
+            {"id": 2, "prompt": "ok", "sampling_params": {"logprobs": 3}}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    _, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    got = by_id(out)
+    assert "exceeds max_logprobs (20)" in got[1]["error"] and got[2]["error"] is None
+    config = JobConfig(input=inp, output=str(tmp_path / "all.jsonl"), model=llama_dir,
+                       engine={**ENGINE, "max_logprobs": -1}, sampling={"temperature": 0.0, "max_tokens": 2})
+    run_job(config)
+    assert [r["error"] for r in read_output(tmp_path / "all.jsonl")] == [None, None]
+
+
+def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearly(llama_dir, tmp_path):
+    """Found by a hunt: a float64 id column (pandas' integers with a missing value) made every row
+    an error with no id, and the job exited 0; an empty OUT.job.json gave --resume only
+    "Expecting value: line 1 column 1"."""
+    pq.write_table(pa.table({"id": [1.0, 2.0], "prompt": ["a", "b"]}), tmp_path / "f.parquet")
+    with pytest.raises(ValueError, match="column 'id' is double; ids must be strings or integers"):
+        run(llama_dir, tmp_path / "f.parquet", tmp_path / "f.jsonl")
+    assert not os.path.exists(tmp_path / "f.jsonl")
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}])
+    run(llama_dir, inp, tmp_path / "out.jsonl")
+    for damage in ("", "[]"):
+        (tmp_path / "out.jsonl.job.json").write_text(damage)
+        with pytest.raises(ValueError, match=r"out.jsonl.job.json \(the job's settings, written when it started\) is damaged"):
+            run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+
+
+def test_parquet_rows_of_different_json_schemas_each_keep_their_own(llama_dir, tmp_path):
+    """Found by a hunt: Arrow gave each row's schema the other rows' properties as nulls, and
+    every row failed ("Schema should be an object or bool, but got null")."""
+    schemas = [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+               {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}]
+    bodies = [{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24,
+               "response_format": {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}}
+              for i, schema in enumerate(schemas)]
+    table = pa.table({"custom_id": ["a", "b"], "method": ["POST"] * 2, "url": ["/v1/chat/completions"] * 2,
+                      "body": bodies})
+    pq.write_table(table, tmp_path / "in.parquet")
+    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+                       engine={**ENGINE, "chat_template": TEMPLATE}, sampling={"temperature": 0.0})
+    run_job(config)
+    out = read_output(tmp_path / "out.jsonl")
+    assert [row["error"] for row in out] == [None, None]
+    texts = {row["custom_id"]: row["response"]["body"]["choices"][0]["message"]["content"] for row in out}
+    # Each row under its own schema: its one required key comes first (the rest may be cut by max_tokens).
+    assert texts["a"].startswith("{") and texts["a"][1:].lstrip().startswith('"a"')
+    assert texts["b"].startswith("{") and texts["b"][1:].lstrip().startswith('"b"')

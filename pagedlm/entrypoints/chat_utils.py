@@ -248,6 +248,8 @@ def render_chat(
         kind, words = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, kind):
             raise FieldError(f"{name} must be {words}, got {value!r:.40}", name)
+    for name in options:
+        kind, words = _OPTION_TYPES[name]
         # The same option as a template variable (it reaches the template where the argument is None).
         inner = (chat_template_kwargs or {}).get(name)
         if name != "chat_template_kwargs" and inner is not None and not isinstance(inner, kind):

@@ -25,6 +25,7 @@ ENGINE_FLAGS = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
     ("--tokenizer", "tokenizer", str), ("--chat-template", "chat_template", str),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float), ("--reasoning-parser", "reasoning_parser", str),
+    ("--max-logprobs", "max_logprobs", int),
 ]
 
 

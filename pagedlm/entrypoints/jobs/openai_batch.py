@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, without_nulls,
+    JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
@@ -99,7 +99,7 @@ class OpenAIBatchFormat:
         if row.get("method") != "POST":
             raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
         url, body = row.get("url"), row.get("body")
-        if url not in BODY_FIELDS:
+        if not isinstance(url, str) or url not in BODY_FIELDS:
             raise RowError(f"url must be {CHAT_URL!r} or {COMPLETIONS_URL!r}, got {url!r}", "url")
         if not isinstance(body, dict):
             raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
@@ -218,23 +218,31 @@ def _check_limits(body: dict) -> None:
                            "logit_bias")
 
 
+# Each response_format type's keys (OpenAI's API reference).
+_RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+
+
 def _response_format(response_format: Any) -> dict | None:
     """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
     if not isinstance(response_format, dict):
         raise RowError(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got "
                        f"{response_format!r:.60}", "response_format")
     kind = response_format.get("type")
+    if kind not in _RESPONSE_FORMAT_KEYS:
+        raise RowError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                       "response_format")
+    extra = sorted(k for k, v in response_format.items() if v is not None and k not in _RESPONSE_FORMAT_KEYS[kind])
+    if extra:
+        raise RowError(f"response_format of type {kind!r} takes no {', '.join(extra)} (it would be ignored)",
+                       "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
         return {"json_object": True}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
-        return {"json": spec["schema"]}
-    raise RowError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                   "response_format")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
+    return {"json": schema_without_nulls(spec["schema"])}
 
 
 def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:

@@ -24,8 +24,8 @@ from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_input_file, check_record, check_result_columns, check_served_model_names,
-    job_record, read_input, signals_deferred, signals_interrupt, write_record,
+    JobConfig, JobInterrupted, check_id_column, check_input_file, check_record, check_result_columns,
+    check_served_model_names, job_engine_kwargs, job_record, read_input, signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -66,10 +66,11 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                          "without --ray")
     check_served_model_names(config, "plain")
     check_result_columns(config.input, in_kind)
+    check_id_column(config.input, in_kind, "id")
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(
-        model_source=config.model, engine_kwargs=dict(config.engine), sampling_params=dict(config.sampling),
+        model_source=config.model, engine_kwargs=job_engine_kwargs(config), sampling_params=dict(config.sampling),
         concurrency=num_actors, batch_size=config.max_in_flight or 256,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else torch_threads, torch_threads=torch_threads,
     )

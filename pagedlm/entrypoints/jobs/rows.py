@@ -110,10 +110,26 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     if unknown:
         kind = "unknown field(s)" if set(unknown) - _ROW_REFUSED else "SamplingParams field(s) a job row cannot set"
         raise RowError(f"{where}: {kind} {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}", unknown[0])
+    constraint = fields.get("structured_outputs")
+    if isinstance(constraint, dict) and isinstance(constraint.get("json"), dict):
+        fields = {**fields, "structured_outputs": {**constraint, "json": schema_without_nulls(constraint["json"])}}
     try:
         return SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
         raise field_error(exc, names, f"{where}: ") from None
+
+
+def schema_without_nulls(schema: Any) -> Any:
+    """A row's JSON schema without null-valued keys at any depth, but for ``const`` and
+    ``default``, where null is a value. Elsewhere a schema has no use for null, and a Parquet
+    struct holds every row's keys: each row's ``properties`` gets the other rows' properties as
+    nulls, which xgrammar refuses (found by a hunt: every row of such a file failed). List items
+    (an ``enum``'s) stay."""
+    if isinstance(schema, dict):
+        return {k: schema_without_nulls(v) for k, v in schema.items() if v is not None or k in ("const", "default")}
+    if isinstance(schema, list):
+        return [schema_without_nulls(v) for v in schema]
+    return schema
 
 
 def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> RowError:

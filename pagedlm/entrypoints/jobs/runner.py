@@ -120,6 +120,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
         check_result_columns(config.input, in_kind)
+    check_id_column(config.input, in_kind, "id" if fmt_name == "plain" else "custom_id")
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -136,7 +137,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
         try:
             with signals_interrupt():
                 if own_llm:
-                    llm = LLM(model, **config.engine)
+                    llm = LLM(model, **job_engine_kwargs(config))
                 if not started:  # once the engine settings have proved valid
                     write_record(config, record)
                 # A loaded LLM of the embedded model serves its names, as the job that loads it does.
@@ -289,6 +290,38 @@ def _not_json_lines(raw: bytes) -> str | None:
     if end <= len(first):
         return None
     return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
+
+
+# A job's max_logprobs unless --max-logprobs says otherwise: vLLM's default. Without a limit one
+# row asking for every token's logprobs (-1) over a long prompt writes gigabytes and can exhaust
+# the machine's memory, ending the job for every row (found by a hunt).
+JOB_MAX_LOGPROBS = 20
+
+
+def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:
+    """``LLM``'s keyword arguments for a job: its engine settings, with the job's logprobs limit."""
+    return {"max_logprobs": JOB_MAX_LOGPROBS, **config.engine}
+
+
+def check_id_column(path: str, in_kind: str, key_field: str) -> None:
+    """Refuse a Parquet input whose id column holds neither strings nor integers (e.g. float64,
+    which pandas writes for an integer column with a missing value): every row would be an error.
+
+    Raises:
+        ValueError: naming the column, its type and the types allowed.
+    """
+    if in_kind != "parquet":
+        return
+    import pyarrow as pa
+
+    schema = input_schema(path, in_kind)
+    if key_field not in schema.names:
+        return
+    kind = schema.field(key_field).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_integer(value) or pa.types.is_string(value) or pa.types.is_large_string(value)):
+        raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
+                         f"it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
 
 
 def check_result_columns(path: str, in_kind: str) -> None:
@@ -498,7 +531,14 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
     if started:
         if not storage.is_file(path):
             raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is missing")
-        recorded = json.loads(storage.read_text(path))
+        try:
+            recorded = json.loads(storage.read_text(path))
+        except (ValueError, UnicodeDecodeError) as exc:
+            recorded = exc
+        if not isinstance(recorded, dict):
+            raise ValueError(f"cannot resume: {path} (the job's settings, written when it started) is damaged "
+                             f"({recorded if isinstance(recorded, Exception) else 'not a JSON object'}); restore it "
+                             "or start the job afresh")
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
@@ -578,6 +618,10 @@ class _Job:
                 job_row = self.fmt.parse(row, key)
             except RowError as exc:
                 self._write_error(key, row, f"{where}: {exc}", exc.param)
+                continue
+            except Exception as exc:  # a check that missed a shape of input: still this row's error alone
+                logger.exception("%s: the row could not be read", where)
+                self._write_error(key, row, f"{where}: the row could not be read: {type(exc).__name__}: {exc}")
                 continue
             self.in_flight[index] = where, job_row
             self.in_flight_keys[same] += 1

@@ -73,10 +73,15 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """The whole file, written anew."""
+    """The whole file, written anew; a local one all at once (written beside it, synced, renamed),
+    so that a job killed meanwhile leaves the old file or the new one, never a part."""
     if not is_uri(path):
-        with open(path, "w", encoding="utf-8") as f:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         return
     fs, inner = _resolve(path)
     with fs.open_output_stream(inner) as f:
