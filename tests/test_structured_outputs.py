@@ -150,6 +150,23 @@ def test_bad_constraints_are_refused_before_any_work(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+
+@pytest.mark.parametrize("constraint, message", [
+    ({"regex": r"\Acat\z"}, r"escape\(s\) \\A, \\z are not supported"),
+    ({"regex": r"\Qa.b\E"}, r"escape\(s\) \\Q, \\E are not supported"),
+    ({"grammar": "root ::= root"}, "structured_outputs.grammar admits no output at all"),
+    ({"json": {"anyOf": []}}, "structured_outputs.json admits no output at all"),
+])
+def test_constraints_that_would_not_hold_as_written_are_refused(llm, constraint, message):
+    """Found by a hunt: xgrammar matched \\A, \\z, \\Q, \\E as the letters themselves (warning only on
+    stderr: "\\Acat\\z" gave "Acatz"), and a grammar or schema that admits nothing ended every
+    completion at once with no text, as if it had run."""
+    with pytest.raises(ValueError, match=message):
+        llm.generate("a", SamplingParams(structured_outputs=constraint), use_tqdm=False)
+    for fine in (r"\d+\s\w[\b]\x41\u0042\.", r"\\A"):  # known escapes, and an escaped backslash then A
+        llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"regex": fine}), use_tqdm=False)
+
+
 SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "hobbies": {"type": "array",

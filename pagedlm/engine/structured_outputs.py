@@ -45,6 +45,7 @@ class StructuredOutputManager:
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._stop_token_ids = stop_token_ids
         self._compiled: dict[tuple[str, str], Future] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlm-grammar")
         self.bitmask_width = (vocab_size + 31) // 32
@@ -79,6 +80,11 @@ class StructuredOutputManager:
                 compiled = self._compiler.compile_json_schema(
                     json.dumps(_bounded_strings_as_patterns(schema), ensure_ascii=False), any_whitespace=any_whitespace)
             elif kind == "regex":
+                unknown = _unknown_escapes(spec)
+                if unknown:
+                    raise ValueError(f"escape(s) {', '.join(unknown)} are not supported (xgrammar would match the "
+                                     "letter itself); supported: \\d \\w \\s \\D \\W \\S, \\b in a character class, "
+                                     "\\n \\r \\t \\f \\v \\a \\e, \\xHH \\uHHHH, \\cX and escaped punctuation")
                 compiled = self._compiler.compile_regex(spec)
             elif kind == "choice":
                 compiled = self._compiler.compile_grammar(
@@ -90,6 +96,13 @@ class StructuredOutputManager:
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
             raise ValueError(f"structured_outputs.{kind} does not compile: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
+        first = self.bitmask(self._xgr.GrammarMatcher(compiled))
+        # A JSON document is never empty: a schema whose grammar may only stop at once admits none.
+        if not (self.allows_other_than(first, self._stop_token_ids) if kind in ("json", "json_object")
+                else bool(first.any())):
+            # e.g. the grammar "root ::= root" or the schema {"anyOf": []}: every completion would end
+            # at once with no text, as if it had run
+            raise ValueError(f"structured_outputs.{kind} admits no output at all (no token can begin one)")
         return compiled
 
     def close(self) -> None:
@@ -280,6 +293,25 @@ def _resolve_local_ref(schema: Any, root: Any) -> Any:
             node = node.get(part) if isinstance(node, dict) else None
         schema, seen = node, seen + 1
     return schema
+
+
+# Letters whose escape xgrammar's regex converter knows (others it matches as the letter itself,
+# warning only on stderr: "\\A" matches "A"), or refuses itself (b outside a class, c, k, p, u, x, B, P).
+_KNOWN_ESCAPES = frozenset("adefnrstvwDSWbckpuxBP")
+
+
+def _unknown_escapes(regex: str) -> list[str]:
+    """The escapes of ASCII letters in ``regex`` that xgrammar does not know, each once."""
+    found, i = [], 0
+    while i < len(regex) - 1:
+        if regex[i] == "\\":
+            letter = regex[i + 1]
+            if letter.isascii() and letter.isalpha() and letter not in _KNOWN_ESCAPES and f"\\{letter}" not in found:
+                found.append(f"\\{letter}")
+            i += 2
+        else:
+            i += 1
+    return found
 
 
 def _xgrammar_message(exc: Exception) -> str:
