@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE, EOS, hf_greedy
 from pagedlm import LLM, RequestOutput, SamplingParams, default_model_path
-from pagedlm.entrypoints.chat_utils import RenderedChat, detect_content_format, render_chat
+from pagedlm.entrypoints.chat_utils import RenderedChat, detect_content_format, parse_conversation, render_chat
 from pagedlm.entrypoints.llm import _TOKENIZE_CHUNK
 from pagedlm.utils import FieldError
 
@@ -240,6 +240,17 @@ PARTS_IN_MACRO = ("{% macro body(c) %}{% for p in c %}[{{ p.text }}]{% endfor %}
      "{% endfor %}{% endfor %}", "openai"),
     ("{% for m in messages[1:] %}{% for p in m['content'] | reverse %}{{ p }}{% endfor %}{% endfor %}", "openai"),
     ("{% for m in messages %}{% for line in m.content.split('\\n') %}{{ line }}{% endfor %}{% endfor %}", "string"),
+    # Found by a review against vLLM's _detect_content_format: what it does not follow is "string"
+    # (a namespace attribute or a tuple), assignments count in any order, an inner macro's loop
+    # over the outer macro's content parameter counts, a template that does not parse is "string".
+    ("{% set ns = namespace() %}{% set ns.m = messages[1:] %}{% for m in ns.m %}{% for p in m.content %}"
+     "{% endfor %}{% endfor %}", "string"),
+    ("{% for m in messages %}{% for a, b in m.content %}{% endfor %}{% endfor %}", "string"),
+    ("{% for m in later %}{% for p in m.content %}{% endfor %}{% endfor %}{% set later = early %}"
+     "{% set early = messages %}", "openai"),
+    ("{% macro outer(content) %}{% macro inner(x) %}{% for p in content %}{% endfor %}{% endmacro %}"
+     "{{ inner(1) }}{% endmacro %}{% for m in messages %}{{ outer(m.content) }}{% endfor %}", "openai"),
+    ("{{ m.content | nosuchfilter }}", "string"),
 ])
 def test_the_content_format_is_detected_from_the_template_as_vllm_does(template, expected):
     assert detect_content_format(template) == expected
@@ -285,6 +296,17 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
     assert text([{"role": "assistant", "content": "b", "reasoning": "why"}], reasoning) == "why"
     billed = [{"role": "system", "content": "x-anthropic-billing-header: cch=1\nBe brief."}, user("hi")[0]]
     assert text(billed, DUMP) == '{"role": "system", "content": "Be brief."}|{"role": "user", "content": "hi"}|'
+    kept = [{"role": "system", "content": [{"type": "input_text", "text": "x-anthropic-billing-header: a\nb"}]}]
+    assert text(kept, DUMP) == '{"role": "system", "content": "x-anthropic-billing-header: a\\nb"}|'  # text parts only
+    # vLLM passes a developer message's tools, null where absent (transformers 5.25 then drops null keys).
+    assert parse_conversation([{"role": "developer", "content": "d"}]) == [{"role": "developer", "content": "d",
+                                                                          "tools": None}]
+    # A tokenizer's own template that does not compile is the conversation's error, not jinja2's
+    # exception out of the content format's detection (found by a review).
+    broken = copy.copy(tokenizer)
+    broken.chat_template = "{{ messages[0].content | nosuchfilter }}"
+    with pytest.raises(FieldError, match="the chat template failed: TemplateAssertionError"):
+        render_chat(broken, user("hi"))
 
 
 def test_chat_template_names_files_and_text_everywhere(llm, tmp_path):

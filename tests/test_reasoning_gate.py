@@ -109,6 +109,18 @@ def test_each_completion_keeps_its_own_gate(llm):
         assert tok.decode(completion.token_ids[3:], skip_special_tokens=True) in ("yes", "no")
 
 
+def test_only_the_reasoning_parser_argument_makes_the_grammar_wait(think_dir, llm):
+    """Found by a review: a reasoning_config's parser armed the gate; in vLLM only LLM's
+    reasoning_parser (or structured_outputs_config's) does, the config naming the budget's strings."""
+    tok = llm.get_tokenizer()
+    prompt = [BOS, tok.convert_tokens_to_ids("<|im_start|>"), 40, 41, tok.convert_tokens_to_ids("<think>")]
+    config_only = LLM(think_dir, dtype="float32", max_model_len=128, reasoning_config={"reasoning_parser": "qwen3"})
+    plain = LLM(think_dir, dtype="float32", max_model_len=128)
+    assert greedy(config_only, prompt, 8, structured_outputs=CHOICE) == greedy(plain, prompt, 8, structured_outputs=CHOICE)
+    gated = LLM(think_dir, dtype="float32", max_model_len=128, structured_outputs_config={"reasoning_parser": "qwen3"})
+    assert greedy(gated, prompt, 6, structured_outputs=CHOICE) == greedy(plain, prompt, 6)
+
+
 def test_what_the_gate_refuses(llama_dir):
     with pytest.raises(ValueError, match="structured_outputs_config.reasoning_parser must be one of qwen3"):
         StructuredOutputsConfig(reasoning_parser="nope")
@@ -120,4 +132,7 @@ def test_what_the_gate_refuses(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="needs '<think>' and '</think>' as single tokens"):
         llm.generate("Hi", SamplingParams(structured_outputs=CHOICE), use_tqdm=False)
+    minimax = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="minimax_m3")
+    with pytest.raises(ValueError, match="needs '<mm:think>' and '</mm:think>' as single tokens"):
+        minimax.generate("Hi", SamplingParams(structured_outputs=CHOICE), use_tqdm=False)
     assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

@@ -18,11 +18,12 @@ source (``vllm/reasoning/``, ``vllm/parser/``):
 * cohere_command3: over the prompt and the output so far, at every token: ended if the last
   ``<|START_THINKING|>`` or ``<|CHATBOT_TOKEN|>`` is a ``<|START_THINKING|>`` with an
   ``<|END_THINKING|>`` after it, or where neither occurs, if any ``<|END_THINKING|>`` does.
-* minimax_m3: markers that may be several tokens; the prompt ended reasoning if it holds
-  ``</mm:think>`` after its last ``<mm:think>`` (or holds no ``<mm:think>``); in the output, a
-  completed ``</mm:think>``. (vLLM 0.32's gate also ends it at the first token of an output whose
-  prompt has no ``<mm:think>``, or has a ``</mm:think>`` before its last one, a side effect of its
-  streaming check; pagedlm does not.)
+* minimax_m3: as deepseek_r1, with ``<mm:think>`` and ``</mm:think>``. (vLLM 0.32's gate also
+  ends it at the first token of an output whose prompt has no ``<mm:think>``, or has a
+  ``</mm:think>`` before its last one, a side effect of its streaming check; pagedlm does not.)
+
+Every parser needs its markers as single tokens of the tokenizer, as vLLM's do (cohere_command3's
+would take the unknown token's id there).
 """
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ FREE, END, END_FED = 0, 1, 2  # what a token is to the gate: reasoning; the end 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningParser:
-    """A vLLM reasoning parser's markers as token ids (sequences for minimax_m3, one token otherwise)."""
+    """A vLLM reasoning parser's markers as token ids (one each, as tuples: ``ReasoningGate`` matches sequences)."""
 
     name: str
     start: tuple[int, ...]
@@ -51,9 +52,6 @@ class ReasoningParser:
             raise ValueError(f"reasoning_parser {name!r} has no structured-outputs rules in pagedlm; "
                              f"known: {', '.join(_PARSERS)}")
         start, end, implicit, boundaries = spec
-        if name == "minimax_m3":
-            ids = [tuple(tokenizer.encode(text, add_special_tokens=False)) for text in (start, end)]
-            return cls(name, ids[0], ids[1])
         vocab = tokenizer.get_vocab()
         missing = [text for text in (start, end) if text not in vocab]
         if missing:

@@ -76,9 +76,9 @@ def parse_conversation(conversation: object, content_format: str = "string") -> 
     "function", its ``function.arguments`` given as JSON text parsed, and anything that is not a
     JSON object, absent or empty as ``{}``, as templates render them with ``tojson``) and
     ``reasoning`` (also passed as ``reasoning_content``); a tool message's ``tool_call_id``; a
-    developer message's ``tools``. Null fields are absent (a Parquet struct or an OpenAI client
-    writes every key). A system message's text part that starts with Claude Code's
-    "x-anthropic-billing-header" line loses that line, as in vLLM.
+    developer message's ``tools`` (null where absent). Other null fields are absent (a Parquet
+    struct or an OpenAI client writes every key). A system message's text part that starts with
+    Claude Code's "x-anthropic-billing-header" line loses that line, as in vLLM.
 
     Raises:
         ValueError: the first problem, naming the message's index and the field; a non-text
@@ -101,9 +101,7 @@ def _parse_message(i: int, message: object, content_format: str) -> dict[str, An
         raise ValueError(f"message {i} has no 'role'")
     if not isinstance(role, str):
         raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
-    parts = _content_parts(i, message.get("content"))
-    if role == "system":
-        parts = _without_billing_header(parts)
+    parts = _content_parts(i, message.get("content"), billed=role == "system")
     content: str | list[dict[str, Any]]
     if content_format == "openai" and role != "tool":
         content = parts
@@ -118,39 +116,36 @@ def _parse_message(i: int, message: object, content_format: str) -> dict[str, An
             parsed["tool_calls"] = calls
     if role == "assistant" and message.get("reasoning") is not None:
         parsed["reasoning"] = parsed["reasoning_content"] = message["reasoning"]
-    if role == "tool" and message.get("tool_call_id") is not None:
+    if role == "tool" and "tool_call_id" in message:
         parsed["tool_call_id"] = message["tool_call_id"]
     parsed.update({key: message[key] for key in ("name", "task") if isinstance(message.get(key), str)})
-    if role == "developer" and message.get("tools") is not None:
-        parsed["tools"] = message["tools"]
+    if role == "developer":  # vLLM passes it even when absent
+        parsed["tools"] = message.get("tools")
     return parsed
 
 
-def _without_billing_header(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A system message's parts without the first line of any that starts with Claude Code's
-    billing header, which changes every request and would end its prefix-cache hits (vLLM drops it)."""
-    kept = []
-    for part in parts:
-        if part["text"].startswith(_BILLING_HEADER):
-            rest = part["text"].partition("\n")[2]
-            if not rest:
-                continue
-            part = {**part, "text": rest}
-        kept.append(part)
-    return kept
-
-
-def _content_parts(i: int, content: object) -> list[dict[str, Any]]:
+def _content_parts(i: int, content: object, billed: bool) -> list[dict[str, Any]]:
     """The content's text parts as ``{"type": "text", "text": str, **other keys}``; parts whose
-    text is null are skipped (vLLM's)."""
+    text is null are skipped (vLLM's). With ``billed`` (a system message), a str or "text" part
+    that starts with Claude Code's billing header loses that line, and the part if nothing is
+    left: it changes every request and would end its prefix-cache hits (vLLM drops it)."""
     if content is None:
         return []  # e.g. OpenAI's assistant turn that only calls tools
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        content = [content]
     if not isinstance(content, list):
         raise ValueError(f"message {i}: 'content' must be a str, a list of text parts or null, "
                          f"got {type(content).__name__}")
-    return [part for raw in content if (part := _text_part(i, raw)) is not None]
+    parts = []
+    for raw in content:
+        part = _text_part(i, raw)
+        if part is not None and billed and part["text"].startswith(_BILLING_HEADER) and (
+                isinstance(raw, str) or raw.get("type") == "text"):
+            rest = part["text"].partition("\n")[2]
+            part = {**part, "text": rest} if rest else None
+        if part is not None:
+            parts.append(part)
+    return parts
 
 
 def _text_part(i: int, part: object) -> dict[str, Any] | None:
@@ -342,15 +337,36 @@ def detect_content_format(template: str) -> str:
     """The content format a chat template expects (vLLM's "auto"): "openai" (a list of parts) where
     it loops over a message's content, directly (``{% for part in message['content'] %}``, the
     message from a loop over ``messages`` or a variable set from it), as a macro's parameter the
-    content is passed to, or as a variable named ``content`` outside a macro; else "string"."""
-    root = _compile_jinja_template(template).environment.parse(template)
-    sources = {"messages"}
-    for assign in root.find_all(jinja2.nodes.Assign):  # e.g. {% set loop_messages = messages[1:] %}
-        if isinstance(assign.target, jinja2.nodes.Name) and _reads(assign.node, sources):
-            sources.add(assign.target.name)
+    content is passed to, or as a variable named ``content`` outside a macro; else "string",
+    which is also the answer, as in vLLM, for a template that does not parse or that assigns or
+    unpacks what it reads from the messages into anything but a plain variable."""
+    try:
+        return _content_format(_compile_jinja_template(template).environment.parse(template))
+    except (jinja2.TemplateError, _Unfollowed):
+        return "string"
+
+
+class _Unfollowed(Exception):
+    """A template stores messages or content where the detection does not follow them."""
+
+
+def _content_format(root: jinja2.nodes.Template) -> str:
+    sources, grew = {"messages"}, True
+    while grew:  # every variable set from the messages, in whatever order the template sets them
+        grew = False
+        for assign in root.find_all(jinja2.nodes.Assign):
+            if _reads(assign.node, sources):
+                if not isinstance(assign.target, jinja2.nodes.Name):
+                    raise _Unfollowed
+                grew |= assign.target.name not in sources
+                sources.add(assign.target.name)
     loops = list(root.find_all(jinja2.nodes.For))
-    messages = {loop.target.name for loop in loops
-                if isinstance(loop.target, jinja2.nodes.Name) and _reads(loop.iter, sources)}
+    messages = set()
+    for loop in loops:
+        if _reads(loop.iter, sources):
+            if not isinstance(loop.target, jinja2.nodes.Name):
+                raise _Unfollowed
+            messages.add(loop.target.name)
     in_macros, macro_params = set(), {}
     for macro in root.find_all(jinja2.nodes.Macro):
         names = [arg.name for arg in macro.args]
@@ -359,16 +375,17 @@ def detect_content_format(template: str) -> str:
             if isinstance(call.node, jinja2.nodes.Name) and call.node.name == macro.name:
                 passed |= {names[i] for i, arg in enumerate(call.args[:len(names)]) if _reads(arg, messages, "content")}
                 passed |= {kw.key for kw in call.kwargs if kw.key in names and _reads(kw.value, messages, "content")}
-        for loop in macro.find_all(jinja2.nodes.For):
+        for loop in macro.find_all(jinja2.nodes.For):  # an inner macro's loops too
             in_macros.add(id(loop))
-            macro_params[id(loop)] = passed
+            if passed:
+                macro_params[id(loop)] = passed
     for loop in loops:
-        if _reads(loop.iter, messages, "content"):
+        name = loop.iter.name if isinstance(loop.iter, jinja2.nodes.Name) else None
+        if _reads(loop.iter, messages, "content") or name in macro_params.get(id(loop), ()) or (
+                name == "content" and id(loop) not in in_macros):
+            if not isinstance(loop.target, jinja2.nodes.Name):
+                raise _Unfollowed
             return "openai"
-        if isinstance(loop.iter, jinja2.nodes.Name):
-            name = loop.iter.name
-            if name in macro_params.get(id(loop), ()) or (name == "content" and id(loop) not in in_macros):
-                return "openai"
     return "string"
 
 

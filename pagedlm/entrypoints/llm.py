@@ -121,11 +121,13 @@ class LLM:
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
         reasoning_parser: vLLM's reasoning parser of the model ("qwen3", "deepseek_r1", ...:
-            ``config.REASONING_PARSERS``), for its reasoning start and end strings, which
-            ``SamplingParams.thinking_token_budget`` needs. pagedlm does not split the reasoning
-            out of the text (vLLM's offline ``LLM`` does not either).
+            ``config.REASONING_PARSERS``): its reasoning start and end strings, which
+            ``SamplingParams.thinking_token_budget`` needs, and where structured outputs start
+            (after the reasoning, see ``structured_outputs_config``). pagedlm does not split the
+            reasoning out of the text (vLLM's offline ``LLM`` does not either).
         reasoning_config: a ``ReasoningConfig`` (or a dict of its fields) with those strings, the
-            end string forced when the budget runs out; over ``reasoning_parser``'s.
+            end string forced when the budget runs out; over ``reasoning_parser``'s. Its own
+            ``reasoning_parser`` only names those strings, as in vLLM.
         structured_outputs_config: a ``StructuredOutputsConfig`` (or a dict of its fields). With a
             reasoning parser (``reasoning_parser``, or this config's), a request's structured
             outputs hold only from the token after the model's reasoning ends, as in vLLM
@@ -859,7 +861,7 @@ def _engine_configs(
         )
     reasoning = _reasoning_config(reasoning_parser, reasoning_config)
     return model_config, cache_config, scheduler_config, reasoning, _structured_outputs_config(
-        structured_outputs_config, reasoning)
+        structured_outputs_config, reasoning_parser)
 
 
 def _reasoning_config(parser: str | None, config: ReasoningConfig | dict[str, str] | None) -> ReasoningConfig | None:
@@ -883,9 +885,10 @@ def _reasoning_config(parser: str | None, config: ReasoningConfig | dict[str, st
 
 
 def _structured_outputs_config(config: StructuredOutputsConfig | dict[str, Any] | None,
-                               reasoning: ReasoningConfig | None) -> StructuredOutputsConfig:
-    """``LLM``'s ``structured_outputs_config``, its ``reasoning_parser`` the reasoning config's
-    where it names none (vLLM's ``reasoning_parser`` argument arms both)."""
+                               reasoning_parser: str | None) -> StructuredOutputsConfig:
+    """``LLM``'s ``structured_outputs_config``, with ``LLM``'s ``reasoning_parser`` over the
+    config's own, as in vLLM (whose ``reasoning_parser`` argument sets both; a
+    ``reasoning_config``'s parser only names the thinking budget's strings)."""
     if isinstance(config, dict):
         fields = [f.name for f in dataclasses.fields(StructuredOutputsConfig)]
         if set(config) - set(fields):
@@ -897,9 +900,7 @@ def _structured_outputs_config(config: StructuredOutputsConfig | dict[str, Any] 
     elif not isinstance(config, StructuredOutputsConfig):
         raise ValueError(f"structured_outputs_config must be a StructuredOutputsConfig, a dict of its fields or None, "
                          f"got {config!r}.")
-    if reasoning is not None and reasoning.reasoning_parser:
-        return replace(config, reasoning_parser=reasoning.reasoning_parser)
-    return config
+    return replace(config, reasoning_parser=reasoning_parser) if reasoning_parser else config
 
 
 def _is_positive_int(value: object) -> bool:

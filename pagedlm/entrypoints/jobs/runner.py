@@ -33,7 +33,7 @@ from pagedlm.entrypoints.jobs.rows import (
     SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning, field_error,
     sampling_defaults,
 )
-from pagedlm.config import ReasoningConfig, load_chat_template
+from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
@@ -482,7 +482,7 @@ def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
 # that giving a default explicitly is the same job.
 OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
                           "tokenizer", "chat_template", "override_generation_config", "hf_overrides", "max_logprobs",
-                          "batch_invariant", "reasoning_parser", "reasoning_config")
+                          "batch_invariant", "reasoning_parser", "reasoning_config", "structured_outputs_config")
 _LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()}
 
 
@@ -504,8 +504,9 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         engine["hf_overrides"] = f"{overrides.__module__}.{overrides.__qualname__}"
     elif overrides is not None:  # values JSON has no form for (a torch dtype) as their repr
         engine["hf_overrides"] = json.loads(json.dumps(overrides, default=repr))
-    if isinstance(engine.get("reasoning_config"), ReasoningConfig):
-        engine["reasoning_config"] = dataclasses.asdict(engine["reasoning_config"])
+    for name in ("reasoning_config", "structured_outputs_config"):  # JSON's form of the configs
+        if dataclasses.is_dataclass(engine.get(name)):
+            engine[name] = dataclasses.asdict(engine[name])
     return {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
         "input": storage.absolute(config.input),
