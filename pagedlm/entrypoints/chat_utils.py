@@ -161,7 +161,7 @@ def _text_part(i: int, part: object) -> dict[str, Any] | None:
         return None
     if not isinstance(text, str):
         raise ValueError(f"message {i}: a {part_type!r} part's {key!r} must be a str, got {type(text).__name__}")
-    return {"type": "text", "text": text, **{k: v for k, v in part.items() if k not in _PART_KEYS}}
+    return {"type": "text", "text": text, **{k: v for k, v in part.items() if k not in _PART_KEYS and v is not None}}
 
 
 def _knows_developer_role(template: str) -> bool:
