@@ -279,6 +279,10 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
         '{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}|')
     with pytest.raises(FieldError, match="chat_template_content_format must be one of auto, string, openai"):
         text(parts, PARTS, chat_template_content_format="list")
+    # "openai" for a template that reads text: the format is named as the field at fault.
+    with pytest.raises(FieldError, match="this template reads text: 'string' or 'auto'") as info:
+        text(parts, "{% for m in messages %}{{ m['content'] + '|' }}{% endfor %}", chat_template_content_format="openai")
+    assert info.value.field == "chat_template_content_format"
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [

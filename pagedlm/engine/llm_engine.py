@@ -195,7 +195,7 @@ class LLMEngine:
                 return FieldError(f"{name} ({k}) exceeds the vocabulary size ({vocab_size})", name)
             if k is not None and max_logprobs not in (None, -1) and (vocab_size if k == -1 else k) > max_logprobs:
                 return FieldError(f"{name} ({'-1, the vocabulary' if k == -1 else k}) exceeds max_logprobs "
-                                  f"({max_logprobs}), the LLM's limit", name)
+                                  f"({max_logprobs}), the LLM's limit (LLM(max_logprobs=...); pagedlm run: --max-logprobs)", name)
         if params.allowed_token_ids:
             # Banned at some step whatever came before: one-token bad words always, stop tokens until min_tokens.
             banned = {ids[0] for ids in bad_words_token_ids(self.tokenizer, params.bad_words or ()) if len(ids) == 1}
@@ -209,7 +209,9 @@ class LLMEngine:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
             if self._gate_parser_name and isinstance(self.reasoning_gate_parser, ValueError):
-                return FieldError(f"structured_outputs: {self.reasoning_gate_parser}", "structured_outputs")
+                return FieldError(f"structured_outputs: {self.reasoning_gate_parser}, so it cannot wait for the end of "
+                                  "the reasoning (LLM(structured_outputs_config={'enable_in_reasoning': True}) holds "
+                                  "it from the first token)", "structured_outputs")
             if params.thinking_token_budget is not None and not self._gate_parser_name:
                 return FieldError("thinking_token_budget with structured_outputs needs the grammar to wait for the end "
                                   "of the reasoning (LLM(reasoning_parser=...), without structured_outputs_config's "

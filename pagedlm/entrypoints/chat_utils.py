@@ -287,11 +287,14 @@ def render_chat(
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
-        field = "messages"
+        field, hint = "messages", ""
         if isinstance(exc, jinja2.TemplateSyntaxError):
             from_kwargs = options["chat_template"] is None and given.get("chat_template") is not None
             field = "chat_template_kwargs" if from_kwargs else "chat_template"
-        raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}", field) from exc
+        elif options["chat_template_content_format"] == "openai" and detect_content_format(template) == "string":
+            field, hint = "chat_template_content_format", (" (content was a list of parts, chat_template_content_format "
+                                                           "'openai'; this template reads text: 'string' or 'auto')")
+        raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}{hint}", field) from exc
     if not isinstance(text, str):
         raise FieldError(f"the chat template rendered a {type(text).__name__}, not text", "chat_template")
     # After rendering, which reports a template that does not parse.

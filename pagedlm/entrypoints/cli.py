@@ -28,6 +28,12 @@ ENGINE_FLAGS = [
     ("--max-logprobs", "max_logprobs", int),
 ]
 
+_ENGINE_HELP = {
+    "--max-logprobs": "the most logprobs / prompt_logprobs a row may ask for (default 20, vLLM's; -1: the vocabulary)",
+    "--reasoning-parser": "vLLM's reasoning parser of the model (qwen3, deepseek_r1, ...): thinking_token_budget's "
+                          "strings, and structured outputs start after the reasoning",
+}
+
 
 def run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -71,7 +77,7 @@ def run_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--ignore-eos", action="store_true", default=None)
     engine = parser.add_argument_group("engine (see LLM's arguments)")
     for flag, _, typ in ENGINE_FLAGS:
-        engine.add_argument(flag, type=typ, default=None)
+        engine.add_argument(flag, type=typ, default=None, help=_ENGINE_HELP.get(flag))
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=None)
