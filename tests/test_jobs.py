@@ -1298,3 +1298,11 @@ def test_parquet_rows_of_different_json_schemas_each_keep_their_own(llama_dir, t
     # Each row under its own schema: its one required key comes first (the rest may be cut by max_tokens).
     assert texts["a"].startswith("{") and texts["a"][1:].lstrip().startswith('"a"')
     assert texts["b"].startswith("{") and texts["b"][1:].lstrip().startswith('"b"')
+
+
+def test_a_line_holding_only_a_byte_order_mark_is_no_row(llama_dir, tmp_path):
+    """Found by a hunt: it became an extra error row with no id."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"id": 1, "prompt": "a"}).encode() + b"\n\xef\xbb\xbf \r\n")
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert [row["id"] for row in out] == [1] and (stats.rows, stats.errors) == (1, 0)

@@ -60,8 +60,13 @@ def count_rows(path: str, kind: str) -> int | None:
     count = 0
     with open(path, "rb") as f:
         for line in f:
-            count += bool(line.strip())
+            count += not _blank(line)
     return count
+
+
+def _blank(line: bytes) -> bool:
+    """A JSONL line with no row: whitespace, or a byte-order mark alone (an editor's empty first line)."""
+    return not line.strip().removeprefix(b"\xef\xbb\xbf").strip()
 
 
 def read_rows(path: str, kind: str) -> Iterator[InputRow]:
@@ -72,7 +77,7 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
         return
     with storage.open_input(path) as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
+            if _blank(line):
                 continue
             try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
                 row = json.loads(line.decode("utf-8-sig"))
