@@ -11,10 +11,10 @@ from pagedlm.config import StructuredOutputsConfig
 from pagedlm.engine.reasoning_gate import END, END_FED, FREE, ReasoningParser
 
 S, E, TOOL, IM_START, IM_END, CHATBOT = 90, 91, 92, 93, 94, 95
-QWEN3 = ReasoningParser("qwen3", (S,), (E,), TOOL, frozenset({IM_START, IM_END}))
-R1 = ReasoningParser("deepseek_r1", (S,), (E,))
-COHERE = ReasoningParser("cohere_command3", (S,), (E,), boundaries=frozenset({CHATBOT}))
-MINIMAX = ReasoningParser("minimax_m3", (S, 1), (E, 1))
+QWEN3 = ReasoningParser("qwen3", S, E, TOOL, frozenset({IM_START, IM_END}))
+R1 = ReasoningParser("deepseek_r1", S, E)
+COHERE = ReasoningParser("cohere_command3", S, E, boundaries=frozenset({CHATBOT}))
+MINIMAX = ReasoningParser("minimax_m3", S, E)
 
 
 @pytest.mark.parametrize("parser, prompt, ended", [
@@ -24,8 +24,7 @@ MINIMAX = ReasoningParser("minimax_m3", (S, 1), (E, 1))
     (QWEN3, [IM_START, S, 6, E, 7], True), (QWEN3, [IM_START, S, 6, TOOL], True), (QWEN3, [IM_START, 5], False),
     (COHERE, [S, 6, E], True), (COHERE, [S, E, CHATBOT], False), (COHERE, [CHATBOT, E], False), (COHERE, [E], True),
     (COHERE, [5], False), (COHERE, [E, S], False),
-    (MINIMAX, [S, 1, 6, E, 1], True), (MINIMAX, [S, 1, 6, E], False), (MINIMAX, [5, E, 1], True),
-    (MINIMAX, [E, 1, S, 1], False),
+    (MINIMAX, [S, 6, E], True), (MINIMAX, [S, 6], False), (MINIMAX, [5, E], True), (MINIMAX, [E, S], False),
 ])
 def test_whether_the_prompt_ended_the_reasoning(parser, prompt, ended):
     assert (parser.gate(prompt) is None) == ended
@@ -41,7 +40,7 @@ def test_where_the_output_ends_the_reasoning():
     assert takes(R1, [5], [6, E]) == [FREE, END]  # no start needed
     assert takes(QWEN3, [IM_START, S], [6, TOOL]) == [FREE, END_FED]  # qwen3's implicit end is fed to the grammar
     assert takes(R1, [5, S], [TOOL, E]) == [FREE, END]
-    assert takes(MINIMAX, [S, 1], [6, E, 7, E, 1]) == [FREE, FREE, FREE, FREE, END]
+    assert takes(MINIMAX, [S], [6, 7, E]) == [FREE, FREE, END]
     # cohere_command3 judges the whole sequence at every token: after a chatbot token an end alone
     # does not end it, a new start and end do.
     assert takes(COHERE, [S, 6, E, CHATBOT], [E, 7, S, 8, E]) == [FREE, FREE, FREE, FREE, END]

@@ -91,10 +91,15 @@ class LLMEngine:
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured_outputs: StructuredOutputManager | None = None  # made on first use
-        # The parser whose reasoning end a request's grammar waits for (reasoning_gate.py); made on first use.
+        # The parser whose reasoning end a request's grammar waits for (reasoning_gate.py), or why this
+        # tokenizer cannot have it (each constrained request is refused with it); None: no waiting.
         structured = structured_outputs_config or StructuredOutputsConfig()
-        self._gate_parser_name = "" if structured.enable_in_reasoning else structured.reasoning_parser
-        self._gate_parser: ReasoningParser | ValueError | None = None
+        self.reasoning_gate_parser: ReasoningParser | ValueError | None = None
+        if structured.reasoning_parser and not structured.enable_in_reasoning:
+            try:
+                self.reasoning_gate_parser = ReasoningParser.of(structured.reasoning_parser, self.tokenizer)
+            except ValueError as exc:
+                self.reasoning_gate_parser = exc
         if cache_config.calculate_kv_scales:
             self._calculate_kv_scales()
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
@@ -208,11 +213,11 @@ class LLMEngine:
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
-            if self._gate_parser_name and isinstance(self.reasoning_gate_parser, ValueError):
+            if isinstance(self.reasoning_gate_parser, ValueError):
                 return FieldError(f"structured_outputs: {self.reasoning_gate_parser}, so it cannot wait for the end of "
                                   "the reasoning (LLM(structured_outputs_config={'enable_in_reasoning': True}) holds "
                                   "it from the first token)", "structured_outputs")
-            if params.thinking_token_budget is not None and not self._gate_parser_name:
+            if params.thinking_token_budget is not None and self.reasoning_gate_parser is None:
                 return FieldError("thinking_token_budget with structured_outputs needs the grammar to wait for the end "
                                   "of the reasoning (LLM(reasoning_parser=...), without structured_outputs_config's "
                                   "enable_in_reasoning): else it would hold from the first token, thinking included",
@@ -235,17 +240,6 @@ class LLMEngine:
                 return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
                                   "start with", "allowed_token_ids")
         return None
-
-    @property
-    def reasoning_gate_parser(self) -> ReasoningParser | ValueError | None:
-        """The reasoning parser structured outputs wait for (None: they hold from the first token),
-        or why the tokenizer cannot have it."""
-        if self._gate_parser is None and self._gate_parser_name:
-            try:
-                self._gate_parser = ReasoningParser.of(self._gate_parser_name, self.tokenizer)
-            except ValueError as exc:
-                self._gate_parser = exc
-        return self._gate_parser
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:

@@ -35,11 +35,11 @@ FREE, END, END_FED = 0, 1, 2  # what a token is to the gate: reasoning; the end 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningParser:
-    """A vLLM reasoning parser's markers as token ids (one each, as tuples: ``ReasoningGate`` matches sequences)."""
+    """A vLLM reasoning parser's markers as token ids."""
 
     name: str
-    start: tuple[int, ...]
-    end: tuple[int, ...]
+    start: int
+    end: int
     implicit_end: int | None = None  # qwen3's <tool_call>
     boundaries: frozenset[int] = frozenset()  # qwen3's turn markers; cohere_command3's chatbot token
 
@@ -57,7 +57,7 @@ class ReasoningParser:
         if missing:
             raise ValueError(f"reasoning_parser {name!r} needs {' and '.join(map(repr, missing))} as single tokens "
                              "of the tokenizer, which has none")
-        return cls(name, (vocab[start],), (vocab[end],), vocab.get(implicit) if implicit else None,
+        return cls(name, vocab[start], vocab[end], vocab.get(implicit) if implicit else None,
                    frozenset(vocab[t] for t in boundaries if t in vocab))
 
     def gate(self, prompt_token_ids: list[int]) -> "ReasoningGate | None":
@@ -71,24 +71,21 @@ class ReasoningParser:
 class ReasoningGate:
     """Where one sequence stands in the markers of its tokens so far (prompt and output)."""
 
-    __slots__ = ("parser", "last", "end_since_last", "any_end", "tail")
+    __slots__ = ("parser", "last", "end_since_last", "any_end")
 
     def __init__(self, parser: ReasoningParser) -> None:
         self.parser = parser
         self.last: str | None = None  # the last marker's kind: "start", "end" or "boundary" (cohere: not "end")
         self.end_since_last = False  # an end marker after the last start or boundary
         self.any_end = False
-        self.tail: tuple[int, ...] = ()  # minimax_m3: the last tokens, to see a marker complete
 
     def scan(self, token_id: int) -> None:
         p = self.parser
-        width = max(len(p.start), len(p.end))
-        self.tail = (self.tail + (token_id,))[-width:]
-        if self.tail[-len(p.end):] == p.end or token_id == p.implicit_end:
+        if token_id == p.end or token_id == p.implicit_end:
             if p.name != "cohere_command3":  # whose rule looks back to the last start or boundary
                 self.last = "end"
             self.end_since_last = self.any_end = True
-        elif self.tail[-len(p.start):] == p.start:
+        elif token_id == p.start:
             self.last, self.end_since_last = "start", False
         elif token_id in p.boundaries:
             self.last, self.end_since_last = "boundary", False
@@ -106,7 +103,7 @@ class ReasoningGate:
             return END if self.ended_by_markers() else FREE
         if token_id == self.parser.implicit_end:
             return END_FED
-        return END if self.tail[-len(self.parser.end):] == self.parser.end else FREE
+        return END if token_id == self.parser.end else FREE
 
 
 # name -> (start, end, implicit end, boundaries), from vLLM 0.32's parsers.

@@ -86,14 +86,28 @@ def parse_conversation(conversation: object, content_format: str = "string") -> 
     """
     if content_format not in CONTENT_FORMATS:
         raise ValueError(f"content_format must be one of {', '.join(CONTENT_FORMATS)}, got {content_format!r}")
+    return _in_format(_parse_messages(conversation), content_format)
+
+
+def _parse_messages(conversation: object) -> Conversation:
+    """``parse_conversation``'s messages, their content still a list of text parts."""
     if not isinstance(conversation, Sequence) or isinstance(conversation, str):
         raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
     if not conversation:
         raise ValueError("a conversation must have at least one message")
-    return [_parse_message(i, message, content_format) for i, message in enumerate(conversation)]
+    return [_parse_message(i, message) for i, message in enumerate(conversation)]
 
 
-def _parse_message(i: int, message: object, content_format: str) -> dict[str, Any]:
+def _in_format(messages: Conversation, content_format: str) -> Conversation:
+    """Parsed messages with their content in ``content_format``: text (the non-empty parts joined
+    by newlines) in "string", parts in "openai", where a tool message's is text all the same."""
+    if content_format == "openai":
+        return [m if m["role"] != "tool" else {**m, "content": "\n".join(p["text"] for p in m["content"])}
+                for m in messages]
+    return [{**m, "content": "\n".join(p["text"] for p in m["content"] if p["text"])} for m in messages]
+
+
+def _parse_message(i: int, message: object) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
     role = message.get("role")
@@ -101,13 +115,7 @@ def _parse_message(i: int, message: object, content_format: str) -> dict[str, An
         raise ValueError(f"message {i} has no 'role'")
     if not isinstance(role, str):
         raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
-    parts = _content_parts(i, message.get("content"), billed=role == "system")
-    content: str | list[dict[str, Any]]
-    if content_format == "openai" and role != "tool":
-        content = parts
-    else:
-        joined = [part["text"] for part in parts if content_format == "openai" or part["text"]]
-        content = "\n".join(joined)
+    content = _content_parts(i, message.get("content"), billed=role == "system")
     parsed: dict[str, Any] = {"role": role, "content": content}
     # In vLLM's order, which a template that dumps a message as JSON shows.
     if role == "assistant" and message.get("tool_calls") is not None:
@@ -257,7 +265,7 @@ def render_chat(
         raise FieldError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
                          f"{chat_template_content_format!r:.40}", "chat_template_content_format")
     try:
-        messages = parse_conversation(conversation)
+        messages = _parse_messages(conversation)
     except ValueError as exc:
         raise FieldError(str(exc), "messages") from None
     given = chat_template_kwargs or {}
@@ -280,8 +288,7 @@ def render_chat(
     template = tokenizer.get_chat_template(chat_template, kwargs.get("tools"))
     if chat_template_content_format == "auto":
         chat_template_content_format = detect_content_format(template)
-    if chat_template_content_format == "openai":
-        messages = parse_conversation(conversation, "openai")
+    messages = _in_format(messages, chat_template_content_format)
     if not _knows_developer_role(template):
         messages = _developer_as_system(messages)
     try:

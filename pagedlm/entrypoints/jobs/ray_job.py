@@ -22,6 +22,7 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
+from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_id_column, check_input_file, check_record, check_result_columns,
@@ -66,7 +67,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                          "without --ray")
     check_served_model_names(config, "plain")
     check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, "id")
+    check_id_column(config.input, in_kind, PlainFormat.key_field)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(

@@ -120,7 +120,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
         check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, "id" if fmt_name == "plain" else "custom_id")
+    check_id_column(config.input, in_kind, (PlainFormat if fmt_name == "plain" else OpenAIBatchFormat).key_field)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
