@@ -259,3 +259,27 @@ def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
                                 postprocess=lambda row: {"n": row["id"], "answer": row["outputs"][0]["text"]})
     rows = processor(ray.data.from_items([{"n": 1}, {"n": 2}])).take_all()
     assert sorted(r["n"] for r in rows) == [1, 2] and all(isinstance(r["answer"], str) for r in rows)
+
+
+def test_a_row_whose_parsing_raises_anything_fails_alone_on_an_actor_too(llama_dir, monkeypatch):
+    """The runner's fix of a hunt's find (a row of an unforeseen shape raised out of the parser and
+    ended the job) holds on Ray's actors, whose stage parsed rows the same way."""
+    import pyarrow as pa
+
+    from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+    from pagedlm.integrations.ray import PagedLMStage
+
+    real = PlainFormat.parse
+
+    def parse(self, row, key):
+        if key == 2:
+            raise KeyError("surprise")
+        return real(self, row, key)
+
+    monkeypatch.setattr(PlainFormat, "parse", parse)
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=dict(ENGINE),
+                                    sampling_params={"temperature": 0.0, "max_tokens": 2})
+    stage = PagedLMStage(config, json_lines_in=False, json_lines_out=True, done_ids=None)
+    lines = stage(pa.table({"id": [1, 2], "prompt": ["a", "b"]})).column("line").to_pylist()
+    rows = {row["id"]: row for row in map(json.loads, lines)}
+    assert rows[1]["error"] is None and "the row could not be read: KeyError" in rows[2]["error"]

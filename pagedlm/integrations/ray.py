@@ -36,7 +36,7 @@ from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, RowError, check_thinking_budget, engine_has_reasoning, field_error, sampling_defaults,
+    SAMPLING_FIELDS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
 )
 
 
@@ -220,12 +220,12 @@ class PagedLMStage:
                                               self.fmt.key_field))
                 continue
             seen.add(text_key)
-            try:
-                runnable[len(out)] = self.fmt.parse(row, key)
-            except RowError as exc:
+            job_row = parse_row(self.fmt, row, key)
+            if isinstance(job_row, RowError):
                 where = f" (the row {to_json(row)[:80]})" if key is None else ""
-                out.append(self.fmt.error_row(key, row, f"{exc}{where}", exc.param))
+                out.append(self.fmt.error_row(key, row, f"{job_row}{where}", job_row.param))
                 continue
+            runnable[len(out)] = job_row
             out.append(None)
         positions = list(runnable)
         results = self.llm.generate_as_completed(

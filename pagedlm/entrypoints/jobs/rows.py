@@ -1,6 +1,7 @@
 """What the job formats share: a parsed row, a row's error, and JSON fields to ``SamplingParams``."""
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -9,6 +10,8 @@ from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.utils import FieldError
+
+logger = logging.getLogger("pagedlm")
 
 # SamplingParams fields a row may set. Not a row's: callables, the engine's streaming (the job
 # sets it), fields only one's own code reads, and the Python type of logprobs (a job writes JSON).
@@ -68,6 +71,20 @@ def sampling_defaults(llm: LLM, overrides: dict[str, Any]) -> dict[str, Any]:
     model_defaults, plain = llm.get_default_sampling_params(), SamplingParams()
     fields = {f: getattr(model_defaults, f) for f in SAMPLING_FIELDS if getattr(model_defaults, f) != getattr(plain, f)}
     return {**fields, **overrides}
+
+
+def parse_row(fmt: JobFormat, row: Any, key: RowKey) -> JobRow | RowError:
+    """``fmt.parse(row, key)``, or why the row cannot run: its ``RowError``, or any other exception
+    a check missed (logged with its traceback) as a ``RowError`` too, so that one row of an
+    unforeseen shape fails alone instead of ending the job (found by a hunt: a string where an
+    object belonged raised out of the parser)."""
+    try:
+        return fmt.parse(row, key)
+    except RowError as exc:
+        return exc
+    except Exception as exc:
+        logger.exception("row %r could not be read", key)
+        return RowError(f"the row could not be read: {type(exc).__name__}: {exc}")
 
 
 def engine_has_reasoning(engine: dict[str, Any]) -> bool:

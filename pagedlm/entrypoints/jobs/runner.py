@@ -31,7 +31,7 @@ from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, 
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import (
     SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning, field_error,
-    sampling_defaults,
+    parse_row, sampling_defaults,
 )
 from pagedlm.config import load_chat_template
 from pagedlm.entrypoints.llm import LLM
@@ -615,14 +615,9 @@ class _Job:
                 else:
                     self._write(error, key, error=True)
                 continue
-            try:
-                job_row = self.fmt.parse(row, key)
-            except RowError as exc:
-                self._write_error(key, row, f"{where}: {exc}", exc.param)
-                continue
-            except Exception as exc:  # a check that missed a shape of input: still this row's error alone
-                logger.exception("%s: the row could not be read", where)
-                self._write_error(key, row, f"{where}: the row could not be read: {type(exc).__name__}: {exc}")
+            job_row = parse_row(self.fmt, row, key)
+            if isinstance(job_row, RowError):
+                self._write_error(key, row, f"{where}: {job_row}", job_row.param)
                 continue
             self.in_flight[index] = where, job_row
             self.in_flight_keys[same] += 1
