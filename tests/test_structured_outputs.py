@@ -390,3 +390,18 @@ def test_allowed_token_ids_that_cannot_start_the_constraint_are_refused_before_a
     with pytest.raises(ValueError, match="prompt 1 cannot run: allowed_token_ids hold none"):
         list(llm.generate_as_completed(PROMPTS[:2], params))
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_special_tokens_are_never_text_under_a_constraint(llm):
+    """Found by a hunt: xgrammar found no special tokens in a byte-level vocabulary, so EOS's text
+    ("</s>" here, "<|im_end|>" in SmolLM2's) counted as characters: under the regex "...." EOS
+    could come first and the completion ended empty with "stop". BOS and EOS are pushed up here."""
+    tok = llm.get_tokenizer()
+    special = {tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}
+    bias = {i: 100 for i in special}
+    for constraint in ({"regex": "." * len(tok.eos_token)}, {"json": {"type": "string"}}, {"choice": [tok.bos_token, "x"]}):
+        out = llm.generate("a", SamplingParams(temperature=0, max_tokens=12, logit_bias=bias,
+                                               structured_outputs=constraint), use_tqdm=False)[0].outputs[0]
+        text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        assert out.text and not special & set(text_ids), (constraint, out)
+        assert "json" in constraint or out.finish_reason == "stop", (constraint, out)

@@ -43,7 +43,7 @@ class StructuredOutputManager:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
         xgr = _xgrammar()
         self._xgr = xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        info = _tokenizer_info(xgr, tokenizer, vocab_size, stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._stop_token_ids = stop_token_ids
         self._compiled: dict[tuple[str, str], Future] = {}
@@ -129,6 +129,29 @@ class StructuredOutputManager:
         row = torch.empty((1, self.bitmask_width), dtype=torch.int32)
         matcher.fill_next_token_bitmask(row, 0)  # writes every word
         return row[0]
+
+
+def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
+    """xgrammar's ``TokenizerInfo`` for ``tokenizer``, with its special tokens (the added tokens
+    marked special, BOS and the stop tokens) as xgrammar's special tokens, which no grammar matches
+    as text. ``TokenizerInfo.from_huggingface`` finds none in a byte-level vocabulary such as
+    SmolLM2's, so "<|im_end|>" counted as ten characters: a regex ``.{10}`` or a JSON string could
+    take the EOS token (or ``<|endoftext|>``) as text, and a completion end empty with "stop"
+    (vLLM 0.32 does the same). xgrammar reads a token whose text is empty as special."""
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = {i for i, token in added.items() if getattr(token, "special", False)}
+    special |= {i for i in (*stop_token_ids, getattr(tokenizer, "bos_token_id", None)) if i is not None}
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or not special - set(info.special_token_ids):
+        return info  # from_huggingface reads a fast tokenizer's vocabulary from get_vocab(), as below
+    encoded = [""] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size and i not in special:
+            encoded[i] = token
+    return xgr.TokenizerInfo(encoded, info.vocab_type, vocab_size=vocab_size, stop_token_ids=stop_token_ids,
+                             add_prefix_space=info.add_prefix_space)
 
 
 def _allowed_and_ids(bitmask: torch.Tensor, token_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
