@@ -152,8 +152,18 @@ def test_bad_constraints_are_refused_before_any_work(llm):
 
 
 @pytest.mark.parametrize("constraint, message", [
-    ({"regex": r"\Acat\z"}, r"escape\(s\) \\A, \\z are not supported"),
-    ({"regex": r"\Qa.b\E"}, r"escape\(s\) \\Q, \\E are not supported"),
+    ({"regex": r"\Acat\z"}, r"escape \\A is not supported"),
+    ({"regex": r"\Qa.b\E"}, r"escape \\Q is not supported"),
+    ({"json": {"type": "string", "pattern": r"^\Aab"}}, r"pattern '\^\\\\Aab': escape \\A is not supported"),
+    # xgrammar ignores anchors inside the pattern ("ab$c" gave "abc") and drops a pattern's lookahead.
+    ({"regex": "ab$c"}, r"the anchor \$ inside the pattern is not supported"),
+    ({"regex": "x(^a)"}, r"the anchor \^ inside"),
+    ({"regex": "(^a)*b"}, r"the anchor \^ inside"),
+    ({"json": {"type": "string", "pattern": "^a^b$"}}, r"the anchor \^ inside"),
+    ({"json": {"type": "string", "pattern": "^(?!a)\\w+$"}}, "lookaround"),
+    ({"regex": r"(a)\1"}, r"backreference \\1"),
+    # a surrogate pair became CESU-8 bytes, which no text decodes to the character
+    ({"regex": r"\ud83d\ude00"}, r"surrogate escape \\ud83d"),
     ({"grammar": "root ::= root"}, "structured_outputs.grammar admits no output at all"),
     ({"json": {"anyOf": []}}, "structured_outputs.json admits no output at all"),
 ])
@@ -163,7 +173,8 @@ def test_constraints_that_would_not_hold_as_written_are_refused(llm, constraint,
     completion at once with no text, as if it had run."""
     with pytest.raises(ValueError, match=message):
         llm.generate("a", SamplingParams(structured_outputs=constraint), use_tqdm=False)
-    for fine in (r"\d+\s\w[\b]\x41\u0042\.", r"\\A"):  # known escapes, and an escaped backslash then A
+    for fine in (r"\d+\s\w[\b]\x41\u0042\.", r"\\A", r"^(a|^b)c$|d$"):  # known escapes, an escaped backslash
+        # then A, anchors at the edges
         llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"regex": fine}), use_tqdm=False)
 
 
@@ -311,6 +322,18 @@ _CAT_OR_DOG = {
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zzz"]}, r"required \['zzz'\]"),
     ({"type": "object", "required": ["a"]}, r"required \['a'\]"),
     ({"$ref": "http://example.com/schema.json"}, r"\$ref 'http://example.com/schema.json'"),
+    # Found by a hunt: xgrammar enforces enum, const, anyOf, oneOf and $ref alone, dropping what is beside them.
+    ({"type": "integer", "enum": [1, 2.5, "x"]}, r"enum beside type"),
+    ({"enum": [1, 5], "minimum": 4}, r"enum beside minimum"),
+    ({"type": "string", "anyOf": [{"maxLength": 2}, {"type": "integer"}]}, r"anyOf beside type .*move them into each"),
+    ({"$defs": {"P": {"type": "integer"}}, "$ref": "#/$defs/P", "maximum": 3}, r"\$ref beside maximum"),
+    ({"type": "string", "pattern": "^a", "format": "email"}, "pattern beside format"),
+    ({"minimum": 5}, "minimum without a type"),
+    ({"type": "string", "format": "regex"}, "format 'regex'"),
+    ({"$defs": {"P": {"$anchor": "foo", "type": "integer"}}, "$ref": "#foo"}, r"\$ref '#foo'"),
+    ({"type": []}, r"type \[\]"),
+    ({"type": "string", "maxLength": -1}, "maxLength -1"),
+    ({"const": 12345678901234567890}, r"integer 12345678901234567890 in enum/const \(past 2\*\*53"),
     # xgrammar drops the length where a pattern or format is given.
     ({"type": "string", "pattern": "^a", "maxLength": 3}, "maxLength beside pattern"),
     ({"type": "string", "format": "email", "minLength": 30}, "minLength beside format"),
@@ -405,3 +428,46 @@ def test_special_tokens_are_never_text_under_a_constraint(llm):
         text_ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
         assert out.text and not special & set(text_ids), (constraint, out)
         assert "json" in constraint or out.finish_reason == "stop", (constraint, out)
+
+
+def _accepts(llm, constraint: dict, text: str) -> bool:
+    """Whether the compiled constraint takes ``text`` and then may end."""
+    manager = llm.llm_engine._structured_outputs
+    matcher = xgr.GrammarMatcher(manager.compile(SO(**constraint)))
+    return matcher.accept_string(text) and matcher.accept_token(llm.get_tokenizer().eos_token_id) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("pattern, value", [('^"[a-c]{1,3}"$', '"ab"'), (r"^C:\\[a-z]+$", "C:\\dir"),
+                                            (r"^a\tb$", "a\tb"), (r"^[\x00-\x1f]$", "\x1b"), ("^a\u0001$", "a\u0001")])
+def test_a_pattern_that_names_what_json_escapes_gives_json(llm, pattern, value):
+    """Found by a hunt: xgrammar wrote the characters a pattern names raw into the JSON string, so a
+    pattern with a quote, backslash or control character gave no JSON; they are matched as their
+    escapes now, and the value still matches the pattern."""
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"json": {"type": "string", "pattern": pattern}}),
+                 use_tqdm=False)  # compiles the grammar
+    constraint = {"json": {"type": "string", "pattern": pattern}}
+    assert re.fullmatch(pattern, value) and _accepts(llm, constraint, json.dumps(value))
+    raw = '"' + value + '"'
+    assert not _accepts(llm, constraint, raw), "the raw text, which is no JSON"
+
+
+def test_an_escaped_caret_first_in_a_class_is_a_caret(llm):
+    """xgrammar read [\\^a] as the negated [^a]."""
+    constraint = {"regex": r"[\^a]"}
+    assert _accepts(llm, constraint, "^") and _accepts(llm, constraint, "a") and not _accepts(llm, constraint, "b")
+
+
+def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
+    """Annotations (title, description, default) beside enum, anyOf and $ref, and a type every enum
+    value has, are not what xgrammar drops: such schemas (pydantic's) still compile."""
+    schema = {
+        "$defs": {"Color": {"enum": ["red", "green"], "title": "Color", "type": "string"},
+                  "Size": {"type": "object", "properties": {"cm": {"type": "integer"}}, "required": ["cm"]}},
+        "type": "object", "title": "Item",
+        "properties": {"color": {"$ref": "#/$defs/Color", "description": "its colour"},
+                       "size": {"anyOf": [{"$ref": "#/$defs/Size"}, {"type": "null"}], "default": None, "title": "Size"},
+                       "count": {"enum": [1, 2.0], "type": "integer"}},
+        "required": ["color", "size", "count"],
+    }
+    out = llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"json": schema}), use_tqdm=False)
+    assert out[0].outputs[0].finish_reason is not None

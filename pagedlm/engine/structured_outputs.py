@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pagedlm.engine import xgrammar_regex
 from pagedlm.sampling_params import StructuredOutputsParams
 from pagedlm.step import unpack_token_bitmask
 
@@ -78,14 +79,9 @@ class StructuredOutputManager:
                     raise ValueError(f"{'; '.join(unenforceable)}: cannot be enforced (xgrammar does not support it)")
                 # Its properties come out in the schema's order.
                 compiled = self._compiler.compile_json_schema(
-                    json.dumps(_bounded_strings_as_patterns(schema), ensure_ascii=False), any_whitespace=any_whitespace)
+                    json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False), any_whitespace=any_whitespace)
             elif kind == "regex":
-                unknown = _unknown_escapes(spec)
-                if unknown:
-                    raise ValueError(f"escape(s) {', '.join(unknown)} are not supported (xgrammar would match the "
-                                     "letter itself); supported: \\d \\w \\s \\D \\W \\S, \\b in a character class, "
-                                     "\\n \\r \\t \\f \\v \\a \\e, \\xHH \\uHHHH, \\cX and escaped punctuation")
-                compiled = self._compiler.compile_regex(spec)
+                compiled = self._compiler.compile_regex(xgrammar_regex.check(spec))
             elif kind == "choice":
                 compiled = self._compiler.compile_grammar(
                     "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice))
@@ -161,7 +157,7 @@ def _allowed_and_ids(bitmask: torch.Tensor, token_ids: Sequence[int]) -> tuple[t
 
 
 # Where a schema holds schemas under names (property names are not keywords), and keywords whose
-# values are JSON values, not schemas: both walks below (_unenforceable, _bounded_strings_as_patterns).
+# values are JSON values, not schemas: both walks below (_unenforceable, _as_xgrammar_enforces).
 _SCHEMAS_BY_NAME = ("properties", "$defs", "definitions")
 _VALUE_KEYWORDS = ("enum", "const", "default", "examples", "required")
 
@@ -169,8 +165,70 @@ _VALUE_KEYWORDS = ("enum", "const", "default", "examples", "required")
 _UNSUPPORTED = frozenset({
     "multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "allOf", "not", "if", "then", "else",
     "dependencies", "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames",
-    "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties",
+    "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties", "$dynamicRef", "$recursiveRef",
 })
+
+# Keywords that constrain a value (the others annotate it: title, description, default, examples, ...).
+_CONSTRAINING = frozenset({
+    "type", "enum", "const", "anyOf", "oneOf", "$ref", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems", "properties",
+    "required", "additionalProperties",
+})
+# Keywords xgrammar applies only where "type" names their type (it ignores {"minimum": 5}).
+_TYPED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "pattern", "format")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+# The formats xgrammar 0.2.9 enforces (vLLM 0.32's STRING_SUPPORTED_FORMATS); it takes others as any string.
+_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+                      "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+_TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+            type(None): "null"}
+
+
+def _of_type(value: Any, kind: Any) -> bool:
+    kinds = kind if isinstance(kind, list) else [kind]
+    own = _TYPE_OF.get(type(value))
+    return own in kinds or own == "integer" and "number" in kinds or (
+        own == "number" and "integer" in kinds and float(value).is_integer())
+
+
+def _ignored_beside(schema: dict) -> set[str]:
+    """What xgrammar would drop from one schema object: keywords beside ``enum``/``const``,
+    ``anyOf``/``oneOf`` or ``$ref`` (it enforces those alone; a ``type`` that every listed value has
+    is kept), a ``pattern`` beside a ``format``, typed keywords without a ``type``, a format it does
+    not know, an empty ``type`` list, negative counts and listed integers a double cannot hold."""
+    found: set[str] = set()
+    constraining = _CONSTRAINING & set(schema)
+    for alone in ("enum", "const", "anyOf", "oneOf", "$ref"):
+        if alone not in schema:
+            continue
+        beside = sorted(constraining - {alone})
+        if alone in ("enum", "const") and beside == ["type"]:
+            values = schema[alone] if alone == "enum" and isinstance(schema[alone], list) else [schema[alone]]
+            wrong = [v for v in values if not _of_type(v, schema["type"])]
+            beside = [] if not wrong else beside
+        if beside:
+            found.add(f"{alone} beside {', '.join(beside)} (xgrammar enforces the {alone} alone: "
+                      + ("list only the values that satisfy them)" if alone in ("enum", "const") else
+                         "move them into each branch)" if alone in ("anyOf", "oneOf") else "move them into the referenced schema)"))
+        break
+    if "pattern" in schema and "format" in schema:
+        found.add("pattern beside format (xgrammar enforces the format alone)")
+    if "type" not in schema and not constraining & {"enum", "const", "anyOf", "oneOf", "$ref"}:
+        typed = [key for key in _TYPED if key in schema]
+        if typed:
+            found.add(f"{', '.join(typed)} without a type (xgrammar applies them only beside \"type\")")
+    if "format" in schema and schema["format"] not in _FORMATS:
+        found.add(f"format {schema['format']!r} (xgrammar enforces {', '.join(sorted(_FORMATS))})")
+    if schema.get("type") == []:
+        found.add("type [] (no value has no type)")
+    listed = schema.get("enum") if isinstance(schema.get("enum"), list) else []
+    huge = [v for v in [*listed, schema.get("const")] if type(v) is int and abs(v) > 2**53]
+    if huge:
+        found.add(f"integer {huge[0]} in enum/const (past 2**53: xgrammar writes it rounded to a double)")
+    for key in _COUNTS:
+        if isinstance(schema.get(key), int) and schema[key] < 0:
+            found.add(f"{key} {schema[key]} (a count: 0 or more)")
+    return found
 
 
 def _unenforceable(schema: Any, root: Any) -> set[str]:
@@ -180,11 +238,12 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
     enforces ``anyOf``). Property names are not keywords."""
     found: set[str] = set()
     if isinstance(schema, dict):
+        found |= _ignored_beside(schema)
         for key, value in schema.items():
             if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
                 found.add(f"keyword {key}")
-            elif key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
-                found.add(f"$ref {value!r} (only references within the schema, '#/...')")
+            elif key == "$ref" and not (isinstance(value, str) and (value == "#" or value.startswith("#/"))):
+                found.add(f"$ref {value!r} (only JSON pointers within the schema, '#/...')")
             elif key == "required" and isinstance(value, list):
                 defined = schema.get("properties")
                 missing = [name for name in value if not (isinstance(defined, dict) and name in defined)]
@@ -208,8 +267,10 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
     return found
 
 
-def _bounded_strings_as_patterns(schema: Any) -> Any:
-    """``schema`` with each string's ``minLength`` / ``maxLength`` (whole numbers, min <= max) as a
+def _as_xgrammar_enforces(schema: Any) -> Any:
+    """``schema`` with its ``pattern``s as xgrammar enforces them (``xgrammar_regex.check``: a
+    pattern xgrammar would not enforce as written is refused, and the characters JSON escapes are
+    matched as their escapes), and each string's ``minLength`` / ``maxLength`` (whole numbers, min <= max) as a
     ``pattern`` of the same lengths, ``^[^\\ud800-\\udfff]{min,max}$``. xgrammar 0.2.9 draws a
     length-bounded string's characters from a class that lets raw control characters through, which
     JSON does not allow in a string (its patterns leave them out), and surrogate code points, which
@@ -218,7 +279,7 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
     bind strings only) becomes an ``anyOf`` of the bounded string and the other types, which
     xgrammar would otherwise generate strings of any length for."""
     if isinstance(schema, list):
-        return [_bounded_strings_as_patterns(item) for item in schema]
+        return [_as_xgrammar_enforces(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
@@ -226,9 +287,14 @@ def _bounded_strings_as_patterns(schema: Any) -> Any:
         if key in _VALUE_KEYWORDS:
             out[key] = value
         elif key in _SCHEMAS_BY_NAME and isinstance(value, dict):
-            out[key] = {name: _bounded_strings_as_patterns(sub) for name, sub in value.items()}
+            out[key] = {name: _as_xgrammar_enforces(sub) for name, sub in value.items()}
+        elif key == "pattern" and isinstance(value, str):
+            try:
+                out[key] = xgrammar_regex.check(value, json_string=True)
+            except xgrammar_regex.RegexError as exc:
+                raise ValueError(f"pattern {value!r}: {exc}") from None
         else:
-            out[key] = _bounded_strings_as_patterns(value)
+            out[key] = _as_xgrammar_enforces(value)
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high) if n is not None)
     bounded = ("minLength" in schema or high is not None) and whole and (high is None or low <= high)
@@ -316,25 +382,6 @@ def _resolve_local_ref(schema: Any, root: Any) -> Any:
             node = node.get(part) if isinstance(node, dict) else None
         schema, seen = node, seen + 1
     return schema
-
-
-# Letters whose escape xgrammar's regex converter knows (others it matches as the letter itself,
-# warning only on stderr: "\\A" matches "A"), or refuses itself (b outside a class, c, k, p, u, x, B, P).
-_KNOWN_ESCAPES = frozenset("adefnrstvwDSWbckpuxBP")
-
-
-def _unknown_escapes(regex: str) -> list[str]:
-    """The escapes of ASCII letters in ``regex`` that xgrammar does not know, each once."""
-    found, i = [], 0
-    while i < len(regex) - 1:
-        if regex[i] == "\\":
-            letter = regex[i + 1]
-            if letter.isascii() and letter.isalpha() and letter not in _KNOWN_ESCAPES and f"\\{letter}" not in found:
-                found.append(f"\\{letter}")
-            i += 2
-        else:
-            i += 1
-    return found
 
 
 def _xgrammar_message(exc: Exception) -> str:
