@@ -135,3 +135,17 @@ def test_what_the_gate_refuses(llama_dir):
     with pytest.raises(ValueError, match="needs '<mm:think>' and '</mm:think>' as single tokens"):
         minimax.generate("Hi", SamplingParams(structured_outputs=CHOICE), use_tqdm=False)
     assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_an_implicit_end_the_grammar_rejects_ends_the_completion_before_it(llm, caplog):
+    """qwen3's <tool_call>, sampled freely in the reasoning, ends it and is fed to the grammar (as in
+    vLLM); a choice grammar rejects it, so the completion ends before it with "abort" (vLLM keeps it
+    and ends with "error"), saying so."""
+    tok = llm.get_tokenizer()
+    tool = tok.convert_tokens_to_ids("<tool_call>")
+    prompt = [BOS, tok.convert_tokens_to_ids("<|im_start|>"), 40, tok.convert_tokens_to_ids("<think>")]
+    with caplog.at_level("WARNING", logger="pagedlm"):
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, logit_bias={tool: 100},
+                                                                       structured_outputs=CHOICE), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "abort"
+    assert f"token {tool}, sampled freely in the reasoning, ended it but is not one its structured output allows" in caplog.text

@@ -570,15 +570,19 @@ class LLMEngine:
             return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
                                                       "allowed_token_ids, bad_words or bans removed them all)")
         feeds_grammar = seq.grammar_matcher is not None
+        ends_reasoning = False
         if seq.reasoning_gate is not None:  # still reasoning: this token is free, unless it ends it and is fed
             taken = seq.reasoning_gate.take(sample.token_id)
-            feeds_grammar = taken == END_FED
+            feeds_grammar = ends_reasoning = taken == END_FED
             if taken != FREE:
                 seq.reasoning_gate = None
         if feeds_grammar:
             if not seq.grammar_matcher.accept_token(sample.token_id):
-                return self._abort_completion(seq, group, "no token its structured output allows was left to "
-                                                          "sample (a logits processor or ban removed them all)")
+                why = (f"token {sample.token_id}, sampled freely in the reasoning, ended it but is not one its "
+                       "structured output allows" if ends_reasoning else
+                       "no token its structured output allows was left to sample (a logits processor or ban "
+                       "removed them all)")
+                return self._abort_completion(seq, group, why)
             grammar_ended = seq.grammar_matcher.is_terminated()
         seq.append_token(sample.token_id, sample.logprob)
         if seq.thinking is not None:
