@@ -1151,7 +1151,8 @@ def test_params_changed_after_construction_are_checked_and_queued_requests_keep_
         llm.generate([{"prompt_token_ids": [BOS, 5, 6]}] * 2, [SamplingParams(max_tokens=2), bad], use_tqdm=False)
     results = list(llm.generate_as_completed([{"prompt_token_ids": [BOS, 5, 6]}] * 2, [SamplingParams(max_tokens=2), bad],
                                              return_errors=True, use_tqdm=False))
-    assert sorted((i, type(r).__name__) for i, r in results) == [(0, "RequestOutput"), (1, "ValueError")]
+    assert sorted((i, type(r).__name__) for i, r in results) == [(0, "RequestOutput"), (1, "FieldError")]
+    assert results[-1][1].field == "temperature" if results[-1][0] == 1 else results[0][1].field == "temperature"
     odd = SamplingParams(max_tokens=2)
     odd.output_kind = "junk"  # LLM runs every request FINAL_ONLY, but a bad value is still refused
     with pytest.raises(ValueError, match="prompt 0: output_kind must be one of"):
@@ -1298,3 +1299,14 @@ def test_the_demo_reports_a_bad_value_as_a_usage_error_before_loading(capsys, mo
     with pytest.raises(SystemExit):
         demo.main(["--max-tokens", "0"])
     assert "pagedlm: error: max_tokens must be None or at least 1, got 0." in capsys.readouterr().err
+
+
+def test_a_request_added_to_the_engine_inside_an_iteration_is_named_when_it_finishes(llm):
+    """Found by a hunt: it ended the iteration with a bare KeyError of its id."""
+    outputs = llm.generate_as_completed([[BOS, 5, 6], [BOS, 7, 8]], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                                                                     for n in (1, 8)])
+    next(outputs)
+    llm.llm_engine.add_request("sneaky", [BOS, 9], SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="request 'sneaky', added with llm_engine.add_request while this LLM was"):
+        list(outputs)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -554,7 +554,9 @@ class LLM:
                         checked.output_kind = RequestOutputKind.FINAL_ONLY
                         final_only[id(params)] = checked
                     except ValueError as e:
-                        final_only[id(params)] = ValueError(str(e).rstrip("."))
+                        message = str(e).rstrip(".")
+                        final_only[id(params)] = (FieldError(message, e.field) if isinstance(e, FieldError)
+                                                  else ValueError(message))
                 params = final_only[id(params)]
                 if isinstance(params, ValueError):
                     reason = reason or params
@@ -699,6 +701,10 @@ class LLM:
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
                     done = []
                     for out in finished:
+                        if out.request_id not in in_flight:
+                            raise RuntimeError(f"request {out.request_id!r}, added with llm_engine.add_request while this "
+                                               "LLM was iterating, finished inside the iteration; add requests to the "
+                                               "engine only when no generate/chat/iteration runs on it.")
                         index, parent = in_flight.pop(out.request_id), parents.pop(out.request_id, None)
                         if parent is not None:
                             out = parent.add(out.request_id, out)
