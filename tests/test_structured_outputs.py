@@ -332,6 +332,7 @@ _CAT_OR_DOG = {
     ({"type": "string", "format": "regex"}, "format 'regex'"),
     ({"$defs": {"P": {"$anchor": "foo", "type": "integer"}}, "$ref": "#foo"}, r"\$ref '#foo'"),
     ({"type": []}, r"type \[\]"),
+    ({"allOf": [{"type": "integer"}], "maximum": 3}, r"allOf beside maximum"),
     ({"type": "string", "maxLength": -1}, "maxLength -1"),
     ({"const": 12345678901234567890}, r"integer 12345678901234567890 in enum/const \(past 2\*\*53"),
     # xgrammar drops the length where a pattern or format is given.
@@ -465,6 +466,7 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
                   "Size": {"type": "object", "properties": {"cm": {"type": "integer"}}, "required": ["cm"]}},
         "type": "object", "title": "Item",
         "properties": {"color": {"$ref": "#/$defs/Color", "description": "its colour"},
+                       "shade": {"allOf": [{"$ref": "#/$defs/Color"}], "default": "red"},
                        "size": {"anyOf": [{"$ref": "#/$defs/Size"}, {"type": "null"}], "default": None, "title": "Size"},
                        "count": {"enum": [1, 2.0], "type": "integer"}},
         "required": ["color", "size", "count"],

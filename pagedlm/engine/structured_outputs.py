@@ -163,14 +163,14 @@ _VALUE_KEYWORDS = ("enum", "const", "default", "examples", "required")
 
 # JSON Schema keywords xgrammar compiles but does not enforce (vLLM refuses them for xgrammar too).
 _UNSUPPORTED = frozenset({
-    "multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "allOf", "not", "if", "then", "else",
+    "multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
     "dependencies", "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames",
     "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties", "$dynamicRef", "$recursiveRef",
 })
 
 # Keywords that constrain a value (the others annotate it: title, description, default, examples, ...).
 _CONSTRAINING = frozenset({
-    "type", "enum", "const", "anyOf", "oneOf", "$ref", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "type", "enum", "const", "allOf", "anyOf", "oneOf", "$ref", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems", "properties",
     "required", "additionalProperties",
 })
@@ -198,7 +198,7 @@ def _ignored_beside(schema: dict) -> set[str]:
     not know, an empty ``type`` list, negative counts and listed integers a double cannot hold."""
     found: set[str] = set()
     constraining = _CONSTRAINING & set(schema)
-    for alone in ("enum", "const", "anyOf", "oneOf", "$ref"):
+    for alone in ("enum", "const", "allOf", "anyOf", "oneOf", "$ref"):
         if alone not in schema:
             continue
         beside = sorted(constraining - {alone})
@@ -209,11 +209,11 @@ def _ignored_beside(schema: dict) -> set[str]:
         if beside:
             found.add(f"{alone} beside {', '.join(beside)} (xgrammar enforces the {alone} alone: "
                       + ("list only the values that satisfy them)" if alone in ("enum", "const") else
-                         "move them into each branch)" if alone in ("anyOf", "oneOf") else "move them into the referenced schema)"))
+                         "move them into each branch)" if alone in ("allOf", "anyOf", "oneOf") else "move them into the referenced schema)"))
         break
     if "pattern" in schema and "format" in schema:
         found.add("pattern beside format (xgrammar enforces the format alone)")
-    if "type" not in schema and not constraining & {"enum", "const", "anyOf", "oneOf", "$ref"}:
+    if "type" not in schema and not constraining & {"enum", "const", "allOf", "anyOf", "oneOf", "$ref"}:
         typed = [key for key in _TYPED if key in schema]
         if typed:
             found.add(f"{', '.join(typed)} without a type (xgrammar applies them only beside \"type\")")
@@ -242,6 +242,9 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
         for key, value in schema.items():
             if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
                 found.add(f"keyword {key}")
+            elif key == "allOf" and not (isinstance(value, list) and len(value) == 1):
+                found.add("keyword allOf of more than one schema (xgrammar enforces none of them; one schema, as "
+                          "pydantic writes a $ref with a default, is kept)")
             elif key == "$ref" and not (isinstance(value, str) and (value == "#" or value.startswith("#/"))):
                 found.add(f"$ref {value!r} (only JSON pointers within the schema, '#/...')")
             elif key == "required" and isinstance(value, list):
