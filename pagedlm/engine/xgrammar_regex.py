@@ -202,8 +202,8 @@ def _repeats(quantifier: str) -> bool:
     if q in ("", "?"):
         return False
     if q.startswith("{"):
-        bounds = q[1:-1].split(",")
-        return len(bounds) == 2 and bounds[1].strip() != "1" or len(bounds) == 1 and bounds[0].strip() not in ("0", "1")
+        most = q[1:-1].split(",")[-1].strip()
+        return most not in ("0", "1")
     return True
 
 
@@ -260,8 +260,8 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
             escapes.append(_json_escaped(item.char))
         else:
             members.append(_class_text(item))
-    if members and members[0] == "\\^":
-        members.append(members.pop(0)) if len(members) > 1 else None
+    if len(members) > 1 and members[0] == "\\^":
+        members.append(members.pop(0))
     if not escapes:
         if members == ["\\^"] and not cls.negated:
             return "\\^"
