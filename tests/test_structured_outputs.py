@@ -10,6 +10,7 @@ import xgrammar as xgr
 
 from conftest import BOS
 from pagedlm import LLM, SamplingParams, default_model_path
+from pagedlm.engine import xgrammar_regex
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedlm.sampling_params import StructuredOutputsParams as SO
 
@@ -473,3 +474,10 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
     }
     out = llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"json": schema}), use_tqdm=False)
     assert out[0].outputs[0].finish_reason is not None
+
+
+@pytest.mark.parametrize("regex", [r"[a-c]{2,4}x(yz)?", r"\d+\s\w[\b]\x41\u0042\.", r"^abc$", r"a|^b", r"(?:a)b",
+                                   r"a{2,}", r"[a-]", r"(^a|^b)c$", r"^(a|b$)", r"(?P<x>a)\p{L}+", r"a*?b",
+                                   r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", r"\(\d{3}\) \d{3}-\d{4}"])
+def test_regexes_xgrammar_enforces_as_written_pass_unchanged(regex):
+    assert xgrammar_regex.check(regex) == regex
