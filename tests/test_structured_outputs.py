@@ -324,8 +324,10 @@ _CAT_OR_DOG = {
     ({"type": "object", "required": ["a"]}, r"required \['a'\]"),
     ({"$ref": "http://example.com/schema.json"}, r"\$ref 'http://example.com/schema.json'"),
     # Found by a hunt: xgrammar enforces enum, const, anyOf, oneOf and $ref alone, dropping what is beside them.
-    ({"type": "integer", "enum": [1, 2.5, "x"]}, r"enum beside type"),
-    ({"enum": [1, 5], "minimum": 4}, r"enum beside minimum"),
+    ({"type": "integer", "enum": [1, 2.5, "x"]}, r"enum value\(s\) 2.5, 'x' beside type, which they do not satisfy"),
+    ({"enum": [1, 5], "minimum": 4}, r"enum value\(s\) 1 beside minimum"),
+    ({"$defs": {"E": {"enum": ["a", "bbbb"]}}, "$ref": "#/$defs/E", "maxLength": 3}, r"\$ref value\(s\) 'bbbb'"),
+    ({"enum": ["a"], "items": {"type": "string"}}, r"enum beside items"),
     ({"type": "string", "anyOf": [{"maxLength": 2}, {"type": "integer"}]}, r"anyOf beside type .*move them into each"),
     ({"$defs": {"P": {"type": "integer"}}, "$ref": "#/$defs/P", "maximum": 3}, r"\$ref beside maximum"),
     ({"type": "string", "pattern": "^a", "format": "email"}, "pattern beside format"),
@@ -469,7 +471,11 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
         "properties": {"color": {"$ref": "#/$defs/Color", "description": "its colour"},
                        "shade": {"allOf": [{"$ref": "#/$defs/Color"}], "default": "red"},
                        "size": {"anyOf": [{"$ref": "#/$defs/Size"}, {"type": "null"}], "default": None, "title": "Size"},
-                       "count": {"enum": [1, 2.0], "type": "integer"}},
+                       "count": {"enum": [1, 2.0], "type": "integer"},
+                       "code": {"enum": ["ab", "cd"], "minLength": 1, "type": "string"},  # Literal with min_length
+                       "short": {"$ref": "#/$defs/Color", "maxLength": 5},
+                       "blob": {"type": "string", "format": "binary"}, "secret": {"type": "string", "format": "password"},
+                       "word": {"type": "string", "pattern": "(?i)^[a-z]+$"}},
         "required": ["color", "size", "count"],
     }
     out = llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"json": schema}), use_tqdm=False)
@@ -481,3 +487,9 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
                                    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", r"\(\d{3}\) \d{3}-\d{4}"])
 def test_regexes_xgrammar_enforces_as_written_pass_unchanged(regex):
     assert xgrammar_regex.check(regex) == regex
+
+
+def test_openapi_integer_formats_are_their_bounds(llm):
+    constraint = {"json": {"type": "integer", "format": "int32"}}
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+    assert _accepts(llm, constraint, str(2**31 - 1)) and not _accepts(llm, constraint, str(2**31))

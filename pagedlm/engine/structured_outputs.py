@@ -180,6 +180,14 @@ _COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 # The formats xgrammar 0.2.9 enforces (vLLM 0.32's STRING_SUPPORTED_FORMATS); it takes others as any string.
 _FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
                       "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+# Formats that bind nothing beyond their type (pydantic's bytes, SecretStr and Path, OpenAPI's
+# float and double, pydantic v1's timedelta): kept as the annotations JSON Schema makes of formats.
+_ANNOTATION_FORMATS = frozenset({"binary", "password", "path", "float", "double", "time-delta"})
+# OpenAPI's integer formats: enforced as the bounds they are (_as_xgrammar_enforces).
+_INTEGER_FORMATS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+# What _satisfies checks of a listed value.
+_CHECKABLE = frozenset({"type", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
+                        "exclusiveMaximum"})
 _TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
             type(None): "null"}
 
@@ -191,25 +199,50 @@ def _of_type(value: Any, kind: Any) -> bool:
         own == "number" and "integer" in kinds and float(value).is_integer())
 
 
-def _ignored_beside(schema: dict) -> set[str]:
+def _satisfies(value: Any, schema: dict) -> bool:
+    """Whether a listed ``value`` meets the keywords of ``_CHECKABLE`` in ``schema`` (each binds its
+    own type only, as JSON Schema's do; a ``pattern`` is a search, as JSON Schema's is)."""
+    if "type" in schema and not _of_type(value, schema["type"]):
+        return False
+    if isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            return False
+        try:
+            return "pattern" not in schema or re.search(schema["pattern"], value) is not None
+        except (re.error, TypeError):
+            return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = schema.get("minimum"), schema.get("maximum")
+        above, below = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        return ((low is None or value >= low) and (high is None or value <= high)
+                and (above is None or value > above) and (below is None or value < below))
+    return True
+
+
+def _ignored_beside(schema: dict, root: Any) -> set[str]:
     """What xgrammar would drop from one schema object: keywords beside ``enum``/``const``,
-    ``anyOf``/``oneOf`` or ``$ref`` (it enforces those alone; a ``type`` that every listed value has
-    is kept), a ``pattern`` beside a ``format``, typed keywords without a ``type``, a format it does
-    not know, an empty ``type`` list, negative counts and listed integers a double cannot hold."""
+    ``allOf``/``anyOf``/``oneOf`` or ``$ref`` (it enforces those alone; beside a list of values, or
+    a ``$ref`` to one, keywords every listed value meets are kept), a ``pattern`` beside a
+    ``format``, typed keywords without a ``type``, a format it does not know, an empty ``type``
+    list, negative counts and listed integers a double cannot hold."""
     found: set[str] = set()
     constraining = _CONSTRAINING & set(schema)
     for alone in ("enum", "const", "allOf", "anyOf", "oneOf", "$ref"):
         if alone not in schema:
             continue
         beside = sorted(constraining - {alone})
-        if alone in ("enum", "const") and beside == ["type"]:
-            values = schema[alone] if alone == "enum" and isinstance(schema[alone], list) else [schema[alone]]
-            wrong = [v for v in values if not _of_type(v, schema["type"])]
-            beside = [] if not wrong else beside
-        if beside:
+        listing = schema if alone in ("enum", "const") else _resolve_local_ref(schema, root) if alone == "$ref" else None
+        values = _listed(listing)
+        if beside and values is not None and set(beside) <= _CHECKABLE:
+            wrong = [v for v in values if not _satisfies(v, schema)]
+            if wrong:
+                found.add(f"{alone} value(s) {', '.join(map(repr, wrong[:5]))} beside {', '.join(beside)}, which they "
+                          f"do not satisfy (xgrammar enforces the {alone} alone: list only the values that satisfy them)")
+        elif beside:
             found.add(f"{alone} beside {', '.join(beside)} (xgrammar enforces the {alone} alone: "
                       + ("list only the values that satisfy them)" if alone in ("enum", "const") else
-                         "move them into each branch)" if alone in ("allOf", "anyOf", "oneOf") else "move them into the referenced schema)"))
+                         "move them into each branch)" if alone in ("allOf", "anyOf", "oneOf") else
+                         "move them into the referenced schema)"))
         break
     if "pattern" in schema and "format" in schema:
         found.add("pattern beside format (xgrammar enforces the format alone)")
@@ -217,8 +250,11 @@ def _ignored_beside(schema: dict) -> set[str]:
         typed = [key for key in _TYPED if key in schema]
         if typed:
             found.add(f"{', '.join(typed)} without a type (xgrammar applies them only beside \"type\")")
-    if "format" in schema and schema["format"] not in _FORMATS:
-        found.add(f"format {schema['format']!r} (xgrammar enforces {', '.join(sorted(_FORMATS))})")
+    if "format" in schema and schema["format"] not in _FORMATS | _ANNOTATION_FORMATS and not (
+            schema["format"] in _INTEGER_FORMATS and schema.get("type") == "integer"):
+        found.add(f"format {schema['format']!r} (xgrammar enforces {', '.join(sorted(_FORMATS))}; "
+                  f"{', '.join(sorted(_ANNOTATION_FORMATS))} are kept as annotations, int32 and int64 of an integer "
+                  "as their bounds)")
     if schema.get("type") == []:
         found.add("type [] (no value has no type)")
     listed = schema.get("enum") if isinstance(schema.get("enum"), list) else []
@@ -238,7 +274,7 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
     enforces ``anyOf``). Property names are not keywords."""
     found: set[str] = set()
     if isinstance(schema, dict):
-        found |= _ignored_beside(schema)
+        found |= _ignored_beside(schema, root)
         for key, value in schema.items():
             if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
                 found.add(f"keyword {key}")
@@ -298,6 +334,11 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
                 raise ValueError(f"pattern {value!r}: {exc}") from None
         else:
             out[key] = _as_xgrammar_enforces(value)
+    bounds = _INTEGER_FORMATS.get(schema.get("format")) if schema.get("type") == "integer" else None
+    if bounds is not None:
+        del out["format"]
+        out["minimum"] = max(schema.get("minimum", bounds[0]), bounds[0])
+        out["maximum"] = min(schema.get("maximum", bounds[1]), bounds[1])
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high) if n is not None)
     bounded = ("minLength" in schema or high is not None) and whole and (high is None or low <= high)
@@ -340,15 +381,19 @@ def _exclusive_branches(branches: Any, root: Any) -> bool:
                        for branch in resolved]) for name in shared)
 
 
-def _listed_values(schema: Any) -> set[str] | None:
-    """The values a schema lists (``const``, or ``enum``), as canonical JSON; None if it lists none."""
+def _listed(schema: Any) -> list | None:
+    """The values a schema lists (``const``, or ``enum``); None if it lists none."""
     if not isinstance(schema, dict):
         return None
     if "const" in schema:
-        return {_canonical(schema["const"])}
-    if isinstance(schema.get("enum"), list):
-        return {_canonical(value) for value in schema["enum"]}
-    return None
+        return [schema["const"]]
+    return list(schema["enum"]) if isinstance(schema.get("enum"), list) else None
+
+
+def _listed_values(schema: Any) -> set[str] | None:
+    """``_listed`` as canonical JSON."""
+    values = _listed(schema)
+    return None if values is None else {_canonical(value) for value in values}
 
 
 def _apart(value_sets: list[set[str] | None]) -> bool:

@@ -11,6 +11,7 @@ pattern (ECMAScript's syntax, which JSON Schema's patterns use and xgrammar's co
 and returns it rewritten, or raises.
 """
 
+import re
 from dataclasses import dataclass, field
 
 # Letters whose escape xgrammar's regex converter knows (others it matches as the letter itself,
@@ -63,7 +64,7 @@ class _Group:
 
 @dataclass
 class _Node:
-    atom: "_Char | _Class | _Group | str"  # str: ".", "^", "$" or a shorthand escape like "\\d"
+    atom: "_Char | _Class | _Group | str"  # str: ".", "^", "$", a shorthand escape like "\\d", flags "(?i)"
     quantifier: str = ""
 
 
@@ -110,6 +111,10 @@ class _Parser:
         if self.s.startswith("?:", self.i):
             self.i += 2
         elif self.peek() == "?":  # named groups, flags: xgrammar decides (it refuses what it cannot parse)
+            flags = re.match(r"\?[a-zA-Z-]+\)", self.s[self.i:])
+            if flags:  # (?i): matches nothing itself
+                self.i += flags.end()
+                return self.s[start:self.i]
             end = self.s.find(">", self.i)
             self.i = end + 1 if self.s.startswith(("?<", "?P<"), self.i) and end > 0 else self.i
         open_text = self.s[start:self.i]
@@ -207,13 +212,17 @@ def _repeats(quantifier: str) -> bool:
     return True
 
 
+def _is_flags(atom: object) -> bool:
+    return isinstance(atom, str) and atom.startswith("(?")
+
+
 def _check_anchors(alternatives: list, at_start: bool, at_end: bool) -> None:
     """Refuse a ``^`` that may follow a consumed character or a ``$`` that may precede one: xgrammar
     matches the whole text and drops anchors, so only those at its edges mean what they say."""
     for alt in alternatives:
         for k, node in enumerate(alt):
-            before_empty = all(n.atom == "^" for n in alt[:k])
-            after_empty = all(n.atom == "$" for n in alt[k + 1:])
+            before_empty = all(n.atom == "^" or _is_flags(n.atom) for n in alt[:k])
+            after_empty = all(n.atom == "$" or _is_flags(n.atom) for n in alt[k + 1:])
             if node.atom == "^" and not (at_start and before_empty) or node.atom == "$" and not (at_end and after_empty):
                 raise RegexError(f"the anchor {node.atom} inside the pattern is not supported: xgrammar matches the "
                                  "whole text and ignores it (anchors may only begin or end the pattern)")
