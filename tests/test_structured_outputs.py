@@ -164,7 +164,11 @@ def test_bad_constraints_are_refused_before_any_work(llm):
     ({"json": {"type": "string", "pattern": "^(?!a)\\w+$"}}, "lookaround"),
     ({"regex": r"(a)\1"}, r"backreference \\1"),
     # a surrogate pair became CESU-8 bytes, which no text decodes to the character
-    ({"regex": r"\ud83d\ude00"}, r"surrogate escape \\ud83d"),
+    ({"regex": r"\ud83d\ude00"}, r"escape \\ud83d is not supported \(a surrogate"),
+    # found by a second hunt: xgrammar matched the letter of an escape in a class ([\B] matched "B")
+    ({"regex": r"[\B]"}, r"escape \\B is not supported in a character class"),
+    ({"regex": r"\xZZ"}, r"malformed escape \\x"),
+    ({"regex": r"(^a)+?b"}, r"the anchor \^ inside"),
     ({"grammar": "root ::= root"}, "structured_outputs.grammar admits no output at all"),
     ({"json": {"anyOf": []}}, "structured_outputs.json admits no output at all"),
 ])
@@ -482,7 +486,7 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
     assert out[0].outputs[0].finish_reason is not None
 
 
-@pytest.mark.parametrize("regex", [r"[a-c]{2,4}x(yz)?", r"\d+\s\w[\b]\x41\u0042\.", r"^abc$", r"a|^b", r"(?:a)b",
+@pytest.mark.parametrize("regex", [r"[a-c]{2,4}x(yz)?", r"\d+\s\w[\b]\u0042\.", r"^abc$", r"a|^b", r"(?:a)b",
                                    r"a{2,}", r"[a-]", r"(^a|^b)c$", r"^(a|b$)", r"(?P<x>a)\p{L}+", r"a*?b",
                                    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", r"\(\d{3}\) \d{3}-\d{4}"])
 def test_regexes_xgrammar_enforces_as_written_pass_unchanged(regex):
@@ -493,3 +497,22 @@ def test_openapi_integer_formats_are_their_bounds(llm):
     constraint = {"json": {"type": "integer", "format": "int32"}}
     llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
     assert _accepts(llm, constraint, str(2**31 - 1)) and not _accepts(llm, constraint, str(2**31))
+
+
+@pytest.mark.parametrize("regex, written", [
+    (r"\x41b", r"\u0041b"),  # xgrammar read \x greedily: \x41b was U+41B
+    (r"[\^-a]", r"[\u005f-\u0061\^]"),  # a class that begins with a caret is negated to xgrammar, escaped or not
+    (r"[\^!-]", r"[!\^\-]"),
+    (r"\u{1F600}", "\U0001F600"),
+])
+def test_regexes_are_written_as_xgrammar_reads_them(regex, written):
+    assert xgrammar_regex.check(regex) == written
+
+
+@pytest.mark.parametrize("pattern", [".\n", '[^a]"', "\\S\\\\"])
+def test_a_json_pattern_s_open_classes_write_nothing_json_escapes(llm, pattern):
+    """Found by a second hunt: beside a rewritten character (which makes xgrammar compile the pattern
+    to grammar rules), "." or [^a] wrote a raw newline or quote into the string."""
+    constraint = {"json": {"type": "string", "pattern": pattern}}
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+    assert not any(_accepts(llm, constraint, '"' + c + tail + '"') for c in '\n"\\' for tail in ('\\n', '\\"', '\\\\'))

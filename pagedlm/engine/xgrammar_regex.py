@@ -54,6 +54,7 @@ class _Class:
     like ``\\d`` as strings), negated or not."""
     negated: bool
     items: list = field(default_factory=list)
+    text: str = ""  # as written
 
 
 @dataclass
@@ -151,33 +152,42 @@ class _Parser:
             return self.s[start:self.i]
         if c.isdigit() and c != "0":
             raise self.error(f"backreference \\{c} is not supported: xgrammar cannot enforce it")
+        if c == "0" and self.peek().isdigit():
+            raise self.error("octal escape \\0 followed by a digit is not supported: write \\xHH")
         if c in _CHAR_ESCAPES:
             return _Char(self.s[start:self.i], _CHAR_ESCAPES[c])
         if c == "b" and in_class:
             return _Char(self.s[start:self.i], "\b")
         if c in "xu":
-            digits = 2 if c == "x" else 4
-            hex_text = self.s[self.i:self.i + digits]
-            if len(hex_text) == digits and all(h in "0123456789abcdefABCDEF" for h in hex_text):
-                self.i += digits
-                code = int(hex_text, 16)
-                if 0xD800 <= code <= 0xDFFF:
-                    raise self.error(f"surrogate escape \\u{hex_text} is not supported (xgrammar writes no UTF-8 for it): "
-                                     "write the character itself")
-                return _Char(self.s[start:self.i], chr(code))
-            return self.s[start:self.i]  # malformed: xgrammar's error
-        if c == "c" and self.peek().isalpha():
+            found = re.match(r"\{([0-9a-fA-F]{1,6})\}" if c == "u" and self.peek() == "{" else
+                             "[0-9a-fA-F]{%d}" % (2 if c == "x" else 4), self.s[self.i:self.i + 8])
+            if not found:
+                raise self.error(f"malformed escape \\{c}: write \\xHH or \\uHHHH")
+            self.i += found.end()
+            code = int(found.group(found.lastindex or 0), 16)
+            if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+                raise self.error(f"escape {self.s[start:self.i]} is not supported (a surrogate, of which xgrammar "
+                                 "writes no UTF-8, or past U+10FFFF): write the character itself")
+            # xgrammar reads \x greedily (\x41b as U+41B) and knows no \u{...}: four digits it reads alike
+            return _Char(f"\\u{code:04x}" if code <= 0xFFFF else chr(code), chr(code))
+        if c == "c":
+            if not (self.peek().isascii() and self.peek().isalpha()):
+                raise self.error("escape \\c needs a letter A-Z after it")
             self.i += 1
-            return _Char(self.s[start:self.i], chr(ord(self.s[self.i - 1].upper()) - 64))
+            code = ord(self.s[self.i - 1].upper()) - 64
+            return _Char(f"\\u{code:04x}", chr(code))
         if c.isascii() and c.isalpha():
             if c not in _KNOWN_ESCAPES:
                 raise self.error(f"escape \\{c} is not supported (xgrammar would match the letter itself); supported: "
                                  "\\d \\w \\s \\D \\W \\S, \\b in a character class, \\n \\r \\t \\f \\v \\a \\e, "
                                  "\\xHH \\uHHHH, \\cX and escaped punctuation")
+            if in_class:  # there xgrammar matches the letter: [\B] matches "B", [\p{L}] "p", "{", ...
+                raise self.error(f"escape \\{c} is not supported in a character class")
             return self.s[start:self.i]  # \p{...}, \k<...>, \b, \B: xgrammar refuses them itself
         return _Char(self.s[start:self.i], c)
 
     def char_class(self) -> _Class:
+        start = self.i
         self.i += 1
         cls = _Class(negated=self.peek() == "^")
         self.i += cls.negated
@@ -193,6 +203,7 @@ class _Parser:
                 item = (item, last)
             cls.items.append(item)
         self.i += 1
+        cls.text = self.s[start:self.i]
         return cls
 
     def plain_char(self) -> _Char:
@@ -203,7 +214,7 @@ class _Parser:
 
 def _repeats(quantifier: str) -> bool:
     """Whether the quantifier lets its atom match more than once."""
-    q = quantifier.rstrip("?+") if len(quantifier) > 1 else quantifier
+    q = quantifier[:-1] if len(quantifier) > 1 and quantifier[-1] in "?+" else quantifier  # lazy, possessive
     if q in ("", "?"):
         return False
     if q.startswith("{"):
@@ -212,23 +223,35 @@ def _repeats(quantifier: str) -> bool:
     return True
 
 
-def _is_flags(atom: object) -> bool:
-    return isinstance(atom, str) and atom.startswith("(?")
+def _zero_width(atom: object, anchor: str) -> bool:
+    return atom == anchor or isinstance(atom, str) and atom.startswith("(?")  # flags: (?i)
 
 
 def _check_anchors(alternatives: list, at_start: bool, at_end: bool) -> None:
     """Refuse a ``^`` that may follow a consumed character or a ``$`` that may precede one: xgrammar
     matches the whole text and drops anchors, so only those at its edges mean what they say."""
     for alt in alternatives:
+        after_empty = [True] * (len(alt) + 1)  # after_empty[k]: nothing but $ and flags after alt[k - 1]
+        for k in range(len(alt) - 1, -1, -1):
+            after_empty[k] = after_empty[k + 1] and _zero_width(alt[k].atom, "$")
+        before_empty = True
         for k, node in enumerate(alt):
-            before_empty = all(n.atom == "^" or _is_flags(n.atom) for n in alt[:k])
-            after_empty = all(n.atom == "$" or _is_flags(n.atom) for n in alt[k + 1:])
-            if node.atom == "^" and not (at_start and before_empty) or node.atom == "$" and not (at_end and after_empty):
+            if node.atom == "^" and not (at_start and before_empty) or node.atom == "$" and not (at_end and after_empty[k + 1]):
                 raise RegexError(f"the anchor {node.atom} inside the pattern is not supported: xgrammar matches the "
                                  "whole text and ignores it (anchors may only begin or end the pattern)")
             if isinstance(node.atom, _Group):
                 once = not _repeats(node.quantifier)
-                _check_anchors(node.atom.alternatives, at_start and before_empty and once, at_end and after_empty and once)
+                _check_anchors(node.atom.alternatives, at_start and before_empty and once,
+                               at_end and after_empty[k + 1] and once)
+            before_empty = before_empty and _zero_width(node.atom, "^")
+
+
+# In a JSON string's text (json_string), what a class that is not spelled out may match: none of the
+# characters JSON escapes. xgrammar writes those raw wherever a pattern compiles to its grammar
+# rules rather than its state machine.
+_NOT_JSON_SPECIAL = '"\\\\\\u0000-\\u001f'
+_NARROWED = {".": f"[^{_NOT_JSON_SPECIAL}]", "\\S": f"[^\\s{_NOT_JSON_SPECIAL}]", "\\W": f"[^\\w{_NOT_JSON_SPECIAL}]",
+             "\\D": f"[^\\d{_NOT_JSON_SPECIAL}]", "\\s": f"[^\\S{_NOT_JSON_SPECIAL}]"}
 
 
 def _emit_char(ch: _Char, json_string: bool) -> str:
@@ -236,47 +259,59 @@ def _emit_char(ch: _Char, json_string: bool) -> str:
 
 
 def _class_text(ch: _Char) -> str:
-    """A character as a class member; a ``^`` never as a class's first member (xgrammar reads
-    ``[\\^a]`` as ``[^a]``, and ``[\\x5ea]`` as nothing)."""
-    return ch.text if ch.char != "^" else "\\^"
+    """A character as a class member: ``^`` and ``-`` escaped (the members may be reordered)."""
+    return {"^": "\\^", "-": "\\-"}.get(ch.char, ch.text)
 
 
 def _emit_class(cls: _Class, json_string: bool) -> str:
+    head = cls.items[0] if cls.items else None
+    if not json_string and not (isinstance(head, _Char) and head.char == "^" or
+                                isinstance(head, tuple) and head[0].char == "^"):
+        return cls.text  # xgrammar reads it as written
     members: list[str] = []
-    escapes: list[str] = []
+    branches: list[str] = []  # alternatives beside the class: JSON escapes, narrowed shorthands
     for item in cls.items:
-        if isinstance(item, str):
-            members.append(item)
+        if isinstance(item, str):  # \d \w \s \D \W \S
+            if json_string and not cls.negated and item in _NARROWED:
+                branches.append(_NARROWED[item])
+            else:
+                members.append(item)
         elif isinstance(item, tuple):
             first, last = item
             lo, hi = ord(first.char), ord(last.char)
-            if not json_string or cls.negated or not any(_json_special(chr(c)) for c in range(lo, min(hi, 0x5C) + 1)):
-                members.append(f"{_class_text(first)}-{last.text}")
+            if lo == ord("^"):  # xgrammar reads a class that begins with a caret, escaped or not, as negated
+                members.append("\\^")
+                lo += 1
+            codes = range(lo, hi + 1)
+            if json_string and not cls.negated and any(_json_special(chr(c)) for c in codes[:0x5D]):
+                special = [c for c in codes if c <= 0x5C and _json_special(chr(c))]
+                branches += [_json_escaped(chr(c)) for c in special]
+                bounds = [lo - 1, *special, hi + 1]
+                runs = [(a + 1, b - 1) for a, b in zip(bounds, bounds[1:]) if a + 1 <= b - 1]
+            elif lo == ord(first.char):  # as written
+                members.append(f"{_class_text(first)}-{_class_text(last)}")
                 continue
-            run: list[int] = []  # the range split around the characters JSON escapes
-            for code in [*range(lo, min(hi, 0x5C) + 1), None]:
-                if code is not None and not _json_special(chr(code)):
-                    run.append(code)
-                    continue
-                if run:
-                    members.append(f"\\u{run[0]:04x}-\\u{run[-1]:04x}" if len(run) > 1 else f"\\u{run[0]:04x}")
-                    run = []
-                if code is not None:
-                    escapes.append(_json_escaped(chr(code)))
-            if hi > 0x5C:
-                members.append(f"\\u005d-{last.text}")
+            else:
+                runs = [(lo, hi)] if lo <= hi else []
+            members += [f"\\u{a:04x}-\\u{b:04x}" if a < b else f"\\u{a:04x}" for a, b in runs if b <= 0xFFFF]
+            members += [f"{chr(a)}-{chr(b)}" for a, b in runs if b > 0xFFFF]
         elif json_string and not cls.negated and _json_special(item.char):
-            escapes.append(_json_escaped(item.char))
+            branches.append(_json_escaped(item.char))
         else:
             members.append(_class_text(item))
-    if len(members) > 1 and members[0] == "\\^":
-        members.append(members.pop(0))
-    if not escapes:
-        if members == ["\\^"] and not cls.negated:
-            return "\\^"
-        return f"[{'^' if cls.negated else ''}{''.join(members)}]"
-    branches = ([f"[{''.join(members)}]"] if members else []) + escapes
-    return f"(?:{'|'.join(branches)})"
+    if json_string and cls.negated:
+        members.append(_NOT_JSON_SPECIAL)
+    first = next((k for k, m in enumerate(members) if not m.startswith("\\^")), None)
+    if first:
+        members.insert(0, members.pop(first))
+    if members and first is None:  # carets only
+        members = ["\\^"]
+        if not cls.negated:
+            branches.insert(0, "\\^")
+    if not cls.negated and not members or members == ["\\^"] and not cls.negated:
+        return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})" if branches else "[]"
+    text = f"[{'^' if cls.negated else ''}{''.join(members)}]"
+    return f"(?:{'|'.join([text, *branches])})" if branches else text
 
 
 def _emit(alternatives: list, json_string: bool) -> str:
@@ -294,7 +329,7 @@ def _emit(alternatives: list, json_string: bool) -> str:
                 if node.quantifier and len(text) > 1 and not text.startswith("(?:") and text != atom.text:
                     text = f"(?:{text})"
             else:
-                text = atom
+                text = _NARROWED.get(atom, atom) if json_string else atom
             parts.append(text + node.quantifier)
         out.append("".join(parts))
     return "|".join(out)
@@ -307,8 +342,11 @@ def check(regex: str, json_string: bool = False) -> str:
     control characters) is matched as its escape sequences. Classes that are not spelled out
     (``.``, ``\\S``, ``[^a]``) stay xgrammar's, which never write those characters."""
     parser = _Parser(regex)
-    alternatives = parser.alternatives()
-    if parser.i < len(regex):
-        raise parser.error("unbalanced )")
-    _check_anchors(alternatives, True, True)
-    return _emit(alternatives, json_string)
+    try:
+        alternatives = parser.alternatives()
+        if parser.i < len(regex):
+            raise parser.error("unbalanced )")
+        _check_anchors(alternatives, True, True)
+        return _emit(alternatives, json_string)
+    except RecursionError:
+        raise RegexError("groups nested too deeply") from None
