@@ -169,6 +169,7 @@ def test_bad_constraints_are_refused_before_any_work(llm):
     ({"regex": r"[\B]"}, r"escape \\B is not supported in a character class"),
     ({"regex": r"\xZZ"}, r"malformed escape \\x"),
     ({"regex": r"(^a)+?b"}, r"the anchor \^ inside"),
+    ({"regex": r"[^]a]"}, r"a character class cannot begin with \]"),
     ({"grammar": "root ::= root"}, "structured_outputs.grammar admits no output at all"),
     ({"json": {"anyOf": []}}, "structured_outputs.json admits no output at all"),
 ])

@@ -131,7 +131,7 @@ class _Parser:
         if c in "*+?":
             self.i += 1
         elif c == "{":
-            end = self.s.find("}", self.i)
+            end = self.s.find("}", self.i, self.i + 32)  # {n,m}: short; a literal "{" is not searched past
             if end < 0:
                 return ""
             self.i = end + 1
@@ -191,6 +191,8 @@ class _Parser:
         self.i += 1
         cls = _Class(negated=self.peek() == "^")
         self.i += cls.negated
+        if self.peek() == "]":  # ECMAScript's [] and [^] (nothing, anything), Python's literal "]"
+            raise self.error("a character class cannot begin with ]: write \\]")
         while self.peek() != "]":
             if not self.peek():
                 raise self.error("missing ]")
