@@ -47,7 +47,8 @@ def _number(name: str, value: Any, *, integer: bool = False) -> int | float:
         return value
     value = float(value)
     if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise FieldError(f"{name} must be finite and within float32's range (±{_FLOAT32_MAX:.4g}), got {value!r}.", _field_of(name))
+        raise FieldError(f"{name} must be finite and within float32's range (±{_FLOAT32_MAX:.4g}), got {value!r}.",
+                         _field_of(name))
     return value
 
 
@@ -85,7 +86,8 @@ def check_truncate_prompt_tokens(value: Any) -> int | None:
         return None
     value = _number("truncate_prompt_tokens", value, integer=True)
     if value < 1 and value != -1:
-        raise FieldError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, got {value}.", 'truncate_prompt_tokens')
+        raise FieldError(f"truncate_prompt_tokens must be None, -1 (the model's limit) or >= 1, got {value}.",
+                         "truncate_prompt_tokens")
     return value
 
 
@@ -178,26 +180,28 @@ class StructuredOutputsParams(_FieldsOnly):
                  if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise FieldError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
-                             f"got {', '.join(given) or 'none'}.", 'structured_outputs')
+                             f"got {', '.join(given) or 'none'}.", "structured_outputs")
         kind = given[0]
         value = getattr(self, kind)
         if kind == "json" and not (isinstance(value, dict) or (isinstance(value, str) and value.strip())):
             raise FieldError(f"structured_outputs.json must be a JSON schema (a dict or its non-empty JSON text), "
-                             f"got {value!r:.80}.", 'structured_outputs')
+                             f"got {value!r:.80}.", "structured_outputs")
         if kind == "json" and isinstance(value, dict):
             _check_json_value(value, "structured_outputs.json")
         if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
-            raise FieldError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.", 'structured_outputs')
+            raise FieldError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.", "structured_outputs")
         if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):
-            raise FieldError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got {value!r}.", 'structured_outputs')
+            raise FieldError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got {value!r}.",
+                             "structured_outputs")
         if kind == "json_object" and value is not True:
-            raise FieldError(f"structured_outputs.json_object must be True, got {value!r}.", 'structured_outputs')
+            raise FieldError(f"structured_outputs.json_object must be True, got {value!r}.", "structured_outputs")
         if kind == "choice":
             self.choice = list(value)
         for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
             setattr(self, name, _check_bool(f"structured_outputs.{name}", getattr(self, name)))
         if self.disable_any_whitespace and kind not in ("json", "json_object"):
-            raise FieldError(f"structured_outputs.disable_any_whitespace applies to json and json_object only, not {kind}.", 'structured_outputs')
+            raise FieldError(f"structured_outputs.disable_any_whitespace applies to json and json_object only, not {kind}.",
+                             "structured_outputs")
 
     @property
     def key(self) -> tuple[str, str, bool]:
@@ -222,10 +226,12 @@ def _dataclass_field(name: str, value: Any, cls: type) -> Any:
         fields = tuple(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise FieldError(f"{name}: unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}.", _field_of(name))
+            raise FieldError(f"{name}: unknown field(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}.",
+                             _field_of(name))
         return cls(**value)
     if value is not None and not isinstance(value, cls):
-        raise FieldError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {type(value).__name__}.", _field_of(name))
+        raise FieldError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {type(value).__name__}.",
+                         _field_of(name))
     return value
 
 
@@ -252,10 +258,10 @@ class RepetitionDetectionParams(_FieldsOnly):
         if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
             raise FieldError("repetition_detection: max_pattern_size and min_pattern_size must be >= 0 with "
                              f"min_pattern_size <= max_pattern_size (both 0 turn it off), got "
-                             f"{self.min_pattern_size} and {self.max_pattern_size}.", 'repetition_detection')
+                             f"{self.min_pattern_size} and {self.max_pattern_size}.", "repetition_detection")
         if self.max_pattern_size > 0 and self.min_count < 2:
             raise FieldError(f"repetition_detection.min_count must be >= 2 with max_pattern_size > 0, "
-                             f"got {self.min_count}.", 'repetition_detection')
+                             f"got {self.min_count}.", "repetition_detection")
 
     def detects(self, token_ids: list[int]) -> bool:
         """Whether ``token_ids`` ends in a pattern of an allowed size repeated ``min_count`` times."""
@@ -416,29 +422,30 @@ class SamplingParams(_FieldsOnly):
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
         if self.n < 1:
-            raise FieldError(f"n must be at least 1, got {self.n}.", 'n')
+            raise FieldError(f"n must be at least 1, got {self.n}.", "n")
         # best_of taken from n (not given, then or later): a clone takes the n of then (see clone).
         self._best_of_from_n = self.n if self.best_of is None else None
         if self.best_of is None:
             self.best_of = self.n
         self.best_of = _number("best_of", self.best_of, integer=True)
         if self.best_of < self.n:
-            raise FieldError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.", 'best_of')
+            raise FieldError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.", "best_of")
         self.temperature = _number("temperature", self.temperature)
         if not 0 <= self.temperature <= 2:
             raise FieldError(f"temperature must be in [0, 2] (0 means greedy; vLLM's and OpenAI's range), "
-                             f"got {self.temperature}.", 'temperature')
+                             f"got {self.temperature}.", "temperature")
         self.top_p = _check_range("top_p", self.top_p, 0, 1, lo_open=True)
         self.top_k = _number("top_k", self.top_k, integer=True)
         if self.top_k < -1:
-            raise FieldError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}.", 'top_k')
+            raise FieldError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}.", "top_k")
         self.top_k = max(self.top_k, 0)
         self.min_p = _check_range("min_p", self.min_p, 0, 1)
         self.presence_penalty = _check_range("presence_penalty", self.presence_penalty, -2, 2)
         self.frequency_penalty = _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
         self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
         if not np.float32(self.repetition_penalty) > 0:
-            raise FieldError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.", 'repetition_penalty')
+            raise FieldError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.",
+                             "repetition_penalty")
         if self.seed is not None:
             self.seed = _number("seed", self.seed, integer=True)
             if self.seed == -1:  # vLLM's "no seed"
@@ -446,12 +453,12 @@ class SamplingParams(_FieldsOnly):
         if self.max_tokens is not None:
             self.max_tokens = _number("max_tokens", self.max_tokens, integer=True)
             if self.max_tokens < 1:
-                raise FieldError(f"max_tokens must be None or at least 1, got {self.max_tokens}.", 'max_tokens')
+                raise FieldError(f"max_tokens must be None or at least 1, got {self.max_tokens}.", "max_tokens")
         self.min_tokens = _number("min_tokens", self.min_tokens, integer=True)
         if self.min_tokens < 0:
-            raise FieldError(f"min_tokens must be >= 0, got {self.min_tokens}.", 'min_tokens')
+            raise FieldError(f"min_tokens must be >= 0, got {self.min_tokens}.", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise FieldError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).", 'min_tokens')
+            raise FieldError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).", "min_tokens")
         self._verify_stop()
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                      "spaces_between_special_tokens", "use_beam_search", "detokenize", "skip_clone",
@@ -463,18 +470,21 @@ class SamplingParams(_FieldsOnly):
                 value = _number(name, value, integer=True)
                 setattr(self, name, value)
                 if value < -1:
-                    raise FieldError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.", _field_of(name))
+                    raise FieldError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.",
+                                     _field_of(name))
         self._verify_logprob_token_ids()
         if self.skip_reading_prefix_cache is not None:
             self.skip_reading_prefix_cache = _check_bool("skip_reading_prefix_cache", self.skip_reading_prefix_cache)
             if not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
                 raise FieldError("skip_reading_prefix_cache=False cannot be set with prompt_logprobs: prompt tokens "
-                                 "read from the prefix cache are not computed, so they would have no logprobs.", 'skip_reading_prefix_cache')
+                                 "read from the prefix cache are not computed, so they would have no logprobs.",
+                                 "skip_reading_prefix_cache")
         if self.thinking_token_budget is not None:
             budget = self.thinking_token_budget = _number("thinking_token_budget", self.thinking_token_budget,
                                                           integer=True)
             if budget < -1:
-                raise FieldError(f"thinking_token_budget must be None, -1 (no limit) or >= 0, got {budget}.", 'thinking_token_budget')
+                raise FieldError(f"thinking_token_budget must be None, -1 (no limit) or >= 0, got {budget}.",
+                                 "thinking_token_budget")
             if budget == -1:  # vLLM's "no limit"
                 self.thinking_token_budget = None
         self.length_penalty = _number("length_penalty", self.length_penalty)
@@ -482,35 +492,38 @@ class SamplingParams(_FieldsOnly):
             try:
                 self.early_stopping = _check_bool("early_stopping", self.early_stopping)
             except ValueError:
-                raise FieldError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.", 'early_stopping') from None
+                raise FieldError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.",
+                                 "early_stopping") from None
         self._verify_logits_processors()
         self._verify_logit_bias()
         if self.allowed_token_ids is not None:
             if not self.allowed_token_ids:
                 raise FieldError(f"allowed_token_ids must be None or a non-empty list of token ids, "
-                                 f"got {self.allowed_token_ids!r}.", 'allowed_token_ids')
+                                 f"got {self.allowed_token_ids!r}.", "allowed_token_ids")
             self.allowed_token_ids = _token_ids("allowed_token_ids", self.allowed_token_ids)
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
-                raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.", 'bad_words')
+                raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.",
+                                 "bad_words")
             self.bad_words = list(self.bad_words)
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
                                                    StructuredOutputsParams)
         if self.structured_outputs is not None:
             if self.use_beam_search:
-                raise FieldError("structured_outputs is not supported with use_beam_search.", 'structured_outputs')
+                raise FieldError("structured_outputs is not supported with use_beam_search.", "structured_outputs")
         if self.thinking_token_budget is not None and self.use_beam_search:
-            raise FieldError("thinking_token_budget is not supported with use_beam_search.", 'thinking_token_budget')
+            raise FieldError("thinking_token_budget is not supported with use_beam_search.", "thinking_token_budget")
         self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,
                                                      RepetitionDetectionParams)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
-            raise FieldError(f"extra_args must be None or a dict, got {type(self.extra_args).__name__}.", 'extra_args')
+            raise FieldError(f"extra_args must be None or a dict, got {type(self.extra_args).__name__}.", "extra_args")
         if self.use_beam_search:
             self._verify_beam_search()
         else:
             if self.length_penalty != 1.0 or self.early_stopping is not False:
-                raise FieldError("length_penalty and early_stopping apply only with use_beam_search=True.", 'length_penalty')
+                raise FieldError("length_penalty and early_stopping apply only with use_beam_search=True.",
+                                 "length_penalty")
             if self.greedy and self.best_of > 1:
                 raise FieldError(f"{self.best_of_field} must be 1 with greedy sampling (temperature=0), "
                                  f"got {self.best_of}.", self.best_of_field)
@@ -553,10 +566,10 @@ class SamplingParams(_FieldsOnly):
         ids = self.logprob_token_ids = _token_ids("logprob_token_ids", ids)
         if not 0 < len(ids) <= MAX_LOGPROB_TOKEN_IDS or len(set(ids)) < len(ids):
             raise FieldError(f"logprob_token_ids must be None or 1 to {MAX_LOGPROB_TOKEN_IDS} distinct token ids, "
-                             f"got {len(ids)} ({len(set(ids))} distinct).", 'logprob_token_ids')
+                             f"got {len(ids)} ({len(set(ids))} distinct).", "logprob_token_ids")
         if self.logprobs is not None and self.logprobs != len(ids):
             raise FieldError(f"logprobs must equal len(logprob_token_ids) when both are set (vLLM's rule), got "
-                             f"logprobs={self.logprobs} and {len(ids)} ids.", 'logprobs')
+                             f"logprobs={self.logprobs} and {len(ids)} ids.", "logprobs")
 
     @property
     def num_logprobs(self) -> int | None:
@@ -577,35 +590,37 @@ class SamplingParams(_FieldsOnly):
     def _verify_output_kind(self) -> None:
         if not isinstance(self.output_kind, RequestOutputKind):
             allowed = ", ".join(f"RequestOutputKind.{k.name}" for k in RequestOutputKind)
-            raise FieldError(f"output_kind must be one of {allowed}, got {self.output_kind!r}.", 'output_kind')
+            raise FieldError(f"output_kind must be one of {allowed}, got {self.output_kind!r}.", "output_kind")
         if self.output_kind is RequestOutputKind.DELTA:
             if self.use_beam_search:
-                raise FieldError("output_kind=DELTA is not supported with use_beam_search (beams are replaced).", 'output_kind')
+                raise FieldError("output_kind=DELTA is not supported with use_beam_search (beams are replaced).",
+                                 "output_kind")
             if self.best_of != self.n:
                 raise FieldError(f"output_kind=DELTA needs best_of == n (the n best are known only at the end), "
-                                 f"got best_of={self.best_of} and n={self.n}.", 'output_kind')
+                                 f"got best_of={self.best_of} and n={self.n}.", "output_kind")
 
     def _verify_stop(self) -> None:
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise FieldError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.", 'stop')
+            raise FieldError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.", "stop")
         self.stop = list(stop)
         self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
         if self.stop and not self.detokenize:
-            raise FieldError("stop strings need detokenize=True.", 'stop')
+            raise FieldError("stop strings need detokenize=True.", "stop")
 
     def _verify_logits_processors(self) -> None:
         processors = self.logits_processors or []
         if not isinstance(processors, (list, tuple)) or not all(callable(p) for p in processors):
-            raise FieldError(f"logits_processors must be a list of callables, got {self.logits_processors!r}.", 'logits_processors')
+            raise FieldError(f"logits_processors must be a list of callables, got {self.logits_processors!r}.",
+                             "logits_processors")
         self._processor_takes_prompt = []
         for p in processors:
             num_args = len(inspect.signature(p).parameters)
             if num_args not in (2, 3):
                 raise FieldError(
                     "logits_processors take (output_token_ids, logits) or "
-                    f"(prompt_token_ids, output_token_ids, logits); {p!r} takes {num_args} arguments."
-                , 'logits_processors')
+                    f"(prompt_token_ids, output_token_ids, logits); {p!r} takes {num_args} arguments.",
+                    "logits_processors")
             self._processor_takes_prompt.append(num_args == 3)
         self.logits_processors = list(processors)
 
@@ -613,13 +628,14 @@ class SamplingParams(_FieldsOnly):
         if self.logit_bias is None:
             return
         if not isinstance(self.logit_bias, dict):
-            raise FieldError(f"logit_bias must be None or a dict of token id -> bias, got {type(self.logit_bias).__name__}.", 'logit_bias')
+            raise FieldError(f"logit_bias must be None or a dict of token id -> bias, got {type(self.logit_bias).__name__}.",
+                             "logit_bias")
         bias = {}
         for token, value in self.logit_bias.items():
             # OpenAI's JSON gives the ids as strings; its biases lie in [-100, 100], as vLLM clamps them.
             token = _number("logit_bias", int(token) if isinstance(token, str) and token.isdigit() else token, integer=True)
             if token < 0:
-                raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", 'logit_bias')
+                raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
             bias[token] = min(max(_number("logit_bias", value), -100.0), 100.0)
         self.logit_bias = bias
 
@@ -634,28 +650,29 @@ class SamplingParams(_FieldsOnly):
             if not isinstance(new, torch.Tensor) or new.shape != logits.shape or not new.is_floating_point():
                 got = f"{new.dtype} tensor of shape {list(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
                 raise FieldError(f"logits processor {fn!r} must return a float tensor of shape {list(logits.shape)} "
-                                 f"(the logits row it was given), got {got}.", 'logits_processors')
+                                 f"(the logits row it was given), got {got}.", "logits_processors")
             nan = new.isnan().nonzero()[:, 0]
             if len(nan):
                 raise FieldError(f"logits processor {fn!r} returned NaN for token id(s) {nan[:5].tolist()} "
-                                 f"({len(nan)} in all); a logit must be a number (-inf removes the token).", 'logits_processors')
+                                 f"({len(nan)} in all); a logit must be a number (-inf removes the token).",
+                                 "logits_processors")
             logits = new
         return logits
 
     def _verify_beam_search(self) -> None:
         if self.best_of < 2:
             raise FieldError(f"use_beam_search needs a beam width above 1: n or best_of > 1 (got "
-                             f"{self.best_of_field}={self.best_of}).", 'use_beam_search')
+                             f"{self.best_of_field}={self.best_of}).", "use_beam_search")
         if not self.greedy:
-            raise FieldError("temperature must be 0 with use_beam_search.", 'temperature')
+            raise FieldError("temperature must be 0 with use_beam_search.", "temperature")
         if self.logprob_token_ids is not None:
-            raise FieldError("logprob_token_ids is not supported with use_beam_search.", 'logprob_token_ids')
+            raise FieldError("logprob_token_ids is not supported with use_beam_search.", "logprob_token_ids")
         if self.repetition_detection is not None:
-            raise FieldError("repetition_detection is not supported with use_beam_search.", 'repetition_detection')
+            raise FieldError("repetition_detection is not supported with use_beam_search.", "repetition_detection")
         if self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0:
-            raise FieldError("top_p, top_k and min_p must be off with use_beam_search.", 'top_p')
+            raise FieldError("top_p, top_k and min_p must be off with use_beam_search.", "top_p")
         if self.seed is not None:
-            raise FieldError("seed has no meaning with use_beam_search (it is deterministic).", 'seed')
+            raise FieldError("seed has no meaning with use_beam_search (it is deterministic).", "seed")
 
     @property
     def output_text_buffer_length(self) -> int:
@@ -715,7 +732,8 @@ class BeamSearchParams:
                 raise FieldError(f"{name} must be at least 1, got {value}.", _field_of(name))
             setattr(self, name, value)
         if _number("temperature", self.temperature) != 0:
-            raise FieldError(f"temperature must be 0.0 (pagedlm's beam search is deterministic), got {self.temperature}.", 'temperature')
+            raise FieldError(f"temperature must be 0.0 (pagedlm's beam search is deterministic), got {self.temperature}.",
+                             "temperature")
         self.length_penalty = _number("length_penalty", self.length_penalty)
         self.ignore_eos = _check_bool("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _check_bool("skip_special_tokens", self.skip_special_tokens)

@@ -1306,3 +1306,14 @@ def test_a_line_holding_only_a_byte_order_mark_is_no_row(llama_dir, tmp_path):
     inp.write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"id": 1, "prompt": "a"}).encode() + b"\n\xef\xbb\xbf \r\n")
     stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
     assert [row["id"] for row in out] == [1] and (stats.rows, stats.errors) == (1, 0)
+
+
+def test_a_row_field_that_clashes_with_a_job_default_is_the_rows_param():
+    """Found by a review: once SamplingParams' errors named their field, a check between two fields
+    named the one the job set, and the row's own field was no longer the error's param."""
+    from pagedlm.entrypoints.jobs.rows import field_error
+    from pagedlm.utils import FieldError
+
+    names = {"use_beam_search": "use_beam_search", "n": "n"}  # the fields the row set
+    error = field_error(FieldError("temperature must be 0 with use_beam_search.", "temperature"), names)
+    assert error.param == "use_beam_search"

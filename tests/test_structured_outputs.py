@@ -488,7 +488,7 @@ def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
 
 
 @pytest.mark.parametrize("regex", [r"[a-c]{2,4}x(yz)?", r"\d+\s\w[\b]\u0042\.", r"^abc$", r"a|^b", r"(?:a)b",
-                                   r"a{2,}", r"[a-]", r"(^a|^b)c$", r"^(a|b$)", r"(?P<x>a)\p{L}+", r"a*?b",
+                                   r"a{2,}", r"[a-]", r"(^a|^b)c$", r"^(a|b$)", r"(?P<x>a)", r"a*?b",
                                    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", r"\(\d{3}\) \d{3}-\d{4}"])
 def test_regexes_xgrammar_enforces_as_written_pass_unchanged(regex):
     assert xgrammar_regex.check(regex) == regex
@@ -502,7 +502,8 @@ def test_openapi_integer_formats_are_their_bounds(llm):
 
 @pytest.mark.parametrize("regex, written", [
     (r"\x41b", r"\u0041b"),  # xgrammar read \x greedily: \x41b was U+41B
-    (r"[\^-a]", r"[\u005f-\u0061\^]"),  # a class that begins with a caret is negated to xgrammar, escaped or not
+    (r"[\^-a]", r"(?:[\u005f-\u0061]|\^)"),  # a class that begins with a caret is negated to xgrammar, escaped or not
+    (r"[\x41b]", r"[\u0041b]"),
     (r"[\^!-]", r"[!\^\-]"),
     (r"\u{1F600}", "\U0001F600"),
 ])

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from pagedlm.engine import xgrammar_regex
 from pagedlm.sampling_params import StructuredOutputsParams
@@ -133,13 +134,12 @@ def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: l
     as text. ``TokenizerInfo.from_huggingface`` finds none in a byte-level vocabulary such as
     SmolLM2's, so "<|im_end|>" counted as ten characters: a regex ``.{10}`` or a JSON string could
     take the EOS token (or ``<|endoftext|>``) as text, and a completion end empty with "stop"
-    (vLLM 0.32 does the same). xgrammar reads a token whose text is empty as special."""
+    (vLLM 0.32 builds its TokenizerInfo so and has this fault). xgrammar reads a token whose text
+    is empty as special."""
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
     added = getattr(tokenizer, "added_tokens_decoder", {})
     special = {i for i, token in added.items() if getattr(token, "special", False)}
     special |= {i for i in (*stop_token_ids, getattr(tokenizer, "bos_token_id", None)) if i is not None}
-    from transformers import PreTrainedTokenizerFast
-
     if not isinstance(tokenizer, PreTrainedTokenizerFast) or not special - set(info.special_token_ids):
         return info  # from_huggingface reads a fast tokenizer's vocabulary from get_vocab(), as below
     encoded = [""] * vocab_size
@@ -219,6 +219,19 @@ def _satisfies(value: Any, schema: dict) -> bool:
     return True
 
 
+def _wrong_keyword_types(schema: dict) -> set[str]:
+    """The keywords of ``_CHECKABLE`` and ``format`` whose values are of no type JSON Schema allows."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    kinds = {"minLength": "a count", "maxLength": "a count", "minItems": "a count", "maxItems": "a count",
+             "minimum": "a number", "maximum": "a number", "exclusiveMinimum": "a number",
+             "exclusiveMaximum": "a number", "pattern": "a string", "format": "a string"}
+    ok = {"a count": lambda v: number(v) and float(v).is_integer(), "a number": number,
+          "a string": lambda v: isinstance(v, str)}
+    return {f"{key} {schema[key]!r} (must be {kind})" for key, kind in kinds.items()
+            if key in schema and not ok[kind](schema[key])}
+
+
 def _ignored_beside(schema: dict, root: Any) -> set[str]:
     """What xgrammar would drop from one schema object: keywords beside ``enum``/``const``,
     ``allOf``/``anyOf``/``oneOf`` or ``$ref`` (it enforces those alone; beside a list of values, or
@@ -226,6 +239,9 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
     ``format``, typed keywords without a ``type``, a format it does not know, an empty ``type``
     list, negative counts and listed integers a double cannot hold."""
     found: set[str] = set()
+    wrong_type = _wrong_keyword_types(schema)
+    if wrong_type:
+        return wrong_type
     constraining = _CONSTRAINING & set(schema)
     for alone in ("enum", "const", "allOf", "anyOf", "oneOf", "$ref"):
         if alone not in schema:
@@ -327,7 +343,8 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
             out[key] = value
         elif key in _SCHEMAS_BY_NAME and isinstance(value, dict):
             out[key] = {name: _as_xgrammar_enforces(sub) for name, sub in value.items()}
-        elif key == "pattern" and isinstance(value, str):
+        elif key == "pattern" and isinstance(value, str) and not {"enum", "const", "$ref"} & set(schema):
+            # (beside a list of values, or a reference to one, every value meets it: _ignored_beside)
             try:
                 out[key] = xgrammar_regex.check(value, json_string=True)
             except xgrammar_regex.RegexError as exc:

@@ -55,6 +55,7 @@ class _Class:
     negated: bool
     items: list = field(default_factory=list)
     text: str = ""  # as written
+    rewritten: bool = False  # an escape in it is written otherwise (\\xHH as \\u00HH, ...)
 
 
 @dataclass
@@ -196,10 +197,14 @@ class _Parser:
         while self.peek() != "]":
             if not self.peek():
                 raise self.error("missing ]")
+            at = self.i
             item = self.escape(in_class=True) if self.peek() == "\\" else self.plain_char()
+            cls.rewritten |= isinstance(item, _Char) and item.text != self.s[at:self.i]
             if isinstance(item, _Char) and self.peek() == "-" and self.peek(1) not in ("]", ""):
                 self.i += 1
+                at = self.i
                 last = self.escape(in_class=True) if self.peek() == "\\" else self.plain_char()
+                cls.rewritten |= isinstance(last, _Char) and last.text != self.s[at:self.i]
                 if not isinstance(last, _Char):
                     raise self.error("a range cannot end in a class escape")
                 item = (item, last)
@@ -265,53 +270,48 @@ def _class_text(ch: _Char) -> str:
     return {"^": "\\^", "-": "\\-"}.get(ch.char, ch.text)
 
 
+def _code_text(code: int) -> str:
+    """A code point as a class member that xgrammar reads alike wherever it stands."""
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
 def _emit_class(cls: _Class, json_string: bool) -> str:
+    """The class as xgrammar reads it: as written where it can be; else rebuilt from its members,
+    none of them a caret first (xgrammar reads a class that begins with one, escaped or
+    ``\\u005e``, as negated). In a JSON string's text, a positive class's characters that JSON
+    escapes become branches of their escapes, and an open one (negated, ``\\S``, ...) leaves them out."""
     head = cls.items[0] if cls.items else None
-    if not json_string and not (isinstance(head, _Char) and head.char == "^" or
-                                isinstance(head, tuple) and head[0].char == "^"):
-        return cls.text  # xgrammar reads it as written
+    caret_first = isinstance(head, _Char) and head.char == "^" or isinstance(head, tuple) and head[0].char == "^"
+    if not json_string and not caret_first and not cls.rewritten:
+        return cls.text
+    escaping = json_string and not cls.negated
     members: list[str] = []
-    branches: list[str] = []  # alternatives beside the class: JSON escapes, narrowed shorthands
+    branches: list[str] = []  # beside the class: JSON escapes, open shorthands narrowed
     for item in cls.items:
         if isinstance(item, str):  # \d \w \s \D \W \S
-            if json_string and not cls.negated and item in _NARROWED:
-                branches.append(_NARROWED[item])
-            else:
-                members.append(item)
+            (branches if escaping and item in _NARROWED else members).append(_NARROWED[item] if escaping and item in _NARROWED else item)
         elif isinstance(item, tuple):
-            first, last = item
-            lo, hi = ord(first.char), ord(last.char)
-            if lo == ord("^"):  # xgrammar reads a class that begins with a caret, escaped or not, as negated
-                members.append("\\^")
-                lo += 1
-            codes = range(lo, hi + 1)
-            if json_string and not cls.negated and any(_json_special(chr(c)) for c in codes[:0x5D]):
-                special = [c for c in codes if c <= 0x5C and _json_special(chr(c))]
-                branches += [_json_escaped(chr(c)) for c in special]
-                bounds = [lo - 1, *special, hi + 1]
-                runs = [(a + 1, b - 1) for a, b in zip(bounds, bounds[1:]) if a + 1 <= b - 1]
-            elif lo == ord(first.char):  # as written
-                members.append(f"{_class_text(first)}-{_class_text(last)}")
-                continue
-            else:
-                runs = [(lo, hi)] if lo <= hi else []
-            members += [f"\\u{a:04x}-\\u{b:04x}" if a < b else f"\\u{a:04x}" for a, b in runs if b <= 0xFFFF]
-            members += [f"{chr(a)}-{chr(b)}" for a, b in runs if b > 0xFFFF]
-        elif json_string and not cls.negated and _json_special(item.char):
+            lo, hi = ord(item[0].char), ord(item[1].char)
+            # The characters JSON escapes are all at or below "\\" (U+005C).
+            special = [c for c in range(lo, min(hi, 0x5C) + 1) if _json_special(chr(c))] if escaping else []
+            branches += [_json_escaped(chr(c)) for c in special]
+            bounds = [lo - 1, *special, hi + 1]
+            members += [_code_text(a + 1) if a + 2 == b else f"{_code_text(a + 1)}-{_code_text(b - 1)}"
+                        for a, b in zip(bounds, bounds[1:]) if a + 2 <= b]
+        elif escaping and _json_special(item.char):
             branches.append(_json_escaped(item.char))
         else:
             members.append(_class_text(item))
     if json_string and cls.negated:
         members.append(_NOT_JSON_SPECIAL)
-    first = next((k for k, m in enumerate(members) if not m.startswith("\\^")), None)
-    if first:
-        members.insert(0, members.pop(first))
-    if members and first is None:  # carets only
-        members = ["\\^"]
-        if not cls.negated:
-            branches.insert(0, "\\^")
-    if not cls.negated and not members or members == ["\\^"] and not cls.negated:
-        return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})" if branches else "[]"
+    safe = next((k for k, m in enumerate(members) if not m.startswith(("\\^", "\\u005e"))), None)
+    if safe is not None:
+        members.insert(0, members.pop(safe))
+    elif members and not cls.negated:  # carets first only: the caret apart, ranges from the next code point
+        members = [f"\\u005f{m[m.index('-'):]}" for m in members if "-" in m and not m.endswith(("-\\^", "-\\u005e"))]
+        branches.insert(0, "\\^")
+    if not members and not cls.negated:
+        return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
     text = f"[{'^' if cls.negated else ''}{''.join(members)}]"
     return f"(?:{'|'.join([text, *branches])})" if branches else text
 
@@ -341,8 +341,8 @@ def check(regex: str, json_string: bool = False) -> str:
     """``regex`` as xgrammar enforces it exactly, or a ``RegexError`` (a ``ValueError``) saying what
     it would not enforce. With ``json_string`` (a JSON schema's ``pattern``, over the string's
     value) the result matches the string's JSON text: a character JSON escapes (``"``, ``\\``,
-    control characters) is matched as its escape sequences. Classes that are not spelled out
-    (``.``, ``\\S``, ``[^a]``) stay xgrammar's, which never write those characters."""
+    control characters) is matched as its escape sequences, and classes that are not spelled out
+    (``.``, ``\\S``, ``[^a]``) leave those characters out."""
     parser = _Parser(regex)
     try:
         alternatives = parser.alternatives()

@@ -159,7 +159,7 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
     is empty")."""
     message = str(exc)
     field = getattr(exc, "field", None)
-    if field is None:
+    if field not in names:  # none, or a job default: the first field the message names that the row set
         named = _named_fields(message, SAMPLING_FIELDS)
         field = next((f for f in named if f in names), None)
     name = names.get(field)
