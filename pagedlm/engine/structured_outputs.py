@@ -79,8 +79,9 @@ class StructuredOutputManager:
                 if unenforceable:
                     raise ValueError(f"{'; '.join(unenforceable)}: cannot be enforced (xgrammar does not support it)")
                 # Its properties come out in the schema's order.
-                compiled = self._compiler.compile_json_schema(
+                grammar = self._xgr.Grammar.from_json_schema(
                     json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False), any_whitespace=any_whitespace)
+                compiled = self._compiler.compile_grammar(_json_string_characters(grammar))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(xgrammar_regex.check(spec))
             elif kind == "choice":
@@ -325,14 +326,11 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
 def _as_xgrammar_enforces(schema: Any) -> Any:
     """``schema`` with its ``pattern``s as xgrammar enforces them (``xgrammar_regex.check``: a
     pattern xgrammar would not enforce as written is refused, and the characters JSON escapes are
-    matched as their escapes), and each string's ``minLength`` / ``maxLength`` (whole numbers, min <= max) as a
-    ``pattern`` of the same lengths, ``^[^\\ud800-\\udfff]{min,max}$``. xgrammar 0.2.9 draws a
-    length-bounded string's characters from a class that lets raw control characters through, which
-    JSON does not allow in a string (its patterns leave them out), and surrogate code points, which
-    are no UTF-8 (decoded, each byte becomes a U+FFFD and the string outgrows its maxLength). A
-    schema that allows other types too (``"type": ["string", "null"]``, or no type: the lengths
-    bind strings only) becomes an ``anyOf`` of the bounded string and the other types, which
-    xgrammar would otherwise generate strings of any length for."""
+    matched as their escapes). A string's ``minLength`` / ``maxLength`` (whole numbers, min <= max)
+    in a schema that allows other types too (``"type": ["string", "null"]``, or no type: the
+    lengths bind strings only) becomes an ``anyOf`` of the bounded string and the other types,
+    which xgrammar would otherwise generate strings of any length for (``_json_string_characters``
+    then corrects the bounded string's characters)."""
     if isinstance(schema, list):
         return [_as_xgrammar_enforces(item) for item in schema]
     if not isinstance(schema, dict):
@@ -363,14 +361,31 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
     types = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else list(_JSON_TYPES)
     if not bounded or "string" not in types or {"pattern", "format", "enum", "const", "$ref"} & set(schema):
         return out
-    string = {"type": "string", "pattern": f"^[^\\ud800-\\udfff]{{{low},{'' if high is None else high}}}$"}
+    string = {"type": "string", "minLength": low, **({} if high is None else {"maxLength": high})}
     rest = {k: v for k, v in out.items() if k not in ("type", "minLength", "maxLength")}
     others = [t for t in types if t != "string"]
     if not others:
-        return {**rest, **string}
+        return out
     if any(k in rest for k in ("anyOf", "oneOf")):  # the other types' keywords cannot be split off
         return out
     return {"anyOf": [string, {**rest, "type": others}]}
+
+
+# The character class of xgrammar 0.2.9's length-bounded strings (one rule per string, as its
+# grammar prints it), and what a JSON string may hold raw instead: no control characters (it let
+# U+0000-U+001F but CR and LF through: no JSON) and no surrogates (no UTF-8).
+_BOUNDED_STRING_CHARACTERS = re.compile(r'^(\w+_characters ::= \(\()\[\^\\"\\\\\\r\\n\](\)\))$', re.M)
+_JSON_STRING_CHARACTER = r'[^\0-\x1f\"\\\ud800-\udfff]'
+
+
+def _json_string_characters(grammar: Any) -> Any:
+    """``grammar`` (xgrammar's, of a JSON schema) with its length-bounded strings' characters as
+    JSON allows them, as EBNF text; the grammar itself where it has none. A pattern of the same
+    lengths would hold too, but xgrammar's masks for a bounded repetition in a pattern take ~15 ms a
+    fill at 400 characters, against ~10 us for its own bounded strings (docs/performance.md)."""
+    text = str(grammar)
+    fixed = _BOUNDED_STRING_CHARACTERS.sub(lambda m: m.group(1) + _JSON_STRING_CHARACTER + m.group(2), text)
+    return grammar if fixed == text else fixed
 
 
 # JSON Schema's types but "integer" (a number); a schema without "type" allows them all.
