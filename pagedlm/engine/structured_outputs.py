@@ -371,10 +371,11 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
     return {"anyOf": [string, {**rest, "type": others}]}
 
 
-# The character class of xgrammar 0.2.9's length-bounded strings (one rule per string, as its
-# grammar prints it), and what a JSON string may hold raw instead: no control characters (it let
-# U+0000-U+001F but CR and LF through: no JSON) and no surrogates (no UTF-8).
-_BOUNDED_STRING_CHARACTERS = re.compile(r'^(\w+_characters ::= \(\()\[\^\\"\\\\\\r\\n\](\)\))$', re.M)
+# The character class of xgrammar 0.2.9's length-bounded strings, as its grammar prints it (a rule
+# of its own, or inline for lengths up to 1), and what a JSON string may hold raw instead: no
+# control characters (it let U+0000-U+001F but CR and LF through: no JSON) and no surrogates (no
+# UTF-8). Its unbounded strings' class, [^\0-\x1f\"\\\r\n], is another text.
+_BOUNDED_STRING_CHARACTER = r'[^\"\\\r\n]'
 _JSON_STRING_CHARACTER = r'[^\0-\x1f\"\\\ud800-\udfff]'
 
 
@@ -384,8 +385,7 @@ def _json_string_characters(grammar: Any) -> Any:
     lengths would hold too, but xgrammar's masks for a bounded repetition in a pattern take ~15 ms a
     fill at 400 characters, against ~10 us for its own bounded strings (docs/performance.md)."""
     text = str(grammar)
-    fixed = _BOUNDED_STRING_CHARACTERS.sub(lambda m: m.group(1) + _JSON_STRING_CHARACTER + m.group(2), text)
-    return grammar if fixed == text else fixed
+    return text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER) if _BOUNDED_STRING_CHARACTER in text else grammar
 
 
 # JSON Schema's types but "integer" (a number); a schema without "type" allows them all.
