@@ -210,7 +210,7 @@ def _satisfies(value: Any, schema: dict) -> bool:
             return False
         try:
             return "pattern" not in schema or re.search(schema["pattern"], value) is not None
-        except (re.error, TypeError):
+        except re.error:
             return False
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = schema.get("minimum"), schema.get("maximum")
@@ -224,9 +224,9 @@ def _wrong_keyword_types(schema: dict) -> set[str]:
     """The keywords of ``_CHECKABLE`` and ``format`` whose values are of no type JSON Schema allows."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
-    kinds = {"minLength": "a count", "maxLength": "a count", "minItems": "a count", "maxItems": "a count",
-             "minimum": "a number", "maximum": "a number", "exclusiveMinimum": "a number",
-             "exclusiveMaximum": "a number", "pattern": "a string", "format": "a string"}
+    kinds = {**dict.fromkeys(_COUNTS, "a count"),
+             **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "a number"),
+             "pattern": "a string", "format": "a string"}
     ok = {"a count": lambda v: number(v) and float(v).is_integer(), "a number": number,
           "a string": lambda v: isinstance(v, str)}
     return {f"{key} {schema[key]!r} (must be {kind})" for key, kind in kinds.items()
@@ -244,9 +244,8 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
     if wrong_type:
         return wrong_type
     constraining = _CONSTRAINING & set(schema)
-    for alone in ("enum", "const", "allOf", "anyOf", "oneOf", "$ref"):
-        if alone not in schema:
-            continue
+    alone = next((k for k in ("enum", "const", "allOf", "anyOf", "oneOf", "$ref") if k in schema), None)
+    if alone is not None:
         beside = sorted(constraining - {alone})
         listing = schema if alone in ("enum", "const") else _resolve_local_ref(schema, root) if alone == "$ref" else None
         values = _listed(listing)
@@ -260,7 +259,6 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
                       + ("list only the values that satisfy them)" if alone in ("enum", "const") else
                          "move them into each branch)" if alone in ("allOf", "anyOf", "oneOf") else
                          "move them into the referenced schema)"))
-        break
     if "pattern" in schema and "format" in schema:
         found.add("pattern beside format (xgrammar enforces the format alone)")
     if "type" not in schema and not constraining & {"enum", "const", "allOf", "anyOf", "oneOf", "$ref"}:
@@ -274,8 +272,7 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
                   "as their bounds)")
     if schema.get("type") == []:
         found.add("type [] (no value has no type)")
-    listed = schema.get("enum") if isinstance(schema.get("enum"), list) else []
-    huge = [v for v in [*listed, schema.get("const")] if type(v) is int and abs(v) > 2**53]
+    huge = [v for v in _listed(schema) or () if type(v) is int and abs(v) > 2**53]
     if huge:
         found.add(f"integer {huge[0]} in enum/const (past 2**53: xgrammar writes it rounded to a double)")
     for key in _COUNTS:

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 
 # Letters whose escape xgrammar's regex converter knows (others it matches as the letter itself,
-# warning only on stderr: "\\A" matches "A"), or refuses itself (b outside a class, c, k, p, u, x, B, P).
+# warning only on stderr: "\\A" matches "A"): c, u and x are decoded here, b outside a class, k, p,
+# B and P it refuses itself.
 _KNOWN_ESCAPES = frozenset("adefnrstvwDSWbckpuxBP")
 _CLASS_ESCAPES = frozenset("dwsDWS")
 _CHAR_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "f": "\f", "v": "\v", "a": "\a", "e": "\x1b", "0": "\0"}
@@ -197,14 +198,10 @@ class _Parser:
         while self.peek() != "]":
             if not self.peek():
                 raise self.error("missing ]")
-            at = self.i
-            item = self.escape(in_class=True) if self.peek() == "\\" else self.plain_char()
-            cls.rewritten |= isinstance(item, _Char) and item.text != self.s[at:self.i]
+            item = self.class_member(cls)
             if isinstance(item, _Char) and self.peek() == "-" and self.peek(1) not in ("]", ""):
                 self.i += 1
-                at = self.i
-                last = self.escape(in_class=True) if self.peek() == "\\" else self.plain_char()
-                cls.rewritten |= isinstance(last, _Char) and last.text != self.s[at:self.i]
+                last = self.class_member(cls)
                 if not isinstance(last, _Char):
                     raise self.error("a range cannot end in a class escape")
                 item = (item, last)
@@ -212,6 +209,13 @@ class _Parser:
         self.i += 1
         cls.text = self.s[start:self.i]
         return cls
+
+    def class_member(self, cls: _Class) -> "_Char | str":
+        """One character or class escape of ``cls``, noting in it whether its text is written otherwise."""
+        at = self.i
+        item = self.escape(in_class=True) if self.peek() == "\\" else self.plain_char()
+        cls.rewritten |= isinstance(item, _Char) and item.text != self.s[at:self.i]
+        return item
 
     def plain_char(self) -> _Char:
         c = self.s[self.i]
@@ -289,7 +293,10 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
     branches: list[str] = []  # beside the class: JSON escapes, open shorthands narrowed
     for item in cls.items:
         if isinstance(item, str):  # \d \w \s \D \W \S
-            (branches if escaping and item in _NARROWED else members).append(_NARROWED[item] if escaping and item in _NARROWED else item)
+            if escaping and item in _NARROWED:
+                branches.append(_NARROWED[item])
+            else:
+                members.append(item)
         elif isinstance(item, tuple):
             lo, hi = ord(item[0].char), ord(item[1].char)
             # The characters JSON escapes are all at or below "\\" (U+005C).
