@@ -494,10 +494,19 @@ def test_regexes_xgrammar_enforces_as_written_pass_unchanged(regex):
     assert xgrammar_regex.check(regex) == regex
 
 
-def test_openapi_integer_formats_are_their_bounds(llm):
-    constraint = {"json": {"type": "integer", "format": "int32"}}
+@pytest.mark.parametrize("kind", ["integer", ["integer", "null"], ["null", "integer", "string"]])
+def test_openapi_integer_formats_are_their_bounds(llm, kind):
+    """Also for OpenAPI 3.1's nullable integers (refused before), where the bounds bind the integers alone."""
+    constraint = {"json": {"type": kind, "format": "int32"}}
     llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
     assert _accepts(llm, constraint, str(2**31 - 1)) and not _accepts(llm, constraint, str(2**31))
+    assert _accepts(llm, constraint, "null") == (kind != "integer")
+
+
+def test_an_integer_format_beside_other_numbers_is_refused(llm):
+    params = SamplingParams(max_tokens=1, structured_outputs={"json": {"type": ["integer", "number"], "format": "int64"}})
+    with pytest.raises(ValueError, match="format 'int64'"):
+        llm.generate("a", params, use_tqdm=False)
 
 
 @pytest.mark.parametrize("regex, written", [

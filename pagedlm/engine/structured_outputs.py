@@ -193,6 +193,17 @@ _TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string", lis
             type(None): "null"}
 
 
+def _integer_bounds(schema: dict) -> tuple[int, int] | None:
+    """The bounds an OpenAPI integer ``format`` (int32, int64) stands for, where the schema's type
+    allows integers and no other numbers (``"integer"``, or a list such as OpenAPI's nullable
+    ``["integer", "null"]``, where ``minimum`` / ``maximum`` bind the integers alone)."""
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" not in kinds or "number" in kinds:
+        return None
+    return _INTEGER_FORMATS.get(schema.get("format"))
+
+
 def _of_type(value: Any, kind: Any) -> bool:
     kinds = kind if isinstance(kind, list) else [kind]
     own = _TYPE_OF.get(type(value))
@@ -265,11 +276,10 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
         typed = [key for key in _TYPED if key in schema]
         if typed:
             found.add(f"{', '.join(typed)} without a type (xgrammar applies them only beside \"type\")")
-    if "format" in schema and schema["format"] not in _FORMATS | _ANNOTATION_FORMATS and not (
-            schema["format"] in _INTEGER_FORMATS and schema.get("type") == "integer"):
+    if "format" in schema and schema["format"] not in _FORMATS | _ANNOTATION_FORMATS and _integer_bounds(schema) is None:
         found.add(f"format {schema['format']!r} (xgrammar enforces {', '.join(sorted(_FORMATS))}; "
-                  f"{', '.join(sorted(_ANNOTATION_FORMATS))} are kept as annotations, int32 and int64 of an integer "
-                  "as their bounds)")
+                  f"{', '.join(sorted(_ANNOTATION_FORMATS))} are kept as annotations, int32 and int64 of a type that "
+                  "allows integers but no other numbers as their bounds)")
     if schema.get("type") == []:
         found.add("type [] (no value has no type)")
     huge = [v for v in _listed(schema) or () if type(v) is int and abs(v) > 2**53]
@@ -346,7 +356,7 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
                 raise ValueError(f"pattern {value!r}: {exc}") from None
         else:
             out[key] = _as_xgrammar_enforces(value)
-    bounds = _INTEGER_FORMATS.get(schema.get("format")) if schema.get("type") == "integer" else None
+    bounds = _integer_bounds(schema)
     if bounds is not None:
         del out["format"]
         out["minimum"] = max(schema.get("minimum", bounds[0]), bounds[0])
