@@ -8,6 +8,7 @@ cannot run gets status 400, OpenAI's error object as the body, and ``error`` set
 """
 
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,10 +21,13 @@ from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
     JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
 )
+from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.transformers_utils.tokenizer import TokenBytes
 from pagedlm.utils import FieldError
+
+logger = logging.getLogger("pagedlm")
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 ROW_FIELDS = ("custom_id", "method", "url", "body")
@@ -39,7 +43,8 @@ _SAME_NAME = (
     "use_beam_search", "length_penalty", "repetition_detection", "thinking_token_budget", "logprob_token_ids",
 )
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
-              "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format")
+              "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format",
+              "tools", "tool_choice", "parallel_tool_calls")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
@@ -60,6 +65,7 @@ class _Context:
     custom_id: str
     url: str
     model: str
+    tool_choice: ToolChoice | None = None
 
 
 class OpenAIBatchFormat:
@@ -72,17 +78,21 @@ class OpenAIBatchFormat:
         defaults: the job's sampling defaults, under each body's own fields.
         names_given: the names came from ``--served-model-name`` (a refused ``model``'s error then
             does not suggest that flag).
+        reasoning_first: the engine's structured outputs wait for the end of the model's reasoning
+            (a reasoning parser), so a constrained text begins with the reasoning.
     """
 
     key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
-                 defaults: dict[str, Any], names_given: bool = False) -> None:
+                 defaults: dict[str, Any], names_given: bool = False, reasoning_first: bool = False) -> None:
         self.tokenizer = tokenizer
         self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
         self.names_given = names_given
         self.defaults = defaults
+        self.reasoning_first = reasoning_first
+        self._warned_unread_tools = False
 
     def key_of(self, row: Any) -> RowKey:
         key = row.get("custom_id") if isinstance(row, dict) else None
@@ -124,12 +134,18 @@ class OpenAIBatchFormat:
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
             del fields["logprob_token_ids"]
         renames = {}  # SamplingParams field -> the body's name for it
+        tools = None
         if url == CHAT_URL:
-            options = {k: body[k] for k in CHAT_OPTIONS if k in body}  # tools never: refused above
-            try:
-                prompt = render_chat(self.tokenizer, body.get("messages"), **options)
-            except FieldError as exc:
-                raise chat_error(exc, "body.") from None
+            tools = tool_choice_of(body)
+            if tools is not None and tools.calls and self.reasoning_first:
+                raise RowError(f"body.tool_choice {tools.choice!r}: the job's reasoning parser lets the model reason "
+                               "before the call, and pagedlm does not split the reasoning from the text, so the call's "
+                               "arguments would hold it (structured_outputs_config's enable_in_reasoning makes the call "
+                               "the whole text)", "tool_choice")
+            options = {k: body[k] for k in CHAT_OPTIONS if k in body}
+            if tools is not None:
+                options["tools"] = tools.tools
+            prompt = self._render_chat(body.get("messages"), options, tools)
             if "cache_salt" in body:  # vLLM's: this row's prefix-cache blocks are its salt's
                 prompt = replace(prompt, cache_salt=body["cache_salt"])
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -166,12 +182,36 @@ class OpenAIBatchFormat:
             fields["max_tokens"] = max_tokens
         if "response_format" in body:
             constraint = _response_format(body["response_format"])
+            if constraint is not None and tools is not None and tools.calls:
+                raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
+                               "response_format")
             if constraint is not None:
                 fields["structured_outputs"] = constraint
                 renames["structured_outputs"] = "response_format"
+        if tools is not None and tools.calls:
+            fields["structured_outputs"] = {"json": tools.schema}
+            renames["structured_outputs"] = "tools"
         names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
         params = sampling_params_from(fields, self.defaults, "body", names)
-        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0]))
+        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tools))
+
+    def _render_chat(self, messages: Any, options: dict[str, Any], tools: ToolChoice | None) -> Any:
+        """The row's prompt. Tools the template does not read are refused unless the model is made
+        to call them: then the grammar still holds the call to a function's parameters, and the
+        job warns once that the model does not see the definitions (vLLM drops them silently)."""
+        try:
+            return render_chat(self.tokenizer, messages, **options)
+        except FieldError as exc:
+            if not (exc.field == "tools" and tools is not None and tools.calls):
+                raise chat_error(exc, "body.") from None
+        if not self._warned_unread_tools:
+            self._warned_unread_tools = True
+            logger.warning("the chat template does not read tools: the model does not see the tool definitions, "
+                           "only the grammar holds its calls to their parameters")
+        try:
+            return render_chat(self.tokenizer, messages, **{**options, "tools": None})
+        except FieldError as exc:
+            raise chat_error(exc, "body.") from None
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context
@@ -179,8 +219,8 @@ class OpenAIBatchFormat:
         params = job_row.params
         top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
-        choices = [(_chat_choice if chat else _completion_choice)(i, c, top, self._token_bytes)
-                   for i, c in enumerate(output.outputs)]
+        choice = functools.partial(_chat_choice, tools=ctx.tool_choice) if chat else _completion_choice
+        choices = [choice(i, c, top, self._token_bytes) for i, c in enumerate(output.outputs)]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         body = {
@@ -254,7 +294,8 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
     }
 
 
-def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes) -> dict:
+def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes,
+                 tools: ToolChoice | None = None) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -262,8 +303,10 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: To
              "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in top(position)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
-    return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    message, finish_reason = tools.message(c.text, c.finish_reason) if tools is not None else ({"content": c.text},
+                                                                                              c.finish_reason)
+    return {"index": index, "message": {"role": "assistant", **message, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
 
 def _completion_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes) -> dict:

@@ -355,7 +355,8 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
     return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
-                             names_given=bool(config.served_model_names))
+                             names_given=bool(config.served_model_names),
+                             reasoning_first=llm.llm_engine.reasoning_gate_parser is not None)
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
