@@ -551,6 +551,52 @@ def test_step_reports_every_scheduled_request_until_it_finishes_and_abort_frees_
     assert alone.outputs[0].token_ids == done.token_ids
 
 
+@pytest.mark.parametrize("abort_at_call", [1, 3])
+@pytest.mark.parametrize("victim", [{}, {"n": 2, "temperature": 1.0, "seed": 0}, {"detokenize": False}])
+def test_a_request_aborted_by_a_logits_processor_mid_step_gets_nothing_more(llm, victim, abort_at_call):
+    """Found by a hunt: the step applied its outputs to a request aborted while the model ran
+    (from another request's logits processor): a KeyError that stranded the other request's
+    finished output and left the engine stepping forever, or an output after the abort."""
+    engine = llm.llm_engine
+    calls = []
+
+    def abort_b(token_ids, logits):
+        calls.append(1)
+        if len(calls) == abort_at_call:
+            engine.abort_request("b")
+        return logits
+
+    greedy = dict(temperature=0, ignore_eos=True, max_tokens=3)
+    engine.add_request("a", [BOS, 5, 6], SamplingParams(logits_processors=[abort_b], **greedy))
+    engine.add_request("b", [BOS, 7, 8], SamplingParams(**{**greedy, "max_tokens": 10, **victim}))
+    outputs = []
+    for _ in range(10):
+        if not engine.has_unfinished_requests():
+            break
+        outputs += [(len(calls), o) for o in engine.step()]
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
+    assert all(at < abort_at_call for at, o in outputs if o.request_id == "b")
+    final = [o for _, o in outputs if o.request_id == "a" and o.finished]
+    alone = llm.generate({"prompt_token_ids": [BOS, 5, 6]}, SamplingParams(**greedy), use_tqdm=False)[0]
+    assert [o.outputs[0].token_ids for o in final] == [alone.outputs[0].token_ids]
+
+
+def test_generate_whose_request_a_logits_processor_aborts_raises_instead_of_waiting(llm):
+    """It waited forever for the aborted request's output."""
+    engine = llm.llm_engine
+
+    def abort_the_other(token_ids, logits):
+        engine.abort_request(list(engine.seq_groups)[1:])  # the second prompt's
+        return logits
+
+    params = [SamplingParams(max_tokens=3, logits_processors=[abort_the_other]), SamplingParams(max_tokens=3)]
+    with pytest.raises(RuntimeError, match="aborted with llm_engine.abort_request"):
+        llm.generate([{"prompt_token_ids": [BOS, 5]}, {"prompt_token_ids": [BOS, 6]}], params, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    assert llm.generate({"prompt_token_ids": [BOS, 5]}, SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
 def test_failure_while_adding_requests_leaves_nothing_queued(llm, monkeypatch):
     engine = llm.llm_engine
     real_add = engine.add_request

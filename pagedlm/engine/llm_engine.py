@@ -465,14 +465,18 @@ class LLMEngine:
             raise
         with deferred_signals():
             self.block_manager.finish_step()
-            for scheduled, output in zip(sched.scheduled_seq_groups, outputs):
+            # A request a logits processor aborted during the step is gone: it gets nothing more (vLLM's
+            # scheduler skips such requests too).
+            live = [(s, o) for s, o in zip(sched.scheduled_seq_groups, outputs)
+                    if self.seq_groups.get(s.seq_group.request_id) is s.seq_group]
+            for scheduled, output in live:
                 for seq, chunk in scheduled.token_chunks.items():
                     seq.num_computed_tokens += chunk
                 self._process_group_output(scheduled.seq_group, output)
             if self.model_runner.long_rope is not None and self.model_runner.long_rope.whole_sequence:
-                self._recompute_past_long_rope_threshold(sched.scheduled_seq_groups)
+                self._recompute_past_long_rope_threshold([s for s, _ in live])
             # A prompt chunk that sampled nothing makes no output (as in vLLM).
-            request_outputs = [out for s, o in zip(sched.scheduled_seq_groups, outputs)
+            request_outputs = [out for s, o in live
                                if (o.samples or s.seq_group.is_finished()) and (out := RequestOutput.from_seq_group(s.seq_group))]
             for seq_group in self.scheduler.free_finished_seq_groups():
                 del self.seq_groups[seq_group.request_id]

@@ -298,8 +298,9 @@ class LLM:
                 another key or a ``truncate_prompt_tokens`` that is not None, -1 or 1 to
                 ``max_model_len``, or a vLLM argument is set to something pagedlm cannot do.
             RuntimeError: the LLM is closed, another ``generate``/``chat``/``beam_search``/iteration
-                is running on it, or its engine holds unfinished requests added with
-                ``llm_engine.add_request``.
+                is running on it, its engine holds unfinished requests added with
+                ``llm_engine.add_request``, or one of this call's requests was aborted with
+                ``llm_engine.abort_request`` while it ran.
         """
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
@@ -405,8 +406,9 @@ class LLM:
                 included); a bad ``tokenization_kwargs`` (see ``generate``); a vLLM argument
                 pagedlm cannot honour.
             RuntimeError: the LLM is closed, another ``generate``/``chat``/``beam_search``/iteration
-                is running on it, or its engine holds unfinished requests added with
-                ``llm_engine.add_request``.
+                is running on it, its engine holds unfinished requests added with
+                ``llm_engine.add_request``, or one of this call's requests was aborted with
+                ``llm_engine.abort_request`` while it ran.
         """
         tokenization = self._tokenization(tokenization_kwargs)
         if isinstance(chat_template, os.PathLike):
@@ -465,7 +467,9 @@ class LLM:
                 ``return_errors`` not a bool (``use_tqdm`` may also be a callable).
             RuntimeError: the LLM is closed (at once, or at the ``next`` after a close); at the
                 first ``next``: another ``generate``/``chat``/``beam_search``/iteration is running on
-                it, or its engine holds unfinished requests added with ``llm_engine.add_request``.
+                it, or its engine holds unfinished requests added with ``llm_engine.add_request``;
+                later: one of its requests was aborted with ``llm_engine.abort_request`` (e.g. from
+                a logits processor) while it ran.
 
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
@@ -699,6 +703,10 @@ class LLM:
                             break
                         continue  # a window of prompts that could not run: read on
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
+                    if not finished and not engine.has_unfinished_requests():
+                        raise RuntimeError(f"request(s) {', '.join(map(repr, in_flight))} of this call were aborted with "
+                                           "llm_engine.abort_request while it ran (from a logits processor?), so they "
+                                           "have no output; a logits processor ends a completion by allowing only EOS.")
                     done = []
                     for out in finished:
                         if out.request_id not in in_flight:
