@@ -77,7 +77,8 @@ class RequestOutput:
         """The request as its ``output_kind`` returns it after a step, or ``None`` (``FINAL_ONLY``
         before it finishes): ``n`` completions. With ``best_of > n`` the ``n`` of highest
         cumulative log-probability; under beam search the ``n`` best beams, best first. A
-        ``DELTA`` output moves the sequences' returned offsets on."""
+        ``DELTA`` output moves the sequences' returned offsets on, and leaves out a completion whose
+        finish an earlier one returned (vLLM's ``ParentRequest.get_outputs``)."""
         params = seq_group.sampling_params
         finished = seq_group.is_finished()
         if params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
@@ -95,12 +96,15 @@ class RequestOutput:
         outputs = []  # positional arguments below: this runs for every scheduled request every step
         for i, seq in enumerate(seqs):
             finish_reason = seq.status.finish_reason
+            if delta and seq.finish_returned:
+                continue
             text = seq.output_text
             shown = max(len(text) - held_back, 0) if held_back and finish_reason is None else len(text)
             first_token, first_char = (seq.num_returned_tokens, seq.num_returned_chars) if delta else (0, 0)
             if delta:
                 seq.num_returned_tokens = len(seq.output_token_ids)
                 seq.num_returned_chars = max(first_char, shown)
+                seq.finish_returned = finish_reason is not None
             outputs.append(CompletionOutput(
                 i if params.use_beam_search else seq.index, text[first_char:shown], seq.output_token_ids[first_token:],
                 seq.cumulative_logprob, seq.logprobs[first_token:] if with_logprobs else None, finish_reason,

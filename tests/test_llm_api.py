@@ -1325,7 +1325,7 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
     out = llm.generate([[BOS, 5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert (out.metrics, out.lora_request, out.encoder_prompt, out.encoder_prompt_token_ids) == (None,) * 4
     assert out.outputs[0].lora_request is None
-    assert llm.model_config is llm.llm_engine.model_config and llm.reset_prefix_cache() is True
+    assert llm.model_config is llm.llm_engine.model_config and llm.reset_prefix_cache() is True is llm.llm_engine.reset_prefix_cache()
     with pytest.raises(AttributeError, match="LLM.embed is vLLM's; pagedlm does not have it: pagedlm runs generative"):
         llm.embed(["x"])
     assert not hasattr(llm, "sleep") and not hasattr(llm, "no_such_method")

@@ -67,6 +67,8 @@ def test_delta_outputs_add_up_to_the_final_output(llm, n):
         assert sum((c.token_ids for c in parts), []) == done.token_ids
         assert sum((c.logprobs for c in parts), []) == done.logprobs
         assert parts[-1].cumulative_logprob == done.cumulative_logprob
+        # A finish is returned once (vLLM's), not again in the steps the other completion takes.
+        assert [c.finish_reason for c in parts] == [None] * (len(parts) - 1) + [done.finish_reason]
         # The stop string's first half is held back until the stop is found, so no output shows
         # text that is cut afterwards.
         assert all(done.text.startswith(c.text) for o in cumulative for c in o.outputs if c.index == done.index)

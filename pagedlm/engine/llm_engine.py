@@ -270,8 +270,9 @@ class LLMEngine:
                 from being shared with requests of another salt (or none) in the prefix cache.
             params: how to generate its completions. The request keeps a checked copy
                 (``SamplingParams.clone``): changing ``params`` afterwards does not change it.
-            arrival_time: ``time.monotonic()`` seconds, default now; earlier requests are
-                scheduled first and preempted last.
+            arrival_time: ``time.monotonic()`` seconds, default now; kept on the request. Requests
+                are scheduled in the order they are added (the last admitted is preempted first), as
+                vLLM's FCFS policy does, whatever their arrival times.
             lora_request: None (pagedlm has no LoRA adapters).
             tokenization_kwargs: ``truncate_prompt_tokens`` and ``add_special_tokens``
                 (``inputs.TokenizationKwargs``).
@@ -390,9 +391,11 @@ class LLMEngine:
         if self.model_runner.model is None:
             raise RuntimeError("This engine is closed (its KV cache and weights were released).")
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prompt prefix (e.g. to time a cold start)."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (e.g. to time a cold start). Returns True (vLLM's:
+        whether it was reset; here it always is, blocks in use staying where they are)."""
         self.block_manager.reset_prefix_cache()
+        return True
 
     def reset_peak_kv_blocks_in_use(self) -> None:
         """Start the ``peak_kv_blocks_in_use`` statistic afresh from the blocks in use now."""

@@ -69,9 +69,11 @@ class Sequence:
         self.output_text = ""
         self.stop_reason: int | str | None = None
         self.logprobs: SampleLogprobs = []
-        # How much of output_token_ids (and logprobs) and output_text earlier DELTA outputs returned.
+        # How much of output_token_ids (and logprobs) and output_text earlier DELTA outputs returned,
+        # and whether one returned its finish (it is not returned again, as in vLLM).
         self.num_returned_tokens = 0
         self.num_returned_chars = 0
+        self.finish_returned = False
         self._block_keys: list[BlockKey] = []
         # (sequence, tokens): after a preempted group is re-admitted, this sequence's first blocks
         # are another one's, which must compute that many tokens before this one may run.

@@ -617,8 +617,7 @@ class LLM:
         """Forget every cached prompt prefix; later requests compute their prompts afresh. Returns
         True (vLLM's: whether it was reset; pagedlm's always is, blocks in use staying where they are).
         vLLM 0.32's ``reset_running_requests`` and ``reset_connector`` arguments are not taken."""
-        self.llm_engine.reset_prefix_cache()
-        return True
+        return self.llm_engine.reset_prefix_cache()
 
     def get_stats(self) -> dict[str, int | float]:
         """KV-cache use, as a dict: ``num_kv_blocks`` and ``num_free_kv_blocks`` (blocks now),
