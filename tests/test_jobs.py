@@ -91,7 +91,8 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
     assert len(errors) == 14 and len(out) == len(rows) == stats.rows == 21
     assert (stats.completed, stats.errors, stats.skipped) == (7, 14, 0)
     messages = " | ".join(r["error"] for r in errors)
-    for needle in ("line 3 is not valid JSON", "exactly one of prompt, messages, prompt_token_ids",
+    for needle in ("line 3 is not valid JSON: Expecting property name enclosed in double quotes at character 2 of the line",
+                   "exactly one of prompt, messages, prompt_token_ids",
                    "id must be a string or an integer", "duplicate id 0", "temperature must be in [0, 2]",
                    "unknown field(s) tempreature", "sampling_params must be an object", "the prompt is empty",
                    "max_model_len", "outside the vocabulary", "'role' must be a str", "are the output's"):
@@ -859,6 +860,27 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     assert -9999.0 in top and all(isinstance(v, float) and v >= -9999.0 for v in top + choice["logprobs"]["token_logprobs"])
     assert got["bad-type"]["response"]["body"]["error"]["param"] == "response_format"
     assert "does not compile" in got["bad-schema"]["error"]["message"]
+
+
+def test_openai_completions_take_token_ids_and_a_list_of_one_prompt(llama_dir, reference, tmp_path):
+    """OpenAI's completions prompt forms (found by a differential run against vLLM's server: only
+    a string was taken); several prompts in one row are refused."""
+    ids = AutoTokenizer.from_pretrained(llama_dir)("Hello 1").input_ids
+    body = {"max_tokens": 6, "temperature": 0}
+    rows = [_openai_row("ids", "/v1/completions", {"prompt": ids, **body}),
+            _openai_row("one-ids", "/v1/completions", {"prompt": [ids], **body}),
+            _openai_row("one-text", "/v1/completions", {"prompt": ["Hello 1"], **body}),
+            _openai_row("two", "/v1/completions", {"prompt": ["a", "b"], **body}),
+            _openai_row("empty", "/v1/completions", {"prompt": [], **body}),
+            _openai_row("floats", "/v1/completions", {"prompt": [1.5], **body})]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    got = by_id(out, "custom_id")
+    [[expected]] = reference([{"prompt_token_ids": ids}])
+    for key in ("ids", "one-ids", "one-text"):
+        choice = got[key]["response"]["body"]["choices"][0]
+        assert choice["text"] == expected.text and got[key]["response"]["body"]["usage"]["prompt_tokens"] == len(ids)
+    assert {key: param for key, (param, _) in _errors(out).items()} == {"two": "prompt", "empty": "prompt", "floats": "prompt"}
+    assert "one prompt per row" in _errors(out)["two"][1]
 
 
 def test_parquet_output_of_empty_objects_and_surrogate_ids_resumes(llama_dir, tmp_path):

@@ -82,7 +82,9 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
             try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
                 row = json.loads(line.decode("utf-8-sig"))
             except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-                yield f"line {number}", None, f"line {number} is not valid JSON: {exc}"
+                # json's own "line 2 column 1" counts within the row's text, whose end is a newline.
+                where = f"{exc.msg} at character {exc.pos + 1} of the line" if isinstance(exc, json.JSONDecodeError) else exc
+                yield f"line {number}", None, f"line {number} is not valid JSON: {where}"
                 continue
             yield f"line {number}", row, None
 

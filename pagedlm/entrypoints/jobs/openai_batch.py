@@ -164,13 +164,11 @@ class OpenAIBatchFormat:
             elif body.get("top_logprobs") is not None:
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise RowError("body.prompt must be a string (one prompt per row)", "prompt")
+            prompt = _completion_prompt(body.get("prompt"))
             if body.get("echo") or body.get("suffix") is not None:
                 raise RowError("body.echo and body.suffix are not supported", "echo" if body.get("echo") else "suffix")
             if "cache_salt" in body:
-                prompt = {"prompt": prompt, "cache_salt": body["cache_salt"]}
+                prompt = {**prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
             for name in ("logprobs", "best_of"):
                 if body.get(name) is not None:
@@ -242,6 +240,19 @@ class OpenAIBatchFormat:
         if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
             custom_id = None
         return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
+
+
+def _completion_prompt(prompt: Any) -> dict[str, Any]:
+    """A completions body's ``prompt`` as a prompt dict: OpenAI's text or token ids (a list of
+    ints), or a list of one of those; a list of several prompts (several requests) is refused."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return {"prompt_token_ids": prompt}
+    raise RowError(f"body.prompt must be a string or a non-empty list of token ids, got {prompt!r:.60} (one prompt "
+                   "per row: give each of several prompts its own row)", "prompt")
 
 
 def _check_limits(body: dict) -> None:
