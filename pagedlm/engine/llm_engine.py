@@ -357,6 +357,8 @@ class LLMEngine:
         return self.tokenizer
 
     def get_num_unfinished_requests(self) -> int:
+        """Added requests not finished or aborted yet; one of ``n`` completions counts once (as
+        vLLM's v0 engine counted it; its V1 engine counts the ``n`` child requests)."""
         return len(self.seq_groups)
 
     def has_unfinished_requests(self) -> bool:
