@@ -2,6 +2,7 @@
 
 import json
 import re
+from concurrent.futures import Future
 
 import jsonschema
 import pytest
@@ -541,3 +542,28 @@ def test_bounded_strings_take_no_raw_control_character(llm, schema, good, raw):
     llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
     assert not _accepts(llm, constraint, raw)
     assert _accepts(llm, constraint, good)
+
+
+def test_a_grammar_that_compiles_between_two_looks_loses_no_request(llm, monkeypatch):
+    """Found by a soak hunt: the iteration read each grammar's done() twice, to keep the compiled
+    ones and to drop them from the waiting ones; one that finished in between was in neither list
+    and its prompt never ran (no output, no error)."""
+    manager = llm.llm_engine.structured_outputs
+    compile_async = manager.compile_async
+
+    class LateFuture(Future):
+        """Compiled, but says so only from its third done() on."""
+
+        def __init__(self, compiled: Future) -> None:
+            super().__init__()
+            self.looks = 0
+            self.set_result(compiled.result())
+
+        def done(self) -> bool:
+            self.looks += 1
+            return self.looks > 2
+
+    monkeypatch.setattr(manager, "compile_async", lambda params: LateFuture(compile_async(params)))
+    params = SamplingParams(temperature=0, max_tokens=2, structured_outputs={"regex": "[a-c]{1,3}"})
+    got = sorted(i for i, _ in llm.generate_as_completed([f"p{i}" for i in range(6)], params, use_tqdm=False))
+    assert got == list(range(6))

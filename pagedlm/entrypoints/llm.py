@@ -671,8 +671,10 @@ class LLM:
                             compiling.append(request)  # joins once its grammar is compiled; the batch runs on
                         else:
                             held.append(request)
-                    held += [r for r in compiling if r.grammar.done()]
-                    compiling = [r for r in compiling if not r.grammar.done()]
+                    # One done() a request: a grammar that finished between two reads was in neither list.
+                    compiled = [r.grammar.done() for r in compiling]
+                    held += [r for r, done in zip(compiling, compiled) if done]
+                    compiling = [r for r, done in zip(compiling, compiled) if not done]
                     held.sort(key=lambda r: r.index)
                     # Without return_errors a prompt runs only once every earlier one is known to be good.
                     first_compiling = min((r.index for r in compiling), default=None)
