@@ -2,10 +2,14 @@
 a request's grammar holds from the token after the reasoning ends, as vLLM 0.32 gates it. The
 rules were checked against vLLM itself (a differential run over 172 cases, docs/architecture.md)."""
 
+import dataclasses
+import json
+
+import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import BOS, make_checkpoint
+from conftest import BOS, CHAT_TEMPLATE, make_checkpoint
 from pagedlm import LLM, SamplingParams
 from pagedlm.config import StructuredOutputsConfig
 from pagedlm.engine.reasoning_gate import END, END_FED, FREE, ReasoningParser
@@ -44,6 +48,25 @@ def test_where_the_output_ends_the_reasoning():
     # cohere_command3 judges the whole sequence at every token: after a chatbot token an end alone
     # does not end it, a new start and end do.
     assert takes(COHERE, [S, 6, E, CHATBOT], [E, 7, S, 8, E]) == [FREE, FREE, FREE, FREE, END]
+
+
+QWEN3_TEXTS = dataclasses.replace(QWEN3, texts=("<think>", "</think>", "<tool_call>"))
+
+
+@pytest.mark.parametrize("prompt, output, text, split", [
+    ([IM_START, S], [6, E, 7], "r</think>c", ("r", "c")),
+    ([IM_START], [S, 6, E, 7], "<think>r</think>c", ("r", "c")),
+    ([IM_START], [5, S, 6, E], "a<think>r</think>", ("ar", None)),  # vLLM's deepseek_r1 drops the "a"
+    ([IM_START, S], [6, 7], "r s", ("r s", None)),
+    ([IM_START, S, 6, E], [7], "c", (None, "c")),  # the prompt ended it (vLLM's split reads no prompt)
+    ([IM_START, S], [6, TOOL, 7], "r<tool_call>x", ("r", "<tool_call>x")),
+    ([IM_START, S], [E, 7], "</think>c", (None, "c")),
+    ([IM_START, S], [6, E, 7], "rc", (None, "rc")),  # the markers were left out of the text
+    ([IM_START, S], [6, 7, 8], "r</think>c", ("r</think>c", None)),  # spelled by other tokens: ends nothing
+    ([IM_START, S], [6, E, 7, E, 8], "r</think>c</think>d", ("r", "c</think>d")),
+])
+def test_reasoning_and_content_split_where_the_gate_ends_the_reasoning(prompt, output, text, split):
+    assert QWEN3_TEXTS.split(prompt, output, text) == split
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +172,31 @@ def test_an_implicit_end_the_grammar_rejects_ends_the_completion_before_it(llm, 
                                                                        structured_outputs=CHOICE), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "abort"
     assert f"token {tool}, sampled freely in the reasoning, ended it but is not one its structured output allows" in caplog.text
+
+
+def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_path):
+    """With a reasoning parser, a chat row's message has vLLM's reasoning field and the content
+    after it, which is what a response_format or a tool choice constrained."""
+    from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
+    from test_jobs import read_output
+    from test_tool_choice import UNIT, _no_whitespace, _row, write_jsonl
+
+    # The prompt opens the reasoning, and the thinking budget ends it after two tokens.
+    fields = {"skip_special_tokens": False, "thinking_token_budget": 2, "logit_bias": _no_whitespace(think_dir),
+              "chat_template": CHAT_TEMPLATE + "<think>"}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    rows = [_row("call", tools=[UNIT], tool_choice={"type": "function", "function": {"name": "set_unit"}}, **fields),
+            _row("json", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, **fields),
+            _row("plain", max_tokens=6, skip_special_tokens=False, thinking_token_budget=2,
+                 chat_template=CHAT_TEMPLATE + "<think>")]
+    config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"),
+                       model=think_dir, engine={"dtype": "float32", "max_model_len": 128, "reasoning_parser": "qwen3"})
+    stats, _ = run_job(config, tty=False)
+    assert (stats.completed, stats.errors) == (3, 0)
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"] for r in read_output(tmp_path / "out.jsonl")}
+    [call] = got["call"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), UNIT["function"]["parameters"])
+    jsonschema.validate(json.loads(got["json"]["content"]), schema)
+    for message in got.values():
+        assert "</think>" not in (message["content"] or "") and "reasoning" in message
+    assert got["plain"]["reasoning"] is not None

@@ -147,15 +147,6 @@ def test_a_bad_tool_row_fails_alone_in_a_job(llama_dir, tmp_path):
     assert _errors(out)["auto"][0] == "tool_choice"
 
 
-def test_a_call_after_reasoning_is_refused(llama_dir):
-    """pagedlm writes no reasoning apart from the text: the call's arguments would hold it."""
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, reasoning_first=True)
-    with pytest.raises(RowError, match="reasoning parser") as exc:
-        fmt.parse(_row("a", tools=[UNIT], tool_choice="required"), "a")
-    assert exc.value.param == "tool_choice"
-    assert fmt.parse(_row("b", tools=[UNIT], tool_choice="none"), "b").params.structured_outputs is None
-
-
 def test_texts_that_are_no_calls():
     """A "required" text cut off by max_tokens stays the content (no call, nothing lost); an empty
     named call is none; the parameters of "required" are written back as JSON text."""

@@ -42,6 +42,7 @@ class ReasoningParser:
     end: int
     implicit_end: int | None = None  # qwen3's <tool_call>
     boundaries: frozenset[int] = frozenset()  # qwen3's turn markers; cohere_command3's chatbot token
+    texts: tuple[str, str, str | None] = ("", "", None)  # start, end and implicit end as text
 
     @classmethod
     def of(cls, name: str, tokenizer: PreTrainedTokenizerBase) -> "ReasoningParser":
@@ -58,7 +59,7 @@ class ReasoningParser:
             raise ValueError(f"reasoning_parser {name!r} needs {' and '.join(map(repr, missing))} as single tokens "
                              "of the tokenizer, which has none")
         return cls(name, vocab[start], vocab[end], vocab.get(implicit) if implicit else None,
-                   frozenset(vocab[t] for t in boundaries if t in vocab))
+                   frozenset(vocab[t] for t in boundaries if t in vocab), (start, end, implicit))
 
     def gate(self, prompt_token_ids: list[int]) -> "ReasoningGate | None":
         """A sequence's gate after its prompt, or None where the prompt ended reasoning."""
@@ -66,6 +67,28 @@ class ReasoningParser:
         for token_id in prompt_token_ids:
             gate.scan(token_id)
         return None if gate.ended_by_markers() else gate
+
+    def split(self, prompt_token_ids: list[int], output_token_ids: list[int], text: str) -> tuple[str | None, str | None]:
+        """A completion's ``text`` as (reasoning, content), split where this gate ends the
+        reasoning, so that the content is what a constraint held: (None, text) where the prompt
+        ended it; (text, None) where the output never does; else the text before the end marker
+        (less a start marker) and after it (qwen3's ``<tool_call>`` stays in the content). An empty
+        part is None. Where the text does not hold the marker (a special token left out of it), it
+        is not split: (None, text). vLLM's chat server splits by text alone and may differ: it
+        ignores the prompt, and deepseek_r1's drops text before ``<think>`` (docs/jobs.md)."""
+        gate = self.gate(prompt_token_ids)
+        if gate is None:
+            return None, text
+        kind = next((kind for kind in map(gate.take, output_token_ids) if kind != FREE), FREE)
+        start, end, implicit = self.texts
+        if kind == FREE:
+            return text.replace(start, "", 1) or None, None
+        marker = implicit if kind == END_FED else end
+        at = text.find(marker)
+        if at < 0:
+            return None, text
+        content = text[at:] if kind == END_FED else text[at + len(marker):]
+        return text[:at].replace(start, "", 1) or None, content or None
 
 
 class ReasoningGate:

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedlm.engine.reasoning_gate import ReasoningParser
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
     JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
@@ -78,20 +79,22 @@ class OpenAIBatchFormat:
         defaults: the job's sampling defaults, under each body's own fields.
         names_given: the names came from ``--served-model-name`` (a refused ``model``'s error then
             does not suggest that flag).
-        reasoning_first: the engine's structured outputs wait for the end of the model's reasoning
-            (a reasoning parser), so a constrained text begins with the reasoning.
+        reasoning_parser: the parser whose reasoning end the engine's structured outputs wait for
+            (``LLMEngine.reasoning_gate_parser``): chat messages then hold the text before it as
+            ``reasoning`` (vLLM's field) and the rest as ``content`` (``ReasoningParser.split``).
     """
 
     key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
-                 defaults: dict[str, Any], names_given: bool = False, reasoning_first: bool = False) -> None:
+                 defaults: dict[str, Any], names_given: bool = False,
+                 reasoning_parser: ReasoningParser | None = None) -> None:
         self.tokenizer = tokenizer
         self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
         self.names_given = names_given
         self.defaults = defaults
-        self.reasoning_first = reasoning_first
+        self.reasoning_parser = reasoning_parser
         self._warned_unread_tools = False
 
     def key_of(self, row: Any) -> RowKey:
@@ -137,11 +140,6 @@ class OpenAIBatchFormat:
         tools = None
         if url == CHAT_URL:
             tools = tool_choice_of(body)
-            if tools is not None and tools.calls and self.reasoning_first:
-                raise RowError(f"body.tool_choice {tools.choice!r}: the job's reasoning parser lets the model reason "
-                               "before the call, and pagedlm does not split the reasoning from the text, so the call's "
-                               "arguments would hold it (structured_outputs_config's enable_in_reasoning makes the call "
-                               "the whole text)", "tool_choice")
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
             if tools is not None:
                 options["tools"] = tools.tools
@@ -217,7 +215,10 @@ class OpenAIBatchFormat:
         params = job_row.params
         top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
-        choice = functools.partial(_chat_choice, tools=ctx.tool_choice) if chat else _completion_choice
+        split = None
+        if chat and self.reasoning_parser is not None:
+            split = functools.partial(self.reasoning_parser.split, output.prompt_token_ids)
+        choice = functools.partial(_chat_choice, tools=ctx.tool_choice, split=split) if chat else _completion_choice
         choices = [choice(i, c, top, self._token_bytes) for i, c in enumerate(output.outputs)]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
@@ -306,7 +307,7 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
 
 
 def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes,
-                 tools: ToolChoice | None = None) -> dict:
+                 tools: ToolChoice | None = None, split: Callable | None = None) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -314,8 +315,11 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: To
              "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in top(position)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
-    message, finish_reason = tools.message(c.text, c.finish_reason) if tools is not None else ({"content": c.text},
-                                                                                              c.finish_reason)
+    reasoning, content = split(c.token_ids, c.text) if split is not None else (None, c.text)
+    message, finish_reason = (tools.message(content or "", c.finish_reason) if tools is not None
+                              else ({"content": content}, c.finish_reason))
+    if split is not None:
+        message["reasoning"] = reasoning
     return {"index": index, "message": {"role": "assistant", **message, "refusal": None},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 

@@ -34,6 +34,7 @@ from pagedlm.entrypoints.jobs.rows import (
     parse_row, sampling_defaults,
 )
 from pagedlm.config import load_chat_template
+from pagedlm.engine.reasoning_gate import ReasoningParser
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import DEFAULT_MODEL_NAME, default_model_path
@@ -356,7 +357,14 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
     return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
                              names_given=bool(config.served_model_names),
-                             reasoning_first=llm.llm_engine.reasoning_gate_parser is not None)
+                             reasoning_parser=_gate_parser(llm))
+
+
+def _gate_parser(llm: LLM) -> ReasoningParser | None:
+    """The reasoning parser the engine's structured outputs wait for; None where there is none (or
+    none that this tokenizer can have: constrained rows are then refused)."""
+    parser = llm.llm_engine.reasoning_gate_parser
+    return parser if isinstance(parser, ReasoningParser) else None
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
