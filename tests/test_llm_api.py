@@ -591,7 +591,7 @@ def test_generate_whose_request_a_logits_processor_aborts_raises_instead_of_wait
         return logits
 
     params = [SamplingParams(max_tokens=3, logits_processors=[abort_the_other]), SamplingParams(max_tokens=3)]
-    with pytest.raises(RuntimeError, match="aborted with llm_engine.abort_request"):
+    with pytest.raises(RuntimeError, match="prompt\\(s\\) 1 of this call were aborted with llm_engine.abort_request"):
         llm.generate([{"prompt_token_ids": [BOS, 5]}, {"prompt_token_ids": [BOS, 6]}], params, use_tqdm=False)
     assert not engine.has_unfinished_requests()
     assert llm.generate({"prompt_token_ids": [BOS, 5]}, SamplingParams(max_tokens=2), use_tqdm=False)[0].finished

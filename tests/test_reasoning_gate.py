@@ -64,9 +64,18 @@ QWEN3_TEXTS = dataclasses.replace(QWEN3, texts=("<think>", "</think>", "<tool_ca
     ([IM_START, S], [6, E, 7], "rc", (None, "rc")),  # the markers were left out of the text
     ([IM_START, S], [6, 7, 8], "r</think>c", ("r</think>c", None)),  # spelled by other tokens: ends nothing
     ([IM_START, S], [6, E, 7, E, 8], "r</think>c</think>d", ("r", "c</think>d")),
+    ([IM_START, S], [6, E], "r", ("r", None)),  # a stop ("</think>", or its id) cut the marker off
+    ([IM_START, S], [6, E], "r</think>", ("r", None)),
 ])
 def test_reasoning_and_content_split_where_the_gate_ends_the_reasoning(prompt, output, text, split):
     assert QWEN3_TEXTS.split(prompt, output, text) == split
+
+
+def test_reasoning_tokens_are_those_before_the_end_less_start_markers():
+    assert QWEN3.num_reasoning_tokens([IM_START], [S, 6, 7, E, 8]) == 2
+    assert QWEN3.num_reasoning_tokens([IM_START, S], [6, TOOL, 8]) == 1
+    assert QWEN3.num_reasoning_tokens([IM_START, S], [6, 7]) == 2  # never ended
+    assert QWEN3.num_reasoning_tokens([IM_START, S, E], [6, 7]) == 0  # ended in the prompt
 
 
 @pytest.fixture(scope="module")
@@ -199,4 +208,6 @@ def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_
     jsonschema.validate(json.loads(got["json"]["content"]), schema)
     for message in got.values():
         assert "</think>" not in (message["content"] or "") and "reasoning" in message
+    usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in read_output(tmp_path / "out.jsonl")}
+    assert usage["call"]["completion_tokens_details"] == {"reasoning_tokens": 2}  # the thinking budget's two
     assert got["plain"]["reasoning"] is not None

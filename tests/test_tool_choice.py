@@ -123,6 +123,8 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
      "tools", "parameters must be a JSON schema object"),
     ({"tools": [{"type": "function", "function": {"name": "f", "params": {}}}], "tool_choice": "required"},
      "tools", "function must be an object with"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}], "tool_choice": "required"},
+     "tools", "description must be a string"),
     ({"tools": [UNIT], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": [UNIT], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "give one"),
@@ -151,11 +153,14 @@ def test_texts_that_are_no_calls():
     """A "required" text cut off by max_tokens stays the content (no call, nothing lost); an empty
     named call is none; the parameters of "required" are written back as JSON text."""
     required = tool_choice_of({"tools": [UNIT], "tool_choice": "required"})
-    assert required.message('[{"name": "set_u', "length") == ({"content": '[{"name": "set_u', "tool_calls": []}, "length")
+    assert required.message('[{"name": "set_u', "length") == ({"content": '[{"name": "set_u'}, "length")
+    assert required.message(None, "length") == ({"content": None}, "length")  # a reasoning that never ended
     message, reason = required.message('[{"name": "set_unit", "parameters": {"unit": "é"}}]', "stop")
     assert reason == "tool_calls" and message["tool_calls"][0]["function"]["arguments"] == '{"unit": "é"}'
     named = tool_choice_of({"tools": [UNIT], "tool_choice": {"type": "function", "function": {"name": "set_unit"}}})
-    assert named.message(" ", "length") == ({"content": None, "tool_calls": []}, "length")
+    assert named.message(" ", "length") == ({"content": None}, "length")
+    none = tool_choice_of({"tools": [UNIT], "tool_choice": "none"})
+    assert none.message(None, "length") == ({"content": None}, "length")
     assert tool_choice_of({"tool_choice": "none"}) is None
 
 

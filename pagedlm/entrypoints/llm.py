@@ -705,9 +705,10 @@ class LLM:
                         continue  # a window of prompts that could not run: read on
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
                     if not finished and not engine.has_unfinished_requests():
-                        raise RuntimeError(f"request(s) {', '.join(map(repr, in_flight))} of this call were aborted with "
-                                           "llm_engine.abort_request while it ran (from a logits processor?), so they "
-                                           "have no output; a logits processor ends a completion by allowing only EOS.")
+                        gone = ", ".join(map(str, sorted(set(in_flight.values()))))
+                        raise RuntimeError(f"prompt(s) {gone} of this call were aborted with llm_engine.abort_request "
+                                           "while it ran (from a logits processor?), so they have no output; a logits "
+                                           "processor ends a completion by allowing only EOS.")
                     done = []
                     for out in finished:
                         if out.request_id not in in_flight:

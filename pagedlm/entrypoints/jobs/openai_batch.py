@@ -137,13 +137,13 @@ class OpenAIBatchFormat:
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
             del fields["logprob_token_ids"]
         renames = {}  # SamplingParams field -> the body's name for it
-        tools = None
+        tool_choice = None
         if url == CHAT_URL:
-            tools = tool_choice_of(body)
+            tool_choice = tool_choice_of(body)
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
-            if tools is not None:
-                options["tools"] = tools.tools
-            prompt = self._render_chat(body.get("messages"), options, tools)
+            if tool_choice is not None:
+                options["tools"] = tool_choice.tools
+            prompt = self._render_chat(body.get("messages"), options, tool_choice)
             if "cache_salt" in body:  # vLLM's: this row's prefix-cache blocks are its salt's
                 prompt = replace(prompt, cache_salt=body["cache_salt"])
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -176,29 +176,26 @@ class OpenAIBatchFormat:
                     raise RowError("body.logprob_token_ids needs logprobs set (vLLM's server)", "logprob_token_ids")
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
-        if "response_format" in body:
-            constraint = _response_format(body["response_format"])
-            if constraint is not None and tools is not None and tools.calls:
-                raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
-                               "response_format")
-            if constraint is not None:
-                fields["structured_outputs"] = constraint
-                renames["structured_outputs"] = "response_format"
-        if tools is not None and tools.calls:
-            fields["structured_outputs"] = {"json": tools.schema}
-            renames["structured_outputs"] = "tools"
+        constraint = _response_format(body["response_format"]) if "response_format" in body else None
+        if constraint is not None and tool_choice is not None and tool_choice.calls:
+            raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
+                           "response_format")
+        if constraint is not None:
+            fields["structured_outputs"], renames["structured_outputs"] = constraint, "response_format"
+        elif tool_choice is not None and tool_choice.calls:
+            fields["structured_outputs"], renames["structured_outputs"] = {"json": tool_choice.schema}, "tools"
         names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
         params = sampling_params_from(fields, self.defaults, "body", names)
-        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tools))
+        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice))
 
-    def _render_chat(self, messages: Any, options: dict[str, Any], tools: ToolChoice | None) -> Any:
+    def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
         """The row's prompt. Tools the template does not read are refused unless the model is made
         to call them: then the grammar still holds the call to a function's parameters, and the
         job warns once that the model does not see the definitions (vLLM drops them silently)."""
         try:
             return render_chat(self.tokenizer, messages, **options)
         except FieldError as exc:
-            if not (exc.field == "tools" and tools is not None and tools.calls):
+            if not (exc.field == "tools" and tool_choice is not None and tool_choice.calls):
                 raise chat_error(exc, "body.") from None
         if not self._warned_unread_tools:
             self._warned_unread_tools = True
@@ -214,22 +211,25 @@ class OpenAIBatchFormat:
         chat = ctx.url == CHAT_URL
         params = job_row.params
         top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
-        # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
         split = None
         if chat and self.reasoning_parser is not None:
             split = functools.partial(self.reasoning_parser.split, output.prompt_token_ids)
-        choice = functools.partial(_chat_choice, tools=ctx.tool_choice, split=split) if chat else _completion_choice
+        choice = functools.partial(_chat_choice, tool_choice=ctx.tool_choice, split=split) if chat else _completion_choice
+        # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
         choices = [choice(i, c, top, self._token_bytes) for i, c in enumerate(output.outputs)]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
+        usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated}
+        if split is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(
+                self.reasoning_parser.num_reasoning_tokens(output.prompt_token_ids, c.token_ids) for c in output.outputs)}
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": ctx.model,
             "choices": choices,
-            "usage": {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
-                      "total_tokens": num_prompt + num_generated},
+            "usage": usage,
             "system_fingerprint": None,
         }
         return _line(ctx.custom_id, 200, body, None)
@@ -307,7 +307,7 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
 
 
 def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes,
-                 tools: ToolChoice | None = None, split: Callable | None = None) -> dict:
+                 tool_choice: ToolChoice | None = None, split: Callable | None = None) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -316,7 +316,7 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: To
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
     reasoning, content = split(c.token_ids, c.text) if split is not None else (None, c.text)
-    message, finish_reason = (tools.message(content or "", c.finish_reason) if tools is not None
+    message, finish_reason = (tool_choice.message(content, c.finish_reason) if tool_choice is not None
                               else ({"content": content}, c.finish_reason))
     if split is not None:
         message["reasoning"] = reasoning

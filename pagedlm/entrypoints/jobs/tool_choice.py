@@ -38,21 +38,24 @@ class ToolChoice:
     def calls(self) -> bool:
         return self.schema is not None
 
-    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """The response's ``message`` fields (``content``, and ``tool_calls`` where the model was made
-        to call) and ``finish_reason`` for one completion's ``text``. A "required" text that is no
-        list of calls (cut off by ``max_tokens``) stays the content, with no calls; an empty text
-        makes no call."""
+    def message(self, text: str | None, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The response's ``message`` fields and ``finish_reason`` for one completion's ``text``
+        (None: a reasoning that never ended). Where the model was made to call: ``content`` None
+        and the calls as ``tool_calls``; a "required" text that is no list of calls (cut off by
+        ``max_tokens``) stays the content, and an empty text makes no call. A message without
+        calls has no ``tool_calls`` (as OpenAI and vLLM write it)."""
         if not self.calls:
             return {"content": text}, finish_reason
         if self.choice != "required":
-            calls = [(self.choice, text)] if text.strip() else []
+            calls = [(self.choice, text)] if text and text.strip() else []
         else:
             try:
                 calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in json.loads(text)]
             except (ValueError, TypeError, KeyError):
-                return {"content": text, "tool_calls": []}, finish_reason
+                return {"content": text}, finish_reason
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        if not calls:
+            return {"content": None}, finish_reason
         tool_calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
                        "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
         return {"content": None, "tool_calls": tool_calls}, finish_reason
@@ -113,6 +116,9 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
             raise RowError(f"{where}.function.name must be a non-empty string, got {name!r:.40}", "tools")
         if name in functions:
             raise RowError(f"body.tools defines function {name!r} twice", "tools")
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise RowError(f"{where}.function.description must be a string, got {function['description']!r:.40}",
+                           "tools")
         if parameters is not None and not isinstance(parameters, dict):
             raise RowError(f"{where}.function.parameters must be a JSON schema object, got {parameters!r:.40}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
