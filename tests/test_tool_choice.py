@@ -171,3 +171,29 @@ def test_parquet_nulls_in_tools_are_unset():
     assert choice.tools == [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}}}}}]
     assert choice.schema == {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+def test_parquet_rows_tools_take_no_other_rows_const(llama_dir, tmp_path):
+    """Found by a review: a Parquet struct gave row "free" the other row's const as null, which
+    bound its argument to null (or made xgrammar refuse it). In Arrow rows a null is unset even
+    under const; in JSON rows a const null is a value."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    bias = _no_whitespace(llama_dir)
+
+    def tool(mode):
+        return {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"mode": mode}, "required": ["mode"]}}}
+
+    rows = [_row("free", tools=[tool({"type": "string", "maxLength": 3})], tool_choice="required", logit_bias=bias),
+            _row("on", tools=[tool({"const": "on"})], tool_choice="required", logit_bias=bias)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+                       engine=dict(ENGINE))
+    stats, _ = run_job(config, tty=False)
+    assert (stats.completed, stats.errors) == (2, 0)
+    calls = {r["custom_id"]: json.loads(r["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]
+                                        ["arguments"]) for r in read_output(tmp_path / "out.jsonl")}
+    assert isinstance(calls["free"]["mode"], str) and calls["on"] == {"mode": "on"}
+    null_const = {"tools": [tool({"const": None})], "tool_choice": "required"}
+    assert tool_choice_of(null_const).schema["items"]["properties"]["parameters"]["properties"]["mode"] == {"const": None}
+    assert tool_choice_of(null_const, value_nulls=False).schema["items"]["properties"]["parameters"]["properties"]["mode"] == {}

@@ -195,7 +195,8 @@ class PagedLMStage:
 
         torch.set_num_threads(config.threads)
         self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
-        self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params))
+        self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params),
+                               arrow_rows=not json_lines_in)
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
         self.done_ids = set(done_ids or ())

@@ -82,19 +82,22 @@ class OpenAIBatchFormat:
         reasoning_parser: the parser whose reasoning end the engine's structured outputs wait for
             (``LLMEngine.reasoning_gate_parser``): chat messages then hold the text before it as
             ``reasoning`` (vLLM's field) and the rest as ``content`` (``ReasoningParser.split``).
+        arrow_rows: rows are read from Arrow (Parquet), where a null is unset even as a schema's
+            ``const`` or ``default`` (``schema_without_nulls``).
     """
 
     key_field = "custom_id"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any], names_given: bool = False,
-                 reasoning_parser: ReasoningParser | None = None) -> None:
+                 reasoning_parser: ReasoningParser | None = None, arrow_rows: bool = False) -> None:
         self.tokenizer = tokenizer
         self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
         self.names_given = names_given
         self.defaults = defaults
         self.reasoning_parser = reasoning_parser
+        self.value_nulls = not arrow_rows
         self._warned_unread_tools = False
 
     def key_of(self, row: Any) -> RowKey:
@@ -139,7 +142,7 @@ class OpenAIBatchFormat:
         renames = {}  # SamplingParams field -> the body's name for it
         tool_choice = None
         if url == CHAT_URL:
-            tool_choice = tool_choice_of(body)
+            tool_choice = tool_choice_of(body, self.value_nulls)
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
             if tool_choice is not None:
                 options["tools"] = tool_choice.tools
@@ -176,7 +179,7 @@ class OpenAIBatchFormat:
                     raise RowError("body.logprob_token_ids needs logprobs set (vLLM's server)", "logprob_token_ids")
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
-        constraint = _response_format(body["response_format"]) if "response_format" in body else None
+        constraint = _response_format(body["response_format"], self.value_nulls) if "response_format" in body else None
         if constraint is not None and tool_choice is not None and tool_choice.calls:
             raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
                            "response_format")
@@ -185,7 +188,7 @@ class OpenAIBatchFormat:
         elif tool_choice is not None and tool_choice.calls:
             fields["structured_outputs"], renames["structured_outputs"] = {"json": tool_choice.schema}, "tools"
         names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
-        params = sampling_params_from(fields, self.defaults, "body", names)
+        params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
         return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice))
 
     def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
@@ -274,7 +277,7 @@ def _check_limits(body: dict) -> None:
 _RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 
 
-def _response_format(response_format: Any) -> dict | None:
+def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
     """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
     if not isinstance(response_format, dict):
         raise RowError(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got "
@@ -294,7 +297,7 @@ def _response_format(response_format: Any) -> dict | None:
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
-    return {"json": schema_without_nulls(spec["schema"])}
+    return {"json": schema_without_nulls(spec["schema"], value_nulls)}
 
 
 def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:

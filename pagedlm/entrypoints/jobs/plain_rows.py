@@ -30,13 +30,16 @@ RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "pro
 
 
 class PlainFormat:
-    """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's."""
+    """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's.
+    ``arrow_rows``: rows are read from Arrow (Parquet, Ray Data), where a null is unset even as a
+    schema's ``const`` or ``default`` (``schema_without_nulls``)."""
 
     key_field = "id"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults
+        self.value_nulls = not arrow_rows
         self._warned_columns: set[str] = set()
 
     def key_of(self, row: Any) -> RowKey:
@@ -80,7 +83,8 @@ class PlainFormat:
             raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
         fields = without_nulls(fields)
         names = row_names(fields, column)
-        return JobRow(key, prompt, sampling_params_from(fields, self.defaults, "sampling_params", names), row, names)
+        params = sampling_params_from(fields, self.defaults, "sampling_params", names, self.value_nulls)
+        return JobRow(key, prompt, params, row, names)
 
     def _warn_of_sampling_columns(self, row: dict) -> None:
         """Top-level columns named like ``SamplingParams`` fields are carried, not used: say so

@@ -116,8 +116,9 @@ def without_nulls(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where: str,
-                         names: dict[str, str]) -> SamplingParams:
-    """``SamplingParams`` from a row's fields over the job's defaults; ``names`` is ``row_names``.
+                         names: dict[str, str], value_nulls: bool = True) -> SamplingParams:
+    """``SamplingParams`` from a row's fields over the job's defaults; ``names`` is ``row_names``;
+    ``value_nulls`` as in ``schema_without_nulls``.
 
     Raises:
         RowError: an unknown field (the message lists the allowed ones) or a bad value
@@ -129,23 +130,27 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
         raise RowError(f"{where}: {kind} {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}", unknown[0])
     constraint = fields.get("structured_outputs")
     if isinstance(constraint, dict) and isinstance(constraint.get("json"), dict):
-        fields = {**fields, "structured_outputs": {**constraint, "json": schema_without_nulls(constraint["json"])}}
+        fields = {**fields, "structured_outputs": {**constraint,
+                                                   "json": schema_without_nulls(constraint["json"], value_nulls)}}
     try:
         return SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
         raise field_error(exc, names, f"{where}: ") from None
 
 
-def schema_without_nulls(schema: Any) -> Any:
+def schema_without_nulls(schema: Any, value_nulls: bool = True) -> Any:
     """A row's JSON schema without null-valued keys at any depth, but for ``const`` and
-    ``default``, where null is a value. Elsewhere a schema has no use for null, and a Parquet
-    struct holds every row's keys: each row's ``properties`` gets the other rows' properties as
-    nulls, which xgrammar refuses (found by a hunt: every row of such a file failed). List items
-    (an ``enum``'s) stay."""
+    ``default``, where null is a value, unless ``value_nulls`` is False (rows read from Arrow:
+    Parquet, Ray Data). Elsewhere a schema has no use for null, and a Parquet struct holds every
+    row's keys: each row's ``properties`` gets the other rows' properties as nulls, which xgrammar
+    refuses (found by a hunt: every row of such a file failed), and its ``const`` another row's
+    ``const`` as null, which would bind the value to null (found by a review). List items (an
+    ``enum``'s) stay."""
     if isinstance(schema, dict):
-        return {k: schema_without_nulls(v) for k, v in schema.items() if v is not None or k in ("const", "default")}
+        return {k: schema_without_nulls(v, value_nulls) for k, v in schema.items()
+                if v is not None or value_nulls and k in ("const", "default")}
     if isinstance(schema, list):
-        return [schema_without_nulls(v) for v in schema]
+        return [schema_without_nulls(v, value_nulls) for v in schema]
     return schema
 
 

@@ -143,7 +143,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
                     write_record(config, record)
                 # A loaded LLM of the embedded model serves its names, as the job that loads it does.
                 given = model if not own_llm and model != default_model_path(download=False) else None
-                fmt = _job_format(fmt_name, config, config.model or given, llm)
+                fmt = _job_format(fmt_name, config, config.model or given, llm, in_kind == "parquet")
                 writer = _writer(out_kind, config, fmt, in_kind)
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
@@ -345,19 +345,20 @@ def check_result_columns(path: str, in_kind: str) -> None:
                          "job's output?); drop or rename them in the input")
 
 
-def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM) -> JobFormat:
+def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM, arrow_rows: bool) -> JobFormat:
     """The row format, with the job's sampling defaults: the model's generation config under the
-    command line's. ``model_name`` is the model as the user named it (None: the embedded one)."""
+    command line's. ``model_name`` is the model as the user named it (None: the embedded one);
+    ``arrow_rows``: the input is Parquet."""
     defaults = sampling_defaults(llm, config.sampling)
     if fmt_name == "plain":
-        return PlainFormat(llm.get_tokenizer(), defaults)
+        return PlainFormat(llm.get_tokenizer(), defaults, arrow_rows)
     if model_name:
         names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
     return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
                              names_given=bool(config.served_model_names),
-                             reasoning_parser=_gate_parser(llm))
+                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows)
 
 
 def _gate_parser(llm: LLM) -> ReasoningParser | None:

@@ -61,9 +61,10 @@ class ToolChoice:
         return {"content": None, "tool_calls": tool_calls}, finish_reason
 
 
-def tool_choice_of(body: dict[str, Any]) -> ToolChoice | None:
+def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice | None:
     """The body's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked, or None where it
-    gives no tools and no choice (``tool_choice: "none"`` alone asks for nothing).
+    gives no tools and no choice (``tool_choice: "none"`` alone asks for nothing). Null is unset
+    at any depth (``schema_without_nulls``, whose ``value_nulls`` this is).
 
     Raises:
         RowError: naming the field: tools not a non-empty list of ``{"type": "function",
@@ -72,8 +73,8 @@ def tool_choice_of(body: dict[str, Any]) -> ToolChoice | None:
             {"name"}}`` naming one of them, "auto" (no tool-call parser), a choice without tools,
             ``parallel_tool_calls`` not true or false, or a function's ``$defs`` that clash.
     """
-    # Null is unset at any depth (a Parquet struct holds every row's keys), as in response_format's schema.
-    tools, choice = schema_without_nulls(body.get("tools")), schema_without_nulls(body.get("tool_choice"))
+    tools = schema_without_nulls(body.get("tools"), value_nulls)
+    choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise RowError(f"body.parallel_tool_calls must be true or false, got {parallel!r:.40}", "parallel_tool_calls")
