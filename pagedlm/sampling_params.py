@@ -62,6 +62,31 @@ def _token_ids(name: str, value: Any) -> list[int]:
     return ids
 
 
+def _read_only(*args: Any, **kwargs: Any) -> None:
+    raise TypeError("this SamplingParams field was checked and is shared by the requests made from the params (their "
+                    "copies skip the check): assign a new value instead of changing it in place")
+
+
+class CheckedDict(dict):
+    """``logit_bias`` once checked: read-only, so that every copy of the params (``clone``, one per
+    request) shares it without checking it again (a vocabulary-wide bias took ~70 ms a request)."""
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self) -> tuple:
+        return CheckedDict, (dict(self),)
+
+
+class CheckedList(list):
+    """``allowed_token_ids`` once checked, read-only and shared as ``CheckedDict`` is."""
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = clear = sort = \
+        reverse = _read_only
+
+    def __reduce__(self) -> tuple:
+        return CheckedList, (list(self),)
+
+
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise FieldError(f"{name} must be a bool, got {value!r}.", _field_of(name))
@@ -343,7 +368,10 @@ class SamplingParams(_FieldsOnly):
             ``ValueError`` naming the processor (``apply_logits_processors``).
         logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
             string ids, as OpenAI's JSON gives them, are read as ints; biases clamped to [-100, 100]).
-        allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all.
+            Kept checked as a read-only ``CheckedDict``, which the params' copies share (assign a
+            new dict to change it; changing it in place is a TypeError).
+        allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all. Kept
+            as a read-only ``CheckedList``, as ``logit_bias``.
         bad_words: words no completion may generate (vLLM's; ``engine.bad_words`` says how they
             are matched).
         truncate_prompt_tokens: keep only the prompt's last this many tokens (left truncation,
@@ -496,11 +524,11 @@ class SamplingParams(_FieldsOnly):
                                  "early_stopping") from None
         self._verify_logits_processors()
         self._verify_logit_bias()
-        if self.allowed_token_ids is not None:
+        if self.allowed_token_ids is not None and type(self.allowed_token_ids) is not CheckedList:
             if not self.allowed_token_ids:
                 raise FieldError(f"allowed_token_ids must be None or a non-empty list of token ids, "
                                  f"got {self.allowed_token_ids!r}.", "allowed_token_ids")
-            self.allowed_token_ids = _token_ids("allowed_token_ids", self.allowed_token_ids)
+            self.allowed_token_ids = CheckedList(_token_ids("allowed_token_ids", self.allowed_token_ids))
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.",
@@ -625,7 +653,7 @@ class SamplingParams(_FieldsOnly):
         self.logits_processors = list(processors)
 
     def _verify_logit_bias(self) -> None:
-        if self.logit_bias is None:
+        if self.logit_bias is None or type(self.logit_bias) is CheckedDict:
             return
         if not isinstance(self.logit_bias, dict):
             raise FieldError(f"logit_bias must be None or a dict of token id -> bias, got {type(self.logit_bias).__name__}.",
@@ -637,7 +665,7 @@ class SamplingParams(_FieldsOnly):
             if token < 0:
                 raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
             bias[token] = min(max(_number("logit_bias", value), -100.0), 100.0)
-        self.logit_bias = bias
+        self.logit_bias = CheckedDict(bias)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Run the processors in order on one row of logits ``[vocab]``. Each gets copies of the

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 
@@ -207,3 +209,21 @@ def test_logprob_token_ids_are_checked_as_vllm_checks_them():
         SamplingParams(logprobs=1, logprob_token_ids=[3, 5])
     with pytest.raises(ValueError, match="logprob_token_ids is not supported with use_beam_search"):
         SamplingParams(n=2, temperature=0, use_beam_search=True, logprob_token_ids=[3])
+
+
+def test_checked_bias_and_allowed_ids_are_shared_read_only_by_copies():
+    """Found by a soak hunt: each request's copy checked a vocabulary-wide logit_bias again (~70 ms a
+    request) and kept a copy of its own. Now the checked dict and list are read-only and shared."""
+    params = SamplingParams(logit_bias={str(i): -1 for i in range(1000)}, allowed_token_ids=list(range(1000)))
+    copy_ = params.clone()
+    assert copy_.logit_bias is params.logit_bias and copy_.allowed_token_ids is params.allowed_token_ids
+    assert params.logit_bias == {i: -1.0 for i in range(1000)} and params.allowed_token_ids == list(range(1000))
+    with pytest.raises(TypeError, match="assign a new value"):
+        params.logit_bias[5] = 1.0
+    with pytest.raises(TypeError, match="assign a new value"):
+        params.allowed_token_ids.append(5)
+    params.logit_bias = {5: "x"}  # a new value is checked again
+    with pytest.raises(ValueError, match="logit_bias must be a number"):
+        params.clone()
+    restored = pickle.loads(pickle.dumps(copy_))  # Ray ships params to its actors
+    assert restored.logit_bias == copy_.logit_bias and restored.allowed_token_ids == copy_.allowed_token_ids
