@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 import torch
 import xgrammar as xgr
+from transformers import AutoTokenizer
 
-from conftest import BOS
+from conftest import BOS, EOS, VOCAB_SIZE
 from pagedlm import LLM, SamplingParams, default_model_path
 from pagedlm.engine import xgrammar_regex
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
@@ -567,3 +568,26 @@ def test_a_grammar_that_compiles_between_two_looks_loses_no_request(llm, monkeyp
     params = SamplingParams(temperature=0, max_tokens=2, structured_outputs={"regex": "[a-c]{1,3}"})
     got = sorted(i for i, _ in llm.generate_as_completed([f"p{i}" for i in range(6)], params, use_tqdm=False))
     assert got == list(range(6))
+
+
+def test_the_compiled_grammar_cache_keeps_to_its_bounds(llama_dir, monkeypatch):
+    """Found by a soak hunt: every distinct constraint stayed compiled for good (a job whose rows
+    each had a schema grew ~250 KB a row with SmolLM2's vocabulary)."""
+    from pagedlm.engine import structured_outputs
+
+    monkeypatch.setattr(structured_outputs, "CACHE_ENTRIES", 5)
+    manager = structured_outputs.StructuredOutputManager(AutoTokenizer.from_pretrained(llama_dir), VOCAB_SIZE, [EOS])
+
+    def constraint(i):
+        return SO(regex=f"a{{{i}}}")
+
+    first = manager.compile(constraint(1))
+    for i in range(2, 20):
+        manager.compile(constraint(i))
+        manager.compile(constraint(1))  # used again: the least recently used go first
+    assert len(manager._compiled) == 5 and manager.compile(constraint(1)) is first
+    assert manager.compile(constraint(2)) is not None  # dropped, compiled again
+    monkeypatch.setattr(structured_outputs, "CACHE_BYTES", 0)
+    manager.compile(constraint(30))
+    assert list(manager._compiled) == [constraint(30).key]  # the compiled ones are past 0 bytes; it was compiling
+    manager.close()

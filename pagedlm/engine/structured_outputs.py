@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -23,6 +24,12 @@ from pagedlm.step import unpack_token_bitmask
 
 logger = logging.getLogger("pagedlm")
 
+# Bounds of the compiled-grammar caches, ours and xgrammar's: vLLM's VLLM_XGRAMMAR_CACHE_MB default,
+# and a count for the constraints that did not compile (they hold their error only). A job whose
+# every row has its own schema grew by ~250 KB a schema without them (a soak hunt: 1,500 schemas, +400 MB).
+CACHE_BYTES = 512 << 20
+CACHE_ENTRIES = 10_000
+
 
 def _xgrammar():
     try:
@@ -33,8 +40,9 @@ def _xgrammar():
 
 
 class StructuredOutputManager:
-    """Compiles each distinct constraint once (cached by ``StructuredOutputsParams.key``) and makes
-    matchers and bitmask rows from it.
+    """Compiles each distinct constraint once (cached by ``StructuredOutputsParams.key``, the least
+    recently used dropped past ``CACHE_BYTES`` or ``CACHE_ENTRIES``) and makes matchers and bitmask
+    rows from it.
 
     Args:
         tokenizer: the model's Hugging Face tokenizer.
@@ -46,9 +54,12 @@ class StructuredOutputManager:
         xgr = _xgrammar()
         self._xgr = xgr
         info = _tokenizer_info(xgr, tokenizer, vocab_size, stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
         self._stop_token_ids = stop_token_ids
-        self._compiled: dict[tuple[str, str], Future] = {}
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # least recently used first
+        self._sizes: dict[tuple[str, str], int] = {}  # bytes of the compiled ones, once measured
+        self._unmeasured: set[tuple[str, str]] = set()  # added, not measured yet (compiling, or just done)
+        self._cached_bytes = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlm-grammar")
         self.bitmask_width = (vocab_size + 31) // 32
         self.compile_seconds = 0.0
@@ -65,9 +76,32 @@ class StructuredOutputManager:
         """A future of the compiled grammar, compiling on a background thread on first use (its
         exception: the ``ValueError`` of ``compile``)."""
         future = self._compiled.get(params.key)
-        if future is None:
-            future = self._compiled[params.key] = self._executor.submit(self._compile, params)
+        if future is not None:
+            self._compiled.move_to_end(params.key)
+            return future
+        future = self._compiled[params.key] = self._executor.submit(self._compile, params)
+        self._unmeasured.add(params.key)
+        self._evict()
         return future
+
+    def _evict(self) -> None:
+        """Drop the least recently used compiled constraints past the cache's bounds; those still
+        compiling stay (a request's matcher keeps its grammar alive whatever the cache holds)."""
+        for key in [key for key in self._unmeasured if self._compiled[key].done()]:
+            self._unmeasured.discard(key)
+            self._sizes[key] = _size(self._compiled[key])
+            self._cached_bytes += self._sizes[key]
+        victims = []
+        count = len(self._compiled)
+        for key in self._compiled:
+            if self._cached_bytes <= CACHE_BYTES and count <= CACHE_ENTRIES:
+                break
+            if key in self._sizes:
+                victims.append(key)
+                self._cached_bytes -= self._sizes.pop(key)
+                count -= 1
+        for key in victims:
+            del self._compiled[key]
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
@@ -127,6 +161,11 @@ class StructuredOutputManager:
         row = torch.empty((1, self.bitmask_width), dtype=torch.int32)
         matcher.fill_next_token_bitmask(row, 0)  # writes every word
         return row[0]
+
+
+def _size(future: Future) -> int:
+    """The bytes a cached compiled grammar holds (0 while compiling, or for an error)."""
+    return future.result().memory_size_bytes if future.done() and future.exception() is None else 0
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
