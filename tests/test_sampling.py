@@ -704,3 +704,27 @@ def test_allowed_token_ids_that_bans_cover_entirely_are_refused(llm):
     out = llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS, 7], min_tokens=2, max_tokens=4),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:2] == [7, 7]
+
+
+def test_a_beam_search_decodes_its_beams_once_unless_streamed(llm, monkeypatch):
+    """Found by a soak hunt: every live beam was decoded whole at every step (17.7 ms a step at 1,000
+    tokens against 2.1 without text). Now only a CUMULATIVE output decodes live beams; the text is the same."""
+    from pagedlm.engine import llm_engine
+    from pagedlm.sampling_params import RequestOutputKind
+
+    calls = []
+    decode = llm_engine.decode_completion
+    monkeypatch.setattr(llm_engine, "decode_completion", lambda *args: calls.append(1) or decode(*args))
+    params = SamplingParams(use_beam_search=True, best_of=3, n=2, temperature=0, max_tokens=12, ignore_eos=True)
+    final = llm.generate({"prompt_token_ids": [BOS, 5, 6]}, params, use_tqdm=False)[0]
+    assert len(calls) == 2  # the two results
+    engine = llm.llm_engine
+    engine.add_request("streamed", [BOS, 5, 6], params.clone(output_kind=RequestOutputKind.CUMULATIVE))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert len(calls) > 2 + 12  # live beams decoded at each step
+    tok = llm.get_tokenizer()
+    assert [c.text for c in outs[-1].outputs] == [c.text for c in final.outputs] == \
+        [tok.decode(c.token_ids) for c in final.outputs]
+    assert all(c.text == tok.decode(c.token_ids) for o in outs[:-1] for c in o.outputs)

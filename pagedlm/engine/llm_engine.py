@@ -26,7 +26,7 @@ from pagedlm.engine.thinking_budget import ReasoningTokens, ThinkingBudget
 from pagedlm.inputs import PromptType, parse_prompt, parse_tokenization_kwargs
 from pagedlm.logprobs import Logprob, SampleLogprobs
 from pagedlm.outputs import RequestOutput
-from pagedlm.sampling_params import SamplingParams
+from pagedlm.sampling_params import RequestOutputKind, SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
@@ -621,6 +621,9 @@ class LLMEngine:
         beams = [group.get_seq(s.parent_seq_id) for s in out.samples]
         if all(s.no_token for s in out.samples):  # no beam can go on: each ends as it is
             for beam in beams:
+                if params.detokenize:
+                    beam.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids,
+                                                         params)
                 self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
@@ -650,7 +653,9 @@ class LLMEngine:
                 beam.logprobs.append(entries[i])
             beam.output_token_ids.append(c.token_id)
             beam.cumulative_logprob = c.cumulative_logprob
-            if params.detokenize:
+            # Only a CUMULATIVE output shows a live beam's text (the finished ones are decoded in
+            # _beam_results): decoding every beam whole at every step made long searches quadratic.
+            if params.detokenize and params.output_kind is RequestOutputKind.CUMULATIVE:
                 beam.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
         group.seqs = [beam for beam, _ in next_beams] if not group.beam.done else self._beam_results(group)
 
