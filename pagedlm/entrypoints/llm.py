@@ -511,7 +511,9 @@ class LLM:
                  max_in_flight: int | None = None, tokenization: TokenizationKwargs = TokenizationKwargs()
                  ) -> list[RequestOutput]:
         """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
-        most ``max_in_flight`` requests at once (all when None)."""
+        most ``max_in_flight`` requests at once (default twice ``max_num_seqs``, as in
+        ``generate_as_completed``: the engine's state of a waiting request, ~3 KB and more with a
+        seed or a grammar, is made when it joins, not for every prompt at the start)."""
         _check_flags(use_tqdm)
         errors = dict(errors or {})
         requests = []
@@ -524,7 +526,7 @@ class LLM:
             lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
             raise ValueError(f"{len(errors)} of {len(prompts)} {what} are invalid; nothing was run:\n{lines}")
         outputs: list[RequestOutput | None] = [None] * len(prompts)
-        window = max_in_flight or max(len(requests), 1)
+        window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
         for index, output in self._stream(iter(requests), window, len(requests), use_tqdm, False):
             outputs[index] = output
         return outputs
