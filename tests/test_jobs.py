@@ -433,6 +433,7 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     writer.close()
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(6))
     assert not os.path.exists(path + ".parts")
+    assert pq.ParquetFile(path).num_row_groups == 1  # the four parts' rows in one group (a soak hunt: one each)
 
 
 def test_a_kill_between_the_parquet_merge_and_the_parts_removal_resumes_without_repeats(tmp_path):

@@ -306,6 +306,9 @@ class JsonlWriter(OutputWriter):
             pass
 
 
+MERGED_ROW_GROUP_ROWS = 65_536
+
+
 class ParquetWriter(OutputWriter):
     """Output rows to a Parquet file, through parts.
 
@@ -371,6 +374,7 @@ class ParquetWriter(OutputWriter):
         self._rows = []
 
     def _finish(self, finished: bool) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not finished:
@@ -380,8 +384,14 @@ class ParquetWriter(OutputWriter):
         schema = _unify(schemas, self._trailing_columns) if schemas else rows_to_table([], self._schema).schema
         tmp = self.path + ".tmp"
         with pq.ParquetWriter(tmp, schema) as writer:
-            for part in parts:
-                writer.write_table(_conform(pq.read_table(part), schema))
+            # Parts of a slow job hold a few rows each (one every sync_interval): merged into row
+            # groups of MERGED_ROW_GROUP_ROWS, not one group each.
+            group: list = []
+            for i, part in enumerate(parts):
+                group.append(_conform(pq.read_table(part), schema))
+                if sum(t.num_rows for t in group) >= MERGED_ROW_GROUP_ROWS or i == len(parts) - 1:
+                    writer.write_table(pa.concat_tables(group))
+                    group = []
         _fsync_file(tmp)
         os.replace(tmp, self.path)
         shutil.rmtree(self.parts_dir)
