@@ -71,6 +71,7 @@ class CheckedDict(dict):
     """``logit_bias`` once checked: read-only, so that every copy of the params (``clone``, one per
     request) shares it without checking it again (a vocabulary-wide bias took ~70 ms a request)."""
 
+    __slots__ = ()
     __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
 
     def __reduce__(self) -> tuple:
@@ -80,6 +81,7 @@ class CheckedDict(dict):
 class CheckedList(list):
     """``allowed_token_ids`` once checked, read-only and shared as ``CheckedDict`` is."""
 
+    __slots__ = ()
     __setitem__ = __delitem__ = __iadd__ = __imul__ = append = extend = insert = pop = remove = clear = sort = \
         reverse = _read_only
 
@@ -569,7 +571,8 @@ class SamplingParams(_FieldsOnly):
         ``params.structured_outputs.regex = None``) is checked here too. A ``best_of`` that was
         never given, at construction or after it, follows ``n`` (``params.n = 3`` on
         ``SamplingParams(temperature=0.8)`` gives best_of 3, and ``params.n = 1`` after it best_of
-        1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists and the
+        1, as ``SamplingParams(n=1)`` has); otherwise ``best_of`` stays as it is. Lists (but the
+        read-only ``logit_bias`` and ``allowed_token_ids`` once checked, which copies share) and the
         structured-outputs and repetition-detection params are copied, and ``extra_args`` deeply
         unless ``skip_clone`` (vLLM's ``clone``); the logits processors themselves are shared.
         ``LLMEngine.add_request`` keeps such a copy of each request's params (as vLLM's input

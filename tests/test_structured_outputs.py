@@ -589,5 +589,27 @@ def test_the_compiled_grammar_cache_keeps_to_its_bounds(llama_dir, monkeypatch):
     assert manager.compile(constraint(2)) is not None  # dropped, compiled again
     monkeypatch.setattr(structured_outputs, "CACHE_BYTES", 0)
     manager.compile(constraint(30))
-    assert list(manager._compiled) == [constraint(30).key]  # the compiled ones are past 0 bytes; it was compiling
+    assert list(manager._compiled) == [constraint(30).key]  # past 0 bytes, all but the newest
+    held = manager.compile_async(constraint(31))  # as a request waiting to join holds its grammar
+    held.result()
+    manager.compile(constraint(32))
+    assert constraint(31).key not in manager._compiled and manager.compile_async(constraint(31)) is held
     manager.close()
+
+
+def test_generate_compiles_each_grammar_once_past_the_cache_bound(llama_dir, monkeypatch):
+    """Found by a review: generate compiles every prompt's grammar while checking them, then adds
+    them through a window; the bounded cache had dropped the early ones, which compiled again as
+    their requests joined."""
+    from pagedlm.engine import structured_outputs
+
+    monkeypatch.setattr(structured_outputs, "CACHE_ENTRIES", 3)
+    compiled = []
+    compile_ = structured_outputs.StructuredOutputManager._compile
+    monkeypatch.setattr(structured_outputs.StructuredOutputManager, "_compile",
+                        lambda self, params: compiled.append(params.regex) or compile_(self, params))
+    llm = LLM(llama_dir, dtype="float32", max_model_len=64, max_num_seqs=2)
+    params = [SamplingParams(max_tokens=3, temperature=0, structured_outputs={"regex": f"a{{{i}}}"}) for i in range(1, 9)]
+    outs = llm.generate(["hi"] * 8, params, use_tqdm=False)
+    assert [o.outputs[0].text for o in outs] == ["a" * min(i, 3) for i in range(1, 9)]
+    assert sorted(compiled) == sorted(f"a{{{i}}}" for i in range(1, 9))

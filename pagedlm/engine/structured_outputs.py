@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,9 @@ class StructuredOutputManager:
         self._sizes: dict[tuple[str, str], int] = {}  # bytes of the compiled ones, once measured
         self._unmeasured: set[tuple[str, str]] = set()  # added, not measured yet (compiling, or just done)
         self._cached_bytes = 0
+        # Every future still held elsewhere (a request waiting to join): one the cache dropped is
+        # not compiled again while a request holds it (generate compiles every prompt's first).
+        self._alive: weakref.WeakValueDictionary[tuple[str, str], Future] = weakref.WeakValueDictionary()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlm-grammar")
         self.bitmask_width = (vocab_size + 31) // 32
         self.compile_seconds = 0.0
@@ -79,22 +83,27 @@ class StructuredOutputManager:
         if future is not None:
             self._compiled.move_to_end(params.key)
             return future
-        future = self._compiled[params.key] = self._executor.submit(self._compile, params)
+        future = self._alive.get(params.key)
+        if future is None:
+            future = self._alive[params.key] = self._executor.submit(self._compile, params)
+        self._compiled[params.key] = future
         self._unmeasured.add(params.key)
         self._evict()
         return future
 
     def _evict(self) -> None:
-        """Drop the least recently used compiled constraints past the cache's bounds; those still
-        compiling stay (a request's matcher keeps its grammar alive whatever the cache holds)."""
+        """Drop the least recently used compiled constraints past the cache's bounds; the newest
+        and those still compiling stay (and a dropped one lives on while a request or a matcher
+        holds it)."""
         for key in [key for key in self._unmeasured if self._compiled[key].done()]:
             self._unmeasured.discard(key)
             self._sizes[key] = _size(self._compiled[key])
             self._cached_bytes += self._sizes[key]
         victims = []
         count = len(self._compiled)
+        newest = next(reversed(self._compiled))
         for key in self._compiled:
-            if self._cached_bytes <= CACHE_BYTES and count <= CACHE_ENTRIES:
+            if key == newest or self._cached_bytes <= CACHE_BYTES and count <= CACHE_ENTRIES:
                 break
             if key in self._sizes:
                 victims.append(key)

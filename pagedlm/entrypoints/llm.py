@@ -322,7 +322,8 @@ class LLM:
         ``BeamSearchSequence`` for what each holds).
 
         Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
-        (all of them when None), each with ``beam_width`` sequences in the batch. The arguments
+        (when None, twice ``max_num_seqs``, as ``generate`` runs them: the scheduler runs what fits
+        of them), each with ``beam_width`` sequences in the batch. The arguments
         are vLLM's, in its order; ``lora_request`` takes None. Each step ranks ``2 * beam_width``
         logprobs, which ``LLM(max_logprobs=)`` must allow.
 
@@ -579,7 +580,7 @@ class LLM:
                     reason = self.llm_engine.check_request(token_ids[k], checked, wait_for_grammars)
             if reason is None:
                 grammar = None
-                if params.structured_outputs is not None and not wait_for_grammars:
+                if params.structured_outputs is not None:  # held until the request joins (the cache may drop it)
                     grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
                 prompt = ParsedPrompt(parsed[k].text, token_ids[k], parsed[k].cache_salt)
                 requests.append(_Request(index, prompt, params, grammar, children))
