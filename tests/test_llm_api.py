@@ -595,6 +595,9 @@ def test_generate_whose_request_a_logits_processor_aborts_raises_instead_of_wait
         llm.generate([{"prompt_token_ids": [BOS, 5]}, {"prompt_token_ids": [BOS, 6]}], params, use_tqdm=False)
     assert not engine.has_unfinished_requests()
     assert llm.generate({"prompt_token_ids": [BOS, 5]}, SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+    got = dict(llm.generate_as_completed([{"prompt_token_ids": [BOS, 5]}, {"prompt_token_ids": [BOS, 6]}], params,
+                                         use_tqdm=False, return_errors=True))
+    assert got[0].finished and isinstance(got[1], ValueError) and "aborted" in str(got[1])
 
 
 def test_failure_while_adding_requests_leaves_nothing_queued(llm, monkeypatch):

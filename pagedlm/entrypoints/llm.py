@@ -457,7 +457,8 @@ class LLM:
 
         A prompt that cannot run (see ``generate``) is yielded as ``(index, ValueError)`` when
         ``return_errors`` is True (a ``utils.FieldError`` naming the ``SamplingParams`` field at
-        fault, or "prompt", where one is). Otherwise the prompts after it are not run (those already read
+        fault, or "prompt", where one is), and so is one aborted with ``llm_engine.abort_request``
+        while it ran. Otherwise the prompts after it are not run (those already read
         with it are dropped), the requests already in the engine finish and are yielded, and then a
         ``ValueError`` naming the prompt is raised. ``tokenization_kwargs`` is as in ``generate``.
 
@@ -469,8 +470,8 @@ class LLM:
             RuntimeError: the LLM is closed (at once, or at the ``next`` after a close); at the
                 first ``next``: another ``generate``/``chat``/``beam_search``/iteration is running on
                 it, or its engine holds unfinished requests added with ``llm_engine.add_request``;
-                later: one of its requests was aborted with ``llm_engine.abort_request`` (e.g. from
-                a logits processor) while it ran.
+                later, without ``return_errors``: one of its requests was aborted with
+                ``llm_engine.abort_request`` (e.g. from a logits processor) while it ran.
 
         """
         if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
@@ -708,10 +709,16 @@ class LLM:
                         continue  # a window of prompts that could not run: read on
                     finished = [out for out in self._engine_call(lambda e: e.step()) if out.finished]
                     if not finished and not engine.has_unfinished_requests():
-                        gone = ", ".join(map(str, sorted(set(in_flight.values()))))
-                        raise RuntimeError(f"prompt(s) {gone} of this call were aborted with llm_engine.abort_request "
-                                           "while it ran (from a logits processor?), so they have no output; a logits "
-                                           "processor ends a completion by allowing only EOS.")
+                        gone = sorted(set(in_flight.values()))
+                        why = ("aborted with llm_engine.abort_request while it ran (from a logits processor?), so it has "
+                               "no output; a logits processor ends a completion by allowing only EOS")
+                        if not return_errors:
+                            raise RuntimeError(f"prompt(s) {', '.join(map(str, gone))} of this call were {why}.")
+                        in_flight.clear()
+                        parents.clear()
+                        bar.update(len(gone))
+                        yield from ((index, ValueError(why)) for index in gone)
+                        continue
                     done = []
                     for out in finished:
                         if out.request_id not in in_flight:
