@@ -125,6 +125,9 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
      "tools", "function must be an object with"),
     ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}], "tool_choice": "required"},
      "tools", "description must be a string"),
+    ({"tools": [UNIT, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer", "multipleOf": 3}}}}}], "tool_choice": "required"}, "tools",
+     r"tools\[1\]\.function\.parameters \('g'\): keyword multipleOf: cannot be enforced"),
     ({"tools": [UNIT], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": [UNIT], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "give one"),

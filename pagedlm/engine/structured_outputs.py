@@ -118,9 +118,9 @@ class StructuredOutputManager:
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-                unenforceable = sorted(_unenforceable(schema, schema))
-                if unenforceable:
-                    raise ValueError(f"{'; '.join(unenforceable)}: cannot be enforced (xgrammar does not support it)")
+                problem = unenforceable(schema)
+                if problem:
+                    raise ValueError(problem)
                 # Its properties come out in the schema's order.
                 grammar = self._xgr.Grammar.from_json_schema(
                     json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False), any_whitespace=any_whitespace)
@@ -337,6 +337,13 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
         if isinstance(schema.get(key), int) and schema[key] < 0:
             found.add(f"{key} {schema[key]} (a count: 0 or more)")
     return found
+
+
+def unenforceable(schema: Any) -> str | None:
+    """Why xgrammar would accept the JSON ``schema`` without enforcing all of it, or None: what
+    ``_unenforceable`` finds, as one message."""
+    found = sorted(_unenforceable(schema, schema))
+    return f"{'; '.join(found)}: cannot be enforced (xgrammar does not support it)" if found else None
 
 
 def _unenforceable(schema: Any, root: Any) -> set[str]:

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pagedlm.engine.structured_outputs import unenforceable
 from pagedlm.entrypoints.jobs.rows import RowError, schema_without_nulls
 
 _TOOL_KEYS = {"type", "function"}
@@ -122,6 +123,9 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
                            "tools")
         if parameters is not None and not isinstance(parameters, dict):
             raise RowError(f"{where}.function.parameters must be a JSON schema object, got {parameters!r:.40}", "tools")
+        problem = unenforceable(parameters) if parameters else None
+        if problem:  # here, to name the function (the engine would name the schema of the calls)
+            raise RowError(f"{where}.function.parameters ({name!r}): {problem}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
             raise RowError(f"{where}.function.strict must be true or false, got {function['strict']!r:.40}", "tools")
         functions[name] = parameters or dict(_NO_PARAMETERS)
