@@ -1340,3 +1340,19 @@ def test_a_row_field_that_clashes_with_a_job_default_is_the_rows_param():
     names = {"use_beam_search": "use_beam_search", "n": "n"}  # the fields the row set
     error = field_error(FieldError("temperature must be 0 with use_beam_search.", "temperature"), names)
     assert error.param == "use_beam_search"
+
+
+@pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions"])
+def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
+    """Found by a docs walk: chat rows refused echo: false, which the docs (and vLLM) take."""
+    from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
+    from pagedlm.entrypoints.jobs.rows import RowError
+
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    prompt = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE} if "chat" in url else \
+        {"prompt": "Hi"}
+    assert fmt.parse(_openai_row("a", url, {**prompt, "echo": False}), "a").prompt
+    for echo, message in ((True, "echo: true is not supported"), ("yes", "echo must be true or false")):
+        with pytest.raises(RowError, match=message) as exc:
+            fmt.parse(_openai_row("b", url, {**prompt, "echo": echo}), "b")
+        assert exc.value.param == "echo"

@@ -66,6 +66,7 @@ QWEN3_TEXTS = dataclasses.replace(QWEN3, texts=("<think>", "</think>", "<tool_ca
     ([IM_START, S], [6, E, 7, E, 8], "r</think>c</think>d", ("r", "c</think>d")),
     ([IM_START, S], [6, E], "r", ("r", None)),  # a stop ("</think>", or its id) cut the marker off
     ([IM_START, S], [6, E], "r</think>", ("r", None)),
+    ([IM_START], [S, S, 6, E, 7], "<think><think>r</think>c", ("r", "c")),  # as the count leaves them out
 ])
 def test_reasoning_and_content_split_where_the_gate_ends_the_reasoning(prompt, output, text, split):
     assert QWEN3_TEXTS.split(prompt, output, text) == split
@@ -211,3 +212,13 @@ def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_
     usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in read_output(tmp_path / "out.jsonl")}
     assert usage["call"]["completion_tokens_details"] == {"reasoning_tokens": 2}  # the thinking budget's two
     assert got["plain"]["reasoning"] is not None
+
+
+def test_a_job_says_once_that_its_reasoning_parser_cannot_run(llama_dir, caplog):
+    """Found by a docs walk: with a tokenizer without the markers the messages were silently not split."""
+    from pagedlm.entrypoints.jobs.runner import _gate_parser
+
+    llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3")
+    with caplog.at_level("WARNING", logger="pagedlm"):
+        assert _gate_parser(llm) is None
+    assert "needs '<think>' and '</think>' as single tokens" in caplog.text and "without a reasoning apart" in caplog.text

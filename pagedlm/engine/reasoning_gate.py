@@ -88,7 +88,7 @@ class ReasoningParser:
         reasoning (``reasoning_end``), so that the content is what a constraint held: (None, text)
         where the prompt ended it; (text, None) where the output never does, or does with its last
         token (a stop string or stop token cut the marker off); else the text before the end
-        marker (less a start marker) and after it (qwen3's ``<tool_call>`` stays in the content).
+        marker (less its start markers) and after it (qwen3's ``<tool_call>`` stays in the content).
         An empty part is None. Where the text does not hold the marker before the output's end (a
         special token left out of it), it is not split: (None, text). vLLM's chat server splits by
         text alone and may differ: it ignores the prompt, and deepseek_r1's drops text before
@@ -98,13 +98,13 @@ class ReasoningParser:
             return None, text
         start, end, implicit = self.texts
         if kind == FREE:
-            return text.replace(start, "", 1) or None, None
+            return text.replace(start, "") or None, None
         marker = implicit if kind == END_FED else end
         at = text.find(marker)
         if at < 0:  # cut off by a stop (the output's last token), or left out of the text (a special token)
-            return (text.replace(start, "", 1) or None, None) if at_token == len(output_token_ids) - 1 else (None, text)
+            return (text.replace(start, "") or None, None) if at_token == len(output_token_ids) - 1 else (None, text)
         content = text[at:] if kind == END_FED else text[at + len(marker):]
-        return text[:at].replace(start, "", 1) or None, content or None
+        return text[:at].replace(start, "") or None, content or None
 
 
 class ReasoningGate:

@@ -46,14 +46,14 @@ _SAME_NAME = (
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format",
               "tools", "tool_choice", "parallel_tool_calls")
-_COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "echo", "suffix")
-_COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", *_SAME_NAME)
+_COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "suffix")
+_COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", "echo", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
-_COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string")}
+_COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "echo": (bool, "true or false")}
 _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
-          COMPLETIONS_URL: {"echo": (bool, "true or false"), **_COMMON_TYPES}}
+          COMPLETIONS_URL: _COMMON_TYPES}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
 # (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
 # (SamplingParams clamps, as vLLM does).
@@ -135,6 +135,8 @@ class OpenAIBatchFormat:
         for name, (kind, words) in _TYPES[url].items():
             if name in body and not isinstance(body[name], kind):
                 raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
+        if body.get("echo"):  # vLLM's: the prompt (chat: the last message) before the output
+            raise RowError("body.echo: true is not supported (false is)", "echo")
         _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
@@ -166,8 +168,8 @@ class OpenAIBatchFormat:
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
             prompt = _completion_prompt(body.get("prompt"))
-            if body.get("echo") or body.get("suffix") is not None:
-                raise RowError("body.echo and body.suffix are not supported", "echo" if body.get("echo") else "suffix")
+            if body.get("suffix") is not None:
+                raise RowError("body.suffix is not supported", "suffix")
             if "cache_salt" in body:
                 prompt = {**prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))

@@ -362,9 +362,13 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
 
 
 def _gate_parser(llm: LLM) -> ReasoningParser | None:
-    """The reasoning parser the engine's structured outputs wait for; None where there is none (or
-    none that this tokenizer can have: constrained rows are then refused)."""
+    """The reasoning parser the engine's structured outputs wait for; None where there is none, or
+    none that this tokenizer can have (said once: chat messages are then not split, and
+    constrained rows are refused)."""
     parser = llm.llm_engine.reasoning_gate_parser
+    if isinstance(parser, ValueError):
+        logger.warning("%s: chat messages are written without a reasoning apart, and rows with response_format or "
+                       "a tool choice are refused", parser)
     return parser if isinstance(parser, ReasoningParser) else None
 
 
