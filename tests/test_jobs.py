@@ -1356,3 +1356,17 @@ def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
         with pytest.raises(RowError, match=message) as exc:
             fmt.parse(_openai_row("b", url, {**prompt, "echo": echo}), "b")
         assert exc.value.param == "echo"
+
+
+def test_the_structured_outputs_config_flag_takes_a_json_object(capsys):
+    """The engine's refusal of a constraint under a reasoning parser points to enable_in_reasoning,
+    which a job on the command line could not set (found by a docs walk)."""
+    from pagedlm.entrypoints.cli import run_parser
+
+    base = ["--input", "in.jsonl", "--output", "out.jsonl"]
+    args = run_parser().parse_args(base + ["--structured-outputs-config", '{"enable_in_reasoning": true}'])
+    assert args.structured_outputs_config == {"enable_in_reasoning": True}
+    for bad, message in (("{enable", "not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit):
+            run_parser().parse_args(base + ["--structured-outputs-config", bad])
+        assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The ``pagedlm`` command: ``pagedlm run ...`` runs a job; anything else runs the demo."""
 
 import argparse
+import json
 import re
 import signal
 import sys
@@ -17,6 +18,19 @@ SAMPLING_FLAGS = [
     ("--thinking-token-budget", "thinking_token_budget", int),
     ("--frequency-penalty", "frequency_penalty", float), ("--repetition-penalty", "repetition_penalty", float),
 ]
+
+
+def _json_object(text: str) -> dict:
+    """A flag's JSON object (vLLM's config flags take one)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 ENGINE_FLAGS = [
     ("--dtype", "dtype", str), ("--device", "device", str), ("--max-model-len", "max_model_len", int),
     ("--block-size", "block_size", int), ("--num-kv-blocks", "num_kv_blocks", int),
@@ -25,13 +39,15 @@ ENGINE_FLAGS = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int), ("--generation-config", "generation_config", str),
     ("--tokenizer", "tokenizer", str), ("--chat-template", "chat_template", str),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float), ("--reasoning-parser", "reasoning_parser", str),
-    ("--max-logprobs", "max_logprobs", int),
+    ("--max-logprobs", "max_logprobs", int), ("--structured-outputs-config", "structured_outputs_config", _json_object),
 ]
 
 _ENGINE_HELP = {
     "--max-logprobs": "the most logprobs / prompt_logprobs a row may ask for (default 20, vLLM's; -1: the vocabulary)",
     "--reasoning-parser": "vLLM's reasoning parser of the model (qwen3, deepseek_r1, ...): thinking_token_budget's "
                           "strings, and structured outputs start after the reasoning",
+    "--structured-outputs-config": "vLLM's, as a JSON object: backend, reasoning_parser, enable_in_reasoning "
+                                   "(e.g. '{\"enable_in_reasoning\": true}': grammars hold from the first token)",
 }
 
 
