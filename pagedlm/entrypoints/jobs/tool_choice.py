@@ -72,7 +72,8 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
             "function": {"name", "description", "parameters", "strict"}}`` with distinct names,
             a choice other than "none", "required" or ``{"type": "function", "function":
             {"name"}}`` naming one of them, "auto" (no tool-call parser), a choice without tools,
-            ``parallel_tool_calls`` not true or false, or a function's ``$defs`` that clash.
+            ``parallel_tool_calls`` not true or false, a function's ``parameters`` xgrammar would
+            not enforce (``structured_outputs.unenforceable``), or functions' ``$defs`` that clash.
     """
     tools = schema_without_nulls(body.get("tools"), value_nulls)
     choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
