@@ -27,6 +27,7 @@ would take the unknown token's id there).
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -68,43 +69,43 @@ class ReasoningParser:
             gate.scan(token_id)
         return None if gate.ended_by_markers() else gate
 
-    def reasoning_end(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> tuple[int, int]:
-        """Where and how the reasoning ends: (the output token that ends it, END or END_FED);
-        (-1, END) where the prompt ended it; (len(output_token_ids), FREE) where it never ends."""
+    def split(self, prompt_token_ids: list[int], output_token_ids: list[int], text: str) -> "ReasoningSplit":
+        """A completion's ``text`` as its reasoning and content, split where this gate ends the
+        reasoning, so that the content is what a constraint held: (None, text) where the prompt
+        ended it; (text, None) where the output never does, or does with its last token (a stop
+        string or stop token cut the marker off); else the text before the end marker (less its
+        start markers) and after it (qwen3's ``<tool_call>`` stays in the content). An empty part
+        is None. Where the text does not hold the marker before the output's end (a special token
+        left out of it), it is not split: (None, text). ``num_tokens`` counts the output tokens
+        before the end, less start markers (OpenAI's ``usage.completion_tokens_details.
+        reasoning_tokens``, as vLLM's server writes it). vLLM's chat server splits by text alone
+        and may differ: it ignores the prompt, and deepseek_r1's drops text before ``<think>``
+        (docs/jobs.md)."""
         gate = self.gate(prompt_token_ids)
         if gate is None:
-            return -1, END
-        return next(((i, kind) for i, kind in enumerate(map(gate.take, output_token_ids)) if kind != FREE),
-                    (len(output_token_ids), FREE))
-
-    def num_reasoning_tokens(self, prompt_token_ids: list[int], output_token_ids: list[int]) -> int:
-        """The output tokens before the end of the reasoning, less start markers (OpenAI's
-        ``usage.completion_tokens_details.reasoning_tokens``, as vLLM's server writes it)."""
-        at, _ = self.reasoning_end(prompt_token_ids, output_token_ids)
-        return sum(t != self.start for t in output_token_ids[:max(at, 0)])
-
-    def split(self, prompt_token_ids: list[int], output_token_ids: list[int], text: str) -> tuple[str | None, str | None]:
-        """A completion's ``text`` as (reasoning, content), split where this gate ends the
-        reasoning (``reasoning_end``), so that the content is what a constraint held: (None, text)
-        where the prompt ended it; (text, None) where the output never does, or does with its last
-        token (a stop string or stop token cut the marker off); else the text before the end
-        marker (less its start markers) and after it (qwen3's ``<tool_call>`` stays in the content).
-        An empty part is None. Where the text does not hold the marker before the output's end (a
-        special token left out of it), it is not split: (None, text). vLLM's chat server splits by
-        text alone and may differ: it ignores the prompt, and deepseek_r1's drops text before
-        ``<think>`` (docs/jobs.md)."""
-        at_token, kind = self.reasoning_end(prompt_token_ids, output_token_ids)
-        if at_token < 0:
-            return None, text
+            return ReasoningSplit(None, text, 0)
+        at_token, kind = next(((i, kind) for i, kind in enumerate(map(gate.take, output_token_ids)) if kind != FREE),
+                              (len(output_token_ids), FREE))
+        num_tokens = sum(t != self.start for t in output_token_ids[:at_token])
         start, end, implicit = self.texts
         if kind == FREE:
-            return text.replace(start, "") or None, None
+            return ReasoningSplit(text.replace(start, "") or None, None, num_tokens)
         marker = implicit if kind == END_FED else end
         at = text.find(marker)
         if at < 0:  # cut off by a stop (the output's last token), or left out of the text (a special token)
-            return (text.replace(start, "") or None, None) if at_token == len(output_token_ids) - 1 else (None, text)
+            if at_token == len(output_token_ids) - 1:
+                return ReasoningSplit(text.replace(start, "") or None, None, num_tokens)
+            return ReasoningSplit(None, text, num_tokens)
         content = text[at:] if kind == END_FED else text[at + len(marker):]
-        return text[:at].replace(start, "") or None, content or None
+        return ReasoningSplit(text[:at].replace(start, "") or None, content or None, num_tokens)
+
+
+class ReasoningSplit(NamedTuple):
+    """A completion's text as ``ReasoningParser.split`` parts it, and its reasoning's token count."""
+
+    reasoning: str | None
+    content: str | None
+    num_tokens: int
 
 
 class ReasoningGate:

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.engine.reasoning_gate import ReasoningParser
+from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
     JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
@@ -216,18 +216,18 @@ class OpenAIBatchFormat:
         chat = ctx.url == CHAT_URL
         params = job_row.params
         top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
-        split = None
+        splits = [None] * len(output.outputs)
         if chat and self.reasoning_parser is not None:
-            split = functools.partial(self.reasoning_parser.split, output.prompt_token_ids)
-        choice = functools.partial(_chat_choice, tool_choice=ctx.tool_choice, split=split) if chat else _completion_choice
+            splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text) for c in output.outputs]
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
-        choices = [choice(i, c, top, self._token_bytes) for i, c in enumerate(output.outputs)]
+        choices = [_chat_choice(i, c, top, self._token_bytes, ctx.tool_choice, split) if chat else
+                   _completion_choice(i, c, top, self._token_bytes)
+                   for i, (c, split) in enumerate(zip(output.outputs, splits))]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated}
-        if split is not None:
-            usage["completion_tokens_details"] = {"reasoning_tokens": sum(
-                self.reasoning_parser.num_reasoning_tokens(output.prompt_token_ids, c.token_ids) for c in output.outputs)}
+        if chat and self.reasoning_parser is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion" if chat else "text_completion",
@@ -312,7 +312,7 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
 
 
 def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes,
-                 tool_choice: ToolChoice | None = None, split: Callable | None = None) -> dict:
+                 tool_choice: ToolChoice | None, split: ReasoningSplit | None) -> dict:
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -320,11 +320,11 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: To
              "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in top(position)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
-    reasoning, content = split(c.token_ids, c.text) if split is not None else (None, c.text)
+    content = split.content if split is not None else c.text
     message, finish_reason = (tool_choice.message(content, c.finish_reason) if tool_choice is not None
                               else ({"content": content}, c.finish_reason))
     if split is not None:
-        message["reasoning"] = reasoning
+        message["reasoning"] = split.reasoning
     return {"index": index, "message": {"role": "assistant", **message, "refusal": None},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
