@@ -386,12 +386,13 @@ class ParquetWriter(OutputWriter):
         with pq.ParquetWriter(tmp, schema) as writer:
             # Parts of a slow job hold a few rows each (one every sync_interval): merged into row
             # groups of MERGED_ROW_GROUP_ROWS, not one group each.
-            group: list = []
+            group, rows = [], 0
             for i, part in enumerate(parts):
                 group.append(_conform(pq.read_table(part), schema))
-                if sum(t.num_rows for t in group) >= MERGED_ROW_GROUP_ROWS or i == len(parts) - 1:
+                rows += group[-1].num_rows
+                if rows >= MERGED_ROW_GROUP_ROWS or i == len(parts) - 1:
                     writer.write_table(pa.concat_tables(group))
-                    group = []
+                    group, rows = [], 0
         _fsync_file(tmp)
         os.replace(tmp, self.path)
         shutil.rmtree(self.parts_dir)
