@@ -976,6 +976,20 @@ def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():
     assert second.logit_bias == {7: -2.0} and second.structured_outputs.disable_any_whitespace
 
 
+def test_a_parquet_struct_s_nulls_do_not_reach_a_plain_row_s_tools(llama_dir):
+    """The chat template rendered another row's tool keys as nulls ("parameters": null) in a
+    Parquet plain row (found on re-reading the Arrow-null fix: the same kind)."""
+    from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+
+    template = "{{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    tools = [{"type": "function", "function": {"name": "a", "description": "x"}},
+             {"type": "function", "function": {"name": "b", "parameters": {"type": "object"}}}]
+    rows = pa.Table.from_pylist([{"id": i, "messages": [{"role": "user", "content": "hi"}], "tools": [tool],
+                                  "chat_template": template} for i, tool in enumerate(tools)]).to_pylist()
+    fmt = PlainFormat(AutoTokenizer.from_pretrained(llama_dir), {}, arrow_rows=True)
+    assert [fmt.parse(row, row["id"]).prompt.text for row in rows] == [json.dumps([tool]) + "hi" for tool in tools]
+
+
 @pytest.fixture
 def pagedlm_log(caplog):
     """caplog over the pagedlm logger (it does not propagate to the root logger)."""

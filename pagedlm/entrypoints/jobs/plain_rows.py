@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, without_nulls,
+    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls,
+    without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.utils import FieldError
@@ -61,6 +62,8 @@ class PlainFormat:
         column = given[0]
         value = row[column]
         options = without_nulls({c: row.get(c) for c in CHAT_OPTIONS})
+        if "tools" in options:  # null is unset inside tool definitions too (another Parquet row's keys)
+            options["tools"] = schema_without_nulls(options["tools"], self.value_nulls)
         if options and column != "messages":
             raise RowError(f"column(s) {', '.join(options)} apply to rows with messages (they render the "
                            f"conversation); this row has {column}", next(iter(options)))
