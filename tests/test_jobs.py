@@ -422,12 +422,12 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     from pagedlm.entrypoints.jobs.plain_rows import output_schema
 
     path, schema = str(tmp_path / "out.parquet"), output_schema()
-    writer = ParquetWriter(path, False, lambda row: row["id"], schema, part_rows=2)
+    writer = ParquetWriter(path, False, lambda row: row["id"], "id", schema, part_rows=2)
     for i in range(5):
         writer.write({"id": i, "error": None})
     writer.close(finished=False)  # as after SIGTERM: the parts stay, no output file yet
     assert not os.path.exists(path) and len(os.listdir(path + ".parts")) == 3
-    writer = ParquetWriter(path, True, lambda row: row["id"], schema)
+    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
     assert writer.keys == {str(i): 1 for i in range(5)}
     writer.write({"id": 5, "error": "late"})
     writer.close()
@@ -443,13 +443,13 @@ def test_a_kill_between_the_parquet_merge_and_the_parts_removal_resumes_without_
     from pagedlm.entrypoints.jobs.plain_rows import output_schema
 
     path, schema = str(tmp_path / "out.parquet"), output_schema()
-    writer = ParquetWriter(path, False, lambda row: row["id"], schema, part_rows=2)
+    writer = ParquetWriter(path, False, lambda row: row["id"], "id", schema, part_rows=2)
     for i in range(5):
         writer.write({"id": i, "error": None})
     writer.close()
     os.makedirs(path + ".parts")  # as if killed after the rename: a part the merge already holds
     pq.write_table(pq.read_table(path).slice(0, 2), path + ".parts/part-000002.parquet")
-    writer = ParquetWriter(path, True, lambda row: row["id"], schema)
+    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
     assert writer.keys == {str(i): 1 for i in range(5)}
     writer.close()
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(5))
@@ -520,8 +520,8 @@ def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise ValueError("cannot convert")
 
-    writer = files.ParquetWriter(str(tmp_path / "out.parquet"), False, lambda row: row["id"], output_schema(),
-                                 part_rows=2)
+    writer = files.ParquetWriter(str(tmp_path / "out.parquet"), False, lambda row: row["id"], "id",
+                                 output_schema(), part_rows=2)
     monkeypatch.setattr(files, "rows_to_table", fail)
     writer.write({"id": 1, "error": None})
     for _ in range(2):
@@ -860,7 +860,8 @@ def test_openai_response_format_constrains_the_output(llama_dir, tmp_path):
     top = [value for position in choice["logprobs"]["top_logprobs"] for value in position.values()]
     assert -9999.0 in top and all(isinstance(v, float) and v >= -9999.0 for v in top + choice["logprobs"]["token_logprobs"])
     assert got["bad-type"]["response"]["body"]["error"]["param"] == "response_format"
-    assert "does not compile" in got["bad-schema"]["error"]["message"]
+    assert got["bad-schema"]["error"]["message"] == ("line 4: response_format.json_schema.schema: properties must be "
+                                                     "an object")
 
 
 def test_openai_completions_take_token_ids_and_a_list_of_one_prompt(llama_dir, reference, tmp_path):
@@ -1354,6 +1355,18 @@ def test_a_row_field_that_clashes_with_a_job_default_is_the_rows_param():
     names = {"use_beam_search": "use_beam_search", "n": "n"}  # the fields the row set
     error = field_error(FieldError("temperature must be 0 with use_beam_search.", "temperature"), names)
     assert error.param == "use_beam_search"
+
+
+def test_an_engine_error_names_a_renamed_field_without_its_engine_keys():
+    """Found by session 43: "structured_outputs.json admits no output" reached a tools row as
+    "tools.json admits ..." (the row has no tools.json)."""
+    from pagedlm.entrypoints.jobs.rows import field_error
+
+    names = {"structured_outputs": "response_format", "max_tokens": "max_tokens", "prompt": "messages"}
+    error = field_error(ValueError("structured_outputs.json admits no output at all"), names)
+    assert (str(error), error.param) == ("response_format admits no output at all", "response_format")
+    error = field_error(ValueError("max_tokens.x must be at least 1"), names)  # a field's own name stays whole
+    assert str(error) == "max_tokens.x must be at least 1"
 
 
 @pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions"])

@@ -128,6 +128,13 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
     ({"tools": [UNIT, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
         "n": {"type": "integer", "multipleOf": 3}}}}}], "tool_choice": "required"}, "tools",
      r"tools\[1\]\.function\.parameters \('g'\): keyword multipleOf: cannot be enforced"),
+    # Found by session 43: xgrammar's own refusal reached the row as "tools.json does not compile".
+    ({"tools": [UNIT, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": 5}}}],
+      "tool_choice": {"type": "function", "function": {"name": "set_unit"}}}, "tools",
+     r"^body\.tools\[1\]\.function\.parameters \('g'\): properties must be an object$"),
+    # ... and a function of an empty anyOf was written as '"parameters":' with no value
+    ({"tools": [{"type": "function", "function": {"name": "g", "parameters": {"anyOf": []}}}],
+      "tool_choice": "required"}, "tools", r"tools\[0\]\.function\.parameters \('g'\): anyOf \[\] \(no value"),
     ({"tools": [UNIT], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": [UNIT], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "give one"),

@@ -6,6 +6,7 @@ its row of a token bitmask (bit ``t % 32`` of word ``t // 32`` set = token ``t``
 tokens only where the output may end). The worker applies the row to the logits before sampling.
 """
 
+import functools
 import json
 import logging
 import re
@@ -339,6 +340,31 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
     return found
 
 
+def schema_problem(schema: Any) -> str | None:
+    """Why the JSON ``schema`` would not be enforced as written, or None: what xgrammar would
+    ignore (``unenforceable``), else its schema converter's error (without xgrammar installed,
+    the first alone). For a job row's schema, checked before its request is queued, so that the
+    error names the row's own field. Cached by the schema's JSON text (rows often repeat one)."""
+    return _schema_problem(json.dumps(schema, ensure_ascii=False, default=repr))
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem(text: str) -> str | None:
+    schema = json.loads(text)
+    problem = unenforceable(schema)
+    if problem is not None:
+        return problem
+    try:
+        import xgrammar
+    except ImportError:  # the engine names the missing extra when a request needs it
+        return None
+    try:
+        xgrammar.Grammar.from_json_schema(json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False))
+    except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
+        return _xgrammar_message(exc)
+    return None
+
+
 def unenforceable(schema: Any) -> str | None:
     """Why xgrammar would accept the JSON ``schema`` without enforcing all of it, or None: what
     ``_unenforceable`` finds, as one message."""
@@ -357,6 +383,9 @@ def _unenforceable(schema: Any, root: Any) -> set[str]:
         for key, value in schema.items():
             if key in _UNSUPPORTED and not (key == "uniqueItems" and value is False):
                 found.add(f"keyword {key}")
+            elif key in ("anyOf", "oneOf") and value == []:
+                found.add(f"{key} [] (no value meets it, and xgrammar writes no value where it stands: "
+                          "'{\"a\":}' for a property)")
             elif key == "allOf" and not (isinstance(value, list) and len(value) == 1):
                 found.add("keyword allOf of more than one schema (xgrammar enforces none of them; one schema, as "
                           "pydantic writes a $ref with a default, is kept)")

@@ -320,6 +320,7 @@ class ParquetWriter(OutputWriter):
         path: the output file.
         resume: read the keys of the parts (and of ``path``, which becomes the first part).
         key_of: an output row's id.
+        key_field: the column that holds it, the only one resume reads.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
             columns' types are inferred and unified across parts.
         trailing_columns: columns the merged file puts after all others, in this order (the
@@ -327,7 +328,7 @@ class ParquetWriter(OutputWriter):
             input could not be read).
     """
 
-    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], schema,
+    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], key_field: str, schema,
                  sync_interval: float = 2.0, part_rows: int = 10_000, trailing_columns: Sequence[str] = ()) -> None:
         import pyarrow.parquet as pq
 
@@ -344,7 +345,12 @@ class ParquetWriter(OutputWriter):
         if resume and os.path.exists(path):
             os.replace(path, self._part_path(0))
         for part in self._parts():
-            self.keys.update(self.same_key(key_of(row)) for row in pq.read_table(part).to_pylist())
+            # The key column alone: a part's outputs would take ~10 times the file's size in memory.
+            if key_field in pq.read_schema(part).names:
+                ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist()
+            else:
+                ids = [None] * pq.ParquetFile(part).metadata.num_rows
+            self.keys.update(self.same_key(key_of({key_field: key})) for key in ids)
         self._next_part = len(self._parts()) + 1
 
     def same_key(self, key: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
+from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
     JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
@@ -299,7 +300,11 @@ def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
-    return {"json": schema_without_nulls(spec["schema"], value_nulls)}
+    schema = schema_without_nulls(spec["schema"], value_nulls)
+    problem = schema_problem(schema)
+    if problem:  # here, to name the row's field (the engine would name structured_outputs.json)
+        raise RowError(f"response_format.json_schema.schema: {problem}", "response_format")
+    return {"json": schema}
 
 
 def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dict:

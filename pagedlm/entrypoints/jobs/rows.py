@@ -169,7 +169,8 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
         field = next((f for f in named if f in names), None)
     name = names.get(field)
     if name is not None and field != "prompt":
-        message = re.sub(_word(field), name, message)
+        # A renamed field's own keys are not the row's ("structured_outputs.json" from response_format).
+        message = re.sub(_word(field) + (r"(?:\.\w+)?" if name != field else ""), name, message)
     elif name is not None and not re.search(_word(name), message):  # "the prompt is empty": name the row's field
         message = f"{name}: {message}"
     return RowError(json_words(prefix + message), name)

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pagedlm.engine.structured_outputs import unenforceable
+from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.jobs.rows import RowError, schema_without_nulls
 
 _TOOL_KEYS = {"type", "function"}
@@ -73,7 +73,8 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
             a choice other than "none", "required" or ``{"type": "function", "function":
             {"name"}}`` naming one of them, "auto" (no tool-call parser), a choice without tools,
             ``parallel_tool_calls`` not true or false, a function's ``parameters`` xgrammar would
-            not enforce (``structured_outputs.unenforceable``), or functions' ``$defs`` that clash.
+            not enforce or cannot read (``structured_outputs.schema_problem``), or functions'
+            ``$defs`` that clash.
     """
     tools = schema_without_nulls(body.get("tools"), value_nulls)
     choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
@@ -129,7 +130,7 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
                            "tools")
         if parameters is not None and not isinstance(parameters, dict):
             raise RowError(f"{where}.function.parameters must be a JSON schema object, got {_json(parameters, 40)}", "tools")
-        problem = unenforceable(parameters) if parameters else None
+        problem = schema_problem(parameters) if parameters else None
         if problem:  # here, to name the function (the engine would name the schema of the calls)
             raise RowError(f"{where}.function.parameters ({name!r}): {problem}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
