@@ -389,23 +389,27 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_chat_template(chat_template: str | os.PathLike | None) -> str | None:
-    """A chat template given as a file's path, or as the template itself (vLLM's
-    ``load_chat_template``: text with any of ``{``, ``}`` or a newline is a template), compiled as
-    transformers compiles it to render chats.
+def load_chat_template(chat_template: str | os.PathLike | None, files: bool = True) -> str | None:
+    """A chat template given as a file's path (unless not ``files``), or as the template itself
+    (vLLM's ``load_chat_template``: text with any of ``{``, ``}`` or a newline is a template),
+    compiled as transformers compiles it to render chats.
 
     Raises:
-        ValueError: neither a file nor template text, or the template is not valid Jinja.
+        ValueError: neither a file nor template text (with ``files`` False: not template text),
+            or the template is not valid Jinja.
     """
     if chat_template is None:
         return None
     if not isinstance(chat_template, (str, os.PathLike)):
         raise ValueError(f"chat_template must be a Jinja template or a path to one, got {type(chat_template).__name__}.")
-    if os.path.isfile(chat_template):
+    if files and os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
             template = f.read()
     elif isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
         template = chat_template
+    elif not files:
+        raise ValueError(f"chat_template must be a Jinja template; {str(chat_template)[:200]!r} is none, and a row's template "
+                         "is not read from a file (give the file to the job: --chat-template)")
     else:
         what = "a directory" if os.path.isdir(chat_template) else "no file"
         raise ValueError(f"chat_template must be a Jinja template or a path to one; {chat_template!r} is {what}.")

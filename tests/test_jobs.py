@@ -762,6 +762,9 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     assert recorded == {"hf_overrides": {"rms_norm_eps": 1e-5, "torch_dtype": "torch.float32"}, "max_logprobs": 5,
                         "override_generation_config": {"temperature": 0.5},
                         **{k: v for k, v in ENGINE.items() if k in ("dtype", "max_model_len")}}
+    # The job's own default (found by a hunt: --resume --max-logprobs 20 was refused as another job)
+    recorded = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir, engine={"max_logprobs": 20}), "plain")
+    assert recorded["engine"] == {}
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):
@@ -783,6 +786,24 @@ def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record
     with pytest.raises(ValueError, match="chat_template"):
         run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
                           engine=dict(ENGINE, chat_template=str(template_file)), sampling={"max_tokens": 2}))
+
+
+def test_a_rows_chat_template_is_never_read_from_a_file(llama_dir, tmp_path):
+    """Found by a hunt: a row's chat_template naming a local file rendered the file's text into the
+    prompt (a plain row got it back through prompt_logprobs), as vLLM's server refuses to."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("OP-SECRET {{ messages[0].content }}")
+    messages = [{"role": "user", "content": "Hi"}]
+    rows = [{"id": 1, "messages": messages, "chat_template": str(secret)},
+            {"id": 2, "messages": messages, "chat_template": TEMPLATE}]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = by_id(out)
+    assert got[1]["error"].startswith(f"line 1: chat_template must be a Jinja template; '{secret}' is none, and a "
+                                      "row's template is not read from a file"), got[1]["error"]
+    assert got[2]["error"] is None
+    chat = _openai_row("c", "/v1/chat/completions", {"messages": messages, "chat_template": str(secret)})
+    _, out = run(llama_dir, write_jsonl(tmp_path / "c.jsonl", [chat]), tmp_path / "c.out.jsonl")
+    assert out[0]["response"]["body"]["error"]["param"] == "chat_template"
 
 
 def test_progress_lines_come_while_rows_run(capsys):
@@ -827,6 +848,7 @@ def test_openai_rows_take_vllm_s_cache_salt(llama_dir, tmp_path):
     assert (stats.completed, stats.errors) == (2, 2)
     assert got["bad"]["response"]["body"]["error"]["param"] == "cache_salt"
     assert "cache_salt must be a non-empty str" in got["empty"]["error"]["message"]
+    assert got["empty"]["response"]["body"]["error"]["param"] == "cache_salt"  # a hunt: it was null
     with LLM(llama_dir, **ENGINE) as llm:
         for salt, row in (("a", "a1"), (None, "a1")):
             prompt = {"prompt": prefix, **({"cache_salt": salt} if salt else {})}
@@ -1043,6 +1065,21 @@ def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir
     assert json.load(open(str(out) + ".summary.json"))["errors"] == 2
     stats, _ = run(llama_dir, inp, out, resume=True)
     assert (stats.skipped, stats.completed) == (6, 0)
+
+
+def test_a_parquet_value_python_has_no_form_for_fails_its_row_alone():
+    """Found by a hunt: a map keyed by structs (TypeError) or a date past 9999 (OverflowError) in a
+    carried column ended the job with a traceback before any row, and every --resume the same way."""
+    from pagedlm.entrypoints.jobs.files import _batch_rows
+
+    keyed = [None] * 3
+    keyed[1] = [({"a": 1}, 2)]
+    table = pa.table({"id": [0, 1, 2], "m": pa.array(keyed, pa.map_(pa.struct([("a", pa.int64())]), pa.int64())),
+                      "t": pa.array([0, 0, 2**62], pa.timestamp("us"))})
+    got = list(_batch_rows(table.to_batches()[0]))
+    assert [row and row["id"] for row, _ in got] == [0, None, None]
+    assert got[1][1].startswith("column(s) 'm' hold a value Python cannot represent (TypeError: unhashable")
+    assert got[2][1].startswith("column(s) 't' hold a value Python cannot represent (OverflowError: ")
 
 
 def _chat_row(custom_id, **body):
@@ -1308,6 +1345,10 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
     with pytest.raises(ValueError, match="column 'id' is double; ids must be strings or integers"):
         run(llama_dir, tmp_path / "f.parquet", tmp_path / "f.jsonl")
     assert not os.path.exists(tmp_path / "f.jsonl")
+    # OpenAI's custom_id is a string (a hunt: integers made every row an error, and a resume skipped them all)
+    pq.write_table(pa.Table.from_pylist([_openai_row(1, "/v1/completions", {"prompt": "a"})]), tmp_path / "o.parquet")
+    with pytest.raises(ValueError, match="column 'custom_id' is int64; custom_id must be strings"):
+        run(llama_dir, tmp_path / "o.parquet", tmp_path / "o.jsonl")
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}])
     run(llama_dir, inp, tmp_path / "out.jsonl")
     for damage in ("", "[]"):

@@ -227,6 +227,7 @@ def render_chat(
     chat_template_kwargs: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
     chat_template_content_format: str = "auto",
+    template_files: bool = True,
 ) -> RenderedChat:
     """The prompt the template makes of ``conversation``, checked by ``parse_conversation`` first.
     Its text already holds the template's special tokens (BOS included), so it is tokenized with
@@ -234,7 +235,9 @@ def render_chat(
     ``tools``. ``chat_template_kwargs`` go to it too, under the arguments: an argument that is not
     None wins over the key of the same name (vLLM's ``merge_kwargs``), so they only fill in
     ``tools`` and ``chat_template`` when those are None (they may not set the conversation or
-    ``tokenize``).
+    ``tokenize``). ``chat_template`` names a file only with ``template_files``: a job row's
+    template is template text or one of the tokenizer's template names, never a local file that
+    a row of data would read into its prompt.
 
     Raises:
         FieldError: its ``field`` the argument at fault: a bad message (``parse_conversation``;
@@ -281,7 +284,7 @@ def render_chat(
         "tools": tools, "chat_template": chat_template, "tokenize": False,
     })
     template_field = "chat_template" if chat_template is not None else "chat_template_kwargs"
-    chat_template = _resolve_template(tokenizer, kwargs.pop("chat_template", None), template_field)
+    chat_template = _resolve_template(tokenizer, kwargs.pop("chat_template", None), template_field, template_files)
     if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise FieldError("add_generation_prompt and continue_final_message cannot both be True",
                          "continue_final_message" if continue_final_message else "chat_template_kwargs")
@@ -309,9 +312,11 @@ def render_chat(
     return RenderedChat(text)
 
 
-def _resolve_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, field: str) -> str | None:
+def _resolve_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, field: str,
+                      files: bool) -> str | None:
     """``chat_template`` as ``apply_chat_template`` takes it: the name of one of the tokenizer's
-    templates, the text of a file it names, or template text as given (``config.load_chat_template``)."""
+    templates, the text of a file it names (with ``files``), or template text as given
+    (``config.load_chat_template``)."""
     own = tokenizer.chat_template
     if chat_template is None:
         if own is None:
@@ -321,7 +326,7 @@ def _resolve_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
     if isinstance(own, dict) and chat_template in own:
         return chat_template
     try:
-        return load_chat_template(chat_template)
+        return load_chat_template(chat_template, files)
     except ValueError as exc:
         names = f" or one of the tokenizer's template names ({', '.join(own)})" if isinstance(own, dict) else ""
         raise FieldError(f"{str(exc).rstrip('.')}{names}", field) from None

@@ -91,7 +91,8 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
 
 def _parquet_rows(path: str) -> Iterator[InputRow]:
     """A Parquet file's rows, one row group at a time: the rows of a row group that cannot be read
-    (a corrupt page) come as errors, and the row groups after it are still read."""
+    (a corrupt page) come as errors, and the row groups after it are still read; so does a row
+    with a value Python has no form for (``_batch_rows``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,15 +104,48 @@ def _parquet_rows(path: str) -> Iterator[InputRow]:
         read = 0
         try:
             for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
-                for row in batch.to_pylist(maps_as_pydicts="lossy"):  # a map as JSON's object (a logit_bias)
+                for row, error in _batch_rows(batch):
                     read += 1
-                    yield f"row {start + read}", row, None
+                    yield f"row {start + read}", row, error and f"row {start + read}: {error}"
         except (OSError, pa.ArrowException) as exc:
             why = " ".join(f"{type(exc).__name__}: {exc}".split())  # pyarrow's messages span lines
             for number in range(start + read + 1, start + size + 1):
                 yield (f"row {number}", None,
                        f"row {number}: row group {group + 1} of {groups} of the input cannot be read: {why}")
         start += size
+
+
+# What pyarrow raises for a value Python has no form for: a date past the year 9999
+# (OverflowError), a map keyed by structs or lists (TypeError: unhashable).
+_CONVERSION_ERRORS = (OverflowError, TypeError, ValueError)
+
+
+def _batch_rows(batch) -> Iterator[tuple[dict | None, str | None]]:
+    """A record batch's rows as dicts (a map as JSON's object: a logit_bias), each with None; a
+    row that cannot be converted as None with an error naming its columns at fault."""
+    try:
+        rows = batch.to_pylist(maps_as_pydicts="lossy")
+    except _CONVERSION_ERRORS:
+        rows = None
+    if rows is not None:
+        yield from ((row, None) for row in rows)
+        return
+    for i in range(batch.num_rows):
+        one = batch.slice(i, 1)
+        try:
+            yield one.to_pylist(maps_as_pydicts="lossy")[0], None
+        except _CONVERSION_ERRORS as exc:
+            bad = [name for name, column in zip(one.schema.names, one.columns) if not _converts(column)]
+            yield None, (f"column(s) {', '.join(map(repr, bad))} hold a value Python cannot represent "
+                         f"({type(exc).__name__}: {exc})")
+
+
+def _converts(column) -> bool:
+    try:
+        column.to_pylist(maps_as_pydicts="lossy")
+    except _CONVERSION_ERRORS:
+        return False
+    return True
 
 
 def input_schema(path: str, kind: str):

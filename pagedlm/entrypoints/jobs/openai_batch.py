@@ -88,6 +88,7 @@ class OpenAIBatchFormat:
     """
 
     key_field = "custom_id"
+    integer_keys = False  # OpenAI's custom_id is a string
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any], names_given: bool = False,
@@ -191,6 +192,8 @@ class OpenAIBatchFormat:
         elif tool_choice is not None and tool_choice.calls:
             fields["structured_outputs"], renames["structured_outputs"] = {"json": tool_choice.schema}, "tools"
         names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
+        if "cache_salt" in body:  # a prompt's field, which the engine checks (an empty salt)
+            names["cache_salt"] = "cache_salt"
         params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
         return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice))
 
@@ -199,7 +202,7 @@ class OpenAIBatchFormat:
         to call them: then the grammar still holds the call to a function's parameters, and the
         job warns once that the model does not see the definitions (vLLM drops them silently)."""
         try:
-            return render_chat(self.tokenizer, messages, **options)
+            return render_chat(self.tokenizer, messages, **options, template_files=False)
         except FieldError as exc:
             if not (exc.field == "tools" and tool_choice is not None and tool_choice.calls):
                 raise chat_error(exc, "body.") from None
@@ -208,7 +211,7 @@ class OpenAIBatchFormat:
             logger.warning("the chat template does not read tools: the model does not see the tool definitions, "
                            "only the grammar holds its calls to their parameters")
         try:
-            return render_chat(self.tokenizer, messages, **{**options, "tools": None})
+            return render_chat(self.tokenizer, messages, **{**options, "tools": None}, template_files=False)
         except FieldError as exc:
             raise chat_error(exc, "body.") from None
 

@@ -36,6 +36,7 @@ class PlainFormat:
     schema's ``const`` or ``default`` (``schema_without_nulls``)."""
 
     key_field = "id"
+    integer_keys = True
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False) -> None:
         self.tokenizer = tokenizer
@@ -73,7 +74,7 @@ class PlainFormat:
             prompt = value
         elif column == "messages":
             try:
-                prompt = render_chat(self.tokenizer, value, **options)
+                prompt = render_chat(self.tokenizer, value, **options, template_files=False)
             except FieldError as exc:
                 raise chat_error(exc) from None
         else:

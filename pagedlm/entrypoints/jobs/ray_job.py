@@ -67,7 +67,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                          "without --ray")
     check_served_model_names(config, "plain")
     check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, PlainFormat.key_field)
+    check_id_column(config.input, in_kind, PlainFormat)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(

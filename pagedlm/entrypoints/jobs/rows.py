@@ -50,6 +50,7 @@ class JobFormat(Protocol):
     """A row format (OpenAI batch or plain): input rows in, output rows out."""
 
     key_field: str  # the field that holds a row's id, in input and output rows alike
+    integer_keys: bool  # whether an id may be an integer (else strings only)
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of(row)``."""

@@ -121,7 +121,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
         check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, (PlainFormat if fmt_name == "plain" else OpenAIBatchFormat).key_field)
+    check_id_column(config.input, in_kind, PlainFormat if fmt_name == "plain" else OpenAIBatchFormat)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -304,9 +304,11 @@ def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:
     return {"max_logprobs": JOB_MAX_LOGPROBS, **config.engine}
 
 
-def check_id_column(path: str, in_kind: str, key_field: str) -> None:
-    """Refuse a Parquet input whose id column holds neither strings nor integers (e.g. float64,
-    which pandas writes for an integer column with a missing value): every row would be an error.
+def check_id_column(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
+    """Refuse a Parquet input whose id column (``fmt.key_field``) holds ids the format does not
+    take (e.g. float64, which pandas writes for an integer column with a missing value, or
+    integers as OpenAI's ``custom_id``): every row would be an error, and a resume would count
+    them done.
 
     Raises:
         ValueError: naming the column, its type and the types allowed.
@@ -316,13 +318,18 @@ def check_id_column(path: str, in_kind: str, key_field: str) -> None:
     import pyarrow as pa
 
     schema = input_schema(path, in_kind)
+    key_field = fmt.key_field
     if key_field not in schema.names:
         return
     kind = schema.field(key_field).type
     value = kind.value_type if pa.types.is_dictionary(kind) else kind
-    if not (pa.types.is_integer(value) or pa.types.is_string(value) or pa.types.is_large_string(value)):
+    if pa.types.is_string(value) or pa.types.is_large_string(value) or fmt.integer_keys and pa.types.is_integer(value):
+        return
+    if fmt.integer_keys:
         raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
                          f"it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
+    raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; {key_field} must be strings (cast it first, "
+                     f"e.g. pandas' df[{key_field!r}].astype(str))")
 
 
 def check_result_columns(path: str, in_kind: str) -> None:
@@ -492,12 +499,13 @@ def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
 
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
 # and the cache's size do not: outputs are batch-invariant, unless batch_invariant=False; the block
-# size does, in float32 attention's last bits). Recorded where they differ from LLM's defaults, so
-# that giving a default explicitly is the same job.
+# size does, in float32 attention's last bits). Recorded where they differ from a job's defaults
+# (LLM's, and JOB_MAX_LOGPROBS), so that giving a default explicitly is the same job.
 OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
                           "tokenizer", "chat_template", "override_generation_config", "hf_overrides", "max_logprobs",
                           "batch_invariant", "reasoning_parser", "reasoning_config", "structured_outputs_config")
-_LLM_DEFAULTS = {p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()}
+_JOB_DEFAULTS = {**{p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()},
+                 "max_logprobs": JOB_MAX_LOGPROBS}
 
 
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
@@ -508,7 +516,8 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         ValueError: ``config.engine["chat_template"]`` is neither a template nor a file.
     """
     model = model or config.model or "(the embedded default model)"
-    engine = {k: config.engine[k] for k in OUTPUT_ENGINE_SETTINGS if k in config.engine and config.engine[k] != _LLM_DEFAULTS[k]}
+    given = job_engine_kwargs(config)
+    engine = {k: given[k] for k in OUTPUT_ENGINE_SETTINGS if k in given and given[k] != _JOB_DEFAULTS[k]}
     if isinstance(engine.get("tokenizer"), str) and os.path.exists(engine["tokenizer"]):
         engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
     if "chat_template" in engine:
