@@ -184,6 +184,26 @@ def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_
     assert got == expected
 
 
+def test_longrope_siblings_on_both_sides_of_the_threshold_fit_the_cache(tmp_path, tokenizer_dir):
+    """Found by a fuzz hunt: siblings out of step (a two-token step budget shared with another
+    request) on both sides of the threshold hold two copies of the prompt's blocks (their salts
+    differ); admission counted one, and the recompute's re-admission failed an assertion out of
+    generate. Admission counts both: such a request is refused up front or runs to its end."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "phi3_longrope"), "phi3_longrope", tokenizer_dir)
+    prompts = [{"prompt_token_ids": [5]}, {"prompt_token_ids": _prompts(3, [60])[0]}]
+    params = [SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+              SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=20, ignore_eos=True)]
+    tight = dict(dtype="float32", block_size=8, max_num_seqs=2, max_num_batched_tokens=2, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="60 prompt tokens \\+ max_tokens \\(20\\) do not fit the KV cache: its 16 KV "
+                                         "blocks of 8 tokens hold at most 64 tokens"):
+        LLM(path, num_kv_blocks=16, **tight).generate(prompts, params, use_tqdm=False)
+    expected = LLM(path, dtype="float32", block_size=8).generate(prompts, params, use_tqdm=False)
+    got = LLM(path, num_kv_blocks=20, **tight).generate(prompts, params, use_tqdm=False)  # two copies: 20 blocks
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in expected]
+
+
 def test_longrope_for_one_layer_type_is_refused(tmp_path, tokenizer_dir):
     """Gemma 3's RoPE per layer type: "longrope" on one type would switch those layers alone."""
     from conftest import make_checkpoint

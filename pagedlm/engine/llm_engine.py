@@ -406,11 +406,21 @@ class LLMEngine:
     def _max_seq_len(self, num_prompt_tokens: int, best_of: int) -> int:
         """The longest each of a request's sequences may grow: ``max_model_len``, and what the KV
         cache holds with all ``best_of`` of them that long at once (the prompt's full blocks
-        shared), so a request that is admitted can always be run to its end."""
+        shared), so a request that is admitted can always be run to its end. Where Phi-3's
+        LongRoPE recomputes the sequences that grew past its threshold under a salt of their own
+        (``_recompute_past_long_rope_threshold``), siblings on both sides of it hold two copies
+        of the prompt's blocks, unless the sequences stop at the threshold."""
         bm = self.block_manager
         shared = num_prompt_tokens // bm.block_size
-        own = (bm.num_kv_blocks - bm.watermark_blocks - shared) // best_of
-        return min(self.model_config.max_model_len, (shared + own) * bm.block_size)
+
+        def longest(copies: int) -> int:
+            own = (bm.num_kv_blocks - bm.watermark_blocks - copies * shared) // best_of
+            return min(self.model_config.max_model_len, (shared + own) * bm.block_size)
+
+        long_rope = self.model_runner.long_rope
+        if best_of > 1 and long_rope is not None and long_rope.whole_sequence and num_prompt_tokens <= long_rope.threshold:
+            return max(min(longest(1), long_rope.threshold), longest(2))
+        return longest(1)
 
     def _log_memory_plan(self) -> None:
         bm = self.block_manager
