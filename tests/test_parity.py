@@ -246,6 +246,9 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     # Found by a hunt: an fp8 checkpoint failed on its first weight_scale tensor, naming no quantization.
     ("llama", "quantization_config", {"quant_method": "fp8", "activation_scheme": "dynamic"},
      r"is a quantized checkpoint \(quantization_config: fp8\); pagedlm runs checkpoints in float32"),
+    # Found by a hunt: a Qwen2 checkpoint (biases) labelled LlamaForCausalLM named only the weight.
+    ("qwen2", "architectures", ["LlamaForCausalLM"],
+     r"Unexpected weight '.*self_attn.[qkv]_proj.bias' in .*: LlamaForCausalLM, the model of the config's architectures"),
 ])
 def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, field, value, message):
     """A config field the native model would not honour is refused, never run as something else."""

@@ -76,7 +76,9 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     if name == "lm_head.weight" and "embed_tokens.weight" in params:
                         saved_head = f.get_tensor(ckpt_name)
                         continue
-                    raise ValueError(f"Unexpected weight {ckpt_name!r} in {path}.")
+                    raise ValueError(f"Unexpected weight {ckpt_name!r} in {path}: {type(model).__name__}, the model "
+                                     "of the config's architectures, has no such parameter (does it name the "
+                                     "checkpoint's architecture?).")
                 target = _shard_view(model, name, params[name], shard)
                 tensor = f.get_tensor(ckpt_name)
                 if tensor.shape != target.shape:
