@@ -329,7 +329,7 @@ def test_chat_template_names_files_and_text_everywhere(llm, tmp_path):
     named = copy.copy(tokenizer)
     named.chat_template = {"default": TEMPLATE, "tool_use": DUMP}
     assert render_chat(named, user("hi"), "tool_use").text == '{"role": "user", "content": "hi"}|'
-    with pytest.raises(FieldError, match=r"or one of the tokenizer's template names \(default, tool_use\)"):
+    with pytest.raises(FieldError, match=r"is no file; or name one of the tokenizer's templates: default, tool_use$"):
         render_chat(named, user("hi"), "other")
 
 # --- LLM.generate_as_completed --------------------------------------------------------------

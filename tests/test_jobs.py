@@ -752,7 +752,7 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
         run_job(JobConfig(input=other, output=str(tmp_path / "out.jsonl"), model=llama_dir + "/", resume=True,
                           engine=dict(ENGINE)))
     # Settings that change the rows' outputs are part of the record; explicit defaults are not.
-    from pagedlm.entrypoints.jobs.runner import job_record
+    from pagedlm.entrypoints.jobs.runner import check_record, job_record
 
     import torch
 
@@ -765,6 +765,9 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     # The job's own default (found by a hunt: --resume --max-logprobs 20 was refused as another job)
     recorded = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir, engine={"max_logprobs": 20}), "plain")
     assert recorded["engine"] == {}
+    resumed = JobConfig(input=inp, output=str(tmp_path / "o.jsonl"), resume=True)
+    (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(recorded, engine={"max_logprobs": 20})))  # as before
+    check_record(resumed, recorded, started=True)
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):
@@ -1067,19 +1070,23 @@ def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir
     assert (stats.skipped, stats.completed) == (6, 0)
 
 
-def test_a_parquet_value_python_has_no_form_for_fails_its_row_alone():
+def test_a_parquet_value_python_has_no_form_for_fails_its_row_alone(llama_dir, tmp_path):
     """Found by a hunt: a map keyed by structs (TypeError) or a date past 9999 (OverflowError) in a
     carried column ended the job with a traceback before any row, and every --resume the same way."""
-    from pagedlm.entrypoints.jobs.files import _batch_rows
-
     keyed = [None] * 3
     keyed[1] = [({"a": 1}, 2)]
-    table = pa.table({"id": [0, 1, 2], "m": pa.array(keyed, pa.map_(pa.struct([("a", pa.int64())]), pa.int64())),
-                      "t": pa.array([0, 0, 2**62], pa.timestamp("us"))})
-    got = list(_batch_rows(table.to_batches()[0]))
-    assert [row and row["id"] for row, _ in got] == [0, None, None]
-    assert got[1][1].startswith("column(s) 'm' hold a value Python cannot represent (TypeError: unhashable")
-    assert got[2][1].startswith("column(s) 't' hold a value Python cannot represent (OverflowError: ")
+    inp = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"id": [0, 1, 2], "prompt": ["a", "b", "c"],
+                             "m": pa.array(keyed, pa.map_(pa.struct([("a", pa.int64())]), pa.int64())),
+                             "t": pa.array([0, 0, 2**62], pa.timestamp("us"))}), inp)
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    got = by_id(out)
+    assert (stats.completed, stats.errors) == (1, 2) and got[0]["error"] is None
+    assert got[1]["error"].startswith("row 2: column(s) 'm' hold a value Python cannot represent (TypeError: unhashable")
+    assert got[2]["error"].startswith("row 3: column(s) 't' hold a value Python cannot represent (OverflowError: ")
+    assert got[2]["prompt"] == "c"  # the columns that convert are carried, the id among them
+    stats, _ = run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (3, 0, 0)
 
 
 def _chat_row(custom_id, **body):

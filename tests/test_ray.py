@@ -283,3 +283,19 @@ def test_a_row_whose_parsing_raises_anything_fails_alone_on_an_actor_too(llama_d
     lines = stage(pa.table({"id": [1, 2], "prompt": ["a", "b"]})).column("line").to_pylist()
     rows = {row["id"]: row for row in map(json.loads, lines)}
     assert rows[1]["error"] is None and "the row could not be read: KeyError" in rows[2]["error"]
+
+
+def test_a_value_python_has_no_form_for_fails_its_row_alone_on_an_actor(llama_dir):
+    """A review: the runner's fix (a date past 9999 failed the whole job) did not reach the stage,
+    which converted each batch unguarded."""
+    import pyarrow as pa
+
+    from pagedlm.integrations.ray import PagedLMStage
+
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=dict(ENGINE),
+                                    sampling_params={"temperature": 0.0, "max_tokens": 2})
+    stage = PagedLMStage(config, json_lines_in=False, json_lines_out=True, done_ids=None)
+    batch = pa.table({"id": [1, 2], "prompt": ["a", "b"], "t": pa.array([0, 2**62], pa.timestamp("us"))})
+    rows = {row["id"]: row for row in map(json.loads, stage(batch).column("line").to_pylist())}
+    assert rows[1]["error"] is None
+    assert rows[2]["error"].startswith("column(s) 't' hold a value Python cannot represent (OverflowError")

@@ -25,6 +25,7 @@ MODE = {"type": "function", "function": {"name": "set_mode", "parameters": {
     "type": "object", "properties": {"mode": {"$ref": "#/$defs/Mode"}}, "required": ["mode"],
     "$defs": {"Mode": {"enum": ["on", "off"]}}}}}
 NO_ARGS = {"type": "function", "function": {"name": "ping"}}
+UNREADABLE = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": 5}}}
 
 
 def _row(custom_id, template=TOOLS_TEMPLATE, **body):
@@ -129,8 +130,7 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
         "n": {"type": "integer", "multipleOf": 3}}}}}], "tool_choice": "required"}, "tools",
      r"tools\[1\]\.function\.parameters \('g'\): keyword multipleOf: cannot be enforced"),
     # Found by session 43: xgrammar's own refusal reached the row as "tools.json does not compile".
-    ({"tools": [UNIT, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": 5}}}],
-      "tool_choice": {"type": "function", "function": {"name": "set_unit"}}}, "tools",
+    ({"tools": [UNIT, UNREADABLE], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools",
      r"^body\.tools\[1\]\.function\.parameters \('g'\): properties must be an object$"),
     # ... and a function of an empty anyOf was written as '"parameters":' with no value
     ({"tools": [{"type": "function", "function": {"name": "g", "parameters": {"anyOf": []}}}],
@@ -150,6 +150,14 @@ def test_bad_tools_are_the_rows_error_naming_the_field(llama_dir, tmp_path, body
     with pytest.raises(RowError, match=message) as exc:
         fmt.parse(_row("a", **body), "a")
     assert exc.value.param == param
+
+
+@pytest.mark.parametrize("choice", ["none", {"type": "function", "function": {"name": "set_unit"}}])
+def test_a_tool_the_choice_does_not_compile_is_not_read_by_xgrammar(llama_dir, choice):
+    """A review: xgrammar's converter refused parameters that the choice never compiles (vLLM
+    compiles only the chosen function's, and none for "none")."""
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    assert fmt.parse(_row("a", tools=[UNIT, UNREADABLE], tool_choice=choice), "a").context.tool_choice is not None
 
 
 def test_a_bad_tool_row_fails_alone_in_a_job(llama_dir, tmp_path):

@@ -328,7 +328,7 @@ def _resolve_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
     try:
         return load_chat_template(chat_template, files)
     except ValueError as exc:
-        names = f" or one of the tokenizer's template names ({', '.join(own)})" if isinstance(own, dict) else ""
+        names = f"; or name one of the tokenizer's templates: {', '.join(own)}" if isinstance(own, dict) else ""
         raise FieldError(f"{str(exc).rstrip('.')}{names}", field) from None
 
 

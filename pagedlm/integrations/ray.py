@@ -30,7 +30,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-from pagedlm.entrypoints.jobs.files import as_text, id_text, rows_to_table, to_json
+from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, rows_to_table, to_json
 from pagedlm.entrypoints.llm import LLM, VLLM_NO_OP_ARGS, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import default_model_path
@@ -204,17 +204,17 @@ class PagedLMStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
-            else [(_plain(row), None) for row in batch.to_pylist(maps_as_pydicts="lossy")]
+            else [(_plain(row), error) for row, error in batch_rows(batch)]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
         for row, read_error in rows:
-            key = self.fmt.key_of(row) if read_error is None else None
+            key = self.fmt.key_of(row)  # None for a line that is no JSON
             text_key = id_text(key)
             if text_key is not None and text_key in self.done_ids:
                 continue
             if read_error is not None:
-                out.append(self.fmt.error_row(None, None, read_error))
+                out.append(self.fmt.error_row(key, row, read_error))
                 continue
             if text_key is not None and text_key in seen:
                 out.append(self.fmt.error_row(key, row, f"duplicate id {key!r} (an earlier row of its batch has it)",

@@ -47,8 +47,8 @@ def _import_pyarrow():
         raise ValueError("Parquet files need pyarrow: pip install 'pagedlm[parquet]'") from None
 
 
-# (where the row is: "line N" of a JSONL file or "row N" of a Parquet one, the row or None, why it
-# could not be read or None)
+# (where the row is: "line N" of a JSONL file or "row N" of a Parquet one, the row (with an error:
+# the columns of it that could be read, or None), why it could not be read or None)
 InputRow = tuple[str, Any, str | None]
 
 
@@ -92,7 +92,7 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
 def _parquet_rows(path: str) -> Iterator[InputRow]:
     """A Parquet file's rows, one row group at a time: the rows of a row group that cannot be read
     (a corrupt page) come as errors, and the row groups after it are still read; so does a row
-    with a value Python has no form for (``_batch_rows``)."""
+    with a value Python has no form for (``batch_rows``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -104,7 +104,7 @@ def _parquet_rows(path: str) -> Iterator[InputRow]:
         read = 0
         try:
             for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
-                for row, error in _batch_rows(batch):
+                for row, error in batch_rows(batch):
                     read += 1
                     yield f"row {start + read}", row, error and f"row {start + read}: {error}"
         except (OSError, pa.ArrowException) as exc:
@@ -120,9 +120,10 @@ def _parquet_rows(path: str) -> Iterator[InputRow]:
 _CONVERSION_ERRORS = (OverflowError, TypeError, ValueError)
 
 
-def _batch_rows(batch) -> Iterator[tuple[dict | None, str | None]]:
-    """A record batch's rows as dicts (a map as JSON's object: a logit_bias), each with None; a
-    row that cannot be converted as None with an error naming its columns at fault."""
+def batch_rows(batch) -> Iterator[tuple[dict, str | None]]:
+    """An Arrow record batch's (or table's) rows as dicts (a map as JSON's object: a logit_bias),
+    each with None; a row that cannot be converted comes as the columns that can (its id, for
+    its error row) with an error naming the others."""
     try:
         rows = batch.to_pylist(maps_as_pydicts="lossy")
     except _CONVERSION_ERRORS:
@@ -135,17 +136,14 @@ def _batch_rows(batch) -> Iterator[tuple[dict | None, str | None]]:
         try:
             yield one.to_pylist(maps_as_pydicts="lossy")[0], None
         except _CONVERSION_ERRORS as exc:
-            bad = [name for name, column in zip(one.schema.names, one.columns) if not _converts(column)]
-            yield None, (f"column(s) {', '.join(map(repr, bad))} hold a value Python cannot represent "
-                         f"({type(exc).__name__}: {exc})")
-
-
-def _converts(column) -> bool:
-    try:
-        column.to_pylist(maps_as_pydicts="lossy")
-    except _CONVERSION_ERRORS:
-        return False
-    return True
+            values, bad = {}, []
+            for name, column in zip(one.schema.names, one.columns):
+                try:
+                    values[name] = column.to_pylist(maps_as_pydicts="lossy")[0]
+                except _CONVERSION_ERRORS:
+                    bad.append(name)
+            yield values, (f"column(s) {', '.join(map(repr, bad))} hold a value Python cannot represent "
+                           f"({type(exc).__name__}: {exc})")
 
 
 def input_schema(path: str, kind: str):

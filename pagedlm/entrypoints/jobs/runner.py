@@ -564,6 +564,8 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
                              f"({recorded if isinstance(recorded, Exception) else 'not a JSON object'}); restore it "
                              "or start the job afresh")
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
+        if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
+            recorded["engine"] = {k: v for k, v in recorded["engine"].items() if _JOB_DEFAULTS.get(k, v) != v}
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
             raise ValueError("cannot resume: this run's settings differ from the job's:\n  " + "\n  ".join(differ))
@@ -620,7 +622,7 @@ class _Job:
         index = 0
         for where, row, read_error in rows:
             self.stats.rows += 1
-            key = self.fmt.key_of(row) if read_error is None else None
+            key = self.fmt.key_of(row)  # None for a row that could not be read at all
             same = self.writer.same_key(key)
             self.seen[same] += 1
             if self.seen[same] <= self.done[same]:
@@ -628,7 +630,7 @@ class _Job:
                 self._count()
                 continue
             if read_error is not None:
-                self._write_error(None, None, read_error)
+                self._write_error(key, row, read_error)
                 continue
             if key is not None and self.seen[same] > 1:
                 error = self.fmt.error_row(key, row, f"{where}: duplicate id {key!r} (an earlier row has it)",

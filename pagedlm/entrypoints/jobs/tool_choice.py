@@ -12,10 +12,11 @@ function, as OpenAI and vLLM write them.
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pagedlm.engine.structured_outputs import schema_problem
+from pagedlm.engine.structured_outputs import schema_problem, unenforceable
 from pagedlm.entrypoints.jobs.rows import RowError, schema_without_nulls
 
 _TOOL_KEYS = {"type", "function"}
@@ -73,8 +74,9 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
             a choice other than "none", "required" or ``{"type": "function", "function":
             {"name"}}`` naming one of them, "auto" (no tool-call parser), a choice without tools,
             ``parallel_tool_calls`` not true or false, a function's ``parameters`` xgrammar would
-            not enforce or cannot read (``structured_outputs.schema_problem``), or functions'
-            ``$defs`` that clash.
+            not enforce (``structured_outputs.unenforceable``) or, for the functions the choice
+            compiles, cannot read (``structured_outputs.schema_problem``), or functions' ``$defs``
+            that clash.
     """
     tools = schema_without_nulls(body.get("tools"), value_nulls)
     choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
@@ -93,11 +95,13 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
     if choice == "none":
         return ToolChoice(tools, "none", None)
     if choice == "required":
+        _check_compiles(functions, functions)
         return ToolChoice(tools, "required", _calls_schema(functions, parallel is not False))
     name = _named(choice)
     if name not in functions:
         raise RowError(f"body.tool_choice names function {name!r}, which is not in body.tools (they define "
                        f"{', '.join(map(repr, functions))})", "tool_choice")
+    _check_compiles(functions, [name])
     return ToolChoice(tools, name, functions[name])
 
 
@@ -130,13 +134,23 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
                            "tools")
         if parameters is not None and not isinstance(parameters, dict):
             raise RowError(f"{where}.function.parameters must be a JSON schema object, got {_json(parameters, 40)}", "tools")
-        problem = schema_problem(parameters) if parameters else None
+        problem = unenforceable(parameters) if parameters else None
         if problem:  # here, to name the function (the engine would name the schema of the calls)
             raise RowError(f"{where}.function.parameters ({name!r}): {problem}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
             raise RowError(f"{where}.function.strict must be true or false, got {_json(function['strict'], 40)}", "tools")
         functions[name] = parameters or dict(_NO_PARAMETERS)
     return functions
+
+
+def _check_compiles(functions: dict[str, dict[str, Any]], names: Iterable[str]) -> None:
+    """Refuse the parameters of ``names``, the functions the choice compiles, that xgrammar
+    cannot read, naming the function (the engine would name the schema of the calls)."""
+    names = set(names)
+    for i, (name, parameters) in enumerate(functions.items()):
+        problem = schema_problem(parameters) if name in names else None
+        if problem:
+            raise RowError(f"body.tools[{i}].function.parameters ({name!r}): {problem}", "tools")
 
 
 def _named(choice: Any) -> str:
