@@ -308,6 +308,11 @@ def test_resolve_model(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileExistsError):
         convert_gguf(path, out)
+    # A hunt: an upper-case suffix was no GGUF, a directory of them met transformers' config error
+    os.rename(path, str(tmp_path / "tiny.GGUF"))
+    assert resolve_model(str(tmp_path / "tiny.GGUF")).startswith(str(tmp_path / "cache" / "gguf" / "tiny-"))
+    with pytest.raises(ValueError, match=r"is a directory of GGUF files \(tiny.GGUF\) without a config.json: pass"):
+        resolve_model(str(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "phi3"])

@@ -130,7 +130,7 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
     Raises whatever `convert` raises, and OSError where `root` cannot be written.
     """
     source = os.path.abspath(source)
-    stem = os.path.basename(source).removesuffix(".gguf")
+    stem = os.path.splitext(os.path.basename(source))[0]
     out_dir = os.path.join(root, f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:12]}")
     if os.path.isdir(out_dir) and _holds_source(out_dir, source, version):
         logger.debug("using the earlier conversion of %s at %s", source, out_dir)

@@ -442,8 +442,12 @@ def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
         raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id (org/name), "
                          f"got {type(model).__name__}")
     if os.path.isdir(model):
+        ggufs = [name for name in os.listdir(model) if name.lower().endswith(".gguf")]
+        if ggufs and not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"{what} {model!r} is a directory of GGUF files ({', '.join(sorted(ggufs)[:3])}) without "
+                             "a config.json: pass the .gguf file itself")
         return model
-    if not (model.endswith(".gguf") and os.path.isfile(model)):
+    if not (model.lower().endswith(".gguf") and os.path.isfile(model)):
         if is_hub_model_id(model) and not os.path.exists(model):
             return resolve_hub_model(model, what=what)
         raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id "
