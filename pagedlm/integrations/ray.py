@@ -88,7 +88,10 @@ class PagedLMProcessorConfig:
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(SAMPLING_FIELDS)}")
-        defaults = SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
+        try:
+            defaults = SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
+        except ValueError as exc:
+            raise ValueError(f"sampling_params: {exc}") from None
         check_thinking_budget(defaults, engine_has_reasoning(self.engine_kwargs),
                               "sampling_params: thinking_token_budget needs the model's reasoning strings: "
                               "engine_kwargs reasoning_parser or reasoning_config (pagedlm run: --reasoning-parser)")
@@ -97,6 +100,9 @@ class PagedLMProcessorConfig:
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))
         if unknown:
             raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
+        if self.model_source is not None and not (isinstance(self.model_source, str) and self.model_source):
+            raise ValueError(f"model_source must be a checkpoint directory, a .gguf file or a Hugging Face model id, or "
+                             f"None for the embedded default model; got {self.model_source!r}")
         # Not downloaded here: a driver that runs no inference may be offline.
         model = self.model_source if self.model_source is not None else default_model_path(download=False)
         if model is not None and os.path.exists(model):
@@ -111,6 +117,9 @@ class PagedLMProcessorConfig:
             raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
         if self.num_cpus is not None and not (isinstance(self.num_cpus, (int, float)) and self.num_cpus > 0):
             raise ValueError(f"num_cpus must be a number > 0, got {self.num_cpus!r}")
+        if self.num_gpus is not None and not (isinstance(self.num_gpus, (int, float)) and not isinstance(self.num_gpus, bool)
+                                              and self.num_gpus >= 0):
+            raise ValueError(f"num_gpus must be a number >= 0, got {self.num_gpus!r}")
 
     @property
     def threads(self) -> int:
@@ -239,6 +248,21 @@ class PagedLMStage:
                 out[positions[index]] = self.fmt.error_row(job_row.key, job_row.row, str(field_error(result, job_row.names)))
             else:
                 out[positions[index]] = self.fmt.result_row(job_row, result)
+        try:
+            return self._table(out, batch)
+        except (TypeError, ValueError, RecursionError):  # a row the output cannot hold is its error, as in the runner
+            return self._table([self._writable(row, batch) for row in out], batch)
+
+    def _writable(self, row: dict, batch: pa.Table) -> dict:
+        try:
+            self._table([row], batch)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return self.fmt.error_row(self.fmt.key_of(row), None,
+                                      f"the output row could not be written: {type(exc).__name__}: {exc}")
+        return row
+
+    def _table(self, out: list[dict], batch: pa.Table) -> pa.Table:
+        """The output rows as the stage returns them: JSON lines, or columns (the input's carried)."""
         if self.json_lines_out:
             return pa.table({"line": pa.array([as_text(row) for row in out], pa.string())})
         if self.json_lines_in:  # JSON rows to Parquet: batches must agree on types, so carried values are text
@@ -259,8 +283,9 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
     """A Ray tensor column's type as the nested lists ``_plain`` turns its values into: Ray types a
     batch of equal-shaped arrays and one of unequal shapes differently, and neither Parquet nor
     pandas joins the two."""
-    if not (isinstance(typ, pa.ExtensionType) and (typ.extension_name.startswith("ray.data.arrow_")
-                                                    or typ.extension_name == "arrow.fixed_shape_tensor")):
+    name = typ.extension_name if isinstance(typ, pa.ExtensionType) else ""
+    # Not ray.data.arrow_pickled_object, a column of Python objects (found by a hunt: it had no value_type).
+    if not (name.startswith("ray.data.arrow_") and "tensor" in name or name == "arrow.fixed_shape_tensor"):
         return typ
     plain = typ.value_type
     for _ in range(getattr(typ, "ndim", None) or len(typ.shape)):

@@ -126,6 +126,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                   "--resume continues the job", file=sys.stderr, flush=True)
             if own_ray:
                 ray.shutdown()  # ends the write tasks still running, before the files are counted
+        if interrupted is None and not storage.is_dir(config.output):
+            storage.make_dir(config.output)  # no rows, no files (found by a hunt: no output, and no job to resume)
         if storage.is_dir(config.output):
             _count_outputs(stats, config.output, out_kind, earlier)
         storage.write_text(config.output.rstrip("/") + ".summary.json",

@@ -384,7 +384,8 @@ def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> O
         if out_kind == "jsonl":
             return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
         return ParquetWriter(config.output, config.resume, fmt.key_of, fmt.key_field,
-                             output_schema(input_schema(config.input, in_kind)), config.sync_interval, trailing_columns=RESULT_COLUMNS)
+                             output_schema(input_schema(config.input, in_kind)), config.sync_interval,
+                             trailing_columns=RESULT_COLUMNS)
     except OSError as exc:
         raise OutputWriteError(exc.errno, f"cannot open {config.output}: {exc.strerror or exc}") from exc
 

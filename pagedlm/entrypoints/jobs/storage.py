@@ -88,6 +88,15 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
+def make_dir(path: str) -> None:
+    """The directory, and its parents, where they do not exist."""
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, inner = _resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
 def list_files(directory: str, suffixes: tuple[str, ...]) -> list[str]:
     """The files directly in ``directory`` whose names end in ``suffixes``, sorted, named as
     ``directory`` is (a path or a URI)."""
