@@ -276,6 +276,35 @@ def test_control_tokens_outside_the_byte_alphabet_keep_their_ids(tmp_path):
     assert tokenizer.decode([2, TOKENS.index("Hi")]) == "<｜User｜>Hi"
 
 
+def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_path):
+    """A review: putting user-defined tokens back at their ids dropped Gemma's "▁▁" (which llama.cpp
+    writes as two spaces, and transformers' reader spells as the vocabulary does) while a merge
+    still made it: the tokenizer no longer loaded. Only control tokens are put back."""
+    from pagedlm.transformers_utils.gguf import _write_tokenizer
+
+    pieces = ["▁", "H", "i", "▁H", "▁Hi", "Hi"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *pieces, "  ", "<start_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)]
+    kinds = ([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.NORMAL] * len(pieces)
+             + [gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256)
+    path = str(tmp_path / "gemma.gguf")
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.makedirs(tmp_path / "out")
+    _write_tokenizer(gguf.GGUFReader(path), path, str(tmp_path / "out"), 128, True, False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tokenizer("<start_of_turn>Hi").input_ids == [2, tokens.index("<start_of_turn>"), tokens.index("Hi")]
+
+
 @pytest.mark.parametrize("damage, message", [
     ({"leave_out": "model.layers.1.self_attn.v_proj.weight"},
      r"lacks the tensors of qwen2 weights \['model.layers.1.self_attn.v_proj.weight'\]"),
@@ -313,6 +342,8 @@ def test_resolve_model(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path / "tiny.GGUF")).startswith(str(tmp_path / "cache" / "gguf" / "tiny-"))
     with pytest.raises(ValueError, match=r"is a directory of GGUF files \(tiny.GGUF\) without a config.json: pass"):
         resolve_model(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")  # a tokenizer= directory beside its GGUF (a review)
+    assert resolve_model(str(tmp_path), "tokenizer") == str(tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "phi3"])

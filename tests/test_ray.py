@@ -337,3 +337,10 @@ def test_a_column_of_python_objects_fails_its_rows_not_the_dataset(local_cluster
                                                         for i in range(2)])).take_all()
     assert sorted(r["id"] for r in rows) == [0, 1]
     assert all(r["error"].startswith("the output row could not be written: TypeError: Fraction") for r in rows)
+
+
+def test_processor_config_takes_a_path_as_model_source(llama_dir):
+    """A review: the check of an empty model_source refused a pathlib.Path, which LLM takes."""
+    import pathlib
+
+    PagedLMProcessorConfig(model_source=pathlib.Path(llama_dir))

@@ -100,7 +100,8 @@ class PagedLMProcessorConfig:
         unknown = sorted(set(self.engine_kwargs) - set(engine_args))
         if unknown:
             raise ValueError(f"engine_kwargs: unknown argument(s) {', '.join(unknown)}; LLM takes {', '.join(engine_args)}")
-        if self.model_source is not None and not (isinstance(self.model_source, str) and self.model_source):
+        if self.model_source is not None and not (isinstance(self.model_source, (str, os.PathLike))
+                                                  and os.fspath(self.model_source)):
             raise ValueError(f"model_source must be a checkpoint directory, a .gguf file or a Hugging Face model id, or "
                              f"None for the embedded default model; got {self.model_source!r}")
         # Not downloaded here: a driver that runs no inference may be offline.

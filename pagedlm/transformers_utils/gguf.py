@@ -218,41 +218,42 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
     _check_added_tokens(reader, out_dir)
 
 
-def _added_tokens(reader: gguf.GGUFReader) -> dict[int, tuple[str, bool]]:
-    """The file's control and user-defined tokens whose text no other token has: id -> (text,
-    whether it is special, i.e. control)."""
+def _control_tokens(reader: gguf.GGUFReader) -> dict[int, str]:
+    """The file's control tokens whose text no other token has, by id. (User-defined ones are left
+    to transformers' reader, which spells some of them as the vocabulary does: Gemma's "▁▁",
+    which llama.cpp writes as two spaces.)"""
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
     types = _field(reader, "tokenizer.ggml.token_type", [])
     counts: dict[str, int] = {}
     for token in tokens:
         counts[token] = counts.get(token, 0) + 1
-    return {i: (tokens[i], kind == gguf.TokenType.CONTROL) for i, kind in enumerate(types)
-            if kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED) and counts[tokens[i]] == 1}
+    return {i: tokens[i] for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL and counts[tokens[i]] == 1}
 
 
 def _put_added_tokens_at_their_ids(reader: gguf.GGUFReader, tokenizer_json: str) -> None:
     """transformers' reader leaves out a byte-level vocabulary's control tokens whose text is
     outside the byte alphabet (DeepSeek's ``<｜User｜>``: cut into bytes), adds the ones named BOS
     or EOS again past the vocabulary, and adds GPT-2's ``<|endoftext|>`` where the vocabulary has
-    none: the added tokens become the file's control and user-defined ones, at their ids (an added
-    token takes the id of its text in the model's vocabulary, where the reader wrote its bytes), as
-    do the BOS and EOS the post-processor adds."""
+    none: the file's control tokens are added at their ids (an added token takes the id of its
+    text in the model's vocabulary, where the reader wrote its bytes), as are the BOS and EOS the
+    post-processor adds, and added tokens the file does not hold are dropped."""
     with open(tokenizer_json, encoding="utf-8") as f:
         state = json.load(f)
     before = json.dumps(state, ensure_ascii=False)
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
-    wanted = _added_tokens(reader)
-    kept = {a["id"]: a for a in state["added_tokens"] if a["id"] < len(tokens) and tokens[a["id"]] == a["content"]}
+    wanted = _control_tokens(reader)
+    kept = {a["id"]: a for a in state["added_tokens"] if a["id"] < len(tokens)}
     vocab = state["model"].get("vocab") if state["model"].get("type") == "BPE" else None
     text_of = {i: text for text, i in vocab.items()} if vocab is not None else {}
-    for i, (text, special) in wanted.items():
-        kept.setdefault(i, {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": special})
+    for i, text in wanted.items():
+        if kept.get(i, {}).get("content") != text:
+            kept[i] = {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                       "normalized": False, "special": True}
         if vocab is not None and text_of.get(i) != text:
             vocab.pop(text_of.get(i), None)
             vocab[text] = i
     state["added_tokens"] = [kept[i] for i in sorted(kept)]
-    _set_special_token_ids(state.get("post_processor"), {text: i for i, (text, _) in wanted.items()})
+    _set_special_token_ids(state.get("post_processor"), {text: i for i, text in wanted.items()})
     if json.dumps(state, ensure_ascii=False) != before:
         with open(tokenizer_json, "w", encoding="utf-8") as f:
             json.dump(state, f, ensure_ascii=False)
@@ -271,11 +272,15 @@ def _set_special_token_ids(processor: Any, id_of: dict[str, int]) -> None:
 
 
 def _check_added_tokens(reader: gguf.GGUFReader, out_dir: str) -> None:
-    """Raises ValueError where the written tokenizer does not give the file's control and
-    user-defined tokens their ids, or has tokens past the file's vocabulary."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    """Raises ValueError where the written tokenizer does not load, does not give the file's
+    control tokens their ids, or has tokens past the file's vocabulary."""
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    except Exception as exc:  # the tokenizers library raises plain Exceptions
+        raise ValueError(f"the tokenizer transformers builds from this GGUF does not load ({exc}); load the "
+                         "model's Hugging Face checkpoint instead") from None
     num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
-    wrong = next(((i, text) for i, (text, _) in _added_tokens(reader).items()
+    wrong = next(((i, text) for i, text in _control_tokens(reader).items()
                   if tokenizer.convert_tokens_to_ids(text) != i), None)
     if wrong is not None or len(tokenizer) > num_tokens:
         what = (f"token {wrong[1]!r} has id {tokenizer.convert_tokens_to_ids(wrong[1])}, not {wrong[0]}" if wrong
@@ -443,7 +448,9 @@ def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
                          f"got {type(model).__name__}")
     if os.path.isdir(model):
         ggufs = [name for name in os.listdir(model) if name.lower().endswith(".gguf")]
-        if ggufs and not os.path.isfile(os.path.join(model, "config.json")):
+        # A tokenizer's files beside a GGUF are a tokenizer= directory (vLLM's way).
+        if ggufs and not any(os.path.isfile(os.path.join(model, name))
+                             for name in ("config.json", "tokenizer.json", "tokenizer_config.json")):
             raise ValueError(f"{what} {model!r} is a directory of GGUF files ({', '.join(sorted(ggufs)[:3])}) without "
                              "a config.json: pass the .gguf file itself")
         return model
