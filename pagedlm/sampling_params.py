@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import inspect
 import json as _json
+import logging
 import math
 import numbers
 import re
@@ -18,6 +19,9 @@ import torch
 from pagedlm.utils import FieldError
 
 _GREEDY_EPS = 1e-5
+_MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a smaller one is raised to it (logits / t would overflow)
+
+logger = logging.getLogger("pagedlm")
 
 # (output_token_ids, logits) -> logits, or (prompt_token_ids, output_token_ids, logits) -> logits.
 LogitsProcessor = Callable[..., torch.Tensor]
@@ -312,7 +316,8 @@ class SamplingParams(_FieldsOnly):
         n: completions to return.
         best_of: completions to generate, of which the ``n`` with the highest cumulative
             log-probability are returned (the beam width under beam search). Defaults to ``n``.
-        temperature: softmax temperature in [0, 2] (vLLM's range); 0 means greedy decoding.
+        temperature: softmax temperature in [0, 2] (vLLM's range); 0 means greedy decoding, and one
+            in (0, 0.01) is raised to 0.01 with a warning, as vLLM does.
         top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``, in
             (0, 1], and every token tied with the least likely of them (Hugging Face and vLLM keep
             some of such ties by their sort's order; pagedlm's choice does not depend on it).
@@ -464,6 +469,10 @@ class SamplingParams(_FieldsOnly):
         if not 0 <= self.temperature <= 2:
             raise FieldError(f"temperature must be in [0, 2] (0 means greedy; vLLM's and OpenAI's range), "
                              f"got {self.temperature}.", "temperature")
+        if 0 < self.temperature < _MIN_TEMPERATURE:
+            logger.warning("temperature %s is less than %s, which is used instead (as vLLM does: logits divided by "
+                           "a smaller one can overflow); use 0 for greedy decoding", self.temperature, _MIN_TEMPERATURE)
+            self.temperature = _MIN_TEMPERATURE
         self.top_p = _check_range("top_p", self.top_p, 0, 1, lo_open=True)
         self.top_k = _number("top_k", self.top_k, integer=True)
         if self.top_k < -1:

@@ -196,6 +196,25 @@ def test_stop_token_text_is_left_out_unless_include_stop_str_in_output(llm):
         assert comp.text == text_of(shown)
 
 
+def test_a_stop_tokens_own_text_meets_the_stop_strings_with_include_stop_str_in_output(llm):
+    """vLLM 0.32 (a differential hunt): the stop token's text, added by include_stop_str_in_output,
+    is checked for stop strings too; one it completes is the stop reason and the text ends there."""
+    tok = llm.get_tokenizer()
+    stop = next(t for t in range(len(tok)) if t not in tok.all_special_ids and len(tok.decode([t]).strip()) >= 3)
+    word = tok.decode([stop])
+    for include, text, reason in ((True, word[: word.index(word.strip()[:2]) + 2], word.strip()[:2]), (False, "", stop)):
+        params = SamplingParams(max_tokens=5, allowed_token_ids=[stop], stop_token_ids=[stop], stop=[word.strip()[:2]],
+                                include_stop_str_in_output=include)
+        comp = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+        assert (comp.token_ids, comp.text, comp.finish_reason, comp.stop_reason) == ([stop], text, "stop", reason)
+
+
+def test_tiny_temperatures_sample_at_vllms_least_one():
+    """vLLM raises a temperature in (0, 0.01) to 0.01 and samples; it read as greedy here (n>1 refused)."""
+    assert SamplingParams(temperature=1e-6, n=2, seed=1).temperature == 0.01
+    assert SamplingParams(temperature=0.0).greedy
+
+
 def test_eos_text_is_left_out_with_skip_special_tokens_false(llm):
     def eos_as_third_token(output_token_ids, logits):
         if len(output_token_ids) == 2:

@@ -615,6 +615,8 @@ class LLMEngine:
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
+        if stopped_on_token:
+            self.stop_checker.check_stop_strings(seq, params, len(new_text))  # its own text, as vLLM checks it
         if stopped_on_token or grammar_ended:
             status = SequenceStatus.FINISHED_STOPPED
         else:

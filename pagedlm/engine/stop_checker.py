@@ -49,14 +49,21 @@ class StopChecker:
         seq.stop_reason = self.stop_reason(params, token_id)
         return True
 
+    def check_stop_strings(self, seq: Sequence, params: SamplingParams, num_new_chars: int) -> bool:
+        """Whether ``seq``'s newest text (``num_new_chars`` characters) completes a stop string;
+        if so, cuts the text there and sets ``seq.stop_reason`` to it. vLLM checks a stop token's
+        own text too, where ``include_stop_str_in_output`` adds it (``stop=["ar"]`` and a stop
+        token " Paris" give " Par", stop reason "ar")."""
+        # vLLM's rule: the text of the first min_tokens tokens cannot complete a stop string.
+        return (len(seq.output_token_ids) > params.min_tokens and bool(params.stop) and num_new_chars > 0
+                and _cut_at_stop_string(seq, params, num_new_chars))
+
     def check(self, seq: Sequence, params: SamplingParams, max_seq_len: int, num_new_chars: int) -> SequenceStatus | None:
         """After ``check_stop_token``: the status ``seq`` ends with once its newest token's text
         (``num_new_chars`` characters) is added, or ``None``; cuts the text at a stop string."""
         num_out = len(seq.output_token_ids)
-        # vLLM's rule: the text of the first min_tokens tokens cannot complete a stop string.
-        if num_out > params.min_tokens and params.stop and num_new_chars:
-            if _cut_at_stop_string(seq, params, num_new_chars):
-                return SequenceStatus.FINISHED_STOPPED
+        if self.check_stop_strings(seq, params, num_new_chars):
+            return SequenceStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_out >= params.max_tokens:
             return SequenceStatus.FINISHED_LENGTH_CAPPED
         if seq.num_tokens >= max_seq_len:
