@@ -214,7 +214,7 @@ class PagedLMStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
-            else [(_plain(row), error) for row, error in batch_rows(batch)]
+            else [_without_objects(_plain(row), error, batch.schema) for row, error in batch_rows(batch)]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
@@ -292,6 +292,18 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
     for _ in range(getattr(typ, "ndim", None) or len(typ.shape)):
         plain = pa.list_(plain)
     return plain
+
+
+def _without_objects(row: dict, error: str | None, schema: pa.Schema) -> tuple[dict, str | None]:
+    """A row that holds Python objects (Ray's pickled-object columns), which the output cannot
+    hold, as its error before it runs, and without them; other rows as they are."""
+    objects = [f.name for f in schema if getattr(f.type, "extension_name", "") == "ray.data.arrow_pickled_object"
+               and row.get(f.name) is not None]
+    if error is not None or not objects:
+        return row, error
+    return ({k: v for k, v in row.items() if k not in objects},
+            f"column(s) {', '.join(map(repr, objects))} hold Python objects ({type(row[objects[0]]).__name__}), "
+            "which the output cannot hold")
 
 
 def _plain(row: dict) -> dict:
