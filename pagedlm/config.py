@@ -408,8 +408,8 @@ def load_chat_template(chat_template: str | os.PathLike | None, files: bool = Tr
     elif isinstance(chat_template, str) and any(c in chat_template for c in "{}\n"):
         template = chat_template
     elif not files:
-        raise ValueError(f"chat_template must be a Jinja template; {str(chat_template)[:200]!r} is none, and a row's template "
-                         "is not read from a file (give the file to the job: --chat-template)")
+        raise ValueError(f"chat_template must be a Jinja template; {str(chat_template)[:200]!r} is none, and a row's "
+                         "template is not read from a file (give the file to the job: --chat-template)")
     else:
         what = "a directory" if os.path.isdir(chat_template) else "no file"
         raise ValueError(f"chat_template must be a Jinja template or a path to one; {chat_template!r} is {what}.")

@@ -418,7 +418,8 @@ class LLMEngine:
             return min(self.model_config.max_model_len, (shared + own) * bm.block_size)
 
         long_rope = self.model_runner.long_rope
-        if best_of > 1 and long_rope is not None and long_rope.whole_sequence and num_prompt_tokens <= long_rope.threshold:
+        if best_of > 1 and long_rope is not None and long_rope.whole_sequence \
+                and num_prompt_tokens <= long_rope.threshold:
             return max(min(longest(1), long_rope.threshold), longest(2))
         return longest(1)
 

@@ -118,8 +118,8 @@ class PagedLMProcessorConfig:
             raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
         if self.num_cpus is not None and not (isinstance(self.num_cpus, (int, float)) and self.num_cpus > 0):
             raise ValueError(f"num_cpus must be a number > 0, got {self.num_cpus!r}")
-        if self.num_gpus is not None and not (isinstance(self.num_gpus, (int, float)) and not isinstance(self.num_gpus, bool)
-                                              and self.num_gpus >= 0):
+        gpus = self.num_gpus
+        if gpus is not None and not (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0):
             raise ValueError(f"num_gpus must be a number >= 0, got {self.num_gpus!r}")
 
     @property

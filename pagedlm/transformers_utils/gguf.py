@@ -352,8 +352,8 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     tied = getattr(config, "tie_word_embeddings", False)
     missing = sorted(set(info["missing_keys"]) - ({"lm_head.weight"} if tied else set()))
     if missing or info["mismatched_keys"]:  # transformers would fill them with random values
-        raise ValueError(f"the GGUF file lacks the tensors of {arch} weights {missing[:4] or info['mismatched_keys'][:4]} "
-                         "(or holds them in another shape)")
+        raise ValueError(f"the GGUF file lacks the tensors of {arch} weights "
+                         f"{missing[:4] or info['mismatched_keys'][:4]} (or holds them in another shape)")
     weights = {name: t.numpy() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.architectures = [type(model).__name__]
