@@ -319,6 +319,16 @@ def test_a_transformers_architecture_file_missing_a_tensor_or_metadata_is_refuse
         convert_gguf(path, str(tmp_path / "out"))
 
 
+def test_a_vocabulary_longer_than_the_embedding_is_refused(tmp_path):
+    """Found by a hunt: it loaded, and prompts failed later with ids past the vocabulary."""
+    model = tiny_model(tied=True)
+    model.resize_token_embeddings(len(TOKENS) - 1)
+    path = str(tmp_path / "short.gguf")
+    write_gguf(model, path)
+    with pytest.raises(ValueError, match=f"has {len(TOKENS)} tokens, but token_embd.weight {len(TOKENS) - 1} rows"):
+        convert_gguf(path, str(tmp_path / "out"))
+
+
 def test_resolve_model(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
     path = str(tmp_path / "tiny.gguf")

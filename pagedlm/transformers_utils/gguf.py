@@ -415,6 +415,10 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
     _check_tensor_types(reader)
+    num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
+    rows = next((int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"), num_tokens)
+    if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
+        raise ValueError(f"the GGUF file's vocabulary has {num_tokens} tokens, but token_embd.weight {rows} rows")
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
