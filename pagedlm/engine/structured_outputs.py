@@ -119,12 +119,7 @@ class StructuredOutputManager:
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-                problem = unenforceable(schema)
-                if problem:
-                    raise ValueError(problem)
-                # Its properties come out in the schema's order.
-                grammar = self._xgr.Grammar.from_json_schema(
-                    json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False), any_whitespace=any_whitespace)
+                grammar = _json_grammar(self._xgr, schema, any_whitespace)
                 compiled = self._compiler.compile_grammar(_json_string_characters(grammar))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(xgrammar_regex.check(spec))
@@ -351,18 +346,31 @@ def schema_problem(schema: Any) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _schema_problem(text: str) -> str | None:
     schema = json.loads(text)
-    problem = unenforceable(schema)
-    if problem is not None:
-        return problem
     try:
         import xgrammar
     except ImportError:  # the engine names the missing extra when a request needs it
-        return None
+        return unenforceable(schema)
     try:
-        xgrammar.Grammar.from_json_schema(json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False))
-    except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
-        return _xgrammar_message(exc)
+        _json_grammar(xgrammar, schema)
+    except ValueError as exc:
+        return str(exc)
     return None
+
+
+def _json_grammar(xgr: Any, schema: Any, any_whitespace: bool = True) -> Any:
+    """xgrammar's grammar of the JSON ``schema``, its properties in the schema's order.
+
+    Raises:
+        ValueError: what xgrammar would not enforce (``unenforceable``), or its converter's error.
+    """
+    problem = unenforceable(schema)
+    if problem:
+        raise ValueError(problem)
+    try:
+        return xgr.Grammar.from_json_schema(json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False),
+                                            any_whitespace=any_whitespace)
+    except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
+        raise ValueError(_xgrammar_message(exc)) from None
 
 
 def unenforceable(schema: Any) -> str | None:

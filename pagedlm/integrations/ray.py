@@ -37,6 +37,7 @@ from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
     SAMPLING_FIELDS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
+    unwritable_row,
 )
 
 
@@ -213,8 +214,11 @@ class PagedLMStage:
         self.json_fields = json_fields or []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [_parse_line(line) for line in batch.column("text").to_pylist()] if self.json_lines_in \
-            else [_without_objects(_plain(row), error, batch.schema) for row, error in batch_rows(batch)]
+        if self.json_lines_in:
+            rows = [_parse_line(line) for line in batch.column("text").to_pylist()]
+        else:
+            objects = [f.name for f in batch.schema if getattr(f.type, "extension_name", "") == _PICKLED_OBJECTS]
+            rows = [_without_objects(_plain(row), error, objects) for row, error in batch_rows(batch)]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
@@ -258,8 +262,7 @@ class PagedLMStage:
         try:
             self._table([row], batch)
         except (TypeError, ValueError, RecursionError) as exc:
-            return self.fmt.error_row(self.fmt.key_of(row), None,
-                                      f"the output row could not be written: {type(exc).__name__}: {exc}")
+            return unwritable_row(self.fmt, self.fmt.key_of(row), exc)
         return row
 
     def _table(self, out: list[dict], batch: pa.Table) -> pa.Table:
@@ -285,7 +288,7 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
     batch of equal-shaped arrays and one of unequal shapes differently, and neither Parquet nor
     pandas joins the two."""
     name = typ.extension_name if isinstance(typ, pa.ExtensionType) else ""
-    # Not ray.data.arrow_pickled_object, a column of Python objects (found by a hunt: it had no value_type).
+    # Not _PICKLED_OBJECTS, a column of Python objects (found by a hunt: it had no value_type).
     if not (name.startswith("ray.data.arrow_") and "tensor" in name or name == "arrow.fixed_shape_tensor"):
         return typ
     plain = typ.value_type
@@ -294,11 +297,13 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
     return plain
 
 
-def _without_objects(row: dict, error: str | None, schema: pa.Schema) -> tuple[dict, str | None]:
-    """A row that holds Python objects (Ray's pickled-object columns), which the output cannot
-    hold, as its error before it runs, and without them; other rows as they are."""
-    objects = [f.name for f in schema if getattr(f.type, "extension_name", "") == "ray.data.arrow_pickled_object"
-               and row.get(f.name) is not None]
+_PICKLED_OBJECTS = "ray.data.arrow_pickled_object"  # Ray's column type for Python objects Arrow has no type for
+
+
+def _without_objects(row: dict, error: str | None, columns: list[str]) -> tuple[dict, str | None]:
+    """A row that holds Python objects (in ``columns``, Ray's pickled-object columns), which the
+    output cannot hold, as its error before it runs, and without them; other rows as they are."""
+    objects = [name for name in columns if row.get(name) is not None]
     if error is not None or not objects:
         return row, error
     return ({k: v for k, v in row.items() if k not in objects},

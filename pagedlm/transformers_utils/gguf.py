@@ -207,7 +207,9 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
         tokenizer = PreTrainedTokenizerFast.from_pretrained(src, gguf_file="model.gguf")
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
-    _put_added_tokens_at_their_ids(reader, os.path.join(out_dir, "tokenizer.json"))
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    control = _control_tokens(tokens, _field(reader, "tokenizer.ggml.token_type", []))
+    _put_control_tokens_at_their_ids(os.path.join(out_dir, "tokenizer.json"), control, len(tokens))
     path = os.path.join(out_dir, "tokenizer_config.json")
     with open(path) as f:
         tokenizer_config = json.load(f)
@@ -217,37 +219,34 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
     if max_len is not None:
         tokenizer_config["model_max_length"] = max_len
     _write_json(path, tokenizer_config)
-    _check_added_tokens(reader, out_dir)
+    _check_control_tokens(out_dir, control, len(tokens))
 
 
-def _control_tokens(reader: gguf.GGUFReader) -> dict[int, str]:
+def _control_tokens(tokens: list[str], types: list[int]) -> dict[int, str]:
     """The file's control tokens whose text no other token has, by id. (User-defined ones are left
     to transformers' reader, which spells some of them as the vocabulary does: Gemma's "▁▁",
     which llama.cpp writes as two spaces.)"""
-    tokens = _field(reader, "tokenizer.ggml.tokens", [])
-    types = _field(reader, "tokenizer.ggml.token_type", [])
     counts: dict[str, int] = {}
     for token in tokens:
         counts[token] = counts.get(token, 0) + 1
     return {i: tokens[i] for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL and counts[tokens[i]] == 1}
 
 
-def _put_added_tokens_at_their_ids(reader: gguf.GGUFReader, tokenizer_json: str) -> None:
+def _put_control_tokens_at_their_ids(tokenizer_json: str, control: dict[int, str], num_tokens: int) -> None:
     """transformers' reader leaves out a byte-level vocabulary's control tokens whose text is
     outside the byte alphabet (DeepSeek's ``<｜User｜>``: cut into bytes), adds the ones named BOS
     or EOS again past the vocabulary, and adds GPT-2's ``<|endoftext|>`` where the vocabulary has
-    none: the file's control tokens are added at their ids (an added token takes the id of its
-    text in the model's vocabulary, where the reader wrote its bytes), as are the BOS and EOS the
-    post-processor adds, and added tokens the file does not hold are dropped."""
+    none: the file's ``control`` tokens (``_control_tokens``) are added at their ids (an added
+    token takes the id of its text in the model's vocabulary, where the reader wrote its bytes), as
+    are the BOS and EOS the post-processor adds, and added tokens past the file's ``num_tokens``
+    are dropped."""
     with open(tokenizer_json, encoding="utf-8") as f:
         state = json.load(f)
     before = json.dumps(state, ensure_ascii=False)
-    tokens = _field(reader, "tokenizer.ggml.tokens", [])
-    wanted = _control_tokens(reader)
-    kept = {a["id"]: a for a in state["added_tokens"] if a["id"] < len(tokens)}
+    kept = {a["id"]: a for a in state["added_tokens"] if a["id"] < num_tokens}
     vocab = state["model"].get("vocab") if state["model"].get("type") == "BPE" else None
     text_of = {i: text for text, i in vocab.items()} if vocab is not None else {}
-    for i, text in wanted.items():
+    for i, text in control.items():
         if kept.get(i, {}).get("content") != text:
             kept[i] = {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                        "normalized": False, "special": True}
@@ -255,7 +254,7 @@ def _put_added_tokens_at_their_ids(reader: gguf.GGUFReader, tokenizer_json: str)
             vocab.pop(text_of.get(i), None)
             vocab[text] = i
     state["added_tokens"] = [kept[i] for i in sorted(kept)]
-    _set_special_token_ids(state.get("post_processor"), {text: i for i, text in wanted.items()})
+    _set_special_token_ids(state.get("post_processor"), {text: i for i, text in control.items()})
     if json.dumps(state, ensure_ascii=False) != before:
         with open(tokenizer_json, "w", encoding="utf-8") as f:
             json.dump(state, f, ensure_ascii=False)
@@ -273,19 +272,18 @@ def _set_special_token_ids(processor: Any, id_of: dict[str, int]) -> None:
             _set_special_token_ids(value, id_of)
 
 
-def _check_added_tokens(reader: gguf.GGUFReader, out_dir: str) -> None:
+def _check_control_tokens(out_dir: str, control: dict[int, str], num_tokens: int) -> None:
     """Raises ValueError where the written tokenizer does not load, does not give the file's
-    control tokens their ids, or has tokens past the file's vocabulary."""
+    ``control`` tokens their ids, or has more than the file's ``num_tokens``."""
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     except Exception as exc:  # the tokenizers library raises plain Exceptions
         raise ValueError(f"the tokenizer transformers builds from this GGUF does not load ({exc}); load the "
                          "model's Hugging Face checkpoint instead") from None
-    num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
-    wrong = next(((i, text) for i, text in _control_tokens(reader).items()
-                  if tokenizer.convert_tokens_to_ids(text) != i), None)
+    wrong = next(((i, text, got) for i, text in control.items()
+                  if (got := tokenizer.convert_tokens_to_ids(text)) != i), None)
     if wrong is not None or len(tokenizer) > num_tokens:
-        what = (f"token {wrong[1]!r} has id {tokenizer.convert_tokens_to_ids(wrong[1])}, not {wrong[0]}" if wrong
+        what = (f"token {wrong[1]!r} has id {wrong[2]}, not {wrong[0]}" if wrong
                 else f"{len(tokenizer)} tokens for the file's {num_tokens}")
         raise ValueError(f"the tokenizer transformers builds from this GGUF differs from the file's ({what}); load "
                          "the model's Hugging Face checkpoint instead")
@@ -322,9 +320,10 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
                          "read them; load the Hugging Face checkpoint instead.")
     for key in _REQUIRED:  # transformers' reader would take its own defaults for these
         _required(reader, f"{arch}.{key}")
+    block_count = _field(reader, f"{arch}.block_count")
     layers = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
-    if layers != set(range(_field(reader, f"{arch}.block_count"))):
-        raise ValueError(f"the GGUF file's {arch}.block_count is {_field(reader, f'{arch}.block_count')}, but its "
+    if layers != set(range(block_count)):
+        raise ValueError(f"the GGUF file's {arch}.block_count is {block_count}, but its "
                          f"tensors are of {len(layers)} layers (blk.{min(layers, default=0)} to "
                          f"blk.{max(layers, default=-1)})")
     dimension_count = _field(reader, f"{arch}.rope.dimension_count")

@@ -155,6 +155,11 @@ def schema_without_nulls(schema: Any, value_nulls: bool = True) -> Any:
     return schema
 
 
+def unwritable_row(fmt: JobFormat, key: RowKey, exc: Exception) -> dict:
+    """The error row that replaces an output row the output cannot hold (``exc`` says why)."""
+    return fmt.error_row(key, None, f"the output row could not be written: {type(exc).__name__}: {exc}")
+
+
 def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> RowError:
     """A ``SamplingParams`` or request-check error (``LLM.generate_as_completed``'s) as the row's
     error: the field at fault (a ``FieldError``'s, else the one a ``SamplingParams`` message names

@@ -31,7 +31,7 @@ from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, 
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import (
     SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning, field_error,
-    parse_row, sampling_defaults,
+    parse_row, sampling_defaults, unwritable_row,
 )
 from pagedlm.config import load_chat_template
 from pagedlm.engine.reasoning_gate import ReasoningParser
@@ -659,8 +659,7 @@ class _Job:
         try:
             self.writer.write(output_row)
         except (TypeError, ValueError, RecursionError) as exc:
-            self.writer.write(self.fmt.error_row(key, None, f"the output row could not be written: "
-                                                            f"{type(exc).__name__}: {exc}"))
+            self.writer.write(unwritable_row(self.fmt, key, exc))
             error = True
         if error:
             self.stats.errors += 1
