@@ -599,13 +599,12 @@ def test_the_compiled_grammar_cache_keeps_to_its_bounds(llama_dir, monkeypatch):
     manager.close()
 
 
-def test_generate_compiles_each_grammar_once_past_the_cache_bound(llama_dir, monkeypatch):
-    """Found by a review: generate compiles every prompt's grammar while checking them, then adds
-    them through a window; the bounded cache had dropped the early ones, which compiled again as
-    their requests joined."""
+def test_generate_compiles_each_grammar_once_within_the_cache_bound(llama_dir, monkeypatch):
+    """generate compiles every prompt's grammar while checking them, then adds them through a
+    window: within the cache's bound none compiles again as its request joins."""
     from pagedlm.engine import structured_outputs
 
-    monkeypatch.setattr(structured_outputs, "CACHE_ENTRIES", 3)
+    monkeypatch.setattr(structured_outputs, "CACHE_ENTRIES", 10)
     compiled = []
     compile_ = structured_outputs.StructuredOutputManager._compile
     monkeypatch.setattr(structured_outputs.StructuredOutputManager, "_compile",
@@ -615,3 +614,20 @@ def test_generate_compiles_each_grammar_once_past_the_cache_bound(llama_dir, mon
     outs = llm.generate(["hi"] * 8, params, use_tqdm=False)
     assert [o.outputs[0].text for o in outs] == ["a" * min(i, 3) for i in range(1, 9)]
     assert sorted(compiled) == sorted(f"a{{{i}}}" for i in range(1, 9))
+
+
+def test_generate_holds_the_windows_grammars_not_every_prompts(llama_dir, monkeypatch):
+    """Each request waiting to join held its compiled grammar from the check on, so a generate of
+    100k distinct schemas held 100k grammars (80 KB each with SmolLM2's vocabulary: ~8 GB) whatever
+    the cache's bound. Past the bound, a grammar is compiled again as its request joins."""
+    from pagedlm.engine import structured_outputs
+
+    monkeypatch.setattr(structured_outputs, "CACHE_ENTRIES", 3)
+    llm = LLM(llama_dir, dtype="float32", max_model_len=64, max_num_seqs=2)  # a window of 4 requests
+    manager, step = llm.llm_engine.structured_outputs, llm.llm_engine.step
+    alive = []  # compiled grammars held anywhere (the cache, a request), at each step
+    monkeypatch.setattr(llm.llm_engine, "step", lambda: alive.append(len(manager._alive)) or step())
+    params = [SamplingParams(max_tokens=3, temperature=0, structured_outputs={"regex": f"a{{{i}}}"}) for i in range(1, 21)]
+    outs = llm.generate(["hi"] * 20, params, use_tqdm=False)
+    assert [o.outputs[0].text for o in outs] == ["a" * min(i, 3) for i in range(1, 21)]
+    assert alive and max(alive) <= 4 + 3, alive

@@ -537,8 +537,8 @@ class LLM:
                  tokenization: TokenizationKwargs = TokenizationKwargs()) -> list["_Request | _Rejected"]:
         """Tokenize, truncate (to the smaller of ``tokenization``'s limit and the params') and
         check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults. Without
-        ``wait_for_grammars`` a structured-outputs constraint is compiled in the background
-        (``_Request.grammar``) and checked when it is done."""
+        ``wait_for_grammars`` a structured-outputs constraint is not compiled here but as its
+        request joins ``_stream``'s window, in the background, and checked when it is done."""
         parsed, token_ids, errors, from_text = self._tokenize([prompt for _, prompt, _ in items],
                                                               tokenization.add_special_tokens)
         truncate_prompt_tokens = tokenization.truncate_prompt_tokens
@@ -580,11 +580,8 @@ class LLM:
                     checked = children[0][1] if children else params
                     reason = self.llm_engine.check_request(token_ids[k], checked, wait_for_grammars)
             if reason is None:
-                grammar = None
-                if params.structured_outputs is not None:  # held until the request joins (the cache may drop it)
-                    grammar = self.llm_engine.structured_outputs.compile_async(params.structured_outputs)
                 prompt = ParsedPrompt(parsed[k].text, token_ids[k], parsed[k].cache_salt)
-                requests.append(_Request(index, prompt, params, grammar, children))
+                requests.append(_Request(index, prompt, params, children=children))
             else:
                 requests.append(_Rejected(index, reason))
         return requests
@@ -671,8 +668,13 @@ class LLM:
                         request = next(requests, None)
                         if request is None:
                             exhausted = True
-                        elif isinstance(request, _Request) and request.grammar and not request.grammar.done():
-                            compiling.append(request)  # joins once its grammar is compiled; the batch runs on
+                        elif isinstance(request, _Request) and request.params.structured_outputs is not None:
+                            # Compiled (or found in the bounded cache) as it joins the window, so that a
+                            # call holds the window's grammars (80-250 KB each), not every prompt's: a
+                            # generate of 100k distinct schemas held them all, ~8 GB with SmolLM2.
+                            request.grammar = engine.structured_outputs.compile_async(request.params.structured_outputs)
+                            # Joins once its grammar is compiled; the batch runs on meanwhile.
+                            (held if request.grammar.done() else compiling).append(request)
                         else:
                             held.append(request)
                     # One done() a request: a grammar that finished between two reads was in neither list.
@@ -770,18 +772,20 @@ class LLM:
         if request.children is None:
             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
             self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
-            return
-        offsets = {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)}
-        parent = ParentRequest(request_id, offsets)
-        for child_id, (_, params) in zip(parent.offsets, request.children):
-            in_flight[child_id], parents[child_id] = request.index, parent
-            self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
+        else:
+            offsets = {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)}
+            parent = ParentRequest(request_id, offsets)
+            for child_id, (_, params) in zip(parent.offsets, request.children):
+                in_flight[child_id], parents[child_id] = request.index, parent
+                self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
+        request.grammar = None  # the engine's matchers hold the compiled grammar now; generate holds the request
 
 
 @dataclass(slots=True)
 class _Request:
-    """A prompt that passed every check, ready for ``LLMEngine.add_request`` (once ``grammar``, a
-    structured-outputs constraint compiling in the background, is done)."""
+    """A prompt that passed every check, ready for ``LLMEngine.add_request`` (once ``grammar``, its
+    structured-outputs constraint, set as it joins ``LLM._stream``'s window, has compiled in the
+    background)."""
 
     index: int
     prompt: ParsedPrompt  # tokenized, truncated and checked
