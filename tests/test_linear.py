@@ -565,6 +565,31 @@ def test_disable_amx_keeps_the_avx512_kernels():
     assert result.stdout.strip() == "False"
 
 
+_ROWS_WITH_AMX_DISABLED = """
+import torch
+from pagedlm.model_executor.layers.linear import Linear
+torch.manual_seed(0)
+for in_features, out_features in [(720, 200), (576, 1536)]:
+    layer = Linear(in_features, out_features, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.2)
+    layer.process_weights_after_loading()
+    x = torch.randn(300, in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        full = layer(x)
+        print([count for count in (1, 2, 16, 32, 33, 64, 97) if not torch.equal(layer(x[:count]), full[:count])])
+"""
+
+
+def test_linear_rows_equal_at_every_row_count_with_amx_disabled():
+    """Found by a hunt on an AMX CPU: with PAGEDLM_DISABLE_AMX=1 the bf16 weights went to oneDNN,
+    whose own AMX kernels change a row's sums with the row count (3 of 16 rows differed)."""
+    env = {**os.environ, "PAGEDLM_DISABLE_AMX": "1"}
+    result = subprocess.run([sys.executable, "-c", _ROWS_WITH_AMX_DISABLED], env=env, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "[]"], result.stdout
+
+
 def test_packed_reference_refuses_the_other_kernels_layout():
     x, weight = exact_operands(4, 64, 96, torch.float32)
     with pytest.raises(ValueError, match="a torch.float32 input takes a torch.float32 weight of 3 dimensions"):

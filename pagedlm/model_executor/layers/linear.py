@@ -98,14 +98,16 @@ class Linear(DirectCall, nn.Linear):
       libgomp region in a step (docs/performance.md, sessions 35 and 36).
     - otherwise (bf16 without AMX, fp32 in a portable build), where oneDNN takes the dtype, oneDNN's
       blocked layout. In bf16, where ``onednn_order`` reproduced oneDNN's sums for the weight at load
-      (an AVX512-BF16 build; else oneDNN runs, one row as two), every row count runs on
+      (an AVX512-BF16 build without AMX), every row count runs on
       ``ops.bf16_blocked_linear`` over the same weight, which gives each row oneDNN's bits: faster
       than oneDNN's matmul up to ~768 rows and within a few percent of it at 1,024-2,048 on the AMD
       EPYC of docs/performance.md, and no libgomp region in a step, whose threads would compete with
-      the kernels' own pool.
-    - bf16 where oneDNN takes none (AVX2 CPUs: Haswell, Zen 1-3): ``ops.amx_pack_weight``, and every
-      row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row sums independent of the row count),
-      5-7x torch's bf16 matmul there (docs/performance.md).
+      the kernels' own pool. Where it did not (oneDNN's own AMX kernels, with ``PAGEDLM_DISABLE_AMX=1``
+      on an AMX CPU), the weight goes to the FMA kernel below; only a portable build runs oneDNN's
+      matmul, one row as two.
+    - bf16 where oneDNN takes none (AVX2 CPUs: Haswell, Zen 1-3), or whose sums were not reproduced:
+      ``ops.amx_pack_weight``, and every row count runs on ``ops.bf16_fma_linear`` (fp32 FMAs, row
+      sums independent of the row count), 5-7x torch's bf16 matmul on AVX2 (docs/performance.md).
 
     On CUDA the weight stays as loaded; with ``batch_invariant`` (the default) every call runs
     ``fixed_shape_linear``, else one ``F.linear``.
@@ -135,10 +137,15 @@ class Linear(DirectCall, nn.Linear):
             self._pack("fp32_fma")
         elif _onednn_reorders(self.weight):
             blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _REORDER_ROWS_HINT)
-            self.weight = nn.Parameter(blocked, requires_grad=False)
-            self.blocked_layout = True
-            if blocked.dtype == torch.bfloat16:
-                self.k_chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT)
+            chunk_ends = streamed_chunk_ends(blocked, self.bias, _REORDER_ROWS_HINT) if bf16_cpu else None
+            if bf16_cpu and chunk_ends is None and fma_linear_available():
+                # oneDNN's sums were not reproduced, so they may change with the row count (its AMX
+                # kernels do, which it runs on an AMX CPU with PAGEDLM_DISABLE_AMX=1): the FMA kernel's do not.
+                self._pack("bf16_fma")
+            else:
+                self.weight = nn.Parameter(blocked, requires_grad=False)
+                self.blocked_layout = True
+                self.k_chunk_ends = chunk_ends
         elif bf16_cpu and fma_linear_available():
             self._pack("bf16_fma")
 

@@ -107,7 +107,7 @@ def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows
     if ops.backend_for("cpu") != "cpu":
         return None
     if not reorders_to_ab16b64a2b(reorder_rows_hint):
-        logger.info("bf16 linear %s: oneDNN keeps bf16 weights in another layout here; oneDNN keeps every row count",
+        logger.info("bf16 linear %s: oneDNN keeps bf16 weights in another layout here",
                     tuple(blocked_weight.shape))
         return None
     ends = k_chunk_ends(blocked_weight.shape[1], reorder_rows_hint)
@@ -119,11 +119,11 @@ def _check(blocked_weight: torch.Tensor, bias: torch.Tensor | None, reorder_rows
             out = torch.empty(rows, blocked_weight.shape[0], dtype=torch.bfloat16)
             ops.bf16_blocked_linear(out, x[:rows], blocked_weight, bias, ends)
             if not torch.equal(out, expected[:rows]):
-                logger.info("bf16 linear %s: oneDNN sums in another order here; oneDNN keeps every row count",
+                logger.info("bf16 linear %s: oneDNN sums in another order here",
                             tuple(blocked_weight.shape))
                 return None
     except RuntimeError as exc:  # the kernel refused, e.g. in a build without AVX512-BF16
-        logger.info("bf16 linear %s: the streaming kernel is unavailable (%s); oneDNN runs every row count",
+        logger.info("bf16 linear %s: the streaming kernel is unavailable (%s)",
                     tuple(blocked_weight.shape), exc)
         return None
     return ends
