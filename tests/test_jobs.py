@@ -1142,10 +1142,16 @@ def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
         {"id": 3, "prompt": "x", "sampling_params": {"stop": ""}},
         {"id": 4, "prompt": "x", "sampling_params": {"max_tokens": -1}},
         {"id": 5, "prompt": "x", "sampling_params": {"logprobs": 500}},  # the vocabulary has 384 tokens
+        # Found by a hunt: a row's schema was refused by the engine as "structured_outputs.json does not
+        # compile", without the row's field; it is checked as the row is read, as OpenAI rows' are.
+        {"id": 6, "prompt": "x", "sampling_params": {"structured_outputs": {"json": {"type": "integer", "multipleOf": 3}}}},
+        {"id": 7, "prompt": "x", "sampling_params": {"structured_outputs": {"json": "{oops"}}},
     ]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
     errors = {r["id"]: r["error"] for r in out}
-    assert stats.errors == 5
+    assert stats.errors == 7
+    assert "sampling_params: structured_outputs.json: keyword multipleOf: cannot be enforced" in errors[6]
+    assert "sampling_params: structured_outputs.json: not JSON text (" in errors[7]
     assert "sampling_params: use_beam_search needs a beam width above 1" in errors[1]
     assert "best_of (9) exceeds max_num_seqs (8)" in errors[2]
     assert "got ''" in errors[3] and "['']" not in errors[3]

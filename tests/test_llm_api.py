@@ -106,8 +106,11 @@ def test_bad_inputs_raise_one_error_listing_each(llm):
     assert "prompt 0:" not in msg and "prompt 5:" not in msg
     assert "empty" in msg and "vocabulary" in msg and "max_model_len" in msg
     assert not engine.has_unfinished_requests()
-    with pytest.raises(ValueError, match="sampling_params has 2 entries for 1 prompts"):
+    with pytest.raises(ValueError, match="sampling_params has 2 entries for 1 prompt[.]"):
         llm.generate(["a"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    conversation = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="sampling_params has 1 entry for 2 conversations[.]"):
+        llm.chat([conversation, conversation], [SamplingParams()], use_tqdm=False)
 
 
 def test_max_tokens_past_max_model_len_stops_there_with_length(llm):
@@ -1090,7 +1093,7 @@ def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
         with pytest.raises(ValueError, match=match):
             llm.generate(prompt, greedy, use_tqdm=False)
     for kwargs, match in [({"priority": 1}, "priority: pagedlm schedules first come, first served; it takes None or 0, got 1"),
-                          ({"priority": [0]}, "priority has 1 entries for 2 prompts"),
+                          ({"priority": [0]}, "priority has 1 entry for 2 prompts"),
                           ({"priority": False}, "priority: pagedlm schedules first come, first served"),
                           ({"lora_request": "adapter"}, "lora_request: pagedlm runs no LoRA adapters"),
                           ({"mm_processor_kwargs": {"size": 1}}, "mm_processor_kwargs: pagedlm runs text-only")]:

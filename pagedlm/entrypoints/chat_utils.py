@@ -119,6 +119,9 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
     parsed: dict[str, Any] = {"role": role, "content": content}
     # In vLLM's order, which a template that dumps a message as JSON shows.
     if role == "assistant" and message.get("tool_calls") is not None:
+        if not isinstance(message["tool_calls"], (list, tuple)):
+            raise ValueError(f"message {i}: tool_calls must be a list of tool calls, got "
+                             f"{type(message['tool_calls']).__name__} {message['tool_calls']!r:.80}")
         calls = [_parse_tool_call(i, call) for call in message["tool_calls"]]
         if calls:  # an empty list would take a template off its plain assistant path
             parsed["tool_calls"] = calls

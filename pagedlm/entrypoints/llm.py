@@ -418,7 +418,7 @@ class LLM:
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
             raise ValueError(f"messages must be a conversation or a list of them, got {type(messages).__name__}.")
         _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(conversations), "conversations")
-        params = self._params_per_prompt(sampling_params, len(conversations))
+        params = self._params_per_prompt(sampling_params, len(conversations), "conversations")
         self.llm_engine  # a closed LLM refuses before rendering anything
         prompts: list[PromptType] = []
         errors: dict[int, str] = {}
@@ -488,7 +488,8 @@ class LLM:
             raise ValueError(f"sampling_params must be a SamplingParams, None, or an iterable with one per prompt, "
                              f"got {type(sampling_params).__name__}.")
         elif total is not None and isinstance(sampling_params, Sized) and len(sampling_params) != total:
-            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {total} prompts.")
+            raise ValueError(f"sampling_params has {_count(len(sampling_params), 'entries')} for "
+                             f"{_count(total, 'prompts')}.")
         else:
             items = _zip_one_each(prompts, sampling_params)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
@@ -498,14 +499,16 @@ class LLM:
     def _tokenization(self, tokenization_kwargs: dict[str, Any] | None) -> TokenizationKwargs:
         return parse_tokenization_kwargs(tokenization_kwargs, self.llm_engine.model_config.max_model_len)
 
-    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams | None]:
+    def _params_per_prompt(self, sampling_params, num_prompts: int, what: str = "prompts"
+                           ) -> list[SamplingParams | None]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         if not isinstance(sampling_params, Sequence):
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them, "
                              f"got {type(sampling_params).__name__}.")
         if len(sampling_params) != num_prompts:
-            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts.")
+            raise ValueError(f"sampling_params has {_count(len(sampling_params), 'entries')} for "
+                             f"{_count(num_prompts, what)}.")
         return list(sampling_params)
 
     def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
@@ -967,6 +970,11 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
+def _count(n: int, plural: str) -> str:
+    """``n`` things: "1 prompt", "2 prompts", "1 entry"."""
+    return f"{n} {plural}" if n != 1 else f"1 {plural[:-3] + 'y' if plural.endswith('ies') else plural[:-1]}"
+
+
 def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs: object, num_prompts: int,
                      what: str = "prompts") -> None:
     """vLLM's per-call arguments that pagedlm takes at their no-op values only: no adapter (None, or
@@ -978,7 +986,7 @@ def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs
     for name, value, allowed in (("lora_request", lora_request, (None,)), ("priority", priority, (None, 0))):
         values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
         if values is value and len(values) != num_prompts:
-            raise ValueError(f"{name} has {len(values)} entries for {num_prompts} {what}.")
+            raise ValueError(f"{name} has {_count(len(values), 'entries')} for {_count(num_prompts, what)}.")
         for v in values:
             if not (v is None or (type(v) is int and v in allowed)):
                 why = "runs no LoRA adapters" if name == "lora_request" else "schedules first come, first served"
