@@ -448,8 +448,12 @@ def test_tools_and_tool_call_arguments_reach_the_template_as_vllm_passes_them(ll
     for call in ({"type": "custom", "function": {"name": "w"}}, "x", {"type": "function"}):
         with pytest.raises(ValueError, match="message 0: each of tool_calls must be an object of type 'function'"):
             render_chat(llm.get_tokenizer(), [{**conversation[1], "tool_calls": [call]}], template)
-    with pytest.raises(ValueError, match="message 0: tool_calls must be a list of tool calls, got dict"):
-        render_chat(llm.get_tokenizer(), [{**conversation[1], "tool_calls": conversation[1]["tool_calls"][0]}], template)
+    for calls in (conversation[1]["tool_calls"][0], "c1", 7):  # a dict's iteration gives its keys
+        with pytest.raises(ValueError, match="message 0: tool_calls must be a list of tool calls, got "):
+            render_chat(llm.get_tokenizer(), [{**conversation[1], "tool_calls": calls}], template)
+    calls = (call for call in conversation[1]["tool_calls"])  # any other iterable, as vLLM takes
+    assert render_chat(llm.get_tokenizer(), [{**conversation[1], "tool_calls": calls}], template).text == \
+        'assistant: {"city": "Paris"}; assistant:'
     out = llm.chat(conversation[:1], exact(2), use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt.startswith("TOOLS ") and len(out[0].outputs[0].token_ids) == 2
     assert llm.chat([], exact(2), use_tqdm=False, chat_template=template) == []

@@ -1152,6 +1152,13 @@ def test_plain_row_errors_name_the_field_the_row_set(llama_dir, tmp_path):
     assert stats.errors == 7
     assert "sampling_params: structured_outputs.json: keyword multipleOf: cannot be enforced" in errors[6]
     assert "sampling_params: structured_outputs.json: not JSON text (" in errors[7]
+    # A job default's schema is no row's: the engine's error, naming no field of the row (a review).
+    rows = [{"id": 1, "prompt": "x"}, {"id": 2, "prompt": "x", "sampling_params": {"max_tokens": 3}}]
+    sampling = {"structured_outputs": {"json": {"type": "integer", "multipleOf": 3}}}
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in2.jsonl", rows), tmp_path / "out2.jsonl", sampling=sampling)
+    assert stats.errors == 2
+    assert all(r["error"].startswith(f"line {r['id']}: structured_outputs.json does not compile: keyword multipleOf")
+               for r in out), out
     assert "sampling_params: use_beam_search needs a beam width above 1" in errors[1]
     assert "best_of (9) exceeds max_num_seqs (8)" in errors[2]
     assert "got ''" in errors[3] and "['']" not in errors[3]

@@ -3,7 +3,7 @@
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,8 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
     parsed: dict[str, Any] = {"role": role, "content": content}
     # In vLLM's order, which a template that dumps a message as JSON shows.
     if role == "assistant" and message.get("tool_calls") is not None:
-        if not isinstance(message["tool_calls"], (list, tuple)):
+        if isinstance(message["tool_calls"], (dict, str, bytes)) or not isinstance(message["tool_calls"], Iterable):
+            # vLLM takes any other iterable (list(...)); a dict's iteration would give its keys as calls
             raise ValueError(f"message {i}: tool_calls must be a list of tool calls, got "
                              f"{type(message['tool_calls']).__name__} {message['tool_calls']!r:.80}")
         calls = [_parse_tool_call(i, call) for call in message["tool_calls"]]

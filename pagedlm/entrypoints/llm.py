@@ -540,8 +540,9 @@ class LLM:
                  tokenization: TokenizationKwargs = TokenizationKwargs()) -> list["_Request | _Rejected"]:
         """Tokenize, truncate (to the smaller of ``tokenization``'s limit and the params') and
         check a chunk of ``(index, prompt, params)``; ``None`` params are the defaults. Without
-        ``wait_for_grammars`` a structured-outputs constraint is not compiled here but as its
-        request joins ``_stream``'s window, in the background, and checked when it is done."""
+        ``wait_for_grammars`` a structured-outputs constraint's compilation only starts here (into
+        the bounded cache); its request takes the grammar as it joins ``_stream``'s window, and is
+        checked once it is compiled."""
         parsed, token_ids, errors, from_text = self._tokenize([prompt for _, prompt, _ in items],
                                                               tokenization.add_special_tokens)
         truncate_prompt_tokens = tokenization.truncate_prompt_tokens

@@ -139,7 +139,7 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
         params = SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
         raise field_error(exc, names, f"{where}: ") from None
-    problem = _json_schema_problem(params)
+    problem = _json_schema_problem(params) if "structured_outputs" in fields else None
     if problem:  # here, to say where the row set it (the engine would name structured_outputs.json alone)
         raise RowError(f"{where}: structured_outputs.json: {problem}", names.get("structured_outputs", "structured_outputs"))
     return params
