@@ -336,16 +336,20 @@ def _ignored_beside(schema: dict, root: Any) -> set[str]:
 
 
 def schema_problem(schema: Any) -> str | None:
-    """Why the JSON ``schema`` would not be enforced as written, or None: what xgrammar would
-    ignore (``unenforceable``), else its schema converter's error (without xgrammar installed,
-    the first alone). For a job row's schema, checked before its request is queued, so that the
-    error names the row's own field. Cached by the schema's JSON text (rows often repeat one)."""
-    return _schema_problem(json.dumps(schema, ensure_ascii=False, default=repr))
+    """Why the JSON ``schema`` (or its JSON text, as ``StructuredOutputsParams.json`` may be)
+    would not be enforced as written, or None: text that is no JSON, what xgrammar would ignore
+    (``unenforceable``), else its schema converter's error (without xgrammar installed, the first
+    two alone). For a job row's schema, checked before its request is queued, so that the error
+    names the row's own field. Cached by the schema's JSON text (rows often repeat one)."""
+    return _schema_problem(schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False, default=repr))
 
 
 @functools.lru_cache(maxsize=256)
 def _schema_problem(text: str) -> str | None:
-    schema = json.loads(text)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        return f"not JSON text ({exc})"
     try:
         import xgrammar
     except ImportError:  # the engine names the missing extra when a request needs it

@@ -118,12 +118,13 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
     content = _content_parts(i, message.get("content"), billed=role == "system")
     parsed: dict[str, Any] = {"role": role, "content": content}
     # In vLLM's order, which a template that dumps a message as JSON shows.
-    if role == "assistant" and message.get("tool_calls") is not None:
-        if isinstance(message["tool_calls"], (dict, str, bytes)) or not isinstance(message["tool_calls"], Iterable):
+    tool_calls = message.get("tool_calls")
+    if role == "assistant" and tool_calls is not None:
+        if isinstance(tool_calls, (dict, str, bytes)) or not isinstance(tool_calls, Iterable):
             # vLLM takes any other iterable (list(...)); a dict's iteration would give its keys as calls
             raise ValueError(f"message {i}: tool_calls must be a list of tool calls, got "
-                             f"{type(message['tool_calls']).__name__} {message['tool_calls']!r:.80}")
-        calls = [_parse_tool_call(i, call) for call in message["tool_calls"]]
+                             f"{type(tool_calls).__name__} {tool_calls!r:.80}")
+        calls = [_parse_tool_call(i, call) for call in tool_calls]
         if calls:  # an empty list would take a template off its plain assistant path
             parsed["tool_calls"] = calls
     if role == "assistant" and message.get("reasoning") is not None:

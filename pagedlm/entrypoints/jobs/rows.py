@@ -1,7 +1,6 @@
 """What the job formats share: a parsed row, a row's error, and JSON fields to ``SamplingParams``."""
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -139,21 +138,11 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
         params = SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
         raise field_error(exc, names, f"{where}: ") from None
-    problem = _json_schema_problem(params) if "structured_outputs" in fields else None
+    schema = params.structured_outputs.json if "structured_outputs" in fields else None
+    problem = schema_problem(schema) if schema is not None else None
     if problem:  # here, to say where the row set it (the engine would name structured_outputs.json alone)
         raise RowError(f"{where}: structured_outputs.json: {problem}", names.get("structured_outputs", "structured_outputs"))
     return params
-
-
-def _json_schema_problem(params: SamplingParams) -> str | None:
-    """Why ``params``' JSON-schema constraint would not run as written (``schema_problem``), or None."""
-    schema = params.structured_outputs.json if params.structured_outputs is not None else None
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            return f"not JSON text ({exc})"
-    return None if schema is None else schema_problem(schema)
 
 
 def schema_without_nulls(schema: Any, value_nulls: bool = True) -> Any:
