@@ -920,13 +920,16 @@ def test_close_releases_the_kv_cache_and_weights(llama_dir, caplog):
 
 def test_a_close_from_another_thread_waits_for_the_step_then_the_call_finds_it_closed(llama_dir):
     """Found by a hunt: close() during another thread's step freed the model under it
-    (AttributeError: 'NoneType' object has no attribute 'compute_logits', or a KeyError)."""
+    (AttributeError: 'NoneType' object has no attribute 'compute_logits', or a KeyError). Then by a
+    CI run: the lock is not fair, so close() waited for the whole call, not for its step."""
     import threading
 
     llm = LLM(llama_dir, dtype="float32")
     stepping = threading.Event()
+    calls = []
 
     def slow(ids, logits):
+        calls.append(len(ids))
         stepping.set()
         time.sleep(0.05)  # the close below lands inside this step
         return logits
@@ -942,9 +945,11 @@ def test_a_close_from_another_thread_waits_for_the_step_then_the_call_finds_it_c
     thread = threading.Thread(target=generate)
     thread.start()
     assert stepping.wait(60)
+    before = len(calls)
     llm.close()
     thread.join(60)
     assert [type(e) for e in errors] == [RuntimeError] and "This LLM is closed" in str(errors[0])
+    assert len(calls) <= before + 2, (before, len(calls))  # the step's other sequence, then no step
 
 
 @pytest.mark.cuda

@@ -194,6 +194,10 @@ class LLM:
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
         # thread waits for the step, and the call then finds the LLM closed.
         self._engine_lock = threading.Lock()
+        # Set by close() before it waits for the lock, which is not fair: the calling thread takes it
+        # again for its next step before a waiting close() wakes, so without the flag a close() waited
+        # for the whole call (found by a CI run on a busy machine).
+        self._closing = False
 
     @property
     def llm_engine(self) -> LLMEngine:
@@ -204,7 +208,7 @@ class LLM:
             RuntimeError: the LLM is closed.
         """
         if self._engine is None:
-            raise RuntimeError("This LLM is closed (its KV cache and weights were released); create a new LLM.")
+            raise RuntimeError(_CLOSED)
         return self._engine
 
     @property
@@ -229,6 +233,7 @@ class LLM:
         other use of the LLM afterwards raises ``RuntimeError``, a call running in another thread
         included (close waits for its step to end). ``with LLM(...) as llm:`` closes on leaving
         the block."""
+        self._closing = True
         with self._engine_lock:
             if self._engine is None:
                 return
@@ -640,6 +645,8 @@ class LLM:
             RuntimeError: the LLM was closed (before, or while the calling iteration was paused).
         """
         with self._engine_lock:
+            if self._closing:
+                raise RuntimeError(_CLOSED)
             return call(self.llm_engine)
 
     def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None,
@@ -969,6 +976,9 @@ def _structured_outputs_config(config: StructuredOutputsConfig | dict[str, Any] 
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+_CLOSED = "This LLM is closed (its KV cache and weights were released); create a new LLM."
 
 
 def _count(n: int, plural: str) -> str:
