@@ -13,11 +13,13 @@ import time
 
 import torch
 
+from jobs import Load
 from pagedlm import SamplingParams
 from pagedlm.model_executor.layers import sampler as current
 
 SETTINGS = {
     "greedy": dict(temperature=0.0),
+    "greedy, logprobs 0": dict(temperature=0.0, logprobs=0),
     "temperature 0.8": dict(temperature=0.8),
     "temperature 0.8, top_p 0.95": dict(temperature=0.8, top_p=0.95),
     "temperature 0.7, top_k 50, top_p 0.9": dict(temperature=0.7, top_k=50, top_p=0.9),
@@ -60,11 +62,13 @@ def main() -> None:
     systems = {"pagedlm": current} | ({"baseline": load(args.baseline)} if args.baseline else {})
     print(f"sampler on [{args.batch}, {args.vocab}] {args.dtype} logits, {args.threads} threads, ms per call")
     print(f"{'setting':<38}" + "".join(f"{name:>12}" for name in systems) + ("     ratio" if args.baseline else ""))
-    for label, kwargs in SETTINGS.items():
-        params = SamplingParams(**kwargs)
-        ms = [1e3 * time_sampler(module, logits, params, args.repeats) for module in systems.values()]
-        ratio = f"{ms[1] / ms[0]:9.1f}x" if args.baseline else ""
-        print(f"{label:<38}" + "".join(f"{m:12.1f}" for m in ms) + ratio)
+    with Load() as machine:
+        for label, kwargs in SETTINGS.items():
+            params = SamplingParams(**kwargs)
+            ms = [1e3 * time_sampler(module, logits, params, args.repeats) for module in systems.values()]
+            ratio = f"{ms[1] / ms[0]:9.1f}x" if args.baseline else ""
+            print(f"{label:<38}" + "".join(f"{m:12.1f}" for m in ms) + ratio)
+    print(f"other processes kept {machine.others:.2f} cores busy meanwhile")
 
 
 if __name__ == "__main__":

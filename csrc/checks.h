@@ -198,10 +198,14 @@ inline void check_per_row(const at::Tensor& t, const char* name, at::ScalarType 
   TORCH_CHECK(t.device() == logits.device(), name, " and logits are on different devices");
 }
 
-inline void check_argmax_logprob(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& logprobs) {
+inline void check_argmax(const at::Tensor& logits, const at::Tensor& token_ids) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [num_rows, vocab], contiguous in its last dimension");
   TORCH_CHECK(logits.size(1) > 0, "logits must have a non-empty vocabulary");
   check_per_row(token_ids, "token_ids", at::kLong, logits);
+}
+
+inline void check_argmax_logprob(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& logprobs) {
+  check_argmax(logits, token_ids);
   check_per_row(logprobs, "logprobs", at::kFloat, logits);
 }
 

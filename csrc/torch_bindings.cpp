@@ -31,6 +31,7 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("scale(Tensor(a!) x, float factor, bool divide=False) -> ()");
   m.def("soft_cap(Tensor(a!) x, float cap) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
+  m.def("argmax(Tensor logits, Tensor(a!) token_ids) -> ()");
   m.def(
       "top_logprobs(Tensor logits, Tensor token_ids, Tensor(a!) logprobs, Tensor(b!) ranks, Tensor(c!) top_logprobs, "
       "Tensor(d!) top_ids) -> ()");
@@ -72,6 +73,7 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("scale", [](at::Tensor&, double, bool) {});
   m.impl("soft_cap", [](at::Tensor&, double) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
+  m.impl("argmax", [](const at::Tensor&, at::Tensor&) {});
   m.impl("top_logprobs",
          [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

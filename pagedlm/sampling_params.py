@@ -348,6 +348,8 @@ class SamplingParams(_FieldsOnly):
             ``structured_outputs`` grammar can only end still ends).
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
+            Without it a completion's ``cumulative_logprob`` is None, as in vLLM, unless
+            ``best_of > n`` or beam search ranks by it: a greedy step then skips the softmax.
         prompt_logprobs: the same for each prompt position.
         flat_logprobs: return ``logprobs`` and ``prompt_logprobs`` as a ``FlatLogprobs`` (vLLM's):
             six flat lists that read like the list of dicts, a few objects per request instead of
@@ -618,6 +620,13 @@ class SamplingParams(_FieldsOnly):
         if self.logprobs is not None:
             return self.logprobs
         return len(self.logprob_token_ids) if self.logprob_token_ids else None
+
+    @property
+    def reports_cumulative_logprob(self) -> bool:
+        """Whether completions report ``cumulative_logprob`` (and the sampler computes the sampled
+        tokens' log-probabilities): with ``logprobs`` or ``logprob_token_ids`` (vLLM's rule), and
+        where the completions are ranked by it (``best_of > n``, beam search)."""
+        return self.num_logprobs is not None or self.best_of > self.n or self.use_beam_search
 
     @property
     def reads_prefix_cache(self) -> bool:

@@ -103,7 +103,7 @@ class SequenceOutput:
 
     parent_seq_id: int
     token_id: int  # meaningless where ``no_token``
-    logprob: float  # under the model's raw logits
+    logprob: float | None  # under the model's raw logits; None where no row of the step reports it
     top_logprobs: TopLogprobs | None
     no_token: bool = False  # penalties, processors or bans left every token at -inf
 

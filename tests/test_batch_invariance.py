@@ -31,8 +31,8 @@ MODES = {
     "seeded": SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=GEN_TOKENS, logprobs=2, ignore_eos=True),
     "penalised": SamplingParams(temperature=0, presence_penalty=0.5, max_tokens=GEN_TOKENS, ignore_eos=True),
     "seeded_n2": SamplingParams(n=2, temperature=0.7, top_k=20, seed=3, max_tokens=GEN_TOKENS, logprobs=1, ignore_eos=True),
-    # Without logprobs: a greedy row's logprob comes from argmax_logprob alone, or from sample when
-    # batched with sampled rows (the ops share one formula).
+    # Without logprobs (no cumulative logprob reported): a greedy row's token comes from argmax alone,
+    # or from sample when batched with sampled rows.
     "greedy_plain": SamplingParams(temperature=0, max_tokens=GEN_TOKENS, ignore_eos=True),
     "seeded_plain": SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=GEN_TOKENS, ignore_eos=True),
 }

@@ -615,6 +615,22 @@ def test_prompt_logprobs_asked_for_are_written(llama_dir, tmp_path, out_name):
 
 
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_cumulative_logprob_is_written_where_the_row_asked_for_logprobs(llama_dir, tmp_path, out_name):
+    """vLLM's rule: null without logprobs (a greedy step then takes the argmax alone), with them the
+    sum of the sampled tokens' log-probabilities."""
+    rows = [{"id": 1, "prompt": "The capital of France is", "sampling_params": {"logprobs": 0}},
+            {"id": 2, "prompt": "The capital of France is"}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / out_name)
+    got = by_id(out)
+    scored, plain = got[1]["outputs"][0], got[2]["outputs"][0]
+    assert (stats.completed, stats.errors) == (2, 0) and scored["token_ids"] == plain["token_ids"]
+    assert plain["cumulative_logprob"] is None and plain.get("logprobs") is None
+    chosen = [next(e["logprob"] for e in entries if e["token_id"] == t)
+              for t, entries in zip(scored["token_ids"], scored["logprobs"])]
+    assert scored["cumulative_logprob"] == pytest.approx(sum(chosen), abs=1e-4) and scored["cumulative_logprob"] < 0
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
 def test_values_an_output_cannot_hold_never_stop_the_job(llama_dir, tmp_path, out_name):
     big = 10**23  # beyond int64: pyarrow raises OverflowError, not an Arrow error
     rows = ['{"id": 1, "prompt": "fine"}', '{"id": 2, "prompt": "bad \\ud800"}',

@@ -456,6 +456,7 @@ def test_opcheck(device):
         (ops.gelu_tanh_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
         (ops.argmax_logprob.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device),
                                       torch.empty(3, device=device))),
+        (ops.argmax.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device))),
         (ops.sample.default, (kv[:, 0], torch.ones(3, device=device), torch.full((3,), 5, device=device),
                               torch.full((3,), 0.9, device=device), torch.zeros(3, device=device),
                               torch.rand(3, device=device), torch.empty(3, dtype=torch.int64, device=device),
@@ -707,6 +708,9 @@ def test_argmax_logprob(device, dtype, vocab):
     expected = torch.log_softmax(logits.float(), dim=-1)
     assert torch.equal(token_ids, logits.float().argmax(dim=-1))
     assert token_ids[0] == 3 and token_ids[2] == 0
+    alone = torch.full_like(token_ids, -1)
+    torch.ops.pagedlm.argmax(logits, alone)
+    assert torch.equal(alone, token_ids)
     torch.testing.assert_close(logprobs, expected.gather(1, token_ids[:, None]).squeeze(1), rtol=0, atol=2e-5)
 
 
@@ -734,7 +738,7 @@ def test_sampling_ops_give_nan_for_rows_without_a_softmax(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_without_a_softmax_take_torch_argmax_token(device):
-    """argmax_logprob and sample (any temperature) take torch.argmax's token in a row with no
+    """argmax_logprob, argmax and sample (any temperature) take torch.argmax's token in a row with no
     softmax: its first NaN (a NaN counts above every number), else the first infinite maximum. A
     NaN in the kernels' vector part, their scalar tail, or both; +inf; all -inf."""
     logits = torch.randn(7, 301, generator=torch.Generator().manual_seed(1))
@@ -752,6 +756,8 @@ def test_rows_without_a_softmax_take_torch_argmax_token(device):
     ids, lp = torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device)
     torch.ops.pagedlm.argmax_logprob(logits, ids, lp)
     assert torch.equal(ids[:6], expected[:6]) and lp[:6].isnan().all()
+    torch.ops.pagedlm.argmax(logits, ids)
+    assert torch.equal(ids[:6], expected[:6])
     for temperature in (0.0, 0.7):
         t = torch.full((n,), temperature, device=device)
         torch.ops.pagedlm.sample(logits, t, torch.full((n,), 301, device=device), torch.ones(n, device=device),

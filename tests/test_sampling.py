@@ -58,19 +58,23 @@ def test_logprobs_match_hf_log_softmax(llm, hf):
         assert comp.cumulative_logprob == pytest.approx(total, abs=1e-3)
 
 
-def test_greedy_cumulative_logprob_matches_hf(llm, hf):
-    """Plain greedy rows take the one-pass argmax_logprob sampler; their cumulative logprob must
-    still be the sum of HF's log-softmax at the chosen tokens."""
-    outs = llm.generate(_ids(PROMPTS), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
+def test_greedy_cumulative_logprob_is_none_without_logprobs(llm, hf):
+    """Plain greedy rows take the argmax alone and report no cumulative logprob, as vLLM reports
+    none without ``logprobs``; with ``logprobs=0`` (the sampled token's alone) it is the sum of HF's
+    log-softmax at the chosen tokens, and the tokens are the same."""
+    plain, scored = (llm.generate(_ids(PROMPTS), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                                logprobs=logprobs), use_tqdm=False)
+                     for logprobs in (None, 0))
+    for prompt, out, with_logprobs in zip(PROMPTS, plain, scored):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        comp = out.outputs[0]
-        assert comp.token_ids == ref.sequences[0, len(prompt):].tolist() and comp.logprobs is None
+        comp, scored_comp = out.outputs[0], with_logprobs.outputs[0]
+        assert comp.token_ids == scored_comp.token_ids == ref.sequences[0, len(prompt):].tolist()
+        assert comp.logprobs is None and comp.cumulative_logprob is None
         total = sum(torch.log_softmax(ref.logits[step][0].float(), dim=-1)[token].item()
                     for step, token in enumerate(comp.token_ids))
-        assert comp.cumulative_logprob == pytest.approx(total, abs=1e-4)
+        assert scored_comp.cumulative_logprob == pytest.approx(total, abs=1e-4)
 
 
 def test_prompt_logprobs_match_hf(llama_dir, hf):
@@ -235,7 +239,9 @@ def test_n_shares_prompt_blocks(llama_dir):
 
 def test_best_of_returns_the_most_likely(llm):
     out = llm.generate(_ids(PROMPTS[:1]), SamplingParams(n=2, best_of=6, temperature=1.0, seed=3, max_tokens=10), use_tqdm=False)[0]
-    everything = llm.generate(_ids(PROMPTS[:1]), SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=10), use_tqdm=False)[0]
+    everything = llm.generate(_ids(PROMPTS[:1]), SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=10, logprobs=0),
+                              use_tqdm=False)[0]
+    assert all(isinstance(c.cumulative_logprob, float) for c in out.outputs)  # reported: best_of ranks by it
     best = sorted(everything.outputs, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in best]
 
@@ -591,7 +597,7 @@ def test_beam_search_reports_the_models_log_probabilities_as_sampling_does(llm):
         return logits
 
     common = dict(temperature=0, max_tokens=4, ignore_eos=True, logits_processors=[force])
-    sampled = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(**common), use_tqdm=False)[0].outputs[0]
+    sampled = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(logprobs=0, **common), use_tqdm=False)[0].outputs[0]
     beams = llm.generate(_ids([[BOS, 9, 10]]), SamplingParams(n=2, use_beam_search=True, **common), use_tqdm=False)[0]
     assert sampled.token_ids == forced and sampled.cumulative_logprob < -1.0
     best = beams.outputs[0]  # (the other beam holds a token the processor ruled out)

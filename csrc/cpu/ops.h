@@ -44,6 +44,7 @@ void scale(at::Tensor& x, double factor, bool divide);
 void soft_cap(at::Tensor& x, double cap);
 
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
+void argmax(const at::Tensor& logits, at::Tensor& token_ids);
 void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask);
 
 void top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, at::Tensor& logprobs, at::Tensor& ranks,

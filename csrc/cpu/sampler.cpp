@@ -2,6 +2,7 @@
 // vocab-many random numbers per row:
 // * argmax_logprob: greedy, the first index of the maximum and its log-probability,
 //   logit - logsumexp = -log(sum(exp(x - max))), in one read of the logits;
+// * argmax: argmax_logprob's token alone, without the exp pass of its log-sum;
 // * top_logprobs: a given token's log-probability by the same formula, (x - max) + -log(sum(exp(x -
 //   max))), its rank, and the k largest log-probabilities, ties in token order, without a
 //   log-softmax in memory;
@@ -50,6 +51,17 @@ int64_t first_index_without_softmax(const T* x, int64_t n, float max) {
     if (std::isnan(static_cast<float>(x[i]))) return i;
   }
   return first_index_of(x, n, max);
+}
+
+// Whether a row whose max_of is `max` has a softmax (neg_log_sum is not NaN), without the log-sum: a
+// finite maximum, and no NaN in the tail past max_of's vector part, which its `max` does not see.
+template <typename T>
+bool has_softmax(const T* x, int64_t n, float max) {
+  if (!std::isfinite(max)) return false;
+  for (int64_t i = n - n % kVecLen; i < n; ++i) {
+    if (std::isnan(static_cast<float>(x[i]))) return false;
+  }
+  return true;
 }
 
 template <typename T>
@@ -294,6 +306,23 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
         const float max = max_of(row, vocab);
         lp[r] = neg_log_sum(row, vocab, max);
         ids[r] = std::isnan(lp[r]) ? first_index_without_softmax(row, vocab, max) : first_index_of(row, vocab, max);
+      }
+    });
+  });
+}
+
+void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
+  check_argmax(logits, token_ids);
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "argmax", [&] {
+    const auto* x = logits.data_ptr<scalar_t>();
+    parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = x + r * stride;
+        const float max = max_of(row, vocab);
+        ids[r] = has_softmax(row, vocab, max) ? first_index_of(row, vocab, max)
+                                              : first_index_without_softmax(row, vocab, max);
       }
     });
   });

@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("scale", &pagedlm::cpu::scale);
   m.impl("soft_cap", &pagedlm::cpu::soft_cap);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
+  m.impl("argmax", &pagedlm::cpu::argmax);
   m.impl("top_logprobs", &pagedlm::cpu::top_logprobs);
   m.impl("sample", &pagedlm::cpu::sample);
   m.impl("apply_token_bitmask", &pagedlm::cpu::apply_token_bitmask);

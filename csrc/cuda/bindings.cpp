@@ -246,6 +246,14 @@ void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor&
                                        logits.stride(0), dtype_of(logits), c10::cuda::getCurrentCUDAStream()));
 }
 
+void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
+  check_argmax(logits, token_ids);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  C10_CUDA_CHECK(launch_argmax_logprob(logits.data_ptr(), token_ids.data_ptr<int64_t>(), nullptr,
+                                       static_cast<int>(logits.size(0)), static_cast<int>(logits.size(1)),
+                                       logits.stride(0), dtype_of(logits), c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace pagedlm::cuda
 
@@ -265,4 +273,5 @@ TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("silu_and_mul", &pagedlm::cuda::silu_and_mul);
   m.impl("gelu_tanh_and_mul", &pagedlm::cuda::gelu_tanh_and_mul);
   m.impl("argmax_logprob", &pagedlm::cuda::argmax_logprob);
+  m.impl("argmax", &pagedlm::cuda::argmax);
 }

@@ -124,7 +124,8 @@ struct RotaryParams {
 
 cudaError_t launch_rotary_embedding(const RotaryParams& p, DType dtype, cudaStream_t stream);
 
-// Per row of logits: the first index of the maximum and its log-probability (fp32 softmax).
+// Per row of logits: the first index of the maximum and its log-probability (fp32 softmax), or the
+// index alone where `logprobs` is null.
 cudaError_t launch_argmax_logprob(const void* logits, int64_t* token_ids, float* logprobs, int num_rows, int vocab,
                                   int64_t row_stride, DType dtype, cudaStream_t stream);
 

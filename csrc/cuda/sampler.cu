@@ -1,5 +1,6 @@
 // Greedy sampling in one read of the logits, one block per row: the first index of the maximum,
-// and its log-probability logit - logsumexp = -log(sum(exp(x - max))).
+// and its log-probability logit - logsumexp = -log(sum(exp(x - max))) unless `logprobs` is null
+// (the argmax op).
 
 #include <cstdint>
 
@@ -46,6 +47,10 @@ __global__ void argmax_logprob_kernel(const T* logits, int64_t* token_ids, float
   if (lane == 0) partial[warp] = best;
   __syncthreads();
   best = warp_argmax(lane < kWarps ? partial[lane] : ArgMax{-INFINITY, vocab});
+  if (logprobs == nullptr) {  // the same for the whole block
+    if (threadIdx.x == 0) token_ids[blockIdx.x] = best.index;
+    return;
+  }
   float sum = 0.f;
   for (int i = threadIdx.x; i < vocab; i += kThreads) sum += expf(to_float(row[i]) - best.value);
   sum = block_reduce<kWarps, false>(sum, scratch);

@@ -65,7 +65,7 @@ class Sequence:
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
-        self.cumulative_logprob = 0.0
+        self.cumulative_logprob: float | None = 0.0  # None where its request does not report it
         self.output_text = ""
         self.stop_reason: int | str | None = None
         self.logprobs: SampleLogprobs = []
@@ -118,9 +118,10 @@ class Sequence:
             return True
         return False
 
-    def append_token(self, token_id: int, logprob: float) -> None:
+    def append_token(self, token_id: int, logprob: float | None) -> None:
         self.output_token_ids.append(token_id)
-        self.cumulative_logprob += logprob
+        if self.cumulative_logprob is not None:
+            self.cumulative_logprob += logprob
 
     def fork(self, index: int) -> "Sequence":
         """A new sequence with this one's tokens and cache state (its blocks are shared by the
@@ -178,6 +179,8 @@ class SequenceGroup:
         self.arrival_time = arrival_time
         self.seqs = [Sequence(0, self.prompt_token_ids, block_size, cache_salt)]
         self.seqs[0].logprobs = create_sample_logprobs(sampling_params.flat_logprobs)
+        if not sampling_params.reports_cumulative_logprob:
+            self.seqs[0].cumulative_logprob = None
         self.generators = generators  # one per completion index, for seeded requests
         self.prompt_logprobs: PromptLogprobs | None = (
             None if sampling_params.prompt_logprobs is None else create_prompt_logprobs(sampling_params.flat_logprobs))

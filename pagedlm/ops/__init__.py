@@ -85,6 +85,9 @@ Sampling op:
   of the logits. A row with no softmax (a NaN, or an infinite maximum) gets NaN, as in
   ``top_logprobs`` and ``sample``, and the index ``torch.argmax`` gives (a NaN counts above every
   number: a row holding one takes its first NaN).
+* ``argmax(logits, token_ids)``: ``argmax_logprob``'s token alone, for greedy rows whose
+  log-probability nobody reads: one pass over the logits for the maximum instead of two with the
+  exp of the log-sum (2 ms of a 57 ms SmolLM2 step at 128 rows).
 * ``top_logprobs(logits, token_ids, logprobs, ranks, top_logprobs, top_ids)``: for each row of
   ``logits`` ``[num_rows, vocab]`` (any float dtype) and its ``token_ids[r]`` (int64, in
   ``[0, vocab)``): the token's log-probability ``(x[t] - max) + -log(sum(exp(x - max)))`` in fp32
@@ -218,6 +221,7 @@ _OP_NAMES = (
     "scale",
     "soft_cap",
     "argmax_logprob",
+    "argmax",
     "top_logprobs",
     "sample",
     "apply_token_bitmask",
@@ -315,6 +319,7 @@ gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 scale = _impl.scale
 soft_cap = _impl.soft_cap
 argmax_logprob = _impl.argmax_logprob
+argmax = _impl.argmax
 top_logprobs = _impl.top_logprobs
 sample = _impl.sample
 apply_token_bitmask = _impl.apply_token_bitmask

@@ -266,6 +266,10 @@ def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torc
     logprobs.copy_(top - torch.logsumexp(x, dim=-1))
 
 
+def argmax(logits: torch.Tensor, token_ids: torch.Tensor) -> None:
+    token_ids.copy_(logits.float().max(dim=-1).indices)
+
+
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     if rows.numel() and not bool(((rows >= 0) & (rows < logits.shape[0])).all()):
         raise ValueError(f"apply_token_bitmask: rows must be in [0, {logits.shape[0]})")

@@ -135,7 +135,8 @@ class ModelRunner:
             device=self.device,
         )
         result = self.sampler(logits, meta)
-        token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
+        token_ids = result.token_ids.tolist()
+        logprobs = [None] * len(token_ids) if result.logprobs is None else result.logprobs.tolist()
         tops = _top_logprobs(result.ranks, result.top_ids, result.top_logprobs)
         no_token = set(result.no_token_rows)
         for row, (e, p) in enumerate(zip(owners, params)):

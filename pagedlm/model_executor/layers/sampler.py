@@ -41,7 +41,7 @@ class SamplingMetadata:
     num_top_logprobs: int  # the largest ``logprobs`` asked for (0 for logprob_token_ids rows), -1 when none
     logprob_token_ids: dict[int, list[int]]  # row -> the ids whose log-probabilities it returns
     needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, bans or forced tokens
-    plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, no top logprobs, no beams
+    plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, reporting no log-probability
 
     @classmethod
     def build(
@@ -74,7 +74,7 @@ class SamplingMetadata:
         logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
         num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
                                default=-1)
-        greedy = num_top_logprobs < 0 and not beam_rows and all(p.greedy for p in params)
+        greedy = all(p.greedy and not p.reports_cumulative_logprob for p in params)
         return cls(
             params=params,
             prompt_token_ids=prompt_token_ids,
@@ -99,7 +99,7 @@ class SamplingMetadata:
 @dataclass
 class SamplerResult:
     token_ids: torch.Tensor  # [R]
-    logprobs: torch.Tensor  # [R] raw log-probability of each sampled token
+    logprobs: torch.Tensor | None  # [R] raw log-probability of each sampled token; None where plain greedy
     ranks: torch.Tensor | None  # [R] rank of each sampled token, when logprobs were asked for
     top_ids: torch.Tensor | None  # [R, K]
     top_logprobs: torch.Tensor | None  # [R, K]
@@ -120,12 +120,12 @@ class Sampler(DirectCall, nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-        chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         if meta.allowed is not None:
             ops.apply_token_bitmask(logits, *meta.allowed)
         if meta.plain_greedy:
-            ops.argmax_logprob(logits, tokens, chosen)
-            return SamplerResult(tokens, chosen, None, None, None, None, None)
+            ops.argmax(logits, tokens)  # argmax_logprob's tokens, without the exp pass of its log-sum
+            return SamplerResult(tokens, None, None, None, None, None, None)
+        chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         processed = logits
         if meta.needs_processing:
