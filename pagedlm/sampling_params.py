@@ -157,7 +157,7 @@ class RequestOutputKind(Enum):
 
     ``CUMULATIVE``: everything generated so far, every step. ``DELTA``: only what is new since the
     request's previous output (token ids, text, logprobs and prompt logprobs; the cumulative
-    logprob stays the running total). ``FINAL_ONLY``: nothing until the request finishes, then
+    logprob, where reported, stays the running total). ``FINAL_ONLY``: nothing until the request finishes, then
     everything. Until a completion finishes, the last ``max(len(stop)) - 1`` characters of its text
     are held back under the first two (they may be the start of a stop string that is then cut).
     ``LLM``'s methods run every request as ``FINAL_ONLY``, as vLLM's ``LLM`` does.
@@ -348,8 +348,9 @@ class SamplingParams(_FieldsOnly):
             ``structured_outputs`` grammar can only end still ends).
         logprobs: return the top-``logprobs`` log-probabilities of each generated position (plus
             the sampled token's); 0 returns just the sampled token's, -1 every token's (vLLM's).
-            Without it a completion's ``cumulative_logprob`` is None, as in vLLM, unless
-            ``best_of > n`` or beam search ranks by it: a greedy step then skips the softmax.
+            Without it (or ``logprob_token_ids``) a completion's ``cumulative_logprob`` is None, as
+            in vLLM, unless ``best_of > n`` or beam search ranks by it; a batch of such greedy
+            requests then samples without the softmax.
         prompt_logprobs: the same for each prompt position.
         flat_logprobs: return ``logprobs`` and ``prompt_logprobs`` as a ``FlatLogprobs`` (vLLM's):
             six flat lists that read like the list of dicts, a few objects per request instead of
