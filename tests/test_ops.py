@@ -890,6 +890,31 @@ def test_sample_equals_reference(device, dtype, vocab):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sample_equals_reference_where_the_cut_lies_among_the_tiny_entries(device):
+    """The CPU kernel looks for the top-k and top-p thresholds among the entries within 2^-12 of the
+    top one first, then within 2^-24, then among all of them: a few large logits over a tail of
+    49,000 small ones whose mass outweighs them (top-p 0.9 then cuts inside the tail), or too far
+    below them for 2^-24 whose count top-k needs, beside rows whose cut lies among the large ones."""
+    gen = torch.Generator().manual_seed(7)
+    rows, vocab = 64, 49152
+    logits = torch.rand(rows, vocab, generator=gen) * 3 - 2  # tail: p in (2^-24, 2^-12) of the top at temperature 1
+    logits[2::4] -= 7  # p < 2^-24
+    logits[:, :5] = 10 + torch.rand(rows, 5, generator=gen)
+    top_ps = torch.tensor([0.9, 0.5, 1.0, 0.99] * (rows // 4))
+    top_ks = torch.tensor([vocab, vocab, 20000, 3] * (rows // 4))
+    uniforms = torch.rand(rows, generator=gen)
+    uniforms[2::4] = 1 - 1e-6  # past the large entries' mass: the pick lies in what top-k kept of the tail
+    args = [t.to(device) for t in (logits, torch.ones(rows), top_ks, top_ps, torch.zeros(rows), uniforms)]
+    got = [torch.empty(rows, dtype=torch.int64, device=device), torch.empty(rows, device=device)]
+    want = [torch.empty(rows, dtype=torch.int64, device=device), torch.empty(rows, device=device)]
+    torch.ops.pagedlm.sample(*args, *got)
+    reference.sample(*args, *want)
+    assert torch.equal(got[0], want[0])
+    assert (got[0][0::4] >= 5).any() and (got[0][1::4] < 5).all() and (got[0][3::4] < 5).all()
+    assert (got[0][2::4] >= 5).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sample_follows_the_kept_distribution(device):
     """Uniforms spread evenly over [0, 1) must pick each kept token in proportion to its
     renormalised probability, and never a token that top-k, top-p or min-p removed."""

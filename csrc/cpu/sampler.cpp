@@ -7,8 +7,9 @@
 //   max))), its rank, and the k largest log-probabilities, ties in token order, without a
 //   log-softmax in memory;
 // * sample: temperature, top-k, top-p and min-p reduce each row to the tokens whose tempered
-//   probability reaches a threshold (found by a radix select over the float bits), and one uniform
-//   number per row picks among them by inverse CDF in token order;
+//   probability reaches a threshold (found by a radix select over the float bits, among the few
+//   entries near the top one first), and one uniform number per row picks among them by inverse CDF
+//   in token order (vectorised sums over chunks, then the crossing chunk token by token);
 // * apply_token_bitmask: -inf, in place, for the tokens a structured output's bitmask leaves out,
 //   skipping the words that allow all 32 of theirs.
 #include "vec.h"
@@ -106,11 +107,11 @@ inline int bucket_of(float v) {
 }
 
 // The largest threshold v such that the entries of p (in [0, 1]) that are >= v and >= floor weigh
-// at least `goal`, where an entry weighs 1 (counting, for top-k) or its value (for top-p); floor
+// at least `goal`, where an entry weighs 1 (counting, for top-k) or its value (for top-p); false
 // when even all of them weigh less. A histogram pass finds the bucket the threshold lies in; only
 // that bucket's entries are sorted.
 template <bool kByValue>
-float threshold_from_top(const float* p, int64_t n, float floor, double goal, std::vector<float>& scratch) {
+bool threshold_in(const float* p, int64_t n, float floor, double goal, std::vector<float>& scratch, float& threshold) {
   std::array<double, kBuckets> weight{};
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= floor) weight[bucket_of(p[i])] += kByValue ? p[i] : 1.0;
@@ -118,37 +119,116 @@ float threshold_from_top(const float* p, int64_t n, float floor, double goal, st
   double above = 0;
   int b = kBuckets - 1;
   for (; b >= 0 && above + weight[b] < goal; --b) above += weight[b];
-  if (b < 0) return floor;
+  if (b < 0) return false;
   scratch.clear();
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= floor && bucket_of(p[i]) == b) scratch.push_back(p[i]);
   }
-  if (scratch.empty()) return floor;  // goal <= 0: nothing needs to be cut
+  if (scratch.empty()) {  // goal <= 0: nothing needs to be cut
+    threshold = floor;
+    return true;
+  }
   std::sort(scratch.begin(), scratch.end(), std::greater<float>());
+  threshold = scratch.back();
   for (const float v : scratch) {
     above += kByValue ? v : 1.0;
-    if (above >= goal) return v;
+    if (above >= goal) {
+      threshold = v;
+      break;
+    }
   }
-  return scratch.back();
+  return true;
 }
 
+// The entries of p [n] at or above `cut`, in token order, into `out`.
+void entries_from(const float* p, int64_t n, float cut, std::vector<float>& out) {
+  out.clear();
+  const fVec cv(cut);
+  int64_t i = 0;
+  for (; i + kVecLen <= n; i += kVecLen) {
+    for (int above = ~(fVec::loadu(p + i) >= cv).zero_mask() & ((1 << kVecLen) - 1); above; above &= above - 1) {
+      out.push_back(p[i + __builtin_ctz(above)]);
+    }
+  }
+  for (; i < n; ++i) {
+    if (p[i] >= cut) out.push_back(p[i]);
+  }
+}
+
+// threshold_in over all of p, floor when not reached. Most entries of a row are tiny: those at or
+// above a cut (a power of two, so a bucket boundary: the buckets it keeps are whole and weigh what
+// they weigh over all of p) are taken out in one vector pass, and the threshold is searched among
+// them; when they weigh less than the goal, among those above a lower cut, then among all entries
+// at or above floor.
+template <bool kByValue>
+float threshold_from_top(const float* p, int64_t n, float floor, double goal, std::vector<float>& candidates,
+                         std::vector<float>& scratch) {
+  float threshold = floor;
+  for (const float cut : {0x1p-12f, 0x1p-24f, 0.f}) {
+    entries_from(p, n, std::max(floor, cut), candidates);
+    if (threshold_in<kByValue>(candidates.data(), static_cast<int64_t>(candidates.size()), floor, goal, scratch,
+                               threshold) || floor >= cut) {
+      break;
+    }
+  }
+  return threshold;
+}
+
+// The kept entries (>= threshold) of p[begin, end) summed in double: 16 lanes, each over every
+// 16th entry (GCC vector types: two vectors of 8 doubles), then the lanes in order.
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef double Doubles8 __attribute__((vector_size(64)));
+constexpr int64_t kMassChunk = 512;
+
+double chunk_mass(const float* p, int64_t begin, int64_t end, float threshold) {
+  Doubles8 low = {}, high = {};
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    Floats8 a, b;
+    std::memcpy(&a, p + i, sizeof a);
+    std::memcpy(&b, p + i + 8, sizeof b);
+    low += __builtin_convertvector(a >= threshold ? a : 0.f, Doubles8);
+    high += __builtin_convertvector(b >= threshold ? b : 0.f, Doubles8);
+  }
+  double sum = 0;
+  for (int j = 0; j < 8; ++j) sum += low[j];
+  for (int j = 0; j < 8; ++j) sum += high[j];
+  for (; i < end; ++i) sum += p[i] >= threshold ? p[i] : 0.f;
+  return sum;
+}
+
+// The kept mass as the sum of kMassChunk-entry chunks, one after another: inverse_cdf adds the
+// same chunk sums, so its running total reaches this one bit for bit.
 double kept_mass(const float* p, int64_t n, float threshold) {
   double total = 0;
-  for (int64_t i = 0; i < n; ++i) total += p[i] >= threshold ? p[i] : 0.f;
+  for (int64_t c = 0; c < n; c += kMassChunk) total += chunk_mass(p, c, std::min(c + kMassChunk, n), threshold);
   return total;
 }
 
-// The first token (in token order) at which the cumulative kept mass exceeds target; the last kept
-// token if rounding leaves target at or above the total.
+// The first token (in token order) at which the cumulative kept mass exceeds target: whole chunks
+// while they stay below it, then the crossing chunk's entries one by one; the chunk's last kept
+// token if rounding leaves them short of it, the row's last kept token if target is at or above
+// the total.
 int64_t inverse_cdf(const float* p, int64_t n, float threshold, double target) {
   double acc = 0;
-  int64_t last = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (p[i] < threshold) continue;
-    acc += p[i];
-    last = i;
-    if (acc > target) return i;
+  for (int64_t c = 0; c < n; c += kMassChunk) {
+    const int64_t end = std::min(c + kMassChunk, n);
+    const double mass = chunk_mass(p, c, end, threshold);
+    if (acc + mass <= target) {
+      acc += mass;
+      continue;
+    }
+    int64_t last = c;
+    for (int64_t i = c; i < end; ++i) {
+      if (p[i] < threshold) continue;
+      acc += p[i];
+      last = i;
+      if (acc > target) return i;
+    }
+    return last;
   }
+  int64_t last = n - 1;
+  while (last > 0 && p[last] < threshold) --last;
   return last;
 }
 
@@ -162,17 +242,19 @@ struct RowParams {
 
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::vector<float>& p,
-                   std::vector<float>& scratch) {
+                   std::vector<float>& candidates, std::vector<float>& scratch) {
   if (row.temperature == 0.f) return first_index_of(x, n, max);
   p.resize(n);
   tempered_probs(x, n, max, row.temperature, p.data());
   // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to
   // the top token, whose p is 1, so it does not depend on the others).
   float threshold = 0.f;
-  if (row.top_k < n) threshold = threshold_from_top<false>(p.data(), n, 0.f, static_cast<double>(row.top_k), scratch);
+  if (row.top_k < n) {
+    threshold = threshold_from_top<false>(p.data(), n, 0.f, static_cast<double>(row.top_k), candidates, scratch);
+  }
   if (row.top_p < 1.f) {
     const double goal = static_cast<double>(row.top_p) * kept_mass(p.data(), n, threshold);
-    threshold = threshold_from_top<true>(p.data(), n, threshold, goal, scratch);
+    threshold = threshold_from_top<true>(p.data(), n, threshold, goal, candidates, scratch);
   }
   threshold = std::max(threshold, row.min_p);
   return inverse_cdf(p.data(), n, threshold, static_cast<double>(row.uniform) * kept_mass(p.data(), n, threshold));
@@ -279,14 +361,14 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
     parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
-      std::vector<float> p, scratch;
+      std::vector<float> p, candidates, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
         const float max = max_of(row, vocab), nls = neg_log_sum(row, vocab, max);
         // A row with no softmax has no distribution: greedy's token, as for temperature 0.
         ids[r] = std::isnan(nls) ? first_index_without_softmax(row, vocab, max)
                                  : sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p,
-                                              scratch);
+                                              candidates, scratch);
         lp[r] = (static_cast<float>(row[ids[r]]) - max) + nls;
       }
     });
