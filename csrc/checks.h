@@ -239,8 +239,9 @@ inline void check_apply_token_bitmask(const at::Tensor& logits, const at::Tensor
 
 inline void check_sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
                          const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms,
-                         const at::Tensor& token_ids, const at::Tensor& logprobs) {
-  check_argmax_logprob(logits, token_ids, logprobs);
+                         const at::Tensor& token_ids, const std::optional<at::Tensor>& logprobs) {
+  check_argmax(logits, token_ids);
+  if (logprobs) check_per_row(*logprobs, "logprobs", at::kFloat, logits);
   check_per_row(temperatures, "temperatures", at::kFloat, logits);
   check_per_row(top_ks, "top_ks", at::kLong, logits);
   check_per_row(top_ps, "top_ps", at::kFloat, logits);

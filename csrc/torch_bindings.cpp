@@ -37,7 +37,7 @@ TORCH_LIBRARY(pagedlm, m) {
       "Tensor(d!) top_ids) -> ()");
   m.def(
       "sample(Tensor logits, Tensor temperatures, Tensor top_ks, Tensor top_ps, Tensor min_ps, Tensor uniforms, "
-      "Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
+      "Tensor(a!) token_ids, Tensor(b!)? logprobs=None) -> ()");
   m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
   m.def("bf16_blocked_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
   m.def(
@@ -77,7 +77,7 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("top_logprobs",
          [](const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("sample", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, at::Tensor&, at::Tensor&) {});
+                      const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&) {});
   m.impl("apply_token_bitmask", [](at::Tensor&, const at::Tensor&, const at::Tensor&) {});
   m.impl("bf16_blocked_linear", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, at::IntArrayRef) {});

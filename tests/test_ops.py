@@ -461,6 +461,9 @@ def test_opcheck(device):
                               torch.full((3,), 0.9, device=device), torch.zeros(3, device=device),
                               torch.rand(3, device=device), torch.empty(3, dtype=torch.int64, device=device),
                               torch.empty(3, device=device))),
+        (ops.sample.default, (kv[:, 0], torch.ones(3, device=device), torch.full((3,), 5, device=device),
+                              torch.full((3,), 0.9, device=device), torch.zeros(3, device=device),
+                              torch.rand(3, device=device), torch.empty(3, dtype=torch.int64, device=device))),
         (ops.apply_token_bitmask.default, (kv[:, 0].clone(), torch.tensor([2, 0], device=device),
                                            torch.tensor([[5, 0], [-1, 7]], dtype=torch.int32, device=device))),
     ]
@@ -738,9 +741,10 @@ def test_sampling_ops_give_nan_for_rows_without_a_softmax(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_without_a_softmax_take_torch_argmax_token(device):
-    """argmax_logprob, argmax and sample (any temperature) take torch.argmax's token in a row with no
-    softmax: its first NaN (a NaN counts above every number), else the first infinite maximum. A
-    NaN in the kernels' vector part, their scalar tail, or both; +inf; all -inf."""
+    """argmax_logprob, argmax and sample (any temperature, with or without logprobs) take
+    torch.argmax's token in a row with no softmax: its first NaN (a NaN counts above every number),
+    else the first infinite maximum. A NaN in the kernels' vector part, their scalar tail, or both;
+    +inf; all -inf."""
     logits = torch.randn(7, 301, generator=torch.Generator().manual_seed(1))
     logits[0, 5] = float("nan")    # vector part
     logits[1, 300] = float("nan")  # the tail past the last full vector
@@ -760,9 +764,12 @@ def test_rows_without_a_softmax_take_torch_argmax_token(device):
     assert torch.equal(ids[:6], expected[:6])
     for temperature in (0.0, 0.7):
         t = torch.full((n,), temperature, device=device)
-        torch.ops.pagedlm.sample(logits, t, torch.full((n,), 301, device=device), torch.ones(n, device=device),
-                                 torch.zeros(n, device=device), torch.full((n,), 0.5, device=device), ids, lp)
+        args = (logits, t, torch.full((n,), 301, device=device), torch.ones(n, device=device),
+                torch.zeros(n, device=device), torch.full((n,), 0.5, device=device))
+        torch.ops.pagedlm.sample(*args, ids, lp)
         assert torch.equal(ids[:6], expected[:6]) and lp[:6].isnan().all(), (temperature, ids)
+        torch.ops.pagedlm.sample(*args, ids)  # without logprobs: has_softmax tells the rows apart
+        assert torch.equal(ids[:6], expected[:6]), (temperature, ids)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -885,6 +892,9 @@ def test_sample_equals_reference(device, dtype, vocab):
     reference.sample(*args, *want)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
+    without_logprobs = torch.empty_like(got[0])  # the kernel skips the log-sum: the same tokens
+    torch.ops.pagedlm.sample(*args, without_logprobs)
+    assert torch.equal(without_logprobs, got[0])
     greedy = args[1] == 0
     assert torch.equal(got[0][greedy], args[0].float().argmax(dim=-1)[greedy])
 

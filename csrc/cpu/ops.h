@@ -52,7 +52,7 @@ void top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, at::Ten
 
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
             const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
-            at::Tensor& logprobs);
+            const std::optional<at::Tensor>& logprobs);
 
 void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends);

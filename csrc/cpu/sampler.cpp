@@ -339,7 +339,7 @@ void top_logprobs(const at::Tensor& logits, const at::Tensor& token_ids, at::Ten
 
 void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_ks,
             const at::Tensor& top_ps, const at::Tensor& min_ps, const at::Tensor& uniforms, at::Tensor& token_ids,
-            at::Tensor& logprobs) {
+            const std::optional<at::Tensor>& logprobs) {
   check_sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs);
   const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
   const float* temps = temperatures.data_ptr<float>();
@@ -357,19 +357,22 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
     TORCH_CHECK(us[r] >= 0.f && us[r] < 1.f, "uniforms[", r, "] = ", us[r], ": must be in [0, 1)");
   }
   int64_t* ids = token_ids.data_ptr<int64_t>();
-  float* lp = logprobs.data_ptr<float>();
+  float* lp = logprobs ? logprobs->data_ptr<float>() : nullptr;
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
     parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
       std::vector<float> p, candidates, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = max_of(row, vocab), nls = neg_log_sum(row, vocab, max);
+        const float max = max_of(row, vocab);
+        // Without logprobs the exp pass of the log-sum is skipped; has_softmax tells the same rows apart.
+        const float nls = lp ? neg_log_sum(row, vocab, max) : 0.f;
         // A row with no softmax has no distribution: greedy's token, as for temperature 0.
-        ids[r] = std::isnan(nls) ? first_index_without_softmax(row, vocab, max)
-                                 : sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p,
-                                              candidates, scratch);
-        lp[r] = (static_cast<float>(row[ids[r]]) - max) + nls;
+        ids[r] = (lp ? std::isnan(nls) : !has_softmax(row, vocab, max))
+                     ? first_index_without_softmax(row, vocab, max)
+                     : sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, candidates,
+                                  scratch);
+        if (lp) lp[r] = (static_cast<float>(row[ids[r]]) - max) + nls;
       }
     });
   });

@@ -98,7 +98,7 @@ Sampling op:
   order, into ``top_logprobs`` (float32 ``[num_rows, k]``) with their ids in ``top_ids`` (int64).
   One pass over the logits after the two of the log-sum; no log-softmax is stored. A row with no
   softmax (a NaN, or an infinite maximum) gets NaN log-probabilities, rank 1 and ids ``0 .. k - 1``.
-* ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs)``: one token
+* ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs=None)``: one token
   per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum, ``argmax_logprob``'s
   token; also taken for a row with no softmax), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
   (0, 1]; 1 = off), ``min_ps`` (in [0, 1]; 0 = off) and ``uniforms`` in [0, 1).
@@ -106,8 +106,9 @@ Sampling op:
   the ``top_k``-th largest ``p``; then, over those, the ``p`` at which their descending cumulative
   mass first reaches ``top_p`` of their total; then ``min_p`` (Hugging Face's warper order; ties
   at a threshold are kept). The token is the first, in token order, at which the cumulative ``p``
-  of the kept tokens exceeds ``uniform`` times their total (inverse CDF). ``logprobs`` gets its
-  log-probability under the softmax of the untempered logits. CPU kernel and reference; on CUDA
+  of the kept tokens exceeds ``uniform`` times their total (inverse CDF). ``logprobs``, if given,
+  gets its log-probability under the softmax of the untempered logits; without it the CPU kernel
+  skips the exp pass of that log-sum. CPU kernel and reference; on CUDA
   the reference runs.
 * ``apply_token_bitmask(logits, rows, bitmask)``: in place, ``logits[rows[i], t] = -inf`` for every
   token ``t`` that bit ``t % 32`` of word ``t // 32`` of ``bitmask[i]`` leaves out (xgrammar's token

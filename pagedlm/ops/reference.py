@@ -336,7 +336,7 @@ def sample(
     min_ps: torch.Tensor,
     uniforms: torch.Tensor,
     token_ids: torch.Tensor,
-    logprobs: torch.Tensor,
+    logprobs: torch.Tensor | None = None,
 ) -> None:
     x = logits.float()
     vocab = x.shape[-1]
@@ -357,7 +357,8 @@ def sample(
     last_kept = vocab - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
     picked = torch.where(greedy, x.argmax(dim=-1), torch.minimum(picked, last_kept))
     token_ids.copy_(picked)
-    logprobs.copy_(x.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1))
+    if logprobs is not None:
+        logprobs.copy_(x.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1))
 
 
 def bf16_blocked_linear(

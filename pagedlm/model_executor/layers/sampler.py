@@ -42,6 +42,7 @@ class SamplingMetadata:
     logprob_token_ids: dict[int, list[int]]  # row -> the ids whose log-probabilities it returns
     needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, bans or forced tokens
     plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, reporting no log-probability
+    reports_logprobs: bool  # some row reports its sampled token's log-probability (cumulative_logprob)
 
     @classmethod
     def build(
@@ -93,13 +94,14 @@ class SamplingMetadata:
             logprob_token_ids=logprob_token_ids,
             needs_processing=needs_processing,
             plain_greedy=greedy and not needs_processing,
+            reports_logprobs=any(p.reports_cumulative_logprob for p in params),
         )
 
 
 @dataclass
 class SamplerResult:
     token_ids: torch.Tensor  # [R]
-    logprobs: torch.Tensor | None  # [R] raw log-probability of each sampled token; None where plain greedy
+    logprobs: torch.Tensor | None  # [R] raw log-probability of each sampled token; None where no row reports it
     ranks: torch.Tensor | None  # [R] rank of each sampled token, when logprobs were asked for
     top_ids: torch.Tensor | None  # [R, K]
     top_logprobs: torch.Tensor | None  # [R, K]
@@ -125,7 +127,10 @@ class Sampler(DirectCall, nn.Module):
         if meta.plain_greedy:
             ops.argmax(logits, tokens)  # argmax_logprob's tokens, without the exp pass of its log-sum
             return SamplerResult(tokens, None, None, None, None, None, None)
-        chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        # Processing needs ``sample``'s log-probabilities even where no row reports them: NaN marks a
+        # row it left without a token.
+        chosen = (torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+                  if meta.reports_logprobs or meta.needs_processing else None)
         beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         processed = logits
         if meta.needs_processing:
@@ -146,7 +151,7 @@ class Sampler(DirectCall, nn.Module):
         if meta.num_top_logprobs >= 0:
             ranks, top_logprobs, top_ids = rank_and_top_logprobs(logits, tokens, meta.num_top_logprobs, chosen)
         elif meta.needs_processing:
-            chosen = _raw_logprob(logits, tokens)
+            chosen = _raw_logprob(logits, tokens) if meta.reports_logprobs else None
         if meta.beam_rows:
             beam_logprobs = processed[meta.beam_rows] if meta.needs_processing else beam_raw_logprobs
         return SamplerResult(tokens, chosen, ranks, top_ids, top_logprobs, beam_logprobs, beam_raw_logprobs,
