@@ -127,10 +127,10 @@ class Sampler(DirectCall, nn.Module):
         if meta.plain_greedy:
             ops.argmax(logits, tokens)  # argmax_logprob's tokens, without the exp pass of its log-sum
             return SamplerResult(tokens, None, None, None, None, None, None)
-        # Processing needs ``sample``'s log-probabilities even where no row reports them: NaN marks a
-        # row it left without a token.
+        # ``sample``'s log-probabilities: where processing needs them (NaN marks a row it left without a
+        # token), or a row reports them and top_logprobs, which gives them too, does not run.
         chosen = (torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-                  if meta.reports_logprobs or meta.needs_processing else None)
+                  if meta.needs_processing or (meta.reports_logprobs and meta.num_top_logprobs < 0) else None)
         beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         processed = logits
         if meta.needs_processing:
@@ -149,6 +149,7 @@ class Sampler(DirectCall, nn.Module):
         # were asked for).
         ranks = top_ids = top_logprobs = beam_logprobs = None
         if meta.num_top_logprobs >= 0:
+            chosen = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
             ranks, top_logprobs, top_ids = rank_and_top_logprobs(logits, tokens, meta.num_top_logprobs, chosen)
         elif meta.needs_processing:
             chosen = _raw_logprob(logits, tokens) if meta.reports_logprobs else None
