@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -922,6 +923,49 @@ def test_sample_equals_reference_where_the_cut_lies_among_the_tiny_entries(devic
     assert torch.equal(got[0], want[0])
     assert (got[0][0::4] >= 5).any() and (got[0][1::4] < 5).all() and (got[0][3::4] < 5).all()
     assert (got[0][2::4] >= 5).all()
+
+
+def _lane_sum(p: np.ndarray) -> float:
+    """The CPU sample kernel's sum of a 512-entry chunk (threshold 0): 16 lanes in double, then in order."""
+    lanes = np.zeros(16)
+    for i in range(0, len(p) // 16 * 16, 16):
+        lanes += p[i:i + 16].astype(np.float64)
+    total = 0.0
+    for lane in lanes:
+        total += lane
+    return total
+
+
+def test_sample_never_picks_a_token_without_probability_where_rounding_leaves_the_walk_short():
+    """Found by a reviewer: the inverse CDF adds 512-entry chunks' vector sums, then walks the
+    crossing chunk token by token; a target between the walk's total and the chunk's sum left the
+    walk short, and the kernel returned the chunk's last token, a -inf one. Two chunks: tiny
+    logits, twelve -inf ones closing the first, the second a copy whose one entry is nudged until
+    half the total falls in that gap (a search over the kernel's own summation order)."""
+    rng = np.random.default_rng(1)
+    x = np.full(1024, -np.inf, dtype=np.float32)
+    while True:
+        x[0], x[1:500] = 0.0, rng.uniform(-40, -18, 499).astype(np.float32)
+        x[512:] = x[:512]
+        p = torch.exp(torch.from_numpy(x)).numpy()  # the kernel's exp (Sleef's, as torch's)
+        walk = 0.0
+        for v in p[:512]:
+            walk += float(v)
+        if _lane_sum(p[:512]) > walk:
+            break
+    nudged = 512 + next(i for i in range(1, 500) if 1e-12 < p[i] < 1e-10)
+    for _ in range(20000):
+        p = torch.exp(torch.from_numpy(x)).numpy()
+        target = 0.5 * (_lane_sum(p[:512]) + _lane_sum(p[512:]))
+        if walk <= target < _lane_sum(p[:512]):
+            break
+        x[nudged] = np.nextafter(x[nudged], np.float32(-np.inf if target >= _lane_sum(p[:512]) else np.inf))
+    assert walk <= target < _lane_sum(p[:512])
+    logits = torch.from_numpy(x)[None]
+    token_ids, logprobs = torch.empty(1, dtype=torch.int64), torch.empty(1)
+    torch.ops.pagedlm.sample(logits, torch.ones(1), torch.tensor([1024]), torch.ones(1), torch.zeros(1),
+                             torch.tensor([0.5]), token_ids, logprobs)
+    assert torch.isfinite(logits[0, token_ids[0]]) and torch.isfinite(logprobs[0]), token_ids
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -206,9 +206,9 @@ double kept_mass(const float* p, int64_t n, float threshold) {
 }
 
 // The first token (in token order) at which the cumulative kept mass exceeds target: whole chunks
-// while they stay below it, then the crossing chunk's entries one by one; the chunk's last kept
-// token if rounding leaves them short of it, the row's last kept token if target is at or above
-// the total.
+// while they stay below it, then the crossing chunk's entries one by one (where rounding leaves
+// that walk short of the chunk's sum, on to the next chunk); the last token that weighs anything
+// if target is at or above the total.
 int64_t inverse_cdf(const float* p, int64_t n, float threshold, double target) {
   double acc = 0;
   for (int64_t c = 0; c < n; c += kMassChunk) {
@@ -218,17 +218,14 @@ int64_t inverse_cdf(const float* p, int64_t n, float threshold, double target) {
       acc += mass;
       continue;
     }
-    int64_t last = c;
     for (int64_t i = c; i < end; ++i) {
       if (p[i] < threshold) continue;
       acc += p[i];
-      last = i;
       if (acc > target) return i;
     }
-    return last;
   }
   int64_t last = n - 1;
-  while (last > 0 && p[last] < threshold) --last;
+  while (last > 0 && !(p[last] >= threshold && p[last] > 0.f)) --last;
   return last;
 }
 
