@@ -2,8 +2,9 @@
 
 Every system gets the same tokenised prompts and generates exactly the same number of tokens per
 request (pagedlm and vLLM: ``ignore_eos`` + ``max_tokens``; HF: ``min_new_tokens == max_new_tokens``;
-llama.cpp: greedy decoding stopped by count), greedily, in the same dtype, with the same number of
-threads, each in its own subprocess so that its peak RSS is its own. Output lengths are checked.
+llama.cpp: greedy decoding stopped by count), greedily (or, but for llama.cpp, sampled at
+``--temperature`` with ``--top-p``), in the same dtype, with the same number of threads, each in its
+own subprocess so that its peak RSS is its own. Output lengths are checked.
 
 Workload: ``../shared/data/alpaca_eval_805.jsonl`` (805 AlpacaEval instructions), chat-templated
 with the model's tokenizer; a request's output length is its reference answer's length in the
@@ -44,6 +45,7 @@ Usage:
     python benchmarks/throughput.py --synthetic --input-len 128 --output-len 128 --num-prompts 256
     python benchmarks/throughput.py --model-shape qwen2-0.5b --num-prompts 128 --systems pagedlm,vllm-cpu-tuned
     python benchmarks/throughput.py --long-prompts --systems pagedlm,hf-static,vllm-cpu,vllm-cpu-tuned
+    python benchmarks/throughput.py --dataset alpaca_eval_805.jsonl --temperature 0.8 --top-p 0.95 --systems pagedlm,vllm-cpu-tuned
 """
 
 import argparse
@@ -282,7 +284,8 @@ def run_worker(system: str, work: Workload, args: argparse.Namespace, tmp: Path,
     workload.write_text(json.dumps(asdict(work)))
     cmd = [
         peer_python(system), str(SYSTEMS_SCRIPT), system, "--workload", str(workload), "--model", args.model,
-        "--dtype", args.dtype, "--threads", str(args.threads), "--device", args.device, *extra,
+        "--dtype", args.dtype, "--threads", str(args.threads), "--device", args.device,
+        "--temperature", str(args.temperature), "--top-p", str(args.top_p), *extra,
     ]
     env = {**LAUNCH_ENV, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     env |= peer_env(system, args)
@@ -428,6 +431,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-requests", type=int, help="subsample for hf-static and hf-cb (default 128; quick all)")
     parser.add_argument("--hf-batch-sizes", help="hf-static sweep (default 8,16,32; quick 16)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all systems; each keeps its fastest")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature instead of greedily (not llamacpp's loop)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
     parser.add_argument("--plot", help="write a bar chart of output tok/s to this PNG")
     args = parser.parse_args()
     if args.model_shape:
@@ -460,6 +466,8 @@ def main() -> None:
     work, source = build_workload(args)
     print(f"model {args.model} ({args.dtype}, {args.device}, {args.threads} threads)")
     print(f"workload: {source}; {work.describe()}")
+    if args.temperature:
+        print(f"sampling: temperature {args.temperature}, top-p {args.top_p} (every system, forced lengths)")
     runs: dict[str, list[Result]] = {}
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:

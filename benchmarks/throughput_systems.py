@@ -120,21 +120,23 @@ def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device,
               batch_invariant=args.system != "pagedlm-batch-variant")
-    warm_up(llm, SamplingParams, work)
+    warm_up(llm, SamplingParams, work, args)
     phases = record_step_phases(llm.llm_engine)
-    return Run(timed_generate(llm, SamplingParams, work), phases=phases)
+    return Run(timed_generate(llm, SamplingParams, work, args), phases=phases)
 
 
-def warm_up(llm, sampling_params: type, work: Workload) -> None:
+def warm_up(llm, sampling_params: type, work: Workload, args: argparse.Namespace) -> None:
     """One short request through ``llm`` (pagedlm's or vLLM's ``LLM``: the same API)."""
-    params = sampling_params(temperature=0, max_tokens=8, ignore_eos=True)
+    params = sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=8, ignore_eos=True)
     llm.generate({"prompt_token_ids": work.warmup_prompt()}, params, use_tqdm=False)
 
 
-def timed_generate(llm, sampling_params: type, work: Workload) -> float:
-    """Seconds of one ``llm.generate`` on all requests, greedy with forced lengths (checked)."""
+def timed_generate(llm, sampling_params: type, work: Workload, args: argparse.Namespace) -> float:
+    """Seconds of one ``llm.generate`` on all requests, greedy (or at ``--temperature`` and
+    ``--top-p``) with forced lengths (checked)."""
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
-    params = [sampling_params(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    params = [sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=n, ignore_eos=True)
+              for n in work.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
@@ -150,8 +152,9 @@ def load_hf(args: argparse.Namespace):
     return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
 
 
-def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens for a left-padded batch; tokens generated per row."""
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, args: argparse.Namespace) -> int:
+    """``generate`` of exactly ``new_tokens`` tokens for a left-padded batch, greedy or as ``hf_sampling``
+    says; tokens generated per row."""
     import torch
 
     pad = model.generation_config.pad_token_id or 0
@@ -159,17 +162,24 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        pad_token_id=pad,
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+        **hf_sampling(args),
     )
     return out.shape[1] - width
 
 
+def hf_sampling(args: argparse.Namespace) -> dict:
+    """transformers' generation settings for ``--temperature`` and ``--top-p`` (greedy at temperature 0)."""
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": None}
+
+
 def run_hf_single(work: Workload, args: argparse.Namespace) -> Run:
     model = load_hf(args)
-    hf_generate(model, work.prompts[:1], 8)
+    hf_generate(model, work.prompts[:1], 8, args)
     start = time.perf_counter()
-    got = [hf_generate(model, [p], n) for p, n in zip(work.prompts, work.output_lens)]
+    got = [hf_generate(model, [p], n, args) for p, n in zip(work.prompts, work.output_lens)]
     wall = time.perf_counter() - start
     check_lengths(got, work.output_lens)
     return Run(wall)
@@ -180,12 +190,12 @@ def run_hf_static(work: Workload, args: argparse.Namespace) -> Run:
     requests' extra tokens (and prompt padding) are computed but not counted."""
     model = load_hf(args)
     bs = args.batch_size
-    hf_generate(model, work.prompts[:bs], 8)
+    hf_generate(model, work.prompts[:bs], 8, args)
     computed = 0
     start = time.perf_counter()
     for i in range(0, len(work.prompts), bs):
         prompts, lens = work.prompts[i : i + bs], work.output_lens[i : i + bs]
-        check_lengths([hf_generate(model, prompts, max(lens))], [max(lens)])
+        check_lengths([hf_generate(model, prompts, max(lens), args)], [max(lens)])
         computed += len(prompts) * (max(map(len, prompts)) + max(lens))
     wall = time.perf_counter() - start
     useful = sum(map(len, work.prompts)) + sum(work.output_lens)
@@ -204,7 +214,7 @@ def run_hf_cb(work: Workload, args: argparse.Namespace) -> Run:
         page_size=page, num_blocks=seqs * -(-max_len // page) + 1, max_batch_tokens=MAX_BATCHED_TOKENS,
         max_requests_per_batch=seqs,
     )
-    gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id)
+    gen_config = GenerationConfig(eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id, **hf_sampling(args))
     with model.continuous_batching_context_manager(
         generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=5
     ) as manager:
@@ -237,6 +247,8 @@ def run_llamacpp(work: Workload, args: argparse.Namespace) -> Run:
     import llama_cpp as lc
     import numpy as np
 
+    if args.temperature != 0:
+        raise RuntimeError("this loop samples greedily only; run llamacpp without --temperature")
     if args.device == "cuda" and not lc.llama_supports_gpu_offload():
         raise RuntimeError("this llama-cpp-python has no GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)")
     @lc.llama_log_callback
@@ -320,8 +332,8 @@ def run_vllm(work: Workload, args: argparse.Namespace) -> Run:
         args.model, dtype=args.dtype, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_BATCHED_TOKENS,
         kv_cache_memory_bytes=kv_bytes, seed=0,
     )
-    warm_up(llm, SamplingParams, work)
-    wall = timed_generate(llm, SamplingParams, work)
+    warm_up(llm, SamplingParams, work, args)
+    wall = timed_generate(llm, SamplingParams, work, args)
     in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     processes = "in-process engine" if in_process else "engine and worker processes"
     preload = ":".join(os.path.basename(lib) for lib in os.environ.get("LD_PRELOAD", "").split(":") if lib) or "-"
@@ -372,6 +384,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=16, help="hf-static")
     parser.add_argument("--gguf", help="llamacpp: the GGUF of --model in --dtype")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     if args.system != "llamacpp":
         import torch
