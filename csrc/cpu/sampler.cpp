@@ -84,6 +84,23 @@ float neg_log_sum(const T* x, int64_t n, float max) {
   return std::isfinite(max) && std::isfinite(s) ? s : std::numeric_limits<float>::quiet_NaN();
 }
 
+// A row's maximum, whether it has a softmax, and -log(sum(exp(x - max))) (NaN without a softmax)
+// where `with_log_sum`, else 0: without it the exp pass is skipped and has_softmax tells the same
+// rows apart.
+struct RowMax {
+  float max;
+  float neg_log_sum;
+  bool softmax;
+};
+
+template <typename T>
+RowMax row_max(const T* x, int64_t n, bool with_log_sum) {
+  const float max = max_of(x, n);
+  if (!with_log_sum) return {max, 0.f, has_softmax(x, n, max)};
+  const float nls = neg_log_sum(x, n, max);
+  return {max, nls, !std::isnan(nls)};
+}
+
 // Unnormalised tempered probabilities p[i] = exp(x[i] / t - max / t), computed as torch computes
 // exp(x / t - max(x / t)) (the same vectorised exp), so the top token has p = 1.
 template <typename T>
@@ -361,53 +378,46 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
       std::vector<float> p, candidates, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = max_of(row, vocab);
-        // Without logprobs the exp pass of the log-sum is skipped; has_softmax tells the same rows apart.
-        const float nls = lp ? neg_log_sum(row, vocab, max) : 0.f;
+        const RowMax m = row_max(row, vocab, lp != nullptr);
         // A row with no softmax has no distribution: greedy's token, as for temperature 0.
-        ids[r] = (lp ? std::isnan(nls) : !has_softmax(row, vocab, max))
-                     ? first_index_without_softmax(row, vocab, max)
-                     : sample_row(row, vocab, max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p, candidates,
-                                  scratch);
-        if (lp) lp[r] = (static_cast<float>(row[ids[r]]) - max) + nls;
+        ids[r] = m.softmax ? sample_row(row, vocab, m.max, RowParams{temps[r], ks[r], ps[r], mins[r], us[r]}, p,
+                                        candidates, scratch)
+                           : first_index_without_softmax(row, vocab, m.max);
+        if (lp) lp[r] = (static_cast<float>(row[ids[r]]) - m.max) + m.neg_log_sum;
       }
     });
   });
 }
 
-void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs) {
-  check_argmax_logprob(logits, token_ids, logprobs);
-  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
-  int64_t* ids = token_ids.data_ptr<int64_t>();
-  float* lp = logprobs.data_ptr<float>();
-  PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "argmax_logprob", [&] {
-    const auto* x = logits.data_ptr<scalar_t>();
-    parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const scalar_t* row = x + r * stride;
-        const float max = max_of(row, vocab);
-        lp[r] = neg_log_sum(row, vocab, max);
-        ids[r] = std::isnan(lp[r]) ? first_index_without_softmax(row, vocab, max) : first_index_of(row, vocab, max);
-      }
-    });
-  });
-}
+namespace {
 
-void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
-  check_argmax(logits, token_ids);
+// argmax_logprob and argmax: each row's first maximum (torch.argmax's token in a row without a
+// softmax), and its -log(sum(exp(x - max))) into lp unless lp is null.
+void greedy_rows(const at::Tensor& logits, int64_t* ids, float* lp) {
   const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
-  int64_t* ids = token_ids.data_ptr<int64_t>();
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "argmax", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
     parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
-        const float max = max_of(row, vocab);
-        ids[r] = has_softmax(row, vocab, max) ? first_index_of(row, vocab, max)
-                                              : first_index_without_softmax(row, vocab, max);
+        const RowMax m = row_max(row, vocab, lp != nullptr);
+        ids[r] = m.softmax ? first_index_of(row, vocab, m.max) : first_index_without_softmax(row, vocab, m.max);
+        if (lp) lp[r] = m.neg_log_sum;
       }
     });
   });
+}
+
+}  // namespace
+
+void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs) {
+  check_argmax_logprob(logits, token_ids, logprobs);
+  greedy_rows(logits, token_ids.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+}
+
+void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
+  check_argmax(logits, token_ids);
+  greedy_rows(logits, token_ids.data_ptr<int64_t>(), nullptr);
 }
 
 void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {

@@ -60,7 +60,7 @@ def sample_on_cuda(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: tor
     """``sample``: the reference picks the tokens in calls of ``SAMPLER_ROWS`` rows, but greedy rows
     (temperature 0, or no softmax) take the kernel's argmax (``torch.argmax`` takes a NaN for the
     maximum, the kernel never does); the log-probabilities take the kernel's log-sum."""
-    call_in_fixed_row_chunks(lambda *args: reference.sample(*args, None), SAMPLER_ROWS,
+    call_in_fixed_row_chunks(reference.sample, SAMPLER_ROWS,
                              (logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids), written=(6,))
     argmax, top, neg_log_sum = argmax_and_neg_log_sum(logits)
     greedy = (temperatures == 0) | reference.no_softmax(top, neg_log_sum)[:, 0]

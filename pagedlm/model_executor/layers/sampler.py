@@ -75,7 +75,8 @@ class SamplingMetadata:
         logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
         num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
                                default=-1)
-        greedy = all(p.greedy and not p.reports_cumulative_logprob for p in params)
+        reports_logprobs = any(p.reports_cumulative_logprob for p in params)
+        greedy = not reports_logprobs and all(p.greedy for p in params)
         return cls(
             params=params,
             prompt_token_ids=prompt_token_ids,
@@ -94,7 +95,7 @@ class SamplingMetadata:
             logprob_token_ids=logprob_token_ids,
             needs_processing=needs_processing,
             plain_greedy=greedy and not needs_processing,
-            reports_logprobs=any(p.reports_cumulative_logprob for p in params),
+            reports_logprobs=reports_logprobs,
         )
 
 
