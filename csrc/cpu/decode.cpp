@@ -44,7 +44,8 @@ int kv_heads_per_item(int num_kv_heads, int64_t partitions) {
 
 #ifdef PAGEDLM_BF16_TILES
 // Queues the K and V rows of keys [from, to) of KV heads [kv_begin, kv_end), block by block, then head
-// by head (the cache's order), in runs of up to 16 rows; `from` is rounded down to a run.
+// by head (the cache's order), in runs of up to 16 rows; `from` is rounded down to a run, and the
+// stale rows past `to` are not asked for (a sequence's last block is half stale on average).
 template <typename C>
 void queue_rows(PrefetchQueue& queue, const PagedKV<C>& kv, const int32_t* table, int kv_begin, int kv_end, int from,
                 int to) {
@@ -52,8 +53,8 @@ void queue_rows(PrefetchQueue& queue, const PagedKV<C>& kv, const int32_t* table
   for (int kb = from / run * run; kb < to; kb += run) {
     for (int h = kv_begin; h < kv_end; ++h) {
       const int64_t row = table[kb / bs] * kv.block_stride + h * kv.head_stride() + (kb % bs) * kv.head_size;
-      queue.add(kv.key + row, run, kv.head_size);
-      queue.add(kv.value + row, run, kv.head_size);
+      queue.add(kv.key + row, std::min(run, to - kb), kv.head_size);
+      queue.add(kv.value + row, std::min(run, to - kb), kv.head_size);
     }
   }
 }
@@ -145,7 +146,8 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
                 if (rows_kb != keys + (kb - k0) * D) std::copy_n(rows_kb, run * D, keys + (kb - k0) * D);
               }
             }
-            transpose_keys(k, kLanes, D, head_pairs_of(h) + g * D / 2 * kLanes);
+            // Rows past the sequence's end are stale and masked: read as zeros, not from memory.
+            transpose_keys(k, std::min(kLanes, end - k0), D, head_pairs_of(h) + g * D / 2 * kLanes);
             next_chunk.issue(lines_per_step);
           }
         }
