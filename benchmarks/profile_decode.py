@@ -18,8 +18,10 @@ Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``LLMEngin
 
 ``--roofline`` instead times the decode steps of each of ``--batch-sizes`` (no profiler) and sets
 each against its roofline: its linears (every layer's projections and the LM head, M = batch rows)
-timed alone on the model's own ``Linear`` modules, i.e. oneDNN on the same weights in the same
-layout, each layer's own so that they come from memory as in the step (fastest of 8 passes), plus
+timed alone on the model's own ``Linear`` modules (the kernel a step runs: pagedlm's AMX or FMA
+kernel where ``Linear`` packed its weight, else oneDNN), each layer's own so that they come from
+memory as in the step (fastest of 8 passes before the steps and 8 after: a slow spell of a shared
+machine during one burst would otherwise inflate the term, and flatter the ratio), plus
 the K/V bytes its attention reads at the copy bandwidth measured in the same run (a 1 GiB
 ``tensor.copy_``, read + write). A small step is also set against one read of the linears'
 weights at that bandwidth. Only steps that decode the whole batch (no prefill chunk) count.
@@ -227,10 +229,11 @@ def roofline(args: argparse.Namespace, model: str) -> None:
           f"{'/roofline':>9} {'weights ms':>10} {'/weights':>8} {'others':>6}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         llm, prompts, params = start(args, model, batch)
-        run = time_decode(llm, prompts, params, args.skip, args.steps)
         runner = llm.llm_engine.model_runner
         linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
-        matmul_ms = 1e3 * linear_seconds(linears, batch)
+        before = linear_seconds(linears, batch)
+        run = time_decode(llm, prompts, params, args.skip, args.steps)
+        matmul_ms = 1e3 * min(before, linear_seconds(linears, batch))
         token_bytes = block_bytes(runner.model_config, runner.cache_config) / runner.cache_config.block_size
         kv_ms = 1e3 * batch * run.context * token_bytes / bandwidth
         weights_ms = 1e3 * sum(m.weight.numel() * m.weight.element_size() for m in linears) / bandwidth
