@@ -305,9 +305,9 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
           }
           return packed->key_chunk(item0 + i) + g * kLanes * D;
         };
-        auto prefetch_keys = [&](int i) {
+        auto prefetch_keys = [&](int i, int limit) {
           for (int g = 0; g < 2; ++g)
-            if (const bf16* k = i < chunks ? group_keys(i, g) : nullptr) prefetch<3>(k, kLanes, D);
+            if (const bf16* k = i < limit ? group_keys(i, g) : nullptr) prefetch<3>(k, kLanes, D);
         };
         // Per lane group of the two (v % 2): logits [2][32, 16] (by chunk parity), P pairs
         // [chunks][16, 16], corrections [chunks][16] and whether any [chunks].
@@ -327,6 +327,12 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
         };
         const uint32_t* vt = packed->value_chunk(item0);
         for (int v0 = 0; v0 < nm; v0 += 2) {
+          // The chunks up to the pair's last query position: the later ones are masked for all its
+          // lanes (causal), so they would add nothing but zeros (decode does not read them either). A
+          // short prompt's tile spans its whole length, and its first lane groups need one chunk.
+          const int pair_end = first_pos + (std::min(count, (v0 + 2) * kLanes) - 1) / tile.heads + 1;
+          const int pair_chunks = std::min(chunks, (pair_end - c_begin + kChunk - 1) / kChunk);
+          if (pair_chunks <= 0) continue;  // no lane of the pair reads this partition
           // Q·K and the softmax for groups [v, v + step): both of the two at once where they fit.
           const int step = v0 + 1 < nm && D <= 64 ? 2 : 1;
           for (int v = v0; v < std::min(nm, v0 + 2); v += step) {
@@ -344,9 +350,9 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
               amx_attention::load_queries(qp, lanes, v, D);
             }
             qk(0);
-            for (int i = 0; i < chunks; ++i) {
-              prefetch_keys(i + 2);
-              if (i + 1 < chunks) qk(i + 1);
+            for (int i = 0; i < pair_chunks; ++i) {
+              prefetch_keys(i + 2, pair_chunks);
+              if (i + 1 < pair_chunks) qk(i + 1);
               for (int u = v; u < v + step; ++u) softmax(u, i);
             }
           }
@@ -356,10 +362,10 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
             const float* const corrs[2] = {group_corr(v0), group_corr(v0 + 1)};
             const uint8_t* const corrected2[2] = {group_corrected(v0), group_corrected(v0 + 1)};
             float* const accs[2] = {acc0, acc0 + kLanes};
-            amx_attention::lane_pair_values(pps, corrs, corrected2, chunks, vt, D, accs, lanes);
+            amx_attention::lane_pair_values(pps, corrs, corrected2, pair_chunks, vt, D, accs, lanes);
           } else {
-            amx_attention::lane_group_values(group_pp(v0), group_corr(v0), group_corrected(v0), chunks, vt, D, acc0,
-                                             lanes);
+            amx_attention::lane_group_values(group_pp(v0), group_corr(v0), group_corrected(v0), pair_chunks, vt, D,
+                                             acc0, lanes);
           }
         }
         continue;
