@@ -51,10 +51,11 @@ void queue_rows(PrefetchQueue& queue, const PagedKV<C>& kv, const int32_t* table
                 int to) {
   const int bs = kv.block_size, run = std::min(bs, bf16_tiles::kLanes);
   for (int kb = from / run * run; kb < to; kb += run) {
+    const int rows = std::min(run, to - kb);
     for (int h = kv_begin; h < kv_end; ++h) {
       const int64_t row = table[kb / bs] * kv.block_stride + h * kv.head_stride() + (kb % bs) * kv.head_size;
-      queue.add(kv.key + row, std::min(run, to - kb), kv.head_size);
-      queue.add(kv.value + row, std::min(run, to - kb), kv.head_size);
+      queue.add(kv.key + row, rows, kv.head_size);
+      queue.add(kv.value + row, rows, kv.head_size);
     }
   }
 }
