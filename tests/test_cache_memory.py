@@ -1,9 +1,13 @@
 """The CPU KV cache's default size stays within the process's memory cgroup (a container's limit,
-which /proc/meminfo does not show)."""
+which /proc/meminfo does not show), and its memory is advised for transparent huge pages."""
+
+import mmap
 
 import pytest
+import torch
 
-from pagedlm import config
+from pagedlm import LLM, config
+from pagedlm.worker.cache_engine import HUGE_PAGE_BYTES, empty_on_huge_pages
 
 
 def _write(path, text: str) -> None:
@@ -49,3 +53,29 @@ def test_available_ram_takes_the_cgroup_limit(monkeypatch):
     assert config._available_ram() == 5 << 20
     monkeypatch.setattr(config, "_cgroup_memory_left", lambda: None)
     assert config._available_ram() > 5 << 20
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="madvise(MADV_HUGEPAGE) is Linux's")
+def test_the_cpu_kv_cache_lies_on_memory_advised_for_huge_pages(llama_dir):
+    t = empty_on_huge_pages((3, 2, 16, 8), torch.float8_e5m2)
+    assert t.shape == (3, 2, 16, 8) and t.dtype == torch.float8_e5m2 and t.is_contiguous()
+    assert t.data_ptr() % HUGE_PAGE_BYTES == 0 and "hg" in _vm_flags(t.data_ptr())
+    assert "hg" not in _vm_flags(torch.empty(64 << 20, dtype=torch.uint8).data_ptr())  # what it replaces
+    llm = LLM(llama_dir, dtype="float32", num_kv_blocks=64)
+    for key, value in llm.llm_engine.model_runner.cache_engine.kv_caches:
+        assert key.shape == value.shape == (64, *key.shape[1:]) and key.dtype == torch.float32
+        assert "hg" in _vm_flags(key.data_ptr()) and "hg" in _vm_flags(value.data_ptr() + value.nbytes - 1)
