@@ -38,8 +38,8 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     transparent huge pages (``madvise(MADV_HUGEPAGE)``), starting on a 2 MiB boundary, so that Linux
     backs it with 2 MiB pages where it can. In THP's "madvise" mode (many distributions' default)
     ``torch.empty``'s memory gets 4 KiB pages, and decode attention, which reads a few KiB from each of
-    thousands of cache blocks a layer, then misses the TLB run after run: 4-9% slower over blocks in
-    the block manager's extents, 14-22% over scattered ones (docs/performance.md, session 47). Where
+    thousands of cache blocks a layer, then misses the TLB run after run: 2-9% slower over blocks in
+    the block manager's extents, 9-22% over scattered ones (docs/performance.md, session 47). Where
     the platform has no ``MADV_HUGEPAGE`` (not Linux) or refuses it, the memory is the same, on the
     pages it gives."""
     nbytes = math.prod(shape) * dtype.itemsize
