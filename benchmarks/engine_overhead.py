@@ -50,6 +50,9 @@ class StubModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits[: len(hidden)]
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> None:
+        return None  # greedy steps too take the sampler's argmax over the logits
+
 
 def busy_cpu_seconds() -> float:
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])

@@ -13,8 +13,9 @@ wall time, the self time of the ops directly inside it, and the rest (Python, di
     py-spy record -o decode.svg -- python benchmarks/profile_decode.py --no-profiler   # Python view
 
 Phases are found by attribute name (``LLMEngine.scheduler.schedule``, ``LLMEngine._seq_group_metadata``,
-``prepare_model_input`` in ``pagedlm.worker.model_runner``, ``model.forward``, ``model.compute_logits``,
-``sampler.forward``); one that is missing is skipped.
+``prepare_model_input`` in ``pagedlm.worker.model_runner``, ``model.forward``, ``model.compute_logits``
+or ``model.greedy_tokens`` (a plain greedy step's LM head with its argmax), ``sampler.forward``); one
+that is missing is skipped.
 
 ``--roofline`` instead times the decode steps of each of ``--batch-sizes`` (no profiler) and sets
 each against its roofline: its linears (every layer's projections and the LM head, M = batch rows)
@@ -102,10 +103,11 @@ def instrument(llm: LLM) -> tuple[list[str], set[str]]:
         (runner, "_prepare_inputs", "prepare inputs"),  # before the engine/worker seam (issue 12)
         (runner.model, "forward", FORWARD),
         (runner.model, "compute_logits", LM_HEAD),
+        (runner.model, "greedy_tokens", LM_HEAD),
         (runner.sampler, "forward", "sampler"),
     ]
     wrap(engine, "step", STEP)
-    return [label for obj, attr, label in phases if wrap(obj, attr, label)], modules
+    return list(dict.fromkeys(label for obj, attr, label in phases if wrap(obj, attr, label))), modules
 
 
 def after_each_step(llm: LLM, hook) -> None:

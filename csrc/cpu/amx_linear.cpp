@@ -8,6 +8,9 @@
 // bf16_amx_linear_act_and_mul takes a gated MLP's packed gate_up weight. The 32 columns one pass of
 // the kernel sums are then a gate block and its up block, and it stores act(gate) * up instead of
 // both: the [rows, 2 * d] projection is never written, nor read back by act_and_mul.
+//
+// bf16_amx_linear_argmax keeps, instead of the outputs, each row's first maximum among them (an LM
+// head's greedy token): the [rows, vocab] logits are never written, nor read back by argmax.
 
 #include "vec.h"  // first: selects ATen's vector width
 
@@ -19,8 +22,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace pagedlm::cpu {
 namespace {
@@ -52,7 +58,48 @@ void configure(int m0, int m1) {
   cfg.load();
 }
 
-// A block of sums in memory, waiting for its bias and its rounding to bf16 (and, gated, its activation).
+// Each row's greedy token over the outputs seen so far: the first index of its maximum, or of its
+// first NaN (torch.argmax's choice: a NaN is the maximum).
+class RowArgmax {
+ public:
+  explicit RowArgmax(int64_t rows)
+      : best_(rows, -std::numeric_limits<float>::infinity()), index_(rows, -1), first_nan_(rows, kNone) {}
+
+  // Row r's outputs col .. col + 15 (as rounded to bf16), of which the lanes of `valid` exist.
+  void update(int64_t r, int64_t col, __m512 v, __mmask16 valid) {
+    if (const __mmask16 nan = _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q)) {
+      first_nan_[r] = std::min<int64_t>(first_nan_[r], col + __builtin_ctz(nan));
+      return;
+    }
+    const float m = _mm512_mask_reduce_max_ps(valid, v);
+    if (index_[r] < 0 || m > best_[r]) {
+      best_[r] = m;
+      index_[r] = col + __builtin_ctz(_mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(m), _CMP_EQ_OQ));
+    }
+  }
+
+  // Takes in another task's columns: the larger maximum, the earlier column among equal ones.
+  void merge(const RowArgmax& other) {
+    for (size_t r = 0; r < index_.size(); ++r) {
+      first_nan_[r] = std::min(first_nan_[r], other.first_nan_[r]);
+      const int64_t i = other.index_[r];
+      if (i >= 0 && (index_[r] < 0 || other.best_[r] > best_[r] || (other.best_[r] == best_[r] && i < index_[r]))) {
+        best_[r] = other.best_[r];
+        index_[r] = i;
+      }
+    }
+  }
+
+  int64_t token(int64_t r) const { return first_nan_[r] != kNone ? first_nan_[r] : index_[r]; }
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::vector<float> best_;
+  std::vector<int64_t> index_, first_nan_;
+};
+
+// A block of sums in memory, waiting for its bias and its rounding to bf16 (and, gated, its
+// activation; with argmax set, a comparison with the row's maximum so far instead of a store).
 struct PendingBlock {
   const float* sums = nullptr;  // row stride 32 floats
   at::BFloat16* out = nullptr;  // the block's first output, row stride ldy
@@ -61,11 +108,22 @@ struct PendingBlock {
   int64_t ldy = 0, cols = 0;
   int rows = 0, done = 0;
   std::optional<Activation> act;
+  RowArgmax* argmax = nullptr;
+  int64_t row0 = 0, col0 = 0;  // argmax: the block's first row and column
 
   void finish_rows(int end) {
     for (; done < end; ++done) {
-      at::BFloat16* row = out + done * ldy;
       const float* row_sums = sums + done * 32;
+      if (argmax) {
+        for (int64_t j = 0; j < cols; j += 16) {
+          const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
+          const __m256i bits = round_sums_bf16(row_sums + j, bias ? bias + j : nullptr, valid);
+          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+          argmax->update(row0 + done, col0 + j, v, valid);
+        }
+        continue;
+      }
+      at::BFloat16* row = out + done * ldy;
       if (!act) store_sums_bf16(row, row_sums, bias, cols);
       else store_act_and_mul(*act, row, row_sums, row_sums + kTileN, bias, up_bias);
     }
@@ -123,17 +181,18 @@ void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int
   }
 }
 
-// act unset: out = input @ W.T + bias. act set: out [M, d] = act(gate) * up over a gate_up weight
-// packed by amx_pack_gate_up_weight, bias [2 * d] in gate, up order.
-void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias,
-                       std::optional<Activation> act) {
-  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+// act unset: y [M, N] = input @ W.T + bias. act set: y [M, d] = act(gate) * up over a gate_up weight
+// packed by amx_pack_gate_up_weight, bias [2 * d] in gate, up order. argmax set: no y; each row's
+// greedy token over input @ W.T + bias (rounded to bf16) merged into *argmax.
+void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor& input, const at::Tensor& weight,
+                       const float* bias, std::optional<Activation> act, RowArgmax* argmax) {
+  const int64_t M = input.size(0), K = input.size(1);
   const int64_t k_pad = weight.size(1) * 2, n_blocks = weight.size(0);
   const int64_t full_blocks = K / kTileK, blocks = k_pad / kTileK, tail_k = K - full_blocks * kTileK;
   const auto* x = input.data_ptr<at::BFloat16>();
   const auto* w = weight.data_ptr<at::BFloat16>();
-  auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t lda = input.stride(0), ldy = out.stride(0);
+  const int64_t lda = input.stride(0);
+  std::mutex merging;
   const int64_t units = (n_blocks + 1) / 2;  // pairs of column blocks: 32 output columns
   const int64_t unit_bytes = k_pad * 2 * kTileN * 2;
   // Column units whose weights stay in L2 while every row tile passes over them.
@@ -143,6 +202,8 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
     PendingBlock pending;
+    std::optional<RowArgmax> seen;  // argmax: this task's columns
+    if (argmax) seen.emplace(M);
     int configured = -1;
     for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
       const int64_t p1 = std::min(end, p0 + units_per_panel);
@@ -176,7 +237,11 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
             if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, m > 0, sums, pending, prefetch);
             else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, m > 0, sums, pending, prefetch);
           }
-          if (act) {
+          if (argmax) {
+            const int64_t n0 = nb * kTileN;
+            pending = {sums, nullptr, bias ? bias + n0 : nullptr, nullptr, 0,
+                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, std::nullopt, &*seen, m, n0};
+          } else if (act) {
             const int64_t n0 = u * kTileN;
             pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr,
                        ldy, kTileN, mr, 0, act};
@@ -190,20 +255,31 @@ void amx_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
     }
     pending.finish_rows(pending.rows);
     _tile_release();
+    if (argmax) {
+      const std::lock_guard<std::mutex> lock(merging);
+      argmax->merge(*seen);
+    }
   });
 }
 
 #endif
 
-void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                    std::optional<Activation> act, const char* op) {
+void check_amx(const char* op) {
 #ifdef PAGEDLM_AMX
   TORCH_CHECK(amx::permitted(), op, ": AMX is off (PAGEDLM_DISABLE_AMX=1, or the kernel refused "
               "arch_prctl ARCH_REQ_XCOMP_PERM)");
-  if (input.size(0) == 0 || out.size(1) == 0) return;
-  amx_linear_kernel(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AMX-BF16 (this build has no tdpbf16ps)");
+#endif
+}
+
+void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    std::optional<Activation> act, const char* op) {
+  check_amx(op);
+#ifdef PAGEDLM_AMX
+  if (input.size(0) == 0 || out.size(1) == 0) return;
+  amx_linear_kernel(out.data_ptr<at::BFloat16>(), out.stride(0), out.size(1), input, weight,
+                    bias.defined() ? bias.data_ptr<float>() : nullptr, act, nullptr);
 #endif
 }
 
@@ -218,6 +294,27 @@ void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
   packed_act_and_mul_op(run_amx_linear, out, input, weight, bias, activation, at::kBFloat16,
                         "bf16_amx_linear_act_and_mul");
+}
+
+void bf16_amx_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const char* op = "bf16_amx_linear_argmax";
+  TORCH_CHECK(out_features > 0, op, ": out_features must be positive; got ", out_features);
+  const at::Tensor bias_f32 = check_packed_weight(input, weight, bias, out_features, at::kBFloat16, op);
+  const int64_t M = input.size(0);
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
+                  token_ids.is_contiguous() && token_ids.device().is_cpu(),
+              op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
+              token_ids.sizes());
+  check_amx(op);
+#ifdef PAGEDLM_AMX
+  if (M == 0) return;
+  RowArgmax tokens(M);
+  amx_linear_kernel(nullptr, 0, out_features, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
+                    std::nullopt, &tokens);
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) ids[r] = tokens.token(r);
+#endif
 }
 
 }  // namespace pagedlm::cpu

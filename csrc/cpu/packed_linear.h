@@ -25,31 +25,45 @@ namespace pagedlm::cpu {
 constexpr int64_t kPackN = 16;  // output columns per packed block
 constexpr int64_t kPackK = 32;  // K_pad's multiple
 
-// The checks both ops of a kernel share: input and out of `dtype` (bf16 or fp32), [M, K] and [M, N]
-// with contiguous rows; weight the packing of a [packed_n, K] weight: bf16, amx_pack_weight's
-// [N_pad / 16][K_pad / 2][16][2]; fp32, fp32_pack_weight's [N_pad / 16][K][16] (per block of 16
-// output columns and per input feature, the 16 columns' weights, zero-padded). Returns the bias as
-// fp32.
-inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+inline const char* dtype_name(at::ScalarType dtype) { return dtype == at::kBFloat16 ? "bfloat16" : "float32"; }
+
+// input of `dtype` (bf16 or fp32), [M, K] with contiguous rows.
+inline void check_packed_input(const at::Tensor& input, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == dtype && input.stride(1) == 1,
+              op, ": input must be ", dtype_name(dtype), " [rows, in_features] with contiguous rows; got ",
+              input.scalar_type(), " ", input.sizes(), " with strides ", input.strides());
+}
+
+// The checks every op of a kernel shares: check_packed_input, and weight the packing of a
+// [packed_n, K] weight: bf16, amx_pack_weight's [N_pad / 16][K_pad / 2][16][2]; fp32,
+// fp32_pack_weight's [N_pad / 16][K][16] (per block of 16 output columns and per input feature, the 16
+// columns' weights, zero-padded). Returns the bias as fp32.
+inline at::Tensor check_packed_weight(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t packed_n, at::ScalarType dtype,
                                       const char* op) {
-  const char* name = dtype == at::kBFloat16 ? "bfloat16" : "float32";
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == dtype && input.stride(1) == 1,
-              op, ": input must be ", name, " [rows, in_features] with contiguous rows; got ", input.scalar_type(), " ",
-              input.sizes(), " with strides ", input.strides());
-  const int64_t M = input.size(0), K = input.size(1);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == dtype && out.stride(1) == 1,
-              op, ": out must be ", name, " [", M, ", out_features] with contiguous rows; got ", out.scalar_type(), " ",
-              out.sizes(), " with strides ", out.strides());
+  check_packed_input(input, dtype, op);
+  const int64_t K = input.size(1);
   const int64_t blocks = (packed_n + kPackN - 1) / kPackN;
   const std::vector<int64_t> shape = dtype == at::kBFloat16
                                          ? std::vector<int64_t>{blocks, (K + kPackK - 1) / kPackK * kPackK / 2, kPackN, 2}
                                          : std::vector<int64_t>{blocks, K, kPackN};
   TORCH_CHECK(weight.sizes() == at::IntArrayRef(shape) && weight.scalar_type() == dtype && weight.is_contiguous() &&
                   weight.device().is_cpu(),
-              op, ": weight must be a contiguous ", name, " CPU tensor ", at::IntArrayRef(shape), " (the packing of a [",
-              packed_n, ", ", K, "] weight); got ", weight.sizes(), " ", weight.scalar_type());
+              op, ": weight must be a contiguous ", dtype_name(dtype), " CPU tensor ", at::IntArrayRef(shape),
+              " (the packing of a [", packed_n, ", ", K, "] weight); got ", weight.sizes(), " ", weight.scalar_type());
   return linear_bias_fp32(bias, packed_n, op);
+}
+
+// check_packed_weight, with out of `dtype`, [M, N] with contiguous rows, checked before the weight.
+inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t packed_n, at::ScalarType dtype,
+                                      const char* op) {
+  check_packed_input(input, dtype, op);
+  const int64_t M = input.size(0);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.scalar_type() == dtype && out.stride(1) == 1,
+              op, ": out must be ", dtype_name(dtype), " [", M, ", out_features] with contiguous rows; got ",
+              out.scalar_type(), " ", out.sizes(), " with strides ", out.strides());
+  return check_packed_weight(input, weight, bias, packed_n, dtype, op);
 }
 
 // A packed kernel's body, run once its op's arguments are checked: the linear with act unset, the

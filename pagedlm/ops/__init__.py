@@ -157,6 +157,12 @@ Linear ops (CPU, bfloat16):
   and rounded as ``bf16_amx_linear`` does, then combined as ``silu_and_mul`` / ``gelu_tanh_and_mul``
   do, so the CPU kernel's bits are those two ops' bits; the [rows, 2 * d] projection is never
   stored. Same requirements as ``bf16_amx_linear``.
+* ``bf16_amx_linear_argmax(token_ids, input, weight, bias, out_features)``: an LM head's greedy
+  tokens without its logits: ``token_ids`` int64 ``[rows]`` gets each row's ``argmax`` (the first
+  index of the maximum, or of the first NaN) over the bf16 ``[rows, out_features]`` that
+  ``bf16_amx_linear`` would write for ``weight`` = ``amx_pack_weight(W)`` of an ``[out_features,
+  in_features]`` weight, from the same sums rounded the same way, so the tokens are those two ops';
+  the logits are never stored nor read back. Same requirements as ``bf16_amx_linear``.
 * ``bf16_fma_linear(out, input, weight, bias)`` and ``bf16_fma_linear_act_and_mul(out, input, weight,
   bias, activation)``: the two ops above, same arguments and packed weights, for CPUs without bf16
   dot products (AVX2). Each output is one fp32 chain of FMAs over the features in order (the weights
@@ -230,6 +236,7 @@ _OP_NAMES = (
     "bf16_blocked_linear_act_and_mul",
     "bf16_amx_linear",
     "bf16_amx_linear_act_and_mul",
+    "bf16_amx_linear_argmax",
     "bf16_fma_linear",
     "bf16_fma_linear_act_and_mul",
     "fp32_fma_linear",
@@ -328,6 +335,7 @@ bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_blocked_linear_act_and_mul = _impl.bf16_blocked_linear_act_and_mul
 bf16_amx_linear = _impl.bf16_amx_linear
 bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
+bf16_amx_linear_argmax = _impl.bf16_amx_linear_argmax
 bf16_fma_linear = _impl.bf16_fma_linear
 bf16_fma_linear_act_and_mul = _impl.bf16_fma_linear_act_and_mul
 fp32_fma_linear = _impl.fp32_fma_linear

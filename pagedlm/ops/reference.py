@@ -498,6 +498,14 @@ def bf16_amx_linear_act_and_mul(
     _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul")
 
 
+def bf16_amx_linear_argmax(
+    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> None:
+    out = input.new_empty(input.shape[0], out_features)
+    bf16_amx_linear(out, input, weight, bias)
+    argmax(out, token_ids)
+
+
 def bf16_fma_linear_act_and_mul(
     out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> None:

@@ -9,7 +9,7 @@ from pagedlm import ops
 from pagedlm.config import CacheConfig, ModelConfig
 from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_recomputes, long_rope_threshold
-from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata, rank_and_top_logprobs
+from pagedlm.model_executor.layers.sampler import Sampler, SamplerResult, SamplingMetadata, rank_and_top_logprobs
 from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
@@ -120,7 +120,6 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.int64, device=self.device)
         selected = hidden.new_empty(len(rows), hidden.shape[1])
         ops.gather_rows(selected, hidden, index)
-        logits = self.model.compute_logits(selected)
         params = [seq_group_metadata_list[e.group_index].sampling_params for e in owners]
         meta = SamplingMetadata.build(
             params=params,
@@ -134,7 +133,13 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        result = self.sampler(logits, meta)
+        # A plain greedy step without grammars needs only each row's argmax, which the LM head may
+        # give without writing the [rows, vocab] logits.
+        tokens = self.model.greedy_tokens(selected) if meta.plain_greedy and meta.allowed is None else None
+        if tokens is not None:
+            result = SamplerResult.greedy(tokens)
+        else:
+            result = self.sampler(self.model.compute_logits(selected), meta)
         token_ids = result.token_ids.tolist()
         logprobs = [None] * len(token_ids) if result.logprobs is None else result.logprobs.tolist()
         tops = _top_logprobs(result.ranks, result.top_ids, result.top_logprobs)

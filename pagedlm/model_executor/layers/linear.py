@@ -179,6 +179,17 @@ class Linear(DirectCall, nn.Linear):
             out = onednn_linear(rows, self.weight, self.bias)
         return out if rows is x else out.view(*x.shape[:-1], self.out_features)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's ``argmax`` over ``forward(x)`` (int64 ``[rows]``: the first index of the maximum,
+        or of the first NaN) without the outputs, where the kernel gives it (``ops.bf16_amx_linear_argmax``,
+        the same sums and rounding); None where it does not."""
+        if self.packed_linear is not ops.bf16_amx_linear:
+            return None
+        rows = self._rows(x)
+        token_ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+        ops.bf16_amx_linear_argmax(token_ids, rows, self.weight, self.bias, self.out_features)
+        return token_ids
+
 
 class GateUpLinear(Linear):
     """A gated MLP's gate and up projections in one ``[2 * d, in_features]`` weight (gate rows, then

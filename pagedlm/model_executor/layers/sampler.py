@@ -112,6 +112,11 @@ class SamplerResult:
     # row -> (log-probabilities, ranks) of its logprob_token_ids
     token_id_logprobs: dict[int, tuple[list[float], list[int]]] = field(default_factory=dict)
 
+    @classmethod
+    def greedy(cls, token_ids: torch.Tensor) -> "SamplerResult":
+        """A plain greedy step's result (``SamplingMetadata.plain_greedy``): its tokens alone."""
+        return cls(token_ids, None, None, None, None, None, None)
+
 
 class Sampler(DirectCall, nn.Module):
     """``generator``: draws for the rows of completions without a seed of their own (``LLM(seed=)``);
@@ -127,7 +132,7 @@ class Sampler(DirectCall, nn.Module):
             ops.apply_token_bitmask(logits, *meta.allowed)
         if meta.plain_greedy:
             ops.argmax(logits, tokens)  # argmax_logprob's tokens, without the exp pass of its log-sum
-            return SamplerResult(tokens, None, None, None, None, None, None)
+            return SamplerResult.greedy(tokens)
         # ``sample``'s log-probabilities: where processing needs them (NaN marks a row it left without a
         # token), or a row reports them and top_logprobs, which gives them too, does not run.
         chosen = (torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)

@@ -103,6 +103,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             ops.soft_cap(logits, self.final_logit_softcapping)
         return logits
 
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return None if self.final_logit_softcapping else super().greedy_tokens(hidden_states)
+
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3's text model: Gemma 2's layout with q/k norms and a RoPE base per layer type; the

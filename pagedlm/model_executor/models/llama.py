@@ -178,6 +178,12 @@ class LlamaForCausalLM(DirectCall, nn.Module):
             ops.scale(logits, self.logits_scaling, divide=True)
         return logits
 
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Each row's argmax over ``compute_logits(hidden_states)`` (int64 ``[rows]``) without the
+        logits, where the LM head's kernel gives it (``Linear.argmax``) and the logits are the LM
+        head's outputs as they are (a scaling could round two of them equal); else None."""
+        return self.lm_head.argmax(hidden_states) if self.logits_scaling == 1.0 else None
+
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True  # and none on o_proj
