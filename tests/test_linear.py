@@ -686,6 +686,22 @@ def test_a_plain_greedy_step_takes_its_tokens_from_the_lm_head_without_the_logit
     assert bool(calls) == linear.amx_linear_available()
     monkeypatch.setattr(model, "greedy_tokens", lambda hidden: None)  # the logits, then the sampler's argmax
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == got
-    model.logits_scaling = 2.0  # Granite's: a scaling could round two logits equal
-    monkeypatch.undo()
-    assert model.greedy_tokens(torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)) is None
+
+
+def test_a_model_whose_logits_are_not_the_lm_heads_outputs_takes_no_greedy_shortcut(llama_dir):
+    from pagedlm import LLM
+    from pagedlm.model_executor.models.llama import LlamaForCausalLM
+
+    model = LLM(llama_dir, dtype="bfloat16").llm_engine.model_runner.model
+    hidden = torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)
+    assert (model.greedy_tokens(hidden) is not None) == linear.amx_linear_available()
+
+    class Capped(LlamaForCausalLM):  # a future model that changes its logits but says nothing of greedy_tokens
+        def compute_logits(self, hidden_states):
+            return super().compute_logits(hidden_states) * 0.5
+
+    model.__class__ = Capped
+    assert model.greedy_tokens(hidden) is None
+    model.__class__ = LlamaForCausalLM
+    model.logits_scaling = 2.0  # Granite's
+    assert model.greedy_tokens(hidden) is None

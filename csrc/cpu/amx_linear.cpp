@@ -305,7 +305,7 @@ void bf16_amx_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, cons
   TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
                   token_ids.is_contiguous() && token_ids.device().is_cpu(),
               op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
-              token_ids.sizes());
+              token_ids.sizes(), " with strides ", token_ids.strides(), " on ", token_ids.device());
   check_amx(op);
 #ifdef PAGEDLM_AMX
   if (M == 0) return;

@@ -39,9 +39,12 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     backs it with 2 MiB pages where it can. In THP's "madvise" mode (many distributions' default)
     ``torch.empty``'s memory gets 4 KiB pages, and decode attention, which reads a few KiB from each of
     thousands of cache blocks a layer, then misses the TLB run after run: 2-9% slower over blocks in
-    the block manager's extents, 9-22% over scattered ones (docs/performance.md, session 47). Where
-    the platform has no ``MADV_HUGEPAGE`` (not Linux) or refuses it, the memory is the same, on the
-    pages it gives."""
+    the block manager's extents, 9-22% over scattered ones (docs/performance.md, session 47). The
+    price: a 2 MiB page is committed (and zeroed) at its first write, so a short job's RSS is higher
+    (AlpacaEval: 2.73 GB against 2.08), and under THP's ``defrag`` setting "madvise" a first write
+    may wait for the kernel to compact memory. (torch's own ``THP_MEM_ALLOC_ENABLE=1`` advises
+    every large CPU allocation so; this advises the cache alone.) Where the platform has no
+    ``MADV_HUGEPAGE`` (not Linux) or refuses it, the memory is the same, on the pages it gives."""
     nbytes = math.prod(shape) * dtype.itemsize
     region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:

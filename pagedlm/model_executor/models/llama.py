@@ -181,8 +181,10 @@ class LlamaForCausalLM(DirectCall, nn.Module):
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Each row's argmax over ``compute_logits(hidden_states)`` (int64 ``[rows]``) without the
         logits, where the LM head's kernel gives it (``Linear.argmax``) and the logits are the LM
-        head's outputs as they are (a scaling could round two of them equal); else None."""
-        return self.lm_head.argmax(hidden_states) if self.logits_scaling == 1.0 else None
+        head's outputs as they are (a scaling or soft-cap could round two of them equal); else None.
+        A subclass whose ``compute_logits`` changes the logits gets None unless it says otherwise."""
+        plain = type(self).compute_logits is LlamaForCausalLM.compute_logits and self.logits_scaling == 1.0
+        return self.lm_head.argmax(hidden_states) if plain else None
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
