@@ -46,6 +46,8 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
   m.def("bf16_amx_linear_argmax(Tensor(a!) token_ids, Tensor input, Tensor weight, Tensor? bias, int out_features) -> ()");
+  m.def("bf16_fma_linear_argmax(Tensor(a!) token_ids, Tensor input, Tensor weight, Tensor? bias, int out_features) -> ()");
+  m.def("fp32_fma_linear_argmax(Tensor(a!) token_ids, Tensor input, Tensor weight, Tensor? bias, int out_features) -> ()");
   m.def("bf16_fma_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_fma_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
   m.def("fp32_fma_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
@@ -89,6 +91,10 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("bf16_amx_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, c10::string_view) {});
   m.impl("bf16_amx_linear_argmax", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, int64_t) {});
+  m.impl("bf16_fma_linear_argmax", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, int64_t) {});
+  m.impl("fp32_fma_linear_argmax", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const std::optional<at::Tensor>&, int64_t) {});
   m.impl("bf16_fma_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});

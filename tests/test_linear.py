@@ -601,55 +601,62 @@ def test_packed_reference_refuses_the_other_kernels_layout():
         reference.bf16_fma_linear(torch.empty(4, 64, dtype=torch.bfloat16), x.bfloat16(), ops.fp32_pack_weight(weight), None)
 
 
-def amx_or_skip() -> None:
-    if not linear.amx_linear_available():
-        pytest.skip("ops.bf16_amx_linear does not run here (no AMX-BF16 build, CPU or kernel permission)")
+def argmax_ops_or_skip(kernel: str):
+    """The linear and argmax ops of a packed kernel, or a skip where it does not run here."""
+    packed_linear, _ = packed_ops_or_skip(kernel)
+    return packed_linear, getattr(ops, f"{kernel}_linear_argmax")
 
 
-def linear_then_argmax(x: torch.Tensor, packed: torch.Tensor, bias, out_features: int) -> torch.Tensor:
-    out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    ops.bf16_amx_linear(out, x, packed, bias)
+def linear_then_argmax(packed_linear, x: torch.Tensor, packed: torch.Tensor, bias, out_features: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    packed_linear(out, x, packed, bias)
     return torch.argmax(out.float(), dim=-1)  # the first index of the maximum, or of the first NaN
 
 
 @pytest.mark.parametrize("out_features,in_features", [(49, 100), (100, 64), (16, 32), (1, 32), (4864, 96), (33, 576)])
 @pytest.mark.parametrize("num_rows", [1, 5, 17, 33, 130, 300])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_amx_argmax_is_the_argmax_of_the_linears_outputs(out_features, in_features, num_rows, with_bias):
-    amx_or_skip()
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_argmax_is_the_argmax_of_the_linears_outputs(kernel, out_features, in_features, num_rows, with_bias):
+    packed_linear, packed_argmax = argmax_ops_or_skip(kernel)
+    dtype = kernel_dtype(kernel)
     gen = torch.Generator().manual_seed(out_features * 1000 + num_rows)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).bfloat16()
     weight[out_features // 2 :] = weight[: out_features - out_features // 2].clone()  # equal outputs, columns apart
-    x = torch.randn(num_rows, in_features + 3, generator=gen).bfloat16()[:, 1 : in_features + 1]  # strided rows
+    x = torch.randn(num_rows, in_features + 3, generator=gen).to(dtype)[:, 1 : in_features + 1]  # strided rows
     bias = torch.randn(out_features, generator=gen) if with_bias else None
-    packed = ops.amx_pack_weight(weight)
+    packed = pack(kernel, weight)
     token_ids = torch.full((num_rows,), -1, dtype=torch.int64)
-    ops.bf16_amx_linear_argmax(token_ids, x, packed, bias, out_features)
-    assert torch.equal(token_ids, linear_then_argmax(x, packed, bias, out_features))
-    exact_x, exact_weight = exact_operands(num_rows, out_features, in_features)
+    packed_argmax(token_ids, x, packed, bias, out_features)
+    assert torch.equal(token_ids, linear_then_argmax(packed_linear, x, packed, bias, out_features))
+    exact_x, exact_weight = exact_operands(num_rows, out_features, in_features, dtype)
     expected = torch.empty(num_rows, dtype=torch.int64)
-    reference.bf16_amx_linear_argmax(expected, exact_x, ops.amx_pack_weight(exact_weight), bias, out_features)
-    ops.bf16_amx_linear_argmax(token_ids, exact_x, ops.amx_pack_weight(exact_weight), bias, out_features)
+    getattr(reference, f"{kernel}_linear_argmax")(expected, exact_x, pack(kernel, exact_weight), bias, out_features)
+    packed_argmax(token_ids, exact_x, pack(kernel, exact_weight), bias, out_features)
     assert torch.equal(token_ids, expected)
 
 
-def test_amx_argmax_takes_torch_argmaxs_token_at_ties_nans_and_infinities():
-    amx_or_skip()
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_argmax_takes_torch_argmaxs_token_at_ties_nans_and_infinities(kernel):
+    packed_linear, packed_argmax = argmax_ops_or_skip(kernel)
     vocab = 5000  # spread over both threads' columns
-    x = torch.randn(3, 64).bfloat16()
+    x = torch.randn(3, 64).to(kernel_dtype(kernel))
     weight = (torch.randn(1, 64) * 0.05).bfloat16().expand(vocab, 64).contiguous()  # every logit equal
-    packed = ops.amx_pack_weight(weight)
+    packed = pack(kernel, weight)
     cases = {
         "ties": None,
         "nan": torch.zeros(vocab).index_fill_(0, torch.tensor([4321, 37, 4000]), float("nan")),
         "all -inf": torch.full((vocab,), float("-inf")),
         "+inf twice": torch.zeros(vocab).index_fill_(0, torch.tensor([4990, 2600]), float("inf")),
+        "nan in the last, partial block": torch.zeros(vocab).index_fill_(0, torch.tensor([4998]), float("nan")),
         "max in both halves": torch.zeros(vocab).index_fill_(0, torch.tensor([4999, 1]), 100.0),
     }
     for name, bias in cases.items():
+        n = vocab - 1 if "partial" in name else vocab  # 4,999: the last column block holds 7 columns
+        bias = None if bias is None else bias[:n]
         token_ids = torch.empty(3, dtype=torch.int64)
-        ops.bf16_amx_linear_argmax(token_ids, x, packed, bias, vocab)
-        assert torch.equal(token_ids, linear_then_argmax(x, packed, bias, vocab)), name
+        packed_argmax(token_ids, x, packed, bias, n)
+        assert torch.equal(token_ids, linear_then_argmax(packed_linear, x, packed, bias, n)), name
     assert token_ids.tolist() == [1, 1, 1]
 
 
@@ -658,32 +665,34 @@ def test_amx_argmax_takes_torch_argmaxs_token_at_ties_nans_and_infinities():
     [
         (lambda a: {**a, "token_ids": torch.empty(4, dtype=torch.int32)}, r"token_ids must be a contiguous int64 CPU tensor \[4\]"),
         (lambda a: {**a, "token_ids": torch.empty(5, dtype=torch.int64)}, r"token_ids must be a contiguous int64 CPU tensor \[4\]"),
-        (lambda a: {**a, "out_features": 80}, r"weight must be a contiguous bfloat16 CPU tensor \[5, 48, 16, 2\]"),
+        (lambda a: {**a, "out_features": 80}, r"weight must be a contiguous {name} CPU tensor \[5, {shape}\]"),
         (lambda a: {**a, "out_features": 0}, "out_features must be positive; got 0"),
-        (lambda a: {**a, "input": a["input"].float()}, r"input must be bfloat16 \[rows, in_features\]"),
+        (lambda a: {**a, "input": a["input"].to(torch.float16)}, r"input must be {name} \[rows, in_features\]"),
         (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
     ],
 )
-def test_amx_argmax_bad_arguments_are_named(change, message):
-    x, weight = exact_operands(4, 64, 96)
-    args = {"token_ids": torch.empty(4, dtype=torch.int64), "input": x, "weight": ops.amx_pack_weight(weight),
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
+def test_packed_argmax_bad_arguments_are_named(kernel, change, message):
+    x, weight = exact_operands(4, 64, 96, kernel_dtype(kernel))
+    args = {"token_ids": torch.empty(4, dtype=torch.int64), "input": x, "weight": pack(kernel, weight),
             "bias": None, "out_features": 64}
-    with pytest.raises(RuntimeError, match="bf16_amx_linear_argmax: " + message):
-        torch.ops.pagedlm.bf16_amx_linear_argmax(**change(args))
+    with pytest.raises(RuntimeError, match=f"{kernel}_linear_argmax: " + packed_message(kernel, message)):
+        getattr(torch.ops.pagedlm, f"{kernel}_linear_argmax")(**change(args))
 
 
-def test_a_plain_greedy_step_takes_its_tokens_from_the_lm_head_without_the_logits(llama_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_plain_greedy_step_takes_its_tokens_from_the_lm_head_without_the_logits(llama_dir, monkeypatch, dtype):
     from pagedlm import LLM, SamplingParams
 
-    llm = LLM(llama_dir, dtype="bfloat16")
+    llm = LLM(llama_dir, dtype=dtype)
     model = llm.llm_engine.model_runner.model
     prompts = ["a b c", "d e f g h", "i"] * 3
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     calls = []
-    fused = ops.bf16_amx_linear_argmax
-    monkeypatch.setattr(ops, "bf16_amx_linear_argmax", lambda *a: calls.append(1) or fused(*a))
+    fused = model.lm_head.packed_argmax
+    monkeypatch.setattr(model.lm_head, "packed_argmax", lambda *a: calls.append(1) or fused(*a))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    assert bool(calls) == linear.amx_linear_available()
+    assert bool(calls) == (model.lm_head.packed_linear is not None)  # AMX, or the FMA kernel on AVX2
     monkeypatch.setattr(model, "greedy_tokens", lambda hidden: None)  # the logits, then the sampler's argmax
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == got
 
@@ -694,7 +703,7 @@ def test_a_model_whose_logits_are_not_the_lm_heads_outputs_takes_no_greedy_short
 
     model = LLM(llama_dir, dtype="bfloat16").llm_engine.model_runner.model
     hidden = torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)
-    assert (model.greedy_tokens(hidden) is not None) == linear.amx_linear_available()
+    assert (model.greedy_tokens(hidden) is not None) == (model.lm_head.packed_linear is not None)
 
     class Capped(LlamaForCausalLM):  # a future model that changes its logits but says nothing of greedy_tokens
         def compute_logits(self, hidden_states):

@@ -22,11 +22,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <vector>
 
 namespace pagedlm::cpu {
 namespace {
@@ -58,46 +56,6 @@ void configure(int m0, int m1) {
   cfg.load();
 }
 
-// Each row's greedy token over the outputs seen so far: the first index of its maximum, or of its
-// first NaN (torch.argmax's choice: a NaN is the maximum).
-class RowArgmax {
- public:
-  explicit RowArgmax(int64_t rows)
-      : best_(rows, -std::numeric_limits<float>::infinity()), index_(rows, -1), first_nan_(rows, kNone) {}
-
-  // Row r's outputs col .. col + 15 (as rounded to bf16), of which the lanes of `valid` exist.
-  void update(int64_t r, int64_t col, __m512 v, __mmask16 valid) {
-    if (const __mmask16 nan = _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q)) {
-      first_nan_[r] = std::min<int64_t>(first_nan_[r], col + __builtin_ctz(nan));
-      return;
-    }
-    const float m = _mm512_mask_reduce_max_ps(valid, v);
-    if (index_[r] < 0 || m > best_[r]) {
-      best_[r] = m;
-      index_[r] = col + __builtin_ctz(_mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(m), _CMP_EQ_OQ));
-    }
-  }
-
-  // Takes in another task's columns: the larger maximum, the earlier column among equal ones.
-  void merge(const RowArgmax& other) {
-    for (size_t r = 0; r < index_.size(); ++r) {
-      first_nan_[r] = std::min(first_nan_[r], other.first_nan_[r]);
-      const int64_t i = other.index_[r];
-      if (i >= 0 && (index_[r] < 0 || other.best_[r] > best_[r] || (other.best_[r] == best_[r] && i < index_[r]))) {
-        best_[r] = other.best_[r];
-        index_[r] = i;
-      }
-    }
-  }
-
-  int64_t token(int64_t r) const { return first_nan_[r] != kNone ? first_nan_[r] : index_[r]; }
-
- private:
-  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  std::vector<float> best_;
-  std::vector<int64_t> index_, first_nan_;
-};
-
 // A block of sums in memory, waiting for its bias and its rounding to bf16 (and, gated, its
 // activation; with argmax set, a comparison with the row's maximum so far instead of a store).
 struct PendingBlock {
@@ -119,7 +77,7 @@ struct PendingBlock {
           const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
           const __m256i bits = round_sums_bf16(row_sums + j, bias ? bias + j : nullptr, valid);
           const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-          argmax->update(row0 + done, col0 + j, v, valid);
+          argmax->update(row0 + done, col0 + j, v, static_cast<int>(std::min<int64_t>(16, cols - j)));
         }
         continue;
       }
@@ -202,8 +160,7 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
     PendingBlock pending;
-    std::optional<RowArgmax> seen;  // argmax: this task's columns
-    if (argmax) seen.emplace(M);
+    TaskArgmax seen(argmax, &merging, M);  // argmax: this task's columns
     int configured = -1;
     for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
       const int64_t p1 = std::min(end, p0 + units_per_panel);
@@ -240,7 +197,7 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
           if (argmax) {
             const int64_t n0 = nb * kTileN;
             pending = {sums, nullptr, bias ? bias + n0 : nullptr, nullptr, 0,
-                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, std::nullopt, &*seen, m, n0};
+                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, std::nullopt, seen.get(), m, n0};
           } else if (act) {
             const int64_t n0 = u * kTileN;
             pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr,
@@ -255,10 +212,6 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
     }
     pending.finish_rows(pending.rows);
     _tile_release();
-    if (argmax) {
-      const std::lock_guard<std::mutex> lock(merging);
-      argmax->merge(*seen);
-    }
   });
 }
 
@@ -283,6 +236,16 @@ void run_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 #endif
 }
 
+void run_amx_argmax(RowArgmax& tokens, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    int64_t N, const char* op) {
+  check_amx(op);
+#ifdef PAGEDLM_AMX
+  if (input.size(0) == 0) return;
+  amx_linear_kernel(nullptr, 0, N, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, std::nullopt,
+                    &tokens);
+#endif
+}
+
 }  // namespace
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
@@ -298,23 +261,8 @@ void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const
 
 void bf16_amx_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, int64_t out_features) {
-  const char* op = "bf16_amx_linear_argmax";
-  TORCH_CHECK(out_features > 0, op, ": out_features must be positive; got ", out_features);
-  const at::Tensor bias_f32 = check_packed_weight(input, weight, bias, out_features, at::kBFloat16, op);
-  const int64_t M = input.size(0);
-  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
-                  token_ids.is_contiguous() && token_ids.device().is_cpu(),
-              op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
-              token_ids.sizes(), " with strides ", token_ids.strides(), " on ", token_ids.device());
-  check_amx(op);
-#ifdef PAGEDLM_AMX
-  if (M == 0) return;
-  RowArgmax tokens(M);
-  amx_linear_kernel(nullptr, 0, out_features, input, weight, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
-                    std::nullopt, &tokens);
-  int64_t* ids = token_ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < M; ++r) ids[r] = tokens.token(r);
-#endif
+  packed_argmax_op(run_amx_argmax, token_ids, input, weight, bias, out_features, at::kBFloat16,
+                   "bf16_amx_linear_argmax");
 }
 
 }  // namespace pagedlm::cpu

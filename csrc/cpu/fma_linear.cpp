@@ -14,6 +14,9 @@
 // alternating) and stores act(gate) * up, as bf16_amx_linear_act_and_mul does, with the bits of this
 // linear followed by silu_and_mul / gelu_tanh_and_mul.
 //
+// The *_argmax ops keep each row's argmax over the outputs (rounded as stored) instead of storing
+// them, as bf16_amx_linear_argmax does.
+//
 // fp32_fma_linear and fp32_fma_linear_act_and_mul are the same over fp32 inputs and a weight packed
 // as fp32 ([blocks][K][16]: a widened block, read in place), with no rounding at the end; an AVX-512
 // build runs them in 512-bit tiles of 6 rows x 4 blocks (the same chains, so the same bits). They
@@ -26,6 +29,7 @@
 #include "parallel.h"
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -202,22 +206,23 @@ void block_sums(int64_t rows, const float* x, int64_t ldx, const at::BFloat16* w
   wide_block_sums(rows, x, ldx, wide, 2 * pairs, sums);
 }
 
-// T = bf16 (amx_pack_weight's layout) or float (fp32_pack_weight's). act unset: out [M, N] =
-// input @ W.T + bias. act set: out [M, d] = act(gate) * up over a packed gate_up weight, bias [2 * d]
-// in gate, up order.
+// T = bf16 (amx_pack_weight's layout) or float (fp32_pack_weight's). act unset: y [M, N] =
+// input @ W.T + bias. act set: y [M, d] = act(gate) * up over a packed gate_up weight, bias [2 * d]
+// in gate, up order. argmax set: no y; each row's greedy token over input @ W.T + bias (rounded to T)
+// merged into *argmax.
 template <typename T>
-void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const float* bias,
-                       std::optional<Activation> act) {
+void fma_linear_kernel(T* y, int64_t ldy, int64_t N, const at::Tensor& input, const at::Tensor& weight,
+                       const float* bias, std::optional<Activation> act, RowArgmax* argmax) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
-  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+  const int64_t M = input.size(0), K = input.size(1);
   const int64_t pairs = (K + 1) / 2, blocks = weight.size(0);
   const auto* x = input.data_ptr<T>();
   const int64_t lda = input.stride(0);
   // bf16 rows are converted into a zero-padded fp32 group of row stride ldx; fp32 rows are read in place.
   const int64_t ldx = kBf16 ? 2 * pairs : lda;
   const auto* w = weight.data_ptr<T>();
-  auto* y = out.data_ptr<T>();
-  const int64_t ldy = out.stride(0), block_elements = weight.numel() / blocks;
+  const int64_t block_elements = weight.numel() / blocks;
+  std::mutex merging;
   const int64_t units = (blocks + kUnitBlocks - 1) / kUnitBlocks, groups = (M + kGroupRows - 1) / kGroupRows;
   const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
@@ -229,6 +234,7 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
     // again only when the row group changes (a 1/64 share of the unit's FMAs when it does).
     std::vector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
     int64_t converted = -1;
+    TaskArgmax seen(argmax, &merging, M);  // argmax: this task's columns
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
       const int64_t b0 = u / groups * kUnitBlocks, unit_blocks = std::min(blocks, b0 + kUnitBlocks) - b0;
@@ -260,7 +266,8 @@ void fma_linear_kernel(at::Tensor& out, const at::Tensor& input, const at::Tenso
               const int n = std::min(kVecLen, cols - c);
               fVec v = fVec::loadu(gate_sums + r * kPackN + c);
               if (bias) v = v + fVec::loadu(bias + n0 + c, n);
-              store_fp32(y + (m0 + r) * ldy + n0 + c, v, n);
+              if (argmax) seen.get()->update(m0 + r, n0 + c, round_to<T>(v), n);
+              else store_fp32(y + (m0 + r) * ldy + n0 + c, v, n);
             }
         }
       }
@@ -275,7 +282,20 @@ void run_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
                     std::optional<Activation> act, const char* op) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (input.size(0) == 0 || out.size(1) == 0) return;
-  fma_linear_kernel<T>(out, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, act);
+  fma_linear_kernel<T>(out.data_ptr<T>(), out.stride(0), out.size(1), input, weight,
+                       bias.defined() ? bias.data_ptr<float>() : nullptr, act, nullptr);
+#else
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX2 and FMA (this build has neither)");
+#endif
+}
+
+template <typename T>
+void run_fma_argmax(RowArgmax& tokens, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    int64_t N, const char* op) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (input.size(0) == 0) return;
+  fma_linear_kernel<T>(nullptr, 0, N, input, weight, bias.defined() ? bias.data_ptr<float>() : nullptr, std::nullopt,
+                       &tokens);
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AVX2 and FMA (this build has neither)");
 #endif
@@ -303,6 +323,18 @@ void fp32_fma_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const
                                  const std::optional<at::Tensor>& bias, c10::string_view activation) {
   packed_act_and_mul_op(run_fma_linear<float>, out, input, weight, bias, activation, at::kFloat,
                         "fp32_fma_linear_act_and_mul");
+}
+
+void bf16_fma_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t out_features) {
+  packed_argmax_op(run_fma_argmax<at::BFloat16>, token_ids, input, weight, bias, out_features, at::kBFloat16,
+                   "bf16_fma_linear_argmax");
+}
+
+void fp32_fma_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t out_features) {
+  packed_argmax_op(run_fma_argmax<float>, token_ids, input, weight, bias, out_features, at::kFloat,
+                   "fp32_fma_linear_argmax");
 }
 
 }  // namespace pagedlm::cpu

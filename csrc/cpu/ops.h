@@ -70,6 +70,12 @@ void bf16_amx_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const
 void bf16_amx_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, int64_t out_features);
 
+void bf16_fma_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t out_features);
+
+void fp32_fma_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t out_features);
+
 void bf16_fma_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias);
 

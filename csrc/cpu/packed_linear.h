@@ -16,7 +16,10 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -64,6 +67,115 @@ inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& i
               op, ": out must be ", dtype_name(dtype), " [", M, ", out_features] with contiguous rows; got ",
               out.scalar_type(), " ", out.sizes(), " with strides ", out.strides());
   return check_packed_weight(input, weight, bias, packed_n, dtype, op);
+}
+
+// Each row's greedy token over the outputs a linear has produced so far: the first index of its
+// maximum, or of its first NaN (torch.argmax's choice: a NaN is the maximum). The *_linear_argmax ops
+// keep one per task over the task's columns, in increasing order, and merge them.
+class RowArgmax {
+ public:
+  explicit RowArgmax(int64_t rows)
+      : best_(rows, -std::numeric_limits<float>::infinity()), index_(rows, -1), first_nan_(rows, kNone) {}
+
+  // Row r's outputs col .. col + n - 1 (as they would be stored), in v's first n lanes.
+  void update(int64_t r, int64_t col, fVec v, int n) {
+    if (n < kVecLen) {
+      float x[kVecLen];
+      v.store(x);
+      for (int i = 0; i < n; ++i) update(r, col + i, x[i]);
+      return;
+    }
+    if (const int nan = (v == v).zero_mask()) {
+      first_nan_[r] = std::min<int64_t>(first_nan_[r], col + __builtin_ctz(nan));
+      return;
+    }
+    const float m = max_lane(v);
+    if (index_[r] < 0 || m > best_[r]) {
+      best_[r] = m;
+      index_[r] = col + __builtin_ctz(~(v == fVec(m)).zero_mask());
+    }
+  }
+
+  // Takes in another task's columns: the larger maximum, the earlier column among equal ones.
+  void merge(const RowArgmax& other) {
+    for (size_t r = 0; r < index_.size(); ++r) {
+      first_nan_[r] = std::min(first_nan_[r], other.first_nan_[r]);
+      const int64_t i = other.index_[r];
+      if (i >= 0 && (index_[r] < 0 || other.best_[r] > best_[r] || (other.best_[r] == best_[r] && i < index_[r]))) {
+        best_[r] = other.best_[r];
+        index_[r] = i;
+      }
+    }
+  }
+
+  int64_t token(int64_t r) const { return first_nan_[r] != kNone ? first_nan_[r] : index_[r]; }
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+
+  void update(int64_t r, int64_t col, float x) {
+    if (x != x) {
+      first_nan_[r] = std::min(first_nan_[r], col);
+    } else if (index_[r] < 0 || x > best_[r]) {
+      best_[r] = x;
+      index_[r] = col;
+    }
+  }
+
+  static float max_lane(fVec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_reduce_max_ps(v);
+#else
+    float x[kVecLen];
+    v.store(x);
+    return *std::max_element(x, x + kVecLen);  // no NaN here
+#endif
+  }
+
+  std::vector<float> best_;
+  std::vector<int64_t> index_, first_nan_;
+};
+
+// One task's RowArgmax, merged into the op's when the task ends.
+class TaskArgmax {
+ public:
+  TaskArgmax(RowArgmax* total, std::mutex* merging, int64_t rows) : total_(total), merging_(merging) {
+    if (total_) seen_.emplace(rows);
+  }
+  ~TaskArgmax() {
+    if (!total_) return;
+    const std::lock_guard<std::mutex> lock(*merging_);
+    total_->merge(*seen_);
+  }
+  RowArgmax* get() { return seen_ ? &*seen_ : nullptr; }
+
+ private:
+  RowArgmax* total_;
+  std::mutex* merging_;
+  std::optional<RowArgmax> seen_;
+};
+
+// A packed kernel's greedy body, run once its op's arguments are checked: each row's argmax over the
+// [M, N] outputs of the linear (bias_f32 undefined without a bias) merged into `tokens`.
+using PackedArgmaxRun = void (*)(RowArgmax& tokens, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& bias_f32, int64_t N, const char* op);
+
+// The argmax op of a packed kernel (the *_linear_argmax ops): token_ids int64 [M] gets each row's
+// argmax over the outputs the kernel's linear op would store for an [out_features, K] weight.
+inline void packed_argmax_op(PackedArgmaxRun run, at::Tensor& token_ids, const at::Tensor& input,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t out_features,
+                             at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(out_features > 0, op, ": out_features must be positive; got ", out_features);
+  const at::Tensor bias_f32 = check_packed_weight(input, weight, bias, out_features, dtype, op);
+  const int64_t M = input.size(0);
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
+                  token_ids.is_contiguous() && token_ids.device().is_cpu(),
+              op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
+              token_ids.sizes(), " with strides ", token_ids.strides(), " on ", token_ids.device());
+  RowArgmax tokens(M);
+  run(tokens, input, weight, bias_f32, out_features, op);
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) ids[r] = tokens.token(r);
 }
 
 // A packed kernel's body, run once its op's arguments are checked: the linear with act unset, the

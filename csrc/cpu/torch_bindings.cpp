@@ -31,6 +31,8 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("bf16_fma_linear_act_and_mul", &pagedlm::cpu::bf16_fma_linear_act_and_mul);
   m.impl("fp32_fma_linear", &pagedlm::cpu::fp32_fma_linear);
   m.impl("fp32_fma_linear_act_and_mul", &pagedlm::cpu::fp32_fma_linear_act_and_mul);
+  m.impl("bf16_fma_linear_argmax", &pagedlm::cpu::bf16_fma_linear_argmax);
+  m.impl("fp32_fma_linear_argmax", &pagedlm::cpu::fp32_fma_linear_argmax);
 }
 
 // The weight of the bf16_blocked_linear ops is an MKLDNN tensor, whose dispatch key outranks CPU.

@@ -169,6 +169,10 @@ Linear ops (CPU, bfloat16):
   widened from bf16 exactly), then the bias, rounded to bf16 once; a row's bits do not depend on the
   number of rows. The CPU kernel needs an AVX2 + FMA build (it raises otherwise); the reference sums
   in fp32 in torch's order, so the two agree to fp32 rounding.
+* ``bf16_fma_linear_argmax(token_ids, input, weight, bias, out_features)`` and
+  ``fp32_fma_linear_argmax(...)``: ``bf16_amx_linear_argmax`` for the FMA kernels (bf16 and fp32
+  ``input``, their packed weights): each row's ``argmax`` over the outputs ``bf16_fma_linear`` /
+  ``fp32_fma_linear`` would write, without writing them.
 
 Linear ops (CPU, float32):
 
@@ -241,6 +245,8 @@ _OP_NAMES = (
     "bf16_fma_linear_act_and_mul",
     "fp32_fma_linear",
     "fp32_fma_linear_act_and_mul",
+    "bf16_fma_linear_argmax",
+    "fp32_fma_linear_argmax",
 )
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA)"
 
@@ -340,6 +346,8 @@ bf16_fma_linear = _impl.bf16_fma_linear
 bf16_fma_linear_act_and_mul = _impl.bf16_fma_linear_act_and_mul
 fp32_fma_linear = _impl.fp32_fma_linear
 fp32_fma_linear_act_and_mul = _impl.fp32_fma_linear_act_and_mul
+bf16_fma_linear_argmax = _impl.bf16_fma_linear_argmax
+fp32_fma_linear_argmax = _impl.fp32_fma_linear_argmax
 
 # Whether the CPU kernels run bf16 attention on their bf16 tiles (an AVX512-BF16 build): online-softmax
 # steps over chunks of 32 keys, so bits that do not depend on the cache's block size. Else (and in

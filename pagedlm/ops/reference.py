@@ -498,18 +498,37 @@ def bf16_amx_linear_act_and_mul(
     _packed_linear_act_and_mul(out, input, weight, bias, activation, "bf16_amx_linear_act_and_mul")
 
 
+def _packed_linear_argmax(
+    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+    op: str,
+) -> None:
+    if out_features <= 0 or weight.shape[0] * 16 < out_features:
+        raise ValueError(f"{op}: out_features must be in [1, {weight.shape[0] * 16}] for a packed weight of "
+                         f"{weight.shape[0]} column blocks; got {out_features}")
+    if token_ids.dtype != torch.int64 or token_ids.shape != (input.shape[0],):
+        raise ValueError(f"{op}: token_ids must be int64 [{input.shape[0]}]; got {token_ids.dtype} "
+                         f"{tuple(token_ids.shape)}")
+    out = input.new_empty(input.shape[0], out_features)
+    _packed_linear(out, input, weight, bias)
+    argmax(out, token_ids)
+
+
 def bf16_amx_linear_argmax(
     token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> None:
-    if out_features <= 0 or weight.shape[0] * 16 < out_features:
-        raise ValueError(f"bf16_amx_linear_argmax: out_features must be in [1, {weight.shape[0] * 16}] for a packed "
-                         f"weight of {weight.shape[0]} column blocks; got {out_features}")
-    if token_ids.dtype != torch.int64 or token_ids.shape != (input.shape[0],):
-        raise ValueError(f"bf16_amx_linear_argmax: token_ids must be int64 [{input.shape[0]}]; got "
-                         f"{token_ids.dtype} {tuple(token_ids.shape)}")
-    out = input.new_empty(input.shape[0], out_features)
-    bf16_amx_linear(out, input, weight, bias)
-    argmax(out, token_ids)
+    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "bf16_amx_linear_argmax")
+
+
+def bf16_fma_linear_argmax(
+    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> None:
+    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "bf16_fma_linear_argmax")
+
+
+def fp32_fma_linear_argmax(
+    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> None:
+    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "fp32_fma_linear_argmax")
 
 
 def bf16_fma_linear_act_and_mul(

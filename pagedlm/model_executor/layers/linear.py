@@ -115,8 +115,10 @@ class Linear(DirectCall, nn.Linear):
     Input ``[..., in_features]``, output ``[..., out_features]``, in the weight's dtype.
     """
 
-    # The op that runs the packed weight (ops.bf16_amx_linear, bf16_fma_linear or fp32_fma_linear), if packed.
+    # The op that runs the packed weight (ops.bf16_amx_linear, bf16_fma_linear or fp32_fma_linear), if packed,
+    # and its argmax op (ops.*_linear_argmax).
     packed_linear = None
+    packed_argmax = None
     blocked_layout = False
     # oneDNN's summation order for ops.bf16_blocked_linear (bf16 weights whose rows it reproduces).
     k_chunk_ends: list[int] | None = None
@@ -152,6 +154,7 @@ class Linear(DirectCall, nn.Linear):
     def _pack(self, kernel: str) -> None:
         """Lays the weight out for ``ops.{kernel}_linear`` (``GateUpLinear`` packs its own)."""
         self.packed_linear = getattr(ops, f"{kernel}_linear")
+        self.packed_argmax = getattr(ops, f"{kernel}_linear_argmax")
         pack, _ = _PACKINGS[self.weight.dtype]
         self.weight = nn.Parameter(pack(self.weight.detach()), requires_grad=False)
 
@@ -181,13 +184,13 @@ class Linear(DirectCall, nn.Linear):
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """Each row's ``argmax`` over ``forward(x)`` (int64 ``[rows]``: the first index of the maximum,
-        or of the first NaN) without the outputs, where the kernel gives it (``ops.bf16_amx_linear_argmax``,
-        the same sums and rounding); None where it does not."""
-        if self.packed_linear is not ops.bf16_amx_linear:
+        or of the first NaN) without the outputs, where a packed kernel runs it (its ``_argmax`` op:
+        the same sums and rounding); None where another kernel runs the linear."""
+        if self.packed_linear is None:
             return None
         rows = self._rows(x)
         token_ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
-        ops.bf16_amx_linear_argmax(token_ids, rows, self.weight, self.bias, self.out_features)
+        self.packed_argmax(token_ids, rows, self.weight, self.bias, self.out_features)
         return token_ids
 
 
