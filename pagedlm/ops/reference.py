@@ -513,22 +513,18 @@ def _packed_linear_argmax(
     argmax(out, token_ids)
 
 
-def bf16_amx_linear_argmax(
-    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
-) -> None:
-    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "bf16_amx_linear_argmax")
+def _argmax_op(op: str):
+    def packed_argmax(token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      out_features: int) -> None:
+        _packed_linear_argmax(token_ids, input, weight, bias, out_features, op)
+
+    packed_argmax.__name__ = packed_argmax.__qualname__ = op
+    return packed_argmax
 
 
-def bf16_fma_linear_argmax(
-    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
-) -> None:
-    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "bf16_fma_linear_argmax")
-
-
-def fp32_fma_linear_argmax(
-    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
-) -> None:
-    _packed_linear_argmax(token_ids, input, weight, bias, out_features, "fp32_fma_linear_argmax")
+bf16_amx_linear_argmax = _argmax_op("bf16_amx_linear_argmax")
+bf16_fma_linear_argmax = _argmax_op("bf16_fma_linear_argmax")
+fp32_fma_linear_argmax = _argmax_op("fp32_fma_linear_argmax")
 
 
 def bf16_fma_linear_act_and_mul(
