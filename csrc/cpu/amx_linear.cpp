@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -74,10 +73,11 @@ struct PendingBlock {
       const float* row_sums = sums + done * 32;
       if (argmax) {
         for (int64_t j = 0; j < cols; j += 16) {
-          const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - j)) - 1);
+          const int n = static_cast<int>(std::min<int64_t>(16, cols - j));
+          const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
           const __m256i bits = round_sums_bf16(row_sums + j, bias ? bias + j : nullptr, valid);
           const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-          argmax->update(row0 + done, col0 + j, v, static_cast<int>(std::min<int64_t>(16, cols - j)));
+          argmax->update(row0 + done, col0 + j, v, n);
         }
         continue;
       }
@@ -150,7 +150,6 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
   const auto* x = input.data_ptr<at::BFloat16>();
   const auto* w = weight.data_ptr<at::BFloat16>();
   const int64_t lda = input.stride(0);
-  std::mutex merging;
   const int64_t units = (n_blocks + 1) / 2;  // pairs of column blocks: 32 output columns
   const int64_t unit_bytes = k_pad * 2 * kTileN * 2;
   // Column units whose weights stay in L2 while every row tile passes over them.
@@ -160,7 +159,7 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
     alignas(64) float c[2][32 * 32];  // this block's sums and the pending block's
     alignas(64) at::BFloat16 tail[2 * kTileM * kTileK];
     PendingBlock pending;
-    TaskArgmax seen(argmax, &merging, M);  // argmax: this task's columns
+    TaskArgmax seen(argmax, M);  // argmax: this task's columns
     int configured = -1;
     for (int64_t p0 = begin; p0 < end; p0 += units_per_panel) {
       const int64_t p1 = std::min(end, p0 + units_per_panel);

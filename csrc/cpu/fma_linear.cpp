@@ -29,7 +29,6 @@
 #include "parallel.h"
 
 #include <algorithm>
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -222,7 +221,6 @@ void fma_linear_kernel(T* y, int64_t ldy, int64_t N, const at::Tensor& input, co
   const int64_t ldx = kBf16 ? 2 * pairs : lda;
   const auto* w = weight.data_ptr<T>();
   const int64_t block_elements = weight.numel() / blocks;
-  std::mutex merging;
   const int64_t units = (blocks + kUnitBlocks - 1) / kUnitBlocks, groups = (M + kGroupRows - 1) / kGroupRows;
   const int64_t unit_work = kUnitBlocks * block_elements * std::min(M, kGroupRows);
   // Units are (column unit, row group) pairs, column-major: a thread's range reads its weights once.
@@ -234,7 +232,7 @@ void fma_linear_kernel(T* y, int64_t ldy, int64_t N, const at::Tensor& input, co
     // again only when the row group changes (a 1/64 share of the unit's FMAs when it does).
     std::vector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
     int64_t converted = -1;
-    TaskArgmax seen(argmax, &merging, M);  // argmax: this task's columns
+    TaskArgmax seen(argmax, M);  // argmax: this task's columns
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = u % groups * kGroupRows, rows = std::min(M, m0 + kGroupRows) - m0;
       const int64_t b0 = u / groups * kUnitBlocks, unit_blocks = std::min(blocks, b0 + kUnitBlocks) - b0;

@@ -37,14 +37,13 @@ inline void check_packed_input(const at::Tensor& input, at::ScalarType dtype, co
               input.scalar_type(), " ", input.sizes(), " with strides ", input.strides());
 }
 
-// The checks every op of a kernel shares: check_packed_input, and weight the packing of a
+// The checks every op of a kernel shares after check_packed_input: weight the packing of a
 // [packed_n, K] weight: bf16, amx_pack_weight's [N_pad / 16][K_pad / 2][16][2]; fp32,
 // fp32_pack_weight's [N_pad / 16][K][16] (per block of 16 output columns and per input feature, the 16
 // columns' weights, zero-padded). Returns the bias as fp32.
 inline at::Tensor check_packed_weight(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t packed_n, at::ScalarType dtype,
                                       const char* op) {
-  check_packed_input(input, dtype, op);
   const int64_t K = input.size(1);
   const int64_t blocks = (packed_n + kPackN - 1) / kPackN;
   const std::vector<int64_t> shape = dtype == at::kBFloat16
@@ -57,7 +56,7 @@ inline at::Tensor check_packed_weight(const at::Tensor& input, const at::Tensor&
   return linear_bias_fp32(bias, packed_n, op);
 }
 
-// check_packed_weight, with out of `dtype`, [M, N] with contiguous rows, checked before the weight.
+// check_packed_input, out of `dtype`, [M, N] with contiguous rows, then check_packed_weight.
 inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t packed_n, at::ScalarType dtype,
                                       const char* op) {
@@ -96,8 +95,10 @@ class RowArgmax {
     }
   }
 
-  // Takes in another task's columns: the larger maximum, the earlier column among equal ones.
+  // Takes in another task's columns: the larger maximum, the earlier column among equal ones. Tasks
+  // may merge at the same time.
   void merge(const RowArgmax& other) {
+    const std::lock_guard<std::mutex> lock(merging_);
     for (size_t r = 0; r < index_.size(); ++r) {
       first_nan_[r] = std::min(first_nan_[r], other.first_nan_[r]);
       const int64_t i = other.index_[r];
@@ -134,24 +135,22 @@ class RowArgmax {
 
   std::vector<float> best_;
   std::vector<int64_t> index_, first_nan_;
+  std::mutex merging_;
 };
 
-// One task's RowArgmax, merged into the op's when the task ends.
+// One task's RowArgmax (none without a total), merged into the op's when the task ends.
 class TaskArgmax {
  public:
-  TaskArgmax(RowArgmax* total, std::mutex* merging, int64_t rows) : total_(total), merging_(merging) {
+  TaskArgmax(RowArgmax* total, int64_t rows) : total_(total) {
     if (total_) seen_.emplace(rows);
   }
   ~TaskArgmax() {
-    if (!total_) return;
-    const std::lock_guard<std::mutex> lock(*merging_);
-    total_->merge(*seen_);
+    if (total_) total_->merge(*seen_);
   }
   RowArgmax* get() { return seen_ ? &*seen_ : nullptr; }
 
  private:
   RowArgmax* total_;
-  std::mutex* merging_;
   std::optional<RowArgmax> seen_;
 };
 
@@ -166,6 +165,7 @@ inline void packed_argmax_op(PackedArgmaxRun run, at::Tensor& token_ids, const a
                              const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t out_features,
                              at::ScalarType dtype, const char* op) {
   TORCH_CHECK(out_features > 0, op, ": out_features must be positive; got ", out_features);
+  check_packed_input(input, dtype, op);
   const at::Tensor bias_f32 = check_packed_weight(input, weight, bias, out_features, dtype, op);
   const int64_t M = input.size(0);
   TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
