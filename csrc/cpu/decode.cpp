@@ -2,6 +2,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "aligned_vector.h"
 #include "amx_attention.h"
 #include "bf16_tiles.h"
 #include "dispatch.h"
@@ -81,19 +82,19 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       // blocks of 8), then in an fp8 cache the chunk's V rows of the item's KV heads, as bf16.
       const bool gathers_keys = is_fp8<C> || bs < kLanes;
       const int kv_heads = kv_end - kv_begin;
-      thread_local std::vector<c10::BFloat16> rows;
+      thread_local AlignedVector<c10::BFloat16> rows;
       rows.resize(kChunk * D + (is_fp8<C> ? kv_heads * kChunk * D : 0));
       c10::BFloat16* keys = rows.data();
       c10::BFloat16* values = keys + kChunk * D;  // [kv_heads][kChunk][D]
       // Per KV head of the item: K transposed [2][D / 2, 16], then V as pairs [16, D] (AMX's P·V only).
       const int64_t head_pairs = kChunk * D / 2 + kChunkPairs * D;
-      thread_local std::vector<uint32_t> pairs;
+      thread_local AlignedVector<uint32_t> pairs;
       pairs.resize(kv_heads * head_pairs);
-      thread_local std::vector<float> logits_buffer;
+      thread_local AlignedVector<float> logits_buffer;
       logits_buffer.resize(heads * kChunk + heads);
       float* logits = logits_buffer.data();  // [heads, 32]
       float* corr = logits + heads * kChunk;
-      thread_local std::vector<c10::BFloat16> p_buffer;
+      thread_local AlignedVector<c10::BFloat16> p_buffer;
       p_buffer.resize(heads * kChunk);
       const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
 #ifdef PAGEDLM_AMX_ATTENTION
@@ -233,7 +234,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
     }
   }
 #endif
-  thread_local std::vector<float> scratch;
+  thread_local AlignedVector<float> scratch;
   scratch.resize(heads * D + group * bs + 2 * bs * D);
   float* q = scratch.data();
   float* logits = q + heads * D;  // [group, bs]
@@ -290,7 +291,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
   parallel_items(items.size(), [&](int64_t i, int64_t after) {
     const auto [s, part, kv_begin, kv_end] = items[i];
     const int heads = (kv_end - kv_begin) * p.group, h0 = kv_begin * p.group;
-    thread_local std::vector<float> scratch;
+    thread_local AlignedVector<float> scratch;
     scratch.resize(heads * (D + 2));
     auto query = [&](int i) { return p.query_row(s, h0 + i); };
     const auto [begin, end] = key_range(items[i]);
@@ -325,7 +326,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
 
   if (num_partials == 0) return;
   parallel_for(0, int64_t{num_seqs} * num_heads, grain_for(2 * D), [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(D);
+    AlignedVector<float> scratch(D);
     for (int64_t i = lo; i < hi; ++i) {
       const int s = i / num_heads, h = i % num_heads;
       if (first_part[s] < 0) continue;

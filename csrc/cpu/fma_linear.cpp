@@ -24,6 +24,7 @@
 // regions stall a step beside a busy process (docs/performance.md, sessions 35 and 36).
 #include "vec.h"  // first: selects ATen's vector width
 
+#include "aligned_vector.h"
 #include "ops.h"
 #include "packed_linear.h"
 #include "parallel.h"
@@ -227,10 +228,10 @@ void fma_linear_kernel(T* y, int64_t ldy, int64_t N, const at::Tensor& input, co
   parallel_for(0, units * groups, grain_for(unit_work), [&](int64_t begin, int64_t end) {
     // Block j of a unit sums into sums + j * kBlockSums.
     constexpr int64_t kBlockSums = kGroupRows * kPackN;
-    std::vector<float> sums(kUnitBlocks * kBlockSums), wide(kBf16 && M >= kWideFromRows ? 2 * pairs * kPackN : 0);
+    AlignedVector<float> sums(kUnitBlocks * kBlockSums), wide(kBf16 && M >= kWideFromRows ? 2 * pairs * kPackN : 0);
     // The unit's bf16 rows as fp32, zero past K (a pair past an odd K holds one feature); converted
     // again only when the row group changes (a 1/64 share of the unit's FMAs when it does).
-    std::vector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
+    AlignedVector<float> xg(kBf16 ? std::min(M, kGroupRows) * ldx : 0, 0.f);
     int64_t converted = -1;
     TaskArgmax seen(argmax, M);  // argmax: this task's columns
     for (int64_t u = begin; u < end; ++u) {

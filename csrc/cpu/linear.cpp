@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "activation.h"
+#include "aligned_vector.h"
 #include "l2_prefetch.h"
 #include "mkldnn_tensor.h"
 #include "ops.h"
@@ -151,7 +152,7 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   // One unit; its block comes from memory (from_memory: this thread did not just read it for another
   // row group), and next_block is the block this thread reads after it if that one comes from memory
   // too (-1 if not, or not known).
-  auto run_unit = [&](std::vector<float>& sum, int64_t unit, bool from_memory, int64_t next_block) {
+  auto run_unit = [&](AlignedVector<float>& sum, int64_t unit, bool from_memory, int64_t next_block) {
     const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
     const at::BFloat16* xg = x + m0 * x_stride;
     const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
@@ -193,7 +194,7 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
     TwoEnded remaining(units);
     run_in_parallel(static_cast<int>(tasks), [&](int t) {
       const bool from_back = t == 0;
-      std::vector<float> sum(parts * part_rows * kBlockN);
+      AlignedVector<float> sum(parts * part_rows * kBlockN);
       int64_t previous = -1;
       // Each thread takes its next unit as it starts one (to ask for its blocks early), but only
       // while more units remain than threads: one held then would leave another thread idle.
@@ -207,7 +208,7 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
     return;
   }
   parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(parts * part_rows * kBlockN);
+    AlignedVector<float> sum(parts * part_rows * kBlockN);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / groups;
       const bool last_group = unit % groups == groups - 1 && (b + 1) * groups < end;

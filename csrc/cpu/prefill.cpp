@@ -3,6 +3,7 @@
 #include "vec.h"  // first: selects ATen's vector width
 
 #include "../checks.h"
+#include "aligned_vector.h"
 #include "amx_attention.h"
 #include "bf16_tiles.h"
 #include "dispatch.h"
@@ -70,7 +71,7 @@ void prefill(const AttentionParams<T, C>& p, const int32_t* starts) {
     const int last_pos = first_pos + tile.rows - 1;
     const int part_lo = p.first_key(first_pos) / kPartitionSize, part_hi = last_pos / kPartitionSize;
     const int64_t state_size = int64_t{M} * (D + 2);
-    thread_local std::vector<float> scratch;
+    thread_local AlignedVector<float> scratch;
     scratch.resize(M * D + M * bs + 2 * bs * D + D + (part_hi - part_lo + 1) * state_size);
     float* q = scratch.data();
     float* logits = q + M * D;  // [M, bs]
@@ -173,8 +174,8 @@ class PackedChunks {
       const int h = (i - first_item_[s]) / chunks_[s], c0 = (first_chunk_[s] + (i - first_item_[s]) % chunks_[s]) * kChunk;
       const int begin = first_key[s], end = p.seq_lens[s];
       auto block_row = [&](int kb) { return p.block_table(s)[kb / bs] * p.kv.block_stride + h * p.kv.head_stride(); };
-      thread_local std::vector<bf16_tiles::bf16> rows;
-      thread_local std::vector<uint32_t> scratch;
+      thread_local AlignedVector<bf16_tiles::bf16> rows;
+      thread_local AlignedVector<uint32_t> scratch;
       rows.resize(is_fp8<C> ? bs * D_ : 0);
       scratch.resize(kChunkPairs * D_);
       amx_attention::transpose_values(
@@ -243,12 +244,12 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     const int64_t token0 = starts[tile.seq] + tile.row0;
     const int h0 = tile.kv_head * group + tile.head0;
 
-    thread_local std::vector<uint32_t> packed_rows;
+    thread_local AlignedVector<uint32_t> packed_rows;
     packed_rows.resize(int64_t{D} / 2 * lanes + int64_t{max_chunks} * kChunkPairs * (lanes + (amx ? 0 : D)));
     uint32_t* qp = packed_rows.data();
     uint32_t* pp = qp + D / 2 * lanes;
     uint32_t* vp = pp + int64_t{max_chunks} * kChunkPairs * lanes;  // the vector kernel's values
-    thread_local std::vector<float> scratch;
+    thread_local AlignedVector<float> scratch;
     scratch.resize(int64_t{parts} * lanes * (D + 2) + 2 * kChunk * lanes + int64_t{max_chunks} * lanes +
                    int64_t{parts} * kLanes * D + D);
     float* acc_t = scratch.data();                          // [parts][D, lanes]
@@ -260,7 +261,7 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
     float* merged = acc + int64_t{parts} * kLanes * D;  // [D]
     thread_local std::vector<uint8_t> corrected;
     corrected.resize(2 * max_chunks);
-    thread_local std::vector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
+    thread_local AlignedVector<bf16> rows;  // the vector kernel's fp8 block: K, then V rows as bf16
     rows.resize(is_fp8<C> && !amx ? 2 * bs * D : 0);
 
     // Lane m = r * heads + g: query row r of the tile, query head head0 + g of the KV head.
