@@ -43,6 +43,7 @@ class StubModel:
 
     def __init__(self, vocab_size: int) -> None:
         self.logits = torch.randn(4096, vocab_size)
+        self.tokens = self.logits.argmax(dim=-1)
 
     def __call__(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         return torch.zeros(len(input_ids), 8)
@@ -50,8 +51,8 @@ class StubModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits[: len(hidden)]
 
-    def greedy_tokens(self, hidden: torch.Tensor) -> None:
-        return None  # greedy steps too take the sampler's argmax over the logits
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tokens[: len(hidden)]  # as the LM head's argmax epilogue gives them, without logits
 
 
 def busy_cpu_seconds() -> float:
