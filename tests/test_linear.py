@@ -714,3 +714,25 @@ def test_a_model_whose_logits_are_not_the_lm_heads_outputs_takes_no_greedy_short
     model.__class__ = LlamaForCausalLM
     model.logits_scaling = 2.0  # Granite's
     assert model.greedy_tokens(hidden) is None
+
+
+def test_gemma_takes_the_greedy_shortcut_only_where_its_logits_are_the_lm_heads_outputs(tmp_path, tokenizer_dir):
+    from conftest import make_checkpoint
+
+    from pagedlm import LLM
+    from pagedlm.model_executor.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+
+    model = LLM(make_checkpoint(str(tmp_path), "gemma3", tokenizer_dir), dtype="bfloat16").llm_engine.model_runner.model
+    hidden = torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)
+    assert type(model) is Gemma3ForCausalLM and not model.final_logit_softcapping
+    assert (model.greedy_tokens(hidden) is not None) == (model.lm_head.packed_linear is not None)
+    model.final_logit_softcapping = 30.0
+    assert model.greedy_tokens(hidden) is None
+    model.final_logit_softcapping = None
+
+    class Scaled(Gemma2ForCausalLM):  # a future Gemma that changes its logits but says nothing of greedy_tokens
+        def compute_logits(self, hidden_states):
+            return super().compute_logits(hidden_states) * 0.5
+
+    model.__class__ = Scaled
+    assert model.greedy_tokens(hidden) is None

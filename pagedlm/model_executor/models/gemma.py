@@ -104,7 +104,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return logits
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return None if self.final_logit_softcapping else self.lm_head.argmax(hidden_states)
+        return None if self.final_logit_softcapping else super().greedy_tokens(hidden_states)
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

@@ -183,7 +183,10 @@ class LlamaForCausalLM(DirectCall, nn.Module):
         logits, where the LM head's kernel gives it (``Linear.argmax``) and the logits are the LM
         head's outputs as they are (a scaling or soft-cap could round two of them equal); else None.
         A subclass whose ``compute_logits`` changes the logits gets None unless it says otherwise."""
-        plain = type(self).compute_logits is LlamaForCausalLM.compute_logits and self.logits_scaling == 1.0
+        # compute_logits must be the one written beside this greedy_tokens: a subclass that overrides
+        # compute_logits alone changes the logits without saying so.
+        owner = lambda name: next(c for c in type(self).__mro__ if name in vars(c))  # noqa: E731
+        plain = owner("compute_logits") is owner("greedy_tokens") and self.logits_scaling == 1.0
         return self.lm_head.argmax(hidden_states) if plain else None
 
 
