@@ -15,6 +15,7 @@
 #include "vec.h"
 
 #include "../checks.h"
+#include "aligned_vector.h"
 #include "dispatch.h"
 #include "ops.h"
 #include "parallel.h"
@@ -128,7 +129,7 @@ inline int bucket_of(float v) {
 // when even all of them weigh less. A histogram pass finds the bucket the threshold lies in; only
 // that bucket's entries are sorted.
 template <bool kByValue>
-bool threshold_in(const float* p, int64_t n, float floor, double goal, std::vector<float>& scratch, float& threshold) {
+bool threshold_in(const float* p, int64_t n, float floor, double goal, AlignedVector<float>& scratch, float& threshold) {
   std::array<double, kBuckets> weight{};
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= floor) weight[bucket_of(p[i])] += kByValue ? p[i] : 1.0;
@@ -158,7 +159,7 @@ bool threshold_in(const float* p, int64_t n, float floor, double goal, std::vect
 }
 
 // The entries of p [n] at or above `cut`, in token order, into `out`.
-void entries_from(const float* p, int64_t n, float cut, std::vector<float>& out) {
+void entries_from(const float* p, int64_t n, float cut, AlignedVector<float>& out) {
   out.clear();
   const fVec cv(cut);
   int64_t i = 0;
@@ -178,8 +179,8 @@ void entries_from(const float* p, int64_t n, float cut, std::vector<float>& out)
 // them; when they weigh less than the goal, among those above a lower cut, then among all entries
 // at or above floor.
 template <bool kByValue>
-float threshold_from_top(const float* p, int64_t n, float floor, double goal, std::vector<float>& candidates,
-                         std::vector<float>& scratch) {
+float threshold_from_top(const float* p, int64_t n, float floor, double goal, AlignedVector<float>& candidates,
+                         AlignedVector<float>& scratch) {
   float threshold = floor;
   for (const float cut : {0x1p-12f, 0x1p-24f, 0.f}) {
     entries_from(p, n, std::max(floor, cut), candidates);
@@ -255,8 +256,8 @@ struct RowParams {
 };
 
 template <typename T>
-int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, std::vector<float>& p,
-                   std::vector<float>& candidates, std::vector<float>& scratch) {
+int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, AlignedVector<float>& p,
+                   AlignedVector<float>& candidates, AlignedVector<float>& scratch) {
   if (row.temperature == 0.f) return first_index_of(x, n, max);
   p.resize(n);
   tempered_probs(x, n, max, row.temperature, p.data());
@@ -375,7 +376,7 @@ void sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::
   PAGEDLM_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample", [&] {
     const auto* x = logits.data_ptr<scalar_t>();
     parallel_for(0, rows, grain_for(vocab), [&](int64_t lo, int64_t hi) {
-      std::vector<float> p, candidates, scratch;
+      AlignedVector<float> p, candidates, scratch;
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + r * stride;
         const RowMax m = row_max(row, vocab, lp != nullptr);
