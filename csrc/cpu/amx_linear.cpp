@@ -35,14 +35,16 @@ constexpr int64_t kTileM = 16;  // rows per A tile
 #ifdef PAGEDLM_AMX
 
 // Weights of the column blocks that every row tile passes over in turn stay in L2 (2 MiB per core
-// here) as a panel. The first pass over a panel waits on memory. From 97 to 256 rows (4 to 8 passes)
-// the other passes compute from L2 for about as long, so the next panel is asked into L2 while they
-// run, in panels of 256 KiB: two of them and the rows' inputs fit in L2. With fewer passes there is
-// too little to hide the stream behind (Qwen2-0.5B's linears 5-10% slower at 48-96 rows with the
-// prefetch); with more, the rows' inputs, read again for every panel, no longer fit beside it, and
-// 512 KiB panels without a prefetch measured faster (benchmarks/linear_bench.py; SmolLM2's linears
-// ~10% faster at 256 rows with the prefetch, 15-25% slower at 2,048 rows with 256 KiB panels).
-bool prefetches_panels(int64_t rows) { return rows > 96 && rows <= 256; }
+// here) as a panel. From 33 to 256 rows (2 to 8 passes) the next panel is asked into L2, a few lines
+// per step of K, over all the passes of the current one, the first included (which then reads its
+// own panel from L2, asked for during the panel before), in panels of 256 KiB: two of them and the
+// rows' inputs fit in L2. Against the prefetch over the passes after the first only, from 97 rows on
+// (benchmarks/linear_bench.py): SmolLM2's 121 linears 11-15% faster at 96-112 rows and 4-10% at
+// 40-64, Qwen2-0.5B's 6-9% at 64-128, neither changed at 200-256. With one pass there is nothing to
+// hide the stream behind; with more than 8, the rows' inputs, read again for every panel, no longer
+// fit beside it, and 512 KiB panels without a prefetch measured faster (SmolLM2's linears 15-25%
+// slower at 2,048 rows with 256 KiB panels).
+bool prefetches_panels(int64_t rows) { return rows > 32 && rows <= 256; }
 int64_t panel_bytes(int64_t rows) { return prefetches_panels(rows) ? 256 << 10 : 512 << 10; }
 
 // Tiles: C 0..3 ([row tile][column tile]), A 4..5 (row tiles), B 6..7 (column tiles).
@@ -165,11 +167,12 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
       const int64_t p1 = std::min(end, p0 + units_per_panel);
       L2Prefetch prefetch;
       for (int64_t m = 0; m < M; m += 2 * kTileM) {
-        if (m == 2 * kTileM && prefetches_panels(M)) {
+        if (m == 0 && prefetches_panels(M)) {
           // Offsets clamped to the weight: the last unit may hold one column block.
           const int64_t next = std::min(p1 * unit_elements, w_elements);
           const int64_t next_end = std::min(std::min(end, p1 + units_per_panel) * unit_elements, w_elements);
-          prefetch = L2Prefetch(w + next, w + next_end, (M - 1) / (2 * kTileM) * (p1 - p0) * blocks);
+          const int64_t passes = (M + 2 * kTileM - 1) / (2 * kTileM);
+          prefetch = L2Prefetch(w + next, w + next_end, passes * (p1 - p0) * blocks);
         }
         const int mr = static_cast<int>(std::min<int64_t>(2 * kTileM, M - m));
         if (mr != configured) {
