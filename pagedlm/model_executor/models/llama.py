@@ -183,9 +183,10 @@ class LlamaForCausalLM(DirectCall, nn.Module):
         logits, where the LM head's kernel gives it (``Linear.argmax``) and the logits are the LM
         head's outputs as they are (a scaling or soft-cap could round two of them equal); else None.
         A subclass whose ``compute_logits`` changes the logits gets None unless it says otherwise."""
-        # compute_logits must be the one written beside this greedy_tokens: a subclass that overrides
-        # compute_logits alone changes the logits without saying so.
-        owner = lambda name: next(c for c in type(self).__mro__ if name in vars(c))  # noqa: E731
+        def owner(name: str) -> type:  # the class whose method `name` this model runs
+            return next(c for c in type(self).__mro__ if name in vars(c))
+
+        # The class that wrote compute_logits must have written greedy_tokens beside it.
         plain = owner("compute_logits") is owner("greedy_tokens") and self.logits_scaling == 1.0
         return self.lm_head.argmax(hidden_states) if plain else None
 
