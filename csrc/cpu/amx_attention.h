@@ -10,9 +10,10 @@
 // A tile row (keys in Q·K, query vectors in P·V) reads only its own operands, so a query's bits do
 // not depend on the other query vectors of its tile, nor on how many there are.
 //
-// Tiles, decode: 0, 1, 2 Q.K's A, B and C (a KV head's query heads as rows, 32 head dimensions; 16
-// keys' dimension pairs; the logits), 3 P rows (A, query heads x the chunk's 32 keys), 4 V pairs (B,
-// the chunk's 16 key pairs x 16 head dimensions), 5 output (C, query heads x 16 head dimensions).
+// Tiles, decode: 0, 1, 2 Q.K's A, B and C (16 keys' rows straight from the cache, 32 head dimensions;
+// the dimension pairs of up to 16 query heads of a KV head; the logits, keys x query heads), 3 P rows
+// (A, query heads x the chunk's 32 keys), 4 V pairs (B, the chunk's 16 key pairs x 16 head
+// dimensions), 5 output (C, query heads x 16 head dimensions).
 // Tiles, prefill, for lane groups of 16 query vectors: 0, 1 Q.K's A (the 16-key groups of a chunk, 32
 // head dimensions), 2, 3 their logits (C), 4-7 the query vectors' dimension pairs (B, 32 head
 // dimensions each, loaded once per partition: one group's while D <= 128, or two groups' while
@@ -49,13 +50,13 @@ class Tiles {
   Tiles(const Tiles&) = delete;
   Tiles& operator=(const Tiles&) = delete;
 
-  // Decode: reshapes the tiles for `rows` (at most 16) query heads.
+  // Decode: reshapes P.V's tiles for `rows` (at most 16) query heads.
   void use(int rows) {
     if (rows == rows_) return;
     amx::TileConfig cfg;
     for (int t = 0; t < 8; ++t) cfg.set(t, kLanes, 64);
     if (kernel_ == kDecode) {
-      for (int t : {0, 2, 3, 5}) cfg.set(t, rows, 64);
+      for (int t : {3, 5}) cfg.set(t, rows, 64);
     }
     cfg.load();
     rows_ = rows;
@@ -143,19 +144,17 @@ inline void chunk_logits_pair(const K& keys, int D, float* logits0, float* logit
 #undef PAGEDLM_GROUP_LOGITS
 }
 
-// Decode's Q.K: logits[g * 32 + n] = q_g . k_n (not yet scaled) for the tile's query rows q (bf16,
-// rows q_stride elements apart) and the chunk's 32 keys in kt as bf16_tiles::transpose_keys leaves
-// them, per 16 keys [D / 2, 16].
-inline void key_logits(const bf16* q, int64_t q_stride, const uint32_t* kt, int D, float* logits) {
-  for (int n0 = 0; n0 < bf16_tiles::kChunk; n0 += kLanes) {
-    _tile_zero(2);
-    for (int c = 0; c < D; c += 32) {
-      _tile_loadd(0, q + c, q_stride * 2);
-      _tile_loadd(1, kt + int64_t{n0} * D / 2 + c / 2 * kLanes, 64);
-      _tile_dpbf16ps(2, 0, 1);
-    }
-    _tile_stored(2, logits + n0, bf16_tiles::kChunk * 4);
+// Decode's Q.K for 16 keys: logits[n * 16 + g] = k_n . q_g (not yet scaled) for the keys' rows k (bf16
+// [16, D], rows D apart: a block's rows in the cache, read by the tile unit without a copy) and up to 16
+// query heads' pairs qp as bf16_tiles::pack_queries leaves them ([D / 2, 16], zero past the heads).
+inline void key_logits(const bf16* k, const uint32_t* qp, int D, float* logits) {
+  _tile_zero(2);
+  for (int c = 0; c < D; c += 32) {
+    _tile_loadd(0, k + c, D * 2);
+    _tile_loadd(1, qp + c / 2 * kLanes, kLanes * 4);
+    _tile_dpbf16ps(2, 0, 1);
   }
+  _tile_stored(2, logits, kLanes * 4);
 }
 
 // P.V for the tile's query vectors: acc[g * D + d] = acc * corr[g] (where corr[g] != 1), then plus the

@@ -86,36 +86,54 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       rows.resize(kChunk * D + (is_fp8<C> ? kv_heads * kChunk * D : 0));
       c10::BFloat16* keys = rows.data();
       c10::BFloat16* values = keys + kChunk * D;  // [kv_heads][kChunk][D]
-      // Per KV head of the item: K transposed [2][D / 2, 16], then V as pairs [16, D] (AMX's P·V only).
+#ifdef PAGEDLM_AMX_ATTENTION
+      // With AMX both products on tiles (amx_attention.h): Q·K with a block's K rows as they are in the
+      // cache and up to 16 query heads' pairs, P·V with up to 16 query heads as a tile's rows.
+      std::optional<amx_attention::Tiles> tiles;
+      if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, std::min(group, kLanes));
+      const bool amx = tiles.has_value();
+#else
+      constexpr bool amx = false;
+#endif
+      const bool packs_values = amx;
+      // Query heads in blocks of 16 on AMX (Q·K's logits come out keys x 16 heads), else as they are.
+      const int head_blocks = (group + kLanes - 1) / kLanes, padded_group = amx ? head_blocks * kLanes : group;
+      // Per KV head of the item: K transposed [2][D / 2, 16] (the vector Q·K only), then V as pairs
+      // [16, D] (AMX's P·V only).
       const int64_t head_pairs = kChunk * D / 2 + kChunkPairs * D;
       thread_local AlignedVector<uint32_t> pairs;
       pairs.resize(kv_heads * head_pairs);
+      // AMX: the query heads' pairs, [kv_heads][head_blocks][D / 2, 16].
+      thread_local AlignedVector<uint32_t> query_pairs;
+      query_pairs.resize(amx ? kv_heads * head_blocks * D / 2 * kLanes : 0);
       thread_local AlignedVector<float> logits_buffer;
-      logits_buffer.resize(heads * kChunk + heads);
-      float* logits = logits_buffer.data();  // [heads, 32]
-      float* corr = logits + heads * kChunk;
+      const int64_t logits_size = int64_t{kv_heads} * padded_group * kChunk;
+      logits_buffer.resize((amx ? 2 : 1) * logits_size + heads);
+      float* logits = logits_buffer.data();  // [kv_heads][padded_group][32]
+      float* key_major = logits + logits_size;  // AMX: [kv_heads][head_blocks][2][16 keys, 16 heads]
+      float* corr = logits_buffer.data() + logits_buffer.size() - heads;
+      auto logits_row = [&](int i) { return logits + (i / group * padded_group + i % group) * kChunk; };
       thread_local AlignedVector<c10::BFloat16> p_buffer;
       p_buffer.resize(heads * kChunk);
       const auto* pp = reinterpret_cast<const uint32_t*>(p_buffer.data());
-#ifdef PAGEDLM_AMX_ATTENTION
-      // With AMX both products on tiles (amx_attention.h), up to 16 query heads as a tile's rows.
-      std::optional<amx_attention::Tiles> tiles;
-      if (amx_attention::enabled()) tiles.emplace(amx_attention::Tiles::kDecode, std::min(group, kLanes));
-      const int64_t q_stride = group > 1 ? query(1) - query(0) : D;
-      const bool packs_values = tiles.has_value();
-#else
-      constexpr bool packs_values = false;
-#endif
+      if (amx) {
+        for (int b = 0; b < kv_heads * head_blocks; ++b) {
+          const int i0 = b / head_blocks * group + b % head_blocks * kLanes;
+          pack_queries([&](int m) { return query(i0 + m); }, std::min(kLanes, group - b % head_blocks * kLanes), kLanes,
+                       D, query_pairs.data() + int64_t{b} * D / 2 * kLanes);
+        }
+      }
       // Where the vector P·V takes V's pairs from its rows, the pack stage's share of the next
       // chunk's prefetches goes to the P·V stage.
       const int pv_lines = packs_values ? 1 : 1 + kChunk / bs;
       // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item),
-      // in stages over those heads: packing (K transposed; V converted from fp8, and packed in pairs
-      // for AMX's P·V; the vector P·V pairs V's rows in registers, which measured 3-8% faster with
-      // the K/V in cache and the same from memory), Q.K, softmax, P.V. Each stage's results are then in
-      // memory well before the next stage reads them (the tile stores and vector loads between them
-      // would otherwise wait on each other, head after head). The next chunk's rows are asked for a
-      // few lines after each step of each stage.
+      // in stages over those heads: K (AMX: Q·K on the rows as the cache holds them, 3% faster than on K
+      // transposed first; else K transposed), V (converted from fp8, and packed in pairs for AMX's P·V;
+      // the vector P·V pairs V's rows in registers, which measured 3-8% faster with the K/V in cache
+      // and the same from memory), the logits (AMX: transposed to query heads x keys; else Q·K),
+      // softmax, P.V. Each stage's results are then in memory well before the next stage reads them
+      // (the tile stores and vector loads between them would otherwise wait on each other, head after
+      // head). The next chunk's rows are asked for a few lines after each step of each stage.
       PrefetchQueue next_chunk;
       const int lines_per_step = 12 * D / 64;  // ~2/3 of a SmolLM2 chunk spread, the rest at its start
       for (int c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
@@ -149,7 +167,23 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
               }
             }
             // Rows past the sequence's end are stale and masked: read as zeros, not from memory.
-            transpose_keys(k, std::min(kLanes, end - k0), D, head_pairs_of(h) + g * D / 2 * kLanes);
+            const int n = std::min(kLanes, end - k0);
+            if (!amx) {
+              transpose_keys(k, n, D, head_pairs_of(h) + g * D / 2 * kLanes);
+            } else {
+#ifdef PAGEDLM_AMX_ATTENTION
+              if (n < kLanes) {
+                if (k != keys) std::copy_n(k, n * D, keys);
+                std::fill(keys + n * D, keys + kLanes * D, c10::BFloat16(0.f));
+                k = keys;
+              }
+              for (int b = 0; b < head_blocks; ++b) {
+                const int kb = (h - kv_begin) * head_blocks + b;
+                amx_attention::key_logits(k, query_pairs.data() + int64_t{kb} * D / 2 * kLanes, D,
+                                          key_major + (kb * 2 + g) * kLanes * kLanes);
+              }
+#endif
+            }
             next_chunk.issue(lines_per_step);
           }
         }
@@ -177,27 +211,28 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           }
         }
         for (int h = kv_begin; h < kv_end; ++h) {
-          const uint32_t* kt = head_pairs_of(h);
-          const int i0 = (h - kv_begin) * group;  // the item's query heads of h
-#ifdef PAGEDLM_AMX_ATTENTION
-          if (tiles) {
-            for (int g0 = 0; g0 < group; g0 += kLanes) {
-              tiles->use(std::min(kLanes, group - g0));
-              amx_attention::key_logits(query(i0 + g0), q_stride, kt, D, logits + (i0 + g0) * kChunk);
-              next_chunk.issue(lines_per_step);
+          if (amx) {
+            for (int b = 0; b < head_blocks; ++b) {
+              const int kb = (h - kv_begin) * head_blocks + b;
+              for (int g = 0; g < 2; ++g) {
+                const auto* in = reinterpret_cast<const uint32_t*>(key_major + (kb * 2 + g) * kLanes * kLanes);
+                auto* out = reinterpret_cast<uint32_t*>(logits + kb * kLanes * kChunk + g * kLanes);
+                transpose_16x16(in, kLanes, kLanes, out, kChunk);
+              }
             }
+            next_chunk.issue(lines_per_step);
             continue;
           }
-#endif
+          const int i0 = (h - kv_begin) * group;  // the item's query heads of h
           for_each_head_chunk(group, [&](auto ng, int g0) {
             const c10::BFloat16* q[ng()];
             for (int g = 0; g < ng(); ++g) q[g] = query(i0 + g0 + g);
-            logits_by_key<ng()>(q, kt, D, logits + (i0 + g0) * kChunk, kChunk);
+            logits_by_key<ng()>(q, head_pairs_of(h), D, logits + (i0 + g0) * kChunk, kChunk);
           });
           next_chunk.issue(lines_per_step);
         }
         for (int i = 0; i < heads; ++i) {
-          corr[i] = softmax_keys(logits + i * kChunk, std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
+          corr[i] = softmax_keys(logits_row(i), std::max(begin, c0) - c0, c_end - c0, scale, soft_cap,
                                  max_out + i, sum_out + i, p_buffer.data() + i * kChunk);
           next_chunk.issue(lines_per_step);
         }
