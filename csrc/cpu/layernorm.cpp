@@ -59,6 +59,53 @@ std::array<float, W> cascade_row_sum(int64_t count, const Item& item) {
 // (vectorized_inner_sum), its last n % 8 elements one by one into a scalar, then the lanes after
 // them; a shorter row as scalars (scalar_inner_sum). One row of 32,768 or more elements alone is the
 // exception: torch splits it over its threads (two_pass_reduction), and so do transformers' bits.
+#if defined(CPU_CAPABILITY_AVX512)
+// cascade_row_sum<8> over the squares of x's `count` 8-element items, in 16-lane registers: a row's
+// four items are two registers, so accumulators k = 0, 1 and k = 2, 3 of a level share one. The
+// same additions lane by lane, in the same order.
+template <typename T>
+std::array<float, 8> squares_row_sum(const T* x, int64_t count) {
+  constexpr int kIlp = 4, kLevels = 4;
+  auto squares = [&](int64_t item, int n) {  // items item, item + 1 (n = 16) or item alone (n = 8)
+    const __m512 v = load_fp32(x + item * 8, n);
+    return _mm512_mul_ps(v, v);
+  };
+  const int64_t rows = count / kIlp;
+  const int64_t ceil_log2 = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
+  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
+  __m512 lo[kLevels], hi[kLevels];  // accumulators 0, 1 and 2, 3 of each level
+  for (int j = 0; j < kLevels; ++j) lo[j] = hi[j] = _mm512_setzero_ps();
+  auto add_row = [&](int64_t i) {
+    lo[0] = _mm512_add_ps(lo[0], squares(i * kIlp, 16));
+    hi[0] = _mm512_add_ps(hi[0], squares(i * kIlp + 2, 16));
+  };
+  int64_t i = 0;
+  while (i + level_step <= rows) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int j = 1; j < kLevels; ++j) {
+      lo[j] = _mm512_add_ps(lo[j], lo[j - 1]);
+      hi[j] = _mm512_add_ps(hi[j], hi[j - 1]);
+      lo[j - 1] = hi[j - 1] = _mm512_setzero_ps();
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i) add_row(i);
+  for (int j = 1; j < kLevels; ++j) {
+    lo[0] = _mm512_add_ps(lo[0], lo[j]);
+    hi[0] = _mm512_add_ps(hi[0], hi[j]);
+  }
+  __m256 acc = _mm512_castps512_ps256(lo[0]);
+  for (int64_t v = rows * kIlp; v < count; ++v) acc = _mm256_add_ps(acc, _mm512_castps512_ps256(squares(v, 8)));
+  acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(lo[0], 1));
+  acc = _mm256_add_ps(acc, _mm512_castps512_ps256(hi[0]));
+  acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(hi[0], 1));
+  std::array<float, 8> lanes;
+  _mm256_storeu_ps(lanes.data(), acc);
+  return lanes;
+}
+#endif
+
 template <typename T>
 float sum_of_squares(const T* x, int64_t n) {
   constexpr int kLanes = 8;
@@ -68,11 +115,15 @@ float sum_of_squares(const T* x, int64_t n) {
   };
   if (n < kLanes) return cascade_row_sum<1>(n, [&](int64_t i) { return std::array<float, 1>{square(i)}; })[0];
   const int64_t vecs = n / kLanes;
+#if defined(CPU_CAPABILITY_AVX512)
+  const std::array<float, kLanes> lanes = squares_row_sum(x, vecs);
+#else
   const std::array<float, kLanes> lanes = cascade_row_sum<kLanes>(vecs, [&](int64_t v) {
     std::array<float, kLanes> squares;
     for (int l = 0; l < kLanes; ++l) squares[l] = square(v * kLanes + l);
     return squares;
   });
+#endif
   float total = 0.f;
   for (int64_t e = vecs * kLanes; e < n; ++e) total += square(e);
   for (const float lane : lanes) total += lane;
