@@ -348,12 +348,17 @@ def test_attention_options_refused(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
-def test_reshape_and_cache(device, dtype, slot_dtype):
-    num_blocks, num_kv_heads, block_size, head_size, num_tokens = 12, 4, 16, 64, 50
+@pytest.mark.parametrize("head_size", [64, 40])  # rows of whole cache lines (streamed where lone) or not
+def test_reshape_and_cache(device, dtype, slot_dtype, head_size):
+    """Lone slots (decodes, which the CPU kernel streams) and a prompt's run of slots (stored as usual)
+    land where the reference puts them."""
+    num_blocks, num_kv_heads, block_size, num_tokens = 12, 4, 16, 50
     gen = torch.Generator().manual_seed(0)
     key_cache = torch.full((num_blocks, num_kv_heads, block_size, head_size), float("nan"), dtype=dtype)
     value_cache = key_cache.clone()
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    run = torch.arange(5, 25)  # across a block boundary
+    lone = torch.randperm(num_blocks * block_size - 32, generator=gen)[: num_tokens - len(run)] + 32
+    slots = torch.cat([lone[:10], run, lone[10:]])
     slots[::7] = -1
     kv = torch.randn(num_tokens, 3, num_kv_heads, head_size, generator=gen).to(dtype)
     key, value = kv[:, 1], kv[:, 2]  # views into a fused buffer
