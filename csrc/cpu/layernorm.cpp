@@ -15,42 +15,85 @@
 namespace pagedlm::cpu {
 namespace {
 
-// ATen's row_sum over `count` items of W lanes (aten/src/ATen/native/cpu/SumKernel.cpp: multi_row_sum
-// and row_sum): the items read as rows of 4; whole rows go into 4 accumulators that spill into
-// coarser levels every 2^level_power rows; the levels are added, then the items past the last whole
-// row into the first accumulator, then the other 3 into it. item(i) gives the i-th item's lanes.
-template <int W, typename Item>
-std::array<float, W> cascade_row_sum(int64_t count, const Item& item) {
-  using Lanes = std::array<float, W>;
-  constexpr int kIlp = 4, kLevels = 4;
-  auto add = [](Lanes& a, const Lanes& b) {
-    for (int l = 0; l < W; ++l) a[l] += b[l];
-  };
-  const int64_t rows = count / kIlp;
+// The levels of ATen's row_sum (aten/src/ATen/native/cpu/SumKernel.cpp: multi_row_sum and row_sum):
+// `rows` rows go into level 0's accumulators (add_row(acc, i)), which spill into coarser levels every
+// 2^level_power rows; returns level 0 with the other levels added to it in order. Acc{} is zero.
+template <typename Acc, typename AddRow, typename Add>
+Acc cascade_levels(int64_t rows, const AddRow& add_row, const Add& add) {
+  constexpr int kLevels = 4;
   const int64_t ceil_log2 = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
   const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
   const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
-  Lanes acc[kLevels][kIlp] = {};
+  Acc acc[kLevels] = {};
   int64_t i = 0;
   while (i + level_step <= rows) {
-    for (int64_t j = 0; j < level_step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k) add(acc[0][k], item(i * kIlp + k));
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(acc[0], i);
     for (int j = 1; j < kLevels; ++j) {
-      for (int k = 0; k < kIlp; ++k) {
-        add(acc[j][k], acc[j - 1][k]);
-        acc[j - 1][k] = Lanes{};
-      }
+      add(acc[j], acc[j - 1]);
+      acc[j - 1] = Acc{};
       if ((i & (level_mask << (j * level_power))) != 0) break;
     }
   }
-  for (; i < rows; ++i)
-    for (int k = 0; k < kIlp; ++k) add(acc[0][k], item(i * kIlp + k));
-  for (int j = 1; j < kLevels; ++j)
-    for (int k = 0; k < kIlp; ++k) add(acc[0][k], acc[j][k]);
-  for (int64_t v = rows * kIlp; v < count; ++v) add(acc[0][0], item(v));
-  for (int k = 1; k < kIlp; ++k) add(acc[0][0], acc[0][k]);
-  return acc[0][0];
+  for (; i < rows; ++i) add_row(acc[0], i);
+  for (int j = 1; j < kLevels; ++j) add(acc[0], acc[j]);
+  return acc[0];
 }
+
+// ATen's row_sum over `count` items of W lanes: the items read as rows of 4 into 4 accumulators
+// (cascade_levels), then the items past the last whole row into the first accumulator, then the other
+// 3 into it. item(i) gives the i-th item's lanes.
+template <int W, typename Item>
+std::array<float, W> cascade_row_sum(int64_t count, const Item& item) {
+  using Lanes = std::array<float, W>;
+  using Row = std::array<Lanes, 4>;
+  auto add = [](Lanes& a, const Lanes& b) {
+    for (int l = 0; l < W; ++l) a[l] += b[l];
+  };
+  Row acc = cascade_levels<Row>(
+      count / 4,
+      [&](Row& r, int64_t i) {
+        for (int k = 0; k < 4; ++k) add(r[k], item(i * 4 + k));
+      },
+      [&](Row& a, const Row& b) {
+        for (int k = 0; k < 4; ++k) add(a[k], b[k]);
+      });
+  for (int64_t v = count / 4 * 4; v < count; ++v) add(acc[0], item(v));
+  for (int k = 1; k < 4; ++k) add(acc[0], acc[k]);
+  return acc[0];
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// cascade_row_sum<8> over the squares of x's `count` 8-element items, in 16-lane registers: a row's
+// four items are two registers. The same additions lane by lane, in the same order.
+template <typename T>
+std::array<float, 8> squares_row_sum(const T* x, int64_t count) {
+  struct Row {
+    __m512 lo, hi;  // accumulators 0, 1 and 2, 3
+  };
+  auto squares = [&](int64_t item, int n) {  // items item, item + 1 (n = 16) or item alone (n = 8)
+    const __m512 v = load_fp32(x + item * 8, n);
+    return _mm512_mul_ps(v, v);
+  };
+  const Row acc = cascade_levels<Row>(
+      count / 4,
+      [&](Row& r, int64_t i) {
+        r.lo = _mm512_add_ps(r.lo, squares(i * 4, 16));
+        r.hi = _mm512_add_ps(r.hi, squares(i * 4 + 2, 16));
+      },
+      [](Row& a, const Row& b) {
+        a.lo = _mm512_add_ps(a.lo, b.lo);
+        a.hi = _mm512_add_ps(a.hi, b.hi);
+      });
+  __m256 sum = _mm512_castps512_ps256(acc.lo);
+  for (int64_t v = count / 4 * 4; v < count; ++v) sum = _mm256_add_ps(sum, _mm512_castps512_ps256(squares(v, 8)));
+  sum = _mm256_add_ps(sum, _mm512_extractf32x8_ps(acc.lo, 1));
+  sum = _mm256_add_ps(sum, _mm512_castps512_ps256(acc.hi));
+  sum = _mm256_add_ps(sum, _mm512_extractf32x8_ps(acc.hi, 1));
+  std::array<float, 8> lanes;
+  _mm256_storeu_ps(lanes.data(), sum);
+  return lanes;
+}
+#endif
 
 // The sum of a row's squares as Hugging Face's x.pow(2).mean(-1) sums them: each square rounded to
 // fp32, then ATen's sum of a contiguous row (SumKernel.cpp's cascade_sum). Its sum kernel is
@@ -59,53 +102,6 @@ std::array<float, W> cascade_row_sum(int64_t count, const Item& item) {
 // (vectorized_inner_sum), its last n % 8 elements one by one into a scalar, then the lanes after
 // them; a shorter row as scalars (scalar_inner_sum). One row of 32,768 or more elements alone is the
 // exception: torch splits it over its threads (two_pass_reduction), and so do transformers' bits.
-#if defined(CPU_CAPABILITY_AVX512)
-// cascade_row_sum<8> over the squares of x's `count` 8-element items, in 16-lane registers: a row's
-// four items are two registers, so accumulators k = 0, 1 and k = 2, 3 of a level share one. The
-// same additions lane by lane, in the same order.
-template <typename T>
-std::array<float, 8> squares_row_sum(const T* x, int64_t count) {
-  constexpr int kIlp = 4, kLevels = 4;
-  auto squares = [&](int64_t item, int n) {  // items item, item + 1 (n = 16) or item alone (n = 8)
-    const __m512 v = load_fp32(x + item * 8, n);
-    return _mm512_mul_ps(v, v);
-  };
-  const int64_t rows = count / kIlp;
-  const int64_t ceil_log2 = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
-  const int64_t level_power = std::max<int64_t>(4, ceil_log2 / kLevels);
-  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
-  __m512 lo[kLevels], hi[kLevels];  // accumulators 0, 1 and 2, 3 of each level
-  for (int j = 0; j < kLevels; ++j) lo[j] = hi[j] = _mm512_setzero_ps();
-  auto add_row = [&](int64_t i) {
-    lo[0] = _mm512_add_ps(lo[0], squares(i * kIlp, 16));
-    hi[0] = _mm512_add_ps(hi[0], squares(i * kIlp + 2, 16));
-  };
-  int64_t i = 0;
-  while (i + level_step <= rows) {
-    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
-    for (int j = 1; j < kLevels; ++j) {
-      lo[j] = _mm512_add_ps(lo[j], lo[j - 1]);
-      hi[j] = _mm512_add_ps(hi[j], hi[j - 1]);
-      lo[j - 1] = hi[j - 1] = _mm512_setzero_ps();
-      if ((i & (level_mask << (j * level_power))) != 0) break;
-    }
-  }
-  for (; i < rows; ++i) add_row(i);
-  for (int j = 1; j < kLevels; ++j) {
-    lo[0] = _mm512_add_ps(lo[0], lo[j]);
-    hi[0] = _mm512_add_ps(hi[0], hi[j]);
-  }
-  __m256 acc = _mm512_castps512_ps256(lo[0]);
-  for (int64_t v = rows * kIlp; v < count; ++v) acc = _mm256_add_ps(acc, _mm512_castps512_ps256(squares(v, 8)));
-  acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(lo[0], 1));
-  acc = _mm256_add_ps(acc, _mm512_castps512_ps256(hi[0]));
-  acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(hi[0], 1));
-  std::array<float, 8> lanes;
-  _mm256_storeu_ps(lanes.data(), acc);
-  return lanes;
-}
-#endif
-
 template <typename T>
 float sum_of_squares(const T* x, int64_t n) {
   constexpr int kLanes = 8;
