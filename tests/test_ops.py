@@ -142,7 +142,7 @@ def check_prefill(device, dtype, block_size, head_size, gqa, spans, num_kv_heads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("head_size", [64, 80, 128])
-@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8, 20])  # 20: more query heads than an AMX tile's 16
 def test_paged_attention(device, dtype, block_size, head_size, gqa):
     # Lengths that end just before, on and after block and 512-token partition boundaries.
     seq_lens = [1, block_size - 1, block_size, block_size + 1, 511, 512, 513, 1100]
