@@ -97,10 +97,12 @@ struct PendingBlock {
 // cache misses held the fill buffers that the tile loads need, and a 2,048-row linear ran ~15%
 // slower (benchmarks/linear_bench.py).
 //
-// Once a pass has brought the weights into L2 (b_in_l2: every row tile after the first), B tiles are
-// loaded with tileloaddt1, which does not keep them in L1: the row tiles' inputs (36 KiB at K = 576)
-// then stay in L1 across the column blocks, and only B comes from L2. A 2,048-row [3072, 576] linear
-// ran 12-15% faster. The first pass loads B as usual: from memory, the hint cost 5-15% at 64-128 rows.
+// Where the weights are in L2 (b_in_l2: every pass after a panel's first, and the first pass of a panel
+// that the panel before asked into L2), B tiles are loaded with tileloaddt1, which does not keep them
+// in L1: the row tiles' inputs (36 KiB at K = 576) then stay in L1 across the column blocks, and only B
+// comes from L2. A 2,048-row [3072, 576] linear ran 12-15% faster; SmolLM2's 120 layer linears 1-4%
+// faster at 64-200 rows with the prefetched first passes included. A first pass from memory loads B as
+// usual: there the hint cost 5-15% at 64-128 rows.
 template <bool TWO_M, bool TWO_N>
 void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int64_t full_blocks,
                int64_t blocks, const at::BFloat16* b0, const at::BFloat16* b1, bool b_in_l2, float* c,
@@ -180,6 +182,7 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
           configured = mr;
         }
         const at::BFloat16* a = x + m * lda;
+        const bool b_in_l2 = m > 0 || (prefetches_panels(M) && p0 > begin);
         if (tail_k > 0) {  // the last, partial block of K, zero-padded: tile rows read 64 bytes
           std::memset(tail, 0, sizeof(tail));
           for (int r = 0; r < mr; ++r) std::memcpy(tail + r * kTileK, a + r * lda + full_blocks * kTileK, tail_k * 2);
@@ -190,11 +193,11 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
           const at::BFloat16* b0 = w + nb * k_pad * kTileN;
           float* sums = c[pending.sums == c[0] ? 1 : 0];
           if (mr > kTileM) {
-            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, m > 0, sums, pending, prefetch);
-            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, m > 0, sums, pending, prefetch);
+            if (two_n) tile_sums<true, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, b_in_l2, sums, pending, prefetch);
+            else tile_sums<true, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, b_in_l2, sums, pending, prefetch);
           } else {
-            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, m > 0, sums, pending, prefetch);
-            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, m > 0, sums, pending, prefetch);
+            if (two_n) tile_sums<false, true>(a, lda, tail, full_blocks, blocks, b0, b0 + k_pad * kTileN, b_in_l2, sums, pending, prefetch);
+            else tile_sums<false, false>(a, lda, tail, full_blocks, blocks, b0, nullptr, b_in_l2, sums, pending, prefetch);
           }
           if (argmax) {
             const int64_t n0 = nb * kTileN;
