@@ -95,12 +95,11 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
 #else
       constexpr bool amx = false;
 #endif
-      const bool packs_values = amx;
       // Query heads in blocks of 16 on AMX (Q·K's logits come out keys x 16 heads), else as they are.
       const int head_blocks = (group + kLanes - 1) / kLanes, padded_group = amx ? head_blocks * kLanes : group;
-      // Per KV head of the item: K transposed [2][D / 2, 16] (the vector Q·K only), then V as pairs
-      // [16, D] (AMX's P·V only).
-      const int64_t head_pairs = kChunk * D / 2 + kChunkPairs * D;
+      // Per KV head of the item: V as pairs [16, D] for AMX's P·V, else K transposed [2][D / 2, 16] for
+      // the vector Q·K.
+      const int64_t head_pairs = amx ? kChunkPairs * D : kChunk * D / 2;
       thread_local AlignedVector<uint32_t> pairs;
       pairs.resize(kv_heads * head_pairs);
       // AMX: the query heads' pairs, [kv_heads][head_blocks][D / 2, 16].
@@ -125,7 +124,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
       }
       // Where the vector P·V takes V's pairs from its rows, the pack stage's share of the next
       // chunk's prefetches goes to the P·V stage.
-      const int pv_lines = packs_values ? 1 : 1 + kChunk / bs;
+      const int pv_lines = amx ? 1 : 1 + kChunk / bs;
       // Chunk by chunk, all of the item's KV heads of a chunk's blocks together (see kv_heads_per_item),
       // in stages over those heads: K (AMX: Q·K on the rows as the cache holds them, 3% faster than on K
       // transposed first; else K transposed), V (converted from fp8, and packed in pairs for AMX's P·V;
@@ -195,16 +194,16 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
             return kv.value + block_row(c0 + r, h) + (c0 + r) % bs * D;
           }
         };
-        if (is_fp8<C> || packs_values) {
+        if (is_fp8<C> || amx) {
           for (int kb = c0; kb < c0 + kChunk; kb += bs) {
             const int first = std::clamp(begin - kb, 0, bs), last = std::clamp(end - kb, 0, bs);
             for (int h = kv_begin; h < kv_end; ++h) {
               if constexpr (is_fp8<C>) {
                 if (first < last) bf16_rows(kv.value + block_row(kb, h), bs * D, values + ((h - kv_begin) * kChunk + kb - c0) * D);
               }
-              if (packs_values) {
+              if (amx) {
                 pack_values(first < last ? value_rows(h, kb - c0) : nullptr, bs, D, first, last,
-                            head_pairs_of(h) + kChunk * D / 2 + (kb - c0) / 2 * D);
+                            head_pairs_of(h) + (kb - c0) / 2 * D);
                 next_chunk.issue(lines_per_step);
               }
             }
@@ -240,7 +239,7 @@ void attend_partition(const PagedKV<C>& kv, const int32_t* table, int kv_begin, 
           const int i0 = (h - kv_begin) * group;
 #ifdef PAGEDLM_AMX_ATTENTION
           if (tiles) {
-            const uint32_t* vp = head_pairs_of(h) + kChunk * D / 2;
+            const uint32_t* vp = head_pairs_of(h);
             for (int g0 = 0; g0 < group; g0 += kLanes) {
               tiles->use(std::min(kLanes, group - g0));
               amx_attention::values(p_buffer.data() + (i0 + g0) * kChunk, std::min(kLanes, group - g0), corr + i0 + g0,
