@@ -66,11 +66,17 @@ struct PendingBlock {
   const float* up_bias = nullptr;  // gated: the up column's, or null
   int64_t ldy = 0, cols = 0;
   int rows = 0, done = 0;
-  std::optional<Activation> act;
+  const uint16_t* table = nullptr;  // gated: the activation's table (bf16_activation_table)
   RowArgmax* argmax = nullptr;
   int64_t row0 = 0, col0 = 0;  // argmax: the block's first row and column
 
-  void finish_rows(int end) {
+  // Inlined into tile_sums' loop, which calls it every step of K: as a call, the loop kept its own
+  // state on the stack around it.
+  PAGEDLM_ALWAYS_INLINE void finish_rows(int end) {
+    if (!argmax && !table && cols == 32) {
+      for (; done < end; ++done) store_sums_bf16_32(out + done * ldy, sums + done * 32, bias);
+      return;
+    }
     for (; done < end; ++done) {
       const float* row_sums = sums + done * 32;
       if (argmax) {
@@ -84,8 +90,8 @@ struct PendingBlock {
         continue;
       }
       at::BFloat16* row = out + done * ldy;
-      if (!act) store_sums_bf16(row, row_sums, bias, cols);
-      else store_act_and_mul(*act, row, row_sums, row_sums + kTileN, bias, up_bias);
+      if (!table) store_sums_bf16(row, row_sums, bias, cols);
+      else store_act_and_mul_bf16(row, row_sums, row_sums + kTileN, bias, up_bias, table, kTileN);
     }
   }
 };
@@ -148,6 +154,7 @@ void tile_sums(const at::BFloat16* a, int64_t lda, const at::BFloat16* tail, int
 // greedy token over input @ W.T + bias (rounded to bf16) merged into *argmax.
 void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor& input, const at::Tensor& weight,
                        const float* bias, std::optional<Activation> act, RowArgmax* argmax) {
+  const uint16_t* table = act ? bf16_activation_table(*act) : nullptr;
   const int64_t M = input.size(0), K = input.size(1);
   const int64_t k_pad = weight.size(1) * 2, n_blocks = weight.size(0);
   const int64_t full_blocks = K / kTileK, blocks = k_pad / kTileK, tail_k = K - full_blocks * kTileK;
@@ -202,15 +209,15 @@ void amx_linear_kernel(at::BFloat16* y, int64_t ldy, int64_t N, const at::Tensor
           if (argmax) {
             const int64_t n0 = nb * kTileN;
             pending = {sums, nullptr, bias ? bias + n0 : nullptr, nullptr, 0,
-                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, std::nullopt, seen.get(), m, n0};
-          } else if (act) {
+                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, nullptr, seen.get(), m, n0};
+          } else if (table) {
             const int64_t n0 = u * kTileN;
             pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, bias ? bias + N + n0 : nullptr,
-                       ldy, kTileN, mr, 0, act};
+                       ldy, kTileN, mr, 0, table};
           } else {
             const int64_t n0 = nb * kTileN;
             pending = {sums, y + m * ldy + n0, bias ? bias + n0 : nullptr, nullptr, ldy,
-                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, act};
+                       std::min<int64_t>(two_n ? 32 : 16, N - n0), mr, 0, nullptr};
           }
         }
       }

@@ -217,18 +217,6 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   });
 }
 
-// act(gate) * up for one row of a gate block's and its up block's sums, each rounded to bf16 as the
-// linear stores it (round_sums_bf16), then joined by `table` (bf16_activation_table) as act_and_mul
-// joins them: the bits of bf16_blocked_linear followed by silu_and_mul / gelu_tanh_and_mul.
-void store_act_and_mul_bf16(at::BFloat16* out, const float* gate_sums, const float* up_sums, const float* gate_bias,
-                            const float* up_bias, const uint16_t* table) {
-  for (int64_t j = 0; j < kBlockN; j += 16) {
-    const __m512i gate = _mm512_cvtepu16_epi32(round_sums_bf16(gate_sums + j, gate_bias ? gate_bias + j : nullptr));
-    const __m512i up = _mm512_cvtepu16_epi32(round_sums_bf16(up_sums + j, up_bias ? up_bias + j : nullptr));
-    store_fp32(out + j, table_act_and_mul(table, gate, up));
-  }
-}
-
 #endif
 
 // Checks the arguments of the two ops (with parts = 2 the gated one, whose out has d = out_features / 2
@@ -279,9 +267,7 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
   auto* y = out.data_ptr<at::BFloat16>();
   const int64_t y_stride = out.stride(0), out_cols = N / parts;
   const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  const uint16_t* table = !act                        ? nullptr
-                          : *act == Activation::kSilu ? bf16_activation_table<Activation::kSilu>()
-                                                      : bf16_activation_table<Activation::kGeluTanh>();
+  const uint16_t* table = act ? bf16_activation_table(*act) : nullptr;
   const void* data = mkldnn_data(weight);
   if (input.size(0) <= kTwoEndedRows)
     read_next_weights_while_idle(weight, data, blocked_weight_bytes(N, input.size(1)), parts);
@@ -293,7 +279,7 @@ void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tens
                             at::BFloat16* row = y + r * y_stride + n0;
                             if (table)
                               store_act_and_mul_bf16(row, row_sums, row_sums + part_stride, b ? b + n0 : nullptr,
-                                                     b ? b + out_cols + n0 : nullptr, table);
+                                                     b ? b + out_cols + n0 : nullptr, table, kBlockN);
                             else
                               store_sums_bf16(row, row_sums, b ? b + n0 : nullptr, std::min(kBlockN, N - n0));
                           }

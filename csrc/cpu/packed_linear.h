@@ -1,6 +1,7 @@
 #pragma once
 // What the linears over a weight packed once at load share (amx_linear.cpp on AMX tiles, fma_linear.cpp
-// on AVX2 FMA): their ops' checks and how a gated block of sums is stored.
+// on AVX2 FMA): their ops' checks, and how the FMA linear stores a gated block of sums (the bf16 AMX
+// linear stores it as the blocked one does, activation.h's store_act_and_mul_bf16).
 //
 // Weight layouts (pagedlm/ops/reference.py): bf16, amx_pack_weight's [N_pad / 16][K_pad / 2][16][2],
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'

@@ -139,6 +139,12 @@ inline __m256i round_sums_bf16(const float* sums, const float* bias, __mmask16 m
   return (__m256i)_mm512_cvtneps_pbh(v);
 }
 
+// store_sums_bf16 of 32 columns in one 64-byte store (the same bits).
+inline void store_sums_bf16_32(at::BFloat16* out, const float* sums, const float* bias) {
+  const __m256i lo = round_sums_bf16(sums, bias), hi = round_sums_bf16(sums + 16, bias ? bias + 16 : nullptr);
+  _mm512_storeu_si512(out, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
 // out[0, cols) = round_sums_bf16(sums + bias): how the bf16 linear kernels store their fp32 sums.
 // sums is read in whole vectors up to cols rounded up to 16.
 inline void store_sums_bf16(at::BFloat16* out, const float* sums, const float* bias, int64_t cols) {
