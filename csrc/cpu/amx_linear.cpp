@@ -70,8 +70,8 @@ struct PendingBlock {
   RowArgmax* argmax = nullptr;
   int64_t row0 = 0, col0 = 0;  // argmax: the block's first row and column
 
-  // Inlined into tile_sums' loop, which calls it every step of K: as a call, the loop kept its own
-  // state on the stack around it.
+  // Inlined into tile_sums' loop, which calls it every step of K: as a call (12.5% of the kernel's
+  // samples) a [1024, 224 x 576] linear ran 5% slower.
   PAGEDLM_ALWAYS_INLINE void finish_rows(int end) {
     if (!argmax && !table && cols == 32) {
       for (; done < end; ++done) store_sums_bf16_32(out + done * ldy, sums + done * 32, bias);
