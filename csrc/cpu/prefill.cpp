@@ -305,8 +305,8 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
 #ifdef PAGEDLM_AMX_ATTENTION
       if (amx) {
         // Two lane groups at a time, their query pairs in tiles: Q·K for both from each key tile where
-        // D <= 64, else one group after the other; a chunk's Q·K runs before the softmax of the one
-        // before, whose logits are then in memory; then P·V for both from each value tile. The keys
+        // D <= 64, else one group after the other (then a chunk's Q·K runs before the softmax of the
+        // one before, whose logits are then in memory); then P·V for both from each value tile. The keys
         // are not prefetched: they are in L2 (make_tiles' order), and prefetches into L1 held the fill
         // buffers that the tile loads wait for (8-10% slower with heads of 128).
         const int64_t item0 = packed->item(tile.seq, tile.kv_head, c_begin);
@@ -358,10 +358,20 @@ void prefill_tiles(const AttentionParams<c10::BFloat16, C>& p, const int32_t* st
             } else if (D <= 128) {
               amx_attention::load_queries(qp, lanes, v, D);
             }
+            // Both groups' Q·K in one pass (D <= 64): each chunk's softmax before the next chunk's
+            // Q·K measured 2-3% faster; one group's: the next chunk's Q·K first, 3% faster.
             qk(0);
-            for (int i = 0; i < pair_chunks; ++i) {
-              if (i + 1 < pair_chunks) qk(i + 1);
-              for (int u = v; u < v + step; ++u) softmax(u, i);
+            if (step == 2) {
+              for (int i = 0; i < pair_chunks; ++i) {
+                softmax(v, i);
+                softmax(v + 1, i);
+                if (i + 1 < pair_chunks) qk(i + 1);
+              }
+            } else {
+              for (int i = 0; i < pair_chunks; ++i) {
+                if (i + 1 < pair_chunks) qk(i + 1);
+                softmax(v, i);
+              }
             }
           }
           float* acc0 = part_acc + v0 * kLanes;
