@@ -99,8 +99,8 @@ AttentionParams<T, C> make_attention_params(at::Tensor& out, const at::Tensor& q
 // Blocks are scattered over the cache, which defeats the hardware prefetcher at every block
 // boundary; asking for the next block while computing on this one keeps memory busy (~25% faster
 // decode on the dev machine). Into L2 (locality 2) measured a few percent faster than into L1 there;
-// the AMX prefill kernel's tile loads want theirs in L1 (3); on the AMX machine decode's bf16 chunks
-// read 5-13% faster with locality 1 (prefetcht2), whose requests held the core's fill buffers less.
+// on the AMX machine decode's bf16 chunks read 5-13% faster with locality 1 (prefetcht2), whose
+// requests held the core's fill buffers less (the AMX prefill asks for none: its keys are in L2).
 template <int Locality = 2, typename T>
 inline void prefetch(const T* rows, int count, int head_size) {
   const char* p = reinterpret_cast<const char*>(rows);
