@@ -93,7 +93,8 @@ def test_plain_rows_good_and_bad(llama_dir, reference, tmp_path):
     messages = " | ".join(r["error"] for r in errors)
     for needle in ("line 3 is not valid JSON: Expecting property name enclosed in double quotes at character 2 of the line",
                    "exactly one of prompt, messages, prompt_token_ids",
-                   "id must be a string or an integer", "duplicate id 0", "temperature must be in [0, 2]",
+                   "id must be a string or an integer, got 1.5", "id must be a string or an integer, got null",
+                   "duplicate id 0", "temperature must be in [0, 2]",
                    "unknown field(s) tempreature", "sampling_params must be an object", "the prompt is empty",
                    "max_model_len", "outside the vocabulary", "'role' must be a str", "are the output's"):
         assert needle in messages, needle
@@ -169,8 +170,10 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         assert row["response"]["status_code"] == 400 and row["error"]["message"]
         assert row["response"]["body"]["error"]["type"] == "invalid_request_error"
         assert row["response"]["body"]["error"]["param"] == param, bad
-    # The job was started with --served-model-name: the error does not suggest it.
-    assert "['tiny']" in out["other-model"]["error"]["message"]
+    # The job was started with --served-model-name: the error does not suggest it. Row values are
+    # quoted as the row's JSON.
+    assert 'body.model "gpt-4o" is not the model this job serves; use one of "tiny"' in out["other-model"]["error"]["message"]
+    assert 'method must be "POST", got "GET"' in out["get"]["error"]["message"]
     assert "--served-model-name" not in out["other-model"]["error"]["message"]
 
     body = out["chat"]["response"]["body"]
@@ -1338,7 +1341,7 @@ def test_one_row_of_an_unexpected_shape_is_its_own_error(llama_dir, tmp_path):
     errors = {key: message for key, (_, message) in _errors(out).items()}
     assert "a" not in errors and stats.errors == 3
     assert "url must be" in errors["b"] and "chat_template_kwargs must be an object" in errors["c"]
-    assert "response_format of type 'json_object' takes no schema" in errors["d"]
+    assert 'response_format of type "json_object" takes no schema' in errors["d"]
     # And a parser that raises anything else still fails only its row.
     from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 

@@ -21,7 +21,8 @@ from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls, without_nulls,
+    JobRow, RowError, RowKey, chat_error, json_text, row_names, sampling_params_from, schema_without_nulls,
+    without_nulls,
 )
 from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
@@ -113,12 +114,14 @@ class OpenAIBatchFormat:
         if unknown:
             raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
         if not key:
-            raise RowError(f"custom_id must be a non-empty string, got {row.get('custom_id')!r}", "custom_id")
+            raise RowError(f"custom_id must be a non-empty string, got {json_text(row.get('custom_id'), 40)}",
+                           "custom_id")
         if row.get("method") != "POST":
-            raise RowError(f"method must be 'POST', got {row.get('method')!r}", "method")
+            raise RowError(f'method must be "POST", got {json_text(row.get("method"), 40)}', "method")
         url, body = row.get("url"), row.get("body")
         if not isinstance(url, str) or url not in BODY_FIELDS:
-            raise RowError(f"url must be {CHAT_URL!r} or {COMPLETIONS_URL!r}, got {url!r}", "url")
+            raise RowError(f"url must be {json_text(CHAT_URL)} or {json_text(COMPLETIONS_URL)}, "
+                           f"got {json_text(url, 60)}", "url")
         if not isinstance(body, dict):
             raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
         # Null fields are unset, as OpenAI reads them (SDK dumps and Parquet structs write every key).
@@ -130,13 +133,13 @@ class OpenAIBatchFormat:
         model = body.get("model", self.served_model_names[0])
         if model not in self.served_model_names:
             hint = "" if self.names_given else " (or start the job with --served-model-name)"
-            raise RowError(f"body.model {model!r} is not the model this job serves; use one of "
-                           f"{self.served_model_names}{hint}", "model")
+            raise RowError(f"body.model {json_text(model, 60)} is not the model this job serves; use one of "
+                           f"{', '.join(map(json_text, self.served_model_names))}{hint}", "model")
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
         for name, (kind, words) in _TYPES[url].items():
             if name in body and not isinstance(body[name], kind):
-                raise RowError(f"body.{name} must be {words}, got {body[name]!r:.40}", name)
+                raise RowError(f"body.{name} must be {words}, got {json_text(body[name], 40)}", name)
         if body.get("echo"):  # vLLM's: the prompt (chat: the last message) before the output
             raise RowError("body.echo: true is not supported (false is)", "echo")
         _check_limits(body)
@@ -261,8 +264,8 @@ def _completion_prompt(prompt: Any) -> dict[str, Any]:
         return {"prompt": prompt}
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return {"prompt_token_ids": prompt}
-    raise RowError(f"body.prompt must be a string or a non-empty list of token ids, got {prompt!r:.60} (one prompt "
-                   "per row: give each of several prompts its own row)", "prompt")
+    raise RowError(f"body.prompt must be a string or a non-empty list of token ids, got {json_text(prompt, 60)} "
+                   "(one prompt per row: give each of several prompts its own row)", "prompt")
 
 
 def _check_limits(body: dict) -> None:
@@ -287,14 +290,16 @@ def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
     """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
     if not isinstance(response_format, dict):
         raise RowError(f"response_format must be an object such as {{\"type\": \"json_object\"}}, got "
-                       f"{response_format!r:.60}", "response_format")
+                       f"{json_text(response_format, 60)}", "response_format")
     kind = response_format.get("type")
     if kind not in _RESPONSE_FORMAT_KEYS:
-        raise RowError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+        raise RowError(f'response_format.type must be "text", "json_object" or "json_schema", '
+                       f"got {json_text(kind, 40)}",
                        "response_format")
     extra = sorted(k for k, v in response_format.items() if v is not None and k not in _RESPONSE_FORMAT_KEYS[kind])
     if extra:
-        raise RowError(f"response_format of type {kind!r} takes no {', '.join(extra)} (it would be ignored)",
+        raise RowError(f"response_format of type {json_text(kind, 40)} takes no {', '.join(extra)} "
+                       "(it would be ignored)",
                        "response_format")
     if kind == "text":
         return None

@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, row_names, sampling_params_from, schema_without_nulls,
-    without_nulls,
+    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, json_text, row_names, sampling_params_from,
+    schema_without_nulls, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.utils import FieldError
@@ -52,7 +52,7 @@ class PlainFormat:
         if not isinstance(row, dict):
             raise RowError(f"a row must be an object with an id and a prompt, got {type(row).__name__}")
         if key is None:
-            raise RowError(f"id must be a string or an integer, got {row.get('id')!r}", "id")
+            raise RowError(f"id must be a string or an integer, got {json_text(row.get('id'), 40)}", "id")
         reserved = [c for c in RESULT_COLUMNS if c in row]
         if reserved:
             raise RowError(f"column(s) {', '.join(reserved)} are the output's; rename them in the input", reserved[0])

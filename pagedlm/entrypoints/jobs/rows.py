@@ -1,6 +1,7 @@
 """What the job formats share: a parsed row, a row's error, and JSON fields to ``SamplingParams``."""
 
 import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ _ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "ski
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
+
+
+def json_text(value: Any, width: int = 60) -> str:
+    """A row's value as JSON text (the row's own words: ``null``, ``true``, ``{"a": 1}``), cut to
+    ``width`` characters; for a row's error messages."""
+    return json.dumps(value, ensure_ascii=False, default=repr)[:width]
 
 
 class RowError(ValueError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedlm.engine.structured_outputs import schema_problem, unenforceable
-from pagedlm.entrypoints.jobs.rows import RowError, schema_without_nulls
+from pagedlm.entrypoints.jobs.rows import RowError, json_text, schema_without_nulls
 
 _TOOL_KEYS = {"type", "function"}
 _FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
@@ -82,7 +82,7 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
     choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
-        raise RowError(f"body.parallel_tool_calls must be true or false, got {_json(parallel, 40)}", "parallel_tool_calls")
+        raise RowError(f"body.parallel_tool_calls must be true or false, got {json_text(parallel, 40)}", "parallel_tool_calls")
     if tools is None:
         if choice in (None, "none"):
             return None
@@ -105,40 +105,35 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
     return ToolChoice(tools, name, functions[name])
 
 
-def _json(value: Any, width: int) -> str:
-    """A row's value as JSON text (the row's own words), cut to ``width`` characters."""
-    return json.dumps(value, ensure_ascii=False, default=repr)[:width]
-
-
 def _functions(tools: Any) -> dict[str, dict[str, Any]]:
     """Each function's parameters schema by its name (an empty object where it has none)."""
     if not isinstance(tools, list) or not tools:
-        raise RowError(f"body.tools must be a non-empty list of tool definitions, got {_json(tools, 60)}", "tools")
+        raise RowError(f"body.tools must be a non-empty list of tool definitions, got {json_text(tools, 60)}", "tools")
     functions = {}
     for i, tool in enumerate(tools):
         where = f"body.tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) - _TOOL_KEYS:
             raise RowError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}} (the only tool type "
-                           f"of chat completions), got {_json(tool, 60)}", "tools")
+                           f"of chat completions), got {json_text(tool, 60)}", "tools")
         function = tool.get("function")
         if not isinstance(function, dict) or set(function) - _FUNCTION_KEYS:
             raise RowError(f"{where}.function must be an object with {', '.join(sorted(_FUNCTION_KEYS))}, got "
-                           f"{_json(function, 60)}", "tools")
+                           f"{json_text(function, 60)}", "tools")
         name, parameters = function.get("name"), function.get("parameters")
         if not isinstance(name, str) or not name:
-            raise RowError(f"{where}.function.name must be a non-empty string, got {_json(name, 40)}", "tools")
+            raise RowError(f"{where}.function.name must be a non-empty string, got {json_text(name, 40)}", "tools")
         if name in functions:
             raise RowError(f"body.tools defines function {name!r} twice", "tools")
         if function.get("description") is not None and not isinstance(function["description"], str):
-            raise RowError(f"{where}.function.description must be a string, got {_json(function['description'], 40)}",
+            raise RowError(f"{where}.function.description must be a string, got {json_text(function['description'], 40)}",
                            "tools")
         if parameters is not None and not isinstance(parameters, dict):
-            raise RowError(f"{where}.function.parameters must be a JSON schema object, got {_json(parameters, 40)}", "tools")
+            raise RowError(f"{where}.function.parameters must be a JSON schema object, got {json_text(parameters, 40)}", "tools")
         problem = unenforceable(parameters) if parameters else None
         if problem:  # here, to name the function (the engine would name the schema of the calls)
             raise RowError(f"{where}.function.parameters ({name!r}): {problem}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
-            raise RowError(f"{where}.function.strict must be true or false, got {_json(function['strict'], 40)}", "tools")
+            raise RowError(f"{where}.function.strict must be true or false, got {json_text(function['strict'], 40)}", "tools")
         functions[name] = parameters or dict(_NO_PARAMETERS)
     return functions
 
@@ -156,12 +151,12 @@ def _check_compiles(functions: dict[str, dict[str, Any]], names: Iterable[str]) 
 def _named(choice: Any) -> str:
     if not isinstance(choice, dict):
         raise RowError(f"body.tool_choice must be one of {', '.join(map(repr, _CHOICES))} or {{\"type\": \"function\", "
-                       f"\"function\": {{\"name\": ...}}}}, got {_json(choice, 60)}", "tool_choice")
+                       f"\"function\": {{\"name\": ...}}}}, got {json_text(choice, 60)}", "tool_choice")
     function = choice.get("function")
     if choice.get("type") != "function" or set(choice) != {"type", "function"} or not isinstance(function, dict) \
             or set(function) != {"name"} or not isinstance(function["name"], str):
         raise RowError(f"body.tool_choice must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} to name a "
-                       f"function, got {_json(choice, 80)}", "tool_choice")
+                       f"function, got {json_text(choice, 80)}", "tool_choice")
     return function["name"]
 
 
