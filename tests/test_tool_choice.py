@@ -110,15 +110,15 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"tools": [UNIT]}, "tool_choice", "'auto' \\(the default beside tools\\) needs a parser"),
+    ({"tools": [UNIT]}, "tool_choice", '"auto" \\(the default beside tools\\) needs a parser'),
     ({"tools": [UNIT], "tool_choice": "auto"}, "tool_choice", "needs a parser"),
     ({"tool_choice": "required"}, "tool_choice", "needs body.tools"),
     ({"tools": [], "tool_choice": "required"}, "tools", "non-empty list"),
-    ({"tools": [UNIT], "tool_choice": "any"}, "tool_choice", "must be one of 'none', 'auto', 'required'"),
+    ({"tools": [UNIT], "tool_choice": "any"}, "tool_choice", 'must be one of "none", "auto", "required"'),
     ({"tools": [UNIT], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
-     "'nope', which is not in body.tools"),
+     '"nope", which is not in body.tools'),
     ({"tools": [UNIT], "tool_choice": {"type": "function", "name": "set_unit"}}, "tool_choice", "to name a function"),
-    ({"tools": [UNIT, UNIT], "tool_choice": "required"}, "tools", "'set_unit' twice"),
+    ({"tools": [UNIT, UNIT], "tool_choice": "required"}, "tools", '"set_unit" twice'),
     ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools", "the only tool type"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}], "tool_choice": "required"},
      "tools", "parameters must be a JSON schema object"),
@@ -128,22 +128,22 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
      "tools", "description must be a string"),
     ({"tools": [UNIT, {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
         "n": {"type": "integer", "multipleOf": 3}}}}}], "tool_choice": "required"}, "tools",
-     r"tools\[1\]\.function\.parameters \('g'\): keyword multipleOf: cannot be enforced"),
+     r'tools\[1\]\.function\.parameters \("g"\): keyword multipleOf: cannot be enforced'),
     # Found by session 43: xgrammar's own refusal reached the row as "tools.json does not compile".
     ({"tools": [UNIT, UNREADABLE], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools",
-     r"^body\.tools\[1\]\.function\.parameters \('g'\): properties must be an object$"),
+     r'^body\.tools\[1\]\.function\.parameters \("g"\): properties must be an object$'),
     # ... and a function of an empty anyOf was written as '"parameters":' with no value
     ({"tools": [{"type": "function", "function": {"name": "g", "parameters": {"anyOf": []}}}],
-      "tool_choice": "required"}, "tools", r"tools\[0\]\.function\.parameters \('g'\): anyOf \[\] \(no value"),
+      "tool_choice": "required"}, "tools", r'tools\[0\]\.function\.parameters \("g"\): anyOf \[\] \(no value'),
     ({"tools": [UNIT], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": [UNIT], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "give one"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/properties/b"}, "b": {"type": "integer"}}}}}],
-      "tool_choice": "required"}, "tools", "not '#/properties/b'"),
+      "tool_choice": "required"}, "tools", 'not "#/properties/b"'),
     ({"tools": [MODE, {"type": "function", "function": {"name": "g", "parameters": {
         "type": "object", "$defs": {"Mode": {"enum": ["x"]}}}}}], "tool_choice": "required"}, "tools",
-     "\\$defs 'Mode' twice"),
+     '\\$defs "Mode" twice'),
 ])
 def test_bad_tools_are_the_rows_error_naming_the_field(llama_dir, tmp_path, body, param, message):
     fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})

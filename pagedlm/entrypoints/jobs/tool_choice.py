@@ -89,9 +89,9 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
         raise RowError("body.tool_choice needs body.tools", "tool_choice")
     functions = _functions(tools)
     if choice is None or choice == "auto":
-        raise RowError("body.tool_choice 'auto' (the default beside tools) needs a parser of the model's tool-call "
-                       "syntax, which pagedlm does not have: give tool_choice 'required', "
-                       "{\"type\": \"function\", \"function\": {\"name\": ...}} or 'none'", "tool_choice")
+        raise RowError('body.tool_choice "auto" (the default beside tools) needs a parser of the model\'s tool-call '
+                       'syntax, which pagedlm does not have: give tool_choice "required", '
+                       '{"type": "function", "function": {"name": ...}} or "none"', "tool_choice")
     if choice == "none":
         return ToolChoice(tools, "none", None)
     if choice == "required":
@@ -99,8 +99,8 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
         return ToolChoice(tools, "required", _calls_schema(functions, parallel is not False))
     name = _named(choice)
     if name not in functions:
-        raise RowError(f"body.tool_choice names function {name!r}, which is not in body.tools (they define "
-                       f"{', '.join(map(repr, functions))})", "tool_choice")
+        raise RowError(f"body.tool_choice names function {json_text(name)}, which is not in body.tools (they define "
+                       f"{', '.join(map(json_text, functions))})", "tool_choice")
     _check_compiles(functions, [name])
     return ToolChoice(tools, name, functions[name])
 
@@ -123,7 +123,7 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(name, str) or not name:
             raise RowError(f"{where}.function.name must be a non-empty string, got {json_text(name, 40)}", "tools")
         if name in functions:
-            raise RowError(f"body.tools defines function {name!r} twice", "tools")
+            raise RowError(f"body.tools defines function {json_text(name)} twice", "tools")
         if function.get("description") is not None and not isinstance(function["description"], str):
             raise RowError(f"{where}.function.description must be a string, got {json_text(function['description'], 40)}",
                            "tools")
@@ -131,7 +131,7 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
             raise RowError(f"{where}.function.parameters must be a JSON schema object, got {json_text(parameters, 40)}", "tools")
         problem = unenforceable(parameters) if parameters else None
         if problem:  # here, to name the function (the engine would name the schema of the calls)
-            raise RowError(f"{where}.function.parameters ({name!r}): {problem}", "tools")
+            raise RowError(f"{where}.function.parameters ({json_text(name)}): {problem}", "tools")
         if function.get("strict") is not None and not isinstance(function["strict"], bool):
             raise RowError(f"{where}.function.strict must be true or false, got {json_text(function['strict'], 40)}", "tools")
         functions[name] = parameters or dict(_NO_PARAMETERS)
@@ -145,12 +145,12 @@ def _check_compiles(functions: dict[str, dict[str, Any]], names: Iterable[str]) 
     for i, (name, parameters) in enumerate(functions.items()):
         problem = schema_problem(parameters) if name in names else None
         if problem:
-            raise RowError(f"body.tools[{i}].function.parameters ({name!r}): {problem}", "tools")
+            raise RowError(f"body.tools[{i}].function.parameters ({json_text(name)}): {problem}", "tools")
 
 
 def _named(choice: Any) -> str:
     if not isinstance(choice, dict):
-        raise RowError(f"body.tool_choice must be one of {', '.join(map(repr, _CHOICES))} or {{\"type\": \"function\", "
+        raise RowError(f"body.tool_choice must be one of {', '.join(map(json_text, _CHOICES))} or {{\"type\": \"function\", "
                        f"\"function\": {{\"name\": ...}}}}, got {json_text(choice, 60)}", "tool_choice")
     function = choice.get("function")
     if choice.get("type") != "function" or set(choice) != {"type", "function"} or not isinstance(function, dict) \
@@ -171,12 +171,12 @@ def _calls_schema(functions: dict[str, dict[str, Any]], parallel: bool) -> dict[
         own = parameters.pop("$defs", {})
         stray = next((ref for ref in _refs([parameters, own]) if not ref.startswith("#/$defs/")), None)
         if not isinstance(own, dict) or stray is not None:
-            raise RowError(f"function {name!r}: with tool_choice 'required' a function's parameters are one part of "
+            raise RowError(f'function {json_text(name)}: with tool_choice "required" a function\'s parameters are one part of '
                            "a schema of calls, where only references into its $defs (an object) still hold"
-                           + (f", not {stray!r}" if stray is not None else ""), "tools")
+                           + (f", not {json_text(stray)}" if stray is not None else ""), "tools")
         for def_name, schema in own.items():
             if defs.setdefault(def_name, schema) != schema:
-                raise RowError(f"body.tools define $defs {def_name!r} twice, differently (tool_choice 'required' "
+                raise RowError(f'body.tools define $defs {json_text(def_name)} twice, differently (tool_choice "required" '
                                "puts every function's $defs in one schema)", "tools")
         calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
                       "required": ["name", "parameters"], "additionalProperties": False})
