@@ -1336,12 +1336,14 @@ def test_one_row_of_an_unexpected_shape_is_its_own_error(llama_dir, tmp_path):
     batch = [_openai_row("a", "/v1/completions", {"prompt": "x", "max_tokens": 2}),
              _openai_row("b", ["/v1/completions"], {"prompt": "x"}),
              _chat_row("c", chat_template_kwargs=["x"]),
-             _chat_row("d", response_format={"type": "json_object", "schema": {"type": "object"}})]
+             _chat_row("d", response_format={"type": "json_object", "schema": {"type": "object"}}),
+             _chat_row("e", response_format={"type": "xml"})]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "batch.jsonl", batch), tmp_path / "batch.out.jsonl")
     errors = {key: message for key, (_, message) in _errors(out).items()}
-    assert "a" not in errors and stats.errors == 3
+    assert "a" not in errors and stats.errors == 4
     assert "url must be" in errors["b"] and "chat_template_kwargs must be an object" in errors["c"]
     assert 'response_format of type "json_object" takes no schema' in errors["d"]
+    assert 'response_format.type must be one of "text", "json_object", "json_schema", got "xml"' in errors["e"]
     # And a parser that raises anything else still fails only its row.
     from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 

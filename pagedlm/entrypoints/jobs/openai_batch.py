@@ -293,14 +293,12 @@ def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
                        f"{json_text(response_format, 60)}", "response_format")
     kind = response_format.get("type")
     if kind not in _RESPONSE_FORMAT_KEYS:
-        raise RowError(f'response_format.type must be "text", "json_object" or "json_schema", '
-                       f"got {json_text(kind, 40)}",
-                       "response_format")
+        raise RowError(f"response_format.type must be one of {', '.join(map(json_text, _RESPONSE_FORMAT_KEYS))}, "
+                       f"got {json_text(kind, 40)}", "response_format")
     extra = sorted(k for k, v in response_format.items() if v is not None and k not in _RESPONSE_FORMAT_KEYS[kind])
     if extra:
         raise RowError(f"response_format of type {json_text(kind, 40)} takes no {', '.join(extra)} "
-                       "(it would be ignored)",
-                       "response_format")
+                       "(it would be ignored)", "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
