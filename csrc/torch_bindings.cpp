@@ -43,6 +43,7 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def(
       "bf16_blocked_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends, "
       "str activation) -> ()");
+  m.def("bf16_blocked_linear_argmax(Tensor(a!) token_ids, Tensor input, Tensor weight, Tensor? bias, int[] k_chunk_ends) -> ()");
   m.def("bf16_amx_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   m.def("bf16_amx_linear_act_and_mul(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, str activation) -> ()");
   m.def("bf16_amx_linear_argmax(Tensor(a!) token_ids, Tensor input, Tensor weight, Tensor? bias, int out_features) -> ()");
@@ -86,6 +87,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
                                    const std::optional<at::Tensor>&, at::IntArrayRef) {});
   m.impl("bf16_blocked_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                const std::optional<at::Tensor>&, at::IntArrayRef, c10::string_view) {});
+  m.impl("bf16_blocked_linear_argmax", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, at::IntArrayRef) {});
   m.impl("bf16_amx_linear",
          [](at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {});
   m.impl("bf16_amx_linear_act_and_mul", [](at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -122,7 +122,7 @@ def test_linear_rows_equal_at_every_row_count(dtype):
     layer = Linear(1536, 300, bias=True).to(dtype)
     layer.weight = torch.nn.Parameter(weight.to_dense().to(dtype), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None and layer.packed_linear is None:
+    if not layer.runs_own_kernel:
         pytest.skip("no kernel of Linear's own runs this dtype on this machine (oneDNN runs every row count)")
     with torch.inference_mode():
         full = layer(x)
@@ -213,7 +213,7 @@ def test_linear_rows_equal_with_a_one_feature_last_chunk(in_features):
     layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
     layer.bias = torch.nn.Parameter(torch.full((64,), 1.2e-38, dtype=torch.bfloat16), requires_grad=False)
     layer.process_weights_after_loading()
-    if layer.k_chunk_ends is None and layer.packed_linear is None:
+    if not layer.runs_own_kernel:
         pytest.skip("neither bf16 kernel of Linear runs on this machine (oneDNN runs every row count)")
     x = torch.zeros(300, in_features)
     x[:, 0], x[:, in_features - 1] = 1.0, -0.125
@@ -601,62 +601,80 @@ def test_packed_reference_refuses_the_other_kernels_layout():
         reference.bf16_fma_linear(torch.empty(4, 64, dtype=torch.bfloat16), x.bfloat16(), ops.fp32_pack_weight(weight), None)
 
 
-def argmax_ops_or_skip(kernel: str):
-    """The linear and argmax ops of a packed kernel, or a skip where it does not run here."""
+ARGMAX_KERNELS = [*PACKED_KERNELS, "bf16_blocked"]
+
+
+def argmax_ops_or_skip(kernel: str, weight: torch.Tensor):
+    """A kernel's linear, argmax op and that op's reference over ``weight`` (bf16 ``[out_features,
+    in_features]``, dense), each called as ``op(out or token_ids, x, bias)``; a skip where the kernel
+    does not run here. The blocked kernel sums in two chunks where in_features > 32 (split at 32)."""
+    out_features, in_features = weight.shape
+    if kernel == "bf16_blocked":
+        onednn_bf16_or_skip()
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        ends = [32, in_features] if in_features > 32 else [in_features]
+        kernel_or_skip(torch.empty(1, out_features, dtype=torch.bfloat16), torch.zeros(1, in_features,
+                       dtype=torch.bfloat16), blocked, None, ends)
+        return tuple(lambda dst, x, bias, op=op: op(dst, x, blocked, bias, ends) for op in (
+            ops.bf16_blocked_linear, ops.bf16_blocked_linear_argmax, reference.bf16_blocked_linear_argmax))
     packed_linear, _ = packed_ops_or_skip(kernel)
-    return packed_linear, getattr(ops, f"{kernel}_linear_argmax")
+    packed = pack(kernel, weight)
+    argmax, argmax_reference = (getattr(m, f"{kernel}_linear_argmax") for m in (ops, reference))
+    return (lambda out, x, bias: packed_linear(out, x, packed, bias),
+            *(lambda ids, x, bias, op=op: op(ids, x, packed, bias, out_features) for op in (argmax, argmax_reference)))
 
 
-def linear_then_argmax(packed_linear, x: torch.Tensor, packed: torch.Tensor, bias, out_features: int) -> torch.Tensor:
+def linear_then_argmax(linear_op, x: torch.Tensor, bias, out_features: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-    packed_linear(out, x, packed, bias)
+    linear_op(out, x, bias)
     return torch.argmax(out.float(), dim=-1)  # the first index of the maximum, or of the first NaN
 
 
 @pytest.mark.parametrize("out_features,in_features", [(49, 100), (100, 64), (16, 32), (1, 32), (4864, 96), (33, 576)])
-@pytest.mark.parametrize("num_rows", [1, 5, 17, 33, 130, 300])
+@pytest.mark.parametrize("num_rows", [1, 5, 7, 17, 33, 130, 300])  # up to 6 rows, the blocked kernel's two-ended units
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("kernel", PACKED_KERNELS)
-def test_packed_argmax_is_the_argmax_of_the_linears_outputs(kernel, out_features, in_features, num_rows, with_bias):
-    packed_linear, packed_argmax = argmax_ops_or_skip(kernel)
+@pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
+def test_argmax_op_is_the_argmax_of_the_linears_outputs(kernel, out_features, in_features, num_rows, with_bias):
     dtype = kernel_dtype(kernel)
     gen = torch.Generator().manual_seed(out_features * 1000 + num_rows)
     weight = (torch.randn(out_features, in_features, generator=gen) * 0.05).bfloat16()
     weight[out_features // 2 :] = weight[: out_features - out_features // 2].clone()  # equal outputs, columns apart
     x = torch.randn(num_rows, in_features + 3, generator=gen).to(dtype)[:, 1 : in_features + 1]  # strided rows
     bias = torch.randn(out_features, generator=gen) if with_bias else None
-    packed = pack(kernel, weight)
+    linear_op, argmax_op, _ = argmax_ops_or_skip(kernel, weight)
     token_ids = torch.full((num_rows,), -1, dtype=torch.int64)
-    packed_argmax(token_ids, x, packed, bias, out_features)
-    assert torch.equal(token_ids, linear_then_argmax(packed_linear, x, packed, bias, out_features))
+    argmax_op(token_ids, x, bias)
+    assert torch.equal(token_ids, linear_then_argmax(linear_op, x, bias, out_features))
     exact_x, exact_weight = exact_operands(num_rows, out_features, in_features, dtype)
+    _, argmax_op, argmax_reference = argmax_ops_or_skip(kernel, exact_weight)
     expected = torch.empty(num_rows, dtype=torch.int64)
-    getattr(reference, f"{kernel}_linear_argmax")(expected, exact_x, pack(kernel, exact_weight), bias, out_features)
-    packed_argmax(token_ids, exact_x, pack(kernel, exact_weight), bias, out_features)
+    argmax_reference(expected, exact_x, bias)
+    argmax_op(token_ids, exact_x, bias)
     assert torch.equal(token_ids, expected)
 
 
-@pytest.mark.parametrize("kernel", PACKED_KERNELS)
-def test_packed_argmax_takes_torch_argmaxs_token_at_ties_nans_and_infinities(kernel):
-    packed_linear, packed_argmax = argmax_ops_or_skip(kernel)
+@pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
+def test_argmax_op_takes_torch_argmaxs_token_at_ties_nans_and_infinities(kernel):
     vocab = 5000  # spread over both threads' columns
     x = torch.randn(3, 64).to(kernel_dtype(kernel))
     weight = (torch.randn(1, 64) * 0.05).bfloat16().expand(vocab, 64).contiguous()  # every logit equal
-    packed = pack(kernel, weight)
     cases = {
         "ties": None,
         "nan": torch.zeros(vocab).index_fill_(0, torch.tensor([4321, 37, 4000]), float("nan")),
         "all -inf": torch.full((vocab,), float("-inf")),
         "+inf twice": torch.zeros(vocab).index_fill_(0, torch.tensor([4990, 2600]), float("inf")),
         "nan in the last, partial block": torch.zeros(vocab).index_fill_(0, torch.tensor([4998]), float("nan")),
+        # The blocked kernel's caller takes column blocks from the back at few rows: it sees 4990 first.
+        "max twice in the last blocks": torch.zeros(vocab).index_fill_(0, torch.tensor([4990, 4900]), 100.0),
         "max in both halves": torch.zeros(vocab).index_fill_(0, torch.tensor([4999, 1]), 100.0),
     }
     for name, bias in cases.items():
-        n = vocab - 1 if "partial" in name else vocab  # 4,999: the last column block holds 7 columns
+        n = vocab - 1 if "partial" in name else vocab  # 4,999: the last column block holds 7 (blocked: 7 of 64)
         bias = None if bias is None else bias[:n]
+        linear_op, argmax_op, _ = argmax_ops_or_skip(kernel, weight[:n])
         token_ids = torch.empty(3, dtype=torch.int64)
-        packed_argmax(token_ids, x, packed, bias, n)
-        assert torch.equal(token_ids, linear_then_argmax(packed_linear, x, packed, bias, n)), name
+        argmax_op(token_ids, x, bias)
+        assert torch.equal(token_ids, linear_then_argmax(linear_op, x, bias, n)), name
     assert token_ids.tolist() == [1, 1, 1]
 
 
@@ -680,6 +698,24 @@ def test_packed_argmax_bad_arguments_are_named(kernel, change, message):
         getattr(torch.ops.pagedlm, f"{kernel}_linear_argmax")(**change(args))
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: {**a, "token_ids": torch.empty(4, dtype=torch.int32)}, r"token_ids must be a contiguous int64 CPU tensor \[4\]"),
+        (lambda a: {**a, "token_ids": torch.empty(8, dtype=torch.int64)[::2]}, "token_ids must be a contiguous int64"),
+        (lambda a: {**a, "k_chunk_ends": [32, 64]}, "k_chunk_ends must end at in_features = 96"),
+        (lambda a: {**a, "weight": torch.zeros(64, 96, dtype=torch.bfloat16)}, "weight must be a bfloat16 MKLDNN tensor"),
+        (lambda a: {**a, "bias": torch.zeros(65)}, r"bias must be a floating-point CPU tensor \[64\]"),
+    ],
+)
+def test_blocked_argmax_bad_arguments_are_named(change, message):
+    x, weight = operands(4, 64, 96)
+    args = {"token_ids": torch.empty(4, dtype=torch.int64), "input": x, "weight": weight, "bias": None,
+            "k_chunk_ends": [32, 96]}
+    with pytest.raises(RuntimeError, match="bf16_blocked_linear_argmax: " + message):
+        torch.ops.pagedlm.bf16_blocked_linear_argmax(**change(args))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_plain_greedy_step_takes_its_tokens_from_the_lm_head_without_the_logits(llama_dir, monkeypatch, dtype):
     from pagedlm import LLM, SamplingParams
@@ -689,10 +725,10 @@ def test_a_plain_greedy_step_takes_its_tokens_from_the_lm_head_without_the_logit
     prompts = ["a b c", "d e f g h", "i"] * 3
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     calls = []
-    fused = model.lm_head.packed_argmax
-    monkeypatch.setattr(model.lm_head, "packed_argmax", lambda *a: calls.append(1) or fused(*a))
+    fused = model.lm_head.argmax
+    monkeypatch.setattr(model.lm_head, "argmax", lambda x: (tokens := fused(x)) is not None and calls.append(1) or tokens)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    assert bool(calls) == (model.lm_head.packed_linear is not None)  # AMX, or the FMA kernel on AVX2
+    assert bool(calls) == model.lm_head.runs_own_kernel
     monkeypatch.setattr(model, "greedy_tokens", lambda hidden: None)  # the logits, then the sampler's argmax
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == got
 
@@ -703,7 +739,7 @@ def test_a_model_whose_logits_are_not_the_lm_heads_outputs_takes_no_greedy_short
 
     model = LLM(llama_dir, dtype="bfloat16").llm_engine.model_runner.model
     hidden = torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)
-    assert (model.greedy_tokens(hidden) is not None) == (model.lm_head.packed_linear is not None)
+    assert (model.greedy_tokens(hidden) is not None) == model.lm_head.runs_own_kernel
 
     class Capped(LlamaForCausalLM):  # a future model that changes its logits but says nothing of greedy_tokens
         def compute_logits(self, hidden_states):
@@ -725,7 +761,7 @@ def test_gemma_takes_the_greedy_shortcut_only_where_its_logits_are_the_lm_heads_
     model = LLM(make_checkpoint(str(tmp_path), "gemma3", tokenizer_dir), dtype="bfloat16").llm_engine.model_runner.model
     hidden = torch.zeros(2, model.lm_head.in_features, dtype=torch.bfloat16)
     assert type(model) is Gemma3ForCausalLM and not model.final_logit_softcapping
-    assert (model.greedy_tokens(hidden) is not None) == (model.lm_head.packed_linear is not None)
+    assert (model.greedy_tokens(hidden) is not None) == model.lm_head.runs_own_kernel
     model.final_logit_softcapping = 30.0
     assert model.greedy_tokens(hidden) is None
     model.final_logit_softcapping = None

@@ -114,7 +114,7 @@ def _linears_are_ours(dtype: torch.dtype) -> bool:
     OpenMP regions."""
     layer = Linear(64, 64, bias=False).to(dtype)
     layer.process_weights_after_loading()
-    return layer.packed_linear is not None or layer.k_chunk_ends is not None
+    return layer.runs_own_kernel
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

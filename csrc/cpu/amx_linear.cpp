@@ -86,13 +86,7 @@ struct PendingBlock {
     for (; done < end; ++done) {
       const float* row_sums = sums + done * 32;
       if (argmax) {
-        for (int64_t j = 0; j < cols; j += 16) {
-          const int n = static_cast<int>(std::min<int64_t>(16, cols - j));
-          const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-          const __m256i bits = round_sums_bf16(row_sums + j, bias ? bias + j : nullptr, valid);
-          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-          argmax->update(row0 + done, col0 + j, v, n);
-        }
+        argmax->update_bf16_sums(row0 + done, col0, row_sums, bias, cols);
         continue;
       }
       store_act_and_mul_bf16(out + done * ldy, row_sums, row_sums + kTileN, bias, up_bias, table, kTileN);

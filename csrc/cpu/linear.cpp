@@ -2,7 +2,9 @@
 // AB16b64a2b) and summed in oneDNN's own order, so that a row gets the bits oneDNN's matmul gives it
 // (batch invariance, and transformers' bits): at the weights' streaming rate for few rows, where
 // oneDNN's bf16 matmul reads them at about half the copy bandwidth, and without oneDNN's libgomp
-// region at every row count (docs/performance.md).
+// region at every row count (docs/performance.md). bf16_blocked_linear_argmax keeps each row's first
+// maximum among the outputs instead of storing them (an LM head's greedy token), as
+// bf16_amx_linear_argmax does.
 //
 // Layout: 64 output columns by 32 input features per block, blocks [n / 64][k / 32]; inside a block,
 // for each pair (2p, 2p + 1) of input features, the 64 columns' two weights. So each 64-column block
@@ -20,6 +22,7 @@
 #include "l2_prefetch.h"
 #include "mkldnn_tensor.h"
 #include "ops.h"
+#include "packed_linear.h"
 #include "parallel.h"
 #include "weight_read_ahead.h"
 
@@ -125,17 +128,18 @@ constexpr int64_t kTwoEndedRows = kMaxTileRows;
 // `groups` row groups a unit is a block's rows in one group.
 //
 // A unit's block b sums `parts` weight blocks: block b itself (parts = 1), or gate block b and its
-// up block b + num_blocks (parts = 2, a gated MLP's gate_up weight). store(b, m0, m1, sums, stride)
-// then writes rows [m0, m1) from sums[part * stride + (row - m0) * 64 + 0..64).
+// up block b + num_blocks (parts = 2, a gated MLP's gate_up weight). Each task calls make_store()
+// once, and the store it returns, store(b, m0, m1, sums, stride), takes rows [m0, m1) of each of the
+// task's units from sums[part * stride + (row - m0) * 64 + 0..64).
 //
 // Up to kTwoEndedRows rows (weight-bound) the units are taken one at a time, the caller from the
 // back and the workers from the front, whose first blocks the pool's workers have read into their
 // caches while idle (weight_read_ahead.h): the threads meet wherever those reads left them. Above,
 // each thread takes a contiguous range that covers whole blocks but for at most two, which it shares
 // with a neighbour.
-template <typename Store>
+template <typename MakeStore>
 void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, int64_t N, int parts,
-                           const std::vector<int64_t>& pair_ends, const Store& store) {
+                           const std::vector<int64_t>& pair_ends, const MakeStore& make_store) {
   const int64_t M = input.size(0), K = input.size(1);
   const int64_t num_blocks = round_up(N, kBlockN) / kBlockN / parts, block_pairs = round_up(K, kBlockK) / 2;
   const auto* x = input.data_ptr<at::BFloat16>();
@@ -152,7 +156,7 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   // One unit; its block comes from memory (from_memory: this thread did not just read it for another
   // row group), and next_block is the block this thread reads after it if that one comes from memory
   // too (-1 if not, or not known).
-  auto run_unit = [&](AlignedVector<float>& sum, int64_t unit, bool from_memory, int64_t next_block) {
+  auto run_unit = [&](AlignedVector<float>& sum, auto& store, int64_t unit, bool from_memory, int64_t next_block) {
     const int64_t b = unit / groups, m0 = unit % groups * rows_per_group, m1 = std::min(M, m0 + rows_per_group);
     const at::BFloat16* xg = x + m0 * x_stride;
     const int64_t tile_passes = (m1 - m0 + kMaxTileRows - 1) / kMaxTileRows;
@@ -195,12 +199,13 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
     run_in_parallel(static_cast<int>(tasks), [&](int t) {
       const bool from_back = t == 0;
       AlignedVector<float> sum(parts * part_rows * kBlockN);
+      auto store = make_store();
       int64_t previous = -1;
       // Each thread takes its next unit as it starts one (to ask for its blocks early), but only
       // while more units remain than threads: one held then would leave another thread idle.
       for (int64_t unit = remaining.take(from_back); unit >= 0;) {
         const int64_t next = remaining.remaining() > tasks ? remaining.take(from_back) : -1, b = unit / groups;
-        run_unit(sum, unit, b != previous, next >= 0 && next / groups != b ? next / groups : -1);
+        run_unit(sum, store, unit, b != previous, next >= 0 && next / groups != b ? next / groups : -1);
         previous = b;
         unit = next >= 0 ? next : remaining.take(from_back);
       }
@@ -209,23 +214,24 @@ void blocked_linear_kernel(const at::Tensor& input, const at::BFloat16* weight, 
   }
   parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     AlignedVector<float> sum(parts * part_rows * kBlockN);
+    auto store = make_store();
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / groups;
       const bool last_group = unit % groups == groups - 1 && (b + 1) * groups < end;
-      run_unit(sum, unit, unit % groups == 0 || unit == begin, last_group ? b + 1 : -1);
+      run_unit(sum, store, unit, unit % groups == 0 || unit == begin, last_group ? b + 1 : -1);
     }
   });
 }
 
 #endif
 
-// Checks the arguments of the two ops (with parts = 2 the gated one, whose out has d = out_features / 2
-// columns) and returns the chunks' ends in feature pairs.
-std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                                          int parts, at::IntArrayRef k_chunk_ends, const char* op) {
+// Checks input, weight and k_chunk_ends (parts = 2: a gate_up weight, whose out_features 2 * d must be
+// whole 128-column runs) and returns the chunks' ends in feature pairs.
+std::vector<int64_t> check_blocked_operands(const at::Tensor& input, const at::Tensor& weight, int parts,
+                                            at::IntArrayRef k_chunk_ends, const char* op) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.stride(1) == 1, op,
               ": input must be bfloat16 [rows, in_features] with contiguous rows");
-  const int64_t M = input.size(0), K = input.size(1);
+  const int64_t K = input.size(1);
   TORCH_CHECK(weight.is_mkldnn() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 &&
                   weight.size(1) == K,
               op, ": weight must be a bfloat16 MKLDNN tensor [out_features, ", K,
@@ -237,10 +243,6 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
               mkldnn_nbytes(weight), " bytes are not that layout's size");
   TORCH_CHECK(parts == 1 || N % (2 * kBlockN) == 0, op, ": the gate_up weight's out_features (2 * d = ", N,
               ") must be a multiple of 128, so that d is one of whole 64-column blocks");
-  const int64_t out_cols = N / parts;
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == out_cols && out.scalar_type() == at::kBFloat16 &&
-                  out.stride(1) == 1,
-              op, ": out must be bfloat16 [", M, ", ", out_cols, "] with contiguous rows");
   std::vector<int64_t> pair_ends;
   int64_t previous = 0;
   for (const int64_t e : k_chunk_ends) {
@@ -254,36 +256,48 @@ std::vector<int64_t> check_blocked_linear(const at::Tensor& out, const at::Tenso
   return pair_ends;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The weight's data, after asking the pool's idle workers to read its first blocks where the
+// kernel takes its units from both ends.
+const at::BFloat16* blocked_weight_data(const at::Tensor& input, const at::Tensor& weight, int parts) {
+  const void* data = mkldnn_data(weight);
+  if (input.size(0) <= kTwoEndedRows)
+    read_next_weights_while_idle(weight, data, blocked_weight_bytes(weight.size(0), input.size(1)), parts);
+  return static_cast<const at::BFloat16*>(data);
+}
+#endif
+
 // The two ops' body: with `act`, the gated op (out has d = out_features / 2 columns), else the linear.
 void run_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                         std::optional<Activation> act, const char* op) {
   const int parts = act ? 2 : 1;
-  const std::vector<int64_t> pair_ends = check_blocked_linear(out, input, weight, parts, k_chunk_ends, op);
-  const int64_t N = weight.size(0);
+  const std::vector<int64_t> pair_ends = check_blocked_operands(input, weight, parts, k_chunk_ends, op);
+  const int64_t M = input.size(0), N = weight.size(0), out_cols = N / parts;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == out_cols && out.scalar_type() == at::kBFloat16 &&
+                  out.stride(1) == 1,
+              op, ": out must be bfloat16 [", M, ", ", out_cols, "] with contiguous rows");
   const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
-  if (input.size(0) == 0) return;
+  if (M == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   auto* y = out.data_ptr<at::BFloat16>();
-  const int64_t y_stride = out.stride(0), out_cols = N / parts;
+  const int64_t y_stride = out.stride(0);
   const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   const uint16_t* table = act ? bf16_activation_table(*act) : nullptr;
-  const void* data = mkldnn_data(weight);
-  if (input.size(0) <= kTwoEndedRows)
-    read_next_weights_while_idle(weight, data, blocked_weight_bytes(N, input.size(1)), parts);
-  blocked_linear_kernel(input, static_cast<const at::BFloat16*>(data), N, parts, pair_ends,
-                        [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
-                          const int64_t n0 = block * kBlockN;
-                          for (int64_t r = m0; r < m1; ++r) {
-                            const float* row_sums = sums + (r - m0) * kBlockN;
-                            at::BFloat16* row = y + r * y_stride + n0;
-                            if (table)
-                              store_act_and_mul_bf16(row, row_sums, row_sums + part_stride, b ? b + n0 : nullptr,
-                                                     b ? b + out_cols + n0 : nullptr, table, kBlockN);
-                            else
-                              store_sums_bf16(row, row_sums, b ? b + n0 : nullptr, std::min(kBlockN, N - n0));
-                          }
-                        });
+  auto store = [&](int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t part_stride) {
+    const int64_t n0 = block * kBlockN;
+    for (int64_t r = m0; r < m1; ++r) {
+      const float* row_sums = sums + (r - m0) * kBlockN;
+      at::BFloat16* row = y + r * y_stride + n0;
+      if (table)
+        store_act_and_mul_bf16(row, row_sums, row_sums + part_stride, b ? b + n0 : nullptr,
+                               b ? b + out_cols + n0 : nullptr, table, kBlockN);
+      else
+        store_sums_bf16(row, row_sums, b ? b + n0 : nullptr, std::min(kBlockN, N - n0));
+    }
+  };
+  blocked_linear_kernel(input, blocked_weight_data(input, weight, parts), N, parts, pair_ends,
+                        [&] { return store; });
 #else
   TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
 #endif
@@ -301,6 +315,38 @@ void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, c
                                      c10::string_view activation) {
   const char* op = "bf16_blocked_linear_act_and_mul";
   run_blocked_linear(out, input, weight, bias, k_chunk_ends, parse_activation(activation, op), op);
+}
+
+void bf16_blocked_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends) {
+  const char* op = "bf16_blocked_linear_argmax";
+  const std::vector<int64_t> pair_ends = check_blocked_operands(input, weight, 1, k_chunk_ends, op);
+  const int64_t M = input.size(0), N = weight.size(0);
+  check_token_ids(token_ids, M, op);
+  const at::Tensor bias_f32 = linear_bias_fp32(bias, N, op);
+  if (M == 0) return;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  const float* b = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  RowArgmax tokens(M);
+  // Each task's own argmax over its blocks' columns (merged into tokens as the task ends).
+  struct TaskStore {
+    TaskArgmax seen;
+    const float* bias;
+    int64_t N;
+    void operator()(int64_t block, int64_t m0, int64_t m1, const float* sums, int64_t) {
+      const int64_t n0 = block * kBlockN;
+      for (int64_t r = m0; r < m1; ++r)
+        seen.get()->update_bf16_sums(r, n0, sums + (r - m0) * kBlockN, bias ? bias + n0 : nullptr,
+                                     std::min(kBlockN, N - n0));
+    }
+  };
+  blocked_linear_kernel(input, blocked_weight_data(input, weight, 1), N, 1, pair_ends,
+                        [&] { return TaskStore{TaskArgmax(&tokens, M), b, N}; });
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) ids[r] = tokens.token(r);
+#else
+  TORCH_CHECK(false, op, " needs pagedlm._C built with AVX512-BF16 (this build has no vdpbf16ps)");
+#endif
 }
 
 }  // namespace pagedlm::cpu

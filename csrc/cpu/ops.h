@@ -60,6 +60,8 @@ void bf16_blocked_linear(at::Tensor& out, const at::Tensor& input, const at::Ten
 void bf16_blocked_linear_act_and_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends,
                                      c10::string_view activation);
+void bf16_blocked_linear_argmax(at::Tensor& token_ids, const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef k_chunk_ends);
 
 void bf16_amx_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias);

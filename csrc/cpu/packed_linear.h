@@ -1,7 +1,8 @@
 #pragma once
 // What the linears over a weight packed once at load share (amx_linear.cpp on AMX tiles, fma_linear.cpp
 // on AVX2 FMA): their ops' checks, and how the FMA linear stores a gated block of sums (the bf16 AMX
-// linear stores it as the blocked one does, activation.h's store_act_and_mul_bf16).
+// linear stores it as the blocked one does, activation.h's store_act_and_mul_bf16). The greedy
+// argmax over a linear's outputs (RowArgmax) serves the blocked linear over oneDNN's layout too.
 //
 // Weight layouts (pagedlm/ops/reference.py): bf16, amx_pack_weight's [N_pad / 16][K_pad / 2][16][2],
 // per block of 16 output columns and for each pair of input features (2p, 2p + 1), the 16 columns'
@@ -71,7 +72,8 @@ inline at::Tensor check_packed_linear(const at::Tensor& out, const at::Tensor& i
 
 // Each row's greedy token over the outputs a linear has produced so far: the first index of its
 // maximum, or of its first NaN (torch.argmax's choice: a NaN is the maximum). The *_linear_argmax ops
-// keep one per task over the task's columns, in increasing order, and merge them.
+// keep one per task over the task's columns, in any order (the blocked linear's caller takes its
+// column blocks from the back), and merge them.
 class RowArgmax {
  public:
   explicit RowArgmax(int64_t rows)
@@ -90,11 +92,26 @@ class RowArgmax {
       return;
     }
     const float m = max_lane(v);
-    if (index_[r] < 0 || m > best_[r]) {
-      best_[r] = m;
-      index_[r] = col + __builtin_ctz(~(v == fVec(m)).zero_mask());
+    if (index_[r] < 0 || m >= best_[r]) {
+      const int64_t i = col + __builtin_ctz(~(v == fVec(m)).zero_mask());
+      if (index_[r] < 0 || m > best_[r] || i < index_[r]) {
+        best_[r] = m;
+        index_[r] = i;
+      }
     }
   }
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  // Row r's outputs col .. col + cols - 1 from their fp32 sums (+ bias, which may be null), rounded
+  // to bf16 as the bf16 linears store them (round_sums_bf16).
+  void update_bf16_sums(int64_t r, int64_t col, const float* sums, const float* bias, int64_t cols) {
+    for (int64_t j = 0; j < cols; j += kVecLen) {
+      const int n = static_cast<int>(std::min<int64_t>(kVecLen, cols - j));
+      const __m256i bits = round_sums_bf16(sums + j, bias ? bias + j : nullptr, static_cast<__mmask16>((1u << n) - 1));
+      update(r, col + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)), n);
+    }
+  }
+#endif
 
   // Takes in another task's columns: the larger maximum, the earlier column among equal ones. Tasks
   // may merge at the same time.
@@ -118,7 +135,7 @@ class RowArgmax {
   void update(int64_t r, int64_t col, float x) {
     if (x != x) {
       first_nan_[r] = std::min(first_nan_[r], col);
-    } else if (index_[r] < 0 || x > best_[r]) {
+    } else if (index_[r] < 0 || x > best_[r] || (x == best_[r] && col < index_[r])) {
       best_[r] = x;
       index_[r] = col;
     }
@@ -155,6 +172,14 @@ class TaskArgmax {
   std::optional<RowArgmax> seen_;
 };
 
+// token_ids of an argmax op (the *_linear_argmax ops) over M input rows: int64 [M], contiguous, on the CPU.
+inline void check_token_ids(const at::Tensor& token_ids, int64_t M, const char* op) {
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
+                  token_ids.is_contiguous() && token_ids.device().is_cpu(),
+              op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
+              token_ids.sizes(), " with strides ", token_ids.strides(), " on ", token_ids.device());
+}
+
 // A packed kernel's greedy body, run once its op's arguments are checked: each row's argmax over the
 // [M, N] outputs of the linear (bias_f32 undefined without a bias) merged into `tokens`.
 using PackedArgmaxRun = void (*)(RowArgmax& tokens, const at::Tensor& input, const at::Tensor& weight,
@@ -169,10 +194,7 @@ inline void packed_argmax_op(PackedArgmaxRun run, at::Tensor& token_ids, const a
   check_packed_input(input, dtype, op);
   const at::Tensor bias_f32 = check_packed_weight(input, weight, bias, out_features, dtype, op);
   const int64_t M = input.size(0);
-  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == M && token_ids.scalar_type() == at::kLong &&
-                  token_ids.is_contiguous() && token_ids.device().is_cpu(),
-              op, ": token_ids must be a contiguous int64 CPU tensor [", M, "]; got ", token_ids.scalar_type(), " ",
-              token_ids.sizes(), " with strides ", token_ids.strides(), " on ", token_ids.device());
+  check_token_ids(token_ids, M, op);
   RowArgmax tokens(M);
   run(tokens, input, weight, bias_f32, out_features, op);
   int64_t* ids = token_ids.data_ptr<int64_t>();

@@ -25,6 +25,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
   m.impl("bf16_amx_linear", &pagedlm::cpu::bf16_amx_linear);
   m.impl("bf16_blocked_linear_act_and_mul", &pagedlm::cpu::bf16_blocked_linear_act_and_mul);
+  m.impl("bf16_blocked_linear_argmax", &pagedlm::cpu::bf16_blocked_linear_argmax);
   m.impl("bf16_amx_linear_act_and_mul", &pagedlm::cpu::bf16_amx_linear_act_and_mul);
   m.impl("bf16_amx_linear_argmax", &pagedlm::cpu::bf16_amx_linear_argmax);
   m.impl("bf16_fma_linear", &pagedlm::cpu::bf16_fma_linear);
@@ -39,4 +40,5 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
 TORCH_LIBRARY_IMPL(pagedlm, MkldnnCPU, m) {
   m.impl("bf16_blocked_linear", &pagedlm::cpu::bf16_blocked_linear);
   m.impl("bf16_blocked_linear_act_and_mul", &pagedlm::cpu::bf16_blocked_linear_act_and_mul);
+  m.impl("bf16_blocked_linear_argmax", &pagedlm::cpu::bf16_blocked_linear_argmax);
 }

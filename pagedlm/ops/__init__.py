@@ -139,6 +139,11 @@ Linear ops (CPU, bfloat16):
   ``bf16_blocked_linear`` does, then combined as ``silu_and_mul`` / ``gelu_tanh_and_mul`` do: the
   bits of those two ops; the ``[rows, 2 * d]`` projection is never stored. Same requirements as
   ``bf16_blocked_linear``.
+* ``bf16_blocked_linear_argmax(token_ids, input, weight, bias, k_chunk_ends)``: an LM head's greedy
+  tokens without its logits: ``token_ids`` int64 ``[rows]`` gets each row's ``argmax`` (the first
+  index of the maximum, or of the first NaN) over the bf16 ``[rows, out_features]`` that
+  ``bf16_blocked_linear`` would write with the same arguments, from the same sums rounded the same
+  way; the logits are never stored nor read back. Same requirements as ``bf16_blocked_linear``.
 * ``bf16_amx_linear(out, input, weight, bias)``: ``out = input @ W.T + bias`` for ``input`` bf16
   ``[rows, in_features]`` (rows may be strided, features contiguous), ``weight`` = ``amx_pack_weight(W)``
   of a ``[out_features, in_features]`` weight (bf16 ``[ceil(out / 16), ceil(in / 32) * 16, 16, 2]``:
@@ -238,6 +243,7 @@ _OP_NAMES = (
     "apply_token_bitmask",
     "bf16_blocked_linear",
     "bf16_blocked_linear_act_and_mul",
+    "bf16_blocked_linear_argmax",
     "bf16_amx_linear",
     "bf16_amx_linear_act_and_mul",
     "bf16_amx_linear_argmax",
@@ -339,6 +345,7 @@ sample = _impl.sample
 apply_token_bitmask = _impl.apply_token_bitmask
 bf16_blocked_linear = _impl.bf16_blocked_linear
 bf16_blocked_linear_act_and_mul = _impl.bf16_blocked_linear_act_and_mul
+bf16_blocked_linear_argmax = _impl.bf16_blocked_linear_argmax
 bf16_amx_linear = _impl.bf16_amx_linear
 bf16_amx_linear_act_and_mul = _impl.bf16_amx_linear_act_and_mul
 bf16_amx_linear_argmax = _impl.bf16_amx_linear_argmax

@@ -381,6 +381,18 @@ def bf16_blocked_linear(
     out.copy_(total)
 
 
+def bf16_blocked_linear_argmax(
+    token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    k_chunk_ends: list[int],
+) -> None:
+    if token_ids.dtype != torch.int64 or token_ids.shape != (input.shape[0],):
+        raise ValueError(f"bf16_blocked_linear_argmax: token_ids must be int64 [{input.shape[0]}]; got "
+                         f"{token_ids.dtype} {tuple(token_ids.shape)}")
+    out = input.new_empty(input.shape[0], weight.shape[0])
+    bf16_blocked_linear(out, input, weight, bias, k_chunk_ends)
+    argmax(out, token_ids)
+
+
 def _gated_activation(activation: str, op: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The act_and_mul op the gated linears' ``activation`` names; ValueError naming ``op`` otherwise."""
     acts = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}

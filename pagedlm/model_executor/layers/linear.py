@@ -182,15 +182,24 @@ class Linear(DirectCall, nn.Linear):
             out = onednn_linear(rows, self.weight, self.bias)
         return out if rows is x else out.view(*x.shape[:-1], self.out_features)
 
+    @property
+    def runs_own_kernel(self) -> bool:
+        """Whether one of pagedlm's kernels runs this layer on the CPU (AMX, the FMA kernels, or the
+        AVX512-BF16 streaming kernel in oneDNN's order), rather than oneDNN's matmul or ``F.linear``."""
+        return self.packed_linear is not None or self.k_chunk_ends is not None
+
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """Each row's ``argmax`` over ``forward(x)`` (int64 ``[rows]``: the first index of the maximum,
-        or of the first NaN) without the outputs, where a packed kernel runs it (its ``_argmax`` op:
-        the same sums and rounding); None where another kernel runs the linear."""
-        if self.packed_linear is None:
+        or of the first NaN) without the outputs, where pagedlm's kernel runs the linear (its
+        ``_argmax`` op: the same sums and rounding); None where oneDNN's matmul or ``F.linear`` runs it."""
+        if not self.runs_own_kernel:
             return None
         rows = self._rows(x)
         token_ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
-        self.packed_argmax(token_ids, rows, self.weight, self.bias, self.out_features)
+        if self.packed_argmax is not None:
+            self.packed_argmax(token_ids, rows, self.weight, self.bias, self.out_features)
+        else:
+            ops.bf16_blocked_linear_argmax(token_ids, rows, self.weight, self.bias, self.k_chunk_ends)
         return token_ids
 
 
