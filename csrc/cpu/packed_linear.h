@@ -92,13 +92,8 @@ class RowArgmax {
       return;
     }
     const float m = max_lane(v);
-    if (index_[r] < 0 || m >= best_[r]) {
-      const int64_t i = col + __builtin_ctz(~(v == fVec(m)).zero_mask());
-      if (index_[r] < 0 || m > best_[r] || i < index_[r]) {
-        best_[r] = m;
-        index_[r] = i;
-      }
-    }
+    if (index_[r] >= 0 && m < best_[r]) return;  // the common case, before finding m's column
+    consider(r, m, col + __builtin_ctz(~(v == fVec(m)).zero_mask()));
   }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
@@ -119,11 +114,7 @@ class RowArgmax {
     const std::lock_guard<std::mutex> lock(merging_);
     for (size_t r = 0; r < index_.size(); ++r) {
       first_nan_[r] = std::min(first_nan_[r], other.first_nan_[r]);
-      const int64_t i = other.index_[r];
-      if (i >= 0 && (index_[r] < 0 || other.best_[r] > best_[r] || (other.best_[r] == best_[r] && i < index_[r]))) {
-        best_[r] = other.best_[r];
-        index_[r] = i;
-      }
+      if (other.index_[r] >= 0) consider(r, other.best_[r], other.index_[r]);
     }
   }
 
@@ -133,9 +124,14 @@ class RowArgmax {
   static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
   void update(int64_t r, int64_t col, float x) {
-    if (x != x) {
-      first_nan_[r] = std::min(first_nan_[r], col);
-    } else if (index_[r] < 0 || x > best_[r] || (x == best_[r] && col < index_[r])) {
+    if (x != x) first_nan_[r] = std::min(first_nan_[r], col);
+    else consider(r, x, col);
+  }
+
+  // Row r's non-NaN output x at column col: kept if larger than the maximum so far, or equal to it
+  // at an earlier column (so the order columns and tasks come in does not matter).
+  void consider(int64_t r, float x, int64_t col) {
+    if (index_[r] < 0 || x > best_[r] || (x == best_[r] && col < index_[r])) {
       best_[r] = x;
       index_[r] = col;
     }

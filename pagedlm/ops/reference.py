@@ -381,13 +381,17 @@ def bf16_blocked_linear(
     out.copy_(total)
 
 
+def _check_token_ids(token_ids: torch.Tensor, rows: int, op: str) -> None:
+    """ValueError naming ``op`` unless ``token_ids`` is int64 ``[rows]`` (the *_linear_argmax ops)."""
+    if token_ids.dtype != torch.int64 or token_ids.shape != (rows,):
+        raise ValueError(f"{op}: token_ids must be int64 [{rows}]; got {token_ids.dtype} {tuple(token_ids.shape)}")
+
+
 def bf16_blocked_linear_argmax(
     token_ids: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     k_chunk_ends: list[int],
 ) -> None:
-    if token_ids.dtype != torch.int64 or token_ids.shape != (input.shape[0],):
-        raise ValueError(f"bf16_blocked_linear_argmax: token_ids must be int64 [{input.shape[0]}]; got "
-                         f"{token_ids.dtype} {tuple(token_ids.shape)}")
+    _check_token_ids(token_ids, input.shape[0], "bf16_blocked_linear_argmax")
     out = input.new_empty(input.shape[0], weight.shape[0])
     bf16_blocked_linear(out, input, weight, bias, k_chunk_ends)
     argmax(out, token_ids)
@@ -517,9 +521,7 @@ def _packed_linear_argmax(
     if out_features <= 0 or weight.shape[0] * 16 < out_features:
         raise ValueError(f"{op}: out_features must be in [1, {weight.shape[0] * 16}] for a packed weight of "
                          f"{weight.shape[0]} column blocks; got {out_features}")
-    if token_ids.dtype != torch.int64 or token_ids.shape != (input.shape[0],):
-        raise ValueError(f"{op}: token_ids must be int64 [{input.shape[0]}]; got {token_ids.dtype} "
-                         f"{tuple(token_ids.shape)}")
+    _check_token_ids(token_ids, input.shape[0], op)
     out = input.new_empty(input.shape[0], out_features)
     _packed_linear(out, input, weight, bias)
     argmax(out, token_ids)
