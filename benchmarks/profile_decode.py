@@ -7,6 +7,8 @@ token for each of the ``--num-seqs`` sequences. A first pass times the steps; a 
 phases (schedule, input preparation, model forward, LM head, sampler) and the model's leaf modules
 (Linear, Attention, RMSNorm, ...) wrapped in ``record_function`` ranges. Each range reports its
 wall time, the self time of the ops directly inside it, and the rest (Python, dispatch, allocation).
+Decode steps are replayed from their recording (``worker/step_graph.py``), as ``LLM`` runs them by
+default, so they run no module code: ``--enforce-eager`` runs them op by op and fills the module table.
 
     python benchmarks/profile_decode.py                    # bf16, 64 sequences
     python benchmarks/profile_decode.py --dtype float32
@@ -102,6 +104,7 @@ def instrument(llm: LLM) -> tuple[list[str], set[str]]:
         (model_runner_module, "prepare_model_input", "prepare inputs"),
         (runner, "_prepare_inputs", "prepare inputs"),  # before the engine/worker seam (issue 12)
         (runner.model, "forward", FORWARD),
+        (runner.step_graphs, "forward", FORWARD),  # a replayed decode step (worker/step_graph.py)
         (runner.model, "compute_logits", LM_HEAD),
         (runner.model, "greedy_tokens", LM_HEAD),
         (runner.sampler, "forward", "sampler"),
@@ -178,7 +181,7 @@ def print_rows(title: str, rows: dict[str, Row], steps: int, step_us: float) -> 
 
 def start(args: argparse.Namespace, model: str, num_seqs: int) -> tuple[LLM, list[dict], SamplingParams]:
     """The engine after a short warm-up, ``num_seqs`` prompts and their sampling parameters."""
-    llm = LLM(model, dtype=args.dtype, max_num_seqs=num_seqs, block_size=args.block_size)
+    llm = LLM(model, dtype=args.dtype, max_num_seqs=num_seqs, block_size=args.block_size, enforce_eager=args.enforce_eager)
     prompts = prompts_for(llm, argparse.Namespace(**{**vars(args), "num_seqs": num_seqs}))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -197,20 +200,20 @@ def time_decode(llm: LLM, prompts: list[dict], params: SamplingParams, skip: int
     that decode every sequence and prefill nothing."""
     recorded: list[tuple[float, int, int]] = []  # seconds, decodes, cached tokens read
     shape = [0, 0]
+    prepare = model_runner_module.prepare_model_input
 
-    model = llm.llm_engine.model_runner.model
-    forward = model.forward
-
-    def record_shape(*inputs):
-        meta = inputs[3]
+    def record_shape(*args, **kwargs):
+        meta = (model_input := prepare(*args, **kwargs)).attn_metadata
         shape[:] = (-1, 0) if meta.num_prefill_tokens else (len(meta.decode_seq_lens), int(meta.decode_seq_lens.sum()))
-        return forward(*inputs)
+        return model_input
 
-    model.forward = record_shape
+    model_runner_module.prepare_model_input = record_shape
     after_each_step(llm, lambda seconds: recorded.append((seconds, *shape)))
-    with Load() as load:
-        llm.generate(prompts, params, use_tqdm=False)
-    del model.forward
+    try:
+        with Load() as load:
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        model_runner_module.prepare_model_input = prepare
     window = [r for r in recorded[skip:] if r[1] == len(prompts)][:steps]
     return DecodeSteps([r[0] for r in window], sum(r[2] for r in window) / len(window) / len(prompts), load.others)
 
@@ -263,6 +266,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--roofline", action="store_true", help="decode steps against their roofline, no profiler")
     parser.add_argument("--batch-sizes", default="1,8,64,256", help="with --roofline")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step op by op from Python (LLM's enforce_eager); the by-module table needs it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = args.model or default_model_path()
@@ -304,7 +309,10 @@ def main() -> None:
     overhead = step_us - by_phase[FORWARD].span - by_phase[LM_HEAD].span
     print(f"per-step engine overhead (schedule + prepare inputs + sampler + outputs, detokenisation, stop "
           f"checks): {overhead / steps / 1e3:.2f} ms = {100 * overhead / step_us:.1f}% of the step")
-    print_rows("model forward, by module class", by_module, steps, step_us)
+    if any(name != BETWEEN for name in by_module):
+        print_rows("model forward, by module class", by_module, steps, step_us)
+    else:
+        print("(no module ranges: replayed decode steps run no module code; --enforce-eager shows them)")
 
 
 if __name__ == "__main__":

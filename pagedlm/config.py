@@ -59,6 +59,8 @@ class ModelConfig:
     max_logprobs: int | None = None  # the most logprobs / prompt_logprobs a request may ask for (None: any)
     # Whether a request's results must not depend on the rest of the batch (see LLM's batch_invariant).
     batch_invariant: bool = True
+    # Whether every step runs the model's forward pass op by op (see LLM's enforce_eager).
+    enforce_eager: bool = False
 
     @classmethod
     def create(
@@ -66,7 +68,7 @@ class ModelConfig:
         seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
         chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
         hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
-        max_logprobs: int | None = None, batch_invariant: bool = True,
+        max_logprobs: int | None = None, batch_invariant: bool = True, enforce_eager: bool = False,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
@@ -112,8 +114,11 @@ class ModelConfig:
             raise ValueError(
                 f"batch_invariant must be True on {dev.type} (False is for CUDA only), got {batch_invariant!r}: the CPU "
                 "kernels are batch-invariant at no measured cost and have no other path.")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
-                   load_chat_template(chat_template), override_generation_config, max_logprobs, batch_invariant)
+                   load_chat_template(chat_template), override_generation_config, max_logprobs, batch_invariant,
+                   enforce_eager)
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with

@@ -90,7 +90,7 @@ def test_threads_are_lowered_to_the_quota(monkeypatch):
 # Ops that only view, allocate, read one scalar (a size, an address) or draw the per-request uniforms; any other torch op in a step may open
 # an OpenMP region, after which libgomp's threads spin beside the kernels' pool (300,000 times when
 # torch was imported before pagedlm, so OMP_WAIT_POLICY could not be set: a decode step 25% slower).
-_NO_COMPUTE = {"aten::as_strided", "aten::detach_", "aten::empty", "aten::empty_like", "aten::empty_strided",
+_NO_COMPUTE = {"aten::as_strided", "aten::detach", "aten::detach_", "aten::empty", "aten::empty_like", "aten::empty_strided",
                "aten::lift_fresh", "aten::new_empty", "aten::resolve_conj", "aten::resolve_neg", "aten::slice",
                "aten::select", "aten::split_with_sizes", "aten::view", "aten::reshape", "aten::item",
                "aten::_local_scalar_dense", "mkldnn::_nbytes", "mkldnn::data_ptr"}

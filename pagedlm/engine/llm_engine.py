@@ -80,7 +80,7 @@ class LLMEngine:
         self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
-        self.model_runner = ModelRunner(model_config, cache_config)
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config.max_num_seqs)
         block_size = cache_config.block_size
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
         num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)

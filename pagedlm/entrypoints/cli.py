@@ -101,6 +101,8 @@ def run_parser() -> argparse.ArgumentParser:
     engine.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="--no-batch-invariant: on CUDA, one cuBLAS product per linear; rows then depend on "
                              "the batch (CPU: refused)")
+    engine.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="run every step op by op, without replaying recorded decode steps")
     engine.add_argument("--trust-remote-code", action="store_true", default=None)
     return parser
 
@@ -120,7 +122,8 @@ def run_main(argv: list[str]) -> int:
     sampling_fields = [field for _, field, _ in SAMPLING_FLAGS] + ["stop", "ignore_eos"]
     sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
     engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill",
-                                                         "calculate_kv_scales", "batch_invariant", "trust_remote_code"]
+                                                         "calculate_kv_scales", "batch_invariant", "enforce_eager",
+                                                         "trust_remote_code"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,

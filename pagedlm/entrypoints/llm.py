@@ -120,6 +120,13 @@ class LLM:
             linear's rows in one product (True runs them in products of a fixed shape,
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
+        enforce_eager: run every step's forward pass op by op from Python. By default (False) on
+            CPU, the first decode-only step of each batch size is recorded as its sequence of kernel
+            calls and later steps of that size replay it (``worker/step_graph.py``), as vLLM replays
+            CUDA graphs; this saves the per-op Python and dispatch cost (~2 ms of a 30-layer step),
+            with the same kernels on the same shapes, so the same bits. Steps with prefill tokens, a
+            batch size whose forward pass runs a torch op (the torch reference backend's ops, oneDNN's
+            matmul) and CUDA always run eagerly.
         reasoning_parser: vLLM's reasoning parser of the model ("qwen3", "deepseek_r1", ...:
             ``config.REASONING_PARSERS``): its reasoning start and end strings, which
             ``SamplingParams.thinking_token_budget`` needs, and where structured outputs start
@@ -135,7 +142,7 @@ class LLM:
             first token.
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
             nothing (vLLM's defaults, mostly): ``VLLM_NO_OP_ARGS`` lists each with its allowed
-            values and why (e.g. ``enforce_eager``, ``quantization=None``, ``tokenizer_mode`` "auto",
+            values and why (e.g. ``disable_log_stats=True``, ``quantization=None``, ``tokenizer_mode`` "auto",
             ``compilation_config`` None or 0, ``enable_lora=False``). Another value is refused
             (``ValueError``, naming the argument and the allowed values), another name too
             (``TypeError``).
@@ -173,6 +180,7 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
         batch_invariant: bool = True,
+        enforce_eager: bool = False,
         reasoning_parser: str | None = None,
         reasoning_config: ReasoningConfig | dict[str, str] | None = None,
         structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None,
@@ -839,7 +847,6 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
 
 # vLLM's LLM arguments that pagedlm takes at the values it honours: name -> (allowed values, why).
 VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
-    "enforce_eager": ((True, False), "pagedlm always runs eagerly"),
     "disable_log_stats": ((True,), "pagedlm logs no periodic statistics (llm.get_stats() gives them)"),
     "quantization": ((None,), "pagedlm runs checkpoints in their dtype (a GGUF file is dequantized)"),
     "revision": ((None,), "pagedlm loads local checkpoints or the Hub cache's default revision"),
@@ -871,7 +878,7 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "enable_lora": ((False,), "pagedlm runs no LoRA adapters"),
     "enable_return_routed_experts": ((False,), "pagedlm runs no mixture-of-experts models"),
     "return_sampling_mask": ((False,), "pagedlm does not return the sampled tokens' masks"),
-    "compilation_config": ((None, 0), "pagedlm runs eagerly on its own kernels"),
+    "compilation_config": ((None, 0), "pagedlm runs its own kernels; enforce_eager turns off replayed decode steps"),
     "attention_config": ((None,), "pagedlm runs its own attention kernels"),
     "profiler_config": ((None,), "pagedlm has no built-in profiler (benchmarks/profile_decode.py)"),
     "quantization_config": ((None,), "pagedlm runs checkpoints in their dtype"),
@@ -886,8 +893,8 @@ def _engine_configs(
     *, model, dtype, device, max_model_len, block_size, kv_cache_dtype, calculate_kv_scales, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
-    chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, reasoning_parser, reasoning_config,
-    structured_outputs_config, vllm_kwargs,
+    chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, enforce_eager, reasoning_parser,
+    reasoning_config, structured_outputs_config, vllm_kwargs,
 ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, ReasoningConfig | None, StructuredOutputsConfig]:
     """``LLM``'s arguments as the engine's configs, each checked; None stands for the default."""
     for name, value in vllm_kwargs.items():
@@ -902,7 +909,7 @@ def _engine_configs(
     model_config = ModelConfig.create(
         resolve_model(model), dtype, max_model_len, device, generation_config, seed,
         None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
-        override_generation_config, hf_overrides, max_logprobs, batch_invariant,
+        override_generation_config, hf_overrides, max_logprobs, batch_invariant, enforce_eager,
     )
     try:
         SamplingParams(**model_config.get_diff_sampling_param())

@@ -14,6 +14,7 @@ from pagedlm.model_executor.model_loader import get_model
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
 from pagedlm.worker.model_input import LongRope, StepEntry, prepare_model_input
+from pagedlm.worker.step_graph import StepGraphs
 
 logger = logging.getLogger("pagedlm")
 
@@ -33,8 +34,9 @@ def _drop_kv_cache_scales(model: torch.nn.Module) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int) -> None:
         self.model_config = model_config
+        self.max_num_seqs = max_num_seqs
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.device = model_config.device
@@ -49,11 +51,14 @@ class ModelRunner:
         seed = model_config.seed
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed) if seed is not None else None)
         self.cache_engine: CacheEngine | None = None
+        self.attention_layers = _attention_layers(self.model)
+        self.step_graphs: StepGraphs | None = None  # recorded decode steps (step_graph.py), with the cache
 
     def calculate_kv_scales_next_step(self) -> None:
         """Each attention layer sets its fp8 KV-cache scales from the keys and values of the next step."""
-        for m in _attention_layers(self.model):
+        for m in self.attention_layers:
             m.calculate_kv_scales = True
+        self._make_step_graphs()  # recordings hold the scales they were made with
 
     def kv_cache_scales(self) -> list[tuple[float, float]]:
         """(k_scale, v_scale) of each attention layer."""
@@ -61,6 +66,17 @@ class ModelRunner:
 
     def init_cache(self, num_kv_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, num_kv_blocks)
+        self._make_step_graphs()
+
+    def _make_step_graphs(self) -> None:
+        """Decode steps are recorded and replayed (step_graph.py) where pagedlm's CPU kernels run the
+        model, unless ``enforce_eager``; none are recorded yet."""
+        self.step_graphs = None
+        if self.model_config.enforce_eager or ops.backend_for(self.device) != "cpu" or self.cache_engine is None:
+            return
+        max_blocks_per_seq = -(-self.model_config.max_model_len // self.block_size)
+        self.step_graphs = StepGraphs(self.model, self.cache_engine.kv_caches, self.max_num_seqs, max_blocks_per_seq,
+                                      self.device)
 
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters and buffers (a tensor shared by two modules counts once)."""
@@ -71,6 +87,7 @@ class ModelRunner:
         """Drop the model and the KV cache; their memory is freed once nothing else holds them."""
         self.model = None
         self.cache_engine = None
+        self.step_graphs = None
 
     @torch.inference_mode()
     def execute_model(
@@ -80,7 +97,12 @@ class ModelRunner:
         return, per group in the same order, its samples and prompt log-probabilities."""
         self.cache_engine.copy(blocks_to_copy)
         model_input = prepare_model_input(seq_group_metadata_list, self.block_size, self.device, self.long_rope)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.cache_engine.kv_caches, model_input.attn_metadata)
+        meta = model_input.attn_metadata
+        if (self.step_graphs is not None and meta.num_prefill_tokens == 0 and meta.slot_mapping.shape[0] <= self.max_num_seqs
+                and not any(m.calculate_kv_scales for m in self.attention_layers)):
+            hidden = self.step_graphs.forward(model_input)
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.cache_engine.kv_caches, meta)
         outputs = [SequenceGroupOutput() for _ in seq_group_metadata_list]
         for e in model_input.entries:
             if e.seq.prompt_logprob_span is not None:

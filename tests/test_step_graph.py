@@ -1,0 +1,128 @@
+"""Replayed decode steps (pagedlm/worker/step_graph.py): the same tokens and log-probabilities as
+running every step eagerly, on every architecture and in both dtypes, across batch sizes that
+change as requests finish; the arena's plan; eager fallback where a forward pass runs a torch op."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import VOCAB_SIZE
+from pagedlm import LLM, BeamSearchParams, SamplingParams, ops
+from pagedlm.worker.step_graph import _plan_arena
+
+pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "cpu", reason="steps are replayed on pagedlm's CPU kernels")
+
+PROMPTS = [[(7 * i + 3 * j) % (VOCAB_SIZE - 3) + 3 for j in range(5 + 11 * i)] for i in range(6)]
+
+
+def _params(logprobs: int | None = 2) -> list[SamplingParams]:
+    # Different lengths: requests finish one by one, so decode steps of 6, 5, ... 1 sequences.
+    return [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True, logprobs=logprobs)
+            for i in range(len(PROMPTS))]
+
+
+def _results(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [(c.token_ids, c.logprobs, c.cumulative_logprob) for o in outs for c in o.outputs]
+
+
+def _recorded_sizes(llm: LLM) -> list[int]:
+    return sorted(n for n, graph in llm.llm_engine.model_runner.step_graphs.graphs.items() if graph is not None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replayed_steps_match_eager_steps(model_dir, dtype):
+    eager = LLM(model_dir, dtype=dtype, enforce_eager=True)
+    assert eager.llm_engine.model_runner.step_graphs is None
+    expected = _results(eager, _params())
+    llm = LLM(model_dir, dtype=dtype)
+    assert _results(llm, _params()) == expected  # sizes recorded on first use
+    assert _recorded_sizes(llm) == [1, 2, 3, 4, 5, 6]
+    assert _results(llm, _params()) == expected  # and replayed
+
+
+def test_sampled_and_beam_steps_match_eager(llama_dir):
+    """Seeded sampling, n > 1 (sibling sequences share blocks: copy-on-write between steps) and
+    beam search read the replayed hidden states as they do eager ones."""
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, n=2, max_tokens=9, logprobs=1) for i in range(3)]
+    params += [SamplingParams(temperature=0, max_tokens=6, logprobs=3) for _ in range(3)]
+    expected = _results(LLM(llama_dir, enforce_eager=True), params)
+    llm = LLM(llama_dir)
+    assert _results(llm, params) == expected
+    assert _recorded_sizes(llm)
+    beams = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    beam = BeamSearchParams(beam_width=3, max_tokens=5)
+    eager_beams = LLM(llama_dir, enforce_eager=True).beam_search(beams, beam)
+    assert [s.tokens for o in llm.beam_search(beams, beam) for s in o.sequences] == \
+        [s.tokens for o in eager_beams for s in o.sequences]
+
+
+def test_fp8_kv_scales_calibrated_before_recording(llama_dir):
+    """With calculate_kv_scales the first step sets each layer's scales; no step records before
+    that (a recording keeps the scales it was made with)."""
+    kwargs = dict(dtype="bfloat16", kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True)
+    expected = _results(LLM(llama_dir, enforce_eager=True, **kwargs), _params())
+    llm = LLM(llama_dir, **kwargs)
+    assert _results(llm, _params()) == expected
+    assert _recorded_sizes(llm) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_forward_pass_running_a_torch_op_stays_eager(llama_dir, caplog):
+    """A model whose decode forward pass runs a torch compute op (here an extra in-place add of
+    zero after the final norm) cannot be replayed op by op: its steps run eagerly, correctly."""
+    expected = _results(LLM(llama_dir, enforce_eager=True), _params())
+    llm = LLM(llama_dir)
+    model = llm.llm_engine.model_runner.model
+    norm_forward = model.norm.forward
+    model.norm.forward = lambda x, residual=None: tuple(t.add_(0) for t in norm_forward(x, residual))
+    with caplog.at_level(logging.INFO, logger="pagedlm"):
+        assert _results(llm, _params()) == expected
+    graphs = llm.llm_engine.model_runner.step_graphs.graphs
+    assert graphs and all(g is None for g in graphs.values())
+    assert "aten.add_.Tensor, which is not a pagedlm op" in caplog.text
+
+
+def test_enforce_eager_is_checked(llama_dir):
+    with pytest.raises(ValueError, match="enforce_eager must be True or False, got 'yes'"):
+        LLM(llama_dir, enforce_eager="yes")
+
+
+def _call(*tensors):
+    return (torch.ops.pagedlm.scale.default, tensors)
+
+
+def test_arena_plan_shares_bytes_only_between_disjoint_live_ranges():
+    a, b, c, d = (torch.empty(n, dtype=torch.float32) for n in (10, 100, 10, 20))
+    weight = torch.empty(5)  # not allocated by the forward pass: not planned
+    allocated = {t.untyped_storage().data_ptr(): t for t in (a, b, c, d)}
+    # a: calls 0-1, b: 1-2, c: 2-3 (after a ended: may take a's bytes), d: the output, 3 to the end.
+    calls = [_call(a, weight), _call(a, b), _call(b, c), _call(c, d)]
+    offsets, size = _plan_arena(calls, allocated, d)
+    at = {name: offsets[t.untyped_storage().data_ptr()] for name, t in zip("abcd", (a, b, c, d))}
+    spans = {name: (at[name], at[name] + t.untyped_storage().nbytes()) for name, t in zip("abcd", (a, b, c, d))}
+    live = {"a": (0, 1), "b": (1, 2), "c": (2, 3), "d": (3, 4)}
+    for x in "abcd":
+        assert at[x] % 64 == 0
+        for y in "abcd":
+            overlap_in_time = x < y and live[x][1] >= live[y][0] and live[y][1] >= live[x][0]
+            if overlap_in_time:
+                assert spans[x][1] <= spans[y][0] or spans[y][1] <= spans[x][0], (x, y, spans)
+    assert at["c"] == at["a"]  # a is dead when c is first used
+    assert size == max(end for _, end in spans.values()) + (-max(end for _, end in spans.values()) % 64)
+    assert weight.untyped_storage().data_ptr() not in offsets
+
+
+@pytest.mark.parametrize("flags, recorded", [([], True), (["--enforce-eager"], False)])
+def test_job_enforce_eager_flag(llama_dir, tmp_path, monkeypatch, flags, recorded):
+    from pagedlm.entrypoints.cli import run_main
+    from pagedlm.worker import step_graph
+
+    made, bind = [], step_graph.StepGraph.bind
+    monkeypatch.setattr(step_graph.StepGraph, "bind", lambda self, arena: made.append(self.num_seqs) or bind(self, arena))
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(f'{{"id": {i}, "prompt": "hello {i}"}}\n' for i in range(3)))
+    assert run_main(["--model", llama_dir, "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                     "--max-tokens", "4", *flags]) == 0
+    assert bool(made) == recorded
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 3
