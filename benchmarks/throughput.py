@@ -17,7 +17,8 @@ weights of Qwen2-0.5B's shape with a tokenizer of numbered tokens (built once un
 below); it implies ``--synthetic`` unless ``--long-prompts`` is given.
 
 Systems (``--systems``, comma-separated; each one is described in ``throughput_systems.py``):
-pagedlm, pagedlm-batch-variant (CUDA only: ``batch_invariant=False``), hf-single (one request at a
+pagedlm, pagedlm-batch-variant (CUDA only: ``batch_invariant=False``), pagedlm-eager (only when named:
+``enforce_eager=True``), hf-single (one request at a
 time, on an evenly spaced subsample), hf-static (left-padded static batches, best of
 ``--hf-batch-sizes``), hf-cb (transformers' continuous batching) and
 llamacpp (llama.cpp on a GGUF converted from the same checkpoint in the same precision; set up by
@@ -414,7 +415,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=physical_cores(), help="torch / llama.cpp threads (default: physical cores)")
     parser.add_argument("--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all of them; "
-                        "pagedlm-batch-variant on CUDA only)")
+                        "pagedlm-batch-variant on CUDA only, pagedlm-eager only when named)")
     parser.add_argument("--quick", action="store_true", help="32 requests, outputs capped at 128, HF batch size 16 only")
     parser.add_argument("--dataset", help="JSONL (prompt + reference|output_len) or alpaca-eval outputs.json")
     parser.add_argument("--num-prompts", type=int, help="use this many requests (evenly spaced; synthetic default 256)")
@@ -452,7 +453,7 @@ def parse_args() -> argparse.Namespace:
     args.hf_requests = args.hf_requests or (None if args.quick else 128)
     default_batch_sizes = "1" if args.long_prompts else "16" if args.quick else "8,16,32"
     args.hf_batch_sizes = [int(b) for b in (args.hf_batch_sizes or default_batch_sizes).split(",")]
-    default_systems = [s for s in SYSTEMS if args.device == "cuda" or s != "pagedlm-batch-variant"]
+    default_systems = [s for s in SYSTEMS if s != "pagedlm-eager" and (args.device == "cuda" or s != "pagedlm-batch-variant")]
     args.systems = args.systems.split(",") if args.systems else default_systems
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:

@@ -9,6 +9,7 @@ llama.cpp and vLLM systems run in their own venvs (vLLM spawns processes, hence 
 
   pagedlm    ``LLM(...).generate`` on all requests at once (``ignore_eos`` + ``max_tokens``)
   pagedlm-batch-variant  the same with ``batch_invariant=False`` (CUDA only: what the fixed-shape linears cost)
+  pagedlm-eager  the same with ``enforce_eager=True`` (no replayed decode steps: what replaying them gains)
   hf-single  transformers ``generate`` one request at a time (``min_new_tokens == max_new_tokens``)
   hf-static  transformers ``generate`` on left-padded batches of ``--batch-size`` in request order
   hf-cb      transformers continuous batching: the manager behind ``generate_batch`` (which takes one
@@ -119,7 +120,7 @@ def run_pagedlm(work: Workload, args: argparse.Namespace) -> Run:
     from pagedlm import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device,
-              batch_invariant=args.system != "pagedlm-batch-variant")
+              batch_invariant=args.system != "pagedlm-batch-variant", enforce_eager=args.system == "pagedlm-eager")
     warm_up(llm, SamplingParams, work, args)
     phases = record_step_phases(llm.llm_engine)
     return Run(timed_generate(llm, SamplingParams, work, args), phases=phases)
@@ -369,7 +370,7 @@ def process_tree_peak_rss() -> int:
 
 
 SYSTEMS = {
-    "pagedlm": run_pagedlm, "pagedlm-batch-variant": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
+    "pagedlm": run_pagedlm, "pagedlm-batch-variant": run_pagedlm, "pagedlm-eager": run_pagedlm, "hf-single": run_hf_single, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
     "llamacpp": run_llamacpp, "vllm-cpu": run_vllm, "vllm-cpu-tuned": run_vllm,
 }
 

@@ -9,9 +9,18 @@ import torch
 
 from conftest import VOCAB_SIZE
 from pagedlm import LLM, BeamSearchParams, SamplingParams, ops
+from pagedlm.worker import step_graph
 from pagedlm.worker.step_graph import _plan_arena
 
 pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "cpu", reason="steps are replayed on pagedlm's CPU kernels")
+
+
+
+@pytest.fixture(autouse=True)
+def record_at_once(monkeypatch):
+    """Each batch size is recorded at its first decode-only step (the tests' sizes last a few steps)."""
+    monkeypatch.setattr(step_graph, "RECORD_AFTER", 1)
+
 
 PROMPTS = [[(7 * i + 3 * j) % (VOCAB_SIZE - 3) + 3 for j in range(5 + 11 * i)] for i in range(6)]
 
@@ -116,7 +125,6 @@ def test_arena_plan_shares_bytes_only_between_disjoint_live_ranges():
 @pytest.mark.parametrize("flags, recorded", [([], True), (["--enforce-eager"], False)])
 def test_job_enforce_eager_flag(llama_dir, tmp_path, monkeypatch, flags, recorded):
     from pagedlm.entrypoints.cli import run_main
-    from pagedlm.worker import step_graph
 
     made, bind = [], step_graph.StepGraph.bind
     monkeypatch.setattr(step_graph.StepGraph, "bind", lambda self, arena: made.append(self.num_seqs) or bind(self, arena))
@@ -126,3 +134,23 @@ def test_job_enforce_eager_flag(llama_dir, tmp_path, monkeypatch, flags, recorde
                      "--max-tokens", "4", *flags]) == 0
     assert bool(made) == recorded
     assert (tmp_path / "out.jsonl").read_text().count("\n") == 3
+
+
+def test_a_batch_size_is_recorded_at_its_record_after_th_step(llama_dir, monkeypatch):
+    """Sizes a run passes through in fewer decode-only steps than RECORD_AFTER stay eager; one that
+    lasts is recorded at that step and replayed after it."""
+    monkeypatch.setattr(step_graph, "RECORD_AFTER", 4)
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=1),  # 2 steps of 2 decodes
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)]  # then 7 of 1
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    expected = LLM(llama_dir, enforce_eager=True).generate(prompts, params, use_tqdm=False)
+    llm = LLM(llama_dir)
+    graphs = llm.llm_engine.model_runner.step_graphs
+    replays = []
+    monkeypatch.setattr(step_graph.StepGraph, "replay",
+                        lambda self, replay=step_graph.StepGraph.replay: replays.append(self.num_seqs) or replay(self))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert [o.outputs[0].logprobs for o in outs] == [o.outputs[0].logprobs for o in expected]
+    assert dict(graphs.eager_steps) == {2: 2, 1: 4} and list(graphs.graphs) == [1]
+    assert replays == [1] * 3  # steps 5-7 of one sequence; step 4 was the recording

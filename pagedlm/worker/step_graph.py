@@ -3,10 +3,10 @@
 A decode step's forward pass makes the same op calls in the same order every time for a given
 number of sequences (~9 a layer); only the contents of its inputs change. Issuing them from Python
 (module calls, argument parsing, the dispatcher) took ~2.3 ms of a 30-layer SmolLM2 step at batch 8,
-a sixth of it (docs/performance.md, session 53). So the first decode step of each batch size runs
-under ``_Recorder``, which keeps every ``torch.ops.pagedlm`` call with its arguments; later steps of
-that size copy their inputs into the recorded input tensors and call the recorded ops in order,
-with the same kernels on the same shapes (so the same bits as eager execution).
+a sixth of it (docs/performance.md, session 53). So a decode step of a batch size seen often enough
+(``RECORD_AFTER``) runs under ``_Recorder``, which keeps every ``torch.ops.pagedlm`` call with its
+arguments; later steps of that size copy their inputs into the recorded input tensors and call the
+recorded ops in order, with the same kernels on the same shapes (so the same bits as eager execution).
 
 The tensors the forward pass allocates (activations, q/k/v, MLP rows) are kept by the recording;
 ``_plan_arena`` lays them out in one byte arena by their live ranges, as a CUDA graph's memory pool
@@ -19,6 +19,7 @@ eager. Steps with prefill tokens always run eagerly.
 """
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,11 @@ _ALLOCATIONS = {
     torch.ops.aten.empty_strided.default,
     torch.ops.aten.new_empty_strided.default,
 }
+# A recording step took 30-36 ms where an eager one took 12-14 ms (SmolLM2 at batch 8: ~570 ops
+# through a Python dispatch mode), the saving of ~10 replays. So a batch size is recorded at its
+# RECORD_AFTER-th decode-only step: one a run passes through in a few steps (the tail of a large
+# job, where requests finish one by one) is never recorded for nothing.
+RECORD_AFTER = 8
 _ALIGNMENT = 64  # bytes: a cache line, and every dtype's alignment
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ATen runs smaller element-wise ops on the calling thread
 
@@ -179,6 +185,7 @@ class StepGraphs:
         self.kv_caches = kv_caches
         self.max_num_seqs = max_num_seqs
         self.graphs: dict[int, StepGraph | None] = {}  # None: that batch size runs eagerly
+        self.eager_steps: Counter[int] = Counter()  # decode-only steps run eagerly, by batch size
         self.arena = torch.empty(0, dtype=torch.uint8, device=device)
 
         def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -193,11 +200,21 @@ class StepGraphs:
 
     def forward(self, model_input: ModelInput) -> torch.Tensor:
         """The model's hidden states ``[num_seqs, hidden]`` for a step of ``num_seqs`` decodes (no
-        prefill tokens), replayed where that batch size was recorded; the tensor is the arena's and
-        holds until the next step. The first step of a batch size runs eagerly and is recorded."""
-        meta = model_input.attn_metadata
+        prefill tokens), replayed where that batch size was recorded (the tensor is then the arena's
+        and holds until the next step). A batch size's ``RECORD_AFTER``-th step is recorded."""
         n = model_input.input_ids.shape[0]
-        width = meta.decode_block_tables.shape[1]
+        graph = self.graphs.get(n)
+        if graph is None:
+            self.eager_steps[n] += 1
+            if n in self.graphs or self.eager_steps[n] < RECORD_AFTER:
+                return self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                                  model_input.attn_metadata)
+        self._set_inputs(model_input)
+        return graph.replay() if graph is not None else self._record(n)
+
+    def _set_inputs(self, model_input: ModelInput) -> None:
+        meta = model_input.attn_metadata
+        n, width = meta.decode_block_tables.shape
         self.input_ids[:n].copy_(model_input.input_ids)
         self.positions[:n].copy_(model_input.positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -208,9 +225,9 @@ class StepGraphs:
         for first in range(0, n, rows):
             end = min(first + rows, n)
             self.block_tables[first:end, :width].copy_(meta.decode_block_tables[first:end])
-        if n in self.graphs:
-            graph = self.graphs[n]
-            return graph.replay() if graph is not None else self._run(n)
+
+    def _record(self, n: int) -> torch.Tensor:
+        """Runs the step on the input tensors under the recorder and keeps the recording, if it is one."""
         recorder = _Recorder()
         with recorder:
             hidden = self._run(n)
