@@ -113,7 +113,7 @@ QUIET = ["-Wno-c++20-extensions", "-Wno-unknown-pragmas", "-Wno-uninitialized", 
 # -falign-functions=64: otherwise the decode kernel's speed moves by up to 20% with where the linker
 # happens to place its (unchanged) code after an edit anywhere in the extension.
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-falign-functions=64", *QUIET, *cpu_arch_flags()]
-ext_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/cpu/*.cpp")
+ext_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/op_program.cpp") + sources("csrc/cpu/*.cpp")
 if WITH_CUDA:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     extension = CUDAExtension(

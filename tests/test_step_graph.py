@@ -154,3 +154,22 @@ def test_a_batch_size_is_recorded_at_its_record_after_th_step(llama_dir, monkeyp
     assert [o.outputs[0].logprobs for o in outs] == [o.outputs[0].logprobs for o in expected]
     assert dict(graphs.eager_steps) == {2: 2, 1: 4} and list(graphs.graphs) == [1]
     assert replays == [1] * 3  # steps 5-7 of one sequence; step 4 was the recording
+
+
+def test_op_program_replays_calls_in_order():
+    x = torch.ones(4, dtype=torch.float32)
+    program = torch.classes.pagedlm.OpProgram()
+    program.add("pagedlm::scale", "", [x, 3, False])  # an int factor is taken as a float
+    program.add("pagedlm::scale", "", [x, 2.0, True])
+    assert len(program) == 2
+    program.run()
+    program.run()
+    assert torch.equal(x, torch.full((4,), 2.25))  # (1 * 3 / 2) * 3 / 2
+    with pytest.raises(RuntimeError, match="pagedlm::scale takes 3 arguments, got 2"):
+        program.add("pagedlm::scale", "", [x, 2.0])
+    with pytest.raises(RuntimeError, match="pagedlm::no_such_op"):
+        program.add("pagedlm::no_such_op", "", [x])
+    bad = torch.classes.pagedlm.OpProgram()
+    bad.add("pagedlm::scale", "", [x, 0.0, False])  # checked when it runs, as a Python call would be
+    with pytest.raises(RuntimeError, match="factor"):
+        bad.run()

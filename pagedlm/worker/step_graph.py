@@ -152,13 +152,14 @@ class StepGraph:
                                   tuple(x.stride()), x.storage_offset())
             return x
 
-        self._calls = [(op._op, _map_tensors(template, args)) for op, args in calls]
+        self._calls = [(op._schema, _map_tensors(template, args)) for op, args in calls]
         self._output = template(output)
-        self._bound: list[tuple] = []
+        self._program = None
         self.output = output
 
     def bind(self, arena: torch.Tensor) -> None:
-        """Points the recorded calls at ``arena`` (again after it grew)."""
+        """Points the recorded calls at ``arena`` (again after it grew), as a ``pagedlm::OpProgram``
+        (csrc/op_program.cpp) that replays them without Python in between."""
         views: dict[_ArenaView, torch.Tensor] = {}
 
         def bound(x: object) -> object:
@@ -166,12 +167,13 @@ class StepGraph:
                 return views.setdefault(x, x.bind(arena))
             return x
 
-        self._bound = [(op, _map_tensors(bound, args)) for op, args in self._calls]
+        self._program = torch.classes.pagedlm.OpProgram()
+        for schema, args in self._calls:
+            self._program.add(schema.name, schema.overload_name, list(_map_tensors(bound, args)))
         self.output = bound(self._output)
 
     def replay(self) -> torch.Tensor:
-        for op, args in self._bound:
-            op(*args)
+        self._program.run()
         return self.output
 
 
