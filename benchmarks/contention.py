@@ -18,10 +18,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# name -> (environment, worker flags)
 SETTINGS = {
-    "pagedlm default": {},  # OMP_WAIT_POLICY=passive, set by `import pagedlm` (pagedlm/openmp.py)
-    "libgomp default": {"GOMP_SPINCOUNT": "300000"},
-    "GOMP_SPINCOUNT=3000": {"GOMP_SPINCOUNT": "3000"},
+    "pagedlm default": ({}, []),  # OMP_WAIT_POLICY=passive, set by `import pagedlm` (pagedlm/openmp.py)
+    "pagedlm, enforce_eager": ({}, ["--enforce-eager"]),  # no replayed decode steps (worker/step_graph.py)
+    "libgomp default": ({"GOMP_SPINCOUNT": "300000"}, []),
+    "GOMP_SPINCOUNT=3000": ({"GOMP_SPINCOUNT": "3000"}, []),
 }
 TOPICS = ["the sea", "a mountain", "bread", "a library", "rain", "a train", "the moon", "coffee", "a violin",
           "glaciers", "owls", "maps"]
@@ -32,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pagedlm import LLM, SamplingParams, default_model_path
 
-    llm = LLM(args.model or default_model_path(), dtype=args.dtype)
+    llm = LLM(args.model or default_model_path(), dtype=args.dtype, enforce_eager=args.enforce_eager)
     conversations = [[{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]} (note {i})."}]
                      for i in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--enforce-eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -73,10 +76,10 @@ def main() -> None:
         # Interleaved, each repeat starting one setting later: the machine's noise, and whatever
         # running first costs, hit every setting alike.
         for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            env = SETTINGS[name]
+            env, flags = SETTINGS[name]
             clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
             cmd = [sys.executable, __file__, "--worker", "--dtype", args.dtype, "--num-prompts", str(args.num_prompts),
-                   "--max-tokens", str(args.max_tokens)] + (["--model", args.model] if args.model else [])
+                   "--max-tokens", str(args.max_tokens), *flags] + (["--model", args.model] if args.model else [])
             out = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             results[name].append(result)
