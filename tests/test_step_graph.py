@@ -173,3 +173,27 @@ def test_op_program_replays_calls_in_order():
     bad.add("pagedlm::scale", "", [x, 0.0, False])  # checked when it runs, as a Python call would be
     with pytest.raises(RuntimeError, match="factor"):
         bad.run()
+
+
+def test_a_module_patched_before_the_first_step_is_recorded_with_the_patch(llama_dir):
+    """A wrapped ``forward`` (DirectCall's advice for hooks) that calls an op, here with a numpy
+    scalar: recorded as the dispatcher received it (a float), replayed with the patch."""
+    np = pytest.importorskip("numpy")
+
+    def patched(llm: LLM) -> LLM:
+        model = llm.llm_engine.model_runner.model
+        norm_forward = model.norm.forward
+
+        def forward(x, residual=None):
+            out, residual = norm_forward(x, residual)
+            ops.scale(out, np.float32(0.5))
+            return out, residual
+
+        model.norm.forward = forward
+        return llm
+
+    expected = _results(patched(LLM(llama_dir, enforce_eager=True)), _params())
+    assert expected != _results(LLM(llama_dir, enforce_eager=True), _params())
+    llm = patched(LLM(llama_dir))
+    assert _results(llm, _params()) == expected
+    assert _recorded_sizes(llm) == [1, 2, 3, 4, 5, 6]

@@ -126,7 +126,9 @@ class LLM:
             CUDA graphs; this saves the per-op Python and dispatch cost (~2 ms of a 30-layer step),
             with the same kernels on the same shapes, so the same bits. Steps with prefill tokens, a
             batch size whose forward pass runs a torch op (the torch reference backend's ops, oneDNN's
-            matmul) and CUDA always run eagerly.
+            matmul) and CUDA always run eagerly. A recording keeps the model as it was: a module's
+            ``forward`` wrapped, or a weight or attribute replaced, after a batch size was recorded
+            does not reach its replays; change the model before the first ``generate``, or set True.
         reasoning_parser: vLLM's reasoning parser of the model ("qwen3", "deepseek_r1", ...:
             ``config.REASONING_PARSERS``): its reasoning start and end strings, which
             ``SamplingParams.thinking_token_budget`` needs, and where structured outputs start

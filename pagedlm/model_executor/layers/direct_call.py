@@ -8,7 +8,8 @@ class DirectCall:
     skipping those checks saved ~0.3 ms of a 30-layer step (docs/performance.md, session 21).
 
     Raises ``NotImplementedError`` on registering a module hook, which would never run; wrap
-    ``forward`` instead. What else lives in ``nn.Module.__call__`` does not run on these modules
+    ``forward`` instead (before the first ``generate``: recorded decode steps replay the model as it
+    was, ``worker/step_graph.py``). What else lives in ``nn.Module.__call__`` does not run on these modules
     either: torch's global module hooks (``register_module_forward_hook``), ``torch.profiler``'s
     module ranges (``with_modules=True``; ``benchmarks/profile_decode.py`` wraps ``forward`` in
     ``record_function`` instead), ``Module.compile()``.
