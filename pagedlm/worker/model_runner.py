@@ -62,7 +62,7 @@ class ModelRunner:
 
     def kv_cache_scales(self) -> list[tuple[float, float]]:
         """(k_scale, v_scale) of each attention layer."""
-        return [(m.k_scale, m.v_scale) for m in _attention_layers(self.model)]
+        return [(m.k_scale, m.v_scale) for m in self.attention_layers]
 
     def init_cache(self, num_kv_blocks: int) -> None:
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, num_kv_blocks)
@@ -86,6 +86,7 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the model and the KV cache; their memory is freed once nothing else holds them."""
         self.model = None
+        self.attention_layers = []
         self.cache_engine = None
         self.step_graphs = None
 
