@@ -121,7 +121,7 @@ class LLM:
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
         enforce_eager: run every step's forward pass op by op from Python. By default (False) on
-            CPU, the 8th decode-only step of a batch size (``step_graph.RECORD_AFTER``) is recorded
+            CPU, the 3rd decode-only step of a batch size (``step_graph.RECORD_AFTER``) is recorded
             as its sequence of kernel calls and later steps of that size replay it
             (``worker/step_graph.py``), as vLLM replays CUDA graphs; this saves the per-op Python and dispatch cost (~2 ms of a 30-layer step),
             with the same kernels on the same shapes, so the same bits. Steps with prefill tokens, a

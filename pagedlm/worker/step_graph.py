@@ -41,9 +41,10 @@ _ALLOCATIONS = {
 }
 # A recording step took 30-36 ms where an eager one took 12-14 ms (SmolLM2 at batch 8: ~570 ops
 # through a Python dispatch mode), the saving of ~10 replays. So a batch size is recorded at its
-# RECORD_AFTER-th decode-only step: one a run passes through in a few steps (the tail of a large
-# job, where requests finish one by one) is never recorded for nothing.
-RECORD_AFTER = 8
+# RECORD_AFTER-th decode-only step: one a run passes through in a step or two (the tail of a large
+# job, where requests finish one by one) is not recorded for nothing. On AlpacaEval's 805 requests
+# 3 beat 1 (2% slower than never recording) and 8 (~2.5% slower than 3; docs/performance.md, session 53).
+RECORD_AFTER = 3
 _ALIGNMENT = 64  # bytes: a cache line, and every dtype's alignment
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ATen runs smaller element-wise ops on the calling thread
 
