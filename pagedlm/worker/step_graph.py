@@ -121,9 +121,9 @@ def _plan_arena(calls: list[tuple], allocated: dict[int, torch.Tensor], output: 
             if key in allocated:
                 first.setdefault(key, i)
                 last[key] = i
-    if _storage_key(output) in allocated:
-        first.setdefault(_storage_key(output), len(calls))
-        last[_storage_key(output)] = len(calls)
+    if (key := _storage_key(output)) in allocated:
+        first.setdefault(key, len(calls))
+        last[key] = len(calls)
     offsets: dict[int, int] = {}
     live: list[tuple[int, int, int]] = []  # (offset, end, last use)
     size = 0
@@ -148,15 +148,15 @@ class StepGraph:
         self.num_seqs = num_seqs
 
         def template(x: object) -> object:
-            if _storage_key(x) in offsets:
-                return _ArenaView(offsets[_storage_key(x)], x.untyped_storage().nbytes(), x.dtype, tuple(x.size()),
+            if (key := _storage_key(x)) in offsets:
+                return _ArenaView(offsets[key], x.untyped_storage().nbytes(), x.dtype, tuple(x.size()),
                                   tuple(x.stride()), x.storage_offset())
             return x
 
         self._calls = [(op._schema, _map_tensors(template, args)) for op, args in calls]
         self._output = template(output)
-        self._program = None
-        self.output = output
+        self._program = None  # and the output's tensor: made by bind
+        self.output: torch.Tensor | None = None
 
     def bind(self, arena: torch.Tensor) -> None:
         """Points the recorded calls at ``arena`` (again after it grew), as a ``pagedlm::OpProgram``
