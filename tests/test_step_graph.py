@@ -3,6 +3,7 @@ running every step eagerly, on every architecture and in both dtypes, across bat
 change as requests finish; the arena's plan; eager fallback where a forward pass runs a torch op."""
 
 import logging
+import weakref
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from conftest import VOCAB_SIZE
 from pagedlm import LLM, BeamSearchParams, SamplingParams, ops
 from pagedlm.worker import step_graph
-from pagedlm.worker.step_graph import _plan_arena
+from pagedlm.worker.step_graph import _Allocated, _plan_arena
 
 pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "cpu", reason="steps are replayed on pagedlm's CPU kernels")
 
@@ -97,29 +98,57 @@ def test_enforce_eager_is_checked(llama_dir):
         LLM(llama_dir, enforce_eager="yes")
 
 
-def _call(*tensors):
-    return (torch.ops.pagedlm.scale.default, tensors)
+def _call(*args):
+    return (torch.ops.pagedlm.scale.default, args)
+
+
+def _allocated(index: int, numel: int) -> _Allocated:
+    return _Allocated(index, torch.float32, (numel,), (1,), 0)
 
 
 def test_arena_plan_shares_bytes_only_between_disjoint_live_ranges():
-    a, b, c, d = (torch.empty(n, dtype=torch.float32) for n in (10, 100, 10, 20))
+    nbytes = [40, 400, 40, 80]  # allocations a, b, c, d (float32 of 10, 100, 10, 20)
+    a, b, c, d = (_allocated(i, n // 4) for i, n in enumerate(nbytes))
     weight = torch.empty(5)  # not allocated by the forward pass: not planned
-    allocated = {t.untyped_storage().data_ptr(): t for t in (a, b, c, d)}
     # a: calls 0-1, b: 1-2, c: 2-3 (after a ended: may take a's bytes), d: the output, 3 to the end.
-    calls = [_call(a, weight), _call(a, b), _call(b, c), _call(c, d)]
-    offsets, size = _plan_arena(calls, allocated, d)
-    at = {name: offsets[t.untyped_storage().data_ptr()] for name, t in zip("abcd", (a, b, c, d))}
-    spans = {name: (at[name], at[name] + t.untyped_storage().nbytes()) for name, t in zip("abcd", (a, b, c, d))}
-    live = {"a": (0, 1), "b": (1, 2), "c": (2, 3), "d": (3, 4)}
-    for x in "abcd":
-        assert at[x] % 64 == 0
-        for y in "abcd":
-            overlap_in_time = x < y and live[x][1] >= live[y][0] and live[y][1] >= live[x][0]
-            if overlap_in_time:
+    calls = [_call(a, weight), _call(a, b), _call([b], c), _call(c, d)]
+    offsets, size = _plan_arena(calls, nbytes, d)
+    assert sorted(offsets) == [0, 1, 2, 3]
+    spans = {i: (offsets[i], offsets[i] + nbytes[i]) for i in range(4)}
+    live = {0: (0, 1), 1: (1, 2), 2: (2, 3), 3: (3, 4)}
+    for x in range(4):
+        assert offsets[x] % 64 == 0
+        for y in range(x + 1, 4):
+            if live[x][1] >= live[y][0] and live[y][1] >= live[x][0]:
                 assert spans[x][1] <= spans[y][0] or spans[y][1] <= spans[x][0], (x, y, spans)
-    assert at["c"] == at["a"]  # a is dead when c is first used
-    assert size == max(end for _, end in spans.values()) + (-max(end for _, end in spans.values()) % 64)
-    assert weight.untyped_storage().data_ptr() not in offsets
+    assert offsets[2] == offsets[0]  # a is dead when c is first used
+    end = max(end for _, end in spans.values())
+    assert size == end + (-end % 64)
+
+
+def test_recording_frees_what_the_forward_pass_frees():
+    """A recording keeps an allocation as its size and views: the step frees its activations as an
+    eager step does, and an address a freed tensor gave back is a new allocation when reused."""
+    dead, rows, x = [], torch.arange(4), torch.ones(4, 8)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            y = torch.empty_like(x)
+            torch.ops.pagedlm.gather_rows(y, x, rows)
+            torch.ops.pagedlm.scale(y, 2.0)
+            dead.append(weakref.ref(y))
+            x = y
+        return x
+
+    recorder = step_graph._Recorder()
+    with recorder:
+        out = forward(x)
+    assert recorder.blocked_by is None
+    assert [ref() is None for ref in dead] == [True, True, False]  # the last one is the output
+    indices = [[a.index for a in args if isinstance(a, _Allocated)] for _, args in recorder.calls]
+    assert indices == [[0], [0], [1, 0], [1], [2, 1], [2]]
+    assert recorder.template(out) == _Allocated(2, torch.float32, (4, 8), (8, 1), 0)
+    assert recorder.nbytes == [128, 128, 128]
 
 
 @pytest.mark.parametrize("flags, recorded", [([], True), (["--enforce-eager"], False)])

@@ -8,7 +8,8 @@ a sixth of it (docs/performance.md, session 53). So a decode step of a batch siz
 arguments; later steps of that size copy their inputs into the recorded input tensors and call the
 recorded ops in order, with the same kernels on the same shapes (so the same bits as eager execution).
 
-The tensors the forward pass allocates (activations, q/k/v, MLP rows) are kept by the recording;
+The recording keeps the tensors the forward pass allocates (activations, q/k/v, MLP rows) as their
+sizes and views, not their memory, so a recording step frees them as an eager step does;
 ``_plan_arena`` lays them out in one byte arena by their live ranges, as a CUDA graph's memory pool
 reuses its blocks, so a graph holds about one layer's activations. All graphs share that arena
 and one set of input tensors (a step runs one graph at a time).
@@ -49,13 +50,8 @@ _ALIGNMENT = 64  # bytes: a cache line, and every dtype's alignment
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ATen runs smaller element-wise ops on the calling thread
 
 
-def _tensors(args: tuple) -> list[torch.Tensor]:
-    """The tensors of an op call's arguments, in lists too (``Tensor[]``)."""
-    flat = [y for x in args for y in (x if isinstance(x, (list, tuple)) else (x,))]
-    return [t for t in flat if isinstance(t, torch.Tensor)]
-
-
 def _map_tensors(fn, args: tuple) -> tuple:
+    """``args`` with ``fn`` applied to each argument, and to each item of a list (``Tensor[]``)."""
     return tuple(type(x)(map(fn, x)) if isinstance(x, (list, tuple)) else fn(x) for x in args)
 
 
@@ -64,9 +60,33 @@ def _storage_key(t: object) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) and not t.is_mkldnn else None
 
 
+@dataclass(frozen=True)
+class _Allocated:
+    """In a recorded call, a view of the ``index``-th storage the recorded forward pass allocated."""
+
+    index: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+def _allocations(args: tuple) -> list[int]:
+    """The allocation indices a recorded call's arguments (lists included) use."""
+    flat = [y for x in args for y in (x if isinstance(x, (list, tuple)) else (x,))]
+    return [x.index for x in flat if isinstance(x, _Allocated)]
+
+
 class _Recorder(TorchDispatchMode):
-    """Runs every op as usual, keeping the pagedlm op calls in order and the tensors allocated on the
-    way; ``blocked_by`` names the first other compute op (the recording is then unusable)."""
+    """Runs every op as usual, keeping the pagedlm op calls in order with the tensors allocated on
+    the way as ``_Allocated`` (``nbytes``: each allocation's size), so that the recording holds no
+    activation and the step's memory is the eager step's; ``blocked_by`` names the first other
+    compute op (the recording is then unusable).
+
+    An allocation is told by where its bytes start: a storage freed during the pass may give its
+    address to a later allocation, which then takes the address over. Nothing else can reach the
+    address meanwhile: the tensors from before the pass (weights, inputs, the KV cache) stay alive,
+    and pagedlm's ops return no tensor (their outputs are arguments)."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -75,8 +95,16 @@ class _Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[torch._ops.OpOverload, tuple]] = []
-        self.allocated: dict[int, torch.Tensor] = {}  # storage key -> the tensor allocated there
+        self.nbytes: list[int] = []
+        self._allocated_at: dict[int, int] = {}  # storage key -> index of the allocation there now
         self.blocked_by: str | None = None
+
+    def template(self, x: object) -> object:
+        """``x`` as ``_Allocated`` where it is a view of a storage the pass allocated, else itself."""
+        index = self._allocated_at.get(_storage_key(x))
+        if index is None:
+            return x
+        return _Allocated(index, x.dtype, tuple(x.size()), tuple(x.stride()), x.storage_offset())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,10 +112,11 @@ class _Recorder(TorchDispatchMode):
         if func.namespace == "pagedlm":
             # Keyword arguments in schema order, so that a call is its positional arguments.
             schema_args = func._schema.arguments
-            self.calls.append((func, (*args, *(kwargs[a.name] if a.name in kwargs else a.default_value
-                                                  for a in schema_args[len(args):]))))
+            call = (*args, *(kwargs[a.name] if a.name in kwargs else a.default_value for a in schema_args[len(args):]))
+            self.calls.append((func, _map_tensors(self.template, call)))
         elif func in _ALLOCATIONS:
-            self.allocated[_storage_key(out)] = out
+            self._allocated_at[_storage_key(out)] = len(self.nbytes)
+            self.nbytes.append(out.untyped_storage().nbytes())
         elif not func.is_view and self.blocked_by is None:
             self.blocked_by = str(func)
         return out
@@ -110,51 +139,50 @@ class _ArenaView:
         return base.as_strided(self.size, self.stride, self.offset // base.element_size() + self.storage_offset)
 
 
-def _plan_arena(calls: list[tuple], allocated: dict[int, torch.Tensor], output: torch.Tensor) -> tuple[dict[int, int], int]:
-    """Byte offsets for the allocated storages the calls use (storage key -> offset) and the arena's
-    size: two storages share bytes only where their live ranges (first to last call that takes a
-    tensor on them; the output's to the end) do not overlap. First fit, in order of first use."""
+def _plan_arena(calls: list[tuple], nbytes: list[int], output: object) -> tuple[dict[int, int], int]:
+    """Byte offsets for the allocations the calls use (allocation index -> offset) and the arena's
+    size: two allocations share bytes only where their live ranges (first to last call that takes
+    a view of them; the output's to the end) do not overlap. First fit, in order of first use."""
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for i, (_, args) in enumerate(calls):
-        for key in map(_storage_key, _tensors(args)):
-            if key in allocated:
-                first.setdefault(key, i)
-                last[key] = i
-    if (key := _storage_key(output)) in allocated:
-        first.setdefault(key, len(calls))
-        last[key] = len(calls)
+        for index in _allocations(args):
+            first.setdefault(index, i)
+            last[index] = i
+    for index in _allocations((output,)):
+        first.setdefault(index, len(calls))
+        last[index] = len(calls)
     offsets: dict[int, int] = {}
     live: list[tuple[int, int, int]] = []  # (offset, end, last use)
     size = 0
-    for key in sorted(first, key=first.get):
-        live = sorted(x for x in live if x[2] >= first[key])
-        nbytes = -(-allocated[key].untyped_storage().nbytes() // _ALIGNMENT) * _ALIGNMENT
+    for index in sorted(first, key=first.get):
+        live = sorted(x for x in live if x[2] >= first[index])
+        size_needed = -(-nbytes[index] // _ALIGNMENT) * _ALIGNMENT
         offset = 0
         for start, end, _ in live:
-            if start - offset >= nbytes:
+            if start - offset >= size_needed:
                 break
             offset = max(offset, end)
-        offsets[key] = offset
-        live.append((offset, offset + nbytes, last[key]))
-        size = max(size, offset + nbytes)
+        offsets[index] = offset
+        live.append((offset, offset + size_needed, last[index]))
+        size = max(size, offset + size_needed)
     return offsets, size
 
 
 class StepGraph:
     """One recorded decode forward pass of ``num_seqs`` sequences, its allocations in the arena."""
 
-    def __init__(self, num_seqs: int, calls: list[tuple], output: torch.Tensor, offsets: dict[int, int]) -> None:
+    def __init__(self, num_seqs: int, calls: list[tuple], output: object, nbytes: list[int],
+                 offsets: dict[int, int]) -> None:
         self.num_seqs = num_seqs
 
-        def template(x: object) -> object:
-            if (key := _storage_key(x)) in offsets:
-                return _ArenaView(offsets[key], x.untyped_storage().nbytes(), x.dtype, tuple(x.size()),
-                                  tuple(x.stride()), x.storage_offset())
+        def place(x: object) -> object:
+            if isinstance(x, _Allocated):
+                return _ArenaView(offsets[x.index], nbytes[x.index], x.dtype, x.size, x.stride, x.storage_offset)
             return x
 
-        self._calls = [(op._schema, _map_tensors(template, args)) for op, args in calls]
-        self._output = template(output)
+        self._calls = [(op._schema, _map_tensors(place, args)) for op, args in calls]
+        self._output = place(output)
         self._program = None  # and the output's tensor: made by bind
         self.output: torch.Tensor | None = None
 
@@ -239,8 +267,9 @@ class StepGraphs:
                         n, recorder.blocked_by)
             self.graphs[n] = None
             return hidden
-        offsets, size = _plan_arena(recorder.calls, recorder.allocated, hidden)
-        graph = StepGraph(n, recorder.calls, hidden, offsets)
+        output = recorder.template(hidden)
+        offsets, size = _plan_arena(recorder.calls, recorder.nbytes, output)
+        graph = StepGraph(n, recorder.calls, output, recorder.nbytes, offsets)
         if size > self.arena.numel():
             # Activations grow with the batch: room for max_num_seqs rows at once, not one growth a size.
             self.arena = torch.empty(max(size, size * self.max_num_seqs // n), dtype=torch.uint8, device=self.arena.device)
