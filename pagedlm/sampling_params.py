@@ -337,8 +337,9 @@ class SamplingParams(_FieldsOnly):
             EOS, a stop token or string, or the engine's ``max_model_len``, or the KV cache's room
             for the request's sequences where a small cache (``num_kv_blocks``) holds fewer tokens
             than that (then ``"length"``); nothing is cut at an arbitrary small length.
-        min_tokens: EOS and stop tokens cannot be sampled before this many tokens (except where
-            ``structured_outputs``' grammar can only end: the completion ends there).
+        min_tokens: EOS ids (with ``ignore_eos`` too, as in vLLM) and ``stop_token_ids`` cannot be
+            sampled before this many tokens (except where ``structured_outputs``' grammar can only
+            end: the completion ends there).
         stop: strings that end a completion; the text is cut before the stop string unless
             ``include_stop_str_in_output``.
         include_stop_str_in_output: keep the stop string, or the stop token's text, in ``text``.

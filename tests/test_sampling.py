@@ -408,6 +408,26 @@ def eos_model_dir(llama_dir, tmp_path_factory, llm):
     return str(path), eos
 
 
+def test_min_tokens_bans_eos_with_ignore_eos_too(eos_model_dir):
+    """vLLM's min_tokens bans every EOS id whether or not ignore_eos (its all_stop_token_ids), as
+    transformers' min_new_tokens does: up to where transformers stops, the tokens are its own."""
+    path, eos = eos_model_dir
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [[BOS, i + 3, 2 * i + 5] for i in range(8)]
+    free = llm.generate(_ids(prompts), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert any(eos in o.outputs[0].token_ids[:6] for o in free)  # EOS would come before min_tokens
+    held = llm.generate(_ids(prompts), SamplingParams(temperature=0, max_tokens=12, min_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, held):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=6,
+                              eos_token_id=[eos, EOS], pad_token_id=0)
+        seq = ref[0, len(prompt):].tolist()  # to its first EOS past min_new_tokens; ignore_eos goes on
+        assert out.outputs[0].token_ids[: len(seq)] == seq
+        assert len(out.outputs[0].token_ids) == 12
+
+
 @pytest.mark.parametrize("width,n,length_penalty,early_stopping,repetition_penalty,min_tokens", [
     (4, 4, 1.0, False, 1.0, 0), (3, 2, 0.0, True, 1.0, 0), (4, 1, 2.0, "never", 1.0, 0), (2, 2, -1.0, False, 1.0, 0),
     # Processors act on the log-probabilities, as in Hugging Face's beam search (not on the logits).
@@ -703,6 +723,7 @@ def test_allowed_token_ids_that_bans_cover_entirely_are_refused(llm):
     be sampled (the kernel took an all -inf row's first id, outside allowed_token_ids)."""
     word = llm.get_tokenizer().decode([7])
     for params in (SamplingParams(allowed_token_ids=[EOS], min_tokens=2, max_tokens=4),
+                   SamplingParams(allowed_token_ids=[EOS], min_tokens=2, max_tokens=4, ignore_eos=True),
                    SamplingParams(allowed_token_ids=[7], bad_words=[word], max_tokens=4),
                    SamplingParams(allowed_token_ids=[EOS, 7], bad_words=[word], min_tokens=1, max_tokens=4)):
         with pytest.raises(ValueError, match=r"allowed_token_ids \[.*\] are all banned at some step"):

@@ -205,7 +205,7 @@ class LLMEngine:
             # Banned at some step whatever came before: one-token bad words always, stop tokens until min_tokens.
             banned = {ids[0] for ids in bad_words_token_ids(self.tokenizer, params.bad_words or ()) if len(ids) == 1}
             if params.min_tokens:
-                banned |= self.stop_checker.stop_token_ids(params)
+                banned |= self.stop_checker.all_stop_token_ids(params)
             if set(params.allowed_token_ids) <= banned:
                 return FieldError(f"allowed_token_ids {sorted(params.allowed_token_ids)[:5]} are all banned at some "
                                   "step (one-token bad_words, or stop tokens while min_tokens holds): nothing could be "

@@ -2,7 +2,8 @@
 
 A sequence stops on an EOS id (from ``generation_config.json`` and the tokenizer) unless
 ``ignore_eos``, on one of ``stop_token_ids``, or when its new text completes a stop string; none
-of these before ``min_tokens`` tokens. It is cut at ``max_tokens`` and at its request's
+of these before ``min_tokens`` tokens, before which no EOS id (``ignore_eos`` or not) nor stop
+token id is sampled. It is cut at ``max_tokens`` and at its request's
 ``max_seq_len`` (``max_model_len``, or less where the KV cache cannot hold more), and past
 ``min_tokens`` where its ``repetition_detection`` finds its output repeating a pattern.
 """
@@ -29,11 +30,17 @@ class StopChecker:
         """Every token id that ends a sequence under ``params``."""
         return frozenset(t for t in (*params.stop_token_ids, *self.eos_token_ids) if self.is_stop_token(params, t))
 
+    def all_stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """vLLM's ``all_stop_token_ids``: ``stop_token_ids`` and every EOS id, with ``ignore_eos`` too,
+        the ids ``min_tokens`` keeps from being sampled (vLLM adds the EOS ids "to support min_tokens
+        processing"; transformers' ``min_new_tokens`` bans EOS whatever stops the generation)."""
+        return frozenset((*params.stop_token_ids, *self.eos_token_ids))
+
     def banned_token_ids(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
-        """The stop token ids sampling must avoid while fewer than ``min_tokens`` are generated."""
+        """The ids sampling must avoid while fewer than ``min_tokens`` are generated."""
         if num_output_tokens >= params.min_tokens:
             return ()
-        return tuple(sorted(self.stop_token_ids(params)))
+        return tuple(sorted(self.all_stop_token_ids(params)))
 
     def stop_reason(self, params: SamplingParams, token_id: int) -> int | None:
         """vLLM's ``stop_reason`` for a sequence ended by ``token_id``: ``None`` for the tokenizer's
