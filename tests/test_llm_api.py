@@ -75,7 +75,7 @@ def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text
             full = tok.decode(ids[: cut + n])
             final = max(j for j in range(cut + 1) if full.startswith(tok.decode(ids[:j])))
             expected = full[len(tok.decode(ids[:final])):]
-            assert decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams()) == expected, (cut, n)
+            assert "".join(decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams())) == expected, (cut, n)
 
 
 def test_outputs_in_input_order_with_per_prompt_params(llm):
@@ -754,6 +754,22 @@ def test_decoded_token_is_the_text_a_token_adds_in_context(sentencepiece_llama_d
     assert not any(lp.decoded_token.startswith("\ufffd") for position in comp.logprobs for lp in position.values())
     silent = llm.generate(prompt, SamplingParams(max_tokens=2, logprobs=1, detokenize=False), use_tqdm=False)[0]
     assert all(lp.decoded_token is None for position in silent.outputs[0].logprobs for lp in position.values())
+
+
+def test_a_completion_cut_inside_a_character_ends_its_last_decoded_token_too(sentencepiece_llama_dir):
+    """A completion whose last tokens leave a character incomplete ends its text with the "\ufffd" a
+    decode gives those bytes; its last token's decoded_token carries it, so the taken tokens' texts
+    still add up to the text (sampled, flat logprobs, beam search)."""
+    llm = LLM(sentencepiece_llama_dir, dtype="float32")
+    vocab = llm.get_tokenizer().get_vocab()
+    forced = [vocab["▁a"], vocab["<0xE6>"], vocab["<0x97>"]]  # 日 is E6 97 A5
+    for extra in ({}, {"flat_logprobs": True}, {"use_beam_search": True, "best_of": 2}):
+        params = SamplingParams(temperature=0, max_tokens=3, logprobs=0, ignore_eos=True,
+                                logits_processors=[_forcing(forced)], **extra)
+        comp = llm.generate("banana", params, use_tqdm=False)[0].outputs[0]
+        assert comp.token_ids == forced and comp.text.startswith(" a\ufffd"), extra
+        chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+        assert chosen[:2] == [" a", ""] and "".join(chosen) == comp.text, extra
 
 
 def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):

@@ -1,12 +1,14 @@
 """Token ids to text: incremental detokenization (O(1) decode work per token) and the text a single
 token adds in its context (the ``decoded_token`` of logprobs)."""
 
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
+from dataclasses import replace
 from itertools import chain
 
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
+from pagedlm.logprobs import Logprob
 from pagedlm.sampling_params import SamplingParams
 
 # Tokens fed to the decoder as context, so a token decodes with the spacing it has after them:
@@ -76,6 +78,11 @@ class IncrementalDetokenizer:
             self._last_added = content is not None
         return text or ""
 
+    @property
+    def num_fed(self) -> int:
+        """Output tokens stepped through so far."""
+        return self._num_fed
+
     def flush(self, output_token_ids: list[int]) -> str:
         """At the end of a sequence, the text its pending tokens make, incomplete characters
         included, as a full decode of the tokens stepped through would give it."""
@@ -110,13 +117,31 @@ def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> 
 
 def decode_completion(
     tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], token_ids: list[int], params: SamplingParams
-) -> str:
-    """A whole completion's text, exactly as the incremental detokenizer would have made it."""
+) -> tuple[str, str]:
+    """A whole completion's text, exactly as the incremental detokenizer would have made it: what
+    its tokens add one by one, and what its end adds (``IncrementalDetokenizer.flush``: the ``�`` of
+    a character its last tokens leave incomplete)."""
     detokenizer = IncrementalDetokenizer(
         tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
     )
     text = "".join(detokenizer.step(t) for t in token_ids)
-    return text + detokenizer.flush(token_ids)
+    return text, detokenizer.flush(token_ids)
+
+
+def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int],
+                  end: str) -> MutableSequence[dict[int, Logprob]]:
+    """``logprobs`` (a list or ``FlatLogprobs``, one position per token of ``token_ids`` and maybe
+    more) with ``end``, the text a finished completion's end adds (``flush``), added to the
+    ``decoded_token`` of the last of ``token_ids``, the tokens its text is made of: so the taken
+    tokens' texts still add up to the completion's."""
+    last = len(token_ids) - 1
+    position = dict(logprobs[last])
+    entry = position[token_ids[last]]
+    position[token_ids[last]] = replace(entry, decoded_token=(entry.decoded_token or "") + end)
+    out = logprobs[:last]
+    out.append(position)
+    out.extend(logprobs[last + 1:])
+    return out
 
 
 def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int]) -> list[str]:

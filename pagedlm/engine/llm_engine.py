@@ -16,7 +16,7 @@ from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerC
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
-from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context
+from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context, with_end_text
 from pagedlm.engine.reasoning_gate import END_FED, FREE, ReasoningParser
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -635,8 +635,8 @@ class LLMEngine:
         if all(s.no_token for s in out.samples):  # no beam can go on: each ends as it is
             for beam in beams:
                 if params.detokenize:
-                    beam.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids,
-                                                         params)
+                    beam.output_text = "".join(decode_completion(self.tokenizer, group.prompt_token_ids,
+                                                                 beam.output_token_ids, params))
                 self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
@@ -669,7 +669,8 @@ class LLMEngine:
             # Only a CUMULATIVE output shows a live beam's text (the finished ones are decoded in
             # _beam_results): decoding every beam whole at every step made long searches quadratic.
             if params.detokenize and params.output_kind is RequestOutputKind.CUMULATIVE:
-                beam.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
+                beam.output_text = "".join(decode_completion(self.tokenizer, group.prompt_token_ids,
+                                                             beam.output_token_ids, params))
         group.seqs = [beam for beam, _ in next_beams] if not group.beam.done else self._beam_results(group)
 
     def _beam_results(self, group: SequenceGroup) -> list[Sequence]:
@@ -690,7 +691,10 @@ class LLMEngine:
                 shown = hypothesis.token_ids
                 if hypothesis.stopped and not params.include_stop_str_in_output:
                     shown = shown[:-1]
-                seq.output_text = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
+                text, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
+                seq.output_text = text + end
+                if end and seq.logprobs:
+                    seq.logprobs = with_end_text(seq.logprobs, shown, end)
             results.append(seq)
         return results
 
@@ -718,7 +722,10 @@ class LLMEngine:
         self.block_manager.free(seq)
         detokenizer = self.detokenizers.pop(seq.seq_id, None)
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
-            seq.output_text += detokenizer.flush(seq.output_token_ids)
+            end = detokenizer.flush(seq.output_token_ids)
+            seq.output_text += end
+            if end and seq.logprobs:
+                seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids[: detokenizer.num_fed], end)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params
