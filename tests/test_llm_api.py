@@ -1337,6 +1337,10 @@ def test_tokenization_kwargs_truncate_prompts_as_vllm_0_32_does(llm):
                 call()
     assert not llm.llm_engine.has_unfinished_requests()
     assert prompt_ids(text, tokenization_kwargs={"truncate_prompt_tokens": None}) == [full]
+    # SamplingParams' own, per request (it is checked against the LLM's max_model_len when added).
+    with pytest.raises(ValueError, match=r"prompt 0: truncate_prompt_tokens \(257\) cannot be greater than "
+                                         r"max_model_len \(256\)"):
+        llm.generate(text, greedy.clone(truncate_prompt_tokens=257), use_tqdm=False)
 
 
 def test_arguments_of_the_wrong_kind_are_refused_at_the_call(llm):

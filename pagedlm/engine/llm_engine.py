@@ -163,6 +163,10 @@ class LLMEngine:
         if bad:
             return FieldError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", "prompt")
         max_len = self.model_config.max_model_len
+        if params.truncate_prompt_tokens is not None and params.truncate_prompt_tokens > max_len:
+            # As tokenization_kwargs' (parse_tokenization_kwargs) and vLLM's processor say it.
+            return FieldError(f"truncate_prompt_tokens ({params.truncate_prompt_tokens}) cannot be greater than "
+                              f"max_model_len ({max_len})", "truncate_prompt_tokens")
         if n >= max_len:
             return FieldError(f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be "
                               "generated", "prompt")
