@@ -190,7 +190,8 @@ def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
     """Found against vLLM 0.32 (prompts its LLM.chat rendered with TEMPLATE): any role string goes
     to the template as it is; null or absent content is empty; content parts may be plain strings
     and input_text, output_text, refusal or thinking parts, joined with newlines, skipping null or
-    empty texts."""
+    empty texts. (vLLM also skips a part without its text key and drops unknown message keys;
+    pagedlm refuses both: test_misspelt_message_keys_are_refused.)"""
     def prompts(*conversations) -> list[str]:
         return [o.prompt for o in llm.chat(list(conversations), exact(1), use_tqdm=False, chat_template=TEMPLATE)]
 
@@ -206,7 +207,7 @@ def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
         q + [{"role": "assistant", "content": [{"type": "output_text", "text": "O"}]}],
         q + [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
         [{"role": "user", "content": [{"type": "thinking", "thinking": "hmm"}]}],
-        [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "refusal"}, "", "B"]}],
+        [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "refusal", "refusal": None}, "", "B"]}],
         [{"role": "user", "content": []}],
     ) == [
         "<s><|ipython|>out\n<|assistant|>",
@@ -223,6 +224,24 @@ def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
         rendered(""),
     ]
 
+
+
+def test_misspelt_message_keys_are_refused(llm):
+    """A key that is not a message field (a misspelt "content" would leave the message empty), a
+    name or task that is not a str, and a text part without its text are refused, naming them;
+    the fields of a response's assistant message handed back are taken (and not rendered, as in vLLM)."""
+    for message, match in [
+        ({"role": "user", "contnet": "q"}, r"message 0 has unknown key\(s\) 'contnet'; a message takes 'role', 'content'"),
+        ({"role": "user", "content": "q", "name": 5}, "message 0: 'name' must be a str, got int"),
+        ({"role": "user", "content": [{"type": "text", "txt": "q"}]}, "message 0: a 'text' part has no 'text'"),
+        ({"role": "user", "content": [{"type": "refusal"}]}, "message 0: a 'refusal' part has no 'refusal'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            llm.chat([message], exact(1), use_tqdm=False, chat_template=TEMPLATE)
+    handed_back = {"role": "assistant", "content": "O", "refusal": None, "audio": None, "function_call": None,
+                   "reasoning_content": "r", "tool_calls": None}
+    out = llm.chat(user("q") + [handed_back, *user("again")], exact(1), use_tqdm=False, chat_template=TEMPLATE)[0]
+    assert out.prompt == "<s><|user|>q\n<|assistant|>O\n<|user|>again\n<|assistant|>"
 
 
 # Each message as the JSON the template gets (key order included).
@@ -286,8 +305,8 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [
-        {"role": "user", "content": "u", "name": "bob", "refusal": "r", "custom": 1, "tool_calls": [call]},
-        {"role": "assistant", "content": "a", "reasoning_content": "hidden", "name": 7, "tool_calls": []},
+        {"role": "user", "content": "u", "name": "bob", "refusal": "r", "tool_calls": [call]},
+        {"role": "assistant", "content": "a", "reasoning_content": "hidden", "tool_calls": []},
         {"role": "assistant", "content": "b", "tool_calls": [call]},
         {"role": "tool", "content": "t", "name": "f", "tool_call_id": "c1", "task": "t1"},
     ]

@@ -19,6 +19,13 @@ from pagedlm.utils import FieldError
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
                   "thinking": "thinking"}
 
+# A message's keys: vLLM's (its CustomChatCompletionMessageParam) and the fields of an OpenAI or vLLM
+# response's assistant message that a conversation hands back and that vLLM does not render either
+# (refusal, audio, function_call, reasoning_content). Any other key is refused: a misspelt "content"
+# would leave its message empty.
+_MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "tools", "task",
+                 "refusal", "audio", "function_call", "reasoning_content")
+
 # A text part's keys that are not passed on to the template with it (vLLM's content part fields).
 _PART_KEYS = frozenset({"type", "text", "refusal", "thinking", "name", "uuid", "closed", "data", "file",
                         "prompt_cache_breakpoint", "image_url", "image_pil", "image_embeds", "audio_url",
@@ -115,6 +122,13 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         raise ValueError(f"message {i} has no 'role'")
     if not isinstance(role, str):
         raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
+    unknown = [key for key in message if key not in _MESSAGE_KEYS]
+    if unknown:
+        raise ValueError(f"message {i} has unknown key(s) {', '.join(map(repr, unknown))}; a message takes "
+                         f"{', '.join(map(repr, _MESSAGE_KEYS))}")
+    for key in ("name", "task"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise ValueError(f"message {i}: {key!r} must be a str, got {type(message[key]).__name__}")
     content = _content_parts(i, message.get("content"), billed=role == "system")
     parsed: dict[str, Any] = {"role": role, "content": content}
     # In vLLM's order, which a template that dumps a message as JSON shows.
@@ -131,7 +145,7 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         parsed["reasoning"] = parsed["reasoning_content"] = message["reasoning"]
     if role == "tool" and "tool_call_id" in message:
         parsed["tool_call_id"] = message["tool_call_id"]
-    parsed.update({key: message[key] for key in ("name", "task") if isinstance(message.get(key), str)})
+    parsed.update({key: message[key] for key in ("name", "task") if message.get(key) is not None})
     if role == "developer":  # vLLM passes it even when absent
         parsed["tools"] = message.get("tools")
     return parsed
@@ -169,7 +183,9 @@ def _text_part(i: int, part: object) -> dict[str, Any] | None:
     if key is None:
         raise ValueError(f"message {i}: content part {part!r:.80} is not text, and pagedlm has no multimodal "
                          f"inputs (a part is a str or a dict of type {', '.join(TEXT_PART_KEYS)})")
-    text = part.get(key)
+    if key not in part:
+        raise ValueError(f"message {i}: a {part_type!r} part has no {key!r}")
+    text = part[key]
     if text is None:
         return None
     if not isinstance(text, str):
