@@ -524,6 +524,15 @@ def test_regexes_are_written_as_xgrammar_reads_them(regex, written):
     assert xgrammar_regex.check(regex) == written
 
 
+def test_a_backward_range_is_refused_in_a_regex_and_in_a_json_pattern(llm):
+    """Found by a job-runner hunt: xgrammar refuses [z-a] as a regex, but a JSON pattern's rewrite
+    made it an empty class, and "xy" completed the schema with "stop" against its pattern."""
+    for constraint in ({"regex": "x[z-a]y"}, {"json": {"type": "string", "pattern": "x[z-a]y"}}):
+        with pytest.raises(ValueError, match="range z-a goes backwards"):
+            llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+    assert xgrammar_regex.check("[a-a]", json_string=True) == "[\\u0061]"
+
+
 @pytest.mark.parametrize("pattern", [".\n", '[^a]"', "\\S\\\\"])
 def test_a_json_pattern_s_open_classes_write_nothing_json_escapes(llm, pattern):
     """Found by a second hunt: beside a rewritten character (which makes xgrammar compile the pattern

@@ -204,6 +204,8 @@ class _Parser:
                 last = self.class_member(cls)
                 if not isinstance(last, _Char):
                     raise self.error("a range cannot end in a class escape")
+                if ord(last.char) < ord(item.char):  # xgrammar refuses it too, not in a JSON pattern's rewrite
+                    raise self.error(f"range {item.text}-{last.text} goes backwards")
                 item = (item, last)
             cls.items.append(item)
         self.i += 1
