@@ -1396,6 +1396,11 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
         (tmp_path / "out.jsonl.job.json").write_text(damage)
         with pytest.raises(ValueError, match=r"out.jsonl.job.json \(the job's settings, written when it started\) is damaged"):
             run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    # string_view (pyarrow's, Polars') is a string type (a hunt: refused as "not strings").
+    ids = pa.array(["a", "b"]).cast(pa.string_view())
+    pq.write_table(pa.table({"id": ids, "prompt": ["x", "y"]}), tmp_path / "v.parquet")
+    _, out = run(llama_dir, tmp_path / "v.parquet", tmp_path / "v.jsonl")
+    assert [(r["id"], r["error"]) for r in out] == [("a", None), ("b", None)]
 
 
 def test_parquet_rows_of_different_json_schemas_each_keep_their_own(llama_dir, tmp_path):

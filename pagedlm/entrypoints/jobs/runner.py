@@ -323,7 +323,10 @@ def check_id_column(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
         return
     kind = schema.field(key_field).type
     value = kind.value_type if pa.types.is_dictionary(kind) else kind
-    if pa.types.is_string(value) or pa.types.is_large_string(value) or fmt.integer_keys and pa.types.is_integer(value):
+    # string_view: pyarrow 16's (and Polars') string type; none before.
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
+    if pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value) \
+            or fmt.integer_keys and pa.types.is_integer(value):
         return
     if fmt.integer_keys:
         raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
