@@ -1337,10 +1337,21 @@ def test_one_row_of_an_unexpected_shape_is_its_own_error(llama_dir, tmp_path):
              _openai_row("b", ["/v1/completions"], {"prompt": "x"}),
              _chat_row("c", chat_template_kwargs=["x"]),
              _chat_row("d", response_format={"type": "json_object", "schema": {"type": "object"}}),
-             _chat_row("e", response_format={"type": "xml"})]
+             _chat_row("e", response_format={"type": "xml"}),
+             # json_schema's own fields, as OpenAI's and vLLM's (a hunt: these were taken and ignored)
+             _chat_row("f", response_format={"type": "json_schema", "json_schema": {"name": "x", "nmae": "y",
+                                                                                    "schema": {}}}),
+             _chat_row("g", response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": "yes",
+                                                                                    "schema": {}}}),
+             _chat_row("h", response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+             _chat_row("i", response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": None,
+                                                                                    "description": "d", "schema": {}}})]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "batch.jsonl", batch), tmp_path / "batch.out.jsonl")
     errors = {key: message for key, (_, message) in _errors(out).items()}
-    assert "a" not in errors and stats.errors == 4
+    assert "a" not in errors and "i" not in errors and stats.errors == 7
+    assert 'response_format.json_schema takes name, description, schema, strict; it has "nmae"' in errors["f"]
+    assert 'response_format.json_schema.strict must be true, false or null, got "yes"' in errors["g"]
+    assert "response_format.json_schema.name must be a string (required), got null" in errors["h"]
     assert "url must be" in errors["b"] and "chat_template_kwargs must be an object" in errors["c"]
     assert 'response_format of type "json_object" takes no schema' in errors["d"]
     assert 'response_format.type must be one of "text", "json_object", "json_schema", got "xml"' in errors["e"]

@@ -286,6 +286,10 @@ def _check_limits(body: dict) -> None:
 _RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
 
 
+_JSON_SCHEMA_TYPES = {"name": (str, "a string (required)"), "description": (str, "a string"),
+                      "schema": (dict, "an object"), "strict": (bool, "true, false or null")}
+
+
 def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
     """OpenAI's ``response_format`` as ``StructuredOutputsParams`` fields (None for plain text)."""
     if not isinstance(response_format, dict):
@@ -306,6 +310,16 @@ def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise RowError("response_format.json_schema must be an object with a 'schema' object", "response_format")
+    # OpenAI's (and vLLM's JsonSchemaResponseFormat) fields; the schema is enforced whatever strict says, as in vLLM.
+    unknown = sorted(k for k in spec if k not in _JSON_SCHEMA_TYPES)
+    if unknown:
+        raise RowError(f"response_format.json_schema takes {', '.join(_JSON_SCHEMA_TYPES)}; it has "
+                       f"{', '.join(map(json_text, unknown))}", "response_format")
+    for name, (kind, words) in _JSON_SCHEMA_TYPES.items():
+        value = spec.get(name)
+        if (value is not None or name == "name") and not isinstance(value, kind):
+            raise RowError(f"response_format.json_schema.{name} must be {words}, got {json_text(value, 40)}",
+                           "response_format")
     schema = schema_without_nulls(spec["schema"], value_nulls)
     problem = schema_problem(schema)
     if problem:  # here, to name the row's field (the engine would name structured_outputs.json)
