@@ -39,7 +39,9 @@ def read_output(path) -> list[dict]:
 
 
 def run(model, inp, out, tty=False, sampling=None, **kw):
+    """The job, whose rows may carry their own chat template (the tiny model has none)."""
     sampling = {"temperature": 0.0, "max_tokens": 6} if sampling is None else sampling
+    kw.setdefault("trust_request_chat_template", True)
     config = JobConfig(input=str(inp), output=str(out), model=model, engine=dict(ENGINE), sampling=sampling, **kw)
     stats, interrupted = run_job(config, tty=tty)
     assert interrupted is None
@@ -156,7 +158,7 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         {"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}},
     ]
     inp = write_jsonl(tmp_path / "batch.jsonl", rows)
-    config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine=dict(ENGINE),
+    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine=dict(ENGINE),
                        served_model_names=["tiny"])
     stats, _ = run_job(config, tty=False)
     out = by_id(read_output(tmp_path / "out.jsonl"), "custom_id")
@@ -220,7 +222,7 @@ def test_output_is_never_overwritten_and_resume_checks_settings(llama_dir, tmp_p
     run(llama_dir, inp, out)
     with pytest.raises(ValueError, match="exists; pass --resume"):
         run(llama_dir, inp, out)
-    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE), resume=True,
+    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE), resume=True,
                        sampling={"temperature": 0.5, "max_tokens": 6})
     with pytest.raises(ValueError, match="sampling: started with"):
         run_job(config)
@@ -544,7 +546,7 @@ def test_values_json_has_no_literal_for_are_written_as_json_reads_them(llama_dir
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "u": pa.array([uuid.UUID(int=7).bytes] * 2, pa.uuid()),
                              "score": [float("nan"), 1.5]}), inp)
     out = tmp_path / "out.jsonl"
-    stats, _ = run_job(JobConfig(input=str(inp), output=str(out), model=llama_dir, engine={"dtype": "float32"},
+    stats, _ = run_job(JobConfig(trust_request_chat_template=True, input=str(inp), output=str(out), model=llama_dir, engine={"dtype": "float32"},
                                  sampling={"max_tokens": 2}), tty=False)
     assert (stats.rows, stats.completed, stats.errors) == (2, 2, 0)
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the output")) for line in
@@ -810,6 +812,37 @@ def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record
                           engine=dict(ENGINE, chat_template=str(template_file)), sampling={"max_tokens": 2}))
 
 
+def test_a_rows_own_chat_template_needs_the_job_to_trust_it(llama_dir, tmp_path):
+    """Found by a hunt: a row's template of two nested range(100000) loops held the whole job (no
+    row was written). As vLLM's server, a job takes a row's own template only with
+    --trust-request-chat-template; without it that row is its error and the others run."""
+    from pagedlm.entrypoints.cli import run_main
+
+    chat = [{"role": "user", "content": "Hi"}]
+    stall = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    rows = [{"id": 1, "prompt": "a"}, {"id": 2, "messages": chat, "chat_template": stall},
+            _openai_row("3", "/v1/chat/completions", {"messages": chat, "chat_template": TEMPLATE})]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows[:2])
+    _, out = run(llama_dir, inp, tmp_path / "out.jsonl", trust_request_chat_template=False)
+    got = by_id(out)
+    assert got[1]["error"] is None
+    assert got[2]["error"].startswith("line 2: chat_template: a row's own chat template is taken only with "
+                                      "--trust-request-chat-template")
+    _, out = run(llama_dir, write_jsonl(tmp_path / "b.jsonl", rows[2:]), tmp_path / "b.out.jsonl",
+                 trust_request_chat_template=False)
+    assert out[0]["response"]["body"]["error"]["param"] == "chat_template"
+    assert "body.chat_template: a row's own chat template" in out[0]["response"]["body"]["error"]["message"]
+    args = ["--input", write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "messages": chat, "chat_template": TEMPLATE}]),
+            "--model", llama_dir, "--max-tokens", "2", "--dtype", "float32"]
+    assert run_main(args + ["--output", str(tmp_path / "c.out.jsonl"), "--trust-request-chat-template"]) == 0
+    assert read_output(tmp_path / "c.out.jsonl")[0]["error"] is None
+    record = json.load(open(tmp_path / "c.out.jsonl.job.json"))
+    assert record["trust_request_chat_template"] is True
+    with pytest.raises(ValueError, match="trust_request_chat_template: started with True, now False"):
+        run(llama_dir, tmp_path / "c.jsonl", tmp_path / "c.out.jsonl", resume=True, trust_request_chat_template=False,
+            sampling={"max_tokens": 2})
+
+
 def test_a_rows_chat_template_is_never_read_from_a_file(llama_dir, tmp_path):
     """Found by a hunt: a row's chat_template naming a local file rendered the file's text into the
     prompt (a plain row got it back through prompt_logprobs), as vLLM's server refuses to."""
@@ -878,7 +911,7 @@ def test_openai_rows_take_vllm_s_cache_salt(llama_dir, tmp_path):
                 == got[row]["response"]["body"]["choices"][0]["text"]
     from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     assert fmt.parse(rows[0], "a1").prompt == {"prompt": prefix, "cache_salt": "a"}
     assert fmt.parse(rows[1], "c1").prompt.cache_salt == "a"
 
@@ -999,7 +1032,8 @@ def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp
     stats, _ = run(llama_dir, inp, out, resume=True)  # the same settings: nothing left to run
     assert stats.skipped == 2
     stats, _ = run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
-                                 sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"}))
+                                 sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"},
+                                 trust_request_chat_template=True))
     assert stats.skipped == 2  # a default given explicitly is the same job
 
 
@@ -1031,7 +1065,7 @@ def test_a_parquet_struct_s_nulls_do_not_reach_a_plain_row_s_tools(llama_dir):
              {"type": "function", "function": {"name": "b", "parameters": {"type": "object"}}}]
     rows = pa.Table.from_pylist([{"id": i, "messages": [{"role": "user", "content": "hi"}], "tools": [tool],
                                   "chat_template": template} for i, tool in enumerate(tools)]).to_pylist()
-    fmt = PlainFormat(AutoTokenizer.from_pretrained(llama_dir), {}, arrow_rows=True)
+    fmt = PlainFormat(AutoTokenizer.from_pretrained(llama_dir), {}, arrow_rows=True, trust_request_chat_template=True)
     assert [fmt.parse(row, row["id"]).prompt.text for row in rows] == [json.dumps([tool]) + "hi" for tool in tools]
 
 
@@ -1383,7 +1417,7 @@ def test_a_row_asking_for_more_logprobs_than_the_job_allows_is_its_error(llama_d
     _, out = run(llama_dir, inp, tmp_path / "out.jsonl")
     got = by_id(out)
     assert "exceeds max_logprobs (20)" in got[1]["error"] and got[2]["error"] is None
-    config = JobConfig(input=inp, output=str(tmp_path / "all.jsonl"), model=llama_dir,
+    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(tmp_path / "all.jsonl"), model=llama_dir,
                        engine={**ENGINE, "max_logprobs": -1}, sampling={"temperature": 0.0, "max_tokens": 2})
     run_job(config)
     assert [r["error"] for r in read_output(tmp_path / "all.jsonl")] == [None, None]
@@ -1425,7 +1459,7 @@ def test_parquet_rows_of_different_json_schemas_each_keep_their_own(llama_dir, t
     table = pa.table({"custom_id": ["a", "b"], "method": ["POST"] * 2, "url": ["/v1/chat/completions"] * 2,
                       "body": bodies})
     pq.write_table(table, tmp_path / "in.parquet")
-    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+    config = JobConfig(trust_request_chat_template=True, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
                        engine={**ENGINE, "chat_template": TEMPLATE}, sampling={"temperature": 0.0})
     run_job(config)
     out = read_output(tmp_path / "out.jsonl")
@@ -1473,7 +1507,7 @@ def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
     from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
     from pagedlm.entrypoints.jobs.rows import RowError
 
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     prompt = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE} if "chat" in url else \
         {"prompt": "Hi"}
     assert fmt.parse(_openai_row("a", url, {**prompt, "echo": False}), "a").prompt

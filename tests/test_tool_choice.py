@@ -35,7 +35,7 @@ def _row(custom_id, template=TOOLS_TEMPLATE, **body):
 
 
 def run(model, rows, tmp_path):
-    config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"), model=model,
+    config = JobConfig(trust_request_chat_template=True, input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"), model=model,
                        engine=dict(ENGINE))
     stats, interrupted = run_job(config, tty=False)
     assert interrupted is None
@@ -87,7 +87,7 @@ def test_named_and_required_tool_choices_are_written_as_tool_calls(llama_dir, tm
 
 
 def test_the_tools_reach_the_template(llama_dir):
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     for choice in ("none", "required", {"type": "function", "function": {"name": "set_unit"}}):
         prompt = fmt.parse(_row("a", tools=[UNIT], tool_choice=choice), "a").prompt
         assert prompt.text.startswith("set_unit ")
@@ -96,7 +96,7 @@ def test_the_tools_reach_the_template(llama_dir):
 def test_tools_the_template_does_not_read(llama_dir, caplog):
     """With a call to make, the grammar still holds it to the parameters (warned once); with
     tool_choice "none" the tools would change nothing: the row's error."""
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     plain = fmt.parse(_row("a", template=CHAT_TEMPLATE), "a").prompt
     with caplog.at_level(logging.WARNING, logger="pagedlm"):
         for key in ("a", "b"):
@@ -146,7 +146,7 @@ def test_tools_the_template_does_not_read(llama_dir, caplog):
      '\\$defs "Mode" twice'),
 ])
 def test_bad_tools_are_the_rows_error_naming_the_field(llama_dir, tmp_path, body, param, message):
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     with pytest.raises(RowError, match=message) as exc:
         fmt.parse(_row("a", **body), "a")
     assert exc.value.param == param
@@ -156,7 +156,7 @@ def test_bad_tools_are_the_rows_error_naming_the_field(llama_dir, tmp_path, body
 def test_a_tool_the_choice_does_not_compile_is_not_read_by_xgrammar(llama_dir, choice):
     """A review: xgrammar's converter refused parameters that the choice never compiles (vLLM
     compiles only the chosen function's, and none for "none")."""
-    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {})
+    fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     assert fmt.parse(_row("a", tools=[UNIT, UNREADABLE], tool_choice=choice), "a").context.tool_choice is not None
 
 
@@ -205,7 +205,7 @@ def test_parquet_rows_tools_take_no_other_rows_const(llama_dir, tmp_path):
     rows = [_row("free", tools=[tool({"type": "string", "maxLength": 3})], tool_choice="required", logit_bias=bias),
             _row("on", tools=[tool({"const": "on"})], tool_choice="required", logit_bias=bias)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+    config = JobConfig(trust_request_chat_template=True, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
                        engine=dict(ENGINE))
     stats, _ = run_job(config, tty=False)
     assert (stats.completed, stats.errors) == (2, 0)

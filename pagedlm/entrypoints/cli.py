@@ -71,6 +71,10 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
                         help="a name OpenAI rows' body.model may give, replacing the default names (repeatable; "
                              "default: --model as given and its basename)")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="take a row's own chat_template (vLLM's server flag): a template is code the job "
+                             "runs, and a loop in one can hold the job; without it such a row is its error "
+                             "(--chat-template sets the job's)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="most requests queued in the engine at once (default: twice max_num_seqs)")
     parser.add_argument("--progress-interval", type=float, default=None,
@@ -128,7 +132,7 @@ def run_main(argv: list[str]) -> int:
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,
         served_model_names=args.served_model_names, sampling=sampling, engine=engine,
-        max_in_flight=args.max_in_flight,
+        max_in_flight=args.max_in_flight, trust_request_chat_template=args.trust_request_chat_template,
         **({} if args.progress_interval is None else {"progress_interval": args.progress_interval}),
     )
     if not args.ray and (args.ray_address or args.num_actors != 1 or args.threads_per_actor or args.cpus_per_actor):

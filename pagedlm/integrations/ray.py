@@ -67,6 +67,9 @@ class PagedLMProcessorConfig:
             says so when the cluster Ray has joined is that small: ``leaves_a_cpu``).
         torch_threads: intra-op threads of each actor's ``LLM`` (default: the CPUs it reserves,
             ``num_cpus`` rounded down, at least 1; one for an actor without ``num_cpus``).
+        trust_request_chat_template: take a row's own ``chat_template`` (vLLM's server flag): a
+            template is code the actors run, and a loop in one can hold a batch; else such a row is
+            its error.
     """
 
     model_source: str | None = None
@@ -77,6 +80,7 @@ class PagedLMProcessorConfig:
     num_cpus: float | None = None
     num_gpus: float | None = None
     torch_threads: int | None = None
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if type(self.batch_size) is not int or self.batch_size < 1:
@@ -207,7 +211,8 @@ class PagedLMStage:
         torch.set_num_threads(config.threads)
         self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
         self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params),
-                               arrow_rows=not json_lines_in)
+                               arrow_rows=not json_lines_in,
+                               trust_request_chat_template=config.trust_request_chat_template)
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
         self.done_ids = set(done_ids or ())

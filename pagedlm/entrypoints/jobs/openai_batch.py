@@ -21,8 +21,8 @@ from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    JobRow, RowError, RowKey, chat_error, json_text, row_names, sampling_params_from, schema_without_nulls,
-    without_nulls,
+    JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names, sampling_params_from,
+    schema_without_nulls, without_nulls,
 )
 from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
@@ -86,6 +86,8 @@ class OpenAIBatchFormat:
             ``reasoning`` (vLLM's field) and the rest as ``content`` (``ReasoningParser.split``).
         arrow_rows: rows are read from Arrow (Parquet), where a null is unset even as a schema's
             ``const`` or ``default`` (``schema_without_nulls``).
+        trust_request_chat_template: a body's own ``chat_template`` is taken (vLLM's server flag);
+            else such a row is its error (``check_request_chat_template``).
     """
 
     key_field = "custom_id"
@@ -93,8 +95,10 @@ class OpenAIBatchFormat:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any], names_given: bool = False,
-                 reasoning_parser: ReasoningParser | None = None, arrow_rows: bool = False) -> None:
+                 reasoning_parser: ReasoningParser | None = None, arrow_rows: bool = False,
+                 trust_request_chat_template: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.trust_request_chat_template = trust_request_chat_template
         self._token_bytes = TokenBytes(tokenizer)
         self.served_model_names = served_model_names
         self.names_given = names_given
@@ -151,6 +155,7 @@ class OpenAIBatchFormat:
         if url == CHAT_URL:
             tool_choice = tool_choice_of(body, self.value_nulls)
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
+            check_request_chat_template(options, self.trust_request_chat_template, "body.")
             if tool_choice is not None:
                 options["tools"] = tool_choice.tools
             prompt = self._render_chat(body.get("messages"), options, tool_choice)

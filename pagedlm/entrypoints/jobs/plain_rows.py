@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, json_text, row_names, sampling_params_from,
-    schema_without_nulls, without_nulls,
+    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names,
+    sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.utils import FieldError
@@ -33,14 +33,18 @@ RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "pro
 class PlainFormat:
     """Reads and writes plain rows; ``defaults`` are the job's sampling defaults under each row's.
     ``arrow_rows``: rows are read from Arrow (Parquet, Ray Data), where a null is unset even as a
-    schema's ``const`` or ``default`` (``schema_without_nulls``)."""
+    schema's ``const`` or ``default`` (``schema_without_nulls``). ``trust_request_chat_template``: a
+    row's own ``chat_template`` is taken (vLLM's server flag); else such a row is its error
+    (``check_request_chat_template``)."""
 
     key_field = "id"
     integer_keys = True
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False,
+                 trust_request_chat_template: bool = False) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults
+        self.trust_request_chat_template = trust_request_chat_template
         self.value_nulls = not arrow_rows
         self._warned_columns: set[str] = set()
 
@@ -73,6 +77,7 @@ class PlainFormat:
                 raise RowError(f"prompt must be a string, got {type(value).__name__}", "prompt")
             prompt = value
         elif column == "messages":
+            check_request_chat_template(options, self.trust_request_chat_template)
             try:
                 prompt = render_chat(self.tokenizer, value, **options, template_files=False)
             except FieldError as exc:

@@ -74,6 +74,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         model_source=config.model, engine_kwargs=job_engine_kwargs(config), sampling_params=dict(config.sampling),
         concurrency=num_actors, batch_size=config.max_in_flight or 256,
         num_cpus=cpus_per_actor if cpus_per_actor is not None else torch_threads, torch_threads=torch_threads,
+        trust_request_chat_template=config.trust_request_chat_template,
     )
     if address not in (None, "auto"):
         _check_reachable(address)

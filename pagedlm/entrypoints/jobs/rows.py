@@ -195,6 +195,21 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
     return RowError(json_words(prefix + message), name)
 
 
+def check_request_chat_template(options: dict[str, Any], trusted: bool, prefix: str = "") -> None:
+    """A row's own ``chat_template`` is taken only where the job trusts request templates (vLLM's
+    server flag, ``--trust-request-chat-template``): a template is code the job runs, and a loop in
+    one can hold the whole job (a hunt: two nested ``range(100000)`` loops in one row's template).
+
+    Raises:
+        RowError: the row has a ``chat_template`` and the job does not trust it.
+    """
+    if "chat_template" in options and not trusted:
+        raise RowError(f"{prefix}chat_template: a row's own chat template is taken only with "
+                       "--trust-request-chat-template (vLLM's server flag; on Ray, PagedLMProcessorConfig's "
+                       "trust_request_chat_template): a template is code the job runs; or give the job's "
+                       "--chat-template", "chat_template")
+
+
 def chat_error(exc: FieldError, prefix: str = "") -> RowError:
     """A ``render_chat`` error as the row's error, naming the row's field (its argument's name)."""
     message = str(exc)

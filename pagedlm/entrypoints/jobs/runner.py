@@ -65,6 +65,9 @@ class JobConfig:
     max_in_flight: int | None = None
     progress_interval: float = 10.0
     sync_interval: float = 2.0
+    # A row's own chat_template is taken (vLLM's --trust-request-chat-template): a template is code
+    # the job runs, and a loop in one can hold the job; else such a row is its error.
+    trust_request_chat_template: bool = False
 
 
 class JobInterrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
@@ -360,15 +363,17 @@ def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: L
     command line's. ``model_name`` is the model as the user named it (None: the embedded one);
     ``arrow_rows``: the input is Parquet."""
     defaults = sampling_defaults(llm, config.sampling)
+    trusted = config.trust_request_chat_template
     if fmt_name == "plain":
-        return PlainFormat(llm.get_tokenizer(), defaults, arrow_rows)
+        return PlainFormat(llm.get_tokenizer(), defaults, arrow_rows, trusted)
     if model_name:
         names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
     return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
                              names_given=bool(config.served_model_names),
-                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows)
+                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows,
+                             trust_request_chat_template=trusted)
 
 
 def _gate_parser(llm: LLM) -> ReasoningParser | None:
@@ -542,6 +547,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         "generation_config": config.engine.get("generation_config", "auto"),
         "served_model_names": config.served_model_names,
         "engine": engine,
+        "trust_request_chat_template": config.trust_request_chat_template,
     }
 
 
@@ -568,6 +574,7 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
                              f"({recorded if isinstance(recorded, Exception) else 'not a JSON object'}); restore it "
                              "or start the job afresh")
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
+        recorded.setdefault("trust_request_chat_template", False)  # or before that flag
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
             recorded["engine"] = {k: v for k, v in recorded["engine"].items() if _JOB_DEFAULTS.get(k, v) != v}
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
