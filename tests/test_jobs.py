@@ -1379,10 +1379,12 @@ def test_one_row_of_an_unexpected_shape_is_its_own_error(llama_dir, tmp_path):
                                                                                     "schema": {}}}),
              _chat_row("h", response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
              _chat_row("i", response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": None,
-                                                                                    "description": "d", "schema": {}}})]
+                                                                                    "description": "d", "schema": {}}}),
+             _openai_row("j", "/v1/chat/completions", {"max_tokens": 2})]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "batch.jsonl", batch), tmp_path / "batch.out.jsonl")
     errors = {key: message for key, (_, message) in _errors(out).items()}
-    assert "a" not in errors and "i" not in errors and stats.errors == 7
+    assert "a" not in errors and "i" not in errors and stats.errors == 8
+    assert "body.messages: a conversation must be a list of messages, got null" in errors["j"]  # not "NoneType"
     assert 'response_format.json_schema takes name, description, schema, strict; it has "nmae"' in errors["f"]
     assert 'response_format.json_schema.strict must be true, false or null, got "yes"' in errors["g"]
     assert "response_format.json_schema.name must be a string (required), got null" in errors["h"]

@@ -99,7 +99,8 @@ def parse_conversation(conversation: object, content_format: str = "string") -> 
 def _parse_messages(conversation: object) -> Conversation:
     """``parse_conversation``'s messages, their content still a list of text parts."""
     if not isinstance(conversation, Sequence) or isinstance(conversation, str):
-        raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
+        got = "None" if conversation is None else type(conversation).__name__  # a row's null, not "NoneType"
+        raise ValueError(f"a conversation must be a list of messages, got {got}")
     if not conversation:
         raise ValueError("a conversation must have at least one message")
     return [_parse_message(i, message) for i, message in enumerate(conversation)]
