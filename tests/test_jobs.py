@@ -1443,6 +1443,22 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
         (tmp_path / "out.jsonl.job.json").write_text(damage)
         with pytest.raises(ValueError, match=r"out.jsonl.job.json \(the job's settings, written when it started\) is damaged"):
             run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    # A request-fields column of JSON text, or an integer field of it stored as floats (pandas'
+    # integers with a missing value), made every row an error that a resume then skipped (a hunt).
+    for name, table, match in [
+        ("f1", {"id": [1, 2], "prompt": ["a", "b"], "sampling_params": [{"max_tokens": 2.0}, {"max_tokens": None}]},
+         r"sampling_params.max_tokens is double; it must be integers"),
+        ("f2", {"id": [1], "prompt": ["a"], "sampling_params": ['{"max_tokens": 2}']},
+         r"column 'sampling_params' is string; it must hold objects"),
+    ]:
+        pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
+        with pytest.raises(ValueError, match=match):
+            run(llama_dir, tmp_path / f"{name}.parquet", tmp_path / f"{name}.jsonl")
+    batch = [_openai_row("a", "/v1/completions", {"prompt": "a", "max_tokens": 2.0}),
+             _openai_row("b", "/v1/completions", {"prompt": "b", "max_tokens": None})]
+    pq.write_table(pa.Table.from_pylist(batch), tmp_path / "f3.parquet")
+    with pytest.raises(ValueError, match=r"body.max_tokens is double; it must be integers"):
+        run(llama_dir, tmp_path / "f3.parquet", tmp_path / "f3.jsonl")
     # string_view (pyarrow's, Polars') is a string type (a hunt: refused as "not strings").
     ids = pa.array(["a", "b"]).cast(pa.string_view())
     pq.write_table(pa.table({"id": ids, "prompt": ["x", "y"]}), tmp_path / "v.parquet")

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names,
+    INTEGER_SAMPLING_FIELDS, SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names,
     sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
@@ -39,6 +39,8 @@ class PlainFormat:
 
     key_field = "id"
     integer_keys = True
+    fields_column = "sampling_params"
+    integer_fields = INTEGER_SAMPLING_FIELDS
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False,
                  trust_request_chat_template: bool = False) -> None:

@@ -25,7 +25,7 @@ from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, fil
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_id_column, check_input_file, check_record, check_result_columns,
+    JobConfig, JobInterrupted, check_column_types, check_input_file, check_record, check_result_columns,
     check_served_model_names, job_engine_kwargs, job_record, read_input, signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
@@ -67,7 +67,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                          "without --ray")
     check_served_model_names(config, "plain")
     check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, PlainFormat)
+    check_column_types(config.input, in_kind, PlainFormat)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(

@@ -19,6 +19,8 @@ logger = logging.getLogger("pagedlm")
 # sets it), fields only one's own code reads, and the Python type of logprobs (a job writes JSON).
 _ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone", "flat_logprobs"})
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
+INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
+                                if f.name in SAMPLING_FIELDS and f.type in (int, int | None))
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 
@@ -59,6 +61,9 @@ class JobFormat(Protocol):
 
     key_field: str  # the field that holds a row's id, in input and output rows alike
     integer_keys: bool  # whether an id may be an integer (else strings only)
+    # The column that holds a row's request fields (an object), and those of its fields that are integers.
+    fields_column: str
+    integer_fields: tuple[str, ...]
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of(row)``."""

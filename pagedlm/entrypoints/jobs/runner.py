@@ -124,7 +124,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
         check_result_columns(config.input, in_kind)
-    check_id_column(config.input, in_kind, PlainFormat if fmt_name == "plain" else OpenAIBatchFormat)
+    check_column_types(config.input, in_kind, PlainFormat if fmt_name == "plain" else OpenAIBatchFormat)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -307,11 +307,13 @@ def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:
     return {"max_logprobs": JOB_MAX_LOGPROBS, **config.engine}
 
 
-def check_id_column(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
-    """Refuse a Parquet input whose id column (``fmt.key_field``) holds ids the format does not
-    take (e.g. float64, which pandas writes for an integer column with a missing value, or
-    integers as OpenAI's ``custom_id``): every row would be an error, and a resume would count
-    them done.
+def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
+    """Refuse a Parquet input with a column whose type makes an error of every row that sets it, as
+    the model would only find row by row (and a resume would count those rows done): an id column
+    (``fmt.key_field``) of ids the format does not take (float64, which pandas writes for an integer
+    column with a missing value; integers as OpenAI's ``custom_id``), a request-fields column
+    (``fmt.fields_column``) that is no object (JSON text), and one of its integer fields stored as
+    floats (pandas' integers with a missing value again).
 
     Raises:
         ValueError: naming the column, its type and the types allowed.
@@ -322,20 +324,32 @@ def check_id_column(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
 
     schema = input_schema(path, in_kind)
     key_field = fmt.key_field
-    if key_field not in schema.names:
+    if key_field in schema.names:
+        kind = schema.field(key_field).type
+        value = kind.value_type if pa.types.is_dictionary(kind) else kind
+        # string_view: pyarrow 16's (and Polars') string type; none before.
+        is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
+        text = pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value)
+        if fmt.integer_keys and not (text or pa.types.is_integer(value)):
+            raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers "
+                             f"(cast it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
+        if not fmt.integer_keys and not text:
+            raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; {key_field} must be strings (cast it "
+                             f"first, e.g. pandas' df[{key_field!r}].astype(str))")
+    column = fmt.fields_column
+    if column not in schema.names:
         return
-    kind = schema.field(key_field).type
-    value = kind.value_type if pa.types.is_dictionary(kind) else kind
-    # string_view: pyarrow 16's (and Polars') string type; none before.
-    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
-    if pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value) \
-            or fmt.integer_keys and pa.types.is_integer(value):
+    kind = schema.field(column).type
+    if pa.types.is_null(kind):  # every row's is null: unset
         return
-    if fmt.integer_keys:
-        raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
-                         f"it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
-    raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; {key_field} must be strings (cast it first, "
-                     f"e.g. pandas' df[{key_field!r}].astype(str))")
+    if not (pa.types.is_struct(kind) or pa.types.is_map(kind)):
+        raise ValueError(f"--input {path!r}: column {column!r} is {kind}; it must hold objects (a struct or map "
+                         "column), as JSON text in a column is not read")
+    children = [kind.field(i) for i in range(kind.num_fields)] if pa.types.is_struct(kind) else []
+    for child in children:
+        if child.name in fmt.integer_fields and pa.types.is_floating(child.type):
+            raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be integers (cast it "
+                             f"first, e.g. pandas' Int64 for whole numbers with missing values)")
 
 
 def check_result_columns(path: str, in_kind: str) -> None:
