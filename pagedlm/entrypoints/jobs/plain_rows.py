@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    INTEGER_SAMPLING_FIELDS, SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names,
-    sampling_params_from, schema_without_nulls, without_nulls,
+    INTEGER_SAMPLING_FIELDS, SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template,
+    json_text, row_names, sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.utils import FieldError

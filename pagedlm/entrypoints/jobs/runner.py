@@ -320,27 +320,34 @@ def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
     """
     if in_kind != "parquet":
         return
+    schema = input_schema(path, in_kind)
+    if fmt.key_field in schema.names:
+        _check_id_type(path, fmt, schema.field(fmt.key_field).type)
+    if fmt.fields_column in schema.names:
+        _check_fields_type(path, fmt, schema.field(fmt.fields_column).type)
+
+
+def _check_id_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
     import pyarrow as pa
 
-    schema = input_schema(path, in_kind)
     key_field = fmt.key_field
-    if key_field in schema.names:
-        kind = schema.field(key_field).type
-        value = kind.value_type if pa.types.is_dictionary(kind) else kind
-        # string_view: pyarrow 16's (and Polars') string type; none before.
-        is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
-        text = pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value)
-        if fmt.integer_keys and not (text or pa.types.is_integer(value)):
-            raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers "
-                             f"(cast it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
-        if not fmt.integer_keys and not text:
-            raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; {key_field} must be strings (cast it "
-                             f"first, e.g. pandas' df[{key_field!r}].astype(str))")
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    # string_view: pyarrow 16's (and Polars') string type; none before.
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
+    text = pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value)
+    if fmt.integer_keys and not (text or pa.types.is_integer(value)):
+        raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
+                         f"it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
+    if not fmt.integer_keys and not text:
+        raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; {key_field} must be strings (cast it "
+                         f"first, e.g. pandas' df[{key_field!r}].astype(str))")
+
+
+def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
+    import pyarrow as pa
+
     column = fmt.fields_column
-    if column not in schema.names:
-        return
-    kind = schema.field(column).type
-    if pa.types.is_null(kind):  # every row's is null: unset
+    if pa.types.is_null(kind):  # null in every row: unset
         return
     if not (pa.types.is_struct(kind) or pa.types.is_map(kind)):
         raise ValueError(f"--input {path!r}: column {column!r} is {kind}; it must hold objects (a struct or map "
