@@ -231,7 +231,8 @@ def test_misspelt_message_keys_are_refused(llm):
     name or task that is not a str, and a text part without its text are refused, naming them;
     the fields of a response's assistant message handed back are taken (and not rendered, as in vLLM)."""
     for message, match in [
-        ({"role": "user", "contnet": "q"}, r"message 0 has unknown key\(s\) 'contnet'; a message takes 'role', 'content'"),
+        ({"role": "user", "contnet": "q"},
+         r"message 0 has unknown key\(s\) 'contnet'; a message takes 'role', 'content'"),
         ({"role": "user", "content": "q", "name": 5}, "message 0: 'name' must be a str, got int"),
         ({"role": "user", "content": [{"type": "text", "txt": "q"}]}, "message 0: a 'text' part has no 'text'"),
         ({"role": "user", "content": [{"type": "refusal"}]}, "message 0: a 'refusal' part has no 'refusal'"),

@@ -158,8 +158,8 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
         {"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}},
     ]
     inp = write_jsonl(tmp_path / "batch.jsonl", rows)
-    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine=dict(ENGINE),
-                       served_model_names=["tiny"])
+    config = JobConfig(input=inp, output=str(tmp_path / "out.jsonl"), model=llama_dir, engine=dict(ENGINE),
+                       served_model_names=["tiny"], trust_request_chat_template=True)
     stats, _ = run_job(config, tty=False)
     out = by_id(read_output(tmp_path / "out.jsonl"), "custom_id")
     assert sorted(out) == sorted(r["custom_id"] for r in rows) and stats.errors == 6
@@ -222,8 +222,8 @@ def test_output_is_never_overwritten_and_resume_checks_settings(llama_dir, tmp_p
     run(llama_dir, inp, out)
     with pytest.raises(ValueError, match="exists; pass --resume"):
         run(llama_dir, inp, out)
-    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE), resume=True,
-                       sampling={"temperature": 0.5, "max_tokens": 6})
+    config = JobConfig(input=inp, output=str(out), model=llama_dir, engine=dict(ENGINE), resume=True,
+                       sampling={"temperature": 0.5, "max_tokens": 6}, trust_request_chat_template=True)
     with pytest.raises(ValueError, match="sampling: started with"):
         run_job(config)
     stats, rows = run(llama_dir, inp, out, resume=True)  # same settings: nothing left to do
@@ -546,7 +546,7 @@ def test_values_json_has_no_literal_for_are_written_as_json_reads_them(llama_dir
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "u": pa.array([uuid.UUID(int=7).bytes] * 2, pa.uuid()),
                              "score": [float("nan"), 1.5]}), inp)
     out = tmp_path / "out.jsonl"
-    stats, _ = run_job(JobConfig(trust_request_chat_template=True, input=str(inp), output=str(out), model=llama_dir, engine={"dtype": "float32"},
+    stats, _ = run_job(JobConfig(input=str(inp), output=str(out), model=llama_dir, engine={"dtype": "float32"},
                                  sampling={"max_tokens": 2}), tty=False)
     assert (stats.rows, stats.completed, stats.errors) == (2, 2, 0)
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the output")) for line in
@@ -1419,8 +1419,9 @@ def test_a_row_asking_for_more_logprobs_than_the_job_allows_is_its_error(llama_d
     _, out = run(llama_dir, inp, tmp_path / "out.jsonl")
     got = by_id(out)
     assert "exceeds max_logprobs (20)" in got[1]["error"] and got[2]["error"] is None
-    config = JobConfig(trust_request_chat_template=True, input=inp, output=str(tmp_path / "all.jsonl"), model=llama_dir,
-                       engine={**ENGINE, "max_logprobs": -1}, sampling={"temperature": 0.0, "max_tokens": 2})
+    config = JobConfig(input=inp, output=str(tmp_path / "all.jsonl"), model=llama_dir,
+                       engine={**ENGINE, "max_logprobs": -1}, sampling={"temperature": 0.0, "max_tokens": 2},
+                       trust_request_chat_template=True)
     run_job(config)
     assert [r["error"] for r in read_output(tmp_path / "all.jsonl")] == [None, None]
 
@@ -1477,8 +1478,9 @@ def test_parquet_rows_of_different_json_schemas_each_keep_their_own(llama_dir, t
     table = pa.table({"custom_id": ["a", "b"], "method": ["POST"] * 2, "url": ["/v1/chat/completions"] * 2,
                       "body": bodies})
     pq.write_table(table, tmp_path / "in.parquet")
-    config = JobConfig(trust_request_chat_template=True, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
-                       engine={**ENGINE, "chat_template": TEMPLATE}, sampling={"temperature": 0.0})
+    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+                       engine={**ENGINE, "chat_template": TEMPLATE}, sampling={"temperature": 0.0},
+                       trust_request_chat_template=True)
     run_job(config)
     out = read_output(tmp_path / "out.jsonl")
     assert [row["error"] for row in out] == [None, None]

@@ -200,7 +200,8 @@ def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_
             _row("plain", max_tokens=6, skip_special_tokens=False, thinking_token_budget=2,
                  chat_template=CHAT_TEMPLATE + "<think>")]
     config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"),
-                       model=think_dir, engine={"dtype": "float32", "max_model_len": 128, "reasoning_parser": "qwen3"})
+                       model=think_dir, engine={"dtype": "float32", "max_model_len": 128, "reasoning_parser": "qwen3"},
+                       trust_request_chat_template=True)
     stats, _ = run_job(config, tty=False)
     assert (stats.completed, stats.errors) == (3, 0)
     got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"] for r in read_output(tmp_path / "out.jsonl")}

@@ -35,8 +35,8 @@ def _row(custom_id, template=TOOLS_TEMPLATE, **body):
 
 
 def run(model, rows, tmp_path):
-    config = JobConfig(trust_request_chat_template=True, input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"), model=model,
-                       engine=dict(ENGINE))
+    config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"), model=model,
+                       engine=dict(ENGINE), trust_request_chat_template=True)
     stats, interrupted = run_job(config, tty=False)
     assert interrupted is None
     return stats, read_output(tmp_path / "out.jsonl")
@@ -205,8 +205,8 @@ def test_parquet_rows_tools_take_no_other_rows_const(llama_dir, tmp_path):
     rows = [_row("free", tools=[tool({"type": "string", "maxLength": 3})], tool_choice="required", logit_bias=bias),
             _row("on", tools=[tool({"const": "on"})], tool_choice="required", logit_bias=bias)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-    config = JobConfig(trust_request_chat_template=True, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
-                       engine=dict(ENGINE))
+    config = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.jsonl"), model=llama_dir,
+                       engine=dict(ENGINE), trust_request_chat_template=True)
     stats, _ = run_job(config, tty=False)
     assert (stats.completed, stats.errors) == (2, 0)
     calls = {r["custom_id"]: json.loads(r["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]
