@@ -239,8 +239,9 @@ def test_misspelt_message_keys_are_refused(llm):
     ]:
         with pytest.raises(ValueError, match=match):
             llm.chat([message], exact(1), use_tqdm=False, chat_template=TEMPLATE)
-    handed_back = {"role": "assistant", "content": "O", "refusal": None, "audio": None, "function_call": None,
-                   "reasoning_content": "r", "tool_calls": None}
+    # The OpenAI SDK's ChatCompletionMessage.model_dump(), and vLLM's reasoning_content.
+    handed_back = {"content": "O", "refusal": None, "role": "assistant", "annotations": [], "audio": None,
+                   "function_call": None, "tool_calls": None, "reasoning_content": "r"}
     out = llm.chat(user("q") + [handed_back, *user("again")], exact(1), use_tqdm=False, chat_template=TEMPLATE)[0]
     assert out.prompt == "<s><|user|>q\n<|assistant|>O\n<|user|>again\n<|assistant|>"
 

@@ -20,11 +20,12 @@ TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "
                   "thinking": "thinking"}
 
 # A message's keys: vLLM's (its CustomChatCompletionMessageParam) and the fields of an OpenAI or vLLM
-# response's assistant message that a conversation hands back and that vLLM does not render either
-# (refusal, audio, function_call, reasoning_content). Any other key is refused: a misspelt "content"
-# would leave its message empty.
+# response's assistant message that a conversation hands back (the OpenAI SDK's
+# ``message.model_dump()``) and that vLLM does not render either (refusal, annotations, audio,
+# function_call, reasoning_content). Any other key is refused: a misspelt "content" would leave its
+# message empty.
 _MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "tools", "task",
-                 "refusal", "audio", "function_call", "reasoning_content")
+                 "refusal", "annotations", "audio", "function_call", "reasoning_content")
 
 # A text part's keys that are not passed on to the template with it (vLLM's content part fields).
 _PART_KEYS = frozenset({"type", "text", "refusal", "thinking", "name", "uuid", "closed", "data", "file",
