@@ -241,7 +241,7 @@ def test_misspelt_message_keys_are_refused(llm):
             llm.chat([message], exact(1), use_tqdm=False, chat_template=TEMPLATE)
     # The OpenAI SDK's ChatCompletionMessage.model_dump(), and vLLM's reasoning_content.
     handed_back = {"content": "O", "refusal": None, "role": "assistant", "annotations": [], "audio": None,
-                   "function_call": None, "tool_calls": None, "reasoning_content": "r"}
+                   "function_call": None, "tool_calls": None, "reasoning_content": "r", "weight": None}  # null: absent
     out = llm.chat(user("q") + [handed_back, *user("again")], exact(1), use_tqdm=False, chat_template=TEMPLATE)[0]
     assert out.prompt == "<s><|user|>q\n<|assistant|>O\n<|user|>again\n<|assistant|>"
 

@@ -821,14 +821,16 @@ def test_a_rows_own_chat_template_needs_the_job_to_trust_it(llama_dir, tmp_path)
     chat = [{"role": "user", "content": "Hi"}]
     stall = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     rows = [{"id": 1, "prompt": "a"}, {"id": 2, "messages": chat, "chat_template": stall},
+            {"id": 4, "messages": chat, "chat_template_kwargs": {"chat_template": stall}},  # render_chat takes it too
             _openai_row("3", "/v1/chat/completions", {"messages": chat, "chat_template": TEMPLATE})]
-    inp = write_jsonl(tmp_path / "in.jsonl", rows[:2])
+    inp = write_jsonl(tmp_path / "in.jsonl", rows[:3])
     _, out = run(llama_dir, inp, tmp_path / "out.jsonl", trust_request_chat_template=False)
     got = by_id(out)
     assert got[1]["error"] is None
-    assert got[2]["error"].startswith("line 2: chat_template: a row's own chat template is taken only with "
-                                      "--trust-request-chat-template")
-    _, out = run(llama_dir, write_jsonl(tmp_path / "b.jsonl", rows[2:]), tmp_path / "b.out.jsonl",
+    for key, line in ((2, 2), (4, 3)):
+        assert got[key]["error"].startswith(f"line {line}: chat_template: a row's own chat template is taken only "
+                                            "with --trust-request-chat-template")
+    _, out = run(llama_dir, write_jsonl(tmp_path / "b.jsonl", rows[3:]), tmp_path / "b.out.jsonl",
                  trust_request_chat_template=False)
     assert out[0]["response"]["body"]["error"]["param"] == "chat_template"
     assert "body.chat_template: a row's own chat template" in out[0]["response"]["body"]["error"]["message"]
@@ -841,6 +843,15 @@ def test_a_rows_own_chat_template_needs_the_job_to_trust_it(llama_dir, tmp_path)
     with pytest.raises(ValueError, match="trust_request_chat_template: started with True, now False"):
         run(llama_dir, tmp_path / "c.jsonl", tmp_path / "c.out.jsonl", resume=True, trust_request_chat_template=False,
             sampling={"max_tokens": 2})
+    # A job recorded before the flag goes on as the resuming run says (its record has no such key).
+    inp = write_jsonl(tmp_path / "d.jsonl", rows[:1])
+    run(llama_dir, inp, tmp_path / "d.out.jsonl")
+    record_path = tmp_path / "d.out.jsonl.job.json"
+    record = json.loads(record_path.read_text())
+    del record["trust_request_chat_template"]
+    record_path.write_text(json.dumps(record))
+    stats, _ = run(llama_dir, inp, tmp_path / "d.out.jsonl", resume=True, trust_request_chat_template=False)
+    assert stats.skipped == 1
 
 
 def test_a_rows_chat_template_is_never_read_from_a_file(llama_dir, tmp_path):
@@ -1451,6 +1462,8 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
          r"sampling_params.max_tokens is double; it must be integers"),
         ("f2", {"id": [1], "prompt": ["a"], "sampling_params": ['{"max_tokens": 2}']},
          r"column 'sampling_params' is string; it must hold objects"),
+        ("f4", {"id": [1], "prompt": ["a"], "sampling_params": [{"stop_token_ids": [2.0]}]},
+         r"sampling_params.stop_token_ids is list<.*double>; it must be integers"),
     ]:
         pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
         with pytest.raises(ValueError, match=match):

@@ -770,6 +770,16 @@ def test_a_completion_cut_inside_a_character_ends_its_last_decoded_token_too(sen
         assert comp.token_ids == forced and comp.text.startswith(" a\ufffd"), extra
         chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
         assert chosen[:2] == [" a", ""] and "".join(chosen) == comp.text, extra
+        # Ended by EOS instead, whose own decoded_token shows the unfinished bytes: nothing is added
+        # twice (a review), whether EOS is in the text or not.
+        eos = llm.get_tokenizer().eos_token_id
+        for include in (False, True):
+            params = params.clone(max_tokens=4, ignore_eos=False, include_stop_str_in_output=include,
+                                  logits_processors=[_forcing(forced + [eos])])
+            comp = llm.generate("banana", params, use_tqdm=False)[0].outputs[0]
+            chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+            assert comp.token_ids == forced + [eos] and chosen[2] == "" and chosen[3].endswith("</s>"), (extra, include)
+            assert "".join(chosen) == comp.text + "</s>", (extra, include)
 
 
 def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):

@@ -128,13 +128,17 @@ def decode_completion(
     return text, detokenizer.flush(token_ids)
 
 
-def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int],
+def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str,
                   end: str) -> MutableSequence[dict[int, Logprob]]:
     """``logprobs`` (a list or ``FlatLogprobs``, one position per token of ``token_ids`` and maybe
     more) with ``end``, the text a finished completion's end adds (``flush``), added to the
-    ``decoded_token`` of the last of ``token_ids``, the tokens its text is made of: so the taken
-    tokens' texts still add up to the completion's."""
+    ``decoded_token`` of the last of ``token_ids`` (the tokens its ``text`` is made of) where their
+    texts fall short of ``text`` by exactly ``end``: so the taken tokens' texts still add up to the
+    completion's. (A stop token's ``decoded_token`` shows the unfinished bytes before it already,
+    ``decode_in_context``: where one ends the completion, fed or not, nothing changes.)"""
     last = len(token_ids) - 1
+    if "".join(logprobs[i][t].decoded_token or "" for i, t in enumerate(token_ids)) + end != text:
+        return logprobs
     position = dict(logprobs[last])
     entry = position[token_ids[last]]
     position[token_ids[last]] = replace(entry, decoded_token=(entry.decoded_token or "") + end)

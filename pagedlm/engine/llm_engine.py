@@ -697,8 +697,8 @@ class LLMEngine:
                     shown = shown[:-1]
                 text, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
                 seq.output_text = text + end
-                if end and seq.logprobs:
-                    seq.logprobs = with_end_text(seq.logprobs, shown, end)
+                if end and seq.logprobs and len(shown) == len(hypothesis.token_ids):  # else a stop token shows it
+                    seq.logprobs = with_end_text(seq.logprobs, shown, seq.output_text, end)
             results.append(seq)
         return results
 
@@ -728,8 +728,8 @@ class LLMEngine:
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
             end = detokenizer.flush(seq.output_token_ids)
             seq.output_text += end
-            if end and seq.logprobs:
-                seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids[: detokenizer.num_fed], end)
+            if end and seq.logprobs and detokenizer.num_fed == len(seq.output_token_ids):  # else a stop token shows it
+                seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params

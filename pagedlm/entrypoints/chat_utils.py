@@ -124,7 +124,8 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         raise ValueError(f"message {i} has no 'role'")
     if not isinstance(role, str):
         raise ValueError(f"message {i}: 'role' must be a str (e.g. 'user'), got {type(role).__name__}")
-    unknown = [key for key in message if key not in _MESSAGE_KEYS]
+    # Null is absent (a Parquet struct gives each row's messages the other rows' keys as nulls).
+    unknown = [key for key, value in message.items() if key not in _MESSAGE_KEYS and value is not None]
     if unknown:
         raise ValueError(f"message {i} has unknown key(s) {', '.join(map(repr, unknown))}; a message takes "
                          f"{', '.join(map(repr, _MESSAGE_KEYS))}")

@@ -19,8 +19,9 @@ logger = logging.getLogger("pagedlm")
 # sets it), fields only one's own code reads, and the Python type of logprobs (a job writes JSON).
 _ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone", "flat_logprobs"})
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
-INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams)
-                                if f.name in SAMPLING_FIELDS and f.type in (int, int | None))
+# Fields of integers, or of lists of them.
+INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_FIELDS
+                                and f.type in (int, int | None, list[int], list[int] | None))
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 
@@ -61,7 +62,8 @@ class JobFormat(Protocol):
 
     key_field: str  # the field that holds a row's id, in input and output rows alike
     integer_keys: bool  # whether an id may be an integer (else strings only)
-    # The column that holds a row's request fields (an object), and those of its fields that are integers.
+    # The column that holds a row's request fields (an object), and those of its fields that are
+    # integers or lists of integers.
     fields_column: str
     integer_fields: tuple[str, ...]
 
@@ -206,9 +208,13 @@ def check_request_chat_template(options: dict[str, Any], trusted: bool, prefix: 
     one can hold the whole job (a hunt: two nested ``range(100000)`` loops in one row's template).
 
     Raises:
-        RowError: the row has a ``chat_template`` and the job does not trust it.
+        RowError: the row has a ``chat_template`` (or a ``chat_template_kwargs`` key of that name,
+            which ``render_chat`` takes as one, as vLLM's server checks) and the job does not trust it.
     """
-    if "chat_template" in options and not trusted:
+    kwargs = options.get("chat_template_kwargs")
+    given = options.get("chat_template") is not None or \
+        isinstance(kwargs, dict) and kwargs.get("chat_template") is not None
+    if given and not trusted:
         raise RowError(f"{prefix}chat_template: a row's own chat template is taken only with "
                        "--trust-request-chat-template (vLLM's server flag; on Ray, PagedLMProcessorConfig's "
                        "trust_request_chat_template): a template is code the job runs; or give the job's "

@@ -354,7 +354,9 @@ def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
                          "column), as JSON text in a column is not read")
     children = [kind.field(i) for i in range(kind.num_fields)] if pa.types.is_struct(kind) else []
     for child in children:
-        if child.name in fmt.integer_fields and pa.types.is_floating(child.type):
+        items = child.type.value_type if pa.types.is_list(child.type) or pa.types.is_large_list(child.type) \
+            else child.type
+        if child.name in fmt.integer_fields and pa.types.is_floating(items):
             raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be integers (cast it "
                              f"first, e.g. pandas' Int64 for whole numbers with missing values)")
 
@@ -595,7 +597,8 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
                              f"({recorded if isinstance(recorded, Exception) else 'not a JSON object'}); restore it "
                              "or start the job afresh")
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
-        recorded.setdefault("trust_request_chat_template", False)  # or before that flag
+        # A job started before that flag took its rows' templates: it goes on as this run says.
+        recorded.setdefault("trust_request_chat_template", record["trust_request_chat_template"])
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
             recorded["engine"] = {k: v for k, v in recorded["engine"].items() if _JOB_DEFAULTS.get(k, v) != v}
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
