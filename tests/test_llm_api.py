@@ -770,6 +770,14 @@ def test_a_completion_cut_inside_a_character_ends_its_last_decoded_token_too(sen
         assert comp.token_ids == forced and comp.text.startswith(" a\ufffd"), extra
         chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
         assert chosen[:2] == [" a", ""] and "".join(chosen) == comp.text, extra
+        # Ended because no token was left to sample (every beam stuck, for beam search).
+        def stuck(output_token_ids, logits):
+            return _forcing(forced)(output_token_ids, logits) if len(output_token_ids) < 3 else logits - float("inf")
+
+        comp = llm.generate("banana", params.clone(max_tokens=5, logits_processors=[stuck]), use_tqdm=False)[0].outputs[0]
+        chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+        assert comp.finish_reason == "abort" and comp.text.startswith(" a\ufffd"), extra
+        assert chosen[:2] == [" a", ""] and "".join(chosen) == comp.text, extra
         # Ended by EOS instead, whose own decoded_token shows the unfinished bytes: nothing is added
         # twice (a review), whether EOS is in the text or not.
         eos = llm.get_tokenizer().eos_token_id

@@ -639,8 +639,10 @@ class LLMEngine:
         if all(s.no_token for s in out.samples):  # no beam can go on: each ends as it is
             for beam in beams:
                 if params.detokenize:
-                    beam.output_text = "".join(decode_completion(self.tokenizer, group.prompt_token_ids,
-                                                                 beam.output_token_ids, params))
+                    text, end = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
+                    beam.output_text = text + end
+                    if end and beam.logprobs:
+                        beam.logprobs = with_end_text(beam.logprobs, beam.output_token_ids, beam.output_text, end)
                 self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
