@@ -78,11 +78,6 @@ class IncrementalDetokenizer:
             self._last_added = content is not None
         return text or ""
 
-    @property
-    def num_fed(self) -> int:
-        """Output tokens stepped through so far."""
-        return self._num_fed
-
     def flush(self, output_token_ids: list[int]) -> str:
         """At the end of a sequence, the text its pending tokens make, incomplete characters
         included, as a full decode of the tokens stepped through would give it."""
@@ -130,15 +125,16 @@ def decode_completion(
 
 def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str,
                   end: str) -> MutableSequence[dict[int, Logprob]]:
-    """``logprobs`` (a list or ``FlatLogprobs``, one position per token of ``token_ids`` and maybe
-    more) with ``end``, the text a finished completion's end adds (``flush``), added to the
-    ``decoded_token`` of the last of ``token_ids`` (the tokens its ``text`` is made of) where their
-    texts fall short of ``text`` by exactly ``end``: so the taken tokens' texts still add up to the
-    completion's. (A stop token's ``decoded_token`` shows the unfinished bytes before it already,
-    ``decode_in_context``: where one ends the completion, fed or not, nothing changes.)"""
-    last = len(token_ids) - 1
-    if "".join(logprobs[i][t].decoded_token or "" for i, t in enumerate(token_ids)) + end != text:
+    """A finished completion's ``logprobs`` (a list or ``FlatLogprobs``, one position per token of
+    ``token_ids``, its output tokens; none without logprobs) with ``end``, the text its end adds
+    (``flush``), added to the last token's ``decoded_token`` where the tokens' texts fall short of
+    ``text`` by exactly ``end``: so the taken tokens' texts still add up to the completion's. Where
+    a stop token ends it, its own ``decoded_token`` shows the unfinished bytes before it already
+    (``decode_in_context``) and nothing changes."""
+    if not end or not logprobs or \
+            "".join(logprobs[i][t].decoded_token or "" for i, t in enumerate(token_ids)) + end != text:
         return logprobs
+    last = len(token_ids) - 1
     position = dict(logprobs[last])
     entry = position[token_ids[last]]
     position[token_ids[last]] = replace(entry, decoded_token=(entry.decoded_token or "") + end)

@@ -641,8 +641,7 @@ class LLMEngine:
                 if params.detokenize:
                     text, end = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
                     beam.output_text = text + end
-                    if end and beam.logprobs:
-                        beam.logprobs = with_end_text(beam.logprobs, beam.output_token_ids, beam.output_text, end)
+                    beam.logprobs = with_end_text(beam.logprobs, beam.output_token_ids, beam.output_text, end)
                 self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
@@ -699,8 +698,7 @@ class LLMEngine:
                     shown = shown[:-1]
                 text, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
                 seq.output_text = text + end
-                if end and seq.logprobs and len(shown) == len(hypothesis.token_ids):  # else a stop token shows it
-                    seq.logprobs = with_end_text(seq.logprobs, shown, seq.output_text, end)
+                seq.logprobs = with_end_text(seq.logprobs, hypothesis.token_ids, seq.output_text, end)
             results.append(seq)
         return results
 
@@ -730,8 +728,7 @@ class LLMEngine:
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
             end = detokenizer.flush(seq.output_token_ids)
             seq.output_text += end
-            if end and seq.logprobs and detokenizer.num_fed == len(seq.output_token_ids):  # else a stop token shows it
-                seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end)
+            seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params

@@ -123,8 +123,9 @@ class LLM:
         enforce_eager: run every step's forward pass op by op from Python. By default (False) on
             CPU, the 3rd decode-only step of a batch size (``step_graph.RECORD_AFTER``) is recorded
             as its sequence of kernel calls and later steps of that size replay it
-            (``worker/step_graph.py``), as vLLM replays CUDA graphs; this saves the per-op Python and dispatch cost (~2 ms of a 30-layer step),
-            with the same kernels on the same shapes, so the same bits. Steps with prefill tokens, a
+            (``worker/step_graph.py``), as vLLM replays CUDA graphs; this saves the per-op Python
+            and dispatch cost (~2 ms of a 30-layer step), with the same kernels on the same shapes,
+            so the same bits. Steps with prefill tokens, a
             batch size whose forward pass runs a torch op (the torch reference backend's ops, oneDNN's
             matmul) and CUDA always run eagerly. A recording keeps the model as it was: a module's
             ``forward`` wrapped, or a weight or attribute replaced, after a batch size was recorded
