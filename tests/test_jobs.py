@@ -495,6 +495,31 @@ def test_a_full_disk_stops_the_job_with_one_clear_error_and_resume_finishes_it(l
     assert sorted(r["id"] for r in rows) == list(range(6)) and all(r["error"] is None for r in rows)
 
 
+def test_a_full_disk_while_merging_parquet_parts_leaves_no_partial_file(llama_dir, tmp_path, monkeypatch, capsys):
+    """The merged output is written as OUT.parquet.tmp, then renamed; a full disk left the
+    half-written OUT.parquet.tmp behind (pyarrow's write_table removes its own, as a part's)."""
+    import errno
+
+    from pagedlm.entrypoints.cli import run_main
+    from pagedlm.entrypoints.jobs import files
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"row {i}"} for i in range(3)])
+    out = tmp_path / "out.parquet"
+    args = ["--input", inp, "--output", str(out), "--model", llama_dir, "--max-tokens", "2", "--dtype", "float32"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_conform", full)  # the merge's first part, after OUT.parquet.tmp is opened
+    assert run_main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == []
+    assert (tmp_path / "out.parquet.parts").is_dir() and not out.exists()
+    monkeypatch.undo()
+    assert run_main(args + ["--resume"]) == 0
+    assert sorted(r["id"] for r in pq.read_table(out).to_pylist()) == [0, 1, 2]
+
+
 def test_a_summary_that_cannot_be_written_does_not_fail_a_finished_job(llama_dir, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
     (tmp_path / "out.jsonl.summary.json").mkdir()  # opening it for writing fails (IsADirectoryError)

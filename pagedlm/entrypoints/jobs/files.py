@@ -405,9 +405,8 @@ class ParquetWriter(OutputWriter):
         if not self._rows:
             return
         path = self._part_path(self._next_part)
-        pq.write_table(rows_to_table(self._rows, self._schema), path + ".tmp")
-        _fsync_file(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with storage.replacing(path) as tmp:
+            pq.write_table(rows_to_table(self._rows, self._schema), tmp)
         self._next_part += 1
         self._rows = []
 
@@ -420,8 +419,7 @@ class ParquetWriter(OutputWriter):
         parts = self._parts()
         schemas = [pq.read_schema(p) for p in parts]
         schema = _unify(schemas, self._trailing_columns) if schemas else rows_to_table([], self._schema).schema
-        tmp = self.path + ".tmp"
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with storage.replacing(self.path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             # Parts of a slow job hold a few rows each (one every sync_interval): merged into row
             # groups of MERGED_ROW_GROUP_ROWS, not one group each.
             group, rows = [], 0
@@ -431,8 +429,6 @@ class ParquetWriter(OutputWriter):
                 if rows >= MERGED_ROW_GROUP_ROWS or i == len(parts) - 1:
                     writer.write_table(pa.concat_tables(group))
                     group, rows = [], 0
-        _fsync_file(tmp)
-        os.replace(tmp, self.path)
         shutil.rmtree(self.parts_dir)
 
 
@@ -566,8 +562,3 @@ def _conform(table, schema):
         except _conversion_errors():
             columns.append(_as_json_text(column.to_pylist()))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

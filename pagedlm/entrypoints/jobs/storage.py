@@ -6,6 +6,8 @@ Local paths never import pyarrow (a local JSONL job runs without it)."""
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 
@@ -76,16 +78,28 @@ def write_text(path: str, text: str) -> None:
     """The whole file, written anew; a local one all at once (written beside it, synced, renamed),
     so that a job killed meanwhile leaves the old file or the new one, never a part."""
     if not is_uri(path):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return
     fs, inner = _resolve(path)
     with fs.open_output_stream(inner) as f:
         f.write(text.encode("utf-8"))
+
+
+@contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """A local file written whole: yields ``PATH.tmp`` to write, then syncs it and renames it over
+    ``path``; where the writing fails (a full disk) the part written is removed and the error goes on."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def make_dir(path: str) -> None:
