@@ -422,6 +422,18 @@ def test_parquet_output_puts_the_results_after_the_input_s_columns(llama_dir, tm
         "id", "prompt", "meta", "outputs", "prompt_tokens", "completion_tokens", "error"]
 
 
+def test_resume_reads_a_jsonl_output_with_blank_lines(tmp_path):
+    """A blank line (an editor's, or a cat of two outputs) was 'not valid JSON' and refused the resume."""
+    from pagedlm.entrypoints.jobs.files import JsonlWriter
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": 1}\n\n{"id": 2}\r\n  \r\n{"id": 3}\n\n{"id": 4, "te')
+    writer = JsonlWriter(str(path), True, lambda row: row["id"])
+    writer.close()
+    assert writer.keys == {1: 1, 2: 1, 3: 1}
+    assert path.read_bytes() == b'{"id": 1}\n\n{"id": 2}\r\n  \r\n{"id": 3}\n\n'  # the torn row only is cut
+
+
 def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     from pagedlm.entrypoints.jobs.files import ParquetWriter
     from pagedlm.entrypoints.jobs.plain_rows import output_schema

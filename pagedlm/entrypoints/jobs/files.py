@@ -194,8 +194,8 @@ def _json_default(value: Any) -> Any:
 
 
 def read_output_lines(path: str) -> Iterator[dict]:
-    """The rows of a JSONL output written by a job, streamed; once they are all read, a torn last
-    line (left by a kill) is cut off the file, and that row runs again.
+    """The rows of a JSONL output written by a job, streamed, blank lines skipped; once they are all
+    read, a torn last line (left by a kill) is cut off the file, and that row runs again.
 
     Raises:
         ValueError: a complete line is not valid JSON (the file is not one a job wrote).
@@ -205,6 +205,9 @@ def read_output_lines(path: str) -> Iterator[dict]:
         for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break
+            if _blank(line):  # an editor's, or between two outputs joined
+                good_end += len(line)
+                continue
             try:
                 row = json.loads(line)
             except ValueError as exc:
