@@ -130,7 +130,7 @@ setup(
     version="0.1.0",
     description="Offline batch inference for LLMs with a paged KV cache and continuous batching",
     packages=find_packages(include=["pagedlm", "pagedlm.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the oldest Python the tests run on (typing.NotRequired, hashlib.file_digest)
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

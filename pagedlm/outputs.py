@@ -26,10 +26,11 @@ class CompletionOutput:
     penalties, processors or bans), for sampling and beam search alike; beam search ranks its beams
     by the processed ones. It is ``None`` without ``SamplingParams.logprobs`` or
     ``logprob_token_ids`` (vLLM's rule), except with ``best_of > n`` and under beam search.
-    ``logprobs`` (with ``SamplingParams.logprobs``, else ``None``) has one entry per token of
-    ``token_ids``: a dict from token id to ``Logprob`` holding the top
-    ``logprobs`` tokens and the sampled one (natural-log probabilities under the model's own
-    logits), or the same as a ``FlatLogprobs`` with ``flat_logprobs``.
+    ``logprobs`` (with ``SamplingParams.logprobs`` or ``logprob_token_ids``, else ``None``) has one
+    entry per token of ``token_ids``: a dict from token id to ``Logprob`` holding the top
+    ``logprobs`` tokens, the ``logprob_token_ids`` given, and the sampled one (natural-log
+    probabilities under the model's own logits), or the same as a ``FlatLogprobs`` with
+    ``flat_logprobs``.
     """
 
     index: int

@@ -415,8 +415,11 @@ class SamplingParams(_FieldsOnly):
     Raises:
         ValueError: at construction (and in ``clone``/``dataclasses.replace``), naming the field: a
             value of the wrong type or out of its range above, fields that contradict each other
-            (e.g. beam search with sampling, ``DELTA`` with ``best_of > n``), or an unknown field
-            name (vLLM's fields pagedlm does not take included, each with why).
+            (e.g. beam search with sampling, ``DELTA`` with ``best_of > n``).
+        TypeError: an unknown field name, as from vLLM's ``SamplingParams``; vLLM 0.32's fields
+            pagedlm does not take (``prompt_logprob_token_ids``, ``prompt_logprob_start``,
+            ``stream_interval``, ``watermarking``, ``trace_decode_token_ids``,
+            ``routed_experts_prompt_start``) are unknown here.
     """
 
     n: int = 1
@@ -762,11 +765,14 @@ class BeamSearchParams:
     ``early_stopping=False``; ``beam_width=1`` is greedy decoding). A finished beam scores
     ``cum_logprob / generated_tokens ** length_penalty``, as in HF; vLLM's own search counts the
     prompt's tokens in that length too. ``ignore_eos`` keeps beams going past EOS;
-    ``skip_special_tokens`` applies to the returned text.
+    ``skip_special_tokens`` applies to the returned text. vLLM's ``include_stop_str_in_output``,
+    ``structured_outputs`` and ``watermarking``, which its offline search does not apply, are
+    taken at their defaults only.
 
     Raises:
         ValueError: a field has the wrong type or is out of range (the message names it);
-            ``temperature`` other than 0 (the search is deterministic here).
+            ``temperature`` other than 0 (the search is deterministic here); one of vLLM's three
+            fields above set.
     """
 
     beam_width: int
@@ -774,7 +780,10 @@ class BeamSearchParams:
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    structured_outputs: None = None
     skip_special_tokens: bool = True
+    watermarking: None = None
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
@@ -788,6 +797,13 @@ class BeamSearchParams:
         self.length_penalty = _number("length_penalty", self.length_penalty)
         self.ignore_eos = _check_bool("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _check_bool("skip_special_tokens", self.skip_special_tokens)
+        if _check_bool("include_stop_str_in_output", self.include_stop_str_in_output):
+            raise FieldError("include_stop_str_in_output must be False: beam search runs without stop strings "
+                             "(as vLLM's offline search, which ignores it).", "include_stop_str_in_output")
+        for name in ("structured_outputs", "watermarking"):
+            if getattr(self, name) is not None:
+                raise FieldError(f"{name} must be None: pagedlm's beam search does not apply it (vLLM's offline search "
+                                 f"ignores it), got {getattr(self, name)!r}.", name)
 
     def sampling_params(self, vocab_size: int) -> SamplingParams:
         """What the engine runs: ``beam_width`` beams, each token with the log-probabilities of the

@@ -57,7 +57,8 @@ def run_parser() -> argparse.ArgumentParser:
         description="Complete every row of a JSONL or Parquet file into an output file, writing each row as it "
                     "finishes; a row that cannot run gets an error in its output row. Formats: docs/jobs.md.",
     )
-    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="checkpoint directory, .gguf file or Hugging Face Hub id (from the local Hub cache; "
+                                                       "default: SmolLM2-135M-Instruct)")
     parser.add_argument("--input", required=True, help="rows to run: .jsonl, .json, .ndjson (JSON Lines) or "
                                                        ".parquet, .pq")
     parser.add_argument("--output", required=True, help="where results go: .jsonl, .json, .ndjson (JSON Lines) or "
@@ -66,8 +67,9 @@ def run_parser() -> argparse.ArgumentParser:
                         help="continue the job that writes --output: skip the ids it holds, append the rest")
     parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                         help="openai (Batch API rows), plain (id + prompt/messages/prompt_token_ids), or auto "
-                             "(the format of the first row that looks like either: openai with custom_id and one of method, "
-                             "url, body; plain with id or a prompt column)")
+                             "(the format of the first row that looks like either: plain with a prompt, messages or "
+                             "prompt_token_ids column, else openai with custom_id and one of method, url, body, else "
+                             "plain with id)")
     parser.add_argument("--served-model-name", action="append", dest="served_model_names", default=None,
                         help="a name OpenAI rows' body.model may give, replacing the default names (repeatable; "
                              "default: --model as given and its basename)")
@@ -76,7 +78,8 @@ def run_parser() -> argparse.ArgumentParser:
                              "runs, and a loop in one can hold the job; without it such a row is its error "
                              "(--chat-template sets the job's)")
     parser.add_argument("--max-in-flight", type=int, default=None,
-                        help="most requests queued in the engine at once (default: twice max_num_seqs)")
+                        help="most requests queued in the engine at once (default: twice max_num_seqs); with "
+                             "--ray, the rows of one Ray Data batch an actor runs at once (default 256)")
     parser.add_argument("--progress-interval", type=float, default=None,
                         help="seconds between progress lines when stderr is not a terminal (0: a line per row; "
                              "default 10; not with --ray, which shows Ray Data's progress)")
@@ -84,7 +87,7 @@ def run_parser() -> argparse.ArgumentParser:
     distributed.add_argument("--ray", action="store_true",
                              help="run on Ray Data, one LLM per actor; --output is then a directory of files")
     distributed.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
-    distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each")
+    distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each (default 1)")
     distributed.add_argument("--threads-per-actor", type=int, default=None,
                              help="torch threads of each actor's LLM (default: --cpus-per-actor rounded down, "
                                   "else 1)")
@@ -111,12 +114,12 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _naming_the_flag(message: str, fields: list[str]) -> str:
+def _naming_the_flag(message: str, values: dict[str, object]) -> str:
     """A SamplingParams or LLM error about a field a flag set ("temperature must be ...") led by
-    that flag, the name the user typed."""
-    for field in fields:
+    that flag as the user typed it (``--no-batch-invariant`` for a False)."""
+    for field, value in values.items():
         if re.match(rf"{field}\b", message):
-            return f"--{field.replace('_', '-')}: {message}"
+            return f"--{'no-' if value is False else ''}{field.replace('_', '-')}: {message}"
     return message
 
 
@@ -145,7 +148,7 @@ def run_main(argv: list[str]) -> int:
         else:
             stats, interrupted = run_job(config)
     except ValueError as exc:
-        parser.error(_naming_the_flag(str(exc), [*sampling, *engine]))
+        parser.error(_naming_the_flag(str(exc), {**sampling, **engine}))
     except OutputWriteError as exc:
         print(f"pagedlm run: error: {exc.strerror}", file=sys.stderr)
         return 1

@@ -47,9 +47,10 @@ class LLM:
     """Generate completions for many prompts with continuous batching over a paged KV cache.
 
     Args:
-        model: a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
-            or a ``.gguf`` file of a Llama, Mistral, Qwen2, Qwen3, Phi-3 (without LongRoPE), Gemma 2
-            or Gemma 3 model (converted once and cached).
+        model: a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files),
+            a ``.gguf`` file of a Llama, Mistral, Qwen2, Qwen3, Phi-3 (without LongRoPE), Gemma 2
+            or Gemma 3 model (converted once and cached), or a Hub id ("org/name", from the local
+            Hugging Face cache, downloaded there first unless ``HF_HUB_OFFLINE`` is set).
         dtype: "auto" (the checkpoint's dtype; float16 runs as bfloat16 on CPU), "float32",
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
@@ -400,7 +401,8 @@ class LLM:
         ``RequestOutput`` per conversation, in input order, whose ``prompt`` is the rendered text.
 
         A conversation is a list of ``{"role": str, "content": str}`` messages, with any role the
-        template knows; content may also be null or a list of text parts (see
+        template knows ("developer" messages become one system message where the template does
+        not know that role, as in vLLM: ``chat_utils``); content may also be null or a list of text parts (see
         ``chat_utils.parse_conversation``). It is rendered with ``chat_template`` (a template or a
         path to one, as ``LLM``'s argument) or the tokenizer's own, with ``add_generation_prompt`` (open an assistant turn) or
         ``continue_final_message`` (extend the last message; not both), ``tools`` (OpenAI's

@@ -52,8 +52,9 @@ class PagedLMProcessorConfig:
     """How the processor runs (Ray Data LLM's ``vLLMEngineProcessorConfig``, in pagedlm's terms).
 
     Args:
-        model_source: a checkpoint directory or ``.gguf`` every node can read; None for the embedded
-            SmolLM2-135M-Instruct (each node fetches it once).
+        model_source: a checkpoint directory or ``.gguf`` every node can read, or a Hub id (from
+            each node's Hugging Face cache); None for the embedded SmolLM2-135M-Instruct (each node
+            fetches it once).
         engine_kwargs: ``LLM(...)`` keyword arguments (dtype, max_model_len, max_num_seqs, ...).
         sampling_params: the rows' sampling defaults (``SamplingParams`` fields), under each row's
             own ``sampling_params``; the model's generation config is under both.
