@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     import ray.data
 
 from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, rows_to_table, to_json
-from pagedlm.entrypoints.llm import LLM, VLLM_NO_OP_ARGS, check_engine_args
+from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
+from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
