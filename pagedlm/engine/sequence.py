@@ -193,9 +193,6 @@ class SequenceGroup:
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
         return self.seqs if status is None else [s for s in self.seqs if s.status == status]
 
-    def num_unfinished_seqs(self) -> int:
-        return sum(not s.status.finished for s in self.seqs)
-
     def get_seq(self, seq_id: int) -> Sequence:
         for seq in self.seqs:
             if seq.seq_id == seq_id:
