@@ -134,10 +134,14 @@ def test_auto_cache_does_not_use_checkpoint_scales(llama_dir, tmp_path, caplog):
                if isinstance(m, Attention))
 
 
-def test_calculate_kv_scales_fits_a_small_cache(llama_dir):
-    """The calibration prompt is cut to what the cache holds, as any request of the user's would be."""
+def test_calculate_kv_scales_do_not_depend_on_the_cache_size(llama_dir):
+    """Found by a batch-invariance hunt: the calibration prompt was cut to what the engine's cache
+    held, so a small cache (or a resumed job's other cache size) changed the scales and every result."""
+    scales = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True).llm_engine.model_runner \
+        .kv_cache_scales()
     llm = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=4, calculate_kv_scales=True)
-    assert all((k, v) != (1.0, 1.0) for k, v in llm.llm_engine.model_runner.kv_cache_scales())
+    assert llm.llm_engine.model_runner.kv_cache_scales() == scales
+    assert llm.llm_engine.block_manager.num_kv_blocks == 4 and llm.get_stats()["num_free_kv_blocks"] == 4
     assert len(llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 

@@ -7,6 +7,7 @@ import numbers
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -81,13 +82,6 @@ class LLMEngine:
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config.max_num_seqs)
-        block_size = cache_config.block_size
-        max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, block_size)
-        num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)
-        self.model_runner.init_cache(num_kv_blocks)
-        self.block_manager = BlockSpaceManager(block_size, num_kv_blocks, enable_prefix_caching=cache_config.enable_prefix_caching)
-        self._log_memory_plan()
-        self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured_outputs: StructuredOutputManager | None = None  # made on first use
@@ -102,32 +96,40 @@ class LLMEngine:
                 self.reasoning_gate_parser = exc
         if cache_config.calculate_kv_scales:
             self._calculate_kv_scales()
+        max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
+        self._init_cache(determine_num_kv_blocks(model_config, cache_config, max_useful),
+                         cache_config.enable_prefix_caching, scheduler_config)
+        self._log_memory_plan()
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
         # moving it out of the cyclic GC's generations spares the steps' young-object collections
         # a walk over it (vLLM freezes the same way).
         gc.collect()
         gc.freeze()
 
+    def _init_cache(self, num_kv_blocks: int, enable_prefix_caching: bool, scheduler_config: SchedulerConfig,
+                    watermark: float = 0.01) -> None:
+        """A KV cache of ``num_kv_blocks`` blocks, with the block manager and scheduler over it."""
+        self.model_runner.init_cache(num_kv_blocks)
+        self.block_manager = BlockSpaceManager(self.cache_config.block_size, num_kv_blocks, watermark,
+                                               enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+
     def _calculate_kv_scales(self) -> None:
         """vLLM's ``calculate_kv_scales``: every layer's fp8 KV-cache scales from one prefill of random
         tokens (seeded, so the same model gets the same scales), fixed from then on. The prompt is
-        1,024 tokens, or fewer where ``max_model_len`` or the KV cache (with its one output token)
-        holds fewer, and runs in one pass whatever the step budget, so that the scales (and every
-        result after) do not depend on it."""
+        1,024 tokens (``max_model_len - 1`` where that is fewer) and runs in one pass, on a cache of
+        its own that holds it, before the engine's is made: the scales (and every result after) do
+        not depend on the step budget or the engine's cache size."""
         rng = random.Random(0)
-        length = max(1, min(self._max_seq_len(0, best_of=1) - 1, 1024))
+        length = min(self.model_config.max_model_len - 1, 1024)
+        one_pass = replace(self.scheduler_config,
+                           max_num_batched_tokens=max(self.scheduler_config.max_num_batched_tokens, length))
+        self._init_cache(cdiv(length + 1, self.cache_config.block_size), False, one_pass, watermark=0.0)
         self.model_runner.calculate_kv_scales_next_step()
         self.add_request("pagedlm-kv-scale-calibration", [rng.randrange(self.vocab_size) for _ in range(length)],
                          SamplingParams(max_tokens=1, detokenize=False))
-        budget = self.scheduler_config.max_num_batched_tokens
-        self.scheduler_config.max_num_batched_tokens = max(budget, length)
-        try:
-            while self.has_unfinished_requests():
-                self.step()
-        finally:
-            self.scheduler_config.max_num_batched_tokens = budget
-        self.reset_prefix_cache()
-        self.block_manager.reset_stats()  # the KV-cache statistics count the user's requests only
+        while self.has_unfinished_requests():
+            self.step()
         scales = self.model_runner.kv_cache_scales()
         logger.info("KV-cache scales from %d random tokens: k_scale %.3g to %.3g, v_scale %.3g to %.3g.", length,
                     min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales),
