@@ -277,7 +277,7 @@ def _load_extension() -> bool:
     except ImportError as exc:
         warnings.warn(
             f"pagedlm._C could not be loaded ({exc}); pagedlm ops fall back to the slow torch "
-            f"reference. To use the C++/CUDA kernels, {_BUILD_HINT}.",
+            f"reference, whose results depend on the batch. To use the C++/CUDA kernels, {_BUILD_HINT}.",
             stacklevel=3,
         )
         return False

@@ -531,7 +531,7 @@ def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
 
 # Engine settings that change a row's output, which a resumed run must repeat (batch sizes, budgets
 # and the cache's size do not: outputs are batch-invariant, unless batch_invariant=False; the block
-# size does, in float32 attention's last bits). Recorded where they differ from a job's defaults
+# size does, in attention's last bits outside the bf16 tiles). Recorded where they differ from a job's defaults
 # (LLM's, and JOB_MAX_LOGPROBS), so that giving a default explicitly is the same job.
 OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
                           "tokenizer", "chat_template", "override_generation_config", "hf_overrides", "max_logprobs",
