@@ -687,10 +687,11 @@ class SamplingParams(_FieldsOnly):
         bias = {}
         for token, value in self.logit_bias.items():
             # OpenAI's JSON gives the ids as strings; its biases lie in [-100, 100], as vLLM clamps them.
-            token = _number("logit_bias", int(token) if isinstance(token, str) and token.isdigit() else token, integer=True)
+            token = _number("logit_bias keys (token ids)",
+                            int(token) if isinstance(token, str) and token.isdigit() else token, integer=True)
             if token < 0:
                 raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
-            bias[token] = min(max(_number("logit_bias", value), -100.0), 100.0)
+            bias[token] = min(max(_number("logit_bias values (biases)", value), -100.0), 100.0)
         self.logit_bias = CheckedDict(bias)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:

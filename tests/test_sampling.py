@@ -693,8 +693,10 @@ def test_allowed_token_ids_and_logit_bias_steer_sampling_and_logprobs_stay_raw(l
     assert set(sampled.token_ids) <= set(allowed)
     with pytest.raises(ValueError, match=r"allowed_token_ids \[999\] are outside the vocabulary"):
         llm.generate(_ids([prompt]), SamplingParams(allowed_token_ids=[999]), use_tqdm=False)
-    with pytest.raises(ValueError, match="logit_bias must be a number"):
+    with pytest.raises(ValueError, match=r"logit_bias values \(biases\) must be a number"):
         SamplingParams(logit_bias={5: "high"})
+    with pytest.raises(ValueError, match=r"logit_bias keys \(token ids\) must be an int, got 'a'"):
+        SamplingParams(logit_bias={"a": 1.0})  # said "logit_bias must be an int", as if the whole field
 
 
 def test_bad_words_are_never_generated(llama_dir):

@@ -232,7 +232,7 @@ def test_checked_bias_and_allowed_ids_are_shared_read_only_by_copies():
     with pytest.raises(TypeError, match="assign a new value"):
         params.allowed_token_ids.append(5)
     params.logit_bias = {5: "x"}  # a new value is checked again
-    with pytest.raises(ValueError, match="logit_bias must be a number"):
+    with pytest.raises(ValueError, match=r"logit_bias values \(biases\) must be a number"):
         params.clone()
     restored = pickle.loads(pickle.dumps(copy_))  # Ray ships params to its actors
     assert restored.logit_bias == copy_.logit_bias and restored.allowed_token_ids == copy_.allowed_token_ids
