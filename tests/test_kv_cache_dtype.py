@@ -3,6 +3,7 @@ same fp8 rounding of every key and value attention reads, checkpoint scales, ref
 
 import logging
 import os
+import weakref
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import prompt_logprob_errors
 from pagedlm import LLM, SamplingParams
+from pagedlm.engine.llm_engine import LLMEngine
 from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.ops.reference import _to_cache
+from pagedlm.worker.model_runner import ModelRunner
 from test_parity import _prompts
 
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -116,6 +119,8 @@ def test_calculate_kv_scales(llama_dir, monkeypatch):
     assert stats["prefix_cache_queried_tokens"] == stats["peak_kv_blocks_in_use"] == 0
     with pytest.raises(ValueError, match="calculate_kv_scales=True .* needs kv_cache_dtype"):
         LLM(llama_dir, calculate_kv_scales=True)
+    with pytest.raises(ValueError, match="calculate_kv_scales=True .* needs max_model_len of at least 2, got 1"):
+        LLM(llama_dir, kv_cache_dtype="fp8", calculate_kv_scales=True, max_model_len=1)  # was an empty prompt's error
 
 
 def test_fp8_cache_holds_more_tokens(llama_dir):
@@ -134,14 +139,32 @@ def test_auto_cache_does_not_use_checkpoint_scales(llama_dir, tmp_path, caplog):
                if isinstance(m, Attention))
 
 
-def test_calculate_kv_scales_do_not_depend_on_the_cache_size(llama_dir):
+def test_calculate_kv_scales_do_not_depend_on_the_cache_size(llama_dir, monkeypatch):
     """Found by a batch-invariance hunt: the calibration prompt was cut to what the engine's cache
     held, so a small cache (or a resumed job's other cache size) changed the scales and every result."""
     scales = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True).llm_engine.model_runner \
         .kv_cache_scales()
+    caches, init_cache = [], ModelRunner.init_cache
+
+    def recorded(runner, num_kv_blocks):  # (blocks, any earlier cache alive when this one is made)
+        alive = any(ref() is not None for _, _, ref in caches)
+        init_cache(runner, num_kv_blocks)
+        caches.append((num_kv_blocks, alive, weakref.ref(runner.cache_engine.kv_caches[0][0])))
+
+    monkeypatch.setattr(ModelRunner, "init_cache", recorded)
     llm = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=4, calculate_kv_scales=True)
     assert llm.llm_engine.model_runner.kv_cache_scales() == scales
     assert llm.llm_engine.block_manager.num_kv_blocks == 4 and llm.get_stats()["num_free_kv_blocks"] == 4
+    # The calibration's cache (its prompt and one token) is freed before the engine's is made (a
+    # review: it was held while the engine's was sized and allocated); a size that cannot be is
+    # refused before the calibration runs.
+    tokens = min(llm.llm_engine.model_config.max_model_len - 1, 1024) + 1
+    assert [(n, alive) for n, alive, _ in caches] == [(-(-tokens // 16), False), (4, False)]
+    calibrated = []
+    monkeypatch.setattr(LLMEngine, "_calculate_kv_scales", lambda engine: calibrated.append(engine))
+    with pytest.raises(ValueError, match="holds no KV block"):
+        LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", kv_cache_memory_bytes=1, calculate_kv_scales=True)
+    assert calibrated == []
     assert len(llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 

@@ -94,6 +94,9 @@ def create_engine_configs(
     cache_config = CacheConfig(16 if block_size is None else block_size, num_kv_blocks, kv_cache_memory_bytes,
                                True if enable_prefix_caching is None else enable_prefix_caching, kv_cache_dtype,
                                calculate_kv_scales, gpu_memory_utilization)
+    if cache_config.calculate_kv_scales and model_config.max_model_len < 2:
+        raise ValueError(f"calculate_kv_scales=True measures the scales over a prompt of up to max_model_len - 1 "
+                         f"tokens; it needs max_model_len of at least 2, got {model_config.max_model_len}.")
     if enable_chunked_prefill is None:
         enable_chunked_prefill = True
     if max_num_batched_tokens is None:

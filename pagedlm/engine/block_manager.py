@@ -227,7 +227,9 @@ class BlockSpaceManager:
         # Sources of the step's partial-hit copies, held until it has run, so that no block the
         # step allocates is one whose content a copy of the same step reads.
         self.held_copy_sources: list[int] = []
-        self.reset_stats()
+        self.peak_blocks_in_use = 0
+        self.num_queried_tokens = 0  # tokens of admitted sequences
+        self.num_hit_tokens = 0  # of which served from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -434,11 +436,6 @@ class BlockSpaceManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay where they are)."""
         self.allocator.reset_prefix_cache()
-
-    def reset_stats(self) -> None:
-        self.peak_blocks_in_use = 0
-        self.num_queried_tokens = 0  # tokens of admitted sequences
-        self.num_hit_tokens = 0  # of which served from the prefix cache
 
     def reset_peak_blocks_in_use(self) -> None:
         self.peak_blocks_in_use = self.num_kv_blocks - self.num_free_blocks

@@ -94,11 +94,11 @@ class LLMEngine:
                 self.reasoning_gate_parser = ReasoningParser.of(structured.reasoning_parser, self.tokenizer)
             except ValueError as exc:
                 self.reasoning_gate_parser = exc
+        max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
+        num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)
         if cache_config.calculate_kv_scales:
             self._calculate_kv_scales()
-        max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
-        self._init_cache(determine_num_kv_blocks(model_config, cache_config, max_useful),
-                         cache_config.enable_prefix_caching, scheduler_config)
+        self._init_cache(num_kv_blocks, scheduler_config, enable_prefix_caching=cache_config.enable_prefix_caching)
         self._log_memory_plan()
         # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
         # moving it out of the cyclic GC's generations spares the steps' young-object collections
@@ -106,30 +106,30 @@ class LLMEngine:
         gc.collect()
         gc.freeze()
 
-    def _init_cache(self, num_kv_blocks: int, enable_prefix_caching: bool, scheduler_config: SchedulerConfig,
-                    watermark: float = 0.01) -> None:
+    def _init_cache(self, num_kv_blocks: int, scheduler_config: SchedulerConfig, **block_manager_options: Any) -> None:
         """A KV cache of ``num_kv_blocks`` blocks, with the block manager and scheduler over it."""
         self.model_runner.init_cache(num_kv_blocks)
-        self.block_manager = BlockSpaceManager(self.cache_config.block_size, num_kv_blocks, watermark,
-                                               enable_prefix_caching)
+        self.block_manager = BlockSpaceManager(self.cache_config.block_size, num_kv_blocks, **block_manager_options)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
 
     def _calculate_kv_scales(self) -> None:
         """vLLM's ``calculate_kv_scales``: every layer's fp8 KV-cache scales from one prefill of random
         tokens (seeded, so the same model gets the same scales), fixed from then on. The prompt is
         1,024 tokens (``max_model_len - 1`` where that is fewer) and runs in one pass, on a cache of
-        its own that holds it, before the engine's is made: the scales (and every result after) do
-        not depend on the step budget or the engine's cache size."""
+        its own that holds it, freed before the engine's is made: the scales (and every result after)
+        do not depend on the step budget or the engine's cache size."""
         rng = random.Random(0)
         length = min(self.model_config.max_model_len - 1, 1024)
         one_pass = replace(self.scheduler_config,
                            max_num_batched_tokens=max(self.scheduler_config.max_num_batched_tokens, length))
-        self._init_cache(cdiv(length + 1, self.cache_config.block_size), False, one_pass, watermark=0.0)
+        self._init_cache(cdiv(length + 1, self.cache_config.block_size), one_pass, watermark=0.0,
+                         enable_prefix_caching=False)
         self.model_runner.calculate_kv_scales_next_step()
         self.add_request("pagedlm-kv-scale-calibration", [rng.randrange(self.vocab_size) for _ in range(length)],
                          SamplingParams(max_tokens=1, detokenize=False))
         while self.has_unfinished_requests():
             self.step()
+        self.model_runner.free_cache()
         scales = self.model_runner.kv_cache_scales()
         logger.info("KV-cache scales from %d random tokens: k_scale %.3g to %.3g, v_scale %.3g to %.3g.", length,
                     min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales),

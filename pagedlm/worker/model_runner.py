@@ -58,7 +58,6 @@ class ModelRunner:
         """Each attention layer sets its fp8 KV-cache scales from the keys and values of the next step."""
         for m in self.attention_layers:
             m.calculate_kv_scales = True
-        self._make_step_graphs()  # recordings hold the scales they were made with
 
     def kv_cache_scales(self) -> list[tuple[float, float]]:
         """(k_scale, v_scale) of each attention layer."""
@@ -83,12 +82,18 @@ class ModelRunner:
         tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def free_cache(self) -> None:
+        """Drop the KV cache and the steps recorded over it (on CUDA, back to the device too)."""
+        self.cache_engine = None
+        self.step_graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         """Drop the model and the KV cache; their memory is freed once nothing else holds them."""
         self.model = None
         self.attention_layers = []
-        self.cache_engine = None
-        self.step_graphs = None
+        self.free_cache()
 
     @torch.inference_mode()
     def execute_model(
