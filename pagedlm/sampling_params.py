@@ -768,7 +768,7 @@ class BeamSearchParams:
     prompt's tokens in that length too. ``ignore_eos`` keeps beams going past EOS;
     ``skip_special_tokens`` applies to the returned text. vLLM's ``include_stop_str_in_output``,
     ``structured_outputs`` and ``watermarking``, which its offline search does not apply, are
-    taken at their defaults only.
+    taken at their no-op values only (False, None, and None or False: pagedlm has no watermark).
 
     Raises:
         ValueError: a field has the wrong type or is out of range (the message names it);
@@ -784,7 +784,7 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
     structured_outputs: None = None
     skip_special_tokens: bool = True
-    watermarking: None = None
+    watermarking: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
@@ -801,10 +801,11 @@ class BeamSearchParams:
         if _check_bool("include_stop_str_in_output", self.include_stop_str_in_output):
             raise FieldError("include_stop_str_in_output must be False: beam search runs without stop strings "
                              "(as vLLM's offline search, which ignores it).", "include_stop_str_in_output")
-        for name in ("structured_outputs", "watermarking"):
-            if getattr(self, name) is not None:
-                raise FieldError(f"{name} must be None: pagedlm's beam search does not apply it (vLLM's offline search "
-                                 f"ignores it), got {getattr(self, name)!r}.", name)
+        if self.structured_outputs is not None:
+            raise FieldError(f"structured_outputs must be None: pagedlm's beam search does not apply it (vLLM's "
+                             f"offline search ignores it), got {self.structured_outputs!r}.", "structured_outputs")
+        if self.watermarking is not None and _check_bool("watermarking", self.watermarking):
+            raise FieldError("watermarking must be None or False: pagedlm has no watermark to apply.", "watermarking")
 
     def sampling_params(self, vocab_size: int) -> SamplingParams:
         """What the engine runs: ``beam_width`` beams, each token with the log-probabilities of the

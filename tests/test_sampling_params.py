@@ -139,7 +139,7 @@ def test_clone_checks_structured_outputs_changed_after_construction(field, value
     ("beam_width", 0), ("beam_width", 2.0), ("beam_width", True), ("max_tokens", 0), ("max_tokens", None),
     ("temperature", 0.7), ("temperature", "0"), ("length_penalty", "1"), ("ignore_eos", 1), ("skip_special_tokens", "no"),
     ("include_stop_str_in_output", True), ("include_stop_str_in_output", 0), ("structured_outputs", {"choice": ["a"]}),
-    ("watermarking", True), ("watermarking", False),
+    ("watermarking", True), ("watermarking", 0),
 ])
 def test_beam_search_params_name_the_bad_field(field, value):
     kwargs = {"beam_width": 2, "max_tokens": 8, field: value}
@@ -149,9 +149,10 @@ def test_beam_search_params_name_the_bad_field(field, value):
 
 def test_beam_search_params_take_vllms_fields_at_their_defaults():
     """A vLLM script passing them as they are (found by a docs hunt: a bare TypeError)."""
-    params = BeamSearchParams(beam_width=2, max_tokens=4, include_stop_str_in_output=False, structured_outputs=None,
-                              watermarking=None)
-    assert params.sampling_params(100) == BeamSearchParams(beam_width=2, max_tokens=4).sampling_params(100)
+    for watermarking in (None, False):  # None: the engine's watermark, of which pagedlm has none
+        params = BeamSearchParams(beam_width=2, max_tokens=4, include_stop_str_in_output=False, structured_outputs=None,
+                                  watermarking=watermarking)
+        assert params.sampling_params(100) == BeamSearchParams(beam_width=2, max_tokens=4).sampling_params(100)
 
 
 def test_beam_search_params_run_as_beams_with_their_logprobs():
