@@ -216,8 +216,8 @@ def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster
 def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_cluster, llama_dir, tmp_path):
     """Found by a hunt: read_text split rows at a U+2028 inside a JSON string (rows lost) and one
     line of bad UTF-8 failed the job."""
-    lines = [json.dumps({"id": 1, "prompt": "a\u2028b\u0085c"}, ensure_ascii=False).encode(), b'{"id": 2, "prompt": "\xff"}',
-             json.dumps({"id": 3, "prompt": "d"}).encode()]
+    lines = [b"\xef\xbb\xbf", json.dumps({"id": 1, "prompt": "a\u2028b\u0085c"}, ensure_ascii=False).encode(),
+             b'{"id": 2, "prompt": "\xff"}', b" \r", json.dumps({"id": 3, "prompt": "d"}).encode()]  # blank: no rows
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", llama_dir, "--ray", "--num-actors", "1",
@@ -228,6 +228,17 @@ def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_clust
     assert sorted((r["id"], r["error"] is None) for r in rows if r["id"] is not None) == [(1, True), (3, True)]
     assert [r["id"] for r in rows if r["error"]] == [None] and len(rows) == 3
     assert next(r for r in rows if r["id"] == 1)["prompt"] == "a\u2028b\u0085c"
+
+
+def test_resume_on_ray_reads_output_files_with_blank_lines(tmp_path):
+    """A blank line in an output file made it 'damaged': moved aside and its rows run again (a
+    review; the local resume skips them)."""
+    from pagedlm.entrypoints.jobs.ray_job import _earlier_ids
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"id": 1}\n\n{"id": 2}\r\n \n')
+    (tmp_path / "b.jsonl").write_bytes(b'{"id": 3}\n{"id": 4, "te')  # torn by a kill
+    assert _earlier_ids(str(tmp_path), "jsonl") == {str(tmp_path / "a.jsonl"): [1, 2]}
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl.damaged"]
 
 
 @pytest.mark.parametrize("concurrency", [0, (2, 1), (0, 2), (1, 2, 3), 1.5, (1, "2")])

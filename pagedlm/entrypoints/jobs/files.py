@@ -60,11 +60,11 @@ def count_rows(path: str, kind: str) -> int | None:
     count = 0
     with open(path, "rb") as f:
         for line in f:
-            count += not _blank(line)
+            count += not blank_line(line)
     return count
 
 
-def _blank(line: bytes) -> bool:
+def blank_line(line: bytes) -> bool:
     """A JSONL line with no row: whitespace, or a byte-order mark alone (an editor's empty first line)."""
     return not line.strip().removeprefix(b"\xef\xbb\xbf").strip()
 
@@ -77,7 +77,7 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
         return
     with storage.open_input(path) as f:
         for number, line in enumerate(f, 1):
-            if _blank(line):
+            if blank_line(line):
                 continue
             try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
                 row = json.loads(line.decode("utf-8-sig"))
@@ -205,7 +205,7 @@ def read_output_lines(path: str) -> Iterator[dict]:
         for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break
-            if _blank(line):  # an editor's, or between two outputs joined
+            if blank_line(line):  # an editor's, or between two outputs joined
                 good_end += len(line)
                 continue
             try:

@@ -21,7 +21,9 @@ from ray.data.datasource import FileBasedDatasource
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
-from pagedlm.entrypoints.jobs.files import JSONL_SUFFIXES, PARQUET_SUFFIXES, file_kind, id_text, read_rows
+from pagedlm.entrypoints.jobs.files import (
+    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, read_rows,
+)
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
@@ -200,6 +202,8 @@ def _whole_rows(path: str, kind: str, names: tuple[str, ...]) -> list[tuple] | N
             for line in f:
                 if not line.endswith(b"\n"):
                     return None
+                if blank_line(line):  # as the local resume skips them
+                    continue
                 row = json.loads(line)
                 rows.append(tuple(row[name] for name in names))
         return rows
@@ -214,7 +218,7 @@ class JsonLinesDatasource(FileBasedDatasource):
     where it is parsed, so a bad one is its row's error, as in the local runner."""
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        lines = [line for line in f.readall().split(b"\n") if line.strip()]
+        lines = [line for line in f.readall().split(b"\n") if not blank_line(line)]
         yield pa.table({"text": pa.array(lines, pa.binary())})
 
 

@@ -166,8 +166,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
                     llm.close()
         summary = {**stats.summary(interrupted is not None), "output": config.output}
         try:
-            with open(config.output + ".summary.json", "w") as f:
-                json.dump(summary, f, indent=2)
+            storage.write_text(config.output + ".summary.json", json.dumps(summary, indent=2))
         except OSError as exc:  # the rows are written; only the summary is lost
             print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
                   "is complete", file=sys.stderr, flush=True)
