@@ -107,7 +107,10 @@ class ModelConfig:
         if max_model_len is None:
             max_model_len = limit
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
-            raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model, got {max_model_len!r}.")
+            auto = " (vLLM's -1, the longest the KV cache holds, is not taken: pass None for the model's own)" \
+                if max_model_len == -1 else ""
+            raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model or None, got "
+                             f"{max_model_len!r}{auto}.")
         if not isinstance(batch_invariant, bool):
             raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}.")
         if dev.type != "cuda" and not batch_invariant:

@@ -103,7 +103,9 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool
     value = _number(name, value)
     # An open bound is checked in float32, which the sampler computes in: 1e-46 is 0 there.
     if not (np.float32(value) > lo if lo_open else lo <= value) or value > hi:
-        raise FieldError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}.", _field_of(name))
+        underflow = " (0 in float32, which the sampler computes in)" if lo_open and lo < value <= hi else ""
+        raise FieldError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}{underflow}.",
+                         _field_of(name))
     return value
 
 
@@ -219,10 +221,13 @@ class StructuredOutputsParams(_FieldsOnly):
                              f"got {value!r:.80}.", "structured_outputs")
         if kind == "json" and isinstance(value, dict):
             _check_json_value(value, "structured_outputs.json")
-        if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
-            raise FieldError(f"structured_outputs.{kind} must be a non-empty str, got {value!r}.", "structured_outputs")
-        if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):
-            raise FieldError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got {value!r}.",
+        # An empty regex (or choice) matches the empty completion alone, which vLLM takes on purpose.
+        if kind == "regex" and not isinstance(value, str):
+            raise FieldError(f"structured_outputs.regex must be a str, got {value!r}.", "structured_outputs")
+        if kind == "grammar" and not (isinstance(value, str) and value.strip()):
+            raise FieldError(f"structured_outputs.grammar must be a non-empty str, got {value!r}.", "structured_outputs")
+        if kind == "choice" and not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value)):
+            raise FieldError(f"structured_outputs.choice must be a non-empty list of strings, got {value!r}.",
                              "structured_outputs")
         if kind == "json_object" and value is not True:
             raise FieldError(f"structured_outputs.json_object must be True, got {value!r}.", "structured_outputs")
@@ -306,6 +311,20 @@ class RepetitionDetectionParams(_FieldsOnly):
         return False
 
 
+# vLLM's limit on n and best_of (its VLLM_MAX_N_SEQUENCES' default): a request's completions are
+# made one cloned child request per max_num_seqs of them before anything runs.
+MAX_N_SEQUENCES = 16384
+
+
+class _BestOfFromN(int):
+    """A ``best_of`` that was not given, taken from ``n``. A copy of the params
+    (``dataclasses.replace``, ``clone``) passes it on to its ``__post_init__``, which takes it from
+    the copy's ``n`` again: ``replace(SamplingParams(n=3), n=1)`` runs one completion, not the best
+    of 3. An int set in its place (``params.best_of = 4``) was given."""
+
+    __slots__ = ()
+
+
 @dataclass
 class SamplingParams(_FieldsOnly):
     """How to generate the completions of one prompt (vLLM's names and meanings; ``best_of``,
@@ -378,7 +397,8 @@ class SamplingParams(_FieldsOnly):
             -inf; it must return a float tensor of that shape without NaN, else the step raises a
             ``ValueError`` naming the processor (``apply_logits_processors``).
         logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
-            string ids, as OpenAI's JSON gives them, are read as ints; biases clamped to [-100, 100]).
+            string ids, as OpenAI's JSON gives them, are read as ints; biases as given, as vLLM's
+            ``LLM`` adds them: its OpenAI server clamps them to [-100, 100], the range OpenAI takes).
             Kept checked as a read-only ``CheckedDict``, which the params' copies share (assign a
             new dict to change it; changing it in place is a TypeError).
         allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all. Kept
@@ -463,15 +483,15 @@ class SamplingParams(_FieldsOnly):
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
-        if self.n < 1:
-            raise FieldError(f"n must be at least 1, got {self.n}.", "n")
-        # best_of taken from n (not given, then or later): a clone takes the n of then (see clone).
-        self._best_of_from_n = self.n if self.best_of is None else None
-        if self.best_of is None:
-            self.best_of = self.n
-        self.best_of = _number("best_of", self.best_of, integer=True)
-        if self.best_of < self.n:
-            raise FieldError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}.", "best_of")
+        if not 1 <= self.n <= MAX_N_SEQUENCES:
+            raise FieldError(f"n must be in [1, {MAX_N_SEQUENCES}] (vLLM's VLLM_MAX_N_SEQUENCES), got {self.n}.", "n")
+        if self.best_of is None or type(self.best_of) is _BestOfFromN:  # not given (a copy's: see _BestOfFromN)
+            self.best_of = _BestOfFromN(self.n)
+        else:
+            self.best_of = _number("best_of", self.best_of, integer=True)
+            if not self.n <= self.best_of <= MAX_N_SEQUENCES:
+                raise FieldError(f"best_of must be >= n and at most {MAX_N_SEQUENCES}, got best_of={self.best_of} and "
+                                 f"n={self.n}.", "best_of")
         self.temperature = _number("temperature", self.temperature)
         if not 0 <= self.temperature <= 2:
             raise FieldError(f"temperature must be in [0, 2] (0 means greedy; vLLM's and OpenAI's range), "
@@ -490,7 +510,8 @@ class SamplingParams(_FieldsOnly):
         self.frequency_penalty = _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
         self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
         if not np.float32(self.repetition_penalty) > 0:
-            raise FieldError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.",
+            underflow = " (0 in float32, which the sampler computes in)" if self.repetition_penalty > 0 else ""
+            raise FieldError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}{underflow}.",
                              "repetition_penalty")
         if self.seed is not None:
             self.seed = _number("seed", self.seed, integer=True)
@@ -512,6 +533,8 @@ class SamplingParams(_FieldsOnly):
             setattr(self, name, _check_bool(name, getattr(self, name)))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
+            if value is True:  # vLLM's: the sampled token's logprob and the top one
+                value = 1
             if value is not None:
                 value = _number(name, value, integer=True)
                 setattr(self, name, value)
@@ -542,10 +565,10 @@ class SamplingParams(_FieldsOnly):
                                  "early_stopping") from None
         self._verify_logits_processors()
         self._verify_logit_bias()
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise FieldError(f"allowed_token_ids must be None or a non-empty list of token ids, "
+                             f"got {self.allowed_token_ids!r}.", "allowed_token_ids")
         if self.allowed_token_ids is not None and type(self.allowed_token_ids) is not CheckedList:
-            if not self.allowed_token_ids:
-                raise FieldError(f"allowed_token_ids must be None or a non-empty list of token ids, "
-                                 f"got {self.allowed_token_ids!r}.", "allowed_token_ids")
             self.allowed_token_ids = CheckedList(_token_ids("allowed_token_ids", self.allowed_token_ids))
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
@@ -574,12 +597,6 @@ class SamplingParams(_FieldsOnly):
                 raise FieldError(f"{self.best_of_field} must be 1 with greedy sampling (temperature=0), "
                                  f"got {self.best_of}.", self.best_of_field)
         self._verify_output_kind()
-        self._constructed = True
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "best_of" and self.__dict__.get("_constructed"):
-            self._best_of_from_n = None  # given now: it no longer follows n
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied, every field checked and normalised again as the
@@ -597,8 +614,6 @@ class SamplingParams(_FieldsOnly):
         Raises:
             ValueError: a field is invalid; the message names it and what it allows.
         """
-        if getattr(self, "_best_of_from_n", None) is not None:  # never given: it follows n
-            changes.setdefault("best_of", None)
         for name in ("structured_outputs", "repetition_detection"):
             if dataclasses.is_dataclass(getattr(self, name)):
                 changes.setdefault(name, replace(getattr(self, name)))
@@ -686,12 +701,12 @@ class SamplingParams(_FieldsOnly):
                              "logit_bias")
         bias = {}
         for token, value in self.logit_bias.items():
-            # OpenAI's JSON gives the ids as strings; its biases lie in [-100, 100], as vLLM clamps them.
+            # OpenAI's JSON gives the ids as strings.
             token = _number("logit_bias keys (token ids)",
-                            int(token) if isinstance(token, str) and token.isdigit() else token, integer=True)
+                            int(token) if isinstance(token, str) and token.isdecimal() else token, integer=True)
             if token < 0:
                 raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
-            bias[token] = min(max(_number("logit_bias values (biases)", value), -100.0), 100.0)
+            bias[token] = _number("logit_bias values (biases)", value)
         self.logit_bias = CheckedDict(bias)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -740,7 +755,7 @@ class SamplingParams(_FieldsOnly):
     @property
     def best_of_field(self) -> str:
         """The field ``best_of`` came from, for messages: "n" when ``best_of`` was not given."""
-        return "best_of" if getattr(self, "_best_of_from_n", None) is None else "n"
+        return "n" if type(self.best_of) is _BestOfFromN else "best_of"
 
     @property
     def greedy(self) -> bool:

@@ -1024,6 +1024,27 @@ def test_numpy_penalties_run_and_out_of_vocabulary_stop_ids_are_refused_up_front
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_request_checks_found_by_a_differential_against_vllm(llm, llama_dir):
+    """Token ids below 0 in params' checked (shared) containers reached the sampler: -2 gave the
+    vocabulary's last-but-one token and a -1 bias an IndexError mid-run. min_tokens past the room
+    max_model_len leaves ran to "length" with EOS banned (vLLM refuses: its max_tokens defaults to
+    that room)."""
+    from pagedlm.sampling_params import CheckedDict, CheckedList
+
+    for name, value in (("allowed_token_ids", CheckedList([-2, 5])), ("logit_bias", CheckedDict({-1: 5.0}))):
+        with pytest.raises(ValueError, match=rf"prompt 0: {name} \[-\d\] are outside the vocabulary"):
+            llm.generate([[BOS, 5]], SamplingParams(max_tokens=2, **{name: value}), use_tqdm=False)
+    with pytest.raises(ValueError, match="allowed_token_ids must be None or a non-empty list"):
+        SamplingParams(allowed_token_ids=CheckedList([]))
+    room = llm.llm_engine.model_config.max_model_len - 2
+    with pytest.raises(ValueError, match=rf"min_tokens \({room + 1}\) must be <= max_tokens, which is max_model_len"):
+        llm.generate([[BOS, 5]], SamplingParams(min_tokens=room + 1), use_tqdm=False)
+    assert len(llm.generate([[BOS, 5]], SamplingParams(min_tokens=room, ignore_eos=True), use_tqdm=False)[0]
+               .outputs[0].token_ids) == room
+    with pytest.raises(ValueError, match=r"vLLM's -1, the longest the KV cache holds, is not taken: pass None"):
+        LLM(llama_dir, max_model_len=-1)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(device="cuda:x"), "device"),
     (dict(num_kv_blocks=True), "num_kv_blocks"),

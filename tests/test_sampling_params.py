@@ -119,7 +119,7 @@ def test_an_attribute_that_is_no_field_is_refused():
 @pytest.mark.parametrize("field,value,message", [
     ("regex", None, "exactly one of"), ("json", {"type": "object"}, "exactly one of"),
     ("choice", "yes", r"structured_outputs.choice must be a non-empty list"),
-    ("regex", 5, r"structured_outputs.regex must be a non-empty str"),
+    ("regex", 5, r"structured_outputs.regex must be a str"),
 ])
 def test_clone_checks_structured_outputs_changed_after_construction(field, value, message):
     from pagedlm import StructuredOutputsParams
@@ -237,3 +237,41 @@ def test_checked_bias_and_allowed_ids_are_shared_read_only_by_copies():
         params.clone()
     restored = pickle.loads(pickle.dumps(copy_))  # Ray ships params to its actors
     assert restored.logit_bias == copy_.logit_bias and restored.allowed_token_ids == copy_.allowed_token_ids
+
+
+def test_a_best_of_never_given_follows_n_through_dataclasses_replace():
+    """Found by a differential against vLLM: replace(SamplingParams(n=3), n=1) kept best_of 3, so
+    one completion came as the best of three samples (and replace(SamplingParams(), n=3) was refused)."""
+    from dataclasses import replace
+
+    assert replace(SamplingParams(n=3, temperature=0.8), n=1).best_of == 1
+    assert replace(SamplingParams(temperature=0.8), n=3).best_of == 3
+    assert replace(SamplingParams(n=3, temperature=0.8), n=1, temperature=0).best_of == 1
+    assert replace(SamplingParams(n=2, best_of=4, temperature=0.8), n=1).best_of == 4  # given: it stays
+    assert replace(pickle.loads(pickle.dumps(SamplingParams(n=3, temperature=0.8))), n=2).best_of == 2
+    assert SamplingParams(n=3).best_of_field == "n" and SamplingParams(best_of=3).best_of_field == "best_of"
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"n": 16385}, r"n must be in \[1, 16384\]"), ({"best_of": 16385}, "best_of must be >= n and at most 16384"),
+    ({"logit_bias": {"\u00b2": 1.0}}, r"logit_bias keys \(token ids\) must be an int, got '\u00b2'"),
+    ({"top_p": 1e-46}, r"got 1e-46 \(0 in float32"), ({"repetition_penalty": 1e-46}, r"got 1e-46 \(0 in float32"),
+    ({"structured_outputs": {"grammar": " "}}, "structured_outputs.grammar must be a non-empty str"),
+])
+def test_refusals_found_by_a_differential_against_vllm(fields, message):
+    """n: vLLM's limit (an n of 10**9 was taken and spent minutes making child requests); '\u00b2'
+    passed str.isdigit and failed int() without naming the field; the float32 underflows said
+    'must be in (0, 1], got 1e-46'."""
+    with pytest.raises(ValueError, match=message) as info:
+        SamplingParams(**fields)
+    assert info.value.field == next(iter(fields))
+
+
+def test_values_vllm_takes_and_honours():
+    """logit_bias as given (vLLM's LLM adds it unclamped; only its OpenAI server clamps); logprobs
+    True as 1; an empty regex or an empty choice (the empty completion, which vLLM takes on purpose)."""
+    from pagedlm import StructuredOutputsParams
+
+    assert SamplingParams(logit_bias={5: 500, 6: -1e4}).logit_bias == {5: 500.0, 6: -1e4}
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    assert StructuredOutputsParams(regex="").regex == "" and StructuredOutputsParams(choice=["", "a"]).choice == ["", "a"]

@@ -67,6 +67,15 @@ def test_choice_regex_and_grammar_always_hold_with_n_gt_1(llm):
         assert re.fullmatch(r"\(\d+\)", c.text) if c.finish_reason == "stop" else re.fullmatch(r"\(\d*", c.text)
 
 
+def test_an_empty_regex_or_choice_gives_the_empty_completion(llm):
+    """vLLM takes them on purpose (an empty pattern matches the empty string); they were refused."""
+    for constraint in (SO(regex=""), SO(choice=[""])):
+        out = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=3, max_tokens=8, structured_outputs=constraint),
+                           use_tqdm=False)
+        assert [(c.text, c.token_ids, c.finish_reason) for c in (o.outputs[0] for o in out)] == [("", [EOS], "stop")] \
+            * len(PROMPTS)
+
+
 def test_constrained_greedy_is_unconstrained_greedy_wherever_allowed(llm):
     regex = r"[a-z ]{1,30}\."
     tokenizer = llm.get_tokenizer()

@@ -172,6 +172,9 @@ class LLMEngine:
         if n >= max_len:
             return FieldError(f"the prompt has {n} tokens; max_model_len is {max_len} and at least one token must be "
                               "generated", "prompt")
+        if params.max_tokens is None and params.min_tokens > max_len - n:
+            return FieldError(f"min_tokens ({params.min_tokens}) must be <= max_tokens, which is max_model_len "
+                              f"({max_len}) less the prompt's {n} tokens when not given (vLLM's rule)", "min_tokens")
         if not self.scheduler_config.enable_chunked_prefill and n > self.scheduler_config.max_num_batched_tokens:
             return FieldError(f"the prompt has {n} tokens, over max_num_batched_tokens without chunked prefill",
                               "prompt")
@@ -196,7 +199,7 @@ class LLMEngine:
                               "sequence(s) at once", "prompt" if n >= max_seq_len else "max_tokens")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
                           ("logit_bias", params.logit_bias or ()), ("logprob_token_ids", params.logprob_token_ids or ())):
-            bad = [t for t in ids if t >= vocab_size]
+            bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 return FieldError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})", name)
         max_logprobs = self.model_config.max_logprobs

@@ -58,7 +58,7 @@ _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
           COMPLETIONS_URL: _COMMON_TYPES}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
 # (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
-# (SamplingParams clamps, as vLLM does).
+# (SamplingParams takes any finite bias, as vLLM's LLM does; vLLM's server clamps).
 MAX_LOGPROBS = 20
 LOGIT_BIAS_RANGE = (-100, 100)
 
