@@ -749,6 +749,8 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "utf16.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),
     ({"input": "utf16be.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),  # no byte-order mark: NUL bytes
     ({"input": "gzip.jsonl"}, "'gzip.jsonl' is gzip data; .*decompress it first"),
+    # Found by a docs hunt: every row was an error (with no id) and the job exited 0.
+    ({"input": "latin1.jsonl"}, r"'latin1.jsonl' is not UTF-8 \(byte 0xe9 on line 2: Latin-1 or Windows-1252"),
     ({"input": "cr.jsonl"}, "'cr.jsonl' has lines ended by CR alone"),
     ({"input": "commas.jsonl"}, r"'commas.jsonl' holds lines copied out of a JSON array \(its first line ends in '},'\)"),
     ({"input": "previous.parquet"}, r"'previous.parquet' has column\(s\) outputs, error, which the output writes"),
@@ -766,6 +768,7 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     (tmp_path / "utf16.jsonl").write_text(line + "\n", encoding="utf-16")  # as PowerShell's > writes
     (tmp_path / "utf16be.jsonl").write_text(line + "\n", encoding="utf-16-be")
     (tmp_path / "gzip.jsonl").write_bytes(gzip.compress((line + "\n").encode()))
+    (tmp_path / "latin1.jsonl").write_text(f'{line}\n{{"id": 2, "prompt": "caf\u00e9"}}\n', encoding="cp1252")
     (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
     (tmp_path / "commas.jsonl").write_text(f"{line},\n{line},\n")
     pq.write_table(pa.table({"id": [1], "prompt": ["a"], "outputs": [None], "error": ["x"]}), tmp_path / "previous.parquet")
@@ -785,6 +788,14 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     with pytest.raises(ValueError, match=message):
         run_job(config)
     assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_a_character_cut_by_the_sampled_start_is_no_encoding_error():
+    from pagedlm.entrypoints.jobs.runner import _not_json_lines
+
+    sample = ('{"id": 1, "prompt": "\u00e9\u20ac"}\n' * 3).encode()
+    assert _not_json_lines(sample) is None and _not_json_lines(sample[:-4]) is None  # ends inside the euro sign
+    assert _not_json_lines(sample[:-4] + b"x") is not None
 
 
 def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):
@@ -1563,12 +1574,17 @@ def test_an_engine_error_names_a_renamed_field_without_its_engine_keys():
     """Found by session 43: "structured_outputs.json admits no output" reached a tools row as
     "tools.json admits ..." (the row has no tools.json)."""
     from pagedlm.entrypoints.jobs.rows import field_error
+    from pagedlm.utils import FieldError
 
     names = {"structured_outputs": "response_format", "max_tokens": "max_tokens", "prompt": "messages"}
     error = field_error(ValueError("structured_outputs.json admits no output at all"), names)
     assert (str(error), error.param) == ("response_format admits no output at all", "response_format")
     error = field_error(ValueError("max_tokens.x must be at least 1"), names)  # a field's own name stays whole
     assert str(error) == "max_tokens.x must be at least 1"
+    # Found by a docs hunt: the flag in the message became "--max-top_logprobs".
+    message = "logprobs (10) exceeds max_logprobs (5), the LLM's limit (LLM(max_logprobs=...); pagedlm run: --max-logprobs)"
+    error = field_error(FieldError(message, "logprobs"), {"logprobs": "top_logprobs"})
+    assert str(error) == message.replace("logprobs (10)", "top_logprobs (10)") and error.param == "top_logprobs"
 
 
 @pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions"])

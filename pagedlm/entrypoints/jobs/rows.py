@@ -230,7 +230,9 @@ def chat_error(exc: FieldError, prefix: str = "") -> RowError:
 
 
 def _word(field: str) -> str:
-    return rf"(?<![\w.]){re.escape(field)}\b"
+    """``field`` as a word of a message: not inside a longer name, a dotted path or a flag
+    ("--max-logprobs" does not name logprobs)."""
+    return rf"(?<![\w.-]){re.escape(field)}\b"
 
 
 def _named_fields(message: str, fields: tuple[str, ...]) -> list[str]:

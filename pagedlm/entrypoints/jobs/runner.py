@@ -271,6 +271,13 @@ def _not_json_lines(raw: bytes) -> str | None:
     # line is only that line's error).
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw.lstrip(b" \t\r\n")[:4]:
         return "is UTF-16 or UTF-32 text (a byte-order mark or NUL bytes); pagedlm run reads UTF-8: save it as UTF-8"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.end < len(raw) or exc.reason != "unexpected end of data":  # not a character the sample cut
+            line = raw.count(b"\n", 0, exc.start) + 1
+            return (f"is not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}: Latin-1 or Windows-1252 text, most "
+                    "likely); pagedlm run reads UTF-8: save it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     if head.startswith("["):
         return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
