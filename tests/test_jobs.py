@@ -790,12 +790,16 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     assert not os.path.exists(tmp_path / "out.jsonl")
 
 
-def test_a_character_cut_by_the_sampled_start_is_no_encoding_error():
+def test_only_a_file_in_another_encoding_is_refused_up_front():
+    """A sample of Latin-1 (no UTF-8 beyond ASCII) is refused; a UTF-8 sample that ends inside a
+    character, or holds one bad line among UTF-8 ones, is not (that line is its row's error)."""
     from pagedlm.entrypoints.jobs.runner import _not_json_lines
 
+    latin1 = ('{"id": 1, "prompt": "caf\u00e9"}\n' * 3).encode("latin-1")
+    assert _not_json_lines(latin1).startswith("is not UTF-8 (byte 0xe9 on line 1")
     sample = ('{"id": 1, "prompt": "\u00e9\u20ac"}\n' * 3).encode()
     assert _not_json_lines(sample) is None and _not_json_lines(sample[:-4]) is None  # ends inside the euro sign
-    assert _not_json_lines(sample[:-4] + b"x") is not None
+    assert _not_json_lines(sample + latin1) is None
 
 
 def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):
@@ -1161,6 +1165,19 @@ def test_a_first_line_nested_too_deep_is_that_row_s_error(llama_dir, tmp_path):
     stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
     assert (stats.completed, stats.errors) == (1, 1)
     assert [r["error"] for r in out if r["error"]][0].startswith("line 1 is not valid JSON")
+
+
+def test_a_line_that_is_not_utf8_is_its_rows_error_under_its_id(llama_dir, tmp_path):
+    """In a UTF-8 file one line of other bytes is that row's error (a whole file in another
+    encoding is refused up front); its id, read with the bad bytes replaced, lets it be joined and
+    resumed (it was null)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"id": 1, "prompt": "caf\xc3\xa9"}\n{"id": 2, "prompt": "caf\xe9"}\n{"id": 3, "prompt": "x"}\n')
+    stats, rows = run(llama_dir, str(inp), tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (2, 1)
+    assert by_id(rows)[2]["error"] == "line 2 is not UTF-8 (byte 0xe9 at byte 25 of the line): save the file as UTF-8"
+    stats, _ = run(llama_dir, str(inp), tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (3, 0, 0)
 
 
 def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):

@@ -81,12 +81,26 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
                 continue
             try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
                 row = json.loads(line.decode("utf-8-sig"))
-            except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            except UnicodeDecodeError as exc:
+                # The row's error, under its id where the line is JSON once its bad bytes are replaced.
+                yield (f"line {number}", json_or_none(line.decode("utf-8-sig", "replace")),
+                       f"line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line): "
+                       "save the file as UTF-8")
+                continue
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 # json's own "line 2 column 1" counts within the row's text, whose end is a newline.
                 where = f"{exc.msg} at character {exc.pos + 1} of the line" if isinstance(exc, json.JSONDecodeError) else exc
                 yield f"line {number}", None, f"line {number} is not valid JSON: {where}"
                 continue
             yield f"line {number}", row, None
+
+
+def json_or_none(text: str) -> Any:
+    """``text`` parsed as JSON, or None where it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _parquet_rows(path: str) -> Iterator[InputRow]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -274,7 +275,10 @@ def _not_json_lines(raw: bytes) -> str | None:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.end < len(raw) or exc.reason != "unexpected end of data":  # not a character the sample cut
+        # Another encoding where no character of the sample is UTF-8 beyond ASCII; in a UTF-8 file a
+        # line that is not is that row's error. (A character the sample's end cut is no error.)
+        cut = exc.end == len(raw) and exc.reason == "unexpected end of data"
+        if not cut and not re.search("[^\x00-\x7f\ufffd]", raw.decode("utf-8", "replace")):
             line = raw.count(b"\n", 0, exc.start) + 1
             return (f"is not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}: Latin-1 or Windows-1252 text, most "
                     "likely); pagedlm run reads UTF-8: save it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
