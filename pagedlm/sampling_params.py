@@ -19,6 +19,9 @@ import torch
 from pagedlm.utils import FieldError
 
 _GREEDY_EPS = 1e-5
+# The largest |logit_bias|: the biased logits, divided by the smallest temperature, stay finite in
+# float32 (3.4e38). Any bias beyond a few hundred decides the token already.
+LOGIT_BIAS_LIMIT = 1e30
 _MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a smaller one is raised to it (logits / t would overflow)
 
 logger = logging.getLogger("pagedlm")
@@ -398,7 +401,8 @@ class SamplingParams(_FieldsOnly):
             ``ValueError`` naming the processor (``apply_logits_processors``).
         logit_bias: ``{token_id: bias}`` added to the logits before sampling (OpenAI's and vLLM's;
             string ids, as OpenAI's JSON gives them, are read as ints; biases as given, as vLLM's
-            ``LLM`` adds them: its OpenAI server clamps them to [-100, 100], the range OpenAI takes).
+            ``LLM`` adds them, up to ``LOGIT_BIAS_LIMIT`` (1e30) in magnitude: vLLM's OpenAI server
+            clamps them to [-100, 100], the range OpenAI takes).
             Kept checked as a read-only ``CheckedDict``, which the params' copies share (assign a
             new dict to change it; changing it in place is a TypeError).
         allowed_token_ids: sampling picks only among these ids (vLLM's); ``None`` allows all. Kept
@@ -707,6 +711,10 @@ class SamplingParams(_FieldsOnly):
             if token < 0:
                 raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
             bias[token] = _number("logit_bias values (biases)", value)
+            if abs(bias[token]) > LOGIT_BIAS_LIMIT:
+                raise FieldError(f"logit_bias values must be within +-{LOGIT_BIAS_LIMIT:g}, got {value} for token {token}: "
+                                 "a larger one overflows float32 once divided by the temperature (every probability NaN).",
+                                 "logit_bias")
         self.logit_bias = CheckedDict(bias)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:

@@ -750,7 +750,8 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "utf16be.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),  # no byte-order mark: NUL bytes
     ({"input": "gzip.jsonl"}, "'gzip.jsonl' is gzip data; .*decompress it first"),
     # Found by a docs hunt: every row was an error (with no id) and the job exited 0.
-    ({"input": "latin1.jsonl"}, r"'latin1.jsonl' is not UTF-8 \(byte 0xe9 on line 2: Latin-1 or Windows-1252"),
+    ({"input": "latin1.jsonl"}, r"'latin1.jsonl' is not UTF-8 \(byte 0xe9 on line 2, and 1 more line\(s\) in its "
+                                r"first MiB: Latin-1 or Windows-1252"),
     ({"input": "cr.jsonl"}, "'cr.jsonl' has lines ended by CR alone"),
     ({"input": "commas.jsonl"}, r"'commas.jsonl' holds lines copied out of a JSON array \(its first line ends in '},'\)"),
     ({"input": "previous.parquet"}, r"'previous.parquet' has column\(s\) outputs, error, which the output writes"),
@@ -768,7 +769,8 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     (tmp_path / "utf16.jsonl").write_text(line + "\n", encoding="utf-16")  # as PowerShell's > writes
     (tmp_path / "utf16be.jsonl").write_text(line + "\n", encoding="utf-16-be")
     (tmp_path / "gzip.jsonl").write_bytes(gzip.compress((line + "\n").encode()))
-    (tmp_path / "latin1.jsonl").write_text(f'{line}\n{{"id": 2, "prompt": "caf\u00e9"}}\n', encoding="cp1252")
+    (tmp_path / "latin1.jsonl").write_text(f'{line}\n{{"id": 2, "prompt": "caf\u00e9"}}\n{{"id": 3, "prompt": "\u00e0"}}\n',
+                                           encoding="cp1252")
     (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
     (tmp_path / "commas.jsonl").write_text(f"{line},\n{line},\n")
     pq.write_table(pa.table({"id": [1], "prompt": ["a"], "outputs": [None], "error": ["x"]}), tmp_path / "previous.parquet")
@@ -791,12 +793,16 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
 
 
 def test_only_a_file_in_another_encoding_is_refused_up_front():
-    """A sample of Latin-1 (no UTF-8 beyond ASCII) is refused; a UTF-8 sample that ends inside a
-    character, or holds one bad line among UTF-8 ones, is not (that line is its row's error)."""
+    """A sample of Latin-1 (lines that are not UTF-8 and no UTF-8 beyond ASCII) is refused; a
+    sample that ends inside a character, one bad line among ASCII ones (a review: json.dumps
+    writes ASCII, so one corrupt byte refused the whole file), or bad lines among UTF-8 ones are
+    not: such a line is its row's error."""
     from pagedlm.entrypoints.jobs.runner import _not_json_lines
 
     latin1 = ('{"id": 1, "prompt": "caf\u00e9"}\n' * 3).encode("latin-1")
-    assert _not_json_lines(latin1).startswith("is not UTF-8 (byte 0xe9 on line 1")
+    assert _not_json_lines(latin1).startswith("is not UTF-8 (byte 0xe9 on line 1, and 2 more line(s)")
+    ascii_rows = b'{"id": 1, "prompt": "x"}\n' * 3
+    assert _not_json_lines(latin1[:len(latin1) // 3] + ascii_rows) is None
     sample = ('{"id": 1, "prompt": "\u00e9\u20ac"}\n' * 3).encode()
     assert _not_json_lines(sample) is None and _not_json_lines(sample[:-4]) is None  # ends inside the euro sign
     assert _not_json_lines(sample + latin1) is None
@@ -1167,17 +1173,19 @@ def test_a_first_line_nested_too_deep_is_that_row_s_error(llama_dir, tmp_path):
     assert [r["error"] for r in out if r["error"]][0].startswith("line 1 is not valid JSON")
 
 
-def test_a_line_that_is_not_utf8_is_its_rows_error_under_its_id(llama_dir, tmp_path):
-    """In a UTF-8 file one line of other bytes is that row's error (a whole file in another
-    encoding is refused up front); its id, read with the bad bytes replaced, lets it be joined and
-    resumed (it was null)."""
+def test_a_line_that_is_not_utf8_is_its_rows_error_and_runs_once_mended(llama_dir, tmp_path):
+    """One line of other bytes is that row's error, without an id (a whole file in another encoding
+    is refused up front), so that once the file is saved as UTF-8 a resume runs it; the byte is
+    named in the raw line, a byte-order mark included (a review: it was off by the mark)."""
     inp = tmp_path / "in.jsonl"
-    inp.write_bytes(b'{"id": 1, "prompt": "caf\xc3\xa9"}\n{"id": 2, "prompt": "caf\xe9"}\n{"id": 3, "prompt": "x"}\n')
+    inp.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "caf\xe9"}\n{"id": 2, "prompt": "x"}\n')
     stats, rows = run(llama_dir, str(inp), tmp_path / "out.jsonl")
-    assert (stats.completed, stats.errors) == (2, 1)
-    assert by_id(rows)[2]["error"] == "line 2 is not UTF-8 (byte 0xe9 at byte 25 of the line): save the file as UTF-8"
-    stats, _ = run(llama_dir, str(inp), tmp_path / "out.jsonl", resume=True)
-    assert (stats.skipped, stats.completed, stats.errors) == (3, 0, 0)
+    assert (stats.completed, stats.errors) == (1, 1)
+    assert [(r["id"], r["error"]) for r in rows if r["error"]] == [
+        (None, "line 1 is not UTF-8 (byte 0xe9 at byte 28 of the line): save the file as UTF-8")]
+    inp.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "caf\xc3\xa9"}\n{"id": 2, "prompt": "x"}\n')
+    stats, rows = run(llama_dir, str(inp), tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (1, 1, 0)
 
 
 def test_a_corrupt_parquet_row_group_fails_its_rows_and_the_others_run(llama_dir, tmp_path):

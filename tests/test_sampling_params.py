@@ -257,6 +257,7 @@ def test_a_best_of_never_given_follows_n_through_dataclasses_replace():
     ({"logit_bias": {"\u00b2": 1.0}}, r"logit_bias keys \(token ids\) must be an int, got '\u00b2'"),
     ({"top_p": 1e-46}, r"got 1e-46 \(0 in float32"), ({"repetition_penalty": 1e-46}, r"got 1e-46 \(0 in float32"),
     ({"structured_outputs": {"grammar": " "}}, "structured_outputs.grammar must be a non-empty str"),
+    ({"logit_bias": {5: 3e38}}, r"logit_bias values must be within \+-1e\+30, got 3e\+38 for token 5"),  # a review
 ])
 def test_refusals_found_by_a_differential_against_vllm(fields, message):
     """n: vLLM's limit (an n of 10**9 was taken and spent minutes making child requests); '\u00b2'

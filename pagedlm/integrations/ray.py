@@ -30,7 +30,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, json_or_none, rows_to_table, to_json
+from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, rows_to_table, to_json
 from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
 from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.sampling_params import SamplingParams
@@ -327,9 +327,8 @@ def _parse_line(line: str | bytes) -> tuple[Any, str | None]:
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
-        except UnicodeDecodeError as exc:  # its error, under its id where the rest is JSON (as the local runner)
-            return (json_or_none(line.decode("utf-8", "replace").lstrip("\ufeff")),
-                    f"a line is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1}): save the file as UTF-8")
+        except UnicodeDecodeError as exc:  # no id, as the local runner's: a resume runs it once mended
+            return None, f"a line is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1}): save the file as UTF-8"
     try:  # RecursionError: nested too deep
         return json.loads(line.lstrip("\ufeff")), None
     except (ValueError, RecursionError) as exc:

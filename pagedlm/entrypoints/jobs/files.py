@@ -79,13 +79,12 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
         for number, line in enumerate(f, 1):
             if blank_line(line):
                 continue
-            try:  # utf-8-sig: a byte-order mark (Notepad, PowerShell) is not part of the first row
-                row = json.loads(line.decode("utf-8-sig"))
+            try:  # a byte-order mark (Notepad, PowerShell) is not part of the first row
+                row = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
             except UnicodeDecodeError as exc:
-                # The row's error, under its id where the line is JSON once its bad bytes are replaced.
-                yield (f"line {number}", json_or_none(line.decode("utf-8-sig", "replace")),
-                       f"line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1} of the line): "
-                       "save the file as UTF-8")
+                # No id: once the file is mended, a resume runs the row (one with an id would stay done).
+                yield (f"line {number}", None, f"line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at byte "
+                       f"{exc.start + 1} of the line): save the file as UTF-8")
                 continue
             except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 # json's own "line 2 column 1" counts within the row's text, whose end is a newline.
@@ -93,14 +92,6 @@ def read_rows(path: str, kind: str) -> Iterator[InputRow]:
                 yield f"line {number}", None, f"line {number} is not valid JSON: {where}"
                 continue
             yield f"line {number}", row, None
-
-
-def json_or_none(text: str) -> Any:
-    """``text`` parsed as JSON, or None where it is not JSON."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
 
 
 def _parquet_rows(path: str) -> Iterator[InputRow]:

@@ -264,6 +264,14 @@ def check_json_lines(path: str) -> None:
         raise ValueError(f"--input {path!r} {problem}")
 
 
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _not_json_lines(raw: bytes) -> str | None:
     """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
     if raw.startswith(b"\x1f\x8b"):
@@ -272,16 +280,15 @@ def _not_json_lines(raw: bytes) -> str | None:
     # line is only that line's error).
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw.lstrip(b" \t\r\n")[:4]:
         return "is UTF-16 or UTF-32 text (a byte-order mark or NUL bytes); pagedlm run reads UTF-8: save it as UTF-8"
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # Another encoding where no character of the sample is UTF-8 beyond ASCII; in a UTF-8 file a
-        # line that is not is that row's error. (A character the sample's end cut is no error.)
-        cut = exc.end == len(raw) and exc.reason == "unexpected end of data"
-        if not cut and not re.search("[^\x00-\x7f\ufffd]", raw.decode("utf-8", "replace")):
-            line = raw.count(b"\n", 0, exc.start) + 1
-            return (f"is not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}: Latin-1 or Windows-1252 text, most "
-                    "likely); pagedlm run reads UTF-8: save it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
+    # Another encoding (Latin-1, cp1252): two or more of the sample's whole lines hold bytes that are
+    # not UTF-8 and none a UTF-8 character beyond ASCII. One such line is only that row's error.
+    lines = raw.split(b"\n")[:-1]  # the last one may be cut by the sample's end
+    bad = [i for i, line in enumerate(lines) if not _is_utf8(line)]
+    if len(bad) >= 2 and not re.search("[^\x00-\x7f\ufffd]", raw.decode("utf-8", "replace")):
+        byte = next(b for b in lines[bad[0]] if b >= 0x80)
+        return (f"is not UTF-8 (byte 0x{byte:02x} on line {bad[0] + 1}, and {len(bad) - 1} more line(s) in its first "
+                "MiB: Latin-1 or Windows-1252 text, most likely); pagedlm run reads UTF-8: save it as UTF-8, e.g. "
+                "iconv -f cp1252 -t utf-8")
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     if head.startswith("["):
         return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
