@@ -1062,6 +1062,8 @@ def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path)
         _openai_row("tlp", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -2}),
         _openai_row("stop-ids", "/v1/completions", {"prompt": "x", "stop": "y", "stop_token_ids": [-1]}),
         _openai_row("ok", "/v1/chat/completions", {**chat, "logprobs": False}),
+        # An integer in OpenAI's API: true stays an error now that SamplingParams reads it as 1 (vLLM's).
+        _openai_row("lp-true", "/v1/completions", {"prompt": "x", "logprobs": True}),
         _openai_row("bias", "/v1/completions", {"prompt": "x", "logit_bias": {"42": 100}, "max_tokens": 3, "temperature": 0,
                                                 "ignore_eos": True}),
     ]
@@ -1069,8 +1071,9 @@ def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path)
     got = {r["custom_id"]: r for r in out}
     params = {k: r["response"]["body"].get("error", {}).get("param") for k, r in got.items()}
     assert params == {"lp-no": "logprobs", "agp": "add_generation_prompt", "mct": "max_completion_tokens",
-                      "tlp": "top_logprobs", "stop-ids": "stop_token_ids", "ok": None, "bias": None}
+                      "tlp": "top_logprobs", "stop-ids": "stop_token_ids", "ok": None, "bias": None, "lp-true": "logprobs"}
     assert "body.logprobs must be true or false" in got["lp-no"]["error"]["message"]
+    assert got["lp-true"]["error"]["message"].endswith(": body.logprobs must be an integer, got true")
     assert "max_completion_tokens must be" in got["mct"]["error"]["message"]
     assert got["ok"]["response"]["status_code"] == 200 and got["ok"]["response"]["body"]["choices"][0]["logprobs"] is None
     tok = AutoTokenizer.from_pretrained(llama_dir)

@@ -188,6 +188,8 @@ class OpenAIBatchFormat:
                 prompt = {**prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
             for name in ("logprobs", "best_of"):
+                if isinstance(body.get(name), bool):  # integers in OpenAI's API (SamplingParams reads true as 1)
+                    raise RowError(f"body.{name} must be an integer, got {json_text(body[name])}", name)
                 if body.get(name) is not None:
                     fields[name] = body[name]
             if "logprob_token_ids" in fields:  # vLLM's server: logprobs switches them on, its count unused
