@@ -712,9 +712,9 @@ class SamplingParams(_FieldsOnly):
                 raise FieldError(f"logit_bias keys must be non-negative token ids, got {token}.", "logit_bias")
             bias[token] = _number("logit_bias values (biases)", value)
             if abs(bias[token]) > LOGIT_BIAS_LIMIT:
-                raise FieldError(f"logit_bias values must be within +-{LOGIT_BIAS_LIMIT:g}, got {value} for token {token}: "
-                                 "a larger one overflows float32 once divided by the temperature (every probability NaN).",
-                                 "logit_bias")
+                raise FieldError(f"logit_bias values must be within +-{LOGIT_BIAS_LIMIT:g}, got {value} for token "
+                                 f"{token}: a larger one overflows float32 once divided by the temperature (every "
+                                 "probability NaN).", "logit_bias")
         self.logit_bias = CheckedDict(bias)
 
     def apply_logits_processors(self, prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ def run_parser() -> argparse.ArgumentParser:
         description="Complete every row of a JSONL or Parquet file into an output file, writing each row as it "
                     "finishes; a row that cannot run gets an error in its output row. Formats: docs/jobs.md.",
     )
-    parser.add_argument("--model", default=None, help="checkpoint directory, .gguf file or Hugging Face Hub id (from the local Hub cache; "
-                                                       "default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="checkpoint directory, .gguf file or Hugging Face Hub id "
+                                                       "(from the local Hub cache; default: SmolLM2-135M-Instruct)")
     parser.add_argument("--input", required=True, help="rows to run: .jsonl, .json, .ndjson (JSON Lines) or "
                                                        ".parquet, .pq")
     parser.add_argument("--output", required=True, help="where results go: .jsonl, .json, .ndjson (JSON Lines) or "

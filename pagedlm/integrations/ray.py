@@ -328,7 +328,8 @@ def _parse_line(line: str | bytes) -> tuple[Any, str | None]:
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:  # no id, as the local runner's: a resume runs it once mended
-            return None, f"a line is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1}): save the file as UTF-8"
+            return None, (f"a line is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1}): save the file "
+                          "as UTF-8")
     try:  # RecursionError: nested too deep
         return json.loads(line.lstrip("\ufeff")), None
     except (ValueError, RecursionError) as exc:

@@ -187,9 +187,9 @@ class OpenAIBatchFormat:
             if "cache_salt" in body:
                 prompt = {**prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
+            if isinstance(body.get("logprobs"), bool):  # an integer here (SamplingParams would read true as 1)
+                raise RowError(f"body.logprobs must be an integer, got {json_text(body['logprobs'])}", "logprobs")
             for name in ("logprobs", "best_of"):
-                if isinstance(body.get(name), bool):  # integers in OpenAI's API (SamplingParams reads true as 1)
-                    raise RowError(f"body.{name} must be an integer, got {json_text(body[name])}", name)
                 if body.get(name) is not None:
                     fields[name] = body[name]
             if "logprob_token_ids" in fields:  # vLLM's server: logprobs switches them on, its count unused
