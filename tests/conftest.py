@@ -13,6 +13,7 @@ from transformers import (
     AutoTokenizer,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GraniteConfig,
     GenerationConfig,
     LlamaConfig,
@@ -21,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 os.environ.setdefault("PAGEDLM_LOGGING_LEVEL", "WARNING")
@@ -138,6 +140,18 @@ _CONFIGS = {
     "qwen2_swa": lambda: Qwen2Config(
         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=40,
         max_window_layers=1, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"], **_COMMON,
+    ),
+    # Gemma (1): one KV head (gemma-2b's MQA), head_dim 32 not hidden / heads, GeGLU, (1 + w) norms.
+    "gemma": lambda: GemmaConfig(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, architectures=["GemmaForCausalLM"],
+        pad_token_id=0, **_COMMON,
+    ),
+    # SmolLM3: every third layer without RoPE (the checkpoints' fourth), and those layers windowed, as
+    # its config makes them with use_sliding_window.
+    "smollm3": lambda: SmolLM3Config(
+        num_attention_heads=4, num_key_value_heads=2, no_rope_layer_interval=3, use_sliding_window=True,
+        sliding_window=40, architectures=["SmolLM3ForCausalLM"], pad_token_id=0,
+        **{**_COMMON, "num_hidden_layers": 3},
     ),
     # Gemma 2: a sliding layer then a global one, soft-caps small enough to matter with random weights,
     # and head_dim 40 (not a multiple of 16: the kernels' partial-vector path).

@@ -94,8 +94,8 @@ def test_greedy_matches_hf_on_cuda(llama_dir, dtype):
 
 
 @pytest.mark.parametrize(
-    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "llama_longrope", "phi3_odd_rotary", "gemma2", "gemma3",
-             "mistral_swa", "qwen2_swa"]
+    "arch", ["qwen3", "granite", "phi3", "phi3_longrope", "llama_longrope", "phi3_odd_rotary", "gemma", "gemma2",
+             "gemma3", "mistral_swa", "qwen2_swa", "smollm3"]
 )
 def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     from conftest import make_checkpoint
@@ -116,7 +116,7 @@ def test_under_preemption_and_prefix_cache_hits(tmp_path, tokenizer_dir, arch):
     assert [g[0] for g in _generate(LLM(path, dtype="bfloat16"), prompts[:4], 4)] == [e[0] for e in bf16]
 
 
-@pytest.mark.parametrize("arch", ["mistral_swa", "qwen2_swa", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral_swa", "qwen2_swa", "gemma2", "gemma3", "smollm3"])
 def test_prompt_logprobs_match_hf_across_sliding_windows(tmp_path, tokenizer_dir, arch):
     """Every position of prompts several windows long, prefilled in 64-token chunks (so chunks start
     inside and outside the windows), against one Hugging Face forward pass. Greedy continuations alone
@@ -279,6 +279,9 @@ def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, toke
     ("llama", {"embedding_multiplier": 3.0, "logits_scaling": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1}),
     ("mistral_swa", {"attention_bias": True, "mlp_bias": True}),
     ("mistral_swa", {"layer_types": ["full_attention", "sliding_attention"]}),  # transformers reads it as Ministral's
+    # Its layer_types still say "sliding_attention": transformers' mask windows those layers anyway.
+    ("smollm3", {"use_sliding_window": False}),
+    ("gemma", {"sliding_window": 8, "mlp_bias": True}),
 ])
 def test_config_fields_count_where_transformers_model_reads_them(tmp_path, tokenizer_dir, arch, fields):
     """Found by a checkpoint hunt: keys that transformers' model of an architecture never reads
@@ -287,6 +290,26 @@ def test_config_fields_count_where_transformers_model_reads_them(tmp_path, token
     transformers model, whatever else it carries."""
     path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, **fields)
     assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(12, [100, 47]))
+
+
+@pytest.mark.parametrize("arch,biased", [
+    ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ("smollm3", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ("gemma", ("q_proj", "k_proj", "v_proj", "o_proj")),  # attention_bias only: Gemma's MLP has none
+])
+def test_attention_and_mlp_biases_where_the_config_sets_them(tmp_path, tokenizer_dir, arch, biased):
+    """attention_bias (and mlp_bias where transformers' model reads it) with random biases saved
+    beside the weights, as transformers loads them."""
+    from safetensors.torch import load_file, save_file
+
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, attention_bias=True, mlp_bias=True)
+    weights_path = os.path.join(path, "model.safetensors")
+    weights = load_file(weights_path)
+    torch.manual_seed(1)
+    for name in [n for n in weights if n.endswith(".weight") and n.split(".")[-2] in biased]:
+        weights[name.removesuffix("weight") + "bias"] = torch.randn(weights[name].shape[0]) * 0.5
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(14, [60, 20]))
 
 
 def test_a_saved_head_unlike_the_tied_embeddings_is_used_as_transformers_does(tmp_path, tokenizer_dir):

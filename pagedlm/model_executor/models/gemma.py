@@ -1,12 +1,13 @@
-"""Gemma 2 and Gemma 3 (text) on the paged KV cache.
+"""Gemma, Gemma 2 and Gemma 3 (text) on the paged KV cache.
 
-What differs from Llama (transformers' ``modeling_gemma2.py`` / ``modeling_gemma3.py``): embeddings
-scaled by ``sqrt(hidden_size)`` (rounded to the model dtype), RMSNorm as ``x * (1 + w)``, four norms
-per layer (the attention and MLP outputs are normalised before the residual add), GeGLU with GELU's
-tanh approximation, the softmax scale ``query_pre_attn_scalar ** -0.5``, sliding-window and global
-layers (``config.layer_types``), tied embeddings. Gemma 2 soft-caps the attention logits and the final
-logits; Gemma 3 instead normalises q and k per head and has a RoPE base per layer type. Multimodal
-Gemma 3 checkpoints run their language model on text prompts.
+What Gemma changes in Llama (transformers' ``modeling_gemma.py``): embeddings scaled by
+``sqrt(hidden_size)`` (rounded to the model dtype), RMSNorm as ``x * (1 + w)``, GeGLU with GELU's tanh
+approximation, tied embeddings. Gemma 2 and 3 (``modeling_gemma2.py`` / ``modeling_gemma3.py``) add
+two norms per layer (the attention and MLP outputs are normalised before the residual add), the
+softmax scale ``query_pre_attn_scalar ** -0.5``, and sliding-window and global layers
+(``config.layer_types``). Gemma 2 soft-caps the attention logits and the final logits; Gemma 3
+instead normalises q and k per head and has a RoPE base per layer type. Multimodal Gemma 3
+checkpoints run their language model on text prompts.
 """
 
 import functools
@@ -32,7 +33,7 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=dtype).item()
 
 
-class GemmaDecoderLayer(DirectCall, nn.Module):
+class Gemma2DecoderLayer(DirectCall, nn.Module):
     def __init__(
         self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool, logits_soft_cap: float
     ) -> None:
@@ -70,16 +71,33 @@ class GemmaDecoderLayer(DirectCall, nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
-class Gemma2ForCausalLM(LlamaForCausalLM):
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma (1): Llama's layers with Gemma's norms, GeGLU and scaled embeddings."""
+
     norm_class = GemmaRMSNorm
-    attn_soft_cap = True  # the config's attn_logit_softcapping
+    act_class = GeluAndMul
+    activation_field = "hidden_act"  # where transformers' MLP reads it (Gemma's config reads "gelu" as tanh GELU)
 
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
-        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        activation = getattr(config, self.activation_field, None) or getattr(config, "hidden_act", None)
         if activation not in _GELU_TANH:
-            raise ValueError(f"Gemma's hidden_activation {activation!r} is not supported; supported: {_GELU_TANH}.")
+            raise ValueError(f"Gemma's {self.activation_field} {activation!r} is not supported; supported: {_GELU_TANH}.")
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma checkpoints with use_bidirectional_attention=True (embedding models) are not supported.")
+        super().__init__(config, max_position)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        # transformers rounds the scale to the model dtype before multiplying.
+        ops.scale(x, _rounded(self.config.hidden_size**0.5, x.dtype))
+        return x
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    attn_soft_cap = True  # the config's attn_logit_softcapping
+    activation_field = "hidden_activation"
+
+    def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         super().__init__(config, max_position)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
 
@@ -88,14 +106,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         rotary = {t: RotaryEmbedding(head_size, max_position, config, t) for t in sorted(set(layer_types))}
         soft_cap = (getattr(config, "attn_logit_softcapping", None) or 0.0) if self.attn_soft_cap else 0.0
-        return [GemmaDecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm, soft_cap)
+        return [Gemma2DecoderLayer(config, i, rotary[layer_types[i]], self.qk_norm, soft_cap)
                 for i in range(config.num_hidden_layers)]
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        # transformers rounds the scale to the model dtype before multiplying.
-        ops.scale(x, _rounded(self.config.hidden_size**0.5, x.dtype))
-        return x
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)

@@ -1,5 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3) on the paged KV cache; sliding-window
-layers where the config has them.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Granite, Phi-3, SmolLM3) on the paged KV cache;
+sliding-window layers where the config has them.
 
 Weights are packed at load time: q/k/v into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj``, so each layer runs two matmuls where Hugging Face runs five.
@@ -21,16 +21,17 @@ from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
 
 class LlamaAttention(DirectCall, nn.Module):
-    """q/k/v from one packed projection, RoPE, paged attention, o_proj. Options beyond Llama: a qkv
-    bias (Qwen2), a per-head norm of q and k before RoPE (Qwen3: ``RMSNorm``; Gemma 3:
-    ``GemmaRMSNorm``), the softmax ``scale`` (default ``head_size ** -0.5``), a logit soft-cap
-    (Gemma 2); the layer's sliding window comes from the config."""
+    """q/k/v from one packed projection, RoPE, paged attention, o_proj. Options beyond Llama: no RoPE
+    (``rotary_emb=None``: SmolLM3's NoPE layers), a qkv bias (Qwen2), a per-head norm of q and k
+    before RoPE (Qwen3: ``RMSNorm``; Gemma 3: ``GemmaRMSNorm``), the softmax ``scale`` (default
+    ``head_size ** -0.5``), a logit soft-cap (Gemma 2); the layer's sliding window comes from the
+    config."""
 
     def __init__(
         self,
         config: PretrainedConfig,
         layer_idx: int,
-        rotary_emb: RotaryEmbedding,
+        rotary_emb: RotaryEmbedding | None,
         qkv_bias: bool = False,
         qk_norm: type[RMSNorm] | None = None,
         scale: float | None = None,
@@ -63,7 +64,8 @@ class LlamaAttention(DirectCall, nn.Module):
         if self.q_norm is not None:  # per head, read from the fused projection, into new tensors
             q = self.q_norm(q)
             k = self.k_norm(k)
-        self.rotary_emb(positions, q, k)
+        if self.rotary_emb is not None:
+            self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.view(-1, self.q_size))
 
@@ -85,16 +87,25 @@ class LlamaMLP(DirectCall, nn.Module):
 
 
 class LlamaDecoderLayer(DirectCall, nn.Module):
+    """Pre-norm attention and MLP blocks; Gemma (1) runs it with ``GemmaRMSNorm`` and GeGLU."""
+
     def __init__(
-        self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+        self,
+        config: PretrainedConfig,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding | None,
+        qkv_bias: bool,
+        qk_norm: bool,
+        norm_class: type[RMSNorm] = RMSNorm,
+        act_fn: SiluAndMul | GeluAndMul | None = None,
     ) -> None:
         super().__init__()
         # Granite sets the softmax scale itself (attention_multiplier).
         scale = read_field(config, "attention_multiplier", None)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, RMSNorm if qk_norm else None, scale)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, norm_class if qk_norm else None, scale)
+        self.mlp = LlamaMLP(config, act_fn)
+        self.input_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
         # Granite scales what each block adds to the residual stream.
         self.residual_multiplier = read_field(config, "residual_multiplier", 1.0)
 
@@ -132,6 +143,7 @@ class LlamaForCausalLM(DirectCall, nn.Module):
     qkv_bias: bool | None = None  # None: the config's attention_bias
     qk_norm = False
     norm_class: type[RMSNorm] = RMSNorm
+    act_class: type[GeluAndMul] | None = None  # the MLP's; None: the config's hidden_act (SiLU only)
 
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         super().__init__()
@@ -149,7 +161,15 @@ class LlamaForCausalLM(DirectCall, nn.Module):
     def make_layers(self, config: PretrainedConfig, max_position: int) -> list[nn.Module]:
         rotary_emb = RotaryEmbedding(get_head_size(config), max_position, config)
         qkv_bias = read_field(config, "attention_bias", False) if self.qkv_bias is None else self.qkv_bias
-        return [LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, self.qk_norm) for i in range(config.num_hidden_layers)]
+        return [
+            LlamaDecoderLayer(config, i, rotary_emb if self.uses_rope(config, i) else None, qkv_bias, self.qk_norm,
+                              self.norm_class, self.act_class() if self.act_class else None)
+            for i in range(config.num_hidden_layers)
+        ]
+
+    def uses_rope(self, config: PretrainedConfig, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` rotates q and k (SmolLM3 skips RoPE on some layers)."""
+        return True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -207,6 +227,15 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     order), with LongRoPE (the 128k variants) and partial rotary (Phi-4-mini) from its config."""
 
     packed_modules_mapping: dict = {}
+
+
+class SmolLM3ForCausalLM(LlamaForCausalLM):
+    """SmolLM3: Llama whose layers with ``no_rope_layers[i] == 0`` (every fourth in the released
+    checkpoints) attend without RoPE ("NoPE"); its "sliding_attention" layers (``layer_types``) are
+    windowed (``get_sliding_window``)."""
+
+    def uses_rope(self, config: PretrainedConfig, layer_idx: int) -> bool:
+        return bool(config.no_rope_layers[layer_idx])
 
 
 MistralForCausalLM = LlamaForCausalLM
