@@ -239,6 +239,7 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
 
 @pytest.mark.parametrize("arch,field,value,message", [
     ("llama", "hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu'"),
+    ("gemma", "hidden_act", "relu", r"Gemma's hidden_act 'relu' is not supported; supported: \('gelu_pytorch_tanh'"),
     ("qwen2_swa", "layer_types", ["full_attention", "chunked_attention"],
      r"layer_types\[1\] = 'chunked_attention' is not supported"),
     ("llama", "rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},

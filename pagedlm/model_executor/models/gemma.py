@@ -81,7 +81,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
     def __init__(self, config: PretrainedConfig, max_position: int) -> None:
         activation = getattr(config, self.activation_field, None) or getattr(config, "hidden_act", None)
         if activation not in _GELU_TANH:
-            raise ValueError(f"Gemma's {self.activation_field} {activation!r} is not supported; supported: {_GELU_TANH}.")
+            raise ValueError(f"Gemma's {self.activation_field} {activation!r} is not supported; "
+                             f"supported: {_GELU_TANH}.")
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("Gemma checkpoints with use_bidirectional_attention=True (embedding models) are not supported.")
         super().__init__(config, max_position)
