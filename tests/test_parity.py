@@ -242,8 +242,8 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     ("gemma", "hidden_act", "relu", r"Gemma's hidden_act 'relu' is not supported; supported: \('gelu_pytorch_tanh'"),
     ("qwen2_swa", "layer_types", ["full_attention", "chunked_attention"],
      r"layer_types\[1\] = 'chunked_attention' is not supported"),
-    ("llama", "rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
-     r"rope_type 'yarn' .* not supported"),
+    ("llama", "rope_parameters", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+     r"rope_type 'dynamic' .* not supported"),
     # Found by a hunt: an fp8 checkpoint failed on its first weight_scale tensor, naming no quantization.
     ("llama", "quantization_config", {"quant_method": "fp8", "activation_scheme": "dynamic"},
      r"is a quantized checkpoint \(quantization_config: fp8\); pagedlm runs checkpoints in float32"),
@@ -270,6 +270,27 @@ def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, toke
     assert _generate(llm, prompts, 8) == hf_greedy(path, prompts, 8)
     with pytest.raises(ValueError, match=r"max_model_len must be an int in \[1, 512\]"):
         LLM(path, max_model_len=513)
+
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("arch,rope", [
+    ("llama", _YARN),
+    ("qwen3", {**_YARN, "beta_fast": 16, "beta_slow": 2, "truncate": False}),
+    ("qwen2", {**_YARN, "mscale": 0.8, "mscale_all_dim": 0.5}),
+    ("mistral", {**_YARN, "attention_factor": 0.9, "factor": None}),  # the factor from the two lengths
+    ("gemma", {**_YARN, "factor": 1.0}),  # no scaling, no attention factor
+])
+def test_yarn_rope_scaling_matches_transformers(tmp_path, tokenizer_dir, arch, rope):
+    """YaRN ("rope_type": "yarn", what Qwen2.5's and Qwen3's model cards add for long contexts),
+    across the original length of 64: every prompt position's log-probabilities and greedy tokens."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, max_position_embeddings=256, rope_parameters=rope)
+    llm = LLM(path, dtype="float32")
+    assert llm.llm_engine.model_config.max_model_len == 256  # vLLM's: YaRN does not lengthen max_position_embeddings
+    prompts = _prompts(15, [150, 40])
+    assert_prompt_logprobs_match_hf(llm, path, prompts)
+    assert _generate(llm, prompts, 12) == hf_greedy(path, prompts, 12)
 
 
 @pytest.mark.parametrize("arch,fields", [

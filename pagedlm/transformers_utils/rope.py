@@ -3,7 +3,7 @@
 
 from transformers import PretrainedConfig
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def rope_layer_types(config: PretrainedConfig) -> list[str]:
@@ -35,4 +35,7 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
         where = f" of the {layer_type} layers" if layer_type else ""
         raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
                          f"supported: {SUPPORTED_ROPE_TYPES}.")
+    if scaling["rope_type"] == "yarn" and scaling.get("factor") is None:
+        # transformers' reading (DeepSeek-V3's configs): the ratio of the two lengths.
+        scaling["factor"] = config.max_position_embeddings / scaling["original_max_position_embeddings"]
     return float(theta), scaling

@@ -1,5 +1,7 @@
-"""Rotary position embedding with a precomputed cos/sin table: "default", "linear", "llama3" and
-"longrope" (Phi-3/Phi-4-mini) scaling, over all of a head or its first ``partial_rotary_factor``."""
+"""Rotary position embedding with a precomputed cos/sin table: "default", "linear", "llama3",
+"longrope" (Phi-3/Phi-4-mini) and "yarn" (Qwen2.5/Qwen3's long-context setting) scaling, over all of
+a head or its first ``partial_rotary_factor``. Each table is transformers' (``modeling_rope_utils``),
+computed as it computes it."""
 
 import math
 
@@ -53,6 +55,8 @@ def _inv_freq(dim: int, theta: float, scaling: dict, long: bool = False) -> torc
     if rope_type == "longrope":
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
         return 1.0 / (factors * theta**exponents)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(dim, theta, exponents, scaling)
     inv_freq = 1.0 / (theta**exponents)
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
@@ -68,12 +72,43 @@ def _inv_freq(dim: int, theta: float, scaling: dict, long: bool = False) -> torc
     return inv_freq
 
 
+def _yarn_inv_freq(dim: int, theta: float, exponents: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071) as transformers' ``_compute_yarn_parameters``: the
+    frequencies that turn fewer than ``beta_slow`` times over the original context are divided by
+    ``factor``, those that turn more than ``beta_fast`` times are kept, with a linear ramp between."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta**exponents
+    kept = 1 - ramp  # the share of the unscaled ("extrapolated") frequency
+    return 1.0 / (factor * pos_freqs) * (1 - kept) + 1.0 / pos_freqs * kept
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def _attention_factor(config: PretrainedConfig, scaling: dict) -> float:
-    """LongRoPE's scale on cos and sin (transformers' ``_compute_longrope_parameters``); 1 otherwise."""
-    if scaling["rope_type"] != "longrope":
+    """LongRoPE's and YaRN's scale on cos and sin (transformers' ``_compute_longrope_parameters``
+    and ``_compute_yarn_parameters``); 1 otherwise."""
+    if scaling["rope_type"] not in ("longrope", "yarn"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
+    if scaling["rope_type"] == "yarn":
+        factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        return _yarn_mscale(factor)
     original = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor") or config.max_position_embeddings / original
     return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
