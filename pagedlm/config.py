@@ -374,6 +374,9 @@ class StructuredOutputsConfig:
     """The engine's structured-outputs settings (vLLM's ``StructuredOutputsConfig``, the fields
     pagedlm honours). ``reasoning_parser`` (or ``LLM``'s) makes a request's grammar hold only after
     the model's reasoning ends (``engine/reasoning_gate.py``), unless ``enable_in_reasoning``.
+    ``disable_any_whitespace``: every request's JSON (``json``, ``json_object``) is compact, with no
+    whitespace at all, as a request's own ``disable_any_whitespace`` makes it (vLLM 0.32 reads only
+    this one).
 
     Raises:
         ValueError: a field of the wrong type, or a backend other than xgrammar.
@@ -382,6 +385,7 @@ class StructuredOutputsConfig:
     backend: str = "auto"  # "auto" or "xgrammar": pagedlm's grammars run on xgrammar
     reasoning_parser: str = ""
     enable_in_reasoning: bool = False
+    disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "xgrammar"):
@@ -390,9 +394,9 @@ class StructuredOutputsConfig:
         if not isinstance(self.reasoning_parser, str) or self.reasoning_parser not in ("", *REASONING_PARSERS):
             raise ValueError(f"structured_outputs_config.reasoning_parser must be one of {', '.join(REASONING_PARSERS)} "
                              f"or '' (none), got {self.reasoning_parser!r}.")
-        if not isinstance(self.enable_in_reasoning, bool):
-            raise ValueError("structured_outputs_config.enable_in_reasoning must be True or False, got "
-                             f"{self.enable_in_reasoning!r}.")
+        for name in ("enable_in_reasoning", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs_config.{name} must be True or False, got {getattr(self, name)!r}.")
 
 
 def _is_int(value: object) -> bool:

@@ -181,17 +181,20 @@ class StructuredOutputsParams(_FieldsOnly):
         json: a JSON schema (a dict, or its JSON text); the output is a JSON value it validates.
         regex: a regular expression the whole output matches.
         choice: a list of strings; the output is one of them.
-        grammar: an EBNF grammar (xgrammar's / GBNF dialect, rule ``root``).
+        grammar: an EBNF grammar (xgrammar's / GBNF dialect, rule ``root``), or a Lark grammar
+            (rule ``start``), which it is read as where no line defines a rule with ``::=``
+            (vLLM's rule).
         json_object: True: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
-        disable_any_whitespace: with ``json`` or ``json_object``, no whitespace between tokens of
-            the JSON beyond the single spaces after ``,`` and ``:`` (xgrammar's
-            ``any_whitespace=False``; vLLM 0.32 ignores the per-request field and, with its engine's
-            ``disable_any_whitespace``, writes no spaces at all).
+        disable_any_whitespace: with ``json`` or ``json_object``, compact JSON: no whitespace at
+            all between its tokens (vLLM's meaning; vLLM 0.32 ignores the per-request field and
+            reads ``LLM(structured_outputs_config={"disable_any_whitespace": True})``, which
+            pagedlm takes too, for every request).
         disable_additional_properties: objects take only the properties their schema lists. This is
             xgrammar's strict mode, which pagedlm (like vLLM's xgrammar backend) always uses, so
             False does not allow more.
         disable_fallback: older vLLM's "do not fall back to another backend"; there is none here.
-            (vLLM 0.32's ``whitespace_pattern`` and ``structural_tag`` are not supported.)
+            (vLLM 0.32's ``whitespace_pattern``, which its xgrammar backend does not read either,
+            and ``structural_tag`` are not supported.)
 
     Enforced by masking, at every step, the tokens that cannot continue a valid output (xgrammar);
     end-of-sequence is allowed only where the output may end.
@@ -319,6 +322,12 @@ class RepetitionDetectionParams(_FieldsOnly):
 MAX_N_SEQUENCES = 16384
 
 
+def _check_no_watermark(watermarking: Any) -> None:
+    """vLLM 0.32's ``watermarking`` at its no-op values only."""
+    if watermarking is not None and _check_bool("watermarking", watermarking):
+        raise FieldError("watermarking must be None or False: pagedlm has no watermark to apply.", "watermarking")
+
+
 class _BestOfFromN(int):
     """A ``best_of`` that was not given, taken from ``n``. A copy of the params
     (``dataclasses.replace``, ``clone``) passes it on to its ``__post_init__``, which takes it from
@@ -442,8 +451,9 @@ class SamplingParams(_FieldsOnly):
             (e.g. beam search with sampling, ``DELTA`` with ``best_of > n``).
         TypeError: an unknown field name, as from vLLM's ``SamplingParams``; vLLM 0.32's fields
             pagedlm does not take (``prompt_logprob_token_ids``, ``prompt_logprob_start``,
-            ``stream_interval``, ``watermarking``, ``trace_decode_token_ids``,
-            ``routed_experts_prompt_start``) are unknown here.
+            ``stream_interval``, ``trace_decode_token_ids``, ``routed_experts_prompt_start``) are
+            unknown here. Its ``watermarking`` is taken at its no-op values, None and False
+            (pagedlm has no watermark; vLLM too goes on without one when none is configured).
     """
 
     n: int = 1
@@ -484,6 +494,7 @@ class SamplingParams(_FieldsOnly):
     flat_logprobs: bool = False
     skip_reading_prefix_cache: bool | None = None
     thinking_token_budget: int | None = None
+    watermarking: bool | None = None
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -589,6 +600,7 @@ class SamplingParams(_FieldsOnly):
             raise FieldError("thinking_token_budget is not supported with use_beam_search.", "thinking_token_budget")
         self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,
                                                      RepetitionDetectionParams)
+        _check_no_watermark(self.watermarking)
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise FieldError(f"extra_args must be None or a dict, got {type(self.extra_args).__name__}.", "extra_args")
         if self.use_beam_search:
@@ -827,8 +839,7 @@ class BeamSearchParams:
         if self.structured_outputs is not None:
             raise FieldError(f"structured_outputs must be None: pagedlm's beam search does not apply it (vLLM's "
                              f"offline search ignores it), got {self.structured_outputs!r}.", "structured_outputs")
-        if self.watermarking is not None and _check_bool("watermarking", self.watermarking):
-            raise FieldError("watermarking must be None or False: pagedlm has no watermark to apply.", "watermarking")
+        _check_no_watermark(self.watermarking)
 
     def sampling_params(self, vocab_size: int) -> SamplingParams:
         """What the engine runs: ``beam_width`` beams, each token with the log-probabilities of the

@@ -1423,6 +1423,17 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
         unbuilt.model_config
     LLM(llama_dir, dtype="float32", runner="auto", convert="auto", compilation_config=0, enable_lora=False,
         cpu_offload_gb=0.0, logits_processors=[], mm_processor_kwargs=None, swap_space=4).close()
+    # vLLM 0.32's arguments at their no-op values (found by an examples hunt: a bare TypeError).
+    LLM(llama_dir, dtype="float32", served_model_name=None, logprobs_mode="raw_logprobs", scheduling_policy="fcfs",
+        enable_sleep_mode=False, model_impl="auto", worker_cls="auto", stream_interval=1, mm_processor_kwargs={},
+        limit_mm_per_prompt={}).close()
+    for name, value, why in [("logprobs_mode", "processed_logprobs", "vLLM's raw_logprobs"),
+                             ("scheduling_policy", "priority", "first come, first served"),
+                             ("served_model_name", "m", "serves no API"), ("stream_interval", 4, "at every step")]:
+        with pytest.raises(ValueError, match=rf"{name} must be .*{why}.*got {value!r}"):
+            LLM(llama_dir, **{name: value})
+    with pytest.raises(AttributeError, match="LLM.release_kv_cache_memory is vLLM's; pagedlm does not have it"):
+        llm.release_kv_cache_memory()
     with pytest.raises(ValueError, match=r"enable_lora must be False \(pagedlm runs no LoRA adapters\), got True"):
         LLM(llama_dir, enable_lora=True)
 

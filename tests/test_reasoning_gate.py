@@ -159,7 +159,7 @@ def test_what_the_gate_refuses(llama_dir):
     with pytest.raises(ValueError, match="structured_outputs_config.backend must be 'auto' or 'xgrammar'"):
         LLM(llama_dir, structured_outputs_config={"backend": "outlines"})
     with pytest.raises(ValueError, match="structured_outputs_config: unknown or unsupported field"):
-        LLM(llama_dir, structured_outputs_config={"disable_any_whitespace": True})
+        LLM(llama_dir, structured_outputs_config={"disable_additional_properties": True})
     # The test tokenizer has no <think> token: qwen3's rules cannot run on it.
     llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="needs '<think>' and '</think>' as single tokens"):

@@ -147,6 +147,14 @@ def test_beam_search_params_name_the_bad_field(field, value):
         BeamSearchParams(**kwargs)
 
 
+def test_sampling_params_take_vllms_watermarking_at_its_no_op_values():
+    """vLLM 0.32's field, which its own beam search passes (found by an examples hunt: a TypeError)."""
+    assert SamplingParams(watermarking=False) == SamplingParams(watermarking=False).clone()
+    for value in (True, 1, "no"):
+        with pytest.raises(ValueError, match="watermarking"):
+            SamplingParams(watermarking=value)
+
+
 def test_beam_search_params_take_vllms_fields_at_their_defaults():
     """A vLLM script passing them as they are (found by a docs hunt: a bare TypeError)."""
     for watermarking in (None, False):  # None: the engine's watermark, of which pagedlm has none

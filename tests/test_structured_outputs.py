@@ -61,10 +61,15 @@ def test_choice_regex_and_grammar_always_hold_with_n_gt_1(llm):
         for c in o.outputs:
             assert re.fullmatch(regex, c.text) and c.finish_reason == "stop", c.text
     grammar = 'root ::= "(" digits ")"\ndigits ::= [0-9] | [0-9] digits'
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=7, max_tokens=12,
-                                                structured_outputs=SO(grammar=grammar)), use_tqdm=False)
-    for c in (o.outputs[0] for o in outs):
-        assert re.fullmatch(r"\(\d+\)", c.text) if c.finish_reason == "stop" else re.fullmatch(r"\(\d*", c.text)
+    # The same as Lark, which a grammar without "::=" is read as (vLLM's rule).
+    lark = 'start: "(" DIGITS ")"  // a comment\nDIGITS: /[0-9]+/'
+    for g in (grammar, lark):
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=7, max_tokens=12,
+                                                    structured_outputs=SO(grammar=g)), use_tqdm=False)
+        for c in (o.outputs[0] for o in outs):
+            assert re.fullmatch(r"\(\d+\)", c.text) if c.finish_reason == "stop" else re.fullmatch(r"\(\d*", c.text)
+    with pytest.raises(ValueError, match=r"grammar does not compile \(read as Lark: no line defines a rule with"):
+        llm.generate("x", SamplingParams(structured_outputs=SO(grammar='start: "a" undefined_rule')), use_tqdm=False)
 
 
 def test_an_empty_regex_or_choice_gives_the_empty_completion(llm):
@@ -296,22 +301,31 @@ def test_without_return_errors_no_prompt_after_a_bad_constraint_runs(llm):
     assert seen == [0] and not llm.llm_engine.has_unfinished_requests()
 
 
-def test_disable_any_whitespace_gives_compact_json(llm):
-    """vLLM's ``disable_any_whitespace``: outside strings only the single spaces of the compact form
-    (after ``:`` and ``,``). The same schema with whitespace allowed is compiled apart (the key)."""
+def test_disable_any_whitespace_gives_compact_json(llm, llama_dir):
+    """vLLM's ``disable_any_whitespace``: no whitespace at all outside strings (it gave ", " and ": ",
+    xgrammar's any_whitespace=False alone), per request or for every request from the engine's
+    ``structured_outputs_config`` (vLLM 0.32's place for it, refused before). The same schema with
+    whitespace allowed is compiled apart (the key)."""
     schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3},
-                                               "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
-              "required": ["a", "b"]}
+                                               "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+                                               "c": {"type": "object"}},
+              "required": ["a", "b", "c"]}
 
-    def skeletons(disable):
+    def skeletons(engine, disable, constraint=None):
         params = SamplingParams(n=4, temperature=1.5, seed=3, max_tokens=60,
-                                structured_outputs=SO(json=schema, disable_any_whitespace=disable))
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+                                structured_outputs=constraint or SO(json=schema, disable_any_whitespace=disable))
+        outs = engine.generate(PROMPTS, params, use_tqdm=False)
         return [re.sub(r'"(?:[^"\\]|\\.)*("|$)', '""', c.text) for o in outs for c in o.outputs]
 
-    loose, compact = skeletons(False), skeletons(True)
+    loose, compact = skeletons(llm, False), skeletons(llm, True)
     assert any(re.search(r"\s", s.replace(": ", ":").replace(", ", ",")) for s in loose)
-    assert not any(re.search(r"\s", s.replace(": ", ":").replace(", ", ",")) for s in compact)
+    assert any(re.search(r"[:,] ", s) for s in loose)
+    assert not any(re.search(r"\s", s) for s in compact)
+    assert any("," in s for s in compact)
+    engine_wide = LLM(llama_dir, dtype="float32", max_model_len=256,
+                      structured_outputs_config={"disable_any_whitespace": True})
+    assert skeletons(engine_wide, False) == compact
+    assert not any(re.search(r"\s", s) for s in skeletons(engine_wide, False, SO(json_object=True)))
     with pytest.raises(ValueError, match="disable_any_whitespace applies to json and json_object only"):
         SO(regex="a+", disable_any_whitespace=True)
 

@@ -36,8 +36,8 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "runner": (("auto", "generate"), "pagedlm runs generative models"),
     "convert": (("auto", "none"), "pagedlm runs generative models"),
     "pooler_config": ((None,), "pagedlm runs generative models"),
-    **dict.fromkeys(("mm_processor_kwargs", "allowed_media_domains", "limit_mm_per_prompt"),
-                    ((None,), "pagedlm runs text-only models")),
+    **dict.fromkeys(("mm_processor_kwargs", "limit_mm_per_prompt"), ((None, {}), "pagedlm runs text-only models")),
+    "allowed_media_domains": ((None,), "pagedlm runs text-only models"),
     "allowed_local_media_path": (("",), "pagedlm runs text-only models"),
     "enable_prompt_embeds": ((False,), "pagedlm takes text or token-id prompts"),
     "enable_lora": ((False,), "pagedlm runs no LoRA adapters"),
@@ -51,6 +51,14 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
                     ((None,), "pagedlm runs no speculative decoding")),
     "async_scheduling": ((None, False), "pagedlm schedules each step before it runs"),
     "swap_space": ((4, 4.0, 0, 0.0), "pagedlm preempts by recompute and swaps nothing (older vLLM's argument, default 4)"),
+    "served_model_name": ((None,), "an LLM serves no API (pagedlm run's --served-model-name names OpenAI rows' model)"),
+    "logprobs_mode": (("raw_logprobs",), "pagedlm's log-probabilities are vLLM's raw_logprobs: before "
+                                         "temperature, penalties, biases and bans"),
+    "scheduling_policy": (("fcfs",), "pagedlm schedules first come, first served"),
+    "enable_sleep_mode": ((False,), "pagedlm keeps its weights and KV cache until LLM.close()"),
+    "model_impl": (("auto", "vllm"), "pagedlm runs its own model implementations"),
+    "worker_cls": (("auto",), "pagedlm runs its own worker"),
+    "stream_interval": ((1,), "LLMEngine.step returns each running request's output at every step"),
 }
 
 

@@ -87,7 +87,7 @@ class LLMEngine:
         self._structured_outputs: StructuredOutputManager | None = None  # made on first use
         # The parser whose reasoning end a request's grammar waits for (reasoning_gate.py), or why this
         # tokenizer cannot have it (each constrained request is refused with it); None: no waiting.
-        structured = structured_outputs_config or StructuredOutputsConfig()
+        structured = self.structured_outputs_config = structured_outputs_config or StructuredOutputsConfig()
         self.reasoning_gate_parser: ReasoningParser | ValueError | None = None
         if structured.reasoning_parser and not structured.enable_in_reasoning:
             try:
@@ -255,7 +255,8 @@ class LLMEngine:
         """The structured-outputs manager (xgrammar), made when the first constrained request comes."""
         if self._structured_outputs is None:
             self._structured_outputs = StructuredOutputManager(
-                self.tokenizer, self.vocab_size, sorted(self.stop_checker.eos_token_ids))
+                self.tokenizer, self.vocab_size, sorted(self.stop_checker.eos_token_ids),
+                self.structured_outputs_config.disable_any_whitespace)
         return self._structured_outputs
 
     def add_request(

@@ -1,6 +1,6 @@
 """Structured outputs through xgrammar: compiled grammars, one matcher per sequence, token bitmasks.
 
-xgrammar (https://github.com/mlc-ai/xgrammar) compiles a JSON schema, regex or EBNF grammar against
+xgrammar (https://github.com/mlc-ai/xgrammar) compiles a JSON schema, regex, EBNF or Lark grammar against
 the tokenizer's vocabulary once; a ``GrammarMatcher`` then follows one sequence's tokens and fills
 its row of a token bitmask (bit ``t % 32`` of word ``t // 32`` set = token ``t`` may come next; stop
 tokens only where the output may end). The worker applies the row to the logits before sampling.
@@ -50,11 +50,14 @@ class StructuredOutputManager:
         tokenizer: the model's Hugging Face tokenizer.
         vocab_size: the model's vocabulary (lm_head rows); rows past the tokenizer's stay masked.
         stop_token_ids: the tokens that end a sequence (EOS and the generation config's).
+        disable_any_whitespace: every JSON constraint compact (the engine's setting).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+                 disable_any_whitespace: bool = False) -> None:
         xgr = _xgrammar()
         self._xgr = xgr
+        self._compact = disable_any_whitespace
         info = _tokenizer_info(xgr, tokenizer, vocab_size, stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
         self._stop_token_ids = stop_token_ids
@@ -116,22 +119,26 @@ class StructuredOutputManager:
     def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
         kind, spec, any_whitespace = params.key
+        compact = self._compact or not any_whitespace
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-                grammar = _json_grammar(self._xgr, schema, any_whitespace)
+                grammar = _json_grammar(self._xgr, schema, compact)
                 compiled = self._compiler.compile_grammar(_json_string_characters(grammar))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(xgrammar_regex.check(spec))
             elif kind == "choice":
                 compiled = self._compiler.compile_grammar(
                     "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice))
+            elif kind == "grammar" and is_lark(spec):
+                compiled = self._compiler.compile_lark(spec)
             elif kind == "grammar":
                 compiled = self._compiler.compile_grammar(spec)
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
-                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
+                compiled = self._compiler.compile_json_schema('{"type": "object"}', **_whitespace(compact))
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
-            raise ValueError(f"structured_outputs.{kind} does not compile: {_xgrammar_message(exc)}") from None
+            read_as = " (read as Lark: no line defines a rule with '::=')" if kind == "grammar" and is_lark(spec) else ""
+            raise ValueError(f"structured_outputs.{kind} does not compile{read_as}: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
         first = self.bitmask(self._xgr.GrammarMatcher(compiled))
         # A JSON document is never empty: a schema whose grammar may only stop at once admits none.
@@ -361,7 +368,19 @@ def _schema_problem(text: str) -> str | None:
     return None
 
 
-def _json_grammar(xgr: Any, schema: Any, any_whitespace: bool = True) -> Any:
+def is_lark(grammar: str) -> bool:
+    """Whether a grammar is read as Lark rather than EBNF: no line (comments aside) defines a rule
+    with ``::=`` (vLLM's ``grammar_is_likely_lark``)."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
+
+
+def _whitespace(compact: bool) -> dict[str, Any]:
+    """xgrammar's JSON options: compact JSON has no whitespace at all (its ``any_whitespace=False``
+    alone still writes ", " and ": "), else any whitespace between tokens."""
+    return {"any_whitespace": False, "separators": (",", ":")} if compact else {"any_whitespace": True}
+
+
+def _json_grammar(xgr: Any, schema: Any, compact: bool = False) -> Any:
     """xgrammar's grammar of the JSON ``schema``, its properties in the schema's order.
 
     Raises:
@@ -372,7 +391,7 @@ def _json_grammar(xgr: Any, schema: Any, any_whitespace: bool = True) -> Any:
         raise ValueError(problem)
     try:
         return xgr.Grammar.from_json_schema(json.dumps(_as_xgrammar_enforces(schema), ensure_ascii=False),
-                                            any_whitespace=any_whitespace)
+                                            **_whitespace(compact))
     except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
         raise ValueError(_xgrammar_message(exc)) from None
 

@@ -885,8 +885,9 @@ def _is_one_prompt(prompts: object) -> bool:
 _POOLING = "pagedlm runs generative models only (vLLM's pooling runner); use generate"
 _VLLM_ONLY_METHODS = {
     **dict.fromkeys(("embed", "encode", "classify", "score", "reward"), _POOLING),
-    **dict.fromkeys(("sleep", "wake_up"), "the KV cache and weights are released by close() (or leaving a "
-                                          "`with LLM(...)` block); create a new LLM to load them again"),
+    **dict.fromkeys(("sleep", "wake_up", "release_kv_cache_memory"),
+                    "the KV cache and weights are released by close() (or leaving a `with LLM(...)` block); "
+                    "create a new LLM to load them again"),
     **dict.fromkeys(("start_profile", "stop_profile"), "run torch.profiler around generate, or "
                                                        "benchmarks/profile_decode.py"),
     **dict.fromkeys(("enqueue", "enqueue_chat", "wait_for_completion"), "generate_as_completed streams prompts in "
