@@ -593,9 +593,6 @@ class SamplingParams(_FieldsOnly):
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
                                                    StructuredOutputsParams)
-        if self.structured_outputs is not None:
-            if self.use_beam_search:
-                raise FieldError("structured_outputs is not supported with use_beam_search.", "structured_outputs")
         if self.thinking_token_budget is not None and self.use_beam_search:
             raise FieldError("thinking_token_budget is not supported with use_beam_search.", "thinking_token_budget")
         self.repetition_detection = _dataclass_field("repetition_detection", self.repetition_detection,
@@ -801,13 +798,17 @@ class BeamSearchParams:
     ``early_stopping=False``; ``beam_width=1`` is greedy decoding). A finished beam scores
     ``cum_logprob / generated_tokens ** length_penalty``, as in HF; vLLM's own search counts the
     prompt's tokens in that length too. ``ignore_eos`` keeps beams going past EOS;
-    ``skip_special_tokens`` applies to the returned text. vLLM's ``include_stop_str_in_output``,
-    ``structured_outputs`` and ``watermarking``, which its offline search does not apply, are
-    taken at their no-op values only (False, None, and None or False: pagedlm has no watermark).
+    ``skip_special_tokens`` applies to the returned text. ``structured_outputs`` (a
+    ``StructuredOutputsParams`` or a dict of its fields) holds every beam to its grammar: beams rank
+    by the model's log-probabilities of the tokens the grammar allows (vLLM's offline search
+    filters them so), and a search returns fewer than ``beam_width`` sequences where the grammar
+    allows fewer. vLLM's ``include_stop_str_in_output`` and ``watermarking``, which its offline
+    search does not apply, are taken at their no-op values only (False, and None or False: pagedlm
+    has no watermark).
 
     Raises:
         ValueError: a field has the wrong type or is out of range (the message names it);
-            ``temperature`` other than 0 (the search is deterministic here); one of vLLM's three
+            ``temperature`` other than 0 (the search is deterministic here); one of vLLM's two
             fields above set.
     """
 
@@ -817,7 +818,7 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
-    structured_outputs: None = None
+    structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     watermarking: bool | None = None
 
@@ -836,9 +837,8 @@ class BeamSearchParams:
         if _check_bool("include_stop_str_in_output", self.include_stop_str_in_output):
             raise FieldError("include_stop_str_in_output must be False: beam search runs without stop strings "
                              "(as vLLM's offline search, which ignores it).", "include_stop_str_in_output")
-        if self.structured_outputs is not None:
-            raise FieldError(f"structured_outputs must be None: pagedlm's beam search does not apply it (vLLM's "
-                             f"offline search ignores it), got {self.structured_outputs!r}.", "structured_outputs")
+        self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
+                                                   StructuredOutputsParams)
         _check_no_watermark(self.watermarking)
 
     def sampling_params(self, vocab_size: int) -> SamplingParams:
@@ -847,4 +847,5 @@ class BeamSearchParams:
         beams = dict(n=self.beam_width, use_beam_search=True, length_penalty=self.length_penalty) if self.beam_width > 1 else {}
         return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
                               logprobs=min(2 * self.beam_width, vocab_size), detokenize=False,
-                              output_kind=RequestOutputKind.FINAL_ONLY, **beams)
+                              output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=self.structured_outputs,
+                              **beams)

@@ -153,6 +153,12 @@ def test_only_the_reasoning_parser_argument_makes_the_grammar_wait(think_dir, ll
     assert greedy(gated, prompt, 6, structured_outputs=CHOICE) == greedy(plain, prompt, 6)
 
 
+def test_beam_search_under_a_grammar_that_waits_for_the_reasoning_is_refused(llm):
+    params = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, structured_outputs=CHOICE)
+    with pytest.raises(ValueError, match="structured_outputs with beam search cannot wait for the end of the reason"):
+        llm.generate("Hi", params, use_tqdm=False)
+
+
 def test_what_the_gate_refuses(llama_dir):
     with pytest.raises(ValueError, match="structured_outputs_config.reasoning_parser must be one of qwen3"):
         StructuredOutputsConfig(reasoning_parser="nope")

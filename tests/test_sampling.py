@@ -19,7 +19,8 @@ from transformers.generation.logits_process import (
 from conftest import BOS, EOS, VOCAB_SIZE
 from pagedlm import LLM, BeamSearchParams, SamplingParams
 from pagedlm.model_executor.layers.sampler import Sampler, SamplingMetadata
-from pagedlm.sampling_params import RepetitionDetectionParams
+from pagedlm.sampling_params import RepetitionDetectionParams, StructuredOutputsParams
+from pagedlm.step import unpack_token_bitmask
 
 PROMPTS = [[BOS, 5, 17, 99, 4], [BOS] + list(range(40, 100)), [BOS, 200, 201]]
 
@@ -460,6 +461,63 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
             finished_early += comp.finish_reason == "stop"
     if length_penalty <= 1.0:  # (a large penalty favours the beams that run to max_tokens)
         assert finished_early > 0
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+@pytest.mark.parametrize("constraint,width,n", [
+    ({"regex": r"[a-z ]{1,40}\."}, 3, 3),
+    ({"choice": ["cat", "a cat", "the dog", "banana", "fox", "a banana"]}, 4, 2),
+    ({"json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}, 2, 2),
+])
+def test_beam_search_under_a_grammar_matches_hf_prefix_constrained(llama_dir, constraint, width, n):
+    """Structured outputs under beam search (refused before; vLLM 0.32's offline search applies
+    them): each beam held to the grammar, ranked by the model's log-probabilities of what it
+    allows, as Hugging Face's beam search with ``prefix_allowed_tokens_fn`` (here fed by the
+    engine's own xgrammar matchers) ranks them. Every returned beam satisfies the grammar."""
+    llm = LLM(llama_dir, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    manager = llm.llm_engine.structured_outputs
+    so = StructuredOutputsParams(**constraint)
+    prompts = [[BOS, i + 3, 2 * i + 5] for i in range(4)]
+    params = SamplingParams(n=n, best_of=width, use_beam_search=True, temperature=0, max_tokens=12,
+                            structured_outputs=so)
+    outs = llm.generate(_ids(prompts), params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        def allowed(batch_id, ids):
+            matcher = manager.new_matcher(so)
+            if not all(matcher.accept_token(t) for t in ids[len(prompt):].tolist()) or matcher.is_terminated():
+                return [EOS]  # a beam Hugging Face keeps at -inf score, outside the grammar
+            bitmask = manager.bitmask(matcher)
+            return unpack_token_bitmask(bitmask[None], bitmask.shape[0] * 32)[0].nonzero()[:, 0].tolist()
+
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=n, do_sample=False,
+                              max_new_tokens=12, eos_token_id=EOS, pad_token_id=0, prefix_allowed_tokens_fn=allowed,
+                              output_scores=True, return_dict_in_generate=True)
+        assert len(out.outputs) == n
+        for row, comp in enumerate(out.outputs):
+            seq = ref.sequences[row, len(prompt):].tolist()
+            seq = seq[: seq.index(EOS) + 1] if EOS in seq else seq
+            assert comp.token_ids == seq
+            score = comp.cumulative_logprob / len(comp.token_ids)
+            assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
+            matcher = manager.new_matcher(so)
+            assert all(matcher.accept_token(t) for t in comp.token_ids)
+            assert matcher.is_terminated() == (comp.finish_reason == "stop")
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+def test_llm_beam_search_holds_its_grammar_with_ignore_eos_too(llm):
+    """``BeamSearchParams.structured_outputs`` (vLLM's; refused before): where the grammar can only
+    end, a beam ends on EOS even with ignore_eos (as a sampled completion does). (Two beams may
+    spell one text in different tokens.)"""
+    choice = ["cat", "fox"]
+    for ignore_eos in (False, True):
+        params = BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=ignore_eos,
+                                  structured_outputs={"choice": choice})
+        for out in llm.beam_search(_ids([[BOS, 5, 6], [BOS, 7]]), params):
+            texts = [llm.get_tokenizer().decode(s.tokens[len(s.tokens) - len(s.logprobs):-1]) for s in out.sequences]
+            assert sorted(set(texts)) == choice and {s.finish_reason for s in out.sequences} == {"stop"}
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
 
 

@@ -152,8 +152,6 @@ def test_bad_constraints_are_refused_before_any_work(llm):
         SO(regex="a", choice=["b"])
     with pytest.raises(ValueError, match="exactly one of"):
         SO()
-    with pytest.raises(ValueError, match="not supported with use_beam_search"):
-        SamplingParams(use_beam_search=True, best_of=2, temperature=0, structured_outputs=SO(choice=["a"]))
     with pytest.raises(ValueError, match="unknown field"):
         SamplingParams(structured_outputs={"regexp": "a"})
     bad = [SamplingParams(structured_outputs=SO(regex="(")), SamplingParams(max_tokens=2),

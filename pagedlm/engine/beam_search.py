@@ -4,6 +4,9 @@ Each step the group's running beams (``k`` sequences sharing KV blocks) propose 
 continuations; the best ``k`` that do not end become the next beams (the engine forks and frees
 sequences accordingly, so shared prefixes stay shared by copy-on-write), and those that end in the
 first ``k`` places become finished hypotheses, scored ``logprob_sum / length ** length_penalty``.
+Under a structured-outputs grammar, candidates its mask removed (-inf) are dropped: Hugging Face
+keeps them as beams that can never win, but such a beam has left the grammar (and the search may
+then return fewer than ``k``, when the grammar allows fewer outputs).
 """
 
 from collections.abc import Callable
@@ -40,6 +43,7 @@ class BeamSearchState:
     params: SamplingParams
     num_eos: int
     max_new_tokens: int
+    constrained: bool = False  # a grammar's mask: candidates at -inf are dropped
     finished: list[BeamHypothesis] = field(default_factory=list)
     scores: dict[int, float] = field(default_factory=dict)  # running beam's seq_id -> its ranking score
     improvable: bool = True
@@ -74,6 +78,7 @@ class BeamSearchState:
         candidates = [
             BeamCandidate(i // vocab, i % vocab, s, cumulative_logprobs[i // vocab] + r)
             for i, s, r in zip(top_ids.tolist(), top_scores.tolist(), raw)
+            if not (self.constrained and s == float("-inf"))
         ]
         at_max_len = num_generated >= self.max_new_tokens
         ends = [at_max_len or c.token_id in stop_token_ids for c in candidates]
@@ -97,7 +102,7 @@ class BeamSearchState:
             best_running = running[0].score if running else _NEG
             self.improvable &= _length_penalised(best_running, best_len, lp) > self.finished[-1].score
         full_and_eager = len(self.finished) == k and self.params.early_stopping is True
-        self.done = not self.improvable or full_and_eager or all(ends)
+        self.done = not self.improvable or full_and_eager or not running
         return [] if self.done else running
 
 

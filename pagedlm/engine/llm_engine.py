@@ -54,6 +54,28 @@ def _with_entry(logprobs: SampleLogprobs, entry: dict[int, Logprob]) -> SampleLo
     return extended
 
 
+def _feed_constraint(seq: Sequence, token_id: int) -> tuple[bool, str | None]:
+    """Feed a sequence's new token to its reasoning gate and grammar: (the grammar ended, why the
+    completion must abort or None). A token still inside the reasoning is free; the one that ends
+    it is fed to the grammar when the parser says so."""
+    if seq.grammar_matcher is None:
+        return False, None
+    feeds_grammar, ends_reasoning = True, False
+    if seq.reasoning_gate is not None:
+        taken = seq.reasoning_gate.take(token_id)
+        feeds_grammar = ends_reasoning = taken == END_FED
+        if taken != FREE:
+            seq.reasoning_gate = None
+    if not feeds_grammar:
+        return False, None
+    if not seq.grammar_matcher.accept_token(token_id):
+        return False, (f"token {token_id}, sampled freely in the reasoning, ended it but is not one its structured "
+                       "output allows" if ends_reasoning else
+                       "no token its structured output allows was left to sample (a logits processor or ban "
+                       "removed them all)")
+    return seq.grammar_matcher.is_terminated(), None
+
+
 def _long_rope_salt(cache_salt: str | None) -> tuple[str, str | None]:
     return (_LONG_ROPE_SALT, cache_salt)
 
@@ -226,6 +248,10 @@ class LLMEngine:
                 return FieldError(f"structured_outputs: {self.reasoning_gate_parser}, so it cannot wait for the end of "
                                   "the reasoning (LLM(structured_outputs_config={'enable_in_reasoning': True}) holds "
                                   "it from the first token)", "structured_outputs")
+            if params.use_beam_search and self.reasoning_gate_parser is not None:
+                return FieldError("structured_outputs with beam search cannot wait for the end of the reasoning "
+                                  "(LLM(structured_outputs_config={'enable_in_reasoning': True}) holds it from the "
+                                  "first token)", "structured_outputs")
             if params.thinking_token_budget is not None and self.reasoning_gate_parser is None:
                 return FieldError("thinking_token_budget with structured_outputs needs the grammar to wait for the end "
                                   "of the reasoning (LLM(reasoning_parser=...), without structured_outputs_config's "
@@ -348,7 +374,9 @@ class LLMEngine:
             seq_group.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.use_beam_search:
             max_new = seq_group.max_seq_len - len(prompt_token_ids)
-            seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids), min(params.max_tokens or max_new, max_new))
+            seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids),
+                                             min(params.max_tokens or max_new, max_new),
+                                             constrained=params.structured_outputs is not None)
         if params.structured_outputs is not None:
             seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
             if self.reasoning_gate_parser is not None:
@@ -592,28 +620,15 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, group: SequenceGroup, sample: SequenceOutput) -> None:
         params = group.sampling_params
-        grammar_ended = False
         # Penalties, logits processors or bans may leave no token to sample (every logit -inf), or
         # a processor may raise one the grammar's bitmask had removed: the completion ends before
         # that token, finish_reason "abort".
         if sample.no_token:
             return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
                                                       "allowed_token_ids, bad_words or bans removed them all)")
-        feeds_grammar = seq.grammar_matcher is not None
-        ends_reasoning = False
-        if seq.reasoning_gate is not None:  # still reasoning: this token is free, unless it ends it and is fed
-            taken = seq.reasoning_gate.take(sample.token_id)
-            feeds_grammar = ends_reasoning = taken == END_FED
-            if taken != FREE:
-                seq.reasoning_gate = None
-        if feeds_grammar:
-            if not seq.grammar_matcher.accept_token(sample.token_id):
-                why = (f"token {sample.token_id}, sampled freely in the reasoning, ended it but is not one its "
-                       "structured output allows" if ends_reasoning else
-                       "no token its structured output allows was left to sample (a logits processor or ban "
-                       "removed them all)")
-                return self._abort_completion(seq, group, why)
-            grammar_ended = seq.grammar_matcher.is_terminated()
+        grammar_ended, why = _feed_constraint(seq, sample.token_id)
+        if why is not None:
+            return self._abort_completion(seq, group, why)
         seq.append_token(sample.token_id, sample.logprob)
         if seq.thinking is not None:
             seq.thinking.append(sample.token_id)
@@ -652,9 +667,12 @@ class LLMEngine:
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
         entry = self._beam_logprob_entry(group, beams, out) if params.logprobs is not None else None
+        stop_token_ids = self.stop_checker.stop_token_ids(params)
+        if group.beam.constrained:  # a grammar ends only on EOS, which then ends its beam (ignore_eos too)
+            stop_token_ids |= self.stop_checker.eos_token_ids
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
-            [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, self.stop_checker.stop_token_ids(params),
+            [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, stop_token_ids,
             (lambda beam, token_id: _with_entry(beams[beam].logprobs, entry(beam, token_id))) if entry else None,
         )
         # Each beam's dict from its parent's context, before any beam appends its token.
@@ -673,6 +691,8 @@ class LLMEngine:
                 self._finish(parent, SequenceStatus.FINISHED_ABORTED)
         group.beam.scores = {beam.seq_id: c.score for beam, c in next_beams}
         for i, (beam, c) in enumerate(next_beams):
+            _, why = _feed_constraint(beam, c.token_id)
+            assert why is None, why  # the grammar's mask left the token's candidate finite
             if entries is not None:
                 beam.logprobs.append(entries[i])
             beam.output_token_ids.append(c.token_id)

@@ -331,8 +331,8 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """Beam search over each prompt (vLLM's ``LLM.beam_search``); one ``BeamSearchOutput`` per
         prompt, in input order, holding its ``params.beam_width`` best sequences (fewer only when
-        there are fewer continuations), best first (see ``BeamSearchParams`` for the search and
-        ``BeamSearchSequence`` for what each holds).
+        there are fewer continuations, or fewer outputs its grammar allows), best first (see
+        ``BeamSearchParams`` for the search and ``BeamSearchSequence`` for what each holds).
 
         Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
         (when None, twice ``max_num_seqs``, as ``generate`` runs them: the scheduler runs what fits

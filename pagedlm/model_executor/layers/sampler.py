@@ -40,7 +40,7 @@ class SamplingMetadata:
     min_ps: torch.Tensor
     num_top_logprobs: int  # the largest ``logprobs`` asked for (0 for logprob_token_ids rows), -1 when none
     logprob_token_ids: dict[int, list[int]]  # row -> the ids whose log-probabilities it returns
-    needs_processing: bool  # allowed ids, logit bias, penalties, logits processors, bans or forced tokens
+    needs_processing: bool  # allowed ids, logit bias, penalties, processors, bans, forced tokens, masked beams
     plain_greedy: bool  # every row greedy on the (bitmasked) raw logits, reporting no log-probability
     reports_logprobs: bool  # some row reports its sampled token's log-probability (cumulative_logprob)
 
@@ -70,7 +70,7 @@ class SamplingMetadata:
         if masked:
             allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
         forced = [(row, t) for row, t in enumerate(forced_token_ids or ()) if t is not None]
-        needs_processing = bool(banned_rows) or bool(forced) or any(
+        needs_processing = bool(banned_rows) or bool(forced) or bool(masked and beam_rows) or any(
             p.has_penalties or p.logits_processors or p.changes_logits for p in params)
         logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
         num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
@@ -128,6 +128,10 @@ class Sampler(DirectCall, nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerResult:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        # Beams report the model's log-probabilities from before a grammar's mask, and rank by them
+        # masked, not normalised again (Hugging Face's prefix-constrained beam search; vLLM's
+        # offline search filters its raw log-probabilities so).
+        beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         if meta.allowed is not None:
             ops.apply_token_bitmask(logits, *meta.allowed)
         if meta.plain_greedy:
@@ -137,7 +141,6 @@ class Sampler(DirectCall, nn.Module):
         # token), or a row reports them and top_logprobs, which gives them too, does not run.
         chosen = (torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
                   if meta.needs_processing or (meta.reports_logprobs and meta.num_top_logprobs < 0) else None)
-        beam_raw_logprobs = log_softmax(logits[meta.beam_rows]) if meta.beam_rows else None
         processed = logits
         if meta.needs_processing:
             # A copy even for fp32 logits: the raw ones are still needed for the reported logprobs.
@@ -147,6 +150,8 @@ class Sampler(DirectCall, nn.Module):
                 # not normalise again), not on the logits as sampling does: a repetition penalty
                 # multiplies a log-probability, a ban leaves the others' as they were.
                 processed[meta.beam_rows] = beam_raw_logprobs
+                if meta.allowed is not None:
+                    ops.apply_token_bitmask(processed, *meta.allowed)
             processed = self._process(processed, meta)
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         no_token_rows = _no_token_rows(processed, chosen) if meta.needs_processing else []
