@@ -181,8 +181,9 @@ inline void check_rotary(const at::Tensor& positions, const at::Tensor& query, c
   check_rows(key, "key");
   TORCH_CHECK(query.size(2) == cos_sin_cache.size(1) && key.size(2) == cos_sin_cache.size(1),
               "query and key head_size must equal cos_sin_cache's rotary dim");
-  TORCH_CHECK(query.scalar_type() == cos_sin_cache.scalar_type() && key.scalar_type() == cos_sin_cache.scalar_type(),
-              "query, key and cos_sin_cache must share a dtype");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type() &&
+                  (cos_sin_cache.scalar_type() == query.scalar_type() || cos_sin_cache.scalar_type() == at::kFloat),
+              "query and key must share a dtype, and cos_sin_cache must have it too or be float32");
   TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong, "positions must be int64 [num_tokens]");
   TORCH_CHECK(query.size(0) == positions.size(0) && key.size(0) == positions.size(0),
               "query, key and positions disagree on num_tokens");

@@ -26,6 +26,8 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
   m.def("gemma_rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
   m.def("gemma_fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
+  m.def("olmo_rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
+  m.def("olmo_rms_norm_add(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("scale(Tensor(a!) x, float factor, bool divide=False) -> ()");
@@ -72,6 +74,8 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("rotary_embedding", [](const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {});
   m.impl("gemma_rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
   m.impl("gemma_fused_add_rms_norm", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
+  m.impl("olmo_rms_norm", [](at::Tensor&, const at::Tensor&, const at::Tensor&, double) {});
+  m.impl("olmo_rms_norm_add", [](at::Tensor&, at::Tensor&, const at::Tensor&, double) {});
   m.impl("silu_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("gelu_tanh_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("scale", [](at::Tensor&, double, bool) {});

@@ -197,7 +197,8 @@ def get_head_size(hf_config: PretrainedConfig) -> int:
 # keys its architecture's model never reads, which must not count (``reads_field``).
 _FIELD_READERS = {
     "partial_rotary_factor": ("phi3",),
-    "attention_bias": ("llama", "granite", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "gemma3_text"),
+    "attention_bias": ("llama", "granite", "qwen3", "smollm3", "olmo2", "olmo3", "gemma", "gemma2", "gemma3",
+                       "gemma3_text"),
     "mlp_bias": ("llama", "granite", "smollm3"),
     **{name: ("granite",) for name in ("attention_multiplier", "residual_multiplier", "embedding_multiplier",
                                        "logits_scaling")},
@@ -218,14 +219,14 @@ def read_field(hf_config: PretrainedConfig, name: str, default: Any) -> Any:
 # Where transformers' models read a sliding window: on every layer, or by the config's layer_types.
 # Others (Llama, Granite) ignore ``sliding_window`` (a "llamafied" Qwen2 checkpoint keeps the key).
 _SLIDING_EVERY_LAYER = ("mistral", "phi3")
-_SLIDING_BY_LAYER_TYPES = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "ministral", "smollm3")
+_SLIDING_BY_LAYER_TYPES = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "ministral", "smollm3", "olmo3")
 
 
 def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
     """The sliding window of layer ``layer_idx`` in tokens (a query sees itself and the ``W - 1``
     tokens before it), 0 for full attention, as transformers' model of the config's ``model_type``
-    applies ``sliding_window``: Mistral and Phi-3 on every layer; Gemma 2/3, Qwen2, Qwen3, SmolLM3
-    and Ministral (a Mistral config with ``layer_types``, as transformers reads it) on the
+    applies ``sliding_window``: Mistral and Phi-3 on every layer; Gemma 2/3, Qwen2, Qwen3, SmolLM3,
+    OLMo 3 and Ministral (a Mistral config with ``layer_types``, as transformers reads it) on the
     "sliding_attention" layers of ``layer_types`` (their configs derive it; SmolLM3's attention
     also reads ``use_sliding_window``, but transformers' mask windows those layers without it);
     other models never."""

@@ -15,6 +15,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GraniteConfig,
+    Olmo2Config,
+    Olmo3Config,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
@@ -153,6 +155,20 @@ _CONFIGS = {
         sliding_window=40, architectures=["SmolLM3ForCausalLM"], pad_token_id=0,
         **{**_COMMON, "num_hidden_layers": 3},
     ),
+    # OLMo 2: post-norm layers, q and k normalised over all their heads.
+    "olmo2": lambda: Olmo2Config(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"],
+        pad_token_id=0, **_COMMON,
+    ),
+    # OLMo 3: a sliding layer and a global one, each with its own RoPE (YaRN on the global one).
+    "olmo3": lambda: Olmo3Config(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=40, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "yarn", "factor": 16.0, "rope_theta": 500000.0,
+                                            "original_max_position_embeddings": 64}},
+        architectures=["Olmo3ForCausalLM"], pad_token_id=0, **_COMMON,
+    ),
     # Gemma 2: a sliding layer then a global one, soft-caps small enough to matter with random weights,
     # and head_dim 40 (not a multiple of 16: the kernels' partial-vector path).
     "gemma2": lambda: Gemma2Config(
@@ -285,6 +301,21 @@ def hf_greedy(
             generated = generated[: generated.index(EOS) + 1]
         outputs.append(generated)
     return outputs
+
+
+def assert_first_tokens_match_hf_bf16(path: str, prompts: list[list[int]], got: list[int]) -> None:
+    """Each prompt's first greedy token in bfloat16 is Hugging Face's bfloat16 one, or within two
+    bfloat16 steps (ulps) of its best logit there: the two sum the matmuls in other orders, so a
+    logit may land a step or two apart (on the tiny models, prompt log-probabilities against HF's
+    bf16 ones differ by up to 0.05-0.08, about two steps at these logits), and a near-tie then goes
+    the other way."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    for prompt, token in zip(prompts, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1].float()
+        best = logits.max()
+        ulp = 2.0 ** (torch.floor(torch.log2(best.abs())) - 7)
+        assert best - logits[token] <= 2 * ulp, f"first token {token}: logit {logits[token]} vs HF's best {best}"
 
 
 def prompt_logprob_errors(llm, path: str, prompts: list[list[int]], hf=None) -> torch.Tensor:

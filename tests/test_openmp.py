@@ -101,11 +101,12 @@ _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run wi
 _FP32_SOFT_CAP = {"aten::div_", "aten::tanh_", "aten::mul_", "aten::mul"}
 
 
-@pytest.fixture(scope="module", params=["llama", "granite", "gemma", "gemma2", "qwen3", "gemma3", "smollm3"])
+@pytest.fixture(scope="module", params=["llama", "granite", "gemma", "gemma2", "qwen3", "gemma3", "smollm3", "olmo2"])
 def arch_dir(request, tmp_path_factory, tokenizer_dir) -> str:
     """Llama, the models that scale their embeddings, residuals or logits (Granite's multipliers,
-    Gemma's normaliser and Gemma 2's final soft cap), those that normalise q and k per head, and
-    SmolLM3's layers without RoPE."""
+    Gemma's normaliser and Gemma 2's final soft cap), those that normalise q and k per head (or over
+    all heads: OLMo 2, whose layers also normalise after attention and the MLP), and SmolLM3's layers
+    without RoPE."""
     return make_checkpoint(str(tmp_path_factory.mktemp(f"openmp_{request.param}")), request.param, tokenizer_dir)
 
 

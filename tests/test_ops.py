@@ -458,6 +458,9 @@ def test_opcheck(device):
         (ops.gemma_rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
         (ops.gemma_fused_add_rms_norm.default,
          (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
+        (ops.olmo_rms_norm.default,
+         (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
+        (ops.olmo_rms_norm_add.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
         (ops.silu_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
         (ops.gelu_tanh_and_mul.default, (torch.empty(3, 32, device=device), kv[:, 0])),
         (ops.argmax_logprob.default, (kv[:, 0], torch.empty(3, dtype=torch.int64, device=device),
@@ -549,6 +552,35 @@ def test_rms_norm(device, dtype, hidden, style):
     assert_matches_hf(x_inout, expected, exact_norm_dtype(device, dtype), f"{prefix}fused_add_rms_norm")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("hidden", [64, 576, 100, 7, 20000])
+def test_olmo_rms_norm(device, dtype, hidden):
+    """OLMo 2's norm (weight times the normalised row in fp32, rounded once), as transformers'
+    Olmo2RMSNorm gives it, on strided rows (q of a fused QKV buffer); olmo_rms_norm_add then adds
+    the normalised input into the residual (rounded), as its layers' ``residual + norm(x)``."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(37, 2 * hidden, generator=gen).to(dtype).to(device)[:, :hidden]
+    weight = torch.randn(hidden, generator=gen).to(dtype).to(device)
+    hf = Olmo2RMSNorm(hidden, eps=1e-5).to(device, dtype)
+    hf.weight.data.copy_(weight)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.pagedlm.olmo_rms_norm(out, x, weight, 1e-5)
+    assert_matches_hf(out, hf(x), exact_norm_dtype(device, dtype), "olmo_rms_norm")
+    if dtype == torch.bfloat16 and device == "cpu":  # the product is not rounded first (Llama's is)
+        llama = torch.empty_like(x)
+        torch.ops.pagedlm.rms_norm(llama, x, weight, 1e-5)
+        assert not torch.equal(llama, out)
+    residual = torch.randn(37, hidden, generator=gen).to(dtype).to(device)
+    expected_residual = residual + hf(x)
+    x_inout = x.contiguous()
+    torch.ops.pagedlm.olmo_rms_norm_add(x_inout, residual, weight, 1e-5)
+    assert_matches_hf(x_inout, hf(x), exact_norm_dtype(device, dtype), "olmo_rms_norm_add's input")
+    assert_matches_hf(residual, expected_residual, exact_norm_dtype(device, dtype), "olmo_rms_norm_add's residual")
+
+
 def test_bf16_rounding_of_the_layer_ops_is_torchs_at_ties_subnormals_overflow_and_nan():
     """The element-wise kernels round fp32 to bf16 as torch does (to nearest even; subnormals kept,
     not flushed as the hardware conversion flushes them; past the largest finite value to inf; NaN to
@@ -608,6 +640,37 @@ def test_rotary_embedding(device, dtype, head_size):
     assert torch.equal(q, hf_q[0].transpose(0, 1)), "rotary_embedding: query differs from Hugging Face's"
     assert torch.equal(k, hf_k[0].transpose(0, 1)), "rotary_embedding: key differs from Hugging Face's"
     assert torch.equal(qkv[:, 6 * head_size :], untouched), "rotary_embedding wrote outside query and key"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+@pytest.mark.parametrize("head_size", [64, 128, 40])
+def test_rotary_embedding_with_a_float32_table_is_olmos(device, dtype, head_size):
+    """OLMo 2 keeps cos and sin in fp32, so a half-precision q and k rotate in fp32 and round once:
+    a float32 table (``RotaryEmbedding(fp32_table=True)``) gives transformers' Olmo2 bits."""
+    from transformers import Olmo2Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RotaryEmbedding, apply_rotary_pos_emb
+
+    from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    config = Olmo2Config(hidden_size=4 * head_size, num_attention_heads=4, max_position_embeddings=4096)
+    ours = RotaryEmbedding(head_size, 4096, config, fp32_table=True)
+    ours.build_cos_sin_cache(torch.device(device), dtype)
+    assert ours.cos_sin_cache.dtype == torch.float32
+    gen = torch.Generator().manual_seed(head_size)
+    positions = torch.randint(0, 4096, (29,), generator=gen).to(device)
+    qkv = torch.randn(29, 8 * head_size, generator=gen).to(dtype).to(device)
+    q = qkv[:, : 4 * head_size].view(29, 4, head_size)
+    k = qkv[:, 4 * head_size : 6 * head_size].view(29, 2, head_size)
+    cos, sin = Olmo2RotaryEmbedding(config).to(device)(q, positions[None])
+    assert cos.dtype == torch.float32
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    q_in, k_in = q.clone(), k.clone()
+    torch.ops.pagedlm.rotary_embedding(positions, q, k, ours.cos_sin_cache)
+    assert torch.equal(q, hf_q[0].transpose(0, 1)) and torch.equal(k, hf_k[0].transpose(0, 1))
+    if dtype == torch.bfloat16:  # not what the model-dtype table (Llama's rounding) gives
+        torch.ops.pagedlm.rotary_embedding(positions, q_in, k_in, ours.cos_sin_cache.to(dtype))
+        assert not torch.equal(q_in, q)
 
 
 @pytest.mark.parametrize("device", DEVICES)

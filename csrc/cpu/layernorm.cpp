@@ -1,7 +1,9 @@
 // RMSNorm, alone and fused with the residual add, with Hugging Face's rounding: the sum of squares
 // and the scaling run in fp32, the residual sum is rounded to the model dtype, and then
 // - Llama: the normalised row is rounded to the model dtype before the weight multiplies it;
-// - Gemma: the normalised row is multiplied by (1 + weight) in fp32 and rounded once.
+// - Gemma: the normalised row is multiplied by (1 + weight) in fp32 and rounded once;
+// - OLMo 2: the normalised row is multiplied by the weight in fp32 and rounded once (its layers
+//   normalise what attention and the MLP add to the residual: olmo_rms_norm_add).
 #include "vec.h"
 
 #include "../checks.h"
@@ -133,20 +135,24 @@ float inv_rms(const T* x, int64_t hidden, float eps) {
   return 1.f / std::sqrt(sum_of_squares(x, hidden) / static_cast<float>(hidden) + eps);
 }
 
-template <bool kGemma, typename T>
+enum class NormStyle { kLlama, kGemma, kOlmo };
+
+template <NormStyle kStyle, typename T>
 void scale_row(T* out, const T* x, const T* weight, int64_t hidden, float inv) {
   const fVec iv(inv), one(1.f);
   for (int64_t d = 0; d < hidden; d += kVecLen) {
     const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
-    if constexpr (kGemma) {
+    if constexpr (kStyle == NormStyle::kGemma) {
       store_fp32(out + d, load_fp32(x + d, n) * iv * (one + load_fp32(weight + d, n)), n);
+    } else if constexpr (kStyle == NormStyle::kOlmo) {
+      store_fp32(out + d, load_fp32(weight + d, n) * (load_fp32(x + d, n) * iv), n);
     } else {
       store_fp32(out + d, load_fp32(weight + d, n) * round_to<T>(load_fp32(x + d, n) * iv), n);
     }
   }
 }
 
-template <bool kGemma>
+template <NormStyle kStyle>
 void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   check_norm(out, "out", input, "input", weight, /*with_heads=*/true);
   const NormRows in_rows(input), out_rows(out);
@@ -159,13 +165,13 @@ void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
     parallel_for(0, in_rows.tokens * in_rows.heads, grain_for(hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = x + in_rows.offset(r);
-        scale_row<kGemma>(y + out_rows.offset(r), row, w, hidden, inv_rms(row, hidden, eps));
+        scale_row<kStyle>(y + out_rows.offset(r), row, w, hidden, inv_rms(row, hidden, eps));
       }
     });
   });
 }
 
-template <bool kGemma>
+template <NormStyle kStyle>
 void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
   check_norm(input, "input", residual, "residual", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
@@ -185,7 +191,32 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
           const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
           store_fp32(rr + d, load_fp32(xr + d, n) + load_fp32(rr + d, n), n);
         }
-        scale_row<kGemma>(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
+        scale_row<kStyle>(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
+      }
+    });
+  });
+}
+
+// input = norm(input), then residual += input (rounded): a post-norm layer's residual add.
+template <NormStyle kStyle>
+void rms_norm_add_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  check_norm(input, "input", residual, "residual", weight);
+  const int64_t tokens = input.size(0), hidden = input.size(1);
+  const int64_t in_stride = input.stride(0), res_stride = residual.stride(0);
+  const float eps = static_cast<float>(epsilon);
+  PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rms_norm_add", [&] {
+    auto* x = input.data_ptr<scalar_t>();
+    auto* r = residual.data_ptr<scalar_t>();
+    const auto* w = weight.data_ptr<scalar_t>();
+    parallel_for(0, tokens, grain_for(2 * hidden), [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        scalar_t* xr = x + t * in_stride;
+        scalar_t* rr = r + t * res_stride;
+        scale_row<kStyle>(xr, xr, w, hidden, inv_rms(xr, hidden, eps));
+        for (int64_t d = 0; d < hidden; d += kVecLen) {
+          const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
+          store_fp32(rr + d, load_fp32(rr + d, n) + load_fp32(xr + d, n), n);
+        }
       }
     });
   });
@@ -194,19 +225,27 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
 }  // namespace
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  rms_norm_rows<false>(out, input, weight, epsilon);
+  rms_norm_rows<NormStyle::kLlama>(out, input, weight, epsilon);
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  fused_add_rms_norm_rows<false>(input, residual, weight, epsilon);
+  fused_add_rms_norm_rows<NormStyle::kLlama>(input, residual, weight, epsilon);
 }
 
 void gemma_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
-  rms_norm_rows<true>(out, input, weight, epsilon);
+  rms_norm_rows<NormStyle::kGemma>(out, input, weight, epsilon);
 }
 
 void gemma_fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  fused_add_rms_norm_rows<true>(input, residual, weight, epsilon);
+  fused_add_rms_norm_rows<NormStyle::kGemma>(input, residual, weight, epsilon);
+}
+
+void olmo_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  rms_norm_rows<NormStyle::kOlmo>(out, input, weight, epsilon);
+}
+
+void olmo_rms_norm_add(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
+  rms_norm_add_rows<NormStyle::kOlmo>(input, residual, weight, epsilon);
 }
 
 }  // namespace pagedlm::cpu

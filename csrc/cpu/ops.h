@@ -35,6 +35,10 @@ void gemma_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 
 void gemma_fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon);
 
+void olmo_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+
+void olmo_rms_norm_add(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon);
+
 void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 
 void gelu_tanh_and_mul(at::Tensor& out, const at::Tensor& input);

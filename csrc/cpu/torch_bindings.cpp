@@ -13,6 +13,8 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("rotary_embedding", &pagedlm::cpu::rotary_embedding);
   m.impl("gemma_rms_norm", &pagedlm::cpu::gemma_rms_norm);
   m.impl("gemma_fused_add_rms_norm", &pagedlm::cpu::gemma_fused_add_rms_norm);
+  m.impl("olmo_rms_norm", &pagedlm::cpu::olmo_rms_norm);
+  m.impl("olmo_rms_norm_add", &pagedlm::cpu::olmo_rms_norm_add);
   m.impl("silu_and_mul", &pagedlm::cpu::silu_and_mul);
   m.impl("gelu_tanh_and_mul", &pagedlm::cpu::gelu_tanh_and_mul);
   m.impl("scale", &pagedlm::cpu::scale);

@@ -223,7 +223,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
                        static_cast<int>(cos_sin_cache.size(0)),
                        {query.stride(0), query.stride(1)},
                        {key.stride(0), key.stride(1)}};
-  C10_CUDA_CHECK(launch_rotary_embedding(p, dtype_of(query), c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_rotary_embedding(p, dtype_of(query), cos_sin_cache.scalar_type() == at::kFloat,
+                                         c10::cuda::getCurrentCUDAStream()));
 }
 
 void act_and_mul(at::Tensor& out, const at::Tensor& input, Activation act) {
@@ -257,9 +258,9 @@ void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
 }  // namespace
 }  // namespace pagedlm::cuda
 
-// No CUDA kernel for `gather_rows`, `scale`, `soft_cap`, `top_logprobs`, `sample`, `apply_token_bitmask` and the bf16
-// linears: pagedlm/ops/__init__.py registers the torch reference for CUDA at import time (`_reference_on_cuda`), for
-// every op this file does not register.
+// No CUDA kernel for `gather_rows`, `scale`, `soft_cap`, `top_logprobs`, `sample`, `apply_token_bitmask`, the
+// OLMo 2 norms and the bf16 linears: pagedlm/ops/__init__.py registers the torch reference for CUDA at import time
+// (`_reference_on_cuda`), for every op this file does not register.
 TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedlm::cuda::paged_attention);

@@ -112,7 +112,7 @@ struct RotaryParams {
   const int64_t* positions;
   void* query;
   void* key;
-  const void* cos_sin_cache;  // [max_position, head_size]: cos half, then sin half
+  const void* cos_sin_cache;  // [max_position, head_size]: cos half, then sin half (model dtype or fp32)
   int num_tokens;
   int num_heads;
   int num_kv_heads;
@@ -122,7 +122,7 @@ struct RotaryParams {
   int64_t key_stride[2];
 };
 
-cudaError_t launch_rotary_embedding(const RotaryParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_rotary_embedding(const RotaryParams& p, DType dtype, bool fp32_table, cudaStream_t stream);
 
 // Per row of logits: the first index of the maximum and its log-probability (fp32 softmax), or the
 // index alone where `logprobs` is null.

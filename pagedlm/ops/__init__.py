@@ -56,13 +56,20 @@ Face's eager code does, so results match transformers bit for bit up to fp32 sum
 * ``rotary_embedding(positions, query, key, cos_sin_cache)``: rotate-half rotary embedding of
   ``query`` and ``key`` in place; ``cos_sin_cache`` is ``[max_position, head_size]`` in the model
   dtype, each row the cos values of the ``head_size / 2`` frequencies followed by their sin values;
-  ``positions`` is ``int64 [num_tokens]``.
+  ``positions`` is ``int64 [num_tokens]``. A float32 ``cos_sin_cache`` with half-precision
+  ``query`` and ``key`` rotates in fp32 and rounds once (OLMo 2/3's transformers code).
 * ``silu_and_mul(out, input)``: ``out = silu(input[:, :d]) * input[:, d:]``.
 * ``gelu_tanh_and_mul(out, input)``: ``out = gelu_tanh(input[:, :d]) * input[:, d:]``, GELU's tanh
   approximation (transformers' ``gelu_pytorch_tanh``, Gemma's GeGLU).
 * ``gemma_rms_norm(out, input, weight, epsilon)`` and ``gemma_fused_add_rms_norm(input, residual,
   weight, epsilon)``: Gemma's RMSNorm, ``x / rms(x) * (1 + weight)`` with the product taken in fp32
   and rounded once (Llama's rounds the normalised ``x`` before multiplying by ``weight``).
+* ``olmo_rms_norm(out, input, weight, epsilon)`` and ``olmo_rms_norm_add(input, residual, weight,
+  epsilon)``: OLMo 2's RMSNorm, ``x / rms(x) * weight`` with the product taken in fp32 and rounded
+  once; ``olmo_rms_norm_add`` normalises ``input`` [num_tokens, hidden] in place, then
+  ``residual += input`` (its layers normalise what attention and the MLP add to the residual).
+  ``olmo_rms_norm`` takes a 2-D ``input`` whose rows are strided (q or k of a fused QKV buffer,
+  normalised over all their heads). No CUDA kernels: the reference runs there.
 
 Scalings (in place on a contiguous ``x`` in float32, bfloat16 or float16; each step computed in fp32 and
 rounded to ``x``'s dtype, as eager torch's ops with a Python float do; on CPU on the kernels' threads,
@@ -231,6 +238,8 @@ _OP_NAMES = (
     "fused_add_rms_norm",
     "gemma_rms_norm",
     "gemma_fused_add_rms_norm",
+    "olmo_rms_norm",
+    "olmo_rms_norm_add",
     "rotary_embedding",
     "silu_and_mul",
     "gelu_tanh_and_mul",
@@ -333,6 +342,8 @@ rms_norm = _impl.rms_norm
 fused_add_rms_norm = _impl.fused_add_rms_norm
 gemma_rms_norm = _impl.gemma_rms_norm
 gemma_fused_add_rms_norm = _impl.gemma_fused_add_rms_norm
+olmo_rms_norm = _impl.olmo_rms_norm
+olmo_rms_norm_add = _impl.olmo_rms_norm_add
 rotary_embedding = _impl.rotary_embedding
 silu_and_mul = _impl.silu_and_mul
 gelu_tanh_and_mul = _impl.gelu_tanh_and_mul

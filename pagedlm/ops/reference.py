@@ -216,6 +216,17 @@ def gemma_fused_add_rms_norm(
     gemma_rms_norm(input, residual, weight, epsilon)
 
 
+def olmo_rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    x = input.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
+    out.copy_((weight * x).to(input.dtype))
+
+
+def olmo_rms_norm_add(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    olmo_rms_norm(input, input, weight, epsilon)
+    residual.add_(input)
+
+
 def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:

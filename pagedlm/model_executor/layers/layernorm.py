@@ -36,3 +36,24 @@ class GemmaRMSNorm(RMSNorm):
 
     norm = staticmethod(ops.gemma_rms_norm)
     fused_add_norm = staticmethod(ops.gemma_fused_add_rms_norm)
+
+
+class OlmoRMSNorm(DirectCall, nn.Module):
+    """OLMo 2's RMSNorm: ``x / rms(x) * weight`` in fp32, rounded once (Llama's rounds before the
+    weight multiplies)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm(x)`` into a new contiguous tensor (``x`` [num_tokens, hidden], rows may be strided);
+        with ``residual``, ``residual += norm(x)`` (``x`` normalised in place; a post-norm layer's
+        residual add), returning ``residual``."""
+        if residual is None:
+            out = x.new_empty(x.shape)
+            ops.olmo_rms_norm(out, x, self.weight, self.eps)
+            return out
+        ops.olmo_rms_norm_add(x, residual, self.weight, self.eps)
+        return residual

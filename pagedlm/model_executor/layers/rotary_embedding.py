@@ -118,13 +118,17 @@ class RotaryEmbedding(DirectCall, nn.Module):
     """The cos|sin table of one RoPE and its application to the first ``rotary_dim`` dimensions of
     each head. With "longrope" the table holds the short factors' rows for positions
     ``[0, max_position)`` and then the long factors' rows: the model runner passes
-    ``position + max_position`` for tokens that take the long factors (see ``long_rope_threshold``)."""
+    ``position + max_position`` for tokens that take the long factors (see ``long_rope_threshold``).
+    ``fp32_table``: the table stays float32 whatever the model dtype, and q and k rotate in fp32
+    (OLMo 2/3's transformers code keeps its cos and sin so)."""
 
     def __init__(
-        self, head_size: int, max_position: int, config: PretrainedConfig, layer_type: str | None = None
+        self, head_size: int, max_position: int, config: PretrainedConfig, layer_type: str | None = None,
+        fp32_table: bool = False,
     ) -> None:
         super().__init__()
         self.head_size = head_size
+        self.fp32_table = fp32_table
         # transformers' dim: the frequencies' exponents are i / dim for even i < dim, so an odd dim
         # (Phi-3's int(head_size * partial_rotary_factor)) rotates dim + 1 dimensions, as it does.
         dim = int(head_size * partial_rotary_factor(config, layer_type))
@@ -138,6 +142,7 @@ class RotaryEmbedding(DirectCall, nn.Module):
         """(Re)compute the ``[max_position, rotary_dim]`` cos|sin table (``[2 * max_position, ...]`` for
         "longrope"; see ``ops.rotary_embedding``), e.g. after the model was built on the meta device.
         Computed in float32 and cast to the model dtype, as Hugging Face casts its cos and sin."""
+        dtype = torch.float32 if self.fp32_table else dtype
         factors = (False, True) if self.scaling["rope_type"] == "longrope" else (False,)
         if torch.device(device or torch.get_default_device()).type == "meta":
             # Only its shape until the model is on its device. (A meta arange goes through torch's
