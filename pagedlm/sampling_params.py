@@ -801,8 +801,9 @@ class BeamSearchParams:
     ``skip_special_tokens`` applies to the returned text. ``structured_outputs`` (a
     ``StructuredOutputsParams`` or a dict of its fields) holds every beam to its grammar: beams rank
     by the model's log-probabilities of the tokens the grammar allows (vLLM's offline search
-    filters them so), and a search returns fewer than ``beam_width`` sequences where the grammar
-    allows fewer. vLLM's ``include_stop_str_in_output`` and ``watermarking``, which its offline
+    filters them so), which are also what ``cum_logprob`` and ``logprobs`` report (a sampled
+    request under a grammar reports them renormalised over what the grammar allows, as vLLM's
+    does), and a search returns fewer than ``beam_width`` sequences where the grammar allows fewer. vLLM's ``include_stop_str_in_output`` and ``watermarking``, which its offline
     search does not apply, are taken at their no-op values only (False, and None or False: pagedlm
     has no watermark).
 

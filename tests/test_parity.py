@@ -281,6 +281,9 @@ _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
     ("qwen2", {**_YARN, "mscale": 0.8, "mscale_all_dim": 0.5}),
     ("mistral", {**_YARN, "attention_factor": 0.9, "factor": None}),  # the factor from the two lengths
     ("gemma", {**_YARN, "factor": 1.0}),  # no scaling, no attention factor
+    # A RoPE per layer type: transformers reads "truncate" from the top level only (so True here).
+    ("gemma3", {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {**_YARN, "truncate": False, "beta_fast": 8}}),
 ])
 def test_yarn_rope_scaling_matches_transformers(tmp_path, tokenizer_dir, arch, rope):
     """YaRN ("rope_type": "yarn", what Qwen2.5's and Qwen3's model cards add for long contexts),

@@ -3,6 +3,7 @@ warpers, beam search; plus n/best_of sharing KV blocks, seeds, stop strings and 
 
 import dataclasses
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -518,6 +519,36 @@ def test_llm_beam_search_holds_its_grammar_with_ignore_eos_too(llm):
         for out in llm.beam_search(_ids([[BOS, 5, 6], [BOS, 7]]), params):
             texts = [llm.get_tokenizer().decode(s.tokens[len(s.tokens) - len(s.logprobs):-1]) for s in out.sequences]
             assert sorted(set(texts)) == choice and {s.finish_reason for s in out.sequences} == {"stop"}
+    assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
+
+
+def test_beam_search_under_a_grammar_reports_the_models_logprobs_and_keeps_to_it(llm, hf):
+    """Found by a review: each beam's logprob dicts mixed the masked logits' top entries with the
+    model's value for its token (a rank-2 entry above rank 1); all are the model's now, as without a
+    grammar. And a logits processor raising a token the grammar bans cannot lift a beam out of it
+    (an assert stopped the engine, holding a KV block)."""
+    so = StructuredOutputsParams(regex=r"[a-z ]{1,40}\.")
+    params = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0, max_tokens=6, logprobs=3,
+                            structured_outputs=so)
+    for prompt, out in zip(PROMPTS[:3], llm.generate(_ids(PROMPTS[:3]), params, use_tqdm=False)):
+        for comp in out.outputs:
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + comp.token_ids])).logits[0, len(prompt) - 1 : -1]
+            for row, token, entry in zip(torch.log_softmax(logits.float(), dim=-1), comp.token_ids, comp.logprobs):
+                assert set(row.topk(3).indices.tolist()) <= set(entry)  # the model's top 3, the grammar's or not
+                for t, logprob in entry.items():
+                    assert logprob.logprob == pytest.approx(row[t].item(), abs=1e-4)
+                    assert logprob.rank == int((row > row[t]).sum()) + 1 or t == token
+
+    def lift(output_ids, row):  # 'Z' is never in the grammar
+        row[llm.get_tokenizer().convert_tokens_to_ids("Z")] = 1e4
+        return row
+
+    params = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0, max_tokens=6, structured_outputs=so,
+                            logits_processors=[lift])
+    for out in llm.generate(_ids(PROMPTS[:3]), params, use_tqdm=False):
+        assert all(re.fullmatch(r"[a-z ]{1,40}\.?", llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True))
+                   for c in out.outputs)
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
 
 

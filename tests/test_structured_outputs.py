@@ -70,6 +70,8 @@ def test_choice_regex_and_grammar_always_hold_with_n_gt_1(llm):
             assert re.fullmatch(r"\(\d+\)", c.text) if c.finish_reason == "stop" else re.fullmatch(r"\(\d*", c.text)
     with pytest.raises(ValueError, match=r"grammar does not compile \(read as Lark: no line defines a rule with"):
         llm.generate("x", SamplingParams(structured_outputs=SO(grammar='start: "a" undefined_rule')), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"grammar does not compile \(read as EBNF: a line defines a rule with"):
+        llm.generate("x", SamplingParams(structured_outputs=SO(grammar='root ::= "a" undefined_rule')), use_tqdm=False)
 
 
 def test_an_empty_regex_or_choice_gives_the_empty_completion(llm):

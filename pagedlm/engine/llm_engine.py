@@ -734,13 +734,22 @@ class LLMEngine:
         """``entry(beam, token_id)``: the logprob dict of ``beams[beam]`` (as it is before the step
         appends) choosing ``token_id``, as sampling reports one (``_logprob_dict``): the top entries
         the sampler found for the beam's row, the chosen token's log-probability and rank from the
-        model's log-probabilities ``out.beam_raw_logprobs`` [beams, V] that beam search reports."""
+        model's log-probabilities ``out.beam_raw_logprobs`` [beams, V] that beam search reports.
+        Under a grammar the sampler's entries are of the masked logits, so all come from the
+        model's row."""
         raw_logprobs = out.beam_raw_logprobs
+        constrained = group.beam.constrained
 
         def entry(beam: int, token_id: int) -> dict[int, Logprob]:
             row = raw_logprobs[beam]
             sampled = out.samples[beam].top_logprobs
             top = TopLogprobs(max(int((row >= row[token_id]).sum()), 1), sampled.token_ids, sampled.logprobs)
+            if constrained and sampled.ranks is None:
+                values, ids = row.topk(len(sampled.token_ids))
+                top = TopLogprobs(top.rank, ids.tolist(), values.tolist())
+            elif constrained:  # logprob_token_ids: their values and ranks in the model's row
+                ranks = [max(int((row >= row[t]).sum()), 1) for t in sampled.token_ids]
+                top = TopLogprobs(top.rank, sampled.token_ids, row[sampled.token_ids].tolist(), ranks)
             seq = beams[beam]
             context = seq.token_ids(max(0, seq.num_tokens - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens)
             return self._logprob_dict(group, context, token_id, float(row[token_id]), top)

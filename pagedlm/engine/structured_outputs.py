@@ -137,7 +137,10 @@ class StructuredOutputManager:
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
                 compiled = self._compiler.compile_json_schema('{"type": "object"}', **_whitespace(compact))
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
-            read_as = " (read as Lark: no line defines a rule with '::=')" if kind == "grammar" and is_lark(spec) else ""
+            read_as = ""
+            if kind == "grammar":
+                read_as = (" (read as Lark: no line defines a rule with '::=')" if is_lark(spec) else
+                           " (read as EBNF: a line defines a rule with '::=')")
             raise ValueError(f"structured_outputs.{kind} does not compile{read_as}: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
         first = self.bitmask(self._xgr.GrammarMatcher(compiled))

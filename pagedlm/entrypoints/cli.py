@@ -46,8 +46,9 @@ _ENGINE_HELP = {
     "--max-logprobs": "the most logprobs / prompt_logprobs a row may ask for (default 20, vLLM's; -1: the vocabulary)",
     "--reasoning-parser": "vLLM's reasoning parser of the model (qwen3, deepseek_r1, ...): thinking_token_budget's "
                           "strings, and structured outputs start after the reasoning",
-    "--structured-outputs-config": "vLLM's, as a JSON object: backend, reasoning_parser, enable_in_reasoning "
-                                   "(e.g. '{\"enable_in_reasoning\": true}': grammars hold from the first token)",
+    "--structured-outputs-config": "vLLM's, as a JSON object: backend, reasoning_parser, enable_in_reasoning, "
+                                   "disable_any_whitespace (e.g. '{\"enable_in_reasoning\": true}': grammars hold "
+                                   "from the first token; '{\"disable_any_whitespace\": true}': compact JSON)",
 }
 
 

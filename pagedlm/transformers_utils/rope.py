@@ -35,7 +35,11 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
         where = f" of the {layer_type} layers" if layer_type else ""
         raise ValueError(f"rope_type {scaling['rope_type']!r}{where} (rope_parameters / rope_scaling) is not supported; "
                          f"supported: {SUPPORTED_ROPE_TYPES}.")
-    if scaling["rope_type"] == "yarn" and scaling.get("factor") is None:
-        # transformers' reading (DeepSeek-V3's configs): the ratio of the two lengths.
-        scaling["factor"] = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    if scaling["rope_type"] == "yarn":
+        if scaling.get("factor") is None:
+            # transformers' reading (DeepSeek-V3's configs): the ratio of the two lengths.
+            scaling["factor"] = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+        if layer_type in rope_layer_types(config):
+            # transformers reads "truncate" from the top level of rope_parameters, never a layer type's.
+            scaling["truncate"] = config.rope_parameters.get("truncate", True)
     return float(theta), scaling

@@ -32,6 +32,7 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> generator of a seeded completion
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that may not be sampled yet
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, int32 [rows, ceil(V / 32)] token bitmasks)
+    beam_allowed: tuple[torch.Tensor, torch.Tensor] | None  # the beam rows' of them
     forced: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) each row must take
     beam_rows: list[int]  # rows whose processed log-probabilities beam search needs
     temperatures: torch.Tensor  # [R] float32, 0.0 on greedy rows
@@ -61,16 +62,21 @@ class SamplingMetadata:
         def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(data, dtype=dtype, device=device)
 
+        def bitmasks(rows_and_masks: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+            if not rows_and_masks:
+                return None
+            rows, masks = zip(*rows_and_masks)
+            return tensor(list(rows), torch.int64), torch.stack(masks).to(device)
+
         banned_rows, banned_ids = [], []
         for row, banned in enumerate(banned_token_ids):
             banned_rows += [row] * len(banned)
             banned_ids += banned
         masked = [(row, mask) for row, mask in enumerate(token_bitmasks or ()) if mask is not None]
-        allowed = None
-        if masked:
-            allowed = (tensor([row for row, _ in masked], torch.int64), torch.stack([m for _, m in masked]).to(device))
+        beams = set(beam_rows)
+        beam_masked = [(row, mask) for row, mask in masked if row in beams]
         forced = [(row, t) for row, t in enumerate(forced_token_ids or ()) if t is not None]
-        needs_processing = bool(banned_rows) or bool(forced) or bool(masked and beam_rows) or any(
+        needs_processing = bool(banned_rows) or bool(forced) or bool(beam_masked) or any(
             p.has_penalties or p.logits_processors or p.changes_logits for p in params)
         logprob_token_ids = {row: p.logprob_token_ids for row, p in enumerate(params) if p.logprob_token_ids}
         num_top_logprobs = max((0 if p.logprob_token_ids else p.logprobs for p in params if p.num_logprobs is not None),
@@ -83,7 +89,8 @@ class SamplingMetadata:
             output_token_ids=output_token_ids,
             generators=generators,
             banned=(tensor(banned_rows, torch.int64), tensor(banned_ids, torch.int64)) if banned_rows else None,
-            allowed=allowed,
+            allowed=bitmasks(masked),
+            beam_allowed=bitmasks(beam_masked),
             forced=(tensor([r for r, _ in forced], torch.int64), tensor([t for _, t in forced], torch.int64))
             if forced else None,
             beam_rows=beam_rows,
@@ -150,9 +157,11 @@ class Sampler(DirectCall, nn.Module):
                 # not normalise again), not on the logits as sampling does: a repetition penalty
                 # multiplies a log-probability, a ban leaves the others' as they were.
                 processed[meta.beam_rows] = beam_raw_logprobs
-                if meta.allowed is not None:
-                    ops.apply_token_bitmask(processed, *meta.allowed)
+                if meta.beam_allowed is not None:
+                    ops.apply_token_bitmask(processed, *meta.beam_allowed)
             processed = self._process(processed, meta)
+            if meta.beam_allowed is not None:  # again: no processor lifts a beam out of its grammar
+                ops.apply_token_bitmask(processed, *meta.beam_allowed)
         ops.sample(processed, meta.temperatures, meta.top_ks, meta.top_ps, meta.min_ps, self._uniforms(meta), tokens, chosen)
         no_token_rows = _no_token_rows(processed, chosen) if meta.needs_processing else []
         # ``chosen`` is the log-probability under the logits ``sample`` saw; after processing, the
