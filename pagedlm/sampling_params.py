@@ -803,9 +803,10 @@ class BeamSearchParams:
     by the model's log-probabilities of the tokens the grammar allows (vLLM's offline search
     filters them so), which are also what ``cum_logprob`` and ``logprobs`` report (a sampled
     request under a grammar reports them renormalised over what the grammar allows, as vLLM's
-    does), and a search returns fewer than ``beam_width`` sequences where the grammar allows fewer. vLLM's ``include_stop_str_in_output`` and ``watermarking``, which its offline
-    search does not apply, are taken at their no-op values only (False, and None or False: pagedlm
-    has no watermark).
+    does), and a search returns fewer than ``beam_width`` sequences where the grammar allows fewer.
+    vLLM's ``include_stop_str_in_output`` and ``watermarking``, which its offline search does not
+    apply, are taken at their no-op values only (False, and None or False: pagedlm has no
+    watermark).
 
     Raises:
         ValueError: a field has the wrong type or is out of range (the message names it);
