@@ -305,10 +305,11 @@ def hf_greedy(
 
 def assert_first_tokens_match_hf_bf16(path: str, prompts: list[list[int]], got: list[int]) -> None:
     """Each prompt's first greedy token in bfloat16 is Hugging Face's bfloat16 one, or within two
-    bfloat16 steps (ulps) of its best logit there: the two sum the matmuls in other orders, so a
-    logit may land a step or two apart (on the tiny models, prompt log-probabilities against HF's
-    bf16 ones differ by up to 0.05-0.08, about two steps at these logits), and a near-tie then goes
-    the other way."""
+    bfloat16 steps (ulps) of its best logit there: transformers' bf16 attention rounds its scores
+    and probabilities to bf16, pagedlm's keeps them in fp32 and rounds its output once, so a logit
+    may land a step or two apart (on the tiny models, prompt log-probabilities against HF's bf16
+    ones differ by up to 0.05-0.08, about two steps at these logits; with an attention that rounds
+    as pagedlm's, they agree to 5e-7), and a near-tie then goes the other way."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     for prompt, token in zip(prompts, got):
         with torch.no_grad():

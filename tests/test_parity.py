@@ -321,10 +321,12 @@ def test_config_fields_count_where_transformers_model_reads_them(tmp_path, token
     ("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ("smollm3", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ("gemma", ("q_proj", "k_proj", "v_proj", "o_proj")),  # attention_bias only: Gemma's MLP has none
+    ("olmo2", ("q_proj", "k_proj", "v_proj", "o_proj")),
 ])
 def test_attention_and_mlp_biases_where_the_config_sets_them(tmp_path, tokenizer_dir, arch, biased):
     """attention_bias (and mlp_bias where transformers' model reads it) with random biases saved
-    beside the weights, as transformers loads them."""
+    beside the weights, as transformers loads them; the norms' weights random too (transformers
+    initialises them to 1 or 0, where some of a norm's arithmetic cannot show)."""
     from safetensors.torch import load_file, save_file
 
     path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, attention_bias=True, mlp_bias=True)
@@ -333,6 +335,8 @@ def test_attention_and_mlp_biases_where_the_config_sets_them(tmp_path, tokenizer
     torch.manual_seed(1)
     for name in [n for n in weights if n.endswith(".weight") and n.split(".")[-2] in biased]:
         weights[name.removesuffix("weight") + "bias"] = torch.randn(weights[name].shape[0]) * 0.5
+    for name in [n for n in weights if n.endswith("norm.weight")]:
+        weights[name] = weights[name] + torch.randn_like(weights[name]) * 0.3
     save_file(weights, weights_path, metadata={"format": "pt"})
     assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(14, [60, 20]))
 

@@ -68,7 +68,7 @@ Face's eager code does, so results match transformers bit for bit up to fp32 sum
   epsilon)``: OLMo 2's RMSNorm, ``x / rms(x) * weight`` with the product taken in fp32 and rounded
   once; ``olmo_rms_norm_add`` normalises ``input`` [num_tokens, hidden] in place, then
   ``residual += input`` (its layers normalise what attention and the MLP add to the residual).
-  ``olmo_rms_norm`` takes a 2-D ``input`` whose rows are strided (q or k of a fused QKV buffer,
+  ``olmo_rms_norm`` takes rows as ``rms_norm`` does (strided: q or k of a fused QKV buffer,
   normalised over all their heads). No CUDA kernels: the reference runs there.
 
 Scalings (in place on a contiguous ``x`` in float32, bfloat16 or float16; each step computed in fp32 and

@@ -82,4 +82,5 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
         return self.norm(h)
 
 
-Olmo3ForCausalLM = Olmo2ForCausalLM  # with sliding-window layers and a RoPE per layer type from its config
+class Olmo3ForCausalLM(Olmo2ForCausalLM):
+    """OLMo 3: OLMo 2 with sliding-window layers and a RoPE per layer type, from its config."""
