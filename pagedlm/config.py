@@ -109,6 +109,9 @@ class ModelConfig:
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             auto = " (vLLM's -1, the longest the KV cache holds, is not taken: pass None for the model's own)" \
                 if max_model_len == -1 else ""
+            if hf_config.model_type == "ministral3" and limit < hf_config.max_position_embeddings:
+                auto += (" (Ministral 3's attention temperature, which scales q past original_max_position_embeddings, "
+                         "is not implemented)")
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model or None, got "
                              f"{max_model_len!r}{auto}.")
         if not isinstance(batch_invariant, bool):
@@ -218,14 +221,14 @@ def read_field(hf_config: PretrainedConfig, name: str, default: Any) -> Any:
 
 # Where transformers' models read a sliding window: on every layer, or by the config's layer_types.
 # Others (Llama, Granite) ignore ``sliding_window`` (a "llamafied" Qwen2 checkpoint keeps the key).
-_SLIDING_EVERY_LAYER = ("mistral", "phi3")
+_SLIDING_EVERY_LAYER = ("mistral", "ministral3", "phi3")
 _SLIDING_BY_LAYER_TYPES = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "ministral", "smollm3", "olmo3")
 
 
 def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
     """The sliding window of layer ``layer_idx`` in tokens (a query sees itself and the ``W - 1``
     tokens before it), 0 for full attention, as transformers' model of the config's ``model_type``
-    applies ``sliding_window``: Mistral and Phi-3 on every layer; Gemma 2/3, Qwen2, Qwen3, SmolLM3,
+    applies ``sliding_window``: Mistral, Ministral 3 and Phi-3 on every layer; Gemma 2/3, Qwen2, Qwen3, SmolLM3,
     OLMo 3 and Ministral (a Mistral config with ``layer_types``, as transformers reads it) on the
     "sliding_attention" layers of ``layer_types`` (their configs derive it; SmolLM3's attention
     also reads ``use_sliding_window``, but transformers' mask windows those layers without it);
@@ -507,11 +510,15 @@ def _max_positions(hf_config: PretrainedConfig) -> int:
     """The longest sequence the model takes: ``max_position_embeddings`` (2048 if absent), times the
     factor of a "linear" RoPE scaling, whose checkpoints were tuned at the scaled length (e.g.
     vicuna-13b-v1.5-16k: 4096 x 4), as vLLM's ``_get_and_verify_max_len`` reads it. A RoPE per layer
-    type (Gemma 3) gives the length as it is."""
+    type (Gemma 3) gives the length as it is. Ministral 3 with a ``llama_4_scaling_beta`` stops at
+    ``original_max_position_embeddings``, past which that scaling (not implemented) would start."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     if rope_layer_types(hf_config):
         return limit
     _, scaling = rope_parameters(hf_config)
+    if hf_config.model_type == "ministral3" and scaling.get("llama_4_scaling_beta"):
+        # Its attention temperature scales q from this length on; pagedlm does not (models/llama.py).
+        limit = min(limit, int(scaling["original_max_position_embeddings"]))
     if scaling["rope_type"] == "linear":
         limit = int(limit * float(scaling.get("factor", 1.0)))
     return limit

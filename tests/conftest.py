@@ -19,6 +19,7 @@ from transformers import (
     Olmo3Config,
     GenerationConfig,
     LlamaConfig,
+    Ministral3Config,
     MistralConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
@@ -138,6 +139,14 @@ _CONFIGS = {
     "mistral_swa": lambda: MistralConfig(
         num_attention_heads=4, num_key_value_heads=2, sliding_window=48, architectures=["MistralForCausalLM"],
         **_COMMON,
+    ),
+    # Ministral 3: YaRN, and an attention temperature from position 512 on, which caps max_model_len there.
+    "ministral3": lambda: Ministral3Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 2.0,
+                         "original_max_position_embeddings": 512, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+        architectures=["Ministral3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),
     "qwen2_swa": lambda: Qwen2Config(
         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=40,

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from conftest import EOS, VOCAB_SIZE, assert_first_tokens_match_hf_bf16, assert_prompt_logprobs_match_hf, hf_greedy
+from conftest import (
+    EOS, VOCAB_SIZE, assert_first_tokens_match_hf_bf16, assert_prompt_logprobs_match_hf, hf_greedy, prompt_logprob_errors,
+)
 from pagedlm import LLM, SamplingParams, ops
 
 LENGTHS = [1, 2, 5, 15, 16, 17, 31, 32, 33, 64, 100, 129, 200, 250, 300, 7]
@@ -159,6 +161,45 @@ def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir, tie_
     llm = LLM(str(path), dtype="float32")
     assert VOCAB_SIZE - 4 in llm.llm_engine.stop_checker.eos_token_ids
     assert _generate(llm, prompts, 16) == expected
+
+
+@pytest.mark.parametrize("text_arch", ["mistral", "ministral3"])
+def test_multimodal_mistral3_runs_its_language_model(tmp_path, tokenizer_dir, text_arch):
+    """A Mistral3ForConditionalGeneration checkpoint (Mistral Small 3.1/3.2 with a Mistral text
+    config, Ministral 3 with its own): text prompts give transformers' greedy tokens. Ministral 3's
+    attention temperature starts at original_max_position_embeddings, where max_model_len stops."""
+    import shutil
+
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    from conftest import _CONFIGS, VOCAB_SIZE
+
+    text = _CONFIGS[text_arch]()
+    text.vocab_size = VOCAB_SIZE
+    if text_arch == "ministral3":
+        text.rope_parameters.update(original_max_position_embeddings=64, factor=16.0)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=28, patch_size=14, head_dim=16)
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=VOCAB_SIZE - 1,
+                            spatial_merge_size=1)
+    torch.manual_seed(0)
+    path = tmp_path / "mistral3_mm"
+    Mistral3ForConditionalGeneration(config).save_pretrained(path)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), path / name)
+    long = 64 if text_arch == "ministral3" else 130
+    prompts = _prompts(16, [5, 40, long - 20])
+    llm = LLM(str(path), dtype="float32", max_model_len=long)
+    hf = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    assert _generate(llm, prompts, 16) == [e[: e.index(EOS) + 1] if EOS in e else e for e in expected]
+    assert prompt_logprob_errors(llm, str(path), prompts, hf).max() <= 2e-4
+    if text_arch == "ministral3":
+        assert LLM(str(path), dtype="float32").llm_engine.model_config.max_model_len == 64
+        with pytest.raises(ValueError, match=r"in \[1, 64\] .*Ministral 3's attention temperature"):
+            LLM(str(path), max_model_len=65)
 
 
 def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_dir):

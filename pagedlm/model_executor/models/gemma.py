@@ -23,7 +23,7 @@ from pagedlm.model_executor.layers.attention import AttentionMetadata
 from pagedlm.model_executor.layers.direct_call import DirectCall
 from pagedlm.model_executor.layers.layernorm import GemmaRMSNorm
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from pagedlm.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from pagedlm.model_executor.models.llama import LANGUAGE_MODEL_PREFIXES, LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
@@ -132,13 +132,4 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     """The language model of a multimodal Gemma 3 checkpoint (4B and up), for text prompts; the
     vision tower and projector weights are not loaded (images are not supported)."""
 
-    # Checkpoint name prefixes -> ours (None: not loaded); transformers 4 and 5 layouts.
-    checkpoint_prefixes = {
-        "language_model.model.": "",
-        "language_model.lm_head.": "lm_head.",
-        "model.language_model.": "",
-        "vision_tower.": None,
-        "model.vision_tower.": None,
-        "multi_modal_projector.": None,
-        "model.multi_modal_projector.": None,
-    }
+    checkpoint_prefixes = LANGUAGE_MODEL_PREFIXES

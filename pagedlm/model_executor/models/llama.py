@@ -238,5 +238,33 @@ class SmolLM3ForCausalLM(LlamaForCausalLM):
         return bool(config.no_rope_layers[layer_idx])
 
 
+class Ministral3ForCausalLM(LlamaForCausalLM):
+    """Ministral 3: Mistral with YaRN and Llama 4's attention temperature, which scales q by
+    ``1 + beta * log(1 + floor(position / original_max_position_embeddings))``: exactly 1 below
+    that length, the longest ``max_model_len`` a config with a ``llama_4_scaling_beta`` takes
+    here (``config._max_positions``)."""
+
+
+# Checkpoint name prefixes of a multimodal checkpoint -> ours (None: not loaded): its language
+# model, for text prompts, in transformers 4's and 5's layouts.
+LANGUAGE_MODEL_PREFIXES = {
+    "language_model.model.": "",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "",
+    "vision_tower.": None,
+    "model.vision_tower.": None,
+    "multi_modal_projector.": None,
+    "model.multi_modal_projector.": None,
+}
+
+
+class Mistral3ForConditionalGeneration(Ministral3ForCausalLM):
+    """The language model of a Mistral 3 checkpoint (Mistral Small 3.1/3.2, Ministral 3), a
+    Mistral or Ministral 3 text config, for text prompts; the vision tower and projector are not
+    loaded (images are not supported)."""
+
+    checkpoint_prefixes = LANGUAGE_MODEL_PREFIXES
+
+
 MistralForCausalLM = LlamaForCausalLM
 GraniteForCausalLM = LlamaForCausalLM  # Llama with the multipliers its config sets
