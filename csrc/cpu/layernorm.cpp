@@ -171,7 +171,9 @@ void rms_norm_rows(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
   });
 }
 
-template <NormStyle kStyle>
+// Each row: residual += input (rounded), then input = norm(residual); or, kNormFirst (a post-norm
+// layer's residual add), input = norm(input), then residual += input (rounded).
+template <NormStyle kStyle, bool kNormFirst = false>
 void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
   check_norm(input, "input", residual, "residual", weight);
   const int64_t tokens = input.size(0), hidden = input.size(1);
@@ -181,41 +183,24 @@ void fused_add_rms_norm_rows(at::Tensor& input, at::Tensor& residual, const at::
     auto* x = input.data_ptr<scalar_t>();
     auto* r = residual.data_ptr<scalar_t>();
     const auto* w = weight.data_ptr<scalar_t>();
+    auto add = [hidden](scalar_t* rr, const scalar_t* xr) {
+      for (int64_t d = 0; d < hidden; d += kVecLen) {
+        const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
+        store_fp32(rr + d, load_fp32(xr + d, n) + load_fp32(rr + d, n), n);
+      }
+    };
     // A row reads two inputs: tasks of grain_for(2 * hidden) rows hold as many elements as
     // act_and_mul's (a 104-row SmolLM2 step then splits over two threads).
     parallel_for(0, tokens, grain_for(2 * hidden), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         scalar_t* xr = x + t * in_stride;
         scalar_t* rr = r + t * res_stride;
-        for (int64_t d = 0; d < hidden; d += kVecLen) {
-          const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
-          store_fp32(rr + d, load_fp32(xr + d, n) + load_fp32(rr + d, n), n);
-        }
-        scale_row<kStyle>(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
-      }
-    });
-  });
-}
-
-// input = norm(input), then residual += input (rounded): a post-norm layer's residual add.
-template <NormStyle kStyle>
-void rms_norm_add_rows(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  check_norm(input, "input", residual, "residual", weight);
-  const int64_t tokens = input.size(0), hidden = input.size(1);
-  const int64_t in_stride = input.stride(0), res_stride = residual.stride(0);
-  const float eps = static_cast<float>(epsilon);
-  PAGEDLM_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rms_norm_add", [&] {
-    auto* x = input.data_ptr<scalar_t>();
-    auto* r = residual.data_ptr<scalar_t>();
-    const auto* w = weight.data_ptr<scalar_t>();
-    parallel_for(0, tokens, grain_for(2 * hidden), [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        scalar_t* xr = x + t * in_stride;
-        scalar_t* rr = r + t * res_stride;
-        scale_row<kStyle>(xr, xr, w, hidden, inv_rms(xr, hidden, eps));
-        for (int64_t d = 0; d < hidden; d += kVecLen) {
-          const int n = static_cast<int>(std::min<int64_t>(kVecLen, hidden - d));
-          store_fp32(rr + d, load_fp32(rr + d, n) + load_fp32(xr + d, n), n);
+        if constexpr (kNormFirst) {
+          scale_row<kStyle>(xr, xr, w, hidden, inv_rms(xr, hidden, eps));
+          add(rr, xr);
+        } else {
+          add(rr, xr);
+          scale_row<kStyle>(xr, rr, w, hidden, inv_rms(rr, hidden, eps));
         }
       }
     });
@@ -245,7 +230,7 @@ void olmo_rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& w
 }
 
 void olmo_rms_norm_add(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon) {
-  rms_norm_add_rows<NormStyle::kOlmo>(input, residual, weight, epsilon);
+  fused_add_rms_norm_rows<NormStyle::kOlmo, /*kNormFirst=*/true>(input, residual, weight, epsilon);
 }
 
 }  // namespace pagedlm::cpu
