@@ -32,6 +32,7 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("gelu_tanh_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("scale(Tensor(a!) x, float factor, bool divide=False) -> ()");
   m.def("soft_cap(Tensor(a!) x, float cap) -> ()");
+  m.def("position_scale(Tensor(a!) x, Tensor positions, Tensor scales) -> ()");
   m.def("argmax_logprob(Tensor logits, Tensor(a!) token_ids, Tensor(b!) logprobs) -> ()");
   m.def("argmax(Tensor logits, Tensor(a!) token_ids) -> ()");
   m.def(
@@ -80,6 +81,7 @@ TORCH_LIBRARY_IMPL(pagedlm, Meta, m) {
   m.impl("gelu_tanh_and_mul", [](at::Tensor&, const at::Tensor&) {});
   m.impl("scale", [](at::Tensor&, double, bool) {});
   m.impl("soft_cap", [](at::Tensor&, double) {});
+  m.impl("position_scale", [](at::Tensor&, const at::Tensor&, const at::Tensor&) {});
   m.impl("argmax_logprob", [](const at::Tensor&, at::Tensor&, at::Tensor&) {});
   m.impl("argmax", [](const at::Tensor&, at::Tensor&) {});
   m.impl("top_logprobs",

@@ -109,9 +109,6 @@ class ModelConfig:
         elif not _is_int(max_model_len) or not 0 < max_model_len <= limit:
             auto = " (vLLM's -1, the longest the KV cache holds, is not taken: pass None for the model's own)" \
                 if max_model_len == -1 else ""
-            if hf_config.model_type == "ministral3" and limit < hf_config.max_position_embeddings:
-                auto += (" (Ministral 3's attention temperature, which scales q past original_max_position_embeddings, "
-                         "is not implemented)")
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model or None, got "
                              f"{max_model_len!r}{auto}.")
         if not isinstance(batch_invariant, bool):
@@ -510,15 +507,11 @@ def _max_positions(hf_config: PretrainedConfig) -> int:
     """The longest sequence the model takes: ``max_position_embeddings`` (2048 if absent), times the
     factor of a "linear" RoPE scaling, whose checkpoints were tuned at the scaled length (e.g.
     vicuna-13b-v1.5-16k: 4096 x 4), as vLLM's ``_get_and_verify_max_len`` reads it. A RoPE per layer
-    type (Gemma 3) gives the length as it is. Ministral 3 with a ``llama_4_scaling_beta`` stops at
-    ``original_max_position_embeddings``, past which that scaling (not implemented) would start."""
+    type (Gemma 3) gives the length as it is."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     if rope_layer_types(hf_config):
         return limit
     _, scaling = rope_parameters(hf_config)
-    if hf_config.model_type == "ministral3" and scaling.get("llama_4_scaling_beta"):
-        # Its attention temperature scales q from this length on; pagedlm does not (models/llama.py).
-        limit = min(limit, int(scaling["original_max_position_embeddings"]))
     if scaling["rope_type"] == "linear":
         limit = int(limit * float(scaling.get("factor", 1.0)))
     return limit

@@ -458,6 +458,8 @@ def test_opcheck(device):
         (ops.gemma_rms_norm.default, (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
         (ops.gemma_fused_add_rms_norm.default,
          (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
+        (ops.position_scale.default,
+         (query.clone(), torch.tensor([0, 5], device=device), torch.randn(8, device=device))),
         (ops.olmo_rms_norm.default,
          (torch.empty(3, 64, device=device), kv[:, 0], torch.randn(64, device=device), 1e-6)),
         (ops.olmo_rms_norm_add.default, (kv[:, 0].clone(), kv[:, 1].clone(), torch.randn(64, device=device), 1e-6)),
@@ -579,6 +581,33 @@ def test_olmo_rms_norm(device, dtype, hidden):
     torch.ops.pagedlm.olmo_rms_norm_add(x_inout, residual, weight, 1e-5)
     assert_matches_hf(x_inout, hf(x), exact_norm_dtype(device, dtype), "olmo_rms_norm_add's input")
     assert_matches_hf(residual, expected_residual, exact_norm_dtype(device, dtype), "olmo_rms_norm_add's residual")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@LAYER_DTYPES
+def test_ministral3_attention_temperature_is_transformers(device, dtype):
+    """position_scale with RotaryEmbedding's q_scales table: q rows as transformers' Ministral 3
+    scales them (get_llama_4_attn_scale, rounded to q's dtype), past the original length too; k
+    untouched."""
+    from transformers import Ministral3Config, MistralConfig
+    from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
+
+    from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    config = Ministral3Config(hidden_size=128, num_attention_heads=4, head_dim=32, max_position_embeddings=4096,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                                               "original_max_position_embeddings": 256, "llama_4_scaling_beta": 0.1})
+    ours = RotaryEmbedding(32, 4096, config)
+    ours.build_cos_sin_cache(torch.device(device), dtype)
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.cat([torch.arange(0, 4096, 61), torch.tensor([255, 256, 511, 512, 4095])]).to(device)
+    q = torch.randn(len(positions), 6, 32, generator=gen).to(dtype).to(device)[:, :4]  # strided rows
+    expected = q * get_llama_4_attn_scale(positions[None], 0.1, 256)[0, 0, :, :, None].to(dtype)
+    assert not torch.equal(expected, q)  # past 256 the factor is not 1
+    torch.ops.pagedlm.position_scale(q, positions, ours.q_scales)
+    assert torch.equal(q, expected)
+    mistral = MistralConfig(hidden_size=128, num_attention_heads=4, head_dim=32, rope_parameters=config.rope_parameters)
+    assert RotaryEmbedding(32, 4096, mistral).q_scales is None  # only Ministral 3 reads llama_4_scaling_beta
 
 
 def test_bf16_rounding_of_the_layer_ops_is_torchs_at_ties_subnormals_overflow_and_nan():

@@ -166,8 +166,9 @@ def test_multimodal_gemma3_runs_its_language_model(tmp_path, tokenizer_dir, tie_
 @pytest.mark.parametrize("text_arch", ["mistral", "ministral3"])
 def test_multimodal_mistral3_runs_its_language_model(tmp_path, tokenizer_dir, text_arch):
     """A Mistral3ForConditionalGeneration checkpoint (Mistral Small 3.1/3.2 with a Mistral text
-    config, Ministral 3 with its own): text prompts give transformers' greedy tokens. Ministral 3's
-    attention temperature starts at original_max_position_embeddings, where max_model_len stops."""
+    config, Ministral 3 with its own): text prompts give transformers' greedy tokens and prompt
+    log-probabilities; Ministral 3's attention temperature on q from original_max_position_embeddings
+    (64 here) on, which the longer prompts cross."""
     import shutil
 
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
@@ -187,19 +188,14 @@ def test_multimodal_mistral3_runs_its_language_model(tmp_path, tokenizer_dir, te
     Mistral3ForConditionalGeneration(config).save_pretrained(path)
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), path / name)
-    long = 64 if text_arch == "ministral3" else 130
-    prompts = _prompts(16, [5, 40, long - 20])
-    llm = LLM(str(path), dtype="float32", max_model_len=long)
+    prompts = _prompts(16, [5, 40, 110, 200])
+    llm = LLM(str(path), dtype="float32")
     hf = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = [hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
                     for p in prompts]
     assert _generate(llm, prompts, 16) == [e[: e.index(EOS) + 1] if EOS in e else e for e in expected]
     assert prompt_logprob_errors(llm, str(path), prompts, hf).max() <= 2e-4
-    if text_arch == "ministral3":
-        assert LLM(str(path), dtype="float32").llm_engine.model_config.max_model_len == 64
-        with pytest.raises(ValueError, match=r"in \[1, 64\] .*Ministral 3's attention temperature"):
-            LLM(str(path), max_model_len=65)
 
 
 def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_dir):

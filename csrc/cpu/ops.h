@@ -47,6 +47,8 @@ void scale(at::Tensor& x, double factor, bool divide);
 
 void soft_cap(at::Tensor& x, double cap);
 
+void position_scale(at::Tensor& x, const at::Tensor& positions, const at::Tensor& scales);
+
 void argmax_logprob(const at::Tensor& logits, at::Tensor& token_ids, at::Tensor& logprobs);
 void argmax(const at::Tensor& logits, at::Tensor& token_ids);
 void apply_token_bitmask(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask);

@@ -1,8 +1,10 @@
-// A tensor times a scalar, and the soft cap of Gemma 2's final logits, in place on the kernels'
-// threads: eager torch would open an OpenMP region for each (three for the soft cap), whose threads
-// then spin beside the pool's. A float32 soft cap stays ATen's (see soft_cap).
+// A tensor times a scalar, each token's rows times its position's factor, and the soft cap of
+// Gemma 2's final logits, in place on the kernels' threads: eager torch would open an OpenMP region
+// for each (three for the soft cap), whose threads then spin beside the pool's. A float32 soft cap
+// stays ATen's (see soft_cap).
 #include "vec.h"
 
+#include "../checks.h"
 #include "dispatch.h"
 #include "ops.h"
 #include "parallel.h"
@@ -51,6 +53,34 @@ void scale(at::Tensor& x, double factor, bool divide) {
   } else {
     map_in_place(x, [&](auto, fVec v) { return v * s; });
   }
+}
+
+void position_scale(at::Tensor& x, const at::Tensor& positions, const at::Tensor& scales) {
+  check_rows(x, "x");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.size(0) == x.size(0),
+              "position_scale: positions must be int64 [num_tokens]");
+  TORCH_CHECK(scales.dim() == 1 && scales.is_contiguous() && scales.scalar_type() == x.scalar_type(),
+              "position_scale: scales must be a contiguous [max_position] table in x's dtype");
+  const at::Tensor pos = positions.contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t heads = x.size(1), head_size = x.size(2), max_position = scales.size(0);
+  PAGEDLM_DISPATCH_FLOATING_TYPES(x.scalar_type(), "position_scale", [&] {
+    auto* data = x.data_ptr<scalar_t>();
+    const auto* table = scales.data_ptr<scalar_t>();
+    parallel_for(0, x.size(0), grain_for(heads * head_size), [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        TORCH_CHECK(p[t] >= 0 && p[t] < max_position, "position ", p[t], " is outside the scales table");
+        const fVec s(static_cast<float>(table[p[t]]));
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t* row = data + t * x.stride(0) + h * x.stride(1);
+          for (int64_t d = 0; d < head_size; d += kVecLen) {
+            const int n = static_cast<int>(std::min<int64_t>(kVecLen, head_size - d));
+            store_fp32(row + d, load_fp32(row + d, n) * s, n);
+          }
+        }
+      }
+    });
+  });
 }
 
 void soft_cap(at::Tensor& x, double cap) {

@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("gelu_tanh_and_mul", &pagedlm::cpu::gelu_tanh_and_mul);
   m.impl("scale", &pagedlm::cpu::scale);
   m.impl("soft_cap", &pagedlm::cpu::soft_cap);
+  m.impl("position_scale", &pagedlm::cpu::position_scale);
   m.impl("argmax_logprob", &pagedlm::cpu::argmax_logprob);
   m.impl("argmax", &pagedlm::cpu::argmax);
   m.impl("top_logprobs", &pagedlm::cpu::top_logprobs);

@@ -258,9 +258,9 @@ void argmax(const at::Tensor& logits, at::Tensor& token_ids) {
 }  // namespace
 }  // namespace pagedlm::cuda
 
-// No CUDA kernel for `gather_rows`, `scale`, `soft_cap`, `top_logprobs`, `sample`, `apply_token_bitmask`, the
-// OLMo 2 norms and the bf16 linears: pagedlm/ops/__init__.py registers the torch reference for CUDA at import time
-// (`_reference_on_cuda`), for every op this file does not register.
+// No CUDA kernel for `gather_rows`, `scale`, `soft_cap`, `position_scale`, `top_logprobs`, `sample`,
+// `apply_token_bitmask`, the OLMo 2 norms and the bf16 linears: pagedlm/ops/__init__.py registers the
+// torch reference for CUDA at import time (`_reference_on_cuda`), for every op this file does not register.
 TORCH_LIBRARY_IMPL(pagedlm, CUDA, m) {
   m.impl("reshape_and_cache", &pagedlm::cuda::reshape_and_cache);
   m.impl("paged_attention", &pagedlm::cuda::paged_attention);

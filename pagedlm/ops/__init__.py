@@ -83,6 +83,10 @@ so a bf16 step opens no OpenMP region for them):
   and float16 the CPU kernel's tanh is ATen's vectorised one (Sleef), as eager torch's is for those
   dtypes; a float32 ``x`` goes through ATen's own ops (their fp32 tanh is MKL's, whose last bits
   Sleef's do not match), which open OpenMP regions.
+* ``position_scale(x, positions, scales)``: ``x[t] = x[t] * scales[positions[t]]`` for ``x``
+  ``[num_tokens, num_heads, head_size]`` (rows strided, as q in a fused QKV buffer), ``positions``
+  int64 ``[num_tokens]`` and ``scales`` a ``[max_position]`` table in ``x``'s dtype (Ministral 3's
+  attention temperature on q). No CUDA kernel: the reference runs there.
 
 Sampling op:
 
@@ -245,6 +249,7 @@ _OP_NAMES = (
     "gelu_tanh_and_mul",
     "scale",
     "soft_cap",
+    "position_scale",
     "argmax_logprob",
     "argmax",
     "top_logprobs",
@@ -349,6 +354,7 @@ silu_and_mul = _impl.silu_and_mul
 gelu_tanh_and_mul = _impl.gelu_tanh_and_mul
 scale = _impl.scale
 soft_cap = _impl.soft_cap
+position_scale = _impl.position_scale
 argmax_logprob = _impl.argmax_logprob
 argmax = _impl.argmax
 top_logprobs = _impl.top_logprobs

@@ -270,6 +270,10 @@ def soft_cap(x: torch.Tensor, cap: float) -> None:
     x.copy_(torch.tanh(x / cap) * cap)
 
 
+def position_scale(x: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor) -> None:
+    x.mul_(scales[positions][:, None, None])
+
+
 def argmax_logprob(logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor) -> None:
     x = logits.float()
     top, ids = x.max(dim=-1)

@@ -120,7 +120,10 @@ class RotaryEmbedding(DirectCall, nn.Module):
     ``[0, max_position)`` and then the long factors' rows: the model runner passes
     ``position + max_position`` for tokens that take the long factors (see ``long_rope_threshold``).
     ``fp32_table``: the table stays float32 whatever the model dtype, and q and k rotate in fp32
-    (OLMo 2/3's transformers code keeps its cos and sin so)."""
+    (OLMo 2/3's transformers code keeps its cos and sin so). Ministral 3's ``llama_4_scaling_beta``
+    then scales q by its attention temperature, ``1 + beta * log(1 + floor(position /
+    original_max_position_embeddings))`` (transformers' ``get_llama_4_attn_scale``), a table of it
+    built here too (``q_scales``)."""
 
     def __init__(
         self, head_size: int, max_position: int, config: PretrainedConfig, layer_type: str | None = None,
@@ -136,19 +139,22 @@ class RotaryEmbedding(DirectCall, nn.Module):
         self.max_position = max_position
         self.theta, self.scaling = rope_parameters(config, layer_type)
         self.attention_factor = _attention_factor(config, self.scaling)
+        self.llama_4_beta = self.scaling.get("llama_4_scaling_beta") if config.model_type == "ministral3" else None
         self.build_cos_sin_cache()
 
     def build_cos_sin_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         """(Re)compute the ``[max_position, rotary_dim]`` cos|sin table (``[2 * max_position, ...]`` for
         "longrope"; see ``ops.rotary_embedding``), e.g. after the model was built on the meta device.
         Computed in float32 and cast to the model dtype, as Hugging Face casts its cos and sin."""
-        dtype = torch.float32 if self.fp32_table else dtype
+        model_dtype, dtype = dtype, torch.float32 if self.fp32_table else dtype
         factors = (False, True) if self.scaling["rope_type"] == "longrope" else (False,)
         if torch.device(device or torch.get_default_device()).type == "meta":
             # Only its shape until the model is on its device. (A meta arange goes through torch's
             # Python references, which import torch._dynamo and with it triton: slow, and noisy at exit.)
             cache = torch.empty(len(factors) * self.max_position, self.rotary_dim, dtype=dtype, device=device)
             self.register_buffer("cos_sin_cache", cache, persistent=False)
+            scales = torch.empty(self.max_position, dtype=model_dtype, device=device) if self.llama_4_beta else None
+            self.register_buffer("q_scales", scales, persistent=False)
             return
         positions = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None]
         tables = []
@@ -156,10 +162,20 @@ class RotaryEmbedding(DirectCall, nn.Module):
             freqs = positions * _inv_freq(self.frequency_dim, self.theta, self.scaling, long).to(device)[None, :]
             tables.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor)
         self.register_buffer("cos_sin_cache", torch.cat(tables).to(dtype), persistent=False)
+        scales = None
+        if self.llama_4_beta:  # transformers' arithmetic, position by position, rounded to the model dtype
+            original = self.scaling["original_max_position_embeddings"]
+            steps = torch.floor(torch.arange(self.max_position, device=device)[None] / original)
+            scales = (1 + self.llama_4_beta * torch.log(1 + steps))[0].to(model_dtype)
+        self.register_buffer("q_scales", scales, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """Rotate the first ``rotary_dim`` dimensions of ``q`` [T, H, D] and ``k`` [T, Hkv, D] at
-        ``positions`` [T] (int64 rows of the table), in place."""
+        ``positions`` [T] (int64 rows of the table), in place; then q times its attention
+        temperature, with one."""
+        rotated_q, rotated_k = q, k
         if self.rotary_dim < self.head_size:
-            q, k = q[..., : self.rotary_dim], k[..., : self.rotary_dim]
-        ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+            rotated_q, rotated_k = q[..., : self.rotary_dim], k[..., : self.rotary_dim]
+        ops.rotary_embedding(positions, rotated_q, rotated_k, self.cos_sin_cache)
+        if self.q_scales is not None:
+            ops.position_scale(q, positions, self.q_scales)

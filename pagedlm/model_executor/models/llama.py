@@ -239,10 +239,8 @@ class SmolLM3ForCausalLM(LlamaForCausalLM):
 
 
 class Ministral3ForCausalLM(LlamaForCausalLM):
-    """Ministral 3: Mistral with YaRN and Llama 4's attention temperature, which scales q by
-    ``1 + beta * log(1 + floor(position / original_max_position_embeddings))``: exactly 1 below
-    that length, the longest ``max_model_len`` a config with a ``llama_4_scaling_beta`` takes
-    here (``config._max_positions``)."""
+    """Ministral 3: Mistral with YaRN and Llama 4's attention temperature on q from
+    ``original_max_position_embeddings`` on (``RotaryEmbedding``'s ``q_scales``)."""
 
 
 # Checkpoint name prefixes of a multimodal checkpoint -> ours (None: not loaded): its language
