@@ -140,11 +140,11 @@ _CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, sliding_window=48, architectures=["MistralForCausalLM"],
         **_COMMON,
     ),
-    # Ministral 3: YaRN, and an attention temperature from position 512 on, which caps max_model_len there.
+    # Ministral 3: YaRN, and an attention temperature on q from position 128 on (the longer prompts cross it).
     "ministral3": lambda: Ministral3Config(
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 2.0,
-                         "original_max_position_embeddings": 512, "beta_fast": 32.0, "beta_slow": 1.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 8.0,
+                         "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
                          "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
         architectures=["Ministral3ForCausalLM"], pad_token_id=0, **_COMMON,
     ),

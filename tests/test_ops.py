@@ -608,6 +608,12 @@ def test_ministral3_attention_temperature_is_transformers(device, dtype):
     assert torch.equal(q, expected)
     mistral = MistralConfig(hidden_size=128, num_attention_heads=4, head_dim=32, rope_parameters=config.rope_parameters)
     assert RotaryEmbedding(32, 4096, mistral).q_scales is None  # only Ministral 3 reads llama_4_scaling_beta
+    # With LongRoPE a long-factor token's position comes offset by max_position (a crash before).
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e6, "original_max_position_embeddings": 256,
+                              "short_factor": [1.0] * 16, "long_factor": [2.0] * 16, "llama_4_scaling_beta": 0.1}
+    longrope = RotaryEmbedding(32, 4096, config)
+    longrope.build_cos_sin_cache(torch.device(device), dtype)
+    assert torch.equal(longrope.q_scales, torch.cat([ours.q_scales] * 2))
 
 
 def test_bf16_rounding_of_the_layer_ops_is_torchs_at_ties_subnormals_overflow_and_nan():

@@ -198,6 +198,26 @@ def test_multimodal_mistral3_runs_its_language_model(tmp_path, tokenizer_dir, te
     assert prompt_logprob_errors(llm, str(path), prompts, hf).max() <= 2e-4
 
 
+def test_a_composite_checkpoint_of_another_text_model_is_refused_naming_it(tmp_path, tokenizer_dir):
+    """Found by a review: a Mistral 3 checkpoint whose language model is Mistral 4's (MLA, MoE) was
+    loaded as Mistral's, failing on its first unexpected weight with a hint about architectures."""
+    import shutil
+
+    from transformers import Mistral3Config, Mistral4Config, PixtralVisionConfig
+
+    text = Mistral4Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                          vocab_size=VOCAB_SIZE)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=28, patch_size=14, head_dim=16)
+    Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                   architectures=["Mistral3ForConditionalGeneration"]).save_pretrained(tmp_path)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), tmp_path / name)
+    with pytest.raises(ValueError, match="Mistral3ForConditionalGeneration with a text config of model_type 'mistral4' "
+                                         "is not supported; supported: 'mistral', 'ministral3'"):
+        LLM(str(tmp_path))
+
+
 def test_longrope_siblings_cross_the_threshold_on_their_own(tmp_path, tokenizer_dir):
     """n=2 sampled completions of prompts that cross LongRoPE's 64-token threshold while generating,
     preempted (after which siblings run out of step): each completion switches factors when it crosses

@@ -153,7 +153,8 @@ class RotaryEmbedding(DirectCall, nn.Module):
             # Python references, which import torch._dynamo and with it triton: slow, and noisy at exit.)
             cache = torch.empty(len(factors) * self.max_position, self.rotary_dim, dtype=dtype, device=device)
             self.register_buffer("cos_sin_cache", cache, persistent=False)
-            scales = torch.empty(self.max_position, dtype=model_dtype, device=device) if self.llama_4_beta else None
+            scales = (torch.empty(len(factors) * self.max_position, dtype=model_dtype, device=device)
+                      if self.llama_4_beta else None)
             self.register_buffer("q_scales", scales, persistent=False)
             return
         positions = torch.arange(self.max_position, dtype=torch.float32, device=device)[:, None]
@@ -167,6 +168,7 @@ class RotaryEmbedding(DirectCall, nn.Module):
             original = self.scaling["original_max_position_embeddings"]
             steps = torch.floor(torch.arange(self.max_position, device=device)[None] / original)
             scales = (1 + self.llama_4_beta * torch.log(1 + steps))[0].to(model_dtype)
+            scales = torch.cat([scales] * len(factors))  # a long-factor token's position is offset by max_position
         self.register_buffer("q_scales", scales, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -37,7 +37,13 @@ def get_model_class(config: PretrainedConfig) -> type[nn.Module]:
     archs = getattr(config, "architectures", None) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)]
     for arch in archs:
         if arch in _MODELS:
-            return _MODELS[arch]
+            model_cls = _MODELS[arch]
+            # A multimodal checkpoint's language model: config is its text config.
+            text_model_types = getattr(model_cls, "text_model_types", None)
+            if text_model_types is not None and config.model_type not in text_model_types:
+                raise ValueError(f"{arch} with a text config of model_type {config.model_type!r} is not supported; "
+                                 f"supported: {', '.join(map(repr, text_model_types))}.")
+            return model_cls
     raise ValueError(
         f"Model architectures {getattr(config, 'architectures', None)} (model_type {config.model_type!r}) are not "
         f"supported; supported architectures: {', '.join(_MODELS)}."

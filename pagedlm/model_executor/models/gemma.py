@@ -133,3 +133,4 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     vision tower and projector weights are not loaded (images are not supported)."""
 
     checkpoint_prefixes = LANGUAGE_MODEL_PREFIXES
+    text_model_types = ("gemma3_text",)

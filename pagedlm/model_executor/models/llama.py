@@ -262,6 +262,7 @@ class Mistral3ForConditionalGeneration(Ministral3ForCausalLM):
     loaded (images are not supported)."""
 
     checkpoint_prefixes = LANGUAGE_MODEL_PREFIXES
+    text_model_types = ("mistral", "ministral3")
 
 
 MistralForCausalLM = LlamaForCausalLM
