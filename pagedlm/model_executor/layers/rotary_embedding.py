@@ -173,8 +173,8 @@ class RotaryEmbedding(DirectCall, nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """Rotate the first ``rotary_dim`` dimensions of ``q`` [T, H, D] and ``k`` [T, Hkv, D] at
-        ``positions`` [T] (int64 rows of the table), in place; then q times its attention
-        temperature, with one."""
+        ``positions`` [T] (int64 rows of the table), in place; then, with a ``q_scales`` table,
+        all of q times its position's attention temperature."""
         rotated_q, rotated_k = q, k
         if self.rotary_dim < self.head_size:
             rotated_q, rotated_k = q[..., : self.rotary_dim], k[..., : self.rotary_dim]
