@@ -1426,7 +1426,9 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
     # vLLM 0.32's arguments at their no-op values (found by an examples hunt: a bare TypeError).
     LLM(llama_dir, dtype="float32", served_model_name=None, logprobs_mode="raw_logprobs", scheduling_policy="fcfs",
         enable_sleep_mode=False, model_impl="auto", worker_cls="auto", stream_interval=1, mm_processor_kwargs={},
-        limit_mm_per_prompt={}).close()
+        limit_mm_per_prompt={"image": 0, "video": 0}).close()
+    with pytest.raises(ValueError, match=r"limit_mm_per_prompt must be None or \{\} \(pagedlm runs text-only models\)"):
+        LLM(llama_dir, limit_mm_per_prompt={"image": 1})
     for name, value, why in [("logprobs_mode", "processed_logprobs", "vLLM's raw_logprobs"),
                              ("scheduling_policy", "priority", "first come, first served"),
                              ("served_model_name", "m", "serves no API"), ("stream_interval", 4, "at every step")]:

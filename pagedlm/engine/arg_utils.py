@@ -80,6 +80,9 @@ def create_engine_configs(
     for name, value in vllm_kwargs.items():
         if name not in VLLM_NO_OP_ARGS:
             raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+        if name == "limit_mm_per_prompt" and isinstance(value, dict) and all(type(v) is int and v == 0
+                                                                            for v in value.values()):
+            value = {}  # {"image": 0}: vLLM's idiom for a multimodal checkpoint run on text alone
         allowed, why = VLLM_NO_OP_ARGS[name]
         if not any(value == a and type(value) is type(a) for a in allowed):
             raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))} ({why}), got {value!r}.")
