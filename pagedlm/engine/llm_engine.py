@@ -667,9 +667,9 @@ class LLMEngine:
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
         entry = self._beam_logprob_entry(group, beams, out) if params.logprobs is not None else None
-        stop_token_ids = self.stop_checker.stop_token_ids(params)
-        if group.beam.constrained:  # a grammar ends only on EOS, which then ends its beam (ignore_eos too)
-            stop_token_ids |= self.stop_checker.eos_token_ids
+        # A grammar ends only on EOS, which then ends its beam (with ignore_eos too).
+        stop_token_ids = (self.stop_checker.all_stop_token_ids(params) if group.beam.constrained
+                          else self.stop_checker.stop_token_ids(params))
         candidates = group.beam.step(
             [b.output_token_ids for b in beams], [group.beam.scores.get(b.seq_id, 0.0) for b in beams], out.beam_logprobs,
             [b.cumulative_logprob for b in beams], out.beam_raw_logprobs, stop_token_ids,

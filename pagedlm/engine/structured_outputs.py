@@ -120,6 +120,7 @@ class StructuredOutputManager:
         start = time.perf_counter()
         kind, spec, any_whitespace = params.key
         compact = self._compact or not any_whitespace
+        lark = kind == "grammar" and is_lark(spec)
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
@@ -130,7 +131,7 @@ class StructuredOutputManager:
             elif kind == "choice":
                 compiled = self._compiler.compile_grammar(
                     "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice))
-            elif kind == "grammar" and is_lark(spec):
+            elif lark:
                 compiled = self._compiler.compile_lark(spec)
             elif kind == "grammar":
                 compiled = self._compiler.compile_grammar(spec)
@@ -139,7 +140,7 @@ class StructuredOutputManager:
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
             read_as = ""
             if kind == "grammar":
-                read_as = (" (read as Lark: no line defines a rule with '::=')" if is_lark(spec) else
+                read_as = (" (read as Lark: no line defines a rule with '::=')" if lark else
                            " (read as EBNF: a line defines a rule with '::=')")
             raise ValueError(f"structured_outputs.{kind} does not compile{read_as}: {_xgrammar_message(exc)}") from None
         self.compile_seconds += time.perf_counter() - start
