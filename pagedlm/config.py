@@ -1,5 +1,6 @@
 """Engine configuration: the model, the KV cache and the scheduler's budgets."""
 
+import copy
 import inspect
 import logging
 import os
@@ -61,6 +62,8 @@ class ModelConfig:
     batch_invariant: bool = True
     # Whether every step runs the model's forward pass op by op (see LLM's enforce_eager).
     enforce_eager: bool = False
+    # Whether requests may force their tokens (SamplingParams.trace_decode_token_ids; vLLM's).
+    enable_trace_replay: bool = False
 
     @classmethod
     def create(
@@ -69,6 +72,7 @@ class ModelConfig:
         chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
         hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
         max_logprobs: int | None = None, batch_invariant: bool = True, enforce_eager: bool = False,
+        enable_trace_replay: bool = False,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}.")
@@ -117,11 +121,12 @@ class ModelConfig:
             raise ValueError(
                 f"batch_invariant must be True on {dev.type} (False is for CUDA only), got {batch_invariant!r}: the CPU "
                 "kernels are batch-invariant at no measured cost and have no other path.")
-        if not isinstance(enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}.")
+        for name, value in (("enforce_eager", enforce_eager), ("enable_trace_replay", enable_trace_replay)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
         return cls(model, hf_config, resolved, max_model_len, dev, generation_config, seed, tokenizer, trust_remote_code,
                    load_chat_template(chat_template), override_generation_config, max_logprobs, batch_invariant,
-                   enforce_eager)
+                   enforce_eager, enable_trace_replay)
 
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with
@@ -174,13 +179,35 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
             raise ValueError(f"{key!r} is no field of {type(config).__name__}, so nothing would read it; its fields: "
                              f"{', '.join(sorted(known))}")
         if key == "rope_scaling" and "rope_parameters" in known:
-            raise ValueError("set rope_parameters (with its rope_theta) instead of rope_scaling: transformers "
-                             "writes rope_scaling into rope_parameters without the model's rope_theta")
+            raise ValueError("set rope_parameters instead of rope_scaling: transformers writes rope_scaling into "
+                             "rope_parameters without the model's rope_theta")
         nested = getattr(config, key, None)
         if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
             _set_fields(nested, value)
+        elif key == "rope_parameters" and isinstance(value, dict) and isinstance(nested, dict):
+            config.rope_parameters = _kept_rope_fields(config, nested, value)
         else:
             setattr(config, key, value)
+    if isinstance(fields.get("rope_parameters"), dict):
+        # As transformers reads a checkpoint's, with every other field set (max_position_embeddings).
+        config.standardize_rope_params()
+        config.validate_rope()
+
+
+def _kept_rope_fields(config: PretrainedConfig, old: dict, new: dict) -> dict:
+    """``rope_parameters`` ``new`` with the ``rope_theta`` and ``partial_rotary_factor`` it leaves
+    out taken from ``old`` (per layer type where they are nested): transformers 5 keeps them only
+    there, so a YaRN override without them would run at theta 10,000. transformers'
+    ``standardize_rope_params`` then adds ``original_max_position_embeddings`` where a scaled type
+    needs it."""
+    new = copy.deepcopy(new)
+    for layer_type in config.nested_rope_parameter_keys(new) or [None]:
+        params = new if layer_type is None else new[layer_type]
+        source = old if layer_type is None else old.get(layer_type, old)
+        for kept in ("rope_theta", "partial_rotary_factor"):
+            if isinstance(params, dict) and isinstance(source, dict) and kept not in params and kept in source:
+                params[kept] = source[kept]
+    return new
 
 
 def get_num_kv_heads(hf_config: PretrainedConfig) -> int:
@@ -312,11 +339,13 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # LLMEngine.step returns a running request's output every this many tokens (vLLM's).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}.")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "stream_interval"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -1,8 +1,10 @@
 """What ``LLM.generate`` returns (vLLM's ``RequestOutput``, ``CompletionOutput``; ``Logprob`` is in
 ``pagedlm.logprobs``, as vLLM's is in ``vllm.logprobs``)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pagedlm.logprobs import PromptLogprobs, SampleLogprobs
 from pagedlm.sampling_params import RequestOutputKind
@@ -56,7 +58,11 @@ class RequestOutput:
     ids without one. ``prompt_logprobs`` (with ``SamplingParams.prompt_logprobs``, else ``None``)
     has one entry per prompt token: ``None`` for the first (nothing precedes it), then a dict from
     token id to ``Logprob`` (the top ``prompt_logprobs`` tokens and the prompt's own), or a
-    ``FlatLogprobs`` with ``flat_logprobs``.
+    ``FlatLogprobs`` with ``flat_logprobs``. ``prompt_token_id_logprobs`` (with
+    ``SamplingParams.prompt_logprob_token_ids``, once the whole prompt has run; else ``None``) is a
+    float32 array ``[len(prompt_token_ids) - 1 - prompt_logprob_start, num_ids]``: row ``i`` the
+    natural-log probabilities of that row's ids as prompt token ``prompt_logprob_start + i + 1``,
+    -inf where the row was padded with -1 (vLLM's; a ``DELTA`` request gets it once).
     """
 
     request_id: str
@@ -74,6 +80,7 @@ class RequestOutput:
     # Prompt tokens served from the prefix cache when the request was first admitted (vLLM's
     # field; None before that).
     num_cached_tokens: int | None = None
+    prompt_token_id_logprobs: np.ndarray | None = field(default=None, compare=False)  # == on arrays is elementwise
 
     @classmethod
     def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput | None":
@@ -86,6 +93,14 @@ class RequestOutput:
         finished = seq_group.is_finished()
         if params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
+        if seq_group.stream_interval > 1 and not finished:
+            # The first output, one when a completion finishes, else one every stream_interval tokens.
+            num_tokens = max(len(seq.output_token_ids) for seq in seq_group.seqs)
+            num_finished = sum(seq.status.finish_reason is not None for seq in seq_group.seqs)
+            if (seq_group.num_streamed_tokens and num_finished == seq_group.num_streamed_finished
+                    and num_tokens - seq_group.num_streamed_tokens < seq_group.stream_interval):
+                return None
+            seq_group.num_streamed_tokens, seq_group.num_streamed_finished = num_tokens, num_finished
         delta = params.output_kind is RequestOutputKind.DELTA
         seqs = seq_group.seqs
         if params.use_beam_search:
@@ -119,9 +134,15 @@ class RequestOutput:
             prompt_logprobs = prompt_logprobs[first:]
             if delta:
                 seq_group.num_returned_prompt_logprobs += len(prompt_logprobs)
+        scores = seq_group.prompt_token_id_logprobs
+        if scores is not None and (seq_group.num_scored_prompt_rows < len(scores)
+                                   or delta and seq_group.prompt_token_id_logprobs_returned):
+            scores = None
+        elif scores is not None and delta:
+            seq_group.prompt_token_id_logprobs_returned = True
         return cls(
             seq_group.request_id, seq_group.prompt, list(seq_group.prompt_token_ids), prompt_logprobs, outputs, finished,
-            num_cached_tokens=seq_group.num_cached_tokens,
+            num_cached_tokens=seq_group.num_cached_tokens, prompt_token_id_logprobs=scores,
         )
 
 

@@ -443,17 +443,38 @@ class SamplingParams(_FieldsOnly):
             first blocks (the request's blocks still enter the cache). ``None`` (the default) means
             True with ``prompt_logprobs`` (cached tokens have none), else False (vLLM's); False
             with ``prompt_logprobs`` is refused. vLLM sets the field to that value at
-            construction; here it stays None and ``reads_prefix_cache`` says which.
+            construction; here it stays None and ``reads_prefix_cache`` says which. The same holds
+            for ``prompt_logprob_token_ids``.
+        prompt_logprob_token_ids: token ids to score at each prompt position (vLLM's, for scoring
+            without returning the vocabulary): an integer array ``[num_rows, num_ids]`` or a list of
+            lists (shorter rows padded with -1, which scores -inf), row ``i`` scoring its ids as
+            prompt token ``prompt_logprob_start + i + 1``; so ``num_rows`` must be
+            ``len(prompt) - 1 - prompt_logprob_start``, and ``num_ids`` at most the LLM's
+            ``max_logprobs``. Kept as a tuple of equal-length tuples. The scores come back in
+            ``RequestOutput.prompt_token_id_logprobs``.
+        prompt_logprob_start: the first prompt position ``prompt_logprob_token_ids`` scores
+            (None: 0); only with it.
+        trace_decode_token_ids: the completion's tokens, forced one per step instead of sampled
+            (vLLM's trace replay, for debugging and reinforcement learning; needs
+            ``LLM(enable_trace_replay=True)``). The reported log-probabilities are the model's for
+            those tokens, as if sampled; the trace is cut to what ``max_model_len`` leaves after
+            the prompt and ``max_tokens`` to its length, and a stop token or string in it still
+            ends the completion. Needs ``n=1``; not with beam search, ``prompt_logprobs``,
+            ``prompt_logprob_token_ids``, ``structured_outputs``, ``repetition_detection``,
+            ``thinking_token_budget`` or ``bad_words`` (vLLM's list).
+        stream_interval: ``LLMEngine.step`` returns the running request's output once at least this
+            many tokens came since its last one (and always its first and final ones, and one when
+            a completion finishes); None or below the LLM's ``stream_interval`` takes the LLM's.
+        routed_experts_prompt_start: 0 only (vLLM's, for the routed experts of mixture-of-experts
+            models, which pagedlm does not run).
 
     Raises:
         ValueError: at construction (and in ``clone``/``dataclasses.replace``), naming the field: a
             value of the wrong type or out of its range above, fields that contradict each other
             (e.g. beam search with sampling, ``DELTA`` with ``best_of > n``).
-        TypeError: an unknown field name, as from vLLM's ``SamplingParams``; vLLM 0.32's fields
-            pagedlm does not take (``prompt_logprob_token_ids``, ``prompt_logprob_start``,
-            ``stream_interval``, ``trace_decode_token_ids``, ``routed_experts_prompt_start``) are
-            unknown here. Its ``watermarking`` is taken at its no-op values, None and False
-            (pagedlm has no watermark; vLLM too goes on without one when none is configured).
+        TypeError: an unknown field name, as from vLLM's ``SamplingParams``. Its ``watermarking``
+            is taken at its no-op values, None and False (pagedlm has no watermark; vLLM too goes
+            on without one when none is configured).
     """
 
     n: int = 1
@@ -495,6 +516,11 @@ class SamplingParams(_FieldsOnly):
     skip_reading_prefix_cache: bool | None = None
     thinking_token_budget: int | None = None
     watermarking: bool | None = None
+    prompt_logprob_token_ids: "np.ndarray | list[list[int]] | tuple[tuple[int, ...], ...] | None" = None
+    prompt_logprob_start: int | None = None
+    trace_decode_token_ids: list[int] | None = None
+    stream_interval: int | None = None
+    routed_experts_prompt_start: int = 0
 
     def __post_init__(self) -> None:
         self.n = _number("n", self.n, integer=True)
@@ -557,12 +583,23 @@ class SamplingParams(_FieldsOnly):
                     raise FieldError(f"{name} must be None, -1 (the whole vocabulary) or >= 0, got {value}.",
                                      _field_of(name))
         self._verify_logprob_token_ids()
+        self._verify_prompt_logprob_token_ids()
         if self.skip_reading_prefix_cache is not None:
             self.skip_reading_prefix_cache = _check_bool("skip_reading_prefix_cache", self.skip_reading_prefix_cache)
-            if not self.skip_reading_prefix_cache and self.prompt_logprobs is not None:
-                raise FieldError("skip_reading_prefix_cache=False cannot be set with prompt_logprobs: prompt tokens "
-                                 "read from the prefix cache are not computed, so they would have no logprobs.",
+            if not self.skip_reading_prefix_cache and self.scores_prompt:
+                field = "prompt_logprobs" if self.prompt_logprobs is not None else "prompt_logprob_token_ids"
+                raise FieldError(f"skip_reading_prefix_cache=False cannot be set with {field}: prompt tokens read "
+                                 "from the prefix cache are not computed, so they would have no logprobs.",
                                  "skip_reading_prefix_cache")
+        if self.stream_interval is not None:
+            self.stream_interval = _number("stream_interval", self.stream_interval, integer=True)
+            if self.stream_interval < 1:
+                raise FieldError(f"stream_interval must be None or at least 1, got {self.stream_interval}.",
+                                 "stream_interval")
+        if _number("routed_experts_prompt_start", self.routed_experts_prompt_start, integer=True) != 0:
+            raise FieldError(f"routed_experts_prompt_start must be 0, got {self.routed_experts_prompt_start!r}: it "
+                             "skips prompt tokens of the routed experts that LLM(enable_return_routed_experts=True) "
+                             "returns, and pagedlm runs no mixture-of-experts models.", "routed_experts_prompt_start")
         if self.thinking_token_budget is not None:
             budget = self.thinking_token_budget = _number("thinking_token_budget", self.thinking_token_budget,
                                                           integer=True)
@@ -610,6 +647,7 @@ class SamplingParams(_FieldsOnly):
                 raise FieldError(f"{self.best_of_field} must be 1 with greedy sampling (temperature=0), "
                                  f"got {self.best_of}.", self.best_of_field)
         self._verify_output_kind()
+        self._verify_trace_decode_token_ids()
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied, every field checked and normalised again as the
@@ -646,6 +684,61 @@ class SamplingParams(_FieldsOnly):
             raise FieldError(f"logprobs must equal len(logprob_token_ids) when both are set (vLLM's rule), got "
                              f"logprobs={self.logprobs} and {len(ids)} ids.", "logprobs")
 
+    def _verify_prompt_logprob_token_ids(self) -> None:
+        rows = self.prompt_logprob_token_ids
+        if rows is None:
+            if self.prompt_logprob_start is not None:
+                raise FieldError("prompt_logprob_start needs prompt_logprob_token_ids.", "prompt_logprob_start")
+            return
+        if isinstance(rows, np.ndarray):
+            if rows.ndim != 2 or rows.dtype.kind not in "iu":
+                raise FieldError(f"prompt_logprob_token_ids must be an integer array of shape [num_rows, num_ids], "
+                                 f"got a {rows.dtype} array of shape {list(rows.shape)}.", "prompt_logprob_token_ids")
+            rows = rows.tolist()
+        if not isinstance(rows, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in rows):
+            raise FieldError("prompt_logprob_token_ids must be an integer array [num_rows, num_ids] or a list of "
+                             f"lists of token ids, got {type(rows).__name__}.", "prompt_logprob_token_ids")
+        width = max(map(len, rows), default=0)
+        if width == 0:
+            raise FieldError("prompt_logprob_token_ids must hold at least one row with at least one token id.",
+                             "prompt_logprob_token_ids")
+        checked = []
+        for row in rows:
+            ids = [_number("prompt_logprob_token_ids", t, integer=True) for t in row]
+            if any(t < -1 for t in ids):
+                raise FieldError(f"prompt_logprob_token_ids must be token ids (-1 pads a row), got {min(ids)}.",
+                                 "prompt_logprob_token_ids")
+            checked.append((*ids, *(-1,) * (width - len(ids))))
+        self.prompt_logprob_token_ids = tuple(checked)  # immutable: the params' copies share it
+        start = self.prompt_logprob_start
+        if start is not None:
+            start = self.prompt_logprob_start = _number("prompt_logprob_start", start, integer=True)
+            if start < 0:
+                raise FieldError(f"prompt_logprob_start must be None or >= 0, got {start}.", "prompt_logprob_start")
+
+    def _verify_trace_decode_token_ids(self) -> None:
+        if self.trace_decode_token_ids is None:
+            return
+        ids = self.trace_decode_token_ids = _token_ids("trace_decode_token_ids", self.trace_decode_token_ids)
+        if not ids:
+            raise FieldError("trace_decode_token_ids must be None or a non-empty list of token ids.",
+                             "trace_decode_token_ids")
+        if self.best_of != 1:
+            raise FieldError(f"trace_decode_token_ids needs n=1 (one completion replays the trace), got "
+                             f"{self.best_of_field}={self.best_of}.", "trace_decode_token_ids")
+        # vLLM's list: what would change or check the tokens the trace forces.
+        for name in ("use_beam_search", "prompt_logprobs", "prompt_logprob_token_ids", "structured_outputs",
+                     "repetition_detection", "thinking_token_budget", "bad_words"):
+            value = getattr(self, name)
+            if value is not None and value is not False and value != []:
+                raise FieldError(f"trace_decode_token_ids is not supported with {name}.", "trace_decode_token_ids")
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the request returns log-probabilities of prompt positions (``prompt_logprobs``
+        or ``prompt_logprob_token_ids``), which prompt tokens read from the prefix cache lack."""
+        return self.prompt_logprobs is not None or self.prompt_logprob_token_ids is not None
+
     @property
     def num_logprobs(self) -> int | None:
         """How many log-probabilities each generated position returns besides the sampled
@@ -666,7 +759,7 @@ class SamplingParams(_FieldsOnly):
         """Whether the request may take its first blocks from the prefix cache
         (``skip_reading_prefix_cache``)."""
         if self.skip_reading_prefix_cache is None:
-            return self.prompt_logprobs is None
+            return not self.scores_prompt
         return not self.skip_reading_prefix_cache
 
     def _verify_output_kind(self) -> None:

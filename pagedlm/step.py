@@ -61,8 +61,10 @@ class SequenceData:
     token_bitmask: torch.Tensor | None = None
     # The token the sample must be (thinking_token_budget), whatever the processed logits say.
     forced_token_id: int | None = None
-    # Prompt positions [first, end) in this chunk whose next-token log-probabilities are returned.
+    # Prompt positions [first, end) in this chunk whose next-token log-probabilities are returned
+    # (prompt_logprobs), and those that score prompt_logprob_token_ids.
     prompt_logprob_span: tuple[int, int] | None = None
+    prompt_token_id_span: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -125,3 +127,5 @@ class SequenceGroupOutput:
     beam_logprobs: torch.Tensor | None = None
     beam_raw_logprobs: torch.Tensor | None = None
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    # float32 [span rows, num_ids] on CPU: the prompt_token_id_span's scores of prompt_logprob_token_ids.
+    prompt_token_id_logprobs: torch.Tensor | None = None

@@ -657,6 +657,41 @@ def test_prompt_logprobs_asked_for_are_written(llama_dir, tmp_path, out_name):
 
 
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_prompt_token_id_scores_and_traces_of_plain_rows(llama_dir, tmp_path, out_name):
+    """A row's ``prompt_logprob_token_ids`` give ``prompt_token_id_logprobs`` (a padded id's -inf
+    written as null in JSON); ``trace_decode_token_ids`` runs with the job's trace replay, and
+    without it is the row's error; ``stream_interval`` is not a row's."""
+    prompt = [1, 20, 21, 22, 23]
+    rows = [{"id": 1, "prompt_token_ids": prompt, "sampling_params": {"prompt_logprob_token_ids": [[5, 6], [7], [8], [9]]}},
+            {"id": 2, "prompt_token_ids": prompt, "sampling_params": {"trace_decode_token_ids": [30, 31, 32]}},
+            {"id": 3, "prompt": "x", "sampling_params": {"stream_interval": 2}}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    config = JobConfig(input=inp, output=str(tmp_path / out_name), model=llama_dir, sampling={"max_tokens": 6},
+                       engine={**ENGINE, "enable_trace_replay": True})
+    stats, interrupted = run_job(config)
+    got = by_id(read_output(tmp_path / out_name))
+    assert interrupted is None and (stats.completed, stats.errors) == (2, 1)
+    with LLM(llama_dir, **ENGINE) as llm:
+        want = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
+            max_tokens=6, prompt_logprob_token_ids=rows[0]["sampling_params"]["prompt_logprob_token_ids"]))[0]
+    expected = [[None if v == float("-inf") and out_name.endswith("jsonl") else v for v in row]
+                for row in want.prompt_token_id_logprobs.tolist()]
+    assert got[1]["prompt_token_id_logprobs"] == expected and got[2].get("prompt_token_id_logprobs") is None
+    assert got[2]["outputs"][0]["token_ids"] == [30, 31, 32]
+    assert "stream_interval" in got[3]["error"] and "SamplingParams field(s) a job row cannot set" in got[3]["error"]
+    config = JobConfig(input=inp, output=str(tmp_path / ("again_" + out_name)), model=llama_dir, engine=dict(ENGINE))
+    run_job(config)
+    again = by_id(read_output(tmp_path / ("again_" + out_name)))
+    assert "pagedlm run and vLLM: --enable-trace-replay" in again[2]["error"] and again[1]["error"] is None
+    from pagedlm.entrypoints.cli import run_main
+
+    flagged = tmp_path / ("flag_" + out_name)
+    run_main(["--input", inp, "--output", str(flagged), "--model", llama_dir, "--dtype", "float32",
+              "--enable-trace-replay"])
+    assert by_id(read_output(flagged))[2]["outputs"][0]["token_ids"] == [30, 31, 32]
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
 def test_cumulative_logprob_is_written_where_the_row_asked_for_logprobs(llama_dir, tmp_path, out_name):
     """vLLM's rule: null without logprobs (a greedy step then takes the argmax alone), with them the
     sum of the sampled tokens' log-probabilities."""

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import BOS, EOS, VOCAB_SIZE
 from pagedlm import BeamSearchParams, LLM, CompletionOutput, RequestOutput, SamplingParams, default_model_path
@@ -903,6 +903,22 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
 
     with LLM(llama_dir, dtype="float32", hf_overrides=shorter) as llm:
         assert llm.llm_engine.model_config.max_model_len == 90
+    # A YaRN override keeps the model's rope_theta, which transformers 5 holds only in the
+    # rope_parameters it replaces, and takes original_max_position_embeddings as transformers
+    # does (found by a hunt: theta 10,000 silently, and a bare TypeError).
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    theta = AutoConfig.from_pretrained(llama_dir).rope_parameters["rope_theta"]
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, rope_parameters={
+        **yarn, "rope_theta": theta, "original_max_position_embeddings": 80}, max_position_embeddings=80).eval()
+    prompt = [BOS] + list(range(30, 90))
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               eos_token_id=EOS)[0, len(prompt):].tolist()
+    with LLM(llama_dir, dtype="float32", hf_overrides={"rope_parameters": yarn, "max_position_embeddings": 80}) as llm:
+        assert llm.model_config.hf_config.rope_parameters == {**yarn, "rope_theta": theta,
+                                                              "original_max_position_embeddings": 80}
+        got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))
+        assert got[0].outputs[0].token_ids == expected and len(expected) > 3
     for kwargs, error, match in [
         ({"disable_log_stats": False}, ValueError, r"disable_log_stats must be True \(pagedlm logs no periodic"),
         ({"quantization": "awq"}, ValueError, "quantization must be None"),
@@ -913,7 +929,7 @@ def test_vllm_s_other_constructor_arguments(llama_dir):
         ({"hf_overrides": {"sliding_window": 8}}, ValueError, "hf_overrides: .*'sliding_window' is no field of LlamaConfig, so nothing would read it; its fields: .*rms_norm_eps"),
         ({"hf_overrides": {"rms_norm_eps": "x"}}, ValueError, "hf_overrides: "),  # transformers' own error type
         ({"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}}, ValueError,
-         "set rope_parameters .* instead of rope_scaling"),
+         "set rope_parameters instead of rope_scaling"),
         ({"max_logprobs": -2}, ValueError, "max_logprobs must be None, -1"),
     ]:
         with pytest.raises(error, match=match):
@@ -1431,7 +1447,7 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
         LLM(llama_dir, limit_mm_per_prompt={"image": 1})
     for name, value, why in [("logprobs_mode", "processed_logprobs", "vLLM's raw_logprobs"),
                              ("scheduling_policy", "priority", "first come, first served"),
-                             ("served_model_name", "m", "serves no API"), ("stream_interval", 4, "at every step")]:
+                             ("served_model_name", "m", "serves no API")]:
         with pytest.raises(ValueError, match=rf"{name} must be .*{why}.*got {value!r}"):
             LLM(llama_dir, **{name: value})
     with pytest.raises(AttributeError, match="LLM.release_kv_cache_memory is vLLM's; pagedlm does not have it"):

@@ -138,3 +138,41 @@ def test_a_snapshot_is_the_callers_to_change(llm):
                 last.prompt_token_ids[:] = [0] * len(PROMPT)
                 last.outputs[0].token_ids[:] = [0] * len(last.outputs[0].token_ids)
     assert last.prompt_token_ids == PROMPT and last.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("kind", [DELTA, CUMULATIVE])
+def test_stream_interval_returns_the_first_output_then_one_every_k_tokens(llama_dir, kind):
+    """vLLM's ``stream_interval``: a running request's output comes at its first token, then once
+    ``k`` more tokens came, and at its end; ``DELTA`` outputs still add up to the completion (prompt
+    logprobs and ``prompt_token_id_logprobs`` returned once). The LLM's interval is the least a
+    request gets; a request's own may raise it. A completion that finishes is returned then."""
+    base = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, output_kind=kind, prompt_logprobs=0,
+                          prompt_logprob_token_ids=[[5, 6]] * (len(PROMPT) - 1))
+    final = run(LLM(llama_dir, dtype="float32", max_model_len=256), base.clone(output_kind=CUMULATIVE))[-1]
+    for llm_interval, request_interval, lengths in [(1, 3, [1, 4, 7, 10, 11]), (4, None, [1, 5, 9, 11]),
+                                                    (4, 2, [1, 5, 9, 11]), (1, 1, list(range(1, 12)))]:
+        llm = LLM(llama_dir, dtype="float32", max_model_len=256, stream_interval=llm_interval)
+        outs = run(llm, base.clone(stream_interval=request_interval))
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        if kind is DELTA:
+            assert [len(o.outputs[0].token_ids) for o in outs] == [b - a for a, b in zip([0] + lengths, lengths)]
+            assert sum((o.outputs[0].token_ids for o in outs), []) == final.outputs[0].token_ids
+            assert sum((o.prompt_logprobs for o in outs), []) == final.prompt_logprobs
+            assert [o.prompt_token_id_logprobs is not None for o in outs] == [True] + [False] * (len(outs) - 1)
+        else:
+            assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+            assert outs[-1] == final and (outs[-1].prompt_token_id_logprobs == final.prompt_token_id_logprobs).all()
+    llm = LLM(llama_dir, dtype="float32", max_model_len=256)
+    sampled = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=12, output_kind=kind, stream_interval=5)
+    first, second = (c.token_ids for c in run(llm, sampled.clone(output_kind=CUMULATIVE))[-1].outputs)
+    stop = first[2]  # ends the first completion at its 3rd token, mid-interval; the second runs on
+    assert stop not in first[:2] + second
+    outs = run(llm, sampled.clone(stop_token_ids=[stop]))
+    lengths = [1, 3, 8, 12]
+    assert [len(c.token_ids) for o in outs for c in o.outputs if c.index == 1] == (
+        [1, 2, 5, 4] if kind is DELTA else lengths)
+    assert [o.outputs[0].finish_reason for o in outs][1] == "stop"
+    with pytest.raises(ValueError, match="stream_interval must be None or at least 1, got 0"):
+        SamplingParams(stream_interval=0)
+    with pytest.raises(ValueError, match="stream_interval must be a positive int, got 0"):
+        LLM(llama_dir, stream_interval=0)

@@ -295,7 +295,8 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
 
 
 @pytest.mark.parametrize("arch,field,value,message", [
-    ("llama", "hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu'"),
+    ("llama", "hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu' "
+                                    r"\('swish'\)"),
     ("gemma", "hidden_act", "relu", r"Gemma's hidden_act 'relu' is not supported; supported: \('gelu_pytorch_tanh'"),
     ("qwen2_swa", "layer_types", ["full_attention", "chunked_attention"],
      r"layer_types\[1\] = 'chunked_attention' is not supported"),
@@ -313,6 +314,13 @@ def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, fi
     path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, **{field: value})
     with pytest.raises(ValueError, match=message):
         LLM(path, dtype="float32")
+
+
+def test_a_swish_llama_runs_as_transformers_silu(tmp_path, tokenizer_dir):
+    """transformers maps hidden_act "swish" to SiLU (found by a hunt: refused)."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "llama", hidden_act="swish")
+    prompts = _prompts(13, [20, 35])
+    assert _generate(LLM(path, dtype="float32"), prompts, 8) == hf_greedy(path, prompts, 8)
 
 
 def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, tokenizer_dir):
@@ -411,6 +419,11 @@ def test_a_saved_head_unlike_the_tied_embeddings_is_used_as_transformers_does(tm
     for head in (weights["model.embed_tokens.weight"].clone(), torch.randn_like(weights["model.embed_tokens.weight"])):
         save_file({**weights, "lm_head.weight": head}, weights_path, metadata={"format": "pt"})
         assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(13, [30, 20]))
+    # The head alone, without the embeddings: it is both, as transformers ties it (found by a hunt: refused).
+    head_only = {k: v for k, v in weights.items() if k != "model.embed_tokens.weight"}
+    save_file({**head_only, "lm_head.weight": weights["model.embed_tokens.weight"]}, weights_path,
+              metadata={"format": "pt"})
+    assert_prompt_logprobs_match_hf(LLM(path, dtype="float32"), path, _prompts(13, [30, 20]))
 
 
 def test_missing_weights_are_named_as_the_checkpoint_names_them(tmp_path, tokenizer_dir):

@@ -7,6 +7,7 @@ import re
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -846,3 +847,74 @@ def test_a_beam_search_decodes_its_beams_once_unless_streamed(llm, monkeypatch):
     assert [c.text for c in outs[-1].outputs] == [c.text for c in final.outputs] == \
         [tok.decode(c.token_ids) for c in final.outputs]
     assert all(c.text == tok.decode(c.token_ids) for o in outs[:-1] for c in o.outputs)
+
+
+def test_prompt_logprob_token_ids_score_each_row_as_hf_log_softmax(llama_dir, hf):
+    """vLLM's ``prompt_logprob_token_ids``: row ``i`` scores its ids as prompt token
+    ``prompt_logprob_start + i + 1``, -inf where padded; over prompt chunks (a 16-token step
+    budget), again on a prefix-cache hit of the same prompt, and for a request split into child
+    requests (n above max_num_seqs), whose first child scores the prompt."""
+    llm = LLM(llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=16)
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for start in (None, 7):
+        first = start or 0
+        rows = [[(3 * i + j) % VOCAB_SIZE for j in range(1 + i % 3)] for i in range(len(prompt) - 1 - first)]
+        params = SamplingParams(temperature=0.5, seed=3, n=6, max_tokens=2, prompt_logprob_token_ids=rows,
+                                prompt_logprob_start=start, prompt_logprobs=0)
+        for out in llm.generate(_ids([prompt, prompt]), params, use_tqdm=False):
+            scores = out.prompt_token_id_logprobs
+            assert scores.dtype == np.float32 and scores.shape == (len(rows), 3) and len(out.outputs) == 6
+            for i, row in enumerate(rows):
+                expected = [ref[first + i, t].item() for t in row] + [float("-inf")] * (3 - len(row))
+                assert scores[i].tolist() == pytest.approx(expected, abs=1e-4)
+                # The prompt token's own score is its prompt logprob's, to the bit.
+                if prompt[first + i + 1] in row:
+                    assert scores[i, row.index(prompt[first + i + 1])] == np.float32(
+                        out.prompt_logprobs[first + i + 1][prompt[first + i + 1]].logprob)
+    unscored = llm.generate(_ids([prompt]), SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert unscored.prompt_token_id_logprobs is None
+
+
+def test_prompt_logprob_token_ids_are_checked_against_the_prompt_and_model(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", max_logprobs=2)
+    prompt = _ids([PROMPTS[0]])  # 5 tokens: 4 scored rows
+    for rows, start, message in [
+        ([[1]] * 3, None, r"prompt_logprob_token_ids has 3 rows, but the prompt has 4 scored rows"),
+        ([[1]] * 4, 1, r"has 4 rows, but the prompt has 3 scored rows \(prompt_len - 1 - prompt_logprob_start\)"),
+        ([[1], [VOCAB_SIZE], [1], [1]], None, rf"prompt_logprob_token_ids \[{VOCAB_SIZE}\] are outside the vocabulary"),
+        ([[1, 2, 3]] * 4, None, r"has 3 ids a row, over max_logprobs \(2\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, SamplingParams(prompt_logprob_token_ids=rows, prompt_logprob_start=start),
+                         use_tqdm=False)
+
+
+def test_trace_decode_token_ids_force_the_tokens_and_report_their_model_logprobs(llama_dir, hf):
+    """vLLM's trace replay: the trace's tokens whatever the sampling says, with the model's own
+    log-probabilities of them (HF's log-softmax of the traced sequence) and ranks; the completion
+    ends with the trace ("length"), at ``max_tokens`` when shorter, at an EOS in the trace
+    ("stop"), and where ``max_model_len`` ends."""
+    llm = LLM(llama_dir, dtype="float32", enable_trace_replay=True, max_model_len=64)
+    prompt, trace = PROMPTS[0], [300, 7, 7, 150, 42, 9]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + trace])).logits[0].float(), dim=-1)
+    for params in (SamplingParams(temperature=0, logprobs=1), SamplingParams(temperature=1.0, seed=5, top_k=3, logprobs=1,
+                                                                             repetition_penalty=1.5, logit_bias={7: -50})):
+        out = llm.generate(_ids([prompt]), params.clone(trace_decode_token_ids=trace), use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == trace and out.finish_reason == "length"
+        for step, (token, entry) in enumerate(zip(trace, out.logprobs)):
+            expected = ref[len(prompt) - 1 + step]
+            assert entry[token].logprob == pytest.approx(expected[token].item(), abs=1e-4)
+            assert entry[token].rank == int((expected > expected[token]).sum()) + 1
+    cut = llm.generate(_ids([prompt]), SamplingParams(max_tokens=2, trace_decode_token_ids=trace), use_tqdm=False)
+    assert cut[0].outputs[0].token_ids == trace[:2]
+    stopped = llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[5, EOS, 6]), use_tqdm=False)
+    assert stopped[0].outputs[0].token_ids == [5, EOS] and stopped[0].outputs[0].finish_reason == "stop"
+    long = llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[9] * 100), use_tqdm=False)[0].outputs[0]
+    assert long.token_ids == [9] * (64 - len(prompt)) and long.finish_reason == "length"
+    with pytest.raises(ValueError, match=r"trace_decode_token_ids needs LLM\(enable_trace_replay=True\)"):
+        LLM(llama_dir, dtype="float32").generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[5]))
+    with pytest.raises(ValueError, match=rf"trace_decode_token_ids \[{VOCAB_SIZE}\] are outside the vocabulary"):
+        llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[5, VOCAB_SIZE]))

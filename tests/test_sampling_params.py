@@ -155,6 +155,45 @@ def test_sampling_params_take_vllms_watermarking_at_its_no_op_values():
             SamplingParams(watermarking=value)
 
 
+def test_vllm_0_32_scoring_replay_and_streaming_fields_are_checked():
+    """vLLM 0.32's ``prompt_logprob_token_ids`` (an integer array or ragged lists, padded with -1,
+    kept as a tuple of equal tuples), ``prompt_logprob_start``, ``trace_decode_token_ids`` with
+    vLLM's conflicts, ``stream_interval`` and ``routed_experts_prompt_start`` (0 only)."""
+    params = SamplingParams(prompt_logprob_token_ids=np.array([[3, 4], [5, -1]], dtype=np.int16), prompt_logprob_start=2)
+    assert params.prompt_logprob_token_ids == ((3, 4), (5, -1)) and params.prompt_logprob_start == 2
+    assert SamplingParams(prompt_logprob_token_ids=[[7], [], [1, 2, 3]]).prompt_logprob_token_ids == (
+        (7, -1, -1), (-1, -1, -1), (1, 2, 3))
+    assert params.clone() == params and not params.reads_prefix_cache
+    assert SamplingParams(trace_decode_token_ids=(4, 5)).trace_decode_token_ids == [4, 5]
+    assert SamplingParams(stream_interval=3, routed_experts_prompt_start=0).stream_interval == 3
+    for fields, message in [
+        ({"prompt_logprob_token_ids": [[1, -2]]}, r"prompt_logprob_token_ids must be token ids \(-1 pads a row\)"),
+        ({"prompt_logprob_token_ids": [[]]}, "at least one row with at least one token id"),
+        ({"prompt_logprob_token_ids": []}, "at least one row with at least one token id"),
+        ({"prompt_logprob_token_ids": [1, 2]}, "must be an integer array .* or a list of lists of token ids"),
+        ({"prompt_logprob_token_ids": np.zeros(3, dtype=np.int64)}, r"got a int64 array of shape \[3\]"),
+        ({"prompt_logprob_token_ids": np.zeros((2, 2))}, r"got a float64 array of shape \[2, 2\]"),
+        ({"prompt_logprob_token_ids": [[1.5]]}, "prompt_logprob_token_ids must be an int"),
+        ({"prompt_logprob_start": 1}, "prompt_logprob_start needs prompt_logprob_token_ids"),
+        ({"prompt_logprob_token_ids": [[1]], "prompt_logprob_start": -1}, "prompt_logprob_start must be None or >= 0"),
+        ({"prompt_logprob_token_ids": [[1]], "skip_reading_prefix_cache": False},
+         "skip_reading_prefix_cache=False cannot be set with prompt_logprob_token_ids"),
+        ({"trace_decode_token_ids": []}, "trace_decode_token_ids must be None or a non-empty list"),
+        ({"trace_decode_token_ids": [1, -1]}, "trace_decode_token_ids must be a list of non-negative ints"),
+        ({"trace_decode_token_ids": [1], "n": 2, "temperature": 1}, r"trace_decode_token_ids needs n=1 \(one completion replays the trace\), got n=2"),
+        ({"trace_decode_token_ids": [1], "best_of": 2, "temperature": 1}, "got best_of=2"),
+        ({"trace_decode_token_ids": [1], "prompt_logprobs": 0}, "not supported with prompt_logprobs"),
+        ({"trace_decode_token_ids": [1], "bad_words": ["x"]}, "not supported with bad_words"),
+        ({"trace_decode_token_ids": [1], "structured_outputs": {"regex": "a"}}, "not supported with structured_outputs"),
+        ({"trace_decode_token_ids": [1], "thinking_token_budget": 3}, "not supported with thinking_token_budget"),
+        ({"stream_interval": 0}, "stream_interval must be None or at least 1, got 0"),
+        ({"stream_interval": True}, "stream_interval must be an int"),
+        ({"routed_experts_prompt_start": 3}, "routed_experts_prompt_start must be 0, got 3: .*mixture-of-experts"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**fields)
+
+
 def test_beam_search_params_take_vllms_fields_at_their_defaults():
     """A vLLM script passing them as they are (found by a docs hunt: a bare TypeError)."""
     for watermarking in (None, False):  # None: the engine's watermark, of which pagedlm has none

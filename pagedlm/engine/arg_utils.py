@@ -58,7 +58,6 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "enable_sleep_mode": ((False,), "pagedlm keeps its weights and KV cache until LLM.close()"),
     "model_impl": (("auto", "vllm"), "pagedlm runs its own model implementations"),
     "worker_cls": (("auto",), "pagedlm runs its own worker"),
-    "stream_interval": ((1,), "LLMEngine.step returns each running request's output at every step"),
 }
 
 
@@ -67,7 +66,7 @@ def create_engine_configs(
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching,
     generation_config, override_generation_config, hf_overrides, max_logprobs, seed, tokenizer, trust_remote_code,
     chat_template, gpu_memory_utilization, tensor_parallel_size, batch_invariant, enforce_eager, reasoning_parser,
-    reasoning_config, structured_outputs_config, vllm_kwargs,
+    reasoning_config, structured_outputs_config, enable_trace_replay, stream_interval, vllm_kwargs,
 ) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, ReasoningConfig | None, StructuredOutputsConfig]:
     """``LLM``'s arguments as the engine's configs, each checked; None stands for the default
     (vLLM's ``EngineArgs.create_engine_config``).
@@ -92,7 +91,7 @@ def create_engine_configs(
     model_config = ModelConfig.create(
         resolve_model(model), dtype, max_model_len, device, generation_config, seed,
         None if tokenizer is None else resolve_model(tokenizer, "tokenizer"), trust_remote_code, chat_template,
-        override_generation_config, hf_overrides, max_logprobs, batch_invariant, enforce_eager,
+        override_generation_config, hf_overrides, max_logprobs, batch_invariant, enforce_eager, enable_trace_replay,
     )
     try:
         SamplingParams(**model_config.get_diff_sampling_param())
@@ -114,7 +113,7 @@ def create_engine_configs(
         max_num_batched_tokens = 2048 if enable_chunked_prefill is not False else max(2048, model_config.max_model_len)
     if max_num_seqs is None:
         max_num_seqs = min(256, max_num_batched_tokens) if _is_positive_int(max_num_batched_tokens) else 256
-    scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+    scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, stream_interval)
     if not enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
         # vLLM's rule: without chunking a sequence computed again after preemption (prompt and
         # outputs) must fit one step, or it would wait forever.

@@ -213,18 +213,36 @@ class LLMEngine:
         # A sequence stops with "length" at max_model_len whatever max_tokens says (vLLM's
         # check_stop); only the KV cache's room refuses a request.
         max_seq_len = self._max_seq_len(n, params.best_of)
-        if n >= max_seq_len or (params.max_tokens is not None and min(n + params.max_tokens, max_len) > max_seq_len):
+        max_tokens = params.max_tokens
+        if params.trace_decode_token_ids is not None:  # as _fit_trace will cut it
+            max_tokens = min(len(params.trace_decode_token_ids), max_tokens or max_len)
+        if n >= max_seq_len or (max_tokens is not None and min(n + max_tokens, max_len) > max_seq_len):
             bm = self.block_manager
-            wanted = f"{n} prompt tokens" + (f" + max_tokens ({params.max_tokens})" if params.max_tokens is not None else " + 1")
+            wanted = f"{n} prompt tokens" + (f" + max_tokens ({max_tokens})" if max_tokens is not None else " + 1")
             return FieldError(f"{wanted} do not fit the KV cache: its {bm.num_kv_blocks} KV blocks of {bm.block_size} "
                               f"tokens hold at most {max_seq_len} tokens for each of the request's {params.best_of} "
                               "sequence(s) at once", "prompt" if n >= max_seq_len else "max_tokens")
+        scored_rows = params.prompt_logprob_token_ids or ()
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids or ()),
-                          ("logit_bias", params.logit_bias or ()), ("logprob_token_ids", params.logprob_token_ids or ())):
+                          ("logit_bias", params.logit_bias or ()), ("logprob_token_ids", params.logprob_token_ids or ()),
+                          ("trace_decode_token_ids", params.trace_decode_token_ids or ()),
+                          ("prompt_logprob_token_ids", {t for row in scored_rows for t in row if t != -1})):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 return FieldError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})", name)
+        if params.trace_decode_token_ids is not None and not self.model_config.enable_trace_replay:
+            return FieldError("trace_decode_token_ids needs LLM(enable_trace_replay=True) (pagedlm run and vLLM: "
+                              "--enable-trace-replay)", "trace_decode_token_ids")
         max_logprobs = self.model_config.max_logprobs
+        if scored_rows:
+            num_rows = max(n - 1 - (params.prompt_logprob_start or 0), 0)
+            if len(scored_rows) != num_rows:
+                return FieldError(f"prompt_logprob_token_ids has {len(scored_rows)} rows, but the prompt has "
+                                  f"{num_rows} scored rows (prompt_len - 1 - prompt_logprob_start)",
+                                  "prompt_logprob_token_ids")
+            if max_logprobs not in (None, -1) and len(scored_rows[0]) > max_logprobs:
+                return FieldError(f"prompt_logprob_token_ids has {len(scored_rows[0])} ids a row, over max_logprobs "
+                                  f"({max_logprobs}), the LLM's limit (LLM(max_logprobs=...))", "prompt_logprob_token_ids")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab_size:
@@ -352,6 +370,8 @@ class LLMEngine:
             prompt_token_ids = encode_prompts(self.tokenizer, [parsed.text], from_text)[0]
         prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens,
                                                 tokenization.truncate_prompt_tokens, from_text=from_text)
+        if params.trace_decode_token_ids is not None:
+            self._fit_trace(params, len(prompt_token_ids))
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise FieldError(f"Request {request_id!r}: {str(reason).rstrip('.')}.", reason.field)
@@ -370,6 +390,7 @@ class LLMEngine:
             arrival_time if arrival_time is not None else time.monotonic(), generators, cache_salt,
         )
         seq_group.max_seq_len = self._max_seq_len(len(prompt_token_ids), params.best_of)
+        seq_group.stream_interval = max(params.stream_interval or 1, self.scheduler_config.stream_interval)
         if params.bad_words:
             seq_group.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.use_beam_search:
@@ -390,6 +411,14 @@ class LLMEngine:
             self.seq_groups[request_id] = seq_group
             self.scheduler.add_seq_group(seq_group)
         return request_id
+
+    def _fit_trace(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+        """vLLM's trace replay on a request's own params: the trace cut to what ``max_model_len``
+        leaves after the prompt, and ``max_tokens`` to the trace's length (the completion ends when
+        the trace does, or earlier at a stop token or string in it)."""
+        trace = params.trace_decode_token_ids[: max(self.model_config.max_model_len - num_prompt_tokens, 1)]
+        params.trace_decode_token_ids = trace
+        params.max_tokens = len(trace) if params.max_tokens is None else min(len(trace), params.max_tokens)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer
@@ -583,9 +612,12 @@ class LLMEngine:
                         data.banned_token_ids = ()
                 if seq.thinking is not None:
                     data.forced_token_id = seq.thinking.forced_token()
-            if group.prompt_logprobs is not None and not span_taken:
+                elif params.trace_decode_token_ids is not None:
+                    data.forced_token_id = params.trace_decode_token_ids[len(seq.output_token_ids)]
+            if not span_taken:  # the group's first sequence computes its prompt's scores
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
-                span_taken = data.prompt_logprob_span is not None
+                data.prompt_token_id_span = group.prompt_token_id_span(start, start + chunk)
+                span_taken = data.prompt_logprob_span is not None or data.prompt_token_id_span is not None
             seq_data.append(data)
         return SequenceGroupMetadata(group.request_id, params, seq_data)
 
@@ -594,6 +626,8 @@ class LLMEngine:
             i = len(group.prompt_logprobs)
             context = group.prompt_token_ids[max(0, i - _LOGPROB_CONTEXT_TOKENS) : i]
             group.prompt_logprobs.append(self._logprob_dict(group, context, p.token_id, p.logprob, p.top_logprobs))
+        if out.prompt_token_id_logprobs is not None:
+            group.add_prompt_token_id_logprobs(out.prompt_token_id_logprobs.numpy())
         if not out.samples:
             return
         if group.beam is not None:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from itertools import count
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedlm.engine.reasoning_gate import ReasoningGate
@@ -185,6 +186,15 @@ class SequenceGroup:
         self.prompt_logprobs: PromptLogprobs | None = (
             None if sampling_params.prompt_logprobs is None else create_prompt_logprobs(sampling_params.flat_logprobs))
         self.num_returned_prompt_logprobs = 0  # by earlier DELTA outputs
+        # prompt_logprob_token_ids' scores, float32 [rows, num_ids], filled as the prompt's chunks run.
+        rows = sampling_params.prompt_logprob_token_ids
+        self.prompt_token_id_logprobs = None if rows is None else np.empty((len(rows), len(rows[0])), np.float32)
+        self.prompt_logprob_start = sampling_params.prompt_logprob_start or 0
+        self.num_scored_prompt_rows = 0
+        self.prompt_token_id_logprobs_returned = False  # by an earlier DELTA output
+        self.stream_interval = 1  # set by the engine: tokens between two outputs of ``LLMEngine.step``
+        # The longest completion's tokens, and the finished completions, when the last one was returned.
+        self.num_streamed_tokens = self.num_streamed_finished = 0
         self.beam = None  # BeamSearchState under beam search
         self.max_seq_len = 0  # set by the engine: the longest each sequence may grow (stop checker)
         self.num_cached_tokens: int | None = None  # prefix-cache hits when first admitted (scheduler)
@@ -211,8 +221,23 @@ class SequenceGroup:
         twice), or ``None``."""
         if self.prompt_logprobs is None:
             return None
-        first, last = len(self.prompt_logprobs) - 1, min(end, len(self.prompt_token_ids) - 1)
+        return self._missing_span(len(self.prompt_logprobs) - 1, start, end)
+
+    def prompt_token_id_span(self, start: int, end: int) -> tuple[int, int] | None:
+        """As ``prompt_logprob_span``, for the rows ``prompt_logprob_token_ids`` scores."""
+        if self.prompt_token_id_logprobs is None:
+            return None
+        return self._missing_span(self.prompt_logprob_start + self.num_scored_prompt_rows, start, end)
+
+    def _missing_span(self, first: int, start: int, end: int) -> tuple[int, int] | None:
+        last = min(end, len(self.prompt_token_ids) - 1)  # the last prompt position predicts an output token
         return (first, last) if start <= first < last else None
+
+    def add_prompt_token_id_logprobs(self, scores: np.ndarray) -> None:
+        """The next rows of ``prompt_token_id_logprobs``, float32 ``[rows, num_ids]``."""
+        done = self.num_scored_prompt_rows
+        self.prompt_token_id_logprobs[done : done + len(scores)] = scores
+        self.num_scored_prompt_rows += len(scores)
 
     def is_finished(self) -> bool:
         for seq in self.seqs:

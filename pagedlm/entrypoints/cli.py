@@ -112,6 +112,8 @@ def run_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enforce-eager", action="store_true", default=None,
                         help="run every step op by op, without replaying recorded decode steps")
     engine.add_argument("--trust-remote-code", action="store_true", default=None)
+    engine.add_argument("--enable-trace-replay", action="store_true", default=None,
+                        help="let rows force their tokens (sampling_params.trace_decode_token_ids)")
     return parser
 
 
@@ -131,7 +133,7 @@ def run_main(argv: list[str]) -> int:
     sampling = {field: getattr(args, field) for field in sampling_fields if getattr(args, field) is not None}
     engine_fields = [field for _, field, _ in ENGINE_FLAGS] + ["enable_prefix_caching", "enable_chunked_prefill",
                                                          "calculate_kv_scales", "batch_invariant", "enforce_eager",
-                                                         "trust_remote_code"]
+                                                         "trust_remote_code", "enable_trace_replay"]
     engine = {field: getattr(args, field) for field in engine_fields if getattr(args, field) is not None}
     config = JobConfig(
         input=args.input, output=args.output, model=args.model, resume=args.resume, input_format=args.input_format,

@@ -140,6 +140,14 @@ class LLM:
             outputs hold only from the token after the model's reasoning ends, as in vLLM
             (``engine/reasoning_gate.py``); ``enable_in_reasoning=True`` makes them hold from the
             first token.
+        enable_trace_replay: let requests force their completions' tokens
+            (``SamplingParams.trace_decode_token_ids``, vLLM's; for debugging and reinforcement
+            learning); False refuses such requests.
+        stream_interval: ``LLMEngine.step`` returns a running request's output (``CUMULATIVE`` or
+            ``DELTA``) once at least this many tokens came since the last one, and always its
+            first and its final one (vLLM's; a request's ``SamplingParams.stream_interval`` may
+            raise it). ``generate`` and ``chat`` return final outputs only, so it changes nothing
+            there.
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
             nothing (vLLM's defaults, mostly): ``engine.arg_utils.VLLM_NO_OP_ARGS`` lists each with its allowed
             values and why (e.g. ``disable_log_stats=True``, ``quantization=None``, ``tokenizer_mode`` "auto",
@@ -184,6 +192,8 @@ class LLM:
         reasoning_parser: str | None = None,
         reasoning_config: ReasoningConfig | dict[str, str] | None = None,
         structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None,
+        enable_trace_replay: bool = False,
+        stream_interval: int = 1,
         **vllm_kwargs: Any,
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name != "self"}  # only the arguments yet

@@ -23,7 +23,7 @@ def needs_children(params: SamplingParams, max_num_seqs: int) -> bool:
 def child_params(params: SamplingParams, max_num_seqs: int) -> list[tuple[int, SamplingParams]]:
     """``(offset, params)`` of each child: child completion ``i`` is the request's completion
     ``offset + i``, seeded with ``seed + offset + i`` as one request would seed it. Only the first
-    child computes ``prompt_logprobs``; the others read the prompt's blocks from the prefix cache.
+    child computes ``prompt_logprobs`` (and ``prompt_logprob_token_ids``' scores); the others read the prompt's blocks from the prefix cache.
 
     Raises:
         FieldError: a child's seed would be -1, which ``SamplingParams`` reads as no seed.
@@ -35,7 +35,7 @@ def child_params(params: SamplingParams, max_num_seqs: int) -> list[tuple[int, S
         if params.seed is not None:
             changes["seed"] = _child_seed(params.seed, offset)
         if offset:
-            changes["prompt_logprobs"] = None
+            changes.update(prompt_logprobs=None, prompt_logprob_token_ids=None, prompt_logprob_start=None)
         children.append((offset, params.clone(**changes)))
     return children
 

@@ -11,8 +11,8 @@ Shaped like Ray Data LLM's ``build_processor(vLLMEngineProcessorConfig(...))``::
 
 Rows are the plain rows of ``pagedlm run`` (docs/jobs.md): ``id`` + one of ``prompt`` /
 ``messages`` / ``prompt_token_ids``, optional ``sampling_params``, other columns carried through; the
-output adds ``outputs``, ``prompt_tokens``, ``completion_tokens``, ``error`` and ``prompt_logprobs``
-(null where a row did not ask for them). A row that cannot
+output adds ``outputs``, ``prompt_tokens``, ``completion_tokens``, ``error``, ``prompt_logprobs``
+and ``prompt_token_id_logprobs`` (the last two null where a row did not ask for them). A row that cannot
 run gets its ``error`` and never fails the dataset (Ray Data LLM's ``should_continue_on_error``,
 always on). Needs ``pip install 'pagedlm[ray]'``.
 """

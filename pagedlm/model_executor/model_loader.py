@@ -87,6 +87,11 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     target.copy_(tensor)
                 loaded.add(name if shard is None else f"{name}:{shard}")
     expected = _expected_weights(params, packed, model)
+    if saved_head is not None and "embed_tokens.weight" in expected - loaded:
+        # A tied checkpoint that saved the head alone: it is the embeddings too (as transformers ties it).
+        _load_tied(params["embed_tokens.weight"], saved_head)
+        loaded.add("embed_tokens.weight")
+        saved_head = None
     missing = sorted(_checkpoint_name(name, packed) for name in expected - loaded)
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -94,6 +99,13 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                          f"{', '.join(missing[:8])}{more} (named without the checkpoint's 'model.' prefix).")
     if saved_head is not None:
         _untie_a_different_head(model, saved_head)
+
+
+def _load_tied(embedding: torch.Tensor, saved_head: torch.Tensor) -> None:
+    if saved_head.shape != embedding.shape:
+        raise ValueError(f"Weight 'lm_head.weight' has shape {tuple(saved_head.shape)}, expected {tuple(embedding.shape)}.")
+    with torch.no_grad():
+        embedding.copy_(saved_head)
 
 
 def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:

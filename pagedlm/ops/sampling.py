@@ -32,9 +32,12 @@ def argmax_and_neg_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top: torch.Tensor,
                    neg_log_sum: torch.Tensor) -> torch.Tensor:
-    """``(x[t] - max) + neg_log_sum`` for each row's ``token_ids`` (int64 ``[rows]``), given
-    ``argmax_and_neg_log_sum``'s ``top`` and ``neg_log_sum``: float32 ``[rows]``."""
-    return ((logits.gather(1, token_ids[:, None]).float() - top) + neg_log_sum)[:, 0]
+    """``(x[t] - max) + neg_log_sum`` for each row's ``token_ids`` (int64 ``[rows]``, or
+    ``[rows, k]`` for ``k`` a row), given ``argmax_and_neg_log_sum``'s ``top`` and
+    ``neg_log_sum``: float32 of ``token_ids``' shape."""
+    ids = token_ids if token_ids.dim() == 2 else token_ids[:, None]
+    values = (logits.gather(1, ids).float() - top) + neg_log_sum
+    return values if token_ids.dim() == 2 else values[:, 0]
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,18 @@ from pagedlm.model_executor.layers.attention import Attention
 from pagedlm.model_executor.layers.rotary_embedding import long_rope_recomputes, long_rope_threshold
 from pagedlm.model_executor.layers.sampler import Sampler, SamplerResult, SamplingMetadata, rank_and_top_logprobs
 from pagedlm.model_executor.model_loader import get_model
+from pagedlm.ops.sampling import argmax_and_neg_log_sum, token_logprobs
+from pagedlm.sampling_params import SamplingParams
 from pagedlm.step import PromptLogprob, SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.worker.cache_engine import CacheEngine
 from pagedlm.worker.model_input import LongRope, StepEntry, prepare_model_input
 from pagedlm.worker.step_graph import StepGraphs
 
 logger = logging.getLogger("pagedlm")
+
+# Prompt rows whose logits prompt_logprob_token_ids' scoring makes at once (vLLM's chunk): their
+# [rows, vocab] float32 logits are the pass's memory.
+_SCORED_ROWS_PER_PASS = 1024
 
 
 def _attention_layers(model: torch.nn.Module) -> list[Attention]:
@@ -111,13 +117,15 @@ class ModelRunner:
             hidden = self.model(model_input.input_ids, model_input.positions, self.cache_engine.kv_caches, meta)
         outputs = [SequenceGroupOutput() for _ in seq_group_metadata_list]
         for e in model_input.entries:
+            params = seq_group_metadata_list[e.group_index].sampling_params
             if e.seq.prompt_logprob_span is not None:
                 first, end = e.seq.prompt_logprob_span
-                first_row = e.last_row - (e.seq.end - 1 - first)
-                num_top = seq_group_metadata_list[e.group_index].sampling_params.prompt_logprobs
                 outputs[e.group_index].prompt_logprobs += self._prompt_logprobs(
-                    e.seq, num_top, hidden[first_row : first_row + end - first], first, end
-                )
+                    e.seq, params.prompt_logprobs, _span_rows(hidden, e, first, end), first, end)
+            if e.seq.prompt_token_id_span is not None:
+                first, end = e.seq.prompt_token_id_span
+                outputs[e.group_index].prompt_token_id_logprobs = self._prompt_token_id_logprobs(
+                    params, _span_rows(hidden, e, first, end), first, end)
         sampling = [e for e in model_input.entries if e.seq.num_samples]
         if sampling:
             self._sample(seq_group_metadata_list, sampling, hidden, outputs)
@@ -194,6 +202,29 @@ class ModelRunner:
         ranks, top_lps, top_ids = rank_and_top_logprobs(self.model.compute_logits(hidden), targets, num_top, chosen)
         tops = _top_logprobs(ranks, top_ids, top_lps)
         return [PromptLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen.tolist(), tops)]
+
+    def _prompt_token_id_logprobs(self, params: SamplingParams, hidden: torch.Tensor, first: int,
+                                  end: int) -> torch.Tensor:
+        """Log-probabilities, float32 ``[end - first, num_ids]`` on CPU, of ``params``'
+        ``prompt_logprob_token_ids`` rows for prompt positions ``first .. end - 1`` (each row the
+        next token's distribution there), ``_raw_logprob``'s formula; -inf where a row is padded
+        with -1. The logits are made ``_SCORED_ROWS_PER_PASS`` rows at a time."""
+        start = first - (params.prompt_logprob_start or 0)
+        ids = torch.tensor(params.prompt_logprob_token_ids[start : start + end - first], dtype=torch.int64,
+                           device=self.device)
+        scores = torch.empty(ids.shape, dtype=torch.float32, device=self.device)
+        for a in range(0, len(ids), _SCORED_ROWS_PER_PASS):
+            b = a + _SCORED_ROWS_PER_PASS
+            logits = self.model.compute_logits(hidden[a:b])
+            _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
+            scores[a:b] = token_logprobs(logits, ids[a:b].clamp(min=0), top, neg_log_sum)
+        return scores.masked_fill_(ids < 0, float("-inf")).cpu()
+
+
+def _span_rows(hidden: torch.Tensor, entry: StepEntry, first: int, end: int) -> torch.Tensor:
+    """The rows of ``hidden`` that computed prompt positions ``[first, end)`` of ``entry``'s chunk."""
+    first_row = entry.last_row - (entry.seq.end - 1 - first)
+    return hidden[first_row : first_row + end - first]
 
 
 def _top_logprobs(ranks: torch.Tensor | None, ids: torch.Tensor | None, lps: torch.Tensor | None) -> list[TopLogprobs]:

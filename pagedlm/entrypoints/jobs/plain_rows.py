@@ -8,7 +8,9 @@ input row with ``outputs`` (one entry per completion: ``index``, ``text``, ``tok
 ``finish_reason``, ``stop_reason`` as text, ``cumulative_logprob``, ``logprobs``),
 ``prompt_tokens``, ``completion_tokens``, ``error`` (null, or why the row could not run) and, for a
 row that asked for them, ``prompt_logprobs`` (one entry per prompt token, null for the first, as
-vLLM's ``RequestOutput.prompt_logprobs``).
+vLLM's ``RequestOutput.prompt_logprobs``) and ``prompt_token_id_logprobs`` (one list per row of
+``sampling_params.prompt_logprob_token_ids``: its ids' log-probabilities, null where padded; as
+``RequestOutput.prompt_token_id_logprobs``).
 """
 
 import logging
@@ -27,7 +29,8 @@ from pagedlm.utils import FieldError
 logger = logging.getLogger("pagedlm")
 
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
-RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs")
+RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs",
+                  "prompt_token_id_logprobs")
 
 
 class PlainFormat:
@@ -117,6 +120,8 @@ class PlainFormat:
         }
         if output.prompt_logprobs is not None:
             row["prompt_logprobs"] = [None if p is None else _logprob_entries(p) for p in output.prompt_logprobs]
+        if output.prompt_token_id_logprobs is not None:
+            row["prompt_token_id_logprobs"] = output.prompt_token_id_logprobs.tolist()
         return row
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
@@ -140,7 +145,8 @@ def output_schema(carried=None):
     ])
     results = [pa.field("outputs", pa.list_(completion)), pa.field("prompt_tokens", pa.int64()),
                pa.field("completion_tokens", pa.int64()), pa.field("error", pa.string()),
-               pa.field("prompt_logprobs", pa.list_(entries))]
+               pa.field("prompt_logprobs", pa.list_(entries)),
+               pa.field("prompt_token_id_logprobs", pa.list_(pa.list_(pa.float64())))]
     return pa.schema([f for f in carried or [] if f.name not in RESULT_COLUMNS] + results)
 
 

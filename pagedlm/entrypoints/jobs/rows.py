@@ -17,7 +17,8 @@ logger = logging.getLogger("pagedlm")
 
 # SamplingParams fields a row may set. Not a row's: callables, the engine's streaming (the job
 # sets it), fields only one's own code reads, and the Python type of logprobs (a job writes JSON).
-_ROW_REFUSED = frozenset({"logits_processors", "output_kind", "extra_args", "skip_clone", "flat_logprobs"})
+_ROW_REFUSED = frozenset({"logits_processors", "output_kind", "stream_interval", "extra_args", "skip_clone",
+                          "flat_logprobs"})
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
 # Fields of integers, or of lists of them.
 INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_FIELDS

@@ -76,8 +76,9 @@ class LlamaMLP(DirectCall, nn.Module):
 
     def __init__(self, config: PretrainedConfig, act_fn: SiluAndMul | GeluAndMul | None = None) -> None:
         super().__init__()
-        if act_fn is None and getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; supported: 'silu'.")
+        if act_fn is None and getattr(config, "hidden_act", "silu") not in ("silu", "swish"):  # transformers' two SiLUs
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; supported: "
+                             "'silu' ('swish').")
         bias = read_field(config, "mlp_bias", False)
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias, act_fn or SiluAndMul())
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
