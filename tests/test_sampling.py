@@ -877,6 +877,22 @@ def test_prompt_logprob_token_ids_score_each_row_as_hf_log_softmax(llama_dir, hf
     assert unscored.prompt_token_id_logprobs is None
 
 
+def test_prompt_scores_made_a_few_rows_of_logits_at_a_time_are_the_same(llama_dir, monkeypatch):
+    """Prompt logprobs and prompt_logprob_token_ids' scores come from logits made
+    ``_PROMPT_ROWS_PER_PASS`` rows at a time (1,024: a 2,048-token chunk of a 152k vocabulary
+    would take 1.2 GB at once); the passes give the values one pass gives, to the bit."""
+    from pagedlm.worker import model_runner
+
+    prompt = PROMPTS[1]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=2, prompt_logprob_token_ids=[[4, 9]] * (len(prompt) - 1))
+    llm = LLM(llama_dir, dtype="float32")
+    whole = llm.generate(_ids([prompt]), params, use_tqdm=False)[0]
+    monkeypatch.setattr(model_runner, "_PROMPT_ROWS_PER_PASS", 7)
+    passes = llm.generate(_ids([prompt]), params, use_tqdm=False)[0]
+    assert passes.prompt_logprobs == whole.prompt_logprobs and len(whole.prompt_logprobs) == len(prompt)
+    assert (passes.prompt_token_id_logprobs == whole.prompt_token_id_logprobs).all()
+
+
 def test_prompt_logprob_token_ids_are_checked_against_the_prompt_and_model(llama_dir):
     llm = LLM(llama_dir, dtype="float32", max_logprobs=2)
     prompt = _ids([PROMPTS[0]])  # 5 tokens: 4 scored rows
