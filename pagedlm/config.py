@@ -185,7 +185,7 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
         if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
             _set_fields(nested, value)
         elif key == "rope_parameters" and isinstance(value, dict) and isinstance(nested, dict):
-            config.rope_parameters = _kept_rope_fields(config, nested, value)
+            config.rope_parameters = _overridden_rope_parameters(config, nested, value)
         else:
             setattr(config, key, value)
     if isinstance(fields.get("rope_parameters"), dict):
@@ -194,20 +194,38 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
         config.validate_rope()
 
 
-def _kept_rope_fields(config: PretrainedConfig, old: dict, new: dict) -> dict:
-    """``rope_parameters`` ``new`` with the ``rope_theta`` and ``partial_rotary_factor`` it leaves
-    out taken from ``old`` (per layer type where they are nested): transformers 5 keeps them only
-    there, so a YaRN override without them would run at theta 10,000. transformers'
-    ``standardize_rope_params`` then adds ``original_max_position_embeddings`` where a scaled type
-    needs it."""
-    new = copy.deepcopy(new)
-    for layer_type in config.nested_rope_parameter_keys(new) or [None]:
-        params = new if layer_type is None else new[layer_type]
-        source = old if layer_type is None else old.get(layer_type, old)
+def _overridden_rope_parameters(config: PretrainedConfig, old: dict, new: dict) -> dict:
+    """The config's ``rope_parameters`` ``old`` with an override ``new``: each dict it gives
+    replaces the model's (flat, or one per layer type, the layer types it leaves out kept), with
+    the ``rope_theta`` and ``partial_rotary_factor`` it leaves out taken from the model's
+    (transformers 5 holds them only there: a YaRN override without them ran at theta 10,000).
+    transformers' ``standardize_rope_params`` then adds ``original_max_position_embeddings`` where
+    a scaled type needs it.
+
+    Raises:
+        ValueError: a flat override of a model with a RoPE per layer type, or a dict without its
+            ``rope_type`` (transformers would read it as "default", dropping what it scales by).
+    """
+    old_types, new_types = config.nested_rope_parameter_keys(old), config.nested_rope_parameter_keys(new)
+    if old_types and not new_types:
+        raise ValueError(f"rope_parameters: the model has a RoPE per layer type ({', '.join(old_types)}); give the "
+                         "override under those keys (a layer type left out keeps the model's)")
+    merged = {**(copy.deepcopy(old) if old_types else {}),  # and new's other keys (Olmo 3's top-level "truncate")
+              **{key: value for key, value in new.items() if key not in new_types}}
+    for layer_type in new_types or [None]:
+        params = copy.deepcopy(new if layer_type is None else new[layer_type])
+        source = old if not old_types else old.get(layer_type) or {}
+        where = "" if layer_type is None else f"[{layer_type!r}]"
+        if not isinstance(params, dict) or "rope_type" not in params:
+            raise ValueError(f"rope_parameters{where} must be a dict naming its rope_type: an override replaces the "
+                             f"model's ({source!r})")
         for kept in ("rope_theta", "partial_rotary_factor"):
-            if isinstance(params, dict) and isinstance(source, dict) and kept not in params and kept in source:
+            if kept not in params and kept in source:
                 params[kept] = source[kept]
-    return new
+        if layer_type is None:
+            return params
+        merged[layer_type] = params
+    return merged
 
 
 def get_num_kv_heads(hf_config: PretrainedConfig) -> int:

@@ -138,8 +138,10 @@ class RequestOutput:
         if scores is not None and (seq_group.num_scored_prompt_rows < len(scores)
                                    or delta and seq_group.prompt_token_id_logprobs_returned):
             scores = None
-        elif scores is not None and delta:
+        elif scores is not None:
             seq_group.prompt_token_id_logprobs_returned = True
+            if not finished:  # a snapshot, as the lists are: a later output returns the group's array again
+                scores = scores.copy()
         return cls(
             seq_group.request_id, seq_group.prompt, list(seq_group.prompt_token_ids), prompt_logprobs, outputs, finished,
             num_cached_tokens=seq_group.num_cached_tokens, prompt_token_id_logprobs=scores,

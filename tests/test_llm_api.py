@@ -1474,3 +1474,48 @@ def test_a_request_added_to_the_engine_inside_an_iteration_is_named_when_it_fini
     with pytest.raises(RuntimeError, match="request 'sneaky', added with llm_engine.add_request while this LLM was"):
         list(outputs)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_enqueue_then_wait_for_completion_runs_the_queue_in_its_order(llama_dir):
+    """vLLM's enqueue / enqueue_chat / wait_for_completion: requests checked and queued, run
+    together by the wait, their outputs in queue order under the returned request ids, as
+    generate and chat give them; generate between runs only its own prompts; a bad prompt queues
+    nothing; a wait that raises leaves the queue to run again."""
+    llm = LLM(llama_dir, dtype="float32", max_model_len=256, max_num_seqs=4)
+    greedy, sampled = SamplingParams(temperature=0, max_tokens=6), SamplingParams(n=6, seed=3, max_tokens=4)
+    prompts = ["hello there", {"prompt_token_ids": [BOS, 40, 41, 42]}]
+    chat = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    ids = llm.enqueue(prompts, greedy, use_tqdm=False) + llm.enqueue_chat(chat, sampled, use_tqdm=False,
+                                                                         chat_template=template)
+    assert len(set(ids)) == 3
+    alone = llm.generate(["other"], greedy, use_tqdm=False)
+    assert alone[0].request_id not in ids
+    with pytest.raises(ValueError, match="1 of 2 prompts are invalid; nothing was run"):
+        llm.enqueue(["fine", {"prompt_token_ids": [VOCAB_SIZE]}], greedy)
+    outs = llm.wait_for_completion(RequestOutput, use_tqdm=False)
+    assert [o.request_id for o in outs] == ids and llm.wait_for_completion(use_tqdm=False) == []
+    expected = llm.generate(prompts, greedy, use_tqdm=False) + llm.chat(chat, sampled, use_tqdm=False,
+                                                                          chat_template=template)
+    assert [o.outputs for o in outs] == [o.outputs for o in expected] and len(outs[2].outputs) == 6
+    assert outs[2].prompt == expected[2].prompt
+
+    calls = []
+
+    def fails_once(output_ids, logits):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a processor's bad day")
+        return logits
+
+    llm.enqueue(prompts, greedy.clone(logits_processors=[fails_once]), use_tqdm=False)
+    with pytest.raises(RuntimeError, match="bad day"):
+        llm.wait_for_completion(use_tqdm=False)
+    again = llm.wait_for_completion(use_tqdm=False)
+    assert [o.outputs for o in again] == [o.outputs for o in expected[:2]]
+    with pytest.raises(ValueError, match="output_type must be None or RequestOutput"):
+        llm.wait_for_completion(str)
+    llm.enqueue(prompts, greedy, use_tqdm=False)
+    llm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.wait_for_completion()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import (
     EOS, VOCAB_SIZE, assert_first_tokens_match_hf_bf16, assert_prompt_logprobs_match_hf, hf_greedy, prompt_logprob_errors,
@@ -323,6 +324,29 @@ def test_a_swish_llama_runs_as_transformers_silu(tmp_path, tokenizer_dir):
     assert _generate(LLM(path, dtype="float32"), prompts, 8) == hf_greedy(path, prompts, 8)
 
 
+def test_a_rope_override_per_layer_type_keeps_what_it_leaves_out(tmp_path, tokenizer_dir):
+    """hf_overrides' rope_parameters on a model with a RoPE per layer type (Gemma 3): a layer type
+    the override names is replaced (keeping its rope_theta), one it leaves out keeps the model's;
+    a flat override, or one without its rope_type, is refused (found by a hunt: both ran the
+    layers at theta 10,000)."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "gemma3", rope_parameters=rope)
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    llm = LLM(path, dtype="float32", hf_overrides={"rope_parameters": {"full_attention": yarn}})
+    expected = {**rope, "full_attention": {**yarn, "rope_theta": 1000000.0,
+                                           "original_max_position_embeddings": llm.model_config.max_model_len}}
+    assert llm.model_config.hf_config.rope_parameters == expected
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, rope_parameters=expected).eval()
+    errors = prompt_logprob_errors(llm, path, _prompts(15, [40, 25]), hf)
+    assert errors.max() <= 2e-4, f"prompt log-probabilities differ from HF's by up to {errors.max():.2e}"
+    for override, message in [({"rope_type": "linear", "factor": 2.0}, r"a RoPE per layer type \(.*sliding_attention"),
+                              ({"full_attention": {"factor": 3.0}}, r"rope_parameters\['full_attention'\] must be a "
+                                                                    r"dict naming its rope_type")]:
+        with pytest.raises(ValueError, match=message):
+            LLM(path, dtype="float32", hf_overrides={"rope_parameters": override})
+
+
 def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, tokenizer_dir):
     """A linear factor's checkpoint was tuned at max_position_embeddings x factor (vicuna-v1.5-16k):
     that is max_model_len (vLLM's reading; it was capped at max_position_embeddings), and a prompt
@@ -462,7 +486,6 @@ def test_the_files_the_index_names_are_loaded_and_no_others(tmp_path, tokenizer_
     weights, under Mistral's names) beside transformers' shards, which were all read; the index
     names the files (vLLM's rule)."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     path = _edited_checkpoint(tmp_path, tokenizer_dir, "mistral_swa")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -164,10 +164,13 @@ def test_vllm_0_32_scoring_replay_and_streaming_fields_are_checked():
     assert SamplingParams(prompt_logprob_token_ids=[[7], [], [1, 2, 3]]).prompt_logprob_token_ids == (
         (7, -1, -1), (-1, -1, -1), (1, 2, 3))
     assert params.clone() == params and not params.reads_prefix_cache
+    assert params.clone().prompt_logprob_token_ids is params.prompt_logprob_token_ids  # checked once, shared
     assert SamplingParams(trace_decode_token_ids=(4, 5)).trace_decode_token_ids == [4, 5]
     assert SamplingParams(stream_interval=3, routed_experts_prompt_start=0).stream_interval == 3
     for fields, message in [
         ({"prompt_logprob_token_ids": [[1, -2]]}, r"prompt_logprob_token_ids must be token ids \(-1 pads a row\)"),
+        ({"prompt_logprob_token_ids": np.array([[1, -2]])}, r"must be token ids \(-1 pads a row\), got -2 to 1"),
+        ({"prompt_logprob_token_ids": np.zeros((2, 0), dtype=np.int32)}, "must be a non-empty integer array"),
         ({"prompt_logprob_token_ids": [[]]}, "at least one row with at least one token id"),
         ({"prompt_logprob_token_ids": []}, "at least one row with at least one token id"),
         ({"prompt_logprob_token_ids": [1, 2]}, "must be an integer array .* or a list of lists of token ids"),

@@ -208,6 +208,7 @@ class LLM:
             limit_threads_to_cpu_quota()
         self._engine: LLMEngine | None = LLMEngine(model_config, cache_config, scheduler_config, reasoning, structured)
         self._request_counter = count()
+        self._queued: list[_Request] = []  # enqueue's, until wait_for_completion runs them
         self._streaming = False
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
         # thread waits for the step, and the call then finds the LLM closed.
@@ -258,6 +259,7 @@ class LLM:
             device = self._engine.model_config.device
             self._engine.close()
             self._engine = None
+            self._queued = []
         if device.type == "cuda":
             torch.cuda.empty_cache()
         else:
@@ -328,8 +330,8 @@ class LLM:
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
         _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
-        return self._run_all(prompts, self._params_per_prompt(sampling_params, len(prompts)), use_tqdm,
-                             tokenization=tokenization)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        return self._run(self._checked(prompts, params, tokenization=tokenization), use_tqdm)
 
     def beam_search(
         self,
@@ -376,7 +378,8 @@ class LLM:
         if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
         sampling_params = params.sampling_params(self.llm_engine.vocab_size)
-        outputs = self._run_all(prompts, [sampling_params] * len(prompts), use_tqdm, max_in_flight=concurrency_limit)
+        _check_flags(use_tqdm)
+        outputs = self._run(self._checked(prompts, [sampling_params] * len(prompts)), use_tqdm, concurrency_limit)
         decode = functools.partial(self.get_tokenizer().decode, skip_special_tokens=params.skip_special_tokens)
         return [
             BeamSearchOutput([
@@ -435,6 +438,16 @@ class LLM:
                 ``llm_engine.add_request``, or one of this call's requests was aborted with
                 ``llm_engine.abort_request`` while it ran.
         """
+        requests = self._chat_requests(
+            messages, sampling_params, lora_request, priority, chat_template, chat_template_content_format,
+            add_generation_prompt, continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
+            mm_processor_kwargs)
+        return self._run(requests, use_tqdm)
+
+    def _chat_requests(self, messages, sampling_params, lora_request, priority, chat_template,
+                       chat_template_content_format, add_generation_prompt, continue_final_message, tools,
+                       chat_template_kwargs, tokenization_kwargs, mm_processor_kwargs) -> list["_Request"]:
+        """``chat``'s conversations rendered and checked (its arguments, its errors)."""
         tokenization = self._tokenization(tokenization_kwargs)
         if isinstance(chat_template, os.PathLike):
             chat_template = os.fspath(chat_template)
@@ -455,7 +468,99 @@ class LLM:
             except ValueError as exc:
                 errors[i] = str(exc)
                 prompts.append("")
-        return self._run_all(prompts, params, use_tqdm, errors, what="conversations", tokenization=tokenization)
+        return self._checked(prompts, params, errors, what="conversations", tokenization=tokenization)
+
+    def enqueue(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: None = None,
+        priority: int | Sequence[int] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Check the prompts as ``generate`` does and queue them without running anything
+        (vLLM's); ``wait_for_completion`` runs everything queued. Returns their request ids, the
+        ``request_id`` of their outputs. The queue is the LLM's: ``generate`` and ``chat`` run only
+        their own prompts (vLLM's would run the queued ones with them), and ``close`` drops it.
+        ``use_tqdm`` shows a bar while they are queued, as vLLM's does; the other arguments are
+        ``generate``'s.
+
+        Raises:
+            ValueError: as ``generate``, before anything is queued.
+            RuntimeError: the LLM is closed.
+        """
+        tokenization = self._tokenization(tokenization_kwargs)
+        prompts = _prompt_list(prompts)
+        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        return self._enqueue(self._checked(prompts, params, tokenization=tokenization), use_tqdm)
+
+    def enqueue_chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        lora_request: None = None,
+        priority: int | Sequence[int] | None = None,
+        chat_template: str | os.PathLike | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """``chat``'s conversations, rendered and checked as it does, queued as ``enqueue`` queues
+        prompts (vLLM's); returns their request ids.
+
+        Raises:
+            ValueError: as ``chat``, before anything is queued.
+            RuntimeError: the LLM is closed.
+        """
+        requests = self._chat_requests(
+            messages, sampling_params, lora_request, priority, chat_template, chat_template_content_format,
+            add_generation_prompt, continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
+            mm_processor_kwargs)
+        return self._enqueue(requests, use_tqdm)
+
+    def wait_for_completion(self, output_type: type | tuple[type, ...] | None = None, *,
+                            use_tqdm: bool | Callable[..., tqdm] = True) -> list[RequestOutput]:
+        """Run every request ``enqueue``/``enqueue_chat`` queued and return their outputs, in the
+        order they were queued (vLLM's). The queue is empty afterwards; a run that raises (an
+        interrupt included) leaves it as it was, so a second call runs it all again.
+        ``output_type``: vLLM's check of what comes back: None, ``RequestOutput`` or a tuple
+        holding it (pagedlm runs generative models only).
+
+        Raises:
+            ValueError: another ``output_type``.
+            RuntimeError: as ``generate``.
+        """
+        wanted = output_type if isinstance(output_type, tuple) else (output_type,)
+        if output_type is not None and RequestOutput not in wanted:
+            raise ValueError(f"output_type must be None or RequestOutput (or a tuple holding it), got {output_type!r}: "
+                             "pagedlm runs generative models, whose outputs are RequestOutputs.")
+        self.llm_engine  # a closed LLM refuses
+        queued = list(self._queued)
+        for index, request in enumerate(queued):
+            request.index = index
+        outputs = self._run(queued, use_tqdm)
+        del self._queued[: len(queued)]
+        return outputs
+
+    def _enqueue(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm]) -> list[str]:
+        _check_flags(use_tqdm)
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        ids = []
+        with make_bar(total=len(requests), desc="Adding requests", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            for request in requests:
+                request.request_id = str(next(self._request_counter))
+                self._queued.append(request)
+                ids.append(request.request_id)
+                bar.update(1)
+        return ids
 
     def generate_as_completed(
         self,
@@ -535,26 +640,29 @@ class LLM:
                              f"{_count(num_prompts, what)}.")
         return list(sampling_params)
 
-    def _run_all(self, prompts: Sequence, params: list[SamplingParams | None], use_tqdm: bool | Callable[..., tqdm],
-                 errors: dict[int, str] | None = None, what: str = "prompts",
-                 max_in_flight: int | None = None, tokenization: TokenizationKwargs = TokenizationKwargs()
-                 ) -> list[RequestOutput]:
-        """Check everything first (one ``ValueError`` lists each bad input), then run it all, at
-        most ``max_in_flight`` requests at once (default twice ``max_num_seqs``, as in
-        ``generate_as_completed``: the engine's state of a waiting request, ~3 KB and more with a
-        seed or a grammar, is made when it joins, not for every prompt at the start)."""
-        _check_flags(use_tqdm)
+    def _checked(self, prompts: Sequence, params: list[SamplingParams | None], errors: dict[int, str] | None = None,
+                 what: str = "prompts", tokenization: TokenizationKwargs = TokenizationKwargs()) -> list["_Request"]:
+        """Every prompt checked (one ``ValueError`` lists each bad input and why, ``errors``
+        included), as requests ready to run."""
         errors = dict(errors or {})
         requests = []
-        items = list(zip(count(), prompts, params))
-        for request in self._prepare(items, tokenization=tokenization):
+        for request in self._prepare(list(zip(count(), prompts, params)), tokenization=tokenization):
             if isinstance(request, _Rejected):
                 errors.setdefault(request.index, str(request.reason))
             requests.append(request)
         if errors:
             lines = "\n".join(f"  {what[:-1]} {i}: {why}" for i, why in sorted(errors.items()))
             raise ValueError(f"{len(errors)} of {len(prompts)} {what} are invalid; nothing was run:\n{lines}")
-        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        return requests
+
+    def _run(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm],
+             max_in_flight: int | None = None) -> list[RequestOutput]:
+        """Run checked requests, at most ``max_in_flight`` at once (default twice
+        ``max_num_seqs``, as ``generate_as_completed``: the engine's state of a waiting request,
+        ~3 KB and more with a seed or a grammar, is made when it joins, not for every prompt at the
+        start); their outputs by their ``index``."""
+        _check_flags(use_tqdm)
+        outputs: list[RequestOutput | None] = [None] * len(requests)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
         for index, output in self._stream(iter(requests), window, len(requests), use_tqdm, False):
             outputs[index] = output
@@ -798,7 +906,7 @@ class LLM:
 
     def _add(self, request: "_Request", in_flight: dict[str, int], parents: dict[str, ParentRequest]) -> None:
         """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``."""
-        request_id = str(next(self._request_counter))
+        request_id = request.request_id or str(next(self._request_counter))
         if request.children is None:
             in_flight[request_id] = request.index  # first: an interrupt between them is aborted
             self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
@@ -822,6 +930,7 @@ class _Request:
     params: SamplingParams
     grammar: Future | None = None
     children: list[tuple[int, SamplingParams]] | None = None  # (offset, params) of its child requests
+    request_id: str | None = None  # set by enqueue; else given as it is added
 
     def error(self, engine: LLMEngine) -> FieldError | None:
         """Why the request cannot run after all, once its constraint has compiled
@@ -900,8 +1009,6 @@ _VLLM_ONLY_METHODS = {
                     "create a new LLM to load them again"),
     **dict.fromkeys(("start_profile", "stop_profile"), "run torch.profiler around generate, or "
                                                        "benchmarks/profile_decode.py"),
-    **dict.fromkeys(("enqueue", "enqueue_chat", "wait_for_completion"), "generate_as_completed streams prompts in "
-                                                                        "and yields each output as it finishes"),
     **dict.fromkeys(("collective_rpc", "apply_model", "get_world_size"), "one process runs the model "
                                                                           "(llm.llm_engine.model_runner.model)"),
     "get_metrics": "get_stats() gives the KV cache's use and the prefix cache's hit rate",

@@ -9,8 +9,8 @@ input row with ``outputs`` (one entry per completion: ``index``, ``text``, ``tok
 ``prompt_tokens``, ``completion_tokens``, ``error`` (null, or why the row could not run) and, for a
 row that asked for them, ``prompt_logprobs`` (one entry per prompt token, null for the first, as
 vLLM's ``RequestOutput.prompt_logprobs``) and ``prompt_token_id_logprobs`` (one list per row of
-``sampling_params.prompt_logprob_token_ids``: its ids' log-probabilities, null where padded; as
-``RequestOutput.prompt_token_id_logprobs``).
+``sampling_params.prompt_logprob_token_ids``: its ids' log-probabilities, -inf where padded, which
+JSON output writes as null; as ``RequestOutput.prompt_token_id_logprobs``).
 """
 
 import logging
