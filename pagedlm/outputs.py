@@ -40,9 +40,13 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None = None
+    routed_experts: None = None  # vLLM's fields, in its order; None here: pagedlm runs no mixture of experts,
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    lora_request: None = None  # vLLM's field; pagedlm runs no adapters
+    lora_request: None = None  # no adapters,
+    sampling_mask: None = None  # returns no sampling masks (LLM(return_sampling_mask=False)),
+    spec_decode_metrics: None = None  # runs no speculative decoding
+    weight_versions: None = None  # and no weight updates
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -77,10 +81,34 @@ class RequestOutput:
     lora_request: None = None
     encoder_prompt: None = None
     encoder_prompt_token_ids: None = None
-    # Prompt tokens served from the prefix cache when the request was first admitted (vLLM's
-    # field; None before that).
+    # Prompt tokens served from the prefix cache when the request was first admitted, and those its
+    # prefill wrote into it (vLLM's fields; None before that).
     num_cached_tokens: int | None = None
+    num_cache_creation_tokens: int | None = None
     prompt_token_id_logprobs: np.ndarray | None = field(default=None, compare=False)  # == on arrays is elementwise
+    kv_transfer_params: None = None  # vLLM's; None here: pagedlm moves no KV cache between engines
+    ec_transfer_params: None = None
+
+    def add(self, next_output: "RequestOutput", aggregate: bool) -> None:
+        """Merge a later output of the same request into this one (vLLM's): each of its
+        completions is appended to this one's of the same ``index`` where ``aggregate`` (text,
+        token ids and logprobs; its cumulative logprob and finish replace this one's), or replaces
+        it; a completion of a new ``index`` is added. ``finished`` becomes True once either is."""
+        self.finished |= next_output.finished
+        for new in next_output.outputs:
+            old = next((i for i, c in enumerate(self.outputs) if c.index == new.index), None)
+            if old is None:
+                self.outputs.append(new)
+            elif not aggregate:
+                self.outputs[old] = new
+            else:
+                completion = self.outputs[old]
+                completion.text += new.text
+                completion.token_ids = [*completion.token_ids, *new.token_ids]
+                if new.logprobs:
+                    completion.logprobs.extend(new.logprobs)
+                completion.cumulative_logprob = new.cumulative_logprob
+                completion.finish_reason, completion.stop_reason = new.finish_reason, new.stop_reason
 
     @classmethod
     def from_seq_group(cls, seq_group: "SequenceGroup") -> "RequestOutput | None":
@@ -125,7 +153,7 @@ class RequestOutput:
                 seq.finish_returned = finish_reason is not None
             outputs.append(CompletionOutput(
                 i if params.use_beam_search else seq.index, text[first_char:shown], seq.output_token_ids[first_token:],
-                seq.cumulative_logprob, seq.logprobs[first_token:] if with_logprobs else None, finish_reason,
+                seq.cumulative_logprob, seq.logprobs[first_token:] if with_logprobs else None, None, finish_reason,
                 seq.stop_reason,
             ))
         prompt_logprobs = seq_group.prompt_logprobs
@@ -144,7 +172,8 @@ class RequestOutput:
                 scores = scores.copy()
         return cls(
             seq_group.request_id, seq_group.prompt, list(seq_group.prompt_token_ids), prompt_logprobs, outputs, finished,
-            num_cached_tokens=seq_group.num_cached_tokens, prompt_token_id_logprobs=scores,
+            num_cached_tokens=seq_group.num_cached_tokens, num_cache_creation_tokens=seq_group.num_cache_creation_tokens,
+            prompt_token_id_logprobs=scores,
         )
 
 

@@ -176,3 +176,23 @@ def test_stream_interval_returns_the_first_output_then_one_every_k_tokens(llama_
         SamplingParams(stream_interval=0)
     with pytest.raises(ValueError, match="stream_interval must be a positive int, got 0"):
         LLM(llama_dir, stream_interval=0)
+
+
+def test_request_output_add_merges_delta_outputs_as_vllms_does(llm):
+    """vLLM's ``RequestOutput.add``: DELTA outputs aggregated into the first give the final output's
+    completions; without ``aggregate`` a completion is replaced by the later one. vLLM's output
+    fields pagedlm has no use for are there, None."""
+    params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=12, logprobs=1)
+    final = run(llm, params.clone(output_kind=FINAL_ONLY))[0]
+    deltas = run(llm, params.clone(output_kind=DELTA))
+    merged = deltas[0]
+    for later in deltas[1:]:
+        merged.add(later, aggregate=True)
+    assert merged.finished and sorted(merged.outputs, key=lambda c: c.index) == final.outputs
+    last = run(llm, params.clone(output_kind=DELTA))
+    replaced = last[0]
+    for later in last[1:]:
+        replaced.add(later, aggregate=False)
+    assert all(c.finished() for c in replaced.outputs) and len(replaced.outputs) == 2
+    assert (final.kv_transfer_params, final.ec_transfer_params, final.outputs[0].routed_experts,
+            final.outputs[0].sampling_mask, final.outputs[0].spec_decode_metrics, final.outputs[0].weight_versions) == (None,) * 6

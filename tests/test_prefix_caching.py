@@ -112,6 +112,10 @@ def test_skip_reading_prefix_cache(llama_dir):
     skipped = llm.generate(prompt, dataclasses.replace(GREEDY, skip_reading_prefix_cache=True), use_tqdm=False)[0]
     read = llm.generate(prompt, dataclasses.replace(GREEDY, skip_reading_prefix_cache=False), use_tqdm=False)[0]
     assert [first.num_cached_tokens, skipped.num_cached_tokens, read.num_cached_tokens] == [0, 0, 40]
+    # vLLM's num_cache_creation_tokens: the full prompt blocks' 32 tokens less the hits.
+    assert [o.num_cache_creation_tokens for o in (first, skipped, read)] == [32, 32, 0]
+    uncached = LLM(llama_dir, dtype="float32", enable_prefix_caching=False).generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert (uncached.num_cached_tokens, uncached.num_cache_creation_tokens) == (0, 0)
     assert first.outputs[0].token_ids == skipped.outputs[0].token_ids == read.outputs[0].token_ids
     assert not SamplingParams(prompt_logprobs=0).reads_prefix_cache and SamplingParams().reads_prefix_cache
     assert SamplingParams(prompt_logprobs=0).skip_reading_prefix_cache is None

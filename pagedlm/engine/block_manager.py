@@ -246,6 +246,14 @@ class BlockSpaceManager:
         self.blocks_keyed_this_step.clear()
         self.held_copy_sources.clear()
 
+    def num_cache_creation_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens that ``seq``'s prefill writes into the prefix cache beyond those it found
+        there (its full prompt blocks' tokens less its hits; vLLM's ``num_cache_creation_tokens``),
+        0 without prefix caching."""
+        if not self.enable_prefix_caching:
+            return 0
+        return max(len(seq.prompt_token_ids) // self.block_size * self.block_size - seq.num_computed_tokens, 0)
+
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest run of ``seq``'s full leading blocks, leaving at least
         its last token to compute (its logits are needed)."""

@@ -93,6 +93,7 @@ class Scheduler:
             out.blocks_to_copy += self.block_manager.allocate(seq_group, plans)
             if seq_group.num_cached_tokens is None:
                 seq_group.num_cached_tokens = seqs[0].num_computed_tokens
+                seq_group.num_cache_creation_tokens = self.block_manager.num_cache_creation_tokens(seqs[0])
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             for seq, chunk in chunks.items():

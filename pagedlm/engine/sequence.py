@@ -198,6 +198,7 @@ class SequenceGroup:
         self.beam = None  # BeamSearchState under beam search
         self.max_seq_len = 0  # set by the engine: the longest each sequence may grow (stop checker)
         self.num_cached_tokens: int | None = None  # prefix-cache hits when first admitted (scheduler)
+        self.num_cache_creation_tokens: int | None = None  # and the prompt tokens it then writes into the cache
         self.bad_words_token_ids: list[list[int]] = []  # set by the engine (engine.bad_words)
 
     def get_seqs(self, status: SequenceStatus | None = None) -> list[Sequence]:
