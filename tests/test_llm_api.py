@@ -1442,7 +1442,12 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
     # vLLM 0.32's arguments at their no-op values (found by an examples hunt: a bare TypeError).
     LLM(llama_dir, dtype="float32", served_model_name=None, logprobs_mode="raw_logprobs", scheduling_policy="fcfs",
         enable_sleep_mode=False, model_impl="auto", worker_cls="auto", stream_interval=1, mm_processor_kwargs={},
-        limit_mm_per_prompt={"image": 0, "video": 0}).close()
+        limit_mm_per_prompt={"image": 0, "video": 0}, language_model_only=True, disable_cascade_attn=True,
+        config_format="hf").close()
+    with LLM(llama_dir, dtype="float32", num_gpu_blocks_override=40) as llm:  # vLLM's name for num_kv_blocks
+        assert llm.llm_engine.block_manager.num_kv_blocks == 40
+    with pytest.raises(ValueError, match="num_gpu_blocks_override is vLLM's name for num_kv_blocks: give one"):
+        LLM(llama_dir, num_gpu_blocks_override=40, num_kv_blocks=40)
     with pytest.raises(ValueError, match=r"limit_mm_per_prompt must be None or \{\} \(pagedlm runs text-only models\)"):
         LLM(llama_dir, limit_mm_per_prompt={"image": 1})
     for name, value, why in [("logprobs_mode", "processed_logprobs", "vLLM's raw_logprobs"),

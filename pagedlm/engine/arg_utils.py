@@ -58,6 +58,9 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "enable_sleep_mode": ((False,), "pagedlm keeps its weights and KV cache until LLM.close()"),
     "model_impl": (("auto", "vllm"), "pagedlm runs its own model implementations"),
     "worker_cls": (("auto",), "pagedlm runs its own worker"),
+    "language_model_only": ((False, True), "pagedlm runs a multimodal checkpoint's language model only"),
+    "disable_cascade_attn": ((True, False), "vLLM 0.32 removed cascade attention: the argument does nothing there"),
+    "config_format": (("auto", "hf"), "pagedlm reads the checkpoint's config.json"),
 }
 
 
@@ -76,6 +79,12 @@ def create_engine_configs(
         ValueError: a value the engine cannot run, naming its argument (and ``VLLM_NO_OP_ARGS``'
             values other than the allowed ones, with why).
     """
+    vllm_kwargs = dict(vllm_kwargs)
+    blocks = vllm_kwargs.pop("num_gpu_blocks_override", None)  # vLLM's name for num_kv_blocks
+    if blocks is not None:
+        if num_kv_blocks is not None:
+            raise ValueError("num_gpu_blocks_override is vLLM's name for num_kv_blocks: give one of them.")
+        num_kv_blocks = blocks
     for name, value in vllm_kwargs.items():
         if name not in VLLM_NO_OP_ARGS:
             raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")

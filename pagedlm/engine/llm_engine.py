@@ -614,7 +614,8 @@ class LLMEngine:
                     data.forced_token_id = seq.thinking.forced_token()
                 elif params.trace_decode_token_ids is not None:
                     data.forced_token_id = params.trace_decode_token_ids[len(seq.output_token_ids)]
-            if not span_taken:  # the group's first sequence computes its prompt's scores
+            if not span_taken and (group.prompt_logprobs is not None or group.prompt_token_id_logprobs is not None):
+                # The group's first sequence computes its prompt's scores.
                 data.prompt_logprob_span = group.prompt_logprob_span(start, start + chunk)
                 data.prompt_token_id_span = group.prompt_token_id_span(start, start + chunk)
                 span_taken = data.prompt_logprob_span is not None or data.prompt_token_id_span is not None

@@ -59,7 +59,8 @@ class LLM:
         calculate_kv_scales: with an fp8 cache, set each layer's scales from one prefill of random
             tokens at start-up (max|k| / 200, max|v| / 100, older vLLM's rule; vLLM 0.32 dropped the
             argument) instead.
-        num_kv_blocks / kv_cache_memory_bytes: size the KV cache by blocks or bytes; by default it
+        num_kv_blocks / kv_cache_memory_bytes: size the KV cache by blocks (vLLM's
+            ``num_gpu_blocks_override`` is taken for ``num_kv_blocks``) or bytes; by default it
             takes the free GPU memory less 10% of the GPU's total on CUDA (see
             ``gpu_memory_utilization``), and 20% of available RAM on CPU (that too; within the process's
             memory cgroup; capped at what ``max_num_seqs`` sequences of ``max_model_len`` tokens
