@@ -117,9 +117,13 @@ def _checked_rows(rows: Any) -> CheckedRows:
             raise FieldError(f"{field_name} must be token ids (-1 pads a row), got {rows.min()} to {rows.max()}.",
                              field_name)
         return CheckedRows(map(tuple, rows.tolist()))
-    if not isinstance(rows, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in rows):
+    if not isinstance(rows, (list, tuple)):
         raise FieldError(f"{field_name} must be an integer array [num_rows, num_ids] or a list of lists of token ids, "
                          f"got {type(rows).__name__}.", field_name)
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, (list, tuple))), None)
+    if bad is not None:
+        raise FieldError(f"{field_name} must be an integer array [num_rows, num_ids] or a list of lists of token ids, "
+                         f"got a {type(rows).__name__} whose row {bad} is {type(rows[bad]).__name__}.", field_name)
     width = max(map(len, rows), default=0)
     if width == 0:
         raise FieldError(f"{field_name} must hold at least one row with at least one token id.", field_name)
@@ -502,6 +506,8 @@ class SamplingParams(_FieldsOnly):
         stream_interval: ``LLMEngine.step`` returns the running request's output once at least this
             many tokens came since its last one (and always its first and final ones, and one when
             a completion finishes); None or below the LLM's ``stream_interval`` takes the LLM's.
+            vLLM's, which spaces out ``DELTA`` outputs only (a ``CUMULATIVE`` request there still
+            gets one every step); pagedlm spaces out both.
         routed_experts_prompt_start: 0 only (vLLM's, for the routed experts of mixture-of-experts
             models, which pagedlm does not run).
 

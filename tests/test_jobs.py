@@ -1575,6 +1575,8 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
          r"column 'sampling_params' is string; it must hold objects"),
         ("f4", {"id": [1], "prompt": ["a"], "sampling_params": [{"stop_token_ids": [2.0]}]},
          r"sampling_params.stop_token_ids is list<.*double>; it must be integers"),
+        ("f5", {"id": [1], "prompt": ["a"], "sampling_params": [{"prompt_logprob_token_ids": [[2.0]]}]},
+         r"sampling_params.prompt_logprob_token_ids is list<.*list<.*double>>; it must be integers"),
     ]:
         pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
         with pytest.raises(ValueError, match=match):

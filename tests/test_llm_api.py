@@ -1,6 +1,7 @@
 """The user-facing API: prompt forms, output fields, validation, tokenization, stopping, seeds."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -1518,8 +1519,37 @@ def test_enqueue_then_wait_for_completion_runs_the_queue_in_its_order(llama_dir)
         llm.wait_for_completion(use_tqdm=False)
     again = llm.wait_for_completion(use_tqdm=False)
     assert [o.outputs for o in again] == [o.outputs for o in expected[:2]]
-    with pytest.raises(ValueError, match="output_type must be None or RequestOutput"):
+    with pytest.raises(ValueError, match="output_type must be None or a type RequestOutput is an instance of"):
         llm.wait_for_completion(str)
+    assert llm.wait_for_completion(object, use_tqdm=False) == []
+
+    # Two waits at once: the queue goes to one of them whole; nothing runs twice or is lost.
+    ids = llm.enqueue([f"p{i}" for i in range(6)], greedy, use_tqdm=False)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(llm.wait_for_completion(use_tqdm=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.request_id for r in results for o in r) == sorted(ids) and len(results) == 2
+
+    def waits(output_ids, logits):  # a processor calling into its own LLM would wait for its step forever
+        llm.wait_for_completion(use_tqdm=False)
+        return logits
+
+    for call in (lambda: llm.generate("x", greedy.clone(logits_processors=[waits]), use_tqdm=False),
+                 lambda: llm.wait_for_completion(use_tqdm=False)):
+        llm.enqueue("queued", greedy.clone(logits_processors=[waits]), use_tqdm=False)
+        with pytest.raises(RuntimeError, match="wait_for_completion was called from inside a step of this LLM"):
+            call()
+
+    def closes(output_ids, logits):
+        llm.close()
+        return logits
+
+    with pytest.raises(RuntimeError, match=r"close\(\) was called from inside a step of this LLM"):
+        llm.generate("x", greedy.clone(logits_processors=[closes]), use_tqdm=False)
     llm.enqueue(prompts, greedy, use_tqdm=False)
     llm.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -174,6 +174,7 @@ def test_vllm_0_32_scoring_replay_and_streaming_fields_are_checked():
         ({"prompt_logprob_token_ids": [[]]}, "at least one row with at least one token id"),
         ({"prompt_logprob_token_ids": []}, "at least one row with at least one token id"),
         ({"prompt_logprob_token_ids": [1, 2]}, "must be an integer array .* or a list of lists of token ids"),
+        ({"prompt_logprob_token_ids": [[1], None]}, "got a list whose row 1 is NoneType"),
         ({"prompt_logprob_token_ids": np.zeros(3, dtype=np.int64)}, r"got a int64 array of shape \[3\]"),
         ({"prompt_logprob_token_ids": np.zeros((2, 2))}, r"got a float64 array of shape \[2, 2\]"),
         ({"prompt_logprob_token_ids": [[1.5]]}, "prompt_logprob_token_ids must be an int"),

@@ -146,8 +146,8 @@ class LLM:
             learning); False refuses such requests.
         stream_interval: ``LLMEngine.step`` returns a running request's output (``CUMULATIVE`` or
             ``DELTA``) once at least this many tokens came since the last one, and always its
-            first and its final one (vLLM's; a request's ``SamplingParams.stream_interval`` may
-            raise it). ``generate`` and ``chat`` return final outputs only, so it changes nothing
+            first and its final one (vLLM's, for ``DELTA`` outputs; a request's
+            ``SamplingParams.stream_interval`` may raise it). ``generate`` and ``chat`` return final outputs only, so it changes nothing
             there.
         **vllm_kwargs: vLLM's other arguments, taken at the values pagedlm honours or that do
             nothing (vLLM's defaults, mostly): ``engine.arg_utils.VLLM_NO_OP_ARGS`` lists each with its allowed
@@ -211,6 +211,7 @@ class LLM:
         self._request_counter = count()
         self._queued: list[_Request] = []  # enqueue's, until wait_for_completion runs them
         self._streaming = False
+        self._stepping_thread: int | None = None  # the thread in an engine call (_engine_call)
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
         # thread waits for the step, and the call then finds the LLM closed.
         self._engine_lock = threading.Lock()
@@ -253,6 +254,7 @@ class LLM:
         other use of the LLM afterwards raises ``RuntimeError``, a call running in another thread
         included (close waits for its step to end). ``with LLM(...) as llm:`` closes on leaving
         the block."""
+        self._refuse_inside_a_step("close()")
         self._closing = True
         with self._engine_lock:
             if self._engine is None:
@@ -328,6 +330,7 @@ class LLM:
                 ``llm_engine.add_request``, or one of this call's requests was aborted with
                 ``llm_engine.abort_request`` while it ran.
         """
+        _check_flags(use_tqdm)
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
         _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
@@ -439,6 +442,7 @@ class LLM:
                 ``llm_engine.add_request``, or one of this call's requests was aborted with
                 ``llm_engine.abort_request`` while it ran.
         """
+        _check_flags(use_tqdm)
         requests = self._chat_requests(
             messages, sampling_params, lora_request, priority, chat_template, chat_template_content_format,
             add_generation_prompt, continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
@@ -483,15 +487,17 @@ class LLM:
     ) -> list[str]:
         """Check the prompts as ``generate`` does and queue them without running anything
         (vLLM's); ``wait_for_completion`` runs everything queued. Returns their request ids, the
-        ``request_id`` of their outputs. The queue is the LLM's: ``generate`` and ``chat`` run only
-        their own prompts (vLLM's would run the queued ones with them), and ``close`` drops it.
-        ``use_tqdm`` shows a bar while they are queued, as vLLM's does; the other arguments are
-        ``generate``'s.
+        ``request_id`` of their outputs. The queue is the LLM's, not the engine's (vLLM queues them
+        in its engine): ``generate`` and ``chat`` run only their own prompts (vLLM's would run the
+        queued ones with them), ``llm_engine.abort_request`` does not reach a queued request, and
+        ``close`` drops the queue. ``use_tqdm`` shows a bar while they are queued, as vLLM's does;
+        the other arguments are ``generate``'s.
 
         Raises:
             ValueError: as ``generate``, before anything is queued.
             RuntimeError: the LLM is closed.
         """
+        _check_flags(use_tqdm)
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
         _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
@@ -521,47 +527,59 @@ class LLM:
             ValueError: as ``chat``, before anything is queued.
             RuntimeError: the LLM is closed.
         """
+        _check_flags(use_tqdm)
         requests = self._chat_requests(
             messages, sampling_params, lora_request, priority, chat_template, chat_template_content_format,
             add_generation_prompt, continue_final_message, tools, chat_template_kwargs, tokenization_kwargs,
             mm_processor_kwargs)
-        return self._enqueue(requests, use_tqdm)
+        return self._enqueue(requests, use_tqdm, "Rendering conversations")
 
     def wait_for_completion(self, output_type: type | tuple[type, ...] | None = None, *,
                             use_tqdm: bool | Callable[..., tqdm] = True) -> list[RequestOutput]:
-        """Run every request ``enqueue``/``enqueue_chat`` queued and return their outputs, in the
-        order they were queued (vLLM's). The queue is empty afterwards; a run that raises (an
-        interrupt included) leaves it as it was, so a second call runs it all again.
-        ``output_type``: vLLM's check of what comes back: None, ``RequestOutput`` or a tuple
-        holding it (pagedlm runs generative models only).
+        """Run every request ``enqueue``/``enqueue_chat`` queued before the call and return their
+        outputs, in the order they were queued (vLLM's); requests queued while it runs (from
+        another thread) wait for the next call. The queue is then empty; a run that raises (an
+        interrupt included) puts its requests back, so a second call runs them all again (an
+        unseeded sampled request draws anew). ``output_type``: vLLM's check of what comes back, a
+        type or tuple of types ``RequestOutput`` is an instance of (pagedlm runs generative
+        models only), or None.
 
         Raises:
             ValueError: another ``output_type``.
             RuntimeError: as ``generate``.
         """
-        wanted = output_type if isinstance(output_type, tuple) else (output_type,)
-        if output_type is not None and RequestOutput not in wanted:
-            raise ValueError(f"output_type must be None or RequestOutput (or a tuple holding it), got {output_type!r}: "
-                             "pagedlm runs generative models, whose outputs are RequestOutputs.")
-        self.llm_engine  # a closed LLM refuses
-        queued = list(self._queued)
+        if output_type is not None and not (isinstance(output_type, (type, tuple))
+                                            and issubclass(RequestOutput, output_type)):
+            raise ValueError(f"output_type must be None or a type RequestOutput is an instance of (or a tuple of types "
+                             f"holding one), got {output_type!r}: pagedlm runs generative models, whose outputs are "
+                             "RequestOutputs.")
+        _check_flags(use_tqdm)
+        self._refuse_inside_a_step("wait_for_completion")
+        with self._engine_lock:  # taken whole: a wait in another thread finds it empty
+            self.llm_engine  # a closed LLM refuses
+            queued, self._queued = self._queued, []
+        if not queued:
+            return []
         for index, request in enumerate(queued):
             request.index = index
-        outputs = self._run(queued, use_tqdm)
-        del self._queued[: len(queued)]
-        return outputs
+        try:
+            return self._run(queued, use_tqdm)
+        except BaseException:
+            with self._engine_lock:
+                self._queued[:0] = queued  # before any queued meanwhile
+            raise
 
-    def _enqueue(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm]) -> list[str]:
-        _check_flags(use_tqdm)
+    def _enqueue(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm],
+                 desc: str = "Rendering prompts") -> list[str]:
         make_bar = use_tqdm if callable(use_tqdm) else tqdm
-        ids = []
-        with make_bar(total=len(requests), desc="Adding requests", dynamic_ncols=True, disable=not use_tqdm) as bar:
+        with make_bar(total=len(requests), desc=desc, dynamic_ncols=True, disable=not use_tqdm) as bar:
             for request in requests:
                 request.request_id = str(next(self._request_counter))
-                self._queued.append(request)
-                ids.append(request.request_id)
                 bar.update(1)
-        return ids
+        with self._engine_lock:
+            self.llm_engine  # not closed meanwhile
+            self._queued += requests
+        return [request.request_id for request in requests]
 
     def generate_as_completed(
         self,
@@ -662,7 +680,6 @@ class LLM:
         ``max_num_seqs``, as ``generate_as_completed``: the engine's state of a waiting request,
         ~3 KB and more with a seed or a grammar, is made when it joins, not for every prompt at the
         start); their outputs by their ``index``."""
-        _check_flags(use_tqdm)
         outputs: list[RequestOutput | None] = [None] * len(requests)
         window = max_in_flight or 2 * self.llm_engine.scheduler_config.max_num_seqs
         for index, output in self._stream(iter(requests), window, len(requests), use_tqdm, False):
@@ -775,17 +792,29 @@ class LLM:
         with self._engine_lock:
             if self._closing:
                 raise RuntimeError(_CLOSED)
-            return call(self.llm_engine)
+            self._stepping_thread = threading.get_ident()
+            try:
+                return call(self.llm_engine)
+            finally:
+                self._stepping_thread = None
+
+    def _refuse_inside_a_step(self, what: str) -> None:
+        """A call that takes the engine, made from inside one of its steps (a logits processor),
+        would wait for that step forever."""
+        if self._stepping_thread == threading.get_ident():
+            raise RuntimeError(f"{what} was called from inside a step of this LLM (a logits processor?), which holds "
+                               "its engine; call it after the running call returns.")
 
     def _stream(self, requests: Iterator["_Request | _Rejected"], window: int, total: int | None,
                 use_tqdm: bool | Callable[..., tqdm],
                 return_errors: bool) -> Iterator[tuple[int, RequestOutput | ValueError]]:
         """Keep up to ``window`` requests in the engine, topping up from ``requests`` before each
         step, and yield ``(index, output)`` as each finishes."""
+        self._refuse_inside_a_step("generate/chat/beam_search/generate_as_completed/wait_for_completion")
         with self._engine_lock:
             if self._streaming:
-                raise RuntimeError("This LLM is already running a generate/chat/generate_as_completed; "
-                                   "finish or close that iterator first (the engine is shared).")
+                raise RuntimeError("This LLM is already running a generate/chat/beam_search/generate_as_completed/"
+                                   "wait_for_completion; finish or close that iterator first (the engine is shared).")
             engine = self.llm_engine
             if engine.has_unfinished_requests():
                 raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "

@@ -20,9 +20,10 @@ logger = logging.getLogger("pagedlm")
 _ROW_REFUSED = frozenset({"logits_processors", "output_kind", "stream_interval", "extra_args", "skip_clone",
                           "flat_logprobs"})
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _ROW_REFUSED)
-# Fields of integers, or of lists of them.
+# Fields of integers, or of lists (of lists) of them.
 INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_FIELDS
-                                and f.type in (int, int | None, list[int], list[int] | None))
+                                and f.type in (int, int | None, list[int], list[int] | None)
+                                or f.name == "prompt_logprob_token_ids")
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 

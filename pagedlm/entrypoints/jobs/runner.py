@@ -371,8 +371,9 @@ def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
                          "column), as JSON text in a column is not read")
     children = [kind.field(i) for i in range(kind.num_fields)] if pa.types.is_struct(kind) else []
     for child in children:
-        items = child.type.value_type if pa.types.is_list(child.type) or pa.types.is_large_list(child.type) \
-            else child.type
+        items = child.type
+        while pa.types.is_list(items) or pa.types.is_large_list(items):  # prompt_logprob_token_ids: lists of lists
+            items = items.value_type
         if child.name in fmt.integer_fields and pa.types.is_floating(items):
             raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be integers (cast it "
                              f"first, e.g. pandas' Int64 for whole numbers with missing values)")
