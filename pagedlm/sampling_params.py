@@ -669,6 +669,13 @@ class SamplingParams(_FieldsOnly):
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.",
                                  "bad_words")
+            for word in self.bad_words:
+                if not word.isascii():
+                    try:
+                        word.encode()
+                    except UnicodeEncodeError:  # the tokenizer takes no lone surrogate (a JSON escape's)
+                        raise FieldError(f"bad_words must be text the tokenizer can encode, got {word!r} (a lone "
+                                         "surrogate: not a Unicode character).", "bad_words") from None
             self.bad_words = list(self.bad_words)
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,

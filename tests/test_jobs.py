@@ -1453,7 +1453,10 @@ def test_openai_bodies_take_vllms_logprob_token_ids(llama_dir, tmp_path):
             _openai_row("cmpl-empty", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": []}),
             _openai_row("cmpl-no-logprobs", "/v1/completions", {"prompt": "Hello", "logprob_token_ids": ids}),
             _chat_row("no-logprobs", logprob_token_ids=ids),
-            _chat_row("both", logprobs=True, top_logprobs=2, logprob_token_ids=ids)]
+            _chat_row("both", logprobs=True, top_logprobs=2, logprob_token_ids=ids),
+            # vLLM's server takes top_logprobs 0 without logprobs, as clients sending every default do (a hunt).
+            _chat_row("zero-top", top_logprobs=0), _chat_row("zero-top-false", logprobs=False, top_logprobs=0),
+            _chat_row("one-top", top_logprobs=1)]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r for r in out}
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -1468,6 +1471,9 @@ def test_openai_bodies_take_vllms_logprob_token_ids(llama_dir, tmp_path):
     assert "logprob_token_ids needs logprobs set" in got["cmpl-no-logprobs"]["error"]["message"]
     assert "logprob_token_ids needs logprobs: true" in got["no-logprobs"]["error"]["message"]
     assert "give one" in got["both"]["error"]["message"]
+    assert got["zero-top"]["error"] is None and got["zero-top-false"]["error"] is None
+    assert got["zero-top"]["response"]["body"]["choices"][0]["logprobs"] is None
+    assert "top_logprobs needs logprobs: true" in got["one-top"]["error"]["message"]
 
 
 def test_rows_after_a_window_of_bad_rows_still_run(llama_dir, tmp_path):
@@ -1680,3 +1686,29 @@ def test_the_structured_outputs_config_flag_takes_a_json_object(capsys):
         with pytest.raises(SystemExit):
             run_parser().parse_args(base + ["--structured-outputs-config", bad])
         assert message in capsys.readouterr().err
+
+
+def test_a_row_the_engine_refuses_after_its_checks_is_that_rows_error(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: a bad word holding a lone surrogate (a JSON escape) passed the checks and made
+    the tokenizer raise in the engine's add_request, which ended the job, lost the rows in flight,
+    and did so again on every resume. Such a word is refused with the row's params now; and any
+    error of add_request is that row's, its requests leaving the engine."""
+    from pagedlm.engine.llm_engine import LLMEngine
+
+    rows = [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b", "sampling_params": {"bad_words": ["ok\udc80"]}},
+            {"id": 3, "prompt": "boom", "sampling_params": {"n": 12, "temperature": 1.0}},  # child requests
+            {"id": 4, "prompt": "c", "sampling_params": {"n": 12, "temperature": 1.0, "seed": 1}}]
+    add = LLMEngine.add_request
+
+    def add_request(self, request_id, prompt, params, *args, **kwargs):
+        if prompt.text == "boom" and request_id.endswith(".1"):  # its first child request is in: taken out again
+            raise TypeError("the tokenizer's bad day")
+        return add(self, request_id, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", add_request)
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl",
+                     sampling={"temperature": 0.0, "max_tokens": 3})
+    got = by_id(out)
+    assert (stats.completed, stats.errors) == (2, 2) and got[1]["error"] is None and len(got[4]["outputs"]) == 12
+    assert "bad_words must be text the tokenizer can encode" in got[2]["error"]
+    assert "TypeError: the tokenizer's bad day" in got[3]["error"]

@@ -862,7 +862,9 @@ class LLM:
                         if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
-                            self._add(request, in_flight, parents)
+                            reason = self._add(request, in_flight, parents)
+                        if reason is None:
+                            pass
                         elif return_errors:
                             bar.update(1)
                             yield request.index, reason
@@ -934,19 +936,34 @@ class LLM:
         except ValueError as exc:
             return exc
 
-    def _add(self, request: "_Request", in_flight: dict[str, int], parents: dict[str, ParentRequest]) -> None:
-        """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``."""
+    def _add(self, request: "_Request", in_flight: dict[str, int],
+             parents: dict[str, ParentRequest]) -> ValueError | None:
+        """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``.
+        Returns why the engine refused it after all (an error its checks did not foresee, e.g. from
+        the tokenizer), with none of its requests left in the engine: that prompt's error, not the
+        call's end (a job's other rows run on)."""
         request_id = request.request_id or str(next(self._request_counter))
-        if request.children is None:
-            in_flight[request_id] = request.index  # first: an interrupt between them is aborted
-            self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
-        else:
-            offsets = {f"{request_id}.{j}": offset for j, (offset, _) in enumerate(request.children)}
-            parent = ParentRequest(request_id, offsets)
-            for child_id, (_, params) in zip(parent.offsets, request.children):
-                in_flight[child_id], parents[child_id] = request.index, parent
-                self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
+        added = [request_id] if request.children is None else [f"{request_id}.{j}" for j in range(len(request.children))]
+        try:
+            if request.children is None:
+                in_flight[request_id] = request.index  # first: an interrupt between them is aborted
+                self._engine_call(lambda e: e.add_request(request_id, request.prompt, request.params))
+            else:
+                parent = ParentRequest(request_id, {child_id: offset for child_id, (offset, _)
+                                                    in zip(added, request.children)})
+                for child_id, (_, params) in zip(added, request.children):
+                    in_flight[child_id], parents[child_id] = request.index, parent
+                    self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and str(exc) == _CLOSED:
+                raise
+            self._engine_call(lambda e: e.abort_request(added))
+            for child_id in added:
+                in_flight.pop(child_id, None)
+                parents.pop(child_id, None)
+            return exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
         request.grammar = None  # the engine's matchers hold the compiled grammar now; generate holds the request
+        return None
 
 
 @dataclass(slots=True)

@@ -178,7 +178,9 @@ class OpenAIBatchFormat:
                 fields["logprobs"] = body.get("top_logprobs", 0)
                 if "top_logprobs" in body:
                     renames["logprobs"] = "top_logprobs"
-            elif body.get("top_logprobs") is not None:
+            elif body.get("top_logprobs") is not None and not (type(body["top_logprobs"]) is int
+                                                               and body["top_logprobs"] == 0):
+                # vLLM's server takes 0 without logprobs (clients that send every default do).
                 raise RowError("body.top_logprobs needs logprobs: true", "top_logprobs")
         else:
             prompt = _completion_prompt(body.get("prompt"))
