@@ -1712,3 +1712,14 @@ def test_a_row_the_engine_refuses_after_its_checks_is_that_rows_error(llama_dir,
     assert (stats.completed, stats.errors) == (2, 2) and got[1]["error"] is None and len(got[4]["outputs"]) == 12
     assert "bad_words must be text the tokenizer can encode" in got[2]["error"]
     assert "TypeError: the tokenizer's bad day" in got[3]["error"]
+
+
+def test_openai_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(llama_dir, tmp_path):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (vLLM's server writes it with
+    --enable-prompt-tokens-details): the prompt tokens a row read from the prefix cache."""
+    prompt = [1] + list(range(40, 80))
+    rows = [_openai_row(name, "/v1/completions", {"prompt": prompt, "max_tokens": 2}) for name in ("first", "again")]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", max_in_flight=1)
+    usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in out}
+    assert usage["first"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 32 <= usage["again"]["prompt_tokens_details"]["cached_tokens"] < len(prompt) == usage["again"]["prompt_tokens"]

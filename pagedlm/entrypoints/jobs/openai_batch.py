@@ -245,7 +245,9 @@ class OpenAIBatchFormat:
                    for i, (c, split) in enumerate(zip(output.outputs, splits))]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
-        usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated}
+        usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated,
+                 # OpenAI's: prompt tokens read from the prefix cache (vLLM's server, with --enable-prompt-tokens-details)
+                 "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0}}
         if chat and self.reasoning_parser is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
         body = {
