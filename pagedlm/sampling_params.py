@@ -31,6 +31,8 @@ LogitsProcessor = Callable[..., torch.Tensor]
 
 
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on SamplingParams.logprob_token_ids
+# StructuredOutputsParams' constraints, of which a request gives one (its other fields are options).
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -255,8 +257,7 @@ class StructuredOutputsParams(_FieldsOnly):
     disable_fallback: bool = False
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                 if getattr(self, name) not in (None, False)]
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise FieldError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
                              f"got {', '.join(given) or 'none'}.", "structured_outputs")

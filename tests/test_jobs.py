@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1723,3 +1724,32 @@ def test_openai_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(llama_
     usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in out}
     assert usage["first"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert 32 <= usage["again"]["prompt_tokens_details"]["cached_tokens"] < len(prompt) == usage["again"]["prompt_tokens"]
+
+
+def test_openai_bodies_take_vllms_structured_outputs(llama_dir, tmp_path):
+    """vLLM's server's structured_outputs body field (a hunt: refused, leaving OpenAI rows no regex,
+    choice or grammar): its constraint holds, response_format's is set over it (its options kept),
+    and with a tool call forced it is refused, as vLLM's server refuses it."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    rows = [_openai_row("choice", "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 1.0, "seed": 2,
+                                                      "structured_outputs": {"choice": ["yes", "no"]}}),
+            _chat_row("regex", max_tokens=8, temperature=1.0, seed=3, structured_outputs={"regex": "[a-c]{3}"}),
+            _openai_row("compact", "/v1/completions", {
+                "prompt": "Hello", "max_tokens": 40, "temperature": 1.0, "seed": 4,
+                "structured_outputs": {"disable_any_whitespace": True},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}}),
+            _chat_row("two", structured_outputs={"regex": "a"}, response_format={"type": "json_object"}),
+            _chat_row("tools", structured_outputs={"regex": "a"}, tools=[tool], tool_choice="required"),
+            _chat_row("not-object", structured_outputs="a")]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", sampling={})
+    got = by_id(out, "custom_id")
+    assert (stats.completed, stats.errors) == (3, 3)
+    assert got["choice"]["response"]["body"]["choices"][0]["text"] in ("yes", "no")
+    assert re.fullmatch("[a-c]{3}", got["regex"]["response"]["body"]["choices"][0]["message"]["content"])
+    compact = got["compact"]["response"]["body"]["choices"][0]  # this seed's output ends within max_tokens
+    assert compact["finish_reason"] == "stop" and compact["text"].startswith('{"a":')
+    assert isinstance(json.loads(compact["text"])["a"], int)
+    assert "exactly one of json, regex, choice, grammar or json_object" in got["two"]["error"]["message"]
+    assert "body.structured_outputs and body.tool_choice both constrain the output" in got["tools"]["error"]["message"]
+    assert "body.structured_outputs must be an object" in got["not-object"]["error"]["message"]

@@ -862,7 +862,12 @@ class LLM:
                         if bad is not None and request.index > bad.index:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
-                            reason = self._add(request, in_flight, parents)
+                            refused = self._add(request, in_flight, parents)
+                            if refused is not None and not return_errors:
+                                raise refused
+                            if refused is not None:
+                                reason = refused if isinstance(refused, ValueError) else \
+                                    ValueError(f"{type(refused).__name__}: {refused}")
                         if reason is None:
                             pass
                         elif return_errors:
@@ -937,11 +942,11 @@ class LLM:
             return exc
 
     def _add(self, request: "_Request", in_flight: dict[str, int],
-             parents: dict[str, ParentRequest]) -> ValueError | None:
+             parents: dict[str, ParentRequest]) -> Exception | None:
         """Add ``request`` to the engine: as one request, or as the children of a ``ParentRequest``.
-        Returns why the engine refused it after all (an error its checks did not foresee, e.g. from
-        the tokenizer), with none of its requests left in the engine: that prompt's error, not the
-        call's end (a job's other rows run on)."""
+        Returns the error with which the engine refused it after all (one its checks did not
+        foresee, e.g. the tokenizer's), none of its requests left in the engine: with
+        ``return_errors`` that prompt's error, so that a job's other rows run on."""
         request_id = request.request_id or str(next(self._request_counter))
         added = [request_id] if request.children is None else [f"{request_id}.{j}" for j in range(len(request.children))]
         try:
@@ -961,7 +966,7 @@ class LLM:
             for child_id in added:
                 in_flight.pop(child_id, None)
                 parents.pop(child_id, None)
-            return exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
+            return exc
         request.grammar = None  # the engine's matchers hold the compiled grammar now; generate holds the request
         return None
 

@@ -27,6 +27,7 @@ from pagedlm.entrypoints.jobs.rows import (
 from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
+from pagedlm.sampling_params import STRUCTURED_OUTPUT_KINDS
 from pagedlm.transformers_utils.tokenizer import TokenBytes
 from pagedlm.utils import FieldError
 
@@ -49,7 +50,8 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format",
               "tools", "tool_choice", "parallel_tool_calls")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "suffix")
-_COMMON = ("model", "max_tokens", "stream", "user", "response_format", "cache_salt", "echo", *_SAME_NAME)
+_COMMON = ("model", "max_tokens", "stream", "user", "response_format", "structured_outputs", "cache_salt", "echo",
+           *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
@@ -203,10 +205,20 @@ class OpenAIBatchFormat:
         if constraint is not None and tool_choice is not None and tool_choice.calls:
             raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
                            "response_format")
+        own = body.get("structured_outputs")  # vLLM's field; response_format's constraint is set over it (vLLM's)
+        if own is not None and not isinstance(own, dict):
+            raise RowError(f"body.structured_outputs must be an object, got {json_text(own, 40)}", "structured_outputs")
+        if own and any(own.get(kind) is not None for kind in STRUCTURED_OUTPUT_KINDS) and tool_choice is not None \
+                and tool_choice.calls:
+            raise RowError("body.structured_outputs and body.tool_choice both constrain the output: give one "
+                           "(vLLM's rule)", "structured_outputs")
         if constraint is not None:
-            fields["structured_outputs"], renames["structured_outputs"] = constraint, "response_format"
+            fields["structured_outputs"] = {**(own or {}), **constraint}
+            renames["structured_outputs"] = "structured_outputs" if own else "response_format"
         elif tool_choice is not None and tool_choice.calls:
-            fields["structured_outputs"], renames["structured_outputs"] = {"json": tool_choice.schema}, "tools"
+            fields["structured_outputs"], renames["structured_outputs"] = {**(own or {}), "json": tool_choice.schema}, "tools"
+        elif own is not None:
+            fields["structured_outputs"] = own
         names = row_names(fields, "messages" if url == CHAT_URL else "prompt", renames)
         if "cache_salt" in body:  # a prompt's field, which the engine checks (an empty salt)
             names["cache_salt"] = "cache_salt"
