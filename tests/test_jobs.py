@@ -1753,3 +1753,23 @@ def test_openai_bodies_take_vllms_structured_outputs(llama_dir, tmp_path):
     assert "exactly one of json, regex, choice, grammar or json_object" in got["two"]["error"]["message"]
     assert "body.structured_outputs and body.tool_choice both constrain the output" in got["tools"]["error"]["message"]
     assert "body.structured_outputs must be an object" in got["not-object"]["error"]["message"]
+
+
+def test_openai_bodies_take_vllms_return_token_ids(llama_dir, tmp_path):
+    """vLLM's return_token_ids: chat's prompt token ids in the body and each choice's own; a
+    completion's both in each choice (vLLM's server's places)."""
+    rows = [_chat_row("chat", max_tokens=3, return_token_ids=True),
+            _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "max_tokens": 3, "n": 2, "temperature": 1.0,
+                                                    "seed": 1, "return_token_ids": True}),
+            _chat_row("off", max_tokens=3, return_token_ids=False), _chat_row("bad", return_token_ids=1)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = by_id(out, "custom_id")
+    chat, cmpl = got["chat"]["response"]["body"], got["cmpl"]["response"]["body"]
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+    assert tok.decode(chat["choices"][0]["token_ids"]) == chat["choices"][0]["message"]["content"]
+    assert [c["prompt_token_ids"] for c in cmpl["choices"]] == [tok("Hello").input_ids] * 2
+    assert all(tok.decode(c["token_ids"]) == c["text"] for c in cmpl["choices"])
+    off = got["off"]["response"]["body"]
+    assert "prompt_token_ids" not in off and "token_ids" not in off["choices"][0]
+    assert "body.return_token_ids must be true or false" in got["bad"]["error"]["message"]

@@ -51,11 +51,12 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
               "tools", "tool_choice", "parallel_tool_calls")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "structured_outputs", "cache_salt", "echo",
-           *_SAME_NAME)
+           "return_token_ids", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
-_COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "echo": (bool, "true or false")}
+_COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "echo": (bool, "true or false"),
+                 "return_token_ids": (bool, "true or false")}
 _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
           COMPLETIONS_URL: _COMMON_TYPES}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
@@ -71,6 +72,7 @@ class _Context:
     url: str
     model: str
     tool_choice: ToolChoice | None = None
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
 
 
 class OpenAIBatchFormat:
@@ -223,7 +225,8 @@ class OpenAIBatchFormat:
         if "cache_salt" in body:  # a prompt's field, which the engine checks (an empty salt)
             names["cache_salt"] = "cache_salt"
         params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
-        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice))
+        return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice,
+                                                                 body.get("return_token_ids", False)))
 
     def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
         """The row's prompt. Tools the template does not read are refused unless the model is made
@@ -262,6 +265,9 @@ class OpenAIBatchFormat:
                  "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0}}
         if chat and self.reasoning_parser is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
+        if ctx.return_token_ids:  # vLLM's: chat's prompt ids in the body, completions' in each choice
+            for choice, c in zip(choices, output.outputs):
+                choice.update({} if chat else {"prompt_token_ids": output.prompt_token_ids}, token_ids=c.token_ids)
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion" if chat else "text_completion",
@@ -270,6 +276,7 @@ class OpenAIBatchFormat:
             "choices": choices,
             "usage": usage,
             "system_fingerprint": None,
+            **({"prompt_token_ids": output.prompt_token_ids} if chat and ctx.return_token_ids else {}),
         }
         return _line(ctx.custom_id, 200, body, None)
 
