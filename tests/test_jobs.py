@@ -1773,3 +1773,25 @@ def test_openai_bodies_take_vllms_return_token_ids(llama_dir, tmp_path):
     off = got["off"]["response"]["body"]
     assert "prompt_token_ids" not in off and "token_ids" not in off["choices"][0]
     assert "body.return_token_ids must be true or false" in got["bad"]["error"]["message"]
+
+
+def test_openai_bodies_take_vllms_prompt_logprobs(llama_dir, tmp_path):
+    """vLLM's prompt_logprobs: per prompt token (null for the first) its id -> logprob, rank and
+    decoded_token, the prompt's own token and the top ones; chat's in the body, a completion's in
+    each choice (vLLM's server's places); the job's max_logprobs bounds it."""
+    ids = [1] + list(range(40, 52))
+    rows = [_openai_row("cmpl", "/v1/completions", {"prompt": ids, "max_tokens": 2, "prompt_logprobs": 2}),
+            _chat_row("chat", max_tokens=2, prompt_logprobs=0), _chat_row("all", prompt_logprobs=-1)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = by_id(out, "custom_id")
+    with LLM(llama_dir, **ENGINE) as llm:
+        want = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=2))[0].prompt_logprobs
+    written = got["cmpl"]["response"]["body"]["choices"][0]["prompt_logprobs"]
+    assert written[0] is None and len(written) == len(ids)
+    for position, expected in zip(written[1:], want[1:]):
+        assert {int(t): (v["logprob"], v["rank"], v["decoded_token"]) for t, v in position.items()} == {
+            t: (lp.logprob, lp.rank, lp.decoded_token) for t, lp in expected.items()}
+    chat = got["chat"]["response"]["body"]
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and "prompt_logprobs" not in chat["choices"][0]
+    assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # the prompt's own token alone
+    assert "exceeds max_logprobs (20)" in got["all"]["error"]["message"]

@@ -45,6 +45,7 @@ _SAME_NAME = (
     "bad_words", "truncate_prompt_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
     "use_beam_search", "length_penalty", "repetition_detection", "thinking_token_budget", "logprob_token_ids",
+    "prompt_logprobs",
 )
 _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
               "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template_content_format",
@@ -265,9 +266,17 @@ class OpenAIBatchFormat:
                  "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0}}
         if chat and self.reasoning_parser is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
-        if ctx.return_token_ids:  # vLLM's: chat's prompt ids in the body, completions' in each choice
-            for choice, c in zip(choices, output.outputs):
-                choice.update({} if chat else {"prompt_token_ids": output.prompt_token_ids}, token_ids=c.token_ids)
+        # vLLM's extras: chat's prompt ids and logprobs in the body, a completion's in each choice.
+        prompt_extras = {}
+        if ctx.return_token_ids:
+            prompt_extras["prompt_token_ids"] = output.prompt_token_ids
+        if output.prompt_logprobs is not None:
+            prompt_extras["prompt_logprobs"] = [None if position is None else _prompt_position(position)
+                                                for position in output.prompt_logprobs]
+        for choice, c in zip(choices, output.outputs):
+            choice.update({} if chat else prompt_extras)
+            if ctx.return_token_ids:
+                choice["token_ids"] = c.token_ids
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion" if chat else "text_completion",
@@ -276,7 +285,7 @@ class OpenAIBatchFormat:
             "choices": choices,
             "usage": usage,
             "system_fingerprint": None,
-            **({"prompt_token_ids": output.prompt_token_ids} if chat and ctx.return_token_ids else {}),
+            **(prompt_extras if chat else {}),
         }
         return _line(ctx.custom_id, 200, body, None)
 
@@ -421,6 +430,13 @@ def _token_logprob(token_id: int, lp: Logprob, token_bytes: TokenBytes) -> dict:
     token = lp.decoded_token or ""
     data = token_bytes(token_id)
     return {"token": token, "logprob": _logprob(lp), "bytes": list(token.encode("utf-8") if data is None else data)}
+
+
+def _prompt_position(position: dict[int, Logprob]) -> dict[int, dict]:
+    """One prompt position's logprobs as vLLM's server writes them: token id -> ``logprob``,
+    ``rank`` and ``decoded_token``."""
+    return {t: {"logprob": _logprob(lp), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for t, lp in position.items()}
 
 
 def _logprob(lp: Logprob) -> float:
