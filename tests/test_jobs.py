@@ -1661,7 +1661,8 @@ def test_an_engine_error_names_a_renamed_field_without_its_engine_keys():
 
 @pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions"])
 def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
-    """Found by a docs walk: chat rows refused echo: false, which the docs (and vLLM) take."""
+    """Found by a docs walk: chat rows refused echo: false, which the docs (and vLLM) take; chat's
+    echo: true is refused (completions take it: ``test_openai_completions_echo_the_prompt_...``)."""
     from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
     from pagedlm.entrypoints.jobs.rows import RowError
 
@@ -1669,7 +1670,8 @@ def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
     prompt = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE} if "chat" in url else \
         {"prompt": "Hi"}
     assert fmt.parse(_openai_row("a", url, {**prompt, "echo": False}), "a").prompt
-    for echo, message in ((True, "echo: true is not supported"), ("yes", "echo must be true or false")):
+    refused = ((True, "echo: true is not supported for chat"),) if "chat" in url else ()
+    for echo, message in (*refused, ("yes", "echo must be true or false")):
         with pytest.raises(RowError, match=message) as exc:
             fmt.parse(_openai_row("b", url, {**prompt, "echo": echo}), "b")
         assert exc.value.param == "echo"
@@ -1795,3 +1797,31 @@ def test_openai_bodies_take_vllms_prompt_logprobs(llama_dir, tmp_path):
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and "prompt_logprobs" not in chat["choices"][0]
     assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # the prompt's own token alone
     assert "exceeds max_logprobs (20)" in got["all"]["error"]["message"]
+
+
+def test_openai_completions_echo_the_prompt_as_vllms_server_does(llama_dir, tmp_path):
+    """Completions' echo (lm-evaluation-harness scores prompts so: echo, logprobs, max_tokens 0):
+    the prompt's text before the output, and with logprobs the prompt's (null at its first token),
+    then the output's; max_tokens 0 returns the prompt alone (vLLM's server runs one token). Chat's
+    echo stays refused."""
+    prompt = "The capital of France is"
+    body = {"prompt": prompt, "temperature": 0}
+    rows = [_openai_row("score", "/v1/completions", {**body, "echo": True, "max_tokens": 0, "logprobs": 1}),
+            _openai_row("both", "/v1/completions", {**body, "echo": True, "max_tokens": 3, "logprobs": 0}),
+            _openai_row("plain", "/v1/completions", {**body, "max_tokens": 3, "logprobs": 0}),
+            _chat_row("chat", echo=True)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r for r in out}
+    with LLM(llama_dir, **ENGINE) as llm:
+        want = llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    score = got["score"]["response"]["body"]["choices"][0]
+    ids = want.prompt_token_ids
+    assert score["text"] == prompt and score["finish_reason"] == "length"
+    assert score["logprobs"]["token_logprobs"][0] is None and score["logprobs"]["top_logprobs"][0] is None
+    assert score["logprobs"]["token_logprobs"][1:] == [want.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
+    assert len(score["logprobs"]["tokens"]) == len(ids) and "".join(score["logprobs"]["tokens"]).endswith(prompt)
+    assert got["score"]["response"]["body"]["usage"]["completion_tokens"] == 1  # generated, not returned (vLLM's)
+    both, plain = (got[k]["response"]["body"]["choices"][0] for k in ("both", "plain"))
+    assert both["text"] == prompt + plain["text"]
+    assert both["logprobs"]["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
+    assert "body.echo: true is not supported for chat completions" in got["chat"]["error"]["message"]

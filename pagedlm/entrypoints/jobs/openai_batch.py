@@ -74,6 +74,7 @@ class _Context:
     model: str
     tool_choice: ToolChoice | None = None
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
+    echo: str | None = None  # completions': "prompt" alone (max_tokens 0) or "both", before the output
 
 
 class OpenAIBatchFormat:
@@ -153,14 +154,15 @@ class OpenAIBatchFormat:
         for name, (kind, words) in _TYPES[url].items():
             if name in body and not isinstance(body[name], kind):
                 raise RowError(f"body.{name} must be {words}, got {json_text(body[name], 40)}", name)
-        if body.get("echo"):  # vLLM's: the prompt (chat: the last message) before the output
-            raise RowError("body.echo: true is not supported (false is)", "echo")
+        if body.get("echo") and url == CHAT_URL:  # vLLM's: the last message before the output
+            raise RowError("body.echo: true is not supported for chat completions (false is)", "echo")
         _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
             del fields["logprob_token_ids"]
         renames = {}  # SamplingParams field -> the body's name for it
         tool_choice = None
+        echo = None  # completions' echo: "prompt" (max_tokens 0) or "both"
         if url == CHAT_URL:
             tool_choice = tool_choice_of(body, self.value_nulls)
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
@@ -202,6 +204,16 @@ class OpenAIBatchFormat:
             if "logprob_token_ids" in fields:  # vLLM's server: logprobs switches them on, its count unused
                 if fields.pop("logprobs", None) is None:
                     raise RowError("body.logprob_token_ids needs logprobs set (vLLM's server)", "logprob_token_ids")
+            if body.get("echo"):  # vLLM's: the prompt (its logprobs too) before the output, none with max_tokens 0
+                if "logprob_token_ids" in fields or (body.get("use_beam_search") and "logprobs" in fields):
+                    raise RowError("body.echo is not supported with logprob_token_ids, nor with logprobs under beam "
+                                   "search (vLLM's rules)", "echo")
+                if "logprobs" in fields:
+                    fields.setdefault("prompt_logprobs", fields["logprobs"])
+                if max_tokens == 0:
+                    max_tokens, echo = 1, "prompt"
+                else:
+                    echo = "both"
         if max_tokens is not None:
             fields["max_tokens"] = max_tokens
         constraint = _response_format(body["response_format"], self.value_nulls) if "response_format" in body else None
@@ -227,7 +239,7 @@ class OpenAIBatchFormat:
             names["cache_salt"] = "cache_salt"
         params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
         return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice,
-                                                                 body.get("return_token_ids", False)))
+                                                                 body.get("return_token_ids", False), echo))
 
     def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
         """The row's prompt. Tools the template does not read are refused unless the model is made
@@ -247,6 +259,17 @@ class OpenAIBatchFormat:
         except FieldError as exc:
             raise chat_error(exc, "body.") from None
 
+    def _echoed(self, output: RequestOutput, c: CompletionOutput, echo: str | None) -> CompletionOutput:
+        """A completion choice as ``echo`` shows it (vLLM's server): the prompt's text, ids and
+        logprobs (the first position has none), then the choice's own unless only the prompt."""
+        if echo is None:
+            return c
+        prompt_text = output.prompt if output.prompt is not None else self.tokenizer.decode(output.prompt_token_ids)
+        own = echo == "both"
+        logprobs = None if c.logprobs is None else [*output.prompt_logprobs, *(c.logprobs if own else [])]
+        return replace(c, text=prompt_text + (c.text if own else ""), logprobs=logprobs,
+                       token_ids=[*output.prompt_token_ids, *(c.token_ids if own else [])])
+
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
@@ -257,7 +280,7 @@ class OpenAIBatchFormat:
             splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text) for c in output.outputs]
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
         choices = [_chat_choice(i, c, top, self._token_bytes, ctx.tool_choice, split) if chat else
-                   _completion_choice(i, c, top, self._token_bytes)
+                   _completion_choice(i, self._echoed(output, c, ctx.echo), top, self.tokenizer.decode)
                    for i, (c, split) in enumerate(zip(output.outputs, splits))]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
@@ -397,19 +420,23 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: To
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
 
-def _completion_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes) -> dict:
+def _completion_choice(index: int, c: CompletionOutput, top: Callable, decode: Callable[[list[int]], str]) -> dict:
+    """A completions choice; a position without logprobs (an echoed prompt's first) has its token's
+    text alone, with null logprob and top logprobs (vLLM's server's)."""
     logprobs = None
     if c.logprobs is not None:
-        tokens = [position[t].decoded_token or "" for t, position in zip(c.token_ids, c.logprobs)]
+        positions = list(zip(c.token_ids, c.logprobs))
+        tokens = [decode([t]) if position is None else position[t].decoded_token or "" for t, position in positions]
         offsets = [0]
         for token in tokens[:-1]:
             offsets.append(offsets[-1] + len(token))
         logprobs = {
             "tokens": tokens,
-            "token_logprobs": [_logprob(position[t]) for t, position in zip(c.token_ids, c.logprobs)],
+            "token_logprobs": [None if position is None else _logprob(position[t]) for t, position in positions],
             # OpenAI's completions: the k most likely and the sampled token (up to k + 1).
-            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for _, lp in top(position, sampled=t)}
-                             for t, position in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [None if position is None else
+                             {lp.decoded_token or "": _logprob(lp) for _, lp in top(position, sampled=t)}
+                             for t, position in positions],
             "text_offset": offsets[: len(tokens)],
         }
     return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
