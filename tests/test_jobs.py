@@ -1825,3 +1825,21 @@ def test_openai_completions_echo_the_prompt_as_vllms_server_does(llama_dir, tmp_
     assert both["text"] == prompt + plain["text"]
     assert both["logprobs"]["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
     assert "body.echo: true is not supported for chat completions" in got["chat"]["error"]["message"]
+
+
+def test_openai_bodies_take_vllms_return_tokens_as_token_ids(llama_dir, tmp_path):
+    """vLLM's return_tokens_as_token_ids: every token of the logprobs (sampled, top, echoed prompt)
+    as "token_id:<id>", its bytes the placeholder's (vLLM's server's)."""
+    rows = [_chat_row("chat", max_tokens=3, logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True),
+            _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "logprobs": 1, "echo": True,
+                                                    "return_tokens_as_token_ids": True, "return_token_ids": True})]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r["response"]["body"] for r in out}
+    chat = got["chat"]["choices"][0]
+    for entry in chat["logprobs"]["content"]:
+        assert re.fullmatch(r"token_id:\d+", entry["token"]) and bytes(entry["bytes"]).decode() == entry["token"]
+        assert all(re.fullmatch(r"token_id:\d+", t["token"]) for t in entry["top_logprobs"])
+    cmpl = got["cmpl"]["choices"][0]
+    assert cmpl["logprobs"]["tokens"] == [f"token_id:{t}" for t in cmpl["prompt_token_ids"] + cmpl["token_ids"]]
+    assert all(re.fullmatch(r"token_id:\d+", t) for top in cmpl["logprobs"]["top_logprobs"][1:] for t in top)
+    assert cmpl["text"].startswith("Hello")

@@ -52,12 +52,12 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
               "tools", "tool_choice", "parallel_tool_calls")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "structured_outputs", "cache_salt", "echo",
-           "return_token_ids", *_SAME_NAME)
+           "return_token_ids", "return_tokens_as_token_ids", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
 _COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "echo": (bool, "true or false"),
-                 "return_token_ids": (bool, "true or false")}
+                 "return_token_ids": (bool, "true or false"), "return_tokens_as_token_ids": (bool, "true or false")}
 _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
           COMPLETIONS_URL: _COMMON_TYPES}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
@@ -75,6 +75,7 @@ class _Context:
     tool_choice: ToolChoice | None = None
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     echo: str | None = None  # completions': "prompt" alone (max_tokens 0) or "both", before the output
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' tokens as "token_id:<id>"
 
 
 class OpenAIBatchFormat:
@@ -239,7 +240,8 @@ class OpenAIBatchFormat:
             names["cache_salt"] = "cache_salt"
         params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
         return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice,
-                                                                 body.get("return_token_ids", False), echo))
+                                                                 body.get("return_token_ids", False), echo,
+                                                                 body.get("return_tokens_as_token_ids", False)))
 
     def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
         """The row's prompt. Tools the template does not read are refused unless the model is made
@@ -279,9 +281,14 @@ class OpenAIBatchFormat:
         if chat and self.reasoning_parser is not None:
             splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text) for c in output.outputs]
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
-        choices = [_chat_choice(i, c, top, self._token_bytes, ctx.tool_choice, split) if chat else
-                   _completion_choice(i, self._echoed(output, c, ctx.echo), top, self.tokenizer.decode)
-                   for i, (c, split) in enumerate(zip(output.outputs, splits))]
+        token_bytes, decode = self._token_bytes, self.tokenizer.decode
+        if ctx.tokens_as_ids:  # the placeholder's own bytes, as vLLM's server writes them
+            token_bytes, decode = (lambda token_id: None), (lambda ids: _token_id_text(ids[0]))
+        shown = [_as_token_ids(c) if ctx.tokens_as_ids else c
+                 for c in (output.outputs if chat else [self._echoed(output, c, ctx.echo) for c in output.outputs])]
+        choices = [_chat_choice(i, c, top, token_bytes, ctx.tool_choice, split) if chat else
+                   _completion_choice(i, c, top, decode)
+                   for i, (c, split) in enumerate(zip(shown, splits))]
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated,
@@ -402,7 +409,7 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
     }
 
 
-def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: TokenBytes,
+def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: Callable[[int], bytes | None],
                  tool_choice: ToolChoice | None, split: ReasoningSplit | None) -> dict:
     logprobs = None
     if c.logprobs is not None:
@@ -453,7 +460,21 @@ def _top(position: dict[int, Logprob], k: int, token_ids: list[int] | None = Non
     return sorted(((t, lp) for t, lp in position.items() if lp.rank <= k or t == sampled), key=lambda item: item[1].rank)
 
 
-def _token_logprob(token_id: int, lp: Logprob, token_bytes: TokenBytes) -> dict:
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"  # vLLM's placeholder
+
+
+def _as_token_ids(c: CompletionOutput) -> CompletionOutput:
+    """``c`` with each logprob's token text its id's placeholder (vLLM's
+    ``return_tokens_as_token_ids``: ids that several tokens' texts cannot be told apart by)."""
+    if c.logprobs is None:
+        return c
+    return replace(c, logprobs=[None if position is None else
+                                {t: replace(lp, decoded_token=_token_id_text(t)) for t, lp in position.items()}
+                                for position in c.logprobs])
+
+
+def _token_logprob(token_id: int, lp: Logprob, token_bytes: Callable[[int], bytes | None]) -> dict:
     token = lp.decoded_token or ""
     data = token_bytes(token_id)
     return {"token": token, "logprob": _logprob(lp), "bytes": list(token.encode("utf-8") if data is None else data)}
