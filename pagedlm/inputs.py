@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 from pagedlm.sampling_params import check_truncate_prompt_tokens
-from pagedlm.utils import FieldError
+from pagedlm.utils import FieldError, unicode_problem
 
 
 class TextPrompt(TypedDict):
@@ -91,10 +91,9 @@ def parse_prompt(prompt: object) -> ParsedPrompt:
 
 
 def _checked_text(text: str, field: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise FieldError(f"the text is not valid Unicode ({exc.reason} at character {exc.start})", field) from None
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise FieldError(f"the text is not valid Unicode ({problem})", field)
     return text
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedlm.utils import FieldError
+from pagedlm.utils import FieldError, unicode_problem
 
 _GREEDY_EPS = 1e-5
 # The largest |logit_bias|: the biased logits, divided by the smallest temperature, stay finite in
@@ -671,12 +671,10 @@ class SamplingParams(_FieldsOnly):
                 raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.",
                                  "bad_words")
             for word in self.bad_words:
-                if not word.isascii():
-                    try:
-                        word.encode()
-                    except UnicodeEncodeError:  # the tokenizer takes no lone surrogate (a JSON escape's)
-                        raise FieldError(f"bad_words must be text the tokenizer can encode, got {word!r} (a lone "
-                                         "surrogate: not a Unicode character).", "bad_words") from None
+                problem = unicode_problem(word)
+                if problem is not None:  # the engine tokenizes them as the request is added
+                    raise FieldError(f"bad_words must be text the tokenizer can encode, got {word!r} ({problem}).",
+                                     "bad_words")
             self.bad_words = list(self.bad_words)
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,

@@ -18,6 +18,16 @@ class FieldError(ValueError):
         self.field = field
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate, as a JSON input's escape gives:
+    "surrogates not allowed at character 3"), which tokenizers cannot take, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.reason} at character {exc.start}"
+    return None
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling of ``a / b`` for non-negative ``a`` and positive ``b`` (blocks needed for ``a`` tokens)."""
     return -(a // -b)

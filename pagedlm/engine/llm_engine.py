@@ -213,9 +213,7 @@ class LLMEngine:
         # A sequence stops with "length" at max_model_len whatever max_tokens says (vLLM's
         # check_stop); only the KV cache's room refuses a request.
         max_seq_len = self._max_seq_len(n, params.best_of)
-        max_tokens = params.max_tokens
-        if params.trace_decode_token_ids is not None:  # as _fit_trace will cut it
-            max_tokens = min(len(params.trace_decode_token_ids), max_tokens or max_len)
+        max_tokens = params.max_tokens if params.trace_decode_token_ids is None else self._fit_trace(params, n)[1]
         if n >= max_seq_len or (max_tokens is not None and min(n + max_tokens, max_len) > max_seq_len):
             bm = self.block_manager
             wanted = f"{n} prompt tokens" + (f" + max_tokens ({max_tokens})" if max_tokens is not None else " + 1")
@@ -371,7 +369,7 @@ class LLMEngine:
         prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens,
                                                 tokenization.truncate_prompt_tokens, from_text=from_text)
         if params.trace_decode_token_ids is not None:
-            self._fit_trace(params, len(prompt_token_ids))
+            params.trace_decode_token_ids, params.max_tokens = self._fit_trace(params, len(prompt_token_ids))
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise FieldError(f"Request {request_id!r}: {str(reason).rstrip('.')}.", reason.field)
@@ -412,13 +410,12 @@ class LLMEngine:
             self.scheduler.add_seq_group(seq_group)
         return request_id
 
-    def _fit_trace(self, params: SamplingParams, num_prompt_tokens: int) -> None:
-        """vLLM's trace replay on a request's own params: the trace cut to what ``max_model_len``
-        leaves after the prompt, and ``max_tokens`` to the trace's length (the completion ends when
-        the trace does, or earlier at a stop token or string in it)."""
+    def _fit_trace(self, params: SamplingParams, num_prompt_tokens: int) -> tuple[list[int], int]:
+        """vLLM's trace replay of a request: its ``trace_decode_token_ids`` cut to what
+        ``max_model_len`` leaves after the prompt, and its ``max_tokens`` cut to the trace's length
+        (the completion ends when the trace does, or earlier at a stop token or string in it)."""
         trace = params.trace_decode_token_ids[: max(self.model_config.max_model_len - num_prompt_tokens, 1)]
-        params.trace_decode_token_ids = trace
-        params.max_tokens = len(trace) if params.max_tokens is None else min(len(trace), params.max_tokens)
+        return trace, len(trace) if params.max_tokens is None else min(len(trace), params.max_tokens)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer

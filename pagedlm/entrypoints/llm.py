@@ -331,11 +331,18 @@ class LLM:
                 ``llm_engine.abort_request`` while it ran.
         """
         _check_flags(use_tqdm)
+        requests = self._prompt_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
+                                         mm_processor_kwargs)
+        return self._run(requests, use_tqdm)
+
+    def _prompt_requests(self, prompts, sampling_params, lora_request, priority, tokenization_kwargs,
+                         mm_processor_kwargs) -> list["_Request"]:
+        """``generate``'s prompts checked (its arguments, its errors)."""
         tokenization = self._tokenization(tokenization_kwargs)
         prompts = _prompt_list(prompts)
         _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
         params = self._params_per_prompt(sampling_params, len(prompts))
-        return self._run(self._checked(prompts, params, tokenization=tokenization), use_tqdm)
+        return self._checked(prompts, params, tokenization=tokenization)
 
     def beam_search(
         self,
@@ -498,11 +505,9 @@ class LLM:
             RuntimeError: the LLM is closed.
         """
         _check_flags(use_tqdm)
-        tokenization = self._tokenization(tokenization_kwargs)
-        prompts = _prompt_list(prompts)
-        _check_vllm_only(lora_request, priority, mm_processor_kwargs, len(prompts))
-        params = self._params_per_prompt(sampling_params, len(prompts))
-        return self._enqueue(self._checked(prompts, params, tokenization=tokenization), use_tqdm)
+        requests = self._prompt_requests(prompts, sampling_params, lora_request, priority, tokenization_kwargs,
+                                         mm_processor_kwargs)
+        return self._enqueue(requests, use_tqdm)
 
     def enqueue_chat(
         self,
@@ -863,14 +868,13 @@ class LLM:
                             continue  # after a bad prompt (not returning errors): not run
                         if reason is None:
                             refused = self._add(request, in_flight, parents)
-                            if refused is not None and not return_errors:
+                            if refused is None:
+                                continue
+                            if not return_errors:
                                 raise refused
-                            if refused is not None:
-                                reason = refused if isinstance(refused, ValueError) else \
-                                    ValueError(f"{type(refused).__name__}: {refused}")
-                        if reason is None:
-                            pass
-                        elif return_errors:
+                            reason = refused if isinstance(refused, ValueError) else \
+                                ValueError(f"{type(refused).__name__}: {refused}")
+                        if return_errors:
                             bar.update(1)
                             yield request.index, reason
                         else:
@@ -960,7 +964,7 @@ class LLM:
                     in_flight[child_id], parents[child_id] = request.index, parent
                     self._engine_call(lambda e: e.add_request(child_id, request.prompt, params))
         except Exception as exc:
-            if isinstance(exc, RuntimeError) and str(exc) == _CLOSED:
+            if self._closing:  # the LLM's, not the request's
                 raise
             self._engine_call(lambda e: e.abort_request(added))
             for child_id in added:

@@ -101,9 +101,13 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
         _untie_a_different_head(model, saved_head)
 
 
-def _load_tied(embedding: torch.Tensor, saved_head: torch.Tensor) -> None:
+def _check_head_shape(saved_head: torch.Tensor, embedding: torch.Tensor) -> None:
     if saved_head.shape != embedding.shape:
         raise ValueError(f"Weight 'lm_head.weight' has shape {tuple(saved_head.shape)}, expected {tuple(embedding.shape)}.")
+
+
+def _load_tied(embedding: torch.Tensor, saved_head: torch.Tensor) -> None:
+    _check_head_shape(saved_head, embedding)
     with torch.no_grad():
         embedding.copy_(saved_head)
 
@@ -112,8 +116,7 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
     """A checkpoint that ties its head yet saves one that differs from the embeddings runs with the
     saved head, as transformers does ("will NOT tie them"); an equal one stays tied."""
     embedding = model.embed_tokens.weight
-    if saved_head.shape != embedding.shape:
-        raise ValueError(f"Weight 'lm_head.weight' has shape {tuple(saved_head.shape)}, expected {tuple(embedding.shape)}.")
+    _check_head_shape(saved_head, embedding)
     saved_head = saved_head.to(embedding)
     if not torch.equal(saved_head, embedding):
         model.lm_head.weight = nn.Parameter(saved_head, requires_grad=False)

@@ -2,6 +2,7 @@
 log-probabilities and samples the metadata asks for (types in ``pagedlm/step.py``)."""
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -196,14 +197,12 @@ class ModelRunner:
     def _prompt_logprobs(
         self, seq: SequenceData, num_top: int, hidden: torch.Tensor, first: int, end: int
     ) -> list[PromptLogprob]:
-        """Log-probabilities of prompt tokens ``first+1 .. end`` given everything before each, the
-        logits made ``_PROMPT_ROWS_PER_PASS`` rows at a time."""
+        """Log-probabilities of prompt tokens ``first+1 .. end`` given everything before each."""
         targets = torch.tensor(seq.prompt_token_ids[first + 1 : end + 1], dtype=torch.int64, device=self.device)
         result = []
-        for a in range(0, len(targets), _PROMPT_ROWS_PER_PASS):
-            part = targets[a : a + _PROMPT_ROWS_PER_PASS]
+        for rows, logits in self._prompt_logits(hidden):
+            part = targets[rows]
             chosen = torch.empty(part.shape[0], dtype=torch.float32, device=self.device)
-            logits = self.model.compute_logits(hidden[a : a + _PROMPT_ROWS_PER_PASS])
             ranks, top_lps, top_ids = rank_and_top_logprobs(logits, part, num_top, chosen)
             tops = _top_logprobs(ranks, top_ids, top_lps)
             result += [PromptLogprob(t, lp, top) for t, lp, top in zip(part.tolist(), chosen.tolist(), tops)]
@@ -214,17 +213,22 @@ class ModelRunner:
         """Log-probabilities, float32 ``[end - first, num_ids]`` on CPU, of ``params``'
         ``prompt_logprob_token_ids`` rows for prompt positions ``first .. end - 1`` (each row the
         next token's distribution there), ``_raw_logprob``'s formula; -inf where a row is padded
-        with -1. The logits are made ``_PROMPT_ROWS_PER_PASS`` rows at a time."""
+        with -1."""
         start = first - (params.prompt_logprob_start or 0)
         ids = torch.tensor(params.prompt_logprob_token_ids[start : start + end - first], dtype=torch.int64,
                            device=self.device)
         scores = torch.empty(ids.shape, dtype=torch.float32, device=self.device)
-        for a in range(0, len(ids), _PROMPT_ROWS_PER_PASS):
-            b = a + _PROMPT_ROWS_PER_PASS
-            logits = self.model.compute_logits(hidden[a:b])
+        for rows, logits in self._prompt_logits(hidden):
             _, top, neg_log_sum = argmax_and_neg_log_sum(logits)
-            scores[a:b] = token_logprobs(logits, ids[a:b].clamp(min=0), top, neg_log_sum)
+            scores[rows] = token_logprobs(logits, ids[rows].clamp(min=0), top, neg_log_sum)
         return scores.masked_fill_(ids < 0, float("-inf")).cpu()
+
+    def _prompt_logits(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The logits of prompt rows ``hidden`` [rows, hidden_size], ``_PROMPT_ROWS_PER_PASS`` rows
+        at a time: (the pass's rows, their [pass rows, vocab] logits)."""
+        for a in range(0, len(hidden), _PROMPT_ROWS_PER_PASS):
+            rows = slice(a, a + _PROMPT_ROWS_PER_PASS)
+            yield rows, self.model.compute_logits(hidden[rows])
 
 
 def _span_rows(hidden: torch.Tensor, entry: StepEntry, first: int, end: int) -> torch.Tensor:

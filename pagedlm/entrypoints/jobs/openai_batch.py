@@ -284,8 +284,9 @@ class OpenAIBatchFormat:
         token_bytes, decode = self._token_bytes, self.tokenizer.decode
         if ctx.tokens_as_ids:  # the placeholder's own bytes, as vLLM's server writes them
             token_bytes, decode = (lambda token_id: None), (lambda ids: _token_id_text(ids[0]))
-        shown = [_as_token_ids(c) if ctx.tokens_as_ids else c
-                 for c in (output.outputs if chat else [self._echoed(output, c, ctx.echo) for c in output.outputs])]
+        shown = [self._echoed(output, c, ctx.echo) for c in output.outputs]  # (chat has no echo)
+        if ctx.tokens_as_ids:
+            shown = [_as_token_ids(c) for c in shown]
         choices = [_chat_choice(i, c, top, token_bytes, ctx.tool_choice, split) if chat else
                    _completion_choice(i, c, top, decode)
                    for i, (c, split) in enumerate(zip(shown, splits))]
