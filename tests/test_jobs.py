@@ -1660,21 +1660,20 @@ def test_an_engine_error_names_a_renamed_field_without_its_engine_keys():
 
 
 @pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions"])
-def test_openai_echo_false_passes_and_true_is_refused(llama_dir, url):
-    """Found by a docs walk: chat rows refused echo: false, which the docs (and vLLM) take; chat's
-    echo: true is refused (completions take it: ``test_openai_completions_echo_the_prompt_...``)."""
+def test_openai_echo_takes_true_or_false(llama_dir, url):
+    """Found by a docs walk: chat rows refused echo: false, which the docs (and vLLM) take. (What
+    echo does: ``test_openai_completions_echo_the_prompt_...``, ``test_openai_chat_echo_...``.)"""
     from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
     from pagedlm.entrypoints.jobs.rows import RowError
 
     fmt = OpenAIBatchFormat(AutoTokenizer.from_pretrained(llama_dir), ["tiny"], {}, trust_request_chat_template=True)
     prompt = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE} if "chat" in url else \
         {"prompt": "Hi"}
-    assert fmt.parse(_openai_row("a", url, {**prompt, "echo": False}), "a").prompt
-    refused = ((True, "echo: true is not supported for chat"),) if "chat" in url else ()
-    for echo, message in (*refused, ("yes", "echo must be true or false")):
-        with pytest.raises(RowError, match=message) as exc:
-            fmt.parse(_openai_row("b", url, {**prompt, "echo": echo}), "b")
-        assert exc.value.param == "echo"
+    for echo in (False, True):
+        assert fmt.parse(_openai_row("a", url, {**prompt, "echo": echo}), "a").prompt
+    with pytest.raises(RowError, match="echo must be true or false") as exc:
+        fmt.parse(_openai_row("b", url, {**prompt, "echo": "yes"}), "b")
+    assert exc.value.param == "echo"
 
 
 def test_the_structured_outputs_config_flag_takes_a_json_object(capsys):
@@ -1802,14 +1801,12 @@ def test_openai_bodies_take_vllms_prompt_logprobs(llama_dir, tmp_path):
 def test_openai_completions_echo_the_prompt_as_vllms_server_does(llama_dir, tmp_path):
     """Completions' echo (lm-evaluation-harness scores prompts so: echo, logprobs, max_tokens 0):
     the prompt's text before the output, and with logprobs the prompt's (null at its first token),
-    then the output's; max_tokens 0 returns the prompt alone (vLLM's server runs one token). Chat's
-    echo stays refused."""
+    then the output's; max_tokens 0 returns the prompt alone (vLLM's server runs one token)."""
     prompt = "The capital of France is"
     body = {"prompt": prompt, "temperature": 0}
     rows = [_openai_row("score", "/v1/completions", {**body, "echo": True, "max_tokens": 0, "logprobs": 1}),
             _openai_row("both", "/v1/completions", {**body, "echo": True, "max_tokens": 3, "logprobs": 0}),
-            _openai_row("plain", "/v1/completions", {**body, "max_tokens": 3, "logprobs": 0}),
-            _chat_row("chat", echo=True)]
+            _openai_row("plain", "/v1/completions", {**body, "max_tokens": 3, "logprobs": 0})]
     _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r for r in out}
     with LLM(llama_dir, **ENGINE) as llm:
@@ -1824,7 +1821,63 @@ def test_openai_completions_echo_the_prompt_as_vllms_server_does(llama_dir, tmp_
     both, plain = (got[k]["response"]["body"]["choices"][0] for k in ("both", "plain"))
     assert both["text"] == prompt + plain["text"]
     assert both["logprobs"]["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
-    assert "body.echo: true is not supported for chat completions" in got["chat"]["error"]["message"]
+
+
+def test_openai_chat_echo_puts_the_last_message_first_as_vllms_server_does(llama_dir, tmp_path):
+    """Chat's echo (vLLM's server's): the last message's content goes before each choice's when it
+    is the response's role: "assistant", or the last message's own role without a generation
+    prompt (vLLM's role then; a prefill continued with continue_final_message is the use); with
+    top_logprobs the prompt's logprobs come too (vLLM asks for them)."""
+    prefill = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Well,"},
+                                                                                   {"type": "text", "text": "so"}]}]
+    cont = {"messages": prefill, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4,
+            "n": 2, "temperature": 1.0, "seed": 3}
+    rows = [_chat_row("echo", **cont, echo=True), _chat_row("plain", **cont),
+            _chat_row("user", echo=True, max_tokens=3), _chat_row("user_plain", max_tokens=3),
+            _chat_row("user_role", echo=True, max_tokens=3, add_generation_prompt=False),
+            _chat_row("scored", echo=True, max_tokens=2, logprobs=True, top_logprobs=1)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r["response"]["body"] for r in out}
+    messages = {k: [c["message"] for c in body["choices"]] for k, body in got.items()}
+    assert len(messages["echo"]) == 2 and messages["echo"] == [
+        {**m, "content": "Well,\nso" + m["content"]} for m in messages["plain"]]  # parts joined as the template saw them
+    assert messages["user"] == messages["user_plain"] and messages["user"][0]["role"] == "assistant"
+    user_role = messages["user_role"][0]
+    assert user_role["role"] == "user" and user_role["content"].startswith("Hi")
+    scored = got["scored"]
+    assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"]) == scored["usage"]["prompt_tokens"]
+    assert all(1 <= len(p) <= 2 for p in scored["prompt_logprobs"][1:])
+
+
+def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(llama_dir, tmp_path):
+    """vLLM's add_special_tokens: the tokenizer's BOS on top of a chat template's (off by default for
+    chat, on for completions, whose text prompt then goes without it); request_id names the
+    response ("chatcmpl-" or "cmpl-" and it); priority takes 0 (first come, first served)."""
+    no_bos = TEMPLATE.removeprefix("{{ bos_token }}")
+    chat = {"chat_template": no_bos, "max_tokens": 2, "return_token_ids": True}
+    cmpl = {"prompt": "Hello", "max_tokens": 2, "return_token_ids": True}
+    rows = [_chat_row("chat", **chat), _chat_row("chat_bos", **chat, add_special_tokens=True, request_id="r1"),
+            _openai_row("cmpl", "/v1/completions", cmpl),
+            _openai_row("cmpl_plain", "/v1/completions", {**cmpl, "add_special_tokens": False, "request_id": "r2",
+                                                         "priority": 0}),
+            _openai_row("ids", "/v1/completions", {**cmpl, "prompt": [5, 6], "add_special_tokens": False}),
+            _chat_row("bad", add_special_tokens="yes"), _chat_row("urgent", priority=1),
+            _chat_row("flag", priority=True), _chat_row("rid", request_id=7)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r["response"]["body"] for r in out}
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    plain = got["chat"]["prompt_token_ids"]
+    assert plain[0] != BOS and got["chat_bos"]["prompt_token_ids"] == [BOS, *plain]
+    assert got["chat_bos"]["id"] == "chatcmpl-r1" and got["cmpl_plain"]["id"] == "cmpl-r2"
+    assert got["cmpl"]["id"].startswith("cmpl-") and got["cmpl"]["id"] != got["cmpl_plain"]["id"]
+    assert got["cmpl"]["choices"][0]["prompt_token_ids"] == tok("Hello").input_ids
+    assert got["cmpl_plain"]["choices"][0]["prompt_token_ids"] == tok("Hello", add_special_tokens=False).input_ids
+    assert got["ids"]["choices"][0]["prompt_token_ids"] == [5, 6]
+    errors = {k: (v["error"]["param"], v["error"]["message"]) for k, v in got.items() if "error" in v}
+    assert errors.keys() == {"bad", "urgent", "flag", "rid"}
+    assert errors["bad"][0] == "add_special_tokens" and "must be true or false" in errors["bad"][1]
+    assert errors["urgent"][0] == errors["flag"][0] == "priority" and "must be 0" in errors["urgent"][1]
+    assert errors["rid"] == ("request_id", "line 9: body.request_id must be a string, got 7")
 
 
 def test_openai_bodies_take_vllms_return_tokens_as_token_ids(llama_dir, tmp_path):

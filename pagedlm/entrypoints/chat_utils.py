@@ -52,11 +52,14 @@ _OPTION_TYPES = {"chat_template": (str, "a string"), "chat_template_kwargs": (di
 @dataclass(frozen=True, slots=True)
 class RenderedChat:
     """A prompt that a chat template made (``render_chat``): the template has placed its special
-    tokens in ``text``, so ``LLM.generate`` tokenizes it without adding any. ``cache_salt`` is a
-    prompt dict's (``inputs.TextPrompt``)."""
+    tokens in ``text``, so ``LLM.generate`` tokenizes it without adding any, unless
+    ``add_special_tokens`` (vLLM's chat request field: the tokenizer's on top of the template's; a
+    call's ``tokenization_kwargs`` decides over it). ``cache_salt`` is a prompt dict's
+    (``inputs.TextPrompt``)."""
 
     text: str
     cache_salt: str | None = None
+    add_special_tokens: bool = False
 
 
 def is_conversation(messages: object) -> bool:

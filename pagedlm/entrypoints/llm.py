@@ -749,13 +749,13 @@ class LLM:
                   ) -> tuple[list[ParsedPrompt], list[list[int]], dict[int, FieldError], set[int]]:
         """Each prompt parsed (``inputs.parse_prompt``; its ``text`` the one outputs echo) and its
         token ids, why each bad one is bad, and which were encoded from text with the tokenizer's
-        special tokens (by default text prompts are, rendered chats not)."""
+        special tokens (by default text prompts are, rendered chats as their ``add_special_tokens`` says)."""
         parsed: list[ParsedPrompt] = []
         errors: dict[int, FieldError] = {}
-        rendered: set[int] = set()
+        rendered: dict[int, bool] = {}  # a rendered chat's index -> its own add_special_tokens
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, RenderedChat):
-                rendered.add(i)
+                rendered[i] = prompt.add_special_tokens
                 salt = {} if prompt.cache_salt is None else {"cache_salt": prompt.cache_salt}
                 prompt = {"prompt": prompt.text, **salt}
             try:
@@ -765,7 +765,7 @@ class LLM:
                 parsed.append(ParsedPrompt(None, []))
         token_ids = [p.token_ids or [] for p in parsed]
         texts = {i: p.text for i, p in enumerate(parsed) if p.token_ids is None and p.text is not None}
-        special = {i for i in texts if (i not in rendered if add_special_tokens is None else add_special_tokens)}
+        special = {i for i in texts if (rendered.get(i, True) if add_special_tokens is None else add_special_tokens)}
         # Emptiness is decided on the final ids: "" is the prompt [BOS] for a tokenizer that adds one.
         for indices, with_specials in ((sorted(special), True), (sorted(set(texts) - special), False)):
             encoded = encode_prompts(self.llm_engine.tokenizer, [texts[i] for i in indices], with_specials)

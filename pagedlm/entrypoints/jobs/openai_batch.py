@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.engine.structured_outputs import schema_problem
-from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
+from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, parse_conversation, render_chat
 from pagedlm.entrypoints.jobs.rows import (
     JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names, sampling_params_from,
     schema_without_nulls, without_nulls,
@@ -28,7 +28,7 @@ from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.sampling_params import STRUCTURED_OUTPUT_KINDS
-from pagedlm.transformers_utils.tokenizer import TokenBytes
+from pagedlm.transformers_utils.tokenizer import TokenBytes, encode_prompts
 from pagedlm.utils import FieldError
 
 logger = logging.getLogger("pagedlm")
@@ -52,12 +52,13 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
               "tools", "tool_choice", "parallel_tool_calls")
 _COMPLETIONS_ONLY = ("prompt", "logprobs", "best_of", "suffix")
 _COMMON = ("model", "max_tokens", "stream", "user", "response_format", "structured_outputs", "cache_salt", "echo",
-           "return_token_ids", "return_tokens_as_token_ids", *_SAME_NAME)
+           "return_token_ids", "return_tokens_as_token_ids", "add_special_tokens", "request_id", "priority", *_SAME_NAME)
 BODY_FIELDS = {CHAT_URL: set(_COMMON + _CHAT_ONLY), COMPLETIONS_URL: set(_COMMON + _COMPLETIONS_ONLY)}
 # Body fields whose type OpenAI's API reference gives and nothing else checks (a truthy "no" is not
 # true; user reaches no SamplingParams), with their words for messages.
 _COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "echo": (bool, "true or false"),
-                 "return_token_ids": (bool, "true or false"), "return_tokens_as_token_ids": (bool, "true or false")}
+                 "return_token_ids": (bool, "true or false"), "return_tokens_as_token_ids": (bool, "true or false"),
+                 "add_special_tokens": (bool, "true or false"), "request_id": (str, "a string")}
 _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
           COMPLETIONS_URL: _COMMON_TYPES}
 # OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
@@ -76,6 +77,9 @@ class _Context:
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     echo: str | None = None  # completions': "prompt" alone (max_tokens 0) or "both", before the output
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' tokens as "token_id:<id>"
+    role: str = "assistant"  # chat's message role (vLLM's: the last message's without a generation prompt)
+    echo_text: str = ""  # chat's echo: the last message's content, before each choice's (vLLM's)
+    request_id: str | None = None  # the body's (vLLM's): the response's id is "chatcmpl-" or "cmpl-" and it
 
 
 class OpenAIBatchFormat:
@@ -155,8 +159,10 @@ class OpenAIBatchFormat:
         for name, (kind, words) in _TYPES[url].items():
             if name in body and not isinstance(body[name], kind):
                 raise RowError(f"body.{name} must be {words}, got {json_text(body[name], 40)}", name)
-        if body.get("echo") and url == CHAT_URL:  # vLLM's: the last message before the output
-            raise RowError("body.echo: true is not supported for chat completions (false is)", "echo")
+        if "priority" in body and (type(body["priority"]) is not int or body["priority"] != 0):
+            raise RowError(f"body.priority must be 0 (pagedlm schedules first come, first served; vLLM refuses "
+                           f"another priority without priority scheduling), got {json_text(body['priority'], 40)}",
+                           "priority")
         _check_limits(body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
@@ -164,6 +170,7 @@ class OpenAIBatchFormat:
         renames = {}  # SamplingParams field -> the body's name for it
         tool_choice = None
         echo = None  # completions' echo: "prompt" (max_tokens 0) or "both"
+        role, echo_text = "assistant", ""
         if url == CHAT_URL:
             tool_choice = tool_choice_of(body, self.value_nulls)
             options = {k: body[k] for k in CHAT_OPTIONS if k in body}
@@ -171,8 +178,17 @@ class OpenAIBatchFormat:
             if tool_choice is not None:
                 options["tools"] = tool_choice.tools
             prompt = self._render_chat(body.get("messages"), options, tool_choice)
-            if "cache_salt" in body:  # vLLM's: this row's prefix-cache blocks are its salt's
-                prompt = replace(prompt, cache_salt=body["cache_salt"])
+            # vLLM's: this row's prefix-cache blocks are its salt's; the tokenizer's special tokens
+            # on top of the template's (off by default)
+            prompt = replace(prompt, cache_salt=body.get("cache_salt"),
+                             add_special_tokens=body.get("add_special_tokens", False))
+            role = "assistant" if body.get("add_generation_prompt", True) else body["messages"][-1]["role"]
+            if body.get("echo"):  # vLLM's: the last message's content before the output, if it is the role's
+                last = parse_conversation(body["messages"])[-1]
+                echo_text = last["content"] if last["role"] == role else ""
+                if "prompt_logprobs" not in fields and "top_logprobs" in body:
+                    fields["prompt_logprobs"] = body["top_logprobs"]  # vLLM's server asks for them too
+                    renames["prompt_logprobs"] = "top_logprobs"
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
                 renames["max_tokens"] = "max_completion_tokens"
@@ -194,6 +210,9 @@ class OpenAIBatchFormat:
             prompt = _completion_prompt(body.get("prompt"))
             if body.get("suffix") is not None:
                 raise RowError("body.suffix is not supported", "suffix")
+            if body.get("add_special_tokens") is False and "prompt" in prompt:  # token ids are taken as given
+                ids = encode_prompts(self.tokenizer, [prompt["prompt"]], add_special_tokens=False)[0]
+                prompt = {"prompt_token_ids": ids, "prompt": prompt["prompt"]}
             if "cache_salt" in body:
                 prompt = {**prompt, "cache_salt": body["cache_salt"]}
             max_tokens = body.get("max_tokens", self.defaults.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS))
@@ -241,7 +260,8 @@ class OpenAIBatchFormat:
         params = sampling_params_from(fields, self.defaults, "body", names, self.value_nulls)
         return JobRow(key, prompt, params, row, names, _Context(key, url, self.served_model_names[0], tool_choice,
                                                                  body.get("return_token_ids", False), echo,
-                                                                 body.get("return_tokens_as_token_ids", False)))
+                                                                 body.get("return_tokens_as_token_ids", False),
+                                                                 role, echo_text, body.get("request_id")))
 
     def _render_chat(self, messages: Any, options: dict[str, Any], tool_choice: ToolChoice | None) -> Any:
         """The row's prompt. Tools the template does not read are refused unless the model is made
@@ -284,10 +304,10 @@ class OpenAIBatchFormat:
         token_bytes, decode = self._token_bytes, self.tokenizer.decode
         if ctx.tokens_as_ids:  # the placeholder's own bytes, as vLLM's server writes them
             token_bytes, decode = (lambda token_id: None), (lambda ids: _token_id_text(ids[0]))
-        shown = [self._echoed(output, c, ctx.echo) for c in output.outputs]  # (chat has no echo)
+        shown = [self._echoed(output, c, ctx.echo) for c in output.outputs]  # (chat's echo is its choices' text)
         if ctx.tokens_as_ids:
             shown = [_as_token_ids(c) for c in shown]
-        choices = [_chat_choice(i, c, top, token_bytes, ctx.tool_choice, split) if chat else
+        choices = [_chat_choice(i, c, top, token_bytes, ctx.tool_choice, split, ctx.role, ctx.echo_text) if chat else
                    _completion_choice(i, c, top, decode)
                    for i, (c, split) in enumerate(zip(shown, splits))]
         num_prompt = len(output.prompt_token_ids)
@@ -309,7 +329,8 @@ class OpenAIBatchFormat:
             if ctx.return_token_ids:
                 choice["token_ids"] = c.token_ids
         body = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{output.request_id}-{uuid.uuid4().hex[:12]}",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-"
+                  f"{ctx.request_id if ctx.request_id is not None else f'{output.request_id}-{uuid.uuid4().hex[:12]}'}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": ctx.model,
@@ -411,7 +432,9 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
 
 
 def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: Callable[[int], bytes | None],
-                 tool_choice: ToolChoice | None, split: ReasoningSplit | None) -> dict:
+                 tool_choice: ToolChoice | None, split: ReasoningSplit | None, role: str, echo_text: str) -> dict:
+    """A chat choice; ``echo_text`` (chat's ``echo``) goes before the message's content, as
+    vLLM's server puts it (a null content becomes the text alone)."""
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
@@ -424,7 +447,9 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: Ca
                               else ({"content": content}, c.finish_reason))
     if split is not None:
         message["reasoning"] = split.reasoning
-    return {"index": index, "message": {"role": "assistant", **message, "refusal": None},
+    if echo_text:
+        message["content"] = echo_text + (message["content"] or "")
+    return {"index": index, "message": {"role": role, **message, "refusal": None},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
 
