@@ -33,7 +33,7 @@ os.environ.setdefault("PAGEDLM_LOGGING_LEVEL", "WARNING")
 VOCAB_SIZE = 384
 BOS, EOS = 1, 2
 
-import pagedlm.ops  # noqa: E402  (registers the extension's kernels, if built)
+import pagedlm.ops  # noqa: E402, F401  (registers the extension's kernels, if built)
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "pagedlm::paged_attention", "CUDA"
