@@ -1350,6 +1350,8 @@ def test_openai_rows_outside_openai_limits_are_refused(llama_dir, tmp_path):
         _chat_row("tlp-vocab", logprobs=True, top_logprobs=50000),
         _chat_row("tlp-all", logprobs=True, top_logprobs=-1),
         _openai_row("lp-all", "/v1/completions", {"prompt": "x", "logprobs": -1}),
+        _chat_row("tlp-neg", logprobs=True, top_logprobs=-2),
+        _openai_row("plp-neg", "/v1/completions", {"prompt": "x", "prompt_logprobs": -3}),
         _openai_row("", "/v1/completions", {"prompt": "x"}),
         _openai_row("user", "/v1/completions", {"prompt": "x", "user": 5}),
         _openai_row("ok", "/v1/completions", {"prompt": "x", "max_tokens": 1, "user": "u1", "logprobs": 5,
@@ -1360,10 +1362,31 @@ def test_openai_rows_outside_openai_limits_are_refused(llama_dir, tmp_path):
     assert stats.completed == 1 and "ok" not in errors
     assert {k: param for k, (param, _) in errors.items()} == {
         "bias-high": "logit_bias", "bias-low": "logit_bias", "tlp-high": "top_logprobs", "tlp-vocab": "top_logprobs",
-        "tlp-all": "top_logprobs", "lp-all": "logprobs", "": "custom_id", "user": "user"}
+        "tlp-all": "top_logprobs", "lp-all": "logprobs", "tlp-neg": "top_logprobs", "plp-neg": "prompt_logprobs",
+        "": "custom_id", "user": "user"}
     assert "[-100, 100]" in errors["bias-high"][1] and "[-100, 100]" in errors["bias-low"][1]
-    assert all("[0, 20]" in errors[k][1] for k in ("tlp-high", "tlp-vocab", "tlp-all", "lp-all"))
+    for k in ("tlp-high", "tlp-all", "lp-all"):  # the job's max_logprobs bounds them, as vLLM's server's
+        assert "exceeds max_logprobs (20)" in errors[k][1] and "--max-logprobs" in errors[k][1]
+    assert "exceeds the vocabulary size" in errors["tlp-vocab"][1]
+    assert all("must be at least 0, or -1" in errors[k][1] for k in ("tlp-neg", "plp-neg"))
     assert "must be a string" in errors["user"][1]
+
+
+def test_openai_rows_take_as_many_logprobs_as_the_job_allows(llama_dir, tmp_path):
+    """Found in session 58: top_logprobs over 20 (and -1, the whole vocabulary, vLLM's) were refused
+    even where --max-logprobs allowed them; vLLM's server bounds them by its max_logprobs alone."""
+    rows = [_chat_row("top", logprobs=True, top_logprobs=30, max_tokens=2),
+            _chat_row("chat_all", logprobs=True, top_logprobs=-1, max_tokens=1),
+            _openai_row("all", "/v1/completions", {"prompt": "x", "logprobs": -1, "max_tokens": 1})]
+    config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"),
+                       model=llama_dir, engine={**ENGINE, "max_logprobs": -1}, sampling={"temperature": 0.0},
+                       trust_request_chat_template=True)
+    run_job(config)
+    got = {r["custom_id"]: r["response"]["body"] for r in read_output(tmp_path / "out.jsonl")}
+    assert [len(p["top_logprobs"]) for p in got["top"]["choices"][0]["logprobs"]["content"]] == [30, 30]
+    assert len(got["chat_all"]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 384  # the vocabulary
+    # keyed by text: the tokens of one text (partial characters' "") share a key
+    assert len(got["all"]["choices"][0]["logprobs"]["top_logprobs"][0]) > 200
 
 
 def test_plain_rows_chat_options_render_their_messages(chat_llama_dir, tmp_path):

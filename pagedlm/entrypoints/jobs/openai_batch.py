@@ -61,10 +61,10 @@ _COMMON_TYPES = {"user": (str, "a string"), "cache_salt": (str, "a string"), "ec
                  "add_special_tokens": (bool, "true or false"), "request_id": (str, "a string")}
 _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
           COMPLETIONS_URL: _COMMON_TYPES}
-# OpenAI's limits (its API reference) on fields SamplingParams takes wider: top_logprobs in [0, 20]
-# (vLLM's max_logprobs caps completions' logprobs at 20 too; OpenAI's at 5), logit_bias in [-100, 100]
-# (SamplingParams takes any finite bias, as vLLM's LLM does; vLLM's server clamps).
-MAX_LOGPROBS = 20
+# OpenAI's limit (its API reference) on a field SamplingParams takes wider: logit_bias in [-100, 100]
+# (SamplingParams takes any finite bias, as vLLM's LLM does; vLLM's server clamps). top_logprobs
+# and completions' logprobs are bounded by the job's max_logprobs, as vLLM's server bounds them
+# (both default to 20, OpenAI's cap; OpenAI caps completions' logprobs at 5).
 LOGIT_BIAS_RANGE = (-100, 100)
 
 
@@ -296,7 +296,9 @@ class OpenAIBatchFormat:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
         params = job_row.params
-        top = functools.partial(_top, k=params.logprobs or 0, token_ids=params.logprob_token_ids)
+        # -1 (vLLM's): the whole vocabulary, every rank
+        k = float("inf") if params.logprobs == -1 else params.logprobs or 0
+        top = functools.partial(_top, k=k, token_ids=params.logprob_token_ids)
         splits = [None] * len(output.outputs)
         if chat and self.reasoning_parser is not None:
             splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text) for c in output.outputs]
@@ -364,11 +366,13 @@ def _completion_prompt(prompt: Any) -> dict[str, Any]:
 
 
 def _check_limits(body: dict) -> None:
-    """Refuse values OpenAI refuses that SamplingParams would take (see ``MAX_LOGPROBS``)."""
-    for name in ("top_logprobs", "logprobs"):
+    """Refuse values vLLM's server or OpenAI refuse that SamplingParams would take (see
+    ``LOGIT_BIAS_RANGE``)."""
+    for name in ("top_logprobs", "logprobs", "prompt_logprobs"):
         value = body.get(name)
-        if type(value) is int and not 0 <= value <= MAX_LOGPROBS:  # chat's logprobs is a bool
-            raise RowError(f"body.{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+        if type(value) is int and value < -1:  # chat's logprobs is a bool; -1 is the whole vocabulary (vLLM's)
+            raise RowError(f"body.{name} must be at least 0, or -1 for the whole vocabulary (within the job's "
+                           f"--max-logprobs), got {value}", name)
     bias = body.get("logit_bias")
     low, high = LOGIT_BIAS_RANGE
     for token, value in bias.items() if isinstance(bias, dict) else ():
@@ -476,7 +480,7 @@ def _completion_choice(index: int, c: CompletionOutput, top: Callable, decode: C
             "stop_reason": c.stop_reason}
 
 
-def _top(position: dict[int, Logprob], k: int, token_ids: list[int] | None = None,
+def _top(position: dict[int, Logprob], k: float, token_ids: list[int] | None = None,
          sampled: int | None = None) -> list[tuple[int, Logprob]]:
     """The ``k`` most likely tokens of a position and the ``sampled`` one if given, best first (the
     dict holds the sampled token too, which may rank lower); with ``token_ids``
