@@ -100,12 +100,15 @@ def _checked_text(text: str, field: str) -> str:
 @dataclass(frozen=True)
 class TokenizationKwargs:
     """vLLM's ``tokenization_kwargs``, the keys pagedlm takes: ``truncate_prompt_tokens`` (k >= 1:
-    a prompt's last k tokens; -1: as many as ``max_model_len`` leaves room for) and
+    a prompt's last k tokens; -1: as many as ``max_model_len`` leaves room for), ``truncation_side``
+    (vLLM's "left" or "right": the last or first k of the ids, a BOS cut as any token; None: the
+    last k, a text prompt keeping its BOS, ``LLMEngine.truncate_prompt``) and
     ``add_special_tokens`` (whether text gets the tokenizer's special tokens, a BOS; None: yes for
     prompts, no for chats, whose template places them)."""
 
     truncate_prompt_tokens: int | None = None
     add_special_tokens: bool | None = None
+    truncation_side: str | None = None
 
 
 def parse_tokenization_kwargs(kwargs: dict[str, Any] | None, max_model_len: int) -> TokenizationKwargs:
@@ -114,11 +117,11 @@ def parse_tokenization_kwargs(kwargs: dict[str, Any] | None, max_model_len: int)
         return TokenizationKwargs()
     if not isinstance(kwargs, dict):
         raise ValueError(f"tokenization_kwargs must be a dict, got {type(kwargs).__name__}.")
-    allowed = ("truncate_prompt_tokens", "add_special_tokens")
+    allowed = ("truncate_prompt_tokens", "truncation_side", "add_special_tokens")
     unknown = sorted(map(repr, set(kwargs) - set(allowed)))
     if unknown:
         raise ValueError(f"tokenization_kwargs: unknown key(s) {', '.join(unknown)}; pagedlm takes "
-                         f"{' and '.join(map(repr, allowed))}.")
+                         f"{', '.join(map(repr, allowed))}.")
     truncate = check_truncate_prompt_tokens(kwargs.get("truncate_prompt_tokens"))
     if truncate is not None and truncate > max_model_len:
         raise ValueError(f"tokenization_kwargs: truncate_prompt_tokens ({truncate}) cannot be greater than "
@@ -126,4 +129,7 @@ def parse_tokenization_kwargs(kwargs: dict[str, Any] | None, max_model_len: int)
     special = kwargs.get("add_special_tokens")
     if special is not None and not isinstance(special, bool):
         raise ValueError(f"tokenization_kwargs: add_special_tokens must be a bool, got {special!r}.")
-    return TokenizationKwargs(truncate, special)
+    side = kwargs.get("truncation_side")
+    if side not in (None, "left", "right"):
+        raise ValueError(f"tokenization_kwargs: truncation_side must be 'left' or 'right', got {side!r}.")
+    return TokenizationKwargs(truncate, special, side)

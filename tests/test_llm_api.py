@@ -1375,10 +1375,22 @@ def test_tokenization_kwargs_truncate_prompts_as_vllm_0_32_does(llm):
     assert chat.prompt_token_ids == tok(chat.prompt, add_special_tokens=False).input_ids[-4:]
     streamed = llm.generate_as_completed([{"prompt_token_ids": ids}], greedy, **truncated(3))
     assert [out.prompt_token_ids for _, out in streamed] == [ids[-3:]]
+    # vLLM's explicit truncation_side slices the ids as they are, a BOS among them (found by a hunt:
+    # it was refused).
+    for side, want in (("left", full[-5:]), ("right", full[:5])):
+        kwargs = {"truncate_prompt_tokens": 5, "truncation_side": side}
+        assert prompt_ids([text, {"prompt_token_ids": full}], tokenization_kwargs=kwargs) == [want] * 2
+        engine.add_request(f"side {side}", text, greedy, tokenization_kwargs=kwargs)
+        while engine.has_unfinished_requests():
+            out = engine.step()
+        assert out[0].prompt_token_ids == want
+    assert prompt_ids(text, greedy.clone(truncate_prompt_tokens=3),
+                      tokenization_kwargs={"truncation_side": "right"}) == [full[:3]]
 
     for kwargs, match in [
-        ({"truncation": True}, "unknown key.s. 'truncation'; pagedlm takes 'truncate_prompt_tokens' and "
-                               "'add_special_tokens'"),
+        ({"truncation": True}, "unknown key.s. 'truncation'; pagedlm takes 'truncate_prompt_tokens', "
+                               "'truncation_side', 'add_special_tokens'"),
+        ({"truncation_side": "middle"}, "truncation_side must be 'left' or 'right', got 'middle'"),
         ({"add_special_tokens": 1}, "add_special_tokens must be a bool, got 1"),
         ({"truncate_prompt_tokens": 257}, r"truncate_prompt_tokens \(257\) cannot be greater than max_model_len \(256\)"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be None, -1 .the model's limit. or >= 1, got 0"),

@@ -161,16 +161,21 @@ class LLMEngine:
     def vocab_size(self) -> int:
         return self.model_config.hf_config.vocab_size
 
-    def truncate_prompt(self, prompt_token_ids: list[int], *limits: int | None, from_text: bool = False) -> list[int]:
-        """The prompt's last ``k`` tokens, ``k`` the smallest of ``limits`` (``truncate_prompt_tokens``
-        values: None is no limit, -1 ``max_model_len - 1``): vLLM's left truncation. A prompt the
-        tokenizer encoded from text (``from_text``) keeps the special tokens it put first (a BOS),
-        as the tokenizer's own truncation, which vLLM uses, keeps them."""
+    def truncate_prompt(self, prompt_token_ids: list[int], *limits: int | None, from_text: bool = False,
+                        side: str | None = None) -> list[int]:
+        """The prompt cut to ``k`` tokens, ``k`` the smallest of ``limits`` (``truncate_prompt_tokens``
+        values: None is no limit, -1 ``max_model_len - 1``). By default its last ``k``: vLLM's
+        left truncation, where a prompt the tokenizer encoded from text (``from_text``) keeps the
+        special tokens it put first (a BOS), as the tokenizer's own truncation, which vLLM uses,
+        keeps them. ``side`` is vLLM's explicit ``truncation_side``, which slices the ids as they
+        are: "left" keeps the last ``k`` (a BOS among the cut), "right" the first ``k``."""
         max_len = self.model_config.max_model_len
         keep = min((max_len - 1 if k == -1 else k for k in limits if k is not None), default=None)
         if keep is None or len(prompt_token_ids) <= keep:
             return prompt_token_ids
-        first = min(self._specials_before_text, keep) if from_text else 0
+        if side == "right":
+            return prompt_token_ids[:keep]
+        first = min(self._specials_before_text, keep) if from_text and side is None else 0
         return prompt_token_ids[:first] + prompt_token_ids[len(prompt_token_ids) - keep + first:]
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -326,8 +331,8 @@ class LLMEngine:
                 are scheduled in the order they are added (the last admitted is preempted first), as
                 vLLM's FCFS policy does, whatever their arrival times.
             lora_request: None (pagedlm has no LoRA adapters).
-            tokenization_kwargs: ``truncate_prompt_tokens`` and ``add_special_tokens``
-                (``inputs.TokenizationKwargs``).
+            tokenization_kwargs: ``truncate_prompt_tokens``, ``truncation_side`` and
+                ``add_special_tokens`` (``inputs.TokenizationKwargs``).
             trace_headers: None (pagedlm exports no traces).
             priority: 0 (requests are scheduled first come, first served).
 
@@ -367,7 +372,8 @@ class LLMEngine:
             from_text = tokenization.add_special_tokens is not False
             prompt_token_ids = encode_prompts(self.tokenizer, [parsed.text], from_text)[0]
         prompt_token_ids = self.truncate_prompt(prompt_token_ids, params.truncate_prompt_tokens,
-                                                tokenization.truncate_prompt_tokens, from_text=from_text)
+                                                tokenization.truncate_prompt_tokens, from_text=from_text,
+                                                side=tokenization.truncation_side)
         if params.trace_decode_token_ids is not None:
             params.trace_decode_token_ids, params.max_tokens = self._fit_trace(params, len(prompt_token_ids))
         reason = self.check_request(prompt_token_ids, params)

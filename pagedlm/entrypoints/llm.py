@@ -314,8 +314,10 @@ class LLM:
         ``tokenization_kwargs`` is vLLM's; pagedlm takes its ``truncate_prompt_tokens``: k >= 1
         runs each prompt on its last k tokens (a text prompt keeps the BOS its tokenizer adds, as
         vLLM's does), -1 on as many as ``max_model_len`` leaves room for (vLLM 0.32 keeps
-        ``max_model_len``, a prompt it then refuses); and ``add_special_tokens`` (default True:
-        text prompts get the tokenizer's BOS). ``SamplingParams.truncate_prompt_tokens``
+        ``max_model_len``, a prompt it then refuses); its ``truncation_side`` ("right": the first
+        k tokens; "left": the last k of the ids as they are, a BOS cut as any token, as vLLM's
+        explicit side slices them); and ``add_special_tokens`` (default True: text prompts get
+        the tokenizer's BOS). ``SamplingParams.truncate_prompt_tokens``
         (vLLM's older place for it) still works; given both, the smaller limit applies.
         ``lora_request``, ``priority`` and ``mm_processor_kwargs`` are vLLM's and take only their
         no-op values (None, 0 and empty), which pagedlm's text-only, first-come-first-served
@@ -729,7 +731,8 @@ class LLM:
                     reason = reason or params
             if reason is None:
                 token_ids[k] = self.llm_engine.truncate_prompt(
-                    token_ids[k], params.truncate_prompt_tokens, truncate_prompt_tokens, from_text=k in from_text)
+                    token_ids[k], params.truncate_prompt_tokens, truncate_prompt_tokens, from_text=k in from_text,
+                    side=tokenization.truncation_side)
                 if id(params) not in split:
                     split[id(params)] = self._children_of(params)
                 children = split[id(params)]
