@@ -454,6 +454,34 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     assert pq.ParquetFile(path).num_row_groups == 1  # the four parts' rows in one group (a soak hunt: one each)
 
 
+def test_parquet_parts_whose_values_do_not_convert_exactly_merge_as_text(tmp_path):
+    """Found by a hunt: an int beyond 2**53 in one part and a float in another made the merge's
+    float64 cast fail; its text fallback was forced back to the float64 column (the int rounded)
+    or, in a struct or list, failed the merge and every resume. Such a column is text now, as the
+    same rows in one part are written; exact promotions stay."""
+    from pagedlm.entrypoints.jobs.files import ParquetWriter
+    from pagedlm.entrypoints.jobs.plain_rows import output_schema
+
+    big = 2**53 + 1
+    rows = [{"id": 1, "flat": big, "nested": {"v": big}, "listed": [big], "exact": 1, "same": "a"},
+            {"id": 2, "flat": 0.5, "nested": {"v": 0.5}, "listed": [0.5], "exact": 0.5, "same": "b"}]
+    merged = {}
+    for part_rows in (1, 2):  # a part a row, and both in one part
+        path = str(tmp_path / f"out{part_rows}.parquet")
+        writer = ParquetWriter(path, False, lambda row: row["id"], "id", output_schema(), part_rows=part_rows)
+        for row in rows:
+            writer.write(row)
+        writer.close()
+        merged[part_rows] = pq.read_table(path)
+    table = merged[1]
+    assert table.column("flat").to_pylist() == [str(big), "0.5"]
+    assert table.column("nested").to_pylist() == [json.dumps({"v": big}), json.dumps({"v": 0.5})]
+    assert table.column("listed").to_pylist() == [f"[{big}]", "[0.5]"]
+    assert table.column("exact").to_pylist() == [1.0, 0.5] and table.column("same").to_pylist() == ["a", "b"]
+    assert merged[2].select(["flat", "nested", "listed", "exact"]).to_pylist() == \
+        table.select(["flat", "nested", "listed", "exact"]).to_pylist()
+
+
 def test_a_kill_between_the_parquet_merge_and_the_parts_removal_resumes_without_repeats(tmp_path):
     """Found by a hunt: both the merged output and its parts were there, and --resume made the
     output a part beside them (450 rows for 400)."""

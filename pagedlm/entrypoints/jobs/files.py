@@ -425,8 +425,7 @@ class ParquetWriter(OutputWriter):
         if not finished:
             return
         parts = self._parts()
-        schemas = [pq.read_schema(p) for p in parts]
-        schema = _unify(schemas, self._trailing_columns) if schemas else rows_to_table([], self._schema).schema
+        schema = _unify(parts, self._trailing_columns) if parts else rows_to_table([], self._schema).schema
         with storage.replacing(self.path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             # Parts of a slow job hold a few rows each (one every sync_interval): merged into row
             # groups of MERGED_ROW_GROUP_ROWS, not one group each.
@@ -533,30 +532,42 @@ def _as_json_text(values: list):
     return pa.array([as_text(v) for v in values], pa.string())
 
 
-def _unify(schemas: list, trailing_columns: Sequence[str]):
+def _unify(parts: list[str], trailing_columns: Sequence[str]):
     """One schema for all parts: each column's types promoted (int64 + float64 -> float64, null +
-    any -> any), or text where they cannot be (then ``_conform`` writes its values as JSON); the
-    columns in the order they first appear, ``trailing_columns`` last."""
+    any -> any), or text where they cannot be, or where a part's values do not convert exactly (an
+    int beyond 2**53 to float64, in a column or a struct's field: as one part's rows of both would
+    be written, ``rows_to_table``); then ``_conform`` writes its values as JSON. The columns in the
+    order they first appear, ``trailing_columns`` last."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    schemas = [pq.read_schema(p) for p in parts]
     types: dict[str, list] = {}
     for schema in schemas:
         for f in schema:
             types.setdefault(f.name, []).append(f.type)
     names = [name for name in types if name not in trailing_columns] + [n for n in trailing_columns if n in types]
-    fields = []
-    for name, column_types in ((name, types[name]) for name in names):
+    unified = {}
+    for name in names:
         try:
-            field = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in column_types],
-                                     promote_options="permissive").field(name)
+            unified[name] = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types[name]],
+                                             promote_options="permissive").field(name).type
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            field = pa.field(name, pa.string())
-        fields.append(field)
-    return pa.schema(fields)
+            unified[name] = pa.string()
+    for part, schema in zip(parts, schemas):
+        promoted = [f.name for f in schema if f.type != unified[f.name] and unified[f.name] != pa.string()]
+        table = pq.read_table(part, columns=promoted) if promoted else None
+        for name in promoted:
+            try:
+                table.column(name).cast(unified[name])
+            except _conversion_errors():
+                unified[name] = pa.string()
+    return pa.schema([pa.field(name, unified[name]) for name in names])
 
 
 def _conform(table, schema):
-    """``table`` with ``schema``'s columns, in its order (missing ones null) and types."""
+    """``table`` with ``schema``'s columns, in its order (missing ones null) and types: a text
+    column's other values as JSON (``as_text``), as ``rows_to_table`` writes them."""
     import pyarrow as pa
 
     columns = []
@@ -565,8 +576,8 @@ def _conform(table, schema):
             columns.append(pa.nulls(table.num_rows, f.type))
             continue
         column = table.column(f.name)
-        try:
-            columns.append(column.cast(f.type))
-        except _conversion_errors():
+        if f.type == pa.string() and column.type != pa.string():
             columns.append(_as_json_text(column.to_pylist()))
+        else:
+            columns.append(column.cast(f.type))  # _unify made sure it converts
     return pa.Table.from_arrays(columns, schema=schema)
