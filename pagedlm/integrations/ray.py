@@ -218,7 +218,7 @@ class PagedLMStage:
         self.json_lines_in = json_lines_in
         self.json_lines_out = json_lines_out
         self.done_ids = set(done_ids or ())
-        self.json_fields = json_fields or []
+        self.json_fields = [as_text(name) for name in json_fields or ()]  # the names rows_to_table writes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.json_lines_in:
@@ -277,7 +277,8 @@ class PagedLMStage:
         if self.json_lines_out:
             return pa.table({"line": pa.array([as_text(row) for row in out], pa.string())})
         if self.json_lines_in:  # JSON rows to Parquet: batches must agree on types, so carried values are text
-            out = [{k: v if k in RESULT_COLUMNS else as_text(v) for k, v in row.items()} for row in out]
+            # (keys with lone surrogates as their escapes, as rows_to_table names columns)
+            out = [{as_text(k): v if k in RESULT_COLUMNS else as_text(v) for k, v in row.items()} for row in out]
             for row in out:
                 if row.get("id") is not None:
                     row["id"] = str(row["id"])

@@ -453,7 +453,8 @@ def rows_to_table(rows: list[dict], schema):
     A column whose values no Arrow type holds together (JSON rows may hold an int in one row and a
     string in the next, or an int beyond int64), or whose type Parquet cannot store or read back
     (``_storable``), is written as text (``as_text``: strings as they are, other values as JSON),
-    so one odd row never fails the part, nor the job when its parts are read again.
+    so one odd row never fails the part, nor the job when its parts are read again. A column name
+    with lone surrogates (a JSON input's key ``"\\ud800"``) is written with their escapes.
     """
     import pyarrow as pa
 
@@ -469,7 +470,7 @@ def rows_to_table(rows: list[dict], schema):
         if array is None or not _storable(array.type):
             array = _as_json_text(values)
         arrays.append(array)
-        fields.append(pa.field(name, array.type))
+        fields.append(pa.field(as_text(name), array.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
