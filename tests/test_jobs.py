@@ -1,5 +1,6 @@
 """``pagedlm run``: formats, per-row errors, resume after a kill, Parquet, progress and summary."""
 
+import dataclasses
 import datetime
 import gzip
 import json
@@ -1174,6 +1175,12 @@ def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp
                                  sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"},
                                  trust_request_chat_template=True))
     assert stats.skipped == 2  # a default given explicitly is the same job
+    # Found by a hunt: trace replay was not recorded, and a resume without it failed the rows that trace
+    traced = JobConfig(input=inp, output=str(tmp_path / "traced.jsonl"), model=llama_dir,
+                       engine={**ENGINE, "enable_trace_replay": True})
+    run_job(traced)
+    with pytest.raises(ValueError, match="engine: started with .*'enable_trace_replay': True"):
+        run_job(dataclasses.replace(traced, engine=dict(ENGINE), resume=True))
 
 
 def test_a_parquet_struct_s_nulls_are_unset_inside_object_fields_too():

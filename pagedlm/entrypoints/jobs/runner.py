@@ -553,7 +553,8 @@ def check_served_model_names(config: JobConfig, fmt_name: str) -> None:
 # (LLM's, and JOB_MAX_LOGPROBS), so that giving a default explicitly is the same job.
 OUTPUT_ENGINE_SETTINGS = ("dtype", "device", "max_model_len", "block_size", "kv_cache_dtype", "calculate_kv_scales", "seed",
                           "tokenizer", "chat_template", "override_generation_config", "hf_overrides", "max_logprobs",
-                          "batch_invariant", "reasoning_parser", "reasoning_config", "structured_outputs_config")
+                          "batch_invariant", "reasoning_parser", "reasoning_config", "structured_outputs_config",
+                          "enable_trace_replay")
 _JOB_DEFAULTS = {**{p.name: p.default for p in inspect.signature(LLM.__init__).parameters.values()},
                  "max_logprobs": JOB_MAX_LOGPROBS}
 
