@@ -1645,6 +1645,15 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
          r"sampling_params.stop_token_ids is list<.*double>; it must be integers"),
         ("f5", {"id": [1], "prompt": ["a"], "sampling_params": [{"prompt_logprob_token_ids": [[2.0]]}]},
          r"sampling_params.prompt_logprob_token_ids is list<.*list<.*double>>; it must be integers"),
+        # the same of a prompt or chat column (a hunt: a conversation as JSON text, token ids as floats)
+        ("p1", {"id": [1], "messages": ['[{"role": "user", "content": "a"}]']},
+         r"column 'messages' is string; it must hold lists, or be null"),
+        ("p2", {"id": [1, 2], "prompt_token_ids": [[3.0, 4.0], None]}, r"column 'prompt_token_ids' is list<.*double>; "
+                                                                     "it must hold lists of integers"),
+        ("p3", {"id": [1], "prompt": [5]}, r"column 'prompt' is int64; it must hold strings"),
+        ("p4", {"id": [1], "prompt": [b"a"]}, r"column 'prompt' is binary; it must hold strings"),
+        ("p5", {"id": [1], "messages": [[{"role": "user", "content": "a"}]], "add_generation_prompt": [1]},
+         r"column 'add_generation_prompt' is int64; it must hold booleans"),
     ]:
         pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
         with pytest.raises(ValueError, match=match):
@@ -1654,6 +1663,15 @@ def test_parquet_ids_of_another_type_and_a_damaged_job_record_are_refused_clearl
     pq.write_table(pa.Table.from_pylist(batch), tmp_path / "f3.parquet")
     with pytest.raises(ValueError, match=r"body.max_tokens is double; it must be integers"):
         run(llama_dir, tmp_path / "f3.parquet", tmp_path / "f3.jsonl")
+    # A column twice (a hunt: a KeyError for the id, another column silently dropped or the merge failed)
+    twice = pa.Table.from_arrays([pa.array([1]), pa.array(["a"]), pa.array(["b"])], names=["id", "prompt", "prompt"])
+    pq.write_table(twice, tmp_path / "twice.parquet")
+    with pytest.raises(ValueError, match=r"column\(s\) 'prompt' appear more than once"):
+        run(llama_dir, tmp_path / "twice.parquet", tmp_path / "twice.jsonl")
+    nulls = pa.table({"id": [1], "prompt": ["a"], "messages": pa.nulls(1), "prompt_token_ids": pa.nulls(1)})
+    pq.write_table(nulls, tmp_path / "nulls.parquet")  # a null column of another prompt kind passes
+    _, out = run(llama_dir, tmp_path / "nulls.parquet", tmp_path / "nulls.jsonl")
+    assert out[0]["error"] is None
     # string_view (pyarrow's, Polars') is a string type (a hunt: refused as "not strings").
     ids = pa.array(["a", "b"]).cast(pa.string_view())
     pq.write_table(pa.table({"id": ids, "prompt": ["x", "y"]}), tmp_path / "v.parquet")

@@ -104,6 +104,7 @@ class OpenAIBatchFormat:
     key_field = "custom_id"
     integer_keys = False  # OpenAI's custom_id is a string
     fields_column = "body"
+    column_kinds = {"method": "text", "url": "text"}
     integer_fields = ("max_tokens", "max_completion_tokens", "n", "best_of", "seed", "logprobs", "top_logprobs",
                       "top_k", "min_tokens", "truncate_prompt_tokens", "thinking_token_budget", "stop_token_ids",
                       "allowed_token_ids", "logprob_token_ids")

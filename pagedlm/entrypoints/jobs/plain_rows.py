@@ -44,6 +44,9 @@ class PlainFormat:
     integer_keys = True
     fields_column = "sampling_params"
     integer_fields = INTEGER_SAMPLING_FIELDS
+    column_kinds = {"prompt": "text", "messages": "list", "prompt_token_ids": "integer list", "chat_template": "text",
+                    "chat_template_kwargs": "object", "add_generation_prompt": "bool", "continue_final_message": "bool",
+                    "tools": "list", "chat_template_content_format": "text"}
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any], arrow_rows: bool = False,
                  trust_request_chat_template: bool = False) -> None:

@@ -68,6 +68,9 @@ class JobFormat(Protocol):
     # integers or lists of integers.
     fields_column: str
     integer_fields: tuple[str, ...]
+    # Other columns whose values have one kind ("text", "object", "list", "integer list", "bool"),
+    # which a Parquet input's column types must allow (``runner.check_column_types``).
+    column_kinds: dict[str, str]
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of(row)``."""

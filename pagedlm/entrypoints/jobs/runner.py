@@ -329,8 +329,10 @@ def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
     the model would only find row by row (and a resume would count those rows done): an id column
     (``fmt.key_field``) of ids the format does not take (float64, which pandas writes for an integer
     column with a missing value; integers as OpenAI's ``custom_id``), a request-fields column
-    (``fmt.fields_column``) that is no object (JSON text), and one of its integer fields stored as
-    floats (pandas' integers with a missing value again).
+    (``fmt.fields_column``) that is no object (JSON text), one of its integer fields stored as
+    floats (pandas' integers with a missing value again), and a column of ``fmt.column_kinds``
+    of another kind (a conversation as JSON text, token ids as floats); or with a column name
+    twice (a row holds one value of a field).
 
     Raises:
         ValueError: naming the column, its type and the types allowed.
@@ -338,10 +340,38 @@ def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
     if in_kind != "parquet":
         return
     schema = input_schema(path, in_kind)
+    twice = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--input {path!r}: column(s) {', '.join(map(repr, twice))} appear more than once; a row "
+                         "holds one value of each field: rename or drop the others")
     if fmt.key_field in schema.names:
         _check_id_type(path, fmt, schema.field(fmt.key_field).type)
     if fmt.fields_column in schema.names:
         _check_fields_type(path, fmt, schema.field(fmt.fields_column).type)
+    for name, kind in fmt.column_kinds.items():
+        if name in schema.names and not _is_kind(schema.field(name).type, kind):
+            raise ValueError(f"--input {path!r}: column {name!r} is {schema.field(name).type}; it must hold "
+                             f"{_KIND_WORDS[kind]}, or be null where a row has none")
+
+
+_KIND_WORDS = {"text": "strings", "object": "objects (a struct or map column)", "list": "lists",
+               "integer list": "lists of integers", "bool": "booleans"}
+
+
+def _is_kind(typ: Any, kind: str) -> bool:
+    """Whether a Parquet column's Arrow type holds values of ``kind`` (nulls only: any)."""
+    import pyarrow as pa
+
+    typ = typ.value_type if pa.types.is_dictionary(typ) else typ
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16's (and Polars') strings
+    is_list = pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+    return pa.types.is_null(typ) or {
+        "text": lambda: pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_string_view(typ),
+        "object": lambda: pa.types.is_struct(typ) or pa.types.is_map(typ),
+        "list": lambda: is_list,
+        "integer list": lambda: is_list and (pa.types.is_integer(typ.value_type) or pa.types.is_null(typ.value_type)),
+        "bool": lambda: pa.types.is_boolean(typ),
+    }[kind]()
 
 
 def _check_id_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
@@ -349,9 +379,7 @@ def _check_id_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
 
     key_field = fmt.key_field
     value = kind.value_type if pa.types.is_dictionary(kind) else kind
-    # string_view: pyarrow 16's (and Polars') string type; none before.
-    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
-    text = pa.types.is_string(value) or pa.types.is_large_string(value) or is_string_view(value)
+    text = not pa.types.is_null(value) and _is_kind(value, "text")
     if fmt.integer_keys and not (text or pa.types.is_integer(value)):
         raise ValueError(f"--input {path!r}: column {key_field!r} is {kind}; ids must be strings or integers (cast "
                          f"it first, e.g. pandas' df[{key_field!r}].astype('Int64') for whole numbers)")
