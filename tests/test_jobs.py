@@ -583,6 +583,45 @@ def test_an_output_that_cannot_be_opened_is_an_output_write_error(llama_dir, tmp
         run(llama_dir, inp, tmp_path / "out.jsonl")
 
 
+def test_a_job_record_that_cannot_be_written_is_an_output_write_error(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: a full disk at the job's start gave a raw OSError traceback."""
+    from pagedlm.entrypoints.jobs import files, storage
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "write_text", full)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(files.OutputWriteError, match=r"cannot write .*out.jsonl.job.json: No space left on device"):
+        run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: --resume into a damaged output loaded the model first, and a Parquet part
+    of zero bytes was refused without its name."""
+    from pagedlm.entrypoints.jobs import runner
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}, {"id": 2, "prompt": "y"}])
+    run(llama_dir, inp, tmp_path / "out.jsonl")
+    run(llama_dir, inp, tmp_path / "out.parquet")
+    with open(tmp_path / "out.jsonl", "a") as f:
+        f.write("garbage\n")
+    os.makedirs(tmp_path / "out.parquet.parts")  # as an interrupted job leaves them, one part damaged
+    os.replace(tmp_path / "out.parquet", tmp_path / "out.parquet.parts" / "part-000001.parquet")
+    (tmp_path / "out.parquet.parts" / "part-000002.parquet").write_bytes(b"")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(runner, "LLM", no_load)
+    with pytest.raises(ValueError, match="out.jsonl: line 3 is not valid JSON"):
+        run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    with pytest.raises(ValueError, match=r"part-000002.parquet cannot be read \(Parquet file size is 0 bytes\); "
+                                         "cannot resume into it"):
+        run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
+
+
 def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypatch):
     """Found by a review: a sync failing with anything but OSError (pyarrow's ValueError) killed
     the writer's thread, and every later write tried to start it again."""

@@ -359,6 +359,7 @@ class ParquetWriter(OutputWriter):
     Args:
         path: the output file.
         resume: read the keys of the parts (and of ``path``, which becomes the first part).
+            A part that cannot be read raises ValueError, naming it.
         key_of: an output row's id.
         key_field: the column that holds it, the only one resume reads.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
@@ -370,6 +371,7 @@ class ParquetWriter(OutputWriter):
 
     def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], key_field: str, schema,
                  sync_interval: float = 2.0, part_rows: int = 10_000, trailing_columns: Sequence[str] = ()) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         super().__init__(path, sync_interval)
@@ -386,10 +388,14 @@ class ParquetWriter(OutputWriter):
             os.replace(path, self._part_path(0))
         for part in self._parts():
             # The key column alone: a part's outputs would take ~10 times the file's size in memory.
-            if key_field in pq.read_schema(part).names:
-                ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist()
-            else:
-                ids = [None] * pq.ParquetFile(part).metadata.num_rows
+            try:
+                if key_field in pq.read_schema(part).names:
+                    ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist()
+                else:
+                    ids = [None] * pq.ParquetFile(part).metadata.num_rows
+            except pa.ArrowException as exc:  # parts are renamed into place whole: this one was damaged since
+                raise ValueError(f"{part} cannot be read ({exc}); cannot resume into it: restore it, or move it "
+                                 "aside and its rows run again") from None
             self.keys.update(self.same_key(key_of({key_field: key})) for key in ids)
         self._next_part = len(self._parts()) + 1
 

@@ -123,7 +123,8 @@ class OpenAIBatchFormat:
         self.value_nulls = not arrow_rows
         self._warned_unread_tools = False
 
-    def key_of(self, row: Any) -> RowKey:
+    @staticmethod
+    def key_of(row: Any) -> RowKey:
         key = row.get("custom_id") if isinstance(row, dict) else None
         return key if isinstance(key, str) else None
 

@@ -56,7 +56,8 @@ class PlainFormat:
         self.value_nulls = not arrow_rows
         self._warned_columns: set[str] = set()
 
-    def key_of(self, row: Any) -> RowKey:
+    @staticmethod
+    def key_of(row: Any) -> RowKey:
         key = row.get("id") if isinstance(row, dict) else None
         return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
 

@@ -75,9 +75,11 @@ class JobFormat(Protocol):
     def parse(self, row: Any, key: RowKey) -> JobRow:
         """The row as a request; raises ``RowError`` when it cannot run. ``key`` is ``key_of(row)``."""
 
-    def key_of(self, row: Any) -> RowKey:
+    @staticmethod
+    def key_of(row: Any) -> RowKey:
         """An input or output row's id, or None when it has none that can be read (never raises);
-        resume skips the input rows whose ids the output holds."""
+        resume skips the input rows whose ids the output holds. (A static method: a resumed job's
+        output is read before the model, which formats need, loads.)"""
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         """The output row of a finished request."""

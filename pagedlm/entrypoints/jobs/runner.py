@@ -125,7 +125,8 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
         check_result_columns(config.input, in_kind)
-    check_column_types(config.input, in_kind, PlainFormat if fmt_name == "plain" else OpenAIBatchFormat)
+    fmt_class = PlainFormat if fmt_name == "plain" else OpenAIBatchFormat
+    check_column_types(config.input, in_kind, fmt_class)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -141,14 +142,16 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
     with signals_deferred():
         try:
             with signals_interrupt():
+                if started:  # what the output holds is read (and a damaged one refused) before the model loads
+                    writer = _writer(out_kind, config, fmt_class, in_kind)
                 if own_llm:
                     llm = LLM(model, **job_engine_kwargs(config))
                 if not started:  # once the engine settings have proved valid
                     write_record(config, record)
+                    writer = _writer(out_kind, config, fmt_class, in_kind)
                 # A loaded LLM of the embedded model serves its names, as the job that loads it does.
                 given = model if not own_llm and model != default_model_path(download=False) else None
                 fmt = _job_format(fmt_name, config, config.model or given, llm, in_kind == "parquet")
-                writer = _writer(out_kind, config, fmt, in_kind)
                 progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
                 finished = True
@@ -456,7 +459,7 @@ def _gate_parser(llm: LLM) -> ReasoningParser | None:
     return parser if isinstance(parser, ReasoningParser) else None
 
 
-def _writer(out_kind: str, config: JobConfig, fmt: JobFormat, in_kind: str) -> OutputWriter:
+def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], in_kind: str) -> OutputWriter:
     try:
         if out_kind == "jsonl":
             return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
@@ -654,8 +657,16 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
 
 
 def write_record(config: JobConfig, record: dict) -> None:
-    """Record a new job's settings next to its output (``OUT.job.json``), for ``check_record``."""
-    storage.write_text(_record_path(config), json.dumps(record, indent=2))
+    """Record a new job's settings next to its output (``OUT.job.json``), for ``check_record``.
+
+    Raises:
+        OutputWriteError: the storage refused the write (full, read-only).
+    """
+    path = _record_path(config)
+    try:
+        storage.write_text(path, json.dumps(record, indent=2))
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _record_path(config: JobConfig) -> str:
