@@ -809,6 +809,10 @@ class SamplingParams(_FieldsOnly):
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise FieldError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.", "stop")
+        for s in stop:
+            problem = unicode_problem(s)
+            if problem is not None:  # the output's text is valid Unicode: it could never be found
+                raise FieldError(f"stop strings must be valid Unicode, got {s!r} ({problem}).", "stop")
         self.stop = list(stop)
         self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
         if self.stop and not self.detokenize:

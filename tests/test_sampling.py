@@ -823,6 +823,25 @@ def test_allowed_token_ids_that_bans_cover_entirely_are_refused(llm):
     out = llm.generate(_ids([[BOS, 5]]), SamplingParams(allowed_token_ids=[EOS, 7], min_tokens=2, max_tokens=4),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:2] == [7, 7]
+    # Without allowed_token_ids, the whole vocabulary (found by a hunt: a request of 0 tokens ended
+    # "abort" and counted as completed).
+    vocab_size = llm.llm_engine.vocab_size
+    every_stop = SamplingParams(stop_token_ids=list(range(vocab_size)), min_tokens=3, max_tokens=4)
+    with pytest.raises(ValueError, match="every token of the vocabulary is banned at some step"):
+        llm.generate(_ids([[BOS, 5]]), every_stop, use_tqdm=False)
+    assert llm.llm_engine.check_request([BOS, 5], every_stop).field == "stop_token_ids"
+    out = llm.generate(_ids([[BOS, 5]]), SamplingParams(stop_token_ids=list(range(vocab_size - 1)), min_tokens=1,
+                                                        max_tokens=2, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] == vocab_size - 1 or out.token_ids[0] == EOS
+
+
+def test_stop_strings_that_are_not_valid_unicode_are_refused():
+    """Found by a hunt: a lone surrogate (a JSON input's escape) was taken as a stop string that the
+    output's text, valid Unicode, could never hold (bad_words refused it: the same kind)."""
+    for stop in ("\ud800", ["ok", "x\udc80"]):
+        with pytest.raises(ValueError, match="stop strings must be valid Unicode") as exc:
+            SamplingParams(stop=stop)
+        assert exc.value.field == "stop"
 
 
 def test_a_beam_search_decodes_its_beams_once_unless_streamed(llm, monkeypatch):

@@ -253,15 +253,20 @@ class LLMEngine:
             if k is not None and max_logprobs not in (None, -1) and (vocab_size if k == -1 else k) > max_logprobs:
                 return FieldError(f"{name} ({'-1, the vocabulary' if k == -1 else k}) exceeds max_logprobs "
                                   f"({max_logprobs}), the LLM's limit (LLM(max_logprobs=...); pagedlm run: --max-logprobs)", name)
-        if params.allowed_token_ids:
+        if params.allowed_token_ids or params.bad_words or params.min_tokens:
             # Banned at some step whatever came before: one-token bad words always, stop tokens until min_tokens.
             banned = {ids[0] for ids in bad_words_token_ids(self.tokenizer, params.bad_words or ()) if len(ids) == 1}
             if params.min_tokens:
                 banned |= self.stop_checker.all_stop_token_ids(params)
-            if set(params.allowed_token_ids) <= banned:
-                return FieldError(f"allowed_token_ids {sorted(params.allowed_token_ids)[:5]} are all banned at some "
-                                  "step (one-token bad_words, or stop tokens while min_tokens holds): nothing could be "
-                                  "sampled there", "allowed_token_ids")
+            why = ("banned at some step (one-token bad_words, or stop tokens while min_tokens holds): nothing could be "
+                   "sampled there")
+            if params.allowed_token_ids and set(params.allowed_token_ids) <= banned:
+                return FieldError(f"allowed_token_ids {sorted(params.allowed_token_ids)[:5]} are all {why}",
+                                  "allowed_token_ids")
+            if (not params.allowed_token_ids and len(banned) >= vocab_size
+                    and sum(0 <= t < vocab_size for t in banned) == vocab_size):
+                return FieldError(f"every token of the vocabulary is {why}",
+                                  "stop_token_ids" if params.min_tokens and params.stop_token_ids else "bad_words")
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
