@@ -124,6 +124,19 @@ def test_cli_on_ray_refuses_before_ray_starts(llama_dir, tmp_path, capsys, extra
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.job.json")
 
 
+def test_cli_on_ray_refuses_a_job_another_run_writes(llama_dir, tmp_path, capsys):
+    """Found by a hunt: the Ray driver took no OUT.lock, so a requeued second run of the job wrote
+    its rows again beside the first's."""
+    from pagedlm.entrypoints.jobs.runner import exclusive_run
+
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n")
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--ray", "--model", llama_dir]
+    with exclusive_run(str(tmp_path / "out")), pytest.raises(SystemExit):
+        run_main(args)
+    assert "another run of this job is writing it" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.job.json")
+
+
 def test_json_rows_of_changing_types_to_parquet_on_ray(local_cluster, llama_dir, tmp_path):
     import pyarrow.parquet as pq
 

@@ -7,6 +7,7 @@ directory's files already hold (Ray Data's own ``CheckpointConfig`` filters rows
 read time, which needs ``read_json``: one bad line would fail the whole read).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from pagedlm.entrypoints.jobs.files import (
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_column_types, check_input_file, check_record, check_result_columns,
+    JobConfig, JobInterrupted, check_column_types, exclusive_run, check_input_file, check_record, check_result_columns,
     check_served_model_names, job_engine_kwargs, job_record, read_input, signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
@@ -47,8 +48,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     Raises:
         ValueError: before Ray starts: a bad option, a missing model or input, OpenAI batch rows
             (the Ray path runs plain rows), actors that would leave less than one CPU of a known
-            cluster free, an unreachable ``address``, an output that exists without ``resume``, or
-            other settings than the job's.
+            cluster free, an unreachable ``address``, an output that exists without ``resume``,
+            other settings than the job's, or another run of the job holding ``OUT.lock`` (a local
+            output's; a URI's storage has none).
     """
     in_kind = file_kind(config.input, "--input")
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
@@ -93,6 +95,14 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                              f"--threads-per-actor, else 1) leave less than one of the {sum(nodes)} CPUs of the Ray "
                              "cluster free, and Ray's read and write tasks need one: the job would wait forever; "
                              "use fewer actors or CPUs per actor")
+    # The driver holds OUT.lock where the output is a local path (flock has no form for a URI's storage).
+    with contextlib.nullcontext() if storage.is_uri(config.output) else exclusive_run(config.output):
+        return _run_on_ray(config, processor_config, address, in_kind, out_kind)
+
+
+def _run_on_ray(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None, in_kind: str,
+                out_kind: str) -> tuple[JobStats, int | None]:
+    """``run_ray_job`` once its options are checked (and the driver holds the output)."""
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
     check_record(config, record, started)
     own_ray = not ray.is_initialized()

@@ -113,7 +113,7 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     check_thinking_budget(defaults, has_reasoning, "--thinking-token-budget needs the model's reasoning strings: "
                                                    "--reasoning-parser (LLM's reasoning_parser or reasoning_config "
                                                    "from Python)")
-    with _exclusive_run(config.output):
+    with exclusive_run(config.output):
         return _run_locked(config, tty, llm, in_kind, out_kind)
 
 
@@ -178,7 +178,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
 
 
 @contextmanager
-def _exclusive_run(output: str) -> Iterator[None]:
+def exclusive_run(output: str) -> Iterator[None]:
     """Hold ``OUT.lock`` (``flock``) while the run writes ``output``: a second run of the same job
     (a scheduler that requeued it while the first still runs) is refused instead of writing the
     same rows again. The kernel drops the lock with the process, so a killed run leaves none."""
