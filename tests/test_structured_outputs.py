@@ -249,6 +249,35 @@ def test_min_tokens_yields_where_the_grammar_can_only_end(llm):
     assert all(o.outputs[0].text == "ok" and o.outputs[0].finish_reason == "stop" for o in outs)
 
 
+def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm):
+    """Found by a hunt: a request's stop_token_ids cut a constrained output anywhere (JSON without its
+    closing brace); vLLM makes them the grammar's stop tokens: masked where it cannot end, ending it
+    where it can. Here the stop id is biased to win wherever it is allowed."""
+    tok = llm.get_tokenizer()
+    stop = tok.convert_tokens_to_ids("x")
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop], logit_bias={stop: 100.0},
+                            structured_outputs=SO(regex="[a-z]{3,8}"))
+    for c in (o.outputs[0] for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)):
+        assert re.fullmatch("[a-wyz]{3,8}", c.text) and c.finish_reason == "stop" and c.stop_reason == stop
+        assert re.fullmatch("[a-z]{3,8}", tok.decode(c.token_ids[:-2])) is None  # it ended at the first chance
+    # where the grammar is done, only its stop tokens are left: the request's own one ends it too
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[stop],
+                                                structured_outputs=SO(choice=["ab"])), use_tqdm=False)[0].outputs[0]
+    assert c.text == "ab" and c.finish_reason == "stop"
+
+
+def test_bad_words_hold_where_the_grammar_allows_only_them(llm):
+    """Found by a hunt: where a grammar allowed only banned tokens, every ban was lifted (the lift
+    is for min_tokens' stop-token bans, so that a grammar that can only end ends): a bad word was
+    generated. The completion now aborts there, as a ban that leaves nothing does."""
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, bad_words=["x"],
+                                                structured_outputs=SO(regex="yx")), use_tqdm=False)[0].outputs[0]
+    assert c.text == "y" and c.finish_reason == "abort"
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, bad_words=["x"], min_tokens=4,
+                                                structured_outputs=SO(regex="yz?")), use_tqdm=False)[0].outputs[0]
+    assert c.text in ("y", "yz") and c.finish_reason == "stop"  # min_tokens still yields to the end
+
+
 def test_json_object_is_an_object_and_choices_keep_any_unicode(llm):
     outs = llm.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=40,
                                                 structured_outputs=SO(json_object=True)), use_tqdm=False)

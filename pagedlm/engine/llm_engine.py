@@ -6,7 +6,7 @@ import math
 import numbers
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -54,12 +54,16 @@ def _with_entry(logprobs: SampleLogprobs, entry: dict[int, Logprob]) -> SampleLo
     return extended
 
 
-def _feed_constraint(seq: Sequence, token_id: int) -> tuple[bool, str | None]:
+def _feed_constraint(seq: Sequence, token_id: int, own_stops: Collection[int] = ()) -> tuple[bool, str | None]:
     """Feed a sequence's new token to its reasoning gate and grammar: (the grammar ended, why the
     completion must abort or None). A token still inside the reasoning is free; the one that ends
-    it is fed to the grammar when the parser says so."""
+    it is fed to the grammar when the parser says so. One of ``own_stops`` (the request's stop ids
+    that are no EOS id) ends the grammar unfed: its mask allowed it only where the grammar can end
+    (``StructuredOutputManager.end_at``)."""
     if seq.grammar_matcher is None:
         return False, None
+    if token_id in own_stops and seq.reasoning_gate is None:
+        return True, None
     feeds_grammar, ends_reasoning = True, False
     if seq.reasoning_gate is not None:
         taken = seq.reasoning_gate.take(token_id)
@@ -297,10 +301,16 @@ class LLMEngine:
             return FieldError(str(compiling.exception()), "structured_outputs")
         if params.allowed_token_ids:
             start = manager.bitmask(manager.new_matcher(params.structured_outputs))
+            manager.end_at(start, self._own_stops(params))
             if not manager.allows_any_of(start, params.allowed_token_ids):
                 return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
                                   "start with", "allowed_token_ids")
         return None
+
+    def _own_stops(self, params: SamplingParams) -> list[int]:
+        """A request's stop ids that are no EOS id: under a grammar they end it (vLLM's
+        ``all_stop_token_ids`` are its matcher's stop tokens), allowed only where it can end."""
+        return sorted(set(params.stop_token_ids) - self.stop_checker.eos_token_ids)
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -607,17 +617,21 @@ class LLMEngine:
                 data.num_samples = params.best_of if fans_out else 1
                 if group.generators is not None:
                     data.generators = group.generators if fans_out else [group.generators[seq.index]]
-                if params.min_tokens:
-                    data.banned_token_ids = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids))
-                if group.bad_words_token_ids:
-                    banned = banned_by_bad_words(group.bad_words_token_ids, seq.output_token_ids)
-                    data.banned_token_ids = tuple(sorted(banned.union(data.banned_token_ids)))
+                until_min = self.stop_checker.banned_token_ids(params, len(seq.output_token_ids)) \
+                    if params.min_tokens else ()
+                words = banned_by_bad_words(group.bad_words_token_ids, seq.output_token_ids) \
+                    if group.bad_words_token_ids else set()
                 if seq.grammar_matcher is not None and seq.reasoning_gate is None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
-                    # Where the grammar can only end, ending beats min_tokens (else nothing is allowed).
-                    if data.banned_token_ids and not self.structured_outputs.allows_other_than(
-                            data.token_bitmask, data.banned_token_ids):
-                        data.banned_token_ids = ()
+                    if params.stop_token_ids:
+                        self.structured_outputs.end_at(data.token_bitmask, self._own_stops(params))
+                    # Where the grammar can only end, ending beats min_tokens (else nothing is
+                    # allowed); bad words stay banned (a ban that leaves nothing aborts).
+                    if until_min and not self.structured_outputs.allows_other_than(
+                            data.token_bitmask, (*until_min, *words)):
+                        until_min = ()
+                if until_min or words:
+                    data.banned_token_ids = tuple(sorted(words.union(until_min)))
                 if seq.thinking is not None:
                     data.forced_token_id = seq.thinking.forced_token()
                 elif params.trace_decode_token_ids is not None:
@@ -669,7 +683,7 @@ class LLMEngine:
         if sample.no_token:
             return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
                                                       "allowed_token_ids, bad_words or bans removed them all)")
-        grammar_ended, why = _feed_constraint(seq, sample.token_id)
+        grammar_ended, why = _feed_constraint(seq, sample.token_id, params.stop_token_ids)
         if why is not None:
             return self._abort_completion(seq, group, why)
         seq.append_token(sample.token_id, sample.logprob)
