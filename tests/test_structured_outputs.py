@@ -522,6 +522,32 @@ def test_an_escaped_caret_first_in_a_class_is_a_caret(llm):
     assert _accepts(llm, constraint, "^") and _accepts(llm, constraint, "a") and not _accepts(llm, constraint, "b")
 
 
+@pytest.mark.parametrize("regex, good, bad", [
+    (r"[\x00-\x1fA]", ["A", "\x05"], ["B", "\u01f0"]),  # xgrammar read [\x00-\x1fA] as U+0000-U+01FA
+    (r"[^\x00-\x1fa]", ["b", "B"], ["a", "\x05"]),
+    (r"[\x01a]", ["a", "\x01"], ["\x1a"]), (r"[\x7fb]", ["b", "\x7f"], ["\u07fb"]),
+    (".c", ["xc", "\u00e9c", "\U0001F600c"], ["\nc", "\rc", "\u2028c"]),  # ECMAScript's dot: no line terminator
+])
+def test_a_regex_class_with_control_characters_and_the_dot_hold_as_written(llm, regex, good, bad):
+    """Found by a hunt against a JavaScript engine: xgrammar writes a class's control character as
+    \\xHH and reads on into a next member's hex digit, and its dot took newlines."""
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"regex": regex}), use_tqdm=False)
+    assert all(_accepts(llm, {"regex": regex}, text) for text in good)
+    assert not any(_accepts(llm, {"regex": regex}, text) for text in bad)
+
+
+@pytest.mark.parametrize("schema", [{"type": "array", "maxItems": 3}, {"type": "array", "uniqueItems": False},
+                                    {"type": ["array", "null"], "minItems": 1},
+                                    {"type": "array", "prefixItems": [{"type": "integer"}]}])
+def test_an_array_without_items_takes_any_items(llm, schema):
+    """Found by a hunt: xgrammar reads a missing items beside minItems, maxItems, uniqueItems or
+    prefixItems as false: only [] came out (and minItems 1 was refused); JSON Schema's default is
+    any items."""
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"json": schema}), use_tqdm=False)
+    assert _accepts(llm, {"json": schema}, "[1, \"a\"]")
+    jsonschema.validate([1, "a"], schema)
+
+
 def test_pydantic_style_annotations_beside_enum_anyof_and_ref_are_kept(llm):
     """Annotations (title, description, default) beside enum, anyOf and $ref, and a type every enum
     value has, are not what xgrammar drops: such schemas (pydantic's) still compile."""

@@ -468,7 +468,8 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
     in a schema that allows other types too (``"type": ["string", "null"]``, or no type: the
     lengths bind strings only) becomes an ``anyOf`` of the bounded string and the other types,
     which xgrammar would otherwise generate strings of any length for (``_json_string_characters``
-    then corrects the bounded string's characters)."""
+    then corrects the bounded string's characters). An array's missing ``items`` beside its
+    other keywords is written as ``{}``, JSON Schema's default (xgrammar's is false there)."""
     if isinstance(schema, list):
         return [_as_xgrammar_enforces(item) for item in schema]
     if not isinstance(schema, dict):
@@ -487,6 +488,10 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
                 raise ValueError(f"pattern {value!r}: {exc}") from None
         else:
             out[key] = _as_xgrammar_enforces(value)
+    kind = schema.get("type")
+    arrays = kind == "array" or isinstance(kind, list) and "array" in kind
+    if arrays and "items" not in schema and {"minItems", "maxItems", "uniqueItems", "prefixItems"} & set(schema):
+        out["items"] = {}  # JSON Schema's default; xgrammar reads a missing one there as false ("[]" only)
     bounds = _integer_bounds(schema)
     if bounds is not None:
         del out["format"]
@@ -495,7 +500,6 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     whole = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high) if n is not None)
     bounded = ("minLength" in schema or high is not None) and whole and (high is None or low <= high)
-    kind = schema.get("type")
     types = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else list(_JSON_TYPES)
     if not bounded or "string" not in types or {"pattern", "format", "enum", "const", "$ref"} & set(schema):
         return out

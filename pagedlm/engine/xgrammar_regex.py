@@ -263,7 +263,9 @@ def _check_anchors(alternatives: list, at_start: bool, at_end: bool) -> None:
 # characters JSON escapes. xgrammar writes those raw wherever a pattern compiles to its grammar
 # rules rather than its state machine.
 _NOT_JSON_SPECIAL = '"\\\\\\u0000-\\u001f'
-_NARROWED = {".": f"[^{_NOT_JSON_SPECIAL}]", "\\S": f"[^\\s{_NOT_JSON_SPECIAL}]", "\\W": f"[^\\w{_NOT_JSON_SPECIAL}]",
+# ECMAScript's "." matches no line terminator (xgrammar's matches every character).
+_DOT = "[^\\n\\r\\u2028\\u2029]"
+_NARROWED = {".": f"[^\\u2028\\u2029{_NOT_JSON_SPECIAL}]", "\\S": f"[^\\s{_NOT_JSON_SPECIAL}]", "\\W": f"[^\\w{_NOT_JSON_SPECIAL}]",
              "\\D": f"[^\\d{_NOT_JSON_SPECIAL}]", "\\s": f"[^\\S{_NOT_JSON_SPECIAL}]"}
 
 
@@ -281,19 +283,30 @@ def _code_text(code: int) -> str:
     return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
 
 
+def _ends_in_control(item: object) -> bool:
+    """Whether a class member ends in a control character or DEL, which xgrammar writes into its
+    grammar as ``\\xHH``, then reads on into a next member's hex digit (``[\\x00-\\x1fA]`` became
+    U+0000-U+01FA)."""
+    last = item[1] if isinstance(item, tuple) else item
+    return isinstance(last, _Char) and (ord(last.char) < 0x20 or last.char == "\x7f")
+
+
 def _emit_class(cls: _Class, json_string: bool) -> str:
     """The class as xgrammar reads it: as written where it can be; else rebuilt from its members,
     none of them a caret first (xgrammar reads a class that begins with one, escaped or
-    ``\\u005e``, as negated). In a JSON string's text, a positive class's characters that JSON
-    escapes become branches of their escapes, and an open one (negated, ``\\S``, ...) leaves them out."""
+    ``\\u005e``, as negated), and those that end in a control character last (``_ends_in_control``).
+    In a JSON string's text, a positive class's characters that JSON escapes become branches of
+    their escapes, and an open one (negated, ``\\S``, ...) leaves them out."""
     head = cls.items[0] if cls.items else None
     caret_first = isinstance(head, _Char) and head.char == "^" or isinstance(head, tuple) and head[0].char == "^"
-    if not json_string and not caret_first and not cls.rewritten:
+    controls = [item for item in cls.items if _ends_in_control(item)]
+    if not json_string and not caret_first and not cls.rewritten and (not controls or cls.items[-len(controls):] == controls):
         return cls.text
+    items = [item for item in cls.items if not _ends_in_control(item)] + controls
     escaping = json_string and not cls.negated
     members: list[str] = []
     branches: list[str] = []  # beside the class: JSON escapes, open shorthands narrowed
-    for item in cls.items:
+    for item in items:
         if isinstance(item, str):  # \d \w \s \D \W \S
             if escaping and item in _NARROWED:
                 branches.append(_NARROWED[item])
@@ -340,7 +353,7 @@ def _emit(alternatives: list, json_string: bool) -> str:
                 if node.quantifier and len(text) > 1 and not text.startswith("(?:") and text != atom.text:
                     text = f"(?:{text})"
             else:
-                text = _NARROWED.get(atom, atom) if json_string else atom
+                text = _NARROWED.get(atom, atom) if json_string else _DOT if atom == "." else atom
             parts.append(text + node.quantifier)
         out.append("".join(parts))
     return "|".join(out)
