@@ -527,6 +527,7 @@ def test_an_escaped_caret_first_in_a_class_is_a_caret(llm):
     (r"[^\x00-\x1fa]", ["b", "B"], ["a", "\x05"]),
     (r"[\x01a]", ["a", "\x01"], ["\x1a"]), (r"[\x7fb]", ["b", "\x7f"], ["\u07fb"]),
     (".c", ["xc", "\u00e9c", "\U0001F600c"], ["\nc", "\rc", "\u2028c"]),  # ECMAScript's dot: no line terminator
+    (r"[\w-a]", ["-", "a", "_"], ["!"]), (r"[\s-z]", ["-", " ", "z"], ["a"]),  # a "-" after \w: xgrammar dropped it
 ])
 def test_a_regex_class_with_control_characters_and_the_dot_hold_as_written(llm, regex, good, bad):
     """Found by a hunt against a JavaScript engine: xgrammar writes a class's control character as

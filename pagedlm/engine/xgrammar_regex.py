@@ -207,6 +207,8 @@ class _Parser:
                 if ord(last.char) < ord(item.char):  # xgrammar refuses it too, not in a JSON pattern's rewrite
                     raise self.error(f"range {item.text}-{last.text} goes backwards")
                 item = (item, last)
+            elif isinstance(item, _Char) and item.char == "-" and cls.items and isinstance(cls.items[-1], str):
+                cls.rewritten = True  # ECMAScript's literal "-" after \w: xgrammar drops it (the rebuild escapes it)
             cls.items.append(item)
         self.i += 1
         cls.text = self.s[start:self.i]
