@@ -570,29 +570,26 @@ def test_a_summary_that_cannot_be_written_does_not_fail_a_finished_job(llama_dir
     assert "could not write" in capsys.readouterr().err
 
 
-def test_an_output_that_cannot_be_opened_is_an_output_write_error(llama_dir, tmp_path, monkeypatch):
-    """As a read-only remount between the checks and the model's load: one message, not a traceback."""
-    from pagedlm.entrypoints.jobs import files, runner
+@pytest.mark.parametrize("module, name, error, message", [
+    # as a read-only remount between the checks and the model's load
+    ("runner", "JsonlWriter", PermissionError(13, "Permission denied"), r"cannot open .*out.jsonl: Permission denied"),
+    # found by a hunt: a full disk at the job's start gave a raw OSError traceback
+    ("storage", "write_text", OSError(28, "No space left on device"),
+     r"cannot write .*out.jsonl.job.json: No space left on device"),
+])
+def test_storage_that_refuses_the_jobs_start_is_an_output_write_error(llama_dir, tmp_path, monkeypatch, module, name,
+                                                                      error, message):
+    """One message, not a traceback."""
+    import importlib
+
+    from pagedlm.entrypoints.jobs import files
 
     def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+        raise error
 
-    monkeypatch.setattr(runner, "JsonlWriter", refuse)
+    monkeypatch.setattr(importlib.import_module(f"pagedlm.entrypoints.jobs.{module}"), name, refuse)
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
-    with pytest.raises(files.OutputWriteError, match=r"cannot open .*out.jsonl: Permission denied"):
-        run(llama_dir, inp, tmp_path / "out.jsonl")
-
-
-def test_a_job_record_that_cannot_be_written_is_an_output_write_error(llama_dir, tmp_path, monkeypatch):
-    """Found by a hunt: a full disk at the job's start gave a raw OSError traceback."""
-    from pagedlm.entrypoints.jobs import files, storage
-
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(storage, "write_text", full)
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
-    with pytest.raises(files.OutputWriteError, match=r"cannot write .*out.jsonl.job.json: No space left on device"):
+    with pytest.raises(files.OutputWriteError, match=message):
         run(llama_dir, inp, tmp_path / "out.jsonl")
     assert not os.path.exists(tmp_path / "out.jsonl")
 
