@@ -974,6 +974,26 @@ def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record
                           engine=dict(ENGINE, chat_template=str(template_file)), sampling={"max_tokens": 2}))
 
 
+def test_a_refused_job_says_why_without_the_usage_and_rows_name_json_types(llama_dir, tmp_path, capsys):
+    """Found by a docs walk: a job refused after its flags parsed printed the ~45 lines of usage
+    before its reason, and a row of null or a list was "got NoneType" / "got list"."""
+    from pagedlm.entrypoints.cli import run_main
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, None, [1, 2],
+                                              {"id": 4, "prompt": "b", "sampling_params": [1]}])
+    args = ["--input", inp, "--output", str(tmp_path / "out.jsonl"), "--model", llama_dir, "--max-tokens", "2"]
+    assert run_main(args) == 0
+    errors = " | ".join(r["error"] or "" for r in read_output(tmp_path / "out.jsonl"))
+    assert "line 2: a row must be an object with an id and a prompt, got null" in errors
+    assert "line 3: a row must be an object with an id and a prompt, got [1, 2]" in errors
+    assert "sampling_params must be an object, got [1]" in errors
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(args)  # the output exists
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage:" not in err and err.startswith("pagedlm run: error: --output")
+
+
 def test_a_rows_own_chat_template_needs_the_job_to_trust_it(llama_dir, tmp_path):
     """Found by a hunt: a row's template of two nested range(100000) loops held the whole job (no
     row was written). As vLLM's server, a job takes a row's own template only with
@@ -1844,7 +1864,7 @@ def test_openai_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(llama_
 
 def test_openai_bodies_take_vllms_structured_outputs(llama_dir, tmp_path):
     """vLLM's server's structured_outputs body field (a hunt: refused, leaving OpenAI rows no regex,
-    choice or grammar): its constraint holds, response_format's is set over it (its options kept),
+    choice or grammar): its constraint holds, a response_format takes its options (a constraint in both is refused),
     and with a tool call forced it is refused, as vLLM's server refuses it."""
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     rows = [_openai_row("choice", "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "temperature": 1.0, "seed": 2,
@@ -1866,7 +1886,9 @@ def test_openai_bodies_take_vllms_structured_outputs(llama_dir, tmp_path):
     compact = got["compact"]["response"]["body"]["choices"][0]  # this seed's output ends within max_tokens
     assert compact["finish_reason"] == "stop" and compact["text"].startswith('{"a":')
     assert isinstance(json.loads(compact["text"])["a"], int)
-    assert "exactly one of json, regex, choice, grammar or json_object" in got["two"]["error"]["message"]
+    # both constrain (vLLM's fails too): said by name (a docs walk: "got json, regex" named a json no field gave)
+    assert "body.response_format and body.structured_outputs (regex) both constrain the output" in \
+        got["two"]["error"]["message"] and got["two"]["response"]["body"]["error"]["param"] == "response_format"
     assert "body.structured_outputs and body.tool_choice both constrain the output" in got["tools"]["error"]["message"]
     assert "body.structured_outputs must be an object" in got["not-object"]["error"]["message"]
 

@@ -54,6 +54,11 @@ def _with_entry(logprobs: SampleLogprobs, entry: dict[int, Logprob]) -> SampleLo
     return extended
 
 
+# How a grammar is made to hold from the first token, in both of pagedlm's places.
+_IN_REASONING = ("LLM(structured_outputs_config={'enable_in_reasoning': True}); pagedlm run: "
+                 "--structured-outputs-config '{\"enable_in_reasoning\": true}'")
+
+
 def _feed_constraint(seq: Sequence, token_id: int, own_stops: Collection[int] = ()) -> tuple[bool, str | None]:
     """Feed a sequence's new token to its reasoning gate and grammar: (the grammar ended, why the
     completion must abort or None). A token still inside the reasoning is free; the one that ends
@@ -276,12 +281,10 @@ class LLMEngine:
         if params.structured_outputs is not None:
             if isinstance(self.reasoning_gate_parser, ValueError):
                 return FieldError(f"structured_outputs: {self.reasoning_gate_parser}, so it cannot wait for the end of "
-                                  "the reasoning (LLM(structured_outputs_config={'enable_in_reasoning': True}) holds "
-                                  "it from the first token)", "structured_outputs")
+                                  f"the reasoning ({_IN_REASONING} holds it from the first token)", "structured_outputs")
             if params.use_beam_search and self.reasoning_gate_parser is not None:
                 return FieldError("structured_outputs with beam search cannot wait for the end of the reasoning "
-                                  "(LLM(structured_outputs_config={'enable_in_reasoning': True}) holds it from the "
-                                  "first token)", "structured_outputs")
+                                  f"({_IN_REASONING} holds it from the first token)", "structured_outputs")
             if params.thinking_token_budget is not None and self.reasoning_gate_parser is None:
                 return FieldError("thinking_token_budget with structured_outputs needs the grammar to wait for the end "
                                   "of the reasoning (LLM(reasoning_parser=...), without structured_outputs_config's "

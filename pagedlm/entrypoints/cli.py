@@ -150,8 +150,8 @@ def run_main(argv: list[str]) -> int:
             stats, interrupted = _run_on_ray(config, args)
         else:
             stats, interrupted = run_job(config)
-    except ValueError as exc:
-        parser.error(_naming_the_flag(str(exc), {**sampling, **engine}))
+    except ValueError as exc:  # the flags parsed: the reason alone, not the usage before it
+        parser.exit(2, f"{parser.prog}: error: {_naming_the_flag(str(exc), {**sampling, **engine})}\n")
     except OutputWriteError as exc:
         print(f"pagedlm run: error: {exc.strerror}", file=sys.stderr)
         return 1

@@ -130,7 +130,7 @@ class OpenAIBatchFormat:
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
-            raise RowError(f"a row must be a JSON object with {', '.join(ROW_FIELDS)}, got {type(row).__name__}")
+            raise RowError(f"a row must be a JSON object with {', '.join(ROW_FIELDS)}, got {json_text(row, 60)}")
         unknown = sorted(set(row) - set(ROW_FIELDS))
         if unknown:
             raise RowError(f"unknown row field(s) {', '.join(unknown)}; a row has {', '.join(ROW_FIELDS)}", unknown[0])
@@ -144,7 +144,7 @@ class OpenAIBatchFormat:
             raise RowError(f"url must be {json_text(CHAT_URL)} or {json_text(COMPLETIONS_URL)}, "
                            f"got {json_text(url, 60)}", "url")
         if not isinstance(body, dict):
-            raise RowError(f"body must be a JSON object, got {type(body).__name__}", "body")
+            raise RowError(f"body must be a JSON object, got {json_text(body, 60)}", "body")
         # Null fields are unset, as OpenAI reads them (SDK dumps and Parquet structs write every key).
         body = without_nulls(body)
         unknown = sorted(set(body) - BODY_FIELDS[url])
@@ -249,6 +249,11 @@ class OpenAIBatchFormat:
                 and tool_choice.calls:
             raise RowError("body.structured_outputs and body.tool_choice both constrain the output: give one "
                            "(vLLM's rule)", "structured_outputs")
+        if constraint is not None and own and any(own.get(kind) is not None for kind in STRUCTURED_OUTPUT_KINDS):
+            given = ", ".join(kind for kind in STRUCTURED_OUTPUT_KINDS if own.get(kind) is not None)
+            raise RowError(f"body.response_format and body.structured_outputs ({given}) both constrain the output: "
+                           "give one (a response_format takes structured_outputs' options alone, such as "
+                           "disable_any_whitespace)", "response_format")
         if constraint is not None:
             fields["structured_outputs"] = {**(own or {}), **constraint}
             renames["structured_outputs"] = "structured_outputs" if own else "response_format"

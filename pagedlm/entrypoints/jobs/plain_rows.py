@@ -63,7 +63,7 @@ class PlainFormat:
 
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
-            raise RowError(f"a row must be an object with an id and a prompt, got {type(row).__name__}")
+            raise RowError(f"a row must be an object with an id and a prompt, got {json_text(row, 60)}")
         if key is None:
             raise RowError(f"id must be a string or an integer, got {json_text(row.get('id'), 40)}", "id")
         reserved = [c for c in RESULT_COLUMNS if c in row]
@@ -83,7 +83,7 @@ class PlainFormat:
                            f"conversation); this row has {column}", next(iter(options)))
         if column == "prompt":
             if not isinstance(value, str):
-                raise RowError(f"prompt must be a string, got {type(value).__name__}", "prompt")
+                raise RowError(f"prompt must be a string, got {json_text(value, 60)}", "prompt")
             prompt = value
         elif column == "messages":
             check_request_chat_template(options, self.trust_request_chat_template)
@@ -98,7 +98,7 @@ class PlainFormat:
         if fields is None:
             fields = {}
         if not isinstance(fields, dict):
-            raise RowError(f"sampling_params must be an object, got {type(fields).__name__}", "sampling_params")
+            raise RowError(f"sampling_params must be an object, got {json_text(fields, 60)}", "sampling_params")
         fields = without_nulls(fields)
         names = row_names(fields, column)
         params = sampling_params_from(fields, self.defaults, "sampling_params", names, self.value_nulls)

@@ -110,7 +110,10 @@ def _run_on_ray(config: JobConfig, processor_config: PagedLMProcessorConfig, add
         try:
             ray.init(address=address)
         except ConnectionError as exc:
-            raise ValueError(f"--ray-address {address!r}: {exc}") from None
+            # Ray's own words name its flag (--address) for "auto": say it in pagedlm's
+            why = ("no running Ray cluster was found on this machine (start one with `ray start --head`, or leave "
+                   "--ray-address out to start a local one)") if address == "auto" else exc
+            raise ValueError(f"--ray-address {address!r}: {why}") from None
     if not started:
         write_record(config, record)
     stats, interrupted = JobStats(), None
