@@ -453,6 +453,19 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(6))
     assert not os.path.exists(path + ".parts")
     assert pq.ParquetFile(path).num_row_groups == 1  # the four parts' rows in one group (a soak hunt: one each)
+    # A resume that writes nothing (its model failed to load: found by a review, the output had
+    # become a part) leaves the finished output where it was; one that writes takes it in.
+    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    assert writer.keys == {str(i): 1 for i in range(6)}
+    writer.close(finished=False)
+    assert os.path.exists(path) and not os.path.exists(path + ".parts")
+    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer.write({"id": 6, "error": None})
+    writer.close(finished=False)
+    assert not os.path.exists(path) and len(os.listdir(path + ".parts")) == 2
+    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer.close()
+    assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(7))
 
 
 def test_parquet_parts_whose_values_do_not_convert_exactly_merge_as_text(tmp_path):

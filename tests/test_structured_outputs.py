@@ -264,6 +264,24 @@ def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm):
     c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[stop],
                                                 structured_outputs=SO(choice=["ab"])), use_tqdm=False)[0].outputs[0]
     assert c.text == "ab" and c.finish_reason == "stop"
+    # Found by a review: a logits processor that forces the stop id where the grammar cannot end
+    # ended the completion "stop", its text no JSON: it aborts there, as any forced token does.
+
+    def force(token_ids, logits):
+        if len(token_ids) == 2:
+            logits[stop] = 1e4
+        return logits
+
+    c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
+                                                logits_processors=[force], structured_outputs=SO(json={
+                                                    "type": "object", "properties": {"a": {"type": "integer"}}})),
+                     use_tqdm=False)[0].outputs[0]
+    assert c.finish_reason == "abort" and len(c.token_ids) == 2
+    # stop ids that are every token the grammar can begin with: refused before any work
+    first = [tok.convert_tokens_to_ids(t) for t in "ab"]
+    with pytest.raises(ValueError, match="stop_token_ids are every token structured_outputs lets the output start"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, stop_token_ids=first,
+                                                structured_outputs=SO(choice=["a", "b"])), use_tqdm=False)
 
 
 def test_bad_words_hold_where_the_grammar_allows_only_them(llm):

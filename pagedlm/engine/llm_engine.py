@@ -59,16 +59,18 @@ _IN_REASONING = ("LLM(structured_outputs_config={'enable_in_reasoning': True}); 
                  "--structured-outputs-config '{\"enable_in_reasoning\": true}'")
 
 
-def _feed_constraint(seq: Sequence, token_id: int, own_stops: Collection[int] = ()) -> tuple[bool, str | None]:
+def _feed_constraint(seq: Sequence, token_id: int, own_stops: Collection[int] = (),
+                     end_token_id: int | None = None) -> tuple[bool, str | None]:
     """Feed a sequence's new token to its reasoning gate and grammar: (the grammar ended, why the
     completion must abort or None). A token still inside the reasoning is free; the one that ends
     it is fed to the grammar when the parser says so. One of ``own_stops`` (the request's stop ids
-    that are no EOS id) ends the grammar unfed: its mask allowed it only where the grammar can end
-    (``StructuredOutputManager.end_at``)."""
+    that are no EOS id) is fed as ``end_token_id`` (an EOS id): it ends the grammar where the
+    grammar can end, which its mask allowed it only at (``StructuredOutputManager.end_at``), and
+    aborts the completion where a logits processor forced it elsewhere."""
     if seq.grammar_matcher is None:
         return False, None
-    if token_id in own_stops and seq.reasoning_gate is None:
-        return True, None
+    if token_id in own_stops and seq.reasoning_gate is None and end_token_id is not None:
+        token_id = end_token_id
     feeds_grammar, ends_reasoning = True, False
     if seq.reasoning_gate is not None:
         taken = seq.reasoning_gate.take(token_id)
@@ -297,15 +299,20 @@ class LLMEngine:
 
     def check_constraint(self, params: SamplingParams) -> FieldError | None:
         """Why a request's structured-outputs constraint cannot run (waiting for it to compile):
-        it does not compile, or ``allowed_token_ids`` hold none of the tokens it can start with."""
+        it does not compile, its own stop ids mask every token it can start with, or
+        ``allowed_token_ids`` hold none of them."""
         manager = self.structured_outputs
         compiling = manager.compile_async(params.structured_outputs)
         if compiling.exception() is not None:
             return FieldError(str(compiling.exception()), "structured_outputs")
-        if params.allowed_token_ids:
+        own_stops = self._own_stops(params)
+        if params.allowed_token_ids or own_stops:
             start = manager.bitmask(manager.new_matcher(params.structured_outputs))
-            manager.end_at(start, self._own_stops(params))
-            if not manager.allows_any_of(start, params.allowed_token_ids):
+            manager.end_at(start, own_stops)
+            if not start.any():
+                return FieldError("stop_token_ids are every token structured_outputs lets the output start with "
+                                  "(a stop id ends a grammar only where it can end)", "stop_token_ids")
+            if params.allowed_token_ids and not manager.allows_any_of(start, params.allowed_token_ids):
                 return FieldError("allowed_token_ids hold none of the tokens structured_outputs lets the output "
                                   "start with", "allowed_token_ids")
         return None
@@ -626,8 +633,9 @@ class LLMEngine:
                     if group.bad_words_token_ids else set()
                 if seq.grammar_matcher is not None and seq.reasoning_gate is None:
                     data.token_bitmask = self.structured_outputs.bitmask(seq.grammar_matcher)
-                    if params.stop_token_ids:
-                        self.structured_outputs.end_at(data.token_bitmask, self._own_stops(params))
+                    own_stops = self._own_stops(params) if params.stop_token_ids else ()
+                    if own_stops:
+                        self.structured_outputs.end_at(data.token_bitmask, own_stops)
                     # Where the grammar can only end, ending beats min_tokens (else nothing is
                     # allowed); bad words stay banned (a ban that leaves nothing aborts).
                     if until_min and not self.structured_outputs.allows_other_than(
@@ -686,7 +694,8 @@ class LLMEngine:
         if sample.no_token:
             return self._abort_completion(seq, group, "no token was left to sample (logits processors, "
                                                       "allowed_token_ids, bad_words or bans removed them all)")
-        grammar_ended, why = _feed_constraint(seq, sample.token_id, params.stop_token_ids)
+        grammar_ended, why = _feed_constraint(seq, sample.token_id, params.stop_token_ids,
+                                              self.structured_outputs.end_token_id if seq.grammar_matcher else None)
         if why is not None:
             return self._abort_completion(seq, group, why)
         seq.append_token(sample.token_id, sample.logprob)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -172,17 +173,21 @@ class StructuredOutputManager:
         allowed, ids = _allowed_and_ids(bitmask, token_ids)
         return bool(allowed[ids].any())
 
+    @property
+    def end_token_id(self) -> int | None:
+        """A token that ends every grammar where it can end (an EOS id), None without one."""
+        return self._stop_token_ids[0] if self._stop_token_ids else None
+
     def end_at(self, bitmask: torch.Tensor, token_ids: Sequence[int]) -> None:
         """Make ``token_ids`` (a request's own stop ids, beside the EOS ids) end the grammar, as
         vLLM's xgrammar backend makes them (``override_stop_tokens``, which xgrammar 0.2.8 masks as
         text and 0.2.9 no longer does): allowed where the grammar can end (it allows an EOS id),
         masked where it cannot, so a stop id never cuts a constrained output short. In place."""
-        can_end = self.allows_any_of(bitmask, self._stop_token_ids)
+        words = bitmask.numpy().view(np.uint32)  # the row's own memory: a few bits read and set
+        can_end = any(words[t >> 5] >> (t & 31) & 1 for t in self._stop_token_ids)
         for token_id in token_ids:
-            word, bit = divmod(token_id, 32)
-            value = int(bitmask[word]) & 0xFFFFFFFF
-            value = value | (1 << bit) if can_end else value & ~(1 << bit)
-            bitmask[word] = value - (1 << 32) if value >= 1 << 31 else value  # the int32 of those bits
+            word, bit = token_id >> 5, np.uint32(1 << (token_id & 31))
+            words[word] = words[word] | bit if can_end else words[word] & ~bit
 
     def bitmask(self, matcher: Any) -> torch.Tensor:
         """The matcher's allowed next tokens: an int32 row of ``bitmask_width`` words."""

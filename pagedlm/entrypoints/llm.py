@@ -432,8 +432,8 @@ class LLM:
         as in vLLM, an argument that is not None wins over the key of the same name in
         ``chat_template_kwargs``); the text is tokenized without adding special tokens, since the
         template has placed them. An empty list is no conversation (no outputs).
-        ``tokenization_kwargs`` truncates the rendered prompts as in ``generate`` (from the left,
-        special tokens included); its ``add_special_tokens`` (default False: the template placed
+        ``tokenization_kwargs`` truncates the rendered prompts as in ``generate`` (from the left
+        unless its ``truncation_side`` says "right", special tokens included); its ``add_special_tokens`` (default False: the template placed
         them) adds the tokenizer's. ``chat_template`` may also name one of the tokenizer's
         templates. ``chat_template_content_format`` is vLLM's: "string" (a message's text parts
         joined into one string), "openai" (a list of ``{"type": "text", "text": ...}`` parts) or

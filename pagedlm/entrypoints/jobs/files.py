@@ -358,8 +358,8 @@ class ParquetWriter(OutputWriter):
 
     Args:
         path: the output file.
-        resume: read the keys of the parts (and of ``path``, which becomes the first part).
-            A part that cannot be read raises ValueError, naming it.
+        resume: read the keys of the parts (and of ``path``, which becomes the first part once
+            this run writes a row or finishes). A part that cannot be read raises ValueError, naming it.
         key_of: an output row's id.
         key_field: the column that holds it, the only one resume reads.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
@@ -383,10 +383,10 @@ class ParquetWriter(OutputWriter):
         if os.path.exists(path) and os.path.isdir(self.parts_dir):
             # A kill between the merge's rename and the parts' removal: the output holds their rows.
             shutil.rmtree(self.parts_dir)
-        os.makedirs(self.parts_dir, exist_ok=True)
-        if resume and os.path.exists(path):
-            os.replace(path, self._part_path(0))
-        for part in self._parts():
+        # A resumed output becomes the first part once this run writes (_adopt): a run that writes
+        # nothing (its model failed to load, say) leaves it where it was.
+        self._resumed = path if resume and os.path.exists(path) else None
+        for part in [*([path] if self._resumed else []), *self._parts()]:
             # The key column alone: a part's outputs would take ~10 times the file's size in memory.
             try:
                 if key_field in pq.read_schema(part).names:
@@ -406,7 +406,16 @@ class ParquetWriter(OutputWriter):
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
 
     def _parts(self) -> list[str]:
+        if not os.path.isdir(self.parts_dir):
+            return []
         return sorted(os.path.join(self.parts_dir, p) for p in os.listdir(self.parts_dir) if p.endswith(".parquet"))
+
+    def _adopt(self) -> None:
+        """Make the parts directory, the resumed output its first part."""
+        os.makedirs(self.parts_dir, exist_ok=True)
+        if self._resumed is not None:
+            os.replace(self._resumed, self._part_path(0))
+            self._resumed = None
 
     def _append(self, row: dict) -> None:
         self._rows.append(row)
@@ -418,6 +427,7 @@ class ParquetWriter(OutputWriter):
 
         if not self._rows:
             return
+        self._adopt()
         path = self._part_path(self._next_part)
         with storage.replacing(path) as tmp:
             pq.write_table(rows_to_table(self._rows, self._schema), tmp)
@@ -430,6 +440,7 @@ class ParquetWriter(OutputWriter):
 
         if not finished:
             return
+        self._adopt()
         parts = self._parts()
         schema = _unify(parts, self._trailing_columns) if parts else rows_to_table([], self._schema).schema
         with storage.replacing(self.path) as tmp, pq.ParquetWriter(tmp, schema) as writer:

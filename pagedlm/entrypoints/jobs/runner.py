@@ -181,8 +181,9 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
 def exclusive_run(output: str) -> Iterator[None]:
     """Hold ``OUT.lock`` (``flock``) while the run writes ``output``: a second run of the same job
     (a scheduler that requeued it while the first still runs) is refused instead of writing the
-    same rows again. The kernel drops the lock with the process, so a killed run leaves none."""
-    path = output + ".lock"
+    same rows again. The kernel drops the lock with the process, so a killed run leaves none. (A
+    Ray job's output directory named with a trailing "/" locks beside it, as its record is.)"""
+    path = output.rstrip("/") + ".lock"
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
