@@ -47,6 +47,25 @@ def test_special_tokens_added_once(llm):
     assert out.prompt_token_ids[0] == BOS and out.prompt_token_ids[1] != BOS
 
 
+def test_a_prompt_past_the_tokenizers_model_max_length_gets_no_transformers_warning(tokenizer_dir, caplog):
+    """Found by a docs walk: a row too long for the model printed transformers' "Token indices
+    sequence length is longer than the specified maximum ... will result in indexing errors" beside
+    pagedlm's own error naming the row; and a tokenizer's model_max_length is not pagedlm's limit."""
+    import transformers
+
+    from pagedlm.transformers_utils.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer_dir)
+    tok.model_max_length = 8
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert len(tok("The capital of France is Paris. " * 4).input_ids) > 8
+    finally:
+        transformers.logging.disable_propagation()
+    assert "Token indices sequence length" not in caplog.text
+
+
 def test_text_is_incremental_decode_of_tokens(llm):
     tok = llm.get_tokenizer()
     outs = llm.generate(["Hello", "日本語 and Ünïcödé", "12 + 30 ="], SamplingParams(temperature=1.0, seed=3, max_tokens=40), use_tqdm=False)

@@ -19,6 +19,9 @@ def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    # The engine checks a prompt's length against max_model_len and names it; transformers' warning
+    # past the tokenizer's model_max_length ("will result in indexing errors") is not pagedlm's limit.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
