@@ -79,10 +79,12 @@ def test_text_is_incremental_decode_of_tokens(llm):
 @pytest.mark.parametrize("which", ["smollm2", "byte_level_bpe"])
 def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text(which, tokenizer_dir):
     """Token-id prompts may end inside a character (a continuation of a completion cut by
-    max_tokens). The completion's text is what its tokens add after the last point where the
-    prompt's text is final, and never the prompt's text before it (which stop strings and
-    structured outputs would then match); a completion that ends inside a character keeps what
-    a full decode shows. Every cut of a sentence, with completions of 1, 2 and 6 tokens."""
+    max_tokens). The completion's text is what its tokens add after the prompt's whole characters,
+    and never the prompt's text (which stop strings and structured outputs would then match; found
+    by a hunt: a prompt whose last tokens each ended inside a character gave its whole characters,
+    "日本" of "12日本" + half of "語", to the completion, and a space before one); a completion that
+    ends inside a character keeps what a full decode shows. Every cut of a sentence, with
+    completions of 1, 2 and 6 tokens."""
     from transformers import AutoTokenizer
 
     from pagedlm import default_model_path
@@ -93,8 +95,9 @@ def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text
     for cut in range(1, len(ids)):
         for n in (1, 2, 6):
             full = tok.decode(ids[: cut + n])
-            final = max(j for j in range(cut + 1) if full.startswith(tok.decode(ids[:j])))
-            expected = full[len(tok.decode(ids[:final])):]
+            # The prompt's whole characters, or its text at a token where the completion changes none of it.
+            candidates = [tok.decode(ids[:j]) for j in range(cut + 1)] + [tok.decode(ids[:cut]).rstrip("\ufffd")]
+            expected = full[max(len(c) for c in candidates if full.startswith(c)):]
             assert "".join(decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams())) == expected, (cut, n)
 
 

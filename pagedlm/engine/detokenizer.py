@@ -44,9 +44,13 @@ class IncrementalDetokenizer:
         # ``DecodeStream(ids=...)``: that one returns the context's text along with the first
         # character an output token completes when the context ends inside a character.
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self._context, _ = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
-        for token_id in self._context:
-            self._step_stream(token_id)
+        self._context, context_text = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
+        primed = [self._step_stream(token_id) for token_id in self._context]
+        # A context that ends inside a character leaves the stream holding the text since its last
+        # emitted token, whole characters of the prompt among it, which the token completing the
+        # character would emit with its own: that prompt text is dropped from it (_held).
+        emitted = "".join(chunk for chunk in primed if chunk is not None)
+        self._held = context_text.rstrip(_INCOMPLETE)[len(emitted):] if primed and primed[-1] is None else ""
         self._num_fed = 0  # output tokens stepped through so far
         self._num_pending = 0  # tokens that so far end in an incomplete character
         self._added_tokens: dict[int, str] | None = None
@@ -69,6 +73,9 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
         text = self._step_stream(token_id)
+        if text is not None and self._held:
+            text = text.removeprefix(self._held)
+            self._held = ""
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
         if self._added_tokens is not None:
@@ -93,8 +100,9 @@ class IncrementalDetokenizer:
                    for end in range(len(context) - 1, 0, -1))
         for before in chain([before], shorter):
             if text.startswith(before):
-                return text[len(before):]
-        return text
+                text = text[len(before):]
+                break
+        return text.removeprefix(self._held)  # the prompt's own characters, if no step emitted them
 
 
 def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> tuple[list[int], str]:
