@@ -41,14 +41,14 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
-               add_bos: bool = False, leave_out: str | None = None) -> None:
+               add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
     the down projections as zero blocks of that quantized type; ``rope_dims`` a RoPE dimension
     count, ``eot`` an end-of-turn token, ``split_max_tensors`` files of that many tensors each
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
-    not written."""
+    not written, ``head_count_kv`` another KV head count than the tensors'."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers)
@@ -56,7 +56,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_head_count_kv(head_count_kv or c.num_key_value_heads)
     if arch != "llama":
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         writer.add_key_length(head_dim)
@@ -309,6 +309,8 @@ def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_pa
     ({"leave_out": "model.layers.1.self_attn.v_proj.weight"},
      r"lacks the tensors of qwen2 weights \['model.layers.1.self_attn.v_proj.weight'\]"),
     ({"rms_eps": False}, "has no 'qwen2.attention.layer_norm_rms_epsilon', which a qwen2 model needs"),
+    # found by a hunt: transformers 5's RuntimeError ("ignore_mismatched_sizes"), not ours
+    ({"head_count_kv": 2}, "qwen2 tensors have other shapes than its metadata gives them"),
 ])
 def test_a_transformers_architecture_file_missing_a_tensor_or_metadata_is_refused(tmp_path, damage, message):
     """Found by a hunt: transformers' reader filled a missing tensor with random values, and a

@@ -202,7 +202,7 @@ def test_actor_threads_default_to_the_cpus_it_reserves():
     assert PagedLMProcessorConfig(num_cpus=2.5).threads == 2 and PagedLMProcessorConfig(num_cpus=0.5).threads == 1
     assert PagedLMProcessorConfig(num_cpus=2, torch_threads=3).threads == 3
     assert PagedLMProcessorConfig(concurrency=(1, 3), num_cpus=2).reserved_cpus == 6
-    with pytest.raises(ValueError, match="num_cpus must be a number > 0"):
+    with pytest.raises(ValueError, match="num_cpus must be a finite number > 0"):
         PagedLMProcessorConfig(num_cpus=0)
 
 
@@ -265,8 +265,12 @@ def test_processor_config_refuses_a_bad_concurrency(concurrency):
 
 @pytest.mark.parametrize("fields, message", [  # found by a hunt: accepted, then ignored or failing in the actors
     ({"model_source": ""}, "model_source must be a checkpoint directory"),
-    ({"num_gpus": -1}, "num_gpus must be a number >= 0, got -1"),
-    ({"num_gpus": "1"}, "num_gpus must be a number >= 0, got '1'"),
+    ({"num_gpus": -1}, "num_gpus must be a finite number >= 0, got -1"),
+    ({"num_gpus": "1"}, "num_gpus must be a finite number >= 0, got '1'"),
+    # found by a hunt: taken, and the dataset would wait forever for such an actor
+    ({"num_gpus": float("inf")}, "num_gpus must be a finite number >= 0, got inf"),
+    ({"num_cpus": float("inf")}, "num_cpus must be a finite number > 0, got inf"),
+    ({"num_cpus": True}, "num_cpus must be a finite number > 0, got True"),
     ({"sampling_params": {"max_tokens": 0}}, "sampling_params: max_tokens must be"),
 ])
 def test_processor_config_refuses_bad_fields_by_name(fields, message):

@@ -20,6 +20,7 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 import inspect
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,11 +124,11 @@ class PagedLMProcessorConfig:
                 raise ValueError(f"engine_kwargs: {exc}") from None
         if self.torch_threads is not None and (type(self.torch_threads) is not int or self.torch_threads < 1):
             raise ValueError(f"torch_threads must be a positive integer, got {self.torch_threads!r}")
-        if self.num_cpus is not None and not (isinstance(self.num_cpus, (int, float)) and self.num_cpus > 0):
-            raise ValueError(f"num_cpus must be a number > 0, got {self.num_cpus!r}")
-        gpus = self.num_gpus
-        if gpus is not None and not (isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0):
-            raise ValueError(f"num_gpus must be a number >= 0, got {self.num_gpus!r}")
+        # Finite (an actor of inf CPUs is never placed) and no bool (True is no count of CPUs).
+        for name, value, positive in (("num_cpus", self.num_cpus, True), ("num_gpus", self.num_gpus, False)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if value is not None and not (number and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
     @property
     def threads(self) -> int:

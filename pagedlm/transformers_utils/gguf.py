@@ -347,8 +347,15 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
                                  f"({head_dim}): RoPE over part of a head is supported for Phi-3 only")
             config.partial_rotary_factor = dimension_count / head_dim
             config.rope_parameters["partial_rotary_factor"] = dimension_count / head_dim
-        model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config,
-                                                           dtype=torch.float32, output_loading_info=True)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(src, gguf_file="model.gguf", config=config,
+                                                               dtype=torch.float32, output_loading_info=True)
+        except RuntimeError as exc:  # transformers 5 raises on tensors of another shape than the config's
+            if "mismatched" not in str(exc):
+                raise
+            raise ValueError(f"the GGUF file's {arch} tensors have other shapes than its metadata gives them "
+                             f"({arch}.attention.head_count_kv, .embedding_length, ...; transformers' report of "
+                             "them is above)") from None
     # save_pretrained refuses a model loaded from GGUF ("not serializable"): write its tensors directly.
     tied = getattr(config, "tie_word_embeddings", False)
     missing = sorted(set(info["missing_keys"]) - ({"lm_head.weight"} if tied else set()))
