@@ -41,14 +41,16 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
-               add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None) -> None:
+               add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None,
+               tokenizer_model: str = "gpt2") -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
     the down projections as zero blocks of that quantized type; ``rope_dims`` a RoPE dimension
     count, ``eot`` an end-of-turn token, ``split_max_tensors`` files of that many tensors each
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
-    not written, ``head_count_kv`` another KV head count than the tensors'."""
+    not written, ``head_count_kv`` another KV head count than the tensors', ``tokenizer_model``
+    the tokenizer's kind."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers)
@@ -81,7 +83,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     elif rope_dims is not None:
         writer.add_rope_dimension_count(rope_dims)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
     writer.add_token_list(specials + TOKENS[len(SPECIALS):])
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
@@ -319,6 +321,31 @@ def test_a_transformers_architecture_file_missing_a_tensor_or_metadata_is_refuse
     write_gguf(_qwen2(layers=2), path, "qwen2", **damage)
     with pytest.raises(ValueError, match=message):
         convert_gguf(path, str(tmp_path / "out"))
+
+
+def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path, monkeypatch):
+    """Found by a hunt: a tokenizer transformers cannot build ("bert") was refused after every weight
+    was converted, in transformers' words; an unsupported architecture or a split file after a
+    sha256 of the whole file (the conversion cache's record), on every try."""
+    from pagedlm.transformers_utils import conversion_cache
+    from pagedlm.transformers_utils import gguf as pagedlm_gguf
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work before the refusal")
+
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(conversion_cache, "_sha256", heavy)
+    monkeypatch.setattr(pagedlm_gguf, "save_file", heavy)
+    path = str(tmp_path / "bert.gguf")
+    write_gguf(tiny_model(tied=True), path, tokenizer_model="bert")
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'bert'; pagedlm builds a tokenizer of 'llama' or "
+                                         "'gpt2'"):
+        resolve_model(path)
+    path = str(tmp_path / "split.gguf")
+    write_gguf(tiny_model(tied=True), path, split_max_tensors=4)
+    first = sorted(p for p in os.listdir(tmp_path) if p.startswith("split"))[0]
+    with pytest.raises(ValueError, match="of a GGUF split into"):
+        resolve_model(str(tmp_path / first))
 
 
 def test_a_vocabulary_longer_than_the_embedding_is_refused(tmp_path):

@@ -120,9 +120,12 @@ def _remove_leftovers(root: str, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def cached_conversion(source: str, root: str, convert: Callable[[str, str], object], version: int) -> str:
+def cached_conversion(source: str, root: str, convert: Callable[[str, str], object], version: int,
+                      check: Callable[[str], object] | None = None) -> str:
     """Return the directory holding `convert(source, out_dir)`'s output for `source`'s current bytes,
     converting only when no conversion of those bytes by this `version` of the converter exists.
+    `check(source)`, when given, runs before the file is hashed (a whole read): a file that cannot
+    be converted is refused without it.
 
     `convert` must create `out_dir` (which does not exist yet) with everything in it; the record is
     added after it returns, and the finished directory is renamed into place, so readers never see
@@ -136,6 +139,8 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
         logger.debug("using the earlier conversion of %s at %s", source, out_dir)
         return out_dir
 
+    if check is not None:
+        check(source)
     os.makedirs(root, exist_ok=True)
     record = {"path": source, "identity": _identity(os.stat(source)), "sha256": _sha256(source), "version": version}
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)

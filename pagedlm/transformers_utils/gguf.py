@@ -398,16 +398,18 @@ def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
     target.update(rope_type="linear", factor=factor)
 
 
-def convert_gguf(gguf_path: str, out_dir: str) -> str:
-    """Dequantise a GGUF (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) into an HF checkpoint
-    directory `out_dir` and return it. Raises ValueError for another architecture.
+# The tokenizer models transformers builds a fast tokenizer of (its GGUF converters).
+_TOKENIZER_MODELS = ("llama", "gpt2")
 
-    Writes float32 `model.safetensors`, `config.json`, `generation_config.json` and
-    tokenizer files. The directory appears atomically; `out_dir` must not exist yet.
+
+def check_gguf(gguf_path: str) -> gguf.GGUFReader:
+    """The GGUF's reader, once its header shows pagedlm can convert it: one file, a supported
+    architecture, tensor types and tokenizer, a vocabulary the embedding holds. Cheap (no tensor
+    is read): it runs before the conversion cache hashes the whole file.
+
+    Raises:
+        ValueError: naming the file's key or tensor at fault and what is supported.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists")
     reader = gguf.GGUFReader(gguf_path)
     parts = _field(reader, "split.count", 1)
     if parts > 1:
@@ -418,15 +420,36 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     if arch != "llama" and arch not in _TRANSFORMERS_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(['llama', *_TRANSFORMERS_ARCHITECTURES])}")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
     _check_tensor_types(reader)
+    tokenizer_model = _field(reader, "tokenizer.ggml.model")
+    if tokenizer_model not in _TOKENIZER_MODELS or not _field(reader, "tokenizer.ggml.tokens"):
+        raise ValueError(f"the GGUF file's tokenizer.ggml.model is {tokenizer_model!r}"
+                         f"{'' if _field(reader, 'tokenizer.ggml.tokens') else ' and it has no tokenizer.ggml.tokens'}; "
+                         f"pagedlm builds a tokenizer of {' or '.join(map(repr, _TOKENIZER_MODELS))} with its tokens")
     num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
     rows = next((int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"), num_tokens)
     if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
         raise ValueError(f"the GGUF file's vocabulary has {num_tokens} tokens, but token_embd.weight {rows} rows")
+    return reader
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> str:
+    """Dequantise a GGUF (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) into an HF checkpoint
+    directory `out_dir` and return it. Raises ValueError for another architecture.
+
+    Writes float32 `model.safetensors`, `config.json`, `generation_config.json` and
+    tokenizer files. The directory appears atomically; `out_dir` must not exist yet.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} already exists")
+    reader = check_gguf(gguf_path)
+    arch = _field(reader, "general.architecture")
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
     parent = os.path.dirname(out_dir)
+
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
@@ -472,7 +495,7 @@ def resolve_model(model: str | os.PathLike, what: str = "model") -> str:
             return resolve_hub_model(model, what=what)
         raise ValueError(f"{what} must be a checkpoint directory, a .gguf file or a Hugging Face model id "
                          f"(org/name), got {model!r}")
-    return cached_conversion(model, os.path.join(download_dir(), "gguf"), convert_gguf, _FORMAT_VERSION)
+    return cached_conversion(model, os.path.join(download_dir(), "gguf"), convert_gguf, _FORMAT_VERSION, check_gguf)
 
 
 def _fetch_default_gguf(dest: str) -> None:
