@@ -8,7 +8,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -17,6 +17,16 @@ import numpy as np
 import torch
 
 from pagedlm.utils import FieldError, unicode_problem
+
+
+def _check_unicode(field: str, texts: Sequence[str], rule: str) -> None:
+    """Raises FieldError (``field``) for a text that is not valid Unicode (a lone surrogate, as a
+    JSON input's escape gives), its message ``rule``, the text and why."""
+    for text in texts:
+        problem = unicode_problem(text)
+        if problem is not None:
+            raise FieldError(f"{rule}, got {text!r} ({problem}).", field)
+
 
 _GREEDY_EPS = 1e-5
 # The largest |logit_bias|: the biased logits, divided by the smallest temperature, stay finite in
@@ -670,11 +680,8 @@ class SamplingParams(_FieldsOnly):
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise FieldError(f"bad_words must be None or a list of non-blank strings, got {self.bad_words!r}.",
                                  "bad_words")
-            for word in self.bad_words:
-                problem = unicode_problem(word)
-                if problem is not None:  # the engine tokenizes them as the request is added
-                    raise FieldError(f"bad_words must be text the tokenizer can encode, got {word!r} ({problem}).",
-                                     "bad_words")
+            # the engine tokenizes them as the request is added
+            _check_unicode("bad_words", self.bad_words, "bad_words must be text the tokenizer can encode")
             self.bad_words = list(self.bad_words)
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
@@ -809,10 +816,8 @@ class SamplingParams(_FieldsOnly):
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise FieldError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.", "stop")
-        for s in stop:
-            problem = unicode_problem(s)
-            if problem is not None:  # the output's text is valid Unicode: it could never be found
-                raise FieldError(f"stop strings must be valid Unicode, got {s!r} ({problem}).", "stop")
+        # the output's text is valid Unicode: a stop string that is not could never be found
+        _check_unicode("stop", stop, "stop strings must be valid Unicode")
         self.stop = list(stop)
         self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
         if self.stop and not self.detokenize:

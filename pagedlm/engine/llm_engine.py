@@ -59,17 +59,17 @@ _IN_REASONING = ("LLM(structured_outputs_config={'enable_in_reasoning': True}); 
                  "--structured-outputs-config '{\"enable_in_reasoning\": true}'")
 
 
-def _feed_constraint(seq: Sequence, token_id: int, own_stops: Collection[int] = (),
+def _feed_constraint(seq: Sequence, token_id: int, stop_token_ids: Collection[int] = (),
                      end_token_id: int | None = None) -> tuple[bool, str | None]:
     """Feed a sequence's new token to its reasoning gate and grammar: (the grammar ended, why the
     completion must abort or None). A token still inside the reasoning is free; the one that ends
-    it is fed to the grammar when the parser says so. One of ``own_stops`` (the request's stop ids
-    that are no EOS id) is fed as ``end_token_id`` (an EOS id): it ends the grammar where the
-    grammar can end, which its mask allowed it only at (``StructuredOutputManager.end_at``), and
-    aborts the completion where a logits processor forced it elsewhere."""
+    it is fed to the grammar when the parser says so. One of the request's ``stop_token_ids`` is
+    fed as ``end_token_id`` (an EOS id): it ends the grammar where the grammar can end, which its
+    mask allowed it only at (``StructuredOutputManager.end_at``), and aborts the completion where a
+    logits processor forced it elsewhere."""
     if seq.grammar_matcher is None:
         return False, None
-    if token_id in own_stops and seq.reasoning_gate is None and end_token_id is not None:
+    if token_id in stop_token_ids and seq.reasoning_gate is None and end_token_id is not None:
         token_id = end_token_id
     feeds_grammar, ends_reasoning = True, False
     if seq.reasoning_gate is not None:

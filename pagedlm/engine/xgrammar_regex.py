@@ -301,10 +301,9 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
     their escapes, and an open one (negated, ``\\S``, ...) leaves them out."""
     head = cls.items[0] if cls.items else None
     caret_first = isinstance(head, _Char) and head.char == "^" or isinstance(head, tuple) and head[0].char == "^"
-    controls = [item for item in cls.items if _ends_in_control(item)]
-    if not json_string and not caret_first and not cls.rewritten and (not controls or cls.items[-len(controls):] == controls):
+    items = sorted(cls.items, key=_ends_in_control)  # stable: the others in their order, then those
+    if not json_string and not caret_first and not cls.rewritten and items == cls.items:
         return cls.text
-    items = [item for item in cls.items if not _ends_in_control(item)] + controls
     escaping = json_string and not cls.negated
     members: list[str] = []
     branches: list[str] = []  # beside the class: JSON escapes, open shorthands narrowed

@@ -242,15 +242,14 @@ class OpenAIBatchFormat:
         if constraint is not None and tool_choice is not None and tool_choice.calls:
             raise RowError("body.response_format and body.tool_choice both constrain the output: give one",
                            "response_format")
-        own = body.get("structured_outputs")  # vLLM's field; response_format's constraint is set over it (vLLM's)
+        own = body.get("structured_outputs")  # vLLM's field; a response_format or tool call takes its options
         if own is not None and not isinstance(own, dict):
             raise RowError(f"body.structured_outputs must be an object, got {json_text(own, 40)}", "structured_outputs")
-        if own and any(own.get(kind) is not None for kind in STRUCTURED_OUTPUT_KINDS) and tool_choice is not None \
-                and tool_choice.calls:
+        given = ", ".join(kind for kind in STRUCTURED_OUTPUT_KINDS if (own or {}).get(kind) is not None)
+        if given and tool_choice is not None and tool_choice.calls:
             raise RowError("body.structured_outputs and body.tool_choice both constrain the output: give one "
                            "(vLLM's rule)", "structured_outputs")
-        if constraint is not None and own and any(own.get(kind) is not None for kind in STRUCTURED_OUTPUT_KINDS):
-            given = ", ".join(kind for kind in STRUCTURED_OUTPUT_KINDS if own.get(kind) is not None)
+        if given and constraint is not None:
             raise RowError(f"body.response_format and body.structured_outputs ({given}) both constrain the output: "
                            "give one (a response_format takes structured_outputs' options alone, such as "
                            "disable_any_whitespace)", "response_format")

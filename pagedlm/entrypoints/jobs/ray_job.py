@@ -28,8 +28,9 @@ from pagedlm.entrypoints.jobs.files import (
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_column_types, exclusive_run, check_input_file, check_record, check_result_columns,
-    check_served_model_names, job_engine_kwargs, job_record, read_input, signals_deferred, signals_interrupt, write_record,
+    JobConfig, JobInterrupted, check_column_types, check_input_file, check_record, check_result_columns,
+    check_served_model_names, exclusive_run, job_engine_kwargs, job_record, read_input, signals_deferred,
+    signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
@@ -97,10 +98,10 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                              "use fewer actors or CPUs per actor")
     # The driver holds OUT.lock where the output is a local path (flock has no form for a URI's storage).
     with contextlib.nullcontext() if storage.is_uri(config.output) else exclusive_run(config.output):
-        return _run_on_ray(config, processor_config, address, in_kind, out_kind)
+        return _run_ray_locked(config, processor_config, address, in_kind, out_kind)
 
 
-def _run_on_ray(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None, in_kind: str,
+def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None, in_kind: str,
                 out_kind: str) -> tuple[JobStats, int | None]:
     """``run_ray_job`` once its options are checked (and the driver holds the output)."""
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
