@@ -1,6 +1,8 @@
 """The user-facing API: prompt forms, output fields, validation, tokenization, stopping, seeds."""
 
 import os
+import random
+import re
 import threading
 import time
 
@@ -98,7 +100,8 @@ def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text
             # The prompt's whole characters, or its text at a token where the completion changes none of it.
             candidates = [tok.decode(ids[:j]) for j in range(cut + 1)] + [tok.decode(ids[:cut]).rstrip("\ufffd")]
             expected = full[max(len(c) for c in candidates if full.startswith(c)):]
-            assert "".join(decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams())) == expected, (cut, n)
+            texts, end = decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams())
+            assert "".join(texts) + end == expected, (cut, n)
 
 
 def test_outputs_in_input_order_with_per_prompt_params(llm):
@@ -813,6 +816,75 @@ def test_a_completion_cut_inside_a_character_ends_its_last_decoded_token_too(sen
             assert "".join(chosen) == comp.text + "</s>", (extra, include)
 
 
+@pytest.mark.parametrize("which", ["sentencepiece_llama_dir", "llama_dir", "wordpiece_llama_dir"])
+def test_taken_tokens_decoded_tokens_add_up_to_the_text_whatever_their_bytes(which, request):
+    """Found by a hunt: where a byte-fallback decoder turned a whole run of byte tokens into
+    "\ufffd" (the run ends inside a character, or holds bytes that are not UTF-8), the taken tokens'
+    decoded_token no longer added up to the text: a context ending in one emoji and inside another
+    showed the emoji again, a token that starts a character gave "\ufffd", and a byte-level token
+    of a letter and half a character ("n" + 0xC3) cut by max_tokens missed its "\ufffd". Random
+    token sequences, half of them byte tokens, sampled and by beam search, every decoder."""
+    llm = LLM(request.getfixturevalue(which), dtype="float32", enable_trace_replay=True)
+    tok = llm.get_tokenizer()
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    byte_tokens = [i for t, i in tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-F]{2}>", t)]
+    others = [i for i in range(len(tok)) if i not in special]
+    if not byte_tokens:  # byte-level BPE: tokens of one byte, UTF-8 lead and continuation bytes among them
+        byte_tokens = [i for i in others if len(tok.convert_ids_to_tokens(i)) == 1] or others  # (WordPiece: none)
+    rng = random.Random(0)
+
+    def draw(n):
+        return [rng.choice(byte_tokens if rng.random() < 0.5 else others) for _ in range(n)]
+
+    cases = [(draw(rng.randint(1, 10)), draw(rng.randint(1, 10))) for _ in range(60)]
+    if which == "llama_dir":
+        cases.append((tok.encode("Hello"), tok.convert_tokens_to_ids(["nÃ"])))
+    else:
+        cases.append((tok.encode("a cat 😀"), tok.encode("😀", add_special_tokens=False)[-4:]))
+    params = [SamplingParams(trace_decode_token_ids=out, logprobs=1, skip_special_tokens=False,
+                             spaces_between_special_tokens=i % 2 == 0) for i, (_, out) in enumerate(cases)]
+    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt, _ in cases], params, use_tqdm=False)
+    for (prompt, out), output in zip(cases, outputs):
+        comp = output.outputs[0]
+        chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+        assert comp.token_ids == out and "".join(chosen) == comp.text, (prompt, out, chosen, comp.text)
+    if which == "sentencepiece_llama_dir":  # the emoji after an emoji: its text once
+        assert chosen == ["", "", "", "😀"] and comp.text == "😀"
+    if which == "llama_dir":
+        assert chosen == ["n\ufffd"] == [comp.text]
+    for prompt, out in cases[:12]:
+        beams = SamplingParams(use_beam_search=True, best_of=2, temperature=0, max_tokens=len(out), logprobs=0, ignore_eos=True,
+                               skip_special_tokens=False, logits_processors=[_forcing(out)])
+        comp = llm.generate({"prompt_token_ids": prompt}, beams, use_tqdm=False)[0].outputs[0]
+        chosen = [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]
+        assert comp.token_ids == out and "".join(chosen) == comp.text, (prompt, out, chosen, comp.text)
+
+
+def test_a_byte_fallback_run_that_is_not_utf8_keeps_the_text_shown_and_its_spaces(sentencepiece_llama_dir):
+    """Found by a hunt: a byte-fallback decoder turns a whole run of byte tokens into "\ufffd" when
+    it holds bytes that are not UTF-8, so a completion cut inside a character gave "ą\ufffd\ufffd"
+    for "ą" + 0xC4 (one "\ufffd" per byte left), and the detokenizer, starting afresh where the
+    run broke, lost the bytes not yet shown and the space of the next "▁cat" ("cat" for
+    "\ufffd\ufffd\ufffd cat"). Characters already shown stand; a full decode would show them as
+    "\ufffd" too."""
+    llm = LLM(sentencepiece_llama_dir, dtype="float32", enable_trace_replay=True)
+    tok = llm.get_tokenizer()
+    prompt = tok.encode("a cat 😀")
+    expected = {("<0xC4>", "<0x85>", "<0xC4>"): ("ą\ufffd", ["", "ą", "\ufffd"]),
+                ("<0xF0>", "<0x9F>", "<0x98>", "▁cat"): ("\ufffd" * 3 + " cat", ["", "", "", "\ufffd" * 3 + " cat"]),
+                ("▁cat", "<0x80>", "<0x80>", "▁cat"): (" cat\ufffd\ufffd cat", [" cat", "", "", "\ufffd\ufffd cat"]),
+                ("<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "<0xF0>"): ("😀\ufffd", ["", "", "", "😀", "\ufffd"])}
+    for tokens, (text, chosen) in expected.items():
+        out = tok.convert_tokens_to_ids(list(tokens))
+        comp = llm.generate({"prompt_token_ids": prompt}, SamplingParams(trace_decode_token_ids=out, logprobs=0),
+                            use_tqdm=False)[0].outputs[0]
+        assert (comp.text, [lp[t].decoded_token for t, lp in zip(comp.token_ids, comp.logprobs)]) == (text, chosen), tokens
+    # A prompt's logprobs read two byte-fallback emojis in a row as two.
+    out = llm.generate("a 😀😀", SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    assert "".join(out.prompt_logprobs[i][ids[i]].decoded_token for i in range(1, len(ids))) == " a 😀😀"
+
+
 def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):
     llm = LLM(wordpiece_llama_dir, dtype="float32")
     vocab = llm.get_tokenizer().get_vocab()
@@ -824,6 +896,15 @@ def test_spaces_between_special_tokens_as_vllm_reads_it(wordpiece_llama_dir):
         texts[spaces] = llm.generate({"prompt_token_ids": [vocab["cat"]]}, params, use_tqdm=False)[0].outputs[0].text
     # The WordPiece decoder spaces every token; False drops the space between two special tokens.
     assert texts == {True: " <x> <y> dogs", False: " <x><y> dogs"}
+    # decoded_token follows the text, alternatives too (found by a hunt: " <y>" after "<x>"); the
+    # completion's first token is spaced from the prompt's special token, as its text is (vLLM's).
+    listed = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, skip_special_tokens=False,
+                            spaces_between_special_tokens=False, logprob_token_ids=forced[:2],
+                            logits_processors=[_forcing(forced)])
+    comp = llm.generate({"prompt_token_ids": [vocab["<y>"]]}, listed, use_tqdm=False)[0].outputs[0]
+    assert [{t: lp.decoded_token for t, lp in position.items()} for position in comp.logprobs] == [
+        {vocab["<x>"]: " <x>", vocab["<y>"]: " <y>"}, {vocab["<y>"]: "<y>", vocab["<x>"]: "<x>"},
+        {vocab["dog"]: " dog", vocab["<x>"]: "<x>", vocab["<y>"]: "<y>"}, {vocab["##s"]: "s", vocab["<x>"]: " <x>", vocab["<y>"]: " <y>"}]
     beams = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=4, ignore_eos=True,
                            skip_special_tokens=False, spaces_between_special_tokens=False,
                            logits_processors=[_forcing(forced)])

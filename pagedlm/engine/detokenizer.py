@@ -3,7 +3,6 @@ token adds in its context (the ``decoded_token`` of logprobs)."""
 
 from collections.abc import MutableSequence, Sequence
 from dataclasses import replace
-from itertools import chain
 
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
@@ -12,13 +11,14 @@ from pagedlm.logprobs import Logprob
 from pagedlm.sampling_params import SamplingParams
 
 # Tokens fed to the decoder as context, so a token decodes with the spacing it has after them:
-# at least this many, and more (up to _MAX_CONTEXT_TOKENS) where the first of them begin inside a
+# at least this many, and more (up to MAX_CONTEXT_TOKENS) where the first of them begin inside a
 # character (vLLM's fast detokenizer looks for a prompt suffix that decodes without "\ufffd").
 _CONTEXT_TOKENS = 6
-_MAX_CONTEXT_TOKENS = 24
+MAX_CONTEXT_TOKENS = 24
 # What decoders make of bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"
 _INVALID_PREFIX = "Invalid prefix encountered"
+_MAX_CHARACTER_BYTES = 4  # UTF-8
 
 
 class IncrementalDetokenizer:
@@ -45,6 +45,7 @@ class IncrementalDetokenizer:
         # character an output token completes when the context ends inside a character.
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._context, context_text = context_tokens(self._backend, prompt_token_ids, skip_special_tokens)
+        self._unemitted: list[int] = []  # tokens stepped through since the stream last emitted text
         primed = [self._step_stream(token_id) for token_id in self._context]
         # A context that ends inside a character leaves the stream holding the text since its last
         # emitted token, whole characters of the prompt among it, which the token completing the
@@ -60,15 +61,22 @@ class IncrementalDetokenizer:
 
     def _step_stream(self, token_id: int) -> str | None:
         try:
-            return self._stream.step(self._backend, token_id)
+            text = self._stream.step(self._backend, token_id)
         except Exception as exc:
-            # Byte-fallback tokenizers: a valid byte followed by a byte that cannot start a
-            # character makes the whole decode change its mind about text already returned, which
-            # DecodeStream refuses. As vLLM does, go on with a fresh stream from this token.
+            # Byte-fallback tokenizers: bytes that are not UTF-8 make a decode turn the whole run of
+            # byte tokens into "�", characters already returned included, which DecodeStream
+            # refuses. As vLLM does, go on with a fresh stream, but from the tokens not yet shown
+            # (their "�" and a SentencePiece space after them would be lost from this token).
             if not str(exc).startswith(_INVALID_PREFIX):
                 raise
             self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
-            return self._stream.step(self._backend, token_id)
+            chunks = [self._stream.step(self._backend, t) for t in (*self._unemitted, token_id)]
+            text = None if chunks[-1] is None else "".join(chunk for chunk in chunks if chunk is not None)
+        if text is None:
+            self._unemitted.append(token_id)
+        else:
+            self._unemitted.clear()
+        return text
 
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
@@ -92,67 +100,118 @@ class IncrementalDetokenizer:
             return ""
         token_ids = self._context + output_token_ids[: self._num_fed]
         split = len(token_ids) - self._num_pending
-        context, before = context_tokens(self._backend, token_ids[:split], self._skip_special_tokens)
-        text = self._backend.decode(context + token_ids[split:], skip_special_tokens=self._skip_special_tokens)
-        # What follows the last point where the context's text is final (``step``'s rule): the end
-        # of the text returned so far, or inside the prompt when it ends inside a character.
-        shorter = (self._backend.decode(context[:end], skip_special_tokens=self._skip_special_tokens)
-                   for end in range(len(context) - 1, 0, -1))
-        for before in chain([before], shorter):
-            if text.startswith(before):
-                text = text[len(before):]
-                break
-        return text.removeprefix(self._held)  # the prompt's own characters, if no step emitted them
+        window, before = context_tokens(self._backend, token_ids[:split], self._skip_special_tokens)
+        # What follows the last point where the text is final (``step``'s rule): the end of the
+        # text returned so far, or inside the prompt when it ends inside a character.
+        pending = token_ids[split:]
+        text = self._backend.decode(window + pending, skip_special_tokens=self._skip_special_tokens)
+        if text.startswith(before):  # the pending tokens change none of the text before them
+            return text[len(before):]
+        stable, tail = _stable_text(self._backend, window, before, self._skip_special_tokens)
+        if text.startswith(stable):
+            return text[len(stable):]
+        return _tail_text(self._backend, tail, pending, self._skip_special_tokens)
 
 
 def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> tuple[list[int], str]:
     """The last ``_CONTEXT_TOKENS`` of ``token_ids``, or the shortest longer suffix (up to
-    ``_MAX_CONTEXT_TOKENS``) that does not begin inside a character, and its text: a byte-fallback
+    ``MAX_CONTEXT_TOKENS``) that does not begin inside a character, and its text: a byte-fallback
     decoder turns such a start into ``\ufffd`` characters that later tokens can change, which would
     then show in the text they add."""
-    for n in range(_CONTEXT_TOKENS, min(len(token_ids), _MAX_CONTEXT_TOKENS) + 1):
+    for n in range(_CONTEXT_TOKENS, min(len(token_ids), MAX_CONTEXT_TOKENS) + 1):
         text = backend.decode(token_ids[-n:], skip_special_tokens=skip_special_tokens)
-        if not text.startswith(_INCOMPLETE):
+        if not text.startswith(_INCOMPLETE) or _begins_whole(backend, token_ids[-n:], skip_special_tokens):
             return list(token_ids[-n:]), text
     context = list(token_ids[-_CONTEXT_TOKENS:])
     return context, backend.decode(context, skip_special_tokens=skip_special_tokens)
 
 
+def _begins_whole(backend, window: list[int], skip_special_tokens: bool) -> bool:
+    """Whether ``window``, whose text begins with ``\ufffd``, begins with a whole character all the
+    same: a byte-fallback decoder turns a whole run of byte tokens into ``\ufffd`` when it ends
+    inside a character, so its first character is read from its first tokens alone (a character
+    is at most 4 bytes, so at most 4 tokens)."""
+    for end in range(1, min(len(window), _MAX_CHARACTER_BYTES) + 1):
+        head = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
+        if not head.endswith(_INCOMPLETE):
+            return not head.startswith(_INCOMPLETE)
+    return False
+
+
+def _stable_text(backend, window: list[int], text: str, skip_special_tokens: bool) -> tuple[str, list[int]]:
+    """``text``, the decode of ``window``, as far as later tokens cannot change it, and the tokens of
+    ``window`` after its last whole character (none where ``text`` does not end inside one).
+
+    Byte-level decoders keep the whole characters among those tokens (``text`` less its trailing
+    ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into ``\ufffd`` when it
+    ends inside a character, characters the run completed before included: those are read from
+    the window without its unfinished tokens.
+    """
+    stable = text.rstrip(_INCOMPLETE)
+    if len(stable) == len(text):
+        return text, []
+    for end in range(len(window) - 1, 0, -1):
+        before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
+        if not before.endswith(_INCOMPLETE):
+            return max(stable, before, key=len), window[end:]
+    return stable, list(window)
+
+
+def _tail_text(backend, tail: list[int], token_ids: list[int], skip_special_tokens: bool) -> str:
+    """What ``token_ids`` add after ``tail``, a window's tokens after its last whole character, read
+    without the window before it: where they change how a byte-fallback decoder reads the run of
+    byte tokens before them (a byte that cannot continue it turns the run into ``\ufffd``), the text
+    already shown stands and these tokens add their own, with the ``\ufffd`` of the bytes that
+    were left unfinished."""
+    text = backend.decode(tail + token_ids, skip_special_tokens=skip_special_tokens)
+    shown = backend.decode(tail, skip_special_tokens=skip_special_tokens).rstrip(_INCOMPLETE)
+    return text.removeprefix(shown)
+
+
 def decode_completion(
     tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], token_ids: list[int], params: SamplingParams
-) -> tuple[str, str]:
+) -> tuple[list[str], str]:
     """A whole completion's text, exactly as the incremental detokenizer would have made it: what
-    its tokens add one by one, and what its end adds (``IncrementalDetokenizer.flush``: the ``�`` of
-    a character its last tokens leave incomplete)."""
+    each of its tokens adds, and what its end adds (``IncrementalDetokenizer.flush``: the ``�`` of a
+    character its last tokens leave incomplete)."""
     detokenizer = IncrementalDetokenizer(
         tokenizer, prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
     )
-    text = "".join(detokenizer.step(t) for t in token_ids)
-    return text, detokenizer.flush(token_ids)
+    texts = [detokenizer.step(t) for t in token_ids]
+    return texts, detokenizer.flush(token_ids)
 
 
-def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str,
-                  end: str) -> MutableSequence[dict[int, Logprob]]:
+def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str, end: str,
+                  token_texts: Sequence[str | None] = ()) -> MutableSequence[dict[int, Logprob]]:
     """A finished completion's ``logprobs`` (a list or ``FlatLogprobs``, one position per token of
-    ``token_ids``, its output tokens; none without logprobs) with ``end``, the text its end adds
-    (``flush``), added to the last token's ``decoded_token`` where the tokens' texts fall short of
-    ``text`` by exactly ``end``: so the taken tokens' texts still add up to the completion's. Where
-    a stop token ends it, its own ``decoded_token`` shows the unfinished bytes before it already
-    (``decode_in_context``) and nothing changes."""
-    if not end or not logprobs or \
-            "".join(logprobs[i][t].decoded_token or "" for i, t in enumerate(token_ids)) + end != text:
+    ``token_ids``, its output tokens; none without logprobs) with the taken tokens' ``decoded_token``
+    made to add up to ``text``, the completion's: ``token_texts[i]``, where given and not None, is
+    the text token ``i`` added (a completion decoded whole, as beam search's are), and what their
+    texts fall short of ``text`` by once its end added ``end`` (``flush``: the ``\ufffd`` of a
+    character its last tokens leave incomplete) goes to the last token's. Where a stop token ends
+    it, its own ``decoded_token`` shows the unfinished bytes before it already, and where the
+    tokens' texts are not the start of ``text`` (a special token that ``skip_special_tokens`` leaves
+    out of it) nothing is added."""
+    if not logprobs:
         return logprobs
-    last = len(token_ids) - 1
-    position = dict(logprobs[last])
-    entry = position[token_ids[last]]
-    position[token_ids[last]] = replace(entry, decoded_token=(entry.decoded_token or "") + end)
-    out = logprobs[:last]
-    out.append(position)
-    out.extend(logprobs[last + 1:])
+    changed = {i: t for i, t in enumerate(token_texts) if t is not None}
+    shown = "".join(changed.get(i, logprobs[i][t].decoded_token) or "" for i, t in enumerate(token_ids))
+    if end and len(shown) < len(text) and text.startswith(shown):
+        last = len(token_ids) - 1
+        changed[last] = (changed.get(last, logprobs[last][token_ids[last]].decoded_token) or "") + text[len(shown):]
+    if not changed:
+        return logprobs
+    out = logprobs[:0]
+    for i, position in enumerate(logprobs):
+        if i in changed:
+            position = dict(position)
+            position[token_ids[i]] = replace(position[token_ids[i]], decoded_token=changed[i])
+        out.append(position)
     return out
 
 
-def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int]) -> list[str]:
+def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int],
+                      spaces_between_special_tokens: bool = True) -> list[str]:
     """The text each of ``token_ids`` adds right after ``context_ids`` (vLLM's ``decoded_token``).
 
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
@@ -163,17 +222,22 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     tokens' texts add up to the completion's (as OpenAI's ``text_offset`` needs). Where the context
     ends inside a character, the others (alternatives) that do not complete it give their own text,
     without the ``�`` that the unfinished bytes become beside them (vLLM shows ``-``, not ``�-``).
+    ``spaces_between_special_tokens=False``: an added token right after another adds its bare
+    content, as in the text (``IncrementalDetokenizer``).
     """
     backend = tokenizer.backend_tokenizer
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
-    prefix = context_text.rstrip(_INCOMPLETE)
-    broken = _INCOMPLETE * (len(context_text) - len(prefix))  # the context's unfinished character, if any
+    stable, tail = _stable_text(backend, window, context_text, skip_special_tokens=False)
+    tail_text = backend.decode(tail, skip_special_tokens=False) if tail else ""
+    broken = tail_text[len(tail_text.rstrip(_INCOMPLETE)):]  # the context's unfinished character, if any
     texts = []
     for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):
         full = full.rstrip(_INCOMPLETE)
-        if not full.startswith(prefix):
-            texts.append(backend.decode([token_id], skip_special_tokens=False))
-            continue
-        added = full[len(prefix):]
+        added = full[len(stable):] if full.startswith(stable) else \
+            _tail_text(backend, tail, [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
         texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)
+    if not spaces_between_special_tokens and context_ids:
+        added_tokens = tokenizer.added_tokens_decoder
+        if context_ids[-1] in added_tokens:
+            texts = [added_tokens[t].content if t in added_tokens else text for t, text in zip(token_ids, texts)]
     return texts

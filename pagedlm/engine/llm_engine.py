@@ -17,7 +17,13 @@ from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerC
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
-from pagedlm.engine.detokenizer import IncrementalDetokenizer, decode_completion, decode_in_context, with_end_text
+from pagedlm.engine.detokenizer import (
+    MAX_CONTEXT_TOKENS,
+    IncrementalDetokenizer,
+    decode_completion,
+    decode_in_context,
+    with_end_text,
+)
 from pagedlm.engine.reasoning_gate import END_FED, FREE, ReasoningParser
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -37,9 +43,6 @@ from pagedlm.worker.model_runner import ModelRunner
 
 
 logger = logging.getLogger("pagedlm")
-
-# Tokens before a logprob's position that its decoded_token is decoded after.
-_LOGPROB_CONTEXT_TOKENS = 8
 
 
 # The prefix-cache salt of LongRoPE sequences past the threshold (their K/V use the long factors),
@@ -112,6 +115,8 @@ class LLMEngine:
         self.reasoning_tokens = (None if reasoning_config is None
                                  else ReasoningTokens.of(reasoning_config, self.tokenizer))
         self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
+        # What skip_special_tokens leaves out of a text (tokenizers' decoders skip these).
+        self._special_token_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config.max_num_seqs)
@@ -658,7 +663,7 @@ class LLMEngine:
     def _process_group_output(self, group: SequenceGroup, out: SequenceGroupOutput) -> None:
         for p in out.prompt_logprobs:  # the logprob of prompt token i comes after prompt[:i]
             i = len(group.prompt_logprobs)
-            context = group.prompt_token_ids[max(0, i - _LOGPROB_CONTEXT_TOKENS) : i]
+            context = group.prompt_token_ids[max(0, i - MAX_CONTEXT_TOKENS) : i]
             group.prompt_logprobs.append(self._logprob_dict(group, context, p.token_id, p.logprob, p.top_logprobs))
         if out.prompt_token_id_logprobs is not None:
             group.add_prompt_token_id_logprobs(out.prompt_token_id_logprobs.numpy())
@@ -701,15 +706,17 @@ class LLMEngine:
         seq.append_token(sample.token_id, sample.logprob)
         if seq.thinking is not None:
             seq.thinking.append(sample.token_id)
-        if params.num_logprobs is not None:
-            context = seq.token_ids(max(0, seq.num_tokens - 1 - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens - 1)
-            seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs))
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
-        new_text = ""
+        new_text, taken_text = "", None
         # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
             new_text = self.detokenizers[seq.seq_id].step(sample.token_id)
             seq.output_text += new_text
+            taken_text = self._taken_text(params, sample.token_id, new_text)
+        if params.num_logprobs is not None:
+            context = seq.token_ids(max(0, seq.num_tokens - 1 - MAX_CONTEXT_TOKENS), seq.num_tokens - 1)
+            seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs,
+                                                   first_output=len(seq.output_token_ids) == 1, taken_text=taken_text))
         if stopped_on_token:
             self.stop_checker.check_stop_strings(seq, params, len(new_text))  # its own text, as vLLM checks it
         if stopped_on_token or grammar_ended:
@@ -729,9 +736,7 @@ class LLMEngine:
         if all(s.no_token for s in out.samples):  # no beam can go on: each ends as it is
             for beam in beams:
                 if params.detokenize:
-                    text, end = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
-                    beam.output_text = text + end
-                    beam.logprobs = with_end_text(beam.logprobs, beam.output_token_ids, beam.output_text, end)
+                    self._decode_beam(group, beam, beam.output_token_ids)
                 self._abort_completion(beam, group, "no token was left to extend its beam (logits processors, "
                                                     "allowed_token_ids, bad_words or bans removed them all)")
             return
@@ -769,9 +774,23 @@ class LLMEngine:
             # Only a CUMULATIVE output shows a live beam's text (the finished ones are decoded in
             # _beam_results): decoding every beam whole at every step made long searches quadratic.
             if params.detokenize and params.output_kind is RequestOutputKind.CUMULATIVE:
-                beam.output_text = "".join(decode_completion(self.tokenizer, group.prompt_token_ids,
-                                                             beam.output_token_ids, params))
+                texts, end = decode_completion(self.tokenizer, group.prompt_token_ids, beam.output_token_ids, params)
+                beam.output_text = "".join(texts) + end
         group.seqs = [beam for beam, _ in next_beams] if not group.beam.done else self._beam_results(group)
+
+    def _taken_text(self, params: SamplingParams, token_id: int, text: str) -> str | None:
+        """A taken token's ``decoded_token``: the text it added to its completion, but for a special
+        token that ``skip_special_tokens`` leaves out of it (None: its ``decoded_token`` shows it)."""
+        return None if params.skip_special_tokens and token_id in self._special_token_ids else text
+
+    def _decode_beam(self, group: SequenceGroup, seq: Sequence, shown: list[int]) -> None:
+        """A finished beam's text, decoded whole from ``shown`` (its tokens, less a stop token its
+        text leaves out), and its taken tokens' ``decoded_token`` the text each added (``_append``'s)."""
+        params = group.sampling_params
+        texts, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
+        seq.output_text = "".join(texts) + end
+        taken = [self._taken_text(params, t, text) for t, text in zip(shown, texts)]
+        seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end, taken)
 
     def _beam_results(self, group: SequenceGroup) -> list[Sequence]:
         """The best ``n`` finished hypotheses of a done beam search, as finished sequences."""
@@ -791,9 +810,7 @@ class LLMEngine:
                 shown = hypothesis.token_ids
                 if hypothesis.stopped and not params.include_stop_str_in_output:
                     shown = shown[:-1]
-                text, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
-                seq.output_text = text + end
-                seq.logprobs = with_end_text(seq.logprobs, hypothesis.token_ids, seq.output_text, end)
+                self._decode_beam(group, seq, shown)
             results.append(seq)
         return results
 
@@ -820,8 +837,9 @@ class LLMEngine:
                 ranks = [max(int((row >= row[t]).sum()), 1) for t in sampled.token_ids]
                 top = TopLogprobs(top.rank, sampled.token_ids, row[sampled.token_ids].tolist(), ranks)
             seq = beams[beam]
-            context = seq.token_ids(max(0, seq.num_tokens - _LOGPROB_CONTEXT_TOKENS), seq.num_tokens)
-            return self._logprob_dict(group, context, token_id, float(row[token_id]), top)
+            context = seq.token_ids(max(0, seq.num_tokens - MAX_CONTEXT_TOKENS), seq.num_tokens)
+            return self._logprob_dict(group, context, token_id, float(row[token_id]), top,
+                                      first_output=not seq.output_token_ids)
 
         return entry
 
@@ -841,14 +859,18 @@ class LLMEngine:
         )
 
     def _logprob_dict(
-        self, group: SequenceGroup, context: list[int], token_id: int, logprob: float, top: TopLogprobs
+        self, group: SequenceGroup, context: list[int], token_id: int, logprob: float, top: TopLogprobs,
+        first_output: bool = False, taken_text: str | None = None,
     ) -> dict[int, Logprob]:
         """One position's logprobs, as vLLM orders and ranks them: the chosen token's first, then the
         top ones, ranked by their position (1 = most likely, ties in token order), each with the text
         it adds after ``context`` (none without ``detokenize``). A chosen token among them has its
         position's rank; one outside them ``top.rank``, how many tokens are at least as likely
         (vLLM's), which places it after them. ``logprob_token_ids``' entries (``top.ranks`` given)
-        keep their own ranks, as the chosen token does then."""
+        keep their own ranks, as the chosen token does then. ``first_output``: the position is a
+        completion's first, whose text has no token before it to be spaced from. ``taken_text``: the
+        text the chosen token added to its completion, its ``decoded_token`` then (so the taken tokens'
+        texts add up to the completion's, whatever the decoder made of their bytes)."""
         if top.ranks is None:
             ranks = {t: rank for rank, t in enumerate(top.token_ids, start=1)}
             chosen_rank = ranks.get(token_id, top.rank)
@@ -858,7 +880,13 @@ class LLMEngine:
         for t, lp in zip(top.token_ids, top.logprobs):
             if t != token_id:
                 entries[t] = Logprob(lp, ranks[t])
-        if group.sampling_params.detokenize:
-            for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries))):
+        params = group.sampling_params
+        if params.detokenize:
+            # No space between two special tokens where the text has none (skip_special_tokens=False's
+            # rule, which starts with the completion, IncrementalDetokenizer's).
+            spaces = params.spaces_between_special_tokens or params.skip_special_tokens or first_output
+            for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries), spaces)):
                 entry.decoded_token = text
+            if taken_text is not None:
+                entries[token_id].decoded_token = taken_text
         return entries
