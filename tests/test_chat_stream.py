@@ -281,9 +281,11 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
     """Found against vLLM 0.32's LLM.chat: a template that loops over a message's content gets a
     list of text parts ("auto" detects it; each part keeps its other keys), where pagedlm gave it
     the joined text and such templates rendered parts as characters or nothing; a message keeps
-    only the fields vLLM keeps, in its order (an assistant's past reasoning_content reached a
-    Qwen3-style template and was rendered; vLLM drops it); an empty tool_calls is dropped (Llama
-    3.1's template refused the turn); Claude Code's billing header line leaves a system message."""
+    only the fields vLLM keeps, in its order; an empty tool_calls is dropped (Llama 3.1's template
+    refused the turn); Claude Code's billing header line leaves a system message. Unlike vLLM
+    (found by a hunt), an assistant's reasoning under its older names (reasoning_content, thinking)
+    is its reasoning, as transformers reads them (vLLM drops them unseen), and another role's field
+    on a message is refused (vLLM drops it)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
 
     def text(messages, template, **options):
@@ -307,8 +309,8 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [
-        {"role": "user", "content": "u", "name": "bob", "refusal": "r", "tool_calls": [call]},
-        {"role": "assistant", "content": "a", "reasoning_content": "hidden", "tool_calls": []},
+        {"role": "user", "content": "u", "name": "bob", "refusal": "", "tool_calls": []},  # empty: absent
+        {"role": "assistant", "content": "a", "refusal": "r", "tool_calls": []},
         {"role": "assistant", "content": "b", "tool_calls": [call]},
         {"role": "tool", "content": "t", "name": "f", "tool_call_id": "c1", "task": "t1"},
     ]
@@ -317,8 +319,26 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
         '{"role": "assistant", "content": "b", "tool_calls": [{"id": "c1", "type": "function", "function": '
         '{"name": "f", "arguments": {}}}]}|'
         '{"role": "tool", "content": "t", "tool_call_id": "c1", "name": "f", "task": "t1"}|')
-    reasoning = "{% for m in messages %}{{ m.reasoning_content }}{% endfor %}"
-    assert text([{"role": "assistant", "content": "b", "reasoning": "why"}], reasoning) == "why"
+    reasoning = "{% for m in messages %}{{ m.reasoning_content }},{{ m.reasoning }}{% endfor %}"
+    for key in ("reasoning", "reasoning_content", "thinking"):
+        assert text([{"role": "assistant", "content": "b", key: "why"}], reasoning) == "why,why", key
+        # transformers' apply_chat_template reads each name as reasoning_content.
+        assert tokenizer.apply_chat_template([{"role": "assistant", "content": "b", key: "why"}],
+                                             chat_template="{{ messages[0].reasoning_content }}", tokenize=False) == "why"
+    assert text([{"role": "assistant", "content": "b", "reasoning": "why", "thinking": "why"}], reasoning) == "why,why"
+    for message, match in [
+        ({"role": "assistant", "content": "b", "reasoning": "a", "reasoning_content": "b"},
+         "message 0: 'reasoning', 'reasoning_content' are names of one field, the message's reasoning, and differ"),
+        ({"role": "assistant", "content": "b", "thinking": 5}, "message 0: 'thinking' must be a str, got int"),
+        ({"role": "user", "content": "u", "refusal": "r", "tool_calls": [call]},
+         "message 0 is a 'user' message: 'tool_calls' is an assistant message's; 'refusal' is an assistant message's"),
+        ({"role": "assistant", "content": "a", "tool_call_id": "c1"}, "'tool_call_id' is a tool message's"),
+        ({"role": "system", "content": "s", "tools": [{"type": "function"}]}, "'tools' is a developer message's"),
+        ({"role": "user", "content": "u", "reasoning_content": "r"}, "'reasoning_content' is an assistant message's"),
+    ]:
+        with pytest.raises(FieldError, match=re.escape(match)) as info:
+            text([message], DUMP)
+        assert info.value.field == "messages"
     billed = [{"role": "system", "content": "x-anthropic-billing-header: cch=1\nBe brief."}, user("hi")[0]]
     assert text(billed, DUMP) == '{"role": "system", "content": "Be brief."}|{"role": "user", "content": "hi"}|'
     kept = [{"role": "system", "content": [{"type": "input_text", "text": "x-anthropic-billing-header: a\nb"}]}]
@@ -512,6 +532,39 @@ def test_chat_template_kwargs_give_way_to_the_arguments_as_in_vllm(llm):
     assert error.value.field == "chat_template_kwargs"
     assert text(chat_template="{% if enable_thinking is defined %}T{% endif %}{{ messages[0].content }}",
                 chat_template_kwargs={"enable_thinking": False}) == "Thi"
+    # Found by a hunt: a key that is no template variable's name was Python's "keywords must be
+    # strings" under "messages".
+    with pytest.raises(FieldError, match="chat_template_kwargs' keys must be strings") as error:
+        text(chat_template_kwargs={1: True})
+    assert error.value.field == "chat_template_kwargs"
+
+
+def test_the_llms_own_chat_template_wins_over_a_chat_template_kwargs_key(llama_dir):
+    """Found by a hunt: LLM(chat_template=...) replaced the tokenizer's, and a chat_template_kwargs
+    key then won over it; in vLLM 0.32 the LLM's template is the call's chat_template default
+    (ChatParams), which wins over the key, as a call's own template does."""
+    own = "{% for m in messages %}OWN[{{ m.content }}]{% endfor %}"
+    other = "{% for m in messages %}KWARG[{{ m.content }}]{% endfor %}"
+    llm = LLM(llama_dir, chat_template=own)
+    assert llm.chat(user("hi"), exact(1), use_tqdm=False,
+                    chat_template_kwargs={"chat_template": other})[0].prompt == "OWN[hi]"
+    assert llm.chat(user("hi"), exact(1), use_tqdm=False, chat_template=other)[0].prompt == "KWARG[hi]"
+
+
+def test_a_content_format_other_than_the_templates_is_used_with_vllms_warning(caplog):
+    """Found by a hunt: a chat_template_content_format that the template does not read loses the
+    messages' text from the prompt without a word; vLLM warns (its detection may miss a template's
+    reading, so the format given is still used)."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    template = PARTS + "{# once per template and format #}"
+    with caplog.at_level("WARNING", logger="pagedlm"):
+        assert render_chat(tokenizer, user("hi"), template, chat_template_content_format="string").text == "user:hi|"
+    assert "chat_template_content_format 'string' is not the format detected from the chat template ('openai')" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pagedlm"):
+        render_chat(tokenizer, user("hi"), template, chat_template_content_format="openai")
+    assert "chat_template_content_format" not in caplog.text
 
 
 def test_closing_early_aborts_what_is_in_flight(llm):

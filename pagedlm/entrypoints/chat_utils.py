@@ -13,19 +13,26 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _compile_jinja_template  # the environment chats render in
 
 from pagedlm.config import load_chat_template
+from pagedlm.transformers_utils.tokenizer import configured_chat_template
 from pagedlm.utils import FieldError
 
 # vLLM's text content part types, each with the key that holds its text.
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
                   "thinking": "thinking"}
 
-# A message's keys: vLLM's (its CustomChatCompletionMessageParam) and the fields of an OpenAI or vLLM
-# response's assistant message that a conversation hands back (the OpenAI SDK's
-# ``message.model_dump()``) and that vLLM does not render either (refusal, annotations, audio,
-# function_call, reasoning_content). Any other key is refused: a misspelt "content" would leave its
-# message empty.
+# A message's keys: vLLM's (its CustomChatCompletionMessageParam), the older names of ``reasoning``
+# that transformers' apply_chat_template takes as it (reasoning_content, thinking), and the fields of
+# an OpenAI response's assistant message that a conversation hands back (the OpenAI SDK's
+# ``message.model_dump()``) and that vLLM does not render (refusal, annotations, audio,
+# function_call). Any other key is refused: a misspelt "content" would leave its message empty.
 _MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "tools", "task",
-                 "refusal", "annotations", "audio", "function_call", "reasoning_content")
+                 "refusal", "annotations", "audio", "function_call", "reasoning_content", "thinking")
+# The names of an assistant's past reasoning (transformers' _REASONING_FIELDS).
+_REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+# Keys only one role's messages take (vLLM drops them from any other role's).
+_ROLE_KEYS = {**dict.fromkeys(("tool_calls", *_REASONING_KEYS, "refusal", "annotations", "audio", "function_call"),
+                              "assistant"),
+              "tool_call_id": "tool", "tools": "developer"}
 
 # A text part's keys that are not passed on to the template with it (vLLM's content part fields).
 _PART_KEYS = frozenset({"type", "text", "refusal", "thinking", "name", "uuid", "closed", "data", "file",
@@ -86,9 +93,11 @@ def parse_conversation(conversation: object, content_format: str = "string") -> 
     str ``name`` or ``task``; an assistant's ``tool_calls`` (dropped when empty, each of type
     "function", its ``function.arguments`` given as JSON text parsed, and anything that is not a
     JSON object, absent or empty as ``{}``, as templates render them with ``tojson``) and
-    ``reasoning`` (also passed as ``reasoning_content``); a tool message's ``tool_call_id``; a
-    developer message's ``tools`` (null where absent). Other null fields are absent (a Parquet
-    struct or an OpenAI client writes every key). A system message's text part that starts with
+    ``reasoning`` (also passed as ``reasoning_content``; either name, or ``thinking``, gives it, as
+    transformers reads them, where vLLM drops the older names); a tool message's ``tool_call_id``;
+    a developer message's ``tools`` (null where absent). Other null fields are absent (a Parquet
+    struct or an OpenAI client writes every key), and another role's field is refused unless
+    empty (vLLM drops it). A system message's text part that starts with
     Claude Code's "x-anthropic-billing-header" line loses that line, as in vLLM.
 
     Raises:
@@ -132,6 +141,12 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"message {i} has unknown key(s) {', '.join(map(repr, unknown))}; a message takes "
                          f"{', '.join(map(repr, _MESSAGE_KEYS))}")
+    # Another role's key is refused unless it is empty (a dataset's column of "" or [] says nothing).
+    misplaced = [key for key, owner in _ROLE_KEYS.items() if role != owner and message.get(key) not in (None, "", [])]
+    if misplaced:
+        owners = "; ".join(f"{key!r} is a{'n' * (_ROLE_KEYS[key] == 'assistant')} {_ROLE_KEYS[key]} message's"
+                           for key in misplaced)
+        raise ValueError(f"message {i} is a {role!r} message: {owners}")
     for key in ("name", "task"):
         if message.get(key) is not None and not isinstance(message[key], str):
             raise ValueError(f"message {i}: {key!r} must be a str, got {type(message[key]).__name__}")
@@ -147,8 +162,15 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         calls = [_parse_tool_call(i, call) for call in tool_calls]
         if calls:  # an empty list would take a template off its plain assistant path
             parsed["tool_calls"] = calls
-    if role == "assistant" and message.get("reasoning") is not None:
-        parsed["reasoning"] = parsed["reasoning_content"] = message["reasoning"]
+    given = [key for key in _REASONING_KEYS if message.get(key) is not None]
+    for key in given:
+        if not isinstance(message[key], str):
+            raise ValueError(f"message {i}: {key!r} must be a str, got {type(message[key]).__name__}")
+    if len({message[key] for key in given}) > 1:
+        raise ValueError(f"message {i}: {', '.join(map(repr, given))} are names of one field, the message's "
+                         "reasoning, and differ; give one")
+    if role == "assistant" and given:
+        parsed["reasoning"] = parsed["reasoning_content"] = message[given[0]]
     if role == "tool" and "tool_call_id" in message:
         parsed["tool_call_id"] = message["tool_call_id"]
     parsed.update({key: message[key] for key in ("name", "task") if message.get(key) is not None})
@@ -262,7 +284,9 @@ def render_chat(
     ``tools``. ``chat_template_kwargs`` go to it too, under the arguments: an argument that is not
     None wins over the key of the same name (vLLM's ``merge_kwargs``), so they only fill in
     ``tools`` and ``chat_template`` when those are None (they may not set the conversation or
-    ``tokenize``). ``chat_template`` names a file only with ``template_files``: a job row's
+    ``tokenize``); the template the tokenizer was loaded with (``configured_chat_template``) is
+    the ``chat_template`` argument's default. A ``chat_template_content_format`` other than the
+    template's (``detect_content_format``) is used, with vLLM's warning. ``chat_template`` names a file only with ``template_files``: a job row's
     template is template text or one of the tokenizer's template names, never a local file that
     a row of data would read into its prompt.
 
@@ -281,6 +305,10 @@ def render_chat(
         kind, words = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, kind):
             raise FieldError(f"{name} must be {words}, got {value!r:.40}", name)
+    bad_keys = [key for key in chat_template_kwargs or {} if not isinstance(key, str)]
+    if bad_keys:
+        raise FieldError(f"chat_template_kwargs' keys must be strings (the template's variable names), got "
+                         f"{bad_keys[0]!r:.40}", "chat_template_kwargs")
     for name in options:
         kind, words = _OPTION_TYPES[name]
         # The same option as a template variable (it reaches the template where the argument is None).
@@ -306,18 +334,26 @@ def render_chat(
     if clash:
         raise FieldError(f"chat_template_kwargs cannot set {', '.join(clash)}: the conversation is the messages "
                          "given, and the rendered text is tokenized afterwards", "chat_template_kwargs")
+    # The LLM's own template (text already) wins over the kwargs' as a call's does.
+    configured = configured_chat_template(tokenizer) if chat_template is None else None
     kwargs = merge_kwargs(given, {
         "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-        "tools": tools, "chat_template": chat_template, "tokenize": False,
+        "tools": tools, "chat_template": chat_template if configured is None else configured, "tokenize": False,
     })
-    template_field = "chat_template" if chat_template is not None else "chat_template_kwargs"
-    chat_template = _resolve_template(tokenizer, kwargs.pop("chat_template", None), template_field, template_files)
+    from_kwargs = chat_template is None and configured is None and given.get("chat_template") is not None
+    template_field = "chat_template_kwargs" if from_kwargs else "chat_template"
+    chat_template = kwargs.pop("chat_template", None)
+    if configured is None:
+        chat_template = _resolve_template(tokenizer, chat_template, template_field, template_files)
     if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise FieldError("add_generation_prompt and continue_final_message cannot both be True",
                          "continue_final_message" if continue_final_message else "chat_template_kwargs")
     template = tokenizer.get_chat_template(chat_template, kwargs.get("tools"))
+    detected = detect_content_format(template)
     if chat_template_content_format == "auto":
-        chat_template_content_format = detect_content_format(template)
+        chat_template_content_format = detected
+    elif chat_template_content_format != detected:
+        _warn_content_format(chat_template_content_format, detected, template)
     messages = _in_format(messages, chat_template_content_format)
     if not _knows_developer_role(template):
         messages = _developer_as_system(messages)
@@ -326,8 +362,7 @@ def render_chat(
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
         field, hint = "messages", ""
         if isinstance(exc, jinja2.TemplateSyntaxError):
-            from_kwargs = options["chat_template"] is None and given.get("chat_template") is not None
-            field = "chat_template_kwargs" if from_kwargs else "chat_template"
+            field = template_field
         elif options["chat_template_content_format"] == "openai" and detect_content_format(template) == "string":
             field, hint = "chat_template_content_format", (" (content was a list of parts, chat_template_content_format "
                                                            "'openai'; this template reads text: 'string' or 'auto')")
@@ -372,6 +407,15 @@ def _check_template_reads(template: str, kwargs: dict[str, Any], tools_field: st
         field = tools_field if unread == ["tools"] else "chat_template_kwargs"
         raise FieldError(f"the chat template does not read {', '.join(unread)}, so it would change nothing; the "
                          f"template reads {', '.join(sorted(template_variables(template))) or 'no variables'}", field)
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_content_format(given: str, detected: str, template: str) -> None:
+    """vLLM's warning, once per template: the detection may miss how a template reads content, so the format given
+    is used; where it is wrong the messages' text is lost from the prompt."""
+    logger.warning("chat_template_content_format %r is not the format detected from the chat template (%r); "
+                   "it is used as given: where the template does not read content that way, the messages' text "
+                   "is missing from the prompt", given, detected)
 
 
 @functools.lru_cache(maxsize=16)

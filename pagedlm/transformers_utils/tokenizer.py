@@ -3,11 +3,15 @@
 import json
 import logging
 import re
+import weakref
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger("pagedlm")
+
+# The chat template each tokenizer was loaded with in place of its own (get_tokenizer).
+_configured_chat_templates: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str]" = weakref.WeakKeyDictionary()
 
 
 def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template: str | None = None
@@ -19,10 +23,18 @@ def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+        _configured_chat_templates[tokenizer] = chat_template
     # The engine checks a prompt's length against max_model_len and names it; transformers' warning
     # past the tokenizer's model_max_length ("will result in indexing errors") is not pagedlm's limit.
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
+
+
+def configured_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The chat template ``tokenizer`` was loaded with in place of its own (``LLM(chat_template=...)``,
+    ``pagedlm run --chat-template``), or None: like a call's ``chat_template``, it wins over a
+    ``chat_template_kwargs`` key of that name (vLLM's ``ChatParams``)."""
+    return _configured_chat_templates.get(tokenizer)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool = True
