@@ -510,10 +510,12 @@ class SamplingParams(_FieldsOnly):
             (vLLM's trace replay, for debugging and reinforcement learning; needs
             ``LLM(enable_trace_replay=True)``). The reported log-probabilities are the model's for
             those tokens, as if sampled; the trace is cut to what ``max_model_len`` leaves after
-            the prompt and ``max_tokens`` to its length, and a stop token or string in it still
-            ends the completion. Needs ``n=1``; not with beam search, ``prompt_logprobs``,
-            ``prompt_logprob_token_ids``, ``structured_outputs``, ``repetition_detection``,
-            ``thinking_token_budget`` or ``bad_words`` (vLLM's list).
+            the prompt and ``max_tokens`` to its length, and the completion ends where they do (an
+            EOS in the trace does not end it: vLLM replays with ``ignore_eos``). Needs ``n=1``; not
+            with beam search, ``prompt_logprobs``, ``prompt_logprob_token_ids``,
+            ``structured_outputs``, ``repetition_detection``, ``thinking_token_budget`` or
+            ``bad_words`` (vLLM's list), nor ``stop``, ``stop_token_ids`` or ``min_tokens`` (which
+            vLLM drops from a trace's request).
         stream_interval: ``LLMEngine.step`` returns the running request's output once at least this
             many tokens came since its last one (and always its first and final ones, and one when
             a completion finishes); None or below the LLM's ``stream_interval`` takes the LLM's.
@@ -601,6 +603,8 @@ class SamplingParams(_FieldsOnly):
             raise FieldError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}.", "top_k")
         self.top_k = max(self.top_k, 0)
         self.min_p = _check_range("min_p", self.min_p, 0, 1)
+        if self.greedy:  # vLLM's: greedy sampling takes the top token whatever these say
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         self.presence_penalty = _check_range("presence_penalty", self.presence_penalty, -2, 2)
         self.frequency_penalty = _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
         self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty)
@@ -682,7 +686,7 @@ class SamplingParams(_FieldsOnly):
                                  "bad_words")
             # the engine tokenizes them as the request is added
             _check_unicode("bad_words", self.bad_words, "bad_words must be text the tokenizer can encode")
-            self.bad_words = list(self.bad_words)
+            self.bad_words = list(dict.fromkeys(self.bad_words))  # vLLM's: each once
         self.truncate_prompt_tokens = check_truncate_prompt_tokens(self.truncate_prompt_tokens)
         self.structured_outputs = _dataclass_field("structured_outputs", self.structured_outputs,
                                                    StructuredOutputsParams)
@@ -770,6 +774,11 @@ class SamplingParams(_FieldsOnly):
             value = getattr(self, name)
             if value is not None and value is not False and value != []:
                 raise FieldError(f"trace_decode_token_ids is not supported with {name}.", "trace_decode_token_ids")
+        # vLLM drops these from a trace's request: the trace replays to its end.
+        for name in ("stop", "stop_token_ids", "min_tokens"):
+            if getattr(self, name):
+                raise FieldError(f"trace_decode_token_ids replays the whole trace, so {name} would change "
+                                 f"nothing (vLLM drops it); leave it out.", "trace_decode_token_ids")
 
     @property
     def scores_prompt(self) -> bool:
@@ -820,6 +829,7 @@ class SamplingParams(_FieldsOnly):
         _check_unicode("stop", stop, "stop strings must be valid Unicode")
         self.stop = list(stop)
         self.stop_token_ids = _token_ids("stop_token_ids", [] if self.stop_token_ids is None else self.stop_token_ids)
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))  # vLLM's: each once
         if self.stop and not self.detokenize:
             raise FieldError("stop strings need detokenize=True.", "stop")
 

@@ -860,6 +860,21 @@ def test_taken_tokens_decoded_tokens_add_up_to_the_text_whatever_their_bytes(whi
         assert comp.token_ids == out and "".join(chosen) == comp.text, (prompt, out, chosen, comp.text)
 
 
+def test_a_prompt_ending_in_special_tokens_that_are_skipped_still_gives_the_completion_its_context(
+        wordpiece_llama_dir):
+    """Found by a hunt: with skip_special_tokens, a prompt whose last 6 tokens were all special gave
+    the detokenizer a context without text, so WordPiece's "##s" after it kept its "##" and the
+    completion lost its space; the context now reaches back to text (a full decode's reading)."""
+    from pagedlm.engine.detokenizer import decode_completion
+
+    tok = AutoTokenizer.from_pretrained(wordpiece_llama_dir)
+    prompt = tok.convert_tokens_to_ids(["cat", "##s"] + ["</s>", "<x>", "<y>", "<s>"] * 2)
+    out = tok.convert_tokens_to_ids(["##s", "cat"])
+    texts, end = decode_completion(tok, prompt, out, SamplingParams(skip_special_tokens=True))
+    full, before = tok.decode(prompt + out, skip_special_tokens=True), tok.decode(prompt, skip_special_tokens=True)
+    assert "".join(texts) + end == full[len(before):] == "s cat"
+
+
 def test_a_byte_fallback_run_that_is_not_utf8_keeps_the_text_shown_and_its_spaces(sentencepiece_llama_dir):
     """Found by a hunt: a byte-fallback decoder turns a whole run of byte tokens into "\ufffd" when
     it holds bytes that are not UTF-8, so a completion cut inside a character gave "ą\ufffd\ufffd"

@@ -929,8 +929,10 @@ def test_prompt_logprob_token_ids_are_checked_against_the_prompt_and_model(llama
 def test_trace_decode_token_ids_force_the_tokens_and_report_their_model_logprobs(llama_dir, hf):
     """vLLM's trace replay: the trace's tokens whatever the sampling says, with the model's own
     log-probabilities of them (HF's log-softmax of the traced sequence) and ranks; the completion
-    ends with the trace ("length"), at ``max_tokens`` when shorter, at an EOS in the trace
-    ("stop"), and where ``max_model_len`` ends."""
+    ends with the trace ("length"), at ``max_tokens`` when shorter, and where ``max_model_len``
+    ends; an EOS in the trace does not end it, and stop, stop_token_ids and min_tokens are refused
+    (found by a hunt: EOS and stops ended it, where vLLM's input processor clears them all so the
+    trace replays whole)."""
     llm = LLM(llama_dir, dtype="float32", enable_trace_replay=True, max_model_len=64)
     prompt, trace = PROMPTS[0], [300, 7, 7, 150, 42, 9]
     with torch.no_grad():
@@ -945,8 +947,11 @@ def test_trace_decode_token_ids_force_the_tokens_and_report_their_model_logprobs
             assert entry[token].rank == int((expected > expected[token]).sum()) + 1
     cut = llm.generate(_ids([prompt]), SamplingParams(max_tokens=2, trace_decode_token_ids=trace), use_tqdm=False)
     assert cut[0].outputs[0].token_ids == trace[:2]
-    stopped = llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[5, EOS, 6]), use_tqdm=False)
-    assert stopped[0].outputs[0].token_ids == [5, EOS] and stopped[0].outputs[0].finish_reason == "stop"
+    whole = llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[5, EOS, 6]), use_tqdm=False)
+    assert whole[0].outputs[0].token_ids == [5, EOS, 6] and whole[0].outputs[0].finish_reason == "length"
+    for field in ({"stop": ["x"]}, {"stop_token_ids": [6]}, {"min_tokens": 1}):
+        with pytest.raises(ValueError, match=f"replays the whole trace, so {next(iter(field))} would change nothing"):
+            SamplingParams(trace_decode_token_ids=[5, EOS, 6], **field)
     long = llm.generate(_ids([prompt]), SamplingParams(trace_decode_token_ids=[9] * 100), use_tqdm=False)[0].outputs[0]
     assert long.token_ids == [9] * (64 - len(prompt)) and long.finish_reason == "length"
     with pytest.raises(ValueError, match=r"trace_decode_token_ids needs LLM\(enable_trace_replay=True\)"):

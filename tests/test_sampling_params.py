@@ -77,6 +77,18 @@ def test_clone_normalises_as_the_constructor_does():
     assert copy.stop is not params.stop and params.stop == "end"
 
 
+def test_greedy_params_and_repeated_ids_normalise_as_vllms():
+    """Found by a hunt against vLLM 0.32's SamplingParams.__post_init__: temperature 0 resets top_p,
+    top_k and min_p (greedy takes the top token whatever they say), and stop_token_ids and bad_words
+    keep each entry once, so such params compare equal to the plain ones."""
+    greedy = SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0) and greedy == SamplingParams(temperature=0)
+    sampled = SamplingParams(temperature=0.5, top_k=5, top_p=0.5, min_p=0.2)
+    assert (sampled.top_p, sampled.top_k, sampled.min_p) == (0.5, 5, 0.2)
+    repeated = SamplingParams(stop_token_ids=[5, 3, 5], bad_words=["b", "a", "b"])
+    assert (repeated.stop_token_ids, repeated.bad_words) == ([5, 3], ["b", "a"])
+
+
 def test_a_best_of_never_given_follows_n_in_a_clone_and_otherwise_stays():
     params = SamplingParams(temperature=0.8)
     params.n = 3

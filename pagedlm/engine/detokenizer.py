@@ -1,6 +1,7 @@
 """Token ids to text: incremental detokenization (O(1) decode work per token) and the text a single
 token adds in its context (the ``decoded_token`` of logprobs)."""
 
+import re
 from collections.abc import MutableSequence, Sequence
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ MAX_CONTEXT_TOKENS = 24
 _INCOMPLETE = "\ufffd"
 _INVALID_PREFIX = "Invalid prefix encountered"
 _MAX_CHARACTER_BYTES = 4  # UTF-8
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback tokenizer's byte tokens
 
 
 class IncrementalDetokenizer:
@@ -107,7 +109,7 @@ class IncrementalDetokenizer:
         text = self._backend.decode(window + pending, skip_special_tokens=self._skip_special_tokens)
         if text.startswith(before):  # the pending tokens change none of the text before them
             return text[len(before):]
-        stable, tail = _stable_text(self._backend, window, before, self._skip_special_tokens)
+        stable, tail, _ = _stable_text(self._backend, window, before, self._skip_special_tokens)
         if text.startswith(stable):
             return text[len(stable):]
         return _tail_text(self._backend, tail, pending, self._skip_special_tokens)
@@ -120,41 +122,50 @@ def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> 
     then show in the text they add."""
     for n in range(_CONTEXT_TOKENS, min(len(token_ids), MAX_CONTEXT_TOKENS) + 1):
         text = backend.decode(token_ids[-n:], skip_special_tokens=skip_special_tokens)
-        if not text.startswith(_INCOMPLETE) or _begins_whole(backend, token_ids[-n:], skip_special_tokens):
+        # A window of special tokens that skip_special_tokens leaves out gives no spacing either.
+        if (text or n == len(token_ids)) and (not text.startswith(_INCOMPLETE) or _begins_whole(backend, token_ids[-n:])):
             return list(token_ids[-n:]), text
     context = list(token_ids[-_CONTEXT_TOKENS:])
     return context, backend.decode(context, skip_special_tokens=skip_special_tokens)
 
 
-def _begins_whole(backend, window: list[int], skip_special_tokens: bool) -> bool:
+def _byte_token(backend, token_id: int) -> int | None:
+    """The byte a byte-fallback tokenizer's byte token (``<0xNN>``) stands for, else None."""
+    byte = _BYTE_TOKEN.fullmatch(backend.id_to_token(token_id) or "")
+    return None if byte is None else int(byte.group(1), 16)
+
+
+def _begins_whole(backend, window: list[int]) -> bool:
     """Whether ``window``, whose text begins with ``\ufffd``, begins with a whole character all the
-    same: a byte-fallback decoder turns a whole run of byte tokens into ``\ufffd`` when it ends
-    inside a character, so its first character is read from its first tokens alone (a character
-    is at most 4 bytes, so at most 4 tokens)."""
-    for end in range(1, min(len(window), _MAX_CHARACTER_BYTES) + 1):
-        head = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
-        if not head.endswith(_INCOMPLETE):
-            return not head.startswith(_INCOMPLETE)
-    return False
+    same: a byte-fallback decoder turns a whole run of byte tokens into ``\ufffd`` when the run ends
+    inside a character, so it is read from the first token, a byte token that is no UTF-8
+    continuation byte (``10xxxxxx``)."""
+    byte = _byte_token(backend, window[0])
+    return byte is not None and not 0x80 <= byte < 0xC0
 
 
-def _stable_text(backend, window: list[int], text: str, skip_special_tokens: bool) -> tuple[str, list[int]]:
-    """``text``, the decode of ``window``, as far as later tokens cannot change it, and the tokens of
-    ``window`` after its last whole character (none where ``text`` does not end inside one).
+def _stable_text(backend, window: list[int], text: str,
+                 skip_special_tokens: bool) -> tuple[str, list[int], str]:
+    """``text``, the decode of ``window``, as far as later tokens cannot change it; the tokens of
+    ``window`` that a byte-fallback decoder's unfinished run of byte tokens takes back; and the
+    ``\ufffd`` of ``window``'s unfinished character (none where ``text`` does not end inside one).
 
-    Byte-level decoders keep the whole characters among those tokens (``text`` less its trailing
-    ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into ``\ufffd`` when it
-    ends inside a character, characters the run completed before included: those are read from
-    the window without its unfinished tokens.
+    Byte-level decoders keep the whole characters before that character (``text`` less its
+    trailing ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into
+    ``\ufffd`` when it ends inside a character, characters the run completed before included:
+    those are read from the window without its unfinished tokens.
     """
     stable = text.rstrip(_INCOMPLETE)
-    if len(stable) == len(text):
-        return text, []
-    for end in range(len(window) - 1, 0, -1):
+    if len(stable) == len(text) or not _byte_token(backend, window[-1]):
+        return stable, [], text[len(stable):]
+    # An unfinished character is at most 3 bytes, so tokens; further back the run holds bytes
+    # that are not UTF-8, and the whole window is taken back.
+    for end in range(len(window) - 1, max(len(window) - _MAX_CHARACTER_BYTES, 0), -1):
         before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
         if not before.endswith(_INCOMPLETE):
-            return max(stable, before, key=len), window[end:]
-    return stable, list(window)
+            tail = backend.decode(window[end:], skip_special_tokens=skip_special_tokens)
+            return max(stable, before, key=len), window[end:], tail[len(tail.rstrip(_INCOMPLETE)):]
+    return stable, list(window), text[len(stable):]
 
 
 def _tail_text(backend, tail: list[int], token_ids: list[int], skip_special_tokens: bool) -> str:
@@ -227,12 +238,11 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     """
     backend = tokenizer.backend_tokenizer
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
-    stable, tail = _stable_text(backend, window, context_text, skip_special_tokens=False)
-    tail_text = backend.decode(tail, skip_special_tokens=False) if tail else ""
-    broken = tail_text[len(tail_text.rstrip(_INCOMPLETE)):]  # the context's unfinished character, if any
+    stable, tail, broken = _stable_text(backend, window, context_text, skip_special_tokens=False)
     texts = []
-    for token_id, full in zip(token_ids, backend.decode_batch([window + [t] for t in token_ids], skip_special_tokens=False)):
-        full = full.rstrip(_INCOMPLETE)
+    for token_id in token_ids:
+        # One decode at a time: decode_batch's thread pool costs more than the decodes (3x for 6).
+        full = backend.decode(window + [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
         added = full[len(stable):] if full.startswith(stable) else \
             _tail_text(backend, tail, [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
         texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)

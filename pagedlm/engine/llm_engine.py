@@ -406,6 +406,7 @@ class LLMEngine:
                                                 side=tokenization.truncation_side)
         if params.trace_decode_token_ids is not None:
             params.trace_decode_token_ids, params.max_tokens = self._fit_trace(params, len(prompt_token_ids))
+            params.ignore_eos = True  # vLLM's: an EOS in the trace does not end its replay
         reason = self.check_request(prompt_token_ids, params)
         if reason is not None:
             raise FieldError(f"Request {request_id!r}: {str(reason).rstrip('.')}.", reason.field)
@@ -449,7 +450,7 @@ class LLMEngine:
     def _fit_trace(self, params: SamplingParams, num_prompt_tokens: int) -> tuple[list[int], int]:
         """vLLM's trace replay of a request: its ``trace_decode_token_ids`` cut to what
         ``max_model_len`` leaves after the prompt, and its ``max_tokens`` cut to the trace's length
-        (the completion ends when the trace does, or earlier at a stop token or string in it)."""
+        (the completion ends when the trace does: an EOS in it does not end it)."""
         trace = params.trace_decode_token_ids[: max(self.model_config.max_model_len - num_prompt_tokens, 1)]
         return trace, len(trace) if params.max_tokens is None else min(len(trace), params.max_tokens)
 
