@@ -170,6 +170,12 @@ def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> Pretr
     return hf_config
 
 
+# Fields transformers reads only while building a config (its __post_init__), and what it builds
+# from them: set afterwards, they would change nothing.
+_BUILT_FROM = {"use_sliding_window": ("layer_types",), "max_window_layers": ("layer_types",),
+               "no_rope_layer_interval": ("no_rope_layers",), "sliding_window_pattern": ("layer_types",)}
+
+
 def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
     """Raises ValueError for a key that is no field of ``config`` (neither set on it nor taken by
     its class), which nothing would read."""
@@ -181,6 +187,11 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
         if key == "rope_scaling" and "rope_parameters" in known:
             raise ValueError("set rope_parameters instead of rope_scaling: transformers writes rope_scaling into "
                              "rope_parameters without the model's rope_theta")
+        built = _BUILT_FROM.get(key)
+        if built is not None and any(getattr(config, name, None) is not None for name in built):
+            raise ValueError(f"{key!r} is read only while transformers builds the config, into "
+                             f"{' and '.join(built)}, which the checkpoint's config already holds: override "
+                             f"{' and '.join(built)} instead")
         nested = getattr(config, key, None)
         if isinstance(nested, PretrainedConfig) and isinstance(value, dict):
             _set_fields(nested, value)
@@ -188,7 +199,14 @@ def _set_fields(config: PretrainedConfig, fields: dict[str, Any]) -> None:
             config.rope_parameters = _overridden_rope_parameters(config, nested, value)
         else:
             setattr(config, key, value)
-    if isinstance(fields.get("rope_parameters"), dict):
+    if "original_max_position_embeddings" in fields and isinstance(getattr(config, "rope_parameters", None), dict):
+        # transformers' RoPE reads its copy in rope_parameters (LongRoPE's short/long switch, YaRN's
+        # ratio): set there too, as transformers' from_pretrained(**fields) has it (found by a hunt).
+        rope = config.rope_parameters
+        for params in [rope[t] for t in config.nested_rope_parameter_keys(rope)] or [rope]:
+            if isinstance(params, dict) and "original_max_position_embeddings" in params:
+                params["original_max_position_embeddings"] = fields["original_max_position_embeddings"]
+    if isinstance(fields.get("rope_parameters"), dict) or "original_max_position_embeddings" in fields:
         # As transformers reads a checkpoint's, with every other field set (max_position_embeddings).
         config.standardize_rope_params()
         config.validate_rope()
@@ -284,6 +302,11 @@ def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
     if layer_types[layer_idx] not in ("full_attention", "sliding_attention"):
         raise ValueError(f"layer_types[{layer_idx}] = {layer_types[layer_idx]!r} is not supported; supported: "
                          "'full_attention', 'sliding_attention'.")
+    if layer_types[layer_idx] == "sliding_attention" and not window:
+        # transformers fails building such a layer's mask (found by a hunt; pagedlm attended fully)
+        raise ValueError(f"layer_types[{layer_idx}] is 'sliding_attention' but sliding_window is "
+                         f"{getattr(hf_config, 'sliding_window', None)!r}: give the window (sliding_window) or "
+                         "make the layer 'full_attention'.")
     return window if layer_types[layer_idx] == "sliding_attention" else 0
 
 

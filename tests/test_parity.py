@@ -306,6 +306,9 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     # Found by a hunt: an fp8 checkpoint failed on its first weight_scale tensor, naming no quantization.
     ("llama", "quantization_config", {"quant_method": "fp8", "activation_scheme": "dynamic"},
      r"is a quantized checkpoint \(quantization_config: fp8\); pagedlm runs checkpoints in float32"),
+    # Found by a hunt: transformers cannot build a sliding layer's mask without a window (pagedlm
+    # attended fully).
+    ("qwen2_swa", "sliding_window", None, r"layer_types\[1\] is 'sliding_attention' but sliding_window is None"),
     # Found by a hunt: a Qwen2 checkpoint (biases) labelled LlamaForCausalLM named only the weight.
     ("qwen2", "architectures", ["LlamaForCausalLM"],
      r"Unexpected weight '.*self_attn.[qkv]_proj.bias' in .*: LlamaForCausalLM, the model of the config's architectures"),
@@ -345,6 +348,26 @@ def test_a_rope_override_per_layer_type_keeps_what_it_leaves_out(tmp_path, token
                                                                     r"dict naming its rope_type")]:
         with pytest.raises(ValueError, match=message):
             LLM(path, dtype="float32", hf_overrides={"rope_parameters": override})
+
+
+def test_overrides_of_what_transformers_builds_the_config_from(tmp_path, tokenizer_dir):
+    """Found by a hunt: hf_overrides' original_max_position_embeddings on a LongRoPE model set the
+    top-level field only, while the RoPE reads rope_parameters' copy (prompt logprobs off by 5.4);
+    it is set there too, as transformers' from_pretrained(**fields) has it. A field transformers
+    reads only while building the config (use_sliding_window into layer_types) changed nothing:
+    refused, naming what to override instead."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, "phi3_longrope")
+    llm = LLM(path, dtype="float32", hf_overrides={"original_max_position_embeddings": 32})
+    assert llm.model_config.hf_config.rope_parameters["original_max_position_embeddings"] == 32
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, original_max_position_embeddings=32).eval()
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 32
+    errors = prompt_logprob_errors(llm, path, _prompts(15, [40]), hf)
+    assert errors.max() <= 2e-4, f"prompt log-probabilities differ from HF's by up to {errors.max():.2e}"
+    swa = _edited_checkpoint(tmp_path, tokenizer_dir, "qwen2_swa")
+    for field in ("use_sliding_window", "max_window_layers"):
+        with pytest.raises(ValueError, match=f"'{field}' is read only while transformers builds the config, into "
+                                             "layer_types, .* override layer_types instead"):
+            LLM(swa, dtype="float32", hf_overrides={field: 0 if field == "max_window_layers" else False})
 
 
 def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, tokenizer_dir):
