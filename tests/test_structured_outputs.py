@@ -534,6 +534,23 @@ def test_a_pattern_that_names_what_json_escapes_gives_json(llm, pattern, value):
     assert not _accepts(llm, constraint, raw), "the raw text, which is no JSON"
 
 
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"const": "année"}, ['"année"'], ['"ann\u0e9e"', '"ann\\u00e9e"']),
+    ({"enum": ["décembre", "ÿ1"]}, ['"décembre"', '"ÿ1"'], ['"d\u0ecembre"']),
+    ({"type": "object", "properties": {"année": {"type": "integer"}}, "required": ["année"]}, ['{"année":1}'], []),
+    ({"type": "object", "properties": {"année": {"type": "string", "maxLength": 3}, "ü": {"const": "\x7fa\\xe9"}},
+      "required": ["année", "ü"]}, ['{"année":"àb","ü":"\\u007fa\\\\xe9"}'], ['{"ann\u0e9e":"a","ü":"\\u007fa\\\\xe9"}']),
+])
+def test_a_schemas_latin_1_characters_hold_before_a_hex_digit(llm, schema, good, bad):
+    """Found by a hunt: xgrammar compiles a schema's grammar from its printed text, which writes
+    U+0080-U+00FF as \\xHH and reads on into a next hex digit: "année" became "ann\u0e9e" (the
+    key required, so a French schema's output failed it), "décembre" "d\u0ecembre"."""
+    constraint = {"json": schema}
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+    assert all(_accepts(llm, constraint, text) for text in good)
+    assert not any(_accepts(llm, constraint, text) for text in bad)
+
+
 def test_an_escaped_caret_first_in_a_class_is_a_caret(llm):
     """xgrammar read [\\^a] as the negated [^a]."""
     constraint = {"regex": r"[\^a]"}

@@ -156,7 +156,7 @@ def _stable_text(backend, window: list[int], text: str,
     those are read from the window without its unfinished tokens.
     """
     stable = text.rstrip(_INCOMPLETE)
-    if len(stable) == len(text) or not _byte_token(backend, window[-1]):
+    if len(stable) == len(text) or _byte_token(backend, window[-1]) is None:
         return stable, [], text[len(stable):]
     # An unfinished character is at most 3 bytes, so tokens; further back the run holds bytes
     # that are not UTF-8, and the whole window is taken back.

@@ -126,7 +126,7 @@ class StructuredOutputManager:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
                 grammar = _json_grammar(self._xgr, schema, compact)
-                compiled = self._compiler.compile_grammar(_json_string_characters(grammar))
+                compiled = self._compiler.compile_grammar(_json_grammar_text(grammar))
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(xgrammar_regex.check(spec))
             elif kind == "choice":
@@ -472,7 +472,7 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
     matched as their escapes). A string's ``minLength`` / ``maxLength`` (whole numbers, min <= max)
     in a schema that allows other types too (``"type": ["string", "null"]``, or no type: the
     lengths bind strings only) becomes an ``anyOf`` of the bounded string and the other types,
-    which xgrammar would otherwise generate strings of any length for (``_json_string_characters``
+    which xgrammar would otherwise generate strings of any length for (``_json_grammar_text``
     then corrects the bounded string's characters). An array's missing ``items`` beside its
     other keywords is written as ``{}``, JSON Schema's default (xgrammar's is false there)."""
     if isinstance(schema, list):
@@ -523,16 +523,22 @@ def _as_xgrammar_enforces(schema: Any) -> Any:
 # control characters (it let U+0000-U+001F but CR and LF through: no JSON) and no surrogates (no
 # UTF-8). Its unbounded strings' class, [^\0-\x1f\"\\\r\n], is another text.
 _BOUNDED_STRING_CHARACTER = r'[^\"\\\r\n]'
-_JSON_STRING_CHARACTER = r'[^\0-\x1f\"\\\ud800-\udfff]'
+_JSON_STRING_CHARACTER = r'[^\0-\u001f\"\\\ud800-\udfff]'
+# An escaped backslash, or a \xHH escape (group 2) in xgrammar's printed grammar.
+_HEX_ESCAPE = re.compile(r"\\(\\|x([0-9A-Fa-f]{2}))")
 
 
-def _json_string_characters(grammar: Any) -> Any:
-    """``grammar`` (xgrammar's, of a JSON schema) with its length-bounded strings' characters as
-    JSON allows them, as EBNF text; the grammar itself where it has none. A pattern of the same
-    lengths would hold too, but xgrammar's masks for a bounded repetition in a pattern take ~15 ms a
-    fill at 400 characters, against ~10 us for its own bounded strings (docs/performance.md)."""
-    text = str(grammar)
-    return text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER) if _BOUNDED_STRING_CHARACTER in text else grammar
+def _json_grammar_text(grammar: Any) -> str:
+    """``grammar`` (xgrammar's, of a JSON schema) as EBNF text that xgrammar reads back as it is,
+    its length-bounded strings' characters as JSON allows them. A pattern of the same lengths
+    would hold too, but xgrammar's masks for a bounded repetition in a pattern take ~15 ms a fill at
+    400 characters, against ~10 us for its own bounded strings (docs/performance.md).
+
+    xgrammar compiles a grammar from its text, where it prints U+0080-U+00FF and control
+    characters as ``\\xHH`` and then reads ``\\x`` on into a next hex digit ("année" as
+    "ann\\u0e9e": found by a hunt): they are written ``\\u00HH``, which it reads as four digits."""
+    text = _HEX_ESCAPE.sub(lambda m: m.group(0) if m.group(2) is None else "\\u00" + m.group(2), str(grammar))
+    return text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER)
 
 
 # JSON Schema's types but "integer" (a number); a schema without "type" allows them all.
