@@ -551,6 +551,37 @@ def test_a_schemas_latin_1_characters_hold_before_a_hex_digit(llm, schema, good,
     assert not any(_accepts(llm, constraint, text) for text in bad)
 
 
+@pytest.mark.parametrize("grammar, good, bad", [
+    (r"start: /[\^a]/", ["^", "a"], ["b"]),  # xgrammar read [\^a] as [^a]
+    (r"start: /\x41b/", ["Ab"], ["\u041b"]),  # and \x41b as U+041B
+    (r"start: /[\x00-\x1fA]/", ["A", "\x05"], ["\u01f0"]),
+    # A Lark terminal is a Python regex: \s is Python's whitespace (xgrammar's took U+FEFF, left U+0085 out).
+    (r"start: /a\s/ | /[\s,]b/", ["a ", "a\x85", ",b", "\x1cb"], ["a\ufeff", "\ufeffb"]),
+    (r'start: "q" /x\/y/i // a /comment/ "', ["qx/y", "qX/Y"], ["qxy"]),
+    ('root ::= [^"\\\\] Regex("\\\\x41b")', ["!Ab"], ["!\u041b"]),  # an EBNF class with a quote before it
+])
+def test_regexes_in_grammars_hold_as_written(llm, grammar, good, bad):
+    """Found by a hunt: a Lark grammar's /regex/ terminals and EBNF's Regex("...") reached xgrammar
+    unchecked, which misread what regex= refuses or rewrites; they are checked as regex= is, and a
+    Lark terminal with Python's meaning (where xgrammar's shorthands take more than Python's, refused)."""
+    constraint = {"grammar": grammar}
+    llm.generate("a", SamplingParams(max_tokens=1, structured_outputs=constraint), use_tqdm=False)
+    assert all(_accepts(llm, constraint, text) for text in good)
+    assert not any(_accepts(llm, constraint, text) for text in bad)
+
+
+@pytest.mark.parametrize("grammar, message", [
+    (r"start: /[0-9]\Z/", r"terminal /\[0-9\]\\Z/: escape \\Z is not supported"),
+    (r"start: /\W+/", r"terminal /\\W\+/: \\W is not supported in a Lark terminal \(a Python regex\)"),
+    (r"start: /[\Sa]/", r"\\S is not supported in a Lark terminal"),
+    ('root ::= Regex("[0-9]$x")', r'Regex\("\[0-9\]\$x"\): the anchor \$ inside the pattern is not supported'),
+    ("start: /ab", "has no closing /"),
+])
+def test_regexes_in_grammars_that_xgrammar_would_not_enforce_are_refused(llm, grammar, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("a", SamplingParams(max_tokens=1, structured_outputs={"grammar": grammar}), use_tqdm=False)
+
+
 def test_an_escaped_caret_first_in_a_class_is_a_caret(llm):
     """xgrammar read [\\^a] as the negated [^a]."""
     constraint = {"regex": r"[\^a]"}

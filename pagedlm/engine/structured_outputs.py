@@ -133,9 +133,9 @@ class StructuredOutputManager:
                 compiled = self._compiler.compile_grammar(
                     "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice))
             elif lark:
-                compiled = self._compiler.compile_lark(spec)
+                compiled = self._compiler.compile_lark(xgrammar_regex.check_grammar(spec, lark=True))
             elif kind == "grammar":
-                compiled = self._compiler.compile_grammar(spec)
+                compiled = self._compiler.compile_grammar(xgrammar_regex.check_grammar(spec, lark=False))
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
                 compiled = self._compiler.compile_json_schema('{"type": "object"}', **_whitespace(compact))
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input

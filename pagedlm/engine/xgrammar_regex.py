@@ -11,6 +11,7 @@ pattern (ECMAScript's syntax, which JSON Schema's patterns use and xgrammar's co
 and returns it rewritten, or raises.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -265,6 +266,9 @@ def _check_anchors(alternatives: list, at_start: bool, at_end: bool) -> None:
 # characters JSON escapes. xgrammar writes those raw wherever a pattern compiles to its grammar
 # rules rather than its state machine.
 _NOT_JSON_SPECIAL = '"\\\\\\u0000-\\u001f'
+# Python's whitespace (a Lark terminal's \s), as class members xgrammar reads alike wherever they stand.
+_PYTHON_SPACE = "\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+_CLASS_SHORTHANDS = frozenset(("\\d", "\\w", "\\s", "\\D", "\\W", "\\S"))
 # ECMAScript's "." matches no line terminator (xgrammar's matches every character).
 _DOT = "[^\\n\\r\\u2028\\u2029]"
 _NARROWED = {".": f"[^\\u2028\\u2029{_NOT_JSON_SPECIAL}]", "\\S": f"[^\\s{_NOT_JSON_SPECIAL}]", "\\W": f"[^\\w{_NOT_JSON_SPECIAL}]",
@@ -293,7 +297,18 @@ def _ends_in_control(item: object) -> bool:
     return isinstance(last, _Char) and (ord(last.char) < 0x20 or last.char == "\x7f")
 
 
-def _emit_class(cls: _Class, json_string: bool) -> str:
+def _python_shorthand(item: str) -> str:
+    """A shorthand class of a Python regex (a Lark terminal's) as xgrammar enforces it: ``\\s`` as
+    Python's whitespace (xgrammar's, ECMAScript's, takes U+FEFF and leaves U+001C-U+001F and U+0085
+    out); ``\\w`` and ``\\d`` as they are (ASCII there, narrower than Python's, so what they match
+    Python's match too); ``\\S``, ``\\W`` and ``\\D`` refused (they would take what Python's leave out)."""
+    if item in ("\\S", "\\W", "\\D") :
+        raise RegexError(f"{item} is not supported in a Lark terminal (a Python regex): xgrammar matches it as "
+                         f"ECMAScript does, with characters Python's {item} leaves out; write the class out")
+    return _PYTHON_SPACE if item == "\\s" else item
+
+
+def _emit_class(cls: _Class, json_string: bool, python: bool = False) -> str:
     """The class as xgrammar reads it: as written where it can be; else rebuilt from its members,
     none of them a caret first (xgrammar reads a class that begins with one, escaped or
     ``\\u005e``, as negated), and those that end in a control character last (``_ends_in_control``).
@@ -302,7 +317,8 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
     head = cls.items[0] if cls.items else None
     caret_first = isinstance(head, _Char) and head.char == "^" or isinstance(head, tuple) and head[0].char == "^"
     items = sorted(cls.items, key=_ends_in_control)  # stable: the others in their order, then those
-    if not json_string and not caret_first and not cls.rewritten and items == cls.items:
+    shorthands = python and any(isinstance(item, str) and item != _python_shorthand(item) for item in items)
+    if not json_string and not caret_first and not cls.rewritten and items == cls.items and not shorthands:
         return cls.text
     escaping = json_string and not cls.negated
     members: list[str] = []
@@ -312,7 +328,7 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
             if escaping and item in _NARROWED:
                 branches.append(_NARROWED[item])
             else:
-                members.append(item)
+                members.append(_python_shorthand(item) if python else item)
         elif isinstance(item, tuple):
             lo, hi = ord(item[0].char), ord(item[1].char)
             # The characters JSON escapes are all at or below "\\" (U+005C).
@@ -339,20 +355,23 @@ def _emit_class(cls: _Class, json_string: bool) -> str:
     return f"(?:{'|'.join([text, *branches])})" if branches else text
 
 
-def _emit(alternatives: list, json_string: bool) -> str:
+def _emit(alternatives: list, json_string: bool, python: bool = False) -> str:
     out = []
     for alt in alternatives:
         parts = []
         for node in alt:
             atom = node.atom
             if isinstance(atom, _Group):
-                text = atom.open + _emit(atom.alternatives, json_string) + ")"
+                text = atom.open + _emit(atom.alternatives, json_string, python) + ")"
             elif isinstance(atom, _Class):
-                text = _emit_class(atom, json_string)
+                text = _emit_class(atom, json_string, python)
             elif isinstance(atom, _Char):
                 text = _emit_char(atom, json_string)
                 if node.quantifier and len(text) > 1 and not text.startswith("(?:") and text != atom.text:
                     text = f"(?:{text})"
+            elif python and atom in _CLASS_SHORTHANDS:
+                text = _python_shorthand(atom)
+                text = f"[{text}]" if text == _PYTHON_SPACE else text
             else:
                 text = _NARROWED.get(atom, atom) if json_string else _DOT if atom == "." else atom
             parts.append(text + node.quantifier)
@@ -360,7 +379,7 @@ def _emit(alternatives: list, json_string: bool) -> str:
     return "|".join(out)
 
 
-def check(regex: str, json_string: bool = False) -> str:
+def check(regex: str, json_string: bool = False, python: bool = False) -> str:
     """``regex`` as xgrammar enforces it exactly, or a ``RegexError`` (a ``ValueError``) saying what
     it would not enforce. With ``json_string`` (a JSON schema's ``pattern``, over the string's
     value) the result matches the string's JSON text: a character JSON escapes (``"``, ``\\``,
@@ -372,6 +391,75 @@ def check(regex: str, json_string: bool = False) -> str:
         if parser.i < len(regex):
             raise parser.error("unbalanced )")
         _check_anchors(alternatives, True, True)
-        return _emit(alternatives, json_string)
+        return _emit(alternatives, json_string, python)
     except RecursionError:
         raise RegexError("groups nested too deeply") from None
+
+
+def check_grammar(grammar: str, lark: bool) -> str:
+    """``grammar`` (structured outputs' Lark or EBNF text) with each regex in it as ``check``
+    returns it, or a ``RegexError`` naming the first one xgrammar would not enforce as written: a
+    Lark terminal ``/.../flags`` (a Python regex, so ``python``; found by a hunt: xgrammar read
+    ``/[\\^a]/`` as ``[^a]`` and ``/\\x41b/`` as U+041B), an EBNF ``Regex("...")`` (ECMAScript's,
+    its string JSON's)."""
+    out, i = [], 0
+    while i < len(grammar):
+        c = grammar[i]
+        if c == '"':  # a string literal, its escapes included
+            end = _string_end(grammar, i, '"')
+            if not lark and _REGEX_CALL.search(grammar, max(i - 40, 0), i) and _CALL_END.match(grammar, end):
+                out.append(json.dumps(_checked(grammar, i, end), ensure_ascii=False))
+            else:
+                out.append(grammar[i:end])
+            i = end
+        elif not lark and c == "[":  # an EBNF character class, which may hold a quote
+            end = _string_end(grammar, i, "]")
+            out.append(grammar[i:end])
+            i = end
+        elif lark and grammar.startswith("//", i):  # a comment, to the end of its line
+            end = grammar.find("\n", i)
+            end = len(grammar) if end < 0 else end
+            out.append(grammar[i:end])
+            i = end
+        elif lark and c == "/":
+            end = i + 1
+            while end < len(grammar) and grammar[end] not in "/\n":
+                end += 2 if grammar[end] == "\\" else 1
+            if not grammar.startswith("/", end):
+                raise RegexError(f"the Lark terminal at position {i} has no closing /")
+            try:
+                regex = check(grammar[i + 1:end], python=True)
+            except RegexError as exc:
+                raise RegexError(f"terminal {grammar[i:end + 1]}: {exc}") from None
+            out.append(f"/{regex}/")
+            i = end + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+_REGEX_CALL = re.compile(r"\bRegex\(\s*\Z")
+_CALL_END = re.compile(r"\s*\)")
+
+
+def _string_end(text: str, start: int, close: str) -> int:
+    """Where the literal that begins at ``start`` (a string's quote, a class's bracket) ends, past
+    its ``close``, escapes skipped."""
+    i = start + 1
+    while i < len(text) and text[i] != close:
+        i += 2 if text[i] == "\\" else 1
+    return i + 1
+
+
+def _checked(grammar: str, start: int, end: int) -> str:
+    """The EBNF ``Regex("...")`` argument at ``grammar[start:end]``, checked (``check``)."""
+    literal = grammar[start:end]
+    try:
+        regex = json.loads(literal)
+    except ValueError:
+        raise RegexError(f"Regex({literal}): write its string as JSON does (\\\\, \\\", \\uHHHH)") from None
+    try:
+        return check(regex)
+    except RegexError as exc:
+        raise RegexError(f"Regex({literal}): {exc}") from None
