@@ -627,6 +627,11 @@ def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path,
     monkeypatch.setattr(runner, "LLM", no_load)
     with pytest.raises(ValueError, match="out.jsonl: line 3 is not valid JSON"):
         run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    # JSON that is no row (found by a hunt: a null line counted as a row without an id, done)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    (tmp_path / "out.jsonl").write_text("\n".join(lines[:2] + ["null"]) + "\n")
+    with pytest.raises(ValueError, match=r"out.jsonl: line 3 is null, not a row \(a JSON object\)"):
+        run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
     with pytest.raises(ValueError, match=r"part-000002.parquet cannot be read \(Parquet file size is 0 bytes\); "
                                          "cannot resume into it"):
         run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
@@ -866,6 +871,11 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     ({"input": "utf16.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),
     ({"input": "utf16be.jsonl"}, "is UTF-16 or UTF-32 text .*save it as UTF-8"),  # no byte-order mark: NUL bytes
     ({"input": "gzip.jsonl"}, "'gzip.jsonl' is gzip data; .*decompress it first"),
+    # Found by a hunt: read as Latin-1 text (iconv's advice), or as one row's error.
+    ({"input": "parquet.jsonl"}, "'parquet.jsonl' is a Parquet file; pagedlm run reads a file by its name: name it .parquet"),
+    # Found by a hunt: a map's float values checked only in a struct (every row was max_tokens' error).
+    ({"input": "floats.parquet"}, r"sampling_params is map<string, double .*, and its rows set max_tokens, which must "
+                                  "be integers"),
     # Found by a docs hunt: every row was an error (with no id) and the job exited 0.
     ({"input": "latin1.jsonl"}, r"'latin1.jsonl' is not UTF-8 \(byte 0xe9 on line 2, and 1 more line\(s\) in its "
                                 r"first MiB: Latin-1 or Windows-1252"),
@@ -886,6 +896,9 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     (tmp_path / "utf16.jsonl").write_text(line + "\n", encoding="utf-16")  # as PowerShell's > writes
     (tmp_path / "utf16be.jsonl").write_text(line + "\n", encoding="utf-16-be")
     (tmp_path / "gzip.jsonl").write_bytes(gzip.compress((line + "\n").encode()))
+    pq.write_table(pa.table({"id": [1], "prompt": ["x"]}), tmp_path / "parquet.jsonl")
+    floats = pa.array([[("temperature", 0.5)], [("max_tokens", 3.0)]], pa.map_(pa.string(), pa.float64()))
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "sampling_params": floats}), tmp_path / "floats.parquet")
     (tmp_path / "latin1.jsonl").write_text(f'{line}\n{{"id": 2, "prompt": "caf\u00e9"}}\n{{"id": 3, "prompt": "\u00e0"}}\n',
                                            encoding="cp1252")
     (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
@@ -2046,3 +2059,19 @@ def test_openai_bodies_take_vllms_return_tokens_as_token_ids(llama_dir, tmp_path
     assert cmpl["logprobs"]["tokens"] == [f"token_id:{t}" for t in cmpl["prompt_token_ids"] + cmpl["token_ids"]]
     assert all(re.fullmatch(r"token_id:\d+", t) for top in cmpl["logprobs"]["top_logprobs"][1:] for t in top)
     assert cmpl["text"].startswith("Hello")
+
+
+def test_parquet_values_json_lacks_become_text_in_a_jsonl_output(llama_dir, tmp_path):
+    """Parquet to JSONL: dates, bytes (base64) and NaN (null) as docs/jobs.md says, map keys too
+    (found by a hunt: a map<binary, string> column's row lost its result to "keys must be str")."""
+    table = pa.table({
+        "id": [1], "prompt": ["x"], "when": [datetime.date(2026, 12, 7)], "raw": [b"\x00\xff"], "score": [float("nan")],
+        "mb": pa.array([[(b"k", "v")]], pa.map_(pa.binary(), pa.string())),
+        "md": pa.array([[(datetime.date(2026, 1, 2), 1)]], pa.map_(pa.date32(), pa.int64())),
+    })
+    pq.write_table(table, tmp_path / "in.parquet")
+    stats, out = run(llama_dir, tmp_path / "in.parquet", tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (1, 0), out
+    row = out[0]
+    assert (row["when"], row["raw"], row["score"], row["error"]) == ("2026-12-07", "AP8=", None, None)
+    assert (row["mb"], row["md"]) == ({"aw==": "v"}, {"2026-01-02": 1})

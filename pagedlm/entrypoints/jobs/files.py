@@ -166,19 +166,22 @@ def to_json(row: Any) -> str:
     column's missing value, a ``-inf`` logprob) null, as strict JSON parsers read nothing else."""
     try:
         return json.dumps(row, ensure_ascii=False, default=_json_default, allow_nan=False)
-    except ValueError:  # a float JSON has no literal for
-        return json.dumps(_finite(row), ensure_ascii=False, default=_json_default, allow_nan=False)
+    except (ValueError, TypeError):  # a float JSON has no literal for, a map's key JSON has none for
+        return json.dumps(_jsonable(row), ensure_ascii=False, default=_json_default, allow_nan=False)
 
 
-def _finite(value: Any) -> Any:
+def _jsonable(value: Any) -> Any:
+    """``value`` with its non-finite floats null and its map keys text (found by a hunt: a Parquet
+    map's binary keys lost the row's result)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else _json_default(k): _jsonable(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_jsonable(v) for v in value]
     if hasattr(value, "tolist"):
-        return _finite(value.tolist())
+        return _jsonable(value.tolist())
     return value
 
 
@@ -203,7 +206,7 @@ def read_output_lines(path: str) -> Iterator[dict]:
     read, a torn last line (left by a kill) is cut off the file, and that row runs again.
 
     Raises:
-        ValueError: a complete line is not valid JSON (the file is not one a job wrote).
+        ValueError: a complete line is not a JSON object (the file is not one a job wrote).
     """
     good_end = 0
     with open(path, "rb+") as f:
@@ -217,6 +220,9 @@ def read_output_lines(path: str) -> Iterator[dict]:
                 row = json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({exc}); cannot resume into this file") from None
+            if not isinstance(row, dict):  # every row a job writes is an object (found by a hunt: null counted as one)
+                raise ValueError(f"{path}: line {number} is {json.dumps(row, ensure_ascii=False)[:40]}, not a row "
+                                 "(a JSON object); cannot resume into this file")
             good_end += len(line)
             yield row
         f.truncate(good_end)

@@ -280,6 +280,8 @@ def _not_json_lines(raw: bytes) -> str | None:
     """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
     if raw.startswith(b"\x1f\x8b"):
         return "is gzip data; pagedlm run reads JSON Lines: decompress it first (gunzip)"
+    if raw.startswith(b"PAR1"):  # found by a hunt: read as Latin-1 text, with iconv's advice
+        return "is a Parquet file; pagedlm run reads a file by its name: name it .parquet"
     # UTF-16/32 without a byte-order mark: NUL bytes around the first character (a NUL in a later
     # line is only that line's error).
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw.lstrip(b" \t\r\n")[:4]:
@@ -401,6 +403,8 @@ def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
     if not (pa.types.is_struct(kind) or pa.types.is_map(kind)):
         raise ValueError(f"--input {path!r}: column {column!r} is {kind}; it must hold objects (a struct or map "
                          "column), as JSON text in a column is not read")
+    if pa.types.is_map(kind):  # one value type for all keys: floats where a row names an integer field
+        _check_map_fields(path, fmt, kind)
     children = [kind.field(i) for i in range(kind.num_fields)] if pa.types.is_struct(kind) else []
     for child in children:
         items = child.type
@@ -409,6 +413,27 @@ def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
         if child.name in fmt.integer_fields and pa.types.is_floating(items):
             raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be integers (cast it "
                              f"first, e.g. pandas' Int64 for whole numbers with missing values)")
+
+
+def _check_map_fields(path: str, fmt: type[JobFormat], kind: Any) -> None:
+    """A map request-fields column whose values are floats, with an integer field among its keys
+    (found by a hunt: every row was that field's error, done for a resume)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    items = kind.item_type
+    while pa.types.is_list(items) or pa.types.is_large_list(items):
+        items = items.value_type
+    if not pa.types.is_floating(items):
+        return
+    column = pq.ParquetFile(storage.parquet_source(path)).read(columns=[fmt.fields_column]).column(0)
+    keys = set(pc.unique(pa.concat_arrays([chunk.keys for chunk in column.chunks])).to_pylist()) if column.num_chunks \
+        else set()
+    integers = sorted(keys & set(fmt.integer_fields))
+    if integers:
+        raise ValueError(f"--input {path!r}: {fmt.fields_column} is {kind}, and its rows set {', '.join(integers)}, "
+                         "which must be integers: store the fields as a struct column of their own types")
 
 
 def check_result_columns(path: str, in_kind: str) -> None:
