@@ -14,6 +14,7 @@ from jinja2 import TemplateSyntaxError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils.chat_template_utils import _compile_jinja_template  # how chats are rendered
 
+from pagedlm.ops import backend_for
 from pagedlm.transformers_utils.generation_config import check_generation_overrides, generation_overrides, sampling_defaults
 from pagedlm.transformers_utils.rope import rope_layer_types, rope_parameters
 
@@ -71,7 +72,7 @@ class ModelConfig:
         seed: int | None = None, tokenizer: str | None = None, trust_remote_code: bool = False,
         chat_template: str | None = None, override_generation_config: dict[str, Any] | None = None,
         hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None,
-        max_logprobs: int | None = None, batch_invariant: bool = True, enforce_eager: bool = False,
+        max_logprobs: int | None = None, batch_invariant: bool | None = None, enforce_eager: bool = False,
         enable_trace_replay: bool = False,
     ) -> "ModelConfig":
         if not isinstance(trust_remote_code, bool):
@@ -115,12 +116,20 @@ class ModelConfig:
                 if max_model_len == -1 else ""
             raise ValueError(f"max_model_len must be an int in [1, {limit}] for this model or None, got "
                              f"{max_model_len!r}{auto}.")
-        if not isinstance(batch_invariant, bool):
-            raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}.")
-        if dev.type != "cuda" and not batch_invariant:
+        if batch_invariant is not None and not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be None (the backend's), True or False, got {batch_invariant!r}.")
+        backend = backend_for(dev)
+        if batch_invariant is None:
+            batch_invariant = backend != "torch-reference"
+        elif batch_invariant and backend == "torch-reference":  # found by a hunt: accepted, not honoured
             raise ValueError(
-                f"batch_invariant must be True on {dev.type} (False is for CUDA only), got {batch_invariant!r}: the CPU "
-                "kernels are batch-invariant at no measured cost and have no other path.")
+                "batch_invariant=True needs pagedlm's kernels, but the ops run on the torch reference "
+                "(PAGEDLM_OPS_BACKEND=torch-reference, or the extension did not load), whose results change with "
+                "the batch: leave batch_invariant at None or pass False.")
+        elif backend == "cpu" and not batch_invariant:
+            raise ValueError(
+                "batch_invariant must be None or True on the CPU (False is for CUDA and the torch reference), got "
+                "False: the CPU kernels are batch-invariant at no measured cost and have no other path.")
         for name, value in (("enforce_eager", enforce_eager), ("enable_trace_replay", enable_trace_replay)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}.")

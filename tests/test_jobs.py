@@ -1577,7 +1577,7 @@ def test_no_batch_invariant_is_refused_on_cpu_before_any_row_runs(tmp_path, llam
     with pytest.raises(SystemExit):
         run_main(["--input", inp, "--output", str(out), "--model", llama_dir, "--device", "cpu",
                   "--no-batch-invariant"])
-    assert "--no-batch-invariant: batch_invariant must be True on cpu (False is for CUDA only)" in capsys.readouterr().err
+    assert "--no-batch-invariant: batch_invariant must be None or True on the CPU (False is for CUDA" in capsys.readouterr().err
     assert not out.exists()
     # A user's audit: the error named the Python field, not the flag typed.
     for flags, message in ((["--temperature", "-1"], "--temperature: temperature must be in [0, 2]"),

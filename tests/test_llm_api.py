@@ -1196,8 +1196,8 @@ def test_request_checks_found_by_a_differential_against_vllm(llm, llama_dir):
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=0.5, num_kv_blocks=8), "gpu_memory_utilization"),
     (dict(num_kv_blocks=8, kv_cache_memory_bytes=2**20), "num_kv_blocks and kv_cache_memory_bytes"),
-    (dict(batch_invariant="yes"), "batch_invariant must be a bool"),
-    (dict(device="cpu", batch_invariant=False), r"batch_invariant must be True on cpu \(False is for CUDA only\)"),
+    (dict(batch_invariant="yes"), r"batch_invariant must be None \(the backend's\), True or False"),
+    (dict(device="cpu", batch_invariant=False), r"batch_invariant must be None or True on the CPU \(False is for CUDA"),
 ])
 def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kwargs, field, monkeypatch):
     import pagedlm.engine.llm_engine as llm_engine
@@ -1205,6 +1205,26 @@ def test_constructor_arguments_are_checked_before_the_weights_load(llama_dir, kw
     monkeypatch.setattr(llm_engine, "ModelRunner", None)  # reaching the weights would fail differently
     with pytest.raises(ValueError, match=field):
         LLM(llama_dir, **kwargs)
+
+
+def test_batch_invariant_is_refused_where_the_torch_reference_runs_the_ops(llama_dir, monkeypatch):
+    """Found by a hunt: with PAGEDLM_OPS_BACKEND=torch-reference (or no extension), whose results
+    change with the batch, batch_invariant=True was taken and not honoured, and False refused as if
+    the CPU kernels ran; None (the default) is the backend's: False there."""
+    from pagedlm import config
+    import pagedlm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(config, "backend_for", lambda device: "torch-reference")
+    with pytest.raises(ValueError, match=r"batch_invariant=True needs pagedlm's kernels, but the ops run on the torch "
+                                         r"reference \(PAGEDLM_OPS_BACKEND=torch-reference"):
+        LLM(llama_dir, batch_invariant=True)
+    monkeypatch.setattr(llm_engine, "ModelRunner", None)  # the configs were made: no need for the weights
+    for given in (None, False):
+        with pytest.raises(TypeError):  # past the checks, at the model runner
+            LLM(llama_dir, batch_invariant=given)
+    assert config.ModelConfig.create(llama_dir, "float32", None, "cpu").batch_invariant is False
+    monkeypatch.undo()
+    assert config.ModelConfig.create(llama_dir, "float32", None, "cpu").batch_invariant is True
 
 
 def test_gpu_memory_utilization_sets_the_cache_s_share_of_ram_on_cpu(llama_dir, monkeypatch):

@@ -113,8 +113,9 @@ class LLM:
         tensor_parallel_size: 1 (vLLM's argument; pagedlm runs a model on one device).
         batch_invariant: a greedy or seeded request's tokens and log-probabilities are the same
             bits whatever else is in the batch, the step's token budget, prefix-cache hits or
-            preemption (vLLM's opt-in ``VLLM_BATCH_INVARIANT``, here the default). On CPU it
-            costs nothing measurable and cannot be turned off. On CUDA False lets cuBLAS take each
+            preemption (vLLM's opt-in ``VLLM_BATCH_INVARIANT``, here the default: None is True
+            but on the torch reference ops, which are not, and refuse True). On CPU it costs
+            nothing measurable and cannot be turned off. On CUDA False lets cuBLAS take each
             linear's rows in one product (True runs them in products of a fixed shape,
             ``layers.linear.INVARIANT_ROWS`` rows each); its cost there was never measured
             (docs/architecture.md).
@@ -188,7 +189,7 @@ class LLM:
         chat_template: str | os.PathLike | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
-        batch_invariant: bool = True,
+        batch_invariant: bool | None = None,
         enforce_eager: bool = False,
         reasoning_parser: str | None = None,
         reasoning_config: ReasoningConfig | dict[str, str] | None = None,
