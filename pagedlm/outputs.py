@@ -192,6 +192,7 @@ class BeamSearchSequence:
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    lora_request: None = None  # no adapters, as RequestOutput's
 
 
 @dataclass

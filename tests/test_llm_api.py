@@ -1608,6 +1608,8 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
             LLM(llama_dir, **{name: value})
     with pytest.raises(AttributeError, match="LLM.release_kv_cache_memory is vLLM's; pagedlm does not have it"):
         llm.release_kv_cache_memory()
+    with pytest.raises(AttributeError, match="LLM.update_weights is vLLM's; .*create a new LLM"):  # its RL methods
+        llm.update_weights()
     with pytest.raises(ValueError, match=r"enable_lora must be False \(pagedlm runs no LoRA adapters\), got True"):
         LLM(llama_dir, enable_lora=True)
 

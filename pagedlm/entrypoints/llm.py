@@ -1071,6 +1071,10 @@ _VLLM_ONLY_METHODS = {
                                                        "benchmarks/profile_decode.py"),
     **dict.fromkeys(("collective_rpc", "apply_model", "get_world_size"), "one process runs the model "
                                                                           "(llm.llm_engine.model_runner.model)"),
+    **dict.fromkeys(("update_weights", "init_weight_transfer_engine", "start_weight_update", "finish_weight_update",
+                     "start_draft_weight_update", "get_weight_version", "update_weight_version",
+                     "shutdown_weight_transfer_engine"),
+                    "weights are loaded once, from the checkpoint: save the new ones and create a new LLM"),
     "get_metrics": "get_stats() gives the KV cache's use and the prefix cache's hit rate",
     "reset_mm_cache": "pagedlm runs text-only models",
 }
