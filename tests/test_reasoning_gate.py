@@ -51,32 +51,51 @@ def test_where_the_output_ends_the_reasoning():
 
 
 QWEN3_TEXTS = dataclasses.replace(QWEN3, texts=("<think>", "</think>", "<tool_call>"))
+# Each token's text, as the detokenizer gives it (5-8: "a", "r", "c", "d"; 9: a stop string's cut).
+TEXTS = {S: "<think>", E: "</think>", TOOL: "<tool_call>", 5: "a", 6: "r", 7: "c", 8: "d"}
 
 
-@pytest.mark.parametrize("prompt, output, text, split", [
-    ([IM_START, S], [6, E, 7], "r</think>c", ("r", "c")),
-    ([IM_START], [S, 6, E, 7], "<think>r</think>c", ("r", "c")),
-    ([IM_START], [5, S, 6, E], "a<think>r</think>", ("ar", None)),  # vLLM's deepseek_r1 drops the "a"
-    ([IM_START, S], [6, 7], "r s", ("r s", None)),
-    ([IM_START, S, 6, E], [7], "c", (None, "c")),  # the prompt ended it (vLLM's split reads no prompt)
-    ([IM_START, S], [6, TOOL, 7], "r<tool_call>x", ("r", "<tool_call>x")),
-    ([IM_START, S], [E, 7], "</think>c", (None, "c")),
-    ([IM_START, S], [6, E, 7], "rc", (None, "rc")),  # the markers were left out of the text
-    ([IM_START, S], [6, 7, 8], "r</think>c", ("r</think>c", None)),  # spelled by other tokens: ends nothing
-    ([IM_START, S], [6, E, 7, E, 8], "r</think>c</think>d", ("r", "c</think>d")),
+def split(prompt: list[int], output: list[int], text: str | None = None, texts: dict[int, str] = TEXTS):
+    """QWEN3_TEXTS' split of ``output``, its text ``text`` (all its tokens' by default)."""
+    def text_before(k: int) -> str:
+        return "".join(texts[t] for t in output[:k])
+
+    return QWEN3_TEXTS.split(prompt, output, text_before(len(output)) if text is None else text, text_before)
+
+
+@pytest.mark.parametrize("prompt, output, text, split_", [
+    ([IM_START, S], [6, E, 7], None, ("r", "c")),
+    ([IM_START], [S, 6, E, 7], None, ("r", "c")),
+    ([IM_START], [5, S, 6, E], None, ("ar", None)),  # vLLM's deepseek_r1 drops the "a"
+    ([IM_START, S], [6, 7], None, ("rc", None)),
+    ([IM_START, S, 6, E], [7], None, (None, "c")),  # the prompt ended it (vLLM's split reads no prompt)
+    ([IM_START, S], [6, TOOL, 7], None, ("r", "<tool_call>c")),
+    ([IM_START, S], [E, 7], None, (None, "c")),
+    ([IM_START, S], [6, E, 7, E, 8], None, ("r", "c</think>d")),
     ([IM_START, S], [6, E], "r", ("r", None)),  # a stop ("</think>", or its id) cut the marker off
-    ([IM_START, S], [6, E], "r</think>", ("r", None)),
-    ([IM_START], [S, S, 6, E, 7], "<think><think>r</think>c", ("r", "c")),  # as the count leaves them out
+    ([IM_START, S], [6, E, 7], "r</th", ("r</th", None)),  # a stop string cut the text before the end
+    ([IM_START], [S, S, 6, E, 7], None, ("r", "c")),  # as the count leaves them out
 ])
-def test_reasoning_and_content_split_where_the_gate_ends_the_reasoning(prompt, output, text, split):
-    assert QWEN3_TEXTS.split(prompt, output, text)[:2] == split
+def test_reasoning_and_content_split_where_the_gate_ends_the_reasoning(prompt, output, text, split_):
+    assert split(prompt, output, text)[:2] == split_
+
+
+def test_the_split_is_where_the_end_token_is_not_where_its_text_is():
+    """Found by a hunt: the text was searched for the marker, so a marker left out of the text (a
+    special token, skip_special_tokens) split nothing (a tool call's arguments held the reasoning),
+    and one spelled by other tokens before the end token split there."""
+    unshown = {**TEXTS, S: "", E: ""}
+    assert split([IM_START], [S, 6, E, 7], texts=unshown)[:2] == ("r", "c")
+    spelled = {**TEXTS, 5: "</think>"}
+    assert split([IM_START, S], [6, 5, 7, E, 8], texts=spelled)[:2] == ("r</think>c", "d")
+    assert split([IM_START, S], [6, 5, 7], texts=spelled)[:2] == ("r</think>c", None)  # spelled: ends nothing
 
 
 def test_reasoning_tokens_are_those_before_the_end_less_start_markers():
-    assert QWEN3_TEXTS.split([IM_START], [S, 6, 7, E, 8], "").num_tokens == 2
-    assert QWEN3_TEXTS.split([IM_START, S], [6, TOOL, 8], "").num_tokens == 1
-    assert QWEN3_TEXTS.split([IM_START, S], [6, 7], "").num_tokens == 2  # never ended
-    assert QWEN3_TEXTS.split([IM_START, S, E], [6, 7], "").num_tokens == 0  # ended in the prompt
+    assert split([IM_START], [S, 6, 7, E, 8]).num_tokens == 2
+    assert split([IM_START, S], [6, TOOL, 8]).num_tokens == 1
+    assert split([IM_START, S], [6, 7]).num_tokens == 2  # never ended
+    assert split([IM_START, S, E], [6, 7]).num_tokens == 0  # ended in the prompt
 
 
 @pytest.fixture(scope="module")
@@ -190,20 +209,23 @@ def test_an_implicit_end_the_grammar_rejects_ends_the_completion_before_it(llm, 
     assert f"token {tool}, sampled freely in the reasoning, ended it but is not one its structured output allows" in caplog.text
 
 
-def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_path):
+@pytest.mark.parametrize("skip_special_tokens", [False, True])
+def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_path, skip_special_tokens):
     """With a reasoning parser, a chat row's message has vLLM's reasoning field and the content
-    after it, which is what a response_format or a tool choice constrained."""
+    after it, which is what a response_format or a tool choice constrained; with the markers
+    special tokens left out of the text too (found by a hunt: the text was searched for them, so a
+    tool call's arguments held the reasoning)."""
     from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
     from test_jobs import read_output
     from test_tool_choice import UNIT, _no_whitespace, _row, write_jsonl
 
     # The prompt opens the reasoning, and the thinking budget ends it after two tokens.
-    fields = {"skip_special_tokens": False, "thinking_token_budget": 2, "logit_bias": _no_whitespace(think_dir),
-              "chat_template": CHAT_TEMPLATE + "<think>"}
+    fields = {"skip_special_tokens": skip_special_tokens, "thinking_token_budget": 2,
+              "logit_bias": _no_whitespace(think_dir), "chat_template": CHAT_TEMPLATE + "<think>"}
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     rows = [_row("call", tools=[UNIT], tool_choice={"type": "function", "function": {"name": "set_unit"}}, **fields),
             _row("json", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, **fields),
-            _row("plain", max_tokens=6, skip_special_tokens=False, thinking_token_budget=2,
+            _row("plain", max_tokens=6, skip_special_tokens=skip_special_tokens, thinking_token_budget=2,
                  chat_template=CHAT_TEMPLATE + "<think>")]
     config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"),
                        model=think_dir, engine={"dtype": "float32", "max_model_len": 128, "reasoning_parser": "qwen3"},

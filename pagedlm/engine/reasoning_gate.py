@@ -26,6 +26,7 @@ Every parser needs its markers as single tokens of the tokenizer, as vLLM's do (
 would take the unknown token's id there).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,35 +70,36 @@ class ReasoningParser:
             gate.scan(token_id)
         return None if gate.ended_by_markers() else gate
 
-    def split(self, prompt_token_ids: list[int], output_token_ids: list[int], text: str) -> "ReasoningSplit":
-        """A completion's ``text`` as its reasoning and content, split where this gate ends the
-        reasoning, so that the content is what a constraint held: (None, text) where the prompt
-        ended it; (text, None) where the output never does, or does with its last token (a stop
-        string or stop token cut the marker off); else the text before the end marker (less its
-        start markers) and after it (qwen3's ``<tool_call>`` stays in the content). An empty part
-        is None. Where the text does not hold the marker before the output's end (a special token
-        left out of it), it is not split: (None, text). ``num_tokens`` counts the output tokens
-        before the end, less start markers (OpenAI's ``usage.completion_tokens_details.
-        reasoning_tokens``, as vLLM's server writes it). vLLM's chat server splits by text alone
-        and may differ: it ignores the prompt, and deepseek_r1's drops text before ``<think>``
-        (docs/jobs.md)."""
+    def split(self, prompt_token_ids: list[int], output_token_ids: list[int], text: str,
+              text_before: Callable[[int], str]) -> "ReasoningSplit":
+        """A completion's ``text`` as its reasoning and content, split at the token where this gate
+        ends the reasoning, so that the content is what a constraint held: (None, text) where the
+        prompt ended it; (text, None) where the output never does, or where the text stops at or
+        before the end (a stop string, or a stop token left out of it); else the text before the
+        end marker (less its start markers) and after it (qwen3's ``<tool_call>`` stays in the
+        content). ``text_before(k)`` is the text the output's first ``k`` tokens made (the
+        detokenizer's), so markers left out of the text (special tokens, with
+        ``skip_special_tokens``) or spelled by other tokens split nothing wrong (found by a hunt:
+        the text was searched for the marker). An empty part is None. ``num_tokens`` counts the
+        output tokens before the end, less start markers (OpenAI's ``usage.
+        completion_tokens_details.reasoning_tokens``, as vLLM's server writes it). vLLM's chat
+        server splits by text alone and may differ: it ignores the prompt, and deepseek_r1's drops
+        text before ``<think>`` (docs/jobs.md)."""
         gate = self.gate(prompt_token_ids)
         if gate is None:
             return ReasoningSplit(None, text, 0)
         at_token, kind = next(((i, kind) for i, kind in enumerate(map(gate.take, output_token_ids)) if kind != FREE),
                               (len(output_token_ids), FREE))
         num_tokens = sum(t != self.start for t in output_token_ids[:at_token])
-        start, end, implicit = self.texts
+        start, end, _ = self.texts
         if kind == FREE:
             return ReasoningSplit(text.replace(start, "") or None, None, num_tokens)
-        marker = implicit if kind == END_FED else end
-        at = text.find(marker)
-        if at < 0:  # cut off by a stop (the output's last token), or left out of the text (a special token)
-            if at_token == len(output_token_ids) - 1:
-                return ReasoningSplit(text.replace(start, "") or None, None, num_tokens)
-            return ReasoningSplit(None, text, num_tokens)
-        content = text[at:] if kind == END_FED else text[at + len(marker):]
-        return ReasoningSplit(text[:at].replace(start, "") or None, content or None, num_tokens)
+        # The content begins after the end marker, or at qwen3's <tool_call>, which it keeps.
+        cut = text_before(at_token + 1) if kind == END else text_before(at_token)
+        if not text.startswith(cut):
+            return ReasoningSplit(text.replace(start, "") or None, None, num_tokens)
+        reasoning = cut.removesuffix(end) if kind == END else cut
+        return ReasoningSplit(reasoning.replace(start, "") or None, text[len(cut):] or None, num_tokens)
 
 
 class ReasoningSplit(NamedTuple):

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedlm.engine.detokenizer import decode_completion
 from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, parse_conversation, render_chat
@@ -27,7 +28,7 @@ from pagedlm.entrypoints.jobs.rows import (
 from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
-from pagedlm.sampling_params import STRUCTURED_OUTPUT_KINDS
+from pagedlm.sampling_params import STRUCTURED_OUTPUT_KINDS, SamplingParams
 from pagedlm.transformers_utils.tokenizer import TokenBytes, encode_prompts
 from pagedlm.utils import FieldError
 
@@ -298,6 +299,16 @@ class OpenAIBatchFormat:
         return replace(c, text=prompt_text + (c.text if own else ""), logprobs=logprobs,
                        token_ids=[*output.prompt_token_ids, *(c.token_ids if own else [])])
 
+    def _text_before(self, prompt_token_ids: list[int], token_ids: list[int],
+                     params: SamplingParams) -> Callable[[int], str]:
+        """``k`` -> the text a completion's first ``k`` tokens made, as the detokenizer made it, with
+        the ``\ufffd`` of a character they leave unfinished (which the next token's text begins with)."""
+        def text_before(k: int) -> str:
+            texts, end = decode_completion(self.tokenizer, prompt_token_ids, token_ids[:k], params)
+            return "".join(texts) + end
+
+        return text_before
+
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
@@ -307,7 +318,9 @@ class OpenAIBatchFormat:
         top = functools.partial(_top, k=k, token_ids=params.logprob_token_ids)
         splits = [None] * len(output.outputs)
         if chat and self.reasoning_parser is not None:
-            splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text) for c in output.outputs]
+            splits = [self.reasoning_parser.split(output.prompt_token_ids, c.token_ids, c.text,
+                                                  self._text_before(output.prompt_token_ids, c.token_ids, params))
+                      for c in output.outputs]
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
         token_bytes, decode = self._token_bytes, self.tokenizer.decode
         if ctx.tokens_as_ids:  # the placeholder's own bytes, as vLLM's server writes them
