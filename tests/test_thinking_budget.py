@@ -43,6 +43,34 @@ def test_sections_the_output_opens_and_closes():
     assert forced_run(3, [1], [20, 21, 22, 23, 24]) == [20, 21, 22, 23, 24]  # never opened
 
 
+def test_a_transition_phrase_is_forced_but_the_parsers_marker_closes_a_section():
+    """Found by a hunt: with an end string that leads with a transition phrase, a section the
+    model (or the prompt: Qwen3's enable_thinking=False) closed with the parser's own marker stayed
+    open, so the phrase was forced into the answer (and a JSON constraint then aborted it); the
+    parser's marker closes it, as vLLM's natural_reasoning_end_token_ids do."""
+    phrase = ReasoningTokens(start=(5,), end=(10, 11, 9), natural_end=(9,))
+
+    def run(budget, prompt, free):
+        state, out, free = ThinkingBudget.for_prompt(budget, phrase, prompt), [], iter(free)
+        while (token := state.forced_token()) is not None or (token := next(free, None)) is not None:
+            state.append(token)
+            out.append(token)
+        return out
+
+    assert run(1, [1, 5, 9], [20, 21, 22]) == [20, 21, 22]  # closed in the prompt by the marker
+    assert run(2, [1, 5], [20, 9, 21, 22, 23]) == [20, 9, 21, 22, 23]  # closed by the model within budget
+    assert run(2, [1, 5], [20, 21, 22]) == [20, 21, 10, 11, 9, 22]  # the phrase is forced when it runs out
+    assert ReasoningTokens.of(ReasoningConfig(reasoning_parser="qwen3", reasoning_end_str="\n\nDone.\n</think>"),
+                              _QwenLike()).natural_end == (9,)
+
+
+class _QwenLike:
+    """Encodes "</think>" as 9, anything else as one token per character."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [9] if text == "</think>" else [100 + ord(c) % 50 for c in text]
+
+
 @pytest.fixture(scope="module")
 def llm(llama_dir) -> LLM:
     return LLM(llama_dir, dtype="float32", max_model_len=128, reasoning_config=FOX)

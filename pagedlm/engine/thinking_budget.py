@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.config import ReasoningConfig
+from pagedlm.config import REASONING_PARSERS, ReasoningConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,17 +22,25 @@ class ReasoningTokens:
 
     start: tuple[int, ...]
     end: tuple[int, ...]  # forced when the budget runs out
+    # What closes a section the model ends itself: the parser's end marker, where ``end`` may lead
+    # with a transition phrase (vLLM's natural_reasoning_end_token_ids); ``end`` without a parser.
+    natural_end: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, config: ReasoningConfig, tokenizer: PreTrainedTokenizerBase) -> "ReasoningTokens":
         """Raises ValueError where a string encodes to no tokens."""
-        start, end = (tuple(tokenizer.encode(text, add_special_tokens=False))
-                      for text in (config.reasoning_start_str, config.reasoning_end_str))
-        if not (start and end):
+        natural = REASONING_PARSERS[config.reasoning_parser][1] if config.reasoning_parser else config.reasoning_end_str
+        start, end, natural_end = (tuple(tokenizer.encode(text, add_special_tokens=False))
+                                   for text in (config.reasoning_start_str, config.reasoning_end_str, natural))
+        if not (start and end and natural_end):
             raise ValueError(f"reasoning_config: the tokenizer encodes reasoning_start_str "
                              f"{config.reasoning_start_str!r} to {list(start)} and reasoning_end_str "
                              f"{config.reasoning_end_str!r} to {list(end)}; both need tokens.")
-        return cls(start, end)
+        return cls(start, end, natural_end)
+
+    @property
+    def closing(self) -> tuple[int, ...]:
+        return self.natural_end or self.end
 
 
 @dataclass(slots=True)
@@ -48,11 +56,11 @@ class ThinkingBudget:
     @classmethod
     def for_prompt(cls, budget: int, tokens: ReasoningTokens, prompt_token_ids: list[int]) -> "ThinkingBudget":
         """The state after the prompt: a section is open where the prompt's last start sequence
-        comes after its last end sequence."""
-        start, end = _last_index(prompt_token_ids, tokens.start), _last_index(prompt_token_ids, tokens.end)
+        comes after its last closing one (found by a hunt: with a transition phrase in the end
+        string, a section the model closed with the parser's own marker was still open)."""
+        start, end = _last_index(prompt_token_ids, tokens.start), _last_index(prompt_token_ids, tokens.closing)
         count = len(prompt_token_ids) - start - len(tokens.start) if start > end else None
-        width = max(len(tokens.start), len(tokens.end))
-        return cls(budget, tokens, count, tuple(prompt_token_ids[-width:]))
+        return cls(budget, tokens, count, tuple(prompt_token_ids[-_width(tokens):]))
 
     def forced_token(self) -> int | None:
         """The token the next step must take, or None."""
@@ -65,17 +73,22 @@ class ThinkingBudget:
     def append(self, token_id: int) -> None:
         """Take the sequence's next token."""
         forcing = self.forced or (self.count is not None and self.count >= self.budget)
-        self.tail = (self.tail + (token_id,))[-max(len(self.tokens.start), len(self.tokens.end)):]
+        self.tail = (self.tail + (token_id,))[-_width(self.tokens):]
         if forcing:
             self.forced += 1
             if self.forced == len(self.tokens.end):
                 self.forced, self.count = 0, None
-        elif self.tail[-len(self.tokens.end):] == self.tokens.end:
+        elif self.tail[-len(self.tokens.closing):] == self.tokens.closing:
             self.count = None
         elif self.count is None and self.tail[-len(self.tokens.start):] == self.tokens.start:
             self.count = 0  # a start inside an open section does not restart it (vLLM's V1 count)
         elif self.count is not None:
             self.count += 1
+
+
+def _width(tokens: ReasoningTokens) -> int:
+    """How many last tokens show a start or closing sequence complete."""
+    return max(len(tokens.start), len(tokens.closing))
 
 
 def _last_index(token_ids: list[int], pattern: tuple[int, ...]) -> int:
