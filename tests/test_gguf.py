@@ -348,6 +348,23 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
         resolve_model(str(tmp_path / first))
 
 
+def test_a_damaged_gguf_or_per_layer_head_counts_are_refused_by_name(tmp_path):
+    """Found by a hunt: a truncated or damaged file raised the gguf package's numpy errors (a
+    reshape, an index) naming no file, and per-layer head counts (a list) a TypeError."""
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(tiny_model(tied=True), path)
+    data = open(path, "rb").read()
+    for name, content in (("cut.gguf", data[: len(data) - 100]), ("header.gguf", data[:40]), ("empty.gguf", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}' is not a readable GGUF file \(truncated or damaged\?\)"):
+            convert_gguf(str(tmp_path / name), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    model = tiny_model(tied=True)
+    write_gguf(model, path, head_count_kv=[model.config.num_key_value_heads] * model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="llama.attention.head_count_kv is a list, one count per layer"):
+        convert_gguf(path, str(tmp_path / "out"))
+
+
 def test_a_vocabulary_longer_than_the_embedding_is_refused(tmp_path):
     """Found by a hunt: it loaded, and prompts failed later with ids past the vocabulary."""
     model = tiny_model(tied=True)

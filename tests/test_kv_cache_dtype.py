@@ -168,6 +168,23 @@ def test_calculate_kv_scales_do_not_depend_on_the_cache_size(llama_dir, monkeypa
     assert len(llm.generate("hello", SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
+def test_scales_under_each_name_vllm_reads_and_one_given_for_both(llama_dir, tmp_path):
+    """Found by a hunt against vLLM 0.32's loader: ModelOpt's "k_proj.k_scale" was refused as a
+    layer it did not find, the older "kv_scale" as no parameter, and a layer with only its k_scale
+    kept v_scale at 1.0 (vLLM's BaseKVCacheMethod takes the one given for both)."""
+    cases = {"modelopt": ({"model.layers.0.self_attn.k_proj.k_scale": 0.5, "model.layers.0.self_attn.v_proj.v_scale": 0.25},
+                          (0.5, 0.25)),
+             "kv": ({"model.layers.0.self_attn.kv_scale": 0.5}, (0.5, 0.5)),
+             "k only": ({"model.layers.0.self_attn.k_scale": 0.5}, (0.5, 0.5)),
+             "v only": ({"model.layers.0.self_attn.v_proj.output_scale": 0.25}, (0.25, 0.25))}
+    for i, (name, (scales, expected)) in enumerate(cases.items()):
+        path = with_kv_scales(llama_dir, tmp_path / str(i), {k: torch.tensor(v) for k, v in scales.items()})
+        llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8)
+        layers = [m for m in llm.llm_engine.model_runner.model.modules() if isinstance(m, Attention)]
+        assert ((layers[0].k_scale, layers[0].v_scale), (layers[1].k_scale, layers[1].v_scale)) == (expected, (1.0, 1.0)), name
+        llm.close()
+
+
 def test_refusals(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2', got 'int8'"):
         LLM(llama_dir, kv_cache_dtype="int8")

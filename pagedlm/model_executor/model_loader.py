@@ -58,6 +58,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     saved_head = None  # a tied model's lm_head.weight, when the checkpoint holds one
     packed = getattr(model, "packed_modules_mapping", {})
     prefixes = getattr(model, "checkpoint_prefixes", {})
+    scales: dict[str, set[str]] = {}  # the KV-cache scales each attention module's checkpoint gave
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():
@@ -66,6 +67,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     continue
                 if scale := _KV_CACHE_SCALE.fullmatch(name):
                     _load_kv_cache_scale(model, scale, f.get_tensor(ckpt_name), ckpt_name)
+                    scales.setdefault(scale[1], set()).update(_scaled(scale))
                     continue
                 shard = None
                 for src, (dst, shard_id) in packed.items():
@@ -86,6 +88,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 with torch.no_grad():
                     target.copy_(tensor)
                 loaded.add(name if shard is None else f"{name}:{shard}")
+    _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
     if saved_head is not None and "embed_tokens.weight" in expected - loaded:
         # A tied checkpoint that saved the head alone: it is the embeddings too (as transformers ties it).
@@ -122,9 +125,24 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
         model.lm_head.weight = nn.Parameter(saved_head, requires_grad=False)
 
 
-# An fp8 KV cache's per-tensor scales: llm-compressor's "self_attn.k_scale" and the older
-# "self_attn.k_proj.output_scale" (as vLLM reads them); group 1 is the attention module.
-_KV_CACHE_SCALE = re.compile(r"(.+)\.(?:([kv])_scale|([kv])_proj\.output_scale)")
+# An fp8 KV cache's per-tensor scales, as vLLM reads them: llm-compressor's "self_attn.k_scale",
+# ModelOpt's "self_attn.k_proj.k_scale", the older "self_attn.k_proj.output_scale" and
+# "self_attn.kv_scale" (both); group 1 is the attention module, the others what it scales.
+_KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|[kv]_proj\.([kv])_scale|(kv)_scale)")
+
+
+def _scaled(match: re.Match) -> str:
+    """What a ``_KV_CACHE_SCALE`` match scales: "k", "v" or "kv"."""
+    return match[2] or match[3] or match[4] or match[5]
+
+
+def _share_kv_cache_scales(model: nn.Module, loaded: dict[str, set[str]]) -> None:
+    """A layer whose checkpoint gave one of its two scales takes it for both (vLLM's
+    ``BaseKVCacheMethod``; found by a hunt: the other stayed 1.0)."""
+    for module, kinds in loaded.items():
+        if len(kinds) == 1:
+            attention = model.get_submodule(f"{module}.attn")
+            attention.k_scale = attention.v_scale = getattr(attention, f"{next(iter(kinds))}_scale")
 
 
 def _load_kv_cache_scale(model: nn.Module, match: re.Match, tensor: torch.Tensor, ckpt_name: str) -> None:
@@ -139,7 +157,8 @@ def _load_kv_cache_scale(model: nn.Module, match: re.Match, tensor: torch.Tensor
     if not kv_cache_scale_is_valid(scale):
         raise ValueError(f"Checkpoint tensor {ckpt_name!r} is a KV-cache scale of {scale}; a scale must be positive "
                          "and finite in float32, with a finite reciprocal.")
-    setattr(attention, f"{match[2] or match[3]}_scale", scale)
+    for kind in _scaled(match):
+        setattr(attention, f"{kind}_scale", scale)
 
 
 def _our_name(ckpt_name: str, prefixes: dict[str, str | None]) -> str | None:

@@ -410,7 +410,11 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     Raises:
         ValueError: naming the file's key or tensor at fault and what is supported.
     """
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (ValueError, IndexError, KeyError, OSError) as exc:  # the gguf package's reads past a cut
+        raise ValueError(f"{gguf_path!r} is not a readable GGUF file (truncated or damaged?): "
+                         f"{type(exc).__name__}: {exc}") from None
     parts = _field(reader, "split.count", 1)
     if parts > 1:
         raise ValueError(f"{gguf_path!r} is part {_field(reader, 'split.no', 0) + 1} of a GGUF split into {parts} "
@@ -421,6 +425,10 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(['llama', *_TRANSFORMERS_ARCHITECTURES])}")
     _check_tensor_types(reader)
+    for key in (f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"):
+        if isinstance(_field(reader, key), list):  # llama.cpp's per-layer counts (found by a hunt: a TypeError)
+            raise ValueError(f"the GGUF file's {key} is a list, one count per layer; pagedlm builds models with "
+                             "one count for every layer")
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     if tokenizer_model not in _TOKENIZER_MODELS or not _field(reader, "tokenizer.ggml.tokens"):
         raise ValueError(f"the GGUF file's tokenizer.ggml.model is {tokenizer_model!r}"
