@@ -42,7 +42,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
                add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None,
-               tokenizer_model: str = "gpt2") -> None:
+               tokenizer_model: str = "gpt2", named_templates: tuple = ()) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
@@ -94,7 +94,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     if eot is not None:
         writer.add_eot_token_id(eot)
     writer.add_add_bos_token(add_bos)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template([{"name": "default", "template": CHAT_TEMPLATE}, *named_templates])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings or hf_name == leave_out:
@@ -346,6 +346,22 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
     first = sorted(p for p in os.listdir(tmp_path) if p.startswith("split"))[0]
     with pytest.raises(ValueError, match="of a GGUF split into"):
         resolve_model(str(tmp_path / first))
+
+
+def test_a_gguf_s_named_chat_templates_are_kept(tmp_path, monkeypatch):
+    """Found by a hunt: llama.cpp's tokenizer.chat_template.<name> (Hermes 2 Pro's tool_use) was
+    left out, so a chat with tools was refused (the default template reads none); transformers
+    picks tool_use where tools are given."""
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "named.gguf")
+    tool_use = "TOOLS{{ tools | length }}:{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    write_gguf(tiny_model(tied=True), path, named_templates=({"name": "tool_use", "template": tool_use},))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(path))
+    assert tokenizer.chat_template == {"default": CHAT_TEMPLATE, "tool_use": tool_use}
+    hi = [{"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(hi, tools=[{"type": "function", "function": {"name": "f"}}],
+                                         tokenize=False) == "TOOLS1:Hi"
+    assert tokenizer.apply_chat_template(hi, tokenize=False) == "<|im_start|>user\nHi<|im_end|>\n"
 
 
 def test_a_damaged_gguf_or_per_layer_head_counts_are_refused_by_name(tmp_path):

