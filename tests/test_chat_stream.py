@@ -309,7 +309,7 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [
-        {"role": "user", "content": "u", "name": "bob", "refusal": "", "tool_calls": []},  # empty: absent
+        {"role": "user", "content": "u", "name": "bob", "refusal": "", "tool_calls": (), "tools": {}},  # empty: absent
         {"role": "assistant", "content": "a", "refusal": "r", "tool_calls": []},
         {"role": "assistant", "content": "b", "tool_calls": [call]},
         {"role": "tool", "content": "t", "name": "f", "tool_call_id": "c1", "task": "t1"},

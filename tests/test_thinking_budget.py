@@ -62,6 +62,10 @@ def test_a_transition_phrase_is_forced_but_the_parsers_marker_closes_a_section()
     assert run(2, [1, 5], [20, 21, 22]) == [20, 21, 10, 11, 9, 22]  # the phrase is forced when it runs out
     assert ReasoningTokens.of(ReasoningConfig(reasoning_parser="qwen3", reasoning_end_str="\n\nDone.\n</think>"),
                               _QwenLike()).natural_end == (9,)
+    # An end string of one's own beside a parser is its own natural end (found by a review).
+    own = ReasoningTokens.of(ReasoningConfig(reasoning_parser="qwen3", reasoning_start_str="<r>", reasoning_end_str="</r>"),
+                             _QwenLike())
+    assert own.natural_end == own.end
 
 
 class _QwenLike:

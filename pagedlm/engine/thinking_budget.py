@@ -29,7 +29,10 @@ class ReasoningTokens:
     @classmethod
     def of(cls, config: ReasoningConfig, tokenizer: PreTrainedTokenizerBase) -> "ReasoningTokens":
         """Raises ValueError where a string encodes to no tokens."""
-        natural = REASONING_PARSERS[config.reasoning_parser][1] if config.reasoning_parser else config.reasoning_end_str
+        # The parser's marker, where the end string is it or ends with it (a string of one's own
+        # that does not is its own natural end: found by a review).
+        marker = REASONING_PARSERS[config.reasoning_parser][1] if config.reasoning_parser else ""
+        natural = marker if marker and config.reasoning_end_str.endswith(marker) else config.reasoning_end_str
         start, end, natural_end = (tuple(tokenizer.encode(text, add_special_tokens=False))
                                    for text in (config.reasoning_start_str, config.reasoning_end_str, natural))
         if not (start and end and natural_end):
@@ -40,6 +43,7 @@ class ReasoningTokens:
 
     @property
     def closing(self) -> tuple[int, ...]:
+        """What closes a section outside forcing (``end`` where built without ``natural_end``)."""
         return self.natural_end or self.end
 
 

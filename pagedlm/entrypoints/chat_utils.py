@@ -142,7 +142,7 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         raise ValueError(f"message {i} has unknown key(s) {', '.join(map(repr, unknown))}; a message takes "
                          f"{', '.join(map(repr, _MESSAGE_KEYS))}")
     # Another role's key is refused unless it is empty (a dataset's column of "" or [] says nothing).
-    misplaced = [key for key, owner in _ROLE_KEYS.items() if role != owner and message.get(key) not in (None, "", [])]
+    misplaced = [key for key, owner in _ROLE_KEYS.items() if role != owner and not _empty(message.get(key))]
     if misplaced:
         owners = "; ".join(f"{key!r} is a{'n' * (_ROLE_KEYS[key] == 'assistant')} {_ROLE_KEYS[key]} message's"
                            for key in misplaced)
@@ -177,6 +177,11 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
     if role == "developer":  # vLLM passes it even when absent
         parsed["tools"] = message.get("tools")
     return parsed
+
+
+def _empty(value: object) -> bool:
+    """None, or an empty str, list, tuple or dict."""
+    return value is None or isinstance(value, (str, list, tuple, dict)) and not value
 
 
 def _content_parts(i: int, content: object, billed: bool) -> list[dict[str, Any]]:

@@ -128,12 +128,13 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
 # An fp8 KV cache's per-tensor scales, as vLLM reads them: llm-compressor's "self_attn.k_scale",
 # ModelOpt's "self_attn.k_proj.k_scale", the older "self_attn.k_proj.output_scale" and
 # "self_attn.kv_scale" (both); group 1 is the attention module, the others what it scales.
-_KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|[kv]_proj\.([kv])_scale|(kv)_scale)")
+_KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
+                             r"|(kv)_scale)")
 
 
 def _scaled(match: re.Match) -> str:
     """What a ``_KV_CACHE_SCALE`` match scales: "k", "v" or "kv"."""
-    return match[2] or match[3] or match[4] or match[5]
+    return match[2] or match[3] or match[4] or match[5] or match[6]
 
 
 def _share_kv_cache_scales(model: nn.Module, loaded: dict[str, set[str]]) -> None:

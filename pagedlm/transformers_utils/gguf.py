@@ -422,6 +422,8 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     """
     try:
         reader = gguf.GGUFReader(gguf_path)
+    except (FileNotFoundError, PermissionError):
+        raise
     except (ValueError, IndexError, KeyError, OSError) as exc:  # the gguf package's reads past a cut
         raise ValueError(f"{gguf_path!r} is not a readable GGUF file (truncated or damaged?): "
                          f"{type(exc).__name__}: {exc}") from None

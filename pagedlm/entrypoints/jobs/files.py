@@ -176,8 +176,8 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k if isinstance(k, (str, int, float, bool)) or k is None else _json_default(k): _jsonable(v)
-                for k, v in value.items()}
+        return {k if isinstance(k, (str, int, bool)) or k is None or isinstance(k, float) and math.isfinite(k)
+                else str(k) if isinstance(k, float) else _json_default(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if hasattr(value, "tolist"):
