@@ -271,6 +271,10 @@ def test_processor_config_refuses_a_bad_concurrency(concurrency):
     ({"num_gpus": float("inf")}, "num_gpus must be a finite number >= 0, got inf"),
     ({"num_cpus": float("inf")}, "num_cpus must be a finite number > 0, got inf"),
     ({"num_cpus": True}, "num_cpus must be a finite number > 0, got True"),
+    # found by a hunt: 4 GPUs reserved an actor, one used; a GPU reserved for a CPU engine
+    ({"num_gpus": 4}, r"num_gpus must be at most 1 \(an actor's LLM runs on one device"),
+    ({"num_gpus": 1, "engine_kwargs": {"device": "cpu"}}, "num_gpus=1 reserves a GPU for actors whose engine_kwargs "
+                                                          "device is 'cpu'"),
     ({"sampling_params": {"max_tokens": 0}}, "sampling_params: max_tokens must be"),
 ])
 def test_processor_config_refuses_bad_fields_by_name(fields, message):

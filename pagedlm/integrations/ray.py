@@ -64,7 +64,8 @@ class PagedLMProcessorConfig:
             ``m`` and ``n`` actors (``1 <= m <= n``), as in Ray Data LLM.
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
-        num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1); Ray reserves
+        num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1, or a fraction of
+            one to share it; more is refused, as is a GPU for a 'cpu' device); Ray reserves
             one CPU for an actor without ``num_cpus``. The actors must leave at least one CPU of the
             cluster free for Ray's read and write tasks, else the dataset waits forever (a warning
             says so when the cluster Ray has joined is that small: ``leaves_a_cpu``).
@@ -129,6 +130,14 @@ class PagedLMProcessorConfig:
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if value is not None and not (number and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        # One LLM an actor, on one device (found by a hunt: 4 GPUs reserved, one used).
+        if self.num_gpus is not None and self.num_gpus > 1:
+            raise ValueError(f"num_gpus must be at most 1 (an actor's LLM runs on one device, tensor_parallel_size "
+                             f"1; a fraction shares a GPU), got {self.num_gpus!r}")
+        device = str(self.engine_kwargs.get("device", ""))
+        if self.num_gpus and device.startswith("cpu"):
+            raise ValueError(f"num_gpus={self.num_gpus!r} reserves a GPU for actors whose engine_kwargs device is "
+                             f"{device!r}: leave num_gpus out, or run on 'cuda'")
 
     @property
     def threads(self) -> int:
