@@ -192,7 +192,7 @@ def decode_completion(
     return texts, detokenizer.flush(token_ids)
 
 
-def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str, end: str,
+def with_taken_texts(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list[int], text: str, end: str,
                   token_texts: Sequence[str | None] = ()) -> MutableSequence[dict[int, Logprob]]:
     """A finished completion's ``logprobs`` (a list or ``FlatLogprobs``, one position per token of
     ``token_ids``, its output tokens; none without logprobs) with the taken tokens' ``decoded_token``
@@ -222,25 +222,27 @@ def with_end_text(logprobs: MutableSequence[dict[int, Logprob]], token_ids: list
 
 
 def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int],
-                      spaces_between_special_tokens: bool = True) -> list[str]:
+                      spaces_between_special_tokens: bool = True, taken_text: str | None = None) -> list[str]:
     """The text each of ``token_ids`` adds right after ``context_ids`` (vLLM's ``decoded_token``).
 
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
     ``"a"``); a token that completes a character begun by the context gives the whole character,
     and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
 
-    ``token_ids[0]`` is the token the sequence took: its text is exactly what it adds, so the taken
-    tokens' texts add up to the completion's (as OpenAI's ``text_offset`` needs). Where the context
-    ends inside a character, the others (alternatives) that do not complete it give their own text,
-    without the ``�`` that the unfinished bytes become beside them (vLLM shows ``-``, not ``�-``).
+    ``token_ids[0]`` is the token the sequence took: its text is ``taken_text`` where the caller has
+    it (what the detokenizer gave it, so the taken tokens' texts add up to the completion's, as
+    OpenAI's ``text_offset`` needs), else exactly what it adds here. Where the context ends inside a
+    character, the others (alternatives) that do not complete it give their own text, without the
+    ``�`` that the unfinished bytes become beside them (vLLM shows ``-``, not ``�-``).
     ``spaces_between_special_tokens=False``: an added token right after another adds its bare
     content, as in the text (``IncrementalDetokenizer``).
     """
     backend = tokenizer.backend_tokenizer
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
     stable, tail, broken = _stable_text(backend, window, context_text, skip_special_tokens=False)
-    texts = []
-    for token_id in token_ids:
+    given = [] if taken_text is None else [taken_text]
+    texts = list(given)
+    for token_id in token_ids[len(given):]:
         # One decode at a time: decode_batch's thread pool costs more than the decodes (3x for 6).
         full = backend.decode(window + [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
         added = full[len(stable):] if full.startswith(stable) else \
@@ -249,5 +251,6 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     if not spaces_between_special_tokens and context_ids:
         added_tokens = tokenizer.added_tokens_decoder
         if context_ids[-1] in added_tokens:
-            texts = [added_tokens[t].content if t in added_tokens else text for t, text in zip(token_ids, texts)]
+            texts[len(given):] = [added_tokens[t].content if t in added_tokens else text
+                                  for t, text in zip(token_ids[len(given):], texts[len(given):])]
     return texts

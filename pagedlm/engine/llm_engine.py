@@ -22,7 +22,7 @@ from pagedlm.engine.detokenizer import (
     IncrementalDetokenizer,
     decode_completion,
     decode_in_context,
-    with_end_text,
+    with_taken_texts,
 )
 from pagedlm.engine.reasoning_gate import END_FED, FREE, ReasoningParser
 from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
@@ -791,7 +791,7 @@ class LLMEngine:
         texts, end = decode_completion(self.tokenizer, group.prompt_token_ids, shown, params)
         seq.output_text = "".join(texts) + end
         taken = [self._taken_text(params, t, text) for t, text in zip(shown, texts)]
-        seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end, taken)
+        seq.logprobs = with_taken_texts(seq.logprobs, seq.output_token_ids, seq.output_text, end, taken)
 
     def _beam_results(self, group: SequenceGroup) -> list[Sequence]:
         """The best ``n`` finished hypotheses of a done beam search, as finished sequences."""
@@ -851,7 +851,7 @@ class LLMEngine:
         if detokenizer is not None and not isinstance(seq.stop_reason, str):
             end = detokenizer.flush(seq.output_token_ids)
             seq.output_text += end
-            seq.logprobs = with_end_text(seq.logprobs, seq.output_token_ids, seq.output_text, end)
+            seq.logprobs = with_taken_texts(seq.logprobs, seq.output_token_ids, seq.output_text, end)
 
     def _add_detokenizer(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params
@@ -886,8 +886,7 @@ class LLMEngine:
             # No space between two special tokens where the text has none (skip_special_tokens=False's
             # rule, which starts with the completion, IncrementalDetokenizer's).
             spaces = params.spaces_between_special_tokens or params.skip_special_tokens or first_output
-            for entry, text in zip(entries.values(), decode_in_context(self.tokenizer, context, list(entries), spaces)):
+            texts = decode_in_context(self.tokenizer, context, list(entries), spaces, taken_text)
+            for entry, text in zip(entries.values(), texts):
                 entry.decoded_token = text
-            if taken_text is not None:
-                entries[token_id].decoded_token = taken_text
         return entries

@@ -322,6 +322,7 @@ def _emit_class(cls: _Class, json_string: bool, python: bool = False) -> str:
         raise RegexError("\\d or \\w in a negated class is not supported in a Lark terminal (a Python regex): "
                          "xgrammar's are ASCII, so the class would take digits and letters Python's leave out; "
                          "write the class out")
+    # Python's reading of each shorthand: refuses \S, \W and \D, and rewrites \s.
     shorthands = python and any(isinstance(item, str) and item != _python_shorthand(item) for item in items)
     if not json_string and not caret_first and not cls.rewritten and items == cls.items and not shorthands:
         return cls.text

@@ -147,7 +147,7 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         owners = "; ".join(f"{key!r} is a{'n' * (_ROLE_KEYS[key] == 'assistant')} {_ROLE_KEYS[key]} message's"
                            for key in misplaced)
         raise ValueError(f"message {i} is a {role!r} message: {owners}")
-    for key in ("name", "task"):
+    for key in ("name", "task", *_REASONING_KEYS):
         if message.get(key) is not None and not isinstance(message[key], str):
             raise ValueError(f"message {i}: {key!r} must be a str, got {type(message[key]).__name__}")
     content = _content_parts(i, message.get("content"), billed=role == "system")
@@ -163,9 +163,6 @@ def _parse_message(i: int, message: object) -> dict[str, Any]:
         if calls:  # an empty list would take a template off its plain assistant path
             parsed["tool_calls"] = calls
     given = [key for key in _REASONING_KEYS if message.get(key) is not None]
-    for key in given:
-        if not isinstance(message[key], str):
-            raise ValueError(f"message {i}: {key!r} must be a str, got {type(message[key]).__name__}")
     if len({message[key] for key in given}) > 1:
         raise ValueError(f"message {i}: {', '.join(map(repr, given))} are names of one field, the message's "
                          "reasoning, and differ; give one")
@@ -368,7 +365,7 @@ def render_chat(
         field, hint = "messages", ""
         if isinstance(exc, jinja2.TemplateSyntaxError):
             field = template_field
-        elif options["chat_template_content_format"] == "openai" and detect_content_format(template) == "string":
+        elif options["chat_template_content_format"] == "openai" and detected == "string":
             field, hint = "chat_template_content_format", (" (content was a list of parts, chat_template_content_format "
                                                            "'openai'; this template reads text: 'string' or 'auto')")
         raise FieldError(f"the chat template failed: {type(exc).__name__}: {exc}{hint}", field) from exc

@@ -469,7 +469,6 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
     parent = os.path.dirname(out_dir)
-
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
