@@ -413,7 +413,7 @@ def check_grammar(grammar: str, lark: bool) -> str:
         c = grammar[i]
         if c == '"':  # a string literal, its escapes included
             end = _string_end(grammar, i, '"')
-            if not lark and _REGEX_CALL.search(grammar, max(i - 40, 0), i) and _CALL_END.match(grammar, end):
+            if not lark and _after_regex_call(grammar, i) and _CALL_END.match(grammar, end):
                 out.append(json.dumps(_checked(grammar, i, end), ensure_ascii=False))
             else:
                 out.append(grammar[i:end])
@@ -445,8 +445,16 @@ def check_grammar(grammar: str, lark: bool) -> str:
     return "".join(out)
 
 
-_REGEX_CALL = re.compile(r"\bRegex\(\s*\Z")  # searched for in the 40 characters before a string
 _CALL_END = re.compile(r"\s*\)")
+
+
+def _after_regex_call(grammar: str, i: int) -> bool:
+    """Whether the string at ``grammar[i]`` is an EBNF ``Regex(`` call's argument, whitespace between
+    (found by a review: a window of 40 characters before it missed longer whitespace)."""
+    j = i
+    while j and grammar[j - 1].isspace():
+        j -= 1
+    return grammar.endswith("Regex(", 0, j) and not (j > 6 and (grammar[j - 7].isalnum() or grammar[j - 7] == "_"))
 
 
 def _string_end(text: str, start: int, close: str) -> int:
