@@ -620,3 +620,23 @@ def test_use_tqdm_takes_a_callable_that_makes_the_bar(llm):
     llm.generate(PROMPTS[:2], exact(2), use_tqdm=make_bar)
     llm.chat(user("Hi"), exact(2), use_tqdm=make_bar, chat_template=TEMPLATE)
     assert [(bar.n, bar.total) for bar in bars] == [(2, 2), (1, 1)]
+
+
+def test_a_use_tqdm_callable_gets_vllms_keywords_only(llm):
+    """Found by a hunt: pagedlm passed ``disable=``, which vLLM never does, so a callable taking
+    exactly vLLM's keywords raised TypeError."""
+    import io
+
+    from tqdm import tqdm
+
+    bars = []
+
+    def make_bar(total, desc, dynamic_ncols, postfix=None):
+        bars.append(tqdm(total=total, desc=desc, dynamic_ncols=dynamic_ncols, postfix=postfix, file=io.StringIO()))
+        return bars[-1]
+
+    llm.generate(PROMPTS[:2], exact(2), use_tqdm=make_bar)
+    ids = llm.enqueue(PROMPTS[:1], exact(2), use_tqdm=make_bar)
+    assert len(llm.wait_for_completion(use_tqdm=make_bar)) == len(ids)
+    assert [(bar.desc, bar.n, bar.total) for bar in bars] == [
+        ("Processed prompts", 2, 2), ("Rendering prompts", 1, 1), ("Processed prompts", 1, 1)]

@@ -359,6 +359,55 @@ def test_interrupted_generate_leaves_engine_clean(llm, monkeypatch):
     assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
 
 
+def test_a_second_interrupt_during_the_clean_up_leaves_the_llm_usable(llm, monkeypatch):
+    """Found by a hunt: a second Ctrl-C landing in the abort of the first one's clean-up skipped
+    the reset of the call's state, and every later call said the LLM was "already running"."""
+    import signal
+
+    engine = llm.llm_engine
+    real_step, real_abort = engine.step, type(engine).abort_request
+    calls = {"n": 0}
+
+    def interrupted_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    def abort_interrupted(self, request_ids):
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, before the abort has run
+        real_abort(self, request_ids)
+
+    monkeypatch.setattr(engine, "step", interrupted_step)
+    monkeypatch.setattr(type(engine), "abort_request", abort_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c"], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
+    assert len(llm.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_the_garbage_collector_frees_an_llm_and_the_users_objects_in_reference_cycles(llama_dir):
+    """Found by a hunt: the engine froze the whole heap out of the cyclic GC (gc.freeze), so a
+    user's object in a cycle, made before the LLM, and an LLM held in a cycle were never freed."""
+    import gc
+    import weakref
+
+    class Holder:
+        def __init__(self, value):
+            self.value = value
+            self.me = self  # a reference cycle
+
+    users = Holder(bytearray(1024))
+    llm = Holder(LLM(llama_dir, dtype="float32", num_kv_blocks=16))
+    llm.value.generate(["a"], SamplingParams(max_tokens=2), use_tqdm=False)
+    refs = [weakref.ref(users), weakref.ref(llm.value)]
+    del users, llm
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
 @pytest.mark.parametrize("where", ["Scheduler._add", "BlockSpaceManager.can_append_slots", "BlockSpaceManager.allocate",
                                    "ModelRunner.execute_model"])
 def test_an_interrupt_inside_a_step_leaves_the_same_outputs_and_no_leak(llama_dir, monkeypatch, where):

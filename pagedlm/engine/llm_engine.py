@@ -138,11 +138,6 @@ class LLMEngine:
             self._calculate_kv_scales()
         self._init_cache(num_kv_blocks, scheduler_config, enable_prefix_caching=cache_config.enable_prefix_caching)
         self._log_memory_plan()
-        # What start-up made (model, tokenizer, transformers' modules) lives as long as the engine;
-        # moving it out of the cyclic GC's generations spares the steps' young-object collections
-        # a walk over it (vLLM freezes the same way).
-        gc.collect()
-        gc.freeze()
 
     def _init_cache(self, num_kv_blocks: int, scheduler_config: SchedulerConfig, **block_manager_options: Any) -> None:
         """A KV cache of ``num_kv_blocks`` blocks, with the block manager and scheduler over it."""
@@ -484,11 +479,7 @@ class LLMEngine:
         self.model_runner.close()
         if self._structured_outputs is not None:
             self._structured_outputs.close()
-        # The released objects were frozen at start-up: let the cyclic GC see them again, then
-        # freeze what is still alive (another engine, say) as before.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        gc.collect()  # tensors that reference cycles among the released objects hold
 
     def _check_open(self) -> None:
         if self.model_runner.model is None:

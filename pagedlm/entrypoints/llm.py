@@ -21,7 +21,7 @@ from pagedlm.entrypoints.chat_utils import (
     Conversation, RenderedChat, is_conversation, render_chat,
 )
 from pagedlm.entrypoints.parallel_sampling import ParentRequest, child_params, needs_children
-from pagedlm.entrypoints.progress_bar import tqdm
+from pagedlm.entrypoints.progress_bar import progress_bar, tqdm
 from pagedlm.inputs import (
     ParsedPrompt, PromptType as InputPrompt, TokenizationKwargs, is_token_ids, parse_prompt,
     parse_tokenization_kwargs,
@@ -30,7 +30,7 @@ from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.tokenizer import encode_prompts
-from pagedlm.utils import FieldError
+from pagedlm.utils import FieldError, deferred_signals
 
 
 logger = logging.getLogger("pagedlm")
@@ -257,7 +257,7 @@ class LLM:
         the block."""
         self._refuse_inside_a_step("close()")
         self._closing = True
-        with self._engine_lock:
+        with deferred_signals(), self._engine_lock:  # an interrupt half-way would leave it half-released
             if self._engine is None:
                 return
             device = self._engine.model_config.device
@@ -579,8 +579,7 @@ class LLM:
 
     def _enqueue(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm],
                  desc: str = "Rendering prompts") -> list[str]:
-        make_bar = use_tqdm if callable(use_tqdm) else tqdm
-        with make_bar(total=len(requests), desc=desc, dynamic_ncols=True, disable=not use_tqdm) as bar:
+        with progress_bar(use_tqdm, len(requests), desc) as bar:
             for request in requests:
                 request.request_id = str(next(self._request_counter))
                 bar.update(1)
@@ -820,6 +819,13 @@ class LLM:
         """Keep up to ``window`` requests in the engine, topping up from ``requests`` before each
         step, and yield ``(index, output)`` as each finishes."""
         self._refuse_inside_a_step("generate/chat/beam_search/generate_as_completed/wait_for_completion")
+        in_flight: dict[str, int] = {}  # engine request id -> prompt index
+        parents: dict[str, ParentRequest] = {}  # child request id -> its request (parallel_sampling)
+        compiling: list[_Request] = []  # waiting for their structured-outputs grammar
+        held: list[_Request | _Rejected] = []  # read, not yet added
+        bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
+        exhausted = False
+        num_in = num_out = 0
         with self._engine_lock:
             if self._streaming:
                 raise RuntimeError("This LLM is already running a generate/chat/beam_search/generate_as_completed/"
@@ -829,17 +835,9 @@ class LLM:
                 raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
                                    "step them to the end or abort them (llm_engine.abort_request) first.")
             self._streaming = True
-        in_flight: dict[str, int] = {}  # engine request id -> prompt index
-        parents: dict[str, ParentRequest] = {}  # child request id -> its request (parallel_sampling)
-        compiling: list[_Request] = []  # waiting for their structured-outputs grammar
-        held: list[_Request | _Rejected] = []  # read, not yet added
-        bad: _Rejected | None = None  # the first prompt that cannot run, when not returning errors
-        exhausted = False
-        num_in = num_out = 0
         try:
             engine.reset_peak_kv_blocks_in_use()
-            make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            with make_bar(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            with progress_bar(use_tqdm, total, "Processed prompts") as bar:
                 while True:
                     while not exhausted and bad is None and len(in_flight) + len(compiling) + len(held) < window:
                         request = next(requests, None)
@@ -929,8 +927,10 @@ class LLM:
                         bar.update(len(done))
                     yield from done
         finally:
-            # An interrupted or abandoned iteration leaves nothing queued for the next call.
-            with self._engine_lock:
+            # An interrupted or abandoned iteration leaves nothing queued for the next call; a second
+            # interrupt waits for that (found by a hunt: one landing in the abort left the LLM refusing
+            # every later call as "already running").
+            with deferred_signals(), self._engine_lock:
                 if self._engine is not None:
                     self._engine.abort_request(list(in_flight))
                 self._streaming = False
