@@ -514,14 +514,39 @@ def load_chat_template(chat_template: str | os.PathLike | None, files: bool = Tr
     return template
 
 
-def available_memory(device: torch.device, gpu_memory_utilization: float | None = None) -> int:
-    """Bytes the KV cache may take by default on ``device``: on CUDA what is free less the share
-    of the total that ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) leaves to
-    others; on CPU the share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of
-    the available RAM."""
+def free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) -> int | None:
+    """Bytes free on a CUDA ``device`` now (None on CPU), once they hold the budget of
+    ``available_memory``: checked before the weights load, as vLLM checks, so that a GPU another
+    LLM already holds fails at once.
+
+    Raises:
+        ValueError: less is free than ``gpu_memory_utilization`` (default
+            ``GPU_MEMORY_UTILIZATION``) of the GPU's total memory.
+    """
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    utilization = gpu_memory_utilization or GPU_MEMORY_UTILIZATION
+    if free < total * utilization:
+        raise ValueError(f"gpu_memory_utilization {utilization} asks for {total * utilization / 2**30:.2f} GiB of "
+                         f"{device}'s {total / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB are free (other "
+                         "processes or LLMs hold the rest): lower gpu_memory_utilization, e.g. 0.45 for each of two "
+                         "LLMs sharing the GPU, or set kv_cache_memory_bytes")
+    return free
+
+
+def available_memory(device: torch.device, gpu_memory_utilization: float | None = None,
+                     free_at_start: int | None = None) -> int:
+    """Bytes the KV cache may take by default on ``device``. On CUDA, vLLM's per-instance budget:
+    the share ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) of the GPU's total
+    memory, less what this LLM took since ``free_at_start`` bytes were free (``free_gpu_memory``
+    before its weights loaded), whatever other processes hold: two LLMs at 0.45 share one GPU. On
+    CPU, the share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of the
+    available RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return int(free - total * (1 - (gpu_memory_utilization or GPU_MEMORY_UTILIZATION)))
+        taken = (free if free_at_start is None else free_at_start) - free
+        return int(total * (gpu_memory_utilization or GPU_MEMORY_UTILIZATION) - taken)
     return int(_available_ram() * (gpu_memory_utilization or CPU_KV_CACHE_RAM_SHARE))
 
 

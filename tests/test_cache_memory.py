@@ -1,5 +1,6 @@
 """The CPU KV cache's default size stays within the process's memory cgroup (a container's limit,
-which /proc/meminfo does not show), and its memory is advised for transparent huge pages."""
+which /proc/meminfo does not show), and its memory is advised for transparent huge pages; a CUDA
+cache's is the LLM's share of the GPU."""
 
 import mmap
 import os
@@ -81,3 +82,28 @@ def test_the_cpu_kv_cache_lies_on_memory_advised_for_huge_pages(llama_dir):
     for key, value in llm.llm_engine.model_runner.cache_engine.kv_caches:
         assert key.shape == value.shape == (64, *key.shape[1:]) and key.dtype == torch.float32
         assert "hg" in _vm_flags(key.data_ptr()) and "hg" in _vm_flags(value.data_ptr() + value.nbytes - 1)
+
+
+def test_gpu_memory_utilization_is_each_llms_share_of_the_gpu(monkeypatch):
+    """vLLM's per-instance budget (found by a hunt: the cache was the free memory less 10% of the
+    total, so a second LLM on a GPU, a Ray actor sharing one, got none). Two LLMs at 0.45 on an
+    80 GiB GPU: each gets 36 GiB less its own weights (2 GiB); at the default 0.9 the second is
+    refused before its weights load. (Memory mocked: CI has no GPU.)"""
+    gib, total = 2**30, 80 * 2**30
+    free = {"now": total - gib // 2}  # CUDA's context
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["now"], total))
+    cuda = torch.device("cuda")
+
+    def start_llm(utilization):
+        at_start = config.free_gpu_memory(cuda, utilization)
+        free["now"] -= 2 * gib  # its weights
+        kv = config.available_memory(cuda, utilization, at_start)
+        free["now"] -= kv
+        return kv
+
+    assert [start_llm(0.45), start_llm(0.45)] == [int(0.45 * total) - 2 * gib] * 2
+    free["now"] = total - gib // 2
+    assert start_llm(None) == int(0.9 * total) - 2 * gib
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization 0.9 asks for 72.00 GiB .* only 7.50 GiB are free"):
+        start_llm(None)
+    assert config.free_gpu_memory(torch.device("cpu"), None) is None

@@ -1385,6 +1385,24 @@ def test_a_parquet_value_python_has_no_form_for_fails_its_row_alone(llama_dir, t
     assert (stats.skipped, stats.completed, stats.errors) == (3, 0, 0)
 
 
+def test_parquet_columns_of_arrows_own_extension_types_are_carried_as_they_are(llama_dir, tmp_path):
+    """Found by a hunt: a fixed-shape tensor column (pyarrow and HF datasets write one) failed
+    every write of a Parquet output, so the job could never finish; a bool8 column became text."""
+    import numpy as np
+
+    inp = str(tmp_path / "in.parquet")
+    emb = pa.FixedShapeTensorArray.from_numpy_ndarray(np.arange(12, dtype=np.float32).reshape(3, 2, 2))
+    flag = pa.ExtensionArray.from_storage(pa.bool8(), pa.array([1, 0, None], pa.int8()))
+    pq.write_table(pa.table({"id": [1, 2, 3], "prompt": ["a", "b", "c"], "emb": emb, "flag": flag}), inp)
+    stats, _ = run(llama_dir, inp, tmp_path / "out.parquet")
+    assert (stats.completed, stats.errors) == (3, 0)
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.schema.field("emb").type == emb.type and out.schema.field("flag").type == pa.bool8()
+    assert out.select(["emb", "flag"]).to_pylist() == [
+        {"emb": [0.0, 1.0, 2.0, 3.0], "flag": True}, {"emb": [4.0, 5.0, 6.0, 7.0], "flag": False},
+        {"emb": [8.0, 9.0, 10.0, 11.0], "flag": None}]
+
+
 def _chat_row(custom_id, **body):
     return _openai_row(custom_id, "/v1/chat/completions",
                        {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE, **body})

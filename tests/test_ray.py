@@ -380,3 +380,57 @@ def test_processor_config_takes_a_path_as_model_source(llama_dir):
     import pathlib
 
     PagedLMProcessorConfig(model_source=pathlib.Path(llama_dir))
+
+
+def test_arrows_own_extension_columns_are_carried_with_one_type_in_every_batch(llama_dir):
+    """Found by a hunt: a column of Arrow's fixed-shape tensor type (Ray's under its ARROW_NATIVE
+    tensor format; pyarrow and HF datasets write it) failed the whole dataset, and a bool8 column
+    came back as text in a batch with values but as bool8 in an all-null batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pagedlm.integrations.ray import PagedLMStage
+
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs=dict(ENGINE),
+                                    sampling_params={"temperature": 0.0, "max_tokens": 2})
+    stage = PagedLMStage(config, json_lines_in=False, json_lines_out=False, done_ids=None)
+
+    def batch(flags):
+        emb = pa.FixedShapeTensorArray.from_numpy_ndarray(np.arange(8, dtype=np.float32).reshape(2, 2, 2))
+        flag = pa.ExtensionArray.from_storage(pa.bool8(), pa.array(flags, pa.int8()))
+        return stage(pa.table({"id": [1, 2], "prompt": ["a", "b"], "emb": emb, "flag": flag}))
+
+    with_values, all_null = batch([1, 0]), batch([None, None])
+    assert with_values.schema == all_null.schema
+    assert with_values.schema.field("emb").type == pa.list_(pa.list_(pa.float32()))
+    assert with_values.schema.field("flag").type == pa.bool8()
+    assert with_values.select(["emb", "flag", "error"]).to_pylist() == [
+        {"emb": [[0.0, 1.0], [2.0, 3.0]], "flag": True, "error": None},
+        {"emb": [[4.0, 5.0], [6.0, 7.0]], "flag": False, "error": None}]
+
+
+def test_config_refuses_what_would_fail_in_every_actor(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: a SamplingParams object or None for a dict failed with a TypeError or an
+    AttributeError; a relative model_source passed the driver's check and every actor died; a GPU
+    shared by fractional actors at the default gpu_memory_utilization left the second none; the
+    stage had no max_logprobs limit (pagedlm run has 20)."""
+    from pagedlm import SamplingParams
+    from pagedlm.integrations.ray import PagedLMStage
+
+    for kwargs, message in [
+        ({"sampling_params": SamplingParams(max_tokens=3)}, "sampling_params must be a dict of SamplingParams fields"),
+        ({"engine_kwargs": None}, "engine_kwargs must be a dict of LLM"),
+        ({"trust_request_chat_template": "yes"}, "trust_request_chat_template must be True or False"),
+        ({"sampling_params": {"logits_processors": []}}, "SamplingParams field.s. a job row cannot set logits_processors"),
+        ({"num_gpus": 0.5}, r"gpu_memory_utilization 0.9 of it: set engine_kwargs gpu_memory_utilization to at most"),
+        ({"num_gpus": 0.5, "engine_kwargs": {"gpu_memory_utilization": 0.6}}, "gpu_memory_utilization 0.6 of it"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PagedLMProcessorConfig(**kwargs)
+    assert PagedLMProcessorConfig(num_gpus=0.5, engine_kwargs={"gpu_memory_utilization": 0.45}).num_gpus == 0.5
+    assert PagedLMProcessorConfig(num_gpus=0.5, engine_kwargs={"kv_cache_memory_bytes": 2**30}).num_gpus == 0.5
+    monkeypatch.chdir(os.path.dirname(llama_dir))
+    config = PagedLMProcessorConfig(model_source=os.path.basename(llama_dir), engine_kwargs=dict(ENGINE))
+    assert config.model_source == llama_dir
+    stage = PagedLMStage(config, json_lines_in=False, json_lines_out=True, done_ids=None)
+    assert stage.llm.llm_engine.model_config.max_logprobs == 20

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig
+from pagedlm.config import (
+    CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig, free_gpu_memory,
+)
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
 from pagedlm.engine.block_manager import BlockSpaceManager
@@ -119,6 +121,8 @@ class LLMEngine:
         self._special_token_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
+        sized = cache_config.num_kv_blocks is not None or cache_config.kv_cache_memory_bytes is not None
+        free_at_start = None if sized else free_gpu_memory(model_config.device, cache_config.gpu_memory_utilization)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config.max_num_seqs)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -133,7 +137,7 @@ class LLMEngine:
             except ValueError as exc:
                 self.reasoning_gate_parser = exc
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
-        num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful)
+        num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful, free_at_start)
         if cache_config.calculate_kv_scales:
             self._calculate_kv_scales()
         self._init_cache(num_kv_blocks, scheduler_config, enable_prefix_caching=cache_config.enable_prefix_caching)

@@ -104,8 +104,9 @@ class LLM:
             tokenizer (``auto_map``); the model itself always runs pagedlm's own code.
         chat_template: a Jinja chat template, or a path to one, replacing the tokenizer's own
             wherever chats are rendered (``chat``, ``pagedlm run``); ``chat``'s own argument wins.
-        gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] that the KV cache
-            may fill up to, counting what is already in use (default 0.9); on CPU, the share of the
+        gpu_memory_utilization: on CUDA, the share of the GPU's memory (0, 1] this LLM may use,
+            its weights and KV cache (default 0.9; vLLM's per-instance limit: two LLMs at 0.45 share
+            a GPU, and less free than the share at start-up raises ValueError); on CPU, the share of the
             RAM available once the weights are loaded that the KV cache takes (default 0.2). vLLM's
             CPU backend reads it as the share of all RAM it reserves, weights included, which
             sizes the cache alike for a small model; so 0.9 leaves little for anything else (the

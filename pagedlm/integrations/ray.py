@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, rows_to_table, to_json
 from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
 from pagedlm.entrypoints.llm import LLM, check_engine_args
-from pagedlm.sampling_params import SamplingParams
+from pagedlm.config import GPU_MEMORY_UTILIZATION
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
-    unwritable_row,
+    RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
+    sampling_params_from, unwritable_row,
 )
+from pagedlm.entrypoints.jobs.runner import JOB_MAX_LOGPROBS
 
 
 logger = logging.getLogger("pagedlm")
@@ -57,7 +58,10 @@ class PagedLMProcessorConfig:
         model_source: a checkpoint directory or ``.gguf`` every node can read, or a Hub id (from
             each node's Hugging Face cache); None for the embedded SmolLM2-135M-Instruct (each node
             fetches it once).
-        engine_kwargs: ``LLM(...)`` keyword arguments (dtype, max_model_len, max_num_seqs, ...).
+        engine_kwargs: ``LLM(...)`` keyword arguments (dtype, max_model_len, max_num_seqs, ...);
+            ``max_logprobs`` is 20 unless given, as in ``pagedlm run`` (a row asking for the
+            vocabulary's logprobs over a long prompt would take gigabytes, and Ray retries a batch
+            whose actor died without end).
         sampling_params: the rows' sampling defaults (``SamplingParams`` fields), under each row's
             own ``sampling_params``; the model's generation config is under both.
         concurrency: actors in the pool, one ``LLM`` each; ``(m, n)``: a pool that Ray scales between
@@ -65,7 +69,8 @@ class PagedLMProcessorConfig:
         batch_size: rows per batch handed to an actor; its ``LLM`` schedules the whole batch with
             continuous batching, so make it a few times ``max_num_seqs``.
         num_cpus / num_gpus: Ray resources per actor (a GPU actor sets num_gpus=1, or a fraction of
-            one to share it; more is refused, as is a GPU for a 'cpu' device); Ray reserves
+            one to share it, with engine_kwargs ``gpu_memory_utilization`` at most that fraction;
+            more is refused, as is a GPU for a 'cpu' device); Ray reserves
             one CPU for an actor without ``num_cpus``. The actors must leave at least one CPU of the
             cluster free for Ray's read and write tasks, else the dataset waits forever (a warning
             says so when the cluster Ray has joined is that small: ``leaves_a_cpu``).
@@ -93,14 +98,16 @@ class PagedLMProcessorConfig:
         if not (len(sizes) in (1, 2) and all(type(n) is int and n >= 1 for n in sizes) and sizes[0] <= sizes[-1]):
             raise ValueError(f"concurrency must be a positive integer or a pair (m, n) of them with m <= n, "
                              f"got {self.concurrency!r}")
-        unknown = sorted(set(self.sampling_params) - set(SAMPLING_FIELDS))
-        if unknown:
-            raise ValueError(f"sampling_params: unknown field(s) {', '.join(unknown)}; allowed: "
-                             f"{', '.join(SAMPLING_FIELDS)}")
-        try:
-            defaults = SamplingParams(**self.sampling_params)  # a bad value fails here, not in every actor
-        except ValueError as exc:
-            raise ValueError(f"sampling_params: {exc}") from None
+        for name, value in (("sampling_params", self.sampling_params), ("engine_kwargs", self.engine_kwargs)):
+            if not isinstance(value, dict):
+                what = "SamplingParams fields (the rows' defaults)" if name == "sampling_params" else "LLM(...) arguments"
+                raise ValueError(f"{name} must be a dict of {what}, got {type(value).__name__}")
+        if type(self.trust_request_chat_template) is not bool:
+            raise ValueError(f"trust_request_chat_template must be True or False, got {self.trust_request_chat_template!r}")
+        try:  # a bad value fails here, not in every actor
+            defaults = sampling_params_from(self.sampling_params, {}, "sampling_params", {})
+        except RowError as exc:
+            raise ValueError(str(exc)) from None
         check_thinking_budget(defaults, engine_has_reasoning(self.engine_kwargs),
                               "sampling_params: thinking_token_budget needs the model's reasoning strings: "
                               "engine_kwargs reasoning_parser or reasoning_config (pagedlm run: --reasoning-parser)")
@@ -113,6 +120,9 @@ class PagedLMProcessorConfig:
                                                   and os.fspath(self.model_source)):
             raise ValueError(f"model_source must be a checkpoint directory, a .gguf file or a Hugging Face model id, or "
                              f"None for the embedded default model; got {self.model_source!r}")
+        if self.model_source is not None and os.path.exists(self.model_source):
+            # The actors' working directory is not this process's (found by a hunt: every actor died).
+            self.model_source = os.path.abspath(self.model_source)
         # Not downloaded here: a driver that runs no inference may be offline.
         model = self.model_source if self.model_source is not None else default_model_path(download=False)
         if model is not None and os.path.exists(model):
@@ -138,6 +148,14 @@ class PagedLMProcessorConfig:
         if self.num_gpus and device.startswith("cpu"):
             raise ValueError(f"num_gpus={self.num_gpus!r} reserves a GPU for actors whose engine_kwargs device is "
                              f"{device!r}: leave num_gpus out, or run on 'cuda'")
+        # Actors sharing a GPU each take gpu_memory_utilization of it (found by a hunt: at the default
+        # 0.9 the second was refused, and Ray restarts a failed actor without end).
+        sized = any(k in self.engine_kwargs for k in ("num_kv_blocks", "kv_cache_memory_bytes"))
+        utilization = self.engine_kwargs.get("gpu_memory_utilization") or GPU_MEMORY_UTILIZATION
+        if self.num_gpus and self.num_gpus < 1 and not sized and utilization > self.num_gpus:
+            raise ValueError(f"num_gpus={self.num_gpus!r} shares a GPU among actors, but each would take "
+                             f"gpu_memory_utilization {utilization} of it: set engine_kwargs gpu_memory_utilization "
+                             f"to at most num_gpus (e.g. {round(self.num_gpus * 0.9, 3)}), or kv_cache_memory_bytes")
 
     @property
     def threads(self) -> int:
@@ -221,7 +239,8 @@ class PagedLMStage:
         import torch
 
         torch.set_num_threads(config.threads)
-        self.llm = LLM(config.model_source or default_model_path(), **config.engine_kwargs)
+        self.llm = LLM(config.model_source or default_model_path(), **{"max_logprobs": JOB_MAX_LOGPROBS,
+                                                                         **config.engine_kwargs})
         self.fmt = PlainFormat(self.llm.get_tokenizer(), sampling_defaults(self.llm, config.sampling_params),
                                arrow_rows=not json_lines_in,
                                trust_request_chat_template=config.trust_request_chat_template)
@@ -235,7 +254,7 @@ class PagedLMStage:
             rows = [_parse_line(line) for line in batch.column("text").to_pylist()]
         else:
             objects = [f.name for f in batch.schema if getattr(f.type, "extension_name", "") == _PICKLED_OBJECTS]
-            rows = [_without_objects(_plain(row), error, objects) for row, error in batch_rows(batch)]
+            rows = [_without_objects(_plain(row), error, objects) for row, error in batch_rows(_tensors_nested(batch))]
         out: list[dict | None] = []
         runnable: dict[int, Any] = {}
         seen: set[str] = set()
@@ -302,12 +321,13 @@ class PagedLMStage:
 
 
 def _plain_type(typ: pa.DataType) -> pa.DataType:
-    """A Ray tensor column's type as the nested lists ``_plain`` turns its values into: Ray types a
-    batch of equal-shaped arrays and one of unequal shapes differently, and neither Parquet nor
-    pandas joins the two."""
-    name = typ.extension_name if isinstance(typ, pa.ExtensionType) else ""
+    """A tensor column's type as the nested lists ``_plain`` and ``_tensors_nested`` turn its
+    values into: Ray types a batch of equal-shaped arrays and one of unequal shapes differently
+    (and Arrow's own fixed-shape tensor type where its DataContext asks for it), and neither Parquet
+    nor pandas joins them."""
+    name = typ.extension_name if isinstance(typ, pa.BaseExtensionType) else ""
     # Not _PICKLED_OBJECTS, a column of Python objects (found by a hunt: it had no value_type).
-    if not (name.startswith("ray.data.arrow_") and "tensor" in name or name == "arrow.fixed_shape_tensor"):
+    if not (name.startswith("ray.data.arrow_") and "tensor" in name or name == _ARROW_TENSOR):
         return typ
     plain = typ.value_type
     for _ in range(getattr(typ, "ndim", None) or len(typ.shape)):
@@ -316,6 +336,17 @@ def _plain_type(typ: pa.DataType) -> pa.DataType:
 
 
 _PICKLED_OBJECTS = "ray.data.arrow_pickled_object"  # Ray's column type for Python objects Arrow has no type for
+_ARROW_TENSOR = "arrow.fixed_shape_tensor"  # Arrow's canonical tensor type (a flat list a value, in Python)
+
+
+def _tensors_nested(batch: pa.Table) -> pa.Table:
+    """``batch`` with its Arrow fixed-shape tensor columns as nested lists of their shape, as Ray's
+    own tensor columns' values become (found by a hunt: such a column failed the whole dataset)."""
+    for i, f in enumerate(batch.schema):
+        if getattr(f.type, "extension_name", "") == _ARROW_TENSOR:
+            values = [value.to_numpy().tolist() if value.is_valid else None for value in batch.column(i)]
+            batch = batch.set_column(i, f.name, pa.array(values, _plain_type(f.type)))
+    return batch
 
 
 def _without_objects(row: dict, error: str | None, columns: list[str]) -> tuple[dict, str | None]:

@@ -15,13 +15,14 @@ def block_bytes(model_config: ModelConfig, cache_config: CacheConfig) -> int:
     return per_token * cache_config.block_size * cache_config.kv_cache_torch_dtype(model_config.dtype).itemsize
 
 
-def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int) -> int:
+def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int,
+                            free_at_start: int | None = None) -> int:
     """``num_kv_blocks`` if set, else as many blocks as ``kv_cache_memory_bytes`` (default: see
-    ``available_memory``) holds, at most ``max_useful_blocks``."""
+    ``available_memory``, of ``free_at_start``) holds, at most ``max_useful_blocks``."""
     if cache_config.num_kv_blocks is not None:
         return cache_config.num_kv_blocks
     given = cache_config.kv_cache_memory_bytes
-    memory = given or available_memory(model_config.device, cache_config.gpu_memory_utilization)
+    memory = given or available_memory(model_config.device, cache_config.gpu_memory_utilization, free_at_start)
     num_kv_blocks = min(memory // block_bytes(model_config, cache_config), max_useful_blocks)
     if num_kv_blocks < 1:
         share = "gpu_memory_utilization" if cache_config.gpu_memory_utilization is not None else "the default share"

@@ -464,10 +464,29 @@ class ParquetWriter(OutputWriter):
 
 def _conversion_errors() -> tuple[type[BaseException], ...]:
     """What pyarrow raises for values a column cannot hold: no common type (ArrowInvalid,
-    ArrowTypeError), an int beyond int64 (OverflowError), a lone surrogate (UnicodeError)."""
+    ArrowTypeError), an int beyond int64 (OverflowError), a lone surrogate (UnicodeError), a
+    conversion it lacks (NotImplementedError: a fixed-shape tensor with a permutation)."""
     import pyarrow as pa
 
-    return pa.ArrowException, OverflowError, ValueError, TypeError
+    return pa.ArrowException, OverflowError, ValueError, TypeError, NotImplementedError
+
+
+def _typed_array(values: list, typ):
+    """``values`` as an Arrow array of ``typ``; an extension type (Arrow's canonical ones: a
+    fixed-shape tensor, bool8) that pyarrow does not build from Python values directly, from its
+    storage or by a cast of what it infers (found by a hunt: a carried fixed-shape tensor column
+    failed every write of the output, a bool8 one became text)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=typ)
+    except _conversion_errors():
+        if not isinstance(typ, pa.BaseExtensionType):
+            raise
+    try:
+        return pa.ExtensionArray.from_storage(typ, pa.array(values, type=typ.storage_type))
+    except _conversion_errors():
+        return pa.array(values).cast(typ)
 
 
 def rows_to_table(rows: list[dict], schema):
@@ -487,7 +506,7 @@ def rows_to_table(rows: list[dict], schema):
         values = [row.get(name) for row in rows]
         typ = schema.field(name).type if name in schema.names else None
         try:
-            array = pa.array(values, type=typ)
+            array = _typed_array(values, typ)
         except _conversion_errors():
             array = None
         if array is None or not _storable(array.type):
