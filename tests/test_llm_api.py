@@ -831,6 +831,39 @@ def test_decoded_token_is_the_text_a_token_adds_in_context(sentencepiece_llama_d
     assert all(lp.decoded_token is None for position in silent.outputs[0].logprobs for lp in position.values())
 
 
+@pytest.mark.parametrize("which", ["smollm2", "byte_level_bpe"])
+def test_an_alternatives_decoded_token_is_what_taking_it_would_have_added(which, tokenizer_dir):
+    """Found by a hunt against vLLM: after a completion's token of a space and half a character
+    (SmolLM2's " \xe5"), the alternatives that complete the character lacked the space the taken
+    token's text has (" 匠" taken, "包" beside it; vLLM: " 包"), and an alternative of a space and
+    half a character gave " " where the taken one gave "". Each alternative now gives what the
+    detokenizer adds when it is taken; a prompt's whole characters stay the prompt's. Random
+    completions of split characters, every position, every token of a pool."""
+    from pagedlm.engine.detokenizer import decode_completion, decode_in_context
+
+    tok = AutoTokenizer.from_pretrained(default_model_path() if which == "smollm2" else tokenizer_dir)
+    if which == "smollm2":
+        assert tok.decode([13223, 230, 223]) == " 包"
+        assert decode_in_context(tok, tok.encode("\n\n#") + [13223, 230], [250, 223, 241], num_output_tokens=2) == \
+            [" 匠", " 包", " 北"]
+        assert decode_in_context(tok, tok.encode("\n\n#") + [13223, 230], [250, 223], num_output_tokens=0) == ["匠", "包"]
+        assert decode_in_context(tok, tok.encode("\n\n#"), [13223, 216, 27709], num_output_tokens=0) == ["", " ", ""]
+    pool = sorted(set(tok.encode("日本語 匠 包 北 naïve café 🙂👍🏽 a, b", add_special_tokens=False)))
+    rng = random.Random(0)
+    for _ in range(40):
+        prompt = [rng.choice(pool) for _ in range(rng.randint(1, 4))]
+        out = [rng.choice(pool) for _ in range(rng.randint(1, 5))]
+        for i in range(len(out)):
+            context = prompt + out[:i]
+            context_broken = tok.decode(context).endswith("\ufffd")
+            texts = decode_in_context(tok, context, [out[i], *pool], num_output_tokens=i)
+            for t, text in zip(pool, texts[1:]):
+                taken, end = decode_completion(tok, prompt, out[:i] + [t], SamplingParams())
+                if context_broken and not end and "\ufffd" in taken[-1]:
+                    continue  # it breaks the context's character: its own text, without the "\ufffd" (vLLM's)
+                assert text == taken[-1], (prompt, out[:i], t, text, taken)
+
+
 def test_a_completion_cut_inside_a_character_ends_its_last_decoded_token_too(sentencepiece_llama_dir):
     """A completion whose last tokens leave a character incomplete ends its text with the "\ufffd" a
     decode gives those bytes; its last token's decoded_token carries it, so the taken tokens' texts

@@ -109,7 +109,7 @@ class IncrementalDetokenizer:
         text = self._backend.decode(window + pending, skip_special_tokens=self._skip_special_tokens)
         if text.startswith(before):  # the pending tokens change none of the text before them
             return text[len(before):]
-        stable, tail, _ = _stable_text(self._backend, window, before, self._skip_special_tokens)
+        stable, tail, _ = _stable_text(self._backend, window, before, self._skip_special_tokens, len(window))
         if text.startswith(stable):
             return text[len(stable):]
         return _tail_text(self._backend, tail, pending, self._skip_special_tokens)
@@ -144,28 +144,33 @@ def _begins_whole(backend, window: list[int]) -> bool:
     return byte is not None and not 0x80 <= byte < 0xC0
 
 
-def _stable_text(backend, window: list[int], text: str,
-                 skip_special_tokens: bool) -> tuple[str, list[int], str]:
-    """``text``, the decode of ``window``, as far as later tokens cannot change it; the tokens of
-    ``window`` that a byte-fallback decoder's unfinished run of byte tokens takes back; and the
-    ``\ufffd`` of ``window``'s unfinished character (none where ``text`` does not end inside one).
+def _stable_text(backend, window: list[int], text: str, skip_special_tokens: bool,
+                 first_held: int) -> tuple[str, list[int], str]:
+    """``text``, the decode of ``window``, as far as it is shown before a later token completes its
+    unfinished character; the tokens of ``window`` after that; and their text (none where ``text``
+    does not end inside a character).
 
-    Byte-level decoders keep the whole characters before that character (``text`` less its
-    trailing ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into
+    Byte-level decoders show the text before the tokens that hold the unfinished bytes, from
+    ``first_held`` on (a completion's: the detokenizer emits a token's text, a space before the
+    bytes included, once it ends in a whole character), and a prompt's whole characters before
+    them (``text`` less its trailing ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into
     ``\ufffd`` when it ends inside a character, characters the run completed before included:
     those are read from the window without its unfinished tokens.
     """
     stable = text.rstrip(_INCOMPLETE)
-    if len(stable) == len(text) or _byte_token(backend, window[-1]) is None:
-        return stable, [], text[len(stable):]
+    if len(stable) == len(text):
+        return stable, [], ""
+    byte_fallback = _byte_token(backend, window[-1]) is not None
     # An unfinished character is at most 3 bytes, so tokens; further back the run holds bytes
     # that are not UTF-8, and the whole window is taken back.
-    for end in range(len(window) - 1, max(len(window) - _MAX_CHARACTER_BYTES, 0), -1):
+    for end in range(len(window) - 1, max(len(window) - _MAX_CHARACTER_BYTES, 0 if byte_fallback else first_held - 1), -1):
         before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
         if not before.endswith(_INCOMPLETE):
+            if not byte_fallback:
+                return before, window[end:], text[len(before):]
             tail = backend.decode(window[end:], skip_special_tokens=skip_special_tokens)
             return max(stable, before, key=len), window[end:], tail[len(tail.rstrip(_INCOMPLETE)):]
-    return stable, list(window), text[len(stable):]
+    return (stable, list(window), text[len(stable):]) if byte_fallback else (stable, [], text[len(stable):])
 
 
 def _tail_text(backend, tail: list[int], token_ids: list[int], skip_special_tokens: bool) -> str:
@@ -222,12 +227,16 @@ def with_taken_texts(logprobs: MutableSequence[dict[int, Logprob]], token_ids: l
 
 
 def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], token_ids: Sequence[int],
-                      spaces_between_special_tokens: bool = True, taken_text: str | None = None) -> list[str]:
+                      spaces_between_special_tokens: bool = True, taken_text: str | None = None,
+                      num_output_tokens: int | None = None) -> list[str]:
     """The text each of ``token_ids`` adds right after ``context_ids`` (vLLM's ``decoded_token``).
 
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
-    ``"a"``); a token that completes a character begun by the context gives the whole character,
-    and one that leaves a character incomplete adds nothing yet. Special tokens are shown.
+    ``"a"``); a token that leaves a character incomplete adds nothing yet, and the one that
+    completes it gives what the detokenizer would: the whole character, and the text of the
+    completion's tokens that began it (their space; a prompt's whole characters are the prompt's).
+    ``num_output_tokens``: how many of ``context_ids``' last tokens are a completion's (None: all,
+    at a prompt's positions). Special tokens are shown.
 
     ``token_ids[0]`` is the token the sequence took: its text is ``taken_text`` where the caller has
     it (what the detokenizer gave it, so the taken tokens' texts add up to the completion's, as
@@ -239,14 +248,18 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     """
     backend = tokenizer.backend_tokenizer
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
-    stable, tail, broken = _stable_text(backend, window, context_text, skip_special_tokens=False)
+    first_held = 0 if num_output_tokens is None else max(len(window) - num_output_tokens, 0)
+    stable, tail, broken = _stable_text(backend, window, context_text, False, first_held)
     given = [] if taken_text is None else [taken_text]
     texts = list(given)
     for token_id in token_ids[len(given):]:
         # One decode at a time: decode_batch's thread pool costs more than the decodes (3x for 6).
-        full = backend.decode(window + [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
+        full = backend.decode(window + [token_id], skip_special_tokens=False)
+        if full.endswith(_INCOMPLETE):  # its text waits for the token that completes the character
+            texts.append("")
+            continue
         added = full[len(stable):] if full.startswith(stable) else \
-            _tail_text(backend, tail, [token_id], skip_special_tokens=False).rstrip(_INCOMPLETE)
+            _tail_text(backend, tail, [token_id], skip_special_tokens=False)
         texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)
     if not spaces_between_special_tokens and context_ids:
         added_tokens = tokenizer.added_tokens_decoder

@@ -712,7 +712,7 @@ class LLMEngine:
         if params.num_logprobs is not None:
             context = seq.token_ids(max(0, seq.num_tokens - 1 - MAX_CONTEXT_TOKENS), seq.num_tokens - 1)
             seq.logprobs.append(self._logprob_dict(group, context, sample.token_id, sample.logprob, sample.top_logprobs,
-                                                   first_output=len(seq.output_token_ids) == 1, taken_text=taken_text))
+                                                   num_output_tokens=len(seq.output_token_ids) - 1, taken_text=taken_text))
         if stopped_on_token:
             self.stop_checker.check_stop_strings(seq, params, len(new_text))  # its own text, as vLLM checks it
         if stopped_on_token or grammar_ended:
@@ -835,7 +835,7 @@ class LLMEngine:
             seq = beams[beam]
             context = seq.token_ids(max(0, seq.num_tokens - MAX_CONTEXT_TOKENS), seq.num_tokens)
             return self._logprob_dict(group, context, token_id, float(row[token_id]), top,
-                                      first_output=not seq.output_token_ids)
+                                      num_output_tokens=len(seq.output_token_ids))
 
         return entry
 
@@ -856,15 +856,16 @@ class LLMEngine:
 
     def _logprob_dict(
         self, group: SequenceGroup, context: list[int], token_id: int, logprob: float, top: TopLogprobs,
-        first_output: bool = False, taken_text: str | None = None,
+        num_output_tokens: int | None = None, taken_text: str | None = None,
     ) -> dict[int, Logprob]:
         """One position's logprobs, as vLLM orders and ranks them: the chosen token's first, then the
         top ones, ranked by their position (1 = most likely, ties in token order), each with the text
         it adds after ``context`` (none without ``detokenize``). A chosen token among them has its
         position's rank; one outside them ``top.rank``, how many tokens are at least as likely
         (vLLM's), which places it after them. ``logprob_token_ids``' entries (``top.ranks`` given)
-        keep their own ranks, as the chosen token does then. ``first_output``: the position is a
-        completion's first, whose text has no token before it to be spaced from. ``taken_text``: the
+        keep their own ranks, as the chosen token does then. ``num_output_tokens``: how many of
+        ``context``'s last tokens are the completion's, at a completion's position (None at a
+        prompt's); at its first, the text has no token before it to be spaced from. ``taken_text``: the
         text the chosen token added to its completion, its ``decoded_token`` then (so the taken tokens'
         texts add up to the completion's, whatever the decoder made of their bytes)."""
         if top.ranks is None:
@@ -880,8 +881,8 @@ class LLMEngine:
         if params.detokenize:
             # No space between two special tokens where the text has none (skip_special_tokens=False's
             # rule, which starts with the completion, IncrementalDetokenizer's).
-            spaces = params.spaces_between_special_tokens or params.skip_special_tokens or first_output
-            texts = decode_in_context(self.tokenizer, context, list(entries), spaces, taken_text)
+            spaces = params.spaces_between_special_tokens or params.skip_special_tokens or num_output_tokens == 0
+            texts = decode_in_context(self.tokenizer, context, list(entries), spaces, taken_text, num_output_tokens)
             for entry, text in zip(entries.values(), texts):
                 entry.decoded_token = text
         return entries
