@@ -434,3 +434,37 @@ def test_config_refuses_what_would_fail_in_every_actor(llama_dir, tmp_path, monk
     assert config.model_source == llama_dir
     stage = PagedLMStage(config, json_lines_in=False, json_lines_out=True, done_ids=None)
     assert stage.llm.llm_engine.model_config.max_logprobs == 20
+
+
+def test_an_interrupt_during_ray_init_waits_for_it_then_ends_the_run(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: a Ctrl-C landing inside ray.init left Ray half connected, and its exit hook
+    crashed the process (SIGSEGV, no exit status 130). The interrupt now waits for ray.init, then
+    Ray is shut down and the run ends before it starts."""
+    import signal
+
+    calls = []
+
+    def init(**kwargs):
+        signal.raise_signal(signal.SIGINT)  # arrives half-way
+        calls.append("init returned")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--model", llama_dir,
+            "--ray", "--cpus-per-actor", "0.5", "--dtype", "float32", "--max-model-len", "64"]
+    with pytest.raises(KeyboardInterrupt):  # cli.main's exit status 130
+        run_main(args)
+    assert calls == ["init returned", "shutdown"]
+    assert not os.path.exists(tmp_path / "out.jsonl.job.json")
+
+
+def test_an_actor_larger_than_a_node_is_refused_naming_the_flag_given(llama_dir, tmp_path, capsys):
+    """Found by a hunt: --threads-per-actor 30 was refused as "--cpus-per-actor 30", a flag not given."""
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--model", llama_dir, "--ray"]
+    for flag in ("--threads-per-actor", "--cpus-per-actor"):
+        with pytest.raises(SystemExit):
+            run_main(args + [flag, "1000"])
+        assert f"{flag} 1000 is more than the" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def run_parser() -> argparse.ArgumentParser:
     engine.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=None)
     engine.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="--no-batch-invariant: on CUDA, one cuBLAS product per linear; rows then depend on "
-                             "the batch (CPU: refused)")
+                             "the batch (CPU: refused, but for the torch-reference ops backend)")
     engine.add_argument("--enforce-eager", action="store_true", default=None,
                         help="run every step op by op, without replaying recorded decode steps")
     engine.add_argument("--trust-remote-code", action="store_true", default=None)

@@ -34,6 +34,7 @@ from pagedlm.entrypoints.jobs.runner import (
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
+from pagedlm.utils import deferred_signals
 
 
 def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int = 1,
@@ -89,7 +90,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             else [os.cpu_count() or 1]
         reserved = processor_config.num_cpus
         if reserved is not None and reserved > max(nodes, default=0):
-            raise ValueError(f"--cpus-per-actor {reserved} is more than the {max(nodes, default=0)} CPUs of the "
+            flag = "--cpus-per-actor" if cpus_per_actor is not None else "--threads-per-actor"  # the one given
+            raise ValueError(f"{flag} {reserved:g} is more than the {max(nodes, default=0)} CPUs of the "
                              "largest Ray node: no actor could be placed")
         if not processor_config.leaves_a_cpu(sum(nodes)):
             raise ValueError(f"--num-actors {num_actors} actors of {reserved or 1} CPUs each (--cpus-per-actor, else "
@@ -109,7 +111,13 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
     own_ray = not ray.is_initialized()
     if own_ray:
         try:
-            ray.init(address=address)
+            # An interrupt waits for ray.init (found by a hunt: a Ctrl-C landing inside it left Ray half
+            # connected, and its exit hook crashed the process: SIGSEGV), then ends the run before it starts.
+            with deferred_signals():
+                ray.init(address=address)
+        except KeyboardInterrupt:
+            ray.shutdown()
+            raise
         except ConnectionError as exc:
             # Ray's own words name its flag (--address) for "auto": say it in pagedlm's
             why = ("no running Ray cluster was found on this machine (start one with `ray start --head`, or leave "
