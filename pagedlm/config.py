@@ -535,8 +535,7 @@ def free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) 
     return free
 
 
-def available_memory(device: torch.device, gpu_memory_utilization: float | None = None,
-                     free_at_start: int | None = None) -> int:
+def available_memory(device: torch.device, gpu_memory_utilization: float | None, free_at_start: int | None) -> int:
     """Bytes the KV cache may take by default on ``device``. On CUDA, vLLM's per-instance budget:
     the share ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) of the GPU's total
     memory, less what this LLM took since ``free_at_start`` bytes were free (``free_gpu_memory``
@@ -545,8 +544,7 @@ def available_memory(device: torch.device, gpu_memory_utilization: float | None 
     available RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        taken = (free if free_at_start is None else free_at_start) - free
-        return int(total * (gpu_memory_utilization or GPU_MEMORY_UTILIZATION) - taken)
+        return int(total * (gpu_memory_utilization or GPU_MEMORY_UTILIZATION) - (free_at_start - free))
     return int(_available_ram() * (gpu_memory_utilization or CPU_KV_CACHE_RAM_SHARE))
 
 

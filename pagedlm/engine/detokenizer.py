@@ -147,15 +147,16 @@ def _begins_whole(backend, window: list[int]) -> bool:
 def _stable_text(backend, window: list[int], text: str, skip_special_tokens: bool,
                  first_held: int) -> tuple[str, list[int], str]:
     """``text``, the decode of ``window``, as far as it is shown before a later token completes its
-    unfinished character; the tokens of ``window`` after that; and their text (none where ``text``
-    does not end inside a character).
+    unfinished character; the tokens of ``window`` after that point; and their text (none where
+    ``text`` ends in a whole character).
 
-    Byte-level decoders show the text before the tokens that hold the unfinished bytes, from
-    ``first_held`` on (a completion's: the detokenizer emits a token's text, a space before the
-    bytes included, once it ends in a whole character), and a prompt's whole characters before
-    them (``text`` less its trailing ``\ufffd``). A byte-fallback decoder turns a whole run of byte tokens into
-    ``\ufffd`` when it ends inside a character, characters the run completed before included:
-    those are read from the window without its unfinished tokens.
+    Byte-level decoders: the point is before the tokens that hold the unfinished bytes where they
+    are a completion's (from ``first_held`` on: the detokenizer emits a token's text, a space
+    before the bytes included, once it ends in a whole character), else after the whole characters
+    (``text`` less its trailing ``\ufffd``: a prompt's text is the prompt's). A byte-fallback
+    decoder turns a whole run of byte tokens into ``\ufffd`` when it ends inside a character,
+    characters the run completed before included: those are read from the window without its
+    unfinished tokens.
     """
     stable = text.rstrip(_INCOMPLETE)
     if len(stable) == len(text):
@@ -163,7 +164,8 @@ def _stable_text(backend, window: list[int], text: str, skip_special_tokens: boo
     byte_fallback = _byte_token(backend, window[-1]) is not None
     # An unfinished character is at most 3 bytes, so tokens; further back the run holds bytes
     # that are not UTF-8, and the whole window is taken back.
-    for end in range(len(window) - 1, max(len(window) - _MAX_CHARACTER_BYTES, 0 if byte_fallback else first_held - 1), -1):
+    stop = max(len(window) - _MAX_CHARACTER_BYTES, 0 if byte_fallback else first_held - 1)
+    for end in range(len(window) - 1, stop, -1):
         before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
         if not before.endswith(_INCOMPLETE):
             if not byte_fallback:

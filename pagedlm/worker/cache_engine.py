@@ -16,7 +16,7 @@ def block_bytes(model_config: ModelConfig, cache_config: CacheConfig) -> int:
 
 
 def determine_num_kv_blocks(model_config: ModelConfig, cache_config: CacheConfig, max_useful_blocks: int,
-                            free_at_start: int | None = None) -> int:
+                            free_at_start: int | None) -> int:
     """``num_kv_blocks`` if set, else as many blocks as ``kv_cache_memory_bytes`` (default: see
     ``available_memory``, of ``free_at_start``) holds, at most ``max_useful_blocks``."""
     if cache_config.num_kv_blocks is not None:
