@@ -2093,3 +2093,42 @@ def test_parquet_values_json_lacks_become_text_in_a_jsonl_output(llama_dir, tmp_
     row = out[0]
     assert (row["when"], row["raw"], row["score"], row["error"]) == ("2026-12-07", "AP8=", None, None)
     assert (row["mb"], row["md"]) == ({"aw==": "v"}, {"2026-01-02": 1})
+
+
+def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
+    """A dataset's shards (and a --ray job's output) are a directory of files: read in name order as
+    one input, hidden files left out, a Parquet output's columns the shards' joined; a row's error
+    names its file; resume skips the rows of every shard; an output inside the directory, a
+    directory of both kinds or of neither are refused."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "x": pa.array([1, 2], pa.int32())}),
+                   shards / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"id": [3], "prompt": ["c"], "x": pa.array([3], pa.int64()), "y": ["extra"]}),
+                   shards / "train-00001-of-00002.parquet")
+    (shards / "_SUCCESS").write_text("")
+    stats, out = run(llama_dir, shards, tmp_path / "out.parquet")
+    assert (stats.rows, stats.completed) == (3, 3)
+    assert [(r["id"], r["x"], r["y"]) for r in out] == [(1, 1, None), (2, 2, None), (3, 3, "extra")]
+    assert pq.read_schema(tmp_path / "out.parquet").field("x").type == pa.int64()
+
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    (lines / "b.jsonl").write_text('{"id": 3, "prompt": "c"}\nnot json\n')
+    (lines / "a.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}\n')
+    (lines / ".hidden.jsonl").write_text("garbage\n")
+    stats, out = run(llama_dir, lines, tmp_path / "out.jsonl")
+    assert [r["id"] for r in out if r["error"] is None] == [1, 2, 3]
+    assert [r["error"][:36] for r in out if r["error"]] == ["b.jsonl: line 2 is not valid JSON: E"]
+    (lines / "c.jsonl").write_text('{"id": 4, "prompt": "d"}\n')
+    stats, out = run(llama_dir, lines, tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed) == (4, 1) and out[-1]["id"] == 4
+
+    with pytest.raises(ValueError, match="is inside the --input directory"):
+        run(llama_dir, lines, lines / "out.jsonl")
+    (lines / "d.parquet").write_bytes((shards / "train-00000-of-00002.parquet").read_bytes())
+    with pytest.raises(ValueError, match="holds JSONL and Parquet files"):
+        run(llama_dir, lines, tmp_path / "other.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is a directory without files ending in one of"):
+        run(llama_dir, tmp_path / "empty", tmp_path / "other.jsonl")

@@ -227,6 +227,29 @@ def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster
     assert got[1]["prompt"] == "a" and got[1]["error"] is None and got[2]["prompt"] is None and got[2]["error"]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_directory_of_shards_is_one_input_on_ray(local_cluster, llama_dir, tmp_path, suffix):
+    """As a local job reads one: its files of one type, hidden ones (Spark's _SUCCESS) left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, rows in enumerate([[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}], [{"id": 3, "prompt": "c"}]]):
+        if suffix == ".jsonl":
+            (shards / f"part-{i}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), shards / f"part-{i}.parquet")
+    (shards / "_SUCCESS").write_text("not a row")
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(shards), "--output", str(out), "--model", llama_dir, "--ray", "--num-actors", "1",
+            "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-tokens", "2", "--dtype", "float32",
+            "--max-model-len", "128"]
+    assert run_main(args) == 0
+    rows = [json.loads(line) for name in os.listdir(out) for line in (out / name).read_text().splitlines()]
+    assert sorted((row["id"], row["error"]) for row in rows) == [(1, None), (2, None), (3, None)]
+
+
 def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_cluster, llama_dir, tmp_path):
     """Found by a hunt: read_text split rows at a U+2028 inside a JSON string (rows lost) and one
     line of bad UTF-8 failed the job."""

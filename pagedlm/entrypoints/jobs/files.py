@@ -40,6 +40,34 @@ def file_kind(path: str, what: str) -> str:
                      f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
 
 
+def input_files(path: str) -> list[str]:
+    """The files an input is: ``path`` itself, or a directory's files (an object store prefix's)
+    that end in a JSONL or Parquet suffix, in name order: a dataset's shards, a ``--ray`` job's
+    output. Hidden ones (``.``, ``_``: Spark's ``_SUCCESS``) and subdirectories are left out.
+
+    Raises:
+        ValueError: a directory without such files, or with files of both kinds.
+    """
+    if not storage.is_dir(path):
+        return [path]
+    names = JSONL_SUFFIXES + PARQUET_SUFFIXES
+    files = [f for f in storage.list_files(path, names) if not os.path.basename(f).startswith((".", "_"))]
+    if not files:
+        raise ValueError(f"--input {path!r} is a directory without files ending in one of {', '.join(names)}")
+    if len({file_kind(f, "--input") for f in files}) > 1:
+        raise ValueError(f"--input {path!r} holds JSONL and Parquet files; a job reads files of one kind")
+    return files
+
+
+def input_kind(path: str) -> str:
+    """"jsonl" or "parquet": a file's from its name, a directory's from its files' (``input_files``).
+
+    Raises:
+        ValueError: as ``file_kind`` and ``input_files``.
+    """
+    return file_kind(input_files(path)[0], "--input")
+
+
 def _import_pyarrow():
     try:
         import pyarrow  # noqa: F401
@@ -53,14 +81,15 @@ InputRow = tuple[str, Any, str | None]
 
 
 def count_rows(path: str, kind: str) -> int | None:
-    """Rows in the input (non-blank lines of a JSONL file), for progress and ETA."""
+    """Rows in the input (non-blank lines of JSONL files), for progress and ETA."""
     if kind == "parquet":
         import pyarrow.parquet as pq
-        return pq.ParquetFile(path).metadata.num_rows
+        return sum(pq.ParquetFile(file).metadata.num_rows for file in input_files(path))
     count = 0
-    with open(path, "rb") as f:
-        for line in f:
-            count += not blank_line(line)
+    for file in input_files(path):
+        with open(file, "rb") as f:
+            for line in f:
+                count += not blank_line(line)
     return count
 
 
@@ -70,8 +99,20 @@ def blank_line(line: bytes) -> bool:
 
 
 def read_rows(path: str, kind: str) -> Iterator[InputRow]:
-    """The input's rows, streamed: a JSONL line that is not valid UTF-8 JSON, or a Parquet row of a
-    row group that cannot be read, comes as an error."""
+    """The input's rows, streamed, a directory's file after file (``input_files``; where a row is
+    and its error then name its file): a JSONL line that is not valid UTF-8 JSON, or a Parquet row
+    of a row group that cannot be read, comes as an error."""
+    files = input_files(path)
+    if files == [path]:
+        yield from _file_rows(path, kind)
+        return
+    for file in files:
+        name = os.path.basename(file)
+        for where, row, error in _file_rows(file, kind):
+            yield f"{name} {where}", row, error and f"{name}: {error}"
+
+
+def _file_rows(path: str, kind: str) -> Iterator[InputRow]:
     if kind == "parquet":
         yield from _parquet_rows(path)
         return
@@ -152,12 +193,31 @@ def batch_rows(batch) -> Iterator[tuple[dict, str | None]]:
 
 
 def input_schema(path: str, kind: str):
-    """The Parquet input's Arrow schema (carried columns keep their types), else None."""
+    """The Parquet input's Arrow schema (carried columns keep their types; a directory's files'
+    joined, a column's types promoted to one that holds them all), else None.
+
+    Raises:
+        ValueError: two files' types of a column that no type holds together.
+    """
     if kind != "parquet":
         return None
+    import pyarrow as pa
+
+    schemas = [file_schema(file) for file in input_files(path)]
+    if len(schemas) == 1:
+        return schemas[0]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowException, NotImplementedError) as exc:
+        raise ValueError(f"--input {path!r}: its files' columns have types that do not join "
+                         f"({' '.join(str(exc).split())}); cast them to one type") from None
+
+
+def file_schema(path: str):
+    """A Parquet file's Arrow schema (a --ray job's input may be a URI)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(storage.parquet_source(path)).schema_arrow  # a --ray job's input may be a URI
+    return pq.ParquetFile(storage.parquet_source(path)).schema_arrow
 
 
 def to_json(row: Any) -> str:

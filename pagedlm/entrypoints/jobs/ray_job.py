@@ -23,12 +23,13 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, read_rows,
+    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, input_files, input_kind, read_rows,
 )
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
-    JobConfig, JobInterrupted, check_column_types, check_input_file, check_record, check_result_columns,
+    JobConfig, JobInterrupted, check_column_types, check_input_file, check_output_outside, check_record,
+    check_result_columns,
     check_served_model_names, exclusive_run, job_engine_kwargs, job_record, read_input, signals_deferred,
     signals_interrupt, write_record,
 )
@@ -42,9 +43,10 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     """Run the job on Ray (``address``: a running cluster; None: the one this process already
     joined, or a new local one) with ``num_actors`` actors of ``torch_threads`` threads, each
     reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1; threads default to the
-    CPUs reserved, rounded down). ``config.input`` and
-    ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output is
-    a directory of ``.jsonl`` or ``.parquet`` files, in its suffix's format, else the input's. Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
+    CPUs reserved, rounded down). ``config.input`` (a file, or a directory of them: ``input_files``)
+    and ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output
+    is a directory of ``.jsonl`` or ``.parquet`` files, in its suffix's format, else the input's.
+    Returns ``(stats, the signal or None)``: SIGINT/SIGTERM stop the run, keeping the files
     already written (``--resume`` continues).
 
     Raises:
@@ -54,7 +56,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             other settings than the job's, or another run of the job holding ``OUT.lock`` (a local
             output's; a URI's storage has none).
     """
-    in_kind = file_kind(config.input, "--input")
+    in_kind = input_kind(config.input)
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
         JSONL_SUFFIXES + PARQUET_SUFFIXES) else in_kind
     for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads),
@@ -63,8 +65,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cpus_per_actor is not None and not cpus_per_actor > 0:
         raise ValueError(f"--cpus-per-actor must be > 0, got {cpus_per_actor!r}")
-    if not storage.is_file(config.input):
-        raise ValueError(f"--input {config.input!r} is not a file")
+    if not (storage.is_file(config.input) or storage.is_dir(config.input)):
+        raise ValueError(f"--input {config.input!r} is not a file or a directory")
+    check_output_outside(config.input, config.output)
     check_input_file(config.input, in_kind)
     if config.model is not None and not (os.path.exists(config.model) or is_hub_model_id(config.model)):
         raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
@@ -138,8 +141,9 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
                                       json_lines_out=out_kind == "jsonl", done_ids=done_ids,
                                       json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
                 # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
-                ds = ray.data.read_datasource(JsonLinesDatasource(config.input)) if in_kind == "jsonl" else ray.data.read_parquet(
-                    config.input, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
+                files = input_files(config.input)
+                ds = ray.data.read_datasource(JsonLinesDatasource(files)) if in_kind == "jsonl" else ray.data.read_parquet(
+                    files, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
                 ds = processor(ds)
                 if out_kind == "jsonl":
                     ds.write_datasink(JsonLinesDatasink(config.output))

@@ -25,7 +25,8 @@ from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, count_rows, file_kind, input_schema, read_rows,
+    JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, count_rows, file_kind, file_schema, input_files,
+    input_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
@@ -95,7 +96,10 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     if config.model is not None and (not isinstance(config.model, str) or not config.model.strip()):
         raise ValueError(f"--model must be a checkpoint directory, a .gguf file or a Hub id (leave it out for "
                          f"the embedded model), got {config.model!r}")
-    in_kind = file_kind(config.input, "--input")
+    for flag, path in (("--input", config.input), ("--output", config.output)):
+        if storage.is_uri(path):
+            raise ValueError(f"{flag} {path!r}: URIs are read and written by --ray jobs; a local job takes local paths")
+    in_kind = input_kind(config.input)
     out_kind = file_kind(config.output, "--output")
     _check_paths(config, in_kind)
     if config.max_in_flight is not None and (type(config.max_in_flight) is not int or config.max_in_flight < 1):
@@ -211,11 +215,8 @@ def exclusive_run(output: str) -> Iterator[None]:
 
 
 def _check_paths(config: JobConfig, in_kind: str) -> None:
-    for flag, path in (("--input", config.input), ("--output", config.output)):
-        if storage.is_uri(path):
-            raise ValueError(f"{flag} {path!r}: URIs are read and written by --ray jobs; a local job takes local paths")
-    if not os.path.isfile(config.input):
-        raise ValueError(f"--input {config.input!r} is not a file")
+    if not (os.path.isfile(config.input) or os.path.isdir(config.input)):
+        raise ValueError(f"--input {config.input!r} is not a file or a directory")
     out_dir = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(out_dir):
         why = "is not a directory" if os.path.exists(out_dir) else "does not exist"
@@ -230,27 +231,41 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
                          "directory; move it away")
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
+    check_output_outside(config.input, config.output)
     check_input_file(config.input, in_kind)
 
 
-def check_input_file(path: str, in_kind: str) -> None:
-    """Refuse an input that is not JSON Lines (``check_json_lines``) or a Parquet file whose
-    footer cannot be read, before any row runs.
+def check_output_outside(input_path: str, output: str) -> None:
+    """Refuse an output inside a directory input: a later run would read it as input.
 
     Raises:
-        ValueError: naming ``--input`` and why.
+        ValueError: naming both.
     """
-    if in_kind == "jsonl":
-        check_json_lines(path)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    inside = storage.absolute(output).startswith(storage.absolute(input_path).rstrip("/") + "/")
+    if inside and storage.is_dir(input_path):
+        raise ValueError(f"--output {output!r} is inside the --input directory {input_path!r}, whose files a later "
+                         "run (--resume) would read as input: write it elsewhere")
 
-    try:
-        pq.ParquetFile(storage.parquet_source(path))
-    except (OSError, pa.ArrowException) as exc:
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise ValueError(f"--input {path!r} is not a readable Parquet file ({why})") from None
+
+def check_input_file(path: str, in_kind: str) -> None:
+    """Refuse an input file (a directory's each: ``input_files``) that is not JSON Lines
+    (``check_json_lines``) or a Parquet file whose footer cannot be read, before any row runs.
+
+    Raises:
+        ValueError: naming the file and why.
+    """
+    for file in input_files(path):
+        if in_kind == "jsonl":
+            check_json_lines(file)
+            continue
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(storage.parquet_source(file))
+        except (OSError, pa.ArrowException) as exc:
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ValueError(f"--input {file!r} is not a readable Parquet file ({why})") from None
 
 
 def check_json_lines(path: str) -> None:
@@ -345,7 +360,12 @@ def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
     """
     if in_kind != "parquet":
         return
-    schema = input_schema(path, in_kind)
+    for file in input_files(path):
+        _check_file_column_types(file, fmt)
+
+
+def _check_file_column_types(path: str, fmt: type[JobFormat]) -> None:
+    schema = file_schema(path)
     twice = sorted({name for name in schema.names if schema.names.count(name) > 1})
     if twice:
         raise ValueError(f"--input {path!r}: column(s) {', '.join(map(repr, twice))} appear more than once; a row "
@@ -445,15 +465,16 @@ def check_result_columns(path: str, in_kind: str) -> None:
     Raises:
         ValueError: such columns (the message names them).
     """
-    if in_kind == "parquet":
-        names = set(input_schema(path, in_kind).names)
-    else:
-        first = next((row for _, row, _ in islice(read_rows(path, in_kind), 1000) if isinstance(row, dict)), {})
-        names = set(first) if {"outputs", "prompt_tokens", "completion_tokens", "error"} <= set(first) else set()
-    clash = [c for c in RESULT_COLUMNS if c in names]
-    if clash:
-        raise ValueError(f"--input {path!r} has column(s) {', '.join(clash)}, which the output writes (is it a "
-                         "job's output?); drop or rename them in the input")
+    for file in input_files(path):
+        if in_kind == "parquet":
+            names = set(file_schema(file).names)
+        else:
+            first = next((row for _, row, _ in islice(read_rows(file, in_kind), 1000) if isinstance(row, dict)), {})
+            names = set(first) if {"outputs", "prompt_tokens", "completion_tokens", "error"} <= set(first) else set()
+        clash = [c for c in RESULT_COLUMNS if c in names]
+        if clash:
+            raise ValueError(f"--input {file!r} has column(s) {', '.join(clash)}, which the output writes (is it a "
+                             "job's output?); drop or rename them in the input")
 
 
 def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM, arrow_rows: bool) -> JobFormat:
