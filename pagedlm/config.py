@@ -108,6 +108,7 @@ class ModelConfig:
             if getattr(hf_config, "eos_token_id", None) is not None:
                 text_config.eos_token_id = hf_config.eos_token_id
             hf_config = text_config
+        _check_model_fields(hf_config)
         limit = _max_positions(hf_config)
         if max_model_len is None:
             max_model_len = limit
@@ -156,6 +157,24 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         return self.hf_config.num_hidden_layers
+
+
+def _check_model_fields(hf_config: PretrainedConfig) -> None:
+    """Refuse values the model would run as something else (found by a hunt): a soft cap of 0
+    (transformers' divides by it; pagedlm read it as no cap) and a negative sliding window (refused
+    only by the first step's kernel).
+
+    Raises:
+        ValueError: naming the field and the values allowed.
+    """
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(hf_config, name, None)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"the config's {name} must be a positive number or null (no cap), got {value!r}.")
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None and not (_is_int(window) and window >= 0):
+        raise ValueError(f"the config's sliding_window must be a number of tokens >= 0 or null (0 and null: no "
+                         f"window), got {window!r}.")
 
 
 def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:

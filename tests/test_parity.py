@@ -309,6 +309,11 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     # Found by a hunt: transformers cannot build a sliding layer's mask without a window (pagedlm
     # attended fully).
     ("qwen2_swa", "sliding_window", None, r"layer_types\[1\] is 'sliding_attention' but sliding_window is None"),
+    # Found by a hunt: a soft cap of 0 ran uncapped (transformers divides by it), a negative window
+    # failed only in the first step's kernel.
+    ("gemma2", "attn_logit_softcapping", 0.0, r"attn_logit_softcapping must be a positive number or null"),
+    ("gemma2", "final_logit_softcapping", 0.0, r"final_logit_softcapping must be a positive number or null"),
+    ("mistral_swa", "sliding_window", -5, r"sliding_window must be a number of tokens >= 0 or null"),
     # Found by a hunt: a Qwen2 checkpoint (biases) labelled LlamaForCausalLM named only the weight.
     ("qwen2", "architectures", ["LlamaForCausalLM"],
      r"Unexpected weight '.*self_attn.[qkv]_proj.bias' in .*: LlamaForCausalLM, the model of the config's architectures"),
@@ -408,6 +413,29 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, tokenizer_dir, arch, r
     assert _generate(llm, prompts, 12) == hf_greedy(path, prompts, 12)
 
 
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+             "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 2.5 * i for i in range(8)]}
+
+
+@pytest.mark.parametrize("arch,rope", [
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "rope_theta": 500000.0}),
+    ("qwen2", {k: v for k, v in _YARN.items() if k != "original_max_position_embeddings"}),
+    ("qwen2", {**_YARN, "original_max_position_embeddings": 100}),
+    ("llama", _LONGROPE),
+])
+def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tmp_path, tokenizer_dir, arch, rope):
+    """Found by a hunt: a config's own original_max_position_embeddings beside a llama3, yarn or
+    longrope RoPE without it, or with another value in it, was not read (transformers' model
+    gives it priority, as Phi-3 keeps it there): other logits from the second position on."""
+    path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, max_position_embeddings=256,
+                              original_max_position_embeddings=32, rope_parameters=rope)
+    llm = LLM(path, dtype="float32")
+    prompts = _prompts(16, [150, 40])
+    assert_prompt_logprobs_match_hf(llm, path, prompts)
+    assert _generate(llm, prompts, 8) == hf_greedy(path, prompts, 8)
+
+
 @pytest.mark.parametrize("arch,fields", [
     ("llama", {"sliding_window": 8, "use_sliding_window": False, "max_window_layers": 2}),  # a "llamafied" Qwen2's
     ("llama", {"partial_rotary_factor": 0.5}),
@@ -419,6 +447,9 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, tokenizer_dir, arch, r
     # Its layer_types still say "sliding_attention": transformers' mask windows those layers anyway.
     ("smollm3", {"use_sliding_window": False}),
     ("gemma", {"sliding_window": 8, "mlp_bias": True}),
+    # Found by a hunt: no dimension rotated, not all of them.
+    ("phi3", {"partial_rotary_factor": 0.0,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.0}}),
 ])
 def test_config_fields_count_where_transformers_model_reads_them(tmp_path, tokenizer_dir, arch, fields):
     """Found by a checkpoint hunt: keys that transformers' model of an architecture never reads

@@ -29,7 +29,13 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     scaling = params or dict(getattr(config, "rope_scaling", None) or {})
     scaling.pop("partial_rotary_factor", None)  # a model that supports it reads it from its config
     scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    # Phi-3 keeps it on the config rather than in its rope parameters.
+    if (scaling["rope_type"] in ("llama3", "yarn", "longrope") and layer_type not in rope_layer_types(config)
+            and hasattr(config, "original_max_position_embeddings")):
+        # The config's own field wins over the one in its rope parameters (Phi-3 keeps it there), as
+        # transformers' standardize_rope_params gives it when it builds the model (found by a hunt:
+        # a Llama's top-level field beside a yarn rope_scaling was not read, and every position
+        # after the first had other logits).
+        scaling["original_max_position_embeddings"] = config.original_max_position_embeddings
     scaling.setdefault("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
     if scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
         where = f" of the {layer_type} layers" if layer_type else ""

@@ -22,7 +22,9 @@ def partial_rotary_factor(config: PretrainedConfig, layer_type: str | None = Non
     if not reads_field(config, "partial_rotary_factor"):
         return 1.0
     factor = rope_dict(config, layer_type).get("partial_rotary_factor")
-    return float(factor or getattr(config, "partial_rotary_factor", None) or 1.0)
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", None)
+    return 1.0 if factor is None else float(factor)  # 0: no dimension rotated (found by a hunt: it was all)
 
 
 def long_rope_threshold(config: PretrainedConfig) -> int | None:
