@@ -314,6 +314,10 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     ("gemma2", "attn_logit_softcapping", 0.0, r"attn_logit_softcapping must be a positive number or null"),
     ("gemma2", "final_logit_softcapping", 0.0, r"final_logit_softcapping must be a positive number or null"),
     ("mistral_swa", "sliding_window", -5, r"sliding_window must be a number of tokens >= 0 or null"),
+    # Found by a hunt: a TypeError and an IndexError.
+    ("ministral3", "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.2},
+     r"set llama_4_scaling_beta, whose temperature steps every original_max_position_embeddings positions"),
+    ("smollm3", "no_rope_layers", [1], r"no_rope_layers holds 1 entries for 3 layers"),
     # Found by a hunt: a Qwen2 checkpoint (biases) labelled LlamaForCausalLM named only the weight.
     ("qwen2", "architectures", ["LlamaForCausalLM"],
      r"Unexpected weight '.*self_attn.[qkv]_proj.bias' in .*: LlamaForCausalLM, the model of the config's architectures"),

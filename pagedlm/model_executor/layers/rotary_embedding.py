@@ -142,6 +142,10 @@ class RotaryEmbedding(DirectCall, nn.Module):
         self.theta, self.scaling = rope_parameters(config, layer_type)
         self.attention_factor = _attention_factor(config, self.scaling)
         self.llama_4_beta = self.scaling.get("llama_4_scaling_beta") if config.model_type == "ministral3" else None
+        if self.llama_4_beta and not self.scaling.get("original_max_position_embeddings"):
+            raise ValueError("the config's rope_parameters set llama_4_scaling_beta, whose temperature steps every "
+                             "original_max_position_embeddings positions, without that length: give it (a yarn "
+                             "RoPE's, as Ministral 3's) or drop llama_4_scaling_beta")  # found by a hunt: a TypeError
         self.build_cos_sin_cache()
 
     def build_cos_sin_cache(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:

@@ -236,6 +236,9 @@ class SmolLM3ForCausalLM(LlamaForCausalLM):
     windowed (``get_sliding_window``)."""
 
     def uses_rope(self, config: PretrainedConfig, layer_idx: int) -> bool:
+        if len(config.no_rope_layers) != config.num_hidden_layers:  # found by a hunt: an IndexError
+            raise ValueError(f"the config's no_rope_layers holds {len(config.no_rope_layers)} entries for "
+                             f"{config.num_hidden_layers} layers (num_hidden_layers): one a layer")
         return bool(config.no_rope_layers[layer_idx])
 
 
