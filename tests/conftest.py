@@ -294,10 +294,12 @@ def chat_llama_dir(llama_dir, tmp_path_factory) -> str:
 
 
 def hf_greedy(
-    model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32, device: str = "cpu"
+    model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32, device: str = "cpu",
+    **config_fields,
 ) -> list[list[int]]:
-    """Hugging Face ``generate`` one prompt at a time: the generated ids (EOS kept, then cut)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    """Hugging Face ``generate`` one prompt at a time: the generated ids (EOS kept, then cut);
+    ``config_fields`` set on the config as ``from_pretrained`` takes them."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **config_fields).to(device).eval()
     outputs = []
     for ids in prompts:
         with torch.no_grad():

@@ -379,6 +379,19 @@ def test_overrides_of_what_transformers_builds_the_config_from(tmp_path, tokeniz
             LLM(swa, dtype="float32", hf_overrides={field: 0 if field == "max_window_layers" else False})
 
 
+def test_fewer_layers_by_hf_overrides_load_the_first_ones(llama_dir, caplog):
+    """hf_overrides={"num_hidden_layers": 1} (a quick test of a large checkpoint) runs the first
+    layer, as transformers' from_pretrained(num_hidden_layers=1) does (found by a hunt: the second
+    layer's weights were refused as not the architecture's)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pagedlm"):
+        llm = LLM(llama_dir, dtype="float32", hf_overrides={"num_hidden_layers": 1})
+    assert "The checkpoint's layers 1-1 are not loaded: the model has 1 (num_hidden_layers)." in caplog.text
+    prompts = _prompts(17, [20, 9])
+    assert _generate(llm, prompts, 6) == hf_greedy(llama_dir, prompts, 6, num_hidden_layers=1)
+
+
 def test_linear_rope_scaling_lengthens_the_model_as_vllm_reads_it(tmp_path, tokenizer_dir):
     """A linear factor's checkpoint was tuned at max_position_embeddings x factor (vicuna-v1.5-16k):
     that is max_model_len (vLLM's reading; it was capped at max_position_embeddings), and a prompt

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import re
 
@@ -14,6 +15,8 @@ from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
 from pagedlm.ops import kv_cache_scale_is_valid
+
+logger = logging.getLogger("pagedlm")
 
 
 def get_model(model_config: ModelConfig) -> nn.Module:
@@ -59,11 +62,16 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     packed = getattr(model, "packed_modules_mapping", {})
     prefixes = getattr(model, "checkpoint_prefixes", {})
     scales: dict[str, set[str]] = {}  # the KV-cache scales each attention module's checkpoint gave
+    num_layers = 1 + max((int(m[1]) for p in params if (m := _LAYER.match(p))), default=-1)
+    skipped = set()  # the checkpoint's layers past the model's (hf_overrides num_hidden_layers)
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():
                 name = _our_name(ckpt_name, prefixes)
                 if name is None:
+                    continue
+                if (layer := _LAYER.match(name)) and int(layer[1]) >= num_layers:
+                    skipped.add(int(layer[1]))  # transformers skips them too (found by a hunt: refused)
                     continue
                 if scale := _KV_CACHE_SCALE.fullmatch(name):
                     _load_kv_cache_scale(model, scale, f.get_tensor(ckpt_name), ckpt_name)
@@ -88,6 +96,9 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 with torch.no_grad():
                     target.copy_(tensor)
                 loaded.add(name if shard is None else f"{name}:{shard}")
+    if skipped:
+        logger.info("The checkpoint's layers %d-%d are not loaded: the model has %d (num_hidden_layers).",
+                    min(skipped), max(skipped), num_layers)
     _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
     if saved_head is not None and "embed_tokens.weight" in expected - loaded:
@@ -128,6 +139,7 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
 # An fp8 KV cache's per-tensor scales, as vLLM reads them: llm-compressor's "self_attn.k_scale",
 # ModelOpt's "self_attn.k_proj.k_scale", the older "self_attn.k_proj.output_scale" and
 # "self_attn.kv_scale" (both); group 1 is the attention module, the others what it scales.
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's parameter, by our name
 _KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
                              r"|(kv)_scale)")
 
