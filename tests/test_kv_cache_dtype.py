@@ -190,7 +190,7 @@ def test_refusals(llama_dir, tmp_path):
         LLM(llama_dir, kv_cache_dtype="int8")
     cases = [
         ("model.layers.0.self_attn.v_scale", torch.ones(2), r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"),
-        ("model.layers.99.self_attn.k_scale", torch.tensor(0.5), "Unexpected weight .* no attention layer 'layers.99"),
+        ("model.norm.k_scale", torch.tensor(0.5), "Unexpected weight .* no attention layer 'norm'"),
     ] + [("model.layers.1.self_attn.k_proj.output_scale", torch.tensor(bad), "is a KV-cache scale of .* positive and finite")
          for bad in (0.0, -0.5, float("nan"), float("inf"), 1e-40)]
     for i, (name, value, message) in enumerate(cases):
