@@ -1,6 +1,7 @@
 """Engine configuration: the model, the KV cache and the scheduler's budgets."""
 
 import copy
+import gc
 import inspect
 import logging
 import os
@@ -533,10 +534,11 @@ def load_chat_template(chat_template: str | os.PathLike | None, files: bool = Tr
     return template
 
 
-def free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) -> int | None:
-    """Bytes free on a CUDA ``device`` now (None on CPU), once they hold the budget of
-    ``available_memory``: checked before the weights load, as vLLM checks, so that a GPU another
-    LLM already holds fails at once.
+def check_free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) -> int | None:
+    """Bytes free on a CUDA ``device`` now (None on CPU), checked to hold the budget of
+    ``available_memory`` before the weights load (vLLM's ``request_memory``), so that a GPU another
+    LLM already holds fails at once. What this process's allocator caches of released tensors (a
+    closed LLM's) is given back first, as vLLM's worker does.
 
     Raises:
         ValueError: less is free than ``gpu_memory_utilization`` (default
@@ -544,6 +546,8 @@ def free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) 
     """
     if device.type != "cuda":
         return None
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     utilization = gpu_memory_utilization or GPU_MEMORY_UTILIZATION
     if free < total * utilization:
@@ -557,8 +561,8 @@ def free_gpu_memory(device: torch.device, gpu_memory_utilization: float | None) 
 def available_memory(device: torch.device, gpu_memory_utilization: float | None, free_at_start: int | None) -> int:
     """Bytes the KV cache may take by default on ``device``. On CUDA, vLLM's per-instance budget:
     the share ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) of the GPU's total
-    memory, less what this LLM took since ``free_at_start`` bytes were free (``free_gpu_memory``
-    before its weights loaded), whatever other processes hold: two LLMs at 0.45 share one GPU. On
+    memory, less what this LLM took since ``free_at_start`` bytes were free (``check_free_gpu_memory``
+    before its weights loaded; activations and recorded steps come on top, from the rest), whatever other processes hold: two LLMs at 0.45 share one GPU. On
     CPU, the share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of the
     available RAM."""
     if device.type == "cuda":

@@ -92,10 +92,11 @@ def test_gpu_memory_utilization_is_each_llms_share_of_the_gpu(monkeypatch):
     gib, total = 2**30, 80 * 2**30
     free = {"now": total - gib // 2}  # CUDA's context
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["now"], total))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     cuda = torch.device("cuda")
 
     def start_llm(utilization):
-        at_start = config.free_gpu_memory(cuda, utilization)
+        at_start = config.check_free_gpu_memory(cuda, utilization)
         free["now"] -= 2 * gib  # its weights
         kv = config.available_memory(cuda, utilization, at_start)
         free["now"] -= kv
@@ -106,4 +107,4 @@ def test_gpu_memory_utilization_is_each_llms_share_of_the_gpu(monkeypatch):
     assert start_llm(None) == int(0.9 * total) - 2 * gib
     with pytest.raises(ValueError, match=r"gpu_memory_utilization 0.9 asks for 72.00 GiB .* only 7.50 GiB are free"):
         start_llm(None)
-    assert config.free_gpu_memory(torch.device("cpu"), None) is None
+    assert config.check_free_gpu_memory(torch.device("cpu"), None) is None

@@ -2104,8 +2104,8 @@ def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     shards.mkdir()
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"], "x": pa.array([1, 2], pa.int32())}),
                    shards / "train-00000-of-00002.parquet")
-    pq.write_table(pa.table({"id": [3], "prompt": ["c"], "x": pa.array([3], pa.int64()), "y": ["extra"]}),
-                   shards / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"id": [3], "prompt": pa.array(["c"]).dictionary_encode(), "x": pa.array([3], pa.int64()),
+                             "y": ["extra"]}), shards / "train-00001-of-00002.parquet")  # a categorical prompt too
     (shards / "_SUCCESS").write_text("")
     stats, out = run(llama_dir, shards, tmp_path / "out.parquet")
     assert (stats.rows, stats.completed) == (3, 3)
@@ -2124,8 +2124,14 @@ def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     stats, out = run(llama_dir, lines, tmp_path / "out.jsonl", resume=True)
     assert (stats.skipped, stats.completed) == (4, 1) and out[-1]["id"] == 4
 
-    with pytest.raises(ValueError, match="is inside the --input directory"):
+    with pytest.raises(ValueError, match="is in the --input directory"):
         run(llama_dir, lines, lines / "out.jsonl")
+    (tmp_path / "link").symlink_to(lines)
+    with pytest.raises(ValueError, match="is in the --input directory"):  # found by a review: through a symlink
+        run(llama_dir, tmp_path / "link", lines / "out.jsonl")
+    (lines / "e.JSONL").write_text('{"id": 5, "prompt": "e"}\n')  # found by a review: left out
+    stats, out = run(llama_dir, lines, tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed) == (5, 1) and out[-1]["id"] == 5
     (lines / "d.parquet").write_bytes((shards / "train-00000-of-00002.parquet").read_bytes())
     with pytest.raises(ValueError, match="holds JSONL and Parquet files"):
         run(llama_dir, lines, tmp_path / "other.jsonl")

@@ -848,6 +848,15 @@ def test_an_alternatives_decoded_token_is_what_taking_it_would_have_added(which,
             [" 匠", " 包", " 北"]
         assert decode_in_context(tok, tok.encode("\n\n#") + [13223, 230], [250, 223], num_output_tokens=0) == ["匠", "包"]
         assert decode_in_context(tok, tok.encode("\n\n#"), [13223, 216, 27709], num_output_tokens=0) == ["", " ", ""]
+    if which == "byte_level_bpe":  # found by a review: runs of tokens that each end one character and begin the next
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte = {b: tok.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
+        ids = tok.convert_tokens_to_ids
+        for prompt, out, alt in [(tok.encode("Hi"), [byte[0xEC], byte[0x80], ids("¥æ"), byte[0x8F]], byte[0xA9]),
+                                 (ids(["e", ",", "ì"]), ids(["ł", "¥æ"]), ids("ªŀ"))]:
+            taken, _ = decode_completion(tok, prompt, out + [alt], SamplingParams())
+            assert decode_in_context(tok, prompt + out, [out[-1], alt], num_output_tokens=len(out))[1] == taken[-1]
     pool = sorted(set(tok.encode("日本語 匠 包 北 naïve café 🙂👍🏽 a, b", add_special_tokens=False)))
     rng = random.Random(0)
     for _ in range(40):

@@ -418,8 +418,10 @@ def test_arrows_own_extension_columns_are_carried_with_one_type_in_every_batch(l
                                     sampling_params={"temperature": 0.0, "max_tokens": 2})
     stage = PagedLMStage(config, json_lines_in=False, json_lines_out=False, done_ids=None)
 
-    def batch(flags):
-        emb = pa.FixedShapeTensorArray.from_numpy_ndarray(np.arange(8, dtype=np.float32).reshape(2, 2, 2))
+    tensors = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+
+    def batch(flags, tensors=tensors):
+        emb = pa.FixedShapeTensorArray.from_numpy_ndarray(tensors)
         flag = pa.ExtensionArray.from_storage(pa.bool8(), pa.array(flags, pa.int8()))
         return stage(pa.table({"id": [1, 2], "prompt": ["a", "b"], "emb": emb, "flag": flag}))
 
@@ -428,8 +430,16 @@ def test_arrows_own_extension_columns_are_carried_with_one_type_in_every_batch(l
     assert with_values.schema.field("emb").type == pa.list_(pa.list_(pa.float32()))
     assert with_values.schema.field("flag").type == pa.bool8()
     assert with_values.select(["emb", "flag", "error"]).to_pylist() == [
-        {"emb": [[0.0, 1.0], [2.0, 3.0]], "flag": True, "error": None},
-        {"emb": [[4.0, 5.0], [6.0, 7.0]], "flag": False, "error": None}]
+        {"emb": tensors[0].tolist(), "flag": True, "error": None},
+        {"emb": tensors[1].tolist(), "flag": False, "error": None}]
+    # A tensor stored with a permutation (a transposed array's), and a null one (found by a review:
+    # each value's own conversion repeated and lost elements).
+    transposed = np.arange(12, dtype=np.float32).reshape(2, 3, 2).transpose(0, 2, 1)
+    assert batch([1, 0], transposed).column("emb").to_pylist() == transposed.tolist()
+    emb = pa.FixedShapeTensorArray.from_numpy_ndarray(tensors)
+    holes = pa.ExtensionArray.from_storage(emb.type, pa.array([None, emb.storage[1].as_py()], emb.type.storage_type))
+    out = stage(pa.table({"id": [1, 2], "prompt": ["a", "b"], "emb": holes}))
+    assert out.column("emb").to_pylist() == [None, tensors[1].tolist()]
 
 
 def test_config_refuses_what_would_fail_in_every_actor(llama_dir, tmp_path, monkeypatch):
@@ -447,11 +457,15 @@ def test_config_refuses_what_would_fail_in_every_actor(llama_dir, tmp_path, monk
         ({"sampling_params": {"logits_processors": []}}, "SamplingParams field.s. a job row cannot set logits_processors"),
         ({"num_gpus": 0.5}, r"gpu_memory_utilization 0.9 of it: set engine_kwargs gpu_memory_utilization to at most"),
         ({"num_gpus": 0.5, "engine_kwargs": {"gpu_memory_utilization": 0.6}}, "gpu_memory_utilization 0.6 of it"),
+        ({"sampling_params": {"logprobs": 50}}, r"logprobs \(50\) exceeds the actors' max_logprobs \(20\)"),
+        ({"sampling_params": {"prompt_logprobs": -1}, "engine_kwargs": {"max_logprobs": 5}},
+         r"prompt_logprobs \(-1, the vocabulary\) exceeds the actors' max_logprobs \(5\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             PagedLMProcessorConfig(**kwargs)
     assert PagedLMProcessorConfig(num_gpus=0.5, engine_kwargs={"gpu_memory_utilization": 0.45}).num_gpus == 0.5
     assert PagedLMProcessorConfig(num_gpus=0.5, engine_kwargs={"kv_cache_memory_bytes": 2**30}).num_gpus == 0.5
+    assert PagedLMProcessorConfig(sampling_params={"logprobs": 50}, engine_kwargs={"max_logprobs": None}).sampling_params
     monkeypatch.chdir(os.path.dirname(llama_dir))
     config = PagedLMProcessorConfig(model_source=os.path.basename(llama_dir), engine_kwargs=dict(ENGINE))
     assert config.model_source == llama_dir

@@ -150,29 +150,32 @@ def _stable_text(backend, window: list[int], text: str, skip_special_tokens: boo
     unfinished character; the tokens of ``window`` after that point; and their text (none where
     ``text`` ends in a whole character).
 
-    Byte-level decoders: the point is before the tokens that hold the unfinished bytes where they
-    are a completion's (from ``first_held`` on: the detokenizer emits a token's text, a space
-    before the bytes included, once it ends in a whole character), else after the whole characters
-    (``text`` less its trailing ``\ufffd``: a prompt's text is the prompt's). A byte-fallback
-    decoder turns a whole run of byte tokens into ``\ufffd`` when it ends inside a character,
-    characters the run completed before included: those are read from the window without its
-    unfinished tokens.
+    Byte-level decoders: the point is the last token boundary from ``first_held`` on (the
+    completion's tokens: the detokenizer emits a token's text, a space or whole characters before
+    the bytes included, once the text ends in a whole character, however many tokens that takes)
+    where the text ends in a whole character; where there is none, the whole characters of the
+    tokens before ``first_held`` (a prompt's text is the prompt's). A byte-fallback decoder turns
+    a whole run of byte tokens into ``\ufffd`` when it ends inside a character, characters the run
+    completed before included: those are read from the window without its unfinished tokens.
     """
     stable = text.rstrip(_INCOMPLETE)
     if len(stable) == len(text):
         return stable, [], ""
-    byte_fallback = _byte_token(backend, window[-1]) is not None
+    if _byte_token(backend, window[-1]) is None:
+        for end in range(len(window) - 1, first_held - 1, -1):
+            before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
+            if not before.endswith(_INCOMPLETE):
+                return before, window[end:], text[len(before):]
+        before = backend.decode(window[:first_held], skip_special_tokens=skip_special_tokens).rstrip(_INCOMPLETE)
+        return before, window[first_held:], text[len(before):]
     # An unfinished character is at most 3 bytes, so tokens; further back the run holds bytes
     # that are not UTF-8, and the whole window is taken back.
-    stop = max(len(window) - _MAX_CHARACTER_BYTES, 0 if byte_fallback else first_held - 1)
-    for end in range(len(window) - 1, stop, -1):
+    for end in range(len(window) - 1, max(len(window) - _MAX_CHARACTER_BYTES, 0), -1):
         before = backend.decode(window[:end], skip_special_tokens=skip_special_tokens)
         if not before.endswith(_INCOMPLETE):
-            if not byte_fallback:
-                return before, window[end:], text[len(before):]
             tail = backend.decode(window[end:], skip_special_tokens=skip_special_tokens)
             return max(stable, before, key=len), window[end:], tail[len(tail.rstrip(_INCOMPLETE)):]
-    return (stable, list(window), text[len(stable):]) if byte_fallback else (stable, [], text[len(stable):])
+    return stable, list(window), text[len(stable):]
 
 
 def _tail_text(backend, tail: list[int], token_ids: list[int], skip_special_tokens: bool) -> str:
@@ -237,8 +240,10 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     ``"a"``); a token that leaves a character incomplete adds nothing yet, and the one that
     completes it gives what the detokenizer would: the whole character, and the text of the
     completion's tokens that began it (their space; a prompt's whole characters are the prompt's).
-    ``num_output_tokens``: how many of ``context_ids``' last tokens are a completion's (None: all,
-    at a prompt's positions). Special tokens are shown.
+    ``num_output_tokens``: how many of ``context_ids``' last tokens are a completion's; None at a
+    prompt's positions (prompt logprobs), whose tokens are each read as a completion's would be:
+    a token that leaves a character incomplete adds nothing, the one completing it the rest. Special
+    tokens are shown.
 
     ``token_ids[0]`` is the token the sequence took: its text is ``taken_text`` where the caller has
     it (what the detokenizer gave it, so the taken tokens' texts add up to the completion's, as

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pagedlm.config import (
-    CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig, free_gpu_memory,
+    CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig, check_free_gpu_memory,
 )
 from pagedlm.engine.bad_words import bad_words_token_ids, banned_by_bad_words
 from pagedlm.engine.beam_search import BeamSearchState
@@ -122,7 +122,8 @@ class LLMEngine:
         eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         sized = cache_config.num_kv_blocks is not None or cache_config.kv_cache_memory_bytes is not None
-        free_at_start = None if sized else free_gpu_memory(model_config.device, cache_config.gpu_memory_utilization)
+        utilization = cache_config.gpu_memory_utilization
+        free_at_start = None if sized else check_free_gpu_memory(model_config.device, utilization)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config.max_num_seqs)
         self.seq_groups: dict[str, SequenceGroup] = {}  # unfinished requests by id
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}

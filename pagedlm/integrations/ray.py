@@ -38,10 +38,9 @@ from pagedlm.config import GPU_MEMORY_UTILIZATION
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
-    RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
+    JOB_MAX_LOGPROBS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
     sampling_params_from, unwritable_row,
 )
-from pagedlm.entrypoints.jobs.runner import JOB_MAX_LOGPROBS
 
 
 logger = logging.getLogger("pagedlm")
@@ -108,6 +107,12 @@ class PagedLMProcessorConfig:
             defaults = sampling_params_from(self.sampling_params, {}, "sampling_params", {})
         except RowError as exc:
             raise ValueError(str(exc)) from None
+        limit = self.engine_kwargs.get("max_logprobs", JOB_MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(defaults, name)
+            if k is not None and limit not in (None, -1) and (k == -1 or k > limit):
+                raise ValueError(f"sampling_params: {name} ({'-1, the vocabulary' if k == -1 else k}) exceeds the "
+                                 f"actors' max_logprobs ({limit}): raise engine_kwargs max_logprobs")
         check_thinking_budget(defaults, engine_has_reasoning(self.engine_kwargs),
                               "sampling_params: thinking_token_budget needs the model's reasoning strings: "
                               "engine_kwargs reasoning_parser or reasoning_config (pagedlm run: --reasoning-parser)")
@@ -344,7 +349,12 @@ def _tensors_nested(batch: pa.Table) -> pa.Table:
     own tensor columns' values become (found by a hunt: such a column failed the whole dataset)."""
     for i, f in enumerate(batch.schema):
         if getattr(f.type, "extension_name", "") == _ARROW_TENSOR:
-            values = [value.to_numpy().tolist() if value.is_valid else None for value in batch.column(i)]
+            values = []
+            for chunk in batch.column(i).chunks:
+                # The array's own conversion: it follows a permutation (a value's to_numpy does not).
+                valid = chunk.is_valid()
+                dense = iter(chunk.filter(valid).to_numpy_ndarray().tolist() if chunk.null_count < len(chunk) else ())
+                values += [next(dense) if ok else None for ok in valid.to_pylist()]
             batch = batch.set_column(i, f.name, pa.array(values, _plain_type(f.type)))
     return batch
 

@@ -97,7 +97,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                     target.copy_(tensor)
                 loaded.add(name if shard is None else f"{name}:{shard}")
     if skipped:
-        logger.info("The checkpoint's layers %d-%d are not loaded: the model has %d (num_hidden_layers).",
+        logger.warning("The checkpoint's layers %d-%d are not loaded: the model has %d (num_hidden_layers).",
                     min(skipped), max(skipped), num_layers)
     _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
@@ -136,10 +136,11 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
         model.lm_head.weight = nn.Parameter(saved_head, requires_grad=False)
 
 
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's parameter, by our name
+
 # An fp8 KV cache's per-tensor scales, as vLLM reads them: llm-compressor's "self_attn.k_scale",
 # ModelOpt's "self_attn.k_proj.k_scale", the older "self_attn.k_proj.output_scale" and
 # "self_attn.kv_scale" (both); group 1 is the attention module, the others what it scales.
-_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's parameter, by our name
 _KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
                              r"|(kv)_scale)")
 

@@ -206,6 +206,9 @@ def input_schema(path: str, kind: str):
     schemas = [file_schema(file) for file in input_files(path)]
     if len(schemas) == 1:
         return schemas[0]
+    # A dictionary column (pandas' categorical) is its values, as its rows read.
+    schemas = [pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema])
+               for schema in schemas]
     try:
         return pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowException, NotImplementedError) as exc:

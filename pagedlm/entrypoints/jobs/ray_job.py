@@ -23,7 +23,7 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, input_files, input_kind, read_rows,
+    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, input_files, input_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
@@ -77,6 +77,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     check_served_model_names(config, "plain")
     check_result_columns(config.input, in_kind)
     check_column_types(config.input, in_kind, PlainFormat)
+    input_schema(config.input, in_kind)  # shards whose types do not join fail Ray's read (found by a hunt)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(
@@ -118,7 +119,7 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
             # connected, and its exit hook crashed the process: SIGSEGV), then ends the run before it starts.
             with deferred_signals():
                 ray.init(address=address)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's own SIGTERM handler, which it sets first
             ray.shutdown()
             raise
         except ConnectionError as exc:
@@ -140,11 +141,7 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
                 processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
                                       json_lines_out=out_kind == "jsonl", done_ids=done_ids,
                                       json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
-                # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
-                files = input_files(config.input)
-                ds = ray.data.read_datasource(JsonLinesDatasource(files)) if in_kind == "jsonl" else ray.data.read_parquet(
-                    files, partitioning=None, file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
-                ds = processor(ds)
+                ds = processor(_read_input(config.input, in_kind))
                 if out_kind == "jsonl":
                     ds.write_datasink(JsonLinesDatasink(config.output))
                 else:
@@ -162,6 +159,21 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
         storage.write_text(config.output.rstrip("/") + ".summary.json",
                            json.dumps({**stats.summary(interrupted is not None), "output": config.output}, indent=2))
     return stats, interrupted
+
+
+def _read_input(path: str, kind: str) -> "ray.data.Dataset":
+    """The input's rows (``input_files``), a dataset of each file's joined: Ray resolves the paths
+    of one read in threads that import fsspec's HTTP filesystem at once, and where aiohttp is
+    missing one of them fails with an ImportError Ray does not catch (found by a test run)."""
+    def read(file: str) -> "ray.data.Dataset":
+        if kind == "jsonl":
+            return ray.data.read_datasource(JsonLinesDatasource(file))
+        # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
+        return ray.data.read_parquet(file, partitioning=None,
+                                     file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
+
+    first, *others = map(read, input_files(path))
+    return first.union(*others) if others else first
 
 
 def _check_reachable(address: str) -> None:

@@ -27,6 +27,11 @@ INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParam
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 
+# A job's max_logprobs unless --max-logprobs (engine_kwargs on Ray) says otherwise: vLLM's default.
+# Without a limit one row asking for every token's logprobs (-1) over a long prompt writes gigabytes
+# and can exhaust the machine's memory, ending the job for every row (found by a hunt).
+JOB_MAX_LOGPROBS = 20
+
 
 def json_text(value: Any, width: int = 60) -> str:
     """A row's value as JSON text (the row's own words: ``null``, ``true``, ``{"a": 1}``), cut to

@@ -32,8 +32,8 @@ from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.progress import JobStats, Progress
 from pagedlm.entrypoints.jobs.rows import (
-    SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning, field_error,
-    parse_row, sampling_defaults, unwritable_row,
+    JOB_MAX_LOGPROBS, SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning,
+    field_error, parse_row, sampling_defaults, unwritable_row,
 )
 from pagedlm.config import load_chat_template
 from pagedlm.engine.reasoning_gate import ReasoningParser
@@ -236,15 +236,20 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
 
 
 def check_output_outside(input_path: str, output: str) -> None:
-    """Refuse an output inside a directory input: a later run would read it as input.
+    """Refuse an output directly in a directory input: a later run (``--resume``) would read it, or
+    the ``.job.json`` and ``.summary.json`` written beside it, as input (``files.input_files``
+    leaves out subdirectories and names beginning with ``.`` or ``_``).
 
     Raises:
         ValueError: naming both.
     """
-    inside = storage.absolute(output).startswith(storage.absolute(input_path).rstrip("/") + "/")
-    if inside and storage.is_dir(input_path):
-        raise ValueError(f"--output {output!r} is inside the --input directory {input_path!r}, whose files a later "
-                         "run (--resume) would read as input: write it elsewhere")
+    real = (lambda path: path) if storage.is_uri(input_path) else os.path.realpath  # a symlinked directory too
+    parent, name = os.path.split(real(storage.absolute(output)).rstrip("/"))
+    if storage.is_dir(input_path) and parent == real(storage.absolute(input_path)).rstrip("/") \
+            and not name.startswith((".", "_")):
+        raise ValueError(f"--output {output!r} is in the --input directory {input_path!r}, whose files a later run "
+                         "(--resume) would read as input, the output's own .job.json and .summary.json among them: "
+                         "write it elsewhere")
 
 
 def check_input_file(path: str, in_kind: str) -> None:
@@ -332,12 +337,6 @@ def _not_json_lines(raw: bytes) -> str | None:
     if end <= len(first):
         return None
     return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
-
-
-# A job's max_logprobs unless --max-logprobs says otherwise: vLLM's default. Without a limit one
-# row asking for every token's logprobs (-1) over a long prompt writes gigabytes and can exhaust
-# the machine's memory, ending the job for every row (found by a hunt).
-JOB_MAX_LOGPROBS = 20
 
 
 def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:

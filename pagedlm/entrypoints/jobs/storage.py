@@ -112,15 +112,15 @@ def make_dir(path: str) -> None:
 
 
 def list_files(directory: str, suffixes: tuple[str, ...]) -> list[str]:
-    """The files directly in ``directory`` whose names end in ``suffixes``, sorted, named as
-    ``directory`` is (a path or a URI)."""
+    """The files directly in ``directory`` whose names end in ``suffixes`` (lower-case; any case
+    matches, as ``files.file_kind`` reads a name), sorted, named as ``directory`` is (a path or a URI)."""
     if not is_uri(directory):
         paths = (os.path.join(directory, name) for name in os.listdir(directory))
-        return sorted(p for p in paths if p.endswith(suffixes) and os.path.isfile(p))
+        return sorted(p for p in paths if p.lower().endswith(suffixes) and os.path.isfile(p))
     import pyarrow.fs as pa_fs
     fs, inner = _resolve(directory)
     return sorted(f"{directory.rstrip('/')}/{info.base_name}" for info in fs.get_file_info(pa_fs.FileSelector(inner))
-                  if info.type == pa_fs.FileType.File and info.base_name.endswith(suffixes))
+                  if info.type == pa_fs.FileType.File and info.base_name.lower().endswith(suffixes))
 
 
 def move(source: str, destination: str) -> None:
