@@ -2138,3 +2138,41 @@ def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is a directory without files ending in one of"):
         run(llama_dir, tmp_path / "empty", tmp_path / "other.jsonl")
+
+
+def test_an_openai_row_whose_completion_was_aborted_is_an_error(llama_dir, tmp_path):
+    """Found by a hunt: a constrained row with no token left to sample (its grammar's only first
+    token banned) was a 200 response with finish_reason "abort", which OpenAI's responses have no
+    value for (its SDK refuses the body); vLLM's server answers it with an error. Plain rows keep
+    the engine's "abort"."""
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["x"]}}}
+    rows = [_chat_row("aborted", response_format=schema, bad_words=['"']), _chat_row("fine", max_tokens=2)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (1, 1)
+    assert _errors(out)["aborted"][1].startswith("line 1: no token was left to sample for the completion")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"id": 1, "prompt": "a", "sampling_params": {
+        "structured_outputs": {"choice": ["x"]}, "bad_words": ["x"]}}) + "\n")
+    _, out = run(llama_dir, plain, tmp_path / "plain_out.jsonl")
+    assert out[0]["error"] is None and out[0]["outputs"][0]["finish_reason"] == "abort"
+
+
+def test_a_beam_search_row_takes_no_sampling_defaults(llama_dir, tmp_path):
+    """Found by a hunt: a beam-search row that set no temperature was refused ("temperature must be
+    0"), as was any under a model or job default of top_p or seed; vLLM's server ignores them for a
+    beam search. What the row sets itself is still checked."""
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": 1, "prompt": "a b", "sampling_params": {"use_beam_search": True, "n": 2}},
+            _openai_row("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                         "chat_template": TEMPLATE, "use_beam_search": True, "n": 2})]
+    for i, row in enumerate(rows):
+        inp.write_text(json.dumps(row) + "\n")
+        stats, out = run(llama_dir, inp, tmp_path / f"out{i}.jsonl",
+                         sampling={"temperature": 0.8, "top_p": 0.9, "seed": 3, "max_tokens": 4})
+        assert (stats.completed, stats.errors) == (1, 0), out
+    inp.write_text(json.dumps({"id": 1, "prompt": "a", "sampling_params": {"use_beam_search": True, "n": 2,
+                                                                            "temperature": 0.5}}) + "\n")
+    _, out = run(llama_dir, inp, tmp_path / "refused.jsonl")
+    assert "temperature must be 0 with use_beam_search" in out[0]["error"]

@@ -310,6 +310,12 @@ class OpenAIBatchFormat:
         return text_before
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
+        """The row's response; RowError for a completion the engine aborted (no token was left to
+        sample under its constraint and bans), whose finish_reason "abort" OpenAI's responses have
+        no value for: vLLM's server answers such a request with an error too (found by a hunt)."""
+        if any(c.finish_reason == "abort" for c in output.outputs):
+            raise RowError("no token was left to sample for the completion (its constraint, tool_choice, bad_words, "
+                           "logit_bias or stop tokens ruled them all out), so it was aborted")
         ctx: _Context = job_row.context
         chat = ctx.url == CHAT_URL
         params = job_row.params

@@ -26,6 +26,7 @@ INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParam
                                 or f.name == "prompt_logprob_token_ids")
 
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "seed")  # what a beam search has no use for
 
 # A job's max_logprobs unless --max-logprobs (engine_kwargs on Ray) says otherwise: vLLM's default.
 # Without a limit one row asking for every token's logprobs (-1) over a long prompt writes gigabytes
@@ -87,7 +88,8 @@ class JobFormat(Protocol):
         output is read before the model, which formats need, loads.)"""
 
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
-        """The output row of a finished request."""
+        """The output row of a finished request; RowError where the format has no form for it
+        (the job writes the row's error instead)."""
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
         """The output row of a row that could not run; ``row`` is the input row, if it could be read."""
@@ -156,6 +158,11 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     if unknown:
         kind = "unknown field(s)" if set(unknown) - _ROW_REFUSED else "SamplingParams field(s) a job row cannot set"
         raise RowError(f"{where}: {kind} {', '.join(unknown)}; allowed: {', '.join(SAMPLING_FIELDS)}", unknown[0])
+    if fields.get("use_beam_search") is True:
+        # The defaults' sampling (the model's generation config: Qwen3's temperature, top_p, top_k)
+        # does not apply to a beam search, which is greedy (vLLM's server ignores them too; found by
+        # a hunt: every such row was refused); what the row sets itself still does.
+        defaults = {k: v for k, v in defaults.items() if k not in _SAMPLING_ONLY} | {"temperature": 0.0}
     constraint = fields.get("structured_outputs")
     if isinstance(constraint, dict) and isinstance(constraint.get("json"), dict):
         fields = {**fields, "structured_outputs": {**constraint,
