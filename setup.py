@@ -143,7 +143,7 @@ setup(
         "jinja2>=3.1",  # transformers renders chat templates with it
     ],
     extras_require={
-        "parquet": ["pyarrow>=13"],  # to_pylist(maps_as_pydicts=...)
+        "parquet": ["pyarrow>=14"],  # to_pylist(maps_as_pydicts=...), unify_schemas(promote_options=...)
         "ray": ["ray[data]"],
         "structured": ["xgrammar"],
         "test": ["pytest", "hypothesis", "pyarrow", "nbclient", "ipykernel", "matplotlib", "ray[data]", "xgrammar",
