@@ -561,10 +561,10 @@ def check_free_gpu_memory(device: torch.device, gpu_memory_utilization: float | 
 def available_memory(device: torch.device, gpu_memory_utilization: float | None, free_at_start: int | None) -> int:
     """Bytes the KV cache may take by default on ``device``. On CUDA, vLLM's per-instance budget:
     the share ``gpu_memory_utilization`` (default ``GPU_MEMORY_UTILIZATION``) of the GPU's total
-    memory, less what this LLM took since ``free_at_start`` bytes were free (``check_free_gpu_memory``
-    before its weights loaded; activations and recorded steps come on top, from the rest), whatever other processes hold: two LLMs at 0.45 share one GPU. On
-    CPU, the share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of the
-    available RAM."""
+    memory, less what this LLM took since ``free_at_start`` bytes were free
+    (``check_free_gpu_memory``, before its weights loaded), whatever other processes hold: two LLMs
+    at 0.45 share one GPU (activations and recorded steps come on top, from the rest). On CPU, the
+    share ``gpu_memory_utilization`` (default ``CPU_KV_CACHE_RAM_SHARE``) of the available RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(total * (gpu_memory_utilization or GPU_MEMORY_UTILIZATION) - (free_at_start - free))

@@ -557,9 +557,9 @@ class LLMEngine:
         back to the queue to be computed again (``Scheduler.requeue``), and the prefix cache is reset
         because the step's blocks may not have been written, so greedy and seeded requests give the
         same outputs when stepping goes on (an unseeded one draws anew: its draws come from the
-        engine's generator in the order of the rows a step samples). SIGINT or SIGTERM arriving once the model has run is held
-        until the step's outputs are applied (``deferred_signals``) and raised then; the requests
-        that finished in that step are not returned.
+        engine's generator in the order of the rows a step samples). SIGINT or SIGTERM arriving
+        once the model has run is held until the step's outputs are applied (``deferred_signals``)
+        and raised then; the requests that finished in that step are not returned.
         """
         self._check_open()
         drawn: list[tuple[torch.Generator, torch.Tensor]] = []  # seeded generators' states before the step

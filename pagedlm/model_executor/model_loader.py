@@ -98,7 +98,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 loaded.add(name if shard is None else f"{name}:{shard}")
     if skipped:
         logger.warning("The checkpoint's layers %d-%d are not loaded: the model has %d (num_hidden_layers).",
-                    min(skipped), max(skipped), num_layers)
+                       min(skipped), max(skipped), num_layers)
     _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
     if saved_head is not None and "embed_tokens.weight" in expected - loaded:

@@ -42,8 +42,8 @@ def file_kind(path: str, what: str) -> str:
 
 def input_files(path: str) -> list[str]:
     """The files an input is: ``path`` itself, or a directory's files (an object store prefix's)
-    that end in a JSONL or Parquet suffix, in name order: a dataset's shards, a ``--ray`` job's
-    output. Hidden ones (``.``, ``_``: Spark's ``_SUCCESS``) and subdirectories are left out.
+    that end in a JSONL or Parquet suffix in any case, in name order: a dataset's shards. Hidden
+    ones (``.``, ``_``: Spark's ``_SUCCESS``) and subdirectories are left out.
 
     Raises:
         ValueError: a directory without such files, or with files of both kinds.
@@ -194,7 +194,8 @@ def batch_rows(batch) -> Iterator[tuple[dict, str | None]]:
 
 def input_schema(path: str, kind: str):
     """The Parquet input's Arrow schema (carried columns keep their types; a directory's files'
-    joined, a column's types promoted to one that holds them all), else None.
+    joined, a column's types promoted as pyarrow's permissive ``unify_schemas`` promotes them,
+    dictionaries read as their values), else None.
 
     Raises:
         ValueError: two files' types of a column that no type holds together.

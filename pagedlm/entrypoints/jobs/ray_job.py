@@ -29,9 +29,8 @@ from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_column_types, check_input_file, check_output_outside, check_record,
-    check_result_columns,
-    check_served_model_names, exclusive_run, job_engine_kwargs, job_record, read_input, signals_deferred,
-    signals_interrupt, write_record,
+    check_result_columns, check_served_model_names, exclusive_run, job_engine_kwargs, job_record, read_input,
+    signals_deferred, signals_interrupt, write_record,
 )
 from pagedlm.integrations.ray import PagedLMProcessorConfig, Processor
 from pagedlm.transformers_utils.hub import is_hub_model_id
