@@ -637,6 +637,47 @@ def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path,
         run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
 
 
+def test_a_part_whose_pages_are_damaged_is_refused_and_one_moved_aside_runs_again(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: a part whose footer and ids read but whose outputs do not was found only by
+    the merge, after every remaining row had run (and by every later --resume again); and with a
+    part moved aside, as the refusal says, the next part took the number of a kept one and replaced
+    it, whose rows were counted done: lost."""
+    import pyarrow.parquet as pq
+
+    from pagedlm.entrypoints.jobs import runner
+
+    rows = [{"id": i, "prompt": f"row {i}"} for i in range(6)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    _, reference = run(llama_dir, inp, tmp_path / "out.parquet")
+    whole = pq.read_table(tmp_path / "out.parquet")
+    os.remove(tmp_path / "out.parquet")
+    parts = tmp_path / "out.parquet.parts"  # as an interrupted job leaves them: rows 0-1, 2-3, 4-5
+    os.makedirs(parts)
+    for number in (1, 2, 3):
+        pq.write_table(whole.slice(2 * number - 2, 2), parts / f"part-{number:06d}.parquet")
+    damaged = bytearray((parts / "part-000001.parquet").read_bytes())
+    group = pq.ParquetFile(parts / "part-000001.parquet").metadata.row_group(0)
+    column = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "prompt")
+    for k in range(column.data_page_offset, column.data_page_offset + 16):
+        damaged[k] ^= 0x5A
+    (parts / "part-000001.parquet").write_bytes(damaged)
+    assert pq.read_table(parts / "part-000001.parquet", columns=["id"]).num_rows == 2
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "LLM", no_load)
+        with pytest.raises(ValueError, match="part-000001.parquet cannot be read .*move it aside"):
+            run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
+    os.replace(parts / "part-000001.parquet", tmp_path / "aside.parquet")
+    (parts / "notes.txt").write_text("not a part")
+    stats, out = run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
+    assert stats.completed == 2 and stats.skipped == 4
+    assert sorted(r["id"] for r in out) == list(range(6))
+    assert by_id(out) == by_id(reference)
+
+
 def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypatch):
     """Found by a review: a sync failing with anything but OSError (pyarrow's ValueError) killed
     the writer's thread, and every later write tried to start it again."""

@@ -11,6 +11,7 @@ import decimal
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -417,6 +418,21 @@ class JsonlWriter(OutputWriter):
 
 
 MERGED_ROW_GROUP_ROWS = 65_536
+_PART_NAME = re.compile(r"part-(\d+)\.parquet")
+
+
+def _part_number(path: str) -> int:
+    return int(_PART_NAME.fullmatch(os.path.basename(path)).group(1))
+
+
+def _read_through(path: str) -> None:
+    """Decode every page of the Parquet file ``path``, a row group at a time (a whole output's text
+    would not fit in memory). Raises what pyarrow raises for a damaged one."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    for group in range(file.num_row_groups):
+        file.read_row_group(group)
 
 
 class ParquetWriter(OutputWriter):
@@ -457,17 +473,18 @@ class ParquetWriter(OutputWriter):
         # nothing (its model failed to load, say) leaves it where it was.
         self._resumed = path if resume and os.path.exists(path) else None
         for part in [*([path] if self._resumed else []), *self._parts()]:
-            # The key column alone: a part's outputs would take ~10 times the file's size in memory.
             try:
+                _read_through(part)  # the merge reads every page: a damaged one is refused now, not then
                 if key_field in pq.read_schema(part).names:
                     ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist()
                 else:
                     ids = [None] * pq.ParquetFile(part).metadata.num_rows
-            except pa.ArrowException as exc:  # parts are renamed into place whole: this one was damaged since
-                raise ValueError(f"{part} cannot be read ({exc}); cannot resume into it: restore it, or move it "
+            except (pa.ArrowException, OSError) as exc:  # parts are renamed into place whole: damaged since
+                raise ValueError(f"{part} cannot be read ({' '.join(str(exc).split())}); cannot resume into it: restore it, or move it "
                                  "aside and its rows run again") from None
             self.keys.update(self.same_key(key_of({key_field: key})) for key in ids)
-        self._next_part = len(self._parts()) + 1
+        # After the highest part there is: with a part moved aside, their count would name a kept one.
+        self._next_part = max((_part_number(p) for p in self._parts()), default=0) + 1
 
     def same_key(self, key: Any) -> Any:
         return id_text(key)
@@ -476,9 +493,11 @@ class ParquetWriter(OutputWriter):
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
 
     def _parts(self) -> list[str]:
+        """The parts this writer wrote (``_part_path``'s names), in their order."""
         if not os.path.isdir(self.parts_dir):
             return []
-        return sorted(os.path.join(self.parts_dir, p) for p in os.listdir(self.parts_dir) if p.endswith(".parquet"))
+        names = [p for p in os.listdir(self.parts_dir) if _PART_NAME.fullmatch(p)]
+        return [os.path.join(self.parts_dir, p) for p in sorted(names, key=_part_number)]
 
     def _adopt(self) -> None:
         """Make the parts directory, the resumed output its first part."""
