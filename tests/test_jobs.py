@@ -637,6 +637,28 @@ def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path,
         run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
 
 
+def test_a_job_runs_to_its_end_after_its_stderr_reader_goes(llama_dir, tmp_path, monkeypatch):
+    """Found by a hunt: with stderr a pipe whose reader had gone (``| head``, a log shipper
+    restarting), a progress line's BrokenPipeError ended the job, or, printed as it closed, left it
+    without its summary and exit status 0."""
+    from pagedlm.entrypoints.cli import run_main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stderr = open(write_end, "w")
+    monkeypatch.setattr(sys, "stderr", stderr)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"row {i}"} for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    try:
+        assert run_main(["--input", inp, "--output", str(out), "--model", llama_dir, "--max-tokens", "2",
+                         "--dtype", "float32", "--progress-interval", "0"]) == 0
+        print("and after it", file=sys.stderr, flush=True)  # stderr now writes nowhere, without an error
+    finally:
+        stderr.close()
+    assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == [0, 1, 2, 3]
+    assert json.load(open(f"{out}.summary.json"))["completed"] == 4
+
+
 def test_a_part_whose_pages_are_damaged_is_refused_and_one_moved_aside_runs_again(llama_dir, tmp_path, monkeypatch):
     """Found by a hunt: a part whose footer and ids read but whose outputs do not was found only by
     the merge, after every remaining row had run (and by every later --resume again); and with a

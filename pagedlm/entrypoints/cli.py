@@ -8,6 +8,7 @@ import sys
 
 from pagedlm.entrypoints import demo
 from pagedlm.entrypoints.jobs.files import OutputWriteError
+from pagedlm.entrypoints.jobs.progress import say
 from pagedlm.entrypoints.jobs.runner import INPUT_FORMATS, JobConfig, run_job
 
 # Command-line flags that set the job's sampling defaults: (flag, SamplingParams field, type).
@@ -153,14 +154,13 @@ def run_main(argv: list[str]) -> int:
     except ValueError as exc:  # the flags parsed: the reason alone, not the usage before it
         parser.exit(2, f"{parser.prog}: error: {_naming_the_flag(str(exc), {**sampling, **engine})}\n")
     except OutputWriteError as exc:
-        print(f"pagedlm run: error: {exc.strerror}", file=sys.stderr)
+        say(f"pagedlm run: error: {exc.strerror}")
         return 1
     summary = stats.summary(interrupted is not None)
-    print(f"[pagedlm run] {'done' if interrupted is None else 'interrupted'}: {stats.rows} rows read, {stats.completed} "
-          f"completed, {stats.errors} errors, {stats.skipped} already done; {stats.prompt_tokens} prompt + "
-          f"{stats.completion_tokens} generated tokens in {summary['wall_time_s']:.1f} s "
-          f"({summary['generated_tokens_per_s']} generated tok/s). Summary: {args.output}.summary.json",
-          file=sys.stderr)
+    say(f"[pagedlm run] {'done' if interrupted is None else 'interrupted'}: {stats.rows} rows read, {stats.completed} "
+        f"completed, {stats.errors} errors, {stats.skipped} already done; {stats.prompt_tokens} prompt + "
+        f"{stats.completion_tokens} generated tokens in {summary['wall_time_s']:.1f} s "
+        f"({summary['generated_tokens_per_s']} generated tok/s). Summary: {args.output}.summary.json")
     return 0 if interrupted is None else 128 + interrupted
 
 
@@ -186,6 +186,6 @@ def main(argv: list[str] | None = None) -> None:
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_IGN)
         if stopped:
-            print("[pagedlm run] SIGINT: stopped", file=sys.stderr)
+            say("[pagedlm run] SIGINT: stopped")
         sys.exit(code)
     demo.main(argv)

@@ -1,5 +1,6 @@
 """A job's progress: a tqdm bar on a terminal, a plain line every few seconds in a log, a summary."""
 
+import os
 import sys
 import threading
 import time
@@ -83,8 +84,8 @@ class Progress:
         if self.total and run_rows:
             remaining = (self.total - done) * s.elapsed() / run_rows
             eta = f", ETA {_duration(remaining)}"
-        print(f"[pagedlm run] rows {done}{of}, errors {s.errors}, {self._rate():.1f} generated tok/s, "
-              f"elapsed {_duration(s.elapsed())}{eta}", file=sys.stderr, flush=True)
+        say(f"[pagedlm run] rows {done}{of}, errors {s.errors}, {self._rate():.1f} generated tok/s, "
+            f"elapsed {_duration(s.elapsed())}{eta}")
         self._printed_done = done
 
     def close(self) -> None:
@@ -96,6 +97,22 @@ class Progress:
             self._thread.join()
         if self._printed_done != self.stats.done:
             self._print_line()
+
+
+def say(text: str) -> None:
+    """Print a job's note on stderr. Notes are best effort: once stderr's reader has gone (a pipe to
+    ``head``, a log shipper restarting) the job runs on with stderr on /dev/null, so that later
+    notes, warnings and the interpreter's exit write nowhere rather than fail (found by a hunt: the
+    BrokenPipeError ended a job, or lost its summary at the end)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stderr without a file descriptor
+            pass
 
 
 def _duration(seconds: float) -> str:

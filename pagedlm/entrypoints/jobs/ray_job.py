@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from pagedlm.entrypoints.jobs.files import (
     JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, input_files, input_kind, input_schema, read_rows,
 )
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
-from pagedlm.entrypoints.jobs.progress import JobStats
+from pagedlm.entrypoints.jobs.progress import JobStats, say
 from pagedlm.entrypoints.jobs.runner import (
     JobConfig, JobInterrupted, check_column_types, check_input_file, check_output_outside, check_record,
     check_result_columns, check_served_model_names, exclusive_run, job_engine_kwargs, job_record, read_input,
@@ -147,8 +146,8 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
                     ds.write_parquet(config.output)
         except (JobInterrupted, KeyboardInterrupt) as exc:
             interrupted = exc.signum if isinstance(exc, JobInterrupted) else signal.SIGINT
-            print(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
-                  "--resume continues the job", file=sys.stderr, flush=True)
+            say(f"[pagedlm run] {signal.Signals(interrupted).name}: stopped; the files written are kept and "
+                "--resume continues the job")
             if own_ray:
                 ray.shutdown()  # ends the write tasks still running, before the files are counted
         if interrupted is None and not storage.is_dir(config.output):

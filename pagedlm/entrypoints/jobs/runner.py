@@ -14,7 +14,6 @@ import math
 import os
 import re
 import signal
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from pagedlm.entrypoints.jobs.files import (
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
-from pagedlm.entrypoints.jobs.progress import JobStats, Progress
+from pagedlm.entrypoints.jobs.progress import JobStats, Progress, say
 from pagedlm.entrypoints.jobs.rows import (
     JOB_MAX_LOGPROBS, SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning,
     field_error, parse_row, sampling_defaults, unwritable_row,
@@ -161,8 +160,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
                 finished = True
         except JobInterrupted as exc:  # out of signals_interrupt: another signal only prints its note
             interrupted = exc.signum
-            print(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job",
-                  file=sys.stderr, flush=True)
+            say(f"[pagedlm run] {exc}: writing what has finished and stopping; --resume continues the job")
         finally:
             try:
                 if writer is not None:
@@ -176,8 +174,8 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
         try:
             storage.write_text(config.output + ".summary.json", json.dumps(summary, indent=2))
         except OSError as exc:  # the rows are written; only the summary is lost
-            print(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
-                  "is complete", file=sys.stderr, flush=True)
+            say(f"[pagedlm run] could not write {config.output}.summary.json ({exc.strerror or exc}); the output "
+                "is complete")
     return stats, interrupted
 
 
@@ -554,8 +552,7 @@ def signals_deferred() -> Iterator[None]:
 
 
 def _note_deferred(signum: int, frame: object) -> None:
-    print(f"[pagedlm run] {signal.Signals(signum).name}: still writing what has finished; stopping right after",
-          file=sys.stderr, flush=True)
+    say(f"[pagedlm run] {signal.Signals(signum).name}: still writing what has finished; stopping right after")
 
 
 def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
