@@ -637,6 +637,28 @@ def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path,
         run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
 
 
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_rows_without_an_id_resume_by_their_position(llama_dir, tmp_path, out_name):
+    """Found by a hunt: rows without an id were matched to the output's id-less error rows by count,
+    so once a bad line was mended (its error row stays), a later row without an id counted as done
+    and its error row was never written. Each is now matched by its position."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"\n')
+    out = tmp_path / out_name
+    stats, rows = run(llama_dir, inp, out)
+
+    def label(rows):
+        return sorted(r["error"][:26] if r["error"] else r["id"] for r in rows)
+
+    assert label(rows) == ["a", "line 2 is not valid JSON: "]
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"prompt": "no id"}\n"neither"\n')
+    stats, rows = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (1, 1, 2)
+    assert label(rows) == ["a", "b", "line 2 is not valid JSON: ", "line 3: id must be a strin", "line 4: a row must be an o"]
+    stats, again = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (4, 0, 0) and again == rows
+
+
 def test_a_job_runs_to_its_end_after_its_stderr_reader_goes(llama_dir, tmp_path, monkeypatch):
     """Found by a hunt: with stderr a pipe whose reader had gone (``| head``, a log shipper
     restarting), a progress line's BrokenPipeError ended the job, or, printed as it closed, left it

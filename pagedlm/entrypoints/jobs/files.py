@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
@@ -387,7 +388,7 @@ class JsonlWriter(OutputWriter):
     Args:
         path: the output file. With ``resume`` it may exist: its keys are read and a torn last
             line, left by a kill, is cut off.
-        key_of: an output row's id.
+        key_of: an output row's key for resume (``output_key``).
 
     Raises:
         ValueError: a line other than the last is not valid JSON (the file is not one we wrote).
@@ -446,7 +447,7 @@ class ParquetWriter(OutputWriter):
         path: the output file.
         resume: read the keys of the parts (and of ``path``, which becomes the first part once
             this run writes a row or finishes). A part that cannot be read raises ValueError, naming it.
-        key_of: an output row's id.
+        key_of: an output row's key for resume (``output_key``).
         key_field: the column that holds it, the only one resume reads.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
             columns' types are inferred and unified across parts.
@@ -475,19 +476,20 @@ class ParquetWriter(OutputWriter):
         for part in [*([path] if self._resumed else []), *self._parts()]:
             try:
                 _read_through(part)  # the merge reads every page: a damaged one is refused now, not then
-                if key_field in pq.read_schema(part).names:
-                    ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist()
-                else:
-                    ids = [None] * pq.ParquetFile(part).metadata.num_rows
+                # The ids, and the errors that name the rows without one: the outputs would take ~10
+                # times the file's size in memory.
+                columns = [c for c in (key_field, "error") if c in pq.read_schema(part).names]
+                table = pq.read_table(part, columns=columns)
+                rows = table.to_pylist() if columns else [{}] * pq.ParquetFile(part).metadata.num_rows
             except (pa.ArrowException, OSError) as exc:  # parts are renamed into place whole: damaged since
                 raise ValueError(f"{part} cannot be read ({' '.join(str(exc).split())}); cannot resume into it: restore it, or move it "
                                  "aside and its rows run again") from None
-            self.keys.update(self.same_key(key_of({key_field: key})) for key in ids)
+            self.keys.update(self.same_key(key_of(row)) for row in rows)
         # After the highest part there is: with a part moved aside, their count would name a kept one.
         self._next_part = max((_part_number(p) for p in self._parts()), default=0) + 1
 
     def same_key(self, key: Any) -> Any:
-        return id_text(key)
+        return key if isinstance(key, Position) else id_text(key)
 
     def _part_path(self, number: int) -> str:
         return os.path.join(self.parts_dir, f"part-{number:06d}.parquet")
@@ -643,6 +645,39 @@ def as_text(value: Any) -> str | None:
         return None
     text = value if isinstance(value, str) else to_json(value)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an input row without a usable id is: its file in a directory input (else "") and
+    ``line N`` or ``row N``. It stands for the row's id on resume, matched to the position its error
+    row's message begins with, so that a line mended since (its error row stays, without an id) or
+    a row appended does not count another row's error as its own (found by a hunt: counted by
+    number, a mended line made a later row without an id count as done, and its error was lost)."""
+
+    file: str
+    where: str
+
+    @classmethod
+    def of(cls, text: str) -> "Position | None":
+        """The position ``text`` begins with: a row's place in the input (``"b.jsonl line 2"``) or
+        its error message (``"b.jsonl: line 2 is not valid JSON"``, ``"row 7: id must be ..."``)."""
+        match = _POSITION.match(text)
+        return cls(match.group(1) or "", match.group(2)) if match else None
+
+
+_POSITION = re.compile(r"(?:(.*?):? )?((?:line|row) \d+)(?=[: ]|$)")
+
+
+def output_key(key_of: Callable[[Any], Any], error_of: Callable[[dict], str | None]) -> Callable[[dict], Any]:
+    """An output row's key for resume: its id, else the ``Position`` its error names (None where
+    it names none)."""
+
+    def key(row: dict) -> Any:
+        found = key_of(row)
+        return found if found is not None else Position.of(error_of(row) or "")
+
+    return key
 
 
 def id_text(key: Any) -> str | None:

@@ -129,6 +129,12 @@ class OpenAIBatchFormat:
         key = row.get("custom_id") if isinstance(row, dict) else None
         return key if isinstance(key, str) else None
 
+    @staticmethod
+    def error_of(row: dict) -> str | None:
+        error = row.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return message if isinstance(message, str) else None
+
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
             raise RowError(f"a row must be a JSON object with {', '.join(ROW_FIELDS)}, got {json_text(row, 60)}")

@@ -61,6 +61,11 @@ class PlainFormat:
         key = row.get("id") if isinstance(row, dict) else None
         return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
 
+    @staticmethod
+    def error_of(row: dict) -> str | None:
+        error = row.get("error")
+        return error if isinstance(error, str) else None
+
     def parse(self, row: Any, key: RowKey) -> JobRow:
         if not isinstance(row, dict):
             raise RowError(f"a row must be an object with an id and a prompt, got {json_text(row, 60)}")

@@ -87,6 +87,10 @@ class JobFormat(Protocol):
         resume skips the input rows whose ids the output holds. (A static method: a resumed job's
         output is read before the model, which formats need, loads.)"""
 
+    @staticmethod
+    def error_of(row: dict) -> str | None:
+        """An output row's error message, None for a result row (never raises)."""
+
     def result_row(self, job_row: JobRow, output: RequestOutput) -> dict:
         """The output row of a finished request; RowError where the format has no form for it
         (the job writes the row's error instead)."""

@@ -24,8 +24,8 @@ from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, count_rows, file_kind, file_schema, input_files,
-    input_kind, input_schema, read_rows,
+    JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, Position, count_rows, file_kind, file_schema,
+    input_files, input_kind, input_schema, output_key, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
@@ -506,8 +506,8 @@ def _gate_parser(llm: LLM) -> ReasoningParser | None:
 def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], in_kind: str) -> OutputWriter:
     try:
         if out_kind == "jsonl":
-            return JsonlWriter(config.output, config.resume, fmt.key_of, config.sync_interval)
-        return ParquetWriter(config.output, config.resume, fmt.key_of, fmt.key_field,
+            return JsonlWriter(config.output, config.resume, output_key(fmt.key_of, fmt.error_of), config.sync_interval)
+        return ParquetWriter(config.output, config.resume, output_key(fmt.key_of, fmt.error_of), fmt.key_field,
                              output_schema(input_schema(config.input, in_kind)), config.sync_interval,
                              trailing_columns=RESULT_COLUMNS)
     except OSError as exc:
@@ -764,7 +764,7 @@ class _Job:
         for where, row, read_error in rows:
             self.stats.rows += 1
             key = self.fmt.key_of(row)  # None for a row that could not be read at all
-            same = self.writer.same_key(key)
+            same = self.writer.same_key(key if key is not None else Position.of(where))
             self.seen[same] += 1
             if self.seen[same] <= self.done[same]:
                 self.stats.skipped += 1
