@@ -637,6 +637,23 @@ def test_a_damaged_output_is_refused_before_the_model_loads(llama_dir, tmp_path,
         run(llama_dir, inp, tmp_path / "out.parquet", resume=True)
 
 
+def test_a_job_resumes_with_its_input_and_model_by_another_path(llama_dir, tmp_path):
+    """Found by a hunt: the job's record keeps absolute paths, so the same input or model by a
+    symlinked path was refused as other settings (while the output check resolves symlinks)."""
+    (tmp_path / "real").mkdir()
+    inp = write_jsonl(tmp_path / "real" / "in.jsonl", [{"id": 1, "prompt": "a"}])
+    run(llama_dir, inp, tmp_path / "out.jsonl")
+    write_jsonl(tmp_path / "real" / "in.jsonl", [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}])
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(llama_dir, tmp_path / "model")
+    stats, out = run(str(tmp_path / "model"), tmp_path / "link" / "in.jsonl", tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.completed) == (1, 1) and sorted(r["id"] for r in out) == [1, 2]
+    (tmp_path / "other").mkdir()
+    other = write_jsonl(tmp_path / "other" / "in.jsonl", [{"id": 1, "prompt": "a"}])
+    with pytest.raises(ValueError, match="input: started with"):
+        run(llama_dir, other, tmp_path / "out.jsonl", resume=True)
+
+
 @pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
 def test_rows_without_an_id_resume_by_their_position(llama_dir, tmp_path, out_name):
     """Found by a hunt: rows without an id were matched to the output's id-less error rows by count,

@@ -667,6 +667,11 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
     }
 
 
+def _same_local_file(a: Any, b: Any) -> bool:
+    return (isinstance(a, str) and isinstance(b, str) and not storage.is_uri(a) and not storage.is_uri(b)
+            and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
 def check_record(config: JobConfig, record: dict, started: bool) -> None:
     """Refuse to overwrite a started job's output, or to resume it under other settings."""
     if started and not config.resume:
@@ -694,6 +699,9 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
         recorded.setdefault("trust_request_chat_template", record["trust_request_chat_template"])
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
             recorded["engine"] = {k: v for k, v in recorded["engine"].items() if _JOB_DEFAULTS.get(k, v) != v}
+        for name in ("input", "model"):  # the same file by another path (a symlink on the way)
+            if _same_local_file(recorded.get(name), record[name]):
+                recorded[name] = record[name]
         differ = [f"{k}: started with {recorded.get(k)!r}, now {v!r}" for k, v in record.items() if recorded.get(k) != v]
         if differ:
             raise ValueError("cannot resume: this run's settings differ from the job's:\n  " + "\n  ".join(differ))
