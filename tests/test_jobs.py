@@ -1040,6 +1040,18 @@ def test_only_a_file_in_another_encoding_is_refused_up_front():
     assert _not_json_lines(sample + latin1) is None
 
 
+def test_an_array_file_is_told_from_json_lines_whose_first_row_is_an_array():
+    """Found by a hunt: JSON Lines whose first row was an array (one bad row) were refused whole as
+    an array file, with jq's advice; the same line as the second row was only its row's error."""
+    from pagedlm.entrypoints.jobs.runner import _not_json_lines
+
+    rows = b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}\n'
+    assert _not_json_lines(b"[1, 2]\n" + rows) is None
+    assert _not_json_lines(b'[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}]\n').startswith("holds a JSON array")
+    assert _not_json_lines(b'[{"id": 1, "prompt": "a"},\n{"id": 2, "prompt": "b"}]\n').startswith("holds a JSON array")
+    assert _not_json_lines(b"[1, 2]\n\n  \n").startswith("holds a JSON array")
+
+
 def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -314,14 +314,18 @@ def _not_json_lines(raw: bytes) -> str | None:
                 "MiB: Latin-1 or Windows-1252 text, most likely); pagedlm run reads UTF-8: save it as UTF-8, e.g. "
                 "iconv -f cp1252 -t utf-8")
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
-    if head.startswith("["):
-        return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
-    first = head.split("\n", 1)[0]
+    first, _, rest = head.partition("\n")
     try:
         json.loads(first)
-        return None
+        first_parses = True
     except (ValueError, RecursionError):  # RecursionError: nested too deep
-        pass
+        first_parses = False
+    # A whole line that is an array, with lines after it, is a bad row of JSON Lines (found by a hunt:
+    # refused as an array file).
+    if head.startswith("[") and not (first_parses and rest.strip()):
+        return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
+    if first_parses:
+        return None
     if "\r" in head and "\n" not in head:
         return ("has lines ended by CR alone (old Mac line endings); pagedlm run reads JSON Lines: end them with LF "
                 "(\\n), e.g. tr '\\r' '\\n'")
