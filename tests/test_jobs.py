@@ -363,7 +363,7 @@ def test_a_written_row_reaches_the_disk_without_waiting_for_the_next(tmp_path):
     from pagedlm.entrypoints.jobs.files import JsonlWriter
 
     path = tmp_path / "out.jsonl"
-    writer = JsonlWriter(str(path), False, lambda row: row["id"], sync_interval=0.05)
+    writer = JsonlWriter(str(path), False, lambda row: [row["id"]], sync_interval=0.05)
     writer.write({"id": 1})
     deadline = time.monotonic() + 30
     while path.stat().st_size == 0 and time.monotonic() < deadline:
@@ -372,7 +372,7 @@ def test_a_written_row_reaches_the_disk_without_waiting_for_the_next(tmp_path):
     writer.close()
     with open(path, "a") as f:
         f.write('{"id": 2, "tor')
-    resumed = JsonlWriter(str(path), True, lambda row: row["id"])
+    resumed = JsonlWriter(str(path), True, lambda row: [row["id"]])
     assert resumed.keys == {1: 1} and path.read_text() == '{"id": 1}\n'
     resumed.close()
 
@@ -430,7 +430,7 @@ def test_resume_reads_a_jsonl_output_with_blank_lines(tmp_path):
 
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": 1}\n\n{"id": 2}\r\n  \r\n{"id": 3}\n\n{"id": 4, "te')
-    writer = JsonlWriter(str(path), True, lambda row: row["id"])
+    writer = JsonlWriter(str(path), True, lambda row: [row["id"]])
     writer.close()
     assert writer.keys == {1: 1, 2: 1, 3: 1}
     assert path.read_bytes() == b'{"id": 1}\n\n{"id": 2}\r\n  \r\n{"id": 3}\n\n'  # the torn row only is cut
@@ -441,12 +441,12 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     from pagedlm.entrypoints.jobs.plain_rows import output_schema
 
     path, schema = str(tmp_path / "out.parquet"), output_schema()
-    writer = ParquetWriter(path, False, lambda row: row["id"], "id", schema, part_rows=2)
+    writer = ParquetWriter(path, False, lambda row: [row["id"]], "id", schema, part_rows=2)
     for i in range(5):
         writer.write({"id": i, "error": None})
     writer.close(finished=False)  # as after SIGTERM: the parts stay, no output file yet
     assert not os.path.exists(path) and len(os.listdir(path + ".parts")) == 3
-    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer = ParquetWriter(path, True, lambda row: [row["id"]], "id", schema)
     assert writer.keys == {str(i): 1 for i in range(5)}
     writer.write({"id": 5, "error": "late"})
     writer.close()
@@ -455,15 +455,15 @@ def test_parquet_parts_of_an_interrupted_job_are_resumed(tmp_path):
     assert pq.ParquetFile(path).num_row_groups == 1  # the four parts' rows in one group (a soak hunt: one each)
     # A resume that writes nothing (its model failed to load: found by a review, the output had
     # become a part) leaves the finished output where it was; one that writes takes it in.
-    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer = ParquetWriter(path, True, lambda row: [row["id"]], "id", schema)
     assert writer.keys == {str(i): 1 for i in range(6)}
     writer.close(finished=False)
     assert os.path.exists(path) and not os.path.exists(path + ".parts")
-    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer = ParquetWriter(path, True, lambda row: [row["id"]], "id", schema)
     writer.write({"id": 6, "error": None})
     writer.close(finished=False)
     assert not os.path.exists(path) and len(os.listdir(path + ".parts")) == 2
-    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer = ParquetWriter(path, True, lambda row: [row["id"]], "id", schema)
     writer.close()
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(7))
 
@@ -482,7 +482,7 @@ def test_parquet_parts_whose_values_do_not_convert_exactly_merge_as_text(tmp_pat
     merged = {}
     for part_rows in (1, 2):  # a part a row, and both in one part
         path = str(tmp_path / f"out{part_rows}.parquet")
-        writer = ParquetWriter(path, False, lambda row: row["id"], "id", output_schema(), part_rows=part_rows)
+        writer = ParquetWriter(path, False, lambda row: [row["id"]], "id", output_schema(), part_rows=part_rows)
         for row in rows:
             writer.write(row)
         writer.close()
@@ -503,13 +503,13 @@ def test_a_kill_between_the_parquet_merge_and_the_parts_removal_resumes_without_
     from pagedlm.entrypoints.jobs.plain_rows import output_schema
 
     path, schema = str(tmp_path / "out.parquet"), output_schema()
-    writer = ParquetWriter(path, False, lambda row: row["id"], "id", schema, part_rows=2)
+    writer = ParquetWriter(path, False, lambda row: [row["id"]], "id", schema, part_rows=2)
     for i in range(5):
         writer.write({"id": i, "error": None})
     writer.close()
     os.makedirs(path + ".parts")  # as if killed after the rename: a part the merge already holds
     pq.write_table(pq.read_table(path).slice(0, 2), path + ".parts/part-000002.parquet")
-    writer = ParquetWriter(path, True, lambda row: row["id"], "id", schema)
+    writer = ParquetWriter(path, True, lambda row: [row["id"]], "id", schema)
     assert writer.keys == {str(i): 1 for i in range(5)}
     writer.close()
     assert [r["id"] for r in pq.read_table(path).to_pylist()] == list(range(5))
@@ -676,6 +676,21 @@ def test_rows_without_an_id_resume_by_their_position(llama_dir, tmp_path, out_na
     assert (stats.skipped, stats.completed, stats.errors) == (4, 0, 0) and again == rows
 
 
+def test_an_error_row_names_its_row_s_position_whatever_the_file_is_named():
+    """A review: a file named with "line 3" in it gave every row of it one position."""
+    from pagedlm.entrypoints.jobs.files import Position, named_positions
+
+    for name in ("", "b.jsonl ", "a line 3 b.jsonl ", "x: line 3 y.jsonl "):
+        for number in (2, 3, 30):
+            where = f"{name}line {number}"
+            read_error = f"{name[:-1]}: line {number} is not valid JSON" if name else f"line {number} is not valid JSON"
+            for message in (read_error, f"{where}: id must be a string or an integer, got null"):
+                assert Position(where) in named_positions(message), (where, message)
+                others = [f"{name}line {n}" for n in (2, 3, 30) if n != number]
+                assert not any(Position(other) in named_positions(message) for other in others), (where, message)
+    assert named_positions("no position here") == []
+
+
 def test_a_job_runs_to_its_end_after_its_stderr_reader_goes(llama_dir, tmp_path, monkeypatch):
     """Found by a hunt: with stderr a pipe whose reader had gone (``| head``, a log shipper
     restarting), a progress line's BrokenPipeError ended the job, or, printed as it closed, left it
@@ -748,7 +763,7 @@ def test_a_part_that_cannot_be_written_stops_the_writer_once(tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise ValueError("cannot convert")
 
-    writer = files.ParquetWriter(str(tmp_path / "out.parquet"), False, lambda row: row["id"], "id",
+    writer = files.ParquetWriter(str(tmp_path / "out.parquet"), False, lambda row: [row["id"]], "id",
                                  output_schema(), part_rows=2)
     monkeypatch.setattr(files, "rows_to_table", fail)
     writer.write({"id": 1, "error": None})
@@ -1050,6 +1065,8 @@ def test_an_array_file_is_told_from_json_lines_whose_first_row_is_an_array():
     assert _not_json_lines(b'[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}]\n').startswith("holds a JSON array")
     assert _not_json_lines(b'[{"id": 1, "prompt": "a"},\n{"id": 2, "prompt": "b"}]\n').startswith("holds a JSON array")
     assert _not_json_lines(b"[1, 2]\n\n  \n").startswith("holds a JSON array")
+    batched = b'[{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}]\n\n[{"id": 3, "prompt": "c"}]\n'
+    assert _not_json_lines(batched).startswith("holds a JSON array")  # a review: an array a line
 
 
 def test_a_bad_engine_setting_leaves_no_job_behind(llama_dir, tmp_path):

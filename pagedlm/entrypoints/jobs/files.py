@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from pagedlm.entrypoints.jobs import storage
@@ -388,16 +389,17 @@ class JsonlWriter(OutputWriter):
     Args:
         path: the output file. With ``resume`` it may exist: its keys are read and a torn last
             line, left by a kill, is cut off.
-        key_of: an output row's key for resume (``output_key``).
+        keys_of: an output row's keys for resume (``output_keys``).
 
     Raises:
         ValueError: a line other than the last is not valid JSON (the file is not one we wrote).
     """
 
-    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], sync_interval: float = 2.0) -> None:
+    def __init__(self, path: str, resume: bool, keys_of: Callable[[dict], list], sync_interval: float = 2.0) -> None:
         super().__init__(path, sync_interval)
         if resume and os.path.exists(path):
-            self.keys = Counter(map(key_of, read_output_lines(path)))
+            for row in read_output_lines(path):
+                self.keys.update(keys_of(row))
         # A lone surrogate (a JSON input's "\\ud800") is written as its JSON escape, not refused.
         self._file = open(path, "a", encoding="utf-8", errors="backslashreplace")
 
@@ -447,7 +449,7 @@ class ParquetWriter(OutputWriter):
         path: the output file.
         resume: read the keys of the parts (and of ``path``, which becomes the first part once
             this run writes a row or finishes). A part that cannot be read raises ValueError, naming it.
-        key_of: an output row's key for resume (``output_key``).
+        keys_of: an output row's keys for resume (``output_keys``).
         key_field: the column that holds it, the only one resume reads.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
             columns' types are inferred and unified across parts.
@@ -456,7 +458,7 @@ class ParquetWriter(OutputWriter):
             input could not be read).
     """
 
-    def __init__(self, path: str, resume: bool, key_of: Callable[[dict], Any], key_field: str, schema,
+    def __init__(self, path: str, resume: bool, keys_of: Callable[[dict], list], key_field: str, schema,
                  sync_interval: float = 2.0, part_rows: int = 10_000, trailing_columns: Sequence[str] = ()) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -476,15 +478,21 @@ class ParquetWriter(OutputWriter):
         for part in [*([path] if self._resumed else []), *self._parts()]:
             try:
                 _read_through(part)  # the merge reads every page: a damaged one is refused now, not then
-                # The ids, and the errors that name the rows without one: the outputs would take ~10
-                # times the file's size in memory.
-                columns = [c for c in (key_field, "error") if c in pq.read_schema(part).names]
-                table = pq.read_table(part, columns=columns)
-                rows = table.to_pylist() if columns else [{}] * pq.ParquetFile(part).metadata.num_rows
+                # The ids, and the errors of the rows without one: the outputs would take ~10 times
+                # the file's size in memory.
+                names = pq.read_schema(part).names
+                ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist() if key_field in names \
+                    else [None] * pq.ParquetFile(part).metadata.num_rows
+                errors = pq.read_table(part, columns=["error"]).column("error") \
+                    if None in ids and "error" in names else None
             except (pa.ArrowException, OSError) as exc:  # parts are renamed into place whole: damaged since
-                raise ValueError(f"{part} cannot be read ({' '.join(str(exc).split())}); cannot resume into it: restore it, or move it "
-                                 "aside and its rows run again") from None
-            self.keys.update(self.same_key(key_of(row)) for row in rows)
+                raise ValueError(f"{part} cannot be read ({' '.join(str(exc).split())}); cannot resume into it: "
+                                 "restore it, or move it aside and its rows run again") from None
+            for i, key in enumerate(ids):
+                row = {key_field: key}
+                if key is None and errors is not None:
+                    row["error"] = errors[i].as_py()
+                self.keys.update(map(self.same_key, keys_of(row)))
         # After the highest part there is: with a part moved aside, their count would name a kept one.
         self._next_part = max((_part_number(p) for p in self._parts()), default=0) + 1
 
@@ -649,35 +657,43 @@ def as_text(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Position:
-    """Where an input row without a usable id is: its file in a directory input (else "") and
-    ``line N`` or ``row N``. It stands for the row's id on resume, matched to the position its error
-    row's message begins with, so that a line mended since (its error row stays, without an id) or
-    a row appended does not count another row's error as its own (found by a hunt: counted by
-    number, a mended line made a later row without an id count as done, and its error was lost)."""
+    """Where an input row without a usable id is (its ``where``: ``"line 3"``, ``"row 7"``, a
+    directory input's ``"b.jsonl line 2"``). It stands for the row's id on resume, matched to the
+    position its error row's message begins with, so that a line mended since (its error row
+    stays, without an id) or a row appended does not count another row's error as its own (found
+    by a hunt: counted by number, a mended line made a later row without an id count as done, and
+    its error was lost)."""
 
-    file: str
     where: str
 
-    @classmethod
-    def of(cls, text: str) -> "Position | None":
-        """The position ``text`` begins with: a row's place in the input (``"b.jsonl line 2"``) or
-        its error message (``"b.jsonl: line 2 is not valid JSON"``, ``"row 7: id must be ..."``)."""
-        match = _POSITION.match(text)
-        return cls(match.group(1) or "", match.group(2)) if match else None
+
+_PLACE = re.compile(r"(?:line|row) \d+(?=[: ]|$)")
+_NAMED_WITHIN = 400  # characters of a message that may hold its position (a file name is at most 255)
 
 
-_POSITION = re.compile(r"(?:(.*?):? )?((?:line|row) \d+)(?=[: ]|$)")
+def named_positions(message: str) -> list[Position]:
+    """The positions an error message may begin with: its text up to each ``line N`` or ``row N``
+    followed by ``:`` or a space, near its start; a read error's ``"b.jsonl: line 2 is ..."`` also
+    as ``"b.jsonl line 2"``, its row's ``where``. Several where a file name itself holds ``line N``
+    (the row's own is among them)."""
+    found = []
+    for match in islice(_PLACE.finditer(message, 0, _NAMED_WITHIN), 4):
+        head, place = message[:match.start()], match.group()
+        found.append(Position(head + place))
+        if head.endswith(": "):
+            found.append(Position(head[:-2] + " " + place))
+    return found
 
 
-def output_key(key_of: Callable[[Any], Any], error_of: Callable[[dict], str | None]) -> Callable[[dict], Any]:
-    """An output row's key for resume: its id, else the ``Position`` its error names (None where
-    it names none)."""
+def output_keys(key_of: Callable[[Any], Any], error_of: Callable[[dict], str | None]) -> Callable[[dict], list]:
+    """An output row's keys for resume: its id, else the positions its error names
+    (``named_positions``; none where it names none)."""
 
-    def key(row: dict) -> Any:
+    def keys(row: dict) -> list:
         found = key_of(row)
-        return found if found is not None else Position.of(error_of(row) or "")
+        return [found] if found is not None else named_positions(error_of(row) or "")
 
-    return key
+    return keys
 
 
 def id_text(key: Any) -> str | None:

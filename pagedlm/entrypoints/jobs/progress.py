@@ -106,6 +106,8 @@ def say(text: str) -> None:
     BrokenPipeError ended a job, or lost its summary at the end)."""
     try:
         print(text, file=sys.stderr, flush=True)
+    except ValueError:  # stderr closed in this process
+        pass
     except OSError:
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)

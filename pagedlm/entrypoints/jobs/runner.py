@@ -25,7 +25,7 @@ from typing import Any
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, Position, count_rows, file_kind, file_schema,
-    input_files, input_kind, input_schema, output_key, read_rows,
+    input_files, input_kind, input_schema, output_keys, read_rows,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
@@ -320,9 +320,10 @@ def _not_json_lines(raw: bytes) -> str | None:
         first_parses = True
     except (ValueError, RecursionError):  # RecursionError: nested too deep
         first_parses = False
-    # A whole line that is an array, with lines after it, is a bad row of JSON Lines (found by a hunt:
-    # refused as an array file).
-    if head.startswith("[") and not (first_parses and rest.strip()):
+    # A whole line that is an array, with a line that is not one after it, is a bad row of JSON Lines
+    # (found by a hunt: refused as an array file); a line of an array each is a batched dump.
+    second = next((line for line in rest.split("\n") if line.strip()), "")
+    if head.startswith("[") and not (first_parses and second and not second.lstrip().startswith("[")):
         return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
     if first_parses:
         return None
@@ -508,10 +509,11 @@ def _gate_parser(llm: LLM) -> ReasoningParser | None:
 
 
 def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], in_kind: str) -> OutputWriter:
+    keys_of = output_keys(fmt.key_of, fmt.error_of)
     try:
         if out_kind == "jsonl":
-            return JsonlWriter(config.output, config.resume, output_key(fmt.key_of, fmt.error_of), config.sync_interval)
-        return ParquetWriter(config.output, config.resume, output_key(fmt.key_of, fmt.error_of), fmt.key_field,
+            return JsonlWriter(config.output, config.resume, keys_of, config.sync_interval)
+        return ParquetWriter(config.output, config.resume, keys_of, fmt.key_field,
                              output_schema(input_schema(config.input, in_kind)), config.sync_interval,
                              trailing_columns=RESULT_COLUMNS)
     except OSError as exc:
@@ -776,7 +778,7 @@ class _Job:
         for where, row, read_error in rows:
             self.stats.rows += 1
             key = self.fmt.key_of(row)  # None for a row that could not be read at all
-            same = self.writer.same_key(key if key is not None else Position.of(where))
+            same = self.writer.same_key(key if key is not None else Position(where))
             self.seen[same] += 1
             if self.seen[same] <= self.done[same]:
                 self.stats.skipped += 1
