@@ -676,6 +676,28 @@ def test_rows_without_an_id_resume_by_their_position(llama_dir, tmp_path, out_na
     assert (stats.skipped, stats.completed, stats.errors) == (4, 0, 0) and again == rows
 
 
+def test_an_error_row_the_output_cannot_hold_keeps_its_row_s_position(llama_dir, tmp_path, monkeypatch):
+    """A review: the row that replaces an output row the output cannot hold named no position, so a
+    row without an id whose error row could not be written got another on every resume."""
+    from pagedlm.entrypoints.jobs import files
+
+    real = files.to_json
+
+    def to_json(row):
+        if "boom" in row:
+            raise TypeError("no JSON form")
+        return real(row)
+
+    monkeypatch.setattr(files, "to_json", to_json)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, {"prompt": "b", "boom": 1}])
+    stats, rows = run(llama_dir, inp, tmp_path / "out.jsonl")
+    assert [r["error"] for r in rows if r["error"]] == [
+        "line 2: id must be a string or an integer, got null (the output row could not be written: TypeError: "
+        "no JSON form)"]
+    stats, again = run(llama_dir, inp, tmp_path / "out.jsonl", resume=True)
+    assert (stats.skipped, stats.errors) == (2, 0) and again == rows
+
+
 def test_an_error_row_names_its_row_s_position_whatever_the_file_is_named():
     """A review: a file named with "line 3" in it gave every row of it one position."""
     from pagedlm.entrypoints.jobs.files import Position, named_positions

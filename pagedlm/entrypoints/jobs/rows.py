@@ -198,9 +198,12 @@ def schema_without_nulls(schema: Any, value_nulls: bool = True) -> Any:
     return schema
 
 
-def unwritable_row(fmt: JobFormat, key: RowKey, exc: Exception) -> dict:
-    """The error row that replaces an output row the output cannot hold (``exc`` says why)."""
-    return fmt.error_row(key, None, f"the output row could not be written: {type(exc).__name__}: {exc}")
+def unwritable_row(fmt: JobFormat, key: RowKey, exc: Exception, row: dict) -> dict:
+    """The error row that replaces an output row the output cannot hold (``exc`` says why). An
+    error row's message leads it, which names the position of a row without an id (resume)."""
+    why = f"the output row could not be written: {type(exc).__name__}: {exc}"
+    error = fmt.error_of(row)
+    return fmt.error_row(key, None, f"{error} ({why})" if error else why)
 
 
 def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> RowError:

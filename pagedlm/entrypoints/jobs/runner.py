@@ -813,7 +813,7 @@ class _Job:
         try:
             self.writer.write(output_row)
         except (TypeError, ValueError, RecursionError) as exc:
-            self.writer.write(unwritable_row(self.fmt, key, exc))
+            self.writer.write(unwritable_row(self.fmt, key, exc, output_row))
             error = True
         if error:
             self.stats.errors += 1
