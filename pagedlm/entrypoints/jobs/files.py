@@ -450,7 +450,7 @@ class ParquetWriter(OutputWriter):
         resume: read the keys of the parts (and of ``path``, which becomes the first part once
             this run writes a row or finishes). A part that cannot be read raises ValueError, naming it.
         keys_of: an output row's keys for resume (``output_keys``).
-        key_field: the column that holds it, the only one resume reads.
+        key_field: the column that holds an id; resume reads it, and ``error`` where it is null.
         schema: Arrow types for known columns (the results', and the Parquet input's); other
             columns' types are inferred and unified across parts.
         trailing_columns: columns the merged file puts after all others, in this order (the
