@@ -398,6 +398,27 @@ def test_a_column_of_python_objects_fails_its_rows_not_the_dataset(local_cluster
                and r["outputs"] is None for r in rows)  # refused before it ran
 
 
+def test_a_row_the_stage_cannot_hold_becomes_its_error():
+    """A review: the stage's replacement for a row its output cannot hold called unwritable_row with
+    the arguments it had before it took the row (a TypeError for that batch)."""
+    from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
+    from pagedlm.integrations.ray import PagedLMStage
+
+    stage = PagedLMStage.__new__(PagedLMStage)
+    stage.fmt = PlainFormat.__new__(PlainFormat)
+
+    def table(out, batch):
+        if any("boom" in row for row in out):
+            raise TypeError("no column type")
+
+    stage._table = table
+    row = stage.fmt.error_row(None, {"prompt": "x", "boom": 1}, "row 3: id must be a string or an integer, got null")
+    assert stage._writable(row, None)["error"] == ("row 3: id must be a string or an integer, got null (the output "
+                                                   "row could not be written: TypeError: no column type)")
+    written = {"id": 4, "prompt": "y", "outputs": ["z"]}
+    assert stage._writable(written, None) is written
+
+
 def test_processor_config_takes_a_path_as_model_source(llama_dir):
     """A review: the check of an empty model_source refused a pathlib.Path, which LLM takes."""
     import pathlib

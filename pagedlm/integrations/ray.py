@@ -303,7 +303,7 @@ class PagedLMStage:
         try:
             self._table([row], batch)
         except (TypeError, ValueError, RecursionError) as exc:
-            return unwritable_row(self.fmt, self.fmt.key_of(row), exc)
+            return unwritable_row(self.fmt, self.fmt.key_of(row), exc, row)
         return row
 
     def _table(self, out: list[dict], batch: pa.Table) -> pa.Table:
