@@ -428,14 +428,21 @@ def _part_number(path: str) -> int:
     return int(_PART_NAME.fullmatch(os.path.basename(path)).group(1))
 
 
-def _read_through(path: str) -> None:
-    """Decode every page of the Parquet file ``path``, a row group at a time (a whole output's text
-    would not fit in memory). Raises what pyarrow raises for a damaged one."""
+def _ids_and_errors(path: str, key_field: str) -> Iterator[tuple[Any, str | None]]:
+    """Each row's id, and its error where it has none, of the Parquet output ``path``. Every page is
+    decoded (the merge reads them all: a damaged one is refused now, not after the run), a row group
+    at a time (a whole output's text would not fit in memory). Raises what pyarrow raises for a
+    damaged file."""
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
     for group in range(file.num_row_groups):
-        file.read_row_group(group)
+        table = file.read_row_group(group)
+        ids = table.column(key_field).to_pylist() if key_field in names else [None] * table.num_rows
+        errors = table.column("error") if None in ids and "error" in names else None
+        for i, key in enumerate(ids):
+            yield key, errors[i].as_py() if key is None and errors is not None else None
 
 
 class ParquetWriter(OutputWriter):
@@ -461,7 +468,6 @@ class ParquetWriter(OutputWriter):
     def __init__(self, path: str, resume: bool, keys_of: Callable[[dict], list], key_field: str, schema,
                  sync_interval: float = 2.0, part_rows: int = 10_000, trailing_columns: Sequence[str] = ()) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         super().__init__(path, sync_interval)
         self.parts_dir = path + ".parts"
@@ -477,22 +483,11 @@ class ParquetWriter(OutputWriter):
         self._resumed = path if resume and os.path.exists(path) else None
         for part in [*([path] if self._resumed else []), *self._parts()]:
             try:
-                _read_through(part)  # the merge reads every page: a damaged one is refused now, not then
-                # The ids, and the errors of the rows without one: the outputs would take ~10 times
-                # the file's size in memory.
-                names = pq.read_schema(part).names
-                ids = pq.read_table(part, columns=[key_field]).column(key_field).to_pylist() if key_field in names \
-                    else [None] * pq.ParquetFile(part).metadata.num_rows
-                errors = pq.read_table(part, columns=["error"]).column("error") \
-                    if None in ids and "error" in names else None
+                for key, error in _ids_and_errors(part, key_field):
+                    self.keys.update(map(self.same_key, keys_of({key_field: key, "error": error})))
             except (pa.ArrowException, OSError) as exc:  # parts are renamed into place whole: damaged since
                 raise ValueError(f"{part} cannot be read ({' '.join(str(exc).split())}); cannot resume into it: "
                                  "restore it, or move it aside and its rows run again") from None
-            for i, key in enumerate(ids):
-                row = {key_field: key}
-                if key is None and errors is not None:
-                    row["error"] = errors[i].as_py()
-                self.keys.update(map(self.same_key, keys_of(row)))
         # After the highest part there is: with a part moved aside, their count would name a kept one.
         self._next_part = max((_part_number(p) for p in self._parts()), default=0) + 1
 

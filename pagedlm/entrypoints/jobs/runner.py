@@ -257,13 +257,14 @@ def check_input_file(path: str, in_kind: str) -> None:
     Raises:
         ValueError: naming the file and why.
     """
-    for file in input_files(path):
-        if in_kind == "jsonl":
+    if in_kind == "jsonl":
+        for file in input_files(path):
             check_json_lines(file)
-            continue
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    for file in input_files(path):
         try:
             pq.ParquetFile(storage.parquet_source(file))
         except (OSError, pa.ArrowException) as exc:
