@@ -19,6 +19,8 @@ from transformers import AutoTokenizer
 
 from conftest import BOS, CHAT_TEMPLATE as TEMPLATE
 from pagedlm import LLM, SamplingParams
+from pagedlm.entrypoints.jobs import storage
+from pagedlm.entrypoints.jobs.files import resolve_input
 from pagedlm.entrypoints.jobs.runner import JobConfig, read_input, run_job
 from pagedlm.transformers_utils.tokenizer import TokenBytes
 
@@ -1469,11 +1471,11 @@ def test_input_format_is_detected_from_the_first_row_that_looks_like_one(llama_d
     assert (stats.completed, stats.errors) == (2, 2)
     assert all(set(row) == {"id", "custom_id", "response", "error"} for row in out)  # the bad rows too
     assert "Input read as openai rows, from line 3" in pagedlm_log.text and "--input-format" in pagedlm_log.text
-    assert read_input(JobConfig(input=inp, output=""), "jsonl", limit=2)[0] == "plain"  # none of the first 2 decides
+    assert read_input(JobConfig(input=inp, output=""), resolve_input(str(inp)), limit=2)[0] == "plain"  # none of the first 2 decides
 
     plain = write_jsonl(tmp_path / "plain.jsonl", ['{"note": 1}', {"id": 1, "prompt": "x"},
                                                    {"custom_id": "c", "url": "/v1/completions"}])
-    fmt_name, rows = read_input(JobConfig(input=plain, output=""), "jsonl")
+    fmt_name, rows = read_input(JobConfig(input=plain, output=""), resolve_input(str(plain)))
     assert fmt_name == "plain" and [where for where, _, _ in rows] == ["line 1", "line 2", "line 3"]
 
 
@@ -2291,6 +2293,27 @@ def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is a directory without files ending in one of"):
         run(llama_dir, tmp_path / "empty", tmp_path / "other.jsonl")
+
+
+def test_a_directory_input_is_listed_once(llama_dir, tmp_path, monkeypatch):
+    """Found by a review: every check and the read listed the directory again, so a shard a
+    producer added during the run was read without the checks (and an object store's prefix was
+    listed seven times). The run reads the files its first listing found."""
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    (lines / "a.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"}\n')
+    listings, list_files = [], storage.list_files
+
+    def list_then_add_a_shard(directory, suffixes):
+        listings.append(directory)
+        found = list_files(directory, suffixes)
+        (lines / "b.jsonl").write_text('{"id": 3, "prompt": "c"}\n')
+        return found
+
+    monkeypatch.setattr(storage, "list_files", list_then_add_a_shard)
+    stats, out = run(llama_dir, lines, tmp_path / "out.jsonl")
+    assert (stats.rows, [r["id"] for r in out], listings) == (2, [1, 2], [str(lines)])
+    assert resolve_input(str(lines)).files == (str(lines / "a.jsonl"), str(lines / "b.jsonl"))
 
 
 def test_an_openai_row_whose_completion_was_aborted_is_an_error(llama_dir, tmp_path):

@@ -228,10 +228,13 @@ def test_parquet_input_as_written_whatever_its_directory_or_suffix(local_cluster
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-def test_a_directory_of_shards_is_one_input_on_ray(local_cluster, llama_dir, tmp_path, suffix):
-    """As a local job reads one: its files of one type, hidden ones (Spark's _SUCCESS) left out."""
+def test_a_directory_of_shards_is_one_input_on_ray(local_cluster, llama_dir, tmp_path, suffix, monkeypatch):
+    """As a local job reads one: its files of one type, hidden ones (Spark's _SUCCESS) left out,
+    listed once (a shard added after the first listing is not read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from pagedlm.entrypoints.jobs import storage
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -241,6 +244,16 @@ def test_a_directory_of_shards_is_one_input_on_ray(local_cluster, llama_dir, tmp
         else:
             pq.write_table(pa.Table.from_pylist(rows), shards / f"part-{i}.parquet")
     (shards / "_SUCCESS").write_text("not a row")
+    listings, list_files = [], storage.list_files
+
+    def list_then_add_a_shard(directory, suffixes):  # the output's files are listed too
+        found = list_files(directory, suffixes)
+        if directory == str(shards):
+            listings.append(directory)
+            (shards / f"part-9{suffix}").write_bytes((shards / f"part-1{suffix}").read_bytes())
+        return found
+
+    monkeypatch.setattr(storage, "list_files", list_then_add_a_shard)
     out = tmp_path / "out.jsonl"
     args = ["--input", str(shards), "--output", str(out), "--model", llama_dir, "--ray", "--num-actors", "1",
             "--threads-per-actor", "1", "--cpus-per-actor", "0.5", "--max-tokens", "2", "--dtype", "float32",
@@ -248,6 +261,7 @@ def test_a_directory_of_shards_is_one_input_on_ray(local_cluster, llama_dir, tmp
     assert run_main(args) == 0
     rows = [json.loads(line) for name in os.listdir(out) for line in (out / name).read_text().splitlines()]
     assert sorted((row["id"], row["error"]) for row in rows) == [(1, None), (2, None), (3, None)]
+    assert listings == [str(shards)]
 
 
 def test_json_lines_split_on_newlines_only_and_a_bad_line_is_its_row(local_cluster, llama_dir, tmp_path):

@@ -62,13 +62,26 @@ def input_files(path: str) -> list[str]:
     return files
 
 
-def input_kind(path: str) -> str:
-    """"jsonl" or "parquet": a file's from its name, a directory's from its files' (``input_files``).
+@dataclass(frozen=True)
+class JobInput:
+    """A job's input resolved once (``resolve_input``): ``path`` as given, the ``files`` it is
+    (``input_files``) and their ``kind``, "jsonl" or "parquet". Every check and the read take it,
+    so that they all see the same files, however a directory's listing changes during the run (a
+    producer adding a shard), and an object store's prefix is listed once."""
+
+    path: str
+    files: tuple[str, ...]
+    kind: str
+
+
+def resolve_input(path: str) -> JobInput:
+    """``path``'s files (``input_files``) and their kind, a file's from its name.
 
     Raises:
         ValueError: as ``file_kind`` and ``input_files``.
     """
-    return file_kind(input_files(path)[0], "--input")
+    files = input_files(path)
+    return JobInput(path, tuple(files), file_kind(files[0], "--input"))
 
 
 def _import_pyarrow():
@@ -83,13 +96,13 @@ def _import_pyarrow():
 InputRow = tuple[str, Any, str | None]
 
 
-def count_rows(path: str, kind: str) -> int | None:
+def count_rows(job_input: JobInput) -> int | None:
     """Rows in the input (non-blank lines of JSONL files), for progress and ETA."""
-    if kind == "parquet":
+    if job_input.kind == "parquet":
         import pyarrow.parquet as pq
-        return sum(pq.ParquetFile(file).metadata.num_rows for file in input_files(path))
+        return sum(pq.ParquetFile(file).metadata.num_rows for file in job_input.files)
     count = 0
-    for file in input_files(path):
+    for file in job_input.files:
         with open(file, "rb") as f:
             for line in f:
                 count += not blank_line(line)
@@ -101,21 +114,21 @@ def blank_line(line: bytes) -> bool:
     return not line.strip().removeprefix(b"\xef\xbb\xbf").strip()
 
 
-def read_rows(path: str, kind: str) -> Iterator[InputRow]:
-    """The input's rows, streamed, a directory's file after file (``input_files``; where a row is
-    and its error then name its file): a JSONL line that is not valid UTF-8 JSON, or a Parquet row
-    of a row group that cannot be read, comes as an error."""
-    files = input_files(path)
-    if files == [path]:
-        yield from _file_rows(path, kind)
+def read_rows(job_input: JobInput) -> Iterator[InputRow]:
+    """The input's rows, streamed, a directory's file after file (where a row is and its error
+    then name its file): a JSONL line that is not valid UTF-8 JSON, or a Parquet row of a row group
+    that cannot be read, comes as an error."""
+    if job_input.files == (job_input.path,):
+        yield from file_rows(job_input.path, job_input.kind)
         return
-    for file in files:
+    for file in job_input.files:
         name = os.path.basename(file)
-        for where, row, error in _file_rows(file, kind):
+        for where, row, error in file_rows(file, job_input.kind):
             yield f"{name} {where}", row, error and f"{name}: {error}"
 
 
-def _file_rows(path: str, kind: str) -> Iterator[InputRow]:
+def file_rows(path: str, kind: str) -> Iterator[InputRow]:
+    """One input file's rows, as ``read_rows``, where a row is named within the file."""
     if kind == "parquet":
         yield from _parquet_rows(path)
         return
@@ -195,7 +208,7 @@ def batch_rows(batch) -> Iterator[tuple[dict, str | None]]:
                            f"({type(exc).__name__}: {exc})")
 
 
-def input_schema(path: str, kind: str):
+def input_schema(job_input: JobInput):
     """The Parquet input's Arrow schema (carried columns keep their types; a directory's files'
     joined, a column's types promoted as pyarrow's permissive ``unify_schemas`` promotes them,
     dictionaries read as their values), else None.
@@ -203,11 +216,11 @@ def input_schema(path: str, kind: str):
     Raises:
         ValueError: two files' types of a column that no type holds together.
     """
-    if kind != "parquet":
+    if job_input.kind != "parquet":
         return None
     import pyarrow as pa
 
-    schemas = [file_schema(file) for file in input_files(path)]
+    schemas = [file_schema(file) for file in job_input.files]
     if len(schemas) == 1:
         return schemas[0]
     # A dictionary column (pandas' categorical) is its values, as its rows read.
@@ -216,7 +229,7 @@ def input_schema(path: str, kind: str):
     try:
         return pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowException, NotImplementedError) as exc:
-        raise ValueError(f"--input {path!r}: its files' columns have types that do not join "
+        raise ValueError(f"--input {job_input.path!r}: its files' columns have types that do not join "
                          f"({' '.join(str(exc).split())}); cast them to one type") from None
 
 

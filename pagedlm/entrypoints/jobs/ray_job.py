@@ -22,7 +22,8 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
-    JSONL_SUFFIXES, PARQUET_SUFFIXES, blank_line, file_kind, id_text, input_files, input_kind, input_schema, read_rows,
+    JSONL_SUFFIXES, PARQUET_SUFFIXES, JobInput, blank_line, file_kind, id_text, input_schema, read_rows,
+    resolve_input,
 )
 from pagedlm.entrypoints.jobs.plain_rows import PlainFormat
 from pagedlm.entrypoints.jobs.progress import JobStats, say
@@ -54,9 +55,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             other settings than the job's, or another run of the job holding ``OUT.lock`` (a local
             output's; a URI's storage has none).
     """
-    in_kind = input_kind(config.input)
+    job_input = resolve_input(config.input)
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
-        JSONL_SUFFIXES + PARQUET_SUFFIXES) else in_kind
+        JSONL_SUFFIXES + PARQUET_SUFFIXES) else job_input.kind
     for name, value in (("--num-actors", num_actors), ("--threads-per-actor", torch_threads),
                         ("--max-in-flight", config.max_in_flight)):
         if value is not None and (type(value) is not int or value < 1):
@@ -66,16 +67,16 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
     if not (storage.is_file(config.input) or storage.is_dir(config.input)):
         raise ValueError(f"--input {config.input!r} is not a file or a directory")
     check_output_outside(config.input, config.output)
-    check_input_file(config.input, in_kind)
+    check_input_file(job_input)
     if config.model is not None and not (os.path.exists(config.model) or is_hub_model_id(config.model)):
         raise ValueError(f"--model {config.model!r} does not exist (every node must read the same path)")
-    if read_input(config, in_kind)[0] == "openai":
+    if read_input(config, job_input)[0] == "openai":
         raise ValueError("--ray runs plain rows (id + prompt/messages/prompt_token_ids); OpenAI batch rows run "
                          "without --ray")
     check_served_model_names(config, "plain")
-    check_result_columns(config.input, in_kind)
-    check_column_types(config.input, in_kind, PlainFormat)
-    input_schema(config.input, in_kind)  # shards whose types do not join fail Ray's read (found by a hunt)
+    check_result_columns(job_input)
+    check_column_types(job_input, PlainFormat)
+    input_schema(job_input)  # shards whose types do not join fail Ray's read (found by a hunt)
     if storage.is_file(config.output):
         raise ValueError(f"--output {config.output!r} is a file; with --ray it is a directory of files")
     processor_config = PagedLMProcessorConfig(
@@ -102,11 +103,11 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                              "use fewer actors or CPUs per actor")
     # The driver holds OUT.lock where the output is a local path (flock has no form for a URI's storage).
     with contextlib.nullcontext() if storage.is_uri(config.output) else exclusive_run(config.output):
-        return _run_ray_locked(config, processor_config, address, in_kind, out_kind)
+        return _run_ray_locked(config, processor_config, address, job_input, out_kind)
 
 
-def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None, in_kind: str,
-                out_kind: str) -> tuple[JobStats, int | None]:
+def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None,
+                    job_input: JobInput, out_kind: str) -> tuple[JobStats, int | None]:
     """``run_ray_job`` once its options are checked (and the driver holds the output)."""
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
     check_record(config, record, started)
@@ -136,10 +137,11 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
                 if config.resume and started:
                     earlier = _earlier_ids(config.output, out_kind)
                 done_ids = sorted({id_text(i) for ids in earlier.values() for i in ids if i is not None})
-                processor = Processor(processor_config, json_lines_in=in_kind == "jsonl",
+                json_lines = job_input.kind == "jsonl"
+                processor = Processor(processor_config, json_lines_in=json_lines,
                                       json_lines_out=out_kind == "jsonl", done_ids=done_ids,
-                                      json_fields=_json_fields(config.input) if (in_kind, out_kind) == ("jsonl", "parquet") else None)
-                ds = processor(_read_input(config.input, in_kind))
+                                      json_fields=_json_fields(job_input) if json_lines and out_kind == "parquet" else None)
+                ds = processor(_read_input(job_input))
                 if out_kind == "jsonl":
                     ds.write_datasink(JsonLinesDatasink(config.output))
                 else:
@@ -159,18 +161,18 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
     return stats, interrupted
 
 
-def _read_input(path: str, kind: str) -> "ray.data.Dataset":
-    """The input's rows (``input_files``), a dataset of each file's joined: Ray resolves the paths
+def _read_input(job_input: JobInput) -> "ray.data.Dataset":
+    """The input's rows, a dataset of each file's joined: Ray resolves the paths
     of one read in threads that import fsspec's HTTP filesystem at once, and where aiohttp is
     missing one of them fails with an ImportError Ray does not catch (found by a test run)."""
     def read(file: str) -> "ray.data.Dataset":
-        if kind == "jsonl":
+        if job_input.kind == "jsonl":
             return ray.data.read_datasource(JsonLinesDatasource(file))
         # No hive partitioning: a directory named "prompt=x" must not add or replace columns.
         return ray.data.read_parquet(file, partitioning=None,
                                      file_extensions=[suffix.lstrip(".") for suffix in PARQUET_SUFFIXES])
 
-    first, *others = map(read, input_files(path))
+    first, *others = map(read, job_input.files)
     return first.union(*others) if others else first
 
 
@@ -197,11 +199,11 @@ def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: dict[str
     stats.completion_tokens = sum(n or 0 for _, _, n in rows)
 
 
-def _json_fields(path: str) -> list[str]:
-    """The top-level fields of a JSONL file's objects, in the order they first appear (one pass
-    over the file in this process, before any row runs)."""
+def _json_fields(job_input: JobInput) -> list[str]:
+    """The top-level fields of a JSONL input's objects, in the order they first appear (one pass
+    over its files in this process, before any row runs)."""
     fields: dict[str, None] = {}
-    for _, row, _ in read_rows(path, "jsonl"):  # a line that is not JSON has no fields of its own
+    for _, row, _ in read_rows(job_input):  # a line that is not JSON has no fields of its own
         if isinstance(row, dict):
             fields.update(dict.fromkeys(row))
     return list(fields)

@@ -25,7 +25,7 @@ from typing import Any
 from pagedlm.entrypoints.jobs import storage
 from pagedlm.entrypoints.jobs.files import (
     JsonlWriter, OutputWriteError, OutputWriter, ParquetWriter, Position, count_rows, file_kind, file_schema,
-    input_files, input_kind, input_schema, output_keys, read_rows,
+    JobInput, file_rows, input_schema, output_keys, read_rows, resolve_input,
 )
 from pagedlm.entrypoints.jobs.openai_batch import OpenAIBatchFormat
 from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
@@ -98,9 +98,9 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
     for flag, path in (("--input", config.input), ("--output", config.output)):
         if storage.is_uri(path):
             raise ValueError(f"{flag} {path!r}: URIs are read and written by --ray jobs; a local job takes local paths")
-    in_kind = input_kind(config.input)
+    job_input = resolve_input(config.input)
     out_kind = file_kind(config.output, "--output")
-    _check_paths(config, in_kind)
+    _check_paths(config, job_input)
     if config.max_in_flight is not None and (type(config.max_in_flight) is not int or config.max_in_flight < 1):
         raise ValueError(f"--max-in-flight must be a positive integer, got {config.max_in_flight!r}")
     interval = config.progress_interval
@@ -117,19 +117,19 @@ def run_job(config: JobConfig, tty: bool | None = None, llm: LLM | None = None) 
                                                    "--reasoning-parser (LLM's reasoning_parser or reasoning_config "
                                                    "from Python)")
     with exclusive_run(config.output):
-        return _run_locked(config, tty, llm, in_kind, out_kind)
+        return _run_locked(config, tty, llm, job_input, out_kind)
 
 
-def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: str,
+def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, job_input: JobInput,
                 out_kind: str) -> tuple[JobStats, int | None]:
     """``run_job`` once the run holds its output: the checks that read the input and the job's
     record, then the rows."""
-    fmt_name, rows = read_input(config, in_kind)
+    fmt_name, rows = read_input(config, job_input)
     check_served_model_names(config, fmt_name)
     if fmt_name == "plain":
-        check_result_columns(config.input, in_kind)
+        check_result_columns(job_input)
     fmt_class = PlainFormat if fmt_name == "plain" else OpenAIBatchFormat
-    check_column_types(config.input, in_kind, fmt_class)
+    check_column_types(job_input, fmt_class)
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
@@ -146,16 +146,16 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, in_kind: s
         try:
             with signals_interrupt():
                 if started:  # what the output holds is read (and a damaged one refused) before the model loads
-                    writer = _writer(out_kind, config, fmt_class, in_kind)
+                    writer = _writer(out_kind, config, fmt_class, job_input)
                 if own_llm:
                     llm = LLM(model, **job_engine_kwargs(config))
                 if not started:  # once the engine settings have proved valid
                     write_record(config, record)
-                    writer = _writer(out_kind, config, fmt_class, in_kind)
+                    writer = _writer(out_kind, config, fmt_class, job_input)
                 # A loaded LLM of the embedded model serves its names, as the job that loads it does.
                 given = model if not own_llm and model != default_model_path(download=False) else None
-                fmt = _job_format(fmt_name, config, config.model or given, llm, in_kind == "parquet")
-                progress = Progress(stats, count_rows(config.input, in_kind), config.progress_interval, tty)
+                fmt = _job_format(fmt_name, config, config.model or given, llm, job_input.kind == "parquet")
+                progress = Progress(stats, count_rows(job_input), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
                 finished = True
         except JobInterrupted as exc:  # out of signals_interrupt: another signal only prints its note
@@ -212,7 +212,7 @@ def exclusive_run(output: str) -> Iterator[None]:
             os.close(fd)
 
 
-def _check_paths(config: JobConfig, in_kind: str) -> None:
+def _check_paths(config: JobConfig, job_input: JobInput) -> None:
     if not (os.path.isfile(config.input) or os.path.isdir(config.input)):
         raise ValueError(f"--input {config.input!r} is not a file or a directory")
     out_dir = os.path.dirname(os.path.abspath(config.output))
@@ -230,7 +230,7 @@ def _check_paths(config: JobConfig, in_kind: str) -> None:
     if os.path.abspath(config.input) == os.path.abspath(config.output):
         raise ValueError("--input and --output are the same file")
     check_output_outside(config.input, config.output)
-    check_input_file(config.input, in_kind)
+    check_input_file(job_input)
 
 
 def check_output_outside(input_path: str, output: str) -> None:
@@ -250,21 +250,21 @@ def check_output_outside(input_path: str, output: str) -> None:
                          "write it elsewhere")
 
 
-def check_input_file(path: str, in_kind: str) -> None:
-    """Refuse an input file (a directory's each: ``input_files``) that is not JSON Lines
+def check_input_file(job_input: JobInput) -> None:
+    """Refuse an input file (a directory's each) that is not JSON Lines
     (``check_json_lines``) or a Parquet file whose footer cannot be read, before any row runs.
 
     Raises:
         ValueError: naming the file and why.
     """
-    if in_kind == "jsonl":
-        for file in input_files(path):
+    if job_input.kind == "jsonl":
+        for file in job_input.files:
             check_json_lines(file)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for file in input_files(path):
+    for file in job_input.files:
         try:
             pq.ParquetFile(storage.parquet_source(file))
         except (OSError, pa.ArrowException) as exc:
@@ -348,7 +348,7 @@ def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:
     return {"max_logprobs": JOB_MAX_LOGPROBS, **config.engine}
 
 
-def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
+def check_column_types(job_input: JobInput, fmt: type[JobFormat]) -> None:
     """Refuse a Parquet input with a column whose type makes an error of every row that sets it, as
     the model would only find row by row (and a resume would count those rows done): an id column
     (``fmt.key_field``) of ids the format does not take (float64, which pandas writes for an integer
@@ -361,9 +361,9 @@ def check_column_types(path: str, in_kind: str, fmt: type[JobFormat]) -> None:
     Raises:
         ValueError: naming the column, its type and the types allowed.
     """
-    if in_kind != "parquet":
+    if job_input.kind != "parquet":
         return
-    for file in input_files(path):
+    for file in job_input.files:
         _check_file_column_types(file, fmt)
 
 
@@ -459,7 +459,7 @@ def _check_map_fields(path: str, fmt: type[JobFormat], kind: Any) -> None:
                          "which must be integers: store the fields as a struct column of their own types")
 
 
-def check_result_columns(path: str, in_kind: str) -> None:
+def check_result_columns(job_input: JobInput) -> None:
     """Refuse plain rows from a Parquet file whose columns are named like the output's results, or
     a JSONL file whose first object holds every result field a job writes: a job's output, most
     likely, whose every row would be an error (``PlainFormat.parse``). (One JSON row with a stray
@@ -468,11 +468,11 @@ def check_result_columns(path: str, in_kind: str) -> None:
     Raises:
         ValueError: such columns (the message names them).
     """
-    for file in input_files(path):
-        if in_kind == "parquet":
+    for file in job_input.files:
+        if job_input.kind == "parquet":
             names = set(file_schema(file).names)
         else:
-            first = next((row for _, row, _ in islice(read_rows(file, in_kind), 1000) if isinstance(row, dict)), {})
+            first = next((row for _, row, _ in islice(file_rows(file, "jsonl"), 1000) if isinstance(row, dict)), {})
             names = set(first) if {"outputs", "prompt_tokens", "completion_tokens", "error"} <= set(first) else set()
         clash = [c for c in RESULT_COLUMNS if c in names]
         if clash:
@@ -509,13 +509,13 @@ def _gate_parser(llm: LLM) -> ReasoningParser | None:
     return parser if isinstance(parser, ReasoningParser) else None
 
 
-def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], in_kind: str) -> OutputWriter:
+def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], job_input: JobInput) -> OutputWriter:
     keys_of = output_keys(fmt.key_of, fmt.error_of)
     try:
         if out_kind == "jsonl":
             return JsonlWriter(config.output, config.resume, keys_of, config.sync_interval)
         return ParquetWriter(config.output, config.resume, keys_of, fmt.key_field,
-                             output_schema(input_schema(config.input, in_kind)), config.sync_interval,
+                             output_schema(input_schema(job_input)), config.sync_interval,
                              trailing_columns=RESULT_COLUMNS)
     except OSError as exc:
         raise OutputWriteError(exc.errno, f"cannot open {config.output}: {exc.strerror or exc}") from exc
@@ -562,7 +562,7 @@ def _note_deferred(signum: int, frame: object) -> None:
     say(f"[pagedlm run] {signal.Signals(signum).name}: still writing what has finished; stopping right after")
 
 
-def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str, Iterator]:
+def read_input(config: JobConfig, job_input: JobInput, limit: int = 1000) -> tuple[str, Iterator]:
     """The input's row format ("openai" or "plain") and its rows, streamed.
 
     The format is ``--input-format``, or (``auto``) that of the first row, among the first
@@ -575,7 +575,7 @@ def read_input(config: JobConfig, in_kind: str, limit: int = 1000) -> tuple[str,
     """
     if config.input_format not in INPUT_FORMATS:
         raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
-    rows = read_rows(config.input, in_kind)
+    rows = read_rows(job_input)
     if config.input_format != "auto":
         return config.input_format, rows
     head, fmt_name = [], None
