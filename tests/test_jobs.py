@@ -1132,6 +1132,8 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     resumed = JobConfig(input=inp, output=str(tmp_path / "o.jsonl"), resume=True)
     (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(recorded, engine={"max_logprobs": 20})))  # as before
     check_record(resumed, recorded, started=True)
+    (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(recorded, engine={"batch_invariant": True})))
+    check_record(resumed, recorded, started=True)
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):
@@ -1412,6 +1414,11 @@ def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp
                                  sampling={"temperature": 0.0, "max_tokens": 6}, engine={**ENGINE, "device": "auto"},
                                  trust_request_chat_template=True))
     assert stats.skipped == 2  # a default given explicitly is the same job
+    # Found by a review: batch_invariant=True, what its default (None) is wherever True is accepted
+    stats, _ = run_job(JobConfig(input=inp, output=str(out), model=llama_dir, resume=True,
+                                 sampling={"temperature": 0.0, "max_tokens": 6},
+                                 engine={**ENGINE, "batch_invariant": True}, trust_request_chat_template=True))
+    assert stats.skipped == 2
     # Found by a hunt: trace replay was not recorded, and a resume without it failed the rows that trace
     traced = JobConfig(input=inp, output=str(tmp_path / "traced.jsonl"), model=llama_dir,
                        engine={**ENGINE, "enable_trace_replay": True})

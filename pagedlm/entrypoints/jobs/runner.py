@@ -640,6 +640,12 @@ _JOB_DEFAULTS = {**{p.name: p.default for p in inspect.signature(LLM.__init__).p
                  "max_logprobs": JOB_MAX_LOGPROBS}
 
 
+def _is_job_default(name: str, value: Any) -> bool:
+    """Whether an engine setting is the job's default in effect: ``batch_invariant=True`` is, as
+    every backend that accepts it also takes it for None (the torch reference refuses it)."""
+    return value == _JOB_DEFAULTS[name] or (name == "batch_invariant" and value is True)
+
+
 def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
     """The settings a resumed run must repeat: paths made absolute, a chat template file read (its
     text is what renders the rows).
@@ -649,7 +655,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
     """
     model = model or config.model or "(the embedded default model)"
     given = job_engine_kwargs(config)
-    engine = {k: given[k] for k in OUTPUT_ENGINE_SETTINGS if k in given and given[k] != _JOB_DEFAULTS[k]}
+    engine = {k: given[k] for k in OUTPUT_ENGINE_SETTINGS if k in given and not _is_job_default(k, given[k])}
     if isinstance(engine.get("tokenizer"), str) and os.path.exists(engine["tokenizer"]):
         engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
     if "chat_template" in engine:
@@ -705,7 +711,8 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
         # A job started before that flag took its rows' templates: it goes on as this run says.
         recorded.setdefault("trust_request_chat_template", record["trust_request_chat_template"])
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
-            recorded["engine"] = {k: v for k, v in recorded["engine"].items() if _JOB_DEFAULTS.get(k, v) != v}
+            recorded["engine"] = {k: v for k, v in recorded["engine"].items()
+                                  if k not in _JOB_DEFAULTS or not _is_job_default(k, v)}
         for name in ("input", "model"):  # the same file by another path (a symlink on the way)
             if _same_local_file(recorded.get(name), record[name]):
                 recorded[name] = record[name]
