@@ -142,10 +142,16 @@ class ModelConfig:
     def get_diff_sampling_param(self) -> dict[str, int | float]:
         """The sampling defaults the model's generation config sets (vLLM's name); none with
         ``generation_config="vllm"``; ``override_generation_config`` set over either."""
-        defaults = {} if self.generation_config == "vllm" else sampling_defaults(
-            self.model if self.generation_config == "auto" else self.generation_config)
+        defaults = {} if self.generation_config == "vllm" else sampling_defaults(self.generation_config_dir)
         merged = {**defaults, **generation_overrides(self.override_generation_config)}
         return {field: value for field, value in merged.items() if value is not None}
+
+    @property
+    def generation_config_dir(self) -> str:
+        """Where ``generation_config.json`` is read (its EOS ids, and its sampling defaults unless
+        ``generation_config="vllm"``): the directory given, else the model's (vLLM's
+        ``try_get_generation_config``)."""
+        return self.model if self.generation_config in ("auto", "vllm") else self.generation_config
 
     @property
     def num_kv_heads(self) -> int:

@@ -297,6 +297,19 @@ def test_eos_from_generation_config_stops(llama_dir, tmp_path):
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == tokens[3]
     ignored = LLM(str(model_dir), dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert ignored.outputs[0].token_ids == tokens
+    # Found by a hunt: a generation_config directory's EOS ids were not read, the model's were (vLLM
+    # reads the directory's file for both); "vllm" keeps the model's EOS ids, as vLLM does.
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, tokens[3]]}))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    out = LLM(llama_dir, dtype="float32", generation_config=str(given)).generate("Hello", params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == tokens[: tokens.index(tokens[3]) + 1]
+    (given / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
+    out = LLM(str(model_dir), dtype="float32", generation_config=str(given)).generate("Hello", params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == tokens
+    out = LLM(str(model_dir), dtype="float32", generation_config="vllm").generate("Hello", params, use_tqdm=False)[0]
+    assert out.outputs[0].stop_reason == tokens[3]
 
 
 def test_seed_is_reproducible_whatever_the_batch(llm):

@@ -119,7 +119,7 @@ class LLMEngine:
         self._specials_before_text = num_special_tokens_before_text(self.tokenizer)
         # What skip_special_tokens leaves out of a text (tokenizers' decoders skip these).
         self._special_token_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        eos = eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer.eos_token_id)
+        eos = eos_token_ids(model_config.generation_config_dir, model_config.hf_config, self.tokenizer.eos_token_id)
         self.stop_checker = StopChecker(eos, self.tokenizer.eos_token_id)
         sized = cache_config.num_kv_blocks is not None or cache_config.kv_cache_memory_bytes is not None
         utilization = cache_config.gpu_memory_utilization

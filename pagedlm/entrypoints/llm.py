@@ -83,7 +83,8 @@ class LLM:
             come from: "auto" takes temperature, top_k, top_p, min_p, repetition_penalty,
             presence_penalty, frequency_penalty and max_new_tokens from the model's
             generation_config.json, as vLLM does; "vllm" takes
-            none; a directory, its generation_config.json. See ``get_default_sampling_params``.
+            none; a directory, its generation_config.json. The EOS ids that stop generation
+            come from the same file (the model's for "vllm"). See ``get_default_sampling_params``.
         override_generation_config: generation-config keys (the ones ``generation_config`` reads:
             temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
             frequency_penalty, max_new_tokens) set over it, as vLLM's argument does (a None value

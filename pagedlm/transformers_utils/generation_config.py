@@ -19,10 +19,11 @@ _SAMPLING_DEFAULTS = {
 }
 
 
-def eos_token_ids(model_dir: str, hf_config: PretrainedConfig, tokenizer_eos: int | None) -> set[int]:
-    """EOS ids from generation_config.json (falling back to config.json) and the tokenizer."""
+def eos_token_ids(config_dir: str, hf_config: PretrainedConfig, tokenizer_eos: int | None) -> set[int]:
+    """EOS ids from ``config_dir``'s generation_config.json (without one, the model's config.json)
+    and the tokenizer's."""
     try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        eos = GenerationConfig.from_pretrained(config_dir).eos_token_id
     except OSError:
         eos = getattr(hf_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
