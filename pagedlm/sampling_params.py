@@ -245,8 +245,9 @@ class StructuredOutputsParams(_FieldsOnly):
             xgrammar's strict mode, which pagedlm (like vLLM's xgrammar backend) always uses, so
             False does not allow more.
         disable_fallback: older vLLM's "do not fall back to another backend"; there is none here.
-            (vLLM 0.32's ``whitespace_pattern``, which its xgrammar backend does not read either,
-            and ``structural_tag`` are not supported.)
+        whitespace_pattern, structural_tag: vLLM 0.32's, taken at their default None only (its
+            xgrammar backend does not read the first either; ``disable_any_whitespace`` gives
+            compact JSON; structural tags are not supported).
 
     Enforced by masking, at every step, the tokens that cannot continue a valid output (xgrammar);
     end-of-sequence is allowed only where the output may end.
@@ -265,8 +266,17 @@ class StructuredOutputsParams(_FieldsOnly):
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     disable_fallback: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
+        if self.whitespace_pattern is not None:
+            raise FieldError("structured_outputs.whitespace_pattern must be None: pagedlm's xgrammar constraint "
+                             "(like vLLM 0.32's) does not read it; disable_any_whitespace=True gives compact JSON.",
+                             "structured_outputs")
+        if self.structural_tag is not None:
+            raise FieldError("structured_outputs.structural_tag must be None: structural tags are not supported; "
+                             "use json, regex, choice, grammar or json_object.", "structured_outputs")
         given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise FieldError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "

@@ -122,10 +122,29 @@ def test_an_attribute_that_is_no_field_is_refused():
     with pytest.raises(AttributeError, match="no field 'max_token'"):
         params.max_token = 4
     constraint = StructuredOutputsParams(regex="a+")
-    with pytest.raises(AttributeError, match="StructuredOutputsParams has no field 'whitespace_pattern'"):
-        constraint.whitespace_pattern = r"\s*"
+    with pytest.raises(AttributeError, match="StructuredOutputsParams has no field 'whitespace'"):
+        constraint.whitespace = r"\s*"
     params.max_tokens, constraint.regex = 4, "b+"  # fields are fine
     assert params.clone(structured_outputs=constraint).structured_outputs.regex == "b+"
+
+
+def test_vllm_s_structured_outputs_fields_at_their_defaults():
+    """Found by a hunt: vLLM 0.32's whitespace_pattern and structural_tag were refused at their
+    default None too (a dict of vLLM's fields, as a job row carries it); another value is refused,
+    also when set after construction (the request's copy checks it)."""
+    from pagedlm import StructuredOutputsParams
+
+    assert StructuredOutputsParams(json={"type": "object"}, whitespace_pattern=None, structural_tag=None).json
+    fields = {"choice": ["a", "b"], "whitespace_pattern": None, "structural_tag": None}
+    assert SamplingParams(structured_outputs=fields).structured_outputs.choice == ["a", "b"]
+    with pytest.raises(ValueError, match="whitespace_pattern must be None: .*disable_any_whitespace=True"):
+        StructuredOutputsParams(json={"type": "object"}, whitespace_pattern=r"[ ]?")
+    with pytest.raises(ValueError, match="structural_tag must be None: structural tags are not supported"):
+        StructuredOutputsParams(structural_tag='{"type": "structural_tag"}')
+    constraint = StructuredOutputsParams(regex="a+")
+    constraint.whitespace_pattern = r"\s*"
+    with pytest.raises(ValueError, match="whitespace_pattern must be None"):
+        SamplingParams(structured_outputs=constraint).clone()
 
 
 @pytest.mark.parametrize("field,value,message", [
