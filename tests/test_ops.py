@@ -1146,6 +1146,23 @@ def test_sample_rows_without_a_distribution(device):
     assert token_ids[0] == 7 and token_ids[1] == 0 and 0 <= token_ids[2] < 40
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_a_maximum_that_overflows_once_tempered(device):
+    """Found by a hunt: a finite maximum that overflows float32 divided by the temperature (a huge
+    logit_bias over a small repetition_penalty) made every probability NaN, and the kernels picked
+    token 0. Every other token's probability underflows to 0 there: the maximum's token."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    logits[:, 17] = torch.tensor([1e37, 3e38, 4e36, -1e38])
+    logits[3] = -3e38
+    logits[3, 29] = -1e38
+    args = [t.to(device) for t in (logits, torch.tensor([0.01, 0.5, 0.01, 0.01]), torch.full((4,), 300),
+                                   torch.full((4,), 0.9), torch.zeros(4), torch.full((4,), 0.7))]
+    for sample in (torch.ops.pagedlm.sample, reference.sample):
+        token_ids = torch.empty(4, dtype=torch.int64, device=device)
+        sample(*args, token_ids)
+        assert token_ids.tolist() == [17, 17, 17, 29]
+
+
 @pytest.mark.parametrize("field,value,message", [
     (1, -0.5, "temperatures"), (1, float("nan"), "temperatures"), (2, 0, "top_ks"), (3, 0.0, "top_ps"),
     (3, 1.5, "top_ps"), (4, 1.5, "min_ps"), (5, 1.0, "uniforms"),

@@ -258,7 +258,9 @@ struct RowParams {
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, AlignedVector<float>& p,
                    AlignedVector<float>& candidates, AlignedVector<float>& scratch) {
-  if (row.temperature == 0.f) return first_index_of(x, n, max);
+  // A maximum that overflows once tempered leaves every other token a probability that underflows
+  // to 0: greedy's token (tempering it would make inf - inf, every p NaN).
+  if (row.temperature == 0.f || !std::isfinite(max / row.temperature)) return first_index_of(x, n, max);
   p.resize(n);
   tempered_probs(x, n, max, row.temperature, p.data());
   // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to

@@ -355,7 +355,9 @@ def sample(
 ) -> None:
     x = logits.float()
     vocab = x.shape[-1]
-    greedy = (temperatures == 0) | ~torch.isfinite(x.max(dim=-1).values)
+    # Greedy's token too where the row has no softmax (an infinite or NaN maximum), or where its
+    # maximum overflows once tempered (every other token's probability underflows to 0 then).
+    greedy = (temperatures == 0) | ~torch.isfinite(x.max(dim=-1).values / temperatures)
     z = x / torch.where(greedy, 1.0, temperatures)[:, None]
     p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
     ordered = p.sort(dim=-1, descending=True).values
