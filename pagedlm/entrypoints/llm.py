@@ -52,6 +52,9 @@ class LLM:
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         max_model_len: longest prompt + completion; defaults to the model's context length
             (``max_position_embeddings``, times a "linear" RoPE scaling's factor, as vLLM reads it).
+            A LongRoPE model (Phi-3-128k, Phi-4-mini) gets its whole length, where vLLM 0.32
+            defaults to ``original_max_position_embeddings`` (4k) because its kernel applies one
+            factor set to a whole batch; pagedlm switches factors per sequence, as transformers does.
         block_size: tokens per KV block (8, 16 or 32; None, vLLM's default, is 16).
         kv_cache_dtype: "auto" (the model's dtype), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0
