@@ -247,6 +247,22 @@ def test_min_tokens_yields_where_the_grammar_can_only_end(llm):
     outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=1.0, seed=2, min_tokens=10, max_tokens=20,
                                                     structured_outputs=SO(choice=["ok"])), use_tqdm=False)
     assert all(o.outputs[0].text == "ok" and o.outputs[0].finish_reason == "stop" for o in outs)
+    # Found by a hunt: the token ending the grammar there was not taken for a stop token (min_tokens
+    # had not been reached): its text joined the output ("yes</s>", a stop id's digit past the
+    # regex) and stop_reason was lost. ignore_eos too: the grammar's EOS ends it all the same.
+    tok = llm.get_tokenizer()
+    for extra in ({"min_tokens": 6}, {"ignore_eos": True}):
+        c = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, skip_special_tokens=False,
+                                                    structured_outputs=SO(choice=["yes"]), **extra),
+                         use_tqdm=False)[0].outputs[0]
+        assert (c.text, c.finish_reason, c.token_ids[-1]) == ("yes", "stop", tok.eos_token_id)
+        assert c.stop_reason == (tok.eos_token_id if "ignore_eos" in extra else None)  # as vLLM names them
+    two = tok.convert_tokens_to_ids("2")
+    for min_tokens in (0, 10):
+        c = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[two],
+                                                    logit_bias={two: 30.0}, min_tokens=min_tokens,
+                                                    structured_outputs=SO(regex="[0-9]{1,3}")), use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch("[0-9]{1,3}", c.text) and (c.finish_reason, c.stop_reason) == ("stop", two)
 
 
 def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm):

@@ -705,6 +705,12 @@ class LLMEngine:
         if seq.thinking is not None:
             seq.thinking.append(sample.token_id)
         stopped_on_token = self.stop_checker.check_stop_token(seq, params)
+        if grammar_ended and not stopped_on_token:
+            # The grammar ended on an EOS or stop id that min_tokens or ignore_eos alone would not
+            # stop at (_seq_group_metadata lifted the ban where nothing else was left): the
+            # completion still ends on it, as on any stop token.
+            seq.stop_reason = self.stop_checker.stop_reason(params, sample.token_id)
+            stopped_on_token = True
         new_text, taken_text = "", None
         # A stop token stays in token_ids; its text only with include_stop_str_in_output (vLLM's contract).
         if params.detokenize and (not stopped_on_token or params.include_stop_str_in_output):
