@@ -78,30 +78,37 @@ def test_text_is_incremental_decode_of_tokens(llm):
         assert comp.text == full[len(prompt):]
 
 
-@pytest.mark.parametrize("which", ["smollm2", "byte_level_bpe"])
-def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text(which, tokenizer_dir):
+@pytest.mark.parametrize("which", ["smollm2", "byte_level_bpe", "sentencepiece"])
+def test_a_completion_after_a_prompt_cut_inside_a_character_holds_no_prompt_text(which, tokenizer_dir, request):
     """Token-id prompts may end inside a character (a continuation of a completion cut by
     max_tokens). The completion's text is what its tokens add after the prompt's whole characters,
     and never the prompt's text (which stop strings and structured outputs would then match; found
     by a hunt: a prompt whose last tokens each ended inside a character gave its whole characters,
     "日本" of "12日本" + half of "語", to the completion, and a space before one); a completion that
     ends inside a character keeps what a full decode shows. Every cut of a sentence, with
-    completions of 1, 2 and 6 tokens."""
+    completions of 1, 2 and 6 tokens, and with one that does not finish the prompt's character,
+    whose "\ufffd" is the prompt's too (found by a hunt: it began the completion's text)."""
     from transformers import AutoTokenizer
 
     from pagedlm import default_model_path
     from pagedlm.engine.detokenizer import decode_completion
 
-    tok = AutoTokenizer.from_pretrained(default_model_path() if which == "smollm2" else tokenizer_dir)
+    where = {"smollm2": default_model_path, "byte_level_bpe": lambda: tokenizer_dir,
+             "sentencepiece": lambda: request.getfixturevalue("sentencepiece_llama_dir")}[which]()
+    tok = AutoTokenizer.from_pretrained(where)
     ids = tok("The word for 'thank you' is ありがとう, wörld 日本語 and 🙂👍🏽 done", add_special_tokens=False).input_ids
+    other = tok(" fox", add_special_tokens=False).input_ids
     for cut in range(1, len(ids)):
-        for n in (1, 2, 6):
-            full = tok.decode(ids[: cut + n])
+        # (A byte-fallback decode of a completion that ends inside a character turns its whole
+        # run of byte tokens into "\ufffd", which the incremental text does not: not compared.)
+        natural = () if which == "sentencepiece" else (ids[cut: cut + 1], ids[cut: cut + 2], ids[cut: cut + 6])
+        for completion in (*natural, other):
+            full = tok.decode(ids[:cut] + completion)
             # The prompt's whole characters, or its text at a token where the completion changes none of it.
             candidates = [tok.decode(ids[:j]) for j in range(cut + 1)] + [tok.decode(ids[:cut]).rstrip("\ufffd")]
             expected = full[max(len(c) for c in candidates if full.startswith(c)):]
-            texts, end = decode_completion(tok, ids[:cut], ids[cut: cut + n], SamplingParams())
-            assert "".join(texts) + end == expected, (cut, n)
+            texts, end = decode_completion(tok, ids[:cut], completion, SamplingParams())
+            assert "".join(texts) + end == expected, (cut, completion)
 
 
 def test_outputs_in_input_order_with_per_prompt_params(llm):

@@ -50,10 +50,16 @@ class IncrementalDetokenizer:
         self._unemitted: list[int] = []  # tokens stepped through since the stream last emitted text
         primed = [self._step_stream(token_id) for token_id in self._context]
         # A context that ends inside a character leaves the stream holding the text since its last
-        # emitted token, whole characters of the prompt among it, which the token completing the
-        # character would emit with its own: that prompt text is dropped from it (_held).
+        # emitted token, whole characters of the prompt among it, which the next token to emit text
+        # emits with its own: that prompt text is dropped from it (_held), and so are the "\ufffd"
+        # that stand for the prompt's unfinished character where that token does not finish it
+        # (_held_incomplete: as the held tokens decode, since a byte-fallback decode of the whole
+        # context turns the whole run of byte tokens into "\ufffd").
         emitted = "".join(chunk for chunk in primed if chunk is not None)
-        self._held = context_text.rstrip(_INCOMPLETE)[len(emitted):] if primed and primed[-1] is None else ""
+        ends_inside = bool(primed) and primed[-1] is None
+        self._held = context_text.rstrip(_INCOMPLETE)[len(emitted):] if ends_inside else ""
+        tail = self._backend.decode(self._unemitted, skip_special_tokens=skip_special_tokens) if ends_inside else ""
+        self._held_incomplete = tail[len(tail.rstrip(_INCOMPLETE)):]
         self._num_fed = 0  # output tokens stepped through so far
         self._num_pending = 0  # tokens that so far end in an incomplete character
         self._added_tokens: dict[int, str] | None = None
@@ -83,9 +89,9 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
         text = self._step_stream(token_id)
-        if text is not None and self._held:
-            text = text.removeprefix(self._held)
-            self._held = ""
+        if text is not None and (self._held or self._held_incomplete):
+            text = text.removeprefix(self._held).removeprefix(self._held_incomplete)
+            self._held = self._held_incomplete = ""
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
         if self._added_tokens is not None:
@@ -239,7 +245,8 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     A token keeps the space it stands for in context (SentencePiece's ``▁a`` is ``" a"``, not
     ``"a"``); a token that leaves a character incomplete adds nothing yet, and the one that
     completes it gives what the detokenizer would: the whole character, and the text of the
-    completion's tokens that began it (their space; a prompt's whole characters are the prompt's).
+    completion's tokens that began it (their space; a prompt's whole characters are the prompt's,
+    and so is the ``�`` of a character the prompt leaves unfinished and the token does not finish).
     ``num_output_tokens``: how many of ``context_ids``' last tokens are a completion's; None at a
     prompt's positions (prompt logprobs), whose tokens are each read as a completion's would be:
     a token that leaves a character incomplete adds nothing, the one completing it the rest. Special
@@ -257,6 +264,13 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     window, context_text = context_tokens(backend, context_ids, skip_special_tokens=False)
     first_held = 0 if num_output_tokens is None else max(len(window) - num_output_tokens, 0)
     stable, tail, broken = _stable_text(backend, window, context_text, False, first_held)
+    # Where the prompt ends inside a character and no completion token has shown text yet, the
+    # "\ufffd" its unfinished bytes become are the prompt's (IncrementalDetokenizer._held_incomplete).
+    prompt_unfinished = ""
+    if 0 < first_held and tail == window[first_held:] and _byte_token(backend, window[-1]) is None:
+        prompt_text = backend.decode(window[:first_held], skip_special_tokens=False)
+        prompt_unfinished = prompt_text[len(prompt_text.rstrip(_INCOMPLETE)):]
+    broken = broken.removeprefix(prompt_unfinished)
     given = [] if taken_text is None else [taken_text]
     texts = list(given)
     for token_id in token_ids[len(given):]:
@@ -267,6 +281,7 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
             continue
         added = full[len(stable):] if full.startswith(stable) else \
             _tail_text(backend, tail, [token_id], skip_special_tokens=False)
+        added = added.removeprefix(prompt_unfinished)
         texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)
     if not spaces_between_special_tokens and context_ids:
         added_tokens = tokenizer.added_tokens_decoder
