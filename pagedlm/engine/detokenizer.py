@@ -54,7 +54,8 @@ class IncrementalDetokenizer:
         # emits with its own: that prompt text is dropped from it (_held), and so are the "\ufffd"
         # that stand for the prompt's unfinished character where that token does not finish it
         # (_held_incomplete: as the held tokens decode, since a byte-fallback decode of the whole
-        # context turns the whole run of byte tokens into "\ufffd").
+        # context turns the whole run of byte tokens into "\ufffd"; where the token finishes the
+        # character, only those of bytes before it that no character takes are left to drop).
         emitted = "".join(chunk for chunk in primed if chunk is not None)
         ends_inside = bool(primed) and primed[-1] is None
         self._held = context_text.rstrip(_INCOMPLETE)[len(emitted):] if ends_inside else ""
@@ -90,7 +91,7 @@ class IncrementalDetokenizer:
         """The text that ``token_id`` adds (empty while it completes only part of a character)."""
         text = self._step_stream(token_id)
         if text is not None and (self._held or self._held_incomplete):
-            text = text.removeprefix(self._held).removeprefix(self._held_incomplete)
+            text = _strip_incomplete(text.removeprefix(self._held), len(self._held_incomplete))
             self._held = self._held_incomplete = ""
         self._num_fed += 1
         self._num_pending = 0 if text is not None else self._num_pending + 1
@@ -119,6 +120,14 @@ class IncrementalDetokenizer:
         if text.startswith(stable):
             return text[len(stable):]
         return _tail_text(self._backend, tail, pending, self._skip_special_tokens)
+
+
+def _strip_incomplete(text: str, n: int) -> str:
+    """``text`` without the ``\ufffd`` it begins with, at most ``n`` of them."""
+    k = 0
+    while k < min(n, len(text)) and text[k] == _INCOMPLETE:
+        k += 1
+    return text[k:]
 
 
 def context_tokens(backend, token_ids: list[int], skip_special_tokens: bool) -> tuple[list[int], str]:
@@ -270,7 +279,7 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
     if 0 < first_held and tail == window[first_held:] and _byte_token(backend, window[-1]) is None:
         prompt_text = backend.decode(window[:first_held], skip_special_tokens=False)
         prompt_unfinished = prompt_text[len(prompt_text.rstrip(_INCOMPLETE)):]
-    broken = broken.removeprefix(prompt_unfinished)
+    broken = _strip_incomplete(broken, len(prompt_unfinished))
     given = [] if taken_text is None else [taken_text]
     texts = list(given)
     for token_id in token_ids[len(given):]:
@@ -281,7 +290,7 @@ def decode_in_context(tokenizer: PreTrainedTokenizerBase, context_ids: list[int]
             continue
         added = full[len(stable):] if full.startswith(stable) else \
             _tail_text(backend, tail, [token_id], skip_special_tokens=False)
-        added = added.removeprefix(prompt_unfinished)
+        added = _strip_incomplete(added, len(prompt_unfinished))
         texts.append(added[len(broken):] if texts and broken and added.startswith(broken) else added)
     if not spaces_between_special_tokens and context_ids:
         added_tokens = tokenizer.added_tokens_decoder
