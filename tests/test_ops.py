@@ -1150,7 +1150,8 @@ def test_sample_rows_without_a_distribution(device):
 def test_sample_a_maximum_that_overflows_once_tempered(device):
     """Found by a hunt: a finite maximum that overflows float32 divided by the temperature (a huge
     logit_bias over a small repetition_penalty) made every probability NaN, and the kernels picked
-    token 0. Every other token's probability underflows to 0 there: the maximum's token."""
+    token 0. Every other token's probability underflows to 0 there: the maximum's token, or one of
+    the tokens tied at it, alike (found by a review: the first of them always)."""
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
     logits[:, 17] = torch.tensor([1e37, 3e38, 4e36, -1e38])
     logits[3] = -3e38
@@ -1161,6 +1162,18 @@ def test_sample_a_maximum_that_overflows_once_tempered(device):
         token_ids = torch.empty(4, dtype=torch.int64, device=device)
         sample(*args, token_ids)
         assert token_ids.tolist() == [17, 17, 17, 29]
+    tied = torch.zeros(400, 50)
+    tied[:, [3, 5, 40]] = 1e37
+    args = [t.to(device) for t in (tied, torch.full((400,), 0.01), torch.full((400,), 50), torch.ones(400),
+                                   torch.zeros(400), torch.rand(400, generator=torch.Generator().manual_seed(1)))]
+    picks = []
+    for sample in (torch.ops.pagedlm.sample, reference.sample):
+        token_ids = torch.empty(400, dtype=torch.int64, device=device)
+        sample(*args, token_ids)
+        picks.append(token_ids)
+    assert torch.equal(picks[0], picks[1])
+    counts = torch.bincount(picks[0].cpu(), minlength=50)
+    assert counts.sum() == counts[[3, 5, 40]].sum() and counts[[3, 5, 40]].min() > 100
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -258,11 +258,15 @@ struct RowParams {
 template <typename T>
 int64_t sample_row(const T* x, int64_t n, float max, const RowParams& row, AlignedVector<float>& p,
                    AlignedVector<float>& candidates, AlignedVector<float>& scratch) {
-  // A maximum that overflows once tempered leaves every other token a probability that underflows
-  // to 0: greedy's token (tempering it would make inf - inf, every p NaN).
-  if (row.temperature == 0.f || !std::isfinite(max / row.temperature)) return first_index_of(x, n, max);
+  if (row.temperature == 0.f) return first_index_of(x, n, max);
   p.resize(n);
-  tempered_probs(x, n, max, row.temperature, p.data());
+  // A maximum that overflows once tempered (tempering would make inf - inf, every p NaN) leaves
+  // every token below it a probability that underflows to 0: the tokens at the maximum, alike.
+  if (std::isfinite(max / row.temperature)) {
+    tempered_probs(x, n, max, row.temperature, p.data());
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(x[i]) == max ? 1.f : 0.f;
+  }
   // Hugging Face's warper order: top-k, then top-p over what top-k kept, then min-p (relative to
   // the top token, whose p is 1, so it does not depend on the others).
   float threshold = 0.f;

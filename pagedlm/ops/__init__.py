@@ -111,8 +111,8 @@ Sampling op:
   softmax (a NaN, or an infinite maximum) gets NaN log-probabilities, rank 1 and ids ``0 .. k - 1``.
 * ``sample(logits, temperatures, top_ks, top_ps, min_ps, uniforms, token_ids, logprobs=None)``: one token
   per row, with per-row float32 ``temperatures`` (0 = greedy: the first maximum, ``argmax_logprob``'s
-  token; also taken for a row with no softmax, and for one whose maximum overflows float32 once
-  divided by ``t``, which leaves every other token a probability of 0), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
+  token; also taken for a row with no softmax; a row whose maximum overflows float32 once divided
+  by ``t`` has ``p`` 1 at its maximum's tokens and 0 elsewhere, as the limit is), int64 ``top_ks`` (>= 1; >= vocab = off), float32 ``top_ps`` (in
   (0, 1]; 1 = off), ``min_ps`` (in [0, 1]; 0 = off) and ``uniforms`` in [0, 1).
   With ``p = exp(x / t - max(x / t))``, the kept tokens are those with ``p`` at or above a threshold:
   the ``top_k``-th largest ``p``; then, over those, the ``p`` at which their descending cumulative

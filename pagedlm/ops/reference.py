@@ -355,11 +355,14 @@ def sample(
 ) -> None:
     x = logits.float()
     vocab = x.shape[-1]
-    # Greedy's token too where the row has no softmax (an infinite or NaN maximum), or where its
-    # maximum overflows once tempered (every other token's probability underflows to 0 then).
-    greedy = (temperatures == 0) | ~torch.isfinite(x.max(dim=-1).values / temperatures)
+    top = x.max(dim=-1).values
+    greedy = (temperatures == 0) | ~torch.isfinite(top)  # also a row with no softmax
     z = x / torch.where(greedy, 1.0, temperatures)[:, None]
     p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    # A maximum that overflows once tempered leaves every token below it a probability that
+    # underflows to 0: the tokens at the maximum, alike.
+    overflow = ~greedy & ~torch.isfinite(top / torch.where(greedy, 1.0, temperatures))
+    p = torch.where(overflow[:, None], (x == top[:, None]).float(), p)
     ordered = p.sort(dim=-1, descending=True).values
     threshold = ordered.gather(1, (top_ks.clamp(1, vocab) - 1)[:, None])
     kept = torch.where(ordered >= threshold, ordered, 0.0).double()
