@@ -357,11 +357,12 @@ def sample(
     vocab = x.shape[-1]
     top = x.max(dim=-1).values
     greedy = (temperatures == 0) | ~torch.isfinite(top)  # also a row with no softmax
-    z = x / torch.where(greedy, 1.0, temperatures)[:, None]
+    t = torch.where(greedy, 1.0, temperatures)
+    z = x / t[:, None]
     p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
     # A maximum that overflows once tempered leaves every token below it a probability that
     # underflows to 0: the tokens at the maximum, alike.
-    overflow = ~greedy & ~torch.isfinite(top / torch.where(greedy, 1.0, temperatures))
+    overflow = ~greedy & ~torch.isfinite(top / t)
     p = torch.where(overflow[:, None], (x == top[:, None]).float(), p)
     ordered = p.sort(dim=-1, descending=True).values
     threshold = ordered.gather(1, (top_ks.clamp(1, vocab) - 1)[:, None])
