@@ -171,6 +171,13 @@ def test_developer_messages_and_tool_only_turns_render_as_in_vllm():
         [{"role": "system", "content": "A\n\nB"}, hi])
     knows = "{% for m in messages %}{% if m['role'] == 'developer' %}D:{% endif %}{{ m['content'] }}|{% endfor %}"
     assert text([dev, hi], knows) == "D:Be terse.|Hi|"
+    # A hunt: a template that loops over content parts ("openai" format) got the merged system
+    # message as text and rendered none of it.
+    parts = "{% for m in messages %}{{ m['role'] }}:{% for p in m['content'] %}{{ p['text'] }}{% endfor %}|{% endfor %}"
+    system = {"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "a"}]}
+    assert text([system, hi, {**dev, "content": "B"}], parts) == "system:A\na\n\nB|user:Hi|"
+    assert text([hi, dev], parts) == "system:Be terse.|user:Hi|"
+    assert text([dev, hi], parts) == "system:Be terse.|user:Hi|"
     call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
     turns = [hi, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "4"}]
     assert text(turns) == text([hi, {**turns[1], "content": ""}, turns[2]])

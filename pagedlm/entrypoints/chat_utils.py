@@ -230,7 +230,10 @@ def _knows_developer_role(template: str) -> bool:
 def _developer_as_system(messages: Conversation) -> Conversation:
     """For a template that does not know the "developer" role (vLLM's rule): developer messages
     become system messages (without their ``tools``), and several system messages, or one after
-    the first message, become one at the start, their texts joined by a blank line."""
+    the first message, become one at the start, their texts joined by a blank line. Takes and
+    gives content as text parts (``_parse_messages``), so that the merged message reaches the
+    template in either content format (a hunt: as text in "openai", a template that loops over
+    the parts rendered none of it)."""
     if all(m["role"] != "developer" for m in messages):
         return messages
     messages = [{k: v for k, v in m.items() if k != "tools"} | {"role": "system"} if m["role"] == "developer" else m
@@ -238,13 +241,9 @@ def _developer_as_system(messages: Conversation) -> Conversation:
     systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
     if systems == [0]:
         return messages
-    texts = (_as_text(messages[i]["content"]) for i in systems)
-    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)},
+    texts = ("\n".join(p["text"] for p in messages[i]["content"] if p["text"]) for i in systems)
+    return [{"role": "system", "content": [{"type": "text", "text": "\n\n".join(t for t in texts if t)}]},
             *(m for m in messages if m["role"] != "system")]
-
-
-def _as_text(content: str | list[dict[str, Any]]) -> str:
-    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
 
 
 def _parse_tool_call(i: int, call: object) -> dict[str, Any]:
@@ -356,9 +355,9 @@ def render_chat(
         chat_template_content_format = detected
     elif chat_template_content_format != detected:
         _warn_content_format(chat_template_content_format, detected, template)
-    messages = _in_format(messages, chat_template_content_format)
     if not _knows_developer_role(template):
         messages = _developer_as_system(messages)
+    messages = _in_format(messages, chat_template_content_format)
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
     except Exception as exc:  # Jinja's errors (TemplateError, raise_exception in the template) and HF's checks
