@@ -1401,6 +1401,22 @@ def test_plain_rows_with_a_custom_id_column_stay_plain_and_sampling_columns_are_
     assert len(warnings) == 1 and "max_tokens, temperature are named like sampling parameters" in warnings[0]
 
 
+def test_plain_rows_with_openai_constraint_columns_are_their_errors(llama_dir, tmp_path):
+    """A hunt: a plain row's tool_choice (or parallel_tool_calls, response_format) was carried to
+    the output and the row ran unconstrained; a null one is unset, as every column of a row."""
+    conversation = [{"role": "user", "content": "Hi"}]
+    rows = [{"id": 1, "messages": conversation, "tool_choice": "required"},
+            {"id": 2, "messages": conversation, "parallel_tool_calls": False},
+            {"id": 3, "prompt": "Hello", "response_format": {"type": "json_object"}},
+            {"id": 4, "prompt": "Hello", "tool_choice": None}]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = by_id(out)
+    assert (stats.completed, stats.errors) == (1, 3) and got[4]["error"] is None
+    for key, column, where in ((1, "tool_choice", "body.tool_choice"), (2, "parallel_tool_calls", "body.parallel_tool_calls"),
+                               (3, "response_format", "sampling_params.structured_outputs")):
+        assert f"column {column} is an OpenAI chat request field" in got[key]["error"] and where in got[key]["error"]
+
+
 def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(2)])
     out = tmp_path / "out.jsonl"

@@ -31,6 +31,10 @@ logger = logging.getLogger("pagedlm")
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
 RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs",
                   "prompt_token_id_logprobs")
+# OpenAI chat request fields that constrain what a completion is. A plain row's tools only reach
+# the chat template (as LLM.chat's do), so carrying these would run the row unconstrained (a hunt).
+CONSTRAINT_COLUMNS = {"tool_choice": "body.tool_choice", "parallel_tool_calls": "body.parallel_tool_calls",
+                      "response_format": "body.response_format, or sampling_params.structured_outputs"}
 
 
 class PlainFormat:
@@ -74,6 +78,12 @@ class PlainFormat:
         reserved = [c for c in RESULT_COLUMNS if c in row]
         if reserved:
             raise RowError(f"column(s) {', '.join(reserved)} are the output's; rename them in the input", reserved[0])
+        constraint = next((c for c in CONSTRAINT_COLUMNS if row.get(c) is not None), None)
+        if constraint:
+            raise RowError(f"column {constraint} is an OpenAI chat request field, which a plain row does not apply "
+                           "(its tools only reach the chat template, as LLM.chat's): write the row in the OpenAI "
+                           f"batch format ({CONSTRAINT_COLUMNS[constraint]}), or rename the column to carry it",
+                           constraint)
         given = [c for c in PROMPT_COLUMNS if row.get(c) is not None]
         if len(given) != 1:
             raise RowError(f"a row needs exactly one of {', '.join(PROMPT_COLUMNS)}; it has "
