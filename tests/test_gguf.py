@@ -42,7 +42,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
                add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None,
-               tokenizer_model: str = "gpt2", named_templates: tuple = ()) -> None:
+               tokenizer_model: str = "gpt2", named_templates: tuple = (), block_count: int | None = None,
+               expert_count: int = 0) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
@@ -50,10 +51,16 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     count, ``eot`` an end-of-turn token, ``split_max_tensors`` files of that many tensors each
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
     not written, ``head_count_kv`` another KV head count than the tensors', ``tokenizer_model``
-    the tokenizer's kind."""
+    the tokenizer's kind, ``block_count`` another layer count than the tensors', ``expert_count``
+    a Mixtral's metadata and router tensors."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
-    writer.add_block_count(c.num_hidden_layers)
+    writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
+    if expert_count:
+        writer.add_expert_count(expert_count)
+        writer.add_expert_used_count(2)
+        for i in range(c.num_hidden_layers):
+            writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((expert_count, c.hidden_size), np.float32))
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
@@ -346,6 +353,23 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
     first = sorted(p for p in os.listdir(tmp_path) if p.startswith("split"))[0]
     with pytest.raises(ValueError, match="of a GGUF split into"):
         resolve_model(str(tmp_path / first))
+    # A hunt: no embedding raised a bare StopIteration; a block count below the layers' dropped layers
+    # behind a warning; a Mixtral, a biased Llama or a missing layer tensor were refused (or cached)
+    # only after the file was hashed and read.
+    biased = tiny_model(tied=True)
+    biased.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(32))
+    cases = [(tiny_model(tied=True), {"leave_out": "model.embed_tokens.weight"}, "has no token_embd.weight"),
+             (tiny_model(tied=True), {"block_count": 1}, r"llama.block_count is 1, but its tensors are of 2 layers"),
+             (_qwen2(layers=2), {"arch": "qwen2", "block_count": 3}, r"qwen2.block_count is 3, but its tensors are of 2"),
+             (tiny_model(tied=True), {"expert_count": 4}, r"mixture-of-experts Llama \(llama.expert_count 4"),
+             (biased, {}, r"holds tensor\(s\) blk.0.attn_q.bias, which pagedlm's Llama converter does not read"),
+             (tiny_model(tied=False), {"leave_out": "model.layers.1.self_attn.v_proj.weight"},
+              r"lacks tensor\(s\) blk.1.attn_v.weight, which a Llama model needs")]
+    for i, (model, kwargs, message) in enumerate(cases):
+        path = str(tmp_path / f"case{i}.gguf")
+        write_gguf(model, path, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            resolve_model(path)
 
 
 def test_a_gguf_s_named_chat_templates_are_kept(tmp_path, monkeypatch):

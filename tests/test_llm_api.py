@@ -1336,6 +1336,20 @@ def test_gpu_memory_utilization_sets_the_cache_s_share_of_ram_on_cpu(llama_dir, 
     assert sizes == {None: int(0.2 * (64 << 20)) // block, 0.4: int(0.4 * (64 << 20)) // block}
 
 
+def test_a_checkpoint_without_tokenizer_files_is_refused_by_name(tmp_path, llama_dir):
+    """A hunt: transformers' error said to install sentencepiece or tiktoken, which is not the fix."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(llama_dir, name), bare / name)
+    with pytest.raises(ValueError, match="holds no tokenizer .*pass tokenizer= .* that has the model's tokenizer"):
+        LLM(str(bare), num_kv_blocks=32)
+    with LLM(str(bare), tokenizer=llama_dir, num_kv_blocks=32) as llm:
+        assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, chat_llama_dir):
     """``tokenizer=`` takes another checkpoint's tokenizer and chat template; ``chat_template=``
     (a template or a file) replaces it wherever chats are rendered; ``chat``'s own argument wins."""

@@ -93,12 +93,11 @@ def _f32(value: float) -> float:
 
 
 def _hf_name(name: str) -> str:
+    """The HF name of a tensor that ``_maps`` (``check_gguf`` refused the others)."""
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
-    raise ValueError(f"unsupported GGUF tensor {name!r} for a Llama checkpoint")
+    return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -143,7 +142,7 @@ def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
 def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
     hidden = _required(reader, "llama.embedding_length")
     n_head = _required(reader, "llama.attention.head_count")
-    # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match.
+    # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match (check_gguf: present).
     vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = _eos_token_ids(reader)
@@ -330,12 +329,6 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
                          "read them; load the Hugging Face checkpoint instead.")
     for key in _REQUIRED:  # transformers' reader would take its own defaults for these
         _required(reader, f"{arch}.{key}")
-    block_count = _field(reader, f"{arch}.block_count")
-    layers = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
-    if layers != set(range(block_count)):
-        raise ValueError(f"the GGUF file's {arch}.block_count is {block_count}, but its "
-                         f"tensors are of {len(layers)} layers (blk.{min(layers, default=0)} to "
-                         f"blk.{max(layers, default=-1)})")
     dimension_count = _field(reader, f"{arch}.rope.dimension_count")
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
@@ -441,16 +434,52 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
         if isinstance(_field(reader, key), list):  # llama.cpp's per-layer counts (found by a hunt: a TypeError)
             raise ValueError(f"the GGUF file's {key} is a list, one count per layer; pagedlm builds models with "
                              "one count for every layer")
+    _check_tensor_names(reader, arch)
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     if tokenizer_model not in _TOKENIZER_MODELS or not _field(reader, "tokenizer.ggml.tokens"):
         raise ValueError(f"the GGUF file's tokenizer.ggml.model is {tokenizer_model!r}"
                          f"{'' if _field(reader, 'tokenizer.ggml.tokens') else ' and it has no tokenizer.ggml.tokens'}; "
                          f"pagedlm builds a tokenizer of {' or '.join(map(repr, _TOKENIZER_MODELS))} with its tokens")
     num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
-    rows = next((int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"), num_tokens)
+    rows = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
         raise ValueError(f"the GGUF file's vocabulary has {num_tokens} tokens, but token_embd.weight {rows} rows")
     return reader
+
+
+def _check_tensor_names(reader: gguf.GGUFReader, arch: str) -> None:
+    """Raises ValueError unless the file's tensors are those of ``{arch}.block_count`` layers with an
+    embedding, and, for the Llama converter, exactly the tensors it maps (llama.cpp's llama-model.cpp
+    refuses a file whose tensors differ from the layer count's too). A hunt: a missing embedding
+    raised a bare StopIteration, a low block count dropped layers behind a warning, and a
+    mixture-of-experts or a biased Llama was refused only after the whole file was hashed and read."""
+    names = {t.name for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise ValueError("the GGUF file has no token_embd.weight (the token embedding), which every model needs")
+    block_count = _required(reader, f"{arch}.block_count")
+    layers = {int(name.split(".")[1]) for name in names if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if layers != set(range(block_count)):
+        raise ValueError(f"the GGUF file's {arch}.block_count is {block_count}, but its tensors are of {len(layers)} "
+                         f"layers (blk.{min(layers, default=0)} to blk.{max(layers, default=-1)})")
+    if arch != "llama":
+        return  # transformers' reader names what the architecture lacks (_convert_with_transformers)
+    experts = _field(reader, "llama.expert_count", 0)
+    if experts:
+        raise ValueError(f"the GGUF file is a mixture-of-experts Llama (llama.expert_count {experts}: Mixtral's "
+                         "kind), which pagedlm does not run; supported: dense Llama, Mistral and SmolLM files")
+    unmapped = sorted(name for name in names - {"rope_freqs.weight"} if not _maps(name))
+    if unmapped:
+        raise ValueError(f"the GGUF file holds tensor(s) {', '.join(unmapped[:4])}, which pagedlm's Llama converter does "
+                         f"not read (it reads {', '.join(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(_LAYER_TENSORS)}}})")
+    needed = ["output_norm.weight"] + [f"blk.{i}.{t}" for i in range(block_count) for t in _LAYER_TENSORS]
+    missing = [name for name in needed if name not in names]
+    if missing:
+        raise ValueError(f"the GGUF file lacks tensor(s) {', '.join(missing[:4])}, which a Llama model needs")
+
+
+def _maps(name: str) -> bool:
+    parts = name.split(".", 2)
+    return name in _GLOBAL_TENSORS or len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:

@@ -1,7 +1,9 @@
 """The checkpoint's tokenizer, and prompt text to token ids."""
 
+import glob
 import json
 import logging
+import os
 import re
 import weakref
 
@@ -14,10 +16,26 @@ logger = logging.getLogger("pagedlm")
 _configured_chat_templates: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str]" = weakref.WeakKeyDictionary()
 
 
+# The files transformers builds a tokenizer from (besides *.tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
 def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template: str | None = None
                   ) -> PreTrainedTokenizerBase:
     """The checkpoint's fast (Rust) tokenizer; incremental detokenization needs its backend.
-    ``chat_template``, when given, replaces its own (every chat rendering goes through it)."""
+    ``chat_template``, when given, replaces its own (every chat rendering goes through it).
+
+    Raises:
+        ValueError: ``model_dir`` holds no tokenizer file, or only a slow (Python) tokenizer.
+    """
+    if os.path.isdir(model_dir) and not any(
+            os.path.exists(os.path.join(model_dir, name)) for name in TOKENIZER_FILES) and not glob.glob(
+            os.path.join(glob.escape(model_dir), "*.tiktoken")):
+        # A hunt: transformers then said to install sentencepiece or tiktoken, which is not the fix.
+        raise ValueError(f"{model_dir!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...): pass "
+                         "tokenizer= (pagedlm run: --tokenizer) a checkpoint directory or GGUF file that has the "
+                         "model's tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
