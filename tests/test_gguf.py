@@ -43,7 +43,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
                add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None,
                tokenizer_model: str = "gpt2", named_templates: tuple = (), block_count: int | None = None,
-               expert_count: int = 0) -> None:
+               expert_count: int = 0, pre: str | None = None) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
@@ -52,7 +52,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
     not written, ``head_count_kv`` another KV head count than the tensors', ``tokenizer_model``
     the tokenizer's kind, ``block_count`` another layer count than the tensors', ``expert_count``
-    a Mixtral's metadata and router tensors."""
+    a Mixtral's metadata and router tensors, ``pre`` another tokenizer.ggml.pre."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
@@ -91,7 +91,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         writer.add_rope_dimension_count(rope_dims)
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
+    writer.add_tokenizer_pre(pre or ("smollm" if arch == "llama" else "qwen2"))
     writer.add_token_list(specials + TOKENS[len(SPECIALS):])
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
     writer.add_token_merges(["H i"])
@@ -312,6 +312,33 @@ def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_pa
     _write_tokenizer(gguf.GGUFReader(path), path, str(tmp_path / "out"), 128, True, False)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert tokenizer("<start_of_turn>Hi").input_ids == [2, tokens.index("<start_of_turn>"), tokens.index("Hi")]
+
+
+@pytest.mark.parametrize("pre, tokens", [("smollm", ["1", "2", "Ġ", "7"]), ("gpt-2", ["12", "Ġ7"]),
+                                         ("llama-bpe", ["12", "Ġ", "7"])])
+def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_type_says(tmp_path, pre, tokens):
+    """Found by a hunt: tokenizer.ggml.pre types transformers' reader does not know were split as
+    GPT-2 splits: SmolLM's (the embedded model's) digits one by one in llama.cpp and in its
+    tokenizer.json, and types pagedlm does not reproduce were accepted."""
+    path = str(tmp_path / f"{pre}.gguf")
+    model = tiny_model(tied=True)
+    write_gguf(model, path, pre=pre)
+    out = convert_gguf(path, str(tmp_path / "out"))
+    # write_gguf's vocabulary has no "12" or "Ġ7": add them, with their merges, to the converted one.
+    with open(os.path.join(out, "tokenizer.json")) as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    vocab.update({"12": len(vocab), "Ġ7": len(vocab) + 1})
+    spec["model"]["merges"] += [["1", "2"], ["Ġ", "7"]]
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("12 7", add_special_tokens=False).input_ids) == tokens
+    path = str(tmp_path / "coder.gguf")
+    write_gguf(model, path, pre="deepseek-coder")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre is 'deepseek-coder', a split of text before the merges "
+                                         "that pagedlm does not reproduce"):
+        resolve_model(path)
 
 
 @pytest.mark.parametrize("damage, message", [

