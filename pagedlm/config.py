@@ -635,20 +635,14 @@ def _cgroup_memory_left(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/
 
 
 def _max_positions(hf_config: PretrainedConfig) -> int:
-    """The longest sequence the model takes, as vLLM's ``_get_and_verify_max_len`` reads it:
-    ``max_position_embeddings`` (2048 if absent), times the factor of a "linear" RoPE scaling, whose
-    checkpoints were tuned at the scaled length (e.g. vicuna-13b-v1.5-16k: 4096 x 4); for "yarn",
-    ``original_max_position_embeddings`` times the factor (Qwen2.5's model card: 32,768 x 4, where
-    ``max_position_embeddings`` stays 32,768; a hunt: such a model refused 131,072), or
-    ``max_position_embeddings`` where that is longer (vLLM takes the product even then). A RoPE per
-    layer type (Gemma 3) gives the length as it is."""
+    """The longest sequence the model takes: ``max_position_embeddings`` (2048 if absent), times the
+    factor of a "linear" RoPE scaling, whose checkpoints were tuned at the scaled length (e.g.
+    vicuna-13b-v1.5-16k: 4096 x 4), as vLLM's ``_get_and_verify_max_len`` reads it. A RoPE per layer
+    type (Gemma 3) gives the length as it is."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     if rope_layer_types(hf_config):
         return limit
     _, scaling = rope_parameters(hf_config)
-    factor = float(scaling.get("factor") or 1.0)
     if scaling["rope_type"] == "linear":
-        limit = int(limit * factor)
-    elif scaling["rope_type"] == "yarn":
-        limit = max(limit, int((scaling["original_max_position_embeddings"] or limit) * factor))
+        limit = int(limit * float(scaling.get("factor", 1.0)))
     return limit

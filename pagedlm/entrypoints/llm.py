@@ -51,8 +51,7 @@ class LLM:
             "bfloat16" or "float16".
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         max_model_len: longest prompt + completion; defaults to the model's context length
-            (``max_position_embeddings``, times a "linear" RoPE scaling's factor, as vLLM reads it;
-            YaRN's ``original_max_position_embeddings`` times its factor where that is longer).
+            (``max_position_embeddings``, times a "linear" RoPE scaling's factor, as vLLM reads it).
             A LongRoPE model (Phi-3-128k, Phi-4-mini) gets its whole length, where vLLM 0.32
             defaults to ``original_max_position_embeddings`` (4k) because its kernel applies one
             factor set to a whole batch; pagedlm switches factors per sequence, as transformers does.
