@@ -1387,6 +1387,34 @@ def test_openai_rows_check_booleans_and_name_the_body_field(llama_dir, tmp_path)
     assert got["bias"]["response"]["body"]["choices"][0]["text"] == tok.decode([42] * 3)  # OpenAI's string ids
 
 
+def test_openai_integer_fields_that_samplingparams_would_not_check_are_checked_as_written(llama_dir, tmp_path):
+    """A hunt: max_tokens beside max_completion_tokens (which replaces it) and completions' logprobs
+    beside logprob_token_ids (whose count it does not read) were accepted whatever they held, and
+    true for top_logprobs or prompt_logprobs was taken as 1."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": TEMPLATE}
+    rows = [
+        _openai_row("mt-text", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "max_tokens": "abc"}),
+        _openai_row("mt-low", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "max_tokens": -5}),
+        _openai_row("mt-false", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "max_tokens": False}),
+        _openai_row("lp-float", "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprob_token_ids": [1],
+                                                    "logprobs": 2.5}),
+        _openai_row("tlp-true", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "logprobs": True,
+                                                         "top_logprobs": True}),
+        _openai_row("plp-true", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "prompt_logprobs": True}),
+        _openai_row("ok", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "max_tokens": 7}),
+        _openai_row("ok-ids", "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprob_token_ids": [1], "logprobs": 0}),
+    ]
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = {r["custom_id"]: r["response"]["body"] for r in out}
+    params = {k: body.get("error", {}).get("param") for k, body in got.items()}
+    assert params == {"mt-text": "max_tokens", "mt-low": "max_tokens", "mt-false": "max_tokens", "lp-float": "logprobs",
+                      "tlp-true": "top_logprobs", "plp-true": "prompt_logprobs", "ok": None, "ok-ids": None}
+    assert got["mt-low"]["error"]["message"].endswith("body.max_tokens must be at least 1, got -5 (max_completion_tokens "
+                                                      "replaces it: give one)")
+    assert got["tlp-true"]["error"]["message"].endswith("body.top_logprobs must be an integer, got true")
+    assert got["ok"]["usage"]["completion_tokens"] <= 2
+
+
 def test_plain_rows_with_a_custom_id_column_stay_plain_and_sampling_columns_are_warned_of(llama_dir, tmp_path, monkeypatch):
     from pagedlm.entrypoints.jobs import plain_rows
 

@@ -173,6 +173,7 @@ class OpenAIBatchFormat:
                            f"another priority without priority scheduling), got {json_text(body['priority'], 40)}",
                            "priority")
         _check_limits(body)
+        _check_unread_integers(url, body)
         fields = {k: body[k] for k in _SAME_NAME if body.get(k) is not None}
         if fields.get("logprob_token_ids") == []:  # vLLM's server reads an empty list as none
             del fields["logprob_token_ids"]
@@ -410,6 +411,22 @@ def _check_limits(body: dict) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
             raise RowError(f"body.logit_bias values must be in [{low}, {high}], got {value} for token {token}",
                            "logit_bias")
+
+
+def _check_unread_integers(url: str, body: dict) -> None:
+    """Refuse, as written, integer fields that SamplingParams would not check: chat's ``max_tokens``
+    beside ``max_completion_tokens``, which replaces it, and completions' ``logprobs`` beside
+    ``logprob_token_ids``, whose count it does not read; and true for ``top_logprobs`` or
+    ``prompt_logprobs``, which SamplingParams reads as 1 (vLLM's Python API). A hunt: each was
+    accepted and ignored (or taken as 1), where vLLM's server refuses the type."""
+    shadowed = {CHAT_URL: ("max_tokens", "max_completion_tokens"), COMPLETIONS_URL: ("logprobs", "logprob_token_ids")}[url]
+    names = ["top_logprobs", "prompt_logprobs"] + [shadowed[0]] * (shadowed[1] in body)
+    for name in names:
+        if name in body and type(body[name]) is not int:
+            raise RowError(f"body.{name} must be an integer, got {json_text(body[name], 40)}", name)
+    if url == CHAT_URL and "max_completion_tokens" in body and body.get("max_tokens", 1) < 1:
+        raise RowError(f"body.max_tokens must be at least 1, got {body['max_tokens']} (max_completion_tokens "
+                       "replaces it: give one)", "max_tokens")
 
 
 # Each response_format type's keys (OpenAI's API reference).
