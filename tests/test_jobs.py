@@ -1445,6 +1445,25 @@ def test_plain_rows_with_openai_constraint_columns_are_their_errors(llama_dir, t
         assert f"column {column} is an OpenAI chat request field" in got[key]["error"] and where in got[key]["error"]
 
 
+def test_resume_of_openai_rows_refuses_a_model_named_otherwise(llama_dir, tmp_path):
+    """A hunt: --model named by another path on resume was taken (the record holds it absolute), but
+    the names body.model may give, and the responses' model, came from its spelling: a body was
+    refused in one run and served in the next. A job recorded before the names were goes on."""
+    rows = [_openai_row(f"r{i}", "/v1/completions", {"prompt": f"Hi {i}", "model": llama_dir}) for i in range(2)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows[:1]), tmp_path / "out.jsonl"
+    run(llama_dir, inp, out)
+    write_jsonl(inp, rows)
+    with pytest.raises(ValueError, match="served_model_names: started with .*, now .*" + re.escape(llama_dir + "/")):
+        run(llama_dir + "/", inp, out, resume=True)
+    record = tmp_path / "out.jsonl.job.json"
+    recorded = json.loads(record.read_text())
+    assert recorded["served_model_names"][0] == llama_dir
+    record.write_text(json.dumps({**recorded, "served_model_names": None}))
+    stats, got = run(llama_dir, inp, out, resume=True)
+    assert (stats.skipped, stats.completed, stats.errors) == (1, 1, 0)
+    assert [r["response"]["body"]["model"] for r in got] == [llama_dir, llama_dir]
+
+
 def test_resume_refuses_other_engine_settings_that_change_outputs(llama_dir, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Hello {i}"} for i in range(2)])
     out = tmp_path / "out.jsonl"

@@ -133,8 +133,11 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, job_input:
     if fmt_name == "openai" and out_kind != "jsonl":
         raise ValueError("OpenAI batch rows are written as JSONL: --output must end in .jsonl, .json or .ndjson")
     model = llm.llm_engine.model_config.model if llm is not None else config.model or default_model_path()
+    # A loaded LLM of the embedded model serves its names, as the job that loads it does.
+    given = model if llm is not None and model != default_model_path(download=False) else None
+    names = served_model_names(config, config.model or given) if fmt_name == "openai" else None
     started = os.path.exists(config.output) or (out_kind == "parquet" and os.path.isdir(config.output + ".parts"))
-    record = job_record(config, fmt_name, model)
+    record = job_record(config, fmt_name, model, names)
     check_record(config, record, started)
 
     stats = JobStats()
@@ -152,9 +155,7 @@ def _run_locked(config: JobConfig, tty: bool | None, llm: LLM | None, job_input:
                 if not started:  # once the engine settings have proved valid
                     write_record(config, record)
                     writer = _writer(out_kind, config, fmt_class, job_input)
-                # A loaded LLM of the embedded model serves its names, as the job that loads it does.
-                given = model if not own_llm and model != default_model_path(download=False) else None
-                fmt = _job_format(fmt_name, config, config.model or given, llm, job_input.kind == "parquet")
+                fmt = _job_format(fmt_name, config, names, llm, job_input.kind == "parquet")
                 progress = Progress(stats, count_rows(job_input), config.progress_interval, tty)
                 _Job(llm, fmt, writer, stats, progress).run(rows, config.max_in_flight)
                 finished = True
@@ -480,22 +481,29 @@ def check_result_columns(job_input: JobInput) -> None:
                              "job's output?); drop or rename them in the input")
 
 
-def _job_format(fmt_name: str, config: JobConfig, model_name: str | None, llm: LLM, arrow_rows: bool) -> JobFormat:
+def _job_format(fmt_name: str, config: JobConfig, names: list[str] | None, llm: LLM, arrow_rows: bool) -> JobFormat:
     """The row format, with the job's sampling defaults: the model's generation config under the
-    command line's. ``model_name`` is the model as the user named it (None: the embedded one);
-    ``arrow_rows``: the input is Parquet."""
+    command line's. ``names``: OpenAI rows' ``served_model_names``; ``arrow_rows``: the input is Parquet."""
     defaults = sampling_defaults(llm, config.sampling)
     trusted = config.trust_request_chat_template
     if fmt_name == "plain":
         return PlainFormat(llm.get_tokenizer(), defaults, arrow_rows, trusted)
+    return OpenAIBatchFormat(llm.get_tokenizer(), names, defaults, names_given=bool(config.served_model_names),
+                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows,
+                             trust_request_chat_template=trusted)
+
+
+def served_model_names(config: JobConfig, model_name: str | None) -> list[str]:
+    """The names an OpenAI row's ``body.model`` may give, the first written as the responses'
+    ``model``: ``--served-model-name``'s, else the model as the user named it (``model_name``; None:
+    the embedded one), with and without a trailing slash, and its directory's name."""
+    if config.served_model_names:
+        return config.served_model_names
     if model_name:
         names = [model_name, model_name.rstrip("/"), os.path.basename(os.path.normpath(model_name))]
     else:
         names = [DEFAULT_MODEL_NAME, "SmolLM2-135M-Instruct"]
-    return OpenAIBatchFormat(llm.get_tokenizer(), config.served_model_names or list(dict.fromkeys(names)), defaults,
-                             names_given=bool(config.served_model_names),
-                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows,
-                             trust_request_chat_template=trusted)
+    return list(dict.fromkeys(names))
 
 
 def _gate_parser(llm: LLM) -> ReasoningParser | None:
@@ -646,9 +654,11 @@ def _is_job_default(name: str, value: Any) -> bool:
     return value == _JOB_DEFAULTS[name] or (name == "batch_invariant" and value is True)
 
 
-def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> dict:
+def job_record(config: JobConfig, fmt_name: str, model: str | None = None, names: list[str] | None = None) -> dict:
     """The settings a resumed run must repeat: paths made absolute, a chat template file read (its
-    text is what renders the rows).
+    text is what renders the rows), and OpenAI rows' ``served_model_names`` as the run serves them
+    (``names``; a hunt: a resume that named the model by another path served other names, and
+    wrote another ``model``, than the run before it).
 
     Raises:
         ValueError: ``config.engine["chat_template"]`` is neither a template nor a file.
@@ -674,7 +684,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None) -> di
         "input_format": fmt_name,
         "sampling": config.sampling,
         "generation_config": config.engine.get("generation_config", "auto"),
-        "served_model_names": config.served_model_names,
+        "served_model_names": names or config.served_model_names,
         "engine": engine,
         "trust_request_chat_template": config.trust_request_chat_template,
     }
@@ -710,6 +720,8 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
         # A job started before that flag took its rows' templates: it goes on as this run says.
         recorded.setdefault("trust_request_chat_template", record["trust_request_chat_template"])
+        if recorded.get("input_format") == "openai" and recorded.get("served_model_names") is None:
+            recorded["served_model_names"] = record["served_model_names"]  # started before they were recorded
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
             recorded["engine"] = {k: v for k, v in recorded["engine"].items()
                                   if k not in _JOB_DEFAULTS or not _is_job_default(k, v)}
