@@ -1402,13 +1402,17 @@ def test_openai_integer_fields_that_samplingparams_would_not_check_are_checked_a
                                                          "top_logprobs": True}),
         _openai_row("plp-true", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "prompt_logprobs": True}),
         _openai_row("ok", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "max_tokens": 7}),
+        _openai_row("min", "/v1/chat/completions", {**chat, "max_completion_tokens": 2, "min_tokens": 5}),
         _openai_row("ok-ids", "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprob_token_ids": [1], "logprobs": 0}),
     ]
     stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r["response"]["body"] for r in out}
     params = {k: body.get("error", {}).get("param") for k, body in got.items()}
     assert params == {"mt-text": "max_tokens", "mt-low": "max_tokens", "mt-false": "max_tokens", "lp-float": "logprobs",
-                      "tlp-true": "top_logprobs", "plp-true": "prompt_logprobs", "ok": None, "ok-ids": None}
+                      "tlp-true": "top_logprobs", "plp-true": "prompt_logprobs", "ok": None, "ok-ids": None,
+                      "min": "min_tokens"}
+    # The text names the other field by the row's name too (it said max_tokens).
+    assert got["min"]["error"]["message"].endswith("min_tokens (5) must be <= max_completion_tokens (2).")
     assert got["mt-low"]["error"]["message"].endswith("body.max_tokens must be at least 1, got -5 (max_completion_tokens "
                                                       "replaces it: give one)")
     assert got["tlp-true"]["error"]["message"].endswith("body.top_logprobs must be an integer, got true")
@@ -2398,6 +2402,9 @@ def test_an_openai_row_whose_completion_was_aborted_is_an_error(llama_dir, tmp_p
     stats, out = run(llama_dir, inp, tmp_path / "out.jsonl")
     assert (stats.completed, stats.errors) == (1, 1)
     assert _errors(out)["aborted"][1].startswith("line 1: no token was left to sample for the completion")
+    usage = next(r["response"]["body"]["usage"] for r in out if r["custom_id"] == "fine")
+    # The summary's tokens are the completed rows' (a hunt: the error row's were counted too).
+    assert (stats.prompt_tokens, stats.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"id": 1, "prompt": "a", "sampling_params": {
         "structured_outputs": {"choice": ["x"]}, "bad_words": ["x"]}}) + "\n")

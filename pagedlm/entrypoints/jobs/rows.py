@@ -220,11 +220,13 @@ def field_error(exc: ValueError, names: dict[str, str], prefix: str = "") -> Row
         named = _named_fields(message, SAMPLING_FIELDS)
         field = next((f for f in named if f in names), None)
     name = names.get(field)
-    if name is not None and field != "prompt":
-        # A renamed field's own keys are not the row's ("structured_outputs.json" from response_format).
-        message = re.sub(_word(field) + (r"(?:\.\w+)?" if name != field else ""), name, message)
-    elif name is not None and not re.search(_word(name), message):  # "the prompt is empty": name the row's field
-        message = f"{name}: {message}"
+    if name is not None and field == "prompt" and not re.search(_word(name), message):
+        message = f"{name}: {message}"  # "the prompt is empty": name the row's field
+    for named, row_name in names.items():  # the row's names in the text, the other fields' too (a hunt:
+        # "min_tokens (5) must be <= max_tokens (2)" of a row that set max_completion_tokens)
+        if row_name != named and named != "prompt":
+            # A renamed field's own keys are not the row's ("structured_outputs.json" from response_format).
+            message = re.sub(_word(named) + r"(?:\.\w+)?", row_name, message)
     return RowError(json_words(prefix + message), name)
 
 

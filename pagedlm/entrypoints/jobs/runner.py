@@ -781,13 +781,14 @@ class _Job:
                     error = field_error(result, job_row.names)
                     self._write_error(job_row.key, job_row.row, f"{where}: {error}", error.param)
                 else:
-                    self.stats.prompt_tokens += len(result.prompt_token_ids)
-                    self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
                     try:
                         row = self.fmt.result_row(job_row, result)
                     except RowError as exc:  # a result the format has no form for
                         self._write_error(job_row.key, job_row.row, f"{where}: {exc}", exc.param)
                     else:
+                        # The completed rows' tokens, as the summary counts them (a hunt: an error row's too)
+                        self.stats.prompt_tokens += len(result.prompt_token_ids)
+                        self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
                         self._write(row, job_row.key)
                 for held in self.held.pop(self.writer.same_key(job_row.key), ()):
                     self._write(held, job_row.key, error=True)
