@@ -130,6 +130,26 @@ def test_a_failed_conversion_leaves_nothing(setup):
     assert os.listdir(root) == []
 
 
+def test_an_unwritable_cache_is_named_before_the_file_is_hashed(setup, monkeypatch):
+    """A hunt: a read-only cache raised the staging path's PermissionError, after a hash of the
+    whole file, without saying what to change."""
+    from pagedlm.transformers_utils import conversion_cache
+
+    source, root, convert = setup
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def hashed(path):
+        raise AssertionError("hashed before the cache was known to be writable")
+
+    monkeypatch.setattr(conversion_cache.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(conversion_cache, "_sha256", hashed)
+    with pytest.raises(PermissionError, match=f"cannot write the conversion cache '{root}' .*set that to a writable"):
+        cached_conversion(source, root, convert, 1)
+    assert convert.calls == 0
+
+
 def test_a_conversion_finished_first_elsewhere_is_kept(setup, monkeypatch):
     """Two processes converting the same bytes: the second keeps the first's directory."""
     source, root, convert = setup

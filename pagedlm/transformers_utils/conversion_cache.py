@@ -130,7 +130,8 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
     `convert` must create `out_dir` (which does not exist yet) with everything in it; the record is
     added after it returns, and the finished directory is renamed into place, so readers never see
     a partial conversion. Concurrent callers may convert the same file twice; one result stays.
-    Raises whatever `convert` raises, and OSError where `root` cannot be written.
+    Raises whatever `convert` raises, and OSError where `root` cannot be written (PermissionError
+    naming `root`, before the file is hashed).
     """
     source = os.path.abspath(source)
     stem = os.path.splitext(os.path.basename(source))[0]
@@ -141,13 +142,19 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
 
     if check is not None:
         check(source)
-    os.makedirs(root, exist_ok=True)
-    record = {"path": source, "identity": _identity(os.stat(source)), "sha256": _sha256(source), "version": version}
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)
+    except PermissionError as exc:  # a hunt: the staging path's error, after a hash of the whole file
+        raise PermissionError(exc.errno, f"cannot write the conversion cache {root!r} ({exc.strerror}); it lies under "
+                                         "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable "
+                                         "directory") from None
     converted = os.path.join(staging, "checkpoint")
     try:
         with open(os.path.join(staging, _LOCK), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # held until the result is in place
+            record = {"path": source, "identity": _identity(os.stat(source)), "sha256": _sha256(source),
+                      "version": version}
             logger.info("converting %s to an HF checkpoint at %s", source, out_dir)
             convert(source, converted)
             _write_record(converted, record)
