@@ -52,7 +52,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
     not written, ``head_count_kv`` another KV head count than the tensors', ``tokenizer_model``
     the tokenizer's kind, ``block_count`` another layer count than the tensors', ``expert_count``
-    a Mixtral's metadata and router tensors, ``pre`` another tokenizer.ggml.pre."""
+    a Mixtral's metadata and router tensors, ``pre`` another tokenizer.ggml.pre ("": none)."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
@@ -91,7 +91,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         writer.add_rope_dimension_count(rope_dims)
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre(pre or ("smollm" if arch == "llama" else "qwen2"))
+    if pre != "":  # "": none, as files written before llama.cpp recorded it
+        writer.add_tokenizer_pre(pre or ("smollm" if arch == "llama" else "qwen2"))
     writer.add_token_list(specials + TOKENS[len(SPECIALS):])
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
     writer.add_token_merges(["H i"])
@@ -315,15 +316,17 @@ def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_pa
 
 
 @pytest.mark.parametrize("pre, tokens", [("smollm", ["1", "2", "Ġ", "7"]), ("gpt-2", ["12", "Ġ7"]),
-                                         ("llama-bpe", ["12", "Ġ", "7"])])
-def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_type_says(tmp_path, pre, tokens):
+                                         ("mellum", ["12", "Ġ7"]), ("llama-bpe", ["12", "Ġ", "7"]), ("", ["12", "Ġ7"])])
+def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_type_says(tmp_path, caplog, pre, tokens):
     """Found by a hunt: tokenizer.ggml.pre types transformers' reader does not know were split as
     GPT-2 splits: SmolLM's (the embedded model's) digits one by one in llama.cpp and in its
-    tokenizer.json, and types pagedlm does not reproduce were accepted."""
+    tokenizer.json, and types pagedlm does not reproduce were accepted. llama.cpp's other names of
+    GPT-2's split ("mellum": a review) convert; a file without the key is split so, with a warning."""
     path = str(tmp_path / f"{pre}.gguf")
     model = tiny_model(tied=True)
     write_gguf(model, path, pre=pre)
     out = convert_gguf(path, str(tmp_path / "out"))
+    assert ("has no tokenizer.ggml.pre" in caplog.text) == (pre == "")
     # write_gguf's vocabulary has no "12" or "Ġ7": add them, with their merges, to the converted one.
     with open(os.path.join(out, "tokenizer.json")) as f:
         spec = json.load(f)

@@ -130,8 +130,8 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
     `convert` must create `out_dir` (which does not exist yet) with everything in it; the record is
     added after it returns, and the finished directory is renamed into place, so readers never see
     a partial conversion. Concurrent callers may convert the same file twice; one result stays.
-    Raises whatever `convert` raises, and OSError where `root` cannot be written (PermissionError
-    naming `root`, before the file is hashed).
+    Raises whatever `convert` raises, and OSError where `root` cannot be written (naming `root`,
+    before the file is hashed).
     """
     source = os.path.abspath(source)
     stem = os.path.splitext(os.path.basename(source))[0]
@@ -145,10 +145,9 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
     try:
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)
-    except PermissionError as exc:  # a hunt: the staging path's error, after a hash of the whole file
-        raise PermissionError(exc.errno, f"cannot write the conversion cache {root!r} ({exc.strerror}); it lies under "
-                                         "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable "
-                                         "directory") from None
+    except OSError as exc:  # a hunt: the staging path's error, after a hash of the whole file
+        raise type(exc)(exc.errno, f"cannot write the conversion cache {root!r} ({exc.strerror}); it lies under "
+                                   "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable directory") from None
     converted = os.path.join(staging, "checkpoint")
     try:
         with open(os.path.join(staging, _LOCK), "w") as lock:

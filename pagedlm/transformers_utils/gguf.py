@@ -414,7 +414,9 @@ _TOKENIZER_MODELS = ("llama", "gpt2")
 # GPT-2's regex alone, which is transformers' own fallback, or each digit apart first, then GPT-2's
 # (SmolLM's tokenizer.json: Digits(individual_digits) then ByteLevel). Other types are refused: their
 # tokens would silently differ from llama.cpp's (a hunt: "deepseek-coder" split as GPT-2 does).
-_GPT2_SPLIT_PRE = ("gpt-2", "mpt", "olmo", "jais", "trillion", "granite-docling")
+_GPT2_SPLIT_PRE = ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es", "jina-v2-de",
+                   "jina-v2-code", "roberta-bpe", "a.x-4.0", "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion",
+                   "granite-docling")
 _DIGITS_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
 
 
@@ -428,11 +430,18 @@ def _transformers_split_pre() -> tuple[str, ...]:
 
 def _check_pre_tokenizer(reader: gguf.GGUFReader) -> None:
     """Raises ValueError for a byte-level BPE vocabulary whose ``tokenizer.ggml.pre`` split pagedlm's
-    tokenizer would not reproduce. A file without the key (written before llama.cpp recorded it) is
-    split as GPT-2 splits, as transformers reads it."""
+    tokenizer would not reproduce. A file without the key (written before llama.cpp recorded it,
+    which llama.cpp splits its "default" way and warns of) is split as GPT-2 splits, as transformers
+    reads it, with a warning."""
+    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        return
     pre = _field(reader, "tokenizer.ggml.pre")
     supported = (*_transformers_split_pre(), *_GPT2_SPLIT_PRE, *_DIGITS_SPLIT_PRE)
-    if _field(reader, "tokenizer.ggml.model") == "gpt2" and pre is not None and pre not in supported:
+    if pre is None:
+        logger.warning("The GGUF file has no tokenizer.ggml.pre (written before llama.cpp recorded how its "
+                       "vocabulary splits text): its text is split as GPT-2 splits, which may not be how the "
+                       "model's own tokenizer split it (llama.cpp warns that generation quality may suffer).")
+    elif pre not in supported:
         raise ValueError(f"the GGUF file's tokenizer.ggml.pre is {pre!r}, a split of text before the merges that "
                          f"pagedlm does not reproduce (its tokens would differ from llama.cpp's); supported: "
                          f"{', '.join(sorted(supported))}. Load the model's Hugging Face checkpoint instead.")

@@ -414,11 +414,12 @@ def _check_limits(body: dict) -> None:
 
 
 def _check_unread_integers(url: str, body: dict) -> None:
-    """Refuse, as written, integer fields that SamplingParams would not check: chat's ``max_tokens``
-    beside ``max_completion_tokens``, which replaces it, and completions' ``logprobs`` beside
-    ``logprob_token_ids``, whose count it does not read; and true for ``top_logprobs`` or
-    ``prompt_logprobs``, which SamplingParams reads as 1 (vLLM's Python API). A hunt: each was
-    accepted and ignored (or taken as 1), where vLLM's server refuses the type."""
+    """Refuse, as written (docs/jobs.md: field types are OpenAI's, where vLLM's server coerces),
+    integer fields that SamplingParams would not check: chat's ``max_tokens`` beside
+    ``max_completion_tokens``, which replaces it (a value below 1 too, which vLLM ignores there),
+    and completions' ``logprobs`` beside ``logprob_token_ids``, whose count it does not read; and
+    true for ``top_logprobs`` or ``prompt_logprobs``, which SamplingParams reads as 1 (vLLM's Python
+    API, and its server). A hunt: each was accepted and ignored, or taken as 1."""
     shadowed = {CHAT_URL: ("max_tokens", "max_completion_tokens"), COMPLETIONS_URL: ("logprobs", "logprob_token_ids")}[url]
     names = ["top_logprobs", "prompt_logprobs"] + [shadowed[0]] * (shadowed[1] in body)
     for name in names:

@@ -31,10 +31,18 @@ logger = logging.getLogger("pagedlm")
 PROMPT_COLUMNS = ("prompt", "messages", "prompt_token_ids")
 RESULT_COLUMNS = ("outputs", "prompt_tokens", "completion_tokens", "error", "prompt_logprobs",
                   "prompt_token_id_logprobs")
-# OpenAI chat request fields that constrain what a completion is. A plain row's tools only reach
-# the chat template (as LLM.chat's do), so carrying these would run the row unconstrained (a hunt).
-CONSTRAINT_COLUMNS = {"tool_choice": "body.tool_choice", "parallel_tool_calls": "body.parallel_tool_calls",
-                      "response_format": "body.response_format, or sampling_params.structured_outputs"}
+# Top-level columns that would constrain what a completion is (OpenAI's chat request fields, vLLM's
+# structured-output fields): a plain row's tools only reach the chat template (as LLM.chat's do) and
+# its constraint is sampling_params.structured_outputs, so carrying them would run the row
+# unconstrained (a hunt). Each with where it belongs; the values that constrain nothing are carried.
+_OPENAI_BATCH = "write the row in the OpenAI batch format (body.{})"
+_STRUCTURED = "set sampling_params.structured_outputs"
+CONSTRAINT_COLUMNS = {"tool_choice": _OPENAI_BATCH.format("tool_choice"),
+                      "parallel_tool_calls": _OPENAI_BATCH.format("parallel_tool_calls"),
+                      "response_format": _OPENAI_BATCH.format("response_format") + ", or " + _STRUCTURED,
+                      "structured_outputs": _STRUCTURED, "guided_json": _STRUCTURED, "guided_regex": _STRUCTURED,
+                      "guided_choice": _STRUCTURED, "guided_grammar": _STRUCTURED}
+_UNCONSTRAINED = {"tool_choice": ["auto", "none"], "parallel_tool_calls": [True], "response_format": [{"type": "text"}]}
 
 
 class PlainFormat:
@@ -78,12 +86,12 @@ class PlainFormat:
         reserved = [c for c in RESULT_COLUMNS if c in row]
         if reserved:
             raise RowError(f"column(s) {', '.join(reserved)} are the output's; rename them in the input", reserved[0])
-        constraint = next((c for c in CONSTRAINT_COLUMNS if row.get(c) is not None), None)
+        given = without_nulls({c: row.get(c) for c in CONSTRAINT_COLUMNS})
+        constraint = next((c for c, v in given.items() if v not in _UNCONSTRAINED.get(c, [])), None)
         if constraint:
-            raise RowError(f"column {constraint} is an OpenAI chat request field, which a plain row does not apply "
-                           "(its tools only reach the chat template, as LLM.chat's): write the row in the OpenAI "
-                           f"batch format ({CONSTRAINT_COLUMNS[constraint]}), or rename the column to carry it",
-                           constraint)
+            raise RowError(f"column {constraint} would constrain the completion, which a plain row's columns do not "
+                           f"(its tools only reach the chat template, as LLM.chat's): {CONSTRAINT_COLUMNS[constraint]}, "
+                           "or rename the column to carry it", constraint)
         given = [c for c in PROMPT_COLUMNS if row.get(c) is not None]
         if len(given) != 1:
             raise RowError(f"a row needs exactly one of {', '.join(PROMPT_COLUMNS)}; it has "

@@ -720,8 +720,9 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
         recorded.setdefault("engine", {})  # a job started before engine settings were recorded
         # A job started before that flag took its rows' templates: it goes on as this run says.
         recorded.setdefault("trust_request_chat_template", record["trust_request_chat_template"])
-        if recorded.get("input_format") == "openai" and recorded.get("served_model_names") is None:
-            recorded["served_model_names"] = record["served_model_names"]  # started before they were recorded
+        if (recorded.get("input_format") == "openai" and recorded.get("served_model_names") is None
+                and not config.served_model_names):  # started before the derived names were recorded
+            recorded["served_model_names"] = record["served_model_names"]
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
             recorded["engine"] = {k: v for k, v in recorded["engine"].items()
                                   if k not in _JOB_DEFAULTS or not _is_job_default(k, v)}
@@ -786,10 +787,8 @@ class _Job:
                     except RowError as exc:  # a result the format has no form for
                         self._write_error(job_row.key, job_row.row, f"{where}: {exc}", exc.param)
                     else:
-                        # The completed rows' tokens, as the summary counts them (a hunt: an error row's too)
-                        self.stats.prompt_tokens += len(result.prompt_token_ids)
-                        self.stats.completion_tokens += sum(len(c.token_ids) for c in result.outputs)
-                        self._write(row, job_row.key)
+                        self._write(row, job_row.key, tokens=(len(result.prompt_token_ids),
+                                                              sum(len(c.token_ids) for c in result.outputs)))
                 for held in self.held.pop(self.writer.same_key(job_row.key), ()):
                     self._write(held, job_row.key, error=True)
 
@@ -828,9 +827,10 @@ class _Job:
     def _write_error(self, key: RowKey, row: Any, error: str, param: str | None = None) -> None:
         self._write(self.fmt.error_row(key, row, error, param), key, error=True)
 
-    def _write(self, output_row: dict, key: RowKey, error: bool = False) -> None:
-        """Write a result row (counted completed) or an error row; a result row with a value the
-        output cannot hold becomes an error row, and the job goes on."""
+    def _write(self, output_row: dict, key: RowKey, error: bool = False, tokens: tuple[int, int] = (0, 0)) -> None:
+        """Write a result row (counted completed, with its prompt and completion ``tokens``) or an
+        error row; a result row with a value the output cannot hold becomes an error row, and the job
+        goes on. The summary's tokens are the completed rows' (a hunt: an error row's were counted)."""
         try:
             self.writer.write(output_row)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -840,6 +840,8 @@ class _Job:
             self.stats.errors += 1
         else:
             self.stats.completed += 1
+            self.stats.prompt_tokens += tokens[0]
+            self.stats.completion_tokens += tokens[1]
         self._count()
 
     def _count(self) -> None:
