@@ -1673,6 +1673,9 @@ def test_arguments_of_the_wrong_kind_are_refused_at_the_call(llm):
     for call in (lambda: llm.generate(b"hello"), lambda: llm.generate_as_completed(bytearray(b"hi"))):
         with pytest.raises(ValueError, match="got (bytes|bytearray): decode it to a str first"):
             call()
+    for prompts in (5, None):  # a hunt: zip's TypeError, naming no argument
+        with pytest.raises(ValueError, match="prompts must be a prompt or an iterable of prompts, got (int|NoneType)"):
+            llm.generate_as_completed(prompts)
     engine = llm.llm_engine
     with pytest.raises(ValueError, match=r"arrival_time must be None or time.monotonic\(\) seconds .* got 'now'"):
         engine.add_request("late", "Hello", SamplingParams(), "now")
@@ -1782,8 +1785,9 @@ def test_enqueue_then_wait_for_completion_runs_the_queue_in_its_order(llama_dir)
         llm.wait_for_completion(use_tqdm=False)
     again = llm.wait_for_completion(use_tqdm=False)
     assert [o.outputs for o in again] == [o.outputs for o in expected[:2]]
-    with pytest.raises(ValueError, match="output_type must be None or a type RequestOutput is an instance of"):
-        llm.wait_for_completion(str)
+    for output_type in (str, (1,), ("x", RequestOutput)):  # a hunt: a tuple of non-types raised issubclass' TypeError
+        with pytest.raises(ValueError, match="output_type must be None or a type RequestOutput is an instance of"):
+            llm.wait_for_completion(output_type)
     assert llm.wait_for_completion(object, use_tqdm=False) == []
 
     # Two waits at once: the queue goes to one of them whole; nothing runs twice or is lost.

@@ -561,8 +561,9 @@ class LLM:
             ValueError: another ``output_type``.
             RuntimeError: as ``generate``.
         """
-        if output_type is not None and not (isinstance(output_type, (type, tuple))
-                                            and issubclass(RequestOutput, output_type)):
+        types = output_type if isinstance(output_type, tuple) else (output_type,)
+        if output_type is not None and not (all(isinstance(t, type) for t in types)  # a hunt: a tuple of non-types
+                                            and issubclass(RequestOutput, types)):
             raise ValueError(f"output_type must be None or a type RequestOutput is an instance of (or a tuple of types "
                              f"holding one), got {output_type!r}: pagedlm runs generative models, whose outputs are "
                              "RequestOutputs.")
@@ -641,6 +642,8 @@ class LLM:
         _refuse_bytes(prompts)
         if _is_one_prompt(prompts):
             prompts = [prompts]
+        elif not isinstance(prompts, Iterable):  # a hunt: zip's TypeError, naming no argument
+            raise ValueError(f"prompts must be a prompt or an iterable of prompts, got {type(prompts).__name__}.")
         total = len(prompts) if isinstance(prompts, Sized) else None
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             items = zip(count(), prompts, repeat(sampling_params))
