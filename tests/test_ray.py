@@ -124,6 +124,34 @@ def test_cli_on_ray_refuses_before_ray_starts(llama_dir, tmp_path, capsys, extra
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.job.json")
 
 
+def test_cli_on_ray_starts_a_local_instance_or_the_ray_address_cluster(llama_dir, tmp_path, capsys, monkeypatch):
+    """A docs walkthrough: without --ray-address the job called ray.init(), which joined a cluster
+    that `ray start` had left on the machine (and waited minutes on a stale record of one), where the
+    docs say it starts a local instance; RAY_ADDRESS, which names a cluster on purpose, is taken and
+    checked as --ray-address is."""
+    import ray
+
+    addresses = []
+
+    def init(address=None, **kwargs):
+        addresses.append(address)
+        raise RuntimeError("not started here")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process that has not joined Ray
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n")
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--ray", "--model", llama_dir]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match="not started here"):
+        run_main(args)
+    assert addresses == ["local"]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(SystemExit):
+        run_main(args + ["--output", str(tmp_path / "out2")])
+    assert "RAY_ADDRESS '127.0.0.1:1': no Ray cluster answers there" in capsys.readouterr().err
+    assert addresses == ["local"]
+
+
 def test_cli_on_ray_refuses_a_job_another_run_writes(llama_dir, tmp_path, capsys):
     """Found by a hunt: the Ray driver took no OUT.lock, so a requeued second run of the job wrote
     its rows again beside the first's."""

@@ -88,7 +88,9 @@ def run_parser() -> argparse.ArgumentParser:
     distributed = parser.add_argument_group("Ray Data (docs/distributed.md; pip install 'pagedlm[ray]')")
     distributed.add_argument("--ray", action="store_true",
                              help="run on Ray Data, one LLM per actor; --output is then a directory of files")
-    distributed.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
+    distributed.add_argument("--ray-address", default=None,
+                             help="a running Ray cluster, or auto: the one `ray start` left on this machine "
+                                  "(default: RAY_ADDRESS's, else a new local one)")
     distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each (default 1)")
     distributed.add_argument("--threads-per-actor", type=int, default=None,
                              help="torch threads of each actor's LLM (default: --cpus-per-actor rounded down, "

@@ -39,8 +39,9 @@ from pagedlm.utils import deferred_signals
 
 def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int = 1,
                 torch_threads: int | None = None, cpus_per_actor: float | None = None) -> tuple[JobStats, int | None]:
-    """Run the job on Ray (``address``: a running cluster; None: the one this process already
-    joined, or a new local one) with ``num_actors`` actors of ``torch_threads`` threads, each
+    """Run the job on Ray (``address``: a running cluster, "auto" the one ``ray start`` left on this
+    machine; None: the one this process already joined, else the one ``RAY_ADDRESS`` names, else a
+    new local one, never a cluster found on the machine, as Ray's own ``ray.init()`` would) with ``num_actors`` actors of ``torch_threads`` threads, each
     reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1; threads default to the
     CPUs reserved, rounded down). ``config.input`` (a file, or a directory of them: ``input_files``)
     and ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output
@@ -85,9 +86,12 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
         num_cpus=cpus_per_actor if cpus_per_actor is not None else torch_threads, torch_threads=torch_threads,
         trust_request_chat_template=config.trust_request_chat_template,
     )
-    if address not in (None, "auto"):
-        _check_reachable(address)
-    if ray.is_initialized() or address is None:
+    flag = "--ray-address"
+    if address is None and not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address not in (None, "auto", "local"):
+        _check_reachable(address, flag)
+    if ray.is_initialized() or address in (None, "local"):
         # The nodes of the cluster this process joined, or the local one it will start.
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]] if ray.is_initialized() \
             else [os.cpu_count() or 1]
@@ -103,10 +107,10 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                              "use fewer actors or CPUs per actor")
     # The driver holds OUT.lock where the output is a local path (flock has no form for a URI's storage).
     with contextlib.nullcontext() if storage.is_uri(config.output) else exclusive_run(config.output):
-        return _run_ray_locked(config, processor_config, address, job_input, out_kind)
+        return _run_ray_locked(config, processor_config, address, flag, job_input, out_kind)
 
 
-def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None,
+def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig, address: str | None, flag: str,
                     job_input: JobInput, out_kind: str) -> tuple[JobStats, int | None]:
     """``run_ray_job`` once its options are checked (and the driver holds the output)."""
     record, started = job_record(config, "plain"), storage.is_dir(config.output)
@@ -117,7 +121,9 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
             # An interrupt waits for ray.init (found by a hunt: a Ctrl-C landing inside it left Ray half
             # connected, and its exit hook crashed the process: SIGSEGV), then ends the run before it starts.
             with deferred_signals():
-                ray.init(address=address)
+                # "local" where none is given: ray.init() would join a cluster ray start left on the
+                # machine, or wait minutes on a stale record of one (found by a docs walkthrough).
+                ray.init(address=address or "local")
         except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's own SIGTERM handler, which it sets first
             ray.shutdown()
             raise
@@ -125,7 +131,7 @@ def _run_ray_locked(config: JobConfig, processor_config: PagedLMProcessorConfig,
             # Ray's own words name its flag (--address) for "auto": say it in pagedlm's
             why = ("no running Ray cluster was found on this machine (start one with `ray start --head`, or leave "
                    "--ray-address out to start a local one)") if address == "auto" else exc
-            raise ValueError(f"--ray-address {address!r}: {why}") from None
+            raise ValueError(f"{flag} {address!r}: {why}") from None
     if not started:
         write_record(config, record)
     stats, interrupted = JobStats(), None
@@ -176,13 +182,14 @@ def _read_input(job_input: JobInput) -> "ray.data.Dataset":
     return first.union(*others) if others else first
 
 
-def _check_reachable(address: str) -> None:
-    """A quick TCP connect to ``host:port`` (ray.init would retry for minutes)."""
+def _check_reachable(address: str, flag: str) -> None:
+    """A quick TCP connect to ``host:port`` (ray.init would retry for minutes); ``flag`` names where
+    the address came from."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
+        raise ValueError(f"{flag} {address!r}: no Ray cluster answers there ({exc})") from None
 
 
 def _count_outputs(stats: JobStats, directory: str, kind: str, earlier: dict[str, list]) -> None:
