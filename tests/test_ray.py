@@ -341,10 +341,31 @@ def test_processor_config_refuses_a_bad_concurrency(concurrency):
     ({"num_gpus": 1, "engine_kwargs": {"device": "cpu"}}, "num_gpus=1 reserves a GPU for actors whose engine_kwargs "
                                                           "device is 'cpu'"),
     ({"sampling_params": {"max_tokens": 0}}, "sampling_params: max_tokens must be"),
+    # found by a hunt: every actor's LLM refused it, and the dataset failed with ActorDiedError
+    ({"model_source": "/no/such/model"}, "model_source '/no/such/model' does not exist here, and is no Hugging Face"),
 ])
 def test_processor_config_refuses_bad_fields_by_name(fields, message):
     with pytest.raises(ValueError, match=message):
         PagedLMProcessorConfig(**fields)
+
+
+def test_local_paths_reach_the_actors_absolute(llama_dir, tmp_path, monkeypatch):
+    """A hunt: the workers of a cluster that `ray start` began open paths from their own working
+    directory: a relative --input failed Ray's read, a relative --output lost every row at the write,
+    a relative --chat-template file killed every actor. The driver makes them absolute."""
+    from pagedlm.entrypoints.jobs import ray_job
+    from pagedlm.entrypoints.jobs.runner import JobConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    config = PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs={"chat_template": "t.jinja",
+                                                                           "generation_config": "vllm"})
+    assert config.engine_kwargs == {"chat_template": str(tmp_path / "t.jinja"), "generation_config": "vllm"}
+    (tmp_path / "in.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    seen = []
+    monkeypatch.setattr(ray_job, "_run_ray_locked", lambda config, *args: seen.append(config) or (None, None))
+    ray_job.run_ray_job(JobConfig(input="in.jsonl", output="out", model=llama_dir))
+    assert (seen[0].input, seen[0].output) == (str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
 
 
 def test_processor_config_checks_engine_values_against_the_default_model_too():

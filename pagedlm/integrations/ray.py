@@ -36,6 +36,7 @@ from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
 from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.config import GPU_MEMORY_UTILIZATION
 from pagedlm.transformers_utils.gguf import default_model_path
+from pagedlm.transformers_utils.hub import is_hub_model_id
 from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
     JOB_MAX_LOGPROBS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
@@ -47,6 +48,10 @@ logger = logging.getLogger("pagedlm")
 
 # A row function of Ray Data LLM's build_processor (preprocess, postprocess).
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+# LLM arguments that may name a local file or directory, which an actor opens from its own
+# working directory (a chat_template or generation_config that names none is passed as it is).
+_PATH_ARGS = ("tokenizer", "chat_template", "generation_config")
 
 
 @dataclass
@@ -128,6 +133,13 @@ class PagedLMProcessorConfig:
         if self.model_source is not None and os.path.exists(self.model_source):
             # The actors' working directory is not this process's (found by a hunt: every actor died).
             self.model_source = os.path.abspath(self.model_source)
+        elif self.model_source is not None and not is_hub_model_id(os.fspath(self.model_source)):
+            # A hunt: every actor's LLM refused it, and the dataset failed with ActorDiedError.
+            raise ValueError(f"model_source {os.fspath(self.model_source)!r} does not exist here, and is no Hugging Face "
+                             "model id (org/name): a checkpoint directory or .gguf file every node reads at that path")
+        # Likewise the engine's local paths (a hunt: a relative --chat-template file killed every actor).
+        self.engine_kwargs = {k: os.path.abspath(v) if k in _PATH_ARGS and isinstance(v, str) and os.path.exists(v)
+                              else v for k, v in self.engine_kwargs.items()}
         # Not downloaded here: a driver that runs no inference may be offline.
         model = self.model_source if self.model_source is not None else default_model_path(download=False)
         if model is not None and os.path.exists(model):

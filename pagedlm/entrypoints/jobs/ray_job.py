@@ -8,6 +8,7 @@ read time, which needs ``read_json``: one bad line would fail the whole read).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -56,6 +57,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
             other settings than the job's, or another run of the job holding ``OUT.lock`` (a local
             output's; a URI's storage has none).
     """
+    # The workers of a cluster that `ray start` began open paths from their own working directory (a hunt).
+    config = dataclasses.replace(config, input=storage.absolute(config.input), output=storage.absolute(config.output))
     job_input = resolve_input(config.input)
     out_kind = file_kind(config.output, "--output") if config.output.lower().endswith(
         JSONL_SUFFIXES + PARQUET_SUFFIXES) else job_input.kind
