@@ -93,12 +93,15 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _hf_name(name: str) -> str:
-    """The HF name of a tensor that ``_maps`` (``check_gguf`` refused the others)."""
+def _hf_name(name: str) -> str | None:
+    """The HF name of a Llama GGUF tensor, or None for one the converter does not read
+    (``check_gguf`` refuses those)."""
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
     parts = name.split(".", 2)
-    return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    return None
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -510,7 +513,7 @@ def _check_tensor_names(reader: gguf.GGUFReader, arch: str) -> None:
     if experts:
         raise ValueError(f"the GGUF file is a mixture-of-experts Llama (llama.expert_count {experts}: Mixtral's "
                          "kind), which pagedlm does not run; supported: dense Llama, Mistral and SmolLM files")
-    unmapped = sorted(name for name in names - {"rope_freqs.weight"} if not _maps(name))
+    unmapped = sorted(name for name in names - {"rope_freqs.weight"} if _hf_name(name) is None)
     if unmapped:
         raise ValueError(f"the GGUF file holds tensor(s) {', '.join(unmapped[:4])}, which pagedlm's Llama converter does "
                          f"not read (it reads {', '.join(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(_LAYER_TENSORS)}}})")
@@ -518,11 +521,6 @@ def _check_tensor_names(reader: gguf.GGUFReader, arch: str) -> None:
     missing = [name for name in needed if name not in names]
     if missing:
         raise ValueError(f"the GGUF file lacks tensor(s) {', '.join(missing[:4])}, which a Llama model needs")
-
-
-def _maps(name: str) -> bool:
-    parts = name.split(".", 2)
-    return name in _GLOBAL_TENSORS or len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:

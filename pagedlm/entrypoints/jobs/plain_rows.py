@@ -86,8 +86,8 @@ class PlainFormat:
         reserved = [c for c in RESULT_COLUMNS if c in row]
         if reserved:
             raise RowError(f"column(s) {', '.join(reserved)} are the output's; rename them in the input", reserved[0])
-        given = without_nulls({c: row.get(c) for c in CONSTRAINT_COLUMNS})
-        constraint = next((c for c, v in given.items() if v not in _UNCONSTRAINED.get(c, [])), None)
+        constraints = without_nulls({c: row.get(c) for c in CONSTRAINT_COLUMNS})
+        constraint = next((c for c, v in constraints.items() if v not in _UNCONSTRAINED.get(c, [])), None)
         if constraint:
             raise RowError(f"column {constraint} would constrain the completion, which a plain row's columns do not "
                            f"(its tools only reach the chat template, as LLM.chat's): {CONSTRAINT_COLUMNS[constraint]}, "

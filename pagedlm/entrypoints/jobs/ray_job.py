@@ -42,8 +42,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, num_actors: int =
                 torch_threads: int | None = None, cpus_per_actor: float | None = None) -> tuple[JobStats, int | None]:
     """Run the job on Ray (``address``: a running cluster, "auto" the one ``ray start`` left on this
     machine; None: the one this process already joined, else the one ``RAY_ADDRESS`` names, else a
-    new local one, never a cluster found on the machine, as Ray's own ``ray.init()`` would) with ``num_actors`` actors of ``torch_threads`` threads, each
-    reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1; threads default to the
+    new local one, never a cluster found on the machine, as Ray's own ``ray.init()`` would) with
+    ``num_actors`` actors of ``torch_threads`` threads, each reserving ``cpus_per_actor`` CPUs (default ``torch_threads``, else 1; threads default to the
     CPUs reserved, rounded down). ``config.input`` (a file, or a directory of them: ``input_files``)
     and ``config.output`` are paths every node reads or URIs (``s3://...``: ``storage``); the output
     is a directory of ``.jsonl`` or ``.parquet`` files, in its suffix's format, else the input's.
