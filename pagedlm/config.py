@@ -4,6 +4,7 @@ import copy
 import gc
 import inspect
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -91,8 +92,13 @@ class ModelConfig:
         check_generation_overrides(override_generation_config)
         if max_logprobs is not None and (not _is_int(max_logprobs) or max_logprobs < -1):
             raise ValueError(f"max_logprobs must be None, -1 (the vocabulary) or an int >= 0, got {max_logprobs!r}.")
-        hf_config = _apply_hf_overrides(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code),
-                                        hf_overrides)
+        try:
+            hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # transformers' typed fields raise huggingface_hub's StrictDataclassError
+            raise ValueError(f"{model!r}: its config does not validate: {type(exc).__name__}: {exc}") from None
+        hf_config = _apply_hf_overrides(hf_config, hf_overrides)
         quantization = getattr(hf_config, "quantization_config", None)
         if quantization:
             method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
@@ -167,21 +173,41 @@ class ModelConfig:
 
 
 def _check_model_fields(hf_config: PretrainedConfig) -> None:
-    """Refuse values the model would run as something else (found by a hunt): a soft cap of 0
-    (transformers' divides by it; pagedlm read it as no cap) and a negative sliding window (refused
-    only by the first step's kernel).
+    """Refuse values the model would run as something else, or fail on only in its first step
+    (found by hunts): a soft cap of 0 (transformers' divides by it; pagedlm read it as no cap) or
+    infinite, a negative sliding window, a softmax scale that is not positive, and a zero
+    ``logits_scaling``.
 
     Raises:
         ValueError: naming the field and the values allowed.
     """
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(hf_config, name, None)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        if value is not None and not _is_positive(value):
             raise ValueError(f"the config's {name} must be a positive number or null (no cap), got {value!r}.")
     window = getattr(hf_config, "sliding_window", None)
     if window is not None and not (_is_int(window) and window >= 0):
         raise ValueError(f"the config's sliding_window must be a number of tokens >= 0 or null (0 and null: no "
                          f"window), got {window!r}.")
+    # The attention kernels take a positive scale (they scale a score's running maximum); transformers
+    # would run 0 (uniform attention) and a negative scale, pagedlm ran 0 at the default scale.
+    multiplier = read_field(hf_config, "attention_multiplier", None)
+    if multiplier is not None and not _is_positive(multiplier):
+        raise ValueError(f"the config's attention_multiplier (the softmax scale) must be a positive number or null "
+                         f"(head_dim ** -0.5), got {multiplier!r}.")
+    if hf_config.model_type in ("gemma2", "gemma3", "gemma3_text"):
+        scalar = getattr(hf_config, "query_pre_attn_scalar", None)
+        if not _is_positive(scalar):
+            raise ValueError(f"the config's query_pre_attn_scalar (the softmax scale is its ** -0.5) must be a positive "
+                             f"number, got {scalar!r}.")
+    scaling = read_field(hf_config, "logits_scaling", 1.0)
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling != 0):
+        raise ValueError(f"the config's logits_scaling (the logits are divided by it) must be a finite number other "
+                         f"than 0, got {scaling!r}.")
+
+
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _apply_hf_overrides(hf_config: PretrainedConfig, hf_overrides: Any) -> PretrainedConfig:

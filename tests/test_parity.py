@@ -314,6 +314,17 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     ("gemma2", "attn_logit_softcapping", 0.0, r"attn_logit_softcapping must be a positive number or null"),
     ("gemma2", "final_logit_softcapping", 0.0, r"final_logit_softcapping must be a positive number or null"),
     ("mistral_swa", "sliding_window", -5, r"sliding_window must be a number of tokens >= 0 or null"),
+    ("gemma2", "attn_logit_softcapping", float("inf"), r"attn_logit_softcapping must be a positive number or null"),
+    # Found by a hunt: a Granite attention_multiplier of 0 ran at the default scale (transformers:
+    # uniform attention); the kernels take positive scales only. A zero query_pre_attn_scalar raised
+    # ZeroDivisionError, a negative one a complex scale; a zero logits_scaling gave infinite logits.
+    ("granite", "attention_multiplier", 0.0, r"attention_multiplier \(the softmax scale\) must be a positive number"),
+    ("granite", "attention_multiplier", -0.2, r"attention_multiplier \(the softmax scale\) must be a positive number"),
+    ("gemma2", "query_pre_attn_scalar", 0, r"query_pre_attn_scalar \(the softmax scale is its \*\* -0.5\) must be a "),
+    ("gemma3", "query_pre_attn_scalar", -4, r"query_pre_attn_scalar .* must be a positive number, got -4"),
+    # transformers' own check of a field's type, a StrictDataclassError, is no ValueError.
+    ("gemma2", "query_pre_attn_scalar", 0.5, r"its config does not validate: .*query_pre_attn_scalar"),
+    ("granite", "logits_scaling", 0.0, r"logits_scaling \(the logits are divided by it\) must be a finite number "),
     # Found by a hunt: a TypeError and an IndexError.
     ("ministral3", "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.2},
      r"set llama_4_scaling_beta, whose temperature steps every original_max_position_embeddings positions"),

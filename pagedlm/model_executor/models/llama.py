@@ -47,7 +47,7 @@ class LlamaAttention(DirectCall, nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=read_field(config, "attention_bias", False))
         self.rotary_emb = rotary_emb
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_size, scale or self.head_size**-0.5,
+            self.num_heads, self.num_kv_heads, self.head_size, self.head_size**-0.5 if scale is None else scale,
             get_sliding_window(config, layer_idx), logits_soft_cap,
         )
         self.q_norm = qk_norm(self.head_size, config.rms_norm_eps) if qk_norm else None
