@@ -55,6 +55,24 @@ def test_outputs_match_hf_with_prefix_hits(llama_dir):
     assert got == expected
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "mistral_swa"])
+def test_prefix_hits_under_sliding_windows_match_hf(tmp_path, tokenizer_dir, arch):
+    """A hit's cached blocks (whole and partial) feed layers whose window (gemma3's 8 tokens on
+    alternate layers, mistral_swa's 48 on all) ends inside the cached prefix; a hunt found no hit
+    tested there."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / arch), arch, tokenizer_dir)
+    rng = random.Random(2)
+    prefix = [BOS] + _random_tokens(rng, 52)
+    prompts = [prefix + _random_tokens(rng, k) for k in (1, 7, 20)]
+    llm = LLM(path, dtype="float32")
+    _run(llm, [prefix])
+    got = _run(llm, prompts, SamplingParams(temperature=0, max_tokens=12))
+    assert llm.get_stats()["prefix_cache_hit_tokens"] >= 3 * len(prefix)
+    assert got == hf_greedy(path, prompts, 12)
+
+
 def test_hit_rate_with_a_shared_256_token_prefix(llama_dir):
     rng = random.Random(2)
     prefix = [BOS] + _random_tokens(rng, 255)
