@@ -1084,6 +1084,31 @@ def test_only_a_file_in_another_encoding_is_refused_up_front():
     assert _not_json_lines(sample + latin1) is None
 
 
+def test_a_first_row_longer_than_the_sample_is_not_judged_by_where_the_sample_cuts_it(tmp_path):
+    """Found by a hunt: check_json_lines reads the file's first MiB, and a valid first row longer
+    than that was refused as lines copied out of an array (the cut fell after "},") or as CR line
+    endings (a CR between its keys is JSON whitespace); a file of CR-ended rows is still told."""
+    from pagedlm.entrypoints.jobs.runner import _JSON_LINES_SAMPLE, check_json_lines
+
+    second = json.dumps({"id": 2, "prompt": "b"}) + "\n"
+    turns = [{"role": "user", "content": "x" * 100}] * (_JSON_LINES_SAMPLE // 100)
+
+    def line(pad: int) -> str:
+        return json.dumps({"id": 1, "pad": "z" * pad, "messages": turns})
+
+    # The sample's end moved to just after a "}," of the list (a turn's length in padding at most).
+    line = line(next(n for n in range(200) if line(n)[:_JSON_LINES_SAMPLE].endswith("},")))
+    assert len(line) > _JSON_LINES_SAMPLE
+    (tmp_path / "long.jsonl").write_text(line + "\n" + second)
+    (tmp_path / "long_cr.jsonl").write_text('{"id": 1,\r"prompt": "a", "pad": "' + "z" * _JSON_LINES_SAMPLE + '"}\n' + second)
+    for name in ("long.jsonl", "long_cr.jsonl"):
+        check_json_lines(str(tmp_path / name))
+    row = json.dumps({"id": 1, "prompt": "a", "pad": "z" * 1000})
+    (tmp_path / "cr.jsonl").write_text((row + "\r") * 2000)  # CR-ended rows past the sample
+    with pytest.raises(ValueError, match="has lines ended by CR alone"):
+        check_json_lines(str(tmp_path / "cr.jsonl"))
+
+
 def test_an_array_file_is_told_from_json_lines_whose_first_row_is_an_array():
     """Found by a hunt: JSON Lines whose first row was an array (one bad row) were refused whole as
     an array file, with jq's advice; the same line as the second row was only its row's error."""
@@ -2287,7 +2312,10 @@ def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(lla
                                                          "priority": 0}),
             _openai_row("ids", "/v1/completions", {**cmpl, "prompt": [5, 6], "add_special_tokens": False}),
             _chat_row("bad", add_special_tokens="yes"), _chat_row("urgent", priority=1),
-            _chat_row("flag", priority=True), _chat_row("rid", request_id=7)]
+            _chat_row("flag", priority=True), _chat_row("rid", request_id=7),
+            # Found by a hunt: the tokenizer's TypeError, naming no field (the same text with the
+            # tokenizer's special tokens was the prompt's error).
+            _openai_row("surrogate", "/v1/completions", {**cmpl, "prompt": "He\ud800llo", "add_special_tokens": False})]
     _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r["response"]["body"] for r in out}
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -2299,7 +2327,9 @@ def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(lla
     assert got["cmpl_plain"]["choices"][0]["prompt_token_ids"] == tok("Hello", add_special_tokens=False).input_ids
     assert got["ids"]["choices"][0]["prompt_token_ids"] == [5, 6]
     errors = {k: (v["error"]["param"], v["error"]["message"]) for k, v in got.items() if "error" in v}
-    assert errors.keys() == {"bad", "urgent", "flag", "rid"}
+    assert errors.keys() == {"bad", "urgent", "flag", "rid", "surrogate"}
+    assert errors["surrogate"] == ("prompt", "line 10: prompt: the text is not valid Unicode (surrogates not allowed "
+                                             "at character 2)")
     assert errors["bad"][0] == "add_special_tokens" and "must be true or false" in errors["bad"][1]
     assert errors["urgent"][0] == errors["flag"][0] == "priority" and "must be 0" in errors["urgent"][1]
     assert errors["rid"] == ("request_id", "line 9: body.request_id must be a string, got 7")

@@ -22,10 +22,11 @@ from pagedlm.engine.reasoning_gate import ReasoningParser, ReasoningSplit
 from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, parse_conversation, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    JobRow, RowError, RowKey, chat_error, check_request_chat_template, json_text, row_names, sampling_params_from,
-    schema_without_nulls, without_nulls,
+    JobRow, RowError, RowKey, chat_error, check_request_chat_template, field_error, json_text, row_names,
+    sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.entrypoints.jobs.tool_choice import ToolChoice, tool_choice_of
+from pagedlm.inputs import parse_prompt
 from pagedlm.logprobs import Logprob
 from pagedlm.outputs import CompletionOutput, RequestOutput
 from pagedlm.sampling_params import STRUCTURED_OUTPUT_KINDS, SamplingParams
@@ -221,6 +222,10 @@ class OpenAIBatchFormat:
             if body.get("suffix") is not None:
                 raise RowError("body.suffix is not supported", "suffix")
             if body.get("add_special_tokens") is False and "prompt" in prompt:  # token ids are taken as given
+                try:  # the engine's checks of a text before the tokenizer's (a hunt: a lone surrogate's TypeError)
+                    parse_prompt(prompt)
+                except FieldError as exc:
+                    raise field_error(exc, {"prompt": "prompt"}) from None
                 ids = encode_prompts(self.tokenizer, [prompt["prompt"]], add_special_tokens=False)[0]
                 prompt = {"prompt_token_ids": ids, "prompt": prompt["prompt"]}
             if "cache_salt" in body:

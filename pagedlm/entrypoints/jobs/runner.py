@@ -283,7 +283,8 @@ def check_json_lines(path: str) -> None:
         ValueError: the file is not JSON Lines (the message names ``--input`` and what to do).
     """
     with storage.open_input(path) as f:
-        problem = _not_json_lines(f.read(1 << 20))
+        sample = f.read(_JSON_LINES_SAMPLE)
+    problem = _not_json_lines(sample, cut=len(sample) == _JSON_LINES_SAMPLE)
     if problem:
         raise ValueError(f"--input {path!r} {problem}")
 
@@ -296,8 +297,14 @@ def _is_utf8(line: bytes) -> bool:
         return False
 
 
-def _not_json_lines(raw: bytes) -> str | None:
-    """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None."""
+_JSON_LINES_SAMPLE = 1 << 20  # bytes check_json_lines reads
+
+
+def _not_json_lines(raw: bytes, cut: bool = False) -> str | None:
+    """What makes a file starting with ``raw`` something other than UTF-8 JSON Lines, or None;
+    ``cut``: the file goes on after ``raw``, so a first line without its end is not judged as a
+    whole line (found by a hunt: a valid first row over 1 MiB was refused as copied out of an array
+    or as ended by CR, by where the sample cut it)."""
     if raw.startswith(b"\x1f\x8b"):
         return "is gzip data; pagedlm run reads JSON Lines: decompress it first (gunzip)"
     if raw.startswith(b"PAR1"):  # found by a hunt: read as Latin-1 text, with iconv's advice
@@ -317,11 +324,7 @@ def _not_json_lines(raw: bytes) -> str | None:
                 "iconv -f cp1252 -t utf-8")
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n").decode("utf-8", "replace")
     first, _, rest = head.partition("\n")
-    try:
-        json.loads(first)
-        first_parses = True
-    except (ValueError, RecursionError):  # RecursionError: nested too deep
-        first_parses = False
+    first_parses = _parses(first)
     # A whole line that is an array, with a line that is not one after it, is a bad row of JSON Lines
     # (found by a hunt: refused as an array file); a line of an array each is a batched dump.
     second = next((line for line in rest.split("\n") if line.strip()), "")
@@ -329,9 +332,10 @@ def _not_json_lines(raw: bytes) -> str | None:
         return "holds a JSON array; pagedlm run reads JSON Lines (one object per line), e.g. jq -c '.[]' writes them"
     if first_parses:
         return None
+    if cut and "\n" not in head:  # the first line goes on past the sample: only CR endings can be told
+        return _CR_ENDINGS if "\r" in head and _parses(head.partition("\r")[0]) else None
     if "\r" in head and "\n" not in head:
-        return ("has lines ended by CR alone (old Mac line endings); pagedlm run reads JSON Lines: end them with LF "
-                "(\\n), e.g. tr '\\r' '\\n'")
+        return _CR_ENDINGS
     if first.strip().endswith("},"):
         return ("holds lines copied out of a JSON array (its first line ends in '},'); pagedlm run reads JSON Lines "
                 "(one object per line): remove the commas after the objects")
@@ -342,6 +346,18 @@ def _not_json_lines(raw: bytes) -> str | None:
     if end <= len(first):
         return None
     return "holds JSON spread over several lines (pretty-printed); pagedlm run reads JSON Lines (one object per line)"
+
+
+_CR_ENDINGS = ("has lines ended by CR alone (old Mac line endings); pagedlm run reads JSON Lines: end them with LF "
+               "(\\n), e.g. tr '\\r' '\\n'")
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        return False
 
 
 def job_engine_kwargs(config: JobConfig) -> dict[str, Any]:
