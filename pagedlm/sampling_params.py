@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedlm.utils import FieldError, unicode_problem
+from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply, unicode_problem
 
 
 def _check_unicode(field: str, texts: Sequence[str], rule: str) -> None:
@@ -209,6 +209,20 @@ def _check_json_value(value: Any, where: str) -> None:
                          f"{type(value).__name__}.", _field_of(where))
 
 
+def _check_depth(value: Any, where: str) -> None:
+    """Raises FieldError where ``value`` (or, as text, the JSON it holds) nests deeper than
+    ``MAX_JSON_DEPTH`` (text that is no JSON is left to the checks that read it)."""
+    try:
+        deep = nested_too_deeply(_json.loads(value) if isinstance(value, str) else value)
+    except ValueError:
+        return
+    except RecursionError:  # json.loads' own limit
+        deep = True
+    if deep:
+        raise FieldError(f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes "
+                         f"up to {MAX_JSON_DEPTH}.", _field_of(where))
+
+
 class RequestOutputKind(Enum):
     """What ``LLMEngine.step`` returns for a request that took part in the step (vLLM's names).
 
@@ -286,6 +300,8 @@ class StructuredOutputsParams(_FieldsOnly):
         if kind == "json" and not (isinstance(value, dict) or (isinstance(value, str) and value.strip())):
             raise FieldError(f"structured_outputs.json must be a JSON schema (a dict or its non-empty JSON text), "
                              f"got {value!r:.80}.", "structured_outputs")
+        if kind == "json":
+            _check_depth(value, "structured_outputs.json")
         if kind == "json" and isinstance(value, dict):
             _check_json_value(value, "structured_outputs.json")
         # An empty regex (or choice) matches the empty completion alone, which vLLM takes on purpose.

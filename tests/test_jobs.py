@@ -1368,6 +1368,24 @@ def test_openai_completions_take_token_ids_and_a_list_of_one_prompt(llama_dir, r
     assert "one prompt per row" in _errors(out)["two"][1]
 
 
+def test_a_lone_surrogate_inside_a_nested_value_keeps_its_parquet_column_s_type(llama_dir, tmp_path):
+    """Found by a hunt: a lone surrogate (a JSON escape) inside a carried object, or inside an
+    error row's messages, made pyarrow refuse the column, which was then written as JSON text for
+    every row of the output. The surrogate is written as its escape and the column keeps its type."""
+    rows = ['{"id": "a", "prompt": "Hello", "meta": {"tag": "x\\ud800", "\\udc80k": 1}}',
+            '{"id": "b", "prompt": "Hello", "meta": {"tag": "ok"}}',
+            '{"id": "c", "messages": [{"role": "user", "content": "x\\ud800"}], "chat_template": %s}' % json.dumps(TEMPLATE),
+            '{"id": "d", "messages": [{"role": "user", "content": "fine"}], "chat_template": %s}' % json.dumps(TEMPLATE)]
+    stats, _ = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.parquet")
+    assert (stats.completed, stats.errors) == (3, 1)
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert pa.types.is_struct(table.schema.field("meta").type)
+    assert pa.types.is_list(table.schema.field("messages").type)
+    got = by_id(table.to_pylist())
+    assert got["a"]["meta"]["tag"] == "x\\ud800" and got["a"]["meta"]["\\udc80k"] == 1 and got["b"]["meta"]["tag"] == "ok"
+    assert got["c"]["messages"][0]["content"] == "x\\ud800" and "not valid Unicode" in got["c"]["error"]
+
+
 def test_parquet_output_of_empty_objects_and_surrogate_ids_resumes(llama_dir, tmp_path):
     """``{}`` values make a struct without fields, which Parquet cannot store, and values nested
     deeper than Parquet readers take (50 lists; 99 objects) a schema no part could be read back
@@ -1680,6 +1698,61 @@ def _chat_row(custom_id, **body):
 def _errors(out) -> dict:
     """OpenAI error rows by custom_id: (param, message)."""
     return {r["custom_id"]: (r["response"]["body"]["error"]["param"], r["error"]["message"]) for r in out if r["error"]}
+
+
+def test_a_key_twice_in_one_object_or_a_huge_integer_is_the_row_s_error(llama_dir, tmp_path):
+    """Found by a hunt: json.loads kept the last of a key given twice, so a second "id" renamed the
+    row (its first id was never written), a second "prompt" or max_tokens overrode the first, and a
+    second "method" turned GET into POST; and an integer beyond 4,300 digits read as invalid JSON with
+    advice for Python programmers. Both are the row's error, without an id (a resume runs the row
+    once it is mended), in the Ray reader too."""
+    from pagedlm.integrations.ray import _parse_line
+
+    lines = ['{"id": "c", "id": "d", "prompt": "a"}',
+             '{"id": "e", "prompt": "b", "sampling_params": {"max_tokens": 1, "max_tokens": 3}}',
+             '{"id": "f", "prompt": "c", "n": %s}' % ("1" * 5000),
+             '{"id": "g", "prompt": "d"}']
+    stats, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl")
+    assert (stats.completed, stats.errors) == (1, 3)
+    errors = [r["error"] for r in out if r["id"] is None]
+    assert errors == ["line 1: an object holds the key 'id' twice (which one counts is not defined): give it once",
+                      "line 2: an object holds the key 'max_tokens' twice (which one counts is not defined): give "
+                      "it once", "line 3: an integer of 5000 digits, beyond the 4,300 Python reads"]
+    assert [r["id"] for r in out if r["error"] is None] == ["g"]
+    assert _parse_line(lines[1])[1].startswith("a line cannot be read: an object holds the key 'max_tokens' twice")
+
+
+def test_rows_nested_deeper_than_the_limit_are_their_fields_errors(llama_dir, tmp_path):
+    """Found by a hunt: a schema or tool definitions nested some hundreds of levels (JSON itself
+    takes them) made a RecursionError of the row, naming no field, in the code that drops a
+    schema's nulls; every path that reads such a value names its field now."""
+    from pagedlm.utils import MAX_JSON_DEPTH
+
+    deep = 1
+    for _ in range(MAX_JSON_DEPTH):
+        deep = {"a": deep}
+    schema = {"type": "object", "properties": {"x": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    plain = [{"id": "schema", "prompt": "a", "sampling_params": {"structured_outputs": {"json": schema}}},
+             {"id": "tools", "messages": [{"role": "user", "content": "Hi"}], "tools": [tool]},
+             {"id": "fine", "prompt": "b"}]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "plain.jsonl", plain), tmp_path / "plain_out.jsonl")
+    got = by_id(out)
+    assert got["fine"]["error"] is None
+    limit = f"nests objects and arrays more than {MAX_JSON_DEPTH} levels deep"
+    assert got["schema"]["error"] == f"line 1: sampling_params: structured_outputs.json {limit}; pagedlm takes up to " \
+                                     f"{MAX_JSON_DEPTH}"
+    assert got["tools"]["error"] == f"line 2: tools {limit}; pagedlm takes up to {MAX_JSON_DEPTH}"
+    rows = [_chat_row("format", response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}),
+            _chat_row("tools", tools=[tool]), _chat_row("choice", tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"function": deep}),
+            _chat_row("fine", max_tokens=2)]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "openai.jsonl", rows), tmp_path / "openai_out.jsonl")
+    errors = _errors(out)
+    assert errors.keys() == {"format", "tools", "choice"}
+    assert errors["format"] == ("response_format", f"line 1: response_format.json_schema.schema {limit}; pagedlm "
+                                                   f"takes up to {MAX_JSON_DEPTH}")
+    assert errors["tools"] == ("tools", f"line 2: body.tools {limit}; pagedlm takes up to {MAX_JSON_DEPTH}")
+    assert errors["choice"] == ("tool_choice", f"line 3: body.tool_choice {limit}; pagedlm takes up to {MAX_JSON_DEPTH}")
 
 
 def test_openai_errors_name_the_body_field_the_row_set(llama_dir, tmp_path):

@@ -494,6 +494,35 @@ def test_a_schema_json_cannot_hold_is_refused_by_name(schema, message):
         SO(json=schema)
 
 
+def _nested(levels: int) -> dict:
+    """A schema whose JSON nests objects and arrays ``levels`` deep."""
+    schema: dict = {"enum": [1]} if levels % 2 == 0 else {"type": "integer"}  # 2 levels or 1
+    for _ in range((levels - 1) // 2):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def _levels(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(_levels, children), default=0)
+
+
+def test_a_schema_nested_deeper_than_the_limit_is_refused_by_name():
+    """Found by a hunt: a 2,000-level schema raised RecursionError from the checks (no ValueError,
+    no field), and xgrammar's compile time grows faster than the depth (a 700-level schema took 40
+    s, 1,500 levels over 300 s). Up to MAX_JSON_DEPTH levels, dict or JSON text, are taken."""
+    from pagedlm.utils import MAX_JSON_DEPTH
+
+    deepest, over = _nested(MAX_JSON_DEPTH), _nested(MAX_JSON_DEPTH + 1)
+    assert (_levels(deepest), _levels(over)) == (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1)
+    for value in (deepest, json.dumps(deepest)):
+        SO(json=value)
+    message = rf"structured_outputs.json nests objects and arrays more than {MAX_JSON_DEPTH} levels deep"
+    for value in (over, json.dumps(over), '{"a": ' * 5000 + "1" + "}" * 5000):
+        with pytest.raises(ValueError, match=message):
+            SO(json=value)
+
+
 def test_allowed_token_ids_that_cannot_start_the_constraint_are_refused_before_any_work(llm):
     tok = llm.get_tokenizer()
     q, z = (tok.encode(c, add_special_tokens=False)[0] for c in ("q", "z"))

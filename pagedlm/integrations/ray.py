@@ -18,7 +18,6 @@ always on). Needs ``pip install 'pagedlm[ray]'``.
 """
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-from pagedlm.entrypoints.jobs.files import as_text, batch_rows, id_text, rows_to_table, to_json
+from pagedlm.entrypoints.jobs.files import UnreadValue, as_text, batch_rows, id_text, loads_row, rows_to_table, to_json
 from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
 from pagedlm.entrypoints.llm import LLM, check_engine_args
 from pagedlm.config import GPU_MEMORY_UTILIZATION
@@ -395,6 +394,8 @@ def _parse_line(line: str | bytes) -> tuple[Any, str | None]:
             return None, (f"a line is not UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1}): save the file "
                           "as UTF-8")
     try:  # RecursionError: nested too deep
-        return json.loads(line.lstrip("\ufeff")), None
+        return loads_row(line.lstrip("\ufeff")), None
+    except UnreadValue as exc:
+        return None, f"a line cannot be read: {exc}: {line[:80]!r}"
     except (ValueError, RecursionError) as exc:
         return None, f"a line is not valid JSON ({exc}): {line[:80]!r}"

@@ -137,7 +137,10 @@ def file_rows(path: str, kind: str) -> Iterator[InputRow]:
             if blank_line(line):
                 continue
             try:  # a byte-order mark (Notepad, PowerShell) is not part of the first row
-                row = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
+                row = loads_row(line.decode("utf-8").removeprefix("\ufeff"))
+            except UnreadValue as exc:
+                yield f"line {number}", None, f"line {number}: {exc}"
+                continue
             except UnicodeDecodeError as exc:
                 # No id: once the file is mended, a resume runs the row (one with an id would stay done).
                 yield (f"line {number}", None, f"line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at byte "
@@ -149,6 +152,39 @@ def file_rows(path: str, kind: str) -> Iterator[InputRow]:
                 yield f"line {number}", None, f"line {number} is not valid JSON: {where}"
                 continue
             yield f"line {number}", row, None
+
+
+class UnreadValue(ValueError):
+    """JSON that a row cannot be read from, though valid: a key twice in one object (RFC 8259
+    leaves which one counts open; json.loads took the last, found by a hunt: a second "id" renamed
+    the row, a second "method" overrode the first), an integer beyond Python's 4,300 digits."""
+
+
+def loads_row(text: str) -> Any:
+    """A JSON line's value, as ``json.loads`` reads it.
+
+    Raises:
+        UnreadValue: a key twice in one object, or an integer beyond 4,300 digits.
+        ValueError: the text is no JSON (``json.JSONDecodeError``).
+        RecursionError: it nests deeper than Python's recursion limit.
+    """
+    return json.loads(text, object_pairs_hook=_object, parse_int=_integer)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise UnreadValue(f"an object holds the key {key!r} twice (which one counts is not defined): give it once")
+    return row
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UnreadValue(f"an integer of {len(text.lstrip('-'))} digits, beyond the 4,300 Python reads") from None
 
 
 def _parquet_rows(path: str) -> Iterator[InputRow]:
@@ -608,6 +644,8 @@ def rows_to_table(rows: list[dict], schema):
         typ = schema.field(name).type if name in schema.names else None
         try:
             array = _typed_array(values, typ)
+        except UnicodeEncodeError:  # a lone surrogate inside a value: the column keeps its type
+            array = _with_escapes(values, typ)
         except _conversion_errors():
             array = None
         if array is None or not _storable(array.type):
@@ -652,6 +690,26 @@ def _parquet_depth(typ) -> int:
     if pa.types.is_map(typ):
         return 2 + max(_parquet_depth(typ.key_type), _parquet_depth(typ.item_type))
     return 0
+
+
+def _with_escapes(values: list, typ):
+    """``values`` as ``_typed_array`` types them, every string inside them (dict keys too) with
+    its lone surrogates as their escapes, as ``as_text`` writes a string (found by a hunt: one
+    surrogate in a nested value made text of the whole column, in every part); None where they do
+    not convert so either."""
+    def escaped(value: Any) -> Any:
+        if isinstance(value, str):
+            return as_text(value)
+        if isinstance(value, dict):
+            return {as_text(k) if isinstance(k, str) else k: escaped(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [escaped(v) for v in value]
+        return value
+
+    try:
+        return _typed_array([escaped(v) for v in values], typ)
+    except (RecursionError, *_conversion_errors()):
+        return None
 
 
 def as_text(value: Any) -> str | None:

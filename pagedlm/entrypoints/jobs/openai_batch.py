@@ -473,7 +473,7 @@ def _response_format(response_format: Any, value_nulls: bool) -> dict | None:
         if (value is not None or name == "name") and not isinstance(value, kind):
             raise RowError(f"response_format.json_schema.{name} must be {words}, got {json_text(value, 40)}",
                            "response_format")
-    schema = schema_without_nulls(spec["schema"], value_nulls)
+    schema = schema_without_nulls(spec["schema"], value_nulls, "response_format.json_schema.schema", "response_format")
     problem = schema_problem(schema)
     if problem:  # here, to name the row's field (the engine would name structured_outputs.json)
         raise RowError(f"response_format.json_schema.schema: {problem}", "response_format")

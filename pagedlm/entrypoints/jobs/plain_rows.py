@@ -100,7 +100,7 @@ class PlainFormat:
         value = row[column]
         options = without_nulls({c: row.get(c) for c in CHAT_OPTIONS})
         if "tools" in options:  # null is unset inside tool definitions too (another Parquet row's keys)
-            options["tools"] = schema_without_nulls(options["tools"], self.value_nulls)
+            options["tools"] = schema_without_nulls(options["tools"], self.value_nulls, "tools", "tools")
         if options and column != "messages":
             raise RowError(f"column(s) {', '.join(options)} apply to rows with messages (they render the "
                            f"conversation); this row has {column}", next(iter(options)))

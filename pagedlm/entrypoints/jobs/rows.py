@@ -11,7 +11,7 @@ from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.utils import FieldError
+from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply
 
 logger = logging.getLogger("pagedlm")
 
@@ -169,8 +169,9 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
         defaults = {k: v for k, v in defaults.items() if k not in _SAMPLING_ONLY} | {"temperature": 0.0}
     constraint = fields.get("structured_outputs")
     if isinstance(constraint, dict) and isinstance(constraint.get("json"), dict):
-        fields = {**fields, "structured_outputs": {**constraint,
-                                                   "json": schema_without_nulls(constraint["json"], value_nulls)}}
+        schema = schema_without_nulls(constraint["json"], value_nulls, f"{where}: structured_outputs.json",
+                                      names.get("structured_outputs", "structured_outputs"))
+        fields = {**fields, "structured_outputs": {**constraint, "json": schema}}
     try:
         params = SamplingParams(**{**defaults, **fields})
     except ValueError as exc:
@@ -182,19 +183,31 @@ def sampling_params_from(fields: dict[str, Any], defaults: dict[str, Any], where
     return params
 
 
-def schema_without_nulls(schema: Any, value_nulls: bool = True) -> Any:
+def schema_without_nulls(schema: Any, value_nulls: bool, where: str, param: str | None) -> Any:
     """A row's JSON schema without null-valued keys at any depth, but for ``const`` and
     ``default``, where null is a value, unless ``value_nulls`` is False (rows read from Arrow:
     Parquet, Ray Data). Elsewhere a schema has no use for null, and a Parquet struct holds every
     row's keys: each row's ``properties`` gets the other rows' properties as nulls, which xgrammar
     refuses (found by a hunt: every row of such a file failed), and its ``const`` another row's
     ``const`` as null, which would bind the value to null (found by a review). List items (an
-    ``enum``'s) stay."""
+    ``enum``'s) stay.
+
+    Raises:
+        RowError: the schema nests deeper than ``MAX_JSON_DEPTH`` (found by a hunt: a
+            RecursionError naming no field), ``where`` naming it, ``param`` the row's field.
+    """
+    if nested_too_deeply(schema):
+        raise RowError(f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes up "
+                       f"to {MAX_JSON_DEPTH}", param)
+    return _without_nulls_at_any_depth(schema, value_nulls)
+
+
+def _without_nulls_at_any_depth(schema: Any, value_nulls: bool) -> Any:
     if isinstance(schema, dict):
-        return {k: schema_without_nulls(v, value_nulls) for k, v in schema.items()
+        return {k: _without_nulls_at_any_depth(v, value_nulls) for k, v in schema.items()
                 if v is not None or value_nulls and k in ("const", "default")}
     if isinstance(schema, list):
-        return [schema_without_nulls(v, value_nulls) for v in schema]
+        return [_without_nulls_at_any_depth(v, value_nulls) for v in schema]
     return schema
 
 

@@ -78,8 +78,8 @@ def tool_choice_of(body: dict[str, Any], value_nulls: bool = True) -> ToolChoice
             compiles, cannot read (``structured_outputs.schema_problem``), or functions' ``$defs``
             that clash.
     """
-    tools = schema_without_nulls(body.get("tools"), value_nulls)
-    choice = schema_without_nulls(body.get("tool_choice"), value_nulls)
+    tools = schema_without_nulls(body.get("tools"), value_nulls, "body.tools", "tools")
+    choice = schema_without_nulls(body.get("tool_choice"), value_nulls, "body.tool_choice", "tool_choice")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise RowError(f"body.parallel_tool_calls must be true or false, got {json_text(parallel, 40)}", "parallel_tool_calls")
