@@ -181,6 +181,11 @@ def _check_model_fields(hf_config: PretrainedConfig) -> None:
     Raises:
         ValueError: naming the field and the values allowed.
     """
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                 "num_key_value_heads", "head_dim"):  # a hunt: 0 layers failed after the weights loaded
+        value = getattr(hf_config, name, None)
+        if (value is not None or name not in ("num_key_value_heads", "head_dim")) and not (_is_int(value) and value > 0):
+            raise ValueError(f"the config's {name} must be a positive integer, got {value!r}.")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(hf_config, name, None)
         if value is not None and not _is_positive(value):

@@ -322,6 +322,12 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     ("granite", "attention_multiplier", -0.2, r"attention_multiplier \(the softmax scale\) must be a positive number"),
     ("gemma2", "query_pre_attn_scalar", 0, r"query_pre_attn_scalar \(the softmax scale is its \*\* -0.5\) must be a "),
     ("gemma3", "query_pre_attn_scalar", -4, r"query_pre_attn_scalar .* must be a positive number, got -4"),
+    # Found by a hunt: 0 layers failed after the weights loaded (ZeroDivisionError), -1 with a KV
+    # cache of negative bytes; heads that are no multiple of the KV heads in the first step's kernel.
+    ("llama", "num_hidden_layers", 0, r"the config's num_hidden_layers must be a positive integer, got 0"),
+    ("llama", "num_hidden_layers", -1, r"num_hidden_layers must be a positive integer, got -1"),
+    ("qwen3", "head_dim", 0, r"the config's head_dim must be a positive integer, got 0"),
+    ("llama", "num_key_value_heads", 3, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
     # transformers' own check of a field's type, a StrictDataclassError, is no ValueError.
     ("gemma2", "query_pre_attn_scalar", 0.5, r"its config does not validate: .*query_pre_attn_scalar"),
     ("granite", "logits_scaling", 0.0, r"logits_scaling \(the logits are divided by it\) must be a finite number "),

@@ -124,6 +124,18 @@ def test_cli_on_ray_refuses_before_ray_starts(llama_dir, tmp_path, capsys, extra
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.job.json")
 
 
+@pytest.mark.parametrize("flag", [["--threads-per-actor", "0"], ["--cpus-per-actor", "0"], ["--ray-address", ""],
+                                  ["--num-actors", "1"], ["--num-actors", "3"]])
+def test_ray_flags_without_ray_are_refused_whatever_their_value(llama_dir, tmp_path, capsys, flag):
+    """Found by a hunt: 0, "" (and --num-actors 1, the default) were taken without --ray and ignored."""
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n")
+    with pytest.raises(SystemExit):
+        run_main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--model", llama_dir,
+                  *flag])
+    assert "--ray-address, --num-actors, --threads-per-actor and --cpus-per-actor need --ray" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
 def test_cli_on_ray_starts_a_local_instance_or_the_ray_address_cluster(llama_dir, tmp_path, capsys, monkeypatch):
     """A docs walkthrough: without --ray-address the job called ray.init(), which joined a cluster
     that `ray start` had left on the machine (and waited minutes on a stale record of one), where the

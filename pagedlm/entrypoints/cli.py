@@ -91,7 +91,7 @@ def run_parser() -> argparse.ArgumentParser:
     distributed.add_argument("--ray-address", default=None,
                              help="a running Ray cluster, or auto: the one `ray start` left on this machine "
                                   "(default: RAY_ADDRESS's, else a new local one)")
-    distributed.add_argument("--num-actors", type=int, default=1, help="actors, one LLM each (default 1)")
+    distributed.add_argument("--num-actors", type=int, default=None, help="actors, one LLM each (default 1)")
     distributed.add_argument("--threads-per-actor", type=int, default=None,
                              help="torch threads of each actor's LLM (default: --cpus-per-actor rounded down, "
                                   "else 1)")
@@ -144,7 +144,8 @@ def run_main(argv: list[str]) -> int:
         max_in_flight=args.max_in_flight, trust_request_chat_template=args.trust_request_chat_template,
         **({} if args.progress_interval is None else {"progress_interval": args.progress_interval}),
     )
-    if not args.ray and (args.ray_address or args.num_actors != 1 or args.threads_per_actor or args.cpus_per_actor):
+    ray_flags = (args.ray_address, args.num_actors, args.threads_per_actor, args.cpus_per_actor)
+    if not args.ray and any(value is not None for value in ray_flags):  # a hunt: 0 and "" were ignored
         parser.error("--ray-address, --num-actors, --threads-per-actor and --cpus-per-actor need --ray")
     if args.ray and args.progress_interval is not None:  # found by a hunt: accepted and ignored
         parser.error("--progress-interval sets the local run's progress lines; with --ray, Ray Data shows its own")
@@ -171,7 +172,8 @@ def _run_on_ray(config: JobConfig, args: argparse.Namespace):
         from pagedlm.entrypoints.jobs.ray_job import run_ray_job
     except ImportError as exc:
         raise ValueError(f"--ray needs Ray Data: pip install 'pagedlm[ray]' ({exc})") from None
-    return run_ray_job(config, args.ray_address, args.num_actors, args.threads_per_actor, args.cpus_per_actor)
+    return run_ray_job(config, args.ray_address, 1 if args.num_actors is None else args.num_actors,
+                       args.threads_per_actor, args.cpus_per_actor)
 
 
 def main(argv: list[str] | None = None) -> None:
