@@ -23,6 +23,8 @@ from pagedlm.transformers_utils.rope import rope_layer_types, rope_parameters
 logger = logging.getLogger("pagedlm")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's other names of LLM(dtype=...)'s values.
+DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
 # kv_cache_dtype values other than "auto" (vLLM's names; "fp8" is e4m3).
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # Share of available RAM given to the KV cache on CPU when neither kv_cache_memory_bytes nor
@@ -387,14 +389,10 @@ def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device
             logger.info("The checkpoint is float16; running it in bfloat16, the fast half precision on CPU.")
             return torch.bfloat16
         return config_dtype if config_dtype in _DTYPES.values() else torch.float32
-    if dtype in ("half", "fp16"):
-        dtype = "float16"
-    if dtype in ("float", "fp32"):
-        dtype = "float32"
-    if dtype == "bf16":
-        dtype = "bfloat16"
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of 'auto', {', '.join(map(repr, _DTYPES))}, got {dtype!r}.")
+        raise ValueError(f"dtype must be one of 'auto', {', '.join(map(repr, _DTYPES))} (or vLLM's aliases "
+                         f"{', '.join(map(repr, DTYPE_ALIASES))}), got {dtype!r}.")
     return _DTYPES[dtype]
 
 

@@ -88,13 +88,21 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
+def _threads_chosen() -> bool:
+    """Whether ``OMP_NUM_THREADS`` holds a count OpenMP takes (a positive integer, or a list of
+    them, one per nesting level); libgomp warns of another value and ignores it, and so does this
+    (found by a hunt: "abc" or 0 turned the quota's limit off)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return first.isdigit() and int(first) > 0
+
+
 def limit_threads_to_cpu_quota() -> None:
     """Lower torch's intra-op threads to the cgroup's CPU quota when it is smaller, unless the user
-    chose a count (``OMP_NUM_THREADS``)."""
+    chose a count (``OMP_NUM_THREADS``, ``_threads_chosen``)."""
     import torch
 
     quota = cpu_quota()
-    if quota is None or "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() <= quota:
+    if quota is None or _threads_chosen() or torch.get_num_threads() <= quota:
         return
     logger.info("Using %d threads, the CPU quota of this process's cgroup (torch would use %d); set "
                 "OMP_NUM_THREADS to choose.", quota, torch.get_num_threads())

@@ -162,3 +162,28 @@ def test_a_conversion_finished_first_elsewhere_is_kept(setup, monkeypatch):
     out = cached_conversion(source, root, racing, 1)
     assert first.calls == 1 and convert.calls == 1
     assert converted_bytes(out) == b"A" * 100 and os.listdir(root) == [os.path.basename(out)]
+
+
+def test_pagedlm_cache_that_is_no_directory_is_refused_by_name(tmp_path, monkeypatch):
+    """Found by a hunt: PAGEDLM_CACHE naming a file gave a NotADirectoryError traceback naming
+    neither the variable nor what it must be; a relative one gave relative model paths."""
+    from pagedlm.transformers_utils.gguf import default_model_path, download_dir
+
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "f"))
+    with pytest.raises(ValueError, match=r"PAGEDLM_CACHE='.*/f' is not a directory: set it to a writable directory"):
+        default_model_path(download=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PAGEDLM_CACHE", "cache")
+    assert download_dir() == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("level, ok", [("garbage", False), ("", True), ("warn", True)])
+def test_pagedlm_logging_level_names_the_variable_and_the_levels(level, ok):
+    """Found by a hunt: a bad level raised logging's "Unknown level: 'GARBAGE'" at import, and an
+    empty one did too instead of meaning the default."""
+    result = subprocess.run([sys.executable, "-c", "import pagedlm"], capture_output=True, text=True,
+                            env={**os.environ, "PAGEDLM_LOGGING_LEVEL": level})
+    assert (result.returncode == 0) == ok, result.stderr
+    if not ok:
+        assert f"PAGEDLM_LOGGING_LEVEL='{level}': use DEBUG, INFO, WARNING, ERROR or CRITICAL" in result.stderr

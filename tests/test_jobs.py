@@ -1164,6 +1164,13 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     check_record(resumed, recorded, started=True)
     (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(recorded, engine={"batch_invariant": True})))
     check_record(resumed, recorded, started=True)
+    # vLLM's aliases are one setting (found by a hunt: --dtype half did not resume as float16, nor
+    # --kv-cache-dtype fp8 as fp8_e4m3), also against a record written before they were.
+    aliased = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir,
+                                   engine={"dtype": "half", "kv_cache_dtype": "fp8"}), "plain")
+    assert aliased["engine"] == {"dtype": "float16", "kv_cache_dtype": "fp8_e4m3"}
+    (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(aliased, engine={"dtype": "fp16", "kv_cache_dtype": "fp8"})))
+    check_record(resumed, aliased, started=True)
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):

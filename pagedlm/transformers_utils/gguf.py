@@ -56,8 +56,19 @@ _LAYER_TENSORS = {
 
 def download_dir() -> str:
     """Where pagedlm keeps the models it downloads and the checkpoints it converts from GGUF:
-    `$PAGEDLM_CACHE` or `~/.cache/pagedlm`."""
-    return os.environ.get("PAGEDLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pagedlm")
+    `$PAGEDLM_CACHE` (made absolute) or `~/.cache/pagedlm`.
+
+    Raises:
+        ValueError: ``PAGEDLM_CACHE`` names something other than a directory (found by a hunt: a
+            NotADirectoryError traceback naming neither the variable nor what it must be).
+    """
+    root = os.environ.get("PAGEDLM_CACHE")
+    if not root:
+        return os.path.join(os.path.expanduser("~"), ".cache", "pagedlm")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"PAGEDLM_CACHE={root!r} is not a directory: set it to a writable directory, or unset it "
+                         "for ~/.cache/pagedlm")
+    return os.path.abspath(os.path.expanduser(root))
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -623,6 +634,10 @@ def default_model_path(download: bool = True) -> str | None:
     if not os.path.isfile(dest):
         if not download:
             return None
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot create {os.path.dirname(dest)!r} ({exc.strerror}); it lies under "
+                                       "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable directory") from None
         _fetch_default_gguf(dest)
     return resolve_model(dest)

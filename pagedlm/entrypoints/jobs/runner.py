@@ -34,7 +34,7 @@ from pagedlm.entrypoints.jobs.rows import (
     JOB_MAX_LOGPROBS, SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning,
     field_error, parse_row, sampling_defaults, unwritable_row,
 )
-from pagedlm.config import load_chat_template
+from pagedlm.config import DTYPE_ALIASES, load_chat_template
 from pagedlm.engine.reasoning_gate import ReasoningParser
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
@@ -664,6 +664,16 @@ _JOB_DEFAULTS = {**{p.name: p.default for p in inspect.signature(LLM.__init__).p
                  "max_logprobs": JOB_MAX_LOGPROBS}
 
 
+def _canonical(name: str, value: Any) -> Any:
+    """An engine setting by one name of its value (found by a hunt: a job started with --dtype half
+    would not resume with --dtype float16, nor --kv-cache-dtype fp8 with fp8_e4m3)."""
+    if name == "dtype" and isinstance(value, str):
+        return DTYPE_ALIASES.get(value, value)
+    if name == "kv_cache_dtype" and value == "fp8":
+        return "fp8_e4m3"
+    return value
+
+
 def _is_job_default(name: str, value: Any) -> bool:
     """Whether an engine setting is the job's default in effect: ``batch_invariant=True`` is, as
     every backend that accepts it also takes it for None (the torch reference refuses it)."""
@@ -681,7 +691,7 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None, names
     """
     model = model or config.model or "(the embedded default model)"
     given = job_engine_kwargs(config)
-    engine = {k: given[k] for k in OUTPUT_ENGINE_SETTINGS if k in given and not _is_job_default(k, given[k])}
+    engine = {k: _canonical(k, given[k]) for k in OUTPUT_ENGINE_SETTINGS if k in given and not _is_job_default(k, given[k])}
     if isinstance(engine.get("tokenizer"), str) and os.path.exists(engine["tokenizer"]):
         engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
     if "chat_template" in engine:
@@ -740,7 +750,7 @@ def check_record(config: JobConfig, record: dict, started: bool) -> None:
                 and not config.served_model_names):  # started before the derived names were recorded
             recorded["served_model_names"] = record["served_model_names"]
         if isinstance(recorded["engine"], dict):  # a default recorded before it was one of the job's
-            recorded["engine"] = {k: v for k, v in recorded["engine"].items()
+            recorded["engine"] = {k: _canonical(k, v) for k, v in recorded["engine"].items()
                                   if k not in _JOB_DEFAULTS or not _is_job_default(k, v)}
         for name in ("input", "model"):  # the same file by another path (a symlink on the way)
             if _same_local_file(recorded.get(name), record[name]):
