@@ -1713,6 +1713,8 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
         assert llm.llm_engine.block_manager.num_kv_blocks == 40
     with pytest.raises(ValueError, match="num_gpu_blocks_override is vLLM's name for num_kv_blocks: give one"):
         LLM(llama_dir, num_gpu_blocks_override=40, num_kv_blocks=40)
+    with pytest.raises(ValueError, match=r"num_gpu_blocks_override \(num_kv_blocks\) must be a positive int, got 0"):
+        LLM(llama_dir, num_gpu_blocks_override=0)  # a hunt: the message named num_kv_blocks alone
     with pytest.raises(ValueError, match=r"limit_mm_per_prompt must be None or \{\} \(pagedlm runs text-only models\)"):
         LLM(llama_dir, limit_mm_per_prompt={"image": 1})
     for name, value, why in [("logprobs_mode", "processed_logprobs", "vLLM's raw_logprobs"),

@@ -43,6 +43,7 @@ def test_outputs_identical_with_caching_and_chunking(llama_dir, prefix_caching, 
     assert _run(llm, prompts[::-1]) == baseline[::-1]
     stats = llm.get_stats()
     assert (stats["prefix_cache_hit_tokens"] > 0) == prefix_caching
+    assert (stats["prefix_cache_queried_tokens"] > 0) == prefix_caching  # a hunt: counted with caching off
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
 
 

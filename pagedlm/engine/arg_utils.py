@@ -84,6 +84,8 @@ def create_engine_configs(
     if blocks is not None:
         if num_kv_blocks is not None:
             raise ValueError("num_gpu_blocks_override is vLLM's name for num_kv_blocks: give one of them.")
+        if not (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0):  # a hunt: named num_kv_blocks
+            raise ValueError(f"num_gpu_blocks_override (num_kv_blocks) must be a positive int, got {blocks!r}.")
         num_kv_blocks = blocks
     for name, value in vllm_kwargs.items():
         if name not in VLLM_NO_OP_ARGS:

@@ -360,7 +360,8 @@ class BlockSpaceManager:
             seq.num_computed_tokens = plan.num_computed_tokens(self.block_size)
             if plan.shares_with is None:
                 self.num_hit_tokens += seq.num_computed_tokens
-            self.num_queried_tokens += seq.num_tokens
+            if self.enable_prefix_caching:  # none looked up without it (vLLM records no stats then; a hunt)
+                self.num_queried_tokens += seq.num_tokens
             self._grow(table, seq)
             if plan.partial_hit is not None:
                 copies.append((plan.partial_hit[0], table[len(plan.cached_blocks)]))
