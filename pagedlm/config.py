@@ -175,10 +175,10 @@ class ModelConfig:
 
 
 def _check_model_fields(hf_config: PretrainedConfig) -> None:
-    """Refuse values the model would run as something else, or fail on only in its first step
-    (found by hunts): a soft cap of 0 (transformers' divides by it; pagedlm read it as no cap) or
-    infinite, a negative sliding window, a softmax scale that is not positive, and a zero
-    ``logits_scaling``.
+    """Refuse values the model would run as something else, or fail on only once loaded (found by
+    hunts): a size or count that is not a positive integer (layers, heads, widths, vocabulary), a
+    soft cap of 0 (transformers' divides by it; pagedlm read it as no cap) or infinite, a negative
+    sliding window, a softmax scale that is not positive, and a zero ``logits_scaling``.
 
     Raises:
         ValueError: naming the field and the values allowed.
