@@ -123,6 +123,22 @@ def test_calculate_kv_scales(llama_dir, monkeypatch):
         LLM(llama_dir, kv_cache_dtype="fp8", calculate_kv_scales=True, max_model_len=1)  # was an empty prompt's error
 
 
+def test_calculate_kv_scales_leaves_the_seeded_draws_alone(llama_dir, tmp_path):
+    """Found by a hunt: the calibration request sampled its one token at temperature 1.0 from the
+    generator LLM(seed=) seeds, so sampled completions differed from those of the same model with
+    the same scales loaded from its checkpoint."""
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10]]
+    calibrated = LLM(llama_dir, dtype="float32", kv_cache_dtype="fp8", calculate_kv_scales=True, seed=0)
+    scales = {f"model.layers.{i}.self_attn.{name}": torch.tensor(value, dtype=torch.float64)
+              for i, pair in enumerate(calibrated.llm_engine.model_runner.kv_cache_scales())
+              for name, value in zip(("k_scale", "v_scale"), pair)}
+    loaded = LLM(with_kv_scales(llama_dir, tmp_path / "scaled", scales), dtype="float32", kv_cache_dtype="fp8", seed=0)
+    assert loaded.llm_engine.model_runner.kv_cache_scales() == calibrated.llm_engine.model_runner.kv_cache_scales()
+    assert [o.outputs[0].token_ids for o in calibrated.generate(prompts, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in loaded.generate(prompts, params, use_tqdm=False)]
+
+
 def test_fp8_cache_holds_more_tokens(llama_dir):
     memory = 8 << 20
     blocks = {kv: LLM(llama_dir, dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=memory).llm_engine.block_manager

@@ -155,7 +155,8 @@ class LLMEngine:
         tokens (seeded, so the same model gets the same scales), fixed from then on. The prompt is
         1,024 tokens (``max_model_len - 1`` where that is fewer) and runs in one pass, on a cache of
         its own that holds it, freed before the engine's is made: the scales (and every result after)
-        do not depend on the step budget or the engine's cache size."""
+        do not depend on the step budget or the engine's cache size. Its token is greedy, so it draws
+        nothing from the generator ``LLM(seed=)`` seeds."""
         rng = random.Random(0)
         length = min(self.model_config.max_model_len - 1, 1024)
         one_pass = replace(self.scheduler_config,
@@ -164,7 +165,7 @@ class LLMEngine:
                          enable_prefix_caching=False)
         self.model_runner.calculate_kv_scales_next_step()
         self.add_request("pagedlm-kv-scale-calibration", [rng.randrange(self.vocab_size) for _ in range(length)],
-                         SamplingParams(max_tokens=1, detokenize=False))
+                         SamplingParams(temperature=0.0, max_tokens=1, detokenize=False))
         while self.has_unfinished_requests():
             self.step()
         self.model_runner.free_cache()
