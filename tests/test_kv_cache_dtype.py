@@ -146,8 +146,11 @@ def test_fp8_cache_holds_more_tokens(llama_dir):
     assert blocks["fp8"] == 2 * blocks["auto"]
 
 
-def test_auto_cache_does_not_use_checkpoint_scales(llama_dir, tmp_path, caplog):
-    path = with_kv_scales(llama_dir, tmp_path, {"model.layers.0.self_attn.k_scale": torch.tensor(0.5)})
+@pytest.mark.parametrize("scale", [0.5, 0.0, float("nan")])
+def test_auto_cache_does_not_use_checkpoint_scales(llama_dir, tmp_path, caplog, scale):
+    """A cache in the model's dtype leaves the checkpoint's scales unread, whatever they hold (found by
+    a hunt: a zero or NaN one refused the checkpoint, which vLLM runs)."""
+    path = with_kv_scales(llama_dir, tmp_path, {"model.layers.0.self_attn.k_scale": torch.tensor(scale)})
     with caplog.at_level(logging.INFO, logger="pagedlm"):
         llm = LLM(path, dtype="float32")
     assert "does not use them" in caplog.text
@@ -192,7 +195,15 @@ def test_scales_under_each_name_vllm_reads_and_one_given_for_both(llama_dir, tmp
                           (0.5, 0.25)),
              "kv": ({"model.layers.0.self_attn.kv_scale": 0.5}, (0.5, 0.5)),
              "k only": ({"model.layers.0.self_attn.k_scale": 0.5}, (0.5, 0.5)),
-             "v only": ({"model.layers.0.self_attn.v_proj.output_scale": 0.25}, (0.25, 0.25))}
+             "v only": ({"model.layers.0.self_attn.v_proj.output_scale": 0.25}, (0.25, 0.25)),
+             # Found by a hunt: vLLM's cache scale mapper reads these too (a fused projection's, and
+             # the cache's own); a query's scale (vLLM's attn.q_scale) is for fp8 queries alone.
+             "qkv_proj": ({"model.layers.0.self_attn.qkv_proj.k_scale": 0.5,
+                           "model.layers.0.self_attn.qkv_proj.v_scale": 0.25}, (0.5, 0.25)),
+             "cache": ({"model.layers.0.self_attn.k_cache.scale": 0.5, "model.layers.0.self_attn.v_cache.scale": 0.125},
+                       (0.5, 0.125)),
+             "query": ({"model.layers.0.self_attn.q_scale": 0.5, "model.layers.0.self_attn.q_proj.output_scale": 0.5,
+                        "model.layers.0.self_attn.k_scale": 0.25}, (0.25, 0.25))}
     for i, (name, (scales, expected)) in enumerate(cases.items()):
         path = with_kv_scales(llama_dir, tmp_path / str(i), {k: torch.tensor(v) for k, v in scales.items()})
         llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8)

@@ -19,7 +19,14 @@ from pagedlm.ops import kv_cache_scale_is_valid
 logger = logging.getLogger("pagedlm")
 
 
-def get_model(model_config: ModelConfig) -> nn.Module:
+def get_model(model_config: ModelConfig, kv_cache_scales: bool = False) -> nn.Module:
+    """The model of ``model_config`` with the checkpoint's weights; its fp8 KV-cache scales only where
+    ``kv_cache_scales`` (an fp8 cache), else left unread (vLLM's: a cache in the model's dtype holds
+    the values themselves, whatever scales the checkpoint has).
+
+    Raises:
+        ValueError: a config or checkpoint the model cannot take (named).
+    """
     model_cls = get_model_class(model_config.hf_config)
     heads, kv_heads = model_config.hf_config.num_attention_heads, get_num_kv_heads(model_config.hf_config)
     if heads % kv_heads:  # found by a hunt: refused only by the first step's kernel
@@ -33,7 +40,7 @@ def get_model(model_config: ModelConfig) -> nn.Module:
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cos_sin_cache(model_config.device, model_config.dtype)
-    load_weights(model, model_config.model)
+    load_weights(model, model_config.model, kv_cache_scales)
     for module in model.modules():
         if isinstance(module, Linear):
             module.process_weights_after_loading(model_config.batch_invariant)
@@ -59,7 +66,7 @@ def _checkpoint_files(model_dir: str) -> list[str]:
     return files
 
 
-def load_weights(model: nn.Module, model_dir: str) -> None:
+def load_weights(model: nn.Module, model_dir: str, kv_cache_scales: bool = False) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     saved_head = None  # a tied model's lm_head.weight, when the checkpoint holds one
@@ -68,6 +75,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     scales: dict[str, set[str]] = {}  # the KV-cache scales each attention module's checkpoint gave
     num_layers = 1 + max((int(m[1]) for p in params if (m := _LAYER.match(p))), default=-1)
     skipped = set()  # the checkpoint's layers past the model's (hf_overrides num_hidden_layers)
+    unused_scales = set()  # the kinds of scale tensors not read: "KV-cache" (without kv_cache_scales), "query"
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():
@@ -77,7 +85,13 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 if (layer := _LAYER.match(name)) and int(layer[1]) >= num_layers:
                     skipped.add(int(layer[1]))  # transformers skips them too (found by a hunt: refused)
                     continue
+                if _QUERY_SCALE.fullmatch(name):
+                    unused_scales.add("query")
+                    continue
                 if scale := _KV_CACHE_SCALE.fullmatch(name):
+                    if not kv_cache_scales:
+                        unused_scales.add("KV-cache")
+                        continue
                     _load_kv_cache_scale(model, scale, f.get_tensor(ckpt_name), ckpt_name)
                     scales.setdefault(scale[1], set()).update(_scaled(scale))
                     continue
@@ -103,6 +117,12 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     if skipped:
         logger.warning("The checkpoint's layers %d-%d are not loaded: the model has %d (num_hidden_layers).",
                        min(skipped), max(skipped), num_layers)
+    if "KV-cache" in unused_scales:
+        logger.info("The checkpoint has fp8 KV-cache scales; kv_cache_dtype='auto' keeps the model's dtype and does not "
+                    "use them (kv_cache_dtype='fp8' does).")
+    if "query" in unused_scales:
+        logger.info("The checkpoint has fp8 query scales (q_scale), for attention that quantizes its queries; "
+                    "pagedlm's reads them unquantized and does not use them.")
     _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
     if saved_head is not None and "embed_tokens.weight" in expected - loaded:
@@ -142,16 +162,20 @@ def _untie_a_different_head(model: nn.Module, saved_head: torch.Tensor) -> None:
 
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's parameter, by our name
 
-# An fp8 KV cache's per-tensor scales, as vLLM reads them: llm-compressor's "self_attn.k_scale",
-# ModelOpt's "self_attn.k_proj.k_scale", the older "self_attn.k_proj.output_scale" and
-# "self_attn.kv_scale" (both); group 1 is the attention module, the others what it scales.
+# An fp8 KV cache's per-tensor scales, as vLLM reads them (its QuantizationConfig's
+# get_cache_scale_mapper): llm-compressor's "self_attn.k_scale", ModelOpt's
+# "self_attn.k_proj.k_scale", a fused projection's "self_attn.qkv_proj.k_scale", the older
+# "self_attn.k_proj.output_scale" and "self_attn.kv_scale" (both), and "self_attn.k_cache.scale";
+# group 1 is the attention module, the others what it scales.
 _KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
-                             r"|(kv)_scale)")
+                             r"|(kv)_scale|qkv_proj\.([kv])_scale|([kv])_cache\.scale)")
+# The query's fp8 scale, for attention that quantizes its queries (vLLM maps both to attn.q_scale).
+_QUERY_SCALE = re.compile(r".+?\.(?:q_scale|q_proj\.output_scale)")
 
 
 def _scaled(match: re.Match) -> str:
     """What a ``_KV_CACHE_SCALE`` match scales: "k", "v" or "kv"."""
-    return match[2] or match[3] or match[4] or match[5] or match[6]
+    return next(kind for kind in match.groups()[1:] if kind)
 
 
 def _share_kv_cache_scales(model: nn.Module, loaded: dict[str, set[str]]) -> None:

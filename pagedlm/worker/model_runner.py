@@ -30,16 +30,6 @@ def _attention_layers(model: torch.nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def _drop_kv_cache_scales(model: torch.nn.Module) -> None:
-    """A cache in the model's dtype holds the values themselves: the checkpoint's fp8 KV-cache scales do not apply."""
-    scaled = [m for m in _attention_layers(model) if (m.k_scale, m.v_scale) != (1.0, 1.0)]
-    if scaled:
-        logger.info("The checkpoint has fp8 KV-cache scales; kv_cache_dtype='auto' keeps the model's dtype and does not "
-                    "use them (kv_cache_dtype='fp8' does).")
-    for m in scaled:
-        m.k_scale = m.v_scale = 1.0
-
-
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_seqs: int) -> None:
         self.model_config = model_config
@@ -48,9 +38,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.device = model_config.device
         self.vocab_size = model_config.hf_config.vocab_size
-        self.model = get_model(model_config)
-        if cache_config.cache_dtype == "auto":
-            _drop_kv_cache_scales(self.model)
+        self.model = get_model(model_config, kv_cache_scales=cache_config.cache_dtype != "auto")
         threshold = long_rope_threshold(model_config.hf_config)
         # LongRoPE tables hold max_model_len rows of short factors, then the long ones.
         self.long_rope = None if threshold is None else LongRope(
