@@ -2,11 +2,12 @@
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 _DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
 
 
 class FieldError(ValueError):
@@ -84,6 +85,29 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(s, handler)
         for s in sorted(set(held), key=_DEFERRED_SIGNALS.index, reverse=True):
             _deliver(previous[s], s, None)
+
+
+def run_uninterrupted(action: Callable[[], T]) -> T:
+    """``action()`` under ``deferred_signals``, run to its end even where a signal lands before the
+    hold is in place (in the ``with`` statement's own set-up, whose exception would skip the
+    action), its exception raised once the action is done: for a clean-up that an interrupt must
+    not skip (found by a hunt: an interrupt landing there left an LLM refusing every later call
+    as "already running")."""
+    pending: BaseException | None = None
+    while True:
+        started = False
+        try:
+            with deferred_signals():
+                started = True
+                result = action()
+        except BaseException as exc:
+            if started:  # the action's own error, or a held signal delivered after it
+                raise
+            pending = exc  # a signal's, before anything was held: run the action again
+            continue
+        if pending is not None:
+            raise pending
+        return result
 
 
 def _deliver(handler: Any, signum: int, frame: Any) -> None:

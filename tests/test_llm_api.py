@@ -522,6 +522,97 @@ def test_a_ctrl_c_while_the_engine_changes_its_state_waits_for_the_change(llama_
     assert run() == expected
 
 
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def _interrupt_at_entry(monkeypatch, module, calls: int = 1) -> list[int]:
+    """``module.deferred_signals`` raising KeyboardInterrupt at its first ``calls`` entries (where
+    the hold is not in place yet: as a SIGINT landing in its set-up), then the real one."""
+    import contextlib
+
+    from pagedlm.utils import deferred_signals
+
+    entered = [0]
+
+    @contextlib.contextmanager
+    def interrupted_at_entry():
+        entered[0] += 1
+        if entered[0] <= calls:
+            raise KeyboardInterrupt
+        with deferred_signals():
+            yield
+
+    monkeypatch.setattr(module, "deferred_signals", interrupted_at_entry)
+    return entered
+
+
+def test_an_interrupt_while_a_clean_up_sets_up_its_hold_still_cleans_up(llama_dir, monkeypatch):
+    """Found by a hunt: a SIGINT landing in deferred_signals' own set-up skipped the clean-up it
+    guarded: generate's end (the LLM then refused every call as "already running") and close()'s
+    release; run_uninterrupted runs it again and raises the interrupt after."""
+    import pagedlm.utils as utils
+
+    llm = LLM(llama_dir, dtype="float32")
+    prompts = [[BOS, 5, 6, 7], [BOS, 9]]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    entered = _interrupt_at_entry(monkeypatch, utils)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert entered[0] >= 2
+    monkeypatch.undo()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    _interrupt_at_entry(monkeypatch, utils)
+    with pytest.raises(KeyboardInterrupt):
+        llm.close()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+
+
+def test_an_interrupt_between_the_model_and_the_step_s_hold_drops_the_step(llm, monkeypatch):
+    """Found by a hunt: a SIGINT landing after the model ran, before the hold over applying its
+    outputs, kept the step's seeded draws and lost its outputs (stepping on gave other tokens)."""
+    import pagedlm.engine.llm_engine as llm_engine
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=1, ignore_eos=True)
+
+    def run(interrupt_at: int | None) -> list[int]:
+        engine.add_request("seeded", {"prompt_token_ids": [BOS, 17, 33, 50]}, params)
+        done, steps = None, 0
+        while engine.has_unfinished_requests():
+            steps += 1
+            if steps == interrupt_at:
+                _interrupt_at_entry(monkeypatch, llm_engine)
+            try:
+                done = next((o for o in engine.step() if o.finished), done)
+            except KeyboardInterrupt:
+                monkeypatch.undo()
+        return list(done.outputs[0].token_ids)
+
+    expected = run(None)
+    for step in (1, 2, 4):
+        assert run(step) == expected, step
+
+
+def test_an_interrupt_as_wait_for_completion_takes_the_queue_leaves_it_queued(llama_dir, monkeypatch):
+    """Found by a hunt: a SIGINT in the loop that numbers the taken queue's requests (before the
+    code that puts them back on an interrupt) lost every queued request."""
+    import pagedlm.entrypoints.llm as llm_module
+
+    llm = LLM(llama_dir, dtype="float32")
+    llm.enqueue([[BOS, 5, 6], [BOS, 7]], GREEDY, use_tqdm=False)
+
+    def interrupted(items):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_module, "enumerate", interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        llm.wait_for_completion(use_tqdm=False)
+    monkeypatch.undo()
+    assert len(llm.wait_for_completion(use_tqdm=False)) == 2
+
+
 def test_deferred_signals_deliver_sigterm_first_and_restore_every_handler():
     """Found by a review: with both signals held, the first delivery's exception lost the second
     (a scheduler's SIGTERM), and a signal between two handler restores left a holding handler."""

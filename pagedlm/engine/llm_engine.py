@@ -27,7 +27,7 @@ from pagedlm.engine.detokenizer import (
     with_taken_texts,
 )
 from pagedlm.engine.reasoning_gate import END_FED, FREE, ReasoningParser
-from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler
+from pagedlm.engine.scheduler import ScheduledSequenceGroup, Scheduler, SchedulerOutputs
 from pagedlm.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedlm.engine.stop_checker import StopChecker
 from pagedlm.engine.structured_outputs import StructuredOutputManager
@@ -39,7 +39,7 @@ from pagedlm.sampling_params import RequestOutputKind, SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
-from pagedlm.utils import FieldError, cdiv, deferred_signals
+from pagedlm.utils import FieldError, cdiv, deferred_signals, run_uninterrupted
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
 
@@ -564,6 +564,7 @@ class LLMEngine:
         """
         self._check_open()
         drawn: list[tuple[torch.Generator, torch.Tensor]] = []  # seeded generators' states before the step
+        applying = False
         try:
             sched = self.scheduler.schedule()
             if sched.is_empty():
@@ -572,29 +573,39 @@ class LLMEngine:
             # A failed step's draws are undone, so that stepping on draws them again.
             drawn = [(g, g.get_state()) for s in sched.scheduled_seq_groups for g in s.seq_group.generators or ()]
             outputs = self.model_runner.execute_model(metadata, sched.blocks_to_copy)
-        except BaseException:
             with deferred_signals():
-                for generator, state in drawn:
-                    generator.set_state(state)
-                self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
+                applying = True
+                request_outputs = self._apply_step(sched, outputs)
+        except BaseException:
+            if not applying:  # the model's results are dropped, as if the step had not run (a hunt: an
+                # interrupt just after the model ran, before the hold, kept its draws and lost its outputs)
+                def undo() -> None:
+                    for generator, state in drawn:
+                        generator.set_state(state)
+                    self.scheduler.requeue(list(self.seq_groups.values()))  # the prefix cache goes too
+
+                run_uninterrupted(undo)
             raise
-        with deferred_signals():
-            self.block_manager.finish_step()
-            # A request a logits processor aborted during the step is gone: it gets nothing more (vLLM's
-            # scheduler skips such requests too).
-            live = [(s, o) for s, o in zip(sched.scheduled_seq_groups, outputs)
-                    if self.seq_groups.get(s.seq_group.request_id) is s.seq_group]
-            for scheduled, output in live:
-                for seq, chunk in scheduled.token_chunks.items():
-                    seq.num_computed_tokens += chunk
-                self._process_group_output(scheduled.seq_group, output)
-            if self.model_runner.long_rope is not None and self.model_runner.long_rope.whole_sequence:
-                self._recompute_past_long_rope_threshold([s for s, _ in live])
-            # A prompt chunk that sampled nothing makes no output (as in vLLM).
-            request_outputs = [out for s, o in live
-                               if (o.samples or s.seq_group.is_finished()) and (out := RequestOutput.from_seq_group(s.seq_group))]
-            for seq_group in self.scheduler.free_finished_seq_groups():
-                del self.seq_groups[seq_group.request_id]
+        return request_outputs
+
+    def _apply_step(self, sched: SchedulerOutputs, outputs: list[SequenceGroupOutput]) -> list[RequestOutput]:
+        """A step's model outputs applied to its requests, under ``deferred_signals``."""
+        self.block_manager.finish_step()
+        # A request a logits processor aborted during the step is gone: it gets nothing more (vLLM's
+        # scheduler skips such requests too).
+        live = [(s, o) for s, o in zip(sched.scheduled_seq_groups, outputs)
+                if self.seq_groups.get(s.seq_group.request_id) is s.seq_group]
+        for scheduled, output in live:
+            for seq, chunk in scheduled.token_chunks.items():
+                seq.num_computed_tokens += chunk
+            self._process_group_output(scheduled.seq_group, output)
+        if self.model_runner.long_rope is not None and self.model_runner.long_rope.whole_sequence:
+            self._recompute_past_long_rope_threshold([s for s, _ in live])
+        # A prompt chunk that sampled nothing makes no output (as in vLLM).
+        request_outputs = [out for s, o in live
+                           if (o.samples or s.seq_group.is_finished()) and (out := RequestOutput.from_seq_group(s.seq_group))]
+        for seq_group in self.scheduler.free_finished_seq_groups():
+            del self.seq_groups[seq_group.request_id]
         return request_outputs
 
     def _recompute_past_long_rope_threshold(self, scheduled: list[ScheduledSequenceGroup]) -> None:

@@ -30,7 +30,7 @@ from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.tokenizer import encode_prompts
-from pagedlm.utils import FieldError, deferred_signals
+from pagedlm.utils import FieldError, run_uninterrupted
 
 
 logger = logging.getLogger("pagedlm")
@@ -262,13 +262,19 @@ class LLM:
         the block."""
         self._refuse_inside_a_step("close()")
         self._closing = True
-        with deferred_signals(), self._engine_lock:  # an interrupt half-way would leave it half-released
-            if self._engine is None:
-                return
-            device = self._engine.model_config.device
-            self._engine.close()
-            self._engine = None
-            self._queued = []
+        def release() -> torch.device | None:
+            with self._engine_lock:
+                if self._engine is None:
+                    return None
+                device = self._engine.model_config.device
+                self._engine.close()
+                self._engine = None
+                self._queued = []
+                return device
+
+        device = run_uninterrupted(release)  # an interrupt half-way would leave it half-released
+        if device is None:
+            return
         if device.type == "cuda":
             torch.cuda.empty_cache()
         else:
@@ -569,18 +575,23 @@ class LLM:
                              "RequestOutputs.")
         _check_flags(use_tqdm)
         self._refuse_inside_a_step("wait_for_completion")
-        with self._engine_lock:  # taken whole: a wait in another thread finds it empty
-            self.llm_engine  # a closed LLM refuses
-            queued, self._queued = self._queued, []
-        if not queued:
-            return []
-        for index, request in enumerate(queued):
-            request.index = index
-        try:
+        queued: list[_Request] = []
+        try:  # an interrupt (or error) from the queue's taking on puts it back (a hunt: one in the loop lost it)
+            with self._engine_lock:  # taken whole: a wait in another thread finds it empty
+                self.llm_engine  # a closed LLM refuses
+                queued, self._queued = self._queued, []
+            if not queued:
+                return []
+            for index, request in enumerate(queued):
+                request.index = index
             return self._run(queued, use_tqdm)
         except BaseException:
-            with self._engine_lock:
-                self._queued[:0] = queued  # before any queued meanwhile
+            def put_back() -> None:
+                with self._engine_lock:
+                    if self._engine is not None:  # a close() meanwhile dropped the queue for good
+                        self._queued[:0] = queued  # before any queued meanwhile
+
+            run_uninterrupted(put_back)
             raise
 
     def _enqueue(self, requests: list["_Request"], use_tqdm: bool | Callable[..., tqdm],
@@ -938,10 +949,13 @@ class LLM:
             # An interrupted or abandoned iteration leaves nothing queued for the next call; a second
             # interrupt waits for that (found by a hunt: one landing in the abort left the LLM refusing
             # every later call as "already running").
-            with deferred_signals(), self._engine_lock:
-                if self._engine is not None:
-                    self._engine.abort_request(list(in_flight))
-                self._streaming = False
+            def end() -> None:
+                with self._engine_lock:
+                    if self._engine is not None:
+                        self._engine.abort_request(list(in_flight))
+                    self._streaming = False
+
+            run_uninterrupted(end)
         if bad is not None:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
