@@ -190,7 +190,7 @@ def test_text_parts_are_joined_and_other_parts_refused(llm, monkeypatch):
     msg = _refused(llm, monkeypatch, [{"role": "user", "content": image}])
     assert "conversation 0: message 0: content part {'type': 'image_url'" in msg and "no multimodal inputs" in msg
     msg = _refused(llm, monkeypatch, [{"role": "user", "content": [{"text": "no type"}]}])
-    assert "is not text" in msg and "type text, input_text, output_text, refusal, thinking" in msg
+    assert "is not text" in msg and "type text, input_text, output_text, refusal, thinking or tool_reference" in msg
 
 
 def test_message_forms_vllm_accepts_render_as_in_vllm(llm):
@@ -307,6 +307,19 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
     tagged = [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]
     assert text(tagged, DUMP, chat_template_content_format="openai") == (
         '{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}|')
+    # Found by a hunt: vLLM 0.32's tool_reference part (a deferred tool, for the template to expand)
+    # was refused as multimodal. Its name in "string"; the part itself in "openai", where a tool
+    # message holding one keeps its parts.
+    refs = [{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "tool_reference", "name": "f"}]},
+            {"role": "tool", "content": [{"type": "tool_reference", "name": "g"}, {"type": "text", "text": "t"}]},
+            {"role": "developer", "content": [{"type": "tool_reference", "name": "h"}]}]
+    assert text(refs, DUMP, chat_template_content_format="string") == (
+        '{"role": "system", "content": "h"}|{"role": "user", "content": "see\\nf"}|{"role": "tool", "content": "g\\nt"}|')
+    assert text(refs[:2], DUMP, chat_template_content_format="openai") == (
+        '{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "tool_reference", "name": "f"}]}|'
+        '{"role": "tool", "content": [{"type": "tool_reference", "name": "g"}, {"type": "text", "text": "t"}]}|')
+    with pytest.raises(ValueError, match="message 0: a 'tool_reference' part's 'name' must be a str, got None"):
+        text([{"role": "user", "content": [{"type": "tool_reference"}]}], DUMP)
     with pytest.raises(FieldError, match="chat_template_content_format must be one of auto, string, openai"):
         text(parts, PARTS, chat_template_content_format="list")
     # "openai" for a template that reads text: the format is named as the field at fault.

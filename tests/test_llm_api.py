@@ -1454,10 +1454,19 @@ def test_tokenizer_and_chat_template_replace_the_models(tmp_path, llama_dir, cha
     path.write_text(template)
     for given in (template, str(path), path):
         with LLM(llama_dir, chat_template=given, num_kv_blocks=32) as llm:
-            assert llm.get_tokenizer().chat_template == template
+            assert llm.get_tokenizer().chat_template is None  # the tokenizer's own, as in vLLM
             assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == "<Hi>"
             own = llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="[{{ messages[0].content }}]")
             assert own[0].prompt == "[Hi]"
+    # Found by a hunt: LLM's template replaced the tokenizer's named ones, so a call naming one of
+    # them was refused as no file (vLLM resolves the name with the tokenizer's templates).
+    named = tmp_path / "named"
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer.chat_template = {"default": "D:{{ messages[0].content }}", "tool_use": "T:{{ messages[0].content }}"}
+    tokenizer.save_pretrained(named)
+    with LLM(llama_dir, tokenizer=str(named), chat_template=template, num_kv_blocks=32) as llm:
+        assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == "<Hi>"
+        assert llm.chat(chat, SamplingParams(max_tokens=2), use_tqdm=False, chat_template="tool_use")[0].prompt == "T:Hi"
     # chat's argument is read as LLM's (found by a hunt: a path was rendered as the template's text).
     other = tmp_path / "other.jinja"
     other.write_text("({{ messages[0].content }})")

@@ -83,11 +83,13 @@ def parse_conversation(conversation: object, content_format: str = "string") -> 
     Llama 3's "ipython"; "developer" becomes "system" for a template that does not know it). The
     content is a str; null or absent; or a list of parts, each a str or a text part
     (``{"type": "text" | "input_text" | "output_text", "text": str}``, ``{"type": "refusal",
-    "refusal": str}``, ``{"type": "thinking", "thinking": str}``). In the "string" content format
-    the texts (empty ones skipped) are joined with newlines, null content is ""; in the "openai"
-    format (a template that loops over a message's content, ``detect_content_format``) the content
-    is a list of ``{"type": "text", "text": str}`` parts, with a part's other keys, and null content
-    is ``[]``; a tool message's content is text in both.
+    "refusal": str}``, ``{"type": "thinking", "thinking": str}``) or vLLM's ``{"type":
+    "tool_reference", "name": str}`` (a deferred tool the template expands). In the "string" content
+    format the texts (empty ones skipped, a tool reference's name) are joined with newlines, null
+    content is ""; in the "openai" format (a template that loops over a message's content,
+    ``detect_content_format``) the content is a list of ``{"type": "text", "text": str}`` parts, with
+    a part's other keys, and tool references, and null content is ``[]``; a tool message's content
+    is text in both, unless it holds a tool reference ("openai": its parts, as vLLM keeps them).
 
     Besides role and content a message keeps only what vLLM's ``parse_chat_messages`` keeps: a
     str ``name`` or ``task``; an assistant's ``tool_calls`` (dropped when empty, each of type
@@ -121,11 +123,18 @@ def _parse_messages(conversation: object) -> Conversation:
 
 def _in_format(messages: Conversation, content_format: str) -> Conversation:
     """Parsed messages with their content in ``content_format``: text (the non-empty parts joined
-    by newlines) in "string", parts in "openai", where a tool message's is text all the same."""
+    by newlines, a tool reference by its name) in "string", parts in "openai", where a tool
+    message's is text all the same unless it holds a tool reference, which its template expands
+    (vLLM's)."""
     if content_format == "openai":
-        return [m if m["role"] != "tool" else {**m, "content": "\n".join(p["text"] for p in m["content"])}
-                for m in messages]
-    return [{**m, "content": "\n".join(p["text"] for p in m["content"] if p["text"])} for m in messages]
+        return [m if m["role"] != "tool" or any(p["type"] != "text" for p in m["content"])
+                else {**m, "content": "\n".join(p["text"] for p in m["content"])} for m in messages]
+    return [{**m, "content": "\n".join(t for p in m["content"] if (t := _part_text(p)))} for m in messages]
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    """A parsed part as text: a text part's text, a tool reference's name."""
+    return part["name"] if part["type"] == "tool_reference" else part["text"]
 
 
 def _parse_message(i: int, message: object) -> dict[str, Any]:
@@ -196,7 +205,7 @@ def _content_parts(i: int, content: object, billed: bool) -> list[dict[str, Any]
     parts = []
     for raw in content:
         part = _text_part(i, raw)
-        if part is not None and billed and part["text"].startswith(_BILLING_HEADER) and (
+        if part is not None and billed and part["type"] == "text" and part["text"].startswith(_BILLING_HEADER) and (
                 isinstance(raw, str) or raw.get("type") == "text"):
             rest = part["text"].partition("\n")[2]
             part = {**part, "text": rest} if rest else None
@@ -209,10 +218,14 @@ def _text_part(i: int, part: object) -> dict[str, Any] | None:
     if isinstance(part, str):
         return {"type": "text", "text": part}
     part_type = part.get("type") if isinstance(part, dict) else None
+    if part_type == "tool_reference":  # a deferred tool's name, for the template to expand (vLLM's)
+        if not isinstance(part.get("name"), str):
+            raise ValueError(f"message {i}: a 'tool_reference' part's 'name' must be a str, got {part.get('name')!r:.40}")
+        return {"type": "tool_reference", "name": part["name"]}
     key = TEXT_PART_KEYS.get(part_type) if isinstance(part_type, str) else None
     if key is None:
         raise ValueError(f"message {i}: content part {part!r:.80} is not text, and pagedlm has no multimodal "
-                         f"inputs (a part is a str or a dict of type {', '.join(TEXT_PART_KEYS)})")
+                         f"inputs (a part is a str or a dict of type {', '.join(TEXT_PART_KEYS)} or tool_reference)")
     if key not in part:
         raise ValueError(f"message {i}: a {part_type!r} part has no {key!r}")
     text = part[key]
@@ -241,7 +254,7 @@ def _developer_as_system(messages: Conversation) -> Conversation:
     systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
     if systems == [0]:
         return messages
-    texts = ("\n".join(p["text"] for p in messages[i]["content"] if p["text"]) for i in systems)
+    texts = ("\n".join(t for p in messages[i]["content"] if (t := _part_text(p))) for i in systems)
     return [{"role": "system", "content": [{"type": "text", "text": "\n\n".join(t for t in texts if t)}]},
             *(m for m in messages if m["role"] != "system")]
 

@@ -24,7 +24,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template: str | None = None
                   ) -> PreTrainedTokenizerBase:
     """The checkpoint's fast (Rust) tokenizer; incremental detokenization needs its backend.
-    ``chat_template``, when given, replaces its own (every chat rendering goes through it).
+    ``chat_template``, when given, is every chat rendering's default template in place of its own
+    (``configured_chat_template``); the tokenizer keeps its own, so that a call naming one of its
+    named templates still finds it, as in vLLM (found by a hunt: it was overwritten).
 
     Raises:
         ValueError: ``model_dir`` holds no tokenizer file, or only a slow (Python) tokenizer.
@@ -40,7 +42,6 @@ def get_tokenizer(model_dir: str, trust_remote_code: bool = False, chat_template
     if not tokenizer.is_fast:
         raise ValueError(f"{model_dir!r} has no fast tokenizer (tokenizer.json); pagedlm needs one.")
     if chat_template is not None:
-        tokenizer.chat_template = chat_template
         _configured_chat_templates[tokenizer] = chat_template
     # The engine checks a prompt's length against max_model_len and names it; transformers' warning
     # past the tokenizer's model_max_length ("will result in indexing errors") is not pagedlm's limit.
