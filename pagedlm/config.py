@@ -176,18 +176,13 @@ class ModelConfig:
 
 def _check_model_fields(hf_config: PretrainedConfig) -> None:
     """Refuse values the model would run as something else, or fail on only once loaded (found by
-    hunts): a size or count that is not a positive integer (layers, heads, widths, vocabulary), a
-    soft cap of 0 (transformers' divides by it; pagedlm read it as no cap) or infinite, a negative
-    sliding window, a softmax scale that is not positive, and a zero ``logits_scaling``.
+    hunts): a soft cap of 0 (transformers' divides by it; pagedlm read it as no cap) or infinite, a
+    negative sliding window, a softmax scale that is not positive, and a zero ``logits_scaling``.
+    (The sizes are checked once the architecture is known to be supported: ``check_model_sizes``.)
 
     Raises:
         ValueError: naming the field and the values allowed.
     """
-    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
-                 "num_key_value_heads", "head_dim"):  # a hunt: 0 layers failed after the weights loaded
-        value = getattr(hf_config, name, None)
-        if (value is not None or name not in ("num_key_value_heads", "head_dim")) and not (_is_int(value) and value > 0):
-            raise ValueError(f"the config's {name} must be a positive integer, got {value!r}.")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(hf_config, name, None)
         if value is not None and not _is_positive(value):
@@ -211,6 +206,26 @@ def _check_model_fields(hf_config: PretrainedConfig) -> None:
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling != 0):
         raise ValueError(f"the config's logits_scaling (the logits are divided by it) must be a finite number other "
                          f"than 0, got {scaling!r}.")
+
+
+def check_model_sizes(hf_config: PretrainedConfig) -> None:
+    """Refuse a supported architecture's config whose sizes and counts (layers, heads, widths,
+    vocabulary) are not positive integers, or whose heads are no multiple of its KV heads: found by
+    a hunt, 0 layers raised ZeroDivisionError once the weights had loaded, the heads only in the
+    first step's kernel.
+
+    Raises:
+        ValueError: naming the field.
+    """
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                 "num_key_value_heads", "head_dim"):
+        value = getattr(hf_config, name, None)
+        if (value is not None or name not in ("num_key_value_heads", "head_dim")) and not (_is_int(value) and value > 0):
+            raise ValueError(f"the config's {name} must be a positive integer, got {value!r}.")
+    heads, kv_heads = hf_config.num_attention_heads, get_num_kv_heads(hf_config)
+    if heads % kv_heads:
+        raise ValueError(f"the config's num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                         f"({kv_heads}).")
 
 
 def _is_positive(value: Any) -> bool:

@@ -346,6 +346,20 @@ def test_unsupported_config_fields_are_refused(tmp_path, tokenizer_dir, arch, fi
         LLM(path, dtype="float32")
 
 
+def test_an_unsupported_architecture_is_named_before_its_config_s_fields(tmp_path, tokenizer_dir):
+    """Found by a review: the size checks ran before the architecture's, so a GPT-2 checkpoint (no
+    intermediate_size) was refused as a config field instead of as an architecture."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB_SIZE)).save_pretrained(path)
+    for name in os.listdir(tokenizer_dir):
+        os.symlink(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    with pytest.raises(ValueError, match=r"Model architectures \['GPT2LMHeadModel'\] \(model_type 'gpt2'\) are not "
+                                         r"supported; supported architectures: LlamaForCausalLM"):
+        LLM(path, dtype="float32")
+
+
 def test_a_swish_llama_runs_as_transformers_silu(tmp_path, tokenizer_dir):
     """transformers maps hidden_act "swish" to SiLU (found by a hunt: refused)."""
     path = _edited_checkpoint(tmp_path, tokenizer_dir, "llama", hidden_act="swish")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pagedlm.config import ModelConfig, get_num_kv_heads
+from pagedlm.config import ModelConfig, check_model_sizes
 from pagedlm.model_executor.layers.linear import Linear
 from pagedlm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedlm.model_executor.models import get_model_class
@@ -28,10 +28,7 @@ def get_model(model_config: ModelConfig, kv_cache_scales: bool = False) -> nn.Mo
         ValueError: a config or checkpoint the model cannot take (named).
     """
     model_cls = get_model_class(model_config.hf_config)
-    heads, kv_heads = model_config.hf_config.num_attention_heads, get_num_kv_heads(model_config.hf_config)
-    if heads % kv_heads:  # found by a hunt: refused only by the first step's kernel
-        raise ValueError(f"the config's num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-                         f"({kv_heads}).")
+    check_model_sizes(model_config.hf_config)  # once the architecture is known (another's config has other fields)
     with torch.device("meta"):
         model = model_cls(model_config.hf_config, model_config.max_model_len)
     model = model.to(dtype=model_config.dtype).to_empty(device=model_config.device)
