@@ -92,7 +92,7 @@ def _threads_chosen() -> bool:
     """Whether ``OMP_NUM_THREADS`` holds a count OpenMP takes (a positive integer, or a list of
     them, one per nesting level); libgomp warns of another value and ignores it, and so does this
     (found by a hunt: "abc" or 0 turned the quota's limit off)."""
-    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip().removeprefix("+")  # strtoul's sign
     return first.isdigit() and int(first) > 0
 
 

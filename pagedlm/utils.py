@@ -75,14 +75,16 @@ def deferred_signals() -> Iterator[None]:
         else:  # between the end of the block and its handler's return
             _deliver(previous[signum], signum, frame)
 
-    for s in previous:
-        signal.signal(s, hold)
+    installed: list[int] = []  # a signal's own handler may raise before the next is installed (a review)
     try:
+        for s in previous:
+            installed.append(s)  # before: restoring a handler not yet replaced is harmless
+            signal.signal(s, hold)
         yield
     finally:
         holding = False  # one step: from here a signal reaches its own handler, even before it is back
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s in installed:
+            signal.signal(s, previous[s])
         for s in sorted(set(held), key=_DEFERRED_SIGNALS.index, reverse=True):
             _deliver(previous[s], s, None)
 

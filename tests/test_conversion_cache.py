@@ -173,6 +173,10 @@ def test_pagedlm_cache_that_is_no_directory_is_refused_by_name(tmp_path, monkeyp
     monkeypatch.setenv("PAGEDLM_CACHE", str(tmp_path / "f"))
     with pytest.raises(ValueError, match=r"PAGEDLM_CACHE='.*/f' is not a directory: set it to a writable directory"):
         default_model_path(download=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PAGEDLM_CACHE", "~/f")  # a review: checked before ~ was expanded
+    with pytest.raises(ValueError, match=r"PAGEDLM_CACHE='~/f' is not a directory"):
+        download_dir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PAGEDLM_CACHE", "cache")
     assert download_dir() == str(tmp_path / "cache")

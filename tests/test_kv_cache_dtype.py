@@ -203,7 +203,8 @@ def test_scales_under_each_name_vllm_reads_and_one_given_for_both(llama_dir, tmp
              "cache": ({"model.layers.0.self_attn.k_cache.scale": 0.5, "model.layers.0.self_attn.v_cache.scale": 0.125},
                        (0.5, 0.125)),
              "query": ({"model.layers.0.self_attn.q_scale": 0.5, "model.layers.0.self_attn.q_proj.output_scale": 0.5,
-                        "model.layers.0.self_attn.k_scale": 0.25}, (0.25, 0.25))}
+                        "model.layers.0.self_attn.prob_output_scale": 0.5, "model.layers.0.self_attn.k_scale": 0.25},
+                       (0.25, 0.25))}
     for i, (name, (scales, expected)) in enumerate(cases.items()):
         path = with_kv_scales(llama_dir, tmp_path / str(i), {k: torch.tensor(v) for k, v in scales.items()})
         llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=8)

@@ -613,6 +613,40 @@ def test_an_interrupt_as_wait_for_completion_takes_the_queue_leaves_it_queued(ll
     assert len(llm.wait_for_completion(use_tqdm=False)) == 2
 
 
+def test_a_signal_raising_while_deferred_signals_installs_its_hold_restores_every_handler(monkeypatch):
+    """Found by a review: a SIGTERM whose handler raises (a job's), landing after SIGINT's hold was
+    installed and before SIGTERM's, left SIGINT on the hold for good (every later Ctrl-C swallowed)."""
+    import signal
+
+    from pagedlm.utils import deferred_signals
+
+    class Stop(Exception):
+        pass
+
+    def term(signum, frame):
+        raise Stop
+
+    original_int, original_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, term)
+    real, fired = signal.signal, []
+
+    def racing(signum, handler):
+        previous = real(signum, handler)
+        if signum == signal.SIGINT and not fired:  # SIGTERM arrives just after SIGINT's hold is in
+            fired.append(True)
+            term(signal.SIGTERM, None)
+        return previous
+
+    try:
+        monkeypatch.setattr(signal, "signal", racing)
+        with pytest.raises(Stop):
+            with deferred_signals():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is original_int and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGTERM, original_term)
+
+
 def test_deferred_signals_deliver_sigterm_first_and_restore_every_handler():
     """Found by a review: with both signals held, the first delivery's exception lost the second
     (a scheduler's SIGTERM), and a signal between two handler restores left a holding handler."""

@@ -80,9 +80,11 @@ def test_threads_are_lowered_to_the_quota(monkeypatch):
         openmp.limit_threads_to_cpu_quota()
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
-        openmp.limit_threads_to_cpu_quota()
-        assert torch.get_num_threads() == 2
+        for chosen in ("2", "+2", " 2,1"):  # the user's choice stands (libgomp reads a sign, a list)
+            monkeypatch.setenv("OMP_NUM_THREADS", chosen)
+            torch.set_num_threads(2)
+            openmp.limit_threads_to_cpu_quota()
+            assert torch.get_num_threads() == 2, chosen
         for ignored in ("abc", "0", "-1", ""):  # found by a hunt: libgomp ignores them, and so does the limit now
             monkeypatch.setenv("OMP_NUM_THREADS", ignored)
             torch.set_num_threads(2)

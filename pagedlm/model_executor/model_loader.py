@@ -72,7 +72,7 @@ def load_weights(model: nn.Module, model_dir: str, kv_cache_scales: bool = False
     scales: dict[str, set[str]] = {}  # the KV-cache scales each attention module's checkpoint gave
     num_layers = 1 + max((int(m[1]) for p in params if (m := _LAYER.match(p))), default=-1)
     skipped = set()  # the checkpoint's layers past the model's (hf_overrides num_hidden_layers)
-    unused_scales = set()  # the kinds of scale tensors not read: "KV-cache" (without kv_cache_scales), "query"
+    unused_scales = set()  # the kinds of scale tensors not read: "KV-cache" (without kv_cache_scales), "attention"
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for ckpt_name in f.keys():
@@ -82,8 +82,8 @@ def load_weights(model: nn.Module, model_dir: str, kv_cache_scales: bool = False
                 if (layer := _LAYER.match(name)) and int(layer[1]) >= num_layers:
                     skipped.add(int(layer[1]))  # transformers skips them too (found by a hunt: refused)
                     continue
-                if _QUERY_SCALE.fullmatch(name):
-                    unused_scales.add("query")
+                if _ATTENTION_SCALE.fullmatch(name):
+                    unused_scales.add("attention")
                     continue
                 if scale := _KV_CACHE_SCALE.fullmatch(name):
                     if not kv_cache_scales:
@@ -117,9 +117,9 @@ def load_weights(model: nn.Module, model_dir: str, kv_cache_scales: bool = False
     if "KV-cache" in unused_scales:
         logger.info("The checkpoint has fp8 KV-cache scales; kv_cache_dtype='auto' keeps the model's dtype and does not "
                     "use them (kv_cache_dtype='fp8' does).")
-    if "query" in unused_scales:
-        logger.info("The checkpoint has fp8 query scales (q_scale), for attention that quantizes its queries; "
-                    "pagedlm's reads them unquantized and does not use them.")
+    if "attention" in unused_scales:
+        logger.info("The checkpoint has fp8 attention scales (q_scale, prob_scale), for attention that quantizes its "
+                    "queries and probabilities; pagedlm's keeps them unquantized and does not use them.")
     _share_kv_cache_scales(model, scales)
     expected = _expected_weights(params, packed, model)
     if saved_head is not None and "embed_tokens.weight" in expected - loaded:
@@ -166,8 +166,9 @@ _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's paramet
 # group 1 is the attention module, the others what it scales.
 _KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
                              r"|(kv)_scale|qkv_proj\.([kv])_scale|([kv])_cache\.scale)")
-# The query's fp8 scale, for attention that quantizes its queries (vLLM maps both to attn.q_scale).
-_QUERY_SCALE = re.compile(r".+?\.(?:q_scale|q_proj\.output_scale)")
+# fp8 attention's own scales, for attention that quantizes its queries or probabilities: vLLM maps
+# "q_scale" and "q_proj.output_scale" to attn.q_scale, "prob_output_scale" to attn.prob_scale.
+_ATTENTION_SCALE = re.compile(r".+?\.(?:q_scale|q_proj\.output_scale|prob_output_scale|prob_scale)")
 
 
 def _scaled(match: re.Match) -> str:

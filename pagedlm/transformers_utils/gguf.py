@@ -62,13 +62,14 @@ def download_dir() -> str:
         ValueError: ``PAGEDLM_CACHE`` names something other than a directory (found by a hunt: a
             NotADirectoryError traceback naming neither the variable nor what it must be).
     """
-    root = os.environ.get("PAGEDLM_CACHE")
-    if not root:
+    given = os.environ.get("PAGEDLM_CACHE")
+    if not given:
         return os.path.join(os.path.expanduser("~"), ".cache", "pagedlm")
+    root = os.path.abspath(os.path.expanduser(given))
     if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"PAGEDLM_CACHE={root!r} is not a directory: set it to a writable directory, or unset it "
+        raise ValueError(f"PAGEDLM_CACHE={given!r} is not a directory: set it to a writable directory, or unset it "
                          "for ~/.cache/pagedlm")
-    return os.path.abspath(os.path.expanduser(root))
+    return root
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
