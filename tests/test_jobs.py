@@ -173,7 +173,8 @@ def test_openai_batch_format(llama_dir, reference, tmp_path):
     for bad, param in [("no-template", "messages"), ("embed", "url"), ("other-model", "model"),
                        ("tools", "tools"), ("stream", "stream"), ("get", "method")]:
         row = out[bad]
-        assert row["response"]["status_code"] == 400 and row["error"]["message"]
+        # A model the job does not serve: 404, as vLLM's server (NotFoundError) and OpenAI answer it.
+        assert row["response"]["status_code"] == (404 if bad == "other-model" else 400) and row["error"]["message"]
         assert row["response"]["body"]["error"]["type"] == "invalid_request_error"
         assert row["response"]["body"]["error"]["param"] == param, bad
     # The job was started with --served-model-name: the error does not suggest it. Row values are
@@ -2365,7 +2366,9 @@ def test_openai_chat_echo_puts_the_last_message_first_as_vllms_server_does(llama
     rows = [_chat_row("echo", **cont, echo=True), _chat_row("plain", **cont),
             _chat_row("user", echo=True, max_tokens=3), _chat_row("user_plain", max_tokens=3),
             _chat_row("user_role", echo=True, max_tokens=3, add_generation_prompt=False),
-            _chat_row("scored", echo=True, max_tokens=2, logprobs=True, top_logprobs=1)]
+            _chat_row("scored", echo=True, max_tokens=2, logprobs=True, top_logprobs=1),
+            # Found by a hunt: vLLM's top_logprobs defaults to 0, so echo alone returns them too.
+            _chat_row("echo_only", echo=True, max_tokens=2)]
     _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r["response"]["body"] for r in out}
     messages = {k: [c["message"] for c in body["choices"]] for k, body in got.items()}
@@ -2377,6 +2380,10 @@ def test_openai_chat_echo_puts_the_last_message_first_as_vllms_server_does(llama
     scored = got["scored"]
     assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"]) == scored["usage"]["prompt_tokens"]
     assert all(1 <= len(p) <= 2 for p in scored["prompt_logprobs"][1:])
+    echo_only = got["echo_only"]["prompt_logprobs"]
+    assert echo_only[0] is None and len(echo_only) == got["echo_only"]["usage"]["prompt_tokens"]
+    assert all(len(p) == 1 for p in echo_only[1:])  # the prompt's own token only
+    assert "prompt_logprobs" not in got["user_plain"]  # no echo: none
 
 
 def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(llama_dir, tmp_path):
@@ -2417,20 +2424,28 @@ def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(lla
 
 def test_openai_bodies_take_vllms_return_tokens_as_token_ids(llama_dir, tmp_path):
     """vLLM's return_tokens_as_token_ids: every token of the logprobs (sampled, top, echoed prompt)
-    as "token_id:<id>", its bytes the placeholder's (vLLM's server's)."""
+    as "token_id:<id>", the top ones' bytes the placeholder's and the sampled token's its own
+    (vLLM's server's; found by a hunt: the placeholder's too); with return_token_ids an echoed
+    completion's text leaves the prompt out, whose ids it holds (vLLM's; found by the same hunt)."""
     rows = [_chat_row("chat", max_tokens=3, logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True),
             _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "logprobs": 1, "echo": True,
                                                     "return_tokens_as_token_ids": True, "return_token_ids": True})]
     _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     got = {r["custom_id"]: r["response"]["body"] for r in out}
     chat = got["chat"]["choices"][0]
+    from pagedlm.transformers_utils.tokenizer import TokenBytes
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    own = TokenBytes(tok)
     for entry in chat["logprobs"]["content"]:
-        assert re.fullmatch(r"token_id:\d+", entry["token"]) and bytes(entry["bytes"]).decode() == entry["token"]
-        assert all(re.fullmatch(r"token_id:\d+", t["token"]) for t in entry["top_logprobs"])
+        token_id = int(entry["token"].removeprefix("token_id:"))
+        assert entry["token"] == f"token_id:{token_id}" and bytes(entry["bytes"]) == own(token_id)
+        assert all(re.fullmatch(r"token_id:\d+", t["token"]) and bytes(t["bytes"]).decode() == t["token"]
+                   for t in entry["top_logprobs"])
     cmpl = got["cmpl"]["choices"][0]
     assert cmpl["logprobs"]["tokens"] == [f"token_id:{t}" for t in cmpl["prompt_token_ids"] + cmpl["token_ids"]]
     assert all(re.fullmatch(r"token_id:\d+", t) for top in cmpl["logprobs"]["top_logprobs"][1:] for t in top)
-    assert cmpl["text"].startswith("Hello")
+    assert cmpl["text"] == tok.decode(cmpl["token_ids"])  # no prompt text: return_token_ids holds it
 
 
 def test_parquet_values_json_lacks_become_text_in_a_jsonl_output(llama_dir, tmp_path):

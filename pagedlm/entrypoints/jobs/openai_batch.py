@@ -70,6 +70,9 @@ _TYPES = {CHAT_URL: {"logprobs": (bool, "true or false"), **_COMMON_TYPES},
 LOGIT_BIAS_RANGE = (-100, 100)
 
 
+MODEL_PARAM = "model"  # the param of a row whose body names a model the job does not serve (404)
+
+
 @dataclass(slots=True)
 class _Context:
     custom_id: str
@@ -163,7 +166,7 @@ class OpenAIBatchFormat:
         if model not in self.served_model_names:
             hint = "" if self.names_given else " (or start the job with --served-model-name)"
             raise RowError(f"body.model {json_text(model, 60)} is not the model this job serves; use one of "
-                           f"{', '.join(map(json_text, self.served_model_names))}{hint}", "model")
+                           f"{', '.join(map(json_text, self.served_model_names))}{hint}", MODEL_PARAM)
         if body.get("stream", False) is not False:  # null was dropped above
             raise RowError("body.stream must be false in a batch", "stream")
         for name, (kind, words) in _TYPES[url].items():
@@ -197,9 +200,10 @@ class OpenAIBatchFormat:
             if body.get("echo"):  # vLLM's: the last message's content before the output, if it is the role's
                 last = parse_conversation(body["messages"])[-1]
                 echo_text = last["content"] if last["role"] == role else ""
-                if "prompt_logprobs" not in fields and "top_logprobs" in body:
-                    fields["prompt_logprobs"] = body["top_logprobs"]  # vLLM's server asks for them too
-                    renames["prompt_logprobs"] = "top_logprobs"
+                if "prompt_logprobs" not in fields:  # vLLM's server asks for them at top_logprobs (default 0)
+                    fields["prompt_logprobs"] = body.get("top_logprobs", 0)
+                    if "top_logprobs" in body:
+                        renames["prompt_logprobs"] = "top_logprobs"
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             if "max_completion_tokens" in body:
                 renames["max_tokens"] = "max_completion_tokens"
@@ -300,12 +304,20 @@ class OpenAIBatchFormat:
         except FieldError as exc:
             raise chat_error(exc, "body.") from None
 
-    def _echoed(self, output: RequestOutput, c: CompletionOutput, echo: str | None) -> CompletionOutput:
-        """A completion choice as ``echo`` shows it (vLLM's server): the prompt's text, ids and
-        logprobs (the first position has none), then the choice's own unless only the prompt."""
+    def _own_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (``TokenBytes``), else its text's."""
+        data = self._token_bytes(token_id)
+        return self.tokenizer.decode([token_id]).encode("utf-8") if data is None else data
+
+    def _echoed(self, output: RequestOutput, c: CompletionOutput, echo: str | None,
+                return_token_ids: bool) -> CompletionOutput:
+        """A completion choice as ``echo`` shows it (vLLM's server): the prompt's text (none with
+        ``return_token_ids``, whose ids hold the prompt: vLLM's), ids and logprobs (the first position
+        has none), then the choice's own unless only the prompt."""
         if echo is None:
             return c
-        prompt_text = output.prompt if output.prompt is not None else self.tokenizer.decode(output.prompt_token_ids)
+        prompt_text = "" if return_token_ids else (
+            output.prompt if output.prompt is not None else self.tokenizer.decode(output.prompt_token_ids))
         own = echo == "both"
         logprobs = None if c.logprobs is None else [*output.prompt_logprobs, *(c.logprobs if own else [])]
         return replace(c, text=prompt_text + (c.text if own else ""), logprobs=logprobs,
@@ -341,12 +353,15 @@ class OpenAIBatchFormat:
                       for c in output.outputs]
         # Numbered by place: with best_of > n the engine's indices of the n kept are not 0..n-1.
         token_bytes, decode = self._token_bytes, self.tokenizer.decode
-        if ctx.tokens_as_ids:  # the placeholder's own bytes, as vLLM's server writes them
+        sampled_bytes = token_bytes
+        if ctx.tokens_as_ids:  # the placeholder's own bytes, but the sampled token's (vLLM's server's)
             token_bytes, decode = (lambda token_id: None), (lambda ids: _token_id_text(ids[0]))
-        shown = [self._echoed(output, c, ctx.echo) for c in output.outputs]  # (chat's echo is its choices' text)
+            sampled_bytes = self._own_bytes
+        shown = [self._echoed(output, c, ctx.echo, ctx.return_token_ids) for c in output.outputs]  # (chat's: its text)
         if ctx.tokens_as_ids:
             shown = [_as_token_ids(c) for c in shown]
-        choices = [_chat_choice(i, c, top, token_bytes, ctx.tool_choice, split, ctx.role, ctx.echo_text) if chat else
+        choices = [_chat_choice(i, c, top, token_bytes, sampled_bytes, ctx.tool_choice, split, ctx.role, ctx.echo_text)
+                   if chat else
                    _completion_choice(i, c, top, decode)
                    for i, (c, split) in enumerate(zip(shown, splits))]
         num_prompt = len(output.prompt_token_ids)
@@ -381,12 +396,14 @@ class OpenAIBatchFormat:
         return _line(ctx.custom_id, 200, body, None)
 
     def error_row(self, key: RowKey, row: Any, error: str, param: str | None = None) -> dict:
+        """An error row in OpenAI's form: status 400, or 404 for a ``model`` the job does not serve
+        (vLLM's server's NotFoundError; found by a hunt: 400)."""
         body = {"error": {"message": error, "type": "invalid_request_error", "param": param, "code": None}}
         # A custom_id that is not a string is echoed, to join on; resume reads it as no id (None).
         custom_id = key if key is not None or not isinstance(row, dict) else row.get("custom_id")
         if not isinstance(custom_id, (str, int, float, type(None))) or isinstance(custom_id, bool):
             custom_id = None
-        return _line(custom_id, 400, body, {"code": "invalid_request_error", "message": error})
+        return _line(custom_id, 404 if param == MODEL_PARAM else 400, body, {"code": "invalid_request_error", "message": error})
 
 
 def _completion_prompt(prompt: Any) -> dict[str, Any]:
@@ -490,13 +507,15 @@ def _line(custom_id: RowKey, status: int, body: dict, error: dict | None) -> dic
 
 
 def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: Callable[[int], bytes | None],
-                 tool_choice: ToolChoice | None, split: ReasoningSplit | None, role: str, echo_text: str) -> dict:
+                 sampled_bytes: Callable[[int], bytes | None], tool_choice: ToolChoice | None,
+                 split: ReasoningSplit | None, role: str, echo_text: str) -> dict:
     """A chat choice; ``echo_text`` (chat's ``echo``) goes before the message's content, as
-    vLLM's server puts it (a null content becomes the text alone)."""
+    vLLM's server puts it (a null content becomes the text alone). A logprob's ``bytes`` are
+    ``token_bytes``', the sampled token's ``sampled_bytes``'."""
     logprobs = None
     if c.logprobs is not None:
         logprobs = {"content": [
-            {**_token_logprob(token_id, position[token_id], token_bytes),
+            {**_token_logprob(token_id, position[token_id], sampled_bytes),
              "top_logprobs": [_token_logprob(t, lp, token_bytes) for t, lp in top(position)]}
             for token_id, position in zip(c.token_ids, c.logprobs)
         ], "refusal": None}
