@@ -67,7 +67,7 @@ def capture_tables(args: argparse.Namespace, extent_blocks: int, num_kv_blocks: 
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.step + 8, ignore_eos=True), use_tqdm=False)
     finally:
         ops.paged_attention = attention
-    del llm
+    llm.close()
     return captured
 
 

@@ -87,8 +87,8 @@ def main() -> None:
                   f"{result['loaded']:.0f} tok/s, others {result['others']:.2f} cores", flush=True)
 
     base = max(r["quiet"] for r in results["pagedlm default"])
-    print(f"\n| setting | quiet tok/s (best) | loaded tok/s (best) | loaded / own quiet | quiet vs pagedlm default "
-          f"| others (cores, max) |\n|---|---|---|---|---|---|")
+    print("\n| setting | quiet tok/s (best) | loaded tok/s (best) | loaded / own quiet | quiet vs pagedlm default "
+          "| others (cores, max) |\n|---|---|---|---|---|---|")
     for name, runs in results.items():
         quiet, loaded = max(r["quiet"] for r in runs), max(r["loaded"] for r in runs)
         print(f"| {name} | {quiet:.0f} | {loaded:.0f} | {loaded / quiet:.2f} | {quiet / base:.2f} "
