@@ -320,6 +320,20 @@ def test_content_formats_and_the_fields_a_message_keeps_are_vllms():
         '{"role": "tool", "content": [{"type": "tool_reference", "name": "g"}, {"type": "text", "text": "t"}]}|')
     with pytest.raises(ValueError, match="message 0: a 'tool_reference' part's 'name' must be a str, got None"):
         text([{"role": "user", "content": [{"type": "tool_reference"}]}], DUMP)
+    # Found by a hunt: the template's own recursion failed ("the chat template failed: RecursionError").
+    from pagedlm.utils import MAX_JSON_DEPTH
+
+    deep: object = 1
+    for _ in range(3000):
+        deep = {"a": deep}
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}
+    for field, options in (("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]}),
+                           ("chat_template_kwargs", {"chat_template_kwargs": {"x": deep}}),
+                           ("messages", {"conversation": [{"role": "assistant", "content": "", "tool_calls": [call]}]})):
+        conversation = options.pop("conversation", [{"role": "user", "content": "q"}])
+        with pytest.raises(FieldError, match=f"{field} nests objects and arrays more than {MAX_JSON_DEPTH} levels") as info:
+            text(conversation, DUMP, **options)
+        assert info.value.field == field
     with pytest.raises(FieldError, match="chat_template_content_format must be one of auto, string, openai"):
         text(parts, PARTS, chat_template_content_format="list")
     # "openai" for a template that reads text: the format is named as the field at fault.

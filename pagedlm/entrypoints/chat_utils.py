@@ -14,7 +14,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template  # th
 
 from pagedlm.config import load_chat_template
 from pagedlm.transformers_utils.tokenizer import configured_chat_template
-from pagedlm.utils import FieldError
+from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply
 
 # vLLM's text content part types, each with the key that holds its text.
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -336,6 +336,11 @@ def render_chat(
     if chat_template_content_format not in CONTENT_FORMATS:
         raise FieldError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
                          f"{chat_template_content_format!r:.40}", "chat_template_content_format")
+    # Before the template walks them (found by a hunt: "the chat template failed: RecursionError").
+    for name, value in (("messages", conversation), ("tools", tools), ("chat_template_kwargs", chat_template_kwargs)):
+        if nested_too_deeply(value):
+            raise FieldError(f"{name} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes "
+                             f"up to {MAX_JSON_DEPTH}", name)
     try:
         messages = _parse_messages(conversation)
     except ValueError as exc:
