@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply, unicode_problem
+from pagedlm.utils import FieldError, nested_too_deeply, too_deep, unicode_problem
 
 
 def _check_unicode(field: str, texts: Sequence[str], rule: str) -> None:
@@ -210,8 +210,8 @@ def _check_json_value(value: Any, where: str) -> None:
 
 
 def _check_depth(value: Any, where: str) -> None:
-    """Raises FieldError where ``value`` (or, as text, the JSON it holds) nests deeper than
-    ``MAX_JSON_DEPTH`` (text that is no JSON is left to the checks that read it)."""
+    """Raises FieldError where ``value`` (or, as text, the JSON it holds) is ``nested_too_deeply``
+    (text that is no JSON is left to the checks that read it)."""
     try:
         deep = nested_too_deeply(_json.loads(value) if isinstance(value, str) else value)
     except ValueError:
@@ -219,8 +219,7 @@ def _check_depth(value: Any, where: str) -> None:
     except RecursionError:  # json.loads' own limit
         deep = True
     if deep:
-        raise FieldError(f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes "
-                         f"up to {MAX_JSON_DEPTH}.", _field_of(where))
+        raise FieldError(f"{too_deep(where)}.", _field_of(where))
 
 
 class RequestOutputKind(Enum):

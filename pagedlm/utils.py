@@ -50,6 +50,11 @@ def nested_too_deeply(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def too_deep(where: str) -> str:
+    """The error of a value ``where`` names that ``nested_too_deeply`` refuses."""
+    return f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes up to {MAX_JSON_DEPTH}"
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling of ``a / b`` for non-negative ``a`` and positive ``b`` (blocks needed for ``a`` tokens)."""
     return -(a // -b)

@@ -14,7 +14,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template  # th
 
 from pagedlm.config import load_chat_template
 from pagedlm.transformers_utils.tokenizer import configured_chat_template
-from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply
+from pagedlm.utils import FieldError, nested_too_deeply, too_deep
 
 # vLLM's text content part types, each with the key that holds its text.
 TEXT_PART_KEYS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
@@ -339,8 +339,7 @@ def render_chat(
     # Before the template walks them (found by a hunt: "the chat template failed: RecursionError").
     for name, value in (("messages", conversation), ("tools", tools), ("chat_template_kwargs", chat_template_kwargs)):
         if nested_too_deeply(value):
-            raise FieldError(f"{name} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes "
-                             f"up to {MAX_JSON_DEPTH}", name)
+            raise FieldError(too_deep(name), name)
     try:
         messages = _parse_messages(conversation)
     except ValueError as exc:

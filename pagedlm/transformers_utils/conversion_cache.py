@@ -120,6 +120,12 @@ def _remove_leftovers(root: str, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def unwritable_cache(exc: OSError, what: str) -> OSError:
+    """``exc`` (its type and errno) saying that ``what``, under ``PAGEDLM_CACHE``, cannot be written."""
+    return type(exc)(exc.errno, f"cannot write {what} ({exc.strerror}); it lies under PAGEDLM_CACHE (default "
+                                "~/.cache/pagedlm): set that to a writable directory")
+
+
 def cached_conversion(source: str, root: str, convert: Callable[[str, str], object], version: int,
                       check: Callable[[str], object] | None = None) -> str:
     """Return the directory holding `convert(source, out_dir)`'s output for `source`'s current bytes,
@@ -146,8 +152,7 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}{_STAGING}", dir=root)
     except OSError as exc:  # a hunt: the staging path's error, after a hash of the whole file
-        raise type(exc)(exc.errno, f"cannot write the conversion cache {root!r} ({exc.strerror}); it lies under "
-                                   "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable directory") from None
+        raise unwritable_cache(exc, f"the conversion cache {root!r}") from None
     converted = os.path.join(staging, "checkpoint")
     try:
         with open(os.path.join(staging, _LOCK), "w") as lock:

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pagedlm.transformers_utils.conversion_cache import cached_conversion
+from pagedlm.transformers_utils.conversion_cache import cached_conversion, unwritable_cache
 from pagedlm.transformers_utils.hub import is_hub_model_id, resolve_hub_model
 
 logger = logging.getLogger("pagedlm")
@@ -638,7 +638,6 @@ def default_model_path(download: bool = True) -> str | None:
         try:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
         except OSError as exc:
-            raise type(exc)(exc.errno, f"cannot create {os.path.dirname(dest)!r} ({exc.strerror}); it lies under "
-                                       "PAGEDLM_CACHE (default ~/.cache/pagedlm): set that to a writable directory") from None
+            raise unwritable_cache(exc, repr(os.path.dirname(dest))) from None
         _fetch_default_gguf(dest)
     return resolve_model(dest)

@@ -11,7 +11,7 @@ from pagedlm.engine.structured_outputs import schema_problem
 from pagedlm.entrypoints.llm import LLM, PromptType
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.utils import MAX_JSON_DEPTH, FieldError, nested_too_deeply
+from pagedlm.utils import FieldError, nested_too_deeply, too_deep
 
 logger = logging.getLogger("pagedlm")
 
@@ -197,8 +197,7 @@ def schema_without_nulls(schema: Any, value_nulls: bool, where: str, param: str 
             RecursionError naming no field), ``where`` naming it, ``param`` the row's field.
     """
     if nested_too_deeply(schema):
-        raise RowError(f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes up "
-                       f"to {MAX_JSON_DEPTH}", param)
+        raise RowError(too_deep(where), param)
     return _without_nulls_at_any_depth(schema, value_nulls)
 
 

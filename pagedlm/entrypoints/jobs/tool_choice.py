@@ -123,8 +123,8 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
         name, parameters = function.get("name"), function.get("parameters")
         if not isinstance(name, str) or not name:
             raise RowError(f"{where}.function.name must be a non-empty string, got {json_text(name, 40)}", "tools")
-        if unicode_problem(name):  # a hunt: named the schema of the calls, which the row never set
-            raise RowError(f"{where}.function.name is not valid Unicode ({unicode_problem(name)})", "tools")
+        if problem := unicode_problem(name):  # a hunt: named the schema of the calls, which the row never set
+            raise RowError(f"{where}.function.name is not valid Unicode ({problem})", "tools")
         if name in functions:
             raise RowError(f"body.tools defines function {json_text(name)} twice", "tools")
         if function.get("description") is not None and not isinstance(function["description"], str):
