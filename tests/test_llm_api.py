@@ -525,9 +525,9 @@ def test_a_ctrl_c_while_the_engine_changes_its_state_waits_for_the_change(llama_
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-def _interrupt_at_entry(monkeypatch, module, calls: int = 1) -> list[int]:
-    """``module.deferred_signals`` raising KeyboardInterrupt at its first ``calls`` entries (where
-    the hold is not in place yet: as a SIGINT landing in its set-up), then the real one."""
+def _interrupt_at_entry(monkeypatch, module) -> list[int]:
+    """``module.deferred_signals`` raising KeyboardInterrupt at its first entry (where the hold is
+    not in place yet: as a SIGINT landing in its set-up), then the real one."""
     import contextlib
 
     from pagedlm.utils import deferred_signals
@@ -537,7 +537,7 @@ def _interrupt_at_entry(monkeypatch, module, calls: int = 1) -> list[int]:
     @contextlib.contextmanager
     def interrupted_at_entry():
         entered[0] += 1
-        if entered[0] <= calls:
+        if entered[0] == 1:
             raise KeyboardInterrupt
         with deferred_signals():
             yield
