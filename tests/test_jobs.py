@@ -2303,8 +2303,32 @@ def test_openai_bodies_take_vllms_return_token_ids(llama_dir, tmp_path):
     assert [c["prompt_token_ids"] for c in cmpl["choices"]] == [tok("Hello").input_ids] * 2
     assert all(tok.decode(c["token_ids"]) == c["text"] for c in cmpl["choices"])
     off = got["off"]["response"]["body"]
-    assert "prompt_token_ids" not in off and "token_ids" not in off["choices"][0]
+    assert off["prompt_token_ids"] is None and off["choices"][0]["token_ids"] is None
     assert "body.return_token_ids must be true or false" in got["bad"]["error"]["message"]
+
+
+def test_openai_bodies_hold_vllms_keys_as_null_where_unset(llama_dir, tmp_path):
+    """A 200 body has the keys vLLM's run-batch writes (its pydantic models dumped whole), null
+    where the request set nothing: a reader written against vLLM's output finds every key."""
+    rows = [_chat_row("chat", max_tokens=2), _openai_row("cmpl", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})]
+    _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    got = by_id(out, "custom_id")
+    chat, cmpl = got["chat"]["response"]["body"], got["cmpl"]["response"]["body"]
+    top = {"id", "object", "created", "model", "choices", "service_tier", "system_fingerprint", "usage"}
+    assert chat.keys() == top | {"prompt_logprobs", "prompt_token_ids"} and cmpl.keys() == top
+    assert chat["choices"][0].keys() == {"index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids"}
+    assert chat["choices"][0]["message"].keys() == {"role", "content", "refusal", "annotations", "audio",
+                                                    "function_call", "reasoning"}
+    assert cmpl["choices"][0].keys() == {"index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                                         "prompt_logprobs", "prompt_token_ids"}
+    assert chat["usage"].keys() == cmpl["usage"].keys() == {"prompt_tokens", "completion_tokens", "total_tokens",
+                                                            "prompt_tokens_details", "completion_tokens_details"}
+    unset = [chat["service_tier"], chat["prompt_logprobs"], chat["prompt_token_ids"], chat["choices"][0]["token_ids"],
+             *(chat["choices"][0]["message"][k] for k in ("refusal", "annotations", "audio", "function_call", "reasoning")),
+             cmpl["choices"][0]["token_ids"], cmpl["choices"][0]["prompt_logprobs"],
+             cmpl["choices"][0]["prompt_token_ids"], chat["usage"]["completion_tokens_details"]]
+    assert unset == [None] * len(unset)
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
 
 
 def test_openai_bodies_take_vllms_prompt_logprobs(llama_dir, tmp_path):
@@ -2383,7 +2407,7 @@ def test_openai_chat_echo_puts_the_last_message_first_as_vllms_server_does(llama
     echo_only = got["echo_only"]["prompt_logprobs"]
     assert echo_only[0] is None and len(echo_only) == got["echo_only"]["usage"]["prompt_tokens"]
     assert all(len(p) == 1 for p in echo_only[1:])  # the prompt's own token only
-    assert "prompt_logprobs" not in got["user_plain"]  # no echo: none
+    assert got["user_plain"]["prompt_logprobs"] is None  # no echo: none
 
 
 def test_openai_bodies_take_vllms_add_special_tokens_request_id_and_priority(llama_dir, tmp_path):

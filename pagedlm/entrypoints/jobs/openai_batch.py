@@ -71,6 +71,13 @@ LOGIT_BIAS_RANGE = (-100, 100)
 
 
 MODEL_PARAM = "model"  # the param of a row whose body names a model the job does not serve (404)
+# Response keys a 200 body holds as null where nothing sets them, as vLLM's run-batch writes them
+# (its pydantic models dumped whole; vllm/entrypoints/openai/chat_completion/protocol.py and
+# completion/protocol.py): OpenAI's own and vLLM's extras that pagedlm can fill. Left out: vLLM's
+# disaggregated-serving and metrics keys (kv_transfer_params, ec_transfer_params, metrics,
+# routed_experts, prompt_text), which no pagedlm request can set.
+_PROMPT_EXTRAS_UNSET = {"prompt_logprobs": None, "prompt_token_ids": None}
+_MESSAGE_UNSET = {"content": None, "refusal": None, "annotations": None, "audio": None, "function_call": None}
 
 
 @dataclass(slots=True)
@@ -368,7 +375,8 @@ class OpenAIBatchFormat:
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated,
                  # OpenAI's: prompt tokens read from the prefix cache (vLLM's server, with --enable-prompt-tokens-details)
-                 "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0}}
+                 "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0},
+                 "completion_tokens_details": None}
         if chat and self.reasoning_parser is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
         # vLLM's extras: chat's prompt ids and logprobs in the body, a completion's in each choice.
@@ -379,9 +387,8 @@ class OpenAIBatchFormat:
             prompt_extras["prompt_logprobs"] = [None if position is None else _prompt_position(position)
                                                 for position in output.prompt_logprobs]
         for choice, c in zip(choices, output.outputs):
-            choice.update({} if chat else prompt_extras)
-            if ctx.return_token_ids:
-                choice["token_ids"] = c.token_ids
+            choice.update({"token_ids": c.token_ids if ctx.return_token_ids else None,
+                           **({} if chat else _PROMPT_EXTRAS_UNSET), **({} if chat else prompt_extras)})
         body = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-"
                   f"{ctx.request_id if ctx.request_id is not None else f'{output.request_id}-{uuid.uuid4().hex[:12]}'}",
@@ -389,9 +396,10 @@ class OpenAIBatchFormat:
             "created": int(time.time()),
             "model": ctx.model,
             "choices": choices,
-            "usage": usage,
+            "service_tier": None,
             "system_fingerprint": None,
-            **(prompt_extras if chat else {}),
+            "usage": usage,
+            **({**_PROMPT_EXTRAS_UNSET, **prompt_extras} if chat else {}),
         }
         return _line(ctx.custom_id, 200, body, None)
 
@@ -522,11 +530,10 @@ def _chat_choice(index: int, c: CompletionOutput, top: Callable, token_bytes: Ca
     content = split.content if split is not None else c.text
     message, finish_reason = (tool_choice.message(content, c.finish_reason) if tool_choice is not None
                               else ({"content": content}, c.finish_reason))
-    if split is not None:
-        message["reasoning"] = split.reasoning
+    message["reasoning"] = split.reasoning if split is not None else None
     if echo_text:
         message["content"] = echo_text + (message["content"] or "")
-    return {"index": index, "message": {"role": role, **message, "refusal": None},
+    return {"index": index, "message": {"role": role, **_MESSAGE_UNSET, **message},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
 
