@@ -41,6 +41,14 @@ class ParsedPrompt:
     token_ids: list[int] | None
     cache_salt: str | None = None
 
+    def tokens_input(self) -> dict[str, Any]:
+        """The tokenized prompt as vLLM's engine input (``vllm.inputs.tokens_input``): ``{"type":
+        "token", "prompt_token_ids"}``, with ``prompt`` and ``cache_salt`` where they are set."""
+        assert self.token_ids is not None, "tokenize the prompt first"
+        return {"type": "token", "prompt_token_ids": list(self.token_ids),
+                **({"prompt": self.text} if self.text is not None else {}),
+                **({"cache_salt": self.cache_salt} if self.cache_salt is not None else {})}
+
 
 def is_token_ids(value: object) -> bool:
     return isinstance(value, (list, tuple)) and all(

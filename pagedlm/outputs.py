@@ -2,7 +2,7 @@
 ``pagedlm.logprobs``, as vLLM's is in ``vllm.logprobs``)."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -184,15 +184,22 @@ class BeamSearchSequence:
     ``logprobs`` has one dict per generated token: the ``2 * beam_width`` most likely tokens and
     the chosen one. ``cum_logprob`` is the model's log-probability of the generated tokens (the
     sum over ``logprobs``' chosen entries); ``finish_reason`` and ``stop_reason`` are as in
-    ``CompletionOutput``."""
+    ``CompletionOutput``. ``orig_prompt`` is the prompt as vLLM's engine input holds it
+    (``ParsedPrompt.tokens_input``); the fields are in vLLM's order."""
 
+    orig_prompt: dict[str, Any]
     tokens: list[int]
     logprobs: SampleLogprobs
+    lora_request: None = None  # no adapters, as RequestOutput's
     cum_logprob: float = 0.0
     text: str | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    lora_request: None = None  # no adapters, as RequestOutput's
+
+    def get_prompt(self) -> dict[str, Any]:
+        """``orig_prompt`` with this sequence's ``tokens`` as its ``prompt_token_ids``: the input that
+        continues the sequence (vLLM's)."""
+        return {**self.orig_prompt, "prompt_token_ids": list(self.tokens)}
 
 
 @dataclass

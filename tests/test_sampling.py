@@ -616,12 +616,26 @@ def test_llm_beam_search_matches_hf(eos_model_dir, width, length_penalty):
             ends = [i for i, t in enumerate(expected) if i >= len(prompt) and t in (eos, EOS)]
             expected = expected[: ends[0] + 1] if ends else expected
             assert seq.tokens == expected and seq.finish_reason == ("stop" if ends else "length")
+            assert seq.orig_prompt == {"type": "token", "prompt_token_ids": prompt}  # vLLM's TokensInput
+            assert seq.get_prompt() == {"type": "token", "prompt_token_ids": expected}
             assert seq.text == llm.get_tokenizer().decode(expected, skip_special_tokens=True)
             assert len(seq.logprobs) == len(expected) - len(prompt)
             assert all(len(e) == min(2 * width, VOCAB_SIZE) and t in e for t, e in zip(expected[len(prompt):], seq.logprobs))
             if width > 1:
                 score = seq.cum_logprob / (len(expected) - len(prompt)) ** length_penalty
                 assert score == pytest.approx(ref.sequences_scores[row].item(), abs=1e-4)
+
+
+def test_beam_search_sequences_hold_their_prompt_as_vllms_orig_prompt(llm):
+    """vLLM's ``BeamSearchSequence.orig_prompt`` (found by a hunt: missing): the prompt's engine
+    input with its text and cache salt, in vLLM's field order; ``get_prompt`` continues the beam."""
+    [out] = llm.beam_search([{"prompt": "hello there", "cache_salt": "s1"}], BeamSearchParams(beam_width=2, max_tokens=3))
+    ids = llm.get_tokenizer()("hello there").input_ids
+    for seq in out.sequences:
+        assert seq.orig_prompt == {"type": "token", "prompt_token_ids": ids, "prompt": "hello there", "cache_salt": "s1"}
+        assert seq.get_prompt() == {**seq.orig_prompt, "prompt_token_ids": seq.tokens} and seq.tokens[:len(ids)] == ids
+    assert [f.name for f in dataclasses.fields(out.sequences[0])] == [
+        "orig_prompt", "tokens", "logprobs", "lora_request", "cum_logprob", "text", "finish_reason", "stop_reason"]
 
 
 def test_beam_search_checks_params_changed_after_construction_and_its_width(llm):
@@ -808,6 +822,24 @@ def test_bad_words_are_never_generated(llama_dir):
     assert banned_by_bad_words([[7], [1, 2, 3]], [9, 1, 2]) == {7, 3} and banned_by_bad_words([[1, 2, 3]], [2]) == set()
     with pytest.raises(ValueError, match="bad_words must be None or a list of non-blank strings"):
         SamplingParams(bad_words=[" "])
+
+
+def test_a_bad_word_the_tokenizer_drops_is_refused(llama_dir, tmp_path):
+    """A word the normalizer removes whole (a lone combining accent under an accent-stripping
+    normalizer) would ban nothing: refused naming bad_words before anything runs, as vLLM's
+    update_from_tokenizer refuses it (found by a hunt: accepted and ignored)."""
+    model = shutil.copytree(llama_dir, tmp_path / "model")
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"}]}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    llm = LLM(str(model), dtype="float32")
+    assert llm.get_tokenizer().encode("\u0301", add_special_tokens=False) == []
+    params = SamplingParams(temperature=0, max_tokens=2, bad_words=["ok", "\u0301"])
+    with pytest.raises(ValueError, match=r"bad_words entry '\u0301' tokenizes to no token.*could ban nothing"):
+        llm.generate(_ids(PROMPTS[:2]), params, use_tqdm=False)
+    [(index, error)] = [r for r in llm.generate_as_completed(_ids(PROMPTS[:1]), params, return_errors=True)]
+    assert index == 0 and error.field == "bad_words"
+    assert llm.generate(_ids(PROMPTS[:1]), params.clone(bad_words=["ok"]), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_allowed_token_ids_that_bans_cover_entirely_are_refused(llm):

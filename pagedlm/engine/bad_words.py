@@ -11,14 +11,23 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedlm.utils import FieldError
+
 
 def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, bad_words: Sequence[str]) -> list[list[int]]:
-    """The token sequences that spell each of ``bad_words``."""
+    """The token sequences that spell each of ``bad_words``.
+
+    Raises:
+        FieldError: ("bad_words") a word the tokenizer encodes as no token (its normalizer drops
+            it, e.g. a lone combining accent under an accent-stripping one), which would ban
+            nothing; vLLM's ``update_from_tokenizer`` refuses it too.
+    """
     sequences: list[list[int]] = []
     for word in bad_words:
         plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        if not plain:  # nothing the model could generate spells it
-            continue
+        if not plain:
+            raise FieldError(f"bad_words entry {word!r} tokenizes to no token (the tokenizer's normalizer drops it), "
+                             "so it could ban nothing; every entry must tokenize to at least one token", "bad_words")
         sequences.append(plain)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):

@@ -270,10 +270,14 @@ class LLMEngine:
             if k is not None and max_logprobs not in (None, -1) and (vocab_size if k == -1 else k) > max_logprobs:
                 return FieldError(f"{name} ({'-1, the vocabulary' if k == -1 else k}) exceeds max_logprobs "
                                   f"({max_logprobs}), the LLM's limit (LLM(max_logprobs=...); pagedlm run: --max-logprobs)", name)
+        try:
+            bad_words = bad_words_token_ids(self.tokenizer, params.bad_words or ())
+        except FieldError as error:
+            return error
         # Banned at some step whatever came before: one-token bad words always, stop tokens until min_tokens.
         stops = self.stop_checker.all_stop_token_ids(params) if params.min_tokens else set()
         if params.allowed_token_ids or len(params.bad_words or ()) + len(stops) >= vocab_size:
-            banned = {ids[0] for ids in bad_words_token_ids(self.tokenizer, params.bad_words or ()) if len(ids) == 1}
+            banned = {ids[0] for ids in bad_words if len(ids) == 1}
             banned |= stops
             why = ("banned at some step (one-token bad_words, or stop tokens while min_tokens holds): nothing could be "
                    "sampled there")

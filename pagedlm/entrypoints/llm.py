@@ -404,15 +404,17 @@ class LLM:
             raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
         sampling_params = params.sampling_params(self.llm_engine.vocab_size)
         _check_flags(use_tqdm)
-        outputs = self._run(self._checked(prompts, [sampling_params] * len(prompts)), use_tqdm, concurrency_limit)
+        requests = self._checked(prompts, [sampling_params] * len(prompts))
+        outputs = self._run(requests, use_tqdm, concurrency_limit)
         decode = functools.partial(self.get_tokenizer().decode, skip_special_tokens=params.skip_special_tokens)
         return [
             BeamSearchOutput([
-                BeamSearchSequence(tokens, c.logprobs, c.cumulative_logprob, decode(tokens), c.finish_reason, c.stop_reason)
+                BeamSearchSequence(request.prompt.tokens_input(), tokens, c.logprobs, None, c.cumulative_logprob,
+                                   decode(tokens), c.finish_reason, c.stop_reason)
                 for c in out.outputs
                 for tokens in [out.prompt_token_ids + c.token_ids]
             ])
-            for out in outputs
+            for request, out in zip(requests, outputs)
         ]
 
     def chat(
