@@ -1343,6 +1343,38 @@ def test_a_close_from_another_thread_waits_for_the_step_then_the_call_finds_it_c
     assert len(calls) <= before + 2, (before, len(calls))  # the step's other sequence, then no step
 
 
+def test_reset_prefix_cache_from_another_thread_waits_for_the_step(llama_dir):
+    """Noticed in a review: reset_prefix_cache took no lock, so another thread's reset rewrote the
+    block manager's hash tables while a step was admitting sequences through them. From inside a
+    step (a logits processor) it would wait for itself: refused."""
+    import threading
+
+    llm = LLM(llama_dir, dtype="float32", enable_prefix_caching=True)
+    stepping, reset_done, during_step, inside = threading.Event(), threading.Event(), [], []
+
+    def watch(ids, logits):
+        if not stepping.is_set():
+            stepping.set()
+            during_step.append(reset_done.wait(0.5))  # the reset, if it does not wait for this step
+            try:
+                llm.reset_prefix_cache()
+            except RuntimeError as exc:
+                inside.append(str(exc))
+        return logits
+
+    def reset():
+        assert stepping.wait(60)
+        llm.reset_prefix_cache()
+        reset_done.set()
+
+    thread = threading.Thread(target=reset)
+    thread.start()
+    llm.generate([[BOS, 5, 6]], SamplingParams(max_tokens=3, logits_processors=[watch]), use_tqdm=False)
+    thread.join(60)
+    assert reset_done.is_set() and during_step == [False]
+    assert len(inside) == 1 and "reset_prefix_cache was called from inside a step" in inside[0]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_close_returns_cuda_memory(llama_dir):

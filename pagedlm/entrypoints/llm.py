@@ -800,8 +800,15 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prompt prefix; later requests compute their prompts afresh. Returns
         True (vLLM's: whether it was reset; pagedlm's always is, blocks in use staying where they are).
-        vLLM 0.32's ``reset_running_requests`` and ``reset_connector`` arguments are not taken."""
-        return self.llm_engine.reset_prefix_cache()
+        vLLM 0.32's ``reset_running_requests`` and ``reset_connector`` arguments are not taken.
+        Called from another thread during a step, it waits for the step to end.
+
+        Raises:
+            RuntimeError: the LLM is closed, or the call comes from inside one of its steps (a
+                logits processor).
+        """
+        self._refuse_inside_a_step("reset_prefix_cache")
+        return self._engine_call(lambda engine: engine.reset_prefix_cache())
 
     def get_stats(self) -> dict[str, int | float]:
         """KV-cache use, as a dict: ``num_kv_blocks`` and ``num_free_kv_blocks`` (blocks now),
