@@ -290,7 +290,8 @@ class StructuredOutputsParams(_FieldsOnly):
         if self.structural_tag is not None:
             raise FieldError("structured_outputs.structural_tag must be None: structural tags are not supported; "
                              "use json, regex, choice, grammar or json_object.", "structured_outputs")
-        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
+        # Set is not None, as vLLM counts them: a False or 0 beside another kind was compiled as itself.
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
             raise FieldError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
                              f"got {', '.join(given) or 'none'}.", "structured_outputs")
@@ -317,9 +318,10 @@ class StructuredOutputsParams(_FieldsOnly):
             self.choice = list(value)
         for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
             setattr(self, name, _check_bool(f"structured_outputs.{name}", getattr(self, name)))
-        if self.disable_any_whitespace and kind not in ("json", "json_object"):
-            raise FieldError(f"structured_outputs.disable_any_whitespace applies to json and json_object only, not {kind}.",
-                             "structured_outputs")
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if getattr(self, name) and kind not in ("json", "json_object"):
+                raise FieldError(f"structured_outputs.{name} applies to json and json_object only, not {kind}.",
+                                 "structured_outputs")
 
     @property
     def key(self) -> tuple[str, str, bool]:

@@ -154,6 +154,14 @@ def test_bad_constraints_are_refused_before_any_work(llm):
         SO(regex="a", choice=["b"])
     with pytest.raises(ValueError, match="exactly one of"):
         SO()
+    # Found by a hunt: False or 0 beside another kind passed the check and was compiled as its kind
+    # (a choice ran as the "regex" False); set is not None, as vLLM counts constraints.
+    for unset in ({"regex": False}, {"json": False}, {"json_object": False}, {"json_object": 0}, {"grammar": ""}):
+        kinds = sorted([next(iter(unset)), "choice"], key=["json", "regex", "choice", "grammar", "json_object"].index)
+        with pytest.raises(ValueError, match=f"exactly one of .*; got {', '.join(kinds)}"):
+            SO(**unset, choice=["yes", "no"])
+    with pytest.raises(ValueError, match="structured_outputs.json_object must be True, got False"):
+        SO(json_object=False)
     with pytest.raises(ValueError, match="unknown field"):
         SamplingParams(structured_outputs={"regexp": "a"})
     bad = [SamplingParams(structured_outputs=SO(regex="(")), SamplingParams(max_tokens=2),
@@ -391,6 +399,10 @@ def test_disable_any_whitespace_gives_compact_json(llm, llama_dir):
     assert not any(re.search(r"\s", s) for s in skeletons(engine_wide, False, SO(json_object=True)))
     with pytest.raises(ValueError, match="disable_any_whitespace applies to json and json_object only"):
         SO(regex="a+", disable_any_whitespace=True)
+    # Found by a hunt: accepted with a regex and ignored.
+    with pytest.raises(ValueError, match="disable_additional_properties applies to json and json_object only, not choice"):
+        SO(choice=["a"], disable_additional_properties=True)
+    assert SO(json={"type": "object"}, disable_additional_properties=True).disable_additional_properties
 
 
 _CAT_OR_DOG = {
@@ -558,11 +570,40 @@ def test_special_tokens_are_never_text_under_a_constraint(llm):
         assert "json" in constraint or out.finish_reason == "stop", (constraint, out)
 
 
-def _accepts(llm, constraint: dict, text: str) -> bool:
+def _accepts(llm, constraint: dict, text: str | bytes) -> bool:
     """Whether the compiled constraint takes ``text`` and then may end."""
-    manager = llm.llm_engine._structured_outputs
+    manager = llm.llm_engine.structured_outputs
     matcher = xgr.GrammarMatcher(manager.compile(SO(**constraint)))
     return matcher.accept_string(text) and matcher.accept_token(llm.get_tokenizer().eos_token_id) and matcher.is_terminated()
+
+
+def _quoted(text: bytes) -> bytes:
+    return b'"' + text + b'"'
+
+
+def _key(text: bytes) -> bytes:
+    return b'{"' + text + b'":1}'
+
+
+@pytest.mark.parametrize("constraint, wrap", [
+    ({"regex": "."}, bytes), ({"regex": "[^a]"}, bytes), ({"regex": r"\S"}, bytes), ({"regex": r"[\s\S]"}, bytes),
+    ({"regex": "[\u0000-\uffff]"}, bytes), ({"regex": "[é-中]"}, bytes),
+    ({"json": {"type": "string"}}, _quoted), ({"json": {"type": "string", "maxLength": 3}}, _quoted),
+    ({"json": {"type": "string", "pattern": "^.$"}}, _quoted), ({"json": {"type": "string", "pattern": "^[^a]$"}}, _quoted),
+    ({"json": {"type": "string", "pattern": r"^\W$"}}, _quoted), ({"json": {"type": "string", "pattern": "^[é-中]$"}}, _quoted),
+    ({"json_object": True}, _key), ({"json": {"type": "object", "additionalProperties": {"type": "integer"}}}, _key),
+    ({"grammar": "root ::= [^a]"}, bytes), ({"grammar": 'root ::= Regex("[^a]")'}, bytes),
+    ({"grammar": 'root ::= Regex("[é-中]")'}, bytes), ({"grammar": "start: /./"}, bytes),
+])
+def test_no_constraint_takes_bytes_that_are_not_utf8(llm, constraint, wrap):
+    """Found by a hunt: xgrammar's open classes took an encoded surrogate (ED A0 80), and its state
+    machine (JSON patterns, EBNF Regex()) overlong sequences where a class spans UTF-8 lengths, so
+    a constrained output could be "\ufffd\ufffd\ufffd", outside its own regex; vLLM 0.32 passes the
+    same specs to xgrammar as they are. Valid characters of each length still pass."""
+    for valid in ("é", "中"):
+        assert _accepts(llm, constraint, wrap(valid.encode())), valid
+    for invalid in (b"\xed\xa0\x80", b"\xe0\x9c\xac", b"\xf0\x8f\xbf\xbf"):
+        assert not _accepts(llm, constraint, wrap(invalid)), invalid
 
 
 @pytest.mark.parametrize("pattern, value", [('^"[a-c]{1,3}"$', '"ab"'), (r"^C:\\[a-z]+$", "C:\\dir"),

@@ -137,7 +137,8 @@ class StructuredOutputManager:
             elif kind == "grammar":
                 compiled = self._compiler.compile_grammar(xgrammar_regex.check_grammar(spec, lark=False))
             else:  # a JSON object, as OpenAI's json_object promises (the builtin grammar allows arrays too)
-                compiled = self._compiler.compile_json_schema('{"type": "object"}', **_whitespace(compact))
+                compiled = self._compiler.compile_grammar(_json_grammar_text(_json_grammar(self._xgr, {"type": "object"},
+                                                                                           compact)))
         except Exception as exc:  # xgrammar raises RuntimeError / its own errors for bad input
             read_as = ""
             if kind == "grammar":
@@ -538,7 +539,8 @@ def _json_grammar_text(grammar: Any) -> str:
     characters as ``\\xHH`` and then reads ``\\x`` on into a next hex digit ("année" as
     "ann\\u0e9e": found by a hunt): they are written ``\\u00HH``, which it reads as four digits."""
     text = _HEX_ESCAPE.sub(lambda m: m.group(0) if m.group(2) is None else "\\u00" + m.group(2), str(grammar))
-    return text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER)
+    # Its other negated classes (unbounded strings', property names') without surrogates, too.
+    return xgrammar_regex.check_grammar(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER), lark=False)
 
 
 # JSON Schema's types but "integer" (a number); a schema without "type" allows them all.

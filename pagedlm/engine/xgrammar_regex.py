@@ -199,6 +199,10 @@ class _Parser:
         while self.peek() != "]":
             if not self.peek():
                 raise self.error("missing ]")
+            if self.s.startswith(_SURROGATES, self.i):  # as this module writes it (a pattern read back): none
+                self.i += len(_SURROGATES)
+                cls.rewritten = True
+                continue
             item = self.class_member(cls)
             if isinstance(item, _Char) and self.peek() == "-" and self.peek(1) not in ("]", ""):
                 self.i += 1
@@ -211,6 +215,8 @@ class _Parser:
             elif isinstance(item, _Char) and item.char == "-" and cls.items and isinstance(cls.items[-1], str):
                 cls.rewritten = True  # ECMAScript's literal "-" after \w: xgrammar drops it (the rebuild escapes it)
             cls.items.append(item)
+        if not cls.items and not cls.negated:
+            raise self.error("the class holds only surrogates, which no UTF-8 text holds")
         self.i += 1
         cls.text = self.s[start:self.i]
         return cls
@@ -269,10 +275,40 @@ _NOT_JSON_SPECIAL = '"\\\\\\u0000-\\u001f'
 # Python's whitespace (a Lark terminal's \s), as class members xgrammar reads alike wherever they stand.
 _PYTHON_SPACE = "\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 _CLASS_SHORTHANDS = frozenset(("\\d", "\\w", "\\s", "\\D", "\\W", "\\S"))
-# ECMAScript's "." matches no line terminator (xgrammar's matches every character).
-_DOT = "[^\\n\\r\\u2028\\u2029]"
-_NARROWED = {".": f"[^\\u2028\\u2029{_NOT_JSON_SPECIAL}]", "\\S": f"[^\\s{_NOT_JSON_SPECIAL}]", "\\W": f"[^\\w{_NOT_JSON_SPECIAL}]",
-             "\\D": f"[^\\d{_NOT_JSON_SPECIAL}]", "\\s": f"[^\\S{_NOT_JSON_SPECIAL}]"}
+# xgrammar's open classes (negated ones, ".", \\S, \\W, \\D, a range over U+D800-U+DFFF) let an
+# encoded surrogate (ED A0 80 ...) through, which is no UTF-8 (found by a hunt: a regex "." gave
+# "\\ufffd\\ufffd\\ufffd"); every class this module writes leaves them out. Its state machine (a JSON
+# pattern's, an EBNF Regex()'s; ``fsm``) also takes overlong sequences (E0 9C AC, F0 8F BF BF) for a
+# class whose code points span UTF-8 lengths, and none for one within a length (measured, xgrammar
+# 0.2.9): there a class is written as one class per length (``_LENGTHS``).
+_SURROGATES = "\\ud800-\\udfff"
+# Per UTF-8 length (1-4 bytes), the code points it holds and the class members of all the others.
+_LENGTHS = ((0x0, 0x7F), (0x80, 0x7FF), (0x800, 0xFFFF), (0x10000, 0x10FFFF))
+_OTHER_LENGTHS = (f"\\u0080-\\uffff{chr(0x10000)}-{chr(0x10FFFF)}",
+                  f"\\u0000-\\u007f\\u0800-\\uffff{chr(0x10000)}-{chr(0x10FFFF)}",
+                  f"\\u0000-\\u07ff{_SURROGATES}{chr(0x10000)}-{chr(0x10FFFF)}",
+                  "\\u0000-\\uffff")
+# What the open atoms leave out, as a negated class's members: ECMAScript's "." no line terminator
+# (xgrammar's matches every character); in a JSON string's text, none of what JSON escapes either.
+_DOT = "\\n\\r\\u2028\\u2029"
+_OPEN = {"\\S": "\\s", "\\W": "\\w", "\\D": "\\d"}
+_NARROWED = {".": f"\\u2028\\u2029{_NOT_JSON_SPECIAL}", **{k: v + _NOT_JSON_SPECIAL for k, v in _OPEN.items()}}
+_JSON_SPACE = f"[^\\S{_NOT_JSON_SPECIAL}]"  # \\s in a JSON string's text: its raw whitespace, one UTF-8 length each
+
+
+def _negated(members: str, fsm: bool) -> str:
+    """The class of every character but ``members`` and the surrogates; for the state machine
+    (``fsm``), as one class per UTF-8 length."""
+    if not fsm:
+        return f"[^{members}{_SURROGATES}]"
+    return f"(?:{'|'.join(f'[^{members}{others}]' for others in _OTHER_LENGTHS)})"
+
+
+def _open_atom(atom: str, json_string: bool, fsm: bool) -> str:
+    """``.``, ``\\S``, ``\\W`` or ``\\D`` outside a class (``\\s`` too in a JSON string's text)."""
+    if json_string:
+        return _JSON_SPACE if atom == "\\s" else _negated(_NARROWED[atom], fsm)
+    return _negated(_DOT if atom == "." else _OPEN[atom], fsm)
 
 
 def _emit_char(ch: _Char, json_string: bool) -> str:
@@ -308,12 +344,13 @@ def _python_shorthand(item: str) -> str:
     return _PYTHON_SPACE if item == "\\s" else item
 
 
-def _emit_class(cls: _Class, json_string: bool, python: bool = False) -> str:
+def _emit_class(cls: _Class, json_string: bool, python: bool = False, fsm: bool = False) -> str:
     """The class as xgrammar reads it: as written where it can be; else rebuilt from its members,
     none of them a caret first (xgrammar reads a class that begins with one, escaped or
     ``\\u005e``, as negated), and those that end in a control character last (``_ends_in_control``).
     In a JSON string's text, a positive class's characters that JSON escapes become branches of
-    their escapes, and an open one (negated, ``\\S``, ...) leaves them out."""
+    their escapes, and an open one (negated, ``\\S``, ...) leaves them out. No class takes a
+    surrogate, and for the state machine (``fsm``) none spans UTF-8 lengths (see ``_SURROGATES``)."""
     head = cls.items[0] if cls.items else None
     caret_first = isinstance(head, _Char) and head.char == "^" or isinstance(head, tuple) and head[0].char == "^"
     items = sorted(cls.items, key=_ends_in_control)  # stable: the others in their order, then those
@@ -324,31 +361,51 @@ def _emit_class(cls: _Class, json_string: bool, python: bool = False) -> str:
                          "write the class out")
     # Python's reading of each shorthand: refuses \S, \W and \D, and rewrites \s.
     shorthands = python and any(isinstance(item, str) and item != _python_shorthand(item) for item in items)
-    if not json_string and not caret_first and not cls.rewritten and items == cls.items and not shorthands:
+    opens = any(item in _OPEN for item in items if isinstance(item, str))
+    spans = any(ord(item[0].char) <= 0xDFFF and ord(item[1].char) >= 0xD800 or
+                fsm and any(lo <= ord(item[0].char) <= hi < ord(item[1].char) for lo, hi in _LENGTHS)
+                for item in items if isinstance(item, tuple))
+    if (not json_string and not caret_first and not cls.rewritten and items == cls.items and not shorthands
+            and not cls.negated and not opens and not spans):
         return cls.text
     escaping = json_string and not cls.negated
     members: list[str] = []
+    longer: list[list[str]] = [[], [], []]  # for the state machine, a positive class's members of 2-4 UTF-8 bytes
     branches: list[str] = []  # beside the class: JSON escapes, open shorthands narrowed
     for item in items:
         if isinstance(item, str):  # \d \w \s \D \W \S
-            if escaping and item in _NARROWED:
-                branches.append(_NARROWED[item])
+            if python:
+                members.append(_python_shorthand(item))
+            elif not cls.negated and (item in _OPEN or escaping and item == "\\s"):
+                branches.append(_open_atom(item, json_string, fsm))
             else:
-                members.append(_python_shorthand(item) if python else item)
+                members.append(item)
         elif isinstance(item, tuple):
             lo, hi = ord(item[0].char), ord(item[1].char)
             # The characters JSON escapes are all at or below "\\" (U+005C).
             special = [c for c in range(lo, min(hi, 0x5C) + 1) if _json_special(chr(c))] if escaping else []
             branches += [_json_escaped(chr(c)) for c in special]
             bounds = [lo - 1, *special, hi + 1]
-            members += [_code_text(a + 1) if a + 2 == b else f"{_code_text(a + 1)}-{_code_text(b - 1)}"
-                        for a, b in zip(bounds, bounds[1:]) if a + 2 <= b]
+            # (first, last) runs: JSON's escaped characters and the surrogates left out, and for the
+            # state machine a positive class's runs cut where the UTF-8 length changes.
+            runs = [(a + 1, b - 1) for a, b in zip(bounds, bounds[1:]) if a + 2 <= b]
+            runs = [part for a, b in runs for part in ((a, min(b, 0xD7FF)), (max(a, 0xE000), b)) if part[0] <= part[1]]
+            cuts = _LENGTHS if fsm and not cls.negated else ((0, 0x10FFFF),)
+            for a, b in runs:
+                for k, (first, last) in enumerate(cuts):
+                    a_k, b_k = max(a, first), min(b, last)
+                    if a_k <= b_k:
+                        (longer[k - 1] if k else members).append(
+                            _code_text(a_k) if a_k == b_k else f"{_code_text(a_k)}-{_code_text(b_k)}")
         elif escaping and _json_special(item.char):
             branches.append(_json_escaped(item.char))
+        elif fsm and not cls.negated and ord(item.char) > 0x7F:
+            longer[_utf8_length(ord(item.char)) - 2].append(_class_text(item))
         else:
             members.append(_class_text(item))
     if json_string and cls.negated:
         members.append(_NOT_JSON_SPECIAL)
+    branches += [f"[{''.join(run)}]" for run in longer if run]
     safe = next((k for k, m in enumerate(members) if not m.startswith(("\\^", "\\u005e"))), None)
     if safe is not None:
         members.insert(0, members.pop(safe))
@@ -357,20 +414,24 @@ def _emit_class(cls: _Class, json_string: bool, python: bool = False) -> str:
         branches.insert(0, "\\^")
     if not members and not cls.negated:
         return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
-    text = f"[{'^' if cls.negated else ''}{''.join(members)}]"
+    text = _negated("".join(members), fsm) if cls.negated else f"[{''.join(members)}]"
     return f"(?:{'|'.join([text, *branches])})" if branches else text
 
 
-def _emit(alternatives: list, json_string: bool, python: bool = False) -> str:
+def _utf8_length(code: int) -> int:
+    return next(k for k, (_, last) in enumerate(_LENGTHS, start=1) if code <= last)
+
+
+def _emit(alternatives: list, json_string: bool, python: bool = False, fsm: bool = False) -> str:
     out = []
     for alt in alternatives:
         parts = []
         for node in alt:
             atom = node.atom
             if isinstance(atom, _Group):
-                text = atom.open + _emit(atom.alternatives, json_string, python) + ")"
+                text = atom.open + _emit(atom.alternatives, json_string, python, fsm) + ")"
             elif isinstance(atom, _Class):
-                text = _emit_class(atom, json_string, python)
+                text = _emit_class(atom, json_string, python, fsm)
             elif isinstance(atom, _Char):
                 text = _emit_char(atom, json_string)
                 if node.quantifier and len(text) > 1 and not text.startswith("(?:") and text != atom.text:
@@ -378,26 +439,31 @@ def _emit(alternatives: list, json_string: bool, python: bool = False) -> str:
             elif python and atom in _CLASS_SHORTHANDS:
                 text = _python_shorthand(atom)
                 text = f"[{text}]" if text == _PYTHON_SPACE else text
+            elif atom == "." or atom in _OPEN or json_string and atom == "\\s":
+                text = _open_atom(atom, json_string, fsm)
             else:
-                text = _NARROWED.get(atom, atom) if json_string else _DOT if atom == "." else atom
+                text = atom
             parts.append(text + node.quantifier)
         out.append("".join(parts))
     return "|".join(out)
 
 
-def check(regex: str, json_string: bool = False, python: bool = False) -> str:
+def check(regex: str, json_string: bool = False, python: bool = False, fsm: bool = False) -> str:
     """``regex`` as xgrammar enforces it exactly, or a ``RegexError`` (a ``ValueError``) saying what
     it would not enforce. With ``json_string`` (a JSON schema's ``pattern``, over the string's
     value) the result matches the string's JSON text: a character JSON escapes (``"``, ``\\``,
     control characters) is matched as its escape sequences, and classes that are not spelled out
-    (``.``, ``\\S``, ``[^a]``) leave those characters out."""
+    (``.``, ``\\S``, ``[^a]``) leave those characters out. ``fsm``: the regex is an EBNF
+    ``Regex()``'s, which xgrammar runs on its state machine (as it does some JSON patterns, which
+    ``check_grammar`` then reads in its printed grammar). No class of the result takes a surrogate,
+    nor, with ``fsm``, an overlong sequence (``_SURROGATES``)."""
     parser = _Parser(regex)
     try:
         alternatives = parser.alternatives()
         if parser.i < len(regex):
             raise parser.error("unbalanced )")
         _check_anchors(alternatives, True, True)
-        return _emit(alternatives, json_string, python)
+        return _emit(alternatives, json_string, python, fsm)
     except RecursionError:
         raise RegexError("groups nested too deeply") from None
 
@@ -407,20 +473,22 @@ def check_grammar(grammar: str, lark: bool) -> str:
     returns it, or a ``RegexError`` naming the first one xgrammar would not enforce as written: a
     Lark terminal ``/.../flags`` (a Python regex, so ``python``; found by a hunt: xgrammar read
     ``/[\\^a]/`` as ``[^a]`` and ``/\\x41b/`` as U+041B), an EBNF ``Regex("...")`` (ECMAScript's,
-    its string JSON's)."""
+    its string JSON's; xgrammar's printed JSON patterns, ``Regex("...", json_string=true)``, too),
+    and each negated EBNF class without surrogates (``_SURROGATES``)."""
     out, i = [], 0
     while i < len(grammar):
         c = grammar[i]
         if c == '"':  # a string literal, its escapes included
             end = _string_end(grammar, i, '"')
-            if not lark and _after_regex_call(grammar, i) and _CALL_END.match(grammar, end):
-                out.append(json.dumps(_checked(grammar, i, end), ensure_ascii=False))
+            printed = bool(_PATTERN_CALL_END.match(grammar, end))
+            if not lark and _after_regex_call(grammar, i) and (printed or _CALL_END.match(grammar, end)):
+                out.append(json.dumps(_checked(grammar, i, end, printed), ensure_ascii=False))
             else:
                 out.append(grammar[i:end])
             i = end
         elif not lark and c == "[":  # an EBNF character class, which may hold a quote
             end = _string_end(grammar, i, "]")
-            out.append(grammar[i:end])
+            out.append(_without_surrogates(grammar[i:end]))
             i = end
         elif grammar.startswith("//" if lark else "#", i):  # a comment, to the end of its line
             end = grammar.find("\n", i)
@@ -446,6 +514,17 @@ def check_grammar(grammar: str, lark: bool) -> str:
 
 
 _CALL_END = re.compile(r"\s*\)")
+# A JSON pattern's Regex() call as xgrammar prints it, its string in xgrammar's escapes (\? for ?).
+_PATTERN_CALL_END = re.compile(r", json_string=true\)")
+_PRINTED_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.DOTALL)
+_STRING_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
+
+
+def _without_surrogates(ebnf_class: str) -> str:
+    """An EBNF character class, negated ones with the surrogates left out (``_SURROGATES``)."""
+    if not ebnf_class.startswith("[^") or ebnf_class.endswith(f"{_SURROGATES}]"):
+        return ebnf_class
+    return f"{ebnf_class[:-1]}{_SURROGATES}]"
 
 
 def _after_regex_call(grammar: str, i: int) -> bool:
@@ -466,14 +545,25 @@ def _string_end(text: str, start: int, close: str) -> int:
     return i + 1
 
 
-def _checked(grammar: str, start: int, end: int) -> str:
-    """The EBNF ``Regex("...")`` argument at ``grammar[start:end]``, checked (``check``)."""
+def _checked(grammar: str, start: int, end: int, printed: bool = False) -> str:
+    """The EBNF ``Regex("...")`` argument at ``grammar[start:end]``, checked (``check``);
+    ``printed``: a JSON pattern's in xgrammar's printed grammar, its string in xgrammar's escapes."""
     literal = grammar[start:end]
+    if printed:
+        regex = _PRINTED_ESCAPE.sub(lambda m: _printed_char(m.group(1)), literal[1:-1])
+    else:
+        try:
+            regex = json.loads(literal)
+        except ValueError:
+            raise RegexError(f"Regex({literal}): write its string as JSON does (\\\\, \\\", \\uHHHH)") from None
     try:
-        regex = json.loads(literal)
-    except ValueError:
-        raise RegexError(f"Regex({literal}): write its string as JSON does (\\\\, \\\", \\uHHHH)") from None
-    try:
-        return check(regex)
+        return check(regex, fsm=True)
     except RegexError as exc:
         raise RegexError(f"Regex({literal}): {exc}") from None
+
+
+def _printed_char(escape: str) -> str:
+    """The character of an escape in xgrammar's printed strings (without its backslash)."""
+    if len(escape) > 1:
+        return chr(int(escape[1:], 16))
+    return _STRING_ESCAPES.get(escape, escape)
