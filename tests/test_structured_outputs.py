@@ -149,6 +149,16 @@ def test_preemption_under_a_tight_cache_keeps_the_constraint(llama_dir):
         assert (re.fullmatch(regex, c.text) if c.finish_reason == "stop" else re.fullmatch(r"([a-d]{0,3} ?)*", c.text)), c.text
 
 
+def test_constraints_over_a_wordpiece_tokenizer_are_refused(wordpiece_llama_dir):
+    """Found by a hunt: WordPiece's decoder puts a space before each word, which xgrammar does not
+    see, so a choice ended "stop" outside its list and a regex aborted; refused naming the field."""
+    llm = LLM(wordpiece_llama_dir, dtype="float32", max_model_len=128)
+    params = SamplingParams(max_tokens=4, structured_outputs=SO(choice=["cat", "dog"]))
+    [(index, error)] = list(llm.generate_as_completed(["a b"], params, return_errors=True))
+    assert error.field == "structured_outputs" and "WordPiece decoder puts spaces" in str(error)
+    assert llm.generate(["a b"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_bad_constraints_are_refused_before_any_work(llm):
     with pytest.raises(ValueError, match="exactly one of"):
         SO(regex="a", choice=["b"])

@@ -291,6 +291,8 @@ class LLMEngine:
         if params.use_beam_search and params.stop:
             return FieldError("stop strings are not supported with use_beam_search", "stop")
         if params.structured_outputs is not None:
+            if self.structured_outputs.tokenizer_problem:
+                return FieldError(self.structured_outputs.tokenizer_problem, "structured_outputs")
             if isinstance(self.reasoning_gate_parser, ValueError):
                 return FieldError(f"structured_outputs: {self.reasoning_gate_parser}, so it cannot wait for the end of "
                                   f"the reasoning ({_IN_REASONING} holds it from the first token)", "structured_outputs")

@@ -72,6 +72,7 @@ class StructuredOutputManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedlm-grammar")
         self.bitmask_width = (vocab_size + 31) // 32
         self.compile_seconds = 0.0
+        self.tokenizer_problem = _tokenizer_problem(tokenizer)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar of ``params`` (compiled on first use, waiting for it).
@@ -222,6 +223,17 @@ def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: l
             encoded[i] = token
     return xgr.TokenizerInfo(encoded, info.vocab_type, vocab_size=vocab_size, stop_token_ids=stop_token_ids,
                              add_prefix_space=info.add_prefix_space)
+
+
+def _tokenizer_problem(tokenizer: Any) -> str | None:
+    """Why no constraint can hold over ``tokenizer``'s text, or None: a WordPiece decoder puts a
+    space before each word's first token, which xgrammar (matching the tokens' own texts, as vLLM's
+    backend does) does not see, so a choice ended "stop" outside its list (found by a hunt)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "WordPiece":
+        return ("structured_outputs cannot hold over this tokenizer's text: its WordPiece decoder puts spaces "
+                "between words that the tokens xgrammar matches do not hold")
+    return None
 
 
 def _allowed_and_ids(bitmask: torch.Tensor, token_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
