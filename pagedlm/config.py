@@ -33,11 +33,17 @@ CPU_KV_CACHE_RAM_SHARE = 0.2
 GPU_MEMORY_UTILIZATION = 0.9
 
 
+def check_device_name(device: object) -> None:
+    """Raises: ValueError: ``device`` is none of 'auto', 'cpu', 'cuda', 'cuda:N' (whatever this
+    machine has: for a job whose engines start on other machines)."""
+    if device != "auto" and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
+
+
 def resolve_device(device: str) -> torch.device:
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}, but this torch sees no CUDA device (a CPU-only build, or no GPU).")

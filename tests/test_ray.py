@@ -8,6 +8,7 @@ import ray
 
 from conftest import BOS
 from pagedlm.entrypoints.cli import run_main
+from pagedlm.entrypoints.jobs import ray_job
 from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
 from pagedlm.integrations.ray import PagedLMProcessorConfig, build_processor
 
@@ -365,7 +366,6 @@ def test_local_paths_reach_the_actors_absolute(llama_dir, tmp_path, monkeypatch)
     """A hunt: the workers of a cluster that `ray start` began open paths from their own working
     directory: a relative --input failed Ray's read, a relative --output lost every row at the write,
     a relative --chat-template file killed every actor. The driver makes them absolute."""
-    from pagedlm.entrypoints.jobs import ray_job
     from pagedlm.entrypoints.jobs.runner import JobConfig
 
     monkeypatch.chdir(tmp_path)
@@ -387,6 +387,21 @@ def test_processor_config_checks_engine_values_against_the_default_model_too():
     PagedLMProcessorConfig(engine_kwargs={"enforce_eager": True})  # vLLM's arguments at their honoured values
 
 
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda0", 0])
+def test_processor_config_refuses_a_device_no_machine_has(llama_dir, tmp_path, device):
+    """Found by a hunt: a device name no machine has was left to the actors, which all died; the
+    CLI had written the job's record by then, so a corrected rerun was refused. Whether the actors'
+    machines have a valid device is theirs to say."""
+    with pytest.raises(ValueError, match=r"engine_kwargs: device must be 'auto', 'cpu' or 'cuda\[:N\]'"):
+        PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs={"device": device})
+    (tmp_path / "in.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(ValueError, match="engine_kwargs: device must be"):
+        ray_job.run_ray_job(JobConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), model=llama_dir,
+                                      engine={"device": device}))
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+    assert PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs={"device": "cuda:3"})  # maybe there
+
+
 def test_processor_config_does_not_download_the_default_model(tmp_path, monkeypatch):
     """Found by a review: a driver that runs no inference (and may be offline) fetched it to check values."""
     import pagedlm.transformers_utils.gguf as gguf
@@ -404,6 +419,19 @@ def test_preprocess_and_postprocess_as_ray_data_llm(local_cluster, llama_dir):
                                 postprocess=lambda row: {"n": row["id"], "answer": row["outputs"][0]["text"]})
     rows = processor(ray.data.from_items([{"n": 1}, {"n": 2}])).take_all()
     assert sorted(r["n"] for r in rows) == [1, 2] and all(isinstance(r["answer"], str) for r in rows)
+    # Found by a hunt: preprocess replaced the row (Ray Data LLM merges its output: the input's
+    # columns reach postprocess), and postprocess ran on error rows (Ray Data LLM's pass it by),
+    # where outputs[0] failed the whole dataset. The input's prompt of another kind gives way.
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"id": row["n"], "prompt_token_ids": [BOS, 5, len(row["prompt"])],
+                                "sampling_params": {"temperature": row["t"]}},
+        postprocess=lambda row: {"n": row["id"], "user": row["user"], "answer": row["outputs"][0]["text"]})
+    rows = processor(ray.data.from_items([{"n": 1, "user": "ann", "prompt": "Hi", "t": 0.0},
+                                          {"n": 2, "user": "bob", "prompt": "Yo", "t": -1.0}])).take_all()
+    good, bad = sorted(rows, key=lambda r: r.get("n", r.get("id")))
+    assert good["user"] == "ann" and isinstance(good["answer"], str)
+    assert bad["id"] == 2 and bad["user"] == "bob" and "temperature" in bad["error"] and bad["outputs"] is None
 
 
 def test_a_row_whose_parsing_raises_anything_fails_alone_on_an_actor_too(llama_dir, monkeypatch):

@@ -17,6 +17,7 @@ run gets its ``error`` and never fails the dataset (Ray Data LLM's ``should_cont
 always on). Needs ``pip install 'pagedlm[ray]'``.
 """
 
+import functools
 import inspect
 import logging
 import math
@@ -33,10 +34,10 @@ if TYPE_CHECKING:
 from pagedlm.entrypoints.jobs.files import UnreadValue, as_text, batch_rows, id_text, loads_row, rows_to_table, to_json
 from pagedlm.engine.arg_utils import VLLM_NO_OP_ARGS
 from pagedlm.entrypoints.llm import LLM, check_engine_args
-from pagedlm.config import GPU_MEMORY_UTILIZATION
+from pagedlm.config import GPU_MEMORY_UTILIZATION, check_device_name
 from pagedlm.transformers_utils.gguf import default_model_path
 from pagedlm.transformers_utils.hub import is_hub_model_id
-from pagedlm.entrypoints.jobs.plain_rows import RESULT_COLUMNS, PlainFormat, output_schema
+from pagedlm.entrypoints.jobs.plain_rows import PROMPT_COLUMNS, RESULT_COLUMNS, PlainFormat, output_schema
 from pagedlm.entrypoints.jobs.rows import (
     JOB_MAX_LOGPROBS, RowError, check_thinking_budget, engine_has_reasoning, field_error, parse_row, sampling_defaults,
     sampling_params_from, unwritable_row,
@@ -139,6 +140,11 @@ class PagedLMProcessorConfig:
         # Likewise the engine's local paths (a hunt: a relative --chat-template file killed every actor).
         self.engine_kwargs = {k: os.path.abspath(v) if k in _PATH_ARGS and isinstance(v, str) and os.path.exists(v)
                               else v for k, v in self.engine_kwargs.items()}
+        if "device" in self.engine_kwargs:  # its name here; whether the actors' machines have it, there
+            try:
+                check_device_name(self.engine_kwargs["device"])
+            except ValueError as exc:  # a hunt: every actor died, and the CLI left its record behind
+                raise ValueError(f"engine_kwargs: {exc}") from None
         # Not downloaded here: a driver that runs no inference may be offline.
         model = self.model_source if self.model_source is not None else default_model_path(download=False)
         if model is not None and os.path.exists(model):
@@ -213,12 +219,29 @@ class Processor:
         resources = {k: v for k, v in (("num_cpus", self.config.num_cpus), ("num_gpus", self.config.num_gpus))
                      if v is not None}
         if self.preprocess is not None:
-            ds = ds.map(self.preprocess)
+            ds = ds.map(functools.partial(_preprocessed, self.preprocess))
         ds = ds.map_batches(
             PagedLMStage, fn_constructor_kwargs=self._stage_kwargs, batch_size=self.config.batch_size,
             batch_format="pyarrow", compute=_actor_pool(self.config.concurrency), **resources,
         )
-        return ds if self.postprocess is None else ds.map(self.postprocess)
+        return ds if self.postprocess is None else ds.map(functools.partial(_postprocessed, self.postprocess))
+
+
+def _preprocessed(preprocess: RowFn, row: dict[str, Any]) -> dict[str, Any]:
+    """``preprocess(row)`` merged into ``row``, as Ray Data LLM merges it (the input's columns carry
+    through to ``postprocess``; a hunt found them dropped). Where it returns a prompt (``prompt``,
+    ``messages`` or ``prompt_token_ids``), the input's prompt of another kind is not kept beside it."""
+    out = preprocess(row)
+    if not isinstance(out, dict):
+        raise TypeError(f"preprocess must return a dict (the row's new columns), got {type(out).__name__}")
+    replaced = PROMPT_COLUMNS if any(k in out for k in PROMPT_COLUMNS) else ()
+    return {**{k: v for k, v in row.items() if k not in replaced}, **out}
+
+
+def _postprocessed(postprocess: RowFn, row: dict[str, Any]) -> dict[str, Any]:
+    """``postprocess(row)``, but a row whose ``error`` is set passes as it is: Ray Data LLM's error
+    rows bypass postprocess (a hunt: a postprocess reading ``outputs`` failed the dataset on one)."""
+    return row if row.get("error") is not None else postprocess(row)
 
 
 def _actor_pool(concurrency: int | tuple[int, int]) -> "ray.data.ActorPoolStrategy":
@@ -232,9 +255,10 @@ def _actor_pool(concurrency: int | tuple[int, int]) -> "ray.data.ActorPoolStrate
 def build_processor(config: PagedLMProcessorConfig, preprocess: RowFn | None = None,
                     postprocess: RowFn | None = None) -> Processor:
     """A processor that completes every row of a dataset (Ray Data LLM's ``build_processor``):
-    ``preprocess`` turns each input row into a row of the plain schema first, ``postprocess`` each
-    output row into what the caller keeps, both with ``Dataset.map`` (an exception there is the
-    caller's and fails the dataset, as in Ray Data LLM)."""
+    ``preprocess`` returns columns that are merged into each input row (the plain schema's ``id``
+    and prompt among them), ``postprocess`` turns each output row into what the caller keeps (a row
+    whose ``error`` is set passes it by, as it is), both with ``Dataset.map`` (an exception there
+    is the caller's and fails the dataset, as in Ray Data LLM)."""
     return Processor(config, preprocess=preprocess, postprocess=postprocess)
 
 
