@@ -402,6 +402,20 @@ def test_processor_config_refuses_a_device_no_machine_has(llama_dir, tmp_path, d
     assert PagedLMProcessorConfig(model_source=llama_dir, engine_kwargs={"device": "cuda:3"})  # maybe there
 
 
+def test_processor_config_fields_set_after_construction_are_checked_by_build_processor(llama_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Found by a hunt: batch_size 0, a relative model_source (which actors open from their own
+    working directory) set after construction reached the actors unchecked."""
+    config = PagedLMProcessorConfig(model_source=llama_dir)
+    config.batch_size = 0
+    with pytest.raises(ValueError, match="batch_size"):
+        build_processor(config)
+    monkeypatch.chdir(os.path.dirname(llama_dir))
+    config = PagedLMProcessorConfig(model_source=llama_dir)
+    config.model_source = os.path.basename(llama_dir)
+    assert build_processor(config).config.model_source == llama_dir
+
+
 def test_processor_config_does_not_download_the_default_model(tmp_path, monkeypatch):
     """Found by a review: a driver that runs no inference (and may be offline) fetched it to check values."""
     import pagedlm.transformers_utils.gguf as gguf

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -202,7 +202,9 @@ class Processor:
     def __init__(self, config: PagedLMProcessorConfig, json_lines_in: bool = False, json_lines_out: bool = False,
                  done_ids: Any = None, preprocess: RowFn | None = None, postprocess: RowFn | None = None,
                  json_fields: list[str] | None = None) -> None:
-        self.config = config
+        # Checked again, as Ray Data LLM's config checks an assignment (found by a hunt: fields set
+        # after construction, a relative model_source or batch_size 0, reached the actors unchecked).
+        self.config = config = replace(config)
         self._stage_kwargs = {"config": config, "json_lines_in": json_lines_in, "json_lines_out": json_lines_out,
                               "done_ids": done_ids, "json_fields": json_fields}
         self.preprocess, self.postprocess = preprocess, postprocess
