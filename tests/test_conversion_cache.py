@@ -46,6 +46,20 @@ def test_the_same_bytes_are_converted_once(setup):
         assert json.load(f)["identity"]["mtime_ns"] == 10**18
 
 
+def test_a_damaged_conversion_is_converted_again(setup):
+    """Found by a hunt: a cut or deleted file of a conversion was trusted (its record alone was
+    read), and every later load failed in safetensors until the entry was deleted by hand."""
+    source, root, convert = setup
+    out = cached_conversion(source, root, convert, 1)
+    with open(os.path.join(out, "copy"), "r+b") as f:
+        f.truncate(10)
+    assert cached_conversion(source, root, convert, 1) == out and convert.calls == 2
+    assert converted_bytes(out) == b"A" * 100
+    os.remove(os.path.join(out, "copy"))
+    assert cached_conversion(source, root, convert, 1) == out and convert.calls == 3
+    assert cached_conversion(source, root, convert, 1) == out and convert.calls == 3
+
+
 def test_other_bytes_replace_the_conversion(setup):
     source, root, convert = setup
     out = cached_conversion(source, root, convert, 1)

@@ -1,5 +1,6 @@
 import json
 import os
+import struct
 
 import gguf
 import numpy as np
@@ -41,9 +42,9 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
                rope_freqs: np.ndarray | None = None, rms_eps: bool = True,
                down_type: gguf.GGMLQuantizationType | None = None, rope_dims: int | None = None,
                eot: int | None = None, split_max_tensors: int = 0, specials: list[str] = SPECIALS,
-               add_bos: bool = False, leave_out: str | None = None, head_count_kv: int | None = None,
+               add_bos: bool | None = False, leave_out: str | None = None, head_count_kv: int | None = None,
                tokenizer_model: str = "gpt2", named_templates: tuple = (), block_count: int | None = None,
-               expert_count: int = 0, pre: str | None = None) -> None:
+               expert_count: int = 0, pre: str | None = None, bos_id: int = 1, merges: bool = True) -> None:
     """What llama.cpp's convert_hf_to_gguf.py writes for a Llama, Qwen3 or Gemma 2 model: q/k rows
     permuted for Llama only, Gemma's norm weights stored as 1 + w; Llama 3's RoPE scaling as the
     ``rope_freqs`` tensor. ``rms_eps=False`` leaves out the RMSNorm epsilon; ``down_type`` writes
@@ -52,7 +53,8 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     (llama.cpp's split GGUF); ``specials`` the three control tokens, ``leave_out`` an HF tensor
     not written, ``head_count_kv`` another KV head count than the tensors', ``tokenizer_model``
     the tokenizer's kind, ``block_count`` another layer count than the tensors', ``expert_count``
-    a Mixtral's metadata and router tensors, ``pre`` another tokenizer.ggml.pre ("": none)."""
+    a Mixtral's metadata and router tensors, ``pre`` another tokenizer.ggml.pre ("": none),
+    ``bos_id`` the BOS token's id, ``merges=False`` no merges."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
@@ -81,10 +83,12 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
     if arch == "gemma3":  # llama.cpp records the global layers' linear scaling
         rope_scaling = (gguf.RopeScalingType.LINEAR, c.rope_parameters["full_attention"]["factor"])
-    if rope_scaling is not None:
-        writer.add_rope_scaling_type(rope_scaling[0])
+    if rope_scaling is not None:  # (type or None, factor or None[, the factor's key if not scaling.factor])
+        if rope_scaling[0] is not None:
+            writer.add_rope_scaling_type(rope_scaling[0])
         if rope_scaling[1] is not None:
-            writer.add_rope_scaling_factor(rope_scaling[1])
+            writer.add_float32(f"{arch}.rope.{rope_scaling[2] if len(rope_scaling) > 2 else 'scaling.factor'}",
+                               rope_scaling[1])
     if arch == "phi3":
         writer.add_rope_dimension_count(int(head_dim * c.rope_parameters["partial_rotary_factor"]))
     elif rope_dims is not None:
@@ -95,13 +99,15 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
         writer.add_tokenizer_pre(pre or ("smollm" if arch == "llama" else "qwen2"))
     writer.add_token_list(specials + TOKENS[len(SPECIALS):])
     writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(TOKENS) - 3))
-    writer.add_token_merges(["H i"])
-    writer.add_bos_token_id(1)
+    if merges:
+        writer.add_token_merges(["H i"])
+    writer.add_bos_token_id(bos_id)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
     if eot is not None:
         writer.add_eot_token_id(eot)
-    writer.add_add_bos_token(add_bos)
+    if add_bos is not None:  # None: no key, as files written before llama.cpp recorded it
+        writer.add_add_bos_token(add_bos)
     writer.add_chat_template([{"name": "default", "template": CHAT_TEMPLATE}, *named_templates])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
@@ -169,10 +175,12 @@ def test_convert_roundtrip(tmp_path, tied):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temp dir left behind"
 
 
-@pytest.mark.parametrize("rope", ["llama3", "linear"])
+@pytest.mark.parametrize("rope", ["llama3", "linear", "linear-untyped", "scale_linear"])
 def test_llama_gguf_rope_scaling(tmp_path, rope):
     """Found by a checkpoint hunt: Llama 3.1/3.2 GGUFs (llama.cpp stores their "llama3" scaling as
-    per-frequency divisors in ``rope_freqs.weight``) and linear scaling were refused."""
+    per-frequency divisors in ``rope_freqs.weight``) and linear scaling were refused. Found by a
+    GGUF hunt: a factor without a scaling type, or under the older rope.scale_linear key (llama.cpp
+    reads both as linear), was ignored."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     torch.manual_seed(0)
@@ -189,7 +197,8 @@ def test_llama_gguf_rope_scaling(tmp_path, rope):
         assert 1.0 < (base / scaled).max() and len(set((base / scaled).tolist())) > 2  # some dims in each band
         write_gguf(model, path, rope_freqs=(base / scaled).numpy())
     else:
-        write_gguf(model, path, rope_scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+        write_gguf(model, path, rope_scaling={"linear": (gguf.RopeScalingType.LINEAR, 4.0), "linear-untyped": (None, 4.0),
+                                              "scale_linear": (None, 4.0, "scale_linear")}[rope])
     out_dir = convert_gguf(path, str(tmp_path / "ckpt"))
     llm = LLM(out_dir, dtype="float32", num_kv_blocks=32)
     loaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
@@ -315,6 +324,55 @@ def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_pa
     assert tokenizer("<start_of_turn>Hi").input_ids == [2, tokens.index("<start_of_turn>"), tokens.index("Hi")]
 
 
+def test_a_sentencepiece_vocabulary_without_special_ids_takes_llama_cpps(tmp_path):
+    """Found by a hunt: a SentencePiece file without bos/eos/unk ids got no BOS and never stopped on
+    EOS; llama.cpp takes 1, 2 and 0 for them (llama-vocab.cpp)."""
+    from pagedlm.transformers_utils.gguf import _eos_token_ids, _special_id, _write_tokenizer
+
+    pieces = ["▁", "H", "i", "▁H", "▁Hi", "Hi"]
+    tokens = ["<unk>", "<s>", "</s>", *pieces] + [f"<0x{b:02X}>" for b in range(256)]
+    kinds = ([gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * len(pieces)
+             + [gguf.TokenType.BYTE] * 256)
+    path = str(tmp_path / "spm.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    writer.add_token_scores([0.0, 0.0, 0.0] + [-float(i) for i in range(len(pieces))] + [-1000.0] * 256)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    assert (_special_id(reader, "bos"), _eos_token_ids(reader), _special_id(reader, "unknown")) == (1, 2, 0)
+    os.makedirs(tmp_path / "out")
+    _write_tokenizer(reader, path, str(tmp_path / "out"), 128, True, False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
+    assert tokenizer("Hi").input_ids == [1, tokens.index("▁Hi")]
+
+
+@pytest.mark.parametrize("pre, add_bos, bos_added", [("llama-bpe", None, True), ("tekken", None, True),
+                                                     ("llama-bpe", False, False), ("smollm", None, False),
+                                                     ("qwen2", None, False)])
+def test_a_llama3_vocabulary_reads_as_llama_cpp_reads_it(tmp_path, pre, add_bos, bos_added):
+    """Found by a hunt: llama.cpp adds BOS for Llama 3's pre-tokenizer group where the file does not
+    say (files written before the key existed got none here), and takes a word its vocabulary holds
+    as one token whatever the merges say (ignore_merges, which Llama 3's tokenizer.json sets too)."""
+    path = str(tmp_path / "m.gguf")
+    write_gguf(tiny_model(tied=True), path, pre=pre, add_bos=add_bos)
+    out = convert_gguf(path, str(tmp_path / "out"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Hi").input_ids == [1] * bos_added + [TOKENS.index("Hi")]
+    with open(os.path.join(out, "tokenizer.json")) as f:
+        spec = json.load(f)
+    spec["model"]["merges"] = []  # "Hi" then is a vocabulary word no merge reaches
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    tokens = AutoTokenizer.from_pretrained(out).tokenize("Hi")
+    assert tokens == (["Hi"] if pre in ("llama-bpe", "tekken") else ["H", "i"])
+
+
 @pytest.mark.parametrize("pre, tokens", [("smollm", ["1", "2", "Ġ", "7"]), ("gpt-2", ["12", "Ġ7"]),
                                          ("mellum", ["12", "Ġ7"]), ("llama-bpe", ["12", "Ġ", "7"]), ("", ["12", "Ġ7"])])
 def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_type_says(tmp_path, caplog, pre, tokens):
@@ -394,7 +452,11 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
              (tiny_model(tied=True), {"expert_count": 4}, r"mixture-of-experts Llama \(llama.expert_count 4"),
              (biased, {}, r"holds tensor\(s\) blk.0.attn_q.bias, which pagedlm's Llama converter does not read"),
              (tiny_model(tied=False), {"leave_out": "model.layers.1.self_attn.v_proj.weight"},
-              r"lacks tensor\(s\) blk.1.attn_v.weight, which a Llama model needs")]
+              r"lacks tensor\(s\) blk.1.attn_v.weight, which a Llama model needs"),
+             # A GGUF hunt: transformers' reader's IndexError and KeyError 'scores'.
+             (tiny_model(tied=True), {"bos_id": 100000}, "tokenizer.ggml.bos_token_id is 100000, outside its vocabulary"),
+             (tiny_model(tied=True), {"tokenizer_model": "llama", "merges": False},
+              "SentencePiece vocabulary has neither tokenizer.ggml.scores nor tokenizer.ggml.merges")]
     for i, (model, kwargs, message) in enumerate(cases):
         path = str(tmp_path / f"case{i}.gguf")
         write_gguf(model, path, **kwargs)
@@ -429,6 +491,15 @@ def test_a_damaged_gguf_or_per_layer_head_counts_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=rf"{name}' is not a readable GGUF file \(truncated or damaged\?\)"):
             convert_gguf(str(tmp_path / name), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+    # Found by a hunt: an array count past the file's end (2**40 token types) made the gguf package's
+    # reader loop without end, its memory growing; strings' too (the tokens).
+    for key, name in ((b"tokenizer.ggml.token_type", "count.gguf"), (b"tokenizer.ggml.tokens", "strings.gguf")):
+        damaged = bytearray(data)
+        struct.pack_into("<Q", damaged, damaged.index(key) + len(key) + 8, 2 ** 40)
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"{name}' is not a readable GGUF file \(truncated or damaged\?\): "
+                                             rf"ValueError: the 1099511627776 elements of {key.decode()} would run past"):
+            convert_gguf(str(tmp_path / name), str(tmp_path / "out"))
     model = tiny_model(tied=True)
     write_gguf(model, path, head_count_kv=[model.config.num_key_value_heads] * model.config.num_hidden_layers)
     with pytest.raises(ValueError, match="llama.attention.head_count_kv is a list, one count per layer"):

