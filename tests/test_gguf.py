@@ -455,6 +455,8 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
               r"lacks tensor\(s\) blk.1.attn_v.weight, which a Llama model needs"),
              # A GGUF hunt: transformers' reader's IndexError and KeyError 'scores'.
              (tiny_model(tied=True), {"bos_id": 100000}, "tokenizer.ggml.bos_token_id is 100000, outside its vocabulary"),
+             (tiny_model(tied=True), {"head_count_kv": 3},
+              r"blk.0.attn_k.weight has 16 rows, which its llama.attention.head_count_kv \(3\) does not split"),
              (tiny_model(tied=True), {"tokenizer_model": "llama", "merges": False},
               "SentencePiece vocabulary has neither tokenizer.ggml.scores nor tokenizer.ggml.merges")]
     for i, (model, kwargs, message) in enumerate(cases):

@@ -622,6 +622,15 @@ def _check_tensor_names(reader: gguf.GGUFReader, arch: str) -> None:
     missing = [name for name in needed if name not in names]
     if missing:
         raise ValueError(f"the GGUF file lacks tensor(s) {', '.join(missing[:4])}, which a Llama model needs")
+    # _unpermute_rope splits q/k rows into head pairs (a hunt: numpy's reshape error, naming nothing).
+    head_keys = {"attn_q.weight": "llama.attention.head_count", "attn_k.weight": "llama.attention.head_count_kv"}
+    heads = {"attn_q.weight": _required(reader, head_keys["attn_q.weight"])}
+    heads["attn_k.weight"] = _field(reader, head_keys["attn_k.weight"], heads["attn_q.weight"])
+    for tensor in reader.tensors:
+        kind = tensor.name.split(".", 2)[-1]
+        if tensor.name.startswith("blk.") and kind in heads and int(tensor.shape[-1]) % (2 * heads[kind]):
+            raise ValueError(f"the GGUF file's {tensor.name} has {int(tensor.shape[-1])} rows, which its "
+                             f"{head_keys[kind]} ({heads[kind]}) does not split into heads of even size")
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:
