@@ -245,9 +245,35 @@ def test_openai_rows_write_the_reasoning_apart_and_call_after_it(think_dir, tmp_
 
 def test_a_job_says_once_that_its_reasoning_parser_cannot_run(llama_dir, caplog):
     """Found by a docs walk: with a tokenizer without the markers the messages were silently not split."""
-    from pagedlm.entrypoints.jobs.runner import _gate_parser
+    from pagedlm.entrypoints.jobs.runner import _reasoning_parser
 
     llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3")
     with caplog.at_level("WARNING", logger="pagedlm"):
-        assert _gate_parser(llm) is None
+        assert _reasoning_parser(llm) is None
     assert "needs '<think>' and '</think>' as single tokens" in caplog.text and "without a reasoning apart" in caplog.text
+    assert "are refused" in caplog.text
+    caplog.clear()
+    llm = LLM(llama_dir, dtype="float32", max_model_len=64, reasoning_parser="qwen3",
+              structured_outputs_config={"enable_in_reasoning": True})
+    with caplog.at_level("WARNING", logger="pagedlm"):
+        assert _reasoning_parser(llm) is None
+    assert "without a reasoning apart" in caplog.text and "are refused" not in caplog.text  # nothing waits for it
+
+
+def test_openai_rows_write_the_reasoning_apart_with_grammars_in_the_reasoning_too(think_dir, tmp_path):
+    """Found by a hunt: with enable_in_reasoning (grammars from the first token) a job's chat
+    messages were not split, though --reasoning-parser was given; vLLM's server splits by its
+    parser alone."""
+    from pagedlm.entrypoints.jobs.runner import JobConfig, run_job
+    from test_jobs import read_output
+    from test_tool_choice import _row, write_jsonl
+
+    rows = [_row("plain", max_tokens=6, thinking_token_budget=2, chat_template=CHAT_TEMPLATE + "<think>")]
+    config = JobConfig(input=write_jsonl(tmp_path / "in.jsonl", rows), output=str(tmp_path / "out.jsonl"),
+                       model=think_dir, engine={"dtype": "float32", "max_model_len": 128, "reasoning_parser": "qwen3",
+                                                "structured_outputs_config": {"enable_in_reasoning": True}},
+                       trust_request_chat_template=True)
+    assert run_job(config, tty=False)[0].completed == 1
+    [row] = read_output(tmp_path / "out.jsonl")
+    assert row["response"]["body"]["choices"][0]["message"]["reasoning"] is not None
+    assert row["response"]["body"]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}

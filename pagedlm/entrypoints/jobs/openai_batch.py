@@ -104,9 +104,10 @@ class OpenAIBatchFormat:
         defaults: the job's sampling defaults, under each body's own fields.
         names_given: the names came from ``--served-model-name`` (a refused ``model``'s error then
             does not suggest that flag).
-        reasoning_parser: the parser whose reasoning end the engine's structured outputs wait for
-            (``LLMEngine.reasoning_gate_parser``): chat messages then hold the text before it as
-            ``reasoning`` (vLLM's field) and the rest as ``content`` (``ReasoningParser.split``).
+        reasoning_parser: the LLM's reasoning parser (the one its structured outputs wait for,
+            ``LLMEngine.reasoning_gate_parser``, where they do): chat messages then hold the text
+            before its end as ``reasoning`` (vLLM's field) and the rest as ``content``
+            (``ReasoningParser.split``).
         arrow_rows: rows are read from Arrow (Parquet), where a null is unset even as a schema's
             ``const`` or ``default`` (``schema_without_nulls``).
         trust_request_chat_template: a body's own ``chat_template`` is taken (vLLM's server flag);

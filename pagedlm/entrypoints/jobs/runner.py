@@ -505,7 +505,7 @@ def _job_format(fmt_name: str, config: JobConfig, names: list[str] | None, llm: 
     if fmt_name == "plain":
         return PlainFormat(llm.get_tokenizer(), defaults, arrow_rows, trusted)
     return OpenAIBatchFormat(llm.get_tokenizer(), names, defaults, names_given=bool(config.served_model_names),
-                             reasoning_parser=_gate_parser(llm), arrow_rows=arrow_rows,
+                             reasoning_parser=_reasoning_parser(llm), arrow_rows=arrow_rows,
                              trust_request_chat_template=trusted)
 
 
@@ -522,14 +522,22 @@ def served_model_names(config: JobConfig, model_name: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _gate_parser(llm: LLM) -> ReasoningParser | None:
-    """The reasoning parser the engine's structured outputs wait for; None where there is none, or
-    none that this tokenizer can have (said once: chat messages are then not split, and
+def _reasoning_parser(llm: LLM) -> ReasoningParser | None:
+    """The reasoning parser chat messages are split by: the one the engine's structured outputs wait
+    for, else (``enable_in_reasoning``) the LLM's own, as vLLM's server splits by its parser alone
+    (found by a hunt: the split was dropped); None where there is none, or none that this tokenizer
+    can have (said once: chat messages are then not split, and where the engine waits for it,
     constrained rows are refused)."""
-    parser = llm.llm_engine.reasoning_gate_parser
+    engine = llm.llm_engine
+    parser, gated = engine.reasoning_gate_parser, engine.reasoning_gate_parser is not None
+    if parser is None and engine.structured_outputs_config.reasoning_parser:
+        try:
+            parser = ReasoningParser.of(engine.structured_outputs_config.reasoning_parser, engine.tokenizer)
+        except ValueError as exc:
+            parser = exc
     if isinstance(parser, ValueError):
-        logger.warning("%s: chat messages are written without a reasoning apart, and rows with response_format or "
-                       "a tool choice are refused", parser)
+        logger.warning("%s: chat messages are written without a reasoning apart%s", parser,
+                       ", and rows with response_format or a tool choice are refused" if gated else "")
     return parser if isinstance(parser, ReasoningParser) else None
 
 
