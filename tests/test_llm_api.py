@@ -771,8 +771,14 @@ def test_step_reports_every_scheduled_request_until_it_finishes_and_abort_frees_
     done = finished["a"].outputs[0]
     assert done.finish_reason == "length" and done.text == llm.get_tokenizer().decode(done.token_ids)
     assert [o.request_id for o in engine.step()] == ["b"]  # a finished request is not reported again
-    engine.abort_request("b")
+    # Found by a hunt: with an empty queue, wait_for_completion returned [] and left "b" unfinished
+    # (with one queued it raised); both raise now.
+    with pytest.raises(RuntimeError, match="engine holds unfinished requests added with llm_engine.add_request"):
+        llm.wait_for_completion(use_tqdm=False)
+    engine.abort_request("b", internal=False)  # vLLM's signature (a hunt: a TypeError)
     engine.abort_request(["b", "never-added"])
+    with pytest.raises(TypeError, match="internal must be a bool"):
+        engine.abort_request("b", internal="no")
     assert not engine.has_unfinished_requests() and engine.step() == []
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_kv_blocks
     alone = llm.generate({"prompt_token_ids": [BOS, 5, 6]}, SamplingParams(max_tokens=4, **greedy), use_tqdm=False)[0]

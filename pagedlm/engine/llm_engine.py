@@ -473,9 +473,17 @@ class LLMEngine:
         """Whether any added request has not finished (or been aborted) yet."""
         return bool(self.seq_groups)
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
+    def abort_request(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         """Stop one or more unfinished requests and free their KV blocks; they produce no more
-        outputs. Ids of finished or unknown requests are skipped, as in vLLM."""
+        outputs. Ids of finished or unknown requests are skipped, as in vLLM. ``internal``: vLLM's
+        choice between the ids given to ``add_request`` and its own suffixed ones; pagedlm's are the
+        ids given, so both read them alike.
+
+        Raises:
+            TypeError: ``request_id`` is not a str or an iterable of them, or ``internal`` not a bool.
+        """
+        if not isinstance(internal, bool):
+            raise TypeError(f"internal must be a bool, got {internal!r}.")
         if not isinstance(request_id, (str, Iterable)):
             raise TypeError(f"request_id must be a str or an iterable of str, got {type(request_id).__name__}.")
         request_ids = {request_id} if isinstance(request_id, str) else set(request_id)

@@ -580,7 +580,10 @@ class LLM:
         queued: list[_Request] = []
         try:  # an interrupt (or error) from the queue's taking on puts it back (a hunt: one in the loop lost it)
             with self._engine_lock:  # taken whole: a wait in another thread finds it empty
-                self.llm_engine  # a closed LLM refuses
+                # A closed LLM refuses; one whose engine holds add_request's requests too, with an
+                # empty queue as with a full one (a hunt: it returned [], leaving them unfinished).
+                if self.llm_engine.has_unfinished_requests() and not self._streaming:
+                    raise RuntimeError(_ENGINE_BUSY)
                 queued, self._queued = self._queued, []
             if not queued:
                 return []
@@ -860,8 +863,7 @@ class LLM:
                                    "wait_for_completion; finish or close that iterator first (the engine is shared).")
             engine = self.llm_engine
             if engine.has_unfinished_requests():
-                raise RuntimeError("This LLM's engine holds unfinished requests added with llm_engine.add_request; "
-                                   "step them to the end or abort them (llm_engine.abort_request) first.")
+                raise RuntimeError(_ENGINE_BUSY)
             self._streaming = True
         try:
             engine.reset_peak_kv_blocks_in_use()
@@ -1057,6 +1059,8 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
 
 
 _CLOSED = "This LLM is closed (its KV cache and weights were released); create a new LLM."
+_ENGINE_BUSY = ("This LLM's engine holds unfinished requests added with llm_engine.add_request; step them to the end "
+                "or abort them (llm_engine.abort_request) first.")
 
 
 def _count(n: int, plural: str) -> str:
