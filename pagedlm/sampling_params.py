@@ -256,7 +256,8 @@ class StructuredOutputsParams(_FieldsOnly):
             pagedlm takes too, for every request).
         disable_additional_properties: objects take only the properties their schema lists. This is
             xgrammar's strict mode, which pagedlm (like vLLM's xgrammar backend) always uses, so
-            False does not allow more.
+            False does not allow more; True is refused beside a constraint other than json or
+            json_object, which have no properties.
         disable_fallback: older vLLM's "do not fall back to another backend"; there is none here.
         whitespace_pattern, structural_tag: vLLM 0.32's, taken at their default None only (its
             xgrammar backend does not read the first either; ``disable_any_whitespace`` gives
@@ -266,7 +267,9 @@ class StructuredOutputsParams(_FieldsOnly):
     end-of-sequence is allowed only where the output may end.
 
     Raises:
-        ValueError: none or several constraints, or one of the wrong type (the message names it).
+        ValueError: none or several constraints (set: not None), one of the wrong type (the
+            message names it), or disable_any_whitespace / disable_additional_properties beside a
+            constraint other than json or json_object.
             A schema, regex or grammar that does not compile is refused by ``LLM.generate``, naming
             the prompt.
     """

@@ -67,7 +67,7 @@ def write_gguf(model, path: str, arch: str = "llama", rope_scaling: tuple | None
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(head_count_kv or c.num_key_value_heads)
+    writer.add_head_count_kv(c.num_key_value_heads if head_count_kv is None else head_count_kv)
     if arch != "llama":
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         writer.add_key_length(head_dim)
@@ -327,7 +327,7 @@ def test_a_gemma_vocabulary_with_a_user_defined_whitespace_token_converts(tmp_pa
 def test_a_sentencepiece_vocabulary_without_special_ids_takes_llama_cpps(tmp_path):
     """Found by a hunt: a SentencePiece file without bos/eos/unk ids got no BOS and never stopped on
     EOS; llama.cpp takes 1, 2 and 0 for them (llama-vocab.cpp)."""
-    from pagedlm.transformers_utils.gguf import _eos_token_ids, _special_id, _write_tokenizer
+    from pagedlm.transformers_utils.gguf import _adds_bos, _eos_token_ids, _special_id, _write_tokenizer
 
     pieces = ["▁", "H", "i", "▁H", "▁Hi", "Hi"]
     tokens = ["<unk>", "<s>", "</s>", *pieces] + [f"<0x{b:02X}>" for b in range(256)]
@@ -345,11 +345,23 @@ def test_a_sentencepiece_vocabulary_without_special_ids_takes_llama_cpps(tmp_pat
     writer.close()
     reader = gguf.GGUFReader(path)
     assert (_special_id(reader, "bos"), _eos_token_ids(reader), _special_id(reader, "unknown")) == (1, 2, 0)
+    assert _adds_bos(reader)  # llama.cpp's default for SentencePiece where the file does not say
     os.makedirs(tmp_path / "out")
-    _write_tokenizer(reader, path, str(tmp_path / "out"), 128, True, False)
+    _write_tokenizer(reader, path, str(tmp_path / "out"), 128, _adds_bos(reader), False)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
     assert tokenizer("Hi").input_ids == [1, tokens.index("▁Hi")]
+
+
+def test_an_end_of_turn_id_outside_the_vocabulary_is_left_out_as_llama_cpp_does(tmp_path, caplog):
+    """A review: refusing it (as an out-of-range BOS is, which transformers' reader indexes) turned
+    away files llama.cpp loads, warning."""
+    path = str(tmp_path / "m.gguf")
+    write_gguf(tiny_model(tied=True), path, eot=len(TOKENS) + 5)
+    out = convert_gguf(path, str(tmp_path / "out"))
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [2, 0]
+    assert f"tokenizer.ggml.eot_token_id {len(TOKENS) + 5} is outside its vocabulary" in caplog.text
 
 
 @pytest.mark.parametrize("pre, add_bos, bos_added", [("llama-bpe", None, True), ("tekken", None, True),
@@ -457,6 +469,7 @@ def test_a_gguf_pagedlm_cannot_convert_is_refused_before_any_heavy_work(tmp_path
              (tiny_model(tied=True), {"bos_id": 100000}, "tokenizer.ggml.bos_token_id is 100000, outside its vocabulary"),
              (tiny_model(tied=True), {"head_count_kv": 3},
               r"blk.0.attn_k.weight has 16 rows, which its llama.attention.head_count_kv \(3\) does not split"),
+             (tiny_model(tied=True), {"head_count_kv": 0}, "llama.attention.head_count_kv is 0; it must be a positive"),
              (tiny_model(tied=True), {"tokenizer_model": "llama", "merges": False},
               "SentencePiece vocabulary has neither tokenizer.ggml.scores nor tokenizer.ggml.merges")]
     for i, (model, kwargs, message) in enumerate(cases):

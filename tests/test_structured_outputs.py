@@ -587,6 +587,17 @@ def _accepts(llm, constraint: dict, text: str | bytes) -> bool:
     return matcher.accept_string(text) and matcher.accept_token(llm.get_tokenizer().eos_token_id) and matcher.is_terminated()
 
 
+def test_negated_ebnf_classes_keep_their_meaning_without_surrogates(llm):
+    """A review: the surrogates written after a class's trailing literal "-" made it a range
+    ([^a-] refused "b"), and a class without its "]" was mended into another one."""
+    assert _accepts(llm, {"grammar": "root ::= [^a-]"}, "b") and _accepts(llm, {"grammar": "root ::= [^a-]"}, "中")
+    assert not _accepts(llm, {"grammar": "root ::= [^a-]"}, "-") and not _accepts(llm, {"grammar": "root ::= [^a-]"}, "a")
+    with pytest.raises(ValueError, match="structured_outputs.grammar does not compile"):
+        _accepts(llm, {"grammar": "root ::= [^ab"}, "c")
+    with pytest.raises(ValueError, match="holds only surrogates"):
+        _accepts(llm, {"grammar": "root ::= [\\ud800-\\udfff]"}, "c")
+
+
 def _quoted(text: bytes) -> bytes:
     return b'"' + text + b'"'
 
@@ -604,6 +615,7 @@ def _key(text: bytes) -> bytes:
     ({"json_object": True}, _key), ({"json": {"type": "object", "additionalProperties": {"type": "integer"}}}, _key),
     ({"grammar": "root ::= [^a]"}, bytes), ({"grammar": 'root ::= Regex("[^a]")'}, bytes),
     ({"grammar": 'root ::= Regex("[é-中]")'}, bytes), ({"grammar": "start: /./"}, bytes),
+    ({"grammar": "root ::= [\\u0000-\\uffff]"}, bytes), ({"grammar": "root ::= [\\u0080-\\U0010ffff]"}, bytes),
 ])
 def test_no_constraint_takes_bytes_that_are_not_utf8(llm, constraint, wrap):
     """Found by a hunt: xgrammar's open classes took an encoded surrogate (ED A0 80), and its state

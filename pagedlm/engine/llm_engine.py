@@ -131,12 +131,15 @@ class LLMEngine:
         # The parser whose reasoning end a request's grammar waits for (reasoning_gate.py), or why this
         # tokenizer cannot have it (each constrained request is refused with it); None: no waiting.
         structured = self.structured_outputs_config = structured_outputs_config or StructuredOutputsConfig()
-        self.reasoning_gate_parser: ReasoningParser | ValueError | None = None
-        if structured.reasoning_parser and not structured.enable_in_reasoning:
+        # The LLM's reasoning parser (or why this tokenizer cannot have it), which chat outputs are
+        # split by (pagedlm run), and the gate's where grammars wait for the end of the reasoning.
+        self.reasoning_parser: ReasoningParser | ValueError | None = None
+        if structured.reasoning_parser:
             try:
-                self.reasoning_gate_parser = ReasoningParser.of(structured.reasoning_parser, self.tokenizer)
+                self.reasoning_parser = ReasoningParser.of(structured.reasoning_parser, self.tokenizer)
             except ValueError as exc:
-                self.reasoning_gate_parser = exc
+                self.reasoning_parser = exc
+        self.reasoning_gate_parser = None if structured.enable_in_reasoning else self.reasoning_parser
         max_useful = scheduler_config.max_num_seqs * cdiv(model_config.max_model_len, cache_config.block_size)
         num_kv_blocks = determine_num_kv_blocks(model_config, cache_config, max_useful, free_at_start)
         if cache_config.calculate_kv_scales:

@@ -199,8 +199,9 @@ class _Parser:
         while self.peek() != "]":
             if not self.peek():
                 raise self.error("missing ]")
-            if self.s.startswith(_SURROGATES, self.i):  # as this module writes it (a pattern read back): none
-                self.i += len(_SURROGATES)
+            surrogates = _SURROGATE_RANGE.match(self.s, self.i)
+            if surrogates:  # as this module writes them (a pattern read back): no UTF-8 text has one
+                self.i = surrogates.end()
                 cls.rewritten = True
                 continue
             item = self.class_member(cls)
@@ -282,6 +283,7 @@ _CLASS_SHORTHANDS = frozenset(("\\d", "\\w", "\\s", "\\D", "\\W", "\\S"))
 # class whose code points span UTF-8 lengths, and none for one within a length (measured, xgrammar
 # 0.2.9): there a class is written as one class per length (``_LENGTHS``).
 _SURROGATES = "\\ud800-\\udfff"
+_SURROGATE_RANGE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}-\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # Per UTF-8 length (1-4 bytes), the code points it holds and the class members of all the others.
 _LENGTHS = ((0x0, 0x7F), (0x80, 0x7FF), (0x800, 0xFFFF), (0x10000, 0x10FFFF))
 _OTHER_LENGTHS = (f"\\u0080-\\uffff{chr(0x10000)}-{chr(0x10FFFF)}",
@@ -520,11 +522,48 @@ _PRINTED_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.DOTALL
 _STRING_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
 
 
+# An EBNF class's members: an escape (\\uHHHH, \\UHHHHHHHH, \\xHH, a backslash and one character) or a character.
+_EBNF_CLASS_MEMBER = re.compile(r"\\u[0-9a-fA-F]{4}|\\U[0-9a-fA-F]{8}|\\x[0-9a-fA-F]{2}|\\.|.", re.DOTALL)
+_EBNF_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f", "v": "\v", "0": "\0", "e": "\x1b"}
+
+
+def _member_code(member: str) -> int:
+    """The code point of an EBNF class member (``_EBNF_CLASS_MEMBER``)."""
+    if len(member) > 2:
+        return int(member[2:], 16)
+    return ord(_EBNF_ESCAPES.get(member[1], member[1]) if len(member) == 2 else member)
+
+
 def _without_surrogates(ebnf_class: str) -> str:
-    """An EBNF character class, negated ones with the surrogates left out (``_SURROGATES``)."""
-    if not ebnf_class.startswith("[^") or ebnf_class.endswith(f"{_SURROGATES}]"):
+    """An EBNF character class without the surrogates: a negated one leaves them out
+    (``_SURROGATES`` last, before a trailing literal "-"), a positive one's ranges over them are cut
+    around them. A class without its closing "]" is left to xgrammar to refuse.
+
+    Raises:
+        RegexError: a positive class of surrogates alone.
+    """
+    if not ebnf_class.endswith("]") or len(ebnf_class) < 3:
         return ebnf_class
-    return f"{ebnf_class[:-1]}{_SURROGATES}]"
+    negated = ebnf_class.startswith("[^")
+    members = _EBNF_CLASS_MEMBER.findall(ebnf_class[1 + negated:-1])
+    out, i = [], 0
+    while i < len(members):
+        if i + 2 < len(members) and members[i + 1] == "-":  # a range
+            low, high = _member_code(members[i]), _member_code(members[i + 2])
+            if not negated and low <= 0xDFFF and high >= 0xD800:
+                out += [f"{members[i]}-\\ud7ff"] * (low < 0xD800) + [f"\\ue000-{members[i + 2]}"] * (high > 0xDFFF)
+            else:
+                out.append("".join(members[i:i + 3]))
+            i += 3
+        else:
+            out.append(members[i])
+            i += 1
+    if negated and _SURROGATES not in out:
+        trailing = out[-1:] if out and out[-1] == "-" else []
+        out = out[:len(out) - len(trailing)] + [_SURROGATES] + trailing
+    if not out:
+        raise RegexError(f"the class {ebnf_class} holds only surrogates, which no UTF-8 text holds")
+    return f"[{'^' * negated}{''.join(out)}]"
 
 
 def _after_regex_call(grammar: str, i: int) -> bool:

@@ -582,6 +582,7 @@ class LLM:
             with self._engine_lock:  # taken whole: a wait in another thread finds it empty
                 # A closed LLM refuses; one whose engine holds add_request's requests too, with an
                 # empty queue as with a full one (a hunt: it returned [], leaving them unfinished).
+                # A call running meanwhile (another thread's wait) leaves an empty queue to return [].
                 if self.llm_engine.has_unfinished_requests() and not self._streaming:
                     raise RuntimeError(_ENGINE_BUSY)
                 queued, self._queued = self._queued, []
@@ -859,8 +860,7 @@ class LLM:
         num_in = num_out = 0
         with self._engine_lock:
             if self._streaming:
-                raise RuntimeError("This LLM is already running a generate/chat/beam_search/generate_as_completed/"
-                                   "wait_for_completion; finish or close that iterator first (the engine is shared).")
+                raise RuntimeError(_ALREADY_RUNNING)
             engine = self.llm_engine
             if engine.has_unfinished_requests():
                 raise RuntimeError(_ENGINE_BUSY)
@@ -1059,6 +1059,8 @@ def check_engine_args(model: str, engine_kwargs: dict[str, Any]) -> None:
 
 
 _CLOSED = "This LLM is closed (its KV cache and weights were released); create a new LLM."
+_ALREADY_RUNNING = ("This LLM is already running a generate/chat/beam_search/generate_as_completed/wait_for_completion; "
+                    "finish or close that iterator first (the engine is shared).")
 _ENGINE_BUSY = ("This LLM's engine holds unfinished requests added with llm_engine.add_request; step them to the end "
                 "or abort them (llm_engine.abort_request) first.")
 

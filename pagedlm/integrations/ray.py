@@ -232,7 +232,11 @@ class Processor:
 def _preprocessed(preprocess: RowFn, row: dict[str, Any]) -> dict[str, Any]:
     """``preprocess(row)`` merged into ``row``, as Ray Data LLM merges it (the input's columns carry
     through to ``postprocess``; a hunt found them dropped). Where it returns a prompt (``prompt``,
-    ``messages`` or ``prompt_token_ids``), the input's prompt of another kind is not kept beside it."""
+    ``messages`` or ``prompt_token_ids``), the input's prompt of another kind is not kept beside it.
+
+    Raises:
+        TypeError: ``preprocess`` returned no dict (it fails the dataset, as in Ray Data LLM).
+    """
     out = preprocess(row)
     if not isinstance(out, dict):
         raise TypeError(f"preprocess must return a dict (the row's new columns), got {type(out).__name__}")

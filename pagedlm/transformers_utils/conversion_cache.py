@@ -74,7 +74,7 @@ def _holds_source(out_dir: str, source: str, version: int) -> bool:
     record = _read_record(out_dir)
     if record is None or record.get("version") != version or record.get("path") != source:
         return False
-    if record.get("files") != _files(out_dir):  # a hunt: a cut or deleted model.safetensors was trusted
+    if "files" in record and record["files"] != _files(out_dir):  # a hunt: a cut or deleted file was trusted
         logger.warning("the conversion of %s at %s is damaged (its files differ from its record): converting again",
                        source, out_dir)
         return False

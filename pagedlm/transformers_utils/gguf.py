@@ -163,9 +163,14 @@ def _special_id(reader: gguf.GGUFReader, kind: str) -> int | None:
 def _eos_token_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
     """The tokens llama.cpp ends generation on: EOS, EOT and EOM, and the vocabulary's tokens of
     ``_EOG_TEXTS`` (a chat model's end of turn, Llama 3.1's ``<|eom_id|>``)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
     ids = [_special_id(reader, kind) for kind in ("eos", "eot", "eom")]
-    ids += [i for i, token in enumerate(_field(reader, "tokenizer.ggml.tokens", [])) if token in _EOG_TEXTS]
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    for kind, token_id in zip(("eot", "eom"), ids[1:]):
+        if token_id is not None and not 0 <= token_id < len(tokens):  # llama.cpp warns and goes on without it
+            logger.warning("the GGUF file's tokenizer.ggml.%s_token_id %d is outside its vocabulary of %d tokens: "
+                           "not used", kind, token_id, len(tokens))
+    ids += [i for i, token in enumerate(tokens) if token in _EOG_TEXTS]
+    ids = list(dict.fromkeys(i for i in ids if i is not None and 0 <= i < len(tokens)))
     return (ids[0] if len(ids) == 1 else ids) or None
 
 
@@ -498,6 +503,10 @@ _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 
 
+class _UnknownType(Exception):
+    """A metadata value of a type GGUF's spec does not have: the walk stops there."""
+
+
 def _check_metadata_sizes(path: str) -> None:
     """Raises ValueError where a metadata value's length or an array's count runs past the end of the
     file. The gguf package's reader loops over such an array's count without end, its memory
@@ -526,19 +535,26 @@ def _check_metadata_sizes(path: str) -> None:
                 take(struct.unpack_from("<Q", data, take(8, key))[0], key)
             elif kind == _ARRAY:
                 item, count = struct.unpack_from("<IQ", data, take(12, key))
-                # Each element takes at least one byte (a string or array at least its 8-byte length).
+                # A string or array element takes at least its 8-byte length: the loop is bounded.
                 if at + count * _SCALAR_BYTES.get(item, 8) > len(data):
-                    take(count * _SCALAR_BYTES.get(item, 8), f"the {count} elements of {key}")
+                    raise ValueError(f"the {count} elements of {key} would run past the end of the file")
                 if item in _SCALAR_BYTES:
                     take(count * _SCALAR_BYTES[item], key)
                 else:
                     for _ in range(count):
                         skip(item, key)
+            else:
+                raise _UnknownType  # the reader says what it is
 
-        for _ in range(struct.unpack_from("<Q", data, 16)[0]):
-            start = take(struct.unpack_from("<Q", data, take(8, "a metadata key"))[0], "a metadata key")
-            key = bytes(data[start:at]).decode("utf-8", "replace")
-            skip(struct.unpack_from("<I", data, take(4, key))[0], key)
+        try:
+            for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+                start = take(struct.unpack_from("<Q", data, take(8, "a metadata key"))[0], "a metadata key")
+                key = bytes(data[start:at]).decode("utf-8", "replace")
+                skip(struct.unpack_from("<I", data, take(4, key))[0], key)
+        except _UnknownType:
+            return
+        except RecursionError:
+            raise ValueError("metadata arrays nested too deeply") from None
 
 
 def check_gguf(gguf_path: str) -> gguf.GGUFReader:
@@ -582,8 +598,8 @@ def check_gguf(gguf_path: str) -> gguf.GGUFReader:
     rows = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
     if num_tokens > rows:  # llama.cpp refuses it too (the embedding's shape); ids past it would fail later
         raise ValueError(f"the GGUF file's vocabulary has {num_tokens} tokens, but token_embd.weight {rows} rows")
-    for kind in ("bos", "eos", "unknown", "padding", "eot", "eom"):  # a hunt: transformers' reader's IndexError
-        token_id = _field(reader, f"tokenizer.ggml.{kind}_token_id")
+    for kind in ("bos", "eos", "unknown", "padding"):  # a hunt: transformers' reader's IndexError (EOT and EOM:
+        token_id = _field(reader, f"tokenizer.ggml.{kind}_token_id")  # _eos_token_ids drops them, as llama.cpp)
         if token_id is not None and not 0 <= token_id < num_tokens:
             raise ValueError(f"the GGUF file's tokenizer.ggml.{kind}_token_id is {token_id}, outside its vocabulary "
                              f"of {num_tokens} tokens")
@@ -626,11 +642,21 @@ def _check_tensor_names(reader: gguf.GGUFReader, arch: str) -> None:
     head_keys = {"attn_q.weight": "llama.attention.head_count", "attn_k.weight": "llama.attention.head_count_kv"}
     heads = {"attn_q.weight": _required(reader, head_keys["attn_q.weight"])}
     heads["attn_k.weight"] = _field(reader, head_keys["attn_k.weight"], heads["attn_q.weight"])
+    for kind, count in heads.items():
+        if not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"the GGUF file's {head_keys[kind]} is {count!r}; it must be a positive count")
     for tensor in reader.tensors:
         kind = tensor.name.split(".", 2)[-1]
         if tensor.name.startswith("blk.") and kind in heads and int(tensor.shape[-1]) % (2 * heads[kind]):
             raise ValueError(f"the GGUF file's {tensor.name} has {int(tensor.shape[-1])} rows, which its "
                              f"{head_keys[kind]} ({heads[kind]}) does not split into heads of even size")
+
+
+def _adds_bos(reader: gguf.GGUFReader) -> bool:
+    """``tokenizer.ggml.add_bos_token``, else llama.cpp's default (llama-vocab.cpp): SentencePiece
+    vocabularies and Llama 3's group add BOS (found by a hunt: Llama 3 files without the key got none)."""
+    default = _field(reader, "tokenizer.ggml.model") == "llama" or _field(reader, "tokenizer.ggml.pre") in _LLAMA3_PRE
+    return bool(_field(reader, "tokenizer.ggml.add_bos_token", default))
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> str:
@@ -645,10 +671,7 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
         raise FileExistsError(f"{out_dir} already exists")
     reader = check_gguf(gguf_path)
     arch = _field(reader, "general.architecture")
-    # llama.cpp's default where the file does not say (llama-vocab.cpp): SentencePiece vocabularies
-    # and Llama 3's group add BOS (found by a hunt: Llama 3 files without the key got none).
-    add_bos_default = _field(reader, "tokenizer.ggml.model") == "llama" or _field(reader, "tokenizer.ggml.pre") in _LLAMA3_PRE
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
+    add_bos = _adds_bos(reader)
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
 
     parent = os.path.dirname(out_dir)

@@ -523,18 +523,12 @@ def served_model_names(config: JobConfig, model_name: str | None) -> list[str]:
 
 
 def _reasoning_parser(llm: LLM) -> ReasoningParser | None:
-    """The reasoning parser chat messages are split by: the one the engine's structured outputs wait
-    for, else (``enable_in_reasoning``) the LLM's own, as vLLM's server splits by its parser alone
-    (found by a hunt: the split was dropped); None where there is none, or none that this tokenizer
-    can have (said once: chat messages are then not split, and where the engine waits for it,
+    """The reasoning parser chat messages are split by: the LLM's, with ``enable_in_reasoning`` too,
+    as vLLM's server splits by its parser alone (found by a hunt: the split was dropped, the parser
+    taken from the engine's gate); None where there is none, or none that this tokenizer can have
+    (said once: chat messages are then not split, and where the engine's grammars wait for it,
     constrained rows are refused)."""
-    engine = llm.llm_engine
-    parser, gated = engine.reasoning_gate_parser, engine.reasoning_gate_parser is not None
-    if parser is None and engine.structured_outputs_config.reasoning_parser:
-        try:
-            parser = ReasoningParser.of(engine.structured_outputs_config.reasoning_parser, engine.tokenizer)
-        except ValueError as exc:
-            parser = exc
+    parser, gated = llm.llm_engine.reasoning_parser, llm.llm_engine.reasoning_gate_parser is not None
     if isinstance(parser, ValueError):
         logger.warning("%s: chat messages are written without a reasoning apart%s", parser,
                        ", and rows with response_format or a tool choice are refused" if gated else "")
