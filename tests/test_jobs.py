@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import decimal
 import gzip
 import json
 import logging
@@ -1021,6 +1022,9 @@ def test_openai_rows_from_parquet_mixing_endpoints(llama_dir, tmp_path):
     # Found by a hunt: read as Latin-1 text (iconv's advice), or as one row's error.
     ({"input": "parquet.jsonl"}, "'parquet.jsonl' is a Parquet file; pagedlm run reads a file by its name: name it .parquet"),
     # Found by a hunt: a map's float values checked only in a struct (every row was max_tokens' error).
+    # Found by a hunt: every row was its error (done for a resume).
+    ({"input": "decimal.parquet"}, r"sampling_params.top_p is decimal128\(3, 2\); it must be numbers"),
+    ({"input": "textual.parquet"}, r"sampling_params.max_tokens is string; it must be integers"),
     ({"input": "floats.parquet"}, r"sampling_params is map<string, double .*, and its rows set max_tokens, which must "
                                   "be integers"),
     # Found by a docs hunt: every row was an error (with no id) and the job exited 0.
@@ -1046,6 +1050,10 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, c
     pq.write_table(pa.table({"id": [1], "prompt": ["x"]}), tmp_path / "parquet.jsonl")
     floats = pa.array([[("temperature", 0.5)], [("max_tokens", 3.0)]], pa.map_(pa.string(), pa.float64()))
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "sampling_params": floats}), tmp_path / "floats.parquet")
+    top_p = pa.array([{"top_p": decimal.Decimal("0.90")}], pa.struct([("top_p", pa.decimal128(3, 2))]))
+    pq.write_table(pa.table({"id": [1], "prompt": ["x"], "sampling_params": top_p}), tmp_path / "decimal.parquet")
+    pq.write_table(pa.table({"id": [1], "prompt": ["x"], "sampling_params": [{"max_tokens": "3"}]}),
+                   tmp_path / "textual.parquet")
     (tmp_path / "latin1.jsonl").write_text(f'{line}\n{{"id": 2, "prompt": "caf\u00e9"}}\n{{"id": 3, "prompt": "\u00e0"}}\n',
                                            encoding="cp1252")
     (tmp_path / "cr.jsonl").write_bytes(f"{line}\r{line}\r".encode())
@@ -2488,6 +2496,14 @@ def test_parquet_values_json_lacks_become_text_in_a_jsonl_output(llama_dir, tmp_
     assert (row["mb"], row["md"]) == ({"aw==": "v"}, {"2026-01-02": 1})
 
 
+def test_list_view_columns_are_lists(llama_dir, tmp_path):
+    """Found by a hunt: list_view prompt_token_ids (pyarrow 16's, as string_view is taken) were refused."""
+    ids = pa.ListViewArray.from_arrays(pa.array([0], pa.int32()), pa.array([3], pa.int32()), pa.array([1, 5, 6]))
+    pq.write_table(pa.table({"id": [1], "prompt_token_ids": ids}), tmp_path / "in.parquet")
+    stats, out = run(llama_dir, tmp_path / "in.parquet", tmp_path / "out.jsonl")
+    assert stats.completed == 1 and out[0]["error"] is None and len(out[0]["outputs"][0]["token_ids"]) == 6
+
+
 def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     """A dataset's shards (and a --ray job's output) are a directory of files: read in name order as
     one input, hidden files left out, a Parquet output's columns the shards' joined; a row's error
@@ -2504,6 +2520,14 @@ def test_a_directory_of_shards_is_one_input(llama_dir, tmp_path):
     assert (stats.rows, stats.completed) == (3, 3)
     assert [(r["id"], r["x"], r["y"]) for r in out] == [(1, 1, None), (2, 2, None), (3, 3, "extra")]
     assert pq.read_schema(tmp_path / "out.parquet").field("x").type == pa.int64()
+    # Found by a hunt: types no type holds together (int64 and string, string and string_view) were
+    # refused once the model had loaded, leaving the job's record; the column is text, as the docs say.
+    pq.write_table(pa.table({"id": ["4"], "prompt": pa.array(["d"], pa.string_view()), "x": ["four"]}),
+                   shards / "train-00002-of-00002.parquet")
+    stats, out = run(llama_dir, shards, tmp_path / "mixed.parquet")
+    assert sorted((r["id"], r["x"]) for r in out) == [("1", "1"), ("2", "2"), ("3", "3"), ("4", "four")]
+    assert stats.completed == 4 and pq.read_schema(tmp_path / "mixed.parquet").field("x").type == pa.string()
+    (shards / "train-00002-of-00002.parquet").unlink()
 
     lines = tmp_path / "lines"
     lines.mkdir()

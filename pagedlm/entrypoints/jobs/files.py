@@ -244,13 +244,16 @@ def batch_rows(batch) -> Iterator[tuple[dict, str | None]]:
                            f"({type(exc).__name__}: {exc})")
 
 
-def input_schema(job_input: JobInput):
+def input_schema(job_input: JobInput, conflicts_as_text: bool = False):
     """The Parquet input's Arrow schema (carried columns keep their types; a directory's files'
     joined, a column's types promoted as pyarrow's permissive ``unify_schemas`` promotes them,
-    dictionaries read as their values), else None.
+    dictionaries read as their values), else None. ``conflicts_as_text``: a column whose files'
+    types no type holds together is text (the local runner's output; its rows are read file by
+    file), else refused (Ray reads the files as one dataset).
 
     Raises:
-        ValueError: two files' types of a column that no type holds together.
+        ValueError: without ``conflicts_as_text``, two files' types of a column that no type holds
+            together.
     """
     if job_input.kind != "parquet":
         return None
@@ -265,8 +268,18 @@ def input_schema(job_input: JobInput):
     try:
         return pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowException, NotImplementedError) as exc:
-        raise ValueError(f"--input {job_input.path!r}: its files' columns have types that do not join "
-                         f"({' '.join(str(exc).split())}); cast them to one type") from None
+        if not conflicts_as_text:
+            raise ValueError(f"--input {job_input.path!r}: its files' columns have types that do not join "
+                             f"({' '.join(str(exc).split())}); cast them to one type") from None
+    fields = {}
+    for schema in schemas:
+        for f in schema:
+            try:  # a hunt: int64 in one shard and string in another failed the job once the model had loaded
+                fields[f.name] = pa.unify_schemas([pa.schema([fields.get(f.name, f)]), pa.schema([f])],
+                                                  promote_options="permissive").field(0)
+            except (pa.ArrowException, NotImplementedError):
+                fields[f.name] = pa.field(f.name, pa.string())
+    return pa.schema(list(fields.values()))
 
 
 def file_schema(path: str):

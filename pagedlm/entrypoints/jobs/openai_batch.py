@@ -121,6 +121,8 @@ class OpenAIBatchFormat:
     integer_fields = ("max_tokens", "max_completion_tokens", "n", "best_of", "seed", "logprobs", "top_logprobs",
                       "top_k", "min_tokens", "truncate_prompt_tokens", "thinking_token_budget", "stop_token_ids",
                       "allowed_token_ids", "logprob_token_ids")
+    number_fields = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "length_penalty")
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, served_model_names: list[str],
                  defaults: dict[str, Any], names_given: bool = False,

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedlm.entrypoints.chat_utils import CHAT_OPTIONS, render_chat
 from pagedlm.entrypoints.jobs.rows import (
-    INTEGER_SAMPLING_FIELDS, SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template,
+    INTEGER_SAMPLING_FIELDS, NUMBER_SAMPLING_FIELDS, SAMPLING_FIELDS, JobRow, RowError, RowKey, chat_error, check_request_chat_template,
     json_text, row_names, sampling_params_from, schema_without_nulls, without_nulls,
 )
 from pagedlm.outputs import CompletionOutput, RequestOutput
@@ -56,6 +56,7 @@ class PlainFormat:
     integer_keys = True
     fields_column = "sampling_params"
     integer_fields = INTEGER_SAMPLING_FIELDS
+    number_fields = NUMBER_SAMPLING_FIELDS
     column_kinds = {"prompt": "text", "messages": "list", "prompt_token_ids": "integer list", "chat_template": "text",
                     "chat_template_kwargs": "object", "add_generation_prompt": "bool", "continue_final_message": "bool",
                     "tools": "list", "chat_template_content_format": "text"}

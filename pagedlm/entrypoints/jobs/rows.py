@@ -25,6 +25,9 @@ INTEGER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParam
                                 and f.type in (int, int | None, list[int], list[int] | None)
                                 or f.name == "prompt_logprob_token_ids")
 
+NUMBER_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name in SAMPLING_FIELDS
+                               and f.type in (float, float | None))
+
 RowKey = str | int | None  # a row's id; None for a row whose id could not be read
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "seed")  # what a beam search has no use for
 
@@ -70,10 +73,11 @@ class JobFormat(Protocol):
 
     key_field: str  # the field that holds a row's id, in input and output rows alike
     integer_keys: bool  # whether an id may be an integer (else strings only)
-    # The column that holds a row's request fields (an object), and those of its fields that are
-    # integers or lists of integers.
+    # The column that holds a row's request fields (an object), those of its fields that are
+    # integers or lists of integers, and those that are numbers.
     fields_column: str
     integer_fields: tuple[str, ...]
+    number_fields: tuple[str, ...]
     # Other columns whose values have one kind ("text", "object", "list", "integer list", "bool"),
     # which a Parquet input's column types must allow (``runner.check_column_types``).
     column_kinds: dict[str, str]

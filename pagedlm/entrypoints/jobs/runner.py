@@ -410,7 +410,10 @@ def _is_kind(typ: Any, kind: str) -> bool:
 
     typ = typ.value_type if pa.types.is_dictionary(typ) else typ
     is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16's (and Polars') strings
-    is_list = pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+    is_list_view = getattr(pa.types, "is_list_view", lambda _: False)  # pyarrow 16's (a hunt: refused)
+    is_large_list_view = getattr(pa.types, "is_large_list_view", lambda _: False)
+    is_list = (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+               or is_list_view(typ) or is_large_list_view(typ))
     return pa.types.is_null(typ) or {
         "text": lambda: pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_string_view(typ),
         "object": lambda: pa.types.is_struct(typ) or pa.types.is_map(typ),
@@ -453,6 +456,10 @@ def _check_fields_type(path: str, fmt: type[JobFormat], kind: Any) -> None:
         if child.name in fmt.integer_fields and pa.types.is_floating(items):
             raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be integers (cast it "
                              f"first, e.g. pandas' Int64 for whole numbers with missing values)")
+        numeric = pa.types.is_integer(items) or pa.types.is_floating(items) or pa.types.is_null(items)
+        if child.name in fmt.integer_fields + fmt.number_fields and not numeric:  # a hunt: decimals, strings
+            raise ValueError(f"--input {path!r}: {column}.{child.name} is {child.type}; it must be "
+                             f"{'integers' if child.name in fmt.integer_fields else 'numbers'} (cast it first)")
 
 
 def _check_map_fields(path: str, fmt: type[JobFormat], kind: Any) -> None:
@@ -541,7 +548,7 @@ def _writer(out_kind: str, config: JobConfig, fmt: type[JobFormat], job_input: J
         if out_kind == "jsonl":
             return JsonlWriter(config.output, config.resume, keys_of, config.sync_interval)
         return ParquetWriter(config.output, config.resume, keys_of, fmt.key_field,
-                             output_schema(input_schema(job_input)), config.sync_interval,
+                             output_schema(input_schema(job_input, conflicts_as_text=True)), config.sync_interval,
                              trailing_columns=RESULT_COLUMNS)
     except OSError as exc:
         raise OutputWriteError(exc.errno, f"cannot open {config.output}: {exc.strerror or exc}") from exc
