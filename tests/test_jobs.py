@@ -1704,6 +1704,20 @@ def test_parquet_columns_of_arrows_own_extension_types_are_carried_as_they_are(l
     assert out.select(["emb", "flag"]).to_pylist() == [
         {"emb": [0.0, 1.0, 2.0, 3.0], "flag": True}, {"emb": [4.0, 5.0, 6.0, 7.0], "flag": False},
         {"emb": [8.0, 9.0, 10.0, 11.0], "flag": None}]
+    # Found by a hunt: inside a list, struct or map they became text.
+    import uuid
+
+    tags = pa.array([[uuid.UUID(int=1).bytes], None, []], pa.list_(pa.binary(16))).cast(pa.list_(pa.uuid()))
+    meta = pa.array([{"j": "{}", "f": [1, 0]}] * 3, pa.struct([("j", pa.string()), ("f", pa.list_(pa.int8()))]))
+    meta = meta.cast(pa.struct([("j", pa.json_()), ("f", pa.list_(pa.bool8()))]))
+    pq.write_table(pa.table({"id": [1, 2, 3], "prompt": ["a", "b", "c"], "tags": tags, "meta": meta}), inp)
+    run(llama_dir, inp, tmp_path / "nested.parquet")
+    out = pq.read_table(tmp_path / "nested.parquet")
+    assert out.schema.field("tags").type == tags.type and out.schema.field("meta").type == meta.type
+    assert sorted(out.select(["id", "tags", "meta"]).to_pylist(), key=lambda r: r["id"]) == [
+        {"id": 1, "tags": [uuid.UUID(int=1)], "meta": {"j": "{}", "f": [True, False]}},
+        {"id": 2, "tags": None, "meta": {"j": "{}", "f": [True, False]}},
+        {"id": 3, "tags": [], "meta": {"j": "{}", "f": [True, False]}}]
 
 
 def _chat_row(custom_id, **body):

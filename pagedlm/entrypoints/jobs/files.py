@@ -631,12 +631,34 @@ def _typed_array(values: list, typ):
     try:
         return pa.array(values, type=typ)
     except _conversion_errors():
-        if not isinstance(typ, pa.BaseExtensionType):
+        storage = _storage_type(typ)
+        if storage == typ:
             raise
     try:
+        if not isinstance(typ, pa.BaseExtensionType):  # one inside a list, struct or map (a hunt: written as text)
+            return pa.array(values, type=storage).cast(typ)
         return pa.ExtensionArray.from_storage(typ, pa.array(values, type=typ.storage_type))
     except _conversion_errors():
         return pa.array(values).cast(typ)
+
+
+def _storage_type(typ):
+    """``typ`` with every extension type in it (nested in lists, structs and maps too) its storage type."""
+    import pyarrow as pa
+
+    if isinstance(typ, pa.BaseExtensionType):
+        return _storage_type(typ.storage_type)
+    if pa.types.is_struct(typ):
+        return pa.struct([typ.field(i).with_type(_storage_type(typ.field(i).type)) for i in range(typ.num_fields)])
+    if pa.types.is_map(typ):
+        return pa.map_(typ.key_field.with_type(_storage_type(typ.key_type)),
+                       typ.item_field.with_type(_storage_type(typ.item_type)), typ.keys_sorted)
+    for is_kind, make in ((pa.types.is_list, pa.list_), (pa.types.is_large_list, pa.large_list)):
+        if is_kind(typ):
+            return make(typ.value_field.with_type(_storage_type(typ.value_type)))
+    if pa.types.is_fixed_size_list(typ):
+        return pa.list_(typ.value_field.with_type(_storage_type(typ.value_type)), typ.list_size)
+    return typ
 
 
 def rows_to_table(rows: list[dict], schema):
