@@ -631,6 +631,8 @@ def _typed_array(values: list, typ):
     try:
         return pa.array(values, type=typ)
     except _conversion_errors():
+        if typ is None:
+            raise
         storage = _storage_type(typ)
         if storage == typ:
             raise
