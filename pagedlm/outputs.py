@@ -1,7 +1,7 @@
 """What ``LLM.generate`` returns (vLLM's ``RequestOutput``, ``CompletionOutput``; ``Logprob`` is in
 ``pagedlm.logprobs``, as vLLM's is in ``vllm.logprobs``)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +52,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)  # vLLM's is a plain class: equal only to itself, hashable (a dict key, a set member)
 class RequestOutput:
     """The result of one prompt: its completions, in ``outputs``.
 
@@ -85,7 +85,7 @@ class RequestOutput:
     # prefill wrote into it (vLLM's fields; None before that).
     num_cached_tokens: int | None = None
     num_cache_creation_tokens: int | None = None
-    prompt_token_id_logprobs: np.ndarray | None = field(default=None, compare=False)  # == on arrays is elementwise
+    prompt_token_id_logprobs: np.ndarray | None = None
     kv_transfer_params: None = None  # vLLM's; None here: pagedlm moves no KV cache between engines
     ec_transfer_params: None = None
 

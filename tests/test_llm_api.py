@@ -40,6 +40,10 @@ def test_prompt_forms_and_output_fields(llm):
     # vars() and extra attributes work as on vLLM's objects (found against vLLM 0.32: slots refused them).
     assert vars(first)["token_ids"] == first.token_ids and vars(outs[0])["outputs"] == [first]
     outs[0].my_tag = 1
+    # vLLM's RequestOutput is a plain class: equal only to itself and hashable (a hunt: a dataclass's
+    # value equality made it unhashable, so a set or a dict keyed by outputs raised TypeError).
+    again = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert len({outs[0], again, outs[0]}) == 2 and outs[0] == outs[0] and outs[0] != again
 
 
 def test_special_tokens_added_once(llm):
