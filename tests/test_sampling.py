@@ -466,6 +466,32 @@ def test_beam_search_matches_hf(eos_model_dir, width, n, length_penalty, early_s
     assert llm.get_stats()["num_free_kv_blocks"] == llm.get_stats()["num_kv_blocks"]
 
 
+@pytest.mark.parametrize("width", [2, 3])
+def test_beam_search_with_many_stop_token_ids_matches_hf(eos_model_dir, width):
+    """Found by a hunt: the candidates a step ranks were counted from the EOS ids alone, as Hugging
+    Face counts its ``eos_token_id`` list; where ``stop_token_ids`` (which HF gets as EOS ids here)
+    ended every candidate, the search stopped after one token with HF's beams still running."""
+    path, eos = eos_model_dir
+    llm = LLM(path, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [BOS, 50, 60, 70]
+    with torch.no_grad():
+        first = hf(torch.tensor([prompt])).logits[0, -1].topk(12).indices.tolist()
+    stops = [t for t in first if t not in (eos, EOS)][:7]  # 7 of the first step's 8 best tokens end a beam
+    params = SamplingParams(n=width, best_of=width, use_beam_search=True, temperature=0, max_tokens=12,
+                            stop_token_ids=stops, length_penalty=3.0, early_stopping="never")
+    [out] = llm.generate(_ids([prompt]), params, use_tqdm=False)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                          max_new_tokens=12, length_penalty=3.0, early_stopping="never",
+                          eos_token_id=[eos, EOS, *stops], pad_token_id=0)
+    for row, comp in enumerate(out.outputs):
+        seq = ref[row, len(prompt):].tolist()
+        ends = [i for i, t in enumerate(seq) if t in (eos, EOS, *stops)]
+        assert comp.token_ids == (seq[: ends[0] + 1] if ends else seq)
+    assert max(len(c.token_ids) for c in out.outputs) > 1
+
+
 @pytest.mark.parametrize("constraint,width,n", [
     ({"regex": r"[a-z ]{1,40}\."}, 3, 3),
     ({"choice": ["cat", "a cat", "the dog", "banana", "fox", "a banana"]}, 4, 2),

@@ -41,7 +41,6 @@ class BeamCandidate:
 @dataclass
 class BeamSearchState:
     params: SamplingParams
-    num_eos: int
     max_new_tokens: int
     constrained: bool = False  # a grammar's mask: candidates at -inf are dropped
     finished: list[BeamHypothesis] = field(default_factory=list)
@@ -73,7 +72,10 @@ class BeamSearchState:
         num_generated = len(output_token_ids[0]) + 1
         vocab = logprobs.shape[-1]
         totals = logprobs + torch.tensor(scores, dtype=logprobs.dtype, device=logprobs.device)[:, None]
-        top_scores, top_ids = totals.view(-1).topk(min(max(2, 1 + self.num_eos) * k, totals.numel()))
+        # Hugging Face's candidate count, its EOS ids being every token that ends a beam here (a hunt:
+        # counting the EOS ids alone, stop_token_ids could end every candidate and the search with them).
+        num_candidates = max(2, 1 + len(stop_token_ids)) * k
+        top_scores, top_ids = totals.view(-1).topk(min(num_candidates, totals.numel()))
         raw = raw_logprobs.reshape(-1)[top_ids].tolist()
         candidates = [
             BeamCandidate(i // vocab, i % vocab, s, cumulative_logprobs[i // vocab] + r)

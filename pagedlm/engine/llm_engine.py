@@ -440,8 +440,7 @@ class LLMEngine:
             seq_group.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.use_beam_search:
             max_new = seq_group.max_seq_len - len(prompt_token_ids)
-            seq_group.beam = BeamSearchState(params, len(self.stop_checker.eos_token_ids),
-                                             min(params.max_tokens or max_new, max_new),
+            seq_group.beam = BeamSearchState(params, min(params.max_tokens or max_new, max_new),
                                              constrained=params.structured_outputs is not None)
         if params.structured_outputs is not None:
             seq_group.seqs[0].grammar_matcher = self.structured_outputs.new_matcher(params.structured_outputs)
