@@ -85,8 +85,8 @@ class StopChecker:
 def _cut_at_stop_string(seq: Sequence, params: SamplingParams, num_new_chars: int) -> bool:
     """Find the stop string that the new text completes first (ties: the first in ``stop``); cut
     the text there. So the stop is the one text arriving a character at a time would hit, whatever
-    the tokens: vLLM's ``check_stop_strings`` takes the first of ``stop`` found in the new text
-    instead (``stop=["the", "th"]`` on a token " the": vLLM "the", pagedlm "th")."""
+    the tokens (``stop=["the", "th"]`` on a token " the": "th"), as vLLM 0.32's
+    ``check_stop_strings`` picks it."""
     text = seq.output_text
     hits = []
     for order, stop in enumerate(params.stop):
