@@ -436,8 +436,8 @@ class CacheConfig:
         if not _is_int(self.block_size) or self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size!r}.")
         if not isinstance(self.cache_dtype, str) or (self.cache_dtype != "auto" and self.cache_dtype not in KV_CACHE_DTYPES):
-            raise ValueError(f"kv_cache_dtype must be 'auto', {', '.join(map(repr, KV_CACHE_DTYPES))}, "
-                             f"got {self.cache_dtype!r}.")
+            raise ValueError(f"kv_cache_dtype must be 'auto' (or the model's dtype, 'bfloat16' or 'float16'), "
+                             f"{', '.join(map(repr, KV_CACHE_DTYPES))}, got {self.cache_dtype!r}.")
         if not isinstance(self.calculate_kv_scales, bool):
             raise ValueError(f"calculate_kv_scales must be a bool, got {self.calculate_kv_scales!r}.")
         if self.calculate_kv_scales and self.cache_dtype == "auto":

@@ -200,6 +200,9 @@ def test_scales_under_each_name_vllm_reads_and_one_given_for_both(llama_dir, tmp
              # the cache's own); a query's scale (vLLM's attn.q_scale) is for fp8 queries alone.
              "qkv_proj": ({"model.layers.0.self_attn.qkv_proj.k_scale": 0.5,
                            "model.layers.0.self_attn.qkv_proj.v_scale": 0.25}, (0.5, 0.25)),
+             # vLLM reads any [kv]_proj.[kv]_scale by its own letter (a hunt: k_proj.v_scale refused).
+             "crossed": ({"model.layers.0.self_attn.k_proj.v_scale": 0.25, "model.layers.0.self_attn.v_proj.k_scale": 0.5},
+                         (0.5, 0.25)),
              "cache": ({"model.layers.0.self_attn.k_cache.scale": 0.5, "model.layers.0.self_attn.v_cache.scale": 0.125},
                        (0.5, 0.125)),
              "query": ({"model.layers.0.self_attn.q_scale": 0.5, "model.layers.0.self_attn.q_proj.output_scale": 0.5,
@@ -214,8 +217,18 @@ def test_scales_under_each_name_vllm_reads_and_one_given_for_both(llama_dir, tmp
 
 
 def test_refusals(llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2', got 'int8'"):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be 'auto' \(or the model's dtype, 'bfloat16' or "
+                                         r"'float16'\), 'fp8', 'fp8_e4m3', 'fp8_e5m2', got 'int8'"):
         LLM(llama_dir, kv_cache_dtype="int8")
+    for bad in (None, ["fp8"]):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+            LLM(llama_dir, kv_cache_dtype=bad)
+    # vLLM's names of a cache in the model's own dtype (found by a hunt: refused); another dtype is refused.
+    llm = LLM(llama_dir, dtype="bfloat16", kv_cache_dtype="bfloat16", num_kv_blocks=8)
+    assert llm.llm_engine.model_runner.cache_engine.kv_caches[0][0].dtype == torch.bfloat16
+    llm.close()
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'float16' needs a model run in float16 .* runs in float32"):
+        LLM(llama_dir, dtype="float32", kv_cache_dtype="float16")
     cases = [
         ("model.layers.0.self_attn.v_scale", torch.ones(2), r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"),
         ("model.norm.k_scale", torch.tensor(0.5), "Unexpected weight .* no attention layer 'norm'"),

@@ -6,9 +6,14 @@ import numbers
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
+
+# kv_cache_dtype's names of the model's own dtype (vLLM's CacheDType), taken where they are the model's.
+_MODEL_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # vLLM's LLM arguments that pagedlm takes at the values it honours: name -> (allowed values, why).
 VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
@@ -112,6 +117,12 @@ def create_engine_configs(
                              f"sampling defaults ({exc}).") from exc
         raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
                          "pass generation_config='vllm' to ignore them.") from exc
+    if isinstance(kv_cache_dtype, str) and kv_cache_dtype in _MODEL_CACHE_DTYPES:  # vLLM's names of a cache in the model's own dtype (a hunt: refused)
+        if _MODEL_CACHE_DTYPES[kv_cache_dtype] != model_config.dtype:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs a model run in {kv_cache_dtype} (dtype="
+                             f"{kv_cache_dtype!r}); the KV cache holds the model's dtype ('auto') or fp8, and this model "
+                             f"runs in {str(model_config.dtype).removeprefix('torch.')}.")
+        kv_cache_dtype = "auto"
     cache_config = CacheConfig(16 if block_size is None else block_size, num_kv_blocks, kv_cache_memory_bytes,
                                True if enable_prefix_caching is None else enable_prefix_caching, kv_cache_dtype,
                                calculate_kv_scales, gpu_memory_utilization)

@@ -56,7 +56,8 @@ class LLM:
             defaults to ``original_max_position_embeddings`` (4k) because its kernel applies one
             factor set to a whole batch; pagedlm switches factors per sequence, as transformers does.
         block_size: tokens per KV block (8, 16 or 32; None, vLLM's default, is 16).
-        kv_cache_dtype: "auto" (the model's dtype), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
+        kv_cache_dtype: "auto" (the model's dtype; "bfloat16" or "float16" name it where it is that, as
+            in vLLM, and are refused otherwise), or an fp8 KV cache: "fp8_e4m3" (alias "fp8") or
             "fp8_e5m2", with per-tensor scales from the checkpoint's ``k_scale``/``v_scale`` or 1.0
             (vLLM's names and convention). It halves a bf16 cache's bytes per token, at some accuracy.
         calculate_kv_scales: with an fp8 cache, set each layer's scales from one prefill of random

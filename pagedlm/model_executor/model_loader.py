@@ -164,7 +164,7 @@ _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")  # a decoder layer's paramet
 # "self_attn.k_proj.k_scale", a fused projection's "self_attn.qkv_proj.k_scale", the older
 # "self_attn.k_proj.output_scale" and "self_attn.kv_scale" (both), and "self_attn.k_cache.scale";
 # group 1 is the attention module, the others what it scales.
-_KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|k_proj\.(k)_scale|v_proj\.(v)_scale"
+_KV_CACHE_SCALE = re.compile(r"(.+?)\.(?:([kv])_scale|([kv])_proj\.output_scale|[kv]_proj\.([kv])_scale"
                              r"|(kv)_scale|qkv_proj\.([kv])_scale|([kv])_cache\.scale)")
 # fp8 attention's own scales, for attention that quantizes its queries or probabilities: vLLM maps
 # "q_scale" and "q_proj.output_scale" to attn.q_scale, "prob_output_scale" to attn.prob_scale.
