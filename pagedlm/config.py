@@ -107,10 +107,8 @@ class ModelConfig:
         except Exception as exc:  # transformers' typed fields raise huggingface_hub's StrictDataclassError
             raise ValueError(f"{model!r}: its config does not validate: {type(exc).__name__}: {exc}") from None
         hf_config = _apply_hf_overrides(hf_config, hf_overrides)
-        quantization = getattr(hf_config, "quantization_config", None)
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
-            raise ValueError(f"{model!r} is a quantized checkpoint (quantization_config: {method}); pagedlm runs "
+        if quantization := _quantization(hf_config, model):
+            raise ValueError(f"{model!r} is a quantized checkpoint ({quantization}); pagedlm runs "
                              "checkpoints in float32, bfloat16 or float16, and GGUF files (dequantized when loaded).")
         dev = resolve_device(device)
         resolved = _resolve_dtype(hf_config, dtype, dev)
@@ -397,6 +395,26 @@ def get_sliding_window(hf_config: PretrainedConfig, layer_idx: int) -> int:
                          f"{getattr(hf_config, 'sliding_window', None)!r}: give the window (sliding_window) or "
                          "make the layer 'full_attention'.")
     return window if layer_types[layer_idx] == "sliding_attention" else 0
+
+
+# Files that name a checkpoint's quantization beside config.json: AutoGPTQ's, ModelOpt's.
+_QUANTIZATION_FILES = ("quantize_config.json", "hf_quant_config.json")
+
+
+def _quantization(hf_config: PretrainedConfig, model: str) -> str | None:
+    """Where and how a checkpoint says it is quantized, or None: where vLLM 0.32 looks (the config's
+    ``quantization_config``, a composite model's text config's, compressed-tensors'
+    ``compression_config``) and the quantizers' own files (found by a hunt: those were refused
+    only by a weight name, after the model was built)."""
+    text_config = getattr(hf_config, "text_config", None)
+    for where, config in (("quantization_config", getattr(hf_config, "quantization_config", None)),
+                          ("text_config.quantization_config", getattr(text_config, "quantization_config", None)),
+                          ("compression_config", getattr(hf_config, "compression_config", None))):
+        if config:
+            method = config.get("quant_method") if isinstance(config, dict) else type(config).__name__
+            return f"{where}: {method}"
+    found = [name for name in _QUANTIZATION_FILES if os.path.isfile(os.path.join(model, name))]
+    return f"{found[0]} beside its config" if found else None
 
 
 def _resolve_dtype(hf_config: PretrainedConfig, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

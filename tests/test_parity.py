@@ -295,6 +295,34 @@ def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     return path
 
 
+@pytest.mark.parametrize("where", ["compression_config", "text_config", "quantize_config.json", "hf_quant_config.json"])
+def test_quantized_checkpoints_are_refused_before_the_model_is_built(tmp_path, tokenizer_dir, where):
+    """Found by a hunt: a compressed-tensors checkpoint naming its scheme in ``compression_config``, a
+    composite model's ``text_config.quantization_config`` (vLLM 0.32 reads both) and a quantizer's own
+    file beside the config were refused only by a weight name, after the model was built (or not at all)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    from conftest import _CONFIGS
+
+    fp8 = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    if where == "text_config":
+        text = _CONFIGS["gemma3"]().to_dict()
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        path = str(tmp_path / "gemma3_mm")
+        Gemma3Config(text_config={**text, "quantization_config": fp8}, vision_config=vision.to_dict()).save_pretrained(path)
+        message = r"quantized checkpoint \(text_config.quantization_config: compressed-tensors\)"
+    elif where == "compression_config":
+        path = _edited_checkpoint(tmp_path, tokenizer_dir, "llama", compression_config=fp8)
+        message = r"quantized checkpoint \(compression_config: compressed-tensors\)"
+    else:
+        path = _edited_checkpoint(tmp_path, tokenizer_dir, "llama")
+        with open(os.path.join(path, where), "w") as f:
+            json.dump({"bits": 4, "group_size": 128}, f)
+        message = rf"quantized checkpoint \({where} beside its config\)"
+    with pytest.raises(ValueError, match=message):
+        LLM(path, dtype="float32")
+
+
 @pytest.mark.parametrize("arch,field,value,message", [
     ("llama", "hidden_act", "gelu", r"hidden_act 'gelu' is not supported for this architecture; supported: 'silu' "
                                     r"\('swish'\)"),
