@@ -4,7 +4,9 @@ import os
 import re
 
 # What a checkpoint needs; the rest of a repository (other formats, images) is not fetched.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# "*.py": a checkpoint's own config or tokenizer code (its auto_map), which transformers runs only
+# with trust_remote_code, and which it must then find in the snapshot.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
