@@ -1,5 +1,6 @@
 """Small helpers shared across layers."""
 
+import numbers
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -53,6 +54,11 @@ def nested_too_deeply(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 def too_deep(where: str) -> str:
     """The error of a value ``where`` names that ``nested_too_deeply`` refuses."""
     return f"{where} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep; pagedlm takes up to {MAX_JSON_DEPTH}"
+
+
+def is_integer(value: object) -> bool:
+    """An int or a numpy integer (what vLLM's ``int`` arguments take), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cdiv(a: int, b: int) -> int:

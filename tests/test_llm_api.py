@@ -6,6 +6,7 @@ import re
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -723,7 +724,8 @@ def test_engine_add_request_takes_vllm_s_arguments(llm):
     forms = {"str": text, "text": {"prompt": text}, "tokens": {"prompt_token_ids": ids}, "list": ids,
              "echo": {"prompt_token_ids": ids, "prompt": "shown"}}
     for i, (name, prompt) in enumerate(forms.items()):
-        assert engine.add_request(name, prompt, greedy, time.monotonic() + i, None, None, priority=0) == name
+        assert engine.add_request(name, prompt, greedy, time.monotonic() + i, None, None,
+                                  priority=np.int64(0) if name == "list" else 0) == name
     assert engine.get_num_unfinished_requests() == 5 and engine.get_tokenizer() is llm.get_tokenizer()
     finished = {}
     while engine.has_unfinished_requests():
@@ -735,6 +737,7 @@ def test_engine_add_request_takes_vllm_s_arguments(llm):
     with pytest.raises(TypeError, match="request_id must be a str, got int"):
         engine.add_request(7, text, greedy)
     for kwargs, match in [({"priority": 1}, "priority must be 0"), ({"priority": 0.0}, "priority must be 0"),
+                          ({"priority": False}, "priority must be 0"), ({"priority": np.int64(2)}, "priority must be 0"),
                           ({"trace_headers": {}}, "trace_headers: pagedlm exports no traces"),
                           ({"lora_request": object()}, "lora_request: pagedlm runs no LoRA"),
                           ({"tokenization_kwargs": {"truncation": True}}, "unknown key.s. 'truncation'")]:
@@ -1588,6 +1591,9 @@ def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
         assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
     out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, lora_request=None, priority=[0, 0], mm_processor_kwargs=None)
     assert [o.outputs[0].token_ids for o in out] == [expected] * 2
+    for zeros in ([np.int64(0)] * 2, np.zeros(2, dtype=np.int64), np.int32(0)):  # a hunt: refused as "takes 0"
+        out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, priority=zeros)
+        assert [o.outputs[0].token_ids for o in out] == [expected] * 2
     assert llm.chat(chat, greedy, False, None, 0, template, "string")[0].prompt == "Hi"  # vLLM's positions
     for prompt, match in [({"prompt": "Hi", "multi_modal_data": {"image": 1}}, "multi_modal_data: pagedlm runs text-only"),
                           ({"prompt": "Hi", "multi_modal_data": []}, "multi_modal_data: pagedlm runs text-only"),

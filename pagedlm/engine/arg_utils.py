@@ -60,6 +60,7 @@ VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
     "logprobs_mode": (("raw_logprobs",), "pagedlm's log-probabilities are vLLM's raw_logprobs: before "
                                          "temperature, penalties, biases and bans"),
     "scheduling_policy": (("fcfs",), "pagedlm schedules first come, first served"),
+    "long_prefill_token_threshold": ((0,), "pagedlm chunks every prefill by max_num_batched_tokens alone"),
     "enable_sleep_mode": ((False,), "pagedlm keeps its weights and KV cache until LLM.close()"),
     "model_impl": (("auto", "vllm"), "pagedlm runs its own model implementations"),
     "worker_cls": (("auto",), "pagedlm runs its own worker"),

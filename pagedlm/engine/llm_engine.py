@@ -39,7 +39,7 @@ from pagedlm.sampling_params import RequestOutputKind, SamplingParams
 from pagedlm.step import SequenceData, SequenceGroupMetadata, SequenceGroupOutput, SequenceOutput, TopLogprobs
 from pagedlm.transformers_utils.generation_config import eos_token_ids
 from pagedlm.transformers_utils.tokenizer import encode_prompts, get_tokenizer, num_special_tokens_before_text
-from pagedlm.utils import FieldError, cdiv, deferred_signals, run_uninterrupted
+from pagedlm.utils import FieldError, cdiv, deferred_signals, is_integer, run_uninterrupted
 from pagedlm.worker.cache_engine import determine_num_kv_blocks
 from pagedlm.worker.model_runner import ModelRunner
 
@@ -394,7 +394,7 @@ class LLMEngine:
             raise ValueError("lora_request: pagedlm runs no LoRA adapters; pass None.")
         if trace_headers is not None:
             raise ValueError("trace_headers: pagedlm exports no traces; pass None.")
-        if type(priority) is not int or priority != 0:
+        if not is_integer(priority) or priority != 0:
             raise ValueError(f"priority must be 0 (pagedlm schedules first come, first served), got {priority!r}.")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request {request_id!r}: params must be a SamplingParams, got {type(params).__name__}.")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from itertools import count, islice, repeat
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedlm.config import ModelConfig, ReasoningConfig, StructuredOutputsConfig
@@ -30,7 +31,7 @@ from pagedlm.openmp import limit_threads_to_cpu_quota
 from pagedlm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagedlm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from pagedlm.transformers_utils.tokenizer import encode_prompts
-from pagedlm.utils import FieldError, run_uninterrupted
+from pagedlm.utils import FieldError, is_integer, run_uninterrupted
 
 
 logger = logging.getLogger("pagedlm")
@@ -160,13 +161,14 @@ class LLM:
             nothing (vLLM's defaults, mostly): ``engine.arg_utils.VLLM_NO_OP_ARGS`` lists each with its allowed
             values and why (e.g. ``disable_log_stats=True``, ``quantization=None``, ``tokenizer_mode`` "auto",
             ``compilation_config`` None or 0, ``enable_lora=False``). Another value is refused
-            (``ValueError``, naming the argument and the allowed values), another name too
-            (``TypeError``).
+            (``ValueError``, naming the argument and the allowed values), another name too, vLLM's
+            or not (``TypeError``).
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values), or
             the model cannot be loaded as one of the supported architectures (the message says why).
-        TypeError: an argument name neither pagedlm nor vLLM has.
+        TypeError: an argument name that is neither pagedlm's nor one of ``VLLM_NO_OP_ARGS`` (vLLM's
+            other engine arguments included).
     """
 
     def __init__(
@@ -1080,11 +1082,13 @@ def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs
         ValueError: naming the argument and what it may be.
     """
     for name, value, allowed in (("lora_request", lora_request, (None,)), ("priority", priority, (None, 0))):
-        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-        if values is value and len(values) != num_prompts:
+        listed = isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str)
+        values = value if listed else [value]
+        if listed and len(values) != num_prompts:
             raise ValueError(f"{name} has {_count(len(values), 'entries')} for {_count(num_prompts, what)}.")
         for v in values:
-            if not (v is None or (type(v) is int and v in allowed)):
+            # A numpy int is an int (a hunt: np.int64(0) was refused as "takes 0"); a bool is not.
+            if not (v is None or (is_integer(v) and v in allowed)):
                 why = "runs no LoRA adapters" if name == "lora_request" else "schedules first come, first served"
                 raise ValueError(f"{name}: pagedlm {why}; it takes {' or '.join(map(repr, allowed))}, got {v!r}.")
     if mm_processor_kwargs:
