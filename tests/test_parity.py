@@ -283,6 +283,15 @@ def test_no_chunked_prefill_needs_a_budget_of_max_model_len(llama_dir):
         LLM(llama_dir, enable_chunked_prefill=False, max_num_batched_tokens=512)
 
 
+def test_max_num_seqs_over_the_default_token_budget_says_it_is_a_default(llama_dir):
+    """Found by a hunt: the refusal named a max_num_batched_tokens the user never set."""
+    with pytest.raises(ValueError, match=r"max_num_seqs \(3000\) must be <= max_num_batched_tokens, which defaults to "
+                                         r"2048 here; set max_num_batched_tokens too"):
+        LLM(llama_dir, max_num_seqs=3000)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(2048\) must be >= max_num_seqs \(3000\)"):
+        LLM(llama_dir, max_num_seqs=3000, max_num_batched_tokens=2048)
+
+
 def _edited_checkpoint(tmp_path, tokenizer_dir, arch: str, **fields) -> str:
     from conftest import make_checkpoint
 

@@ -134,6 +134,9 @@ def create_engine_configs(
         enable_chunked_prefill = True
     if max_num_batched_tokens is None:
         max_num_batched_tokens = 2048 if enable_chunked_prefill is not False else max(2048, model_config.max_model_len)
+        if _is_positive_int(max_num_seqs) and max_num_seqs > max_num_batched_tokens:  # a hunt: named no default
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) must be <= max_num_batched_tokens, which defaults to "
+                             f"{max_num_batched_tokens} here; set max_num_batched_tokens too.")
     if max_num_seqs is None:
         max_num_seqs = min(256, max_num_batched_tokens) if _is_positive_int(max_num_batched_tokens) else 256
     scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, stream_interval)
