@@ -283,7 +283,7 @@ def test_min_tokens_yields_where_the_grammar_can_only_end(llm):
         assert re.fullmatch("[0-9]{1,3}", c.text) and (c.finish_reason, c.stop_reason) == ("stop", two)
 
 
-def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm):
+def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm, caplog):
     """Found by a hunt: a request's stop_token_ids cut a constrained output anywhere (JSON without its
     closing brace); vLLM makes them the grammar's stop tokens: masked where it cannot end, ending it
     where it can. Here the stop id is biased to win wherever it is allowed."""
@@ -311,6 +311,8 @@ def test_a_requests_stop_ids_end_a_grammar_only_where_it_can_end(llm):
                                                     "type": "object", "properties": {"a": {"type": "integer"}}})),
                      use_tqdm=False)[0].outputs[0]
     assert c.finish_reason == "abort" and len(c.token_ids) == 2
+    # The warning names the stop id (a hunt: it blamed a logits processor or ban for leaving no token).
+    assert f"token {stop} is one of its stop_token_ids, which ends the completion" in caplog.text
     # stop ids that are every token the grammar can begin with: refused before any work
     first = [tok.convert_tokens_to_ids(t) for t in "ab"]
     with pytest.raises(ValueError, match="stop_token_ids are every token structured_outputs lets the output start"):

@@ -74,8 +74,9 @@ def _feed_constraint(seq: Sequence, token_id: int, stop_token_ids: Collection[in
     logits processor forced it elsewhere."""
     if seq.grammar_matcher is None:
         return False, None
+    stop_id = None
     if token_id in stop_token_ids and seq.reasoning_gate is None and end_token_id is not None:
-        token_id = end_token_id
+        stop_id, token_id = token_id, end_token_id
     feeds_grammar, ends_reasoning = True, False
     if seq.reasoning_gate is not None:
         taken = seq.reasoning_gate.take(token_id)
@@ -85,10 +86,14 @@ def _feed_constraint(seq: Sequence, token_id: int, stop_token_ids: Collection[in
     if not feeds_grammar:
         return False, None
     if not seq.grammar_matcher.accept_token(token_id):
-        return False, (f"token {token_id}, sampled freely in the reasoning, ended it but is not one its structured "
-                       "output allows" if ends_reasoning else
-                       "no token its structured output allows was left to sample (a logits processor or ban "
-                       "removed them all)")
+        if ends_reasoning:
+            return False, (f"token {token_id}, sampled freely in the reasoning, ended it but is not one its "
+                           "structured output allows")
+        if stop_id is not None:  # a hunt: blamed a logits processor or ban
+            return False, (f"token {stop_id} is one of its stop_token_ids, which ends the completion, and its "
+                           "structured output cannot end there")
+        return False, ("no token its structured output allows was left to sample (logits processors, bans, or "
+                       "its stop_token_ids where the structured output cannot end, removed them all)")
     return seq.grammar_matcher.is_terminated(), None
 
 
