@@ -1322,6 +1322,41 @@ def test_close_releases_the_kv_cache_and_weights(llama_dir, caplog):
     assert "Memory plan: weights" in caplog.text and "longest sequence 128 tokens" in caplog.text
 
 
+def test_close_with_an_abandoned_iteration_in_a_reference_cycle_returns(llama_dir):
+    """Found by a hunt: close() hung for ever where user code had left a generate_as_completed
+    iteration in a reference cycle (an exception kept with its traceback): the engine's
+    gc.collect() ran under close()'s hold of the engine lock, and the iteration's finaliser waited
+    for that lock in the same thread. A collection inside a step could do the same."""
+    import gc
+    import threading
+
+    llm = LLM(llama_dir, dtype="float32")
+
+    def consume() -> None:
+        iteration = llm.generate_as_completed([[BOS, 5, 6]] * 3, SamplingParams(temperature=0, max_tokens=8),
+                                              use_tqdm=False)
+        try:
+            for _ in iteration:
+                raise ValueError("a bad row")
+        except ValueError as exc:
+            kept = exc  # frame -> exc -> traceback -> frame: the iteration stays alive until collected
+        assert kept
+
+    gc.disable()  # so that the cycle is collected only inside the locked sections below
+    try:
+        consume()
+        with pytest.raises(RuntimeError, match="already running"):  # it has not ended yet
+            llm.generate([[BOS, 5]], SamplingParams(max_tokens=2), use_tqdm=False)
+        closer = threading.Thread(target=llm.close, daemon=True)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive(), "close() waited on itself"
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate([[BOS, 5]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
 def test_a_close_from_another_thread_waits_for_the_step_then_the_call_finds_it_closed(llama_dir):
     """Found by a hunt: close() during another thread's step freed the model under it
     (AttributeError: 'NoneType' object has no attribute 'compute_logits', or a KeyError). Then by a

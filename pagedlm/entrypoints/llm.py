@@ -223,7 +223,7 @@ class LLM:
         self._stepping_thread: int | None = None  # the thread in an engine call (_engine_call)
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
         # thread waits for the step, and the call then finds the LLM closed.
-        self._engine_lock = threading.Lock()
+        self._engine_lock = _OwnedLock()
         # Set by close() before it waits for the lock, which is not fair: the calling thread takes it
         # again for its next step before a waiting close() wakes, so without the flag a close() waited
         # for the whole call (found by a CI run on a busy machine).
@@ -964,12 +964,20 @@ class LLM:
             # interrupt waits for that (found by a hunt: one landing in the abort left the LLM refusing
             # every later call as "already running").
             def end() -> None:
-                with self._engine_lock:
-                    if self._engine is not None:
-                        self._engine.abort_request(list(in_flight))
-                    self._streaming = False
+                if self._engine is not None:
+                    self._engine.abort_request(list(in_flight))
+                self._streaming = False
 
-            run_uninterrupted(end)
+            def end_locked() -> None:
+                # An abandoned iteration held by a reference cycle ends when the collector finalises it,
+                # which may be inside this thread's own hold of the lock (close()'s gc.collect(), a
+                # collection during a step): waiting there would wait on itself (found by a hunt).
+                if self._engine_lock.held_here():
+                    return end()
+                with self._engine_lock:
+                    end()
+
+            run_uninterrupted(end_locked)
         if bad is not None:
             raise ValueError(f"prompt {bad.index} cannot run: {bad.reason} (the requests before it finished and "
                              "were yielded; no later prompt was run)")
@@ -1013,6 +1021,26 @@ class LLM:
             return exc
         request.grammar = None  # the engine's matchers hold the compiled grammar now; generate holds the request
         return None
+
+
+class _OwnedLock:
+    """A ``threading.Lock`` that knows whether the calling thread holds it (a reentrant lock would let
+    any nested call in; only the finaliser of an abandoned iteration may go on inside a hold)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
 
 
 @dataclass(slots=True)
