@@ -410,8 +410,10 @@ def _quantization(hf_config: PretrainedConfig, model: str) -> str | None:
     for where, config in (("quantization_config", getattr(hf_config, "quantization_config", None)),
                           ("text_config.quantization_config", getattr(text_config, "quantization_config", None)),
                           ("compression_config", getattr(hf_config, "compression_config", None))):
+        if isinstance(config, dict) and all(v is None for v in config.values()):
+            continue  # a review: compressed-tensors' {"quantization_config": null, ...} quantizes nothing
         if config:
-            method = config.get("quant_method") if isinstance(config, dict) else type(config).__name__
+            method = config.get("quant_method", "no quant_method") if isinstance(config, dict) else type(config).__name__
             return f"{where}: {method}"
     found = [name for name in _QUANTIZATION_FILES if os.path.isfile(os.path.join(model, name))]
     return f"{found[0]} beside its config" if found else None

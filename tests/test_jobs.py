@@ -1180,6 +1180,11 @@ def test_served_model_names_and_the_job_record(llama_dir, tmp_path):
     assert aliased["engine"] == {"dtype": "float16", "kv_cache_dtype": "fp8_e4m3"}
     (tmp_path / "o.jsonl.job.json").write_text(json.dumps(dict(aliased, engine={"dtype": "fp16", "kv_cache_dtype": "fp8"})))
     check_record(resumed, aliased, started=True)
+    # kv_cache_dtype 'bfloat16' names the model's own dtype (the engine refuses it otherwise): the
+    # default's setting (a review: a job started with it could not resume without it).
+    own = job_record(JobConfig(input=inp, output="o.jsonl", model=llama_dir,
+                               engine={"dtype": "bfloat16", "kv_cache_dtype": "bfloat16"}), "plain")
+    assert own["engine"] == {"dtype": "bfloat16"}
 
 
 def test_a_chat_template_for_the_job_renders_its_chats_and_is_part_of_its_record(llama_dir, tmp_path):

@@ -229,6 +229,8 @@ def test_refusals(llama_dir, tmp_path):
     llm.close()
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'float16' needs a model run in float16 .* runs in float32"):
         LLM(llama_dir, dtype="float32", kv_cache_dtype="float16")
+    with pytest.raises(ValueError, match=r"calculate_kv_scales=True .* kv_cache_dtype 'bfloat16' is the model's own"):
+        LLM(llama_dir, dtype="bfloat16", kv_cache_dtype="bfloat16", calculate_kv_scales=True)
     cases = [
         ("model.layers.0.self_attn.v_scale", torch.ones(2), r"holds 2 KV-cache scales; .* \(per-head scales are not supported\)"),
         ("model.norm.k_scale", torch.tensor(0.5), "Unexpected weight .* no attention layer 'norm'"),

@@ -1626,7 +1626,7 @@ def test_vllm_s_other_prompt_keys_and_call_arguments_at_their_no_op_values(llm):
         assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
     out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, lora_request=None, priority=[0, 0], mm_processor_kwargs=None)
     assert [o.outputs[0].token_ids for o in out] == [expected] * 2
-    for zeros in ([np.int64(0)] * 2, np.zeros(2, dtype=np.int64), np.int32(0)):  # a hunt: refused as "takes 0"
+    for zeros in ([np.int64(0)] * 2, np.zeros(2, dtype=np.int64), np.int32(0), np.array(0)):  # a hunt: "takes 0"
         out = llm.generate(["Hi", "Hi"], greedy, use_tqdm=False, priority=zeros)
         assert [o.outputs[0].token_ids for o in out] == [expected] * 2
     assert llm.chat(chat, greedy, False, None, 0, template, "string")[0].prompt == "Hi"  # vLLM's positions
@@ -1925,7 +1925,7 @@ def test_what_a_vllm_script_reads_and_calls_is_there_or_explained(llm, llama_dir
     LLM(llama_dir, dtype="float32", served_model_name=None, logprobs_mode="raw_logprobs", scheduling_policy="fcfs",
         enable_sleep_mode=False, model_impl="auto", worker_cls="auto", stream_interval=1, mm_processor_kwargs={},
         limit_mm_per_prompt={"image": 0, "video": 0}, language_model_only=True, disable_cascade_attn=True,
-        config_format="hf").close()
+        config_format="hf", long_prefill_token_threshold=0).close()
     with LLM(llama_dir, dtype="float32", num_gpu_blocks_override=40) as llm:  # vLLM's name for num_kv_blocks
         assert llm.llm_engine.block_manager.num_kv_blocks == 40
     with pytest.raises(ValueError, match="num_gpu_blocks_override is vLLM's name for num_kv_blocks: give one"):

@@ -330,6 +330,10 @@ def test_quantized_checkpoints_are_refused_before_the_model_is_built(tmp_path, t
         message = rf"quantized checkpoint \({where} beside its config\)"
     with pytest.raises(ValueError, match=message):
         LLM(path, dtype="float32")
+    if where == "compression_config":  # one whose entries are all null quantizes nothing (a review)
+        path = _edited_checkpoint(tmp_path / "none", tokenizer_dir, "llama",
+                                  compression_config={"quantization_config": None, "sparsity_config": None})
+        LLM(path, dtype="float32", num_kv_blocks=8).close()
 
 
 @pytest.mark.parametrize("arch,field,value,message", [

@@ -631,6 +631,7 @@ def test_llm_beam_search_matches_hf(eos_model_dir, width, length_penalty):
     params = BeamSearchParams(beam_width=width, max_tokens=8, length_penalty=length_penalty)
     outs = llm.beam_search(_ids(prompts), params)
     assert llm.beam_search(_ids(prompts), params, concurrency_limit=1) == outs
+    assert llm.beam_search(_ids(prompts), params, concurrency_limit=np.int64(2)) == outs  # a review: refused
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,

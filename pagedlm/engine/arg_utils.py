@@ -123,6 +123,9 @@ def create_engine_configs(
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs a model run in {kv_cache_dtype} (dtype="
                              f"{kv_cache_dtype!r}); the KV cache holds the model's dtype ('auto') or fp8, and this model "
                              f"runs in {str(model_config.dtype).removeprefix('torch.')}.")
+        if calculate_kv_scales is True:  # a review: the refusal below named 'auto'
+            raise ValueError(f"calculate_kv_scales=True sets the scales of an fp8 KV cache; kv_cache_dtype "
+                             f"{kv_cache_dtype!r} is the model's own dtype.")
         kv_cache_dtype = "auto"
     cache_config = CacheConfig(16 if block_size is None else block_size, num_kv_blocks, kv_cache_memory_bytes,
                                True if enable_prefix_caching is None else enable_prefix_caching, kv_cache_dtype,

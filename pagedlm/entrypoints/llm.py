@@ -223,7 +223,13 @@ class LLM:
         self._stepping_thread: int | None = None  # the thread in an engine call (_engine_call)
         # Held while a call steps the engine or adds to it, and by close(): a close() from another
         # thread waits for the step, and the call then finds the LLM closed.
-        self._engine_lock = _OwnedLock()
+        # An RLock for its owner check (_is_owned, C-level, so an interrupt cannot leave it held); no
+        # call takes it again inside a hold (_refuse_inside_a_step).
+        self._engine_lock = threading.RLock()
+        # The ends of abandoned iterations that the collector finalised inside this thread's hold of
+        # the lock (close()'s gc.collect()): run by the next hold (_end_abandoned), not inside one
+        # another, where aborting their requests would cut into the engine's own work.
+        self._pending_ends: list[Callable[[], None]] = []
         # Set by close() before it waits for the lock, which is not fair: the calling thread takes it
         # again for its next step before a waiting close() wakes, so without the flag a close() waited
         # for the whole call (found by a CI run on a busy machine).
@@ -273,6 +279,7 @@ class LLM:
                 self._engine.close()
                 self._engine = None
                 self._queued = []
+                self._end_abandoned()
                 return device
 
         device = run_uninterrupted(release)  # an interrupt half-way would leave it half-released
@@ -377,8 +384,9 @@ class LLM:
         Prompts are as in ``generate``. At most ``concurrency_limit`` prompts are searched at once
         (when None, twice ``max_num_seqs``, as ``generate`` runs them: the scheduler runs what fits
         of them), each with ``beam_width`` sequences in the batch. The arguments
-        are vLLM's, in its order; ``lora_request`` takes None. Each step ranks ``2 * beam_width``
-        logprobs, which ``LLM(max_logprobs=)`` must allow.
+        are vLLM's, in its order; ``lora_request`` takes None. Each step reports ``2 * beam_width``
+        logprobs (vLLM's count; candidates are ranked as ``SamplingParams.use_beam_search`` ranks
+        them), which ``LLM(max_logprobs=)`` must allow.
 
         Raises:
             ValueError: ``params`` is not a ``BeamSearchParams`` or has a bad field (fields set after
@@ -403,7 +411,7 @@ class LLM:
         if params.beam_width > max_num_seqs:
             raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({max_num_seqs}): each beam is a "
                              "sequence of the batch.")
-        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+        if concurrency_limit is not None and (not is_integer(concurrency_limit) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be None or a positive int, got {concurrency_limit!r}.")
         sampling_params = params.sampling_params(self.llm_engine.vocab_size)
         _check_flags(use_tqdm)
@@ -583,6 +591,7 @@ class LLM:
         queued: list[_Request] = []
         try:  # an interrupt (or error) from the queue's taking on puts it back (a hunt: one in the loop lost it)
             with self._engine_lock:  # taken whole: a wait in another thread finds it empty
+                self._end_abandoned()
                 # A closed LLM refuses; one whose engine holds add_request's requests too, with an
                 # empty queue as with a full one (a hunt: it returned [], leaving them unfinished).
                 # A call running meanwhile (another thread's wait) leaves an empty queue to return [].
@@ -833,6 +842,7 @@ class LLM:
             RuntimeError: the LLM was closed (before, or while the calling iteration was paused).
         """
         with self._engine_lock:
+            self._end_abandoned()
             if self._closing:
                 raise RuntimeError(_CLOSED)
             self._stepping_thread = threading.get_ident()
@@ -840,6 +850,12 @@ class LLM:
                 return call(self.llm_engine)
             finally:
                 self._stepping_thread = None
+
+    def _end_abandoned(self) -> None:
+        """End the abandoned iterations that the collector finalised inside a hold of the engine lock
+        (``_pending_ends``); the caller holds it."""
+        while self._pending_ends:
+            self._pending_ends.pop()()
 
     def _refuse_inside_a_step(self, what: str) -> None:
         """A call that takes the engine, made from inside one of its steps (a logits processor),
@@ -862,6 +878,7 @@ class LLM:
         exhausted = False
         num_in = num_out = 0
         with self._engine_lock:
+            self._end_abandoned()
             if self._streaming:
                 raise RuntimeError(_ALREADY_RUNNING)
             engine = self.llm_engine
@@ -970,11 +987,13 @@ class LLM:
 
             def end_locked() -> None:
                 # An abandoned iteration held by a reference cycle ends when the collector finalises it,
-                # which may be inside this thread's own hold of the lock (close()'s gc.collect(), a
-                # collection during a step): waiting there would wait on itself (found by a hunt).
-                if self._engine_lock.held_here():
-                    return end()
+                # which may be inside this thread's own hold of the lock (close()'s gc.collect()):
+                # waiting there would wait on itself (found by a hunt).
+                if self._engine_lock._is_owned():
+                    self._pending_ends.append(end)
+                    return
                 with self._engine_lock:
+                    self._end_abandoned()
                     end()
 
             run_uninterrupted(end_locked)
@@ -1021,26 +1040,6 @@ class LLM:
             return exc
         request.grammar = None  # the engine's matchers hold the compiled grammar now; generate holds the request
         return None
-
-
-class _OwnedLock:
-    """A ``threading.Lock`` that knows whether the calling thread holds it (a reentrant lock would let
-    any nested call in; only the finaliser of an abandoned iteration may go on inside a hold)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._owner = None
-        self._lock.release()
-
-    def held_here(self) -> bool:
-        return self._owner == threading.get_ident()
 
 
 @dataclass(slots=True)
@@ -1110,6 +1109,8 @@ def _check_vllm_only(lora_request: object, priority: object, mm_processor_kwargs
         ValueError: naming the argument and what it may be.
     """
     for name, value, allowed in (("lora_request", lora_request, (None,)), ("priority", priority, (None, 0))):
+        if isinstance(value, np.ndarray) and value.ndim == 0:  # a review: len() of an unsized object
+            value = value.item()
         listed = isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str)
         values = value if listed else [value]
         if listed and len(values) != num_prompts:

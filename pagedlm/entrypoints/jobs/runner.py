@@ -680,6 +680,8 @@ def _canonical(name: str, value: Any) -> Any:
         return DTYPE_ALIASES.get(value, value)
     if name == "kv_cache_dtype" and value == "fp8":
         return "fp8_e4m3"
+    if name == "kv_cache_dtype" and value in ("bfloat16", "float16"):
+        return "auto"  # the engine takes them only where they are the model's dtype (recorded as dtype)
     return value
 
 
@@ -700,7 +702,8 @@ def job_record(config: JobConfig, fmt_name: str, model: str | None = None, names
     """
     model = model or config.model or "(the embedded default model)"
     given = job_engine_kwargs(config)
-    engine = {k: _canonical(k, given[k]) for k in OUTPUT_ENGINE_SETTINGS if k in given and not _is_job_default(k, given[k])}
+    canonical = {k: _canonical(k, given[k]) for k in OUTPUT_ENGINE_SETTINGS if k in given}
+    engine = {k: v for k, v in canonical.items() if not _is_job_default(k, v)}
     if isinstance(engine.get("tokenizer"), str) and os.path.exists(engine["tokenizer"]):
         engine["tokenizer"] = os.path.abspath(engine["tokenizer"])
     if "chat_template" in engine:
