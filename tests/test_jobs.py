@@ -2277,9 +2277,17 @@ def test_openai_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(llama_
     --enable-prompt-tokens-details): the prompt tokens a row read from the prefix cache."""
     prompt = [1] + list(range(40, 80))
     rows = [_openai_row(name, "/v1/completions", {"prompt": prompt, "max_tokens": 2}) for name in ("first", "again")]
+    chat = {"messages": [{"role": "user", "content": "a cat and a banana " * 6}], "max_tokens": 2,
+            "chat_template": TEMPLATE}
+    rows.append(_openai_row("chat", "/v1/chat/completions", chat))
     _, out = run(llama_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", max_in_flight=1)
     usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in out}
-    assert usage["first"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    # vLLM's chat endpoint also writes the prompt tokens its prefill wrote into the cache (a hunt: missing)
+    details = usage["chat"]["prompt_tokens_details"]
+    assert set(details) == {"cached_tokens", "created_cache_tokens", "multimodal_tokens"}
+    assert 16 <= details["created_cache_tokens"] <= usage["chat"]["prompt_tokens"] and details["multimodal_tokens"] is None
+    assert usage["first"]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": None,
+                                                       "multimodal_tokens": None}
     assert 32 <= usage["again"]["prompt_tokens_details"]["cached_tokens"] < len(prompt) == usage["again"]["prompt_tokens"]
 
 

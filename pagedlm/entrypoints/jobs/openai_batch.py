@@ -377,8 +377,12 @@ class OpenAIBatchFormat:
         num_prompt = len(output.prompt_token_ids)
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         usage = {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated,
-                 # OpenAI's: prompt tokens read from the prefix cache (vLLM's server, with --enable-prompt-tokens-details)
-                 "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0},
+                 # OpenAI's: prompt tokens read from the prefix cache (vLLM's server, with --enable-prompt-tokens-details);
+                 # vLLM's: those the prefill wrote into it (its chat endpoint fills them, its completions one not),
+                 # and no multimodal input (a hunt: the two keys were missing)
+                 "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens or 0,
+                                           "created_cache_tokens": output.num_cache_creation_tokens if chat else None,
+                                           "multimodal_tokens": None},
                  "completion_tokens_details": None}
         if chat and self.reasoning_parser is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": sum(split.num_tokens for split in splits)}
