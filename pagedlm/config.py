@@ -27,6 +27,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16"}
 # kv_cache_dtype values other than "auto" (vLLM's names; "fp8" is e4m3).
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# vLLM's kv_cache_dtype names of a cache in the model's own dtype: "auto" where they are the model's.
+MODEL_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Share of available RAM given to the KV cache on CPU when neither kv_cache_memory_bytes nor
 # num_kv_blocks is set; the rest stays for weights, activations and the user's process.
 CPU_KV_CACHE_RAM_SHARE = 0.2

@@ -1,11 +1,10 @@
 """Prompts and tokenization options as vLLM's offline API takes them (vLLM's ``vllm.inputs``)."""
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 from pagedlm.sampling_params import check_truncate_prompt_tokens
-from pagedlm.utils import FieldError, unicode_problem
+from pagedlm.utils import FieldError, is_integer, unicode_problem
 
 
 class TextPrompt(TypedDict):
@@ -51,8 +50,7 @@ class ParsedPrompt:
 
 
 def is_token_ids(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+    return isinstance(value, (list, tuple)) and all(is_integer(t) for t in value)
 
 
 def parse_prompt(prompt: object) -> ParsedPrompt:

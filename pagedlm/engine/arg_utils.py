@@ -2,18 +2,14 @@
 arguments pagedlm takes only at the values it honours."""
 
 import dataclasses
-import numbers
 from dataclasses import replace
 from typing import Any
 
-import torch
-
-from pagedlm.config import CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig, StructuredOutputsConfig
+from pagedlm.config import (MODEL_CACHE_DTYPES, CacheConfig, ModelConfig, ReasoningConfig, SchedulerConfig,
+                            StructuredOutputsConfig)
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.transformers_utils.gguf import resolve_model
-
-# kv_cache_dtype's names of the model's own dtype (vLLM's CacheDType), taken where they are the model's.
-_MODEL_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+from pagedlm.utils import is_integer
 
 # vLLM's LLM arguments that pagedlm takes at the values it honours: name -> (allowed values, why).
 VLLM_NO_OP_ARGS: dict[str, tuple[tuple, str]] = {
@@ -118,8 +114,8 @@ def create_engine_configs(
                              f"sampling defaults ({exc}).") from exc
         raise ValueError(f"The model's generation config gives unusable sampling defaults ({exc}); "
                          "pass generation_config='vllm' to ignore them.") from exc
-    if isinstance(kv_cache_dtype, str) and kv_cache_dtype in _MODEL_CACHE_DTYPES:  # vLLM's names of a cache in the model's own dtype (a hunt: refused)
-        if _MODEL_CACHE_DTYPES[kv_cache_dtype] != model_config.dtype:
+    if isinstance(kv_cache_dtype, str) and kv_cache_dtype in MODEL_CACHE_DTYPES:  # a hunt: refused
+        if MODEL_CACHE_DTYPES[kv_cache_dtype] != model_config.dtype:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs a model run in {kv_cache_dtype} (dtype="
                              f"{kv_cache_dtype!r}); the KV cache holds the model's dtype ('auto') or fp8, and this model "
                              f"runs in {str(model_config.dtype).removeprefix('torch.')}.")
@@ -196,4 +192,4 @@ def _structured_outputs_config(config: StructuredOutputsConfig | dict[str, Any] 
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return is_integer(value) and value > 0

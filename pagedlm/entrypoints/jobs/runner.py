@@ -34,7 +34,7 @@ from pagedlm.entrypoints.jobs.rows import (
     JOB_MAX_LOGPROBS, SAMPLING_FIELDS, JobFormat, JobRow, RowError, RowKey, check_thinking_budget, engine_has_reasoning,
     field_error, parse_row, sampling_defaults, unwritable_row,
 )
-from pagedlm.config import DTYPE_ALIASES, load_chat_template
+from pagedlm.config import DTYPE_ALIASES, MODEL_CACHE_DTYPES, load_chat_template
 from pagedlm.engine.reasoning_gate import ReasoningParser
 from pagedlm.entrypoints.llm import LLM
 from pagedlm.sampling_params import SamplingParams
@@ -680,7 +680,7 @@ def _canonical(name: str, value: Any) -> Any:
         return DTYPE_ALIASES.get(value, value)
     if name == "kv_cache_dtype" and value == "fp8":
         return "fp8_e4m3"
-    if name == "kv_cache_dtype" and value in ("bfloat16", "float16"):
+    if name == "kv_cache_dtype" and isinstance(value, str) and value in MODEL_CACHE_DTYPES:
         return "auto"  # the engine takes them only where they are the model's dtype (recorded as dtype)
     return value
 
